@@ -1,0 +1,361 @@
+//! The kernel/user ABI of the load balancer and the pure helpers both sides use.
+//!
+//! Everything here is `#[repr(C)]` plain old data with explicit padding, so the
+//! byte layout the eBPF program sees is the one the agent writes. The layout
+//! tests at the bottom pin every offset: if their diff changes, the ABI changed.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+pub mod csum;
+pub mod hash;
+#[cfg(feature = "user")]
+pub mod maglev;
+
+use core::mem::{align_of, size_of};
+
+// Map names, declared once. The agent opens maps by these consts only.
+pub const SERVICES: &str = "SERVICES";
+pub const BACKENDS: &str = "BACKENDS";
+pub const MAGLEV: &str = "MAGLEV";
+pub const CONNTRACK: &str = "CONNTRACK";
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+pub const REASON_STATS: &str = "REASON_STATS";
+/// Program names inside the object.
+pub const PROG_LB: &str = "xdp_lb";
+pub const PROG_PASS: &str = "xdp_pass";
+
+/// Services (VIP, port, protocol) the program balances.
+pub const MAX_SERVICES: u32 = 32;
+/// Backend ids are indices into `BACKENDS`; 0 means "no backend".
+pub const MAX_BACKENDS: u32 = 4096;
+/// Maglev lookup table size per service. 65537 is prime, so every skip value
+/// visits every slot, and it leaves room for a few hundred backends with
+/// shares within a percent or so of their weights.
+pub const MAGLEV_TABLE_SIZE: u32 = 65537;
+/// Each service owns two tables: the agent fills the inactive one and then
+/// flips `Service::table` in a single hash-map update, so a packet never sees
+/// a half-written table.
+pub const MAGLEV_TABLES_PER_SERVICE: u32 = 2;
+pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_TABLES_PER_SERVICE * MAGLEV_TABLE_SIZE;
+/// Connection-table entries (LRU). Each flow takes two: forward and reply.
+pub const CONNTRACK_MAX: u32 = 1 << 18;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Index of a service's Maglev slot in the flat `MAGLEV` array.
+#[inline(always)]
+pub const fn maglev_index(service_id: u32, table: u32, hash: u32) -> u32 {
+    (service_id * MAGLEV_TABLES_PER_SERVICE + table) * MAGLEV_TABLE_SIZE + hash % MAGLEV_TABLE_SIZE
+}
+
+/// Key of `SERVICES`: what a packet's destination must match to be balanced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `SERVICE_STATS` and into the `MAGLEV` array; `< MAX_SERVICES`.
+    pub id: u32,
+    /// Which of the service's two Maglev tables is live (0 or 1).
+    pub table: u32,
+    /// Number of backends in the live table; 0 drops new flows (`DropNoBackend`).
+    pub backend_count: u32,
+    /// Forwarding mode, one of `MODE_*`.
+    pub mode: u32,
+}
+
+/// Destination NAT with reverse translation of replies (client address kept).
+pub const MODE_DNAT: u32 = 0;
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    /// The service this backend serves.
+    pub service_id: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+/// The slot is in use (an all-zero entry is an unused id).
+pub const BACKEND_F_ACTIVE: u32 = 1;
+
+/// Key of `CONNTRACK`: a flow's 5-tuple as seen on the wire, plus direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    /// `DIR_FORWARD` (client to VIP) or `DIR_REPLY` (backend to client), so a
+    /// reply key can never alias a forward key.
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+pub const DIR_FORWARD: u8 = 0;
+pub const DIR_REPLY: u8 = 1;
+
+/// Value of `CONNTRACK`.
+///
+/// A forward entry (client -> VIP) holds the backend to rewrite the destination
+/// to; a reply entry (backend -> client) holds the VIP to rewrite the source
+/// back to. The backend address is kept in the entry itself, so a flow keeps
+/// working after its backend leaves `BACKENDS` (draining).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn {
+    pub nat_ip_be: u32,
+    pub nat_port_be: u16,
+    /// TCP flags seen on this direction (`TCP_SEEN_*`).
+    pub tcp_seen: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    pub last_seen_ns: u64,
+}
+
+pub const TCP_SEEN_FIN: u8 = 1;
+pub const TCP_SEEN_RST: u8 = 2;
+
+/// Per-CPU counters, one slot per service in `SERVICE_STATS` and one per
+/// backend id in `BACKEND_STATS`. The agent sums over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Client-to-backend packets and bytes (frame length).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that got a backend from the Maglev table.
+    pub new_flows: u64,
+    /// Backend-to-client packets and bytes, after reverse translation.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// TCP flows that saw a FIN or RST from the client side.
+    pub closed_flows: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+        self.closed_flows += other.closed_flows;
+    }
+}
+
+/// Why the program returned what it did; `REASON_STATS` counts each per CPU.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Client packet to a service, destination rewritten to a backend.
+    Forwarded = 0,
+    /// Backend reply, source rewritten back to the VIP.
+    ReplyTranslated,
+    /// Not IPv4 (ARP, VLAN, ...): passed untouched.
+    PassNotIpv4,
+    /// IPv6: passed untouched (not balanced yet).
+    PassIpv6,
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    PassNotTcpUdp,
+    /// TCP/UDP that is neither for a service nor a known reply: passed.
+    PassNoService,
+    /// IPv4 with options: passed untouched, never balanced.
+    PassIpOptions,
+    /// IPv4 fragment: passed untouched, never balanced (no ports to hash).
+    PassFragment,
+    /// Frame shorter than an Ethernet header.
+    DropTruncatedEth,
+    /// Frame shorter than the IPv4 header it announces.
+    DropTruncatedIp,
+    /// IPv4 header length below 5 words, or version not 4.
+    DropBadIpHeader,
+    /// IPv4 total length below its header or beyond the frame.
+    DropBadTotalLength,
+    /// Frame shorter than the TCP/UDP header.
+    DropTruncatedL4,
+    /// TCP data offset below 5 words or beyond the packet.
+    DropBadTcpHeader,
+    /// A new flow for a service that has no backend.
+    DropNoBackend,
+    /// The Maglev table named a backend id that is not in `BACKENDS`.
+    DropStaleBackend,
+    /// The connection table refused an insert.
+    DropConntrackFull,
+}
+
+impl Reason {
+    pub const COUNT: u32 = Reason::DropConntrackFull as u32 + 1;
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::ReplyTranslated,
+        Reason::PassNotIpv4,
+        Reason::PassIpv6,
+        Reason::PassNotTcpUdp,
+        Reason::PassNoService,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::DropTruncatedEth,
+        Reason::DropTruncatedIp,
+        Reason::DropBadIpHeader,
+        Reason::DropBadTotalLength,
+        Reason::DropTruncatedL4,
+        Reason::DropBadTcpHeader,
+        Reason::DropNoBackend,
+        Reason::DropStaleBackend,
+        Reason::DropConntrackFull,
+    ];
+
+    /// A stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::ReplyTranslated => "reply_translated",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassIpv6 => "pass_ipv6",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassNoService => "pass_no_service",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::DropTruncatedEth => "drop_truncated_eth",
+            Reason::DropTruncatedIp => "drop_truncated_ip",
+            Reason::DropBadIpHeader => "drop_bad_ip_header",
+            Reason::DropBadTotalLength => "drop_bad_total_length",
+            Reason::DropTruncatedL4 => "drop_truncated_l4",
+            Reason::DropBadTcpHeader => "drop_bad_tcp_header",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropStaleBackend => "drop_stale_backend",
+            Reason::DropConntrackFull => "drop_conntrack_full",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= Reason::DropTruncatedEth as u32
+    }
+}
+
+const _: () = {
+    assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
+    assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
+    assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
+    assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
+    assert!(size_of::<Conn>() == 24 && align_of::<Conn>() == 8);
+    assert!(size_of::<Counters>() == 48 && align_of::<Counters>() == 8);
+    assert!(MAX_SERVICES as u64 * MAGLEV_TABLES_PER_SERVICE as u64 * MAGLEV_TABLE_SIZE as u64 <= u32::MAX as u64);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY (all impls): repr(C), integer fields only, padding written out as fields.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Conn {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    #[test]
+    fn service_key_layout() {
+        assert_eq!(offset_of!(ServiceKey, vip_be), 0);
+        assert_eq!(offset_of!(ServiceKey, port_be), 4);
+        assert_eq!(offset_of!(ServiceKey, proto), 6);
+        assert_eq!(offset_of!(ServiceKey, _pad), 7);
+    }
+
+    #[test]
+    fn service_layout() {
+        assert_eq!(offset_of!(Service, id), 0);
+        assert_eq!(offset_of!(Service, table), 4);
+        assert_eq!(offset_of!(Service, backend_count), 8);
+        assert_eq!(offset_of!(Service, mode), 12);
+    }
+
+    #[test]
+    fn backend_layout() {
+        assert_eq!(offset_of!(Backend, ip_be), 0);
+        assert_eq!(offset_of!(Backend, port_be), 4);
+        assert_eq!(offset_of!(Backend, _pad), 6);
+        assert_eq!(offset_of!(Backend, service_id), 8);
+        assert_eq!(offset_of!(Backend, flags), 12);
+    }
+
+    #[test]
+    fn flow_key_layout() {
+        assert_eq!(offset_of!(FlowKey, src_ip_be), 0);
+        assert_eq!(offset_of!(FlowKey, dst_ip_be), 4);
+        assert_eq!(offset_of!(FlowKey, src_port_be), 8);
+        assert_eq!(offset_of!(FlowKey, dst_port_be), 10);
+        assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(offset_of!(FlowKey, dir), 13);
+        assert_eq!(offset_of!(FlowKey, _pad), 14);
+    }
+
+    #[test]
+    fn conn_layout() {
+        assert_eq!(offset_of!(Conn, nat_ip_be), 0);
+        assert_eq!(offset_of!(Conn, nat_port_be), 4);
+        assert_eq!(offset_of!(Conn, tcp_seen), 6);
+        assert_eq!(offset_of!(Conn, _pad), 7);
+        assert_eq!(offset_of!(Conn, backend_id), 8);
+        assert_eq!(offset_of!(Conn, service_id), 12);
+        assert_eq!(offset_of!(Conn, last_seen_ns), 16);
+    }
+
+    #[test]
+    fn counters_layout() {
+        assert_eq!(offset_of!(Counters, packets), 0);
+        assert_eq!(offset_of!(Counters, bytes), 8);
+        assert_eq!(offset_of!(Counters, new_flows), 16);
+        assert_eq!(offset_of!(Counters, reply_packets), 24);
+        assert_eq!(offset_of!(Counters, reply_bytes), 32);
+        assert_eq!(offset_of!(Counters, closed_flows), 40);
+    }
+
+    #[test]
+    fn reasons_are_dense_and_named_uniquely() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32);
+            for other in &Reason::ALL[..i] {
+                assert_ne!(other.name(), r.name());
+            }
+        }
+        assert!(!Reason::PassFragment.is_drop());
+        assert!(Reason::DropTruncatedEth.is_drop());
+    }
+
+    #[test]
+    fn maglev_index_stays_in_bounds() {
+        let last = maglev_index(MAX_SERVICES - 1, 1, u32::MAX);
+        assert!(last < MAGLEV_ENTRIES);
+        assert_eq!(maglev_index(0, 0, 0), 0);
+        assert_eq!(maglev_index(0, 1, 0), MAGLEV_TABLE_SIZE);
+        assert_eq!(maglev_index(1, 0, 5), 2 * MAGLEV_TABLE_SIZE + 5);
+    }
+}

@@ -1,0 +1,1 @@
+//! Maglev lookup-table builder (userspace only). Being written.

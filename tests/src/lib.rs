@@ -1,0 +1,1 @@
+//! Harness for tests that need root: network namespaces, packet builders.
