@@ -1,0 +1,10 @@
+//! lb-agent: loads the XDP load balancer and keeps its maps in step with the
+//! configuration. `main.rs` only wires the pieces together.
+
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod ebpf;
+pub mod reconcile;
+#[cfg(test)]
+pub mod testing;

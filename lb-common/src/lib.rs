@@ -3,6 +3,11 @@
 //! Everything here is `#[repr(C)]` plain old data with explicit padding, so the
 //! byte layout the eBPF program sees is the one the agent writes. The layout
 //! tests at the bottom pin every offset: if their diff changes, the ABI changed.
+//!
+//! Fields ending in `_be` hold network byte order *in memory*: the raw bits
+//! as they sit in the packet. Userspace builds them with `u32::from(ip).to_be()`
+//! and `port.to_be()`; the kernel side compares them with packet fields as
+//! loaded, with no byte swapping on the hot path.
 #![no_std]
 
 #[cfg(feature = "user")]
@@ -23,9 +28,17 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
+pub const BENCH_FRAME: &str = "BENCH_FRAME";
+pub const BENCH_TARGET: &str = "BENCH_TARGET";
 /// Program names inside the object.
 pub const PROG_LB: &str = "xdp_lb";
+/// An empty XDP_PASS program: the baseline the benchmark measures against.
 pub const PROG_PASS: &str = "xdp_pass";
+/// Benchmark wrapper: restores the frame from `BENCH_FRAME`, then tail-calls
+/// `BENCH_TARGET[0]`. BPF_PROG_TEST_RUN with `repeat` does not restore the
+/// packet between runs, so without it every repeat after the first would time
+/// the path of an already rewritten packet.
+pub const PROG_BENCH: &str = "xdp_bench";
 
 /// Services (VIP, port, protocol) the program balances.
 pub const MAX_SERVICES: u32 = 32;
@@ -54,7 +67,7 @@ pub const fn maglev_index(service_id: u32, table: u32, hash: u32) -> u32 {
 
 /// Key of `SERVICES`: what a packet's destination must match to be balanced.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip_be: u32,
     pub port_be: u16,
@@ -261,8 +274,24 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
     assert!(size_of::<Conn>() == 24 && align_of::<Conn>() == 8);
     assert!(size_of::<Counters>() == 48 && align_of::<Counters>() == 8);
+    assert!(size_of::<BenchFrame>() == BENCH_FRAME_LEN + 8);
     assert!(MAX_SERVICES as u64 * MAGLEV_TABLES_PER_SERVICE as u64 * MAGLEV_TABLE_SIZE as u64 <= u32::MAX as u64);
 };
+
+/// Frames the benchmark wrapper restores are exactly this long.
+pub const BENCH_FRAME_LEN: usize = 64;
+/// Bench flag: give every run a new source port and address (a new flow).
+pub const BENCH_F_NEW_FLOW: u32 = 1;
+
+/// Value of `BENCH_FRAME[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchFrame {
+    pub bytes: [u8; BENCH_FRAME_LEN],
+    /// `BENCH_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -274,6 +303,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for BenchFrame {}
 }
 
 #[cfg(test)]

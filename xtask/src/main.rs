@@ -1,1 +1,91 @@
-fn main() {}
+//! `cargo xtask <task>`: one subcommand per task, one module per subcommand
+//! (aya's `xtask/src/main.rs` layout).
+
+mod bench;
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Set up, build, run, test and benchmark the XDP load balancer",
+    long_about = "Set up, build, run, test and benchmark the XDP load balancer.\n\n\
+        Every task first runs `setup`, which installs only what is missing \
+        (Debian packages, rust-src, bpf-linker) and takes well under a second \
+        when everything is present.",
+    after_help = "Examples:\n  \
+        cargo xtask run                           # as root: build and run the namespace demo\n  \
+        cargo xtask run -- --config lb.toml       # as root: run lb-agent on a real config\n  \
+        cargo xtask test                          # as root: unit tests, then root tests\n  \
+        cargo xtask test --unit-only              # unit tests only, no root needed\n  \
+        cargo xtask bench -- --repeat 1000000 --json"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing (apt packages, rust-src, bpf-linker 0.13.0); skip what is present
+    #[command(
+        long_about = "Install what is missing, skip what is present, print a summary.\n\n\
+        - apt packages: iproute2 ethtool iputils-ping procps (installing needs root)\n\
+        - rust-src for the toolchain pinned in rust-toolchain.toml (for -Z build-std=core)\n\
+        - bpf-linker 0.13.0, built against that toolchain's own libLLVM\n\n\
+        Takes well under a second when everything is present."
+    )]
+    Setup(setup::Options),
+    /// Setup, then `cargo build --release -p lb-agent -p lb-tests --bins`
+    Build(build::Options),
+    /// Setup and build, then run the namespace demo, or lb-agent with `-- --config FILE` (root)
+    #[command(long_about = "Setup and build, then run (as root):\n\n\
+        \x20 cargo xtask run                       target/release/lb-demo\n\
+        \x20 cargo xtask run -- ARGS               target/release/lb-demo ARGS\n\
+        \x20 cargo xtask run -- --config lb.toml   target/release/lb-agent run --config lb.toml\n\n\
+        Ctrl-C reaches the program, which cleans up; xtask waits for it and exits with its status.")]
+    Run(run::Options),
+    /// Setup, then unit tests and (as root) the root tests; non-root fails unless --unit-only
+    #[command(
+        long_about = "Setup, then two stages, each summarised with its duration:\n\n\
+        \x20 1. unit tests:  cargo test --workspace --exclude lb-tests [FILTER]\n\
+        \x20 2. root tests:  cargo test -p lb-tests --release [FILTER] -- --test-threads=1\n\n\
+        The root tests load BPF programs and create network namespaces. Without root they\n\
+        are skipped and the command fails, unless --unit-only is given."
+    )]
+    Test(test::Options),
+    /// Setup, build lb-bench, run it as root with the arguments after `--`
+    #[command(
+        long_about = "Setup, `cargo build --release -p lb-tests --bin lb-bench`, then run\n\
+        target/release/lb-bench with the arguments after `--` (as root), e.g.\n\n\
+        \x20 cargo xtask bench -- --repeat 1000000 --json"
+    )]
+    Bench(bench::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    util::prepare_env();
+    let result = match cli.command {
+        Command::Setup(opts) => setup::run(&opts),
+        Command::Build(opts) => build::run(&opts),
+        Command::Run(opts) => run::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}: {e:#}", util::paint(util::RED, "error"));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The TOML configuration: services and their backends.
+//!
+//! Parsing is strict (unknown keys are errors) and validation is whole: a
+//! config is accepted completely or refused with every problem listed, each
+//! naming its place (`service[1] "web": backend[0].weight: ...`).
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
+use serde::Deserialize;
+
+/// Highest weight a backend may have; keeps Maglev's turn counting in u64.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Interfaces where clients' packets and backends' replies arrive.
+    pub interfaces: Vec<String>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: SocketAddrV4,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid TOML for lb-agent: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+impl Config {
+    /// Read, parse and validate; nothing partial comes out.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { path: path.into(), problems })
+        }
+    }
+
+    /// Every problem that makes the config unusable, each with its place.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.services.len() > MAX_SERVICES as usize {
+            out.push(format!("service: {} services, at most {MAX_SERVICES} are supported", self.services.len()));
+        }
+        let total: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        // Backend id 0 means "none", and ids of removed backends rest one sync.
+        let max_backends = (MAX_BACKENDS as usize - 1) / 2;
+        if total > max_backends {
+            out.push(format!("backend: {total} backends in all, at most {max_backends} are supported"));
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("service[{i}] {:?}", s.name);
+            if s.name.trim().is_empty() {
+                out.push(format!("{at}: name: must not be empty"));
+            } else if !names.insert(s.name.as_str()) {
+                out.push(format!("{at}: name: used by an earlier service"));
+            }
+            if !keys.insert((s.vip, s.port, s.protocol)) {
+                out.push(format!("{at}: {}:{}/{} is configured twice", s.vip, s.port, s.protocol));
+            }
+            s.problems(&at, &mut out);
+        }
+        out
+    }
+}
+
+impl ServiceConfig {
+    fn problems(&self, at: &str, out: &mut Vec<String>) {
+        if self.vip.is_unspecified() || self.vip.is_broadcast() || self.vip.is_multicast() {
+            out.push(format!("{at}: vip: {} cannot be a service address", self.vip));
+        }
+        if self.port == 0 {
+            out.push(format!("{at}: port: must be 1-65535"));
+        }
+        if self.interfaces.is_empty() {
+            out.push(format!("{at}: interfaces: name at least one interface to attach to"));
+        }
+        for (j, ifname) in self.interfaces.iter().enumerate() {
+            if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']) {
+                out.push(format!("{at}: interfaces[{j}]: {ifname:?} is not a valid interface name"));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (j, b) in self.backends.iter().enumerate() {
+            let bat = format!("{at}: backend[{j}]");
+            if b.address.port() == 0 {
+                out.push(format!("{bat}.address: {} has port 0", b.address));
+            }
+            if b.address.ip().is_unspecified() || b.address.ip().is_multicast() || b.address.ip().is_broadcast() {
+                out.push(format!("{bat}.address: {} cannot be a backend", b.address));
+            }
+            if *b.address.ip() == self.vip {
+                out.push(format!("{bat}.address: {} is the service's own VIP", b.address));
+            }
+            if b.weight > MAX_WEIGHT {
+                out.push(format!("{bat}.weight: {} is above the maximum {MAX_WEIGHT}", b.weight));
+            }
+            if !seen.insert(b.address) {
+                out.push(format!("{bat}.address: {} is listed twice", b.address));
+            }
+        }
+    }
+
+    pub fn key(&self) -> lb_common::ServiceKey {
+        lb_common::ServiceKey {
+            vip_be: u32::from(self.vip).to_be(),
+            port_be: self.port.to_be(),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[service]]
+        name = "web"
+        vip = "10.0.0.100"
+        port = 80
+        protocol = "tcp"
+        interfaces = ["eth0", "eth1"]
+        [[service.backend]]
+        address = "192.168.1.10:8080"
+        weight = 2
+        [[service.backend]]
+        address = "192.168.1.11:8080"
+
+        [[service]]
+        name = "dns"
+        vip = "10.0.0.100"
+        port = 53
+        protocol = "udp"
+        interfaces = ["eth0"]
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[0].backends[1].weight, 1);
+        assert_eq!(c.services[1].protocol, Protocol::Udp);
+        assert!(c.services[1].backends.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let err = parse(&GOOD.replace("weight = 2", "wieght = 2")).unwrap_err().to_string();
+        assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_refused_with_its_place() {
+        let err = parse(&GOOD.replace("192.168.1.10:8080", "192.168.1.10")).unwrap_err().to_string();
+        assert!(err.contains("address"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn bad_protocol_is_refused() {
+        let err = parse(&GOOD.replace("\"udp\"", "\"sctp\"")).unwrap_err().to_string();
+        assert!(err.contains("sctp"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_place() {
+        let bad = GOOD
+            .replace("port = 80", "port = 0")
+            .replace("weight = 2", "weight = 20000")
+            .replace("192.168.1.11:8080", "192.168.1.10:8080")
+            .replace("name = \"dns\"", "name = \"web\"")
+            .replace("interfaces = [\"eth0\"]", "interfaces = []");
+        let p = problems(&bad);
+        let want = [
+            "service[0] \"web\": port: must be 1-65535",
+            "service[0] \"web\": backend[0].weight: 20000 is above the maximum 10000",
+            "service[0] \"web\": backend[1].address: 192.168.1.10:8080 is listed twice",
+            "service[1] \"web\": name: used by an earlier service",
+            "service[1] \"web\": interfaces: name at least one interface to attach to",
+        ];
+        for w in want {
+            assert!(p.iter().any(|x| x == w), "missing {w:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), want.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn duplicate_service_key_is_refused() {
+        let bad = GOOD.replace("port = 53", "port = 80").replace("\"udp\"", "\"tcp\"");
+        let p = problems(&bad);
+        assert!(p.iter().any(|x| x.contains("10.0.0.100:80/tcp is configured twice")), "{p:#?}");
+    }
+
+    #[test]
+    fn backend_on_the_vip_is_refused() {
+        let p = problems(&GOOD.replace("192.168.1.10:8080", "10.0.0.100:8080"));
+        assert!(p.iter().any(|x| x.contains("is the service's own VIP")), "{p:#?}");
+    }
+
+    #[test]
+    fn service_key_is_network_order() {
+        let c = parse(GOOD).unwrap();
+        let k = c.services[0].key();
+        assert_eq!(k.vip_be.to_ne_bytes(), [10, 0, 0, 100]);
+        assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
+        assert_eq!(k.proto, PROTO_TCP);
+    }
+}

@@ -1,0 +1,327 @@
+//! Keeps the data plane's maps equal to a config, writing only what changed.
+//!
+//! Ids are stable: a service keeps its id while its (VIP, port, protocol)
+//! stays, a backend keeps its id while its (service, address) stays. The order
+//! of writes is what makes a change hitless:
+//! 1. new backends' `BACKENDS` entries, before any table can name them;
+//! 2. the new Maglev table into the service's *inactive* half;
+//! 3. one `SERVICES` update that flips the service to that half;
+//! 4. only then removed backends' entries are cleared and removed services
+//!    deleted. A removed backend's id is not reused before the next change, so
+//!    a packet that read the old half an instant before the flip still finds
+//!    an entry.
+//!
+//! Flows already in the connection table keep their backend throughout: the
+//! entry holds the backend's address, so removing a backend drains it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use lb_common::{
+    maglev::{rebuild_table, MaglevBackend},
+    Backend, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT,
+};
+
+use crate::config::{Config, ServiceConfig};
+
+/// The writes the reconciler needs; `dataplane::AyaDataplane` is the real one.
+pub trait Dataplane {
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
+    /// Write `(slot, backend id)` pairs into one of a service's two tables.
+    fn set_table_entries(&mut self, service_id: u32, table: u32, entries: &[(u32, u32)]) -> Result<(), DataplaneError>;
+    fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), DataplaneError>;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("map {map}: {op} failed")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("no free {what} id (at most {max})")]
+    NoFreeId { what: &'static str, max: u32 },
+}
+
+/// What one `apply` changed, for logs and status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub tables_rebuilt: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    /// Maglev slots written across all tables.
+    pub slots_written: usize,
+}
+
+impl ApplySummary {
+    pub fn is_noop(&self) -> bool {
+        *self == ApplySummary::default()
+    }
+}
+
+/// One live service as the data plane holds it.
+#[derive(Clone, Debug)]
+pub struct ServiceState {
+    pub id: u32,
+    pub name: String,
+    /// The live half (0 or 1).
+    pub table: u32,
+    /// Mirrors of both halves, so a rebuild writes only the slots that differ.
+    halves: [Vec<u32>; 2],
+    pub backends: Vec<MaglevBackend>,
+}
+
+impl ServiceState {
+    pub fn live_table(&self) -> &[u32] {
+        &self.halves[self.table as usize]
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    services: BTreeMap<ServiceKey, ServiceState>,
+    backend_ids: BTreeMap<(ServiceKey, SocketAddrV4), u32>,
+    /// Ids freed by the last apply; free again from the one after.
+    resting: BTreeSet<u32>,
+}
+
+impl Reconciler {
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceState)> {
+        self.services.iter()
+    }
+
+    /// Bring the data plane to `config`. On error the maps may hold part of
+    /// the change, but each service is always on a complete table.
+    pub fn apply(&mut self, config: &Config, dp: &mut dyn Dataplane) -> Result<ApplySummary, DataplaneError> {
+        let mut summary = ApplySummary::default();
+        let wanted: BTreeMap<ServiceKey, &ServiceConfig> = config.services.iter().map(|s| (s.key(), s)).collect();
+        let freed_now = self.remove_stale_ids(&wanted);
+
+        for (key, svc) in &wanted {
+            let backends = self.assign_backend_ids(key, svc, &freed_now, dp, &mut summary)?;
+            self.sync_service(key, svc, backends, dp, &mut summary)?;
+        }
+
+        // Only after every flip: retire what no table names any more.
+        let removed: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in removed {
+            dp.remove_service(&key)?;
+            self.services.remove(&key);
+            summary.services_removed += 1;
+        }
+        for id in &freed_now {
+            dp.set_backend(*id, &Backend::default())?;
+            summary.backends_removed += 1;
+        }
+        self.resting = freed_now;
+        Ok(summary)
+    }
+
+    /// Drop ids of backends (and services' backends) the config no longer has;
+    /// returns the freed backend ids.
+    fn remove_stale_ids(&mut self, wanted: &BTreeMap<ServiceKey, &ServiceConfig>) -> BTreeSet<u32> {
+        let mut freed = BTreeSet::new();
+        self.backend_ids.retain(|(key, addr), id| {
+            let keep = wanted.get(key).is_some_and(|s| s.backends.iter().any(|b| b.address == *addr));
+            if !keep {
+                freed.insert(*id);
+            }
+            keep
+        });
+        freed
+    }
+
+    fn assign_backend_ids(
+        &mut self,
+        key: &ServiceKey,
+        svc: &ServiceConfig,
+        freed_now: &BTreeSet<u32>,
+        dp: &mut dyn Dataplane,
+        summary: &mut ApplySummary,
+    ) -> Result<Vec<MaglevBackend>, DataplaneError> {
+        let service_id = self.service_id(key)?;
+        let mut out = Vec::with_capacity(svc.backends.len());
+        for b in &svc.backends {
+            let id = match self.backend_ids.get(&(*key, b.address)) {
+                Some(id) => *id,
+                None => {
+                    let id = self.free_backend_id(freed_now)?;
+                    let entry = Backend {
+                        ip_be: u32::from(*b.address.ip()).to_be(),
+                        port_be: b.address.port().to_be(),
+                        _pad: 0,
+                        service_id,
+                        flags: BACKEND_F_ACTIVE,
+                    };
+                    dp.set_backend(id, &entry)?;
+                    self.backend_ids.insert((*key, b.address), id);
+                    summary.backends_added += 1;
+                    id
+                }
+            };
+            out.push(MaglevBackend { id, addr: b.address, weight: b.weight });
+        }
+        Ok(out)
+    }
+
+    fn sync_service(
+        &mut self,
+        key: &ServiceKey,
+        svc: &ServiceConfig,
+        backends: Vec<MaglevBackend>,
+        dp: &mut dyn Dataplane,
+        summary: &mut ApplySummary,
+    ) -> Result<(), DataplaneError> {
+        let id = self.service_id(key)?;
+        let created = !self.services.contains_key(key);
+        let state = self.services.entry(*key).or_insert_with(|| ServiceState {
+            id,
+            name: svc.name.clone(),
+            table: 0,
+            halves: [vec![0; MAGLEV_TABLE_SIZE as usize], vec![0; MAGLEV_TABLE_SIZE as usize]],
+            backends: Vec::new(),
+        });
+        state.name.clone_from(&svc.name);
+        if created {
+            summary.services_added += 1;
+        } else if same_set(&state.backends, &backends) {
+            return Ok(());
+        }
+        let table = rebuild_table(state.live_table(), &backends, MAGLEV_TABLE_SIZE);
+        let next = 1 - state.table;
+        let changes: Vec<(u32, u32)> = table
+            .iter()
+            .zip(&state.halves[next as usize])
+            .enumerate()
+            .filter(|(_, (new, old))| new != old)
+            .map(|(slot, (new, _))| (slot as u32, *new))
+            .collect();
+        dp.set_table_entries(id, next, &changes)?;
+        state.halves[next as usize] = table;
+        let live_backends = backends.iter().filter(|b| b.weight > 0).count() as u32;
+        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode: MODE_DNAT })?;
+        state.table = next;
+        state.backends = backends;
+        summary.tables_rebuilt += 1;
+        summary.slots_written += changes.len();
+        Ok(())
+    }
+
+    fn service_id(&self, key: &ServiceKey) -> Result<u32, DataplaneError> {
+        if let Some(s) = self.services.get(key) {
+            return Ok(s.id);
+        }
+        let used: BTreeSet<u32> = self.services.values().map(|s| s.id).collect();
+        (0..MAX_SERVICES).find(|id| !used.contains(id)).ok_or(DataplaneError::NoFreeId { what: "service", max: MAX_SERVICES })
+    }
+
+    fn free_backend_id(&self, freed_now: &BTreeSet<u32>) -> Result<u32, DataplaneError> {
+        let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
+        (1..MAX_BACKENDS)
+            .find(|id| !used.contains(id) && !freed_now.contains(id) && !self.resting.contains(id))
+            .ok_or(DataplaneError::NoFreeId { what: "backend", max: MAX_BACKENDS - 1 })
+    }
+}
+
+fn same_set(a: &[MaglevBackend], b: &[MaglevBackend]) -> bool {
+    let norm = |v: &[MaglevBackend]| v.iter().map(|m| (m.id, m.addr, m.weight)).collect::<BTreeSet<_>>();
+    a.len() == b.len() && norm(a) == norm(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::testing::{FakeDataplane, Write};
+
+    fn config(backends: &[(&str, u32)]) -> Config {
+        let mut text = String::from(
+            "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n",
+        );
+        for (addr, w) in backends {
+            text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {w}\n");
+        }
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn first_apply_writes_backends_then_table_then_service() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let s = r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)]), &mut dp).unwrap();
+        assert_eq!(s.services_added, 1);
+        assert_eq!(s.backends_added, 2);
+        assert_eq!(s.slots_written, MAGLEV_TABLE_SIZE as usize);
+        let kinds: Vec<&str> = dp.log.iter().map(Write::kind).collect();
+        assert_eq!(kinds, ["backend", "backend", "table", "service"]);
+        // The service points at the half that was just written.
+        let Write::Table { table, .. } = dp.log[2] else { panic!() };
+        let Write::Service { service, .. } = &dp.log[3] else { panic!() };
+        assert_eq!(service.table, table);
+        assert_eq!(service.backend_count, 2);
+        assert!(dp.table(service.id, table).iter().all(|id| *id == 1 || *id == 2));
+    }
+
+    #[test]
+    fn unchanged_config_writes_nothing() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let c = config(&[("10.1.0.1:80", 1)]);
+        r.apply(&c, &mut dp).unwrap();
+        dp.log.clear();
+        assert!(r.apply(&c, &mut dp).unwrap().is_noop());
+        assert!(dp.log.is_empty());
+    }
+
+    #[test]
+    fn removal_flips_before_clearing_and_keeps_the_id_resting() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
+        dp.log.clear();
+        let s = r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
+        assert_eq!(s.backends_removed, 1);
+        let kinds: Vec<&str> = dp.log.iter().map(Write::kind).collect();
+        assert_eq!(kinds, ["table", "service", "backend"]);
+        let Write::Backend { id, backend } = &dp.log[2] else { panic!() };
+        assert_eq!((*id, backend.flags), (2, 0));
+        // Only the removed backend's slots were rewritten.
+        let Write::Service { service, .. } = &dp.log[1] else { panic!() };
+        let live = dp.table(service.id, service.table);
+        assert!(live.iter().all(|id| *id == 1 || *id == 3));
+        // A new backend right after does not take the resting id 2.
+        dp.log.clear();
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1), ("10.1.0.4:80", 1)]), &mut dp).unwrap();
+        let Write::Backend { id, .. } = &dp.log[0] else { panic!() };
+        assert_eq!(*id, 4);
+    }
+
+    #[test]
+    fn weight_change_rebuilds_and_removed_service_is_deleted() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)]), &mut dp).unwrap();
+        let s = r.apply(&config(&[("10.1.0.1:80", 3), ("10.1.0.2:80", 1)]), &mut dp).unwrap();
+        assert_eq!((s.tables_rebuilt, s.backends_added), (1, 0));
+        let s = r.apply(&Config { services: vec![] }, &mut dp).unwrap();
+        assert_eq!((s.services_removed, s.backends_removed), (1, 2));
+        assert!(dp.services.is_empty());
+    }
+
+    #[test]
+    fn a_service_with_no_backends_has_count_zero() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&config(&[]), &mut dp).unwrap();
+        let svc = dp.services.values().next().unwrap();
+        assert_eq!(svc.backend_count, 0);
+    }
+}

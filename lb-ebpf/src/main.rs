@@ -1,0 +1,104 @@
+//! The XDP load balancer.
+//!
+//! `xdp_lb` parses Ethernet, IPv4 and TCP/UDP; a packet for a service
+//! (VIP, port, protocol) gets its destination rewritten to a backend picked by
+//! the connection table or, for a new flow, the service's Maglev table; a reply
+//! from a backend gets its source rewritten back to the VIP. Both leave with
+//! XDP_PASS into the kernel's forwarding path. Everything else passes
+//! untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
+#![no_std]
+#![no_main]
+
+mod bench;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_SERVICES,
+};
+
+use crate::parse::{parse_packet, Parsed};
+
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+#[map]
+static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_xdp_lb(&ctx) {
+        Ok(forwarded) => (xdp_action::XDP_PASS, forwarded),
+        Err(Verdict { action, reason }) => (action, reason),
+    };
+    stats::count_reason(reason);
+    action
+}
+
+/// The baseline for the benchmark: the cheapest possible XDP program.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// An early exit: what to return and why.
+pub struct Verdict {
+    pub action: u32,
+    pub reason: Reason,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn pass(reason: Reason) -> Self {
+        Self { action: xdp_action::XDP_PASS, reason }
+    }
+    #[inline(always)]
+    pub const fn drop(reason: Reason) -> Self {
+        Self { action: xdp_action::XDP_DROP, reason }
+    }
+}
+
+/// `Ok(reason)` when the packet was translated (and passes on to be
+/// forwarded), `Err(verdict)` for everything that leaves early.
+#[inline(always)]
+fn try_xdp_lb(ctx: &XdpContext) -> Result<Reason, Verdict> {
+    let pkt = parse_packet(ctx)?;
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let key = ServiceKey { vip_be: pkt.dst_ip_be, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    if let Some(svc) = unsafe { SERVICES.get(&key) } {
+        let svc = *svc;
+        return nat::forward(&pkt, &svc, frame_len).map(|()| Reason::Forwarded);
+    }
+    nat::reply(&pkt, frame_len).map(|()| Reason::ReplyTranslated)
+}
+
+/// Re-exported for the helper modules.
+pub(crate) type Packet = Parsed;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,208 @@
+//! Destination NAT with reverse translation, driven by the connection table.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    csum, hash::flow_hash, maglev_index, Conn, FlowKey, Reason, Service, BACKEND_F_ACTIVE, DIR_FORWARD,
+    DIR_REPLY, MAX_SERVICES, PROTO_UDP, TCP_SEEN_FIN, TCP_SEEN_RST,
+};
+
+use crate::{
+    parse::{TCP_FIN, TCP_RST, TCP_SYN},
+    stats::{count_flow, Delta},
+    Packet, Verdict, BACKENDS, CONNTRACK, MAGLEV,
+};
+
+/// A client packet for `svc`: find or pick the backend, rewrite the
+/// destination to it.
+#[inline(always)]
+pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64) -> Result<(), Verdict> {
+    let key = FlowKey {
+        src_ip_be: pkt.src_ip_be,
+        dst_ip_be: pkt.dst_ip_be,
+        src_port_be: pkt.src_port_be,
+        dst_port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut delta = Delta { packets: 1, bytes: frame_len, ..Delta::default() };
+    let conn = match CONNTRACK.get_ptr_mut(&key) {
+        Some(c) => {
+            // SAFETY: LRU value; a racing update from another CPU can at worst
+            // blur a timestamp or a flag, never the translation itself.
+            let c = unsafe { &mut *c };
+            c.last_seen_ns = now;
+            track_tcp(c, pkt.tcp_flags, &mut delta);
+            *c
+        }
+        None => {
+            delta.new_flows = 1;
+            let mut c = open_flow(pkt, svc, &key, now)?;
+            track_tcp(&mut c, pkt.tcp_flags, &mut delta);
+            c
+        }
+    };
+    rewrite_dst(pkt, conn.nat_ip_be, conn.nat_port_be);
+    count_flow(conn.service_id, conn.backend_id, &delta);
+    Ok(())
+}
+
+/// A packet from a backend to a client of a flow we translated: rewrite the
+/// source back to the VIP. Anything else is not ours.
+#[inline(always)]
+pub fn reply(pkt: &Packet, frame_len: u64) -> Result<(), Verdict> {
+    let key = FlowKey {
+        src_ip_be: pkt.src_ip_be,
+        dst_ip_be: pkt.dst_ip_be,
+        src_port_be: pkt.src_port_be,
+        dst_port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        dir: DIR_REPLY,
+        _pad: 0,
+    };
+    let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
+        return Err(Verdict::pass(Reason::PassNoService));
+    };
+    // SAFETY: as in `forward`.
+    let c = unsafe { &mut *c };
+    c.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    let mut delta = Delta { reply_packets: 1, reply_bytes: frame_len, ..Delta::default() };
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        close_from_reply(pkt, c, &mut delta);
+    }
+    let (nat_ip, nat_port, service_id, backend_id) = (c.nat_ip_be, c.nat_port_be, c.service_id, c.backend_id);
+    rewrite_src(pkt, nat_ip, nat_port);
+    count_flow(service_id, backend_id, &delta);
+    Ok(())
+}
+
+/// A new flow: pick its backend from the Maglev table and remember the pick
+/// both ways, so replies can be translated back.
+#[inline(always)]
+fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Conn, Verdict> {
+    if svc.backend_count == 0 || svc.id >= MAX_SERVICES {
+        return Err(Verdict::drop(Reason::DropNoBackend));
+    }
+    let hash = flow_hash(pkt.src_ip_be, pkt.dst_ip_be, pkt.src_port_be, pkt.dst_port_be, pkt.proto);
+    let slot = maglev_index(svc.id, svc.table & 1, hash);
+    let backend_id = match MAGLEV.get(slot) {
+        Some(id) if *id != 0 => *id,
+        _ => return Err(Verdict::drop(Reason::DropNoBackend)),
+    };
+    let backend = match BACKENDS.get(backend_id) {
+        Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => *b,
+        _ => return Err(Verdict::drop(Reason::DropStaleBackend)),
+    };
+    let fwd = Conn {
+        nat_ip_be: backend.ip_be,
+        nat_port_be: backend.port_be,
+        tcp_seen: 0,
+        _pad: 0,
+        backend_id,
+        service_id: svc.id,
+        last_seen_ns: now,
+    };
+    let rev_key = FlowKey {
+        src_ip_be: backend.ip_be,
+        dst_ip_be: pkt.src_ip_be,
+        src_port_be: backend.port_be,
+        dst_port_be: pkt.src_port_be,
+        proto: pkt.proto,
+        dir: DIR_REPLY,
+        _pad: 0,
+    };
+    let rev = Conn { nat_ip_be: pkt.dst_ip_be, nat_port_be: pkt.dst_port_be, ..fwd };
+    // Reply entry first: a forward entry without one would send a flow to a
+    // backend whose answers we could not translate.
+    if CONNTRACK.insert(&rev_key, &rev, 0).is_err() || CONNTRACK.insert(key, &fwd, 0).is_err() {
+        return Err(Verdict::drop(Reason::DropConntrackFull));
+    }
+    Ok(fwd)
+}
+
+/// Mark a forward entry closed on the first FIN or RST; a SYN on a closed
+/// entry (the client reusing its port) opens the flow again.
+#[inline(always)]
+fn track_tcp(c: &mut Conn, flags: u8, delta: &mut Delta) {
+    if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) == 0 && c.tcp_seen != 0 {
+        c.tcp_seen = 0;
+        delta.new_flows = 1;
+    }
+    mark_closed(c, flags, delta);
+}
+
+#[inline(always)]
+fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Delta) {
+    let seen = (if flags & TCP_FIN != 0 { TCP_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { TCP_SEEN_RST } else { 0 });
+    if seen != 0 {
+        if c.tcp_seen == 0 {
+            delta.closed_flows = 1;
+        }
+        c.tcp_seen |= seen;
+    }
+}
+
+/// A backend's FIN or RST closes the flow too: find its forward entry.
+#[inline(always)]
+fn close_from_reply(pkt: &Packet, rev: &Conn, delta: &mut Delta) {
+    let fwd_key = FlowKey {
+        src_ip_be: pkt.dst_ip_be,
+        dst_ip_be: rev.nat_ip_be,
+        src_port_be: pkt.dst_port_be,
+        dst_port_be: rev.nat_port_be,
+        proto: pkt.proto,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    };
+    if let Some(f) = CONNTRACK.get_ptr_mut(&fwd_key) {
+        // SAFETY: as in `forward`.
+        mark_closed(unsafe { &mut *f }, pkt.tcp_flags, delta);
+    }
+}
+
+#[inline(always)]
+fn rewrite_dst(pkt: &Packet, ip_be: u32, port_be: u16) {
+    // SAFETY: the pointers come from parse_packet and were bounds-checked.
+    unsafe {
+        let old_ip = (*pkt.ip).dst_be;
+        let old_port = (*pkt.l4_ports)[1];
+        (*pkt.ip).dst_be = ip_be;
+        (*pkt.l4_ports)[1] = port_be;
+        update_checksums(pkt, old_ip, ip_be, old_port, port_be);
+    }
+}
+
+#[inline(always)]
+fn rewrite_src(pkt: &Packet, ip_be: u32, port_be: u16) {
+    // SAFETY: the pointers come from parse_packet and were bounds-checked.
+    unsafe {
+        let old_ip = (*pkt.ip).src_be;
+        let old_port = (*pkt.l4_ports)[0];
+        (*pkt.ip).src_be = ip_be;
+        (*pkt.l4_ports)[0] = port_be;
+        update_checksums(pkt, old_ip, ip_be, old_port, port_be);
+    }
+}
+
+/// RFC 1624 updates of the IPv4 header checksum and of the L4 checksum
+/// (whose pseudo-header covers the addresses).
+///
+/// # Safety
+/// `pkt`'s pointers must be bounds-checked (parse_packet does it).
+#[inline(always)]
+unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16, new_port: u16) {
+    unsafe {
+        (*pkt.ip).check = csum::replace4((*pkt.ip).check, old_ip, new_ip);
+        let l4 = *pkt.l4_check;
+        // A zero UDP checksum means "none" and stays so.
+        if pkt.proto == PROTO_UDP && l4 == 0 {
+            return;
+        }
+        let mut sum = csum::replace2(csum::replace4(l4, old_ip, new_ip), old_port, new_port);
+        if pkt.proto == PROTO_UDP && sum == 0 {
+            sum = 0xffff;
+        }
+        *pkt.l4_check = sum;
+    }
+}

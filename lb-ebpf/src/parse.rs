@@ -1,0 +1,196 @@
+//! Bounds-checked header parsing. Each helper takes an offset and returns
+//! what the next one needs, or the verdict for a packet that stops here.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Reason, PROTO_TCP, PROTO_UDP};
+
+use crate::Verdict;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// More-fragments flag and fragment offset, in network order.
+const IP_MF_OFFSET_BE: u16 = 0x3fffu16.to_be();
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: u16,
+}
+
+/// IPv4 header. `packed(2)`: after a 14-byte Ethernet header it sits at an
+/// address that is 2 mod 4, so its u32 fields must not be assumed aligned.
+#[repr(C, packed(2))]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len_be: u16,
+    pub id_be: u16,
+    pub frag_off_be: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src_be: u32,
+    pub dst_be: u32,
+}
+
+/// The first 20 bytes of a TCP header; seq and ack stay opaque.
+#[repr(C)]
+pub struct TcpHdr {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub seq_ack: [u16; 4],
+    /// Data offset (high nibble of the first byte) and flags (second byte).
+    pub doff_flags: [u8; 2],
+    pub window_be: u16,
+    pub check: u16,
+    pub urg_be: u16,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub len_be: u16,
+    pub check: u16,
+}
+
+/// What the rest of the program needs from a TCP or UDP over IPv4 packet.
+pub struct Parsed {
+    pub ip: *mut Ipv4Hdr,
+    /// Pointer to the L4 checksum field.
+    pub l4_check: *mut u16,
+    /// Pointer to the L4 source port (destination port follows it).
+    pub l4_ports: *mut [u16; 2],
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    /// TCP flags, 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+/// The one place that compares against `data_end`.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+pub fn parse_packet(ctx: &XdpContext) -> Result<Parsed, Verdict> {
+    let l3 = parse_eth(ctx)?;
+    let (ip, l4, l4_end) = parse_ipv4(ctx, l3)?;
+    // SAFETY: `ip` was bounds-checked by parse_ipv4.
+    let proto = unsafe { (*ip).proto };
+    match proto {
+        PROTO_TCP => parse_tcp(ctx, ip, l4, l4_end),
+        PROTO_UDP => parse_udp(ctx, ip, l4, l4_end),
+        _ => Err(Verdict::pass(Reason::PassNotTcpUdp)),
+    }
+}
+
+#[inline(always)]
+fn parse_eth(ctx: &XdpContext) -> Result<usize, Verdict> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropTruncatedEth))?;
+    // SAFETY: bounds-checked above.
+    match unsafe { (*eth).ether_type } {
+        ETH_P_IP_BE => Ok(ETH_HLEN),
+        ETH_P_IPV6_BE => Err(Verdict::pass(Reason::PassIpv6)),
+        _ => Err(Verdict::pass(Reason::PassNotIpv4)),
+    }
+}
+
+/// Returns the header, the L4 offset and the end of the IP packet (frame
+/// offset; Ethernet padding lies beyond it).
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<(*mut Ipv4Hdr, usize, usize), Verdict> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedIp))?;
+    // SAFETY: bounds-checked above; fields are read by value (packed struct).
+    let (ver_ihl, tot_len, frag) = unsafe { ((*ip).ver_ihl, u16::from_be((*ip).tot_len_be), (*ip).frag_off_be) };
+    let ihl = (ver_ihl & 0x0f) as usize * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 {
+        return Err(Verdict::drop(Reason::DropBadIpHeader));
+    }
+    let frame_len = ctx.data_end() - ctx.data();
+    if off + ihl > frame_len {
+        return Err(Verdict::drop(Reason::DropTruncatedIp));
+    }
+    let ip_end = off + tot_len as usize;
+    if (tot_len as usize) < ihl || ip_end > frame_len {
+        return Err(Verdict::drop(Reason::DropBadTotalLength));
+    }
+    // Options and fragments are valid IPv4 we do not balance: the kernel gets
+    // them untouched, as it would without us.
+    if ihl != 20 {
+        return Err(Verdict::pass(Reason::PassIpOptions));
+    }
+    if frag & IP_MF_OFFSET_BE != 0 {
+        return Err(Verdict::pass(Reason::PassFragment));
+    }
+    Ok((ip, off + 20, ip_end))
+}
+
+#[inline(always)]
+fn parse_tcp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+    let tcp: *mut TcpHdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
+    if off + TCP_HLEN > ip_end {
+        return Err(Verdict::drop(Reason::DropTruncatedL4));
+    }
+    // SAFETY: bounds-checked above.
+    let [doff, flags] = unsafe { (*tcp).doff_flags };
+    let doff = (doff >> 4) as usize * 4;
+    if doff < TCP_HLEN || off + doff > ip_end {
+        return Err(Verdict::drop(Reason::DropBadTcpHeader));
+    }
+    // SAFETY: bounds-checked above; `ip` by parse_ipv4.
+    unsafe {
+        Ok(Parsed {
+            ip,
+            l4_check: core::ptr::addr_of_mut!((*tcp).check),
+            l4_ports: tcp.cast(),
+            src_ip_be: (*ip).src_be,
+            dst_ip_be: (*ip).dst_be,
+            src_port_be: (*tcp).src_port_be,
+            dst_port_be: (*tcp).dst_port_be,
+            proto: PROTO_TCP,
+            tcp_flags: flags,
+        })
+    }
+}
+
+#[inline(always)]
+fn parse_udp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+    let udp: *mut UdpHdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
+    if off + UDP_HLEN > ip_end {
+        return Err(Verdict::drop(Reason::DropTruncatedL4));
+    }
+    // SAFETY: bounds-checked above; `ip` by parse_ipv4.
+    unsafe {
+        Ok(Parsed {
+            ip,
+            l4_check: core::ptr::addr_of_mut!((*udp).check),
+            l4_ports: udp.cast(),
+            src_ip_be: (*ip).src_be,
+            dst_ip_be: (*ip).dst_be,
+            src_port_be: (*udp).src_port_be,
+            dst_port_be: (*udp).dst_port_be,
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+        })
+    }
+}
