@@ -9,6 +9,7 @@ use std::{
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
@@ -36,6 +37,105 @@ pub struct ServiceConfig {
     pub interfaces: Vec<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Probe backends; a failing one leaves the table, a recovered one returns.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// How long a removed or failed backend's open connections may go on.
+    #[serde(default = "default_drain_timeout", with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default)]
+    pub kind: CheckKind,
+    /// HTTP only: the path to GET.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// HTTP only: the status that means healthy.
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    #[serde(default = "default_interval", with = "duration")]
+    pub interval: Duration,
+    /// Defaults to the interval or 500ms, whichever is shorter.
+    #[serde(default, with = "duration::option")]
+    pub timeout: Option<Duration>,
+    /// Successes in a row that bring a down backend back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures in a row that take an up backend out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect to the backend's address.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 GET of `path`, expecting `expect_status`.
+    Http,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_status() -> u16 {
+    200
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+impl HealthCheckConfig {
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(self.interval.min(Duration::from_millis(500)))
+    }
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Durations as `"250ms"`, `"2s"`, `"1m"` or `"1h"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{de::Error as _, Deserialize, Deserializer};
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a duration like \"500ms\", \"2s\" or \"1m\""))?;
+        let scale = match unit.trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+        };
+        n.checked_mul(scale).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too long"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        parse(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
@@ -152,6 +252,24 @@ impl ServiceConfig {
         for (j, ifname) in self.interfaces.iter().enumerate() {
             if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']) {
                 out.push(format!("{at}: interfaces[{j}]: {ifname:?} is not a valid interface name"));
+            }
+        }
+        if let Some(h) = &self.health_check {
+            let hat = format!("{at}: health_check");
+            if h.interval < Duration::from_millis(50) {
+                out.push(format!("{hat}.interval: {:?} is below the minimum 50ms", h.interval));
+            }
+            if h.timeout().is_zero() || h.timeout() > h.interval {
+                out.push(format!("{hat}.timeout: must be above 0 and at most the interval ({:?})", h.interval));
+            }
+            if h.kind == CheckKind::Http && !h.path.starts_with('/') {
+                out.push(format!("{hat}.path: {:?} must start with /", h.path));
+            }
+            if !(100..=599).contains(&h.expect_status) {
+                out.push(format!("{hat}.expect_status: {} is not an HTTP status", h.expect_status));
+            }
+            if h.rise == 0 || h.fall == 0 {
+                out.push(format!("{hat}: rise and fall must be at least 1"));
             }
         }
         let mut seen = HashSet::new();
@@ -282,6 +400,35 @@ mod tests {
     fn backend_on_the_vip_is_refused() {
         let p = problems(&GOOD.replace("192.168.1.10:8080", "10.0.0.100:8080"));
         assert!(p.iter().any(|x| x.contains("is the service's own VIP")), "{p:#?}");
+    }
+
+    #[test]
+    fn health_check_defaults_and_durations() {
+        let c = parse(&GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\ndrain_timeout = \"5s\"\nhealth_check = { kind = \"http\", path = \"/healthz\", interval = \"200ms\" }",
+        ))
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.drain_timeout, Duration::from_secs(5));
+        let h = s.health_check.as_ref().unwrap();
+        assert_eq!((h.kind, h.path.as_str(), h.expect_status), (CheckKind::Http, "/healthz", 200));
+        assert_eq!((h.interval, h.timeout(), h.rise, h.fall), (Duration::from_millis(200), Duration::from_millis(200), 2, 3));
+        assert_eq!(c.services[1].drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_durations_and_checks_are_refused() {
+        let err = parse(&GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ndrain_timeout = \"5 parsecs\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unit must be ms, s, m or h"), "{err}");
+        let p = problems(&GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nhealth_check = { kind = \"http\", path = \"healthz\", interval = \"1s\", timeout = \"2s\" }",
+        ));
+        assert!(p.iter().any(|x| x.contains("health_check.path")), "{p:#?}");
+        assert!(p.iter().any(|x| x.contains("health_check.timeout")), "{p:#?}");
     }
 
     #[test]

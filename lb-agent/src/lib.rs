@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf;
+pub mod health;
 pub mod reconcile;
 #[cfg(test)]
 pub mod testing;

@@ -1,0 +1,3 @@
+//! Backend health: the pure state machine (`state`) and the probes that feed it.
+
+pub mod state;
