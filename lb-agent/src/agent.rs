@@ -34,7 +34,12 @@ impl Agent {
         let config = Config::load(path)?;
         check_interfaces(&config)?;
         let dataplane = AyaDataplane::load()?;
-        let mut agent = Agent { dataplane, reconciler: Reconciler::default(), config: Config { services: vec![] }, path: path.into() };
+        let mut agent = Agent {
+            dataplane,
+            reconciler: Reconciler::default(),
+            config: Config { services: vec![] },
+            path: path.into(),
+        };
         agent.switch_to(config)?;
         Ok(agent)
     }
@@ -51,7 +56,8 @@ impl Agent {
                 Ok(_) => attached_now.push(iface.clone()),
                 Err(e) => {
                     for done in &attached_now {
-                        let _ = self.dataplane.detach(done).inspect_err(|e| warn!(error = %e, "rollback detach failed"));
+                        let _ =
+                            self.dataplane.detach(done).inspect_err(|e| warn!(error = %e, "rollback detach failed"));
                     }
                     return Err(e);
                 }
@@ -145,7 +151,9 @@ fn check_interfaces(config: &Config) -> anyhow::Result<()> {
         .enumerate()
         .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
         .filter(|(_, _, _, ifname)| !Path::new("/sys/class/net").join(ifname).exists())
-        .map(|(i, s, j, ifname)| format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name))
+        .map(|(i, s, j, ifname)| {
+            format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
+        })
         .collect();
     anyhow::ensure!(missing.is_empty(), "config refused:\n  - {}", missing.join("\n  - "));
     Ok(())

@@ -413,7 +413,10 @@ mod tests {
         assert_eq!(s.drain_timeout, Duration::from_secs(5));
         let h = s.health_check.as_ref().unwrap();
         assert_eq!((h.kind, h.path.as_str(), h.expect_status), (CheckKind::Http, "/healthz", 200));
-        assert_eq!((h.interval, h.timeout(), h.rise, h.fall), (Duration::from_millis(200), Duration::from_millis(200), 2, 3));
+        assert_eq!(
+            (h.interval, h.timeout(), h.rise, h.fall),
+            (Duration::from_millis(200), Duration::from_millis(200), 2, 3)
+        );
         assert_eq!(c.services[1].drain_timeout, Duration::from_secs(30));
     }
 

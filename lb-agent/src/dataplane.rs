@@ -49,7 +49,10 @@ pub struct AyaDataplane {
     ebpf: Ebpf,
 }
 
-fn map_err<E: std::error::Error + Send + Sync + 'static>(map: &'static str, op: &'static str) -> impl FnOnce(E) -> DataplaneError {
+fn map_err<E: std::error::Error + Send + Sync + 'static>(
+    map: &'static str,
+    op: &'static str,
+) -> impl FnOnce(E) -> DataplaneError {
     move |e| DataplaneError::Map { map, op, source: Box::new(e) }
 }
 
@@ -160,7 +163,8 @@ impl Dataplane for AyaDataplane {
         // A new backend starts from zero counters, whoever had the id before.
         if backend.flags != 0 {
             let cpus = nr_cpus().map_err(|(_, e)| map_err(BACKEND_STATS, "count CPUs")(e))?;
-            let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(map_err(BACKEND_STATS, "reset"))?;
+            let zeros =
+                PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(map_err(BACKEND_STATS, "reset"))?;
             self.backend_stats.set(id, zeros, 0).map_err(map_err(BACKEND_STATS, "reset"))?;
         }
         self.backends.set(id, backend, 0).map_err(map_err(BACKENDS, "write"))

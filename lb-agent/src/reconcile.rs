@@ -219,7 +219,9 @@ impl Reconciler {
             return Ok(s.id);
         }
         let used: BTreeSet<u32> = self.services.values().map(|s| s.id).collect();
-        (0..MAX_SERVICES).find(|id| !used.contains(id)).ok_or(DataplaneError::NoFreeId { what: "service", max: MAX_SERVICES })
+        (0..MAX_SERVICES)
+            .find(|id| !used.contains(id))
+            .ok_or(DataplaneError::NoFreeId { what: "service", max: MAX_SERVICES })
     }
 
     fn free_backend_id(&self, freed_now: &BTreeSet<u32>) -> Result<u32, DataplaneError> {
@@ -243,9 +245,8 @@ mod tests {
     use crate::testing::{FakeDataplane, Write};
 
     fn config(backends: &[(&str, u32)]) -> Config {
-        let mut text = String::from(
-            "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n",
-        );
+        let mut text =
+            String::from("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n");
         for (addr, w) in backends {
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {w}\n");
         }

@@ -9,10 +9,11 @@
 //! Weights decide how many slots each backend gets, and in which order the
 //! backends take their turns. A backend's exact share is `size * w / total`.
 //! The free slots are handed out one at a time to whichever backend is
-//! furthest below its exact share (water-filling). From an empty table that is
-//! Katran's `MaglevHashV2` turn order without its rounding drift: with equal
-//! weights it is classic round-robin Maglev, and every backend ends with the
-//! floor or the ceiling of its exact share.
+//! furthest below its exact share (water-filling), which takes the next free
+//! slot in its permutation. From an empty table that gives each backend turns
+//! in proportion to its weight, as Katran's `MaglevHashV2` does, but without
+//! its rounding drift: every backend ends with the floor or the ceiling of its
+//! exact share. With equal weights it is classic round-robin Maglev.
 //!
 //! [`rebuild_table`] starts from the previous table instead of an empty one,
 //! so a change of the backend set moves only the slots it has to.
@@ -61,30 +62,40 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
 /// 2. A backend holding more than the ceiling of its exact share gives up its
 ///    least preferred slots (the last ones in its permutation) down to it.
 /// 3. Free slots go one at a time to the backend furthest below its exact
-///    share, first to backends that held no slot before (newcomers); each
-///    takes the next free slot in its permutation.
-/// 4. A newcomer still one slot or more below its share, or any other backend
-///    two slots or more below, takes slots from backends above their exact
-///    share, in its own permutation order, until it is less than one below.
+///    share, which takes the next free slot in its permutation.
+/// 4. A backend still two or more slots below its share takes slots from
+///    backends above theirs, in its own permutation order, until it is less
+///    than one slot below.
 ///
-/// So every backend ends with fewer than `exact + 1` slots and more than
-/// `exact - 2` (`exact - 1` for newcomers), and a slot moves between two
-/// surviving backends only in step 2 or step 4. Consequences:
-/// - Removing one backend from a table where every backend held the floor or
-///   ceiling of its share (any [`build_table`] output) moves exactly the
-///   removed backend's slots, each to a survivor: the survivors' shares only
-///   grow, so step 2 never fires, and the freed slots always lift every
-///   survivor to less than two slots short, so step 4 never fires.
+/// So every backend ends with more than `exact - 2` and fewer than
+/// `exact + 1` slots, and a slot moves between two backends that both stay in
+/// the set only in rule 2 or rule 4. Starting from a table in which every
+/// backend held the floor or the ceiling of its share (every [`build_table`]
+/// output is one):
+/// - Removing one backend moves exactly its slots, each to a survivor. Every
+///   survivor's share grows, so rule 2 never fires. Rule 4 never fires either:
+///   if a survivor were still two short after rule 3, every slot handed out
+///   went to a survivor at least that short, and adding up how far the shares
+///   grew shows the removed backend held more than a slot below its share,
+///   which the starting table rules out.
 /// - Adding one backend moves slots only from the others to the newcomer,
-///   taken from each in proportion to its shrinking share, as long as the
-///   newcomer's share is at least one slot per backend (it then absorbs all
-///   the slots step 2 frees). Step 4 tops it up to the floor of its share.
+///   each giving up about what its share shrank by, if every other share
+///   shrinks by at least one slot (with equal weights: the newcomer's share is
+///   at least one slot per backend). The others then all sit above their new
+///   shares, so nobody but the newcomer is short.
+///
+/// Tables left by earlier rebuilds can have a backend one to two slots short.
+/// Removing a backend from such a table can then, rarely, also move a slot or
+/// two between survivors. In randomized runs (a few random adds, removes and
+/// weight changes, then a removal) that happened about once in 6,000 runs on
+/// tables of 7 to 31 slots, once in 50,000 on 101 and 257 slots, and not at
+/// all in 15,000 runs on 1009 and 4099 slots.
 pub fn rebuild_table(previous: &[u32], backends: &[MaglevBackend], size: u32) -> Vec<u32> {
     debug_assert!(is_prime(size), "Maglev table size {size} is not prime");
     debug_assert!(backends.len() < size as usize, "{} backends for {size} slots", backends.len());
     let live = sort_live(backends);
     debug_assert!(ids_are_valid(&live), "backend ids must be unique and non-zero");
-    if live.is_empty() {
+    if live.is_empty() || size == 0 {
         return vec![0; size as usize];
     }
     let mut builder = Builder::new(&live, previous, size);
@@ -132,7 +143,16 @@ fn hash_addr(addr: &SocketAddrV4, seed: u32) -> u32 {
 struct Permutation {
     offset: u64,
     skip: u64,
+    /// `skip * inverse_skip % size == 1`, to find where a slot comes in the order.
+    inverse_skip: u64,
     size: u64,
+}
+
+/// How far a walk along a permutation has got.
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
+    slot: u64,
+    tried: u64,
 }
 
 impl Permutation {
@@ -145,14 +165,46 @@ impl Permutation {
         while gcd(skip, size) != 1 {
             skip = skip % (size - 1) + 1;
         }
-        Self { offset, skip, size }
+        Self { offset, skip, inverse_skip: inverse_mod(skip, size), size }
     }
 
-    /// The slot tried at the backend's `step`-th turn, `step < size`.
-    fn slot(&self, step: u32) -> usize {
-        // offset < 2^32 and step * skip < (2^32 - 1)^2, so this cannot overflow.
-        ((self.offset + u64::from(step) * self.skip) % self.size) as usize
+    fn start(&self) -> Cursor {
+        Cursor { slot: self.offset, tried: 0 }
     }
+
+    /// The cursor's slot, moving the cursor on; `None` once it has visited them all.
+    fn next(&self, cursor: &mut Cursor) -> Option<usize> {
+        if cursor.tried == self.size {
+            return None;
+        }
+        let slot = cursor.slot;
+        cursor.tried += 1;
+        // An add and a compare instead of a division: this is the hot loop.
+        cursor.slot += self.skip;
+        if cursor.slot >= self.size {
+            cursor.slot -= self.size;
+        }
+        Some(slot as usize)
+    }
+
+    /// How many tries the backend needs to reach `slot`: low is preferred.
+    fn rank(&self, slot: usize) -> u64 {
+        let from_offset = (slot as u64 + self.size - self.offset) % self.size;
+        // Both factors are below size <= 2^32, so the product fits in a u64.
+        from_offset * self.inverse_skip % self.size
+    }
+}
+
+/// `x` with `a * x % m == 1`, for coprime `a` and `m` (extended Euclid).
+fn inverse_mod(a: u64, m: u64) -> u64 {
+    let (mut r0, mut r1) = (i128::from(a), i128::from(m));
+    let (mut s0, mut s1) = (1i128, 0i128);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (s0, s1) = (s1, s0 - q * s1);
+    }
+    s0.rem_euclid(i128::from(m)) as u64
 }
 
 /// Marks a slot no backend holds yet; the output has 0 there.
@@ -165,12 +217,10 @@ struct Member {
     /// compare as integers.
     share: i128,
     held: u32,
-    /// Held no slot of the previous table.
-    newcomer: bool,
-    /// Steps of `perm` already tried by `fill_free` and by `steal_one`; the
-    /// slots passed never become worth another look (see those functions).
-    fill_step: u32,
-    steal_step: u32,
+    /// Where `claim_free` and `steal_one` carry on from; the slots passed
+    /// never become worth another look (see those functions).
+    fill: Cursor,
+    steal: Cursor,
 }
 
 struct Builder {
@@ -178,7 +228,6 @@ struct Builder {
     slots: Vec<u32>,
     members: Vec<Member>,
     total_weight: i128,
-    size: u32,
 }
 
 impl Builder {
@@ -191,18 +240,20 @@ impl Builder {
         let members = live
             .iter()
             .zip(held)
-            .map(|(b, held)| Member {
-                id: b.id,
-                perm: Permutation::new(&b.addr, size),
-                share: i128::from(size) * i128::from(b.weight),
-                held,
-                newcomer: held == 0,
-                fill_step: 0,
-                steal_step: 0,
+            .map(|(b, held)| {
+                let perm = Permutation::new(&b.addr, size);
+                Member {
+                    id: b.id,
+                    perm,
+                    share: i128::from(size) * i128::from(b.weight),
+                    held,
+                    fill: perm.start(),
+                    steal: perm.start(),
+                }
             })
             .collect();
         let total_weight = live.iter().map(|b| i128::from(b.weight)).sum();
-        Self { slots, members, total_weight, size }
+        Self { slots, members, total_weight }
     }
 
     /// How far member `i` is below its exact share, in 1/total_weight slots
@@ -212,19 +263,36 @@ impl Builder {
         m.share - i128::from(m.held) * self.total_weight
     }
 
-    /// Rule 2: nobody keeps more than the ceiling of its share.
+    /// Slots member `i` holds above the ceiling of its exact share.
+    fn excess(&self, i: usize) -> usize {
+        let m = &self.members[i];
+        let ceiling = (m.share + self.total_weight - 1) / self.total_weight;
+        usize::try_from(i128::from(m.held) - ceiling).unwrap_or(0)
+    }
+
+    /// Rule 2: nobody keeps more than the ceiling of its share, and what goes
+    /// is what the owner would have reached last.
     fn release_excess(&mut self) {
-        for i in 0..self.members.len() {
-            let mut step = self.size;
-            // shortfall <= -1 slot is exactly held > ceil(exact share).
-            while step > 0 && self.shortfall(i) <= -self.total_weight {
-                step -= 1;
-                let slot = self.members[i].perm.slot(step);
-                if self.slots[slot] == i as u32 {
-                    self.slots[slot] = FREE;
-                    self.members[i].held -= 1;
-                }
+        let excess: Vec<usize> = (0..self.members.len()).map(|i| self.excess(i)).collect();
+        if excess.iter().all(|&e| e == 0) {
+            return;
+        }
+        // One pass over the table: walking each permutation backwards instead
+        // is O(size) per member, because a member's own slots cluster early
+        // in its permutation.
+        let mut owned: Vec<Vec<(u64, usize)>> = vec![Vec::new(); self.members.len()];
+        for (slot, &owner) in self.slots.iter().enumerate() {
+            if owner != FREE && excess[owner as usize] > 0 {
+                owned[owner as usize].push((self.members[owner as usize].perm.rank(slot), slot));
             }
+        }
+        for (i, mut slots) in owned.into_iter().enumerate().filter(|(i, _)| excess[*i] > 0) {
+            let n = excess[i];
+            slots.select_nth_unstable_by_key(n - 1, |&(rank, _)| Reverse(rank));
+            for &(_, slot) in &slots[..n] {
+                self.slots[slot] = FREE;
+            }
+            self.members[i].held -= n as u32;
         }
     }
 
@@ -233,27 +301,24 @@ impl Builder {
         let free = self.slots.iter().filter(|&&s| s == FREE).count();
         let mut turns: BinaryHeap<_> = (0..self.members.len()).map(|i| self.fill_priority(i)).collect();
         for _ in 0..free {
-            let Some((_, _, Reverse(i))) = turns.pop() else { break };
+            let Some((_, Reverse(i))) = turns.pop() else { break };
             if self.claim_free(i) {
                 turns.push(self.fill_priority(i));
             }
         }
     }
 
-    /// Newcomers below their share first, then the largest shortfall, then the
-    /// first backend in canonical order.
-    fn fill_priority(&self, i: usize) -> (bool, i128, Reverse<usize>) {
-        let shortfall = self.shortfall(i);
-        (self.members[i].newcomer && shortfall > 0, shortfall, Reverse(i))
+    /// The largest shortfall first; ties to the first backend in canonical
+    /// order, which makes equal weights take classic round-robin turns.
+    fn fill_priority(&self, i: usize) -> (i128, Reverse<usize>) {
+        (self.shortfall(i), Reverse(i))
     }
 
     /// Takes the next free slot in member `i`'s permutation. Slots it passes are
     /// taken, and stay taken until `repair_shortfalls`, so the walk never restarts.
     fn claim_free(&mut self, i: usize) -> bool {
         let m = &mut self.members[i];
-        while m.fill_step < self.size {
-            let slot = m.perm.slot(m.fill_step);
-            m.fill_step += 1;
+        while let Some(slot) = m.perm.next(&mut m.fill) {
             if self.slots[slot] == FREE {
                 self.slots[slot] = i as u32;
                 m.held += 1;
@@ -263,14 +328,13 @@ impl Builder {
         false
     }
 
-    /// Rule 4: lift badly short members to less than one slot short.
+    /// Rule 4: lift members two or more slots short to less than one short.
     fn repair_shortfalls(&mut self) {
         let one = self.total_weight;
         for i in 0..self.members.len() {
-            // Other survivors get a slot of slack: see the removal argument on
-            // `rebuild_table`.
-            let threshold = if self.members[i].newcomer { one } else { 2 * one };
-            if self.shortfall(i) < threshold {
+            // Not one slot: the slack is what keeps a removal from moving
+            // survivors' slots (see `rebuild_table`).
+            if self.shortfall(i) < 2 * one {
                 continue;
             }
             while self.shortfall(i) >= one && self.steal_one(i) {}
@@ -281,9 +345,9 @@ impl Builder {
     /// its exact share. Owners passed over are at or below their share and only
     /// ever lose slots from here on, so they never become donors later.
     fn steal_one(&mut self, i: usize) -> bool {
-        while self.members[i].steal_step < self.size {
-            let slot = self.members[i].perm.slot(self.members[i].steal_step);
-            self.members[i].steal_step += 1;
+        loop {
+            let m = &mut self.members[i];
+            let Some(slot) = m.perm.next(&mut m.steal) else { return false };
             let owner = self.slots[slot];
             if owner != FREE && owner as usize != i && self.shortfall(owner as usize) < 0 {
                 self.slots[slot] = i as u32;
@@ -292,7 +356,6 @@ impl Builder {
                 return true;
             }
         }
-        false
     }
 
     fn into_ids(self) -> Vec<u32> {
@@ -309,10 +372,7 @@ fn keep_survivors(previous: &[u32], live: &[MaglevBackend], size: u32) -> Vec<u3
         return vec![FREE; size as usize];
     }
     let index: HashMap<u32, u32> = live.iter().enumerate().map(|(i, b)| (b.id, i as u32)).collect();
-    previous
-        .iter()
-        .map(|id| if *id == 0 { FREE } else { index.get(id).copied().unwrap_or(FREE) })
-        .collect()
+    previous.iter().map(|id| if *id == 0 { FREE } else { index.get(id).copied().unwrap_or(FREE) }).collect()
 }
 
 #[cfg(test)]
@@ -363,11 +423,8 @@ mod tests {
     /// `survivors` to another.
     fn diff(before: &[u32], after: &[u32], survivors: &[u32]) -> (f64, usize) {
         let changed = before.iter().zip(after).filter(|(a, b)| a != b).count();
-        let between = before
-            .iter()
-            .zip(after)
-            .filter(|(a, b)| a != b && survivors.contains(a) && survivors.contains(b))
-            .count();
+        let between =
+            before.iter().zip(after).filter(|(a, b)| a != b && survivors.contains(a) && survivors.contains(b)).count();
         (changed as f64 / before.len() as f64, between)
     }
 
@@ -504,7 +561,7 @@ mod tests {
         let start = std::time::Instant::now();
         let rebuilt = rebuild_table(&table, &set[1..], LARGE);
         let removed = start.elapsed();
-        let mut grown = set.clone();
+        let mut grown = set[1..].to_vec();
         grown.push(backend(101, 1));
         let start = std::time::Instant::now();
         let rebuilt = rebuild_table(&rebuilt, &grown, LARGE);
@@ -574,12 +631,19 @@ mod tests {
             let gone = victim.get(&set).id;
             let survivors: Vec<MaglevBackend> = set.iter().filter(|b| b.id != gone).copied().collect();
             let ids: Vec<u32> = survivors.iter().map(|b| b.id).collect();
-            let before = build_table(&set, SMALL);
-            let after = build_table(&survivors, SMALL);
+            let before = build_table(&set, LARGE);
+            let after = build_table(&survivors, LARGE);
             let (changed, between) = diff(&before, &after, &ids);
+            // Classic Maglev moves more than the 1/n minimum, the rest between
+            // survivors. Measured over 1,500 random sets of up to 20 backends
+            // at 65537 slots: 1.03/n median, 1.11/n worst. It grows with
+            // n / size (one set each: 1.2/n for 50 backends, 1.6/n for 100,
+            // 2.5/n for 200), and at 4099 slots two backends drawing the same
+            // skip can push it to 2.2/n, hence LARGE here. `rebuild_table`
+            // moves exactly 1/n.
             let n = set.len() as f64;
-            std::println!("n={n} changed={changed:.4} (1/n={:.4}) survivor-to-survivor={between}", 1.0 / n);
-            prop_assert!(changed <= 1.6 / n, "{changed} of slots changed for n = {n}");
+            prop_assert!(changed <= 1.6 / n, "{} of slots changed for n = {}", changed, n);
+            prop_assert!(between as f64 <= 0.6 / n * f64::from(LARGE), "{} slots moved between survivors", between);
         }
 
         #[test]
@@ -612,7 +676,7 @@ mod tests {
                 prop_assert!(a == b || *b == newcomer.id, "slot moved from {} to {}", a, b);
             }
             let error = error(&after, &set, &newcomer);
-            prop_assert!(error.abs() < 1.0, "newcomer off by {} slots", error);
+            prop_assert!(-2.0 < error && error < 1.0, "newcomer off by {} slots", error);
         }
 
         #[test]
@@ -634,81 +698,15 @@ mod tests {
                 }
                 table = rebuild_table(&table, &set, SMALL);
                 assert_all_live(&table, &set);
-                if set.iter().any(|b| b.weight > 0) {
-                    for b in set.iter().filter(|b| b.weight > 0) {
-                        let error = error(&table, &set, b);
-                        prop_assert!(-2.0 < error && error < 1.0, "{:?} off by {} slots", b, error);
-                    }
+                for b in set.iter().filter(|b| b.weight > 0) {
+                    let error = error(&table, &set, b);
+                    prop_assert!(-2.0 < error && error < 1.0, "{:?} off by {} slots", b, error);
                 }
             }
+            // Nothing changed, so nothing moves, whatever the order.
             let mut reversed = set.clone();
             reversed.reverse();
-            prop_assert_eq!(rebuild_table(&table, &set, SMALL), rebuild_table(&table, &reversed, SMALL));
+            prop_assert_eq!(&rebuild_table(&table, &reversed, SMALL), &table);
         }
-    }
-}
-#[cfg(test)]
-mod explore {
-    use super::*;
-    use core::net::Ipv4Addr;
-    use std::println;
-
-    fn rng(state: &mut u64) -> u32 {
-        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (*state >> 33) as u32
-    }
-
-    fn random_set(st: &mut u64, n: u32, maxw: u32) -> Vec<MaglevBackend> {
-        (1..=n).map(|id| MaglevBackend { id, addr: SocketAddrV4::new(Ipv4Addr::from(rng(st)), (rng(st) % 60000 + 1) as u16), weight: rng(st) % maxw + 1 }).collect()
-    }
-
-    #[test]
-    #[ignore]
-    fn explore() {
-        let mut st = 12345u64;
-        // disruption for classic build at larger N
-        for n in [50u32, 100, 200] {
-            let set = random_set(&mut st, n, 1);
-            let set: Vec<_> = set.into_iter().map(|b| MaglevBackend { weight: 1, ..b }).collect();
-            let before = build_table(&set, 65537);
-            let after = build_table(&set[1..], 65537);
-            let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-            let between = before.iter().zip(&after).filter(|(a, b)| a != b && **a != set[0].id).count();
-            println!("n={n} changed ratio to 1/n = {:.3}, survivor-to-survivor {}", changed as f64 / 65537.0 * n as f64, between);
-        }
-        let mut rem_viol = 0; let mut add_viol = 0; let mut chain_rem = 0; let mut chain_add = 0; let trials = 40000;
-        let sizes = [101u32, 257, 1009, 4099];
-        for t in 0..trials {
-            let size = sizes[t % sizes.len()];
-            let n = (rng(&mut st) % 40 + 2).min(size - 2);
-            let maxw = [3, 10, 100, 1_000_000][(t / 7) % 4];
-            let set = random_set(&mut st, n, maxw);
-            let before = build_table(&set, size);
-            let after = rebuild_table(&before, &set[1..], size);
-            if before.iter().zip(&after).any(|(a, b)| a != b && *a != set[0].id) { rem_viol += 1; if rem_viol < 3 { println!("rem {set:?} {before:?} {after:?}"); } }
-            let before = build_table(&set[1..], size);
-            let after = rebuild_table(&before, &set, size);
-            if before.iter().zip(&after).any(|(a, b)| a != b && *b != set[0].id) { add_viol += 1; let w: u64 = set.iter().map(|b| b.weight as u64).sum(); println!("add size={size} n={n} qn={:.2}", size as f64 * set[0].weight as f64 / w as f64); }
-            let mut s = set.clone();
-            let mut table = build_table(&s, size);
-            for _ in 0..4 {
-                let i = (rng(&mut st) as usize) % s.len();
-                match rng(&mut st) % 3 {
-                    0 if s.len() > 2 => { s.remove(i); }
-                    1 if s.len() + 2 < size as usize => { let mut b = random_set(&mut st, 1, maxw)[0]; b.id = 1000 + rng(&mut st) % 100000; if s.iter().all(|x| x.id != b.id) { s.push(b); } }
-                    _ => { s[i].weight = rng(&mut st) % maxw + 1; }
-                }
-                table = rebuild_table(&table, &s, size);
-            }
-            let after = rebuild_table(&table, &s[1..], size);
-            let bad = table.iter().zip(&after).filter(|(a, b)| a != b && **a != s[0].id).count(); if bad > 0 { chain_rem += 1; if chain_rem < 40 { println!("chain size={size} n={} maxw={maxw} moved={bad}", s.len()); } }
-            let after = rebuild_table(&rebuild_table(&[], &s[1..], size), &s, size);
-            let _ = after;
-            let t1 = rebuild_table(&table, &s[1..], size);
-            let t2 = rebuild_table(&t1, &s, size);
-            if t1.iter().zip(&t2).any(|(a, b)| a != b && *b != s[0].id) { chain_add += 1; }
-        }
-        println!("chain removal {chain_rem}/{trials}, chain re-addition {chain_add}/{trials}");
-        println!("removal violations {rem_viol}/{trials}, addition {add_viol}/{trials}");
     }
 }

@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_SERVICES,
+    Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES, MAX_BACKENDS,
+    MAX_SERVICES,
 };
 
 use crate::parse::{parse_packet, Parsed};

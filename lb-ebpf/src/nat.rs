@@ -2,8 +2,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    csum, hash::flow_hash, maglev_index, Conn, FlowKey, Reason, Service, BACKEND_F_ACTIVE, DIR_FORWARD,
-    DIR_REPLY, MAX_SERVICES, PROTO_UDP, TCP_SEEN_FIN, TCP_SEEN_RST,
+    csum, hash::flow_hash, maglev_index, Conn, FlowKey, Reason, Service, BACKEND_F_ACTIVE, DIR_FORWARD, DIR_REPLY,
+    MAX_SERVICES, PROTO_UDP, TCP_SEEN_FIN, TCP_SEEN_RST,
 };
 
 use crate::{
@@ -134,7 +134,8 @@ fn track_tcp(c: &mut Conn, flags: u8, delta: &mut Delta) {
 
 #[inline(always)]
 fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Delta) {
-    let seen = (if flags & TCP_FIN != 0 { TCP_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { TCP_SEEN_RST } else { 0 });
+    let seen =
+        (if flags & TCP_FIN != 0 { TCP_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { TCP_SEEN_RST } else { 0 });
     if seen != 0 {
         if c.tcp_seen == 0 {
             delta.closed_flows = 1;

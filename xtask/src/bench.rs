@@ -24,8 +24,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     build_release("bench", &["-p", "lb-tests", "--bin", "lb-bench"])?;
     let step = Step::new("bench", "lb-bench");
     step.say("running");
-    let status =
-        stream(Command::new(util::built_binary("lb-bench", "lb-tests")?).args(&opts.args))?;
+    let status = stream(Command::new(util::built_binary("lb-bench", "lb-tests")?).args(&opts.args))?;
     let color = if status.success() { GREEN } else { RED };
     step.finish(color, &describe(status));
     Ok(exit_code(status))

@@ -36,13 +36,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what is missing (apt packages, rust-src, bpf-linker 0.13.0); skip what is present
-    #[command(
-        long_about = "Install what is missing, skip what is present, print a summary.\n\n\
+    #[command(long_about = "Install what is missing, skip what is present, print a summary.\n\n\
         - apt packages: iproute2 ethtool iputils-ping procps (installing needs root)\n\
         - rust-src for the toolchain pinned in rust-toolchain.toml (for -Z build-std=core)\n\
         - bpf-linker 0.13.0, built against that toolchain's own libLLVM\n\n\
-        Takes well under a second when everything is present."
-    )]
+        Takes well under a second when everything is present.")]
     Setup(setup::Options),
     /// Setup, then `cargo build --release -p lb-agent -p lb-tests --bins`
     Build(build::Options),
@@ -54,20 +52,16 @@ enum Command {
         Ctrl-C reaches the program, which cleans up; xtask waits for it and exits with its status.")]
     Run(run::Options),
     /// Setup, then unit tests and (as root) the root tests; non-root fails unless --unit-only
-    #[command(
-        long_about = "Setup, then two stages, each summarised with its duration:\n\n\
+    #[command(long_about = "Setup, then two stages, each summarised with its duration:\n\n\
         \x20 1. unit tests:  cargo test --workspace --exclude lb-tests [FILTER]\n\
         \x20 2. root tests:  cargo test -p lb-tests --release [FILTER] -- --test-threads=1\n\n\
         The root tests load BPF programs and create network namespaces. Without root they\n\
-        are skipped and the command fails, unless --unit-only is given."
-    )]
+        are skipped and the command fails, unless --unit-only is given.")]
     Test(test::Options),
     /// Setup, build lb-bench, run it as root with the arguments after `--`
-    #[command(
-        long_about = "Setup, `cargo build --release -p lb-tests --bin lb-bench`, then run\n\
+    #[command(long_about = "Setup, `cargo build --release -p lb-tests --bin lb-bench`, then run\n\
         target/release/lb-bench with the arguments after `--` (as root), e.g.\n\n\
-        \x20 cargo xtask bench -- --repeat 1000000 --json"
-    )]
+        \x20 cargo xtask bench -- --repeat 1000000 --json")]
     Bench(bench::Options),
 }
 

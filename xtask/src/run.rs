@@ -19,15 +19,10 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<ExitCode> {
     let args = &opts.args;
-    let agent = args
-        .iter()
-        .any(|a| a == "--config" || a.starts_with("--config="));
+    let agent = args.iter().any(|a| a == "--config" || a.starts_with("--config="));
     let help = args.iter().any(|a| a == "--help" || a == "-h");
     if !help {
-        util::require_root(
-            "run",
-            "it loads XDP programs and sets up network namespaces",
-        )?;
+        util::require_root("run", "it loads XDP programs and sets up network namespaces")?;
     }
     setup::ensure_all(false)?;
     build_release("run", &["-p", "lb-agent", "-p", "lb-tests", "--bins"])?;

@@ -56,9 +56,7 @@ pub fn ensure_all(strict: bool) -> Result<()> {
     let missing = tally.missing.join(" ");
     summary.push_str(&format!(", missing: {missing}"));
     total.finish(if strict { RED } else { YELLOW }, &summary);
-    let fix = format!(
-        "run `cargo xtask setup` as root, or `apt-get install -y --no-install-recommends {missing}`"
-    );
+    let fix = format!("run `cargo xtask setup` as root, or `apt-get install -y --no-install-recommends {missing}`");
     if strict {
         bail!("packages missing: {missing}; {fix}");
     }
@@ -67,18 +65,12 @@ pub fn ensure_all(strict: bool) -> Result<()> {
 }
 
 fn ensure_apt_packages(tally: &mut Tally) -> Result<()> {
-    let step = Step::new(
-        "setup",
-        format!("apt packages ({})", APT_PACKAGES.join(" ")),
-    );
+    let step = Step::new("setup", format!("apt packages ({})", APT_PACKAGES.join(" ")));
     let mut missing = Vec::new();
     for &pkg in APT_PACKAGES {
         let query = capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))?;
         let Some(out) = query else {
-            step.finish(
-                YELLOW,
-                "not checked: no dpkg-query (not Debian); install them yourself",
-            );
+            step.finish(YELLOW, "not checked: no dpkg-query (not Debian); install them yourself");
             return Ok(());
         };
         // dpkg-query exits non-zero for packages it has never heard of.
@@ -93,20 +85,13 @@ fn ensure_apt_packages(tally: &mut Tally) -> Result<()> {
     }
     let list = missing.join(" ");
     if !util::is_root()? {
-        step.finish(
-            YELLOW,
-            &format!("missing {list}; root is needed to install them"),
-        );
+        step.finish(YELLOW, &format!("missing {list}; root is needed to install them"));
         tally.missing = missing;
         return Ok(());
     }
     step.say(&format!("installing {list}"));
     stream_ok(apt_get().arg("update"))?;
-    stream_ok(
-        apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    stream_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
     step.finish(GREEN, &format!("installed {list}"));
     tally.installed += 1;
     Ok(())
@@ -123,14 +108,9 @@ fn apt_get() -> Command {
 fn rustc_sysroot() -> Result<PathBuf> {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let mut cmd = Command::new(rustc);
-    cmd.args(["--print", "sysroot"])
-        .current_dir(util::workspace_root());
+    cmd.args(["--print", "sysroot"]).current_dir(util::workspace_root());
     let out = capture(&mut cmd)?.context("rustc not found; install rustup first")?;
-    ensure!(
-        out.status.success(),
-        "`rustc --print sysroot` failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    ensure!(out.status.success(), "`rustc --print sysroot` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
@@ -152,11 +132,7 @@ fn ensure_rust_src(channel: &str, sysroot: &Path, tally: &mut Tally) -> Result<(
             .current_dir(util::workspace_root()),
     )
     .context("install rust-src (is rustup on PATH?)")?;
-    ensure!(
-        core.is_file(),
-        "rust-src installed, but {} is missing",
-        core.display()
-    );
+    ensure!(core.is_file(), "rust-src installed, but {} is missing", core.display());
     step.finish(GREEN, "installed");
     tally.installed += 1;
     Ok(())
@@ -183,18 +159,11 @@ fn ensure_bpf_linker(sysroot: &Path, tally: &mut Tally) -> Result<()> {
             },
         },
     };
-    step.say(&format!(
-        "installing ({reason}), against {} (about a minute)",
-        libllvm.display()
-    ));
+    step.say(&format!("installing ({reason}), against {} (about a minute)", libllvm.display()));
     let lib_dir = sysroot.join("lib");
     // Link the toolchain's own libLLVM and find it at run time via rpath,
     // so bpf-linker and rustc always share one LLVM.
-    let rustflags = format!(
-        "-C link-arg={} -C link-arg=-Wl,-rpath,{}",
-        libllvm.display(),
-        lib_dir.display()
-    );
+    let rustflags = format!("-C link-arg={} -C link-arg=-Wl,-rpath,{}", libllvm.display(), lib_dir.display());
     stream_ok(
         util::cargo()
             .env("RUSTFLAGS", rustflags)
@@ -220,19 +189,12 @@ fn toolchain_libllvm(sysroot: &Path) -> Result<(PathBuf, u32)> {
     let mut found = Vec::new();
     for entry in fs::read_dir(&lib_dir).with_context(|| format!("list {}", lib_dir.display()))? {
         let entry = entry.with_context(|| format!("list {}", lib_dir.display()))?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("libLLVM.so.")
-        {
+        if entry.file_name().to_string_lossy().starts_with("libLLVM.so.") {
             found.push(entry.path());
         }
     }
     let [libllvm] = found.as_slice() else {
-        bail!(
-            "expected exactly one libLLVM.so.* in {}, found {found:?}",
-            lib_dir.display()
-        );
+        bail!("expected exactly one libLLVM.so.* in {}, found {found:?}", lib_dir.display());
     };
     let name = libllvm.file_name().unwrap_or_default().to_string_lossy();
     let major = llvm_major(&name).with_context(|| format!("no LLVM version in {name}"))?;
@@ -249,8 +211,7 @@ fn llvm_major(file_name: &str) -> Option<u32> {
 
 /// Ok(version) from "bpf-linker 0.13.0", or Err(reason) if it does not run.
 fn installed_version(bin: &Path) -> Result<Result<String, String>> {
-    let out = capture(Command::new(bin).arg("--version"))?
-        .with_context(|| format!("run {}", bin.display()))?;
+    let out = capture(Command::new(bin).arg("--version"))?.with_context(|| format!("run {}", bin.display()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let first = stderr.lines().next().unwrap_or("").trim().to_owned();
@@ -273,9 +234,7 @@ fn linked_llvm_major(bin: &Path) -> Option<u32> {
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 #[cfg(test)]

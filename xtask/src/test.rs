@@ -35,16 +35,13 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 
     // Pure unit tests: no root, no kernel objects beyond building lb-ebpf.
     let mut unit = util::cargo();
-    unit.args(["test", "--workspace", "--exclude", "lb-tests"])
-        .args(&filter);
+    unit.args(["test", "--workspace", "--exclude", "lb-tests"]).args(&filter);
     stages.push(run_stage("unit tests", &mut unit)?);
 
     // BPF fixtures and network namespaces. One thread: the tests create
     // namespaces and attach programs, and must not see each other's.
     let mut root = util::cargo();
-    root.args(["test", "-p", "lb-tests", "--release"])
-        .args(&filter)
-        .args(["--", "--test-threads=1"]);
+    root.args(["test", "-p", "lb-tests", "--release"]).args(&filter).args(["--", "--test-threads=1"]);
     if opts.unit_only {
         stages.push(skip_stage("root tests", "skipped (--unit-only)", true));
     } else if util::is_root()? {
@@ -58,27 +55,15 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             stages.push(run_stage("root tests", &mut root)?);
         }
     } else {
-        let why = format!(
-            "SKIPPED: not root (uid {}); run as root, or pass --unit-only",
-            util::euid()?
-        );
+        let why = format!("SKIPPED: not root (uid {}); run as root, or pass --unit-only", util::euid()?);
         stages.push(skip_stage("root tests", &why, false));
     }
 
     println!("{}", paint(BOLD, "[test] summary"));
     for s in &stages {
-        println!(
-            "[test]   {}: {} ({})",
-            s.name,
-            paint(s.color, &s.outcome),
-            secs(s.took)
-        );
+        println!("[test]   {}: {} ({})", s.name, paint(s.color, &s.outcome), secs(s.took));
     }
-    Ok(if stages.iter().all(|s| s.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if stages.iter().all(|s| s.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Runs one `cargo test` and records its outcome; a failing stage does not
@@ -90,31 +75,15 @@ fn run_stage(name: &'static str, cmd: &mut Command) -> Result<Stage> {
     let (ok, color, outcome) = if status.success() {
         (true, GREEN, "passed".to_owned())
     } else {
-        (
-            false,
-            RED,
-            format!("FAILED: cargo test {}", describe(status)),
-        )
+        (false, RED, format!("FAILED: cargo test {}", describe(status)))
     };
     let took = step.finish(color, &outcome);
-    Ok(Stage {
-        name,
-        color,
-        outcome,
-        took,
-        ok,
-    })
+    Ok(Stage { name, color, outcome, took, ok })
 }
 
 fn skip_stage(name: &'static str, why: &str, ok: bool) -> Stage {
     let step = Step::new("test", name);
     let color = if ok { YELLOW } else { RED };
     let took = step.finish(color, why);
-    Stage {
-        name,
-        color,
-        outcome: why.to_owned(),
-        took,
-        ok,
-    }
+    Stage { name, color, outcome: why.to_owned(), took, ok }
 }

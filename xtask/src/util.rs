@@ -85,20 +85,12 @@ fn cargo_home() -> PathBuf {
 
 pub fn workspace_root() -> &'static Path {
     // xtask/Cargo.toml sits one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."))
 }
 
 pub fn release_binary(name: &str) -> PathBuf {
-    let target = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let target = if target.is_relative() {
-        workspace_root().join(target)
-    } else {
-        target
-    };
+    let target = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_relative() { workspace_root().join(target) } else { target };
     target.join("release").join(name)
 }
 
@@ -107,10 +99,7 @@ pub fn release_binary(name: &str) -> PathBuf {
 pub fn built_binary(name: &str, package: &str) -> Result<PathBuf> {
     let path = release_binary(name);
     if !path.is_file() {
-        bail!(
-            "{} is missing after the build: does package {package} define the `{name}` binary?",
-            path.display()
-        );
+        bail!("{} is missing after the build: does package {package} define the `{name}` binary?", path.display());
     }
     Ok(path)
 }
@@ -137,14 +126,9 @@ pub fn cargo() -> Command {
 /// Effective user id, from /proc/self/status ("Uid: real effective saved fs").
 pub fn euid() -> Result<u32> {
     let status = fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .context("no Uid line in /proc/self/status")?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).context("no Uid line in /proc/self/status")?;
     let effective = line.split_whitespace().nth(1).context("short Uid line")?;
-    effective
-        .parse()
-        .with_context(|| format!("parse effective uid {effective:?}"))
+    effective.parse().with_context(|| format!("parse effective uid {effective:?}"))
 }
 
 pub fn is_root() -> Result<bool> {
@@ -169,11 +153,7 @@ pub struct Step {
 
 impl Step {
     pub fn new(tag: &'static str, what: impl Into<String>) -> Self {
-        Step {
-            tag,
-            what: what.into(),
-            start: Instant::now(),
-        }
+        Step { tag, what: what.into(), start: Instant::now() }
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -182,12 +162,7 @@ impl Step {
 
     /// An intermediate status, e.g. "installing", before child output streams.
     pub fn say(&self, status: &str) {
-        println!(
-            "{} {} ... {}",
-            paint(BOLD, &format!("[{}]", self.tag)),
-            self.what,
-            paint(YELLOW, status)
-        );
+        println!("{} {} ... {}", paint(BOLD, &format!("[{}]", self.tag)), self.what, paint(YELLOW, status));
     }
 
     /// The final status with the step's duration.
@@ -213,13 +188,7 @@ pub fn secs(d: Duration) -> String {
 pub fn show(cmd: &Command) -> String {
     let mut parts: Vec<String> = cmd
         .get_envs()
-        .filter_map(|(k, v)| {
-            Some(format!(
-                "{}={:?}",
-                k.to_string_lossy(),
-                v?.to_string_lossy()
-            ))
-        })
+        .filter_map(|(k, v)| Some(format!("{}={:?}", k.to_string_lossy(), v?.to_string_lossy())))
         .collect();
     let program = cmd.get_program();
     if env::var_os("CARGO").is_some_and(|c| c == program) {
@@ -235,8 +204,7 @@ pub fn show(cmd: &Command) -> String {
 /// returns its status; a missing program is an error with context.
 pub fn stream(cmd: &mut Command) -> Result<ExitStatus> {
     println!("  $ {}", show(cmd));
-    cmd.status()
-        .with_context(|| format!("start `{}`", show(cmd)))
+    cmd.status().with_context(|| format!("start `{}`", show(cmd)))
 }
 
 /// Like [`stream`], but a non-zero exit is an error.
