@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     dataplane::AyaDataplane,
     reconcile::{ApplySummary, Reconciler},
+    registry::Registry,
 };
 
 /// How often the config file's modification time is checked.
@@ -23,6 +24,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 pub struct Agent {
     dataplane: AyaDataplane,
     reconciler: Reconciler,
+    registry: Registry,
     config: Config,
     path: PathBuf,
 }
@@ -37,6 +39,7 @@ impl Agent {
         let mut agent = Agent {
             dataplane,
             reconciler: Reconciler::default(),
+            registry: Registry::default(),
             config: Config { services: vec![] },
             path: path.into(),
         };
@@ -63,12 +66,56 @@ impl Agent {
                 }
             }
         }
-        let summary = self.reconciler.apply(&config, &mut self.dataplane).context("write the load balancer's maps")?;
+        self.registry.set_config(&config, tokio::time::Instant::now());
+        let summary = self.sync()?;
         for iface in had.difference(&wanted) {
             self.dataplane.detach(iface)?;
         }
         self.config = config;
         Ok(summary)
+    }
+
+    /// Write the registry's desired state to the maps.
+    fn sync(&mut self) -> anyhow::Result<ApplySummary> {
+        self.reconciler.apply(&self.registry.desired(), &mut self.dataplane).context("write the load balancer's maps")
+    }
+
+    /// Every registered backend's id in the data plane.
+    fn backend_ids(&self) -> std::collections::BTreeMap<(String, std::net::SocketAddrV4), u32> {
+        let mut ids = std::collections::BTreeMap::new();
+        for (name, e) in self.registry.services() {
+            let key = e.config.key();
+            for addr in e.backends.keys() {
+                if let Some(id) = self.reconciler.backend_id(&key, *addr) {
+                    ids.insert((name.clone(), *addr), id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// End the drains that are over; flush the flows of those that hit their
+    /// deadline with connections still open.
+    fn finish_drains(&mut self) -> anyhow::Result<()> {
+        let open = self.dataplane.open_flows()?;
+        let ids = self.backend_ids();
+        let open_of =
+            |name: &str, addr| ids.get(&(name.to_owned(), addr)).and_then(|id| open.get(id)).copied().unwrap_or(0);
+        let done = self.registry.finish_drains(tokio::time::Instant::now(), open_of);
+        if done.is_empty() {
+            return Ok(());
+        }
+        for (service, d) in &done {
+            let id = ids.get(&(service.clone(), d.addr)).copied();
+            if let (true, Some(id)) = (d.expired, id) {
+                let flushed = self.dataplane.flush_backend_flows(id)?;
+                warn!(service, backend = %d.addr, flushed, "drain deadline passed; open flows cut");
+            } else {
+                info!(service, backend = %d.addr, "drained");
+            }
+        }
+        self.sync()?;
+        Ok(())
     }
 
     /// Re-read the config; a bad one is refused whole and the running one
@@ -125,6 +172,9 @@ impl Agent {
                     if now != mtime {
                         mtime = now;
                         self.reload("file changed");
+                    }
+                    if let Err(e) = self.finish_drains() {
+                        warn!(error = format!("{e:#}"), "drain check failed");
                     }
                 }
             }

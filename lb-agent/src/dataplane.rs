@@ -11,8 +11,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    maglev_index, Backend, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, MAGLEV, PROG_LB,
-    REASON_STATS, SERVICES, SERVICE_STATS,
+    maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, CONNTRACK,
+    DIR_FORWARD, MAGLEV, PROG_LB, PROTO_UDP, REASON_STATS, SERVICES, SERVICE_STATS,
 };
 use tracing::{info, warn};
 
@@ -42,6 +42,7 @@ pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, Conn>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
@@ -70,6 +71,7 @@ impl AyaDataplane {
             services: HashMap::try_from(take(SERVICES)?)?,
             backends: Array::try_from(take(BACKENDS)?)?,
             maglev: Array::try_from(take(MAGLEV)?)?,
+            conntrack: HashMap::try_from(take(CONNTRACK)?)?,
             service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
             reason_stats: PerCpuArray::try_from(take(REASON_STATS)?)?,
@@ -147,6 +149,63 @@ impl AyaDataplane {
             })
             .collect()
     }
+}
+
+/// A UDP flow counts as open while it saw a packet this recently.
+pub const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl AyaDataplane {
+    /// Open flows per backend id, from the connection table: TCP flows with
+    /// no FIN or RST seen yet, UDP flows active within `UDP_IDLE`.
+    pub fn open_flows(&self) -> Result<BTreeMap<u32, u64>, DataplaneError> {
+        let now = monotonic_ns();
+        let mut out = BTreeMap::new();
+        for item in self.conntrack.iter() {
+            // An entry evicted mid-walk ends the walk early on some kernels;
+            // a count that is briefly low is harmless (drains have deadlines).
+            let Ok((key, conn)) = item else { break };
+            if key.dir != DIR_FORWARD {
+                continue;
+            }
+            let open = if key.proto == PROTO_UDP {
+                now.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
+            } else {
+                conn.tcp_seen == 0
+            };
+            if open {
+                *out.entry(conn.backend_id).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget every flow of a backend (both directions); its clients' next
+    /// packets start new flows elsewhere. Returns how many entries went.
+    pub fn flush_backend_flows(&mut self, backend_id: u32) -> Result<usize, DataplaneError> {
+        let keys: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.backend_id == backend_id)
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in &keys {
+            // Already gone (LRU eviction, or the flow's other half) is fine.
+            if self.conntrack.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32, name: &'static str) -> Result<Counters, DataplaneError> {

@@ -7,5 +7,6 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod health;
 pub mod reconcile;
+pub mod registry;
 #[cfg(test)]
 pub mod testing;

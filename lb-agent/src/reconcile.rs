@@ -24,7 +24,7 @@ use lb_common::{
     Backend, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT,
 };
 
-use crate::config::{Config, ServiceConfig};
+use crate::registry::{DesiredBackend, DesiredService};
 
 /// The writes the reconciler needs; `dataplane::AyaDataplane` is the real one.
 pub trait Dataplane {
@@ -99,9 +99,13 @@ impl Reconciler {
 
     /// Bring the data plane to `config`. On error the maps may hold part of
     /// the change, but each service is always on a complete table.
-    pub fn apply(&mut self, config: &Config, dp: &mut dyn Dataplane) -> Result<ApplySummary, DataplaneError> {
+    pub fn apply(
+        &mut self,
+        desired: &[DesiredService],
+        dp: &mut dyn Dataplane,
+    ) -> Result<ApplySummary, DataplaneError> {
         let mut summary = ApplySummary::default();
-        let wanted: BTreeMap<ServiceKey, &ServiceConfig> = config.services.iter().map(|s| (s.key(), s)).collect();
+        let wanted: BTreeMap<ServiceKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
         let freed_now = self.remove_stale_ids(&wanted);
 
         for (key, svc) in &wanted {
@@ -126,10 +130,10 @@ impl Reconciler {
 
     /// Drop ids of backends (and services' backends) the config no longer has;
     /// returns the freed backend ids.
-    fn remove_stale_ids(&mut self, wanted: &BTreeMap<ServiceKey, &ServiceConfig>) -> BTreeSet<u32> {
+    fn remove_stale_ids(&mut self, wanted: &BTreeMap<ServiceKey, &DesiredService>) -> BTreeSet<u32> {
         let mut freed = BTreeSet::new();
         self.backend_ids.retain(|(key, addr), id| {
-            let keep = wanted.get(key).is_some_and(|s| s.backends.iter().any(|b| b.address == *addr));
+            let keep = wanted.get(key).is_some_and(|s| s.backends.iter().any(|b| b.addr == *addr));
             if !keep {
                 freed.insert(*id);
             }
@@ -141,32 +145,33 @@ impl Reconciler {
     fn assign_backend_ids(
         &mut self,
         key: &ServiceKey,
-        svc: &ServiceConfig,
+        svc: &DesiredService,
         freed_now: &BTreeSet<u32>,
         dp: &mut dyn Dataplane,
         summary: &mut ApplySummary,
     ) -> Result<Vec<MaglevBackend>, DataplaneError> {
         let service_id = self.service_id(key)?;
         let mut out = Vec::with_capacity(svc.backends.len());
-        for b in &svc.backends {
-            let id = match self.backend_ids.get(&(*key, b.address)) {
+        for DesiredBackend { addr, weight, in_table } in &svc.backends {
+            let id = match self.backend_ids.get(&(*key, *addr)) {
                 Some(id) => *id,
                 None => {
                     let id = self.free_backend_id(freed_now)?;
                     let entry = Backend {
-                        ip_be: u32::from(*b.address.ip()).to_be(),
-                        port_be: b.address.port().to_be(),
+                        ip_be: u32::from(*addr.ip()).to_be(),
+                        port_be: addr.port().to_be(),
                         _pad: 0,
                         service_id,
                         flags: BACKEND_F_ACTIVE,
                     };
                     dp.set_backend(id, &entry)?;
-                    self.backend_ids.insert((*key, b.address), id);
+                    self.backend_ids.insert((*key, *addr), id);
                     summary.backends_added += 1;
                     id
                 }
             };
-            out.push(MaglevBackend { id, addr: b.address, weight: b.weight });
+            // Out of the table (draining, down): keeps its id, gets no slots.
+            out.push(MaglevBackend { id, addr: *addr, weight: if *in_table { *weight } else { 0 } });
         }
         Ok(out)
     }
@@ -174,7 +179,7 @@ impl Reconciler {
     fn sync_service(
         &mut self,
         key: &ServiceKey,
-        svc: &ServiceConfig,
+        svc: &DesiredService,
         backends: Vec<MaglevBackend>,
         dp: &mut dyn Dataplane,
         summary: &mut ApplySummary,
@@ -183,12 +188,12 @@ impl Reconciler {
         let created = !self.services.contains_key(key);
         let state = self.services.entry(*key).or_insert_with(|| ServiceState {
             id,
-            name: svc.name.clone(),
+            name: svc.config.name.clone(),
             table: 0,
             halves: [vec![0; MAGLEV_TABLE_SIZE as usize], vec![0; MAGLEV_TABLE_SIZE as usize]],
             backends: Vec::new(),
         });
-        state.name.clone_from(&svc.name);
+        state.name.clone_from(&svc.config.name);
         if created {
             summary.services_added += 1;
         } else if same_set(&state.backends, &backends) {
@@ -212,6 +217,11 @@ impl Reconciler {
         summary.tables_rebuilt += 1;
         summary.slots_written += changes.len();
         Ok(())
+    }
+
+    /// The id a backend has in `BACKENDS` and `BACKEND_STATS`.
+    pub fn backend_id(&self, key: &ServiceKey, addr: SocketAddrV4) -> Option<u32> {
+        self.backend_ids.get(&(*key, addr)).copied()
     }
 
     fn service_id(&self, key: &ServiceKey) -> Result<u32, DataplaneError> {
@@ -242,15 +252,19 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::testing::{FakeDataplane, Write};
+    use crate::{
+        config::Config,
+        registry::DesiredService,
+        testing::{FakeDataplane, Write},
+    };
 
-    fn config(backends: &[(&str, u32)]) -> Config {
+    fn config(backends: &[(&str, u32)]) -> Vec<DesiredService> {
         let mut text =
             String::from("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n");
         for (addr, w) in backends {
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {w}\n");
         }
-        Config::parse(&text, Path::new("t.toml")).unwrap()
+        DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
     }
 
     #[test]
@@ -312,9 +326,25 @@ mod tests {
         r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)]), &mut dp).unwrap();
         let s = r.apply(&config(&[("10.1.0.1:80", 3), ("10.1.0.2:80", 1)]), &mut dp).unwrap();
         assert_eq!((s.tables_rebuilt, s.backends_added), (1, 0));
-        let s = r.apply(&Config { services: vec![] }, &mut dp).unwrap();
+        let s = r.apply(&[], &mut dp).unwrap();
         assert_eq!((s.services_removed, s.backends_removed), (1, 2));
         assert!(dp.services.is_empty());
+    }
+
+    #[test]
+    fn out_of_table_backend_keeps_its_id_but_no_slots() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let mut d = config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)]);
+        r.apply(&d, &mut dp).unwrap();
+        d[0].backends[1].in_table = false;
+        dp.log.clear();
+        let s = r.apply(&d, &mut dp).unwrap();
+        assert_eq!((s.backends_removed, s.tables_rebuilt), (0, 1));
+        let svc = dp.services.values().next().unwrap();
+        assert_eq!(svc.backend_count, 1);
+        assert!(dp.table(svc.id, svc.table).iter().all(|id| *id == 1));
+        assert_eq!(r.backend_id(&d[0].config.key(), "10.1.0.2:80".parse().unwrap()), Some(2));
     }
 
     #[test]

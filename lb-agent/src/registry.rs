@@ -1,0 +1,375 @@
+//! What each service's backends should be, from the config, control-API
+//! changes, health results and drains. Pure: time comes in as arguments, and
+//! the output (`desired`) is what the reconciler writes to the maps.
+//!
+//! A backend is in the Maglev table only while it is `active` and up. Leaving
+//! it (removal, or a health failure) stops new flows at once; the backend
+//! stays registered, keeping its id and counters, while its connections
+//! drain. A removed backend leaves the registry when its open connections
+//! reach zero or its drain deadline passes; a down one stays, and comes back
+//! into the table after `rise` good probes.
+
+use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::{
+    config::{BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
+    health::state::{Health, Transition},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    /// Removed: no new flows; existing ones go on until `deadline`.
+    Draining {
+        deadline: Instant,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendEntry {
+    pub weight: u32,
+    pub state: BackendState,
+    /// `None` when the service has no health check.
+    pub health: Option<Health>,
+}
+
+impl BackendEntry {
+    pub fn in_table(&self) -> bool {
+        self.state == BackendState::Active && self.health.is_none_or(|h| h.is_up()) && self.weight > 0
+    }
+
+    /// The word `status` shows: active, draining or down.
+    pub fn state_name(&self) -> &'static str {
+        match (self.state, self.health.is_some_and(|h| !h.is_up())) {
+            (BackendState::Draining { .. }, _) => "draining",
+            (BackendState::Active, true) => "down",
+            (BackendState::Active, false) => "active",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceEntry {
+    pub config: ServiceConfig,
+    pub backends: BTreeMap<SocketAddrV4, BackendEntry>,
+}
+
+/// One service as the reconciler should write it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub config: ServiceConfig,
+    /// Every registered backend; those with `in_table == false` keep their id
+    /// but get no Maglev slots.
+    pub backends: Vec<DesiredBackend>,
+}
+
+impl DesiredService {
+    /// Every backend of `config` in the table: what a fresh registry wants.
+    pub fn all_in_table(config: &Config) -> Vec<DesiredService> {
+        config
+            .services
+            .iter()
+            .map(|s| DesiredService {
+                config: s.clone(),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| DesiredBackend { addr: b.address, weight: b.weight, in_table: b.weight > 0 })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub addr: SocketAddrV4,
+    pub weight: u32,
+    pub in_table: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("no service named {0:?}")]
+    UnknownService(String),
+    #[error("service {service:?} has no backend {addr}")]
+    UnknownBackend { service: String, addr: SocketAddrV4 },
+    #[error("service {service:?} already has backend {addr}")]
+    DuplicateBackend { service: String, addr: SocketAddrV4 },
+    #[error("weight {0} is above the maximum {MAX_WEIGHT}")]
+    Weight(u32),
+    #[error("backend {addr}: {why}")]
+    BadAddress { addr: SocketAddrV4, why: &'static str },
+}
+
+/// A backend whose drain ended, for the caller to forget in the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    pub addr: SocketAddrV4,
+    /// The deadline passed with connections still open: the caller drops
+    /// their connection-table entries.
+    pub expired: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    services: BTreeMap<String, ServiceEntry>,
+}
+
+impl Registry {
+    pub fn services(&self) -> impl Iterator<Item = (&String, &ServiceEntry)> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceEntry> {
+        self.services.get(name)
+    }
+
+    /// Adopt a (validated) config: new backends join, backends it no longer
+    /// lists start draining, a service it no longer lists goes at once (its
+    /// VIP is gone, so there is nothing to drain to).
+    pub fn set_config(&mut self, config: &Config, now: Instant) {
+        self.services.retain(|name, _| config.services.iter().any(|s| &s.name == name));
+        for svc in &config.services {
+            let entry = self
+                .services
+                .entry(svc.name.clone())
+                .or_insert_with(|| ServiceEntry { config: svc.clone(), backends: BTreeMap::new() });
+            let checks_changed = entry.config.health_check != svc.health_check;
+            entry.config = svc.clone();
+            for (addr, b) in entry.backends.iter_mut() {
+                if checks_changed {
+                    b.health = new_health(svc);
+                }
+                match svc.backends.iter().find(|c| c.address == *addr) {
+                    Some(c) => {
+                        b.weight = c.weight;
+                        b.state = BackendState::Active;
+                    }
+                    None => drain(b, svc.drain_timeout, now),
+                }
+            }
+            for BackendConfig { address, weight } in &svc.backends {
+                entry.backends.entry(*address).or_insert_with(|| BackendEntry {
+                    weight: *weight,
+                    state: BackendState::Active,
+                    health: new_health(svc),
+                });
+            }
+        }
+    }
+
+    /// Add a backend at run time (it joins the table at once; with a health
+    /// check, it is probed like any other). Re-adding a draining backend
+    /// makes it active again.
+    pub fn add_backend(&mut self, service: &str, addr: SocketAddrV4, weight: u32) -> Result<(), RegistryError> {
+        if weight > MAX_WEIGHT {
+            return Err(RegistryError::Weight(weight));
+        }
+        if addr.port() == 0 {
+            return Err(RegistryError::BadAddress { addr, why: "port 0" });
+        }
+        if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.ip().is_broadcast() {
+            return Err(RegistryError::BadAddress { addr, why: "not a unicast address" });
+        }
+        let entry = self.service_mut(service)?;
+        if *addr.ip() == entry.config.vip {
+            return Err(RegistryError::BadAddress { addr, why: "that is the service's own VIP" });
+        }
+        let health = new_health(&entry.config);
+        match entry.backends.get_mut(&addr) {
+            Some(b) if b.state == BackendState::Active => {
+                Err(RegistryError::DuplicateBackend { service: service.into(), addr })
+            }
+            Some(b) => {
+                b.state = BackendState::Active;
+                b.weight = weight;
+                Ok(())
+            }
+            None => {
+                entry.backends.insert(addr, BackendEntry { weight, state: BackendState::Active, health });
+                Ok(())
+            }
+        }
+    }
+
+    /// Start draining a backend now.
+    pub fn remove_backend(&mut self, service: &str, addr: SocketAddrV4, now: Instant) -> Result<(), RegistryError> {
+        let entry = self.service_mut(service)?;
+        let timeout = entry.config.drain_timeout;
+        let b = entry.backends.get_mut(&addr).ok_or(RegistryError::UnknownBackend { service: service.into(), addr })?;
+        drain(b, timeout, now);
+        Ok(())
+    }
+
+    pub fn set_weight(&mut self, service: &str, addr: SocketAddrV4, weight: u32) -> Result<(), RegistryError> {
+        if weight > MAX_WEIGHT {
+            return Err(RegistryError::Weight(weight));
+        }
+        let entry = self.service_mut(service)?;
+        let b = entry.backends.get_mut(&addr).ok_or(RegistryError::UnknownBackend { service: service.into(), addr })?;
+        b.weight = weight;
+        Ok(())
+    }
+
+    /// Feed a probe result; returns the transition, if this result made one.
+    pub fn observe_health(&mut self, service: &str, addr: SocketAddrV4, ok: bool) -> Option<Transition> {
+        self.services.get_mut(service)?.backends.get_mut(&addr)?.health.as_mut()?.observe(ok)
+    }
+
+    /// End the drains that are over: no open connections left (as the data
+    /// plane counts them), or the deadline passed.
+    pub fn finish_drains(&mut self, now: Instant, open: impl Fn(&str, SocketAddrV4) -> u64) -> Vec<(String, Drained)> {
+        let mut done = Vec::new();
+        for (name, entry) in self.services.iter_mut() {
+            entry.backends.retain(|addr, b| {
+                let BackendState::Draining { deadline } = b.state else { return true };
+                let expired = now >= deadline;
+                if expired || open(name, *addr) == 0 {
+                    done.push((name.clone(), Drained { addr: *addr, expired: expired && open(name, *addr) > 0 }));
+                    return false;
+                }
+                true
+            });
+        }
+        done
+    }
+
+    pub fn desired(&self) -> Vec<DesiredService> {
+        self.services
+            .values()
+            .map(|e| DesiredService {
+                config: e.config.clone(),
+                backends: e
+                    .backends
+                    .iter()
+                    .map(|(addr, b)| DesiredBackend { addr: *addr, weight: b.weight, in_table: b.in_table() })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn service_mut(&mut self, name: &str) -> Result<&mut ServiceEntry, RegistryError> {
+        self.services.get_mut(name).ok_or_else(|| RegistryError::UnknownService(name.into()))
+    }
+}
+
+fn new_health(svc: &ServiceConfig) -> Option<Health> {
+    // New backends start up (as HAProxy's servers do): traffic is not held
+    // back from a healthy pool on start-up or on an agent restart.
+    svc.health_check.as_ref().map(|h| Health::new(true, h.rise, h.fall))
+}
+
+fn drain(b: &mut BackendEntry, timeout: Duration, now: Instant) {
+    if b.state == BackendState::Active {
+        b.state = BackendState::Draining { deadline: now + timeout };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(backends: &[&str], extra: &str) -> Config {
+        let mut text = format!(
+            "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\ndrain_timeout = \"10s\"\n{extra}\n"
+        );
+        for addr in backends {
+            text += &format!("[[service.backend]]\naddress = \"{addr}\"\n");
+        }
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    fn table(r: &Registry) -> Vec<(String, bool)> {
+        r.desired()[0].backends.iter().map(|b| (b.addr.to_string(), b.in_table)).collect()
+    }
+
+    #[test]
+    fn config_removal_drains_until_connections_close() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], ""), now);
+        r.set_config(&config(&["10.1.0.1:80"], ""), now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), false)]);
+        assert_eq!(r.service("web").unwrap().backends[&addr("10.1.0.2:80")].state_name(), "draining");
+        // Still 3 connections open: it stays.
+        assert!(r.finish_drains(now + Duration::from_secs(1), |_, _| 3).is_empty());
+        // They closed: it goes, not expired.
+        let done = r.finish_drains(now + Duration::from_secs(2), |_, _| 0);
+        assert_eq!(done, [("web".into(), Drained { addr: addr("10.1.0.2:80"), expired: false })]);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true)]);
+    }
+
+    #[test]
+    fn drain_deadline_expires_open_connections() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], ""), now);
+        r.remove_backend("web", addr("10.1.0.1:80"), now).unwrap();
+        assert!(r.finish_drains(now + Duration::from_secs(9), |_, _| 5).is_empty());
+        let done = r.finish_drains(now + Duration::from_secs(10), |_, _| 5);
+        assert_eq!(done, [("web".into(), Drained { addr: addr("10.1.0.1:80"), expired: true })]);
+    }
+
+    #[test]
+    fn health_failure_leaves_table_and_recovery_returns() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], "health_check = { rise = 2, fall = 2 }"), now);
+        let b = addr("10.1.0.2:80");
+        assert_eq!(r.observe_health("web", b, false), None);
+        assert_eq!(r.observe_health("web", b, false), Some(Transition::Down));
+        assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), false));
+        assert_eq!(r.service("web").unwrap().backends[&b].state_name(), "down");
+        // A down backend is not drained away: it stays registered.
+        assert!(r.finish_drains(now + Duration::from_secs(60), |_, _| 0).is_empty());
+        assert_eq!(r.observe_health("web", b, true), None);
+        assert_eq!(r.observe_health("web", b, true), Some(Transition::Up));
+        assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), true));
+    }
+
+    #[test]
+    fn api_changes_are_checked_whole() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80"], ""), now);
+        let before = r.desired();
+        assert_eq!(r.add_backend("nope", addr("10.1.0.9:80"), 1), Err(RegistryError::UnknownService("nope".into())));
+        assert!(matches!(r.add_backend("web", addr("10.1.0.1:80"), 1), Err(RegistryError::DuplicateBackend { .. })));
+        assert_eq!(r.add_backend("web", addr("10.1.0.9:80"), 20_000), Err(RegistryError::Weight(20_000)));
+        assert!(matches!(r.add_backend("web", addr("10.0.0.100:80"), 1), Err(RegistryError::BadAddress { .. })));
+        assert!(matches!(r.add_backend("web", addr("10.1.0.9:0"), 1), Err(RegistryError::BadAddress { .. })));
+        assert!(matches!(r.remove_backend("web", addr("10.1.0.9:80"), now), Err(RegistryError::UnknownBackend { .. })));
+        assert_eq!(r.desired(), before);
+        r.add_backend("web", addr("10.1.0.9:80"), 3).unwrap();
+        r.set_weight("web", addr("10.1.0.1:80"), 0).unwrap();
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), false), ("10.1.0.9:80".into(), true)]);
+    }
+
+    #[test]
+    fn readding_a_draining_backend_reactivates_it() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], ""), now);
+        r.set_config(&config(&["10.1.0.1:80"], ""), now);
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], ""), now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), true)]);
+    }
+
+    #[test]
+    fn removed_service_goes_at_once() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80"], ""), now);
+        r.set_config(&Config { services: vec![] }, now);
+        assert!(r.desired().is_empty());
+    }
+}
