@@ -1,1 +1,11 @@
-//! Harness for tests that need root: network namespaces, packet builders.
+//! Harness for the tests that need root: packet builders with their own
+//! checksum code, network namespaces, and the data plane under
+//! BPF_PROG_TEST_RUN. Shared by the fixtures, the end-to-end tests, the demo
+//! and the benchmark.
+
+pub mod checksum;
+pub mod diff;
+pub mod netns;
+pub mod packet;
+pub mod root;
+pub mod testrun;

@@ -1,0 +1,495 @@
+//! lb-bench: what `xdp_lb` costs per packet, measured with BPF_PROG_TEST_RUN.
+//!
+//! With `repeat`, the kernel runs a program again and again on one buffer
+//! without restoring it, so after a rewrite every later run would time the
+//! path of an already rewritten packet. Packets that get rewritten therefore
+//! go through `xdp_bench`, which copies the frame back from `BENCH_FRAME`
+//! (and, for new flows, makes the source unique) before tail-calling the
+//! program under test; `xdp_bench -> xdp_pass` measures that wrapper, and is
+//! subtracted. Every round proves its path: the reason counter of the
+//! intended path (and `new_flows`) must move by exactly the repeat count.
+//!
+//! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use aya::maps::{Array, MapData, ProgramArray};
+use clap::Parser;
+use lb_common::{
+    BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_PASS,
+};
+use lb_tests::{
+    packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
+    root::is_root,
+    testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_PASS},
+};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(about = "Time xdp_lb per packet with BPF_PROG_TEST_RUN (needs root)")]
+struct Cli {
+    /// Runs per measurement (the kernel reports the mean time per run).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// Measurements per case; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+// ---- The setup ----------------------------------------------------------------
+
+const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+const PEER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 10), 40000);
+const NOT_A_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 22);
+/// Where new flows come from: the wrapper overwrites the low half of the
+/// address and the port per run, and 172.16/16 keeps them clear of CLIENT.
+const NEW_FLOW_CLIENTS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 0), 1);
+
+/// One TCP service with four backends, so a new flow does a real Maglev
+/// pick.
+fn service() -> ServiceSpec {
+    let backends: Vec<(u32, SocketAddrV4)> = (1..=4)
+        .map(|i| (i, SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i as u8), 8080)))
+        .collect();
+    ServiceSpec::new(0, VIP, IPPROTO_TCP, 0, &backends)
+}
+
+/// A TCP frame padded to exactly `BENCH_FRAME_LEN`, the length the wrapper
+/// restores.
+fn frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let ip = Ipv4::new(*src.ip(), *dst.ip(), IPPROTO_TCP);
+    let f = tcp_frame(
+        (LB_MAC, PEER_MAC),
+        &ip,
+        &Tcp::new(src.port(), dst.port(), flags).with_payload(payload),
+    );
+    pad_to(f, BENCH_FRAME_LEN)
+}
+
+/// What a case runs and how it proves it took the intended path.
+struct Case {
+    name: &'static str,
+    /// The program BPF_PROG_TEST_RUN runs.
+    prog: &'static str,
+    /// For `xdp_bench`: the program it tail-calls.
+    target: Option<&'static str>,
+    /// The frame every run starts from.
+    frame: Vec<u8>,
+    flags: u32,
+    /// A frame sent through `xdp_lb` once before each round: the SYN that
+    /// opens the flow the case then measures.
+    prepare: Option<Vec<u8>>,
+    /// The reason counter every run must bump; `None`: no counter may move.
+    reason: Option<Reason>,
+    /// `new_flows` added per run.
+    new_flows_per_run: u64,
+    /// The frame the last run must leave, when it is known.
+    output: Option<Vec<u8>>,
+    /// Subtracted in the "net" column.
+    baseline: Baseline,
+}
+
+#[derive(Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Baseline {
+    /// This case is a baseline itself.
+    None,
+    /// The empty program alone.
+    Pass,
+    /// The wrapper tail-calling the empty program.
+    WrapperPass,
+}
+
+const CASE_PASS: &str = "xdp_pass alone (empty program)";
+const CASE_WRAPPER: &str = "xdp_bench -> xdp_pass (wrapper)";
+
+fn syn() -> Vec<u8> {
+    frame(CLIENT, VIP, TCP_SYN, &[])
+}
+
+fn new_flow_syn() -> Vec<u8> {
+    frame(NEW_FLOW_CLIENTS, VIP, TCP_SYN, &[])
+}
+
+fn established() -> Vec<u8> {
+    frame(CLIENT, VIP, TCP_ACK | TCP_PSH, b"bench")
+}
+
+fn reply() -> Vec<u8> {
+    let (_, backend) = picked_backend();
+    frame(backend, CLIENT, TCP_ACK | TCP_PSH, b"bench")
+}
+
+fn not_a_vip() -> Vec<u8> {
+    frame(CLIENT, NOT_A_VIP, TCP_ACK, &[])
+}
+
+fn picked_backend() -> (u32, SocketAddrV4) {
+    service().pick(CLIENT).expect("the table names a backend")
+}
+
+fn cases() -> Vec<Case> {
+    let (_, backend) = picked_backend();
+    let pass_only = |name, prog, target| Case {
+        name,
+        prog,
+        target,
+        frame: established(),
+        flags: 0,
+        prepare: None,
+        reason: None,
+        new_flows_per_run: 0,
+        output: None,
+        baseline: Baseline::None,
+    };
+    let wrapped = |name, frame, reason| Case {
+        name,
+        prog: PROG_BENCH,
+        target: Some(PROG_LB),
+        frame,
+        flags: 0,
+        prepare: Some(syn()),
+        reason: Some(reason),
+        new_flows_per_run: 0,
+        output: None,
+        baseline: Baseline::WrapperPass,
+    };
+    vec![
+        pass_only(CASE_PASS, PROG_PASS, None),
+        pass_only(CASE_WRAPPER, PROG_BENCH, Some(PROG_PASS)),
+        // No rewrite, so running it without the wrapper is honest.
+        Case {
+            output: Some(not_a_vip()),
+            baseline: Baseline::Pass,
+            prog: PROG_LB,
+            target: None,
+            prepare: None,
+            ..wrapped(
+                "xdp_lb alone: not a VIP (no rewrite)",
+                not_a_vip(),
+                Reason::PassNoService,
+            )
+        },
+        Case {
+            prepare: None,
+            output: Some(not_a_vip()),
+            ..wrapped("xdp_lb: not a VIP", not_a_vip(), Reason::PassNoService)
+        },
+        Case {
+            output: Some(frame(CLIENT, backend, TCP_ACK | TCP_PSH, b"bench")),
+            ..wrapped("xdp_lb: established flow", established(), Reason::Forwarded)
+        },
+        Case {
+            output: Some(frame(VIP, CLIENT, TCP_ACK | TCP_PSH, b"bench")),
+            ..wrapped("xdp_lb: backend reply", reply(), Reason::ReplyTranslated)
+        },
+        // Last: new flows fill the LRU connection table (two entries each),
+        // and once it is full every new flow also evicts an old one, as on
+        // a busy host. The figure includes that.
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            ..wrapped("xdp_lb: new-flow SYN", new_flow_syn(), Reason::Forwarded)
+        },
+    ]
+}
+
+// ---- Measuring ------------------------------------------------------------------
+
+struct Bench {
+    lb: LbObject,
+    frames: Array<MapData, BenchFrame>,
+    targets: ProgramArray<MapData>,
+    backend_ids: Vec<u32>,
+}
+
+impl Bench {
+    fn setup() -> Result<Self> {
+        let mut lb = LbObject::load()?;
+        lb.load_program(PROG_PASS)?;
+        lb.load_program(PROG_BENCH)?;
+        let svc = service();
+        lb.add_service(&svc)?;
+        let ebpf = lb.ebpf_mut();
+        let frames = ebpf
+            .take_map(lb_common::BENCH_FRAME)
+            .context("no BENCH_FRAME map")?;
+        let targets = ebpf
+            .take_map(lb_common::BENCH_TARGET)
+            .context("no BENCH_TARGET map")?;
+        Ok(Self {
+            frames: frames.try_into().context("open BENCH_FRAME")?,
+            targets: targets.try_into().context("open BENCH_TARGET")?,
+            backend_ids: svc.backends.iter().map(|(id, _)| *id).collect(),
+            lb,
+        })
+    }
+
+    /// Points the wrapper at `target` and the frame it restores.
+    fn aim(&mut self, target: &str, frame: &[u8], flags: u32) -> Result<()> {
+        let bytes: [u8; BENCH_FRAME_LEN] = frame
+            .try_into()
+            .context("bench frames are BENCH_FRAME_LEN bytes")?;
+        self.frames
+            .set(
+                0,
+                BenchFrame {
+                    bytes,
+                    flags,
+                    _pad: 0,
+                },
+                0,
+            )
+            .context("write BENCH_FRAME")?;
+        let fd = self
+            .lb
+            .program(target)?
+            .fd()
+            .with_context(|| format!("fd of {target}"))?;
+        self.targets
+            .set(0, fd, 0)
+            .with_context(|| format!("put {target} into BENCH_TARGET"))
+    }
+
+    fn new_flows(&self) -> Result<u64> {
+        let mut total = 0;
+        for id in &self.backend_ids {
+            total += self.lb.backend_counters(*id)?.new_flows;
+        }
+        Ok(total)
+    }
+
+    /// One measured run of `case`, checked against its proof.
+    fn measure_round(&mut self, case: &Case, repeat: u32) -> Result<u32> {
+        if let Some(target) = case.target {
+            self.aim(target, &case.frame, case.flags)?;
+        }
+        if let Some(syn) = &case.prepare {
+            let run = self.lb.run(PROG_LB, syn)?;
+            ensure!(
+                run.verdict == XDP_PASS,
+                "the SYN that opens the flow did not pass"
+            );
+        }
+        let (reasons, flows) = (self.lb.reasons()?, self.new_flows()?);
+        let prog = self.lb.program(case.prog)?;
+        let run = test_run(prog, &case.frame, repeat)
+            .with_context(|| format!("BPF_PROG_TEST_RUN {}", case.prog))?;
+        self.check_path(case, &run, repeat, &reasons, flows)?;
+        u32::try_from(run.duration.as_nanos()).context("duration out of range")
+    }
+
+    /// Fails unless every one of the `repeat` runs took the case's path.
+    fn check_path(
+        &self,
+        case: &Case,
+        run: &Run,
+        repeat: u32,
+        reasons: &[u64],
+        flows: u64,
+    ) -> Result<()> {
+        ensure!(
+            run.verdict == XDP_PASS,
+            "verdict {} instead of XDP_PASS (a failed tail call returns XDP_ABORTED)",
+            run.verdict
+        );
+        let after = self.lb.reasons()?;
+        match case.reason {
+            Some(reason) => check_reason_delta(reasons, &after, reason, u64::from(repeat))?,
+            None => ensure!(
+                after == reasons,
+                "REASON_STATS moved, but xdp_lb should not have run"
+            ),
+        }
+        let new_flows = self.new_flows()? - flows;
+        let want = case.new_flows_per_run * u64::from(repeat);
+        ensure!(
+            new_flows == want,
+            "new_flows moved by {new_flows}, want {want}"
+        );
+        if let Some(out) = &case.output {
+            ensure!(&run.data == out, "the last run left an unexpected frame");
+        }
+        Ok(())
+    }
+}
+
+/// One case's result, as printed.
+#[derive(Serialize)]
+struct Row {
+    case: &'static str,
+    program: &'static str,
+    tail_call: Option<&'static str>,
+    /// Median of the rounds.
+    ns_per_packet: u32,
+    rounds_ns: Vec<u32>,
+    baseline: Baseline,
+    /// `ns_per_packet` minus the baseline's, when it has one.
+    net_ns: Option<i64>,
+    /// `ns_per_packet` over the empty program's.
+    vs_pass: f64,
+    /// The counter every run bumped (the path proof).
+    reason: Option<&'static str>,
+    repeat: u32,
+}
+
+/// The JSON document `--json` prints.
+#[derive(Serialize)]
+struct Report {
+    repeat: u32,
+    rounds: u32,
+    cases: Vec<Row>,
+}
+
+fn measure(bench: &mut Bench, case: &Case, cli: &Cli) -> Result<Vec<u32>> {
+    let mut rounds = Vec::new();
+    for r in 0..cli.rounds {
+        let ns = bench
+            .measure_round(case, cli.repeat)
+            .with_context(|| format!("case \"{}\", round {}", case.name, r + 1))?;
+        eprintln!(
+            "[bench] {:<40} round {}/{}: {ns} ns",
+            case.name,
+            r + 1,
+            cli.rounds
+        );
+        rounds.push(ns);
+    }
+    Ok(rounds)
+}
+
+fn median(v: &[u32]) -> u32 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s[s.len() / 2]
+}
+
+fn rows(cases: &[Case], measured: &[Vec<u32>], repeat: u32) -> Result<Vec<Row>> {
+    let find = |name| {
+        let i = cases
+            .iter()
+            .position(|c| c.name == name)
+            .context("baseline case missing")?;
+        anyhow::Ok(median(&measured[i]))
+    };
+    let (pass, wrapper) = (find(CASE_PASS)?, find(CASE_WRAPPER)?);
+    Ok(cases
+        .iter()
+        .zip(measured)
+        .map(|(c, ns)| {
+            let med = median(ns);
+            let base = match c.baseline {
+                Baseline::None => None,
+                Baseline::Pass => Some(pass),
+                Baseline::WrapperPass => Some(wrapper),
+            };
+            Row {
+                case: c.name,
+                program: c.prog,
+                tail_call: c.target,
+                ns_per_packet: med,
+                rounds_ns: ns.clone(),
+                baseline: c.baseline,
+                net_ns: base.map(|b| i64::from(med) - i64::from(b)),
+                vs_pass: f64::from(med) / f64::from(pass.max(1)),
+                reason: c.reason.map(Reason::name),
+                repeat,
+            }
+        })
+        .collect())
+}
+
+// ---- Output -----------------------------------------------------------------------
+
+fn print_table(rows: &[Row], cli: &Cli) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "BPF_PROG_TEST_RUN, {} runs x {} rounds per case, median ns per packet (kernel-reported)",
+        cli.repeat, cli.rounds
+    )?;
+    writeln!(
+        out,
+        "{:<40} {:>8} {:>8} {:>8}  path proof (every run)",
+        "case", "ns/pkt", "net ns", "x pass"
+    )?;
+    for r in rows {
+        let net = r.net_ns.map_or("-".to_owned(), |n| n.to_string());
+        let proof = r
+            .reason
+            .map_or("XDP_PASS, no counter moved".to_owned(), |n| {
+                format!("{n} +{}", r.repeat)
+            });
+        writeln!(
+            out,
+            "{:<40} {:>8} {:>8} {:>7.2}x  {proof}",
+            r.case, r.ns_per_packet, net, r.vs_pass
+        )?;
+    }
+    writeln!(
+        out,
+        "net ns: minus `{CASE_WRAPPER}` for wrapped cases, minus `{CASE_PASS}` for xdp_lb alone."
+    )?;
+    Ok(())
+}
+
+/// Pins this thread to the CPU it is on. The wrapper numbers new flows with
+/// a per-CPU counter, and a long test run can migrate when it yields to the
+/// scheduler; on another CPU the counter would repeat flows already made.
+/// One CPU also keeps the figures steadier.
+fn pin_to_current_cpu() -> Result<usize> {
+    // SAFETY: no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    let cpu = usize::try_from(cpu)
+        .map_err(|_| std::io::Error::last_os_error())
+        .context("sched_getcpu")?;
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` came from the kernel, so it is below CPU_SETSIZE; pid 0
+    // is this thread and `set` is as large as the size passed.
+    let rc = unsafe {
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(cpu)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !is_root() {
+        bail!("lb-bench needs root: BPF_PROG_TEST_RUN needs CAP_BPF and CAP_SYS_ADMIN (try `sudo cargo xtask bench`)");
+    }
+    let cpu = pin_to_current_cpu()?;
+    eprintln!("[bench] pinned to CPU {cpu}; loading lb-ebpf and filling the Maglev table");
+    let mut bench = Bench::setup()?;
+    let cases = cases();
+    let measured = cases
+        .iter()
+        .map(|c| measure(&mut bench, c, &cli))
+        .collect::<Result<Vec<_>>>()?;
+    let rows = rows(&cases, &measured, cli.repeat)?;
+    if cli.json {
+        let report = Report {
+            repeat: cli.repeat,
+            rounds: cli.rounds,
+            cases: rows,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(())
+    } else {
+        print_table(&rows, &cli)
+    }
+}

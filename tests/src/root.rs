@@ -1,0 +1,32 @@
+//! Tests here need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). Without it
+//! they say so and skip, except in CI, where a skip would be a silent pass
+//! of the whole suite, so they fail instead.
+
+use std::io::Write as _;
+
+/// True when the process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when `CI` is set to `true` or `1`, as CI services do.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Call first in a root test: `if skip_without_root("name") { return; }`.
+/// Prints why it skips; panics instead when running in CI.
+pub fn skip_without_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    if in_ci() {
+        panic!("{test}: needs root, and CI=true forbids skipping");
+    }
+    // Straight to the stderr handle: libtest captures `eprintln!` of passing
+    // tests, which would turn the skip into a silent pass. (If stderr itself
+    // fails there is nowhere left to say it.)
+    let _ = writeln!(std::io::stderr(), "{test}: skipped: needs root");
+    true
+}

@@ -1,0 +1,318 @@
+//! The data plane under BPF_PROG_TEST_RUN: load the object, write its maps
+//! the way the agent would, run programs on frames, read the counters back.
+//!
+//! Errors are `anyhow` with context: everything here is test and benchmark
+//! plumbing whose callers only report failures, never match on them.
+
+use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
+    Ebpf,
+};
+use lb_common::{
+    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey,
+    BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+};
+
+// XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// What one BPF_PROG_TEST_RUN returned.
+#[derive(Debug)]
+pub struct Run {
+    /// The program's return value, an `XDP_*` action.
+    pub verdict: u32,
+    /// The frame as the program left it.
+    pub data: Vec<u8>,
+    /// The kernel's own measurement: mean time per repeat.
+    pub duration: Duration,
+}
+
+/// Runs `prog` on `data` `repeat` times (the kernel reuses the same buffer
+/// for every repeat, without restoring it). Returns the raw `ProgramError`
+/// so callers can tell the kernel's refusals (EINVAL) apart.
+pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramError> {
+    // Room to spare: XDP may grow a frame, and with a short buffer the kernel
+    // copies what fits and fails with ENOSPC.
+    let mut out = vec![0u8; data.len() + 256];
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(data),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::new()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(Run {
+        verdict: result.return_value,
+        data: out,
+        duration: result.duration,
+    })
+}
+
+/// A service as the fixtures and the benchmark set it up.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub id: u32,
+    pub vip: SocketAddrV4,
+    pub proto: u8,
+    /// The live Maglev table (0 or 1).
+    pub table: u32,
+    /// Backends written to `BACKENDS`, by id.
+    pub backends: Vec<(u32, SocketAddrV4)>,
+    /// What `Service::backend_count` says.
+    pub backend_count: u32,
+    /// Backend ids to fill the live table with, slot `i` getting
+    /// `table_ids[i % len]`; empty leaves the table all zero ("no backend").
+    pub table_ids: Vec<u32>,
+}
+
+impl ServiceSpec {
+    /// A consistent service: every backend active, in the table in turn.
+    pub fn new(
+        id: u32,
+        vip: SocketAddrV4,
+        proto: u8,
+        table: u32,
+        backends: &[(u32, SocketAddrV4)],
+    ) -> Self {
+        Self {
+            id,
+            vip,
+            proto,
+            table,
+            backends: backends.to_vec(),
+            backend_count: backends.len() as u32,
+            table_ids: backends.iter().map(|(id, _)| *id).collect(),
+        }
+    }
+
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip_be: be_ip(self.vip),
+            port_be: self.vip.port().to_be(),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// The backend a new flow from `client` must get, predicted without the
+    /// kernel: the flow hash picks slot `hash % MAGLEV_TABLE_SIZE`, which
+    /// `LbObject::add_service` filled with `table_ids[slot % len]`. `None`
+    /// when the table is empty or names an id that is not a backend.
+    pub fn pick(&self, client: SocketAddrV4) -> Option<(u32, SocketAddrV4)> {
+        let hash = flow_hash(
+            be_ip(client),
+            be_ip(self.vip),
+            client.port().to_be(),
+            self.vip.port().to_be(),
+            self.proto,
+        );
+        let slot = (hash % MAGLEV_TABLE_SIZE) as usize;
+        let id = *self.table_ids.get(slot % self.table_ids.len().max(1))?;
+        self.backends.iter().find(|(b, _)| *b == id).copied()
+    }
+}
+
+/// An address in the `_be` convention of lb-common: packet byte order in memory.
+pub fn be_ip(addr: SocketAddrV4) -> u32 {
+    u32::from(*addr.ip()).to_be()
+}
+
+/// The loaded object, with the maps the tests read and write taken out as
+/// typed wrappers (aya checks key and value sizes against lb-common here).
+pub struct LbObject {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, Conn>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reason_stats: PerCpuArray<MapData, u64>,
+}
+
+impl LbObject {
+    /// Loads the object lb-agent embeds and the `xdp_lb` program (verified,
+    /// not attached).
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(lb_agent::ebpf::object()).context("load the lb-ebpf object")?;
+        let mut this = Self {
+            services: take_map(&mut ebpf, lb_common::SERVICES)?,
+            backends: take_map(&mut ebpf, lb_common::BACKENDS)?,
+            maglev: take_map(&mut ebpf, lb_common::MAGLEV)?,
+            conntrack: take_map(&mut ebpf, lb_common::CONNTRACK)?,
+            service_stats: take_map(&mut ebpf, lb_common::SERVICE_STATS)?,
+            backend_stats: take_map(&mut ebpf, lb_common::BACKEND_STATS)?,
+            reason_stats: take_map(&mut ebpf, lb_common::REASON_STATS)?,
+            ebpf,
+        };
+        this.load_program(lb_common::PROG_LB)?;
+        Ok(this)
+    }
+
+    /// Loads (verifies) another XDP program of the object, e.g. `xdp_pass`.
+    pub fn load_program(&mut self, name: &str) -> Result<()> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        prog.load()
+            .with_context(|| format!("load {name} (verifier)"))
+    }
+
+    pub fn program(&self, name: &str) -> Result<&Xdp> {
+        self.ebpf
+            .program(name)
+            .with_context(|| format!("no program {name} in the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))
+    }
+
+    /// For maps this type does not wrap (the benchmark's).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Runs a loaded program once on `frame`.
+    pub fn run(&self, prog: &str, frame: &[u8]) -> Result<Run> {
+        test_run(self.program(prog)?, frame, 1).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))
+    }
+
+    /// Writes a service, its backends and its live Maglev table.
+    pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        for &(id, addr) in &spec.backends {
+            let b = Backend {
+                ip_be: be_ip(addr),
+                port_be: addr.port().to_be(),
+                _pad: 0,
+                service_id: spec.id,
+                flags: BACKEND_F_ACTIVE,
+            };
+            self.backends
+                .set(id, b, 0)
+                .with_context(|| format!("write backend {id}"))?;
+        }
+        self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
+        let svc = Service {
+            id: spec.id,
+            table: spec.table,
+            backend_count: spec.backend_count,
+            mode: MODE_DNAT,
+        };
+        self.services
+            .insert(spec.key(), svc, 0)
+            .with_context(|| format!("write service {}", spec.vip))
+    }
+
+    /// Fills all `MAGLEV_TABLE_SIZE` slots of one table, slot `i` with
+    /// `ids[i % len]` (nothing for an empty `ids`).
+    pub fn fill_maglev(&mut self, service_id: u32, table: u32, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for slot in 0..MAGLEV_TABLE_SIZE {
+            let id = ids[(slot as usize) % ids.len()];
+            self.maglev
+                .set(maglev_index(service_id, table, slot), id, 0)
+                .with_context(|| format!("write Maglev slot {slot} of service {service_id}"))?;
+        }
+        Ok(())
+    }
+
+    /// The backend id a flow with this hash finds in the table.
+    pub fn maglev_pick(&self, service_id: u32, table: u32, hash: u32) -> Result<u32> {
+        let index = maglev_index(service_id, table, hash);
+        self.maglev
+            .get(&index, 0)
+            .with_context(|| format!("read Maglev slot {index}"))
+    }
+
+    /// `REASON_STATS`, summed over CPUs, indexed by `Reason as usize`.
+    pub fn reasons(&self) -> Result<Vec<u64>> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let per_cpu = self
+                    .reason_stats
+                    .get(&(*r as u32), 0)
+                    .with_context(|| format!("read {}", r.name()))?;
+                Ok(per_cpu.iter().sum())
+            })
+            .collect()
+    }
+
+    /// `BACKEND_STATS[id]`, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.backend_stats, id)
+            .with_context(|| format!("read counters of backend {id}"))
+    }
+
+    /// `SERVICE_STATS[id]`, summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.service_stats, id)
+            .with_context(|| format!("read counters of service {id}"))
+    }
+
+    /// Every connection-table entry.
+    pub fn conntrack(&self) -> Result<StdHashMap<FlowKey, Conn>> {
+        self.conntrack
+            .iter()
+            .map(|e| e.context("read the connection table"))
+            .collect()
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("no map {name} in the object"))?;
+    M::try_from(map)
+        .with_context(|| format!("open map {name} (type or key/value size differs from lb-common)"))
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {
+    let mut total = Counters::default();
+    for c in map.get(&id, 0)?.iter() {
+        total.add(c);
+    }
+    Ok(total)
+}
+
+/// Fails unless `reasons_after - reasons_before` is exactly `count` for
+/// `reason` and zero for every other reason.
+pub fn check_reason_delta(before: &[u64], after: &[u64], reason: Reason, count: u64) -> Result<()> {
+    let moved: Vec<String> = Reason::ALL
+        .iter()
+        .filter_map(|r| {
+            let delta = after[*r as usize] - before[*r as usize];
+            let want = if *r == reason { count } else { 0 };
+            (delta != want).then(|| format!("{}: +{delta} (want +{want})", r.name()))
+        })
+        .collect();
+    if !moved.is_empty() {
+        bail!("REASON_STATS moved unexpectedly: {}", moved.join(", "));
+    }
+    Ok(())
+}
+
+/// `after - before`, field by field.
+pub fn counters_delta(before: &Counters, after: &Counters) -> Counters {
+    Counters {
+        packets: after.packets - before.packets,
+        bytes: after.bytes - before.bytes,
+        new_flows: after.new_flows - before.new_flows,
+        reply_packets: after.reply_packets - before.reply_packets,
+        reply_bytes: after.reply_bytes - before.reply_bytes,
+        closed_flows: after.closed_flows - before.closed_flows,
+    }
+}
