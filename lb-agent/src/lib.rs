@@ -8,5 +8,6 @@ pub mod ebpf;
 pub mod health;
 pub mod reconcile;
 pub mod registry;
+pub mod status;
 #[cfg(test)]
 pub mod testing;
