@@ -2,6 +2,7 @@
 //! configuration. `main.rs` only wires the pieces together.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf;

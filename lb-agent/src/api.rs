@@ -1,0 +1,316 @@
+//! The local control API: one JSON request per line on a Unix socket that
+//! only root can open, one JSON response per line back.
+//!
+//! ```text
+//! {"op":"status"}
+//! {"op":"add_backend","service":"web","address":"10.0.1.5:8080","weight":1}
+//! {"op":"remove_backend","service":"web","address":"10.0.1.5:8080"}
+//! {"op":"set_weight","service":"web","address":"10.0.1.5:8080","weight":3}
+//! {"op":"reload"}
+//! ```
+//! A request that does not parse, names an unknown service or backend, or
+//! carries a bad value is refused whole with a message, and changes nothing.
+//! Run-time changes last until the config file is next reloaded.
+
+use std::{
+    net::SocketAddrV4,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+use crate::{config::MAX_WEIGHT, status::Snapshot};
+
+pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb-agent.sock";
+/// A request line longer than this is refused (and the connection closed).
+const MAX_REQUEST: usize = 64 * 1024;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    AddBackend {
+        service: String,
+        address: SocketAddrV4,
+        #[serde(default = "one")]
+        weight: u32,
+    },
+    RemoveBackend {
+        service: String,
+        address: SocketAddrV4,
+    },
+    SetWeight {
+        service: String,
+        address: SocketAddrV4,
+        weight: u32,
+    },
+    Reload,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Box<Snapshot>>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response { ok: true, error: None, message: Some(message.into()), status: None }
+    }
+    pub fn status(s: Snapshot) -> Response {
+        Response { ok: true, error: None, message: None, status: Some(Box::new(s)) }
+    }
+    pub fn error(e: impl std::fmt::Display) -> Response {
+        Response { ok: false, error: Some(e.to_string()), message: None, status: None }
+    }
+}
+
+/// A parsed request on its way to the agent's loop, with where to answer.
+pub type Call = (Request, oneshot::Sender<Response>);
+
+/// A request as it arrives, before each field is checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    op: String,
+    service: Option<String>,
+    address: Option<String>,
+    weight: Option<i64>,
+}
+
+/// Parse one request line; the error says what and where.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let raw: RawRequest = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+    let op = raw.op.as_str();
+    let service = || raw.service.clone().ok_or(format!("bad request: {op} needs \"service\""));
+    let address = || -> Result<SocketAddrV4, String> {
+        let a = raw.address.as_deref().ok_or(format!("bad request: {op} needs \"address\""))?;
+        a.parse().map_err(|_| {
+            format!("bad request: address: {a:?} is not an IPv4 address with a port, like \"10.0.0.5:8080\"")
+        })
+    };
+    let weight = |default: Option<u32>| -> Result<u32, String> {
+        match (raw.weight, default) {
+            (None, Some(d)) => Ok(d),
+            (None, None) => Err(format!("bad request: {op} needs \"weight\"")),
+            (Some(w), _) => u32::try_from(w)
+                .ok()
+                .filter(|w| *w <= MAX_WEIGHT)
+                .ok_or(format!("bad request: weight: {w} is not in 0..={MAX_WEIGHT}")),
+        }
+    };
+    let unused = |fields: &[(&str, bool)]| -> Result<(), String> {
+        match fields.iter().find(|(_, present)| *present) {
+            Some((name, _)) => Err(format!("bad request: {op} takes no \"{name}\"")),
+            None => Ok(()),
+        }
+    };
+    let (has_service, has_address, has_weight) = (raw.service.is_some(), raw.address.is_some(), raw.weight.is_some());
+    match op {
+        "status" | "reload" => {
+            unused(&[("service", has_service), ("address", has_address), ("weight", has_weight)])?;
+            Ok(if op == "status" { Request::Status } else { Request::Reload })
+        }
+        "add_backend" => Ok(Request::AddBackend { service: service()?, address: address()?, weight: weight(Some(1))? }),
+        "remove_backend" => {
+            unused(&[("weight", has_weight)])?;
+            Ok(Request::RemoveBackend { service: service()?, address: address()? })
+        }
+        "set_weight" => Ok(Request::SetWeight { service: service()?, address: address()?, weight: weight(None)? }),
+        other => Err(format!(
+            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, reload"
+        )),
+    }
+}
+
+/// Bind the socket: root-only (the directory 0700, the socket 0600). A stale
+/// socket from an agent that died is replaced; a live one is an error.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        if dir != Path::new("/tmp") && dir != Path::new("/run") {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restrict {}", dir.display()))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!("another lb-agent is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("bind control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restrict {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Accept connections and hand their requests to the agent's loop.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let calls = calls.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, calls).await {
+                        debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = timeout(IDLE_TIMEOUT, AsyncReadExt::take(&mut lines, MAX_REQUEST as u64 + 1).read_line(&mut line))
+            .await??;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST {
+            let r = Response::error(format!("request longer than {MAX_REQUEST} bytes"));
+            write_response(&mut write, &r).await?;
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match parse_request(line.trim()) {
+            Ok(req) => {
+                let (tx, rx) = oneshot::channel();
+                calls.send((req, tx)).await.context("agent is shutting down")?;
+                rx.await.unwrap_or_else(|_| Response::error("agent is shutting down"))
+            }
+            Err(e) => Response::error(e),
+        };
+        write_response(&mut write, &response).await?;
+    }
+}
+
+async fn write_response(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string(r)?;
+    text.push('\n');
+    w.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
+/// Send one request to a running agent and wait for its answer.
+pub async fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            anyhow::anyhow!("no lb-agent is running (nothing listens on {})", path.display())
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied on {}: the control socket is root's", path.display())
+        }
+        _ => anyhow::Error::new(e).context(format!("connect to {}", path.display())),
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    let mut line = String::new();
+    timeout(IDLE_TIMEOUT, BufReader::new(read).read_line(&mut line)).await.context("agent did not answer")??;
+    serde_json::from_str(&line).with_context(|| format!("unreadable answer from the agent: {line:?}"))
+}
+
+pub fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(parse_request(r#"{"op":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(r#"{"op":"add_backend","service":"web","address":"10.0.0.1:80"}"#),
+            Ok(Request::AddBackend { service: "web".into(), address: "10.0.0.1:80".parse().unwrap(), weight: 1 })
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        for (bad, says) in [
+            ("hello", "expected value"),
+            (r#"{"op":"explode"}"#, "op: unknown \"explode\""),
+            (r#"{"op":"add_backend","service":"web","address":"10.0.0.1"}"#, "address: \"10.0.0.1\" is not an IPv4"),
+            (r#"{"op":"add_backend","service":"web","address":"10.0.0.1:80","wieght":2}"#, "unknown field `wieght`"),
+            (r#"{"op":"set_weight","service":"web","address":"10.0.0.1:80","weight":-1}"#, "weight: -1 is not in"),
+            (r#"{"op":"set_weight","service":"web","address":"10.0.0.1:80"}"#, "set_weight needs \"weight\""),
+            (r#"{"op":"remove_backend","address":"10.0.0.1:80"}"#, "remove_backend needs \"service\""),
+            (r#"{"op":"status","service":"web"}"#, "status takes no \"service\""),
+            (r#"{"op":"status"} trailing"#, "trailing characters"),
+        ] {
+            let err = parse_request(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn socket_round_trip_and_refusal() {
+        let dir = std::env::temp_dir().join(format!("lb-api-test-{}", std::process::id()));
+        let path = dir.join("s.sock");
+        let listener = bind(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A second agent on the same socket is refused.
+        assert!(bind(&path).await.unwrap_err().to_string().contains("already listening"));
+        let (tx, mut rx) = mpsc::channel::<Call>(4);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                let _ = reply.send(Response::ok(format!("{req:?}")));
+            }
+        });
+        let r = call(&path, &Request::Reload).await.unwrap();
+        assert_eq!(r.message.as_deref(), Some("Reload"));
+        // Raw garbage gets an error line, and the connection stays usable.
+        let s = UnixStream::connect(&path).await.unwrap();
+        let (read, mut write) = s.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"{nope\n{\"op\":\"status\"}\n").await.unwrap();
+        let first: Response = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert!(!first.ok && first.error.unwrap().starts_with("bad request"));
+        let second: Response = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert!(second.ok);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_agent_is_said_plainly() {
+        let err = call(Path::new("/nonexistent/lb.sock"), &Request::Status).await.unwrap_err();
+        assert!(err.to_string().contains("no lb-agent is running"), "{err}");
+    }
+}
