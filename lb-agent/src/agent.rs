@@ -1,50 +1,111 @@
-//! `lb-agent run`: load, attach, apply the config, follow its changes, and
-//! detach everything on SIGINT or SIGTERM.
+//! `lb-agent run`: load, attach, apply the config, then serve: follow config
+//! changes, control-API calls and health results, end drains, publish
+//! snapshots, and detach everything on SIGINT or SIGTERM.
+//!
+//! One task owns all state; everything else (API connections, probes, the
+//! metrics server) talks to it through channels, so no change ever races
+//! another.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
+    api::{self, Call, Request, Response},
+    config::{Config, HealthCheckConfig},
     dataplane::AyaDataplane,
+    health::{probe::probe, state::Transition},
     reconcile::{ApplySummary, Reconciler},
     registry::Registry,
+    snapshot::SnapshotBuilder,
+    status::{Event, Snapshot, MAX_EVENTS},
 };
 
-/// How often the config file's modification time is checked.
-const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the config file is checked, drains are reviewed and a new
+/// snapshot (with rates) is published.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Where the agent listens, besides its config.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config: PathBuf,
+    pub api_socket: PathBuf,
+    pub metrics_address: Option<SocketAddr>,
+}
+
+struct ProbeResult {
+    service: String,
+    addr: SocketAddrV4,
+    error: Option<String>,
+}
+
+/// A running probe loop and the check it was started with.
+struct ProbeTask {
+    check: HealthCheckConfig,
+    handle: JoinHandle<()>,
+}
 
 pub struct Agent {
     dataplane: AyaDataplane,
     reconciler: Reconciler,
     registry: Registry,
     config: Config,
-    path: PathBuf,
+    options: Options,
+    events: VecDeque<Event>,
+    errors: u64,
+    probes: BTreeMap<(String, SocketAddrV4), ProbeTask>,
+    probe_tx: mpsc::Sender<ProbeResult>,
+    probe_rx: mpsc::Receiver<ProbeResult>,
+    snapshots: SnapshotBuilder,
+    published: watch::Sender<Arc<Snapshot>>,
 }
 
 impl Agent {
     /// Validate the config, load the program, attach it and write the maps.
     /// A bad config or interface stops here with nothing left attached.
-    pub fn start(path: &Path) -> anyhow::Result<Agent> {
-        let config = Config::load(path)?;
+    pub fn start(options: Options) -> anyhow::Result<Agent> {
+        let config = Config::load(&options.config)?;
         check_interfaces(&config)?;
         let dataplane = AyaDataplane::load()?;
+        let (probe_tx, probe_rx) = mpsc::channel(256);
         let mut agent = Agent {
             dataplane,
             reconciler: Reconciler::default(),
             registry: Registry::default(),
             config: Config { services: vec![] },
-            path: path.into(),
+            snapshots: SnapshotBuilder::new(options.config.display().to_string()),
+            options,
+            events: VecDeque::new(),
+            errors: 0,
+            probes: BTreeMap::new(),
+            probe_tx,
+            probe_rx,
+            published: watch::Sender::new(Arc::new(Snapshot::default())),
         };
-        agent.switch_to(config)?;
+        let summary = agent.switch_to(config)?;
+        agent.event(format!(
+            "started: {} service(s), {} backend(s)",
+            agent.config.services.len(),
+            summary.backends_added
+        ));
         Ok(agent)
+    }
+
+    /// Snapshots as they are published (for the metrics server).
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.published.subscribe()
     }
 
     /// Apply `config`: attach new interfaces, write the maps, detach the
@@ -59,8 +120,9 @@ impl Agent {
                 Ok(_) => attached_now.push(iface.clone()),
                 Err(e) => {
                     for done in &attached_now {
-                        let _ =
-                            self.dataplane.detach(done).inspect_err(|e| warn!(error = %e, "rollback detach failed"));
+                        if let Err(e) = self.dataplane.detach(done) {
+                            warn!(error = %e, interface = done, "rollback detach failed");
+                        }
                     }
                     return Err(e);
                 }
@@ -75,14 +137,155 @@ impl Agent {
         Ok(summary)
     }
 
-    /// Write the registry's desired state to the maps.
+    /// Write the registry's desired state to the maps, and start or stop
+    /// probes to match.
     fn sync(&mut self) -> anyhow::Result<ApplySummary> {
-        self.reconciler.apply(&self.registry.desired(), &mut self.dataplane).context("write the load balancer's maps")
+        let summary = self
+            .reconciler
+            .apply(&self.registry.desired(), &mut self.dataplane)
+            .context("write the load balancer's maps")?;
+        self.sync_probes();
+        Ok(summary)
+    }
+
+    fn sync_probes(&mut self) {
+        let mut wanted: BTreeMap<(String, SocketAddrV4), HealthCheckConfig> = BTreeMap::new();
+        for (name, svc) in self.registry.services() {
+            let Some(check) = &svc.config.health_check else { continue };
+            for addr in svc.backends.keys() {
+                wanted.insert((name.clone(), *addr), check.clone());
+            }
+        }
+        self.probes.retain(|key, task| {
+            let keep = wanted.get(key) == Some(&task.check);
+            if !keep {
+                task.handle.abort();
+            }
+            keep
+        });
+        for (key, check) in wanted {
+            if self.probes.contains_key(&key) {
+                continue;
+            }
+            let handle = tokio::spawn(probe_loop(key.0.clone(), key.1, check.clone(), self.probe_tx.clone()));
+            self.probes.insert(key, ProbeTask { check, handle });
+        }
+    }
+
+    fn event(&mut self, message: String) {
+        let unix_time =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.events.push_front(Event { unix_time, message });
+        self.events.truncate(MAX_EVENTS);
+    }
+
+    fn error(&mut self, message: String) {
+        self.errors += 1;
+        self.event(message);
+    }
+
+    /// Re-read the config; a bad one is refused whole and the running one
+    /// stays in force.
+    fn reload(&mut self, why: &str) -> Result<String, String> {
+        let result = Config::load(&self.options.config).map_err(anyhow::Error::from).and_then(|c| {
+            check_interfaces(&c)?;
+            if c == self.config {
+                return Ok(None);
+            }
+            self.switch_to(c).map(Some)
+        });
+        match result {
+            Ok(Some(s)) => {
+                info!(
+                    trigger = why,
+                    services_added = s.services_added,
+                    services_removed = s.services_removed,
+                    backends_added = s.backends_added,
+                    backends_removed = s.backends_removed,
+                    tables_rebuilt = s.tables_rebuilt,
+                    slots_written = s.slots_written,
+                    "config applied"
+                );
+                let msg = format!(
+                    "config applied ({why}): {} table(s) rebuilt, {} slot(s) written",
+                    s.tables_rebuilt, s.slots_written
+                );
+                self.event(msg.clone());
+                Ok(msg)
+            }
+            Ok(None) => {
+                info!(trigger = why, "config unchanged");
+                Ok("config unchanged".into())
+            }
+            Err(e) => {
+                let msg = format!("config refused ({why}); keeping the running one: {e:#}");
+                warn!(trigger = why, error = format!("{e:#}"), "config refused; keeping the running one");
+                self.error(msg.clone());
+                Err(msg)
+            }
+        }
+    }
+
+    fn handle_call(&mut self, request: Request) -> Response {
+        let now = tokio::time::Instant::now();
+        let change = match &request {
+            Request::Status => return Response::status(self.build_snapshot()),
+            Request::Reload => {
+                return match self.reload("api") {
+                    Ok(m) => Response::ok(m),
+                    Err(e) => Response::error(e),
+                }
+            }
+            Request::AddBackend { service, address, weight } => {
+                self.registry.add_backend(service, *address, *weight).map(|()| format!("{service}: added {address}"))
+            }
+            Request::RemoveBackend { service, address } => {
+                self.registry.remove_backend(service, *address, now).map(|()| format!("{service}: draining {address}"))
+            }
+            Request::SetWeight { service, address, weight } => self
+                .registry
+                .set_weight(service, *address, *weight)
+                .map(|()| format!("{service}: {address} weight {weight}")),
+        };
+        let message = match change {
+            Ok(m) => m,
+            Err(e) => return Response::error(e),
+        };
+        match self.sync() {
+            Ok(_) => {
+                info!(change = message, "api change applied");
+                self.event(format!("api: {message}"));
+                Response::ok(message)
+            }
+            Err(e) => {
+                self.error(format!("api change {message} failed: {e:#}"));
+                Response::error(format!("{e:#}"))
+            }
+        }
+    }
+
+    fn handle_probe(&mut self, r: ProbeResult) {
+        match self.registry.observe_health(&r.service, r.addr, r.error.is_none()) {
+            Some(Transition::Down) => {
+                let why = r.error.unwrap_or_default();
+                warn!(service = r.service, backend = %r.addr, error = why, "backend down: out of the table");
+                self.event(format!("{}: {} down ({why})", r.service, r.addr));
+            }
+            Some(Transition::Up) => {
+                info!(service = r.service, backend = %r.addr, "backend up: back in the table");
+                self.event(format!("{}: {} up", r.service, r.addr));
+            }
+            None => return,
+        }
+        if let Err(e) = self.sync() {
+            warn!(error = format!("{e:#}"), "applying a health change failed");
+            self.error(format!("applying a health change failed: {e:#}"));
+        }
     }
 
     /// Every registered backend's id in the data plane.
-    fn backend_ids(&self) -> std::collections::BTreeMap<(String, std::net::SocketAddrV4), u32> {
-        let mut ids = std::collections::BTreeMap::new();
+    fn backend_ids(&self) -> BTreeMap<(String, SocketAddrV4), u32> {
+        let mut ids = BTreeMap::new();
         for (name, e) in self.registry.services() {
             let key = e.config.key();
             for addr in e.backends.keys() {
@@ -110,38 +313,86 @@ impl Agent {
             if let (true, Some(id)) = (d.expired, id) {
                 let flushed = self.dataplane.flush_backend_flows(id)?;
                 warn!(service, backend = %d.addr, flushed, "drain deadline passed; open flows cut");
+                self.event(format!("{service}: {} drain deadline passed, {flushed} flow entries cut", d.addr));
             } else {
                 info!(service, backend = %d.addr, "drained");
+                self.event(format!("{service}: {} drained", d.addr));
             }
         }
         self.sync()?;
         Ok(())
     }
 
-    /// Re-read the config; a bad one is refused whole and the running one
-    /// stays in force.
-    fn reload(&mut self, why: &str) {
-        let result = Config::load(&self.path).map_err(anyhow::Error::from).and_then(|c| {
-            check_interfaces(&c)?;
-            if c == self.config {
-                return Ok(None);
+    fn build_snapshot(&mut self) -> Snapshot {
+        match self.snapshots.build(&self.registry, &self.reconciler, &self.dataplane, &self.events, self.errors) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "reading the data plane's counters failed");
+                self.errors += 1;
+                (**self.published.borrow()).clone()
             }
-            self.switch_to(c).map(Some)
-        });
-        match result {
-            Ok(Some(s)) => info!(
-                trigger = why,
-                services_added = s.services_added,
-                services_removed = s.services_removed,
-                backends_added = s.backends_added,
-                backends_removed = s.backends_removed,
-                tables_rebuilt = s.tables_rebuilt,
-                slots_written = s.slots_written,
-                "config applied"
-            ),
-            Ok(None) => info!(trigger = why, "config unchanged"),
-            Err(e) => warn!(trigger = why, error = format!("{e:#}"), "config refused; keeping the running one"),
         }
+    }
+
+    fn tick(&mut self, mtime: &mut Option<SystemTime>) {
+        let now = modified(&self.options.config);
+        if now != *mtime {
+            *mtime = now;
+            let _ = self.reload("file changed");
+        }
+        if let Err(e) = self.finish_drains() {
+            warn!(error = format!("{e:#}"), "drain check failed");
+            self.error(format!("drain check failed: {e:#}"));
+        }
+        let snapshot = self.build_snapshot();
+        self.published.send_replace(Arc::new(snapshot));
+    }
+
+    /// Serve until SIGINT or SIGTERM.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let listener = api::bind(&self.options.api_socket).await?;
+        let (call_tx, mut calls) = mpsc::channel::<Call>(64);
+        let api_task = tokio::spawn(api::serve(listener, call_tx));
+        let metrics_task = match self.options.metrics_address {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listen for metrics on {addr} (--metrics-address off to disable)"))?;
+                info!(address = %addr, "serving Prometheus metrics on /metrics");
+                Some(tokio::spawn(crate::metrics::serve(listener, self.snapshots())))
+            }
+            None => None,
+        };
+        let mut mtime = modified(&self.options.config);
+        let mut tick = tokio::time::interval(TICK);
+        self.describe();
+        info!(config = %self.options.config.display(), api = %self.options.api_socket.display(), "ready");
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+                _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+                _ = sighup.recv() => { mtime = modified(&self.options.config); let _ = self.reload("SIGHUP"); }
+                Some((request, reply)) = calls.recv() => { let _ = reply.send(self.handle_call(request)); }
+                Some(result) = self.probe_rx.recv() => self.handle_probe(result),
+                _ = tick.tick() => self.tick(&mut mtime),
+            }
+        }
+        api_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        for (_, task) in std::mem::take(&mut self.probes) {
+            task.handle.abort();
+        }
+        if let Err(e) = std::fs::remove_file(&self.options.api_socket) {
+            warn!(error = %e, "could not remove the control socket");
+        }
+        self.dataplane.detach_all();
+        info!("detached; maps released");
+        Ok(())
     }
 
     fn describe(&self) {
@@ -152,36 +403,17 @@ impl Agent {
             info!(interface = iface, mode = %mode, "xdp");
         }
     }
+}
 
-    /// Serve until SIGINT or SIGTERM; reload on SIGHUP or a file change.
-    pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
-        let mut mtime = modified(&self.path);
-        let mut tick = tokio::time::interval(WATCH_INTERVAL);
-        self.describe();
-        info!(config = %self.path.display(), "ready");
-        loop {
-            tokio::select! {
-                _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = sighup.recv() => { mtime = modified(&self.path); self.reload("SIGHUP"); }
-                _ = tick.tick() => {
-                    let now = modified(&self.path);
-                    if now != mtime {
-                        mtime = now;
-                        self.reload("file changed");
-                    }
-                    if let Err(e) = self.finish_drains() {
-                        warn!(error = format!("{e:#}"), "drain check failed");
-                    }
-                }
-            }
+async fn probe_loop(service: String, addr: SocketAddrV4, check: HealthCheckConfig, tx: mpsc::Sender<ProbeResult>) {
+    let mut every = tokio::time::interval(check.interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let error = probe(addr, &check).await.err().map(|e| e.to_string());
+        if tx.send(ProbeResult { service: service.clone(), addr, error }).await.is_err() {
+            return;
         }
-        self.dataplane.detach_all();
-        info!("detached; maps released");
-        Ok(())
     }
 }
 

@@ -151,6 +151,11 @@ impl AyaDataplane {
     }
 }
 
+pub struct ConntrackScan {
+    pub open: BTreeMap<u32, u64>,
+    pub entries: u64,
+}
+
 /// A UDP flow counts as open while it saw a packet this recently.
 pub const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -158,12 +163,20 @@ impl AyaDataplane {
     /// Open flows per backend id, from the connection table: TCP flows with
     /// no FIN or RST seen yet, UDP flows active within `UDP_IDLE`.
     pub fn open_flows(&self) -> Result<BTreeMap<u32, u64>, DataplaneError> {
+        Ok(self.scan_conntrack()?.open)
+    }
+
+    /// One walk of the connection table: open flows per backend, and the
+    /// number of entries (two per flow).
+    pub fn scan_conntrack(&self) -> Result<ConntrackScan, DataplaneError> {
         let now = monotonic_ns();
         let mut out = BTreeMap::new();
+        let mut entries = 0;
         for item in self.conntrack.iter() {
             // An entry evicted mid-walk ends the walk early on some kernels;
             // a count that is briefly low is harmless (drains have deadlines).
             let Ok((key, conn)) = item else { break };
+            entries += 1;
             if key.dir != DIR_FORWARD {
                 continue;
             }
@@ -176,7 +189,7 @@ impl AyaDataplane {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
             }
         }
-        Ok(out)
+        Ok(ConntrackScan { open: out, entries })
     }
 
     /// Forget every flow of a backend (both directions); its clients' next

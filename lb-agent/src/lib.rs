@@ -7,8 +7,10 @@ pub mod config;
 pub mod dataplane;
 pub mod ebpf;
 pub mod health;
+pub mod metrics;
 pub mod reconcile;
 pub mod registry;
+pub mod snapshot;
 pub mod status;
 #[cfg(test)]
 pub mod testing;

@@ -1,13 +1,21 @@
 //! lb-agent: the XDP load balancer's daemon and command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
-use lb_agent::{agent::Agent, config::Config};
+use lb_agent::{
+    agent::{Agent, Options},
+    api::{self, Request, DEFAULT_SOCKET},
+    config::Config,
+};
 use tracing_subscriber::EnvFilter;
 
 /// An XDP layer-4 load balancer: the kernel forwards, this agent keeps the
-/// kernel's maps in step with your config.
+/// kernel's maps in step with your config and reports what flows where.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -17,22 +25,78 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the XDP program, apply the config, follow its changes.
+    /// Load and attach the XDP program, apply the config, and serve.
     ///
     /// The config is re-read on SIGHUP and whenever the file changes; a bad
-    /// config is refused whole and the running one stays. SIGINT or SIGTERM
+    /// config is refused whole and the running one stays. Backends can also
+    /// be changed at run time with `lb-agent backend ...`. SIGINT or SIGTERM
     /// detaches the program and releases its maps. Needs root (CAP_BPF,
     /// CAP_NET_ADMIN).
     Run {
         /// TOML config naming services (VIP, port, protocol, interfaces) and backends.
         #[arg(long, short)]
         config: PathBuf,
+        /// Control socket (root only) for `status` and `backend`.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+        /// Where to serve Prometheus metrics (`/metrics`); "off" to disable.
+        #[arg(long, default_value = "127.0.0.1:9641", value_parser = parse_metrics_address)]
+        metrics_address: MetricsAddress,
     },
     /// Validate a config file and print what it describes; changes nothing.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show services, backends, traffic and recent events of the running agent.
+    Status {
+        /// Print JSON (the same data) for scripts.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Change a running agent's backends (lasts until the config is reloaded).
+    Backend {
+        #[command(subcommand)]
+        change: BackendChange,
+        #[arg(long, default_value = DEFAULT_SOCKET, global = true)]
+        api_socket: PathBuf,
+    },
+    /// Ask the running agent to re-read its config file now.
+    Reload {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendChange {
+    /// Add a backend; it takes new flows at once.
+    Add {
+        service: String,
+        address: SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Drain a backend: no new flows; open ones go on until they close or
+    /// the service's drain_timeout passes.
+    Remove { service: String, address: SocketAddrV4 },
+    /// Change a backend's weight (0 takes it out of the table without draining it away).
+    Weight { service: String, address: SocketAddrV4, weight: u32 },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum MetricsAddress {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_metrics_address(s: &str) -> Result<MetricsAddress, String> {
+    if s == "off" {
+        return Ok(MetricsAddress::Off);
+    }
+    s.parse().map(MetricsAddress::On).map_err(|_| format!("{s:?} is not an address like 127.0.0.1:9641, or \"off\""))
 }
 
 fn main() -> ExitCode {
@@ -42,11 +106,20 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config, api_socket, metrics_address } => {
+            let metrics_address = match metrics_address {
+                MetricsAddress::Off => None,
+                MetricsAddress::On(a) => Some(a),
+            };
+            run(Options { config, api_socket, metrics_address })
+        }
         Command::Check { config } => check(config),
+        Command::Status { json, api_socket } => status(api_socket, json),
+        Command::Backend { change, api_socket } => backend(api_socket, change),
+        Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lb-agent: error: {e:#}");
             ExitCode::FAILURE
@@ -54,15 +127,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: PathBuf) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let agent = Agent::start(&config)?;
-        agent.run().await
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn run(options: Options) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let agent = Agent::start(options)?;
+        agent.run().await?;
+        Ok(ExitCode::SUCCESS)
     })
 }
 
-fn check(path: PathBuf) -> anyhow::Result<()> {
+fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     println!("{}: ok, {} service(s)", path.display(), config.services.len());
     for s in &config.services {
@@ -79,5 +156,38 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
             println!("    {:<24} weight {}", b.address, b.weight);
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    let response = runtime()?.block_on(api::call(&socket, &Request::Status))?;
+    let Some(snapshot) = response.status else {
+        anyhow::bail!("the agent answered without a status: {}", response.error.unwrap_or_default());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    } else {
+        print!("{}", snapshot.render_table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backend(socket: PathBuf, change: BackendChange) -> anyhow::Result<ExitCode> {
+    let request = match change {
+        BackendChange::Add { service, address, weight } => Request::AddBackend { service, address, weight },
+        BackendChange::Remove { service, address } => Request::RemoveBackend { service, address },
+        BackendChange::Weight { service, address, weight } => Request::SetWeight { service, address, weight },
+    };
+    call_and_print(socket, request)
+}
+
+fn call_and_print(socket: PathBuf, request: Request) -> anyhow::Result<ExitCode> {
+    let response = runtime()?.block_on(api::call(&socket, &request))?;
+    if response.ok {
+        println!("{}", response.message.unwrap_or_else(|| "ok".into()));
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("lb-agent: refused: {}", response.error.unwrap_or_default());
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -104,3 +104,153 @@ pub struct Event {
     pub unix_time: f64,
     pub message: String,
 }
+
+impl Snapshot {
+    /// The human table `lb-agent status` prints.
+    pub fn render_table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let a = &self.agent;
+        let _ = writeln!(
+            out,
+            "lb-agent {}  pid {}  up {}  errors {}  config {}",
+            a.version,
+            a.pid,
+            human_duration(a.uptime_seconds),
+            a.errors_total,
+            a.config_path
+        );
+        let xdp: Vec<String> = a.interfaces.iter().map(|i| format!("{} ({})", i.name, i.xdp_mode)).collect();
+        let _ = writeln!(out, "xdp: {}", if xdp.is_empty() { "not attached".into() } else { xdp.join(", ") });
+        for s in &self.services {
+            let _ = writeln!(
+                out,
+                "\nservice {}  {}:{}/{}  mode {}  on {}  {} pkt/s  {} new flows/s",
+                s.name,
+                s.vip,
+                s.port,
+                s.protocol,
+                s.mode,
+                s.interfaces.join(","),
+                human_rate(s.counters.packets_per_second),
+                human_rate(s.counters.new_flows_per_second),
+            );
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<9} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9}",
+                "BACKEND", "STATE", "WEIGHT", "SHARE", "OPEN", "NEW/S", "PKT/S", "BYTES/S"
+            );
+            for b in &s.backends {
+                let state = match b.drain_seconds_left {
+                    Some(left) => format!("{} {}s", b.state, left.ceil() as u64),
+                    None => b.state.clone(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {:<9} {:>6} {:>5.1}% {:>6} {:>8} {:>8} {:>9}",
+                    b.address,
+                    state,
+                    b.weight,
+                    b.table_share * 100.0,
+                    b.open_connections,
+                    human_rate(b.counters.new_flows_per_second),
+                    human_rate(b.counters.packets_per_second),
+                    human_rate(b.counters.bytes_per_second),
+                );
+            }
+            if s.backends.is_empty() {
+                let _ = writeln!(out, "  (no backends: new flows are dropped)");
+            }
+        }
+        let drops: Vec<String> = self
+            .reasons
+            .iter()
+            .filter(|r| r.verdict == "drop" && r.packets > 0)
+            .map(|r| format!("{} {}", r.reason, r.packets))
+            .collect();
+        if !drops.is_empty() {
+            let _ = writeln!(out, "\ndrops: {}", drops.join(", "));
+        }
+        if !self.events.is_empty() {
+            let _ = writeln!(out, "\nrecent events:");
+            for e in self.events.iter().take(10) {
+                let ago = (now_unix() - e.unix_time).max(0.0);
+                let _ = writeln!(out, "  {:>8} ago  {}", human_duration(ago), e.message);
+            }
+        }
+        out
+    }
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn human_rate(x: f64) -> String {
+    match x {
+        x if x >= 1e9 => format!("{:.1}G", x / 1e9),
+        x if x >= 1e6 => format!("{:.1}M", x / 1e6),
+        x if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        x if x >= 10.0 => format!("{x:.0}"),
+        x => format!("{x:.1}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_backends_states_and_drops() {
+        let s = Snapshot {
+            agent: AgentInfo {
+                version: "0.1.0".into(),
+                pid: 7,
+                uptime_seconds: 75.0,
+                config_path: "/etc/lb.toml".into(),
+                errors_total: 1,
+                interfaces: vec![InterfaceStatus { name: "eth0".into(), xdp_mode: "native".into() }],
+            },
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                vip: "10.0.0.100".into(),
+                port: 80,
+                protocol: "tcp".into(),
+                mode: "dnat".into(),
+                interfaces: vec!["eth0".into()],
+                counters: Traffic::default(),
+                backends: vec![BackendStatus {
+                    address: "10.1.0.1:80".into(),
+                    state: "draining".into(),
+                    weight: 1,
+                    in_table: false,
+                    table_share: 0.0,
+                    open_connections: 3,
+                    drain_seconds_left: Some(9.2),
+                    counters: Traffic { new_flows_per_second: 1500.0, ..Traffic::default() },
+                }],
+            }],
+            reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
+            maps: vec![],
+            events: vec![],
+        };
+        let t = s.render_table();
+        assert!(t.contains("up 1m15s  errors 1"), "{t}");
+        assert!(t.contains("xdp: eth0 (native)"), "{t}");
+        assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
+        assert!(
+            t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),
+            "{t}"
+        );
+        assert!(t.contains("drops: drop_no_backend 4"), "{t}");
+    }
+}

@@ -1,0 +1,1190 @@
+//! `/metrics`: the status [`Snapshot`] as Prometheus text exposition
+//! (format 0.0.4), and a minimal HTTP/1.1 server that serves it.
+//!
+//! The data plane's counters live in kernel maps and the snapshot already
+//! holds their absolute values. `prometheus::Counter` can only be
+//! incremented, so the families are built directly as `proto::MetricFamily`
+//! values (typed counter or gauge) and encoded with `TextEncoder`.
+//! [`SnapshotCollector`] offers the same families to a `prometheus::Registry`.
+//!
+//! Every family is declared once below as a `Family<L>`, where `L` is its
+//! label set: a sample cannot be built with the wrong labels.
+
+use std::{collections::HashMap, io, marker::PhantomData, sync::Arc, time::Duration};
+
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, LabelPair, Metric, MetricFamily, MetricType},
+    Registry, TextEncoder,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::{watch, Semaphore},
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+use crate::status::{BackendStatus, ServiceStatus, Snapshot, Traffic};
+
+/// `Content-Type` of the text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metric family {name} has an invalid descriptor")]
+    Descriptor {
+        name: String,
+        #[source]
+        source: prometheus::Error,
+    },
+    #[error("encode the text exposition")]
+    Encode {
+        #[source]
+        source: prometheus::Error,
+    },
+    #[error("register the snapshot collector")]
+    Register {
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+// ---- Families ---------------------------------------------------------------
+
+/// The value of a gauge that only marks that something exists.
+const TRUE: f64 = 1.0;
+
+/// The states a backend can be in; `lb_backend_state` has a series for each,
+/// so an alert can select `state="down"` even while no backend is down.
+const BACKEND_STATES: [&str; 3] = ["active", "draining", "down"];
+
+/// A service's kernel counters, one family per `Traffic` field.
+const SERVICE_TRAFFIC: [(Family<ServiceLabels>, fn(&Traffic) -> u64); 5] = [
+    (
+        Family::counter(
+            "lb_service_packets_total",
+            "Client packets to the service's VIP and port that the XDP program forwarded to a backend.",
+        ),
+        |t| t.packets,
+    ),
+    (
+        Family::counter(
+            "lb_service_bytes_total",
+            "Bytes (Ethernet frame length) of the client packets forwarded for the service.",
+        ),
+        |t| t.bytes,
+    ),
+    (
+        Family::counter("lb_service_new_flows_total", "Flows of the service that got a backend from its Maglev table."),
+        |t| t.new_flows,
+    ),
+    (
+        Family::counter(
+            "lb_service_reply_packets_total",
+            "Backend reply packets of the service whose source was rewritten back to the VIP.",
+        ),
+        |t| t.reply_packets,
+    ),
+    (
+        Family::counter(
+            "lb_service_reply_bytes_total",
+            "Bytes (Ethernet frame length) of the service's backend replies rewritten back to the VIP.",
+        ),
+        |t| t.reply_bytes,
+    ),
+];
+
+/// A backend's kernel counters, one family per `Traffic` field.
+const BACKEND_TRAFFIC: [(Family<BackendLabels>, fn(&Traffic) -> u64); 6] = [
+    (Family::counter("lb_backend_packets_total", "Client packets the XDP program forwarded to the backend."), |t| {
+        t.packets
+    }),
+    (
+        Family::counter(
+            "lb_backend_bytes_total",
+            "Bytes (Ethernet frame length) of the client packets forwarded to the backend.",
+        ),
+        |t| t.bytes,
+    ),
+    (Family::counter("lb_backend_new_flows_total", "Flows the Maglev table assigned to the backend."), |t| t.new_flows),
+    (
+        Family::counter(
+            "lb_backend_reply_packets_total",
+            "Reply packets from the backend whose source was rewritten back to the VIP.",
+        ),
+        |t| t.reply_packets,
+    ),
+    (
+        Family::counter(
+            "lb_backend_reply_bytes_total",
+            "Bytes (Ethernet frame length) of the backend's replies rewritten back to the VIP.",
+        ),
+        |t| t.reply_bytes,
+    ),
+    (
+        Family::counter(
+            "lb_backend_closed_flows_total",
+            "TCP flows to the backend that saw a FIN or RST from the client side.",
+        ),
+        |t| t.closed_flows,
+    ),
+];
+
+const BACKEND_OPEN_CONNECTIONS: Family<BackendLabels> = Family::gauge(
+    "lb_backend_open_connections",
+    "Open flows to the backend in the connection table: TCP without FIN or RST, UDP active within the last 30 s.",
+);
+const BACKEND_WEIGHT: Family<BackendLabels> =
+    Family::gauge("lb_backend_weight", "Configured weight of the backend in its service's Maglev table.");
+const BACKEND_UP: Family<BackendLabels> =
+    Family::gauge("lb_backend_up", "1 unless the backend is down: active and draining backends count as up.");
+const BACKEND_STATE: Family<BackendStateLabels> = Family::gauge(
+    "lb_backend_state",
+    "Backend state (active, draining or down): 1 for the backend's current state, 0 for the others.",
+);
+const BACKEND_IN_TABLE: Family<BackendLabels> = Family::gauge(
+    "lb_backend_in_table",
+    "1 if the backend is in its service's Maglev table and so can receive new flows, else 0.",
+);
+const BACKEND_TABLE_SHARE: Family<BackendLabels> = Family::gauge(
+    "lb_backend_table_share",
+    "Fraction (0 to 1) of its service's Maglev table slots that point at the backend.",
+);
+const PACKETS: Family<VerdictLabels> = Family::counter(
+    "lb_packets_total",
+    "Packets the XDP program handled, by the reason for its verdict (forward, pass or drop), since it was loaded.",
+);
+const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
+    "lb_xdp_attached",
+    "1 for each interface the XDP program is attached to, labelled with the attach mode (native or generic).",
+);
+const MAP_ENTRIES: Family<MapLabels> = Family::gauge("lb_map_entries", "Entries currently in the eBPF map.");
+const MAP_MAX_ENTRIES: Family<MapLabels> =
+    Family::gauge("lb_map_max_entries", "Capacity (max_entries) of the eBPF map.");
+const AGENT_ERRORS: Family<NoLabels> = Family::counter(
+    "lb_agent_errors_total",
+    "Errors the agent met and logged: config reloads refused, map writes failed, probes that errored, ...",
+);
+const AGENT_UPTIME: Family<NoLabels> = Family::gauge("lb_agent_uptime_seconds", "Seconds since the agent started.");
+const AGENT_INFO: Family<VersionLabels> =
+    Family::gauge("lb_agent_info", "Always 1; the agent's version is in the label.");
+
+/// All families for `snapshot`, in a fixed order, including empty ones (a
+/// snapshot without services has no service series).
+fn collect(snapshot: &Snapshot) -> Vec<Collected> {
+    let services = &snapshot.services;
+    let backends = || services.iter().flat_map(|s| s.backends.iter().map(move |b| (s, b)));
+    let per_backend = |family: &Family<BackendLabels>, value: fn(&BackendStatus) -> f64| {
+        family.collect(backends().map(|(s, b)| (BackendLabels::of(s, b), value(b))))
+    };
+
+    let mut out = Vec::new();
+    for (family, value) in &SERVICE_TRAFFIC {
+        out.push(family.collect(services.iter().map(|s| (ServiceLabels::of(s), value(&s.counters) as f64))));
+    }
+    for (family, value) in &BACKEND_TRAFFIC {
+        out.push(family.collect(backends().map(|(s, b)| (BackendLabels::of(s, b), value(&b.counters) as f64))));
+    }
+    out.push(per_backend(&BACKEND_OPEN_CONNECTIONS, |b| b.open_connections as f64));
+    out.push(per_backend(&BACKEND_WEIGHT, |b| f64::from(b.weight)));
+    out.push(per_backend(&BACKEND_UP, |b| flag(b.state != "down")));
+    out.push(BACKEND_STATE.collect(backends().flat_map(|(s, b)| {
+        // An unexpected state still gets its series, so it is never invisible.
+        let unknown = (!BACKEND_STATES.contains(&b.state.as_str())).then_some(b.state.as_str());
+        BACKEND_STATES.into_iter().chain(unknown).map(move |state| {
+            let labels = BackendStateLabels { backend: BackendLabels::of(s, b), state: state.to_owned() };
+            (labels, flag(b.state == state))
+        })
+    })));
+    out.push(per_backend(&BACKEND_IN_TABLE, |b| flag(b.in_table)));
+    out.push(per_backend(&BACKEND_TABLE_SHARE, |b| b.table_share));
+    out.push(
+        PACKETS.collect(
+            snapshot
+                .reasons
+                .iter()
+                .map(|r| (VerdictLabels { reason: r.reason.clone(), verdict: r.verdict.clone() }, r.packets as f64)),
+        ),
+    );
+    let interfaces = &snapshot.agent.interfaces;
+    out.push(XDP_ATTACHED.collect(
+        interfaces.iter().map(|i| (InterfaceLabels { interface: i.name.clone(), mode: i.xdp_mode.clone() }, TRUE)),
+    ));
+    let maps = &snapshot.maps;
+    out.push(MAP_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.entries as f64))));
+    out.push(MAP_MAX_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.max_entries as f64))));
+    let agent = &snapshot.agent;
+    out.push(AGENT_ERRORS.collect([(NoLabels, agent.errors_total as f64)]));
+    out.push(AGENT_UPTIME.collect([(NoLabels, agent.uptime_seconds)]));
+    out.push(AGENT_INFO.collect([(VersionLabels { version: agent.version.clone() }, TRUE)]));
+    out
+}
+
+fn flag(condition: bool) -> f64 {
+    if condition {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// `snapshot` as Prometheus text exposition (format 0.0.4). Families without
+/// series are left out, as a `Registry` would.
+pub fn render(snapshot: &Snapshot) -> Result<String, MetricsError> {
+    let families: Vec<MetricFamily> =
+        collect(snapshot).into_iter().map(|c| c.family).filter(|f| !f.get_metric().is_empty()).collect();
+    TextEncoder::new().encode_to_string(&families).map_err(|source| MetricsError::Encode { source })
+}
+
+/// The snapshot families as a `prometheus` collector, for a `Registry` that
+/// also holds other metrics. Reads the latest published snapshot per gather.
+pub struct SnapshotCollector {
+    descs: Vec<Desc>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl SnapshotCollector {
+    /// Checks every family's name, help and label names.
+    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>) -> Result<Self, MetricsError> {
+        let descs = collect(&Snapshot::default()).iter().map(Collected::desc).collect::<Result<_, _>>()?;
+        Ok(SnapshotCollector { descs, snapshot })
+    }
+}
+
+impl Collector for SnapshotCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snapshot = Arc::clone(&self.snapshot.borrow());
+        collect(&snapshot).into_iter().map(|c| c.family).collect()
+    }
+}
+
+/// Registers a [`SnapshotCollector`] over `snapshot` in `registry`.
+pub fn register(registry: &Registry, snapshot: watch::Receiver<Arc<Snapshot>>) -> Result<(), MetricsError> {
+    let collector = SnapshotCollector::new(snapshot)?;
+    registry.register(Box::new(collector)).map_err(|source| MetricsError::Register { source })
+}
+
+/// One family, typed by its label set `L`.
+struct Family<L> {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    labels: PhantomData<fn() -> L>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A total kept by the kernel or the agent, exported as is.
+    Counter,
+    Gauge,
+}
+
+/// A built family with the label names it was built with (for its `Desc`).
+struct Collected {
+    label_names: &'static [&'static str],
+    family: MetricFamily,
+}
+
+impl<L: LabelSet> Family<L> {
+    const fn counter(name: &'static str, help: &'static str) -> Self {
+        Family { name, help, kind: Kind::Counter, labels: PhantomData }
+    }
+
+    const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Family { name, help, kind: Kind::Gauge, labels: PhantomData }
+    }
+
+    fn collect(&self, samples: impl IntoIterator<Item = (L, f64)>) -> Collected {
+        let mut family = MetricFamily::default();
+        family.set_name(self.name.to_owned());
+        family.set_help(self.help.to_owned());
+        family.set_field_type(match self.kind {
+            Kind::Counter => MetricType::COUNTER,
+            Kind::Gauge => MetricType::GAUGE,
+        });
+        family.set_metric(samples.into_iter().map(|(labels, value)| self.sample(labels, value)).collect());
+        Collected { label_names: L::NAMES, family }
+    }
+
+    fn sample(&self, labels: L, value: f64) -> Metric {
+        let values = labels.into_values();
+        debug_assert_eq!(values.len(), L::NAMES.len(), "{}: label values do not match names", self.name);
+        let pairs = L::NAMES
+            .iter()
+            .zip(values)
+            .map(|(&name, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(name.to_owned());
+                pair.set_value(value);
+                pair
+            })
+            .collect();
+        let mut metric = Metric::from_label(pairs);
+        match self.kind {
+            Kind::Counter => {
+                let mut counter = proto::Counter::default();
+                counter.set_value(value);
+                metric.set_counter(counter);
+            }
+            Kind::Gauge => {
+                let mut gauge = proto::Gauge::default();
+                gauge.set_value(value);
+                metric.set_gauge(gauge);
+            }
+        }
+        metric
+    }
+}
+
+impl Collected {
+    fn desc(&self) -> Result<Desc, MetricsError> {
+        let name = self.family.name();
+        let labels = self.label_names.iter().map(|&l| l.to_owned()).collect();
+        Desc::new(name.to_owned(), self.family.help().to_owned(), labels, HashMap::new())
+            .map_err(|source| MetricsError::Descriptor { name: name.to_owned(), source })
+    }
+}
+
+// ---- Label sets -------------------------------------------------------------
+
+/// A label set: its names, declared once, and its values in the same order.
+trait LabelSet {
+    const NAMES: &'static [&'static str];
+    fn into_values(self) -> Vec<String>;
+}
+
+struct NoLabels;
+
+impl LabelSet for NoLabels {
+    const NAMES: &'static [&'static str] = &[];
+    fn into_values(self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+struct ServiceLabels {
+    service: String,
+    vip: String,
+    port: u16,
+    protocol: String,
+}
+
+impl ServiceLabels {
+    fn of(s: &ServiceStatus) -> Self {
+        ServiceLabels { service: s.name.clone(), vip: s.vip.clone(), port: s.port, protocol: s.protocol.clone() }
+    }
+}
+
+impl LabelSet for ServiceLabels {
+    const NAMES: &'static [&'static str] = &["service", "vip", "port", "protocol"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.vip, self.port.to_string(), self.protocol]
+    }
+}
+
+struct BackendLabels {
+    service: String,
+    /// "ip:port".
+    backend: String,
+}
+
+impl BackendLabels {
+    fn of(s: &ServiceStatus, b: &BackendStatus) -> Self {
+        BackendLabels { service: s.name.clone(), backend: b.address.clone() }
+    }
+}
+
+impl LabelSet for BackendLabels {
+    const NAMES: &'static [&'static str] = &["service", "backend"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.backend]
+    }
+}
+
+struct BackendStateLabels {
+    backend: BackendLabels,
+    state: String,
+}
+
+impl LabelSet for BackendStateLabels {
+    const NAMES: &'static [&'static str] = &["service", "backend", "state"];
+    fn into_values(self) -> Vec<String> {
+        let mut values = self.backend.into_values();
+        values.push(self.state);
+        values
+    }
+}
+
+struct VerdictLabels {
+    /// `lb_common::Reason::name`.
+    reason: String,
+    /// "forward", "pass" or "drop".
+    verdict: String,
+}
+
+impl LabelSet for VerdictLabels {
+    const NAMES: &'static [&'static str] = &["reason", "verdict"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.reason, self.verdict]
+    }
+}
+
+struct InterfaceLabels {
+    interface: String,
+    /// "native" or "generic".
+    mode: String,
+}
+
+impl LabelSet for InterfaceLabels {
+    const NAMES: &'static [&'static str] = &["interface", "mode"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.interface, self.mode]
+    }
+}
+
+struct MapLabels {
+    map: String,
+}
+
+impl LabelSet for MapLabels {
+    const NAMES: &'static [&'static str] = &["map"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.map]
+    }
+}
+
+struct VersionLabels {
+    version: String,
+}
+
+impl LabelSet for VersionLabels {
+    const NAMES: &'static [&'static str] = &["version"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.version]
+    }
+}
+
+// ---- HTTP -------------------------------------------------------------------
+
+/// The request head (request line and headers) may not be longer than this.
+const MAX_HEAD: usize = 8 * 1024;
+/// The whole request head must arrive within this, so a slow client cannot
+/// hold a connection (and one of `MAX_CONNECTIONS`) for long.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Writing the response, for a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the response, read (and discard) what the client still sends, for
+/// at most this long, so closing with unread data does not send a RST that
+/// could destroy the response before the client has read it.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_MAX_BYTES: usize = 64 * 1024;
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// Pause after a failed accept (EMFILE and the like) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves `GET /metrics` (the latest snapshot published on `snapshot`) and a
+/// pointer at `GET /`, one task per connection, one request per connection.
+/// Errors on a connection are logged and never stop the server. Returns when
+/// the snapshot's sender is dropped, i.e. when the agent shuts down.
+pub async fn serve(listener: TcpListener, snapshot: watch::Receiver<Arc<Snapshot>>) -> anyhow::Result<()> {
+    serve_with(listener, snapshot, READ_TIMEOUT).await
+}
+
+/// `serve` with another read timeout, so tests need not wait 5 s.
+async fn serve_with(
+    listener: TcpListener,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    read_timeout: Duration,
+) -> anyhow::Result<()> {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut publisher = snapshot.clone();
+    loop {
+        let permit = Arc::clone(&limit).acquire_owned().await?;
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept a metrics connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = sender_dropped(&mut publisher) => {
+                debug!("snapshot sender dropped; metrics server stops");
+                return Ok(());
+            }
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match handle_connection(stream, &snapshot, read_timeout).await {
+                Ok(status) => debug!(%peer, status, "metrics request"),
+                Err(e) => debug!(%peer, error = &e as &(dyn std::error::Error + 'static), "metrics connection"),
+            }
+        });
+    }
+}
+
+async fn sender_dropped(rx: &mut watch::Receiver<Arc<Snapshot>>) {
+    while rx.changed().await.is_ok() {}
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("read the request")]
+    Read(#[source] io::Error),
+    #[error("write the response")]
+    Write(#[source] io::Error),
+    #[error("timed out writing the response")]
+    WriteTimeout,
+}
+
+/// Reads one request, answers it and closes. Returns the status sent, if any.
+async fn handle_connection(
+    mut stream: TcpStream,
+    snapshot: &watch::Receiver<Arc<Snapshot>>,
+    read_timeout: Duration,
+) -> Result<u16, ConnError> {
+    let response = match timeout(read_timeout, read_head(&mut stream)).await {
+        Err(_elapsed) => Response::text(408, "Request Timeout", "request head not received in time\n"),
+        Ok(Err(e)) => return Err(ConnError::Read(e)),
+        Ok(Ok(Head::Closed)) => return Ok(0),
+        Ok(Ok(Head::TooLarge)) => Response::text(431, "Request Header Fields Too Large", "request head over 8 KiB\n"),
+        Ok(Ok(Head::Complete(head))) => match parse_request(&head) {
+            Ok(request) => route(&request, snapshot),
+            Err(reason) => {
+                debug!(reason, "malformed metrics request");
+                Response::text(400, "Bad Request", "malformed request\n")
+            }
+        },
+    };
+    let status = response.status;
+    match timeout(WRITE_TIMEOUT, write_response(&mut stream, &response)).await {
+        Err(_elapsed) => return Err(ConnError::WriteTimeout),
+        Ok(result) => result.map_err(ConnError::Write)?,
+    }
+    // Best effort: the response is out; this only keeps it from being reset.
+    let _ = timeout(LINGER, drain(&mut stream)).await;
+    Ok(status)
+}
+
+enum Head {
+    /// Up to and including the empty line that ends it.
+    Complete(Vec<u8>),
+    TooLarge,
+    /// The client closed before sending a whole head.
+    Closed,
+}
+
+async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Head::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head_end(&buf) {
+            if end > MAX_HEAD {
+                return Ok(Head::TooLarge);
+            }
+            buf.truncate(end);
+            return Ok(Head::Complete(buf));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(Head::TooLarge);
+        }
+    }
+}
+
+/// Where the head ends: just after the first empty line. Lines end in CRLF
+/// or, leniently (RFC 9112 §2.2), a bare LF. Empty lines before the request
+/// line are skipped (same section).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let mut line_start = start;
+    for (i, &b) in buf.iter().enumerate().skip(start) {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Request<'a> {
+    method: &'a str,
+    /// Without the query string.
+    path: &'a str,
+}
+
+/// Parses a complete head. Headers are checked for form only: nothing here
+/// depends on them. The error says what was wrong, for the debug log.
+fn parse_request(head: &[u8]) -> Result<Request<'_>, &'static str> {
+    let head = head.trim_ascii_start();
+    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next().ok_or("empty request")?;
+    let request_line = std::str::from_utf8(request_line).map_err(|_| "request line is not UTF-8")?;
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("request line is not `METHOD TARGET VERSION`");
+    };
+    if method.is_empty() || !method.bytes().all(is_tchar) {
+        return Err("bad method");
+    }
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err("not HTTP/1.0 or HTTP/1.1");
+    }
+    let path = request_path(target).ok_or("bad request target")?;
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err("header line without a colon");
+        };
+        // Also rejects obsolete line folding (a line starting with a space).
+        if colon == 0 || !line[..colon].iter().copied().all(is_tchar) {
+            return Err("bad header name");
+        }
+    }
+    Ok(Request { method, path })
+}
+
+/// The path of an origin-form (`/metrics?x`) or absolute-form
+/// (`http://host/metrics`) target.
+fn request_path(target: &str) -> Option<&str> {
+    let path = if target.starts_with('/') {
+        target
+    } else {
+        let rest = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://"))?;
+        rest.find('/').map_or("/", |i| &rest[i..])
+    };
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    (!path.bytes().any(|b| b.is_ascii_control() || b == b' ')).then_some(path)
+}
+
+/// RFC 9110 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+struct Response {
+    status: u16,
+    reason: &'static str,
+    content_type: &'static str,
+    allow: Option<&'static str>,
+    body: String,
+    /// A HEAD request: headers as for GET, no body.
+    head_only: bool,
+}
+
+impl Response {
+    fn text(status: u16, reason: &'static str, body: &str) -> Self {
+        Response {
+            status,
+            reason,
+            content_type: "text/plain; charset=utf-8",
+            allow: None,
+            body: body.to_owned(),
+            head_only: false,
+        }
+    }
+}
+
+fn route(request: &Request<'_>, snapshot: &watch::Receiver<Arc<Snapshot>>) -> Response {
+    let read = matches!(request.method, "GET" | "HEAD");
+    let mut response = match request.path {
+        "/metrics" if read => {
+            let snapshot = Arc::clone(&snapshot.borrow());
+            match render(&snapshot) {
+                Ok(body) => Response { content_type: CONTENT_TYPE, body, ..Response::text(200, "OK", "") },
+                Err(e) => {
+                    warn!(error = &e as &(dyn std::error::Error + 'static), "render metrics");
+                    Response::text(500, "Internal Server Error", "rendering the metrics failed\n")
+                }
+            }
+        }
+        "/" if read => Response::text(200, "OK", "lb-agent: Prometheus metrics are at /metrics\n"),
+        "/metrics" | "/" => {
+            Response { allow: Some("GET, HEAD"), ..Response::text(405, "Method Not Allowed", "only GET and HEAD\n") }
+        }
+        _ => Response::text(404, "Not Found", "not found; metrics are at /metrics\n"),
+    };
+    response.head_only = request.method == "HEAD";
+    response
+}
+
+async fn write_response(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status,
+        response.reason,
+        response.content_type,
+        response.body.len()
+    );
+    if let Some(allow) = response.allow {
+        out.push_str(&format!("Allow: {allow}\r\n"));
+    }
+    out.push_str("\r\n");
+    if !response.head_only {
+        out.push_str(&response.body);
+    }
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn drain(stream: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while total < LINGER_MAX_BYTES {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use prometheus::Encoder as _;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::status::{AgentInfo, InterfaceStatus, MapFill, ReasonCount};
+
+    fn traffic(packets: u64) -> Traffic {
+        Traffic {
+            packets,
+            bytes: packets * 64,
+            new_flows: packets / 100,
+            reply_packets: packets * 9 / 10,
+            reply_bytes: packets * 1200,
+            closed_flows: packets / 200,
+            packets_per_second: 5.0,
+            bytes_per_second: 320.0,
+            new_flows_per_second: 0.5,
+        }
+    }
+
+    fn backend(address: &str, state: &str, weight: u32, table_share: f64, open: u64, packets: u64) -> BackendStatus {
+        BackendStatus {
+            address: address.to_owned(),
+            state: state.to_owned(),
+            weight,
+            in_table: table_share > 0.0,
+            table_share,
+            open_connections: open,
+            drain_seconds_left: None,
+            counters: traffic(packets),
+        }
+    }
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            agent: AgentInfo {
+                version: "0.1.0".to_owned(),
+                pid: 42,
+                uptime_seconds: 12.5,
+                config_path: "/etc/lb/lb.toml".to_owned(),
+                errors_total: 3,
+                interfaces: vec![InterfaceStatus { name: "eth0".to_owned(), xdp_mode: "native".to_owned() }],
+            },
+            services: vec![ServiceStatus {
+                name: "web".to_owned(),
+                vip: "10.0.0.100".to_owned(),
+                port: 80,
+                protocol: "tcp".to_owned(),
+                mode: "dnat".to_owned(),
+                interfaces: vec!["eth0".to_owned()],
+                counters: traffic(1000),
+                backends: vec![
+                    backend("10.1.0.1:8080", "active", 3, 0.75, 7, 600),
+                    backend("10.1.0.2:8080", "active", 1, 0.25, 2, 400),
+                    backend("10.1.0.3:8080", "down", 1, 0.0, 0, 0),
+                ],
+            }],
+            reasons: vec![
+                ReasonCount { reason: "forwarded".to_owned(), verdict: "forward".to_owned(), packets: 1000 },
+                ReasonCount { reason: "pass_not_ipv4".to_owned(), verdict: "pass".to_owned(), packets: 12 },
+                ReasonCount { reason: "drop_no_backend".to_owned(), verdict: "drop".to_owned(), packets: 2 },
+            ],
+            maps: vec![MapFill { name: "CONNTRACK".to_owned(), entries: 9, max_entries: 65536 }],
+            events: vec![],
+        }
+    }
+
+    /// The `# HELP` line of `name`, its `# TYPE` line and its samples.
+    fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        let help = format!("# HELP {name} ");
+        let mut lines = text.lines().skip_while(|l| !l.starts_with(&help));
+        let Some(first) = lines.next() else { panic!("no family {name} in:\n{text}") };
+        std::iter::once(first).chain(lines.take_while(|l| !l.starts_with("# HELP "))).collect()
+    }
+
+    #[test]
+    fn render_has_every_family_with_help_and_type() {
+        let text = render(&sample()).expect("render");
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split_once(' ').expect("name and type"))
+            .collect();
+        let expected = [
+            ("lb_service_packets_total", "counter"),
+            ("lb_service_bytes_total", "counter"),
+            ("lb_service_new_flows_total", "counter"),
+            ("lb_service_reply_packets_total", "counter"),
+            ("lb_service_reply_bytes_total", "counter"),
+            ("lb_backend_packets_total", "counter"),
+            ("lb_backend_bytes_total", "counter"),
+            ("lb_backend_new_flows_total", "counter"),
+            ("lb_backend_reply_packets_total", "counter"),
+            ("lb_backend_reply_bytes_total", "counter"),
+            ("lb_backend_closed_flows_total", "counter"),
+            ("lb_backend_open_connections", "gauge"),
+            ("lb_backend_weight", "gauge"),
+            ("lb_backend_up", "gauge"),
+            ("lb_backend_state", "gauge"),
+            ("lb_backend_in_table", "gauge"),
+            ("lb_backend_table_share", "gauge"),
+            ("lb_packets_total", "counter"),
+            ("lb_xdp_attached", "gauge"),
+            ("lb_map_entries", "gauge"),
+            ("lb_map_max_entries", "gauge"),
+            ("lb_agent_errors_total", "counter"),
+            ("lb_agent_uptime_seconds", "gauge"),
+            ("lb_agent_info", "gauge"),
+        ];
+        assert_eq!(types, expected);
+        for (name, kind) in expected {
+            assert_eq!(name.ends_with("_total"), kind == "counter", "{name}: counters and only counters end in _total");
+            let help = family(&text, name)[0];
+            assert!(help.len() > format!("# HELP {name} ").len() + 10, "{name} needs a real HELP text: {help}");
+        }
+    }
+
+    #[test]
+    fn render_service_counters() {
+        let text = render(&sample()).expect("render");
+        assert_eq!(
+            family(&text, "lb_service_packets_total"),
+            [
+                "# HELP lb_service_packets_total Client packets to the service's VIP and port that the XDP program forwarded to a backend.",
+                "# TYPE lb_service_packets_total counter",
+                r#"lb_service_packets_total{service="web",vip="10.0.0.100",port="80",protocol="tcp"} 1000"#,
+            ]
+        );
+        assert_eq!(
+            family(&text, "lb_service_reply_bytes_total")[2],
+            r#"lb_service_reply_bytes_total{service="web",vip="10.0.0.100",port="80",protocol="tcp"} 1200000"#
+        );
+    }
+
+    #[test]
+    fn render_backend_gauges_and_counters() {
+        let text = render(&sample()).expect("render");
+        assert_eq!(
+            family(&text, "lb_backend_open_connections")[1..],
+            [
+                "# TYPE lb_backend_open_connections gauge",
+                r#"lb_backend_open_connections{service="web",backend="10.1.0.1:8080"} 7"#,
+                r#"lb_backend_open_connections{service="web",backend="10.1.0.2:8080"} 2"#,
+                r#"lb_backend_open_connections{service="web",backend="10.1.0.3:8080"} 0"#,
+            ]
+        );
+        assert_eq!(
+            family(&text, "lb_backend_table_share")[2..],
+            [
+                r#"lb_backend_table_share{service="web",backend="10.1.0.1:8080"} 0.75"#,
+                r#"lb_backend_table_share{service="web",backend="10.1.0.2:8080"} 0.25"#,
+                r#"lb_backend_table_share{service="web",backend="10.1.0.3:8080"} 0"#,
+            ]
+        );
+        assert_eq!(
+            family(&text, "lb_backend_up")[2..],
+            [
+                r#"lb_backend_up{service="web",backend="10.1.0.1:8080"} 1"#,
+                r#"lb_backend_up{service="web",backend="10.1.0.2:8080"} 1"#,
+                r#"lb_backend_up{service="web",backend="10.1.0.3:8080"} 0"#,
+            ]
+        );
+        assert!(text.lines().any(|l| l == r#"lb_backend_closed_flows_total{service="web",backend="10.1.0.1:8080"} 3"#));
+        assert!(text.lines().any(|l| l == r#"lb_backend_in_table{service="web",backend="10.1.0.3:8080"} 0"#));
+        assert!(text.lines().any(|l| l == r#"lb_backend_weight{service="web",backend="10.1.0.1:8080"} 3"#));
+    }
+
+    #[test]
+    fn render_one_state_series_per_state() {
+        let mut snapshot = sample();
+        snapshot.services[0].backends = vec![
+            backend("10.1.0.2:8080", "draining", 1, 0.0, 2, 400),
+            backend("10.1.0.9:8080", "probing", 1, 0.0, 0, 0),
+        ];
+        let text = render(&snapshot).expect("render");
+        assert_eq!(
+            family(&text, "lb_backend_state"),
+            [
+                "# HELP lb_backend_state Backend state (active, draining or down): 1 for the backend's current state, 0 for the others.",
+                "# TYPE lb_backend_state gauge",
+                r#"lb_backend_state{service="web",backend="10.1.0.2:8080",state="active"} 0"#,
+                r#"lb_backend_state{service="web",backend="10.1.0.2:8080",state="draining"} 1"#,
+                r#"lb_backend_state{service="web",backend="10.1.0.2:8080",state="down"} 0"#,
+                // An unexpected state still shows up, next to the known ones.
+                r#"lb_backend_state{service="web",backend="10.1.0.9:8080",state="active"} 0"#,
+                r#"lb_backend_state{service="web",backend="10.1.0.9:8080",state="draining"} 0"#,
+                r#"lb_backend_state{service="web",backend="10.1.0.9:8080",state="down"} 0"#,
+                r#"lb_backend_state{service="web",backend="10.1.0.9:8080",state="probing"} 1"#,
+            ]
+        );
+        // Draining is up: it still carries its flows.
+        assert!(text.lines().any(|l| l == r#"lb_backend_up{service="web",backend="10.1.0.2:8080"} 1"#));
+    }
+
+    #[test]
+    fn render_reasons_maps_and_agent() {
+        let text = render(&sample()).expect("render");
+        assert_eq!(
+            family(&text, "lb_packets_total")[1..],
+            [
+                "# TYPE lb_packets_total counter",
+                r#"lb_packets_total{reason="forwarded",verdict="forward"} 1000"#,
+                r#"lb_packets_total{reason="pass_not_ipv4",verdict="pass"} 12"#,
+                r#"lb_packets_total{reason="drop_no_backend",verdict="drop"} 2"#,
+            ]
+        );
+        for line in [
+            r#"lb_xdp_attached{interface="eth0",mode="native"} 1"#,
+            r#"lb_map_entries{map="CONNTRACK"} 9"#,
+            r#"lb_map_max_entries{map="CONNTRACK"} 65536"#,
+            "lb_agent_errors_total 3",
+            "lb_agent_uptime_seconds 12.5",
+            r#"lb_agent_info{version="0.1.0"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in:\n{text}");
+        }
+        assert_eq!(family(&text, "lb_agent_errors_total")[1], "# TYPE lb_agent_errors_total counter");
+    }
+
+    #[test]
+    fn render_escapes_label_values() {
+        let mut snapshot = sample();
+        snapshot.services[0].name = "we\"b\\1\nx".to_owned();
+        let text = render(&snapshot).expect("render");
+        assert_eq!(
+            family(&text, "lb_service_packets_total")[2],
+            r#"lb_service_packets_total{service="we\"b\\1\nx",vip="10.0.0.100",port="80",protocol="tcp"} 1000"#
+        );
+        assert!(text.lines().any(|l| l == r#"lb_backend_weight{service="we\"b\\1\nx",backend="10.1.0.1:8080"} 3"#));
+        // Nothing but the escapes: every line is a comment or a whole sample.
+        assert!(text.lines().all(|l| l.starts_with("# ") || l.starts_with("lb_")), "{text}");
+    }
+
+    #[test]
+    fn render_empty_snapshot_leaves_out_empty_families() {
+        let text = render(&Snapshot::default()).expect("render");
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(samples, ["lb_agent_errors_total 0", "lb_agent_uptime_seconds 0", r#"lb_agent_info{version=""} 1"#]);
+    }
+
+    #[test]
+    fn collector_in_a_registry_gives_the_same_samples() {
+        let (_tx, rx) = watch::channel(Arc::new(sample()));
+        let registry = Registry::new();
+        register(&registry, rx).expect("every descriptor is valid");
+        let mut gathered = Vec::new();
+        TextEncoder::new().encode(&registry.gather(), &mut gathered).expect("encode");
+        let gathered = String::from_utf8(gathered).expect("utf-8");
+        let rendered = render(&sample()).expect("render");
+        // The registry sorts families and series; the content is the same.
+        let mut a: Vec<&str> = gathered.lines().collect();
+        let mut b: Vec<&str> = rendered.lines().collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn head_end_finds_the_empty_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nrest"), Some(24));
+        assert_eq!(head_end(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"), Some(22));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(head_end(b"\r\n"), None);
+    }
+
+    #[test]
+    fn parse_request_accepts_and_rejects() {
+        let ok = |head: &str, method, path| {
+            assert_eq!(parse_request(head.as_bytes()), Ok(Request { method, path }), "{head:?}");
+        };
+        ok("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9100\r\nAccept: */*\r\n\r\n", "GET", "/metrics");
+        ok("GET /metrics?name[]=x HTTP/1.0\r\n\r\n", "GET", "/metrics");
+        ok("HEAD http://127.0.0.1:9100/metrics HTTP/1.1\r\n\r\n", "HEAD", "/metrics");
+        ok("GET http://127.0.0.1:9100 HTTP/1.1\r\n\r\n", "GET", "/");
+        ok("\r\nPOST /x HTTP/1.1\nContent-Length: 0\n\n", "POST", "/x");
+        for bad in [
+            "hello\r\n\r\n",
+            "GET /metrics\r\n\r\n",
+            "GET  /metrics HTTP/1.1\r\n\r\n",
+            "GET /metrics HTTP/1.1 extra\r\n\r\n",
+            "GET /metrics HTTP/2.0\r\n\r\n",
+            "GET metrics HTTP/1.1\r\n\r\n",
+            "G(T /metrics HTTP/1.1\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET /met\u{1}rics HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(parse_request(bad.as_bytes()).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(parse_request(b"GET /\xff HTTP/1.1\r\n\r\n").is_err());
+    }
+
+    // ---- HTTP round trips against `serve` on 127.0.0.1:0 ----
+
+    struct Server {
+        addr: SocketAddr,
+        publisher: watch::Sender<Arc<Snapshot>>,
+        task: JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start(read_timeout: Duration) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (publisher, rx) = watch::channel(Arc::new(sample()));
+        let task = tokio::spawn(serve_with(listener, rx, read_timeout));
+        Server { addr, publisher, task }
+    }
+
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Sends `request` as is and reads until the server closes.
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> Reply {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request).await.expect("send");
+        let mut raw = Vec::new();
+        timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+            .await
+            .expect("server answers and closes in time")
+            .expect("read");
+        let raw = String::from_utf8(raw).expect("utf-8 reply");
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {raw:?}"));
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().expect("status line");
+        let status = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let headers = lines
+            .map(|l| l.split_once(": ").unwrap_or_else(|| panic!("bad header {l:?}")))
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
+        Reply { status, headers, body: body.to_owned() }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> Reply {
+        exchange(addr, format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await
+    }
+
+    #[tokio::test]
+    async fn http_get_metrics() {
+        let server = start(READ_TIMEOUT).await;
+        let reply = get(server.addr, "/metrics").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("Content-Type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+        assert_eq!(reply.header("Content-Length"), Some(reply.body.len().to_string().as_str()));
+        assert_eq!(reply.header("Connection"), Some("close"));
+        assert_eq!(reply.body, render(&sample()).expect("render"));
+
+        let head = exchange(server.addr, b"HEAD /metrics HTTP/1.0\r\n\r\n").await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.header("Content-Length"), reply.header("Content-Length"));
+        assert_eq!(head.body, "");
+    }
+
+    #[tokio::test]
+    async fn http_serves_the_latest_snapshot() {
+        let server = start(READ_TIMEOUT).await;
+        let mut next = sample();
+        next.agent.errors_total = 99;
+        server.publisher.send(Arc::new(next)).expect("server holds a receiver");
+        let reply = get(server.addr, "/metrics").await;
+        assert!(reply.body.lines().any(|l| l == "lb_agent_errors_total 99"), "{}", reply.body);
+    }
+
+    #[tokio::test]
+    async fn http_root_points_at_metrics() {
+        let server = start(READ_TIMEOUT).await;
+        let reply = get(server.addr, "/").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body, "lb-agent: Prometheus metrics are at /metrics\n");
+    }
+
+    #[tokio::test]
+    async fn http_errors() {
+        let server = start(READ_TIMEOUT).await;
+        assert_eq!(get(server.addr, "/nope").await.status, 404);
+        assert_eq!(get(server.addr, "/metrics/").await.status, 404);
+
+        let post = exchange(server.addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nx=1").await;
+        assert_eq!(post.status, 405);
+        assert_eq!(post.header("Allow"), Some("GET, HEAD"));
+        assert_eq!(exchange(server.addr, b"DELETE / HTTP/1.1\r\n\r\n").await.status, 405);
+
+        assert_eq!(exchange(server.addr, b"hello\r\n\r\n").await.status, 400);
+        assert_eq!(exchange(server.addr, b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n").await.status, 400);
+        assert_eq!(exchange(server.addr, b"\x00\x01\x02\xff\xfe\n\n").await.status, 400);
+
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 2 * MAX_HEAD));
+        huge.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(exchange(server.addr, &huge).await.status, 431);
+
+        // None of that stopped the server.
+        assert_eq!(get(server.addr, "/metrics").await.status, 200);
+        assert!(!server.task.is_finished());
+    }
+
+    #[tokio::test]
+    async fn http_slow_client_times_out() {
+        let server = start(Duration::from_millis(200)).await;
+        // Half a request line, then nothing: the server gives up and says so.
+        let reply = exchange(server.addr, b"GET /met").await;
+        assert_eq!(reply.status, 408);
+        // A client that connects and closes without a word gets nothing.
+        drop(TcpStream::connect(server.addr).await.expect("connect"));
+        assert_eq!(get(server.addr, "/").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn serve_returns_when_the_sender_is_dropped() {
+        let Server { addr, publisher, task } = start(READ_TIMEOUT).await;
+        assert_eq!(get(addr, "/").await.status, 200);
+        drop(publisher);
+        let result = timeout(Duration::from_secs(5), task).await.expect("serve returns").expect("no panic");
+        result.expect("serve returns Ok");
+    }
+}
