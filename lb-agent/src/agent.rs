@@ -43,6 +43,11 @@ pub struct Options {
     pub config: PathBuf,
     pub api_socket: PathBuf,
     pub metrics_address: Option<SocketAddr>,
+    /// Where maps and links are pinned; `None` pins nothing.
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGINT/SIGTERM, leave the pinned data plane running for the next
+    /// agent to adopt, instead of removing it.
+    pub keep_on_exit: bool,
 }
 
 struct ProbeResult {
@@ -70,6 +75,8 @@ pub struct Agent {
     probe_rx: mpsc::Receiver<ProbeResult>,
     snapshots: SnapshotBuilder,
     published: watch::Sender<Arc<Snapshot>>,
+    /// `lb-agent stop` asked for a shutdown that removes everything.
+    stop_requested: bool,
 }
 
 impl Agent {
@@ -78,11 +85,19 @@ impl Agent {
     pub fn start(options: Options) -> anyhow::Result<Agent> {
         let config = Config::load(&options.config)?;
         check_interfaces(&config)?;
-        let dataplane = AyaDataplane::load()?;
+        let dataplane = AyaDataplane::load(options.pin_dir.as_deref())?;
+        let reconciler = if dataplane.adopted() {
+            let state = dataplane.read_pinned_state().context("read the pinned maps back")?;
+            info!(services = state.services.len(), backends = state.backends.len(), "adopting pinned state");
+            Reconciler::adopt(state)
+        } else {
+            Reconciler::default()
+        };
         let (probe_tx, probe_rx) = mpsc::channel(256);
+        let adopted = dataplane.adopted();
         let mut agent = Agent {
             dataplane,
-            reconciler: Reconciler::default(),
+            reconciler,
             registry: Registry::default(),
             config: Config { services: vec![] },
             snapshots: SnapshotBuilder::new(options.config.display().to_string()),
@@ -93,12 +108,18 @@ impl Agent {
             probe_tx,
             probe_rx,
             published: watch::Sender::new(Arc::new(Snapshot::default())),
+            stop_requested: false,
         };
         let summary = agent.switch_to(config)?;
+        for stale in agent.dataplane.stale_link_pins() {
+            info!(pin = %stale.display(), "removing the pinned link of an interface no longer configured");
+            std::fs::remove_file(&stale).with_context(|| format!("unpin {}", stale.display()))?;
+        }
         agent.event(format!(
-            "started: {} service(s), {} backend(s)",
+            "{}: {} service(s), {} table(s) written",
+            if adopted { "restarted, adopted the running data plane" } else { "started" },
             agent.config.services.len(),
-            summary.backends_added
+            summary.tables_rebuilt
         ));
         Ok(agent)
     }
@@ -230,6 +251,10 @@ impl Agent {
         let now = tokio::time::Instant::now();
         let change = match &request {
             Request::Status => return Response::status(self.build_snapshot()),
+            Request::Stop => {
+                self.stop_requested = true;
+                return Response::ok("stopping: detaching and removing pinned state");
+            }
             Request::Reload => {
                 return match self.reload("api") {
                     Ok(m) => Response::ok(m),
@@ -375,12 +400,14 @@ impl Agent {
                 _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
                 _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
                 _ = sighup.recv() => { mtime = modified(&self.options.config); let _ = self.reload("SIGHUP"); }
-                Some((request, reply)) = calls.recv() => { let _ = reply.send(self.handle_call(request)); }
+                Some((request, reply)) = calls.recv() => {
+                    let _ = reply.send(self.handle_call(request));
+                    if self.stop_requested { info!("stop requested"); break; }
+                }
                 Some(result) = self.probe_rx.recv() => self.handle_probe(result),
                 _ = tick.tick() => self.tick(&mut mtime),
             }
         }
-        api_task.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -390,8 +417,18 @@ impl Agent {
         if let Err(e) = std::fs::remove_file(&self.options.api_socket) {
             warn!(error = %e, "could not remove the control socket");
         }
-        self.dataplane.detach_all();
-        info!("detached; maps released");
+        if self.options.keep_on_exit && !self.stop_requested && self.options.pin_dir.is_some() {
+            self.dataplane.keep_on_drop();
+            info!("left the pinned data plane running for the next agent (--keep-on-exit)");
+        } else {
+            self.dataplane.remove_all();
+            info!("detached; maps released");
+        }
+        if self.stop_requested {
+            // Let the connection that asked read its answer.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        api_task.abort();
         Ok(())
     }
 
@@ -425,6 +462,16 @@ fn interfaces(config: &Config) -> BTreeSet<String> {
     config.services.iter().flat_map(|s| s.interfaces.iter().cloned()).collect()
 }
 
+/// The interface's index in this process's network namespace. (Not
+/// /sys/class/net: sysfs shows the namespace it was mounted in, which under
+/// `nsenter --net` is not ours.)
+fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
 /// Every named interface must exist before anything is loaded or attached.
 fn check_interfaces(config: &Config) -> anyhow::Result<()> {
     let missing: Vec<String> = config
@@ -432,7 +479,7 @@ fn check_interfaces(config: &Config) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
-        .filter(|(_, _, _, ifname)| !Path::new("/sys/class/net").join(ifname).exists())
+        .filter(|(_, _, _, ifname)| if_index(ifname).is_none())
         .map(|(i, s, j, ifname)| {
             format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
         })

@@ -7,6 +7,7 @@
 //! {"op":"remove_backend","service":"web","address":"10.0.1.5:8080"}
 //! {"op":"set_weight","service":"web","address":"10.0.1.5:8080","weight":3}
 //! {"op":"reload"}
+//! {"op":"stop"}
 //! ```
 //! A request that does not parse, names an unknown service or backend, or
 //! carries a bad value is refused whole with a message, and changes nothing.
@@ -56,6 +57,8 @@ pub enum Request {
         weight: u32,
     },
     Reload,
+    /// Shut down for good: detach and remove pinned state.
+    Stop,
 }
 
 fn one() -> u32 {
@@ -127,9 +130,13 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     };
     let (has_service, has_address, has_weight) = (raw.service.is_some(), raw.address.is_some(), raw.weight.is_some());
     match op {
-        "status" | "reload" => {
+        "status" | "reload" | "stop" => {
             unused(&[("service", has_service), ("address", has_address), ("weight", has_weight)])?;
-            Ok(if op == "status" { Request::Status } else { Request::Reload })
+            Ok(match op {
+                "status" => Request::Status,
+                "reload" => Request::Reload,
+                _ => Request::Stop,
+            })
         }
         "add_backend" => Ok(Request::AddBackend { service: service()?, address: address()?, weight: weight(Some(1))? }),
         "remove_backend" => {
@@ -138,7 +145,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         }
         "set_weight" => Ok(Request::SetWeight { service: service()?, address: address()?, weight: weight(None)? }),
         other => Err(format!(
-            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, reload"
+            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, reload, stop"
         )),
     }
 }

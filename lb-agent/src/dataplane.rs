@@ -1,22 +1,30 @@
 //! The real data plane: the lb-ebpf object loaded with aya, attached to
 //! interfaces, and its maps held open for writes and counter reads.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
     util::nr_cpus,
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, CONNTRACK,
-    DIR_FORWARD, MAGLEV, PROG_LB, PROTO_UDP, REASON_STATS, SERVICES, SERVICE_STATS,
+    maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, ABI_VERSION, BACKENDS, BACKEND_STATS,
+    CONNTRACK, DIR_FORWARD, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROG_LB, PROTO_UDP, REASON_STATS, SERVICES,
+    SERVICE_STATS,
 };
 use tracing::{info, warn};
 
-use crate::reconcile::{Dataplane, DataplaneError};
+use crate::reconcile::{Dataplane, DataplaneError, PinnedState};
 
 /// How the program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +54,26 @@ pub struct AyaDataplane {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
-    links: BTreeMap<String, (XdpLinkId, AttachMode)>,
+    links: BTreeMap<String, Attached>,
+    /// `<pin dir>/v<ABI_VERSION>` when maps and links are pinned.
+    pins: Option<PathBuf>,
+    /// The maps came from a previous agent's pins.
+    adopted: bool,
+    /// Set by `keep_on_drop`.
+    keep: bool,
     ebpf: Ebpf,
 }
+
+/// Our XDP attachment to one interface: a bpf_link, pinned when pinning is on.
+struct Attached {
+    link: FdLink,
+    mode: AttachMode,
+    pin: Option<PathBuf>,
+}
+
+/// Maps kept in bpffs across agent restarts (all of them but the benchmark's).
+const PINNED_MAPS: [&str; 7] = [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS];
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn map_err<E: std::error::Error + Send + Sync + 'static>(
     map: &'static str,
@@ -58,9 +83,19 @@ fn map_err<E: std::error::Error + Send + Sync + 'static>(
 }
 
 impl AyaDataplane {
-    /// Load the object and open its maps. Nothing is attached yet.
-    pub fn load() -> anyhow::Result<Self> {
-        let mut ebpf = Ebpf::load(crate::ebpf::object()).context("load the lb-ebpf object")?;
+    /// Load the object and open its maps. Nothing is attached yet. With a
+    /// pin directory, maps a previous agent pinned there are adopted (flows,
+    /// tables and counters carry on) and new ones are pinned.
+    pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let pins = pin_dir.map(prepare_pin_dir).transpose()?;
+        let adopted = pins.as_ref().is_some_and(|p| p.join("maps").join(SERVICES).exists());
+        let mut loader = EbpfLoader::new();
+        if let Some(p) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, p.join("maps").join(name));
+            }
+        }
+        let mut ebpf = loader.load(crate::ebpf::object()).context("load the lb-ebpf object")?;
         let program: &mut Xdp = ebpf
             .program_mut(PROG_LB)
             .ok_or_else(|| anyhow!("program {PROG_LB} missing from the object"))?
@@ -76,20 +111,69 @@ impl AyaDataplane {
             backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
             reason_stats: PerCpuArray::try_from(take(REASON_STATS)?)?,
             links: BTreeMap::new(),
+            pins,
+            adopted,
+            keep: false,
             ebpf,
         })
+    }
+
+    /// Whether the maps were adopted from a previous agent's pins.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Read back what the adopted maps hold, to pick up where the previous
+    /// agent left off (same ids, same tables).
+    pub fn read_pinned_state(&self) -> anyhow::Result<PinnedState> {
+        let services: Vec<(ServiceKey, Service)> = self.services.iter().collect::<Result<_, _>>()?;
+        let mut backends = Vec::new();
+        for id in 1..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0)?;
+            if b.flags != 0 {
+                backends.push((id, b));
+            }
+        }
+        let mut tables = BTreeMap::new();
+        for (_, svc) in &services {
+            let mut halves = [Vec::new(), Vec::new()];
+            for (half, out) in halves.iter_mut().enumerate() {
+                *out = (0..MAGLEV_TABLE_SIZE)
+                    .map(|slot| self.maglev.get(&maglev_index(svc.id, half as u32, slot), 0))
+                    .collect::<Result<_, _>>()?;
+            }
+            tables.insert(svc.id, halves);
+        }
+        Ok(PinnedState { services, backends, tables })
     }
 
     fn program(&mut self) -> anyhow::Result<&mut Xdp> {
         Ok(self.ebpf.program_mut(PROG_LB).ok_or_else(|| anyhow!("program {PROG_LB} missing"))?.try_into()?)
     }
 
+    fn link_pin(&self, iface: &str, mode: AttachMode) -> Option<PathBuf> {
+        self.pins.as_ref().map(|p| p.join("links").join(link_pin_name(iface, mode)))
+    }
+
     /// Attach to `iface`: native XDP where the driver has it, generic
-    /// otherwise. Never replaces a program someone else attached: the kernel
-    /// refuses a second XDP program (EBUSY), and we report that.
+    /// otherwise. A link a previous agent pinned for it is taken over and
+    /// switched to this program atomically (bpf_link_update), so traffic
+    /// never sees an interface without the program. Never replaces a program
+    /// someone else attached: the kernel refuses a second one (EBUSY).
     pub fn attach(&mut self, iface: &str) -> anyhow::Result<AttachMode> {
-        if let Some((_, mode)) = self.links.get(iface) {
-            return Ok(*mode);
+        if let Some(a) = self.links.get(iface) {
+            return Ok(a.mode);
+        }
+        for mode in [AttachMode::Driver, AttachMode::Generic] {
+            let Some(pin) = self.link_pin(iface, mode).filter(|p| p.exists()) else { continue };
+            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("open pinned link {}", pin.display()))?;
+            let xdp_link = XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not an XDP link")?;
+            let program = self.program()?;
+            let id = program.attach_to_link(xdp_link).with_context(|| format!("take over the XDP link on {iface}"))?;
+            let link = FdLink::try_from(program.take_link(id)?)?;
+            info!(interface = iface, mode = %mode, "adopted pinned XDP link");
+            self.links.insert(iface.to_owned(), Attached { link, mode, pin: Some(pin) });
+            return Ok(mode);
         }
         let program = self.program()?;
         let (id, mode) = match program.attach(iface, XdpMode::Driver) {
@@ -104,29 +188,62 @@ impl AyaDataplane {
                 (id, AttachMode::Generic)
             }
         };
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the kernel attached XDP without a bpf_link (kernel older than 5.9?)")?;
+        let (link, pin) = match self.link_pin(iface, mode) {
+            Some(path) => {
+                let pinned = link.pin(&path).with_context(|| format!("pin the XDP link at {}", path.display()))?;
+                (FdLink::from(pinned), Some(path))
+            }
+            None => (link, None),
+        };
         info!(interface = iface, mode = %mode, "attached");
-        self.links.insert(iface.to_owned(), (id, mode));
+        self.links.insert(iface.to_owned(), Attached { link, mode, pin });
         Ok(mode)
     }
 
+    /// Detach from `iface`: close our link and remove its pin.
     pub fn detach(&mut self, iface: &str) -> anyhow::Result<()> {
-        let Some((id, _)) = self.links.remove(iface) else { return Ok(()) };
-        self.program()?.detach(id).with_context(|| format!("detach XDP from {iface}"))?;
+        let Some(a) = self.links.remove(iface) else { return Ok(()) };
+        if let Some(pin) = &a.pin {
+            std::fs::remove_file(pin).with_context(|| format!("unpin {}", pin.display()))?;
+        }
+        drop(a.link);
         info!(interface = iface, "detached");
         Ok(())
     }
 
-    /// Interfaces we are attached to, with their mode.
-    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode)> {
-        self.links.iter().map(|(k, (_, m))| (k.as_str(), *m))
+    /// Pinned links of interfaces this agent has not (yet) attached to.
+    pub fn stale_link_pins(&self) -> Vec<PathBuf> {
+        let Some(dir) = self.pins.as_ref().map(|p| p.join("links")) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| !self.links.values().any(|a| a.pin.as_deref() == Some(p.as_path())))
+            .collect()
     }
 
-    /// Detach from every interface (also done on drop).
-    pub fn detach_all(&mut self) {
+    /// Interfaces we are attached to, with their mode.
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode)> {
+        self.links.iter().map(|(k, a)| (k.as_str(), a.mode))
+    }
+
+    /// Detach from every interface and remove every pin: the data plane is
+    /// gone. (Dropping without this leaves pinned state serving traffic.)
+    pub fn remove_all(&mut self) {
         let ifaces: Vec<String> = self.links.keys().cloned().collect();
         for iface in ifaces {
             if let Err(e) = self.detach(&iface) {
                 warn!(error = %e, interface = iface, "detach failed");
+            }
+        }
+        if let Some(p) = self.pins.take() {
+            for stale in std::fs::read_dir(p.join("links")).into_iter().flatten().filter_map(Result::ok) {
+                let _ = std::fs::remove_file(stale.path());
+            }
+            if let Err(e) = remove_pins(&p) {
+                warn!(error = format!("{e:#}"), "removing pinned maps failed");
             }
         }
     }
@@ -261,7 +378,148 @@ impl Dataplane for AyaDataplane {
 }
 
 impl Drop for AyaDataplane {
+    /// A fresh data plane that is dropped (start-up failed) leaves nothing
+    /// behind. Adopted state is left serving: a failed restart must not take
+    /// down what the previous agent set up. Normal shutdown calls
+    /// `remove_all` or, to hand over to the next agent, nothing.
     fn drop(&mut self) {
-        self.detach_all();
+        if !self.adopted && self.pins.is_some() && !self.keep {
+            self.remove_all();
+        }
+    }
+}
+
+impl AyaDataplane {
+    /// Leave pins in place on drop, for the next agent to adopt.
+    pub fn keep_on_drop(&mut self) {
+        self.keep = true;
+    }
+}
+
+/// The pin file name of an interface's link: `<mode>-<interface>`, with
+/// every byte outside [A-Za-z0-9-] written as `_XX`, because bpffs refuses
+/// names with a dot (and interface names such as `eth0.100` have them).
+fn link_pin_name(iface: &str, mode: AttachMode) -> String {
+    let mut name = format!("{mode}-");
+    for b in iface.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            name.push(b as char);
+        } else {
+            name.push_str(&format!("_{b:02x}"));
+        }
+    }
+    name
+}
+
+/// Create `<dir>/v<ABI>` (mounting bpffs on `dir`'s parent if it is not on
+/// one) and refuse state of another ABI version.
+fn prepare_pin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    if dir.file_name().is_some_and(|n| n.as_encoded_bytes().contains(&b'.')) {
+        bail!("pin directory {}: bpffs does not allow a dot in a name", dir.display());
+    }
+    let mount_point = dir.parent().ok_or_else(|| anyhow!("pin directory {} has no parent", dir.display()))?;
+    std::fs::create_dir_all(mount_point).with_context(|| format!("create {}", mount_point.display()))?;
+    if fs_magic(mount_point)? != BPF_FS_MAGIC {
+        mount_bpffs(mount_point)?;
+        info!(path = %mount_point.display(), "mounted a bpf filesystem");
+    }
+    if !same_mount_namespace_as_init() {
+        warn!("running in a private mount namespace: pins will not outlive it (use nsenter --net, not ip netns exec, for restarts to be hitless)");
+    }
+    let versioned = dir.join(format!("v{ABI_VERSION}"));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if e.path() != versioned {
+                bail!(
+                    "{} holds pinned state of another lb-agent version ({}); remove it with `lb-agent stop --pin-dir {}`",
+                    dir.display(),
+                    e.file_name().to_string_lossy(),
+                    dir.display()
+                );
+            }
+        }
+    }
+    for sub in ["maps", "links"] {
+        std::fs::create_dir_all(versioned.join(sub)).with_context(|| format!("create {}", versioned.display()))?;
+    }
+    Ok(versioned)
+}
+
+/// Remove pinned maps and the directories under the pin dir.
+pub fn remove_pins(versioned: &Path) -> anyhow::Result<()> {
+    for name in PINNED_MAPS {
+        let p = versioned.join("maps").join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("unpin {}", p.display()))?;
+        }
+    }
+    for sub in ["maps", "links", ""] {
+        let d = versioned.join(sub);
+        if d.exists() {
+            std::fs::remove_dir(&d).with_context(|| format!("remove {}", d.display()))?;
+        }
+    }
+    if let Some(parent) = versioned.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// Everything a stopped agent left pinned under `dir` (all versions): links
+/// first, which detaches the program, then maps.
+pub fn remove_pinned_dir(dir: &Path) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    let Ok(versions) = std::fs::read_dir(dir) else { return Ok(0) };
+    for v in versions.filter_map(Result::ok) {
+        for sub in ["links", "maps"] {
+            for e in std::fs::read_dir(v.path().join(sub)).into_iter().flatten().filter_map(Result::ok) {
+                std::fs::remove_file(e.path()).with_context(|| format!("unpin {}", e.path().display()))?;
+                removed += 1;
+            }
+            let _ = std::fs::remove_dir(v.path().join(sub));
+        }
+        let _ = std::fs::remove_dir(v.path());
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
+
+fn fs_magic(path: &Path) -> anyhow::Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64)
+}
+
+fn mount_bpffs(at: &Path) -> anyhow::Result<()> {
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())?;
+    // SAFETY: NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("mount bpffs on {}", at.display()));
+    }
+    Ok(())
+}
+
+fn same_mount_namespace_as_init() -> bool {
+    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_have_no_dots_and_stay_distinct() {
+        assert_eq!(link_pin_name("eth0", AttachMode::Driver), "native-eth0");
+        assert_eq!(link_pin_name("eth0.100", AttachMode::Generic), "generic-eth0_2e100");
+        assert_ne!(link_pin_name("a_2e", AttachMode::Driver), link_pin_name("a.", AttachMode::Driver));
+        assert!(!link_pin_name("a.b.c", AttachMode::Driver).contains('.'));
     }
 }

@@ -11,7 +11,10 @@ use lb_agent::{
     agent::{Agent, Options},
     api::{self, Request, DEFAULT_SOCKET},
     config::Config,
+    dataplane::remove_pinned_dir,
 };
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";
 use tracing_subscriber::EnvFilter;
 
 /// An XDP layer-4 load balancer: the kernel forwards, this agent keeps the
@@ -42,6 +45,27 @@ enum Command {
         /// Where to serve Prometheus metrics (`/metrics`); "off" to disable.
         #[arg(long, default_value = "127.0.0.1:9641", value_parser = parse_metrics_address)]
         metrics_address: MetricsAddress,
+        /// bpffs directory for pinned maps and links (mounted if needed). A
+        /// restarted agent adopts what it finds there: flows, tables and
+        /// counters carry on, and traffic never stops.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Pin nothing: the data plane lives and dies with this process.
+        #[arg(long, conflicts_with = "keep_on_exit")]
+        no_pin: bool,
+        /// On SIGINT/SIGTERM, leave the data plane running for the next agent
+        /// (an upgrade or restart). Without it, exiting detaches and removes
+        /// everything; a crash or SIGKILL always leaves it running.
+        #[arg(long)]
+        keep_on_exit: bool,
+    },
+    /// Stop the running agent for good: detach and remove pinned state. With
+    /// no agent running, removes what a killed agent left pinned.
+    Stop {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Validate a config file and print what it describes; changes nothing.
     Check {
@@ -106,13 +130,15 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, api_socket, metrics_address } => {
+        Command::Run { config, api_socket, metrics_address, pin_dir, no_pin, keep_on_exit } => {
             let metrics_address = match metrics_address {
                 MetricsAddress::Off => None,
                 MetricsAddress::On(a) => Some(a),
             };
-            run(Options { config, api_socket, metrics_address })
+            let pin_dir = (!no_pin).then_some(pin_dir);
+            run(Options { config, api_socket, metrics_address, pin_dir, keep_on_exit })
         }
+        Command::Stop { api_socket, pin_dir } => stop(api_socket, pin_dir),
         Command::Check { config } => check(config),
         Command::Status { json, api_socket } => status(api_socket, json),
         Command::Backend { change, api_socket } => backend(api_socket, change),
@@ -137,6 +163,22 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
         agent.run().await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn stop(socket: PathBuf, pin_dir: PathBuf) -> anyhow::Result<ExitCode> {
+    match runtime()?.block_on(api::call(&socket, &Request::Stop)) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(r) => anyhow::bail!("the agent refused: {}", r.error.unwrap_or_default()),
+        Err(e) => {
+            // No agent: clean up what a killed one left behind.
+            let removed = remove_pinned_dir(&pin_dir)?;
+            println!("{e:#}; removed {removed} pinned object(s) under {}", pin_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn check(path: PathBuf) -> anyhow::Result<ExitCode> {

@@ -59,8 +59,11 @@ const TRUE: f64 = 1.0;
 /// so an alert can select `state="down"` even while no backend is down.
 const BACKEND_STATES: [&str; 3] = ["active", "draining", "down"];
 
+/// A counter family and the `Traffic` field it exports.
+type TrafficFamily<L> = (Family<L>, fn(&Traffic) -> u64);
+
 /// A service's kernel counters, one family per `Traffic` field.
-const SERVICE_TRAFFIC: [(Family<ServiceLabels>, fn(&Traffic) -> u64); 5] = [
+const SERVICE_TRAFFIC: [TrafficFamily<ServiceLabels>; 5] = [
     (
         Family::counter(
             "lb_service_packets_total",
@@ -96,7 +99,7 @@ const SERVICE_TRAFFIC: [(Family<ServiceLabels>, fn(&Traffic) -> u64); 5] = [
 ];
 
 /// A backend's kernel counters, one family per `Traffic` field.
-const BACKEND_TRAFFIC: [(Family<BackendLabels>, fn(&Traffic) -> u64); 6] = [
+const BACKEND_TRAFFIC: [TrafficFamily<BackendLabels>; 6] = [
     (Family::counter("lb_backend_packets_total", "Client packets the XDP program forwarded to the backend."), |t| {
         t.packets
     }),

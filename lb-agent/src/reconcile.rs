@@ -84,6 +84,15 @@ impl ServiceState {
     }
 }
 
+/// What a previous agent left in the (pinned) maps.
+#[derive(Clone, Debug, Default)]
+pub struct PinnedState {
+    pub services: Vec<(ServiceKey, Service)>,
+    pub backends: Vec<(u32, Backend)>,
+    /// Both tables of every service, by service id.
+    pub tables: BTreeMap<u32, [Vec<u32>; 2]>,
+}
+
 #[derive(Debug, Default)]
 pub struct Reconciler {
     services: BTreeMap<ServiceKey, ServiceState>,
@@ -93,6 +102,38 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// Pick up where a previous agent left off: same service and backend
+    /// ids, same tables. The next `apply` then moves only what the config
+    /// changes, starting from the live tables.
+    pub fn adopt(state: PinnedState) -> Reconciler {
+        let mut r = Reconciler::default();
+        let key_of: BTreeMap<u32, ServiceKey> = state.services.iter().map(|(k, s)| (s.id, *k)).collect();
+        let addr_of: BTreeMap<u32, SocketAddrV4> = state
+            .backends
+            .iter()
+            .map(|(id, b)| (*id, SocketAddrV4::new(u32::from_be(b.ip_be).into(), u16::from_be(b.port_be))))
+            .collect();
+        for (id, b) in &state.backends {
+            if let (Some(key), Some(addr)) = (key_of.get(&b.service_id), addr_of.get(id)) {
+                r.backend_ids.insert((*key, *addr), *id);
+            }
+        }
+        for (key, svc) in state.services {
+            let empty = || vec![0; MAGLEV_TABLE_SIZE as usize];
+            let halves = state.tables.get(&svc.id).cloned().unwrap_or_else(|| [empty(), empty()]);
+            let table = svc.table & 1;
+            // Weights are not in the maps; the first apply rebuilds from the
+            // live table, which keeps every slot whose owner stays.
+            let live: BTreeSet<u32> = halves[table as usize].iter().copied().filter(|id| *id != 0).collect();
+            let backends = live
+                .iter()
+                .filter_map(|id| Some(MaglevBackend { id: *id, addr: *addr_of.get(id)?, weight: 0 }))
+                .collect();
+            r.services.insert(key, ServiceState { id: svc.id, name: String::new(), table, halves, backends });
+        }
+        r
+    }
+
     pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceState)> {
         self.services.iter()
     }
@@ -345,6 +386,34 @@ mod tests {
         assert_eq!(svc.backend_count, 1);
         assert!(dp.table(svc.id, svc.table).iter().all(|id| *id == 1));
         assert_eq!(r.backend_id(&d[0].config.key(), "10.1.0.2:80".parse().unwrap()), Some(2));
+    }
+
+    #[test]
+    fn adopting_pinned_state_keeps_ids_and_moves_nothing_for_the_same_config() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let d = config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1)]);
+        r.apply(&d, &mut dp).unwrap();
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
+        r.apply(&d, &mut dp).unwrap();
+        // A new agent reads the maps back.
+        let state = PinnedState {
+            services: dp.services.iter().map(|(k, s)| (*k, *s)).collect(),
+            backends: dp.backends.iter().filter(|(_, b)| b.flags != 0).map(|(id, b)| (*id, *b)).collect(),
+            tables: dp.services.values().map(|s| (s.id, [dp.table(s.id, 0), dp.table(s.id, 1)])).collect(),
+        };
+        let before = dp.services.values().next().copied().unwrap();
+        let live_before = dp.table(before.id, before.table);
+        let mut adopted = Reconciler::adopt(state);
+        for (addr, id) in [("10.1.0.1:80", 1), ("10.1.0.3:80", 3), ("10.1.0.2:80", 4)] {
+            assert_eq!(adopted.backend_id(&d[0].config.key(), addr.parse().unwrap()), Some(id), "{addr}");
+        }
+        dp.log.clear();
+        adopted.apply(&d, &mut dp).unwrap();
+        // No backend entry rewritten; the flip carries the same table.
+        assert!(dp.log.iter().all(|w| w.kind() != "backend"), "{:?}", dp.log);
+        let after = dp.services.values().next().copied().unwrap();
+        assert_eq!(dp.table(after.id, after.table), live_before);
     }
 
     #[test]

@@ -9,3 +9,4 @@ pub mod netns;
 pub mod packet;
 pub mod root;
 pub mod testrun;
+pub mod topology;

@@ -1,0 +1,390 @@
+//! End to end through real namespaces: client ns ⇄ LB ns (lb-agent + XDP) ⇄
+//! backend namespaces, with real TCP and UDP sockets on both ends.
+//!
+//! Needs root and a built agent: `cargo build --release -p lb-agent && cargo
+//! test -p lb-tests --release --test e2e_netns -- --test-threads=1`
+//! (`cargo xtask test` does both). Each test builds its own topology and the
+//! guards remove it again, also when the test fails.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    net::{SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    root::skip_without_root,
+    topology::{ns_exec_status, tcp_request, udp_request, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
+};
+
+macro_rules! require_root {
+    ($name:literal) => {
+        if skip_without_root($name) {
+            return;
+        }
+    };
+}
+
+fn names(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("web-{i}")).collect()
+}
+
+fn options(n: usize) -> Options {
+    Options::with_backends(&names(n))
+}
+
+/// `n` sequential TCP connections to the VIP from the client namespace;
+/// every one must be greeted by a backend. Returns connections per backend.
+fn connect_many(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+    let vip = topo.vip_tcp();
+    topo.client.run(move || {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            match tcp_request(vip) {
+                Ok((backend, _)) => *counts.entry(backend).or_insert(0) += 1,
+                Err(e) => panic!("connection {i} of {n} to {vip} failed: {e} (so far {counts:?})"),
+            }
+        }
+        counts
+    })
+}
+
+fn print_shares(what: &str, counts: &BTreeMap<String, usize>) {
+    let total: usize = counts.values().sum();
+    let shares: Vec<String> =
+        counts.iter().map(|(b, c)| format!("{b} {c} ({:.1}%)", 100.0 * *c as f64 / total as f64)).collect();
+    println!("{what}: {total} connections: {}", shares.join(", "));
+}
+
+/// Every backend's share is within 25% of an even split.
+fn assert_even(counts: &BTreeMap<String, usize>, backends: &[String]) {
+    let total: usize = counts.values().sum();
+    let even = total as f64 / backends.len() as f64;
+    for b in backends {
+        let got = counts.get(b).copied().unwrap_or(0) as f64;
+        assert!(
+            (got - even).abs() <= 0.25 * even,
+            "backend {b} got {got} of {total}, even would be {even:.0}: {counts:?}"
+        );
+    }
+    assert!(counts.keys().all(|k| backends.contains(k)), "unexpected backend in {counts:?}");
+}
+
+/// Stop the agent and check that it exited cleanly and left no XDP program.
+fn stop_and_check_detached(topo: &Topology, mut agent: lb_tests::topology::Agent) {
+    let status = agent.stop().expect("agent exit status");
+    assert!(status.success(), "lb-agent exited with {status} on SIGTERM; log:\n{}", agent.log());
+    let left = topo.lb_xdp_attachments();
+    assert!(left.is_empty(), "XDP still attached after the agent stopped: {left:?}\n{}", topo.lb_links());
+}
+
+fn spread_test(label: &str, opts: Options, n: usize) {
+    let topo = Topology::build(opts);
+    topo.write_config_all();
+    let agent = topo.start_agent();
+    let modes = agent.modes();
+    println!("{label}: XDP modes reported by the agent: {modes:?}; iproute2 says {:?}", topo.lb_xdp_attachments());
+    assert_eq!(modes.len(), topo.lb_interfaces().len(), "one attach per interface; log:\n{}", agent.log());
+    assert_modes_agree(&modes, &topo.lb_xdp_attachments());
+
+    let started = Instant::now();
+    let counts = connect_many(&topo, n);
+    print_shares(label, &counts);
+    println!("{label}: {n} connections took {:?}", started.elapsed());
+    assert_even(&counts, &topo.options.backends);
+    assert_no_csum_errors(&topo);
+    stop_and_check_detached(&topo, agent);
+}
+
+/// The agent's `mode=native|generic` matches what iproute2 shows.
+fn assert_modes_agree(agent: &[(String, String)], iproute: &[(String, String)]) {
+    let mut from_agent: Vec<(String, String)> = agent
+        .iter()
+        .map(|(i, m)| (i.clone(), if m == "native" { "xdp".to_owned() } else { format!("xdp{m}") }))
+        .collect();
+    let mut from_ip = iproute.to_vec();
+    from_agent.sort();
+    from_ip.sort();
+    assert_eq!(from_agent, from_ip, "agent's modes vs. ip -d link");
+}
+
+/// No client or backend stack dropped a packet for a bad checksum.
+fn assert_no_csum_errors(topo: &Topology) {
+    let errors = topo.csum_errors();
+    assert!(errors.is_empty(), "checksum drops (namespace, tcp, udp): {errors:?}");
+}
+
+#[test]
+fn root_tcp_connections_spread_evenly() {
+    require_root!("root_tcp_connections_spread_evenly");
+    spread_test("tcp spread (veth defaults)", options(3), 1000);
+}
+
+/// Same path with complete checksums: the client and backends compute their
+/// checksums in software (`ethtool -K to-lb tx off`), and so does the LB, so
+/// every receiver verifies every checksum: an incremental update that is off
+/// by one bit fails here (the default veth setup would not notice, see
+/// `root_partial_checksums_survive_software_finalisation`).
+#[test]
+fn root_tcp_and_udp_with_complete_checksums() {
+    require_root!("root_tcp_and_udp_with_complete_checksums");
+    let opts = Options { node_tx_csum_offload: false, lb_tx_csum_offload: false, ..options(3) };
+    let topo = Topology::build(opts);
+    topo.write_config_all();
+    let agent = topo.start_agent();
+    let counts = connect_many(&topo, 600);
+    print_shares("tcp spread (checksums complete, verified by every receiver)", &counts);
+    assert_even(&counts, &topo.options.backends);
+    let vip = topo.vip_udp();
+    topo.client.run(move || {
+        for i in 0..20 {
+            udp_request(vip).unwrap_or_else(|e| panic!("udp request {i} to {vip}: {e}"));
+        }
+    });
+    assert_no_csum_errors(&topo);
+    stop_and_check_detached(&topo, agent);
+}
+
+/// Veth's default: the client's and backends' stacks leave TCP and UDP
+/// checksums to "hardware" (CHECKSUM_PARTIAL: the field holds only the
+/// pseudo-header sum), and the receiving namespace trusts the skb flag
+/// instead of checking. XDP cannot see that flag and updates the field as if
+/// it were a complete checksum, which leaves a wrong pseudo-header sum. On
+/// pure veth nobody notices; as soon as a hop finishes the checksum (a real
+/// NIC, or here the LB's veth with tx offload off), the receiver drops it.
+#[test]
+#[ignore = "known lb-ebpf limitation: XDP rewrites of CHECKSUM_PARTIAL packets leave a wrong \
+            pseudo-header sum; passes only with tx checksum offload off on the senders"]
+fn root_partial_checksums_survive_software_finalisation() {
+    require_root!("root_partial_checksums_survive_software_finalisation");
+    let topo = Topology::build(Options { lb_tx_csum_offload: false, ..options(3) });
+    topo.write_config_all();
+    let agent = topo.start_agent();
+    let (tcp, udp) = (topo.vip_tcp(), topo.vip_udp());
+    let failures: Vec<String> = topo.client.run(move || {
+        let mut f = Vec::new();
+        for i in 0..5 {
+            if let Err(e) = tcp_request(tcp) {
+                f.push(format!("tcp {i}: {e}"));
+            }
+            if let Err(e) = udp_request(udp) {
+                f.push(format!("udp {i}: {e}"));
+            }
+        }
+        f
+    });
+    let errors = topo.csum_errors();
+    assert!(
+        failures.is_empty() && errors.is_empty(),
+        "requests failed: {failures:?}; checksum drops (namespace, tcp, udp): {errors:?}"
+    );
+    stop_and_check_detached(&topo, agent);
+}
+
+/// MTU 9000 makes native XDP on veth refuse a single-buffer program, so the
+/// agent falls back to generic (skb) mode; forwarding must work the same.
+#[test]
+fn root_tcp_in_generic_mode() {
+    require_root!("root_tcp_in_generic_mode");
+    let topo = Topology::build(Options { mtu: Some(9000), ..options(3) });
+    topo.write_config_all();
+    let agent = topo.start_agent();
+    let modes = agent.modes();
+    println!("generic: XDP modes reported by the agent: {modes:?}; iproute2 says {:?}", topo.lb_xdp_attachments());
+    assert!(modes.iter().all(|(_, m)| m == "generic"), "expected generic mode at MTU 9000: {modes:?}");
+    assert_modes_agree(&modes, &topo.lb_xdp_attachments());
+    let counts = connect_many(&topo, 600);
+    print_shares("tcp spread (generic XDP)", &counts);
+    assert_even(&counts, &topo.options.backends);
+    assert_no_csum_errors(&topo);
+    stop_and_check_detached(&topo, agent);
+}
+
+#[test]
+fn root_udp_request_response() {
+    require_root!("root_udp_request_response");
+    let topo = Topology::build(options(3));
+    topo.write_config_all();
+    let agent = topo.start_agent();
+    let vip = topo.vip_udp();
+    let answers: Vec<String> = topo.client.run(move || {
+        (0..20).map(|i| udp_request(vip).unwrap_or_else(|e| panic!("udp request {i} to {vip}: {e}"))).collect()
+    });
+    let mut counts = BTreeMap::new();
+    for a in &answers {
+        assert!(topo.options.backends.contains(a), "unexpected answer {a:?}");
+        *counts.entry(a.clone()).or_insert(0) += 1;
+    }
+    print_shares("udp", &counts);
+    assert_no_csum_errors(&topo);
+    stop_and_check_detached(&topo, agent);
+}
+
+/// Open connections survive adding a backend and removing another; the
+/// removed one drains (its open connections work, it gets no new ones).
+#[test]
+fn root_held_connections_survive_backend_changes() {
+    require_root!("root_held_connections_survive_backend_changes");
+    let mut topo = Topology::build(options(3));
+    topo.write_config_all();
+    let mut agent = topo.start_agent();
+    let vip = topo.vip_tcp();
+
+    let held: Vec<Conn> = topo
+        .client
+        .run(move || (0..30).map(|i| Conn::open(vip).unwrap_or_else(|e| panic!("held connection {i}: {e}"))).collect());
+    let mut per_backend = BTreeMap::new();
+    for c in &held {
+        *per_backend.entry(c.backend.clone()).or_insert(0) += 1;
+    }
+    println!("held connections per backend: {per_backend:?}");
+    for b in &topo.options.backends {
+        assert!(per_backend.contains_key(b), "no held connection reached {b}: {per_backend:?}");
+    }
+
+    // Keep talking on every held connection while the config changes.
+    let held = Arc::new(Mutex::new(held));
+    let stop = Arc::new(AtomicBool::new(false));
+    let talker = {
+        let (held, stop) = (held.clone(), stop.clone());
+        thread::spawn(move || -> Result<usize, String> {
+            let mut rounds = 0;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let mut held = held.lock().unwrap();
+                for (i, c) in held.iter_mut().enumerate() {
+                    let line = format!("round {rounds} conn {i}");
+                    match c.echo(&line) {
+                        Ok(name) if name == c.backend => {}
+                        Ok(name) => return Err(format!("conn {i} to {} answered by {name}", c.backend)),
+                        Err(e) => return Err(format!("conn {i} to {} in round {rounds}: {e}", c.backend)),
+                    }
+                }
+                drop(held);
+                rounds += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(rounds)
+        })
+    };
+
+    topo.add_backend("web-4");
+    agent.reload_with(|| {
+        topo.write_config(&[("web-2", 1), ("web-3", 1), ("web-4", 1)]);
+    });
+    // Let the talker run a few more rounds on the new config.
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let rounds = talker.join().expect("talker thread").unwrap_or_else(|e| panic!("held connection broke: {e}"));
+    println!("held connections: {rounds} echo rounds across the change, none failed");
+    assert!(rounds >= 3, "too few echo rounds ({rounds}) to say anything");
+
+    // New connections: never the removed backend, sometimes the new one.
+    let counts = connect_many(&topo, 600);
+    print_shares("after adding web-4 and removing web-1", &counts);
+    assert!(!counts.contains_key("web-1"), "a new connection reached the removed backend: {counts:?}");
+    assert!(counts.get("web-4").copied().unwrap_or(0) > 0, "no new connection reached the added backend: {counts:?}");
+    assert_even(&counts, &["web-2".to_owned(), "web-3".to_owned(), "web-4".to_owned()]);
+
+    // Draining: the removed backend's open connections still work.
+    let mut held = held.lock().unwrap();
+    let mut drained = 0;
+    for (i, c) in held.iter_mut().enumerate() {
+        let name =
+            c.echo(&format!("after {i}")).unwrap_or_else(|e| panic!("conn {i} to {} after the change: {e}", c.backend));
+        assert_eq!(name, c.backend, "conn {i} changed backend");
+        drained += usize::from(c.backend == "web-1");
+    }
+    println!("{drained} held connections to the removed web-1 still answer");
+    assert!(drained > 0);
+    drop(held);
+    assert_no_csum_errors(&topo);
+    stop_and_check_detached(&topo, agent);
+}
+
+/// The LB's own address is not a service: ICMP and TCP to it are untouched.
+#[test]
+fn root_lb_own_address_still_answers() {
+    require_root!("root_lb_own_address_still_answers");
+    let topo = Topology::build(options(2));
+    topo.write_config_all();
+    let agent = topo.start_agent();
+
+    let (status, out) =
+        ns_exec_status(topo.client.name(), "ping", &["-c", "2", "-i", "0.2", "-W", "2", &LB_CLIENT_ADDR.to_string()]);
+    assert!(status.success(), "ping {LB_CLIENT_ADDR} from the client failed:\n{out}");
+
+    let addr = SocketAddrV4::new(LB_CLIENT_ADDR, 9000);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = topo.lb.spawn(move || -> Result<(), String> {
+        let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        ready_tx.send(()).ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+                    return s.write_all(b"lb itself\n").map_err(|e| e.to_string());
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(format!("accept on {addr}: {e}")),
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("listener in the LB namespace did not start");
+    let greeting = topo.client.run(move || -> std::io::Result<String> {
+        let s = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line)
+    });
+    server.join().expect("server thread").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(greeting.unwrap_or_else(|e| panic!("tcp to {addr}: {e}")), "lb itself\n");
+    println!("ping and tcp to the LB's own {LB_CLIENT_ADDR} work with XDP attached");
+    stop_and_check_detached(&topo, agent);
+}
+
+/// A bad config: the agent exits non-zero, names the field, attaches nothing.
+#[test]
+fn root_bad_config_is_refused_and_attaches_nothing() {
+    require_root!("root_bad_config_is_refused_and_attaches_nothing");
+    let topo = Topology::build(options(2));
+    let good = topo.config_toml(&[("web-1", 1), ("web-2", 1)]);
+    let missing_port = good.replacen(":8080\"", "\"", 1);
+    // After the real ones: an agent that attached in order would have
+    // attached those before noticing.
+    let missing_iface = good.replacen("\"lb-b2\"]", "\"lb-b2\", \"lb-nope\"]", 1);
+    assert_ne!(missing_port, good);
+    assert!(missing_iface.contains("lb-nope"));
+    let cases = [
+        ("backend address without port", missing_port, "address"),
+        ("interface that does not exist", missing_iface, "interfaces"),
+    ];
+    for (what, text, field) in cases {
+        topo.write_raw_config(&text);
+        let mut agent =
+            lb_tests::topology::Agent::spawn(topo.lb.name(), &topo.config_path(), &topo.dir().join("bad.log"));
+        let status =
+            agent.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| panic!("{what}: lb-agent kept running"));
+        let log = agent.log();
+        println!("{what}: exit {status}, said:\n{}", log.trim_end());
+        assert!(!status.success(), "{what}: lb-agent exited successfully");
+        assert!(log.contains(field), "{what}: the error does not name {field:?}:\n{log}");
+        if field == "interfaces" {
+            assert!(log.contains("lb-nope"), "{what}: the error does not name the interface:\n{log}");
+        }
+        let left = topo.lb_xdp_attachments();
+        assert!(left.is_empty(), "{what}: XDP left attached: {left:?}\n{}", topo.lb_links());
+    }
+}
