@@ -187,7 +187,10 @@ fn rewrite_src(pkt: &Packet, ip_be: u32, port_be: u16) {
 }
 
 /// RFC 1624 updates of the IPv4 header checksum and of the L4 checksum
-/// (whose pseudo-header covers the addresses).
+/// (whose pseudo-header covers the addresses). An L4 field that holds only
+/// the pseudo-header sum (CHECKSUM_PARTIAL, from a local stack over veth) is
+/// updated the way the kernel would, so that the device that completes it
+/// later gets it right.
 ///
 /// # Safety
 /// `pkt`'s pointers must be bounds-checked (parse_packet does it).
@@ -198,6 +201,11 @@ unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16
         let l4 = *pkt.l4_check;
         // A zero UDP checksum means "none" and stays so.
         if pkt.proto == PROTO_UDP && l4 == 0 {
+            return;
+        }
+        let l4_len = u16::from_be((*pkt.ip).tot_len_be).wrapping_sub(20);
+        if l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, l4_len) {
+            *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
             return;
         }
         let mut sum = csum::replace2(csum::replace4(l4, old_ip, new_ip), old_port, new_port);

@@ -9,10 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 /// The one's-complement sum of `bytes` as big-endian 16-bit words, folded to
 /// 16 bits (an odd trailing byte is padded with a zero byte).
 pub fn ones_complement_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u64 = bytes
-        .chunks(2)
-        .map(|w| u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
+    let mut sum: u64 = bytes.chunks(2).map(|w| u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -62,37 +59,24 @@ pub fn verify_ipv4_frame(frame: &[u8]) -> Result<(), String> {
     let ihl = usize::from(ip.first().ok_or("no IPv4 header")? & 0x0f) * 4;
     let header = ip.get(..ihl).ok_or("truncated IPv4 header")?;
     if ones_complement_sum(header) != 0xffff {
-        return Err(format!(
-            "IPv4 header checksum {:#06x} is wrong",
-            u16::from_be_bytes([ip[10], ip[11]])
-        ));
+        return Err(format!("IPv4 header checksum {:#06x} is wrong", u16::from_be_bytes([ip[10], ip[11]])));
     }
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let segment = ip
-        .get(ihl..total)
-        .ok_or("IPv4 total length beyond the frame")?;
-    let (src, dst) = (
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-    );
+    let segment = ip.get(ihl..total).ok_or("IPv4 total length beyond the frame")?;
+    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
     let check_at = match ip[9] {
         6 => 16,
         17 => 6,
         _ => return Ok(()),
     };
-    let stored = segment
-        .get(check_at..check_at + 2)
-        .ok_or("truncated L4 header")?;
+    let stored = segment.get(check_at..check_at + 2).ok_or("truncated L4 header")?;
     if ip[9] == 17 && stored == [0, 0] {
         return Ok(());
     }
     let mut all = pseudo_header_v4(src, dst, ip[9], segment.len() as u16);
     all.extend_from_slice(segment);
     if ones_complement_sum(&all) != 0xffff {
-        return Err(format!(
-            "L4 checksum {:#06x} is wrong",
-            u16::from_be_bytes([stored[0], stored[1]])
-        ));
+        return Err(format!("L4 checksum {:#06x} is wrong", u16::from_be_bytes([stored[0], stored[1]])));
     }
     Ok(())
 }
@@ -104,14 +88,8 @@ mod tests {
     #[test]
     fn rfc1071_example_sum() {
         // RFC 1071, section 3: these eight bytes sum to 0xddf2.
-        assert_eq!(
-            ones_complement_sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
-            0xddf2
-        );
-        assert_eq!(
-            internet_checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
-            0x220d
-        );
+        assert_eq!(ones_complement_sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0xddf2);
+        assert_eq!(internet_checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
     }
 
     #[test]
@@ -119,8 +97,8 @@ mod tests {
         // A widely quoted sample header (192.168.0.1 -> 192.168.0.199, UDP)
         // whose checksum is 0xb861.
         let mut h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
         ];
         assert_eq!(internet_checksum(&h), 0xb861);
         h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
@@ -136,4 +114,37 @@ mod tests {
     fn carries_fold_back_in() {
         assert_eq!(ones_complement_sum(&[0xff, 0xff, 0x00, 0x02]), 0x0002);
     }
+}
+
+/// Where the L4 checksum sits in an Ethernet + IPv4 (no options) frame.
+fn l4_check_offset(frame: &[u8]) -> Option<usize> {
+    match frame.get(14 + 9)? {
+        6 => Some(14 + 20 + 16),
+        17 => Some(14 + 20 + 6),
+        _ => None,
+    }
+}
+
+/// The frame as a local stack hands it to a veth with checksum offload on
+/// (CHECKSUM_PARTIAL): the L4 checksum field holds only the folded sum of
+/// the pseudo-header, not inverted; the device adds the segment later.
+pub fn with_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
+    let ip = &frame[14..];
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+    let sum = ones_complement_sum(&pseudo_header_v4(src, dst, ip[9], (total - 20) as u16));
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// What the device does with a CHECKSUM_PARTIAL frame: complete the L4
+/// checksum from the partial sum in the field and the segment itself.
+pub fn complete_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let sum = !ones_complement_sum(&frame[14 + 20..14 + total]);
+    let sum = if sum == 0 && frame[14 + 9] == 17 { 0xffff } else { sum };
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
 }

@@ -6,11 +6,7 @@ pub fn frame_diff(expected: &[u8], got: &[u8]) -> Option<String> {
     if expected == got {
         return None;
     }
-    let mut out = format!(
-        "frames differ: expected {} bytes, got {} bytes\n",
-        expected.len(),
-        got.len()
-    );
+    let mut out = format!("frames differ: expected {} bytes, got {} bytes\n", expected.len(), got.len());
     for (name, range) in differing_fields(expected, got) {
         let show = |f: &[u8]| f.get(range.clone()).map_or_else(|| "(missing)".into(), hex);
         out.push_str(&format!(
@@ -34,11 +30,8 @@ fn differing_fields(expected: &[u8], got: &[u8]) -> Vec<(&'static str, std::ops:
     let len = expected.len().max(got.len());
     let mut fields: Vec<(&'static str, std::ops::Range<usize>)> = Vec::new();
     for off in (0..len).filter(|&i| expected.get(i) != got.get(i)) {
-        let (name, range) = layout
-            .iter()
-            .find(|(_, r)| r.contains(&off))
-            .cloned()
-            .unwrap_or(("beyond frame", off..off + 1));
+        let (name, range) =
+            layout.iter().find(|(_, r)| r.contains(&off)).cloned().unwrap_or(("beyond frame", off..off + 1));
         match fields.last_mut() {
             Some((n, r)) if *n == name && r.end >= range.start => r.end = r.end.max(range.end),
             _ => fields.push((name, range)),
@@ -82,12 +75,7 @@ fn field_layout(frame: &[u8]) -> Vec<(&'static str, std::ops::Range<usize>)> {
             ("tcp.check", 16, 18),
             ("tcp.urg", 18, 20),
         ],
-        17 => &[
-            ("udp.src_port", 0, 2),
-            ("udp.dst_port", 2, 4),
-            ("udp.len", 4, 6),
-            ("udp.check", 6, 8),
-        ],
+        17 => &[("udp.src_port", 0, 2), ("udp.dst_port", 2, 4), ("udp.len", 4, 6), ("udp.check", 6, 8)],
         _ => &[],
     };
     let l4_hlen = l4_fields.last().map_or(0, |x| x.2);
@@ -98,11 +86,7 @@ fn field_layout(frame: &[u8]) -> Vec<(&'static str, std::ops::Range<usize>)> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 /// 16 bytes a line; a `*` after each byte that differs from `other`.
@@ -111,11 +95,7 @@ fn hexdump(frame: &[u8], other: &[u8]) -> String {
     for (line, chunk) in frame.chunks(16).enumerate() {
         out.push_str(&format!("  {:04x} ", line * 16));
         for (i, b) in chunk.iter().enumerate() {
-            let mark = if other.get(line * 16 + i) == Some(b) {
-                ' '
-            } else {
-                '*'
-            };
+            let mark = if other.get(line * 16 + i) == Some(b) { ' ' } else { '*' };
             out.push_str(&format!(" {b:02x}{mark}"));
         }
         out.push('\n');

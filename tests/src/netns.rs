@@ -37,9 +37,7 @@ impl NetNs {
                 if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(Self {
-                    fd: File::open(THREAD_NETNS)?.into(),
-                })
+                Ok(Self { fd: File::open(THREAD_NETNS)?.into() })
             })
             .join()
             .map_err(|_| io::Error::other("netns helper thread panicked"))?
@@ -52,10 +50,7 @@ impl NetNs {
     pub fn enter(&self) -> io::Result<Entered> {
         let previous: OwnedFd = File::open(THREAD_NETNS)?.into();
         set_thread_netns(self.fd.as_fd())?;
-        Ok(Entered {
-            previous,
-            _not_send: PhantomData,
-        })
+        Ok(Entered { previous, _not_send: PhantomData })
     }
 
     /// The namespace's inode number, which identifies it (as `ip netns
@@ -118,10 +113,7 @@ pub struct NetNsGuard {
 impl NetNsGuard {
     pub fn new() -> io::Result<Self> {
         let ns = NetNs::new()?;
-        Ok(Self {
-            _entered: ns.enter()?,
-            ns,
-        })
+        Ok(Self { _entered: ns.enter()?, ns })
     }
 
     pub fn netns(&self) -> &NetNs {
@@ -138,11 +130,7 @@ mod tests {
         // /proc/thread-self/net follows the thread's namespace (sysfs would
         // show the namespace it was mounted in).
         let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
-        dev.lines()
-            .skip(2)
-            .filter_map(|l| l.split(':').next())
-            .map(|n| n.trim().to_owned())
-            .collect()
+        dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(|n| n.trim().to_owned()).collect()
     }
 
     #[test]

@@ -107,10 +107,7 @@ impl Ipv4 {
 
     /// The header followed by `payload`.
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
-        assert!(
-            self.options.len().is_multiple_of(4),
-            "IPv4 options must fill whole words"
-        );
+        assert!(self.options.len().is_multiple_of(4), "IPv4 options must fill whole words");
         let hlen = 20 + self.options.len();
         let total = self.total_len.unwrap_or((hlen + payload.len()) as u16);
         let ver_ihl = (self.version.unwrap_or(4) << 4) | self.ihl.unwrap_or((hlen / 4) as u8);
@@ -141,12 +138,7 @@ pub struct Ipv6 {
 
 impl Ipv6 {
     pub fn new(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8) -> Self {
-        Self {
-            src,
-            dst,
-            next_header,
-            hop_limit: 64,
-        }
+        Self { src, dst, next_header, hop_limit: 64 }
     }
 
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
@@ -216,10 +208,7 @@ impl Tcp {
 
     /// Header and payload, checksummed under `addrs`' pseudo-header.
     pub fn build(&self, addrs: Addrs) -> Vec<u8> {
-        assert!(
-            self.options.len().is_multiple_of(4),
-            "TCP options must fill whole words"
-        );
+        assert!(self.options.len().is_multiple_of(4), "TCP options must fill whole words");
         let hlen = 20 + self.options.len();
         let doff = self.data_offset.unwrap_or((hlen / 4) as u8);
         let mut s = Vec::with_capacity(hlen + self.payload.len());
@@ -250,12 +239,7 @@ pub struct Udp {
 
 impl Udp {
     pub fn new(src_port: u16, dst_port: u16, payload: &[u8]) -> Self {
-        Self {
-            src_port,
-            dst_port,
-            payload: payload.to_vec(),
-            no_checksum: false,
-        }
+        Self { src_port, dst_port, payload: payload.to_vec(), no_checksum: false }
     }
 
     pub fn without_checksum(mut self) -> Self {
@@ -296,20 +280,14 @@ pub fn icmp_echo_request(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
 
 /// Ethernet + IPv4 + TCP, with `ip.proto` forced to TCP.
 pub fn tcp_frame(macs: (Mac, Mac), ip: &Ipv4, tcp: &Tcp) -> Vec<u8> {
-    let ip = Ipv4 {
-        proto: IPPROTO_TCP,
-        ..ip.clone()
-    };
+    let ip = Ipv4 { proto: IPPROTO_TCP, ..ip.clone() };
     let segment = tcp.build(Addrs::V4(ip.src, ip.dst));
     ethernet(macs.0, macs.1, ETH_P_IP, &ip.build(&segment))
 }
 
 /// Ethernet + IPv4 + UDP, with `ip.proto` forced to UDP.
 pub fn udp_frame(macs: (Mac, Mac), ip: &Ipv4, udp: &Udp) -> Vec<u8> {
-    let ip = Ipv4 {
-        proto: IPPROTO_UDP,
-        ..ip.clone()
-    };
+    let ip = Ipv4 { proto: IPPROTO_UDP, ..ip.clone() };
     let datagram = udp.build(Addrs::V4(ip.src, ip.dst));
     ethernet(macs.0, macs.1, ETH_P_IP, &ip.build(&datagram))
 }
@@ -341,8 +319,7 @@ mod tests {
 
     #[test]
     fn tcp_with_payload_and_options_checksums() {
-        let mut tcp =
-            Tcp::new(40000, 80, TCP_ACK | TCP_PSH).with_payload(b"GET / HTTP/1.1\r\n\r\n!");
+        let mut tcp = Tcp::new(40000, 80, TCP_ACK | TCP_PSH).with_payload(b"GET / HTTP/1.1\r\n\r\n!");
         tcp.options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]; // NOP NOP timestamps
         let f = tcp_frame(MACS, &Ipv4::new(A, B, 0), &tcp);
         assert_eq!(f[46] >> 4, 8);
@@ -354,11 +331,7 @@ mod tests {
         let f = udp_frame(MACS, &Ipv4::new(A, B, 0), &Udp::new(5000, 53, b"query"));
         verify_ipv4_frame(&f).unwrap();
         assert_ne!(&f[40..42], &[0, 0]);
-        let z = udp_frame(
-            MACS,
-            &Ipv4::new(A, B, 0),
-            &Udp::new(5000, 53, b"query").without_checksum(),
-        );
+        let z = udp_frame(MACS, &Ipv4::new(A, B, 0), &Udp::new(5000, 53, b"query").without_checksum());
         assert_eq!(&z[40..42], &[0, 0]);
         assert_eq!(u16::from_be_bytes([z[38], z[39]]), 13);
     }
@@ -374,20 +347,12 @@ mod tests {
 
     #[test]
     fn overrides_write_the_wrong_value_with_a_matching_checksum() {
-        let ip = Ipv4 {
-            ihl: Some(4),
-            total_len: Some(999),
-            version: Some(6),
-            ..Ipv4::new(A, B, IPPROTO_TCP)
-        };
+        let ip = Ipv4 { ihl: Some(4), total_len: Some(999), version: Some(6), ..Ipv4::new(A, B, IPPROTO_TCP) };
         let p = ip.build(&[]);
         assert_eq!(p[0], 0x64);
         assert_eq!(u16::from_be_bytes([p[2], p[3]]), 999);
         assert_eq!(ones_complement_sum(&p[..20]), 0xffff);
-        let tcp = Tcp {
-            data_offset: Some(3),
-            ..Tcp::new(1, 2, TCP_SYN)
-        };
+        let tcp = Tcp { data_offset: Some(3), ..Tcp::new(1, 2, TCP_SYN) };
         assert_eq!(tcp.build(Addrs::V4(A, B))[12], 0x30);
     }
 
@@ -395,21 +360,13 @@ mod tests {
     fn icmp_echo_checksum() {
         let m = icmp_echo_request(1, 2, b"ping");
         assert_eq!(ones_complement_sum(&m), 0xffff);
-        let f = ethernet(
-            MACS.0,
-            MACS.1,
-            ETH_P_IP,
-            &Ipv4::new(A, B, IPPROTO_ICMP).build(&m),
-        );
+        let f = ethernet(MACS.0, MACS.1, ETH_P_IP, &Ipv4::new(A, B, IPPROTO_ICMP).build(&m));
         verify_ipv4_frame(&f).unwrap();
     }
 
     #[test]
     fn ipv6_tcp_checksum() {
-        let (s, d) = (
-            "2001:db8::1".parse().unwrap(),
-            "2001:db8::2".parse().unwrap(),
-        );
+        let (s, d) = ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
         let seg = Tcp::new(40000, 80, TCP_SYN).build(Addrs::V6(s, d));
         let mut all = pseudo_header_v6(s, d, IPPROTO_TCP, seg.len() as u32);
         all.extend_from_slice(&seg);
@@ -429,10 +386,7 @@ mod tests {
 
     #[test]
     fn padding_keeps_the_ip_packet_intact() {
-        let f = pad_to(
-            tcp_frame(MACS, &Ipv4::new(A, B, 0), &Tcp::new(1, 2, TCP_SYN)),
-            60,
-        );
+        let f = pad_to(tcp_frame(MACS, &Ipv4::new(A, B, 0), &Tcp::new(1, 2, TCP_SYN)), 60);
         assert_eq!(f.len(), 60);
         verify_ipv4_frame(&f).unwrap();
     }

@@ -13,8 +13,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey,
-    BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKEND_F_ACTIVE,
+    MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
@@ -47,11 +47,7 @@ pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramErro
         ..TestRunOptions::new()
     })?;
     out.truncate(result.data_size_out as usize);
-    Ok(Run {
-        verdict: result.return_value,
-        data: out,
-        duration: result.duration,
-    })
+    Ok(Run { verdict: result.return_value, data: out, duration: result.duration })
 }
 
 /// A service as the fixtures and the benchmark set it up.
@@ -73,13 +69,7 @@ pub struct ServiceSpec {
 
 impl ServiceSpec {
     /// A consistent service: every backend active, in the table in turn.
-    pub fn new(
-        id: u32,
-        vip: SocketAddrV4,
-        proto: u8,
-        table: u32,
-        backends: &[(u32, SocketAddrV4)],
-    ) -> Self {
+    pub fn new(id: u32, vip: SocketAddrV4, proto: u8, table: u32, backends: &[(u32, SocketAddrV4)]) -> Self {
         Self {
             id,
             vip,
@@ -92,12 +82,7 @@ impl ServiceSpec {
     }
 
     pub fn key(&self) -> ServiceKey {
-        ServiceKey {
-            vip_be: be_ip(self.vip),
-            port_be: self.vip.port().to_be(),
-            proto: self.proto,
-            _pad: 0,
-        }
+        ServiceKey { vip_be: be_ip(self.vip), port_be: self.vip.port().to_be(), proto: self.proto, _pad: 0 }
     }
 
     /// The backend a new flow from `client` must get, predicted without the
@@ -105,13 +90,8 @@ impl ServiceSpec {
     /// `LbObject::add_service` filled with `table_ids[slot % len]`. `None`
     /// when the table is empty or names an id that is not a backend.
     pub fn pick(&self, client: SocketAddrV4) -> Option<(u32, SocketAddrV4)> {
-        let hash = flow_hash(
-            be_ip(client),
-            be_ip(self.vip),
-            client.port().to_be(),
-            self.vip.port().to_be(),
-            self.proto,
-        );
+        let hash =
+            flow_hash(be_ip(client), be_ip(self.vip), client.port().to_be(), self.vip.port().to_be(), self.proto);
         let slot = (hash % MAGLEV_TABLE_SIZE) as usize;
         let id = *self.table_ids.get(slot % self.table_ids.len().max(1))?;
         self.backends.iter().find(|(b, _)| *b == id).copied()
@@ -163,8 +143,7 @@ impl LbObject {
             .with_context(|| format!("no program {name} in the object"))?
             .try_into()
             .with_context(|| format!("{name} is not an XDP program"))?;
-        prog.load()
-            .with_context(|| format!("load {name} (verifier)"))
+        prog.load().with_context(|| format!("load {name} (verifier)"))
     }
 
     pub fn program(&self, name: &str) -> Result<&Xdp> {
@@ -195,20 +174,11 @@ impl LbObject {
                 service_id: spec.id,
                 flags: BACKEND_F_ACTIVE,
             };
-            self.backends
-                .set(id, b, 0)
-                .with_context(|| format!("write backend {id}"))?;
+            self.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
-        let svc = Service {
-            id: spec.id,
-            table: spec.table,
-            backend_count: spec.backend_count,
-            mode: MODE_DNAT,
-        };
-        self.services
-            .insert(spec.key(), svc, 0)
-            .with_context(|| format!("write service {}", spec.vip))
+        let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
+        self.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 
     /// Fills all `MAGLEV_TABLE_SIZE` slots of one table, slot `i` with
@@ -229,9 +199,7 @@ impl LbObject {
     /// The backend id a flow with this hash finds in the table.
     pub fn maglev_pick(&self, service_id: u32, table: u32, hash: u32) -> Result<u32> {
         let index = maglev_index(service_id, table, hash);
-        self.maglev
-            .get(&index, 0)
-            .with_context(|| format!("read Maglev slot {index}"))
+        self.maglev.get(&index, 0).with_context(|| format!("read Maglev slot {index}"))
     }
 
     /// `REASON_STATS`, summed over CPUs, indexed by `Reason as usize`.
@@ -239,10 +207,7 @@ impl LbObject {
         Reason::ALL
             .iter()
             .map(|r| {
-                let per_cpu = self
-                    .reason_stats
-                    .get(&(*r as u32), 0)
-                    .with_context(|| format!("read {}", r.name()))?;
+                let per_cpu = self.reason_stats.get(&(*r as u32), 0).with_context(|| format!("read {}", r.name()))?;
                 Ok(per_cpu.iter().sum())
             })
             .collect()
@@ -250,22 +215,17 @@ impl LbObject {
 
     /// `BACKEND_STATS[id]`, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
-        sum_counters(&self.backend_stats, id)
-            .with_context(|| format!("read counters of backend {id}"))
+        sum_counters(&self.backend_stats, id).with_context(|| format!("read counters of backend {id}"))
     }
 
     /// `SERVICE_STATS[id]`, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
-        sum_counters(&self.service_stats, id)
-            .with_context(|| format!("read counters of service {id}"))
+        sum_counters(&self.service_stats, id).with_context(|| format!("read counters of service {id}"))
     }
 
     /// Every connection-table entry.
     pub fn conntrack(&self) -> Result<StdHashMap<FlowKey, Conn>> {
-        self.conntrack
-            .iter()
-            .map(|e| e.context("read the connection table"))
-            .collect()
+        self.conntrack.iter().map(|e| e.context("read the connection table")).collect()
     }
 }
 
@@ -273,11 +233,8 @@ fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("no map {name} in the object"))?;
-    M::try_from(map)
-        .with_context(|| format!("open map {name} (type or key/value size differs from lb-common)"))
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("no map {name} in the object"))?;
+    M::try_from(map).with_context(|| format!("open map {name} (type or key/value size differs from lb-common)"))
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {

@@ -19,9 +19,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
-use lb_common::{
-    BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_PASS,
-};
+use lb_common::{BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_PASS};
 use lb_tests::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
@@ -57,9 +55,8 @@ const NEW_FLOW_CLIENTS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(172, 16, 
 /// One TCP service with four backends, so a new flow does a real Maglev
 /// pick.
 fn service() -> ServiceSpec {
-    let backends: Vec<(u32, SocketAddrV4)> = (1..=4)
-        .map(|i| (i, SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i as u8), 8080)))
-        .collect();
+    let backends: Vec<(u32, SocketAddrV4)> =
+        (1..=4).map(|i| (i, SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i as u8), 8080))).collect();
     ServiceSpec::new(0, VIP, IPPROTO_TCP, 0, &backends)
 }
 
@@ -67,11 +64,7 @@ fn service() -> ServiceSpec {
 /// restores.
 fn frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Vec<u8> {
     let ip = Ipv4::new(*src.ip(), *dst.ip(), IPPROTO_TCP);
-    let f = tcp_frame(
-        (LB_MAC, PEER_MAC),
-        &ip,
-        &Tcp::new(src.port(), dst.port(), flags).with_payload(payload),
-    );
+    let f = tcp_frame((LB_MAC, PEER_MAC), &ip, &Tcp::new(src.port(), dst.port(), flags).with_payload(payload));
     pad_to(f, BENCH_FRAME_LEN)
 }
 
@@ -173,11 +166,7 @@ fn cases() -> Vec<Case> {
             prog: PROG_LB,
             target: None,
             prepare: None,
-            ..wrapped(
-                "xdp_lb alone: not a VIP (no rewrite)",
-                not_a_vip(),
-                Reason::PassNoService,
-            )
+            ..wrapped("xdp_lb alone: not a VIP (no rewrite)", not_a_vip(), Reason::PassNoService)
         },
         Case {
             prepare: None,
@@ -221,12 +210,8 @@ impl Bench {
         let svc = service();
         lb.add_service(&svc)?;
         let ebpf = lb.ebpf_mut();
-        let frames = ebpf
-            .take_map(lb_common::BENCH_FRAME)
-            .context("no BENCH_FRAME map")?;
-        let targets = ebpf
-            .take_map(lb_common::BENCH_TARGET)
-            .context("no BENCH_TARGET map")?;
+        let frames = ebpf.take_map(lb_common::BENCH_FRAME).context("no BENCH_FRAME map")?;
+        let targets = ebpf.take_map(lb_common::BENCH_TARGET).context("no BENCH_TARGET map")?;
         Ok(Self {
             frames: frames.try_into().context("open BENCH_FRAME")?,
             targets: targets.try_into().context("open BENCH_TARGET")?,
@@ -237,28 +222,10 @@ impl Bench {
 
     /// Points the wrapper at `target` and the frame it restores.
     fn aim(&mut self, target: &str, frame: &[u8], flags: u32) -> Result<()> {
-        let bytes: [u8; BENCH_FRAME_LEN] = frame
-            .try_into()
-            .context("bench frames are BENCH_FRAME_LEN bytes")?;
-        self.frames
-            .set(
-                0,
-                BenchFrame {
-                    bytes,
-                    flags,
-                    _pad: 0,
-                },
-                0,
-            )
-            .context("write BENCH_FRAME")?;
-        let fd = self
-            .lb
-            .program(target)?
-            .fd()
-            .with_context(|| format!("fd of {target}"))?;
-        self.targets
-            .set(0, fd, 0)
-            .with_context(|| format!("put {target} into BENCH_TARGET"))
+        let bytes: [u8; BENCH_FRAME_LEN] = frame.try_into().context("bench frames are BENCH_FRAME_LEN bytes")?;
+        self.frames.set(0, BenchFrame { bytes, flags, _pad: 0 }, 0).context("write BENCH_FRAME")?;
+        let fd = self.lb.program(target)?.fd().with_context(|| format!("fd of {target}"))?;
+        self.targets.set(0, fd, 0).with_context(|| format!("put {target} into BENCH_TARGET"))
     }
 
     fn new_flows(&self) -> Result<u64> {
@@ -276,28 +243,17 @@ impl Bench {
         }
         if let Some(syn) = &case.prepare {
             let run = self.lb.run(PROG_LB, syn)?;
-            ensure!(
-                run.verdict == XDP_PASS,
-                "the SYN that opens the flow did not pass"
-            );
+            ensure!(run.verdict == XDP_PASS, "the SYN that opens the flow did not pass");
         }
         let (reasons, flows) = (self.lb.reasons()?, self.new_flows()?);
         let prog = self.lb.program(case.prog)?;
-        let run = test_run(prog, &case.frame, repeat)
-            .with_context(|| format!("BPF_PROG_TEST_RUN {}", case.prog))?;
+        let run = test_run(prog, &case.frame, repeat).with_context(|| format!("BPF_PROG_TEST_RUN {}", case.prog))?;
         self.check_path(case, &run, repeat, &reasons, flows)?;
         u32::try_from(run.duration.as_nanos()).context("duration out of range")
     }
 
     /// Fails unless every one of the `repeat` runs took the case's path.
-    fn check_path(
-        &self,
-        case: &Case,
-        run: &Run,
-        repeat: u32,
-        reasons: &[u64],
-        flows: u64,
-    ) -> Result<()> {
+    fn check_path(&self, case: &Case, run: &Run, repeat: u32, reasons: &[u64], flows: u64) -> Result<()> {
         ensure!(
             run.verdict == XDP_PASS,
             "verdict {} instead of XDP_PASS (a failed tail call returns XDP_ABORTED)",
@@ -306,17 +262,11 @@ impl Bench {
         let after = self.lb.reasons()?;
         match case.reason {
             Some(reason) => check_reason_delta(reasons, &after, reason, u64::from(repeat))?,
-            None => ensure!(
-                after == reasons,
-                "REASON_STATS moved, but xdp_lb should not have run"
-            ),
+            None => ensure!(after == reasons, "REASON_STATS moved, but xdp_lb should not have run"),
         }
         let new_flows = self.new_flows()? - flows;
         let want = case.new_flows_per_run * u64::from(repeat);
-        ensure!(
-            new_flows == want,
-            "new_flows moved by {new_flows}, want {want}"
-        );
+        ensure!(new_flows == want, "new_flows moved by {new_flows}, want {want}");
         if let Some(out) = &case.output {
             ensure!(&run.data == out, "the last run left an unexpected frame");
         }
@@ -357,12 +307,7 @@ fn measure(bench: &mut Bench, case: &Case, cli: &Cli) -> Result<Vec<u32>> {
         let ns = bench
             .measure_round(case, cli.repeat)
             .with_context(|| format!("case \"{}\", round {}", case.name, r + 1))?;
-        eprintln!(
-            "[bench] {:<40} round {}/{}: {ns} ns",
-            case.name,
-            r + 1,
-            cli.rounds
-        );
+        eprintln!("[bench] {:<40} round {}/{}: {ns} ns", case.name, r + 1, cli.rounds);
         rounds.push(ns);
     }
     Ok(rounds)
@@ -376,10 +321,7 @@ fn median(v: &[u32]) -> u32 {
 
 fn rows(cases: &[Case], measured: &[Vec<u32>], repeat: u32) -> Result<Vec<Row>> {
     let find = |name| {
-        let i = cases
-            .iter()
-            .position(|c| c.name == name)
-            .context("baseline case missing")?;
+        let i = cases.iter().position(|c| c.name == name).context("baseline case missing")?;
         anyhow::Ok(median(&measured[i]))
     };
     let (pass, wrapper) = (find(CASE_PASS)?, find(CASE_WRAPPER)?);
@@ -418,28 +360,13 @@ fn print_table(rows: &[Row], cli: &Cli) -> Result<()> {
         "BPF_PROG_TEST_RUN, {} runs x {} rounds per case, median ns per packet (kernel-reported)",
         cli.repeat, cli.rounds
     )?;
-    writeln!(
-        out,
-        "{:<40} {:>8} {:>8} {:>8}  path proof (every run)",
-        "case", "ns/pkt", "net ns", "x pass"
-    )?;
+    writeln!(out, "{:<40} {:>8} {:>8} {:>8}  path proof (every run)", "case", "ns/pkt", "net ns", "x pass")?;
     for r in rows {
         let net = r.net_ns.map_or("-".to_owned(), |n| n.to_string());
-        let proof = r
-            .reason
-            .map_or("XDP_PASS, no counter moved".to_owned(), |n| {
-                format!("{n} +{}", r.repeat)
-            });
-        writeln!(
-            out,
-            "{:<40} {:>8} {:>8} {:>7.2}x  {proof}",
-            r.case, r.ns_per_packet, net, r.vs_pass
-        )?;
+        let proof = r.reason.map_or("XDP_PASS, no counter moved".to_owned(), |n| format!("{n} +{}", r.repeat));
+        writeln!(out, "{:<40} {:>8} {:>8} {:>7.2}x  {proof}", r.case, r.ns_per_packet, net, r.vs_pass)?;
     }
-    writeln!(
-        out,
-        "net ns: minus `{CASE_WRAPPER}` for wrapped cases, minus `{CASE_PASS}` for xdp_lb alone."
-    )?;
+    writeln!(out, "net ns: minus `{CASE_WRAPPER}` for wrapped cases, minus `{CASE_PASS}` for xdp_lb alone.")?;
     Ok(())
 }
 
@@ -450,9 +377,7 @@ fn print_table(rows: &[Row], cli: &Cli) -> Result<()> {
 fn pin_to_current_cpu() -> Result<usize> {
     // SAFETY: no preconditions.
     let cpu = unsafe { libc::sched_getcpu() };
-    let cpu = usize::try_from(cpu)
-        .map_err(|_| std::io::Error::last_os_error())
-        .context("sched_getcpu")?;
+    let cpu = usize::try_from(cpu).map_err(|_| std::io::Error::last_os_error()).context("sched_getcpu")?;
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `cpu` came from the kernel, so it is below CPU_SETSIZE; pid 0
@@ -476,17 +401,10 @@ fn main() -> Result<()> {
     eprintln!("[bench] pinned to CPU {cpu}; loading lb-ebpf and filling the Maglev table");
     let mut bench = Bench::setup()?;
     let cases = cases();
-    let measured = cases
-        .iter()
-        .map(|c| measure(&mut bench, c, &cli))
-        .collect::<Result<Vec<_>>>()?;
+    let measured = cases.iter().map(|c| measure(&mut bench, c, &cli)).collect::<Result<Vec<_>>>()?;
     let rows = rows(&cases, &measured, cli.repeat)?;
     if cli.json {
-        let report = Report {
-            repeat: cli.repeat,
-            rounds: cli.rounds,
-            cases: rows,
-        };
+        let report = Report { repeat: cli.repeat, rounds: cli.rounds, cases: rows };
         println!("{}", serde_json::to_string_pretty(&report)?);
         Ok(())
     } else {
