@@ -527,7 +527,8 @@ async fn serve_with(
         tokio::spawn(async move {
             let _permit = permit;
             match handle_connection(stream, &snapshot, read_timeout).await {
-                Ok(status) => debug!(%peer, status, "metrics request"),
+                Ok(Some(status)) => debug!(%peer, status, "metrics request"),
+                Ok(None) => debug!(%peer, "metrics connection closed before a request"),
                 Err(e) => debug!(%peer, error = &e as &(dyn std::error::Error + 'static), "metrics connection"),
             }
         });
@@ -548,16 +549,17 @@ enum ConnError {
     WriteTimeout,
 }
 
-/// Reads one request, answers it and closes. Returns the status sent, if any.
+/// Reads one request, answers it and closes. Returns the status sent, or
+/// `None` if the client closed without sending a request.
 async fn handle_connection(
     mut stream: TcpStream,
     snapshot: &watch::Receiver<Arc<Snapshot>>,
     read_timeout: Duration,
-) -> Result<u16, ConnError> {
+) -> Result<Option<u16>, ConnError> {
     let response = match timeout(read_timeout, read_head(&mut stream)).await {
         Err(_elapsed) => Response::text(408, "Request Timeout", "request head not received in time\n"),
         Ok(Err(e)) => return Err(ConnError::Read(e)),
-        Ok(Ok(Head::Closed)) => return Ok(0),
+        Ok(Ok(Head::Closed)) => return Ok(None),
         Ok(Ok(Head::TooLarge)) => Response::text(431, "Request Header Fields Too Large", "request head over 8 KiB\n"),
         Ok(Ok(Head::Complete(head))) => match parse_request(&head) {
             Ok(request) => route(&request, snapshot),
@@ -574,7 +576,7 @@ async fn handle_connection(
     }
     // Best effort: the response is out; this only keeps it from being reset.
     let _ = timeout(LINGER, drain(&mut stream)).await;
-    Ok(status)
+    Ok(Some(status))
 }
 
 enum Head {

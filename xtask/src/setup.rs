@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",      // GRO and offload settings on veth devices
     "iputils-ping", // reachability checks in the demo and tests
     "procps",       // sysctl (net.ipv4.ip_forward)
+    "prometheus",   // a real server scrapes lb-agent's /metrics in the tests
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -92,6 +93,11 @@ fn ensure_apt_packages(tally: &mut Tally) -> Result<()> {
     step.say(&format!("installing {list}"));
     stream_ok(apt_get().arg("update"))?;
     stream_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
+    if missing.contains(&"prometheus") && Path::new("/run/systemd/system").exists() {
+        // Debian starts the packaged server on :9090, all interfaces; the
+        // tests run their own on loopback, so the service is not wanted.
+        let _ = Command::new("systemctl").args(["disable", "--now", "prometheus.service"]).status();
+    }
     step.finish(GREEN, &format!("installed {list}"));
     tally.installed += 1;
     Ok(())
