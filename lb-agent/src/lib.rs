@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod health;
 pub mod metrics;
+pub mod orchestrator;
 pub mod reconcile;
 pub mod registry;
 pub mod snapshot;

@@ -1,0 +1,390 @@
+//! Backends as local processes, each in a network namespace of its own.
+//!
+//! An instance is a namespace `<bridge>-<n>` joined to a bridge in the
+//! agent's namespace by a veth pair, with address `<prefix>.<n>` and a route
+//! back through the bridge; the command runs inside it. The load balancer
+//! forwards to those addresses like to any host, and the replies come back
+//! across the bridge, where the XDP program (attached to the bridge) turns
+//! them back into the VIP. Processes cannot share the agent's own address:
+//! traffic to a local address is delivered, not forwarded, and its replies
+//! would never cross an XDP ingress hook.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd as _,
+    process::Stdio,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use super::{Orchestrator, OrchestratorError, Replica};
+
+/// `[service.scaling.process]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Program and arguments. `{ip}`, `{port}`, `{addr}` (ip:port) and
+    /// `{name}` are replaced per instance.
+    pub command: Vec<String>,
+    /// Port the instances listen on.
+    pub port: u16,
+    /// Bridge in the agent's namespace that instances join (created if
+    /// missing; list it in the service's `interfaces`).
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    /// First three octets of the instances' /24: the bridge is `.1`,
+    /// instances `.2` to `.254`.
+    #[serde(default = "default_prefix")]
+    pub prefix: Ipv4Addr,
+    /// How long a stopping instance gets between SIGTERM and SIGKILL.
+    #[serde(default = "default_grace", with = "crate::config::duration")]
+    pub stop_grace: Duration,
+}
+
+fn default_bridge() -> String {
+    "lbp0".into()
+}
+fn default_prefix() -> Ipv4Addr {
+    Ipv4Addr::new(10, 212, 0, 0)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl ProcessSpec {
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.command.is_empty() || self.command[0].is_empty() {
+            out.push(format!("{at}.command: name the program to run"));
+        }
+        if self.port == 0 {
+            out.push(format!("{at}.port: must be 1-65535"));
+        }
+        // Instance links are "<bridge>-<n>" with n up to 3 digits: 15 bytes at most.
+        if self.bridge.is_empty() || self.bridge.len() > 11 || !self.bridge.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            out.push(format!("{at}.bridge: {:?} must be 1-11 letters or digits", self.bridge));
+        }
+        if self.prefix.octets()[3] != 0 {
+            out.push(format!("{at}.prefix: {} must end in .0 (a /24)", self.prefix));
+        }
+        out
+    }
+
+    fn ip(&self, n: u8) -> Ipv4Addr {
+        let [a, b, c, _] = self.prefix.octets();
+        Ipv4Addr::new(a, b, c, n)
+    }
+}
+
+struct Instance {
+    name: String,
+    addr: SocketAddrV4,
+    child: Child,
+    pid: u32,
+    /// Last CPU sample: (utime + stime in clock ticks, when).
+    cpu_sample: Option<(u64, Instant)>,
+}
+
+pub struct ProcessOrchestrator {
+    spec: ProcessSpec,
+    service: String,
+    instances: Mutex<BTreeMap<u8, Instance>>,
+}
+
+const FIRST: u8 = 2;
+const LAST: u8 = 254;
+
+impl ProcessOrchestrator {
+    /// Make sure the bridge exists with its address; start nothing.
+    pub async fn new(service: &str, spec: ProcessSpec) -> Result<Self, OrchestratorError> {
+        let o = ProcessOrchestrator { spec, service: service.into(), instances: Mutex::new(BTreeMap::new()) };
+        o.ensure_bridge().await?;
+        o.remove_leftovers().await;
+        Ok(o)
+    }
+
+    async fn ensure_bridge(&self) -> Result<(), OrchestratorError> {
+        let br = &self.spec.bridge;
+        if !link_exists(br).await {
+            ip(&["link", "add", br, "type", "bridge"]).await?;
+        }
+        let cidr = format!("{}/24", self.spec.ip(1));
+        let shown = output("ip", &["-o", "-4", "addr", "show", "dev", br]).await?;
+        if !shown.contains(&cidr) {
+            ip(&["addr", "add", &cidr, "dev", br]).await?;
+        }
+        ip(&["link", "set", br, "up"]).await
+    }
+
+    /// Namespaces of instances a previous agent started and lost track of
+    /// (it crashed): their processes died with the namespace's last user or
+    /// are orphans we cannot adopt safely, so the namespaces go.
+    async fn remove_leftovers(&self) {
+        let Ok(list) = output("ip", &["netns", "list"]).await else { return };
+        let prefix = format!("{}-", self.spec.bridge);
+        for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&prefix)) {
+            if ns[prefix.len()..].parse::<u8>().is_ok() {
+                warn!(netns = ns, "removing a leftover instance namespace");
+                let _ = ip(&["netns", "del", ns]).await;
+            }
+        }
+    }
+
+    fn netns(&self, n: u8) -> String {
+        format!("{}-{n}", self.spec.bridge)
+    }
+
+    fn free_slot(&self) -> Result<u8, OrchestratorError> {
+        let taken = self.instances.lock().map_err(poisoned)?;
+        (FIRST..=LAST).find(|n| !taken.contains_key(n)).ok_or(OrchestratorError::Full((LAST - FIRST + 1) as usize))
+    }
+
+    async fn make_netns(&self, n: u8) -> Result<(), OrchestratorError> {
+        let ns = self.netns(n);
+        let host_end = ns.clone();
+        let cidr = format!("{}/24", self.spec.ip(n));
+        let gw = self.spec.ip(1).to_string();
+        ip(&["netns", "add", &ns]).await?;
+        let steps: [&[&str]; 7] = [
+            &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns],
+            &["link", "set", &host_end, "master", &self.spec.bridge, "up"],
+            &["-n", &ns, "link", "set", "lo", "up"],
+            &["-n", &ns, "addr", "add", &cidr, "dev", "eth0"],
+            &["-n", &ns, "link", "set", "eth0", "up"],
+            &["-n", &ns, "route", "add", "default", "via", &gw],
+            &["link", "set", &self.spec.bridge, "up"],
+        ];
+        for args in steps {
+            if let Err(e) = ip(args).await {
+                let _ = ip(&["netns", "del", &ns]).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn command_for(&self, n: u8, name: &str) -> Vec<String> {
+        let ip = self.spec.ip(n).to_string();
+        let port = self.spec.port.to_string();
+        let addr = format!("{ip}:{port}");
+        self.spec
+            .command
+            .iter()
+            .map(|a| a.replace("{ip}", &ip).replace("{port}", &port).replace("{addr}", &addr).replace("{name}", name))
+            .collect()
+    }
+
+    fn spawn_in(&self, n: u8, argv: &[String]) -> Result<Child, OrchestratorError> {
+        let ns_path = format!("/var/run/netns/{}", self.netns(n));
+        let ns = std::fs::File::open(&ns_path)
+            .map_err(|source| OrchestratorError::Io { what: format!("open {ns_path}"), source })?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(false);
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; only the child's thread moves.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child =
+            cmd.spawn().map_err(|source| OrchestratorError::Io { what: format!("start {}", argv[0]), source })?;
+        drop(ns);
+        Ok(child)
+    }
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> OrchestratorError {
+    OrchestratorError::Command { what: "process table".into(), detail: "lock poisoned".into() }
+}
+
+impl Orchestrator for ProcessOrchestrator {
+    async fn list(&self) -> Result<Vec<Replica>, OrchestratorError> {
+        let mut table = self.instances.lock().map_err(poisoned)?;
+        Ok(table
+            .iter_mut()
+            .map(|(n, i)| Replica {
+                id: self.netns(*n),
+                name: i.name.clone(),
+                addr: i.addr,
+                running: matches!(i.child.try_wait(), Ok(None)),
+            })
+            .collect())
+    }
+
+    async fn start(&self) -> Result<Replica, OrchestratorError> {
+        let n = self.free_slot()?;
+        let name = format!("{}-{n}", self.service);
+        self.make_netns(n).await?;
+        let argv = self.command_for(n, &name);
+        let child = match self.spawn_in(n, &argv) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ip(&["netns", "del", &self.netns(n)]).await;
+                return Err(e);
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
+        info!(service = self.service, instance = name, %addr, pid, "process started");
+        self.instances
+            .lock()
+            .map_err(poisoned)?
+            .insert(n, Instance { name: name.clone(), addr, child, pid, cpu_sample: None });
+        Ok(Replica { id: self.netns(n), name, addr, running: true })
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), OrchestratorError> {
+        let n = id
+            .strip_prefix(&format!("{}-", self.spec.bridge))
+            .and_then(|s| s.parse::<u8>().ok())
+            .ok_or_else(|| OrchestratorError::Unknown(id.into()))?;
+        let mut inst =
+            self.instances.lock().map_err(poisoned)?.remove(&n).ok_or_else(|| OrchestratorError::Unknown(id.into()))?;
+        if let Ok(None) = inst.child.try_wait() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(inst.pid as i32, libc::SIGTERM) };
+            if tokio::time::timeout(self.spec.stop_grace, inst.child.wait()).await.is_err() {
+                warn!(instance = inst.name, "did not stop within the grace period; killing it");
+                let _ = inst.child.kill().await;
+            }
+        }
+        ip(&["netns", "del", &self.netns(n)]).await?;
+        info!(service = self.service, instance = inst.name, "process stopped");
+        Ok(())
+    }
+
+    async fn cpu_percent(&self) -> Result<HashMap<String, f64>, OrchestratorError> {
+        let mut out = HashMap::new();
+        let ticks = clock_ticks();
+        let mut table = self.instances.lock().map_err(poisoned)?;
+        for (n, inst) in table.iter_mut() {
+            let Some(now_ticks) = cpu_ticks(inst.pid) else { continue };
+            let now = Instant::now();
+            if let Some((before, at)) = inst.cpu_sample {
+                let secs = now.duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    let used = now_ticks.saturating_sub(before) as f64 / ticks;
+                    out.insert(format!("{}-{n}", self.spec.bridge), 100.0 * used / secs);
+                }
+            }
+            inst.cpu_sample = Some((now_ticks, now));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ProcessOrchestrator {
+    /// Instances do not outlive the orchestrator: kill them and remove their
+    /// namespaces (a clean `stop` of each is the normal path; this is the
+    /// net under it).
+    fn drop(&mut self) {
+        let Ok(mut table) = self.instances.lock() else { return };
+        for (n, inst) in table.iter_mut() {
+            let _ = inst.child.start_kill();
+            let _ =
+                std::process::Command::new("ip").args(["netns", "del", &format!("{}-{n}", self.spec.bridge)]).status();
+        }
+    }
+}
+
+/// utime + stime of a process, in clock ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields start after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+async fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+async fn ip(args: &[&str]) -> Result<(), OrchestratorError> {
+    output("ip", args).await.map(|_| ())
+}
+
+async fn output(prog: &str, args: &[&str]) -> Result<String, OrchestratorError> {
+    let what = format!("{prog} {}", args.join(" "));
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| OrchestratorError::Io { what: what.clone(), source })?;
+    if !out.status.success() {
+        return Err(OrchestratorError::Command {
+            what,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ProcessSpec {
+        ProcessSpec {
+            command: vec!["/bin/srv".into(), "--listen".into(), "{addr}".into(), "--name={name}".into()],
+            port: 8080,
+            bridge: "lbp0".into(),
+            prefix: Ipv4Addr::new(10, 212, 0, 0),
+            stop_grace: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn placeholders_are_filled_per_instance() {
+        let o = ProcessOrchestrator { spec: spec(), service: "web".into(), instances: Mutex::new(BTreeMap::new()) };
+        assert_eq!(o.command_for(7, "web-7"), ["/bin/srv", "--listen", "10.212.0.7:8080", "--name=web-7"]);
+        assert_eq!(o.netns(7), "lbp0-7");
+    }
+
+    #[test]
+    fn spec_problems_name_their_field() {
+        let bad = ProcessSpec {
+            command: vec![],
+            port: 0,
+            bridge: "a-very-long-bridge".into(),
+            prefix: Ipv4Addr::new(10, 0, 0, 1),
+            ..spec()
+        };
+        let p = bad.problems("service[0] \"web\": scaling.process");
+        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(p[0].ends_with("scaling.process.command: name the program to run"));
+        assert!(spec().problems("x").is_empty());
+    }
+
+    #[test]
+    fn cpu_ticks_reads_our_own_process() {
+        assert!(cpu_ticks(std::process::id()).is_some());
+        assert_eq!(cpu_ticks(u32::MAX), None);
+    }
+}
