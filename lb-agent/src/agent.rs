@@ -250,7 +250,7 @@ impl Agent {
     fn handle_call(&mut self, request: Request) -> Response {
         let now = tokio::time::Instant::now();
         let change = match &request {
-            Request::Status => return Response::status(self.build_snapshot()),
+            Request::Status => return Response::status(self.build_snapshot(false)),
             Request::Stop => {
                 self.stop_requested = true;
                 return Response::ok("stopping: detaching and removing pinned state");
@@ -336,9 +336,9 @@ impl Agent {
         for (service, d) in &done {
             let id = ids.get(&(service.clone(), d.addr)).copied();
             if let (true, Some(id)) = (d.expired, id) {
-                let flushed = self.dataplane.flush_backend_flows(id)?;
-                warn!(service, backend = %d.addr, flushed, "drain deadline passed; open flows cut");
-                self.event(format!("{service}: {} drain deadline passed, {flushed} flow entries cut", d.addr));
+                let cut = self.dataplane.flush_backend_flows(id)?;
+                warn!(service, backend = %d.addr, open_flows = cut, "drain deadline passed; open flows cut");
+                self.event(format!("{service}: {} drain deadline passed, {cut} open flow(s) cut", d.addr));
             } else {
                 info!(service, backend = %d.addr, "drained");
                 self.event(format!("{service}: {} drained", d.addr));
@@ -348,8 +348,15 @@ impl Agent {
         Ok(())
     }
 
-    fn build_snapshot(&mut self) -> Snapshot {
-        match self.snapshots.build(&self.registry, &self.reconciler, &self.dataplane, &self.events, self.errors) {
+    fn build_snapshot(&mut self, advance: bool) -> Snapshot {
+        match self.snapshots.build(
+            advance,
+            &self.registry,
+            &self.reconciler,
+            &self.dataplane,
+            &self.events,
+            self.errors,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = format!("{e:#}"), "reading the data plane's counters failed");
@@ -369,7 +376,7 @@ impl Agent {
             warn!(error = format!("{e:#}"), "drain check failed");
             self.error(format!("drain check failed: {e:#}"));
         }
-        let snapshot = self.build_snapshot();
+        let snapshot = self.build_snapshot(true);
         self.published.send_replace(Arc::new(snapshot));
     }
 

@@ -297,12 +297,7 @@ impl AyaDataplane {
             if key.dir != DIR_FORWARD {
                 continue;
             }
-            let open = if key.proto == PROTO_UDP {
-                now.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
-            } else {
-                conn.tcp_seen == 0
-            };
-            if open {
+            if is_open(&key, &conn, now) {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
             }
         }
@@ -310,23 +305,29 @@ impl AyaDataplane {
     }
 
     /// Forget every flow of a backend (both directions); its clients' next
-    /// packets start new flows elsewhere. Returns how many entries went.
-    pub fn flush_backend_flows(&mut self, backend_id: u32) -> Result<usize, DataplaneError> {
-        let keys: Vec<FlowKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| c.backend_id == backend_id)
-            .map(|(k, _)| k)
-            .collect();
-        let mut n = 0;
-        for k in &keys {
-            // Already gone (LRU eviction, or the flow's other half) is fine.
-            if self.conntrack.remove(k).is_ok() {
-                n += 1;
+    /// packets start new flows elsewhere. Returns how many of them were still
+    /// open (as `scan_conntrack` counts them).
+    pub fn flush_backend_flows(&mut self, backend_id: u32) -> Result<u64, DataplaneError> {
+        let now = monotonic_ns();
+        let entries: Vec<(FlowKey, Conn)> =
+            self.conntrack.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
+        let mut open = 0;
+        for (k, c) in &entries {
+            // Already gone (LRU eviction) is fine.
+            if self.conntrack.remove(k).is_ok() && k.dir == DIR_FORWARD && is_open(k, c, now) {
+                open += 1;
             }
         }
-        Ok(n)
+        Ok(open)
+    }
+}
+
+/// Open as `scan_conntrack` and drains count it.
+fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
+    if key.proto == PROTO_UDP {
+        now_ns.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
+    } else {
+        conn.tcp_seen == 0
     }
 }
 

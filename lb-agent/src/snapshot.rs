@@ -29,8 +29,12 @@ impl SnapshotBuilder {
         SnapshotBuilder { config_path, started: Instant::now(), previous: HashMap::new() }
     }
 
+    /// Rates are measured against the previous build that had `advance`
+    /// set; only the agent's periodic tick sets it, so an on-demand `status`
+    /// does not shorten the window `/metrics` sees.
     pub fn build(
         &mut self,
+        advance: bool,
         registry: &Registry,
         reconciler: &Reconciler,
         dataplane: &AyaDataplane,
@@ -83,7 +87,9 @@ impl SnapshotBuilder {
             });
             seen.insert(svc_key, (counters, now));
         }
-        self.previous = seen;
+        if advance {
+            self.previous = seen;
+        }
         let reasons = dataplane
             .reason_counters()?
             .into_iter()

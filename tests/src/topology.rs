@@ -14,7 +14,7 @@
 //!
 //! Everything is owned by RAII guards: dropping a [`Topology`] stops the
 //! backend servers and deletes the namespaces (which deletes their veths);
-//! dropping an [`Agent`] sends SIGTERM to the one process it spawned, then
+//! dropping an [`Agent`] sends SIGTERM to the process it spawned, then
 //! SIGKILL if it does not exit in time. All of it also runs during a panic.
 //!
 //! Checksums: by default the client's and backends' stacks hand veth
@@ -29,10 +29,16 @@
 //! keeps the backtrace.
 //!
 //! Unlike [`crate::netns::NetNs`], these namespaces are *named* (`ip netns
-//! add`): the agent has to run under `ip netns exec`, which also remounts
-//! /sys for it (the agent checks `/sys/class/net/<iface>`), and `ip`,
-//! `ethtool` and `sysctl` need a name to reach them. The cost: a process
-//! killed with SIGKILL leaves `lbt-<pid>-*` entries behind for `ip netns del`.
+//! add`): `ip`, `ethtool` and `sysctl` need a name to reach them, and the
+//! agent is started in one by opening `/run/netns/<name>`. The cost: a
+//! process killed with SIGKILL leaves `lbt-<pid>-*` entries behind for `ip
+//! netns del`.
+//!
+//! The agent enters only the LB's network namespace and shares the test's
+//! mount namespace, so the bpffs it mounts under the topology's directory
+//! for its pins outlives it, and a restarted agent adopts them. Each agent
+//! gets its own control socket and pin directory there
+//! ([`Topology::agent_args`]); dropping the topology unmounts that bpffs.
 
 use std::{
     fs::{self, File},
@@ -561,6 +567,8 @@ impl Topology {
         assert!(options.backends.len() <= MAX_BACKEND_INDEX as usize, "too many backends");
         let prefix = unique_prefix();
         let dir = TempDir::create(&prefix);
+        let bpf = dir.path().join(BPF_DIR);
+        fs::create_dir(&bpf).unwrap_or_else(|e| panic!("create {}: {e}", bpf.display()));
         let lb = Netns::create(&format!("{prefix}-lb"));
         // Before any interface exists, so that they inherit the defaults.
         for (key, value) in [
@@ -653,10 +661,19 @@ impl Topology {
         self.backends.iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no backend {name}"))
     }
 
-    /// Stop one backend's servers (its namespace and link stay).
+    /// Stop one backend's servers (its namespace and link stay): its
+    /// listener closes, so connects to it are refused, and its open
+    /// connections end.
     pub fn stop_backend(&mut self, name: &str) {
         let b = self.backends.iter_mut().find(|b| b.name == name).unwrap_or_else(|| panic!("no backend {name}"));
         b.servers.take();
+    }
+
+    /// Start a stopped backend's servers again (same addresses).
+    pub fn start_backend(&mut self, name: &str) {
+        let b = self.backends.iter_mut().find(|b| b.name == name).unwrap_or_else(|| panic!("no backend {name}"));
+        assert!(b.servers.is_none(), "backend {name} is running already");
+        b.servers = Some(BackendServers::start(b.ns.name(), name, b.tcp_addr(), b.udp_addr()));
     }
 
     /// The VIP's TCP service address.
@@ -688,12 +705,23 @@ impl Topology {
     /// both on every LB-side interface, with `members` (backend name,
     /// weight) as backends.
     pub fn config_toml(&self, members: &[(&str, u32)]) -> String {
+        self.config_toml_with(members, "")
+    }
+
+    /// [`Topology::config_toml`] with `web_extra` (TOML lines such as
+    /// `drain_timeout = "2s"` or `health_check = {...}`) added to the TCP
+    /// service only: a TCP health check would fail on the UDP ports.
+    pub fn config_toml_with(&self, members: &[(&str, u32)], web_extra: &str) -> String {
         let interfaces = self.lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
         let mut out = format!("# Written by lb-tests for topology {}.\n", self.prefix);
         for (name, proto, port) in [("web", "tcp", TCP_PORT), ("dns", "udp", UDP_PORT)] {
             out += &format!(
                 "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"{proto}\"\ninterfaces = [{interfaces}]\n"
             );
+            if proto == "tcp" && !web_extra.is_empty() {
+                out += web_extra.trim_end();
+                out.push('\n');
+            }
             for (member, weight) in members {
                 let b = self.backend(member);
                 let addr = if proto == "tcp" { b.tcp_addr() } else { b.udp_addr() };
@@ -724,9 +752,40 @@ impl Topology {
         path
     }
 
-    /// Start the agent on the current config file and wait for "ready".
+    /// The agent's control socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
+    /// Where the agent pins its maps and links: `<dir>/bpf/lb`. The agent
+    /// mounts bpffs on `<dir>/bpf`; dropping the topology unmounts it.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.path().join(BPF_DIR).join("lb")
+    }
+
+    /// Arguments for an agent of this topology: the current config file,
+    /// its own control socket and pin directory, no metrics server, the log
+    /// in `agent.log`.
+    pub fn agent_args(&self) -> AgentArgs {
+        AgentArgs {
+            config: self.config_path(),
+            api_socket: self.api_socket(),
+            metrics_address: None,
+            pin_dir: Some(self.pin_dir()),
+            keep_on_exit: false,
+            log: self.dir.path().join("agent.log"),
+        }
+    }
+
+    /// Start the agent (see [`Topology::agent_args`]) in the LB namespace and
+    /// wait for "ready".
     pub fn start_agent(&self) -> Agent {
-        let mut agent = Agent::spawn(self.lb.name(), &self.config_path(), &self.dir.path().join("agent.log"));
+        self.start_agent_with(&self.agent_args())
+    }
+
+    /// Start an agent with `args` in the LB namespace and wait for "ready".
+    pub fn start_agent_with(&self, args: &AgentArgs) -> Agent {
+        let mut agent = Agent::spawn(self.lb.name(), args);
         agent.wait_ready();
         agent
     }
@@ -791,7 +850,43 @@ impl Drop for Topology {
         for b in &mut self.backends {
             b.servers.take();
         }
+        // The bpffs an agent mounted for its pins, before the directory goes.
+        // (Agents are gone by now: an `Agent` is declared after its topology,
+        // so it drops first.) Unmounting releases whatever a killed agent
+        // left pinned, XDP links included.
+        unmount_bpffs(&self.dir.path().join(BPF_DIR));
     }
+}
+
+/// `<dir>/<BPF_DIR>` is where agents mount bpffs for their pins.
+const BPF_DIR: &str = "bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Unmount every bpffs mounted on `path` (a directory this topology made,
+/// so whatever is mounted there an agent of ours mounted). Bounded: a few
+/// stacked mounts at most.
+fn unmount_bpffs(path: &Path) {
+    for _ in 0..4 {
+        if !is_bpffs(path) {
+            return;
+        }
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return };
+        // SAFETY: a NUL-terminated path. MNT_DETACH: nothing holds files
+        // open there, but a lazy unmount cannot fail on a straggler.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!("warning: umount {}: {}", path.display(), io::Error::last_os_error());
+            return;
+        }
+    }
+    eprintln!("warning: {} is still a bpffs after 4 unmounts", path.display());
 }
 
 /// Parse `ip -d link show` output into (interface, XDP kind) pairs. The
@@ -844,49 +939,73 @@ pub fn agent_bin() -> PathBuf {
     );
 }
 
-/// A running `lb-agent run --config FILE` inside a namespace, with its
-/// stderr going to a log file. Drop sends SIGTERM, waits up to 5 s, then
-/// SIGKILL. Only the one process this guard spawned is ever signalled.
+/// How to run one `lb-agent run`: the flags it gets and where its log goes.
+/// [`Topology::agent_args`] gives every agent its own control socket and
+/// pin directory inside the topology's scratch directory, so tests never
+/// meet the system's defaults (`/run/lb-agent`, `/sys/fs/bpf/lb-agent`) or
+/// each other.
+#[derive(Clone, Debug)]
+pub struct AgentArgs {
+    pub config: PathBuf,
+    pub api_socket: PathBuf,
+    /// `None` passes `--metrics-address off`.
+    pub metrics_address: Option<SocketAddr>,
+    /// `None` passes `--no-pin`. The agent mounts bpffs on the directory's
+    /// parent if it is not on one already.
+    pub pin_dir: Option<PathBuf>,
+    pub keep_on_exit: bool,
+    /// stderr and stdout, appended to (a restarted agent adds to the log).
+    pub log: PathBuf,
+}
+
+/// A running `lb-agent run` inside a namespace, with its output going to a
+/// log file. Drop sends SIGTERM, waits up to 5 s, then SIGKILL. Only the
+/// processes this guard spawned are ever signalled, by pid.
+///
+/// The agent enters only the namespace's *network* namespace (setns in the
+/// child before exec, as `nsenter --net` does); it stays in the test's mount
+/// namespace. `ip netns exec` would give it a private mount namespace, and
+/// the bpffs it mounts for its pins would vanish with it, so a restarted
+/// agent could never adopt them.
 pub struct Agent {
     child: Child,
-    log_path: PathBuf,
+    ns: String,
+    args: AgentArgs,
+    /// Where this process's part of the log starts.
+    log_start: usize,
     exited: Option<ExitStatus>,
 }
 
 impl Agent {
-    /// Spawn the agent in `ns` (via `ip netns exec`, which execs the agent
-    /// in place, so the child's pid is the agent's and /sys shows `ns`'s
-    /// interfaces). Does not wait for anything.
-    pub fn spawn(ns: &str, config: &Path, log_path: &Path) -> Agent {
-        let bin = agent_bin();
-        let log = File::create(log_path).unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(&bin)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log fd"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        Agent { child, log_path: log_path.to_owned(), exited: None }
+    /// Spawn the agent in `ns`'s network namespace. The child's pid is the
+    /// agent's. Does not wait for anything.
+    pub fn spawn(ns: &str, args: &AgentArgs) -> Agent {
+        let (child, log_start) = spawn_agent_process(ns, args);
+        Agent { child, ns: ns.to_owned(), args: args.clone(), log_start, exited: None }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
+    pub fn args(&self) -> &AgentArgs {
+        &self.args
     }
 
-    /// The log so far, without ANSI colour codes.
+    pub fn log_path(&self) -> &Path {
+        &self.args.log
+    }
+
+    /// This process's log so far (not its predecessors'), without ANSI
+    /// colour codes.
     pub fn log(&self) -> String {
-        strip_ansi(&fs::read_to_string(&self.log_path).unwrap_or_default())
+        let all = fs::read(&self.args.log).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(&all[self.log_start.min(all.len())..]))
+    }
+
+    /// The whole log file, every agent this guard started.
+    pub fn full_log(&self) -> String {
+        strip_ansi(&String::from_utf8_lossy(&fs::read(&self.args.log).unwrap_or_default()))
     }
 
     /// Lines of the log whose message is `message` (matched as `": message"`
@@ -985,9 +1104,66 @@ impl Agent {
             return Some(s);
         }
         eprintln!("warning: lb-agent (pid {pid}) ignored SIGTERM for 5 s; sending SIGKILL");
-        let _ = self.child.kill();
+        self.kill()
+    }
+
+    /// SIGKILL now (a crash: nothing is cleaned up, pinned state stays) and
+    /// reap; returns the exit status.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if let Some(s) = self.try_exit_status() {
+            return Some(s);
+        }
+        // Child::kill is SIGKILL to this child's pid, which is not reaped yet.
+        if let Err(e) = self.child.kill() {
+            eprintln!("warning: SIGKILL lb-agent (pid {}): {e}", self.child.id());
+        }
         self.exited = self.child.wait().ok();
         self.exited
+    }
+
+    /// Start a new agent with the same arguments (config, socket, pins) in
+    /// place of this one, which must have exited (see [`Agent::kill`]).
+    /// Does not wait for it to be ready; `log` and `count` now see only the
+    /// new process's lines.
+    pub fn respawn(&mut self) {
+        assert!(self.try_exit_status().is_some(), "respawn: lb-agent (pid {}) is still running", self.child.id());
+        let (child, log_start) = spawn_agent_process(&self.ns, &self.args);
+        self.child = child;
+        self.log_start = log_start;
+        self.exited = None;
+    }
+
+    /// One request line on the control socket (a fresh connection); the
+    /// answer parsed as JSON. `line` goes as it is, plus a newline. Panics if
+    /// the agent does not answer within 5 s.
+    pub fn api(&self, line: &str) -> serde_json::Value {
+        let sock = &self.args.api_socket;
+        let answer = api_call(sock, line).unwrap_or_else(|e| panic!("control socket {}: {e}", sock.display()));
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("unreadable answer {answer:?} to {line:.200}: {e}"))
+    }
+
+    /// [`Agent::api`] for a change that must be accepted.
+    pub fn api_ok(&self, line: &str) -> serde_json::Value {
+        let v = self.api(line);
+        assert_eq!(v["ok"], true, "the agent refused {line}: {v}");
+        v
+    }
+
+    /// The agent's status snapshot (what `lb-agent status --json` prints),
+    /// straight from the control socket.
+    pub fn status(&self) -> serde_json::Value {
+        let mut v = self.api_ok(r#"{"op":"status"}"#);
+        v["status"].take()
+    }
+
+    /// Run the `lb-agent` command line with `args` plus `--api-socket` of
+    /// this agent (in the test's namespaces: the control socket is a path,
+    /// reachable from any network namespace).
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        all.push("--api-socket".as_ref());
+        all.push(self.args.api_socket.as_os_str());
+        run_agent_cli(&all)
     }
 }
 
@@ -997,11 +1173,121 @@ impl Drop for Agent {
         if thread::panicking() {
             eprintln!(
                 "---- lb-agent log ({}) ----\n{}---- end of lb-agent log ----",
-                self.log_path.display(),
-                self.log()
+                self.args.log.display(),
+                self.full_log()
             );
         }
     }
+}
+
+fn spawn_agent_process(ns: &str, args: &AgentArgs) -> (Child, usize) {
+    use std::os::unix::process::CommandExt as _;
+    let bin = agent_bin();
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.log)
+        .unwrap_or_else(|e| panic!("open {}: {e}", args.log.display()));
+    let log_start = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let netns_path = Path::new("/run/netns").join(ns);
+    let netns = File::open(&netns_path).unwrap_or_else(|e| panic!("open {}: {e}", netns_path.display()));
+    let netns_fd = netns.as_raw_fd();
+    let mut cmd = Command::new(&bin);
+    cmd.arg("run").arg("--config").arg(&args.config).arg("--api-socket").arg(&args.api_socket);
+    cmd.arg("--metrics-address").arg(args.metrics_address.map_or("off".to_owned(), |a| a.to_string()));
+    match &args.pin_dir {
+        Some(dir) => cmd.arg("--pin-dir").arg(dir),
+        None => cmd.arg("--no-pin"),
+    };
+    if args.keep_on_exit {
+        cmd.arg("--keep-on-exit");
+    }
+    cmd.env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log fd"))
+        .stderr(log);
+    // SAFETY: between fork and exec the child only calls setns(2), which is
+    // async-signal-safe, on a descriptor that stays open until spawn returns
+    // (`netns` lives past it; O_CLOEXEC closes it in the agent).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {} in {ns}: {e}", bin.display()));
+    drop(netns);
+    (child, log_start)
+}
+
+/// What a run of the `lb-agent` command line printed.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `lb-agent <args>` (not `run`: it waits for the process to end, at
+/// most 30 s, then SIGKILLs it and panics).
+pub fn run_agent_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> CliOutput {
+    let bin = agent_bin();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    let (mut out, mut err) = (child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
+    let out_reader = thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = io::Read::read_to_end(&mut out, &mut s);
+        s
+    });
+    let err_reader = thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = io::Read::read_to_end(&mut err, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for lb-agent") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            // Still unreaped, so the pid is still this child's.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`lb-agent` CLI did not finish within 30 s");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = String::from_utf8_lossy(&out_reader.join().expect("stdout reader")).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().expect("stderr reader")).into_owned();
+    CliOutput { status, stdout, stderr }
+}
+
+/// Send `line` (plus a newline) on a fresh connection to the control socket
+/// and read one answer line; 5 s limits on each step.
+pub fn api_call(socket: &Path, line: &str) -> io::Result<String> {
+    use std::os::unix::net::UnixStream;
+    let limit = Some(Duration::from_secs(5));
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(limit)?;
+    stream.set_write_timeout(limit)?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    if !answer.ends_with('\n') {
+        return Err(io::Error::new(ErrorKind::UnexpectedEof, format!("no whole answer line, got {answer:?}")));
+    }
+    answer.pop();
+    Ok(answer)
 }
 
 fn has_message(line: &str, message: &str) -> bool {

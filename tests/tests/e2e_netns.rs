@@ -20,7 +20,9 @@ use std::{
 
 use lb_tests::{
     root::skip_without_root,
-    topology::{ns_exec_status, tcp_request, udp_request, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
+    topology::{
+        ns_exec_status, tcp_request, udp_request, AgentArgs, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR,
+    },
 };
 
 macro_rules! require_root {
@@ -372,8 +374,8 @@ fn root_bad_config_is_refused_and_attaches_nothing() {
     ];
     for (what, text, field) in cases {
         topo.write_raw_config(&text);
-        let mut agent =
-            lb_tests::topology::Agent::spawn(topo.lb.name(), &topo.config_path(), &topo.dir().join("bad.log"));
+        let args = AgentArgs { log: topo.dir().join("bad.log"), ..topo.agent_args() };
+        let mut agent = lb_tests::topology::Agent::spawn(topo.lb.name(), &args);
         let status =
             agent.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| panic!("{what}: lb-agent kept running"));
         let log = agent.log();

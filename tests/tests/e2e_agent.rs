@@ -1,0 +1,730 @@
+//! The agent end to end: run-time changes through the config file and the
+//! control API, health checks, drains, a SIGKILL and restart on pinned
+//! state, the control API's refusals and the status command line, each
+//! against real traffic through client ns ⇄ LB ns (lb-agent + XDP) ⇄
+//! backend namespaces.
+//!
+//! Needs root and a built agent: `cargo build --release -p lb-agent && cargo
+//! test -p lb-tests --release --test e2e_agent -- --test-threads=1
+//! --nocapture`. Measured figures are printed as `MEASURED:` lines. Each
+//! test builds its own topology; the guards remove it again (namespaces,
+//! the agent, its bpffs mount and the scratch directory), also when the
+//! test fails.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    root::skip_without_root,
+    topology::{run_agent_cli, tcp_request, xdp_attachments, Agent, Conn, Options, Topology},
+};
+use serde_json::Value;
+
+macro_rules! require_root {
+    ($name:literal) => {
+        if skip_without_root($name) {
+            return;
+        }
+    };
+}
+
+fn names(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("web-{i}")).collect()
+}
+
+/// A topology with `n` backends and the agent on all of them (weight 1).
+fn start(n: usize, web_extra: &str) -> (Topology, Agent) {
+    let topo = Topology::build(Options::with_backends(&names(n)));
+    let members: Vec<(&str, u32)> = topo.backends.iter().map(|b| (b.name.as_str(), 1)).collect();
+    topo.write_raw_config(&topo.config_toml_with(&members, web_extra));
+    let agent = topo.start_agent();
+    (topo, agent)
+}
+
+/// Open `n` held connections from the client namespace.
+fn hold(topo: &Topology, n: usize) -> Vec<Conn> {
+    let vip = topo.vip_tcp();
+    topo.client
+        .run(move || (0..n).map(|i| Conn::open(vip).unwrap_or_else(|e| panic!("held connection {i}: {e}"))).collect())
+}
+
+fn per_backend(conns: &[Conn]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for c in conns {
+        *m.entry(c.backend.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// `n` new connections: answers per backend, and a description of each failure.
+fn new_connections(topo: &Topology, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+    let vip = topo.vip_tcp();
+    topo.client.run(move || {
+        let (mut counts, mut failures) = (BTreeMap::new(), Vec::new());
+        for i in 0..n {
+            match tcp_request(vip) {
+                Ok((backend, _)) => *counts.entry(backend).or_insert(0) += 1,
+                Err(e) => failures.push(format!("new connection {i}: {e}")),
+            }
+        }
+        (counts, failures)
+    })
+}
+
+/// Echo on every held connection; a failure or a different backend is
+/// described.
+fn echo_all(held: &mut [Conn], round: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, c) in held.iter_mut().enumerate() {
+        match c.echo(&format!("{round} conn {i}")) {
+            Ok(name) if name == c.backend => {}
+            Ok(name) => failures.push(format!("{round}: held conn {i} to {} answered by {name}", c.backend)),
+            Err(e) => failures.push(format!("{round}: held conn {i} to {}: {e}", c.backend)),
+        }
+    }
+    failures
+}
+
+/// The `web` service's backends in a status snapshot, by address.
+fn web_backends(status: &Value) -> BTreeMap<String, Value> {
+    let web = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .unwrap_or_else(|| panic!("no service web in status: {status}"));
+    web["backends"]
+        .as_array()
+        .unwrap_or_else(|| panic!("web has no backends array: {web}"))
+        .iter()
+        .map(|b| (b["address"].as_str().expect("address").to_owned(), b.clone()))
+        .collect()
+}
+
+/// The configuration part of a status snapshot: services and backends with
+/// their state, weight and table place, without counters or open flows.
+fn config_view(status: &Value) -> Value {
+    let services: Vec<Value> = status["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| {
+            let backends: Vec<Value> = s["backends"]
+                .as_array()
+                .expect("backends")
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "address": b["address"], "state": b["state"], "weight": b["weight"],
+                        "in_table": b["in_table"], "table_share": b["table_share"],
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": s["name"], "vip": s["vip"], "port": s["port"], "protocol": s["protocol"],
+                "interfaces": s["interfaces"], "backends": backends,
+            })
+        })
+        .collect();
+    Value::Array(services)
+}
+
+fn events(status: &Value) -> Vec<String> {
+    status["events"]
+        .as_array()
+        .map_or_else(Vec::new, |e| e.iter().filter_map(|e| e["message"].as_str().map(str::to_owned)).collect())
+}
+
+/// Poll the status every 50 ms until `pred` holds for it; returns the time
+/// since `since` when it did, or panics with the last status once `limit`
+/// has passed since then.
+fn poll_status(agent: &Agent, since: Instant, limit: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Duration {
+    loop {
+        let status = agent.status();
+        if pred(&status) {
+            return since.elapsed();
+        }
+        if since.elapsed() > limit {
+            panic!("{what}: not within {limit:?}; last status: {:#}", config_view(&status));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A stop flag for a client thread, raised on drop too, so a failing test
+/// does not leave its client running into the next test.
+struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    fn new() -> StopFlag {
+        StopFlag(Arc::new(AtomicBool::new(false)))
+    }
+    fn raise(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StopFlag {
+    fn drop(&mut self) {
+        self.raise();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Twenty changes under held connections
+
+/// One step of the change script.
+enum Change {
+    /// Rewrite the config file with exactly these (backend, weight).
+    Config(&'static [(&'static str, u32)]),
+    Add(&'static str, u32),
+    Remove(&'static str),
+    Weight(&'static str, u32),
+}
+
+/// What the agent's registry should hold for the `web` service: backend
+/// name -> (weight, active). Draining ones are `active == false` (they may
+/// also have drained away; either way they are out of the table).
+#[derive(Default)]
+struct Model(BTreeMap<&'static str, (u32, bool)>);
+
+impl Model {
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Config(members) => {
+                for (_, (_, active)) in self.0.iter_mut() {
+                    *active = false;
+                }
+                for (name, w) in members.iter() {
+                    self.0.insert(name, (*w, true));
+                }
+            }
+            Change::Add(name, w) => {
+                assert!(!self.0.get(name).is_some_and(|(_, a)| *a), "script error: {name} is active already");
+                self.0.insert(name, (*w, true));
+            }
+            Change::Remove(name) => self.0.get_mut(name).expect("script error: unknown backend").1 = false,
+            Change::Weight(name, w) => {
+                let e = self.0.get_mut(name).expect("script error: unknown backend");
+                assert!(e.1, "script error: {name} may have drained away");
+                e.0 = *w;
+            }
+        }
+    }
+
+    fn in_table(&self) -> BTreeSet<String> {
+        self.0.iter().filter(|(_, (w, a))| *a && *w > 0).map(|(n, _)| n.to_string()).collect()
+    }
+}
+
+#[test]
+fn root_held_connections_survive_twenty_backend_changes() {
+    require_root!("root_held_connections_survive_twenty_backend_changes");
+    use Change::*;
+    const INITIAL: &[(&str, u32)] = &[("web-1", 1), ("web-2", 1), ("web-3", 1), ("web-4", 1)];
+    // Config rewrites and API calls, mixed: adds, removals (drains), weight
+    // changes, re-adding draining backends, weight 0, a big cut, and back.
+    // Each config rewrite differs from the previous file, so the agent
+    // applies it rather than logging "config unchanged".
+    let script: [Change; 20] = [
+        Add("web-5", 1),
+        Config(&[("web-1", 1), ("web-2", 3), ("web-3", 1), ("web-4", 1), ("web-5", 1)]),
+        Weight("web-3", 2),
+        Remove("web-1"),
+        Config(&[("web-2", 3), ("web-3", 2), ("web-4", 1), ("web-5", 1)]),
+        Add("web-6", 2),
+        Config(&[("web-1", 1), ("web-2", 3), ("web-3", 2), ("web-4", 1), ("web-5", 1), ("web-6", 2)]),
+        Remove("web-4"),
+        Weight("web-2", 1),
+        Config(&[("web-1", 1), ("web-3", 5), ("web-5", 1), ("web-6", 2)]),
+        Add("web-2", 2),
+        Weight("web-5", 0),
+        Config(&[("web-1", 1), ("web-2", 2), ("web-3", 5), ("web-5", 4), ("web-6", 2)]),
+        Remove("web-6"),
+        Config(&[("web-1", 1), ("web-2", 2), ("web-3", 1), ("web-4", 1), ("web-5", 4)]),
+        Weight("web-1", 10),
+        Add("web-6", 1),
+        Config(&[("web-3", 1), ("web-6", 1)]),
+        Add("web-1", 1),
+        Config(&[("web-1", 1), ("web-2", 1), ("web-3", 1), ("web-4", 1), ("web-5", 1), ("web-6", 1)]),
+    ];
+    // A drain outlasts the test: held connections to removed backends stay
+    // in the table's care (their servers keep running).
+    let extra = "drain_timeout = \"60s\"";
+    let topo = Topology::build(Options::with_backends(&names(6)));
+    topo.write_raw_config(&topo.config_toml_with(INITIAL, extra));
+    let mut agent = topo.start_agent();
+    let started = Instant::now();
+    let mut model = Model::default();
+    model.apply(&Config(INITIAL));
+
+    let mut held = hold(&topo, 30);
+    let spread = per_backend(&held);
+    println!("held connections per backend: {spread:?}");
+    assert_eq!(spread.len(), 4, "30 held connections did not reach all 4 backends: {spread:?}");
+
+    let mut failures: Vec<String> = Vec::new();
+    let (mut new_ok, mut echoes) = (0, 0);
+    for (step, change) in script.iter().enumerate() {
+        let step = step + 1;
+        let what = match change {
+            Config(members) => {
+                agent.reload_with(|| {
+                    topo.write_raw_config(&topo.config_toml_with(members, extra));
+                });
+                format!("config {members:?}")
+            }
+            Add(name, w) => {
+                let addr = topo.backend(name).tcp_addr();
+                agent.api_ok(&format!(r#"{{"op":"add_backend","service":"web","address":"{addr}","weight":{w}}}"#));
+                format!("api add {name} weight {w}")
+            }
+            Remove(name) => {
+                let addr = topo.backend(name).tcp_addr();
+                agent.api_ok(&format!(r#"{{"op":"remove_backend","service":"web","address":"{addr}"}}"#));
+                format!("api remove {name}")
+            }
+            Weight(name, w) => {
+                let addr = topo.backend(name).tcp_addr();
+                agent.api_ok(&format!(r#"{{"op":"set_weight","service":"web","address":"{addr}","weight":{w}}}"#));
+                format!("api weight {name} {w}")
+            }
+        };
+        model.apply(change);
+        let want = model.in_table();
+
+        // The agent's view agrees with the model.
+        let status = agent.status();
+        let table: BTreeSet<String> = web_backends(&status)
+            .values()
+            .filter(|b| b["in_table"] == true)
+            .map(|b| topo.backends.iter().find(|t| t.tcp_addr().to_string() == b["address"]).unwrap().name.clone())
+            .collect();
+        if table != want {
+            failures.push(format!("step {step} ({what}): status has {table:?} in the table, expected {want:?}"));
+        }
+
+        let f = echo_all(&mut held, &format!("step {step}"));
+        echoes += held.len() - f.len();
+        failures.extend(f);
+        let (counts, f) = new_connections(&topo, 20);
+        new_ok += 20 - f.len();
+        failures.extend(f.into_iter().map(|e| format!("step {step} ({what}): {e}")));
+        for b in counts.keys() {
+            if !want.contains(b) {
+                failures.push(format!("step {step} ({what}): a new connection reached {b}, not in the table {want:?}"));
+            }
+        }
+        println!("step {step:>2}: {what:<70} table {want:?}, new connections {counts:?}");
+    }
+    println!(
+        "20 changes in {:.1?}: {echoes} held-connection echoes and {new_ok} new connections succeeded, {} failures",
+        started.elapsed(),
+        failures.len()
+    );
+    eprintln!(
+        "MEASURED: twenty_changes: {} failures, {echoes} held echoes ok, {new_ok} new connections ok",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------
+// 2. Health checks
+
+#[test]
+fn root_failed_backend_leaves_table() {
+    require_root!("root_failed_backend_leaves_table");
+    let (interval, timeout, rise, fall) = (Duration::from_millis(200), Duration::from_millis(200), 2, 2);
+    let check = format!(
+        "health_check = {{ kind = \"tcp\", interval = \"{}ms\", timeout = \"{}ms\", rise = {rise}, fall = {fall} }}",
+        interval.as_millis(),
+        timeout.as_millis()
+    );
+    let (mut topo, agent) = start(3, &check);
+    let victim = topo.backend("web-2").tcp_addr().to_string();
+    // All up to begin with.
+    poll_status(&agent, Instant::now(), Duration::from_secs(3), "all backends active", |s| {
+        web_backends(s).values().all(|b| b["state"] == "active" && b["in_table"] == true)
+    });
+
+    // The clock starts before the stop: the listener closes within the
+    // server's 50 ms poll, so this errs towards a longer figure.
+    let killed = Instant::now();
+    topo.stop_backend("web-2");
+    let down = poll_status(&agent, killed, Duration::from_secs(10), "web-2 down", |s| {
+        web_backends(s).get(&victim).is_some_and(|b| b["state"] == "down" && b["in_table"] == false)
+    });
+    let bound = interval * (fall + 1) + timeout + Duration::from_secs(2);
+    eprintln!(
+        "MEASURED: health_down: {} ms from killing web-2's server to state down and out of the table \
+         (interval {} ms, fall {fall}; bound {} ms)",
+        down.as_millis(),
+        interval.as_millis(),
+        bound.as_millis()
+    );
+    assert!(down <= bound, "took {down:?} to mark web-2 down, bound {bound:?}");
+    assert!(agent.count("backend down: out of the table") >= 1, "no down event logged:\n{}", agent.log());
+
+    let (counts, failures) = new_connections(&topo, 200);
+    println!("200 new connections with web-2 down: {counts:?}");
+    assert!(failures.is_empty(), "{} of 200 failed: {failures:?}", failures.len());
+    assert!(!counts.contains_key("web-2"), "a new connection reached the dead web-2: {counts:?}");
+
+    let restarted = Instant::now();
+    topo.start_backend("web-2");
+    let up = poll_status(&agent, restarted, Duration::from_secs(10), "web-2 back", |s| {
+        web_backends(s).get(&victim).is_some_and(|b| b["state"] == "active" && b["in_table"] == true)
+    });
+    let up_bound = interval * (rise + 1) + timeout + Duration::from_secs(2);
+    eprintln!(
+        "MEASURED: health_up: {} ms from restarting web-2's server to active and back in the table \
+         (rise {rise}; bound {} ms)",
+        up.as_millis(),
+        up_bound.as_millis()
+    );
+    assert!(up <= up_bound, "took {up:?} to bring web-2 back, bound {up_bound:?}");
+    let (counts, failures) = new_connections(&topo, 200);
+    println!("200 new connections with web-2 back: {counts:?}");
+    assert!(failures.is_empty(), "{} of 200 failed: {failures:?}", failures.len());
+    assert!(counts.contains_key("web-2"), "web-2 is back but got no new connection: {counts:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Drains
+
+#[test]
+fn root_drained_backend_finishes_its_connections() {
+    require_root!("root_drained_backend_finishes_its_connections");
+    let (topo, mut agent) = start(3, "");
+    let mut held = hold(&topo, 24);
+    let spread = per_backend(&held);
+    println!("held connections per backend: {spread:?}");
+    assert_eq!(spread.len(), 3, "24 held connections did not reach all 3 backends: {spread:?}");
+
+    // Part 1: remove web-2; its connections finish on their own.
+    let victim = topo.backend("web-2").tcp_addr().to_string();
+    let to_victim = spread["web-2"];
+    agent.api_ok(&format!(r#"{{"op":"remove_backend","service":"web","address":"{victim}"}}"#));
+    let status = agent.status();
+    let b = &web_backends(&status)[&victim];
+    println!("web-2 after remove_backend: {b}");
+    assert_eq!(b["state"], "draining", "{b}");
+    assert_eq!(b["in_table"], false, "{b}");
+    assert_eq!(
+        b["open_connections"].as_u64(),
+        Some(to_victim as u64),
+        "the data plane's open count for web-2 is not the {to_victim} connections held to it: {b}"
+    );
+    eprintln!("MEASURED: drain_open_connections: status {} == held {to_victim}", b["open_connections"]);
+
+    let (counts, failures) = new_connections(&topo, 100);
+    println!("100 new connections while web-2 drains: {counts:?}");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(!counts.contains_key("web-2"), "a new connection reached the draining web-2: {counts:?}");
+    let failures = echo_all(&mut held, "draining");
+    assert!(failures.is_empty(), "held connections broke during the drain: {failures:?}");
+
+    let closed = Instant::now();
+    held.retain(|c| c.backend != "web-2");
+    let gone = poll_status(&agent, closed, Duration::from_secs(5), "web-2 drained", |s| {
+        !web_backends(s).contains_key(&victim)
+    });
+    let status = agent.status();
+    let drained_event = format!("web: {victim} drained");
+    assert!(events(&status).iter().any(|e| e == &drained_event), "no {drained_event:?} event: {:?}", events(&status));
+    agent.wait_for("drained", 1, Duration::from_secs(1));
+    eprintln!(
+        "MEASURED: drain_end: {} ms from closing web-2's connections to web-2 leaving the status",
+        gone.as_millis()
+    );
+    let failures = echo_all(&mut held, "after the drain");
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // Part 2: with drain_timeout 2s, a backend whose connections stay open
+    // is cut when the deadline passes.
+    agent.reload_with(|| {
+        topo.write_raw_config(
+            &topo.config_toml_with(&[("web-1", 1), ("web-2", 1), ("web-3", 1)], "drain_timeout = \"2s\""),
+        );
+    });
+    let victim = topo.backend("web-3").tcp_addr().to_string();
+    let to_victim = held.iter().filter(|c| c.backend == "web-3").count();
+    assert!(to_victim > 0);
+    let removed = Instant::now();
+    agent.api_ok(&format!(r#"{{"op":"remove_backend","service":"web","address":"{victim}"}}"#));
+    let status = agent.status();
+    let b = &web_backends(&status)[&victim];
+    assert_eq!(b["state"], "draining", "{b}");
+    assert_eq!(b["open_connections"].as_u64(), Some(to_victim as u64), "{b}");
+    let left = b["drain_seconds_left"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=2.0).contains(&left), "drain_seconds_left {left}: {b}");
+    let gone = poll_status(&agent, removed, Duration::from_secs(6), "web-3 cut at its drain deadline", |s| {
+        !web_backends(s).contains_key(&victim)
+    });
+    let status = agent.status();
+    let deadline_event = events(&status)
+        .into_iter()
+        .find(|e| e.starts_with(&format!("web: {victim} drain deadline passed")))
+        .unwrap_or_else(|| panic!("no deadline event for {victim}: {:?}", events(&status)));
+    println!("event: {deadline_event}");
+    assert!(agent.count("drain deadline passed; open flows cut") >= 1, "{}", agent.log());
+    eprintln!(
+        "MEASURED: drain_deadline: web-3 left the status {} ms after remove_backend (drain_timeout 2000 ms, \
+         {to_victim} connections still open)",
+        gone.as_millis()
+    );
+    assert!(gone >= Duration::from_millis(1900), "web-3 went after {gone:?}, before its 2 s deadline");
+    assert!(gone <= Duration::from_secs(4), "web-3 went only after {gone:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 4. SIGKILL and restart
+
+#[test]
+fn root_agent_sigkill_and_restart_is_hitless() {
+    require_root!("root_agent_sigkill_and_restart_is_hitless");
+    let (topo, mut agent) = start(3, "");
+    let vip = topo.vip_tcp();
+    let stop = StopFlag::new();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // New connections every ~7 ms, and an echo on each of 10 held ones every
+    // 10th round; returns (connections, echoes, failures, held connections).
+    let client = {
+        let (stop, opened) = (stop.0.clone(), opened.clone());
+        topo.client.spawn(move || {
+            let mut held: Vec<Conn> =
+                (0..10).map(|i| Conn::open(vip).unwrap_or_else(|e| panic!("held {i}: {e}"))).collect();
+            ready_tx.send(()).ok();
+            let (mut failures, mut echoes) = (Vec::new(), 0usize);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut round = 0usize;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match tcp_request(vip) {
+                    Ok(_) => {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(format!("new connection {round}: {e}")),
+                }
+                if round.is_multiple_of(10) {
+                    let f = echo_all(&mut held, &format!("round {round}"));
+                    echoes += held.len() - f.len();
+                    failures.extend(f);
+                }
+                round += 1;
+                thread::sleep(Duration::from_millis(7));
+            }
+            (opened.load(Ordering::Relaxed), echoes, failures, held)
+        })
+    };
+    ready_rx.recv_timeout(Duration::from_secs(10)).expect("client did not open its held connections");
+    thread::sleep(Duration::from_millis(500));
+
+    let before_kill = opened.load(Ordering::Relaxed);
+    let killed_pid = agent.pid();
+    let status = agent.kill().expect("exit status");
+    println!("SIGKILLed lb-agent pid {killed_pid}: {status}");
+    let attached = topo.lb_xdp_attachments();
+    assert_eq!(attached.len(), topo.lb_interfaces().len(), "XDP gone with the agent: {attached:?}");
+    thread::sleep(Duration::from_secs(1));
+    let without_agent = opened.load(Ordering::Relaxed) - before_kill;
+    eprintln!("MEASURED: restart: {without_agent} new connections served in the 1 s with no agent running");
+    assert!(without_agent >= 50, "only {without_agent} connections in 1 s without the agent");
+
+    let respawned = Instant::now();
+    agent.respawn();
+    agent.wait_ready();
+    let ready_after = respawned.elapsed();
+    assert!(agent.count("adopting pinned state") == 1, "the new agent did not adopt the pins:\n{}", agent.log());
+    assert!(agent.count("adopted pinned XDP link") >= 1, "the new agent did not take over the links:\n{}", agent.log());
+    eprintln!("MEASURED: restart: new agent (pid {}) ready {} ms after spawn", agent.pid(), ready_after.as_millis());
+    thread::sleep(Duration::from_secs(1));
+    stop.raise();
+    let (total, echoes, mut failures, mut held) = client.join().expect("client thread");
+    failures.extend(echo_all(&mut held, "after the restart"));
+    eprintln!(
+        "MEASURED: restart: {total} new connections and {echoes} held echoes across SIGKILL + restart, {} failures",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    drop(held);
+
+    // `lb-agent stop` removes everything.
+    let pin_dir = topo.pin_dir();
+    let out = run_agent_cli(&[
+        "stop".as_ref(),
+        "--api-socket".as_ref(),
+        topo.api_socket().as_os_str(),
+        "--pin-dir".as_ref(),
+        pin_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "lb-agent stop failed: {out:?}");
+    let exit = agent.wait_exit(Duration::from_secs(10)).expect("the agent did not exit after `lb-agent stop`");
+    assert!(exit.success(), "agent exited with {exit}:\n{}", agent.log());
+    let links = topo.lb_links();
+    assert!(xdp_attachments(&links).is_empty(), "XDP left after `lb-agent stop`:\n{links}");
+    let left: Vec<_> =
+        std::fs::read_dir(&pin_dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "pinned state left under {}: {left:?}", pin_dir.display());
+    println!("lb-agent stop: {} XDP gone, pin dir {} empty", out.stdout.trim(), pin_dir.display());
+}
+
+// ---------------------------------------------------------------------------
+// 5. Control API refusals
+
+#[test]
+fn root_control_api_rejects_garbage_and_changes_nothing() {
+    require_root!("root_control_api_rejects_garbage_and_changes_nothing");
+    let (topo, agent) = start(2, "");
+    let before = config_view(&agent.status());
+    let b1 = topo.backend("web-1").tcp_addr();
+    let long = format!(r#"{{"op":"status","pad":"{}"}}"#, "x".repeat(70_000));
+    let cases: Vec<(String, &str)> = vec![
+        ("this is not json".into(), "bad request"),
+        ("[1, 2, 3]".into(), "bad request"),
+        ("{}".into(), "missing field `op`"),
+        (r#"{"op":"explode"}"#.into(), "unknown \"explode\""),
+        (r#"{"op":"status","service":"web"}"#.into(), "status takes no \"service\""),
+        (r#"{"op":"status","colour":"red"}"#.into(), "unknown field `colour`"),
+        (r#"{"op":"add_backend","service":"web"}"#.into(), "add_backend needs \"address\""),
+        (r#"{"op":"add_backend","address":"10.200.9.2:8080"}"#.into(), "add_backend needs \"service\""),
+        (format!(r#"{{"op":"set_weight","service":"web","address":"{b1}"}}"#), "set_weight needs \"weight\""),
+        (r#"{"op":"add_backend","service":"web","address":"10.200.9.2"}"#.into(), "is not an IPv4 address with a port"),
+        (r#"{"op":"add_backend","service":"web","address":"300.1.1.1:80"}"#.into(), "is not an IPv4 address"),
+        (r#"{"op":"add_backend","service":"web","address":"10.200.9.2:0"}"#.into(), "port 0"),
+        (r#"{"op":"add_backend","service":"web","address":"10.200.255.1:8080"}"#.into(), "own VIP"),
+        (format!(r#"{{"op":"set_weight","service":"web","address":"{b1}","weight":-1}}"#), "weight: -1 is not in"),
+        (
+            format!(r#"{{"op":"set_weight","service":"web","address":"{b1}","weight":10001}}"#),
+            "weight: 10001 is not in",
+        ),
+        (format!(r#"{{"op":"set_weight","service":"web","address":"{b1}","weight":"3"}}"#), "bad request"),
+        (format!(r#"{{"op":"add_backend","service":"nope","address":"{b1}"}}"#), "no service named \"nope\""),
+        (
+            r#"{"op":"remove_backend","service":"web","address":"10.200.9.2:8080"}"#.into(),
+            "has no backend 10.200.9.2:8080",
+        ),
+        (r#"{"op":"set_weight","service":"web","address":"10.200.9.2:8080","weight":2}"#.into(), "has no backend"),
+        (format!(r#"{{"op":"add_backend","service":"web","address":"{b1}"}}"#), "already has backend"),
+        (format!(r#"{{"op":"remove_backend","service":"web","address":"{b1}","weight":1}}"#), "takes no \"weight\""),
+        (long, "longer than 65536 bytes"),
+    ];
+    let mut problems = Vec::new();
+    for (line, says) in &cases {
+        let answer = agent.api(line);
+        let error = answer["error"].as_str().unwrap_or_default();
+        println!("{:<90} -> {answer}", format!("{line:.90}"));
+        if answer["ok"] != false || !error.contains(says) {
+            problems.push(format!("{line:.120}: expected an error saying {says:?}, got {answer}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let after = config_view(&agent.status());
+    assert_eq!(before, after, "the refused requests changed the services or backends");
+    eprintln!("MEASURED: control_api: {} garbage requests refused, nothing changed", cases.len());
+    let (counts, failures) = new_connections(&topo, 50);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 6. The status command line
+
+#[test]
+fn root_status_cli() {
+    require_root!("root_status_cli");
+    let (topo, mut agent) = start(3, "");
+    new_connections(&topo, 30);
+
+    let out = agent.cli(&["status"]);
+    assert!(out.status.success(), "lb-agent status failed: {out:?}");
+    println!("lb-agent status:\n{}", out.stdout);
+    let table = &out.stdout;
+    assert!(table.contains("service web  10.200.255.1:80/tcp  mode dnat"), "no web service line:\n{table}");
+    assert!(table.contains("service dns  10.200.255.1:53/udp"), "no dns service line:\n{table}");
+    for b in &topo.backends {
+        let addr = b.tcp_addr().to_string();
+        assert!(
+            table.lines().any(|l| l.trim_start().starts_with(&addr) && l.contains("active")),
+            "no line for {addr} as active:\n{table}"
+        );
+    }
+
+    // A change through the command line shows in the table and the JSON.
+    let b2 = topo.backend("web-2").tcp_addr().to_string();
+    let out = agent.cli(&["backend", "weight", "web", &b2, "3"]);
+    assert!(out.status.success(), "lb-agent backend weight failed: {out:?}");
+    let out = agent.cli(&["status", "--json"]);
+    assert!(out.status.success(), "lb-agent status --json failed: {out:?}");
+    let json: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}:\n{}", out.stdout));
+    let web = web_backends(&json);
+    assert_eq!(web.len(), 3, "{web:?}");
+    assert_eq!(web[&b2]["weight"], 3, "{}", web[&b2]);
+    assert!(web.values().all(|b| b["state"] == "active"), "{web:?}");
+    assert!(json["services"].as_array().is_some_and(|s| s.len() == 2));
+
+    agent.stop().expect("agent exit");
+    let out = agent.cli(&["status"]);
+    println!("with no agent: {out:?}");
+    assert!(!out.status.success(), "lb-agent status succeeded with no agent: {out:?}");
+    assert!(out.stderr.contains("no lb-agent is running"), "{out:?}");
+    let out = run_agent_cli(&["status", "--json", "--api-socket", "/nonexistent/lb-tests/api.sock"]);
+    assert!(!out.status.success() && out.stderr.contains("no lb-agent is running"), "{out:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 7. Config change to first packet
+
+#[test]
+fn root_config_change_to_first_packet_at_new_backend() {
+    require_root!("root_config_change_to_first_packet_at_new_backend");
+    let topo = Topology::build(Options::with_backends(&names(5)));
+    let mut members: Vec<(&str, u32)> = vec![("web-1", 1), ("web-2", 1)];
+    topo.write_config(&members);
+    let agent = topo.start_agent();
+    let vip = topo.vip_tcp();
+    let mut figures = Vec::new();
+    for new in ["web-3", "web-4", "web-5"] {
+        let stop = StopFlag::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let client = {
+            let stop = stop.0.clone();
+            topo.client.spawn(move || -> Result<(Instant, usize), String> {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut n = 0;
+                ready_tx.send(()).ok();
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let (backend, _) = tcp_request(vip).map_err(|e| format!("connection {n}: {e}"))?;
+                    n += 1;
+                    if backend == new {
+                        return Ok((Instant::now(), n));
+                    }
+                }
+                Err(format!("no connection reached {new} in {n} tries"))
+            })
+        };
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("client did not start");
+        thread::sleep(Duration::from_millis(100));
+        members.push((new, 1));
+        topo.write_config(&members);
+        let written = Instant::now();
+        let result = client.join().expect("client thread");
+        let (answered, tries) = result.unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+        let took = answered.saturating_duration_since(written);
+        eprintln!(
+            "MEASURED: config_to_first_packet: {} ms from renaming the config (adding {new}) to its first answer \
+             ({tries} connections in the loop)",
+            took.as_millis()
+        );
+        assert!(took < Duration::from_secs(5), "{new} answered only after {took:?}");
+        figures.push(took.as_millis());
+    }
+    eprintln!("MEASURED: config_to_first_packet: all trials (ms): {figures:?}");
+}
