@@ -9,6 +9,7 @@ pub mod ebpf;
 pub mod health;
 pub mod metrics;
 pub mod orchestrator;
+pub mod policy;
 pub mod reconcile;
 pub mod registry;
 pub mod snapshot;
