@@ -7,7 +7,7 @@
 //! another.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Arc,
@@ -29,7 +29,8 @@ use crate::{
     health::{probe::probe, state::Transition},
     reconcile::{ApplySummary, Reconciler},
     registry::Registry,
-    snapshot::SnapshotBuilder,
+    scaler::{FlowFigures, Scaler, ScalerEvent},
+    snapshot::{SnapshotBuilder, Sources},
     status::{Event, Snapshot, MAX_EVENTS},
 };
 
@@ -77,7 +78,15 @@ pub struct Agent {
     published: watch::Sender<Arc<Snapshot>>,
     /// `lb-agent stop` asked for a shutdown that removes everything.
     stop_requested: bool,
+    scalers: BTreeMap<String, Scaler>,
+    scaler_tx: mpsc::Sender<ScalerEvent>,
+    scaler_rx: mpsc::Receiver<ScalerEvent>,
+    /// The config changed which services scale, or how.
+    scalers_dirty: bool,
 }
+
+/// How often scaling decisions are taken.
+const SCALE_TICK: Duration = Duration::from_secs(1);
 
 impl Agent {
     /// Validate the config, load the program, attach it and write the maps.
@@ -94,6 +103,7 @@ impl Agent {
             Reconciler::default()
         };
         let (probe_tx, probe_rx) = mpsc::channel(256);
+        let (scaler_tx, scaler_rx) = mpsc::channel(256);
         let adopted = dataplane.adopted();
         let mut agent = Agent {
             dataplane,
@@ -109,6 +119,10 @@ impl Agent {
             probe_rx,
             published: watch::Sender::new(Arc::new(Snapshot::default())),
             stop_requested: false,
+            scalers: BTreeMap::new(),
+            scaler_tx,
+            scaler_rx,
+            scalers_dirty: true,
         };
         let summary = agent.switch_to(config)?;
         for stale in agent.dataplane.stale_link_pins() {
@@ -151,6 +165,7 @@ impl Agent {
         }
         self.registry.set_config(&config, tokio::time::Instant::now());
         let summary = self.sync()?;
+        self.scalers_dirty = true;
         for iface in had.difference(&wanted) {
             self.dataplane.detach(iface)?;
         }
@@ -343,20 +358,125 @@ impl Agent {
                 info!(service, backend = %d.addr, "drained");
                 self.event(format!("{service}: {} drained", d.addr));
             }
+            if let Some(s) = self.scalers.get_mut(service) {
+                s.on_drained(d.addr);
+            }
         }
         self.sync()?;
         Ok(())
     }
 
+    /// Create, update or stop scalers to match the config.
+    async fn sync_scalers(&mut self) {
+        self.scalers_dirty = false;
+        let scaled: BTreeMap<String, crate::config::ServiceConfig> =
+            self.config.services.iter().filter(|s| s.scaling.is_some()).map(|s| (s.name.clone(), s.clone())).collect();
+        let gone: Vec<String> = self.scalers.keys().filter(|n| !scaled.contains_key(*n)).cloned().collect();
+        for name in gone {
+            if let Some(mut s) = self.scalers.remove(&name) {
+                s.stop_all().await;
+                self.event(format!("{name}: no longer scaled; its instances were stopped"));
+            }
+        }
+        for (name, svc) in scaled {
+            if let Some(s) = self.scalers.get_mut(&name) {
+                if let Some(p) = svc.scaling.clone() {
+                    s.set_policy(p);
+                }
+                continue;
+            }
+            match Scaler::new(&svc, self.scaler_tx.clone()).await {
+                Ok(s) => {
+                    info!(service = name, "autoscaling");
+                    self.scalers.insert(name, s);
+                }
+                Err(e) => self.error(format!("{name}: cannot scale: {e:#}")),
+            }
+        }
+    }
+
+    /// Per-instance open connections and new-flow totals, by address.
+    fn flow_figures(&self) -> anyhow::Result<HashMap<SocketAddrV4, FlowFigures>> {
+        let open = self.dataplane.open_flows()?;
+        let mut out = HashMap::new();
+        for (name, entry) in self.registry.services() {
+            if !self.scalers.contains_key(name) {
+                continue;
+            }
+            let key = entry.config.key();
+            for addr in entry.backends.keys() {
+                let Some(id) = self.reconciler.backend_id(&key, *addr) else { continue };
+                let c = self.dataplane.backend_counters(id)?;
+                out.insert(
+                    *addr,
+                    FlowFigures { open: open.get(&id).copied().unwrap_or(0), new_flows_total: c.new_flows },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn scale_tick(&mut self) {
+        if self.scalers_dirty {
+            self.sync_scalers().await;
+        }
+        if self.scalers.is_empty() {
+            return;
+        }
+        let flows = match self.flow_figures() {
+            Ok(f) => f,
+            Err(e) => {
+                self.error(format!("reading flows for scaling failed: {e:#}"));
+                return;
+            }
+        };
+        let mut scalers = std::mem::take(&mut self.scalers);
+        let mut changed = false;
+        for s in scalers.values_mut() {
+            let outcome = s.tick(&mut self.registry, &flows).await;
+            changed |= outcome.registry_changed;
+            for e in outcome.events {
+                self.event(e);
+            }
+        }
+        self.scalers = scalers;
+        if changed {
+            if let Err(e) = self.sync() {
+                self.error(format!("applying a scaling change failed: {e:#}"));
+            }
+        }
+    }
+
+    fn handle_scaler_event(&mut self, event: ScalerEvent) {
+        let service = match &event {
+            ScalerEvent::Started { service, .. }
+            | ScalerEvent::Probed { service, .. }
+            | ScalerEvent::Stopped { service, .. } => service.clone(),
+        };
+        let Some(s) = self.scalers.get_mut(&service) else { return };
+        let (msg, changed) = s.on_event(event, &mut self.registry);
+        if let Some(m) = msg {
+            info!("{m}");
+            self.event(m);
+        }
+        if changed {
+            if let Err(e) = self.sync() {
+                self.error(format!("applying a scaling change failed: {e:#}"));
+            }
+        }
+    }
+
     fn build_snapshot(&mut self, advance: bool) -> Snapshot {
-        match self.snapshots.build(
-            advance,
-            &self.registry,
-            &self.reconciler,
-            &self.dataplane,
-            &self.events,
-            self.errors,
-        ) {
+        let scaling = self.scalers.values().map(Scaler::status).collect();
+        let sources = Sources {
+            registry: &self.registry,
+            reconciler: &self.reconciler,
+            dataplane: &self.dataplane,
+            events: &self.events,
+            errors: self.errors,
+            scaling,
+        };
+        match self.snapshots.build(advance, sources) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = format!("{e:#}"), "reading the data plane's counters failed");
@@ -400,6 +520,8 @@ impl Agent {
         };
         let mut mtime = modified(&self.options.config);
         let mut tick = tokio::time::interval(TICK);
+        let mut scale_tick = tokio::time::interval(SCALE_TICK);
+        scale_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.describe();
         info!(config = %self.options.config.display(), api = %self.options.api_socket.display(), "ready");
         loop {
@@ -412,6 +534,8 @@ impl Agent {
                     if self.stop_requested { info!("stop requested"); break; }
                 }
                 Some(result) = self.probe_rx.recv() => self.handle_probe(result),
+                Some(event) = self.scaler_rx.recv() => self.handle_scaler_event(event),
+                _ = scale_tick.tick() => self.scale_tick().await,
                 _ = tick.tick() => self.tick(&mut mtime),
             }
         }
@@ -420,6 +544,9 @@ impl Agent {
         }
         for (_, task) in std::mem::take(&mut self.probes) {
             task.handle.abort();
+        }
+        for (_, mut s) in std::mem::take(&mut self.scalers) {
+            s.stop_all().await;
         }
         if let Err(e) = std::fs::remove_file(&self.options.api_socket) {
             warn!(error = %e, "could not remove the control socket");

@@ -15,6 +15,8 @@ use std::{
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
+use crate::{orchestrator::process::ProcessSpec, policy::ScalingPolicy};
+
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.
 pub const MAX_WEIGHT: u32 = 10_000;
 
@@ -43,6 +45,32 @@ pub struct ServiceConfig {
     /// How long a removed or failed backend's open connections may go on.
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
+    /// Scale the service's instances with the load (needs `instances`).
+    #[serde(default)]
+    pub scaling: Option<ScalingPolicy>,
+    /// Where scaled instances come from (instead of a `backend` list).
+    #[serde(default)]
+    pub instances: Option<InstancesConfig>,
+}
+
+/// `[service.instances]`: one orchestrator, and how the agent runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesConfig {
+    /// Instances as local processes, each in a network namespace.
+    #[serde(default)]
+    pub process: Option<ProcessSpec>,
+    /// How long a new instance may take to pass its first health check
+    /// before it is stopped and counted as failed.
+    #[serde(default = "default_ready_timeout", with = "duration")]
+    pub ready_timeout: Duration,
+    /// Every scaling decision is appended here as a JSON line.
+    #[serde(default)]
+    pub timeline: Option<PathBuf>,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_drain_timeout() -> Duration {
@@ -272,6 +300,7 @@ impl ServiceConfig {
                 out.push(format!("{hat}: rise and fall must be at least 1"));
             }
         }
+        self.scaling_problems(at, out);
         let mut seen = HashSet::new();
         for (j, b) in self.backends.iter().enumerate() {
             let bat = format!("{at}: backend[{j}]");
@@ -290,6 +319,38 @@ impl ServiceConfig {
             if !seen.insert(b.address) {
                 out.push(format!("{bat}.address: {} is listed twice", b.address));
             }
+        }
+    }
+
+    fn scaling_problems(&self, at: &str, out: &mut Vec<String>) {
+        match (&self.scaling, &self.instances) {
+            (None, None) => return,
+            (Some(_), None) => {
+                out.push(format!("{at}: scaling: needs [service.instances] to say where instances come from"))
+            }
+            (None, Some(_)) => out.push(format!(
+                "{at}: instances: needs [service.scaling] (min_replicas = max_replicas for a fixed count)"
+            )),
+            (Some(p), Some(_)) => out.extend(p.problems(&format!("{at}: scaling"))),
+        }
+        if !self.backends.is_empty() {
+            out.push(format!("{at}: backend: list backends or let instances provide them, not both"));
+        }
+        let Some(inst) = &self.instances else { return };
+        match &inst.process {
+            None => out.push(format!("{at}: instances: name one kind, e.g. [service.instances.process]")),
+            Some(p) => {
+                out.extend(p.problems(&format!("{at}: instances.process")));
+                if !self.interfaces.contains(&p.bridge) {
+                    out.push(format!(
+                        "{at}: interfaces: must include the instances' bridge {:?}, where their replies arrive",
+                        p.bridge
+                    ));
+                }
+            }
+        }
+        if self.protocol == Protocol::Udp && self.health_check.is_none() {
+            out.push(format!("{at}: health_check: scaled UDP services need an explicit check (a TCP or HTTP port)"));
         }
     }
 
@@ -432,6 +493,47 @@ mod tests {
         ));
         assert!(p.iter().any(|x| x.contains("health_check.path")), "{p:#?}");
         assert!(p.iter().any(|x| x.contains("health_check.timeout")), "{p:#?}");
+    }
+
+    const SCALED: &str = r#"
+        [[service]]
+        name = "web"
+        vip = "10.0.0.100"
+        port = 80
+        interfaces = ["eth0", "lbp0"]
+        [service.scaling]
+        min_replicas = 1
+        max_replicas = 4
+        target = { cpu = 50.0 }
+        [service.instances]
+        timeline = "/tmp/web.jsonl"
+        [service.instances.process]
+        command = ["/usr/local/bin/lb-backend", "--listen", "{addr}", "--name", "{name}"]
+        port = 8080
+    "#;
+
+    #[test]
+    fn scaled_service_parses() {
+        let c = parse(SCALED).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.scaling.as_ref().unwrap().max_replicas, 4);
+        let i = s.instances.as_ref().unwrap();
+        assert_eq!(i.process.as_ref().unwrap().bridge, "lbp0");
+        assert_eq!(i.ready_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn scaled_service_mistakes_are_named() {
+        let p = problems(&SCALED.replace("interfaces = [\"eth0\", \"lbp0\"]", "interfaces = [\"eth0\"]"));
+        assert!(p.iter().any(|x| x.contains("must include the instances' bridge \"lbp0\"")), "{p:#?}");
+        let p = problems(&(SCALED.to_owned() + "[[service.backend]]\naddress = \"10.1.0.1:80\"\n"));
+        assert!(p.iter().any(|x| x.contains("not both")), "{p:#?}");
+        let no_scaling = SCALED.replace(
+            "[service.scaling]\n        min_replicas = 1\n        max_replicas = 4\n        target = { cpu = 50.0 }\n",
+            "",
+        );
+        let p = problems(&no_scaling);
+        assert!(p.iter().any(|x| x.contains("instances: needs [service.scaling]")), "{p:#?}");
     }
 
     #[test]

@@ -827,6 +827,7 @@ mod tests {
             ],
             maps: vec![MapFill { name: "CONNTRACK".to_owned(), entries: 9, max_entries: 65536 }],
             events: vec![],
+            scaling: vec![],
         }
     }
 

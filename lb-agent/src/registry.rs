@@ -27,8 +27,18 @@ pub enum BackendState {
     },
 }
 
+/// Who added a backend. A config reload replaces config and API backends,
+/// and never touches the scaler's instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Config,
+    Api,
+    Scaler,
+}
+
 #[derive(Clone, Debug)]
 pub struct BackendEntry {
+    pub origin: Origin,
     pub weight: u32,
     pub state: BackendState,
     /// `None` when the service has no health check.
@@ -143,16 +153,21 @@ impl Registry {
                 if checks_changed {
                     b.health = new_health(svc);
                 }
+                if b.origin == Origin::Scaler {
+                    continue;
+                }
                 match svc.backends.iter().find(|c| c.address == *addr) {
                     Some(c) => {
                         b.weight = c.weight;
                         b.state = BackendState::Active;
+                        b.origin = Origin::Config;
                     }
                     None => drain(b, svc.drain_timeout, now),
                 }
             }
             for BackendConfig { address, weight } in &svc.backends {
                 entry.backends.entry(*address).or_insert_with(|| BackendEntry {
+                    origin: Origin::Config,
                     weight: *weight,
                     state: BackendState::Active,
                     health: new_health(svc),
@@ -165,6 +180,21 @@ impl Registry {
     /// check, it is probed like any other). Re-adding a draining backend
     /// makes it active again.
     pub fn add_backend(&mut self, service: &str, addr: SocketAddrV4, weight: u32) -> Result<(), RegistryError> {
+        self.add(service, addr, weight, Origin::Api)
+    }
+
+    /// A scaled instance that passed its first health check joins the table.
+    pub fn add_instance(&mut self, service: &str, addr: SocketAddrV4) -> Result<(), RegistryError> {
+        self.add(service, addr, 1, Origin::Scaler)
+    }
+
+    /// Forget a backend at once, without draining: its instance is gone
+    /// (crashed), so its flows have nowhere to go.
+    pub fn forget(&mut self, service: &str, addr: SocketAddrV4) -> bool {
+        self.services.get_mut(service).is_some_and(|e| e.backends.remove(&addr).is_some())
+    }
+
+    fn add(&mut self, service: &str, addr: SocketAddrV4, weight: u32, origin: Origin) -> Result<(), RegistryError> {
         if weight > MAX_WEIGHT {
             return Err(RegistryError::Weight(weight));
         }
@@ -186,10 +216,11 @@ impl Registry {
             Some(b) => {
                 b.state = BackendState::Active;
                 b.weight = weight;
+                b.origin = origin;
                 Ok(())
             }
             None => {
-                entry.backends.insert(addr, BackendEntry { weight, state: BackendState::Active, health });
+                entry.backends.insert(addr, BackendEntry { origin, weight, state: BackendState::Active, health });
                 Ok(())
             }
         }
@@ -362,6 +393,19 @@ mod tests {
         r.set_config(&config(&["10.1.0.1:80"], ""), now);
         r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], ""), now);
         assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), true)]);
+    }
+
+    #[test]
+    fn reload_keeps_scaled_instances_and_forget_removes_at_once() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.set_config(&config(&[], ""), now);
+        r.add_instance("web", addr("10.212.0.2:8080")).unwrap();
+        r.set_config(&config(&["10.1.0.1:80"], ""), now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.212.0.2:8080".into(), true)]);
+        assert!(r.forget("web", addr("10.212.0.2:8080")));
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true)]);
+        assert!(!r.forget("web", addr("10.212.0.2:8080")));
     }
 
     #[test]

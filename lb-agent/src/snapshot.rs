@@ -13,9 +13,20 @@ use crate::{
     reconcile::Reconciler,
     registry::{BackendState, Registry},
     status::{
-        AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, ReasonCount, ServiceStatus, Snapshot, Traffic,
+        AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, ReasonCount, ScalingStatus, ServiceStatus, Snapshot,
+        Traffic,
     },
 };
+
+/// Everything a snapshot is read from.
+pub struct Sources<'a> {
+    pub registry: &'a Registry,
+    pub reconciler: &'a Reconciler,
+    pub dataplane: &'a AyaDataplane,
+    pub events: &'a VecDeque<Event>,
+    pub errors: u64,
+    pub scaling: Vec<ScalingStatus>,
+}
 
 pub struct SnapshotBuilder {
     config_path: String,
@@ -32,15 +43,8 @@ impl SnapshotBuilder {
     /// Rates are measured against the previous build that had `advance`
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
-    pub fn build(
-        &mut self,
-        advance: bool,
-        registry: &Registry,
-        reconciler: &Reconciler,
-        dataplane: &AyaDataplane,
-        events: &VecDeque<Event>,
-        errors: u64,
-    ) -> anyhow::Result<Snapshot> {
+    pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
+        let Sources { registry, reconciler, dataplane, events, errors, scaling } = src;
         let now = Instant::now();
         let tokio_now = tokio::time::Instant::now();
         let scan = dataplane.scan_conntrack()?;
@@ -116,6 +120,7 @@ impl SnapshotBuilder {
             services,
             reasons,
             events: events.iter().cloned().collect(),
+            scaling,
         })
     }
 

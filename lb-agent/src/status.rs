@@ -13,6 +13,43 @@ pub struct Snapshot {
     pub maps: Vec<MapFill>,
     /// Most recent first, at most `MAX_EVENTS`.
     pub events: Vec<Event>,
+    /// One entry per autoscaled service.
+    #[serde(default)]
+    pub scaling: Vec<ScalingStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScalingStatus {
+    pub service: String,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// What the last decision asked for.
+    pub desired: u32,
+    /// Starts asked for and not yet running.
+    pub pending_starts: u32,
+    pub replicas: Vec<ReplicaStatus>,
+    /// Decisions that changed the count or the rule, most recent first.
+    pub decisions: Vec<DecisionSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    /// "starting", "ready", "draining" or "stopping".
+    pub phase: String,
+    pub cpu_percent: Option<f64>,
+    pub age_seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionSummary {
+    pub unix_time: f64,
+    pub replicas: u32,
+    pub current: u32,
+    pub rule: String,
+    pub reason: String,
 }
 
 pub const MAX_EVENTS: usize = 50;
@@ -162,6 +199,37 @@ impl Snapshot {
                 let _ = writeln!(out, "  (no backends: new flows are dropped)");
             }
         }
+        for sc in &self.scaling {
+            let _ = writeln!(
+                out,
+                "\nscaling {}  desired {}  (min {}, max {})  starting now {}",
+                sc.service, sc.desired, sc.min_replicas, sc.max_replicas, sc.pending_starts
+            );
+            for r in &sc.replicas {
+                let cpu = r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%"));
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {:<22} {:<9} cpu {:>5}  up {}",
+                    r.name,
+                    r.address,
+                    r.phase,
+                    cpu,
+                    human_duration(r.age_seconds)
+                );
+            }
+            for d in sc.decisions.iter().take(5) {
+                let ago = (now_unix() - d.unix_time).max(0.0);
+                let _ = writeln!(
+                    out,
+                    "  {:>8} ago  {} -> {}  {}: {}",
+                    human_duration(ago),
+                    d.current,
+                    d.replicas,
+                    d.rule,
+                    d.reason
+                );
+            }
+        }
         let drops: Vec<String> = self
             .reasons
             .iter()
@@ -242,6 +310,7 @@ mod tests {
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
             maps: vec![],
             events: vec![],
+            scaling: vec![],
         };
         let t = s.render_table();
         assert!(t.contains("up 1m15s  errors 1"), "{t}");
