@@ -355,6 +355,10 @@ impl Agent {
                 warn!(service, backend = %d.addr, open_flows = cut, "drain deadline passed; open flows cut");
                 self.event(format!("{service}: {} drain deadline passed, {cut} open flow(s) cut", d.addr));
             } else {
+                // Only closed (or idle UDP) flows remain; forget them too.
+                if let Some(id) = id {
+                    self.dataplane.flush_backend_flows(id)?;
+                }
                 info!(service, backend = %d.addr, "drained");
                 self.event(format!("{service}: {} drained", d.addr));
             }
@@ -437,6 +441,15 @@ impl Agent {
             changed |= outcome.registry_changed;
             for e in outcome.events {
                 self.event(e);
+            }
+            // The ids are still known until the next sync frees them.
+            let key = self.registry.service(s.service()).map(|e| e.config.key());
+            for addr in outcome.exited {
+                let Some(id) = key.and_then(|k| self.reconciler.backend_id(&k, addr)) else { continue };
+                match self.dataplane.flush_backend_flows(id) {
+                    Ok(cut) => info!(backend = %addr, open_flows = cut, "flows of an exited instance flushed"),
+                    Err(e) => self.error(format!("flushing flows of {addr} failed: {e}")),
+                }
             }
         }
         self.scalers = scalers;
@@ -607,7 +620,14 @@ fn if_index(name: &str) -> Option<u32> {
 }
 
 /// Every named interface must exist before anything is loaded or attached.
+/// Bridges that scaled services' instances join are made here first.
 fn check_interfaces(config: &Config) -> anyhow::Result<()> {
+    for s in &config.services {
+        if let Some(spec) = s.instances.as_ref().and_then(|i| i.process.as_ref()) {
+            crate::orchestrator::process::prepare_bridge(spec)
+                .with_context(|| format!("service {:?}: create the instances' bridge {}", s.name, spec.bridge))?;
+        }
+    }
     let missing: Vec<String> = config
         .services
         .iter()

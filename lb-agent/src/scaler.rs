@@ -82,6 +82,9 @@ pub struct FlowFigures {
 pub struct TickOutcome {
     pub registry_changed: bool,
     pub events: Vec<String>,
+    /// Instances that exited and left the table at once: their flows
+    /// should be flushed so clients fail fast instead of timing out.
+    pub exited: Vec<SocketAddrV4>,
 }
 
 pub struct Scaler {
@@ -188,6 +191,7 @@ impl Scaler {
             // Out of the table at once: there is nothing to drain to.
             if registry.forget(&self.service, t.replica.addr) {
                 out.registry_changed = true;
+                out.exited.push(t.replica.addr);
             }
             let msg = format!("{}: instance {} ({}) exited; removed, will be replaced", self.service, r.name, r.addr);
             warn!("{msg}");

@@ -7,7 +7,7 @@ use lb_common::{
 };
 
 use crate::{
-    parse::{TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{count_flow, Delta},
     Packet, Verdict, BACKENDS, CONNTRACK, MAGLEV,
 };
@@ -27,19 +27,27 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64) -> Result<(), Verdic
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Delta { packets: 1, bytes: frame_len, ..Delta::default() };
+    // A SYN starts a new connection, so it takes a fresh pick even when the
+    // table remembers the 5-tuple (as Katran does): a client reusing a port
+    // must not be sent to the backend an old, closed flow had, which may be
+    // drained and gone by now.
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let conn = match CONNTRACK.get_ptr_mut(&key) {
-        Some(c) => {
+        Some(c) if !syn => {
             // SAFETY: LRU value; a racing update from another CPU can at worst
             // blur a timestamp or a flag, never the translation itself.
             let c = unsafe { &mut *c };
             c.last_seen_ns = now;
-            track_tcp(c, pkt.tcp_flags, &mut delta);
+            mark_closed(c, pkt.tcp_flags, &mut delta);
             *c
         }
-        None => {
-            delta.new_flows = 1;
-            let mut c = open_flow(pkt, svc, &key, now)?;
-            track_tcp(&mut c, pkt.tcp_flags, &mut delta);
+        known => {
+            // SAFETY: as above; copied out at once.
+            let before = known.map(|c| unsafe { *c });
+            let c = open_flow(pkt, svc, &key, now)?;
+            // A retransmitted SYN of a flow still opening is not a new flow.
+            let retransmit = before.is_some_and(|b| b.backend_id == c.backend_id && b.tcp_seen == 0);
+            delta.new_flows = if retransmit { 0 } else { 1 };
             c
         }
     };
@@ -119,17 +127,6 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         return Err(Verdict::drop(Reason::DropConntrackFull));
     }
     Ok(fwd)
-}
-
-/// Mark a forward entry closed on the first FIN or RST; a SYN on a closed
-/// entry (the client reusing its port) opens the flow again.
-#[inline(always)]
-fn track_tcp(c: &mut Conn, flags: u8, delta: &mut Delta) {
-    if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) == 0 && c.tcp_seen != 0 {
-        c.tcp_seen = 0;
-        delta.new_flows = 1;
-    }
-    mark_closed(c, flags, delta);
 }
 
 #[inline(always)]

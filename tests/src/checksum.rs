@@ -81,6 +81,40 @@ pub fn verify_ipv4_frame(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the L4 checksum sits in an Ethernet + IPv4 (no options) frame.
+fn l4_check_offset(frame: &[u8]) -> Option<usize> {
+    match frame.get(14 + 9)? {
+        6 => Some(14 + 20 + 16),
+        17 => Some(14 + 20 + 6),
+        _ => None,
+    }
+}
+
+/// The frame as a local stack hands it to a veth with checksum offload on
+/// (CHECKSUM_PARTIAL): the L4 checksum field holds only the folded sum of
+/// the pseudo-header, not inverted; the device adds the segment later.
+pub fn with_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
+    let ip = &frame[14..];
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+    let sum = ones_complement_sum(&pseudo_header_v4(src, dst, ip[9], (total - 20) as u16));
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// What the device does with a CHECKSUM_PARTIAL frame: complete the L4
+/// checksum from the partial sum in the field and the segment itself.
+pub fn complete_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let sum = !ones_complement_sum(&frame[14 + 20..14 + total]);
+    let sum = if sum == 0 && frame[14 + 9] == 17 { 0xffff } else { sum };
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,37 +148,4 @@ mod tests {
     fn carries_fold_back_in() {
         assert_eq!(ones_complement_sum(&[0xff, 0xff, 0x00, 0x02]), 0x0002);
     }
-}
-
-/// Where the L4 checksum sits in an Ethernet + IPv4 (no options) frame.
-fn l4_check_offset(frame: &[u8]) -> Option<usize> {
-    match frame.get(14 + 9)? {
-        6 => Some(14 + 20 + 16),
-        17 => Some(14 + 20 + 6),
-        _ => None,
-    }
-}
-
-/// The frame as a local stack hands it to a veth with checksum offload on
-/// (CHECKSUM_PARTIAL): the L4 checksum field holds only the folded sum of
-/// the pseudo-header, not inverted; the device adds the segment later.
-pub fn with_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
-    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
-    let ip = &frame[14..];
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
-    let sum = ones_complement_sum(&pseudo_header_v4(src, dst, ip[9], (total - 20) as u16));
-    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-    frame
-}
-
-/// What the device does with a CHECKSUM_PARTIAL frame: complete the L4
-/// checksum from the partial sum in the field and the segment itself.
-pub fn complete_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
-    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
-    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
-    let sum = !ones_complement_sum(&frame[14 + 20..14 + total]);
-    let sum = if sum == 0 && frame[14 + 9] == 17 { 0xffff } else { sum };
-    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-    frame
 }

@@ -5,8 +5,10 @@
 
 pub mod checksum;
 pub mod diff;
+pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod plot;
 pub mod root;
 pub mod testrun;
 pub mod topology;

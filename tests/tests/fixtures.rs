@@ -232,6 +232,14 @@ fn tcp_syn_padded_to_60_bytes() -> Fixture {
     translated("tcp_syn_padded_to_60_bytes", vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
 }
 
+/// A SYN always takes a fresh Maglev pick; a retransmitted one that lands
+/// on the same backend is the same flow, not a new one.
+fn tcp_syn_retransmit_same_flow() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_SYN));
+    translated("tcp_syn_retransmit_same_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, Flow::Existing(nat))
+}
+
 fn tcp_ack_with_payload_same_flow() -> Fixture {
     let nat = web_nat(CLIENT);
     let tcp = Tcp::new(0, 0, TCP_ACK | TCP_PSH).with_payload(b"GET / HTTP/1.1\r\nHost: 10.0.0.100\r\n\r\n");
@@ -698,6 +706,7 @@ macro_rules! root_fixtures {
 root_fixtures! {
     root_tcp_syn_to_vip => tcp_syn_to_vip,
     root_tcp_syn_with_partial_checksum => tcp_syn_with_partial_checksum,
+    root_tcp_syn_retransmit_same_flow => tcp_syn_retransmit_same_flow,
     root_tcp_payload_with_partial_checksum => tcp_payload_with_partial_checksum,
     root_tcp_reply_with_partial_checksum => tcp_reply_with_partial_checksum,
     root_udp_reply_with_partial_checksum => udp_reply_with_partial_checksum,

@@ -220,6 +220,7 @@ fn snapshot(n: u64) -> Snapshot {
             MapFill { name: "BACKENDS".to_owned(), entries: 5, max_entries: 1024 },
         ],
         events: vec![],
+        scaling: vec![],
     }
 }
 

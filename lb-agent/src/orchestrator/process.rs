@@ -81,6 +81,35 @@ impl ProcessSpec {
     }
 }
 
+/// Create the instances' bridge with its address if missing, before the
+/// agent checks and attaches to the service's interfaces. Idempotent.
+pub fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
+    let run = |args: &[&str]| -> Result<String, OrchestratorError> {
+        let what = format!("ip {}", args.join(" "));
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| OrchestratorError::Io { what: what.clone(), source })?;
+        if !out.status.success() {
+            return Err(OrchestratorError::Command {
+                what,
+                detail: String::from_utf8_lossy(&out.stderr).trim().into(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let br = spec.bridge.as_str();
+    if run(&["link", "show", "dev", br]).is_err() {
+        run(&["link", "add", br, "type", "bridge"])?;
+    }
+    let cidr = format!("{}/24", spec.ip(1));
+    if !run(&["-o", "-4", "addr", "show", "dev", br])?.contains(&cidr) {
+        run(&["addr", "add", &cidr, "dev", br])?;
+    }
+    run(&["link", "set", br, "up"]).map(|_| ())
+}
+
 struct Instance {
     name: String,
     addr: SocketAddrV4,
