@@ -165,6 +165,16 @@ const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
 const MAP_ENTRIES: Family<MapLabels> = Family::gauge("lb_map_entries", "Entries currently in the eBPF map.");
 const MAP_MAX_ENTRIES: Family<MapLabels> =
     Family::gauge("lb_map_max_entries", "Capacity (max_entries) of the eBPF map.");
+const SCALING_DESIRED: Family<ScalingLabels> =
+    Family::gauge("lb_scaling_desired_replicas", "Instances the last scaling decision asked for.");
+const SCALING_LIMIT: Family<ScalingLimitLabels> =
+    Family::gauge("lb_scaling_replicas_limit", "The service's min_replicas and max_replicas, by bound.");
+const SCALING_INSTANCES: Family<ScalingPhaseLabels> = Family::gauge(
+    "lb_scaling_instances",
+    "Instances of a scaled service by phase: starting (not yet healthy), ready (in the table), draining, stopping.",
+);
+const SCALING_INSTANCE_CPU: Family<ScalingInstanceLabels> =
+    Family::gauge("lb_scaling_instance_cpu_ratio", "CPU use of each instance, in cores (1 = one full core).");
 const AGENT_ERRORS: Family<NoLabels> = Family::counter(
     "lb_agent_errors_total",
     "Errors the agent met and logged: config reloads refused, map writes failed, probes that errored, ...",
@@ -217,6 +227,27 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     let maps = &snapshot.maps;
     out.push(MAP_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.entries as f64))));
     out.push(MAP_MAX_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.max_entries as f64))));
+    let scaling = &snapshot.scaling;
+    out.push(
+        SCALING_DESIRED
+            .collect(scaling.iter().map(|s| (ScalingLabels { service: s.service.clone() }, f64::from(s.desired)))),
+    );
+    out.push(SCALING_LIMIT.collect(scaling.iter().flat_map(|s| {
+        [("min", s.min_replicas), ("max", s.max_replicas)]
+            .map(|(bound, v)| (ScalingLimitLabels { service: s.service.clone(), bound }, f64::from(v)))
+    })));
+    out.push(SCALING_INSTANCES.collect(scaling.iter().flat_map(|s| {
+        SCALING_PHASES.map(|phase| {
+            let n = s.replicas.iter().filter(|r| r.phase == phase).count() as f64;
+            (ScalingPhaseLabels { service: s.service.clone(), phase }, n)
+        })
+    })));
+    out.push(SCALING_INSTANCE_CPU.collect(scaling.iter().flat_map(|s| {
+        s.replicas.iter().filter_map(move |r| {
+            let labels = ScalingInstanceLabels { service: s.service.clone(), instance: r.name.clone() };
+            Some((labels, r.cpu_percent? / 100.0))
+        })
+    })));
     let agent = &snapshot.agent;
     out.push(AGENT_ERRORS.collect([(NoLabels, agent.errors_total as f64)]));
     out.push(AGENT_UPTIME.collect([(NoLabels, agent.uptime_seconds)]));
@@ -447,6 +478,55 @@ impl LabelSet for InterfaceLabels {
     const NAMES: &'static [&'static str] = &["interface", "mode"];
     fn into_values(self) -> Vec<String> {
         vec![self.interface, self.mode]
+    }
+}
+
+const SCALING_PHASES: [&str; 4] = ["starting", "ready", "draining", "stopping"];
+
+struct ScalingLabels {
+    service: String,
+}
+
+impl LabelSet for ScalingLabels {
+    const NAMES: &'static [&'static str] = &["service"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service]
+    }
+}
+
+struct ScalingLimitLabels {
+    service: String,
+    bound: &'static str,
+}
+
+impl LabelSet for ScalingLimitLabels {
+    const NAMES: &'static [&'static str] = &["service", "bound"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.bound.to_owned()]
+    }
+}
+
+struct ScalingPhaseLabels {
+    service: String,
+    phase: &'static str,
+}
+
+impl LabelSet for ScalingPhaseLabels {
+    const NAMES: &'static [&'static str] = &["service", "phase"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.phase.to_owned()]
+    }
+}
+
+struct ScalingInstanceLabels {
+    service: String,
+    instance: String,
+}
+
+impl LabelSet for ScalingInstanceLabels {
+    const NAMES: &'static [&'static str] = &["service", "instance"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.instance]
     }
 }
 
@@ -832,6 +912,50 @@ mod tests {
     }
 
     /// The `# HELP` line of `name`, its `# TYPE` line and its samples.
+    #[test]
+    fn scaling_state_is_exported() {
+        use crate::status::{ReplicaStatus, ScalingStatus};
+        let mut snap = Snapshot::default();
+        snap.scaling.push(ScalingStatus {
+            service: "web".into(),
+            min_replicas: 1,
+            max_replicas: 4,
+            desired: 3,
+            pending_starts: 0,
+            replicas: vec![
+                ReplicaStatus {
+                    id: "a".into(),
+                    name: "web-2".into(),
+                    address: "10.212.0.2:8080".into(),
+                    phase: "ready".into(),
+                    cpu_percent: Some(45.0),
+                    age_seconds: 9.0,
+                },
+                ReplicaStatus {
+                    id: "b".into(),
+                    name: "web-3".into(),
+                    address: "10.212.0.3:8080".into(),
+                    phase: "starting".into(),
+                    cpu_percent: None,
+                    age_seconds: 1.0,
+                },
+            ],
+            decisions: vec![],
+        });
+        let text = render(&snap).unwrap();
+        for line in [
+            r#"lb_scaling_desired_replicas{service="web"} 3"#,
+            r#"lb_scaling_replicas_limit{service="web",bound="max"} 4"#,
+            r#"lb_scaling_instances{service="web",phase="ready"} 1"#,
+            r#"lb_scaling_instances{service="web",phase="starting"} 1"#,
+            r#"lb_scaling_instances{service="web",phase="draining"} 0"#,
+            r#"lb_scaling_instance_cpu_ratio{service="web",instance="web-2"} 0.45"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"instance="web-3""#), "no CPU sample yet, no series");
+    }
+
     fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
         let help = format!("# HELP {name} ");
         let mut lines = text.lines().skip_while(|l| !l.starts_with(&help));
