@@ -185,15 +185,14 @@ fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     println!("{}: ok, {} service(s)", path.display(), config.services.len());
     for s in &config.services {
-        println!(
-            "  {:<16} {}:{}/{} on {} -> {} backend(s)",
-            s.name,
-            s.vip,
-            s.port,
-            s.protocol,
-            s.interfaces.join(","),
-            s.backends.len()
-        );
+        let to = match (&s.scaling, s.instances.as_ref().and_then(|i| i.process.as_ref())) {
+            (Some(p), Some(proc_)) => format!(
+                "{}..={} instance(s) of {} (process, bridge {})",
+                p.min_replicas, p.max_replicas, proc_.command[0], proc_.bridge
+            ),
+            _ => format!("{} backend(s)", s.backends.len()),
+        };
+        println!("  {:<16} {}:{}/{} on {} -> {to}", s.name, s.vip, s.port, s.protocol, s.interfaces.join(","));
         for b in &s.backends {
             println!("    {:<24} weight {}", b.address, b.weight);
         }
