@@ -81,8 +81,6 @@ pub struct Agent {
     scalers: BTreeMap<String, Scaler>,
     scaler_tx: mpsc::Sender<ScalerEvent>,
     scaler_rx: mpsc::Receiver<ScalerEvent>,
-    /// The config changed which services scale, or how.
-    scalers_dirty: bool,
 }
 
 /// How often scaling decisions are taken.
@@ -91,9 +89,8 @@ const SCALE_TICK: Duration = Duration::from_secs(1);
 impl Agent {
     /// Validate the config, load the program, attach it and write the maps.
     /// A bad config or interface stops here with nothing left attached.
-    pub fn start(options: Options) -> anyhow::Result<Agent> {
+    pub async fn start(options: Options) -> anyhow::Result<Agent> {
         let config = Config::load(&options.config)?;
-        check_interfaces(&config)?;
         let dataplane = AyaDataplane::load(options.pin_dir.as_deref())?;
         let reconciler = if dataplane.adopted() {
             let state = dataplane.read_pinned_state().context("read the pinned maps back")?;
@@ -122,9 +119,8 @@ impl Agent {
             scalers: BTreeMap::new(),
             scaler_tx,
             scaler_rx,
-            scalers_dirty: true,
         };
-        let summary = agent.switch_to(config)?;
+        let summary = agent.switch_to(config).await?;
         for stale in agent.dataplane.stale_link_pins() {
             info!(pin = %stale.display(), "removing the pinned link of an interface no longer configured");
             std::fs::remove_file(&stale).with_context(|| format!("unpin {}", stale.display()))?;
@@ -146,7 +142,11 @@ impl Agent {
     /// Apply `config`: attach new interfaces, write the maps, detach the
     /// interfaces no service names any more. If attaching fails, the running
     /// config stays as it was.
-    fn switch_to(&mut self, config: Config) -> anyhow::Result<ApplySummary> {
+    async fn switch_to(&mut self, config: Config) -> anyhow::Result<ApplySummary> {
+        // Scalers first: their orchestrators make the bridges or networks
+        // the service's interfaces name.
+        self.prepare_scalers(&config).await?;
+        check_interfaces(&config)?;
         let wanted = interfaces(&config);
         let had = interfaces(&self.config);
         let mut attached_now = Vec::new();
@@ -165,11 +165,11 @@ impl Agent {
         }
         self.registry.set_config(&config, tokio::time::Instant::now());
         let summary = self.sync()?;
-        self.scalers_dirty = true;
         for iface in had.difference(&wanted) {
             self.dataplane.detach(iface)?;
         }
         self.config = config;
+        self.retire_scalers().await;
         Ok(summary)
     }
 
@@ -222,14 +222,12 @@ impl Agent {
 
     /// Re-read the config; a bad one is refused whole and the running one
     /// stays in force.
-    fn reload(&mut self, why: &str) -> Result<String, String> {
-        let result = Config::load(&self.options.config).map_err(anyhow::Error::from).and_then(|c| {
-            check_interfaces(&c)?;
-            if c == self.config {
-                return Ok(None);
-            }
-            self.switch_to(c).map(Some)
-        });
+    async fn reload(&mut self, why: &str) -> Result<String, String> {
+        let result = match Config::load(&self.options.config) {
+            Err(e) => Err(anyhow::Error::from(e)),
+            Ok(c) if c == self.config => Ok(None),
+            Ok(c) => self.switch_to(c).await.map(Some),
+        };
         match result {
             Ok(Some(s)) => {
                 info!(
@@ -262,7 +260,7 @@ impl Agent {
         }
     }
 
-    fn handle_call(&mut self, request: Request) -> Response {
+    async fn handle_call(&mut self, request: Request) -> Response {
         let now = tokio::time::Instant::now();
         let change = match &request {
             Request::Status => return Response::status(self.build_snapshot(false)),
@@ -271,7 +269,7 @@ impl Agent {
                 return Response::ok("stopping: detaching and removing pinned state");
             }
             Request::Reload => {
-                return match self.reload("api") {
+                return match self.reload("api").await {
                     Ok(m) => Response::ok(m),
                     Err(e) => Response::error(e),
                 }
@@ -370,31 +368,37 @@ impl Agent {
         Ok(())
     }
 
-    /// Create, update or stop scalers to match the config.
-    async fn sync_scalers(&mut self) {
-        self.scalers_dirty = false;
-        let scaled: BTreeMap<String, crate::config::ServiceConfig> =
-            self.config.services.iter().filter(|s| s.scaling.is_some()).map(|s| (s.name.clone(), s.clone())).collect();
-        let gone: Vec<String> = self.scalers.keys().filter(|n| !scaled.contains_key(*n)).cloned().collect();
-        for name in gone {
-            if let Some(mut s) = self.scalers.remove(&name) {
-                s.stop_all().await;
-                self.event(format!("{name}: no longer scaled; its instances were stopped"));
-            }
-        }
-        for (name, svc) in scaled {
-            if let Some(s) = self.scalers.get_mut(&name) {
+    /// Create the scalers `config` adds and give the others their new
+    /// policy. A scaler that cannot be made refuses the config.
+    async fn prepare_scalers(&mut self, config: &Config) -> anyhow::Result<()> {
+        for svc in config.services.iter().filter(|s| s.scaling.is_some()) {
+            if let Some(s) = self.scalers.get_mut(&svc.name) {
                 if let Some(p) = svc.scaling.clone() {
                     s.set_policy(p);
                 }
                 continue;
             }
-            match Scaler::new(&svc, self.scaler_tx.clone()).await {
-                Ok(s) => {
-                    info!(service = name, "autoscaling");
-                    self.scalers.insert(name, s);
-                }
-                Err(e) => self.error(format!("{name}: cannot scale: {e:#}")),
+            let s = Scaler::new(svc, self.scaler_tx.clone())
+                .await
+                .with_context(|| format!("service {:?}: set up its instances", svc.name))?;
+            info!(service = svc.name, "autoscaling");
+            self.scalers.insert(svc.name.clone(), s);
+        }
+        Ok(())
+    }
+
+    /// Stop the scalers of services the running config no longer scales.
+    async fn retire_scalers(&mut self) {
+        let gone: Vec<String> = self
+            .scalers
+            .keys()
+            .filter(|n| !self.config.services.iter().any(|s| &s.name == *n && s.scaling.is_some()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(mut s) = self.scalers.remove(&name) {
+                s.stop_all().await;
+                self.event(format!("{name}: no longer scaled; its instances were stopped"));
             }
         }
     }
@@ -421,9 +425,6 @@ impl Agent {
     }
 
     async fn scale_tick(&mut self) {
-        if self.scalers_dirty {
-            self.sync_scalers().await;
-        }
         if self.scalers.is_empty() {
             return;
         }
@@ -499,11 +500,11 @@ impl Agent {
         }
     }
 
-    fn tick(&mut self, mtime: &mut Option<SystemTime>) {
+    async fn tick(&mut self, mtime: &mut Option<SystemTime>) {
         let now = modified(&self.options.config);
         if now != *mtime {
             *mtime = now;
-            let _ = self.reload("file changed");
+            let _ = self.reload("file changed").await;
         }
         if let Err(e) = self.finish_drains() {
             warn!(error = format!("{e:#}"), "drain check failed");
@@ -541,15 +542,15 @@ impl Agent {
             tokio::select! {
                 _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
                 _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = sighup.recv() => { mtime = modified(&self.options.config); let _ = self.reload("SIGHUP"); }
+                _ = sighup.recv() => { mtime = modified(&self.options.config); let _ = self.reload("SIGHUP").await; }
                 Some((request, reply)) = calls.recv() => {
-                    let _ = reply.send(self.handle_call(request));
+                    let _ = reply.send(self.handle_call(request).await);
                     if self.stop_requested { info!("stop requested"); break; }
                 }
                 Some(result) = self.probe_rx.recv() => self.handle_probe(result),
                 Some(event) = self.scaler_rx.recv() => self.handle_scaler_event(event),
                 _ = scale_tick.tick() => self.scale_tick().await,
-                _ = tick.tick() => self.tick(&mut mtime),
+                _ = tick.tick() => self.tick(&mut mtime).await,
             }
         }
         if let Some(t) = metrics_task {
@@ -619,15 +620,9 @@ fn if_index(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-/// Every named interface must exist before anything is loaded or attached.
-/// Bridges that scaled services' instances join are made here first.
+/// Every named interface must exist before anything is attached (scaled
+/// services' orchestrators have made their bridges by now).
 fn check_interfaces(config: &Config) -> anyhow::Result<()> {
-    for s in &config.services {
-        if let Some(spec) = s.instances.as_ref().and_then(|i| i.process.as_ref()) {
-            crate::orchestrator::process::prepare_bridge(spec)
-                .with_context(|| format!("service {:?}: create the instances' bridge {}", s.name, spec.bridge))?;
-        }
-    }
     let missing: Vec<String> = config
         .services
         .iter()

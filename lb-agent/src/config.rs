@@ -15,7 +15,10 @@ use std::{
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
-use crate::{orchestrator::process::ProcessSpec, policy::ScalingPolicy};
+use crate::{
+    orchestrator::{docker::DockerSpec, process::ProcessSpec},
+    policy::ScalingPolicy,
+};
 
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -60,6 +63,9 @@ pub struct InstancesConfig {
     /// Instances as local processes, each in a network namespace.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
+    /// Instances as Docker containers on a bridge network.
+    #[serde(default)]
+    pub docker: Option<DockerSpec>,
     /// How long a new instance may take to pass its first health check
     /// before it is stopped and counted as failed.
     #[serde(default = "default_ready_timeout", with = "duration")]
@@ -337,17 +343,26 @@ impl ServiceConfig {
             out.push(format!("{at}: backend: list backends or let instances provide them, not both"));
         }
         let Some(inst) = &self.instances else { return };
-        match &inst.process {
-            None => out.push(format!("{at}: instances: name one kind, e.g. [service.instances.process]")),
-            Some(p) => {
-                out.extend(p.problems(&format!("{at}: instances.process")));
-                if !self.interfaces.contains(&p.bridge) {
-                    out.push(format!(
-                        "{at}: interfaces: must include the instances' bridge {:?}, where their replies arrive",
-                        p.bridge
-                    ));
-                }
+        let bridge = match (&inst.process, &inst.docker) {
+            (None, None) | (Some(_), Some(_)) => {
+                out.push(format!(
+                    "{at}: instances: name exactly one kind, [service.instances.process] or [service.instances.docker]"
+                ));
+                return;
             }
+            (Some(p), None) => {
+                out.extend(p.problems(&format!("{at}: instances.process")));
+                &p.bridge
+            }
+            (None, Some(d)) => {
+                out.extend(d.problems(&format!("{at}: instances.docker")));
+                &d.bridge
+            }
+        };
+        if !self.interfaces.contains(bridge) {
+            out.push(format!(
+                "{at}: interfaces: must include the instances' bridge {bridge:?}, where their replies arrive"
+            ));
         }
         if self.protocol == Protocol::Udp && self.health_check.is_none() {
             out.push(format!("{at}: health_check: scaled UDP services need an explicit check (a TCP or HTTP port)"));

@@ -159,7 +159,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(options: Options) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        let agent = Agent::start(options)?;
+        let agent = Agent::start(options).await?;
         agent.run().await?;
         Ok(ExitCode::SUCCESS)
     })

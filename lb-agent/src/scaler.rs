@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     config::{CheckKind, HealthCheckConfig, InstancesConfig, ServiceConfig},
     health::probe::probe,
-    orchestrator::{process::ProcessOrchestrator, Orchestrator, Replica},
+    orchestrator::{docker::DockerOrchestrator, process::ProcessOrchestrator, AnyOrchestrator, Orchestrator, Replica},
     policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics, ScalingPolicy},
     registry::Registry,
     status::{DecisionSummary, ReplicaStatus, ScalingStatus},
@@ -70,6 +70,85 @@ struct Tracked {
     cpu_percent: Option<f64>,
 }
 
+/// Sample instance CPU once a second into `into`, until aborted.
+async fn sample_cpu(service: String, orch: Arc<AnyOrchestrator>, into: Arc<std::sync::Mutex<HashMap<String, f64>>>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match orch.cpu_percent().await {
+            Ok(cpu) => {
+                if let Ok(mut m) = into.lock() {
+                    *m = cpu;
+                }
+            }
+            Err(e) => warn!(service, error = %e, "reading instance CPU failed"),
+        }
+    }
+}
+
+/// What forwarding to containers needs on the host, set up for as long as
+/// the service scales with Docker and undone exactly on drop: an ACCEPT rule
+/// in DOCKER-USER from each client interface to the network's bridge
+/// (dockerd's FORWARD policy is DROP), and loose reverse-path filtering on
+/// the bridge (translated replies come from the VIP, which is not routed
+/// there; strict filtering would drop them).
+pub struct DockerForwarding {
+    rules: Vec<Vec<String>>,
+}
+
+impl DockerForwarding {
+    fn set_up(clients: &[String], bridge: &str) -> anyhow::Result<DockerForwarding> {
+        let mut done = DockerForwarding { rules: Vec::new() };
+        for client in clients {
+            let rule: Vec<String> =
+                ["DOCKER-USER", "-i", client, "-o", bridge, "-j", "ACCEPT"].iter().map(|s| s.to_string()).collect();
+            // -C: already there (an earlier agent's): leave it, do not add a twin.
+            if iptables("-C", &rule).is_err() {
+                iptables("-I", &rule)?;
+                done.rules.push(rule);
+            }
+        }
+        let key = format!("/proc/sys/net/ipv4/conf/{bridge}/rp_filter");
+        if std::fs::read_to_string(&key).map(|v| v.trim() == "1").unwrap_or(false) {
+            std::fs::write(&key, "0").map_err(|e| anyhow::anyhow!("set {key} to 0: {e}"))?;
+            info!(bridge, "reverse-path filtering on the instances' bridge set to off");
+        }
+        if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").map(|v| v.trim() == "1").unwrap_or(false) {
+            warn!(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): replies from containers will be dropped; set it to 0 or 2"
+            );
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for DockerForwarding {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            if let Err(e) = iptables("-D", rule) {
+                warn!(error = %e, "removing our DOCKER-USER rule failed");
+            }
+        }
+    }
+}
+
+fn iptables(op: &str, rule: &[String]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("iptables")
+        .arg("-w")
+        .arg(op)
+        .args(rule)
+        .output()
+        .map_err(|e| anyhow::anyhow!("run iptables: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iptables {op} {}: {}",
+        rule.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 /// Per-instance figures from the data plane, by backend address.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlowFigures {
@@ -92,7 +171,13 @@ pub struct Scaler {
     policy: ScalingPolicy,
     instances: InstancesConfig,
     check: HealthCheckConfig,
-    orch: Arc<ProcessOrchestrator>,
+    orch: Arc<AnyOrchestrator>,
+    /// Latest CPU per instance, kept by a sampler task (Docker's stats API
+    /// can take a second to answer; the agent's loop must not wait on it).
+    cpu: Arc<std::sync::Mutex<HashMap<String, f64>>>,
+    sampler: tokio::task::JoinHandle<()>,
+    /// Docker only: the firewall and sysctl settings forwarding needs.
+    _forwarding: Option<DockerForwarding>,
     history: History,
     replicas: BTreeMap<String, Tracked>,
     /// Starts asked for and not yet reported back.
@@ -109,8 +194,20 @@ impl Scaler {
         let (Some(policy), Some(instances)) = (svc.scaling.clone(), svc.instances.clone()) else {
             anyhow::bail!("service {} is not scaled", svc.name);
         };
-        let spec = instances.process.clone().ok_or_else(|| anyhow::anyhow!("service {}: no orchestrator", svc.name))?;
-        let orch = Arc::new(ProcessOrchestrator::new(&svc.name, spec).await?);
+        let (orch, forwarding) = match (&instances.process, &instances.docker) {
+            (Some(spec), _) => {
+                (AnyOrchestrator::Process(ProcessOrchestrator::new(&svc.name, spec.clone()).await?), None)
+            }
+            (None, Some(spec)) => {
+                let o = DockerOrchestrator::new(&svc.name, spec.clone()).await?;
+                let clients: Vec<String> = svc.interfaces.iter().filter(|i| **i != spec.bridge).cloned().collect();
+                (AnyOrchestrator::Docker(Box::new(o)), Some(DockerForwarding::set_up(&clients, &spec.bridge)?))
+            }
+            (None, None) => anyhow::bail!("service {}: no orchestrator", svc.name),
+        };
+        let orch = Arc::new(orch);
+        let cpu = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let sampler = tokio::spawn(sample_cpu(svc.name.clone(), orch.clone(), cpu.clone()));
         // Readiness is the service's own check, or a TCP connect.
         let check = svc.health_check.clone().unwrap_or(HealthCheckConfig {
             kind: CheckKind::Tcp,
@@ -128,6 +225,9 @@ impl Scaler {
             instances,
             check,
             orch,
+            cpu,
+            sampler,
+            _forwarding: forwarding,
             replicas: BTreeMap::new(),
             pending_starts: 0,
             decisions: VecDeque::new(),
@@ -158,13 +258,10 @@ impl Scaler {
         let now = Instant::now();
         self.notice_exits(registry, &mut out).await;
         self.probe_starting();
-        match self.orch.cpu_percent().await {
-            Ok(cpu) => {
-                for (id, t) in self.replicas.iter_mut() {
-                    t.cpu_percent = cpu.get(id).copied().or(t.cpu_percent);
-                }
+        if let Ok(cpu) = self.cpu.lock() {
+            for (id, t) in self.replicas.iter_mut() {
+                t.cpu_percent = cpu.get(id).copied().or(t.cpu_percent);
             }
-            Err(e) => warn!(service = self.service, error = %e, "reading instance CPU failed"),
         }
         let snapshot = self.snapshot(flows, now);
         let decision = decide(&snapshot, &self.policy, &self.history, now);
@@ -424,6 +521,7 @@ impl Scaler {
 
     /// Stop every instance (agent shutdown): drains are cut short.
     pub async fn stop_all(&mut self) {
+        self.sampler.abort();
         for (id, t) in std::mem::take(&mut self.replicas) {
             if let Err(e) = self.orch.stop(&id).await {
                 warn!(service = self.service, instance = t.replica.name, error = %e, "stop failed");
@@ -452,5 +550,11 @@ impl Scaler {
                 .collect(),
             decisions: self.decisions.iter().cloned().collect(),
         }
+    }
+}
+
+impl Drop for Scaler {
+    fn drop(&mut self) {
+        self.sampler.abort();
     }
 }

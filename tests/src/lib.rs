@@ -5,6 +5,7 @@
 
 pub mod checksum;
 pub mod diff;
+pub mod docker;
 pub mod load;
 pub mod netns;
 pub mod packet;

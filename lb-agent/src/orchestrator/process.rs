@@ -81,8 +81,7 @@ impl ProcessSpec {
     }
 }
 
-/// Create the instances' bridge with its address if missing, before the
-/// agent checks and attaches to the service's interfaces. Idempotent.
+/// Create the instances' bridge with its address if missing. Idempotent.
 pub fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
     let run = |args: &[&str]| -> Result<String, OrchestratorError> {
         let what = format!("ip {}", args.join(" "));
@@ -132,22 +131,9 @@ impl ProcessOrchestrator {
     /// Make sure the bridge exists with its address; start nothing.
     pub async fn new(service: &str, spec: ProcessSpec) -> Result<Self, OrchestratorError> {
         let o = ProcessOrchestrator { spec, service: service.into(), instances: Mutex::new(BTreeMap::new()) };
-        o.ensure_bridge().await?;
+        prepare_bridge(&o.spec)?;
         o.remove_leftovers().await;
         Ok(o)
-    }
-
-    async fn ensure_bridge(&self) -> Result<(), OrchestratorError> {
-        let br = &self.spec.bridge;
-        if !link_exists(br).await {
-            ip(&["link", "add", br, "type", "bridge"]).await?;
-        }
-        let cidr = format!("{}/24", self.spec.ip(1));
-        let shown = output("ip", &["-o", "-4", "addr", "show", "dev", br]).await?;
-        if !shown.contains(&cidr) {
-            ip(&["addr", "add", &cidr, "dev", br]).await?;
-        }
-        ip(&["link", "set", br, "up"]).await
     }
 
     /// Namespaces of instances a previous agent started and lost track of
@@ -342,16 +328,6 @@ fn clock_ticks() -> f64 {
     } else {
         100.0
     }
-}
-
-async fn link_exists(name: &str) -> bool {
-    Command::new("ip")
-        .args(["link", "show", "dev", name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success())
 }
 
 async fn ip(args: &[&str]) -> Result<(), OrchestratorError> {

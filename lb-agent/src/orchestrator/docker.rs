@@ -1,0 +1,813 @@
+//! Backends as Docker containers, through the Engine API (bollard).
+//!
+//! Instances join a user-defined bridge network that the orchestrator creates
+//! if it is missing, with a fixed subnet and a fixed Linux bridge name (the
+//! `com.docker.network.bridge.name` option), so that the service's
+//! `interfaces` can name the bridge: replies from the containers to their
+//! gateway's MAC are passed up the bridge device, where the XDP program
+//! (generic mode: bridges have no native XDP) turns them back into the VIP.
+//!
+//! Every container gets the labels `io.lb-agent.owner=lb-agent` and
+//! `io.lb-agent.service=<service>`, and the orchestrator lists, stops and
+//! measures only containers that carry both. Containers outlive the agent:
+//! a new orchestrator for the same service (after a restart or a crash)
+//! lists the ones already running and carries on with them. Each instance
+//! gets a static address, `<subnet>.<n>`, and the name `<prefix>-<n>`; the
+//! address stays in the container's config while it is stopped, so an
+//! exited instance still reports where it served.
+//!
+//! Forwarding to containers needs more, outside this module, which the
+//! agent (or whoever runs it) must arrange (all checked by the root test
+//! `tests/tests/docker_orchestrator.rs`):
+//! - `interfaces` lists both the clients' interface and the bridge.
+//! - dockerd sets the iptables FORWARD policy to DROP, so new connections
+//!   from the clients' interface to the bridge need an ACCEPT rule in the
+//!   DOCKER-USER chain (`-i <client interface> -o <bridge> -j ACCEPT`);
+//!   replies pass dockerd's own `-i <bridge> ! -o <bridge> -j ACCEPT`.
+//! - Reverse-path filtering on the bridge must not be strict
+//!   (`rp_filter` 0 or 2): the translated replies come from the VIP, which
+//!   is not routed via the bridge. Strict mode drops them.
+//! - With br_netfilter (bridge-nf-call-iptables=1, built into these
+//!   kernels), conntrack sees a reply as it enters the bridge port, before
+//!   the XDP hook of the bridge device rewrites it, so a connection is one
+//!   ordinary conntrack entry (client -> container). Without br_netfilter
+//!   conntrack sees client -> container and VIP -> client as two one-way
+//!   flows; the ACCEPT rules above still pass both.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    str::FromStr,
+    sync::Mutex,
+    time::Duration,
+};
+
+use bollard::{
+    errors::Error as BollardError,
+    models::{
+        ContainerCreateBody, ContainerStatsResponse, EndpointIpamConfig, EndpointSettings, HostConfig, Ipam,
+        IpamConfig, NetworkCreateRequest, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    },
+    query_parameters::{
+        CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
+        RemoveContainerOptions, StatsOptions, StopContainerOptions,
+    },
+    Docker,
+};
+use futures_util::StreamExt as _;
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+
+use super::{Orchestrator, OrchestratorError, Replica};
+
+/// Label on everything the agent creates in Docker.
+pub const LABEL_OWNER: &str = "io.lb-agent.owner";
+pub const OWNER: &str = "lb-agent";
+/// Label naming the service a container serves.
+pub const LABEL_SERVICE: &str = "io.lb-agent.service";
+/// The Docker network option that names the Linux bridge.
+const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+
+/// `[service.instances.docker]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSpec {
+    /// Image to run (it must be present locally or pullable).
+    pub image: String,
+    /// Port the containers listen on.
+    pub port: u16,
+    /// User-defined bridge network the containers join (created if missing).
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// Linux name of the network's bridge (list it in the service's
+    /// `interfaces`: the containers' replies arrive there).
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    /// The network's subnet: the gateway (the host) is the first address,
+    /// instances get the following ones.
+    #[serde(default = "default_subnet")]
+    pub subnet: Ipv4Subnet,
+    /// Environment of each container. `{ip}`, `{port}`, `{addr}` (ip:port)
+    /// and `{name}` are replaced per instance.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// CPU limit per container, in CPUs (`docker run --cpus`).
+    #[serde(default)]
+    pub cpus: Option<Cpus>,
+    /// How long a stopping container gets between SIGTERM and SIGKILL
+    /// (whole seconds; a fraction rounds up).
+    #[serde(default = "default_grace", with = "crate::config::duration")]
+    pub stop_grace: Duration,
+    /// Container names are `<name_prefix>-<n>` [default: the service's name].
+    #[serde(default)]
+    pub name_prefix: Option<String>,
+}
+
+fn default_network() -> String {
+    "lb-agent".into()
+}
+fn default_bridge() -> String {
+    "lbd0".into()
+}
+fn default_subnet() -> Ipv4Subnet {
+    Ipv4Subnet { base: Ipv4Addr::new(10, 213, 0, 0), prefix_len: 24 }
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// An IPv4 network, `a.b.c.d/len`, with no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Subnet {
+    pub base: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Subnet {
+    /// Instance slots: offsets from the base address. Offset 0 is the
+    /// network, 1 the gateway and the last one broadcast.
+    fn slots(&self) -> std::ops::RangeInclusive<u32> {
+        let size = 1u64 << (32 - u32::from(self.prefix_len));
+        2..=(size.saturating_sub(2).min(u64::from(u32::MAX)) as u32)
+    }
+
+    fn addr(&self, offset: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base).wrapping_add(offset))
+    }
+
+    fn gateway(&self) -> Ipv4Addr {
+        self.addr(1)
+    }
+
+    /// The slot of `ip` in this subnet, if it is one.
+    fn slot_of(&self, ip: Ipv4Addr) -> Option<u32> {
+        let off = u32::from(ip).wrapping_sub(u32::from(self.base));
+        self.slots().contains(&off).then_some(off)
+    }
+}
+
+impl fmt::Display for Ipv4Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix_len)
+    }
+}
+
+impl FromStr for Ipv4Subnet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a subnet like \"10.213.0.0/24\"");
+        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+        let base: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+        // At least one instance slot besides network, gateway and broadcast.
+        if !(8..=29).contains(&prefix_len) {
+            return Err(format!("{s:?}: prefix length must be 8-29"));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        if u32::from(base) & !mask != 0 {
+            return Err(format!(
+                "{s:?} has host bits set; did you mean {}/{prefix_len}?",
+                Ipv4Addr::from(u32::from(base) & mask)
+            ));
+        }
+        Ok(Ipv4Subnet { base, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Subnet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A CPU limit, kept as nano-CPUs (the API's unit) so the spec stays `Eq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpus {
+    pub nano: i64,
+}
+
+impl<'de> Deserialize<'de> for Cpus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let cpus = f64::deserialize(d)?;
+        if !cpus.is_finite() || cpus <= 0.0 || cpus > 1024.0 {
+            return Err(serde::de::Error::custom(format!("cpus = {cpus} must be above 0 and at most 1024")));
+        }
+        Ok(Cpus { nano: (cpus * 1e9).round() as i64 })
+    }
+}
+
+impl DockerSpec {
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.image.trim().is_empty() {
+            out.push(format!("{at}.image: name the image to run"));
+        }
+        if self.port == 0 {
+            out.push(format!("{at}.port: must be 1-65535"));
+        }
+        if !is_docker_name(&self.network) {
+            out.push(format!("{at}.network: {:?} is not a valid Docker network name", self.network));
+        }
+        if self.bridge.is_empty()
+            || self.bridge.len() > 15
+            || !self.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            out.push(format!("{at}.bridge: {:?} must be 1-15 letters, digits, '-' or '_'", self.bridge));
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') {
+                out.push(format!("{at}.env: {key:?} is not a variable name"));
+            }
+        }
+        if let Some(p) = &self.name_prefix {
+            if !is_docker_name(p) {
+                out.push(format!(
+                    "{at}.name_prefix: {p:?} must start with a letter or digit and hold only those and _ . -"
+                ));
+            }
+        }
+        if self.stop_grace > Duration::from_secs(3600) {
+            out.push(format!("{at}.stop_grace: {:?} is above the maximum 1h", self.stop_grace));
+        }
+        out
+    }
+
+    /// The grace period in whole seconds, rounded up, as the API takes it.
+    fn grace_secs(&self) -> i32 {
+        let s = self.stop_grace.as_secs() + u64::from(self.stop_grace.subsec_nanos() > 0);
+        i32::try_from(s).unwrap_or(i32::MAX)
+    }
+
+    fn env_for(&self, ip: Ipv4Addr, name: &str) -> Vec<String> {
+        let port = self.port.to_string();
+        let addr = format!("{ip}:{port}");
+        let ip = ip.to_string();
+        self.env
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.replace("{ip}", &ip).replace("{port}", &port).replace("{addr}", &addr).replace("{name}", name)
+                )
+            })
+            .collect()
+    }
+}
+
+/// Docker's rule for container and network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn is_docker_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && s.len() <= 200
+}
+
+/// True when `labels` mark a container of `service` made by the agent.
+pub fn is_ours(labels: Option<&HashMap<String, String>>, service: &str) -> bool {
+    labels.is_some_and(|l| {
+        l.get(LABEL_OWNER).map(String::as_str) == Some(OWNER)
+            && l.get(LABEL_SERVICE).map(String::as_str) == Some(service)
+    })
+}
+
+/// The labels the orchestrator puts on a container of `service`.
+pub fn labels_for(service: &str) -> HashMap<String, String> {
+    HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned()), (LABEL_SERVICE.to_owned(), service.to_owned())])
+}
+
+/// What one stats reading says about CPU: cumulative nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuSample {
+    /// CPU time the container used.
+    pub container_ns: u64,
+    /// CPU time of the whole host (all CPUs, busy and idle).
+    pub system_ns: u64,
+    /// CPUs the host has online.
+    pub online_cpus: u32,
+}
+
+impl CpuSample {
+    pub fn from_stats(s: &ContainerStatsResponse) -> Option<CpuSample> {
+        let cpu = s.cpu_stats.as_ref()?;
+        let usage = cpu.cpu_usage.as_ref()?;
+        let online = match cpu.online_cpus {
+            Some(n) if n > 0 => n,
+            // Old engines: as `docker stats` does, count the per-CPU entries.
+            _ => usage.percpu_usage.as_ref().map_or(0, |v| v.len() as u32),
+        };
+        Some(CpuSample { container_ns: usage.total_usage?, system_ns: cpu.system_cpu_usage?, online_cpus: online })
+    }
+}
+
+/// CPU use between two samples in percent of one core, as `docker stats`
+/// computes it: container delta / host delta × online CPUs × 100. `None`
+/// when the host counter did not move (or went back: a restarted engine).
+pub fn cpu_percent_between(before: CpuSample, now: CpuSample) -> Option<f64> {
+    let system = now.system_ns.checked_sub(before.system_ns).filter(|d| *d > 0)?;
+    let used = now.container_ns.checked_sub(before.container_ns)?;
+    let cpus = if now.online_cpus > 0 { now.online_cpus } else { before.online_cpus };
+    Some(used as f64 / system as f64 * f64::from(cpus) * 100.0)
+}
+
+pub struct DockerOrchestrator {
+    docker: Docker,
+    spec: DockerSpec,
+    service: String,
+    /// Last CPU sample per container id.
+    samples: Mutex<HashMap<String, CpuSample>>,
+    /// Held from choosing a slot to creating the container, so two starts
+    /// never pick the same name and address.
+    starting: tokio::sync::Mutex<()>,
+}
+
+fn docker_err(what: impl fmt::Display) -> impl FnOnce(BollardError) -> OrchestratorError {
+    move |e| OrchestratorError::Docker(format!("{what}: {e}"))
+}
+
+fn is_status(e: &BollardError, code: u16) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> OrchestratorError {
+    OrchestratorError::Docker("cpu sample table: lock poisoned".into())
+}
+
+impl DockerOrchestrator {
+    /// Connect to the local engine (`DOCKER_HOST` if it is a `unix://` path,
+    /// else /var/run/docker.sock), agree on an API version, and make sure
+    /// the network exists. Starts nothing; containers of this service that
+    /// are already there are ours.
+    pub async fn new(service: &str, spec: DockerSpec) -> Result<Self, OrchestratorError> {
+        // Every request is bounded by the client's timeout, a stop included:
+        // it must outlast the grace period.
+        let timeout = Duration::from_secs(120) + spec.stop_grace;
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(docker_err("connect to the Docker engine"))?
+            .with_timeout(timeout)
+            .negotiate_version()
+            .await
+            .map_err(docker_err("negotiate the Docker API version"))?;
+        let o = DockerOrchestrator {
+            docker,
+            spec,
+            service: service.to_owned(),
+            samples: Mutex::new(HashMap::new()),
+            starting: tokio::sync::Mutex::new(()),
+        };
+        o.ensure_network().await?;
+        Ok(o)
+    }
+
+    pub fn spec(&self) -> &DockerSpec {
+        &self.spec
+    }
+
+    fn prefix(&self) -> &str {
+        self.spec.name_prefix.as_deref().unwrap_or(&self.service)
+    }
+
+    /// Create the network if it is missing; refuse one of that name that
+    /// does not match the spec (someone else's: it is never changed).
+    async fn ensure_network(&self) -> Result<(), OrchestratorError> {
+        let name = &self.spec.network;
+        match self.docker.inspect_network(name, None::<InspectNetworkOptions>).await {
+            Ok(net) => {
+                let subnets: Vec<String> =
+                    net.ipam.and_then(|i| i.config).unwrap_or_default().into_iter().filter_map(|c| c.subnet).collect();
+                let bridge = net.options.as_ref().and_then(|o| o.get(BRIDGE_NAME_OPTION)).cloned();
+                let want_subnet = self.spec.subnet.to_string();
+                if net.driver.as_deref() != Some("bridge")
+                    || !subnets.contains(&want_subnet)
+                    || bridge.as_deref() != Some(self.spec.bridge.as_str())
+                {
+                    return Err(OrchestratorError::Docker(format!(
+                        "network {name} exists but is not a bridge network with subnet {want_subnet} and bridge {} \
+                         (driver {:?}, subnets {subnets:?}, bridge {bridge:?}); remove it or name another network",
+                        self.spec.bridge, net.driver
+                    )));
+                }
+                debug!(network = name, "docker network present");
+                Ok(())
+            }
+            Err(e) if is_status(&e, 404) => {
+                let subnet = self.spec.subnet;
+                let req = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    ipam: Some(Ipam {
+                        driver: Some("default".into()),
+                        config: Some(vec![IpamConfig {
+                            subnet: Some(subnet.to_string()),
+                            gateway: Some(subnet.gateway().to_string()),
+                            ..Default::default()
+                        }]),
+                        options: None,
+                    }),
+                    options: Some(HashMap::from([(BRIDGE_NAME_OPTION.to_owned(), self.spec.bridge.clone())])),
+                    labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
+                    ..Default::default()
+                };
+                self.docker.create_network(req).await.map_err(docker_err(format!("create network {name}")))?;
+                info!(network = name, %subnet, bridge = self.spec.bridge, "docker network created");
+                Ok(())
+            }
+            Err(e) => Err(docker_err(format!("inspect network {name}"))(e)),
+        }
+    }
+
+    /// Our containers as the engine lists them (running or not).
+    async fn our_containers(&self) -> Result<Vec<bollard::models::ContainerSummary>, OrchestratorError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_OWNER}={OWNER}"), format!("{LABEL_SERVICE}={}", self.service)],
+        )]);
+        let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let list = self.docker.list_containers(Some(opts)).await.map_err(docker_err("list containers"))?;
+        // The engine filtered already; check again so that nothing without
+        // both labels is ever touched, whatever the engine's filter does.
+        Ok(list.into_iter().filter(|c| is_ours(c.labels.as_ref(), &self.service)).collect())
+    }
+
+    /// The container's address on our network: the live one, else the
+    /// static one it was created with (kept while it is stopped).
+    async fn address_of(&self, id: &str) -> Result<Option<Ipv4Addr>, OrchestratorError> {
+        let c = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(docker_err(format!("inspect container {id}")))?;
+        let ep = c.network_settings.and_then(|n| n.networks).and_then(|mut n| n.remove(&self.spec.network));
+        Ok(ep.and_then(|ep| {
+            ep.ip_address
+                .filter(|s| !s.is_empty())
+                .or_else(|| ep.ipam_config.and_then(|i| i.ipv4_address))
+                .and_then(|s| s.parse().ok())
+        }))
+    }
+
+    /// Addresses in use on our network: by containers attached now (ours
+    /// or anyone's) and by our stopped ones (their static address).
+    async fn taken_slots(&self, ours: &[Replica]) -> Result<HashSet<u32>, OrchestratorError> {
+        let net = self
+            .docker
+            .inspect_network(&self.spec.network, None::<InspectNetworkOptions>)
+            .await
+            .map_err(docker_err(format!("inspect network {}", self.spec.network)))?;
+        let attached = net.containers.unwrap_or_default().into_values().filter_map(|e| e.ipv4_address);
+        let mut taken = HashSet::new();
+        for cidr in attached {
+            if let Some(ip) = cidr.split('/').next().and_then(|s| s.parse().ok()) {
+                taken.extend(self.spec.subnet.slot_of(ip));
+            }
+        }
+        taken.extend(ours.iter().filter_map(|r| self.spec.subnet.slot_of(*r.addr.ip())));
+        Ok(taken)
+    }
+
+    async fn create_and_start(&self, name: &str, ip: Ipv4Addr) -> Result<String, OrchestratorError> {
+        let spec = &self.spec;
+        let endpoint = EndpointSettings {
+            ipam_config: Some(EndpointIpamConfig { ipv4_address: Some(ip.to_string()), ..Default::default() }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env_for(ip, name)),
+            labels: Some(labels_for(&self.service)),
+            stop_timeout: Some(i64::from(spec.grace_secs())),
+            host_config: Some(HostConfig {
+                network_mode: Some(spec.network.clone()),
+                nano_cpus: spec.cpus.map(|c| c.nano),
+                // The scaler replaces instances that exit; the engine must not
+                // bring them back behind its back.
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(spec.network.clone(), endpoint)])),
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
+        let created = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(docker_err(format!("create container {name}")))?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            self.remove(&created.id).await;
+            return Err(docker_err(format!("start container {name}"))(e));
+        }
+        Ok(created.id)
+    }
+
+    /// Force-remove a container; errors are logged (cleanup path).
+    async fn remove(&self, id: &str) {
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        if let Err(e) = self.docker.remove_container(id, Some(opts)).await {
+            if !is_status(&e, 404) {
+                warn!(container = id, error = %e, "cannot remove container");
+            }
+        }
+    }
+}
+
+/// One stats reading of a container.
+async fn sample(docker: Docker, id: String) -> (String, Result<Option<CpuSample>, BollardError>) {
+    // one_shot: no second reading to fill precpu_stats (we keep our own
+    // previous sample). The engine may still hold the answer until its next
+    // collection tick (every second; measured: 10 ms to 1 s), and answers
+    // all waiting requests on that tick: hence the requests go out together.
+    let opts = StatsOptions { stream: false, one_shot: true };
+    let mut stream = docker.stats(&id, Some(opts));
+    let result = match stream.next().await {
+        Some(Ok(s)) => Ok(CpuSample::from_stats(&s)),
+        Some(Err(e)) => Err(e),
+        None => Ok(None),
+    };
+    (id, result)
+}
+
+impl Orchestrator for DockerOrchestrator {
+    async fn list(&self) -> Result<Vec<Replica>, OrchestratorError> {
+        let mut out = Vec::new();
+        for c in self.our_containers().await? {
+            let Some(id) = c.id.clone() else { continue };
+            let name =
+                c.names.as_ref().and_then(|n| n.first()).map_or(id.clone(), |n| n.trim_start_matches('/').to_owned());
+            let running = matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));
+            let ip = c
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref())
+                .and_then(|n| n.get(&self.spec.network))
+                .and_then(|ep| ep.ip_address.as_deref().filter(|s| !s.is_empty()).and_then(|s| s.parse().ok()));
+            let ip = match ip {
+                Some(ip) => Some(ip),
+                None => self.address_of(&id).await?,
+            };
+            let Some(ip) = ip else {
+                warn!(
+                    container = name,
+                    network = self.spec.network,
+                    "container of ours has no address on the network; skipped"
+                );
+                continue;
+            };
+            out.push(Replica { id, name, addr: SocketAddrV4::new(ip, self.spec.port), running });
+        }
+        out.sort_by_key(|r| r.addr);
+        Ok(out)
+    }
+
+    async fn start(&self) -> Result<Replica, OrchestratorError> {
+        let _one_at_a_time = self.starting.lock().await;
+        let ours = self.list().await?;
+        let mut taken = self.taken_slots(&ours).await?;
+        // Another container may join the network between our look and our
+        // create; the engine then refuses the address and we take the next.
+        for _attempt in 0..3 {
+            let slots = self.spec.subnet.slots();
+            let total = slots.clone().count();
+            let n = slots.into_iter().find(|n| !taken.contains(n)).ok_or(OrchestratorError::Full(total))?;
+            let ip = self.spec.subnet.addr(n);
+            let name = format!("{}-{n}", self.prefix());
+            match self.create_and_start(&name, ip).await {
+                Ok(id) => {
+                    let addr = SocketAddrV4::new(ip, self.spec.port);
+                    let running_ip = self.address_of(&id).await?;
+                    if running_ip != Some(ip) {
+                        warn!(container = name, expected = %ip, got = ?running_ip, "container address differs from the one asked for");
+                    }
+                    info!(service = self.service, instance = name, %addr, id = &id[..12.min(id.len())], "container started");
+                    return Ok(Replica { id, name, addr, running: true });
+                }
+                Err(e)
+                    if format!("{e}").contains("already in use") || format!("{e}").contains("is already allocated") =>
+                {
+                    warn!(instance = name, error = %e, "name or address taken meanwhile; trying the next slot");
+                    taken.insert(n);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(OrchestratorError::Docker(format!("{}: no free name and address after 3 attempts", self.service)))
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), OrchestratorError> {
+        let c = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
+            Ok(c) => c,
+            Err(e) if is_status(&e, 404) => return Err(OrchestratorError::Unknown(id.into())),
+            Err(e) => return Err(docker_err(format!("inspect container {id}"))(e)),
+        };
+        if !is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref()), &self.service) {
+            return Err(OrchestratorError::Unknown(id.into()));
+        }
+        let name = c.name.as_deref().unwrap_or(id).trim_start_matches('/').to_owned();
+        let opts = StopContainerOptions { t: Some(self.spec.grace_secs()), signal: None };
+        // 304 (already stopped) counts as success in bollard.
+        if let Err(e) = self.docker.stop_container(id, Some(opts)).await {
+            if !is_status(&e, 404) {
+                return Err(docker_err(format!("stop container {name}"))(e));
+            }
+        }
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match self.docker.remove_container(id, Some(opts)).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(docker_err(format!("remove container {name}"))(e)),
+        }
+        self.samples.lock().map_err(poisoned)?.remove(c.id.as_deref().unwrap_or(id));
+        info!(service = self.service, instance = name, "container stopped and removed");
+        Ok(())
+    }
+
+    async fn cpu_percent(&self) -> Result<HashMap<String, f64>, OrchestratorError> {
+        let running: Vec<String> = self
+            .our_containers()
+            .await?
+            .into_iter()
+            .filter(|c| matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING)))
+            .filter_map(|c| c.id)
+            .collect();
+        let mut requests = tokio::task::JoinSet::new();
+        for id in running {
+            requests.spawn(sample(self.docker.clone(), id));
+        }
+        let mut now = HashMap::new();
+        while let Some(joined) = requests.join_next().await {
+            let (id, result) = joined.map_err(|e| OrchestratorError::Docker(format!("stats task: {e}")))?;
+            match result {
+                Ok(Some(s)) => {
+                    now.insert(id, s);
+                }
+                Ok(None) => debug!(container = id, "stats without CPU figures"),
+                // Gone between list and stats: it simply has no figure.
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => return Err(docker_err(format!("stats of container {id}"))(e)),
+            }
+        }
+        let mut samples = self.samples.lock().map_err(poisoned)?;
+        let out =
+            now.iter().filter_map(|(id, s)| Some((id.clone(), cpu_percent_between(*samples.get(id)?, *s)?))).collect();
+        *samples = now;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DockerSpec {
+        DockerSpec {
+            image: "lb-demo-backend:dev".into(),
+            port: 8080,
+            network: "lb-agent".into(),
+            bridge: "lbd0".into(),
+            subnet: default_subnet(),
+            env: BTreeMap::from([("LB_BACKEND_NAME".into(), "{name}".into()), ("LISTEN".into(), "{addr}".into())]),
+            cpus: None,
+            stop_grace: Duration::from_secs(5),
+            name_prefix: None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<DockerSpec, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn spec_parses_with_defaults() {
+        let s = parse("image = \"web:1\"\nport = 8080\ncpus = 0.5\nstop_grace = \"1500ms\"\nenv = { A = \"{ip}\" }")
+            .unwrap();
+        assert_eq!(s.network, "lb-agent");
+        assert_eq!(s.bridge, "lbd0");
+        assert_eq!(s.subnet.to_string(), "10.213.0.0/24");
+        assert_eq!(s.cpus, Some(Cpus { nano: 500_000_000 }));
+        assert_eq!(s.grace_secs(), 2, "fractions round up");
+        assert_eq!(parse("image = \"w\"\nport = 1\ncpus = 2").unwrap().cpus, Some(Cpus { nano: 2_000_000_000 }));
+        assert!(s.problems("x").is_empty());
+    }
+
+    #[test]
+    fn spec_refuses_unknown_keys_and_bad_values_at_parse_time() {
+        assert!(parse("image = \"w\"\nport = 1\nimgae = \"x\"").unwrap_err().contains("imgae"));
+        assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.1/24\"")
+            .unwrap_err()
+            .contains("did you mean 10.213.0.0/24"));
+        assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.0/31\"").unwrap_err().contains("prefix length"));
+        assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.0\"").unwrap_err().contains("not a subnet"));
+        assert!(parse("image = \"w\"\nport = 1\ncpus = 0").unwrap_err().contains("must be above 0"));
+        assert!(parse("image = \"w\"\nport = 1\ncpus = -1.5").unwrap_err().contains("must be above 0"));
+    }
+
+    #[test]
+    fn spec_problems_name_their_field() {
+        let bad = DockerSpec {
+            image: " ".into(),
+            port: 0,
+            network: "-net".into(),
+            bridge: "a-bridge-name-too-long".into(),
+            env: BTreeMap::from([("A=B".into(), "x".into())]),
+            name_prefix: Some("web/1".into()),
+            stop_grace: Duration::from_secs(7200),
+            ..spec()
+        };
+        let p = bad.problems("service[0] \"web\": instances.docker");
+        let fields = ["image", "port", "network", "bridge", "env", "name_prefix", "stop_grace"];
+        assert_eq!(p.len(), fields.len(), "{p:#?}");
+        for (line, field) in p.iter().zip(fields) {
+            assert!(line.starts_with(&format!("service[0] \"web\": instances.docker.{field}: ")), "{line}");
+        }
+        assert!(spec().problems("x").is_empty());
+    }
+
+    #[test]
+    fn subnet_slots_skip_network_gateway_and_broadcast() {
+        let s: Ipv4Subnet = "10.213.0.0/24".parse().unwrap();
+        assert_eq!(s.slots(), 2..=254);
+        assert_eq!(s.gateway(), Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(s.addr(7), Ipv4Addr::new(10, 213, 0, 7));
+        assert_eq!(s.slot_of(Ipv4Addr::new(10, 213, 0, 7)), Some(7));
+        for outside in [[10, 213, 0, 1], [10, 213, 0, 255], [10, 213, 1, 7], [10, 212, 255, 7]] {
+            assert_eq!(s.slot_of(Ipv4Addr::from(outside)), None, "{outside:?}");
+        }
+        let small: Ipv4Subnet = "192.168.5.8/29".parse().unwrap();
+        assert_eq!(small.slots().map(|n| small.addr(n).octets()[3]).collect::<Vec<_>>(), [10, 11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn env_placeholders_are_filled_per_instance() {
+        let env = spec().env_for(Ipv4Addr::new(10, 213, 0, 3), "web-3");
+        assert_eq!(env, ["LB_BACKEND_NAME=web-3", "LISTEN=10.213.0.3:8080"]);
+    }
+
+    #[test]
+    fn only_containers_with_both_labels_are_ours() {
+        let l = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>()
+        };
+        assert!(is_ours(Some(&labels_for("web")), "web"));
+        assert!(!is_ours(Some(&labels_for("web")), "api"), "another service's container");
+        assert!(!is_ours(None, "web"));
+        assert!(!is_ours(Some(&l(&[])), "web"));
+        assert!(!is_ours(Some(&l(&[(LABEL_SERVICE, "web")])), "web"), "no owner label");
+        assert!(!is_ours(Some(&l(&[(LABEL_OWNER, "someone-else"), (LABEL_SERVICE, "web")])), "web"));
+        assert!(!is_ours(Some(&l(&[(LABEL_OWNER, OWNER)])), "web"), "no service label");
+    }
+
+    /// Two readings of a container as the stats API gives them (JSON of
+    /// API 1.41 on cgroup v1, trimmed to the CPU part).
+    fn stats(total: u64, system: u64, online: Option<u32>, percpu: usize) -> ContainerStatsResponse {
+        let mut cpu = serde_json::json!({
+            "cpu_usage": { "total_usage": total, "percpu_usage": vec![total / percpu.max(1) as u64; percpu],
+                           "usage_in_kernelmode": 0, "usage_in_usermode": total },
+            "system_cpu_usage": system,
+        });
+        if let Some(n) = online {
+            cpu["online_cpus"] = n.into();
+        }
+        serde_json::from_value(serde_json::json!({ "id": "c1", "cpu_stats": cpu, "precpu_stats": {} })).unwrap()
+    }
+
+    #[test]
+    fn cpu_percent_is_computed_like_docker_stats() {
+        // 0.5 s of container CPU while the 2-CPU host counted 2 s (1 s of wall
+        // time): half a core, 50 %.
+        let a = CpuSample::from_stats(&stats(1_000_000_000, 10_000_000_000, Some(2), 2)).unwrap();
+        let b = CpuSample::from_stats(&stats(1_500_000_000, 12_000_000_000, Some(2), 2)).unwrap();
+        assert_eq!(cpu_percent_between(a, b), Some(50.0));
+        // Two full cores on a 4-CPU host: 200 %.
+        let a = CpuSample { container_ns: 0, system_ns: 0, online_cpus: 4 };
+        let b = CpuSample { container_ns: 2_000_000_000, system_ns: 4_000_000_000, online_cpus: 4 };
+        assert_eq!(cpu_percent_between(a, b), Some(200.0));
+        // Idle container.
+        assert_eq!(cpu_percent_between(b, CpuSample { system_ns: 8_000_000_000, ..b }), Some(0.0));
+    }
+
+    #[test]
+    fn cpu_percent_needs_the_host_counter_to_move_forward() {
+        let a = CpuSample { container_ns: 5, system_ns: 100, online_cpus: 2 };
+        assert_eq!(cpu_percent_between(a, a), None, "same reading");
+        assert_eq!(cpu_percent_between(a, CpuSample { system_ns: 50, ..a }), None, "host counter went back");
+        assert_eq!(
+            cpu_percent_between(a, CpuSample { container_ns: 1, system_ns: 200, ..a }),
+            None,
+            "container counter went back (a new container)"
+        );
+    }
+
+    #[test]
+    fn online_cpus_fall_back_to_the_per_cpu_list() {
+        let s = CpuSample::from_stats(&stats(10, 20, None, 3)).unwrap();
+        assert_eq!(s.online_cpus, 3);
+        let empty: ContainerStatsResponse = serde_json::from_value(serde_json::json!({ "id": "c1" })).unwrap();
+        assert_eq!(CpuSample::from_stats(&empty), None, "a stopped container's stats carry no CPU figures");
+    }
+}

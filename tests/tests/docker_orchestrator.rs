@@ -1,0 +1,436 @@
+//! The Docker orchestrator against a real engine, and the load balancer in
+//! front of containers, end to end:
+//!
+//! ```text
+//!  client ns                    host (root netns: dockerd, lb-agent)           containers
+//!  10.214.0.2 [eth0] ==== [lbt-cli0] 10.214.0.1   (XDP, native)
+//!  route 10.214.255.1/32                           [lbtd0] 10.213.0.1 (XDP, generic)
+//!        via 10.214.0.1                              |-- veth -- 10.213.0.x:8080  lb-backend
+//!                                                    `-- veth -- 10.213.0.y:8080  lb-backend
+//! ```
+//!
+//! What the data path needs (checked here): the agent attaches to the
+//! client-facing veth and to the Docker network's bridge (replies to the
+//! gateway MAC are passed up the bridge device and cross its generic XDP
+//! hook); dockerd's FORWARD policy DROP lets new connections from the
+//! client interface to the bridge through only with `iptables -I
+//! DOCKER-USER -i lbt-cli0 -o lbtd0 -j ACCEPT` (replies pass dockerd's own
+//! `-i lbtd0 ! -o lbtd0 -j ACCEPT`); the host forwards (dockerd sets
+//! ip_forward=1) and reverse-path filtering on the bridge is not strict
+//! (the rewritten replies come from the VIP, which is not routed there).
+//!
+//! Needs root, dockerd and the docker CLI (`apt-get install docker.io`; an
+//! engine is started for the test if none runs, and stopped again), the
+//! agent and the static demo backend:
+//! `cargo build --release -p lb-agent && RUSTFLAGS="-C
+//! target-feature=+crt-static" cargo build --release -p lb-tests --bin
+//! lb-backend --target x86_64-unknown-linux-gnu && cargo test -p lb-tests
+//! --release --test docker_orchestrator -- --nocapture`.
+//!
+//! Everything the tests make is theirs alone and goes again, also when they
+//! fail: containers carry a service label unique to the run, the network,
+//! namespace, veth and iptables rule have fixed names the tests refuse to
+//! reuse if they exist. The image `lb-demo-backend:dev` stays (it is cheap
+//! and reused). The two tests share the subnet and bridge, so they run one
+//! after the other.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_agent::orchestrator::{
+    docker::{Cpus, DockerOrchestrator, DockerSpec},
+    Orchestrator, OrchestratorError,
+};
+use lb_tests::{
+    docker::{
+        build_demo_image, docker_try, http_get, skip_without_docker, wait_http_ok, Dockerd, HostNetnsName,
+        IptablesRule, NamedContainer, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
+    },
+    root::skip_without_root,
+    topology::{run_cmd, run_in_netns, Agent, AgentArgs, Netns},
+};
+
+/// The two tests share the bridge name and subnet.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const BRIDGE: &str = "lbtd0";
+const SUBNET: &str = "10.213.0.0/24";
+const BACKEND_PORT: u16 = 8080;
+const CLIENT_IFACE: &str = "lbt-cli0";
+const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 2);
+const CLIENT_GW: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 214, 255, 1);
+const VIP_PORT: u16 = 80;
+
+macro_rules! require_root_and_docker {
+    ($name:literal) => {
+        if skip_without_root($name) || skip_without_docker($name) {
+            return;
+        }
+    };
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+/// A name unique to this run and test (labels, network and name prefix).
+fn unique(tag: &str) -> String {
+    format!("lbt-dk{}-{tag}", std::process::id())
+}
+
+fn spec(network: &str) -> DockerSpec {
+    DockerSpec {
+        image: DEMO_IMAGE.into(),
+        port: BACKEND_PORT,
+        network: network.into(),
+        bridge: BRIDGE.into(),
+        subnet: SUBNET.parse().expect("subnet"),
+        env: BTreeMap::from([
+            ("LB_BACKEND_NAME".to_owned(), "{name}".to_owned()),
+            ("LB_BACKEND_LISTEN".to_owned(), "0.0.0.0:{port}".to_owned()),
+        ]),
+        cpus: Some(Cpus { nano: 1_000_000_000 }),
+        // Long enough that a container ignoring SIGTERM would show.
+        stop_grace: Duration::from_secs(10),
+        name_prefix: None,
+    }
+}
+
+/// The addresses, interfaces and names the tests use must be free: they
+/// refuse to share them with anything they did not create.
+fn assert_free() {
+    for link in [BRIDGE, CLIENT_IFACE] {
+        let taken = std::process::Command::new("ip")
+            .args(["link", "show", "dev", link])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            !taken,
+            "interface {link} exists already (a leftover of a killed run, or someone else's); refusing to use it"
+        );
+    }
+    for net in [SUBNET, "10.214.0.0/24"] {
+        let routes = run_cmd("ip", &["-4", "route", "show", "root", net]);
+        assert!(routes.trim().is_empty(), "addresses in {net} are routed already:\n{routes}refusing to use them");
+    }
+}
+
+fn ip_of(r: &lb_agent::orchestrator::Replica) -> Ipv4Addr {
+    *r.addr.ip()
+}
+
+/// Requests that burn CPU in `addr`'s container until `stop` is set.
+fn load(
+    addr: SocketAddrV4,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> Vec<thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|_| {
+            let (stop, done) = (stop.clone(), done.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((200, _)) = http_get(addr, "/?work_ms=50", Duration::from_secs(5)) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn root_docker_orchestrator_lifecycle() {
+    require_root_and_docker!("root_docker_orchestrator_lifecycle");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t0 = Instant::now();
+    assert_free();
+    let dockerd = Dockerd::ensure();
+    let image = build_demo_image();
+    eprintln!(
+        "MEASURED: engine ready and image {image} built in {:?} (dockerd started here: {})",
+        t0.elapsed(),
+        dockerd.started_here()
+    );
+
+    let network = unique("net");
+    let service = unique("life");
+    // Declared in this order so that they drop in reverse: containers, then
+    // the network they sit on.
+    let _network = NetworkGuard::expect_new(&network);
+    let ours = ServiceContainers { service: service.clone() };
+    let rt = runtime();
+
+    let orch = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("orchestrator");
+    let bridge_shown = run_cmd("ip", &["-br", "link", "show", "dev", BRIDGE]);
+    assert!(bridge_shown.starts_with(BRIDGE), "the network's bridge is not named {BRIDGE}: {bridge_shown}");
+
+    // A container on our network that we did not make: no labels.
+    let foreign =
+        NamedContainer::run(&unique("foreign"), &["--network", &network, "-e", "LB_BACKEND_NAME=foreign", DEMO_IMAGE]);
+    let foreign_id = foreign.id();
+
+    // Two instances.
+    let t = Instant::now();
+    let a = rt.block_on(orch.start()).expect("start a");
+    let b = rt.block_on(orch.start()).expect("start b");
+    eprintln!("MEASURED: two containers created and started in {:?}", t.elapsed());
+    let list = rt.block_on(orch.list()).expect("list");
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(list.iter().all(|r| r.running && r.addr.port() == BACKEND_PORT), "{list:#?}");
+    let subnet_prefix = [10, 213, 0];
+    for r in &list {
+        assert_eq!(ip_of(r).octets()[..3], subnet_prefix, "{r:?} is not on the network's subnet");
+        assert!(r.name.starts_with(&service), "{r:?}");
+    }
+    let mut ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut want = vec![a.id.as_str(), b.id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    assert_ne!(a.addr, b.addr);
+    assert!(!list.iter().any(|r| r.id == foreign_id), "the foreign container is listed: {list:#?}");
+
+    // They serve, from the host, at the addresses the orchestrator gave.
+    let t = Instant::now();
+    for r in [&a, &b] {
+        let body = wait_http_ok(r.addr, "/healthz", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{r:?}: {e}"));
+        assert_eq!(body.trim(), "ok");
+        let (code, name) = http_get(r.addr, "/?work_ms=0", Duration::from_secs(2)).expect("GET /");
+        assert_eq!((code, name.trim()), (200, r.name.as_str()));
+    }
+    eprintln!("MEASURED: both answered /healthz {:?} after their start returned", t.elapsed());
+
+    // CPU: nothing after one sample; after the second, the loaded one shows.
+    // The load runs before the first sample and until after the second, so
+    // it covers the window between the two readings, wherever the engine's
+    // collection ticks put them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let loaders = load(a.addr, 2, stop.clone(), done.clone());
+    thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let first = rt.block_on(orch.cpu_percent()).expect("cpu 1");
+    eprintln!("MEASURED: first cpu_percent call took {:?}", t.elapsed());
+    assert!(first.is_empty(), "one sample cannot give a rate: {first:?}");
+    thread::sleep(Duration::from_millis(1200));
+    let t = Instant::now();
+    let cpu = rt.block_on(orch.cpu_percent()).expect("cpu 2");
+    let stats_time = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().expect("load thread");
+    }
+    eprintln!(
+        "MEASURED: cpu_percent {:?} (loaded {} with {} requests; the call took {stats_time:?})",
+        cpu.iter().map(|(id, p)| (&id[..12], format!("{p:.1}"))).collect::<BTreeMap<_, _>>(),
+        &a.id[..12],
+        done.load(Ordering::Relaxed)
+    );
+    let (cpu_a, cpu_b) = (cpu.get(&a.id).copied(), cpu.get(&b.id).copied());
+    assert!(cpu_a.is_some_and(|p| p > 60.0 && p < 130.0), "loaded container (limit 1 CPU): {cpu_a:?}");
+    assert!(cpu_b.is_some_and(|p| p < 15.0), "idle container: {cpu_b:?}");
+    assert!(!cpu.contains_key(&foreign_id), "{cpu:?}");
+
+    // Stop b: SIGTERM reaches lb-backend (PID 1) and it exits at once, well
+    // inside the 10 s grace.
+    let t = Instant::now();
+    rt.block_on(orch.stop(&b.id)).expect("stop b");
+    let stop_time = t.elapsed();
+    eprintln!("MEASURED: stop (docker stop + remove) took {stop_time:?}");
+    assert!(stop_time < Duration::from_secs(5), "stop took {stop_time:?}: SIGTERM was not handled");
+    assert!(!docker_try(&["container", "inspect", &b.id]).0, "b was not removed");
+    assert!(matches!(rt.block_on(orch.stop(&b.id)), Err(OrchestratorError::Unknown(_))));
+
+    // A new orchestrator (an agent restart) adopts a by its labels.
+    let adopter = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("second orchestrator");
+    let adopted = rt.block_on(adopter.list()).expect("list after restart");
+    assert_eq!(adopted, vec![a.clone()], "the new orchestrator must find exactly the running instance");
+
+    // The foreign container: never listed, never stopped.
+    let refused = rt.block_on(adopter.stop(&foreign_id));
+    assert!(matches!(refused, Err(OrchestratorError::Unknown(_))), "{refused:?}");
+    assert!(foreign.is_running(), "the foreign container was touched");
+    // A third instance skips the foreign container's address too.
+    let c = rt.block_on(adopter.start()).expect("start c");
+    let foreign_ip = docker_try(&[
+        "container",
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &foreign_id,
+    ])
+    .1;
+    assert_ne!(ip_of(&c).to_string(), foreign_ip.trim());
+    assert_ne!(c.addr, a.addr);
+
+    // An instance that exits (killed here) stays listed, not running, at
+    // its address, until `stop` clears it.
+    docker_try(&["kill", &c.id]);
+    let listed = rt.block_on(adopter.list()).expect("list with an exited instance");
+    let exited = listed.iter().find(|r| r.id == c.id).unwrap_or_else(|| panic!("exited c not listed: {listed:#?}"));
+    assert_eq!((exited.running, exited.addr, exited.name.as_str()), (false, c.addr, c.name.as_str()));
+    assert!(!rt.block_on(adopter.cpu_percent()).expect("cpu").contains_key(&c.id));
+
+    for r in [&a, &c] {
+        rt.block_on(adopter.stop(&r.id)).unwrap_or_else(|e| panic!("stop {}: {e}", r.name));
+    }
+    assert!(rt.block_on(adopter.list()).expect("list").is_empty());
+    assert!(ours.ids().is_empty());
+    assert!(foreign.is_running(), "the foreign container was touched");
+    drop(foreign);
+    eprintln!("MEASURED: root_docker_orchestrator_lifecycle took {:?}", t0.elapsed());
+}
+
+/// Connection-tracking entries that mention `needle`.
+fn conntrack_lines(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/net/nf_conntrack")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn sysctl(path: &str) -> String {
+    std::fs::read_to_string(Path::new("/proc/sys").join(path))
+        .map_or_else(|e| format!("({e})"), |s| s.trim().to_owned())
+}
+
+/// `n` requests from the client namespace, one connection each: answers
+/// per backend name, and the failures.
+fn requests_from_client(ns: &str, n: usize, timeout: Duration) -> (BTreeMap<String, usize>, Vec<String>) {
+    let vip = SocketAddrV4::new(VIP, VIP_PORT);
+    run_in_netns(ns, move || {
+        let (mut by_backend, mut failures) = (BTreeMap::new(), Vec::new());
+        for i in 0..n {
+            match http_get(vip, "/?work_ms=0", timeout) {
+                Ok((200, body)) => *by_backend.entry(body.trim().to_owned()).or_insert(0) += 1,
+                Ok((code, body)) => failures.push(format!("request {i}: status {code}: {body}")),
+                Err(e) => failures.push(format!("request {i}: {e}")),
+            }
+        }
+        (by_backend, failures)
+    })
+}
+
+#[test]
+fn root_docker_lb_end_to_end() {
+    require_root_and_docker!("root_docker_lb_end_to_end");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t0 = Instant::now();
+    assert_free();
+    let _dockerd = Dockerd::ensure();
+    build_demo_image();
+
+    let network = unique("net");
+    let service = unique("e2e");
+    let _network = NetworkGuard::expect_new(&network);
+    let _ours = ServiceContainers { service: service.clone() };
+    let rt = runtime();
+    let orch = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("orchestrator");
+    let replicas: Vec<_> =
+        (0..2).map(|i| rt.block_on(orch.start()).unwrap_or_else(|e| panic!("start {i}: {e}"))).collect();
+    for r in &replicas {
+        wait_http_ok(r.addr, "/healthz", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{r:?}: {e}"));
+        // Traffic to the containers stays on the bridge, never leaves the host.
+        let route = run_cmd("ip", &["-4", "route", "get", &ip_of(r).to_string()]);
+        assert!(route.contains(&format!(" dev {BRIDGE} ")), "{} is not routed via {BRIDGE}: {route}", r.addr);
+    }
+
+    // The client namespace: only the VIP is routed, via the host.
+    let client = Netns::create(&unique("cli"));
+    run_cmd("ip", &["link", "add", CLIENT_IFACE, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
+    run_cmd("ip", &["addr", "add", &format!("{CLIENT_GW}/24"), "dev", CLIENT_IFACE]);
+    run_cmd("ip", &["link", "set", CLIENT_IFACE, "up"]);
+    client.exec("ip", &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
+    client.exec("ip", &["link", "set", "eth0", "up"]);
+    client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &CLIENT_GW.to_string()]);
+
+    // The agent in the host's namespace, attached to the client veth and the bridge.
+    let scratch = Scratch::create(&unique("agent"));
+    let config = scratch.path().join("lb.toml");
+    let backends: String =
+        replicas.iter().map(|r| format!("[[service.backend]]\naddress = \"{}\"\n", r.addr)).collect();
+    std::fs::write(
+        &config,
+        format!(
+            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}"
+        ),
+    )
+    .expect("write config");
+    let host = HostNetnsName::attach(&unique("host"));
+    let args = AgentArgs {
+        config,
+        api_socket: scratch.path().join("api.sock"),
+        metrics_address: None,
+        pin_dir: Some(scratch.pin_dir()),
+        keep_on_exit: false,
+        log: scratch.path().join("agent.log"),
+    };
+    let mut agent = Agent::spawn(&host.name, &args);
+    agent.wait_ready();
+    let modes = agent.modes();
+    eprintln!("MEASURED: XDP modes {modes:?}");
+    assert!(
+        modes.iter().any(|(i, _)| i == CLIENT_IFACE) && modes.iter().any(|(i, m)| i == BRIDGE && m == "generic"),
+        "{modes:?}"
+    );
+
+    // Without an ACCEPT in DOCKER-USER, dockerd's FORWARD policy drops the
+    // new connections (the client's SYN, rewritten to a container).
+    let (ok, failed) = requests_from_client(client.name(), 1, Duration::from_secs(1));
+    assert!(ok.is_empty() && failed.len() == 1, "expected the FORWARD policy to drop this: {ok:?} {failed:?}");
+
+    let rule_spec = ["-i", CLIENT_IFACE, "-o", BRIDGE, "-j", "ACCEPT"];
+    let _rule = IptablesRule::insert("DOCKER-USER", &rule_spec);
+    let t = Instant::now();
+    let (by_backend, failures) = requests_from_client(client.name(), 200, Duration::from_secs(2));
+    let took = t.elapsed();
+    eprintln!("MEASURED: 200 requests through the VIP in {took:?}: {by_backend:?}, {} failed", failures.len());
+    assert!(failures.is_empty(), "{} of 200 failed: {:#?}", failures.len(), &failures[..failures.len().min(10)]);
+    assert_eq!(by_backend.values().sum::<usize>(), 200);
+    for r in &replicas {
+        assert!(by_backend.get(&r.name).is_some_and(|n| *n > 0), "{} never answered: {by_backend:?}", r.name);
+    }
+
+    // What netfilter made of it (reported, not asserted: it depends on
+    // br_netfilter, which these kernels have built in).
+    let client_flows = conntrack_lines(&format!("src={CLIENT_ADDR} dst=10.213.0."));
+    let vip_flows = conntrack_lines(&format!("src={VIP} "));
+    eprintln!(
+        "OBSERVED: bridge-nf-call-iptables={} rp_filter all={} {BRIDGE}={} ip_forward={}; conntrack: {} entries client->container \
+         ({} ASSURED), {} entries with the VIP as source; e.g. {:?}",
+        sysctl("net/bridge/bridge-nf-call-iptables"),
+        sysctl("net/ipv4/conf/all/rp_filter"),
+        sysctl(&format!("net/ipv4/conf/{BRIDGE}/rp_filter")),
+        sysctl("net/ipv4/ip_forward"),
+        client_flows.len(),
+        client_flows.iter().filter(|l| l.contains("[ASSURED]")).count(),
+        vip_flows.len(),
+        client_flows.first().or(vip_flows.first()),
+    );
+    eprintln!("OBSERVED: DOCKER-USER:\n{}", run_cmd("iptables", &["-w", "-L", "DOCKER-USER", "-v", "-n", "-x"]));
+    let bridge_link = run_cmd("ip", &["link", "show", "dev", BRIDGE]);
+    assert!(bridge_link.contains("xdpgeneric"), "{bridge_link}");
+
+    // The agent detaches on SIGTERM; then the guards remove the rest.
+    let status = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "agent exit: {status:?}");
+    drop(agent);
+    for r in &replicas {
+        rt.block_on(orch.stop(&r.id)).unwrap_or_else(|e| panic!("stop {}: {e}", r.name));
+    }
+    eprintln!("MEASURED: root_docker_lb_end_to_end took {:?}", t0.elapsed());
+}
