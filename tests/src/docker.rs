@@ -158,7 +158,7 @@ fn live_dockerd_pid() -> Option<libc::pid_t> {
 /// `<target>/x86_64-unknown-linux-gnu/release/lb-backend` of the target
 /// directory this test runs from.
 pub fn static_backend_bin() -> PathBuf {
-    let build = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p lb-tests --bin lb-backend \
+    let build = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p lb-backend \
                  --target x86_64-unknown-linux-gnu";
     let path = match std::env::var_os("LB_BACKEND_STATIC_BIN") {
         Some(p) => PathBuf::from(p),

@@ -16,7 +16,18 @@ use std::{
 
 use lb_tests::load::{Report, TimePoint};
 
-const BACKEND: &str = env!("CARGO_BIN_EXE_lb-backend");
+/// lb-backend is a crate of its own (for a quick static build); cargo
+/// builds it beside this test's binaries (`cargo xtask test` does).
+fn backend_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("LB_BACKEND_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = dir.join("lb-backend");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p lb-backend` (same profile)", bin.display());
+    bin
+}
 const LOAD: &str = env!("CARGO_BIN_EXE_lb-load");
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -30,7 +41,7 @@ struct Backend {
 
 impl Backend {
     fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Backend {
-        let mut child = Command::new(BACKEND)
+        let mut child = Command::new(backend_bin())
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .envs(envs.iter().copied())
@@ -329,7 +340,7 @@ fn backend_exits_at_once_when_idle() {
 #[test]
 fn backend_refuses_bad_settings() {
     for args in [&["--health-path", "healthz"][..], &["--work-ms", "100000"], &["--listen", "localhost:80"]] {
-        let out = Command::new(BACKEND).args(args).stdin(Stdio::null()).output().unwrap();
+        let out = Command::new(backend_bin()).args(args).stdin(Stdio::null()).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -13,7 +13,7 @@ pub struct Options {}
 
 pub fn run(_opts: &Options) -> Result<ExitCode> {
     setup::ensure_all(false)?;
-    build_release("build", &["-p", "lb-agent", "-p", "lb-tests", "--bins"])?;
+    build_release("build", &["-p", "lb-agent", "-p", "lb-tests", "-p", "lb-backend", "--bins"])?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,6 +17,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping", // reachability checks in the demo and tests
     "procps",       // sysctl (net.ipv4.ip_forward)
     "prometheus",   // a real server scrapes lb-agent's /metrics in the tests
+    "docker.io",    // the Docker orchestrator's tests and demo (dockerd is started on demand)
+    "iptables",     // DOCKER-USER rules for forwarding to containers
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
