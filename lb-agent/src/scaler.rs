@@ -70,12 +70,23 @@ struct Tracked {
     cpu_percent: Option<f64>,
 }
 
-/// Sample instance CPU once a second into `into`, until aborted.
-async fn sample_cpu(service: String, orch: Arc<AnyOrchestrator>, into: Arc<std::sync::Mutex<HashMap<String, f64>>>) {
+/// Sample instance and host CPU once a second, until aborted.
+async fn sample_cpu(
+    service: String,
+    orch: Arc<AnyOrchestrator>,
+    into: Arc<std::sync::Mutex<HashMap<String, f64>>>,
+    host: Arc<std::sync::Mutex<Option<f64>>>,
+) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut host_before = read_host_cpu();
     loop {
         every.tick().await;
+        let host_now = read_host_cpu();
+        if let (Some(b), Some(n), Ok(mut h)) = (host_before, host_now, host.lock()) {
+            *h = host_busy_percent(b, n);
+        }
+        host_before = host_now;
         match orch.cpu_percent().await {
             Ok(cpu) => {
                 if let Ok(mut m) = into.lock() {
@@ -85,6 +96,25 @@ async fn sample_cpu(service: String, orch: Arc<AnyOrchestrator>, into: Arc<std::
             Err(e) => warn!(service, error = %e, "reading instance CPU failed"),
         }
     }
+}
+
+/// (busy, total) jiffies over all CPUs, from the first line of /proc/stat.
+fn read_host_cpu() -> Option<(u64, u64)> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+fn host_busy_percent((busy0, total0): (u64, u64), (busy1, total1): (u64, u64)) -> Option<f64> {
+    let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+    Some(100.0 * busy1.saturating_sub(busy0) as f64 / total as f64)
 }
 
 /// What forwarding to containers needs on the host, set up for as long as
@@ -175,6 +205,8 @@ pub struct Scaler {
     /// Latest CPU per instance, kept by a sampler task (Docker's stats API
     /// can take a second to answer; the agent's loop must not wait on it).
     cpu: Arc<std::sync::Mutex<HashMap<String, f64>>>,
+    /// Host CPU busy, percent of all CPUs, from the same sampler.
+    host_cpu: Arc<std::sync::Mutex<Option<f64>>>,
     sampler: tokio::task::JoinHandle<()>,
     /// Docker only: the firewall and sysctl settings forwarding needs.
     _forwarding: Option<DockerForwarding>,
@@ -207,7 +239,8 @@ impl Scaler {
         };
         let orch = Arc::new(orch);
         let cpu = Arc::new(std::sync::Mutex::new(HashMap::new()));
-        let sampler = tokio::spawn(sample_cpu(svc.name.clone(), orch.clone(), cpu.clone()));
+        let host_cpu = Arc::new(std::sync::Mutex::new(None));
+        let sampler = tokio::spawn(sample_cpu(svc.name.clone(), orch.clone(), cpu.clone(), host_cpu.clone()));
         // Readiness is the service's own check, or a TCP connect.
         let check = svc.health_check.clone().unwrap_or(HealthCheckConfig {
             kind: CheckKind::Tcp,
@@ -226,6 +259,7 @@ impl Scaler {
             check,
             orch,
             cpu,
+            host_cpu,
             sampler,
             _forwarding: forwarding,
             replicas: BTreeMap::new(),
@@ -336,7 +370,8 @@ impl Scaler {
             });
         }
         self.flows_before = seen;
-        MetricsSnapshot { replicas, host_cpu_percent: None }
+        let host_cpu_percent = self.host_cpu.lock().ok().and_then(|h| *h);
+        MetricsSnapshot { replicas, host_cpu_percent }
     }
 
     fn record(&mut self, d: &Decision, out: &mut TickOutcome) {
@@ -556,5 +591,21 @@ impl Scaler {
 impl Drop for Scaler {
     fn drop(&mut self) {
         self.sampler.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_cpu_from_proc_stat() {
+        let a = parse_proc_stat("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(a, (200, 1000));
+        let b = parse_proc_stat("cpu  250 0 150 800 100 0 0 0 0 0\n").unwrap();
+        assert_eq!(host_busy_percent(a, b), Some(100.0 * 200.0 / 300.0));
+        assert_eq!(host_busy_percent(b, b), None);
+        assert!(parse_proc_stat("intr 1 2").is_none());
+        assert!(read_host_cpu().is_some());
     }
 }
