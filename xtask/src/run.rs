@@ -1,5 +1,6 @@
 //! `cargo xtask run`: setup and build, then the demo or the agent.
 
+use std::env;
 use std::process::{Command, ExitCode};
 
 use anyhow::Result;
@@ -12,7 +13,9 @@ use crate::util::{self, describe, exit_code, stream, Step, GREEN, RED};
 #[derive(Args)]
 pub struct Options {
     /// Arguments after `--`. `--config FILE` runs `lb-agent run --config FILE`;
-    /// anything else (or nothing) goes to lb-demo.
+    /// anything else (or nothing) goes to lb-demo: the autoscaling demo by
+    /// default, `--quick` a short one, `--static` the fixed-backends one,
+    /// `--help` all of its options.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
 }
@@ -25,14 +28,29 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         util::require_root("run", "it loads XDP programs and sets up network namespaces")?;
     }
     setup::ensure_all(false)?;
+    // Every binary of both packages: lb-agent, and lb-tests' lb-demo and
+    // lb-backend (the demo's instances).
     build_release("run", &["-p", "lb-agent", "-p", "lb-tests", "--bins"])?;
+    let agent_bin = util::built_binary("lb-agent", "lb-agent")?;
 
     let mut cmd = if agent {
-        let mut cmd = Command::new(util::built_binary("lb-agent", "lb-agent")?);
+        let mut cmd = Command::new(&agent_bin);
         cmd.arg("run");
         cmd
     } else {
-        Command::new(util::built_binary("lb-demo", "lb-tests")?)
+        let backend_bin = util::built_binary("lb-backend", "lb-tests")?;
+        let mut cmd = Command::new(util::built_binary("lb-demo", "lb-tests")?);
+        // The exact binaries just built, whatever lb-demo finds next to itself.
+        cmd.env("LB_AGENT_BIN", &agent_bin).env("LB_BACKEND_BIN", &backend_bin);
+        // Results (timeline, SVG, CSV) under target/lb-demo/<time>, unless
+        // the caller chose a place.
+        if env::var_os("LB_DEMO_RESULTS").is_none() {
+            let results = util::release_binary("lb-demo").parent().and_then(|p| p.parent()).map(|t| t.join("lb-demo"));
+            if let Some(results) = results {
+                cmd.env("LB_DEMO_RESULTS", results);
+            }
+        }
+        cmd
     };
     cmd.args(args);
     let name = if agent { "lb-agent" } else { "lb-demo" };
