@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
         (Debian packages, rust-src, bpf-linker) and takes well under a second \
         when everything is present.",
     after_help = "Examples:\n  \
-        cargo xtask run                           # as root: build and run the namespace demo\n  \
+        cargo xtask run                           # as root: build and run the autoscaling demo\n  \
         cargo xtask run -- --config lb.toml       # as root: run lb-agent on a real config\n  \
         cargo xtask test                          # as root: unit tests, then root tests\n  \
         cargo xtask test --unit-only              # unit tests only, no root needed\n  \
@@ -44,7 +44,7 @@ enum Command {
     Setup(setup::Options),
     /// Setup, then `cargo build --release -p lb-agent -p lb-tests --bins`
     Build(build::Options),
-    /// Setup and build, then run the namespace demo, or lb-agent with `-- --config FILE` (root)
+    /// Setup and build, then run the autoscaling demo (`-- --quick`, `-- --static`), or lb-agent with `-- --config FILE` (root)
     #[command(long_about = "Setup and build, then run (as root):\n\n\
         \x20 cargo xtask run                       target/release/lb-demo\n\
         \x20 cargo xtask run -- ARGS               target/release/lb-demo ARGS\n\
