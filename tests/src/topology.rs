@@ -245,6 +245,88 @@ pub fn spawn_in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send 
         .expect("spawn thread")
 }
 
+/// Pids of the processes in the named network namespace `ns` (`ip netns
+/// pids`, which compares each process's /proc/<pid>/ns/net, so it also finds
+/// processes that entered with setns). Empty when there are none, or no
+/// such namespace.
+pub fn netns_pids(ns: &str) -> Vec<u32> {
+    let out = Command::new("ip").args(["netns", "pids", ns]).stdin(Stdio::null()).output();
+    match out {
+        Ok(o) if o.status.success() => {
+            String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The namespaces `<bridge>-<n>` that lb-agent's process orchestrator makes
+/// for its instances, and a guard for them.
+///
+/// Their names are global (`ip netns` keeps them in /run/netns), so each test
+/// gives its agent a bridge of its own name. An agent that stops normally
+/// stops its instances and deletes their namespaces; one that was killed
+/// leaves them behind with its instance processes still running inside.
+/// Dropping this guard (declare it before the [`Agent`], so that it drops
+/// after it) SIGKILLs, by pid, the processes in each namespace of this bridge
+/// that is left, and deletes the namespace.
+#[derive(Debug)]
+pub struct InstanceNamespaces {
+    bridge: String,
+}
+
+impl InstanceNamespaces {
+    /// Claim `bridge`'s instance namespaces; refuses when some exist already,
+    /// since they are not this run's.
+    pub fn claim(bridge: &str) -> InstanceNamespaces {
+        let guard = InstanceNamespaces { bridge: bridge.to_owned() };
+        let existing = guard.list();
+        if !existing.is_empty() {
+            // Not ours: forget them rather than let Drop remove them.
+            std::mem::forget(guard);
+            panic!("instance namespaces {existing:?} exist already; refusing to touch what this run did not create");
+        }
+        guard
+    }
+
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// The instance namespaces of this bridge that exist now, sorted.
+    pub fn list(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.bridge);
+        let Ok(entries) = fs::read_dir("/run/netns") else { return Vec::new() };
+        let mut out: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| {
+                n.strip_prefix(&prefix).is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for InstanceNamespaces {
+    fn drop(&mut self) {
+        for ns in self.list() {
+            let pids = netns_pids(&ns);
+            eprintln!("warning: instance namespace {ns} was left behind (processes {pids:?}); removing it");
+            for pid in pids {
+                // SAFETY: kill(2) with a pid read just now from a namespace
+                // that only our agent's instances use.
+                if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } != 0 {
+                    eprintln!("warning: SIGKILL {pid} in {ns}: {}", io::Error::last_os_error());
+                }
+            }
+            let out = Command::new("ip").args(["netns", "del", &ns]).stdin(Stdio::null()).output();
+            if !out.as_ref().is_ok_and(|o| o.status.success()) {
+                eprintln!("warning: ip netns del {ns} failed: {out:?}");
+            }
+        }
+    }
+}
+
 /// A directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub struct TempDir {

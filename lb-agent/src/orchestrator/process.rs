@@ -10,7 +10,7 @@
 //! would never cross an XDP ingress hook.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd as _,
     process::Stdio,
@@ -122,6 +122,11 @@ pub struct ProcessOrchestrator {
     spec: ProcessSpec,
     service: String,
     instances: Mutex<BTreeMap<u8, Instance>>,
+    /// Slots being set up or torn down: not in `instances`, yet not free.
+    /// Without this, two starts at once (scaling up by more than one) pick
+    /// the same slot, and a start right after a stop picks the slot whose
+    /// namespace is still being deleted; either fails with "File exists".
+    busy: Mutex<BTreeSet<u8>>,
 }
 
 const FIRST: u8 = 2;
@@ -130,7 +135,12 @@ const LAST: u8 = 254;
 impl ProcessOrchestrator {
     /// Make sure the bridge exists with its address; start nothing.
     pub async fn new(service: &str, spec: ProcessSpec) -> Result<Self, OrchestratorError> {
-        let o = ProcessOrchestrator { spec, service: service.into(), instances: Mutex::new(BTreeMap::new()) };
+        let o = ProcessOrchestrator {
+            spec,
+            service: service.into(),
+            instances: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(BTreeSet::new()),
+        };
         prepare_bridge(&o.spec)?;
         o.remove_leftovers().await;
         Ok(o)
@@ -154,9 +164,70 @@ impl ProcessOrchestrator {
         format!("{}-{n}", self.spec.bridge)
     }
 
-    fn free_slot(&self) -> Result<u8, OrchestratorError> {
+    /// Take a free slot; it stays busy until [`Self::release_slot`].
+    fn reserve_slot(&self) -> Result<u8, OrchestratorError> {
         let taken = self.instances.lock().map_err(poisoned)?;
-        (FIRST..=LAST).find(|n| !taken.contains_key(n)).ok_or(OrchestratorError::Full((LAST - FIRST + 1) as usize))
+        let mut busy = self.busy.lock().map_err(poisoned)?;
+        let n = (FIRST..=LAST)
+            .find(|n| !taken.contains_key(n) && !busy.contains(n))
+            .ok_or(OrchestratorError::Full((LAST - FIRST + 1) as usize))?;
+        busy.insert(n);
+        Ok(n)
+    }
+
+    fn release_slot(&self, n: u8) {
+        match self.busy.lock() {
+            Ok(mut busy) => {
+                busy.remove(&n);
+            }
+            Err(_) => warn!(slot = n, "process table lock poisoned; slot stays taken"),
+        }
+    }
+
+    /// Start an instance in slot `n`, reserved by the caller.
+    async fn start_in(&self, n: u8) -> Result<Replica, OrchestratorError> {
+        let name = format!("{}-{n}", self.service);
+        self.make_netns(n).await?;
+        let argv = self.command_for(n, &name);
+        let child = match self.spawn_in(n, &argv) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ip(&["netns", "del", &self.netns(n)]).await;
+                return Err(e);
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
+        info!(service = self.service, instance = name, %addr, pid, "process started");
+        self.instances
+            .lock()
+            .map_err(poisoned)?
+            .insert(n, Instance { name: name.clone(), addr, child, pid, cpu_sample: None });
+        Ok(Replica { id: self.netns(n), name, addr, running: true })
+    }
+
+    /// Stop the instance taken out of slot `n` (busy until the caller
+    /// releases it) and remove its namespace.
+    async fn stop_in(&self, n: u8, mut inst: Instance) -> Result<(), OrchestratorError> {
+        if let Ok(None) = inst.child.try_wait() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(inst.pid as i32, libc::SIGTERM) };
+            if tokio::time::timeout(self.spec.stop_grace, inst.child.wait()).await.is_err() {
+                warn!(instance = inst.name, "did not stop within the grace period; killing it");
+                let _ = inst.child.kill().await;
+            }
+        }
+        // Delete the veth pair first: that is synchronous, while a deleted
+        // namespace's devices go later, in the kernel's cleanup work. Until
+        // then the old instance's end could still answer ARP for its
+        // address, and the host end's name would block the slot's next
+        // `ip link add`.
+        if let Err(e) = ip(&["link", "del", &self.netns(n)]).await {
+            warn!(instance = inst.name, error = %e, "deleting the instance's veth failed; deleting its namespace anyway");
+        }
+        ip(&["netns", "del", &self.netns(n)]).await?;
+        info!(service = self.service, instance = inst.name, "process stopped");
+        Ok(())
     }
 
     async fn make_netns(&self, n: u8) -> Result<(), OrchestratorError> {
@@ -164,8 +235,9 @@ impl ProcessOrchestrator {
         let host_end = ns.clone();
         let cidr = format!("{}/24", self.spec.ip(n));
         let gw = self.spec.ip(1).to_string();
+        let addr = self.spec.ip(n).to_string();
         ip(&["netns", "add", &ns]).await?;
-        let steps: [&[&str]; 7] = [
+        let steps: [&[&str]; 8] = [
             &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns],
             &["link", "set", &host_end, "master", &self.spec.bridge, "up"],
             &["-n", &ns, "link", "set", "lo", "up"],
@@ -173,6 +245,12 @@ impl ProcessOrchestrator {
             &["-n", &ns, "link", "set", "eth0", "up"],
             &["-n", &ns, "route", "add", "default", "via", &gw],
             &["link", "set", &self.spec.bridge, "up"],
+            // A neighbour entry left by this slot's previous instance still
+            // holds that instance's MAC; while it stays REACHABLE (up to
+            // ~45 s) nothing reaches the new one, which then fails its
+            // readiness check. Deleting a bridge port does not flush the
+            // bridge's neighbours.
+            &["neigh", "flush", "to", &addr, "dev", &self.spec.bridge],
         ];
         for args in steps {
             if let Err(e) = ip(args).await {
@@ -236,25 +314,10 @@ impl Orchestrator for ProcessOrchestrator {
     }
 
     async fn start(&self) -> Result<Replica, OrchestratorError> {
-        let n = self.free_slot()?;
-        let name = format!("{}-{n}", self.service);
-        self.make_netns(n).await?;
-        let argv = self.command_for(n, &name);
-        let child = match self.spawn_in(n, &argv) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ip(&["netns", "del", &self.netns(n)]).await;
-                return Err(e);
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
-        info!(service = self.service, instance = name, %addr, pid, "process started");
-        self.instances
-            .lock()
-            .map_err(poisoned)?
-            .insert(n, Instance { name: name.clone(), addr, child, pid, cpu_sample: None });
-        Ok(Replica { id: self.netns(n), name, addr, running: true })
+        let n = self.reserve_slot()?;
+        let started = self.start_in(n).await;
+        self.release_slot(n);
+        started
     }
 
     async fn stop(&self, id: &str) -> Result<(), OrchestratorError> {
@@ -262,19 +325,17 @@ impl Orchestrator for ProcessOrchestrator {
             .strip_prefix(&format!("{}-", self.spec.bridge))
             .and_then(|s| s.parse::<u8>().ok())
             .ok_or_else(|| OrchestratorError::Unknown(id.into()))?;
-        let mut inst =
-            self.instances.lock().map_err(poisoned)?.remove(&n).ok_or_else(|| OrchestratorError::Unknown(id.into()))?;
-        if let Ok(None) = inst.child.try_wait() {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe { libc::kill(inst.pid as i32, libc::SIGTERM) };
-            if tokio::time::timeout(self.spec.stop_grace, inst.child.wait()).await.is_err() {
-                warn!(instance = inst.name, "did not stop within the grace period; killing it");
-                let _ = inst.child.kill().await;
-            }
-        }
-        ip(&["netns", "del", &self.netns(n)]).await?;
-        info!(service = self.service, instance = inst.name, "process stopped");
-        Ok(())
+        let inst = {
+            let mut table = self.instances.lock().map_err(poisoned)?;
+            let inst = table.remove(&n).ok_or_else(|| OrchestratorError::Unknown(id.into()))?;
+            // Busy until its namespace is gone, taken under the same lock,
+            // so that no start picks the slot in between.
+            self.busy.lock().map_err(poisoned)?.insert(n);
+            inst
+        };
+        let stopped = self.stop_in(n, inst).await;
+        self.release_slot(n);
+        stopped
     }
 
     async fn cpu_percent(&self) -> Result<HashMap<String, f64>, OrchestratorError> {
@@ -367,7 +428,12 @@ mod tests {
 
     #[test]
     fn placeholders_are_filled_per_instance() {
-        let o = ProcessOrchestrator { spec: spec(), service: "web".into(), instances: Mutex::new(BTreeMap::new()) };
+        let o = ProcessOrchestrator {
+            spec: spec(),
+            service: "web".into(),
+            instances: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(BTreeSet::new()),
+        };
         assert_eq!(o.command_for(7, "web-7"), ["/bin/srv", "--listen", "10.212.0.7:8080", "--name=web-7"]);
         assert_eq!(o.netns(7), "lbp0-7");
     }

@@ -1,0 +1,733 @@
+//! Autoscaling end to end, with real processes: the agent scales `web`'s
+//! instances (`lb-backend`, each in a network namespace of its own behind a
+//! bridge in the LB namespace) while `lb_tests::load` sends open-loop HTTP
+//! traffic from the client namespace to the VIP.
+//!
+//! ```text
+//!  client ns                LB ns (lb-agent, XDP on lb-c and the bridge)   <bridge>-<n> ns
+//!  10.200.0.2 [to-lb] ==== [lb-c] 10.200.0.1
+//!                                 <prefix>.1 [<bridge>] ==== [eth0] <prefix>.n  lb-backend web-<n>
+//! ```
+//!
+//! Needs root and built binaries: `cargo build --release -p lb-agent -p
+//! lb-backend -p lb-tests --bins && cargo test -p lb-tests --release --test
+//! e2e_scaling -- --test-threads=1 --nocapture` (about 2.5 minutes).
+//! Figures are printed as `MEASURED:` lines; the ramp's chart goes to
+//! `LB_SCALING_SVG`, by default `$TMPDIR/lb-e2e-scaling-<pid>.svg` (outside
+//! the test's scratch directory, which is removed).
+//!
+//! Each test gets its own bridge name and instance prefix, since instance
+//! namespaces (`<bridge>-<n>`) are global. The guards remove everything
+//! again, also when a test fails: the agent (SIGTERM stops its instances),
+//! then whatever instance namespaces a killed agent left (their processes
+//! SIGKILLed by pid), then the topology's namespaces, bpffs and directory.
+//!
+//! The machine may have 2 cores and other work: assertions are about
+//! behaviour (no failed request, the count reached and returned, no change
+//! in steady load), with generous bounds on time.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU8, Ordering},
+        Mutex,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use lb_tests::{
+    load::{self, LoadConfig, Mode, Ramp, Report},
+    plot,
+    root::skip_without_root,
+    topology::{agent_bin, netns_pids, Agent, InstanceNamespaces, Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
+};
+use serde_json::Value;
+
+macro_rules! require_root {
+    ($name:literal) => {
+        if skip_without_root($name) {
+            return;
+        }
+    };
+}
+
+/// Load tests on a small machine: never two at once, whatever
+/// `--test-threads` says.
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT_SETUP: AtomicU8 = AtomicU8::new(0);
+
+/// Port the instances listen on.
+const INSTANCE_PORT: u16 = 8080;
+/// CPU each request burns in an instance.
+const WORK_MS: u32 = 10;
+
+fn backend_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_BACKEND_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = agent_bin().with_file_name("lb-backend");
+    assert!(
+        p.is_file(),
+        "{} not found: build it with `cargo build --release -p lb-backend` (or set LB_BACKEND_BIN)",
+        p.display()
+    );
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Setup
+
+/// One test's world. Fields drop in declaration order: the agent first
+/// (SIGTERM; it stops its instances and deletes their namespaces), then any
+/// instance namespace it left, then the topology.
+struct Scaled {
+    agent: Agent,
+    instances: InstanceNamespaces,
+    topo: Topology,
+    timeline: PathBuf,
+}
+
+impl Scaled {
+    /// A client and an LB namespace, no static backends, and the agent with
+    /// `web` scaled by `policy` (the body of `[service.scaling]`).
+    fn start(policy: &str) -> Scaled {
+        let n = NEXT_SETUP.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        // At most 11 characters ("lbs" + 5 + 3), letters and digits only.
+        let bridge = format!("lbs{}x{n}", pid % 100_000);
+        // A /24 of its own per test: 10.212.0.0 is the default, keep off it.
+        let prefix = Ipv4Addr::new(10, 213, ((pid % 50) * 5 + u32::from(n) % 5 + 1) as u8, 0);
+        let topo = Topology::build(Options::with_backends::<&str>(&[]));
+        let instances = InstanceNamespaces::claim(&bridge);
+        let timeline = topo.dir().join("timeline.jsonl");
+        let config = format!(
+            r#"# Written by e2e_scaling for topology {topo_name}.
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = {TCP_PORT}
+interfaces = ["{LB_CLIENT_IFACE}", "{bridge}"]
+health_check = {{ kind = "http", path = "/healthz", interval = "500ms" }}
+drain_timeout = "10s"
+
+[service.scaling]
+{policy}
+
+[service.instances]
+timeline = {timeline:?}
+ready_timeout = "10s"
+
+[service.instances.process]
+command = [{backend:?}, "--listen", "{{addr}}", "--name", "{{name}}", "--work-ms", "{WORK_MS}", "--cpu-workers", "1"]
+port = {INSTANCE_PORT}
+bridge = "{bridge}"
+prefix = "{prefix}"
+stop_grace = "3s"
+"#,
+            topo_name = topo.prefix,
+            policy = policy.trim(),
+            timeline = timeline.display().to_string(),
+            backend = backend_bin().display().to_string(),
+        );
+        topo.write_raw_config(&config);
+        let agent = topo.start_agent();
+        eprintln!("setup: topology {}, bridge {bridge}, instances {prefix}/24", topo.prefix);
+        Scaled { agent, instances, topo, timeline }
+    }
+
+    fn status(&self) -> Value {
+        self.agent.status()
+    }
+
+    /// Poll the status until `done` holds; panics with the last status (and,
+    /// through the agent guard, its log) after `timeout`.
+    fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!("{what}: not within {timeout:?}; last status:\n{:#}", scaling(&s));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until exactly `n` instances are ready and in the table, and none
+    /// is starting, draining or stopping.
+    fn wait_settled(&self, n: usize, timeout: Duration) -> Value {
+        self.wait_until(&format!("{n} instance(s) ready and nothing else"), timeout, |s| {
+            let r = replicas(s);
+            r.len() == n && r.iter().all(|r| r["phase"] == "ready") && backends(s).len() == n
+        })
+    }
+
+    /// Scaling decisions from the JSONL timeline, with `t` in seconds since
+    /// `since` (a Unix time).
+    fn timeline(&self, since: f64) -> Vec<TimelineEntry> {
+        let text = fs::read_to_string(&self.timeline)
+            .unwrap_or_else(|e| panic!("read the timeline {}: {e}", self.timeline.display()));
+        text.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("timeline line {l:?}: {e}"));
+                let num = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("timeline line without {k}: {l}")) as u32;
+                TimelineEntry {
+                    t: v["unix_time"].as_f64().expect("unix_time") - since,
+                    replicas: num("replicas"),
+                    previous: num("previous"),
+                    current: num("current"),
+                    rule: v["rule"].as_str().unwrap_or_default().to_owned(),
+                    reason: v["reason"].as_str().unwrap_or_default().to_owned(),
+                    cpu: v["inputs"]["cpu_percent"].as_f64(),
+                    ready: v["inputs"]["ready"].as_u64().unwrap_or(0) as u32,
+                }
+            })
+            .collect()
+    }
+}
+
+struct TimelineEntry {
+    t: f64,
+    replicas: u32,
+    previous: u32,
+    current: u32,
+    rule: String,
+    reason: String,
+    cpu: Option<f64>,
+    ready: u32,
+}
+
+impl TimelineEntry {
+    fn is_scaling(&self) -> bool {
+        self.replicas != self.previous
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
+// Reading the status
+
+/// `web`'s entry in the status's `scaling` list.
+fn scaling(status: &Value) -> &Value {
+    status["scaling"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["service"] == "web"))
+        .unwrap_or_else(|| panic!("no scaling entry for web in status: {status}"))
+}
+
+fn replicas(status: &Value) -> Vec<Value> {
+    scaling(status)["replicas"].as_array().cloned().unwrap_or_default()
+}
+
+fn ready(status: &Value) -> Vec<Value> {
+    replicas(status).into_iter().filter(|r| r["phase"] == "ready").collect()
+}
+
+/// `web`'s backends in the table's service, by address.
+fn backends(status: &Value) -> BTreeMap<String, Value> {
+    let web = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .unwrap_or_else(|| panic!("no service web in status: {status}"));
+    web["backends"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| (b["address"].as_str().expect("address").to_owned(), b))
+        .collect()
+}
+
+/// What the status said at one moment, `t` seconds after the load started.
+#[derive(Clone, Debug)]
+struct Sample {
+    t: f64,
+    ready: u32,
+    replicas: u32,
+    desired: u32,
+    backends: u32,
+    /// Ready instances' CPU, percent of one core.
+    cpu: Vec<f64>,
+}
+
+impl Sample {
+    fn of(status: &Value, t: f64) -> Sample {
+        let r = ready(status);
+        Sample {
+            t,
+            ready: r.len() as u32,
+            replicas: replicas(status).len() as u32,
+            desired: scaling(status)["desired"].as_u64().unwrap_or(0) as u32,
+            backends: backends(status).len() as u32,
+            cpu: r.iter().filter_map(|r| r["cpu_percent"].as_f64()).collect(),
+        }
+    }
+
+    fn summary(&self) -> (u32, u32, u32, u32) {
+        (self.ready, self.replicas, self.desired, self.backends)
+    }
+}
+
+/// Samples where anything but the time and CPU changed, for printing.
+fn changes(samples: &[Sample]) -> Vec<&Sample> {
+    let mut out: Vec<&Sample> = Vec::new();
+    for s in samples {
+        if out.last().is_none_or(|l| l.summary() != s.summary()) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+fn print_changes(samples: &[Sample]) {
+    for s in changes(samples) {
+        let cpu: Vec<String> = s.cpu.iter().map(|c| format!("{c:.0}")).collect();
+        eprintln!(
+            "MEASURED: t={:6.2}s ready={} instances={} desired={} in table={} cpu%=[{}]",
+            s.t,
+            s.ready,
+            s.replicas,
+            s.desired,
+            s.backends,
+            cpu.join(",")
+        );
+    }
+}
+
+fn print_scale_events(timeline: &[TimelineEntry]) {
+    for e in timeline.iter().filter(|e| e.is_scaling()) {
+        eprintln!(
+            "MEASURED: scale t={:6.2}s {} -> {} (exist {}, ready {}, avg cpu {}) rule {:?}: {}",
+            e.t,
+            e.previous,
+            e.replicas,
+            e.current,
+            e.ready,
+            e.cpu.map_or("-".into(), |c| format!("{c:.1}%")),
+            e.rule,
+            e.reason
+        );
+    }
+}
+
+/// The agent's recent events (at most its last 50), oldest first, with `t`
+/// in seconds since `since` (a Unix time).
+fn print_events(status: &Value, since: f64) {
+    let mut events = status["events"].as_array().cloned().unwrap_or_default();
+    events.reverse();
+    for e in events {
+        let t = e["unix_time"].as_f64().unwrap_or(0.0) - since;
+        eprintln!("  event t={t:7.2}s {}", e["message"].as_str().unwrap_or("?"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load
+
+/// Sets the flag when dropped, so that a panic while the load runs ends it
+/// early instead of leaving `thread::scope` waiting for the whole ramp.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn load_config(s: &Scaled, ramp: Ramp, duration: Duration) -> LoadConfig {
+    let mut cfg = LoadConfig::new(std::net::SocketAddr::from((VIP, TCP_PORT)), Mode::Open(ramp), duration);
+    cfg.netns = Some(s.topo.client.name().to_owned());
+    cfg.timeout = Duration::from_secs(2);
+    cfg
+}
+
+/// Run the load on a thread while calling `watch(t)` on this one about every
+/// `every` (t: seconds since the load started). Returns the load's report.
+fn run_load(cfg: &LoadConfig, every: Duration, mut watch: impl FnMut(f64)) -> Report {
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
+        let t0 = Instant::now();
+        let load = scope.spawn(|| load::run(cfg, &stop, |_| {}));
+        while !load.is_finished() {
+            watch(t0.elapsed().as_secs_f64());
+            thread::sleep(every);
+        }
+        match load.join() {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => panic!("the load generator failed: {e}"),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+}
+
+/// One line per second of the load: rate, failures, latency, backends.
+fn print_series(report: &Report) {
+    for p in &report.series {
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        let by: Vec<String> = p.backends.iter().map(|(b, n)| format!("{b}:{n}")).collect();
+        eprintln!(
+            "  load t={:3.0}s offered {:3} ok {:3} failed {:2} p50 {:>5} ms p99 {:>5} ms  {}",
+            p.t,
+            p.offered,
+            p.ok,
+            p.failed,
+            ms(p.p50_ms),
+            ms(p.p99_ms),
+            by.join(" ")
+        );
+    }
+}
+
+fn print_load_summary(report: &Report) {
+    let s = &report.summary;
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+    eprintln!(
+        "MEASURED: load: {} offered, {} ok, {} failed (refused {}, reset {}, timeout {}, other {}, late {}); \
+         latency p50 {} p90 {} p99 {} max {}; per backend {:?}",
+        s.offered,
+        s.ok,
+        s.failed,
+        s.failures.refused,
+        s.failures.reset,
+        s.failures.timeout,
+        s.failures.other,
+        s.failures.late,
+        ms(s.latency.p50_ms),
+        ms(s.latency.p90_ms),
+        ms(s.latency.p99_ms),
+        ms(s.latency.max_ms),
+        s.backends
+    );
+    if !s.first_errors.is_empty() {
+        eprintln!("MEASURED: first error of each kind: {:?}", s.first_errors);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+/// Where the load starts to rise, the ramp, and how long requests are sent.
+const RAMP_STEP_AT: f64 = 5.0;
+const RAMP: &str = "0s:20,5s:20,15s:140,35s:140,40s:10,50s:10";
+
+#[test]
+fn root_scaling_ramp_with_processes() {
+    require_root!("root_scaling_ramp_with_processes");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    // The default policy but for a 15 s scale-down window (30 s by
+    // default), to keep the test short; the rate limit (50 % per 15 s)
+    // stays, so 4 -> 1 still takes two steps.
+    let s = Scaled::start(
+        r#"
+min_replicas = 1
+max_replicas = 4
+target = { cpu = 50.0 }
+scale_down = { stabilization_window = "15s" }
+"#,
+    );
+    let first = s.wait_settled(1, Duration::from_secs(20));
+    let initial = ready(&first)[0]["name"].as_str().expect("name").to_owned();
+    eprintln!(
+        "MEASURED: first instance {initial} ready {:.1} s after the agent started",
+        started.elapsed().as_secs_f64()
+    );
+
+    let ramp = Ramp::parse(RAMP).expect("ramp");
+    // When one instance is past its target and tolerance: CPU above 55 %,
+    // about 55 req/s with 10 ms of work each.
+    let one_full = (0..1000).map(|i| f64::from(i) / 10.0).find(|&t| ramp.rate_at(t) > 55.0).unwrap_or(RAMP_STEP_AT);
+    let duration = Duration::from_secs_f64(ramp.end());
+    let cfg = load_config(&s, ramp, duration);
+    let t0_unix = unix_now();
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    let report = run_load(&cfg, Duration::from_millis(250), |t| samples.push(Sample::of(&s.status(), t)));
+    let load_end = t0.elapsed().as_secs_f64();
+
+    // After the load: back to min_replicas, bounded (15 s window + one more
+    // 15 s rate-limit period + the drains, with room for a busy machine).
+    let deadline = Instant::now() + Duration::from_secs(75);
+    let mut back_at = None;
+    while Instant::now() < deadline {
+        let status = s.status();
+        let sample = Sample::of(&status, t0.elapsed().as_secs_f64());
+        let done = sample.ready == 1 && sample.replicas == 1 && sample.backends == 1;
+        samples.push(sample);
+        if done {
+            back_at = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+
+    let timeline = s.timeline(t0_unix);
+    eprintln!("---- instances over time (status, t since the load started) ----");
+    print_changes(&samples);
+    eprintln!("---- scaling decisions (timeline) ----");
+    print_scale_events(&timeline);
+    eprintln!("---- load per second ----");
+    print_series(&report);
+    print_load_summary(&report);
+
+    let peak_ready = samples.iter().map(|s| s.ready).max().unwrap_or(0);
+    let peak_decided = timeline.iter().map(|e| e.replicas).max().unwrap_or(0);
+    let first_new = report
+        .series
+        .iter()
+        .find(|p| p.backends.keys().any(|b| *b != initial))
+        .map(|p| (p.t, p.backends.keys().find(|b| **b != initial).cloned().unwrap_or_default()));
+    let first_scale =
+        timeline.iter().find(|e| e.is_scaling() && e.previous >= 1 && e.replicas > e.previous).map(|e| e.t);
+    let second_ready = samples.iter().find(|s| s.ready >= 2).map(|s| s.t);
+    eprintln!(
+        "MEASURED: load step at t={RAMP_STEP_AT}s (ramp {RAMP}); offered rate past one instance's target \
+         (55 req/s) at t={one_full:.1}s; load ended at t={load_end:.1}s"
+    );
+    let after = |t: Option<f64>| {
+        t.map_or("-".into(), |t| {
+            format!("{:.1} s after the step, {:.1} s after 55 req/s", t - RAMP_STEP_AT, t - one_full)
+        })
+    };
+    eprintln!("MEASURED: first scale-up decision {}", after(first_scale));
+    eprintln!("MEASURED: second instance ready (status) {}", after(second_ready));
+    match &first_new {
+        Some((t, name)) => eprintln!(
+            "MEASURED: first response from a new instance ({name}): in the load's second [{t:.0}, {:.0}), \
+             i.e. {:.0}-{:.0} s after the step",
+            t + 1.0,
+            t - RAMP_STEP_AT,
+            t + 1.0 - RAMP_STEP_AT
+        ),
+        None => eprintln!("MEASURED: no response from a new instance"),
+    }
+    eprintln!(
+        "MEASURED: peak instances ready {peak_ready}, peak decided {peak_decided}; back to 1 at {}",
+        back_at
+            .map_or("never (within 75 s)".into(), |t| format!("t={t:.1}s, {:.1} s after the load ended", t - load_end))
+    );
+
+    // The chart: load, instances ready (in the table), latency.
+    let steps: Vec<(f64, u32)> = changes(&samples).iter().map(|s| (s.t, s.ready)).collect();
+    let mut steps = steps;
+    if let Some(last) = samples.last() {
+        steps.push((last.t, last.ready));
+    }
+    let sm = &report.summary;
+    let title = format!(
+        "lb-agent autoscaling: process instances, target cpu 50%, {WORK_MS} ms CPU per request\n\
+         ramp {RAMP}; {} requests, {} failed, p50 {:.1} ms, p99 {:.1} ms; peak {peak_ready} instances",
+        sm.offered,
+        sm.failed,
+        sm.latency.p50_ms.unwrap_or(f64::NAN),
+        sm.latency.p99_ms.unwrap_or(f64::NAN),
+    );
+    let svg = plot::render_svg_titled(&title, &report.series, &steps);
+    let svg_path = std::env::var_os("LB_SCALING_SVG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("lb-e2e-scaling-{}.svg", std::process::id())));
+    fs::write(&svg_path, svg).unwrap_or_else(|e| panic!("write {}: {e}", svg_path.display()));
+    eprintln!("MEASURED: chart {}", svg_path.display());
+
+    assert_eq!(sm.failed, 0, "requests failed during the ramp: {:?}, first errors {:?}", sm.failures, sm.first_errors);
+    assert!(peak_ready >= 3, "only {peak_ready} instance(s) were ever ready at the peak (140 req/s x {WORK_MS} ms)");
+    assert!(first_new.is_some(), "no request was ever answered by an instance other than {initial}");
+    assert!(back_at.is_some(), "not back to min_replicas = 1 within 75 s of the load's end");
+    assert_no_leftovers(&s);
+    eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn root_crashed_instance_is_replaced() {
+    require_root!("root_crashed_instance_is_replaced");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    let s = Scaled::start("min_replicas = 2\nmax_replicas = 2\n");
+    s.wait_settled(2, Duration::from_secs(20));
+
+    const RATE: f64 = 40.0;
+    const KILL_AT: f64 = 5.0;
+    let cfg = load_config(&s, Ramp::constant(RATE).expect("ramp"), Duration::from_secs(18));
+    let t0_unix = unix_now();
+
+    // (t, address, netns) of the kill.
+    let mut killed: Option<(f64, String, String)> = None;
+    let (mut gone_at, mut replaced) = (None::<f64>, None::<(f64, String, String)>);
+    let mut serving_at = None::<f64>;
+    let mut flows_when_ready = 0;
+    let mut samples = Vec::new();
+    let report = run_load(&cfg, Duration::from_millis(50), |t| {
+        let status = s.status();
+        samples.push(Sample::of(&status, t));
+        let Some((t_kill, addr, ns)) = &killed else {
+            if t >= KILL_AT {
+                let victim = ready(&status).into_iter().next().expect("a ready instance to kill");
+                let ns = victim["id"].as_str().expect("id").to_owned();
+                let addr = victim["address"].as_str().expect("address").to_owned();
+                let pids = netns_pids(&ns);
+                assert_eq!(pids.len(), 1, "expected one process (lb-backend) in {ns}, found {pids:?}");
+                // SAFETY: kill(2) on the one process in an instance namespace of ours.
+                let rc = unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+                assert_eq!(rc, 0, "SIGKILL {}: {}", pids[0], std::io::Error::last_os_error());
+                eprintln!("MEASURED: SIGKILL instance {} ({addr}, pid {}) at t={t:.2}s", victim["name"], pids[0]);
+                killed = Some((t, addr, ns));
+            }
+            return;
+        };
+        let since_kill = t - t_kill;
+        let table = backends(&status);
+        if gone_at.is_none() && !table.contains_key(addr) {
+            gone_at = Some(since_kill);
+        }
+        let flows_of = |a: &str| table.get(a).and_then(|b| b["counters"]["new_flows"].as_u64()).unwrap_or(0);
+        match &replaced {
+            None => {
+                // A new instance: younger than the kill. It may get the same
+                // slot, hence the same namespace, address and name.
+                let new =
+                    ready(&status).into_iter().find(|r| r["age_seconds"].as_f64().is_some_and(|a| a < since_kill));
+                if let Some(r) = new {
+                    let a = r["address"].as_str().expect("address").to_owned();
+                    flows_when_ready = flows_of(&a);
+                    let same = if a == *addr && r["id"] == ns.as_str() { "same slot" } else { "new slot" };
+                    replaced = Some((since_kill, a, format!("{} ({same})", r["name"].as_str().unwrap_or("?"))));
+                }
+            }
+            Some((_, a, _)) if serving_at.is_none() && flows_of(a) > flows_when_ready => serving_at = Some(since_kill),
+            Some(_) => {}
+        }
+    });
+
+    let (t_kill, killed_addr, _) = killed.expect("the kill happened");
+    let timeline = s.timeline(t0_unix);
+    eprintln!("---- instances over time (status, t since the load started) ----");
+    print_changes(&samples);
+    eprintln!("---- decisions around the kill (timeline) ----");
+    for e in timeline.iter().filter(|e| e.t >= t_kill - 1.0 && (e.rule == "replace" || e.current != e.replicas)) {
+        eprintln!("MEASURED: t={:6.2}s {} exist, want {} ({}): {}", e.t, e.current, e.replicas, e.rule, e.reason);
+    }
+    eprintln!("---- agent events ----");
+    print_events(&s.status(), t0_unix);
+    print_load_summary(&report);
+    let failed_seconds: Vec<(f64, u64)> =
+        report.series.iter().filter(|p| p.failed > 0).map(|p| (p.t, p.failed)).collect();
+    eprintln!("MEASURED: failures by second (t, failed): {failed_seconds:?}");
+    let fmt = |v: Option<f64>| v.map_or("never".into(), |v| format!("{v:.2} s"));
+    eprintln!("MEASURED: killed {killed_addr} at t={t_kill:.2}s; out of the table after {}", fmt(gone_at));
+    eprintln!(
+        "MEASURED: replacement {} ready after {}; first new flow to it seen after {}",
+        replaced.as_ref().map_or("-".into(), |r| format!("{} at {}", r.2, r.1)),
+        fmt(replaced.as_ref().map(|r| r.0)),
+        fmt(serving_at)
+    );
+    let sm = &report.summary;
+    eprintln!("MEASURED: failed requests {} of {}", sm.failed, sm.offered);
+
+    let gone_after = gone_at.expect("the killed instance never left the table");
+    assert!(gone_after <= 2.5, "the killed instance stayed in the table for {gone_after:.2} s");
+    let ready_after = replaced.as_ref().map(|r| r.0).expect("no replacement instance became ready");
+    assert!(ready_after <= 10.0, "the replacement took {ready_after:.2} s to be ready");
+    assert!(serving_at.is_some_and(|t| t <= 12.0), "the replacement served no new flow within 12 s of the kill");
+    // Only requests sent to the dead instance before it left the table may
+    // fail: in flight at the kill (10 ms of work each: well under one), and
+    // those its table slots got until the agent noticed the exit (about
+    // half the rate, for at most `gone_after`), plus slack for a busy host.
+    let allowed = (RATE / 2.0 * (gone_after + 0.5)).ceil() as u64 + 3;
+    assert!(
+        sm.failed <= allowed,
+        "{} requests failed, more than the {allowed} sent to the dead instance before it left the table: {:?}",
+        sm.failed,
+        sm.failures
+    );
+    // A request scheduled up to one timeout before the kill may still
+    // have been waiting for its turn when the instance died.
+    let timeout = cfg.timeout.as_secs_f64();
+    let outside: Vec<&(f64, u64)> =
+        failed_seconds.iter().filter(|(t, _)| *t + 1.0 + timeout < t_kill || *t > t_kill + gone_after + 1.0).collect();
+    assert!(outside.is_empty(), "failures outside the kill window [{t_kill:.1}s, +{gone_after:.1}s]: {outside:?}");
+    s.wait_settled(2, Duration::from_secs(10));
+    assert_no_leftovers(&s);
+    eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn root_steady_load_does_not_flap() {
+    require_root!("root_steady_load_does_not_flap");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    let s = Scaled::start("min_replicas = 1\nmax_replicas = 4\ntarget = { cpu = 50.0 }\n");
+    s.wait_settled(1, Duration::from_secs(20));
+
+    // About 75-80 % of one core in all (10 ms of work plus the HTTP around
+    // it, measured ~0.9-1 % per req/s). Two instances hold for any total in
+    // (50, 110] %: ceil(total / 50) = 2, and above 100 the 10 % tolerance
+    // keeps them; so this sits mid-band, with room both ways.
+    const RATE: f64 = 75.0;
+    const SETTLE: f64 = 15.0;
+    const STEADY: f64 = 50.0;
+    let cfg = load_config(&s, Ramp::constant(RATE).expect("ramp"), Duration::from_secs_f64(SETTLE + STEADY));
+    let t0_unix = unix_now();
+    let mut samples = Vec::new();
+    let report = run_load(&cfg, Duration::from_millis(500), |t| samples.push(Sample::of(&s.status(), t)));
+
+    let timeline = s.timeline(t0_unix);
+    eprintln!("---- instances over time (status, t since the load started) ----");
+    print_changes(&samples);
+    eprintln!("---- scaling decisions (timeline) ----");
+    print_scale_events(&timeline);
+    print_load_summary(&report);
+    let steady: Vec<&TimelineEntry> = timeline.iter().filter(|e| e.t >= SETTLE && e.t <= SETTLE + STEADY).collect();
+    let mut rules: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in &steady {
+        *rules.entry(e.rule.as_str()).or_default() += 1;
+    }
+    let cpus: Vec<f64> = steady.iter().filter_map(|e| e.cpu).collect();
+    let (lo, hi) = cpus.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+    let mean = cpus.iter().sum::<f64>() / cpus.len().max(1) as f64;
+    eprintln!(
+        "MEASURED: steady phase t={SETTLE}-{}s at {RATE} req/s: {} decisions, rules {rules:?}; \
+         average instance cpu mean {mean:.1}% (min {lo:.1}%, max {hi:.1}%)",
+        SETTLE + STEADY,
+        steady.len()
+    );
+    let settled: Vec<u32> = steady.iter().map(|e| e.replicas).collect();
+    let flaps: Vec<String> = steady
+        .iter()
+        .filter(|e| e.is_scaling())
+        .map(|e| format!("t={:.1}s {} -> {} ({}: {})", e.t, e.previous, e.replicas, e.rule, e.reason))
+        .collect();
+    eprintln!("MEASURED: scaling actions after settling: {}", flaps.len());
+
+    assert!(steady.len() as f64 >= STEADY * 0.8, "only {} decisions in {STEADY} s", steady.len());
+    assert!(flaps.is_empty(), "the count changed under steady load after {SETTLE} s:\n{}", flaps.join("\n"));
+    assert!(settled.iter().all(|&n| n == 2), "steady load for ~2 instances held {settled:?}");
+    let ready_steady: Vec<u32> = samples.iter().filter(|x| x.t >= SETTLE).map(|x| x.ready).collect();
+    assert!(ready_steady.iter().all(|&n| n == 2), "ready instances varied under steady load: {ready_steady:?}");
+    assert_eq!(report.summary.failed, 0, "failures under steady load: {:?}", report.summary.first_errors);
+    assert_no_leftovers(&s);
+    eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// Every instance namespace belongs to a tracked instance: nothing stopped
+/// was left behind while the agent runs.
+fn assert_no_leftovers(s: &Scaled) {
+    let status = s.status();
+    let mut tracked: Vec<String> = replicas(&status).iter().map(|r| r["id"].as_str().expect("id").to_owned()).collect();
+    tracked.sort();
+    let existing = s.instances.list();
+    assert!(
+        existing.iter().all(|n| tracked.contains(n)),
+        "namespaces {existing:?} of bridge {} but instances {tracked:?}",
+        s.instances.bridge()
+    );
+}
