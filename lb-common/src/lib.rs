@@ -172,6 +172,7 @@ pub struct Counters {
 }
 
 impl Counters {
+    #[inline(always)]
     pub fn add(&mut self, other: &Counters) {
         self.packets += other.packets;
         self.bytes += other.bytes;

@@ -2,13 +2,13 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    csum, hash::flow_hash, maglev_index, Conn, FlowKey, Reason, Service, BACKEND_F_ACTIVE, DIR_FORWARD, DIR_REPLY,
-    MAX_SERVICES, PROTO_UDP, TCP_SEEN_FIN, TCP_SEEN_RST,
+    csum, hash::flow_hash, maglev_index, Conn, Counters, FlowKey, Reason, Service, BACKEND_F_ACTIVE, DIR_FORWARD,
+    DIR_REPLY, MAX_SERVICES, PROTO_UDP, TCP_SEEN_FIN, TCP_SEEN_RST,
 };
 
 use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{count_flow, Delta},
+    stats::count_flow,
     Packet, Verdict, BACKENDS, CONNTRACK, MAGLEV,
 };
 
@@ -26,7 +26,7 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64) -> Result<(), Verdic
         _pad: 0,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut delta = Delta { packets: 1, bytes: frame_len, ..Delta::default() };
+    let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
     // A SYN starts a new connection, so it takes a fresh pick even when the
     // table remembers the 5-tuple (as Katran does): a client reusing a port
     // must not be sent to the backend an old, closed flow had, which may be
@@ -75,7 +75,7 @@ pub fn reply(pkt: &Packet, frame_len: u64) -> Result<(), Verdict> {
     // SAFETY: as in `forward`.
     let c = unsafe { &mut *c };
     c.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-    let mut delta = Delta { reply_packets: 1, reply_bytes: frame_len, ..Delta::default() };
+    let mut delta = Counters { reply_packets: 1, reply_bytes: frame_len, ..Counters::default() };
     if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         close_from_reply(pkt, c, &mut delta);
     }
@@ -130,7 +130,7 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
 }
 
 #[inline(always)]
-fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Delta) {
+fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Counters) {
     let seen =
         (if flags & TCP_FIN != 0 { TCP_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { TCP_SEEN_RST } else { 0 });
     if seen != 0 {
@@ -143,7 +143,7 @@ fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Delta) {
 
 /// A backend's FIN or RST closes the flow too: find its forward entry.
 #[inline(always)]
-fn close_from_reply(pkt: &Packet, rev: &Conn, delta: &mut Delta) {
+fn close_from_reply(pkt: &Packet, rev: &Conn, delta: &mut Counters) {
     let fwd_key = FlowKey {
         src_ip_be: pkt.dst_ip_be,
         dst_ip_be: rev.nat_ip_be,
@@ -159,26 +159,37 @@ fn close_from_reply(pkt: &Packet, rev: &Conn, delta: &mut Delta) {
     }
 }
 
+/// Which end of a flow a rewrite changes; also the index of its port in
+/// the L4 header.
+#[derive(Clone, Copy)]
+enum End {
+    Src = 0,
+    Dst = 1,
+}
+
 #[inline(always)]
 fn rewrite_dst(pkt: &Packet, ip_be: u32, port_be: u16) {
-    // SAFETY: the pointers come from parse_packet and were bounds-checked.
-    unsafe {
-        let old_ip = (*pkt.ip).dst_be;
-        let old_port = (*pkt.l4_ports)[1];
-        (*pkt.ip).dst_be = ip_be;
-        (*pkt.l4_ports)[1] = port_be;
-        update_checksums(pkt, old_ip, ip_be, old_port, port_be);
-    }
+    rewrite(pkt, End::Dst, ip_be, port_be)
 }
 
 #[inline(always)]
 fn rewrite_src(pkt: &Packet, ip_be: u32, port_be: u16) {
-    // SAFETY: the pointers come from parse_packet and were bounds-checked.
+    rewrite(pkt, End::Src, ip_be, port_be)
+}
+
+#[inline(always)]
+fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16) {
+    // SAFETY: the pointers come from parse_packet and were bounds-checked;
+    // the address sits in a packed header, so it is read and written unaligned.
     unsafe {
-        let old_ip = (*pkt.ip).src_be;
-        let old_port = (*pkt.l4_ports)[0];
-        (*pkt.ip).src_be = ip_be;
-        (*pkt.l4_ports)[0] = port_be;
+        let ip_field = match end {
+            End::Src => core::ptr::addr_of_mut!((*pkt.ip).src_be),
+            End::Dst => core::ptr::addr_of_mut!((*pkt.ip).dst_be),
+        };
+        let old_ip = ip_field.read_unaligned();
+        let old_port = (*pkt.l4_ports)[end as usize];
+        ip_field.write_unaligned(ip_be);
+        (*pkt.l4_ports)[end as usize] = port_be;
         update_checksums(pkt, old_ip, ip_be, old_port, port_be);
     }
 }

@@ -13,35 +13,15 @@ pub fn count_reason(reason: Reason) {
     }
 }
 
-/// What one packet adds to its service's and backend's counters.
-#[derive(Clone, Copy, Default)]
-pub struct Delta {
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-    pub closed_flows: u64,
-}
-
+/// Add one packet's `delta` to its service's and backend's counters.
 #[inline(always)]
-pub fn count_flow(service_id: u32, backend_id: u32, d: &Delta) {
+pub fn count_flow(service_id: u32, backend_id: u32, delta: &Counters) {
     if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU slot, nothing else writes it while we run.
-        unsafe { apply(&mut *c, d) };
+        unsafe { (*c).add(delta) };
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: as above.
-        unsafe { apply(&mut *c, d) };
+        unsafe { (*c).add(delta) };
     }
-}
-
-#[inline(always)]
-fn apply(c: &mut Counters, d: &Delta) {
-    c.packets += d.packets;
-    c.bytes += d.bytes;
-    c.new_flows += d.new_flows;
-    c.reply_packets += d.reply_packets;
-    c.reply_bytes += d.reply_bytes;
-    c.closed_flows += d.closed_flows;
 }
