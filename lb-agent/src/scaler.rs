@@ -133,11 +133,12 @@ impl DockerForwarding {
         for client in clients {
             let rule: Vec<String> =
                 ["DOCKER-USER", "-i", client, "-o", bridge, "-j", "ACCEPT"].iter().map(|s| s.to_string()).collect();
-            // -C: already there (an earlier agent's): leave it, do not add a twin.
+            // -C: already there (left by an agent that was killed): take it
+            // over rather than add a twin, so that our stop removes it.
             if iptables("-C", &rule).is_err() {
                 iptables("-I", &rule)?;
-                done.rules.push(rule);
             }
+            done.rules.push(rule);
         }
         let key = format!("/proc/sys/net/ipv4/conf/{bridge}/rp_filter");
         if std::fs::read_to_string(&key).map(|v| v.trim() == "1").unwrap_or(false) {
@@ -314,6 +315,29 @@ impl Scaler {
                 return;
             }
         };
+        // Running instances we do not track yet are ours from before an
+        // agent restart (containers outlive the agent): adopt them; they join
+        // the table after a good health check, like new ones.
+        // (Not while starts are in flight: a container just started may be
+        // listed before its Started event arrives.)
+        let adopt: Vec<Replica> = listed
+            .iter()
+            .filter(|r| self.pending_starts == 0 && r.running && !self.replicas.contains_key(&r.id))
+            .cloned()
+            .collect();
+        for r in adopt {
+            let msg = format!("{}: adopted running instance {} ({})", self.service, r.name, r.addr);
+            info!("{msg}");
+            out.events.push(msg);
+            let tracked = Tracked {
+                replica: r.clone(),
+                started_at: Instant::now(),
+                phase: Phase::Starting,
+                probing: false,
+                cpu_percent: None,
+            };
+            self.replicas.insert(r.id.clone(), tracked);
+        }
         for r in listed.iter().filter(|r| !r.running) {
             let Some(t) = self.replicas.get_mut(&r.id) else { continue };
             if t.phase == Phase::Stopping {
