@@ -29,7 +29,7 @@ use crate::{
     health::{probe::probe, state::Transition},
     reconcile::{ApplySummary, Reconciler},
     registry::Registry,
-    scaler::{FlowFigures, Scaler, ScalerEvent},
+    scaler::{FlowFigures, Scaler, ScalerEvent, TickOutcome},
     snapshot::{SnapshotBuilder, Sources},
     status::{Event, Snapshot, MAX_EVENTS},
 };
@@ -85,6 +85,8 @@ pub struct Agent {
 
 /// How often scaling decisions are taken.
 const SCALE_TICK: Duration = Duration::from_secs(1);
+/// How often scaled instances are checked for exits between decisions.
+const EXIT_TICK: Duration = Duration::from_millis(250);
 
 impl Agent {
     /// Validate the config, load the program, attach it and write the maps.
@@ -439,21 +441,43 @@ impl Agent {
         let mut changed = false;
         for s in scalers.values_mut() {
             let outcome = s.tick(&mut self.registry, &flows).await;
-            changed |= outcome.registry_changed;
-            for e in outcome.events {
-                self.event(e);
-            }
-            // The ids are still known until the next sync frees them.
-            let key = self.registry.service(s.service()).map(|e| e.config.key());
-            for addr in outcome.exited {
-                let Some(id) = key.and_then(|k| self.reconciler.backend_id(&k, addr)) else { continue };
-                match self.dataplane.flush_backend_flows(id) {
-                    Ok(cut) => info!(backend = %addr, open_flows = cut, "flows of an exited instance flushed"),
-                    Err(e) => self.error(format!("flushing flows of {addr} failed: {e}")),
-                }
-            }
+            changed |= self.take_outcome(s.service(), outcome);
         }
         self.scalers = scalers;
+        self.sync_if(changed);
+    }
+
+    /// Between decisions, only look for instances that exited.
+    async fn exit_check(&mut self) {
+        let mut scalers = std::mem::take(&mut self.scalers);
+        let mut changed = false;
+        for s in scalers.values_mut() {
+            let outcome = s.check_exits(&mut self.registry).await;
+            changed |= self.take_outcome(s.service(), outcome);
+        }
+        self.scalers = scalers;
+        self.sync_if(changed);
+    }
+
+    /// Record a scaler's events and flush the flows of its exited
+    /// instances; returns whether the registry changed.
+    fn take_outcome(&mut self, service: &str, outcome: TickOutcome) -> bool {
+        for e in outcome.events {
+            self.event(e);
+        }
+        // The ids are still known until the next sync frees them.
+        let key = self.registry.service(service).map(|e| e.config.key());
+        for addr in outcome.exited {
+            let Some(id) = key.and_then(|k| self.reconciler.backend_id(&k, addr)) else { continue };
+            match self.dataplane.flush_backend_flows(id) {
+                Ok(cut) => info!(backend = %addr, open_flows = cut, "flows of an exited instance flushed"),
+                Err(e) => self.error(format!("flushing flows of {addr} failed: {e}")),
+            }
+        }
+        outcome.registry_changed
+    }
+
+    fn sync_if(&mut self, changed: bool) {
         if changed {
             if let Err(e) = self.sync() {
                 self.error(format!("applying a scaling change failed: {e:#}"));
@@ -535,6 +559,8 @@ impl Agent {
         let mut mtime = modified(&self.options.config);
         let mut tick = tokio::time::interval(TICK);
         let mut scale_tick = tokio::time::interval(SCALE_TICK);
+        let mut exit_tick = tokio::time::interval(EXIT_TICK);
+        exit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         scale_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.describe();
         info!(config = %self.options.config.display(), api = %self.options.api_socket.display(), "ready");
@@ -550,6 +576,7 @@ impl Agent {
                 Some(result) = self.probe_rx.recv() => self.handle_probe(result),
                 Some(event) = self.scaler_rx.recv() => self.handle_scaler_event(event),
                 _ = scale_tick.tick() => self.scale_tick().await,
+                _ = exit_tick.tick(), if !self.scalers.is_empty() => self.exit_check().await,
                 _ = tick.tick() => self.tick(&mut mtime).await,
             }
         }

@@ -307,6 +307,14 @@ impl Scaler {
         out
     }
 
+    /// Only the exit check, between decisions: a crashed instance leaves
+    /// the table within a fraction of a second, not at the next tick.
+    pub async fn check_exits(&mut self, registry: &mut Registry) -> TickOutcome {
+        let mut out = TickOutcome::default();
+        self.notice_exits(registry, &mut out).await;
+        out
+    }
+
     async fn notice_exits(&mut self, registry: &mut Registry, out: &mut TickOutcome) {
         let listed = match self.orch.list().await {
             Ok(l) => l,
