@@ -114,7 +114,6 @@ pub fn complete_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     frame
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,7 +135,16 @@ enum Flow {
 
 /// A packet that passes with no change at all.
 fn untouched(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
-    Fixture { name, setup: vec![], output: input.clone(), input, verdict: XDP_PASS, reason, flow: Flow::Untouched, partial_l4: false }
+    Fixture {
+        name,
+        setup: vec![],
+        output: input.clone(),
+        input,
+        verdict: XDP_PASS,
+        reason,
+        flow: Flow::Untouched,
+        partial_l4: false,
+    }
 }
 
 /// A packet the program rewrites and passes on.
@@ -152,7 +161,16 @@ fn translated(
 /// A packet the program drops; XDP test runs still copy the frame out, and
 /// a drop must not have modified it.
 fn dropped(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
-    Fixture { name, setup: vec![], output: input.clone(), input, verdict: XDP_DROP, reason, flow: Flow::Untouched, partial_l4: false }
+    Fixture {
+        name,
+        setup: vec![],
+        output: input.clone(),
+        input,
+        verdict: XDP_DROP,
+        reason,
+        flow: Flow::Untouched,
+        partial_l4: false,
+    }
 }
 
 fn ip(src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4 {
@@ -237,7 +255,13 @@ fn tcp_syn_padded_to_60_bytes() -> Fixture {
 fn tcp_syn_retransmit_same_flow() -> Fixture {
     let nat = web_nat(CLIENT);
     let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_SYN));
-    translated("tcp_syn_retransmit_same_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, Flow::Existing(nat))
+    translated(
+        "tcp_syn_retransmit_same_flow",
+        vec![syn_of(&nat)],
+        (input, output),
+        Reason::Forwarded,
+        Flow::Existing(nat),
+    )
 }
 
 fn tcp_ack_with_payload_same_flow() -> Fixture {
