@@ -11,5 +11,6 @@ pub mod netns;
 pub mod packet;
 pub mod plot;
 pub mod root;
+pub mod stop;
 pub mod testrun;
 pub mod topology;

@@ -57,6 +57,7 @@ use lb_tests::{
     load::{self, LoadConfig, Mode, Ramp, TimePoint},
     plot,
     root::is_root,
+    stop::{self, stopped},
     topology::{agent_bin, tcp_request, Options, Topology, VIP as STATIC_VIP},
 };
 
@@ -124,33 +125,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     load::parse_duration(s).map_err(|e| e.to_string())
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 /// SIGINT, SIGTERM and SIGHUP (the terminal went away) all stop the run in
 /// order: whatever was made is removed.
 fn install_signal_handlers() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe; the sigaction struct is fully initialised.
-        let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            bail!("sigaction({sig}): {}", io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-fn stopped() -> bool {
-    STOP.load(Ordering::SeqCst)
+    stop::stop_on(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
 }
 
 fn main() -> ExitCode {

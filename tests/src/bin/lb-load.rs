@@ -16,7 +16,6 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -24,7 +23,7 @@ use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Parser};
 use lb_tests::{
     load::{self, LoadConfig, Mode, Ramp},
-    plot,
+    plot, stop,
 };
 
 /// Send HTTP/1.1 GETs at a fixed rate (open loop: a slow server shows up as
@@ -86,29 +85,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     load::parse_duration(s).map_err(|e| e.to_string())
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe; the sigaction struct is fully initialised.
-        let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            bail!("sigaction({sig}): {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// Each worker holds a socket: lift the soft open-files limit to the hard
 /// one (no privilege needed), capped, so a large pool does not hit EMFILE.
 fn raise_nofile_limit() {
@@ -154,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.max_workers = cli.workers as usize;
     cfg.path = cli.path.clone();
 
-    install_signal_handlers()?;
+    stop::stop_on(&[libc::SIGINT, libc::SIGTERM])?;
     raise_nofile_limit();
     let connection = if cli.keep_alive { "keep-alive" } else { "new connection per request" };
     let netns = cli.netns.as_deref().map(|n| format!(", in netns {n}")).unwrap_or_default();
@@ -167,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     println!("lb-load: {describe}");
     let mut rows = 0usize;
-    let report = load::run(&cfg, &STOP, |p| {
+    let report = load::run(&cfg, &stop::STOP, |p| {
         if cli.quiet {
             return;
         }
@@ -178,7 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", load::format_point(p));
         let _ = std::io::stdout().flush();
     })?;
-    if STOP.load(Ordering::SeqCst) {
+    if stop::stopped() {
         println!("stopped early by a signal");
     }
     println!();
