@@ -340,6 +340,10 @@ impl Agent {
     /// End the drains that are over; flush the flows of those that hit their
     /// deadline with connections still open.
     fn finish_drains(&mut self) -> anyhow::Result<()> {
+        // The connection-table walk below is only needed during a drain.
+        if !self.registry.is_draining() {
+            return Ok(());
+        }
         let open = self.dataplane.open_flows()?;
         let ids = self.backend_ids();
         let open_of =

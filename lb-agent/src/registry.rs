@@ -252,6 +252,14 @@ impl Registry {
 
     /// End the drains that are over: no open connections left (as the data
     /// plane counts them), or the deadline passed.
+    /// Whether any backend is draining (so `finish_drains` has work).
+    pub fn is_draining(&self) -> bool {
+        self.services
+            .values()
+            .flat_map(|e| e.backends.values())
+            .any(|b| matches!(b.state, BackendState::Draining { .. }))
+    }
+
     pub fn finish_drains(&mut self, now: Instant, open: impl Fn(&str, SocketAddrV4) -> u64) -> Vec<(String, Drained)> {
         let mut done = Vec::new();
         for (name, entry) in self.services.iter_mut() {
@@ -331,12 +339,14 @@ mod tests {
         r.set_config(&config(&["10.1.0.1:80"], ""), now);
         assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), false)]);
         assert_eq!(r.service("web").unwrap().backends[&addr("10.1.0.2:80")].state_name(), "draining");
+        assert!(r.is_draining());
         // Still 3 connections open: it stays.
         assert!(r.finish_drains(now + Duration::from_secs(1), |_, _| 3).is_empty());
         // They closed: it goes, not expired.
         let done = r.finish_drains(now + Duration::from_secs(2), |_, _| 0);
         assert_eq!(done, [("web".into(), Drained { addr: addr("10.1.0.2:80"), expired: false })]);
         assert_eq!(table(&r), [("10.1.0.1:80".into(), true)]);
+        assert!(!r.is_draining());
     }
 
     #[test]
