@@ -108,7 +108,7 @@ impl Agent {
             dataplane,
             reconciler,
             registry: Registry::default(),
-            config: Config { services: vec![] },
+            config: Config::default(),
             snapshots: SnapshotBuilder::new(options.config.display().to_string()),
             options,
             events: VecDeque::new(),
@@ -152,9 +152,13 @@ impl Agent {
         let wanted = interfaces(&config);
         let had = interfaces(&self.config);
         let mut attached_now = Vec::new();
-        for iface in wanted.difference(&had) {
-            match self.dataplane.attach(iface) {
-                Ok(_) => attached_now.push(iface.clone()),
+        // Every wanted interface: new ones are attached, and one whose
+        // `checksums` setting changed gets the other program in place.
+        for iface in &wanted {
+            let new = !had.contains(iface);
+            match self.dataplane.attach(iface, config.checksums(iface)) {
+                Ok(_) if new => attached_now.push(iface.clone()),
+                Ok(_) => {}
                 Err(e) => {
                     for done in &attached_now {
                         if let Err(e) = self.dataplane.detach(done) {
@@ -615,8 +619,8 @@ impl Agent {
         for (_, s) in self.reconciler.services() {
             info!(service = s.name, id = s.id, backends = s.backends.len(), "service live");
         }
-        for (iface, mode) in self.dataplane.attachments() {
-            info!(interface = iface, mode = %mode, "xdp");
+        for (iface, mode, l4) in self.dataplane.attachments() {
+            info!(interface = iface, mode = %mode, checksums = %l4, "xdp");
         }
     }
 }

@@ -5,7 +5,7 @@
 //! naming its place (`service[1] "web": backend[0].weight: ...`).
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -23,11 +23,39 @@ use crate::{
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.
 pub const MAX_WEIGHT: u32 = 10_000;
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// `[interface.<name>]`: settings of an interface some service names.
+    #[serde(default, rename = "interface")]
+    pub interface_settings: BTreeMap<String, InterfaceConfig>,
+}
+
+/// `[interface.<name>]`
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    #[serde(default)]
+    pub checksums: ChecksumMode,
+}
+
+/// What the TCP/UDP checksums of packets arriving on an interface can be,
+/// which decides the program attached there (see `lb_common::PROG_LB_LOCAL`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChecksumMode {
+    /// By the interface's kind: veth, bridge, tun/tap, macvlan, ipvlan and
+    /// netkit face local stacks (`may-be-partial`); anything else is a wire
+    /// (`complete`).
+    #[default]
+    Auto,
+    /// Every arriving checksum is complete: NICs, or veths whose far end
+    /// computes checksums in software (`ethtool -K <peer> tx off`).
+    Complete,
+    /// Local stacks may hand over partial checksums (CHECKSUM_PARTIAL).
+    MayBePartial,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -242,6 +270,11 @@ impl Config {
         }
     }
 
+    /// The checksum setting of `iface` (`auto` unless configured).
+    pub fn checksums(&self, iface: &str) -> ChecksumMode {
+        self.interface_settings.get(iface).map(|i| i.checksums).unwrap_or_default()
+    }
+
     /// Every problem that makes the config unusable, each with its place.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -267,6 +300,11 @@ impl Config {
                 out.push(format!("{at}: {}:{}/{} is configured twice", s.vip, s.port, s.protocol));
             }
             s.problems(&at, &mut out);
+        }
+        for name in self.interface_settings.keys() {
+            if !self.services.iter().any(|s| s.interfaces.contains(name)) {
+                out.push(format!("interface.{name}: no service names this interface in its `interfaces`"));
+            }
         }
         out
     }
@@ -422,6 +460,23 @@ mod tests {
         assert_eq!(c.services[0].backends[1].weight, 1);
         assert_eq!(c.services[1].protocol, Protocol::Udp);
         assert!(c.services[1].backends.is_empty());
+    }
+
+    #[test]
+    fn interface_checksums_default_to_auto_and_can_be_set() {
+        let c = parse(&format!("{GOOD}\n[interface.eth1]\nchecksums = \"complete\"\n")).unwrap();
+        assert_eq!(c.checksums("eth1"), ChecksumMode::Complete);
+        assert_eq!(c.checksums("eth0"), ChecksumMode::Auto);
+        let c = parse(&format!("{GOOD}\n[interface.eth0]\nchecksums = \"may-be-partial\"\n")).unwrap();
+        assert_eq!(c.checksums("eth0"), ChecksumMode::MayBePartial);
+    }
+
+    #[test]
+    fn interface_settings_must_name_a_used_interface_and_a_known_mode() {
+        let p = problems(&format!("{GOOD}\n[interface.eth9]\nchecksums = \"complete\"\n"));
+        assert_eq!(p, vec!["interface.eth9: no service names this interface in its `interfaces`".to_owned()]);
+        let err = parse(&format!("{GOOD}\n[interface.eth0]\nchecksums = \"partial\"\n")).unwrap_err().to_string();
+        assert!(err.contains("partial") && err.contains("may-be-partial"), "{err}");
     }
 
     #[test]

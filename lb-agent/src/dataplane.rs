@@ -19,12 +19,15 @@ use aya::{
 };
 use lb_common::{
     maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, ABI_VERSION, BACKENDS, BACKEND_STATS,
-    CONNTRACK, DIR_FORWARD, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROG_LB, PROTO_UDP, REASON_STATS, SERVICES,
-    SERVICE_STATS,
+    CONNTRACK, DIR_FORWARD, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROG_LB, PROG_LB_LOCAL, PROTO_UDP, REASON_STATS,
+    SERVICES, SERVICE_STATS,
 };
 use tracing::{info, warn};
 
-use crate::reconcile::{Dataplane, DataplaneError, PinnedState};
+use crate::{
+    config::ChecksumMode,
+    reconcile::{Dataplane, DataplaneError, PinnedState},
+};
 
 /// How the program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +44,101 @@ impl std::fmt::Display for AttachMode {
             AttachMode::Driver => "native",
             AttachMode::Generic => "generic",
         })
+    }
+}
+
+/// Which of the object's two programs an interface gets: the one that takes
+/// every L4 checksum for complete, or the one that also recognises partial
+/// ones (`lb_common::PROG_LB_LOCAL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Checksums {
+    Complete,
+    MayBePartial,
+}
+
+impl L4Checksums {
+    fn program(self) -> &'static str {
+        match self {
+            L4Checksums::Complete => PROG_LB,
+            L4Checksums::MayBePartial => PROG_LB_LOCAL,
+        }
+    }
+
+    /// `auto` resolved by the interface's driver: these kinds carry packets
+    /// from local stacks, which may be CHECKSUM_PARTIAL.
+    pub fn for_driver(driver: &str) -> Self {
+        match driver {
+            "veth" | "bridge" | "tun" | "netkit" | "macvlan" | "ipvlan" => L4Checksums::MayBePartial,
+            _ => L4Checksums::Complete,
+        }
+    }
+
+    pub fn resolve(mode: ChecksumMode, iface: &str) -> anyhow::Result<Self> {
+        Ok(match mode {
+            ChecksumMode::Complete => L4Checksums::Complete,
+            ChecksumMode::MayBePartial => L4Checksums::MayBePartial,
+            // No driver to ask (loopback, say): nothing local sends there.
+            ChecksumMode::Auto => interface_driver(iface)?.map_or(L4Checksums::Complete, |d| Self::for_driver(&d)),
+        })
+    }
+}
+
+impl std::fmt::Display for L4Checksums {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            L4Checksums::Complete => "complete",
+            L4Checksums::MayBePartial => "may-be-partial",
+        })
+    }
+}
+
+/// The driver name of a network interface (`ethtool -i`): "veth", "bridge",
+/// "ixgbe", ...; `None` for a device that does not say (loopback).
+pub fn interface_driver(iface: &str) -> anyhow::Result<Option<String>> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    if iface.is_empty() || iface.len() >= libc::IFNAMSIZ {
+        bail!("{iface:?} is not an interface name");
+    }
+    // SAFETY: plain syscalls on a socket we own; `info` outlives the ioctl
+    // and is the struct SIOCETHTOOL/ETHTOOL_GDRVINFO fills.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket for SIOCETHTOOL");
+        }
+        let mut info: DrvInfo = std::mem::zeroed();
+        info.cmd = ETHTOOL_GDRVINFO;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, b) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+            *d = b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+        let rc = libc::ioctl(fd, libc::SIOCETHTOOL as _, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(None);
+            }
+            return Err(err).with_context(|| format!("read the driver of {iface} (SIOCETHTOOL)"));
+        }
+        let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+        Ok(Some(String::from_utf8_lossy(&info.driver[..end]).into_owned()))
     }
 }
 
@@ -68,6 +166,7 @@ pub struct AyaDataplane {
 struct Attached {
     link: FdLink,
     mode: AttachMode,
+    l4: L4Checksums,
     pin: Option<PathBuf>,
 }
 
@@ -96,11 +195,11 @@ impl AyaDataplane {
             }
         }
         let mut ebpf = loader.load(crate::ebpf::object()).context("load the lb-ebpf object")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROG_LB)
-            .ok_or_else(|| anyhow!("program {PROG_LB} missing from the object"))?
-            .try_into()?;
-        program.load().with_context(|| format!("load {PROG_LB} into the kernel (verifier)"))?;
+        for name in [PROG_LB, PROG_LB_LOCAL] {
+            let program: &mut Xdp =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            program.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
+        }
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
         Ok(Self {
             services: HashMap::try_from(take(SERVICES)?)?,
@@ -147,8 +246,18 @@ impl AyaDataplane {
         Ok(PinnedState { services, backends, tables })
     }
 
-    fn program(&mut self) -> anyhow::Result<&mut Xdp> {
-        Ok(self.ebpf.program_mut(PROG_LB).ok_or_else(|| anyhow!("program {PROG_LB} missing"))?.try_into()?)
+    fn program(&mut self, l4: L4Checksums) -> anyhow::Result<&mut Xdp> {
+        let name = l4.program();
+        Ok(self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?)
+    }
+
+    /// Swap the program on an existing link (bpf_link_update): no moment
+    /// without a program on the interface.
+    fn switch_link(&mut self, link: FdLink, l4: L4Checksums, iface: &str) -> anyhow::Result<FdLink> {
+        let xdp_link = XdpLink::try_from(link).context("the link is not an XDP link")?;
+        let program = self.program(l4)?;
+        let id = program.attach_to_link(xdp_link).with_context(|| format!("switch the XDP program on {iface}"))?;
+        Ok(FdLink::try_from(program.take_link(id)?)?)
     }
 
     fn link_pin(&self, iface: &str, mode: AttachMode) -> Option<PathBuf> {
@@ -160,22 +269,36 @@ impl AyaDataplane {
     /// switched to this program atomically (bpf_link_update), so traffic
     /// never sees an interface without the program. Never replaces a program
     /// someone else attached: the kernel refuses a second one (EBUSY).
-    pub fn attach(&mut self, iface: &str) -> anyhow::Result<AttachMode> {
-        if let Some(a) = self.links.get(iface) {
-            return Ok(a.mode);
+    ///
+    /// `checksums` picks the program (see [`L4Checksums`]); an interface
+    /// already attached with the other one is switched over in place.
+    pub fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+        let l4 = L4Checksums::resolve(checksums, iface)?;
+        if let Some(a) = self.links.remove(iface) {
+            if a.l4 == l4 {
+                let mode = a.mode;
+                self.links.insert(iface.to_owned(), a);
+                return Ok(mode);
+            }
+            // Between two loaded programs of one object, bpf_link_update
+            // fails only when the link itself is gone (interface removed).
+            let Attached { link, mode, l4: old, pin } = a;
+            let link = self.switch_link(link, l4, iface)?;
+            info!(interface = iface, from = %old, checksums = %l4, "switched program");
+            self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });
+            return Ok(mode);
         }
         for mode in [AttachMode::Driver, AttachMode::Generic] {
             let Some(pin) = self.link_pin(iface, mode).filter(|p| p.exists()) else { continue };
             let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("open pinned link {}", pin.display()))?;
-            let xdp_link = XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not an XDP link")?;
-            let program = self.program()?;
-            let id = program.attach_to_link(xdp_link).with_context(|| format!("take over the XDP link on {iface}"))?;
-            let link = FdLink::try_from(program.take_link(id)?)?;
-            info!(interface = iface, mode = %mode, "adopted pinned XDP link");
-            self.links.insert(iface.to_owned(), Attached { link, mode, pin: Some(pin) });
+            let link = self
+                .switch_link(FdLink::from(pinned), l4, iface)
+                .with_context(|| format!("take over the pinned link {}", pin.display()))?;
+            info!(interface = iface, mode = %mode, checksums = %l4, "adopted pinned XDP link");
+            self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin: Some(pin) });
             return Ok(mode);
         }
-        let program = self.program()?;
+        let program = self.program(l4)?;
         let (id, mode) = match program.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, AttachMode::Driver),
             Err(native) => {
@@ -197,8 +320,8 @@ impl AyaDataplane {
             }
             None => (link, None),
         };
-        info!(interface = iface, mode = %mode, "attached");
-        self.links.insert(iface.to_owned(), Attached { link, mode, pin });
+        info!(interface = iface, mode = %mode, checksums = %l4, "attached");
+        self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });
         Ok(mode)
     }
 
@@ -224,9 +347,9 @@ impl AyaDataplane {
             .collect()
     }
 
-    /// Interfaces we are attached to, with their mode.
-    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode)> {
-        self.links.iter().map(|(k, a)| (k.as_str(), a.mode))
+    /// Interfaces we are attached to, with their mode and program.
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode, L4Checksums)> {
+        self.links.iter().map(|(k, a)| (k.as_str(), a.mode, a.l4))
     }
 
     /// Detach from every interface and remove every pin: the data plane is
@@ -515,6 +638,28 @@ fn same_mount_namespace_as_init() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_stack_drivers_get_the_partial_checksum_program() {
+        for d in ["veth", "bridge", "tun", "macvlan"] {
+            assert_eq!(L4Checksums::for_driver(d), L4Checksums::MayBePartial, "{d}");
+        }
+        for d in ["ixgbe", "mlx5_core", "virtio_net", "ena", "bonding", "802.1Q VLAN Support"] {
+            assert_eq!(L4Checksums::for_driver(d), L4Checksums::Complete, "{d}");
+        }
+        assert_eq!(L4Checksums::resolve(ChecksumMode::Complete, "any").unwrap().program(), PROG_LB);
+        assert_eq!(L4Checksums::resolve(ChecksumMode::MayBePartial, "any").unwrap().program(), PROG_LB_LOCAL);
+    }
+
+    #[test]
+    fn interface_drivers_are_read_with_ethtool() {
+        // Every network namespace has `lo`, which names no driver; no root
+        // needed to ask.
+        assert_eq!(interface_driver("lo").unwrap(), None);
+        let err = interface_driver("no-such-if0").unwrap_err();
+        assert!(format!("{err:#}").contains("no-such-if0"), "{err:#}");
+        assert_eq!(L4Checksums::resolve(ChecksumMode::Auto, "lo").unwrap(), L4Checksums::Complete);
+    }
 
     #[test]
     fn link_pin_names_have_no_dots_and_stay_distinct() {

@@ -160,7 +160,7 @@ const PACKETS: Family<VerdictLabels> = Family::counter(
 );
 const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
     "lb_xdp_attached",
-    "1 for each interface the XDP program is attached to, labelled with the attach mode (native or generic).",
+    "1 for each interface the XDP program is attached to, labelled with the attach mode (native or generic) and the program's checksum handling (complete or may-be-partial).",
 );
 const MAP_ENTRIES: Family<MapLabels> = Family::gauge("lb_map_entries", "Entries currently in the eBPF map.");
 const MAP_MAX_ENTRIES: Family<MapLabels> =
@@ -221,9 +221,11 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
         ),
     );
     let interfaces = &snapshot.agent.interfaces;
-    out.push(XDP_ATTACHED.collect(
-        interfaces.iter().map(|i| (InterfaceLabels { interface: i.name.clone(), mode: i.xdp_mode.clone() }, TRUE)),
-    ));
+    out.push(XDP_ATTACHED.collect(interfaces.iter().map(|i| {
+        let labels =
+            InterfaceLabels { interface: i.name.clone(), mode: i.xdp_mode.clone(), checksums: i.checksums.clone() };
+        (labels, TRUE)
+    })));
     let maps = &snapshot.maps;
     out.push(MAP_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.entries as f64))));
     out.push(MAP_MAX_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.max_entries as f64))));
@@ -472,12 +474,14 @@ struct InterfaceLabels {
     interface: String,
     /// "native" or "generic".
     mode: String,
+    /// The program: "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`).
+    checksums: String,
 }
 
 impl LabelSet for InterfaceLabels {
-    const NAMES: &'static [&'static str] = &["interface", "mode"];
+    const NAMES: &'static [&'static str] = &["interface", "mode", "checksums"];
     fn into_values(self) -> Vec<String> {
-        vec![self.interface, self.mode]
+        vec![self.interface, self.mode, self.checksums]
     }
 }
 
@@ -884,7 +888,11 @@ mod tests {
                 uptime_seconds: 12.5,
                 config_path: "/etc/lb/lb.toml".to_owned(),
                 errors_total: 3,
-                interfaces: vec![InterfaceStatus { name: "eth0".to_owned(), xdp_mode: "native".to_owned() }],
+                interfaces: vec![InterfaceStatus {
+                    name: "eth0".to_owned(),
+                    xdp_mode: "native".to_owned(),
+                    checksums: "complete".to_owned(),
+                }],
             },
             services: vec![ServiceStatus {
                 name: "web".to_owned(),
@@ -1095,7 +1103,7 @@ mod tests {
             ]
         );
         for line in [
-            r#"lb_xdp_attached{interface="eth0",mode="native"} 1"#,
+            r#"lb_xdp_attached{interface="eth0",mode="native",checksums="complete"} 1"#,
             r#"lb_map_entries{map="CONNTRACK"} 9"#,
             r#"lb_map_max_entries{map="CONNTRACK"} 65536"#,
             "lb_agent_errors_total 3",

@@ -423,7 +423,7 @@ mod tests {
         let now = Instant::now();
         let mut r = Registry::default();
         r.set_config(&config(&["10.1.0.1:80"], ""), now);
-        r.set_config(&Config { services: vec![] }, now);
+        r.set_config(&Config::default(), now);
         assert!(r.desired().is_empty());
     }
 }

@@ -109,7 +109,11 @@ impl SnapshotBuilder {
                 errors_total: errors,
                 interfaces: dataplane
                     .attachments()
-                    .map(|(name, mode)| InterfaceStatus { name: name.into(), xdp_mode: mode.to_string() })
+                    .map(|(name, mode, l4)| InterfaceStatus {
+                        name: name.into(),
+                        xdp_mode: mode.to_string(),
+                        checksums: l4.to_string(),
+                    })
                     .collect(),
             },
             maps: vec![

@@ -70,6 +70,9 @@ pub struct InterfaceStatus {
     pub name: String,
     /// "native" or "generic".
     pub xdp_mode: String,
+    /// "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`).
+    #[serde(default)]
+    pub checksums: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -157,7 +160,8 @@ impl Snapshot {
             a.errors_total,
             a.config_path
         );
-        let xdp: Vec<String> = a.interfaces.iter().map(|i| format!("{} ({})", i.name, i.xdp_mode)).collect();
+        let xdp: Vec<String> =
+            a.interfaces.iter().map(|i| format!("{} ({}, checksums {})", i.name, i.xdp_mode, i.checksums)).collect();
         let _ = writeln!(out, "xdp: {}", if xdp.is_empty() { "not attached".into() } else { xdp.join(", ") });
         for s in &self.services {
             let _ = writeln!(
@@ -286,7 +290,11 @@ mod tests {
                 uptime_seconds: 75.0,
                 config_path: "/etc/lb.toml".into(),
                 errors_total: 1,
-                interfaces: vec![InterfaceStatus { name: "eth0".into(), xdp_mode: "native".into() }],
+                interfaces: vec![InterfaceStatus {
+                    name: "eth0".into(),
+                    xdp_mode: "native".into(),
+                    checksums: "complete".into(),
+                }],
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -314,7 +322,7 @@ mod tests {
         };
         let t = s.render_table();
         assert!(t.contains("up 1m15s  errors 1"), "{t}");
-        assert!(t.contains("xdp: eth0 (native)"), "{t}");
+        assert!(t.contains("xdp: eth0 (native, checksums complete)"), "{t}");
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),

@@ -35,8 +35,14 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
 pub const BENCH_FRAME: &str = "BENCH_FRAME";
 pub const BENCH_TARGET: &str = "BENCH_TARGET";
-/// Program names inside the object.
+/// Program names inside the object. `xdp_lb` is for interfaces where every
+/// arriving L4 checksum is complete (NICs)...
 pub const PROG_LB: &str = "xdp_lb";
+/// ...`xdp_lb_local` for interfaces facing local stacks (veth, bridge, tap),
+/// whose packets may carry partial checksums (CHECKSUM_PARTIAL). The bytes
+/// cannot tell the two apart for one complete checksum in 65,536, so the
+/// agent picks per interface.
+pub const PROG_LB_LOCAL: &str = "xdp_lb_local";
 /// An empty XDP_PASS program: the baseline the benchmark measures against.
 pub const PROG_PASS: &str = "xdp_pass";
 /// Benchmark wrapper: restores the frame from `BENCH_FRAME`, then tail-calls

@@ -6,6 +6,8 @@
 //! from a backend gets its source rewritten back to the VIP. Both leave with
 //! XDP_PASS into the kernel's forwarding path. Everything else passes
 //! untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
+//! `xdp_lb_local` is the same program for interfaces whose packets may carry
+//! partial L4 checksums (veth, bridges).
 #![no_std]
 #![no_main]
 
@@ -25,7 +27,10 @@ use lb_common::{
     MAX_SERVICES,
 };
 
-use crate::parse::{parse_packet, Parsed};
+use crate::{
+    nat::L4Checksums,
+    parse::{parse_packet, Parsed},
+};
 
 #[map]
 static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -42,9 +47,22 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 #[map]
 static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
+/// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
-    let (action, reason) = match try_xdp_lb(&ctx) {
+    run(&ctx, L4Checksums::Complete)
+}
+
+/// For interfaces facing local stacks (veth, bridge, tap), whose packets may
+/// carry partial checksums; see `nat::L4Checksums`.
+#[xdp]
+pub fn xdp_lb_local(ctx: XdpContext) -> u32 {
+    run(&ctx, L4Checksums::MaybePartial)
+}
+
+#[inline(always)]
+fn run(ctx: &XdpContext, l4: L4Checksums) -> u32 {
+    let (action, reason) = match try_xdp_lb(ctx, l4) {
         Ok(forwarded) => (xdp_action::XDP_PASS, forwarded),
         Err(Verdict { action, reason }) => (action, reason),
     };
@@ -78,16 +96,16 @@ impl Verdict {
 /// `Ok(reason)` when the packet was translated (and passes on to be
 /// forwarded), `Err(verdict)` for everything that leaves early.
 #[inline(always)]
-fn try_xdp_lb(ctx: &XdpContext) -> Result<Reason, Verdict> {
+fn try_xdp_lb(ctx: &XdpContext, l4: L4Checksums) -> Result<Reason, Verdict> {
     let pkt = parse_packet(ctx)?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let key = ServiceKey { vip_be: pkt.dst_ip_be, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        return nat::forward(&pkt, &svc, frame_len).map(|()| Reason::Forwarded);
+        return nat::forward(&pkt, &svc, frame_len, l4).map(|()| Reason::Forwarded);
     }
-    nat::reply(&pkt, frame_len).map(|()| Reason::ReplyTranslated)
+    nat::reply(&pkt, frame_len, l4).map(|()| Reason::ReplyTranslated)
 }
 
 /// Re-exported for the helper modules.

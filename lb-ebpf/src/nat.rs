@@ -15,7 +15,7 @@ use crate::{
 /// A client packet for `svc`: find or pick the backend, rewrite the
 /// destination to it.
 #[inline(always)]
-pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64) -> Result<(), Verdict> {
+pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> Result<(), Verdict> {
     let key = FlowKey {
         src_ip_be: pkt.src_ip_be,
         dst_ip_be: pkt.dst_ip_be,
@@ -51,7 +51,7 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64) -> Result<(), Verdic
             c
         }
     };
-    rewrite_dst(pkt, conn.nat_ip_be, conn.nat_port_be);
+    rewrite(pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be, l4);
     count_flow(conn.service_id, conn.backend_id, &delta);
     Ok(())
 }
@@ -59,7 +59,7 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64) -> Result<(), Verdic
 /// A packet from a backend to a client of a flow we translated: rewrite the
 /// source back to the VIP. Anything else is not ours.
 #[inline(always)]
-pub fn reply(pkt: &Packet, frame_len: u64) -> Result<(), Verdict> {
+pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(), Verdict> {
     let key = FlowKey {
         src_ip_be: pkt.src_ip_be,
         dst_ip_be: pkt.dst_ip_be,
@@ -80,7 +80,7 @@ pub fn reply(pkt: &Packet, frame_len: u64) -> Result<(), Verdict> {
         close_from_reply(pkt, c, &mut delta);
     }
     let (nat_ip, nat_port, service_id, backend_id) = (c.nat_ip_be, c.nat_port_be, c.service_id, c.backend_id);
-    rewrite_src(pkt, nat_ip, nat_port);
+    rewrite(pkt, End::Src, nat_ip, nat_port, l4);
     count_flow(service_id, backend_id, &delta);
     Ok(())
 }
@@ -167,18 +167,24 @@ enum End {
     Dst = 1,
 }
 
-#[inline(always)]
-fn rewrite_dst(pkt: &Packet, ip_be: u32, port_be: u16) {
-    rewrite(pkt, End::Dst, ip_be, port_be)
+/// What the L4 checksums arriving on an interface can be. The bytes alone
+/// cannot tell: a complete checksum equals the pseudo-header sum for one
+/// packet in 65,536, so the choice is made per interface, by the agent, as
+/// the program it attaches (`xdp_lb` or `xdp_lb_local`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4Checksums {
+    /// Always complete: packets from a wire (a NIC validates, never
+    /// finishes, a received checksum).
+    Complete,
+    /// Partial ones too (CHECKSUM_PARTIAL): packets a local stack sends over
+    /// veth, a bridge or tap carry only the pseudo-header sum, finished by
+    /// whichever device sends them on. A field holding exactly that sum is
+    /// taken for a partial one.
+    MaybePartial,
 }
 
 #[inline(always)]
-fn rewrite_src(pkt: &Packet, ip_be: u32, port_be: u16) {
-    rewrite(pkt, End::Src, ip_be, port_be)
-}
-
-#[inline(always)]
-fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16) {
+fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) {
     // SAFETY: the pointers come from parse_packet and were bounds-checked;
     // the address sits in a packed header, so it is read and written unaligned.
     unsafe {
@@ -190,20 +196,20 @@ fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16) {
         let old_port = (*pkt.l4_ports)[end as usize];
         ip_field.write_unaligned(ip_be);
         (*pkt.l4_ports)[end as usize] = port_be;
-        update_checksums(pkt, old_ip, ip_be, old_port, port_be);
+        update_checksums(pkt, old_ip, ip_be, old_port, port_be, l4);
     }
 }
 
 /// RFC 1624 updates of the IPv4 header checksum and of the L4 checksum
-/// (whose pseudo-header covers the addresses). An L4 field that holds only
-/// the pseudo-header sum (CHECKSUM_PARTIAL, from a local stack over veth) is
-/// updated the way the kernel would, so that the device that completes it
-/// later gets it right.
+/// (whose pseudo-header covers the addresses). Where partial checksums can
+/// arrive, an L4 field that holds only the pseudo-header sum is updated the
+/// way the kernel would (the new pseudo-header sum, ports left to the
+/// device), so that the device that completes it later gets it right.
 ///
 /// # Safety
 /// `pkt`'s pointers must be bounds-checked (parse_packet does it).
 #[inline(always)]
-unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16, new_port: u16) {
+unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16, new_port: u16, l4s: L4Checksums) {
     unsafe {
         (*pkt.ip).check = csum::replace4((*pkt.ip).check, old_ip, new_ip);
         let l4 = *pkt.l4_check;
@@ -211,10 +217,12 @@ unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16
         if pkt.proto == PROTO_UDP && l4 == 0 {
             return;
         }
-        let l4_len = u16::from_be((*pkt.ip).tot_len_be).wrapping_sub(20);
-        if l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, l4_len) {
-            *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
-            return;
+        if l4s == L4Checksums::MaybePartial {
+            let l4_len = u16::from_be((*pkt.ip).tot_len_be).wrapping_sub(20);
+            if l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, l4_len) {
+                *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
+                return;
+            }
         }
         let mut sum = csum::replace2(csum::replace4(l4, old_ip, new_ip), old_port, new_port);
         if pkt.proto == PROTO_UDP && sum == 0 {

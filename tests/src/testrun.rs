@@ -117,8 +117,8 @@ pub struct LbObject {
 }
 
 impl LbObject {
-    /// Loads the object lb-agent embeds and the `xdp_lb` program (verified,
-    /// not attached).
+    /// Loads the object lb-agent embeds and its `xdp_lb` and `xdp_lb_local`
+    /// programs (verified, not attached).
     pub fn load() -> Result<Self> {
         let mut ebpf = Ebpf::load(lb_agent::ebpf::object()).context("load the lb-ebpf object")?;
         let mut this = Self {
@@ -132,6 +132,7 @@ impl LbObject {
             ebpf,
         };
         this.load_program(lb_common::PROG_LB)?;
+        this.load_program(lb_common::PROG_LB_LOCAL)?;
         Ok(this)
     }
 

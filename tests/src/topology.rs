@@ -586,7 +586,8 @@ pub struct Options {
     /// (veth's default): their TCP/UDP packets then cross the LB as
     /// CHECKSUM_PARTIAL, the checksum field holding only the pseudo-header
     /// sum. When false, `ethtool -K to-lb tx off` runs in those namespaces,
-    /// so their packets carry complete checksums that receivers verify.
+    /// so their packets carry complete checksums that receivers verify, and
+    /// the config says `checksums = "complete"` for the LB's interfaces.
     pub node_tx_csum_offload: bool,
     /// Leave tx checksum offload on for the LB's own veth ends. When false,
     /// the LB finishes CHECKSUM_PARTIAL packets in software as it forwards
@@ -808,6 +809,14 @@ impl Topology {
                 let b = self.backend(member);
                 let addr = if proto == "tcp" { b.tcp_addr() } else { b.udp_addr() };
                 out += &format!("\n[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+            }
+        }
+        if !self.options.node_tx_csum_offload {
+            // Every sender computes its checksums in software, so the LB is
+            // told it gets complete ones only (auto would take the veths for
+            // local stacks that may send partial ones).
+            for i in self.lb_interfaces() {
+                out += &format!("\n[interface.{i:?}]\nchecksums = \"complete\"\n");
             }
         }
         out
@@ -1156,6 +1165,16 @@ impl Agent {
             .lines()
             .filter(|l| has_message(l, "attached"))
             .filter_map(|l| Some((field(l, "interface")?, field(l, "mode")?)))
+            .collect()
+    }
+
+    /// (interface, checksums) for each attach the agent logged: which of the
+    /// two programs it chose ("complete" or "may-be-partial").
+    pub fn checksum_modes(&self) -> Vec<(String, String)> {
+        self.log()
+            .lines()
+            .filter(|l| has_message(l, "attached"))
+            .filter_map(|l| Some((field(l, "interface")?, field(l, "checksums")?)))
             .collect()
     }
 

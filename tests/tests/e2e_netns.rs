@@ -116,6 +116,13 @@ fn assert_modes_agree(agent: &[(String, String)], iproute: &[(String, String)]) 
     assert_eq!(from_agent, from_ip, "agent's modes vs. ip -d link");
 }
 
+/// The agent attached the program for `want` checksums everywhere.
+fn assert_checksum_modes(agent: &lb_tests::topology::Agent, topo: &Topology, want: &str) {
+    let got = agent.checksum_modes();
+    assert_eq!(got.len(), topo.lb_interfaces().len(), "one attach per interface; log:\n{}", agent.log());
+    assert!(got.iter().all(|(_, m)| m == want), "checksum handling per interface {got:?}, want {want}");
+}
+
 /// No client or backend stack dropped a packet for a bad checksum.
 fn assert_no_csum_errors(topo: &Topology) {
     let errors = topo.csum_errors();
@@ -132,7 +139,11 @@ fn root_tcp_connections_spread_evenly() {
 /// checksums in software (`ethtool -K to-lb tx off`), and so does the LB, so
 /// every receiver verifies every checksum: an incremental update that is off
 /// by one bit fails here (the default veth setup would not notice, see
-/// `root_partial_checksums_survive_software_finalisation`).
+/// `root_partial_checksums_survive_software_finalisation`). The config says
+/// `checksums = "complete"` for the LB's interfaces: with the partial-aware
+/// program, one complete checksum in 65,536 equals its pseudo-header sum and
+/// would be taken for a partial one (this test caught that in CI: one drop
+/// in some ten thousand packets).
 #[test]
 fn root_tcp_and_udp_with_complete_checksums() {
     require_root!("root_tcp_and_udp_with_complete_checksums");
@@ -140,6 +151,7 @@ fn root_tcp_and_udp_with_complete_checksums() {
     let topo = Topology::build(opts);
     topo.write_config_all();
     let agent = topo.start_agent();
+    assert_checksum_modes(&agent, &topo, "complete");
     let counts = connect_many(&topo, 600);
     print_shares("tcp spread (checksums complete, verified by every receiver)", &counts);
     assert_even(&counts, &topo.options.backends);
@@ -167,6 +179,8 @@ fn root_partial_checksums_survive_software_finalisation() {
     let topo = Topology::build(Options { lb_tx_csum_offload: false, ..options(3) });
     topo.write_config_all();
     let agent = topo.start_agent();
+    // `checksums = "auto"` on veths: the program that knows partial ones.
+    assert_checksum_modes(&agent, &topo, "may-be-partial");
     let (tcp, udp) = (topo.vip_tcp(), topo.vip_udp());
     let failures: Vec<String> = topo.client.run(move || {
         let mut f = Vec::new();

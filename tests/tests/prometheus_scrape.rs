@@ -192,7 +192,11 @@ fn snapshot(n: u64) -> Snapshot {
             uptime_seconds: 60.5 * n as f64,
             config_path: "/etc/lb/lb.toml".to_owned(),
             errors_total: 3,
-            interfaces: vec![InterfaceStatus { name: "eth0".to_owned(), xdp_mode: "generic".to_owned() }],
+            interfaces: vec![InterfaceStatus {
+                name: "eth0".to_owned(),
+                xdp_mode: "generic".to_owned(),
+                checksums: "complete".to_owned(),
+            }],
         },
         services: vec![
             service(

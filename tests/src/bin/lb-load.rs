@@ -10,14 +10,7 @@
 //! lb-load --target 127.0.0.1:8080 --concurrency 20 --duration 10s --keep-alive
 //! ```
 
-use std::{
-    fs,
-    io::Write as _,
-    net::SocketAddr,
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{fs, io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Parser};
