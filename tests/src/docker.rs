@@ -109,7 +109,7 @@ impl Dockerd {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        eprintln!("started dockerd (pid {}) for this test; it stops at the end", d.child.as_ref().map_or(0, Child::id));
+        eprintln!("started dockerd (pid {}); it is stopped again at the end", d.child.as_ref().map_or(0, Child::id));
         d
     }
 
@@ -201,9 +201,14 @@ fn is_static_elf(path: &Path) -> bool {
 /// unchanged binary a no-op); an older build it replaces is removed.
 /// Returns the image id.
 pub fn build_demo_image() -> String {
-    let bin = static_backend_bin();
+    build_demo_image_from(&static_backend_bin())
+}
+
+/// [`build_demo_image`] from a given static `lb-backend`.
+pub fn build_demo_image_from(bin: &Path) -> String {
+    assert!(is_static_elf(bin), "{} is not a static executable; a FROM scratch image has no loader", bin.display());
     let ctx = TempDir::create(&format!("lbt-image-{}", std::process::id()));
-    fs::copy(&bin, ctx.path().join("lb-backend")).unwrap_or_else(|e| panic!("copy {}: {e}", bin.display()));
+    fs::copy(bin, ctx.path().join("lb-backend")).unwrap_or_else(|e| panic!("copy {}: {e}", bin.display()));
     fs::write(
         ctx.path().join("Dockerfile"),
         "FROM scratch\n\

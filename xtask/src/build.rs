@@ -26,3 +26,27 @@ pub fn build_release(tag: &'static str, args: &[&str]) -> Result<()> {
     step.finish(GREEN, "built");
     Ok(())
 }
+
+/// The target triple of the fully static lb-backend (the demo image's only
+/// file).
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Build lb-backend linked statically, for a `FROM scratch` container image;
+/// returns its path.
+pub fn build_static_backend() -> Result<std::path::PathBuf> {
+    let step = Step::new("build", format!("static lb-backend (--target {STATIC_TARGET}, crt-static)"));
+    step.say("building");
+    stream_ok(
+        util::cargo()
+            .args(["build", "--release", "-p", "lb-backend", "--target", STATIC_TARGET])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    let path = util::release_binary("lb-backend")
+        .parent()
+        .and_then(|release| release.parent())
+        .map(|target| target.join(STATIC_TARGET).join("release").join("lb-backend"))
+        .ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+    anyhow::ensure!(path.is_file(), "{} is missing after the build", path.display());
+    step.finish(GREEN, "built");
+    Ok(path)
+}

@@ -6,7 +6,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Result;
 use clap::Args;
 
-use crate::build::build_release;
+use crate::build::{build_release, build_static_backend};
 use crate::setup;
 use crate::util::{self, describe, exit_code, stream, Step, GREEN, RED};
 
@@ -32,6 +32,9 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     // lb-backend (the demo's instances).
     build_release("run", &["-p", "lb-agent", "-p", "lb-tests", "--bins"])?;
     let agent_bin = util::built_binary("lb-agent", "lb-agent")?;
+    // The demo's container image needs lb-backend linked statically (FROM
+    // scratch); only the Docker demo uses it.
+    let static_backend = if agent { None } else { Some(build_static_backend()?) };
 
     let mut cmd = if agent {
         let mut cmd = Command::new(&agent_bin);
@@ -42,6 +45,9 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         let mut cmd = Command::new(util::built_binary("lb-demo", "lb-tests")?);
         // The exact binaries just built, whatever lb-demo finds next to itself.
         cmd.env("LB_AGENT_BIN", &agent_bin).env("LB_BACKEND_BIN", &backend_bin);
+        if let Some(bin) = &static_backend {
+            cmd.env("LB_BACKEND_STATIC_BIN", bin);
+        }
         // Results (timeline, SVG, CSV) under target/lb-demo/<time>, unless
         // the caller chose a place.
         if env::var_os("LB_DEMO_RESULTS").is_none() {

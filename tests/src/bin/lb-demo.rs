@@ -18,12 +18,21 @@
 //!        via 10.220.0.1           XDP on lbc and the bridge        `--- [eth0] 10.212.0.3  web-3 ...
 //! ```
 //!
+//! With Docker installed (the default `--orchestrator auto`), the instances
+//! are containers of `lb-demo-backend:dev` (built here from the static
+//! lb-backend) on a Docker network the agent makes, and the agent runs in the
+//! host's namespace beside dockerd, attached to the client veth's host end
+//! (`lbc<pid>`) and the network's bridge (`lbdd<pid>`). dockerd is started
+//! for the run if it is not running, and stopped again.
+//!
 //! `--static`: the first demo: three fixed backends, one request every
 //! 300 ms, printing which backend answered (`--count N` stops by itself).
 //!
 //! Safety: everything is named after this process's pid (`lbd-<pid>-*`
 //! namespaces, bridge `lbd<pid>` whose instance namespaces are
-//! `lbd<pid>-<n>`), nothing is created in the host's network namespace, only
+//! `lbd<pid>-<n>`; Docker: network `lb-demo-<pid>`, veth `lbc<pid>`), nothing
+//! but that veth end and the Docker network is created in the host's
+//! network namespace, only
 //! the instance namespaces have a default route (to the bridge, inside the LB
 //! namespace), and a guard removes all of it on every exit path: normal end,
 //! error, panic, Ctrl-C or SIGTERM. The agent runs in its own process group
@@ -52,8 +61,12 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, ValueEnum};
-use lb_agent::status::{ReplicaStatus, ScalingStatus, Snapshot};
+use lb_agent::{
+    orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER},
+    status::{ReplicaStatus, ScalingStatus, Snapshot},
+};
 use lb_tests::{
+    docker::{build_demo_image_from, docker_try, Dockerd, DEMO_IMAGE},
     load::{self, LoadConfig, Mode, Ramp, TimePoint},
     plot,
     root::is_root,
@@ -83,8 +96,10 @@ struct Cli {
     #[arg(long, requires = "static_mode", default_value_t = 300)]
     interval_ms: u64,
 
-    /// Where the instances come from.
-    #[arg(long, value_enum, default_value_t = OrchestratorKind::Process, conflicts_with = "static_mode")]
+    /// Where the instances come from: Docker containers when the engine is
+    /// installed (it is started for the run if it is not running, and
+    /// stopped again), local processes otherwise.
+    #[arg(long, value_enum, default_value_t = OrchestratorKind::Auto, conflicts_with = "static_mode")]
     orchestrator: OrchestratorKind,
     /// The offered load over time: requests per second as straight lines
     /// between TIME:RATE points; the last rate is held until the instances
@@ -115,10 +130,32 @@ struct Cli {
 /// Where the autoscaled instances come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum OrchestratorKind {
+    /// Docker if `docker` and `dockerd` are installed, else processes.
+    Auto,
     /// Local processes, each in a network namespace of its own.
     Process,
-    /// Docker containers (not available in this demo yet).
+    /// Containers of the demo image (`lb-demo-backend:dev`, built here from
+    /// the static lb-backend) on a Docker network of their own.
     Docker,
+}
+
+impl OrchestratorKind {
+    /// `Auto` made definite, with why.
+    fn resolve(self) -> (OrchestratorKind, Option<&'static str>) {
+        match self {
+            OrchestratorKind::Auto if on_path("docker") && on_path("dockerd") => {
+                (OrchestratorKind::Docker, Some("Docker is installed"))
+            }
+            OrchestratorKind::Auto => {
+                (OrchestratorKind::Process, Some("docker/dockerd not installed (`cargo xtask setup` installs them)"))
+            }
+            k => (k, None),
+        }
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -179,15 +216,11 @@ const SETTLE: f64 = 3.0;
 const NETNS_DIR: &str = "/run/netns";
 
 fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
-    let kind = cli.orchestrator;
-    if kind == OrchestratorKind::Docker {
-        bail!(
-            "--orchestrator docker is not available yet: lb-agent's Docker orchestrator is still being \
-             written. Run without --orchestrator (or with --orchestrator process) for instances as local \
-             processes."
-        );
-    }
+    let (kind, why) = cli.orchestrator.resolve();
     require_root()?;
+    if let Some(why) = why {
+        println!("lb-demo: instances as {} ({why}; --orchestrator chooses)", kind_name(kind));
+    }
     install_signal_handlers()?;
     let ramp_text = match (&cli.ramp, cli.quick) {
         (Some(r), _) => r.clone(),
@@ -248,7 +281,7 @@ fn demo(
         "  agent    {} (pid {}, in {}), log {}",
         agent_bin.display(),
         a.child.id(),
-        lab.lb_ns,
+        lab.lb_ns.as_deref().unwrap_or("the host's namespace"),
         lab.agent_log().display()
     );
     println!("           control socket {}", a.socket.display());
@@ -344,43 +377,97 @@ impl Shape {
     }
 }
 
+fn kind_name(kind: OrchestratorKind) -> &'static str {
+    match kind {
+        OrchestratorKind::Docker => "Docker containers",
+        _ => "local processes",
+    }
+}
+
 fn round_to(v: f64, step: f64) -> f64 {
     (v / step).round() * step
 }
 
 // ---------------------------------------------------------------------------
-// Instances: what the orchestrator needs from the demo. Only the process
-// orchestrator exists; a Docker plan would bring its own config table, reply
-// interface and leftovers.
+// Instances: what the orchestrator needs from the demo.
 
 struct InstancePlan {
-    /// The instances' bridge in the LB namespace, also the name prefix of
-    /// their namespaces (`<bridge>-<n>`): unique to this run.
+    kind: OrchestratorKind,
+    /// The instances' bridge: in the LB namespace for processes (also the
+    /// name prefix of their namespaces, `<bridge>-<n>`), in the host's for
+    /// Docker. Unique to this run.
     bridge: String,
     backend_bin: PathBuf,
+    /// Docker only: the network the agent makes for the containers.
+    network: String,
 }
 
 impl InstancePlan {
     fn new(kind: OrchestratorKind, backend_bin: &Path) -> anyhow::Result<InstancePlan> {
-        match kind {
-            OrchestratorKind::Process => {
-                Ok(InstancePlan { bridge: format!("lbd{}", std::process::id()), backend_bin: backend_bin.to_owned() })
+        let pid = std::process::id();
+        let (bridge, network) = match kind {
+            OrchestratorKind::Docker => (format!("lbdd{pid}"), format!("lb-demo-{pid}")),
+            _ => (format!("lbd{pid}"), String::new()),
+        };
+        Ok(InstancePlan { kind, bridge, backend_bin: backend_bin.to_owned(), network })
+    }
+
+    fn docker(&self) -> bool {
+        self.kind == OrchestratorKind::Docker
+    }
+
+    /// The image needs lb-backend linked statically: `$LB_BACKEND_STATIC_BIN`,
+    /// else the static build beside this binary's target directory.
+    fn static_backend_bin(&self) -> anyhow::Result<PathBuf> {
+        let path = match std::env::var_os("LB_BACKEND_STATIC_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe().context("current_exe")?;
+                // target/release/lb-demo -> target/x86_64-unknown-linux-gnu/release/lb-backend
+                let target = exe.ancestors().nth(2).context("lb-demo is not in a cargo target directory")?;
+                target.join("x86_64-unknown-linux-gnu/release/lb-backend")
             }
-            OrchestratorKind::Docker => bail!("--orchestrator docker is not available yet"),
+        };
+        if !path.is_file() {
+            bail!(
+                "the static lb-backend for the container image is not at {}: build it with `RUSTFLAGS=\"-C \
+                 target-feature=+crt-static\" cargo build --release -p lb-backend --target x86_64-unknown-linux-gnu` \
+                 (`cargo xtask run` does), set LB_BACKEND_STATIC_BIN, or use --orchestrator process",
+                path.display()
+            );
         }
+        Ok(path)
     }
 
     fn describe(&self) -> String {
-        format!("instances as local lb-backend processes (lb-agent's process orchestrator, bridge {})", self.bridge)
+        if self.docker() {
+            format!(
+                "instances as Docker containers of {DEMO_IMAGE} (lb-agent's Docker orchestrator, network {}, bridge {})",
+                self.network, self.bridge
+            )
+        } else {
+            format!("instances as local lb-backend processes (lb-agent's process orchestrator, bridge {})", self.bridge)
+        }
     }
 
-    /// The interface in the LB namespace where the instances' replies arrive.
+    /// The interface where the instances' replies arrive.
     fn reply_interface(&self) -> &str {
         &self.bridge
     }
 
     /// `[service.instances.*]` and below.
     fn toml(&self) -> String {
+        if self.docker() {
+            return format!(
+                "[service.instances.docker]\nimage = {}\nport = {INSTANCE_PORT}\nnetwork = {}\nbridge = {}\n\
+                 subnet = \"{INSTANCE_NET}\"\ncpus = 1.0\nstop_grace = \"3s\"\n\
+                 env = {{ LB_BACKEND_NAME = \"{{name}}\", LB_BACKEND_LISTEN = \"0.0.0.0:{{port}}\", \
+                 LB_BACKEND_WORK_MS = \"10\", LB_BACKEND_CPU_WORKERS = \"1\" }}\n",
+                toml_string(DEMO_IMAGE),
+                toml_string(&self.network),
+                toml_string(&self.bridge),
+            );
+        }
         let command = [
             self.backend_bin.to_string_lossy().as_ref(),
             "--listen",
@@ -402,8 +489,11 @@ impl InstancePlan {
         )
     }
 
-    /// Namespaces of this run's instances that are still there.
+    /// Namespaces of this run's process instances that are still there.
     fn leftover_namespaces(&self) -> Vec<String> {
+        if self.docker() {
+            return Vec::new();
+        }
         let prefix = format!("{}-", self.bridge);
         let Ok(dir) = fs::read_dir(NETNS_DIR) else { return Vec::new() };
         let mut out: Vec<String> = dir
@@ -412,6 +502,19 @@ impl InstancePlan {
             .collect();
         out.sort();
         out
+    }
+
+    /// Containers the agent made for this run (its labels, on this run's
+    /// network) that are still there.
+    fn leftover_containers(&self) -> Vec<String> {
+        if !self.docker() {
+            return Vec::new();
+        }
+        let owner = format!("label={LABEL_OWNER}={OWNER}");
+        let service = format!("label={LABEL_SERVICE}={SERVICE}");
+        let network = format!("network={}", self.network);
+        let args = ["ps", "-aq", "--no-trunc", "--filter", &owner, "--filter", &service, "--filter", &network];
+        run("docker", &args).map(|out| out.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
     }
 }
 
@@ -458,7 +561,12 @@ fn find_binary(name: &str, env: &str, explicit: Option<&Path>) -> anyhow::Result
 // panics) removes exactly that.
 
 struct Lab {
-    lb_ns: String,
+    /// The agent's namespace: a namespace of ours for processes, the host's
+    /// (`None`) for Docker, where dockerd's bridge is.
+    lb_ns: Option<String>,
+    /// The LB's client-facing veth: in `lb_ns`, or in the host's namespace
+    /// (named after our pid) for Docker.
+    lb_iface: String,
     client_ns: String,
     plan: InstancePlan,
     /// Scratch directory: config, control socket, pins (bpffs), agent log.
@@ -467,26 +575,37 @@ struct Lab {
     /// Namespaces this run created, in order.
     namespaces: Vec<String>,
     agent: Option<AgentProc>,
+    /// Docker: the engine, stopped again at the end if this run started it.
+    dockerd: Option<Dockerd>,
+    /// Docker: the network was absent when we started, so the one there at
+    /// the end is the agent's, made for this run.
+    network_is_ours: bool,
     cleaned: bool,
 }
 
 impl Lab {
     fn new(plan: InstancePlan) -> anyhow::Result<Lab> {
         let pid = std::process::id();
+        let docker = plan.docker();
         let lab = Lab {
-            lb_ns: format!("lbd-{pid}-lb"),
+            lb_ns: (!docker).then(|| format!("lbd-{pid}-lb")),
+            lb_iface: if docker { format!("lbc{pid}") } else { LB_IFACE.to_owned() },
             client_ns: format!("lbd-{pid}-client"),
             plan,
             scratch: std::env::temp_dir().join(format!("lbd-{pid}")),
             made_scratch: false,
             namespaces: Vec::new(),
             agent: None,
+            dockerd: None,
+            network_is_ours: false,
             cleaned: false,
         };
         // Names carry our pid; anything by these names is a leftover of an
         // earlier run that had the same pid. Refuse rather than touch it.
-        let mut taken: Vec<String> = [&lab.lb_ns, &lab.client_ns]
-            .into_iter()
+        let mut taken: Vec<String> = lab
+            .lb_ns
+            .iter()
+            .chain([&lab.client_ns])
             .filter(|n| Path::new(NETNS_DIR).join(n).exists())
             .cloned()
             .collect();
@@ -500,6 +619,9 @@ impl Lab {
         }
         if lab.scratch.exists() {
             bail!("{} exists already (left by an earlier run?); remove it and try again", lab.scratch.display());
+        }
+        if lab.lb_ns.is_none() && Path::new("/sys/class/net").join(&lab.lb_iface).exists() {
+            bail!("interface {} exists already (left by an earlier run?); this run does not touch it", lab.lb_iface);
         }
         Ok(lab)
     }
@@ -528,7 +650,10 @@ impl Lab {
         fs::create_dir(&self.scratch).with_context(|| format!("create {}", self.scratch.display()))?;
         self.made_scratch = true;
         fs::create_dir(self.bpf_dir()).with_context(|| format!("create {}", self.bpf_dir().display()))?;
-        let (lb, client) = (self.lb_ns.clone(), self.client_ns.clone());
+        if self.plan.docker() {
+            return self.build_docker();
+        }
+        let (lb, client) = (self.lb_ns.clone().expect("processes: an LB namespace"), self.client_ns.clone());
         self.add_netns(&lb)?;
         // Before any interface exists, so that the veth and the bridge
         // inherit rp_filter=0: replies from the instances come back from the
@@ -563,8 +688,51 @@ impl Lab {
         Ok(())
     }
 
+    /// Docker: the client namespace with a veth into the host's namespace,
+    /// where the agent runs beside dockerd; the engine started if needed and
+    /// the demo image built. The agent makes the network and its bridge.
+    fn build_docker(&mut self) -> anyhow::Result<()> {
+        let (exists, _) = docker_try(&["network", "inspect", &self.plan.network]);
+        if exists {
+            bail!("docker network {} exists already; this run does not touch it", self.plan.network);
+        }
+        let bin = self.plan.static_backend_bin()?;
+        // Panics (with the engine's log) if dockerd cannot start; the lab's
+        // Drop still cleans up.
+        let dockerd = Dockerd::ensure();
+        println!(
+            "  docker   {}",
+            if dockerd.started_here() {
+                "engine started for this run (stopped again at the end)"
+            } else {
+                "engine running"
+            }
+        );
+        self.dockerd = Some(dockerd);
+        let t = Instant::now();
+        let image = build_demo_image_from(&bin);
+        println!(
+            "  image    {DEMO_IMAGE} ({}) built in {:.1} s",
+            &image[..image.len().min(19)],
+            t.elapsed().as_secs_f64()
+        );
+        self.network_is_ours = true;
+        let client = self.client_ns.clone();
+        self.add_netns(&client)?;
+        let lb = self.lb_iface.clone();
+        ip(&["link", "add", "name", &lb, "type", "veth", "peer", "name", CLIENT_IFACE, "netns", &client])?;
+        ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", &lb])?;
+        ip(&["link", "set", &lb, "up"])?;
+        ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", CLIENT_IFACE])?;
+        ip(&["-n", &client, "link", "set", CLIENT_IFACE, "up"])?;
+        // Only the VIP goes via the host: the client has no default route.
+        ip(&["-n", &client, "route", "add", &format!("{VIP}/32"), "via", &LB_ADDR.to_string()])?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         let mut s = String::new();
+        let lb = self.lb_ns.as_deref().unwrap_or("(the host's)");
         let _ = writeln!(
             s,
             "  client   ns {:<20} {CLIENT_ADDR}/24 on {CLIENT_IFACE}, route {VIP}/32 via {LB_ADDR} (no default route)",
@@ -572,26 +740,40 @@ impl Lab {
         );
         let _ = writeln!(
             s,
-            "  LB       ns {:<20} {LB_ADDR}/24 on {LB_IFACE}, ip_forward=1; the VIP {VIP} is on no interface",
-            self.lb_ns
+            "  LB       ns {lb:<20} {LB_ADDR}/24 on {}, ip_forward=1; the VIP {VIP} is on no interface",
+            self.lb_iface
         );
+        if self.plan.docker() {
+            let _ = writeln!(
+                s,
+                "  network  {:<23} bridge {}: containers get {INSTANCE_NET} addresses and listen on :{INSTANCE_PORT}",
+                self.plan.network, self.plan.bridge
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  bridge   {:<23} in {lb}: instances {}-<n> get {INSTANCE_NET} addresses and listen on :{INSTANCE_PORT}",
+                self.plan.bridge, self.plan.bridge
+            );
+        }
         let _ = writeln!(
             s,
-            "  bridge   {:<23} in {}: instances {}-<n> get {INSTANCE_NET} addresses and listen on :{INSTANCE_PORT}",
-            self.plan.bridge, self.lb_ns, self.plan.bridge
+            "  XDP      on {} and {} (both directions cross it)",
+            self.lb_iface,
+            self.plan.reply_interface()
         );
-        let _ = writeln!(s, "  XDP      on {LB_IFACE} and {} (both directions cross it)", self.plan.reply_interface());
         s
     }
 
     fn config_toml(&self, timeline: &Path, quick: bool) -> String {
         let mut s = format!(
             "# Written by lb-demo (pid {}); removed on exit.\n\n[[service]]\nname = \"{SERVICE}\"\nvip = \"{VIP}\"\n\
-             port = {VIP_PORT}\ninterfaces = [\"{LB_IFACE}\", {}]\n\
+             port = {VIP_PORT}\ninterfaces = [{}, {}]\n\
              health_check = {{ kind = \"http\", path = \"/healthz\", interval = \"500ms\" }}\ndrain_timeout = \"10s\"\n\n\
              [service.scaling]\nmin_replicas = {MIN_REPLICAS}\nmax_replicas = {MAX_REPLICAS}\n\
              target = {{ cpu = {CPU_TARGET:.1} }}\n",
             std::process::id(),
+            toml_string(&self.lb_iface),
             toml_string(self.plan.reply_interface()),
         );
         if quick {
@@ -620,8 +802,13 @@ impl Lab {
             "--pin-dir".into(),
             self.bpf_dir().join("lb").into_os_string(),
         ];
-        self.agent =
-            Some(AgentProc::spawn(bin, &args, &self.lb_ns, &self.agent_log(), &self.scratch.join("api.sock"))?);
+        self.agent = Some(AgentProc::spawn(
+            bin,
+            &args,
+            self.lb_ns.as_deref(),
+            &self.agent_log(),
+            &self.scratch.join("api.sock"),
+        )?);
         Ok(())
     }
 
@@ -639,6 +826,18 @@ impl Lab {
         if let Some(mut agent) = self.agent.take() {
             let status = agent.stop(Duration::from_secs(20));
             notes.push(format!("lb-agent stopped ({})", status.map_or("killed".into(), |s| s.to_string())));
+        }
+        for id in self.plan.leftover_containers() {
+            match run("docker", &["rm", "-f", "-v", &id]) {
+                Ok(_) => notes.push(format!("removed leftover container {}", &id[..id.len().min(12)])),
+                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            }
+        }
+        if self.network_is_ours && docker_try(&["network", "inspect", &self.plan.network]).0 {
+            match run("docker", &["network", "rm", &self.plan.network]) {
+                Ok(_) => notes.push(format!("docker network {} removed", self.plan.network)),
+                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            }
         }
         for ns in self.plan.leftover_namespaces() {
             // Only this run's agent makes `<bridge>-<n>` (the bridge name
@@ -663,11 +862,19 @@ impl Lab {
             }
         }
         if !removed.is_empty() {
+            let bridge = if self.plan.docker() { String::new() } else { format!(" and bridge {}", self.plan.bridge) };
             notes.push(format!(
-                "namespaces {} removed (with veth {LB_IFACE}/{CLIENT_IFACE} and bridge {})",
+                "namespaces {} removed (with veth {}/{CLIENT_IFACE}{bridge})",
                 removed.join(", "),
-                self.plan.bridge
+                self.lb_iface
             ));
+        }
+        if let Some(d) = self.dockerd.take() {
+            let started = d.started_here();
+            drop(d);
+            if started {
+                notes.push("dockerd (started for this run) stopped".into());
+            }
         }
         if self.made_scratch {
             if let Some(w) = unmount_bpffs(&self.bpf_dir()) {
@@ -766,12 +973,13 @@ impl AgentProc {
     fn spawn(
         bin: &Path,
         args: &[std::ffi::OsString],
-        ns: &str,
+        ns: Option<&str>,
         log: &Path,
         socket: &Path,
     ) -> anyhow::Result<AgentProc> {
         let log_file = File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let ns_path = Path::new(NETNS_DIR).join(ns);
+        // Our own namespace when there is none to enter (setns to it is a no-op).
+        let ns_path = ns.map_or_else(|| PathBuf::from("/proc/self/ns/net"), |ns| Path::new(NETNS_DIR).join(ns));
         let netns = File::open(&ns_path).with_context(|| format!("open {}", ns_path.display()))?;
         let fd = netns.as_raw_fd();
         let mut cmd = Command::new(bin);
@@ -797,7 +1005,9 @@ impl AgentProc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("start {} in {ns}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {} in {}", bin.display(), ns.unwrap_or("the host's namespace")))?;
         drop(netns);
         Ok(AgentProc { child, exited: None, socket: socket.to_owned(), log: log.to_owned() })
     }
