@@ -17,7 +17,8 @@ use serde::Deserialize;
 
 use crate::{
     orchestrator::{docker::DockerSpec, process::ProcessSpec},
-    policy::ScalingPolicy,
+    policy::{Metric, ScalingPolicy},
+    requests::RequestsMetric,
 };
 
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.
@@ -101,6 +102,10 @@ pub struct InstancesConfig {
     /// Every scaling decision is appended here as a JSON line.
     #[serde(default)]
     pub timeline: Option<PathBuf>,
+    /// Count each instance's requests from its metrics page, for
+    /// `requests_per_second` rules.
+    #[serde(default)]
+    pub requests: Option<RequestsMetric>,
 }
 
 fn default_ready_timeout() -> Duration {
@@ -381,6 +386,14 @@ impl ServiceConfig {
             out.push(format!("{at}: backend: list backends or let instances provide them, not both"));
         }
         let Some(inst) = &self.instances else { return };
+        if let Some(r) = &inst.requests {
+            out.extend(r.problems(&format!("{at}: instances.requests")));
+        } else if self.scaling.as_ref().is_some_and(|p| p.uses(Metric::RequestsPerSecond)) {
+            out.push(format!(
+                "{at}: scaling: requests_per_second needs [service.instances.requests] (the counter to read from \
+                 each instance's metrics page)"
+            ));
+        }
         let bridge = match (&inst.process, &inst.docker) {
             (None, None) | (Some(_), Some(_)) => {
                 out.push(format!(
@@ -590,6 +603,22 @@ mod tests {
         let i = s.instances.as_ref().unwrap();
         assert_eq!(i.process.as_ref().unwrap().bridge, "lbp0");
         assert_eq!(i.ready_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn requests_per_second_needs_a_counter_to_read() {
+        let rps = SCALED.replace("target = { cpu = 50.0 }", "target = { requests_per_second = 30.0 }");
+        let p = problems(&rps);
+        assert!(p.iter().any(|x| x.contains("requests_per_second needs [service.instances.requests]")), "{p:#?}");
+        let with = rps.replace(
+            "timeline = \"/tmp/web.jsonl\"",
+            "timeline = \"/tmp/web.jsonl\"\nrequests = { counter = 'demo_backend_requests_total{route=\"/\"}' }",
+        );
+        let c = parse(&with).unwrap();
+        let r = c.services[0].instances.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!((r.path.as_str(), r.counter.as_str()), ("/metrics", r#"demo_backend_requests_total{route="/"}"#));
+        let p = problems(&with.replace("route=\"/\"", "route=/"));
+        assert!(p.iter().any(|x| x.contains("instances.requests.counter")), "{p:#?}");
     }
 
     #[test]

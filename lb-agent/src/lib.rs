@@ -12,6 +12,7 @@ pub mod orchestrator;
 pub mod policy;
 pub mod reconcile;
 pub mod registry;
+pub mod requests;
 pub mod scaler;
 pub mod snapshot;
 pub mod status;

@@ -937,6 +937,7 @@ mod tests {
                     address: "10.212.0.2:8080".into(),
                     phase: "ready".into(),
                     cpu_percent: Some(45.0),
+                    requests_per_second: Some(40.0),
                     age_seconds: 9.0,
                 },
                 ReplicaStatus {
@@ -945,6 +946,7 @@ mod tests {
                     address: "10.212.0.3:8080".into(),
                     phase: "starting".into(),
                     cpu_percent: None,
+                    requests_per_second: None,
                     age_seconds: 1.0,
                 },
             ],

@@ -148,6 +148,15 @@ pub struct Targets {
     pub requests_per_second: Option<f64>,
 }
 
+impl ScalingPolicy {
+    /// Whether any target or threshold looks at `metric`.
+    pub fn uses(&self, metric: Metric) -> bool {
+        let targets = self.target.iter().flat_map(Targets::metrics);
+        let thresholds = self.threshold.iter().flat_map(|t| t.up.iter().chain(&t.down)).flat_map(|r| r.conditions());
+        targets.chain(thresholds).any(|(m, _)| m == metric)
+    }
+}
+
 impl Targets {
     /// The configured targets, in a fixed order.
     pub fn metrics(&self) -> Vec<(Metric, f64)> {

@@ -26,6 +26,7 @@ use crate::{
     orchestrator::{docker::DockerOrchestrator, process::ProcessOrchestrator, AnyOrchestrator, Orchestrator, Replica},
     policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics, ScalingPolicy},
     registry::Registry,
+    requests::{rate, scrape, RequestsMetric, Selector},
     status::{DecisionSummary, ReplicaStatus, ScalingStatus},
 };
 
@@ -68,6 +69,8 @@ struct Tracked {
     phase: Phase,
     probing: bool,
     cpu_percent: Option<f64>,
+    /// From the instance's own counter (`[service.instances.requests]`).
+    requests_per_second: Option<f64>,
 }
 
 /// Sample instance and host CPU once a second, until aborted.
@@ -94,6 +97,48 @@ async fn sample_cpu(
                 }
             }
             Err(e) => warn!(service, error = %e, "reading instance CPU failed"),
+        }
+    }
+}
+
+/// Scrape each instance's request counter once a second, until aborted;
+/// `into` gets a rate for every instance read twice in a row.
+async fn sample_requests(
+    metric: RequestsMetric,
+    targets: Arc<std::sync::Mutex<Vec<(String, SocketAddrV4)>>>,
+    into: Arc<std::sync::Mutex<HashMap<String, f64>>>,
+) {
+    // Validated with the config.
+    let Ok(selector) = metric.counter.parse::<Selector>() else { return };
+    let (selector, path) = (Arc::new(selector), Arc::new(metric.path));
+    let mut last: HashMap<String, (f64, Instant)> = HashMap::new();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now: Vec<(String, SocketAddrV4)> = targets.lock().map(|t| t.clone()).unwrap_or_default();
+        // All at once: one slow instance must not hold up the others.
+        let reads: Vec<_> = now
+            .into_iter()
+            .map(|(id, addr)| {
+                let (selector, path) = (selector.clone(), path.clone());
+                tokio::spawn(async move {
+                    let body = scrape(addr, &path, std::time::Duration::from_millis(800)).await;
+                    (id, body.ok().and_then(|b| selector.sum(&b)), Instant::now())
+                })
+            })
+            .collect();
+        let (mut seen, mut rates) = (HashMap::new(), HashMap::new());
+        for read in reads {
+            let Ok((id, Some(value), at)) = read.await else { continue };
+            if let Some(r) = last.get(&id).and_then(|before| rate(*before, (value, at))) {
+                rates.insert(id.clone(), r);
+            }
+            seen.insert(id, (value, at));
+        }
+        last = seen;
+        if let Ok(mut m) = into.lock() {
+            *m = rates;
         }
     }
 }
@@ -208,7 +253,12 @@ pub struct Scaler {
     cpu: Arc<std::sync::Mutex<HashMap<String, f64>>>,
     /// Host CPU busy, percent of all CPUs, from the same sampler.
     host_cpu: Arc<std::sync::Mutex<Option<f64>>>,
-    sampler: tokio::task::JoinHandle<()>,
+    /// Latest requests per second per instance, and the instances to read
+    /// (both empty without `[service.instances.requests]`).
+    requests: Arc<std::sync::Mutex<HashMap<String, f64>>>,
+    scrape_targets: Arc<std::sync::Mutex<Vec<(String, SocketAddrV4)>>>,
+    /// The CPU sampler, and the request counter's when configured.
+    samplers: Vec<tokio::task::JoinHandle<()>>,
     /// Docker only: the firewall and sysctl settings forwarding needs.
     _forwarding: Option<DockerForwarding>,
     history: History,
@@ -241,7 +291,13 @@ impl Scaler {
         let orch = Arc::new(orch);
         let cpu = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let host_cpu = Arc::new(std::sync::Mutex::new(None));
-        let sampler = tokio::spawn(sample_cpu(svc.name.clone(), orch.clone(), cpu.clone(), host_cpu.clone()));
+        let mut samplers =
+            vec![tokio::spawn(sample_cpu(svc.name.clone(), orch.clone(), cpu.clone(), host_cpu.clone()))];
+        let requests = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let scrape_targets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(metric) = &instances.requests {
+            samplers.push(tokio::spawn(sample_requests(metric.clone(), scrape_targets.clone(), requests.clone())));
+        }
         // Readiness is the service's own check, or a TCP connect.
         let check = svc.health_check.clone().unwrap_or(HealthCheckConfig {
             kind: CheckKind::Tcp,
@@ -261,7 +317,9 @@ impl Scaler {
             orch,
             cpu,
             host_cpu,
-            sampler,
+            requests,
+            scrape_targets,
+            samplers,
             _forwarding: forwarding,
             replicas: BTreeMap::new(),
             pending_starts: 0,
@@ -296,6 +354,11 @@ impl Scaler {
         if let Ok(cpu) = self.cpu.lock() {
             for (id, t) in self.replicas.iter_mut() {
                 t.cpu_percent = cpu.get(id).copied().or(t.cpu_percent);
+            }
+        }
+        if let Ok(rps) = self.requests.lock() {
+            for (id, t) in self.replicas.iter_mut() {
+                t.requests_per_second = rps.get(id).copied();
             }
         }
         let snapshot = self.snapshot(flows, now);
@@ -343,6 +406,7 @@ impl Scaler {
                 phase: Phase::Starting,
                 probing: false,
                 cpu_percent: None,
+                requests_per_second: None,
             };
             self.replicas.insert(r.id.clone(), tracked);
         }
@@ -398,10 +462,18 @@ impl Scaler {
                 cpu_percent: t.cpu_percent,
                 open_connections: f.open,
                 new_flows_per_second: rate,
-                requests_per_second: None,
+                requests_per_second: t.requests_per_second,
             });
         }
         self.flows_before = seen;
+        if let Ok(mut targets) = self.scrape_targets.lock() {
+            *targets = self
+                .replicas
+                .iter()
+                .filter(|(_, t)| matches!(t.phase, Phase::Starting | Phase::Ready))
+                .map(|(id, t)| (id.clone(), t.replica.addr))
+                .collect();
+        }
         let host_cpu_percent = self.host_cpu.lock().ok().and_then(|h| *h);
         MetricsSnapshot { replicas, host_cpu_percent }
     }
@@ -520,6 +592,7 @@ impl Scaler {
                         phase: Phase::Starting,
                         probing: false,
                         cpu_percent: None,
+                        requests_per_second: None,
                     },
                 );
                 (Some(msg), false)
@@ -588,7 +661,7 @@ impl Scaler {
 
     /// Stop every instance (agent shutdown): drains are cut short.
     pub async fn stop_all(&mut self) {
-        self.sampler.abort();
+        self.samplers.iter().for_each(|s| s.abort());
         for (id, t) in std::mem::take(&mut self.replicas) {
             if let Err(e) = self.orch.stop(&id).await {
                 warn!(service = self.service, instance = t.replica.name, error = %e, "stop failed");
@@ -612,6 +685,7 @@ impl Scaler {
                     address: t.replica.addr.to_string(),
                     phase: t.phase.name().into(),
                     cpu_percent: t.cpu_percent,
+                    requests_per_second: t.requests_per_second,
                     age_seconds: t.started_at.elapsed().as_secs_f64(),
                 })
                 .collect(),
@@ -622,7 +696,7 @@ impl Scaler {
 
 impl Drop for Scaler {
     fn drop(&mut self) {
-        self.sampler.abort();
+        self.samplers.iter().for_each(|s| s.abort());
     }
 }
 

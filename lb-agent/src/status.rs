@@ -40,6 +40,9 @@ pub struct ReplicaStatus {
     /// "starting", "ready", "draining" or "stopping".
     pub phase: String,
     pub cpu_percent: Option<f64>,
+    /// From the instance's own request counter, where configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
     pub age_seconds: f64,
 }
 

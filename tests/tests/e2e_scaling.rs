@@ -186,6 +186,8 @@ drain_timeout = "10s"
 [service.instances]
 timeline = {timeline:?}
 ready_timeout = "10s"
+# Requests per second per instance, from lb-backend's own counter.
+requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
 "#,
             ip = vip.ip(),
             port = vip.port(),
@@ -385,6 +387,7 @@ ready_timeout = "10s"
                     rule: v["rule"].as_str().unwrap_or_default().to_owned(),
                     reason: v["reason"].as_str().unwrap_or_default().to_owned(),
                     cpu: v["inputs"]["cpu_percent"].as_f64(),
+                    rps: v["inputs"]["requests_per_second"].as_f64(),
                     ready: v["inputs"]["ready"].as_u64().unwrap_or(0) as u32,
                 }
             })
@@ -400,6 +403,8 @@ struct TimelineEntry {
     rule: String,
     reason: String,
     cpu: Option<f64>,
+    /// Average requests per second per ready instance, from their counters.
+    rps: Option<f64>,
     ready: u32,
 }
 
@@ -929,6 +934,16 @@ fn root_docker_steady_load_does_not_flap() {
         SETTLE + STEADY,
         steady.len()
     );
+    // Requests per second as the agent read them off the instances'
+    // counters: the offered rate shared by two instances.
+    let rps: Vec<f64> = steady.iter().filter_map(|e| e.rps).collect();
+    let rps_mean = rps.iter().sum::<f64>() / rps.len().max(1) as f64;
+    eprintln!(
+        "MEASURED: requests/s per instance from their counters: mean {rps_mean:.1} over {} decisions (offered {RATE} \
+         over 2 instances = {:.1})",
+        rps.len(),
+        RATE / 2.0
+    );
     let settled: Vec<u32> = steady.iter().map(|e| e.replicas).collect();
     let flaps: Vec<String> = steady
         .iter()
@@ -940,6 +955,12 @@ fn root_docker_steady_load_does_not_flap() {
     assert!(steady.len() as f64 >= STEADY * 0.8, "only {} decisions in {STEADY} s", steady.len());
     assert!(flaps.is_empty(), "the count changed under steady load after {SETTLE} s:\n{}", flaps.join("\n"));
     assert!(settled.iter().all(|&n| n == 2), "steady load for ~2 instances held {settled:?}");
+    assert!(rps.len() as f64 >= steady.len() as f64 * 0.9, "requests/s missing from most decisions: {rps:?}");
+    assert!(
+        (rps_mean - RATE / 2.0).abs() <= RATE / 2.0 * 0.15,
+        "requests/s per instance {rps_mean:.1}, not ~{}",
+        RATE / 2.0
+    );
     let ready_steady: Vec<u32> = samples.iter().filter(|x| x.t >= SETTLE).map(|x| x.ready).collect();
     assert!(ready_steady.iter().all(|&n| n == 2), "ready instances varied under steady load: {ready_steady:?}");
     assert_eq!(report.summary.failed, 0, "failures under steady load: {:?}", report.summary.first_errors);

@@ -1,0 +1,264 @@
+//! Requests per second per instance, read off the instances' own Prometheus
+//! endpoints: the one signal the data plane cannot count (a kept-alive
+//! connection carries many requests; a new flow is not a request).
+//!
+//! `[service.instances.requests]` names the counter, optionally with labels
+//! every counted series must carry; matching series are summed, and the rate
+//! is the difference between two scrapes over the time between them. The
+//! parsing is pure ([`Selector::sum`]); [`scrape`] is the I/O.
+
+use std::{fmt, net::SocketAddrV4, str::FromStr, time::Duration};
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// `[service.instances.requests]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestsMetric {
+    /// Path of each instance's metrics page (Prometheus text format), on
+    /// the instance's port.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// The counter: `name` or `name{label="value",...}`; series with every
+    /// one of those labels are summed, e.g.
+    /// `demo_backend_requests_total{route="/"}` leaves health checks and
+    /// scrapes out.
+    pub counter: String,
+}
+
+fn default_path() -> String {
+    "/metrics".into()
+}
+
+impl RequestsMetric {
+    /// Config problems, each prefixed with `at`.
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.path.starts_with('/') || self.path.contains(char::is_whitespace) {
+            out.push(format!("{at}.path: {:?} must start with / and hold no spaces", self.path));
+        }
+        if let Err(e) = self.counter.parse::<Selector>() {
+            out.push(format!("{at}.counter: {e}"));
+        }
+        out
+    }
+}
+
+/// A counter name and the labels a series must carry to count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct SelectorError(String);
+
+impl fmt::Display for SelectorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+impl FromStr for Selector {
+    type Err = SelectorError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| SelectorError(format!("{text:?}: {why}; write name or name{{label=\"value\"}}"));
+        let (name, labels) = match text.trim().split_once('{') {
+            None => (text.trim(), Vec::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').ok_or_else(|| bad("no closing }"))?;
+                (name.trim(), parse_labels(body).ok_or_else(|| bad("labels are not label=\"value\" pairs"))?)
+            }
+        };
+        if !is_name(name) {
+            return Err(bad("not a metric name"));
+        }
+        Ok(Selector { name: name.to_owned(), labels })
+    }
+}
+
+/// `a="x",b="y"` (a trailing comma allowed; `\"`, `\\` and `\n` escapes).
+fn parse_labels(body: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut rest = body.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim();
+        if !is_name(key) {
+            return None;
+        }
+        let quoted = after.trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = quoted.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        out.push((key.to_owned(), value));
+        rest = quoted[end + 1..].trim_start();
+        match rest.strip_prefix(',') {
+            Some(r) => rest = r.trim_start(),
+            None if rest.is_empty() => {}
+            None => return None,
+        }
+    }
+    Some(out)
+}
+
+impl Selector {
+    /// The sum of the matching series in a Prometheus text exposition;
+    /// `None` when no series matches (the counter is missing, so no rate).
+    pub fn sum(&self, exposition: &str) -> Option<f64> {
+        let mut total = None;
+        for line in exposition.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = match line.find('{') {
+                Some(open) if line[..open].trim() == self.name => {
+                    // A malformed series is skipped, not the whole page.
+                    let Some(close) = line.rfind('}').filter(|c| *c > open) else { continue };
+                    let Some(labels) = parse_labels(&line[open + 1..close]) else { continue };
+                    if !self.labels.iter().all(|want| labels.contains(want)) {
+                        continue;
+                    }
+                    (&line[..open], &line[close + 1..])
+                }
+                Some(_) => continue,
+                None => match line.split_once(char::is_whitespace) {
+                    Some((name, value)) if name == self.name && self.labels.is_empty() => (name, value),
+                    _ => continue,
+                },
+            };
+            debug_assert_eq!(series.trim(), self.name);
+            // The value, then an optional timestamp.
+            match value.split_whitespace().next().map(str::parse::<f64>) {
+                Some(Ok(v)) if v.is_finite() => *total.get_or_insert(0.0) += v,
+                _ => continue,
+            }
+        }
+        total
+    }
+}
+
+/// Requests per second from two readings of a counter; `None` across a
+/// reset (the instance restarted) or without time between them.
+pub fn rate(before: (f64, tokio::time::Instant), now: (f64, tokio::time::Instant)) -> Option<f64> {
+    let dt = now.1.checked_duration_since(before.1)?.as_secs_f64();
+    (dt > 0.0 && now.0 >= before.0).then(|| (now.0 - before.0) / dt)
+}
+
+/// GET `path` from `addr` (HTTP/1.0, one connection) within `timeout`;
+/// the body of a 200 answer, up to 1 MiB.
+pub async fn scrape(addr: SocketAddrV4, path: &str, timeout: Duration) -> std::io::Result<String> {
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut raw = Vec::new();
+        (&mut stream).take(1 << 20).read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| invalid("no end of headers"))?;
+    let status = head.split_whitespace().nth(1).ok_or_else(|| invalid("no status line"))?;
+    if status != "200" {
+        return Err(invalid(&format!("status {status} for {path}")));
+    }
+    Ok(body.to_owned())
+}
+
+fn invalid(why: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = r#"# HELP demo_backend_requests_total Requests received, by route.
+# TYPE demo_backend_requests_total counter
+demo_backend_requests_total{route="/"} 120
+demo_backend_requests_total{route="health"} 30
+demo_backend_requests_total{route="/metrics"} 4
+demo_backend_requests_total_other 9
+plain_total 7 1700000000000
+odd_total{path="a\"b,c",code="200"} 2
+"#;
+
+    fn sel(s: &str) -> Selector {
+        s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn sums_the_series_that_carry_every_label() {
+        assert_eq!(sel("demo_backend_requests_total").sum(PAGE), Some(154.0));
+        assert_eq!(sel(r#"demo_backend_requests_total{route="/"}"#).sum(PAGE), Some(120.0));
+        assert_eq!(sel("plain_total").sum(PAGE), Some(7.0), "a timestamp after the value");
+        assert_eq!(sel(r#"odd_total{path="a\"b,c"}"#).sum(PAGE), Some(2.0), "escapes and commas in values");
+    }
+
+    #[test]
+    fn no_matching_series_is_no_reading() {
+        assert_eq!(sel("missing_total").sum(PAGE), None);
+        assert_eq!(sel(r#"demo_backend_requests_total{route="/nope"}"#).sum(PAGE), None);
+        assert_eq!(sel(r#"plain_total{a="b"}"#).sum(PAGE), None);
+    }
+
+    #[test]
+    fn bad_selectors_are_refused_with_the_text() {
+        for bad in ["", "9lives", "a{b}", r#"a{b="c""#, r#"a{b=c}"#, "a b"] {
+            let e = bad.parse::<Selector>().unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+        assert_eq!(sel(r#" a { b = "c" , } "#), Selector { name: "a".into(), labels: vec![("b".into(), "c".into())] });
+    }
+
+    #[test]
+    fn rate_is_per_second_and_none_across_a_reset() {
+        let t0 = tokio::time::Instant::now();
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(rate((100.0, t0), (120.0, t1)), Some(40.0));
+        assert_eq!(rate((100.0, t0), (3.0, t1)), None, "the instance restarted");
+        assert_eq!(rate((100.0, t0), (120.0, t0)), None);
+    }
+
+    #[tokio::test]
+    async fn scrapes_a_real_http_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else { unreachable!() };
+        let server = tokio::spawn(async move {
+            for status in ["200 OK", "404 Not Found"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /metrics HTTP/1.0\r\n"));
+                s.write_all(format!("HTTP/1.0 {status}\r\nContent-Type: text/plain\r\n\r\n{PAGE}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        });
+        let body = scrape(addr, "/metrics", Duration::from_secs(2)).await.unwrap();
+        assert_eq!(sel(r#"demo_backend_requests_total{route="/"}"#).sum(&body), Some(120.0));
+        let err = scrape(addr, "/metrics", Duration::from_secs(2)).await.unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
+        server.await.unwrap();
+    }
+}
