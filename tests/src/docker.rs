@@ -401,6 +401,19 @@ impl Scratch {
     pub fn pin_dir(&self) -> PathBuf {
         self.path().join("bpf").join("lb")
     }
+
+    /// Arguments for an agent that keeps everything here: control socket,
+    /// pins and log, with metrics off.
+    pub fn agent_args(&self, config: PathBuf) -> crate::topology::AgentArgs {
+        crate::topology::AgentArgs {
+            config,
+            api_socket: self.path().join("api.sock"),
+            metrics_address: None,
+            pin_dir: Some(self.pin_dir()),
+            keep_on_exit: false,
+            log: self.path().join("agent.log"),
+        }
+    }
 }
 
 impl Drop for Scratch {

@@ -56,7 +56,7 @@ use lb_tests::{
         IptablesRule, NamedContainer, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
     },
     root::skip_without_root,
-    topology::{run_cmd, run_in_netns, Agent, AgentArgs, Netns},
+    topology::{run_cmd, run_in_netns, Agent, Netns},
 };
 
 /// The two tests share the bridge name and subnet.
@@ -371,14 +371,7 @@ fn root_docker_lb_end_to_end() {
     )
     .expect("write config");
     let host = HostNetnsName::attach(&unique("host"));
-    let args = AgentArgs {
-        config,
-        api_socket: scratch.path().join("api.sock"),
-        metrics_address: None,
-        pin_dir: Some(scratch.pin_dir()),
-        keep_on_exit: false,
-        log: scratch.path().join("agent.log"),
-    };
+    let args = scratch.agent_args(config);
     let mut agent = Agent::spawn(&host.name, &args);
     agent.wait_ready();
     let modes = agent.modes();

@@ -57,8 +57,8 @@ use lb_tests::{
     plot,
     root::skip_without_root,
     topology::{
-        agent_bin, netns_pids, run_cmd, Agent, AgentArgs, InstanceNamespaces, Netns, Options, Topology,
-        LB_CLIENT_IFACE, TCP_PORT, VIP,
+        agent_bin, netns_pids, run_cmd, Agent, InstanceNamespaces, Netns, Options, Topology, LB_CLIENT_IFACE, TCP_PORT,
+        VIP,
     },
 };
 use serde_json::Value;
@@ -273,14 +273,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
         );
         fs::write(&config, text).expect("write the config");
         let host = HostNetnsName::attach(&format!("lbt-{id}-host"));
-        let args = AgentArgs {
-            config,
-            api_socket: scratch.path().join("api.sock"),
-            metrics_address: None,
-            pin_dir: Some(scratch.pin_dir()),
-            keep_on_exit: false,
-            log: scratch.path().join("agent.log"),
-        };
+        let args = scratch.agent_args(config);
         let mut agent = Agent::spawn(&host.name, &args);
         agent.wait_ready();
         // Every address the test sends to is routed on this machine: the VIP
