@@ -19,7 +19,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
-use lb_common::{BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_PASS};
+use lb_common::{BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS};
 use lb_tests::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
@@ -180,6 +180,18 @@ fn cases() -> Vec<Case> {
         Case {
             output: Some(frame(VIP, CLIENT, TCP_ACK | TCP_PSH, b"bench")),
             ..wrapped("xdp_lb: backend reply", reply(), Reason::ReplyTranslated)
+        },
+        // The program for interfaces facing local stacks: the same paths
+        // plus the partial-checksum test (the frames carry complete ones).
+        Case {
+            target: Some(PROG_LB_LOCAL),
+            output: Some(frame(CLIENT, backend, TCP_ACK | TCP_PSH, b"bench")),
+            ..wrapped("xdp_lb_local: established flow", established(), Reason::Forwarded)
+        },
+        Case {
+            target: Some(PROG_LB_LOCAL),
+            output: Some(frame(VIP, CLIENT, TCP_ACK | TCP_PSH, b"bench")),
+            ..wrapped("xdp_lb_local: backend reply", reply(), Reason::ReplyTranslated)
         },
         // Last: new flows fill the LRU connection table (two entries each),
         // and once it is full every new flow also evicts an old one, as on
