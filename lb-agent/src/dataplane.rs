@@ -19,8 +19,8 @@ use aya::{
 };
 use lb_common::{
     maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, ABI_VERSION, BACKENDS, BACKEND_STATS,
-    CONNTRACK, DIR_FORWARD, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROG_LB, PROG_LB_LOCAL, PROTO_UDP, REASON_STATS,
-    SERVICES, SERVICE_STATS,
+    CONNTRACK, DIR_FORWARD, LB_PROGRAMS, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROG_LB, PROG_LB_LOCAL, PROTO_UDP,
+    REASON_STATS, SERVICES, SERVICE_STATS,
 };
 use tracing::{info, warn};
 
@@ -195,7 +195,7 @@ impl AyaDataplane {
             }
         }
         let mut ebpf = loader.load(crate::ebpf::object()).context("load the lb-ebpf object")?;
-        for name in [PROG_LB, PROG_LB_LOCAL] {
+        for name in LB_PROGRAMS {
             let program: &mut Xdp =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
             program.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
@@ -274,15 +274,12 @@ impl AyaDataplane {
     /// already attached with the other one is switched over in place.
     pub fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
         let l4 = L4Checksums::resolve(checksums, iface)?;
-        if let Some(a) = self.links.remove(iface) {
-            if a.l4 == l4 {
-                let mode = a.mode;
-                self.links.insert(iface.to_owned(), a);
-                return Ok(mode);
-            }
+        if let Some(a) = self.links.get(iface).filter(|a| a.l4 == l4) {
+            return Ok(a.mode);
+        }
+        if let Some(Attached { link, mode, l4: old, pin }) = self.links.remove(iface) {
             // Between two loaded programs of one object, bpf_link_update
             // fails only when the link itself is gone (interface removed).
-            let Attached { link, mode, l4: old, pin } = a;
             let link = self.switch_link(link, l4, iface)?;
             info!(interface = iface, from = %old, checksums = %l4, "switched program");
             self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });

@@ -129,7 +129,8 @@ impl Selector {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (series, value) = match line.find('{') {
+            // What follows the series: the value, then an optional timestamp.
+            let value = match line.find('{') {
                 Some(open) if line[..open].trim() == self.name => {
                     // A malformed series is skipped, not the whole page.
                     let Some(close) = line.rfind('}').filter(|c| *c > open) else { continue };
@@ -137,16 +138,14 @@ impl Selector {
                     if !self.labels.iter().all(|want| labels.contains(want)) {
                         continue;
                     }
-                    (&line[..open], &line[close + 1..])
+                    &line[close + 1..]
                 }
                 Some(_) => continue,
                 None => match line.split_once(char::is_whitespace) {
-                    Some((name, value)) if name == self.name && self.labels.is_empty() => (name, value),
+                    Some((name, value)) if name == self.name && self.labels.is_empty() => value,
                     _ => continue,
                 },
             };
-            debug_assert_eq!(series.trim(), self.name);
-            // The value, then an optional timestamp.
             match value.split_whitespace().next().map(str::parse::<f64>) {
                 Some(Ok(v)) if v.is_finite() => *total.get_or_insert(0.0) += v,
                 _ => continue,

@@ -43,6 +43,8 @@ pub const PROG_LB: &str = "xdp_lb";
 /// cannot tell the two apart for one complete checksum in 65,536, so the
 /// agent picks per interface.
 pub const PROG_LB_LOCAL: &str = "xdp_lb_local";
+/// The programs an interface can get; the agent loads (verifies) both.
+pub const LB_PROGRAMS: [&str; 2] = [PROG_LB, PROG_LB_LOCAL];
 /// An empty XDP_PASS program: the baseline the benchmark measures against.
 pub const PROG_PASS: &str = "xdp_pass";
 /// Benchmark wrapper: restores the frame from `BENCH_FRAME`, then tail-calls

@@ -16,15 +16,7 @@ use crate::{
 /// destination to it.
 #[inline(always)]
 pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> Result<(), Verdict> {
-    let key = FlowKey {
-        src_ip_be: pkt.src_ip_be,
-        dst_ip_be: pkt.dst_ip_be,
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    };
+    let key = own_key(pkt, DIR_FORWARD);
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
     // A SYN starts a new connection, so it takes a fresh pick even when the
@@ -60,15 +52,7 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> 
 /// source back to the VIP. Anything else is not ours.
 #[inline(always)]
 pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(), Verdict> {
-    let key = FlowKey {
-        src_ip_be: pkt.src_ip_be,
-        dst_ip_be: pkt.dst_ip_be,
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        dir: DIR_REPLY,
-        _pad: 0,
-    };
+    let key = own_key(pkt, DIR_REPLY);
     let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
         return Err(Verdict::pass(Reason::PassNoService));
     };
@@ -83,6 +67,20 @@ pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(), Verdic
     rewrite(pkt, End::Src, nat_ip, nat_port, l4);
     count_flow(service_id, backend_id, &delta);
     Ok(())
+}
+
+/// The connection-table key of the packet's own 5-tuple, in direction `dir`.
+#[inline(always)]
+fn own_key(pkt: &Packet, dir: u8) -> FlowKey {
+    FlowKey {
+        src_ip_be: pkt.src_ip_be,
+        dst_ip_be: pkt.dst_ip_be,
+        src_port_be: pkt.src_port_be,
+        dst_port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        dir,
+        _pad: 0,
+    }
 }
 
 /// A new flow: pick its backend from the Maglev table and remember the pick

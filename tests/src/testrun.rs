@@ -131,8 +131,9 @@ impl LbObject {
             reason_stats: take_map(&mut ebpf, lb_common::REASON_STATS)?,
             ebpf,
         };
-        this.load_program(lb_common::PROG_LB)?;
-        this.load_program(lb_common::PROG_LB_LOCAL)?;
+        for name in lb_common::LB_PROGRAMS {
+            this.load_program(name)?;
+        }
         Ok(this)
     }
 
