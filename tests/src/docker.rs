@@ -26,6 +26,17 @@ use crate::topology::{run_cmd, TempDir};
 /// The demo backend's image; built by [`build_demo_image`], never removed.
 pub const DEMO_IMAGE: &str = "lb-demo-backend:dev";
 
+/// `require_root_and_docker!("test_name");` as a test's first line: returns
+/// from the test when it must skip for want of root or Docker.
+#[macro_export]
+macro_rules! require_root_and_docker {
+    ($name:literal) => {
+        if $crate::root::skip_without_root($name) || $crate::docker::skip_without_docker($name) {
+            return;
+        }
+    };
+}
+
 /// True (after saying why) when this machine has no Docker engine binary;
 /// in CI that is a failure instead (a skip would pass silently).
 pub fn skip_without_docker(test: &str) -> bool {

@@ -1217,6 +1217,23 @@ pub struct Report {
     pub summary: Summary,
 }
 
+impl Report {
+    /// Panics unless every request is counted exactly once: per second,
+    /// ok + failed = offered, failures by kind add up, answers by backend
+    /// add up to ok; and the seconds add up to the summary.
+    pub fn assert_consistent(&self) {
+        for p in &self.series {
+            assert_eq!(p.ok + p.failed, p.offered, "{p:?}");
+            assert_eq!(p.failures.total(), p.failed, "{p:?}");
+            assert_eq!(p.backends.values().sum::<u64>(), p.ok, "{p:?}");
+        }
+        let s = &self.summary;
+        assert_eq!(self.series.iter().map(|p| p.offered).sum::<u64>(), s.offered);
+        assert_eq!(self.series.iter().map(|p| p.ok).sum::<u64>(), s.ok);
+        assert_eq!(s.ok + s.failed, s.offered);
+    }
+}
+
 enum Event {
     Scheduled { second: u64 },
     Ended { second: u64, end: Ended },
@@ -2004,14 +2021,7 @@ mod tests {
         let mut seen = Vec::new();
         let report = run(cfg, &AtomicBool::new(false), |p| seen.push(p.clone())).unwrap();
         assert_eq!(seen, report.series, "every point is handed out once, in order");
-        for p in &report.series {
-            assert_eq!(p.ok + p.failed, p.offered, "{p:?}");
-            assert_eq!(p.failures.total(), p.failed, "{p:?}");
-            assert_eq!(p.backends.values().sum::<u64>(), p.ok, "{p:?}");
-        }
-        let s = &report.summary;
-        assert_eq!(report.series.iter().map(|p| p.offered).sum::<u64>(), s.offered);
-        assert_eq!(s.ok + s.failed, s.offered);
+        report.assert_consistent();
         report
     }
 

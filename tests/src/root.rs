@@ -30,3 +30,14 @@ pub fn skip_without_root(test: &str) -> bool {
     let _ = writeln!(std::io::stderr(), "{test}: skipped: needs root");
     true
 }
+
+/// `require_root!("test_name");` as a test's first line: returns from the
+/// test when [`skip_without_root`] says to skip.
+#[macro_export]
+macro_rules! require_root {
+    ($name:literal) => {
+        if $crate::root::skip_without_root($name) {
+            return;
+        }
+    };
+}

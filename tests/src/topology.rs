@@ -1376,8 +1376,13 @@ pub fn run_agent_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> CliOutput {
 /// Send `line` (plus a newline) on a fresh connection to the control socket
 /// and read one answer line; 5 s limits on each step.
 pub fn api_call(socket: &Path, line: &str) -> io::Result<String> {
+    api_call_within(socket, line, Duration::from_secs(5))
+}
+
+/// [`api_call`] with `limit` on each step (connect aside).
+pub fn api_call_within(socket: &Path, line: &str, limit: Duration) -> io::Result<String> {
     use std::os::unix::net::UnixStream;
-    let limit = Some(Duration::from_secs(5));
+    let limit = Some(limit);
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(limit)?;
     stream.set_write_timeout(limit)?;

@@ -375,18 +375,6 @@ fn run_load(args: &[&str]) -> (String, Report) {
     (stdout, report)
 }
 
-fn assert_exact(report: &Report) {
-    for p in &report.series {
-        assert_eq!(p.ok + p.failed, p.offered, "{p:?}");
-        assert_eq!(p.failures.total(), p.failed, "{p:?}");
-        assert_eq!(p.backends.values().sum::<u64>(), p.ok, "{p:?}");
-    }
-    let s = &report.summary;
-    assert_eq!(report.series.iter().map(|p| p.offered).sum::<u64>(), s.offered);
-    assert_eq!(report.series.iter().map(|p| p.ok).sum::<u64>(), s.ok);
-    assert_eq!(s.ok + s.failed, s.offered);
-}
-
 #[test]
 fn load_follows_its_ramp_against_the_backend_and_counts_exactly() {
     let backend = Backend::spawn(&["--name", "web-load", "--work-ms", "1"], &[]);
@@ -407,7 +395,7 @@ fn load_follows_its_ramp_against_the_backend_and_counts_exactly() {
         "--csv",
         csv_path,
     ]);
-    assert_exact(&report);
+    report.assert_consistent();
     // 20 -> 60 over 2 s is 80 requests, then 60 in the third second.
     let offered: Vec<u64> = report.series.iter().map(|p: &TimePoint| p.offered).collect();
     assert_eq!(offered.iter().sum::<u64>(), 140, "{offered:?}");
@@ -431,7 +419,7 @@ fn load_counts_refused_connections_exactly() {
     // A port that was free a moment ago: every request is refused.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let (_, report) = run_load(&["--target", &free, "--rate", "25", "--duration", "2s", "--timeout", "500ms"]);
-    assert_exact(&report);
+    report.assert_consistent();
     let s = &report.summary;
     assert_eq!((s.offered, s.failures.refused, s.availability), (50, 50, 0.0));
 }
@@ -441,7 +429,7 @@ fn load_closed_loop_with_keep_alive() {
     let backend = Backend::spawn(&["--name", "web-cl", "--work-ms", "0"], &[]);
     let target = backend.addr.to_string();
     let (_, report) = run_load(&["--target", &target, "--concurrency", "4", "--duration", "2s", "--keep-alive"]);
-    assert_exact(&report);
+    report.assert_consistent();
     let s = &report.summary;
     assert!(s.ok > 100, "{s:?}");
     assert_eq!(s.failed, 0);

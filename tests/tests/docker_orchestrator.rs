@@ -52,10 +52,10 @@ use lb_agent::orchestrator::{
 };
 use lb_tests::{
     docker::{
-        build_demo_image, docker_try, http_get, skip_without_docker, wait_http_ok, Dockerd, HostNetnsName,
-        IptablesRule, NamedContainer, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
+        build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, HostNetnsName, IptablesRule, NamedContainer,
+        NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
     },
-    root::skip_without_root,
+    require_root_and_docker,
     topology::{run_cmd, run_in_netns, Agent, Netns},
 };
 
@@ -70,14 +70,6 @@ const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 2);
 const CLIENT_GW: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 214, 255, 1);
 const VIP_PORT: u16 = 80;
-
-macro_rules! require_root_and_docker {
-    ($name:literal) => {
-        if skip_without_root($name) || skip_without_docker($name) {
-            return;
-        }
-    };
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")

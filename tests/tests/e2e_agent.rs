@@ -22,18 +22,10 @@ use std::{
 };
 
 use lb_tests::{
-    root::skip_without_root,
+    require_root,
     topology::{run_agent_cli, tcp_request, xdp_attachments, Agent, Conn, Options, Topology},
 };
 use serde_json::Value;
-
-macro_rules! require_root {
-    ($name:literal) => {
-        if skip_without_root($name) {
-            return;
-        }
-    };
-}
 
 fn names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("web-{i}")).collect()

@@ -19,19 +19,11 @@ use std::{
 };
 
 use lb_tests::{
-    root::skip_without_root,
+    require_root,
     topology::{
         ns_exec_status, tcp_request, udp_request, AgentArgs, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR,
     },
 };
-
-macro_rules! require_root {
-    ($name:literal) => {
-        if skip_without_root($name) {
-            return;
-        }
-    };
-}
 
 fn names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("web-{i}")).collect()

@@ -50,34 +50,16 @@ use std::{
 
 use lb_tests::{
     docker::{
-        build_demo_image, docker_try, skip_without_docker, Dockerd, HostNetnsName, NetworkGuard, Scratch,
-        ServiceContainers, DEMO_IMAGE,
+        build_demo_image, docker_try, Dockerd, HostNetnsName, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
     },
     load::{self, LoadConfig, Mode, Ramp, Report},
-    plot,
-    root::skip_without_root,
+    plot, require_root, require_root_and_docker,
     topology::{
         agent_bin, netns_pids, run_cmd, Agent, InstanceNamespaces, Netns, Options, Topology, LB_CLIENT_IFACE, TCP_PORT,
         VIP,
     },
 };
 use serde_json::Value;
-
-macro_rules! require_root {
-    ($name:literal) => {
-        if skip_without_root($name) {
-            return;
-        }
-    };
-}
-
-macro_rules! require_root_and_docker {
-    ($name:literal) => {
-        if skip_without_root($name) || skip_without_docker($name) {
-            return;
-        }
-    };
-}
 
 /// Load tests on a small machine: never two at once, whatever
 /// `--test-threads` says.

@@ -43,12 +43,9 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     fs::{self, File},
-    io::{self, BufRead as _, BufReader, IsTerminal as _, Read as _, Write as _},
+    io::{self, IsTerminal as _, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::{
-        fd::AsRawFd as _,
-        unix::{net::UnixStream, process::CommandExt as _},
-    },
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, ExitStatus, Stdio},
     sync::{
@@ -71,7 +68,7 @@ use lb_tests::{
     plot,
     root::is_root,
     stop::{self, stopped},
-    topology::{agent_bin, tcp_request, Options, Topology, VIP as STATIC_VIP},
+    topology::{agent_bin, api_call_within, tcp_request, Options, Topology, VIP as STATIC_VIP},
 };
 
 /// Show the XDP load balancer at work in throw-away network namespaces.
@@ -236,7 +233,7 @@ fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
         cli.scale_in_timeout.unwrap_or(if cli.quick { Duration::from_secs(60) } else { Duration::from_secs(120) });
     let agent = find_binary("lb-agent", "LB_AGENT_BIN", None)?;
     let backend = find_binary("lb-backend", "LB_BACKEND_BIN", cli.backend_bin.as_deref())?;
-    let plan = InstancePlan::new(kind, &backend)?;
+    let plan = InstancePlan::new(kind, &backend);
     let view =
         View::new(!cli.plain && io::stdout().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb"));
 
@@ -403,13 +400,13 @@ struct InstancePlan {
 }
 
 impl InstancePlan {
-    fn new(kind: OrchestratorKind, backend_bin: &Path) -> anyhow::Result<InstancePlan> {
+    fn new(kind: OrchestratorKind, backend_bin: &Path) -> InstancePlan {
         let pid = std::process::id();
         let (bridge, network) = match kind {
             OrchestratorKind::Docker => (format!("lbdd{pid}"), format!("lb-demo-{pid}")),
             _ => (format!("lbd{pid}"), String::new()),
         };
-        Ok(InstancePlan { kind, bridge, backend_bin: backend_bin.to_owned(), network })
+        InstancePlan { kind, bridge, backend_bin: backend_bin.to_owned(), network }
     }
 
     fn docker(&self) -> bool {
@@ -1059,20 +1056,11 @@ impl AgentProc {
     }
 }
 
-/// One request line on the control socket, one answer line back.
+/// One request line on the control socket, one answer line back (3 s
+/// limits: the panel reads it twice a second).
 fn api_call(socket: &Path, line: &str) -> anyhow::Result<String> {
-    let limit = Some(Duration::from_secs(3));
-    let mut stream = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-    stream.set_read_timeout(limit)?;
-    stream.set_write_timeout(limit)?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    if !answer.ends_with('\n') {
-        bail!("no whole answer line from {}", socket.display());
-    }
-    answer.pop();
-    Ok(answer)
+    api_call_within(socket, line, Duration::from_secs(3))
+        .with_context(|| format!("control socket {}", socket.display()))
 }
 
 fn scaling_of(s: &Snapshot) -> Option<&ScalingStatus> {
