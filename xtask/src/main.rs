@@ -37,12 +37,13 @@ struct Cli {
 enum Command {
     /// Install what is missing (apt packages, rust-src, bpf-linker 0.13.0); skip what is present
     #[command(long_about = "Install what is missing, skip what is present, print a summary.\n\n\
-        - apt packages: iproute2 ethtool iputils-ping procps (installing needs root)\n\
+        - apt packages: iproute2 ethtool iputils-ping procps prometheus docker.io iptables\n\
+        \x20 (installing needs root)\n\
         - rust-src for the toolchain pinned in rust-toolchain.toml (for -Z build-std=core)\n\
         - bpf-linker 0.13.0, built against that toolchain's own libLLVM\n\n\
         Takes well under a second when everything is present.")]
     Setup(setup::Options),
-    /// Setup, then `cargo build --release -p lb-agent -p lb-tests --bins`
+    /// Setup, then `cargo build --release -p lb-agent -p lb-tests -p lb-backend --bins`
     Build(build::Options),
     /// Setup and build, then run the autoscaling demo (`-- --quick`, `-- --static`), or lb-agent with `-- --config FILE` (root)
     #[command(long_about = "Setup and build, then run (as root):\n\n\
