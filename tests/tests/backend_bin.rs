@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::load::{Report, TimePoint};
+use lb_load::{Report, TimePoint};
 
 /// lb-backend is a crate of its own (for a quick static build); cargo
 /// builds it beside this test's binaries (`cargo xtask test` does).
@@ -22,13 +22,17 @@ fn backend_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("LB_BACKEND_BIN") {
         return p.into();
     }
+    tool_bin("lb-backend")
+}
+
+/// A tool of tools/ (lb-backend, lb-load), built with the same profile.
+fn tool_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    let bin = dir.join("lb-backend");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p lb-backend` (same profile)", bin.display());
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p {name}` (same profile)", bin.display());
     bin
 }
-const LOAD: &str = env!("CARGO_BIN_EXE_lb-load");
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An lb-backend child on 127.0.0.1; SIGTERM, then SIGKILL, on drop.
@@ -362,8 +366,13 @@ impl Drop for TempFile {
 
 fn run_load(args: &[&str]) -> (String, Report) {
     let json = TempFile::new("load.json");
-    let out =
-        Command::new(LOAD).args(args).arg("--json").arg(&json.0).stdin(Stdio::null()).output().expect("run lb-load");
+    let out = Command::new(tool_bin("lb-load"))
+        .args(args)
+        .arg("--json")
+        .arg(&json.0)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run lb-load");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "lb-load failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&json.0).expect("lb-load wrote its JSON");

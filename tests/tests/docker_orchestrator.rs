@@ -50,7 +50,7 @@ use lb_agent::orchestrator::{
     docker::{Cpus, DockerOrchestrator, DockerSpec},
     Orchestrator, OrchestratorError,
 };
-use lb_tests::{
+use lb_lab::{
     docker::{
         build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, HostNetnsName, IptablesRule, NamedContainer,
         NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_lab::{
     require_root,
     topology::{run_agent_cli, tcp_request, xdp_attachments, Agent, Conn, Options, Topology},
 };
@@ -733,7 +733,7 @@ fn root_checksum_setting_switches_the_program_in_place() {
         let i = ifaces.iter().find(|i| i["name"] == iface).unwrap_or_else(|| panic!("{iface} not in {ifaces:?}"));
         i["checksums"].as_str().unwrap_or_default().to_owned()
     };
-    let client_iface = lb_tests::topology::LB_CLIENT_IFACE;
+    let client_iface = lb_lab::topology::LB_CLIENT_IFACE;
     // Veths are local stacks' interfaces: `auto` picks the partial-aware program.
     assert_eq!(checksums_of(&agent.status(), client_iface), "may-be-partial");
     let mut held = hold(&topo, 20);

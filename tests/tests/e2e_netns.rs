@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_lab::{
     require_root,
     topology::{
         ns_exec_status, tcp_request, udp_request, AgentArgs, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR,
@@ -71,7 +71,7 @@ fn assert_even(counts: &BTreeMap<String, usize>, backends: &[String]) {
 }
 
 /// Stop the agent and check that it exited cleanly and left no XDP program.
-fn stop_and_check_detached(topo: &Topology, mut agent: lb_tests::topology::Agent) {
+fn stop_and_check_detached(topo: &Topology, mut agent: lb_lab::topology::Agent) {
     let status = agent.stop().expect("agent exit status");
     assert!(status.success(), "lb-agent exited with {status} on SIGTERM; log:\n{}", agent.log());
     let left = topo.lb_xdp_attachments();
@@ -109,7 +109,7 @@ fn assert_modes_agree(agent: &[(String, String)], iproute: &[(String, String)]) 
 }
 
 /// The agent attached the program for `want` checksums everywhere.
-fn assert_checksum_modes(agent: &lb_tests::topology::Agent, topo: &Topology, want: &str) {
+fn assert_checksum_modes(agent: &lb_lab::topology::Agent, topo: &Topology, want: &str) {
     let got = agent.checksum_modes();
     assert_eq!(got.len(), topo.lb_interfaces().len(), "one attach per interface; log:\n{}", agent.log());
     assert!(got.iter().all(|(_, m)| m == want), "checksum handling per interface {got:?}, want {want}");
@@ -381,7 +381,7 @@ fn root_bad_config_is_refused_and_attaches_nothing() {
     for (what, text, field) in cases {
         topo.write_raw_config(&text);
         let args = AgentArgs { log: topo.dir().join("bad.log"), ..topo.agent_args() };
-        let mut agent = lb_tests::topology::Agent::spawn(topo.lb.name(), &args);
+        let mut agent = lb_lab::topology::Agent::spawn(topo.lb.name(), &args);
         let status =
             agent.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| panic!("{what}: lb-agent kept running"));
         let log = agent.log();

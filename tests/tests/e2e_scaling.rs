@@ -1,5 +1,5 @@
 //! Autoscaling end to end: the agent scales a service's instances while
-//! `lb_tests::load` sends open-loop HTTP traffic from a client namespace to
+//! `lb_load` sends open-loop HTTP traffic from a client namespace to
 //! the VIP. Two worlds:
 //!
 //! Processes (lb-agent's process orchestrator, `lb-backend` in a network
@@ -48,17 +48,17 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_tests::{
+use lb_lab::{
     docker::{
         build_demo_image, docker_try, Dockerd, HostNetnsName, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
     },
-    load::{self, LoadConfig, Mode, Ramp, Report},
-    plot, require_root, require_root_and_docker,
+    require_root, require_root_and_docker,
     topology::{
         agent_bin, netns_pids, run_cmd, Agent, InstanceNamespaces, Netns, Options, Topology, LB_CLIENT_IFACE, TCP_PORT,
         VIP,
     },
 };
+use lb_load::{self as load, plot, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
 
 /// Load tests on a small machine: never two at once, whatever

@@ -17,7 +17,7 @@ use std::{
 };
 
 use lb_common::{Conn, Counters, FlowKey, Reason, DIR_FORWARD, DIR_REPLY, PROG_LB, PROG_LB_LOCAL, TCP_SEEN_FIN};
-use lb_tests::{
+use lb_lab::{
     checksum::{complete_partial_l4_checksum, ones_complement_sum, verify_ipv4_frame, with_partial_l4_checksum},
     diff::frame_diff,
     netns::NetNsGuard,

@@ -29,7 +29,7 @@ use lb_agent::{
     metrics,
     status::{AgentInfo, BackendStatus, InterfaceStatus, MapFill, ReasonCount, ServiceStatus, Snapshot, Traffic},
 };
-use lb_tests::root::skip_without_root;
+use lb_lab::root::skip_without_root;
 use serde_json::Value;
 use tokio::sync::watch;
 

@@ -21,10 +21,10 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         util::require_root("bench", "BPF_PROG_TEST_RUN needs CAP_BPF and CAP_SYS_ADMIN")?;
     }
     setup::ensure_all(false)?;
-    build_release("bench", &["-p", "lb-tests", "--bin", "lb-bench"])?;
+    build_release("bench", &["-p", "lb-bench"])?;
     let step = Step::new("bench", "lb-bench");
     step.say("running");
-    let status = stream(Command::new(util::built_binary("lb-bench", "lb-tests")?).args(&opts.args))?;
+    let status = stream(Command::new(util::built_binary("lb-bench", "lb-bench")?).args(&opts.args))?;
     let color = if status.success() { GREEN } else { RED };
     step.finish(color, &describe(status));
     Ok(exit_code(status))

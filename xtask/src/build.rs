@@ -13,7 +13,10 @@ pub struct Options {}
 
 pub fn run(_opts: &Options) -> Result<ExitCode> {
     setup::ensure_all(false)?;
-    build_release("build", &["-p", "lb-agent", "-p", "lb-tests", "-p", "lb-backend", "--bins"])?;
+    build_release(
+        "build",
+        &["-p", "lb-agent", "-p", "lb-demo", "-p", "lb-load", "-p", "lb-bench", "-p", "lb-backend", "--bins"],
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

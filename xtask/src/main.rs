@@ -43,7 +43,7 @@ enum Command {
         - bpf-linker 0.13.0, built against that toolchain's own libLLVM\n\n\
         Takes well under a second when everything is present.")]
     Setup(setup::Options),
-    /// Setup, then `cargo build --release -p lb-agent -p lb-tests -p lb-backend --bins`
+    /// Setup, then `cargo build --release` of lb-agent and the tools (lb-demo, lb-load, lb-bench, lb-backend)
     Build(build::Options),
     /// Setup and build, then run the autoscaling demo (`-- --quick`, `-- --static`), or lb-agent with `-- --config FILE` (root)
     #[command(long_about = "Setup and build, then run (as root):\n\n\
@@ -60,7 +60,7 @@ enum Command {
         are skipped and the command fails, unless --unit-only is given.")]
     Test(test::Options),
     /// Setup, build lb-bench, run it as root with the arguments after `--`
-    #[command(long_about = "Setup, `cargo build --release -p lb-tests --bin lb-bench`, then run\n\
+    #[command(long_about = "Setup, `cargo build --release -p lb-bench`, then run\n\
         target/release/lb-bench with the arguments after `--` (as root), e.g.\n\n\
         \x20 cargo xtask bench -- --repeat 1000000 --json")]
     Bench(bench::Options),

@@ -28,9 +28,8 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         util::require_root("run", "it loads XDP programs and sets up network namespaces")?;
     }
     setup::ensure_all(false)?;
-    // Every binary of the three packages: lb-agent, lb-tests' lb-demo, and
-    // lb-backend (the demo's instances, a package of its own).
-    build_release("run", &["-p", "lb-agent", "-p", "lb-tests", "-p", "lb-backend", "--bins"])?;
+    // The agent, the demo, and lb-backend (the demo's instances).
+    build_release("run", &["-p", "lb-agent", "-p", "lb-demo", "-p", "lb-backend", "--bins"])?;
     let agent_bin = util::built_binary("lb-agent", "lb-agent")?;
     // The demo's container image needs lb-backend linked statically (FROM
     // scratch); only the Docker demo uses it.
@@ -42,7 +41,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         cmd
     } else {
         let backend_bin = util::built_binary("lb-backend", "lb-backend")?;
-        let mut cmd = Command::new(util::built_binary("lb-demo", "lb-tests")?);
+        let mut cmd = Command::new(util::built_binary("lb-demo", "lb-demo")?);
         // The exact binaries just built, whatever lb-demo finds next to itself.
         cmd.env("LB_AGENT_BIN", &agent_bin).env("LB_BACKEND_BIN", &backend_bin);
         if let Some(bin) = &static_backend {

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::load::TimePoint;
+use crate::TimePoint;
 
 const WIDTH: f64 = 900.0;
 const HEIGHT: f64 = 500.0;
@@ -304,7 +304,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::load::FailureCounts;
+    use crate::FailureCounts;
 
     fn point(t: f64, offered: u64, ok: u64, p50: Option<f64>) -> TimePoint {
         TimePoint {

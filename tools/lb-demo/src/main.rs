@@ -62,13 +62,15 @@ use lb_agent::{
     orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER},
     status::{ReplicaStatus, ScalingStatus, Snapshot},
 };
-use lb_tests::{
+use lb_lab::{
     docker::{build_demo_image_from, docker_try, Dockerd, DEMO_IMAGE},
-    load::{self, LoadConfig, Mode, Ramp, TimePoint},
-    plot,
     root::is_root,
-    stop::{self, stopped},
     topology::{agent_bin, api_call_within, tcp_request, Options, Topology, VIP as STATIC_VIP},
+};
+use lb_load::{
+    self as load, plot,
+    stop::{self, stopped},
+    LoadConfig, Mode, Ramp, TimePoint,
 };
 
 /// Show the XDP load balancer at work in throw-away network namespaces.

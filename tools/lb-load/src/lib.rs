@@ -23,6 +23,9 @@
 //! simple and honest, and the worker pool is bounded (`max_workers`). The
 //! clock is `std::time::Instant`: this runs real traffic in real time.
 
+pub mod plot;
+pub mod stop;
+
 use std::{
     collections::{BTreeMap, VecDeque},
     fmt::Write as _,
@@ -2107,10 +2110,10 @@ mod tests {
 
     #[test]
     fn root_workers_run_inside_the_named_netns() {
-        if crate::root::skip_without_root("root_workers_run_inside_the_named_netns") {
+        if lb_lab::root::skip_without_root("root_workers_run_inside_the_named_netns") {
             return;
         }
-        let ns = crate::topology::Netns::create(&format!("lbl-{}-load", std::process::id()));
+        let ns = lb_lab::topology::Netns::create(&format!("lbl-{}-load", std::process::id()));
         // Bound inside the namespace: its loopback, not the host's.
         let server = ns.run(|| TestServer::start(|_| Behaviour::Answer("in-ns")));
         let mut cfg = open(server.addr, 20.0, 1.0);

@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
 use lb_common::{BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS};
-use lb_tests::{
+use lb_lab::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
     testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_PASS},

@@ -1,7 +1,7 @@
 //! lb-load: an open-loop HTTP/1.1 load generator (or closed loop with
 //! `--concurrency`) that reports every second what was offered, what
 //! succeeded, what failed and why, latency, and which backends answered.
-//! The library part, with the exactness rules, is `lb_tests::load`.
+//! The library part, with the exactness rules, is this crate's lib.
 //!
 //! ```text
 //! lb-load --target 127.0.0.1:8080 --rate 100 --duration 30s
@@ -14,10 +14,7 @@ use std::{fs, io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode,
 
 use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Parser};
-use lb_tests::{
-    load::{self, LoadConfig, Mode, Ramp},
-    plot, stop,
-};
+use lb_load::{self as load, plot, stop, LoadConfig, Mode, Ramp};
 
 /// Send HTTP/1.1 GETs at a fixed rate (open loop: a slow server shows up as
 /// latency and failures, not as a lower rate) or from a fixed number of
