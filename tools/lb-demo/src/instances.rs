@@ -1,0 +1,171 @@
+//! Instances: what the orchestrator needs from the demo.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _};
+use lb_agent::orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER};
+use lb_lab::docker::DEMO_IMAGE;
+
+use crate::{
+    autoscale::{INSTANCE_NET, INSTANCE_PORT, NETNS_DIR, SERVICE},
+    cli::OrchestratorKind,
+    lab::run,
+};
+
+pub(crate) struct InstancePlan {
+    kind: OrchestratorKind,
+    /// The instances' bridge: in the LB namespace for processes (also the
+    /// name prefix of their namespaces, `<bridge>-<n>`), in the host's for
+    /// Docker. Unique to this run.
+    pub(crate) bridge: String,
+    backend_bin: PathBuf,
+    /// Docker only: the network the agent makes for the containers.
+    pub(crate) network: String,
+}
+
+impl InstancePlan {
+    pub(crate) fn new(kind: OrchestratorKind, backend_bin: &Path) -> InstancePlan {
+        let pid = std::process::id();
+        let (bridge, network) = match kind {
+            OrchestratorKind::Docker => (format!("lbdd{pid}"), format!("lb-demo-{pid}")),
+            _ => (format!("lbd{pid}"), String::new()),
+        };
+        InstancePlan { kind, bridge, backend_bin: backend_bin.to_owned(), network }
+    }
+
+    pub(crate) fn docker(&self) -> bool {
+        self.kind == OrchestratorKind::Docker
+    }
+
+    /// The image needs lb-backend linked statically: `$LB_BACKEND_STATIC_BIN`,
+    /// else the static build beside this binary's target directory.
+    pub(crate) fn static_backend_bin(&self) -> anyhow::Result<PathBuf> {
+        let path = match std::env::var_os("LB_BACKEND_STATIC_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe().context("current_exe")?;
+                // target/release/lb-demo -> target/x86_64-unknown-linux-gnu/release/lb-backend
+                let target = exe.ancestors().nth(2).context("lb-demo is not in a cargo target directory")?;
+                target.join("x86_64-unknown-linux-gnu/release/lb-backend")
+            }
+        };
+        if !path.is_file() {
+            bail!(
+                "the static lb-backend for the container image is not at {}: build it with `RUSTFLAGS=\"-C \
+                 target-feature=+crt-static\" cargo build --release -p lb-backend --target x86_64-unknown-linux-gnu` \
+                 (`cargo xtask run` does), set LB_BACKEND_STATIC_BIN, or use --orchestrator process",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        if self.docker() {
+            format!(
+                "instances as Docker containers of {DEMO_IMAGE} (lb-agent's Docker orchestrator, network {}, bridge {})",
+                self.network, self.bridge
+            )
+        } else {
+            format!("instances as local lb-backend processes (lb-agent's process orchestrator, bridge {})", self.bridge)
+        }
+    }
+
+    /// The interface where the instances' replies arrive.
+    pub(crate) fn reply_interface(&self) -> &str {
+        &self.bridge
+    }
+
+    /// `[service.instances.*]` and below.
+    pub(crate) fn toml(&self) -> String {
+        if self.docker() {
+            return format!(
+                "[service.instances.docker]\nimage = {}\nport = {INSTANCE_PORT}\nnetwork = {}\nbridge = {}\n\
+                 subnet = \"{INSTANCE_NET}\"\ncpus = 1.0\nstop_grace = \"3s\"\n\
+                 env = {{ LB_BACKEND_NAME = \"{{name}}\", LB_BACKEND_LISTEN = \"0.0.0.0:{{port}}\", \
+                 LB_BACKEND_WORK_MS = \"10\", LB_BACKEND_CPU_WORKERS = \"1\" }}\n",
+                toml_string(DEMO_IMAGE),
+                toml_string(&self.network),
+                toml_string(&self.bridge),
+            );
+        }
+        let command = [
+            self.backend_bin.to_string_lossy().as_ref(),
+            "--listen",
+            "{addr}",
+            "--name",
+            "{name}",
+            "--work-ms",
+            "10",
+            "--cpu-workers",
+            "1",
+        ]
+        .iter()
+        .map(|a| toml_string(a))
+        .collect::<Vec<_>>()
+        .join(", ");
+        format!(
+            "[service.instances.process]\ncommand = [{command}]\nport = {INSTANCE_PORT}\nbridge = {}\n",
+            toml_string(&self.bridge)
+        )
+    }
+
+    /// Namespaces of this run's process instances that are still there.
+    pub(crate) fn leftover_namespaces(&self) -> Vec<String> {
+        if self.docker() {
+            return Vec::new();
+        }
+        let prefix = format!("{}-", self.bridge);
+        let Ok(dir) = fs::read_dir(NETNS_DIR) else { return Vec::new() };
+        let mut out: Vec<String> = dir
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| rest.parse::<u8>().is_ok()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Containers the agent made for this run (its labels, on this run's
+    /// network) that are still there.
+    pub(crate) fn leftover_containers(&self) -> Vec<String> {
+        if !self.docker() {
+            return Vec::new();
+        }
+        let owner = format!("label={LABEL_OWNER}={OWNER}");
+        let service = format!("label={LABEL_SERVICE}={SERVICE}");
+        let network = format!("network={}", self.network);
+        let args = ["ps", "-aq", "--no-trunc", "--filter", &owner, "--filter", &service, "--filter", &network];
+        run("docker", &args).map(|out| out.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
+    }
+}
+
+/// A TOML basic string.
+pub(crate) fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+}

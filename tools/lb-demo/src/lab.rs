@@ -1,0 +1,421 @@
+//! The lab: namespaces, veths, the agent and its instances. Everything it
+//! makes it records, and `cleanup` (also run by Drop, so on errors and
+//! panics) removes exactly that.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{self, Write as _},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use lb_lab::docker::{build_demo_image_from, docker_try, Dockerd, DEMO_IMAGE};
+
+use crate::{
+    agent::AgentProc,
+    autoscale::{
+        CLIENT_ADDR, CLIENT_IFACE, CPU_TARGET, INSTANCE_NET, INSTANCE_PORT, LB_ADDR, LB_IFACE, MAX_REPLICAS,
+        MIN_REPLICAS, NETNS_DIR, SERVICE, VIP, VIP_PORT,
+    },
+    instances::{toml_string, InstancePlan},
+};
+
+pub(crate) struct Lab {
+    /// The agent's namespace: a namespace of ours for processes, the host's
+    /// (`None`) for Docker, where dockerd's bridge is.
+    pub(crate) lb_ns: Option<String>,
+    /// The LB's client-facing veth: in `lb_ns`, or in the host's namespace
+    /// (named after our pid) for Docker.
+    lb_iface: String,
+    pub(crate) client_ns: String,
+    pub(crate) plan: InstancePlan,
+    /// Scratch directory: config, control socket, pins (bpffs), agent log.
+    scratch: PathBuf,
+    made_scratch: bool,
+    /// Namespaces this run created, in order.
+    namespaces: Vec<String>,
+    pub(crate) agent: Option<AgentProc>,
+    /// Docker: the engine, stopped again at the end if this run started it.
+    dockerd: Option<Dockerd>,
+    /// Docker: the network was absent when we started, so the one there at
+    /// the end is the agent's, made for this run.
+    network_is_ours: bool,
+    cleaned: bool,
+}
+
+impl Lab {
+    pub(crate) fn new(plan: InstancePlan) -> anyhow::Result<Lab> {
+        let pid = std::process::id();
+        let docker = plan.docker();
+        let lab = Lab {
+            lb_ns: (!docker).then(|| format!("lbd-{pid}-lb")),
+            lb_iface: if docker { format!("lbc{pid}") } else { LB_IFACE.to_owned() },
+            client_ns: format!("lbd-{pid}-client"),
+            plan,
+            scratch: std::env::temp_dir().join(format!("lbd-{pid}")),
+            made_scratch: false,
+            namespaces: Vec::new(),
+            agent: None,
+            dockerd: None,
+            network_is_ours: false,
+            cleaned: false,
+        };
+        // Names carry our pid; anything by these names is a leftover of an
+        // earlier run that had the same pid. Refuse rather than touch it.
+        let mut taken: Vec<String> = lab
+            .lb_ns
+            .iter()
+            .chain([&lab.client_ns])
+            .filter(|n| Path::new(NETNS_DIR).join(n).exists())
+            .cloned()
+            .collect();
+        taken.extend(lab.plan.leftover_namespaces());
+        if !taken.is_empty() {
+            bail!(
+                "network namespace(s) {} exist already (left by an earlier run?); this run does not touch what it \
+                 did not create: remove them with `ip netns del NAME` and try again",
+                taken.join(", ")
+            );
+        }
+        if lab.scratch.exists() {
+            bail!("{} exists already (left by an earlier run?); remove it and try again", lab.scratch.display());
+        }
+        if lab.lb_ns.is_none() && Path::new("/sys/class/net").join(&lab.lb_iface).exists() {
+            bail!("interface {} exists already (left by an earlier run?); this run does not touch it", lab.lb_iface);
+        }
+        Ok(lab)
+    }
+
+    pub(crate) fn config_path(&self) -> PathBuf {
+        self.scratch.join("lb.toml")
+    }
+
+    pub(crate) fn agent_log(&self) -> PathBuf {
+        self.scratch.join("agent.log")
+    }
+
+    fn bpf_dir(&self) -> PathBuf {
+        self.scratch.join("bpf")
+    }
+
+    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Client ns ⇄ LB ns; the agent makes the instances' bridge itself.
+    pub(crate) fn build(&mut self) -> anyhow::Result<()> {
+        fs::create_dir(&self.scratch).with_context(|| format!("create {}", self.scratch.display()))?;
+        self.made_scratch = true;
+        fs::create_dir(self.bpf_dir()).with_context(|| format!("create {}", self.bpf_dir().display()))?;
+        if self.plan.docker() {
+            return self.build_docker();
+        }
+        let (lb, client) = (self.lb_ns.clone().expect("processes: an LB namespace"), self.client_ns.clone());
+        self.add_netns(&lb)?;
+        // Before any interface exists, so that the veth and the bridge
+        // inherit rp_filter=0: replies from the instances come back from the
+        // VIP, which is not routed via the bridge.
+        for setting in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
+            run("ip", &["netns", "exec", &lb, "sysctl", "-qw", setting])?;
+        }
+        self.add_netns(&client)?;
+        // Created directly inside the two namespaces: nothing ever appears
+        // in the host's namespace.
+        ip(&[
+            "link",
+            "add",
+            "name",
+            LB_IFACE,
+            "netns",
+            &lb,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLIENT_IFACE,
+            "netns",
+            &client,
+        ])?;
+        ip(&["-n", &lb, "addr", "add", &format!("{LB_ADDR}/24"), "dev", LB_IFACE])?;
+        ip(&["-n", &lb, "link", "set", LB_IFACE, "up"])?;
+        ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", CLIENT_IFACE])?;
+        ip(&["-n", &client, "link", "set", CLIENT_IFACE, "up"])?;
+        // Only the VIP goes via the LB: the client has no default route.
+        ip(&["-n", &client, "route", "add", &format!("{VIP}/32"), "via", &LB_ADDR.to_string()])?;
+        Ok(())
+    }
+
+    /// Docker: the client namespace with a veth into the host's namespace,
+    /// where the agent runs beside dockerd; the engine started if needed and
+    /// the demo image built. The agent makes the network and its bridge.
+    fn build_docker(&mut self) -> anyhow::Result<()> {
+        let (exists, _) = docker_try(&["network", "inspect", &self.plan.network]);
+        if exists {
+            bail!("docker network {} exists already; this run does not touch it", self.plan.network);
+        }
+        let bin = self.plan.static_backend_bin()?;
+        // Panics (with the engine's log) if dockerd cannot start; the lab's
+        // Drop still cleans up.
+        let dockerd = Dockerd::ensure();
+        println!(
+            "  docker   {}",
+            if dockerd.started_here() {
+                "engine started for this run (stopped again at the end)"
+            } else {
+                "engine running"
+            }
+        );
+        self.dockerd = Some(dockerd);
+        let t = Instant::now();
+        let image = build_demo_image_from(&bin);
+        println!(
+            "  image    {DEMO_IMAGE} ({}) built in {:.1} s",
+            &image[..image.len().min(19)],
+            t.elapsed().as_secs_f64()
+        );
+        self.network_is_ours = true;
+        let client = self.client_ns.clone();
+        self.add_netns(&client)?;
+        let lb = self.lb_iface.clone();
+        ip(&["link", "add", "name", &lb, "type", "veth", "peer", "name", CLIENT_IFACE, "netns", &client])?;
+        ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", &lb])?;
+        ip(&["link", "set", &lb, "up"])?;
+        ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", CLIENT_IFACE])?;
+        ip(&["-n", &client, "link", "set", CLIENT_IFACE, "up"])?;
+        // Only the VIP goes via the host: the client has no default route.
+        ip(&["-n", &client, "route", "add", &format!("{VIP}/32"), "via", &LB_ADDR.to_string()])?;
+        Ok(())
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        let mut s = String::new();
+        let lb = self.lb_ns.as_deref().unwrap_or("(the host's)");
+        let _ = writeln!(
+            s,
+            "  client   ns {:<20} {CLIENT_ADDR}/24 on {CLIENT_IFACE}, route {VIP}/32 via {LB_ADDR} (no default route)",
+            self.client_ns
+        );
+        let _ = writeln!(
+            s,
+            "  LB       ns {lb:<20} {LB_ADDR}/24 on {}, ip_forward=1; the VIP {VIP} is on no interface",
+            self.lb_iface
+        );
+        if self.plan.docker() {
+            let _ = writeln!(
+                s,
+                "  network  {:<23} bridge {}: containers get {INSTANCE_NET} addresses and listen on :{INSTANCE_PORT}",
+                self.plan.network, self.plan.bridge
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  bridge   {:<23} in {lb}: instances {}-<n> get {INSTANCE_NET} addresses and listen on :{INSTANCE_PORT}",
+                self.plan.bridge, self.plan.bridge
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  XDP      on {} and {} (both directions cross it)",
+            self.lb_iface,
+            self.plan.reply_interface()
+        );
+        s
+    }
+
+    pub(crate) fn config_toml(&self, timeline: &Path, quick: bool) -> String {
+        let mut s = format!(
+            "# Written by lb-demo (pid {}); removed on exit.\n\n[[service]]\nname = \"{SERVICE}\"\nvip = \"{VIP}\"\n\
+             port = {VIP_PORT}\ninterfaces = [{}, {}]\n\
+             health_check = {{ kind = \"http\", path = \"/healthz\", interval = \"500ms\" }}\ndrain_timeout = \"10s\"\n\n\
+             [service.scaling]\nmin_replicas = {MIN_REPLICAS}\nmax_replicas = {MAX_REPLICAS}\n\
+             target = {{ cpu = {CPU_TARGET:.1} }}\n",
+            std::process::id(),
+            toml_string(&self.lb_iface),
+            toml_string(self.plan.reply_interface()),
+        );
+        if quick {
+            s += "[service.scaling.scale_down]\nstabilization_window = \"5s\"\nperiod = \"5s\"\n";
+        }
+        let _ = write!(s, "\n[service.instances]\ntimeline = {}\n", toml_string(&timeline.to_string_lossy()));
+        s += &self.plan.toml();
+        s
+    }
+
+    pub(crate) fn write_config(&self, text: &str) -> anyhow::Result<PathBuf> {
+        let path = self.config_path();
+        fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
+    pub(crate) fn start_agent(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let args: [std::ffi::OsString; 9] = [
+            "run".into(),
+            "--config".into(),
+            self.config_path().into_os_string(),
+            "--api-socket".into(),
+            self.scratch.join("api.sock").into_os_string(),
+            "--metrics-address".into(),
+            "off".into(),
+            "--pin-dir".into(),
+            self.bpf_dir().join("lb").into_os_string(),
+        ];
+        self.agent = Some(AgentProc::spawn(
+            bin,
+            &args,
+            self.lb_ns.as_deref(),
+            &self.agent_log(),
+            &self.scratch.join("api.sock"),
+        )?);
+        Ok(())
+    }
+
+    /// Remove everything this run made, in order: the agent (SIGTERM: it
+    /// stops its instances and detaches XDP), instance namespaces it left,
+    /// our namespaces (their veths and the bridge go with them), the bpffs
+    /// the agent mounted for its pins, the scratch directory. Returns what
+    /// it did, for the user.
+    pub(crate) fn cleanup(&mut self) -> Vec<String> {
+        if self.cleaned {
+            return Vec::new();
+        }
+        self.cleaned = true;
+        let mut notes = Vec::new();
+        if let Some(mut agent) = self.agent.take() {
+            let status = agent.stop(Duration::from_secs(20));
+            notes.push(format!("lb-agent stopped ({})", status.map_or("killed".into(), |s| s.to_string())));
+        }
+        for id in self.plan.leftover_containers() {
+            match run("docker", &["rm", "-f", "-v", &id]) {
+                Ok(_) => notes.push(format!("removed leftover container {}", &id[..id.len().min(12)])),
+                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            }
+        }
+        if self.network_is_ours && docker_try(&["network", "inspect", &self.plan.network]).0 {
+            match run("docker", &["network", "rm", &self.plan.network]) {
+                Ok(_) => notes.push(format!("docker network {} removed", self.plan.network)),
+                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            }
+        }
+        for ns in self.plan.leftover_namespaces() {
+            // Only this run's agent makes `<bridge>-<n>` (the bridge name
+            // holds our pid); a process still in one is an instance it lost.
+            let pids = run("ip", &["netns", "pids", &ns]).unwrap_or_default();
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                if pid > 1 && pid as u32 != std::process::id() {
+                    // SAFETY: kill(2) on a pid listed in a namespace that only this run's agent created.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            match ip(&["netns", "del", &ns]) {
+                Ok(_) => notes.push(format!("removed leftover instance namespace {ns}")),
+                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            }
+        }
+        let mut removed = Vec::new();
+        for ns in self.namespaces.drain(..).rev() {
+            match ip(&["netns", "del", &ns]) {
+                Ok(_) => removed.push(ns),
+                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            }
+        }
+        if !removed.is_empty() {
+            let bridge = if self.plan.docker() { String::new() } else { format!(" and bridge {}", self.plan.bridge) };
+            notes.push(format!(
+                "namespaces {} removed (with veth {}/{CLIENT_IFACE}{bridge})",
+                removed.join(", "),
+                self.lb_iface
+            ));
+        }
+        if let Some(d) = self.dockerd.take() {
+            let started = d.started_here();
+            drop(d);
+            if started {
+                notes.push("dockerd (started for this run) stopped".into());
+            }
+        }
+        if self.made_scratch {
+            if let Some(w) = unmount_bpffs(&self.bpf_dir()) {
+                notes.push(format!("WARNING: {w}"));
+            }
+            match fs::remove_dir_all(&self.scratch) {
+                Ok(()) => notes.push(format!("{} removed", self.scratch.display())),
+                Err(e) => notes.push(format!("WARNING: remove {}: {e}", self.scratch.display())),
+            }
+        }
+        if notes.is_empty() {
+            notes.push("nothing was created".into());
+        }
+        notes
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.cleaned {
+            // Not eprintln: this may run while unwinding from a failed
+            // write, and a second panic would abort before the cleanup.
+            for n in self.cleanup() {
+                let _ = writeln!(io::stderr(), "lb-demo cleanup: {n}");
+            }
+        }
+    }
+}
+
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub(crate) fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Unmount the bpffs the agent mounted on `path` (a directory this run made,
+/// so whatever is mounted there our agent mounted). Returns a warning.
+pub(crate) fn unmount_bpffs(path: &Path) -> Option<String> {
+    for _ in 0..4 {
+        if !is_bpffs(path) {
+            return None;
+        }
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: a NUL-terminated path; MNT_DETACH cannot fail on a straggler.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Some(format!("umount {}: {}", path.display(), io::Error::last_os_error()));
+        }
+    }
+    Some(format!("{} is still a bpffs after 4 unmounts", path.display()))
+}
+
+/// Run a command to completion, in its own process group (so a Ctrl-C on
+/// the terminal, meant for lb-demo, cannot cut a setup or cleanup step
+/// short); stdout, or an error with its output.
+pub(crate) fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run("ip", args)
+}
