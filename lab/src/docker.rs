@@ -1,8 +1,8 @@
 //! Docker for the container tests: an engine (started here only if none
 //! runs, and stopped again only then), the demo image built from the static
 //! `lb-backend`, and RAII guards for everything a test makes around it (its
-//! containers, its network, an iptables rule, a name for the root network
-//! namespace, a scratch directory with the agent's bpffs).
+//! containers, its network, an iptables rule, a scratch directory with the
+//! agent's bpffs).
 //!
 //! Every guard removes exactly what its test created, also during a panic,
 //! and never touches anything else: containers are found by the labels of
@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::topology::{run_cmd, TempDir};
+use crate::{command::run_cmd, topology::TempDir};
 
 /// The demo backend's image; built by [`build_demo_image`], never removed.
 pub const DEMO_IMAGE: &str = "lb-demo-backend:dev";
@@ -367,29 +367,6 @@ impl Drop for IptablesRule {
             Ok(o) => eprintln!("warning: iptables {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr)),
             Err(e) => eprintln!("warning: cannot run iptables: {e}"),
         }
-    }
-}
-
-/// A name under /run/netns for this process's own network namespace (the
-/// host's, here), so that helpers that take a namespace name can start
-/// things in it. Dropping removes only the name, never the namespace.
-pub struct HostNetnsName {
-    pub name: String,
-}
-
-impl HostNetnsName {
-    pub fn attach(name: &str) -> HostNetnsName {
-        assert!(!Path::new("/run/netns").join(name).exists(), "/run/netns/{name} exists already");
-        run_cmd("ip", &["netns", "attach", name, &std::process::id().to_string()]);
-        HostNetnsName { name: name.to_owned() }
-    }
-}
-
-impl Drop for HostNetnsName {
-    fn drop(&mut self) {
-        // `ip netns del` unmounts and unlinks the name; the namespace lives on
-        // (it is this process's).
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).stdin(Stdio::null()).status();
     }
 }
 

@@ -3,6 +3,7 @@
 //! root tests (tests/), the fixtures, the demo and the benchmark (tools/).
 
 pub mod checksum;
+pub mod command;
 pub mod diff;
 pub mod docker;
 pub mod netns;

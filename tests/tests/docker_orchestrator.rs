@@ -51,12 +51,14 @@ use lb_agent::orchestrator::{
     Orchestrator, OrchestratorError,
 };
 use lb_lab::{
+    command::run_cmd,
     docker::{
-        build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, HostNetnsName, IptablesRule, NamedContainer,
-        NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
+        build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, IptablesRule, NamedContainer, NetworkGuard,
+        Scratch, ServiceContainers, DEMO_IMAGE,
     },
+    netns::NetNs,
     require_root_and_docker,
-    topology::{run_cmd, run_in_netns, Agent, Netns},
+    topology::Agent,
 };
 
 /// The two tests share the bridge name and subnet.
@@ -302,9 +304,9 @@ fn sysctl(path: &str) -> String {
 
 /// `n` requests from the client namespace, one connection each: answers
 /// per backend name, and the failures.
-fn requests_from_client(ns: &str, n: usize, timeout: Duration) -> (BTreeMap<String, usize>, Vec<String>) {
+fn requests_from_client(ns: &NetNs, n: usize, timeout: Duration) -> (BTreeMap<String, usize>, Vec<String>) {
     let vip = SocketAddrV4::new(VIP, VIP_PORT);
-    run_in_netns(ns, move || {
+    ns.run(move || {
         let (mut by_backend, mut failures) = (BTreeMap::new(), Vec::new());
         for i in 0..n {
             match http_get(vip, "/?work_ms=0", timeout) {
@@ -342,7 +344,7 @@ fn root_docker_lb_end_to_end() {
     }
 
     // The client namespace: only the VIP is routed, via the host.
-    let client = Netns::create(&unique("cli"));
+    let client = NetNs::create(&unique("cli")).expect("client namespace");
     run_cmd("ip", &["link", "add", CLIENT_IFACE, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
     run_cmd("ip", &["addr", "add", &format!("{CLIENT_GW}/24"), "dev", CLIENT_IFACE]);
     run_cmd("ip", &["link", "set", CLIENT_IFACE, "up"]);
@@ -362,9 +364,9 @@ fn root_docker_lb_end_to_end() {
         ),
     )
     .expect("write config");
-    let host = HostNetnsName::attach(&unique("host"));
+    let host = NetNs::attach_process(&unique("host")).expect("name the host's namespace");
     let args = scratch.agent_args(config);
-    let mut agent = Agent::spawn(&host.name, &args);
+    let mut agent = Agent::spawn(host.name(), &args);
     agent.wait_ready();
     let modes = agent.modes();
     eprintln!("MEASURED: XDP modes {modes:?}");
@@ -375,13 +377,13 @@ fn root_docker_lb_end_to_end() {
 
     // Without an ACCEPT in DOCKER-USER, dockerd's FORWARD policy drops the
     // new connections (the client's SYN, rewritten to a container).
-    let (ok, failed) = requests_from_client(client.name(), 1, Duration::from_secs(1));
+    let (ok, failed) = requests_from_client(&client, 1, Duration::from_secs(1));
     assert!(ok.is_empty() && failed.len() == 1, "expected the FORWARD policy to drop this: {ok:?} {failed:?}");
 
     let rule_spec = ["-i", CLIENT_IFACE, "-o", BRIDGE, "-j", "ACCEPT"];
     let _rule = IptablesRule::insert("DOCKER-USER", &rule_spec);
     let t = Instant::now();
-    let (by_backend, failures) = requests_from_client(client.name(), 200, Duration::from_secs(2));
+    let (by_backend, failures) = requests_from_client(&client, 200, Duration::from_secs(2));
     let took = t.elapsed();
     eprintln!("MEASURED: 200 requests through the VIP in {took:?}: {by_backend:?}, {} failed", failures.len());
     assert!(failures.is_empty(), "{} of 200 failed: {:#?}", failures.len(), &failures[..failures.len().min(10)]);

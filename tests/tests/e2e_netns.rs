@@ -20,9 +20,7 @@ use std::{
 
 use lb_lab::{
     require_root,
-    topology::{
-        ns_exec_status, tcp_request, udp_request, AgentArgs, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR,
-    },
+    topology::{tcp_request, udp_request, AgentArgs, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
 };
 
 fn names(n: usize) -> Vec<String> {
@@ -324,7 +322,7 @@ fn root_lb_own_address_still_answers() {
     let agent = topo.start_agent();
 
     let (status, out) =
-        ns_exec_status(topo.client.name(), "ping", &["-c", "2", "-i", "0.2", "-W", "2", &LB_CLIENT_ADDR.to_string()]);
+        topo.client.exec_status("ping", &["-c", "2", "-i", "0.2", "-W", "2", &LB_CLIENT_ADDR.to_string()]);
     assert!(status.success(), "ping {LB_CLIENT_ADDR} from the client failed:\n{out}");
 
     let addr = SocketAddrV4::new(LB_CLIENT_ADDR, 9000);

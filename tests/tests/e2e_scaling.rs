@@ -49,14 +49,11 @@ use std::{
 };
 
 use lb_lab::{
-    docker::{
-        build_demo_image, docker_try, Dockerd, HostNetnsName, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE,
-    },
+    command::run_cmd,
+    docker::{build_demo_image, docker_try, Dockerd, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE},
+    netns::{netns_pids, InstanceNamespaces, NetNs},
     require_root, require_root_and_docker,
-    topology::{
-        agent_bin, netns_pids, run_cmd, Agent, InstanceNamespaces, Netns, Options, Topology, LB_CLIENT_IFACE, TCP_PORT,
-        VIP,
-    },
+    topology::{agent_bin, Agent, Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
 };
 use lb_load::{self as load, plot, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
@@ -135,8 +132,8 @@ enum World {
 struct DockerWorld {
     containers: ServiceContainers,
     _network: NetworkGuard,
-    _client: Netns,
-    _host: HostNetnsName,
+    _client: NetNs,
+    _host: NetNs,
     _scratch: Scratch,
     _dockerd: Dockerd,
 }
@@ -234,7 +231,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
         // Before the agent makes it: if it exists, it is not ours.
         let network_guard = NetworkGuard::expect_new(&network);
         let containers = ServiceContainers { service: service.clone() };
-        let client = Netns::create(&format!("lbt-{id}-cli"));
+        let client = NetNs::create(&format!("lbt-{id}-cli")).expect("client namespace");
         run_cmd("ip", &["link", "add", &client_iface, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
         run_cmd("ip", &["addr", "add", &format!("{gw}/24"), "dev", &client_iface]);
         run_cmd("ip", &["link", "set", &client_iface, "up"]);
@@ -254,9 +251,9 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
             Self::service_toml(&service, vip, [&client_iface, &bridge], policy, &timeline),
         );
         fs::write(&config, text).expect("write the config");
-        let host = HostNetnsName::attach(&format!("lbt-{id}-host"));
+        let host = NetNs::attach_process(&format!("lbt-{id}-host")).expect("name the host's namespace");
         let args = scratch.agent_args(config);
-        let mut agent = Agent::spawn(&host.name, &args);
+        let mut agent = Agent::spawn(host.name(), &args);
         agent.wait_ready();
         // Every address the test sends to is routed on this machine: the VIP
         // from the client goes to the host, and the host reaches the

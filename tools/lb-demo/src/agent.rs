@@ -3,7 +3,7 @@
 use std::{
     fs::{self, File},
     io::{self, Write as _},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     thread,
@@ -12,9 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use lb_agent::status::Snapshot;
-use lb_lab::topology::api_call_within;
-
-use crate::autoscale::NETNS_DIR;
+use lb_lab::{netns::NetNs, topology::api_call_within};
 
 pub(crate) struct AgentProc {
     pub(crate) child: Child,
@@ -30,15 +28,14 @@ impl AgentProc {
     pub(crate) fn spawn(
         bin: &Path,
         args: &[std::ffi::OsString],
-        ns: Option<&str>,
+        ns: Option<&NetNs>,
         log: &Path,
         socket: &Path,
     ) -> anyhow::Result<AgentProc> {
         let log_file = File::create(log).with_context(|| format!("create {}", log.display()))?;
-        // Our own namespace when there is none to enter (setns to it is a no-op).
-        let ns_path = ns.map_or_else(|| PathBuf::from("/proc/self/ns/net"), |ns| Path::new(NETNS_DIR).join(ns));
-        let netns = File::open(&ns_path).with_context(|| format!("open {}", ns_path.display()))?;
-        let fd = netns.as_raw_fd();
+        // Our own namespace when there is none to enter.
+        let netns = ns.map(|ns| NetNs::open(ns.name())).transpose()?;
+        let ns_name = ns.map_or("the host's namespace", |ns| ns.name());
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .env("NO_COLOR", "1")
@@ -53,8 +50,8 @@ impl AgentProc {
         // long as lb-demo, so PDEATHSIG fires only when lb-demo dies.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
+                if let Some(ns) = &netns {
+                    ns.enter_for_good()?;
                 }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
                     return Err(io::Error::last_os_error());
@@ -62,10 +59,7 @@ impl AgentProc {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {} in {}", bin.display(), ns.unwrap_or("the host's namespace")))?;
-        drop(netns);
+        let child = cmd.spawn().with_context(|| format!("start {} in {ns_name}", bin.display()))?;
         Ok(AgentProc { child, exited: None, socket: socket.to_owned(), log: log.to_owned() })
     }
 

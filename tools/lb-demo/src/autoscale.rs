@@ -2,10 +2,9 @@
 
 use std::{
     collections::BTreeSet,
-    fs::{self, File},
+    fs::{self},
     io::{self, IsTerminal as _, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -49,8 +48,6 @@ pub(crate) const CPU_TARGET: f64 = 50.0;
 pub(crate) const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// How long the instances must stay at the minimum before the load stops.
 pub(crate) const SETTLE: f64 = 3.0;
-/// Where named network namespaces live (`ip netns add`).
-pub(crate) const NETNS_DIR: &str = "/run/netns";
 
 pub(crate) fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
     let (kind, why) = cli.orchestrator.resolve();
@@ -232,13 +229,13 @@ pub(crate) fn wait_first_instance(lab: &mut Lab) -> anyhow::Result<Option<String
     println!(" ({:.1} s)", started.elapsed().as_secs_f64());
     // The first request through the VIP, so that the load starts on a
     // working path (the table update follows "ready" closely).
-    let client = lab.client_ns.clone();
+    let client = lab.client().context("the client namespace")?;
     let mut last_err = String::new();
     for _ in 0..50 {
         if stopped() {
             return Ok(None);
         }
-        match in_netns(&client, || http_get(SocketAddrV4::new(VIP, VIP_PORT)))? {
+        match client.try_run(|| http_get(SocketAddrV4::new(VIP, VIP_PORT)))? {
             Ok((backend, took)) => {
                 println!(
                     "first request: {CLIENT_ADDR} -> {VIP}:{VIP_PORT} answered by {backend} in {:.1} ms",
@@ -250,25 +247,7 @@ pub(crate) fn wait_first_instance(lab: &mut Lab) -> anyhow::Result<Option<String
         }
         thread::sleep(Duration::from_millis(200));
     }
-    bail!("{name} is ready but requests to {VIP}:{VIP_PORT} from {client} fail: {last_err}")
-}
-
-/// Run `f` on a thread inside the named network namespace `ns`.
-pub(crate) fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    let path = Path::new(NETNS_DIR).join(ns);
-    let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-    thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on an open namespace descriptor; it moves only
-            // this short-lived thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(anyhow!("setns into {ns}: {}", io::Error::last_os_error()));
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow!("a thread in {ns} panicked"))?
-    })
+    bail!("{name} is ready but requests to {VIP}:{VIP_PORT} from {} fail: {last_err}", client.name())
 }
 
 /// One `GET /`: the body's first line (the backend's name) and the time taken.

@@ -2,18 +2,16 @@
 
 use std::{
     fmt::Write as _,
-    fs,
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context as _};
 use lb_agent::orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER};
-use lb_lab::docker::DEMO_IMAGE;
+use lb_lab::{command::try_run_cmd, docker::DEMO_IMAGE};
 
 use crate::{
-    autoscale::{INSTANCE_NET, INSTANCE_PORT, NETNS_DIR, SERVICE},
+    autoscale::{INSTANCE_NET, INSTANCE_PORT, SERVICE},
     cli::OrchestratorKind,
-    lab::run,
 };
 
 pub(crate) struct InstancePlan {
@@ -114,21 +112,6 @@ impl InstancePlan {
         )
     }
 
-    /// Namespaces of this run's process instances that are still there.
-    pub(crate) fn leftover_namespaces(&self) -> Vec<String> {
-        if self.docker() {
-            return Vec::new();
-        }
-        let prefix = format!("{}-", self.bridge);
-        let Ok(dir) = fs::read_dir(NETNS_DIR) else { return Vec::new() };
-        let mut out: Vec<String> = dir
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| rest.parse::<u8>().is_ok()))
-            .collect();
-        out.sort();
-        out
-    }
-
     /// Containers the agent made for this run (its labels, on this run's
     /// network) that are still there.
     pub(crate) fn leftover_containers(&self) -> Vec<String> {
@@ -139,7 +122,7 @@ impl InstancePlan {
         let service = format!("label={LABEL_SERVICE}={SERVICE}");
         let network = format!("network={}", self.network);
         let args = ["ps", "-aq", "--no-trunc", "--filter", &owner, "--filter", &service, "--filter", &network];
-        run("docker", &args).map(|out| out.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
+        try_run_cmd("docker", &args).map(|out| out.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
     }
 }
 

@@ -6,20 +6,22 @@ use std::{
     fmt::Write as _,
     fs,
     io::{self, Write as _},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
-use lb_lab::docker::{build_demo_image_from, docker_try, Dockerd, DEMO_IMAGE};
+use lb_lab::{
+    command::try_run_cmd,
+    docker::{build_demo_image_from, docker_try, Dockerd, DEMO_IMAGE},
+    netns::{netns_path, InstanceNamespaces, NetNs},
+};
 
 use crate::{
     agent::AgentProc,
     autoscale::{
         CLIENT_ADDR, CLIENT_IFACE, CPU_TARGET, INSTANCE_NET, INSTANCE_PORT, LB_ADDR, LB_IFACE, MAX_REPLICAS,
-        MIN_REPLICAS, NETNS_DIR, SERVICE, VIP, VIP_PORT,
+        MIN_REPLICAS, SERVICE, VIP, VIP_PORT,
     },
     instances::{toml_string, InstancePlan},
 };
@@ -37,7 +39,10 @@ pub(crate) struct Lab {
     scratch: PathBuf,
     made_scratch: bool,
     /// Namespaces this run created, in order.
-    namespaces: Vec<String>,
+    namespaces: Vec<NetNs>,
+    /// Processes: the namespaces the agent makes for its instances, which
+    /// cleanup removes if the agent leaves any behind.
+    instances: Option<InstanceNamespaces>,
     pub(crate) agent: Option<AgentProc>,
     /// Docker: the engine, stopped again at the end if this run started it.
     dockerd: Option<Dockerd>,
@@ -51,7 +56,7 @@ impl Lab {
     pub(crate) fn new(plan: InstancePlan) -> anyhow::Result<Lab> {
         let pid = std::process::id();
         let docker = plan.docker();
-        let lab = Lab {
+        let mut lab = Lab {
             lb_ns: (!docker).then(|| format!("lbd-{pid}-lb")),
             lb_iface: if docker { format!("lbc{pid}") } else { LB_IFACE.to_owned() },
             client_ns: format!("lbd-{pid}-client"),
@@ -59,6 +64,7 @@ impl Lab {
             scratch: std::env::temp_dir().join(format!("lbd-{pid}")),
             made_scratch: false,
             namespaces: Vec::new(),
+            instances: None,
             agent: None,
             dockerd: None,
             network_is_ours: false,
@@ -66,20 +72,26 @@ impl Lab {
         };
         // Names carry our pid; anything by these names is a leftover of an
         // earlier run that had the same pid. Refuse rather than touch it.
-        let mut taken: Vec<String> = lab
+        let taken: Vec<String> = lab
             .lb_ns
             .iter()
             .chain([&lab.client_ns])
-            .filter(|n| Path::new(NETNS_DIR).join(n).exists())
+            .filter(|n| netns_path(n).is_ok_and(|p| p.exists()))
             .cloned()
             .collect();
-        taken.extend(lab.plan.leftover_namespaces());
         if !taken.is_empty() {
             bail!(
                 "network namespace(s) {} exist already (left by an earlier run?); this run does not touch what it \
                  did not create: remove them with `ip netns del NAME` and try again",
                 taken.join(", ")
             );
+        }
+        if !lab.plan.docker() {
+            // Only this run's agent makes `<bridge>-<n>` (the bridge name
+            // holds our pid).
+            let claimed = InstanceNamespaces::try_claim(&lab.plan.bridge)
+                .context("remove them with `ip netns del NAME` and try again")?;
+            lab.instances = Some(claimed);
         }
         if lab.scratch.exists() {
             bail!("{} exists already (left by an earlier run?); remove it and try again", lab.scratch.display());
@@ -103,10 +115,18 @@ impl Lab {
     }
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
-        ip(&["netns", "add", name])?;
-        self.namespaces.push(name.to_owned());
-        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        self.namespaces.push(NetNs::create(name)?);
         Ok(())
+    }
+
+    /// One of this run's namespaces, once built.
+    fn netns(&self, name: &str) -> Option<&NetNs> {
+        self.namespaces.iter().find(|ns| ns.name() == name)
+    }
+
+    /// The client's namespace, once built.
+    pub(crate) fn client(&self) -> Option<&NetNs> {
+        self.netns(&self.client_ns)
     }
 
     /// Client ns ⇄ LB ns; the agent makes the instances' bridge itself.
@@ -123,7 +143,7 @@ impl Lab {
         // inherit rp_filter=0: replies from the instances come back from the
         // VIP, which is not routed via the bridge.
         for setting in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
-            run("ip", &["netns", "exec", &lb, "sysctl", "-qw", setting])?;
+            try_run_cmd("ip", &["netns", "exec", &lb, "sysctl", "-qw", setting])?;
         }
         self.add_netns(&client)?;
         // Created directly inside the two namespaces: nothing ever appears
@@ -269,7 +289,7 @@ impl Lab {
         self.agent = Some(AgentProc::spawn(
             bin,
             &args,
-            self.lb_ns.as_deref(),
+            self.lb_ns.as_deref().and_then(|n| self.netns(n)),
             &self.agent_log(),
             &self.scratch.join("api.sock"),
         )?);
@@ -292,37 +312,27 @@ impl Lab {
             notes.push(format!("lb-agent stopped ({})", status.map_or("killed".into(), |s| s.to_string())));
         }
         for id in self.plan.leftover_containers() {
-            match run("docker", &["rm", "-f", "-v", &id]) {
+            match try_run_cmd("docker", &["rm", "-f", "-v", &id]) {
                 Ok(_) => notes.push(format!("removed leftover container {}", &id[..id.len().min(12)])),
                 Err(e) => notes.push(format!("WARNING: {e:#}")),
             }
         }
         if self.network_is_ours && docker_try(&["network", "inspect", &self.plan.network]).0 {
-            match run("docker", &["network", "rm", &self.plan.network]) {
+            match try_run_cmd("docker", &["network", "rm", &self.plan.network]) {
                 Ok(_) => notes.push(format!("docker network {} removed", self.plan.network)),
                 Err(e) => notes.push(format!("WARNING: {e:#}")),
             }
         }
-        for ns in self.plan.leftover_namespaces() {
-            // Only this run's agent makes `<bridge>-<n>` (the bridge name
-            // holds our pid); a process still in one is an instance it lost.
-            let pids = run("ip", &["netns", "pids", &ns]).unwrap_or_default();
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                if pid > 1 && pid as u32 != std::process::id() {
-                    // SAFETY: kill(2) on a pid listed in a namespace that only this run's agent created.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            match ip(&["netns", "del", &ns]) {
-                Ok(_) => notes.push(format!("removed leftover instance namespace {ns}")),
-                Err(e) => notes.push(format!("WARNING: {e:#}")),
-            }
+        if let Some(instances) = self.instances.take() {
+            // A process still in one is an instance the agent lost.
+            notes.extend(instances.remove_left());
         }
         let mut removed = Vec::new();
         for ns in self.namespaces.drain(..).rev() {
-            match ip(&["netns", "del", &ns]) {
-                Ok(_) => removed.push(ns),
-                Err(e) => notes.push(format!("WARNING: {e:#}")),
+            let name = ns.name().to_owned();
+            match ns.remove() {
+                Ok(()) => removed.push(name),
+                Err(e) => notes.push(format!("WARNING: {e}")),
             }
         }
         if !removed.is_empty() {
@@ -394,28 +404,6 @@ pub(crate) fn unmount_bpffs(path: &Path) -> Option<String> {
     Some(format!("{} is still a bpffs after 4 unmounts", path.display()))
 }
 
-/// Run a command to completion, in its own process group (so a Ctrl-C on
-/// the terminal, meant for lb-demo, cannot cut a setup or cleanup step
-/// short); stdout, or an error with its output.
-pub(crate) fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .process_group(0)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub(crate) fn ip(args: &[&str]) -> anyhow::Result<String> {
-    run("ip", args)
+fn ip(args: &[&str]) -> std::io::Result<String> {
+    try_run_cmd("ip", args)
 }

@@ -29,11 +29,8 @@ pub mod stop;
 use std::{
     collections::{BTreeMap, VecDeque},
     fmt::Write as _,
-    fs::File,
     io::{self, ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Condvar, Mutex, MutexGuard,
@@ -42,10 +39,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_lab::netns::NetNs;
 use serde::{Deserialize, Serialize};
 
-/// Where `ip netns add` keeps named namespaces; `--netns` only opens these.
-pub const NETNS_DIR: &str = "/var/run/netns";
 /// Longest backend name kept from a response body.
 const MAX_BACKEND_NAME: usize = 64;
 /// Largest response (head plus body) read.
@@ -69,11 +65,9 @@ pub enum LoadError {
     Ramp { input: String, reason: String },
     #[error("bad configuration: {0}")]
     Config(String),
-    #[error("network namespace {name:?}: {reason}")]
-    NetnsName { name: String, reason: &'static str },
-    #[error("enter network namespace {path}")]
+    #[error("network namespace {name:?}")]
     Netns {
-        path: PathBuf,
+        name: String,
         #[source]
         source: io::Error,
     },
@@ -1138,8 +1132,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Reuse connections (one per worker) instead of one per request.
     pub keep_alive: bool,
-    /// Run the workers inside this named network namespace (under
-    /// [`NETNS_DIR`]); the calling thread stays where it is.
+    /// Run the workers inside this named network namespace (as `ip netns
+    /// list` shows it); the calling thread stays where it is.
     pub netns: Option<String>,
     /// Most worker threads (open loop); started as needed.
     pub max_workers: usize,
@@ -1189,28 +1183,6 @@ impl LoadConfig {
             _ => Ok(()),
         }
     }
-}
-
-/// The path of a named namespace; refuses names that would leave [`NETNS_DIR`].
-pub fn netns_path(name: &str) -> Result<PathBuf, LoadError> {
-    let err = |reason| LoadError::NetnsName { name: name.to_owned(), reason };
-    if name.is_empty() || name == "." || name == ".." {
-        return Err(err("empty or a dot name"));
-    }
-    if name.contains(['/', '\0']) {
-        return Err(err("must be a plain name, as `ip netns list` shows it"));
-    }
-    Ok(PathBuf::from(NETNS_DIR).join(name))
-}
-
-/// Moves the calling thread into the namespace `ns` refers to.
-fn enter_netns(ns: &File, path: &std::path::Path) -> Result<(), LoadError> {
-    // SAFETY: plain syscall on an open descriptor; it changes only the
-    // calling thread, which then opens its sockets inside `ns`.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(LoadError::Netns { path: path.to_owned(), source: io::Error::last_os_error() });
-    }
-    Ok(())
 }
 
 /// A run's result: the per-second series and the summary.
@@ -1382,7 +1354,7 @@ fn sleep_until(at: Instant, stop: &AtomicBool) -> bool {
 struct Shared<'a> {
     cfg: &'a LoadConfig,
     client: Client,
-    netns: Option<(File, PathBuf)>,
+    netns: Option<(String, NetNs)>,
     stop: &'a AtomicBool,
     /// Set when a worker could not enter the namespace: stop everything.
     failed: Mutex<Option<LoadError>>,
@@ -1391,10 +1363,11 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn enter_netns(&self) -> bool {
-        let Some((file, path)) = &self.netns else { return true };
-        match enter_netns(file, path) {
+        let Some((name, ns)) = &self.netns else { return true };
+        match ns.enter_for_good() {
             Ok(()) => true,
-            Err(e) => {
+            Err(source) => {
+                let e = LoadError::Netns { name: name.clone(), source };
                 self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 false
             }
@@ -1518,13 +1491,12 @@ pub fn run(cfg: &LoadConfig, stop: &AtomicBool, mut on_point: impl FnMut(&TimePo
     let netns = match &cfg.netns {
         None => None,
         Some(name) => {
-            let path = netns_path(name)?;
-            let file = File::open(&path).map_err(|source| LoadError::Netns { path: path.clone(), source })?;
+            let netns_err = |source| LoadError::Netns { name: name.clone(), source };
+            let ns = NetNs::open(name).map_err(netns_err)?;
             // Try it once on a throw-away thread, so a wrong name fails
             // here and not in every worker.
-            thread::scope(|s| s.spawn(|| enter_netns(&file, &path)).join())
-                .map_err(|_| LoadError::Config("netns probe thread panicked".into()))??;
-            Some((file, path))
+            ns.try_run(|| ()).map_err(netns_err)?;
+            Some((name.clone(), ns))
         }
     };
     let (tx, rx) = mpsc::channel();
@@ -1615,7 +1587,7 @@ pub fn run(cfg: &LoadConfig, stop: &AtomicBool, mut on_point: impl FnMut(&TimePo
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
+    use std::{net::TcpListener, os::fd::AsRawFd};
 
     use super::*;
 
@@ -1890,14 +1862,6 @@ mod tests {
     }
 
     #[test]
-    fn netns_names_stay_in_the_netns_dir() {
-        assert_eq!(netns_path("lbt-1-client").unwrap(), PathBuf::from("/var/run/netns/lbt-1-client"));
-        for bad in ["", ".", "..", "../../proc/1/ns/net", "a/b", "x\0"] {
-            assert!(netns_path(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn io_errors_sort_into_kinds() {
         let kind = |k: ErrorKind| Failure::of_io(&io::Error::from(k));
         assert_eq!(kind(ErrorKind::ConnectionRefused), Failure::Refused);
@@ -2113,7 +2077,7 @@ mod tests {
         if lb_lab::root::skip_without_root("root_workers_run_inside_the_named_netns") {
             return;
         }
-        let ns = lb_lab::topology::Netns::create(&format!("lbl-{}-load", std::process::id()));
+        let ns = lb_lab::netns::NetNs::create(&format!("lbl-{}-load", std::process::id())).unwrap();
         // Bound inside the namespace: its loopback, not the host's.
         let server = ns.run(|| TestServer::start(|_| Behaviour::Answer("in-ns")));
         let mut cfg = open(server.addr, 20.0, 1.0);
@@ -2132,7 +2096,7 @@ mod tests {
         assert!(matches!(run(&cfg, &stop, |_| {}), Err(LoadError::Config(_))));
         let mut cfg = open(addr, 1.0, 1.0);
         cfg.netns = Some("../x".into());
-        assert!(matches!(run(&cfg, &stop, |_| {}), Err(LoadError::NetnsName { .. })));
+        assert!(matches!(run(&cfg, &stop, |_| {}), Err(LoadError::Netns { .. })));
         cfg.netns = Some("lb-load-test-no-such-namespace".into());
         assert!(matches!(run(&cfg, &stop, |_| {}), Err(LoadError::Netns { .. })));
     }

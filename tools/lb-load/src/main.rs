@@ -47,8 +47,8 @@ struct Cli {
     /// Reuse connections (one per worker) instead of one per request.
     #[arg(long)]
     keep_alive: bool,
-    /// Run the workers inside this named network namespace (as `ip netns
-    /// list` shows it; only /var/run/netns/NAME is opened).
+    /// Run the workers inside this named network namespace (a plain name,
+    /// as `ip netns list` shows it).
     #[arg(long)]
     netns: Option<String>,
     /// Most worker threads in open loop (started as needed).
