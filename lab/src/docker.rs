@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{command::run_cmd, topology::TempDir};
+use crate::{bins::target_dir, command::run_cmd, scratch::TempDir};
 
 /// The demo backend's image; built by [`build_demo_image`], never removed.
 pub const DEMO_IMAGE: &str = "lb-demo-backend:dev";
@@ -167,26 +167,36 @@ fn live_dockerd_pid() -> Option<libc::pid_t> {
 
 /// Where the static `lb-backend` is: `$LB_BACKEND_STATIC_BIN`, else
 /// `<target>/x86_64-unknown-linux-gnu/release/lb-backend` of the target
-/// directory this test runs from.
-pub fn static_backend_bin() -> PathBuf {
+/// directory the running executable is in. An error says how to build it.
+pub fn try_static_backend_bin() -> io::Result<PathBuf> {
     let build = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p lb-backend \
                  --target x86_64-unknown-linux-gnu";
     let path = match std::env::var_os("LB_BACKEND_STATIC_BIN") {
         Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().expect("current_exe");
-            // target/<profile>/deps/<test> -> target
-            let target = exe.ancestors().nth(3).expect("test binary lives in target/<profile>/deps");
-            target.join("x86_64-unknown-linux-gnu/release/lb-backend")
-        }
+        None => target_dir()?.join("x86_64-unknown-linux-gnu/release/lb-backend"),
     };
-    assert!(path.is_file(), "{} not found: build the static demo backend first with `{build}`", path.display());
-    assert!(
-        is_static_elf(&path),
-        "{} is dynamically linked; a FROM scratch image has no loader. Build it with `{build}`",
-        path.display()
-    );
-    path
+    if !path.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "the static lb-backend is not at {}: build it with `{build}` (`cargo xtask run` does), or set \
+                 LB_BACKEND_STATIC_BIN",
+                path.display()
+            ),
+        ));
+    }
+    if !is_static_elf(&path) {
+        return Err(io::Error::other(format!(
+            "{} is dynamically linked; a FROM scratch image has no loader. Build it with `{build}`",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// [`try_static_backend_bin`] for tests: panics with the error.
+pub fn static_backend_bin() -> PathBuf {
+    try_static_backend_bin().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// True when an ELF64 file has no PT_INTERP program header (no dynamic
@@ -366,61 +376,6 @@ impl Drop for IptablesRule {
             Ok(o) if o.status.success() => {}
             Ok(o) => eprintln!("warning: iptables {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr)),
             Err(e) => eprintln!("warning: cannot run iptables: {e}"),
-        }
-    }
-}
-
-/// A scratch directory whose `bpf/` subdirectory an agent may mount bpffs
-/// on for its pins; drop unmounts that and removes the directory.
-pub struct Scratch {
-    dir: TempDir,
-}
-
-impl Scratch {
-    pub fn create(name: &str) -> Scratch {
-        Scratch { dir: TempDir::create(name) }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Pin directory for an agent: `<dir>/bpf/lb`.
-    pub fn pin_dir(&self) -> PathBuf {
-        self.path().join("bpf").join("lb")
-    }
-
-    /// Arguments for an agent that keeps everything here: control socket,
-    /// pins and log, with metrics off.
-    pub fn agent_args(&self, config: PathBuf) -> crate::topology::AgentArgs {
-        crate::topology::AgentArgs {
-            config,
-            api_socket: self.path().join("api.sock"),
-            metrics_address: None,
-            pin_dir: Some(self.pin_dir()),
-            keep_on_exit: false,
-            log: self.path().join("agent.log"),
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-        let bpf = self.path().join("bpf");
-        let Ok(c) = std::ffi::CString::new(bpf.as_os_str().as_encoded_bytes()) else { return };
-        for _ in 0..4 {
-            // SAFETY: a zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
-            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
-                return;
-            }
-            // SAFETY: NUL-terminated path of a mount our agent made in our directory.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                eprintln!("warning: umount {}: {}", bpf.display(), io::Error::last_os_error());
-                return;
-            }
         }
     }
 }

@@ -176,13 +176,13 @@ impl NetNs {
 
     /// [`NetNs::try_run`] for tests: panics if the thread cannot enter.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        self.try_run(f).unwrap_or_else(|e| panic!("enter network namespace {}: {e}", self.label()))
+        self.try_run(f).unwrap_or_else(|e| panic!("enter network namespace {self}: {e}"))
     }
 
     /// Spawns a thread that enters this namespace, then runs `f`.
     pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
         let fd = self.fd.try_clone().expect("dup the namespace descriptor");
-        let label = self.label().to_owned();
+        let label = self.to_string();
         thread::Builder::new()
             .name(format!("in-{label}"))
             .spawn(move || {
@@ -221,7 +221,7 @@ impl NetNs {
         // would show the main thread's.
         let snmp = self
             .run(|| fs::read_to_string("/proc/thread-self/net/snmp"))
-            .unwrap_or_else(|e| panic!("read snmp counters in {}: {e}", self.label()));
+            .unwrap_or_else(|e| panic!("read snmp counters in {self}: {e}"));
         (snmp_counter(&snmp, "Tcp", "InCsumErrors"), snmp_counter(&snmp, "Udp", "InCsumErrors"))
     }
 
@@ -246,9 +246,12 @@ impl NetNs {
             _ => Ok(()),
         }
     }
+}
 
-    fn label(&self) -> &str {
-        self.name.as_deref().unwrap_or("netns")
+/// Its name, or `(anonymous)`.
+impl std::fmt::Display for NetNs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name.as_deref().unwrap_or("(anonymous)"))
     }
 }
 

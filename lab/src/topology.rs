@@ -42,20 +42,21 @@ use std::{
     fs,
     io::{self, BufRead, BufReader, ErrorKind, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsFd as _, AsRawFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc, Arc,
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
+    agent::{Agent, AgentArgs},
     command::run_cmd,
-    netns::{set_thread_netns, NetNs},
+    netns::NetNs,
+    scratch::Scratch,
 };
 
 /// The service address. It is on no interface; the client routes it via the LB.
@@ -93,35 +94,6 @@ fn unique_prefix() -> String {
 /// [`NetNs::create`], panicking as the helpers here do.
 fn create_netns(name: &str) -> NetNs {
     NetNs::create(name).unwrap_or_else(|e| panic!("{e}"))
-}
-
-// ---------------------------------------------------------------------------
-// Scratch directories
-
-/// A directory under the system temp dir, removed on drop.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn create(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(name);
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("warning: remove {}: {e}", self.path.display());
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -411,7 +383,7 @@ pub struct Topology {
     pub backends: Vec<Backend>,
     pub client: NetNs,
     pub lb: NetNs,
-    dir: TempDir,
+    dir: Scratch,
 }
 
 impl Topology {
@@ -420,9 +392,7 @@ impl Topology {
     pub fn build(options: Options) -> Topology {
         assert!(options.backends.len() <= MAX_BACKEND_INDEX as usize, "too many backends");
         let prefix = unique_prefix();
-        let dir = TempDir::create(&prefix);
-        let bpf = dir.path().join(BPF_DIR);
-        fs::create_dir(&bpf).unwrap_or_else(|e| panic!("create {}: {e}", bpf.display()));
+        let dir = Scratch::create(&prefix);
         let lb = create_netns(&format!("{prefix}-lb"));
         // Before any interface exists, so that they inherit the defaults.
         for (key, value) in [
@@ -552,7 +522,7 @@ impl Topology {
     }
 
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("lb.toml")
+        self.dir.config_path()
     }
 
     /// The agent config: a TCP service `VIP:80` and a UDP service `VIP:53`,
@@ -616,27 +586,20 @@ impl Topology {
 
     /// The agent's control socket.
     pub fn api_socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
+        self.dir.api_socket()
     }
 
-    /// Where the agent pins its maps and links: `<dir>/bpf/lb`. The agent
-    /// mounts bpffs on `<dir>/bpf`; dropping the topology unmounts it.
+    /// Where the agent pins its maps and links (see [`Scratch::pin_dir`]);
+    /// dropping the topology unmounts the bpffs.
     pub fn pin_dir(&self) -> PathBuf {
-        self.dir.path().join(BPF_DIR).join("lb")
+        self.dir.pin_dir()
     }
 
     /// Arguments for an agent of this topology: the current config file,
     /// its own control socket and pin directory, no metrics server, the log
     /// in `agent.log`.
     pub fn agent_args(&self) -> AgentArgs {
-        AgentArgs {
-            config: self.config_path(),
-            api_socket: self.api_socket(),
-            metrics_address: None,
-            pin_dir: Some(self.pin_dir()),
-            keep_on_exit: false,
-            log: self.dir.path().join("agent.log"),
-        }
+        self.dir.agent_args(self.config_path())
     }
 
     /// Start the agent (see [`Topology::agent_args`]) in the LB namespace and
@@ -647,7 +610,7 @@ impl Topology {
 
     /// Start an agent with `args` in the LB namespace and wait for "ready".
     pub fn start_agent_with(&self, args: &AgentArgs) -> Agent {
-        let mut agent = Agent::spawn(self.lb.name(), args);
+        let mut agent = Agent::spawn(&self.lb, args);
         agent.wait_ready();
         agent
     }
@@ -712,43 +675,15 @@ impl Drop for Topology {
         for b in &mut self.backends {
             b.servers.take();
         }
-        // The bpffs an agent mounted for its pins, before the directory goes.
-        // (Agents are gone by now: an `Agent` is declared after its topology,
-        // so it drops first.) Unmounting releases whatever a killed agent
-        // left pinned, XDP links included.
-        unmount_bpffs(&self.dir.path().join(BPF_DIR));
-    }
-}
-
-/// `<dir>/<BPF_DIR>` is where agents mount bpffs for their pins.
-const BPF_DIR: &str = "bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: a zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
-}
-
-/// Unmount every bpffs mounted on `path` (a directory this topology made,
-/// so whatever is mounted there an agent of ours mounted). Bounded: a few
-/// stacked mounts at most.
-fn unmount_bpffs(path: &Path) {
-    for _ in 0..4 {
-        if !is_bpffs(path) {
-            return;
-        }
-        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return };
-        // SAFETY: a NUL-terminated path. MNT_DETACH: nothing holds files
-        // open there, but a lazy unmount cannot fail on a straggler.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!("warning: umount {}: {}", path.display(), io::Error::last_os_error());
-            return;
+        // The bpffs an agent mounted for its pins, before the namespaces go
+        // (the scratch directory would, but only after them). Agents are
+        // gone by now: an `Agent` is declared after its topology, so it
+        // drops first. Unmounting releases whatever a killed agent left
+        // pinned, XDP links included.
+        if let Err(e) = self.dir.unmount_bpffs() {
+            eprintln!("warning: {e}");
         }
     }
-    eprintln!("warning: {} is still a bpffs after 4 unmounts", path.display());
 }
 
 /// Parse `ip -d link show` output into (interface, XDP kind) pairs. The
@@ -774,426 +709,6 @@ pub fn xdp_attachments(links: &str) -> Vec<(String, String)> {
     out
 }
 
-// ---------------------------------------------------------------------------
-// The agent
-
-/// Where `lb-agent` is: `$LB_AGENT_BIN`, else next to (or one level above)
-/// the running executable, i.e. `target/<profile>/lb-agent`.
-pub fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LB_AGENT_BIN") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "LB_AGENT_BIN={} does not exist", p.display());
-        return p;
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().expect("exe has a parent");
-    // Test binaries live in target/<profile>/deps, binaries in target/<profile>.
-    for candidate in [dir.join("lb-agent"), dir.join("../lb-agent")] {
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "lb-agent binary not found next to {} or in its parent directory. Build it first with \
-         `cargo build --release -p lb-agent` (or run `cargo xtask test`, which does), or point \
-         LB_AGENT_BIN at it.",
-        exe.display()
-    );
-}
-
-/// How to run one `lb-agent run`: the flags it gets and where its log goes.
-/// [`Topology::agent_args`] gives every agent its own control socket and
-/// pin directory inside the topology's scratch directory, so tests never
-/// meet the system's defaults (`/run/lb-agent`, `/sys/fs/bpf/lb-agent`) or
-/// each other.
-#[derive(Clone, Debug)]
-pub struct AgentArgs {
-    pub config: PathBuf,
-    pub api_socket: PathBuf,
-    /// `None` passes `--metrics-address off`.
-    pub metrics_address: Option<SocketAddr>,
-    /// `None` passes `--no-pin`. The agent mounts bpffs on the directory's
-    /// parent if it is not on one already.
-    pub pin_dir: Option<PathBuf>,
-    pub keep_on_exit: bool,
-    /// stderr and stdout, appended to (a restarted agent adds to the log).
-    pub log: PathBuf,
-}
-
-/// A running `lb-agent run` inside a namespace, with its output going to a
-/// log file. Drop sends SIGTERM, waits up to 5 s, then SIGKILL. Only the
-/// processes this guard spawned are ever signalled, by pid.
-///
-/// The agent enters only the namespace's *network* namespace (setns in the
-/// child before exec, as `nsenter --net` does); it stays in the test's mount
-/// namespace. `ip netns exec` would give it a private mount namespace, and
-/// the bpffs it mounts for its pins would vanish with it, so a restarted
-/// agent could never adopt them.
-pub struct Agent {
-    child: Child,
-    ns: String,
-    args: AgentArgs,
-    /// Where this process's part of the log starts.
-    log_start: usize,
-    exited: Option<ExitStatus>,
-}
-
-impl Agent {
-    /// Spawn the agent in `ns`'s network namespace. The child's pid is the
-    /// agent's. Does not wait for anything.
-    pub fn spawn(ns: &str, args: &AgentArgs) -> Agent {
-        let (child, log_start) = spawn_agent_process(ns, args);
-        Agent { child, ns: ns.to_owned(), args: args.clone(), log_start, exited: None }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn args(&self) -> &AgentArgs {
-        &self.args
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.args.log
-    }
-
-    /// This process's log so far (not its predecessors'), without ANSI
-    /// colour codes.
-    pub fn log(&self) -> String {
-        let all = fs::read(&self.args.log).unwrap_or_default();
-        strip_ansi(&String::from_utf8_lossy(&all[self.log_start.min(all.len())..]))
-    }
-
-    /// The whole log file, every agent this guard started.
-    pub fn full_log(&self) -> String {
-        strip_ansi(&String::from_utf8_lossy(&fs::read(&self.args.log).unwrap_or_default()))
-    }
-
-    /// Lines of the log whose message is `message` (matched as `": message"`
-    /// or `" message "`-style at a word boundary).
-    pub fn count(&self, message: &str) -> usize {
-        self.log().lines().filter(|l| has_message(l, message)).count()
-    }
-
-    /// Has the process exited? Remembers the status.
-    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
-    }
-
-    /// Wait until `message` has appeared `n` times; panic (with the log) if
-    /// the agent exits or `timeout` passes first.
-    pub fn wait_for(&mut self, message: &str, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.count(message) >= n {
-                return;
-            }
-            if let Some(status) = self.try_exit_status() {
-                panic!("lb-agent exited ({status}) before logging {message:?}; its log:\n{}", self.log());
-            }
-            if Instant::now() >= deadline {
-                panic!("lb-agent did not log {message:?} (x{n}) within {timeout:?}; its log:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn wait_ready(&mut self) {
-        self.wait_for("ready", 1, Duration::from_secs(20));
-    }
-
-    /// Run `change` (which rewrites the config file) and wait for the next
-    /// "config applied"; panics if the agent logs "config refused" instead.
-    pub fn reload_with(&mut self, change: impl FnOnce()) {
-        let applied = self.count("config applied");
-        let refused = self.count("config refused; keeping the running one");
-        change();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.count("config applied") > applied {
-                return;
-            }
-            if self.count("config refused; keeping the running one") > refused {
-                panic!("lb-agent refused the new config; its log:\n{}", self.log());
-            }
-            if let Some(status) = self.try_exit_status() {
-                panic!("lb-agent exited ({status}) during a reload; its log:\n{}", self.log());
-            }
-            if Instant::now() >= deadline {
-                panic!("lb-agent did not log \"config applied\" within 10 s; its log:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// XDP modes the agent reported, as (interface, "native" | "generic").
-    pub fn modes(&self) -> Vec<(String, String)> {
-        self.log()
-            .lines()
-            .filter(|l| has_message(l, "attached"))
-            .filter_map(|l| Some((field(l, "interface")?, field(l, "mode")?)))
-            .collect()
-    }
-
-    /// (interface, checksums) for each attach the agent logged: which of the
-    /// two programs it chose ("complete" or "may-be-partial").
-    pub fn checksum_modes(&self) -> Vec<(String, String)> {
-        self.log()
-            .lines()
-            .filter(|l| has_message(l, "attached"))
-            .filter_map(|l| Some((field(l, "interface")?, field(l, "checksums")?)))
-            .collect()
-    }
-
-    /// Wait (bounded) for the process to exit on its own.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_exit_status() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, wait up to 5 s, SIGKILL if needed; returns the exit status.
-    pub fn stop(&mut self) -> Option<ExitStatus> {
-        if let Some(s) = self.try_exit_status() {
-            return Some(s);
-        }
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped
-        // (try_wait said it is still running), so the pid cannot be reused yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        if let Some(s) = self.wait_exit(Duration::from_secs(5)) {
-            return Some(s);
-        }
-        eprintln!("warning: lb-agent (pid {pid}) ignored SIGTERM for 5 s; sending SIGKILL");
-        self.kill()
-    }
-
-    /// SIGKILL now (a crash: nothing is cleaned up, pinned state stays) and
-    /// reap; returns the exit status.
-    pub fn kill(&mut self) -> Option<ExitStatus> {
-        if let Some(s) = self.try_exit_status() {
-            return Some(s);
-        }
-        // Child::kill is SIGKILL to this child's pid, which is not reaped yet.
-        if let Err(e) = self.child.kill() {
-            eprintln!("warning: SIGKILL lb-agent (pid {}): {e}", self.child.id());
-        }
-        self.exited = self.child.wait().ok();
-        self.exited
-    }
-
-    /// Start a new agent with the same arguments (config, socket, pins) in
-    /// place of this one, which must have exited (see [`Agent::kill`]).
-    /// Does not wait for it to be ready; `log` and `count` now see only the
-    /// new process's lines.
-    pub fn respawn(&mut self) {
-        assert!(self.try_exit_status().is_some(), "respawn: lb-agent (pid {}) is still running", self.child.id());
-        let (child, log_start) = spawn_agent_process(&self.ns, &self.args);
-        self.child = child;
-        self.log_start = log_start;
-        self.exited = None;
-    }
-
-    /// One request line on the control socket (a fresh connection); the
-    /// answer parsed as JSON. `line` goes as it is, plus a newline. Panics if
-    /// the agent does not answer within 5 s.
-    pub fn api(&self, line: &str) -> serde_json::Value {
-        let sock = &self.args.api_socket;
-        let answer = api_call(sock, line).unwrap_or_else(|e| panic!("control socket {}: {e}", sock.display()));
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("unreadable answer {answer:?} to {line:.200}: {e}"))
-    }
-
-    /// [`Agent::api`] for a change that must be accepted.
-    pub fn api_ok(&self, line: &str) -> serde_json::Value {
-        let v = self.api(line);
-        assert_eq!(v["ok"], true, "the agent refused {line}: {v}");
-        v
-    }
-
-    /// The agent's status snapshot (what `lb-agent status --json` prints),
-    /// straight from the control socket.
-    pub fn status(&self) -> serde_json::Value {
-        let mut v = self.api_ok(r#"{"op":"status"}"#);
-        v["status"].take()
-    }
-
-    /// Run the `lb-agent` command line with `args` plus `--api-socket` of
-    /// this agent (in the test's namespaces: the control socket is a path,
-    /// reachable from any network namespace).
-    pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        all.push("--api-socket".as_ref());
-        all.push(self.args.api_socket.as_os_str());
-        run_agent_cli(&all)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop();
-        if thread::panicking() {
-            eprintln!(
-                "---- lb-agent log ({}) ----\n{}---- end of lb-agent log ----",
-                self.args.log.display(),
-                self.full_log()
-            );
-        }
-    }
-}
-
-fn spawn_agent_process(ns: &str, args: &AgentArgs) -> (Child, usize) {
-    use std::os::unix::process::CommandExt as _;
-    let bin = agent_bin();
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&args.log)
-        .unwrap_or_else(|e| panic!("open {}: {e}", args.log.display()));
-    let log_start = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    let netns = NetNs::open(ns).unwrap_or_else(|e| panic!("{e}"));
-    let netns_fd = netns.as_fd().try_clone_to_owned().expect("dup the namespace descriptor");
-    let mut cmd = Command::new(&bin);
-    cmd.arg("run").arg("--config").arg(&args.config).arg("--api-socket").arg(&args.api_socket);
-    cmd.arg("--metrics-address").arg(args.metrics_address.map_or("off".to_owned(), |a| a.to_string()));
-    match &args.pin_dir {
-        Some(dir) => cmd.arg("--pin-dir").arg(dir),
-        None => cmd.arg("--no-pin"),
-    };
-    if args.keep_on_exit {
-        cmd.arg("--keep-on-exit");
-    }
-    cmd.env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("dup log fd"))
-        .stderr(log);
-    // SAFETY: between fork and exec the child only calls setns(2), which is
-    // async-signal-safe, on a descriptor the closure owns (O_CLOEXEC closes
-    // it in the agent).
-    unsafe {
-        cmd.pre_exec(move || set_thread_netns(netns_fd.as_fd()));
-    }
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {} in {ns}: {e}", bin.display()));
-    (child, log_start)
-}
-
-/// What a run of the `lb-agent` command line printed.
-#[derive(Debug)]
-pub struct CliOutput {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Run `lb-agent <args>` (not `run`: it waits for the process to end, at
-/// most 30 s, then SIGKILLs it and panics).
-pub fn run_agent_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> CliOutput {
-    let bin = agent_bin();
-    let mut child = Command::new(&bin)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-    let (mut out, mut err) = (child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
-    let out_reader = thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = io::Read::read_to_end(&mut out, &mut s);
-        s
-    });
-    let err_reader = thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = io::Read::read_to_end(&mut err, &mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for lb-agent") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            // Still unreaped, so the pid is still this child's.
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`lb-agent` CLI did not finish within 30 s");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let stdout = String::from_utf8_lossy(&out_reader.join().expect("stdout reader")).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().expect("stderr reader")).into_owned();
-    CliOutput { status, stdout, stderr }
-}
-
-/// Send `line` (plus a newline) on a fresh connection to the control socket
-/// and read one answer line; 5 s limits on each step.
-pub fn api_call(socket: &Path, line: &str) -> io::Result<String> {
-    api_call_within(socket, line, Duration::from_secs(5))
-}
-
-/// [`api_call`] with `limit` on each step (connect aside).
-pub fn api_call_within(socket: &Path, line: &str, limit: Duration) -> io::Result<String> {
-    use std::os::unix::net::UnixStream;
-    let limit = Some(limit);
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(limit)?;
-    stream.set_write_timeout(limit)?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    if !answer.ends_with('\n') {
-        return Err(io::Error::new(ErrorKind::UnexpectedEof, format!("no whole answer line, got {answer:?}")));
-    }
-    answer.pop();
-    Ok(answer)
-}
-
-fn has_message(line: &str, message: &str) -> bool {
-    // tracing's fmt layout: "<time>  INFO <target>: <message> <k>=<v> ..."
-    line.split_once(": ").is_some_and(|(_, rest)| {
-        rest == message || rest.starts_with(&format!("{message} ")) || rest.contains(&format!(" {message} "))
-    }) || line.ends_with(&format!(" {message}"))
-}
-
-/// The value of `key=value` in a tracing line (unquoted).
-fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .map(|v| v.trim_matches('"').to_owned())
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ ... final byte in @..~
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1212,17 +727,5 @@ mod tests {
             xdp_attachments(links),
             vec![("lb-c".to_owned(), "xdp".to_owned()), ("lb-b1".to_owned(), "xdpgeneric".to_owned())]
         );
-    }
-
-    #[test]
-    fn log_lines_are_matched_by_message() {
-        let l = "2025-01-01T00:00:00.000000Z  INFO lb_agent::agent: ready config=/tmp/x/lb.toml";
-        assert!(has_message(l, "ready"));
-        assert!(!has_message(l, "config applied"));
-        let a = "2025-01-01T00:00:00Z  INFO lb_agent::dataplane: attached interface=\"lb-c\" mode=native";
-        assert!(has_message(a, "attached"));
-        assert_eq!(field(a, "interface").as_deref(), Some("lb-c"));
-        assert_eq!(field(a, "mode").as_deref(), Some("native"));
-        assert_eq!(strip_ansi("\u{1b}[3mmode\u{1b}[0m\u{1b}[2m=\u{1b}[0mnative"), "mode=native");
     }
 }

@@ -14,25 +14,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_lab::bins::built_bin;
 use lb_load::{Report, TimePoint};
 
-/// lb-backend is a crate of its own (for a quick static build); cargo
-/// builds it beside this test's binaries (`cargo xtask test` does).
-fn backend_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("LB_BACKEND_BIN") {
-        return p.into();
-    }
-    tool_bin("lb-backend")
+/// lb-backend and lb-load are crates of their own (tools/); cargo builds
+/// them beside this test's binaries (`cargo xtask test` does).
+fn backend_bin() -> PathBuf {
+    built_bin("lb-backend", "LB_BACKEND_BIN")
 }
 
-/// A tool of tools/ (lb-backend, lb-load), built with the same profile.
-fn tool_bin(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    let bin = dir.join(name);
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p {name}` (same profile)", bin.display());
-    bin
+fn load_bin() -> PathBuf {
+    built_bin("lb-load", "LB_LOAD_BIN")
 }
+
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An lb-backend child on 127.0.0.1; SIGTERM, then SIGKILL, on drop.
@@ -366,7 +360,7 @@ impl Drop for TempFile {
 
 fn run_load(args: &[&str]) -> (String, Report) {
     let json = TempFile::new("load.json");
-    let out = Command::new(tool_bin("lb-load"))
+    let out = Command::new(load_bin())
         .args(args)
         .arg("--json")
         .arg(&json.0)

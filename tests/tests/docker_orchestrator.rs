@@ -51,14 +51,15 @@ use lb_agent::orchestrator::{
     Orchestrator, OrchestratorError,
 };
 use lb_lab::{
+    agent::Agent,
     command::run_cmd,
     docker::{
         build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, IptablesRule, NamedContainer, NetworkGuard,
-        Scratch, ServiceContainers, DEMO_IMAGE,
+        ServiceContainers, DEMO_IMAGE,
     },
     netns::NetNs,
     require_root_and_docker,
-    topology::Agent,
+    scratch::Scratch,
 };
 
 /// The two tests share the bridge name and subnet.
@@ -366,7 +367,7 @@ fn root_docker_lb_end_to_end() {
     .expect("write config");
     let host = NetNs::attach_process(&unique("host")).expect("name the host's namespace");
     let args = scratch.agent_args(config);
-    let mut agent = Agent::spawn(host.name(), &args);
+    let mut agent = Agent::spawn(&host, &args);
     agent.wait_ready();
     let modes = agent.modes();
     eprintln!("MEASURED: XDP modes {modes:?}");

@@ -22,8 +22,9 @@ use std::{
 };
 
 use lb_lab::{
+    agent::{run_agent_cli, Agent},
     require_root,
-    topology::{run_agent_cli, tcp_request, xdp_attachments, Agent, Conn, Options, Topology},
+    topology::{tcp_request, xdp_attachments, Conn, Options, Topology},
 };
 use serde_json::Value;
 

@@ -19,8 +19,9 @@ use std::{
 };
 
 use lb_lab::{
+    agent::{Agent, AgentArgs},
     require_root,
-    topology::{tcp_request, udp_request, AgentArgs, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
+    topology::{tcp_request, udp_request, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
 };
 
 fn names(n: usize) -> Vec<String> {
@@ -69,7 +70,7 @@ fn assert_even(counts: &BTreeMap<String, usize>, backends: &[String]) {
 }
 
 /// Stop the agent and check that it exited cleanly and left no XDP program.
-fn stop_and_check_detached(topo: &Topology, mut agent: lb_lab::topology::Agent) {
+fn stop_and_check_detached(topo: &Topology, mut agent: Agent) {
     let status = agent.stop().expect("agent exit status");
     assert!(status.success(), "lb-agent exited with {status} on SIGTERM; log:\n{}", agent.log());
     let left = topo.lb_xdp_attachments();
@@ -107,7 +108,7 @@ fn assert_modes_agree(agent: &[(String, String)], iproute: &[(String, String)]) 
 }
 
 /// The agent attached the program for `want` checksums everywhere.
-fn assert_checksum_modes(agent: &lb_lab::topology::Agent, topo: &Topology, want: &str) {
+fn assert_checksum_modes(agent: &Agent, topo: &Topology, want: &str) {
     let got = agent.checksum_modes();
     assert_eq!(got.len(), topo.lb_interfaces().len(), "one attach per interface; log:\n{}", agent.log());
     assert!(got.iter().all(|(_, m)| m == want), "checksum handling per interface {got:?}, want {want}");
@@ -379,7 +380,7 @@ fn root_bad_config_is_refused_and_attaches_nothing() {
     for (what, text, field) in cases {
         topo.write_raw_config(&text);
         let args = AgentArgs { log: topo.dir().join("bad.log"), ..topo.agent_args() };
-        let mut agent = lb_lab::topology::Agent::spawn(topo.lb.name(), &args);
+        let mut agent = Agent::spawn(&topo.lb, &args);
         let status =
             agent.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| panic!("{what}: lb-agent kept running"));
         let log = agent.log();

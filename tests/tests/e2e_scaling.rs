@@ -49,11 +49,14 @@ use std::{
 };
 
 use lb_lab::{
+    agent::Agent,
+    bins::built_bin,
     command::run_cmd,
-    docker::{build_demo_image, docker_try, Dockerd, NetworkGuard, Scratch, ServiceContainers, DEMO_IMAGE},
+    docker::{build_demo_image, docker_try, Dockerd, NetworkGuard, ServiceContainers, DEMO_IMAGE},
     netns::{netns_pids, InstanceNamespaces, NetNs},
     require_root, require_root_and_docker,
-    topology::{agent_bin, Agent, Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
+    scratch::Scratch,
+    topology::{Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
 };
 use lb_load::{self as load, plot, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
@@ -69,16 +72,7 @@ const INSTANCE_PORT: u16 = 8080;
 const WORK_MS: u32 = 10;
 
 fn backend_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LB_BACKEND_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = agent_bin().with_file_name("lb-backend");
-    assert!(
-        p.is_file(),
-        "{} not found: build it with `cargo build --release -p lb-backend` (or set LB_BACKEND_BIN)",
-        p.display()
-    );
-    p
+    built_bin("lb-backend", "LB_BACKEND_BIN")
 }
 
 // ---------------------------------------------------------------------------
@@ -253,7 +247,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
         fs::write(&config, text).expect("write the config");
         let host = NetNs::attach_process(&format!("lbt-{id}-host")).expect("name the host's namespace");
         let args = scratch.agent_args(config);
-        let mut agent = Agent::spawn(host.name(), &args);
+        let mut agent = Agent::spawn(&host, &args);
         agent.wait_ready();
         // Every address the test sends to is routed on this machine: the VIP
         // from the client goes to the host, and the host reaches the

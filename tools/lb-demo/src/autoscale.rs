@@ -5,16 +5,18 @@ use std::{
     fs::{self},
     io::{self, IsTerminal as _, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _};
 use lb_agent::status::{ScalingStatus, Snapshot};
+use lb_lab::{agent::try_agent_bin, bins::try_built_bin};
 use lb_load::{stop::stopped, Ramp};
 
 use crate::{
+    agent::read_status,
     cli::{kind_name, Cli},
     install_signal_handlers,
     instances::InstancePlan,
@@ -68,8 +70,13 @@ pub(crate) fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
     }
     let scale_in_timeout =
         cli.scale_in_timeout.unwrap_or(if cli.quick { Duration::from_secs(60) } else { Duration::from_secs(120) });
-    let agent = find_binary("lb-agent", "LB_AGENT_BIN", None)?;
-    let backend = find_binary("lb-backend", "LB_BACKEND_BIN", cli.backend_bin.as_deref())?;
+    let agent = try_agent_bin()?;
+    let backend = match &cli.backend_bin {
+        Some(p) => p.clone(),
+        None => try_built_bin("lb-backend", "LB_BACKEND_BIN")?,
+    };
+    // The instances' command line names it: absolute, whatever the cwd.
+    let backend = fs::canonicalize(&backend).with_context(|| format!("resolve {}", backend.display()))?;
     let plan = InstancePlan::new(kind, &backend);
     let view =
         View::new(!cli.plain && io::stdout().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb"));
@@ -78,8 +85,8 @@ pub(crate) fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
     let out = ResultsDir::create(cli.out.as_deref())?;
     let result = demo(&mut lab, &out, &ramp_text, &ramp, &shape, scale_in_timeout, cli.quick, &agent, view);
     // The run's own records go into the results before the scratch directory goes.
-    out.copy_in(&lab.agent_log(), "agent.log");
-    out.copy_in(&lab.config_path(), "lb.toml");
+    out.copy_in(&lab.scratch().log_path(), "agent.log");
+    out.copy_in(&lab.scratch().config_path(), "lb.toml");
     let notes = lab.cleanup();
     println!("cleaned up: {}", notes.join("; "));
     out.finish(result.is_ok());
@@ -109,16 +116,16 @@ pub(crate) fn demo(
     );
     println!("  config   {}", config.display());
     println!("  results  {}", out.path.display());
-    lab.start_agent(agent_bin)?;
+    lab.start_agent()?;
     let a = lab.agent.as_ref().expect("just started");
     println!(
         "  agent    {} (pid {}, in {}), log {}",
         agent_bin.display(),
-        a.child.id(),
+        a.pid(),
         lab.lb_ns.as_deref().unwrap_or("the host's namespace"),
-        lab.agent_log().display()
+        a.log_path().display()
     );
-    println!("           control socket {}", a.socket.display());
+    println!("           control socket {}", a.args().api_socket.display());
 
     let first = wait_first_instance(lab)?;
     let Some(first) = first else {
@@ -165,26 +172,6 @@ pub(crate) fn demo(
     Ok(())
 }
 
-/// `explicit`, else `$env`, else `name` next to this executable.
-pub(crate) fn find_binary(name: &str, env: &str, explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let path = match (explicit, std::env::var_os(env)) {
-        (Some(p), _) => p.to_owned(),
-        (None, Some(p)) => PathBuf::from(p),
-        (None, None) => {
-            let exe = std::env::current_exe().context("current_exe")?;
-            exe.parent().context("the executable has no directory")?.join(name)
-        }
-    };
-    if !path.is_file() {
-        bail!(
-            "{name} not found at {}; build it with `cargo build --release -p lb-agent -p lb-tests --bins` \
-             (`cargo xtask run` does), or set {env}",
-            path.display()
-        );
-    }
-    fs::canonicalize(&path).with_context(|| format!("resolve {}", path.display()))
-}
-
 pub(crate) fn scaling_of(s: &Snapshot) -> Option<&ScalingStatus> {
     s.scaling.iter().find(|sc| sc.service == SERVICE)
 }
@@ -203,7 +190,7 @@ pub(crate) fn wait_first_instance(lab: &mut Lab) -> anyhow::Result<Option<String
             return Ok(None);
         }
         let agent = lab.agent.as_mut().expect("agent started");
-        if let Some(status) = agent.try_exit() {
+        if let Some(status) = agent.try_exit_status() {
             println!();
             bail!("lb-agent exited ({status}) while starting; the end of its log:\n{}", agent.log_tail(30));
         }
@@ -211,7 +198,7 @@ pub(crate) fn wait_first_instance(lab: &mut Lab) -> anyhow::Result<Option<String
             println!();
             bail!("no instance was ready within 45 s; the end of the agent's log:\n{}", agent.log_tail(30));
         }
-        if let Ok(snap) = agent.status() {
+        if let Ok(snap) = read_status(agent) {
             if let Some(sc) = scaling_of(&snap) {
                 for r in &sc.replicas {
                     if said.insert((r.name.clone(), r.phase.clone())) {

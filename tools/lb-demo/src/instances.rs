@@ -5,7 +5,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context as _};
 use lb_agent::orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER};
 use lb_lab::{command::try_run_cmd, docker::DEMO_IMAGE};
 
@@ -37,29 +36,6 @@ impl InstancePlan {
 
     pub(crate) fn docker(&self) -> bool {
         self.kind == OrchestratorKind::Docker
-    }
-
-    /// The image needs lb-backend linked statically: `$LB_BACKEND_STATIC_BIN`,
-    /// else the static build beside this binary's target directory.
-    pub(crate) fn static_backend_bin(&self) -> anyhow::Result<PathBuf> {
-        let path = match std::env::var_os("LB_BACKEND_STATIC_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let exe = std::env::current_exe().context("current_exe")?;
-                // target/release/lb-demo -> target/x86_64-unknown-linux-gnu/release/lb-backend
-                let target = exe.ancestors().nth(2).context("lb-demo is not in a cargo target directory")?;
-                target.join("x86_64-unknown-linux-gnu/release/lb-backend")
-            }
-        };
-        if !path.is_file() {
-            bail!(
-                "the static lb-backend for the container image is not at {}: build it with `RUSTFLAGS=\"-C \
-                 target-feature=+crt-static\" cargo build --release -p lb-backend --target x86_64-unknown-linux-gnu` \
-                 (`cargo xtask run` does), set LB_BACKEND_STATIC_BIN, or use --orchestrator process",
-                path.display()
-            );
-        }
-        Ok(path)
     }
 
     pub(crate) fn describe(&self) -> String {

@@ -12,13 +12,14 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use lb_lab::{
+    agent::{Agent, AgentArgs},
     command::try_run_cmd,
-    docker::{build_demo_image_from, docker_try, Dockerd, DEMO_IMAGE},
+    docker::{build_demo_image_from, docker_try, try_static_backend_bin, Dockerd, DEMO_IMAGE},
     netns::{netns_path, InstanceNamespaces, NetNs},
+    scratch::Scratch,
 };
 
 use crate::{
-    agent::AgentProc,
     autoscale::{
         CLIENT_ADDR, CLIENT_IFACE, CPU_TARGET, INSTANCE_NET, INSTANCE_PORT, LB_ADDR, LB_IFACE, MAX_REPLICAS,
         MIN_REPLICAS, SERVICE, VIP, VIP_PORT,
@@ -36,14 +37,14 @@ pub(crate) struct Lab {
     pub(crate) client_ns: String,
     pub(crate) plan: InstancePlan,
     /// Scratch directory: config, control socket, pins (bpffs), agent log.
-    scratch: PathBuf,
-    made_scratch: bool,
+    /// `None` only once cleaned up.
+    scratch: Option<Scratch>,
     /// Namespaces this run created, in order.
     namespaces: Vec<NetNs>,
     /// Processes: the namespaces the agent makes for its instances, which
     /// cleanup removes if the agent leaves any behind.
     instances: Option<InstanceNamespaces>,
-    pub(crate) agent: Option<AgentProc>,
+    pub(crate) agent: Option<Agent>,
     /// Docker: the engine, stopped again at the end if this run started it.
     dockerd: Option<Dockerd>,
     /// Docker: the network was absent when we started, so the one there at
@@ -61,8 +62,7 @@ impl Lab {
             lb_iface: if docker { format!("lbc{pid}") } else { LB_IFACE.to_owned() },
             client_ns: format!("lbd-{pid}-client"),
             plan,
-            scratch: std::env::temp_dir().join(format!("lbd-{pid}")),
-            made_scratch: false,
+            scratch: None,
             namespaces: Vec::new(),
             instances: None,
             agent: None,
@@ -93,25 +93,17 @@ impl Lab {
                 .context("remove them with `ip netns del NAME` and try again")?;
             lab.instances = Some(claimed);
         }
-        if lab.scratch.exists() {
-            bail!("{} exists already (left by an earlier run?); remove it and try again", lab.scratch.display());
-        }
         if lab.lb_ns.is_none() && Path::new("/sys/class/net").join(&lab.lb_iface).exists() {
             bail!("interface {} exists already (left by an earlier run?); this run does not touch it", lab.lb_iface);
         }
+        let scratch =
+            Scratch::create_new(&format!("lbd-{pid}")).context("left by an earlier run? remove it and try again")?;
+        lab.scratch = Some(scratch);
         Ok(lab)
     }
 
-    pub(crate) fn config_path(&self) -> PathBuf {
-        self.scratch.join("lb.toml")
-    }
-
-    pub(crate) fn agent_log(&self) -> PathBuf {
-        self.scratch.join("agent.log")
-    }
-
-    fn bpf_dir(&self) -> PathBuf {
-        self.scratch.join("bpf")
+    pub(crate) fn scratch(&self) -> &Scratch {
+        self.scratch.as_ref().expect("the scratch directory goes only with the cleanup")
     }
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
@@ -131,9 +123,6 @@ impl Lab {
 
     /// Client ns ⇄ LB ns; the agent makes the instances' bridge itself.
     pub(crate) fn build(&mut self) -> anyhow::Result<()> {
-        fs::create_dir(&self.scratch).with_context(|| format!("create {}", self.scratch.display()))?;
-        self.made_scratch = true;
-        fs::create_dir(self.bpf_dir()).with_context(|| format!("create {}", self.bpf_dir().display()))?;
         if self.plan.docker() {
             return self.build_docker();
         }
@@ -180,7 +169,7 @@ impl Lab {
         if exists {
             bail!("docker network {} exists already; this run does not touch it", self.plan.network);
         }
-        let bin = self.plan.static_backend_bin()?;
+        let bin = try_static_backend_bin().context("or use --orchestrator process")?;
         // Panics (with the engine's log) if dockerd cannot start; the lab's
         // Drop still cleans up.
         let dockerd = Dockerd::ensure();
@@ -269,30 +258,18 @@ impl Lab {
     }
 
     pub(crate) fn write_config(&self, text: &str) -> anyhow::Result<PathBuf> {
-        let path = self.config_path();
+        let path = self.scratch().config_path();
         fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
         Ok(path)
     }
 
-    pub(crate) fn start_agent(&mut self, bin: &Path) -> anyhow::Result<()> {
-        let args: [std::ffi::OsString; 9] = [
-            "run".into(),
-            "--config".into(),
-            self.config_path().into_os_string(),
-            "--api-socket".into(),
-            self.scratch.join("api.sock").into_os_string(),
-            "--metrics-address".into(),
-            "off".into(),
-            "--pin-dir".into(),
-            self.bpf_dir().join("lb").into_os_string(),
-        ];
-        self.agent = Some(AgentProc::spawn(
-            bin,
-            &args,
-            self.lb_ns.as_deref().and_then(|n| self.netns(n)),
-            &self.agent_log(),
-            &self.scratch.join("api.sock"),
-        )?);
+    /// Start the agent in the LB namespace (the host's for Docker), with
+    /// everything it keeps in the scratch directory.
+    pub(crate) fn start_agent(&mut self) -> anyhow::Result<()> {
+        let scratch = self.scratch();
+        let args = AgentArgs { own_process_group: true, ..scratch.agent_args(scratch.config_path()) };
+        let ns = self.lb_ns.as_deref().and_then(|n| self.netns(n));
+        self.agent = Some(Agent::try_spawn(ns, &args)?);
         Ok(())
     }
 
@@ -308,7 +285,7 @@ impl Lab {
         self.cleaned = true;
         let mut notes = Vec::new();
         if let Some(mut agent) = self.agent.take() {
-            let status = agent.stop(Duration::from_secs(20));
+            let status = agent.stop_within(Duration::from_secs(20));
             notes.push(format!("lb-agent stopped ({})", status.map_or("killed".into(), |s| s.to_string())));
         }
         for id in self.plan.leftover_containers() {
@@ -350,13 +327,11 @@ impl Lab {
                 notes.push("dockerd (started for this run) stopped".into());
             }
         }
-        if self.made_scratch {
-            if let Some(w) = unmount_bpffs(&self.bpf_dir()) {
-                notes.push(format!("WARNING: {w}"));
-            }
-            match fs::remove_dir_all(&self.scratch) {
-                Ok(()) => notes.push(format!("{} removed", self.scratch.display())),
-                Err(e) => notes.push(format!("WARNING: remove {}: {e}", self.scratch.display())),
+        if let Some(scratch) = self.scratch.take() {
+            let path = scratch.path().display().to_string();
+            match scratch.remove() {
+                Ok(()) => notes.push(format!("{path} removed")),
+                Err(e) => notes.push(format!("WARNING: {e}")),
             }
         }
         if notes.is_empty() {
@@ -376,32 +351,6 @@ impl Drop for Lab {
             }
         }
     }
-}
-
-pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-pub(crate) fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: a zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
-}
-
-/// Unmount the bpffs the agent mounted on `path` (a directory this run made,
-/// so whatever is mounted there our agent mounted). Returns a warning.
-pub(crate) fn unmount_bpffs(path: &Path) -> Option<String> {
-    for _ in 0..4 {
-        if !is_bpffs(path) {
-            return None;
-        }
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: a NUL-terminated path; MNT_DETACH cannot fail on a straggler.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            return Some(format!("umount {}: {}", path.display(), io::Error::last_os_error()));
-        }
-    }
-    Some(format!("{} is still a bpffs after 4 unmounts", path.display()))
 }
 
 fn ip(args: &[&str]) -> std::io::Result<String> {

@@ -14,10 +14,11 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use lb_agent::status::{ReplicaStatus, ScalingStatus, Snapshot};
+use lb_lab::agent::Agent;
 use lb_load::{self as load, stop::stopped, LoadConfig, Mode, Ramp, TimePoint};
 
 use crate::{
-    agent::AgentProc,
+    agent::read_status,
     autoscale::{scaling_of, MAX_REPLICAS, MIN_REPLICAS, SERVICE, SETTLE, STATUS_EVERY, VIP, VIP_PORT},
     lab::Lab,
     shape::Shape,
@@ -89,7 +90,7 @@ pub(crate) fn run_load(
 ) -> anyhow::Result<Record> {
     let client_ns = lab.client_ns.clone();
     let agent = lab.agent.as_mut().expect("agent started");
-    let snap = agent.status().context("agent status")?;
+    let snap = read_status(agent).context("agent status")?;
     let sc = scaling_of(&snap).cloned();
     let initial: BTreeSet<String> = sc
         .as_ref()
@@ -149,7 +150,7 @@ pub(crate) fn run_load(
         if stop_reason.is_none() {
             if stopped() {
                 stop_reason = Some(format!("stopped by Ctrl-C (or a signal) at +{t:.0} s"));
-            } else if let Some(status) = agent.try_exit() {
+            } else if let Some(status) = agent.try_exit_status() {
                 let msg =
                     format!("lb-agent exited unexpectedly ({status}); the end of its log:\n{}", agent.log_tail(30));
                 m.note(t, &format!("ERROR: lb-agent exited ({status})"));
@@ -210,8 +211,8 @@ impl Monitor<'_> {
     }
 
     /// Read the agent's status; report what changed.
-    fn poll(&mut self, agent: &AgentProc) {
-        let snap = match agent.status() {
+    fn poll(&mut self, agent: &Agent) {
+        let snap = match read_status(agent) {
             Ok(s) => s,
             Err(e) => {
                 self.status_error = Some(format!("{e:#}"));

@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use lb_lab::topology::{agent_bin, tcp_request, Options, Topology, VIP as STATIC_VIP};
+use lb_lab::{
+    agent::try_agent_bin,
+    topology::{tcp_request, Options, Topology, VIP as STATIC_VIP},
+};
 use lb_load::stop::stopped;
 
 use crate::{cli::Cli, install_signal_handlers, require_root};
@@ -15,7 +18,7 @@ use crate::{cli::Cli, install_signal_handlers, require_root};
 pub(crate) fn run_static(cli: &Cli) -> anyhow::Result<()> {
     require_root()?;
     install_signal_handlers()?;
-    let bin = agent_bin();
+    let bin = try_agent_bin()?;
     let names: Vec<String> = (1..=cli.backends).map(|i| format!("web-{i}")).collect();
 
     let topo = Topology::build(Options::with_backends(&names));
