@@ -1,6 +1,16 @@
-//! The lab: packet builders with their own checksum code, network
-//! namespaces, and the data plane under BPF_PROG_TEST_RUN. Shared by the
-//! root tests (tests/), the fixtures, the demo and the benchmark (tools/).
+//! The lab: what the root tests (tests/), the tools and the benchmark
+//! (tools/) share.
+//!
+//! - [`netns`]: network namespaces as RAII values; [`topology`]: the
+//!   client ⇄ LB ⇄ backends network the end-to-end tests and the static demo
+//!   run in; [`agent`]: lb-agent as a process inside one; [`scratch`]: the
+//!   directories they keep their files in.
+//! - [`packet`], [`checksum`], [`diff`]: frames built in code, with their
+//!   own checksum code, and readable differences between two frames;
+//!   [`testrun`]: the data plane under BPF_PROG_TEST_RUN.
+//! - [`root`] and [`docker`]: skip guards for tests that need root or
+//!   Docker, and RAII guards for what the Docker tests make; [`command`] and
+//!   [`bins`]: running the system's tools and finding this workspace's.
 
 pub mod agent;
 pub mod bins;

@@ -23,8 +23,8 @@
 //! engine is started for the test if none runs, and stopped again), the
 //! agent and the static demo backend:
 //! `cargo build --release -p lb-agent && RUSTFLAGS="-C
-//! target-feature=+crt-static" cargo build --release -p lb-tests --bin
-//! lb-backend --target x86_64-unknown-linux-gnu && cargo test -p lb-tests
+//! target-feature=+crt-static" cargo build --release -p lb-backend
+//! --target x86_64-unknown-linux-gnu && cargo test -p lb-tests
 //! --release --test docker_orchestrator -- --nocapture`.
 //!
 //! Everything the tests make is theirs alone and goes again, also when they

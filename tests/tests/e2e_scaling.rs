@@ -17,7 +17,7 @@
 //! again.
 //!
 //! Needs root and built binaries: `cargo build --release -p lb-agent -p
-//! lb-backend -p lb-tests --bins`, the static lb-backend for the image
+//! lb-backend --bins`, the static lb-backend for the image
 //! (`cargo xtask test` builds both), then `cargo test -p lb-tests --release
 //! --test e2e_scaling -- --test-threads=1 --nocapture` (about 6 minutes).
 //! Figures are printed as `MEASURED:` lines; a ramp's chart goes to

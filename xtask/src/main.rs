@@ -55,7 +55,7 @@ enum Command {
     /// Setup, then unit tests and (as root) the root tests; non-root fails unless --unit-only
     #[command(long_about = "Setup, then two stages, each summarised with its duration:\n\n\
         \x20 1. unit tests:  cargo test --workspace --exclude lb-tests [FILTER]\n\
-        \x20 2. root tests:  cargo test -p lb-tests --release [FILTER] -- --test-threads=1\n\n\
+        \x20 2. root tests:  cargo test -p lb-tests -p lb-lab -p lb-load --release [FILTER] -- --test-threads=1\n\n\
         The root tests load BPF programs and create network namespaces. Without root they\n\
         are skipped and the command fails, unless --unit-only is given.")]
     Test(test::Options),
