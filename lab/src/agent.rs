@@ -193,20 +193,21 @@ impl Agent {
 
     /// XDP modes the agent reported, as (interface, "native" | "generic").
     pub fn modes(&self) -> Vec<(String, String)> {
-        self.log()
-            .lines()
-            .filter(|l| has_message(l, "attached"))
-            .filter_map(|l| Some((field(l, "interface")?, field(l, "mode")?)))
-            .collect()
+        self.attached("mode")
     }
 
     /// (interface, checksums) for each attach the agent logged: which of the
     /// two programs it chose ("complete" or "may-be-partial").
     pub fn checksum_modes(&self) -> Vec<(String, String)> {
+        self.attached("checksums")
+    }
+
+    /// (interface, the value of `key`) for each attach the agent logged.
+    fn attached(&self, key: &str) -> Vec<(String, String)> {
         self.log()
             .lines()
             .filter(|l| has_message(l, "attached"))
-            .filter_map(|l| Some((field(l, "interface")?, field(l, "checksums")?)))
+            .filter_map(|l| Some((field(l, "interface")?, field(l, key)?)))
             .collect()
     }
 

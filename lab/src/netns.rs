@@ -447,7 +447,6 @@ impl Drop for InstanceNamespaces {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::root::skip_without_root;
 
     fn links_in_current_netns() -> Vec<String> {
         // /proc/thread-self/net follows the thread's namespace (sysfs would
@@ -458,9 +457,7 @@ mod tests {
 
     #[test]
     fn root_guard_enters_a_fresh_namespace_and_returns() {
-        if skip_without_root("root_guard_enters_a_fresh_namespace_and_returns") {
-            return;
-        }
+        crate::require_root!("root_guard_enters_a_fresh_namespace_and_returns");
         let outside = current_inode().unwrap();
         {
             let guard = NetNsGuard::new().unwrap();
@@ -474,9 +471,7 @@ mod tests {
 
     #[test]
     fn root_guard_returns_when_the_test_panics() {
-        if skip_without_root("root_guard_returns_when_the_test_panics") {
-            return;
-        }
+        crate::require_root!("root_guard_returns_when_the_test_panics");
         let outside = current_inode().unwrap();
         let result = std::panic::catch_unwind(|| {
             let _guard = NetNsGuard::new().unwrap();
@@ -488,9 +483,7 @@ mod tests {
 
     #[test]
     fn root_new_does_not_move_the_caller() {
-        if skip_without_root("root_new_does_not_move_the_caller") {
-            return;
-        }
+        crate::require_root!("root_new_does_not_move_the_caller");
         let outside = current_inode().unwrap();
         let ns = NetNs::new().unwrap();
         assert_eq!(current_inode().unwrap(), outside);

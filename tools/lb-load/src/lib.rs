@@ -1354,7 +1354,7 @@ fn sleep_until(at: Instant, stop: &AtomicBool) -> bool {
 struct Shared<'a> {
     cfg: &'a LoadConfig,
     client: Client,
-    netns: Option<(String, NetNs)>,
+    netns: Option<NetNs>,
     stop: &'a AtomicBool,
     /// Set when a worker could not enter the namespace: stop everything.
     failed: Mutex<Option<LoadError>>,
@@ -1363,11 +1363,11 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn enter_netns(&self) -> bool {
-        let Some((name, ns)) = &self.netns else { return true };
+        let Some(ns) = &self.netns else { return true };
         match ns.enter_for_good() {
             Ok(()) => true,
             Err(source) => {
-                let e = LoadError::Netns { name: name.clone(), source };
+                let e = LoadError::Netns { name: ns.name().to_owned(), source };
                 self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 false
             }
@@ -1496,7 +1496,7 @@ pub fn run(cfg: &LoadConfig, stop: &AtomicBool, mut on_point: impl FnMut(&TimePo
             // Try it once on a throw-away thread, so a wrong name fails
             // here and not in every worker.
             ns.try_run(|| ()).map_err(netns_err)?;
-            Some((name.clone(), ns))
+            Some(ns)
         }
     };
     let (tx, rx) = mpsc::channel();
