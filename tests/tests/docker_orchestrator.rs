@@ -46,9 +46,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_agent::orchestrator::{
+use lb_agent::adapters::{
     docker::{Cpus, DockerOrchestrator, DockerSpec},
-    Orchestrator, OrchestratorError,
+    orchestrator::{Orchestrator, OrchestratorError},
 };
 use lb_tests::{
     docker::{
@@ -117,7 +117,7 @@ fn assert_free() {
     }
 }
 
-fn ip_of(r: &lb_agent::orchestrator::Replica) -> Ipv4Addr {
+fn ip_of(r: &lb_agent::adapters::orchestrator::Replica) -> Ipv4Addr {
     *r.addr.ip()
 }
 

@@ -59,7 +59,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, ValueEnum};
 use lb_agent::{
-    orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER},
+    adapters::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER},
     status::{ReplicaStatus, ScalingStatus, Snapshot},
 };
 use lb_tests::{

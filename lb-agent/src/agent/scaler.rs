@@ -21,12 +21,18 @@ use tokio::{sync::mpsc, time::Instant};
 use tracing::{info, warn};
 
 use crate::{
+    adapters::{
+        docker::DockerOrchestrator,
+        orchestrator::{AnyOrchestrator, Orchestrator, Replica},
+        probe::probe,
+        process::ProcessOrchestrator,
+        requests::{rate, scrape, RequestsMetric, Selector},
+    },
     config::{CheckKind, HealthCheckConfig, InstancesConfig, ServiceConfig},
-    health::probe::probe,
-    orchestrator::{docker::DockerOrchestrator, process::ProcessOrchestrator, AnyOrchestrator, Orchestrator, Replica},
-    policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics, ScalingPolicy},
-    registry::Registry,
-    requests::{rate, scrape, RequestsMetric, Selector},
+    core::{
+        policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics, ScalingPolicy},
+        registry::Registry,
+    },
     status::{DecisionSummary, ReplicaStatus, ScalingStatus},
 };
 

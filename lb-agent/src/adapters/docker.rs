@@ -59,7 +59,7 @@ use futures_util::StreamExt as _;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
-use super::{Orchestrator, OrchestratorError, Replica};
+use super::orchestrator::{Orchestrator, OrchestratorError, Replica};
 
 /// Label on everything the agent creates in Docker.
 pub const LABEL_OWNER: &str = "io.lb-agent.owner";

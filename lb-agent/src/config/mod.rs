@@ -16,9 +16,8 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
 use crate::{
-    orchestrator::{docker::DockerSpec, process::ProcessSpec},
-    policy::{Metric, ScalingPolicy},
-    requests::RequestsMetric,
+    adapters::{docker::DockerSpec, process::ProcessSpec, requests::RequestsMetric},
+    core::policy::{Metric, ScalingPolicy},
 };
 
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.

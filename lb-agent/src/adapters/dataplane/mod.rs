@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::ChecksumMode,
-    reconcile::{Dataplane, DataplaneError, PinnedState},
+    core::reconcile::{Dataplane, DataplaneError, PinnedState},
 };
 
 /// How the program runs on an interface.

@@ -6,6 +6,8 @@
 //! metrics server) talks to it through channels, so no change ever races
 //! another.
 
+pub mod scaler;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{SocketAddr, SocketAddrV4},
@@ -22,14 +24,16 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use self::scaler::{FlowFigures, Scaler, ScalerEvent, TickOutcome};
 use crate::{
-    api::{self, Call, Request, Response},
+    adapters::{dataplane::AyaDataplane, probe::probe},
     config::{Config, HealthCheckConfig},
-    dataplane::AyaDataplane,
-    health::{probe::probe, state::Transition},
-    reconcile::{ApplySummary, Reconciler},
-    registry::Registry,
-    scaler::{FlowFigures, Scaler, ScalerEvent, TickOutcome},
+    core::{
+        health::Transition,
+        reconcile::{ApplySummary, Reconciler},
+        registry::Registry,
+    },
+    serve::api::{self, Call, Request, Response},
     snapshot::{SnapshotBuilder, Sources},
     status::{Event, Snapshot, MAX_EVENTS},
 };
@@ -560,7 +564,7 @@ impl Agent {
                     .await
                     .with_context(|| format!("listen for metrics on {addr} (--metrics-address off to disable)"))?;
                 info!(address = %addr, "serving Prometheus metrics on /metrics");
-                Some(tokio::spawn(crate::metrics::serve(listener, self.snapshots())))
+                Some(tokio::spawn(crate::serve::metrics::serve(listener, self.snapshots())))
             }
             None => None,
         };

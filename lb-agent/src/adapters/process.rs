@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
-use super::{Orchestrator, OrchestratorError, Replica};
+use super::orchestrator::{Orchestrator, OrchestratorError, Replica};
 
 /// `[service.scaling.process]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

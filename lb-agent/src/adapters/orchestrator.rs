@@ -2,12 +2,11 @@
 //! processes, behind one small trait. Each implementation starts, stops and
 //! lists only instances it created itself, and reports their CPU.
 
-pub mod docker;
-pub mod process;
-
 use std::{collections::HashMap, future::Future, net::SocketAddrV4};
 
 use serde::Serialize;
+
+use super::{docker, process};
 
 /// One instance of a scaled service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -24,7 +24,7 @@ use lb_common::{
     Backend, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT,
 };
 
-use crate::registry::{DesiredBackend, DesiredService};
+use crate::core::registry::{DesiredBackend, DesiredService};
 
 /// The writes the reconciler needs; `dataplane::AyaDataplane` is the real one.
 pub trait Dataplane {
@@ -295,7 +295,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        registry::DesiredService,
+        core::registry::DesiredService,
         testing::{FakeDataplane, Write},
     };
 
