@@ -46,9 +46,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_agent::adapters::{
-    docker::{Cpus, DockerOrchestrator, DockerSpec},
-    orchestrator::{Orchestrator, OrchestratorError},
+use lb_agent::{
+    adapters::{
+        docker::DockerOrchestrator,
+        orchestrator::{Orchestrator, OrchestratorError},
+    },
+    config::instances::{Cpus, DockerSpec},
 };
 use lb_tests::{
     docker::{

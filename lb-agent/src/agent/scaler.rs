@@ -26,11 +26,15 @@ use crate::{
         orchestrator::{AnyOrchestrator, Orchestrator, Replica},
         probe::probe,
         process::ProcessOrchestrator,
-        requests::{rate, scrape, RequestsMetric, Selector},
+        requests::{rate, scrape},
     },
-    config::{CheckKind, HealthCheckConfig, InstancesConfig, ServiceConfig},
+    config::{
+        instances::{InstancesConfig, RequestsMetric, Selector},
+        scaling::ScalingPolicy,
+        CheckKind, HealthCheckConfig, ServiceConfig,
+    },
     core::{
-        policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics, ScalingPolicy},
+        policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics},
         registry::Registry,
     },
     status::{DecisionSummary, ReplicaStatus, ScalingStatus},
