@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod core;
 pub mod ebpf;
+pub mod ports;
 pub mod serve;
 pub mod snapshot;
 pub mod status;

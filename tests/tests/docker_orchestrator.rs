@@ -47,11 +47,9 @@ use std::{
 };
 
 use lb_agent::{
-    adapters::{
-        docker::DockerOrchestrator,
-        orchestrator::{Orchestrator, OrchestratorError},
-    },
+    adapters::docker::DockerOrchestrator,
     config::instances::{Cpus, DockerSpec},
+    ports::{Orchestrator, OrchestratorError},
 };
 use lb_tests::{
     docker::{
@@ -120,7 +118,7 @@ fn assert_free() {
     }
 }
 
-fn ip_of(r: &lb_agent::adapters::orchestrator::Replica) -> Ipv4Addr {
+fn ip_of(r: &lb_agent::ports::Replica) -> Ipv4Addr {
     *r.addr.ip()
 }
 

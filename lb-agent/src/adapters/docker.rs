@@ -57,8 +57,10 @@ use bollard::{
 use futures_util::StreamExt as _;
 use tracing::{debug, info, warn};
 
-use super::orchestrator::{Orchestrator, OrchestratorError, Replica};
-use crate::config::instances::DockerSpec;
+use crate::{
+    config::instances::DockerSpec,
+    ports::{Orchestrator, OrchestratorError, Replica},
+};
 
 /// Label on everything the agent creates in Docker.
 pub const LABEL_OWNER: &str = "io.lb-agent.owner";

@@ -21,8 +21,10 @@ use std::{
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
-use super::orchestrator::{Orchestrator, OrchestratorError, Replica};
-use crate::config::instances::{fill_placeholders, ProcessSpec};
+use crate::{
+    config::instances::{fill_placeholders, ProcessSpec},
+    ports::{Orchestrator, OrchestratorError, Replica},
+};
 
 /// Create the instances' bridge with its address if missing. Idempotent.
 pub fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {

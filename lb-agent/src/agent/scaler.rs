@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     adapters::{
         docker::DockerOrchestrator,
-        orchestrator::{AnyOrchestrator, Orchestrator, Replica},
+        orchestrator::AnyOrchestrator,
         probe::probe,
         process::ProcessOrchestrator,
         requests::{rate, scrape},
@@ -37,6 +37,7 @@ use crate::{
         policy::{decide, Decision, History, MetricsSnapshot, ReplicaMetrics},
         registry::Registry,
     },
+    ports::{Orchestrator, Replica},
     status::{DecisionSummary, ReplicaStatus, ScalingStatus},
 };
 

@@ -19,77 +19,25 @@ use aya::{
 };
 use lb_common::{
     maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, ABI_VERSION, BACKENDS, BACKEND_STATS,
-    CONNTRACK, DIR_FORWARD, LB_PROGRAMS, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROG_LB, PROG_LB_LOCAL, PROTO_UDP,
-    REASON_STATS, SERVICES, SERVICE_STATS,
+    CONNTRACK, DIR_FORWARD, LB_PROGRAMS, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROTO_UDP, REASON_STATS, SERVICES,
+    SERVICE_STATS,
 };
 use tracing::{info, warn};
 
 use crate::{
     config::ChecksumMode,
-    core::reconcile::{Dataplane, DataplaneError, PinnedState},
+    ports::{AttachMode, ConntrackScan, Dataplane, DataplaneError, L4Checksums, PinnedState},
 };
 
-/// How the program runs on an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native (driver) XDP.
-    Driver,
-    /// Generic (skb) XDP: the driver has no native support.
-    Generic,
-}
-
-impl std::fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            AttachMode::Driver => "native",
-            AttachMode::Generic => "generic",
-        })
-    }
-}
-
-/// Which of the object's two programs an interface gets: the one that takes
-/// every L4 checksum for complete, or the one that also recognises partial
-/// ones (`lb_common::PROG_LB_LOCAL`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum L4Checksums {
-    Complete,
-    MayBePartial,
-}
-
-impl L4Checksums {
-    fn program(self) -> &'static str {
-        match self {
-            L4Checksums::Complete => PROG_LB,
-            L4Checksums::MayBePartial => PROG_LB_LOCAL,
-        }
-    }
-
-    /// `auto` resolved by the interface's driver: these kinds carry packets
-    /// from local stacks, which may be CHECKSUM_PARTIAL.
-    pub fn for_driver(driver: &str) -> Self {
-        match driver {
-            "veth" | "bridge" | "tun" | "netkit" | "macvlan" | "ipvlan" => L4Checksums::MayBePartial,
-            _ => L4Checksums::Complete,
-        }
-    }
-
-    pub fn resolve(mode: ChecksumMode, iface: &str) -> anyhow::Result<Self> {
-        Ok(match mode {
-            ChecksumMode::Complete => L4Checksums::Complete,
-            ChecksumMode::MayBePartial => L4Checksums::MayBePartial,
-            // No driver to ask (loopback, say): nothing local sends there.
-            ChecksumMode::Auto => interface_driver(iface)?.map_or(L4Checksums::Complete, |d| Self::for_driver(&d)),
-        })
-    }
-}
-
-impl std::fmt::Display for L4Checksums {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            L4Checksums::Complete => "complete",
-            L4Checksums::MayBePartial => "may-be-partial",
-        })
-    }
+/// The program for an interface's `checksums` setting: `auto` asks the
+/// interface's driver.
+pub fn checksums_for(mode: ChecksumMode, iface: &str) -> anyhow::Result<L4Checksums> {
+    Ok(match mode {
+        ChecksumMode::Complete => L4Checksums::Complete,
+        ChecksumMode::MayBePartial => L4Checksums::MayBePartial,
+        // No driver to ask (loopback, say): nothing local sends there.
+        ChecksumMode::Auto => interface_driver(iface)?.map_or(L4Checksums::Complete, |d| L4Checksums::for_driver(&d)),
+    })
 }
 
 /// The driver name of a network interface (`ethtool -i`): "veth", "bridge",
@@ -273,7 +221,7 @@ impl AyaDataplane {
     /// `checksums` picks the program (see [`L4Checksums`]); an interface
     /// already attached with the other one is switched over in place.
     pub fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
-        let l4 = L4Checksums::resolve(checksums, iface)?;
+        let l4 = checksums_for(checksums, iface)?;
         if let Some(a) = self.links.get(iface).filter(|a| a.l4 == l4) {
             return Ok(a.mode);
         }
@@ -386,11 +334,6 @@ impl AyaDataplane {
             })
             .collect()
     }
-}
-
-pub struct ConntrackScan {
-    pub open: BTreeMap<u32, u64>,
-    pub entries: u64,
 }
 
 /// A UDP flow counts as open while it saw a packet this recently.
@@ -634,6 +577,8 @@ fn same_mount_namespace_as_init() -> bool {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::{PROG_LB, PROG_LB_LOCAL};
+
     use super::*;
 
     #[test]
@@ -644,8 +589,8 @@ mod tests {
         for d in ["ixgbe", "mlx5_core", "virtio_net", "ena", "bonding", "802.1Q VLAN Support"] {
             assert_eq!(L4Checksums::for_driver(d), L4Checksums::Complete, "{d}");
         }
-        assert_eq!(L4Checksums::resolve(ChecksumMode::Complete, "any").unwrap().program(), PROG_LB);
-        assert_eq!(L4Checksums::resolve(ChecksumMode::MayBePartial, "any").unwrap().program(), PROG_LB_LOCAL);
+        assert_eq!(checksums_for(ChecksumMode::Complete, "any").unwrap().program(), PROG_LB);
+        assert_eq!(checksums_for(ChecksumMode::MayBePartial, "any").unwrap().program(), PROG_LB_LOCAL);
     }
 
     #[test]
@@ -655,7 +600,7 @@ mod tests {
         assert_eq!(interface_driver("lo").unwrap(), None);
         let err = interface_driver("no-such-if0").unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"), "{err:#}");
-        assert_eq!(L4Checksums::resolve(ChecksumMode::Auto, "lo").unwrap(), L4Checksums::Complete);
+        assert_eq!(checksums_for(ChecksumMode::Auto, "lo").unwrap(), L4Checksums::Complete);
     }
 
     #[test]
