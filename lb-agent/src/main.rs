@@ -8,7 +8,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use lb_agent::{
-    adapters::dataplane::remove_pinned_dir,
+    adapters::dataplane::pins::remove_pinned_dir,
     agent::{Agent, Options},
     config::Config,
     serve::api::{self, Request, DEFAULT_SOCKET},

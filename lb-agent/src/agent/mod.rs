@@ -26,7 +26,10 @@ use tracing::{info, warn};
 
 use self::scaler::{FlowFigures, Scaler, ScalerEvent, TickOutcome};
 use crate::{
-    adapters::{dataplane::AyaDataplane, probe::probe},
+    adapters::{
+        dataplane::{netdev, AyaDataplane},
+        probe::probe,
+    },
     config::{Config, HealthCheckConfig},
     core::{
         health::Transition,
@@ -649,16 +652,6 @@ fn interfaces(config: &Config) -> BTreeSet<String> {
     config.services.iter().flat_map(|s| s.interfaces.iter().cloned()).collect()
 }
 
-/// The interface's index in this process's network namespace. (Not
-/// /sys/class/net: sysfs shows the namespace it was mounted in, which under
-/// `nsenter --net` is not ours.)
-fn if_index(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
-}
-
 /// Every named interface must exist before anything is attached (scaled
 /// services' orchestrators have made their bridges by now).
 fn check_interfaces(config: &Config) -> anyhow::Result<()> {
@@ -667,7 +660,7 @@ fn check_interfaces(config: &Config) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
-        .filter(|(_, _, _, ifname)| if_index(ifname).is_none())
+        .filter(|(_, _, _, ifname)| netdev::if_index(ifname).is_none())
         .map(|(i, s, j, ifname)| {
             format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
         })
