@@ -5,14 +5,39 @@
 
 use std::collections::HashMap;
 
-use super::{docker, process};
-use crate::ports::{Orchestrator, OrchestratorError, Replica};
+use super::{docker, host_net::DockerForwarding, process};
+use crate::{
+    config::{instances::InstancesConfig, ServiceConfig},
+    ports::{Orchestrator, OrchestratorError, Replica},
+};
 
 /// The orchestrator a service's config names.
 pub enum AnyOrchestrator {
     Process(process::ProcessOrchestrator),
     /// Boxed: the Docker client is large, and there is one per service.
     Docker(Box<docker::DockerOrchestrator>),
+}
+
+impl AnyOrchestrator {
+    /// The orchestrator `instances` names for `svc`, and, for Docker, the
+    /// host set-up forwarding to its containers needs (kept for as long as
+    /// the service scales).
+    pub async fn for_service(
+        svc: &ServiceConfig,
+        instances: &InstancesConfig,
+    ) -> anyhow::Result<(AnyOrchestrator, Option<DockerForwarding>)> {
+        Ok(match (&instances.process, &instances.docker) {
+            (Some(spec), _) => {
+                (AnyOrchestrator::Process(process::ProcessOrchestrator::new(&svc.name, spec.clone()).await?), None)
+            }
+            (None, Some(spec)) => {
+                let o = docker::DockerOrchestrator::new(&svc.name, spec.clone()).await?;
+                let clients: Vec<String> = svc.interfaces.iter().filter(|i| **i != spec.bridge).cloned().collect();
+                (AnyOrchestrator::Docker(Box::new(o)), Some(DockerForwarding::set_up(&clients, &spec.bridge)?))
+            }
+            (None, None) => anyhow::bail!("service {}: no orchestrator", svc.name),
+        })
+    }
 }
 
 impl Orchestrator for AnyOrchestrator {

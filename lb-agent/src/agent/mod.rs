@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use self::scaler::{FlowFigures, Scaler, ScalerEvent, TickOutcome};
+use self::scaler::{Scaler, ScalerEvent, TickOutcome};
 use crate::{
     adapters::{
         dataplane::{netdev, AyaDataplane},
@@ -35,6 +35,7 @@ use crate::{
         health::Transition,
         reconcile::{ApplySummary, Reconciler},
         registry::Registry,
+        replicas::FlowFigures,
     },
     serve::api::{self, Call, Request, Response},
     snapshot::{SnapshotBuilder, Sources},

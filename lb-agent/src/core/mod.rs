@@ -4,3 +4,4 @@ pub mod health;
 pub mod policy;
 pub mod reconcile;
 pub mod registry;
+pub mod replicas;
