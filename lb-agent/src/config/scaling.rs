@@ -132,15 +132,12 @@ impl ScalingPolicy {
 impl Targets {
     /// The configured targets, in a fixed order.
     pub fn metrics(&self) -> Vec<(Metric, f64)> {
-        [
+        configured([
             (Metric::Cpu, self.cpu),
             (Metric::Connections, self.connections),
             (Metric::NewFlowsPerSecond, self.new_flows_per_second),
             (Metric::RequestsPerSecond, self.requests_per_second),
-        ]
-        .into_iter()
-        .filter_map(|(m, v)| v.map(|v| (m, v)))
-        .collect()
+        ])
     }
 }
 
@@ -176,17 +173,19 @@ pub struct ThresholdRule {
 impl ThresholdRule {
     /// The configured conditions, in a fixed order.
     pub fn conditions(&self) -> Vec<(Metric, f64)> {
-        [
+        configured([
             (Metric::Cpu, self.cpu),
             (Metric::HostCpu, self.host_cpu),
             (Metric::Connections, self.connections),
             (Metric::NewFlowsPerSecond, self.new_flows_per_second),
             (Metric::RequestsPerSecond, self.requests_per_second),
-        ]
-        .into_iter()
-        .filter_map(|(m, v)| v.map(|v| (m, v)))
-        .collect()
+        ])
     }
+}
+
+/// The metrics that have a value, with it, in the order given.
+fn configured<const N: usize>(values: [(Metric, Option<f64>); N]) -> Vec<(Metric, f64)> {
+    values.into_iter().filter_map(|(m, v)| v.map(|v| (m, v))).collect()
 }
 
 /// One direction's HPA `behavior`.
