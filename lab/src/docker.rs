@@ -267,9 +267,8 @@ pub struct ServiceContainers {
 
 impl ServiceContainers {
     pub fn ids(&self) -> Vec<String> {
-        let owner =
-            format!("label={}={}", lb_agent::orchestrator::docker::LABEL_OWNER, lb_agent::orchestrator::docker::OWNER);
-        let svc = format!("label={}={}", lb_agent::orchestrator::docker::LABEL_SERVICE, self.service);
+        let owner = format!("label={}={}", lb_agent::adapters::docker::LABEL_OWNER, lb_agent::adapters::docker::OWNER);
+        let svc = format!("label={}={}", lb_agent::adapters::docker::LABEL_SERVICE, self.service);
         let (ok, out) = docker_try(&["ps", "-aq", "--no-trunc", "--filter", &owner, "--filter", &svc]);
         if !ok {
             eprintln!("warning: docker ps for service {}: {out}", self.service);

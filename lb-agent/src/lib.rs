@@ -1,19 +1,27 @@
 //! lb-agent: loads the XDP load balancer and keeps its maps in step with the
 //! configuration. `main.rs` only wires the pieces together.
+//!
+//! The modules, each depending only on those above it:
+//! - [`config`]: the TOML schema and its validation; a leaf.
+//! - [`ports`]: the traits through which decisions reach the outside world
+//!   (`Dataplane`, `Orchestrator`) and the values that cross them.
+//! - [`core`]: pure decisions and state: the backend registry, the
+//!   reconciler, health, the scaling policy and the replica lifecycle.
+//! - [`adapters`]: the real implementations: the aya data plane, Docker and
+//!   process orchestrators, host networking, probes, sampling, the timeline.
+//! - [`status`] and [`snapshot`]: what the agent reports, and how it is read
+//!   from the registry, the reconciler and the data plane.
+//! - [`serve`]: the control socket and Prometheus `/metrics`.
+//! - [`agent`]: the event loop that owns the state, and the per-service
+//!   scaler it drives.
 
+pub mod adapters;
 pub mod agent;
-pub mod api;
 pub mod config;
-pub mod dataplane;
+pub mod core;
 pub mod ebpf;
-pub mod health;
-pub mod metrics;
-pub mod orchestrator;
-pub mod policy;
-pub mod reconcile;
-pub mod registry;
-pub mod requests;
-pub mod scaler;
+pub mod ports;
+pub mod serve;
 pub mod snapshot;
 pub mod status;
 #[cfg(test)]

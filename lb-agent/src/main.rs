@@ -8,10 +8,10 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use lb_agent::{
+    adapters::dataplane::pins::remove_pinned_dir,
     agent::{Agent, Options},
-    api::{self, Request, DEFAULT_SOCKET},
     config::Config,
-    dataplane::remove_pinned_dir,
+    serve::api::{self, Request, DEFAULT_SOCKET},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";

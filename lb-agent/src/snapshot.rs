@@ -9,9 +9,11 @@ use std::{
 use lb_common::{Counters, Reason, CONNTRACK_MAX, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
 
 use crate::{
-    dataplane::AyaDataplane,
-    reconcile::Reconciler,
-    registry::{BackendState, Registry},
+    adapters::dataplane::AyaDataplane,
+    core::{
+        reconcile::Reconciler,
+        registry::{BackendState, Registry},
+    },
     status::{
         AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, ReasonCount, ScalingStatus, ServiceStatus, Snapshot,
         Traffic,

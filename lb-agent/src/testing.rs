@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{Backend, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
-use crate::reconcile::{Dataplane, DataplaneError};
+use crate::ports::{Dataplane, DataplaneError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {

@@ -46,9 +46,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_agent::orchestrator::{
-    docker::{Cpus, DockerOrchestrator, DockerSpec},
-    Orchestrator, OrchestratorError,
+use lb_agent::{
+    adapters::docker::DockerOrchestrator,
+    config::instances::{Cpus, DockerSpec},
+    ports::{Orchestrator, OrchestratorError},
 };
 use lb_lab::{
     agent::Agent,
@@ -120,7 +121,7 @@ fn assert_free() {
     }
 }
 
-fn ip_of(r: &lb_agent::orchestrator::Replica) -> Ipv4Addr {
+fn ip_of(r: &lb_agent::ports::Replica) -> Ipv4Addr {
     *r.addr.ip()
 }
 

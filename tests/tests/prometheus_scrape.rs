@@ -1,4 +1,4 @@
-//! A real Prometheus scrapes `lb_agent::metrics::serve` and stores every
+//! A real Prometheus scrapes `lb_agent::serve::metrics::serve` and stores every
 //! series it serves, with the same labels, values, types and help texts: the
 //! exposition is proven against Prometheus's own parser, not only against our
 //! unit tests.
@@ -26,7 +26,7 @@ use std::{
 };
 
 use lb_agent::{
-    metrics,
+    serve::metrics,
     status::{AgentInfo, BackendStatus, InterfaceStatus, MapFill, ReasonCount, ServiceStatus, Snapshot, Traffic},
 };
 use lb_lab::root::skip_without_root;

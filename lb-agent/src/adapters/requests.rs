@@ -2,123 +2,17 @@
 //! endpoints: the one signal the data plane cannot count (a kept-alive
 //! connection carries many requests; a new flow is not a request).
 //!
-//! `[service.instances.requests]` names the counter, optionally with labels
-//! every counted series must carry; matching series are summed, and the rate
-//! is the difference between two scrapes over the time between them. The
-//! parsing is pure ([`Selector::sum`]); [`scrape`] is the I/O.
+//! `[service.instances.requests]` (`config::instances::RequestsMetric`)
+//! names the counter, optionally with labels every counted series must
+//! carry; matching series are summed, and the rate is the difference between
+//! two scrapes over the time between them. The parsing is pure
+//! ([`Selector::sum`]); [`scrape`] is the I/O.
 
-use std::{fmt, net::SocketAddrV4, str::FromStr, time::Duration};
+use std::{net::SocketAddrV4, time::Duration};
 
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// `[service.instances.requests]`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RequestsMetric {
-    /// Path of each instance's metrics page (Prometheus text format), on
-    /// the instance's port.
-    #[serde(default = "default_path")]
-    pub path: String,
-    /// The counter: `name` or `name{label="value",...}`; series with every
-    /// one of those labels are summed, e.g.
-    /// `demo_backend_requests_total{route="/"}` leaves health checks and
-    /// scrapes out.
-    pub counter: String,
-}
-
-fn default_path() -> String {
-    "/metrics".into()
-}
-
-impl RequestsMetric {
-    /// Config problems, each prefixed with `at`.
-    pub fn problems(&self, at: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        if !self.path.starts_with('/') || self.path.contains(char::is_whitespace) {
-            out.push(format!("{at}.path: {:?} must start with / and hold no spaces", self.path));
-        }
-        if let Err(e) = self.counter.parse::<Selector>() {
-            out.push(format!("{at}.counter: {e}"));
-        }
-        out
-    }
-}
-
-/// A counter name and the labels a series must carry to count.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Selector {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub struct SelectorError(String);
-
-impl fmt::Display for SelectorError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-fn is_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-impl FromStr for Selector {
-    type Err = SelectorError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| SelectorError(format!("{text:?}: {why}; write name or name{{label=\"value\"}}"));
-        let (name, labels) = match text.trim().split_once('{') {
-            None => (text.trim(), Vec::new()),
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').ok_or_else(|| bad("no closing }"))?;
-                (name.trim(), parse_labels(body).ok_or_else(|| bad("labels are not label=\"value\" pairs"))?)
-            }
-        };
-        if !is_name(name) {
-            return Err(bad("not a metric name"));
-        }
-        Ok(Selector { name: name.to_owned(), labels })
-    }
-}
-
-/// `a="x",b="y"` (a trailing comma allowed; `\"`, `\\` and `\n` escapes).
-fn parse_labels(body: &str) -> Option<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut rest = body.trim();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once('=')?;
-        let key = key.trim();
-        if !is_name(key) {
-            return None;
-        }
-        let quoted = after.trim_start().strip_prefix('"')?;
-        let mut value = String::new();
-        let mut chars = quoted.char_indices();
-        let end = loop {
-            match chars.next()? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    c => value.push(c),
-                },
-                (_, c) => value.push(c),
-            }
-        };
-        out.push((key.to_owned(), value));
-        rest = quoted[end + 1..].trim_start();
-        match rest.strip_prefix(',') {
-            Some(r) => rest = r.trim_start(),
-            None if rest.is_empty() => {}
-            None => return None,
-        }
-    }
-    Some(out)
-}
+use crate::config::instances::{parse_labels, Selector};
 
 impl Selector {
     /// The sum of the matching series in a Prometheus text exposition;
@@ -219,15 +113,6 @@ odd_total{path="a\"b,c",code="200"} 2
         assert_eq!(sel("missing_total").sum(PAGE), None);
         assert_eq!(sel(r#"demo_backend_requests_total{route="/nope"}"#).sum(PAGE), None);
         assert_eq!(sel(r#"plain_total{a="b"}"#).sum(PAGE), None);
-    }
-
-    #[test]
-    fn bad_selectors_are_refused_with_the_text() {
-        for bad in ["", "9lives", "a{b}", r#"a{b="c""#, r#"a{b=c}"#, "a b"] {
-            let e = bad.parse::<Selector>().unwrap_err();
-            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
-        }
-        assert_eq!(sel(r#" a { b = "c" , } "#), Selector { name: "a".into(), labels: vec![("b".into(), "c".into())] });
     }
 
     #[test]

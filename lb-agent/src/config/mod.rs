@@ -4,6 +4,10 @@
 //! config is accepted completely or refused with every problem listed, each
 //! naming its place (`service[1] "web": backend[0].weight: ...`).
 
+pub mod duration;
+pub mod instances;
+pub mod scaling;
+
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
@@ -15,10 +19,9 @@ use std::{
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
-use crate::{
-    orchestrator::{docker::DockerSpec, process::ProcessSpec},
-    policy::{Metric, ScalingPolicy},
-    requests::RequestsMetric,
+use self::{
+    instances::InstancesConfig,
+    scaling::{Metric, ScalingPolicy},
 };
 
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.
@@ -85,33 +88,6 @@ pub struct ServiceConfig {
     pub instances: Option<InstancesConfig>,
 }
 
-/// `[service.instances]`: one orchestrator, and how the agent runs it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstancesConfig {
-    /// Instances as local processes, each in a network namespace.
-    #[serde(default)]
-    pub process: Option<ProcessSpec>,
-    /// Instances as Docker containers on a bridge network.
-    #[serde(default)]
-    pub docker: Option<DockerSpec>,
-    /// How long a new instance may take to pass its first health check
-    /// before it is stopped and counted as failed.
-    #[serde(default = "default_ready_timeout", with = "duration")]
-    pub ready_timeout: Duration,
-    /// Every scaling decision is appended here as a JSON line.
-    #[serde(default)]
-    pub timeline: Option<PathBuf>,
-    /// Count each instance's requests from its metrics page, for
-    /// `requests_per_second` rules.
-    #[serde(default)]
-    pub requests: Option<RequestsMetric>,
-}
-
-fn default_ready_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -169,40 +145,6 @@ fn default_rise() -> u32 {
 }
 fn default_fall() -> u32 {
     3
-}
-
-/// Durations as `"250ms"`, `"2s"`, `"1m"` or `"1h"`.
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{de::Error as _, Deserialize, Deserializer};
-
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let t = text.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a duration like \"500ms\", \"2s\" or \"1m\""))?;
-        let scale = match unit.trim() {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
-        };
-        n.checked_mul(scale).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too long"))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        parse(&String::deserialize(d)?).map_err(D::Error::custom)
-    }
-
-    pub mod option {
-        use super::*;
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            super::deserialize(d).map(Some)
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]

@@ -6,6 +6,8 @@
 //! metrics server) talks to it through channels, so no change ever races
 //! another.
 
+pub mod scaler;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{SocketAddr, SocketAddrV4},
@@ -22,14 +24,20 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use self::scaler::{Scaler, ScalerEvent, TickOutcome};
 use crate::{
-    api::{self, Call, Request, Response},
+    adapters::{
+        dataplane::{netdev, AyaDataplane},
+        probe::probe,
+    },
     config::{Config, HealthCheckConfig},
-    dataplane::AyaDataplane,
-    health::{probe::probe, state::Transition},
-    reconcile::{ApplySummary, Reconciler},
-    registry::Registry,
-    scaler::{FlowFigures, Scaler, ScalerEvent, TickOutcome},
+    core::{
+        health::Transition,
+        reconcile::{ApplySummary, Reconciler},
+        registry::Registry,
+        replicas::FlowFigures,
+    },
+    serve::api::{self, Call, Request, Response},
     snapshot::{SnapshotBuilder, Sources},
     status::{Event, Snapshot, MAX_EVENTS},
 };
@@ -560,7 +568,7 @@ impl Agent {
                     .await
                     .with_context(|| format!("listen for metrics on {addr} (--metrics-address off to disable)"))?;
                 info!(address = %addr, "serving Prometheus metrics on /metrics");
-                Some(tokio::spawn(crate::metrics::serve(listener, self.snapshots())))
+                Some(tokio::spawn(crate::serve::metrics::serve(listener, self.snapshots())))
             }
             None => None,
         };
@@ -645,16 +653,6 @@ fn interfaces(config: &Config) -> BTreeSet<String> {
     config.services.iter().flat_map(|s| s.interfaces.iter().cloned()).collect()
 }
 
-/// The interface's index in this process's network namespace. (Not
-/// /sys/class/net: sysfs shows the namespace it was mounted in, which under
-/// `nsenter --net` is not ours.)
-fn if_index(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
-}
-
 /// Every named interface must exist before anything is attached (scaled
 /// services' orchestrators have made their bridges by now).
 fn check_interfaces(config: &Config) -> anyhow::Result<()> {
@@ -663,7 +661,7 @@ fn check_interfaces(config: &Config) -> anyhow::Result<()> {
         .iter()
         .enumerate()
         .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
-        .filter(|(_, _, _, ifname)| if_index(ifname).is_none())
+        .filter(|(_, _, _, ifname)| netdev::if_index(ifname).is_none())
         .map(|(i, s, j, ifname)| {
             format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
         })

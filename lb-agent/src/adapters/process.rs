@@ -11,75 +11,20 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     os::fd::AsRawFd as _,
     process::Stdio,
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use serde::Deserialize;
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
-use super::{Orchestrator, OrchestratorError, Replica};
-
-/// `[service.scaling.process]`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessSpec {
-    /// Program and arguments. `{ip}`, `{port}`, `{addr}` (ip:port) and
-    /// `{name}` are replaced per instance.
-    pub command: Vec<String>,
-    /// Port the instances listen on.
-    pub port: u16,
-    /// Bridge in the agent's namespace that instances join (created if
-    /// missing; list it in the service's `interfaces`).
-    #[serde(default = "default_bridge")]
-    pub bridge: String,
-    /// First three octets of the instances' /24: the bridge is `.1`,
-    /// instances `.2` to `.254`.
-    #[serde(default = "default_prefix")]
-    pub prefix: Ipv4Addr,
-    /// How long a stopping instance gets between SIGTERM and SIGKILL.
-    #[serde(default = "default_grace", with = "crate::config::duration")]
-    pub stop_grace: Duration,
-}
-
-fn default_bridge() -> String {
-    "lbp0".into()
-}
-fn default_prefix() -> Ipv4Addr {
-    Ipv4Addr::new(10, 212, 0, 0)
-}
-fn default_grace() -> Duration {
-    Duration::from_secs(10)
-}
-
-impl ProcessSpec {
-    pub fn problems(&self, at: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.command.is_empty() || self.command[0].is_empty() {
-            out.push(format!("{at}.command: name the program to run"));
-        }
-        if self.port == 0 {
-            out.push(format!("{at}.port: must be 1-65535"));
-        }
-        // Instance links are "<bridge>-<n>" with n up to 3 digits: 15 bytes at most.
-        if self.bridge.is_empty() || self.bridge.len() > 11 || !self.bridge.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            out.push(format!("{at}.bridge: {:?} must be 1-11 letters or digits", self.bridge));
-        }
-        if self.prefix.octets()[3] != 0 {
-            out.push(format!("{at}.prefix: {} must end in .0 (a /24)", self.prefix));
-        }
-        out
-    }
-
-    fn ip(&self, n: u8) -> Ipv4Addr {
-        let [a, b, c, _] = self.prefix.octets();
-        Ipv4Addr::new(a, b, c, n)
-    }
-}
+use crate::{
+    config::instances::{fill_placeholders, ProcessSpec},
+    ports::{Orchestrator, OrchestratorError, Replica},
+};
 
 /// Create the instances' bridge with its address if missing. Idempotent.
 pub fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
@@ -262,14 +207,8 @@ impl ProcessOrchestrator {
     }
 
     fn command_for(&self, n: u8, name: &str) -> Vec<String> {
-        let ip = self.spec.ip(n).to_string();
-        let port = self.spec.port.to_string();
-        let addr = format!("{ip}:{port}");
-        self.spec
-            .command
-            .iter()
-            .map(|a| a.replace("{ip}", &ip).replace("{port}", &port).replace("{addr}", &addr).replace("{name}", name))
-            .collect()
+        let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
+        self.spec.command.iter().map(|a| fill_placeholders(a, addr, name)).collect()
     }
 
     fn spawn_in(&self, n: u8, argv: &[String]) -> Result<Child, OrchestratorError> {
@@ -415,42 +354,18 @@ async fn output(prog: &str, args: &[&str]) -> Result<String, OrchestratorError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec() -> ProcessSpec {
-        ProcessSpec {
-            command: vec!["/bin/srv".into(), "--listen".into(), "{addr}".into(), "--name={name}".into()],
-            port: 8080,
-            bridge: "lbp0".into(),
-            prefix: Ipv4Addr::new(10, 212, 0, 0),
-            stop_grace: Duration::from_secs(1),
-        }
-    }
+    use crate::config::instances::tests::process_spec;
 
     #[test]
     fn placeholders_are_filled_per_instance() {
         let o = ProcessOrchestrator {
-            spec: spec(),
+            spec: process_spec(),
             service: "web".into(),
             instances: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
         };
         assert_eq!(o.command_for(7, "web-7"), ["/bin/srv", "--listen", "10.212.0.7:8080", "--name=web-7"]);
         assert_eq!(o.netns(7), "lbp0-7");
-    }
-
-    #[test]
-    fn spec_problems_name_their_field() {
-        let bad = ProcessSpec {
-            command: vec![],
-            port: 0,
-            bridge: "a-very-long-bridge".into(),
-            prefix: Ipv4Addr::new(10, 0, 0, 1),
-            ..spec()
-        };
-        let p = bad.problems("service[0] \"web\": scaling.process");
-        assert_eq!(p.len(), 4, "{p:#?}");
-        assert!(p[0].ends_with("scaling.process.command: name the program to run"));
-        assert!(spec().problems("x").is_empty());
     }
 
     #[test]

@@ -24,29 +24,10 @@ use lb_common::{
     Backend, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT,
 };
 
-use crate::registry::{DesiredBackend, DesiredService};
-
-/// The writes the reconciler needs; `dataplane::AyaDataplane` is the real one.
-pub trait Dataplane {
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
-    /// Write `(slot, backend id)` pairs into one of a service's two tables.
-    fn set_table_entries(&mut self, service_id: u32, table: u32, entries: &[(u32, u32)]) -> Result<(), DataplaneError>;
-    fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), DataplaneError>;
-    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error("map {map}: {op} failed")]
-    Map {
-        map: &'static str,
-        op: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("no free {what} id (at most {max})")]
-    NoFreeId { what: &'static str, max: u32 },
-}
+use crate::{
+    core::registry::{DesiredBackend, DesiredService},
+    ports::{Dataplane, DataplaneError, PinnedState},
+};
 
 /// What one `apply` changed, for logs and status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,15 +63,6 @@ impl ServiceState {
     pub fn live_table(&self) -> &[u32] {
         &self.halves[self.table as usize]
     }
-}
-
-/// What a previous agent left in the (pinned) maps.
-#[derive(Clone, Debug, Default)]
-pub struct PinnedState {
-    pub services: Vec<(ServiceKey, Service)>,
-    pub backends: Vec<(u32, Backend)>,
-    /// Both tables of every service, by service id.
-    pub tables: BTreeMap<u32, [Vec<u32>; 2]>,
 }
 
 #[derive(Debug, Default)]
@@ -295,7 +267,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        registry::DesiredService,
+        core::registry::DesiredService,
         testing::{FakeDataplane, Write},
     };
 

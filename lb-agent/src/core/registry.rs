@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::{
     config::{BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
-    health::state::{Health, Transition},
+    core::health::{Health, Transition},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

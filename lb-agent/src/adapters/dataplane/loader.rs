@@ -1,0 +1,219 @@
+//! Loading the lb-ebpf object, attaching its programs to interfaces through
+//! bpf_links (pinned when pinning is on), and taking it all down again.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
+    EbpfLoader,
+};
+use lb_common::{BACKENDS, BACKEND_STATS, CONNTRACK, LB_PROGRAMS, MAGLEV, REASON_STATS, SERVICES, SERVICE_STATS};
+use tracing::{info, warn};
+
+use super::{
+    netdev::checksums_for,
+    pins::{link_pin_name, prepare_pin_dir, remove_pins, PINNED_MAPS},
+    AyaDataplane,
+};
+use crate::{
+    config::ChecksumMode,
+    ports::{AttachMode, L4Checksums},
+};
+
+/// Our XDP attachment to one interface: a bpf_link, pinned when pinning is on.
+pub(super) struct Attached {
+    link: FdLink,
+    mode: AttachMode,
+    l4: L4Checksums,
+    pin: Option<PathBuf>,
+}
+
+impl AyaDataplane {
+    /// Load the object and open its maps. Nothing is attached yet. With a
+    /// pin directory, maps a previous agent pinned there are adopted (flows,
+    /// tables and counters carry on) and new ones are pinned.
+    pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let pins = pin_dir.map(prepare_pin_dir).transpose()?;
+        let adopted = pins.as_ref().is_some_and(|p| p.join("maps").join(SERVICES).exists());
+        let mut loader = EbpfLoader::new();
+        if let Some(p) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, p.join("maps").join(name));
+            }
+        }
+        let mut ebpf = loader.load(crate::ebpf::object()).context("load the lb-ebpf object")?;
+        for name in LB_PROGRAMS {
+            let program: &mut Xdp =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            program.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
+        }
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
+        Ok(Self {
+            services: HashMap::try_from(take(SERVICES)?)?,
+            backends: Array::try_from(take(BACKENDS)?)?,
+            maglev: Array::try_from(take(MAGLEV)?)?,
+            conntrack: HashMap::try_from(take(CONNTRACK)?)?,
+            service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
+            backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
+            reason_stats: PerCpuArray::try_from(take(REASON_STATS)?)?,
+            links: BTreeMap::new(),
+            pins,
+            adopted,
+            keep: false,
+            ebpf,
+        })
+    }
+
+    /// Whether the maps were adopted from a previous agent's pins.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn program(&mut self, l4: L4Checksums) -> anyhow::Result<&mut Xdp> {
+        let name = l4.program();
+        Ok(self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?)
+    }
+
+    /// Swap the program on an existing link (bpf_link_update): no moment
+    /// without a program on the interface.
+    fn switch_link(&mut self, link: FdLink, l4: L4Checksums, iface: &str) -> anyhow::Result<FdLink> {
+        let xdp_link = XdpLink::try_from(link).context("the link is not an XDP link")?;
+        let program = self.program(l4)?;
+        let id = program.attach_to_link(xdp_link).with_context(|| format!("switch the XDP program on {iface}"))?;
+        Ok(FdLink::try_from(program.take_link(id)?)?)
+    }
+
+    fn link_pin(&self, iface: &str, mode: AttachMode) -> Option<PathBuf> {
+        self.pins.as_ref().map(|p| p.join("links").join(link_pin_name(iface, mode)))
+    }
+
+    /// Attach to `iface`: native XDP where the driver has it, generic
+    /// otherwise. A link a previous agent pinned for it is taken over and
+    /// switched to this program atomically (bpf_link_update), so traffic
+    /// never sees an interface without the program. Never replaces a program
+    /// someone else attached: the kernel refuses a second one (EBUSY).
+    ///
+    /// `checksums` picks the program (see [`L4Checksums`]); an interface
+    /// already attached with the other one is switched over in place.
+    pub fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+        let l4 = checksums_for(checksums, iface)?;
+        if let Some(a) = self.links.get(iface).filter(|a| a.l4 == l4) {
+            return Ok(a.mode);
+        }
+        if let Some(Attached { link, mode, l4: old, pin }) = self.links.remove(iface) {
+            // Between two loaded programs of one object, bpf_link_update
+            // fails only when the link itself is gone (interface removed).
+            let link = self.switch_link(link, l4, iface)?;
+            info!(interface = iface, from = %old, checksums = %l4, "switched program");
+            self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });
+            return Ok(mode);
+        }
+        for mode in [AttachMode::Driver, AttachMode::Generic] {
+            let Some(pin) = self.link_pin(iface, mode).filter(|p| p.exists()) else { continue };
+            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("open pinned link {}", pin.display()))?;
+            let link = self
+                .switch_link(FdLink::from(pinned), l4, iface)
+                .with_context(|| format!("take over the pinned link {}", pin.display()))?;
+            info!(interface = iface, mode = %mode, checksums = %l4, "adopted pinned XDP link");
+            self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin: Some(pin) });
+            return Ok(mode);
+        }
+        let program = self.program(l4)?;
+        let (id, mode) = match program.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, AttachMode::Driver),
+            Err(native) => {
+                let id = program.attach(iface, XdpMode::Skb).map_err(|generic| {
+                    anyhow!(
+                        "attach XDP to {iface}: native mode failed ({native}), generic mode failed ({generic}); \
+                         does the interface exist, and is another XDP program already attached?"
+                    )
+                })?;
+                (id, AttachMode::Generic)
+            }
+        };
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the kernel attached XDP without a bpf_link (kernel older than 5.9?)")?;
+        let (link, pin) = match self.link_pin(iface, mode) {
+            Some(path) => {
+                let pinned = link.pin(&path).with_context(|| format!("pin the XDP link at {}", path.display()))?;
+                (FdLink::from(pinned), Some(path))
+            }
+            None => (link, None),
+        };
+        info!(interface = iface, mode = %mode, checksums = %l4, "attached");
+        self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });
+        Ok(mode)
+    }
+
+    /// Detach from `iface`: close our link and remove its pin.
+    pub fn detach(&mut self, iface: &str) -> anyhow::Result<()> {
+        let Some(a) = self.links.remove(iface) else { return Ok(()) };
+        if let Some(pin) = &a.pin {
+            std::fs::remove_file(pin).with_context(|| format!("unpin {}", pin.display()))?;
+        }
+        drop(a.link);
+        info!(interface = iface, "detached");
+        Ok(())
+    }
+
+    /// Pinned links of interfaces this agent has not (yet) attached to.
+    pub fn stale_link_pins(&self) -> Vec<PathBuf> {
+        let Some(dir) = self.pins.as_ref().map(|p| p.join("links")) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| !self.links.values().any(|a| a.pin.as_deref() == Some(p.as_path())))
+            .collect()
+    }
+
+    /// Interfaces we are attached to, with their mode and program.
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode, L4Checksums)> {
+        self.links.iter().map(|(k, a)| (k.as_str(), a.mode, a.l4))
+    }
+
+    /// Detach from every interface and remove every pin: the data plane is
+    /// gone. (Dropping without this leaves pinned state serving traffic.)
+    pub fn remove_all(&mut self) {
+        let ifaces: Vec<String> = self.links.keys().cloned().collect();
+        for iface in ifaces {
+            if let Err(e) = self.detach(&iface) {
+                warn!(error = %e, interface = iface, "detach failed");
+            }
+        }
+        if let Some(p) = self.pins.take() {
+            for stale in std::fs::read_dir(p.join("links")).into_iter().flatten().filter_map(Result::ok) {
+                let _ = std::fs::remove_file(stale.path());
+            }
+            if let Err(e) = remove_pins(&p) {
+                warn!(error = format!("{e:#}"), "removing pinned maps failed");
+            }
+        }
+    }
+
+    /// Leave pins in place on drop, for the next agent to adopt.
+    pub fn keep_on_drop(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for AyaDataplane {
+    /// A fresh data plane that is dropped (start-up failed) leaves nothing
+    /// behind. Adopted state is left serving: a failed restart must not take
+    /// down what the previous agent set up. Normal shutdown calls
+    /// `remove_all` or, to hand over to the next agent, nothing.
+    fn drop(&mut self) {
+        if !self.adopted && self.pins.is_some() && !self.keep {
+            self.remove_all();
+        }
+    }
+}

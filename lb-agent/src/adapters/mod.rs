@@ -1,0 +1,13 @@
+//! The outside world behind the agent's decisions: the aya data plane,
+//! orchestrators (Docker, processes) and the host networking they need,
+//! health probes, metric sampling and the scaling timeline.
+
+pub mod dataplane;
+pub mod docker;
+pub mod host_net;
+pub mod orchestrator;
+pub mod probe;
+pub mod process;
+pub mod requests;
+pub mod sampling;
+pub mod timeline;

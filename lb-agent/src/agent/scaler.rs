@@ -1,0 +1,371 @@
+//! The scaling loop of one service: collect metrics, decide, act.
+//!
+//! Scale-up starts an instance, waits for its first good health check, and
+//! only then adds it to the table. Scale-down drains an instance (no new
+//! flows; open ones finish or hit the drain deadline) and stops it once the
+//! drain is over. An instance that exits leaves the table at once and the
+//! next decision replaces it. Orchestrator calls that take time (start,
+//! stop, first probe) run in tasks that report back through `ScalerEvent`s,
+//! so the agent's loop never waits on them.
+//!
+//! The decision is `core::policy::decide`, the phase bookkeeping
+//! `core::replicas`; this module does the I/O around them: the
+//! orchestrator, probes, samplers and the timeline.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddrV4,
+    sync::Arc,
+    time::SystemTime,
+};
+
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{info, warn};
+
+use crate::{
+    adapters::{host_net::DockerForwarding, orchestrator::AnyOrchestrator, probe::probe, sampling::Samplers, timeline},
+    config::{instances::InstancesConfig, scaling::ScalingPolicy, CheckKind, HealthCheckConfig, ServiceConfig},
+    core::{
+        policy::{decide, Decision, History},
+        registry::Registry,
+        replicas::{FlowFigures, Phase, Replicas},
+    },
+    ports::{Orchestrator, Replica},
+    status::{DecisionSummary, ReplicaStatus, ScalingStatus},
+};
+
+/// Decisions kept for `status`.
+const KEEP_DECISIONS: usize = 20;
+
+/// What spawned orchestrator work reports back to the agent's loop.
+pub enum ScalerEvent {
+    Started { service: String, result: Result<Replica, String> },
+    Probed { service: String, id: String, error: Option<String> },
+    Stopped { service: String, id: String, result: Result<(), String> },
+}
+
+/// What a tick changed that the caller must write to the maps.
+#[derive(Default)]
+pub struct TickOutcome {
+    pub registry_changed: bool,
+    pub events: Vec<String>,
+    /// Instances that exited and left the table at once: their flows
+    /// should be flushed so clients fail fast instead of timing out.
+    pub exited: Vec<SocketAddrV4>,
+}
+
+pub struct Scaler {
+    service: String,
+    policy: ScalingPolicy,
+    instances: InstancesConfig,
+    check: HealthCheckConfig,
+    orch: Arc<AnyOrchestrator>,
+    /// Instance and host CPU, and request rates, kept by sampler tasks.
+    samplers: Samplers,
+    /// Docker only: the firewall and sysctl settings forwarding needs.
+    _forwarding: Option<DockerForwarding>,
+    history: History,
+    replicas: Replicas,
+    decisions: VecDeque<DecisionSummary>,
+    last: Option<Decision>,
+    events: mpsc::Sender<ScalerEvent>,
+}
+
+impl Scaler {
+    pub async fn new(svc: &ServiceConfig, events: mpsc::Sender<ScalerEvent>) -> anyhow::Result<Scaler> {
+        let (Some(policy), Some(instances)) = (svc.scaling.clone(), svc.instances.clone()) else {
+            anyhow::bail!("service {} is not scaled", svc.name);
+        };
+        let (orch, forwarding) = AnyOrchestrator::for_service(svc, &instances).await?;
+        let orch = Arc::new(orch);
+        let samplers = Samplers::start(&svc.name, orch.clone(), instances.requests.as_ref());
+        // Readiness is the service's own check, or a TCP connect.
+        let check = svc.health_check.clone().unwrap_or(HealthCheckConfig {
+            kind: CheckKind::Tcp,
+            path: "/".into(),
+            expect_status: 200,
+            interval: std::time::Duration::from_millis(200),
+            timeout: None,
+            rise: 1,
+            fall: 1,
+        });
+        Ok(Scaler {
+            service: svc.name.clone(),
+            history: History::for_policy(&policy),
+            policy,
+            instances,
+            check,
+            orch,
+            samplers,
+            _forwarding: forwarding,
+            replicas: Replicas::default(),
+            decisions: VecDeque::new(),
+            last: None,
+            events,
+        })
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Take a new policy from a reloaded config.
+    pub fn set_policy(&mut self, policy: ScalingPolicy) {
+        self.history.set_keep(policy.history_window());
+        self.policy = policy;
+    }
+
+    /// Instance addresses this scaler owns, in any phase.
+    pub fn owns(&self, addr: SocketAddrV4) -> bool {
+        self.replicas.owns(addr)
+    }
+
+    /// One round: notice exits, probe new instances, decide, act.
+    pub async fn tick(&mut self, registry: &mut Registry, flows: &HashMap<SocketAddrV4, FlowFigures>) -> TickOutcome {
+        let mut out = TickOutcome::default();
+        let now = Instant::now();
+        self.notice_exits(registry, &mut out).await;
+        self.probe_starting();
+        if let Some(cpu) = self.samplers.cpu() {
+            self.replicas.set_cpu(&cpu);
+        }
+        if let Some(rps) = self.samplers.requests() {
+            self.replicas.set_requests(&rps);
+        }
+        let snapshot = self.replicas.metrics(flows, self.samplers.host_cpu(), now);
+        self.samplers.set_scrape_targets(self.replicas.active_addrs());
+        let decision = decide(&snapshot, &self.policy, &self.history, now);
+        self.history.record(&decision, now);
+        self.record(&decision, &mut out);
+        self.act(&decision, registry, flows, &mut out);
+        self.last = Some(decision);
+        out
+    }
+
+    /// Only the exit check, between decisions: a crashed instance leaves
+    /// the table within a fraction of a second, not at the next tick.
+    pub async fn check_exits(&mut self, registry: &mut Registry) -> TickOutcome {
+        let mut out = TickOutcome::default();
+        self.notice_exits(registry, &mut out).await;
+        out
+    }
+
+    async fn notice_exits(&mut self, registry: &mut Registry, out: &mut TickOutcome) {
+        let listed = match self.orch.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(service = self.service, error = %e, "listing instances failed");
+                return;
+            }
+        };
+        // Running instances we do not track yet are ours from before an
+        // agent restart: adopt them; they join the table after a good health
+        // check, like new ones.
+        for r in self.replicas.untracked_running(&listed) {
+            let msg = format!("{}: adopted running instance {} ({})", self.service, r.name, r.addr);
+            info!("{msg}");
+            out.events.push(msg);
+            self.replicas.track(r, Instant::now());
+        }
+        for r in listed.iter().filter(|r| !r.running) {
+            let Some(t) = self.replicas.get_mut(&r.id) else { continue };
+            if t.phase == Phase::Stopping {
+                continue;
+            }
+            // Out of the table at once: there is nothing to drain to.
+            if registry.forget(&self.service, t.replica.addr) {
+                out.registry_changed = true;
+                out.exited.push(t.replica.addr);
+            }
+            let msg = format!("{}: instance {} ({}) exited; removed, will be replaced", self.service, r.name, r.addr);
+            warn!("{msg}");
+            out.events.push(msg);
+            t.phase = Phase::Stopping;
+            self.spawn_stop(r.id.clone());
+        }
+    }
+
+    /// Start a readiness probe of each starting instance not being probed.
+    fn probe_starting(&mut self) {
+        for (id, addr) in self.replicas.take_unprobed() {
+            let (tx, service, check) = (self.events.clone(), self.service.clone(), self.check.clone());
+            tokio::spawn(async move {
+                let error = probe(addr, &check).await.err().map(|e| e.to_string());
+                let _ = tx.send(ScalerEvent::Probed { service, id, error }).await;
+            });
+        }
+    }
+
+    fn record(&mut self, d: &Decision, out: &mut TickOutcome) {
+        let unix_time =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        if let Some(path) = &self.instances.timeline {
+            if let Err(e) = timeline::append(path, unix_time, &self.service, d) {
+                warn!(service = self.service, error = %e, path = %path.display(), "writing the timeline failed");
+            }
+        }
+        let changed = self.last.as_ref().is_none_or(|l| l.replicas != d.replicas || l.rule != d.rule);
+        if changed {
+            self.decisions.push_front(DecisionSummary {
+                unix_time,
+                replicas: d.replicas,
+                current: d.current,
+                rule: d.rule.clone(),
+                reason: d.reason.clone(),
+            });
+            self.decisions.truncate(KEEP_DECISIONS);
+        }
+        if d.is_scaling() {
+            let msg = format!("{}: scale {} -> {} ({}: {})", self.service, d.previous, d.replicas, d.rule, d.reason);
+            info!("{msg}");
+            out.events.push(msg);
+        }
+    }
+
+    fn act(
+        &mut self,
+        d: &Decision,
+        registry: &mut Registry,
+        flows: &HashMap<SocketAddrV4, FlowFigures>,
+        out: &mut TickOutcome,
+    ) {
+        let active = self.replicas.active();
+        if d.replicas > active {
+            for _ in active..d.replicas {
+                self.spawn_start();
+            }
+        } else if d.replicas < active {
+            for id in self.replicas.victims(active - d.replicas, flows) {
+                let Some(t) = self.replicas.get_mut(&id) else { continue };
+                if t.phase == Phase::Starting {
+                    t.phase = Phase::Stopping;
+                    self.spawn_stop(id);
+                } else if registry.remove_backend(&self.service, t.replica.addr, Instant::now()).is_ok() {
+                    t.phase = Phase::Draining;
+                    out.registry_changed = true;
+                    out.events
+                        .push(format!("{}: draining instance {} ({})", self.service, t.replica.name, t.replica.addr));
+                }
+            }
+        }
+    }
+
+    fn spawn_start(&mut self) {
+        self.replicas.start_asked();
+        let (orch, tx, service) = (self.orch.clone(), self.events.clone(), self.service.clone());
+        tokio::spawn(async move {
+            let result = orch.start().await.map_err(|e| e.to_string());
+            let _ = tx.send(ScalerEvent::Started { service, result }).await;
+        });
+    }
+
+    fn spawn_stop(&self, id: String) {
+        let (orch, tx, service) = (self.orch.clone(), self.events.clone(), self.service.clone());
+        tokio::spawn(async move {
+            let result = orch.stop(&id).await.map_err(|e| e.to_string());
+            let _ = tx.send(ScalerEvent::Stopped { service, id, result }).await;
+        });
+    }
+
+    /// Handle a report from spawned work. Returns an event message and
+    /// whether the registry changed.
+    pub fn on_event(&mut self, event: ScalerEvent, registry: &mut Registry) -> (Option<String>, bool) {
+        match event {
+            ScalerEvent::Started { result: Ok(r), .. } => {
+                let msg = format!("{}: started instance {} ({})", self.service, r.name, r.addr);
+                self.replicas.start_answered(Some(r), Instant::now());
+                (Some(msg), false)
+            }
+            ScalerEvent::Started { result: Err(e), .. } => {
+                self.replicas.start_answered(None, Instant::now());
+                (Some(format!("{}: starting an instance failed: {e}", self.service)), false)
+            }
+            ScalerEvent::Probed { id, error, .. } => self.on_probe(&id, error, registry),
+            ScalerEvent::Stopped { id, result, .. } => {
+                self.replicas.forget(&id);
+                match result {
+                    Ok(()) => (Some(format!("{}: stopped instance {id}", self.service)), false),
+                    Err(e) => (Some(format!("{}: stopping instance {id} failed: {e}", self.service)), false),
+                }
+            }
+        }
+    }
+
+    fn on_probe(&mut self, id: &str, error: Option<String>, registry: &mut Registry) -> (Option<String>, bool) {
+        let Some(t) = self.replicas.get_mut(id) else { return (None, false) };
+        t.probing = false;
+        if t.phase != Phase::Starting {
+            return (None, false);
+        }
+        match error {
+            None => match registry.add_instance(&self.service, t.replica.addr) {
+                Ok(()) => {
+                    t.phase = Phase::Ready;
+                    let took = t.started_at.elapsed().as_secs_f64();
+                    (
+                        Some(format!(
+                            "{}: instance {} ready after {took:.1}s; in the table",
+                            self.service, t.replica.name
+                        )),
+                        true,
+                    )
+                }
+                Err(e) => (Some(format!("{}: adding instance {} failed: {e}", self.service, t.replica.name)), false),
+            },
+            Some(_) if t.started_at.elapsed() < self.instances.ready_timeout => (None, false),
+            Some(e) => {
+                t.phase = Phase::Stopping;
+                let name = t.replica.name.clone();
+                self.spawn_stop(id.to_owned());
+                (
+                    Some(format!(
+                        "{}: instance {name} not ready within {:?} ({e}); stopping it",
+                        self.service, self.instances.ready_timeout
+                    )),
+                    false,
+                )
+            }
+        }
+    }
+
+    /// A drain the registry finished: stop the instance behind it.
+    pub fn on_drained(&mut self, addr: SocketAddrV4) {
+        if let Some(id) = self.replicas.drained(addr) {
+            self.spawn_stop(id);
+        }
+    }
+
+    /// Stop every instance (agent shutdown): drains are cut short.
+    pub async fn stop_all(&mut self) {
+        self.samplers.stop();
+        for (id, t) in self.replicas.take_all() {
+            if let Err(e) = self.orch.stop(&id).await {
+                warn!(service = self.service, instance = t.replica.name, error = %e, "stop failed");
+            }
+        }
+    }
+
+    pub fn status(&self) -> ScalingStatus {
+        ScalingStatus {
+            service: self.service.clone(),
+            min_replicas: self.policy.min_replicas,
+            max_replicas: self.policy.max_replicas,
+            desired: self.last.as_ref().map_or(0, |d| d.replicas),
+            pending_starts: self.replicas.pending_starts(),
+            replicas: self
+                .replicas
+                .iter()
+                .map(|(_, t)| ReplicaStatus {
+                    id: t.replica.id.clone(),
+                    name: t.replica.name.clone(),
+                    address: t.replica.addr.to_string(),
+                    phase: t.phase.name().into(),
+                    cpu_percent: t.cpu_percent,
+                    requests_per_second: t.requests_per_second,
+                    age_seconds: t.started_at.elapsed().as_secs_f64(),
+                })
+                .collect(),
+            decisions: self.decisions.iter().cloned().collect(),
+        }
+    }
+}

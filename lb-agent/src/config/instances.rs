@@ -1,0 +1,533 @@
+//! `[service.instances]`: where a scaled service's instances come from (local
+//! processes or Docker containers), and the request counter read off each.
+//! The orchestrators themselves are `adapters::process` and
+//! `adapters::docker`; the scraper is `adapters::requests`.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use super::duration;
+
+/// `[service.instances]`: one orchestrator, and how the agent runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesConfig {
+    /// Instances as local processes, each in a network namespace.
+    #[serde(default)]
+    pub process: Option<ProcessSpec>,
+    /// Instances as Docker containers on a bridge network.
+    #[serde(default)]
+    pub docker: Option<DockerSpec>,
+    /// How long a new instance may take to pass its first health check
+    /// before it is stopped and counted as failed.
+    #[serde(default = "default_ready_timeout", with = "duration")]
+    pub ready_timeout: Duration,
+    /// Every scaling decision is appended here as a JSON line.
+    #[serde(default)]
+    pub timeline: Option<PathBuf>,
+    /// Count each instance's requests from its metrics page, for
+    /// `requests_per_second` rules.
+    #[serde(default)]
+    pub requests: Option<RequestsMetric>,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// How long a stopping instance gets between SIGTERM and SIGKILL, unless
+/// its spec says otherwise.
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A command argument or an environment value with `{ip}`, `{port}`,
+/// `{addr}` (ip:port) and `{name}` filled in for one instance.
+pub fn fill_placeholders(template: &str, addr: SocketAddrV4, name: &str) -> String {
+    let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+    template.replace("{ip}", &ip).replace("{port}", &port).replace("{addr}", &addr.to_string()).replace("{name}", name)
+}
+
+/// `[service.instances.process]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Program and arguments. `{ip}`, `{port}`, `{addr}` (ip:port) and
+    /// `{name}` are replaced per instance.
+    pub command: Vec<String>,
+    /// Port the instances listen on.
+    pub port: u16,
+    /// Bridge in the agent's namespace that instances join (created if
+    /// missing; list it in the service's `interfaces`).
+    #[serde(default = "default_process_bridge")]
+    pub bridge: String,
+    /// First three octets of the instances' /24: the bridge is `.1`,
+    /// instances `.2` to `.254`.
+    #[serde(default = "default_prefix")]
+    pub prefix: Ipv4Addr,
+    /// How long a stopping instance gets between SIGTERM and SIGKILL.
+    #[serde(default = "default_grace", with = "duration")]
+    pub stop_grace: Duration,
+}
+
+fn default_process_bridge() -> String {
+    "lbp0".into()
+}
+fn default_prefix() -> Ipv4Addr {
+    Ipv4Addr::new(10, 212, 0, 0)
+}
+
+impl ProcessSpec {
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.command.is_empty() || self.command[0].is_empty() {
+            out.push(format!("{at}.command: name the program to run"));
+        }
+        if self.port == 0 {
+            out.push(format!("{at}.port: must be 1-65535"));
+        }
+        // Instance links are "<bridge>-<n>" with n up to 3 digits: 15 bytes at most.
+        if self.bridge.is_empty() || self.bridge.len() > 11 || !self.bridge.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            out.push(format!("{at}.bridge: {:?} must be 1-11 letters or digits", self.bridge));
+        }
+        if self.prefix.octets()[3] != 0 {
+            out.push(format!("{at}.prefix: {} must end in .0 (a /24)", self.prefix));
+        }
+        out
+    }
+
+    /// The address of slot `n` in the instances' /24 (the bridge is 1).
+    pub fn ip(&self, n: u8) -> Ipv4Addr {
+        let [a, b, c, _] = self.prefix.octets();
+        Ipv4Addr::new(a, b, c, n)
+    }
+}
+
+/// `[service.instances.docker]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSpec {
+    /// Image to run (it must be present locally or pullable).
+    pub image: String,
+    /// Port the containers listen on.
+    pub port: u16,
+    /// User-defined bridge network the containers join (created if missing).
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// Linux name of the network's bridge (list it in the service's
+    /// `interfaces`: the containers' replies arrive there).
+    #[serde(default = "default_docker_bridge")]
+    pub bridge: String,
+    /// The network's subnet: the gateway (the host) is the first address,
+    /// instances get the following ones.
+    #[serde(default = "default_subnet")]
+    pub subnet: Ipv4Subnet,
+    /// Environment of each container. `{ip}`, `{port}`, `{addr}` (ip:port)
+    /// and `{name}` are replaced per instance.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// CPU limit per container, in CPUs (`docker run --cpus`).
+    #[serde(default)]
+    pub cpus: Option<Cpus>,
+    /// How long a stopping container gets between SIGTERM and SIGKILL
+    /// (whole seconds; a fraction rounds up).
+    #[serde(default = "default_grace", with = "duration")]
+    pub stop_grace: Duration,
+    /// Container names are `<name_prefix>-<n>` [default: the service's name].
+    #[serde(default)]
+    pub name_prefix: Option<String>,
+}
+
+fn default_network() -> String {
+    "lb-agent".into()
+}
+fn default_docker_bridge() -> String {
+    "lbd0".into()
+}
+fn default_subnet() -> Ipv4Subnet {
+    Ipv4Subnet { base: Ipv4Addr::new(10, 213, 0, 0), prefix_len: 24 }
+}
+
+/// An IPv4 network, `a.b.c.d/len`, with no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Subnet {
+    pub base: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Subnet {
+    /// Instance slots: offsets from the base address. Offset 0 is the
+    /// network, 1 the gateway and the last one broadcast.
+    pub fn slots(&self) -> std::ops::RangeInclusive<u32> {
+        let size = 1u64 << (32 - u32::from(self.prefix_len));
+        2..=(size.saturating_sub(2).min(u64::from(u32::MAX)) as u32)
+    }
+
+    pub fn addr(&self, offset: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base).wrapping_add(offset))
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.addr(1)
+    }
+
+    /// The slot of `ip` in this subnet, if it is one.
+    pub fn slot_of(&self, ip: Ipv4Addr) -> Option<u32> {
+        let off = u32::from(ip).wrapping_sub(u32::from(self.base));
+        self.slots().contains(&off).then_some(off)
+    }
+}
+
+impl fmt::Display for Ipv4Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix_len)
+    }
+}
+
+impl FromStr for Ipv4Subnet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a subnet like \"10.213.0.0/24\"");
+        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+        let base: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+        // At least one instance slot besides network, gateway and broadcast.
+        if !(8..=29).contains(&prefix_len) {
+            return Err(format!("{s:?}: prefix length must be 8-29"));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        if u32::from(base) & !mask != 0 {
+            return Err(format!(
+                "{s:?} has host bits set; did you mean {}/{prefix_len}?",
+                Ipv4Addr::from(u32::from(base) & mask)
+            ));
+        }
+        Ok(Ipv4Subnet { base, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Subnet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A CPU limit, kept as nano-CPUs (the API's unit) so the spec stays `Eq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpus {
+    pub nano: i64,
+}
+
+impl<'de> Deserialize<'de> for Cpus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let cpus = f64::deserialize(d)?;
+        if !cpus.is_finite() || cpus <= 0.0 || cpus > 1024.0 {
+            return Err(serde::de::Error::custom(format!("cpus = {cpus} must be above 0 and at most 1024")));
+        }
+        Ok(Cpus { nano: (cpus * 1e9).round() as i64 })
+    }
+}
+
+impl DockerSpec {
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.image.trim().is_empty() {
+            out.push(format!("{at}.image: name the image to run"));
+        }
+        if self.port == 0 {
+            out.push(format!("{at}.port: must be 1-65535"));
+        }
+        if !is_docker_name(&self.network) {
+            out.push(format!("{at}.network: {:?} is not a valid Docker network name", self.network));
+        }
+        if self.bridge.is_empty()
+            || self.bridge.len() > 15
+            || !self.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            out.push(format!("{at}.bridge: {:?} must be 1-15 letters, digits, '-' or '_'", self.bridge));
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') {
+                out.push(format!("{at}.env: {key:?} is not a variable name"));
+            }
+        }
+        if let Some(p) = &self.name_prefix {
+            if !is_docker_name(p) {
+                out.push(format!(
+                    "{at}.name_prefix: {p:?} must start with a letter or digit and hold only those and _ . -"
+                ));
+            }
+        }
+        if self.stop_grace > Duration::from_secs(3600) {
+            out.push(format!("{at}.stop_grace: {:?} is above the maximum 1h", self.stop_grace));
+        }
+        out
+    }
+
+    /// The grace period in whole seconds, rounded up, as the API takes it.
+    pub fn grace_secs(&self) -> i32 {
+        let s = self.stop_grace.as_secs() + u64::from(self.stop_grace.subsec_nanos() > 0);
+        i32::try_from(s).unwrap_or(i32::MAX)
+    }
+
+    /// The containers' environment for the instance at `ip` named `name`.
+    pub fn env_for(&self, ip: Ipv4Addr, name: &str) -> Vec<String> {
+        let addr = SocketAddrV4::new(ip, self.port);
+        self.env.iter().map(|(k, v)| format!("{k}={}", fill_placeholders(v, addr, name))).collect()
+    }
+}
+
+/// Docker's rule for container and network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn is_docker_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && s.len() <= 200
+}
+
+/// `[service.instances.requests]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestsMetric {
+    /// Path of each instance's metrics page (Prometheus text format), on
+    /// the instance's port.
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+    /// The counter: `name` or `name{label="value",...}`; series with every
+    /// one of those labels are summed, e.g.
+    /// `demo_backend_requests_total{route="/"}` leaves health checks and
+    /// scrapes out.
+    pub counter: String,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+
+impl RequestsMetric {
+    /// Config problems, each prefixed with `at`.
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.path.starts_with('/') || self.path.contains(char::is_whitespace) {
+            out.push(format!("{at}.path: {:?} must start with / and hold no spaces", self.path));
+        }
+        if let Err(e) = self.counter.parse::<Selector>() {
+            out.push(format!("{at}.counter: {e}"));
+        }
+        out
+    }
+}
+
+/// A counter name and the labels a series must carry to count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct SelectorError(String);
+
+impl fmt::Display for SelectorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A Prometheus metric or label name.
+pub fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+impl FromStr for Selector {
+    type Err = SelectorError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| SelectorError(format!("{text:?}: {why}; write name or name{{label=\"value\"}}"));
+        let (name, labels) = match text.trim().split_once('{') {
+            None => (text.trim(), Vec::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').ok_or_else(|| bad("no closing }"))?;
+                (name.trim(), parse_labels(body).ok_or_else(|| bad("labels are not label=\"value\" pairs"))?)
+            }
+        };
+        if !is_name(name) {
+            return Err(bad("not a metric name"));
+        }
+        Ok(Selector { name: name.to_owned(), labels })
+    }
+}
+
+/// `a="x",b="y"` (a trailing comma allowed; `\"`, `\\` and `\n` escapes):
+/// Prometheus's label-set grammar, in selectors and in expositions alike.
+pub fn parse_labels(body: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut rest = body.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim();
+        if !is_name(key) {
+            return None;
+        }
+        let quoted = after.trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = quoted.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        out.push((key.to_owned(), value));
+        rest = quoted[end + 1..].trim_start();
+        match rest.strip_prefix(',') {
+            Some(r) => rest = r.trim_start(),
+            None if rest.is_empty() => {}
+            None => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A process orchestrator's spec with every placeholder in its command.
+    pub(crate) fn process_spec() -> ProcessSpec {
+        ProcessSpec {
+            command: vec!["/bin/srv".into(), "--listen".into(), "{addr}".into(), "--name={name}".into()],
+            port: 8080,
+            bridge: "lbp0".into(),
+            prefix: Ipv4Addr::new(10, 212, 0, 0),
+            stop_grace: Duration::from_secs(1),
+        }
+    }
+
+    fn docker_spec() -> DockerSpec {
+        DockerSpec {
+            image: "lb-demo-backend:dev".into(),
+            port: 8080,
+            network: "lb-agent".into(),
+            bridge: "lbd0".into(),
+            subnet: default_subnet(),
+            env: BTreeMap::from([("LB_BACKEND_NAME".into(), "{name}".into()), ("LISTEN".into(), "{addr}".into())]),
+            cpus: None,
+            stop_grace: Duration::from_secs(5),
+            name_prefix: None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<DockerSpec, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn spec_parses_with_defaults() {
+        let s = parse("image = \"web:1\"\nport = 8080\ncpus = 0.5\nstop_grace = \"1500ms\"\nenv = { A = \"{ip}\" }")
+            .unwrap();
+        assert_eq!(s.network, "lb-agent");
+        assert_eq!(s.bridge, "lbd0");
+        assert_eq!(s.subnet.to_string(), "10.213.0.0/24");
+        assert_eq!(s.cpus, Some(Cpus { nano: 500_000_000 }));
+        assert_eq!(s.grace_secs(), 2, "fractions round up");
+        assert_eq!(parse("image = \"w\"\nport = 1\ncpus = 2").unwrap().cpus, Some(Cpus { nano: 2_000_000_000 }));
+        assert!(s.problems("x").is_empty());
+    }
+
+    #[test]
+    fn spec_refuses_unknown_keys_and_bad_values_at_parse_time() {
+        assert!(parse("image = \"w\"\nport = 1\nimgae = \"x\"").unwrap_err().contains("imgae"));
+        assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.1/24\"")
+            .unwrap_err()
+            .contains("did you mean 10.213.0.0/24"));
+        assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.0/31\"").unwrap_err().contains("prefix length"));
+        assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.0\"").unwrap_err().contains("not a subnet"));
+        assert!(parse("image = \"w\"\nport = 1\ncpus = 0").unwrap_err().contains("must be above 0"));
+        assert!(parse("image = \"w\"\nport = 1\ncpus = -1.5").unwrap_err().contains("must be above 0"));
+    }
+
+    #[test]
+    fn docker_spec_problems_name_their_field() {
+        let bad = DockerSpec {
+            image: " ".into(),
+            port: 0,
+            network: "-net".into(),
+            bridge: "a-bridge-name-too-long".into(),
+            env: BTreeMap::from([("A=B".into(), "x".into())]),
+            name_prefix: Some("web/1".into()),
+            stop_grace: Duration::from_secs(7200),
+            ..docker_spec()
+        };
+        let p = bad.problems("service[0] \"web\": instances.docker");
+        let fields = ["image", "port", "network", "bridge", "env", "name_prefix", "stop_grace"];
+        assert_eq!(p.len(), fields.len(), "{p:#?}");
+        for (line, field) in p.iter().zip(fields) {
+            assert!(line.starts_with(&format!("service[0] \"web\": instances.docker.{field}: ")), "{line}");
+        }
+        assert!(docker_spec().problems("x").is_empty());
+    }
+
+    #[test]
+    fn subnet_slots_skip_network_gateway_and_broadcast() {
+        let s: Ipv4Subnet = "10.213.0.0/24".parse().unwrap();
+        assert_eq!(s.slots(), 2..=254);
+        assert_eq!(s.gateway(), Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(s.addr(7), Ipv4Addr::new(10, 213, 0, 7));
+        assert_eq!(s.slot_of(Ipv4Addr::new(10, 213, 0, 7)), Some(7));
+        for outside in [[10, 213, 0, 1], [10, 213, 0, 255], [10, 213, 1, 7], [10, 212, 255, 7]] {
+            assert_eq!(s.slot_of(Ipv4Addr::from(outside)), None, "{outside:?}");
+        }
+        let small: Ipv4Subnet = "192.168.5.8/29".parse().unwrap();
+        assert_eq!(small.slots().map(|n| small.addr(n).octets()[3]).collect::<Vec<_>>(), [10, 11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn env_placeholders_are_filled_per_instance() {
+        let env = docker_spec().env_for(Ipv4Addr::new(10, 213, 0, 3), "web-3");
+        assert_eq!(env, ["LB_BACKEND_NAME=web-3", "LISTEN=10.213.0.3:8080"]);
+    }
+
+    #[test]
+    fn process_spec_problems_name_their_field() {
+        let bad = ProcessSpec {
+            command: vec![],
+            port: 0,
+            bridge: "a-very-long-bridge".into(),
+            prefix: Ipv4Addr::new(10, 0, 0, 1),
+            ..process_spec()
+        };
+        let p = bad.problems("service[0] \"web\": instances.process");
+        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(p[0].ends_with("instances.process.command: name the program to run"));
+        assert!(process_spec().problems("x").is_empty());
+    }
+
+    #[test]
+    fn bad_selectors_are_refused_with_the_text() {
+        for bad in ["", "9lives", "a{b}", r#"a{b="c""#, r#"a{b=c}"#, "a b"] {
+            let e = bad.parse::<Selector>().unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+        assert_eq!(sel(r#" a { b = "c" , } "#), Selector { name: "a".into(), labels: vec![("b".into(), "c".into())] });
+    }
+
+    fn sel(s: &str) -> Selector {
+        s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+}

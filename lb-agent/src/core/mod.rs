@@ -1,0 +1,7 @@
+//! Pure decisions and state: no I/O, and time comes in as an argument.
+
+pub mod health;
+pub mod policy;
+pub mod reconcile;
+pub mod registry;
+pub mod replicas;
