@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod ebpf;
 pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod orchestrator;
 pub mod policy;
