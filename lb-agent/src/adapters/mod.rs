@@ -5,6 +5,7 @@
 pub mod dataplane;
 pub mod docker;
 pub mod host_net;
+pub mod http;
 pub mod orchestrator;
 pub mod probe;
 pub mod process;

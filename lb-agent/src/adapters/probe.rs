@@ -3,83 +3,31 @@
 
 use std::net::SocketAddrV4;
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    time::timeout,
+use crate::{
+    config::{CheckKind, HealthCheckConfig},
+    adapters::http::{self, GetError},
 };
 
-use crate::config::{CheckKind, HealthCheckConfig};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error("no answer within {0:?}")]
-    Timeout(std::time::Duration),
-    #[error("connect: {0}")]
-    Connect(#[source] std::io::Error),
-    #[error("http: {0}")]
-    Io(#[source] std::io::Error),
-    #[error("http: status {got}, expected {want}")]
-    Status { got: u16, want: u16 },
-    #[error("http: malformed status line {0:?}")]
-    Malformed(String),
-}
-
 /// Probe one backend once.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
+pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), GetError> {
     let limit = check.timeout();
-    timeout(limit, probe_unbounded(addr, check)).await.map_err(|_| ProbeError::Timeout(limit))?
-}
-
-async fn probe_unbounded(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
-    let mut stream = TcpStream::connect(addr).await.map_err(ProbeError::Connect)?;
     if check.kind == CheckKind::Tcp {
-        return Ok(());
-    }
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lb-agent/{}\r\nConnection: close\r\n\r\n",
-        check.path,
-        env!("CARGO_PKG_VERSION")
-    );
-    stream.write_all(request.as_bytes()).await.map_err(ProbeError::Io)?;
-    let got = read_status(&mut stream).await?;
-    if got == check.expect_status {
-        Ok(())
+        http::connect(addr, limit).await?;
     } else {
-        Err(ProbeError::Status { got, want: check.expect_status })
+        // Only the status counts: no byte of the body is read.
+        http::get(addr, &check.path, check.expect_status, 0, limit).await?;
     }
-}
-
-/// Read up to the end of the status line (at most 1 KiB) and parse its code.
-async fn read_status(stream: &mut TcpStream) -> Result<u16, ProbeError> {
-    let mut buf = Vec::with_capacity(128);
-    let mut chunk = [0u8; 256];
-    while !buf.contains(&b'\n') && buf.len() < 1024 {
-        let n = stream.read(&mut chunk).await.map_err(ProbeError::Io)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = String::from_utf8_lossy(&buf);
-    let line = line.lines().next().unwrap_or_default();
-    parse_status_line(line).ok_or_else(|| ProbeError::Malformed(line.chars().take(80).collect()))
-}
-
-fn parse_status_line(line: &str) -> Option<u16> {
-    let mut parts = line.split_ascii_whitespace();
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    parts.next()?.parse().ok().filter(|c| (100..=599).contains(c))
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use tokio::net::TcpListener;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
 
     use super::*;
 
@@ -124,7 +72,7 @@ mod tests {
         probe(addr, &check(CheckKind::Tcp, "/")).await.unwrap();
         drop(l);
         let err = probe(addr, &check(CheckKind::Tcp, "/")).await.unwrap_err();
-        assert!(matches!(err, ProbeError::Connect(_)), "{err}");
+        assert!(matches!(err, GetError::Connect(_)), "{err}");
     }
 
     #[tokio::test]
@@ -132,7 +80,7 @@ mod tests {
         probe(http_server("200 OK").await, &check(CheckKind::Http, "/healthz")).await.unwrap();
         let err =
             probe(http_server("503 Service Unavailable").await, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
-        assert!(matches!(err, ProbeError::Status { got: 503, want: 200 }), "{err}");
+        assert!(matches!(err, GetError::Status { got: 503, want: 200 }), "{err}");
     }
 
     #[tokio::test]
@@ -141,16 +89,21 @@ mod tests {
         let addr = local_addr(&l).await;
         // Accepts (the kernel does) but never answers.
         let err = probe(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
-        assert!(matches!(err, ProbeError::Timeout(_)), "{err}");
+        assert!(matches!(err, GetError::Timeout(_)), "{err}");
         drop(l);
     }
 
-    #[test]
-    fn status_lines() {
-        assert_eq!(parse_status_line("HTTP/1.1 204 No Content"), Some(204));
-        assert_eq!(parse_status_line("HTTP/1.0 500"), Some(500));
-        assert_eq!(parse_status_line("SSH-2.0-OpenSSH"), None);
-        assert_eq!(parse_status_line("HTTP/1.1 99 Odd"), None);
-        assert_eq!(parse_status_line(""), None);
+    #[tokio::test]
+    async fn http_probe_fails_on_an_answer_that_is_not_http() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = local_addr(&l).await;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+            let _ = s.read(&mut [0u8; 1024]).await;
+        });
+        let err = probe(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
+        assert!(matches!(err, GetError::Http(_)), "{err}");
+        assert!(err.to_string().starts_with("http: "), "{err}");
     }
 }

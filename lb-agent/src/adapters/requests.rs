@@ -10,7 +10,7 @@
 
 use std::{net::SocketAddrV4, time::Duration};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use crate::adapters::http::{self, GetError};
 
 use crate::config::instances::{parse_labels, Selector};
 
@@ -56,30 +56,14 @@ pub fn rate(before: (f64, tokio::time::Instant), now: (f64, tokio::time::Instant
     (dt > 0.0 && now.0 >= before.0).then(|| (now.0 - before.0) / dt)
 }
 
-/// GET `path` from `addr` (HTTP/1.0, one connection) within `timeout`;
-/// the body of a 200 answer, up to 1 MiB.
-pub async fn scrape(addr: SocketAddrV4, path: &str, timeout: Duration) -> std::io::Result<String> {
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-        let mut raw = Vec::new();
-        (&mut stream).take(1 << 20).read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| invalid("no end of headers"))?;
-    let status = head.split_whitespace().nth(1).ok_or_else(|| invalid("no status line"))?;
-    if status != "200" {
-        return Err(invalid(&format!("status {status} for {path}")));
-    }
-    Ok(body.to_owned())
-}
+/// Most of a metrics page read; the rest is left unread.
+const MAX_PAGE: usize = 1 << 20;
 
-fn invalid(why: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned())
+/// GET `path` from `addr` (one connection) within `timeout`; the body of a
+/// 200 answer, up to 1 MiB.
+pub async fn scrape(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<String, GetError> {
+    let body = http::get(addr, path, 200, MAX_PAGE, timeout).await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 #[cfg(test)]
@@ -126,6 +110,8 @@ odd_total{path="a\"b,c",code="200"} 2
 
     #[tokio::test]
     async fn scrapes_a_real_http_answer() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else { unreachable!() };
         let server = tokio::spawn(async move {
@@ -133,7 +119,7 @@ odd_total{path="a\"b,c",code="200"} 2
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 512];
                 let n = s.read(&mut buf).await.unwrap();
-                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /metrics HTTP/1.0\r\n"));
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /metrics HTTP/1.1\r\n"));
                 s.write_all(format!("HTTP/1.0 {status}\r\nContent-Type: text/plain\r\n\r\n{PAGE}").as_bytes())
                     .await
                     .unwrap();

@@ -1,5 +1,5 @@
 //! `/metrics`: the status [`Snapshot`] as Prometheus text exposition
-//! (format 0.0.4), and a minimal HTTP/1.1 server that serves it.
+//! (format 0.0.4), and the HTTP/1.1 server (hyper) that serves it.
 //!
 //! The data plane's counters live in kernel maps and the snapshot already
 //! holds their absolute values. `prometheus::Counter` can only be
@@ -10,8 +10,20 @@
 //! Every family is declared once below as a `Family<L>`, where `L` is its
 //! label set: a sample cannot be built with the wrong labels.
 
-use std::{collections::HashMap, io, marker::PhantomData, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, convert::Infallible, future::poll_fn, marker::PhantomData, net::SocketAddr, sync::Arc,
+    time::Duration,
+};
 
+use http_body_util::Full;
+use hyper::{
+    body::{Bytes, Incoming},
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     core::{Collector, Desc},
     proto::{self, LabelPair, Metric, MetricFamily, MetricType},
@@ -558,10 +570,12 @@ impl LabelSet for VersionLabels {
 
 // ---- HTTP -------------------------------------------------------------------
 
-/// The request head (request line and headers) may not be longer than this.
+/// Request heads longer than this get a 431 (it is also hyper's smallest
+/// read buffer).
 const MAX_HEAD: usize = 8 * 1024;
 /// The whole request head must arrive within this, so a slow client cannot
-/// hold a connection (and one of `MAX_CONNECTIONS`) for long.
+/// hold a connection (and one of `MAX_CONNECTIONS`) for long. hyper closes
+/// the connection when it passes.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writing the response, for a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -610,10 +624,8 @@ async fn serve_with(
         let snapshot = snapshot.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match handle_connection(stream, &snapshot, read_timeout).await {
-                Ok(Some(status)) => debug!(%peer, status, "metrics request"),
-                Ok(None) => debug!(%peer, "metrics connection closed before a request"),
-                Err(e) => debug!(%peer, error = &e as &(dyn std::error::Error + 'static), "metrics connection"),
+            if let Err(e) = serve_connection(stream, peer, snapshot, read_timeout).await {
+                debug!(%peer, error = &e as &(dyn std::error::Error + 'static), "metrics connection");
             }
         });
     }
@@ -625,211 +637,76 @@ async fn sender_dropped(rx: &mut watch::Receiver<Arc<Snapshot>>) {
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
-    #[error("read the request")]
-    Read(#[source] io::Error),
-    #[error("write the response")]
-    Write(#[source] io::Error),
+    #[error("serve the request")]
+    Http(#[source] hyper::Error),
     #[error("timed out writing the response")]
     WriteTimeout,
 }
 
-/// Reads one request, answers it and closes. Returns the status sent, or
-/// `None` if the client closed without sending a request.
-async fn handle_connection(
-    mut stream: TcpStream,
-    snapshot: &watch::Receiver<Arc<Snapshot>>,
+/// Serves one request with hyper's HTTP/1.1 server and closes. A client
+/// that closes without a request is no error.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
     read_timeout: Duration,
-) -> Result<Option<u16>, ConnError> {
-    let response = match timeout(read_timeout, read_head(&mut stream)).await {
-        Err(_elapsed) => Response::text(408, "Request Timeout", "request head not received in time\n"),
-        Ok(Err(e)) => return Err(ConnError::Read(e)),
-        Ok(Ok(Head::Closed)) => return Ok(None),
-        Ok(Ok(Head::TooLarge)) => Response::text(431, "Request Header Fields Too Large", "request head over 8 KiB\n"),
-        Ok(Ok(Head::Complete(head))) => match parse_request(&head) {
-            Ok(request) => route(&request, snapshot),
-            Err(reason) => {
-                debug!(reason, "malformed metrics request");
-                Response::text(400, "Bad Request", "malformed request\n")
-            }
-        },
-    };
-    let status = response.status;
-    match timeout(WRITE_TIMEOUT, write_response(&mut stream, &response)).await {
-        Err(_elapsed) => return Err(ConnError::WriteTimeout),
-        Ok(result) => result.map_err(ConnError::Write)?,
-    }
+) -> Result<(), ConnError> {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let response = route(&request, &snapshot);
+        debug!(%peer, status = response.status().as_u16(), "metrics request");
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let mut conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    // hyper bounds the head; this bounds the rest. Without shutdown, so that
+    // the socket comes back for the linger below.
+    let served = timeout(read_timeout + WRITE_TIMEOUT, poll_fn(|cx| conn.poll_without_shutdown(cx))).await;
+    let mut stream = conn.into_parts().io.into_inner();
     // Best effort: the response is out; this only keeps it from being reset.
-    let _ = timeout(LINGER, drain(&mut stream)).await;
-    Ok(Some(status))
-}
-
-enum Head {
-    /// Up to and including the empty line that ends it.
-    Complete(Vec<u8>),
-    TooLarge,
-    /// The client closed before sending a whole head.
-    Closed,
-}
-
-async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Head::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head_end(&buf) {
-            if end > MAX_HEAD {
-                return Ok(Head::TooLarge);
-            }
-            buf.truncate(end);
-            return Ok(Head::Complete(buf));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(Head::TooLarge);
-        }
+    if stream.shutdown().await.is_ok() {
+        let _ = timeout(LINGER, drain(&mut stream)).await;
+    }
+    match served {
+        Err(_elapsed) => Err(ConnError::WriteTimeout),
+        Ok(result) => result.map_err(ConnError::Http),
     }
 }
 
-/// Where the head ends: just after the first empty line. Lines end in CRLF
-/// or, leniently (RFC 9112 §2.2), a bare LF. Empty lines before the request
-/// line are skipped (same section).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
-    let mut line_start = start;
-    for (i, &b) in buf.iter().enumerate().skip(start) {
-        if b == b'\n' {
-            let line = &buf[line_start..i];
-            if line.is_empty() || line == b"\r" {
-                return Some(i + 1);
-            }
-            line_start = i + 1;
-        }
-    }
-    None
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Request<'a> {
-    method: &'a str,
-    /// Without the query string.
-    path: &'a str,
-}
-
-/// Parses a complete head. Headers are checked for form only: nothing here
-/// depends on them. The error says what was wrong, for the debug log.
-fn parse_request(head: &[u8]) -> Result<Request<'_>, &'static str> {
-    let head = head.trim_ascii_start();
-    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let request_line = lines.next().ok_or("empty request")?;
-    let request_line = std::str::from_utf8(request_line).map_err(|_| "request line is not UTF-8")?;
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("request line is not `METHOD TARGET VERSION`");
-    };
-    if method.is_empty() || !method.bytes().all(is_tchar) {
-        return Err("bad method");
-    }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err("not HTTP/1.0 or HTTP/1.1");
-    }
-    let path = request_path(target).ok_or("bad request target")?;
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return Err("header line without a colon");
-        };
-        // Also rejects obsolete line folding (a line starting with a space).
-        if colon == 0 || !line[..colon].iter().copied().all(is_tchar) {
-            return Err("bad header name");
-        }
-    }
-    Ok(Request { method, path })
-}
-
-/// The path of an origin-form (`/metrics?x`) or absolute-form
-/// (`http://host/metrics`) target.
-fn request_path(target: &str) -> Option<&str> {
-    let path = if target.starts_with('/') {
-        target
-    } else {
-        let rest = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://"))?;
-        rest.find('/').map_or("/", |i| &rest[i..])
-    };
-    let path = path.split(['?', '#']).next().unwrap_or(path);
-    (!path.bytes().any(|b| b.is_ascii_control() || b == b' ')).then_some(path)
-}
-
-/// RFC 9110 token characters.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-struct Response {
-    status: u16,
-    reason: &'static str,
-    content_type: &'static str,
-    allow: Option<&'static str>,
-    body: String,
-    /// A HEAD request: headers as for GET, no body.
-    head_only: bool,
-}
-
-impl Response {
-    fn text(status: u16, reason: &'static str, body: &str) -> Self {
-        Response {
-            status,
-            reason,
-            content_type: "text/plain; charset=utf-8",
-            allow: None,
-            body: body.to_owned(),
-            head_only: false,
-        }
-    }
-}
-
-fn route(request: &Request<'_>, snapshot: &watch::Receiver<Arc<Snapshot>>) -> Response {
-    let read = matches!(request.method, "GET" | "HEAD");
-    let mut response = match request.path {
-        "/metrics" if read => {
-            let snapshot = Arc::clone(&snapshot.borrow());
-            match render(&snapshot) {
-                Ok(body) => Response { content_type: CONTENT_TYPE, body, ..Response::text(200, "OK", "") },
-                Err(e) => {
-                    warn!(error = &e as &(dyn std::error::Error + 'static), "render metrics");
-                    Response::text(500, "Internal Server Error", "rendering the metrics failed\n")
-                }
-            }
-        }
-        "/" if read => Response::text(200, "OK", "lb-agent: Prometheus metrics are at /metrics\n"),
-        "/metrics" | "/" => {
-            Response { allow: Some("GET, HEAD"), ..Response::text(405, "Method Not Allowed", "only GET and HEAD\n") }
-        }
-        _ => Response::text(404, "Not Found", "not found; metrics are at /metrics\n"),
-    };
-    response.head_only = request.method == "HEAD";
+/// A plain-text response, closing the connection.
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
-async fn write_response(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        response.status,
-        response.reason,
-        response.content_type,
-        response.body.len()
-    );
-    if let Some(allow) = response.allow {
-        out.push_str(&format!("Allow: {allow}\r\n"));
+/// The answer to `request`; hyper leaves the body out for HEAD.
+fn route(request: &Request<Incoming>, snapshot: &watch::Receiver<Arc<Snapshot>>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let read = matches!(*request.method(), Method::GET | Method::HEAD);
+    match request.uri().path() {
+        "/metrics" if read => {
+            let snapshot = Arc::clone(&snapshot.borrow());
+            match render(&snapshot) {
+                Ok(body) => text(StatusCode::OK, CONTENT_TYPE, body),
+                Err(e) => {
+                    warn!(error = &e as &(dyn std::error::Error + 'static), "render metrics");
+                    text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, "rendering the metrics failed\n")
+                }
+            }
+        }
+        "/" if read => text(StatusCode::OK, PLAIN, "lb-agent: Prometheus metrics are at /metrics\n"),
+        "/metrics" | "/" => {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET and HEAD\n");
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found; metrics are at /metrics\n"),
     }
-    out.push_str("\r\n");
-    if !response.head_only {
-        out.push_str(&response.body);
-    }
-    stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 async fn drain(stream: &mut TcpStream) {
@@ -1155,43 +1032,6 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    #[test]
-    fn head_end_finds_the_empty_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(27));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nrest"), Some(24));
-        assert_eq!(head_end(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"), Some(22));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
-        assert_eq!(head_end(b"\r\n"), None);
-    }
-
-    #[test]
-    fn parse_request_accepts_and_rejects() {
-        let ok = |head: &str, method, path| {
-            assert_eq!(parse_request(head.as_bytes()), Ok(Request { method, path }), "{head:?}");
-        };
-        ok("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9100\r\nAccept: */*\r\n\r\n", "GET", "/metrics");
-        ok("GET /metrics?name[]=x HTTP/1.0\r\n\r\n", "GET", "/metrics");
-        ok("HEAD http://127.0.0.1:9100/metrics HTTP/1.1\r\n\r\n", "HEAD", "/metrics");
-        ok("GET http://127.0.0.1:9100 HTTP/1.1\r\n\r\n", "GET", "/");
-        ok("\r\nPOST /x HTTP/1.1\nContent-Length: 0\n\n", "POST", "/x");
-        for bad in [
-            "hello\r\n\r\n",
-            "GET /metrics\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1 extra\r\n\r\n",
-            "GET /metrics HTTP/2.0\r\n\r\n",
-            "GET metrics HTTP/1.1\r\n\r\n",
-            "G(T /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            "GET /met\u{1}rics HTTP/1.1\r\n\r\n",
-        ] {
-            assert!(parse_request(bad.as_bytes()).is_err(), "{bad:?} should be rejected");
-        }
-        assert!(parse_request(b"GET /\xff HTTP/1.1\r\n\r\n").is_err());
-    }
-
     // ---- HTTP round trips against `serve` on 127.0.0.1:0 ----
 
     struct Server {
@@ -1233,8 +1073,10 @@ mod tests {
         let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {raw:?}"));
         let mut lines = head.split("\r\n");
         let status_line = lines.next().expect("status line");
+        // hyper answers an HTTP/1.0 request in HTTP/1.0.
         let status = status_line
             .strip_prefix("HTTP/1.1 ")
+            .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
             .and_then(|r| r.get(..3))
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
@@ -1311,9 +1153,16 @@ mod tests {
     #[tokio::test]
     async fn http_slow_client_times_out() {
         let server = start(Duration::from_millis(200)).await;
-        // Half a request line, then nothing: the server gives up and says so.
-        let reply = exchange(server.addr, b"GET /met").await;
-        assert_eq!(reply.status, 408);
+        // Half a request line, then nothing: the server gives up and closes
+        // (hyper sends no 408).
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(b"GET /met").await.expect("send");
+        let mut raw = Vec::new();
+        timeout(Duration::from_secs(2), stream.read_to_end(&mut raw))
+            .await
+            .expect("server closes in time")
+            .expect("read");
+        assert_eq!(raw, b"");
         // A client that connects and closes without a word gets nothing.
         drop(TcpStream::connect(server.addr).await.expect("connect"));
         assert_eq!(get(server.addr, "/").await.status, 200);

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use lb_agent::orchestrator::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER};
+use lb_agent::adapters::docker::{LABEL_OWNER, LABEL_SERVICE, OWNER};
 use lb_lab::{command::try_run_cmd, docker::DEMO_IMAGE};
 
 use crate::{

@@ -1,4 +1,4 @@
-//! The load generator behind `lb-load`: HTTP/1.1 GETs over plain TCP, either
+//! The load generator behind `lb-load`: HTTP/1.1 GETs (hyper's client), either
 //! open loop (a rate, or a piecewise-linear ramp of rates) or closed loop (a
 //! fixed number of clients), with a report per second.
 //!
@@ -16,21 +16,26 @@
 //! `ok + failed == offered`.
 //!
 //! The pure parts (durations, ramps and their timetable, the latency
-//! histogram, response parsing, aggregation, formatting) are tested without a
-//! network; [`run`] is tested against servers on 127.0.0.1.
+//! histogram, aggregation, formatting) are tested without a network; [`run`]
+//! (and with it the HTTP client) is tested against servers on 127.0.0.1.
 //!
-//! Threads, not async: one blocking socket per worker keeps the timing
-//! simple and honest, and the worker pool is bounded (`max_workers`). The
-//! clock is `std::time::Instant`: this runs real traffic in real time.
+//! Threads, each with one connection: a worker drives its own current-thread
+//! tokio runtime (for hyper) only while its request is under way, which keeps
+//! the timing simple and honest, and the worker pool is bounded
+//! (`max_workers`). The clock is `std::time::Instant`: this runs real traffic
+//! in real time.
 
 pub mod plot;
 pub mod stop;
 
 use std::{
+    cell::Cell,
     collections::{BTreeMap, VecDeque},
     fmt::Write as _,
-    io::{self, ErrorKind, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    future::{poll_fn, Future},
+    io::{self, ErrorKind},
+    net::SocketAddr,
+    pin::{pin, Pin},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Condvar, Mutex, MutexGuard,
@@ -40,11 +45,20 @@ use std::{
 };
 
 use lb_lab::netns::NetNs;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{
+    body::{Bytes, Incoming},
+    client::conn::http1,
+    header::{self, HeaderValue},
+    Request, Uri,
+};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 
 /// Longest backend name kept from a response body.
 const MAX_BACKEND_NAME: usize = 64;
-/// Largest response (head plus body) read.
+/// Largest response head, and largest body, read.
 const MAX_RESPONSE: usize = 64 * 1024;
 /// Highest rate a ramp may ask for, requests per second.
 const MAX_RATE: f64 = 1_000_000.0;
@@ -73,6 +87,8 @@ pub enum LoadError {
     },
     #[error("spawn a load thread")]
     Spawn(#[source] io::Error),
+    #[error("start a worker's I/O runtime")]
+    Runtime(#[source] io::Error),
     #[error("the run did not finish in time: {pending} requests never ended")]
     Overrun { pending: u64 },
     #[error("counting broke: {0}")]
@@ -839,117 +855,7 @@ pub fn series_to_csv(series: &[TimePoint]) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP/1.1 responses
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BodyLength {
-    Exact(usize),
-    Chunked,
-    /// No length given: the body runs to the end of the connection.
-    UntilClose,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ResponseHead {
-    pub status: u16,
-    pub body: BodyLength,
-    /// The server closes the connection after this response.
-    pub close: bool,
-}
-
-/// Parses a response head at the start of `buf`: `Ok(None)` if incomplete,
-/// else the head and its length in bytes.
-pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, String> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if buf.len() > MAX_RESPONSE { Err("response head too large".into()) } else { Ok(None) };
-    };
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "response head is not UTF-8".to_owned())?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let minor = match version {
-        "HTTP/1.1" => 1,
-        "HTTP/1.0" => 0,
-        _ => return Err(format!("not an HTTP/1.x status line: {status_line:?}")),
-    };
-    let status: u16 = parts
-        .next()
-        .filter(|s| s.len() == 3)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status in {status_line:?}"))?;
-    let mut close = minor == 0;
-    let mut length = None;
-    let mut chunked = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(format!("bad header line {line:?}"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| format!("bad Content-Length {value:?}"))?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") && minor == 0 {
-                    close = false;
-                }
-            }
-        }
-    }
-    // RFC 9112 6.3: chunked wins over Content-Length; 204 and 304 have no body.
-    let body = if status == 204 || status == 304 || (100..200).contains(&status) {
-        BodyLength::Exact(0)
-    } else if chunked {
-        BodyLength::Chunked
-    } else {
-        match length {
-            Some(n) if n > MAX_RESPONSE => return Err(format!("body of {n} bytes is too large")),
-            Some(n) => BodyLength::Exact(n),
-            None => BodyLength::UntilClose,
-        }
-    };
-    let close = close || body == BodyLength::UntilClose;
-    Ok(Some((ResponseHead { status, body, close }, end + 4)))
-}
-
-/// Decodes a chunked body at the start of `buf`: `Ok(None)` if incomplete,
-/// else the body and the bytes it took (trailers included).
-pub fn decode_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
-    let mut body = Vec::new();
-    let mut pos = 0;
-    loop {
-        let Some(eol) = buf[pos..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
-        let line = std::str::from_utf8(&buf[pos..pos + eol]).map_err(|_| "bad chunk size line".to_owned())?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        pos += eol + 2;
-        if size == 0 {
-            // Trailers, then an empty line.
-            loop {
-                let Some(eol) = buf[pos..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
-                pos += eol + 2;
-                if eol == 0 {
-                    return Ok(Some((body, pos)));
-                }
-            }
-        }
-        if body.len() + size > MAX_RESPONSE {
-            return Err("chunked body too large".into());
-        }
-        if buf.len() < pos + size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&buf[pos..pos + size]);
-        if &buf[pos + size..pos + size + 2] != b"\r\n" {
-            return Err("chunk not followed by CRLF".into());
-        }
-        pos += size + 2;
-    }
-}
+// The client side of one request
 
 /// The backend name in a response body: trimmed, at most 64 characters.
 fn backend_name(body: &[u8]) -> String {
@@ -962,14 +868,34 @@ fn backend_name(body: &[u8]) -> String {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The client side of one request
-
+/// The request every worker sends, and where.
 struct Client {
     target: SocketAddr,
-    request: Vec<u8>,
+    /// Request target, e.g. `/` or `/?work_ms=5`.
+    path: Uri,
+    host: HeaderValue,
     keep_alive: bool,
 }
+
+/// One worker's side of the network: a current-thread tokio runtime that the
+/// worker's thread drives while a request is under way, and at most one open
+/// connection. All of it stays on that thread, and so in its namespace.
+struct Session {
+    /// Declared first, so dropped before the runtime it is registered with.
+    conn: Option<Conn>,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// A hyper HTTP/1.1 client connection.
+struct Conn {
+    sender: http1::SendRequest<Empty<Bytes>>,
+    /// The connection's I/O. It is polled beside each request (see
+    /// [`drive`]) rather than on a task of its own, so that dropping the
+    /// `Conn` closes the socket at once; `None` once it has ended.
+    io: Option<ConnIo>,
+}
+
+type ConnIo = http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>;
 
 struct Failed {
     kind: Failure,
@@ -984,33 +910,124 @@ fn fail(kind: Failure, detail: impl Into<String>) -> Failed {
 }
 
 fn io_fail(what: &str, e: &io::Error) -> Failed {
-    let kind = Failure::of_io(e);
-    // A socket timeout reads as EAGAIN ("Resource temporarily unavailable").
-    let detail = if kind == Failure::Timeout { format!("{what}: timed out") } else { format!("{what}: {e}") };
-    fail(kind, detail)
+    fail(Failure::of_io(e), format!("{what}: {e}"))
 }
 
-fn remaining(deadline: Instant) -> Result<Duration, Failed> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left < Duration::from_micros(100) {
-        Err(fail(Failure::Timeout, "timed out"))
+/// Sorts a hyper error: by its I/O error if it has one; `closed` says what
+/// a connection that closed too early cut short.
+fn hyper_fail(e: &hyper::Error, closed: &str) -> Failed {
+    if let Some(io) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<io::Error>()) {
+        return io_fail("receive", io);
+    }
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        fail(Failure::Reset, closed)
     } else {
-        Ok(left)
+        fail(Failure::Other, format!("receive: {e}"))
     }
 }
 
+/// Runs `exchange` while polling the connection's I/O beside it. Once the
+/// connection has ended it is dropped, which also ends a request still
+/// waiting on it.
+async fn drive<T>(io: &mut Option<ConnIo>, exchange: impl Future<Output = T>) -> T {
+    let mut exchange = pin!(exchange);
+    poll_fn(|cx| {
+        if let Some(conn) = io {
+            if Pin::new(conn).poll(cx).is_ready() {
+                *io = None;
+            }
+        }
+        exchange.as_mut().poll(cx)
+    })
+    .await
+}
+
+impl Conn {
+    async fn open(target: SocketAddr) -> Result<Conn, Failed> {
+        let stream = TcpStream::connect(target).await.map_err(|e| io_fail("connect", &e))?;
+        stream.set_nodelay(true).map_err(|e| io_fail("set TCP_NODELAY", &e))?;
+        let (sender, io) = http1::Builder::new()
+            .max_buf_size(MAX_RESPONSE)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| hyper_fail(&e, "connection closed before a request"))?;
+        Ok(Conn { sender, io: Some(io) })
+    }
+
+    /// Whether a kept-alive connection can take another request: not once
+    /// the server has closed it (as far as we can see yet).
+    async fn usable(&mut self) -> bool {
+        let Conn { sender, io } = self;
+        io.is_some() && drive(io, sender.ready()).await.is_ok()
+    }
+}
+
+impl Session {
+    fn new() -> Result<Session, LoadError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(LoadError::Runtime)?;
+        Ok(Session { conn: None, runtime })
+    }
+}
+
+/// Reads a whole response body (at most `MAX_RESPONSE` bytes).
+async fn read_body(mut body: Incoming) -> Result<Vec<u8>, Failed> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| hyper_fail(&e, "connection closed inside the body"))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_RESPONSE {
+                return Err(fail(Failure::Other, "response too large"));
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes)
+}
+
 impl Client {
-    /// One request; on a reused keep-alive connection that turns out to be
-    /// closed before any answer, once more on a fresh connection (as HTTP
-    /// clients do for idempotent requests). Returns the outcome and whether
-    /// it was retried.
-    fn exchange(&self, conn: &mut Option<TcpStream>, deadline: Instant) -> (Outcome, bool) {
-        let reused = conn.is_some();
-        let first = self.attempt(conn, deadline);
-        let (result, retried) = match first {
-            Err(f) if reused && f.nothing_received && f.kind == Failure::Reset => (self.attempt(conn, deadline), true),
-            r => (r, false),
-        };
+    fn new(cfg: &LoadConfig) -> Result<Client, LoadError> {
+        let bad = |what: &str| LoadError::Config(format!("{what} is not a valid request target"));
+        Ok(Client {
+            target: cfg.target,
+            path: cfg.path.parse().map_err(|_| bad(&cfg.path))?,
+            host: HeaderValue::from_str(&cfg.target.to_string()).map_err(|_| bad("the target"))?,
+            keep_alive: cfg.keep_alive,
+        })
+    }
+
+    fn request(&self) -> Request<Empty<Bytes>> {
+        let mut request = Request::new(Empty::new());
+        *request.uri_mut() = self.path.clone();
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(header::USER_AGENT, HeaderValue::from_static("lb-load"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let connection = if self.keep_alive { "keep-alive" } else { "close" };
+        headers.insert(header::CONNECTION, HeaderValue::from_static(connection));
+        request
+    }
+
+    /// One request, within `deadline`; on a reused keep-alive connection
+    /// that turns out to be closed before any answer, once more on a fresh
+    /// connection (as HTTP clients do for idempotent requests). Returns the
+    /// outcome and whether it was retried.
+    fn exchange(&self, session: &mut Session, deadline: Instant) -> (Outcome, bool) {
+        let Session { conn, runtime } = session;
+        if deadline.saturating_duration_since(Instant::now()) < Duration::from_micros(100) {
+            return (Outcome::Failed { kind: Failure::Timeout, detail: "timed out".into() }, false);
+        }
+        // What the request was doing, for a timeout's detail.
+        let phase = Cell::new("connect");
+        let bounded = async { tokio::time::timeout_at(deadline.into(), self.exchange_unbounded(conn, &phase)).await };
+        let (result, retried) = runtime.block_on(bounded).unwrap_or_else(|_elapsed| {
+            // The connection may be in the middle of anything: drop it.
+            *conn = None;
+            (Err(fail(Failure::Timeout, format!("{}: timed out", phase.get()))), false)
+        });
         let outcome = match result {
             Ok(backend) => Outcome::Ok { backend },
             Err(f) => Outcome::Failed { kind: f.kind, detail: f.detail },
@@ -1018,94 +1035,58 @@ impl Client {
         (outcome, retried)
     }
 
-    fn attempt(&self, conn: &mut Option<TcpStream>, deadline: Instant) -> Result<String, Failed> {
-        let result = self.attempt_on(conn, deadline);
+    async fn exchange_unbounded(
+        &self,
+        conn: &mut Option<Conn>,
+        phase: &Cell<&'static str>,
+    ) -> (Result<String, Failed>, bool) {
+        // A kept-alive connection the server has closed meanwhile is
+        // replaced here, without counting as a retry.
+        if let Some(c) = conn {
+            if !c.usable().await {
+                *conn = None;
+            }
+        }
+        let reused = conn.is_some();
+        match self.attempt(conn, phase).await {
+            Err(f) if reused && f.nothing_received && f.kind == Failure::Reset => {
+                (self.attempt(conn, phase).await, true)
+            }
+            r => (r, false),
+        }
+    }
+
+    async fn attempt(&self, conn: &mut Option<Conn>, phase: &Cell<&'static str>) -> Result<String, Failed> {
+        let result = self.attempt_on(conn, phase).await;
         if result.is_err() || !self.keep_alive {
             *conn = None;
         }
         result
     }
 
-    fn attempt_on(&self, conn: &mut Option<TcpStream>, deadline: Instant) -> Result<String, Failed> {
-        let stream = match conn {
-            Some(s) => s,
+    async fn attempt_on(&self, conn: &mut Option<Conn>, phase: &Cell<&'static str>) -> Result<String, Failed> {
+        let Conn { sender, io } = match conn {
+            Some(c) => c,
             None => {
-                let s = TcpStream::connect_timeout(&self.target, remaining(deadline)?)
-                    .map_err(|e| io_fail("connect", &e))?;
-                s.set_nodelay(true).map_err(|e| io_fail("set TCP_NODELAY", &e))?;
-                conn.insert(s)
+                phase.set("connect");
+                conn.insert(Conn::open(self.target).await?)
             }
         };
-        stream.set_write_timeout(Some(remaining(deadline)?)).map_err(|e| io_fail("set timeout", &e))?;
-        stream.write_all(&self.request).map_err(|e| Failed { nothing_received: true, ..io_fail("send", &e) })?;
-
-        let mut buf = Vec::with_capacity(512);
-        let mut chunk = [0u8; 4096];
-        let mut read_more = |buf: &mut Vec<u8>, stream: &mut TcpStream| -> Result<usize, Failed> {
-            stream.set_read_timeout(Some(remaining(deadline)?)).map_err(|e| io_fail("set timeout", &e))?;
-            loop {
-                match stream.read(&mut chunk) {
-                    Ok(n) => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        return Ok(n);
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let nothing = buf.is_empty();
-                        return Err(Failed { nothing_received: nothing, ..io_fail("receive", &e) });
-                    }
-                }
+        phase.set("receive");
+        drive(io, async {
+            let response = sender.send_request(self.request()).await.map_err(|e| Failed {
+                nothing_received: true,
+                ..hyper_fail(&e, "connection closed before a whole response")
+            })?;
+            let status = response.status();
+            let body = read_body(response.into_body()).await?;
+            if status.is_success() {
+                Ok(backend_name(&body))
+            } else {
+                Err(fail(Failure::Status, format!("HTTP {}", status.as_u16())))
             }
-        };
-        let (head, head_len) = loop {
-            match parse_response_head(&buf).map_err(|e| fail(Failure::Other, e))? {
-                Some(h) => break h,
-                None => {
-                    if read_more(&mut buf, stream)? == 0 {
-                        return Err(Failed {
-                            nothing_received: buf.is_empty(),
-                            ..fail(Failure::Reset, "connection closed before a whole response")
-                        });
-                    }
-                }
-            }
-        };
-        let body = match head.body {
-            BodyLength::Exact(n) => {
-                while buf.len() < head_len + n {
-                    if read_more(&mut buf, stream)? == 0 {
-                        return Err(fail(Failure::Reset, "connection closed inside the body"));
-                    }
-                }
-                buf[head_len..head_len + n].to_vec()
-            }
-            BodyLength::Chunked => loop {
-                match decode_chunked(&buf[head_len..]).map_err(|e| fail(Failure::Other, e))? {
-                    Some((body, _)) => break body,
-                    None => {
-                        if read_more(&mut buf, stream)? == 0 {
-                            return Err(fail(Failure::Reset, "connection closed inside the body"));
-                        }
-                    }
-                }
-            },
-            BodyLength::UntilClose => {
-                while read_more(&mut buf, stream)? > 0 {
-                    if buf.len() > MAX_RESPONSE {
-                        return Err(fail(Failure::Other, "response too large"));
-                    }
-                }
-                buf[head_len..].to_vec()
-            }
-        };
-        if head.close {
-            *conn = None;
-        }
-        if (200..300).contains(&head.status) {
-            Ok(backend_name(&body))
-        } else {
-            Err(fail(Failure::Status, format!("HTTP {}", head.status)))
-        }
+        })
+        .await
     }
 }
 
@@ -1154,15 +1135,6 @@ impl LoadConfig {
             max_workers: 1024,
             path: "/".into(),
         }
-    }
-
-    fn request(&self) -> Vec<u8> {
-        let connection = if self.keep_alive { "keep-alive" } else { "close" };
-        format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-load\r\nAccept: */*\r\nConnection: {connection}\r\n\r\n",
-            self.path, self.target
-        )
-        .into_bytes()
     }
 
     fn validate(&self) -> Result<(), LoadError> {
@@ -1362,14 +1334,21 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    fn enter_netns(&self) -> bool {
-        let Some(ns) = &self.netns else { return true };
-        match ns.enter_for_good() {
-            Ok(()) => true,
-            Err(source) => {
-                let e = LoadError::Netns { name: ns.name().to_owned(), source };
+    /// Sets up the calling worker thread: into the namespace, and its own
+    /// runtime. `None` (and the run fails) if that did not work.
+    fn start_worker(&self) -> Option<Session> {
+        let started = match &self.netns {
+            Some(ns) => ns
+                .enter_for_good()
+                .map_err(|source| LoadError::Netns { name: ns.name().to_owned(), source })
+                .and_then(|()| Session::new()),
+            None => Session::new(),
+        };
+        match started {
+            Ok(session) => Some(session),
+            Err(e) => {
                 self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                false
+                None
             }
         }
     }
@@ -1380,18 +1359,17 @@ impl Shared<'_> {
 }
 
 fn open_worker(shared: &Shared<'_>, queue: &Queue, ledger: Arc<Ledger>) {
-    if !shared.enter_netns() {
+    let Some(mut session) = shared.start_worker() else {
         queue.forget_worker();
         return;
-    }
-    let mut conn = None;
+    };
     while let Some(job) = queue.pop() {
         let deadline = job.due + shared.cfg.timeout;
         let started = Instant::now();
         let (outcome, retried) = if started >= deadline {
             (Outcome::Failed { kind: Failure::Late, detail: "no worker free before the timeout".into() }, false)
         } else {
-            shared.client.exchange(&mut conn, deadline)
+            shared.client.exchange(&mut session, deadline)
         };
         let start_delay = started.saturating_duration_since(job.due);
         ledger.ended(job.second, Ended { outcome, latency: job.due.elapsed(), start_delay, retried });
@@ -1451,10 +1429,7 @@ fn dispatch<'scope>(
 }
 
 fn closed_worker(shared: &Shared<'_>, ledger: Arc<Ledger>) {
-    if !shared.enter_netns() {
-        return;
-    }
-    let mut conn = None;
+    let Some(mut session) = shared.start_worker() else { return };
     loop {
         let now = shared.start.elapsed();
         if now >= shared.cfg.duration || shared.aborted() {
@@ -1462,7 +1437,7 @@ fn closed_worker(shared: &Shared<'_>, ledger: Arc<Ledger>) {
         }
         let due = Instant::now();
         let Some(second) = ledger.schedule(now.as_secs()) else { return };
-        let (outcome, retried) = shared.client.exchange(&mut conn, due + shared.cfg.timeout);
+        let (outcome, retried) = shared.client.exchange(&mut session, due + shared.cfg.timeout);
         ledger.ended(second, Ended { outcome, latency: due.elapsed(), start_delay: Duration::ZERO, retried });
     }
 }
@@ -1501,14 +1476,8 @@ pub fn run(cfg: &LoadConfig, stop: &AtomicBool, mut on_point: impl FnMut(&TimePo
     };
     let (tx, rx) = mpsc::channel();
     let ledger = Arc::new(Ledger::new(tx));
-    let shared = Shared {
-        cfg,
-        client: Client { target: cfg.target, request: cfg.request(), keep_alive: cfg.keep_alive },
-        netns,
-        stop,
-        failed: Mutex::new(None),
-        start: Instant::now(),
-    };
+    let shared =
+        Shared { cfg, client: Client::new(cfg)?, netns, stop, failed: Mutex::new(None), start: Instant::now() };
     let queue = Queue::default();
     let mut agg = Aggregator::new(cfg.duration);
     let mut series = Vec::new();
@@ -1587,7 +1556,11 @@ pub fn run(cfg: &LoadConfig, stop: &AtomicBool, mut on_point: impl FnMut(&TimePo
 
 #[cfg(test)]
 mod tests {
-    use std::{net::TcpListener, os::fd::AsRawFd};
+    use std::{
+        io::{Read as _, Write as _},
+        net::{TcpListener, TcpStream},
+        os::fd::AsRawFd,
+    };
 
     use super::*;
 
@@ -1821,47 +1794,6 @@ mod tests {
     }
 
     #[test]
-    fn response_heads_parse() {
-        let head = |s: &str| parse_response_head(s.as_bytes());
-        let (h, n) = head("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nweb-1\n").unwrap().unwrap();
-        assert_eq!((h, n), (ResponseHead { status: 200, body: BodyLength::Exact(6), close: false }, 38));
-        let (h, _) = head("HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!((h.status, h.close), (503, true));
-        let (h, _) = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
-        assert_eq!((h.body, h.close), (BodyLength::UntilClose, true));
-        let (h, _) = head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n").unwrap().unwrap();
-        assert!(!h.close);
-        let (h, _) =
-            head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n").unwrap().unwrap();
-        assert_eq!(h.body, BodyLength::Chunked);
-        let (h, _) = head("HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap();
-        assert_eq!(h.body, BodyLength::Exact(0));
-        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n"), Ok(None));
-        for bad in [
-            "HTTP/2 200\r\n\r\n",
-            "HTTP/1.1 20 OK\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nnope\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-        ] {
-            assert!(head(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode() {
-        let body = b"5\r\nweb-1\r\n1;ext=1\r\n\n\r\n0\r\nTrailer: x\r\n\r\nNEXT";
-        let (decoded, used) = decode_chunked(body).unwrap().unwrap();
-        assert_eq!((decoded.as_slice(), used), (&b"web-1\n"[..], body.len() - 4));
-        for cut in 0..body.len() - 4 {
-            assert_eq!(decode_chunked(&body[..cut]), Ok(None), "cut at {cut}");
-        }
-        assert!(decode_chunked(b"zz\r\n").is_err());
-        assert!(decode_chunked(b"2\r\nabc\r\n").is_err());
-    }
-
-    #[test]
     fn io_errors_sort_into_kinds() {
         let kind = |k: ErrorKind| Failure::of_io(&io::Error::from(k));
         assert_eq!(kind(ErrorKind::ConnectionRefused), Failure::Refused);
@@ -1885,6 +1817,8 @@ mod tests {
     enum Behaviour {
         /// 200 with `name\n`, keep-alive if asked.
         Answer(&'static str),
+        /// The same in two chunks (`Transfer-Encoding: chunked`).
+        Chunked(&'static str),
         /// 503.
         Unavailable,
         /// Reads the request, then closes with RST.
@@ -1951,6 +1885,11 @@ mod tests {
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{name}\n",
                         name.len() + 1,
                         if close { "Connection: close\r\n" } else { "" }
+                    ),
+                    Behaviour::Chunked(name) => format!(
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{}\r\n{:x}\r\n{name}\r\n1;ext=1\r\n\n\r\n0\r\n\r\n",
+                        if close { "Connection: close\r\n" } else { "" },
+                        name.len()
                     ),
                     Behaviour::Unavailable => {
                         "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
@@ -2037,13 +1976,19 @@ mod tests {
 
     #[test]
     fn keep_alive_reuses_connections() {
-        let server =
-            TestServer::start(|i| if i == 0 { Behaviour::Answer("first") } else { Behaviour::Answer("later") });
-        let mut cfg = open(server.addr, 20.0, 1.0);
-        cfg.keep_alive = true;
-        cfg.max_workers = 1;
-        let s = run_ok(&cfg).summary;
-        assert_eq!(s.backends, BTreeMap::from([("first".into(), 20)]), "one worker, one connection");
+        // Whole bodies of either kind leave the connection ready for more.
+        let first: [fn(usize) -> Behaviour; 2] = [
+            |i| if i == 0 { Behaviour::Answer("first") } else { Behaviour::Answer("later") },
+            |i| if i == 0 { Behaviour::Chunked("first") } else { Behaviour::Answer("later") },
+        ];
+        for behaviour in first {
+            let server = TestServer::start(behaviour);
+            let mut cfg = open(server.addr, 20.0, 1.0);
+            cfg.keep_alive = true;
+            cfg.max_workers = 1;
+            let s = run_ok(&cfg).summary;
+            assert_eq!(s.backends, BTreeMap::from([("first".into(), 20)]), "one worker, one connection");
+        }
     }
 
     #[test]
