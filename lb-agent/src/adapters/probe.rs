@@ -4,8 +4,8 @@
 use std::net::SocketAddrV4;
 
 use crate::{
-    config::{CheckKind, HealthCheckConfig},
     adapters::http::{self, GetError},
+    config::{CheckKind, HealthCheckConfig},
 };
 
 /// Probe one backend once.

@@ -44,7 +44,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_lab::netns::NetNs;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::{
     body::{Bytes, Incoming},
@@ -53,6 +52,7 @@ use hyper::{
     Request, Uri,
 };
 use hyper_util::rt::TokioIo;
+use lb_lab::netns::NetNs;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
