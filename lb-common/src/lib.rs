@@ -23,7 +23,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -33,6 +33,8 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
+pub const EGRESS: &str = "EGRESS";
+pub const PATH_STATS: &str = "PATH_STATS";
 pub const BENCH_FRAME: &str = "BENCH_FRAME";
 pub const BENCH_TARGET: &str = "BENCH_TARGET";
 /// Program names inside the object. `xdp_lb` is for interfaces where every
@@ -66,6 +68,9 @@ pub const MAGLEV_TABLE_SIZE: u32 = 65537;
 /// a half-written table.
 pub const MAGLEV_TABLES_PER_SERVICE: u32 = 2;
 pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_TABLES_PER_SERVICE * MAGLEV_TABLE_SIZE;
+/// Interfaces the program can send out of (`EGRESS`) and count paths on
+/// (`PATH_STATS`).
+pub const MAX_INTERFACES: u32 = 64;
 /// Connection-table entries (LRU). Each flow takes two: forward and reply.
 pub const CONNTRACK_MAX: u32 = 1 << 18;
 
@@ -157,6 +162,14 @@ pub struct Conn {
     pub service_id: u32,
     /// `bpf_ktime_get_ns()` of the last packet in this direction.
     pub last_seen_ns: u64,
+    /// The interface the flow's first client packet arrived on, and the
+    /// MACs it arrived with: `client_mac` its source (the client or the
+    /// router in front of it), `local_mac` its destination (ours). A reply
+    /// whose FIB lookup finds no neighbour for the client on that interface
+    /// is sent with them (see `Path::RepliedFlowMacs`).
+    pub client_ifindex: u32,
+    pub client_mac: [u8; 6],
+    pub local_mac: [u8; 6],
 }
 
 pub const TCP_SEEN_FIN: u8 = 1;
@@ -281,12 +294,86 @@ impl Reason {
     }
 }
 
+/// Which way a translated packet left, counted per ingress interface in
+/// `PATH_STATS`. The fast path sends it straight out (XDP_REDIRECT through
+/// `EGRESS`, or XDP_TX) after a `bpf_fib_lookup`; where that cannot finish
+/// the packet passes up to the kernel's stack (XDP_PASS), which resolves the
+/// neighbour or answers with ICMP, so that the next packet can take the fast
+/// path.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Sent out of another interface (XDP_REDIRECT through `EGRESS`).
+    Redirected = 0,
+    /// Sent back out of the interface it arrived on (XDP_TX).
+    TxBack,
+    /// A reply whose client had no neighbour entry: sent with the MACs its
+    /// flow's client packet arrived with (`Conn::client_mac`).
+    RepliedFlowMacs,
+    /// Passed up: the FIB knows the next hop but not its MAC yet.
+    PassFibNoNeigh,
+    /// Passed up: the egress interface is not in `EGRESS` (the agent did not
+    /// enable the fast path there, e.g. a bridge that cannot transmit XDP
+    /// frames).
+    PassEgressNotReady,
+    /// Passed up: TTL 1 or less; the kernel sends the ICMP time exceeded.
+    PassTtlExpired,
+    /// Passed up: larger than the egress MTU; the kernel fragments or
+    /// answers with ICMP.
+    PassFragNeeded,
+    /// Passed up: a route the program cannot use (local, blackhole,
+    /// unreachable, forwarding disabled on the ingress interface, ...).
+    PassFibUnsupported,
+}
+
+impl Path {
+    pub const COUNT: u32 = Path::PassFibUnsupported as u32 + 1;
+    pub const ALL: [Path; Path::COUNT as usize] = [
+        Path::Redirected,
+        Path::TxBack,
+        Path::RepliedFlowMacs,
+        Path::PassFibNoNeigh,
+        Path::PassEgressNotReady,
+        Path::PassTtlExpired,
+        Path::PassFragNeeded,
+        Path::PassFibUnsupported,
+    ];
+
+    /// A stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Path::Redirected => "redirected",
+            Path::TxBack => "tx_back",
+            Path::RepliedFlowMacs => "replied_flow_macs",
+            Path::PassFibNoNeigh => "pass_fib_no_neigh",
+            Path::PassEgressNotReady => "pass_egress_not_ready",
+            Path::PassTtlExpired => "pass_ttl_expired",
+            Path::PassFragNeeded => "pass_frag_needed",
+            Path::PassFibUnsupported => "pass_fib_unsupported",
+        }
+    }
+
+    /// Whether the packet skipped the kernel's stack.
+    pub const fn is_fast(self) -> bool {
+        (self as u32) < Path::PassFibNoNeigh as u32
+    }
+}
+
+/// Value of `PATH_STATS` (per CPU, keyed by ingress ifindex): packets per
+/// `Path`, indexed by `Path as usize`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PathCounters {
+    pub packets: [u64; Path::COUNT as usize],
+}
+
 const _: () = {
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
     assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
     assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
-    assert!(size_of::<Conn>() == 24 && align_of::<Conn>() == 8);
+    assert!(size_of::<Conn>() == 40 && align_of::<Conn>() == 8);
+    assert!(size_of::<PathCounters>() == 8 * Path::COUNT as usize && align_of::<PathCounters>() == 8);
     assert!(size_of::<Counters>() == 48 && align_of::<Counters>() == 8);
     assert!(size_of::<BenchFrame>() == BENCH_FRAME_LEN + 8);
     assert!(MAX_SERVICES as u64 * MAGLEV_TABLES_PER_SERVICE as u64 * MAGLEV_TABLE_SIZE as u64 <= u32::MAX as u64);
@@ -318,6 +405,7 @@ mod pod {
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BenchFrame {}
+    unsafe impl aya::Pod for PathCounters {}
 }
 
 #[cfg(test)]
@@ -370,6 +458,9 @@ mod layout_tests {
         assert_eq!(offset_of!(Conn, backend_id), 8);
         assert_eq!(offset_of!(Conn, service_id), 12);
         assert_eq!(offset_of!(Conn, last_seen_ns), 16);
+        assert_eq!(offset_of!(Conn, client_ifindex), 24);
+        assert_eq!(offset_of!(Conn, client_mac), 28);
+        assert_eq!(offset_of!(Conn, local_mac), 34);
     }
 
     #[test]
@@ -392,6 +483,18 @@ mod layout_tests {
         }
         assert!(!Reason::PassFragment.is_drop());
         assert!(Reason::DropTruncatedEth.is_drop());
+    }
+
+    #[test]
+    fn paths_are_dense_and_named_uniquely() {
+        for (i, p) in Path::ALL.iter().enumerate() {
+            assert_eq!(*p as u32, i as u32);
+            for other in &Path::ALL[..i] {
+                assert_ne!(other.name(), p.name());
+            }
+        }
+        assert!(Path::RepliedFlowMacs.is_fast());
+        assert!(!Path::PassFibNoNeigh.is_fast());
     }
 
     #[test]

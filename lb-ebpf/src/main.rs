@@ -3,9 +3,10 @@
 //! `xdp_lb` parses Ethernet, IPv4 and TCP/UDP; a packet for a service
 //! (VIP, port, protocol) gets its destination rewritten to a backend picked by
 //! the connection table or, for a new flow, the service's Maglev table; a reply
-//! from a backend gets its source rewritten back to the VIP. Both leave with
-//! XDP_PASS into the kernel's forwarding path. Everything else passes
-//! untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
+//! from a backend gets its source rewritten back to the VIP. Both then leave
+//! on the fast path (`route`: FIB lookup, XDP_REDIRECT or XDP_TX), or with
+//! XDP_PASS into the kernel's forwarding path where that cannot finish.
+//! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges).
 #![no_std]
@@ -14,17 +15,18 @@
 mod bench;
 mod nat;
 mod parse;
+mod route;
 mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES, MAX_BACKENDS,
-    MAX_SERVICES,
+    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
 };
 
 use crate::{
@@ -46,6 +48,12 @@ static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+/// Interfaces the agent knows can transmit redirected frames, keyed by ifindex.
+#[map]
+static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+/// Which way translated packets left, per ingress ifindex.
+#[map]
+static PATH_STATS: PerCpuHashMap<u32, PathCounters> = PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
 
 /// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
@@ -63,7 +71,7 @@ pub fn xdp_lb_local(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn run(ctx: &XdpContext, l4: L4Checksums) -> u32 {
     let (action, reason) = match try_xdp_lb(ctx, l4) {
-        Ok(forwarded) => (xdp_action::XDP_PASS, forwarded),
+        Ok(sent) => sent,
         Err(Verdict { action, reason }) => (action, reason),
     };
     stats::count_reason(reason);
@@ -93,19 +101,21 @@ impl Verdict {
     }
 }
 
-/// `Ok(reason)` when the packet was translated (and passes on to be
-/// forwarded), `Err(verdict)` for everything that leaves early.
+/// `Ok((action, reason))` when the packet was translated and sent on,
+/// `Err(verdict)` for everything that leaves early.
 #[inline(always)]
-fn try_xdp_lb(ctx: &XdpContext, l4: L4Checksums) -> Result<Reason, Verdict> {
+fn try_xdp_lb(ctx: &XdpContext, l4: L4Checksums) -> Result<(u32, Reason), Verdict> {
     let pkt = parse_packet(ctx)?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let key = ServiceKey { vip_be: pkt.dst_ip_be, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        return nat::forward(&pkt, &svc, frame_len, l4).map(|()| Reason::Forwarded);
+        nat::forward(&pkt, &svc, frame_len, l4)?;
+        return Ok((route::send_on(ctx, &pkt, None), Reason::Forwarded));
     }
-    nat::reply(&pkt, frame_len, l4).map(|()| Reason::ReplyTranslated)
+    let flow = nat::reply(&pkt, frame_len, l4)?;
+    Ok((route::send_on(ctx, &pkt, Some(&flow)), Reason::ReplyTranslated))
 }
 
 /// Re-exported for the helper modules.

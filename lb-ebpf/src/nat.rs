@@ -49,9 +49,10 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> 
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite the
-/// source back to the VIP. Anything else is not ours.
+/// source back to the VIP, and return the flow's reply entry. Anything else
+/// is not ours.
 #[inline(always)]
-pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(), Verdict> {
+pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<Conn, Verdict> {
     let key = own_key(pkt, DIR_REPLY);
     let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
         return Err(Verdict::pass(Reason::PassNoService));
@@ -63,10 +64,10 @@ pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(), Verdic
     if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         close_from_reply(pkt, c, &mut delta);
     }
-    let (nat_ip, nat_port, service_id, backend_id) = (c.nat_ip_be, c.nat_port_be, c.service_id, c.backend_id);
-    rewrite(pkt, End::Src, nat_ip, nat_port, l4);
-    count_flow(service_id, backend_id, &delta);
-    Ok(())
+    let c = *c;
+    rewrite(pkt, End::Src, c.nat_ip_be, c.nat_port_be, l4);
+    count_flow(c.service_id, c.backend_id, &delta);
+    Ok(c)
 }
 
 /// The connection-table key of the packet's own 5-tuple, in direction `dir`.
@@ -100,6 +101,8 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => *b,
         _ => return Err(Verdict::drop(Reason::DropStaleBackend)),
     };
+    // SAFETY: bounds-checked by parse_packet.
+    let (client_mac, local_mac) = unsafe { ((*pkt.eth).src, (*pkt.eth).dst) };
     let fwd = Conn {
         nat_ip_be: backend.ip_be,
         nat_port_be: backend.port_be,
@@ -108,6 +111,9 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         backend_id,
         service_id: svc.id,
         last_seen_ns: now,
+        client_ifindex: pkt.ingress_ifindex,
+        client_mac,
+        local_mac,
     };
     let rev_key = FlowKey {
         src_ip_be: backend.ip_be,

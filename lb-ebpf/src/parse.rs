@@ -67,6 +67,7 @@ pub struct UdpHdr {
 
 /// What the rest of the program needs from a TCP or UDP over IPv4 packet.
 pub struct Parsed {
+    pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
     /// Pointer to the L4 checksum field.
     pub l4_check: *mut u16,
@@ -79,6 +80,8 @@ pub struct Parsed {
     pub proto: u8,
     /// TCP flags, 0 for UDP.
     pub tcp_flags: u8,
+    /// The interface the packet arrived on.
+    pub ingress_ifindex: u32,
 }
 
 /// The one place that compares against `data_end`.
@@ -94,23 +97,26 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 #[inline(always)]
 pub fn parse_packet(ctx: &XdpContext) -> Result<Parsed, Verdict> {
-    let l3 = parse_eth(ctx)?;
-    let (ip, l4, l4_end) = parse_ipv4(ctx, l3)?;
+    let eth = parse_eth(ctx)?;
+    let (ip, l4, l4_end) = parse_ipv4(ctx, ETH_HLEN)?;
     // SAFETY: `ip` was bounds-checked by parse_ipv4.
     let proto = unsafe { (*ip).proto };
-    match proto {
+    let mut pkt = match proto {
         PROTO_TCP => parse_tcp(ctx, ip, l4, l4_end),
         PROTO_UDP => parse_udp(ctx, ip, l4, l4_end),
         _ => Err(Verdict::pass(Reason::PassNotTcpUdp)),
-    }
+    }?;
+    pkt.eth = eth;
+    pkt.ingress_ifindex = ctx.ingress_ifindex() as u32;
+    Ok(pkt)
 }
 
 #[inline(always)]
-fn parse_eth(ctx: &XdpContext) -> Result<usize, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropTruncatedEth))?;
+fn parse_eth(ctx: &XdpContext) -> Result<*mut EthHdr, Verdict> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropTruncatedEth))?;
     // SAFETY: bounds-checked above.
     match unsafe { (*eth).ether_type } {
-        ETH_P_IP_BE => Ok(ETH_HLEN),
+        ETH_P_IP_BE => Ok(eth),
         ETH_P_IPV6_BE => Err(Verdict::pass(Reason::PassIpv6)),
         _ => Err(Verdict::pass(Reason::PassNotIpv4)),
     }
@@ -170,6 +176,8 @@ fn parse_tcp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> R
             dst_port_be: (*tcp).dst_port_be,
             proto: PROTO_TCP,
             tcp_flags: flags,
+            eth: core::ptr::null_mut(),
+            ingress_ifindex: 0,
         })
     }
 }
@@ -192,6 +200,8 @@ fn parse_udp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> R
             dst_port_be: (*udp).dst_port_be,
             proto: PROTO_UDP,
             tcp_flags: 0,
+            eth: core::ptr::null_mut(),
+            ingress_ifindex: 0,
         })
     }
 }

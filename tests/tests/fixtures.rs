@@ -745,6 +745,10 @@ fn forward_conn(n: &Nat) -> Conn {
         backend_id: n.backend_id,
         service_id: n.service,
         last_seen_ns: 0,
+        // BPF_PROG_TEST_RUN delivers on the namespace's loopback.
+        client_ifindex: 1,
+        client_mac: CLIENT_MAC,
+        local_mac: LB_MAC,
     }
 }
 
