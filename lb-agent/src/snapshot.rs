@@ -14,9 +14,10 @@ use crate::{
         reconcile::Reconciler,
         registry::{BackendState, Registry},
     },
+    ports::{AttachMode, DataplaneError, L4Checksums},
     status::{
-        AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, ReasonCount, ScalingStatus, ServiceStatus, Snapshot,
-        Traffic,
+        AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, PathCount, ReasonCount, ScalingStatus,
+        ServiceStatus, Snapshot, Traffic,
     },
 };
 
@@ -111,12 +112,8 @@ impl SnapshotBuilder {
                 errors_total: errors,
                 interfaces: dataplane
                     .attachments()
-                    .map(|(name, mode, l4)| InterfaceStatus {
-                        name: name.into(),
-                        xdp_mode: mode.to_string(),
-                        checksums: l4.to_string(),
-                    })
-                    .collect(),
+                    .map(|(name, mode, l4)| interface_status(dataplane, name, mode, l4))
+                    .collect::<Result<_, _>>()?,
             },
             maps: vec![
                 fill(lb_common::SERVICES, services.len() as u64, MAX_SERVICES),
@@ -151,6 +148,32 @@ impl SnapshotBuilder {
         }
         t
     }
+}
+
+fn interface_status(
+    dataplane: &AyaDataplane,
+    name: &str,
+    mode: AttachMode,
+    l4: L4Checksums,
+) -> Result<InterfaceStatus, DataplaneError> {
+    let fast = dataplane.fast_paths().get(name);
+    let paths = match fast {
+        Some(f) => dataplane
+            .path_counters(f.ifindex)?
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, packets)| PathCount { path: p.name().into(), fast: p.is_fast(), packets })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(InterfaceStatus {
+        name: name.into(),
+        xdp_mode: mode.to_string(),
+        checksums: l4.to_string(),
+        fast_path: fast.is_some_and(|f| f.on),
+        fast_path_reason: fast.map(|f| f.why.clone()).unwrap_or_default(),
+        paths,
+    })
 }
 
 fn verdict(r: Reason) -> &'static str {

@@ -68,7 +68,7 @@ pub struct AgentInfo {
     pub interfaces: Vec<InterfaceStatus>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
     /// "native" or "generic".
@@ -76,6 +76,25 @@ pub struct InterfaceStatus {
     /// "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`).
     #[serde(default)]
     pub checksums: String,
+    /// Whether translated packets may leave by this interface on the fast
+    /// path (XDP_REDIRECT/XDP_TX), skipping the kernel's stack.
+    #[serde(default)]
+    pub fast_path: bool,
+    /// Why (or why not).
+    #[serde(default)]
+    pub fast_path_reason: String,
+    /// Translated packets that arrived here, by the way they left
+    /// (`lb_common::Path::name`); zeros left out.
+    #[serde(default)]
+    pub paths: Vec<PathCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathCount {
+    pub path: String,
+    /// Whether this path skips the kernel's stack.
+    pub fast: bool,
+    pub packets: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -166,6 +185,12 @@ impl Snapshot {
         let xdp: Vec<String> =
             a.interfaces.iter().map(|i| format!("{} ({}, checksums {})", i.name, i.xdp_mode, i.checksums)).collect();
         let _ = writeln!(out, "xdp: {}", if xdp.is_empty() { "not attached".into() } else { xdp.join(", ") });
+        for i in &a.interfaces {
+            let onoff = if i.fast_path { "on" } else { "off" };
+            let paths: Vec<String> = i.paths.iter().map(|p| format!("{} {}", p.path, p.packets)).collect();
+            let paths = if paths.is_empty() { "no translated packets yet".into() } else { paths.join(", ") };
+            let _ = writeln!(out, "  {}: fast path {onoff} ({}); arrived here: {paths}", i.name, i.fast_path_reason);
+        }
         for s in &self.services {
             let _ = writeln!(
                 out,
@@ -297,6 +322,7 @@ mod tests {
                     name: "eth0".into(),
                     xdp_mode: "native".into(),
                     checksums: "complete".into(),
+                    ..Default::default()
                 }],
             },
             services: vec![ServiceStatus {

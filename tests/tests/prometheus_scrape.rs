@@ -196,6 +196,7 @@ fn snapshot(n: u64) -> Snapshot {
                 name: "eth0".to_owned(),
                 xdp_mode: "generic".to_owned(),
                 checksums: "complete".to_owned(),
+                ..Default::default()
             }],
         },
         services: vec![

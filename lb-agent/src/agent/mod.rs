@@ -164,7 +164,11 @@ impl Agent {
         // `checksums` setting changed gets the other program in place.
         for iface in &wanted {
             let new = !had.contains(iface);
-            match self.dataplane.attach(iface, config.checksums(iface)) {
+            let attached = self
+                .dataplane
+                .attach(iface, config.checksums(iface))
+                .and_then(|mode| self.dataplane.set_fast_path(iface, config.fast_path(iface)).map(|_| mode));
+            match attached {
                 Ok(_) if new => attached_now.push(iface.clone()),
                 Ok(_) => {}
                 Err(e) => {

@@ -43,6 +43,26 @@ pub struct Config {
 pub struct InterfaceConfig {
     #[serde(default)]
     pub checksums: ChecksumMode,
+    #[serde(default)]
+    pub fast_path: FastPathMode,
+}
+
+/// Whether translated packets may leave by the fast path (XDP_REDIRECT or
+/// XDP_TX) out of an interface, skipping the kernel's stack. A device can
+/// transmit redirected frames only if its driver can: NICs do; a veth only
+/// when its peer has an XDP program or GRO on (`ethtool -K <peer> gro on`);
+/// a bridge never. Packets for an interface without it pass up to the
+/// kernel's forwarding path instead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FastPathMode {
+    /// On for NIC drivers, off for veth (the agent cannot see the peer's
+    /// GRO), bridges, tun/tap, macvlan and the like.
+    #[default]
+    Auto,
+    /// On: you made sure the device can transmit XDP frames.
+    On,
+    Off,
 }
 
 /// What the TCP/UDP checksums of packets arriving on an interface can be,
@@ -220,6 +240,10 @@ impl Config {
     /// The checksum setting of `iface` (`auto` unless configured).
     pub fn checksums(&self, iface: &str) -> ChecksumMode {
         self.interface_settings.get(iface).map(|i| i.checksums).unwrap_or_default()
+    }
+
+    pub fn fast_path(&self, iface: &str) -> FastPathMode {
+        self.interface_settings.get(iface).map(|i| i.fast_path).unwrap_or_default()
     }
 
     /// Every problem that makes the config unusable, each with its place.
@@ -424,6 +448,10 @@ mod tests {
         assert_eq!(c.checksums("eth0"), ChecksumMode::Auto);
         let c = parse(&format!("{GOOD}\n[interface.eth0]\nchecksums = \"may-be-partial\"\n")).unwrap();
         assert_eq!(c.checksums("eth0"), ChecksumMode::MayBePartial);
+        assert_eq!(c.fast_path("eth0"), FastPathMode::Auto);
+        let c = parse(&format!("{GOOD}\n[interface.eth0]\nfast_path = \"on\"\n")).unwrap();
+        assert_eq!(c.fast_path("eth0"), FastPathMode::On);
+        assert_eq!(c.checksums("eth0"), ChecksumMode::Auto);
     }
 
     #[test]

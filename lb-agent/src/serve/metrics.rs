@@ -174,6 +174,14 @@ const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
     "lb_xdp_attached",
     "1 for each interface the XDP program is attached to, labelled with the attach mode (native or generic) and the program's checksum handling (complete or may-be-partial).",
 );
+const FAST_PATH: Family<FastPathLabels> = Family::gauge(
+    "lb_xdp_fast_path",
+    "1 if translated packets may leave by this interface on the fast path (XDP_REDIRECT/XDP_TX, skipping the kernel's stack), 0 if they pass up to the kernel's forwarding path.",
+);
+const PATH_PACKETS: Family<PathLabels> = Family::counter(
+    "lb_xdp_path_packets_total",
+    "Translated packets that arrived on the interface, by the way they left: fast (redirected, tx_back, replied_flow_macs) or passed up to the kernel, with the reason (pass_fib_no_neigh, pass_egress_not_ready, ...).",
+);
 const MAP_ENTRIES: Family<MapLabels> = Family::gauge("lb_map_entries", "Entries currently in the eBPF map.");
 const MAP_MAX_ENTRIES: Family<MapLabels> =
     Family::gauge("lb_map_max_entries", "Capacity (max_entries) of the eBPF map.");
@@ -237,6 +245,15 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
         let labels =
             InterfaceLabels { interface: i.name.clone(), mode: i.xdp_mode.clone(), checksums: i.checksums.clone() };
         (labels, TRUE)
+    })));
+    out.push(
+        FAST_PATH.collect(interfaces.iter().map(|i| (FastPathLabels { interface: i.name.clone() }, flag(i.fast_path)))),
+    );
+    out.push(PATH_PACKETS.collect(interfaces.iter().flat_map(|i| {
+        i.paths.iter().map(|p| {
+            let labels = PathLabels { interface: i.name.clone(), path: p.path.clone(), fast: p.fast.to_string() };
+            (labels, p.packets as f64)
+        })
     })));
     let maps = &snapshot.maps;
     out.push(MAP_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.entries as f64))));
@@ -494,6 +511,32 @@ impl LabelSet for InterfaceLabels {
     const NAMES: &'static [&'static str] = &["interface", "mode", "checksums"];
     fn into_values(self) -> Vec<String> {
         vec![self.interface, self.mode, self.checksums]
+    }
+}
+
+struct FastPathLabels {
+    interface: String,
+}
+
+impl LabelSet for FastPathLabels {
+    const NAMES: &'static [&'static str] = &["interface"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.interface]
+    }
+}
+
+struct PathLabels {
+    interface: String,
+    /// `lb_common::Path::name`.
+    path: String,
+    /// "true" if the path skips the kernel's stack.
+    fast: String,
+}
+
+impl LabelSet for PathLabels {
+    const NAMES: &'static [&'static str] = &["interface", "path", "fast"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.interface, self.path, self.fast]
     }
 }
 
@@ -769,6 +812,9 @@ mod tests {
                     name: "eth0".to_owned(),
                     xdp_mode: "native".to_owned(),
                     checksums: "complete".to_owned(),
+                    fast_path: true,
+                    fast_path_reason: "NIC driver ixgbe".to_owned(),
+                    paths: vec![crate::status::PathCount { path: "redirected".to_owned(), fast: true, packets: 7 }],
                 }],
             },
             services: vec![ServiceStatus {
@@ -878,6 +924,8 @@ mod tests {
             ("lb_backend_table_share", "gauge"),
             ("lb_packets_total", "counter"),
             ("lb_xdp_attached", "gauge"),
+            ("lb_xdp_fast_path", "gauge"),
+            ("lb_xdp_path_packets_total", "counter"),
             ("lb_map_entries", "gauge"),
             ("lb_map_max_entries", "gauge"),
             ("lb_agent_errors_total", "counter"),

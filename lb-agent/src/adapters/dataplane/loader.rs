@@ -65,6 +65,7 @@ impl AyaDataplane {
             service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
             reason_stats: PerCpuArray::try_from(take(REASON_STATS)?)?,
+            egress_maps: super::egress::EgressMaps::take(&mut take)?,
             links: BTreeMap::new(),
             pins,
             adopted,
@@ -157,6 +158,7 @@ impl AyaDataplane {
     /// Detach from `iface`: close our link and remove its pin.
     pub fn detach(&mut self, iface: &str) -> anyhow::Result<()> {
         let Some(a) = self.links.remove(iface) else { return Ok(()) };
+        self.clear_fast_path(iface);
         if let Some(pin) = &a.pin {
             std::fs::remove_file(pin).with_context(|| format!("unpin {}", pin.display()))?;
         }

@@ -6,8 +6,10 @@
 //! - `loader`: loading the object, attaching to and detaching from
 //!   interfaces (bpf_links), and what happens to it all on exit;
 //! - `pins`: the bpffs directory that lets a restarted agent adopt it all;
-//! - `netdev`: what the kernel says about an interface (index, driver).
+//! - `netdev`: what the kernel says about an interface (index, driver);
+//! - `egress`: the fast path's egress interfaces and per-interface paths.
 
+pub mod egress;
 mod loader;
 pub mod netdev;
 pub mod pins;
@@ -37,6 +39,7 @@ pub struct AyaDataplane {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
+    egress_maps: egress::EgressMaps,
     links: BTreeMap<String, Attached>,
     /// `<pin dir>/v<ABI_VERSION>` when maps and links are pinned.
     pins: Option<PathBuf>,

@@ -4,14 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _};
-use lb_common::{ABI_VERSION, BACKENDS, BACKEND_STATS, CONNTRACK, MAGLEV, REASON_STATS, SERVICES, SERVICE_STATS};
+use lb_common::{
+    ABI_VERSION, BACKENDS, BACKEND_STATS, CONNTRACK, EGRESS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
+};
 use tracing::{info, warn};
 
 use crate::ports::AttachMode;
 
 /// Maps kept in bpffs across agent restarts (all of them but the benchmark's).
-pub(super) const PINNED_MAPS: [&str; 7] =
-    [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS];
+pub(super) const PINNED_MAPS: [&str; 9] =
+    [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS, EGRESS, PATH_STATS];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The pin file name of an interface's link: `<mode>-<interface>`, with

@@ -1,0 +1,137 @@
+//! The fast path's egress side: which interfaces translated packets may be
+//! sent out of directly (the `EGRESS` devmap), and what the program counted
+//! per ingress interface (`PATH_STATS`).
+
+use std::collections::BTreeMap;
+
+use aya::maps::{DevMapHash, MapData, PerCpuHashMap};
+use lb_common::{Path, PathCounters, EGRESS, PATH_STATS};
+use tracing::{info, warn};
+
+use super::{map_err, netdev, AyaDataplane};
+use crate::{config::FastPathMode, ports::DataplaneError};
+
+/// Whether packets may leave by an interface on the fast path, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FastPath {
+    pub ifindex: u32,
+    pub on: bool,
+    pub why: String,
+}
+
+/// The decision for `mode` on an interface whose driver is `driver`. Only
+/// devices known to transmit XDP frames get it: `auto` cannot see a veth
+/// peer's GRO (it lives in another namespace), and a bridge, tun/tap or
+/// macvlan has no XDP transmit at all (a redirect there would be dropped).
+pub fn decide_fast_path(mode: FastPathMode, driver: Option<&str>) -> (bool, String) {
+    match (mode, driver) {
+        (FastPathMode::On, _) => (true, "fast_path = \"on\" in the config".into()),
+        (FastPathMode::Off, _) => (false, "fast_path = \"off\" in the config".into()),
+        (FastPathMode::Auto, None) => (false, "no driver (loopback?)".into()),
+        (FastPathMode::Auto, Some("veth")) => (
+            false,
+            "veth: its peer needs GRO (ethtool -K <peer> gro on) or an XDP program to receive redirected frames; \
+             set fast_path = \"on\" once it has"
+                .into(),
+        ),
+        (
+            FastPathMode::Auto,
+            Some(d @ ("bridge" | "tun" | "netkit" | "macvlan" | "ipvlan" | "vxlan" | "wireguard")),
+        ) => (false, format!("{d}: cannot transmit XDP frames")),
+        (FastPathMode::Auto, Some(d)) => (true, format!("NIC driver {d}")),
+    }
+}
+
+/// The maps behind the fast path, held by [`AyaDataplane`].
+pub(super) struct EgressMaps {
+    pub egress: DevMapHash<MapData>,
+    pub path_stats: PerCpuHashMap<MapData, u32, PathCounters>,
+    /// By interface name, for the interfaces we are attached to.
+    pub decided: BTreeMap<String, FastPath>,
+}
+
+impl EgressMaps {
+    pub fn take(take: &mut impl FnMut(&str) -> anyhow::Result<aya::maps::Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            egress: DevMapHash::try_from(take(EGRESS)?)?,
+            path_stats: PerCpuHashMap::try_from(take(PATH_STATS)?)?,
+            decided: BTreeMap::new(),
+        })
+    }
+}
+
+impl AyaDataplane {
+    /// Put `iface` in `EGRESS` or take it out, as `mode` and its driver
+    /// decide; logs what it did when that changes.
+    pub fn set_fast_path(&mut self, iface: &str, mode: FastPathMode) -> anyhow::Result<FastPath> {
+        let ifindex = netdev::if_index(iface).ok_or_else(|| anyhow::anyhow!("no interface named {iface:?} here"))?;
+        let driver = netdev::interface_driver(iface)?;
+        let (on, why) = decide_fast_path(mode, driver.as_deref());
+        let maps = &mut self.egress_maps;
+        if on {
+            maps.egress.insert(ifindex, ifindex, None, 0).map_err(|e| map_err(EGRESS, "write")(e))?;
+        } else if maps.egress.get(ifindex, 0).is_ok() {
+            maps.egress.remove(ifindex).map_err(map_err(EGRESS, "delete"))?;
+        }
+        let decided = FastPath { ifindex, on, why };
+        if maps.decided.get(iface) != Some(&decided) {
+            info!(interface = iface, fast_path = if on { "on" } else { "off" }, why = decided.why, "fast path");
+            maps.decided.insert(iface.to_owned(), decided.clone());
+        }
+        Ok(decided)
+    }
+
+    /// Take a detached interface out of `EGRESS`.
+    pub(super) fn clear_fast_path(&mut self, iface: &str) {
+        let maps = &mut self.egress_maps;
+        if let Some(fp) = maps.decided.remove(iface) {
+            if fp.on {
+                if let Err(e) = maps.egress.remove(fp.ifindex) {
+                    warn!(error = %e, interface = iface, "removing the interface from EGRESS failed");
+                }
+            }
+        }
+    }
+
+    /// The fast-path decision for each interface we are attached to.
+    pub fn fast_paths(&self) -> &BTreeMap<String, FastPath> {
+        &self.egress_maps.decided
+    }
+
+    /// Packets per `Path` that arrived on `ifindex`, summed over CPUs
+    /// (all zero before the first one).
+    pub fn path_counters(&self, ifindex: u32) -> Result<Vec<(Path, u64)>, DataplaneError> {
+        let mut total = PathCounters::default();
+        match self.egress_maps.path_stats.get(&ifindex, 0) {
+            Ok(per_cpu) => {
+                for c in per_cpu.iter() {
+                    for (t, v) in total.packets.iter_mut().zip(c.packets) {
+                        *t += v;
+                    }
+                }
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(PATH_STATS, "read")(e)),
+        }
+        Ok(Path::ALL.iter().map(|p| (*p, total.packets[*p as usize])).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_devices_known_to_transmit_get_the_fast_path() {
+        assert!(decide_fast_path(FastPathMode::Auto, Some("ixgbe")).0);
+        assert!(decide_fast_path(FastPathMode::Auto, Some("virtio_net")).0);
+        for d in ["veth", "bridge", "tun", "macvlan"] {
+            let (on, why) = decide_fast_path(FastPathMode::Auto, Some(d));
+            assert!(!on, "{d}");
+            assert!(why.starts_with(d), "{why}");
+        }
+        assert!(!decide_fast_path(FastPathMode::Auto, None).0);
+        assert!(decide_fast_path(FastPathMode::On, Some("veth")).0);
+        assert!(!decide_fast_path(FastPathMode::Off, Some("ixgbe")).0);
+    }
+}
