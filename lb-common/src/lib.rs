@@ -321,6 +321,10 @@ pub enum Path {
     /// Passed up: larger than the egress MTU; the kernel fragments or
     /// answers with ICMP.
     PassFragNeeded,
+    /// Passed up: the L4 checksum is a partial one (CHECKSUM_PARTIAL from a
+    /// local stack over veth). A redirected frame loses the skb's note that
+    /// the checksum is still to be finished, so the receiver would drop it.
+    PassPartialChecksum,
     /// Passed up: a route the program cannot use (local, blackhole,
     /// unreachable, forwarding disabled on the ingress interface, ...).
     PassFibUnsupported,
@@ -336,6 +340,7 @@ impl Path {
         Path::PassEgressNotReady,
         Path::PassTtlExpired,
         Path::PassFragNeeded,
+        Path::PassPartialChecksum,
         Path::PassFibUnsupported,
     ];
 
@@ -349,6 +354,7 @@ impl Path {
             Path::PassEgressNotReady => "pass_egress_not_ready",
             Path::PassTtlExpired => "pass_ttl_expired",
             Path::PassFragNeeded => "pass_frag_needed",
+            Path::PassPartialChecksum => "pass_partial_checksum",
             Path::PassFibUnsupported => "pass_fib_unsupported",
         }
     }

@@ -111,11 +111,11 @@ fn try_xdp_lb(ctx: &XdpContext, l4: L4Checksums) -> Result<(u32, Reason), Verdic
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        nat::forward(&pkt, &svc, frame_len, l4)?;
-        return Ok((route::send_on(ctx, &pkt, None), Reason::Forwarded));
+        let partial_l4 = nat::forward(&pkt, &svc, frame_len, l4)?;
+        return Ok((route::send_on(ctx, &pkt, None, partial_l4), Reason::Forwarded));
     }
-    let flow = nat::reply(&pkt, frame_len, l4)?;
-    Ok((route::send_on(ctx, &pkt, Some(&flow)), Reason::ReplyTranslated))
+    let (flow, partial_l4) = nat::reply(&pkt, frame_len, l4)?;
+    Ok((route::send_on(ctx, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
 }
 
 /// Re-exported for the helper modules.

@@ -13,9 +13,9 @@ use crate::{
 };
 
 /// A client packet for `svc`: find or pick the backend, rewrite the
-/// destination to it.
+/// destination to it. `Ok(true)` when the L4 checksum is a partial one.
 #[inline(always)]
-pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> Result<(), Verdict> {
+pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> Result<bool, Verdict> {
     let key = own_key(pkt, DIR_FORWARD);
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
@@ -43,16 +43,16 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> 
             c
         }
     };
-    rewrite(pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be, l4);
+    let partial = rewrite(pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be, l4);
     count_flow(conn.service_id, conn.backend_id, &delta);
-    Ok(())
+    Ok(partial)
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite the
-/// source back to the VIP, and return the flow's reply entry. Anything else
-/// is not ours.
+/// source back to the VIP. Returns the flow's reply entry, and whether the
+/// L4 checksum is a partial one. Anything else is not ours.
 #[inline(always)]
-pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<Conn, Verdict> {
+pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(Conn, bool), Verdict> {
     let key = own_key(pkt, DIR_REPLY);
     let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
         return Err(Verdict::pass(Reason::PassNoService));
@@ -65,9 +65,9 @@ pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<Conn, Verd
         close_from_reply(pkt, c, &mut delta);
     }
     let c = *c;
-    rewrite(pkt, End::Src, c.nat_ip_be, c.nat_port_be, l4);
+    let partial = rewrite(pkt, End::Src, c.nat_ip_be, c.nat_port_be, l4);
     count_flow(c.service_id, c.backend_id, &delta);
-    Ok(c)
+    Ok((c, partial))
 }
 
 /// The connection-table key of the packet's own 5-tuple, in direction `dir`.
@@ -187,8 +187,9 @@ pub enum L4Checksums {
     MaybePartial,
 }
 
+/// Returns whether the L4 checksum was a partial one.
 #[inline(always)]
-fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) {
+fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) -> bool {
     // SAFETY: the pointers come from parse_packet and were bounds-checked;
     // the address sits in a packed header, so it is read and written unaligned.
     unsafe {
@@ -200,7 +201,7 @@ fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) {
         let old_port = (*pkt.l4_ports)[end as usize];
         ip_field.write_unaligned(ip_be);
         (*pkt.l4_ports)[end as usize] = port_be;
-        update_checksums(pkt, old_ip, ip_be, old_port, port_be, l4);
+        update_checksums(pkt, old_ip, ip_be, old_port, port_be, l4)
     }
 }
 
@@ -208,24 +209,32 @@ fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) {
 /// (whose pseudo-header covers the addresses). Where partial checksums can
 /// arrive, an L4 field that holds only the pseudo-header sum is updated the
 /// way the kernel would (the new pseudo-header sum, ports left to the
-/// device), so that the device that completes it later gets it right.
+/// device), so that the device that completes it later gets it right; it
+/// returns true then.
 ///
 /// # Safety
 /// `pkt`'s pointers must be bounds-checked (parse_packet does it).
 #[inline(always)]
-unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16, new_port: u16, l4s: L4Checksums) {
+unsafe fn update_checksums(
+    pkt: &Packet,
+    old_ip: u32,
+    new_ip: u32,
+    old_port: u16,
+    new_port: u16,
+    l4s: L4Checksums,
+) -> bool {
     unsafe {
         (*pkt.ip).check = csum::replace4((*pkt.ip).check, old_ip, new_ip);
         let l4 = *pkt.l4_check;
         // A zero UDP checksum means "none" and stays so.
         if pkt.proto == PROTO_UDP && l4 == 0 {
-            return;
+            return false;
         }
         if l4s == L4Checksums::MaybePartial {
             let l4_len = u16::from_be((*pkt.ip).tot_len_be).wrapping_sub(20);
             if l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, l4_len) {
                 *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
-                return;
+                return true;
             }
         }
         let mut sum = csum::replace2(csum::replace4(l4, old_ip, new_ip), old_port, new_port);
@@ -233,5 +242,6 @@ unsafe fn update_checksums(pkt: &Packet, old_ip: u32, new_ip: u32, old_port: u16
             sum = 0xffff;
         }
         *pkt.l4_check = sum;
+        false
     }
 }

@@ -32,10 +32,12 @@ struct NextHop {
 /// Send the translated `pkt` on. `flow` is the reply entry of the flow when
 /// `pkt` is a reply: its client MACs stand in for a missing neighbour entry,
 /// because a reply from a VIP that is a local address cannot pass up (the
-/// kernel drops it as a martian).
+/// kernel drops it as a martian). `partial_l4`: the L4 checksum is a
+/// partial one (see `Path::PassPartialChecksum`).
 #[inline(always)]
-pub fn send_on(ctx: &XdpContext, pkt: &Packet, flow: Option<&Conn>) -> u32 {
-    let (action, path) = match next_hop(ctx, pkt, flow) {
+pub fn send_on(ctx: &XdpContext, pkt: &Packet, flow: Option<&Conn>, partial_l4: bool) -> u32 {
+    let hop = if partial_l4 { Err(Path::PassPartialChecksum) } else { next_hop(ctx, pkt, flow) };
+    let (action, path) = match hop {
         Ok(hop) => transmit(pkt, &hop),
         Err(path) => (xdp_action::XDP_PASS, path),
     };
