@@ -8,9 +8,10 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use lb_agent::{
-    adapters::dataplane::pins::remove_pinned_dir,
+    adapters::{dataplane::pins::remove_pinned_dir, host_facts},
     agent::{Agent, Options},
     config::Config,
+    core::deploy,
     serve::api::{self, Request, DEFAULT_SOCKET},
 };
 
@@ -196,6 +197,14 @@ fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
         for b in &s.backends {
             println!("    {:<24} weight {}", b.address, b.weight);
         }
+    }
+    // What this host can serve of it (addresses, interfaces, fast path).
+    let findings = deploy::judge(&config, &host_facts::gather(&config)?);
+    for f in &findings {
+        println!("{f}");
+    }
+    if findings.iter().any(|f| f.severity == deploy::Severity::Refuse) {
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,6 +20,7 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     net::{SocketAddrV4, TcpListener},
     thread,
     time::Duration,
@@ -203,4 +204,25 @@ fn root_missing_neighbour_falls_back_then_takes_the_fast_path() {
     println!("MEASURED: without a client neighbour: {answers:?}, replied_flow_macs {flow_macs}");
     assert!(answers.iter().all(|r| r.is_ok()), "{answers:?}\n{}", agent.log_tail(30));
     assert!(flow_macs >= 10, "{:?}", paths(&agent));
+}
+
+#[test]
+fn root_host_address_vip_without_fast_path_is_refused() {
+    require_root!("root_host_address_vip_without_fast_path_is_refused");
+    let topo = Topology::build(Options::with_backends(&["web-1", "web-2"]));
+    // The lab's veths with `auto`: no fast path anywhere.
+    let config = host_config(&topo).replace("fast_path = \"on\"", "fast_path = \"auto\"");
+    let path = topo.write_raw_config(&config);
+    let out = topo
+        .lb
+        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]));
+    println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
+    assert!(!out.status.success(), "check accepted a host-address VIP without a fast path: {out:?}");
+    assert!(out.stdout.contains("martian") && out.stdout.contains("veth: its peer needs GRO"), "{out:?}");
+    // The same VIP elsewhere (not a host address) needs no fast path.
+    let path = topo.write_raw_config(&config.replace(&LB_CLIENT_ADDR.to_string(), "10.200.255.1"));
+    let out = topo
+        .lb
+        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]));
+    assert!(out.status.success(), "{out:?}");
 }

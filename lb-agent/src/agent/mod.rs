@@ -28,10 +28,12 @@ use self::scaler::{Scaler, ScalerEvent, TickOutcome};
 use crate::{
     adapters::{
         dataplane::{netdev, AyaDataplane},
+        host_facts,
         probe::probe,
     },
     config::{Config, HealthCheckConfig},
     core::{
+        deploy,
         health::Transition,
         reconcile::{ApplySummary, Reconciler},
         registry::Registry,
@@ -157,6 +159,7 @@ impl Agent {
         // the service's interfaces name.
         self.prepare_scalers(&config).await?;
         check_interfaces(&config)?;
+        check_deployment(&config)?;
         let wanted = interfaces(&config);
         let had = interfaces(&self.config);
         let mut attached_now = Vec::new();
@@ -655,6 +658,21 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 fn interfaces(config: &Config) -> BTreeSet<String> {
     config.services.iter().flat_map(|s| s.interfaces.iter().cloned()).collect()
+}
+
+/// Refuse a config the data plane cannot serve here; log what it can serve
+/// only in part (see `core::deploy`).
+fn check_deployment(config: &Config) -> anyhow::Result<()> {
+    let facts = host_facts::gather(config).context("read this host's addresses and interfaces")?;
+    let mut refused = Vec::new();
+    for f in deploy::judge(config, &facts) {
+        match f.severity {
+            deploy::Severity::Warn => warn!(finding = %f.text, "config can be served only in part"),
+            deploy::Severity::Refuse => refused.push(f.text),
+        }
+    }
+    anyhow::ensure!(refused.is_empty(), "config refused:\n  - {}", refused.join("\n  - "));
+    Ok(())
 }
 
 /// Every named interface must exist before anything is attached (scaled

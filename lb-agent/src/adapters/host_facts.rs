@@ -1,0 +1,54 @@
+//! Gathers `core::deploy::HostFacts` from this network namespace: its IPv4
+//! addresses (getifaddrs), each listed interface's fast-path decision and
+//! whether it forwards.
+
+use std::net::Ipv4Addr;
+
+use crate::{
+    adapters::dataplane::{egress::decide_fast_path, netdev},
+    config::Config,
+    core::deploy::{HostFacts, InterfaceFacts},
+};
+
+pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
+    let mut facts = HostFacts { local_addrs: local_ipv4_addrs()?, ..HostFacts::default() };
+    for s in &config.services {
+        for iface in &s.interfaces {
+            if facts.interfaces.contains_key(iface) || netdev::if_index(iface).is_none() {
+                continue;
+            }
+            let driver = netdev::interface_driver(iface)?;
+            let (fast_path, fast_path_why) = decide_fast_path(config.fast_path(iface), driver.as_deref());
+            // /proc/sys/net shows the reader's network namespace.
+            let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
+                .map(|v| v.trim() == "1")
+                .unwrap_or(true);
+            facts.interfaces.insert(iface.clone(), InterfaceFacts { fast_path, fast_path_why, forwarding });
+        }
+    }
+    Ok(facts)
+}
+
+fn local_ipv4_addrs() -> anyhow::Result<std::collections::BTreeSet<Ipv4Addr>> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below; each entry
+    // is read only while the list lives, and ifa_addr is checked for null
+    // and for AF_INET before it is read as a sockaddr_in.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET {
+                let sin = addr.cast::<libc::sockaddr_in>();
+                out.insert(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr)));
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(out)
+}

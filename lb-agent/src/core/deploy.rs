@@ -1,0 +1,153 @@
+//! Can the data plane serve this config on this host? Pure: the facts about
+//! the host are gathered first (`adapters::host_facts`), then judged here,
+//! so `check` and `run` say the same thing for the same host.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use crate::config::Config;
+
+/// What the host says about itself, as far as the data plane cares.
+#[derive(Clone, Debug, Default)]
+pub struct HostFacts {
+    /// Every IPv4 address on this host's interfaces (this namespace).
+    pub local_addrs: BTreeSet<Ipv4Addr>,
+    /// Per listed interface.
+    pub interfaces: BTreeMap<String, InterfaceFacts>,
+}
+
+#[derive(Clone, Debug)]
+pub struct InterfaceFacts {
+    /// Whether translated packets may leave by it on the fast path, and why.
+    pub fast_path: bool,
+    pub fast_path_why: String,
+    /// net.ipv4.conf.<if>.forwarding: packets arriving here can be
+    /// forwarded at all (by the kernel, and by bpf_fib_lookup, which
+    /// refuses otherwise).
+    pub forwarding: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// The config would run, but some traffic cannot be served.
+    Warn,
+    /// Nothing of the service would work: `run` refuses.
+    Refuse,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub text: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = match self.severity {
+            Severity::Warn => "warning",
+            Severity::Refuse => "refused",
+        };
+        write!(f, "{word}: {}", self.text)
+    }
+}
+
+/// Every way `config` cannot be served on a host with `facts`.
+pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (i, s) in config.services.iter().enumerate() {
+        let at = format!("service[{i}] {:?}", s.name);
+        let known: Vec<(&String, &InterfaceFacts)> =
+            s.interfaces.iter().filter_map(|n| facts.interfaces.get(n).map(|f| (n, f))).collect();
+        if facts.local_addrs.contains(&s.vip) {
+            let off: Vec<String> =
+                known.iter().filter(|(_, f)| !f.fast_path).map(|(n, f)| format!("{n} ({})", f.fast_path_why)).collect();
+            let why = format!(
+                "the VIP {} is an address of this host, so a reply translated back to it cannot pass up to the \
+                 kernel (dropped as a martian) and must leave on the fast path",
+                s.vip
+            );
+            if !known.is_empty() && off.len() == known.len() {
+                out.push(Finding {
+                    severity: Severity::Refuse,
+                    text: format!("{at}: {why}, which is off on every listed interface: {}", off.join(", ")),
+                });
+            } else if !off.is_empty() {
+                out.push(Finding {
+                    severity: Severity::Warn,
+                    text: format!("{at}: {why}; clients behind these interfaces get no answer: {}", off.join(", ")),
+                });
+            }
+        }
+        for (n, f) in &known {
+            if !f.forwarding {
+                out.push(Finding {
+                    severity: Severity::Warn,
+                    text: format!(
+                        "{at}: interface {n}: forwarding is off (net.ipv4.conf.{n}.forwarding=0), so no backend is \
+                         reachable from packets arriving there"
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(text, std::path::Path::new("test.toml"))
+    }
+
+    const CONFIG: &str = r#"
+        [[service]]
+        name = "web"
+        vip = "192.0.2.10"
+        port = 80
+        interfaces = ["eth0", "br0"]
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+    "#;
+
+    fn facts(local: bool, eth0_fast: bool, br0_fast: bool, forwarding: bool) -> HostFacts {
+        let f = |fast_path: bool| InterfaceFacts { fast_path, fast_path_why: "why".into(), forwarding };
+        HostFacts {
+            local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },
+            interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
+        }
+    }
+
+    #[test]
+    fn a_vip_elsewhere_needs_no_fast_path() {
+        assert_eq!(judge(&parse(CONFIG).unwrap(), &facts(false, false, false, true)), vec![]);
+    }
+
+    #[test]
+    fn a_host_address_vip_without_any_fast_path_is_refused() {
+        let f = judge(&parse(CONFIG).unwrap(), &facts(true, false, false, true));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Refuse);
+        assert!(f[0].text.contains("martian") && f[0].text.contains("eth0 (why), br0 (why)"), "{}", f[0]);
+    }
+
+    #[test]
+    fn a_host_address_vip_with_some_fast_path_is_a_warning() {
+        let f = judge(&parse(CONFIG).unwrap(), &facts(true, true, false, true));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Warn);
+        assert!(f[0].text.contains("br0 (why)") && !f[0].text.contains("eth0"), "{}", f[0]);
+        assert_eq!(judge(&parse(CONFIG).unwrap(), &facts(true, true, true, true)), vec![]);
+    }
+
+    #[test]
+    fn an_interface_that_does_not_forward_is_a_warning() {
+        let f = judge(&parse(CONFIG).unwrap(), &facts(false, true, true, false));
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f.iter().all(|f| f.severity == Severity::Warn && f.text.contains("forwarding is off")), "{f:?}");
+    }
+}
