@@ -38,6 +38,7 @@ enum Command {
     /// Install what is missing (apt packages, rust-src, bpf-linker 0.13.0); skip what is present
     #[command(long_about = "Install what is missing, skip what is present, print a summary.\n\n\
         - apt packages: iproute2 ethtool iputils-ping procps prometheus docker.io iptables\n\
+        \x20 wrk haproxy nginx libnginx-mod-stream (for `bench e2e`; their services are never started)\n\
         \x20 (installing needs root)\n\
         - rust-src for the toolchain pinned in rust-toolchain.toml (for -Z build-std=core)\n\
         - bpf-linker 0.13.0, built against that toolchain's own libLLVM\n\n\
