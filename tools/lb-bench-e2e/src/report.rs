@@ -161,7 +161,9 @@ pub fn render_table(r: &Report) -> String {
         "\n{:<15} {:<14} {:>9} {:>7} {:>8} {:>7} {:>8} {:>7} {:>8} {:>8} {:>7}",
         "style", "mode", "req/s", "x", "p50 ms", "x", "p99 ms", "x", "CPU us", "+us", "errors"
     );
-    for c in &r.cases {
+    // Grouped by style, modes in their measuring order.
+    let rows = Style::ALL.iter().flat_map(|s| r.cases.iter().filter(move |c| c.style == *s));
+    for c in rows {
         let x = |f: fn(&VsDirect) -> f64| c.vs_direct.as_ref().map_or("-".to_owned(), |v| format!("{:.2}x", f(v)));
         let extra = c.vs_direct.as_ref().map_or("-".to_owned(), |v| format!("{:+.1}", v.extra_cpu_us_per_req));
         let errors: u64 = c.runs.iter().map(|r| r.errors.total()).sum();
@@ -238,6 +240,8 @@ mod tests {
         };
         let table = render_table(&report);
         assert!(table.contains("keep-alive      this LB (XDP)         80   0.80x"), "{table}");
+        let lines: Vec<&str> = table.lines().filter(|l| l.contains("this LB")).collect();
+        assert!(lines[0].starts_with("keep-alive") && lines[1].starts_with("new-connection"), "{table}");
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
         assert!(json.contains(r#""mode":"nginx-stream""#) || json.contains(r#""mode":"lb""#));

@@ -27,8 +27,8 @@ fn nginx_head(dir: &Path, modules: &str) -> String {
     let d = dir.display();
     format!(
         "# Written by lb-bench-e2e.\n{modules}worker_processes 1;\nmaster_process off;\ndaemon off;\n\
-         pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nworker_rlimit_nofile 65536;\n\
-         events {{ worker_connections 32768; }}\n"
+         pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nworker_rlimit_nofile 16384;\n\
+         events {{ worker_connections 8192; }}\n"
     )
 }
 
@@ -66,7 +66,7 @@ pub fn haproxy_conf(listen: SocketAddrV4, upstreams: &[SocketAddrV4]) -> String 
     let servers: String =
         upstreams.iter().enumerate().map(|(i, u)| format!("    server b{} {u}\n", i + 1)).collect();
     format!(
-        "# Written by lb-bench-e2e.\nglobal\n    nbthread 1\n    maxconn 60000\n\n\
+        "# Written by lb-bench-e2e.\nglobal\n    nbthread 1\n    maxconn 4096\n\n\
          defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 1m\n    timeout server 1m\n\n\
          frontend bench\n    bind {listen}\n    default_backend backends\n\n\
          backend backends\n    balance roundrobin\n{servers}"
