@@ -140,8 +140,7 @@ impl NoServiceStarts {
         fs::write(path, "#!/bin/sh\n# Written by cargo xtask setup for one apt-get install.\nexit 101\n")
             .with_context(|| format!("write {POLICY_RC_D}"))?;
         let guard = Self { ours: true };
-        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("chmod {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {POLICY_RC_D}"))?;
         Ok(guard)
     }
 }

@@ -170,7 +170,10 @@ fn check_tools() -> Result<Vec<String>> {
         missing.push("libnginx-mod-stream");
     }
     if !missing.is_empty() {
-        bail!("missing: {}; run `cargo xtask setup` as root (it installs wrk haproxy nginx libnginx-mod-stream)", missing.join(" "));
+        bail!(
+            "missing: {}; run `cargo xtask setup` as root (it installs wrk haproxy nginx libnginx-mod-stream)",
+            missing.join(" ")
+        );
     }
     Ok(versions)
 }
@@ -219,7 +222,8 @@ impl Lab {
         }
         let mut lab = Lab { backends, topo };
         for i in 0..lab.topo.backends.len() {
-            let (addr, log) = (lab.topo.backends[i].tcp_addr(), lab.topo.dir().join(&lab.topo.backends[i].name).join("error.log"));
+            let (addr, log) =
+                (lab.topo.backends[i].tcp_addr(), lab.topo.dir().join(&lab.topo.backends[i].name).join("error.log"));
             let body = servers::wait_http(&lab.topo.client, addr, Some(&mut lab.backends[i]), &log)?;
             ensure!(body == lab.topo.backends[i].name, "{addr} answered {body:?}");
         }

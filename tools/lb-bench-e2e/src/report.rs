@@ -183,10 +183,8 @@ pub fn render_table(r: &Report) -> String {
             errors
         );
     }
-    let _ = writeln!(
-        s,
-        "\nx: against direct in the same style; CPU us: CPU time per request; +us: more than direct's."
-    );
+    let _ =
+        writeln!(s, "\nx: against direct in the same style; CPU us: CPU time per request; +us: more than direct's.");
     s
 }
 

@@ -36,8 +36,10 @@ fn nginx_head(dir: &Path, modules: &str) -> String {
 pub fn nginx_backend_conf(dir: &Path, name: &str, listen: SocketAddrV4) -> String {
     let d = dir.display();
     let mut s = nginx_head(dir, "");
-    let temp: String =
-        ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"].iter().map(|t| format!("    {t}_temp_path {d}/{t};\n")).collect();
+    let temp: String = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .iter()
+        .map(|t| format!("    {t}_temp_path {d}/{t};\n"))
+        .collect();
     let _ = write!(
         s,
         "http {{\n    access_log off;\n{temp}\
@@ -63,8 +65,7 @@ pub fn nginx_stream_conf(dir: &Path, listen: SocketAddrV4, upstreams: &[SocketAd
 
 /// HAProxy in tcp mode, one thread: `listen` to `upstreams`, round robin.
 pub fn haproxy_conf(listen: SocketAddrV4, upstreams: &[SocketAddrV4]) -> String {
-    let servers: String =
-        upstreams.iter().enumerate().map(|(i, u)| format!("    server b{} {u}\n", i + 1)).collect();
+    let servers: String = upstreams.iter().enumerate().map(|(i, u)| format!("    server b{} {u}\n", i + 1)).collect();
     format!(
         "# Written by lb-bench-e2e.\nglobal\n    nbthread 1\n    maxconn 4096\n\n\
          defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 1m\n    timeout server 1m\n\n\
@@ -79,7 +80,14 @@ pub fn start_nginx(ns: &NetNs, name: &str, dir: &Path, conf: &str) -> Result<Pro
     let path = dir.join("nginx.conf");
     fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
     let d = dir.display().to_string();
-    let args = ["-p".to_owned(), d.clone(), "-e".to_owned(), format!("{d}/error.log"), "-c".to_owned(), path.display().to_string()];
+    let args = [
+        "-p".to_owned(),
+        d.clone(),
+        "-e".to_owned(),
+        format!("{d}/error.log"),
+        "-c".to_owned(),
+        path.display().to_string(),
+    ];
     Proc::spawn_in(ns, name, "nginx", &args, &dir.join("stdout.log"))
 }
 
