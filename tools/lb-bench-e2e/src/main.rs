@@ -305,8 +305,15 @@ impl Lab {
 
     fn measure_run(&self, shares: &[Share], style: Style, duration: Duration, cgroup: &Cgroup) -> Result<Run> {
         let before = Sample::take(cgroup)?;
-        let load = wrk::run(&self.topo.client, self.topo.dir(), shares, style, duration, stopped)?;
+        let running = wrk::start(&self.topo.client, self.topo.dir(), shares, style, duration)?;
+        running.sleep_through(&stopped)?;
+        // At the end of the load, before wrk prints its histogram: that
+        // costs wrk seconds of CPU with a long tail (it scans the buckets
+        // once per entry), which would count as the balancer's otherwise.
+        // wrk's own clock starts a few ms after `before`, so this can miss
+        // the last few ms of the load's CPU time out of `duration`.
         let spent = Sample::take(cgroup)?.since(&before);
+        let load = running.finish(&stopped)?;
         ensure!(load.requests > 0, "no request was answered ({:?})", load.errors);
         let per = |us: f64| us / load.requests as f64;
         Ok(Run {

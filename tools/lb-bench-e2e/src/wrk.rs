@@ -20,7 +20,7 @@ use std::{
     collections::BTreeMap,
     fs,
     net::SocketAddrV4,
-    path::Path,
+    path::{Path, PathBuf},
     process::ExitStatus,
     time::{Duration, Instant},
 };
@@ -187,22 +187,23 @@ pub struct Share {
     pub connections: u32,
 }
 
-/// Runs one wrk process per share, side by side in `client`, for
-/// `duration`, and merges their results. `stopped` is polled; when it turns
-/// true the processes are ended and this fails.
-pub fn run(
-    client: &NetNs,
-    dir: &Path,
-    shares: &[Share],
-    style: Style,
+/// wrk processes under way, started by [`start`].
+pub struct Running {
+    procs: Vec<(Proc, PathBuf)>,
+    /// When they were started.
+    pub started: Instant,
     duration: Duration,
-    stopped: impl Fn() -> bool,
-) -> Result<Load> {
+}
+
+/// Starts one wrk process per share, side by side in `client`, each for
+/// `duration`.
+pub fn start(client: &NetNs, dir: &Path, shares: &[Share], style: Style, duration: Duration) -> Result<Running> {
     let script = dir.join("wrk.lua");
     if !script.exists() {
         fs::write(&script, SCRIPT).with_context(|| format!("write {}", script.display()))?;
     }
     let secs = format!("{}s", duration.as_secs());
+    let started = Instant::now();
     let mut procs = Vec::new();
     for (i, share) in shares.iter().enumerate() {
         let out = dir.join(format!("wrk-{i}.out"));
@@ -214,17 +215,39 @@ pub fn run(
         args.push(format!("http://{}/", share.target));
         procs.push((Proc::spawn_in(client, &format!("wrk #{i}"), "wrk", &args, &out)?, out));
     }
-    // wrk stops on its own after `duration`; allow for its --timeout and a
-    // slow start on a loaded machine.
-    let deadline = Instant::now() + duration + Duration::from_secs(15);
-    let mut parts = Vec::new();
-    for (mut p, out) in procs {
-        let status = wait(&mut p, deadline, &stopped)?;
-        let text = fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?;
-        ensure!(status.success(), "{} {status}:\n{text}", p.name());
-        parts.push(parse(&text).with_context(|| format!("{} ({})", p.name(), out.display()))?);
+    Ok(Running { procs, started, duration })
+}
+
+impl Running {
+    /// Sleeps until the load should be over (`duration` after the start).
+    /// wrk then still prints its histogram, which takes a while and is
+    /// not part of the measurement. Fails when `stopped` turns true.
+    pub fn sleep_through(&self, stopped: &impl Fn() -> bool) -> Result<()> {
+        let end = self.started + self.duration;
+        while Instant::now() < end {
+            if stopped() {
+                bail!("interrupted");
+            }
+            std::thread::sleep(Duration::from_millis(20).min(end.saturating_duration_since(Instant::now())));
+        }
+        Ok(())
     }
-    Ok(Load::merge(&parts))
+
+    /// Waits for every process to end and merges their results. When
+    /// `stopped` turns true the processes are ended and this fails.
+    pub fn finish(self, stopped: &impl Fn() -> bool) -> Result<Load> {
+        // wrk stops on its own after `duration`; allow for its --timeout, a
+        // slow start on a loaded machine, and printing the histogram.
+        let deadline = self.started + self.duration + Duration::from_secs(30);
+        let mut parts = Vec::new();
+        for (mut p, out) in self.procs {
+            let status = wait(&mut p, deadline, stopped)?;
+            let text = fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?;
+            ensure!(status.success(), "{} {status}:\n{text}", p.name());
+            parts.push(parse(&text).with_context(|| format!("{} ({})", p.name(), out.display()))?);
+        }
+        Ok(Load::merge(&parts))
+    }
 }
 
 fn wait(p: &mut Proc, deadline: Instant, stopped: &impl Fn() -> bool) -> Result<ExitStatus> {
