@@ -209,6 +209,15 @@ impl Lab {
             // takes their place.
             topo.stop_backend(b);
         }
+        // A new connection per request leaves a TIME_WAIT socket per
+        // request (wrk closes first, so do the proxies towards it); without
+        // reuse, connect() runs out of free ports within seconds and then
+        // scans the whole range on each call, and the runs after the first
+        // ones crawl: a mode measured later would inherit the ports an
+        // earlier one left. With timestamps (the default) reuse is safe.
+        for ns in [&topo.client, &topo.lb] {
+            ns.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+        }
         let lb = LB_CLIENT_ADDR.to_string();
         for b in &topo.backends {
             // Direct: the client reaches each backend via the LB namespace,
