@@ -26,7 +26,8 @@ use clap::{Parser, Subcommand};
         cargo xtask run -- --config lb.toml       # as root: run lb-agent on a real config\n  \
         cargo xtask test                          # as root: unit tests, then root tests\n  \
         cargo xtask test --unit-only              # unit tests only, no root needed\n  \
-        cargo xtask bench -- --repeat 1000000 --json"
+        cargo xtask bench -- --repeat 1000000 --json   # as root: the XDP program per packet\n  \
+        cargo xtask bench e2e -- --json           # as root: this LB beside direct, HAProxy, NGINX"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,6 +39,7 @@ enum Command {
     /// Install what is missing (apt packages, rust-src, bpf-linker 0.13.0); skip what is present
     #[command(long_about = "Install what is missing, skip what is present, print a summary.\n\n\
         - apt packages: iproute2 ethtool iputils-ping procps prometheus docker.io iptables\n\
+        \x20 wrk haproxy nginx libnginx-mod-stream (for `bench e2e`; their services are never started)\n\
         \x20 (installing needs root)\n\
         - rust-src for the toolchain pinned in rust-toolchain.toml (for -Z build-std=core)\n\
         - bpf-linker 0.13.0, built against that toolchain's own libLLVM\n\n\
@@ -59,10 +61,11 @@ enum Command {
         The root tests load BPF programs and create network namespaces. Without root they\n\
         are skipped and the command fails, unless --unit-only is given.")]
     Test(test::Options),
-    /// Setup, build lb-bench, run it as root with the arguments after `--`
-    #[command(long_about = "Setup, `cargo build --release -p lb-bench`, then run\n\
-        target/release/lb-bench with the arguments after `--` (as root), e.g.\n\n\
-        \x20 cargo xtask bench -- --repeat 1000000 --json")]
+    /// Setup, build a benchmark, run it as root: `bench [xdp] [-- ARGS]` or `bench e2e [-- ARGS]`
+    #[command(long_about = "Setup, build, then run a benchmark as root with the arguments after `--`:\n\n\
+        \x20 cargo xtask bench [xdp] -- --repeat 1000000 --json   lb-bench: xdp_lb per packet (BPF_PROG_TEST_RUN)\n\
+        \x20 cargo xtask bench e2e -- --duration 10s --json      lb-bench-e2e: direct, this LB, HAProxy and\n\
+        \x20                                                     NGINX stream in namespaces, with wrk")]
     Bench(bench::Options),
 }
 

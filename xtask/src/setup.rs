@@ -19,7 +19,25 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",   // a real server scrapes lb-agent's /metrics in the tests
     "docker.io",    // the Docker orchestrator's tests and demo (dockerd is started on demand)
     "iptables",     // DOCKER-USER rules for forwarding to containers
+    // `cargo xtask bench e2e` (and its smoke test among the root tests):
+    "wrk",                 // the load generator
+    "haproxy",             // a peer: TCP proxy in the LB namespace
+    "nginx",               // the HTTP backends, and a peer with the stream module
+    "libnginx-mod-stream", // nginx's `stream` (TCP proxy) module
 ];
+
+/// Packages whose install would start a system service that we never want
+/// running (the bench and the tests start their own, inside namespaces):
+/// (package, systemd unit).
+const SERVICES: &[(&str, &str)] = &[
+    ("prometheus", "prometheus.service"), // the packaged server listens on :9090, all interfaces
+    ("haproxy", "haproxy.service"),       // :80 would clash with anything on the host
+    ("nginx", "nginx.service"),
+];
+
+/// Debian's hook asked before any maintainer script starts a service
+/// (invoke-rc.d, deb-systemd-invoke); exit status 101 means "not now".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -94,15 +112,63 @@ fn ensure_apt_packages(tally: &mut Tally) -> Result<()> {
     }
     step.say(&format!("installing {list}"));
     stream_ok(apt_get().arg("update"))?;
-    stream_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
-    if missing.contains(&"prometheus") && Path::new("/run/systemd/system").exists() {
-        // Debian starts the packaged server on :9090, all interfaces; the
-        // tests run their own on loopback, so the service is not wanted.
-        let _ = Command::new("systemctl").args(["disable", "--now", "prometheus.service"]).status();
+    {
+        let _no_services = NoServiceStarts::install()?;
+        stream_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
     }
+    disable_services(&missing);
     step.finish(GREEN, &format!("installed {list}"));
     tally.installed += 1;
     Ok(())
+}
+
+/// While alive, a `policy-rc.d` that denies every service start, so that
+/// installing nginx or haproxy starts nothing. An existing policy-rc.d (a
+/// container image's, say) is the admin's: it is left as it is.
+struct NoServiceStarts {
+    /// We wrote it, so drop removes it.
+    ours: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(Self { ours: false });
+        }
+        fs::write(path, "#!/bin/sh\n# Written by cargo xtask setup for one apt-get install.\nexit 101\n")
+            .with_context(|| format!("write {POLICY_RC_D}"))?;
+        let guard = Self { ours: true };
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {POLICY_RC_D}"))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.ours {
+            if let Err(e) = fs::remove_file(POLICY_RC_D) {
+                println!("[setup] warning: remove {POLICY_RC_D}: {e}");
+            }
+        }
+    }
+}
+
+/// Under systemd, policy-rc.d stops the start but not the enable: disable
+/// (and stop, should one run anyway) the services just installed, so none
+/// starts at the next boot either.
+fn disable_services(installed: &[&str]) {
+    if !Path::new("/run/systemd/system").exists() {
+        return;
+    }
+    for (_, unit) in SERVICES.iter().filter(|(pkg, _)| installed.contains(pkg)) {
+        match Command::new("systemctl").args(["disable", "--now", unit]).status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => println!("[setup] warning: `systemctl disable --now {unit}` {}", util::describe(s)),
+            Err(e) => println!("[setup] warning: run systemctl: {e}"),
+        }
+    }
 }
 
 fn apt_get() -> Command {

@@ -58,18 +58,19 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     if opts.unit_only {
         stages.push(skip_stage("root tests", "skipped (--unit-only)", true));
     } else if util::is_root()? {
-        // The end-to-end tests run the real daemon, the demo backend and the
-        // load generator; the container image needs the backend fully static
-        // (FROM scratch).
+        // The end-to-end tests run the real daemon, the demo backend, the
+        // load generator and the e2e bench (its smoke test); the container
+        // image needs the backend fully static (FROM scratch).
         let mut bins = util::cargo();
-        bins.args(["build", "--release", "-p", "lb-agent", "-p", "lb-backend", "-p", "lb-load", "--bins"]);
+        bins.args(["build", "--release", "-p", "lb-agent", "-p", "lb-backend", "-p", "lb-load", "-p", "lb-bench-e2e"]);
+        bins.arg("--bins");
         let mut static_backend = util::cargo();
         static_backend
             .args(["build", "--release", "-p", "lb-backend", "--target", "x86_64-unknown-linux-gnu"])
             .env("RUSTFLAGS", "-C target-feature=+crt-static");
         let mut ok = true;
         for (name, cmd) in [
-            ("build lb-agent, lb-backend, lb-load (release)", &mut bins),
+            ("build lb-agent, lb-backend, lb-load, lb-bench-e2e (release)", &mut bins),
             ("build static lb-backend", &mut static_backend),
         ] {
             let stage = run_stage(name, cmd)?;
