@@ -118,6 +118,14 @@ impl LbObject {
         Self::load_object(lb_agent::ebpf::object())
     }
 
+    /// Loads the benchmark's object: the same, plus `xdp_pass`, `xdp_bench`
+    /// and the `BENCH_*` maps (for [`Self::take_map`]).
+    /// Only the programs in `LB_PROGRAMS` are loaded.
+    #[cfg(feature = "bench")]
+    pub fn load_bench() -> Result<Self> {
+        Self::load_object(lb_agent::ebpf::bench_object())
+    }
+
     fn load_object(object: &[u8]) -> Result<Self> {
         let (ebpf, maps) = load_object(object, None)?;
         Ok(Self { ebpf, maps })

@@ -219,7 +219,7 @@ struct Bench {
 
 impl Bench {
     fn setup() -> Result<Self> {
-        let mut lb = LbObject::load()?;
+        let mut lb = LbObject::load_bench()?;
         lb.load_program(PROG_PASS)?;
         lb.load_program(PROG_BENCH)?;
         let svc = service();

@@ -31,8 +31,8 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// The names of the maps above: all that pinning keeps (not the
-    /// benchmark's).
+    /// The names of the maps above: every map of the agent's object (the
+    /// benchmark's live in an object of their own), all that pinning keeps.
     pub const NAMES: [&str; 7] = [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS];
 
     /// Takes every map out of `ebpf`.
@@ -129,4 +129,42 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32, name: &'static st
         total.add(v);
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The programs and maps aya finds in an object, without loading it
+    /// (no kernel, no root). Section maps (`.rodata`, `.bss`) are left out.
+    fn contents(object: &[u8]) -> (BTreeSet<String>, BTreeSet<String>) {
+        let obj = aya_obj::Object::parse(object).expect("parse the lb-ebpf object");
+        let maps = obj.maps.keys().filter(|n| !n.starts_with('.')).cloned().collect();
+        (obj.programs.keys().cloned().collect(), maps)
+    }
+
+    fn names(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_agents_object_has_the_lb_programs_and_maps_only() {
+        let (programs, maps) = contents(crate::ebpf::object());
+        assert_eq!(programs, names(&LB_PROGRAMS), "no benchmark program may ship in the agent's object");
+        assert_eq!(maps, names(&Maps::NAMES), "no benchmark map may ship in the agent's object");
+    }
+
+    #[cfg(feature = "bench")]
+    #[test]
+    fn the_bench_object_adds_the_bench_programs_and_maps() {
+        let (programs, maps) = contents(crate::ebpf::bench_object());
+        let mut want = names(&LB_PROGRAMS);
+        want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH]));
+        assert_eq!(programs, want);
+        let extra: BTreeSet<String> = maps.difference(&names(&Maps::NAMES)).cloned().collect();
+        assert!(extra.contains(lb_common::BENCH_FRAME) && extra.contains(lb_common::BENCH_TARGET), "{extra:?}");
+        assert!(extra.iter().all(|m| m.starts_with("BENCH_")), "{extra:?}");
+    }
 }
