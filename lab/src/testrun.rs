@@ -6,12 +6,13 @@
 
 use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Map, MapError},
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
     Ebpf,
 };
+use lb_agent::adapters::dataplane::object::{load_object, load_program, take_map, xdp_program, Maps};
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKEND_F_ACTIVE,
     MAGLEV_TABLE_SIZE, MODE_DNAT,
@@ -103,62 +104,49 @@ pub fn be_ip(addr: SocketAddrV4) -> u32 {
     u32::from(*addr.ip()).to_be()
 }
 
-/// The loaded object, with the maps the tests read and write taken out as
-/// typed wrappers (aya checks key and value sizes against lb-common here).
+/// The loaded object and its map set, opened by the agent's own loader
+/// (aya checks key and value sizes against lb-common there).
 pub struct LbObject {
     ebpf: Ebpf,
-    services: HashMap<MapData, ServiceKey, Service>,
-    backends: Array<MapData, Backend>,
-    maglev: Array<MapData, u32>,
-    conntrack: HashMap<MapData, FlowKey, Conn>,
-    service_stats: PerCpuArray<MapData, Counters>,
-    backend_stats: PerCpuArray<MapData, Counters>,
-    reason_stats: PerCpuArray<MapData, u64>,
+    maps: Maps,
 }
 
 impl LbObject {
     /// Loads the object lb-agent embeds and its `xdp_lb` and `xdp_lb_local`
     /// programs (verified, not attached).
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(lb_agent::ebpf::object()).context("load the lb-ebpf object")?;
-        let mut this = Self {
-            services: take_map(&mut ebpf, lb_common::SERVICES)?,
-            backends: take_map(&mut ebpf, lb_common::BACKENDS)?,
-            maglev: take_map(&mut ebpf, lb_common::MAGLEV)?,
-            conntrack: take_map(&mut ebpf, lb_common::CONNTRACK)?,
-            service_stats: take_map(&mut ebpf, lb_common::SERVICE_STATS)?,
-            backend_stats: take_map(&mut ebpf, lb_common::BACKEND_STATS)?,
-            reason_stats: take_map(&mut ebpf, lb_common::REASON_STATS)?,
-            ebpf,
-        };
-        for name in lb_common::LB_PROGRAMS {
-            this.load_program(name)?;
-        }
-        Ok(this)
+        Self::load_object(lb_agent::ebpf::object())
+    }
+
+    /// Loads the benchmark's object: the same, plus `xdp_pass`, `xdp_bench`
+    /// and the `BENCH_*` maps (for [`Self::take_map`]).
+    /// Only the programs in `LB_PROGRAMS` are loaded.
+    #[cfg(feature = "bench")]
+    pub fn load_bench() -> Result<Self> {
+        Self::load_object(lb_agent::ebpf::bench_object())
+    }
+
+    fn load_object(object: &[u8]) -> Result<Self> {
+        let (ebpf, maps) = load_object(object, None)?;
+        Ok(Self { ebpf, maps })
     }
 
     /// Loads (verifies) another XDP program of the object, e.g. `xdp_pass`.
     pub fn load_program(&mut self, name: &str) -> Result<()> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name} in the object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not an XDP program"))?;
-        prog.load().with_context(|| format!("load {name} (verifier)"))
+        load_program(&mut self.ebpf, name)
     }
 
     pub fn program(&self, name: &str) -> Result<&Xdp> {
-        self.ebpf
-            .program(name)
-            .with_context(|| format!("no program {name} in the object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not an XDP program"))
+        xdp_program(&self.ebpf, name)
     }
 
-    /// For maps this type does not wrap (the benchmark's).
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// Takes out a map [`Maps`] does not hold (the benchmark's) as the
+    /// typed wrapper `M`.
+    pub fn take_map<M>(&mut self, name: &str) -> Result<M>
+    where
+        M: TryFrom<Map, Error = MapError>,
+    {
+        take_map(&mut self.ebpf, name)
     }
 
     /// Runs a loaded program once on `frame`.
@@ -176,11 +164,11 @@ impl LbObject {
                 service_id: spec.id,
                 flags: BACKEND_F_ACTIVE,
             };
-            self.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
+            self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
         let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
-        self.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
+        self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 
     /// Fills all `MAGLEV_TABLE_SIZE` slots of one table, slot `i` with
@@ -191,7 +179,8 @@ impl LbObject {
         }
         for slot in 0..MAGLEV_TABLE_SIZE {
             let id = ids[(slot as usize) % ids.len()];
-            self.maglev
+            self.maps
+                .maglev
                 .set(maglev_index(service_id, table, slot), id, 0)
                 .with_context(|| format!("write Maglev slot {slot} of service {service_id}"))?;
         }
@@ -201,50 +190,28 @@ impl LbObject {
     /// The backend id a flow with this hash finds in the table.
     pub fn maglev_pick(&self, service_id: u32, table: u32, hash: u32) -> Result<u32> {
         let index = maglev_index(service_id, table, hash);
-        self.maglev.get(&index, 0).with_context(|| format!("read Maglev slot {index}"))
+        self.maps.maglev.get(&index, 0).with_context(|| format!("read Maglev slot {index}"))
     }
 
     /// `REASON_STATS`, summed over CPUs, indexed by `Reason as usize`.
     pub fn reasons(&self) -> Result<Vec<u64>> {
-        Reason::ALL
-            .iter()
-            .map(|r| {
-                let per_cpu = self.reason_stats.get(&(*r as u32), 0).with_context(|| format!("read {}", r.name()))?;
-                Ok(per_cpu.iter().sum())
-            })
-            .collect()
+        Ok(self.maps.reason_counters()?.into_iter().map(|(_, n)| n).collect())
     }
 
     /// `BACKEND_STATS[id]`, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
-        sum_counters(&self.backend_stats, id).with_context(|| format!("read counters of backend {id}"))
+        self.maps.backend_counters(id).with_context(|| format!("read counters of backend {id}"))
     }
 
     /// `SERVICE_STATS[id]`, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
-        sum_counters(&self.service_stats, id).with_context(|| format!("read counters of service {id}"))
+        self.maps.service_counters(id).with_context(|| format!("read counters of service {id}"))
     }
 
     /// Every connection-table entry.
     pub fn conntrack(&self) -> Result<StdHashMap<FlowKey, Conn>> {
-        self.conntrack.iter().map(|e| e.context("read the connection table")).collect()
+        self.maps.conntrack.iter().map(|e| e.context("read the connection table")).collect()
     }
-}
-
-fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
-where
-    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("no map {name} in the object"))?;
-    M::try_from(map).with_context(|| format!("open map {name} (type or key/value size differs from lb-common)"))
-}
-
-fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {
-    let mut total = Counters::default();
-    for c in map.get(&id, 0)?.iter() {
-        total.add(c);
-    }
-    Ok(total)
 }
 
 /// Fails unless `reasons_after - reasons_before` is exactly `count` for

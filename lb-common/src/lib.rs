@@ -35,6 +35,9 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
 pub const EGRESS: &str = "EGRESS";
 pub const PATH_STATS: &str = "PATH_STATS";
+// The benchmark's maps and programs (`BENCH_*`, `PROG_PASS`, `PROG_BENCH`)
+// are only in the object built with lb-ebpf's `bench` feature, never in the
+// one the agent loads.
 pub const BENCH_FRAME: &str = "BENCH_FRAME";
 pub const BENCH_TARGET: &str = "BENCH_TARGET";
 /// Program names inside the object. `xdp_lb` is for interfaces where every

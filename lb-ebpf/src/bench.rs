@@ -1,6 +1,7 @@
-//! The benchmark wrapper (see `lb_common::PROG_BENCH`): restore the frame,
-//! optionally make it a new flow, tail-call the program under test. Loaded
-//! only by the benchmark; the agent never attaches it.
+//! What only the benchmark loads (built with the `bench` feature): the
+//! empty baseline program, and the wrapper (see `lb_common::PROG_BENCH`)
+//! that restores the frame, optionally makes it a new flow, and tail-calls
+//! the program under test.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -18,6 +19,12 @@ static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The baseline: the cheapest possible XDP program.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
 
 #[xdp]
 pub fn xdp_bench(ctx: XdpContext) -> u32 {

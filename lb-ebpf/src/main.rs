@@ -9,9 +9,13 @@
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges).
+//!
+//! With the `bench` feature the object also carries the benchmark's
+//! programs and maps (`bench.rs`); the agent's object never does.
 #![no_std]
 #![no_main]
 
+#[cfg(feature = "bench")]
 mod bench;
 mod nat;
 mod parse;
@@ -76,12 +80,6 @@ fn run(ctx: &XdpContext, l4: L4Checksums) -> u32 {
     };
     stats::count_reason(reason);
     action
-}
-
-/// The baseline for the benchmark: the cheapest possible XDP program.
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
 }
 
 /// An early exit: what to return and why.

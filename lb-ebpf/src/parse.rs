@@ -84,6 +84,31 @@ pub struct Parsed {
     pub ingress_ifindex: u32,
 }
 
+impl Parsed {
+    /// TCP and UDP alike: both headers start with the two ports.
+    ///
+    /// # Safety
+    /// `ip` and `l4_ports` point into the packet, bounds-checked.
+    #[inline(always)]
+    unsafe fn new(ip: *mut Ipv4Hdr, l4_ports: *mut [u16; 2], l4_check: *mut u16, proto: u8, tcp_flags: u8) -> Self {
+        // SAFETY: the caller's contract.
+        let (src_ip_be, dst_ip_be, [src_port_be, dst_port_be]) = unsafe { ((*ip).src_be, (*ip).dst_be, *l4_ports) };
+        Self {
+            ip,
+            l4_check,
+            l4_ports,
+            src_ip_be,
+            dst_ip_be,
+            src_port_be,
+            dst_port_be,
+            proto,
+            tcp_flags,
+            eth: core::ptr::null_mut(),
+            ingress_ifindex: 0,
+        }
+    }
+}
+
 /// The one place that compares against `data_end`.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
@@ -165,21 +190,7 @@ fn parse_tcp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> R
         return Err(Verdict::drop(Reason::DropBadTcpHeader));
     }
     // SAFETY: bounds-checked above; `ip` by parse_ipv4.
-    unsafe {
-        Ok(Parsed {
-            ip,
-            l4_check: core::ptr::addr_of_mut!((*tcp).check),
-            l4_ports: tcp.cast(),
-            src_ip_be: (*ip).src_be,
-            dst_ip_be: (*ip).dst_be,
-            src_port_be: (*tcp).src_port_be,
-            dst_port_be: (*tcp).dst_port_be,
-            proto: PROTO_TCP,
-            tcp_flags: flags,
-            eth: core::ptr::null_mut(),
-            ingress_ifindex: 0,
-        })
-    }
+    unsafe { Ok(Parsed::new(ip, tcp.cast(), core::ptr::addr_of_mut!((*tcp).check), PROTO_TCP, flags)) }
 }
 
 #[inline(always)]
@@ -189,19 +200,5 @@ fn parse_udp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> R
         return Err(Verdict::drop(Reason::DropTruncatedL4));
     }
     // SAFETY: bounds-checked above; `ip` by parse_ipv4.
-    unsafe {
-        Ok(Parsed {
-            ip,
-            l4_check: core::ptr::addr_of_mut!((*udp).check),
-            l4_ports: udp.cast(),
-            src_ip_be: (*ip).src_be,
-            dst_ip_be: (*ip).dst_be,
-            src_port_be: (*udp).src_port_be,
-            dst_port_be: (*udp).dst_port_be,
-            proto: PROTO_UDP,
-            tcp_flags: 0,
-            eth: core::ptr::null_mut(),
-            ingress_ifindex: 0,
-        })
-    }
+    unsafe { Ok(Parsed::new(ip, udp.cast(), core::ptr::addr_of_mut!((*udp).check), PROTO_UDP, 0)) }
 }

@@ -19,7 +19,10 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
-use lb_common::{BenchFrame, Reason, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS};
+use lb_common::{
+    BenchFrame, Reason, BENCH_FRAME, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, BENCH_TARGET, PROG_BENCH, PROG_LB,
+    PROG_LB_LOCAL, PROG_PASS,
+};
 use lb_lab::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
@@ -216,17 +219,14 @@ struct Bench {
 
 impl Bench {
     fn setup() -> Result<Self> {
-        let mut lb = LbObject::load()?;
+        let mut lb = LbObject::load_bench()?;
         lb.load_program(PROG_PASS)?;
         lb.load_program(PROG_BENCH)?;
         let svc = service();
         lb.add_service(&svc)?;
-        let ebpf = lb.ebpf_mut();
-        let frames = ebpf.take_map(lb_common::BENCH_FRAME).context("no BENCH_FRAME map")?;
-        let targets = ebpf.take_map(lb_common::BENCH_TARGET).context("no BENCH_TARGET map")?;
         Ok(Self {
-            frames: frames.try_into().context("open BENCH_FRAME")?,
-            targets: targets.try_into().context("open BENCH_TARGET")?,
+            frames: lb.take_map(BENCH_FRAME)?,
+            targets: lb.take_map(BENCH_TARGET)?,
             backend_ids: svc.backends.iter().map(|(id, _)| *id).collect(),
             lb,
         })

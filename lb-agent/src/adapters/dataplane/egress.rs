@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{DevMapHash, MapData, PerCpuHashMap};
 use lb_common::{Path, PathCounters, EGRESS, PATH_STATS};
 use tracing::{info, warn};
 
@@ -42,24 +41,6 @@ pub fn decide_fast_path(mode: FastPathMode, driver: Option<&str>) -> (bool, Stri
     }
 }
 
-/// The maps behind the fast path, held by [`AyaDataplane`].
-pub(super) struct EgressMaps {
-    pub egress: DevMapHash<MapData>,
-    pub path_stats: PerCpuHashMap<MapData, u32, PathCounters>,
-    /// By interface name, for the interfaces we are attached to.
-    pub decided: BTreeMap<String, FastPath>,
-}
-
-impl EgressMaps {
-    pub fn take(take: &mut impl FnMut(&str) -> anyhow::Result<aya::maps::Map>) -> anyhow::Result<Self> {
-        Ok(Self {
-            egress: DevMapHash::try_from(take(EGRESS)?)?,
-            path_stats: PerCpuHashMap::try_from(take(PATH_STATS)?)?,
-            decided: BTreeMap::new(),
-        })
-    }
-}
-
 impl AyaDataplane {
     /// Put `iface` in `EGRESS` or take it out, as `mode` and its driver
     /// decide; logs what it did when that changes.
@@ -67,26 +48,24 @@ impl AyaDataplane {
         let ifindex = netdev::if_index(iface).ok_or_else(|| anyhow::anyhow!("no interface named {iface:?} here"))?;
         let driver = netdev::interface_driver(iface)?;
         let (on, why) = decide_fast_path(mode, driver.as_deref());
-        let maps = &mut self.egress_maps;
         if on {
-            maps.egress.insert(ifindex, ifindex, None, 0).map_err(|e| map_err(EGRESS, "write")(e))?;
-        } else if maps.egress.get(ifindex, 0).is_ok() {
-            maps.egress.remove(ifindex).map_err(map_err(EGRESS, "delete"))?;
+            self.maps.egress.insert(ifindex, ifindex, None, 0).map_err(|e| map_err(EGRESS, "write")(e))?;
+        } else if self.maps.egress.get(ifindex, 0).is_ok() {
+            self.maps.egress.remove(ifindex).map_err(map_err(EGRESS, "delete"))?;
         }
         let decided = FastPath { ifindex, on, why };
-        if maps.decided.get(iface) != Some(&decided) {
+        if self.fast_paths.get(iface) != Some(&decided) {
             info!(interface = iface, fast_path = if on { "on" } else { "off" }, why = decided.why, "fast path");
-            maps.decided.insert(iface.to_owned(), decided.clone());
+            self.fast_paths.insert(iface.to_owned(), decided.clone());
         }
         Ok(decided)
     }
 
     /// Take a detached interface out of `EGRESS`.
     pub(super) fn clear_fast_path(&mut self, iface: &str) {
-        let maps = &mut self.egress_maps;
-        if let Some(fp) = maps.decided.remove(iface) {
+        if let Some(fp) = self.fast_paths.remove(iface) {
             if fp.on {
-                if let Err(e) = maps.egress.remove(fp.ifindex) {
+                if let Err(e) = self.maps.egress.remove(fp.ifindex) {
                     warn!(error = %e, interface = iface, "removing the interface from EGRESS failed");
                 }
             }
@@ -95,14 +74,14 @@ impl AyaDataplane {
 
     /// The fast-path decision for each interface we are attached to.
     pub fn fast_paths(&self) -> &BTreeMap<String, FastPath> {
-        &self.egress_maps.decided
+        &self.fast_paths
     }
 
     /// Packets per `Path` that arrived on `ifindex`, summed over CPUs
     /// (all zero before the first one).
     pub fn path_counters(&self, ifindex: u32) -> Result<Vec<(Path, u64)>, DataplaneError> {
         let mut total = PathCounters::default();
-        match self.egress_maps.path_stats.get(&ifindex, 0) {
+        match self.maps.path_stats.get(&ifindex, 0) {
             Ok(per_cpu) => {
                 for c in per_cpu.iter() {
                     for (t, v) in total.packets.iter_mut().zip(c.packets) {

@@ -7,21 +7,18 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use aya::{
-    maps::{Array, HashMap, PerCpuArray},
-    programs::{
-        links::{FdLink, PinnedLink},
-        xdp::XdpLink,
-        Xdp, XdpMode,
-    },
-    EbpfLoader,
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+    Xdp, XdpMode,
 };
-use lb_common::{BACKENDS, BACKEND_STATS, CONNTRACK, LB_PROGRAMS, MAGLEV, REASON_STATS, SERVICES, SERVICE_STATS};
+use lb_common::SERVICES;
 use tracing::{info, warn};
 
 use super::{
     netdev::checksums_for,
-    pins::{link_pin_name, prepare_pin_dir, remove_pins, PINNED_MAPS},
+    object::{load_object, xdp_program_mut},
+    pins::{link_pin_name, prepare_pin_dir, remove_pins},
     AyaDataplane,
 };
 use crate::{
@@ -43,35 +40,10 @@ impl AyaDataplane {
     /// tables and counters carry on) and new ones are pinned.
     pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Self> {
         let pins = pin_dir.map(prepare_pin_dir).transpose()?;
-        let adopted = pins.as_ref().is_some_and(|p| p.join("maps").join(SERVICES).exists());
-        let mut loader = EbpfLoader::new();
-        if let Some(p) = &pins {
-            for name in PINNED_MAPS {
-                loader.map_pin_path(name, p.join("maps").join(name));
-            }
-        }
-        let mut ebpf = loader.load(crate::ebpf::object()).context("load the lb-ebpf object")?;
-        for name in LB_PROGRAMS {
-            let program: &mut Xdp =
-                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-            program.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
-        }
-        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
-        Ok(Self {
-            services: HashMap::try_from(take(SERVICES)?)?,
-            backends: Array::try_from(take(BACKENDS)?)?,
-            maglev: Array::try_from(take(MAGLEV)?)?,
-            conntrack: HashMap::try_from(take(CONNTRACK)?)?,
-            service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
-            backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
-            reason_stats: PerCpuArray::try_from(take(REASON_STATS)?)?,
-            egress_maps: super::egress::EgressMaps::take(&mut take)?,
-            links: BTreeMap::new(),
-            pins,
-            adopted,
-            keep: false,
-            ebpf,
-        })
+        let map_pins = pins.as_ref().map(|p| p.join("maps"));
+        let adopted = map_pins.as_ref().is_some_and(|m| m.join(SERVICES).exists());
+        let (ebpf, maps) = load_object(crate::ebpf::object(), map_pins.as_deref())?;
+        Ok(Self { maps, fast_paths: BTreeMap::new(), links: BTreeMap::new(), pins, adopted, keep: false, ebpf })
     }
 
     /// Whether the maps were adopted from a previous agent's pins.
@@ -80,8 +52,7 @@ impl AyaDataplane {
     }
 
     fn program(&mut self, l4: L4Checksums) -> anyhow::Result<&mut Xdp> {
-        let name = l4.program();
-        Ok(self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?)
+        xdp_program_mut(&mut self.ebpf, l4.program())
     }
 
     /// Swap the program on an existing link (bpf_link_update): no moment

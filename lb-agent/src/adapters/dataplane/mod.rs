@@ -3,8 +3,11 @@
 //!
 //! - this file: the maps: writes (`ports::Dataplane`), counters, the
 //!   connection table, and reading back what a previous agent pinned;
-//! - `loader`: loading the object, attaching to and detaching from
-//!   interfaces (bpf_links), and what happens to it all on exit;
+//! - `object`: loading the object and opening its typed map set, shared
+//!   with the lab's BPF_PROG_TEST_RUN loader;
+//! - `loader`: loading the object for the agent, attaching to and
+//!   detaching from interfaces (bpf_links), and what happens to it all on
+//!   exit;
 //! - `pins`: the bpffs directory that lets a restarted agent adopt it all;
 //! - `netdev`: what the kernel says about an interface (index, driver);
 //! - `egress`: the fast path's egress interfaces and per-interface paths.
@@ -12,34 +15,27 @@
 pub mod egress;
 mod loader;
 pub mod netdev;
+pub mod object;
 pub mod pins;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    util::nr_cpus,
-    Ebpf,
-};
+use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
     maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, DIR_FORWARD,
-    MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROTO_UDP, REASON_STATS, SERVICES, SERVICE_STATS,
+    MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROTO_UDP, SERVICES,
 };
 
-use self::loader::Attached;
+pub use self::object::Maps;
+use self::{loader::Attached, object::map_err};
 use crate::ports::{ConntrackScan, Dataplane, DataplaneError, PinnedState};
 
 pub struct AyaDataplane {
     // Maps first: fields drop in order, and the program (with its links)
     // should go last so that nothing runs against half-closed maps.
-    services: HashMap<MapData, ServiceKey, Service>,
-    backends: Array<MapData, Backend>,
-    maglev: Array<MapData, u32>,
-    conntrack: HashMap<MapData, FlowKey, Conn>,
-    service_stats: PerCpuArray<MapData, Counters>,
-    backend_stats: PerCpuArray<MapData, Counters>,
-    reason_stats: PerCpuArray<MapData, u64>,
-    egress_maps: egress::EgressMaps,
+    maps: Maps,
+    /// The fast-path decision per attached interface, by name.
+    fast_paths: BTreeMap<String, egress::FastPath>,
     links: BTreeMap<String, Attached>,
     /// `<pin dir>/v<ABI_VERSION>` when maps and links are pinned.
     pins: Option<PathBuf>,
@@ -50,21 +46,14 @@ pub struct AyaDataplane {
     ebpf: Ebpf,
 }
 
-fn map_err<E: std::error::Error + Send + Sync + 'static>(
-    map: &'static str,
-    op: &'static str,
-) -> impl FnOnce(E) -> DataplaneError {
-    move |e| DataplaneError::Map { map, op, source: Box::new(e) }
-}
-
 impl AyaDataplane {
     /// Read back what the adopted maps hold, to pick up where the previous
     /// agent left off (same ids, same tables).
     pub fn read_pinned_state(&self) -> anyhow::Result<PinnedState> {
-        let services: Vec<(ServiceKey, Service)> = self.services.iter().collect::<Result<_, _>>()?;
+        let services: Vec<(ServiceKey, Service)> = self.maps.services.iter().collect::<Result<_, _>>()?;
         let mut backends = Vec::new();
         for id in 1..MAX_BACKENDS {
-            let b = self.backends.get(&id, 0)?;
+            let b = self.maps.backends.get(&id, 0)?;
             if b.flags != 0 {
                 backends.push((id, b));
             }
@@ -74,7 +63,7 @@ impl AyaDataplane {
             let mut halves = [Vec::new(), Vec::new()];
             for (half, out) in halves.iter_mut().enumerate() {
                 *out = (0..MAGLEV_TABLE_SIZE)
-                    .map(|slot| self.maglev.get(&maglev_index(svc.id, half as u32, slot), 0))
+                    .map(|slot| self.maps.maglev.get(&maglev_index(svc.id, half as u32, slot), 0))
                     .collect::<Result<_, _>>()?;
             }
             tables.insert(svc.id, halves);
@@ -83,22 +72,16 @@ impl AyaDataplane {
     }
 
     pub fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
-        sum_counters(&self.service_stats, id, SERVICE_STATS)
+        self.maps.service_counters(id)
     }
 
     pub fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
-        sum_counters(&self.backend_stats, id, BACKEND_STATS)
+        self.maps.backend_counters(id)
     }
 
     /// Packets per reason, summed over CPUs.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
-        Reason::ALL
-            .iter()
-            .map(|r| {
-                let v = self.reason_stats.get(&(*r as u32), 0).map_err(map_err(REASON_STATS, "read"))?;
-                Ok((*r, v.iter().sum()))
-            })
-            .collect()
+        self.maps.reason_counters()
     }
 }
 
@@ -118,7 +101,7 @@ impl AyaDataplane {
         let now = monotonic_ns();
         let mut out = BTreeMap::new();
         let mut entries = 0;
-        for item in self.conntrack.iter() {
+        for item in self.maps.conntrack.iter() {
             // An entry evicted mid-walk ends the walk early on some kernels;
             // a count that is briefly low is harmless (drains have deadlines).
             let Ok((key, conn)) = item else { break };
@@ -139,11 +122,11 @@ impl AyaDataplane {
     pub fn flush_backend_flows(&mut self, backend_id: u32) -> Result<u64, DataplaneError> {
         let now = monotonic_ns();
         let entries: Vec<(FlowKey, Conn)> =
-            self.conntrack.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
+            self.maps.conntrack.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
         let mut open = 0;
         for (k, c) in &entries {
             // Already gone (LRU eviction) is fine.
-            if self.conntrack.remove(k).is_ok() && k.dir == DIR_FORWARD && is_open(k, c, now) {
+            if self.maps.conntrack.remove(k).is_ok() && k.dir == DIR_FORWARD && is_open(k, c, now) {
                 open += 1;
             }
         }
@@ -168,15 +151,6 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32, name: &'static str) -> Result<Counters, DataplaneError> {
-    let values = map.get(&id, 0).map_err(map_err(name, "read"))?;
-    let mut total = Counters::default();
-    for v in values.iter() {
-        total.add(v);
-    }
-    Ok(total)
-}
-
 impl Dataplane for AyaDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         // A new backend starts from zero counters, whoever had the id before.
@@ -184,14 +158,17 @@ impl Dataplane for AyaDataplane {
             let cpus = nr_cpus().map_err(|(_, e)| map_err(BACKEND_STATS, "count CPUs")(e))?;
             let zeros =
                 PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(map_err(BACKEND_STATS, "reset"))?;
-            self.backend_stats.set(id, zeros, 0).map_err(map_err(BACKEND_STATS, "reset"))?;
+            self.maps.backend_stats.set(id, zeros, 0).map_err(map_err(BACKEND_STATS, "reset"))?;
         }
-        self.backends.set(id, backend, 0).map_err(map_err(BACKENDS, "write"))
+        self.maps.backends.set(id, backend, 0).map_err(map_err(BACKENDS, "write"))
     }
 
     fn set_table_entries(&mut self, service_id: u32, table: u32, entries: &[(u32, u32)]) -> Result<(), DataplaneError> {
         for (slot, backend_id) in entries {
-            self.maglev.set(maglev_index(service_id, table, *slot), backend_id, 0).map_err(map_err(MAGLEV, "write"))?;
+            self.maps
+                .maglev
+                .set(maglev_index(service_id, table, *slot), backend_id, 0)
+                .map_err(map_err(MAGLEV, "write"))?;
         }
         Ok(())
     }
@@ -199,10 +176,10 @@ impl Dataplane for AyaDataplane {
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), DataplaneError> {
         // A hash-map update swaps the whole value, so readers see the old
         // table or the new one, never a mix.
-        self.services.insert(key, service, 0).map_err(map_err(SERVICES, "write"))
+        self.maps.services.insert(key, service, 0).map_err(map_err(SERVICES, "write"))
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
-        self.services.remove(key).map_err(map_err(SERVICES, "delete"))
+        self.maps.services.remove(key).map_err(map_err(SERVICES, "delete"))
     }
 }

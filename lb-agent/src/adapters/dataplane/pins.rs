@@ -4,16 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _};
-use lb_common::{
-    ABI_VERSION, BACKENDS, BACKEND_STATS, CONNTRACK, EGRESS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
-};
+use lb_common::ABI_VERSION;
 use tracing::{info, warn};
 
+use super::Maps;
 use crate::ports::AttachMode;
 
-/// Maps kept in bpffs across agent restarts (all of them but the benchmark's).
-pub(super) const PINNED_MAPS: [&str; 9] =
-    [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS, EGRESS, PATH_STATS];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The pin file name of an interface's link: `<mode>-<interface>`, with
@@ -67,7 +63,7 @@ pub(super) fn prepare_pin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// Remove pinned maps and the directories under the pin dir.
 pub fn remove_pins(versioned: &Path) -> anyhow::Result<()> {
-    for name in PINNED_MAPS {
+    for name in Maps::NAMES {
         let p = versioned.join("maps").join(name);
         if p.exists() {
             std::fs::remove_file(&p).with_context(|| format!("unpin {}", p.display()))?;

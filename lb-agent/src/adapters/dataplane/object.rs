@@ -1,0 +1,177 @@
+//! The lb-ebpf object in the kernel: the one place that loads it and opens
+//! its maps, for the agent and for the lab's BPF_PROG_TEST_RUN loader alike.
+//! An ABI change edits [`Maps`] and nothing else here.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::Xdp,
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, CONNTRACK,
+    EGRESS, LB_PROGRAMS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
+};
+
+use crate::ports::DataplaneError;
+
+/// Every map of the object, each opened by its lb-common name as the typed
+/// wrapper whose key and value sizes aya checks against the object (so a
+/// mismatch fails at load, not once per packet).
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub conntrack: HashMap<MapData, FlowKey, Conn>,
+    pub service_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub reason_stats: PerCpuArray<MapData, u64>,
+    /// The interfaces translated packets may leave by directly (the fast path).
+    pub egress: DevMapHash<MapData>,
+    /// How packets left, per ingress interface.
+    pub path_stats: PerCpuHashMap<MapData, u32, PathCounters>,
+}
+
+impl Maps {
+    /// The names of the maps above: every map of the agent's object (the
+    /// benchmark's live in an object of their own), all that pinning keeps.
+    pub const NAMES: [&str; 9] =
+        [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS, EGRESS, PATH_STATS];
+
+    /// Takes every map out of `ebpf`.
+    pub fn open(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: take_map(ebpf, SERVICES)?,
+            backends: take_map(ebpf, BACKENDS)?,
+            maglev: take_map(ebpf, MAGLEV)?,
+            conntrack: take_map(ebpf, CONNTRACK)?,
+            service_stats: take_map(ebpf, SERVICE_STATS)?,
+            backend_stats: take_map(ebpf, BACKEND_STATS)?,
+            reason_stats: take_map(ebpf, REASON_STATS)?,
+            egress: take_map(ebpf, EGRESS)?,
+            path_stats: take_map(ebpf, PATH_STATS)?,
+        })
+    }
+
+    /// `SERVICE_STATS[id]`, summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        sum_counters(&self.service_stats, id, SERVICE_STATS)
+    }
+
+    /// `BACKEND_STATS[id]`, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        sum_counters(&self.backend_stats, id, BACKEND_STATS)
+    }
+
+    /// Packets per reason, summed over CPUs, in `Reason::ALL` order.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let v = self.reason_stats.get(&(*r as u32), 0).map_err(map_err(REASON_STATS, "read"))?;
+                Ok((*r, v.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+/// Loads `object` and opens its [`Maps`]; verifies the programs in
+/// `LB_PROGRAMS` (the object's other programs, if any, stay unloaded).
+/// With `map_pins`, each map is pinned at `<map_pins>/<name>`, or adopted
+/// from there when a previous load left it.
+pub fn load_object(object: &[u8], map_pins: Option<&Path>) -> anyhow::Result<(Ebpf, Maps)> {
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = map_pins {
+        for name in Maps::NAMES {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader.load(object).context("load the lb-ebpf object")?;
+    for name in LB_PROGRAMS {
+        load_program(&mut ebpf, name)?;
+    }
+    let maps = Maps::open(&mut ebpf)?;
+    Ok((ebpf, maps))
+}
+
+/// Loads (verifies) the object's XDP program `name`.
+pub fn load_program(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    xdp_program_mut(ebpf, name)?.load().with_context(|| format!("load {name} into the kernel (verifier)"))
+}
+
+/// The object's XDP program `name`.
+pub fn xdp_program<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Xdp> {
+    let program = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    program.try_into().with_context(|| format!("{name} is not an XDP program"))
+}
+
+/// The object's XDP program `name`, to load or attach.
+pub fn xdp_program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    program.try_into().with_context(|| format!("{name} is not an XDP program"))
+}
+
+/// Takes the map `name` out of `ebpf` as the typed wrapper `M`.
+pub fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    M::try_from(map).with_context(|| format!("open map {name} (type or key/value size differs from lb-common)"))
+}
+
+pub(super) fn map_err<E: std::error::Error + Send + Sync + 'static>(
+    map: &'static str,
+    op: &'static str,
+) -> impl FnOnce(E) -> DataplaneError {
+    move |e| DataplaneError::Map { map, op, source: Box::new(e) }
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32, name: &'static str) -> Result<Counters, DataplaneError> {
+    let values = map.get(&id, 0).map_err(map_err(name, "read"))?;
+    let mut total = Counters::default();
+    for v in values.iter() {
+        total.add(v);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The programs and maps aya finds in an object, without loading it
+    /// (no kernel, no root). Section maps (`.rodata`, `.bss`) are left out.
+    fn contents(object: &[u8]) -> (BTreeSet<String>, BTreeSet<String>) {
+        let obj = aya_obj::Object::parse(object).expect("parse the lb-ebpf object");
+        let maps = obj.maps.keys().filter(|n| !n.starts_with('.')).cloned().collect();
+        (obj.programs.keys().cloned().collect(), maps)
+    }
+
+    fn names(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_agents_object_has_the_lb_programs_and_maps_only() {
+        let (programs, maps) = contents(crate::ebpf::object());
+        assert_eq!(programs, names(&LB_PROGRAMS), "no benchmark program may ship in the agent's object");
+        assert_eq!(maps, names(&Maps::NAMES), "no benchmark map may ship in the agent's object");
+    }
+
+    #[cfg(feature = "bench")]
+    #[test]
+    fn the_bench_object_adds_the_bench_programs_and_maps() {
+        let (programs, maps) = contents(crate::ebpf::bench_object());
+        let mut want = names(&LB_PROGRAMS);
+        want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH]));
+        assert_eq!(programs, want);
+        let extra: BTreeSet<String> = maps.difference(&names(&Maps::NAMES)).cloned().collect();
+        assert!(extra.contains(lb_common::BENCH_FRAME) && extra.contains(lb_common::BENCH_TARGET), "{extra:?}");
+        assert!(extra.iter().all(|m| m.starts_with("BENCH_")), "{extra:?}");
+    }
+}
