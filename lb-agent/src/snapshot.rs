@@ -1,19 +1,19 @@
-//! Builds `status::Snapshot` from the registry, the reconciler and the data
-//! plane's counters, with rates from the previous build.
+//! Builds `status::Snapshot` from the registry, the reconciler, the data
+//! plane's counters and a walk of its connection table, with rates from the
+//! previous build.
 
-use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
-    time::Instant,
-};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use lb_common::{Counters, Reason, CONNTRACK_MAX, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
 
+use tokio::time::Instant;
+
 use crate::{
-    adapters::dataplane::AyaDataplane,
     core::{
         reconcile::Reconciler,
         registry::{BackendState, Registry},
     },
+    ports::{ConntrackScan, DataplaneReads},
     status::{
         AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, ReasonCount, ScalingStatus, ServiceStatus, Snapshot,
         Traffic,
@@ -24,7 +24,9 @@ use crate::{
 pub struct Sources<'a> {
     pub registry: &'a Registry,
     pub reconciler: &'a Reconciler,
-    pub dataplane: &'a AyaDataplane,
+    pub dataplane: &'a dyn DataplaneReads,
+    /// A walk of the connection table taken for this build.
+    pub scan: &'a ConntrackScan,
     pub events: &'a VecDeque<Event>,
     pub errors: u64,
     pub scaling: Vec<ScalingStatus>,
@@ -46,10 +48,8 @@ impl SnapshotBuilder {
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
     pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
-        let Sources { registry, reconciler, dataplane, events, errors, scaling } = src;
+        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling } = src;
         let now = Instant::now();
-        let tokio_now = tokio::time::Instant::now();
-        let scan = dataplane.scan_conntrack()?;
         let live: BTreeMap<_, _> = reconciler.services().map(|(k, s)| (*k, s)).collect();
         let mut services = Vec::new();
         let mut seen = HashMap::new();
@@ -73,7 +73,7 @@ impl SnapshotBuilder {
                     open_connections: scan.open.get(&id).copied().unwrap_or(0),
                     drain_seconds_left: match b.state {
                         BackendState::Draining { deadline } => {
-                            Some(deadline.saturating_duration_since(tokio_now).as_secs_f64())
+                            Some(deadline.saturating_duration_since(now).as_secs_f64())
                         }
                         BackendState::Active => None,
                     },
@@ -111,10 +111,11 @@ impl SnapshotBuilder {
                 errors_total: errors,
                 interfaces: dataplane
                     .attachments()
-                    .map(|(name, mode, l4)| InterfaceStatus {
-                        name: name.into(),
-                        xdp_mode: mode.to_string(),
-                        checksums: l4.to_string(),
+                    .into_iter()
+                    .map(|a| InterfaceStatus {
+                        name: a.interface,
+                        xdp_mode: a.mode.to_string(),
+                        checksums: a.checksums.to_string(),
                     })
                     .collect(),
             },

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{Backend, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
-use crate::ports::{Dataplane, DataplaneError};
+use crate::ports::{DataplaneError, MapWriter};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
@@ -40,7 +40,7 @@ impl FakeDataplane {
     }
 }
 
-impl Dataplane for FakeDataplane {
+impl MapWriter for FakeDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.backends.insert(id, *backend);
         self.log.push(Write::Backend { id, backend: *backend });

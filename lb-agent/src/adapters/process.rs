@@ -27,31 +27,16 @@ use crate::{
 };
 
 /// Create the instances' bridge with its address if missing. Idempotent.
-pub fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
-    let run = |args: &[&str]| -> Result<String, OrchestratorError> {
-        let what = format!("ip {}", args.join(" "));
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| OrchestratorError::Io { what: what.clone(), source })?;
-        if !out.status.success() {
-            return Err(OrchestratorError::Command {
-                what,
-                detail: String::from_utf8_lossy(&out.stderr).trim().into(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+pub async fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
     let br = spec.bridge.as_str();
-    if run(&["link", "show", "dev", br]).is_err() {
-        run(&["link", "add", br, "type", "bridge"])?;
+    if ip(&["link", "show", "dev", br]).await.is_err() {
+        ip(&["link", "add", br, "type", "bridge"]).await?;
     }
     let cidr = format!("{}/24", spec.ip(1));
-    if !run(&["-o", "-4", "addr", "show", "dev", br])?.contains(&cidr) {
-        run(&["addr", "add", &cidr, "dev", br])?;
+    if !output("ip", &["-o", "-4", "addr", "show", "dev", br]).await?.contains(&cidr) {
+        ip(&["addr", "add", &cidr, "dev", br]).await?;
     }
-    run(&["link", "set", br, "up"]).map(|_| ())
+    ip(&["link", "set", br, "up"]).await
 }
 
 struct Instance {
@@ -86,7 +71,7 @@ impl ProcessOrchestrator {
             instances: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
         };
-        prepare_bridge(&o.spec)?;
+        prepare_bridge(&o.spec).await?;
         o.remove_leftovers().await;
         Ok(o)
     }

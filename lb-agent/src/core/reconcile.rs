@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     core::registry::{DesiredBackend, DesiredService},
-    ports::{Dataplane, DataplaneError, PinnedState},
+    ports::{DataplaneError, MapWriter, PinnedState},
 };
 
 /// What one `apply` changed, for logs and status.
@@ -118,7 +118,7 @@ impl Reconciler {
     pub fn apply(
         &mut self,
         desired: &[DesiredService],
-        dp: &mut dyn Dataplane,
+        dp: &mut dyn MapWriter,
     ) -> Result<ApplySummary, DataplaneError> {
         let mut summary = ApplySummary::default();
         let wanted: BTreeMap<ServiceKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
@@ -163,7 +163,7 @@ impl Reconciler {
         key: &ServiceKey,
         svc: &DesiredService,
         freed_now: &BTreeSet<u32>,
-        dp: &mut dyn Dataplane,
+        dp: &mut dyn MapWriter,
         summary: &mut ApplySummary,
     ) -> Result<Vec<MaglevBackend>, DataplaneError> {
         let service_id = self.service_id(key)?;
@@ -197,7 +197,7 @@ impl Reconciler {
         key: &ServiceKey,
         svc: &DesiredService,
         backends: Vec<MaglevBackend>,
-        dp: &mut dyn Dataplane,
+        dp: &mut dyn MapWriter,
         summary: &mut ApplySummary,
     ) -> Result<(), DataplaneError> {
         let id = self.service_id(key)?;
