@@ -16,6 +16,7 @@
 //! - [`agent`]: the event loop that owns the state, generic over the ports;
 //!   the per-service scaler it drives, and the worker that walks the
 //!   connection table off the loop.
+//! - `testing` (tests only): fakes of every port.
 
 pub mod adapters;
 pub mod agent;

@@ -81,3 +81,34 @@ fn append(path: &Path, text: &str) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     f.write_all(text.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::scaling::tests::policy,
+        core::policy::{decide, History, MetricsSnapshot},
+    };
+
+    #[tokio::test]
+    async fn lines_are_written_in_order_and_close_flushes_them() {
+        let dir = crate::testing::scratch_dir("timeline");
+        let path = dir.join("t.jsonl");
+        let p = policy("min_replicas = 1\nmax_replicas = 1");
+        let now = tokio::time::Instant::now();
+        let d = decide(&MetricsSnapshot::default(), &p, &History::for_policy(&p), now);
+        let t = Timeline::open(path.clone(), "web");
+        for i in 0..50 {
+            t.record(i as f64, &d);
+        }
+        t.close().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let times: Vec<f64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["unix_time"].as_f64().unwrap())
+            .collect();
+        assert_eq!(times, (0..50).map(f64::from).collect::<Vec<_>>());
+        assert!(text.lines().all(|l| l.contains(r#""service":"web""#) && l.contains(r#""rule":"min replicas""#)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -11,7 +11,7 @@
 //! that began after the call came in.
 //!
 //! The agent is generic over its ports (`ports`): `main.rs` wires the real
-//! ones.
+//! ones, the unit tests (`tests.rs`) the fakes of `testing`.
 //!
 //! - this file: the state, start-up, the loop, API calls and probes;
 //! - `reload`: applying a config, with the orchestrators it needs;
@@ -22,6 +22,8 @@
 pub mod flows;
 mod reload;
 pub mod scaler;
+#[cfg(test)]
+mod tests;
 mod walks;
 
 use std::{

@@ -441,3 +441,86 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        config::Config,
+        testing::{scaled, Answer, FakeOrchestrator, FakeProber},
+    };
+
+    type TestScaler = Scaler<FakeOrchestrator, FakeProber>;
+
+    fn scaler(orch: &FakeOrchestrator) -> (TestScaler, Registry, mpsc::Receiver<ScalerEvent>) {
+        let config = Config::parse(&scaled(1, 1, ""), Path::new("lb.toml")).unwrap();
+        let mut registry = Registry::default();
+        registry.set_config(&config, Instant::now());
+        let (tx, rx) = mpsc::channel(16);
+        let s = Scaler::new(&config.services[0], orch.clone(), Arc::new(FakeProber::default()), tx).unwrap();
+        (s, registry, rx)
+    }
+
+    fn replica(id: &str, running: bool) -> Replica {
+        Replica { id: id.into(), name: format!("web-{id}"), addr: "10.9.0.1:8080".parse().unwrap(), running }
+    }
+
+    fn listed(generation: u64, replicas: &[Replica]) -> ScalerEvent {
+        ScalerEvent::Listed { service: "web".into(), generation, result: Ok(replicas.to_vec()) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_begun_before_a_stop_does_not_adopt_the_stopped_instance() {
+        let orch = FakeOrchestrator::default();
+        let (mut s, mut registry, _rx) = scaler(&orch);
+        // Ours from before a restart: adopted.
+        let g = s.replicas.generation();
+        let out = s.on_event(listed(g, &[replica("c1", true)]), &mut registry);
+        assert_eq!(out.events, ["web: adopted running instance web-c1 (10.9.0.1:8080)"]);
+        // Stopped and forgotten; a listing asked for before that still
+        // shows it running, and must not bring it back.
+        s.on_event(ScalerEvent::Stopped { service: "web".into(), id: "c1".into(), result: Ok(()) }, &mut registry);
+        let out = s.on_event(listed(g, &[replica("c1", true)]), &mut registry);
+        assert!(out.events.is_empty(), "{:?}", out.events);
+        assert_eq!(s.replicas.iter().count(), 0);
+        let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", true)]), &mut registry);
+        assert_eq!(out.events.len(), 1, "a fresh listing adopts it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_listing_at_a_time_and_a_round_that_decides_waits_for_it() {
+        let orch = FakeOrchestrator::default();
+        orch.lock().list = Answer::Hang;
+        let (mut s, mut registry, mut rx) = scaler(&orch);
+        s.poll(false);
+        s.poll(true);
+        s.poll(false);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(rx.try_recv().is_err(), "the hung listing answered");
+        // Its answer (here made by hand) is for a deciding round.
+        let out = s.on_event(listed(s.replicas.generation(), &[]), &mut registry);
+        assert!(out.decide);
+        let out = s.on_event(listed(s.replicas.generation(), &[]), &mut registry);
+        assert!(!out.decide, "decided twice on one round");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exited_instance_leaves_the_registry_and_is_stopped() {
+        let orch = FakeOrchestrator::default();
+        let (mut s, mut registry, mut rx) = scaler(&orch);
+        let r = replica("c1", true);
+        s.on_event(ScalerEvent::Started { service: "web".into(), result: Ok(r.clone()) }, &mut registry);
+        s.on_event(ScalerEvent::Probed { service: "web".into(), id: "c1".into(), error: None }, &mut registry);
+        assert!(registry.service("web").unwrap().backends.contains_key(&r.addr));
+        orch.lock().instances.insert("c1".into(), r.clone());
+        let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", false)]), &mut registry);
+        assert!(out.registry_changed);
+        assert_eq!(out.exited, [r.addr]);
+        assert!(!registry.service("web").unwrap().backends.contains_key(&r.addr));
+        let Some(ScalerEvent::Stopped { id, result: Ok(()), .. }) = rx.recv().await else { panic!("no stop") };
+        assert_eq!(id, "c1");
+        assert_eq!(orch.lock().stopped, ["c1"]);
+    }
+}
