@@ -4,7 +4,8 @@
 //! The modules, each depending only on those above it:
 //! - [`config`]: the TOML schema and its validation; a leaf.
 //! - [`ports`]: the traits through which decisions reach the outside world
-//!   (`Dataplane`, `Orchestrator`) and the values that cross them.
+//!   (`Dataplane` and its parts, `Orchestrator` and the factory that makes
+//!   one per scaled service, `Prober`) and the values that cross them.
 //! - [`core`]: pure decisions and state: the backend registry, the
 //!   reconciler, health, the scaling policy and the replica lifecycle.
 //! - [`adapters`]: the real implementations: the aya data plane, Docker and
@@ -12,8 +13,10 @@
 //! - [`status`] and [`snapshot`]: what the agent reports, and how it is read
 //!   from the registry, the reconciler and the data plane.
 //! - [`serve`]: the control socket and Prometheus `/metrics`.
-//! - [`agent`]: the event loop that owns the state, and the per-service
-//!   scaler it drives.
+//! - [`agent`]: the event loop that owns the state, generic over the ports;
+//!   the per-service scaler it drives, and the worker that walks the
+//!   connection table off the loop.
+//! - `testing` (tests only): fakes of every port.
 
 pub mod adapters;
 pub mod agent;

@@ -8,8 +8,13 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use lb_agent::{
-    adapters::{dataplane::pins::remove_pinned_dir, host_facts},
-    agent::{Agent, Options},
+    adapters::{
+        dataplane::{pins::remove_pinned_dir, AyaDataplane},
+        host_facts,
+        orchestrator::HostOrchestrators,
+        probe::NetProber,
+    },
+    agent::{Agent, Options, Ports},
     config::Config,
     core::deploy,
     serve::api::{self, Request, DEFAULT_SOCKET},
@@ -158,10 +163,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
+/// The one place the agent meets the real world: the aya data plane,
+/// Docker or process orchestrators, and probes over the network.
 fn run(options: Options) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        let agent = Agent::start(options).await?;
-        agent.run().await?;
+        // A bad config stops here, before anything is loaded.
+        let config = Config::load(&options.config)?;
+        let dataplane = AyaDataplane::load(options.pin_dir.as_deref())?;
+        let ports = Ports { dataplane, orchestrators: HostOrchestrators, prober: NetProber };
+        Agent::start(options, config, ports).await?.run().await?;
         Ok(ExitCode::SUCCESS)
     })
 }

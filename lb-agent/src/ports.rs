@@ -1,27 +1,96 @@
 //! The agent's ports: the traits through which its decisions reach the
 //! outside world, and the values that cross them. `adapters` holds the real
-//! implementations (aya, Docker, processes), `testing` the fakes.
+//! implementations (aya, Docker, processes, TCP/HTTP probes), `testing` the
+//! fakes.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
 };
 
-use lb_common::{Backend, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
+use lb_common::{Backend, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
 use serde::Serialize;
+
+use crate::config::{ChecksumMode, HealthCheckConfig, ServiceConfig};
 
 // ---------------------------------------------------------------------------
 // The data plane.
 
-/// The writes the reconciler needs; `adapters::dataplane::AyaDataplane` is
-/// the real one.
-pub trait Dataplane {
+/// The writes the reconciler needs.
+pub trait MapWriter {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     /// Write `(slot, backend id)` pairs into one of a service's two tables.
     fn set_table_entries(&mut self, service_id: u32, table: u32, entries: &[(u32, u32)]) -> Result<(), DataplaneError>;
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), DataplaneError>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+}
+
+/// The cheap reads a snapshot and a scaling decision take on the agent's
+/// loop: counters are one small per-CPU lookup each.
+pub trait DataplaneReads {
+    /// A service's counters, summed over CPUs.
+    fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError>;
+    /// A backend's counters, summed over CPUs.
+    fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError>;
+    /// Packets per verdict reason, summed over CPUs.
+    fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError>;
+    /// The interfaces the program is attached to.
+    fn attachments(&self) -> Vec<Attachment>;
+}
+
+/// The connection table. Walking it reads up to `CONNTRACK_MAX` entries, so
+/// the agent hands this to a worker that walks it off the loop
+/// (`agent::flows`); hence `Send + Sync` and `&self`.
+pub trait ConnectionTable: Send + Sync {
+    /// One walk: open flows per backend, and the entries in the table.
+    fn scan(&self) -> Result<ConntrackScan, DataplaneError>;
+    /// Forget every flow of a backend (both directions); its clients' next
+    /// packets start new flows elsewhere. Returns how many of them were
+    /// still open (as `scan` counts them).
+    fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError>;
+}
+
+/// The whole data plane as the agent drives it: `adapters::dataplane::AyaDataplane`
+/// is the real one.
+pub trait Dataplane: MapWriter + DataplaneReads {
+    /// Whether an interface of that name exists here.
+    fn has_interface(&self, name: &str) -> bool;
+    /// Attach to `iface` (or switch its program to the one `checksums`
+    /// asks for); attaching twice is a no-op.
+    fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode>;
+    fn detach(&mut self, iface: &str) -> anyhow::Result<()>;
+    /// Let translated packets leave by `iface` directly, or not, as `mode`
+    /// and the interface decide.
+    fn set_fast_path(&mut self, iface: &str, mode: crate::config::FastPathMode) -> anyhow::Result<()>;
+    /// What this host says about itself for `config` (its addresses, each
+    /// listed interface's fast path and forwarding), for `core::deploy`.
+    fn host_facts(&self, config: &crate::config::Config) -> anyhow::Result<HostFacts>;
+    /// A handle on the connection table for the worker that walks it.
+    fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError>;
+    /// What a previous agent left pinned, when the maps were adopted.
+    fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>>;
+    /// Pinned links of interfaces nothing is attached to (yet).
+    fn stale_link_pins(&self) -> Vec<PathBuf>;
+    /// Detach everywhere and remove every pin: the data plane is gone.
+    fn remove_all(&mut self);
+    /// Leave everything pinned and serving for the next agent.
+    fn keep_on_drop(&mut self);
+}
+
+/// One interface the program is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    pub mode: AttachMode,
+    pub checksums: L4Checksums,
+    /// Whether translated packets may leave by it directly, and why.
+    pub fast_path: bool,
+    pub fast_path_reason: String,
+    /// How the packets that arrived on it left, by path.
+    pub paths: Vec<(lb_common::Path, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +116,7 @@ pub struct PinnedState {
 }
 
 /// One walk of the connection table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackScan {
     /// Open flows per backend id.
     pub open: BTreeMap<u32, u64>,
@@ -155,4 +225,53 @@ pub trait Orchestrator: Send + Sync {
     /// CPU use of each running instance in percent of one core, averaged
     /// since the previous call (absent until there are two samples).
     fn cpu_percent(&self) -> impl Future<Output = Result<HashMap<String, f64>, OrchestratorError>> + Send;
+    /// Undo what was set up on the host for the service (firewall rules);
+    /// called once, when the service stops scaling, after the last `stop`.
+    fn release(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Makes the orchestrator of each scaled service, with whatever the host
+/// needs for it (a bridge, a Docker network, firewall rules). The agent
+/// calls it off its loop, when a config newly scales a service.
+pub trait OrchestratorFactory: Send + Sync + 'static {
+    type Orchestrator: Orchestrator + 'static;
+    fn make(&self, service: &ServiceConfig) -> impl Future<Output = anyhow::Result<Self::Orchestrator>> + Send;
+}
+
+// ---------------------------------------------------------------------------
+// Health probes.
+
+/// Why a probe failed, as `status` and the events show it.
+pub type ProbeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Probes a backend or a starting instance once; `adapters::probe::NetProber`
+/// connects (TCP) or GETs (HTTP).
+pub trait Prober: Send + Sync + 'static {
+    fn probe(
+        &self,
+        addr: SocketAddrV4,
+        check: &HealthCheckConfig,
+    ) -> impl Future<Output = Result<(), ProbeError>> + Send;
+}
+
+/// What the host says about itself, as far as the data plane cares.
+#[derive(Clone, Debug, Default)]
+pub struct HostFacts {
+    /// Every IPv4 address on this host's interfaces (this namespace).
+    pub local_addrs: BTreeSet<Ipv4Addr>,
+    /// Per listed interface.
+    pub interfaces: BTreeMap<String, InterfaceFacts>,
+}
+
+#[derive(Clone, Debug)]
+pub struct InterfaceFacts {
+    /// Whether translated packets may leave by it on the fast path, and why.
+    pub fast_path: bool,
+    pub fast_path_why: String,
+    /// net.ipv4.conf.<if>.forwarding: packets arriving here can be
+    /// forwarded at all (by the kernel, and by bpf_fib_lookup, which
+    /// refuses otherwise).
+    pub forwarding: bool,
 }

@@ -1,20 +1,19 @@
-//! Builds `status::Snapshot` from the registry, the reconciler and the data
-//! plane's counters, with rates from the previous build.
+//! Builds `status::Snapshot` from the registry, the reconciler, the data
+//! plane's counters and a walk of its connection table, with rates from the
+//! previous build.
 
-use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
-    time::Instant,
-};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use lb_common::{Counters, Reason, CONNTRACK_MAX, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
 
+use tokio::time::Instant;
+
 use crate::{
-    adapters::dataplane::AyaDataplane,
     core::{
         reconcile::Reconciler,
         registry::{BackendState, Registry},
     },
-    ports::{AttachMode, DataplaneError, L4Checksums},
+    ports::{ConntrackScan, DataplaneReads},
     status::{
         AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, PathCount, ReasonCount, ScalingStatus,
         ServiceStatus, Snapshot, Traffic,
@@ -25,7 +24,9 @@ use crate::{
 pub struct Sources<'a> {
     pub registry: &'a Registry,
     pub reconciler: &'a Reconciler,
-    pub dataplane: &'a AyaDataplane,
+    pub dataplane: &'a dyn DataplaneReads,
+    /// A walk of the connection table taken for this build.
+    pub scan: &'a ConntrackScan,
     pub events: &'a VecDeque<Event>,
     pub errors: u64,
     pub scaling: Vec<ScalingStatus>,
@@ -47,10 +48,8 @@ impl SnapshotBuilder {
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
     pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
-        let Sources { registry, reconciler, dataplane, events, errors, scaling } = src;
+        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling } = src;
         let now = Instant::now();
-        let tokio_now = tokio::time::Instant::now();
-        let scan = dataplane.scan_conntrack()?;
         let live: BTreeMap<_, _> = reconciler.services().map(|(k, s)| (*k, s)).collect();
         let mut services = Vec::new();
         let mut seen = HashMap::new();
@@ -74,7 +73,7 @@ impl SnapshotBuilder {
                     open_connections: scan.open.get(&id).copied().unwrap_or(0),
                     drain_seconds_left: match b.state {
                         BackendState::Draining { deadline } => {
-                            Some(deadline.saturating_duration_since(tokio_now).as_secs_f64())
+                            Some(deadline.saturating_duration_since(now).as_secs_f64())
                         }
                         BackendState::Active => None,
                     },
@@ -112,8 +111,21 @@ impl SnapshotBuilder {
                 errors_total: errors,
                 interfaces: dataplane
                     .attachments()
-                    .map(|(name, mode, l4)| interface_status(dataplane, name, mode, l4))
-                    .collect::<Result<_, _>>()?,
+                    .into_iter()
+                    .map(|a| InterfaceStatus {
+                        name: a.interface,
+                        xdp_mode: a.mode.to_string(),
+                        checksums: a.checksums.to_string(),
+                        fast_path: a.fast_path,
+                        fast_path_reason: a.fast_path_reason,
+                        paths: a
+                            .paths
+                            .into_iter()
+                            .filter(|(_, n)| *n > 0)
+                            .map(|(p, packets)| PathCount { path: p.name().into(), fast: p.is_fast(), packets })
+                            .collect(),
+                    })
+                    .collect(),
             },
             maps: vec![
                 fill(lb_common::SERVICES, services.len() as u64, MAX_SERVICES),
@@ -150,32 +162,6 @@ impl SnapshotBuilder {
     }
 }
 
-fn interface_status(
-    dataplane: &AyaDataplane,
-    name: &str,
-    mode: AttachMode,
-    l4: L4Checksums,
-) -> Result<InterfaceStatus, DataplaneError> {
-    let fast = dataplane.fast_paths().get(name);
-    let paths = match fast {
-        Some(f) => dataplane
-            .path_counters(f.ifindex)?
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(p, packets)| PathCount { path: p.name().into(), fast: p.is_fast(), packets })
-            .collect(),
-        None => Vec::new(),
-    };
-    Ok(InterfaceStatus {
-        name: name.into(),
-        xdp_mode: mode.to_string(),
-        checksums: l4.to_string(),
-        fast_path: fast.is_some_and(|f| f.on),
-        fast_path_reason: fast.map(|f| f.why.clone()).unwrap_or_default(),
-        paths,
-    })
-}
-
 fn verdict(r: Reason) -> &'static str {
     match r {
         Reason::Forwarded | Reason::ReplyTranslated => "forward",
@@ -197,4 +183,126 @@ fn table_shares(table: &[u32]) -> BTreeMap<u32, f64> {
         }
     }
     counts.into_iter().map(|(id, n)| (id, n as f64 / MAGLEV_TABLE_SIZE as f64)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use lb_common::CONNTRACK;
+
+    use super::*;
+    use crate::{
+        config::{ChecksumMode, Config},
+        ports::Dataplane as _,
+        testing::SharedDataplane,
+    };
+
+    const CONFIG: &str = r#"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+interfaces = ["eth0"]
+drain_timeout = "10s"
+[[service.backend]]
+address = "10.1.0.1:80"
+[[service.backend]]
+address = "10.1.0.2:80"
+weight = 3
+"#;
+
+    /// The registry and maps for `CONFIG`, written to a fake data plane.
+    fn world() -> (Registry, Reconciler, SharedDataplane) {
+        let config = Config::parse(CONFIG, Path::new("lb.toml")).unwrap();
+        let mut registry = Registry::default();
+        registry.set_config(&config, Instant::now());
+        let mut reconciler = Reconciler::default();
+        let mut dp = SharedDataplane::default();
+        reconciler.apply(&registry.desired(), &mut dp).unwrap();
+        dp.attach("eth0", ChecksumMode::Complete).unwrap();
+        (registry, reconciler, dp)
+    }
+
+    fn build(
+        b: &mut SnapshotBuilder,
+        advance: bool,
+        (registry, reconciler, dp): &(Registry, Reconciler, SharedDataplane),
+        scan: &ConntrackScan,
+    ) -> Snapshot {
+        let events = VecDeque::new();
+        let sources =
+            Sources { registry, reconciler, dataplane: dp, scan, events: &events, errors: 2, scaling: Vec::new() };
+        b.build(advance, sources).unwrap()
+    }
+
+    fn counters(packets: u64, new_flows: u64) -> Counters {
+        Counters { packets, bytes: packets * 100, new_flows, ..Counters::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rates_are_measured_between_ticks_and_a_status_does_not_move_the_window() {
+        let w = world();
+        let id = |a: &str| w.2.lock().backend_id(a.parse().unwrap()).unwrap();
+        let (b1, b2) = (id("10.1.0.1:80"), id("10.1.0.2:80"));
+        let mut builder = SnapshotBuilder::new("lb.toml".into());
+        let scan = ConntrackScan::default();
+        w.2.lock().backend_counters.insert(b1, counters(1000, 10));
+        let first = build(&mut builder, true, &w, &scan);
+        assert_eq!(first.services[0].backends[0].counters.packets_per_second, 0.0, "no rate before two ticks");
+
+        tokio::time::advance(Duration::from_millis(250)).await;
+        w.2.lock().backend_counters.insert(b1, counters(1250, 12));
+        let status = build(&mut builder, false, &w, &scan);
+        assert_eq!(status.services[0].backends[0].counters.packets_per_second, 1000.0);
+
+        tokio::time::advance(Duration::from_millis(250)).await;
+        w.2.lock().backend_counters.insert(b1, counters(1500, 15));
+        let tick = build(&mut builder, true, &w, &scan);
+        let t = &tick.services[0].backends[0].counters;
+        // Over the whole half second since the last tick, not since the status.
+        assert_eq!((t.packets, t.packets_per_second, t.new_flows_per_second), (1500, 1000.0, 10.0));
+        assert_eq!(t.bytes_per_second, 100_000.0);
+
+        // A counter that went down (the id was reused) gives no rate.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        w.2.lock().backend_counters.insert(b1, counters(10, 1));
+        assert_eq!(build(&mut builder, true, &w, &scan).services[0].backends[0].counters.packets_per_second, 0.0);
+        assert_eq!(tick.services[0].backends[1].counters, Traffic::default(), "b2 {b2} saw nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backends_show_their_share_open_flows_and_drain() {
+        let mut w = world();
+        let id = |a: &str| w.2.lock().backend_id(a.parse().unwrap()).unwrap();
+        let (b1, b2) = (id("10.1.0.1:80"), id("10.1.0.2:80"));
+        w.0.remove_backend("web", "10.1.0.1:80".parse().unwrap(), Instant::now()).unwrap();
+        let (registry, reconciler, dp) = &mut w;
+        reconciler.apply(&registry.desired(), dp).unwrap();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        dp.lock().reasons = vec![(Reason::Forwarded, 7), (Reason::DropNoBackend, 2), (Reason::PassNotIpv4, 1)];
+        let scan = ConntrackScan { open: [(b1, 3), (b2, 1)].into(), entries: 8 };
+        let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
+
+        let [one, two] = &s.services[0].backends[..] else { panic!("{:#?}", s.services) };
+        assert_eq!((one.state.as_str(), one.in_table, one.open_connections), ("draining", false, 3));
+        assert_eq!(one.drain_seconds_left, Some(6.0));
+        assert_eq!(one.table_share, 0.0);
+        assert_eq!((two.state.as_str(), two.in_table, two.open_connections, two.weight), ("active", true, 1, 3));
+        assert_eq!(two.table_share, 1.0);
+        assert_eq!(two.drain_seconds_left, None);
+
+        let conntrack = s.maps.iter().find(|m| m.name == CONNTRACK).unwrap();
+        assert_eq!((conntrack.entries, conntrack.max_entries), (8, lb_common::CONNTRACK_MAX as u64));
+        let verdicts: Vec<(&str, &str, u64)> =
+            s.reasons.iter().map(|r| (r.reason.as_str(), r.verdict.as_str(), r.packets)).collect();
+        assert_eq!(
+            verdicts,
+            [("forwarded", "forward", 7), ("drop_no_backend", "drop", 2), ("pass_not_ipv4", "pass", 1)]
+        );
+        assert_eq!(s.agent.interfaces[0].name, "eth0");
+        assert_eq!(s.agent.interfaces[0].checksums, "complete");
+        assert_eq!(s.agent.errors_total, 2);
+        assert_eq!(s.agent.config_path, "lb.toml");
+    }
 }

@@ -1,10 +1,78 @@
-//! A recording fake of the data plane, for the reconciler's unit tests.
+//! Fakes of the ports, for unit tests: a data plane that records what is
+//! written and answers reads with what the test sets, an orchestrator (and
+//! its factory) that the test drives, and a prober whose answers it picks.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
 
-use lb_common::{Backend, Service, ServiceKey, MAGLEV_TABLE_SIZE};
+use lb_common::{Backend, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
-use crate::ports::{Dataplane, DataplaneError};
+use crate::{
+    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, ServiceConfig},
+    ports::{
+        AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, HostFacts,
+        L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory, PinnedState, ProbeError, Prober,
+        Replica,
+    },
+};
+
+/// A fresh, empty directory for one test's files.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lb-agent-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One service "web", scaled between `min` and `max` on CPU; `extra` goes
+/// in its table (before the sub-tables).
+pub fn scaled(min: u32, max: u32, extra: &str) -> String {
+    scaled_service("web", 100, 0, (min, max), extra)
+}
+
+/// A scaled service `name` at 10.0.0.`vip`:80, its instances on bridge
+/// `lbp<bridge>` (which it names among its interfaces, with eth0).
+pub fn scaled_service(name: &str, vip: u8, bridge: u8, (min, max): (u32, u32), extra: &str) -> String {
+    format!(
+        r#"
+[[service]]
+name = "{name}"
+vip = "10.0.0.{vip}"
+port = 80
+interfaces = ["eth0", "lbp{bridge}"]
+{extra}
+[service.scaling]
+min_replicas = {min}
+max_replicas = {max}
+target = {{ cpu = 50.0 }}
+[service.instances.process]
+command = ["/bin/srv", "--listen", "{{addr}}"]
+port = 8080
+bridge = "lbp{bridge}"
+prefix = "10.{prefix}.0.0"
+"#,
+        prefix = 212 + bridge
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// The data plane.
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
@@ -25,22 +93,58 @@ impl Write {
     }
 }
 
-/// Holds what the maps would hold, and the order things were written in.
+/// Holds what the maps would hold, and the order things were written in;
+/// the reads answer with what the test put in the other fields.
 #[derive(Debug, Default)]
 pub struct FakeDataplane {
     pub log: Vec<Write>,
     pub backends: BTreeMap<u32, Backend>,
     pub tables: BTreeMap<(u32, u32), Vec<u32>>,
     pub services: BTreeMap<ServiceKey, Service>,
+    /// Counters by service id and by backend id (zero when absent).
+    pub service_counters: BTreeMap<u32, Counters>,
+    pub backend_counters: BTreeMap<u32, Counters>,
+    pub reasons: Vec<(Reason, u64)>,
+    /// Open flows by backend id, as a walk of the connection table finds them.
+    pub open: BTreeMap<u32, u64>,
+    /// Backend ids whose flows were flushed, in order.
+    pub flushes: Vec<u32>,
+    /// Walks of the connection table so far.
+    pub scans: u32,
+    /// Interfaces that do not exist here (every other one does).
+    pub missing_interfaces: BTreeSet<String>,
+    pub attached: BTreeMap<String, ChecksumMode>,
+    pub removed_all: bool,
+    pub kept: bool,
 }
 
 impl FakeDataplane {
     pub fn table(&self, service_id: u32, table: u32) -> Vec<u32> {
         self.tables.get(&(service_id, table)).cloned().unwrap_or_else(|| vec![0; MAGLEV_TABLE_SIZE as usize])
     }
+
+    /// The id of the live backend entry for `addr`.
+    pub fn backend_id(&self, addr: SocketAddrV4) -> Option<u32> {
+        let (ip_be, port_be) = (u32::from(*addr.ip()).to_be(), addr.port().to_be());
+        self.backends.iter().find(|(_, b)| b.flags != 0 && b.ip_be == ip_be && b.port_be == port_be).map(|(id, _)| *id)
+    }
+
+    /// The addresses of the live backend entries.
+    pub fn live_backends(&self) -> BTreeSet<SocketAddrV4> {
+        self.backends
+            .values()
+            .filter(|b| b.flags != 0)
+            .map(|b| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(b.ip_be)), u16::from_be(b.port_be)))
+            .collect()
+    }
+
+    /// The backend ids in the live half of every service's table.
+    pub fn in_tables(&self) -> BTreeSet<u32> {
+        self.services.values().flat_map(|s| self.table(s.id, s.table)).filter(|id| *id != 0).collect()
+    }
 }
 
-impl Dataplane for FakeDataplane {
+impl MapWriter for FakeDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.backends.insert(id, *backend);
         self.log.push(Write::Backend { id, backend: *backend });
@@ -66,6 +170,325 @@ impl Dataplane for FakeDataplane {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.services.remove(key);
         self.log.push(Write::RemoveService { key: *key });
+        Ok(())
+    }
+}
+
+/// A [`FakeDataplane`] the agent owns while the test keeps a handle on it;
+/// it is its own connection table too.
+#[derive(Clone, Default)]
+pub struct SharedDataplane(Arc<Mutex<FakeDataplane>>);
+
+impl SharedDataplane {
+    pub fn lock(&self) -> MutexGuard<'_, FakeDataplane> {
+        lock(&self.0)
+    }
+
+    /// Whether the backend at `addr` has slots in its service's live table.
+    pub fn in_table(&self, addr: SocketAddrV4) -> bool {
+        let dp = self.lock();
+        dp.backend_id(addr).is_some_and(|id| dp.in_tables().contains(&id))
+    }
+
+    /// Set the open flows a walk finds for the backend at `addr`.
+    pub fn set_open(&self, addr: SocketAddrV4, open: u64) {
+        let mut dp = self.lock();
+        let id = dp.backend_id(addr).unwrap_or_else(|| panic!("no backend {addr} in the maps"));
+        dp.open.insert(id, open);
+    }
+}
+
+impl MapWriter for SharedDataplane {
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        self.lock().set_backend(id, backend)
+    }
+
+    fn set_table_entries(&mut self, service_id: u32, table: u32, entries: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        self.lock().set_table_entries(service_id, table, entries)
+    }
+
+    fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), DataplaneError> {
+        self.lock().set_service(key, service)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.lock().remove_service(key)
+    }
+}
+
+impl DataplaneReads for SharedDataplane {
+    fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        Ok(self.lock().service_counters.get(&id).copied().unwrap_or_default())
+    }
+
+    fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        Ok(self.lock().backend_counters.get(&id).copied().unwrap_or_default())
+    }
+
+    fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        Ok(self.lock().reasons.clone())
+    }
+
+    fn attachments(&self) -> Vec<Attachment> {
+        let dp = self.lock();
+        let l4 = |mode: &ChecksumMode| match mode {
+            ChecksumMode::Complete => L4Checksums::Complete,
+            ChecksumMode::Auto | ChecksumMode::MayBePartial => L4Checksums::MayBePartial,
+        };
+        dp.attached
+            .iter()
+            .map(|(i, mode)| Attachment {
+                interface: i.clone(),
+                mode: AttachMode::Generic,
+                checksums: l4(mode),
+                fast_path: false,
+                fast_path_reason: "fake".into(),
+                paths: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+impl Dataplane for SharedDataplane {
+    fn has_interface(&self, name: &str) -> bool {
+        !self.lock().missing_interfaces.contains(name)
+    }
+
+    fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+        let mut dp = self.lock();
+        anyhow::ensure!(!dp.missing_interfaces.contains(iface), "no interface {iface}");
+        dp.attached.insert(iface.to_owned(), checksums);
+        Ok(AttachMode::Generic)
+    }
+
+    fn detach(&mut self, iface: &str) -> anyhow::Result<()> {
+        self.lock().attached.remove(iface);
+        Ok(())
+    }
+
+    fn set_fast_path(&mut self, _iface: &str, _mode: FastPathMode) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// No local address and no interface facts: nothing to refuse.
+    fn host_facts(&self, _config: &Config) -> anyhow::Result<HostFacts> {
+        Ok(HostFacts::default())
+    }
+
+    fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
+        Ok(Arc::new(self.clone()))
+    }
+
+    fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>> {
+        Ok(None)
+    }
+
+    fn stale_link_pins(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    fn remove_all(&mut self) {
+        let mut dp = self.lock();
+        dp.attached.clear();
+        dp.removed_all = true;
+    }
+
+    fn keep_on_drop(&mut self) {
+        self.lock().kept = true;
+    }
+}
+
+impl ConnectionTable for SharedDataplane {
+    fn scan(&self) -> Result<ConntrackScan, DataplaneError> {
+        let mut dp = self.lock();
+        dp.scans += 1;
+        let open = dp.open.clone();
+        Ok(ConntrackScan { entries: 2 * open.values().sum::<u64>(), open })
+    }
+
+    fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
+        let mut dp = self.lock();
+        dp.flushes.push(backend_id);
+        Ok(dp.open.remove(&backend_id).unwrap_or(0))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Orchestrators.
+
+/// How a fake orchestrator answers a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Answer {
+    #[default]
+    Ok,
+    Fail,
+    /// Never answers.
+    Hang,
+}
+
+impl Answer {
+    /// Wait forever for `Hang`; an error for `Fail`.
+    async fn give(self, what: &str) -> Result<(), OrchestratorError> {
+        match self {
+            Answer::Ok => Ok(()),
+            Answer::Fail => Err(OrchestratorError::Command { what: what.into(), detail: "refused (fake)".into() }),
+            Answer::Hang => std::future::pending().await,
+        }
+    }
+}
+
+/// What a [`FakeOrchestrator`] holds and how it answers.
+#[derive(Debug, Default)]
+pub struct OrchState {
+    /// Its instances by id; `running: false` once one exited.
+    pub instances: BTreeMap<String, Replica>,
+    pub start: Answer,
+    pub stop: Answer,
+    pub list: Answer,
+    pub cpu: HashMap<String, f64>,
+    /// Starts asked for, answered or not.
+    pub starts: u32,
+    /// Instances started.
+    pub started: u32,
+    /// Instances stopped, in order.
+    pub stopped: Vec<String>,
+    pub released: bool,
+    /// The third octet of its instances' addresses.
+    pub net: u8,
+}
+
+/// Instances `i1`, `i2`, ... at 10.9.<net>.1:8080, 10.9.<net>.2:8080, ...
+#[derive(Clone, Default)]
+pub struct FakeOrchestrator(Arc<Mutex<OrchState>>);
+
+impl FakeOrchestrator {
+    pub fn lock(&self) -> MutexGuard<'_, OrchState> {
+        lock(&self.0)
+    }
+
+    /// The instance `id` exits (crashes).
+    pub fn exit(&self, id: &str) {
+        self.lock().instances.get_mut(id).unwrap_or_else(|| panic!("no instance {id}")).running = false;
+    }
+
+    pub fn instance(&self, id: &str) -> Replica {
+        self.lock().instances.get(id).cloned().unwrap_or_else(|| panic!("no instance {id}"))
+    }
+}
+
+impl Orchestrator for FakeOrchestrator {
+    async fn list(&self) -> Result<Vec<Replica>, OrchestratorError> {
+        let answer = self.lock().list;
+        answer.give("list").await?;
+        Ok(self.lock().instances.values().cloned().collect())
+    }
+
+    async fn start(&self) -> Result<Replica, OrchestratorError> {
+        let answer = {
+            let mut o = self.lock();
+            o.starts += 1;
+            o.start
+        };
+        answer.give("start").await?;
+        let mut o = self.lock();
+        o.started += 1;
+        let n = o.started;
+        let r = Replica {
+            id: format!("i{n}"),
+            name: format!("web-{n}"),
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 9, o.net, n as u8), 8080),
+            running: true,
+        };
+        o.instances.insert(r.id.clone(), r.clone());
+        Ok(r)
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), OrchestratorError> {
+        let answer = self.lock().stop;
+        answer.give("stop").await?;
+        let mut o = self.lock();
+        o.stopped.push(id.to_owned());
+        o.instances.remove(id).map(|_| ()).ok_or_else(|| OrchestratorError::Unknown(id.to_owned()))
+    }
+
+    async fn cpu_percent(&self) -> Result<HashMap<String, f64>, OrchestratorError> {
+        Ok(self.lock().cpu.clone())
+    }
+
+    async fn release(&self) {
+        self.lock().released = true;
+    }
+}
+
+/// The factory's state: how `make` answers, and what it made.
+#[derive(Default)]
+pub struct FactoryState {
+    pub make: Answer,
+    /// The latest orchestrator made for each service.
+    pub made: BTreeMap<String, FakeOrchestrator>,
+    pub makes: u32,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeOrchestrators(Arc<Mutex<FactoryState>>);
+
+impl FakeOrchestrators {
+    pub fn lock(&self) -> MutexGuard<'_, FactoryState> {
+        lock(&self.0)
+    }
+
+    /// The orchestrator made for `service`.
+    pub fn of(&self, service: &str) -> FakeOrchestrator {
+        self.lock().made.get(service).cloned().unwrap_or_else(|| panic!("no orchestrator made for {service}"))
+    }
+}
+
+impl OrchestratorFactory for FakeOrchestrators {
+    type Orchestrator = FakeOrchestrator;
+
+    async fn make(&self, service: &ServiceConfig) -> anyhow::Result<FakeOrchestrator> {
+        let answer = {
+            let mut f = self.lock();
+            f.makes += 1;
+            f.make
+        };
+        answer.give("make").await?;
+        let o = FakeOrchestrator::default();
+        let mut f = self.lock();
+        // Each service its own addresses: the first made gets 10.9.0.x.
+        let others = f.made.keys().filter(|s| **s != service.name).count();
+        o.lock().net = others as u8;
+        f.made.insert(service.name.clone(), o.clone());
+        Ok(o)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Probes.
+
+/// Every address answers, except those in `down`.
+#[derive(Clone, Default)]
+pub struct FakeProber(Arc<Mutex<ProberState>>);
+
+#[derive(Debug, Default)]
+pub struct ProberState {
+    pub down: BTreeSet<SocketAddrV4>,
+    pub probes: u32,
+}
+
+impl FakeProber {
+    pub fn lock(&self) -> MutexGuard<'_, ProberState> {
+        lock(&self.0)
+    }
+}
+
+impl Prober for FakeProber {
+    async fn probe(&self, addr: SocketAddrV4, _check: &HealthCheckConfig) -> Result<(), ProbeError> {
+        let mut p = self.lock();
+        p.probes += 1;
+        if p.down.contains(&addr) {
+            return Err("connection refused (fake)".into());
+        }
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use crate::{
     adapters::dataplane::{egress::decide_fast_path, netdev},
     config::Config,
-    core::deploy::{HostFacts, InterfaceFacts},
+    ports::{HostFacts, InterfaceFacts},
 };
 
 pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {

@@ -1,63 +1,84 @@
 //! What forwarding to a service's Docker containers needs on the host, set
 //! up with iptables and sysctl writes and undone when the service stops
-//! scaling with Docker.
+//! scaling with Docker. Both run as child processes the agent's loop does
+//! not wait on (`tokio::process`).
 
+use std::process::Stdio;
+
+use tokio::process::Command;
 use tracing::{info, warn};
 
 /// What forwarding to containers needs on the host, set up for as long as
-/// the service scales with Docker and undone exactly on drop: an ACCEPT rule
-/// in DOCKER-USER from each client interface to the network's bridge
-/// (dockerd's FORWARD policy is DROP), and loose reverse-path filtering on
-/// the bridge (translated replies come from the VIP, which is not routed
-/// there; strict filtering would drop them).
+/// the service scales with Docker: an ACCEPT rule in DOCKER-USER from each
+/// client interface to the network's bridge (dockerd's FORWARD policy is
+/// DROP), and loose reverse-path filtering on the bridge (translated replies
+/// come from the VIP, which is not routed there; strict filtering would drop
+/// them). [`DockerForwarding::remove`] undoes the rules; dropping it without
+/// that removes them too, but blocking.
 pub struct DockerForwarding {
     rules: Vec<Vec<String>>,
 }
 
 impl DockerForwarding {
-    pub fn set_up(clients: &[String], bridge: &str) -> anyhow::Result<DockerForwarding> {
+    pub async fn set_up(clients: &[String], bridge: &str) -> anyhow::Result<DockerForwarding> {
         let mut done = DockerForwarding { rules: Vec::new() };
         for client in clients {
             let rule: Vec<String> =
                 ["DOCKER-USER", "-i", client, "-o", bridge, "-j", "ACCEPT"].iter().map(|s| s.to_string()).collect();
             // -C: already there (left by an agent that was killed): take it
             // over rather than add a twin, so that our stop removes it.
-            if iptables("-C", &rule).is_err() {
-                iptables("-I", &rule)?;
+            if iptables("-C", &rule).await.is_err() {
+                iptables("-I", &rule).await?;
             }
             done.rules.push(rule);
         }
         let key = format!("/proc/sys/net/ipv4/conf/{bridge}/rp_filter");
-        if std::fs::read_to_string(&key).map(|v| v.trim() == "1").unwrap_or(false) {
-            std::fs::write(&key, "0").map_err(|e| anyhow::anyhow!("set {key} to 0: {e}"))?;
+        if is_strict(&key).await {
+            tokio::fs::write(&key, "0").await.map_err(|e| anyhow::anyhow!("set {key} to 0: {e}"))?;
             info!(bridge, "reverse-path filtering on the instances' bridge set to off");
         }
-        if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").map(|v| v.trim() == "1").unwrap_or(false) {
+        if is_strict("/proc/sys/net/ipv4/conf/all/rp_filter").await {
             warn!(
                 "net.ipv4.conf.all.rp_filter is 1 (strict): replies from containers will be dropped; set it to 0 or 2"
             );
         }
         Ok(done)
     }
-}
 
-impl Drop for DockerForwarding {
-    fn drop(&mut self) {
-        for rule in &self.rules {
-            if let Err(e) = iptables("-D", rule) {
+    /// Remove our rules.
+    pub async fn remove(mut self) {
+        for rule in std::mem::take(&mut self.rules) {
+            if let Err(e) = iptables("-D", &rule).await {
                 warn!(error = %e, "removing our DOCKER-USER rule failed");
             }
         }
     }
 }
 
-fn iptables(op: &str, rule: &[String]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("iptables")
-        .arg("-w")
-        .arg(op)
-        .args(rule)
-        .output()
-        .map_err(|e| anyhow::anyhow!("run iptables: {e}"))?;
+impl Drop for DockerForwarding {
+    /// The net under [`DockerForwarding::remove`] (a start-up that failed
+    /// half-way): blocking, but the rules must not outlive the agent.
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let out = std::process::Command::new("iptables").arg("-w").arg("-D").args(rule).output();
+            if let Err(e) = check("-D", rule, out) {
+                warn!(error = %e, "removing our DOCKER-USER rule failed");
+            }
+        }
+    }
+}
+
+async fn is_strict(sysctl: &str) -> bool {
+    tokio::fs::read_to_string(sysctl).await.is_ok_and(|v| v.trim() == "1")
+}
+
+async fn iptables(op: &str, rule: &[String]) -> anyhow::Result<()> {
+    let out = Command::new("iptables").arg("-w").arg(op).args(rule).stdin(Stdio::null()).output().await;
+    check(op, rule, out)
+}
+
+fn check(op: &str, rule: &[String], out: std::io::Result<std::process::Output>) -> anyhow::Result<()> {
+    let out = out.map_err(|e| anyhow::anyhow!("run iptables: {e}"))?;
     anyhow::ensure!(
         out.status.success(),
         "iptables {op} {}: {}",

@@ -6,7 +6,17 @@ use std::net::SocketAddrV4;
 use crate::{
     adapters::http::{self, GetError},
     config::{CheckKind, HealthCheckConfig},
+    ports::{ProbeError, Prober},
 };
+
+/// The real prober: [`probe`] over the network.
+pub struct NetProber;
+
+impl Prober for NetProber {
+    async fn probe(&self, addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
+        Ok(probe(addr, check).await?)
+    }
+}
 
 /// Probe one backend once.
 pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), GetError> {

@@ -4,12 +4,30 @@
 //!
 //! One task owns all state; everything else (API connections, probes, the
 //! metrics server) talks to it through channels, so no change ever races
-//! another.
+//! another. That task never waits on slow I/O: orchestrator calls (and the
+//! Docker and iptables work behind them), probes, connection-table walks and
+//! timeline writes run in tasks of their own or on tokio's blocking pool,
+//! and report back through channels. A `status` call is answered from a walk
+//! that began after the call came in.
+//!
+//! The agent is generic over its ports (`ports`): `main.rs` wires the real
+//! ones, the unit tests (`tests.rs`) the fakes of `testing`.
+//!
+//! - this file: the state, start-up, the loop, API calls and probes;
+//! - `reload`: applying a config, with the orchestrators it needs;
+//! - `walks`: the connection-table results: drains, flushes, snapshots;
+//! - `flows`: the worker that walks and flushes the connection table;
+//! - `scaler`: one scaled service's replicas.
 
+pub mod flows;
+mod reload;
 pub mod scaler;
+#[cfg(test)]
+mod tests;
+mod walks;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,35 +36,38 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::{mpsc, watch},
+    signal::unix::{signal, Signal, SignalKind},
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
+    time::Instant,
 };
 use tracing::{info, warn};
 
-use self::scaler::{Scaler, ScalerEvent, TickOutcome};
+use self::{
+    flows::{FlowReport, FlowWorker, FlushFor},
+    scaler::{Scaler, ScalerEvent, TickOutcome},
+};
 use crate::{
-    adapters::{
-        dataplane::{netdev, AyaDataplane},
-        host_facts,
-        probe::probe,
-    },
-    config::{Config, HealthCheckConfig},
+    config::{Config, HealthCheckConfig, ServiceConfig},
     core::{
-        deploy,
         health::Transition,
         reconcile::{ApplySummary, Reconciler},
         registry::Registry,
         replicas::FlowFigures,
     },
+    ports::{ConntrackScan, Dataplane, OrchestratorFactory, Prober},
     serve::api::{self, Call, Request, Response},
-    snapshot::{SnapshotBuilder, Sources},
+    snapshot::SnapshotBuilder,
     status::{Event, Snapshot, MAX_EVENTS},
 };
 
 /// How often the config file is checked, drains are reviewed and a new
 /// snapshot (with rates) is published.
 const TICK: Duration = Duration::from_millis(500);
+/// How often scaling decisions are taken.
+const SCALE_TICK: Duration = Duration::from_secs(1);
+/// How often scaled instances are checked for exits between decisions.
+const EXIT_TICK: Duration = Duration::from_millis(250);
 
 /// Where the agent listens, besides its config.
 #[derive(Clone, Debug)]
@@ -61,6 +82,24 @@ pub struct Options {
     pub keep_on_exit: bool,
 }
 
+/// The outside world the agent drives.
+pub struct Ports<D, F, P> {
+    pub dataplane: D,
+    /// Makes each scaled service's orchestrator.
+    pub orchestrators: F,
+    pub prober: P,
+}
+
+/// What the agent's loop listens to besides its own timers; `run` feeds
+/// them from the control socket and signals.
+pub struct Inputs {
+    pub calls: mpsc::Receiver<Call>,
+    /// SIGHUP: re-read the config.
+    pub hangups: mpsc::Receiver<()>,
+    /// SIGINT or SIGTERM (its name): shut down.
+    pub shutdown: oneshot::Receiver<&'static str>,
+}
+
 struct ProbeResult {
     service: String,
     addr: SocketAddrV4,
@@ -73,8 +112,26 @@ struct ProbeTask {
     handle: JoinHandle<()>,
 }
 
-pub struct Agent {
-    dataplane: AyaDataplane,
+/// Agent-level work done off the loop.
+enum Done<O> {
+    /// The orchestrators of a reloaded config's newly scaled services.
+    Prepared(anyhow::Result<Vec<(ServiceConfig, O)>>),
+    /// A service that is no longer scaled has stopped its instances.
+    Retired(String),
+}
+
+/// A reload whose orchestrators are being made, and who waits for it.
+struct Preparing {
+    config: Config,
+    why: String,
+    replies: Vec<oneshot::Sender<Response>>,
+    task: JoinHandle<()>,
+}
+
+pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
+    dataplane: D,
+    orchestrators: Arc<F>,
+    prober: Arc<P>,
     reconciler: Reconciler,
     registry: Registry,
     config: Config,
@@ -88,34 +145,54 @@ pub struct Agent {
     published: watch::Sender<Arc<Snapshot>>,
     /// `lb-agent stop` asked for a shutdown that removes everything.
     stop_requested: bool,
-    scalers: BTreeMap<String, Scaler>,
+    scalers: BTreeMap<String, Scaler<F::Orchestrator, P>>,
     scaler_tx: mpsc::Sender<ScalerEvent>,
     scaler_rx: mpsc::Receiver<ScalerEvent>,
+    /// Scalers of services no longer scaled, stopping their instances.
+    retiring: Vec<JoinHandle<()>>,
+    done_tx: mpsc::UnboundedSender<Done<F::Orchestrator>>,
+    done_rx: mpsc::UnboundedReceiver<Done<F::Orchestrator>>,
+    preparing: Option<Preparing>,
+    /// Reloads asked for while one is being prepared: they run after it.
+    queued_reload: Option<(String, Vec<oneshot::Sender<Response>>)>,
+    /// Walks and flushes of the connection table.
+    flows: FlowWorker,
+    flow_rx: mpsc::Receiver<FlowReport>,
+    /// The latest walk, for scaling decisions.
+    latest_scan: Arc<ConntrackScan>,
+    /// The walk the periodic tick waits for.
+    tick_ticket: Option<u64>,
+    /// The last walk ticket given out when the registry last changed: only
+    /// a later walk may end a drain (it saw the flows the change left).
+    changed_at: u64,
+    /// `status` calls waiting for a walk, with their tickets.
+    status_waiters: Vec<(u64, oneshot::Sender<Response>)>,
 }
 
-/// How often scaling decisions are taken.
-const SCALE_TICK: Duration = Duration::from_secs(1);
-/// How often scaled instances are checked for exits between decisions.
-const EXIT_TICK: Duration = Duration::from_millis(250);
-
-impl Agent {
-    /// Validate the config, load the program, attach it and write the maps.
-    /// A bad config or interface stops here with nothing left attached.
-    pub async fn start(options: Options) -> anyhow::Result<Agent> {
-        let config = Config::load(&options.config)?;
-        let dataplane = AyaDataplane::load(options.pin_dir.as_deref())?;
-        let reconciler = if dataplane.adopted() {
-            let state = dataplane.read_pinned_state().context("read the pinned maps back")?;
-            info!(services = state.services.len(), backends = state.backends.len(), "adopting pinned state");
-            Reconciler::adopt(state)
-        } else {
-            Reconciler::default()
+impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
+    /// Attach and write the maps for `config` (loaded from
+    /// `options.config`). A bad interface stops here with nothing left
+    /// attached.
+    pub async fn start(options: Options, config: Config, ports: Ports<D, F, P>) -> anyhow::Result<Self> {
+        let Ports { dataplane, orchestrators, prober } = ports;
+        let adopted = dataplane.adopted_state().context("read the pinned maps back")?;
+        let restarted = adopted.is_some();
+        let reconciler = match adopted {
+            Some(state) => {
+                info!(services = state.services.len(), backends = state.backends.len(), "adopting pinned state");
+                Reconciler::adopt(state)
+            }
+            None => Reconciler::default(),
         };
+        let (flow_tx, flow_rx) = mpsc::channel(64);
+        let flows = FlowWorker::start(dataplane.connection_table()?, flow_tx);
         let (probe_tx, probe_rx) = mpsc::channel(256);
         let (scaler_tx, scaler_rx) = mpsc::channel(256);
-        let adopted = dataplane.adopted();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mut agent = Agent {
             dataplane,
+            orchestrators: Arc::new(orchestrators),
+            prober: Arc::new(prober),
             reconciler,
             registry: Registry::default(),
             config: Config::default(),
@@ -131,15 +208,27 @@ impl Agent {
             scalers: BTreeMap::new(),
             scaler_tx,
             scaler_rx,
+            retiring: Vec::new(),
+            done_tx,
+            done_rx,
+            preparing: None,
+            queued_reload: None,
+            flows,
+            flow_rx,
+            latest_scan: Arc::default(),
+            tick_ticket: None,
+            changed_at: 0,
+            status_waiters: Vec::new(),
         };
-        let summary = agent.switch_to(config).await?;
+        let made = reload::make_orchestrators(agent.orchestrators.clone(), agent.newly_scaled(&config)).await?;
+        let summary = agent.switch_to(config, made)?;
         for stale in agent.dataplane.stale_link_pins() {
             info!(pin = %stale.display(), "removing the pinned link of an interface no longer configured");
             std::fs::remove_file(&stale).with_context(|| format!("unpin {}", stale.display()))?;
         }
         agent.event(format!(
             "{}: {} service(s), {} table(s) written",
-            if adopted { "restarted, adopted the running data plane" } else { "started" },
+            if restarted { "restarted, adopted the running data plane" } else { "started" },
             agent.config.services.len(),
             summary.tables_rebuilt
         ));
@@ -151,58 +240,24 @@ impl Agent {
         self.published.subscribe()
     }
 
-    /// Apply `config`: attach new interfaces, write the maps, detach the
-    /// interfaces no service names any more. If attaching fails, the running
-    /// config stays as it was.
-    async fn switch_to(&mut self, config: Config) -> anyhow::Result<ApplySummary> {
-        // Scalers first: their orchestrators make the bridges or networks
-        // the service's interfaces name.
-        self.prepare_scalers(&config).await?;
-        check_interfaces(&config)?;
-        check_deployment(&config)?;
-        let wanted = interfaces(&config);
-        let had = interfaces(&self.config);
-        let mut attached_now = Vec::new();
-        // Every wanted interface: new ones are attached, and one whose
-        // `checksums` setting changed gets the other program in place.
-        for iface in &wanted {
-            let new = !had.contains(iface);
-            let attached = self
-                .dataplane
-                .attach(iface, config.checksums(iface))
-                .and_then(|mode| self.dataplane.set_fast_path(iface, config.fast_path(iface)).map(|_| mode));
-            match attached {
-                Ok(_) if new => attached_now.push(iface.clone()),
-                Ok(_) => {}
-                Err(e) => {
-                    for done in &attached_now {
-                        if let Err(e) = self.dataplane.detach(done) {
-                            warn!(error = %e, interface = done, "rollback detach failed");
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        self.registry.set_config(&config, tokio::time::Instant::now());
-        let summary = self.sync()?;
-        for iface in had.difference(&wanted) {
-            self.dataplane.detach(iface)?;
-        }
-        self.config = config;
-        self.retire_scalers().await;
-        Ok(summary)
-    }
-
     /// Write the registry's desired state to the maps, and start or stop
     /// probes to match.
     fn sync(&mut self) -> anyhow::Result<ApplySummary> {
+        self.changed_at = self.flows.last_ticket();
         let summary = self
             .reconciler
             .apply(&self.registry.desired(), &mut self.dataplane)
             .context("write the load balancer's maps")?;
         self.sync_probes();
         Ok(summary)
+    }
+
+    fn sync_if(&mut self, changed: bool) {
+        if changed {
+            if let Err(e) = self.sync() {
+                self.error(format!("applying a scaling change failed: {e:#}"));
+            }
+        }
     }
 
     fn sync_probes(&mut self) {
@@ -224,8 +279,8 @@ impl Agent {
             if self.probes.contains_key(&key) {
                 continue;
             }
-            let handle = tokio::spawn(probe_loop(key.0.clone(), key.1, check.clone(), self.probe_tx.clone()));
-            self.probes.insert(key, ProbeTask { check, handle });
+            let task = probe_loop(key.0.clone(), key.1, check.clone(), self.prober.clone(), self.probe_tx.clone());
+            self.probes.insert(key, ProbeTask { check, handle: tokio::spawn(task) });
         }
     }
 
@@ -241,60 +296,24 @@ impl Agent {
         self.event(message);
     }
 
-    /// Re-read the config; a bad one is refused whole and the running one
-    /// stays in force.
-    async fn reload(&mut self, why: &str) -> Result<String, String> {
-        let result = match Config::load(&self.options.config) {
-            Err(e) => Err(anyhow::Error::from(e)),
-            Ok(c) if c == self.config => Ok(None),
-            Ok(c) => self.switch_to(c).await.map(Some),
-        };
-        match result {
-            Ok(Some(s)) => {
-                info!(
-                    trigger = why,
-                    services_added = s.services_added,
-                    services_removed = s.services_removed,
-                    backends_added = s.backends_added,
-                    backends_removed = s.backends_removed,
-                    tables_rebuilt = s.tables_rebuilt,
-                    slots_written = s.slots_written,
-                    "config applied"
-                );
-                let msg = format!(
-                    "config applied ({why}): {} table(s) rebuilt, {} slot(s) written",
-                    s.tables_rebuilt, s.slots_written
-                );
-                self.event(msg.clone());
-                Ok(msg)
-            }
-            Ok(None) => {
-                info!(trigger = why, "config unchanged");
-                Ok("config unchanged".into())
-            }
-            Err(e) => {
-                let msg = format!("config refused ({why}); keeping the running one: {e:#}");
-                warn!(trigger = why, error = format!("{e:#}"), "config refused; keeping the running one");
-                self.error(msg.clone());
-                Err(msg)
-            }
-        }
-    }
+    // -----------------------------------------------------------------------
+    // Control-API calls and health results.
 
-    async fn handle_call(&mut self, request: Request) -> Response {
-        let now = tokio::time::Instant::now();
+    fn handle_call(&mut self, request: Request, reply: oneshot::Sender<Response>) {
+        let now = Instant::now();
         let change = match &request {
-            Request::Status => return Response::status(self.build_snapshot(false)),
+            Request::Status => {
+                // Answered by the walk this asks for (`on_scanned`).
+                let ticket = self.flows.request_scan();
+                self.status_waiters.push((ticket, reply));
+                return;
+            }
             Request::Stop => {
                 self.stop_requested = true;
-                return Response::ok("stopping: detaching and removing pinned state");
+                let _ = reply.send(Response::ok("stopping: detaching and removing pinned state"));
+                return;
             }
-            Request::Reload => {
-                return match self.reload("api").await {
-                    Ok(m) => Response::ok(m),
-                    Err(e) => Response::error(e),
-                }
-            }
+            Request::Reload => return self.reload("api", vec![reply]),
             Request::AddBackend { service, address, weight } => {
                 self.registry.add_backend(service, *address, *weight).map(|()| format!("{service}: added {address}"))
             }
@@ -306,21 +325,21 @@ impl Agent {
                 .set_weight(service, *address, *weight)
                 .map(|()| format!("{service}: {address} weight {weight}")),
         };
-        let message = match change {
-            Ok(m) => m,
-            Err(e) => return Response::error(e),
+        let response = match change {
+            Err(e) => Response::error(e),
+            Ok(message) => match self.sync() {
+                Ok(_) => {
+                    info!(change = message, "api change applied");
+                    self.event(format!("api: {message}"));
+                    Response::ok(message)
+                }
+                Err(e) => {
+                    self.error(format!("api change {message} failed: {e:#}"));
+                    Response::error(format!("{e:#}"))
+                }
+            },
         };
-        match self.sync() {
-            Ok(_) => {
-                info!(change = message, "api change applied");
-                self.event(format!("api: {message}"));
-                Response::ok(message)
-            }
-            Err(e) => {
-                self.error(format!("api change {message} failed: {e:#}"));
-                Response::error(format!("{e:#}"))
-            }
-        }
+        let _ = reply.send(response);
     }
 
     fn handle_probe(&mut self, r: ProbeResult) {
@@ -342,143 +361,39 @@ impl Agent {
         }
     }
 
-    /// Every registered backend's id in the data plane.
-    fn backend_ids(&self) -> BTreeMap<(String, SocketAddrV4), u32> {
-        let mut ids = BTreeMap::new();
-        for (name, e) in self.registry.services() {
-            let key = e.config.key();
-            for addr in e.backends.keys() {
-                if let Some(id) = self.reconciler.backend_id(&key, *addr) {
-                    ids.insert((name.clone(), *addr), id);
-                }
-            }
-        }
-        ids
-    }
+    // -----------------------------------------------------------------------
+    // Scaling.
 
-    /// End the drains that are over; flush the flows of those that hit their
-    /// deadline with connections still open.
-    fn finish_drains(&mut self) -> anyhow::Result<()> {
-        // The connection-table walk below is only needed during a drain.
-        if !self.registry.is_draining() {
-            return Ok(());
-        }
-        let open = self.dataplane.open_flows()?;
-        let ids = self.backend_ids();
-        let open_of =
-            |name: &str, addr| ids.get(&(name.to_owned(), addr)).and_then(|id| open.get(id)).copied().unwrap_or(0);
-        let done = self.registry.finish_drains(tokio::time::Instant::now(), open_of);
-        if done.is_empty() {
-            return Ok(());
-        }
-        for (service, d) in &done {
-            let id = ids.get(&(service.clone(), d.addr)).copied();
-            if let (true, Some(id)) = (d.expired, id) {
-                let cut = self.dataplane.flush_backend_flows(id)?;
-                warn!(service, backend = %d.addr, open_flows = cut, "drain deadline passed; open flows cut");
-                self.event(format!("{service}: {} drain deadline passed, {cut} open flow(s) cut", d.addr));
-            } else {
-                // Only closed (or idle UDP) flows remain; forget them too.
-                if let Some(id) = id {
-                    self.dataplane.flush_backend_flows(id)?;
-                }
-                info!(service, backend = %d.addr, "drained");
-                self.event(format!("{service}: {} drained", d.addr));
-            }
-            if let Some(s) = self.scalers.get_mut(service) {
-                s.on_drained(d.addr);
-            }
-        }
-        self.sync()?;
-        Ok(())
-    }
-
-    /// Create the scalers `config` adds and give the others their new
-    /// policy. A scaler that cannot be made refuses the config.
-    async fn prepare_scalers(&mut self, config: &Config) -> anyhow::Result<()> {
-        for svc in config.services.iter().filter(|s| s.scaling.is_some()) {
-            if let Some(s) = self.scalers.get_mut(&svc.name) {
-                if let Some(p) = svc.scaling.clone() {
-                    s.set_policy(p);
-                }
-                continue;
-            }
-            let s = Scaler::new(svc, self.scaler_tx.clone())
-                .await
-                .with_context(|| format!("service {:?}: set up its instances", svc.name))?;
-            info!(service = svc.name, "autoscaling");
-            self.scalers.insert(svc.name.clone(), s);
-        }
-        Ok(())
-    }
-
-    /// Stop the scalers of services the running config no longer scales.
-    async fn retire_scalers(&mut self) {
-        let gone: Vec<String> = self
-            .scalers
-            .keys()
-            .filter(|n| !self.config.services.iter().any(|s| &s.name == *n && s.scaling.is_some()))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(mut s) = self.scalers.remove(&name) {
-                s.stop_all().await;
-                self.event(format!("{name}: no longer scaled; its instances were stopped"));
-            }
-        }
-    }
-
-    /// Per-instance open connections and new-flow totals, by address.
-    fn flow_figures(&self) -> anyhow::Result<HashMap<SocketAddrV4, FlowFigures>> {
-        let open = self.dataplane.open_flows()?;
+    /// Per-instance open connections (from the latest walk) and new-flow
+    /// totals, by address.
+    fn flow_figures(&self, service: &str) -> anyhow::Result<HashMap<SocketAddrV4, FlowFigures>> {
         let mut out = HashMap::new();
-        for (name, entry) in self.registry.services() {
-            if !self.scalers.contains_key(name) {
-                continue;
-            }
-            let key = entry.config.key();
-            for addr in entry.backends.keys() {
-                let Some(id) = self.reconciler.backend_id(&key, *addr) else { continue };
-                let c = self.dataplane.backend_counters(id)?;
-                out.insert(
-                    *addr,
-                    FlowFigures { open: open.get(&id).copied().unwrap_or(0), new_flows_total: c.new_flows },
-                );
-            }
+        let Some(entry) = self.registry.service(service) else { return Ok(out) };
+        let key = entry.config.key();
+        for addr in entry.backends.keys() {
+            let Some(id) = self.reconciler.backend_id(&key, *addr) else { continue };
+            let c = self.dataplane.backend_counters(id)?;
+            let open = self.latest_scan.open.get(&id).copied().unwrap_or(0);
+            out.insert(*addr, FlowFigures { open, new_flows_total: c.new_flows });
         }
         Ok(out)
     }
 
-    async fn scale_tick(&mut self) {
-        if self.scalers.is_empty() {
-            return;
-        }
-        let flows = match self.flow_figures() {
-            Ok(f) => f,
-            Err(e) => {
-                self.error(format!("reading flows for scaling failed: {e:#}"));
-                return;
+    fn handle_scaler_event(&mut self, event: ScalerEvent) {
+        let Some((service, mut s)) = self.scalers.remove_entry(event.service()) else { return };
+        let outcome = s.on_event(event, &mut self.registry);
+        let decide = outcome.decide;
+        let mut changed = self.take_outcome(&service, outcome);
+        if decide {
+            match self.flow_figures(&service) {
+                Ok(flows) => {
+                    let outcome = s.decide(&mut self.registry, &flows);
+                    changed |= self.take_outcome(&service, outcome);
+                }
+                Err(e) => self.error(format!("reading flows for scaling failed: {e:#}")),
             }
-        };
-        let mut scalers = std::mem::take(&mut self.scalers);
-        let mut changed = false;
-        for s in scalers.values_mut() {
-            let outcome = s.tick(&mut self.registry, &flows).await;
-            changed |= self.take_outcome(s.service(), outcome);
         }
-        self.scalers = scalers;
-        self.sync_if(changed);
-    }
-
-    /// Between decisions, only look for instances that exited.
-    async fn exit_check(&mut self) {
-        let mut scalers = std::mem::take(&mut self.scalers);
-        let mut changed = false;
-        for s in scalers.values_mut() {
-            let outcome = s.check_exits(&mut self.registry).await;
-            changed |= self.take_outcome(s.service(), outcome);
-        }
-        self.scalers = scalers;
+        self.scalers.insert(service, s);
         self.sync_if(changed);
     }
 
@@ -492,82 +407,41 @@ impl Agent {
         let key = self.registry.service(service).map(|e| e.config.key());
         for addr in outcome.exited {
             let Some(id) = key.and_then(|k| self.reconciler.backend_id(&k, addr)) else { continue };
-            match self.dataplane.flush_backend_flows(id) {
-                Ok(cut) => info!(backend = %addr, open_flows = cut, "flows of an exited instance flushed"),
-                Err(e) => self.error(format!("flushing flows of {addr} failed: {e}")),
-            }
+            self.reconciler.hold(id);
+            self.flows.flush(id, FlushFor::Exited { addr });
         }
         outcome.registry_changed
     }
 
-    fn sync_if(&mut self, changed: bool) {
-        if changed {
-            if let Err(e) = self.sync() {
-                self.error(format!("applying a scaling change failed: {e:#}"));
-            }
-        }
-    }
+    // -----------------------------------------------------------------------
+    // The loop.
 
-    fn handle_scaler_event(&mut self, event: ScalerEvent) {
-        let service = match &event {
-            ScalerEvent::Started { service, .. }
-            | ScalerEvent::Probed { service, .. }
-            | ScalerEvent::Stopped { service, .. } => service.clone(),
-        };
-        let Some(s) = self.scalers.get_mut(&service) else { return };
-        let (msg, changed) = s.on_event(event, &mut self.registry);
-        if let Some(m) = msg {
-            info!("{m}");
-            self.event(m);
-        }
-        if changed {
-            if let Err(e) = self.sync() {
-                self.error(format!("applying a scaling change failed: {e:#}"));
-            }
-        }
-    }
-
-    fn build_snapshot(&mut self, advance: bool) -> Snapshot {
-        let scaling = self.scalers.values().map(Scaler::status).collect();
-        let sources = Sources {
-            registry: &self.registry,
-            reconciler: &self.reconciler,
-            dataplane: &self.dataplane,
-            events: &self.events,
-            errors: self.errors,
-            scaling,
-        };
-        match self.snapshots.build(advance, sources) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = format!("{e:#}"), "reading the data plane's counters failed");
-                self.errors += 1;
-                (**self.published.borrow()).clone()
-            }
-        }
-    }
-
-    async fn tick(&mut self, mtime: &mut Option<SystemTime>) {
+    fn tick(&mut self, mtime: &mut Option<SystemTime>) {
         let now = modified(&self.options.config);
         if now != *mtime {
             *mtime = now;
-            let _ = self.reload("file changed").await;
+            self.reload("file changed", Vec::new());
         }
-        if let Err(e) = self.finish_drains() {
-            warn!(error = format!("{e:#}"), "drain check failed");
-            self.error(format!("drain check failed: {e:#}"));
+        // Drains and the snapshot follow when the walk is in; a tick that
+        // comes while the last one's walk is still under way adds nothing.
+        if self.tick_ticket.is_none() {
+            self.tick_ticket = Some(self.flows.request_scan());
         }
-        let snapshot = self.build_snapshot(true);
-        self.published.send_replace(Arc::new(snapshot));
     }
 
-    /// Serve until SIGINT or SIGTERM.
-    pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
+    fn handle_done(&mut self, done: Done<F::Orchestrator>) {
+        match done {
+            Done::Prepared(made) => self.on_prepared(made),
+            Done::Retired(name) => self.event(format!("{name}: no longer scaled; its instances were stopped")),
+        }
+    }
+
+    /// Serve until SIGINT or SIGTERM (or `lb-agent stop`): the control
+    /// socket, metrics, and the loop.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let signals = Signals::new()?;
         let listener = api::bind(&self.options.api_socket).await?;
-        let (call_tx, mut calls) = mpsc::channel::<Call>(64);
+        let (call_tx, calls) = mpsc::channel::<Call>(64);
         let api_task = tokio::spawn(api::serve(listener, call_tx));
         let metrics_task = match self.options.metrics_address {
             Some(addr) => {
@@ -579,6 +453,31 @@ impl Agent {
             }
             None => None,
         };
+        let (hup_tx, hangups) = mpsc::channel(4);
+        let (stop_tx, shutdown) = oneshot::channel();
+        let signal_task = tokio::spawn(signals.forward(hup_tx, stop_tx));
+        let socket = self.options.api_socket.clone();
+        let stopped = self.serve(Inputs { calls, hangups, shutdown }).await;
+        signal_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        if let Err(e) = std::fs::remove_file(&socket) {
+            warn!(error = %e, "could not remove the control socket");
+        }
+        if stopped {
+            // Let the connection that asked read its answer.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        api_task.abort();
+        Ok(())
+    }
+
+    /// The loop, until `inputs.shutdown` fires or a `stop` call comes; then
+    /// stop every scaler's instances and detach (or, with `keep_on_exit`,
+    /// leave the pinned data plane serving). Returns whether `stop` ended
+    /// it.
+    pub async fn serve(mut self, mut inputs: Inputs) -> bool {
         let mut mtime = modified(&self.options.config);
         let mut tick = tokio::time::interval(TICK);
         let mut scale_tick = tokio::time::interval(SCALE_TICK);
@@ -589,31 +488,47 @@ impl Agent {
         info!(config = %self.options.config.display(), api = %self.options.api_socket.display(), "ready");
         loop {
             tokio::select! {
-                _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = sighup.recv() => { mtime = modified(&self.options.config); let _ = self.reload("SIGHUP").await; }
-                Some((request, reply)) = calls.recv() => {
-                    let _ = reply.send(self.handle_call(request).await);
+                why = &mut inputs.shutdown => {
+                    info!("{}: shutting down", why.unwrap_or("input closed"));
+                    break;
+                }
+                Some(()) = inputs.hangups.recv() => {
+                    mtime = modified(&self.options.config);
+                    self.reload("SIGHUP", Vec::new());
+                }
+                Some((request, reply)) = inputs.calls.recv() => {
+                    self.handle_call(request, reply);
                     if self.stop_requested { info!("stop requested"); break; }
                 }
                 Some(result) = self.probe_rx.recv() => self.handle_probe(result),
                 Some(event) = self.scaler_rx.recv() => self.handle_scaler_event(event),
-                _ = scale_tick.tick() => self.scale_tick().await,
-                _ = exit_tick.tick(), if !self.scalers.is_empty() => self.exit_check().await,
-                _ = tick.tick() => self.tick(&mut mtime).await,
+                Some(report) = self.flow_rx.recv() => match report {
+                    FlowReport::Scanned { ticket, result } => self.on_scanned(ticket, result),
+                    FlowReport::Flushed { backend_id, why, result } => self.on_flushed(backend_id, why, result),
+                },
+                Some(done) = self.done_rx.recv() => self.handle_done(done),
+                _ = scale_tick.tick() => self.scalers.values_mut().for_each(|s| s.poll(true)),
+                _ = exit_tick.tick(), if !self.scalers.is_empty() => self.scalers.values_mut().for_each(|s| s.poll(false)),
+                _ = tick.tick() => self.tick(&mut mtime),
             }
         }
-        if let Some(t) = metrics_task {
-            t.abort();
-        }
+        self.shut_down().await
+    }
+
+    async fn shut_down(mut self) -> bool {
         for (_, task) in std::mem::take(&mut self.probes) {
             task.handle.abort();
         }
-        for (_, mut s) in std::mem::take(&mut self.scalers) {
-            s.stop_all().await;
+        if let Some(p) = self.preparing.take() {
+            p.task.abort();
         }
-        if let Err(e) = std::fs::remove_file(&self.options.api_socket) {
-            warn!(error = %e, "could not remove the control socket");
+        for (_, s) in std::mem::take(&mut self.scalers) {
+            s.shut_down().await;
+        }
+        for t in std::mem::take(&mut self.retiring) {
+            if let Err(e) = t.await {
+                warn!(error = %e, "stopping a retired service's instances failed");
+            }
         }
         if self.options.keep_on_exit && !self.stop_requested && self.options.pin_dir.is_some() {
             self.dataplane.keep_on_drop();
@@ -622,72 +537,66 @@ impl Agent {
             self.dataplane.remove_all();
             info!("detached; maps released");
         }
-        if self.stop_requested {
-            // Let the connection that asked read its answer.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        api_task.abort();
-        Ok(())
+        self.stop_requested
     }
 
     fn describe(&self) {
         for (_, s) in self.reconciler.services() {
             info!(service = s.name, id = s.id, backends = s.backends.len(), "service live");
         }
-        for (iface, mode, l4) in self.dataplane.attachments() {
-            info!(interface = iface, mode = %mode, checksums = %l4, "xdp");
+        for a in self.dataplane.attachments() {
+            info!(interface = a.interface, mode = %a.mode, checksums = %a.checksums, "xdp");
         }
     }
 }
 
-async fn probe_loop(service: String, addr: SocketAddrV4, check: HealthCheckConfig, tx: mpsc::Sender<ProbeResult>) {
+async fn probe_loop<P: Prober>(
+    service: String,
+    addr: SocketAddrV4,
+    check: HealthCheckConfig,
+    prober: Arc<P>,
+    tx: mpsc::Sender<ProbeResult>,
+) {
     let mut every = tokio::time::interval(check.interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let error = probe(addr, &check).await.err().map(|e| e.to_string());
+        let error = prober.probe(addr, &check).await.err().map(|e| e.to_string());
         if tx.send(ProbeResult { service: service.clone(), addr, error }).await.is_err() {
             return;
         }
     }
 }
 
+/// SIGINT, SIGTERM and SIGHUP, registered before anything is served.
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Hand SIGHUPs to `hangups`, and the first SIGINT or SIGTERM to `stop`.
+    async fn forward(mut self, hangups: mpsc::Sender<()>, stop: oneshot::Sender<&'static str>) {
+        let name = loop {
+            tokio::select! {
+                _ = self.int.recv() => break "SIGINT",
+                _ = self.term.recv() => break "SIGTERM",
+                _ = self.hup.recv() => { let _ = hangups.send(()).await; }
+            }
+        };
+        let _ = stop.send(name);
+    }
+}
+
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn interfaces(config: &Config) -> BTreeSet<String> {
-    config.services.iter().flat_map(|s| s.interfaces.iter().cloned()).collect()
-}
-
-/// Refuse a config the data plane cannot serve here; log what it can serve
-/// only in part (see `core::deploy`).
-fn check_deployment(config: &Config) -> anyhow::Result<()> {
-    let facts = host_facts::gather(config).context("read this host's addresses and interfaces")?;
-    let mut refused = Vec::new();
-    for f in deploy::judge(config, &facts) {
-        match f.severity {
-            deploy::Severity::Warn => warn!(finding = %f.text, "config can be served only in part"),
-            deploy::Severity::Refuse => refused.push(f.text),
-        }
-    }
-    anyhow::ensure!(refused.is_empty(), "config refused:\n  - {}", refused.join("\n  - "));
-    Ok(())
-}
-
-/// Every named interface must exist before anything is attached (scaled
-/// services' orchestrators have made their bridges by now).
-fn check_interfaces(config: &Config) -> anyhow::Result<()> {
-    let missing: Vec<String> = config
-        .services
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
-        .filter(|(_, _, _, ifname)| netdev::if_index(ifname).is_none())
-        .map(|(i, s, j, ifname)| {
-            format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
-        })
-        .collect();
-    anyhow::ensure!(missing.is_empty(), "config refused:\n  - {}", missing.join("\n  - "));
-    Ok(())
 }

@@ -4,9 +4,11 @@
 //! only then adds it to the table. Scale-down drains an instance (no new
 //! flows; open ones finish or hit the drain deadline) and stops it once the
 //! drain is over. An instance that exits leaves the table at once and the
-//! next decision replaces it. Orchestrator calls that take time (start,
-//! stop, first probe) run in tasks that report back through `ScalerEvent`s,
-//! so the agent's loop never waits on them.
+//! next decision replaces it. Every orchestrator call (list, start, stop)
+//! and every probe runs in a task that reports back through a
+//! `ScalerEvent`, so the agent's loop never waits on them: a round is
+//! `poll` (list the instances), then, when the list is in, `on_listed`
+//! (notice exits) and `decide`.
 //!
 //! The decision is `core::policy::decide`, the phase bookkeeping
 //! `core::replicas`; this module does the I/O around them: the
@@ -23,14 +25,14 @@ use tokio::{sync::mpsc, time::Instant};
 use tracing::{info, warn};
 
 use crate::{
-    adapters::{host_net::DockerForwarding, orchestrator::AnyOrchestrator, probe::probe, sampling::Samplers, timeline},
+    adapters::{sampling::Samplers, timeline::Timeline},
     config::{instances::InstancesConfig, scaling::ScalingPolicy, CheckKind, HealthCheckConfig, ServiceConfig},
     core::{
         policy::{decide, Decision, History},
         registry::Registry,
         replicas::{FlowFigures, Phase, Replicas},
     },
-    ports::{Orchestrator, Replica},
+    ports::{Orchestrator, Prober, Replica},
     status::{DecisionSummary, ReplicaStatus, ScalingStatus},
 };
 
@@ -39,12 +41,41 @@ const KEEP_DECISIONS: usize = 20;
 
 /// What spawned orchestrator work reports back to the agent's loop.
 pub enum ScalerEvent {
-    Started { service: String, result: Result<Replica, String> },
-    Probed { service: String, id: String, error: Option<String> },
-    Stopped { service: String, id: String, result: Result<(), String> },
+    Started {
+        service: String,
+        result: Result<Replica, String>,
+    },
+    Probed {
+        service: String,
+        id: String,
+        error: Option<String>,
+    },
+    Stopped {
+        service: String,
+        id: String,
+        result: Result<(), String>,
+    },
+    /// The instances as listed; the list was asked for under the replicas'
+    /// `generation`.
+    Listed {
+        service: String,
+        generation: u64,
+        result: Result<Vec<Replica>, String>,
+    },
 }
 
-/// What a tick changed that the caller must write to the maps.
+impl ScalerEvent {
+    pub fn service(&self) -> &str {
+        match self {
+            ScalerEvent::Started { service, .. }
+            | ScalerEvent::Probed { service, .. }
+            | ScalerEvent::Stopped { service, .. }
+            | ScalerEvent::Listed { service, .. } => service,
+        }
+    }
+}
+
+/// What a round changed that the caller must write to the maps.
 #[derive(Default)]
 pub struct TickOutcome {
     pub registry_changed: bool,
@@ -52,31 +83,42 @@ pub struct TickOutcome {
     /// Instances that exited and left the table at once: their flows
     /// should be flushed so clients fail fast instead of timing out.
     pub exited: Vec<SocketAddrV4>,
+    /// The listing of a deciding round is in: the caller reads the flow
+    /// figures and calls `decide`.
+    pub decide: bool,
 }
 
-pub struct Scaler {
+pub struct Scaler<O, P> {
     service: String,
     policy: ScalingPolicy,
     instances: InstancesConfig,
     check: HealthCheckConfig,
-    orch: Arc<AnyOrchestrator>,
+    orch: Arc<O>,
+    prober: Arc<P>,
     /// Instance and host CPU, and request rates, kept by sampler tasks.
     samplers: Samplers,
-    /// Docker only: the firewall and sysctl settings forwarding needs.
-    _forwarding: Option<DockerForwarding>,
+    /// Where decisions are written, if the config names a file.
+    timeline: Option<Timeline>,
     history: History,
     replicas: Replicas,
     decisions: VecDeque<DecisionSummary>,
     last: Option<Decision>,
+    /// A listing under way, and whether a decision waits for it.
+    listing: Option<bool>,
     events: mpsc::Sender<ScalerEvent>,
 }
 
-impl Scaler {
-    pub async fn new(svc: &ServiceConfig, events: mpsc::Sender<ScalerEvent>) -> anyhow::Result<Scaler> {
+impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
+    /// The scaler of `svc`, with the orchestrator made for it.
+    pub fn new(
+        svc: &ServiceConfig,
+        orch: O,
+        prober: Arc<P>,
+        events: mpsc::Sender<ScalerEvent>,
+    ) -> anyhow::Result<Self> {
         let (Some(policy), Some(instances)) = (svc.scaling.clone(), svc.instances.clone()) else {
             anyhow::bail!("service {} is not scaled", svc.name);
         };
-        let (orch, forwarding) = AnyOrchestrator::for_service(svc, &instances).await?;
         let orch = Arc::new(orch);
         let samplers = Samplers::start(&svc.name, orch.clone(), instances.requests.as_ref());
         // Readiness is the service's own check, or a TCP connect.
@@ -92,15 +134,17 @@ impl Scaler {
         Ok(Scaler {
             service: svc.name.clone(),
             history: History::for_policy(&policy),
+            timeline: instances.timeline.clone().map(|path| Timeline::open(path, &svc.name)),
             policy,
             instances,
             check,
             orch,
+            prober,
             samplers,
-            _forwarding: forwarding,
             replicas: Replicas::default(),
             decisions: VecDeque::new(),
             last: None,
+            listing: None,
             events,
         })
     }
@@ -120,11 +164,44 @@ impl Scaler {
         self.replicas.owns(addr)
     }
 
-    /// One round: notice exits, probe new instances, decide, act.
-    pub async fn tick(&mut self, registry: &mut Registry, flows: &HashMap<SocketAddrV4, FlowFigures>) -> TickOutcome {
+    /// Ask the orchestrator for its instances (answered through `on_event`);
+    /// with `decide`, a decision follows once the list is in. One listing
+    /// at a time: asking while one is under way only adds the decision.
+    pub fn poll(&mut self, decide: bool) {
+        if let Some(d) = &mut self.listing {
+            *d |= decide;
+            return;
+        }
+        self.listing = Some(decide);
+        let (orch, tx, service) = (self.orch.clone(), self.events.clone(), self.service.clone());
+        let generation = self.replicas.generation();
+        tokio::spawn(async move {
+            let result = orch.list().await.map_err(|e| e.to_string());
+            let _ = tx.send(ScalerEvent::Listed { service, generation, result }).await;
+        });
+    }
+
+    /// The instances as listed: notice exits (a crashed instance leaves the
+    /// table within a fraction of a second) and adopt ours from before a
+    /// restart.
+    fn on_listed(
+        &mut self,
+        generation: u64,
+        result: Result<Vec<Replica>, String>,
+        registry: &mut Registry,
+    ) -> TickOutcome {
+        let mut out = TickOutcome { decide: self.listing.take().unwrap_or(false), ..TickOutcome::default() };
+        match result {
+            Ok(listed) => self.notice_exits(&listed, generation == self.replicas.generation(), registry, &mut out),
+            Err(e) => warn!(service = self.service, error = e, "listing instances failed"),
+        }
+        out
+    }
+
+    /// Probe new instances, decide, act.
+    pub fn decide(&mut self, registry: &mut Registry, flows: &HashMap<SocketAddrV4, FlowFigures>) -> TickOutcome {
         let mut out = TickOutcome::default();
         let now = Instant::now();
-        self.notice_exits(registry, &mut out).await;
         self.probe_starting();
         if let Some(cpu) = self.samplers.cpu() {
             self.replicas.set_cpu(&cpu);
@@ -142,26 +219,11 @@ impl Scaler {
         out
     }
 
-    /// Only the exit check, between decisions: a crashed instance leaves
-    /// the table within a fraction of a second, not at the next tick.
-    pub async fn check_exits(&mut self, registry: &mut Registry) -> TickOutcome {
-        let mut out = TickOutcome::default();
-        self.notice_exits(registry, &mut out).await;
-        out
-    }
-
-    async fn notice_exits(&mut self, registry: &mut Registry, out: &mut TickOutcome) {
-        let listed = match self.orch.list().await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(service = self.service, error = %e, "listing instances failed");
-                return;
-            }
-        };
+    fn notice_exits(&mut self, listed: &[Replica], may_adopt: bool, registry: &mut Registry, out: &mut TickOutcome) {
         // Running instances we do not track yet are ours from before an
         // agent restart: adopt them; they join the table after a good health
         // check, like new ones.
-        for r in self.replicas.untracked_running(&listed) {
+        for r in self.replicas.untracked_running(listed).into_iter().filter(|_| may_adopt) {
             let msg = format!("{}: adopted running instance {} ({})", self.service, r.name, r.addr);
             info!("{msg}");
             out.events.push(msg);
@@ -189,8 +251,9 @@ impl Scaler {
     fn probe_starting(&mut self) {
         for (id, addr) in self.replicas.take_unprobed() {
             let (tx, service, check) = (self.events.clone(), self.service.clone(), self.check.clone());
+            let prober = self.prober.clone();
             tokio::spawn(async move {
-                let error = probe(addr, &check).await.err().map(|e| e.to_string());
+                let error = prober.probe(addr, &check).await.err().map(|e| e.to_string());
                 let _ = tx.send(ScalerEvent::Probed { service, id, error }).await;
             });
         }
@@ -199,10 +262,8 @@ impl Scaler {
     fn record(&mut self, d: &Decision, out: &mut TickOutcome) {
         let unix_time =
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        if let Some(path) = &self.instances.timeline {
-            if let Err(e) = timeline::append(path, unix_time, &self.service, d) {
-                warn!(service = self.service, error = %e, path = %path.display(), "writing the timeline failed");
-            }
+        if let Some(t) = &self.timeline {
+            t.record(unix_time, d);
         }
         let changed = self.last.as_ref().is_none_or(|l| l.replicas != d.replicas || l.rule != d.rule);
         if changed {
@@ -267,10 +328,11 @@ impl Scaler {
         });
     }
 
-    /// Handle a report from spawned work. Returns an event message and
-    /// whether the registry changed.
-    pub fn on_event(&mut self, event: ScalerEvent, registry: &mut Registry) -> (Option<String>, bool) {
-        match event {
+    /// Handle a report from spawned work: what changed, and whether the
+    /// caller should now `decide` (a listing for a deciding round is in).
+    pub fn on_event(&mut self, event: ScalerEvent, registry: &mut Registry) -> TickOutcome {
+        let (message, registry_changed) = match event {
+            ScalerEvent::Listed { generation, result, .. } => return self.on_listed(generation, result, registry),
             ScalerEvent::Started { result: Ok(r), .. } => {
                 let msg = format!("{}: started instance {} ({})", self.service, r.name, r.addr);
                 self.replicas.start_answered(Some(r), Instant::now());
@@ -288,7 +350,11 @@ impl Scaler {
                     Err(e) => (Some(format!("{}: stopping instance {id} failed: {e}", self.service)), false),
                 }
             }
+        };
+        if let Some(m) = &message {
+            info!("{m}");
         }
+        TickOutcome { registry_changed, events: message.into_iter().collect(), ..TickOutcome::default() }
     }
 
     fn on_probe(&mut self, id: &str, error: Option<String>, registry: &mut Registry) -> (Option<String>, bool) {
@@ -335,14 +401,20 @@ impl Scaler {
         }
     }
 
-    /// Stop every instance (agent shutdown): drains are cut short.
-    pub async fn stop_all(&mut self) {
+    /// Stop every instance (the service stops scaling, or the agent stops):
+    /// drains are cut short. Then write out the timeline and undo the host
+    /// set-up the orchestrator made.
+    pub async fn shut_down(mut self) {
         self.samplers.stop();
         for (id, t) in self.replicas.take_all() {
             if let Err(e) = self.orch.stop(&id).await {
                 warn!(service = self.service, instance = t.replica.name, error = %e, "stop failed");
             }
         }
+        if let Some(t) = self.timeline.take() {
+            t.close().await;
+        }
+        self.orch.release().await;
     }
 
     pub fn status(&self) -> ScalingStatus {
@@ -367,5 +439,88 @@ impl Scaler {
                 .collect(),
             decisions: self.decisions.iter().cloned().collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        config::Config,
+        testing::{scaled, Answer, FakeOrchestrator, FakeProber},
+    };
+
+    type TestScaler = Scaler<FakeOrchestrator, FakeProber>;
+
+    fn scaler(orch: &FakeOrchestrator) -> (TestScaler, Registry, mpsc::Receiver<ScalerEvent>) {
+        let config = Config::parse(&scaled(1, 1, ""), Path::new("lb.toml")).unwrap();
+        let mut registry = Registry::default();
+        registry.set_config(&config, Instant::now());
+        let (tx, rx) = mpsc::channel(16);
+        let s = Scaler::new(&config.services[0], orch.clone(), Arc::new(FakeProber::default()), tx).unwrap();
+        (s, registry, rx)
+    }
+
+    fn replica(id: &str, running: bool) -> Replica {
+        Replica { id: id.into(), name: format!("web-{id}"), addr: "10.9.0.1:8080".parse().unwrap(), running }
+    }
+
+    fn listed(generation: u64, replicas: &[Replica]) -> ScalerEvent {
+        ScalerEvent::Listed { service: "web".into(), generation, result: Ok(replicas.to_vec()) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_begun_before_a_stop_does_not_adopt_the_stopped_instance() {
+        let orch = FakeOrchestrator::default();
+        let (mut s, mut registry, _rx) = scaler(&orch);
+        // Ours from before a restart: adopted.
+        let g = s.replicas.generation();
+        let out = s.on_event(listed(g, &[replica("c1", true)]), &mut registry);
+        assert_eq!(out.events, ["web: adopted running instance web-c1 (10.9.0.1:8080)"]);
+        // Stopped and forgotten; a listing asked for before that still
+        // shows it running, and must not bring it back.
+        s.on_event(ScalerEvent::Stopped { service: "web".into(), id: "c1".into(), result: Ok(()) }, &mut registry);
+        let out = s.on_event(listed(g, &[replica("c1", true)]), &mut registry);
+        assert!(out.events.is_empty(), "{:?}", out.events);
+        assert_eq!(s.replicas.iter().count(), 0);
+        let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", true)]), &mut registry);
+        assert_eq!(out.events.len(), 1, "a fresh listing adopts it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_listing_at_a_time_and_a_round_that_decides_waits_for_it() {
+        let orch = FakeOrchestrator::default();
+        orch.lock().list = Answer::Hang;
+        let (mut s, mut registry, mut rx) = scaler(&orch);
+        s.poll(false);
+        s.poll(true);
+        s.poll(false);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(rx.try_recv().is_err(), "the hung listing answered");
+        // Its answer (here made by hand) is for a deciding round.
+        let out = s.on_event(listed(s.replicas.generation(), &[]), &mut registry);
+        assert!(out.decide);
+        let out = s.on_event(listed(s.replicas.generation(), &[]), &mut registry);
+        assert!(!out.decide, "decided twice on one round");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exited_instance_leaves_the_registry_and_is_stopped() {
+        let orch = FakeOrchestrator::default();
+        let (mut s, mut registry, mut rx) = scaler(&orch);
+        let r = replica("c1", true);
+        s.on_event(ScalerEvent::Started { service: "web".into(), result: Ok(r.clone()) }, &mut registry);
+        s.on_event(ScalerEvent::Probed { service: "web".into(), id: "c1".into(), error: None }, &mut registry);
+        assert!(registry.service("web").unwrap().backends.contains_key(&r.addr));
+        orch.lock().instances.insert("c1".into(), r.clone());
+        let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", false)]), &mut registry);
+        assert!(out.registry_changed);
+        assert_eq!(out.exited, [r.addr]);
+        assert!(!registry.service("web").unwrap().backends.contains_key(&r.addr));
+        let Some(ScalerEvent::Stopped { id, result: Ok(()), .. }) = rx.recv().await else { panic!("no stop") };
+        assert_eq!(id, "c1");
+        assert_eq!(orch.lock().stopped, ["c1"]);
     }
 }

@@ -2,33 +2,12 @@
 //! the host are gathered first (`adapters::host_facts`), then judged here,
 //! so `check` and `run` say the same thing for the same host.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-    net::Ipv4Addr,
+use std::fmt;
+
+use crate::{
+    config::Config,
+    ports::{HostFacts, InterfaceFacts},
 };
-
-use crate::config::Config;
-
-/// What the host says about itself, as far as the data plane cares.
-#[derive(Clone, Debug, Default)]
-pub struct HostFacts {
-    /// Every IPv4 address on this host's interfaces (this namespace).
-    pub local_addrs: BTreeSet<Ipv4Addr>,
-    /// Per listed interface.
-    pub interfaces: BTreeMap<String, InterfaceFacts>,
-}
-
-#[derive(Clone, Debug)]
-pub struct InterfaceFacts {
-    /// Whether translated packets may leave by it on the fast path, and why.
-    pub fast_path: bool,
-    pub fast_path_why: String,
-    /// net.ipv4.conf.<if>.forwarding: packets arriving here can be
-    /// forwarded at all (by the kernel, and by bpf_fib_lookup, which
-    /// refuses otherwise).
-    pub forwarding: bool,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
@@ -98,6 +77,8 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::BTreeSet, net::Ipv4Addr};
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, crate::config::ConfigError> {

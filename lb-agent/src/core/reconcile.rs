@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     core::registry::{DesiredBackend, DesiredService},
-    ports::{Dataplane, DataplaneError, PinnedState},
+    ports::{DataplaneError, MapWriter, PinnedState},
 };
 
 /// What one `apply` changed, for logs and status.
@@ -71,6 +71,9 @@ pub struct Reconciler {
     backend_ids: BTreeMap<(ServiceKey, SocketAddrV4), u32>,
     /// Ids freed by the last apply; free again from the one after.
     resting: BTreeSet<u32>,
+    /// Ids not to give out, freed or not, until released: their flows are
+    /// being flushed, and a new backend under the id would lose its own.
+    held: BTreeSet<u32>,
 }
 
 impl Reconciler {
@@ -115,7 +118,7 @@ impl Reconciler {
     pub fn apply(
         &mut self,
         desired: &[DesiredService],
-        dp: &mut dyn Dataplane,
+        dp: &mut dyn MapWriter,
     ) -> Result<ApplySummary, DataplaneError> {
         let mut summary = ApplySummary::default();
         let wanted: BTreeMap<ServiceKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
@@ -160,7 +163,7 @@ impl Reconciler {
         key: &ServiceKey,
         svc: &DesiredService,
         freed_now: &BTreeSet<u32>,
-        dp: &mut dyn Dataplane,
+        dp: &mut dyn MapWriter,
         summary: &mut ApplySummary,
     ) -> Result<Vec<MaglevBackend>, DataplaneError> {
         let service_id = self.service_id(key)?;
@@ -194,7 +197,7 @@ impl Reconciler {
         key: &ServiceKey,
         svc: &DesiredService,
         backends: Vec<MaglevBackend>,
-        dp: &mut dyn Dataplane,
+        dp: &mut dyn MapWriter,
         summary: &mut ApplySummary,
     ) -> Result<(), DataplaneError> {
         let id = self.service_id(key)?;
@@ -232,6 +235,15 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Keep `id` from being given to a new backend until [`Self::release`].
+    pub fn hold(&mut self, id: u32) {
+        self.held.insert(id);
+    }
+
+    pub fn release(&mut self, id: u32) {
+        self.held.remove(&id);
+    }
+
     /// The id a backend has in `BACKENDS` and `BACKEND_STATS`.
     pub fn backend_id(&self, key: &ServiceKey, addr: SocketAddrV4) -> Option<u32> {
         self.backend_ids.get(&(*key, addr)).copied()
@@ -250,7 +262,9 @@ impl Reconciler {
     fn free_backend_id(&self, freed_now: &BTreeSet<u32>) -> Result<u32, DataplaneError> {
         let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
         (1..MAX_BACKENDS)
-            .find(|id| !used.contains(id) && !freed_now.contains(id) && !self.resting.contains(id))
+            .find(|id| {
+                !used.contains(id) && !freed_now.contains(id) && !self.resting.contains(id) && !self.held.contains(id)
+            })
             .ok_or(DataplaneError::NoFreeId { what: "backend", max: MAX_BACKENDS - 1 })
     }
 }
@@ -330,6 +344,23 @@ mod tests {
         r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1), ("10.1.0.4:80", 1)]), &mut dp).unwrap();
         let Write::Backend { id, .. } = &dp.log[0] else { panic!() };
         assert_eq!(*id, 4);
+    }
+
+    #[test]
+    fn a_held_id_is_not_given_out_until_released() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)]), &mut dp).unwrap();
+        r.hold(2);
+        r.apply(&config(&[("10.1.0.1:80", 1)]), &mut dp).unwrap();
+        r.apply(&config(&[("10.1.0.1:80", 1)]), &mut dp).unwrap();
+        // Past its rest, id 2 is still held: its flows are being flushed.
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
+        let key = config(&[])[0].config.key();
+        assert_eq!(r.backend_id(&key, "10.1.0.3:80".parse().unwrap()), Some(3));
+        r.release(2);
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1), ("10.1.0.4:80", 1)]), &mut dp).unwrap();
+        assert_eq!(r.backend_id(&key, "10.1.0.4:80".parse().unwrap()), Some(2));
     }
 
     #[test]

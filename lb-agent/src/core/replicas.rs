@@ -79,6 +79,8 @@ pub struct Replicas {
     pending_starts: u32,
     /// New-flow totals at the previous snapshot, for per-instance rates.
     flows_before: HashMap<SocketAddrV4, (u64, Instant)>,
+    /// Bumped whenever instances are forgotten.
+    generation: u64,
 }
 
 impl Replicas {
@@ -92,6 +94,13 @@ impl Replicas {
 
     pub fn pending_starts(&self) -> u32 {
         self.pending_starts
+    }
+
+    /// Changes whenever instances are forgotten: a listing the orchestrator
+    /// began under another generation may still show a stopped instance
+    /// running, and must not adopt it.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Whether an instance in any phase serves at `addr`.
@@ -141,11 +150,13 @@ impl Replicas {
 
     /// The instance is gone (stopped, or its stop failed).
     pub fn forget(&mut self, id: &str) -> Option<Tracked> {
+        self.generation += 1;
         self.tracked.remove(id)
     }
 
     /// Every instance, for a shutdown that stops them all.
     pub fn take_all(&mut self) -> BTreeMap<String, Tracked> {
+        self.generation += 1;
         std::mem::take(&mut self.tracked)
     }
 

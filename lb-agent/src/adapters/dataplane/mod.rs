@@ -1,34 +1,43 @@
 //! The real data plane: the lb-ebpf object loaded with aya, attached to
 //! interfaces, and its maps held open for writes and counter reads.
 //!
-//! - this file: the maps: writes (`ports::Dataplane`), counters, the
-//!   connection table, and reading back what a previous agent pinned;
+//! - this file: the maps: writes (`ports::MapWriter`), counters, and
+//!   reading back what a previous agent pinned; the ports it implements;
+//! - `conntrack`: the connection table, walked off the agent's loop;
 //! - `object`: loading the object and opening its typed map set, shared
 //!   with the lab's BPF_PROG_TEST_RUN loader;
-//! - `loader`: loading the object for the agent, attaching to and
-//!   detaching from interfaces (bpf_links), and what happens to it all on
-//!   exit;
+//! - `egress`: the fast path's egress devmap and per-interface path counts;
+//! - `loader`: attaching to and detaching from
+//!   interfaces (bpf_links), and what happens to it all on exit;
 //! - `pins`: the bpffs directory that lets a restarted agent adopt it all;
 //! - `netdev`: what the kernel says about an interface (index, driver);
 //! - `egress`: the fast path's egress interfaces and per-interface paths.
 
+mod conntrack;
 pub mod egress;
 mod loader;
 pub mod netdev;
 pub mod object;
 pub mod pins;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
-    maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, DIR_FORWARD,
-    MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, PROTO_UDP, SERVICES,
+    maglev_index, Backend, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, CONNTRACK, MAGLEV,
+    MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
 };
+use tracing::warn;
 
-pub use self::object::Maps;
-use self::{loader::Attached, object::map_err};
-use crate::ports::{ConntrackScan, Dataplane, DataplaneError, PinnedState};
+use self::{conntrack::AyaConnections, loader::Attached, object::map_err};
+pub use self::{conntrack::UDP_IDLE, object::Maps};
+use crate::{
+    config::{ChecksumMode, Config, FastPathMode},
+    ports::{
+        AttachMode, Attachment, ConnectionTable, Dataplane, DataplaneError, DataplaneReads, HostFacts, MapWriter,
+        PinnedState,
+    },
+};
 
 pub struct AyaDataplane {
     // Maps first: fields drop in order, and the program (with its links)
@@ -70,88 +79,9 @@ impl AyaDataplane {
         }
         Ok(PinnedState { services, backends, tables })
     }
-
-    pub fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
-        self.maps.service_counters(id)
-    }
-
-    pub fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
-        self.maps.backend_counters(id)
-    }
-
-    /// Packets per reason, summed over CPUs.
-    pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
-        self.maps.reason_counters()
-    }
 }
 
-/// A UDP flow counts as open while it saw a packet this recently.
-pub const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl AyaDataplane {
-    /// Open flows per backend id, from the connection table: TCP flows with
-    /// no FIN or RST seen yet, UDP flows active within `UDP_IDLE`.
-    pub fn open_flows(&self) -> Result<BTreeMap<u32, u64>, DataplaneError> {
-        Ok(self.scan_conntrack()?.open)
-    }
-
-    /// One walk of the connection table: open flows per backend, and the
-    /// number of entries (two per flow).
-    pub fn scan_conntrack(&self) -> Result<ConntrackScan, DataplaneError> {
-        let now = monotonic_ns();
-        let mut out = BTreeMap::new();
-        let mut entries = 0;
-        for item in self.maps.conntrack.iter() {
-            // An entry evicted mid-walk ends the walk early on some kernels;
-            // a count that is briefly low is harmless (drains have deadlines).
-            let Ok((key, conn)) = item else { break };
-            entries += 1;
-            if key.dir != DIR_FORWARD {
-                continue;
-            }
-            if is_open(&key, &conn, now) {
-                *out.entry(conn.backend_id).or_insert(0) += 1;
-            }
-        }
-        Ok(ConntrackScan { open: out, entries })
-    }
-
-    /// Forget every flow of a backend (both directions); its clients' next
-    /// packets start new flows elsewhere. Returns how many of them were still
-    /// open (as `scan_conntrack` counts them).
-    pub fn flush_backend_flows(&mut self, backend_id: u32) -> Result<u64, DataplaneError> {
-        let now = monotonic_ns();
-        let entries: Vec<(FlowKey, Conn)> =
-            self.maps.conntrack.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
-        let mut open = 0;
-        for (k, c) in &entries {
-            // Already gone (LRU eviction) is fine.
-            if self.maps.conntrack.remove(k).is_ok() && k.dir == DIR_FORWARD && is_open(k, c, now) {
-                open += 1;
-            }
-        }
-        Ok(open)
-    }
-}
-
-/// Open as `scan_conntrack` and drains count it.
-fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
-    if key.proto == PROTO_UDP {
-        now_ns.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
-    } else {
-        conn.tcp_seen == 0
-    }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-impl Dataplane for AyaDataplane {
+impl MapWriter for AyaDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         // A new backend starts from zero counters, whoever had the id before.
         if backend.flags != 0 {
@@ -181,5 +111,87 @@ impl Dataplane for AyaDataplane {
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.maps.services.remove(key).map_err(map_err(SERVICES, "delete"))
+    }
+}
+
+impl DataplaneReads for AyaDataplane {
+    fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        self.maps.service_counters(id)
+    }
+
+    fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        self.maps.backend_counters(id)
+    }
+
+    fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        self.maps.reason_counters()
+    }
+
+    fn attachments(&self) -> Vec<Attachment> {
+        AyaDataplane::attachments(self)
+            .map(|(iface, mode, checksums)| {
+                let fast = self.fast_paths().get(iface);
+                let paths = match fast.map(|f| self.path_counters(f.ifindex)).transpose() {
+                    Ok(p) => p.unwrap_or_default(),
+                    Err(e) => {
+                        warn!(interface = iface, error = %e, "reading the path counters failed");
+                        Vec::new()
+                    }
+                };
+                Attachment {
+                    interface: iface.to_owned(),
+                    mode,
+                    checksums,
+                    fast_path: fast.is_some_and(|f| f.on),
+                    fast_path_reason: fast.map(|f| f.why.clone()).unwrap_or_default(),
+                    paths,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Dataplane for AyaDataplane {
+    fn has_interface(&self, name: &str) -> bool {
+        netdev::if_index(name).is_some()
+    }
+
+    fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+        AyaDataplane::attach(self, iface, checksums)
+    }
+
+    fn detach(&mut self, iface: &str) -> anyhow::Result<()> {
+        AyaDataplane::detach(self, iface)
+    }
+
+    fn set_fast_path(&mut self, iface: &str, mode: FastPathMode) -> anyhow::Result<()> {
+        AyaDataplane::set_fast_path(self, iface, mode).map(|_| ())
+    }
+
+    fn host_facts(&self, config: &Config) -> anyhow::Result<HostFacts> {
+        crate::adapters::host_facts::gather(config)
+    }
+
+    fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
+        Ok(Arc::new(AyaConnections::open(&self.maps.conntrack).map_err(map_err(CONNTRACK, "open a second handle"))?))
+    }
+
+    fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>> {
+        if !self.adopted() {
+            return Ok(None);
+        }
+        self.read_pinned_state().map(Some)
+    }
+
+    fn stale_link_pins(&self) -> Vec<PathBuf> {
+        AyaDataplane::stale_link_pins(self)
+    }
+
+    fn remove_all(&mut self) {
+        AyaDataplane::remove_all(self)
+    }
+
+    fn keep_on_drop(&mut self) {
+        AyaDataplane::keep_on_drop(self)
     }
 }

@@ -1,0 +1,258 @@
+//! Applying a config: at start-up and on every reload (the file changed,
+//! SIGHUP, or the `reload` call). The orchestrators of services a config
+//! newly scales are made off the loop (Docker, iptables, bridges); the
+//! config is applied, whole or not at all, once they are in.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::{sync::oneshot, time::Instant};
+use tracing::{info, warn};
+
+use super::{scaler::Scaler, Agent, Done, Preparing};
+use crate::{
+    config::{Config, ServiceConfig},
+    core::{deploy, reconcile::ApplySummary},
+    ports::{Dataplane, Orchestrator, OrchestratorFactory, Prober},
+    serve::api::Response,
+};
+
+impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
+    /// Services `config` scales that have no scaler yet.
+    pub(super) fn newly_scaled(&self, config: &Config) -> Vec<ServiceConfig> {
+        config.services.iter().filter(|s| s.scaling.is_some() && !self.scalers.contains_key(&s.name)).cloned().collect()
+    }
+
+    /// Apply `config`, with the orchestrators made for the services it
+    /// newly scales (their bridges or networks are what the service's
+    /// interfaces name): attach new interfaces, write the maps, detach the
+    /// interfaces no service names any more, then start and retire
+    /// scalers. If anything fails, the running config stays as it was and
+    /// the new orchestrators are released.
+    pub(super) fn switch_to(
+        &mut self,
+        config: Config,
+        made: Vec<(ServiceConfig, F::Orchestrator)>,
+    ) -> anyhow::Result<ApplySummary> {
+        let mut new = Vec::new();
+        for (svc, orch) in made {
+            let s = Scaler::new(&svc, orch, self.prober.clone(), self.scaler_tx.clone())
+                .with_context(|| format!("service {:?}: set up its instances", svc.name))?;
+            new.push((svc.name, s));
+        }
+        let summary = match self.apply(&config) {
+            Ok(s) => s,
+            Err(e) => {
+                for (_, s) in new {
+                    tokio::spawn(s.shut_down());
+                }
+                return Err(e);
+            }
+        };
+        for svc in &config.services {
+            if let (Some(s), Some(p)) = (self.scalers.get_mut(&svc.name), &svc.scaling) {
+                s.set_policy(p.clone());
+            }
+        }
+        for (name, s) in new {
+            info!(service = name, "autoscaling");
+            self.scalers.insert(name, s);
+        }
+        self.config = config;
+        self.retire_scalers();
+        Ok(summary)
+    }
+
+    /// The data-plane half of `switch_to`. If an attach fails, the
+    /// interfaces attached for it are detached again.
+    fn apply(&mut self, config: &Config) -> anyhow::Result<ApplySummary> {
+        self.check_interfaces(config)?;
+        self.check_deployment(config)?;
+        let wanted = interfaces(config);
+        let had = interfaces(&self.config);
+        let mut attached_now = Vec::new();
+        // Every wanted interface: new ones are attached, and one whose
+        // `checksums` setting changed gets the other program in place.
+        for iface in &wanted {
+            let new = !had.contains(iface);
+            let attached = self
+                .dataplane
+                .attach(iface, config.checksums(iface))
+                .and_then(|_| self.dataplane.set_fast_path(iface, config.fast_path(iface)));
+            match attached {
+                Ok(_) if new => attached_now.push(iface.clone()),
+                Ok(_) => {}
+                Err(e) => {
+                    for done in &attached_now {
+                        if let Err(e) = self.dataplane.detach(done) {
+                            warn!(error = %e, interface = done, "rollback detach failed");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.registry.set_config(config, Instant::now());
+        let summary = self.sync()?;
+        for iface in had.difference(&wanted) {
+            self.dataplane.detach(iface)?;
+        }
+        Ok(summary)
+    }
+
+    /// Every named interface must exist before anything is attached (scaled
+    /// services' orchestrators have made their bridges by now).
+    fn check_interfaces(&self, config: &Config) -> anyhow::Result<()> {
+        let missing: Vec<String> = config
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
+            .filter(|(_, _, _, ifname)| !self.dataplane.has_interface(ifname))
+            .map(|(i, s, j, ifname)| {
+                format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
+            })
+            .collect();
+        anyhow::ensure!(missing.is_empty(), "config refused:\n  - {}", missing.join("\n  - "));
+        Ok(())
+    }
+
+    /// Refuse a config the data plane cannot serve here; log what it can
+    /// serve only in part (see `core::deploy`).
+    fn check_deployment(&self, config: &Config) -> anyhow::Result<()> {
+        let facts = self.dataplane.host_facts(config).context("read this host's addresses and interfaces")?;
+        let mut refused = Vec::new();
+        for f in deploy::judge(config, &facts) {
+            match f.severity {
+                deploy::Severity::Warn => warn!(finding = %f.text, "config can be served only in part"),
+                deploy::Severity::Refuse => refused.push(f.text),
+            }
+        }
+        anyhow::ensure!(refused.is_empty(), "config refused:\n  - {}", refused.join("\n  - "));
+        Ok(())
+    }
+
+    /// Re-read the config; a bad one is refused whole and the running one
+    /// stays in force. Orchestrators for newly scaled services are made off
+    /// the loop, and the config applied when they are in; `replies` get the
+    /// outcome then. A reload asked for meanwhile runs after that one.
+    pub(super) fn reload(&mut self, why: &str, replies: Vec<oneshot::Sender<Response>>) {
+        if self.preparing.is_some() {
+            let (_, waiting) = self.queued_reload.get_or_insert_with(|| (why.to_owned(), Vec::new()));
+            waiting.extend(replies);
+            return;
+        }
+        let config = match Config::load(&self.options.config) {
+            Err(e) => return self.finish_reload(why, Err(e.into()), replies),
+            Ok(c) if c == self.config => return self.finish_reload(why, Ok(None), replies),
+            Ok(c) => c,
+        };
+        let new = self.newly_scaled(&config);
+        if new.is_empty() {
+            let result = self.switch_to(config, Vec::new()).map(Some);
+            return self.finish_reload(why, result, replies);
+        }
+        let (factory, done) = (self.orchestrators.clone(), self.done_tx.clone());
+        let task = tokio::spawn(async move {
+            let _ = done.send(Done::Prepared(make_orchestrators(factory, new).await));
+        });
+        self.preparing = Some(Preparing { config, why: why.to_owned(), replies, task });
+    }
+
+    /// The orchestrators of a reload are in: apply it.
+    pub(super) fn on_prepared(&mut self, made: anyhow::Result<Vec<(ServiceConfig, F::Orchestrator)>>) {
+        let Some(p) = self.preparing.take() else { return };
+        let result = made.and_then(|m| self.switch_to(p.config, m)).map(Some);
+        self.finish_reload(&p.why, result, p.replies);
+        if let Some((why, replies)) = self.queued_reload.take() {
+            self.reload(&why, replies);
+        }
+    }
+
+    /// Log and record a reload's outcome (`None`: the config is unchanged),
+    /// and answer whoever asked for it.
+    fn finish_reload(
+        &mut self,
+        why: &str,
+        result: anyhow::Result<Option<ApplySummary>>,
+        replies: Vec<oneshot::Sender<Response>>,
+    ) {
+        let response = match result {
+            Ok(Some(s)) => {
+                info!(
+                    trigger = why,
+                    services_added = s.services_added,
+                    services_removed = s.services_removed,
+                    backends_added = s.backends_added,
+                    backends_removed = s.backends_removed,
+                    tables_rebuilt = s.tables_rebuilt,
+                    slots_written = s.slots_written,
+                    "config applied"
+                );
+                let msg = format!(
+                    "config applied ({why}): {} table(s) rebuilt, {} slot(s) written",
+                    s.tables_rebuilt, s.slots_written
+                );
+                self.event(msg.clone());
+                Response::ok(msg)
+            }
+            Ok(None) => {
+                info!(trigger = why, "config unchanged");
+                Response::ok("config unchanged")
+            }
+            Err(e) => {
+                let msg = format!("config refused ({why}); keeping the running one: {e:#}");
+                warn!(trigger = why, error = format!("{e:#}"), "config refused; keeping the running one");
+                self.error(msg.clone());
+                Response::error(msg)
+            }
+        };
+        for reply in replies {
+            let _ = reply.send(response.clone());
+        }
+    }
+
+    /// Stop the scalers of services the running config no longer scales.
+    fn retire_scalers(&mut self) {
+        let gone: Vec<String> = self
+            .scalers
+            .keys()
+            .filter(|n| !self.config.services.iter().any(|s| &s.name == *n && s.scaling.is_some()))
+            .cloned()
+            .collect();
+        self.retiring.retain(|t| !t.is_finished());
+        for name in gone {
+            let Some(s) = self.scalers.remove(&name) else { continue };
+            let done = self.done_tx.clone();
+            self.retiring.push(tokio::spawn(async move {
+                s.shut_down().await;
+                let _ = done.send(Done::Retired(name));
+            }));
+        }
+    }
+}
+
+/// Make the orchestrators of `services`; if one fails, those already made
+/// are released.
+pub(super) async fn make_orchestrators<F: OrchestratorFactory>(
+    factory: Arc<F>,
+    services: Vec<ServiceConfig>,
+) -> anyhow::Result<Vec<(ServiceConfig, F::Orchestrator)>> {
+    let mut made = Vec::new();
+    for svc in services {
+        match factory.make(&svc).await.with_context(|| format!("service {:?}: set up its instances", svc.name)) {
+            Ok(o) => made.push((svc, o)),
+            Err(e) => {
+                for (_, o) in made {
+                    o.release().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(made)
+}
+
+fn interfaces(config: &Config) -> BTreeSet<String> {
+    config.services.iter().flat_map(|s| s.interfaces.iter().cloned()).collect()
+}

@@ -1,0 +1,451 @@
+//! The agent's loop and the replica lifecycle, driven through the control
+//! API's channel against the fakes of `testing`, on tokio's paused clock:
+//! a minute of agent time takes milliseconds, and a loop that waited on a
+//! hung call would let the clock run out a test's timeout.
+
+use std::{future::Future, net::SocketAddrV4, path::PathBuf, time::Duration};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::{sleep, timeout},
+};
+
+use super::{Agent, Inputs, Options, Ports};
+use crate::{
+    config::Config,
+    serve::api::{Call, Request, Response},
+    status::{ReplicaStatus, Snapshot},
+    testing::{
+        scaled, scaled_service, scratch_dir, Answer, FakeOrchestrator, FakeOrchestrators, FakeProber, SharedDataplane,
+    },
+};
+
+type TestAgent = Agent<SharedDataplane, FakeOrchestrators, FakeProber>;
+
+/// The fakes an agent runs against, and its config file.
+struct World {
+    dir: PathBuf,
+    config: PathBuf,
+    dp: SharedDataplane,
+    orchs: FakeOrchestrators,
+    prober: FakeProber,
+}
+
+impl World {
+    fn new(config: &str) -> World {
+        let dir = scratch_dir("agent");
+        let w = World {
+            config: dir.join("lb.toml"),
+            dir,
+            dp: SharedDataplane::default(),
+            orchs: FakeOrchestrators::default(),
+            prober: FakeProber::default(),
+        };
+        w.write_config(config);
+        w
+    }
+
+    fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    async fn start(&self) -> TestAgent {
+        let options = Options {
+            config: self.config.clone(),
+            api_socket: self.dir.join("api.sock"),
+            metrics_address: None,
+            pin_dir: None,
+            keep_on_exit: false,
+        };
+        let ports =
+            Ports { dataplane: self.dp.clone(), orchestrators: self.orchs.clone(), prober: self.prober.clone() };
+        Agent::start(options, Config::load(&self.config).unwrap(), ports).await.unwrap()
+    }
+
+    /// Start an agent here and serve it while `script` runs.
+    async fn run<Fut: Future<Output = ()>>(&self, script: impl FnOnce(Driver) -> Fut) {
+        drive(self.start().await, script).await
+    }
+
+    fn web(&self) -> FakeOrchestrator {
+        self.orchs.of("web")
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The test's side of the loop's inputs; dropping it shuts the loop down.
+struct Driver {
+    calls: mpsc::Sender<Call>,
+    _hangups: mpsc::Sender<()>,
+    _shutdown: oneshot::Sender<&'static str>,
+}
+
+impl Driver {
+    async fn call(&self, request: Request) -> Response {
+        let (tx, rx) = oneshot::channel();
+        self.calls.send((request, tx)).await.unwrap();
+        rx.await.expect("the agent dropped the call")
+    }
+
+    async fn status(&self) -> Snapshot {
+        *self.call(Request::Status).await.status.expect("a status")
+    }
+
+    /// Poll `status` every 100 ms until `done` holds, for at most `limit`.
+    async fn until(&self, limit: Duration, what: &str, done: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let give_up = tokio::time::Instant::now() + limit;
+        loop {
+            let s = self.status().await;
+            if done(&s) {
+                return s;
+            }
+            assert!(tokio::time::Instant::now() < give_up, "{what}: not within {limit:?}; last status:\n{s:#?}");
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Serve `agent` while `script` runs; the loop shuts down when it ends.
+async fn drive<Fut: Future<Output = ()>>(agent: TestAgent, script: impl FnOnce(Driver) -> Fut) {
+    let (calls, call_rx) = mpsc::channel(8);
+    let (hangups, hangup_rx) = mpsc::channel(1);
+    let (shutdown, shutdown_rx) = oneshot::channel();
+    let inputs = Inputs { calls: call_rx, hangups: hangup_rx, shutdown: shutdown_rx };
+    let driver = Driver { calls, _hangups: hangups, _shutdown: shutdown };
+    let (stopped, ()) = tokio::join!(agent.serve(inputs), script(driver));
+    assert!(!stopped, "the loop ended on a stop call");
+}
+
+/// "web" and a second scaled service, "api".
+fn web_and_api() -> String {
+    scaled(1, 1, "") + &scaled_service("api", 101, 1, (1, 1), "")
+}
+
+fn replicas(s: &Snapshot) -> &[ReplicaStatus] {
+    s.scaling.first().map_or(&[], |sc| &sc.replicas[..])
+}
+
+fn phases(s: &Snapshot) -> Vec<(&str, &str)> {
+    replicas(s).iter().map(|r| (r.id.as_str(), r.phase.as_str())).collect()
+}
+
+fn has_event(s: &Snapshot, needle: &str) -> bool {
+    s.events.iter().any(|e| e.message.contains(needle))
+}
+
+fn addr(n: u8) -> SocketAddrV4 {
+    SocketAddrV4::new([10, 9, 0, n].into(), 8080)
+}
+
+/// Instances `i1..=in` all ready and in the table.
+async fn all_ready(d: &Driver, n: usize) -> Snapshot {
+    d.until(Duration::from_secs(10), "instances ready", |s| {
+        replicas(s).len() == n && replicas(s).iter().all(|r| r.phase == "ready")
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn scale_up_starts_probes_and_adds_instances_to_the_table() {
+    let w = &World::new(&scaled(1, 4, ""));
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        assert!(w.dp.in_table(addr(1)));
+        // 150% of a core against a 50% target: three instances.
+        w.web().lock().cpu.insert("i1".into(), 150.0);
+        let s = all_ready(&d, 3).await;
+        assert_eq!(w.web().lock().starts, 3);
+        assert!(has_event(&s, "web: scale 1 -> 3"), "{:#?}", s.events);
+        assert!(has_event(&s, "instance web-3 ready after"), "{:#?}", s.events);
+        assert_eq!(w.dp.lock().live_backends(), [addr(1), addr(2), addr(3)].into());
+        assert!((1..=3).all(|n| w.dp.in_table(addr(n))), "not all in the table: {:?}", w.dp.lock().in_tables());
+        // Probed ready before it joined: every instance was probed.
+        assert!(w.prober.lock().probes >= 3);
+    })
+    .await;
+    // Shutting down stops every instance and releases the orchestrator.
+    assert_eq!(w.web().lock().stopped.len(), 3);
+    assert!(w.web().lock().released);
+    assert!(w.dp.lock().removed_all);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_not_ready_stays_out_of_the_table_until_it_is() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.prober.lock().down.insert(addr(1));
+    w.run(|d| async move {
+        sleep(Duration::from_secs(5)).await;
+        let s = d.status().await;
+        assert_eq!(phases(&s), [("i1", "starting")]);
+        assert!(w.dp.lock().live_backends().is_empty());
+        w.prober.lock().down.clear();
+        all_ready(&d, 1).await;
+        assert_eq!(w.dp.lock().live_backends(), [addr(1)].into());
+    })
+    .await;
+}
+
+/// Two ready instances, i1 with 5 open flows and i2 with 2; then the config
+/// (with `extra`) asks for one: i2, with fewer flows, drains.
+async fn drain_one_of_two(w: &World, d: &Driver, extra: &str) {
+    all_ready(d, 2).await;
+    w.dp.set_open(addr(1), 5);
+    w.dp.set_open(addr(2), 2);
+    // A walk must have seen the flows before the decision picks a victim.
+    sleep(Duration::from_secs(1)).await;
+    w.write_config(&scaled(1, 1, extra));
+    assert!(d.call(Request::Reload).await.ok);
+    let s = d.until(Duration::from_secs(5), "i2 draining", |s| phases(s).contains(&("i2", "draining"))).await;
+    let b = &s.services[0].backends.iter().find(|b| b.address == addr(2).to_string()).unwrap();
+    assert_eq!((b.state.as_str(), b.in_table, b.open_connections), ("draining", false, 2));
+    assert!(has_event(&s, "draining instance web-2"), "{:#?}", s.events);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_reaches_zero_connections_stops_the_instance_after() {
+    let w = &World::new(&scaled(2, 2, ""));
+    w.run(|d| async move {
+        drain_one_of_two(w, &d, "").await;
+        let id = w.dp.lock().backend_id(addr(2)).unwrap();
+        sleep(Duration::from_secs(5)).await;
+        assert!(w.web().lock().stopped.is_empty(), "stopped while connections were open");
+        assert!(w.dp.lock().flushes.is_empty());
+        w.dp.set_open(addr(2), 0);
+        let s = d.until(Duration::from_secs(3), "i2 stopped", |s| phases(s) == [("i1", "ready")]).await;
+        assert!(has_event(&s, "web: 10.9.0.2:8080 drained"), "{:#?}", s.events);
+        assert!(has_event(&s, "web: stopped instance i2"), "{:#?}", s.events);
+        assert_eq!(w.web().lock().stopped, ["i2"]);
+        // Its (closed) flows were forgotten, then it left the maps.
+        assert_eq!(w.dp.lock().flushes, [id]);
+        assert_eq!(w.dp.lock().live_backends(), [addr(1)].into());
+        // Well before the default 30 s deadline.
+        assert!(!has_event(&s, "deadline"));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_hits_its_deadline_flushes_the_flows_and_stops_the_instance() {
+    let w = &World::new(&scaled(2, 2, "drain_timeout = \"2s\""));
+    w.run(|d| async move {
+        drain_one_of_two(w, &d, "drain_timeout = \"2s\"").await;
+        let id = w.dp.lock().backend_id(addr(2)).unwrap();
+        let drained_at = tokio::time::Instant::now();
+        let s = d.until(Duration::from_secs(5), "i2 stopped", |s| phases(s) == [("i1", "ready")]).await;
+        let took = drained_at.elapsed();
+        assert!(took >= Duration::from_millis(1500) && took <= Duration::from_secs(3), "cut after {took:?}");
+        assert!(has_event(&s, "web: 10.9.0.2:8080 drain deadline passed, 2 open flow(s) cut"), "{:#?}", s.events);
+        assert_eq!(w.dp.lock().flushes, [id]);
+        assert_eq!(w.dp.lock().open.get(&id), None);
+        assert_eq!(w.web().lock().stopped, ["i2"]);
+        // i1 kept its flows.
+        let dp = w.dp.lock();
+        assert_eq!(dp.open.get(&dp.backend_id(addr(1)).unwrap()), Some(&5));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_instance_leaves_the_table_at_once_and_is_replaced() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        let id = w.dp.lock().backend_id(addr(1)).unwrap();
+        w.dp.set_open(addr(1), 4);
+        let crashed_at = tokio::time::Instant::now();
+        w.web().exit("i1");
+        d.until(Duration::from_secs(1), "i1 out of the table", |_| w.dp.lock().live_backends().is_empty()).await;
+        assert!(crashed_at.elapsed() <= Duration::from_millis(600), "left after {:?}", crashed_at.elapsed());
+        let s = d.until(Duration::from_secs(10), "i2 replaces i1", |s| phases(s) == [("i2", "ready")]).await;
+        assert!(has_event(&s, "instance web-1 (10.9.0.1:8080) exited; removed, will be replaced"), "{:#?}", s.events);
+        // Its flows were flushed so that clients fail fast.
+        assert_eq!(w.dp.lock().flushes, [id]);
+        assert_eq!(w.web().lock().stopped, ["i1"]);
+        assert_eq!(w.web().lock().starts, 2);
+        assert_eq!(w.dp.lock().live_backends(), [addr(2)].into());
+        let decisions = &s.scaling[0].decisions;
+        assert!(decisions.iter().any(|d| d.rule == "replace"), "{decisions:#?}");
+    })
+    .await;
+}
+
+/// Reload `text` through the API; it must be refused. Returns the error.
+async fn refuse(w: &World, d: &Driver, text: &str, why: &str) -> String {
+    w.write_config(text);
+    let r = d.call(Request::Reload).await;
+    assert!(!r.ok, "{why}: accepted");
+    let e = r.error.unwrap();
+    assert!(e.starts_with("config refused (api); keeping the running one: "), "{why}: {e}");
+    e
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_reload_keeps_the_running_config_and_starts_nothing() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        let before = all_ready(&d, 1).await;
+        // A file that does not parse.
+        refuse(w, &d, "[[service]]\nname = 3\n", "bad toml").await;
+        // A new scaled service whose orchestrator cannot be made.
+        w.orchs.lock().make = Answer::Fail;
+        let e = refuse(w, &d, &web_and_api(), "factory fails").await;
+        assert!(e.contains("service \"api\": set up its instances"), "{e}");
+        // One whose interface does not exist: its orchestrator is released.
+        w.orchs.lock().make = Answer::Ok;
+        w.dp.lock().missing_interfaces.insert("lbp1".into());
+        let e = refuse(w, &d, &web_and_api(), "missing interface").await;
+        assert!(e.contains("no interface named \"lbp1\""), "{e}");
+        sleep(Duration::from_secs(1)).await;
+        assert!(w.orchs.of("api").lock().released);
+        assert_eq!(w.orchs.of("api").lock().starts, 0);
+
+        let s = d.status().await;
+        let refused = |why: &str| s.events.iter().filter(|e| e.message.starts_with(why)).count() as u64;
+        assert_eq!(refused("config refused (api)"), 3);
+        // The tick may have seen the file change too, and refused it again.
+        let again = refused("config refused (file changed)");
+        assert_eq!(s.agent.errors_total, before.agent.errors_total + 3 + again);
+        assert_eq!(s.services.len(), 1);
+        assert_eq!(s.scaling.len(), 1, "a scaler for a refused config");
+        assert_eq!(phases(&s), [("i1", "ready")]);
+        assert_eq!(w.web().lock().starts, 1);
+        assert!(!w.dp.lock().attached.contains_key("lbp1"));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_newly_scales_a_service_applies_once_its_orchestrator_is_made() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        w.write_config(&web_and_api());
+        let r = d.call(Request::Reload).await;
+        assert!(r.ok, "{r:?}");
+        assert!(r.message.unwrap().starts_with("config applied (api)"));
+        let s = d
+            .until(Duration::from_secs(10), "api ready", |s| {
+                s.scaling.iter().any(|sc| sc.service == "api" && sc.replicas.iter().any(|r| r.phase == "ready"))
+            })
+            .await;
+        assert_eq!(s.services.len(), 2);
+        assert!(w.dp.lock().attached.contains_key("lbp1"));
+        // Back to "web" alone: "api" stops its instance and is released.
+        w.write_config(&scaled(1, 1, ""));
+        assert!(d.call(Request::Reload).await.ok);
+        let s = d.until(Duration::from_secs(5), "api retired", |s| has_event(s, "api: no longer scaled")).await;
+        assert_eq!(s.scaling.len(), 1);
+        assert_eq!(w.orchs.of("api").lock().stopped, ["i1"]);
+        assert!(w.orchs.of("api").lock().released);
+    })
+    .await;
+}
+
+/// The loop answers `status` within 100 ms of agent time while `hang` makes
+/// an orchestrator call (or the factory) never return.
+async fn status_answers_while(hang: impl FnOnce(&World), then: impl Fn(&Snapshot)) {
+    let w = &World::new(&scaled(1, 1, ""));
+    let agent = w.start().await;
+    hang(w);
+    drive(agent, |d| async move {
+        // Let a scale-up (and whatever hangs) get under way.
+        sleep(Duration::from_millis(1500)).await;
+        for _ in 0..5 {
+            // Agent time: were the loop waiting on the hung call, the
+            // paused clock would run on to the timeout.
+            let s = timeout(Duration::from_millis(100), d.status()).await.expect("status not answered within 100 ms");
+            then(&s);
+            sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_is_answered_within_100ms_while_a_start_hangs() {
+    status_answers_while(
+        |w| w.web().lock().start = Answer::Hang,
+        |s| {
+            assert_eq!(s.scaling[0].pending_starts, 1, "no scale-up under way");
+            assert!(s.scaling[0].replicas.is_empty());
+        },
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_is_answered_within_100ms_while_a_listing_hangs() {
+    status_answers_while(|w| w.web().lock().list = Answer::Hang, |s| assert_eq!(s.services.len(), 1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_is_answered_within_100ms_while_a_reload_waits_for_its_orchestrator() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        w.orchs.lock().make = Answer::Hang;
+        w.write_config(&web_and_api());
+        let (tx, reload) = oneshot::channel();
+        d.calls.send((Request::Reload, tx)).await.unwrap();
+        sleep(Duration::from_millis(500)).await;
+        let s = timeout(Duration::from_millis(100), d.status()).await.expect("status not answered within 100 ms");
+        // The reload is not applied until its orchestrator is made.
+        assert_eq!(s.services.len(), 1);
+        assert_eq!(phases(&s), [("i1", "ready")]);
+        drop(reload);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
+    let w = &World::new(
+        r#"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+interfaces = ["eth0"]
+health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }
+[[service.backend]]
+address = "10.1.0.1:80"
+[[service.backend]]
+address = "10.1.0.2:80"
+"#,
+    );
+    let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
+    w.run(|d| async move {
+        assert!(w.dp.in_table(down));
+        w.prober.lock().down.insert(down);
+        let s = d
+            .until(Duration::from_secs(5), "10.1.0.2 down", |s| {
+                s.services[0].backends.iter().any(|b| b.address == down.to_string() && b.state == "down")
+            })
+            .await;
+        assert!(has_event(&s, "web: 10.1.0.2:80 down (connection refused (fake))"), "{:#?}", s.events);
+        assert!(!w.dp.in_table(down), "still in the table");
+        w.prober.lock().down.clear();
+        d.until(Duration::from_secs(5), "10.1.0.2 up", |s| has_event(s, "web: 10.1.0.2:80 up")).await;
+        assert!(w.dp.in_table(down), "not back in the table");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_reports_a_walk_taken_after_the_call() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        // Set between two ticks: the very next status sees it.
+        w.dp.set_open(addr(1), 7);
+        let s = d.status().await;
+        assert_eq!(s.services[0].backends[0].open_connections, 7);
+        assert_eq!(s.maps.iter().find(|m| m.name == lb_common::CONNTRACK).unwrap().entries, 14);
+    })
+    .await;
+}
