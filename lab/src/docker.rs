@@ -13,14 +13,15 @@
 
 use std::{
     fs,
-    io::{self, Read as _, Write as _},
-    net::{SocketAddrV4, TcpStream},
+    io::{self, Write as _},
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+pub use crate::http::get as http_get;
 use crate::{bins::target_dir, command::run_cmd, scratch::TempDir};
 
 /// The demo backend's image; built by [`build_demo_image`], never removed.
@@ -377,26 +378,6 @@ impl Drop for IptablesRule {
             Err(e) => eprintln!("warning: cannot run iptables: {e}"),
         }
     }
-}
-
-/// One HTTP/1.0 GET (a new connection); the status code and the body.
-pub fn http_get(addr: SocketAddrV4, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr.into(), timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    // One write, one segment (`write!` on a socket writes piece by piece).
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no end of head in {text:?}")))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no status in {head:?}")))?;
-    Ok((status, body.to_owned()))
 }
 
 /// [`http_get`] again and again until it answers 200 or `within` passes.

@@ -18,6 +18,7 @@ pub mod checksum;
 pub mod command;
 pub mod diff;
 pub mod docker;
+pub mod http;
 pub mod netns;
 pub mod packet;
 pub mod root;

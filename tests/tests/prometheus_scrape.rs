@@ -16,8 +16,7 @@ use std::{
     cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     fs::{self, File},
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -503,22 +502,8 @@ fn free_loopback_port() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
-/// A one-shot HTTP/1.0 GET (the server closes after the body, so no chunked
-/// encoding to undo).
+/// One GET on a new connection: (status, body).
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let io = |e: std::io::Error| format!("GET {path}: {e}");
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    stream.set_write_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
-    let raw = String::from_utf8(raw).map_err(|e| format!("GET {path}: not UTF-8: {e}"))?;
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| format!("GET {path}: no head in {raw:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("GET {path}: bad status line in {head:?}"))?;
-    Ok((status, body.to_owned()))
+    let SocketAddr::V4(addr) = addr else { return Err(format!("GET {path}: {addr} is not IPv4")) };
+    lb_lab::http::get(addr, path, Duration::from_secs(5)).map_err(|e| format!("GET {path}: {e}"))
 }

@@ -46,12 +46,23 @@ pub async fn get(
     max_body: usize,
     limit: Duration,
 ) -> Result<Vec<u8>, GetError> {
-    let (got, body) = within(limit, get_unbounded(addr, path, max_body)).await?;
+    let (got, body) = fetch(addr, path, max_body, limit).await?;
     if got == want {
         Ok(body)
     } else {
         Err(GetError::Status { got, want })
     }
+}
+
+/// GETs `path` from `addr` as [`get`] does, whatever the status: the
+/// status and at most `max_body` bytes of the body.
+pub async fn fetch(
+    addr: SocketAddrV4,
+    path: &str,
+    max_body: usize,
+    limit: Duration,
+) -> Result<(u16, Vec<u8>), GetError> {
+    within(limit, get_unbounded(addr, path, max_body)).await
 }
 
 async fn within<T>(limit: Duration, f: impl Future<Output = Result<T, GetError>>) -> Result<T, GetError> {

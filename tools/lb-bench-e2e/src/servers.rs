@@ -5,8 +5,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddrV4, TcpStream},
+    net::SocketAddrV4,
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -102,17 +101,7 @@ pub fn start_haproxy(ns: &NetNs, dir: &Path, conf: &str) -> Result<Proc> {
 
 /// One `GET /` to `addr` on a new connection; the response body.
 fn http_get(addr: SocketAddrV4) -> std::io::Result<String> {
-    let timeout = Duration::from_secs(1);
-    let mut s = TcpStream::connect_timeout(&addr.into(), timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim_end().to_owned()),
-        _ => Err(std::io::Error::other(format!("unexpected response {text:?}"))),
-    }
+    lb_lab::http::get_ok(addr, "/", Duration::from_secs(1)).map(|body| body.trim_end().to_owned())
 }
 
 /// Waits (at most 10 s) until `GET /` to `addr` from `client` is answered

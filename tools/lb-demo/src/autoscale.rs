@@ -3,8 +3,8 @@
 use std::{
     collections::BTreeSet,
     fs::{self},
-    io::{self, IsTerminal as _, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    io::{self, IsTerminal as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -240,15 +240,6 @@ pub(crate) fn wait_first_instance(lab: &mut Lab) -> anyhow::Result<Option<String
 /// One `GET /`: the body's first line (the backend's name) and the time taken.
 pub(crate) fn http_get(addr: SocketAddrV4) -> io::Result<(String, f64)> {
     let started = Instant::now();
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(io::Error::other(format!("answer {:?}", head.lines().next().unwrap_or(""))));
-    }
+    let body = lb_lab::http::get_ok(addr, "/", Duration::from_secs(3))?;
     Ok((body.lines().next().unwrap_or("").trim().to_owned(), started.elapsed().as_secs_f64()))
 }
