@@ -263,6 +263,9 @@ pub struct HostFacts {
     pub local_addrs: BTreeSet<Ipv4Addr>,
     /// Per listed interface.
     pub interfaces: BTreeMap<String, InterfaceFacts>,
+    /// `net.ipv4.ip_local_port_range`: the ports the host's own outgoing
+    /// connections are given, first and last.
+    pub ephemeral_ports: Option<(u16, u16)>,
 }
 
 #[derive(Clone, Debug)]

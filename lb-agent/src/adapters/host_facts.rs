@@ -11,7 +11,14 @@ use crate::{
 };
 
 pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
-    let mut facts = HostFacts { local_addrs: local_ipv4_addrs()?, ..HostFacts::default() };
+    let mut facts = HostFacts {
+        local_addrs: local_ipv4_addrs()?,
+        // /proc/sys/net shows the reader's network namespace.
+        ephemeral_ports: std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| parse_port_range(&text)),
+        ..HostFacts::default()
+    };
     for s in &config.services {
         for iface in &s.interfaces {
             if facts.interfaces.contains_key(iface) || netdev::if_index(iface).is_none() {
@@ -27,6 +34,15 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
         }
     }
     Ok(facts)
+}
+
+/// `ip_local_port_range`'s text: two numbers, first and last.
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next(), ports.next()) {
+        (Some(Ok(first)), Some(Ok(last)), None) if first <= last => Some((first, last)),
+        _ => None,
+    }
 }
 
 fn local_ipv4_addrs() -> anyhow::Result<std::collections::BTreeSet<Ipv4Addr>> {
@@ -51,4 +67,23 @@ fn local_ipv4_addrs() -> anyhow::Result<std::collections::BTreeSet<Ipv4Addr>> {
         libc::freeifaddrs(head);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 1024"), Some((1024, 1024)));
+        for bad in ["", "32768", "60999 32768", "1 2 3", "a b", "1 70000"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+        // This host's own range reads.
+        assert!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| parse_port_range(&t))
+            .is_some());
+    }
 }

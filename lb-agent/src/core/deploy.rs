@@ -40,6 +40,20 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
         let at = format!("service[{i}] {:?}", s.name);
         let known: Vec<(&String, &InterfaceFacts)> =
             s.interfaces.iter().filter_map(|n| facts.interfaces.get(n).map(|f| (n, f))).collect();
+        if let Some((first, last)) = facts.ephemeral_ports.filter(|_| facts.local_addrs.contains(&s.vip)) {
+            if (first..=last).contains(&s.port) {
+                out.push(Finding {
+                    severity: Severity::Warn,
+                    text: format!(
+                        "{at}: port {} of the host's own address is in its ephemeral range \
+                         (net.ipv4.ip_local_port_range {first}-{last}): answers to the host's own outgoing \
+                         connections from that port would be taken for the service's clients; use a port outside \
+                         the range, or narrow it",
+                        s.port
+                    ),
+                });
+            }
+        }
         if facts.local_addrs.contains(&s.vip) {
             let off: Vec<String> =
                 known.iter().filter(|(_, f)| !f.fast_path).map(|(n, f)| format!("{n} ({})", f.fast_path_why)).collect();
@@ -100,7 +114,22 @@ mod tests {
         HostFacts {
             local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },
             interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
+            ephemeral_ports: Some((32768, 60999)),
         }
+    }
+
+    #[test]
+    fn a_host_address_vip_port_in_the_ephemeral_range_is_a_warning() {
+        let config = parse(&CONFIG.replace("port = 80", "port = 40000")).unwrap();
+        let f = judge(&config, &facts(true, true, true, true));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Warn);
+        assert!(f[0].text.contains("port 40000") && f[0].text.contains("32768-60999"), "{}", f[0]);
+        // A VIP elsewhere gets no answers meant for the host.
+        assert_eq!(judge(&config, &facts(false, true, true, true)), vec![]);
+        // The ends of the range count.
+        let last = parse(&CONFIG.replace("port = 80", "port = 60999")).unwrap();
+        assert_eq!(judge(&last, &facts(true, true, true, true)).len(), 1);
     }
 
     #[test]
