@@ -376,6 +376,14 @@ pub struct PathCounters {
     pub packets: [u64; Path::COUNT as usize],
 }
 
+impl PathCounters {
+    pub fn add(&mut self, other: &PathCounters) {
+        for (mine, theirs) in self.packets.iter_mut().zip(other.packets) {
+            *mine += theirs;
+        }
+    }
+}
+
 const _: () = {
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
     assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);

@@ -1,14 +1,13 @@
 //! The fast path's egress side: which interfaces translated packets may be
-//! sent out of directly (the `EGRESS` devmap), and what the program counted
-//! per ingress interface (`PATH_STATS`).
+//! sent out of directly (the `EGRESS` devmap). What the program counted per
+//! ingress interface (`PATH_STATS`) is read with the other counters, in
+//! `object::Maps`.
 
-use std::collections::BTreeMap;
-
-use lb_common::{Path, PathCounters, EGRESS, PATH_STATS};
+use lb_common::EGRESS;
 use tracing::{info, warn};
 
 use super::{map_err, netdev, AyaDataplane};
-use crate::{config::FastPathMode, ports::DataplaneError};
+use crate::config::FastPathMode;
 
 /// Whether packets may leave by an interface on the fast path, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +48,7 @@ impl AyaDataplane {
         let driver = netdev::interface_driver(iface)?;
         let (on, why) = decide_fast_path(mode, driver.as_deref());
         if on {
-            self.maps.egress.insert(ifindex, ifindex, None, 0).map_err(|e| map_err(EGRESS, "write")(e))?;
+            self.maps.egress.insert(ifindex, ifindex, None, 0).map_err(map_err(EGRESS, "write"))?;
         } else if self.maps.egress.get(ifindex, 0).is_ok() {
             self.maps.egress.remove(ifindex).map_err(map_err(EGRESS, "delete"))?;
         }
@@ -70,29 +69,6 @@ impl AyaDataplane {
                 }
             }
         }
-    }
-
-    /// The fast-path decision for each interface we are attached to.
-    pub fn fast_paths(&self) -> &BTreeMap<String, FastPath> {
-        &self.fast_paths
-    }
-
-    /// Packets per `Path` that arrived on `ifindex`, summed over CPUs
-    /// (all zero before the first one).
-    pub fn path_counters(&self, ifindex: u32) -> Result<Vec<(Path, u64)>, DataplaneError> {
-        let mut total = PathCounters::default();
-        match self.maps.path_stats.get(&ifindex, 0) {
-            Ok(per_cpu) => {
-                for c in per_cpu.iter() {
-                    for (t, v) in total.packets.iter_mut().zip(c.packets) {
-                        *t += v;
-                    }
-                }
-            }
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(PATH_STATS, "read")(e)),
-        }
-        Ok(Path::ALL.iter().map(|p| (*p, total.packets[*p as usize])).collect())
     }
 }
 

@@ -130,8 +130,8 @@ impl DataplaneReads for AyaDataplane {
     fn attachments(&self) -> Vec<Attachment> {
         AyaDataplane::attachments(self)
             .map(|(iface, mode, checksums)| {
-                let fast = self.fast_paths().get(iface);
-                let paths = match fast.map(|f| self.path_counters(f.ifindex)).transpose() {
+                let fast = self.fast_paths.get(iface);
+                let paths = match fast.map(|f| self.maps.path_counters(f.ifindex)).transpose() {
                     Ok(p) => p.unwrap_or_default(),
                     Err(e) => {
                         warn!(interface = iface, error = %e, "reading the path counters failed");

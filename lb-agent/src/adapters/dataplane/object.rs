@@ -65,6 +65,18 @@ impl Maps {
         sum_counters(&self.backend_stats, id, BACKEND_STATS)
     }
 
+    /// Packets per `Path` that arrived on `ifindex`, summed over CPUs, in
+    /// `lb_common::Path::ALL` order (all zero before the first one).
+    pub fn path_counters(&self, ifindex: u32) -> Result<Vec<(lb_common::Path, u64)>, DataplaneError> {
+        let mut total = PathCounters::default();
+        match self.path_stats.get(&ifindex, 0) {
+            Ok(per_cpu) => per_cpu.iter().for_each(|c| total.add(c)),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(PATH_STATS, "read")(e)),
+        }
+        Ok(lb_common::Path::ALL.iter().map(|p| (*p, total.packets[*p as usize])).collect())
+    }
+
     /// Packets per reason, summed over CPUs, in `Reason::ALL` order.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         Reason::ALL
