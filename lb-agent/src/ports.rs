@@ -266,6 +266,21 @@ pub struct HostFacts {
     /// `net.ipv4.ip_local_port_range`: the ports the host's own outgoing
     /// connections are given, first and last.
     pub ephemeral_ports: Option<(u16, u16)>,
+    /// The kernel's route to each configured backend address (none known:
+    /// nothing to judge).
+    pub routes: BTreeMap<Ipv4Addr, Route>,
+}
+
+/// How this host routes an address (`ip route get`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Leaves by this interface (directly or through a gateway).
+    Via(String),
+    /// An address of this host.
+    Local,
+    /// No route the kernel would use, and why (no route, unreachable,
+    /// prohibited, blackhole).
+    Unusable(String),
 }
 
 #[derive(Clone, Debug)]

@@ -1,11 +1,14 @@
 //! Gathers `core::deploy::HostFacts` from this network namespace: its IPv4
 //! addresses (getifaddrs), each listed interface's fast-path decision and
-//! whether it forwards.
+//! whether it forwards, and the route to each configured backend.
 
 use std::net::Ipv4Addr;
 
 use crate::{
-    adapters::dataplane::{egress::decide_fast_path, netdev},
+    adapters::{
+        dataplane::{egress::decide_fast_path, netdev},
+        routes::route_to,
+    },
     config::Config,
     ports::{HostFacts, InterfaceFacts},
 };
@@ -31,6 +34,12 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
                 .map(|v| v.trim() == "1")
                 .unwrap_or(true);
             facts.interfaces.insert(iface.clone(), InterfaceFacts { fast_path, fast_path_why, forwarding });
+        }
+        for b in &s.backends {
+            let addr = *b.address.ip();
+            if let std::collections::btree_map::Entry::Vacant(e) = facts.routes.entry(addr) {
+                e.insert(route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to backend {addr}: {e}"))?);
+            }
         }
     }
     Ok(facts)

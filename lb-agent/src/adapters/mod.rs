@@ -11,5 +11,6 @@ pub mod orchestrator;
 pub mod probe;
 pub mod process;
 pub mod requests;
+pub mod routes;
 pub mod sampling;
 pub mod timeline;

@@ -5,8 +5,8 @@
 use std::fmt;
 
 use crate::{
-    config::Config,
-    ports::{HostFacts, InterfaceFacts},
+    config::{Config, ServiceConfig},
+    ports::{HostFacts, InterfaceFacts, Route},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,13 +85,91 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
                 });
             }
         }
+        out.extend(judge_routes(&at, s, facts));
     }
+    out
+}
+
+/// Whether the kernel routes the service's backends somewhere the program
+/// sees their replies: a backend with no route (or one that is a local
+/// address, whose replies leave from the host's own stack) cannot be
+/// served at all; one routed out of an interface the service does not list
+/// answers there, where nothing translates the reply back to the VIP.
+/// Backends whose route is not among the facts are not judged.
+fn judge_routes(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let routed: Vec<(String, &Route)> = s
+        .backends
+        .iter()
+        .filter_map(|b| facts.routes.get(b.address.ip()).map(|r| (b.address.to_string(), r)))
+        .collect();
+    let unusable: Vec<String> = routed
+        .iter()
+        .filter_map(|(b, r)| match r {
+            Route::Via(_) => None,
+            Route::Local => Some(format!(
+                "{b} (an address of this host: its replies leave from the host's own stack, never through the \
+                 program)"
+            )),
+            Route::Unusable(why) => Some(format!("{b} (no route: {why})")),
+        })
+        .collect();
+    let via: Vec<(&String, &String)> =
+        routed.iter().filter_map(|(b, r)| if let Route::Via(i) = r { Some((b, i)) } else { None }).collect();
+    if !routed.is_empty() && via.is_empty() {
+        out.push(Finding {
+            severity: Severity::Refuse,
+            text: format!(
+                "{at}: no backend can be reached through this host: {}; route them (ip route add ...) to an \
+                 interface the service lists, or fix their addresses",
+                unusable.join(", ")
+            ),
+        });
+        return out;
+    }
+    if !unusable.is_empty() {
+        out.push(Finding {
+            severity: Severity::Warn,
+            text: format!(
+                "{at}: new flows picked for these backends fail: {}; route them, or take them out of the \
+                 config",
+                unusable.join(", ")
+            ),
+        });
+    }
+    let outside: Vec<String> =
+        via.iter().filter(|(_, i)| !s.interfaces.contains(i)).map(|(b, i)| format!("{b} via {i}")).collect();
+    if outside.is_empty() {
+        return out;
+    }
+    let mut missing: Vec<&str> =
+        via.iter().map(|(_, i)| i.as_str()).filter(|i| !s.interfaces.iter().any(|l| l == i)).collect();
+    missing.sort_unstable();
+    missing.dedup();
+    let which = if outside.len() == via.len() {
+        format!("no listed interface ({}) reaches any backend", s.interfaces.join(", "))
+    } else {
+        "some backends are routed out of interfaces the service does not list".to_owned()
+    };
+    out.push(Finding {
+        severity: Severity::Warn,
+        text: format!(
+            "{at}: {which}: {}; their replies come back there, where the program is not attached, and reach \
+             clients untranslated (from the backend, not the VIP); add {} to the service's interfaces, or route \
+             the backends through a listed one",
+            outside.join(", "),
+            missing.join(", ")
+        ),
+    });
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeSet, net::Ipv4Addr};
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        net::Ipv4Addr,
+    };
 
     use super::*;
 
@@ -115,7 +193,68 @@ mod tests {
             local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },
             interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
             ephemeral_ports: Some((32768, 60999)),
+            routes: BTreeMap::new(),
         }
+    }
+
+    /// Two backends of the web service, 10.0.1.2 and 10.0.1.3, routed so.
+    fn routed(first: Route, second: Route) -> (Config, HostFacts) {
+        let config = parse(&format!("{CONFIG}[[service.backend]]\naddress = \"10.0.1.3:8080\"\n")).unwrap();
+        let mut f = facts(false, true, true, true);
+        f.routes = [(Ipv4Addr::new(10, 0, 1, 2), first), (Ipv4Addr::new(10, 0, 1, 3), second)].into();
+        (config, f)
+    }
+
+    fn via(iface: &str) -> Route {
+        Route::Via(iface.to_owned())
+    }
+
+    #[test]
+    fn backends_routed_out_of_listed_interfaces_are_fine() {
+        let (config, f) = routed(via("br0"), via("eth0"));
+        assert_eq!(judge(&config, &f), vec![]);
+        // No routes among the facts (a fake data plane): nothing to judge.
+        assert_eq!(judge(&config, &facts(false, true, true, true)), vec![]);
+    }
+
+    #[test]
+    fn no_listed_interface_reaching_any_backend_is_a_warning() {
+        let (config, f) = routed(via("eth9"), via("eth9"));
+        let f = judge(&config, &f);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Warn);
+        let t = &f[0].text;
+        assert!(t.starts_with("service[0] \"web\": no listed interface (eth0, br0) reaches any backend"), "{t}");
+        assert!(t.contains("10.0.1.2:8080 via eth9, 10.0.1.3:8080 via eth9") && t.contains("add eth9 to"), "{t}");
+    }
+
+    #[test]
+    fn some_backends_routed_elsewhere_is_a_warning_about_those() {
+        let (config, f) = routed(via("br0"), via("eth9"));
+        let f = judge(&config, &f);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Warn);
+        assert!(f[0].text.contains("10.0.1.3:8080 via eth9") && !f[0].text.contains("10.0.1.2"), "{}", f[0]);
+    }
+
+    #[test]
+    fn no_backend_with_a_usable_route_is_refused() {
+        let (config, f) = routed(Route::Unusable("Network is unreachable".into()), Route::Local);
+        let f = judge(&config, &f);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Refuse);
+        let t = &f[0].text;
+        assert!(t.contains("10.0.1.2:8080 (no route: Network is unreachable)"), "{t}");
+        assert!(t.contains("10.0.1.3:8080 (an address of this host"), "{t}");
+    }
+
+    #[test]
+    fn some_backends_without_a_usable_route_is_a_warning() {
+        let (config, f) = routed(via("br0"), Route::Unusable("Network is unreachable".into()));
+        let f = judge(&config, &f);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Warn);
+        assert!(f[0].text.contains("10.0.1.3:8080 (no route") && !f[0].text.contains("10.0.1.2"), "{}", f[0]);
     }
 
     #[test]

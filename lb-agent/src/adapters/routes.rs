@@ -1,0 +1,224 @@
+//! Which way the kernel routes an address from this network namespace:
+//! one rtnetlink `RTM_GETROUTE` per address (what `ip route get ADDR`
+//! asks), on a NETLINK_ROUTE socket of the calling thread's namespace.
+//! No subprocess, so `run` can ask on a reload without waiting on `ip`.
+
+use std::{io, net::Ipv4Addr};
+
+use crate::ports::Route;
+
+// uapi/linux/netlink.h and rtnetlink.h.
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const RTMSG_LEN: usize = 12;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTN_UNICAST: u8 = 1;
+const RTN_LOCAL: u8 = 2;
+
+/// The kernel's route to `addr`: the interface it leaves by, a local
+/// address, or why there is none (the error `ip route get` would print).
+pub fn route_to(addr: Ipv4Addr) -> io::Result<Route> {
+    let socket = NetlinkSocket::open()?;
+    socket.send(&get_route_request(addr, 1))?;
+    let mut buf = vec![0u8; 8192];
+    let n = socket.recv(&mut buf)?;
+    parse_route_reply(&buf[..n], if_name)
+}
+
+/// `RTM_GETROUTE` for `addr`/32: a header, an `rtmsg` and one `RTA_DST`.
+fn get_route_request(addr: Ipv4Addr, seq: u32) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + RTMSG_LEN + 8;
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    // pid 0: the kernel.
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    msg.extend_from_slice(&[libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0]);
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&RTA_DST.to_ne_bytes());
+    msg.extend_from_slice(&addr.octets());
+    msg
+}
+
+/// The kernel's answer to [`get_route_request`]: an `RTM_NEWROUTE`, or an
+/// error message (no route, unreachable, prohibited, blackhole).
+/// `if_name` names an interface index.
+fn parse_route_reply(reply: &[u8], if_name: impl Fn(u32) -> Option<String>) -> io::Result<Route> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("RTM_GETROUTE reply: {what}"));
+    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if reply.len() < NLMSG_HDRLEN {
+        return Err(bad("shorter than a header"));
+    }
+    let len = (u32_at(reply, 0) as usize).min(reply.len());
+    match u16_at(reply, 4) {
+        NLMSG_ERROR if len >= NLMSG_HDRLEN + 4 => {
+            let errno = -(u32_at(reply, NLMSG_HDRLEN) as i32);
+            return Ok(Route::Unusable(route_error(errno)));
+        }
+        libc::RTM_NEWROUTE if len >= NLMSG_HDRLEN + RTMSG_LEN => {}
+        other => return Err(bad(&format!("message type {other}, {len} bytes"))),
+    }
+    let route_type = reply[NLMSG_HDRLEN + 7];
+    let mut oif = None;
+    let mut at = NLMSG_HDRLEN + RTMSG_LEN;
+    while at + 4 <= len {
+        let (attr_len, attr_type) = (u16_at(reply, at) as usize, u16_at(reply, at + 2));
+        if attr_len < 4 || at + attr_len > len {
+            return Err(bad("attribute beyond the message"));
+        }
+        if attr_type == RTA_OIF && attr_len >= 8 {
+            oif = Some(u32_at(reply, at + 4));
+        }
+        at += attr_len.next_multiple_of(4);
+    }
+    Ok(match (route_type, oif) {
+        (RTN_LOCAL, _) => Route::Local,
+        (RTN_UNICAST, Some(i)) => Route::Via(if_name(i).unwrap_or_else(|| format!("ifindex {i}"))),
+        (t, _) => Route::Unusable(format!("route of type {t}")),
+    })
+}
+
+/// What an error answer means: the route types that refuse
+/// (`fib_props` in net/ipv4/fib_semantics.c) by name, else the errno's
+/// text ("Network is unreachable" when there is no route at all).
+fn route_error(errno: i32) -> String {
+    match errno {
+        libc::EINVAL => "a blackhole route".to_owned(),
+        libc::EACCES => "a prohibit route".to_owned(),
+        libc::EHOSTUNREACH => "an unreachable route".to_owned(),
+        _ => {
+            let text = io::Error::from_raw_os_error(errno).to_string();
+            // Without io::Error's " (os error 101)".
+            text.split(" (os error").next().unwrap_or_default().to_owned()
+        }
+    }
+}
+
+/// The name of interface `index` in this namespace.
+fn if_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success `name` holds a NUL-terminated string.
+    Some(unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// A NETLINK_ROUTE socket, closed on drop.
+struct NetlinkSocket(std::os::fd::OwnedFd);
+
+impl NetlinkSocket {
+    fn open() -> io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain syscall; the descriptor is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor we just opened and nothing else owns.
+        Ok(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// To the kernel (port 0), which answers before `sendto` returns.
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: all-zero is a valid sockaddr_nl; family set below.
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: `msg` and `kernel` outlive the call, lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&raw const kernel).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: `buf` is writable for its length. MSG_DONTWAIT: the
+        // answer is queued already, so never block the agent's loop.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(len: usize, kind: u16) -> Vec<u8> {
+        let mut m = (len as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m
+    }
+
+    /// An RTM_NEWROUTE of `route_type` with an RTA_TABLE and, if given, an RTA_OIF.
+    fn new_route(route_type: u8, oif: Option<u32>) -> Vec<u8> {
+        let len = NLMSG_HDRLEN + RTMSG_LEN + 8 + if oif.is_some() { 8 } else { 0 };
+        let mut m = header(len, libc::RTM_NEWROUTE);
+        m.extend_from_slice(&[libc::AF_INET as u8, 32, 0, 0, 254, 0, 0, route_type, 0, 0, 0, 0]);
+        m.extend_from_slice(&[8, 0, 15, 0, 254, 0, 0, 0]); // RTA_TABLE
+        if let Some(i) = oif {
+            m.extend_from_slice(&8u16.to_ne_bytes());
+            m.extend_from_slice(&RTA_OIF.to_ne_bytes());
+            m.extend_from_slice(&i.to_ne_bytes());
+        }
+        m
+    }
+
+    fn names(i: u32) -> Option<String> {
+        (i == 7).then(|| "eth7".to_owned())
+    }
+
+    #[test]
+    fn the_request_asks_for_one_ipv4_destination() {
+        let m = get_route_request(Ipv4Addr::new(10, 1, 2, 3), 9);
+        assert_eq!(m.len(), 36);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 36);
+        assert_eq!(&m[16..18], &[libc::AF_INET as u8, 32]);
+        assert_eq!(&m[32..36], &[10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn replies_parse() {
+        assert_eq!(parse_route_reply(&new_route(RTN_UNICAST, Some(7)), names).unwrap(), Route::Via("eth7".into()));
+        assert_eq!(parse_route_reply(&new_route(RTN_UNICAST, Some(8)), names).unwrap(), Route::Via("ifindex 8".into()));
+        assert_eq!(parse_route_reply(&new_route(RTN_LOCAL, Some(1)), names).unwrap(), Route::Local);
+        assert!(matches!(parse_route_reply(&new_route(6, None), names).unwrap(), Route::Unusable(_)));
+        let mut err = header(NLMSG_HDRLEN + 4, NLMSG_ERROR);
+        err.extend_from_slice(&(-libc::ENETUNREACH).to_ne_bytes());
+        let Route::Unusable(why) = parse_route_reply(&err, names).unwrap() else { panic!("an error is no route") };
+        assert_eq!(why, "Network is unreachable");
+        assert!(parse_route_reply(&err[..8], names).is_err());
+        let mut cut = new_route(RTN_UNICAST, Some(7));
+        cut[NLMSG_HDRLEN + RTMSG_LEN] = 200; // an attribute longer than the message
+        assert!(parse_route_reply(&cut, names).is_err());
+    }
+
+    /// This namespace's own loopback address is local, whoever runs it.
+    #[test]
+    fn loopback_is_local() {
+        assert_eq!(route_to(Ipv4Addr::LOCALHOST).unwrap(), Route::Local);
+    }
+}
