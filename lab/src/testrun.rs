@@ -14,14 +14,16 @@ use aya::{
 };
 use lb_agent::adapters::dataplane::object::{load_object, load_program, take_map, xdp_program, Maps};
 use lb_common::{
-    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKEND_F_ACTIVE,
-    MAGLEV_TABLE_SIZE, MODE_DNAT,
+    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Path, Reason, Service, ServiceKey,
+    BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// What one BPF_PROG_TEST_RUN returned.
 #[derive(Debug)]
@@ -36,14 +38,44 @@ pub struct Run {
 
 /// Runs `prog` on `data` `repeat` times (the kernel reuses the same buffer
 /// for every repeat, without restoring it). Returns the raw `ProgramError`
-/// so callers can tell the kernel's refusals (EINVAL) apart.
+/// so callers can tell the kernel's refusals (EINVAL) apart. The frame
+/// arrives on the caller's namespace's loopback.
 pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramError> {
+    run_with_ctx(prog, data, repeat, None)
+}
+
+/// Runs `prog` once on `data` as if it arrived on `ingress_ifindex`, an
+/// interface of the calling thread's network namespace: the program, and
+/// its `bpf_fib_lookup`, see that device (`ctx->rxq->dev`).
+pub fn test_run_from(prog: &Xdp, data: &[u8], ingress_ifindex: u32) -> Result<Run, ProgramError> {
+    run_with_ctx(prog, data, 1, Some(&xdp_md(data.len(), ingress_ifindex)))
+}
+
+/// A `struct xdp_md` (uapi/linux/bpf.h) for BPF_PROG_TEST_RUN's `ctx_in`,
+/// which aya 0.14 takes as raw bytes (`TestRunOptions::ctx_in`; it has no
+/// typed XDP context). The kernel accepts it since v5.15 ("bpf: Support
+/// input xdp_md context in BPF_PROG_TEST_RUN") only as: data at
+/// 0 and no metadata, data_end the frame's length, egress_ifindex 0, and an
+/// ingress device of the caller's namespace (`xdp_convert_md_to_buff` in
+/// net/bpf/test_run.c; ENODEV otherwise) with rx queue 0.
+fn xdp_md(frame_len: usize, ingress_ifindex: u32) -> [u8; 24] {
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let fields = [0, frame_len as u32, 0, ingress_ifindex, 0, 0];
+    let mut md = [0u8; 24];
+    for (chunk, v) in md.chunks_exact_mut(4).zip(fields) {
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    md
+}
+
+fn run_with_ctx(prog: &Xdp, data: &[u8], repeat: u32, ctx_in: Option<&[u8]>) -> Result<Run, ProgramError> {
     // Room to spare: XDP may grow a frame, and with a short buffer the kernel
     // copies what fits and fails with ENOSPC.
     let mut out = vec![0u8; data.len() + 256];
     let result = prog.test_run(TestRunOptions {
         data_in: Some(data),
         data_out: Some(&mut out),
+        ctx_in,
         repeat,
         ..TestRunOptions::new()
     })?;
@@ -152,6 +184,25 @@ impl LbObject {
     /// Runs a loaded program once on `frame`.
     pub fn run(&self, prog: &str, frame: &[u8]) -> Result<Run> {
         test_run(self.program(prog)?, frame, 1).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))
+    }
+
+    /// Runs a loaded program once on `frame`, arriving on `ingress_ifindex`
+    /// (see [`test_run_from`]).
+    pub fn run_from(&self, prog: &str, frame: &[u8], ingress_ifindex: u32) -> Result<Run> {
+        test_run_from(self.program(prog)?, frame, ingress_ifindex)
+            .with_context(|| format!("BPF_PROG_TEST_RUN {prog} from ifindex {ingress_ifindex}"))
+    }
+
+    /// Lets translated packets leave by `ifindex` on the fast path (`EGRESS`,
+    /// as the agent's `set_fast_path` does); the device must be in the
+    /// calling thread's namespace.
+    pub fn allow_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.maps.egress.insert(ifindex, ifindex, None, 0).with_context(|| format!("put ifindex {ifindex} in EGRESS"))
+    }
+
+    /// `PATH_STATS[ingress_ifindex]`, summed over CPUs, by `Path`.
+    pub fn paths(&self, ingress_ifindex: u32) -> Result<Vec<(Path, u64)>> {
+        self.maps.path_counters(ingress_ifindex).with_context(|| format!("read the paths of ifindex {ingress_ifindex}"))
     }
 
     /// Writes a service, its backends and its live Maglev table.

@@ -16,14 +16,22 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
 };
 
-use lb_common::{Conn, Counters, FlowKey, Reason, DIR_FORWARD, DIR_REPLY, PROG_LB, PROG_LB_LOCAL, TCP_SEEN_FIN};
+use lb_agent::adapters::dataplane::netdev::if_index;
+use lb_common::{Conn, Counters, FlowKey, Path, Reason, DIR_FORWARD, DIR_REPLY, PROG_LB, PROG_LB_LOCAL, TCP_SEEN_FIN};
 use lb_lab::{
-    checksum::{complete_partial_l4_checksum, ones_complement_sum, verify_ipv4_frame, with_partial_l4_checksum},
+    checksum::{
+        complete_partial_l4_checksum, internet_checksum, ones_complement_sum, verify_ipv4_frame,
+        with_partial_l4_checksum,
+    },
+    command::run_cmd,
     diff::frame_diff,
     netns::NetNsGuard,
     packet::*,
     root::skip_without_root,
-    testrun::{be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, XDP_DROP, XDP_PASS},
+    testrun::{
+        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+        XDP_TX,
+    },
 };
 
 // ---- The topology every fixture runs against --------------------------------
@@ -757,6 +765,204 @@ fn reply_conn(n: &Nat) -> Conn {
     Conn { nat_ip_be: be_ip(n.vip), nat_port_be: n.vip.port().to_be(), ..forward_conn(n) }
 }
 
+// ---- The fast path: verdicts after the FIB lookup ---------------------------
+//
+// The fixtures above run where the FIB cannot help (the namespace's
+// loopback, which does not forward), so everything translated passes up.
+// These wire the load balancer host in the fixture's namespace, with routes
+// and neighbour entries, and run each packet as arriving on one of its
+// interfaces (BPF_PROG_TEST_RUN's `xdp_md.ingress_ifindex`): the program's
+// bpf_fib_lookup then answers from that namespace's tables.
+
+/// Towards the client: 192.168.1.1/24 (so `CLIENT` is on-link), MAC `LB_MAC`.
+const LB_CLIENT_SIDE: &str = "lb-c";
+/// Towards the backends: 10.1.0.254/24 (the web backends are on-link).
+const LB_BACKEND_SIDE: &str = "lb-b";
+const LB_BACKEND_SIDE_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0x01, 0x01];
+
+struct RouteFixture {
+    name: &'static str,
+    /// Packets run first from the client side: the SYN that opens the flow
+    /// a reply belongs to (and records the client's MACs and interface).
+    setup: Vec<Vec<u8>>,
+    /// The interface `input` arrives on.
+    ingress: &'static str,
+    input: Vec<u8>,
+    /// Permanent neighbour entries: address, MAC, interface.
+    neighbours: Vec<(Ipv4Addr, Mac, &'static str)>,
+    verdict: u32,
+    output: Vec<u8>,
+    reason: Reason,
+    /// Counted in `PATH_STATS` for the ingress interface.
+    path: Path,
+}
+
+/// `frame` as a router sends it on: the MACs of the next hop and of the
+/// egress interface, the TTL one lower and the IPv4 header checksum
+/// computed afresh (by the harness, not incrementally as the program does).
+fn as_routed(mut frame: Vec<u8>, next_hop: Mac, egress: Mac) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&next_hop);
+    frame[6..12].copy_from_slice(&egress);
+    frame[22] -= 1;
+    frame[24..26].fill(0);
+    let check = internet_checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+/// The web backend a SYN from `CLIENT` gets, reachable at `BACKEND_MAC`.
+fn web_backend_neighbour() -> Vec<(Ipv4Addr, Mac, &'static str)> {
+    vec![(*web_nat(CLIENT).backend.ip(), BACKEND_MAC, LB_BACKEND_SIDE)]
+}
+
+fn syn_redirected_to_the_backend_side() -> RouteFixture {
+    let (input, translated) = tcp_to_vip_and_backend(&web_nat(CLIENT), &Tcp::new(0, 0, TCP_SYN));
+    RouteFixture {
+        name: "syn_redirected_to_the_backend_side",
+        setup: vec![],
+        ingress: LB_CLIENT_SIDE,
+        input,
+        neighbours: web_backend_neighbour(),
+        verdict: XDP_REDIRECT,
+        output: as_routed(translated, BACKEND_MAC, LB_BACKEND_SIDE_MAC),
+        reason: Reason::Forwarded,
+        path: Path::Redirected,
+    }
+}
+
+/// A client on the backends' side: the next hop is out of the interface the
+/// SYN came in on.
+fn syn_sent_back_out_of_its_interface() -> RouteFixture {
+    RouteFixture {
+        name: "syn_sent_back_out_of_its_interface",
+        ingress: LB_BACKEND_SIDE,
+        verdict: XDP_TX,
+        path: Path::TxBack,
+        ..syn_redirected_to_the_backend_side()
+    }
+}
+
+/// The FIB knows the route but not the backend's MAC: the translated SYN
+/// passes up unchanged otherwise, for the kernel to resolve the neighbour.
+fn syn_without_neighbour_passes_up() -> RouteFixture {
+    let (input, translated) = tcp_to_vip_and_backend(&web_nat(CLIENT), &Tcp::new(0, 0, TCP_SYN));
+    RouteFixture {
+        name: "syn_without_neighbour_passes_up",
+        neighbours: vec![],
+        verdict: XDP_PASS,
+        output: translated,
+        path: Path::PassFibNoNeigh,
+        input,
+        ..syn_redirected_to_the_backend_side()
+    }
+}
+
+fn reply_redirected_to_the_client_side() -> RouteFixture {
+    let (mut f, output) = (tcp_reply_from_backend(), tcp_reply_from_backend().output);
+    RouteFixture {
+        name: "reply_redirected_to_the_client_side",
+        setup: std::mem::take(&mut f.setup),
+        ingress: LB_BACKEND_SIDE,
+        input: f.input,
+        neighbours: vec![(*CLIENT.ip(), CLIENT_MAC, LB_CLIENT_SIDE)],
+        verdict: XDP_REDIRECT,
+        output: as_routed(output, CLIENT_MAC, LB_MAC),
+        reason: Reason::ReplyTranslated,
+        path: Path::Redirected,
+    }
+}
+
+/// No neighbour entry for the client: a reply cannot pass up (from a VIP
+/// that is a host address it would be a martian), so it leaves with the
+/// MACs the flow's SYN arrived with.
+fn reply_without_client_neighbour_uses_the_flows_macs() -> RouteFixture {
+    RouteFixture {
+        name: "reply_without_client_neighbour_uses_the_flows_macs",
+        neighbours: vec![],
+        path: Path::RepliedFlowMacs,
+        ..reply_redirected_to_the_client_side()
+    }
+}
+
+/// Makes the load balancer host in the calling thread's namespace: both
+/// sides as veths whose peers stay here, up, forwarding on, both in
+/// `EGRESS` (as the agent does for interfaces with the fast path); and
+/// `neighbours`. Returns the ifindex of each side.
+fn wire_host(lb: &mut LbObject, neighbours: &[(Ipv4Addr, Mac, &str)]) -> [(&'static str, u32); 2] {
+    let mac = |m: Mac| m.map(|b| format!("{b:02x}")).join(":");
+    for (iface, m, addr) in
+        [(LB_CLIENT_SIDE, LB_MAC, "192.168.1.1/24"), (LB_BACKEND_SIDE, LB_BACKEND_SIDE_MAC, "10.1.0.254/24")]
+    {
+        let peer = format!("{iface}-peer");
+        run_cmd("ip", &["link", "add", iface, "address", &mac(m), "type", "veth", "peer", "name", &peer]);
+        run_cmd("ip", &["link", "set", &peer, "up"]);
+        run_cmd("ip", &["link", "set", iface, "up"]);
+        run_cmd("ip", &["addr", "add", addr, "dev", iface]);
+    }
+    // A child process opens /proc/sys in the namespace of the thread that
+    // spawned it: this one.
+    run_cmd("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    for (addr, m, iface) in neighbours {
+        run_cmd("ip", &["neigh", "replace", &addr.to_string(), "lladdr", &mac(*m), "dev", iface, "nud", "permanent"]);
+    }
+    [LB_CLIENT_SIDE, LB_BACKEND_SIDE].map(|iface| {
+        let index = if_index(iface).unwrap_or_else(|| panic!("no {iface} in the fixture's namespace"));
+        lb.allow_egress(index).expect("put the interface in EGRESS");
+        (iface, index)
+    })
+}
+
+fn run_route_fixture(f: RouteFixture) {
+    for program in BOTH {
+        run_route_fixture_on(&f, program);
+    }
+}
+
+fn run_route_fixture_on(f: &RouteFixture, program: &str) {
+    let name = &format!("{} ({program})", f.name);
+    let _netns = NetNsGuard::new().expect("create a network namespace");
+    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    for svc in services() {
+        lb.add_service(&svc).expect("write the services");
+    }
+    let sides = wire_host(&mut lb, &f.neighbours);
+    let index_of = |iface: &str| sides.iter().find(|(i, _)| *i == iface).expect("a side of the host").1;
+    for (i, p) in f.setup.iter().enumerate() {
+        let run = lb.run_from(program, p, index_of(LB_CLIENT_SIDE)).expect("run a setup packet");
+        assert_ne!(action(run.verdict), action(XDP_DROP), "{name}: setup packet {i} dropped");
+    }
+    let ingress = index_of(f.ingress);
+    let paths_before = sides.map(|(_, i)| lb.paths(i).unwrap());
+    let reasons_before = lb.reasons().unwrap();
+    let run = lb.run_from(program, &f.input, ingress).expect("run the fixture packet");
+
+    assert_eq!(action(run.verdict), action(f.verdict), "{name}: verdict");
+    if let Some(diff) = frame_diff(&f.output, &run.data) {
+        panic!("{name}: output frame is not the expected one\n{diff}");
+    }
+    verify_ipv4_frame(&run.data).unwrap_or_else(|e| panic!("{name}: output checksums: {e}"));
+    check_reason_delta(&reasons_before, &lb.reasons().unwrap(), f.reason, 1)
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    for ((iface, index), before) in sides.iter().zip(paths_before) {
+        let moved: Vec<(Path, u64)> = lb
+            .paths(*index)
+            .unwrap()
+            .into_iter()
+            .zip(before)
+            .filter(|((_, after), (_, before))| after != before)
+            .map(|((p, after), (_, before))| (p, after - before))
+            .collect();
+        let want = if *index == ingress { vec![(f.path, 1)] } else { vec![] };
+        assert_eq!(moved, want, "{name}: PATH_STATS of {iface} moved");
+    }
+    // The flow remembers the interface its first packet arrived on, which
+    // the test run's context set.
+    let opened_on = if f.setup.is_empty() { ingress } else { index_of(LB_CLIENT_SIDE) };
+    let flows = lb.conntrack().unwrap();
+    let forward = flows.values().find(|c| c.nat_ip_be != be_ip(WEB_VIP)).expect("the flow's forward entry");
+    assert_eq!(forward.client_ifindex, opened_on, "{name}: the flow's client interface");
+}
+
 // ---- The tests --------------------------------------------------------------
 
 macro_rules! root_fixtures {
@@ -822,6 +1028,32 @@ root_fixtures! {
     root_service_without_backends => service_without_backends,
     root_service_with_unwritten_table => service_with_unwritten_table,
     root_service_with_stale_backend => service_with_stale_backend,
+}
+
+macro_rules! root_route_fixtures {
+    ($($test:ident => $fixture:ident,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                if skip_without_root(stringify!($test)) {
+                    return;
+                }
+                run_route_fixture($fixture());
+            }
+        )*
+
+        fn all_route_fixtures() -> Vec<RouteFixture> {
+            vec![$($fixture()),*]
+        }
+    };
+}
+
+root_route_fixtures! {
+    root_syn_redirected_to_the_backend_side => syn_redirected_to_the_backend_side,
+    root_syn_sent_back_out_of_its_interface => syn_sent_back_out_of_its_interface,
+    root_syn_without_neighbour_passes_up => syn_without_neighbour_passes_up,
+    root_reply_redirected_to_the_client_side => reply_redirected_to_the_client_side,
+    root_reply_without_client_neighbour_uses_the_flows_macs => reply_without_client_neighbour_uses_the_flows_macs,
 }
 
 /// XDP test runs refuse frames shorter than an Ethernet header with EINVAL
@@ -896,8 +1128,9 @@ fn every_reachable_reason_has_a_fixture() {
 /// message names the test to rerun.
 #[test]
 fn fixture_names_are_unique() {
-    let fixtures = all_fixtures();
-    for (i, f) in fixtures.iter().enumerate() {
-        assert!(fixtures[..i].iter().all(|g| g.name != f.name), "duplicate fixture {}", f.name);
+    let names: Vec<&str> =
+        all_fixtures().iter().map(|f| f.name).chain(all_route_fixtures().iter().map(|f| f.name)).collect();
+    for (i, name) in names.iter().enumerate() {
+        assert!(!names[..i].contains(name), "duplicate fixture {name}");
     }
 }
