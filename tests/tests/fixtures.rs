@@ -227,12 +227,17 @@ fn dns_nat() -> Nat {
 /// A client TCP segment of `nat`'s flow, as sent (to the VIP) and as it must
 /// leave (to the backend).
 fn tcp_to_vip_and_backend(nat: &Nat, tcp: &Tcp) -> (Vec<u8>, Vec<u8>) {
+    tcp_to_vip_and_backend_with_ip(nat, tcp, |ip| ip)
+}
+
+/// The same, with the IPv4 header of both changed alike.
+fn tcp_to_vip_and_backend_with_ip(nat: &Nat, tcp: &Tcp, change: impl Fn(Ipv4) -> Ipv4) -> (Vec<u8>, Vec<u8>) {
     let c = nat.client;
     let sent = Tcp { src_port: c.port(), dst_port: nat.vip.port(), ..tcp.clone() };
     let fwd = Tcp { src_port: c.port(), dst_port: nat.backend.port(), ..tcp.clone() };
     (
-        tcp_frame(FROM_CLIENT, &ip(*c.ip(), *nat.vip.ip()), &sent),
-        tcp_frame(FROM_CLIENT, &ip(*c.ip(), *nat.backend.ip()), &fwd),
+        tcp_frame(FROM_CLIENT, &change(ip(*c.ip(), *nat.vip.ip())), &sent),
+        tcp_frame(FROM_CLIENT, &change(ip(*c.ip(), *nat.backend.ip())), &fwd),
     )
 }
 
@@ -790,6 +795,14 @@ struct RouteFixture {
     input: Vec<u8>,
     /// Permanent neighbour entries: address, MAC, interface.
     neighbours: Vec<(Ipv4Addr, Mac, &'static str)>,
+    /// Routes added on top of the interfaces' own (`ip route add ...`).
+    routes: Vec<&'static str>,
+    /// The interfaces in `EGRESS` (where the agent turned the fast path on).
+    egress: &'static [&'static str],
+    /// Both programs, or only `xdp_lb_local` for a partial L4 checksum
+    /// (checked by completing it, as in `Fixture`).
+    programs: &'static [&'static str],
+    partial_l4: bool,
     verdict: u32,
     output: Vec<u8>,
     reason: Reason,
@@ -810,19 +823,27 @@ fn as_routed(mut frame: Vec<u8>, next_hop: Mac, egress: Mac) -> Vec<u8> {
     frame
 }
 
-/// The web backend a SYN from `CLIENT` gets, reachable at `BACKEND_MAC`.
-fn web_backend_neighbour() -> Vec<(Ipv4Addr, Mac, &'static str)> {
-    vec![(*web_nat(CLIENT).backend.ip(), BACKEND_MAC, LB_BACKEND_SIDE)]
+const BOTH_SIDES: &[&str] = &[LB_CLIENT_SIDE, LB_BACKEND_SIDE];
+
+/// A SYN from `CLIENT` to the web VIP with its IPv4 header changed and
+/// `payload`, as sent and as translated (addresses only).
+fn syn_and_translated(change: impl Fn(Ipv4) -> Ipv4, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    tcp_to_vip_and_backend_with_ip(&web_nat(CLIENT), &Tcp::new(0, 0, TCP_SYN).with_payload(payload), change)
 }
 
 fn syn_redirected_to_the_backend_side() -> RouteFixture {
-    let (input, translated) = tcp_to_vip_and_backend(&web_nat(CLIENT), &Tcp::new(0, 0, TCP_SYN));
+    let (input, translated) = syn_and_translated(|ip| ip, b"");
     RouteFixture {
         name: "syn_redirected_to_the_backend_side",
         setup: vec![],
         ingress: LB_CLIENT_SIDE,
         input,
-        neighbours: web_backend_neighbour(),
+        // The web backend a SYN from `CLIENT` gets.
+        neighbours: vec![(*web_nat(CLIENT).backend.ip(), BACKEND_MAC, LB_BACKEND_SIDE)],
+        routes: vec![],
+        egress: BOTH_SIDES,
+        programs: BOTH,
+        partial_l4: false,
         verdict: XDP_REDIRECT,
         output: as_routed(translated, BACKEND_MAC, LB_BACKEND_SIDE_MAC),
         reason: Reason::Forwarded,
@@ -845,30 +866,75 @@ fn syn_sent_back_out_of_its_interface() -> RouteFixture {
 /// The FIB knows the route but not the backend's MAC: the translated SYN
 /// passes up unchanged otherwise, for the kernel to resolve the neighbour.
 fn syn_without_neighbour_passes_up() -> RouteFixture {
-    let (input, translated) = tcp_to_vip_and_backend(&web_nat(CLIENT), &Tcp::new(0, 0, TCP_SYN));
+    RouteFixture { name: "syn_without_neighbour_passes_up", neighbours: vec![], ..passed_up(Path::PassFibNoNeigh) }
+}
+
+/// The translated SYN, passed up for `path` with no byte changed but the
+/// addresses (the MACs and the TTL are the kernel's to set).
+fn passed_up(path: Path) -> RouteFixture {
+    let (_, translated) = syn_and_translated(|ip| ip, b"");
+    RouteFixture { verdict: XDP_PASS, output: translated, path, ..syn_redirected_to_the_backend_side() }
+}
+
+/// The backend side can route and resolve, but the agent did not turn the
+/// fast path on there (a bridge, a veth whose peer cannot take XDP frames).
+fn syn_to_an_egress_without_fast_path_passes_up() -> RouteFixture {
     RouteFixture {
-        name: "syn_without_neighbour_passes_up",
-        neighbours: vec![],
-        verdict: XDP_PASS,
-        output: translated,
-        path: Path::PassFibNoNeigh,
-        input,
-        ..syn_redirected_to_the_backend_side()
+        name: "syn_to_an_egress_without_fast_path_passes_up",
+        egress: &[LB_CLIENT_SIDE],
+        ..passed_up(Path::PassEgressNotReady)
+    }
+}
+
+/// TTL 1: the kernel, not the program, answers with ICMP time exceeded.
+fn syn_with_ttl_1_passes_up() -> RouteFixture {
+    let (input, output) = syn_and_translated(|ip| Ipv4 { ttl: 1, ..ip }, b"");
+    RouteFixture { name: "syn_with_ttl_1_passes_up", input, output, ..passed_up(Path::PassTtlExpired) }
+}
+
+/// Larger than the backend side's MTU (1500) with DF set: the kernel
+/// answers with ICMP fragmentation needed.
+fn syn_larger_than_the_egress_mtu_passes_up() -> RouteFixture {
+    let (input, output) = syn_and_translated(|ip| ip, &[0x55; 1600]);
+    RouteFixture { name: "syn_larger_than_the_egress_mtu_passes_up", input, output, ..passed_up(Path::PassFragNeeded) }
+}
+
+/// A partial L4 checksum from a local stack: a redirected frame would lose
+/// the note that the checksum is still to be finished.
+fn syn_with_partial_checksum_passes_up() -> RouteFixture {
+    let f = passed_up(Path::PassPartialChecksum);
+    RouteFixture {
+        name: "syn_with_partial_checksum_passes_up",
+        input: with_partial_l4_checksum(f.input.clone()),
+        output: with_partial_l4_checksum(f.output.clone()),
+        programs: &[PROG_LB_LOCAL],
+        partial_l4: true,
+        ..f
+    }
+}
+
+/// A route the program cannot use: the kernel drops it, and says why.
+fn syn_to_a_blackholed_backend_passes_up() -> RouteFixture {
+    RouteFixture {
+        name: "syn_to_a_blackholed_backend_passes_up",
+        routes: vec!["blackhole 10.1.0.0/25"],
+        ..passed_up(Path::PassFibUnsupported)
     }
 }
 
 fn reply_redirected_to_the_client_side() -> RouteFixture {
-    let (mut f, output) = (tcp_reply_from_backend(), tcp_reply_from_backend().output);
+    let reply = tcp_reply_from_backend();
     RouteFixture {
         name: "reply_redirected_to_the_client_side",
-        setup: std::mem::take(&mut f.setup),
+        setup: reply.setup,
         ingress: LB_BACKEND_SIDE,
-        input: f.input,
+        input: reply.input,
         neighbours: vec![(*CLIENT.ip(), CLIENT_MAC, LB_CLIENT_SIDE)],
         verdict: XDP_REDIRECT,
-        output: as_routed(output, CLIENT_MAC, LB_MAC),
+        output: as_routed(reply.output, CLIENT_MAC, LB_MAC),
         reason: Reason::ReplyTranslated,
         path: Path::Redirected,
+        ..syn_redirected_to_the_backend_side()
     }
 }
 
@@ -885,10 +951,11 @@ fn reply_without_client_neighbour_uses_the_flows_macs() -> RouteFixture {
 }
 
 /// Makes the load balancer host in the calling thread's namespace: both
-/// sides as veths whose peers stay here, up, forwarding on, both in
-/// `EGRESS` (as the agent does for interfaces with the fast path); and
-/// `neighbours`. Returns the ifindex of each side.
-fn wire_host(lb: &mut LbObject, neighbours: &[(Ipv4Addr, Mac, &str)]) -> [(&'static str, u32); 2] {
+/// sides as veths whose peers stay here, up, forwarding on; `f`'s
+/// neighbours and routes, and its `egress` interfaces in `EGRESS` (as the
+/// agent does for interfaces with the fast path). Returns the ifindex of
+/// each side.
+fn wire_host(lb: &mut LbObject, f: &RouteFixture) -> [(&'static str, u32); 2] {
     let mac = |m: Mac| m.map(|b| format!("{b:02x}")).join(":");
     for (iface, m, addr) in
         [(LB_CLIENT_SIDE, LB_MAC, "192.168.1.1/24"), (LB_BACKEND_SIDE, LB_BACKEND_SIDE_MAC, "10.1.0.254/24")]
@@ -902,18 +969,23 @@ fn wire_host(lb: &mut LbObject, neighbours: &[(Ipv4Addr, Mac, &str)]) -> [(&'sta
     // A child process opens /proc/sys in the namespace of the thread that
     // spawned it: this one.
     run_cmd("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    for (addr, m, iface) in neighbours {
+    for (addr, m, iface) in &f.neighbours {
         run_cmd("ip", &["neigh", "replace", &addr.to_string(), "lladdr", &mac(*m), "dev", iface, "nud", "permanent"]);
+    }
+    for route in &f.routes {
+        run_cmd("ip", &[&["route", "add"][..], &route.split_whitespace().collect::<Vec<_>>()].concat());
     }
     [LB_CLIENT_SIDE, LB_BACKEND_SIDE].map(|iface| {
         let index = if_index(iface).unwrap_or_else(|| panic!("no {iface} in the fixture's namespace"));
-        lb.allow_egress(index).expect("put the interface in EGRESS");
+        if f.egress.contains(&iface) {
+            lb.allow_egress(index).expect("put the interface in EGRESS");
+        }
         (iface, index)
     })
 }
 
 fn run_route_fixture(f: RouteFixture) {
-    for program in BOTH {
+    for program in f.programs {
         run_route_fixture_on(&f, program);
     }
 }
@@ -925,7 +997,7 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
-    let sides = wire_host(&mut lb, &f.neighbours);
+    let sides = wire_host(&mut lb, f);
     let index_of = |iface: &str| sides.iter().find(|(i, _)| *i == iface).expect("a side of the host").1;
     for (i, p) in f.setup.iter().enumerate() {
         let run = lb.run_from(program, p, index_of(LB_CLIENT_SIDE)).expect("run a setup packet");
@@ -940,7 +1012,8 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     if let Some(diff) = frame_diff(&f.output, &run.data) {
         panic!("{name}: output frame is not the expected one\n{diff}");
     }
-    verify_ipv4_frame(&run.data).unwrap_or_else(|e| panic!("{name}: output checksums: {e}"));
+    let completed = if f.partial_l4 { complete_partial_l4_checksum(run.data.clone()) } else { run.data.clone() };
+    verify_ipv4_frame(&completed).unwrap_or_else(|e| panic!("{name}: output checksums: {e}"));
     check_reason_delta(&reasons_before, &lb.reasons().unwrap(), f.reason, 1)
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     for ((iface, index), before) in sides.iter().zip(paths_before) {
@@ -1052,6 +1125,11 @@ root_route_fixtures! {
     root_syn_redirected_to_the_backend_side => syn_redirected_to_the_backend_side,
     root_syn_sent_back_out_of_its_interface => syn_sent_back_out_of_its_interface,
     root_syn_without_neighbour_passes_up => syn_without_neighbour_passes_up,
+    root_syn_to_an_egress_without_fast_path_passes_up => syn_to_an_egress_without_fast_path_passes_up,
+    root_syn_with_ttl_1_passes_up => syn_with_ttl_1_passes_up,
+    root_syn_larger_than_the_egress_mtu_passes_up => syn_larger_than_the_egress_mtu_passes_up,
+    root_syn_with_partial_checksum_passes_up => syn_with_partial_checksum_passes_up,
+    root_syn_to_a_blackholed_backend_passes_up => syn_to_a_blackholed_backend_passes_up,
     root_reply_redirected_to_the_client_side => reply_redirected_to_the_client_side,
     root_reply_without_client_neighbour_uses_the_flows_macs => reply_without_client_neighbour_uses_the_flows_macs,
 }
@@ -1122,6 +1200,14 @@ fn every_reachable_reason_has_a_fixture() {
         .map(|r| r.name())
         .collect();
     assert!(missing.is_empty(), "reasons without a fixture: {missing:?}");
+}
+
+/// Every way out of the program's FIB step has a fixture.
+#[test]
+fn every_path_has_a_route_fixture() {
+    let covered: Vec<Path> = all_route_fixtures().iter().map(|f| f.path).collect();
+    let missing: Vec<&str> = Path::ALL.iter().filter(|p| !covered.contains(p)).map(|p| p.name()).collect();
+    assert!(missing.is_empty(), "paths without a fixture: {missing:?}");
 }
 
 /// Fixture names are unique and match their test names' tails, so a failure
