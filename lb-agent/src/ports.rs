@@ -266,8 +266,8 @@ pub struct HostFacts {
     /// `net.ipv4.ip_local_port_range`: the ports the host's own outgoing
     /// connections are given, first and last.
     pub ephemeral_ports: Option<(u16, u16)>,
-    /// The kernel's route to each configured backend address (none known:
-    /// nothing to judge).
+    /// The kernel's route to each configured backend address and VIP (none
+    /// known: nothing to judge).
     pub routes: BTreeMap<Ipv4Addr, Route>,
 }
 
@@ -292,4 +292,11 @@ pub struct InterfaceFacts {
     /// forwarded at all (by the kernel, and by bpf_fib_lookup, which
     /// refuses otherwise).
     pub forwarding: bool,
+    /// The program here takes a checksum that looks partial for one
+    /// (`L4Checksums::MayBePartial`): such packets never take the fast path.
+    pub may_be_partial: bool,
+    /// Reverse-path filtering as the kernel applies it to packets arriving
+    /// here: the larger of net.ipv4.conf.{all,<if>}.rp_filter (0 off,
+    /// 1 strict, 2 loose).
+    pub rp_filter: u8,
 }

@@ -29,20 +29,26 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             }
             let driver = netdev::interface_driver(iface)?;
             let (fast_path, fast_path_why) = decide_fast_path(config.fast_path(iface), driver.as_deref());
-            // /proc/sys/net shows the reader's network namespace.
-            let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
-                .map(|v| v.trim() == "1")
-                .unwrap_or(true);
-            facts.interfaces.insert(iface.clone(), InterfaceFacts { fast_path, fast_path_why, forwarding });
+            let forwarding = conf_value(iface, "forwarding").is_none_or(|v| v == 1);
+            let may_be_partial =
+                netdev::checksums_for(config.checksums(iface), iface)? == crate::ports::L4Checksums::MayBePartial;
+            let rp_filter = conf_value("all", "rp_filter").max(conf_value(iface, "rp_filter")).unwrap_or(0);
+            let f = InterfaceFacts { fast_path, fast_path_why, forwarding, may_be_partial, rp_filter };
+            facts.interfaces.insert(iface.clone(), f);
         }
-        for b in &s.backends {
-            let addr = *b.address.ip();
+        for addr in s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]) {
             if let std::collections::btree_map::Entry::Vacant(e) = facts.routes.entry(addr) {
-                e.insert(route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to backend {addr}: {e}"))?);
+                e.insert(route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to {addr}: {e}"))?);
             }
         }
     }
     Ok(facts)
+}
+
+/// `net.ipv4.conf.<iface>.<key>` as a number; `None` when unreadable.
+fn conf_value(iface: &str, key: &str) -> Option<u8> {
+    // /proc/sys/net shows the reader's network namespace.
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/{key}")).ok()?.trim().parse().ok()
 }
 
 /// `ip_local_port_range`'s text: two numbers, first and last.

@@ -2,7 +2,7 @@
 //! the host are gathered first (`adapters::host_facts`), then judged here,
 //! so `check` and `run` say the same thing for the same host.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use crate::{
     config::{Config, ServiceConfig},
@@ -86,6 +86,73 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
             }
         }
         out.extend(judge_routes(&at, s, facts));
+        out.extend(judge_reply_paths(&at, s, facts));
+    }
+    out
+}
+
+/// The listed interfaces the kernel routes the service's backends out of
+/// (where their replies are expected back), each with those backends.
+fn backend_sides<'a>(s: &ServiceConfig, facts: &'a HostFacts) -> BTreeMap<&'a str, Vec<String>> {
+    let mut sides: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for b in &s.backends {
+        if let Some(Route::Via(i)) = facts.routes.get(b.address.ip()) {
+            if s.interfaces.contains(i) {
+                sides.entry(i.as_str()).or_default().push(b.address.to_string());
+            }
+        }
+    }
+    sides
+}
+
+/// Whether backends' replies, arriving on the interfaces they are routed
+/// out of, can reach clients. A reply that does not take the fast path
+/// passes up to the kernel with the VIP as its source: for a VIP that is
+/// an address of this host it is then dropped as a martian, which is what
+/// happens to every reply with a partial checksum (a local stack's, over
+/// veth); for another VIP, reverse-path filtering drops it unless the VIP
+/// is routed back out of that interface (strict) or at all (loose).
+fn judge_reply_paths(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Finding> {
+    let local = facts.local_addrs.contains(&s.vip);
+    let vip_route = facts.routes.get(&s.vip);
+    let mut out = Vec::new();
+    for (iface, backends) in backend_sides(s, facts) {
+        let Some(f) = facts.interfaces.get(iface) else { continue };
+        let backends = backends.join(", ");
+        if local && f.may_be_partial {
+            out.push(Finding {
+                severity: Severity::Warn,
+                text: format!(
+                    "{at}: backends {backends} answer through {iface}, whose program takes a checksum that looks \
+                     partial for one (checksums = \"may-be-partial\", or \"auto\" on a veth or bridge): such a \
+                     reply cannot take the fast path and, translated back to the host's own address {}, is \
+                     dropped as a martian; have the backends compute their checksums (ethtool -K <their \
+                     interface> tx off) and set checksums = \"complete\" for {iface}",
+                    s.vip
+                ),
+            });
+        }
+        let dropped = match (f.rp_filter, vip_route) {
+            (_, None) => false,
+            (1, Some(r)) => *r != Route::Via(iface.to_owned()),
+            (2, Some(r)) => matches!(r, Route::Unusable(_)),
+            _ => false,
+        };
+        if !local && dropped {
+            let mode = if f.rp_filter == 1 { "strict" } else { "loose" };
+            out.push(Finding {
+                severity: Severity::Warn,
+                text: format!(
+                    "{at}: backends {backends} answer through {iface}, where {mode} reverse-path filtering \
+                     (net.ipv4.conf.{{all,{iface}}}.rp_filter = {}) drops a reply that passes up to the kernel \
+                     (all of them while the clients' interface has no fast path, else the ones that fall back): \
+                     its source, the VIP {}, is not routed {}; set rp_filter to 0 on {iface} and all",
+                    f.rp_filter,
+                    s.vip,
+                    if f.rp_filter == 1 { format!("out of {iface}") } else { "at all".to_owned() }
+                ),
+            });
+        }
     }
     out
 }
@@ -188,7 +255,13 @@ mod tests {
     "#;
 
     fn facts(local: bool, eth0_fast: bool, br0_fast: bool, forwarding: bool) -> HostFacts {
-        let f = |fast_path: bool| InterfaceFacts { fast_path, fast_path_why: "why".into(), forwarding };
+        let f = |fast_path: bool| InterfaceFacts {
+            fast_path,
+            fast_path_why: "why".into(),
+            forwarding,
+            may_be_partial: false,
+            rp_filter: 0,
+        };
         HostFacts {
             local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },
             interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
@@ -246,6 +319,58 @@ mod tests {
         let t = &f[0].text;
         assert!(t.contains("10.0.1.2:8080 (no route: Network is unreachable)"), "{t}");
         assert!(t.contains("10.0.1.3:8080 (an address of this host"), "{t}");
+    }
+
+    /// A host-address VIP, backends routed out of br0 and eth0, as `routed`.
+    fn host_address_backends() -> (Config, HostFacts) {
+        let (config, mut f) = routed(via("br0"), via("eth0"));
+        f.local_addrs.insert(Ipv4Addr::new(192, 0, 2, 10));
+        f.routes.insert(Ipv4Addr::new(192, 0, 2, 10), Route::Local);
+        (config, f)
+    }
+
+    #[test]
+    fn host_address_replies_through_an_interface_for_partial_checksums_is_a_warning() {
+        let (config, mut f) = host_address_backends();
+        assert_eq!(judge(&config, &f), vec![]);
+        f.interfaces.get_mut("br0").unwrap().may_be_partial = true;
+        let found = judge(&config, &f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].severity, Severity::Warn);
+        let t = &found[0].text;
+        assert!(t.contains("backends 10.0.1.2:8080 answer through br0") && t.contains("martian"), "{t}");
+        assert!(t.contains("tx off") && t.contains("checksums = \"complete\" for br0"), "{t}");
+        // A VIP elsewhere: such replies pass up and the kernel forwards them.
+        f.local_addrs.clear();
+        f.routes.insert(Ipv4Addr::new(192, 0, 2, 10), via("eth0"));
+        assert_eq!(judge(&config, &f), vec![]);
+    }
+
+    #[test]
+    fn reverse_path_filtering_that_drops_passed_up_replies_is_a_warning() {
+        let (config, mut f) = routed(via("br0"), via("br0"));
+        let vip = Ipv4Addr::new(192, 0, 2, 10);
+        f.routes.insert(vip, via("eth0"));
+        let rp = |f: &mut HostFacts, v: u8| f.interfaces.get_mut("br0").unwrap().rp_filter = v;
+        rp(&mut f, 1);
+        let found = judge(&config, &f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].severity, Severity::Warn);
+        let t = &found[0].text;
+        assert!(t.contains("backends 10.0.1.2:8080, 10.0.1.3:8080 answer through br0, where strict"), "{t}");
+        assert!(t.contains("not routed out of br0"), "{t}");
+        // Loose filtering passes a VIP routed anywhere; not one routed nowhere.
+        rp(&mut f, 2);
+        assert_eq!(judge(&config, &f), vec![]);
+        f.routes.insert(vip, Route::Unusable("Network is unreachable".into()));
+        assert!(judge(&config, &f)[0].text.contains("where loose"), "{:?}", judge(&config, &f));
+        // Strict filtering passes a VIP routed back out of br0; off passes all.
+        rp(&mut f, 1);
+        f.routes.insert(vip, via("br0"));
+        assert_eq!(judge(&config, &f), vec![]);
+        rp(&mut f, 0);
+        f.routes.insert(vip, Route::Unusable("Network is unreachable".into()));
+        assert_eq!(judge(&config, &f), vec![]);
     }
 
     #[test]
