@@ -212,17 +212,48 @@ fn root_host_address_vip_without_fast_path_is_refused() {
     let topo = Topology::build(Options::with_backends(&["web-1", "web-2"]));
     // The lab's veths with `auto`: no fast path anywhere.
     let config = host_config(&topo).replace("fast_path = \"on\"", "fast_path = \"auto\"");
-    let path = topo.write_raw_config(&config);
-    let out = topo
-        .lb
-        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]));
+    let out = check(&topo, &config);
     println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
     assert!(!out.status.success(), "check accepted a host-address VIP without a fast path: {out:?}");
     assert!(out.stdout.contains("martian") && out.stdout.contains("veth: its peer needs GRO"), "{out:?}");
     // The same VIP elsewhere (not a host address) needs no fast path.
-    let path = topo.write_raw_config(&config.replace(&LB_CLIENT_ADDR.to_string(), "10.200.255.1"));
-    let out = topo
-        .lb
-        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]));
+    let out = check(&topo, &config.replace(&LB_CLIENT_ADDR.to_string(), "10.200.255.1"));
     assert!(out.status.success(), "{out:?}");
+}
+
+/// `check` asks the namespace's routing (rtnetlink) about each backend: one
+/// routed out of an interface the service does not list is a warning, and
+/// a service none of whose backends has a route is refused.
+#[test]
+fn root_check_judges_the_routes_to_backends() {
+    require_root!("root_check_judges_the_routes_to_backends");
+    let topo = Topology::build(Options::with_backends(&["web-1", "web-2"]));
+    let config = host_config(&topo);
+    let out = check(&topo, &config);
+    assert!(out.status.success() && !out.stdout.contains("warning"), "{out:?}");
+
+    let b1 = &topo.backend("web-1").lb_iface;
+    let unlisted = config
+        .replace(&format!(", {b1:?}"), "")
+        .replace(&format!("[interface.{b1:?}]\nchecksums = \"complete\"\nfast_path = \"on\"\n"), "");
+    let out = check(&topo, &unlisted);
+    println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    let via = format!("{}:{BACKEND_TCP_PORT} via {b1}", topo.backend("web-1").addr);
+    assert!(out.stdout.contains(&via) && out.stdout.contains(&format!("add {b1} to")), "{out:?}");
+
+    let mut unrouted = config.clone();
+    for (i, b) in topo.backends.iter().enumerate() {
+        unrouted = unrouted.replace(&format!("\"{}:", b.addr), &format!("\"10.250.0.{}:", i + 1));
+    }
+    let out = check(&topo, &unrouted);
+    println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
+    assert!(!out.status.success(), "check accepted backends without a route: {out:?}");
+    assert!(out.stdout.contains("refused") && out.stdout.contains("10.250.0.1:"), "{out:?}");
+}
+
+/// `lb-agent check` on `config`, in the LB namespace.
+fn check(topo: &Topology, config: &str) -> lb_lab::agent::CliOutput {
+    let path = topo.write_raw_config(config);
+    topo.lb.run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]))
 }
