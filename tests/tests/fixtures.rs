@@ -1038,25 +1038,27 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
 
 // ---- The tests --------------------------------------------------------------
 
+/// One `#[test]` per fixture, running it with `$run`, and `$all()` listing
+/// them for the table-wide checks below.
 macro_rules! root_fixtures {
-    ($($test:ident => $fixture:ident,)*) => {
+    ($run:ident, $all:ident -> $kind:ty { $($test:ident => $fixture:ident,)* }) => {
         $(
             #[test]
             fn $test() {
                 if skip_without_root(stringify!($test)) {
                     return;
                 }
-                run_fixture($fixture());
+                $run($fixture());
             }
         )*
 
-        fn all_fixtures() -> Vec<Fixture> {
+        fn $all() -> Vec<$kind> {
             vec![$($fixture()),*]
         }
     };
 }
 
-root_fixtures! {
+root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_tcp_syn_to_vip => tcp_syn_to_vip,
     root_tcp_syn_with_partial_checksum => tcp_syn_with_partial_checksum,
     root_tcp_syn_retransmit_same_flow => tcp_syn_retransmit_same_flow,
@@ -1101,27 +1103,9 @@ root_fixtures! {
     root_service_without_backends => service_without_backends,
     root_service_with_unwritten_table => service_with_unwritten_table,
     root_service_with_stale_backend => service_with_stale_backend,
-}
+});
 
-macro_rules! root_route_fixtures {
-    ($($test:ident => $fixture:ident,)*) => {
-        $(
-            #[test]
-            fn $test() {
-                if skip_without_root(stringify!($test)) {
-                    return;
-                }
-                run_route_fixture($fixture());
-            }
-        )*
-
-        fn all_route_fixtures() -> Vec<RouteFixture> {
-            vec![$($fixture()),*]
-        }
-    };
-}
-
-root_route_fixtures! {
+root_fixtures!(run_route_fixture, all_route_fixtures -> RouteFixture {
     root_syn_redirected_to_the_backend_side => syn_redirected_to_the_backend_side,
     root_syn_sent_back_out_of_its_interface => syn_sent_back_out_of_its_interface,
     root_syn_without_neighbour_passes_up => syn_without_neighbour_passes_up,
@@ -1132,7 +1116,7 @@ root_route_fixtures! {
     root_syn_to_a_blackholed_backend_passes_up => syn_to_a_blackholed_backend_passes_up,
     root_reply_redirected_to_the_client_side => reply_redirected_to_the_client_side,
     root_reply_without_client_neighbour_uses_the_flows_macs => reply_without_client_neighbour_uses_the_flows_macs,
-}
+});
 
 /// XDP test runs refuse frames shorter than an Ethernet header with EINVAL
 /// before the program runs (`bpf_test_init` in net/bpf/test_run.c rejects

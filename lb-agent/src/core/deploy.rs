@@ -282,6 +282,14 @@ mod tests {
         Route::Via(iface.to_owned())
     }
 
+    /// The text of the one finding `config` draws, which must be `severity`.
+    fn only(config: &Config, facts: &HostFacts, severity: Severity) -> String {
+        let found = judge(config, facts);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].severity, severity, "{}", found[0]);
+        found[0].text.clone()
+    }
+
     #[test]
     fn backends_routed_out_of_listed_interfaces_are_fine() {
         let (config, f) = routed(via("br0"), via("eth0"));
@@ -293,10 +301,7 @@ mod tests {
     #[test]
     fn no_listed_interface_reaching_any_backend_is_a_warning() {
         let (config, f) = routed(via("eth9"), via("eth9"));
-        let f = judge(&config, &f);
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert_eq!(f[0].severity, Severity::Warn);
-        let t = &f[0].text;
+        let t = only(&config, &f, Severity::Warn);
         assert!(t.starts_with("service[0] \"web\": no listed interface (eth0, br0) reaches any backend"), "{t}");
         assert!(t.contains("10.0.1.2:8080 via eth9, 10.0.1.3:8080 via eth9") && t.contains("add eth9 to"), "{t}");
     }
@@ -304,19 +309,14 @@ mod tests {
     #[test]
     fn some_backends_routed_elsewhere_is_a_warning_about_those() {
         let (config, f) = routed(via("br0"), via("eth9"));
-        let f = judge(&config, &f);
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert_eq!(f[0].severity, Severity::Warn);
-        assert!(f[0].text.contains("10.0.1.3:8080 via eth9") && !f[0].text.contains("10.0.1.2"), "{}", f[0]);
+        let t = only(&config, &f, Severity::Warn);
+        assert!(t.contains("10.0.1.3:8080 via eth9") && !t.contains("10.0.1.2"), "{t}");
     }
 
     #[test]
     fn no_backend_with_a_usable_route_is_refused() {
         let (config, f) = routed(Route::Unusable("Network is unreachable".into()), Route::Local);
-        let f = judge(&config, &f);
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert_eq!(f[0].severity, Severity::Refuse);
-        let t = &f[0].text;
+        let t = only(&config, &f, Severity::Refuse);
         assert!(t.contains("10.0.1.2:8080 (no route: Network is unreachable)"), "{t}");
         assert!(t.contains("10.0.1.3:8080 (an address of this host"), "{t}");
     }
@@ -334,10 +334,7 @@ mod tests {
         let (config, mut f) = host_address_backends();
         assert_eq!(judge(&config, &f), vec![]);
         f.interfaces.get_mut("br0").unwrap().may_be_partial = true;
-        let found = judge(&config, &f);
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[0].severity, Severity::Warn);
-        let t = &found[0].text;
+        let t = only(&config, &f, Severity::Warn);
         assert!(t.contains("backends 10.0.1.2:8080 answer through br0") && t.contains("martian"), "{t}");
         assert!(t.contains("tx off") && t.contains("checksums = \"complete\" for br0"), "{t}");
         // A VIP elsewhere: such replies pass up and the kernel forwards them.
@@ -353,17 +350,14 @@ mod tests {
         f.routes.insert(vip, via("eth0"));
         let rp = |f: &mut HostFacts, v: u8| f.interfaces.get_mut("br0").unwrap().rp_filter = v;
         rp(&mut f, 1);
-        let found = judge(&config, &f);
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[0].severity, Severity::Warn);
-        let t = &found[0].text;
+        let t = only(&config, &f, Severity::Warn);
         assert!(t.contains("backends 10.0.1.2:8080, 10.0.1.3:8080 answer through br0, where strict"), "{t}");
         assert!(t.contains("not routed out of br0"), "{t}");
         // Loose filtering passes a VIP routed anywhere; not one routed nowhere.
         rp(&mut f, 2);
         assert_eq!(judge(&config, &f), vec![]);
         f.routes.insert(vip, Route::Unusable("Network is unreachable".into()));
-        assert!(judge(&config, &f)[0].text.contains("where loose"), "{:?}", judge(&config, &f));
+        assert!(only(&config, &f, Severity::Warn).contains("where loose"));
         // Strict filtering passes a VIP routed back out of br0; off passes all.
         rp(&mut f, 1);
         f.routes.insert(vip, via("br0"));
@@ -376,10 +370,8 @@ mod tests {
     #[test]
     fn some_backends_without_a_usable_route_is_a_warning() {
         let (config, f) = routed(via("br0"), Route::Unusable("Network is unreachable".into()));
-        let f = judge(&config, &f);
-        assert_eq!(f.len(), 1, "{f:?}");
-        assert_eq!(f[0].severity, Severity::Warn);
-        assert!(f[0].text.contains("10.0.1.3:8080 (no route") && !f[0].text.contains("10.0.1.2"), "{}", f[0]);
+        let t = only(&config, &f, Severity::Warn);
+        assert!(t.contains("10.0.1.3:8080 (no route") && !t.contains("10.0.1.2"), "{t}");
     }
 
     #[test]
