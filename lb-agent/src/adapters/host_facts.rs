@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use crate::{
     adapters::{
         dataplane::{egress::decide_fast_path, netdev},
-        routes::route_to,
+        routes::RouteLookup,
     },
     config::Config,
     ports::{HostFacts, InterfaceFacts},
@@ -22,6 +22,7 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             .and_then(|text| parse_port_range(&text)),
         ..HostFacts::default()
     };
+    let mut routes = RouteLookup::open().map_err(|e| anyhow::anyhow!("open a netlink socket for routes: {e}"))?;
     for s in &config.services {
         for iface in &s.interfaces {
             if facts.interfaces.contains_key(iface) || netdev::if_index(iface).is_none() {
@@ -38,7 +39,7 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
         }
         for addr in s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]) {
             if let std::collections::btree_map::Entry::Vacant(e) = facts.routes.entry(addr) {
-                e.insert(route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to {addr}: {e}"))?);
+                e.insert(routes.route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to {addr}: {e}"))?);
             }
         }
     }
