@@ -261,6 +261,8 @@ pub trait Prober: Send + Sync + 'static {
 pub struct HostFacts {
     /// Every IPv4 address on this host's interfaces (this namespace).
     pub local_addrs: BTreeSet<Ipv4Addr>,
+    /// The interfaces each of those addresses is on.
+    pub address_interfaces: BTreeMap<Ipv4Addr, BTreeSet<String>>,
     /// Per listed interface.
     pub interfaces: BTreeMap<String, InterfaceFacts>,
     /// `net.ipv4.ip_local_port_range`: the ports the host's own outgoing

@@ -223,7 +223,8 @@ fn root_host_address_vip_without_fast_path_is_refused() {
 
 /// `check` asks the namespace's routing (rtnetlink) about each backend: one
 /// routed out of an interface the service does not list is a warning, and
-/// a service none of whose backends has a route is refused.
+/// a service none of whose backends has a route is refused. A host-address
+/// VIP on an interface the service does not list is a warning.
 #[test]
 fn root_check_judges_the_routes_to_backends() {
     require_root!("root_check_judges_the_routes_to_backends");
@@ -233,14 +234,18 @@ fn root_check_judges_the_routes_to_backends() {
     assert!(out.status.success() && !out.stdout.contains("warning"), "{out:?}");
 
     let b1 = &topo.backend("web-1").lb_iface;
-    let unlisted = config
-        .replace(&format!(", {b1:?}"), "")
-        .replace(&format!("[interface.{b1:?}]\nchecksums = \"complete\"\nfast_path = \"on\"\n"), "");
-    let out = check(&topo, &unlisted);
+    let out = check(&topo, &without_interface(&config, b1));
     println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
     assert!(out.status.success(), "{out:?}");
     let via = format!("{}:{BACKEND_TCP_PORT} via {b1}", topo.backend("web-1").addr);
     assert!(out.stdout.contains(&via) && out.stdout.contains(&format!("add {b1} to")), "{out:?}");
+
+    // The host's address is on the client side; without it listed, its
+    // clients would reach the host's own port.
+    let out = check(&topo, &without_interface(&config, LB_CLIENT_IFACE));
+    assert!(out.status.success(), "{out:?}");
+    let on = format!("the VIP {LB_CLIENT_ADDR} is an address of {LB_CLIENT_IFACE}, which the service does not list");
+    assert!(out.stdout.contains(&on), "{out:?}");
 
     let mut unrouted = config.clone();
     for (i, b) in topo.backends.iter().enumerate() {
@@ -250,6 +255,13 @@ fn root_check_judges_the_routes_to_backends() {
     println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
     assert!(!out.status.success(), "check accepted backends without a route: {out:?}");
     assert!(out.stdout.contains("refused") && out.stdout.contains("10.250.0.1:"), "{out:?}");
+}
+
+/// `host_config`'s text with `iface` out of every service's list and out
+/// of the interface settings.
+fn without_interface(config: &str, iface: &str) -> String {
+    let settings = format!("[interface.{iface:?}]\nchecksums = \"complete\"\nfast_path = \"on\"\n");
+    config.replace(&settings, "").replace(&format!("{iface:?}, "), "").replace(&format!(", {iface:?}"), "")
 }
 
 /// `lb-agent check` on `config`, in the LB namespace.

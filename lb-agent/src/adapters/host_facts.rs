@@ -2,7 +2,10 @@
 //! addresses (getifaddrs), each listed interface's fast-path decision and
 //! whether it forwards, and the route to each configured backend.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use crate::{
     adapters::{
@@ -14,8 +17,10 @@ use crate::{
 };
 
 pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
+    let address_interfaces = local_ipv4_addrs()?;
     let mut facts = HostFacts {
-        local_addrs: local_ipv4_addrs()?,
+        local_addrs: address_interfaces.keys().copied().collect(),
+        address_interfaces,
         // /proc/sys/net shows the reader's network namespace.
         ephemeral_ports: std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
@@ -61,12 +66,14 @@ fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     }
 }
 
-fn local_ipv4_addrs() -> anyhow::Result<std::collections::BTreeSet<Ipv4Addr>> {
-    let mut out = std::collections::BTreeSet::new();
+/// Every IPv4 address of this namespace, with the interfaces it is on.
+fn local_ipv4_addrs() -> anyhow::Result<BTreeMap<Ipv4Addr, BTreeSet<String>>> {
+    let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below; each entry
-    // is read only while the list lives, and ifa_addr is checked for null
-    // and for AF_INET before it is read as a sockaddr_in.
+    // is read only while the list lives, ifa_addr is checked for null and
+    // for AF_INET before it is read as a sockaddr_in, and ifa_name is a
+    // NUL-terminated string in every entry.
     unsafe {
         if libc::getifaddrs(&mut head) != 0 {
             return Err(std::io::Error::last_os_error().into());
@@ -76,7 +83,8 @@ fn local_ipv4_addrs() -> anyhow::Result<std::collections::BTreeSet<Ipv4Addr>> {
             let addr = (*cur).ifa_addr;
             if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET {
                 let sin = addr.cast::<libc::sockaddr_in>();
-                out.insert(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr)));
+                let name = std::ffi::CStr::from_ptr((*cur).ifa_name).to_string_lossy().into_owned();
+                out.entry(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr))).or_default().insert(name);
             }
             cur = (*cur).ifa_next;
         }

@@ -87,8 +87,32 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
         }
         out.extend(judge_routes(&at, s, facts));
         out.extend(judge_reply_paths(&at, s, facts));
+        out.extend(judge_vip_interface(&at, s, facts));
     }
     out
+}
+
+/// A VIP that is an address of this host is what its interface's subnet
+/// reaches there: if the service does not list that interface, the program
+/// never sees those clients and the host's own port answers them (a VIP on
+/// loopback is reached through the other interfaces, and is not judged).
+fn judge_vip_interface(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Option<Finding> {
+    let on = facts.address_interfaces.get(&s.vip)?;
+    if on.contains("lo") || on.iter().any(|i| s.interfaces.contains(i)) {
+        return None;
+    }
+    let on: Vec<&str> = on.iter().map(String::as_str).collect();
+    Some(Finding {
+        severity: Severity::Warn,
+        text: format!(
+            "{at}: the VIP {} is an address of {}, which the service does not list: clients reaching it there get \
+             the host's own port {}, not the service; add {} to the service's interfaces",
+            s.vip,
+            on.join(", "),
+            s.port,
+            on.join(" or ")
+        ),
+    })
 }
 
 /// The listed interfaces the kernel routes the service's backends out of
@@ -264,6 +288,11 @@ mod tests {
         };
         HostFacts {
             local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },
+            address_interfaces: if local {
+                [(Ipv4Addr::new(192, 0, 2, 10), ["eth0".to_owned()].into())].into()
+            } else {
+                BTreeMap::new()
+            },
             interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
             ephemeral_ports: Some((32768, 60999)),
             routes: BTreeMap::new(),
@@ -325,6 +354,7 @@ mod tests {
     fn host_address_backends() -> (Config, HostFacts) {
         let (config, mut f) = routed(via("br0"), via("eth0"));
         f.local_addrs.insert(Ipv4Addr::new(192, 0, 2, 10));
+        f.address_interfaces.insert(Ipv4Addr::new(192, 0, 2, 10), ["eth0".to_owned()].into());
         f.routes.insert(Ipv4Addr::new(192, 0, 2, 10), Route::Local);
         (config, f)
     }
@@ -339,7 +369,26 @@ mod tests {
         assert!(t.contains("tx off") && t.contains("checksums = \"complete\" for br0"), "{t}");
         // A VIP elsewhere: such replies pass up and the kernel forwards them.
         f.local_addrs.clear();
+        f.address_interfaces.clear();
         f.routes.insert(Ipv4Addr::new(192, 0, 2, 10), via("eth0"));
+        assert_eq!(judge(&config, &f), vec![]);
+    }
+
+    #[test]
+    fn a_host_address_vip_on_an_unlisted_interface_is_a_warning() {
+        let (_, mut f) = host_address_backends();
+        let config = parse(&CONFIG.replace(r#"["eth0", "br0"]"#, r#"["br0"]"#)).unwrap();
+        let on = |f: &mut HostFacts, names: &[&str]| {
+            f.address_interfaces.insert(Ipv4Addr::new(192, 0, 2, 10), names.iter().map(|n| n.to_string()).collect());
+        };
+        let t = only(&config, &f, Severity::Warn);
+        assert!(t.contains("the VIP 192.0.2.10 is an address of eth0") && t.contains("add eth0 to"), "{t}");
+        on(&mut f, &["eth0", "eth1"]);
+        assert!(only(&config, &f, Severity::Warn).contains("add eth0 or eth1 to"));
+        // Listed, or on loopback (reached through any interface): fine.
+        on(&mut f, &["br0"]);
+        assert_eq!(judge(&config, &f), vec![]);
+        on(&mut f, &["lo"]);
         assert_eq!(judge(&config, &f), vec![]);
     }
 
