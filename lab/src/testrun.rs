@@ -12,7 +12,7 @@ use aya::{
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_agent::adapters::dataplane::object::{load_object, load_program, take_map, xdp_program, Maps};
+use lb_agent::adapters::dataplane::object::{load_object, load_program, program, take_map, Maps};
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Reason, Service, ServiceKey, BACKEND_F_ACTIVE,
     MAGLEV_TABLE_SIZE, MODE_DNAT,
@@ -137,7 +137,7 @@ impl LbObject {
     }
 
     pub fn program(&self, name: &str) -> Result<&Xdp> {
-        xdp_program(&self.ebpf, name)
+        program(&self.ebpf, name)
     }
 
     /// Takes out a map [`Maps`] does not hold (the benchmark's) as the

@@ -71,9 +71,13 @@ pub struct AgentInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
-    /// "native" or "generic".
+    /// Where the program runs: "xdp" or "tc".
+    #[serde(default)]
+    pub hook: String,
+    /// "native" or "generic" (XDP), or "tc".
     pub xdp_mode: String,
-    /// "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`).
+    /// "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`); "skb" at
+    /// tc, where the kernel's helpers follow the skb's checksum state.
     #[serde(default)]
     pub checksums: String,
     /// Whether translated packets may leave by this interface on the fast
@@ -182,9 +186,15 @@ impl Snapshot {
             a.errors_total,
             a.config_path
         );
-        let xdp: Vec<String> =
-            a.interfaces.iter().map(|i| format!("{} ({}, checksums {})", i.name, i.xdp_mode, i.checksums)).collect();
-        let _ = writeln!(out, "xdp: {}", if xdp.is_empty() { "not attached".into() } else { xdp.join(", ") });
+        let hooks: Vec<String> = a
+            .interfaces
+            .iter()
+            .map(|i| match i.xdp_mode.as_str() {
+                "tc" => format!("{} (tc)", i.name),
+                mode => format!("{} (xdp {mode}, checksums {})", i.name, i.checksums),
+            })
+            .collect();
+        let _ = writeln!(out, "attached: {}", if hooks.is_empty() { "nowhere".into() } else { hooks.join(", ") });
         for i in &a.interfaces {
             let onoff = if i.fast_path { "on" } else { "off" };
             let paths: Vec<String> = i.paths.iter().map(|p| format!("{} {}", p.path, p.packets)).collect();
@@ -351,7 +361,7 @@ mod tests {
         };
         let t = s.render_table();
         assert!(t.contains("up 1m15s  errors 1"), "{t}");
-        assert!(t.contains("xdp: eth0 (native, checksums complete)"), "{t}");
+        assert!(t.contains("attached: eth0 (xdp native, checksums complete)"), "{t}");
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),

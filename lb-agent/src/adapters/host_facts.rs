@@ -1,11 +1,11 @@
 //! Gathers `core::deploy::HostFacts` from this network namespace: its IPv4
-//! addresses (getifaddrs), each listed interface's fast-path decision and
-//! whether it forwards.
+//! addresses (getifaddrs), each listed interface's hook and fast-path
+//! decisions and whether it forwards.
 
 use std::net::Ipv4Addr;
 
 use crate::{
-    adapters::dataplane::{egress::decide_fast_path, netdev},
+    adapters::dataplane::{egress::decide_fast_path, netdev, tc::decide_hook},
     config::Config,
     ports::{HostFacts, InterfaceFacts},
 };
@@ -26,11 +26,14 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             }
             let driver = netdev::interface_driver(iface)?;
             let (fast_path, fast_path_why) = decide_fast_path(config.fast_path(iface), driver.as_deref());
+            let (hook, hook_why) = decide_hook(config.hook(iface), driver.as_deref());
             // /proc/sys/net shows the reader's network namespace.
             let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
                 .map(|v| v.trim() == "1")
                 .unwrap_or(true);
-            facts.interfaces.insert(iface.clone(), InterfaceFacts { fast_path, fast_path_why, forwarding });
+            facts
+                .interfaces
+                .insert(iface.clone(), InterfaceFacts { hook, hook_why, fast_path, fast_path_why, forwarding });
         }
     }
     Ok(facts)
