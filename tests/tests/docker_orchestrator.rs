@@ -362,7 +362,8 @@ fn root_docker_lb_end_to_end() {
     std::fs::write(
         &config,
         format!(
-            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}"
+            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}\
+             [interface.{CLIENT_IFACE:?}]\nhook = \"xdp\"\n[interface.{BRIDGE:?}]\nhook = \"xdp\"\n"
         ),
     )
     .expect("write config");
