@@ -9,7 +9,7 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration}
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Map, MapError},
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf,
 };
 use lb_agent::adapters::dataplane::object::{load_object, load_program, program, take_map, Maps};
@@ -22,11 +22,20 @@ use lb_common::{
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+// tc verdicts (uapi/linux/pkt_cls.h).
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// `struct __sk_buff` (uapi/linux/bpf.h) as BPF_PROG_TEST_RUN's `ctx_in`:
+/// its size, and the offsets of the two fields set.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_INGRESS_IFINDEX: usize = 36;
+const SK_BUFF_IFINDEX: usize = 40;
 
 /// What one BPF_PROG_TEST_RUN returned.
 #[derive(Debug)]
 pub struct Run {
-    /// The program's return value, an `XDP_*` action.
+    /// The program's return value, an `XDP_*` action (`TC_ACT_*` for tc).
     pub verdict: u32,
     /// The frame as the program left it.
     pub data: Vec<u8>,
@@ -38,12 +47,30 @@ pub struct Run {
 /// for every repeat, without restoring it). Returns the raw `ProgramError`
 /// so callers can tell the kernel's refusals (EINVAL) apart.
 pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramError> {
+    run_program(prog, data, repeat, None)
+}
+
+/// [`test_run`] for the tc program: the skb arrives on the namespace's
+/// loopback (ifindex 1), as an XDP test run's frame does, so that flow
+/// entries come out the same.
+pub fn test_run_tc(prog: &SchedClassifier, data: &[u8], repeat: u32) -> Result<Run, ProgramError> {
+    let mut ctx = [0u8; SK_BUFF_SIZE];
+    ctx[SK_BUFF_INGRESS_IFINDEX..][..4].copy_from_slice(&1u32.to_ne_bytes());
+    ctx[SK_BUFF_IFINDEX..][..4].copy_from_slice(&1u32.to_ne_bytes());
+    run_program(prog, data, repeat, Some(&ctx))
+}
+
+fn run_program<P>(prog: &P, data: &[u8], repeat: u32, ctx_in: Option<&[u8]>) -> Result<Run, ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     // Room to spare: XDP may grow a frame, and with a short buffer the kernel
     // copies what fits and fails with ENOSPC.
     let mut out = vec![0u8; data.len() + 256];
     let result = prog.test_run(TestRunOptions {
         data_in: Some(data),
         data_out: Some(&mut out),
+        ctx_in,
         repeat,
         ..TestRunOptions::new()
     })?;
@@ -149,9 +176,13 @@ impl LbObject {
         take_map(&mut self.ebpf, name)
     }
 
-    /// Runs a loaded program once on `frame`.
+    /// Runs a loaded program (XDP or tc) once on `frame`.
     pub fn run(&self, prog: &str, frame: &[u8]) -> Result<Run> {
-        test_run(self.program(prog)?, frame, 1).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))
+        let run = match self.ebpf.program(prog) {
+            Some(Program::SchedClassifier(tc)) => test_run_tc(tc, frame, 1),
+            _ => test_run(self.program(prog)?, frame, 1),
+        };
+        run.with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))
     }
 
     /// Writes a service, its backends and its live Maglev table.
