@@ -29,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::{tc::TcAttachType, SchedClassifier};
 use lb_lab::{
     agent::Agent,
     netns::NetNs,
@@ -271,6 +272,11 @@ fn root_missing_neighbour_falls_back_then_takes_the_fast_path() {
     assert!(flow_macs >= 10, "{:?}", paths(&agent));
 }
 
+/// `lb-agent check --config path`, in the LB namespace.
+fn check(topo: &Topology, path: std::path::PathBuf) -> lb_lab::agent::CliOutput {
+    topo.lb.run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]))
+}
+
 #[test]
 fn root_host_address_vip_without_fast_path_is_refused() {
     require_root!("root_host_address_vip_without_fast_path_is_refused");
@@ -279,18 +285,18 @@ fn root_host_address_vip_without_fast_path_is_refused() {
     let config = host_config(&topo.lb_interfaces(), &backend_addrs(&topo), Hook::Xdp)
         .replace("fast_path = \"on\"", "fast_path = \"auto\"");
     let path = topo.write_raw_config(&config);
-    let out = topo
-        .lb
-        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]));
+    let out = check(&topo, path);
     println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
     assert!(!out.status.success(), "check accepted a host-address VIP without a fast path: {out:?}");
     assert!(out.stdout.contains("martian") && out.stdout.contains("veth: its peer needs GRO"), "{out:?}");
     // The same VIP elsewhere (not a host address) needs no fast path.
     let path = topo.write_raw_config(&config.replace(&LB_CLIENT_ADDR.to_string(), "10.200.255.1"));
-    let out = topo
-        .lb
-        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]));
+    let out = check(&topo, path);
     assert!(out.status.success(), "{out:?}");
+    // At tc (what `auto` gives these veths) replies leave past the stack.
+    let path = topo.write_raw_config(&host_config(&topo.lb_interfaces(), &backend_addrs(&topo), Hook::Auto));
+    let out = check(&topo, path);
+    assert!(out.status.success() && !out.stdout.contains("martian"), "{out:?}");
 }
 
 /// The host-address deployment at tc, with backends that keep their default
@@ -318,11 +324,31 @@ fn root_host_address_vip_with_default_offloads_answers_tcp_and_udp_at_tc() {
     assert!(topo.csum_errors().is_empty(), "checksum errors: {:?}", topo.csum_errors());
 }
 
-/// A restarted agent takes over the pinned TCX links in place.
+/// The programs attached at tc ingress (TCX) of the LB namespace's
+/// interfaces, by interface.
+fn tcx_programs(topo: &Topology) -> BTreeMap<String, Vec<String>> {
+    let ifaces = topo.lb_interfaces();
+    topo.lb.run(move || {
+        ifaces
+            .into_iter()
+            .map(|i| {
+                let (_, progs) = SchedClassifier::query_tcx(&i, TcAttachType::Ingress)
+                    .unwrap_or_else(|e| panic!("query TCX on {i}: {e}"));
+                let names = progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect();
+                (i, names)
+            })
+            .collect()
+    })
+}
+
+/// A restarted agent takes over the pinned TCX links in place, and a
+/// stopped one leaves none behind.
 #[test]
 fn root_tc_links_survive_a_restart() {
     require_root!("root_tc_links_survive_a_restart");
     let (topo, mut agent) = start_tc();
+    let attached = tcx_programs(&topo);
+    assert!(attached.values().all(|p| p == &["tc_lb"]), "{attached:?}");
     assert_udp_answered(&topo.client, &agent, "web-");
     agent.kill().expect("exit status");
     // No agent: the pinned links keep serving.
@@ -333,6 +359,11 @@ fn root_tc_links_survive_a_restart() {
     assert_eq!(adopted, topo.lb_interfaces().len(), "the new agent did not take over the links:\n{}", agent.log());
     assert_udp_answered(&topo.client, &agent, "web-");
     assert_eq!(passed(&paths(&agent)), 0, "{:?}", paths(&agent));
+    assert_eq!(tcx_programs(&topo), attached, "one program per interface after the restart");
+    let status = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "agent exit: {status:?}");
+    let left = tcx_programs(&topo);
+    assert!(left.values().all(Vec::is_empty), "tc programs left attached: {left:?}");
 }
 
 /// Backends behind a Linux bridge in the LB namespace (as containers on
@@ -362,4 +393,23 @@ fn root_backends_behind_a_bridge_answer_at_tc() {
     assert_eq!(passed(&replies), 0, "replies passed up: {replies:?}");
     assert_eq!(bridged.csum_errors(), (0, 0));
     assert!(topo.csum_errors().is_empty(), "checksum errors: {:?}", topo.csum_errors());
+}
+
+/// A reload that changes the hook moves the interfaces from XDP to tc (and
+/// the service keeps answering).
+#[test]
+fn root_reload_moves_interfaces_from_xdp_to_tc() {
+    require_root!("root_reload_moves_interfaces_from_xdp_to_tc");
+    let (topo, mut agent) = start();
+    assert!(hooks(&agent).values().all(|h| h == "xdp"), "{:?}", hooks(&agent));
+    assert_eq!(topo.lb_xdp_attachments().len(), topo.lb_interfaces().len(), "{}", topo.lb_links());
+    let config = host_config(&topo.lb_interfaces(), &backend_addrs(&topo), Hook::Auto);
+    agent.reload_with(|| {
+        topo.write_raw_config(&config);
+    });
+    let after = hooks(&agent);
+    assert!(after.values().all(|h| h == "tc"), "{after:?}");
+    assert!(topo.lb_xdp_attachments().is_empty(), "XDP left attached: {}", topo.lb_links());
+    assert!(tcx_programs(&topo).values().all(|p| p == &["tc_lb"]), "{:?}", tcx_programs(&topo));
+    assert_udp_answered(&topo.client, &agent, "web-");
 }
