@@ -469,24 +469,7 @@ impl Topology {
     /// A veth pair between the LB (`lb_iface`, `lb_addr`/24) and `node`
     /// (`to-lb`, `node_addr`/24), created directly inside both namespaces.
     fn link(&self, node: &NetNs, lb_iface: &str, lb_addr: Ipv4Addr, node_addr: Ipv4Addr) {
-        run_cmd(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                lb_iface,
-                "netns",
-                self.lb.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                NODE_IFACE,
-                "netns",
-                node.name(),
-            ],
-        );
+        self.veth_pair(lb_iface, node);
         if let Some(mtu) = self.options.mtu {
             let mtu = mtu.to_string();
             self.lb.exec("ip", &["link", "set", lb_iface, "mtu", &mtu]);
@@ -528,24 +511,7 @@ impl Topology {
             let ns = create_netns(&format!("{}-{name}", self.prefix));
             let port = format!("{bridge}p{}", i + 1);
             let addr = Ipv4Addr::new(10, 200, subnet, i as u8 + 2);
-            run_cmd(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    "name",
-                    &port,
-                    "netns",
-                    self.lb.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    NODE_IFACE,
-                    "netns",
-                    ns.name(),
-                ],
-            );
+            self.veth_pair(&port, &ns);
             self.lb.exec("ip", &["link", "set", &port, "master", bridge, "up"]);
             ns.exec("ip", &["addr", "add", &format!("{addr}/24"), "dev", NODE_IFACE]);
             ns.exec("ip", &["link", "set", NODE_IFACE, "up"]);
@@ -557,6 +523,16 @@ impl Topology {
             out.namespaces.push(ns);
         }
         out
+    }
+
+    /// A veth pair: `lb_iface` in the LB namespace, `NODE_IFACE` in `node`,
+    /// created directly inside both.
+    fn veth_pair(&self, lb_iface: &str, node: &NetNs) {
+        let (lb, node) = (self.lb.name(), node.name());
+        run_cmd(
+            "ip",
+            &["link", "add", "name", lb_iface, "netns", lb, "type", "veth", "peer", "name", NODE_IFACE, "netns", node],
+        );
     }
 
     pub fn backend(&self, name: &str) -> &Backend {

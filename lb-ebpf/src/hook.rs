@@ -59,6 +59,21 @@ pub trait Hook: EbpfContext {
     fn send_no_neigh(&self, pkt: &Packet, ifindex: u32, flow: Option<&Conn>) -> (u32, Path);
 }
 
+/// `data` and `data_end` from the wrapped context, which has both as
+/// inherent methods (aya has no trait for them).
+macro_rules! packet_bounds {
+    () => {
+        #[inline(always)]
+        fn data(&self) -> usize {
+            self.ctx.data()
+        }
+        #[inline(always)]
+        fn data_end(&self) -> usize {
+            self.ctx.data_end()
+        }
+    };
+}
+
 /// The XDP hook, with what the interface's L4 checksums can be.
 pub struct Xdp<'a> {
     pub ctx: &'a XdpContext,
@@ -72,14 +87,7 @@ impl EbpfContext for Xdp<'_> {
 }
 
 impl Hook for Xdp<'_> {
-    #[inline(always)]
-    fn data(&self) -> usize {
-        self.ctx.data()
-    }
-    #[inline(always)]
-    fn data_end(&self) -> usize {
-        self.ctx.data_end()
-    }
+    packet_bounds!();
     #[inline(always)]
     fn packet_len(&self) -> usize {
         self.ctx.data_end() - self.ctx.data()
@@ -193,14 +201,7 @@ impl Tc<'_> {
 }
 
 impl Hook for Tc<'_> {
-    #[inline(always)]
-    fn data(&self) -> usize {
-        self.ctx.data()
-    }
-    #[inline(always)]
-    fn data_end(&self) -> usize {
-        self.ctx.data_end()
-    }
+    packet_bounds!();
     #[inline(always)]
     fn packet_len(&self) -> usize {
         self.ctx.len() as usize
