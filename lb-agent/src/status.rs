@@ -199,7 +199,13 @@ impl Snapshot {
             let onoff = if i.fast_path { "on" } else { "off" };
             let paths: Vec<String> = i.paths.iter().map(|p| format!("{} {}", p.path, p.packets)).collect();
             let paths = if paths.is_empty() { "no translated packets yet".into() } else { paths.join(", ") };
-            let _ = writeln!(out, "  {}: fast path {onoff} ({}); arrived here: {paths}", i.name, i.fast_path_reason);
+            // At tc, what arrives leaves by bpf_redirect whatever the fast
+            // path says; the fast path is then only XDP's way into it.
+            let fast = match i.hook.as_str() {
+                "tc" => format!("tc, redirects into any device; XDP fast path into it {onoff}"),
+                _ => format!("fast path {onoff}"),
+            };
+            let _ = writeln!(out, "  {}: {fast} ({}); arrived here: {paths}", i.name, i.fast_path_reason);
         }
         for s in &self.services {
             let _ = writeln!(
@@ -328,12 +334,23 @@ mod tests {
                 uptime_seconds: 75.0,
                 config_path: "/etc/lb.toml".into(),
                 errors_total: 1,
-                interfaces: vec![InterfaceStatus {
-                    name: "eth0".into(),
-                    xdp_mode: "native".into(),
-                    checksums: "complete".into(),
-                    ..Default::default()
-                }],
+                interfaces: vec![
+                    InterfaceStatus {
+                        name: "eth0".into(),
+                        hook: "xdp".into(),
+                        xdp_mode: "native".into(),
+                        checksums: "complete".into(),
+                        ..Default::default()
+                    },
+                    InterfaceStatus {
+                        name: "br0".into(),
+                        hook: "tc".into(),
+                        xdp_mode: "tc".into(),
+                        checksums: "skb".into(),
+                        fast_path_reason: "bridge: cannot transmit XDP frames".into(),
+                        ..Default::default()
+                    },
+                ],
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -361,7 +378,9 @@ mod tests {
         };
         let t = s.render_table();
         assert!(t.contains("up 1m15s  errors 1"), "{t}");
-        assert!(t.contains("attached: eth0 (xdp native, checksums complete)"), "{t}");
+        assert!(t.contains("attached: eth0 (xdp native, checksums complete), br0 (tc)"), "{t}");
+        assert!(t.contains("  eth0: fast path off"), "{t}");
+        assert!(t.contains("  br0: tc, redirects into any device; XDP fast path into it off (bridge: "), "{t}");
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),
