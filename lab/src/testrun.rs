@@ -9,10 +9,10 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration}
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Map, MapError},
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf,
 };
-use lb_agent::adapters::dataplane::object::{load_object, load_program, take_map, xdp_program, Maps};
+use lb_agent::adapters::dataplane::object::{load_object, load_program, program, take_map, Maps};
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Path, Reason, Service, ServiceKey,
     BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
@@ -24,11 +24,20 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+// tc verdicts (uapi/linux/pkt_cls.h).
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// `struct __sk_buff` (uapi/linux/bpf.h) as BPF_PROG_TEST_RUN's `ctx_in`:
+/// its size, and the offsets of the two fields set.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_INGRESS_IFINDEX: usize = 36;
+const SK_BUFF_IFINDEX: usize = 40;
 
 /// What one BPF_PROG_TEST_RUN returned.
 #[derive(Debug)]
 pub struct Run {
-    /// The program's return value, an `XDP_*` action.
+    /// The program's return value, an `XDP_*` action (`TC_ACT_*` for tc).
     pub verdict: u32,
     /// The frame as the program left it.
     pub data: Vec<u8>,
@@ -41,14 +50,14 @@ pub struct Run {
 /// so callers can tell the kernel's refusals (EINVAL) apart. The frame
 /// arrives on the caller's namespace's loopback.
 pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramError> {
-    run_with_ctx(prog, data, repeat, None)
+    run_program(prog, data, repeat, None)
 }
 
 /// Runs `prog` once on `data` as if it arrived on `ingress_ifindex`, an
 /// interface of the calling thread's network namespace: the program, and
 /// its `bpf_fib_lookup`, see that device (`ctx->rxq->dev`).
 pub fn test_run_from(prog: &Xdp, data: &[u8], ingress_ifindex: u32) -> Result<Run, ProgramError> {
-    run_with_ctx(prog, data, 1, Some(&xdp_md(data.len(), ingress_ifindex)))
+    run_program(prog, data, 1, Some(&xdp_md(data.len(), ingress_ifindex)))
 }
 
 /// A `struct xdp_md` (uapi/linux/bpf.h) for BPF_PROG_TEST_RUN's `ctx_in`,
@@ -68,7 +77,20 @@ fn xdp_md(frame_len: usize, ingress_ifindex: u32) -> [u8; 24] {
     md
 }
 
-fn run_with_ctx(prog: &Xdp, data: &[u8], repeat: u32, ctx_in: Option<&[u8]>) -> Result<Run, ProgramError> {
+/// [`test_run`] for the tc program: the skb arrives on the namespace's
+/// loopback (ifindex 1), as an XDP test run's frame does, so that flow
+/// entries come out the same.
+pub fn test_run_tc(prog: &SchedClassifier, data: &[u8], repeat: u32) -> Result<Run, ProgramError> {
+    let mut ctx = [0u8; SK_BUFF_SIZE];
+    ctx[SK_BUFF_INGRESS_IFINDEX..][..4].copy_from_slice(&1u32.to_ne_bytes());
+    ctx[SK_BUFF_IFINDEX..][..4].copy_from_slice(&1u32.to_ne_bytes());
+    run_program(prog, data, repeat, Some(&ctx))
+}
+
+fn run_program<P>(prog: &P, data: &[u8], repeat: u32, ctx_in: Option<&[u8]>) -> Result<Run, ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     // Room to spare: XDP may grow a frame, and with a short buffer the kernel
     // copies what fits and fails with ENOSPC.
     let mut out = vec![0u8; data.len() + 256];
@@ -169,7 +191,7 @@ impl LbObject {
     }
 
     pub fn program(&self, name: &str) -> Result<&Xdp> {
-        xdp_program(&self.ebpf, name)
+        program(&self.ebpf, name)
     }
 
     /// Takes out a map [`Maps`] does not hold (the benchmark's) as the
@@ -181,9 +203,13 @@ impl LbObject {
         take_map(&mut self.ebpf, name)
     }
 
-    /// Runs a loaded program once on `frame`.
+    /// Runs a loaded program (XDP or tc) once on `frame`.
     pub fn run(&self, prog: &str, frame: &[u8]) -> Result<Run> {
-        test_run(self.program(prog)?, frame, 1).with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))
+        let run = match self.ebpf.program(prog) {
+            Some(Program::SchedClassifier(tc)) => test_run_tc(tc, frame, 1),
+            _ => test_run(self.program(prog)?, frame, 1),
+        };
+        run.with_context(|| format!("BPF_PROG_TEST_RUN {prog}"))
     }
 
     /// Runs a loaded program once on `frame`, arriving on `ingress_ifindex`

@@ -337,6 +337,10 @@ pub struct Options {
     /// them, as a real NIC would in hardware, so a wrong pseudo-header sum
     /// becomes a wrong checksum that the receiver drops.
     pub lb_tx_csum_offload: bool,
+    /// The `hook` setting the written configs give every LB interface:
+    /// `Some("xdp")` by default, because these tests are about XDP on veth
+    /// (which `auto` would give tc); `None` leaves it to `auto`.
+    pub hook: Option<&'static str>,
 }
 
 impl Options {
@@ -346,6 +350,7 @@ impl Options {
             mtu: None,
             node_tx_csum_offload: true,
             lb_tx_csum_offload: true,
+            hook: Some("xdp"),
         }
     }
 }
@@ -371,6 +376,25 @@ impl Backend {
     }
     pub fn udp_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.addr, BACKEND_UDP_PORT)
+    }
+}
+
+/// Backends behind a bridge ([`Topology::add_bridged_backends`]). Dropping
+/// it stops their servers, then deletes their namespaces; the bridge goes
+/// with the LB namespace.
+pub struct BridgedBackends {
+    pub bridge: String,
+    /// (name, address) of each backend.
+    pub backends: Vec<(String, Ipv4Addr)>,
+    // Servers before namespaces: fields drop in declaration order.
+    servers: Vec<BackendServers>,
+    namespaces: Vec<NetNs>,
+}
+
+impl BridgedBackends {
+    /// Checksum drops in the backends' stacks: (TCP, UDP) InCsumErrors.
+    pub fn csum_errors(&self) -> (u64, u64) {
+        self.namespaces.iter().map(NetNs::csum_errors).fold((0, 0), |(t, u), (a, b)| (t + a, u + b))
     }
 }
 
@@ -445,24 +469,7 @@ impl Topology {
     /// A veth pair between the LB (`lb_iface`, `lb_addr`/24) and `node`
     /// (`to-lb`, `node_addr`/24), created directly inside both namespaces.
     fn link(&self, node: &NetNs, lb_iface: &str, lb_addr: Ipv4Addr, node_addr: Ipv4Addr) {
-        run_cmd(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                lb_iface,
-                "netns",
-                self.lb.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                NODE_IFACE,
-                "netns",
-                node.name(),
-            ],
-        );
+        self.veth_pair(lb_iface, node);
         if let Some(mtu) = self.options.mtu {
             let mtu = mtu.to_string();
             self.lb.exec("ip", &["link", "set", lb_iface, "mtu", &mtu]);
@@ -479,6 +486,53 @@ impl Topology {
         node.exec("ip", &["addr", "add", &format!("{node_addr}/24"), "dev", NODE_IFACE]);
         self.lb.exec("ip", &["link", "set", lb_iface, "up"]);
         node.exec("ip", &["link", "set", NODE_IFACE, "up"]);
+    }
+
+    /// Backends behind a Linux bridge in the LB namespace, as containers
+    /// sit on docker0: the bridge `bridge` gets 10.200.`subnet`.1/24, and
+    /// each of `names` a namespace whose veth is enslaved to it (LB side
+    /// `<bridge>p<i>`), the address 10.200.`subnet`.<i + 1>, a route to the
+    /// client subnet via the bridge, and its servers. Not in
+    /// [`Topology::lb_interfaces`]: the bridge is listed, its ports are not.
+    pub fn add_bridged_backends(&self, bridge: &str, subnet: u8, names: &[&str]) -> BridgedBackends {
+        assert!(subnet > MAX_BACKEND_INDEX, "subnet {subnet} may clash with a backend link's");
+        let gateway = Ipv4Addr::new(10, 200, subnet, 1);
+        self.lb.exec("ip", &["link", "add", "name", bridge, "type", "bridge"]);
+        self.lb.exec("sysctl", &["-qw", &format!("net.ipv4.conf.{bridge}.rp_filter=0")]);
+        self.lb.exec("ip", &["addr", "add", &format!("{gateway}/24"), "dev", bridge]);
+        self.lb.exec("ip", &["link", "set", bridge, "up"]);
+        let mut out = BridgedBackends {
+            bridge: bridge.to_owned(),
+            backends: Vec::new(),
+            servers: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        for (i, name) in names.iter().enumerate() {
+            let ns = create_netns(&format!("{}-{name}", self.prefix));
+            let port = format!("{bridge}p{}", i + 1);
+            let addr = Ipv4Addr::new(10, 200, subnet, i as u8 + 2);
+            self.veth_pair(&port, &ns);
+            self.lb.exec("ip", &["link", "set", &port, "master", bridge, "up"]);
+            ns.exec("ip", &["addr", "add", &format!("{addr}/24"), "dev", NODE_IFACE]);
+            ns.exec("ip", &["link", "set", NODE_IFACE, "up"]);
+            ns.exec("ip", &["route", "add", CLIENT_NET, "via", &gateway.to_string()]);
+            let tcp = SocketAddrV4::new(addr, BACKEND_TCP_PORT);
+            let udp = SocketAddrV4::new(addr, BACKEND_UDP_PORT);
+            out.servers.push(BackendServers::start(&ns, name, tcp, udp));
+            out.backends.push((name.to_string(), addr));
+            out.namespaces.push(ns);
+        }
+        out
+    }
+
+    /// A veth pair: `lb_iface` in the LB namespace, `NODE_IFACE` in `node`,
+    /// created directly inside both.
+    fn veth_pair(&self, lb_iface: &str, node: &NetNs) {
+        let (lb, node) = (self.lb.name(), node.name());
+        run_cmd(
+            "ip",
+            &["link", "add", "name", lb_iface, "netns", lb, "type", "veth", "peer", "name", NODE_IFACE, "netns", node],
+        );
     }
 
     pub fn backend(&self, name: &str) -> &Backend {
@@ -552,12 +606,19 @@ impl Topology {
                 out += &format!("\n[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
             }
         }
-        if !self.options.node_tx_csum_offload {
-            // Every sender computes its checksums in software, so the LB is
-            // told it gets complete ones only (auto would take the veths for
-            // local stacks that may send partial ones).
-            for i in self.lb_interfaces() {
-                out += &format!("\n[interface.{i:?}]\nchecksums = \"complete\"\n");
+        for i in self.lb_interfaces() {
+            let mut settings = String::new();
+            if let Some(hook) = self.options.hook {
+                settings += &format!("hook = {hook:?}\n");
+            }
+            if !self.options.node_tx_csum_offload {
+                // Every sender computes its checksums in software, so the LB
+                // is told it gets complete ones only (auto would take the
+                // veths for local stacks that may send partial ones).
+                settings += "checksums = \"complete\"\n";
+            }
+            if !settings.is_empty() {
+                out += &format!("\n[interface.{i:?}]\n{settings}");
             }
         }
         out

@@ -14,7 +14,7 @@ use std::{
 use lb_common::{Backend, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
 use serde::Serialize;
 
-use crate::config::{ChecksumMode, HealthCheckConfig, ServiceConfig};
+use crate::config::{ChecksumMode, HealthCheckConfig, HookMode, ServiceConfig};
 
 // ---------------------------------------------------------------------------
 // The data plane.
@@ -58,9 +58,9 @@ pub trait ConnectionTable: Send + Sync {
 pub trait Dataplane: MapWriter + DataplaneReads {
     /// Whether an interface of that name exists here.
     fn has_interface(&self, name: &str) -> bool;
-    /// Attach to `iface` (or switch its program to the one `checksums`
-    /// asks for); attaching twice is a no-op.
-    fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode>;
+    /// Attach to `iface` at the hook `hook` picks (or switch its program to
+    /// the one `hook` and `checksums` ask for); attaching twice is a no-op.
+    fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode>;
     fn detach(&mut self, iface: &str) -> anyhow::Result<()>;
     /// Let translated packets leave by `iface` directly, or not, as `mode`
     /// and the interface decide.
@@ -85,7 +85,9 @@ pub trait Dataplane: MapWriter + DataplaneReads {
 pub struct Attachment {
     pub interface: String,
     pub mode: AttachMode,
-    pub checksums: L4Checksums,
+    /// The XDP program's checksum choice; `None` at tc, which reads the
+    /// skb's checksum state instead.
+    pub checksums: Option<L4Checksums>,
     /// Whether translated packets may leave by it directly, and why.
     pub fast_path: bool,
     pub fast_path_reason: String,
@@ -131,6 +133,17 @@ pub enum AttachMode {
     Driver,
     /// Generic (skb) XDP: the driver has no native support.
     Generic,
+    /// The tc classifier on ingress (`lb_common::PROG_TC`).
+    Tc,
+}
+
+impl AttachMode {
+    pub fn hook(self) -> Hook {
+        match self {
+            AttachMode::Driver | AttachMode::Generic => Hook::Xdp,
+            AttachMode::Tc => Hook::Tc,
+        }
+    }
 }
 
 impl std::fmt::Display for AttachMode {
@@ -138,6 +151,23 @@ impl std::fmt::Display for AttachMode {
         f.write_str(match self {
             AttachMode::Driver => "native",
             AttachMode::Generic => "generic",
+            AttachMode::Tc => "tc",
+        })
+    }
+}
+
+/// The hook an interface gets, `HookMode::Auto` resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
         })
     }
 }
@@ -287,6 +317,9 @@ pub enum Route {
 
 #[derive(Clone, Debug)]
 pub struct InterfaceFacts {
+    /// The hook the program gets there, and why.
+    pub hook: Hook,
+    pub hook_why: String,
     /// Whether translated packets may leave by it on the fast path, and why.
     pub fast_path: bool,
     pub fast_path_why: String,

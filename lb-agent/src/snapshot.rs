@@ -114,8 +114,9 @@ impl SnapshotBuilder {
                     .into_iter()
                     .map(|a| InterfaceStatus {
                         name: a.interface,
+                        hook: a.mode.hook().to_string(),
                         xdp_mode: a.mode.to_string(),
-                        checksums: a.checksums.to_string(),
+                        checksums: a.checksums.map_or("skb".to_owned(), |c| c.to_string()),
                         fast_path: a.fast_path,
                         fast_path_reason: a.fast_path_reason,
                         paths: a
@@ -193,7 +194,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{ChecksumMode, Config},
+        config::{ChecksumMode, Config, HookMode},
         ports::Dataplane as _,
         testing::SharedDataplane,
     };
@@ -220,7 +221,7 @@ weight = 3
         let mut reconciler = Reconciler::default();
         let mut dp = SharedDataplane::default();
         reconciler.apply(&registry.desired(), &mut dp).unwrap();
-        dp.attach("eth0", ChecksumMode::Complete).unwrap();
+        dp.attach("eth0", HookMode::Xdp, ChecksumMode::Complete).unwrap();
         (registry, reconciler, dp)
     }
 

@@ -71,9 +71,13 @@ pub struct AgentInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
-    /// "native" or "generic".
+    /// Where the program runs: "xdp" or "tc".
+    #[serde(default)]
+    pub hook: String,
+    /// "native" or "generic" (XDP), or "tc".
     pub xdp_mode: String,
-    /// "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`).
+    /// "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`); "skb" at
+    /// tc, where the kernel's helpers follow the skb's checksum state.
     #[serde(default)]
     pub checksums: String,
     /// Whether translated packets may leave by this interface on the fast
@@ -182,14 +186,26 @@ impl Snapshot {
             a.errors_total,
             a.config_path
         );
-        let xdp: Vec<String> =
-            a.interfaces.iter().map(|i| format!("{} ({}, checksums {})", i.name, i.xdp_mode, i.checksums)).collect();
-        let _ = writeln!(out, "xdp: {}", if xdp.is_empty() { "not attached".into() } else { xdp.join(", ") });
+        let hooks: Vec<String> = a
+            .interfaces
+            .iter()
+            .map(|i| match i.xdp_mode.as_str() {
+                "tc" => format!("{} (tc)", i.name),
+                mode => format!("{} (xdp {mode}, checksums {})", i.name, i.checksums),
+            })
+            .collect();
+        let _ = writeln!(out, "attached: {}", if hooks.is_empty() { "nowhere".into() } else { hooks.join(", ") });
         for i in &a.interfaces {
             let onoff = if i.fast_path { "on" } else { "off" };
             let paths: Vec<String> = i.paths.iter().map(|p| format!("{} {}", p.path, p.packets)).collect();
             let paths = if paths.is_empty() { "no translated packets yet".into() } else { paths.join(", ") };
-            let _ = writeln!(out, "  {}: fast path {onoff} ({}); arrived here: {paths}", i.name, i.fast_path_reason);
+            // At tc, what arrives leaves by bpf_redirect whatever the fast
+            // path says; the fast path is then only XDP's way into it.
+            let fast = match i.hook.as_str() {
+                "tc" => format!("tc, redirects into any device; XDP fast path into it {onoff}"),
+                _ => format!("fast path {onoff}"),
+            };
+            let _ = writeln!(out, "  {}: {fast} ({}); arrived here: {paths}", i.name, i.fast_path_reason);
         }
         for s in &self.services {
             let _ = writeln!(
@@ -318,12 +334,23 @@ mod tests {
                 uptime_seconds: 75.0,
                 config_path: "/etc/lb.toml".into(),
                 errors_total: 1,
-                interfaces: vec![InterfaceStatus {
-                    name: "eth0".into(),
-                    xdp_mode: "native".into(),
-                    checksums: "complete".into(),
-                    ..Default::default()
-                }],
+                interfaces: vec![
+                    InterfaceStatus {
+                        name: "eth0".into(),
+                        hook: "xdp".into(),
+                        xdp_mode: "native".into(),
+                        checksums: "complete".into(),
+                        ..Default::default()
+                    },
+                    InterfaceStatus {
+                        name: "br0".into(),
+                        hook: "tc".into(),
+                        xdp_mode: "tc".into(),
+                        checksums: "skb".into(),
+                        fast_path_reason: "bridge: cannot transmit XDP frames".into(),
+                        ..Default::default()
+                    },
+                ],
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -351,7 +378,9 @@ mod tests {
         };
         let t = s.render_table();
         assert!(t.contains("up 1m15s  errors 1"), "{t}");
-        assert!(t.contains("xdp: eth0 (native, checksums complete)"), "{t}");
+        assert!(t.contains("attached: eth0 (xdp native, checksums complete), br0 (tc)"), "{t}");
+        assert!(t.contains("  eth0: fast path off"), "{t}");
+        assert!(t.contains("  br0: tc, redirects into any device; XDP fast path into it off (bridge: "), "{t}");
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),

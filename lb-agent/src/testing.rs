@@ -15,7 +15,7 @@ use std::{
 use lb_common::{Backend, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
 use crate::{
-    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, ServiceConfig},
+    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, ServiceConfig},
     ports::{
         AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, HostFacts,
         L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory, PinnedState, ProbeError, Prober,
@@ -113,7 +113,7 @@ pub struct FakeDataplane {
     pub scans: u32,
     /// Interfaces that do not exist here (every other one does).
     pub missing_interfaces: BTreeSet<String>,
-    pub attached: BTreeMap<String, ChecksumMode>,
+    pub attached: BTreeMap<String, (HookMode, ChecksumMode)>,
     pub removed_all: bool,
     pub kept: bool,
 }
@@ -237,10 +237,10 @@ impl DataplaneReads for SharedDataplane {
         };
         dp.attached
             .iter()
-            .map(|(i, mode)| Attachment {
+            .map(|(i, (hook, mode))| Attachment {
                 interface: i.clone(),
-                mode: AttachMode::Generic,
-                checksums: l4(mode),
+                mode: if *hook == HookMode::Tc { AttachMode::Tc } else { AttachMode::Generic },
+                checksums: (*hook != HookMode::Tc).then(|| l4(mode)),
                 fast_path: false,
                 fast_path_reason: "fake".into(),
                 paths: Vec::new(),
@@ -254,11 +254,11 @@ impl Dataplane for SharedDataplane {
         !self.lock().missing_interfaces.contains(name)
     }
 
-    fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+    fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
         let mut dp = self.lock();
         anyhow::ensure!(!dp.missing_interfaces.contains(iface), "no interface {iface}");
-        dp.attached.insert(iface.to_owned(), checksums);
-        Ok(AttachMode::Generic)
+        dp.attached.insert(iface.to_owned(), (hook, checksums));
+        Ok(if hook == HookMode::Tc { AttachMode::Tc } else { AttachMode::Generic })
     }
 
     fn detach(&mut self, iface: &str) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -48,8 +48,12 @@ pub const PROG_LB: &str = "xdp_lb";
 /// cannot tell the two apart for one complete checksum in 65,536, so the
 /// agent picks per interface.
 pub const PROG_LB_LOCAL: &str = "xdp_lb_local";
-/// The programs an interface can get; the agent loads (verifies) both.
-pub const LB_PROGRAMS: [&str; 2] = [PROG_LB, PROG_LB_LOCAL];
+/// The tc classifier (ingress), for the devices that face local stacks
+/// (veth, bridges, tun/tap, ...): the same balancer, with the skb's
+/// checksum helpers and bpf_redirect, which any device can take.
+pub const PROG_TC: &str = "tc_lb";
+/// The programs an interface can get; the agent loads (verifies) them all.
+pub const LB_PROGRAMS: [&str; 3] = [PROG_LB, PROG_LB_LOCAL, PROG_TC];
 /// An empty XDP_PASS program: the baseline the benchmark measures against.
 pub const PROG_PASS: &str = "xdp_pass";
 /// Benchmark wrapper: restores the frame from `BENCH_FRAME`, then tail-calls
@@ -299,20 +303,25 @@ impl Reason {
 
 /// Which way a translated packet left, counted per ingress interface in
 /// `PATH_STATS`. The fast path sends it straight out (XDP_REDIRECT through
-/// `EGRESS`, or XDP_TX) after a `bpf_fib_lookup`; where that cannot finish
-/// the packet passes up to the kernel's stack (XDP_PASS), which resolves the
-/// neighbour or answers with ICMP, so that the next packet can take the fast
-/// path.
+/// `EGRESS`, or XDP_TX; bpf_redirect in tc) after a `bpf_fib_lookup`; where
+/// that cannot finish the packet passes up to the kernel's stack (XDP_PASS,
+/// TC_ACT_OK), which resolves the neighbour or answers with ICMP, so that
+/// the next packet can take the fast path.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// Sent out of another interface (XDP_REDIRECT through `EGRESS`).
+    /// Sent out of another interface (XDP_REDIRECT through `EGRESS`, or
+    /// bpf_redirect in tc).
     Redirected = 0,
-    /// Sent back out of the interface it arrived on (XDP_TX).
+    /// Sent back out of the interface it arrived on (XDP_TX, or bpf_redirect
+    /// to it in tc).
     TxBack,
     /// A reply whose client had no neighbour entry: sent with the MACs its
     /// flow's client packet arrived with (`Conn::client_mac`).
     RepliedFlowMacs,
+    /// tc only: the FIB knows the egress interface but not the next hop's
+    /// MAC; sent there with bpf_redirect_neigh, which resolves it.
+    RedirectedNeigh,
     /// Passed up: the FIB knows the next hop but not its MAC yet.
     PassFibNoNeigh,
     /// Passed up: the egress interface is not in `EGRESS` (the agent did not
@@ -339,6 +348,7 @@ impl Path {
         Path::Redirected,
         Path::TxBack,
         Path::RepliedFlowMacs,
+        Path::RedirectedNeigh,
         Path::PassFibNoNeigh,
         Path::PassEgressNotReady,
         Path::PassTtlExpired,
@@ -353,6 +363,7 @@ impl Path {
             Path::Redirected => "redirected",
             Path::TxBack => "tx_back",
             Path::RepliedFlowMacs => "replied_flow_macs",
+            Path::RedirectedNeigh => "redirected_neigh",
             Path::PassFibNoNeigh => "pass_fib_no_neigh",
             Path::PassEgressNotReady => "pass_egress_not_ready",
             Path::PassTtlExpired => "pass_ttl_expired",

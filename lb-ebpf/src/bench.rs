@@ -11,7 +11,11 @@ use aya_ebpf::{
 };
 use lb_common::{BenchFrame, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW};
 
-use crate::parse::{ptr_at, ETH_HLEN};
+use crate::{
+    hook::Xdp,
+    nat::L4Checksums,
+    parse::{ptr_at, ETH_HLEN},
+};
 
 #[map]
 static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
@@ -29,7 +33,8 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_bench(ctx: XdpContext) -> u32 {
     let Some(frame) = BENCH_FRAME.get(0) else { return xdp_action::XDP_ABORTED };
-    let Some(dst) = ptr_at::<[u64; BENCH_FRAME_LEN / 8]>(&ctx, 0) else {
+    let frame_ctx = Xdp { ctx: &ctx, l4: L4Checksums::Complete };
+    let Some(dst) = ptr_at::<[u64; BENCH_FRAME_LEN / 8], _>(&frame_ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: `dst` is bounds-checked for the whole frame; `frame` is a map value.
@@ -38,7 +43,7 @@ pub fn xdp_bench(ctx: XdpContext) -> u32 {
         core::ptr::write_unaligned(dst, core::ptr::read_unaligned(src));
     }
     if frame.flags & BENCH_F_NEW_FLOW != 0 {
-        make_new_flow(&ctx);
+        make_new_flow(&frame_ctx);
     }
     // SAFETY: on success the tail call does not return.
     unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
@@ -49,7 +54,7 @@ pub fn xdp_bench(ctx: XdpContext) -> u32 {
 /// per CPU before they repeat). Checksums go stale, which the program under
 /// test neither checks nor minds: it updates them incrementally.
 #[inline(always)]
-fn make_new_flow(ctx: &XdpContext) {
+fn make_new_flow(ctx: &Xdp) {
     let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU slot.
     let n = unsafe {
@@ -57,11 +62,11 @@ fn make_new_flow(ctx: &XdpContext) {
         *seq
     };
     // IPv4 source address low half at 14 + 14, L4 source port at 14 + 20.
-    if let Some(p) = ptr_at::<[u8; 2]>(ctx, ETH_HLEN + 14) {
+    if let Some(p) = ptr_at::<[u8; 2], _>(ctx, ETH_HLEN + 14) {
         // SAFETY: bounds-checked.
         unsafe { *p = ((n >> 16) as u16).to_be_bytes() };
     }
-    if let Some(p) = ptr_at::<[u8; 2]>(ctx, ETH_HLEN + 20) {
+    if let Some(p) = ptr_at::<[u8; 2], _>(ctx, ETH_HLEN + 20) {
         // SAFETY: bounds-checked.
         unsafe { *p = (n as u16).to_be_bytes() };
     }

@@ -1,4 +1,4 @@
-//! The XDP load balancer.
+//! The load balancer, at two hooks.
 //!
 //! `xdp_lb` parses Ethernet, IPv4 and TCP/UDP; a packet for a service
 //! (VIP, port, protocol) gets its destination rewritten to a backend picked by
@@ -8,7 +8,8 @@
 //! XDP_PASS into the kernel's forwarding path where that cannot finish.
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
-//! partial L4 checksums (veth, bridges).
+//! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
+//! classifier, for the devices that face local stacks (see `hook`).
 //!
 //! With the `bench` feature the object also carries the benchmark's
 //! programs and maps (`bench.rs`); the agent's object never does.
@@ -17,16 +18,16 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod hook;
 mod nat;
 mod parse;
 mod route;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES,
@@ -34,6 +35,7 @@ use lb_common::{
 };
 
 use crate::{
+    hook::{Action, Hook, Tc, Xdp},
     nat::L4Checksums,
     parse::{parse_packet, Parsed},
 };
@@ -62,58 +64,66 @@ static PATH_STATS: PerCpuHashMap<u32, PathCounters> = PerCpuHashMap::with_max_en
 /// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
-    run(&ctx, L4Checksums::Complete)
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete })
 }
 
 /// For interfaces facing local stacks (veth, bridge, tap), whose packets may
 /// carry partial checksums; see `nat::L4Checksums`.
 #[xdp]
 pub fn xdp_lb_local(ctx: XdpContext) -> u32 {
-    run(&ctx, L4Checksums::MaybePartial)
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial })
+}
+
+/// The tc classifier (ingress) for devices facing local stacks: veth,
+/// bridges, tun/tap and the like; see `hook`.
+#[classifier]
+pub fn tc_lb(ctx: TcContext) -> i32 {
+    let tc = Tc { ctx: &ctx };
+    tc.pull_headers();
+    run(&tc) as i32
 }
 
 #[inline(always)]
-fn run(ctx: &XdpContext, l4: L4Checksums) -> u32 {
-    let (action, reason) = match try_xdp_lb(ctx, l4) {
+fn run<H: Hook>(hook: &H) -> u32 {
+    let (action, reason) = match try_lb(hook) {
         Ok(sent) => sent,
-        Err(Verdict { action, reason }) => (action, reason),
+        Err(Verdict { action, reason }) => (H::action(action), reason),
     };
     stats::count_reason(reason);
     action
 }
 
-/// An early exit: what to return and why.
+/// An early exit: what to do and why.
 pub struct Verdict {
-    pub action: u32,
+    pub action: Action,
     pub reason: Reason,
 }
 
 impl Verdict {
     #[inline(always)]
     pub const fn pass(reason: Reason) -> Self {
-        Self { action: xdp_action::XDP_PASS, reason }
+        Self { action: Action::Pass, reason }
     }
     #[inline(always)]
     pub const fn drop(reason: Reason) -> Self {
-        Self { action: xdp_action::XDP_DROP, reason }
+        Self { action: Action::Drop, reason }
     }
 }
 
 /// `Ok((action, reason))` when the packet was translated and sent on,
 /// `Err(verdict)` for everything that leaves early.
 #[inline(always)]
-fn try_xdp_lb(ctx: &XdpContext, l4: L4Checksums) -> Result<(u32, Reason), Verdict> {
-    let pkt = parse_packet(ctx)?;
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
+    let mut pkt = parse_packet(hook)?;
     let key = ServiceKey { vip_be: pkt.dst_ip_be, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        let partial_l4 = nat::forward(&pkt, &svc, frame_len, l4)?;
-        return Ok((route::send_on(ctx, &pkt, None, partial_l4), Reason::Forwarded));
+        let partial_l4 = nat::forward(hook, &mut pkt, &svc)?;
+        return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
     }
-    let (flow, partial_l4) = nat::reply(&pkt, frame_len, l4)?;
-    Ok((route::send_on(ctx, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
+    let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;
+    Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
 }
 
 /// Re-exported for the helper modules.

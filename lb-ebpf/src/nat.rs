@@ -7,6 +7,7 @@ use lb_common::{
 };
 
 use crate::{
+    hook::Hook,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count_flow,
     Packet, Verdict, BACKENDS, CONNTRACK, MAGLEV,
@@ -15,7 +16,8 @@ use crate::{
 /// A client packet for `svc`: find or pick the backend, rewrite the
 /// destination to it. `Ok(true)` when the L4 checksum is a partial one.
 #[inline(always)]
-pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> Result<bool, Verdict> {
+pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<bool, Verdict> {
+    let frame_len = hook.packet_len() as u64;
     let key = own_key(pkt, DIR_FORWARD);
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
@@ -43,16 +45,16 @@ pub fn forward(pkt: &Packet, svc: &Service, frame_len: u64, l4: L4Checksums) -> 
             c
         }
     };
-    let partial = rewrite(pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be, l4);
     count_flow(conn.service_id, conn.backend_id, &delta);
-    Ok(partial)
+    Ok(rewrite(hook, pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be))
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite the
 /// source back to the VIP. Returns the flow's reply entry, and whether the
 /// L4 checksum is a partial one. Anything else is not ours.
 #[inline(always)]
-pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(Conn, bool), Verdict> {
+pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdict> {
+    let frame_len = hook.packet_len() as u64;
     let key = own_key(pkt, DIR_REPLY);
     let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
         return Err(Verdict::pass(Reason::PassNoService));
@@ -65,9 +67,8 @@ pub fn reply(pkt: &Packet, frame_len: u64, l4: L4Checksums) -> Result<(Conn, boo
         close_from_reply(pkt, c, &mut delta);
     }
     let c = *c;
-    let partial = rewrite(pkt, End::Src, c.nat_ip_be, c.nat_port_be, l4);
     count_flow(c.service_id, c.backend_id, &delta);
-    Ok((c, partial))
+    Ok((c, rewrite(hook, pkt, End::Src, c.nat_ip_be, c.nat_port_be)))
 }
 
 /// The connection-table key of the packet's own 5-tuple, in direction `dir`.
@@ -101,8 +102,7 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => *b,
         _ => return Err(Verdict::drop(Reason::DropStaleBackend)),
     };
-    // SAFETY: bounds-checked by parse_packet.
-    let (client_mac, local_mac) = unsafe { ((*pkt.eth).src, (*pkt.eth).dst) };
+    let (client_mac, local_mac) = (pkt.src_mac, pkt.dst_mac);
     let fwd = Conn {
         nat_ip_be: backend.ip_be,
         nat_port_be: backend.port_be,
@@ -187,12 +187,15 @@ pub enum L4Checksums {
     MaybePartial,
 }
 
-/// Returns whether the L4 checksum was a partial one.
+/// Write the new address and port of `end`, update the IP header checksum
+/// (RFC 1624), and let the hook update the L4 one; `pkt`'s values follow.
+/// Returns whether the L4 checksum is a partial one the fast path cannot
+/// send (XDP only).
 #[inline(always)]
-fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) -> bool {
+fn rewrite<H: Hook>(hook: &H, pkt: &mut Packet, end: End, ip_be: u32, port_be: u16) -> bool {
     // SAFETY: the pointers come from parse_packet and were bounds-checked;
     // the address sits in a packed header, so it is read and written unaligned.
-    unsafe {
+    let (old_ip, old_port) = unsafe {
         let ip_field = match end {
             End::Src => core::ptr::addr_of_mut!((*pkt.ip).src_be),
             End::Dst => core::ptr::addr_of_mut!((*pkt.ip).dst_be),
@@ -201,21 +204,29 @@ fn rewrite(pkt: &Packet, end: End, ip_be: u32, port_be: u16, l4: L4Checksums) ->
         let old_port = (*pkt.l4_ports)[end as usize];
         ip_field.write_unaligned(ip_be);
         (*pkt.l4_ports)[end as usize] = port_be;
-        update_checksums(pkt, old_ip, ip_be, old_port, port_be, l4)
+        (*pkt.ip).check = csum::replace4((*pkt.ip).check, old_ip, ip_be);
+        (old_ip, old_port)
+    };
+    // The pointers may be gone after this (tc); the values stay.
+    let partial = hook.update_l4_checksum(pkt, old_ip, ip_be, old_port, port_be);
+    match end {
+        End::Src => (pkt.src_ip_be, pkt.src_port_be) = (ip_be, port_be),
+        End::Dst => (pkt.dst_ip_be, pkt.dst_port_be) = (ip_be, port_be),
     }
+    partial
 }
 
-/// RFC 1624 updates of the IPv4 header checksum and of the L4 checksum
-/// (whose pseudo-header covers the addresses). Where partial checksums can
-/// arrive, an L4 field that holds only the pseudo-header sum is updated the
-/// way the kernel would (the new pseudo-header sum, ports left to the
-/// device), so that the device that completes it later gets it right; it
-/// returns true then.
+/// The L4 checksum's RFC 1624 update in the frame's bytes (XDP), whose
+/// pseudo-header covers the addresses. Where partial checksums can arrive,
+/// a field that holds only the pseudo-header sum is updated the way the
+/// kernel would (the new pseudo-header sum, ports left to the device), so
+/// that the device that completes it later gets it right; it returns true
+/// then. `pkt`'s values are still the old ones.
 ///
 /// # Safety
 /// `pkt`'s pointers must be bounds-checked (parse_packet does it).
 #[inline(always)]
-unsafe fn update_checksums(
+pub unsafe fn update_l4_in_place(
     pkt: &Packet,
     old_ip: u32,
     new_ip: u32,
@@ -224,14 +235,13 @@ unsafe fn update_checksums(
     l4s: L4Checksums,
 ) -> bool {
     unsafe {
-        (*pkt.ip).check = csum::replace4((*pkt.ip).check, old_ip, new_ip);
         let l4 = *pkt.l4_check;
         // A zero UDP checksum means "none" and stays so.
         if pkt.proto == PROTO_UDP && l4 == 0 {
             return false;
         }
         if l4s == L4Checksums::MaybePartial {
-            let l4_len = u16::from_be((*pkt.ip).tot_len_be).wrapping_sub(20);
+            let l4_len = pkt.tot_len.wrapping_sub(20);
             if l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, l4_len) {
                 *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
                 return true;

@@ -3,10 +3,9 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{Reason, PROTO_TCP, PROTO_UDP};
 
-use crate::Verdict;
+use crate::{hook::Hook, Verdict};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -73,6 +72,13 @@ pub struct Parsed {
     pub l4_check: *mut u16,
     /// Pointer to the L4 source port (destination port follows it).
     pub l4_ports: *mut [u16; 2],
+    /// Offset of the L4 checksum field from the frame's start, for the
+    /// helpers that take offsets (tc).
+    pub l4_check_off: u32,
+    /// From the IPv4 header, read at parse time.
+    pub tot_len: u16,
+    pub tos: u8,
+    pub ttl: u8,
     pub src_ip_be: u32,
     pub dst_ip_be: u32,
     pub src_port_be: u16,
@@ -82,6 +88,9 @@ pub struct Parsed {
     pub tcp_flags: u8,
     /// The interface the packet arrived on.
     pub ingress_ifindex: u32,
+    /// The Ethernet addresses it arrived with, read at parse time.
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
 }
 
 impl Parsed {
@@ -90,13 +99,25 @@ impl Parsed {
     /// # Safety
     /// `ip` and `l4_ports` point into the packet, bounds-checked.
     #[inline(always)]
-    unsafe fn new(ip: *mut Ipv4Hdr, l4_ports: *mut [u16; 2], l4_check: *mut u16, proto: u8, tcp_flags: u8) -> Self {
-        // SAFETY: the caller's contract.
-        let (src_ip_be, dst_ip_be, [src_port_be, dst_port_be]) = unsafe { ((*ip).src_be, (*ip).dst_be, *l4_ports) };
+    unsafe fn new(
+        ip: *mut Ipv4Hdr,
+        l4_ports: *mut [u16; 2],
+        l4_check: *mut u16,
+        check_at: usize,
+        proto: u8,
+        tcp_flags: u8,
+    ) -> Self {
+        // SAFETY: the caller's contract; read by value (packed header).
+        let (src_ip_be, dst_ip_be, [src_port_be, dst_port_be], tot_len_be, tos, ttl) =
+            unsafe { ((*ip).src_be, (*ip).dst_be, *l4_ports, (*ip).tot_len_be, (*ip).tos, (*ip).ttl) };
         Self {
             ip,
             l4_check,
             l4_ports,
+            l4_check_off: check_at as u32,
+            tot_len: u16::from_be(tot_len_be),
+            tos,
+            ttl,
             src_ip_be,
             dst_ip_be,
             src_port_be,
@@ -105,13 +126,15 @@ impl Parsed {
             tcp_flags,
             eth: core::ptr::null_mut(),
             ingress_ifindex: 0,
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
         }
     }
 }
 
 /// The one place that compares against `data_end`.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T, H: Hook>(ctx: &H, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -121,7 +144,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-pub fn parse_packet(ctx: &XdpContext) -> Result<Parsed, Verdict> {
+pub fn parse_packet<H: Hook>(ctx: &H) -> Result<Parsed, Verdict> {
     let eth = parse_eth(ctx)?;
     let (ip, l4, l4_end) = parse_ipv4(ctx, ETH_HLEN)?;
     // SAFETY: `ip` was bounds-checked by parse_ipv4.
@@ -132,12 +155,16 @@ pub fn parse_packet(ctx: &XdpContext) -> Result<Parsed, Verdict> {
         _ => Err(Verdict::pass(Reason::PassNotTcpUdp)),
     }?;
     pkt.eth = eth;
-    pkt.ingress_ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: bounds-checked by parse_eth. Copied out here because the
+    // pointer, once kept for later, is one the verifier may not follow in
+    // tc (LLVM mixes the bits of an skb's 32-bit `data` into it).
+    (pkt.src_mac, pkt.dst_mac) = unsafe { ((*eth).src, (*eth).dst) };
+    pkt.ingress_ifindex = ctx.ingress_ifindex();
     Ok(pkt)
 }
 
 #[inline(always)]
-fn parse_eth(ctx: &XdpContext) -> Result<*mut EthHdr, Verdict> {
+fn parse_eth<H: Hook>(ctx: &H) -> Result<*mut EthHdr, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropTruncatedEth))?;
     // SAFETY: bounds-checked above.
     match unsafe { (*eth).ether_type } {
@@ -150,7 +177,7 @@ fn parse_eth(ctx: &XdpContext) -> Result<*mut EthHdr, Verdict> {
 /// Returns the header, the L4 offset and the end of the IP packet (frame
 /// offset; Ethernet padding lies beyond it).
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<(*mut Ipv4Hdr, usize, usize), Verdict> {
+fn parse_ipv4<H: Hook>(ctx: &H, off: usize) -> Result<(*mut Ipv4Hdr, usize, usize), Verdict> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedIp))?;
     // SAFETY: bounds-checked above; fields are read by value (packed struct).
     let (ver_ihl, tot_len, frag) = unsafe { ((*ip).ver_ihl, u16::from_be((*ip).tot_len_be), (*ip).frag_off_be) };
@@ -158,7 +185,7 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<(*mut Ipv4Hdr, usize, usiz
     if ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(Verdict::drop(Reason::DropBadIpHeader));
     }
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = ctx.packet_len();
     if off + ihl > frame_len {
         return Err(Verdict::drop(Reason::DropTruncatedIp));
     }
@@ -178,7 +205,7 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<(*mut Ipv4Hdr, usize, usiz
 }
 
 #[inline(always)]
-fn parse_tcp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+fn parse_tcp<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
     let tcp: *mut TcpHdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
     if off + TCP_HLEN > ip_end {
         return Err(Verdict::drop(Reason::DropTruncatedL4));
@@ -190,15 +217,15 @@ fn parse_tcp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> R
         return Err(Verdict::drop(Reason::DropBadTcpHeader));
     }
     // SAFETY: bounds-checked above; `ip` by parse_ipv4.
-    unsafe { Ok(Parsed::new(ip, tcp.cast(), core::ptr::addr_of_mut!((*tcp).check), PROTO_TCP, flags)) }
+    unsafe { Ok(Parsed::new(ip, tcp.cast(), core::ptr::addr_of_mut!((*tcp).check), off + 16, PROTO_TCP, flags)) }
 }
 
 #[inline(always)]
-fn parse_udp(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+fn parse_udp<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
     let udp: *mut UdpHdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
     if off + UDP_HLEN > ip_end {
         return Err(Verdict::drop(Reason::DropTruncatedL4));
     }
     // SAFETY: bounds-checked above; `ip` by parse_ipv4.
-    unsafe { Ok(Parsed::new(ip, udp.cast(), core::ptr::addr_of_mut!((*udp).check), PROTO_UDP, 0)) }
+    unsafe { Ok(Parsed::new(ip, udp.cast(), core::ptr::addr_of_mut!((*udp).check), off + 6, PROTO_UDP, 0)) }
 }

@@ -7,132 +7,120 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::generated::bpf_fib_lookup,
-    programs::XdpContext,
-    EbpfContext as _,
 };
 use lb_common::{csum, Conn, Path, PathCounters};
 
-use crate::{Packet, EGRESS, PATH_STATS};
+use crate::{
+    hook::{Action, Hook},
+    parse::{EthHdr, Ipv4Hdr},
+    Packet, PATH_STATS,
+};
 
 const AF_INET: u8 = 2;
 
 /// Where the next hop is, once known.
-struct NextHop {
-    ifindex: u32,
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
+pub struct NextHop {
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
     /// The MACs come from the flow's entry, not from the neighbour table.
-    from_flow: bool,
+    pub from_flow: bool,
+}
+
+/// What the FIB says about a translated packet.
+enum Fib {
+    Found(NextHop),
+    /// The egress interface is known, its neighbour entry is not.
+    NoNeigh(u32),
+    Pass(Path),
 }
 
 /// Send the translated `pkt` on. `flow` is the reply entry of the flow when
-/// `pkt` is a reply: its client MACs stand in for a missing neighbour entry,
-/// because a reply from a VIP that is a local address cannot pass up (the
-/// kernel drops it as a martian). `partial_l4`: the L4 checksum is a
-/// partial one (see `Path::PassPartialChecksum`).
+/// `pkt` is a reply (see `Hook::send_no_neigh`). `partial_l4`: the L4
+/// checksum is a partial one (see `Path::PassPartialChecksum`).
 #[inline(always)]
-pub fn send_on(ctx: &XdpContext, pkt: &Packet, flow: Option<&Conn>, partial_l4: bool) -> u32 {
-    let hop = if partial_l4 { Err(Path::PassPartialChecksum) } else { next_hop(ctx, pkt, flow) };
-    let (action, path) = match hop {
-        Ok(hop) => transmit(pkt, &hop),
-        Err(path) => (xdp_action::XDP_PASS, path),
+pub fn send_on<H: Hook>(hook: &H, pkt: &Packet, flow: Option<&Conn>, partial_l4: bool) -> u32 {
+    let (action, path) = if partial_l4 {
+        (H::action(Action::Pass), Path::PassPartialChecksum)
+    } else {
+        match look_up(hook, pkt) {
+            Fib::Found(hop) => hook.send(pkt, &hop),
+            Fib::NoNeigh(ifindex) => hook.send_no_neigh(pkt, ifindex, flow),
+            Fib::Pass(path) => (H::action(Action::Pass), path),
+        }
     };
     count_path(pkt.ingress_ifindex, path);
     action
 }
 
+/// bpf_fib_lookup for `pkt` as rewritten (its values, not its bytes, which
+/// tc's checksum helpers may have moved).
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, pkt: &Packet, flow: Option<&Conn>) -> Result<NextHop, Path> {
-    // SAFETY: bounds-checked by parse_packet; read by value (packed header).
-    let (ttl, tos, tot_len) = unsafe { ((*pkt.ip).ttl, (*pkt.ip).tos, u16::from_be((*pkt.ip).tot_len_be)) };
-    if ttl <= 1 {
-        return Err(Path::PassTtlExpired);
+fn look_up<H: Hook>(hook: &H, pkt: &Packet) -> Fib {
+    if pkt.ttl <= 1 {
+        return Fib::Pass(Path::PassTtlExpired);
     }
     // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.ifindex = pkt.ingress_ifindex;
-    fib.__bindgen_anon_1.tot_len = tot_len;
-    fib.__bindgen_anon_2.tos = tos;
-    // SAFETY: as above; read after the rewrite, so these are the new addresses.
-    unsafe {
-        fib.sport = (*pkt.l4_ports)[0];
-        fib.dport = (*pkt.l4_ports)[1];
-        fib.__bindgen_anon_3.ipv4_src = (*pkt.ip).src_be;
-        fib.__bindgen_anon_4.ipv4_dst = (*pkt.ip).dst_be;
-    }
+    fib.__bindgen_anon_1.tot_len = hook.fib_tot_len(pkt);
+    fib.__bindgen_anon_2.tos = pkt.tos;
+    fib.sport = pkt.src_port_be;
+    fib.dport = pkt.dst_port_be;
+    fib.__bindgen_anon_3.ipv4_src = pkt.src_ip_be;
+    fib.__bindgen_anon_4.ipv4_dst = pkt.dst_ip_be;
     // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed. Flags 0: a
     // full lookup (policy rules included) as if received on the ingress
     // interface, which must have forwarding on.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
+    let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            Ok(NextHop { ifindex: fib.ifindex, dst_mac: fib.dmac, src_mac: fib.smac, from_flow: false })
+            Fib::Found(NextHop { ifindex: fib.ifindex, dst_mac: fib.dmac, src_mac: fib.smac, from_flow: false })
         }
         // The kernel sets `ifindex` before it looks for the neighbour
         // (bpf_ipv4_fib_lookup, net/core/filter.c).
-        BPF_FIB_LKUP_RET_NO_NEIGH => match flow {
-            Some(c) if c.client_ifindex != 0 && c.client_ifindex == fib.ifindex => Ok(NextHop {
-                ifindex: c.client_ifindex,
-                dst_mac: c.client_mac,
-                src_mac: c.local_mac,
-                from_flow: true,
-            }),
-            _ => Err(Path::PassFibNoNeigh),
-        },
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Path::PassFragNeeded),
-        _ => Err(Path::PassFibUnsupported),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Fib::NoNeigh(fib.ifindex),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Fib::Pass(Path::PassFragNeeded),
+        _ => Fib::Pass(Path::PassFibUnsupported),
     }
 }
 
-/// XDP_TX back out of the ingress interface, or XDP_REDIRECT through
-/// `EGRESS`; an interface the agent did not put there passes up untouched
-/// (the devmap lookup's fallback action), before any byte changes.
+/// The MACs of `hop`, and TTL - 1.
+///
+/// # Safety
+/// `eth` and `ip` must be bounds-checked.
 #[inline(always)]
-fn transmit(pkt: &Packet, hop: &NextHop) -> (u32, Path) {
-    let (action, path) = if EGRESS.get_ifindex(hop.ifindex).is_none() {
-        return (xdp_action::XDP_PASS, Path::PassEgressNotReady);
-    } else if hop.ifindex == pkt.ingress_ifindex {
-        (xdp_action::XDP_TX, Path::TxBack)
-    } else {
-        match EGRESS.redirect(hop.ifindex, xdp_action::XDP_PASS as u64) {
-            Ok(action) => (action, Path::Redirected),
-            Err(_) => return (xdp_action::XDP_PASS, Path::PassEgressNotReady),
-        }
-    };
-    // SAFETY: bounds-checked by parse_packet; the redirect itself happens
-    // after the program returns, so the frame may still change.
+pub unsafe fn set_macs_and_ttl(eth: *mut EthHdr, ip: *mut Ipv4Hdr, hop: &NextHop) {
     unsafe {
-        (*pkt.eth).dst = hop.dst_mac;
-        (*pkt.eth).src = hop.src_mac;
-        decrement_ttl(pkt);
+        (*eth).dst = hop.dst_mac;
+        (*eth).src = hop.src_mac;
+        decrement_ttl(ip);
     }
-    (action, if hop.from_flow { Path::RepliedFlowMacs } else { path })
 }
 
 /// TTL - 1, and the header checksum with it (RFC 1624: TTL is the high
-/// byte of the 16-bit word it shares with the protocol).
+/// byte of the 16-bit word it shares with the protocol). The header's sum
+/// stays what it was, so a CHECKSUM_COMPLETE skb's `csum` stays right.
 ///
 /// # Safety
-/// `pkt.ip` must be bounds-checked.
+/// `ip` must be bounds-checked.
 #[inline(always)]
-unsafe fn decrement_ttl(pkt: &Packet) {
+pub unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
     unsafe {
-        let ttl = (*pkt.ip).ttl;
-        let proto = (*pkt.ip).proto;
+        let ttl = (*ip).ttl;
+        let proto = (*ip).proto;
         // As the word sits in memory, like the checksum field.
         let old = u16::from_ne_bytes([ttl, proto]);
-        let new = u16::from_ne_bytes([ttl - 1, proto]);
-        (*pkt.ip).ttl = ttl - 1;
-        (*pkt.ip).check = csum::replace2((*pkt.ip).check, old, new);
+        let new = u16::from_ne_bytes([ttl.wrapping_sub(1), proto]);
+        (*ip).ttl = ttl.wrapping_sub(1);
+        (*ip).check = csum::replace2((*ip).check, old, new);
     }
 }
-
 #[inline(always)]
 fn count_path(ifindex: u32, path: Path) {
     if let Some(c) = PATH_STATS.get_ptr_mut(ifindex) {

@@ -304,10 +304,14 @@ fn sysctl(path: &str) -> String {
         .map_or_else(|e| format!("({e})"), |s| s.trim().to_owned())
 }
 
-/// `n` requests from the client namespace, one connection each: answers
-/// per backend name, and the failures.
-fn requests_from_client(ns: &NetNs, n: usize, timeout: Duration) -> (BTreeMap<String, usize>, Vec<String>) {
-    let vip = SocketAddrV4::new(VIP, VIP_PORT);
+/// `n` requests from the client namespace to `vip`, one connection each:
+/// answers per backend name, and the failures.
+fn requests_from_client(
+    ns: &NetNs,
+    vip: SocketAddrV4,
+    n: usize,
+    timeout: Duration,
+) -> (BTreeMap<String, usize>, Vec<String>) {
     ns.run(move || {
         let (mut by_backend, mut failures) = (BTreeMap::new(), Vec::new());
         for i in 0..n {
@@ -321,55 +325,90 @@ fn requests_from_client(ns: &NetNs, n: usize, timeout: Duration) -> (BTreeMap<St
     })
 }
 
+/// Two serving containers on our Docker network (bridge `BRIDGE`), and a
+/// client namespace linked to the host by `CLIENT_IFACE`, where only the
+/// VIP is routed, via the host. Fields drop in order: the client
+/// namespace, the containers, the network, the engine if started here.
+struct ContainersBehindBridge {
+    client: NetNs,
+    replicas: Vec<lb_agent::ports::Replica>,
+    orch: DockerOrchestrator,
+    rt: tokio::runtime::Runtime,
+    _ours: ServiceContainers,
+    _network: NetworkGuard,
+    _dockerd: Dockerd,
+}
+
+impl ContainersBehindBridge {
+    fn start(tag: &str) -> Self {
+        assert_free();
+        let dockerd = Dockerd::ensure();
+        build_demo_image();
+        let network = unique("net");
+        let service = unique(tag);
+        let network_guard = NetworkGuard::expect_new(&network);
+        let ours = ServiceContainers { service: service.clone() };
+        let rt = runtime();
+        let orch = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("orchestrator");
+        let replicas: Vec<_> =
+            (0..2).map(|i| rt.block_on(orch.start()).unwrap_or_else(|e| panic!("start {i}: {e}"))).collect();
+        for r in &replicas {
+            wait_http_ok(r.addr, "/healthz", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{r:?}: {e}"));
+            // Traffic to the containers stays on the bridge, never leaves the host.
+            let route = run_cmd("ip", &["-4", "route", "get", &ip_of(r).to_string()]);
+            assert!(route.contains(&format!(" dev {BRIDGE} ")), "{} is not routed via {BRIDGE}: {route}", r.addr);
+        }
+        let client = NetNs::create(&unique("cli")).expect("client namespace");
+        run_cmd("ip", &["link", "add", CLIENT_IFACE, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
+        run_cmd("ip", &["addr", "add", &format!("{CLIENT_GW}/24"), "dev", CLIENT_IFACE]);
+        run_cmd("ip", &["link", "set", CLIENT_IFACE, "up"]);
+        client.exec("ip", &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
+        client.exec("ip", &["link", "set", "eth0", "up"]);
+        client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &CLIENT_GW.to_string()]);
+        Self { client, replicas, orch, rt, _ours: ours, _network: network_guard, _dockerd: dockerd }
+    }
+
+    /// Start the agent in the host's namespace, serving `vip` on the client
+    /// veth and the bridge with the containers as backends; `extra` is
+    /// added to the config.
+    fn start_agent(&self, scratch: &Scratch, vip: Ipv4Addr, extra: &str) -> (NetNs, Agent) {
+        let config = scratch.path().join("lb.toml");
+        let backends: String =
+            self.replicas.iter().map(|r| format!("[[service.backend]]\naddress = \"{}\"\n", r.addr)).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "[[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}{extra}"
+            ),
+        )
+        .expect("write config");
+        let host = NetNs::attach_process(&unique("host")).expect("name the host's namespace");
+        let mut agent = Agent::spawn(&host, &scratch.agent_args(config));
+        agent.wait_ready();
+        (host, agent)
+    }
+
+    fn stop_containers(&self) {
+        for r in &self.replicas {
+            self.rt.block_on(self.orch.stop(&r.id)).unwrap_or_else(|e| panic!("stop {}: {e}", r.name));
+        }
+    }
+}
+
 #[test]
 fn root_docker_lb_end_to_end() {
     require_root_and_docker!("root_docker_lb_end_to_end");
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let t0 = Instant::now();
-    assert_free();
-    let _dockerd = Dockerd::ensure();
-    build_demo_image();
+    let lab = ContainersBehindBridge::start("e2e");
+    let (client, replicas) = (&lab.client, &lab.replicas);
+    let vip = SocketAddrV4::new(VIP, VIP_PORT);
 
-    let network = unique("net");
-    let service = unique("e2e");
-    let _network = NetworkGuard::expect_new(&network);
-    let _ours = ServiceContainers { service: service.clone() };
-    let rt = runtime();
-    let orch = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("orchestrator");
-    let replicas: Vec<_> =
-        (0..2).map(|i| rt.block_on(orch.start()).unwrap_or_else(|e| panic!("start {i}: {e}"))).collect();
-    for r in &replicas {
-        wait_http_ok(r.addr, "/healthz", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{r:?}: {e}"));
-        // Traffic to the containers stays on the bridge, never leaves the host.
-        let route = run_cmd("ip", &["-4", "route", "get", &ip_of(r).to_string()]);
-        assert!(route.contains(&format!(" dev {BRIDGE} ")), "{} is not routed via {BRIDGE}: {route}", r.addr);
-    }
-
-    // The client namespace: only the VIP is routed, via the host.
-    let client = NetNs::create(&unique("cli")).expect("client namespace");
-    run_cmd("ip", &["link", "add", CLIENT_IFACE, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
-    run_cmd("ip", &["addr", "add", &format!("{CLIENT_GW}/24"), "dev", CLIENT_IFACE]);
-    run_cmd("ip", &["link", "set", CLIENT_IFACE, "up"]);
-    client.exec("ip", &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
-    client.exec("ip", &["link", "set", "eth0", "up"]);
-    client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &CLIENT_GW.to_string()]);
-
-    // The agent in the host's namespace, attached to the client veth and the bridge.
+    // The agent in the host's namespace, attached to the client veth and the
+    // bridge, at XDP (which this test is about; `auto` would give them tc).
     let scratch = Scratch::create(&unique("agent"));
-    let config = scratch.path().join("lb.toml");
-    let backends: String =
-        replicas.iter().map(|r| format!("[[service.backend]]\naddress = \"{}\"\n", r.addr)).collect();
-    std::fs::write(
-        &config,
-        format!(
-            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}"
-        ),
-    )
-    .expect("write config");
-    let host = NetNs::attach_process(&unique("host")).expect("name the host's namespace");
-    let args = scratch.agent_args(config);
-    let mut agent = Agent::spawn(&host, &args);
-    agent.wait_ready();
+    let hooks = format!("[interface.{CLIENT_IFACE:?}]\nhook = \"xdp\"\n[interface.{BRIDGE:?}]\nhook = \"xdp\"\n");
+    let (_host, mut agent) = lab.start_agent(&scratch, VIP, &hooks);
     let modes = agent.modes();
     eprintln!("MEASURED: XDP modes {modes:?}");
     assert!(
@@ -379,18 +418,18 @@ fn root_docker_lb_end_to_end() {
 
     // Without an ACCEPT in DOCKER-USER, dockerd's FORWARD policy drops the
     // new connections (the client's SYN, rewritten to a container).
-    let (ok, failed) = requests_from_client(&client, 1, Duration::from_secs(1));
+    let (ok, failed) = requests_from_client(client, vip, 1, Duration::from_secs(1));
     assert!(ok.is_empty() && failed.len() == 1, "expected the FORWARD policy to drop this: {ok:?} {failed:?}");
 
     let rule_spec = ["-i", CLIENT_IFACE, "-o", BRIDGE, "-j", "ACCEPT"];
     let _rule = IptablesRule::insert("DOCKER-USER", &rule_spec);
     let t = Instant::now();
-    let (by_backend, failures) = requests_from_client(&client, 200, Duration::from_secs(2));
+    let (by_backend, failures) = requests_from_client(client, vip, 200, Duration::from_secs(2));
     let took = t.elapsed();
     eprintln!("MEASURED: 200 requests through the VIP in {took:?}: {by_backend:?}, {} failed", failures.len());
     assert!(failures.is_empty(), "{} of 200 failed: {:#?}", failures.len(), &failures[..failures.len().min(10)]);
     assert_eq!(by_backend.values().sum::<usize>(), 200);
-    for r in &replicas {
+    for r in replicas {
         assert!(by_backend.get(&r.name).is_some_and(|n| *n > 0), "{} never answered: {by_backend:?}", r.name);
     }
 
@@ -418,8 +457,62 @@ fn root_docker_lb_end_to_end() {
     let status = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "agent exit: {status:?}");
     drop(agent);
-    for r in &replicas {
-        rt.block_on(orch.stop(&r.id)).unwrap_or_else(|e| panic!("stop {}: {e}", r.name));
-    }
+    lab.stop_containers();
     eprintln!("MEASURED: root_docker_lb_end_to_end took {:?}", t0.elapsed());
+}
+
+/// The same containers behind the same bridge, the VIP now the host's own
+/// address on the client link, every hook left to `auto`: tc on the client
+/// veth and on the bridge. The containers keep Docker's default offloads
+/// (their replies are CHECKSUM_PARTIAL), and no DOCKER-USER rule is needed:
+/// tc's redirects skip the FORWARD chain that drops the new connections in
+/// the test above, and the martian check the replies would fail.
+#[test]
+fn root_docker_host_address_vip_at_tc() {
+    require_root_and_docker!("root_docker_host_address_vip_at_tc");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t0 = Instant::now();
+    let lab = ContainersBehindBridge::start("tc");
+    let scratch = Scratch::create(&unique("agent"));
+    let (_host, mut agent) = lab.start_agent(&scratch, CLIENT_GW, "");
+    let modes = agent.modes();
+    eprintln!("MEASURED: hooks {modes:?}");
+    assert!(modes.iter().filter(|(_, m)| m == "tc").count() == 2, "{modes:?}");
+
+    let vip = SocketAddrV4::new(CLIENT_GW, VIP_PORT);
+    let t = Instant::now();
+    let (by_backend, failures) = requests_from_client(&lab.client, vip, 200, Duration::from_secs(2));
+    eprintln!(
+        "MEASURED: tc: 200 requests to the host's address in {:?}: {by_backend:?}, {} failed",
+        t.elapsed(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of 200 failed: {:#?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(10)],
+        agent.log_tail(30)
+    );
+    for r in &lab.replicas {
+        assert!(by_backend.get(&r.name).is_some_and(|n| *n > 0), "{} never answered: {by_backend:?}", r.name);
+    }
+    let status = agent.status();
+    let interfaces = status["agent"]["interfaces"].as_array().cloned().unwrap_or_default();
+    eprintln!("MEASURED: tc: paths {}", serde_json::Value::Array(interfaces.clone()));
+    for i in &interfaces {
+        let passed: u64 = i["paths"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["fast"] == false)
+            .map(|p| p["packets"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(passed, 0, "packets passed up on {}: {i}", i["name"]);
+    }
+    let status = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "agent exit: {status:?}");
+    drop(agent);
+    lab.stop_containers();
+    eprintln!("MEASURED: root_docker_host_address_vip_at_tc took {:?}", t0.elapsed());
 }

@@ -740,7 +740,9 @@ fn root_checksum_setting_switches_the_program_in_place() {
     let mut held = hold(&topo, 20);
 
     let members: Vec<(&str, u32)> = topo.backends.iter().map(|b| (b.name.as_str(), 1)).collect();
-    let text = topo.config_toml(&members) + &format!("\n[interface.{client_iface:?}]\nchecksums = \"complete\"\n");
+    let section = format!("[interface.{client_iface:?}]\n");
+    let text = topo.config_toml(&members).replace(&section, &format!("{section}checksums = \"complete\"\n"));
+    assert!(text.contains("checksums"), "{text}");
     topo.write_raw_config(&text);
     let took = poll_status(&agent, Instant::now(), Duration::from_secs(5), "switch to complete", |s| {
         checksums_of(s, client_iface) == "complete"

@@ -1,4 +1,5 @@
-//! Packet fixtures for `xdp_lb`, run through BPF_PROG_TEST_RUN.
+//! Packet fixtures for `xdp_lb` (and `xdp_lb_local`, `tc_lb`), run through
+//! BPF_PROG_TEST_RUN.
 //!
 //! Every `root_*` test needs root (CAP_BPF to load the program, CAP_SYS_ADMIN
 //! for its network namespace). Without root each one prints "skipped: needs
@@ -17,7 +18,9 @@ use std::{
 };
 
 use lb_agent::adapters::dataplane::netdev::if_index;
-use lb_common::{Conn, Counters, FlowKey, Path, Reason, DIR_FORWARD, DIR_REPLY, PROG_LB, PROG_LB_LOCAL, TCP_SEEN_FIN};
+use lb_common::{
+    Conn, Counters, FlowKey, Path, Reason, DIR_FORWARD, DIR_REPLY, PROG_LB, PROG_LB_LOCAL, PROG_TC, TCP_SEEN_FIN,
+};
 use lb_lab::{
     checksum::{
         complete_partial_l4_checksum, internet_checksum, ones_complement_sum, verify_ipv4_frame,
@@ -29,8 +32,8 @@ use lb_lab::{
     packet::*,
     root::skip_without_root,
     testrun::{
-        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, XDP_DROP, XDP_PASS, XDP_REDIRECT,
-        XDP_TX,
+        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP,
+        XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
 };
 
@@ -114,15 +117,18 @@ struct Fixture {
     /// The L4 checksum in and out is a partial one (CHECKSUM_PARTIAL from a
     /// local stack): the output is checked by completing it as a device would.
     partial_l4: bool,
-    /// The programs that must give exactly this result, each run on a fresh
-    /// object: both of them for most fixtures, only `xdp_lb_local` for
-    /// partial checksums, only `xdp_lb` for a complete one that looks partial.
+    /// The programs that must give exactly this result (`tc_lb` with the tc
+    /// verdict of the same meaning), each run on a fresh object: all three
+    /// for most fixtures, only `xdp_lb_local` for partial checksums (a test
+    /// run's skb cannot be CHECKSUM_PARTIAL, which is what `tc_lb` would go
+    /// by), not `xdp_lb_local` for a complete one that looks partial.
     programs: &'static [&'static str],
 }
 
-/// Both programs: they differ only in how they read a partial-looking L4
-/// checksum.
-const BOTH: &[&str] = &[PROG_LB, PROG_LB_LOCAL];
+/// Every program: the XDP two differ only in how they read a
+/// partial-looking L4 checksum; `tc_lb` goes by the skb's checksum state,
+/// which in a test run is "none" (every checksum complete).
+const EVERY: &[&str] = &[PROG_LB, PROG_LB_LOCAL, PROG_TC];
 
 /// One translated flow: enough to build both connection-table entries.
 #[derive(Clone, Copy)]
@@ -160,7 +166,7 @@ fn untouched(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         reason,
         flow: Flow::Untouched,
         partial_l4: false,
-        programs: BOTH,
+        programs: EVERY,
     }
 }
 
@@ -172,7 +178,7 @@ fn translated(
     reason: Reason,
     flow: Flow,
 ) -> Fixture {
-    Fixture { name, setup, input, verdict: XDP_PASS, output, reason, flow, partial_l4: false, programs: BOTH }
+    Fixture { name, setup, input, verdict: XDP_PASS, output, reason, flow, partial_l4: false, programs: EVERY }
 }
 
 /// A packet the program drops; XDP test runs still copy the frame out, and
@@ -187,7 +193,7 @@ fn dropped(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         reason,
         flow: Flow::Untouched,
         partial_l4: false,
-        programs: BOTH,
+        programs: EVERY,
     }
 }
 
@@ -374,7 +380,7 @@ fn tcp_complete_checksum_that_looks_partial() -> Fixture {
         .find(|(input, _)| with_partial_l4_checksum(input.clone()) == *input)
         .expect("some payload word makes the checksum equal the pseudo-header sum");
     Fixture {
-        programs: &[PROG_LB],
+        programs: &[PROG_LB, PROG_TC],
         ..translated(
             "tcp_complete_checksum_that_looks_partial",
             vec![syn_of(&nat)],
@@ -531,14 +537,19 @@ fn later_fragment_to_vip() -> Fixture {
     untouched("later_fragment_to_vip", input, Reason::PassFragment)
 }
 
+/// The XDP programs only: a tc test run refuses an IPv4 skb shorter than an
+/// IPv4 header before the program runs (bpf_prog_test_run_skb, EINVAL).
+const XDP_ONLY: &[&str] = &[PROG_LB, PROG_LB_LOCAL];
+
 fn ethernet_header_only() -> Fixture {
-    dropped("ethernet_header_only", ethernet(LB_MAC, CLIENT_MAC, ETH_P_IP, &[]), Reason::DropTruncatedIp)
+    let f = dropped("ethernet_header_only", ethernet(LB_MAC, CLIENT_MAC, ETH_P_IP, &[]), Reason::DropTruncatedIp);
+    Fixture { programs: XDP_ONLY, ..f }
 }
 
 fn truncated_ipv4_header() -> Fixture {
     let mut input = client_tcp(WEB_VIP, TCP_SYN);
     input.truncate(14 + 12);
-    dropped("truncated_ipv4_header", input, Reason::DropTruncatedIp)
+    Fixture { programs: XDP_ONLY, ..dropped("truncated_ipv4_header", input, Reason::DropTruncatedIp) }
 }
 
 /// IHL 15 (60 bytes) in a frame with 40 bytes of IP.
@@ -646,16 +657,17 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
+    let tc = program == PROG_TC;
     for (i, p) in f.setup.iter().enumerate() {
         let run = lb.run(program, p).expect("run a setup packet");
-        assert_eq!(run.verdict, XDP_PASS, "{}: setup packet {i} did not pass {program}", f.name);
+        assert_eq!(action(tc, run.verdict), "pass", "{}: setup packet {i} did not pass {program}", f.name);
     }
     let before = State::read(&lb);
     let run = lb.run(program, &f.input).expect("run the fixture packet");
     let after = State::read(&lb);
     let name = &format!("{} ({program})", f.name);
 
-    assert_eq!(action(run.verdict), action(f.verdict), "{}: verdict", name);
+    assert_eq!(action(tc, run.verdict), action(false, f.verdict), "{}: verdict", name);
     if let Some(diff) = frame_diff(&f.output, &run.data) {
         panic!("{}: output frame is not the expected one\n{diff}", name);
     }
@@ -668,11 +680,17 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     check_conntrack(f, name, &before, &after);
 }
 
-fn action(verdict: u32) -> &'static str {
-    ["XDP_ABORTED", "XDP_DROP", "XDP_PASS", "XDP_TX", "XDP_REDIRECT"]
-        .get(verdict as usize)
-        .copied()
-        .unwrap_or("unknown")
+/// What a verdict means, XDP's (`tc` false) or tc's alike.
+fn action(tc: bool, verdict: u32) -> &'static str {
+    match (tc, verdict) {
+        (false, XDP_PASS) | (true, TC_ACT_OK) => "pass",
+        (false, XDP_DROP) | (true, TC_ACT_SHOT) => "drop",
+        (false, 0) => "XDP_ABORTED",
+        (false, 3) => "XDP_TX",
+        (false, 4) => "XDP_REDIRECT",
+        (true, 7) => "TC_ACT_REDIRECT",
+        _ => "unknown",
+    }
 }
 
 /// The counters the packet must add to its backend and service; all other
@@ -842,7 +860,7 @@ fn syn_redirected_to_the_backend_side() -> RouteFixture {
         neighbours: vec![(*web_nat(CLIENT).backend.ip(), BACKEND_MAC, LB_BACKEND_SIDE)],
         routes: vec![],
         egress: BOTH_SIDES,
-        programs: BOTH,
+        programs: XDP_ONLY,
         partial_l4: false,
         verdict: XDP_REDIRECT,
         output: as_routed(translated, BACKEND_MAC, LB_BACKEND_SIDE_MAC),
@@ -1001,14 +1019,14 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     let index_of = |iface: &str| sides.iter().find(|(i, _)| *i == iface).expect("a side of the host").1;
     for (i, p) in f.setup.iter().enumerate() {
         let run = lb.run_from(program, p, index_of(LB_CLIENT_SIDE)).expect("run a setup packet");
-        assert_ne!(action(run.verdict), action(XDP_DROP), "{name}: setup packet {i} dropped");
+        assert_ne!(action(false, run.verdict), action(false, XDP_DROP), "{name}: setup packet {i} dropped");
     }
     let ingress = index_of(f.ingress);
     let paths_before = sides.map(|(_, i)| lb.paths(i).unwrap());
     let reasons_before = lb.reasons().unwrap();
     let run = lb.run_from(program, &f.input, ingress).expect("run the fixture packet");
 
-    assert_eq!(action(run.verdict), action(f.verdict), "{name}: verdict");
+    assert_eq!(action(false, run.verdict), action(false, f.verdict), "{name}: verdict");
     if let Some(diff) = frame_diff(&f.output, &run.data) {
         panic!("{name}: output frame is not the expected one\n{diff}");
     }

@@ -1,6 +1,7 @@
 //! Gathers `core::deploy::HostFacts` from this network namespace: its IPv4
-//! addresses (getifaddrs), each listed interface's fast-path decision and
-//! whether it forwards, and the route to each configured backend.
+//! addresses (getifaddrs), each listed interface's hook and fast-path
+//! decisions and whether it forwards, and the route to each configured
+//! backend.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,7 +10,7 @@ use std::{
 
 use crate::{
     adapters::{
-        dataplane::{egress::decide_fast_path, netdev},
+        dataplane::{egress::decide_fast_path, netdev, tc::decide_hook},
         routes::RouteLookup,
     },
     config::Config,
@@ -39,7 +40,8 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             let may_be_partial =
                 netdev::checksums_for(config.checksums(iface), iface)? == crate::ports::L4Checksums::MayBePartial;
             let rp_filter = conf_value("all", "rp_filter").max(conf_value(iface, "rp_filter")).unwrap_or(0);
-            let f = InterfaceFacts { fast_path, fast_path_why, forwarding, may_be_partial, rp_filter };
+            let (hook, hook_why) = decide_hook(config.hook(iface), driver.as_deref());
+            let f = InterfaceFacts { hook, hook_why, fast_path, fast_path_why, forwarding, may_be_partial, rp_filter };
             facts.interfaces.insert(iface.clone(), f);
         }
         for addr in s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]) {

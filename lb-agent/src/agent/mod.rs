@@ -545,7 +545,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             info!(service = s.name, id = s.id, backends = s.backends.len(), "service live");
         }
         for a in self.dataplane.attachments() {
-            info!(interface = a.interface, mode = %a.mode, checksums = %a.checksums, "xdp");
+            info!(interface = a.interface, hook = %a.mode.hook(), mode = %a.mode, checksums = ?a.checksums, "hook");
         }
     }
 }

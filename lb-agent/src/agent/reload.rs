@@ -72,12 +72,12 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         let had = interfaces(&self.config);
         let mut attached_now = Vec::new();
         // Every wanted interface: new ones are attached, and one whose
-        // `checksums` setting changed gets the other program in place.
+        // `hook` or `checksums` setting changed gets the other program.
         for iface in &wanted {
             let new = !had.contains(iface);
             let attached = self
                 .dataplane
-                .attach(iface, config.checksums(iface))
+                .attach(iface, config.hook(iface), config.checksums(iface))
                 .and_then(|_| self.dataplane.set_fast_path(iface, config.fast_path(iface)));
             match attached {
                 Ok(_) if new => attached_now.push(iface.clone()),

@@ -42,9 +42,26 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct InterfaceConfig {
     #[serde(default)]
+    pub hook: HookMode,
+    #[serde(default)]
     pub checksums: ChecksumMode,
     #[serde(default)]
     pub fast_path: FastPathMode,
+}
+
+/// Where on an interface the program runs (see the README's table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookMode {
+    /// XDP on NIC drivers; tc on the devices that face local stacks (veth,
+    /// bridge, tun/tap, macvlan, ipvlan, netkit, vxlan, ...), whose packets
+    /// may carry partial checksums and which cannot transmit XDP frames.
+    #[default]
+    Auto,
+    /// XDP (native where the driver has it, generic otherwise).
+    Xdp,
+    /// A tc classifier on ingress (TCX, or a clsact qdisc before 6.6).
+    Tc,
 }
 
 /// Whether translated packets may leave by the fast path (XDP_REDIRECT or
@@ -235,6 +252,11 @@ impl Config {
         } else {
             Err(ConfigError::Invalid { path: path.into(), problems })
         }
+    }
+
+    /// The hook setting of `iface` (`auto` unless configured).
+    pub fn hook(&self, iface: &str) -> HookMode {
+        self.interface_settings.get(iface).map(|i| i.hook).unwrap_or_default()
     }
 
     /// The checksum setting of `iface` (`auto` unless configured).
@@ -452,6 +474,10 @@ mod tests {
         let c = parse(&format!("{GOOD}\n[interface.eth0]\nfast_path = \"on\"\n")).unwrap();
         assert_eq!(c.fast_path("eth0"), FastPathMode::On);
         assert_eq!(c.checksums("eth0"), ChecksumMode::Auto);
+        assert_eq!(c.hook("eth0"), HookMode::Auto);
+        let c = parse(&format!("{GOOD}\n[interface.eth0]\nhook = \"tc\"\n")).unwrap();
+        assert_eq!(c.hook("eth0"), HookMode::Tc);
+        assert!(parse(&format!("{GOOD}\n[interface.eth0]\nhook = \"tcx\"\n")).is_err());
     }
 
     #[test]

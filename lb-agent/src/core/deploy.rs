@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, fmt};
 
 use crate::{
-    config::{Config, ServiceConfig},
-    ports::{HostFacts, InterfaceFacts, Route},
+    config::{ChecksumMode, Config, FastPathMode, ServiceConfig},
+    ports::{Hook, HostFacts, InterfaceFacts, Route},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,11 +55,16 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
             }
         }
         if facts.local_addrs.contains(&s.vip) {
-            let off: Vec<String> =
-                known.iter().filter(|(_, f)| !f.fast_path).map(|(n, f)| format!("{n} ({})", f.fast_path_why)).collect();
+            // At tc a reply leaves by bpf_redirect into any device, past the
+            // martian check; at XDP only by a fast path to the egress device.
+            let off: Vec<String> = known
+                .iter()
+                .filter(|(_, f)| f.hook == Hook::Xdp && !f.fast_path)
+                .map(|(n, f)| format!("{n} ({})", f.fast_path_why))
+                .collect();
             let why = format!(
                 "the VIP {} is an address of this host, so a reply translated back to it cannot pass up to the \
-                 kernel (dropped as a martian) and must leave on the fast path",
+                 kernel (dropped as a martian) and must leave on the fast path (or by the tc hook)",
                 s.vip
             );
             if !known.is_empty() && off.len() == known.len() {
@@ -88,6 +93,20 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
         out.extend(judge_routes(&at, s, facts));
         out.extend(judge_reply_paths(&at, s, facts));
         out.extend(judge_vip_interface(&at, s, facts));
+    }
+    for (n, settings) in &config.interface_settings {
+        let Some(f) = facts.interfaces.get(n).filter(|f| f.hook == Hook::Tc) else { continue };
+        if settings.checksums != ChecksumMode::Auto || settings.fast_path != FastPathMode::Auto {
+            out.push(Finding {
+                severity: Severity::Warn,
+                text: format!(
+                    "interface {n}: it gets the tc hook ({}), where `checksums` does not apply (the kernel's \
+                     helpers follow the skb's checksum state) and `fast_path` only says whether XDP on other \
+                     interfaces may redirect into it; packets arriving on it leave by bpf_redirect either way",
+                    f.hook_why
+                ),
+            });
+        }
     }
     out
 }
@@ -143,14 +162,16 @@ fn judge_reply_paths(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Find
     for (iface, backends) in backend_sides(s, facts) {
         let Some(f) = facts.interfaces.get(iface) else { continue };
         let backends = backends.join(", ");
-        if local && f.may_be_partial {
+        // At tc the kernel's helpers follow the skb's checksum state.
+        if local && f.may_be_partial && f.hook == Hook::Xdp {
             out.push(Finding {
                 severity: Severity::Warn,
                 text: format!(
                     "{at}: backends {backends} answer through {iface}, whose program takes a checksum that looks \
                      partial for one (checksums = \"may-be-partial\", or \"auto\" on a veth or bridge): such a \
                      reply cannot take the fast path and, translated back to the host's own address {}, is \
-                     dropped as a martian; have the backends compute their checksums (ethtool -K <their \
+                     dropped as a martian; give {iface} the tc hook (hook = \"tc\", what \"auto\" picks for a \
+                     veth or bridge), or have the backends compute their checksums (ethtool -K <their \
                      interface> tx off) and set checksums = \"complete\" for {iface}",
                     s.vip
                 ),
@@ -280,6 +301,8 @@ mod tests {
 
     fn facts(local: bool, eth0_fast: bool, br0_fast: bool, forwarding: bool) -> HostFacts {
         let f = |fast_path: bool| InterfaceFacts {
+            hook: Hook::Xdp,
+            hook_why: "hook why".into(),
             fast_path,
             fast_path_why: "why".into(),
             forwarding,
@@ -457,6 +480,27 @@ mod tests {
         assert_eq!(f[0].severity, Severity::Warn);
         assert!(f[0].text.contains("br0 (why)") && !f[0].text.contains("eth0"), "{}", f[0]);
         assert_eq!(judge(&parse(CONFIG).unwrap(), &facts(true, true, true, true)), vec![]);
+    }
+
+    #[test]
+    fn a_host_address_vip_behind_tc_interfaces_needs_no_xdp_fast_path() {
+        let mut f = facts(true, true, false, true);
+        f.interfaces.get_mut("br0").unwrap().hook = Hook::Tc;
+        assert_eq!(judge(&parse(CONFIG).unwrap(), &f), vec![]);
+        f.interfaces.get_mut("eth0").unwrap().hook = Hook::Tc;
+        f.interfaces.get_mut("eth0").unwrap().fast_path = false;
+        assert_eq!(judge(&parse(CONFIG).unwrap(), &f), vec![]);
+    }
+
+    #[test]
+    fn xdp_settings_on_a_tc_interface_are_a_warning() {
+        let config = parse(&format!("{CONFIG}\n[interface.br0]\nchecksums = \"complete\"\n")).unwrap();
+        let mut f = facts(false, true, true, true);
+        assert_eq!(judge(&config, &f), vec![]);
+        f.interfaces.get_mut("br0").unwrap().hook = Hook::Tc;
+        let found = judge(&config, &f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].text.contains("br0") && found[0].text.contains("hook why"), "{}", found[0]);
     }
 
     #[test]

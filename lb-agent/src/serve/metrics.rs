@@ -172,7 +172,7 @@ const PACKETS: Family<VerdictLabels> = Family::counter(
 );
 const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
     "lb_xdp_attached",
-    "1 for each interface the XDP program is attached to, labelled with the attach mode (native or generic) and the program's checksum handling (complete or may-be-partial).",
+    "1 for each interface the program is attached to, labelled with its hook (xdp or tc), the attach mode (native, generic or tc) and the program's checksum handling (complete or may-be-partial for XDP, skb for tc).",
 );
 const FAST_PATH: Family<FastPathLabels> = Family::gauge(
     "lb_xdp_fast_path",
@@ -180,7 +180,7 @@ const FAST_PATH: Family<FastPathLabels> = Family::gauge(
 );
 const PATH_PACKETS: Family<PathLabels> = Family::counter(
     "lb_xdp_path_packets_total",
-    "Translated packets that arrived on the interface, by the way they left: fast (redirected, tx_back, replied_flow_macs) or passed up to the kernel, with the reason (pass_fib_no_neigh, pass_egress_not_ready, ...).",
+    "Translated packets that arrived on the interface, by the way they left: fast (redirected, tx_back, replied_flow_macs, redirected_neigh) or passed up to the kernel, with the reason (pass_fib_no_neigh, pass_egress_not_ready, ...).",
 );
 const MAP_ENTRIES: Family<MapLabels> = Family::gauge("lb_map_entries", "Entries currently in the eBPF map.");
 const MAP_MAX_ENTRIES: Family<MapLabels> =
@@ -242,8 +242,12 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     );
     let interfaces = &snapshot.agent.interfaces;
     out.push(XDP_ATTACHED.collect(interfaces.iter().map(|i| {
-        let labels =
-            InterfaceLabels { interface: i.name.clone(), mode: i.xdp_mode.clone(), checksums: i.checksums.clone() };
+        let labels = InterfaceLabels {
+            interface: i.name.clone(),
+            hook: i.hook.clone(),
+            mode: i.xdp_mode.clone(),
+            checksums: i.checksums.clone(),
+        };
         (labels, TRUE)
     })));
     out.push(
@@ -501,16 +505,19 @@ impl LabelSet for VerdictLabels {
 
 struct InterfaceLabels {
     interface: String,
-    /// "native" or "generic".
+    /// "xdp" or "tc".
+    hook: String,
+    /// "native" or "generic", or "tc".
     mode: String,
-    /// The program: "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`).
+    /// The program: "complete" (`xdp_lb`) or "may-be-partial" (`xdp_lb_local`);
+    /// "skb" for `tc_lb`.
     checksums: String,
 }
 
 impl LabelSet for InterfaceLabels {
-    const NAMES: &'static [&'static str] = &["interface", "mode", "checksums"];
+    const NAMES: &'static [&'static str] = &["interface", "hook", "mode", "checksums"];
     fn into_values(self) -> Vec<String> {
-        vec![self.interface, self.mode, self.checksums]
+        vec![self.interface, self.hook, self.mode, self.checksums]
     }
 }
 
@@ -810,6 +817,7 @@ mod tests {
                 errors_total: 3,
                 interfaces: vec![InterfaceStatus {
                     name: "eth0".to_owned(),
+                    hook: "xdp".to_owned(),
                     xdp_mode: "native".to_owned(),
                     checksums: "complete".to_owned(),
                     fast_path: true,
@@ -1030,7 +1038,7 @@ mod tests {
             ]
         );
         for line in [
-            r#"lb_xdp_attached{interface="eth0",mode="native",checksums="complete"} 1"#,
+            r#"lb_xdp_attached{interface="eth0",hook="xdp",mode="native",checksums="complete"} 1"#,
             r#"lb_map_entries{map="CONNTRACK"} 9"#,
             r#"lb_map_max_entries{map="CONNTRACK"} 65536"#,
             "lb_agent_errors_total 3",

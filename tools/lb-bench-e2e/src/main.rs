@@ -66,6 +66,11 @@ struct Cli {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// The hook lb-agent runs at on the LB namespace's veths: `xdp` (what
+    /// the lab writes by default), `tc`, or `auto` (what the agent picks:
+    /// tc for veths).
+    #[arg(long, default_value = "xdp", value_parser = ["xdp", "tc", "auto"])]
+    hook: String,
 }
 
 fn parse_whole_seconds(s: &str) -> Result<Duration, String> {
@@ -117,7 +122,7 @@ fn run(cli: &Cli) -> Result<Report> {
     // then, and the cgroup can go.
     let cgroup = Cgroup::enter(&format!("lb-bench-e2e-{}", std::process::id()))?;
     let loadavg_start = loadavg();
-    let lab = Lab::build()?;
+    let lab = Lab::build(&cli.hook)?;
     let mut cases = Vec::new();
     for mode in Mode::ALL {
         cases.extend(lab.measure_mode(mode, cli, &cgroup)?);
@@ -127,8 +132,9 @@ fn run(cli: &Cli) -> Result<Report> {
     let meta = Meta {
         topology: format!(
             "client ns -> LB ns -> {} backend ns running nginx (one process each); the LB ns runs lb-agent \
-             (XDP), HAProxy (tcp mode, nbthread 1) or NGINX stream (one process), or only routes (direct)",
-            BACKENDS.len()
+             (hook {}), HAProxy (tcp mode, nbthread 1) or NGINX stream (one process), or only routes (direct)",
+            BACKENDS.len(),
+            cli.hook
         ),
         load: format!(
             "wrk, {} connections as {WRK_PROCESSES} processes of one thread ({}); direct: process i sends to backend i",
@@ -200,9 +206,14 @@ enum Balancer {
 }
 
 impl Lab {
-    fn build() -> Result<Lab> {
+    fn build(hook: &str) -> Result<Lab> {
         eprintln!("[bench] building client ns -> LB ns -> {} backend namespaces", BACKENDS.len());
-        let mut topo = Topology::build(topology::Options::with_backends(&BACKENDS));
+        let hook = match hook {
+            "tc" => Some("tc"),
+            "auto" => None,
+            _ => Some("xdp"),
+        };
+        let mut topo = Topology::build(topology::Options { hook, ..topology::Options::with_backends(&BACKENDS) });
         let mut backends = Vec::new();
         for b in BACKENDS {
             // The lab's own test servers hold the backend port: nginx

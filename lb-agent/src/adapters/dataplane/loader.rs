@@ -10,28 +10,36 @@ use anyhow::{anyhow, Context as _};
 use aya::programs::{
     links::{FdLink, PinnedLink},
     xdp::XdpLink,
-    Xdp, XdpMode,
+    SchedClassifier, Xdp, XdpMode,
 };
-use lb_common::SERVICES;
+use lb_common::{PROG_TC, SERVICES};
 use tracing::{info, warn};
 
 use super::{
-    netdev::checksums_for,
-    object::{load_object, xdp_program_mut},
+    netdev::{checksums_for, interface_driver},
+    object::{load_object, program_mut},
     pins::{link_pin_name, prepare_pin_dir, remove_pins},
+    tc::{self, decide_hook, TcLink},
     AyaDataplane,
 };
 use crate::{
-    config::ChecksumMode,
-    ports::{AttachMode, L4Checksums},
+    config::{ChecksumMode, HookMode},
+    ports::{AttachMode, Hook, L4Checksums},
 };
 
-/// Our XDP attachment to one interface: a bpf_link, pinned when pinning is on.
+/// Our attachment to one interface: a bpf_link, pinned when pinning is on
+/// (or, at tc on kernels without TCX, a netlink filter).
 pub(super) struct Attached {
-    link: FdLink,
+    link: Link,
     mode: AttachMode,
-    l4: L4Checksums,
+    /// The XDP program's checksum choice; `None` at tc.
+    l4: Option<L4Checksums>,
     pin: Option<PathBuf>,
+}
+
+pub(super) enum Link {
+    Xdp(FdLink),
+    Tc(TcLink),
 }
 
 impl AyaDataplane {
@@ -52,7 +60,11 @@ impl AyaDataplane {
     }
 
     fn program(&mut self, l4: L4Checksums) -> anyhow::Result<&mut Xdp> {
-        xdp_program_mut(&mut self.ebpf, l4.program())
+        program_mut(&mut self.ebpf, l4.program())
+    }
+
+    fn tc_program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        program_mut(&mut self.ebpf, PROG_TC)
     }
 
     /// Swap the program on an existing link (bpf_link_update): no moment
@@ -68,35 +80,67 @@ impl AyaDataplane {
         self.pins.as_ref().map(|p| p.join("links").join(link_pin_name(iface, mode)))
     }
 
-    /// Attach to `iface`: native XDP where the driver has it, generic
-    /// otherwise. A link a previous agent pinned for it is taken over and
-    /// switched to this program atomically (bpf_link_update), so traffic
-    /// never sees an interface without the program. Never replaces a program
-    /// someone else attached: the kernel refuses a second one (EBUSY).
+    /// Attach to `iface` at the hook `hook` decides for it (see
+    /// `tc::decide_hook`); an interface attached at the other hook is
+    /// detached from it first.
+    pub fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+        let (hook, why) = decide_hook(hook, interface_driver(iface)?.as_deref());
+        if self.links.get(iface).is_some_and(|a| a.mode.hook() != hook) {
+            info!(interface = iface, to = %hook, why, "switching hooks");
+            self.detach(iface)?;
+        }
+        match hook {
+            Hook::Xdp => self.attach_xdp(iface, checksums),
+            Hook::Tc => self.attach_tc(iface, &why),
+        }
+    }
+
+    /// The pinned link a previous agent left for `iface` in `mode`, opened.
+    fn pinned_link(&self, iface: &str, mode: AttachMode) -> anyhow::Result<Option<(FdLink, PathBuf)>> {
+        let Some(pin) = self.link_pin(iface, mode).filter(|p| p.exists()) else { return Ok(None) };
+        let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("open pinned link {}", pin.display()))?;
+        Ok(Some((FdLink::from(pinned), pin)))
+    }
+
+    /// Pin `link` for `iface` in `mode`, when pinning is on.
+    fn pin_link(&self, link: FdLink, iface: &str, mode: AttachMode) -> anyhow::Result<(FdLink, Option<PathBuf>)> {
+        match self.link_pin(iface, mode) {
+            Some(path) => {
+                let pinned = link.pin(&path).with_context(|| format!("pin the link at {}", path.display()))?;
+                Ok((FdLink::from(pinned), Some(path)))
+            }
+            None => Ok((link, None)),
+        }
+    }
+
+    /// XDP: native where the driver has it, generic otherwise. A link a
+    /// previous agent pinned for it is taken over and switched to this
+    /// program atomically (bpf_link_update), so traffic never sees an
+    /// interface without the program. Never replaces a program someone else
+    /// attached: the kernel refuses a second one (EBUSY).
     ///
     /// `checksums` picks the program (see [`L4Checksums`]); an interface
     /// already attached with the other one is switched over in place.
-    pub fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+    fn attach_xdp(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
         let l4 = checksums_for(checksums, iface)?;
-        if let Some(a) = self.links.get(iface).filter(|a| a.l4 == l4) {
+        if let Some(a) = self.links.get(iface).filter(|a| a.l4 == Some(l4)) {
             return Ok(a.mode);
         }
-        if let Some(Attached { link, mode, l4: old, pin }) = self.links.remove(iface) {
+        if let Some(Attached { link: Link::Xdp(link), mode, l4: old, pin }) = self.links.remove(iface) {
             // Between two loaded programs of one object, bpf_link_update
             // fails only when the link itself is gone (interface removed).
             let link = self.switch_link(link, l4, iface)?;
-            info!(interface = iface, from = %old, checksums = %l4, "switched program");
-            self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });
+            info!(interface = iface, from = ?old, checksums = %l4, "switched program");
+            self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin });
             return Ok(mode);
         }
         for mode in [AttachMode::Driver, AttachMode::Generic] {
-            let Some(pin) = self.link_pin(iface, mode).filter(|p| p.exists()) else { continue };
-            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("open pinned link {}", pin.display()))?;
+            let Some((pinned, pin)) = self.pinned_link(iface, mode)? else { continue };
             let link = self
-                .switch_link(FdLink::from(pinned), l4, iface)
+                .switch_link(pinned, l4, iface)
                 .with_context(|| format!("take over the pinned link {}", pin.display()))?;
             info!(interface = iface, mode = %mode, checksums = %l4, "adopted pinned XDP link");
-            self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin: Some(pin) });
+            self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin: Some(pin) });
             return Ok(mode);
         }
         let program = self.program(l4)?;
@@ -114,15 +158,36 @@ impl AyaDataplane {
         };
         let link = FdLink::try_from(program.take_link(id)?)
             .context("the kernel attached XDP without a bpf_link (kernel older than 5.9?)")?;
-        let (link, pin) = match self.link_pin(iface, mode) {
-            Some(path) => {
-                let pinned = link.pin(&path).with_context(|| format!("pin the XDP link at {}", path.display()))?;
-                (FdLink::from(pinned), Some(path))
-            }
-            None => (link, None),
-        };
+        let (link, pin) = self.pin_link(link, iface, mode)?;
         info!(interface = iface, mode = %mode, checksums = %l4, "attached");
-        self.links.insert(iface.to_owned(), Attached { link, mode, l4, pin });
+        self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin });
+        Ok(mode)
+    }
+
+    /// tc: a TCX link a previous agent pinned is taken over in place;
+    /// otherwise a new one (see `tc::attach`).
+    fn attach_tc(&mut self, iface: &str, why: &str) -> anyhow::Result<AttachMode> {
+        let mode = AttachMode::Tc;
+        if self.links.contains_key(iface) {
+            return Ok(mode);
+        }
+        let (link, pin) = match self.pinned_link(iface, mode)? {
+            Some((pinned, pin)) => {
+                let link = tc::adopt(self.tc_program()?, pinned)
+                    .with_context(|| format!("take over the pinned link {}", pin.display()))?;
+                info!(interface = iface, "adopted pinned TCX link");
+                (TcLink::Tcx(link), Some(pin))
+            }
+            None => match tc::attach(self.tc_program()?, iface)? {
+                TcLink::Tcx(link) => {
+                    let (link, pin) = self.pin_link(link, iface, mode)?;
+                    (TcLink::Tcx(link), pin)
+                }
+                netlink => (netlink, None),
+            },
+        };
+        info!(interface = iface, mode = %mode, why, "attached");
+        self.links.insert(iface.to_owned(), Attached { link: Link::Tc(link), mode, l4: None, pin });
         Ok(mode)
     }
 
@@ -150,7 +215,7 @@ impl AyaDataplane {
     }
 
     /// Interfaces we are attached to, with their mode and program.
-    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode, L4Checksums)> {
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, AttachMode, Option<L4Checksums>)> {
         self.links.iter().map(|(k, a)| (k.as_str(), a.mode, a.l4))
     }
 
@@ -173,9 +238,15 @@ impl AyaDataplane {
         }
     }
 
-    /// Leave pins in place on drop, for the next agent to adopt.
+    /// Leave pins (and netlink filters) in place on drop, for the next
+    /// agent to adopt.
     pub fn keep_on_drop(&mut self) {
         self.keep = true;
+        for a in self.links.values_mut() {
+            if let Link::Tc(link) = &mut a.link {
+                link.keep();
+            }
+        }
     }
 }
 

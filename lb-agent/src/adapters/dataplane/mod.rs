@@ -11,7 +11,7 @@
 //!   interfaces (bpf_links), and what happens to it all on exit;
 //! - `pins`: the bpffs directory that lets a restarted agent adopt it all;
 //! - `netdev`: what the kernel says about an interface (index, driver);
-//! - `egress`: the fast path's egress interfaces and per-interface paths.
+//! - `tc`: which interfaces get the tc hook, and attaching it there.
 
 mod conntrack;
 pub mod egress;
@@ -19,6 +19,7 @@ mod loader;
 pub mod netdev;
 pub mod object;
 pub mod pins;
+pub mod tc;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
@@ -32,7 +33,7 @@ use tracing::warn;
 use self::{conntrack::AyaConnections, loader::Attached, object::map_err};
 pub use self::{conntrack::UDP_IDLE, object::Maps};
 use crate::{
-    config::{ChecksumMode, Config, FastPathMode},
+    config::{ChecksumMode, Config, FastPathMode, HookMode},
     ports::{
         AttachMode, Attachment, ConnectionTable, Dataplane, DataplaneError, DataplaneReads, HostFacts, MapWriter,
         PinnedState,
@@ -156,8 +157,8 @@ impl Dataplane for AyaDataplane {
         netdev::if_index(name).is_some()
     }
 
-    fn attach(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
-        AyaDataplane::attach(self, iface, checksums)
+    fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+        AyaDataplane::attach(self, iface, hook, checksums)
     }
 
     fn detach(&mut self, iface: &str) -> anyhow::Result<()> {

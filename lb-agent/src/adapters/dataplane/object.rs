@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
-    programs::Xdp,
+    programs::Program,
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -108,21 +108,33 @@ pub fn load_object(object: &[u8], map_pins: Option<&Path>) -> anyhow::Result<(Eb
     Ok((ebpf, maps))
 }
 
-/// Loads (verifies) the object's XDP program `name`.
+/// Loads (verifies) the object's program `name` (XDP or tc).
 pub fn load_program(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
-    xdp_program_mut(ebpf, name)?.load().with_context(|| format!("load {name} into the kernel (verifier)"))
-}
-
-/// The object's XDP program `name`.
-pub fn xdp_program<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Xdp> {
-    let program = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
-    program.try_into().with_context(|| format!("{name} is not an XDP program"))
-}
-
-/// The object's XDP program `name`, to load or attach.
-pub fn xdp_program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
     let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
-    program.try_into().with_context(|| format!("{name} is not an XDP program"))
+    let loaded = match program {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        _ => return Err(anyhow!("{name} is neither an XDP nor a tc program")),
+    };
+    loaded.with_context(|| format!("load {name} into the kernel (verifier)"))
+}
+
+/// The object's program `name`, as its kind `P` (`Xdp`, `SchedClassifier`).
+pub fn program<'a, P>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a P>
+where
+    &'a P: TryFrom<&'a Program>,
+{
+    let program = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    program.try_into().map_err(|_| anyhow!("{name} is not a {} program", std::any::type_name::<P>()))
+}
+
+/// The object's program `name`, as its kind `P`, to load or attach.
+pub fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    program.try_into().map_err(|_| anyhow!("{name} is not a {} program", std::any::type_name::<P>()))
 }
 
 /// Takes the map `name` out of `ebpf` as the typed wrapper `M`.
