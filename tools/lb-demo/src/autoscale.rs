@@ -28,8 +28,10 @@ use crate::{
     view::View,
 };
 
-/// The service address; on no interface, the client routes it via the LB.
-pub(crate) const VIP: Ipv4Addr = Ipv4Addr::new(10, 220, 255, 1);
+/// The service address: the load balancer host's own address on the
+/// clients' side (the host-address deployment, as HAProxy's `bind *:80`),
+/// which clients reach with no route of their own.
+pub(crate) const VIP: Ipv4Addr = LB_ADDR;
 pub(crate) const VIP_PORT: u16 = 80;
 pub(crate) const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 220, 0, 1);
 pub(crate) const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 220, 0, 2);

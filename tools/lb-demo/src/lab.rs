@@ -129,8 +129,8 @@ impl Lab {
         let (lb, client) = (self.lb_ns.clone().expect("processes: an LB namespace"), self.client_ns.clone());
         self.add_netns(&lb)?;
         // Before any interface exists, so that the veth and the bridge
-        // inherit rp_filter=0: replies from the instances come back from the
-        // VIP, which is not routed via the bridge.
+        // inherit rp_filter=0: a reply that falls back to the kernel comes
+        // from a client the bridge does not route to.
         for setting in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
             try_run_cmd("ip", &["netns", "exec", &lb, "sysctl", "-qw", setting])?;
         }
@@ -156,8 +156,8 @@ impl Lab {
         ip(&["-n", &lb, "link", "set", LB_IFACE, "up"])?;
         ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", CLIENT_IFACE])?;
         ip(&["-n", &client, "link", "set", CLIENT_IFACE, "up"])?;
-        // Only the VIP goes via the LB: the client has no default route.
-        ip(&["-n", &client, "route", "add", &format!("{VIP}/32"), "via", &LB_ADDR.to_string()])?;
+        // The VIP is the LB's own address on this link: the client needs no
+        // route, and has none beyond the link (no default route).
         Ok(())
     }
 
@@ -198,8 +198,8 @@ impl Lab {
         ip(&["link", "set", &lb, "up"])?;
         ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", CLIENT_IFACE])?;
         ip(&["-n", &client, "link", "set", CLIENT_IFACE, "up"])?;
-        // Only the VIP goes via the host: the client has no default route.
-        ip(&["-n", &client, "route", "add", &format!("{VIP}/32"), "via", &LB_ADDR.to_string()])?;
+        // The VIP is the LB's own address on this link: the client needs no
+        // route, and has none beyond the link (no default route).
         Ok(())
     }
 
@@ -208,12 +208,12 @@ impl Lab {
         let lb = self.lb_ns.as_deref().unwrap_or("(the host's)");
         let _ = writeln!(
             s,
-            "  client   ns {:<20} {CLIENT_ADDR}/24 on {CLIENT_IFACE}, route {VIP}/32 via {LB_ADDR} (no default route)",
+            "  client   ns {:<20} {CLIENT_ADDR}/24 on {CLIENT_IFACE}, no route beyond the link",
             self.client_ns
         );
         let _ = writeln!(
             s,
-            "  LB       ns {lb:<20} {LB_ADDR}/24 on {}, ip_forward=1; the VIP {VIP} is on no interface",
+            "  LB       ns {lb:<20} {LB_ADDR}/24 on {}, ip_forward=1; the VIP {VIP}:{VIP_PORT} is this address (host-address deployment)",
             self.lb_iface
         );
         if self.plan.docker() {
@@ -231,7 +231,7 @@ impl Lab {
         }
         let _ = writeln!(
             s,
-            "  XDP      on {} and {} (both directions cross it)",
+            "  program  on {} and {}, at tc (lb-agent's hook for veths and bridges; both directions cross it)",
             self.lb_iface,
             self.plan.reply_interface()
         );

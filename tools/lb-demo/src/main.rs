@@ -5,7 +5,8 @@
 //! namespace with an autoscaled service whose instances are `lb-backend`
 //! processes (lb-agent's process orchestrator: one namespace per instance on a
 //! bridge inside the LB namespace), then drives an open-loop HTTP load ramp
-//! from the client namespace to the VIP and shows, once per second, what was
+//! from the client namespace to the VIP, which is the LB namespace's own
+//! address on the client's link (the host-address deployment), and shows, once per second, what was
 //! offered and answered, how fast, which instances are serving (and their CPU)
 //! and the agent's latest scaling decision. At the end it prints a summary,
 //! writes the agent's decision timeline, the per-second series and an SVG
@@ -13,9 +14,9 @@
 //!
 //! ```text
 //!  client ns                      LB ns (ip_forward=1)                       instance namespaces
-//!  10.220.0.2 [to-lb] ==== [lbc] 10.220.0.1
-//!  route 10.220.255.1/32          [lbd<pid>] bridge 10.212.0.1/24 ---- [eth0] 10.212.0.2  web-2
-//!        via 10.220.0.1           XDP on lbc and the bridge        `--- [eth0] 10.212.0.3  web-3 ...
+//!  10.220.0.2 [to-lb] ==== [lbc] 10.220.0.1 = the VIP, port 80
+//!  (no route beyond the link)     [lbd<pid>] bridge 10.212.0.1/24 ---- [eth0] 10.212.0.2  web-2
+//!                                 tc_lb on lbc and the bridge      `--- [eth0] 10.212.0.3  web-3 ...
 //! ```
 //!
 //! With Docker installed (the default `--orchestrator auto`), the instances
