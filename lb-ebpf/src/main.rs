@@ -9,6 +9,8 @@
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges).
+//! `sock` holds socket load balancing for clients on the host itself
+//! (cgroup socket-address programs).
 //!
 //! With the `bench` feature the object also carries the benchmark's
 //! programs and maps (`bench.rs`); the agent's object never does.
@@ -20,6 +22,8 @@ mod bench;
 mod nat;
 mod parse;
 mod route;
+mod select;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
