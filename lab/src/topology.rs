@@ -54,6 +54,7 @@ use std::{
 
 use crate::{
     agent::{Agent, AgentArgs},
+    cgroup::socket_lb_toml,
     command::run_cmd,
     netns::NetNs,
     scratch::Scratch,
@@ -337,6 +338,10 @@ pub struct Options {
     /// them, as a real NIC would in hardware, so a wrong pseudo-header sum
     /// becomes a wrong checksum that the receiver drops.
     pub lb_tx_csum_offload: bool,
+    /// The cgroup the agent's socket load balancing attaches to (a test's
+    /// own [`crate::cgroup::TestCgroup`]); `None` turns it off, so that the
+    /// agent never balances the machine's other processes.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 impl Options {
@@ -346,6 +351,7 @@ impl Options {
             mtu: None,
             node_tx_csum_offload: true,
             lb_tx_csum_offload: true,
+            socket_lb_cgroup: None,
         }
     }
 }
@@ -560,7 +566,7 @@ impl Topology {
                 out += &format!("\n[interface.{i:?}]\nchecksums = \"complete\"\n");
             }
         }
-        out
+        out + &socket_lb_toml(self.options.socket_lb_cgroup.as_deref())
     }
 
     /// Write the config for `members` atomically (temp file + rename), so the

@@ -53,6 +53,7 @@ use lb_agent::{
 };
 use lb_lab::{
     agent::Agent,
+    cgroup::socket_lb_toml,
     command::run_cmd,
     docker::{
         build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, IptablesRule, NamedContainer, NetworkGuard,
@@ -362,7 +363,8 @@ fn root_docker_lb_end_to_end() {
     std::fs::write(
         &config,
         format!(
-            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}"
+            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}{}",
+            socket_lb_toml(None)
         ),
     )
     .expect("write config");

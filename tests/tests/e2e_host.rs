@@ -28,6 +28,7 @@ use std::{
 
 use lb_lab::{
     agent::Agent,
+    cgroup::socket_lb_toml,
     require_root,
     topology::{
         tcp_request, udp_request, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLIENT_ADDR, LB_CLIENT_ADDR,
@@ -70,7 +71,7 @@ fn host_config(topo: &Topology) -> String {
     for i in &interfaces {
         out += &format!("[interface.{i:?}]\nchecksums = \"complete\"\nfast_path = \"on\"\n");
     }
-    out
+    out + &socket_lb_toml(None)
 }
 
 fn status(agent: &Agent) -> Value {
