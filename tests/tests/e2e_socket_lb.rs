@@ -239,3 +239,39 @@ fn root_socket_lb_disabled_leaves_host_clients_untranslated() {
     assert_eq!(status["attached"], false, "{status}");
     assert!(status["note"].as_str().expect("note").contains("disabled"), "{status}");
 }
+
+/// The socket links the agent pinned, by file name.
+fn socket_link_pins(topo: &Topology) -> Vec<String> {
+    let dir = topo.pin_dir().join(format!("v{}", lb_common::ABI_VERSION)).join("links");
+    let mut pins: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    pins.retain(|p| p.starts_with("cgroup-"));
+    pins.sort();
+    pins
+}
+
+#[test]
+fn root_socket_lb_outlives_a_killed_agent_and_is_taken_over() {
+    require_root!("root_socket_lb_outlives_a_killed_agent_and_is_taken_over");
+    let cgroup = TestCgroup::create().expect("a test cgroup");
+    let (topo, mut agent) = start(Some(cgroup.path()));
+    let vip = SocketAddrV4::new(VIP, TCP_PORT);
+    let first = socket_link_pins(&topo);
+    assert_eq!(first.len(), 4, "one pinned link per program: {first:?}");
+    agent.kill();
+    let seen = run_client(&cgroup, &topo.lb, "tcp", vip, 20);
+    assert!(seen.failures.is_empty() && seen.backends.len() == 2, "with no agent running: {seen:?}");
+    agent.respawn();
+    agent.wait_ready();
+    let second = socket_link_pins(&topo);
+    assert_eq!(second.len(), 4, "{second:?}");
+    assert!(second.iter().all(|p| !first.contains(p)), "the predecessor's links stayed: {first:?} -> {second:?}");
+    let seen = run_client(&cgroup, &topo.lb, "tcp", vip, 20);
+    assert!(seen.failures.is_empty() && seen.backends.len() == 2, "after the restart: {seen:?}");
+    // A stop detaches it all.
+    agent.stop();
+    assert_eq!(socket_link_pins(&topo), Vec::<String>::new());
+    let seen = run_client(&cgroup, &topo.lb, "tcp", vip, 3);
+    assert_eq!(seen.failures.len(), 3, "translated after the agent stopped: {seen:?}");
+}
