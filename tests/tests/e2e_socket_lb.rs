@@ -299,9 +299,8 @@ fn root_socket_lb_outlives_a_killed_agent_and_is_taken_over() {
     assert!(seen.failures.is_empty() && seen.backends.len() == 2, "with no agent running: {seen:?}");
     agent.respawn();
     agent.wait_ready();
-    let second = socket_link_pins(&topo);
-    assert_eq!(second.len(), 4, "{second:?}");
-    assert!(second.iter().all(|p| !first.contains(p)), "the predecessor's links stayed: {first:?} -> {second:?}");
+    assert_eq!(socket_link_pins(&topo), first, "the links were not kept");
+    assert_eq!(agent.count("adopted pinned socket link"), 4, "not taken over:\n{}", agent.log());
     let seen = run_client(&cgroup, &topo.lb, "tcp", vip, 20);
     assert!(seen.failures.is_empty() && seen.backends.len() == 2, "after the restart: {seen:?}");
     // A stop detaches it all.

@@ -148,7 +148,7 @@ impl AyaDataplane {
     }
 
     /// Pinned links of interfaces this agent has not (yet) attached to, and
-    /// socket links it did not make (a predecessor's).
+    /// socket links it does not hold (pinned for another cgroup).
     pub fn stale_link_pins(&self) -> Vec<PathBuf> {
         let Some(dir) = self.pins.as_ref().map(|p| p.join("links")) else { return Vec::new() };
         let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
