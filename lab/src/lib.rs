@@ -11,9 +11,11 @@
 //! - [`root`] and [`docker`]: skip guards for tests that need root or
 //!   Docker, and RAII guards for what the Docker tests make; [`command`] and
 //!   [`bins`]: running the system's tools and finding this workspace's.
+//! - [`cgroup`]: a test's own cgroup v2, for socket load balancing.
 
 pub mod agent;
 pub mod bins;
+pub mod cgroup;
 pub mod checksum;
 pub mod command;
 pub mod diff;

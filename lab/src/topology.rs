@@ -54,6 +54,7 @@ use std::{
 
 use crate::{
     agent::{Agent, AgentArgs},
+    cgroup::socket_lb_toml,
     command::run_cmd,
     netns::NetNs,
     scratch::Scratch,
@@ -341,6 +342,10 @@ pub struct Options {
     /// `Some("xdp")` by default, because these tests are about XDP on veth
     /// (which `auto` would give tc); `None` leaves it to `auto`.
     pub hook: Option<&'static str>,
+    /// The cgroup the agent's socket load balancing attaches to (a test's
+    /// own [`crate::cgroup::TestCgroup`]); `None` turns it off, so that the
+    /// agent never balances the machine's other processes.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 impl Options {
@@ -351,6 +356,7 @@ impl Options {
             node_tx_csum_offload: true,
             lb_tx_csum_offload: true,
             hook: Some("xdp"),
+            socket_lb_cgroup: None,
         }
     }
 }
@@ -621,7 +627,7 @@ impl Topology {
                 out += &format!("\n[interface.{i:?}]\n{settings}");
             }
         }
-        out
+        out + &socket_lb_toml(self.options.socket_lb_cgroup.as_deref())
     }
 
     /// Write the config for `members` atomically (temp file + rename), so the

@@ -209,7 +209,12 @@ fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
         }
     }
     // What this host can serve of it (addresses, interfaces, fast path).
-    let findings = deploy::judge(&config, &host_facts::gather(&config)?);
+    let facts = host_facts::gather(&config)?;
+    match deploy::socket_lb_cgroup(&config, &facts) {
+        Some(cgroup) => println!("  socket lb: clients on this host, in cgroup {}", cgroup.display()),
+        None => println!("  socket lb: off"),
+    }
+    let findings = deploy::judge(&config, &facts);
     for f in &findings {
         println!("{f}");
     }

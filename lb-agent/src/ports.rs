@@ -39,6 +39,8 @@ pub trait DataplaneReads {
     fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError>;
     /// The interfaces the program is attached to.
     fn attachments(&self) -> Vec<Attachment>;
+    /// Where socket load balancing is attached, and what it did.
+    fn socket_lb(&self) -> SocketLbState;
 }
 
 /// The connection table. Walking it reads up to `CONNTRACK_MAX` entries, so
@@ -65,6 +67,10 @@ pub trait Dataplane: MapWriter + DataplaneReads {
     /// Let translated packets leave by `iface` directly, or not, as `mode`
     /// and the interface decide.
     fn set_fast_path(&mut self, iface: &str, mode: crate::config::FastPathMode) -> anyhow::Result<()>;
+    /// Attach socket load balancing (for clients on this host) to the
+    /// cgroup v2 directory `cgroup`, moving it from another one; `None`
+    /// detaches it. Touches only what this agent attached.
+    fn set_socket_lb(&mut self, cgroup: Option<&std::path::Path>) -> anyhow::Result<()>;
     /// What this host says about itself for `config` (its addresses, each
     /// listed interface's fast path and forwarding), for `core::deploy`.
     fn host_facts(&self, config: &crate::config::Config) -> anyhow::Result<HostFacts>;
@@ -93,6 +99,15 @@ pub struct Attachment {
     pub fast_path_reason: String,
     /// How the packets that arrived on it left, by path.
     pub paths: Vec<(lb_common::Path, u64)>,
+}
+
+/// Socket load balancing as the data plane has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketLbState {
+    /// The cgroup the programs are attached to; `None`: not attached.
+    pub cgroup: Option<PathBuf>,
+    /// What the programs did, summed over CPUs.
+    pub counters: Vec<(lb_common::SockOp, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +316,9 @@ pub struct HostFacts {
     /// The kernel's route to each configured backend address and VIP (none
     /// known: nothing to judge).
     pub routes: BTreeMap<Ipv4Addr, Route>,
+    /// Where cgroup v2 is mounted (from /proc/self/mountinfo): the default
+    /// cgroup for socket load balancing.
+    pub cgroup2_mount: Option<PathBuf>,
 }
 
 /// How this host routes an address (`ip route get`).

@@ -16,7 +16,7 @@ use crate::{
     ports::{ConntrackScan, DataplaneReads},
     status::{
         AgentInfo, BackendStatus, Event, InterfaceStatus, MapFill, PathCount, ReasonCount, ScalingStatus,
-        ServiceStatus, Snapshot, Traffic,
+        ServiceStatus, Snapshot, SockOpCount, SocketLbStatus, Traffic,
     },
 };
 
@@ -30,6 +30,8 @@ pub struct Sources<'a> {
     pub events: &'a VecDeque<Event>,
     pub errors: u64,
     pub scaling: Vec<ScalingStatus>,
+    /// Why socket load balancing is not attached, when it is not.
+    pub socket_lb_note: &'a str,
 }
 
 pub struct SnapshotBuilder {
@@ -48,7 +50,7 @@ impl SnapshotBuilder {
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
     pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
-        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling } = src;
+        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling, socket_lb_note } = src;
         let now = Instant::now();
         let live: BTreeMap<_, _> = reconciler.services().map(|(k, s)| (*k, s)).collect();
         let mut services = Vec::new();
@@ -127,6 +129,7 @@ impl SnapshotBuilder {
                             .collect(),
                     })
                     .collect(),
+                socket_lb: socket_lb_status(dataplane, socket_lb_note),
             },
             maps: vec![
                 fill(lb_common::SERVICES, services.len() as u64, MAX_SERVICES),
@@ -160,6 +163,16 @@ impl SnapshotBuilder {
             }
         }
         t
+    }
+}
+
+fn socket_lb_status(dataplane: &dyn DataplaneReads, note: &str) -> SocketLbStatus {
+    let state = dataplane.socket_lb();
+    SocketLbStatus {
+        attached: state.cgroup.is_some(),
+        cgroup: state.cgroup.map(|c| c.display().to_string()),
+        note: note.to_owned(),
+        operations: state.counters.into_iter().map(|(op, count)| SockOpCount { op: op.name().into(), count }).collect(),
     }
 }
 
@@ -232,8 +245,16 @@ weight = 3
         scan: &ConntrackScan,
     ) -> Snapshot {
         let events = VecDeque::new();
-        let sources =
-            Sources { registry, reconciler, dataplane: dp, scan, events: &events, errors: 2, scaling: Vec::new() };
+        let sources = Sources {
+            registry,
+            reconciler,
+            dataplane: dp,
+            scan,
+            events: &events,
+            errors: 2,
+            scaling: Vec::new(),
+            socket_lb_note: "",
+        };
         b.build(advance, sources).unwrap()
     }
 

@@ -66,6 +66,29 @@ pub struct AgentInfo {
     /// Config (re)loads refused, map writes failed, probes that errored, ...
     pub errors_total: u64,
     pub interfaces: Vec<InterfaceStatus>,
+    /// Socket load balancing, for clients on this host.
+    #[serde(default)]
+    pub socket_lb: SocketLbStatus,
+}
+
+/// Socket load balancing: where its programs are attached, and what they did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketLbStatus {
+    pub attached: bool,
+    /// The cgroup v2 directory whose processes it serves (with the subtree).
+    pub cgroup: Option<String>,
+    /// Why it is not attached, when it is not.
+    #[serde(default)]
+    pub note: String,
+    /// Calls by what the programs did (`lb_common::SockOp::name`).
+    #[serde(default)]
+    pub operations: Vec<SockOpCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockOpCount {
+    pub op: String,
+    pub count: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +229,19 @@ impl Snapshot {
                 _ => format!("fast path {onoff}"),
             };
             let _ = writeln!(out, "  {}: {fast} ({}); arrived here: {paths}", i.name, i.fast_path_reason);
+        }
+        let sock = &a.socket_lb;
+        match &sock.cgroup {
+            Some(cgroup) if sock.attached => {
+                let ops: Vec<String> = sock.operations.iter().map(|o| format!("{} {}", o.op, o.count)).collect();
+                let _ = writeln!(out, "socket lb: attached to {cgroup} (clients on this host); {}", ops.join(", "));
+            }
+            _ if sock.note.is_empty() => {
+                let _ = writeln!(out, "socket lb: not attached");
+            }
+            _ => {
+                let _ = writeln!(out, "socket lb: not attached ({})", sock.note);
+            }
         }
         for s in &self.services {
             let _ = writeln!(
@@ -351,6 +387,7 @@ mod tests {
                         ..Default::default()
                     },
                 ],
+                socket_lb: Default::default(),
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -387,5 +424,15 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");
+        assert!(t.contains("socket lb: not attached\n"), "{t}");
+        let mut s = s;
+        s.agent.socket_lb = SocketLbStatus {
+            attached: true,
+            cgroup: Some("/sys/fs/cgroup".into()),
+            note: String::new(),
+            operations: vec![SockOpCount { op: "translated".into(), count: 5 }],
+        };
+        let t = s.render_table();
+        assert!(t.contains("socket lb: attached to /sys/fs/cgroup (clients on this host); translated 5"), "{t}");
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     ports::{
         AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, HostFacts,
         L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory, PinnedState, ProbeError, Prober,
-        Replica,
+        Replica, SocketLbState,
     },
 };
 
@@ -114,6 +114,10 @@ pub struct FakeDataplane {
     /// Interfaces that do not exist here (every other one does).
     pub missing_interfaces: BTreeSet<String>,
     pub attached: BTreeMap<String, (HookMode, ChecksumMode)>,
+    /// The cgroup socket load balancing is attached to.
+    pub socket_lb: Option<PathBuf>,
+    /// The cgroup v2 mount `host_facts` reports.
+    pub cgroup2_mount: Option<PathBuf>,
     pub removed_all: bool,
     pub kept: bool,
 }
@@ -247,6 +251,10 @@ impl DataplaneReads for SharedDataplane {
             })
             .collect()
     }
+
+    fn socket_lb(&self) -> SocketLbState {
+        SocketLbState { cgroup: self.lock().socket_lb.clone(), counters: Vec::new() }
+    }
 }
 
 impl Dataplane for SharedDataplane {
@@ -270,9 +278,14 @@ impl Dataplane for SharedDataplane {
         Ok(())
     }
 
+    fn set_socket_lb(&mut self, cgroup: Option<&std::path::Path>) -> anyhow::Result<()> {
+        self.lock().socket_lb = cgroup.map(ToOwned::to_owned);
+        Ok(())
+    }
+
     /// No local address and no interface facts: nothing to refuse.
     fn host_facts(&self, _config: &Config) -> anyhow::Result<HostFacts> {
-        Ok(HostFacts::default())
+        Ok(HostFacts { cgroup2_mount: self.lock().cgroup2_mount.clone(), ..HostFacts::default() })
     }
 
     fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
@@ -290,6 +303,7 @@ impl Dataplane for SharedDataplane {
     fn remove_all(&mut self) {
         let mut dp = self.lock();
         dp.attached.clear();
+        dp.socket_lb = None;
         dp.removed_all = true;
     }
 

@@ -35,6 +35,8 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
 pub const EGRESS: &str = "EGRESS";
 pub const PATH_STATS: &str = "PATH_STATS";
+pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+pub const SOCK_STATS: &str = "SOCK_STATS";
 // The benchmark's maps and programs (`BENCH_*`, `PROG_PASS`, `PROG_BENCH`)
 // are only in the object built with lb-ebpf's `bench` feature, never in the
 // one the agent loads.
@@ -54,6 +56,15 @@ pub const PROG_LB_LOCAL: &str = "xdp_lb_local";
 pub const PROG_TC: &str = "tc_lb";
 /// The programs an interface can get; the agent loads (verifies) them all.
 pub const LB_PROGRAMS: [&str; 3] = [PROG_LB, PROG_LB_LOCAL, PROG_TC];
+/// Socket load balancing (cgroup socket-address programs, attached to a
+/// cgroup v2 directory): `connect4` and `sendmsg4` rewrite a service
+/// address to a backend, `recvmsg4` and `getpeername4` show the VIP again.
+pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+pub const SOCK_PROGRAMS: [&str; 4] =
+    [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4, PROG_SOCK_GETPEERNAME4];
 /// An empty XDP_PASS program: the baseline the benchmark measures against.
 pub const PROG_PASS: &str = "xdp_pass";
 /// Benchmark wrapper: restores the frame from `BENCH_FRAME`, then tail-calls
@@ -80,6 +91,8 @@ pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_TABLES_PER_SERVICE * MAGLE
 pub const MAX_INTERFACES: u32 = 64;
 /// Connection-table entries (LRU). Each flow takes two: forward and reply.
 pub const CONNTRACK_MAX: u32 = 1 << 18;
+/// Socket load balancing's reverse entries (LRU): one per socket and backend.
+pub const SOCK_REVNAT_MAX: u32 = 1 << 16;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -395,7 +408,46 @@ impl PathCounters {
     }
 }
 
+/// Key of `SOCK_REVNAT`: a socket (its cookie) and the backend its
+/// `connect`/`sendmsg` was sent to. The value is the service's
+/// [`ServiceKey`] (VIP, port), which `recvmsg4`/`getpeername4` put back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend_ip_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+
+/// What the socket programs did, counted per CPU in `SOCK_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockOp {
+    /// A `connect`/`sendmsg` to a service, rewritten to a backend.
+    Translated = 0,
+    /// A `connect`/`sendmsg` to a service with no serving backend: refused.
+    NoBackend,
+    /// A `recvmsg`/`getpeername` address put back from a backend to the VIP.
+    Restored,
+}
+
+impl SockOp {
+    pub const COUNT: u32 = SockOp::Restored as u32 + 1;
+    pub const ALL: [SockOp; SockOp::COUNT as usize] = [SockOp::Translated, SockOp::NoBackend, SockOp::Restored];
+
+    /// A stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SockOp::Translated => "translated",
+            SockOp::NoBackend => "no_backend",
+            SockOp::Restored => "restored",
+        }
+    }
+}
+
 const _: () = {
+    assert!(size_of::<SockRevKey>() == 16 && align_of::<SockRevKey>() == 8);
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
     assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
     assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
@@ -434,6 +486,7 @@ mod pod {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BenchFrame {}
     unsafe impl aya::Pod for PathCounters {}
+    unsafe impl aya::Pod for SockRevKey {}
 }
 
 #[cfg(test)]
@@ -489,6 +542,24 @@ mod layout_tests {
         assert_eq!(offset_of!(Conn, client_ifindex), 24);
         assert_eq!(offset_of!(Conn, client_mac), 28);
         assert_eq!(offset_of!(Conn, local_mac), 34);
+    }
+
+    #[test]
+    fn sock_rev_key_layout() {
+        assert_eq!(offset_of!(SockRevKey, cookie), 0);
+        assert_eq!(offset_of!(SockRevKey, backend_ip_be), 8);
+        assert_eq!(offset_of!(SockRevKey, backend_port_be), 12);
+        assert_eq!(offset_of!(SockRevKey, _pad), 14);
+    }
+
+    #[test]
+    fn sock_ops_are_dense_and_named_uniquely() {
+        for (i, op) in SockOp::ALL.iter().enumerate() {
+            assert_eq!(*op as u32, i as u32);
+            for other in &SockOp::ALL[..i] {
+                assert_ne!(other.name(), op.name());
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
 //! classifier, for the devices that face local stacks (see `hook`).
+//! `sock` holds socket load balancing for clients on the host itself
+//! (cgroup socket-address programs).
 //!
 //! With the `bench` feature the object also carries the benchmark's
 //! programs and maps (`bench.rs`); the agent's object never does.
@@ -22,6 +24,8 @@ mod hook;
 mod nat;
 mod parse;
 mod route;
+mod select;
+mod sock;
 mod stats;
 
 use aya_ebpf::{

@@ -2,15 +2,16 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    csum, hash::flow_hash, maglev_index, Conn, Counters, FlowKey, Reason, Service, BACKEND_F_ACTIVE, DIR_FORWARD,
-    DIR_REPLY, MAX_SERVICES, PROTO_UDP, TCP_SEEN_FIN, TCP_SEEN_RST,
+    csum, hash::flow_hash, Conn, Counters, FlowKey, Reason, Service, DIR_FORWARD, DIR_REPLY, PROTO_UDP, TCP_SEEN_FIN,
+    TCP_SEEN_RST,
 };
 
 use crate::{
     hook::Hook,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    select::pick_backend,
     stats::count_flow,
-    Packet, Verdict, BACKENDS, CONNTRACK, MAGLEV,
+    Packet, Verdict, CONNTRACK,
 };
 
 /// A client packet for `svc`: find or pick the backend, rewrite the
@@ -89,19 +90,8 @@ fn own_key(pkt: &Packet, dir: u8) -> FlowKey {
 /// both ways, so replies can be translated back.
 #[inline(always)]
 fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Conn, Verdict> {
-    if svc.backend_count == 0 || svc.id >= MAX_SERVICES {
-        return Err(Verdict::drop(Reason::DropNoBackend));
-    }
     let hash = flow_hash(pkt.src_ip_be, pkt.dst_ip_be, pkt.src_port_be, pkt.dst_port_be, pkt.proto);
-    let slot = maglev_index(svc.id, svc.table & 1, hash);
-    let backend_id = match MAGLEV.get(slot) {
-        Some(id) if *id != 0 => *id,
-        _ => return Err(Verdict::drop(Reason::DropNoBackend)),
-    };
-    let backend = match BACKENDS.get(backend_id) {
-        Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => *b,
-        _ => return Err(Verdict::drop(Reason::DropStaleBackend)),
-    };
+    let (backend_id, backend) = pick_backend(svc, hash).map_err(Verdict::drop)?;
     let (client_mac, local_mac) = (pkt.src_mac, pkt.dst_mac);
     let fwd = Conn {
         nat_ip_be: backend.ip_be,

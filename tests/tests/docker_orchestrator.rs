@@ -53,6 +53,7 @@ use lb_agent::{
 };
 use lb_lab::{
     agent::Agent,
+    cgroup::socket_lb_toml,
     command::run_cmd,
     docker::{
         build_demo_image, docker_try, http_get, wait_http_ok, Dockerd, IptablesRule, NamedContainer, NetworkGuard,
@@ -378,7 +379,8 @@ impl ContainersBehindBridge {
         std::fs::write(
             &config,
             format!(
-                "[[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}{extra}"
+                "[[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = {VIP_PORT}\ninterfaces = [\"{CLIENT_IFACE}\", \"{BRIDGE}\"]\n{backends}{extra}{}",
+                socket_lb_toml(None)
             ),
         )
         .expect("write config");

@@ -32,6 +32,7 @@ use std::{
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use lb_lab::{
     agent::Agent,
+    cgroup::socket_lb_toml,
     netns::NetNs,
     require_root,
     topology::{
@@ -99,7 +100,7 @@ fn host_config(interfaces: &[String], backends: &[Ipv4Addr], hook: Hook) -> Stri
             out += &format!("[interface.{i:?}]\nhook = \"xdp\"\nchecksums = \"complete\"\nfast_path = \"on\"\n");
         }
     }
-    out
+    out + &socket_lb_toml(None)
 }
 
 fn status(agent: &Agent) -> Value {

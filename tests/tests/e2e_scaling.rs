@@ -51,6 +51,7 @@ use std::{
 use lb_lab::{
     agent::Agent,
     bins::built_bin,
+    cgroup::socket_lb_toml,
     command::run_cmd,
     docker::{build_demo_image, docker_try, Dockerd, NetworkGuard, ServiceContainers, DEMO_IMAGE},
     netns::{netns_pids, InstanceNamespaces, NetNs},
@@ -161,13 +162,14 @@ timeline = {timeline:?}
 ready_timeout = "10s"
 # Requests per second per instance, from lb-backend's own counter.
 requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
-"#,
+{socket_lb}"#,
             ip = vip.ip(),
             port = vip.port(),
             i0 = interfaces[0],
             i1 = interfaces[1],
             policy = policy.trim(),
             timeline = timeline.display().to_string(),
+            socket_lb = socket_lb_toml(None),
         )
     }
 

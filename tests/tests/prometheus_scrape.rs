@@ -197,6 +197,7 @@ fn snapshot(n: u64) -> Snapshot {
                 checksums: "complete".to_owned(),
                 ..Default::default()
             }],
+            socket_lb: Default::default(),
         },
         services: vec![
             service(

@@ -1,11 +1,12 @@
 //! Gathers `core::deploy::HostFacts` from this network namespace: its IPv4
 //! addresses (getifaddrs), each listed interface's hook and fast-path
 //! decisions and whether it forwards, and the route to each configured
-//! backend.
+//! backend; and from this mount namespace, where cgroup v2 is.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::PathBuf,
 };
 
 use crate::{
@@ -26,6 +27,7 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
         ephemeral_ports: std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
             .and_then(|text| parse_port_range(&text)),
+        cgroup2_mount: find_cgroup2_mount(),
         ..HostFacts::default()
     };
     let mut routes = RouteLookup::open().map_err(|e| anyhow::anyhow!("open a netlink socket for routes: {e}"))?;
@@ -68,6 +70,45 @@ fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     }
 }
 
+/// Where cgroup v2 is mounted in this mount namespace, if it is.
+pub fn find_cgroup2_mount() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|text| cgroup2_mount(&text))
+}
+
+/// The mount point of the first cgroup v2 file system in `mountinfo`
+/// (proc(5): the fifth field, with spaces and the like written as octal
+/// escapes; the file system type follows the ` - ` separator).
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        mount.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_octal(p)))
+    })
+}
+
+/// `\040` and the like back to the bytes they stand for.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let digits = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], digits) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |n, b| n.wrapping_mul(8) + (b - b'0')));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Every IPv4 address of this namespace, with the interfaces it is on.
 fn local_ipv4_addrs() -> anyhow::Result<BTreeMap<Ipv4Addr, BTreeSet<String>>> {
     let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
@@ -98,6 +139,25 @@ fn local_ipv4_addrs() -> anyhow::Result<BTreeMap<Ipv4Addr, BTreeSet<String>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_on_hybrid_and_pure_v2_hosts() {
+        let hybrid = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+26 25 0:24 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:8 - tmpfs tmpfs ro,mode=755
+27 26 0:25 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate
+28 26 0:26 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:10 - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let pure = "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        let v1_only = "28 26 0:26 / /sys/fs/cgroup/cpu rw shared:10 - cgroup cgroup rw,cpu\n";
+        assert_eq!(cgroup2_mount(v1_only), None);
+        assert_eq!(cgroup2_mount(""), None);
+        // Optional fields before the separator, and an escaped space.
+        let odd = "40 1 0:40 / /mnt/my\\040cg rw master:3 shared:4 - cgroup2 none rw\n";
+        assert_eq!(cgroup2_mount(odd), Some(PathBuf::from("/mnt/my cg")));
+    }
 
     #[test]
     fn port_ranges_parse() {

@@ -167,6 +167,8 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     changed_at: u64,
     /// `status` calls waiting for a walk, with their tickets.
     status_waiters: Vec<(u64, oneshot::Sender<Response>)>,
+    /// Why socket load balancing is not attached, for `status`.
+    socket_lb_note: String,
 }
 
 impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
@@ -219,6 +221,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             tick_ticket: None,
             changed_at: 0,
             status_waiters: Vec::new(),
+            socket_lb_note: String::new(),
         };
         let made = reload::make_orchestrators(agent.orchestrators.clone(), agent.newly_scaled(&config)).await?;
         let summary = agent.switch_to(config, made)?;

@@ -13,7 +13,7 @@ use super::{scaler::Scaler, Agent, Done, Preparing};
 use crate::{
     config::{Config, ServiceConfig},
     core::{deploy, reconcile::ApplySummary},
-    ports::{Dataplane, Orchestrator, OrchestratorFactory, Prober},
+    ports::{Dataplane, HostFacts, Orchestrator, OrchestratorFactory, Prober},
     serve::api::Response,
 };
 
@@ -67,7 +67,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// interfaces attached for it are detached again.
     fn apply(&mut self, config: &Config) -> anyhow::Result<ApplySummary> {
         self.check_interfaces(config)?;
-        self.check_deployment(config)?;
+        let facts = self.check_deployment(config)?;
         let wanted = interfaces(config);
         let had = interfaces(&self.config);
         let mut attached_now = Vec::new();
@@ -97,7 +97,26 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         for iface in had.difference(&wanted) {
             self.dataplane.detach(iface)?;
         }
+        self.apply_socket_lb(config, &facts);
         Ok(summary)
+    }
+
+    /// Attach socket load balancing where `config` and the host say, or
+    /// detach it. Clients on this host are a part of the service, not all
+    /// of it: a failure is an error to see in `status`, not a refusal.
+    fn apply_socket_lb(&mut self, config: &Config, facts: &HostFacts) {
+        let cgroup = deploy::socket_lb_cgroup(config, facts);
+        self.socket_lb_note = match (&cgroup, config.socket_lb.enabled) {
+            (_, false) => "disabled in the config ([socket_lb] enabled = false)".into(),
+            (None, true) => "no cgroup v2 mount on this host: processes on it cannot reach the services".into(),
+            (Some(_), true) => String::new(),
+        };
+        if let Err(e) = self.dataplane.set_socket_lb(cgroup.as_deref()) {
+            let at = cgroup.as_deref().unwrap_or(std::path::Path::new("-")).display().to_string();
+            warn!(error = format!("{e:#}"), cgroup = at, "socket load balancing failed");
+            self.socket_lb_note = format!("attaching to {at} failed: {e:#}");
+            self.error(format!("socket load balancing: attaching to {at} failed: {e:#}"));
+        }
     }
 
     /// Every named interface must exist before anything is attached (scaled
@@ -119,7 +138,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
 
     /// Refuse a config the data plane cannot serve here; log what it can
     /// serve only in part (see `core::deploy`).
-    fn check_deployment(&self, config: &Config) -> anyhow::Result<()> {
+    fn check_deployment(&self, config: &Config) -> anyhow::Result<HostFacts> {
         let facts = self.dataplane.host_facts(config).context("read this host's addresses and interfaces")?;
         let mut refused = Vec::new();
         for f in deploy::judge(config, &facts) {
@@ -129,7 +148,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             }
         }
         anyhow::ensure!(refused.is_empty(), "config refused:\n  - {}", refused.join("\n  - "));
-        Ok(())
+        Ok(facts)
     }
 
     /// Re-read the config; a bad one is refused whole and the running one

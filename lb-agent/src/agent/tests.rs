@@ -449,3 +449,38 @@ async fn status_reports_a_walk_taken_after_the_call() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn socket_lb_follows_the_config_and_the_cgroup2_mount() {
+    let w = &World::new(&scaled(1, 1, ""));
+    // No cgroup v2 mount: the agent runs without it and says why.
+    w.run(|d| async move {
+        let s = d.status().await;
+        assert!(!s.agent.socket_lb.attached);
+        assert!(s.agent.socket_lb.note.contains("no cgroup v2 mount"), "{:?}", s.agent.socket_lb);
+        assert_eq!(w.dp.lock().socket_lb, None);
+        // A cgroup named in the config is attached on reload, moved on the
+        // next, and detached when the config turns it off.
+        for cgroup in ["/sys/fs/cgroup/lb", "/sys/fs/cgroup/other"] {
+            w.write_config(&format!("{}\n[socket_lb]\ncgroup = {cgroup:?}\n", scaled(1, 1, "")));
+            assert!(d.call(Request::Reload).await.ok);
+            assert_eq!(w.dp.lock().socket_lb, Some(PathBuf::from(cgroup)));
+            let s = d.status().await;
+            assert!(s.agent.socket_lb.attached && s.agent.socket_lb.cgroup.as_deref() == Some(cgroup));
+        }
+        w.write_config(&format!("{}\n[socket_lb]\nenabled = false\n", scaled(1, 1, "")));
+        assert!(d.call(Request::Reload).await.ok);
+        assert_eq!(w.dp.lock().socket_lb, None);
+        assert!(d.status().await.agent.socket_lb.note.contains("disabled"));
+    })
+    .await;
+    // With a mount, the default attaches there.
+    w.dp.lock().cgroup2_mount = Some("/sys/fs/cgroup/unified".into());
+    w.write_config(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        let s = d.status().await;
+        assert_eq!(s.agent.socket_lb.cgroup.as_deref(), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(w.dp.lock().socket_lb, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    })
+    .await;
+}

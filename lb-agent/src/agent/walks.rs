@@ -133,6 +133,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     events: &self.events,
                     errors: self.errors,
                     scaling: self.scalers.values().map(Scaler::status).collect(),
+                    socket_lb_note: &self.socket_lb_note,
                 };
                 self.snapshots.build(advance, sources)
             }

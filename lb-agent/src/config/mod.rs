@@ -35,6 +35,35 @@ pub struct Config {
     /// `[interface.<name>]`: settings of an interface some service names.
     #[serde(default, rename = "interface")]
     pub interface_settings: BTreeMap<String, InterfaceConfig>,
+    /// `[socket_lb]`: balancing for clients on this host itself.
+    #[serde(default)]
+    pub socket_lb: SocketLbConfig,
+}
+
+/// `[socket_lb]`: processes on this host (and containers on it) calling a
+/// service never cross XDP; socket-address programs on a cgroup v2
+/// directory give their connect()/sendto() a backend instead, for every
+/// process in its subtree.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketLbConfig {
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    /// The cgroup v2 directory to attach to; by default the cgroup v2 mount
+    /// itself (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
+    /// hosts), which holds every process.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Default for SocketLbConfig {
+    fn default() -> Self {
+        SocketLbConfig { enabled: true, cgroup: None }
+    }
+}
+
+fn enabled_by_default() -> bool {
+    true
 }
 
 /// `[interface.<name>]`
@@ -299,6 +328,9 @@ impl Config {
                 out.push(format!("interface.{name}: no service names this interface in its `interfaces`"));
             }
         }
+        if let Some(c) = self.socket_lb.cgroup.as_ref().filter(|c| !c.is_absolute()) {
+            out.push(format!("socket_lb.cgroup: {} must be an absolute path", c.display()));
+        }
         out
     }
 }
@@ -461,6 +493,17 @@ mod tests {
         assert_eq!(c.services[0].backends[1].weight, 1);
         assert_eq!(c.services[1].protocol, Protocol::Udp);
         assert!(c.services[1].backends.is_empty());
+    }
+
+    #[test]
+    fn socket_lb_is_on_by_default_and_takes_an_absolute_cgroup() {
+        assert_eq!(parse(GOOD).unwrap().socket_lb, SocketLbConfig { enabled: true, cgroup: None });
+        let c = parse(&format!("{GOOD}\n[socket_lb]\nenabled = false\n")).unwrap();
+        assert!(!c.socket_lb.enabled);
+        let c = parse(&format!("{GOOD}\n[socket_lb]\ncgroup = \"/sys/fs/cgroup/lb\"\n")).unwrap();
+        assert_eq!(c.socket_lb.cgroup.as_deref(), Some(Path::new("/sys/fs/cgroup/lb")));
+        let p = problems(&format!("{GOOD}\n[socket_lb]\ncgroup = \"lb\"\n"));
+        assert_eq!(p, vec!["socket_lb.cgroup: lb must be an absolute path".to_owned()]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the host are gathered first (`adapters::host_facts`), then judged here,
 //! so `check` and `run` say the same thing for the same host.
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, path::PathBuf};
 
 use crate::{
     config::{ChecksumMode, Config, FastPathMode, ServiceConfig},
@@ -33,9 +33,27 @@ impl fmt::Display for Finding {
     }
 }
 
+/// The cgroup v2 directory socket load balancing attaches to: the one
+/// configured, else the cgroup v2 mount; `None` when it is off or there is
+/// no cgroup v2 here.
+pub fn socket_lb_cgroup(config: &Config, facts: &HostFacts) -> Option<PathBuf> {
+    let s = &config.socket_lb;
+    s.enabled.then(|| s.cgroup.clone().or_else(|| facts.cgroup2_mount.clone())).flatten()
+}
+
 /// Every way `config` cannot be served on a host with `facts`.
 pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
     let mut out = Vec::new();
+    if config.socket_lb.enabled && !config.services.is_empty() && socket_lb_cgroup(config, facts).is_none() {
+        out.push(Finding {
+            severity: Severity::Warn,
+            text: "socket_lb: no cgroup v2 file system is mounted here (none in /proc/self/mountinfo), so \
+                   processes and containers on this host cannot reach the services (their packets never cross \
+                   XDP); mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or set socket_lb.cgroup, \
+                   or set socket_lb.enabled = false"
+                .into(),
+        });
+    }
     for (i, s) in config.services.iter().enumerate() {
         let at = format!("service[{i}] {:?}", s.name);
         let known: Vec<(&String, &InterfaceFacts)> =
@@ -319,6 +337,7 @@ mod tests {
             interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
             ephemeral_ports: Some((32768, 60999)),
             routes: BTreeMap::new(),
+            cgroup2_mount: Some("/sys/fs/cgroup".into()),
         }
     }
 
@@ -444,6 +463,23 @@ mod tests {
         let (config, f) = routed(via("br0"), Route::Unusable("Network is unreachable".into()));
         let t = only(&config, &f, Severity::Warn);
         assert!(t.contains("10.0.1.3:8080 (no route") && !t.contains("10.0.1.2"), "{t}");
+    }
+
+    #[test]
+    fn socket_lb_takes_the_configured_cgroup_else_the_mount_and_warns_without_either() {
+        let on = parse(CONFIG).unwrap();
+        let mut no_mount = facts(false, true, true, true);
+        no_mount.cgroup2_mount = None;
+        assert_eq!(socket_lb_cgroup(&on, &facts(false, true, true, true)), Some("/sys/fs/cgroup".into()));
+        let f = judge(&on, &no_mount);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].severity == Severity::Warn && f[0].text.contains("mount -t cgroup2"), "{}", f[0]);
+        let set = parse(&format!("{CONFIG}\n[socket_lb]\ncgroup = \"/cg/lb\"\n")).unwrap();
+        assert_eq!(socket_lb_cgroup(&set, &no_mount), Some("/cg/lb".into()));
+        assert_eq!(judge(&set, &no_mount), vec![]);
+        let off = parse(&format!("{CONFIG}\n[socket_lb]\nenabled = false\n")).unwrap();
+        assert_eq!(socket_lb_cgroup(&off, &facts(false, true, true, true)), None);
+        assert_eq!(judge(&off, &no_mount), vec![]);
     }
 
     #[test]

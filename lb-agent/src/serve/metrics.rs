@@ -182,6 +182,14 @@ const PATH_PACKETS: Family<PathLabels> = Family::counter(
     "lb_xdp_path_packets_total",
     "Translated packets that arrived on the interface, by the way they left: fast (redirected, tx_back, replied_flow_macs, redirected_neigh) or passed up to the kernel, with the reason (pass_fib_no_neigh, pass_egress_not_ready, ...).",
 );
+const SOCKET_LB_ATTACHED: Family<CgroupLabels> = Family::gauge(
+    "lb_socket_lb_attached",
+    "1 if socket load balancing (for clients on this host) is attached to the cgroup in the label, 0 (cgroup \"none\") if not.",
+);
+const SOCKET_LB_OPERATIONS: Family<SockOpLabels> = Family::counter(
+    "lb_socket_lb_operations_total",
+    "connect/sendmsg calls to a service that got a backend (translated) or were refused for want of one (no_backend), and recvmsg/getpeername addresses shown as the VIP again (restored).",
+);
 const MAP_ENTRIES: Family<MapLabels> = Family::gauge("lb_map_entries", "Entries currently in the eBPF map.");
 const MAP_MAX_ENTRIES: Family<MapLabels> =
     Family::gauge("lb_map_max_entries", "Capacity (max_entries) of the eBPF map.");
@@ -259,6 +267,15 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
             (labels, p.packets as f64)
         })
     })));
+    let sock = &snapshot.agent.socket_lb;
+    // Prometheus takes an empty label value for no label at all: "none".
+    let cgroup =
+        CgroupLabels { cgroup: sock.cgroup.clone().filter(|_| sock.attached).unwrap_or_else(|| "none".into()) };
+    out.push(SOCKET_LB_ATTACHED.collect([(cgroup, flag(sock.attached))]));
+    out.push(
+        SOCKET_LB_OPERATIONS
+            .collect(sock.operations.iter().map(|o| (SockOpLabels { op: o.op.clone() }, o.count as f64))),
+    );
     let maps = &snapshot.maps;
     out.push(MAP_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.entries as f64))));
     out.push(MAP_MAX_ENTRIES.collect(maps.iter().map(|m| (MapLabels { map: m.name.clone() }, m.max_entries as f64))));
@@ -547,6 +564,29 @@ impl LabelSet for PathLabels {
     }
 }
 
+struct CgroupLabels {
+    cgroup: String,
+}
+
+impl LabelSet for CgroupLabels {
+    const NAMES: &'static [&'static str] = &["cgroup"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.cgroup]
+    }
+}
+
+struct SockOpLabels {
+    /// `lb_common::SockOp::name`.
+    op: String,
+}
+
+impl LabelSet for SockOpLabels {
+    const NAMES: &'static [&'static str] = &["op"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.op]
+    }
+}
+
 const SCALING_PHASES: [&str; 4] = ["starting", "ready", "draining", "stopping"];
 
 struct ScalingLabels {
@@ -824,6 +864,12 @@ mod tests {
                     fast_path_reason: "NIC driver ixgbe".to_owned(),
                     paths: vec![crate::status::PathCount { path: "redirected".to_owned(), fast: true, packets: 7 }],
                 }],
+                socket_lb: crate::status::SocketLbStatus {
+                    attached: true,
+                    cgroup: Some("/sys/fs/cgroup".to_owned()),
+                    note: String::new(),
+                    operations: vec![crate::status::SockOpCount { op: "translated".to_owned(), count: 9 }],
+                },
             },
             services: vec![ServiceStatus {
                 name: "web".to_owned(),
@@ -934,6 +980,8 @@ mod tests {
             ("lb_xdp_attached", "gauge"),
             ("lb_xdp_fast_path", "gauge"),
             ("lb_xdp_path_packets_total", "counter"),
+            ("lb_socket_lb_attached", "gauge"),
+            ("lb_socket_lb_operations_total", "counter"),
             ("lb_map_entries", "gauge"),
             ("lb_map_max_entries", "gauge"),
             ("lb_agent_errors_total", "counter"),
@@ -1068,7 +1116,15 @@ mod tests {
     fn render_empty_snapshot_leaves_out_empty_families() {
         let text = render(&Snapshot::default()).expect("render");
         let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(samples, ["lb_agent_errors_total 0", "lb_agent_uptime_seconds 0", r#"lb_agent_info{version=""} 1"#]);
+        assert_eq!(
+            samples,
+            [
+                r#"lb_socket_lb_attached{cgroup="none"} 0"#,
+                "lb_agent_errors_total 0",
+                "lb_agent_uptime_seconds 0",
+                r#"lb_agent_info{version=""} 1"#
+            ]
+        );
     }
 
     #[test]

@@ -254,6 +254,8 @@ impl Lab {
         }
         let _ = write!(s, "\n[service.instances]\ntimeline = {}\n", toml_string(&timeline.to_string_lossy()));
         s += &self.plan.toml();
+        // Only the demo's own client namespace sends to the VIP.
+        s += &lb_lab::cgroup::socket_lb_toml(None);
         s
     }
 

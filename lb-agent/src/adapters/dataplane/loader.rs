@@ -51,7 +51,16 @@ impl AyaDataplane {
         let map_pins = pins.as_ref().map(|p| p.join("maps"));
         let adopted = map_pins.as_ref().is_some_and(|m| m.join(SERVICES).exists());
         let (ebpf, maps) = load_object(crate::ebpf::object(), map_pins.as_deref())?;
-        Ok(Self { maps, fast_paths: BTreeMap::new(), links: BTreeMap::new(), pins, adopted, keep: false, ebpf })
+        Ok(Self {
+            maps,
+            fast_paths: BTreeMap::new(),
+            links: BTreeMap::new(),
+            socket_lb: None,
+            pins,
+            adopted,
+            keep: false,
+            ebpf,
+        })
     }
 
     /// Whether the maps were adopted from a previous agent's pins.
@@ -203,7 +212,8 @@ impl AyaDataplane {
         Ok(())
     }
 
-    /// Pinned links of interfaces this agent has not (yet) attached to.
+    /// Pinned links of interfaces this agent has not (yet) attached to, and
+    /// socket links it does not hold (pinned for another cgroup).
     pub fn stale_link_pins(&self) -> Vec<PathBuf> {
         let Some(dir) = self.pins.as_ref().map(|p| p.join("links")) else { return Vec::new() };
         let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
@@ -211,6 +221,7 @@ impl AyaDataplane {
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| !self.links.values().any(|a| a.pin.as_deref() == Some(p.as_path())))
+            .filter(|p| !self.socket_lb.as_ref().is_some_and(|s| s.holds_pin(p)))
             .collect()
     }
 
@@ -227,6 +238,9 @@ impl AyaDataplane {
             if let Err(e) = self.detach(&iface) {
                 warn!(error = %e, interface = iface, "detach failed");
             }
+        }
+        if let Err(e) = self.set_socket_lb(None) {
+            warn!(error = format!("{e:#}"), "detaching socket load balancing failed");
         }
         if let Some(p) = self.pins.take() {
             for stale in std::fs::read_dir(p.join("links")).into_iter().flatten().filter_map(Result::ok) {

@@ -10,6 +10,7 @@
 //! - `loader`: attaching to and detaching from
 //!   interfaces (bpf_links), and what happens to it all on exit;
 //! - `pins`: the bpffs directory that lets a restarted agent adopt it all;
+//! - `socket_lb`: the socket programs on a cgroup, for clients on this host;
 //! - `netdev`: what the kernel says about an interface (index, driver);
 //! - `tc`: which interfaces get the tc hook, and attaching it there.
 
@@ -19,6 +20,7 @@ mod loader;
 pub mod netdev;
 pub mod object;
 pub mod pins;
+mod socket_lb;
 pub mod tc;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
@@ -36,7 +38,7 @@ use crate::{
     config::{ChecksumMode, Config, FastPathMode, HookMode},
     ports::{
         AttachMode, Attachment, ConnectionTable, Dataplane, DataplaneError, DataplaneReads, HostFacts, MapWriter,
-        PinnedState,
+        PinnedState, SocketLbState,
     },
 };
 
@@ -47,6 +49,8 @@ pub struct AyaDataplane {
     /// The fast-path decision per attached interface, by name.
     fast_paths: BTreeMap<String, egress::FastPath>,
     links: BTreeMap<String, Attached>,
+    /// Socket load balancing, when attached to a cgroup.
+    socket_lb: Option<socket_lb::SocketLb>,
     /// `<pin dir>/v<ABI_VERSION>` when maps and links are pinned.
     pins: Option<PathBuf>,
     /// The maps came from a previous agent's pins.
@@ -150,6 +154,14 @@ impl DataplaneReads for AyaDataplane {
             })
             .collect()
     }
+
+    fn socket_lb(&self) -> SocketLbState {
+        let counters = self.maps.sock_counters().unwrap_or_else(|e| {
+            warn!(error = %e, "reading the socket counters failed");
+            Vec::new()
+        });
+        SocketLbState { cgroup: self.socket_lb_cgroup().map(ToOwned::to_owned), counters }
+    }
 }
 
 impl Dataplane for AyaDataplane {
@@ -167,6 +179,10 @@ impl Dataplane for AyaDataplane {
 
     fn set_fast_path(&mut self, iface: &str, mode: FastPathMode) -> anyhow::Result<()> {
         AyaDataplane::set_fast_path(self, iface, mode).map(|_| ())
+    }
+
+    fn set_socket_lb(&mut self, cgroup: Option<&std::path::Path>) -> anyhow::Result<()> {
+        AyaDataplane::set_socket_lb(self, cgroup)
     }
 
     fn host_facts(&self, config: &Config) -> anyhow::Result<HostFacts> {

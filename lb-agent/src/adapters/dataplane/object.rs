@@ -7,12 +7,13 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
-    programs::Program,
+    programs::{CgroupSockAddr, Program},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, CONNTRACK,
-    EGRESS, LB_PROGRAMS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
+    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp, SockRevKey, BACKENDS,
+    BACKEND_STATS, CONNTRACK, EGRESS, LB_PROGRAMS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
+    SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
 };
 
 use crate::ports::DataplaneError;
@@ -32,13 +33,28 @@ pub struct Maps {
     pub egress: DevMapHash<MapData>,
     /// How packets left, per ingress interface.
     pub path_stats: PerCpuHashMap<MapData, u32, PathCounters>,
+    /// Socket load balancing: (socket, backend) -> the service asked for.
+    pub sock_revnat: HashMap<MapData, SockRevKey, ServiceKey>,
+    /// What the socket programs did, per `SockOp`.
+    pub sock_stats: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 9] =
-        [SERVICES, BACKENDS, MAGLEV, CONNTRACK, SERVICE_STATS, BACKEND_STATS, REASON_STATS, EGRESS, PATH_STATS];
+    pub const NAMES: [&str; 11] = [
+        SERVICES,
+        BACKENDS,
+        MAGLEV,
+        CONNTRACK,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        REASON_STATS,
+        EGRESS,
+        PATH_STATS,
+        SOCK_REVNAT,
+        SOCK_STATS,
+    ];
 
     /// Takes every map out of `ebpf`.
     pub fn open(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
@@ -52,6 +68,8 @@ impl Maps {
             reason_stats: take_map(ebpf, REASON_STATS)?,
             egress: take_map(ebpf, EGRESS)?,
             path_stats: take_map(ebpf, PATH_STATS)?,
+            sock_revnat: take_map(ebpf, SOCK_REVNAT)?,
+            sock_stats: take_map(ebpf, SOCK_STATS)?,
         })
     }
 
@@ -79,18 +97,18 @@ impl Maps {
 
     /// Packets per reason, summed over CPUs, in `Reason::ALL` order.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
-        Reason::ALL
-            .iter()
-            .map(|r| {
-                let v = self.reason_stats.get(&(*r as u32), 0).map_err(map_err(REASON_STATS, "read"))?;
-                Ok((*r, v.iter().sum()))
-            })
-            .collect()
+        sum_each(&self.reason_stats, REASON_STATS, Reason::ALL.map(|r| (r, r as u32)))
+    }
+
+    /// What the socket programs did, summed over CPUs, in `SockOp::ALL` order.
+    pub fn sock_counters(&self) -> Result<Vec<(SockOp, u64)>, DataplaneError> {
+        sum_each(&self.sock_stats, SOCK_STATS, SockOp::ALL.map(|op| (op, op as u32)))
     }
 }
 
 /// Loads `object` and opens its [`Maps`]; verifies the programs in
-/// `LB_PROGRAMS` (the object's other programs, if any, stay unloaded).
+/// `LB_PROGRAMS` and `SOCK_PROGRAMS` (the object's other programs, if any,
+/// stay unloaded).
 /// With `map_pins`, each map is pinned at `<map_pins>/<name>`, or adopted
 /// from there when a previous load left it.
 pub fn load_object(object: &[u8], map_pins: Option<&Path>) -> anyhow::Result<(Ebpf, Maps)> {
@@ -103,6 +121,9 @@ pub fn load_object(object: &[u8], map_pins: Option<&Path>) -> anyhow::Result<(Eb
     let mut ebpf = loader.load(object).context("load the lb-ebpf object")?;
     for name in LB_PROGRAMS {
         load_program(&mut ebpf, name)?;
+    }
+    for name in SOCK_PROGRAMS {
+        sock_program_mut(&mut ebpf, name)?.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
     }
     let maps = Maps::open(&mut ebpf)?;
     Ok((ebpf, maps))
@@ -137,6 +158,12 @@ where
     program.try_into().map_err(|_| anyhow!("{name} is not a {} program", std::any::type_name::<P>()))
 }
 
+/// The object's socket-address program `name` (one of `SOCK_PROGRAMS`).
+pub fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut CgroupSockAddr> {
+    let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    program.try_into().with_context(|| format!("{name} is not a cgroup socket-address program"))
+}
+
 /// Takes the map `name` out of `ebpf` as the typed wrapper `M`.
 pub fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<M>
 where
@@ -151,6 +178,21 @@ pub(super) fn map_err<E: std::error::Error + Send + Sync + 'static>(
     op: &'static str,
 ) -> impl FnOnce(E) -> DataplaneError {
     move |e| DataplaneError::Map { map, op, source: Box::new(e) }
+}
+
+/// Each `(label, index)` of a per-CPU `u64` array, summed over CPUs.
+fn sum_each<L, const N: usize>(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    slots: [(L, u32); N],
+) -> Result<Vec<(L, u64)>, DataplaneError> {
+    slots
+        .into_iter()
+        .map(|(label, index)| {
+            let v = map.get(&index, 0).map_err(map_err(name, "read"))?;
+            Ok((label, v.iter().sum()))
+        })
+        .collect()
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32, name: &'static str) -> Result<Counters, DataplaneError> {
@@ -183,7 +225,9 @@ mod tests {
     #[test]
     fn the_agents_object_has_the_lb_programs_and_maps_only() {
         let (programs, maps) = contents(crate::ebpf::object());
-        assert_eq!(programs, names(&LB_PROGRAMS), "no benchmark program may ship in the agent's object");
+        let mut want = names(&LB_PROGRAMS);
+        want.extend(names(&SOCK_PROGRAMS));
+        assert_eq!(programs, want, "no benchmark program may ship in the agent's object");
         assert_eq!(maps, names(&Maps::NAMES), "no benchmark map may ship in the agent's object");
     }
 
@@ -192,6 +236,7 @@ mod tests {
     fn the_bench_object_adds_the_bench_programs_and_maps() {
         let (programs, maps) = contents(crate::ebpf::bench_object());
         let mut want = names(&LB_PROGRAMS);
+        want.extend(names(&SOCK_PROGRAMS));
         want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH]));
         assert_eq!(programs, want);
         let extra: BTreeSet<String> = maps.difference(&names(&Maps::NAMES)).cloned().collect();

@@ -100,7 +100,7 @@ pub fn remove_pinned_dir(dir: &Path) -> anyhow::Result<usize> {
     Ok(removed)
 }
 
-fn fs_magic(path: &Path) -> anyhow::Result<i64> {
+pub(super) fn fs_magic(path: &Path) -> anyhow::Result<i64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
