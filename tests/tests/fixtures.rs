@@ -27,8 +27,8 @@ use lb_lab::{
     packet::*,
     root::skip_without_root,
     testrun::{
-        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP,
-        XDP_PASS,
+        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, TC_ACT_OK, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, XDP_DROP, XDP_PASS,
     },
 };
 
@@ -648,6 +648,16 @@ fn run_fixture_on(f: &Fixture, program: &str) {
         lb.add_service(&svc).expect("write the services");
     }
     let tc = program == PROG_TC;
+    // In tc a packet left untouched goes on to the next program (UNSPEC); a
+    // translated one that cannot be redirected (no route in the fixtures'
+    // namespace) goes up (OK).
+    let translated = matches!(f.reason, Reason::Forwarded | Reason::ReplyTranslated);
+    let want = match (tc, f.verdict) {
+        (true, XDP_PASS) if translated => TC_ACT_OK,
+        (true, XDP_PASS) => TC_ACT_UNSPEC,
+        (true, XDP_DROP) => TC_ACT_SHOT,
+        (_, verdict) => verdict,
+    };
     for (i, p) in f.setup.iter().enumerate() {
         let run = lb.run(program, p).expect("run a setup packet");
         assert_eq!(action(tc, run.verdict), "pass", "{}: setup packet {i} did not pass {program}", f.name);
@@ -657,7 +667,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     let after = State::read(&lb);
     let name = &format!("{} ({program})", f.name);
 
-    assert_eq!(action(tc, run.verdict), action(false, f.verdict), "{}: verdict", name);
+    assert_eq!((action(tc, run.verdict), run.verdict), (action(tc, want), want), "{}: verdict", name);
     if let Some(diff) = frame_diff(&f.output, &run.data) {
         panic!("{}: output frame is not the expected one\n{diff}", name);
     }
@@ -674,6 +684,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
 fn action(tc: bool, verdict: u32) -> &'static str {
     match (tc, verdict) {
         (false, XDP_PASS) | (true, TC_ACT_OK) => "pass",
+        (true, TC_ACT_UNSPEC) => "next (pass)",
         (false, XDP_DROP) | (true, TC_ACT_SHOT) => "drop",
         (false, 0) => "XDP_ABORTED",
         (false, 3) => "XDP_TX",
