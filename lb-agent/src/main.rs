@@ -208,8 +208,12 @@ fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
             println!("    {:<24} weight {}", b.address, b.weight);
         }
     }
-    // What this host can serve of it (addresses, interfaces, fast path).
-    let findings = deploy::judge(&config, &host_facts::gather(&config)?);
+    // What this host can serve of it (addresses, interfaces, hooks, fast path).
+    let facts = host_facts::gather(&config)?;
+    for (name, f) in &facts.interfaces {
+        println!("  interface {name}: hook {} ({})", f.hook, f.hook_why);
+    }
+    let findings = deploy::judge(&config, &facts);
     for f in &findings {
         println!("{f}");
     }

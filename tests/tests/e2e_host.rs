@@ -297,6 +297,7 @@ fn root_host_address_vip_without_fast_path_is_refused() {
     let path = topo.write_raw_config(&host_config(&topo.lb_interfaces(), &backend_addrs(&topo), Hook::Auto));
     let out = check(&topo, path);
     assert!(out.status.success() && !out.stdout.contains("martian"), "{out:?}");
+    assert!(out.stdout.contains("interface lb-b1: hook tc (veth: faces local stacks"), "{out:?}");
 }
 
 /// The host-address deployment at tc, with backends that keep their default
