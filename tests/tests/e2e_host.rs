@@ -35,8 +35,8 @@ use lb_lab::{
     netns::NetNs,
     require_root,
     topology::{
-        tcp_request, udp_request, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLIENT_ADDR, LB_CLIENT_ADDR,
-        LB_CLIENT_IFACE, NODE_IFACE,
+        tcp_request, udp_request, Conn, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLIENT_ADDR,
+        LB_CLIENT_ADDR, LB_CLIENT_IFACE, NODE_IFACE,
     },
 };
 use serde_json::Value;
@@ -413,4 +413,25 @@ fn root_reload_moves_interfaces_from_xdp_to_tc() {
     assert!(topo.lb_xdp_attachments().is_empty(), "XDP left attached: {}", topo.lb_links());
     assert!(tcx_programs(&topo).values().all(|p| p == &["tc_lb"]), "{:?}", tcx_programs(&topo));
     assert_udp_answered(&topo.client, &agent, "web-");
+}
+
+/// Large segments both ways at tc: the backends' and the client's stacks
+/// hand their veths GSO packets of up to 64 KB (TSO, default offloads),
+/// larger than the MTU, which tc must redirect whole (the kernel segments
+/// them at the egress), not pass up as too big.
+#[test]
+fn root_bulk_transfer_at_tc() {
+    require_root!("root_bulk_transfer_at_tc");
+    let (topo, agent) = start_tc();
+    let vip = SocketAddrV4::new(LB_CLIENT_ADDR, WEB_PORT);
+    let line = "x".repeat(1 << 20);
+    let echoed = topo.client.run(move || -> std::io::Result<Vec<String>> {
+        let mut conn = Conn::open(vip)?;
+        (0..3).map(|_| conn.echo(&line)).collect()
+    });
+    let p = paths(&agent);
+    println!("MEASURED: 3 MB each way through tc: {echoed:?}; paths {p:?}");
+    assert!(echoed.is_ok(), "{echoed:?}\n{}", agent.log_tail(30));
+    assert_eq!(passed(&p), 0, "packets passed up: {p:?}");
+    assert!(topo.csum_errors().is_empty(), "checksum errors: {:?}", topo.csum_errors());
 }
