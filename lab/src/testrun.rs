@@ -24,7 +24,8 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
-// tc verdicts (uapi/linux/pkt_cls.h).
+// tc verdicts (uapi/linux/pkt_cls.h), as BPF_PROG_TEST_RUN returns them.
+pub const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 

@@ -208,8 +208,11 @@ fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
             println!("    {:<24} weight {}", b.address, b.weight);
         }
     }
-    // What this host can serve of it (addresses, interfaces, fast path).
+    // What this host can serve of it (addresses, interfaces, hooks, fast path).
     let facts = host_facts::gather(&config)?;
+    for (name, f) in &facts.interfaces {
+        println!("  interface {name}: hook {} ({})", f.hook, f.hook_why);
+    }
     match deploy::socket_lb_cgroup(&config, &facts) {
         Some(cgroup) => println!("  socket lb: clients on this host, in cgroup {}", cgroup.display()),
         None => println!("  socket lb: off"),

@@ -27,10 +27,14 @@ use crate::{
     Packet, EGRESS,
 };
 
-/// What a program does with a packet it leaves early.
+/// What a program does with a packet it does not send on itself.
 #[derive(Clone, Copy)]
 pub enum Action {
+    /// Not ours (left untouched): on to whatever comes next, as if the
+    /// program were not there.
     Pass,
+    /// Translated, but it cannot leave on the fast path: up to the stack.
+    PassTranslated,
     Drop,
 }
 
@@ -99,7 +103,7 @@ impl Hook for Xdp<'_> {
     #[inline(always)]
     fn action(action: Action) -> u32 {
         match action {
-            Action::Pass => xdp_action::XDP_PASS,
+            Action::Pass | Action::PassTranslated => xdp_action::XDP_PASS,
             Action::Drop => xdp_action::XDP_DROP,
         }
     }
@@ -160,6 +164,7 @@ impl EbpfContext for Tc<'_> {
 }
 
 // tc verdicts (include/uapi/linux/pkt_cls.h), as the program returns them.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -214,7 +219,10 @@ impl Hook for Tc<'_> {
     #[inline(always)]
     fn action(action: Action) -> u32 {
         match action {
-            Action::Pass => TC_ACT_OK,
+            // TCX_NEXT / the next filter: a tc program of someone else's
+            // after ours still sees what is not ours.
+            Action::Pass => TC_ACT_UNSPEC,
+            Action::PassTranslated => TC_ACT_OK,
             Action::Drop => TC_ACT_SHOT,
         }
     }

@@ -44,12 +44,12 @@ enum Fib {
 #[inline(always)]
 pub fn send_on<H: Hook>(hook: &H, pkt: &Packet, flow: Option<&Conn>, partial_l4: bool) -> u32 {
     let (action, path) = if partial_l4 {
-        (H::action(Action::Pass), Path::PassPartialChecksum)
+        (H::action(Action::PassTranslated), Path::PassPartialChecksum)
     } else {
         match look_up(hook, pkt) {
             Fib::Found(hop) => hook.send(pkt, &hop),
             Fib::NoNeigh(ifindex) => hook.send_no_neigh(pkt, ifindex, flow),
-            Fib::Pass(path) => (H::action(Action::Pass), path),
+            Fib::Pass(path) => (H::action(Action::PassTranslated), path),
         }
     };
     count_path(pkt.ingress_ifindex, path);

@@ -36,8 +36,8 @@ use lb_lab::{
     netns::NetNs,
     require_root,
     topology::{
-        tcp_request, udp_request, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLIENT_ADDR, LB_CLIENT_ADDR,
-        LB_CLIENT_IFACE, NODE_IFACE,
+        tcp_request, udp_request, Conn, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLIENT_ADDR,
+        LB_CLIENT_ADDR, LB_CLIENT_IFACE, NODE_IFACE,
     },
 };
 use serde_json::Value;
@@ -291,6 +291,7 @@ fn root_host_address_vip_without_fast_path_is_refused() {
     // At tc (what `auto` gives these veths) replies leave past the stack.
     let out = check(&topo, &host_config(&topo.lb_interfaces(), &backend_addrs(&topo), Hook::Auto));
     assert!(out.status.success() && !out.stdout.contains("martian"), "{out:?}");
+    assert!(out.stdout.contains("interface lb-b1: hook tc (veth: faces local stacks"), "{out:?}");
 }
 
 /// The host-address deployment at tc, with backends that keep their default
@@ -311,6 +312,8 @@ fn root_host_address_vip_with_default_offloads_answers_tcp_and_udp_at_tc() {
     // not by passing up).
     assert!(fast(&p) >= 6 * 1000, "too few redirected packets: {p:?}");
     assert_eq!(passed(&p), 0, "packets passed up: {p:?}");
+    // The first packet to each new neighbour went by bpf_redirect_neigh.
+    assert!(p.get("redirected_neigh").is_some_and(|&n| n >= 1), "no redirect_neigh: {p:?}");
     assert_udp_answered(&topo.client, &agent, "web-");
     let after_udp = paths(&agent);
     assert!(fast(&after_udp) >= fast(&p) + 2 * 50, "{p:?} -> {after_udp:?}");
@@ -455,4 +458,25 @@ fn without_interface(config: &str, iface: &str) -> String {
 fn check(topo: &Topology, config: &str) -> lb_lab::agent::CliOutput {
     let path = topo.write_raw_config(config);
     topo.lb.run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--config"), path.as_os_str()]))
+}
+
+/// Large segments both ways at tc: the backends' and the client's stacks
+/// hand their veths GSO packets of up to 64 KB (TSO, default offloads),
+/// larger than the MTU, which tc must redirect whole (the kernel segments
+/// them at the egress), not pass up as too big.
+#[test]
+fn root_bulk_transfer_at_tc() {
+    require_root!("root_bulk_transfer_at_tc");
+    let (topo, agent) = start_tc();
+    let vip = SocketAddrV4::new(LB_CLIENT_ADDR, WEB_PORT);
+    let line = "x".repeat(1 << 20);
+    let echoed = topo.client.run(move || -> std::io::Result<Vec<String>> {
+        let mut conn = Conn::open(vip)?;
+        (0..3).map(|_| conn.echo(&line)).collect()
+    });
+    let p = paths(&agent);
+    println!("MEASURED: 3 MB each way through tc: {echoed:?}; paths {p:?}");
+    assert!(echoed.is_ok(), "{echoed:?}\n{}", agent.log_tail(30));
+    assert_eq!(passed(&p), 0, "packets passed up: {p:?}");
+    assert!(topo.csum_errors().is_empty(), "checksum errors: {:?}", topo.csum_errors());
 }

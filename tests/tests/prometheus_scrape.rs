@@ -193,6 +193,7 @@ fn snapshot(n: u64) -> Snapshot {
             errors_total: 3,
             interfaces: vec![InterfaceStatus {
                 name: "eth0".to_owned(),
+                hook: "xdp".to_owned(),
                 xdp_mode: "generic".to_owned(),
                 checksums: "complete".to_owned(),
                 ..Default::default()
