@@ -789,7 +789,14 @@ mod tests {
         // (and counts it) instead of burning 50 ms for nobody.
         let busy = s.cpu.burn(Duration::from_millis(100));
         let req = get("/");
-        let left = tokio::time::timeout(Duration::from_millis(20), handle(&req, &s));
+        let left = async {
+            // Only once the busy work holds the worker: the two threads
+            // race for the permit otherwise.
+            while s.cpu.permits.lock().free > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::timeout(Duration::from_millis(20), handle(&req, &s)).await
+        };
         let (busy, left) = tokio::join!(busy, left);
         busy.unwrap();
         assert!(left.is_err(), "the request waits for the busy worker");
