@@ -12,7 +12,7 @@ use std::process::Command;
 
 use lb_lab::{bins::built_bin, require_root};
 
-const MODES: [&str; 4] = ["direct", "lb", "haproxy", "nginx-stream"];
+const MODES: [&str; 5] = ["direct", "lb-tc", "lb-xdp", "haproxy", "nginx-stream"];
 const STYLES: [&str; 2] = ["keep-alive", "new-connection"];
 
 fn bench(args: &[&str]) -> String {
@@ -53,7 +53,7 @@ fn root_bench_e2e_moves_requests_in_every_case() {
     }
 
     let table = bench(&[]);
-    for (mode, label) in MODES.iter().zip(["direct", "this LB (XDP)", "HAProxy tcp", "NGINX stream"]) {
+    for (mode, label) in MODES.iter().zip(["direct", "this LB (tc)", "this LB (XDP)", "HAProxy tcp", "NGINX stream"]) {
         for style in STYLES {
             let row = table
                 .lines()

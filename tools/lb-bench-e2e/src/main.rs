@@ -66,11 +66,6 @@ struct Cli {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
-    /// The hook lb-agent runs at on the LB namespace's veths: `xdp` (what
-    /// the lab writes by default), `tc`, or `auto` (what the agent picks:
-    /// tc for veths).
-    #[arg(long, default_value = "xdp", value_parser = ["xdp", "tc", "auto"])]
-    hook: String,
 }
 
 fn parse_whole_seconds(s: &str) -> Result<Duration, String> {
@@ -122,7 +117,7 @@ fn run(cli: &Cli) -> Result<Report> {
     // then, and the cgroup can go.
     let cgroup = Cgroup::enter(&format!("lb-bench-e2e-{}", std::process::id()))?;
     let loadavg_start = loadavg();
-    let lab = Lab::build(&cli.hook)?;
+    let lab = Lab::build()?;
     let mut cases = Vec::new();
     for mode in Mode::ALL {
         cases.extend(lab.measure_mode(mode, cli, &cgroup)?);
@@ -132,9 +127,9 @@ fn run(cli: &Cli) -> Result<Report> {
     let meta = Meta {
         topology: format!(
             "client ns -> LB ns -> {} backend ns running nginx (one process each); the LB ns runs lb-agent \
-             (hook {}), HAProxy (tcp mode, nbthread 1) or NGINX stream (one process), or only routes (direct)",
+             (its program at tc, then at XDP), HAProxy (tcp mode, nbthread 1) or NGINX stream (one process), \
+             or only routes (direct)",
             BACKENDS.len(),
-            cli.hook
         ),
         load: format!(
             "wrk, {} connections as {WRK_PROCESSES} processes of one thread ({}); direct: process i sends to backend i",
@@ -206,14 +201,11 @@ enum Balancer {
 }
 
 impl Lab {
-    fn build(hook: &str) -> Result<Lab> {
+    fn build() -> Result<Lab> {
         eprintln!("[bench] building client ns -> LB ns -> {} backend namespaces", BACKENDS.len());
-        let hook = match hook {
-            "tc" => Some("tc"),
-            "auto" => None,
-            _ => Some("xdp"),
-        };
-        let mut topo = Topology::build(topology::Options { hook, ..topology::Options::with_backends(&BACKENDS) });
+        // Each LB mode writes its own hook into the config (`Lab::start`).
+        let mut topo =
+            Topology::build(topology::Options { hook: Some("xdp"), ..topology::Options::with_backends(&BACKENDS) });
         let mut backends = Vec::new();
         for b in BACKENDS {
             // The lab's own test servers hold the backend port: nginx
@@ -260,8 +252,12 @@ impl Lab {
         let dir = self.topo.dir().join(format!("{mode:?}").to_lowercase());
         let (mut balancer, target, log) = match mode {
             Mode::Direct => return Ok((Balancer::None, None)),
-            Mode::Lb => {
-                self.topo.write_config_all();
+            Mode::LbTc | Mode::LbXdp => {
+                let hook = if mode == Mode::LbTc { "tc" } else { "xdp" };
+                let members: Vec<(&str, u32)> = BACKENDS.iter().map(|b| (*b, 1)).collect();
+                // The lab writes `hook = "xdp"` for every LB interface.
+                let config = self.topo.config_toml(&members).replace("hook = \"xdp\"", &format!("hook = {hook:?}"));
+                self.topo.write_raw_config(&config);
                 let agent = self.topo.start_agent();
                 let log = self.topo.agent_args().log;
                 (Balancer::Agent(agent), self.topo.vip_tcp(), log)

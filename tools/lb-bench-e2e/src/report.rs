@@ -14,20 +14,24 @@ pub enum Mode {
     /// No balancer: each wrk process sends to one backend, routed through
     /// the LB namespace.
     Direct,
-    /// lb-agent's XDP program on the LB namespace's interfaces, the VIP in
-    /// front of the backends.
-    Lb,
+    /// lb-agent with its program at tc on the LB namespace's veths (what
+    /// `hook = "auto"` gives a veth), the VIP in front of the backends.
+    LbTc,
+    /// lb-agent with its XDP program on the same veths (`hook = "xdp"`;
+    /// the fast path off, as `auto` leaves it on a veth).
+    LbXdp,
     Haproxy,
     NginxStream,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Lb, Mode::Haproxy, Mode::NginxStream];
+    pub const ALL: [Mode; 5] = [Mode::Direct, Mode::LbTc, Mode::LbXdp, Mode::Haproxy, Mode::NginxStream];
 
     pub fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
-            Mode::Lb => "this LB (XDP)",
+            Mode::LbTc => "this LB (tc)",
+            Mode::LbXdp => "this LB (XDP)",
             Mode::Haproxy => "HAProxy tcp",
             Mode::NginxStream => "NGINX stream",
         }
@@ -213,8 +217,8 @@ mod tests {
             vec![run(100.0, 300, 20.0), run(90.0, 200, 30.0), run(110.0, 400, 25.0)],
         );
         assert_eq!((d.req_per_s, d.p99_us, d.cpu_us_per_req), (100.0, 300, 25.0));
-        let lb = Case::of_runs(Mode::Lb, Style::KeepAlive, vec![run(80.0, 600, 30.0)]);
-        let other = Case::of_runs(Mode::Lb, Style::NewConnection, vec![run(80.0, 600, 30.0)]);
+        let lb = Case::of_runs(Mode::LbXdp, Style::KeepAlive, vec![run(80.0, 600, 30.0)]);
+        let other = Case::of_runs(Mode::LbXdp, Style::NewConnection, vec![run(80.0, 600, 30.0)]);
         let mut cases = vec![d, lb, other];
         compare_to_direct(&mut cases);
         assert_eq!(cases[0].vs_direct.as_ref().unwrap().req_per_s, 1.0);
@@ -242,6 +246,6 @@ mod tests {
         assert!(lines[0].starts_with("keep-alive") && lines[1].starts_with("new-connection"), "{table}");
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
-        assert!(json.contains(r#""mode":"nginx-stream""#) || json.contains(r#""mode":"lb""#));
+        assert!(json.contains(r#""mode":"nginx-stream""#) || json.contains(r#""mode":"lb-xdp""#));
     }
 }
