@@ -193,7 +193,6 @@ struct Lab {
 }
 
 /// What runs in the LB namespace for one mode (dropped after its runs).
-#[expect(dead_code, reason = "the agent is held for its Drop, which stops it")]
 enum Balancer {
     None,
     Agent(Agent),
@@ -297,11 +296,17 @@ impl Lab {
             let mut runs = Vec::new();
             for r in 1..=cli.runs {
                 check_stop()?;
-                let run = self
+                let flows_before = agent_flows(&balancer)?;
+                let mut run = self
                     .measure_run(&shares, style, cli.duration, cgroup)
                     .with_context(|| format!("{} {}, run {r}", mode.label(), style.label()))?;
+                run.flows_per_backend = agent_flows(&balancer)?
+                    .map(|after| after.iter().zip(flows_before.unwrap_or_default()).map(|(a, b)| a - b).collect());
+                let split = run.flows_per_backend.as_ref().map_or(String::new(), |f| {
+                    format!(", flows per backend {}", f.iter().map(u64::to_string).collect::<Vec<_>>().join("/"))
+                });
                 eprintln!(
-                    "[bench] {} {} run {r}/{}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} us CPU/req, {} errors",
+                    "[bench] {} {} run {r}/{}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} us CPU/req, {} errors{split}",
                     mode.label(),
                     style.label(),
                     cli.runs,
@@ -341,8 +346,29 @@ impl Lab {
             cpu_us_per_req: per(spent.bench_us),
             system_cpu_us_per_req: per(spent.system_us),
             softirq_us_per_req: per(spent.softirq_us),
+            flows_per_backend: None,
         })
     }
+}
+
+/// The web service's new flows per backend so far, from `lb-agent status
+/// --json`; `None` when no agent runs.
+fn agent_flows(balancer: &Balancer) -> Result<Option<Vec<u64>>> {
+    let Balancer::Agent(agent) = balancer else { return Ok(None) };
+    let out = agent.cli(&["status", "--json"]);
+    ensure!(out.status.success(), "lb-agent status --json: {}{}", out.stdout, out.stderr);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).context("lb-agent status --json")?;
+    let web = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .context("no service \"web\" in lb-agent's status")?;
+    let flows = web["backends"]
+        .as_array()
+        .context("no backends in lb-agent's status")?
+        .iter()
+        .map(|b| b["counters"]["new_flows"].as_u64().unwrap_or(0))
+        .collect();
+    Ok(Some(flows))
 }
 
 fn check_stop() -> Result<()> {

@@ -53,6 +53,11 @@ pub struct Run {
     pub system_cpu_us_per_req: f64,
     /// All CPUs' softirq time over the run, per request.
     pub softirq_us_per_req: f64,
+    /// This LB only: the new flows each backend got during the run, in
+    /// backend order. A hash spreads wrk's few connections unevenly, and
+    /// the busiest single-process backend then sets the pace and the tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_per_backend: Option<Vec<u64>>,
 }
 
 /// A figure against direct's in the same style.
@@ -206,6 +211,7 @@ mod tests {
             cpu_us_per_req: cpu,
             system_cpu_us_per_req: cpu * 2.0,
             softirq_us_per_req: 1.0,
+            flows_per_backend: None,
         }
     }
 
