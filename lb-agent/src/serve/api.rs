@@ -155,11 +155,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 /// reachable by others, not even for an instant. A stale socket from an
 /// agent that died is replaced; a live one is an error.
 pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    prepare_dir(dir)?;
+    prepare_socket_dir(path)?;
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             bail!("another lb-agent is already listening on {}", path.display());
@@ -171,10 +167,14 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Make `dir` (0700, ours) if it is missing, or check that the one there
-/// is safe to hold the control socket.
-pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
+/// Make the directory of the control socket `path` (0700, ours) if it is
+/// missing, or check that the one there is safe to hold it.
+pub fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
