@@ -1,7 +1,8 @@
 //! Watching and reading the config file safely: a change is seen even when
 //! the mtime did not move (same-second writes, a restored mtime, a file
 //! renamed over it), a file read while it was being written is never taken,
-//! and one that a writer is still filling is not taken until it holds still.
+//! and one that a writer is still filling in place is not taken until it
+//! holds still (a file renamed over it is taken at once).
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -71,13 +72,18 @@ impl Watch {
 
     /// Look at the file as it is `now`: true when it differs from the
     /// version last taken and is the same as at the last look (a writer
-    /// that is still filling the file changes it between two looks).
+    /// that is still filling the file changes it between two looks), or is
+    /// another file renamed over it (written whole elsewhere first).
     pub fn changed(&mut self, now: Option<FileSeen>) -> bool {
         if now == self.taken {
             self.settling = None;
             return false;
         }
-        if self.settling.as_ref() == Some(&now) {
+        let renamed = match (&now, &self.taken) {
+            (Some(n), Some(t)) => (n.dev, n.ino) != (t.dev, t.ino),
+            _ => false,
+        };
+        if renamed || self.settling.as_ref() == Some(&now) {
             self.taken = now;
             self.settling = None;
             return true;
@@ -148,6 +154,9 @@ mod tests {
         // Gone for good: taken (the reload says why it cannot read it).
         assert!(!w.changed(None));
         assert!(w.changed(None));
+        // Another file renamed over it: taken at once.
+        let mut w = Watch::new(seen(3));
+        assert!(w.changed(Some(FileSeen { ino: 2, ..seen(4).unwrap() })));
     }
 
     #[test]
