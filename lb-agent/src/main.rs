@@ -9,8 +9,12 @@ use std::{
 use clap::{Parser, Subcommand};
 use lb_agent::{
     adapters::{
-        dataplane::{pins::remove_pinned_dir, AyaDataplane},
+        dataplane::{
+            pins::{prepare_pin_dir, remove_pinned_dir},
+            AyaDataplane,
+        },
         host_facts,
+        lock::AgentLock,
         orchestrator::HostOrchestrators,
         probe::NetProber,
     },
@@ -166,6 +170,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The one place the agent meets the real world: the aya data plane,
 /// Docker or process orchestrators, and probes over the network.
 fn run(options: Options) -> anyhow::Result<ExitCode> {
+    // Before anything else: one agent per control socket and pin directory
+    // (the locks last as long as this process).
+    api::prepare_socket_dir(&options.api_socket)?;
+    if let Some(dir) = &options.pin_dir {
+        prepare_pin_dir(dir)?;
+    }
+    let _lock = AgentLock::acquire(&options.api_socket, options.pin_dir.as_deref())?;
     runtime()?.block_on(async {
         // A bad config stops here, before anything is loaded.
         let config = Config::load(&options.config)?;
@@ -184,7 +195,9 @@ fn stop(socket: PathBuf, pin_dir: PathBuf) -> anyhow::Result<ExitCode> {
         }
         Ok(r) => anyhow::bail!("the agent refused: {}", r.error.unwrap_or_default()),
         Err(e) => {
-            // No agent: clean up what a killed one left behind.
+            // No agent answers: clean up what a killed one left behind,
+            // unless an agent still runs there (on another socket, or hung).
+            let _lock = AgentLock::for_removal(&pin_dir)?;
             let removed = remove_pinned_dir(&pin_dir)?;
             println!("{e:#}; removed {removed} pinned object(s) under {}", pin_dir.display());
             Ok(ExitCode::SUCCESS)

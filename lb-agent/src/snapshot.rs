@@ -32,6 +32,8 @@ pub struct Sources<'a> {
     pub scaling: Vec<ScalingStatus>,
     /// Why socket load balancing is not attached, when it is not.
     pub socket_lb_note: &'a str,
+    /// The last reload refused, while the running config is older.
+    pub config_refused: Option<&'a Event>,
 }
 
 pub struct SnapshotBuilder {
@@ -50,7 +52,7 @@ impl SnapshotBuilder {
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
     pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
-        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling, socket_lb_note } = src;
+        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling, socket_lb_note, config_refused } = src;
         let now = Instant::now();
         let live: BTreeMap<_, _> = reconciler.services().map(|(k, s)| (*k, s)).collect();
         let mut services = Vec::new();
@@ -130,6 +132,7 @@ impl SnapshotBuilder {
                     })
                     .collect(),
                 socket_lb: socket_lb_status(dataplane, socket_lb_note),
+                config_refused: config_refused.cloned(),
             },
             maps: vec![
                 fill(lb_common::SERVICES, services.len() as u64, MAX_SERVICES),
@@ -254,6 +257,7 @@ weight = 3
             errors: 2,
             scaling: Vec::new(),
             socket_lb_note: "",
+            config_refused: None,
         };
         b.build(advance, sources).unwrap()
     }

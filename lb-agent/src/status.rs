@@ -69,6 +69,10 @@ pub struct AgentInfo {
     /// Socket load balancing, for clients on this host.
     #[serde(default)]
     pub socket_lb: SocketLbStatus,
+    /// The last config reload refused, with its reason and time, while the
+    /// config in force is older than it (cleared by the next one applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_refused: Option<Event>,
 }
 
 /// Socket load balancing: where its programs are attached, and what they did.
@@ -209,6 +213,10 @@ impl Snapshot {
             a.errors_total,
             a.config_path
         );
+        if let Some(r) = &a.config_refused {
+            let ago = human_duration((now_unix() - r.unix_time).max(0.0));
+            let _ = writeln!(out, "last reload refused {ago} ago (the config in force is older): {}", r.message);
+        }
         let hooks: Vec<String> = a
             .interfaces
             .iter()
@@ -388,6 +396,7 @@ mod tests {
                     },
                 ],
                 socket_lb: Default::default(),
+                config_refused: None,
             },
             services: vec![ServiceStatus {
                 name: "web".into(),

@@ -760,3 +760,93 @@ fn root_checksum_setting_switches_the_program_in_place() {
     assert!(failures.is_empty(), "{failures:#?} ({counts:?})");
     assert_eq!(topo.lb_xdp_attachments().len(), topo.lb_interfaces().len(), "{}", topo.lb_links());
 }
+
+// ---------------------------------------------------------------------------
+// 9. The agent's own safety: a cut-short config, a second agent, the socket
+
+#[test]
+fn root_truncated_config_is_refused_and_the_old_one_serves() {
+    require_root!("root_truncated_config_is_refused_and_the_old_one_serves");
+    let (topo, agent) = start(2, "");
+    let before = config_view(&agent.status());
+    // A writer caught mid-write, in place: the file holds half of itself.
+    let full = std::fs::read_to_string(topo.config_path()).expect("read the config");
+    let cut = &full[..full.find("[[service]]").expect("a service") + 12];
+    std::fs::write(topo.config_path(), cut).expect("write the cut-short config");
+    let refused = Instant::now();
+    poll_status(&agent, refused, Duration::from_secs(5), "the cut-short file refused", |s| {
+        s["agent"]["config_refused"]["message"].as_str().is_some_and(|m| m.starts_with("config refused"))
+    });
+    let status = agent.status();
+    println!("refusal in status: {}", status["agent"]["config_refused"]);
+    assert_eq!(config_view(&status), before, "the cut-short file changed the running config");
+    let (counts, failures) = new_connections(&topo, 40);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.len(), 2, "the old config does not serve both backends: {counts:?}");
+    // An empty file likewise.
+    std::fs::write(topo.config_path(), "").expect("empty the config");
+    poll_status(&agent, Instant::now(), Duration::from_secs(5), "the empty file refused", |s| {
+        s["agent"]["config_refused"]["message"].as_str().is_some_and(|m| m.contains("it is empty"))
+    });
+    assert_eq!(config_view(&agent.status()), before, "the empty file changed the running config");
+    let (counts, failures) = new_connections(&topo, 40);
+    assert!(failures.is_empty() && counts.len() == 2, "{counts:?} {failures:?}");
+    eprintln!("MEASURED: reload: cut-short and empty config files refused; the old config served 80 connections");
+}
+
+#[test]
+fn root_second_agent_and_stop_leave_a_running_agent_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_root!("root_second_agent_and_stop_leave_a_running_agent_alone");
+    let (topo, agent) = start(2, "");
+    let pin_dir = topo.pin_dir();
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&topo.api_socket()), 0o600, "the control socket's mode");
+    let config = topo.config_path();
+    let second = |socket: &std::path::Path| {
+        run_agent_cli(&[
+            "run".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--metrics-address".as_ref(),
+            "off".as_ref(),
+            "--api-socket".as_ref(),
+            socket.as_os_str(),
+            "--pin-dir".as_ref(),
+            pin_dir.as_os_str(),
+        ])
+    };
+    let pid = format!("(pid {})", agent.pid());
+    // The same pin directory on another socket, in a directory of its own
+    // (made 0700), and the same socket: refused, naming the first agent.
+    let own = topo.dir().join("ctl");
+    for socket in [own.join("api.sock"), topo.api_socket()] {
+        let out = second(&socket);
+        println!("second agent on {}: {out:?}", socket.display());
+        assert!(!out.status.success() && out.stderr.contains(&pid), "a second agent was not refused: {out:?}");
+    }
+    assert_eq!(mode(&own), 0o700, "the socket directory the agent made");
+    // A directory others can write to is refused, and left as it was.
+    let shared = topo.dir().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let out = second(&shared.join("api.sock"));
+    assert!(!out.status.success() && out.stderr.contains("others can write"), "{out:?}");
+    assert_eq!(mode(&shared), 0o1777, "an existing directory's mode was changed");
+    // `stop` through a socket no agent answers on keeps the running agent's pins.
+    let out = run_agent_cli(&[
+        "stop".as_ref(),
+        "--api-socket".as_ref(),
+        own.join("api.sock").as_os_str(),
+        "--pin-dir".as_ref(),
+        pin_dir.as_os_str(),
+    ]);
+    println!("stop with the agent running: {out:?}");
+    assert!(!out.status.success() && out.stderr.contains(&pid), "stop did not refuse: {out:?}");
+    assert!(std::fs::read_dir(&pin_dir).is_ok_and(|mut d| d.next().is_some()), "the pins were removed");
+    let attached = topo.lb_xdp_attachments();
+    assert_eq!(attached.len(), topo.lb_interfaces().len(), "XDP gone: {attached:?}");
+    let (counts, failures) = new_connections(&topo, 40);
+    assert!(failures.is_empty() && counts.len() == 2, "{counts:?} {failures:?}");
+    assert_eq!(config_view(&agent.status()).as_array().map(Vec::len), Some(2), "the first agent changed");
+}

@@ -199,6 +199,7 @@ fn snapshot(n: u64) -> Snapshot {
                 ..Default::default()
             }],
             socket_lb: Default::default(),
+            config_refused: None,
         },
         services: vec![
             service(

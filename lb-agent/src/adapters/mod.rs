@@ -7,6 +7,7 @@ pub mod docker;
 pub mod host_facts;
 pub mod host_net;
 pub mod http;
+pub mod lock;
 pub mod orchestrator;
 pub mod probe;
 pub mod process;

@@ -19,6 +19,7 @@
 //! - `flows`: the worker that walks and flushes the connection table;
 //! - `scaler`: one scaled service's replicas.
 
+mod config_file;
 pub mod flows;
 mod reload;
 pub mod scaler;
@@ -29,7 +30,7 @@ mod walks;
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::{SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -169,6 +170,10 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     status_waiters: Vec<(u64, oneshot::Sender<Response>)>,
     /// Why socket load balancing is not attached, for `status`.
     socket_lb_note: String,
+    /// The last reload refused, until one is applied (for `status`).
+    config_refused: Option<Event>,
+    /// The config file as the periodic tick last took it.
+    watch: config_file::Watch,
 }
 
 impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
@@ -222,6 +227,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             changed_at: 0,
             status_waiters: Vec::new(),
             socket_lb_note: String::new(),
+            config_refused: None,
+            watch: config_file::Watch::default(),
         };
         let made = reload::make_orchestrators(agent.orchestrators.clone(), agent.newly_scaled(&config)).await?;
         let summary = agent.switch_to(config, made)?;
@@ -288,9 +295,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     fn event(&mut self, message: String) {
-        let unix_time =
-            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        self.events.push_front(Event { unix_time, message });
+        self.events.push_front(stamped(message));
         self.events.truncate(MAX_EVENTS);
     }
 
@@ -419,10 +424,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     // -----------------------------------------------------------------------
     // The loop.
 
-    fn tick(&mut self, mtime: &mut Option<SystemTime>) {
-        let now = modified(&self.options.config);
-        if now != *mtime {
-            *mtime = now;
+    fn tick(&mut self) {
+        if self.watch.changed(config_file::FileSeen::of(&self.options.config)) {
             self.reload("file changed", Vec::new());
         }
         // Drains and the snapshot follow when the walk is in; a tick that
@@ -481,7 +484,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// leave the pinned data plane serving). Returns whether `stop` ended
     /// it.
     pub async fn serve(mut self, mut inputs: Inputs) -> bool {
-        let mut mtime = modified(&self.options.config);
+        self.watch = config_file::Watch::new(config_file::FileSeen::of(&self.options.config));
         let mut tick = tokio::time::interval(TICK);
         let mut scale_tick = tokio::time::interval(SCALE_TICK);
         let mut exit_tick = tokio::time::interval(EXIT_TICK);
@@ -496,7 +499,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     break;
                 }
                 Some(()) = inputs.hangups.recv() => {
-                    mtime = modified(&self.options.config);
+                    self.watch = config_file::Watch::new(config_file::FileSeen::of(&self.options.config));
                     self.reload("SIGHUP", Vec::new());
                 }
                 Some((request, reply)) = inputs.calls.recv() => {
@@ -512,7 +515,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 Some(done) = self.done_rx.recv() => self.handle_done(done),
                 _ = scale_tick.tick() => self.scalers.values_mut().for_each(|s| s.poll(true)),
                 _ = exit_tick.tick(), if !self.scalers.is_empty() => self.scalers.values_mut().for_each(|s| s.poll(false)),
-                _ = tick.tick() => self.tick(&mut mtime),
+                _ = tick.tick() => self.tick(),
             }
         }
         self.shut_down().await
@@ -600,6 +603,8 @@ impl Signals {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// `message`, with the time now.
+fn stamped(message: String) -> Event {
+    let unix_time = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    Event { unix_time, message }
 }

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use tokio::{sync::oneshot, time::Instant};
 use tracing::{info, warn};
 
-use super::{scaler::Scaler, Agent, Done, Preparing};
+use super::{config_file, scaler::Scaler, stamped, Agent, Done, Preparing};
 use crate::{
     config::{Config, ServiceConfig},
     core::{deploy, reconcile::ApplySummary},
@@ -161,8 +161,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             waiting.extend(replies);
             return;
         }
-        let config = match Config::load(&self.options.config) {
-            Err(e) => return self.finish_reload(why, Err(e.into()), replies),
+        let config = match config_file::load_for_reload(&self.options.config) {
+            Err(e) => return self.finish_reload(why, Err(e), replies),
             Ok(c) if c == self.config => return self.finish_reload(why, Ok(None), replies),
             Ok(c) => c,
         };
@@ -196,6 +196,9 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         result: anyhow::Result<Option<ApplySummary>>,
         replies: Vec<oneshot::Sender<Response>>,
     ) {
+        if result.is_ok() {
+            self.config_refused = None;
+        }
         let response = match result {
             Ok(Some(s)) => {
                 info!(
@@ -223,6 +226,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 let msg = format!("config refused ({why}); keeping the running one: {e:#}");
                 warn!(trigger = why, error = format!("{e:#}"), "config refused; keeping the running one");
                 self.error(msg.clone());
+                self.config_refused = Some(stamped(msg.clone()));
                 Response::error(msg)
             }
         };

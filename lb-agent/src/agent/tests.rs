@@ -484,3 +484,58 @@ async fn socket_lb_follows_the_config_and_the_cgroup2_mount() {
     })
     .await;
 }
+
+/// Write `text` over the config file, keeping its mtime as it was.
+fn rewrite_keeping_mtime(w: &World, text: &str) {
+    let mtime = std::fs::metadata(&w.config).unwrap().modified().unwrap();
+    w.write_config(text);
+    std::fs::File::options().write(true).open(&w.config).unwrap().set_modified(mtime).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_or_truncated_file_is_refused_shown_in_status_and_leaves_nothing_behind() {
+    let full = web_and_api();
+    let w = &World::new(&full);
+    w.run(|d| async move {
+        let before = all_ready(&d, 1).await;
+        let live = w.dp.lock().live_backends();
+        let makes = w.orchs.lock().makes;
+        // Cut short inside "api", cut short before any service, empty.
+        let cut = &full[..full.find("name = \"api\"").unwrap() + 20];
+        for (text, says) in [(cut, "config"), ("# lb.toml\n[socket_lb]\n", "names no services"), ("", "it is empty")] {
+            w.write_config(text);
+            sleep(Duration::from_secs(2)).await;
+            let s = d.status().await;
+            let refused = s.agent.config_refused.as_ref().unwrap_or_else(|| panic!("{text:?}: not refused"));
+            assert!(refused.message.starts_with("config refused (file changed)"), "{refused:?}");
+            assert!(refused.message.contains(says), "{text:?}: {}", refused.message);
+            assert!(refused.unix_time > 0.0);
+            assert_eq!(s.services.len(), 2, "{text:?}: the running config changed");
+            assert_eq!(s.scaling.len(), 2);
+            assert_eq!(w.dp.lock().live_backends(), live);
+            assert_eq!(w.orchs.lock().makes, makes, "an orchestrator made for a refused file");
+            assert!(!w.orchs.of("api").lock().released && !w.orchs.of("web").lock().released);
+        }
+        assert!(d.status().await.render_table().contains("last reload refused"));
+        // The whole file again: the refusal is over.
+        w.write_config(&full);
+        sleep(Duration::from_secs(2)).await;
+        let s = d.status().await;
+        assert_eq!(s.agent.config_refused, None);
+        assert_eq!(s.services.len(), before.services.len());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_that_keeps_the_size_and_mtime_is_still_applied() {
+    let w = &World::new(&scaled(1, 1, ""));
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        let moved = scaled(1, 1, "").replace("10.0.0.100", "10.0.0.200");
+        rewrite_keeping_mtime(w, &moved);
+        d.until(Duration::from_secs(3), "the new VIP in force", |s| s.services.iter().any(|s| s.vip == "10.0.0.200"))
+            .await;
+    })
+    .await;
+}

@@ -134,6 +134,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     errors: self.errors,
                     scaling: self.scalers.values().map(Scaler::status).collect(),
                     socket_lb_note: &self.socket_lb_note,
+                    config_refused: self.config_refused.as_ref(),
                 };
                 self.snapshots.build(advance, sources)
             }

@@ -15,7 +15,6 @@
 
 use std::{
     net::SocketAddrV4,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -150,26 +149,86 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     }
 }
 
-/// Bind the socket: root-only (the directory 0700, the socket 0600). A stale
-/// socket from an agent that died is replaced; a live one is an error.
+/// Bind the socket: root-only. Its directory is made 0700 if it does not
+/// exist; an existing one is used only if it is safe (see `judge_dir`), and
+/// never chmod-ed. The socket is made under umask 0177, so it is never
+/// reachable by others, not even for an instant. A stale socket from an
+/// agent that died is replaced; a live one is an error.
 pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        if dir != Path::new("/tmp") && dir != Path::new("/run") {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("restrict {}", dir.display()))?;
-        }
-    }
+    prepare_socket_dir(path)?;
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             bail!("another lb-agent is already listening on {}", path.display());
         }
         std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restrict {}", path.display()))?;
+    let listener = with_umask(0o177, || UnixListener::bind(path))
+        .with_context(|| format!("bind control socket {}", path.display()))?;
     Ok(listener)
+}
+
+/// Make the directory of the control socket `path` (0700, ours) if it is
+/// missing, or check that the one there is safe to hold it.
+pub fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("create {}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("inspect {}", dir.display()))?;
+    let facts = DirFacts { is_dir: meta.file_type().is_dir(), uid: meta.uid(), mode: meta.mode() };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    judge_dir(&facts, euid).map_err(|why| anyhow::anyhow!("control socket directory {}: {why}", dir.display()))
+}
+
+/// What `judge_dir` looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct DirFacts {
+    /// A directory itself (not a symlink to one).
+    pub is_dir: bool,
+    pub uid: u32,
+    pub mode: u32,
+}
+
+/// A directory may hold the control socket if it is a real directory owned
+/// by the agent's user, that no one else can write to (so no one else can
+/// put a socket or a symlink of their own there). Sticky shared
+/// directories like /tmp fail the last test: give the socket a directory
+/// of its own.
+pub fn judge_dir(d: &DirFacts, euid: u32) -> Result<(), String> {
+    if !d.is_dir {
+        return Err("not a directory (a symlink, or a file)".into());
+    }
+    if d.uid != euid {
+        return Err(format!("owned by uid {}, not by this agent's uid {euid}; give the socket a directory of its own", d.uid));
+    }
+    if d.mode & 0o022 != 0 {
+        return Err(format!(
+            "mode {:04o}: others can write to it; the agent never changes an existing directory's mode: \
+             use one of its own (a missing directory is made 0700)",
+            d.mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Run `f` with the process umask set to `mask`, then restore it.
+fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask cannot fail; the old mask is put back just after.
+    let old = unsafe { libc::umask(mask) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    out
 }
 
 /// Accept connections and hand their requests to the agent's loop.
@@ -256,6 +315,8 @@ pub fn default_socket() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[test]
@@ -313,6 +374,58 @@ mod tests {
         let second: Response = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
         assert!(second.ok);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_directory_of_our_own_that_others_cannot_write_holds_the_socket() {
+        let dir = |is_dir, uid, mode| DirFacts { is_dir, uid, mode };
+        for ok in [dir(true, 0, 0o40700), dir(true, 0, 0o40750), dir(true, 0, 0o40755)] {
+            assert_eq!(judge_dir(&ok, 0), Ok(()), "{ok:?}");
+        }
+        for (bad, says) in [
+            (dir(true, 0, 0o41777), "others can write"),
+            (dir(true, 0, 0o40770), "mode 0770"),
+            (dir(true, 1000, 0o40700), "owned by uid 1000"),
+            (dir(false, 0, 0o120777), "not a directory"),
+        ] {
+            let e = judge_dir(&bad, 0).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_made_0700_and_a_shared_one_is_refused_untouched() {
+        let base = std::env::temp_dir().join(format!("lb-api-dir-test-{}", std::process::id()));
+        let path = base.join("new").join("s.sock");
+        let listener = bind(&path).await.unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        drop(listener);
+        let shared = base.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = format!("{:#}", bind(&shared.join("s.sock")).await.unwrap_err());
+        assert!(e.contains("others can write"), "{e}");
+        assert_eq!(mode(&shared), 0o1777, "an existing directory's mode was changed");
+        assert!(!shared.join("s.sock").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_socket_is_made_under_a_umask_that_keeps_others_out() {
+        let base = std::env::temp_dir().join(format!("lb-api-umask-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let path = base.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let mode = with_umask(0o177, || {
+            let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            let m = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            drop(l);
+            m
+        });
+        assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[tokio::test]

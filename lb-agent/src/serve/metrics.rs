@@ -870,6 +870,7 @@ mod tests {
                     note: String::new(),
                     operations: vec![crate::status::SockOpCount { op: "translated".to_owned(), count: 9 }],
                 },
+                config_refused: None,
             },
             services: vec![ServiceStatus {
                 name: "web".to_owned(),

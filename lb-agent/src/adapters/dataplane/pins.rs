@@ -29,7 +29,7 @@ pub(super) fn link_pin_name(iface: &str, mode: AttachMode) -> String {
 
 /// Create `<dir>/v<ABI>` (mounting bpffs on `dir`'s parent if it is not on
 /// one) and refuse state of another ABI version.
-pub(super) fn prepare_pin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn prepare_pin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     if dir.file_name().is_some_and(|n| n.as_encoded_bytes().contains(&b'.')) {
         bail!("pin directory {}: bpffs does not allow a dot in a name", dir.display());
     }
