@@ -120,6 +120,8 @@ pub struct FakeDataplane {
     pub cgroup2_mount: Option<PathBuf>,
     pub removed_all: bool,
     pub kept: bool,
+    /// Every write to `BACKENDS` fails while set.
+    pub fail_backend_writes: bool,
 }
 
 impl FakeDataplane {
@@ -150,6 +152,10 @@ impl FakeDataplane {
 
 impl MapWriter for FakeDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        if self.fail_backend_writes {
+            let source = Box::new(std::io::Error::other("injected failure"));
+            return Err(DataplaneError::Map { map: lb_common::BACKENDS, op: "write", source });
+        }
         self.backends.insert(id, *backend);
         self.log.push(Write::Backend { id, backend: *backend });
         Ok(())

@@ -484,3 +484,37 @@ async fn socket_lb_follows_the_config_and_the_cgroup2_mount() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_api_change_whose_map_write_fails_is_rolled_back() {
+    let w = &World::new(
+        r#"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+interfaces = ["eth0"]
+[[service.backend]]
+address = "10.1.0.1:80"
+"#,
+    );
+    let (failed, added): (SocketAddrV4, SocketAddrV4) =
+        ("10.1.0.2:80".parse().unwrap(), "10.1.0.3:80".parse().unwrap());
+    w.run(|d| async move {
+        w.dp.lock().fail_backend_writes = true;
+        let r = d.call(Request::AddBackend { service: "web".into(), address: failed, weight: 1 }).await;
+        assert!(!r.ok, "{r:?}");
+        w.dp.lock().fail_backend_writes = false;
+        // The next change is not held up by the failed one, nor carries it.
+        let r = d.call(Request::AddBackend { service: "web".into(), address: added, weight: 1 }).await;
+        assert!(r.ok, "{r:?}");
+        let s = d.status().await;
+        let listed: Vec<&str> = s.services[0].backends.iter().map(|b| b.address.as_str()).collect();
+        assert_eq!(listed, ["10.1.0.1:80", "10.1.0.3:80"]);
+        assert_eq!(w.dp.lock().live_backends(), ["10.1.0.1:80".parse().unwrap(), added].into());
+        // Re-adding it now works: it was never registered.
+        let r = d.call(Request::AddBackend { service: "web".into(), address: failed, weight: 1 }).await;
+        assert!(r.ok, "{r:?}");
+    })
+    .await;
+}
