@@ -568,6 +568,48 @@ fn root_agent_sigkill_and_restart_is_hitless() {
     println!("lb-agent stop: {} XDP gone, pin dir {} empty", out.stdout.trim(), pin_dir.display());
 }
 
+/// A map pinned under the agent's pin directory that differs from what the
+/// program expects (here BACKENDS with 8 entries, not MAX_BACKENDS) is
+/// refused before anything is adopted, with both shapes and the way out;
+/// that way out (`lb-agent stop --pin-dir`) then lets an agent start.
+#[test]
+fn root_a_pinned_map_of_another_size_is_refused() {
+    require_root!("root_a_pinned_map_of_another_size_is_refused");
+    let (topo, mut agent) = start(1, "");
+    agent.kill();
+    let maps = topo.pin_dir().join(format!("v{}", lb_common::ABI_VERSION)).join("maps");
+    let pin = maps.join(lb_common::BACKENDS);
+    std::fs::remove_file(&pin).expect("unpin BACKENDS");
+    let mut loader = aya::EbpfLoader::new();
+    loader.map_max_entries(lb_common::BACKENDS, 8).map_pin_path(lb_common::BACKENDS, &pin);
+    drop(loader.load(lb_agent::ebpf::object()).expect("pin a BACKENDS map of 8 entries"));
+    assert!(pin.exists(), "no map pinned at {}", pin.display());
+
+    agent.respawn();
+    let exit = agent.wait_exit(Duration::from_secs(10)).expect("the agent did not exit on a mismatched pin");
+    assert!(!exit.success(), "the agent adopted a mismatched pin:\n{}", agent.log());
+    let log = agent.log();
+    for needle in ["the pinned map BACKENDS", "max entries: expected 4096, found 8", "lb-agent stop --pin-dir"] {
+        assert!(log.contains(needle), "no {needle:?} in the refusal:\n{log}");
+    }
+    assert_eq!(agent.count("adopting pinned state"), 0, "{log}");
+    println!("refused: {}", log.lines().find(|l| l.contains("the pinned map")).unwrap_or_default());
+
+    let pin_dir = topo.pin_dir();
+    let out = run_agent_cli(&[
+        "stop".as_ref(),
+        "--api-socket".as_ref(),
+        topo.api_socket().as_os_str(),
+        "--pin-dir".as_ref(),
+        pin_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "lb-agent stop failed: {out:?}");
+    agent.respawn();
+    agent.wait_ready();
+    let (_, failures) = new_connections(&topo, 3);
+    assert!(failures.is_empty(), "after `lb-agent stop` and a fresh start: {failures:?}\n{}", agent.log());
+}
+
 // ---------------------------------------------------------------------------
 // 5. Control API refusals
 

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::{
     netdev::{checksums_for, interface_driver},
     object::{load_object, program_mut},
-    pins::{link_pin_name, prepare_pin_dir, remove_pins},
+    pins::{check_pinned_maps, link_pin_name, prepare_pin_dir, remove_pins},
     tc::{self, decide_hook, TcLink},
     AyaDataplane,
 };
@@ -50,6 +50,9 @@ impl AyaDataplane {
         let pins = pin_dir.map(prepare_pin_dir).transpose()?;
         let map_pins = pins.as_ref().map(|p| p.join("maps"));
         let adopted = map_pins.as_ref().is_some_and(|m| m.join(SERVICES).exists());
+        if let (Some(map_pins), Some(pin_dir)) = (&map_pins, pin_dir) {
+            check_pinned_maps(crate::ebpf::object(), map_pins, pin_dir)?;
+        }
         let (ebpf, maps) = load_object(crate::ebpf::object(), map_pins.as_deref())?;
         Ok(Self {
             maps,
