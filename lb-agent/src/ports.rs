@@ -14,7 +14,7 @@ use std::{
 use lb_common::{Backend, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
 use serde::Serialize;
 
-use crate::config::{ChecksumMode, HealthCheckConfig, HookMode, ServiceConfig, XdpAttach};
+use crate::config::{HealthCheckConfig, InterfaceConfig, ServiceConfig};
 
 // ---------------------------------------------------------------------------
 // The data plane.
@@ -62,13 +62,7 @@ pub trait Dataplane: MapWriter + DataplaneReads {
     fn has_interface(&self, name: &str) -> bool;
     /// Attach to `iface` at the hook `hook` picks (or switch its program to
     /// the one `hook` and `checksums` ask for); attaching twice is a no-op.
-    fn attach(
-        &mut self,
-        iface: &str,
-        hook: HookMode,
-        checksums: ChecksumMode,
-        xdp_mode: XdpAttach,
-    ) -> anyhow::Result<AttachMode>;
+    fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode>;
     fn detach(&mut self, iface: &str) -> anyhow::Result<()>;
     /// Let translated packets leave by `iface` directly, or not, as `mode`
     /// and the interface decide.

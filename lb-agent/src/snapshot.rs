@@ -207,7 +207,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{ChecksumMode, Config, HookMode, XdpAttach},
+        config::{ChecksumMode, Config, HookMode, InterfaceConfig},
         ports::Dataplane as _,
         testing::SharedDataplane,
     };
@@ -234,7 +234,11 @@ weight = 3
         let mut reconciler = Reconciler::default();
         let mut dp = SharedDataplane::default();
         reconciler.apply(&registry.desired(), &mut dp).unwrap();
-        dp.attach("eth0", HookMode::Xdp, ChecksumMode::Complete, XdpAttach::Auto).unwrap();
+        dp.attach(
+            "eth0",
+            InterfaceConfig { hook: HookMode::Xdp, checksums: ChecksumMode::Complete, ..Default::default() },
+        )
+        .unwrap();
         (registry, reconciler, dp)
     }
 

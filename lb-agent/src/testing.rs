@@ -15,7 +15,7 @@ use std::{
 use lb_common::{Backend, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
 use crate::{
-    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, ServiceConfig, XdpAttach},
+    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
     ports::{
         AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, HostFacts,
         L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory, PinnedState, ProbeError, Prober,
@@ -268,13 +268,8 @@ impl Dataplane for SharedDataplane {
         !self.lock().missing_interfaces.contains(name)
     }
 
-    fn attach(
-        &mut self,
-        iface: &str,
-        hook: HookMode,
-        checksums: ChecksumMode,
-        _xdp_mode: XdpAttach,
-    ) -> anyhow::Result<AttachMode> {
+    fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode> {
+        let InterfaceConfig { hook, checksums, .. } = settings;
         let mut dp = self.lock();
         anyhow::ensure!(!dp.missing_interfaces.contains(iface), "no interface {iface}");
         dp.attached.insert(iface.to_owned(), (hook, checksums));

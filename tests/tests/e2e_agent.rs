@@ -550,13 +550,7 @@ fn root_agent_sigkill_and_restart_is_hitless() {
 
     // `lb-agent stop` removes everything.
     let pin_dir = topo.pin_dir();
-    let out = run_agent_cli(&[
-        "stop".as_ref(),
-        "--api-socket".as_ref(),
-        topo.api_socket().as_os_str(),
-        "--pin-dir".as_ref(),
-        pin_dir.as_os_str(),
-    ]);
+    let out = stop_cli(&topo);
     assert!(out.status.success(), "lb-agent stop failed: {out:?}");
     let exit = agent.wait_exit(Duration::from_secs(10)).expect("the agent did not exit after `lb-agent stop`");
     assert!(exit.success(), "agent exited with {exit}:\n{}", agent.log());
@@ -566,6 +560,17 @@ fn root_agent_sigkill_and_restart_is_hitless() {
         std::fs::read_dir(&pin_dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "pinned state left under {}: {left:?}", pin_dir.display());
     println!("lb-agent stop: {} XDP gone, pin dir {} empty", out.stdout.trim(), pin_dir.display());
+}
+
+/// `lb-agent stop` for `topo`'s agent and pin directory.
+fn stop_cli(topo: &Topology) -> lb_lab::agent::CliOutput {
+    run_agent_cli(&[
+        "stop".as_ref(),
+        "--api-socket".as_ref(),
+        topo.api_socket().as_os_str(),
+        "--pin-dir".as_ref(),
+        topo.pin_dir().as_os_str(),
+    ])
 }
 
 /// A map pinned under the agent's pin directory that differs from what the
@@ -595,14 +600,7 @@ fn root_a_pinned_map_of_another_size_is_refused() {
     assert_eq!(agent.count("adopting pinned state"), 0, "{log}");
     println!("refused: {}", log.lines().find(|l| l.contains("the pinned map")).unwrap_or_default());
 
-    let pin_dir = topo.pin_dir();
-    let out = run_agent_cli(&[
-        "stop".as_ref(),
-        "--api-socket".as_ref(),
-        topo.api_socket().as_os_str(),
-        "--pin-dir".as_ref(),
-        pin_dir.as_os_str(),
-    ]);
+    let out = stop_cli(&topo);
     assert!(out.status.success(), "lb-agent stop failed: {out:?}");
     agent.respawn();
     agent.wait_ready();

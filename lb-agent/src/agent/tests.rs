@@ -402,22 +402,22 @@ async fn status_is_answered_within_100ms_while_a_reload_waits_for_its_orchestrat
     .await;
 }
 
+/// "web" at 10.0.0.100:80 on eth0 (plus `extra`), with `backends`.
+fn web(extra: &str, backends: &[&str]) -> String {
+    let mut text =
+        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n{extra}\n");
+    for b in backends {
+        text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+    }
+    text
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
-    let w = &World::new(
-        r#"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-interfaces = ["eth0"]
-health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }
-[[service.backend]]
-address = "10.1.0.1:80"
-[[service.backend]]
-address = "10.1.0.2:80"
-"#,
-    );
+    let w = &World::new(&web(
+        r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#,
+        &["10.1.0.1:80", "10.1.0.2:80"],
+    ));
     let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
     w.run(|d| async move {
         assert!(w.dp.in_table(down));
@@ -487,17 +487,7 @@ async fn socket_lb_follows_the_config_and_the_cgroup2_mount() {
 
 #[tokio::test(start_paused = true)]
 async fn an_api_change_whose_map_write_fails_is_rolled_back() {
-    let w = &World::new(
-        r#"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-interfaces = ["eth0"]
-[[service.backend]]
-address = "10.1.0.1:80"
-"#,
-    );
+    let w = &World::new(&web("", &["10.1.0.1:80"]));
     let (failed, added): (SocketAddrV4, SocketAddrV4) =
         ("10.1.0.2:80".parse().unwrap(), "10.1.0.3:80".parse().unwrap());
     w.run(|d| async move {

@@ -67,7 +67,7 @@ fn enabled_by_default() -> bool {
 }
 
 /// `[interface.<name>]`
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceConfig {
     #[serde(default)]
@@ -300,6 +300,11 @@ impl Config {
         }
     }
 
+    /// Every setting of `iface` (each `auto` unless configured).
+    pub fn interface(&self, iface: &str) -> InterfaceConfig {
+        self.interface_settings.get(iface).copied().unwrap_or_default()
+    }
+
     /// The hook setting of `iface` (`auto` unless configured).
     pub fn hook(&self, iface: &str) -> HookMode {
         self.interface_settings.get(iface).map(|i| i.hook).unwrap_or_default()
@@ -308,11 +313,6 @@ impl Config {
     /// The checksum setting of `iface` (`auto` unless configured).
     pub fn checksums(&self, iface: &str) -> ChecksumMode {
         self.interface_settings.get(iface).map(|i| i.checksums).unwrap_or_default()
-    }
-
-    /// The XDP attach mode of `iface` (`auto` unless configured).
-    pub fn xdp_mode(&self, iface: &str) -> XdpAttach {
-        self.interface_settings.get(iface).map(|i| i.xdp_mode).unwrap_or_default()
     }
 
     pub fn fast_path(&self, iface: &str) -> FastPathMode {
@@ -543,9 +543,9 @@ mod tests {
         let c = parse(&format!("{GOOD}\n[interface.eth0]\nhook = \"tc\"\n")).unwrap();
         assert_eq!(c.hook("eth0"), HookMode::Tc);
         assert!(parse(&format!("{GOOD}\n[interface.eth0]\nhook = \"tcx\"\n")).is_err());
-        assert_eq!(c.xdp_mode("eth0"), XdpAttach::Auto);
+        assert_eq!(c.interface("eth0").xdp_mode, XdpAttach::Auto);
         let c = parse(&format!("{GOOD}\n[interface.eth0]\nxdp_mode = \"generic\"\n")).unwrap();
-        assert_eq!(c.xdp_mode("eth0"), XdpAttach::Generic);
+        assert_eq!(c.interface("eth0").xdp_mode, XdpAttach::Generic);
         assert!(parse(&format!("{GOOD}\n[interface.eth0]\nxdp_mode = \"skb\"\n")).is_err());
     }
 

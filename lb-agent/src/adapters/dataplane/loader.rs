@@ -23,7 +23,7 @@ use super::{
     AyaDataplane,
 };
 use crate::{
-    config::{ChecksumMode, HookMode, XdpAttach},
+    config::{ChecksumMode, InterfaceConfig, XdpAttach},
     ports::{AttachMode, Hook, L4Checksums},
 };
 
@@ -104,20 +104,14 @@ impl AyaDataplane {
     /// Attach to `iface` at the hook `hook` decides for it (see
     /// `tc::decide_hook`); an interface attached at the other hook is
     /// detached from it first.
-    pub fn attach(
-        &mut self,
-        iface: &str,
-        hook: HookMode,
-        checksums: ChecksumMode,
-        xdp_mode: XdpAttach,
-    ) -> anyhow::Result<AttachMode> {
-        let (hook, why) = decide_hook(hook, interface_driver(iface)?.as_deref());
+    pub fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode> {
+        let (hook, why) = decide_hook(settings.hook, interface_driver(iface)?.as_deref());
         if self.links.get(iface).is_some_and(|a| a.mode.hook() != hook) {
             info!(interface = iface, to = %hook, why, "switching hooks");
             self.detach(iface)?;
         }
         match hook {
-            Hook::Xdp => self.attach_xdp(iface, checksums, xdp_mode),
+            Hook::Xdp => self.attach_xdp(iface, settings.checksums, settings.xdp_mode),
             Hook::Tc => self.attach_tc(iface, &why),
         }
     }
