@@ -95,12 +95,13 @@ impl MapShape {
     /// What the kernel holds at the pin `path`.
     pub fn of_pin(path: &Path) -> anyhow::Result<MapShape> {
         let info = MapInfo::from_pin(path).with_context(|| format!("open the pinned map {}", path.display()))?;
+        let kind = info.map_type().ok();
         Ok(MapShape {
-            kind: info.map_type().map_or_else(|_| "an unknown type".into(), |t| format!("{t:?}")),
+            kind: kind.map_or_else(|| "an unknown type".into(), |t| format!("{t:?}")),
             key_size: info.key_size(),
             value_size: info.value_size(),
             max_entries: info.max_entries(),
-            flags: info.map_flags(),
+            flags: info.map_flags() & !flags_the_kernel_adds(kind),
         })
     }
 
@@ -119,6 +120,16 @@ impl MapShape {
         field("max entries", self.max_entries.to_string(), found.max_entries.to_string());
         field("flags", format!("{:#x}", self.flags), format!("{:#x}", found.flags));
         out
+    }
+}
+
+/// Flags the kernel sets on a map of `kind` by itself, which no definition
+/// carries: device maps are read-only to programs (`BPF_F_RDONLY_PROG`).
+fn flags_the_kernel_adds(kind: Option<MapType>) -> u32 {
+    const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+    match kind {
+        Some(MapType::DevMap | MapType::DevMapHash) => BPF_F_RDONLY_PROG,
+        _ => 0,
     }
 }
 
@@ -250,6 +261,14 @@ mod tests {
             ]
         );
         assert_eq!(shape(8).to_string(), "Array, key 4 B, value 16 B, 8 entries, flags 0x0");
+    }
+
+    #[test]
+    fn only_device_maps_lose_the_read_only_flag_the_kernel_sets() {
+        assert_eq!(flags_the_kernel_adds(Some(MapType::DevMapHash)), 0x80);
+        assert_eq!(flags_the_kernel_adds(Some(MapType::DevMap)), 0x80);
+        assert_eq!(flags_the_kernel_adds(Some(MapType::Hash)), 0);
+        assert_eq!(flags_the_kernel_adds(None), 0);
     }
 
     #[test]
