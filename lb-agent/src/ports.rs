@@ -14,7 +14,7 @@ use std::{
 use lb_common::{Backend, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
 use serde::Serialize;
 
-use crate::config::{ChecksumMode, HealthCheckConfig, HookMode, ServiceConfig};
+use crate::config::{HealthCheckConfig, InterfaceConfig, ServiceConfig};
 
 // ---------------------------------------------------------------------------
 // The data plane.
@@ -62,7 +62,7 @@ pub trait Dataplane: MapWriter + DataplaneReads {
     fn has_interface(&self, name: &str) -> bool;
     /// Attach to `iface` at the hook `hook` picks (or switch its program to
     /// the one `hook` and `checksums` ask for); attaching twice is a no-op.
-    fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode>;
+    fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode>;
     fn detach(&mut self, iface: &str) -> anyhow::Result<()>;
     /// Let translated packets leave by `iface` directly, or not, as `mode`
     /// and the interface decide.
@@ -202,6 +202,16 @@ impl L4Checksums {
         match self {
             L4Checksums::Complete => PROG_LB,
             L4Checksums::MayBePartial => PROG_LB_LOCAL,
+        }
+    }
+
+    /// The program an XDP attachment in `mode` runs: generic (skb) mode
+    /// always takes the partial-checksum-aware one, because GRO and virtio
+    /// offloads leave partial checksums in the skbs it sees on any device.
+    pub fn in_mode(self, mode: AttachMode) -> Self {
+        match mode {
+            AttachMode::Generic => L4Checksums::MayBePartial,
+            AttachMode::Driver | AttachMode::Tc => self,
         }
     }
 
@@ -352,4 +362,17 @@ pub struct InterfaceFacts {
     /// here: the larger of net.ipv4.conf.{all,<if>}.rp_filter (0 off,
     /// 1 strict, 2 loose).
     pub rp_filter: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generic_xdp_always_runs_the_partial_checksum_aware_program() {
+        for l4 in [L4Checksums::Complete, L4Checksums::MayBePartial] {
+            assert_eq!(l4.in_mode(AttachMode::Generic).program(), PROG_LB_LOCAL, "{l4}");
+            assert_eq!(l4.in_mode(AttachMode::Driver), l4);
+        }
+    }
 }

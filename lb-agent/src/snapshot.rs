@@ -52,7 +52,8 @@ impl SnapshotBuilder {
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
     pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
-        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling, socket_lb_note, config_refused } = src;
+        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling, socket_lb_note, config_refused } =
+            src;
         let now = Instant::now();
         let live: BTreeMap<_, _> = reconciler.services().map(|(k, s)| (*k, s)).collect();
         let mut services = Vec::new();
@@ -210,7 +211,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{ChecksumMode, Config, HookMode},
+        config::{ChecksumMode, Config, HookMode, InterfaceConfig},
         ports::Dataplane as _,
         testing::SharedDataplane,
     };
@@ -237,7 +238,11 @@ weight = 3
         let mut reconciler = Reconciler::default();
         let mut dp = SharedDataplane::default();
         reconciler.apply(&registry.desired(), &mut dp).unwrap();
-        dp.attach("eth0", HookMode::Xdp, ChecksumMode::Complete).unwrap();
+        dp.attach(
+            "eth0",
+            InterfaceConfig { hook: HookMode::Xdp, checksums: ChecksumMode::Complete, ..Default::default() },
+        )
+        .unwrap();
         (registry, reconciler, dp)
     }
 

@@ -15,7 +15,7 @@ use std::{
 use lb_common::{Backend, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
 use crate::{
-    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, ServiceConfig},
+    config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
     ports::{
         AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, HostFacts,
         L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory, PinnedState, ProbeError, Prober,
@@ -120,6 +120,8 @@ pub struct FakeDataplane {
     pub cgroup2_mount: Option<PathBuf>,
     pub removed_all: bool,
     pub kept: bool,
+    /// Every write to `BACKENDS` fails while set.
+    pub fail_backend_writes: bool,
 }
 
 impl FakeDataplane {
@@ -150,6 +152,10 @@ impl FakeDataplane {
 
 impl MapWriter for FakeDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        if self.fail_backend_writes {
+            let source = Box::new(std::io::Error::other("injected failure"));
+            return Err(DataplaneError::Map { map: lb_common::BACKENDS, op: "write", source });
+        }
         self.backends.insert(id, *backend);
         self.log.push(Write::Backend { id, backend: *backend });
         Ok(())
@@ -262,7 +268,8 @@ impl Dataplane for SharedDataplane {
         !self.lock().missing_interfaces.contains(name)
     }
 
-    fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
+    fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode> {
+        let InterfaceConfig { hook, checksums, .. } = settings;
         let mut dp = self.lock();
         anyhow::ensure!(!dp.missing_interfaces.contains(iface), "no interface {iface}");
         dp.attached.insert(iface.to_owned(), (hook, checksums));

@@ -550,13 +550,7 @@ fn root_agent_sigkill_and_restart_is_hitless() {
 
     // `lb-agent stop` removes everything.
     let pin_dir = topo.pin_dir();
-    let out = run_agent_cli(&[
-        "stop".as_ref(),
-        "--api-socket".as_ref(),
-        topo.api_socket().as_os_str(),
-        "--pin-dir".as_ref(),
-        pin_dir.as_os_str(),
-    ]);
+    let out = stop_cli(&topo);
     assert!(out.status.success(), "lb-agent stop failed: {out:?}");
     let exit = agent.wait_exit(Duration::from_secs(10)).expect("the agent did not exit after `lb-agent stop`");
     assert!(exit.success(), "agent exited with {exit}:\n{}", agent.log());
@@ -566,6 +560,52 @@ fn root_agent_sigkill_and_restart_is_hitless() {
         std::fs::read_dir(&pin_dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "pinned state left under {}: {left:?}", pin_dir.display());
     println!("lb-agent stop: {} XDP gone, pin dir {} empty", out.stdout.trim(), pin_dir.display());
+}
+
+/// `lb-agent stop` for `topo`'s agent and pin directory.
+fn stop_cli(topo: &Topology) -> lb_lab::agent::CliOutput {
+    run_agent_cli(&[
+        "stop".as_ref(),
+        "--api-socket".as_ref(),
+        topo.api_socket().as_os_str(),
+        "--pin-dir".as_ref(),
+        topo.pin_dir().as_os_str(),
+    ])
+}
+
+/// A map pinned under the agent's pin directory that differs from what the
+/// program expects (here BACKENDS with 8 entries, not MAX_BACKENDS) is
+/// refused before anything is adopted, with both shapes and the way out;
+/// that way out (`lb-agent stop --pin-dir`) then lets an agent start.
+#[test]
+fn root_a_pinned_map_of_another_size_is_refused() {
+    require_root!("root_a_pinned_map_of_another_size_is_refused");
+    let (topo, mut agent) = start(1, "");
+    agent.kill();
+    let maps = topo.pin_dir().join(format!("v{}", lb_common::ABI_VERSION)).join("maps");
+    let pin = maps.join(lb_common::BACKENDS);
+    std::fs::remove_file(&pin).expect("unpin BACKENDS");
+    let mut loader = aya::EbpfLoader::new();
+    loader.map_max_entries(lb_common::BACKENDS, 8).map_pin_path(lb_common::BACKENDS, &pin);
+    drop(loader.load(lb_agent::ebpf::object()).expect("pin a BACKENDS map of 8 entries"));
+    assert!(pin.exists(), "no map pinned at {}", pin.display());
+
+    agent.respawn();
+    let exit = agent.wait_exit(Duration::from_secs(10)).expect("the agent did not exit on a mismatched pin");
+    assert!(!exit.success(), "the agent adopted a mismatched pin:\n{}", agent.log());
+    let log = agent.log();
+    for needle in ["the pinned map BACKENDS", "max entries: expected 4096, found 8", "lb-agent stop --pin-dir"] {
+        assert!(log.contains(needle), "no {needle:?} in the refusal:\n{log}");
+    }
+    assert_eq!(agent.count("adopting pinned state"), 0, "{log}");
+    println!("refused: {}", log.lines().find(|l| l.contains("the pinned map")).unwrap_or_default());
+
+    let out = stop_cli(&topo);
+    assert!(out.status.success(), "lb-agent stop failed: {out:?}");
+    agent.respawn();
+    agent.wait_ready();
+    let (_, failures) = new_connections(&topo, 3);
+    assert!(failures.is_empty(), "after `lb-agent stop` and a fresh start: {failures:?}\n{}", agent.log());
 }
 
 // ---------------------------------------------------------------------------
@@ -849,4 +889,36 @@ fn root_second_agent_and_stop_leave_a_running_agent_alone() {
     let (counts, failures) = new_connections(&topo, 40);
     assert!(failures.is_empty() && counts.len() == 2, "{counts:?} {failures:?}");
     assert_eq!(config_view(&agent.status()).as_array().map(Vec::len), Some(2), "the first agent changed");
+}
+
+/// Generic (skb) XDP always runs the partial-checksum-aware program, even
+/// where `checksums = "complete"` asks for the other one: GRO and virtio
+/// offloads leave partial checksums in the skbs it sees. The client's veth
+/// (whose far end hands over partial checksums) is forced to generic mode.
+#[test]
+fn root_generic_xdp_runs_the_partial_checksum_aware_program() {
+    require_root!("root_generic_xdp_runs_the_partial_checksum_aware_program");
+    let topo = Topology::build(Options::with_backends(&names(2)));
+    let client_iface = lb_lab::topology::LB_CLIENT_IFACE;
+    let members: Vec<(&str, u32)> = topo.backends.iter().map(|b| (b.name.as_str(), 1)).collect();
+    let section = format!("[interface.{client_iface:?}]\n");
+    let forced = format!("{section}checksums = \"complete\"\nxdp_mode = \"generic\"\n");
+    let text = topo.config_toml(&members).replace(&section, &forced);
+    assert!(text.contains("xdp_mode"), "{text}");
+    topo.write_raw_config(&text);
+    let agent = topo.start_agent();
+
+    let status = agent.status();
+    let ifaces = status["agent"]["interfaces"].as_array().cloned().unwrap_or_default();
+    let client = ifaces.iter().find(|i| i["name"] == client_iface).unwrap_or_else(|| panic!("{ifaces:?}"));
+    assert_eq!((client["xdp_mode"].as_str(), client["checksums"].as_str()), (Some("generic"), Some("may-be-partial")));
+    assert!(agent.log().contains("generic XDP: the partial-checksum-aware program"), "{}", agent.log());
+    assert!(topo.lb_links().contains("xdpgeneric"), "not in generic mode:\n{}", topo.lb_links());
+
+    let mut held = hold(&topo, 10);
+    let (counts, failures) = new_connections(&topo, 30);
+    assert!(failures.is_empty(), "{failures:#?} ({counts:?})");
+    let failures = echo_all(&mut held, "through generic XDP");
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(topo.csum_errors().is_empty(), "checksum drops: {:?}", topo.csum_errors());
 }

@@ -307,8 +307,21 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     // -----------------------------------------------------------------------
     // Control-API calls and health results.
 
+    /// Put the registry back as it was before a change whose map sync
+    /// failed, so the refused change holds no backend (and no id) and the
+    /// next sync does not retry it; the maps are brought back to match.
+    fn roll_back(&mut self, before: Registry) {
+        self.registry = before;
+        if let Err(e) = self.sync() {
+            self.error(format!("restoring the maps after a failed change failed: {e:#}"));
+        }
+    }
+
     fn handle_call(&mut self, request: Request, reply: oneshot::Sender<Response>) {
         let now = Instant::now();
+        // What a failed map sync restores (see `roll_back`); small next to a
+        // sync, and a status call's walk.
+        let before = self.registry.clone();
         let change = match &request {
             Request::Status => {
                 // Answered by the walk this asks for (`on_scanned`).
@@ -343,6 +356,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 }
                 Err(e) => {
                     self.error(format!("api change {message} failed: {e:#}"));
+                    self.roll_back(before);
                     Response::error(format!("{e:#}"))
                 }
             },

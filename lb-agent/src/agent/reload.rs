@@ -77,7 +77,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             let new = !had.contains(iface);
             let attached = self
                 .dataplane
-                .attach(iface, config.hook(iface), config.checksums(iface))
+                .attach(iface, config.interface(iface))
                 .and_then(|_| self.dataplane.set_fast_path(iface, config.fast_path(iface)));
             match attached {
                 Ok(_) if new => attached_now.push(iface.clone()),

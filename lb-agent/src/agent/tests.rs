@@ -402,22 +402,22 @@ async fn status_is_answered_within_100ms_while_a_reload_waits_for_its_orchestrat
     .await;
 }
 
+/// "web" at 10.0.0.100:80 on eth0 (plus `extra`), with `backends`.
+fn web(extra: &str, backends: &[&str]) -> String {
+    let mut text =
+        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n{extra}\n");
+    for b in backends {
+        text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+    }
+    text
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
-    let w = &World::new(
-        r#"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-interfaces = ["eth0"]
-health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }
-[[service.backend]]
-address = "10.1.0.1:80"
-[[service.backend]]
-address = "10.1.0.2:80"
-"#,
-    );
+    let w = &World::new(&web(
+        r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#,
+        &["10.1.0.1:80", "10.1.0.2:80"],
+    ));
     let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
     w.run(|d| async move {
         assert!(w.dp.in_table(down));
@@ -536,6 +536,30 @@ async fn a_change_that_keeps_the_size_and_mtime_is_still_applied() {
         rewrite_keeping_mtime(w, &moved);
         d.until(Duration::from_secs(3), "the new VIP in force", |s| s.services.iter().any(|s| s.vip == "10.0.0.200"))
             .await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_api_change_whose_map_write_fails_is_rolled_back() {
+    let w = &World::new(&web("", &["10.1.0.1:80"]));
+    let (failed, added): (SocketAddrV4, SocketAddrV4) =
+        ("10.1.0.2:80".parse().unwrap(), "10.1.0.3:80".parse().unwrap());
+    w.run(|d| async move {
+        w.dp.lock().fail_backend_writes = true;
+        let r = d.call(Request::AddBackend { service: "web".into(), address: failed, weight: 1 }).await;
+        assert!(!r.ok, "{r:?}");
+        w.dp.lock().fail_backend_writes = false;
+        // The next change is not held up by the failed one, nor carries it.
+        let r = d.call(Request::AddBackend { service: "web".into(), address: added, weight: 1 }).await;
+        assert!(r.ok, "{r:?}");
+        let s = d.status().await;
+        let listed: Vec<&str> = s.services[0].backends.iter().map(|b| b.address.as_str()).collect();
+        assert_eq!(listed, ["10.1.0.1:80", "10.1.0.3:80"]);
+        assert_eq!(w.dp.lock().live_backends(), ["10.1.0.1:80".parse().unwrap(), added].into());
+        // Re-adding it now works: it was never registered.
+        let r = d.call(Request::AddBackend { service: "web".into(), address: failed, weight: 1 }).await;
+        assert!(r.ok, "{r:?}");
     })
     .await;
 }

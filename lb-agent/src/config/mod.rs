@@ -67,7 +67,7 @@ fn enabled_by_default() -> bool {
 }
 
 /// `[interface.<name>]`
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceConfig {
     #[serde(default)]
@@ -76,6 +76,23 @@ pub struct InterfaceConfig {
     pub checksums: ChecksumMode,
     #[serde(default)]
     pub fast_path: FastPathMode,
+    #[serde(default)]
+    pub xdp_mode: XdpAttach,
+}
+
+/// How XDP attaches to an interface. Generic (skb) mode always runs the
+/// partial-checksum-aware program, whatever `checksums` says: GRO and
+/// virtio offloads leave partial checksums there on any device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpAttach {
+    /// Native where the driver has it, generic otherwise.
+    #[default]
+    Auto,
+    /// Native only: attaching fails where the driver has no XDP.
+    Native,
+    /// Generic (skb) only, even where the driver has native XDP.
+    Generic,
 }
 
 /// Where on an interface the program runs (see the README's table).
@@ -281,6 +298,11 @@ impl Config {
         } else {
             Err(ConfigError::Invalid { path: path.into(), problems })
         }
+    }
+
+    /// Every setting of `iface` (each `auto` unless configured).
+    pub fn interface(&self, iface: &str) -> InterfaceConfig {
+        self.interface_settings.get(iface).copied().unwrap_or_default()
     }
 
     /// The hook setting of `iface` (`auto` unless configured).
@@ -521,6 +543,10 @@ mod tests {
         let c = parse(&format!("{GOOD}\n[interface.eth0]\nhook = \"tc\"\n")).unwrap();
         assert_eq!(c.hook("eth0"), HookMode::Tc);
         assert!(parse(&format!("{GOOD}\n[interface.eth0]\nhook = \"tcx\"\n")).is_err());
+        assert_eq!(c.interface("eth0").xdp_mode, XdpAttach::Auto);
+        let c = parse(&format!("{GOOD}\n[interface.eth0]\nxdp_mode = \"generic\"\n")).unwrap();
+        assert_eq!(c.interface("eth0").xdp_mode, XdpAttach::Generic);
+        assert!(parse(&format!("{GOOD}\n[interface.eth0]\nxdp_mode = \"skb\"\n")).is_err());
     }
 
     #[test]

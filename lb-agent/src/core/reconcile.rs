@@ -122,6 +122,7 @@ impl Reconciler {
     ) -> Result<ApplySummary, DataplaneError> {
         let mut summary = ApplySummary::default();
         let wanted: BTreeMap<ServiceKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
+        self.check_capacity(&wanted)?;
         let freed_now = self.remove_stale_ids(&wanted);
 
         for (key, svc) in &wanted {
@@ -142,6 +143,28 @@ impl Reconciler {
         }
         self.resting = freed_now;
         Ok(summary)
+    }
+
+    /// Refuse, before anything is written, a change that needs more new ids
+    /// than are free. Ids taken: every backend's before this apply (those it
+    /// frees rest until the next), the resting and the held ones; a removed
+    /// service keeps its id until after every flip.
+    fn check_capacity(&self, wanted: &BTreeMap<ServiceKey, &DesiredService>) -> Result<(), DataplaneError> {
+        let new_services = wanted.keys().filter(|k| !self.services.contains_key(k)).count();
+        if self.services.len() + new_services > MAX_SERVICES as usize {
+            return Err(DataplaneError::NoFreeId { what: "service", max: MAX_SERVICES });
+        }
+        let new_backends = wanted
+            .iter()
+            .flat_map(|(key, svc)| svc.backends.iter().map(move |b| (*key, b.addr)))
+            .filter(|k| !self.backend_ids.contains_key(k))
+            .count();
+        let taken: BTreeSet<u32> = self.backend_ids.values().chain(&self.resting).chain(&self.held).copied().collect();
+        let free = (1..MAX_BACKENDS).filter(|id| !taken.contains(id)).count();
+        if new_backends > free {
+            return Err(DataplaneError::NoFreeId { what: "backend", max: MAX_BACKENDS - 1 });
+        }
+        Ok(())
     }
 
     /// Drop ids of backends (and services' backends) the config no longer has;
@@ -417,6 +440,36 @@ mod tests {
         assert!(dp.log.iter().all(|w| w.kind() != "backend"), "{:?}", dp.log);
         let after = dp.services.values().next().copied().unwrap();
         assert_eq!(dp.table(after.id, after.table), live_before);
+    }
+
+    /// `n` backends 10.1.x.y:80 in the one service "web".
+    fn many(n: u32) -> Vec<DesiredService> {
+        let mut d = config(&[]);
+        d[0].backends = (0..n)
+            .map(|i| DesiredBackend {
+                addr: SocketAddrV4::new([10, 1, (i >> 8) as u8, i as u8].into(), 80),
+                weight: 1,
+                in_table: true,
+            })
+            .collect();
+        d
+    }
+
+    #[test]
+    fn a_change_beyond_the_free_ids_is_refused_before_any_write() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let max = MAX_BACKENDS - 1;
+        r.apply(&many(max - 1), &mut dp).unwrap();
+        dp.log.clear();
+        // Two new backends, one free id: nothing is written.
+        let err = r.apply(&many(max + 1), &mut dp).unwrap_err();
+        assert!(matches!(err, DataplaneError::NoFreeId { what: "backend", .. }), "{err}");
+        assert!(dp.log.is_empty(), "{} writes before the refusal", dp.log.len());
+        // One new backend fits: the refusal took no id.
+        let d = many(max);
+        r.apply(&d, &mut dp).unwrap();
+        assert_eq!(r.backend_id(&d[0].config.key(), d[0].backends[max as usize - 1].addr), Some(max));
     }
 
     #[test]

@@ -209,7 +209,10 @@ pub fn judge_dir(d: &DirFacts, euid: u32) -> Result<(), String> {
         return Err("not a directory (a symlink, or a file)".into());
     }
     if d.uid != euid {
-        return Err(format!("owned by uid {}, not by this agent's uid {euid}; give the socket a directory of its own", d.uid));
+        return Err(format!(
+            "owned by uid {}, not by this agent's uid {euid}; give the socket a directory of its own",
+            d.uid
+        ));
     }
     if d.mode & 0o022 != 0 {
         return Err(format!(

@@ -18,14 +18,23 @@ use tracing::{info, warn};
 use super::{
     netdev::{checksums_for, interface_driver},
     object::{load_object, program_mut},
-    pins::{link_pin_name, prepare_pin_dir, remove_pins},
+    pins::{check_pinned_maps, link_pin_name, prepare_pin_dir, remove_pins},
     tc::{self, decide_hook, TcLink},
     AyaDataplane,
 };
 use crate::{
-    config::{ChecksumMode, HookMode},
+    config::{ChecksumMode, InterfaceConfig, XdpAttach},
     ports::{AttachMode, Hook, L4Checksums},
 };
+
+/// The XDP modes `setting` allows, in the order they are tried.
+fn xdp_modes(setting: XdpAttach) -> &'static [AttachMode] {
+    match setting {
+        XdpAttach::Auto => &[AttachMode::Driver, AttachMode::Generic],
+        XdpAttach::Native => &[AttachMode::Driver],
+        XdpAttach::Generic => &[AttachMode::Generic],
+    }
+}
 
 /// Our attachment to one interface: a bpf_link, pinned when pinning is on
 /// (or, at tc on kernels without TCX, a netlink filter).
@@ -50,6 +59,9 @@ impl AyaDataplane {
         let pins = pin_dir.map(prepare_pin_dir).transpose()?;
         let map_pins = pins.as_ref().map(|p| p.join("maps"));
         let adopted = map_pins.as_ref().is_some_and(|m| m.join(SERVICES).exists());
+        if let (Some(map_pins), Some(pin_dir)) = (&map_pins, pin_dir) {
+            check_pinned_maps(crate::ebpf::object(), map_pins, pin_dir)?;
+        }
         let (ebpf, maps) = load_object(crate::ebpf::object(), map_pins.as_deref())?;
         Ok(Self {
             maps,
@@ -92,14 +104,14 @@ impl AyaDataplane {
     /// Attach to `iface` at the hook `hook` decides for it (see
     /// `tc::decide_hook`); an interface attached at the other hook is
     /// detached from it first.
-    pub fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
-        let (hook, why) = decide_hook(hook, interface_driver(iface)?.as_deref());
+    pub fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode> {
+        let (hook, why) = decide_hook(settings.hook, interface_driver(iface)?.as_deref());
         if self.links.get(iface).is_some_and(|a| a.mode.hook() != hook) {
             info!(interface = iface, to = %hook, why, "switching hooks");
             self.detach(iface)?;
         }
         match hook {
-            Hook::Xdp => self.attach_xdp(iface, checksums),
+            Hook::Xdp => self.attach_xdp(iface, settings.checksums, settings.xdp_mode),
             Hook::Tc => self.attach_tc(iface, &why),
         }
     }
@@ -122,29 +134,39 @@ impl AyaDataplane {
         }
     }
 
-    /// XDP: native where the driver has it, generic otherwise. A link a
-    /// previous agent pinned for it is taken over and switched to this
-    /// program atomically (bpf_link_update), so traffic never sees an
-    /// interface without the program. Never replaces a program someone else
-    /// attached: the kernel refuses a second one (EBUSY).
+    /// XDP: native where the driver has it, generic otherwise (or as
+    /// `xdp_mode` says). A link a previous agent pinned for it is taken over
+    /// and switched to this program atomically (bpf_link_update), so traffic
+    /// never sees an interface without the program. Never replaces a program
+    /// someone else attached: the kernel refuses a second one (EBUSY).
     ///
-    /// `checksums` picks the program (see [`L4Checksums`]); an interface
-    /// already attached with the other one is switched over in place.
-    fn attach_xdp(&mut self, iface: &str, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
-        let l4 = checksums_for(checksums, iface)?;
-        if let Some(a) = self.links.get(iface).filter(|a| a.l4 == Some(l4)) {
+    /// `checksums` picks the program (see [`L4Checksums`]) for native mode;
+    /// generic mode always gets the partial-checksum-aware one
+    /// ([`L4Checksums::in_mode`]). An interface already attached with the
+    /// other program is switched over in place; one attached in a mode
+    /// `xdp_mode` no longer allows is detached and attached again.
+    fn attach_xdp(&mut self, iface: &str, checksums: ChecksumMode, xdp_mode: XdpAttach) -> anyhow::Result<AttachMode> {
+        let wanted = checksums_for(checksums, iface)?;
+        let modes = xdp_modes(xdp_mode);
+        if self.links.get(iface).is_some_and(|a| !modes.contains(&a.mode)) {
+            info!(interface = iface, xdp_mode = ?xdp_mode, "attaching again in another XDP mode");
+            self.detach(iface)?;
+        }
+        if let Some(a) = self.links.get(iface).filter(|a| a.l4 == Some(wanted.in_mode(a.mode))) {
             return Ok(a.mode);
         }
         if let Some(Attached { link: Link::Xdp(link), mode, l4: old, pin }) = self.links.remove(iface) {
             // Between two loaded programs of one object, bpf_link_update
             // fails only when the link itself is gone (interface removed).
+            let l4 = wanted.in_mode(mode);
             let link = self.switch_link(link, l4, iface)?;
             info!(interface = iface, from = ?old, checksums = %l4, "switched program");
             self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin });
             return Ok(mode);
         }
-        for mode in [AttachMode::Driver, AttachMode::Generic] {
+        for &mode in modes {
             let Some((pinned, pin)) = self.pinned_link(iface, mode)? else { continue };
+            let l4 = wanted.in_mode(mode);
             let link = self
                 .switch_link(pinned, l4, iface)
                 .with_context(|| format!("take over the pinned link {}", pin.display()))?;
@@ -152,25 +174,36 @@ impl AyaDataplane {
             self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin: Some(pin) });
             return Ok(mode);
         }
-        let program = self.program(l4)?;
-        let (id, mode) = match program.attach(iface, XdpMode::Driver) {
-            Ok(id) => (id, AttachMode::Driver),
-            Err(native) => {
-                let id = program.attach(iface, XdpMode::Skb).map_err(|generic| {
-                    anyhow!(
-                        "attach XDP to {iface}: native mode failed ({native}), generic mode failed ({generic}); \
-                         does the interface exist, and is another XDP program already attached?"
-                    )
-                })?;
-                (id, AttachMode::Generic)
+        let mut failures = Vec::new();
+        for &mode in modes {
+            let l4 = wanted.in_mode(mode);
+            let kernel_mode = if mode == AttachMode::Generic { XdpMode::Skb } else { XdpMode::Driver };
+            let program = self.program(l4)?;
+            let id = match program.attach(iface, kernel_mode) {
+                Ok(id) => id,
+                Err(e) => {
+                    failures.push(format!("{mode} mode failed ({e})"));
+                    continue;
+                }
+            };
+            let link = FdLink::try_from(program.take_link(id)?)
+                .context("the kernel attached XDP without a bpf_link (kernel older than 5.9?)")?;
+            let (link, pin) = self.pin_link(link, iface, mode)?;
+            if l4 != wanted {
+                info!(
+                    interface = iface,
+                    configured = %wanted,
+                    "generic XDP: the partial-checksum-aware program, whatever `checksums` says (GRO and virtio offloads leave partial checksums)"
+                );
             }
-        };
-        let link = FdLink::try_from(program.take_link(id)?)
-            .context("the kernel attached XDP without a bpf_link (kernel older than 5.9?)")?;
-        let (link, pin) = self.pin_link(link, iface, mode)?;
-        info!(interface = iface, mode = %mode, checksums = %l4, "attached");
-        self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin });
-        Ok(mode)
+            info!(interface = iface, mode = %mode, checksums = %l4, "attached");
+            self.links.insert(iface.to_owned(), Attached { link: Link::Xdp(link), mode, l4: Some(l4), pin });
+            return Ok(mode);
+        }
+        Err(anyhow!(
+            "attach XDP to {iface}: {}; does the interface exist, and is another XDP program already attached?",
+            failures.join(", ")
+        ))
     }
 
     /// tc: a TCX link a previous agent pinned is taken over in place;

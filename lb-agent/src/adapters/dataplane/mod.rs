@@ -35,7 +35,7 @@ use tracing::warn;
 use self::{conntrack::AyaConnections, loader::Attached, object::map_err};
 pub use self::{conntrack::UDP_IDLE, object::Maps};
 use crate::{
-    config::{ChecksumMode, Config, FastPathMode, HookMode},
+    config::{Config, FastPathMode, InterfaceConfig},
     ports::{
         AttachMode, Attachment, ConnectionTable, Dataplane, DataplaneError, DataplaneReads, HostFacts, MapWriter,
         PinnedState, SocketLbState,
@@ -169,8 +169,8 @@ impl Dataplane for AyaDataplane {
         netdev::if_index(name).is_some()
     }
 
-    fn attach(&mut self, iface: &str, hook: HookMode, checksums: ChecksumMode) -> anyhow::Result<AttachMode> {
-        AyaDataplane::attach(self, iface, hook, checksums)
+    fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode> {
+        AyaDataplane::attach(self, iface, settings)
     }
 
     fn detach(&mut self, iface: &str) -> anyhow::Result<()> {

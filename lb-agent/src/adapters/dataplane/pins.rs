@@ -1,9 +1,14 @@
 //! The pin directory: maps and links kept in bpffs, so that a restarted
 //! agent adopts the running data plane (`<dir>/v<ABI_VERSION>/{maps,links}`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{MapInfo, MapType};
+use aya_obj::generated::bpf_map_type;
 use lb_common::ABI_VERSION;
 use tracing::{info, warn};
 
@@ -59,6 +64,109 @@ pub fn prepare_pin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(versioned.join(sub)).with_context(|| format!("create {}", versioned.display()))?;
     }
     Ok(versioned)
+}
+
+/// A map's layout as the kernel holds it: what a pinned map must match
+/// before it is adopted (the kernel would otherwise hand the program a map
+/// of another size, and aya checks only key and value sizes it knows of).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    /// The map type, as aya names it (`LruHash`, `Array`, ...).
+    pub kind: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapShape {
+    /// What the object defines.
+    pub fn of_definition(def: &aya_obj::Map) -> MapShape {
+        let kind = bpf_map_type::try_from(def.map_type()).ok().and_then(|t| MapType::try_from(t).ok());
+        MapShape {
+            kind: kind.map_or_else(|| format!("type {}", def.map_type()), |t| format!("{t:?}")),
+            key_size: def.key_size(),
+            value_size: def.value_size(),
+            max_entries: def.max_entries(),
+            flags: def.map_flags(),
+        }
+    }
+
+    /// What the kernel holds at the pin `path`.
+    pub fn of_pin(path: &Path) -> anyhow::Result<MapShape> {
+        let info = MapInfo::from_pin(path).with_context(|| format!("open the pinned map {}", path.display()))?;
+        let kind = info.map_type().ok();
+        Ok(MapShape {
+            kind: kind.map_or_else(|| "an unknown type".into(), |t| format!("{t:?}")),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags() & !flags_the_kernel_adds(kind),
+        })
+    }
+
+    /// The fields in which `found` differs from `self`, each as
+    /// "what: expected X, found Y"; empty when they match.
+    pub fn differences(&self, found: &MapShape) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut field = |what: &str, expected: String, got: String| {
+            if expected != got {
+                out.push(format!("{what}: expected {expected}, found {got}"));
+            }
+        };
+        field("type", self.kind.clone(), found.kind.clone());
+        field("key size", self.key_size.to_string(), found.key_size.to_string());
+        field("value size", self.value_size.to_string(), found.value_size.to_string());
+        field("max entries", self.max_entries.to_string(), found.max_entries.to_string());
+        field("flags", format!("{:#x}", self.flags), format!("{:#x}", found.flags));
+        out
+    }
+}
+
+/// Flags the kernel sets on a map of `kind` by itself, which no definition
+/// carries: device maps are read-only to programs (`BPF_F_RDONLY_PROG`).
+fn flags_the_kernel_adds(kind: Option<MapType>) -> u32 {
+    const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+    match kind {
+        Some(MapType::DevMap | MapType::DevMapHash) => BPF_F_RDONLY_PROG,
+        _ => 0,
+    }
+}
+
+impl fmt::Display for MapShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self { kind, key_size, value_size, max_entries, flags } = self;
+        write!(f, "{kind}, key {key_size} B, value {value_size} B, {max_entries} entries, flags {flags:#x}")
+    }
+}
+
+/// Refuse maps pinned under `map_pins` (by a previous agent of the same ABI
+/// version, or anyone else) that differ from `object`'s definitions: one
+/// built with other limits, or a map of another program under the same
+/// name. `pin_dir` is the directory the user gave, for the advice.
+pub(super) fn check_pinned_maps(object: &[u8], map_pins: &Path, pin_dir: &Path) -> anyhow::Result<()> {
+    let obj = aya_obj::Object::parse(object).context("parse the lb-ebpf object")?;
+    for name in Maps::NAMES {
+        let path = map_pins.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let def = obj.maps.get(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+        let expected = MapShape::of_definition(def);
+        let found = MapShape::of_pin(&path)?;
+        let differences = expected.differences(&found);
+        if !differences.is_empty() {
+            bail!(
+                "the pinned map {name} at {} does not match this lb-agent's program ({}): expected {expected}, \
+                 found {found}; remove the old pinned state with `lb-agent stop --pin-dir {}` (no agent running), \
+                 or use another --pin-dir",
+                path.display(),
+                differences.join("; "),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Remove pinned maps and the directories under the pin dir.
@@ -130,6 +238,54 @@ fn same_mount_namespace_as_init() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shape(max_entries: u32) -> MapShape {
+        MapShape { kind: "Array".into(), key_size: 4, value_size: 16, max_entries, flags: 0 }
+    }
+
+    #[test]
+    fn a_matching_pinned_map_has_no_differences() {
+        assert!(shape(4096).differences(&shape(4096)).is_empty());
+    }
+
+    #[test]
+    fn every_differing_field_is_named_with_both_values() {
+        let found = MapShape { kind: "Hash".into(), value_size: 12, flags: 1, ..shape(8) };
+        assert_eq!(
+            shape(4096).differences(&found),
+            [
+                "type: expected Array, found Hash",
+                "value size: expected 16, found 12",
+                "max entries: expected 4096, found 8",
+                "flags: expected 0x0, found 0x1",
+            ]
+        );
+        assert_eq!(shape(8).to_string(), "Array, key 4 B, value 16 B, 8 entries, flags 0x0");
+    }
+
+    #[test]
+    fn only_device_maps_lose_the_read_only_flag_the_kernel_sets() {
+        assert_eq!(flags_the_kernel_adds(Some(MapType::DevMapHash)), 0x80);
+        assert_eq!(flags_the_kernel_adds(Some(MapType::DevMap)), 0x80);
+        assert_eq!(flags_the_kernel_adds(Some(MapType::Hash)), 0);
+        assert_eq!(flags_the_kernel_adds(None), 0);
+    }
+
+    #[test]
+    fn the_objects_definitions_give_the_shapes_lb_common_declares() {
+        let obj = aya_obj::Object::parse(crate::ebpf::object()).unwrap();
+        let backends = MapShape::of_definition(&obj.maps[lb_common::BACKENDS]);
+        let want = MapShape {
+            kind: "Array".into(),
+            key_size: 4,
+            value_size: size_of::<lb_common::Backend>() as u32,
+            max_entries: lb_common::MAX_BACKENDS,
+            flags: 0,
+        };
+        assert_eq!(backends, want);
+        let conntrack = MapShape::of_definition(&obj.maps[lb_common::CONNTRACK]);
+        assert_eq!((conntrack.kind.as_str(), conntrack.max_entries), ("LruHash", lb_common::CONNTRACK_MAX));
+    }
 
     #[test]
     fn link_pin_names_have_no_dots_and_stay_distinct() {
