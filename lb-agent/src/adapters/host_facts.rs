@@ -39,8 +39,8 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             let driver = netdev::interface_driver(iface)?;
             let (fast_path, fast_path_why) = decide_fast_path(config.fast_path(iface), driver.as_deref());
             let forwarding = conf_value(iface, "forwarding").is_none_or(|v| v == 1);
-            let may_be_partial =
-                netdev::checksums_for(config.checksums(iface), iface)? == crate::ports::L4Checksums::MayBePartial;
+            let may_be_partial = netdev::checksums_for(config.checksums(iface), driver.as_deref())
+                == crate::ports::L4Checksums::MayBePartial;
             let rp_filter = conf_value("all", "rp_filter").max(conf_value(iface, "rp_filter")).unwrap_or(0);
             let (hook, hook_why) = decide_hook(config.hook(iface), driver.as_deref());
             let f = InterfaceFacts { hook, hook_why, fast_path, fast_path_why, forwarding, may_be_partial, rp_filter };

@@ -23,7 +23,7 @@ use super::{
     AyaDataplane,
 };
 use crate::{
-    config::{ChecksumMode, InterfaceConfig, XdpAttach},
+    config::{InterfaceConfig, XdpAttach},
     ports::{AttachMode, Hook, L4Checksums},
 };
 
@@ -105,13 +105,16 @@ impl AyaDataplane {
     /// `tc::decide_hook`); an interface attached at the other hook is
     /// detached from it first.
     pub fn attach(&mut self, iface: &str, settings: InterfaceConfig) -> anyhow::Result<AttachMode> {
-        let (hook, why) = decide_hook(settings.hook, interface_driver(iface)?.as_deref());
+        let driver = interface_driver(iface)?;
+        let (hook, why) = decide_hook(settings.hook, driver.as_deref());
         if self.links.get(iface).is_some_and(|a| a.mode.hook() != hook) {
             info!(interface = iface, to = %hook, why, "switching hooks");
             self.detach(iface)?;
         }
         match hook {
-            Hook::Xdp => self.attach_xdp(iface, settings.checksums, settings.xdp_mode),
+            Hook::Xdp => {
+                self.attach_xdp(iface, checksums_for(settings.checksums, driver.as_deref()), settings.xdp_mode)
+            }
             Hook::Tc => self.attach_tc(iface, &why),
         }
     }
@@ -140,13 +143,12 @@ impl AyaDataplane {
     /// never sees an interface without the program. Never replaces a program
     /// someone else attached: the kernel refuses a second one (EBUSY).
     ///
-    /// `checksums` picks the program (see [`L4Checksums`]) for native mode;
+    /// `wanted` is the program (see [`L4Checksums`]) for native mode;
     /// generic mode always gets the partial-checksum-aware one
     /// ([`L4Checksums::in_mode`]). An interface already attached with the
     /// other program is switched over in place; one attached in a mode
     /// `xdp_mode` no longer allows is detached and attached again.
-    fn attach_xdp(&mut self, iface: &str, checksums: ChecksumMode, xdp_mode: XdpAttach) -> anyhow::Result<AttachMode> {
-        let wanted = checksums_for(checksums, iface)?;
+    fn attach_xdp(&mut self, iface: &str, wanted: L4Checksums, xdp_mode: XdpAttach) -> anyhow::Result<AttachMode> {
         let modes = xdp_modes(xdp_mode);
         if self.links.get(iface).is_some_and(|a| !modes.contains(&a.mode)) {
             info!(interface = iface, xdp_mode = ?xdp_mode, "attaching again in another XDP mode");

@@ -16,15 +16,15 @@ pub fn if_index(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-/// The program for an interface's `checksums` setting: `auto` asks the
-/// interface's driver.
-pub fn checksums_for(mode: ChecksumMode, iface: &str) -> anyhow::Result<L4Checksums> {
-    Ok(match mode {
+/// The program for an interface's `checksums` setting: `auto` goes by the
+/// interface's driver (`interface_driver`, read once by the caller).
+pub fn checksums_for(mode: ChecksumMode, driver: Option<&str>) -> L4Checksums {
+    match mode {
         ChecksumMode::Complete => L4Checksums::Complete,
         ChecksumMode::MayBePartial => L4Checksums::MayBePartial,
-        // No driver to ask (loopback, say): nothing local sends there.
-        ChecksumMode::Auto => interface_driver(iface)?.map_or(L4Checksums::Complete, |d| L4Checksums::for_driver(&d)),
-    })
+        // No driver (loopback, say): nothing local sends there.
+        ChecksumMode::Auto => driver.map_or(L4Checksums::Complete, L4Checksums::for_driver),
+    }
 }
 
 /// The driver name of a network interface (`ethtool -i`): "veth", "bridge",
@@ -91,8 +91,9 @@ mod tests {
         for d in ["ixgbe", "mlx5_core", "virtio_net", "ena", "bonding", "802.1Q VLAN Support"] {
             assert_eq!(L4Checksums::for_driver(d), L4Checksums::Complete, "{d}");
         }
-        assert_eq!(checksums_for(ChecksumMode::Complete, "any").unwrap().program(), PROG_LB);
-        assert_eq!(checksums_for(ChecksumMode::MayBePartial, "any").unwrap().program(), PROG_LB_LOCAL);
+        assert_eq!(checksums_for(ChecksumMode::Complete, Some("veth")).program(), PROG_LB);
+        assert_eq!(checksums_for(ChecksumMode::MayBePartial, Some("ixgbe")).program(), PROG_LB_LOCAL);
+        assert_eq!(checksums_for(ChecksumMode::Auto, Some("veth")), L4Checksums::MayBePartial);
     }
 
     #[test]
@@ -102,6 +103,9 @@ mod tests {
         assert_eq!(interface_driver("lo").unwrap(), None);
         let err = interface_driver("no-such-if0").unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"), "{err:#}");
-        assert_eq!(checksums_for(ChecksumMode::Auto, "lo").unwrap(), L4Checksums::Complete);
+        assert_eq!(
+            checksums_for(ChecksumMode::Auto, interface_driver("lo").unwrap().as_deref()),
+            L4Checksums::Complete
+        );
     }
 }
