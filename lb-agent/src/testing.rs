@@ -122,6 +122,8 @@ pub struct FakeDataplane {
     pub kept: bool,
     /// Every write to `BACKENDS` fails while set.
     pub fail_backend_writes: bool,
+    /// What `adopted_state` answers: a previous agent's pinned maps.
+    pub pinned: Option<PinnedState>,
 }
 
 impl FakeDataplane {
@@ -147,6 +149,15 @@ impl FakeDataplane {
     /// The backend ids in the live half of every service's table.
     pub fn in_tables(&self) -> BTreeSet<u32> {
         self.services.values().flat_map(|s| self.table(s.id, s.table)).filter(|id| *id != 0).collect()
+    }
+
+    /// The maps as a new agent reads them back after a restart.
+    pub fn pinned_state(&self) -> PinnedState {
+        PinnedState {
+            services: self.services.iter().map(|(k, s)| (*k, *s)).collect(),
+            backends: self.backends.iter().filter(|(_, b)| b.flags != 0).map(|(id, b)| (*id, *b)).collect(),
+            tables: self.services.values().map(|s| (s.id, [self.table(s.id, 0), self.table(s.id, 1)])).collect(),
+        }
     }
 }
 
@@ -300,7 +311,7 @@ impl Dataplane for SharedDataplane {
     }
 
     fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>> {
-        Ok(None)
+        Ok(self.lock().pinned.clone())
     }
 
     fn stale_link_pins(&self) -> Vec<PathBuf> {

@@ -191,6 +191,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             }
             None => Reconciler::default(),
         };
+        let mut registry = Registry::default();
+        registry.start_down(reconciler.out_of_table());
         let (flow_tx, flow_rx) = mpsc::channel(64);
         let flows = FlowWorker::start(dataplane.connection_table()?, flow_tx);
         let (probe_tx, probe_rx) = mpsc::channel(256);
@@ -201,7 +203,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             orchestrators: Arc::new(orchestrators),
             prober: Arc::new(prober),
             reconciler,
-            registry: Registry::default(),
+            registry,
             config: Config::default(),
             snapshots: SnapshotBuilder::new(options.config.display().to_string()),
             options,

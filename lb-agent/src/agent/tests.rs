@@ -437,6 +437,38 @@ async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() {
+    let w = &World::new(&web(
+        r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#,
+        &["10.1.0.1:80", "10.1.0.2:80"],
+    ));
+    let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
+    w.prober.lock().down.insert(down);
+    w.run(|d| async move {
+        d.until(Duration::from_secs(5), "10.1.0.2 down", |s| has_event(s, "web: 10.1.0.2:80 down")).await;
+    })
+    .await;
+    // The next agent finds the maps as this one left them.
+    let pinned = w.dp.lock().pinned_state();
+    w.dp.lock().pinned = Some(pinned);
+    w.run(|d| async move {
+        let s = d.status().await;
+        assert!(has_event(&s, "restarted, adopted the running data plane"), "{:#?}", s.events);
+        let state =
+            |s: &Snapshot| s.services[0].backends.iter().find(|b| b.address == down.to_string()).unwrap().state.clone();
+        assert_eq!(state(&s), "down");
+        assert!(!w.dp.in_table(down), "back in the table before it passed a check");
+        sleep(Duration::from_secs(5)).await;
+        assert!(!w.dp.in_table(down), "back in the table while failing its checks");
+        assert!(w.dp.in_table("10.1.0.1:80".parse().unwrap()));
+        w.prober.lock().down.clear();
+        d.until(Duration::from_secs(5), "10.1.0.2 up", |s| has_event(s, "web: 10.1.0.2:80 up")).await;
+        assert!(w.dp.in_table(down), "not back in the table after passing its checks");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn status_reports_a_walk_taken_after_the_call() {
     let w = &World::new(&scaled(1, 1, ""));
     w.run(|d| async move {

@@ -113,6 +113,19 @@ impl Reconciler {
         self.services.iter()
     }
 
+    /// Backends with an id but no slot in their service's live table: after
+    /// `adopt`, those the previous agent had taken out (down, draining,
+    /// weight 0).
+    pub fn out_of_table(&self) -> BTreeSet<(ServiceKey, SocketAddrV4)> {
+        let live: BTreeMap<&ServiceKey, BTreeSet<u32>> =
+            self.services.iter().map(|(k, s)| (k, s.live_table().iter().copied().collect())).collect();
+        self.backend_ids
+            .iter()
+            .filter(|((key, _), id)| live.get(key).is_none_or(|ids| !ids.contains(id)))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Bring the data plane to `config`. On error the maps may hold part of
     /// the change, but each service is always on a complete table.
     pub fn apply(
@@ -423,11 +436,7 @@ mod tests {
         r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
         r.apply(&d, &mut dp).unwrap();
         // A new agent reads the maps back.
-        let state = PinnedState {
-            services: dp.services.iter().map(|(k, s)| (*k, *s)).collect(),
-            backends: dp.backends.iter().filter(|(_, b)| b.flags != 0).map(|(id, b)| (*id, *b)).collect(),
-            tables: dp.services.values().map(|s| (s.id, [dp.table(s.id, 0), dp.table(s.id, 1)])).collect(),
-        };
+        let state = dp.pinned_state();
         let before = dp.services.values().next().copied().unwrap();
         let live_before = dp.table(before.id, before.table);
         let mut adopted = Reconciler::adopt(state);
@@ -440,6 +449,20 @@ mod tests {
         assert!(dp.log.iter().all(|w| w.kind() != "backend"), "{:?}", dp.log);
         let after = dp.services.values().next().copied().unwrap();
         assert_eq!(dp.table(after.id, after.table), live_before);
+    }
+
+    #[test]
+    fn adopting_tells_which_backends_were_out_of_the_table() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let mut d = config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1)]);
+        d[0].backends[1].in_table = false;
+        r.apply(&d, &mut dp).unwrap();
+        let key = d[0].config.key();
+        assert_eq!(Reconciler::adopt(dp.pinned_state()).out_of_table(), [(key, "10.1.0.2:80".parse().unwrap())].into());
+        d[0].backends[1].in_table = true;
+        r.apply(&d, &mut dp).unwrap();
+        assert!(Reconciler::adopt(dp.pinned_state()).out_of_table().is_empty());
     }
 
     /// `n` backends 10.1.x.y:80 in the one service "web".

@@ -9,8 +9,13 @@
 //! reach zero or its drain deadline passes; a down one stays, and comes back
 //! into the table after `rise` good probes.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    time::Duration,
+};
 
+use lb_common::ServiceKey;
 use tokio::time::Instant;
 
 use crate::{
@@ -126,6 +131,11 @@ pub struct Drained {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     services: BTreeMap<String, ServiceEntry>,
+    /// Backends a previous agent had out of the table (down, draining or
+    /// weight 0) when this one adopted its data plane: with a health check
+    /// they start down, and join only once they pass `rise` checks.
+    /// Taken by the first `set_config`.
+    start_down: BTreeSet<(ServiceKey, SocketAddrV4)>,
 }
 
 impl Registry {
@@ -135,6 +145,14 @@ impl Registry {
 
     pub fn service(&self, name: &str) -> Option<&ServiceEntry> {
         self.services.get(name)
+    }
+
+    /// Before the first `set_config` after a restart: the backends the
+    /// adopted data plane had out of its table. A backend that was down
+    /// stays out until it passes its checks, instead of rejoining as up
+    /// and failing clients until `fall` probes take it out again.
+    pub fn start_down(&mut self, out_of_table: BTreeSet<(ServiceKey, SocketAddrV4)>) {
+        self.start_down = out_of_table;
     }
 
     /// Adopt a (validated) config: new backends join, backends it no longer
@@ -151,7 +169,7 @@ impl Registry {
             entry.config = svc.clone();
             for (addr, b) in entry.backends.iter_mut() {
                 if checks_changed {
-                    b.health = new_health(svc);
+                    b.health = new_health(svc, false);
                 }
                 if b.origin == Origin::Scaler {
                     continue;
@@ -166,14 +184,16 @@ impl Registry {
                 }
             }
             for BackendConfig { address, weight } in &svc.backends {
+                let was_out = self.start_down.contains(&(svc.key(), *address));
                 entry.backends.entry(*address).or_insert_with(|| BackendEntry {
                     origin: Origin::Config,
                     weight: *weight,
                     state: BackendState::Active,
-                    health: new_health(svc),
+                    health: new_health(svc, was_out),
                 });
             }
         }
+        self.start_down.clear();
     }
 
     /// Add a backend at run time (it joins the table at once; with a health
@@ -208,7 +228,7 @@ impl Registry {
         if *addr.ip() == entry.config.vip {
             return Err(RegistryError::BadAddress { addr, why: "that is the service's own VIP" });
         }
-        let health = new_health(&entry.config);
+        let health = new_health(&entry.config, false);
         match entry.backends.get_mut(&addr) {
             Some(b) if b.state == BackendState::Active => {
                 Err(RegistryError::DuplicateBackend { service: service.into(), addr })
@@ -295,10 +315,12 @@ impl Registry {
     }
 }
 
-fn new_health(svc: &ServiceConfig) -> Option<Health> {
+fn new_health(svc: &ServiceConfig, was_out: bool) -> Option<Health> {
     // New backends start up (as HAProxy's servers do): traffic is not held
-    // back from a healthy pool on start-up or on an agent restart.
-    svc.health_check.as_ref().map(|h| Health::new(true, h.rise, h.fall))
+    // back from a healthy pool on start-up or on an agent restart. One the
+    // previous agent had out of the table starts down: it may well be down
+    // still, and the pinned table kept clients off it so far.
+    svc.health_check.as_ref().map(|h| Health::new(!was_out, h.rise, h.fall))
 }
 
 fn drain(b: &mut BackendEntry, timeout: Duration, now: Instant) {
@@ -375,6 +397,36 @@ mod tests {
         assert_eq!(r.observe_health("web", b, true), None);
         assert_eq!(r.observe_health("web", b, true), Some(Transition::Up));
         assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), true));
+    }
+
+    #[test]
+    fn a_backend_out_of_the_adopted_table_starts_down_until_it_passes() {
+        let now = Instant::now();
+        let c = config(&["10.1.0.1:80", "10.1.0.2:80"], "health_check = { rise = 2, fall = 2 }");
+        let b = addr("10.1.0.2:80");
+        let mut r = Registry::default();
+        r.start_down([(c.services[0].key(), b)].into());
+        r.set_config(&c, now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), false)]);
+        assert_eq!(r.service("web").unwrap().backends[&b].state_name(), "down");
+        assert_eq!(r.observe_health("web", b, true), None);
+        assert_eq!(r.observe_health("web", b, true), Some(Transition::Up));
+        assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), true));
+        // Only the first config after the restart: a backend removed and
+        // added again later starts up, as any new one.
+        r.set_config(&config(&["10.1.0.1:80"], "health_check = { rise = 2, fall = 2 }"), now);
+        r.finish_drains(now, |_, _| 0);
+        r.set_config(&c, now);
+        assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), true));
+    }
+
+    #[test]
+    fn without_a_health_check_the_adopted_table_does_not_matter() {
+        let c = config(&["10.1.0.1:80", "10.1.0.2:80"], "");
+        let mut r = Registry::default();
+        r.start_down([(c.services[0].key(), addr("10.1.0.2:80"))].into());
+        r.set_config(&c, Instant::now());
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), true)]);
     }
 
     #[test]
