@@ -23,6 +23,8 @@ pub enum FlushFor {
     Drain { service: String, addr: std::net::SocketAddrV4, expired: bool },
     /// Its instance exited.
     Exited { addr: std::net::SocketAddrV4 },
+    /// A UDP backend failed its checks.
+    Down { addr: std::net::SocketAddrV4 },
 }
 
 /// What the worker reports back to the agent's loop.

@@ -372,6 +372,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 let why = r.error.unwrap_or_default();
                 warn!(service = r.service, backend = %r.addr, error = why, "backend down: out of the table");
                 self.event(format!("{}: {} down ({why})", r.service, r.addr));
+                self.flush_udp_flows(&r.service, r.addr);
             }
             Some(Transition::Up) => {
                 info!(service = r.service, backend = %r.addr, "backend up: back in the table");
@@ -382,6 +383,20 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         if let Err(e) = self.sync() {
             warn!(error = format!("{e:#}"), "applying a health change failed");
             self.error(format!("applying a health change failed: {e:#}"));
+        }
+    }
+
+    /// A UDP backend that went down loses its flows: a UDP flow has no end,
+    /// so a client that keeps sending would stay on the dead backend for as
+    /// long as the entry lives. Its next datagram picks a live one. TCP
+    /// flows stay: a failed check does not mean their connections did.
+    fn flush_udp_flows(&mut self, service: &str, addr: SocketAddrV4) {
+        let Some(key) = self.registry.service(service).map(|e| e.config.key()) else { return };
+        if key.proto != lb_common::PROTO_UDP {
+            return;
+        }
+        if let Some(id) = self.reconciler.backend_id(&key, addr) {
+            self.flows.flush(id, FlushFor::Down { addr });
         }
     }
 

@@ -469,6 +469,37 @@ async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_udp_backend_that_goes_down_loses_its_flows_and_a_tcp_one_keeps_them() {
+    let check = r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#;
+    let udp = "\n[[service]]\nname = \"dns\"\nvip = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
+               interfaces = [\"eth0\"]\n";
+    let udp = format!(
+        "{udp}{check}\n[[service.backend]]\naddress = \"10.2.0.1:53\"\n[[service.backend]]\naddress = \"10.2.0.2:53\"\n"
+    );
+    let w = &World::new(&(web(check, &["10.1.0.1:80", "10.1.0.2:80"]) + &udp));
+    let (tcp_down, udp_down): (SocketAddrV4, SocketAddrV4) =
+        ("10.1.0.2:80".parse().unwrap(), "10.2.0.2:53".parse().unwrap());
+    w.run(|d| async move {
+        let (tcp_id, udp_id) = {
+            let dp = w.dp.lock();
+            (dp.backend_id(tcp_down).unwrap(), dp.backend_id(udp_down).unwrap())
+        };
+        w.dp.set_open(tcp_down, 4);
+        w.dp.set_open(udp_down, 3);
+        w.prober.lock().down.extend([tcp_down, udp_down]);
+        d.until(Duration::from_secs(5), "both down", |s| {
+            has_event(s, "web: 10.1.0.2:80 down") && has_event(s, "dns: 10.2.0.2:53 down")
+        })
+        .await;
+        sleep(Duration::from_secs(1)).await;
+        let dp = w.dp.lock();
+        assert_eq!(dp.flushes, [udp_id], "tcp id {tcp_id}");
+        assert_eq!(dp.open.get(&tcp_id), Some(&4));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn status_reports_a_walk_taken_after_the_call() {
     let w = &World::new(&scaled(1, 1, ""));
     w.run(|d| async move {

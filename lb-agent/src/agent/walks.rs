@@ -85,8 +85,11 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     pub(super) fn on_flushed(&mut self, backend_id: u32, why: FlushFor, result: anyhow::Result<u64>) {
-        self.reconciler.release(backend_id);
-        match why {
+        // A backend that went down keeps its id: its flush held nothing.
+        if !matches!(why, FlushFor::Down { .. }) {
+            self.reconciler.release(backend_id);
+        }
+        let (addr, of) = match why {
             FlushFor::Drain { service, addr, expired } => {
                 let cut = match result {
                     Ok(cut) => expired.then_some(cut),
@@ -95,12 +98,14 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                         None
                     }
                 };
-                self.drain_ended(&service, addr, cut);
+                return self.drain_ended(&service, addr, cut);
             }
-            FlushFor::Exited { addr } => match result {
-                Ok(cut) => info!(backend = %addr, open_flows = cut, "flows of an exited instance flushed"),
-                Err(e) => self.error(format!("flushing flows of {addr} failed: {e:#}")),
-            },
+            FlushFor::Exited { addr } => (addr, "an exited instance"),
+            FlushFor::Down { addr } => (addr, "a UDP backend that went down"),
+        };
+        match result {
+            Ok(cut) => info!(backend = %addr, open_flows = cut, "flows of {of} flushed"),
+            Err(e) => self.error(format!("flushing flows of {addr} failed: {e:#}")),
         }
     }
 
