@@ -859,6 +859,72 @@ fn crash_scenario(orch: Orch) {
     eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
 }
 
+/// The agent is SIGKILLed under load and started again on the same config:
+/// the new one adopts the instances the old one left running (same
+/// processes, no "File exists" for their namespaces and veths), the service
+/// serves throughout, and a clean stop at the end leaves nothing of ours.
+#[test]
+fn root_process_instances_are_adopted_after_an_agent_sigkill() {
+    require_root!("root_process_instances_are_adopted_after_an_agent_sigkill");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = Scaled::start(Orch::Process, "min_replicas = 2\nmax_replicas = 2\n");
+    let before = s.wait_settled(2, Duration::from_secs(20));
+    let pids_of = |status: &Value| -> BTreeMap<String, Vec<u32>> {
+        replicas(status)
+            .iter()
+            .map(|r| {
+                let ns = r["id"].as_str().expect("id").to_owned();
+                let pids = netns_pids(&ns);
+                (ns, pids)
+            })
+            .collect()
+    };
+    let pids_before = pids_of(&before);
+    eprintln!("instances before the kill: {pids_before:?}");
+
+    const KILL_AT: f64 = 3.0;
+    let cfg = load_config(&s, Ramp::constant(40.0).expect("ramp"), Duration::from_secs(14));
+    let mut restarted_at = None::<f64>;
+    let report = run_load(&cfg, Duration::from_millis(50), |t| {
+        if restarted_at.is_none() && t >= KILL_AT {
+            let killed = Instant::now();
+            let status = s.agent.kill().expect("exit status");
+            eprintln!("SIGKILLed lb-agent at t={t:.2}s: {status}");
+            s.agent.respawn();
+            s.agent.wait_ready();
+            eprintln!("MEASURED: restarted agent ready {} ms after the kill", killed.elapsed().as_millis());
+            restarted_at = Some(t);
+        }
+    });
+    print_load_summary(&report);
+    let log = s.agent.log();
+    assert_eq!(s.agent.count("File exists"), 0, "the new agent tripped over what the old one left:\n{log}");
+    assert_eq!(s.agent.count("adopted a running instance"), 2, "the new agent did not adopt both instances:\n{log}");
+    let after = s.wait_settled(2, Duration::from_secs(10));
+    assert_eq!(pids_of(&after), pids_before, "the instances after the restart are not the ones before");
+    let sm = &report.summary;
+    eprintln!("MEASURED: agent SIGKILL + restart under load: {} of {} requests failed", sm.failed, sm.offered);
+    assert_eq!(sm.failed, 0, "requests failed across the restart: {:?}", sm.first_errors);
+
+    // A clean stop removes every instance, the adopted ones included.
+    let exit = s.agent.stop().expect("exit status");
+    assert!(exit.success(), "agent exited with {exit}:\n{}", s.agent.log());
+    let World::Process { instances, _topo: topo } = &s.world else { unreachable!() };
+    assert!(instances.list().is_empty(), "namespaces left: {:?}", instances.list());
+    let veths: Vec<String> = topo
+        .lb_links()
+        .lines()
+        .filter(|l| l.contains(&format!(" {}-", instances.bridge())))
+        .map(str::to_owned)
+        .collect();
+    assert!(veths.is_empty(), "instance veths left: {veths:?}");
+    for pid in pids_before.values().flatten() {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let running = stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+        assert!(!running, "instance process {pid} outlived the agent's stop: {stat}");
+    }
+}
+
 /// Steady load for a few minutes, with containers: no scaling action after
 /// settling. (The same policy holds with processes; this runs once, with
 /// Docker, to keep the suite short.)

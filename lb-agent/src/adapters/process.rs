@@ -8,6 +8,16 @@
 //! them back into the VIP. Processes cannot share the agent's own address:
 //! traffic to a local address is delivered, not forwarded, and its replies
 //! would never cross an XDP ingress hook.
+//!
+//! Instances outlive an agent that is killed (SIGKILL: nothing runs to stop
+//! them), as the Docker orchestrator's containers do. A new orchestrator
+//! for the same bridge looks at what is left: a namespace `<bridge>-<n>`
+//! whose host-side veth (same name) is a port of our bridge, whose `eth0`
+//! has the slot's address and which holds one running process tree is an
+//! instance: it is adopted (tracked by pid, without cut connections), and
+//! the scaler carries on with it. Anything else left under our names (a
+//! namespace without its process, a veth without its namespace) is removed,
+//! its processes killed, so that the slot can be used again.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -42,10 +52,68 @@ pub async fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError>
 struct Instance {
     name: String,
     addr: SocketAddrV4,
-    child: Child,
+    process: Process,
     pid: u32,
     /// Last CPU sample: (utime + stime in clock ticks, when).
     cpu_sample: Option<(u64, Instant)>,
+}
+
+/// How the orchestrator holds an instance's process.
+enum Process {
+    /// Started by this orchestrator: our child.
+    Child(Child),
+    /// Started by an agent before us, which was killed: its orphan, known
+    /// by pid and start time (so a reused pid is never taken for it).
+    Adopted { start_time: u64 },
+}
+
+impl Instance {
+    fn is_running(&mut self) -> bool {
+        match &mut self.process {
+            Process::Child(child) => matches!(child.try_wait(), Ok(None)),
+            Process::Adopted { start_time } => is_alive(self.pid, *start_time),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL once `grace` has passed.
+    async fn end(&mut self, grace: std::time::Duration) {
+        match &mut self.process {
+            Process::Child(child) => {
+                if let Ok(None) = child.try_wait() {
+                    // SAFETY: plain kill(2) on our own child's pid.
+                    unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+                    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                        warn!(instance = self.name, "did not stop within the grace period; killing it");
+                        let _ = child.kill().await;
+                    }
+                }
+            }
+            Process::Adopted { start_time } => {
+                let (pid, start_time) = (self.pid, *start_time);
+                if !signal_if_alive(pid, start_time, libc::SIGTERM) {
+                    return;
+                }
+                if tokio::time::timeout(grace, gone(pid, start_time)).await.is_err() {
+                    warn!(instance = self.name, "did not stop within the grace period; killing it");
+                    signal_if_alive(pid, start_time, libc::SIGKILL);
+                    // Its parent (init) reaps it; not ours to wait on for long.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), gone(pid, start_time)).await;
+                }
+            }
+        }
+    }
+
+    /// The net under `end`, for `Drop`: SIGKILL, no wait.
+    fn kill_now(&mut self) {
+        match &mut self.process {
+            Process::Child(child) => {
+                let _ = child.start_kill();
+            }
+            Process::Adopted { start_time } => {
+                signal_if_alive(self.pid, *start_time, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 pub struct ProcessOrchestrator {
@@ -72,22 +140,85 @@ impl ProcessOrchestrator {
             busy: Mutex::new(BTreeSet::new()),
         };
         prepare_bridge(&o.spec).await?;
-        o.remove_leftovers().await;
+        o.take_over_leftovers().await?;
         Ok(o)
     }
 
-    /// Namespaces of instances a previous agent started and lost track of
-    /// (it crashed): their processes died with the namespace's last user or
-    /// are orphans we cannot adopt safely, so the namespaces go.
-    async fn remove_leftovers(&self) {
-        let Ok(list) = output("ip", &["netns", "list"]).await else { return };
-        let prefix = format!("{}-", self.spec.bridge);
-        for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&prefix)) {
-            if ns[prefix.len()..].parse::<u8>().is_ok() {
-                warn!(netns = ns, "removing a leftover instance namespace");
-                let _ = ip(&["netns", "del", ns]).await;
+    /// What a previous agent of this bridge left (it was killed): adopt its
+    /// running instances, remove the rest (see the module's doc).
+    async fn take_over_leftovers(&self) -> Result<(), OrchestratorError> {
+        let netns = output("ip", &["netns", "list"]).await?;
+        let veths = output("ip", &["-o", "link", "show", "master", &self.spec.bridge]).await?;
+        let mut slots: BTreeSet<u8> =
+            netns.lines().filter_map(|l| self.slot_of(l.split_whitespace().next()?)).collect();
+        // A veth whose namespace is gone (an older agent deleted only the
+        // name) still blocks its slot's `ip link add`.
+        slots.extend(veths.lines().filter_map(|l| self.slot_of(link_name(l)?)));
+        for n in slots {
+            match self.adoptable(n).await {
+                Some((pid, start_time)) => self.adopt(n, pid, start_time)?,
+                None => self.remove_leftover(n).await,
             }
         }
+        Ok(())
+    }
+
+    /// The slot of an instance namespace's (or host veth's) name.
+    fn slot_of(&self, name: &str) -> Option<u8> {
+        let n: u8 = name.strip_prefix(&self.spec.bridge)?.strip_prefix('-')?.parse().ok()?;
+        (FIRST..=LAST).contains(&n).then_some(n)
+    }
+
+    /// The process to adopt in slot `n`'s namespace, with its start time:
+    /// the namespace is wired as `make_netns` does it, and holds one
+    /// running process tree.
+    async fn adoptable(&self, n: u8) -> Option<(u32, u64)> {
+        let ns = self.netns(n);
+        let veth = output("ip", &["-o", "link", "show", "dev", &ns]).await.ok()?;
+        if !veth.contains(&format!(" master {} ", self.spec.bridge)) {
+            return None;
+        }
+        let addr = output("ip", &["-n", &ns, "-o", "-4", "addr", "show", "dev", "eth0"]).await.ok()?;
+        if !addr.contains(&format!(" {}/24 ", self.spec.ip(n))) {
+            return None;
+        }
+        let pids: Vec<u32> = output("ip", &["netns", "pids", &ns])
+            .await
+            .ok()?
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let stats: Vec<(u32, ProcStat)> = pids.iter().filter_map(|p| Some((*p, ProcStat::read(*p)?))).collect();
+        let mut roots = stats.iter().filter(|(_, st)| st.is_running() && !pids.contains(&st.ppid));
+        match (roots.next(), roots.next()) {
+            (Some((pid, st)), None) => Some((*pid, st.start_time)),
+            _ => None,
+        }
+    }
+
+    fn adopt(&self, n: u8, pid: u32, start_time: u64) -> Result<(), OrchestratorError> {
+        let name = format!("{}-{n}", self.service);
+        let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
+        info!(service = self.service, instance = name, %addr, pid, "adopted a running instance a previous agent left");
+        let process = Process::Adopted { start_time };
+        self.instances.lock().map_err(poisoned)?.insert(n, Instance { name, addr, process, pid, cpu_sample: None });
+        Ok(())
+    }
+
+    /// Remove what is left in slot `n`: its processes (in a namespace of
+    /// ours, so ours), its veth and its namespace.
+    async fn remove_leftover(&self, n: u8) {
+        let ns = self.netns(n);
+        let pids = output("ip", &["netns", "pids", &ns]).await.unwrap_or_default();
+        warn!(netns = ns, pids = pids.trim(), "removing what a previous agent left of an instance");
+        for pid in pids.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+            if let Some(st) = ProcStat::read(pid) {
+                signal_if_alive(pid, st.start_time, libc::SIGKILL);
+            }
+        }
+        // Either may be gone already.
+        let _ = ip(&["link", "del", &ns]).await;
+        let _ = ip(&["netns", "del", &ns]).await;
     }
 
     fn netns(&self, n: u8) -> String {
@@ -129,24 +260,18 @@ impl ProcessOrchestrator {
         let pid = child.id().unwrap_or(0);
         let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
         info!(service = self.service, instance = name, %addr, pid, "process started");
+        let process = Process::Child(child);
         self.instances
             .lock()
             .map_err(poisoned)?
-            .insert(n, Instance { name: name.clone(), addr, child, pid, cpu_sample: None });
+            .insert(n, Instance { name: name.clone(), addr, process, pid, cpu_sample: None });
         Ok(Replica { id: self.netns(n), name, addr, running: true })
     }
 
     /// Stop the instance taken out of slot `n` (busy until the caller
     /// releases it) and remove its namespace.
     async fn stop_in(&self, n: u8, mut inst: Instance) -> Result<(), OrchestratorError> {
-        if let Ok(None) = inst.child.try_wait() {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe { libc::kill(inst.pid as i32, libc::SIGTERM) };
-            if tokio::time::timeout(self.spec.stop_grace, inst.child.wait()).await.is_err() {
-                warn!(instance = inst.name, "did not stop within the grace period; killing it");
-                let _ = inst.child.kill().await;
-            }
-        }
+        inst.end(self.spec.stop_grace).await;
         // Delete the veth pair first: that is synchronous, while a deleted
         // namespace's devices go later, in the kernel's cleanup work. Until
         // then the old instance's end could still answer ARP for its
@@ -228,12 +353,7 @@ impl Orchestrator for ProcessOrchestrator {
         let mut table = self.instances.lock().map_err(poisoned)?;
         Ok(table
             .iter_mut()
-            .map(|(n, i)| Replica {
-                id: self.netns(*n),
-                name: i.name.clone(),
-                addr: i.addr,
-                running: matches!(i.child.try_wait(), Ok(None)),
-            })
+            .map(|(n, i)| Replica { id: self.netns(*n), name: i.name.clone(), addr: i.addr, running: i.is_running() })
             .collect())
     }
 
@@ -289,7 +409,7 @@ impl Drop for ProcessOrchestrator {
     fn drop(&mut self) {
         let Ok(mut table) = self.instances.lock() else { return };
         for (n, inst) in table.iter_mut() {
-            let _ = inst.child.start_kill();
+            inst.kill_now();
             let _ =
                 std::process::Command::new("ip").args(["netns", "del", &format!("{}-{n}", self.spec.bridge)]).status();
         }
@@ -298,11 +418,77 @@ impl Drop for ProcessOrchestrator {
 
 /// utime + stime of a process, in clock ticks, from /proc/<pid>/stat.
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces; fields start after its ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    ProcStat::read(pid).map(|st| st.cpu_ticks)
+}
+
+/// What the orchestrator reads of /proc/<pid>/stat (proc(5)).
+#[derive(Debug, PartialEq, Eq)]
+struct ProcStat {
+    state: char,
+    ppid: u32,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+    /// When it started, in clock ticks after boot: with the pid, it names
+    /// one process for good.
+    start_time: u64,
+}
+
+impl ProcStat {
+    fn read(pid: u32) -> Option<ProcStat> {
+        Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+
+    fn parse(stat: &str) -> Option<ProcStat> {
+        // The command name may contain spaces; fields start after its ')',
+        // with field 3 (state) first.
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+        Some(ProcStat {
+            state: f.first()?.chars().next()?,
+            ppid: u32::try_from(num(1)?).ok()?,
+            cpu_ticks: num(11)? + num(12)?,
+            start_time: num(19)?,
+        })
+    }
+
+    /// Not a zombie (exited, waiting for its parent) nor dead.
+    fn is_running(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Whether `pid` is still the process that started at `start_time`, and
+/// running.
+fn is_alive(pid: u32, start_time: u64) -> bool {
+    ProcStat::read(pid).is_some_and(|st| st.start_time == start_time && st.is_running())
+}
+
+/// Send `signal` to `pid` if it is still the process that started at
+/// `start_time`; returns whether it was alive.
+fn signal_if_alive(pid: u32, start_time: u64, signal: i32) -> bool {
+    if !is_alive(pid, start_time) {
+        return false;
+    }
+    // SAFETY: kill(2) on a pid just checked to be the process we mean (a
+    // pid is reused only after its process is reaped, and the start time
+    // tells a reused one apart).
+    unsafe { libc::kill(pid as i32, signal) };
+    true
+}
+
+/// Resolves once `pid` is no longer the running process that started at
+/// `start_time`.
+async fn gone(pid: u32, start_time: u64) {
+    while is_alive(pid, start_time) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The interface name in a line of `ip -o link show` (`5: name@peer: ...`).
+fn link_name(line: &str) -> Option<&str> {
+    let name = line.split(": ").nth(1)?;
+    Some(name.split('@').next().unwrap_or(name))
 }
 
 fn clock_ticks() -> f64 {
@@ -357,5 +543,35 @@ mod tests {
     fn cpu_ticks_reads_our_own_process() {
         assert!(cpu_ticks(std::process::id()).is_some());
         assert_eq!(cpu_ticks(u32::MAX), None);
+    }
+
+    #[test]
+    fn proc_stat_parses_names_with_spaces_and_tells_our_process_by_its_start() {
+        let line = "4242 (lb backend) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3 0 123456 1000 10";
+        let st = ProcStat::parse(line).unwrap();
+        assert_eq!(st, ProcStat { state: 'S', ppid: 1, cpu_ticks: 12, start_time: 123456 });
+        assert!(st.is_running());
+        assert!(!ProcStat::parse(&line.replace(") S", ") Z")).unwrap().is_running());
+        assert_eq!(ProcStat::parse("4242 (x"), None);
+        let me = std::process::id();
+        let started = ProcStat::read(me).unwrap().start_time;
+        assert!(is_alive(me, started));
+        assert!(!is_alive(me, started + 1), "a reused pid taken for the process");
+    }
+
+    #[test]
+    fn leftovers_are_known_by_the_bridge_and_a_slot() {
+        let o = ProcessOrchestrator {
+            spec: process_spec(),
+            service: "web".into(),
+            instances: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(BTreeSet::new()),
+        };
+        assert_eq!(o.slot_of("lbp0-7"), Some(7));
+        for other in ["lbp0-1", "lbp0-255", "lbp0-x", "lbp00-7", "lbp0", "lbp1-7", "lbp0-7x"] {
+            assert_eq!(o.slot_of(other), None, "{other}");
+        }
+        assert_eq!(link_name("12: lbp0-7@if2: <BROADCAST,MULTICAST,UP> mtu 1500 master lbp0"), Some("lbp0-7"));
+        assert_eq!(link_name("3: lbp0: <BROADCAST> mtu 1500"), Some("lbp0"));
     }
 }
