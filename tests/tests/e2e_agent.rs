@@ -562,6 +562,147 @@ fn root_agent_sigkill_and_restart_is_hitless() {
     println!("lb-agent stop: {} XDP gone, pin dir {} empty", out.stdout.trim(), pin_dir.display());
 }
 
+/// A backend that is down when the agent is SIGKILLed stays out of the
+/// table after the restart (the pinned table had it out) until it passes
+/// its checks again: no client is sent to it in between.
+#[test]
+fn root_a_backend_down_before_a_restart_stays_out_until_it_passes() {
+    require_root!("root_a_backend_down_before_a_restart_stays_out_until_it_passes");
+    let check = r#"health_check = { kind = "tcp", interval = "200ms", timeout = "200ms", rise = 2, fall = 2 }"#;
+    let (mut topo, mut agent) = start(3, check);
+    let victim = topo.backend("web-2").tcp_addr().to_string();
+    let is = |state: &'static str, in_table: bool| {
+        let victim = victim.clone();
+        move |s: &Value| web_backends(s).get(&victim).is_some_and(|b| b["state"] == state && b["in_table"] == in_table)
+    };
+    poll_status(&agent, Instant::now(), Duration::from_secs(3), "web-2 active", is("active", true));
+    topo.stop_backend("web-2");
+    poll_status(&agent, Instant::now(), Duration::from_secs(5), "web-2 down", is("down", false));
+    agent.kill();
+
+    // New connections from before the restart until well after it: the
+    // checks fail `fall` times in 400 ms, so a web-2 put back at start-up
+    // would refuse some of them.
+    let vip = topo.vip_tcp();
+    let stop = StopFlag::new();
+    let client = {
+        let stop = stop.0.clone();
+        topo.client.spawn(move || {
+            let (mut counts, mut failures) = (BTreeMap::<String, usize>::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match tcp_request(vip) {
+                    Ok((backend, _)) => *counts.entry(backend).or_insert(0) += 1,
+                    Err(e) => failures.push(e.to_string()),
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            (counts, failures)
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    agent.respawn();
+    agent.wait_ready();
+    assert_eq!(agent.count("adopting pinned state"), 1, "the new agent did not adopt the pins:\n{}", agent.log());
+    thread::sleep(Duration::from_secs(2));
+    let status = agent.status();
+    stop.raise();
+    let (counts, failures) = client.join().expect("client thread");
+    println!("new connections across the restart with web-2 down: {counts:?}, {} failures", failures.len());
+    assert!(failures.is_empty(), "{} failed: {failures:?}\n{}", failures.len(), agent.log());
+    assert!(!counts.contains_key("web-2"), "a connection reached the dead web-2: {counts:?}");
+    assert!(is("down", false)(&status), "web-2 after the restart: {:#}", config_view(&status));
+
+    let restarted = Instant::now();
+    topo.start_backend("web-2");
+    let up = poll_status(&agent, restarted, Duration::from_secs(5), "web-2 back", is("active", true));
+    eprintln!("MEASURED: restart: web-2 back in the table {} ms after its server came back", up.as_millis());
+    let (counts, failures) = new_connections(&topo, 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(counts.contains_key("web-2"), "web-2 is back but got no new connection: {counts:?}");
+}
+
+/// A UDP client that keeps sending from one port stays on its backend;
+/// when that backend fails its checks the flow is flushed, and the flow's
+/// next datagrams are answered by another backend.
+#[test]
+fn root_a_udp_flow_moves_off_a_backend_that_goes_down() {
+    require_root!("root_a_udp_flow_moves_off_a_backend_that_goes_down");
+    let mut topo = Topology::build(Options::with_backends(&names(3)));
+    // The UDP service's check connects over TCP to the backend's UDP port;
+    // a listener there (never accepting: the kernel completes the
+    // handshakes) stands for the backend's health.
+    let mut listeners: BTreeMap<String, std::net::TcpListener> = topo
+        .backends
+        .iter()
+        .map(|b| {
+            let addr = b.udp_addr();
+            (b.name.clone(), b.ns.run(move || std::net::TcpListener::bind(addr).expect("check listener")))
+        })
+        .collect();
+    let members: Vec<(&str, u32)> = topo.backends.iter().map(|b| (b.name.as_str(), 1)).collect();
+    let check = r#"health_check = { kind = "tcp", interval = "200ms", timeout = "200ms", rise = 2, fall = 2 }"#;
+    let config = topo.config_toml(&members).replace("protocol = \"udp\"\n", &format!("protocol = \"udp\"\n{check}\n"));
+    assert!(config.contains(check), "no check in:\n{config}");
+    topo.write_raw_config(&config);
+    let agent = topo.start_agent();
+
+    // One socket, one flow: a datagram every 20 ms, each answer's backend
+    // with its time.
+    let vip = topo.vip_udp();
+    let stop = StopFlag::new();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let client = {
+        let stop = stop.0.clone();
+        topo.client.spawn(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            socket.connect(vip).expect("connect");
+            socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+            let mut answers: Vec<(Instant, String)> = Vec::new();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                let _ = socket.send(b"hello\n");
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let name = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
+                    if answers.is_empty() {
+                        first_tx.send(name.clone()).ok();
+                    }
+                    answers.push((Instant::now(), name));
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            answers
+        })
+    };
+    let first = first_rx.recv_timeout(Duration::from_secs(5)).expect("no answer to the UDP flow");
+    thread::sleep(Duration::from_millis(500));
+
+    let killed = Instant::now();
+    listeners.remove(&first);
+    topo.stop_backend(&first);
+    let victim = topo.backend(&first).udp_addr().to_string();
+    let dns_down = |s: &Value| {
+        s["services"].as_array().into_iter().flatten().filter(|svc| svc["name"] == "dns").any(|svc| {
+            svc["backends"].as_array().into_iter().flatten().any(|b| b["address"] == victim && b["state"] == "down")
+        })
+    };
+    let down = poll_status(&agent, killed, Duration::from_secs(5), "the flow's backend down", dns_down);
+    thread::sleep(Duration::from_secs(2));
+    stop.raise();
+    let answers = client.join().expect("client thread");
+    let after: Vec<&String> = answers.iter().filter(|(t, _)| *t > killed + down).map(|(_, n)| n).collect();
+    let moved_at = answers.iter().find(|(t, n)| *t > killed && *n != first).map(|(t, _)| t.duration_since(killed));
+    eprintln!(
+        "MEASURED: udp flow on {first}: marked down {} ms after its backend stopped, first answered by another backend \
+         {} ms after it stopped; {} answers after the down",
+        down.as_millis(),
+        moved_at.map_or("never".into(), |d| d.as_millis().to_string()),
+        after.len()
+    );
+    assert!(after.len() >= 20, "the flow got {} answers in the 2 s after its backend went down", after.len());
+    assert!(after.iter().all(|n| **n != first), "answers from the stopped {first}: {after:?}");
+    assert!(after.windows(2).all(|w| w[0] == w[1]), "the moved flow changed backend again: {after:?}");
+}
+
 /// `lb-agent stop` for `topo`'s agent and pin directory.
 fn stop_cli(topo: &Topology) -> lb_lab::agent::CliOutput {
     run_agent_cli(&[
