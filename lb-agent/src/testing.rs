@@ -459,6 +459,9 @@ pub struct FactoryState {
     /// The latest orchestrator made for each service.
     pub made: BTreeMap<String, FakeOrchestrator>,
     pub makes: u32,
+    /// Instances a killed agent left running, by service: the next
+    /// orchestrator made for the service finds them.
+    pub left: BTreeMap<String, Vec<Replica>>,
 }
 
 #[derive(Clone, Default)]
@@ -489,7 +492,13 @@ impl OrchestratorFactory for FakeOrchestrators {
         let mut f = self.lock();
         // Each service its own addresses: the first made gets 10.9.0.x.
         let others = f.made.keys().filter(|s| **s != service.name).count();
-        o.lock().net = others as u8;
+        {
+            let mut state = o.lock();
+            state.net = others as u8;
+            let left = f.left.remove(&service.name).unwrap_or_default();
+            state.started = left.len() as u32;
+            state.instances = left.into_iter().map(|r| (r.id.clone(), r)).collect();
+        }
         f.made.insert(service.name.clone(), o.clone());
         Ok(o)
     }

@@ -905,6 +905,10 @@ fn root_process_instances_are_adopted_after_an_agent_sigkill() {
     let sm = &report.summary;
     eprintln!("MEASURED: agent SIGKILL + restart under load: {} of {} requests failed", sm.failed, sm.offered);
     assert_eq!(sm.failed, 0, "requests failed across the restart: {:?}", sm.first_errors);
+    // A request that found the service without a backend waits for its
+    // SYN's retransmission, a second later: none did.
+    let max_ms = sm.latency.max_ms.unwrap_or_default();
+    assert!(max_ms < 1000.0, "a request took {max_ms:.0} ms across the restart (a retransmitted SYN?)");
 
     // A clean stop removes every instance, the adopted ones included.
     let exit = s.agent.stop().expect("exit status");

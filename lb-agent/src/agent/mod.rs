@@ -174,6 +174,9 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     config_refused: Option<Event>,
     /// The config file as the periodic tick last took it.
     watch: config_file::Watch,
+    /// After a restart, until the first config is applied: instances left
+    /// running that the adopted table has (`reload::serving_instances`).
+    serving_at_start: Vec<(String, crate::ports::Replica)>,
 }
 
 impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
@@ -231,8 +234,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             socket_lb_note: String::new(),
             config_refused: None,
             watch: config_file::Watch::default(),
+            serving_at_start: Vec::new(),
         };
         let made = reload::make_orchestrators(agent.orchestrators.clone(), agent.newly_scaled(&config)).await?;
+        agent.serving_at_start = reload::serving_instances(&agent.reconciler, &made).await;
         let summary = agent.switch_to(config, made)?;
         for stale in agent.dataplane.stale_link_pins() {
             info!(pin = %stale.display(), "removing the pinned link of an interface no longer configured");

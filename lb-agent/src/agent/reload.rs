@@ -12,8 +12,11 @@ use tracing::{info, warn};
 use super::{config_file, scaler::Scaler, stamped, Agent, Done, Preparing};
 use crate::{
     config::{Config, ServiceConfig},
-    core::{deploy, reconcile::ApplySummary},
-    ports::{Dataplane, HostFacts, Orchestrator, OrchestratorFactory, Prober},
+    core::{
+        deploy,
+        reconcile::{ApplySummary, Reconciler},
+    },
+    ports::{Dataplane, HostFacts, Orchestrator, OrchestratorFactory, Prober, Replica},
     serve::api::Response,
 };
 
@@ -34,13 +37,18 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         config: Config,
         made: Vec<(ServiceConfig, F::Orchestrator)>,
     ) -> anyhow::Result<ApplySummary> {
+        let serving = std::mem::take(&mut self.serving_at_start);
         let mut new = Vec::new();
         for (svc, orch) in made {
-            let s = Scaler::new(&svc, orch, self.prober.clone(), self.scaler_tx.clone())
+            let mut s = Scaler::new(&svc, orch, self.prober.clone(), self.scaler_tx.clone())
                 .with_context(|| format!("service {:?}: set up its instances", svc.name))?;
+            let mine = serving.iter().filter(|(name, _)| *name == svc.name).map(|(_, r)| r.clone());
+            for e in s.adopt_serving(mine.collect()) {
+                self.event(e);
+            }
             new.push((svc.name, s));
         }
-        let summary = match self.apply(&config) {
+        let summary = match self.apply(&config, &serving) {
             Ok(s) => s,
             Err(e) => {
                 for (_, s) in new {
@@ -63,9 +71,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         Ok(summary)
     }
 
-    /// The data-plane half of `switch_to`. If an attach fails, the
-    /// interfaces attached for it are detached again.
-    fn apply(&mut self, config: &Config) -> anyhow::Result<ApplySummary> {
+    /// The data-plane half of `switch_to`, with the instances `serving`
+    /// in the registry. If an attach fails, the interfaces attached for it
+    /// are detached again.
+    fn apply(&mut self, config: &Config, serving: &[(String, Replica)]) -> anyhow::Result<ApplySummary> {
         self.check_interfaces(config)?;
         let facts = self.check_deployment(config)?;
         let wanted = interfaces(config);
@@ -93,6 +102,11 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             }
         }
         self.registry.set_config(config, Instant::now());
+        for (service, r) in serving {
+            if let Err(e) = self.registry.add_instance(service, r.addr) {
+                warn!(service, instance = r.name, error = %e, "adopting a serving instance failed");
+            }
+        }
         let summary = self.sync()?;
         for iface in had.difference(&wanted) {
             self.dataplane.detach(iface)?;
@@ -257,6 +271,31 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
 
 /// Make the orchestrators of `services`; if one fails, those already made
 /// are released.
+/// After a restart: the running instances of `made`'s orchestrators that
+/// the adopted data plane has in its table. They stay there (the first
+/// sync would otherwise take them out until the scaler's readiness probes
+/// put them back, and new flows would find no backend meanwhile).
+pub(super) async fn serving_instances<O: Orchestrator>(
+    reconciler: &Reconciler,
+    made: &[(ServiceConfig, O)],
+) -> Vec<(String, Replica)> {
+    let out_of_table = reconciler.out_of_table();
+    let mut serving = Vec::new();
+    for (svc, orch) in made {
+        let key = svc.key();
+        let in_table =
+            |r: &Replica| reconciler.backend_id(&key, r.addr).is_some() && !out_of_table.contains(&(key, r.addr));
+        match orch.list().await {
+            Ok(listed) => {
+                serving.extend(listed.into_iter().filter(|r| r.running && in_table(r)).map(|r| (svc.name.clone(), r)))
+            }
+            // The scaler's own listing adopts them later, through its probes.
+            Err(e) => warn!(service = svc.name, error = %e, "listing the instances left running failed"),
+        }
+    }
+    serving
+}
+
 pub(super) async fn make_orchestrators<F: OrchestratorFactory>(
     factory: Arc<F>,
     services: Vec<ServiceConfig>,

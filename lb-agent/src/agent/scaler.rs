@@ -164,6 +164,26 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         self.replicas.owns(addr)
     }
 
+    /// Instances a previous agent had in the table and left running:
+    /// tracked as ready at once (the caller registers them before its first
+    /// sync), so that a restart keeps serving through them. Returns the
+    /// events to record.
+    pub fn adopt_serving(&mut self, serving: Vec<Replica>) -> Vec<String> {
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for r in serving {
+            let msg = format!("{}: adopted running instance {} ({}), serving", self.service, r.name, r.addr);
+            info!("{msg}");
+            events.push(msg);
+            let id = r.id.clone();
+            self.replicas.track(r, now);
+            if let Some(t) = self.replicas.get_mut(&id) {
+                t.phase = Phase::Ready;
+            }
+        }
+        events
+    }
+
     /// Ask the orchestrator for its instances (answered through `on_event`);
     /// with `decide`, a decision follows once the list is in. One listing
     /// at a time: asking while one is under way only adds the decision.

@@ -13,6 +13,7 @@ use tokio::{
 use super::{Agent, Inputs, Options, Ports};
 use crate::{
     config::Config,
+    ports::Replica,
     serve::api::{Call, Request, Response},
     status::{ReplicaStatus, Snapshot},
     testing::{
@@ -464,6 +465,37 @@ async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() 
         w.prober.lock().down.clear();
         d.until(Duration::from_secs(5), "10.1.0.2 up", |s| has_event(s, "web: 10.1.0.2:80 up")).await;
         assert!(w.dp.in_table(down), "not back in the table after passing its checks");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_the_instances_it_finds_serving_in_the_table() {
+    let w = &World::new(&scaled(2, 2, ""));
+    w.run(|d| async move {
+        all_ready(&d, 2).await;
+    })
+    .await;
+    // As a SIGKILL leaves it: the maps pinned, i1 and i2 running, and i3
+    // started but not yet in the table.
+    let pinned = w.dp.lock().pinned_state();
+    w.dp.lock().pinned = Some(pinned);
+    let instance = |n: u8| Replica { id: format!("i{n}"), name: format!("web-{n}"), addr: addr(n), running: true };
+    w.orchs.lock().left.insert("web".into(), vec![instance(1), instance(2), instance(3)]);
+    let agent = w.start().await;
+    // Before the loop runs a probe: the first sync kept them in the table.
+    assert!(w.dp.in_table(addr(1)) && w.dp.in_table(addr(2)), "{:?}", w.dp.lock().in_tables());
+    assert!(!w.dp.in_table(addr(3)));
+    drive(agent, |d| async move {
+        let s = d.status().await;
+        assert_eq!(phases(&s)[..2], [("i1", "ready"), ("i2", "ready")]);
+        assert!(has_event(&s, "web: adopted running instance web-1 (10.9.0.1:8080), serving"), "{:#?}", s.events);
+        // i3 is adopted by the scaler's listing, as before; two ready are
+        // enough, so it is stopped again.
+        let s = d.until(Duration::from_secs(5), "i3 stopped", |s| phases(s).len() == 2).await;
+        assert_eq!(phases(&s), [("i1", "ready"), ("i2", "ready")]);
+        assert_eq!(w.web().lock().stopped, ["i3"]);
+        assert_eq!(w.web().lock().starts, 0);
     })
     .await;
 }
