@@ -527,14 +527,19 @@ mod tests {
     use super::*;
     use crate::config::instances::tests::process_spec;
 
-    #[test]
-    fn placeholders_are_filled_per_instance() {
-        let o = ProcessOrchestrator {
+    /// An orchestrator of `process_spec` that has done nothing yet.
+    fn orchestrator() -> ProcessOrchestrator {
+        ProcessOrchestrator {
             spec: process_spec(),
             service: "web".into(),
             instances: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
-        };
+        }
+    }
+
+    #[test]
+    fn placeholders_are_filled_per_instance() {
+        let o = orchestrator();
         assert_eq!(o.command_for(7, "web-7"), ["/bin/srv", "--listen", "10.212.0.7:8080", "--name=web-7"]);
         assert_eq!(o.netns(7), "lbp0-7");
     }
@@ -561,12 +566,7 @@ mod tests {
 
     #[test]
     fn leftovers_are_known_by_the_bridge_and_a_slot() {
-        let o = ProcessOrchestrator {
-            spec: process_spec(),
-            service: "web".into(),
-            instances: Mutex::new(BTreeMap::new()),
-            busy: Mutex::new(BTreeSet::new()),
-        };
+        let o = orchestrator();
         assert_eq!(o.slot_of("lbp0-7"), Some(7));
         for other in ["lbp0-1", "lbp0-255", "lbp0-x", "lbp00-7", "lbp0", "lbp1-7", "lbp0-7x"] {
             assert_eq!(o.slot_of(other), None, "{other}");

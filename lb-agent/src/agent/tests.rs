@@ -413,12 +413,31 @@ fn web(extra: &str, backends: &[&str]) -> String {
     text
 }
 
+/// A TCP check every second, 2 to go down, 2 to come back.
+const CHECK: &str = r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#;
+
+/// "web" with two checked backends, 10.1.0.1:80 and 10.1.0.2:80.
+fn two_checked_backends() -> World {
+    World::new(&web(CHECK, &["10.1.0.1:80", "10.1.0.2:80"]))
+}
+
+/// The maps as an agent that was SIGKILLed leaves them: the next agent
+/// started in `w` adopts them.
+fn leave_pinned(w: &World) {
+    let pinned = w.dp.lock().pinned_state();
+    w.dp.lock().pinned = Some(pinned);
+}
+
+/// `addr`, down, starts passing its probes: it comes back into the table.
+async fn comes_back(w: &World, d: &Driver, addr: SocketAddrV4) {
+    w.prober.lock().down.clear();
+    d.until(Duration::from_secs(5), "back up", |s| has_event(s, &format!("web: {addr} up"))).await;
+    assert!(w.dp.in_table(addr), "not back in the table after passing its checks");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
-    let w = &World::new(&web(
-        r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#,
-        &["10.1.0.1:80", "10.1.0.2:80"],
-    ));
+    let w = &two_checked_backends();
     let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
     w.run(|d| async move {
         assert!(w.dp.in_table(down));
@@ -430,28 +449,21 @@ async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
             .await;
         assert!(has_event(&s, "web: 10.1.0.2:80 down (connection refused (fake))"), "{:#?}", s.events);
         assert!(!w.dp.in_table(down), "still in the table");
-        w.prober.lock().down.clear();
-        d.until(Duration::from_secs(5), "10.1.0.2 up", |s| has_event(s, "web: 10.1.0.2:80 up")).await;
-        assert!(w.dp.in_table(down), "not back in the table");
+        comes_back(w, &d, down).await;
     })
     .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() {
-    let w = &World::new(&web(
-        r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#,
-        &["10.1.0.1:80", "10.1.0.2:80"],
-    ));
+    let w = &two_checked_backends();
     let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
     w.prober.lock().down.insert(down);
     w.run(|d| async move {
         d.until(Duration::from_secs(5), "10.1.0.2 down", |s| has_event(s, "web: 10.1.0.2:80 down")).await;
     })
     .await;
-    // The next agent finds the maps as this one left them.
-    let pinned = w.dp.lock().pinned_state();
-    w.dp.lock().pinned = Some(pinned);
+    leave_pinned(w);
     w.run(|d| async move {
         let s = d.status().await;
         assert!(has_event(&s, "restarted, adopted the running data plane"), "{:#?}", s.events);
@@ -462,9 +474,7 @@ async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() 
         sleep(Duration::from_secs(5)).await;
         assert!(!w.dp.in_table(down), "back in the table while failing its checks");
         assert!(w.dp.in_table("10.1.0.1:80".parse().unwrap()));
-        w.prober.lock().down.clear();
-        d.until(Duration::from_secs(5), "10.1.0.2 up", |s| has_event(s, "web: 10.1.0.2:80 up")).await;
-        assert!(w.dp.in_table(down), "not back in the table after passing its checks");
+        comes_back(w, &d, down).await;
     })
     .await;
 }
@@ -478,8 +488,7 @@ async fn a_restart_keeps_the_instances_it_finds_serving_in_the_table() {
     .await;
     // As a SIGKILL leaves it: the maps pinned, i1 and i2 running, and i3
     // started but not yet in the table.
-    let pinned = w.dp.lock().pinned_state();
-    w.dp.lock().pinned = Some(pinned);
+    leave_pinned(w);
     let instance = |n: u8| Replica { id: format!("i{n}"), name: format!("web-{n}"), addr: addr(n), running: true };
     w.orchs.lock().left.insert("web".into(), vec![instance(1), instance(2), instance(3)]);
     let agent = w.start().await;
@@ -502,7 +511,7 @@ async fn a_restart_keeps_the_instances_it_finds_serving_in_the_table() {
 
 #[tokio::test(start_paused = true)]
 async fn a_udp_backend_that_goes_down_loses_its_flows_and_a_tcp_one_keeps_them() {
-    let check = r#"health_check = { kind = "tcp", interval = "1s", fall = 2, rise = 2 }"#;
+    let check = CHECK;
     let udp = "\n[[service]]\nname = \"dns\"\nvip = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"\n\
                interfaces = [\"eth0\"]\n";
     let udp = format!(
