@@ -33,6 +33,14 @@ pub struct InstancesConfig {
     /// Every scaling decision is appended here as a JSON line.
     #[serde(default)]
     pub timeline: Option<PathBuf>,
+    /// The timeline is rotated before a write would take it past this
+    /// many bytes: the file becomes `<timeline>.1`, `.1` becomes `.2`, ...
+    #[serde(default = "default_timeline_max_bytes")]
+    pub timeline_max_bytes: u64,
+    /// Rotated timeline files kept (`.1`, the newest, to `.<n>`); 0 keeps
+    /// none.
+    #[serde(default = "default_timeline_keep")]
+    pub timeline_keep: u32,
     /// Count each instance's requests from its metrics page, for
     /// `requests_per_second` rules.
     #[serde(default)]
@@ -41,6 +49,68 @@ pub struct InstancesConfig {
 
 fn default_ready_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_timeline_max_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_timeline_keep() -> u32 {
+    2
+}
+
+/// Below this, a timeline would rotate every few decisions.
+const MIN_TIMELINE_BYTES: u64 = 64 << 10;
+const MAX_TIMELINE_KEEP: u32 = 100;
+
+/// When the timeline file is rotated, and how many old ones are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimelineRotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl InstancesConfig {
+    pub fn timeline_rotation(&self) -> TimelineRotation {
+        TimelineRotation { max_bytes: self.timeline_max_bytes, keep: self.timeline_keep }
+    }
+
+    /// The bridge and subnet of the one orchestrator named (`None` when
+    /// none or both are: a problem reported on its own).
+    pub fn net(&self) -> Option<InstanceNet<'_>> {
+        match (&self.process, &self.docker) {
+            (Some(p), None) => Some(InstanceNet {
+                kind: "process",
+                bridge: &p.bridge,
+                subnet_key: "prefix",
+                subnet: p.subnet(),
+                network: None,
+            }),
+            (None, Some(d)) => Some(InstanceNet {
+                kind: "docker",
+                bridge: &d.bridge,
+                subnet_key: "subnet",
+                subnet: d.subnet,
+                network: Some(&d.network),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Problems of the timeline settings, each prefixed with `at`.
+    pub fn timeline_problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.timeline_max_bytes < MIN_TIMELINE_BYTES {
+            out.push(format!(
+                "{at}.timeline_max_bytes: {} is below the minimum {MIN_TIMELINE_BYTES}",
+                self.timeline_max_bytes
+            ));
+        }
+        if self.timeline_keep > MAX_TIMELINE_KEEP {
+            out.push(format!("{at}.timeline_keep: {} is above the maximum {MAX_TIMELINE_KEEP}", self.timeline_keep));
+        }
+        out
+    }
 }
 
 /// How long a stopping instance gets between SIGTERM and SIGKILL, unless
@@ -175,30 +245,6 @@ impl InstanceNet<'_> {
             ));
         }
         out
-    }
-}
-
-impl InstancesConfig {
-    /// The bridge and subnet of the one orchestrator named (`None` when
-    /// none or both are: a problem reported on its own).
-    pub fn net(&self) -> Option<InstanceNet<'_>> {
-        match (&self.process, &self.docker) {
-            (Some(p), None) => Some(InstanceNet {
-                kind: "process",
-                bridge: &p.bridge,
-                subnet_key: "prefix",
-                subnet: p.subnet(),
-                network: None,
-            }),
-            (None, Some(d)) => Some(InstanceNet {
-                kind: "docker",
-                bridge: &d.bridge,
-                subnet_key: "subnet",
-                subnet: d.subnet,
-                network: Some(&d.network),
-            }),
-            _ => None,
-        }
     }
 }
 

@@ -467,6 +467,7 @@ impl ServiceConfig {
             out.push(format!("{at}: backend: list backends or let instances provide them, not both"));
         }
         let Some(inst) = &self.instances else { return };
+        out.extend(inst.timeline_problems(&format!("{at}: instances")));
         if let Some(r) = &inst.requests {
             out.extend(r.problems(&format!("{at}: instances.requests")));
         } else if self.scaling.as_ref().is_some_and(|p| p.uses(Metric::RequestsPerSecond)) {
@@ -707,6 +708,21 @@ mod tests {
         let i = s.instances.as_ref().unwrap();
         assert_eq!(i.process.as_ref().unwrap().bridge, "lbp0");
         assert_eq!(i.ready_timeout, Duration::from_secs(30));
+        assert_eq!((i.timeline_max_bytes, i.timeline_keep), (64 << 20, 2));
+        let small = SCALED.replace(
+            "timeline = \"/tmp/web.jsonl\"",
+            "timeline = \"/tmp/web.jsonl\"\ntimeline_max_bytes = 1000000\ntimeline_keep = 0",
+        );
+        let i = parse(&small).unwrap().services[0].instances.clone().unwrap();
+        assert_eq!(i.timeline_rotation(), instances::TimelineRotation { max_bytes: 1_000_000, keep: 0 });
+        let p = problems(&small.replace("1000000", "1000").replace("keep = 0", "keep = 101"));
+        assert_eq!(
+            p,
+            [
+                "service[0] \"web\": instances.timeline_max_bytes: 1000 is below the minimum 65536",
+                "service[0] \"web\": instances.timeline_keep: 101 is above the maximum 100",
+            ]
+        );
     }
 
     #[test]
