@@ -181,7 +181,8 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
         // A bad config stops here, before anything is loaded.
         let config = Config::load(&options.config)?;
         let dataplane = AyaDataplane::load(options.pin_dir.as_deref())?;
-        let ports = Ports { dataplane, orchestrators: HostOrchestrators, prober: NetProber };
+        let orchestrators = HostOrchestrators { agent: options.identity() };
+        let ports = Ports { dataplane, orchestrators, prober: NetProber };
         Agent::start(options, config, ports).await?.run().await?;
         Ok(ExitCode::SUCCESS)
     })

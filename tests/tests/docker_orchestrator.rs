@@ -31,7 +31,7 @@
 //! fail: containers carry a service label unique to the run, the network,
 //! namespace, veth and iptables rule have fixed names the tests refuse to
 //! reuse if they exist. The image `lb-demo-backend:dev` stays (it is cheap
-//! and reused). The two tests share the subnet and bridge, so they run one
+//! and reused). The tests share the subnet and bridge, so they run one
 //! after the other.
 
 use std::{
@@ -75,6 +75,10 @@ const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 2);
 const CLIENT_GW: Ipv4Addr = Ipv4Addr::new(10, 214, 0, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 214, 255, 1);
 const VIP_PORT: u16 = 80;
+
+/// The identity of the agent the orchestrators serve (an agent's pin
+/// directory, or its control socket).
+const AGENT: &str = "/sys/fs/bpf/lbt-docker-orchestrator";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
@@ -122,6 +126,32 @@ fn assert_free() {
     }
 }
 
+/// A running engine, the demo image, and a network and service name of
+/// this test's own. Fields drop in order: the service's containers, the
+/// network they sit on, the engine if started here.
+struct OwnNetwork {
+    network: String,
+    service: String,
+    ours: ServiceContainers,
+    _network: NetworkGuard,
+    dockerd: Dockerd,
+    /// The demo image's id.
+    image: String,
+}
+
+impl OwnNetwork {
+    fn create(tag: &str) -> Self {
+        assert_free();
+        let dockerd = Dockerd::ensure();
+        let image = build_demo_image();
+        let (network, service) = (unique("net"), unique(tag));
+        // Before the orchestrator makes it: if it exists, it is not ours.
+        let network_guard = NetworkGuard::expect_new(&network);
+        let ours = ServiceContainers { service: service.clone() };
+        OwnNetwork { network, service, ours, _network: network_guard, dockerd, image }
+    }
+}
+
 fn ip_of(r: &lb_agent::ports::Replica) -> Ipv4Addr {
     *r.addr.ip()
 }
@@ -152,30 +182,23 @@ fn root_docker_orchestrator_lifecycle() {
     require_root_and_docker!("root_docker_orchestrator_lifecycle");
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let t0 = Instant::now();
-    assert_free();
-    let dockerd = Dockerd::ensure();
-    let image = build_demo_image();
+    let own = OwnNetwork::create("life");
     eprintln!(
-        "MEASURED: engine ready and image {image} built in {:?} (dockerd started here: {})",
+        "MEASURED: engine ready and image {} built in {:?} (dockerd started here: {})",
+        own.image,
         t0.elapsed(),
-        dockerd.started_here()
+        own.dockerd.started_here()
     );
-
-    let network = unique("net");
-    let service = unique("life");
-    // Declared in this order so that they drop in reverse: containers, then
-    // the network they sit on.
-    let _network = NetworkGuard::expect_new(&network);
-    let ours = ServiceContainers { service: service.clone() };
+    let (network, service) = (&own.network, &own.service);
     let rt = runtime();
 
-    let orch = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("orchestrator");
+    let orch = rt.block_on(DockerOrchestrator::new(AGENT, service, spec(network))).expect("orchestrator");
     let bridge_shown = run_cmd("ip", &["-br", "link", "show", "dev", BRIDGE]);
     assert!(bridge_shown.starts_with(BRIDGE), "the network's bridge is not named {BRIDGE}: {bridge_shown}");
 
     // A container on our network that we did not make: no labels.
     let foreign =
-        NamedContainer::run(&unique("foreign"), &["--network", &network, "-e", "LB_BACKEND_NAME=foreign", DEMO_IMAGE]);
+        NamedContainer::run(&unique("foreign"), &["--network", network, "-e", "LB_BACKEND_NAME=foreign", DEMO_IMAGE]);
     let foreign_id = foreign.id();
 
     // Two instances.
@@ -189,7 +212,7 @@ fn root_docker_orchestrator_lifecycle() {
     let subnet_prefix = [10, 213, 0];
     for r in &list {
         assert_eq!(ip_of(r).octets()[..3], subnet_prefix, "{r:?} is not on the network's subnet");
-        assert!(r.name.starts_with(&service), "{r:?}");
+        assert!(r.name.starts_with(service.as_str()), "{r:?}");
     }
     let mut ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
     ids.sort_unstable();
@@ -251,7 +274,7 @@ fn root_docker_orchestrator_lifecycle() {
     assert!(matches!(rt.block_on(orch.stop(&b.id)), Err(OrchestratorError::Unknown(_))));
 
     // A new orchestrator (an agent restart) adopts a by its labels.
-    let adopter = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("second orchestrator");
+    let adopter = rt.block_on(DockerOrchestrator::new(AGENT, service, spec(network))).expect("second orchestrator");
     let adopted = rt.block_on(adopter.list()).expect("list after restart");
     assert_eq!(adopted, vec![a.clone()], "the new orchestrator must find exactly the running instance");
 
@@ -284,10 +307,63 @@ fn root_docker_orchestrator_lifecycle() {
         rt.block_on(adopter.stop(&r.id)).unwrap_or_else(|e| panic!("stop {}: {e}", r.name));
     }
     assert!(rt.block_on(adopter.list()).expect("list").is_empty());
-    assert!(ours.ids().is_empty());
+    assert!(own.ours.ids().is_empty());
     assert!(foreign.is_running(), "the foreign container was touched");
     drop(foreign);
     eprintln!("MEASURED: root_docker_orchestrator_lifecycle took {:?}", t0.elapsed());
+}
+
+/// Two agents on one host (their identities differ: two pin directories)
+/// each run a service of the same name on the same network. Neither lists,
+/// measures or stops the other's containers, not even after a restart,
+/// when its new orchestrator adopts what it finds.
+#[test]
+fn root_docker_two_agents_keep_to_their_own_containers() {
+    require_root_and_docker!("root_docker_two_agents_keep_to_their_own_containers");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t0 = Instant::now();
+    let own = OwnNetwork::create("two");
+    let rt = runtime();
+    let (agent_a, agent_b) = ("/sys/fs/bpf/lbt-agent-a", "/sys/fs/bpf/lbt-agent-b");
+    let orchestrator = |agent: &str| {
+        rt.block_on(DockerOrchestrator::new(agent, &own.service, spec(&own.network)))
+            .unwrap_or_else(|e| panic!("orchestrator of {agent}: {e}"))
+    };
+    let list = |o: &DockerOrchestrator| rt.block_on(o.list()).expect("list");
+    let is_running =
+        |id: &str| docker_try(&["container", "inspect", "-f", "{{.State.Running}}", id]).1.trim() == "true";
+
+    let a = orchestrator(agent_a);
+    let b = orchestrator(agent_b);
+    let a1 = rt.block_on(a.start()).expect("a starts one");
+    let b1 = rt.block_on(b.start()).expect("b starts one");
+    assert!(a1.addr != b1.addr && a1.name != b1.name, "{a1:?} {b1:?}");
+    assert_eq!(list(&a), vec![a1.clone()], "agent a lists only its own");
+    assert_eq!(list(&b), vec![b1.clone()], "agent b lists only its own");
+
+    // Agent a restarts: its new orchestrator adopts a1, and only a1.
+    drop(a);
+    let a = orchestrator(agent_a);
+    assert_eq!(list(&a), vec![a1.clone()], "after a restart, agent a must adopt exactly its own");
+    let refused = rt.block_on(a.stop(&b1.id));
+    assert!(matches!(refused, Err(OrchestratorError::Unknown(_))), "{refused:?}");
+    rt.block_on(a.cpu_percent()).expect("cpu 1");
+    thread::sleep(Duration::from_millis(1100));
+    let cpu = rt.block_on(a.cpu_percent()).expect("cpu 2");
+    assert!(!cpu.contains_key(&b1.id), "agent a measured b's container: {cpu:?}");
+
+    // Agent a retires the service (as its scaler does: stop what it lists);
+    // b's instance serves on.
+    for r in list(&a) {
+        rt.block_on(a.stop(&r.id)).unwrap_or_else(|e| panic!("stop {}: {e}", r.name));
+    }
+    assert!(list(&a).is_empty());
+    assert!(!docker_try(&["container", "inspect", &a1.id]).0, "a1 was not removed");
+    assert!(is_running(&b1.id), "agent a touched b's container");
+    assert_eq!(list(&b), vec![b1.clone()]);
+    rt.block_on(b.stop(&b1.id)).expect("b stops its own");
+    assert!(list(&b).is_empty());
+    eprintln!("MEASURED: root_docker_two_agents_keep_to_their_own_containers took {:?}", t0.elapsed());
 }
 
 /// Connection-tracking entries that mention `needle`.
@@ -335,22 +411,14 @@ struct ContainersBehindBridge {
     replicas: Vec<lb_agent::ports::Replica>,
     orch: DockerOrchestrator,
     rt: tokio::runtime::Runtime,
-    _ours: ServiceContainers,
-    _network: NetworkGuard,
-    _dockerd: Dockerd,
+    _own: OwnNetwork,
 }
 
 impl ContainersBehindBridge {
     fn start(tag: &str) -> Self {
-        assert_free();
-        let dockerd = Dockerd::ensure();
-        build_demo_image();
-        let network = unique("net");
-        let service = unique(tag);
-        let network_guard = NetworkGuard::expect_new(&network);
-        let ours = ServiceContainers { service: service.clone() };
+        let own = OwnNetwork::create(tag);
         let rt = runtime();
-        let orch = rt.block_on(DockerOrchestrator::new(&service, spec(&network))).expect("orchestrator");
+        let orch = rt.block_on(DockerOrchestrator::new(AGENT, &own.service, spec(&own.network))).expect("orchestrator");
         let replicas: Vec<_> =
             (0..2).map(|i| rt.block_on(orch.start()).unwrap_or_else(|e| panic!("start {i}: {e}"))).collect();
         for r in &replicas {
@@ -366,7 +434,7 @@ impl ContainersBehindBridge {
         client.exec("ip", &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
         client.exec("ip", &["link", "set", "eth0", "up"]);
         client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &CLIENT_GW.to_string()]);
-        Self { client, replicas, orch, rt, _ours: ours, _network: network_guard, _dockerd: dockerd }
+        Self { client, replicas, orch, rt, _own: own }
     }
 
     /// Start the agent in the host's namespace, serving `vip` on the client

@@ -7,11 +7,16 @@
 //! gateway's MAC are passed up the bridge device, where the XDP program
 //! (generic mode: bridges have no native XDP) turns them back into the VIP.
 //!
-//! Every container gets the labels `io.lb-agent.owner=lb-agent` and
-//! `io.lb-agent.service=<service>`, and the orchestrator lists, stops and
-//! measures only containers that carry both. Containers outlive the agent:
-//! a new orchestrator for the same service (after a restart or a crash)
-//! lists the ones already running and carries on with them. Each instance
+//! Every container gets the labels `io.lb-agent.owner=lb-agent`,
+//! `io.lb-agent.agent=<the agent's identity>` (its pin directory, or its
+//! control socket when it pins nothing: each is one agent's, see
+//! `adapters::lock`) and `io.lb-agent.service=<service>`, and the
+//! orchestrator lists, stops and measures only containers that carry all
+//! three: two agents on one host, even with services of the same name,
+//! never adopt or remove each other's containers. Containers outlive the
+//! agent: a new orchestrator of the same agent for the same service (after
+//! a restart or a crash) lists the ones already running and carries on
+//! with them. Each instance
 //! gets a static address, `<subnet>.<n>`, and the name `<prefix>-<n>`; the
 //! address stays in the container's config while it is stopped, so an
 //! exited instance still reports where it served.
@@ -65,22 +70,27 @@ use crate::{
 /// Label on everything the agent creates in Docker.
 pub const LABEL_OWNER: &str = "io.lb-agent.owner";
 pub const OWNER: &str = "lb-agent";
+/// Label naming the agent that made a container: its identity.
+pub const LABEL_AGENT: &str = "io.lb-agent.agent";
 /// Label naming the service a container serves.
 pub const LABEL_SERVICE: &str = "io.lb-agent.service";
 /// The Docker network option that names the Linux bridge.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 
-/// True when `labels` mark a container of `service` made by the agent.
-pub fn is_ours(labels: Option<&HashMap<String, String>>, service: &str) -> bool {
-    labels.is_some_and(|l| {
-        l.get(LABEL_OWNER).map(String::as_str) == Some(OWNER)
-            && l.get(LABEL_SERVICE).map(String::as_str) == Some(service)
-    })
+/// True when `labels` mark a container of `service` made by the agent
+/// `agent`.
+pub fn is_ours(labels: Option<&HashMap<String, String>>, agent: &str, service: &str) -> bool {
+    labels.is_some_and(|l| labels_for(agent, service).iter().all(|(k, v)| l.get(k) == Some(v)))
 }
 
-/// The labels the orchestrator puts on a container of `service`.
-pub fn labels_for(service: &str) -> HashMap<String, String> {
-    HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned()), (LABEL_SERVICE.to_owned(), service.to_owned())])
+/// The labels the orchestrator of agent `agent` puts on a container of
+/// `service`.
+pub fn labels_for(agent: &str, service: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_OWNER.to_owned(), OWNER.to_owned()),
+        (LABEL_AGENT.to_owned(), agent.to_owned()),
+        (LABEL_SERVICE.to_owned(), service.to_owned()),
+    ])
 }
 
 /// What one stats reading says about CPU: cumulative nanoseconds.
@@ -120,6 +130,8 @@ pub fn cpu_percent_between(before: CpuSample, now: CpuSample) -> Option<f64> {
 pub struct DockerOrchestrator {
     docker: Docker,
     spec: DockerSpec,
+    /// The agent's identity (`LABEL_AGENT`).
+    agent: String,
     service: String,
     /// Last CPU sample per container id.
     samples: Mutex<HashMap<String, CpuSample>>,
@@ -143,9 +155,9 @@ fn poisoned<T>(_: std::sync::PoisonError<T>) -> OrchestratorError {
 impl DockerOrchestrator {
     /// Connect to the local engine (`DOCKER_HOST` if it is a `unix://` path,
     /// else /var/run/docker.sock), agree on an API version, and make sure
-    /// the network exists. Starts nothing; containers of this service that
-    /// are already there are ours.
-    pub async fn new(service: &str, spec: DockerSpec) -> Result<Self, OrchestratorError> {
+    /// the network exists. Starts nothing; containers of this agent and
+    /// service that are already there are ours.
+    pub async fn new(agent: &str, service: &str, spec: DockerSpec) -> Result<Self, OrchestratorError> {
         // Every request is bounded by the client's timeout, a stop included:
         // it must outlast the grace period.
         let timeout = Duration::from_secs(120) + spec.stop_grace;
@@ -158,6 +170,7 @@ impl DockerOrchestrator {
         let o = DockerOrchestrator {
             docker,
             spec,
+            agent: agent.to_owned(),
             service: service.to_owned(),
             samples: Mutex::new(HashMap::new()),
             starting: tokio::sync::Mutex::new(()),
@@ -225,15 +238,17 @@ impl DockerOrchestrator {
 
     /// Our containers as the engine lists them (running or not).
     async fn our_containers(&self) -> Result<Vec<bollard::models::ContainerSummary>, OrchestratorError> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{LABEL_OWNER}={OWNER}"), format!("{LABEL_SERVICE}={}", self.service)],
-        )]);
+        let labels = labels_for(&self.agent, &self.service).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let filters = HashMap::from([("label".to_owned(), labels)]);
         let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
         let list = self.docker.list_containers(Some(opts)).await.map_err(docker_err("list containers"))?;
         // The engine filtered already; check again so that nothing without
-        // both labels is ever touched, whatever the engine's filter does.
-        Ok(list.into_iter().filter(|c| is_ours(c.labels.as_ref(), &self.service)).collect())
+        // all our labels is ever touched, whatever the engine's filter does.
+        Ok(list.into_iter().filter(|c| self.is_ours(c.labels.as_ref())).collect())
+    }
+
+    fn is_ours(&self, labels: Option<&HashMap<String, String>>) -> bool {
+        is_ours(labels, &self.agent, &self.service)
     }
 
     /// The container's address on our network: the live one, else the
@@ -281,7 +296,7 @@ impl DockerOrchestrator {
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(spec.env_for(ip, name)),
-            labels: Some(labels_for(&self.service)),
+            labels: Some(labels_for(&self.agent, &self.service)),
             stop_timeout: Some(i64::from(spec.grace_secs())),
             host_config: Some(HostConfig {
                 network_mode: Some(spec.network.clone()),
@@ -411,7 +426,7 @@ impl Orchestrator for DockerOrchestrator {
             Err(e) if is_status(&e, 404) => return Err(OrchestratorError::Unknown(id.into())),
             Err(e) => return Err(docker_err(format!("inspect container {id}"))(e)),
         };
-        if !is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref()), &self.service) {
+        if !self.is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref())) {
             return Err(OrchestratorError::Unknown(id.into()));
         }
         let name = c.name.as_deref().unwrap_or(id).trim_start_matches('/').to_owned();
@@ -471,17 +486,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_containers_with_both_labels_are_ours() {
+    fn only_containers_with_all_three_labels_are_ours() {
         let l = |pairs: &[(&str, &str)]| {
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>()
         };
-        assert!(is_ours(Some(&labels_for("web")), "web"));
-        assert!(!is_ours(Some(&labels_for("web")), "api"), "another service's container");
-        assert!(!is_ours(None, "web"));
-        assert!(!is_ours(Some(&l(&[])), "web"));
-        assert!(!is_ours(Some(&l(&[(LABEL_SERVICE, "web")])), "web"), "no owner label");
-        assert!(!is_ours(Some(&l(&[(LABEL_OWNER, "someone-else"), (LABEL_SERVICE, "web")])), "web"));
-        assert!(!is_ours(Some(&l(&[(LABEL_OWNER, OWNER)])), "web"), "no service label");
+        const A: &str = "/sys/fs/bpf/lb-agent";
+        assert!(is_ours(Some(&labels_for(A, "web")), A, "web"));
+        assert!(!is_ours(Some(&labels_for(A, "web")), A, "api"), "another service's container");
+        assert!(!is_ours(Some(&labels_for("/sys/fs/bpf/lb-b", "web")), A, "web"), "another agent's container");
+        assert!(!is_ours(None, A, "web"));
+        assert!(!is_ours(Some(&l(&[])), A, "web"));
+        assert!(!is_ours(Some(&l(&[(LABEL_AGENT, A), (LABEL_SERVICE, "web")])), A, "web"), "no owner label");
+        let other_owner = l(&[(LABEL_OWNER, "someone-else"), (LABEL_AGENT, A), (LABEL_SERVICE, "web")]);
+        assert!(!is_ours(Some(&other_owner), A, "web"));
+        assert!(!is_ours(Some(&l(&[(LABEL_OWNER, OWNER), (LABEL_AGENT, A)])), A, "web"), "no service label");
+        let unmarked = l(&[(LABEL_OWNER, OWNER), (LABEL_SERVICE, "web")]);
+        assert!(!is_ours(Some(&unmarked), A, "web"), "no agent label (made by an agent before they had one)");
+        let mut extra = labels_for(A, "web");
+        extra.insert("com.example.team".into(), "x".into());
+        assert!(is_ours(Some(&extra), A, "web"), "other labels do not matter");
     }
 
     /// Two readings of a container as the stats API gives them (JSON of

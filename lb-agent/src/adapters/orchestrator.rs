@@ -14,13 +14,16 @@ use crate::{
 
 /// The real factory: Docker or processes, as `[service.instances]` says,
 /// with the host set-up each needs.
-pub struct HostOrchestrators;
+pub struct HostOrchestrators {
+    /// The agent's identity (`agent::Options::identity`), on what it makes.
+    pub agent: String,
+}
 
 impl OrchestratorFactory for HostOrchestrators {
     type Orchestrator = AnyOrchestrator;
 
     async fn make(&self, service: &ServiceConfig) -> anyhow::Result<AnyOrchestrator> {
-        AnyOrchestrator::for_service(service).await
+        AnyOrchestrator::for_service(&self.agent, service).await
     }
 }
 
@@ -37,16 +40,17 @@ pub enum AnyOrchestrator {
 }
 
 impl AnyOrchestrator {
-    /// The orchestrator `svc`'s instances config names, and, for Docker,
-    /// the host set-up forwarding to its containers needs.
-    pub async fn for_service(svc: &ServiceConfig) -> anyhow::Result<AnyOrchestrator> {
+    /// The orchestrator `svc`'s instances config names, for the agent
+    /// `agent`, and, for Docker, the host set-up forwarding to its
+    /// containers needs.
+    pub async fn for_service(agent: &str, svc: &ServiceConfig) -> anyhow::Result<AnyOrchestrator> {
         let Some(instances) = &svc.instances else { anyhow::bail!("service {} is not scaled", svc.name) };
         Ok(match (&instances.process, &instances.docker) {
             (Some(spec), _) => {
                 AnyOrchestrator::Process(process::ProcessOrchestrator::new(&svc.name, spec.clone()).await?)
             }
             (None, Some(spec)) => {
-                let o = docker::DockerOrchestrator::new(&svc.name, spec.clone()).await?;
+                let o = docker::DockerOrchestrator::new(agent, &svc.name, spec.clone()).await?;
                 let clients: Vec<String> = svc.interfaces.iter().filter(|i| **i != spec.bridge).cloned().collect();
                 let forwarding = DockerForwarding::set_up(&clients, &spec.bridge).await?;
                 AnyOrchestrator::Docker { orchestrator: Box::new(o), forwarding: Mutex::new(Some(forwarding)) }

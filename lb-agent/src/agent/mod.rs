@@ -83,6 +83,16 @@ pub struct Options {
     pub keep_on_exit: bool,
 }
 
+impl Options {
+    /// Who this agent is, on what it leaves behind (container labels): its
+    /// pin directory, or its control socket when it pins nothing. Each is
+    /// one running agent's (`adapters::lock`), and a restarted agent given
+    /// the same options is the same agent.
+    pub fn identity(&self) -> String {
+        self.pin_dir.as_deref().unwrap_or(&self.api_socket).display().to_string()
+    }
+}
+
 /// The outside world the agent drives.
 pub struct Ports<D, F, P> {
     pub dataplane: D,

@@ -134,7 +134,10 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         Ok(Scaler {
             service: svc.name.clone(),
             history: History::for_policy(&policy),
-            timeline: instances.timeline.clone().map(|path| Timeline::open(path, &svc.name)),
+            timeline: instances
+                .timeline
+                .clone()
+                .map(|path| Timeline::open(path, instances.timeline_rotation(), &svc.name)),
             policy,
             instances,
             check,

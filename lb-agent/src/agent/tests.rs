@@ -292,6 +292,12 @@ async fn a_refused_reload_keeps_the_running_config_and_starts_nothing() {
         let before = all_ready(&d, 1).await;
         // A file that does not parse.
         refuse(w, &d, "[[service]]\nname = 3\n", "bad toml").await;
+        // A new scaled service on web's bridge and subnet.
+        let shared = scaled(1, 1, "") + &scaled_service("api", 101, 0, (1, 1), "");
+        let e = refuse(w, &d, &shared, "shared bridge").await;
+        let says = "service[1] \"api\": instances.process.bridge: \"lbp0\" is also the bridge of service[0] \"web\"";
+        assert!(e.contains(says), "{e}");
+        assert_eq!(w.orchs.lock().makes, 1, "an orchestrator made for a refused config");
         // A new scaled service whose orchestrator cannot be made.
         w.orchs.lock().make = Answer::Fail;
         let e = refuse(w, &d, &web_and_api(), "factory fails").await;
@@ -307,10 +313,10 @@ async fn a_refused_reload_keeps_the_running_config_and_starts_nothing() {
 
         let s = d.status().await;
         let refused = |why: &str| s.events.iter().filter(|e| e.message.starts_with(why)).count() as u64;
-        assert_eq!(refused("config refused (api)"), 3);
+        assert_eq!(refused("config refused (api)"), 4);
         // The tick may have seen the file change too, and refused it again.
         let again = refused("config refused (file changed)");
-        assert_eq!(s.agent.errors_total, before.agent.errors_total + 3 + again);
+        assert_eq!(s.agent.errors_total, before.agent.errors_total + 4 + again);
         assert_eq!(s.services.len(), 1);
         assert_eq!(s.scaling.len(), 1, "a scaler for a refused config");
         assert_eq!(phases(&s), [("i1", "ready")]);

@@ -33,6 +33,14 @@ pub struct InstancesConfig {
     /// Every scaling decision is appended here as a JSON line.
     #[serde(default)]
     pub timeline: Option<PathBuf>,
+    /// The timeline is rotated before a write would take it past this
+    /// many bytes: the file becomes `<timeline>.1`, `.1` becomes `.2`, ...
+    #[serde(default = "default_timeline_max_bytes")]
+    pub timeline_max_bytes: u64,
+    /// Rotated timeline files kept (`.1`, the newest, to `.<n>`); 0 keeps
+    /// none.
+    #[serde(default = "default_timeline_keep")]
+    pub timeline_keep: u32,
     /// Count each instance's requests from its metrics page, for
     /// `requests_per_second` rules.
     #[serde(default)]
@@ -41,6 +49,68 @@ pub struct InstancesConfig {
 
 fn default_ready_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_timeline_max_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_timeline_keep() -> u32 {
+    2
+}
+
+/// Below this, a timeline would rotate every few decisions.
+const MIN_TIMELINE_BYTES: u64 = 64 << 10;
+const MAX_TIMELINE_KEEP: u32 = 100;
+
+/// When the timeline file is rotated, and how many old ones are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimelineRotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl InstancesConfig {
+    pub fn timeline_rotation(&self) -> TimelineRotation {
+        TimelineRotation { max_bytes: self.timeline_max_bytes, keep: self.timeline_keep }
+    }
+
+    /// The bridge and subnet of the one orchestrator named (`None` when
+    /// none or both are: a problem reported on its own).
+    pub fn net(&self) -> Option<InstanceNet<'_>> {
+        match (&self.process, &self.docker) {
+            (Some(p), None) => Some(InstanceNet {
+                kind: "process",
+                bridge: &p.bridge,
+                subnet_key: "prefix",
+                subnet: p.subnet(),
+                network: None,
+            }),
+            (None, Some(d)) => Some(InstanceNet {
+                kind: "docker",
+                bridge: &d.bridge,
+                subnet_key: "subnet",
+                subnet: d.subnet,
+                network: Some(&d.network),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Problems of the timeline settings, each prefixed with `at`.
+    pub fn timeline_problems(&self, at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.timeline_max_bytes < MIN_TIMELINE_BYTES {
+            out.push(format!(
+                "{at}.timeline_max_bytes: {} is below the minimum {MIN_TIMELINE_BYTES}",
+                self.timeline_max_bytes
+            ));
+        }
+        if self.timeline_keep > MAX_TIMELINE_KEEP {
+            out.push(format!("{at}.timeline_keep: {} is above the maximum {MAX_TIMELINE_KEEP}", self.timeline_keep));
+        }
+        out
+    }
 }
 
 /// How long a stopping instance gets between SIGTERM and SIGKILL, unless
@@ -108,6 +178,73 @@ impl ProcessSpec {
     pub fn ip(&self, n: u8) -> Ipv4Addr {
         let [a, b, c, _] = self.prefix.octets();
         Ipv4Addr::new(a, b, c, n)
+    }
+
+    /// The instances' /24.
+    pub fn subnet(&self) -> Ipv4Subnet {
+        Ipv4Subnet { base: self.ip(0), prefix_len: 24 }
+    }
+}
+
+/// Where a service's instances live: the bridge they join and the subnet
+/// their addresses come from, as `[service.instances]` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceNet<'a> {
+    /// `process` or `docker`: the table under `[service.instances]`.
+    pub kind: &'static str,
+    pub bridge: &'a str,
+    /// The key that sets the subnet: `prefix` or `subnet`.
+    pub subnet_key: &'static str,
+    pub subnet: Ipv4Subnet,
+    /// Docker only: the network, which services may share.
+    pub network: Option<&'a str>,
+}
+
+impl InstanceNet<'_> {
+    /// Both on one Docker network. Services may share one (the engine
+    /// hands out its addresses) if they agree on its bridge and subnet.
+    pub fn same_docker_network(&self, other: &InstanceNet<'_>) -> bool {
+        self.network.is_some() && self.network == other.network
+    }
+
+    /// Why `self` (of service `at`) and `other` (of `other_at`) cannot
+    /// both be used, one line per clash, each naming the keys and values.
+    pub fn clashes(&self, at: &str, other: &InstanceNet<'_>, other_at: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let key = |n: &InstanceNet<'_>, k: &str| format!("instances.{}.{k}", n.kind);
+        if self.same_docker_network(other) {
+            if self.bridge != other.bridge || self.subnet != other.subnet {
+                out.push(format!(
+                    "{at}: {}: network {:?} (bridge {:?}, subnet {}) is also the network of {other_at} with bridge                      {:?} and subnet {}; a shared network needs the same bridge and subnet",
+                    key(self, "network"),
+                    self.network.unwrap_or_default(),
+                    self.bridge,
+                    self.subnet,
+                    other.bridge,
+                    other.subnet
+                ));
+            }
+            return out;
+        }
+        if self.bridge == other.bridge {
+            out.push(format!(
+                "{at}: {}: {:?} is also the bridge of {other_at} ({}); each service's instances need a bridge of \
+                 their own",
+                key(self, "bridge"),
+                self.bridge,
+                key(other, "bridge")
+            ));
+        }
+        if self.subnet.overlaps(&other.subnet) {
+            out.push(format!(
+                "{at}: {}: {} overlaps {} of {other_at} ({}); each service's instances need addresses of their own",
+                key(self, self.subnet_key),
+                self.subnet,
+                other.subnet,
+                key(other, other.subnet_key)
+            ));
+        }
+        out
     }
 }
 
@@ -177,6 +314,19 @@ impl Ipv4Subnet {
 
     pub fn gateway(&self) -> Ipv4Addr {
         self.addr(1)
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.base) & self.mask()
+    }
+
+    /// Some address is in both: one holds the other's base.
+    pub fn overlaps(&self, other: &Ipv4Subnet) -> bool {
+        self.contains(other.base) || other.contains(self.base)
     }
 
     /// The slot of `ip` in this subnet, if it is one.

@@ -20,7 +20,7 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
 use self::{
-    instances::InstancesConfig,
+    instances::{InstanceNet, InstancesConfig},
     scaling::{Metric, ScalingPolicy},
 };
 
@@ -345,6 +345,7 @@ impl Config {
             }
             s.problems(&at, &mut out);
         }
+        self.instance_net_problems(&mut out);
         for name in self.interface_settings.keys() {
             if !self.services.iter().any(|s| s.interfaces.contains(name)) {
                 out.push(format!("interface.{name}: no service names this interface in its `interfaces`"));
@@ -354,6 +355,44 @@ impl Config {
             out.push(format!("socket_lb.cgroup: {} must be an absolute path", c.display()));
         }
         out
+    }
+}
+
+impl Config {
+    /// Each scaled service's instances need a bridge and a subnet of their
+    /// own (two services' process orchestrators on one bridge would take
+    /// each other's links and addresses), and no VIP or listed backend may
+    /// sit in an instance subnet, where the orchestrator hands out addresses.
+    fn instance_net_problems(&self, out: &mut Vec<String>) {
+        let at = |i: usize| format!("service[{i}] {:?}", self.services[i].name);
+        let nets: Vec<(usize, InstanceNet<'_>)> =
+            self.services.iter().enumerate().filter_map(|(i, s)| Some((i, s.instances.as_ref()?.net()?))).collect();
+        for (k, (i, a)) in nets.iter().enumerate() {
+            for (j, b) in &nets[k + 1..] {
+                out.extend(b.clashes(&at(*j), a, &at(*i)));
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            for (j, n) in &nets {
+                let inside = |what: String, ip: Ipv4Addr| {
+                    format!(
+                        "{}: {what}: {ip} is inside {} (instances.{}.{}) of {}, whose addresses its orchestrator \
+                         hands out",
+                        at(i),
+                        n.subnet,
+                        n.kind,
+                        n.subnet_key,
+                        at(*j)
+                    )
+                };
+                if n.subnet.contains(s.vip) {
+                    out.push(inside("vip".into(), s.vip));
+                }
+                for (k, b) in s.backends.iter().enumerate().filter(|(_, b)| n.subnet.contains(*b.address.ip())) {
+                    out.push(inside(format!("backend[{k}].address"), *b.address.ip()));
+                }
+            }
+        }
     }
 }
 
@@ -428,6 +467,7 @@ impl ServiceConfig {
             out.push(format!("{at}: backend: list backends or let instances provide them, not both"));
         }
         let Some(inst) = &self.instances else { return };
+        out.extend(inst.timeline_problems(&format!("{at}: instances")));
         if let Some(r) = &inst.requests {
             out.extend(r.problems(&format!("{at}: instances.requests")));
         } else if self.scaling.as_ref().is_some_and(|p| p.uses(Metric::RequestsPerSecond)) {
@@ -668,6 +708,21 @@ mod tests {
         let i = s.instances.as_ref().unwrap();
         assert_eq!(i.process.as_ref().unwrap().bridge, "lbp0");
         assert_eq!(i.ready_timeout, Duration::from_secs(30));
+        assert_eq!((i.timeline_max_bytes, i.timeline_keep), (64 << 20, 2));
+        let small = SCALED.replace(
+            "timeline = \"/tmp/web.jsonl\"",
+            "timeline = \"/tmp/web.jsonl\"\ntimeline_max_bytes = 1000000\ntimeline_keep = 0",
+        );
+        let i = parse(&small).unwrap().services[0].instances.clone().unwrap();
+        assert_eq!(i.timeline_rotation(), instances::TimelineRotation { max_bytes: 1_000_000, keep: 0 });
+        let p = problems(&small.replace("1000000", "1000").replace("keep = 0", "keep = 101"));
+        assert_eq!(
+            p,
+            [
+                "service[0] \"web\": instances.timeline_max_bytes: 1000 is below the minimum 65536",
+                "service[0] \"web\": instances.timeline_keep: 101 is above the maximum 100",
+            ]
+        );
     }
 
     #[test]
@@ -698,6 +753,84 @@ mod tests {
         );
         let p = problems(&no_scaling);
         assert!(p.iter().any(|x| x.contains("instances: needs [service.scaling]")), "{p:#?}");
+    }
+
+    #[test]
+    fn two_process_services_cannot_share_a_bridge_or_a_subnet() {
+        use crate::testing::scaled_service;
+        let two = |b: &str| format!("{}{b}", scaled_service("web", 100, 0, (1, 2), ""));
+        assert!(parse(&two(&scaled_service("api", 101, 1, (1, 2), ""))).is_ok());
+
+        let p = problems(&two(&scaled_service("api", 101, 0, (1, 2), "")));
+        assert_eq!(
+            p,
+            [
+                "service[1] \"api\": instances.process.bridge: \"lbp0\" is also the bridge of service[0] \"web\" \
+                 (instances.process.bridge); each service's instances need a bridge of their own",
+                "service[1] \"api\": instances.process.prefix: 10.212.0.0/24 overlaps 10.212.0.0/24 of service[0] \
+                 \"web\" (instances.process.prefix); each service's instances need addresses of their own",
+            ],
+        );
+
+        let api = scaled_service("api", 101, 1, (1, 2), "").replace("10.213.0.0", "10.212.0.0");
+        let p = problems(&two(&api));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].contains("instances.process.prefix: 10.212.0.0/24 overlaps"), "{p:#?}");
+    }
+
+    #[test]
+    fn instance_subnets_are_checked_across_kinds_and_against_vips_and_backends() {
+        use crate::testing::scaled_service;
+        let docker = |name: &str, net: &str, bridge: &str, subnet: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"10.0.1.1\"\nport = 80\ninterfaces = [\"eth0\", \"{bridge}\"]\n\
+                 [service.scaling]\nmin_replicas = 1\nmax_replicas = 1\n[service.instances.docker]\nimage = \"w\"\n\
+                 port = 8080\nnetwork = \"{net}\"\nbridge = \"{bridge}\"\nsubnet = \"{subnet}\"\n"
+            )
+        };
+        let web = scaled_service("web", 100, 0, (1, 2), "");
+        let p = problems(&format!("{web}{}", docker("box", "n1", "lbd0", "10.212.0.0/16")));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].starts_with("service[1] \"box\": instances.docker.subnet: 10.212.0.0/16 overlaps 10.212.0.0/24 of service[0] \"web\""),
+            "{p:#?}"
+        );
+
+        // Services may share a Docker network if they agree on it.
+        let shared = docker("a", "n1", "lbd0", "10.220.0.0/24") + &docker("b", "n1", "lbd0", "10.220.0.0/24");
+        let shared = shared.replacen("10.0.1.1", "10.0.1.2", 1);
+        assert!(parse(&shared).is_ok(), "{:?}", parse(&shared));
+        let p = problems(&shared.replacen("10.220.0.0/24", "10.221.0.0/24", 1));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains("network \"n1\" (bridge \"lbd0\", subnet 10.220.0.0/24) is also the network of service[0]"),
+            "{p:#?}"
+        );
+        let p = problems(
+            &(docker("a", "n1", "lbd0", "10.220.0.0/24") + &docker("b", "n2", "lbd0", "10.221.0.0/24"))
+                .replacen("10.0.1.1", "10.0.1.2", 1),
+        );
+        assert!(p.len() == 1 && p[0].contains("instances.docker.bridge: \"lbd0\" is also the bridge"), "{p:#?}");
+
+        let p = problems(&format!(
+            "{web}{GOOD}",
+            GOOD = GOOD
+                .replace("\"web\"", "\"www\"")
+                .replace("10.0.0.100", "10.212.0.9")
+                .replace("192.168.1.11", "10.212.0.7")
+        ));
+        assert_eq!(
+            p,
+            [
+                "service[1] \"www\": vip: 10.212.0.9 is inside 10.212.0.0/24 (instances.process.prefix) of service[0] \
+                 \"web\", whose addresses its orchestrator hands out",
+                "service[1] \"www\": backend[1].address: 10.212.0.7 is inside 10.212.0.0/24 (instances.process.prefix) \
+                 of service[0] \"web\", whose addresses its orchestrator hands out",
+                "service[2] \"dns\": vip: 10.212.0.9 is inside 10.212.0.0/24 (instances.process.prefix) of service[0] \
+                 \"web\", whose addresses its orchestrator hands out",
+            ],
+            "{p:#?}"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use lb_common::ServiceKey;
 use tokio::time::Instant;
 
 use crate::{
-    config::{BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
+    config::{instances::Ipv4Subnet, BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
     core::health::{Health, Transition},
 };
 
@@ -117,6 +117,11 @@ pub enum RegistryError {
     Weight(u32),
     #[error("backend {addr}: {why}")]
     BadAddress { addr: SocketAddrV4, why: &'static str },
+    #[error(
+        "backend {addr} is inside {subnet} (instances.{kind}.{key}) of service {owner:?}, whose addresses its \
+         orchestrator hands out"
+    )]
+    InInstanceNet { addr: SocketAddrV4, owner: String, subnet: Ipv4Subnet, kind: &'static str, key: &'static str },
 }
 
 /// A backend whose drain ended, for the caller to forget in the data plane.
@@ -224,6 +229,9 @@ impl Registry {
         if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.ip().is_broadcast() {
             return Err(RegistryError::BadAddress { addr, why: "not a unicast address" });
         }
+        if origin == Origin::Api {
+            self.refuse_instance_address(addr)?;
+        }
         let entry = self.service_mut(service)?;
         if *addr.ip() == entry.config.vip {
             return Err(RegistryError::BadAddress { addr, why: "that is the service's own VIP" });
@@ -244,6 +252,25 @@ impl Registry {
                 Ok(())
             }
         }
+    }
+
+    /// A scaled service's orchestrator hands out the addresses of its
+    /// subnet: a backend added by hand there would clash with an instance
+    /// (the config check refuses the same for listed backends).
+    fn refuse_instance_address(&self, addr: SocketAddrV4) -> Result<(), RegistryError> {
+        for (owner, e) in &self.services {
+            let Some(net) = e.config.instances.as_ref().and_then(|i| i.net()) else { continue };
+            if net.subnet.contains(*addr.ip()) {
+                return Err(RegistryError::InInstanceNet {
+                    addr,
+                    owner: owner.clone(),
+                    subnet: net.subnet,
+                    kind: net.kind,
+                    key: net.subnet_key,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Start draining a backend now.
@@ -468,6 +495,24 @@ mod tests {
         assert!(r.forget("web", addr("10.212.0.2:8080")));
         assert_eq!(table(&r), [("10.1.0.1:80".into(), true)]);
         assert!(!r.forget("web", addr("10.212.0.2:8080")));
+    }
+
+    #[test]
+    fn api_backends_stay_out_of_every_instance_subnet() {
+        let now = Instant::now();
+        let mut r = Registry::default();
+        let text = crate::testing::scaled_service("web", 100, 0, (1, 2), "")
+            + &crate::testing::scaled_service("api", 101, 1, (1, 2), "");
+        r.set_config(&Config::parse(&text, Path::new("t.toml")).unwrap(), now);
+        let err = r.add_backend("api", addr("10.212.0.9:8080"), 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "backend 10.212.0.9:8080 is inside 10.212.0.0/24 (instances.process.prefix) of service \"web\", whose \
+             addresses its orchestrator hands out"
+        );
+        assert!(r.service("api").unwrap().backends.is_empty());
+        r.add_instance("web", addr("10.212.0.9:8080")).unwrap();
+        r.add_backend("api", addr("10.1.0.1:80"), 1).unwrap();
     }
 
     #[test]
