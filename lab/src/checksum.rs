@@ -50,7 +50,7 @@ pub fn l4_checksum(pseudo: &[u8], segment: &[u8]) -> u16 {
     internet_checksum(&all)
 }
 
-/// Checks the IPv4 header checksum and the TCP or UDP checksum of an
+/// Checks the IPv4 header checksum and the TCP, UDP or ICMP checksum of an
 /// Ethernet + IPv4 frame, as a receiver would: a correct header or segment
 /// sums to 0xffff including its checksum field. A zero UDP checksum means
 /// "none" and passes.
@@ -65,6 +65,9 @@ pub fn verify_ipv4_frame(frame: &[u8]) -> Result<(), String> {
     let segment = ip.get(ihl..total).ok_or("IPv4 total length beyond the frame")?;
     let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
     let check_at = match ip[9] {
+        1 if ones_complement_sum(segment) != 0xffff => {
+            return Err(format!("ICMP checksum {:#06x} is wrong", u16::from_be_bytes([segment[2], segment[3]])));
+        }
         6 => 16,
         17 => 6,
         _ => return Ok(()),

@@ -278,6 +278,23 @@ pub fn icmp_echo_request(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     m
 }
 
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// An ICMP error (RFC 792) quoting `quote` (an IPv4 header and the first
+/// bytes after it); `mtu` is the next-hop MTU of "fragmentation needed"
+/// (RFC 1191), 0 for the others.
+pub fn icmp_error(icmp_type: u8, code: u8, mtu: u16, quote: &[u8]) -> Vec<u8> {
+    let mut m = vec![icmp_type, code, 0, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quote);
+    let check = internet_checksum(&m);
+    m[2..4].copy_from_slice(&check.to_be_bytes());
+    m
+}
+
 /// Ethernet + IPv4 + TCP, with `ip.proto` forced to TCP.
 pub fn tcp_frame(macs: (Mac, Mac), ip: &Ipv4, tcp: &Tcp) -> Vec<u8> {
     let ip = Ipv4 { proto: IPPROTO_TCP, ..ip.clone() };

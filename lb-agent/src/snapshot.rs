@@ -182,7 +182,7 @@ fn socket_lb_status(dataplane: &dyn DataplaneReads, note: &str) -> SocketLbStatu
 
 fn verdict(r: Reason) -> &'static str {
     match r {
-        Reason::Forwarded | Reason::ReplyTranslated => "forward",
+        r if r.is_translated() => "forward",
         r if r.is_drop() => "drop",
         _ => "pass",
     }

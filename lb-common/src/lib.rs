@@ -15,6 +15,7 @@ extern crate std;
 
 pub mod csum;
 pub mod hash;
+pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
 
@@ -23,7 +24,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -94,6 +95,7 @@ pub const CONNTRACK_MAX: u32 = 1 << 18;
 /// Socket load balancing's reverse entries (LRU): one per socket and backend.
 pub const SOCK_REVNAT_MAX: u32 = 1 << 16;
 
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -232,12 +234,24 @@ pub enum Reason {
     Forwarded = 0,
     /// Backend reply, source rewritten back to the VIP.
     ReplyTranslated,
+    /// An ICMP error about a flow's reply (fragmentation needed, port
+    /// unreachable, time exceeded), sent to the VIP: translated to the
+    /// flow's backend, quote included (see `icmp`).
+    IcmpForwarded,
     /// Not IPv4 (ARP, VLAN, ...): passed untouched.
     PassNotIpv4,
     /// IPv6: passed untouched (not balanced yet).
     PassIpv6,
-    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    /// IPv4 but neither TCP nor UDP, nor an ICMP error (echo, ...): passed
+    /// untouched.
     PassNotTcpUdp,
+    /// An ICMP error that is about no flow in the connection table: passed
+    /// untouched.
+    PassIcmpNoFlow,
+    /// An ICMP message too short for its header, or an error whose quote is
+    /// cut short or unreadable (not IPv4, IP options, a later fragment):
+    /// passed untouched, for the kernel to judge.
+    PassIcmpMalformed,
     /// TCP/UDP that is neither for a service nor a known reply: passed.
     PassNoService,
     /// IPv4 with options: passed untouched, never balanced.
@@ -269,9 +283,12 @@ impl Reason {
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
+        Reason::IcmpForwarded,
         Reason::PassNotIpv4,
         Reason::PassIpv6,
         Reason::PassNotTcpUdp,
+        Reason::PassIcmpNoFlow,
+        Reason::PassIcmpMalformed,
         Reason::PassNoService,
         Reason::PassIpOptions,
         Reason::PassFragment,
@@ -291,9 +308,12 @@ impl Reason {
         match self {
             Reason::Forwarded => "forwarded",
             Reason::ReplyTranslated => "reply_translated",
+            Reason::IcmpForwarded => "icmp_forwarded",
             Reason::PassNotIpv4 => "pass_not_ipv4",
             Reason::PassIpv6 => "pass_ipv6",
             Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassIcmpNoFlow => "pass_icmp_no_flow",
+            Reason::PassIcmpMalformed => "pass_icmp_malformed",
             Reason::PassNoService => "pass_no_service",
             Reason::PassIpOptions => "pass_ip_options",
             Reason::PassFragment => "pass_fragment",
@@ -311,6 +331,12 @@ impl Reason {
 
     pub const fn is_drop(self) -> bool {
         (self as u32) >= Reason::DropTruncatedEth as u32
+    }
+
+    /// Whether the packet was rewritten and sent on (to a backend or back
+    /// to a client).
+    pub const fn is_translated(self) -> bool {
+        matches!(self, Reason::Forwarded | Reason::ReplyTranslated | Reason::IcmpForwarded)
     }
 }
 
@@ -582,6 +608,8 @@ mod layout_tests {
         }
         assert!(!Reason::PassFragment.is_drop());
         assert!(Reason::DropTruncatedEth.is_drop());
+        assert!(Reason::IcmpForwarded.is_translated() && !Reason::IcmpForwarded.is_drop());
+        assert!(!Reason::PassIcmpNoFlow.is_translated());
     }
 
     #[test]

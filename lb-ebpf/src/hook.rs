@@ -46,6 +46,10 @@ pub trait Hook: EbpfContext {
     /// The whole packet's length (beyond `data_end` for a paged skb).
     fn packet_len(&self) -> usize;
     fn ingress_ifindex(&self) -> u32;
+    /// Make the first `len` bytes (or the whole packet, if shorter) directly
+    /// accessible, as far as the hook can. Invalidates every pointer into
+    /// the packet (tc).
+    fn pull(&self, len: usize);
     /// The program's return value for `action`.
     fn action(action: Action) -> u32;
     /// After the addresses and ports of `pkt` changed (`old_*` to `new_*`,
@@ -100,6 +104,9 @@ impl Hook for Xdp<'_> {
     fn ingress_ifindex(&self) -> u32 {
         self.ctx.ingress_ifindex() as u32
     }
+    /// A frame is all there.
+    #[inline(always)]
+    fn pull(&self, _len: usize) {}
     #[inline(always)]
     fn action(action: Action) -> u32 {
         match action {
@@ -178,13 +185,7 @@ impl Tc<'_> {
     #[inline(always)]
     pub fn pull_headers(&self) {
         // Ethernet, IPv4 without options, a TCP header without options.
-        const HEADERS: usize = ETH_HLEN + 20 + 20;
-        let want = HEADERS.min(self.packet_len());
-        if self.data_end() - self.data() < want {
-            // A failure leaves the packet as it was: parse_packet then finds
-            // it short and says so.
-            let _ = self.ctx.pull_data(want as u32);
-        }
+        self.pull(ETH_HLEN + 20 + 20);
     }
 
     /// TTL - 1 and the MACs (when `hop` has them), through pointers taken
@@ -215,6 +216,15 @@ impl Hook for Tc<'_> {
     fn ingress_ifindex(&self) -> u32 {
         // SAFETY: the context pointer the kernel handed the program.
         unsafe { (*self.ctx.skb.skb).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn pull(&self, len: usize) {
+        let want = len.min(self.packet_len());
+        if self.data_end() - self.data() < want {
+            // A failure leaves the packet as it was: the parsers then find
+            // it short and say so.
+            let _ = self.ctx.pull_data(want as u32);
+        }
     }
     #[inline(always)]
     fn action(action: Action) -> u32 {

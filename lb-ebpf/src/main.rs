@@ -6,6 +6,7 @@
 //! from a backend gets its source rewritten back to the VIP. Both then leave
 //! on the fast path (`route`: FIB lookup, XDP_REDIRECT or XDP_TX), or with
 //! XDP_PASS into the kernel's forwarding path where that cannot finish.
+//! An ICMP error about a flow's reply goes to the flow's backend (`icmp`).
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
@@ -21,6 +22,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod hook;
+mod icmp;
 mod nat;
 mod parse;
 mod route;
@@ -118,7 +120,12 @@ impl Verdict {
 /// `Err(verdict)` for everything that leaves early.
 #[inline(always)]
 fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
-    let mut pkt = parse_packet(hook)?;
+    let mut pkt = match parse_packet(hook) {
+        Ok(pkt) => pkt,
+        // An ICMP error about a flow is the only other IPv4 we translate.
+        Err(Verdict { reason: Reason::PassNotTcpUdp, .. }) => return icmp::forward_error(hook),
+        Err(verdict) => return Err(verdict),
+    };
     let key = ServiceKey { vip_be: pkt.dst_ip_be, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {

@@ -72,6 +72,23 @@ pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdic
     Ok((c, rewrite(hook, pkt, End::Src, c.nat_ip_be, c.nat_port_be)))
 }
 
+/// The flow whose client packets carry this 5-tuple (client -> VIP), found
+/// by its forward key alone: for the ICMP errors about it (`icmp`).
+#[inline(always)]
+pub fn find_flow(client_ip_be: u32, vip_be: u32, client_port_be: u16, vport_be: u16, proto: u8) -> Option<Conn> {
+    let key = FlowKey {
+        src_ip_be: client_ip_be,
+        dst_ip_be: vip_be,
+        src_port_be: client_port_be,
+        dst_port_be: vport_be,
+        proto,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once; see `forward`.
+    unsafe { CONNTRACK.get(&key).copied() }
+}
+
 /// The connection-table key of the packet's own 5-tuple, in direction `dir`.
 #[inline(always)]
 fn own_key(pkt: &Packet, dir: u8) -> FlowKey {

@@ -152,6 +152,7 @@ pub fn parse_packet<H: Hook>(ctx: &H) -> Result<Parsed, Verdict> {
     let mut pkt = match proto {
         PROTO_TCP => parse_tcp(ctx, ip, l4, l4_end),
         PROTO_UDP => parse_udp(ctx, ip, l4, l4_end),
+        // Valid IPv4 without options or fragmentation: `icmp` looks again.
         _ => Err(Verdict::pass(Reason::PassNotTcpUdp)),
     }?;
     pkt.eth = eth;

@@ -619,6 +619,100 @@ fn service_with_stale_backend() -> Fixture {
     dropped("service_with_stale_backend", client_tcp(SocketAddrV4::new(VIP, 9000), TCP_SYN), Reason::DropStaleBackend)
 }
 
+// ---- ICMP errors about a flow -----------------------------------------------
+
+/// A router on the client's path, which cannot pass a reply on.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
+/// How much of a TCP reply a Linux router quotes: 576 bytes in all, less
+/// the error's own IPv4 and ICMP headers and the quoted IPv4 header.
+const LINUX_QUOTED_L4: usize = 576 - 20 - 8 - 20;
+
+/// A full-sized reply of `nat`'s flow from `from` (the VIP as the client's
+/// path saw it, or the backend as it sent it): IPv4 and L4, no Ethernet.
+fn reply_packet(nat: &Nat, from: SocketAddrV4) -> Vec<u8> {
+    let (src, dst) = (*from.ip(), *nat.client.ip());
+    let payload = [0x42; 1400];
+    if nat.proto == IPPROTO_UDP {
+        let udp = Udp::new(from.port(), nat.client.port(), &payload).build(Addrs::V4(src, dst));
+        udp_ip(src, dst).build(&udp)
+    } else {
+        let tcp = Tcp::new(from.port(), nat.client.port(), TCP_ACK | TCP_PSH).with_payload(&payload);
+        ip(src, dst).build(&tcp.build(Addrs::V4(src, dst)))
+    }
+}
+
+/// An ICMP error from `ROUTER` about a reply of `nat`'s flow, quoting its
+/// IPv4 header and `quoted_l4` bytes after it: as sent to the VIP, and as it
+/// must leave for the backend (built from scratch, every checksum computed
+/// by the harness).
+fn icmp_error_to_vip_and_backend(
+    nat: &Nat,
+    (icmp_type, code, mtu): (u8, u8, u16),
+    quoted_l4: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    let build = |from: SocketAddrV4| {
+        let reply = reply_packet(nat, from);
+        let message = icmp_error(icmp_type, code, mtu, &reply[..20 + quoted_l4]);
+        let (dst, src) = FROM_CLIENT;
+        ethernet(dst, src, ETH_P_IP, &Ipv4::new(ROUTER, *from.ip(), IPPROTO_ICMP).build(&message))
+    };
+    (build(nat.vip), build(nat.backend))
+}
+
+const FRAG_NEEDED: (u8, u8, u16) = (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1280);
+
+/// Path MTU discovery: "fragmentation needed" about a TCP reply, quoting
+/// the whole TCP header (its checksum is updated too, as Linux's NAT does).
+fn icmp_frag_needed_to_backend() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let frames = icmp_error_to_vip_and_backend(&nat, FRAG_NEEDED, LINUX_QUOTED_L4);
+    translated("icmp_frag_needed_to_backend", vec![syn_of(&nat)], frames, Reason::IcmpForwarded, Flow::Untouched)
+}
+
+/// The guaranteed minimum: 8 bytes of the TCP header (ports and sequence
+/// number), without its checksum.
+fn icmp_time_exceeded_quoting_8_bytes_to_backend() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let frames = icmp_error_to_vip_and_backend(&nat, (ICMP_TIME_EXCEEDED, 0, 0), 8);
+    translated(
+        "icmp_time_exceeded_quoting_8_bytes_to_backend",
+        vec![syn_of(&nat)],
+        frames,
+        Reason::IcmpForwarded,
+        Flow::Untouched,
+    )
+}
+
+/// UDP: the quoted checksum is in the first 8 bytes, and is updated.
+fn icmp_port_unreachable_to_backend() -> Fixture {
+    let nat = dns_nat();
+    let (query, _) = udp_to_vip_and_backend(&nat, &Udp::new(0, 0, DNS_QUERY));
+    let frames = icmp_error_to_vip_and_backend(&nat, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0), 8);
+    translated("icmp_port_unreachable_to_backend", vec![query], frames, Reason::IcmpForwarded, Flow::Untouched)
+}
+
+fn icmp_error_without_flow() -> Fixture {
+    let (input, _) = icmp_error_to_vip_and_backend(&web_nat(CLIENT), FRAG_NEEDED, LINUX_QUOTED_L4);
+    untouched("icmp_error_without_flow", input, Reason::PassIcmpNoFlow)
+}
+
+/// The flow exists, but the quote stops 4 bytes into the TCP header: the
+/// ports are not all there.
+fn icmp_error_with_quote_cut_short() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (input, _) = icmp_error_to_vip_and_backend(&nat, FRAG_NEEDED, 4);
+    Fixture {
+        setup: vec![syn_of(&nat)],
+        ..untouched("icmp_error_with_quote_cut_short", input, Reason::PassIcmpMalformed)
+    }
+}
+
+/// An IPv4 packet with 4 bytes of ICMP: not even its header.
+fn icmp_shorter_than_its_header() -> Fixture {
+    let input = ethernet(LB_MAC, CLIENT_MAC, ETH_P_IP, &Ipv4::new(ROUTER, VIP, IPPROTO_ICMP).build(&[3, 4, 0, 0]));
+    untouched("icmp_shorter_than_its_header", input, Reason::PassIcmpMalformed)
+}
+
 // ---- Running a fixture ------------------------------------------------------
 
 /// Counters and connection table, read before and after the packet.
@@ -661,7 +755,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     // In tc a packet left untouched goes on to the next program (UNSPEC); a
     // translated one that cannot be redirected (no route in the fixtures'
     // namespace) goes up (OK).
-    let translated = matches!(f.reason, Reason::Forwarded | Reason::ReplyTranslated);
+    let translated = f.reason.is_translated();
     let want = match (tc, f.verdict) {
         (true, XDP_PASS) if translated => TC_ACT_OK,
         (true, XDP_PASS) => TC_ACT_UNSPEC,
@@ -681,7 +775,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     if let Some(diff) = frame_diff(&f.output, &run.data) {
         panic!("{}: output frame is not the expected one\n{diff}", name);
     }
-    if matches!(f.reason, Reason::Forwarded | Reason::ReplyTranslated) {
+    if f.reason.is_translated() {
         let completed = if f.partial_l4 { complete_partial_l4_checksum(run.data.clone()) } else { run.data.clone() };
         verify_ipv4_frame(&completed).unwrap_or_else(|e| panic!("{}: output checksums: {e}", name));
     }
@@ -979,6 +1073,20 @@ fn reply_without_client_neighbour_uses_the_flows_macs() -> RouteFixture {
     }
 }
 
+/// A "fragmentation needed" from the client's side, sent on to the backend
+/// on the fast path like a client packet.
+fn icmp_frag_needed_redirected_to_the_backend_side() -> RouteFixture {
+    let f = icmp_frag_needed_to_backend();
+    RouteFixture {
+        name: "icmp_frag_needed_redirected_to_the_backend_side",
+        setup: f.setup,
+        input: f.input,
+        output: as_routed(f.output, BACKEND_MAC, LB_BACKEND_SIDE_MAC),
+        reason: Reason::IcmpForwarded,
+        ..syn_redirected_to_the_backend_side()
+    }
+}
+
 /// Makes the load balancer host in the calling thread's namespace: both
 /// sides as veths whose peers stay here, up, forwarding on; `f`'s
 /// neighbours and routes, and its `egress` interfaces in `EGRESS` (as the
@@ -1113,6 +1221,12 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_vlan_tagged_frame => vlan_tagged_frame,
     root_icmp_echo_to_host => icmp_echo_to_host,
     root_icmp_echo_to_vip => icmp_echo_to_vip,
+    root_icmp_frag_needed_to_backend => icmp_frag_needed_to_backend,
+    root_icmp_time_exceeded_quoting_8_bytes_to_backend => icmp_time_exceeded_quoting_8_bytes_to_backend,
+    root_icmp_port_unreachable_to_backend => icmp_port_unreachable_to_backend,
+    root_icmp_error_without_flow => icmp_error_without_flow,
+    root_icmp_error_with_quote_cut_short => icmp_error_with_quote_cut_short,
+    root_icmp_shorter_than_its_header => icmp_shorter_than_its_header,
     root_ipv6_tcp_to_port_80 => ipv6_tcp_to_port_80,
     root_ip_options_to_vip => ip_options_to_vip,
     root_first_fragment_to_vip => first_fragment_to_vip,
@@ -1145,6 +1259,7 @@ root_fixtures!(run_route_fixture, all_route_fixtures -> RouteFixture {
     root_syn_to_a_blackholed_backend_passes_up => syn_to_a_blackholed_backend_passes_up,
     root_reply_redirected_to_the_client_side => reply_redirected_to_the_client_side,
     root_reply_without_client_neighbour_uses_the_flows_macs => reply_without_client_neighbour_uses_the_flows_macs,
+    root_icmp_frag_needed_redirected_to_the_backend_side => icmp_frag_needed_redirected_to_the_backend_side,
 });
 
 /// XDP test runs refuse frames shorter than an Ethernet header with EINVAL
