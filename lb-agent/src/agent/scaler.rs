@@ -56,10 +56,11 @@ pub enum ScalerEvent {
         result: Result<(), String>,
     },
     /// The instances as listed; the list was asked for under the replicas'
-    /// `generation`.
+    /// `generation`, at `asked_at`.
     Listed {
         service: String,
         generation: u64,
+        asked_at: Instant,
         result: Result<Vec<Replica>, String>,
     },
 }
@@ -197,10 +198,10 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         }
         self.listing = Some(decide);
         let (orch, tx, service) = (self.orch.clone(), self.events.clone(), self.service.clone());
-        let generation = self.replicas.generation();
+        let (generation, asked_at) = (self.replicas.generation(), Instant::now());
         tokio::spawn(async move {
             let result = orch.list().await.map_err(|e| e.to_string());
-            let _ = tx.send(ScalerEvent::Listed { service, generation, result }).await;
+            let _ = tx.send(ScalerEvent::Listed { service, generation, asked_at, result }).await;
         });
     }
 
@@ -210,12 +211,16 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     fn on_listed(
         &mut self,
         generation: u64,
+        asked_at: Instant,
         result: Result<Vec<Replica>, String>,
         registry: &mut Registry,
     ) -> TickOutcome {
         let mut out = TickOutcome { decide: self.listing.take().unwrap_or(false), ..TickOutcome::default() };
         match result {
-            Ok(listed) => self.notice_exits(&listed, generation == self.replicas.generation(), registry, &mut out),
+            Ok(listed) => {
+                let may_adopt = generation == self.replicas.generation();
+                self.notice_exits(&listed, may_adopt, asked_at, registry, &mut out)
+            }
             Err(e) => warn!(service = self.service, error = e, "listing instances failed"),
         }
         out
@@ -242,7 +247,14 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         out
     }
 
-    fn notice_exits(&mut self, listed: &[Replica], may_adopt: bool, registry: &mut Registry, out: &mut TickOutcome) {
+    fn notice_exits(
+        &mut self,
+        listed: &[Replica],
+        may_adopt: bool,
+        asked_at: Instant,
+        registry: &mut Registry,
+        out: &mut TickOutcome,
+    ) {
         // Running instances we do not track yet are ours from before an
         // agent restart: adopt them; they join the table after a good health
         // check, like new ones.
@@ -254,7 +266,9 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         }
         for r in listed.iter().filter(|r| !r.running) {
             let Some(t) = self.replicas.get_mut(&r.id) else { continue };
-            if t.phase == Phase::Stopping {
+            // A listing asked for before the instance's start was answered
+            // may show it created but not yet running: not an exit.
+            if t.phase == Phase::Stopping || t.started_at > asked_at {
                 continue;
             }
             // Out of the table at once: there is nothing to drain to.
@@ -355,7 +369,9 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     /// caller should now `decide` (a listing for a deciding round is in).
     pub fn on_event(&mut self, event: ScalerEvent, registry: &mut Registry) -> TickOutcome {
         let (message, registry_changed) = match event {
-            ScalerEvent::Listed { generation, result, .. } => return self.on_listed(generation, result, registry),
+            ScalerEvent::Listed { generation, asked_at, result, .. } => {
+                return self.on_listed(generation, asked_at, result, registry)
+            }
             ScalerEvent::Started { result: Ok(r), .. } => {
                 let msg = format!("{}: started instance {} ({})", self.service, r.name, r.addr);
                 self.replicas.start_answered(Some(r), Instant::now());
@@ -491,7 +507,12 @@ mod tests {
     }
 
     fn listed(generation: u64, replicas: &[Replica]) -> ScalerEvent {
-        ScalerEvent::Listed { service: "web".into(), generation, result: Ok(replicas.to_vec()) }
+        ScalerEvent::Listed {
+            service: "web".into(),
+            generation,
+            asked_at: Instant::now(),
+            result: Ok(replicas.to_vec()),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -545,5 +566,26 @@ mod tests {
         let Some(ScalerEvent::Stopped { id, result: Ok(()), .. }) = rx.recv().await else { panic!("no stop") };
         assert_eq!(id, "c1");
         assert_eq!(orch.lock().stopped, ["c1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_asked_for_before_a_start_was_answered_is_no_exit() {
+        let orch = FakeOrchestrator::default();
+        let (mut s, mut registry, _rx) = scaler(&orch);
+        let (generation, asked_at) = (s.replicas.generation(), Instant::now());
+        tokio::time::advance(std::time::Duration::from_millis(300)).await;
+        // The start is answered while the listing is under way; the listing
+        // saw the container created, not yet running.
+        let r = replica("c1", true);
+        s.on_event(ScalerEvent::Started { service: "web".into(), result: Ok(r.clone()) }, &mut registry);
+        let stale =
+            ScalerEvent::Listed { service: "web".into(), generation, asked_at, result: Ok(vec![replica("c1", false)]) };
+        let out = s.on_event(stale, &mut registry);
+        assert!(out.events.is_empty(), "{:?}", out.events);
+        assert!(out.exited.is_empty());
+        assert_eq!(s.replicas.iter().count(), 1, "the new instance was taken for an exit");
+        // A listing asked for afterwards that shows it stopped is an exit.
+        let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", false)]), &mut registry);
+        assert_eq!(out.events.len(), 1, "{:?}", out.events);
     }
 }
