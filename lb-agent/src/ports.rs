@@ -285,6 +285,10 @@ pub trait Orchestrator: Send + Sync {
     fn release(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// Leave what was set up on the host in place past this orchestrator:
+    /// the instances it adopted keep running and need it, until the next
+    /// agent adopts them.
+    fn keep_host_setup(&self) {}
 }
 
 /// Makes the orchestrator of each scaled service, with whatever the host

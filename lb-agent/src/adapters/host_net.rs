@@ -20,11 +20,18 @@ pub struct DockerForwarding {
 }
 
 impl DockerForwarding {
-    pub async fn set_up(clients: &[String], bridge: &str) -> anyhow::Result<DockerForwarding> {
+    /// `owner` (the agent's identity and the service) goes into each rule
+    /// as a comment: two services on one network each hold a rule of their
+    /// own, and removing one's leaves the other's.
+    pub async fn set_up(clients: &[String], bridge: &str, owner: &str) -> anyhow::Result<DockerForwarding> {
         let mut done = DockerForwarding { rules: Vec::new() };
+        let comment = format!("lb-agent {owner}");
         for client in clients {
             let rule: Vec<String> =
-                ["DOCKER-USER", "-i", client, "-o", bridge, "-j", "ACCEPT"].iter().map(|s| s.to_string()).collect();
+                ["DOCKER-USER", "-i", client, "-o", bridge, "-m", "comment", "--comment", &comment, "-j", "ACCEPT"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
             // -C: already there (left by an agent that was killed): take it
             // over rather than add a twin, so that our stop removes it.
             if iptables("-C", &rule).await.is_err() {
@@ -43,6 +50,12 @@ impl DockerForwarding {
             );
         }
         Ok(done)
+    }
+
+    /// Leave our rules in place (for containers that outlive the agent, to
+    /// be taken over by the next one).
+    pub fn keep(mut self) {
+        self.rules.clear();
     }
 
     /// Remove our rules.

@@ -52,7 +52,8 @@ impl AnyOrchestrator {
             (None, Some(spec)) => {
                 let o = docker::DockerOrchestrator::new(agent, &svc.name, spec.clone()).await?;
                 let clients: Vec<String> = svc.interfaces.iter().filter(|i| **i != spec.bridge).cloned().collect();
-                let forwarding = DockerForwarding::set_up(&clients, &spec.bridge).await?;
+                let forwarding =
+                    DockerForwarding::set_up(&clients, &spec.bridge, &format!("{agent} {}", svc.name)).await?;
                 AnyOrchestrator::Docker { orchestrator: Box::new(o), forwarding: Mutex::new(Some(forwarding)) }
             }
             (None, None) => anyhow::bail!("service {}: no orchestrator", svc.name),
@@ -86,6 +87,14 @@ impl Orchestrator for AnyOrchestrator {
         match self {
             AnyOrchestrator::Process(o) => o.cpu_percent().await,
             AnyOrchestrator::Docker { orchestrator: o, .. } => o.cpu_percent().await,
+        }
+    }
+
+    fn keep_host_setup(&self) {
+        let AnyOrchestrator::Docker { forwarding, .. } = self else { return };
+        let taken = forwarding.lock().map(|mut f| f.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
+        if let Some(f) = taken {
+            f.keep();
         }
     }
 

@@ -22,7 +22,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddrV4,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _},
     process::Stdio,
     sync::Mutex,
     time::Instant,
@@ -125,6 +125,40 @@ pub struct ProcessOrchestrator {
     /// the same slot, and a start right after a stop picks the slot whose
     /// namespace is still being deleted; either fails with "File exists".
     busy: Mutex<BTreeSet<u8>>,
+    _claim: BridgeClaim,
+}
+
+/// The bridges the process orchestrators of this agent hold. A bridge is
+/// held until its orchestrator is dropped (its instances stopped), so that
+/// a reload that gives a bridge to another service while the old one's
+/// instances are still stopping is refused instead of taking them for a
+/// killed agent's leftovers.
+static BRIDGES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// One orchestrator's hold on its bridge (see [`BRIDGES`]).
+struct BridgeClaim(String);
+
+impl BridgeClaim {
+    fn take(bridge: &str, service: &str) -> Result<BridgeClaim, OrchestratorError> {
+        let mut held = BRIDGES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(holder) = held.get(bridge) {
+            return Err(OrchestratorError::Command {
+                what: format!("service {service}: instances.process.bridge {bridge:?}"),
+                detail: format!(
+                    "still used by the instances of service {holder:?}, which are being stopped; \
+                     apply this config again once they are gone, or give the service another bridge"
+                ),
+            });
+        }
+        held.insert(bridge.to_owned(), service.to_owned());
+        Ok(BridgeClaim(bridge.to_owned()))
+    }
+}
+
+impl Drop for BridgeClaim {
+    fn drop(&mut self) {
+        BRIDGES.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&self.0);
+    }
 }
 
 const FIRST: u8 = 2;
@@ -133,11 +167,13 @@ const LAST: u8 = 254;
 impl ProcessOrchestrator {
     /// Make sure the bridge exists with its address; start nothing.
     pub async fn new(service: &str, spec: ProcessSpec) -> Result<Self, OrchestratorError> {
+        let claim = BridgeClaim::take(&spec.bridge, service)?;
         let o = ProcessOrchestrator {
             spec,
             service: service.into(),
             instances: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
+            _claim: claim,
         };
         prepare_bridge(&o.spec).await?;
         o.take_over_leftovers().await?;
@@ -188,7 +224,10 @@ impl ProcessOrchestrator {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect();
-        let stats: Vec<(u32, ProcStat)> = pids.iter().filter_map(|p| Some((*p, ProcStat::read(*p)?))).collect();
+        // Read after the listing: a pid may have been reused since, so the
+        // process must still be in the namespace once its stat is read.
+        let stats: Vec<(u32, ProcStat)> =
+            pids.iter().filter_map(|p| Some((*p, ProcStat::read(*p)?))).filter(|(p, _)| in_netns(*p, &ns)).collect();
         let mut roots = stats.iter().filter(|(_, st)| st.is_running() && !pids.contains(&st.ppid));
         match (roots.next(), roots.next()) {
             (Some((pid, st)), None) => Some((*pid, st.start_time)),
@@ -212,7 +251,9 @@ impl ProcessOrchestrator {
         let pids = output("ip", &["netns", "pids", &ns]).await.unwrap_or_default();
         warn!(netns = ns, pids = pids.trim(), "removing what a previous agent left of an instance");
         for pid in pids.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
-            if let Some(st) = ProcStat::read(pid) {
+            // Only a process still in that namespace once its start time is
+            // known: the pid may have been reused since the listing.
+            if let Some(st) = ProcStat::read(pid).filter(|_| in_netns(pid, &ns)) {
                 signal_if_alive(pid, st.start_time, libc::SIGKILL);
             }
         }
@@ -406,9 +447,12 @@ impl Drop for ProcessOrchestrator {
     /// Instances do not outlive the orchestrator: kill them and remove their
     /// namespaces (a clean `stop` of each is the normal path; this is the
     /// net under it).
+    /// Adopted instances are left alone: they served before this agent
+    /// and still do through the pinned table (a start-up that failed must
+    /// not cut them); the next agent adopts them again.
     fn drop(&mut self) {
         let Ok(mut table) = self.instances.lock() else { return };
-        for (n, inst) in table.iter_mut() {
+        for (n, inst) in table.iter_mut().filter(|(_, i)| matches!(i.process, Process::Child(_))) {
             inst.kill_now();
             let _ =
                 std::process::Command::new("ip").args(["netns", "del", &format!("{}-{n}", self.spec.bridge)]).status();
@@ -467,14 +511,32 @@ fn is_alive(pid: u32, start_time: u64) -> bool {
 /// Send `signal` to `pid` if it is still the process that started at
 /// `start_time`; returns whether it was alive.
 fn signal_if_alive(pid: u32, start_time: u64, signal: i32) -> bool {
+    // A pidfd first, then the check: if the pid still has that start time
+    // once the fd is open, the fd is that process (a reused pid would be a
+    // younger one), and the signal cannot reach another that took the pid
+    // in between, as kill(2) after a check could.
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     if !is_alive(pid, start_time) {
         return false;
     }
-    // SAFETY: kill(2) on a pid just checked to be the process we mean (a
-    // pid is reused only after its process is reaped, and the start time
-    // tells a reused one apart).
-    unsafe { libc::kill(pid as i32, signal) };
+    // SAFETY: pidfd_send_signal(2) on our pidfd; no siginfo, no flags.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
     true
+}
+
+/// Whether `pid` is (still) in the named network namespace `ns`.
+fn in_netns(pid: u32, ns: &str) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    id(format!("/proc/{pid}/ns/net")).is_some_and(|own| Some(own) == id(format!("/run/netns/{ns}")))
 }
 
 /// Resolves once `pid` is no longer the running process that started at
@@ -525,6 +587,32 @@ async fn output(prog: &str, args: &[&str]) -> Result<String, OrchestratorError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bridge_is_held_until_its_orchestrator_lets_go() {
+        let web = BridgeClaim::take("lbtest-claim0", "web").unwrap();
+        let err = BridgeClaim::take("lbtest-claim0", "api").err().expect("a held bridge was taken twice");
+        let msg = err.to_string();
+        assert!(msg.contains("\"lbtest-claim0\"") && msg.contains("service \"web\""), "{msg}");
+        let other = BridgeClaim::take("lbtest-claim1", "api").unwrap();
+        drop(web);
+        let _again = BridgeClaim::take("lbtest-claim0", "api").unwrap();
+        drop(other);
+    }
+
+    #[test]
+    fn a_signal_reaches_only_the_process_of_that_start_time() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let st = ProcStat::read(pid).unwrap();
+        assert!(!signal_if_alive(pid, st.start_time + 1, libc::SIGKILL), "signalled another start time");
+        assert!(child.try_wait().unwrap().is_none(), "the process was killed");
+        assert!(signal_if_alive(pid, st.start_time, libc::SIGKILL));
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(!signal_if_alive(pid, st.start_time, libc::SIGKILL), "a reaped process was signalled");
+    }
     use crate::config::instances::tests::process_spec;
 
     /// An orchestrator of `process_spec` that has done nothing yet.
@@ -534,6 +622,8 @@ mod tests {
             service: "web".into(),
             instances: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
+            // Not registered: these tests make many at once.
+            _claim: BridgeClaim(String::new()),
         }
     }
 

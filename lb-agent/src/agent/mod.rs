@@ -382,12 +382,12 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     fn handle_probe(&mut self, r: ProbeResult) {
-        match self.registry.observe_health(&r.service, r.addr, r.error.is_none()) {
+        let transition = self.registry.observe_health(&r.service, r.addr, r.error.is_none());
+        match transition {
             Some(Transition::Down) => {
                 let why = r.error.unwrap_or_default();
                 warn!(service = r.service, backend = %r.addr, error = why, "backend down: out of the table");
                 self.event(format!("{}: {} down ({why})", r.service, r.addr));
-                self.flush_udp_flows(&r.service, r.addr);
             }
             Some(Transition::Up) => {
                 info!(service = r.service, backend = %r.addr, "backend up: back in the table");
@@ -395,9 +395,15 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             }
             None => return,
         }
-        if let Err(e) = self.sync() {
-            warn!(error = format!("{e:#}"), "applying a health change failed");
-            self.error(format!("applying a health change failed: {e:#}"));
+        match self.sync() {
+            // Once the backend is out of the table: a flow flushed before
+            // would be put back on it by its next datagram.
+            Ok(_) if transition == Some(Transition::Down) => self.flush_udp_flows(&r.service, r.addr),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "applying a health change failed");
+                self.error(format!("applying a health change failed: {e:#}"));
+            }
         }
     }
 
@@ -411,6 +417,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             return;
         }
         if let Some(id) = self.reconciler.backend_id(&key, addr) {
+            self.reconciler.hold(id);
             self.flows.flush(id, FlushFor::Down { addr });
         }
     }

@@ -51,8 +51,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         let summary = match self.apply(&config, &serving) {
             Ok(s) => s,
             Err(e) => {
+                // They have run no round yet: all they hold is what they
+                // adopted, which still serves through the pinned table.
                 for (_, s) in new {
-                    tokio::spawn(s.shut_down());
+                    tokio::spawn(s.abandon());
                 }
                 return Err(e);
             }
@@ -269,8 +271,6 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 }
 
-/// Make the orchestrators of `services`; if one fails, those already made
-/// are released.
 /// After a restart: the running instances of `made`'s orchestrators that
 /// the adopted data plane has in its table. They stay there (the first
 /// sync would otherwise take them out until the scaler's readiness probes
@@ -296,6 +296,8 @@ pub(super) async fn serving_instances<O: Orchestrator>(
     serving
 }
 
+/// Make the orchestrators of `services`; if one fails, those already made
+/// are released.
 pub(super) async fn make_orchestrators<F: OrchestratorFactory>(
     factory: Arc<F>,
     services: Vec<ServiceConfig>,

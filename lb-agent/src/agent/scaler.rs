@@ -443,6 +443,21 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     /// Stop every instance (the service stops scaling, or the agent stops):
     /// drains are cut short. Then write out the timeline and undo the host
     /// set-up the orchestrator made.
+    /// Let go of a scaler that never ran a round (its config was refused):
+    /// the instances it adopted keep running, and what serves them (the
+    /// orchestrator's host set-up) stays, for the agent that adopts them
+    /// next. With nothing adopted it is a plain shut-down.
+    pub async fn abandon(mut self) {
+        if self.replicas.iter().next().is_none() {
+            return self.shut_down().await;
+        }
+        self.samplers.stop();
+        if let Some(t) = self.timeline.take() {
+            t.close().await;
+        }
+        self.orch.keep_host_setup();
+    }
+
     pub async fn shut_down(mut self) {
         self.samplers.stop();
         for (id, t) in self.replicas.take_all() {
@@ -587,5 +602,21 @@ mod tests {
         // A listing asked for afterwards that shows it stopped is an exit.
         let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", false)]), &mut registry);
         assert_eq!(out.events.len(), 1, "{:?}", out.events);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_scaler_leaves_what_it_adopted_running() {
+        let orch = FakeOrchestrator::default();
+        let (mut s, mut registry, _rx) = scaler(&orch);
+        let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", true)]), &mut registry);
+        assert_eq!(out.events.len(), 1, "{:?}", out.events);
+        s.abandon().await;
+        assert!(orch.lock().stopped.is_empty(), "stopped {:?}", orch.lock().stopped);
+        assert!(!orch.lock().released, "the host set-up its instances need was undone");
+        // With nothing adopted it shuts down.
+        let orch = FakeOrchestrator::default();
+        let (s, _registry, _rx) = scaler(&orch);
+        s.abandon().await;
+        assert!(orch.lock().released);
     }
 }

@@ -85,10 +85,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     pub(super) fn on_flushed(&mut self, backend_id: u32, why: FlushFor, result: anyhow::Result<u64>) {
-        // A backend that went down keeps its id: its flush held nothing.
-        if !matches!(why, FlushFor::Down { .. }) {
-            self.reconciler.release(backend_id);
-        }
+        self.reconciler.release(backend_id);
         let (addr, of) = match why {
             FlushFor::Drain { service, addr, expired } => {
                 let cut = match result {

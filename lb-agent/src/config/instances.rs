@@ -215,7 +215,8 @@ impl InstanceNet<'_> {
         if self.same_docker_network(other) {
             if self.bridge != other.bridge || self.subnet != other.subnet {
                 out.push(format!(
-                    "{at}: {}: network {:?} (bridge {:?}, subnet {}) is also the network of {other_at} with bridge                      {:?} and subnet {}; a shared network needs the same bridge and subnet",
+                    "{at}: {}: network {:?} (bridge {:?}, subnet {}) is also the network of {other_at} with bridge \
+                     {:?} and subnet {}; a shared network needs the same bridge and subnet",
                     key(self, "network"),
                     self.network.unwrap_or_default(),
                     self.bridge,

@@ -73,7 +73,8 @@ pub struct Reconciler {
     resting: BTreeSet<u32>,
     /// Ids not to give out, freed or not, until released: their flows are
     /// being flushed, and a new backend under the id would lose its own.
-    held: BTreeSet<u32>,
+    /// Counted: two flushes of one id may be under way at once.
+    held: BTreeMap<u32, usize>,
 }
 
 impl Reconciler {
@@ -172,7 +173,8 @@ impl Reconciler {
             .flat_map(|(key, svc)| svc.backends.iter().map(move |b| (*key, b.addr)))
             .filter(|k| !self.backend_ids.contains_key(k))
             .count();
-        let taken: BTreeSet<u32> = self.backend_ids.values().chain(&self.resting).chain(&self.held).copied().collect();
+        let taken: BTreeSet<u32> =
+            self.backend_ids.values().chain(&self.resting).chain(self.held.keys()).copied().collect();
         let free = (1..MAX_BACKENDS).filter(|id| !taken.contains(id)).count();
         if new_backends > free {
             return Err(DataplaneError::NoFreeId { what: "backend", max: MAX_BACKENDS - 1 });
@@ -271,13 +273,19 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Keep `id` from being given to a new backend until [`Self::release`].
+    /// Keep `id` from being given to a new backend until as many
+    /// [`Self::release`]s.
     pub fn hold(&mut self, id: u32) {
-        self.held.insert(id);
+        *self.held.entry(id).or_insert(0) += 1;
     }
 
     pub fn release(&mut self, id: u32) {
-        self.held.remove(&id);
+        if let Some(n) = self.held.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&id);
+            }
+        }
     }
 
     /// The id a backend has in `BACKENDS` and `BACKEND_STATS`.
@@ -299,7 +307,10 @@ impl Reconciler {
         let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
         (1..MAX_BACKENDS)
             .find(|id| {
-                !used.contains(id) && !freed_now.contains(id) && !self.resting.contains(id) && !self.held.contains(id)
+                !used.contains(id)
+                    && !freed_now.contains(id)
+                    && !self.resting.contains(id)
+                    && !self.held.contains_key(id)
             })
             .ok_or(DataplaneError::NoFreeId { what: "backend", max: MAX_BACKENDS - 1 })
     }

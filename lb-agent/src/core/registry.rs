@@ -230,6 +230,8 @@ impl Registry {
             return Err(RegistryError::BadAddress { addr, why: "not a unicast address" });
         }
         if origin == Origin::Api {
+            // An unknown service is the first thing to say.
+            self.service_mut(service)?;
             self.refuse_instance_address(addr)?;
         }
         let entry = self.service_mut(service)?;
