@@ -37,11 +37,24 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
             *c
         }
         known => {
-            // SAFETY: as above; copied out at once.
-            let before = known.map(|c| unsafe { *c });
+            // The backend of a flow still opening, else NOT_OPENING: a plain
+            // number, not an Option<Conn>. LLVM compares the payload of a
+            // None too (the result is discarded), and kernels before 6.3
+            // refuse that read of stack never written ("invalid read from
+            // stack"; reads of uninitialised stack are allowed from 6.3 on).
+            const NOT_OPENING: u64 = u64::MAX;
+            // SAFETY: as above; read at once.
+            let opening = known.map_or(NOT_OPENING, |c| {
+                let c = unsafe { *c };
+                if c.tcp_seen == 0 {
+                    u64::from(c.backend_id)
+                } else {
+                    NOT_OPENING
+                }
+            });
             let c = open_flow(pkt, svc, &key, now)?;
             // A retransmitted SYN of a flow still opening is not a new flow.
-            let retransmit = before.is_some_and(|b| b.backend_id == c.backend_id && b.tcp_seen == 0);
+            let retransmit = opening == u64::from(c.backend_id);
             delta.new_flows = if retransmit { 0 } else { 1 };
             c
         }

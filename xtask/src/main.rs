@@ -7,6 +7,7 @@ mod run;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,7 @@ use clap::{Parser, Subcommand};
         cargo xtask run -- --config lb.toml       # as root: run lb-agent on a real config\n  \
         cargo xtask test                          # as root: unit tests, then root tests\n  \
         cargo xtask test --unit-only              # unit tests only, no root needed\n  \
+        cargo xtask test --kernel 6.1,6.12        # fixtures and e2e_netns in VMs on Debian's kernels\n  \
         cargo xtask bench -- --repeat 1000000 --json   # as root: the XDP program per packet\n  \
         cargo xtask bench e2e -- --json           # as root: this LB beside direct, HAProxy, NGINX"
 )]
@@ -54,12 +56,20 @@ enum Command {
         \x20 cargo xtask run -- --config lb.toml   target/release/lb-agent run --config lb.toml\n\n\
         Ctrl-C reaches the program, which cleans up; xtask waits for it and exits with its status.")]
     Run(run::Options),
-    /// Setup, then unit tests and (as root) the root tests; non-root fails unless --unit-only
-    #[command(long_about = "Setup, then two stages, each summarised with its duration:\n\n\
+    /// Setup, then unit tests, (as root) the root tests and the VM stage; non-root fails unless --unit-only
+    #[command(long_about = "Setup, then three stages, each summarised with its duration:\n\n\
         \x20 1. unit tests:  cargo test --workspace --exclude lb-tests [FILTER]\n\
-        \x20 2. root tests:  cargo test -p lb-tests -p lb-lab -p lb-load --release [FILTER] -- --test-threads=1\n\n\
+        \x20 2. root tests:  cargo test -p lb-tests -p lb-lab -p lb-load --release [FILTER] -- --test-threads=1\n\
+        \x20 3. VM stage:    the fixtures and e2e_netns test binaries in a qemu VM on Debian 12's\n\
+        \x20                 kernel 6.1 (skip with --no-vm, except in CI)\n\n\
         The root tests load BPF programs and create network namespaces. Without root they\n\
-        are skipped and the command fails, unless --unit-only is given.")]
+        are skipped and the command fails, unless --unit-only is given.\n\n\
+        `--kernel 6.1,6.12` runs only the VM stage, on each kernel named. It installs qemu\n\
+        (qemu-system-x86) if missing, downloads Debian's kernel package and busybox-static\n\
+        with apt-get into target/vm (cached), builds an initramfs with busybox, ip, ethtool,\n\
+        sysctl, ping, their libraries, the test binaries, lb-agent and veth.ko, boots it\n\
+        (KVM if usable, else software emulation) and reports per test binary; the serial\n\
+        console is in target/vm/<version>.log.")]
     Test(test::Options),
     /// Setup, build a benchmark, run it as root: `bench [xdp] [-- ARGS]` or `bench e2e [-- ARGS]`
     #[command(long_about = "Setup, build, then run a benchmark as root with the arguments after `--`:\n\n\

@@ -41,6 +41,10 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Debian's mirror, for what the host's sources lack (backports, the VM
+/// stage's kernels).
+pub const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+
 #[derive(Args)]
 pub struct Options {}
 
@@ -87,39 +91,131 @@ pub fn ensure_all(strict: bool) -> Result<()> {
 
 fn ensure_apt_packages(tally: &mut Tally) -> Result<()> {
     let step = Step::new("setup", format!("apt packages ({})", APT_PACKAGES.join(" ")));
+    match apt_packages(&step, APT_PACKAGES)? {
+        AptState::NotChecked => {}
+        AptState::Present => tally.present += 1,
+        AptState::Installed => tally.installed += 1,
+        AptState::NeedRoot(missing) => {
+            step.finish(YELLOW, &format!("missing {}; root is needed to install them", missing.join(" ")));
+            tally.missing = missing;
+        }
+    }
+    Ok(())
+}
+
+/// Packages for one task only (qemu for `test --kernel`), installed when
+/// that task first needs them rather than by every `setup`.
+pub fn ensure_apt_packages_for(task: &str, packages: &[&'static str]) -> Result<()> {
+    let step = Step::new("setup", format!("apt packages for {task} ({})", packages.join(" ")));
+    if let AptState::NeedRoot(missing) = apt_packages(&step, packages)? {
+        step.finish(RED, "missing");
+        let list = missing.join(" ");
+        bail!("{task} needs {list}: run as root, or `apt-get install -y --no-install-recommends {list}`");
+    }
+    Ok(())
+}
+
+enum AptState {
+    /// No dpkg-query: not Debian.
+    NotChecked,
+    Present,
+    Installed,
+    /// These are missing, and only root can install them.
+    NeedRoot(Vec<&'static str>),
+}
+
+/// Checks `packages` and, as root, installs the missing ones. `step` tells
+/// how it went, except for NeedRoot, which the caller words.
+fn apt_packages(step: &Step, packages: &[&'static str]) -> Result<AptState> {
+    let Some(missing) = missing_apt_packages(packages)? else {
+        step.finish(YELLOW, "not checked: no dpkg-query (not Debian); install them yourself");
+        return Ok(AptState::NotChecked);
+    };
+    if missing.is_empty() {
+        step.finish(GREEN, "present");
+        return Ok(AptState::Present);
+    }
+    if !util::is_root()? {
+        return Ok(AptState::NeedRoot(missing));
+    }
+    let list = missing.join(" ");
+    step.say(&format!("installing {list}"));
+    install_apt_packages(&missing)?;
+    step.finish(GREEN, &format!("installed {list}"));
+    Ok(AptState::Installed)
+}
+
+/// The packages dpkg does not list as installed; `None` without dpkg-query.
+fn missing_apt_packages(packages: &[&'static str]) -> Result<Option<Vec<&'static str>>> {
     let mut missing = Vec::new();
-    for &pkg in APT_PACKAGES {
-        let query = capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))?;
-        let Some(out) = query else {
-            step.finish(YELLOW, "not checked: no dpkg-query (not Debian); install them yourself");
-            return Ok(());
+    for &pkg in packages {
+        let Some(out) = capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))? else {
+            return Ok(None);
         };
         // dpkg-query exits non-zero for packages it has never heard of.
         if String::from_utf8_lossy(&out.stdout).trim() != "install ok installed" {
             missing.push(pkg);
         }
     }
-    if missing.is_empty() {
-        step.finish(GREEN, "present");
-        tally.present += 1;
-        return Ok(());
-    }
-    let list = missing.join(" ");
-    if !util::is_root()? {
-        step.finish(YELLOW, &format!("missing {list}; root is needed to install them"));
-        tally.missing = missing;
-        return Ok(());
-    }
-    step.say(&format!("installing {list}"));
+    Ok(Some(missing))
+}
+
+fn install_apt_packages(missing: &[&str]) -> Result<()> {
     stream_ok(apt_get().arg("update"))?;
     {
         let _no_services = NoServiceStarts::install()?;
-        stream_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
+        // --no-remove: installing what we need never takes away what the
+        // host has (apt aborts instead).
+        let stable =
+            stream_ok(apt_get().args(["install", "-y", "--no-install-recommends", "--no-remove"]).args(missing));
+        if let Err(e) = stable {
+            // A backport on the host (this project's machines have qemu-utils
+            // from bookworm-backports, which breaks bookworm's qemu) makes the
+            // stable version need a removal: take the backports' version.
+            println!("[setup] {e:#}; trying {}-backports", host_codename()?);
+            install_from_backports(missing)?;
+        }
     }
-    disable_services(&missing);
-    step.finish(GREEN, &format!("installed {list}"));
-    tally.installed += 1;
+    disable_services(missing);
     Ok(())
+}
+
+/// `apt-get install -t <codename>-backports`, with the host's sources plus
+/// the backports suite and the index in target/apt-backports, so that the
+/// host's own apt lists and sources stay as they are.
+fn install_from_backports(packages: &[&str]) -> Result<()> {
+    let suite = format!("{}-backports", host_codename()?);
+    let dir = util::target_dir().join("apt-backports");
+    for sub in ["lists/partial", "archives/partial"] {
+        fs::create_dir_all(dir.join(sub)).with_context(|| format!("create {}", dir.join(sub).display()))?;
+    }
+    let sources = dir.join("sources.list");
+    let line = format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {DEBIAN_MIRROR} {suite} main\n");
+    fs::write(&sources, line).with_context(|| format!("write {}", sources.display()))?;
+    let apt = |args: &[&str]| {
+        let mut cmd = apt_get();
+        cmd.arg("-o")
+            .arg(format!("Dir::Etc::SourceList={}", sources.display()))
+            .arg("-o")
+            .arg(format!("Dir::State::Lists={}", dir.join("lists").display()))
+            .arg("-o")
+            .arg(format!("Dir::Cache::Archives={}", dir.join("archives").display()))
+            .args(["-o", "APT::Sandbox::User=root"])
+            .args(args);
+        cmd
+    };
+    stream_ok(&mut apt(&["update", "-q"]))?;
+    stream_ok(apt(&["install", "-y", "--no-install-recommends", "--no-remove", "-t", &suite]).args(packages))
+}
+
+/// VERSION_CODENAME of /etc/os-release, e.g. "bookworm".
+fn host_codename() -> Result<String> {
+    let text = fs::read_to_string("/etc/os-release").context("read /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+        .context("no VERSION_CODENAME in /etc/os-release")
 }
 
 /// While alive, a `policy-rc.d` that denies every service start, so that
@@ -171,7 +267,7 @@ fn disable_services(installed: &[&str]) {
     }
 }
 
-fn apt_get() -> Command {
+pub fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive");
     cmd
@@ -306,7 +402,7 @@ fn linked_llvm_major(bin: &Path) -> Option<u32> {
         .and_then(llvm_major)
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }

@@ -1,13 +1,15 @@
-//! `cargo xtask test`: setup, unit tests, then root tests.
+//! `cargo xtask test`: setup, unit tests, root tests, then the fixtures
+//! and e2e_netns again on an older kernel in a VM; or with `--kernel`, only
+//! the VM stage, on the kernels named.
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::setup;
 use crate::util::{self, describe, paint, secs, stream, Step, BOLD, GREEN, RED, YELLOW};
+use crate::{setup, vm};
 
 #[derive(Args)]
 pub struct Options {
@@ -15,13 +17,22 @@ pub struct Options {
     #[arg(long)]
     unit_only: bool,
 
-    /// Run only tests whose names contain FILTER (in both stages).
+    /// Run only the VM stage, on these Debian kernels (6.1: bookworm,
+    /// 6.12: trixie), e.g. `--kernel 6.1,6.12`.
+    #[arg(long, value_name = "VERSION", value_delimiter = ',', conflicts_with_all = ["unit_only", "no_vm"])]
+    kernel: Vec<String>,
+
+    /// Skip the VM stage (for local runs; CI=true refuses it).
+    #[arg(long)]
+    no_vm: bool,
+
+    /// Run only tests whose names contain FILTER (in every stage).
     #[arg(value_name = "FILTER")]
     filter: Option<String>,
 }
 
 struct Stage {
-    name: &'static str,
+    name: String,
     color: &'static str,
     outcome: String,
     took: Duration,
@@ -38,9 +49,19 @@ const ROOT_PACKAGES: [&str; 3] = ["lb-tests", "lb-lab", "lb-load"];
 const ROOT_STAGE_LATER: &str = "LB_ROOT_STAGE_LATER";
 
 pub fn run(opts: &Options) -> Result<ExitCode> {
+    if opts.no_vm && util::in_ci() {
+        bail!("--no-vm is for local runs: CI=true runs the VM stage");
+    }
+    for kernel in &opts.kernel {
+        vm::check_version(kernel)?;
+    }
     setup::ensure_all(false)?;
     let filter: Vec<&str> = opts.filter.as_deref().into_iter().collect();
     let mut stages = Vec::new();
+    if !opts.kernel.is_empty() {
+        run_vm_stages(&opts.kernel, opts.filter.as_deref(), &mut stages);
+        return Ok(summarise(&stages));
+    }
 
     // Pure unit tests: no root, no kernel objects beyond building lb-ebpf.
     let mut unit = util::cargo();
@@ -82,22 +103,65 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         }
         if ok {
             stages.push(run_stage("root tests", &mut root)?);
+            if opts.no_vm {
+                stages.push(skip_stage("vm", "skipped (--no-vm)", true));
+            } else {
+                run_vm_stages(&vm::DEFAULT_KERNELS, opts.filter.as_deref(), &mut stages);
+            }
         }
     } else {
         let why = format!("SKIPPED: not root (uid {}); run as root, or pass --unit-only", util::euid()?);
         stages.push(skip_stage("root tests", &why, false));
     }
 
+    Ok(summarise(&stages))
+}
+
+fn summarise(stages: &[Stage]) -> ExitCode {
     println!("{}", paint(BOLD, "[test] summary"));
-    for s in &stages {
+    for s in stages {
         println!("[test]   {}: {} ({})", s.name, paint(s.color, &s.outcome), secs(s.took));
     }
-    Ok(if stages.iter().all(|s| s.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if stages.iter().all(|s| s.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// One stage per kernel: `fixtures` and `e2e_netns` in a VM booting it.
+/// An error (no network for the download, say) fails that stage only.
+fn run_vm_stages<S: AsRef<str>>(kernels: &[S], filter: Option<&str>, stages: &mut Vec<Stage>) {
+    let build = Step::new("test", "build the VM stage's tests and lb-agent (release)");
+    let payload = vm::build_payload();
+    let took = build.elapsed();
+    let payload = match payload {
+        Ok(p) => p,
+        Err(e) => {
+            let outcome = format!("FAILED: {e:#}");
+            build.finish(RED, &outcome);
+            stages.push(Stage { name: "vm build".to_owned(), color: RED, outcome, took, ok: false });
+            return;
+        }
+    };
+    build.finish(GREEN, "built");
+    for kernel in kernels {
+        let kernel = kernel.as_ref();
+        let name = format!("vm kernel {kernel} ({})", vm::TESTS.join(", "));
+        let step = Step::new("test", name.clone());
+        let (ok, color, outcome) = match vm::run(kernel, &payload, filter) {
+            Ok(report) if report.passed => (true, GREEN, report.summary),
+            Ok(report) => (false, RED, report.summary),
+            Err(e) => (false, RED, format!("FAILED: {e:#}")),
+        };
+        let took = step.finish(color, &outcome);
+        stages.push(Stage { name, color, outcome, took, ok });
+    }
 }
 
 /// Runs one `cargo test` and records its outcome; a failing stage does not
 /// stop the next one, so one run reports both.
-fn run_stage(name: &'static str, cmd: &mut Command) -> Result<Stage> {
+fn run_stage(name: &str, cmd: &mut Command) -> Result<Stage> {
     let step = Step::new("test", name);
     step.say("running");
     let status = stream(cmd)?;
@@ -107,12 +171,12 @@ fn run_stage(name: &'static str, cmd: &mut Command) -> Result<Stage> {
         (false, RED, format!("FAILED: cargo test {}", describe(status)))
     };
     let took = step.finish(color, &outcome);
-    Ok(Stage { name, color, outcome, took, ok })
+    Ok(Stage { name: name.to_owned(), color, outcome, took, ok })
 }
 
-fn skip_stage(name: &'static str, why: &str, ok: bool) -> Stage {
+fn skip_stage(name: &str, why: &str, ok: bool) -> Stage {
     let step = Step::new("test", name);
     let color = if ok { YELLOW } else { RED };
     let took = step.finish(color, why);
-    Stage { name, color, outcome: why.to_owned(), took, ok }
+    Stage { name: name.to_owned(), color, outcome: why.to_owned(), took, ok }
 }

@@ -88,10 +88,18 @@ pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."))
 }
 
-pub fn release_binary(name: &str) -> PathBuf {
+/// The cargo target directory: $CARGO_TARGET_DIR, else `target`.
+pub fn target_dir() -> PathBuf {
     let target = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    let target = if target.is_relative() { workspace_root().join(target) } else { target };
-    target.join("release").join(name)
+    if target.is_relative() {
+        workspace_root().join(target)
+    } else {
+        target
+    }
+}
+
+pub fn release_binary(name: &str) -> PathBuf {
+    target_dir().join("release").join(name)
 }
 
 /// A binary the release build should have produced, with a clear error if
@@ -129,6 +137,11 @@ pub fn euid() -> Result<u32> {
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).context("no Uid line in /proc/self/status")?;
     let effective = line.split_whitespace().nth(1).context("short Uid line")?;
     effective.parse().with_context(|| format!("parse effective uid {effective:?}"))
+}
+
+/// True when `CI` is `true` or `1`, as CI services set it.
+pub fn in_ci() -> bool {
+    env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
 pub fn is_root() -> Result<bool> {
