@@ -14,8 +14,8 @@ use aya::{
 };
 use lb_agent::adapters::dataplane::object::{load_object, load_program, program, take_map, Maps};
 use lb_common::{
-    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Path, Reason, Service, ServiceKey,
-    BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+    hash::flow_hash, maglev_index, Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, Path, Reason, Service,
+    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
@@ -232,7 +232,8 @@ impl LbObject {
         self.maps.path_counters(ingress_ifindex).with_context(|| format!("read the paths of ifindex {ingress_ifindex}"))
     }
 
-    /// Writes a service, its backends and its live Maglev table.
+    /// Writes a service, its backends (and the service among those each
+    /// backend address serves) and its live Maglev table.
     pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
         for &(id, addr) in &spec.backends {
             let b = Backend {
@@ -243,10 +244,27 @@ impl LbObject {
                 flags: BACKEND_F_ACTIVE,
             };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
+            self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
         let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
+    }
+
+    /// Adds `service` to the services the backend address serves
+    /// (`BACKEND_VIPS`), as the agent's reconciler does.
+    pub fn add_backend_vip(&mut self, addr: SocketAddrV4, proto: u8, service: ServiceKey) -> Result<()> {
+        let key = BackendAddr { ip_be: be_ip(addr), port_be: addr.port().to_be(), proto, _pad: 0 };
+        let mut vips = match self.maps.backend_vips.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => BackendVips::default(),
+            Err(e) => return Err(e).context("read BACKEND_VIPS"),
+        };
+        if !vips.vips.contains(&service) {
+            let free = vips.vips.iter_mut().find(|k| k.vip_be == 0).context("backend address in too many services")?;
+            *free = service;
+        }
+        self.maps.backend_vips.insert(key, vips, 0).with_context(|| format!("write BACKEND_VIPS for {addr}"))
     }
 
     /// Fills all `MAGLEV_TABLE_SIZE` slots of one table, slot `i` with

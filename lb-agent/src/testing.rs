@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use lb_common::{Backend, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
+use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
 use crate::{
     config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
@@ -80,6 +80,7 @@ pub enum Write {
     Table { service_id: u32, table: u32, entries: usize },
     Service { key: ServiceKey, service: Service },
     RemoveService { key: ServiceKey },
+    BackendVips { addr: BackendAddr, vips: Option<BackendVips> },
 }
 
 impl Write {
@@ -89,6 +90,7 @@ impl Write {
             Write::Table { .. } => "table",
             Write::Service { .. } => "service",
             Write::RemoveService { .. } => "remove_service",
+            Write::BackendVips { .. } => "backend_vips",
         }
     }
 }
@@ -101,6 +103,7 @@ pub struct FakeDataplane {
     pub backends: BTreeMap<u32, Backend>,
     pub tables: BTreeMap<(u32, u32), Vec<u32>>,
     pub services: BTreeMap<ServiceKey, Service>,
+    pub backend_vips: BTreeMap<BackendAddr, BackendVips>,
     /// Counters by service id and by backend id (zero when absent).
     pub service_counters: BTreeMap<u32, Counters>,
     pub backend_counters: BTreeMap<u32, Counters>,
@@ -182,6 +185,15 @@ impl MapWriter for FakeDataplane {
         self.log.push(Write::RemoveService { key: *key });
         Ok(())
     }
+
+    fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
+        match vips {
+            Some(v) => self.backend_vips.insert(*addr, *v),
+            None => self.backend_vips.remove(addr),
+        };
+        self.log.push(Write::BackendVips { addr: *addr, vips: vips.copied() });
+        Ok(())
+    }
 }
 
 /// A [`FakeDataplane`] the agent owns while the test keeps a handle on it;
@@ -223,6 +235,10 @@ impl MapWriter for SharedDataplane {
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.lock().remove_service(key)
+    }
+
+    fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
+        self.lock().set_backend_vips(addr, vips)
     }
 }
 

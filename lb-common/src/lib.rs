@@ -23,13 +23,14 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
 pub const BACKENDS: &str = "BACKENDS";
 pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
+pub const BACKEND_VIPS: &str = "BACKEND_VIPS";
 pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
@@ -89,8 +90,13 @@ pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_TABLES_PER_SERVICE * MAGLE
 /// Interfaces the program can send out of (`EGRESS`) and count paths on
 /// (`PATH_STATS`).
 pub const MAX_INTERFACES: u32 = 64;
-/// Connection-table entries (LRU). Each flow takes two: forward and reply.
+/// Connection-table entries (LRU), one per flow.
 pub const CONNTRACK_MAX: u32 = 1 << 18;
+/// The services one backend address (ip, port, protocol) can serve at once:
+/// a reply from it is matched against a flow of each (`BACKEND_VIPS`).
+pub const MAX_VIPS_PER_BACKEND: usize = 4;
+/// Entries of `BACKEND_VIPS`: one per backend address.
+pub const BACKEND_VIPS_MAX: u32 = MAX_BACKENDS;
 /// Socket load balancing's reverse entries (LRU): one per socket and backend.
 pub const SOCK_REVNAT_MAX: u32 = 1 << 16;
 
@@ -105,7 +111,7 @@ pub const fn maglev_index(service_id: u32, table: u32, hash: u32) -> u32 {
 
 /// Key of `SERVICES`: what a packet's destination must match to be balanced.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip_be: u32,
     pub port_be: u16,
@@ -146,7 +152,8 @@ pub struct Backend {
 /// The slot is in use (an all-zero entry is an unused id).
 pub const BACKEND_F_ACTIVE: u32 = 1;
 
-/// Key of `CONNTRACK`: a flow's 5-tuple as seen on the wire, plus direction.
+/// Key of `CONNTRACK`: a flow's 5-tuple as its client sends it (client ->
+/// VIP). One entry per flow: replies find it through `BACKEND_VIPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -155,32 +162,61 @@ pub struct FlowKey {
     pub src_port_be: u16,
     pub dst_port_be: u16,
     pub proto: u8,
-    /// `DIR_FORWARD` (client to VIP) or `DIR_REPLY` (backend to client), so a
-    /// reply key can never alias a forward key.
-    pub dir: u8,
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 
-pub const DIR_FORWARD: u8 = 0;
-pub const DIR_REPLY: u8 = 1;
+impl FlowKey {
+    /// The forward key of a flow from a client to a VIP.
+    #[inline(always)]
+    pub const fn new(client_ip_be: u32, client_port_be: u16, vip_be: u32, vip_port_be: u16, proto: u8) -> Self {
+        FlowKey {
+            src_ip_be: client_ip_be,
+            dst_ip_be: vip_be,
+            src_port_be: client_port_be,
+            dst_port_be: vip_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Key of `BACKEND_VIPS`: a backend's address as its replies carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `BACKEND_VIPS`: the services (VIP, port) a backend address
+/// serves, the used ones first; an unused slot has `vip_be == 0`. A reply
+/// from the backend is ours only if the flow (client -> one of these) is in
+/// `CONNTRACK` with this backend, so a stale slot is harmless.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendVips {
+    pub vips: [ServiceKey; MAX_VIPS_PER_BACKEND],
+}
 
 /// Value of `CONNTRACK`.
 ///
-/// A forward entry (client -> VIP) holds the backend to rewrite the destination
-/// to; a reply entry (backend -> client) holds the VIP to rewrite the source
-/// back to. The backend address is kept in the entry itself, so a flow keeps
-/// working after its backend leaves `BACKENDS` (draining).
+/// The backend the flow was sent to: its client's packets get their
+/// destination rewritten to it, and a reply from it (to the client) is
+/// matched by it. The backend address is kept in the entry itself, so a flow
+/// keeps working after its backend leaves `BACKENDS` (draining).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conn {
     pub nat_ip_be: u32,
     pub nat_port_be: u16,
-    /// TCP flags seen on this direction (`TCP_SEEN_*`).
+    /// TCP flags seen on the flow (`TCP_SEEN_*`).
     pub tcp_seen: u8,
     pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    /// `bpf_ktime_get_ns()` of the last packet either way.
     pub last_seen_ns: u64,
     /// The interface the flow's first client packet arrived on, and the
     /// MACs it arrived with: `client_mac` its source (the client or the
@@ -452,6 +488,8 @@ const _: () = {
     assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
     assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
+    assert!(size_of::<BackendAddr>() == 8 && align_of::<BackendAddr>() == 4);
+    assert!(size_of::<BackendVips>() == 8 * MAX_VIPS_PER_BACKEND && align_of::<BackendVips>() == 4);
     assert!(size_of::<Conn>() == 40 && align_of::<Conn>() == 8);
     assert!(size_of::<PathCounters>() == 8 * Path::COUNT as usize && align_of::<PathCounters>() == 8);
     assert!(size_of::<Counters>() == 48 && align_of::<Counters>() == 8);
@@ -482,6 +520,8 @@ mod pod {
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for BackendAddr {}
+    unsafe impl aya::Pod for BackendVips {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BenchFrame {}
@@ -526,8 +566,15 @@ mod layout_tests {
         assert_eq!(offset_of!(FlowKey, src_port_be), 8);
         assert_eq!(offset_of!(FlowKey, dst_port_be), 10);
         assert_eq!(offset_of!(FlowKey, proto), 12);
-        assert_eq!(offset_of!(FlowKey, dir), 13);
-        assert_eq!(offset_of!(FlowKey, _pad), 14);
+        assert_eq!(offset_of!(FlowKey, _pad), 13);
+    }
+
+    #[test]
+    fn backend_addr_layout() {
+        assert_eq!(offset_of!(BackendAddr, ip_be), 0);
+        assert_eq!(offset_of!(BackendAddr, port_be), 4);
+        assert_eq!(offset_of!(BackendAddr, proto), 6);
+        assert_eq!(offset_of!(BackendAddr, _pad), 7);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES,
+    Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
     MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
 };
 
@@ -52,6 +52,9 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+/// The services each backend address serves, for matching its replies.
+#[map]
+static BACKEND_VIPS: HashMap<BackendAddr, BackendVips> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
 #[map]
 static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]

@@ -2,8 +2,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    csum, hash::flow_hash, Conn, Counters, FlowKey, Reason, Service, DIR_FORWARD, DIR_REPLY, PROTO_UDP, TCP_SEEN_FIN,
-    TCP_SEEN_RST,
+    csum, hash::flow_hash, BackendAddr, Conn, Counters, FlowKey, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_UDP,
+    TCP_SEEN_FIN, TCP_SEEN_RST,
 };
 
 use crate::{
@@ -11,15 +11,22 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     select::pick_backend,
     stats::count_flow,
-    Packet, Verdict, CONNTRACK,
+    Packet, Verdict, BACKEND_VIPS, CONNTRACK,
 };
+
+/// The connection-table entry of the flow from a client to a VIP (its only
+/// entry), or `None`. A hit marks the entry recently used.
+#[inline(always)]
+pub fn lookup_flow(client_ip_be: u32, client_port_be: u16, vip_be: u32, vip_port_be: u16, proto: u8) -> Option<*mut Conn> {
+    CONNTRACK.get_ptr_mut(&FlowKey::new(client_ip_be, client_port_be, vip_be, vip_port_be, proto))
+}
 
 /// A client packet for `svc`: find or pick the backend, rewrite the
 /// destination to it. `Ok(true)` when the L4 checksum is a partial one.
 #[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<bool, Verdict> {
     let frame_len = hook.packet_len() as u64;
-    let key = own_key(pkt, DIR_FORWARD);
+    let key = FlowKey::new(pkt.src_ip_be, pkt.src_port_be, pkt.dst_ip_be, pkt.dst_port_be, pkt.proto);
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
     // A SYN starts a new connection, so it takes a fresh pick even when the
@@ -51,49 +58,51 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite the
-/// source back to the VIP. Returns the flow's reply entry, and whether the
-/// L4 checksum is a partial one. Anything else is not ours.
+/// source back to the VIP. The backend's address names the services it
+/// serves (`BACKEND_VIPS`); the flow is the one from this client to one of
+/// them whose entry holds this backend. Returns the flow's entry, and whether
+/// the L4 checksum is a partial one. Anything else is not ours (a health
+/// probe's answer among them: it has no flow).
 #[inline(always)]
 pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdict> {
     let frame_len = hook.packet_len() as u64;
-    let key = own_key(pkt, DIR_REPLY);
-    let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
-        return Err(Verdict::pass(Reason::PassNoService));
+    let not_ours = Verdict::pass(Reason::PassNoService);
+    let addr = BackendAddr { ip_be: pkt.src_ip_be, port_be: pkt.src_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    let vips = match unsafe { BACKEND_VIPS.get(&addr) } {
+        Some(v) => *v,
+        None => return Err(not_ours),
     };
-    // SAFETY: as in `forward`.
-    let c = unsafe { &mut *c };
+    let mut found = None;
+    for vip in vips.vips.iter().take(MAX_VIPS_PER_BACKEND) {
+        if vip.vip_be == 0 {
+            break;
+        }
+        if let Some(c) = lookup_flow(pkt.dst_ip_be, pkt.dst_port_be, vip.vip_be, vip.port_be, pkt.proto) {
+            // SAFETY: as in `forward`.
+            let c = unsafe { &mut *c };
+            if c.nat_ip_be == pkt.src_ip_be && c.nat_port_be == pkt.src_port_be {
+                found = Some((c, vip.vip_be, vip.port_be));
+                break;
+            }
+        }
+    }
+    let Some((c, vip_be, vip_port_be)) = found else { return Err(not_ours) };
     c.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { reply_packets: 1, reply_bytes: frame_len, ..Counters::default() };
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        close_from_reply(pkt, c, &mut delta);
-    }
+    mark_closed(c, pkt.tcp_flags, &mut delta);
     let c = *c;
     count_flow(c.service_id, c.backend_id, &delta);
-    Ok((c, rewrite(hook, pkt, End::Src, c.nat_ip_be, c.nat_port_be)))
-}
-
-/// The connection-table key of the packet's own 5-tuple, in direction `dir`.
-#[inline(always)]
-fn own_key(pkt: &Packet, dir: u8) -> FlowKey {
-    FlowKey {
-        src_ip_be: pkt.src_ip_be,
-        dst_ip_be: pkt.dst_ip_be,
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        dir,
-        _pad: 0,
-    }
+    Ok((c, rewrite(hook, pkt, End::Src, vip_be, vip_port_be)))
 }
 
 /// A new flow: pick its backend from the Maglev table and remember the pick
-/// both ways, so replies can be translated back.
+/// in the flow's one entry.
 #[inline(always)]
 fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Conn, Verdict> {
     let hash = flow_hash(pkt.src_ip_be, pkt.dst_ip_be, pkt.src_port_be, pkt.dst_port_be, pkt.proto);
     let (backend_id, backend) = pick_backend(svc, hash).map_err(Verdict::drop)?;
-    let (client_mac, local_mac) = (pkt.src_mac, pkt.dst_mac);
-    let fwd = Conn {
+    let conn = Conn {
         nat_ip_be: backend.ip_be,
         nat_port_be: backend.port_be,
         tcp_seen: 0,
@@ -102,25 +111,13 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         service_id: svc.id,
         last_seen_ns: now,
         client_ifindex: pkt.ingress_ifindex,
-        client_mac,
-        local_mac,
+        client_mac: pkt.src_mac,
+        local_mac: pkt.dst_mac,
     };
-    let rev_key = FlowKey {
-        src_ip_be: backend.ip_be,
-        dst_ip_be: pkt.src_ip_be,
-        src_port_be: backend.port_be,
-        dst_port_be: pkt.src_port_be,
-        proto: pkt.proto,
-        dir: DIR_REPLY,
-        _pad: 0,
-    };
-    let rev = Conn { nat_ip_be: pkt.dst_ip_be, nat_port_be: pkt.dst_port_be, ..fwd };
-    // Reply entry first: a forward entry without one would send a flow to a
-    // backend whose answers we could not translate.
-    if CONNTRACK.insert(&rev_key, &rev, 0).is_err() || CONNTRACK.insert(key, &fwd, 0).is_err() {
+    if CONNTRACK.insert(key, &conn, 0).is_err() {
         return Err(Verdict::drop(Reason::DropConntrackFull));
     }
-    Ok(fwd)
+    Ok(conn)
 }
 
 #[inline(always)]
@@ -132,24 +129,6 @@ fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Counters) {
             delta.closed_flows = 1;
         }
         c.tcp_seen |= seen;
-    }
-}
-
-/// A backend's FIN or RST closes the flow too: find its forward entry.
-#[inline(always)]
-fn close_from_reply(pkt: &Packet, rev: &Conn, delta: &mut Counters) {
-    let fwd_key = FlowKey {
-        src_ip_be: pkt.dst_ip_be,
-        dst_ip_be: rev.nat_ip_be,
-        src_port_be: pkt.dst_port_be,
-        dst_port_be: rev.nat_port_be,
-        proto: pkt.proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    };
-    if let Some(f) = CONNTRACK.get_ptr_mut(&fwd_key) {
-        // SAFETY: as in `forward`.
-        mark_closed(unsafe { &mut *f }, pkt.tcp_flags, delta);
     }
 }
 

@@ -196,7 +196,7 @@ fn cases() -> Vec<Case> {
             output: Some(frame(VIP, CLIENT, TCP_ACK | TCP_PSH, b"bench")),
             ..wrapped("xdp_lb_local: backend reply", reply(), Reason::ReplyTranslated)
         },
-        // Last: new flows fill the LRU connection table (two entries each),
+        // Last: new flows fill the LRU connection table (one entry each),
         // and once it is full every new flow also evicts an old one, as on
         // a busy host. The figure includes that.
         Case {

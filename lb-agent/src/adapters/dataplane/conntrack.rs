@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use lb_common::{Conn, FlowKey, CONNTRACK, DIR_FORWARD, PROTO_UDP};
+use lb_common::{Conn, FlowKey, CONNTRACK, PROTO_UDP};
 
 use super::map_err;
 use crate::ports::{ConnectionTable, ConntrackScan, DataplaneError};
@@ -42,7 +42,7 @@ impl AyaConnections {
 
 impl ConnectionTable for AyaConnections {
     /// Open flows per backend id: TCP flows with no FIN or RST seen yet, UDP
-    /// flows active within `UDP_IDLE`; and the number of entries (two per
+    /// flows active within `UDP_IDLE`; and the number of entries (one per
     /// flow).
     fn scan(&self) -> Result<ConntrackScan, DataplaneError> {
         let map = self.lock();
@@ -54,9 +54,6 @@ impl ConnectionTable for AyaConnections {
             // a count that is briefly low is harmless (drains have deadlines).
             let Ok((key, conn)) = item else { break };
             entries += 1;
-            if key.dir != DIR_FORWARD {
-                continue;
-            }
             if is_open(&key, &conn, now) {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
             }
@@ -72,7 +69,7 @@ impl ConnectionTable for AyaConnections {
         let mut open = 0;
         for (k, c) in &entries {
             // Already gone (LRU eviction) is fine.
-            if map.remove(k).is_ok() && k.dir == DIR_FORWARD && is_open(k, c, now) {
+            if map.remove(k).is_ok() && is_open(k, c, now) {
                 open += 1;
             }
         }

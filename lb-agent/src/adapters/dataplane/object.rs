@@ -11,9 +11,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp, SockRevKey, BACKENDS,
-    BACKEND_STATS, CONNTRACK, EGRESS, LB_PROGRAMS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
-    SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
+    Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
+    SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, LB_PROGRAMS, MAGLEV, PATH_STATS,
+    REASON_STATS, SERVICES, SERVICE_STATS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
 };
 
 use crate::ports::DataplaneError;
@@ -26,6 +26,8 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, FlowKey, Conn>,
+    /// Backend address -> the services it serves, to match its replies.
+    pub backend_vips: HashMap<MapData, BackendAddr, BackendVips>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reason_stats: PerCpuArray<MapData, u64>,
@@ -42,11 +44,12 @@ pub struct Maps {
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 11] = [
+    pub const NAMES: [&str; 12] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
         CONNTRACK,
+        BACKEND_VIPS,
         SERVICE_STATS,
         BACKEND_STATS,
         REASON_STATS,
@@ -63,6 +66,7 @@ impl Maps {
             backends: take_map(ebpf, BACKENDS)?,
             maglev: take_map(ebpf, MAGLEV)?,
             conntrack: take_map(ebpf, CONNTRACK)?,
+            backend_vips: take_map(ebpf, BACKEND_VIPS)?,
             service_stats: take_map(ebpf, SERVICE_STATS)?,
             backend_stats: take_map(ebpf, BACKEND_STATS)?,
             reason_stats: take_map(ebpf, REASON_STATS)?,
