@@ -8,7 +8,7 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration}
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Map, MapError},
+    maps::{IterableMap as _, Map, MapError},
     programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf,
 };
@@ -302,6 +302,21 @@ impl LbObject {
     /// `SERVICE_STATS[id]`, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
         self.maps.service_counters(id).with_context(|| format!("read counters of service {id}"))
+    }
+
+    /// The connection table's size (its max_entries as loaded).
+    pub fn conntrack_max_entries(&self) -> Result<u32> {
+        Ok(self.maps.conntrack.map().info().context("read the connection table's info")?.max_entries())
+    }
+
+    /// How many entries the connection table holds (a walk of its keys).
+    pub fn conntrack_len(&self) -> Result<u64> {
+        let mut n = 0;
+        for key in self.maps.conntrack.keys() {
+            key.context("walk the connection table")?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Every connection-table entry.
