@@ -12,7 +12,10 @@ use aya::{
     programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf,
 };
-use lb_agent::adapters::dataplane::object::{load_object, load_program, program, take_map, Maps};
+use lb_agent::{
+    adapters::dataplane::object::{load_object, load_program, program, take_map, Maps},
+    config::DataplaneConfig,
+};
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, Path, Reason, Service,
     ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
@@ -182,8 +185,24 @@ impl LbObject {
     }
 
     fn load_object(object: &[u8]) -> Result<Self> {
-        let (ebpf, maps) = load_object(object, None)?;
+        Self::load_object_with(object, &DataplaneConfig::default())
+    }
+
+    /// [`Self::load`] with the agent's `[dataplane]` settings, e.g. a
+    /// connection table of another size.
+    pub fn load_with(config: &DataplaneConfig) -> Result<Self> {
+        Self::load_object_with(lb_agent::ebpf::object(), config)
+    }
+
+    fn load_object_with(object: &[u8], config: &DataplaneConfig) -> Result<Self> {
+        let (ebpf, maps) = load_object(object, None, config)?;
         Ok(Self { ebpf, maps })
+    }
+
+    /// Sets the non-SYN flow budget (`Settings::non_syn_flows_per_sec`).
+    pub fn set_non_syn_flows_per_sec(&mut self, per_sec: u32) -> Result<()> {
+        let config = DataplaneConfig { non_syn_flows_per_sec: per_sec, ..DataplaneConfig::default() };
+        self.maps.set_settings(&config).context("write SETTINGS")
     }
 
     /// Loads (verifies) another XDP program of the object, e.g. `xdp_pass`.
@@ -317,6 +336,22 @@ impl LbObject {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Writes a connection-table entry directly (the map API), as if the
+    /// program had opened the flow.
+    pub fn insert_flow(&mut self, key: &FlowKey, conn: &Conn) -> Result<()> {
+        self.maps.conntrack.insert(key, conn, 0).context("insert into the connection table")
+    }
+
+    /// The kernel memory charged to the connection table (`memlock` in its
+    /// fdinfo), in bytes.
+    pub fn conntrack_memlock(&self) -> Result<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.maps.conntrack.map().fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).context("read the map's fdinfo")?;
+        let line = info.lines().find_map(|l| l.strip_prefix("memlock:")).context("no memlock in the map's fdinfo")?;
+        line.trim().parse().context("parse memlock")
     }
 
     /// Every connection-table entry.

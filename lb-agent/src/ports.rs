@@ -148,6 +148,8 @@ pub struct ConntrackScan {
     pub open: BTreeMap<u32, u64>,
     /// Entries in the table (one per flow).
     pub entries: u64,
+    /// The entries it can hold (`[dataplane] max_flows`).
+    pub max_entries: u32,
 }
 
 /// How the program runs on an interface.

@@ -340,7 +340,7 @@ impl ConnectionTable for SharedDataplane {
         let mut dp = self.lock();
         dp.scans += 1;
         let open = dp.open.clone();
-        Ok(ConntrackScan { entries: 2 * open.values().sum::<u64>(), open })
+        Ok(ConntrackScan { entries: open.values().sum::<u64>(), open, max_entries: lb_common::CONNTRACK_MAX })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {

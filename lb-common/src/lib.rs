@@ -31,6 +31,8 @@ pub const BACKENDS: &str = "BACKENDS";
 pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const BACKEND_VIPS: &str = "BACKEND_VIPS";
+pub const SETTINGS: &str = "SETTINGS";
+pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
 pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
@@ -90,8 +92,12 @@ pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_TABLES_PER_SERVICE * MAGLE
 /// Interfaces the program can send out of (`EGRESS`) and count paths on
 /// (`PATH_STATS`).
 pub const MAX_INTERFACES: u32 = 64;
-/// Connection-table entries (LRU), one per flow.
-pub const CONNTRACK_MAX: u32 = 1 << 18;
+/// Connection-table entries (LRU), one per flow: the object's default,
+/// which the agent replaces with `[dataplane] max_flows` at load.
+pub const CONNTRACK_MAX: u32 = 1 << 20;
+/// TCP flows a CPU may start per second from a packet that is not a SYN
+/// (`Settings::non_syn_flows_per_sec`), unless the agent says otherwise.
+pub const DEFAULT_NON_SYN_FLOWS_PER_SEC: u32 = 50_000;
 /// The services one backend address (ip, port, protocol) can serve at once:
 /// a reply from it is matched against a flow of each (`BACKEND_VIPS`).
 pub const MAX_VIPS_PER_BACKEND: usize = 4;
@@ -231,6 +237,54 @@ pub struct Conn {
 pub const TCP_SEEN_FIN: u8 = 1;
 pub const TCP_SEEN_RST: u8 = 2;
 
+/// Value of `SETTINGS[0]`: what the agent sets at load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// A TCP packet that is not a SYN, of a flow the table does not hold
+    /// (evicted, or from before a restart), gets a fresh Maglev pick and an
+    /// entry, up to this many a second per CPU; beyond, it is dropped
+    /// (`Reason::DropNonSynOverBudget`) and the client retransmits. SYNs
+    /// always get an entry. `u32::MAX`: no limit.
+    pub non_syn_flows_per_sec: u32,
+    pub _pad: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { non_syn_flows_per_sec: DEFAULT_NON_SYN_FLOWS_PER_SEC, _pad: 0 }
+    }
+}
+
+/// Value of `FLOW_BUDGET[0]` (per CPU): the non-SYN flows started in the
+/// current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowBudget {
+    pub window_start_ns: u64,
+    pub used: u64,
+}
+
+impl FlowBudget {
+    /// Takes one flow from the budget of `per_sec` a second at `now_ns`;
+    /// false when this second's are used up.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64, per_sec: u32) -> bool {
+        if per_sec == u32::MAX {
+            return true;
+        }
+        if now_ns.wrapping_sub(self.window_start_ns) >= 1_000_000_000 {
+            self.window_start_ns = now_ns;
+            self.used = 0;
+        }
+        if self.used >= u64::from(per_sec) {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+}
+
 /// Per-CPU counters, one slot per service in `SERVICE_STATS` and one per
 /// backend id in `BACKEND_STATS`. The agent sums over CPUs.
 #[repr(C)]
@@ -298,10 +352,13 @@ pub enum Reason {
     DropStaleBackend,
     /// The connection table refused an insert.
     DropConntrackFull,
+    /// A TCP packet other than a SYN with no flow in the table, beyond this
+    /// CPU's budget of such flows (`Settings::non_syn_flows_per_sec`).
+    DropNonSynOverBudget,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropConntrackFull as u32 + 1;
+    pub const COUNT: u32 = Reason::DropNonSynOverBudget as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -320,6 +377,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropStaleBackend,
         Reason::DropConntrackFull,
+        Reason::DropNonSynOverBudget,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -342,6 +400,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropStaleBackend => "drop_stale_backend",
             Reason::DropConntrackFull => "drop_conntrack_full",
+            Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
         }
     }
 
@@ -522,6 +581,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for BackendAddr {}
     unsafe impl aya::Pod for BackendVips {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for FlowBudget {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BenchFrame {}
@@ -641,6 +702,18 @@ mod layout_tests {
         }
         assert!(Path::RepliedFlowMacs.is_fast());
         assert!(!Path::PassFibNoNeigh.is_fast());
+    }
+
+    #[test]
+    fn the_flow_budget_refills_every_second() {
+        let mut b = FlowBudget::default();
+        let t0 = 5_000_000_000;
+        assert!((0..3).all(|_| b.take(t0, 3)));
+        assert!(!b.take(t0 + 999_999_999, 3));
+        assert!(b.take(t0 + 1_000_000_000, 3));
+        assert!(!FlowBudget::default().take(t0, 0));
+        let mut unlimited = FlowBudget::default();
+        assert!((0..1000).all(|_| unlimited.take(t0, u32::MAX)));
     }
 
     #[test]

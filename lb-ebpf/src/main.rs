@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
+    Backend, BackendAddr, BackendVips, Conn, Counters, FlowBudget, FlowKey, PathCounters, Reason, Service, ServiceKey, Settings, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
     MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
 };
 
@@ -55,6 +55,12 @@ static CONNTRACK: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONNT
 /// The services each backend address serves, for matching its replies.
 #[map]
 static BACKEND_VIPS: HashMap<BackendAddr, BackendVips> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
+/// What the agent sets at load (`Settings`), in slot 0.
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+/// Per CPU: the flows started this second by packets other than a SYN.
+#[map]
+static FLOW_BUDGET: PerCpuArray<FlowBudget> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]

@@ -2,7 +2,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    csum, hash::flow_hash, BackendAddr, Conn, Counters, FlowKey, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_UDP,
+    csum, hash::flow_hash, BackendAddr, Conn, Counters, FlowKey, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_TCP, PROTO_UDP,
     TCP_SEEN_FIN, TCP_SEEN_RST,
 };
 
@@ -11,7 +11,7 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     select::pick_backend,
     stats::count_flow,
-    Packet, Verdict, BACKEND_VIPS, CONNTRACK,
+    Packet, Verdict, BACKEND_VIPS, CONNTRACK, FLOW_BUDGET, SETTINGS,
 };
 
 /// The connection-table entry of the flow from a client to a VIP (its only
@@ -44,6 +44,13 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
             *c
         }
         known => {
+            // A TCP packet other than a SYN without a flow (evicted, or from
+            // before a restart) re-picks: the same backend while the backend
+            // set stays, as Maglev is consistent. Within a budget only, so
+            // that a flood of such packets cannot churn the table.
+            if known.is_none() && pkt.proto == PROTO_TCP && !syn && !non_syn_budget_left(now) {
+                return Err(Verdict::drop(Reason::DropNonSynOverBudget));
+            }
             // SAFETY: as above; copied out at once.
             let before = known.map(|c| unsafe { *c });
             let c = open_flow(pkt, svc, &key, now)?;
@@ -94,6 +101,17 @@ pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdic
     let c = *c;
     count_flow(c.service_id, c.backend_id, &delta);
     Ok((c, rewrite(hook, pkt, End::Src, vip_be, vip_port_be)))
+}
+
+/// Takes one from this CPU's budget of flows started by non-SYN packets.
+#[inline(always)]
+fn non_syn_budget_left(now: u64) -> bool {
+    let per_sec = SETTINGS.get(0).map_or(0, |s| s.non_syn_flows_per_sec);
+    match FLOW_BUDGET.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, nothing else writes it while we run.
+        Some(b) => unsafe { (*b).take(now, per_sec) },
+        None => false,
+    }
 }
 
 /// A new flow: pick its backend from the Maglev table and remember the pick

@@ -17,8 +17,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
 };
 
-use lb_agent::adapters::dataplane::netdev::if_index;
-use lb_common::{Conn, Counters, FlowKey, Path, Reason, PROG_LB, PROG_LB_LOCAL, PROG_TC, TCP_SEEN_FIN};
+use lb_agent::{adapters::dataplane::netdev::if_index, config::DataplaneConfig};
+use lb_common::{
+    Conn, Counters, FlowKey, Path, Reason, DEFAULT_NON_SYN_FLOWS_PER_SEC, PROG_LB, PROG_LB_LOCAL, PROG_TC, TCP_SEEN_FIN,
+};
 use lb_lab::{
     checksum::{
         complete_partial_l4_checksum, internet_checksum, ones_complement_sum, verify_ipv4_frame,
@@ -121,6 +123,8 @@ struct Fixture {
     /// run's skb cannot be CHECKSUM_PARTIAL, which is what `tc_lb` would go
     /// by), not `xdp_lb_local` for a complete one that looks partial.
     programs: &'static [&'static str],
+    /// `Settings::non_syn_flows_per_sec` for the run.
+    non_syn_budget: u32,
 }
 
 /// Every program: the XDP two differ only in how they read a
@@ -165,6 +169,7 @@ fn untouched(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         flow: Flow::Untouched,
         partial_l4: false,
         programs: EVERY,
+        non_syn_budget: DEFAULT_NON_SYN_FLOWS_PER_SEC,
     }
 }
 
@@ -176,7 +181,18 @@ fn translated(
     reason: Reason,
     flow: Flow,
 ) -> Fixture {
-    Fixture { name, setup, input, verdict: XDP_PASS, output, reason, flow, partial_l4: false, programs: EVERY }
+    Fixture {
+        name,
+        setup,
+        input,
+        verdict: XDP_PASS,
+        output,
+        reason,
+        flow,
+        partial_l4: false,
+        programs: EVERY,
+        non_syn_budget: DEFAULT_NON_SYN_FLOWS_PER_SEC,
+    }
 }
 
 /// A packet the program drops; XDP test runs still copy the frame out, and
@@ -192,6 +208,7 @@ fn dropped(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         flow: Flow::Untouched,
         partial_l4: false,
         programs: EVERY,
+        non_syn_budget: DEFAULT_NON_SYN_FLOWS_PER_SEC,
     }
 }
 
@@ -250,9 +267,13 @@ fn syn_of(nat: &Nat) -> Vec<u8> {
 }
 
 fn tcp_syn_to_vip() -> Fixture {
+    tcp_syn_to_vip_named("tcp_syn_to_vip")
+}
+
+fn tcp_syn_to_vip_named(name: &'static str) -> Fixture {
     let nat = web_nat(CLIENT);
     let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_SYN));
-    translated("tcp_syn_to_vip", vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
+    translated(name, vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
 }
 
 /// A client port whose flow hashes to the other web backend: the pick
@@ -333,6 +354,27 @@ fn tcp_checksums_that_become_zero() -> Fixture {
         Reason::Forwarded,
         Flow::Existing(nat),
     )
+}
+
+/// A TCP segment other than a SYN whose flow the table lost (evicted, or
+/// from before a restart): within the budget it gets the Maglev pick, which
+/// is the backend it had, and an entry again.
+fn tcp_ack_without_flow_within_budget() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_ACK));
+    translated("tcp_ack_without_flow_within_budget", vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
+}
+
+/// The same beyond this CPU's budget of such flows: dropped, no entry (the
+/// client retransmits), so that a flood of them cannot churn the table.
+fn tcp_ack_without_flow_over_budget() -> Fixture {
+    let input = client_tcp(WEB_VIP, TCP_ACK);
+    Fixture { non_syn_budget: 0, ..dropped("tcp_ack_without_flow_over_budget", input, Reason::DropNonSynOverBudget) }
+}
+
+/// A SYN always gets an entry, budget or not.
+fn tcp_syn_with_no_non_syn_budget() -> Fixture {
+    Fixture { non_syn_budget: 0, ..tcp_syn_to_vip_named("tcp_syn_with_no_non_syn_budget") }
 }
 
 fn tcp_fin_closes_flow() -> Fixture {
@@ -671,6 +713,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
+    lb.set_non_syn_flows_per_sec(f.non_syn_budget).expect("write the settings");
     let tc = program == PROG_TC;
     // In tc a packet left untouched goes on to the next program (UNSPEC); a
     // translated one that cannot be redirected (no route in the fixtures'
@@ -1089,6 +1132,9 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_tcp_checksums_that_become_zero => tcp_checksums_that_become_zero,
     root_tcp_complete_checksum_that_looks_partial => tcp_complete_checksum_that_looks_partial,
     root_tcp_fin_closes_flow => tcp_fin_closes_flow,
+    root_tcp_ack_without_flow_within_budget => tcp_ack_without_flow_within_budget,
+    root_tcp_ack_without_flow_over_budget => tcp_ack_without_flow_over_budget,
+    root_tcp_syn_with_no_non_syn_budget => tcp_syn_with_no_non_syn_budget,
     root_tcp_reply_from_backend => tcp_reply_from_backend,
     root_tcp_from_another_backend_of_the_flows_service => tcp_from_another_backend_of_the_flows_service,
     root_udp_to_vip => udp_to_vip,
@@ -1136,6 +1182,88 @@ root_fixtures!(run_route_fixture, all_route_fixtures -> RouteFixture {
     root_reply_redirected_to_the_client_side => reply_redirected_to_the_client_side,
     root_reply_without_client_neighbour_uses_the_flows_macs => reply_without_client_neighbour_uses_the_flows_macs,
 });
+
+// ---- The connection table under pressure ------------------------------------
+
+/// The default connection table holds a million flows: a million entries
+/// written through the map API are all there afterwards, and a sample of
+/// them answers through the program as established flows (no new pick).
+/// Prints the kernel memory the table takes.
+#[test]
+fn root_the_connection_table_tracks_a_million_flows() {
+    if skip_without_root("root_the_connection_table_tracks_a_million_flows") {
+        return;
+    }
+    const FLOWS: u32 = 1_000_000;
+    let _netns = NetNsGuard::new().expect("create a network namespace");
+    let mut lb = LbObject::load().expect("load lb-ebpf");
+    lb.add_service(&web()).expect("write the service");
+    let (backend_id, backend) = WEB_BACKENDS[1];
+    let client = |i: u32| SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i), 40000);
+    let nat = |i: u32| Nat { service: 0, backend_id, backend, client: client(i), vip: WEB_VIP, proto: IPPROTO_TCP };
+    for i in 0..FLOWS {
+        lb.insert_flow(&forward_key(&nat(i)), &forward_conn(&nat(i))).expect("insert a flow");
+    }
+    let entries = lb.conntrack_len().unwrap();
+    let memlock = lb.conntrack_memlock().unwrap();
+    println!(
+        "MEASURED: connection table: {entries} flows of {} tracked, memlock {} MiB ({} bytes per flow)",
+        lb.conntrack_max_entries().unwrap(),
+        memlock >> 20,
+        memlock / u64::from(lb.conntrack_max_entries().unwrap())
+    );
+    assert_eq!(entries, u64::from(FLOWS), "flows lost from the table");
+    let before = lb.backend_counters(backend_id).unwrap();
+    for i in (0..FLOWS).step_by(9_973) {
+        let (input, output) = tcp_to_vip_and_backend(&nat(i), &Tcp::new(0, 0, TCP_ACK));
+        let run = lb.run(PROG_LB, &input).unwrap();
+        assert_eq!(run.verdict, XDP_PASS, "flow {i}");
+        if let Some(diff) = frame_diff(&output, &run.data) {
+            panic!("flow {i} did not go to its backend\n{diff}");
+        }
+    }
+    let after = lb.backend_counters(backend_id).unwrap();
+    assert_eq!(counters_delta(&before, &after).new_flows, 0, "a tracked flow was picked anew");
+}
+
+/// A flow whose client is silent while the table churns (a full table of
+/// 1,024, 8,192 new flows) stays tracked as long as its backend keeps
+/// replying: the reply finds the flow's only entry and keeps it recently
+/// used. With an entry per direction, the forward one was evicted.
+#[test]
+fn root_replies_keep_their_flow_in_a_churning_table() {
+    if skip_without_root("root_replies_keep_their_flow_in_a_churning_table") {
+        return;
+    }
+    let _netns = NetNsGuard::new().expect("create a network namespace");
+    let config = DataplaneConfig { max_flows: 1024, ..DataplaneConfig::default() };
+    let mut lb = LbObject::load_with(&config).expect("load lb-ebpf");
+    lb.add_service(&web()).expect("write the service");
+    let held = web_nat(CLIENT);
+    lb.run(PROG_LB, &syn_of(&held)).unwrap();
+    let reply = tcp_frame(
+        FROM_BACKEND,
+        &ip(*held.backend.ip(), *CLIENT.ip()),
+        &Tcp::new(held.backend.port(), CLIENT.port(), TCP_ACK),
+    );
+    for i in 0..8192u32 {
+        let other = web_nat(SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i), 40000));
+        lb.run(PROG_LB, &syn_of(&other)).unwrap();
+        if i % 64 == 0 {
+            let before = lb.reasons().unwrap();
+            lb.run(PROG_LB, &reply).unwrap();
+            check_reason_delta(&before, &lb.reasons().unwrap(), Reason::ReplyTranslated, 1)
+                .unwrap_or_else(|e| panic!("reply after {i} new flows: {e:#}"));
+        }
+    }
+    assert!(lb.conntrack_len().unwrap() <= 1024);
+    let flows = lb.conntrack().unwrap();
+    assert_eq!(
+        flows.get(&forward_key(&held)).map(|c| c.backend_id),
+        Some(held.backend_id),
+        "the held flow was evicted"
+    );
+}
 
 /// XDP test runs refuse frames shorter than an Ethernet header with EINVAL
 /// before the program runs (`bpf_test_init` in net/bpf/test_run.c rejects

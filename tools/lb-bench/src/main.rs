@@ -32,7 +32,7 @@ use lb_common::{
 use lb_lab::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
-    testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_PASS},
+    testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_DROP, XDP_PASS},
 };
 use serde::Serialize;
 
@@ -102,6 +102,10 @@ struct Case {
     output: Option<Vec<u8>>,
     /// Subtracted in the "net" column.
     baseline: Baseline,
+    /// `Settings::non_syn_flows_per_sec` while the case runs.
+    non_syn_budget: u32,
+    /// What every run must return.
+    verdict: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Serialize)]
@@ -125,6 +129,10 @@ fn syn() -> Vec<u8> {
 
 fn new_flow_syn() -> Vec<u8> {
     frame(NEW_FLOW_CLIENTS, VIP, TCP_SYN, &[])
+}
+
+fn new_flow_ack() -> Vec<u8> {
+    frame(NEW_FLOW_CLIENTS, VIP, TCP_ACK, &[])
 }
 
 fn established() -> Vec<u8> {
@@ -157,6 +165,8 @@ fn cases() -> Vec<Case> {
         new_flows_per_run: 0,
         output: None,
         baseline: Baseline::None,
+        non_syn_budget: u32::MAX,
+        verdict: XDP_PASS,
     };
     let wrapped = |name, frame, reason| Case {
         name,
@@ -169,6 +179,8 @@ fn cases() -> Vec<Case> {
         new_flows_per_run: 0,
         output: None,
         baseline: Baseline::WrapperPass,
+        non_syn_budget: u32::MAX,
+        verdict: XDP_PASS,
     };
     vec![
         pass_only(CASE_PASS, PROG_PASS, None),
@@ -214,6 +226,22 @@ fn cases() -> Vec<Case> {
             prepare: None,
             new_flows_per_run: 1,
             ..wrapped("xdp_lb: new-flow SYN, full table", new_flow_syn(), Reason::Forwarded)
+        },
+        // A segment other than a SYN whose flow the table does not hold:
+        // within the budget it re-picks and inserts like a SYN...
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            ..wrapped("xdp_lb: non-SYN miss, within budget", new_flow_ack(), Reason::Forwarded)
+        },
+        // ...beyond it, it is dropped without touching the table.
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            non_syn_budget: 0,
+            verdict: XDP_DROP,
+            ..wrapped("xdp_lb: non-SYN miss, over budget", new_flow_ack(), Reason::DropNonSynOverBudget)
         },
     ]
 }
@@ -276,6 +304,7 @@ impl Bench {
         if let Some(target) = case.target {
             self.aim(target, &case.frame, case.flags)?;
         }
+        self.lb.set_non_syn_flows_per_sec(case.non_syn_budget)?;
         if let Some(syn) = &case.prepare {
             let run = self.lb.run(PROG_LB, syn)?;
             ensure!(run.verdict == XDP_PASS, "the SYN that opens the flow did not pass");
@@ -290,9 +319,10 @@ impl Bench {
     /// Fails unless every one of the `repeat` runs took the case's path.
     fn check_path(&self, case: &Case, run: &Run, repeat: u32, reasons: &[u64], flows: u64) -> Result<()> {
         ensure!(
-            run.verdict == XDP_PASS,
-            "verdict {} instead of XDP_PASS (a failed tail call returns XDP_ABORTED)",
-            run.verdict
+            run.verdict == case.verdict,
+            "verdict {} instead of {} (a failed tail call returns XDP_ABORTED)",
+            run.verdict,
+            case.verdict
         );
         let after = self.lb.reasons()?;
         match case.reason {

@@ -58,7 +58,8 @@ impl ConnectionTable for AyaConnections {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
             }
         }
-        Ok(ConntrackScan { open: out, entries })
+        let max_entries = map.map().info().map_err(map_err(CONNTRACK, "read its info"))?.max_entries();
+        Ok(ConntrackScan { open: out, entries, max_entries })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
