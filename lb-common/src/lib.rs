@@ -234,8 +234,60 @@ pub struct Conn {
     pub local_mac: [u8; 6],
 }
 
+/// `Conn::tcp_seen` bits: a FIN from the client...
 pub const TCP_SEEN_FIN: u8 = 1;
+/// ...an RST either way...
 pub const TCP_SEEN_RST: u8 = 2;
+/// ...any packet from the backend (the SYN was answered)...
+pub const TCP_SEEN_REPLY: u8 = 4;
+/// ...a FIN from the backend.
+pub const TCP_SEEN_BACKEND_FIN: u8 = 8;
+
+// TCP header flags, as on the wire.
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_RST: u8 = 0x04;
+
+/// Where a TCP flow is, by its `tcp_seen` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// The backend has not answered yet (a SYN never answered, or a flood).
+    HalfOpen,
+    /// Answered, not closed: counts as an open connection.
+    Open,
+    /// Both sides sent a FIN, or one an RST.
+    Closed,
+}
+
+impl TcpState {
+    #[inline(always)]
+    pub const fn of(seen: u8) -> TcpState {
+        let both_fins = TCP_SEEN_FIN | TCP_SEEN_BACKEND_FIN;
+        if seen & TCP_SEEN_RST != 0 || seen & both_fins == both_fins {
+            TcpState::Closed
+        } else if seen & TCP_SEEN_REPLY != 0 {
+            TcpState::Open
+        } else {
+            TcpState::HalfOpen
+        }
+    }
+}
+
+/// A flow's `tcp_seen` after a packet with `tcp_flags`, from the backend
+/// (`from_backend`) or from the client.
+#[inline(always)]
+pub const fn tcp_seen_after(seen: u8, tcp_flags: u8, from_backend: bool) -> u8 {
+    let mut s = seen;
+    if tcp_flags & TCP_FLAG_RST != 0 {
+        s |= TCP_SEEN_RST;
+    }
+    if tcp_flags & TCP_FLAG_FIN != 0 {
+        s |= if from_backend { TCP_SEEN_BACKEND_FIN } else { TCP_SEEN_FIN };
+    }
+    if from_backend {
+        s |= TCP_SEEN_REPLY;
+    }
+    s
+}
 
 /// Value of `SETTINGS[0]`: what the agent sets at load.
 #[repr(C)]
@@ -298,7 +350,7 @@ pub struct Counters {
     /// Backend-to-client packets and bytes, after reverse translation.
     pub reply_packets: u64,
     pub reply_bytes: u64,
-    /// TCP flows that saw a FIN or RST from the client side.
+    /// TCP flows closed: a FIN from both sides, or an RST (`TcpState`).
     pub closed_flows: u64,
 }
 
@@ -702,6 +754,26 @@ mod layout_tests {
         }
         assert!(Path::RepliedFlowMacs.is_fast());
         assert!(!Path::PassFibNoNeigh.is_fast());
+    }
+
+    #[test]
+    fn a_tcp_flow_closes_on_both_fins_or_one_rst() {
+        use TcpState::*;
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        let run = |packets: &[(u8, bool)]| {
+            packets.iter().fold(0, |seen, (flags, from_backend)| tcp_seen_after(seen, *flags, *from_backend))
+        };
+        assert_eq!(TcpState::of(0), HalfOpen, "a SYN alone");
+        assert_eq!(TcpState::of(run(&[(ACK, false)])), HalfOpen, "the client alone never opens a flow");
+        assert_eq!(TcpState::of(run(&[(ACK, true)])), Open);
+        assert_eq!(TcpState::of(run(&[(ACK, true), (FIN | ACK, false)])), Open, "one FIN half-closes");
+        assert_eq!(TcpState::of(run(&[(ACK, true), (FIN | ACK, true)])), Open);
+        assert_eq!(TcpState::of(run(&[(ACK, true), (FIN | ACK, false), (FIN | ACK, true)])), Closed);
+        assert_eq!(TcpState::of(run(&[(FIN | ACK, true), (ACK, true), (FIN, false)])), Closed);
+        assert_eq!(TcpState::of(run(&[(RST, false)])), Closed, "an RST from the client");
+        assert_eq!(TcpState::of(run(&[(ACK, true), (RST | ACK, true)])), Closed, "an RST from the backend");
     }
 
     #[test]

@@ -3,12 +3,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     csum, hash::flow_hash, BackendAddr, Conn, Counters, FlowKey, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_TCP, PROTO_UDP,
-    TCP_SEEN_FIN, TCP_SEEN_RST,
+    tcp_seen_after, TcpState,
 };
 
 use crate::{
     hook::Hook,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{TCP_ACK, TCP_SYN},
     select::pick_backend,
     stats::count_flow,
     Packet, Verdict, BACKEND_VIPS, CONNTRACK, FLOW_BUDGET, SETTINGS,
@@ -40,7 +40,7 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
             // blur a timestamp or a flag, never the translation itself.
             let c = unsafe { &mut *c };
             c.last_seen_ns = now;
-            mark_closed(c, pkt.tcp_flags, &mut delta);
+            mark_tcp(c, pkt, false, &mut delta);
             *c
         }
         known => {
@@ -97,7 +97,7 @@ pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdic
     let Some((c, vip_be, vip_port_be)) = found else { return Err(not_ours) };
     c.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { reply_packets: 1, reply_bytes: frame_len, ..Counters::default() };
-    mark_closed(c, pkt.tcp_flags, &mut delta);
+    mark_tcp(c, pkt, true, &mut delta);
     let c = *c;
     count_flow(c.service_id, c.backend_id, &delta);
     Ok((c, rewrite(hook, pkt, End::Src, vip_be, vip_port_be)))
@@ -138,15 +138,19 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
     Ok(conn)
 }
 
+/// A TCP packet's flags into its flow's `tcp_seen`; a flow it closes is
+/// counted (see `TcpState`).
 #[inline(always)]
-fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Counters) {
-    let seen =
-        (if flags & TCP_FIN != 0 { TCP_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { TCP_SEEN_RST } else { 0 });
-    if seen != 0 {
-        if c.tcp_seen == 0 {
+fn mark_tcp(c: &mut Conn, pkt: &Packet, from_backend: bool, delta: &mut Counters) {
+    if pkt.proto != PROTO_TCP {
+        return;
+    }
+    let next = tcp_seen_after(c.tcp_seen, pkt.tcp_flags, from_backend);
+    if next != c.tcp_seen {
+        if TcpState::of(next) == TcpState::Closed && TcpState::of(c.tcp_seen) != TcpState::Closed {
             delta.closed_flows = 1;
         }
-        c.tcp_seen |= seen;
+        c.tcp_seen = next;
     }
 }
 

@@ -19,7 +19,8 @@ use std::{
 
 use lb_agent::{adapters::dataplane::netdev::if_index, config::DataplaneConfig};
 use lb_common::{
-    Conn, Counters, FlowKey, Path, Reason, DEFAULT_NON_SYN_FLOWS_PER_SEC, PROG_LB, PROG_LB_LOCAL, PROG_TC, TCP_SEEN_FIN,
+    Conn, Counters, FlowKey, Path, Reason, DEFAULT_NON_SYN_FLOWS_PER_SEC, PROG_LB, PROG_LB_LOCAL, PROG_TC,
+    TCP_SEEN_BACKEND_FIN, TCP_SEEN_FIN, TCP_SEEN_REPLY, TCP_SEEN_RST,
 };
 use lb_lab::{
     checksum::{
@@ -150,11 +151,15 @@ enum Flow {
     Opened(Nat),
     /// A packet of a known flow: counted, no new entry.
     Existing(Nat),
-    /// A client FIN: counted as a packet and a closed flow; the forward
-    /// entry remembers the FIN.
-    Closed(Nat),
-    /// A backend reply, translated back: counted as a reply.
+    /// A client packet of a known flow that leaves the entry's `tcp_seen`
+    /// at `seen`, closing the flow (closed_flows +1) or not.
+    Marked { nat: Nat, seen: u8, closes: bool },
+    /// A backend reply, translated back: counted as a reply; a TCP flow's
+    /// entry notes that its backend answered.
     Reply(Nat),
+    /// A backend reply that leaves `tcp_seen` at `seen`, closing the flow
+    /// or not.
+    ReplyMarked { nat: Nat, seen: u8, closes: bool },
 }
 
 /// A packet that passes with no change at all.
@@ -377,18 +382,48 @@ fn tcp_syn_with_no_non_syn_budget() -> Fixture {
     Fixture { non_syn_budget: 0, ..tcp_syn_to_vip_named("tcp_syn_with_no_non_syn_budget") }
 }
 
-fn tcp_fin_closes_flow() -> Fixture {
+fn tcp_client_fin_half_closes_flow() -> Fixture {
     let nat = web_nat(CLIENT);
     let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_FIN | TCP_ACK));
-    translated("tcp_fin_closes_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, Flow::Closed(nat))
+    let flow = Flow::Marked { nat, seen: TCP_SEEN_FIN, closes: false };
+    translated("tcp_client_fin_half_closes_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, flow)
+}
+
+/// The backend's FIN after the client's closes the flow.
+fn tcp_backend_fin_after_client_fin_closes_flow() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let client_fin = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_FIN | TCP_ACK)).0;
+    let (input, output) = reply_and_translated(&nat, TCP_FIN | TCP_ACK);
+    let flow = Flow::ReplyMarked { nat, seen: TCP_SEEN_FIN | TCP_SEEN_BACKEND_FIN | TCP_SEEN_REPLY, closes: true };
+    translated(
+        "tcp_backend_fin_after_client_fin_closes_flow",
+        vec![syn_of(&nat), client_fin],
+        (input, output),
+        Reason::ReplyTranslated,
+        flow,
+    )
+}
+
+/// One RST closes a flow, here the client's before any answer.
+fn tcp_client_rst_closes_flow() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_RST));
+    let flow = Flow::Marked { nat, seen: TCP_SEEN_RST, closes: true };
+    translated("tcp_client_rst_closes_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, flow)
+}
+
+/// A backend packet of `nat`'s flow with `flags`, as sent (from the
+/// backend) and as it must leave (from the VIP).
+fn reply_and_translated(nat: &Nat, flags: u8) -> (Vec<u8>, Vec<u8>) {
+    let reply = Tcp::new(nat.backend.port(), nat.client.port(), flags);
+    let input = tcp_frame(FROM_BACKEND, &ip(*nat.backend.ip(), *nat.client.ip()), &reply);
+    let from_vip = Tcp { src_port: nat.vip.port(), ..reply };
+    (input, tcp_frame(FROM_BACKEND, &ip(*nat.vip.ip(), *nat.client.ip()), &from_vip))
 }
 
 fn tcp_reply_from_backend() -> Fixture {
     let nat = web_nat(CLIENT);
-    let reply = Tcp::new(nat.backend.port(), CLIENT.port(), TCP_SYN | TCP_ACK);
-    let input = tcp_frame(FROM_BACKEND, &ip(*nat.backend.ip(), *CLIENT.ip()), &reply);
-    let from_vip = Tcp { src_port: nat.vip.port(), ..reply };
-    let output = tcp_frame(FROM_BACKEND, &ip(*nat.vip.ip(), *CLIENT.ip()), &from_vip);
+    let (input, output) = reply_and_translated(&nat, TCP_SYN | TCP_ACK);
     translated("tcp_reply_from_backend", vec![syn_of(&nat)], (input, output), Reason::ReplyTranslated, Flow::Reply(nat))
 }
 
@@ -769,8 +804,15 @@ fn check_flow_counters(f: &Fixture, name: &str, before: &State, after: &State) {
         Flow::Untouched => (None, Counters::default()),
         Flow::Opened(n) => (Some(n), Counters { packets: 1, bytes: len, new_flows: 1, ..Counters::default() }),
         Flow::Existing(n) => (Some(n), Counters { packets: 1, bytes: len, ..Counters::default() }),
-        Flow::Closed(n) => (Some(n), Counters { packets: 1, bytes: len, closed_flows: 1, ..Counters::default() }),
+        Flow::Marked { nat, closes, .. } => {
+            let closed_flows = u64::from(*closes);
+            (Some(nat), Counters { packets: 1, bytes: len, closed_flows, ..Counters::default() })
+        }
         Flow::Reply(n) => (Some(n), Counters { reply_packets: 1, reply_bytes: len, ..Counters::default() }),
+        Flow::ReplyMarked { nat, closes, .. } => {
+            let closed_flows = u64::from(*closes);
+            (Some(nat), Counters { reply_packets: 1, reply_bytes: len, closed_flows, ..Counters::default() })
+        }
     };
     for id in 0..BACKEND_IDS {
         let expect = if nat.is_some_and(|n| n.backend_id == id) { want } else { Counters::default() };
@@ -793,8 +835,11 @@ fn check_conntrack(f: &Fixture, name: &str, before: &State, after: &State) {
         Flow::Opened(n) => {
             want.insert(forward_key(n), forward_conn(n));
         }
-        Flow::Closed(n) => {
-            want.get_mut(&forward_key(n)).expect("flow opened by setup").tcp_seen |= TCP_SEEN_FIN;
+        Flow::Marked { nat, seen, .. } | Flow::ReplyMarked { nat, seen, .. } => {
+            want.get_mut(&forward_key(nat)).expect("flow opened by setup").tcp_seen = *seen;
+        }
+        Flow::Reply(n) if n.proto == IPPROTO_TCP => {
+            want.get_mut(&forward_key(n)).expect("flow opened by setup").tcp_seen |= TCP_SEEN_REPLY;
         }
         Flow::Untouched | Flow::Existing(_) | Flow::Reply(_) => {}
     }
@@ -1093,7 +1138,7 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     // the test run's context set.
     let opened_on = if f.setup.is_empty() { ingress } else { index_of(LB_CLIENT_SIDE) };
     let flows = lb.conntrack().unwrap();
-    let forward = flows.values().find(|c| c.nat_ip_be != be_ip(WEB_VIP)).expect("the flow's forward entry");
+    let forward = flows.values().next().expect("the flow's entry");
     assert_eq!(forward.client_ifindex, opened_on, "{name}: the flow's client interface");
 }
 
@@ -1131,7 +1176,9 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_tcp_ack_with_payload_same_flow => tcp_ack_with_payload_same_flow,
     root_tcp_checksums_that_become_zero => tcp_checksums_that_become_zero,
     root_tcp_complete_checksum_that_looks_partial => tcp_complete_checksum_that_looks_partial,
-    root_tcp_fin_closes_flow => tcp_fin_closes_flow,
+    root_tcp_client_fin_half_closes_flow => tcp_client_fin_half_closes_flow,
+    root_tcp_backend_fin_after_client_fin_closes_flow => tcp_backend_fin_after_client_fin_closes_flow,
+    root_tcp_client_rst_closes_flow => tcp_client_rst_closes_flow,
     root_tcp_ack_without_flow_within_budget => tcp_ack_without_flow_within_budget,
     root_tcp_ack_without_flow_over_budget => tcp_ack_without_flow_over_budget,
     root_tcp_syn_with_no_non_syn_budget => tcp_syn_with_no_non_syn_budget,
