@@ -299,6 +299,14 @@ impl Agent {
         v["status"].take()
     }
 
+    /// The new flows the agent counted for `service`, all its backends.
+    pub fn new_flows(&self, service: &str) -> u64 {
+        let status = self.status();
+        let svc = status["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == service)).cloned();
+        let svc = svc.unwrap_or_else(|| panic!("no service {service} in the status: {status}"));
+        svc["backends"].as_array().into_iter().flatten().map(|b| b["counters"]["new_flows"].as_u64().unwrap_or(0)).sum()
+    }
+
     /// Run the `lb-agent` command line with `args` plus `--api-socket` of
     /// this agent (in the test's namespaces: the control socket is a path,
     /// reachable from any network namespace).

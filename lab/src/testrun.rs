@@ -8,14 +8,17 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration}
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Map, MapError},
+    maps::{IterableMap as _, Map, MapError},
     programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf,
 };
-use lb_agent::adapters::dataplane::object::{load_object, load_program, program, take_map, Maps};
+use lb_agent::{
+    adapters::dataplane::object::{load_object, load_program, program, take_map, Maps},
+    config::DataplaneConfig,
+};
 use lb_common::{
-    hash::flow_hash, maglev_index, Backend, Conn, Counters, FlowKey, Path, Reason, Service, ServiceKey,
-    BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+    hash::flow_hash, maglev_index, Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, Path, Reason, Service,
+    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
@@ -182,8 +185,24 @@ impl LbObject {
     }
 
     fn load_object(object: &[u8]) -> Result<Self> {
-        let (ebpf, maps) = load_object(object, None)?;
+        Self::load_object_with(object, &DataplaneConfig::default())
+    }
+
+    /// [`Self::load`] with the agent's `[dataplane]` settings, e.g. a
+    /// connection table of another size.
+    pub fn load_with(config: &DataplaneConfig) -> Result<Self> {
+        Self::load_object_with(lb_agent::ebpf::object(), config)
+    }
+
+    fn load_object_with(object: &[u8], config: &DataplaneConfig) -> Result<Self> {
+        let (ebpf, maps) = load_object(object, None, config)?;
         Ok(Self { ebpf, maps })
+    }
+
+    /// Sets the non-SYN flow budget (`Settings::non_syn_flows_per_sec`).
+    pub fn set_non_syn_flows_per_sec(&mut self, per_sec: u32) -> Result<()> {
+        let config = DataplaneConfig { non_syn_flows_per_sec: per_sec, ..DataplaneConfig::default() };
+        self.maps.set_settings(&config).context("write SETTINGS")
     }
 
     /// Loads (verifies) another XDP program of the object, e.g. `xdp_pass`.
@@ -232,7 +251,8 @@ impl LbObject {
         self.maps.path_counters(ingress_ifindex).with_context(|| format!("read the paths of ifindex {ingress_ifindex}"))
     }
 
-    /// Writes a service, its backends and its live Maglev table.
+    /// Writes a service, its backends (and the service among those each
+    /// backend address serves) and its live Maglev table.
     pub fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
         for &(id, addr) in &spec.backends {
             let b = Backend {
@@ -243,10 +263,27 @@ impl LbObject {
                 flags: BACKEND_F_ACTIVE,
             };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
+            self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
         let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
+    }
+
+    /// Adds `service` to the services the backend address serves
+    /// (`BACKEND_VIPS`), as the agent's reconciler does.
+    pub fn add_backend_vip(&mut self, addr: SocketAddrV4, proto: u8, service: ServiceKey) -> Result<()> {
+        let key = BackendAddr { ip_be: be_ip(addr), port_be: addr.port().to_be(), proto, _pad: 0 };
+        let mut vips = match self.maps.backend_vips.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => BackendVips::default(),
+            Err(e) => return Err(e).context("read BACKEND_VIPS"),
+        };
+        if !vips.vips.contains(&service) {
+            let free = vips.vips.iter_mut().find(|k| k.vip_be == 0).context("backend address in too many services")?;
+            *free = service;
+        }
+        self.maps.backend_vips.insert(key, vips, 0).with_context(|| format!("write BACKEND_VIPS for {addr}"))
     }
 
     /// Fills all `MAGLEV_TABLE_SIZE` slots of one table, slot `i` with
@@ -284,6 +321,37 @@ impl LbObject {
     /// `SERVICE_STATS[id]`, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
         self.maps.service_counters(id).with_context(|| format!("read counters of service {id}"))
+    }
+
+    /// The connection table's size (its max_entries as loaded).
+    pub fn conntrack_max_entries(&self) -> Result<u32> {
+        Ok(self.maps.conntrack.map().info().context("read the connection table's info")?.max_entries())
+    }
+
+    /// How many entries the connection table holds (a walk of its keys).
+    pub fn conntrack_len(&self) -> Result<u64> {
+        let mut n = 0;
+        for key in self.maps.conntrack.keys() {
+            key.context("walk the connection table")?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes a connection-table entry directly (the map API), as if the
+    /// program had opened the flow.
+    pub fn insert_flow(&mut self, key: &FlowKey, conn: &Conn) -> Result<()> {
+        self.maps.conntrack.insert(key, conn, 0).context("insert into the connection table")
+    }
+
+    /// The kernel memory charged to the connection table (`memlock` in its
+    /// fdinfo), in bytes.
+    pub fn conntrack_memlock(&self) -> Result<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.maps.conntrack.map().fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).context("read the map's fdinfo")?;
+        let line = info.lines().find_map(|l| l.strip_prefix("memlock:")).context("no memlock in the map's fdinfo")?;
+        line.trim().parse().context("parse memlock")
     }
 
     /// Every connection-table entry.

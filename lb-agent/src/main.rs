@@ -180,7 +180,7 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         // A bad config stops here, before anything is loaded.
         let config = Config::load(&options.config)?;
-        let dataplane = AyaDataplane::load(options.pin_dir.as_deref())?;
+        let dataplane = AyaDataplane::load(options.pin_dir.as_deref(), &config.dataplane)?;
         let orchestrators = HostOrchestrators { agent: options.identity() };
         let ports = Ports { dataplane, orchestrators, prober: NetProber };
         Agent::start(options, config, ports).await?.run().await?;

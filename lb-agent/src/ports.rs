@@ -11,7 +11,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{Backend, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
+use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
 use serde::Serialize;
 
 use crate::config::{HealthCheckConfig, InterfaceConfig, ServiceConfig};
@@ -26,6 +26,8 @@ pub trait MapWriter {
     fn set_table_entries(&mut self, service_id: u32, table: u32, entries: &[(u32, u32)]) -> Result<(), DataplaneError>;
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), DataplaneError>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+    /// The services a backend address serves (`None`: forget the address).
+    fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError>;
 }
 
 /// The cheap reads a snapshot and a scaling decision take on the agent's
@@ -49,7 +51,7 @@ pub trait DataplaneReads {
 pub trait ConnectionTable: Send + Sync {
     /// One walk: open flows per backend, and the entries in the table.
     fn scan(&self) -> Result<ConntrackScan, DataplaneError>;
-    /// Forget every flow of a backend (both directions); its clients' next
+    /// Forget every flow of a backend; its clients' next
     /// packets start new flows elsewhere. Returns how many of them were
     /// still open (as `scan` counts them).
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError>;
@@ -121,6 +123,11 @@ pub enum DataplaneError {
     },
     #[error("no free {what} id (at most {max})")]
     NoFreeId { what: &'static str, max: u32 },
+    #[error(
+        "backend {backend} is in {services} services; one backend address can serve at most {max} \
+         (the data plane matches its replies against each)"
+    )]
+    BackendInTooManyServices { backend: SocketAddrV4, services: usize, max: usize },
 }
 
 /// What a previous agent left in the (pinned) maps.
@@ -130,6 +137,8 @@ pub struct PinnedState {
     pub backends: Vec<(u32, Backend)>,
     /// Both tables of every service, by service id.
     pub tables: BTreeMap<u32, [Vec<u32>; 2]>,
+    /// `BACKEND_VIPS`: the services each backend address serves.
+    pub backend_vips: Vec<(BackendAddr, BackendVips)>,
 }
 
 /// One walk of the connection table.
@@ -137,8 +146,10 @@ pub struct PinnedState {
 pub struct ConntrackScan {
     /// Open flows per backend id.
     pub open: BTreeMap<u32, u64>,
-    /// Entries in the table (two per flow).
+    /// Entries in the table (one per flow).
     pub entries: u64,
+    /// The entries it can hold (`[dataplane] max_flows`).
+    pub max_entries: u32,
 }
 
 /// How the program runs on an interface.

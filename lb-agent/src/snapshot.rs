@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use lb_common::{Counters, Reason, CONNTRACK_MAX, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{Counters, Reason, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
 
 use tokio::time::Instant;
 
@@ -138,7 +138,7 @@ impl SnapshotBuilder {
             maps: vec![
                 fill(lb_common::SERVICES, services.len() as u64, MAX_SERVICES),
                 fill(lb_common::BACKENDS, backend_count as u64, MAX_BACKENDS),
-                fill(lb_common::CONNTRACK, scan.entries, CONNTRACK_MAX),
+                fill(lb_common::CONNTRACK, scan.entries, scan.max_entries),
             ],
             services,
             reasons,
@@ -312,7 +312,7 @@ weight = 3
         reconciler.apply(&registry.desired(), dp).unwrap();
         tokio::time::advance(Duration::from_secs(4)).await;
         dp.lock().reasons = vec![(Reason::Forwarded, 7), (Reason::DropNoBackend, 2), (Reason::PassNotIpv4, 1)];
-        let scan = ConntrackScan { open: [(b1, 3), (b2, 1)].into(), entries: 8 };
+        let scan = ConntrackScan { open: [(b1, 3), (b2, 1)].into(), entries: 8, max_entries: lb_common::CONNTRACK_MAX };
         let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
 
         let [one, two] = &s.services[0].backends[..] else { panic!("{:#?}", s.services) };

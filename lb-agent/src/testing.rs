@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use lb_common::{Backend, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
+use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
 
 use crate::{
     config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
@@ -80,6 +80,7 @@ pub enum Write {
     Table { service_id: u32, table: u32, entries: usize },
     Service { key: ServiceKey, service: Service },
     RemoveService { key: ServiceKey },
+    BackendVips { addr: BackendAddr, vips: Option<BackendVips> },
 }
 
 impl Write {
@@ -89,6 +90,7 @@ impl Write {
             Write::Table { .. } => "table",
             Write::Service { .. } => "service",
             Write::RemoveService { .. } => "remove_service",
+            Write::BackendVips { .. } => "backend_vips",
         }
     }
 }
@@ -101,6 +103,7 @@ pub struct FakeDataplane {
     pub backends: BTreeMap<u32, Backend>,
     pub tables: BTreeMap<(u32, u32), Vec<u32>>,
     pub services: BTreeMap<ServiceKey, Service>,
+    pub backend_vips: BTreeMap<BackendAddr, BackendVips>,
     /// Counters by service id and by backend id (zero when absent).
     pub service_counters: BTreeMap<u32, Counters>,
     pub backend_counters: BTreeMap<u32, Counters>,
@@ -157,6 +160,7 @@ impl FakeDataplane {
             services: self.services.iter().map(|(k, s)| (*k, *s)).collect(),
             backends: self.backends.iter().filter(|(_, b)| b.flags != 0).map(|(id, b)| (*id, *b)).collect(),
             tables: self.services.values().map(|s| (s.id, [self.table(s.id, 0), self.table(s.id, 1)])).collect(),
+            backend_vips: self.backend_vips.iter().map(|(a, v)| (*a, *v)).collect(),
         }
     }
 }
@@ -191,6 +195,15 @@ impl MapWriter for FakeDataplane {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.services.remove(key);
         self.log.push(Write::RemoveService { key: *key });
+        Ok(())
+    }
+
+    fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
+        match vips {
+            Some(v) => self.backend_vips.insert(*addr, *v),
+            None => self.backend_vips.remove(addr),
+        };
+        self.log.push(Write::BackendVips { addr: *addr, vips: vips.copied() });
         Ok(())
     }
 }
@@ -234,6 +247,10 @@ impl MapWriter for SharedDataplane {
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.lock().remove_service(key)
+    }
+
+    fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
+        self.lock().set_backend_vips(addr, vips)
     }
 }
 
@@ -335,7 +352,7 @@ impl ConnectionTable for SharedDataplane {
         let mut dp = self.lock();
         dp.scans += 1;
         let open = dp.open.clone();
-        Ok(ConntrackScan { entries: 2 * open.values().sum::<u64>(), open })
+        Ok(ConntrackScan { entries: open.values().sum::<u64>(), open, max_entries: lb_common::CONNTRACK_MAX })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {

@@ -31,6 +31,9 @@ pub const SERVICES: &str = "SERVICES";
 pub const BACKENDS: &str = "BACKENDS";
 pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
+pub const BACKEND_VIPS: &str = "BACKEND_VIPS";
+pub const SETTINGS: &str = "SETTINGS";
+pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
 pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const REASON_STATS: &str = "REASON_STATS";
@@ -90,8 +93,17 @@ pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_TABLES_PER_SERVICE * MAGLE
 /// Interfaces the program can send out of (`EGRESS`) and count paths on
 /// (`PATH_STATS`).
 pub const MAX_INTERFACES: u32 = 64;
-/// Connection-table entries (LRU). Each flow takes two: forward and reply.
-pub const CONNTRACK_MAX: u32 = 1 << 18;
+/// Connection-table entries (LRU), one per flow: the object's default,
+/// which the agent replaces with `[dataplane] max_flows` at load.
+pub const CONNTRACK_MAX: u32 = 1 << 20;
+/// TCP flows a CPU may start per second from a packet that is not a SYN
+/// (`Settings::non_syn_flows_per_sec`), unless the agent says otherwise.
+pub const DEFAULT_NON_SYN_FLOWS_PER_SEC: u32 = 50_000;
+/// The services one backend address (ip, port, protocol) can serve at once:
+/// a reply from it is matched against a flow of each (`BACKEND_VIPS`).
+pub const MAX_VIPS_PER_BACKEND: usize = 4;
+/// Entries of `BACKEND_VIPS`: one per backend address.
+pub const BACKEND_VIPS_MAX: u32 = MAX_BACKENDS;
 /// Socket load balancing's reverse entries (LRU): one per socket and backend.
 pub const SOCK_REVNAT_MAX: u32 = 1 << 16;
 
@@ -107,7 +119,7 @@ pub const fn maglev_index(service_id: u32, table: u32, hash: u32) -> u32 {
 
 /// Key of `SERVICES`: what a packet's destination must match to be balanced.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip_be: u32,
     pub port_be: u16,
@@ -148,7 +160,8 @@ pub struct Backend {
 /// The slot is in use (an all-zero entry is an unused id).
 pub const BACKEND_F_ACTIVE: u32 = 1;
 
-/// Key of `CONNTRACK`: a flow's 5-tuple as seen on the wire, plus direction.
+/// Key of `CONNTRACK`: a flow's 5-tuple as its client sends it (client ->
+/// VIP). One entry per flow: replies find it through `BACKEND_VIPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -157,32 +170,61 @@ pub struct FlowKey {
     pub src_port_be: u16,
     pub dst_port_be: u16,
     pub proto: u8,
-    /// `DIR_FORWARD` (client to VIP) or `DIR_REPLY` (backend to client), so a
-    /// reply key can never alias a forward key.
-    pub dir: u8,
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 
-pub const DIR_FORWARD: u8 = 0;
-pub const DIR_REPLY: u8 = 1;
+impl FlowKey {
+    /// The forward key of a flow from a client to a VIP.
+    #[inline(always)]
+    pub const fn new(client_ip_be: u32, client_port_be: u16, vip_be: u32, vip_port_be: u16, proto: u8) -> Self {
+        FlowKey {
+            src_ip_be: client_ip_be,
+            dst_ip_be: vip_be,
+            src_port_be: client_port_be,
+            dst_port_be: vip_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Key of `BACKEND_VIPS`: a backend's address as its replies carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `BACKEND_VIPS`: the services (VIP, port) a backend address
+/// serves, the used ones first; an unused slot has `vip_be == 0`. A reply
+/// from the backend is ours only if the flow (client -> one of these) is in
+/// `CONNTRACK` with this backend, so a stale slot is harmless.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendVips {
+    pub vips: [ServiceKey; MAX_VIPS_PER_BACKEND],
+}
 
 /// Value of `CONNTRACK`.
 ///
-/// A forward entry (client -> VIP) holds the backend to rewrite the destination
-/// to; a reply entry (backend -> client) holds the VIP to rewrite the source
-/// back to. The backend address is kept in the entry itself, so a flow keeps
-/// working after its backend leaves `BACKENDS` (draining).
+/// The backend the flow was sent to: its client's packets get their
+/// destination rewritten to it, and a reply from it (to the client) is
+/// matched by it. The backend address is kept in the entry itself, so a flow
+/// keeps working after its backend leaves `BACKENDS` (draining).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conn {
     pub nat_ip_be: u32,
     pub nat_port_be: u16,
-    /// TCP flags seen on this direction (`TCP_SEEN_*`).
+    /// TCP flags seen on the flow (`TCP_SEEN_*`).
     pub tcp_seen: u8,
     pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    /// `bpf_ktime_get_ns()` of the last packet either way.
     pub last_seen_ns: u64,
     /// The interface the flow's first client packet arrived on, and the
     /// MACs it arrived with: `client_mac` its source (the client or the
@@ -194,8 +236,108 @@ pub struct Conn {
     pub local_mac: [u8; 6],
 }
 
+/// `Conn::tcp_seen` bits: a FIN from the client...
 pub const TCP_SEEN_FIN: u8 = 1;
+/// ...an RST either way...
 pub const TCP_SEEN_RST: u8 = 2;
+/// ...any packet from the backend (the SYN was answered)...
+pub const TCP_SEEN_REPLY: u8 = 4;
+/// ...a FIN from the backend.
+pub const TCP_SEEN_BACKEND_FIN: u8 = 8;
+
+// TCP header flags, as on the wire.
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_RST: u8 = 0x04;
+
+/// Where a TCP flow is, by its `tcp_seen` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// The backend has not answered yet (a SYN never answered, or a flood).
+    HalfOpen,
+    /// Answered, not closed: counts as an open connection.
+    Open,
+    /// Both sides sent a FIN, or one an RST.
+    Closed,
+}
+
+impl TcpState {
+    #[inline(always)]
+    pub const fn of(seen: u8) -> TcpState {
+        let both_fins = TCP_SEEN_FIN | TCP_SEEN_BACKEND_FIN;
+        if seen & TCP_SEEN_RST != 0 || seen & both_fins == both_fins {
+            TcpState::Closed
+        } else if seen & TCP_SEEN_REPLY != 0 {
+            TcpState::Open
+        } else {
+            TcpState::HalfOpen
+        }
+    }
+}
+
+/// A flow's `tcp_seen` after a packet with `tcp_flags`, from the backend
+/// (`from_backend`) or from the client.
+#[inline(always)]
+pub const fn tcp_seen_after(seen: u8, tcp_flags: u8, from_backend: bool) -> u8 {
+    let mut s = seen;
+    if tcp_flags & TCP_FLAG_RST != 0 {
+        s |= TCP_SEEN_RST;
+    }
+    if tcp_flags & TCP_FLAG_FIN != 0 {
+        s |= if from_backend { TCP_SEEN_BACKEND_FIN } else { TCP_SEEN_FIN };
+    }
+    if from_backend {
+        s |= TCP_SEEN_REPLY;
+    }
+    s
+}
+
+/// Value of `SETTINGS[0]`: what the agent sets at load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// A TCP packet that is not a SYN, of a flow the table does not hold
+    /// (evicted, or from before a restart), gets a fresh Maglev pick and an
+    /// entry, up to this many a second per CPU; beyond, it is dropped
+    /// (`Reason::DropNonSynOverBudget`) and the client retransmits. SYNs
+    /// always get an entry. `u32::MAX`: no limit.
+    pub non_syn_flows_per_sec: u32,
+    pub _pad: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { non_syn_flows_per_sec: DEFAULT_NON_SYN_FLOWS_PER_SEC, _pad: 0 }
+    }
+}
+
+/// Value of `FLOW_BUDGET[0]` (per CPU): the non-SYN flows started in the
+/// current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowBudget {
+    pub window_start_ns: u64,
+    pub used: u64,
+}
+
+impl FlowBudget {
+    /// Takes one flow from the budget of `per_sec` a second at `now_ns`;
+    /// false when this second's are used up.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64, per_sec: u32) -> bool {
+        if per_sec == u32::MAX {
+            return true;
+        }
+        if now_ns.wrapping_sub(self.window_start_ns) >= 1_000_000_000 {
+            self.window_start_ns = now_ns;
+            self.used = 0;
+        }
+        if self.used >= u64::from(per_sec) {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+}
 
 /// Per-CPU counters, one slot per service in `SERVICE_STATS` and one per
 /// backend id in `BACKEND_STATS`. The agent sums over CPUs.
@@ -210,7 +352,7 @@ pub struct Counters {
     /// Backend-to-client packets and bytes, after reverse translation.
     pub reply_packets: u64,
     pub reply_bytes: u64,
-    /// TCP flows that saw a FIN or RST from the client side.
+    /// TCP flows closed: a FIN from both sides, or an RST (`TcpState`).
     pub closed_flows: u64,
 }
 
@@ -276,10 +418,13 @@ pub enum Reason {
     DropStaleBackend,
     /// The connection table refused an insert.
     DropConntrackFull,
+    /// A TCP packet other than a SYN with no flow in the table, beyond this
+    /// CPU's budget of such flows (`Settings::non_syn_flows_per_sec`).
+    DropNonSynOverBudget,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropConntrackFull as u32 + 1;
+    pub const COUNT: u32 = Reason::DropNonSynOverBudget as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -301,6 +446,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropStaleBackend,
         Reason::DropConntrackFull,
+        Reason::DropNonSynOverBudget,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -326,6 +472,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropStaleBackend => "drop_stale_backend",
             Reason::DropConntrackFull => "drop_conntrack_full",
+            Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
         }
     }
 
@@ -478,6 +625,8 @@ const _: () = {
     assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
     assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
+    assert!(size_of::<BackendAddr>() == 8 && align_of::<BackendAddr>() == 4);
+    assert!(size_of::<BackendVips>() == 8 * MAX_VIPS_PER_BACKEND && align_of::<BackendVips>() == 4);
     assert!(size_of::<Conn>() == 40 && align_of::<Conn>() == 8);
     assert!(size_of::<PathCounters>() == 8 * Path::COUNT as usize && align_of::<PathCounters>() == 8);
     assert!(size_of::<Counters>() == 48 && align_of::<Counters>() == 8);
@@ -508,6 +657,10 @@ mod pod {
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for BackendAddr {}
+    unsafe impl aya::Pod for BackendVips {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for FlowBudget {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for BenchFrame {}
@@ -552,8 +705,15 @@ mod layout_tests {
         assert_eq!(offset_of!(FlowKey, src_port_be), 8);
         assert_eq!(offset_of!(FlowKey, dst_port_be), 10);
         assert_eq!(offset_of!(FlowKey, proto), 12);
-        assert_eq!(offset_of!(FlowKey, dir), 13);
-        assert_eq!(offset_of!(FlowKey, _pad), 14);
+        assert_eq!(offset_of!(FlowKey, _pad), 13);
+    }
+
+    #[test]
+    fn backend_addr_layout() {
+        assert_eq!(offset_of!(BackendAddr, ip_be), 0);
+        assert_eq!(offset_of!(BackendAddr, port_be), 4);
+        assert_eq!(offset_of!(BackendAddr, proto), 6);
+        assert_eq!(offset_of!(BackendAddr, _pad), 7);
     }
 
     #[test]
@@ -622,6 +782,38 @@ mod layout_tests {
         }
         assert!(Path::RepliedFlowMacs.is_fast());
         assert!(!Path::PassFibNoNeigh.is_fast());
+    }
+
+    #[test]
+    fn a_tcp_flow_closes_on_both_fins_or_one_rst() {
+        use TcpState::*;
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        let run = |packets: &[(u8, bool)]| {
+            packets.iter().fold(0, |seen, (flags, from_backend)| tcp_seen_after(seen, *flags, *from_backend))
+        };
+        assert_eq!(TcpState::of(0), HalfOpen, "a SYN alone");
+        assert_eq!(TcpState::of(run(&[(ACK, false)])), HalfOpen, "the client alone never opens a flow");
+        assert_eq!(TcpState::of(run(&[(ACK, true)])), Open);
+        assert_eq!(TcpState::of(run(&[(ACK, true), (FIN | ACK, false)])), Open, "one FIN half-closes");
+        assert_eq!(TcpState::of(run(&[(ACK, true), (FIN | ACK, true)])), Open);
+        assert_eq!(TcpState::of(run(&[(ACK, true), (FIN | ACK, false), (FIN | ACK, true)])), Closed);
+        assert_eq!(TcpState::of(run(&[(FIN | ACK, true), (ACK, true), (FIN, false)])), Closed);
+        assert_eq!(TcpState::of(run(&[(RST, false)])), Closed, "an RST from the client");
+        assert_eq!(TcpState::of(run(&[(ACK, true), (RST | ACK, true)])), Closed, "an RST from the backend");
+    }
+
+    #[test]
+    fn the_flow_budget_refills_every_second() {
+        let mut b = FlowBudget::default();
+        let t0 = 5_000_000_000;
+        assert!((0..3).all(|_| b.take(t0, 3)));
+        assert!(!b.take(t0 + 999_999_999, 3));
+        assert!(b.take(t0 + 1_000_000_000, 3));
+        assert!(!FlowBudget::default().take(t0, 0));
+        let mut unlimited = FlowBudget::default();
+        assert!((0..1000).all(|_| unlimited.take(t0, u32::MAX)));
     }
 
     #[test]

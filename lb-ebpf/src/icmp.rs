@@ -85,7 +85,9 @@ const fn malformed() -> Verdict {
 #[inline(always)]
 pub fn forward_error<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     let err = parse_flow_error(hook)?;
-    let conn = nat::find_flow(err.client_be, err.vip_be, err.client_port_be, err.vport_be, err.proto)
+    let conn = nat::lookup_flow(err.client_be, err.client_port_be, err.vip_be, err.vport_be, err.proto)
+        // SAFETY: copied out at once; see `nat::forward`.
+        .map(|c| unsafe { *c })
         .ok_or(Verdict::pass(Reason::PassIcmpNoFlow))?;
     rewrite_to_backend(&err, conn.nat_ip_be, conn.nat_port_be);
     let pkt = translated(hook, err.eth, err.outer);

@@ -36,7 +36,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, CONNTRACK_MAX, MAGLEV_ENTRIES,
+    Backend, BackendAddr, BackendVips, Conn, Counters, FlowBudget, FlowKey, PathCounters, Reason, Service, ServiceKey, Settings, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
     MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
 };
 
@@ -54,6 +54,15 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_ENTRIES, 0);
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+/// The services each backend address serves, for matching its replies.
+#[map]
+static BACKEND_VIPS: HashMap<BackendAddr, BackendVips> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
+/// What the agent sets at load (`Settings`), in slot 0.
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+/// Per CPU: the flows started this second by packets other than a SYN.
+#[map]
+static FLOW_BUDGET: PerCpuArray<FlowBudget> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]

@@ -2,24 +2,31 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    csum, hash::flow_hash, Conn, Counters, FlowKey, Reason, Service, DIR_FORWARD, DIR_REPLY, PROTO_UDP, TCP_SEEN_FIN,
-    TCP_SEEN_RST,
+    csum, hash::flow_hash, BackendAddr, Conn, Counters, FlowKey, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_TCP, PROTO_UDP,
+    tcp_seen_after, TcpState,
 };
 
 use crate::{
     hook::Hook,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{TCP_ACK, TCP_SYN},
     select::pick_backend,
     stats::count_flow,
-    Packet, Verdict, CONNTRACK,
+    Packet, Verdict, BACKEND_VIPS, CONNTRACK, FLOW_BUDGET, SETTINGS,
 };
+
+/// The connection-table entry of the flow from a client to a VIP (its only
+/// entry), or `None`. A hit marks the entry recently used.
+#[inline(always)]
+pub fn lookup_flow(client_ip_be: u32, client_port_be: u16, vip_be: u32, vip_port_be: u16, proto: u8) -> Option<*mut Conn> {
+    CONNTRACK.get_ptr_mut(&FlowKey::new(client_ip_be, client_port_be, vip_be, vip_port_be, proto))
+}
 
 /// A client packet for `svc`: find or pick the backend, rewrite the
 /// destination to it. `Ok(true)` when the L4 checksum is a partial one.
 #[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<bool, Verdict> {
     let frame_len = hook.packet_len() as u64;
-    let key = own_key(pkt, DIR_FORWARD);
+    let key = FlowKey::new(pkt.src_ip_be, pkt.src_port_be, pkt.dst_ip_be, pkt.dst_port_be, pkt.proto);
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
     // A SYN starts a new connection, so it takes a fresh pick even when the
@@ -33,10 +40,17 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
             // blur a timestamp or a flag, never the translation itself.
             let c = unsafe { &mut *c };
             c.last_seen_ns = now;
-            mark_closed(c, pkt.tcp_flags, &mut delta);
+            mark_tcp(c, pkt, false, &mut delta);
             *c
         }
         known => {
+            // A TCP packet other than a SYN without a flow (evicted, or from
+            // before a restart) re-picks: the same backend while the backend
+            // set stays, as Maglev is consistent. Within a budget only, so
+            // that a flood of such packets cannot churn the table.
+            if known.is_none() && pkt.proto == PROTO_TCP && !syn && !non_syn_budget_left(now) {
+                return Err(Verdict::drop(Reason::DropNonSynOverBudget));
+            }
             // The backend of a flow still opening, else NOT_OPENING: a plain
             // number, not an Option<Conn>. LLVM compares the payload of a
             // None too (the result is discarded), and kernels before 6.3
@@ -64,66 +78,62 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite the
-/// source back to the VIP. Returns the flow's reply entry, and whether the
-/// L4 checksum is a partial one. Anything else is not ours.
+/// source back to the VIP. The backend's address names the services it
+/// serves (`BACKEND_VIPS`); the flow is the one from this client to one of
+/// them whose entry holds this backend. Returns the flow's entry, and whether
+/// the L4 checksum is a partial one. Anything else is not ours (a health
+/// probe's answer among them: it has no flow).
 #[inline(always)]
 pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdict> {
     let frame_len = hook.packet_len() as u64;
-    let key = own_key(pkt, DIR_REPLY);
-    let Some(c) = CONNTRACK.get_ptr_mut(&key) else {
-        return Err(Verdict::pass(Reason::PassNoService));
+    let not_ours = Verdict::pass(Reason::PassNoService);
+    let addr = BackendAddr { ip_be: pkt.src_ip_be, port_be: pkt.src_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    let vips = match unsafe { BACKEND_VIPS.get(&addr) } {
+        Some(v) => *v,
+        None => return Err(not_ours),
     };
-    // SAFETY: as in `forward`.
-    let c = unsafe { &mut *c };
+    let mut found = None;
+    for vip in vips.vips.iter().take(MAX_VIPS_PER_BACKEND) {
+        if vip.vip_be == 0 {
+            break;
+        }
+        if let Some(c) = lookup_flow(pkt.dst_ip_be, pkt.dst_port_be, vip.vip_be, vip.port_be, pkt.proto) {
+            // SAFETY: as in `forward`.
+            let c = unsafe { &mut *c };
+            if c.nat_ip_be == pkt.src_ip_be && c.nat_port_be == pkt.src_port_be {
+                found = Some((c, vip.vip_be, vip.port_be));
+                break;
+            }
+        }
+    }
+    let Some((c, vip_be, vip_port_be)) = found else { return Err(not_ours) };
     c.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { reply_packets: 1, reply_bytes: frame_len, ..Counters::default() };
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        close_from_reply(pkt, c, &mut delta);
-    }
+    mark_tcp(c, pkt, true, &mut delta);
     let c = *c;
     count_flow(c.service_id, c.backend_id, &delta);
-    Ok((c, rewrite(hook, pkt, End::Src, c.nat_ip_be, c.nat_port_be)))
+    Ok((c, rewrite(hook, pkt, End::Src, vip_be, vip_port_be)))
 }
 
-/// The flow whose client packets carry this 5-tuple (client -> VIP), found
-/// by its forward key alone: for the ICMP errors about it (`icmp`).
+/// Takes one from this CPU's budget of flows started by non-SYN packets.
 #[inline(always)]
-pub fn find_flow(client_ip_be: u32, vip_be: u32, client_port_be: u16, vport_be: u16, proto: u8) -> Option<Conn> {
-    let key = FlowKey {
-        src_ip_be: client_ip_be,
-        dst_ip_be: vip_be,
-        src_port_be: client_port_be,
-        dst_port_be: vport_be,
-        proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once; see `forward`.
-    unsafe { CONNTRACK.get(&key).copied() }
-}
-
-/// The connection-table key of the packet's own 5-tuple, in direction `dir`.
-#[inline(always)]
-fn own_key(pkt: &Packet, dir: u8) -> FlowKey {
-    FlowKey {
-        src_ip_be: pkt.src_ip_be,
-        dst_ip_be: pkt.dst_ip_be,
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        dir,
-        _pad: 0,
+fn non_syn_budget_left(now: u64) -> bool {
+    let per_sec = SETTINGS.get(0).map_or(0, |s| s.non_syn_flows_per_sec);
+    match FLOW_BUDGET.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, nothing else writes it while we run.
+        Some(b) => unsafe { (*b).take(now, per_sec) },
+        None => false,
     }
 }
 
 /// A new flow: pick its backend from the Maglev table and remember the pick
-/// both ways, so replies can be translated back.
+/// in the flow's one entry.
 #[inline(always)]
 fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Conn, Verdict> {
     let hash = flow_hash(pkt.src_ip_be, pkt.dst_ip_be, pkt.src_port_be, pkt.dst_port_be, pkt.proto);
     let (backend_id, backend) = pick_backend(svc, hash).map_err(Verdict::drop)?;
-    let (client_mac, local_mac) = (pkt.src_mac, pkt.dst_mac);
-    let fwd = Conn {
+    let conn = Conn {
         nat_ip_be: backend.ip_be,
         nat_port_be: backend.port_be,
         tcp_seen: 0,
@@ -132,54 +142,28 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         service_id: svc.id,
         last_seen_ns: now,
         client_ifindex: pkt.ingress_ifindex,
-        client_mac,
-        local_mac,
+        client_mac: pkt.src_mac,
+        local_mac: pkt.dst_mac,
     };
-    let rev_key = FlowKey {
-        src_ip_be: backend.ip_be,
-        dst_ip_be: pkt.src_ip_be,
-        src_port_be: backend.port_be,
-        dst_port_be: pkt.src_port_be,
-        proto: pkt.proto,
-        dir: DIR_REPLY,
-        _pad: 0,
-    };
-    let rev = Conn { nat_ip_be: pkt.dst_ip_be, nat_port_be: pkt.dst_port_be, ..fwd };
-    // Reply entry first: a forward entry without one would send a flow to a
-    // backend whose answers we could not translate.
-    if CONNTRACK.insert(&rev_key, &rev, 0).is_err() || CONNTRACK.insert(key, &fwd, 0).is_err() {
+    if CONNTRACK.insert(key, &conn, 0).is_err() {
         return Err(Verdict::drop(Reason::DropConntrackFull));
     }
-    Ok(fwd)
+    Ok(conn)
 }
 
+/// A TCP packet's flags into its flow's `tcp_seen`; a flow it closes is
+/// counted (see `TcpState`).
 #[inline(always)]
-fn mark_closed(c: &mut Conn, flags: u8, delta: &mut Counters) {
-    let seen =
-        (if flags & TCP_FIN != 0 { TCP_SEEN_FIN } else { 0 }) | (if flags & TCP_RST != 0 { TCP_SEEN_RST } else { 0 });
-    if seen != 0 {
-        if c.tcp_seen == 0 {
+fn mark_tcp(c: &mut Conn, pkt: &Packet, from_backend: bool, delta: &mut Counters) {
+    if pkt.proto != PROTO_TCP {
+        return;
+    }
+    let next = tcp_seen_after(c.tcp_seen, pkt.tcp_flags, from_backend);
+    if next != c.tcp_seen {
+        if TcpState::of(next) == TcpState::Closed && TcpState::of(c.tcp_seen) != TcpState::Closed {
             delta.closed_flows = 1;
         }
-        c.tcp_seen |= seen;
-    }
-}
-
-/// A backend's FIN or RST closes the flow too: find its forward entry.
-#[inline(always)]
-fn close_from_reply(pkt: &Packet, rev: &Conn, delta: &mut Counters) {
-    let fwd_key = FlowKey {
-        src_ip_be: pkt.dst_ip_be,
-        dst_ip_be: rev.nat_ip_be,
-        src_port_be: pkt.dst_port_be,
-        dst_port_be: rev.nat_port_be,
-        proto: pkt.proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    };
-    if let Some(f) = CONNTRACK.get_ptr_mut(&fwd_key) {
-        // SAFETY: as in `forward`.
-        mark_closed(unsafe { &mut *f }, pkt.tcp_flags, delta);
+        c.tcp_seen = next;
     }
 }
 

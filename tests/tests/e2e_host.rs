@@ -178,6 +178,10 @@ fn assert_thousand_connections_even(client: &NetNs, agent: &Agent) -> BTreeMap<S
     for (b, n) in &counts {
         assert!((375..=625).contains(n), "{b} got {n} of 1000, not within 25% of 500: {counts:?}");
     }
+    // Exactly one new flow per connection, at either hook.
+    let new_flows = agent.new_flows("web");
+    println!("MEASURED: new_flows {new_flows} for 1000 connections");
+    assert_eq!(new_flows, 1000, "new flows counted for 1000 connections");
     counts
 }
 

@@ -91,6 +91,10 @@ fn spread_test(label: &str, opts: Options, n: usize) {
     print_shares(label, &counts);
     println!("{label}: {n} connections took {:?}", started.elapsed());
     assert_even(&counts, &topo.options.backends);
+    // Every connection is exactly one new flow, whatever the hook.
+    let new_flows = agent.new_flows("web");
+    println!("MEASURED: {label}: new_flows {new_flows} for {n} connections (hooks {modes:?})");
+    assert_eq!(new_flows, n as u64, "new flows counted for {n} connections");
     assert_no_csum_errors(&topo);
     stop_and_check_detached(&topo, agent);
 }

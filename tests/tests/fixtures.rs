@@ -17,9 +17,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
 };
 
-use lb_agent::adapters::dataplane::netdev::if_index;
+use lb_agent::{adapters::dataplane::netdev::if_index, config::DataplaneConfig};
 use lb_common::{
-    Conn, Counters, FlowKey, Path, Reason, DIR_FORWARD, DIR_REPLY, PROG_LB, PROG_LB_LOCAL, PROG_TC, TCP_SEEN_FIN,
+    Conn, Counters, FlowKey, Path, Reason, DEFAULT_NON_SYN_FLOWS_PER_SEC, PROG_LB, PROG_LB_LOCAL, PROG_TC,
+    TCP_SEEN_BACKEND_FIN, TCP_SEEN_FIN, TCP_SEEN_REPLY, TCP_SEEN_RST,
 };
 use lb_lab::{
     checksum::{
@@ -123,6 +124,8 @@ struct Fixture {
     /// run's skb cannot be CHECKSUM_PARTIAL, which is what `tc_lb` would go
     /// by), not `xdp_lb_local` for a complete one that looks partial.
     programs: &'static [&'static str],
+    /// `Settings::non_syn_flows_per_sec` for the run.
+    non_syn_budget: u32,
 }
 
 /// Every program: the XDP two differ only in how they read a
@@ -144,15 +147,19 @@ struct Nat {
 enum Flow {
     /// No flow counter moves and the connection table stays as it was.
     Untouched,
-    /// A new flow: a forward and a reply entry appear; new_flows +1.
+    /// A new flow: its one entry appears; new_flows +1.
     Opened(Nat),
     /// A packet of a known flow: counted, no new entry.
     Existing(Nat),
-    /// A client FIN: counted as a packet and a closed flow; the forward
-    /// entry remembers the FIN.
-    Closed(Nat),
-    /// A backend reply, translated back: counted as a reply.
+    /// A client packet of a known flow that leaves the entry's `tcp_seen`
+    /// at `seen`, closing the flow (closed_flows +1) or not.
+    Marked { nat: Nat, seen: u8, closes: bool },
+    /// A backend reply, translated back: counted as a reply; a TCP flow's
+    /// entry notes that its backend answered.
     Reply(Nat),
+    /// A backend reply that leaves `tcp_seen` at `seen`, closing the flow
+    /// or not.
+    ReplyMarked { nat: Nat, seen: u8, closes: bool },
 }
 
 /// A packet that passes with no change at all.
@@ -167,6 +174,7 @@ fn untouched(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         flow: Flow::Untouched,
         partial_l4: false,
         programs: EVERY,
+        non_syn_budget: DEFAULT_NON_SYN_FLOWS_PER_SEC,
     }
 }
 
@@ -178,7 +186,18 @@ fn translated(
     reason: Reason,
     flow: Flow,
 ) -> Fixture {
-    Fixture { name, setup, input, verdict: XDP_PASS, output, reason, flow, partial_l4: false, programs: EVERY }
+    Fixture {
+        name,
+        setup,
+        input,
+        verdict: XDP_PASS,
+        output,
+        reason,
+        flow,
+        partial_l4: false,
+        programs: EVERY,
+        non_syn_budget: DEFAULT_NON_SYN_FLOWS_PER_SEC,
+    }
 }
 
 /// A packet the program drops; XDP test runs still copy the frame out, and
@@ -194,6 +213,7 @@ fn dropped(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         flow: Flow::Untouched,
         partial_l4: false,
         programs: EVERY,
+        non_syn_budget: DEFAULT_NON_SYN_FLOWS_PER_SEC,
     }
 }
 
@@ -252,9 +272,13 @@ fn syn_of(nat: &Nat) -> Vec<u8> {
 }
 
 fn tcp_syn_to_vip() -> Fixture {
+    tcp_syn_to_vip_named("tcp_syn_to_vip")
+}
+
+fn tcp_syn_to_vip_named(name: &'static str) -> Fixture {
     let nat = web_nat(CLIENT);
     let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_SYN));
-    translated("tcp_syn_to_vip", vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
+    translated(name, vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
 }
 
 /// A client port whose flow hashes to the other web backend: the pick
@@ -337,19 +361,86 @@ fn tcp_checksums_that_become_zero() -> Fixture {
     )
 }
 
-fn tcp_fin_closes_flow() -> Fixture {
+/// A TCP segment other than a SYN whose flow the table lost (evicted, or
+/// from before a restart): within the budget it gets the Maglev pick, which
+/// is the backend it had, and an entry again.
+fn tcp_ack_without_flow_within_budget() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_ACK));
+    translated("tcp_ack_without_flow_within_budget", vec![], (input, output), Reason::Forwarded, Flow::Opened(nat))
+}
+
+/// The same beyond this CPU's budget of such flows: dropped, no entry (the
+/// client retransmits), so that a flood of them cannot churn the table.
+fn tcp_ack_without_flow_over_budget() -> Fixture {
+    let input = client_tcp(WEB_VIP, TCP_ACK);
+    Fixture { non_syn_budget: 0, ..dropped("tcp_ack_without_flow_over_budget", input, Reason::DropNonSynOverBudget) }
+}
+
+/// A SYN always gets an entry, budget or not.
+fn tcp_syn_with_no_non_syn_budget() -> Fixture {
+    Fixture { non_syn_budget: 0, ..tcp_syn_to_vip_named("tcp_syn_with_no_non_syn_budget") }
+}
+
+fn tcp_client_fin_half_closes_flow() -> Fixture {
     let nat = web_nat(CLIENT);
     let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_FIN | TCP_ACK));
-    translated("tcp_fin_closes_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, Flow::Closed(nat))
+    let flow = Flow::Marked { nat, seen: TCP_SEEN_FIN, closes: false };
+    translated("tcp_client_fin_half_closes_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, flow)
+}
+
+/// The backend's FIN after the client's closes the flow.
+fn tcp_backend_fin_after_client_fin_closes_flow() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let client_fin = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_FIN | TCP_ACK)).0;
+    let (input, output) = reply_and_translated(&nat, TCP_FIN | TCP_ACK);
+    let flow = Flow::ReplyMarked { nat, seen: TCP_SEEN_FIN | TCP_SEEN_BACKEND_FIN | TCP_SEEN_REPLY, closes: true };
+    translated(
+        "tcp_backend_fin_after_client_fin_closes_flow",
+        vec![syn_of(&nat), client_fin],
+        (input, output),
+        Reason::ReplyTranslated,
+        flow,
+    )
+}
+
+/// One RST closes a flow, here the client's before any answer.
+fn tcp_client_rst_closes_flow() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (input, output) = tcp_to_vip_and_backend(&nat, &Tcp::new(0, 0, TCP_RST));
+    let flow = Flow::Marked { nat, seen: TCP_SEEN_RST, closes: true };
+    translated("tcp_client_rst_closes_flow", vec![syn_of(&nat)], (input, output), Reason::Forwarded, flow)
+}
+
+/// A backend packet of `nat`'s flow with `flags`, as sent (from the
+/// backend) and as it must leave (from the VIP).
+fn reply_and_translated(nat: &Nat, flags: u8) -> (Vec<u8>, Vec<u8>) {
+    let reply = Tcp::new(nat.backend.port(), nat.client.port(), flags);
+    let input = tcp_frame(FROM_BACKEND, &ip(*nat.backend.ip(), *nat.client.ip()), &reply);
+    let from_vip = Tcp { src_port: nat.vip.port(), ..reply };
+    (input, tcp_frame(FROM_BACKEND, &ip(*nat.vip.ip(), *nat.client.ip()), &from_vip))
 }
 
 fn tcp_reply_from_backend() -> Fixture {
     let nat = web_nat(CLIENT);
-    let reply = Tcp::new(nat.backend.port(), CLIENT.port(), TCP_SYN | TCP_ACK);
-    let input = tcp_frame(FROM_BACKEND, &ip(*nat.backend.ip(), *CLIENT.ip()), &reply);
-    let from_vip = Tcp { src_port: nat.vip.port(), ..reply };
-    let output = tcp_frame(FROM_BACKEND, &ip(*nat.vip.ip(), *CLIENT.ip()), &from_vip);
+    let (input, output) = reply_and_translated(&nat, TCP_SYN | TCP_ACK);
     translated("tcp_reply_from_backend", vec![syn_of(&nat)], (input, output), Reason::ReplyTranslated, Flow::Reply(nat))
+}
+
+/// A packet from the other web backend to a client whose flow went to the
+/// first: the flow's entry names its backend, so this is not its reply.
+fn tcp_from_another_backend_of_the_flows_service() -> Fixture {
+    let nat = web_nat(CLIENT);
+    let (_, other) = *WEB_BACKENDS.iter().find(|(id, _)| *id != nat.backend_id).expect("two web backends");
+    let input = tcp_frame(
+        FROM_BACKEND,
+        &ip(*other.ip(), *CLIENT.ip()),
+        &Tcp::new(other.port(), CLIENT.port(), TCP_SYN | TCP_ACK),
+    );
+    Fixture {
+        setup: vec![syn_of(&nat)],
+        ..untouched("tcp_from_another_backend_of_the_flows_service", input, Reason::PassNoService)
+    }
 }
 
 /// A fixture whose frames carry partial L4 checksums, as a namespace or
@@ -751,6 +842,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
+    lb.set_non_syn_flows_per_sec(f.non_syn_budget).expect("write the settings");
     let tc = program == PROG_TC;
     // In tc a packet left untouched goes on to the next program (UNSPEC); a
     // translated one that cannot be redirected (no route in the fixtures'
@@ -806,8 +898,15 @@ fn check_flow_counters(f: &Fixture, name: &str, before: &State, after: &State) {
         Flow::Untouched => (None, Counters::default()),
         Flow::Opened(n) => (Some(n), Counters { packets: 1, bytes: len, new_flows: 1, ..Counters::default() }),
         Flow::Existing(n) => (Some(n), Counters { packets: 1, bytes: len, ..Counters::default() }),
-        Flow::Closed(n) => (Some(n), Counters { packets: 1, bytes: len, closed_flows: 1, ..Counters::default() }),
+        Flow::Marked { nat, closes, .. } => {
+            let closed_flows = u64::from(*closes);
+            (Some(nat), Counters { packets: 1, bytes: len, closed_flows, ..Counters::default() })
+        }
         Flow::Reply(n) => (Some(n), Counters { reply_packets: 1, reply_bytes: len, ..Counters::default() }),
+        Flow::ReplyMarked { nat, closes, .. } => {
+            let closed_flows = u64::from(*closes);
+            (Some(nat), Counters { reply_packets: 1, reply_bytes: len, closed_flows, ..Counters::default() })
+        }
     };
     for id in 0..BACKEND_IDS {
         let expect = if nat.is_some_and(|n| n.backend_id == id) { want } else { Counters::default() };
@@ -829,10 +928,12 @@ fn check_conntrack(f: &Fixture, name: &str, before: &State, after: &State) {
     match &f.flow {
         Flow::Opened(n) => {
             want.insert(forward_key(n), forward_conn(n));
-            want.insert(reply_key(n), reply_conn(n));
         }
-        Flow::Closed(n) => {
-            want.get_mut(&forward_key(n)).expect("flow opened by setup").tcp_seen |= TCP_SEEN_FIN;
+        Flow::Marked { nat, seen, .. } | Flow::ReplyMarked { nat, seen, .. } => {
+            want.get_mut(&forward_key(nat)).expect("flow opened by setup").tcp_seen = *seen;
+        }
+        Flow::Reply(n) if n.proto == IPPROTO_TCP => {
+            want.get_mut(&forward_key(n)).expect("flow opened by setup").tcp_seen |= TCP_SEEN_REPLY;
         }
         Flow::Untouched | Flow::Existing(_) | Flow::Reply(_) => {}
     }
@@ -843,35 +944,16 @@ fn check_conntrack(f: &Fixture, name: &str, before: &State, after: &State) {
 
 fn sorted(m: &HashMap<FlowKey, Conn>) -> Vec<(FlowKey, Conn)> {
     let mut v: Vec<_> = m.iter().map(|(k, c)| (*k, *c)).collect();
-    v.sort_by_key(|(k, _)| (k.dir, k.src_ip_be, k.src_port_be));
+    v.sort_by_key(|(k, _)| (k.src_ip_be, k.src_port_be));
     v
 }
 
+/// A flow's one entry is keyed by its client's 5-tuple...
 fn forward_key(n: &Nat) -> FlowKey {
-    FlowKey {
-        src_ip_be: be_ip(n.client),
-        dst_ip_be: be_ip(n.vip),
-        src_port_be: n.client.port().to_be(),
-        dst_port_be: n.vip.port().to_be(),
-        proto: n.proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    }
+    FlowKey::new(be_ip(n.client), n.client.port().to_be(), be_ip(n.vip), n.vip.port().to_be(), n.proto)
 }
 
-fn reply_key(n: &Nat) -> FlowKey {
-    FlowKey {
-        src_ip_be: be_ip(n.backend),
-        dst_ip_be: be_ip(n.client),
-        src_port_be: n.backend.port().to_be(),
-        dst_port_be: n.client.port().to_be(),
-        proto: n.proto,
-        dir: DIR_REPLY,
-        _pad: 0,
-    }
-}
-
-/// Forward entries hold the backend to rewrite to...
+/// ...and holds the backend to rewrite to (and to match replies by).
 fn forward_conn(n: &Nat) -> Conn {
     Conn {
         nat_ip_be: be_ip(n.backend),
@@ -886,11 +968,6 @@ fn forward_conn(n: &Nat) -> Conn {
         client_mac: CLIENT_MAC,
         local_mac: LB_MAC,
     }
-}
-
-/// ...reply entries the VIP to rewrite back to.
-fn reply_conn(n: &Nat) -> Conn {
-    Conn { nat_ip_be: be_ip(n.vip), nat_port_be: n.vip.port().to_be(), ..forward_conn(n) }
 }
 
 // ---- The fast path: verdicts after the FIB lookup ---------------------------
@@ -1169,7 +1246,7 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     // the test run's context set.
     let opened_on = if f.setup.is_empty() { ingress } else { index_of(LB_CLIENT_SIDE) };
     let flows = lb.conntrack().unwrap();
-    let forward = flows.values().find(|c| c.nat_ip_be != be_ip(WEB_VIP)).expect("the flow's forward entry");
+    let forward = flows.values().next().expect("the flow's entry");
     assert_eq!(forward.client_ifindex, opened_on, "{name}: the flow's client interface");
 }
 
@@ -1207,8 +1284,14 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_tcp_ack_with_payload_same_flow => tcp_ack_with_payload_same_flow,
     root_tcp_checksums_that_become_zero => tcp_checksums_that_become_zero,
     root_tcp_complete_checksum_that_looks_partial => tcp_complete_checksum_that_looks_partial,
-    root_tcp_fin_closes_flow => tcp_fin_closes_flow,
+    root_tcp_client_fin_half_closes_flow => tcp_client_fin_half_closes_flow,
+    root_tcp_backend_fin_after_client_fin_closes_flow => tcp_backend_fin_after_client_fin_closes_flow,
+    root_tcp_client_rst_closes_flow => tcp_client_rst_closes_flow,
+    root_tcp_ack_without_flow_within_budget => tcp_ack_without_flow_within_budget,
+    root_tcp_ack_without_flow_over_budget => tcp_ack_without_flow_over_budget,
+    root_tcp_syn_with_no_non_syn_budget => tcp_syn_with_no_non_syn_budget,
     root_tcp_reply_from_backend => tcp_reply_from_backend,
+    root_tcp_from_another_backend_of_the_flows_service => tcp_from_another_backend_of_the_flows_service,
     root_udp_to_vip => udp_to_vip,
     root_udp_zero_checksum_stays_zero => udp_zero_checksum_stays_zero,
     root_udp_checksum_zero_sent_as_ffff => udp_checksum_zero_sent_as_ffff,
@@ -1261,6 +1344,88 @@ root_fixtures!(run_route_fixture, all_route_fixtures -> RouteFixture {
     root_reply_without_client_neighbour_uses_the_flows_macs => reply_without_client_neighbour_uses_the_flows_macs,
     root_icmp_frag_needed_redirected_to_the_backend_side => icmp_frag_needed_redirected_to_the_backend_side,
 });
+
+// ---- The connection table under pressure ------------------------------------
+
+/// The default connection table holds a million flows: a million entries
+/// written through the map API are all there afterwards, and a sample of
+/// them answers through the program as established flows (no new pick).
+/// Prints the kernel memory the table takes.
+#[test]
+fn root_the_connection_table_tracks_a_million_flows() {
+    if skip_without_root("root_the_connection_table_tracks_a_million_flows") {
+        return;
+    }
+    const FLOWS: u32 = 1_000_000;
+    let _netns = NetNsGuard::new().expect("create a network namespace");
+    let mut lb = LbObject::load().expect("load lb-ebpf");
+    lb.add_service(&web()).expect("write the service");
+    let (backend_id, backend) = WEB_BACKENDS[1];
+    let client = |i: u32| SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i), 40000);
+    let nat = |i: u32| Nat { service: 0, backend_id, backend, client: client(i), vip: WEB_VIP, proto: IPPROTO_TCP };
+    for i in 0..FLOWS {
+        lb.insert_flow(&forward_key(&nat(i)), &forward_conn(&nat(i))).expect("insert a flow");
+    }
+    let entries = lb.conntrack_len().unwrap();
+    let memlock = lb.conntrack_memlock().unwrap();
+    println!(
+        "MEASURED: connection table: {entries} flows of {} tracked, memlock {} MiB ({} bytes per flow)",
+        lb.conntrack_max_entries().unwrap(),
+        memlock >> 20,
+        memlock / u64::from(lb.conntrack_max_entries().unwrap())
+    );
+    assert_eq!(entries, u64::from(FLOWS), "flows lost from the table");
+    let before = lb.backend_counters(backend_id).unwrap();
+    for i in (0..FLOWS).step_by(9_973) {
+        let (input, output) = tcp_to_vip_and_backend(&nat(i), &Tcp::new(0, 0, TCP_ACK));
+        let run = lb.run(PROG_LB, &input).unwrap();
+        assert_eq!(run.verdict, XDP_PASS, "flow {i}");
+        if let Some(diff) = frame_diff(&output, &run.data) {
+            panic!("flow {i} did not go to its backend\n{diff}");
+        }
+    }
+    let after = lb.backend_counters(backend_id).unwrap();
+    assert_eq!(counters_delta(&before, &after).new_flows, 0, "a tracked flow was picked anew");
+}
+
+/// A flow whose client is silent while the table churns (a full table of
+/// 1,024, 8,192 new flows) stays tracked as long as its backend keeps
+/// replying: the reply finds the flow's only entry and keeps it recently
+/// used. With an entry per direction, the forward one was evicted.
+#[test]
+fn root_replies_keep_their_flow_in_a_churning_table() {
+    if skip_without_root("root_replies_keep_their_flow_in_a_churning_table") {
+        return;
+    }
+    let _netns = NetNsGuard::new().expect("create a network namespace");
+    let config = DataplaneConfig { max_flows: 1024, ..DataplaneConfig::default() };
+    let mut lb = LbObject::load_with(&config).expect("load lb-ebpf");
+    lb.add_service(&web()).expect("write the service");
+    let held = web_nat(CLIENT);
+    lb.run(PROG_LB, &syn_of(&held)).unwrap();
+    let reply = tcp_frame(
+        FROM_BACKEND,
+        &ip(*held.backend.ip(), *CLIENT.ip()),
+        &Tcp::new(held.backend.port(), CLIENT.port(), TCP_ACK),
+    );
+    for i in 0..8192u32 {
+        let other = web_nat(SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i), 40000));
+        lb.run(PROG_LB, &syn_of(&other)).unwrap();
+        if i % 64 == 0 {
+            let before = lb.reasons().unwrap();
+            lb.run(PROG_LB, &reply).unwrap();
+            check_reason_delta(&before, &lb.reasons().unwrap(), Reason::ReplyTranslated, 1)
+                .unwrap_or_else(|e| panic!("reply after {i} new flows: {e:#}"));
+        }
+    }
+    assert!(lb.conntrack_len().unwrap() <= 1024);
+    let flows = lb.conntrack().unwrap();
+    assert_eq!(
+        flows.get(&forward_key(&held)).map(|c| c.backend_id),
+        Some(held.backend_id),
+        "the held flow was evicted"
+    );
+}
 
 /// XDP test runs refuse frames shorter than an Ethernet header with EINVAL
 /// before the program runs (`bpf_test_init` in net/bpf/test_run.c rejects

@@ -182,6 +182,9 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             Ok(c) if c == self.config => return self.finish_reload(why, Ok(None), replies),
             Ok(c) => c,
         };
+        if config.dataplane != self.config.dataplane {
+            warn!(trigger = why, "[dataplane] changed: it takes effect at the agent's next start");
+        }
         let new = self.newly_scaled(&config);
         if new.is_empty() {
             let result = self.switch_to(config, Vec::new()).map(Some);

@@ -38,7 +38,42 @@ pub struct Config {
     /// `[socket_lb]`: balancing for clients on this host itself.
     #[serde(default)]
     pub socket_lb: SocketLbConfig,
+    /// `[dataplane]`: the connection table; read when the agent starts.
+    #[serde(default)]
+    pub dataplane: DataplaneConfig,
 }
+
+/// `[dataplane]`: sizes and limits of the data plane, set when the program
+/// is loaded (a change takes effect at the agent's next start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Flows the connection table holds (one entry each); beyond, the least
+    /// recently used one makes room.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    /// TCP flows a CPU may start per second from a packet that is not a SYN
+    /// (a flow the table lost); beyond, such packets are dropped.
+    #[serde(default = "default_non_syn_flows_per_sec")]
+    pub non_syn_flows_per_sec: u32,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig { max_flows: default_max_flows(), non_syn_flows_per_sec: default_non_syn_flows_per_sec() }
+    }
+}
+
+fn default_max_flows() -> u32 {
+    lb_common::CONNTRACK_MAX
+}
+
+fn default_non_syn_flows_per_sec() -> u32 {
+    lb_common::DEFAULT_NON_SYN_FLOWS_PER_SEC
+}
+
+/// The largest `max_flows` accepted: 64 Mi flows, about 6 GiB of kernel memory.
+pub const MAX_FLOWS_LIMIT: u32 = 1 << 26;
 
 /// `[socket_lb]`: processes on this host (and containers on it) calling a
 /// service never cross XDP; socket-address programs on a cgroup v2
@@ -354,6 +389,9 @@ impl Config {
         if let Some(c) = self.socket_lb.cgroup.as_ref().filter(|c| !c.is_absolute()) {
             out.push(format!("socket_lb.cgroup: {} must be an absolute path", c.display()));
         }
+        if !(1..=MAX_FLOWS_LIMIT).contains(&self.dataplane.max_flows) {
+            out.push(format!("dataplane.max_flows: {} is not within 1..={MAX_FLOWS_LIMIT}", self.dataplane.max_flows));
+        }
         out
     }
 }
@@ -555,6 +593,16 @@ mod tests {
         assert_eq!(c.services[0].backends[1].weight, 1);
         assert_eq!(c.services[1].protocol, Protocol::Udp);
         assert!(c.services[1].backends.is_empty());
+    }
+
+    #[test]
+    fn dataplane_defaults_and_limits() {
+        let d = parse(GOOD).unwrap().dataplane;
+        assert_eq!((d.max_flows, d.non_syn_flows_per_sec), (1 << 20, 50_000));
+        let c = parse(&format!("{GOOD}\n[dataplane]\nmax_flows = 4096\nnon_syn_flows_per_sec = 10\n")).unwrap();
+        assert_eq!(c.dataplane, DataplaneConfig { max_flows: 4096, non_syn_flows_per_sec: 10 });
+        let err = parse(&format!("{GOOD}\n[dataplane]\nmax_flows = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("dataplane.max_flows"), "{err}");
     }
 
     #[test]

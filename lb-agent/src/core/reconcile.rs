@@ -3,13 +3,15 @@
 //! Ids are stable: a service keeps its id while its (VIP, port, protocol)
 //! stays, a backend keeps its id while its (service, address) stays. The order
 //! of writes is what makes a change hitless:
-//! 1. new backends' `BACKENDS` entries, before any table can name them;
+//! 1. new backends' `BACKENDS` entries, and the services each backend
+//!    address serves (`BACKEND_VIPS`, which matches its replies), before any
+//!    table can name them;
 //! 2. the new Maglev table into the service's *inactive* half;
 //! 3. one `SERVICES` update that flips the service to that half;
 //! 4. only then removed backends' entries are cleared and removed services
 //!    deleted. A removed backend's id is not reused before the next change, so
 //!    a packet that read the old half an instant before the flip still finds
-//!    an entry.
+//!    an entry; addresses no service has any more leave `BACKEND_VIPS`.
 //!
 //! Flows already in the connection table keep their backend throughout: the
 //! entry holds the backend's address, so removing a backend drains it.
@@ -21,7 +23,8 @@ use std::{
 
 use lb_common::{
     maglev::{rebuild_table, MaglevBackend},
-    Backend, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT,
+    Backend, BackendAddr, BackendVips, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, MAX_VIPS_PER_BACKEND, MODE_DNAT,
 };
 
 use crate::{
@@ -75,6 +78,8 @@ pub struct Reconciler {
     /// being flushed, and a new backend under the id would lose its own.
     /// Counted: two flushes of one id may be under way at once.
     held: BTreeMap<u32, usize>,
+    /// Mirror of `BACKEND_VIPS`.
+    backend_vips: BTreeMap<BackendAddr, BackendVips>,
 }
 
 impl Reconciler {
@@ -107,6 +112,7 @@ impl Reconciler {
                 .collect();
             r.services.insert(key, ServiceState { id: svc.id, name: String::new(), table, halves, backends });
         }
+        r.backend_vips = state.backend_vips.into_iter().collect();
         r
     }
 
@@ -137,7 +143,10 @@ impl Reconciler {
         let mut summary = ApplySummary::default();
         let wanted: BTreeMap<ServiceKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
         self.check_capacity(&wanted)?;
+        let vips = wanted_vips(&wanted);
+        check_vips_per_backend(&vips)?;
         let freed_now = self.remove_stale_ids(&wanted);
+        self.add_backend_vips(&vips, dp)?;
 
         for (key, svc) in &wanted {
             let backends = self.assign_backend_ids(key, svc, &freed_now, dp, &mut summary)?;
@@ -156,7 +165,45 @@ impl Reconciler {
             summary.backends_removed += 1;
         }
         self.resting = freed_now;
+        self.remove_backend_vips(&vips, dp)?;
         Ok(summary)
+    }
+
+    /// Before any flip: each wanted backend address serves its services,
+    /// then (while there is room) the ones it served before, so that a flow
+    /// of a service it just left still has its replies translated.
+    fn add_backend_vips(
+        &mut self,
+        wanted: &BTreeMap<BackendAddr, BTreeSet<ServiceKey>>,
+        dp: &mut dyn MapWriter,
+    ) -> Result<(), DataplaneError> {
+        for (addr, services) in wanted {
+            let before = self.backend_vips.get(addr).copied().unwrap_or_default();
+            let kept = before.vips.into_iter().filter(|k| k.vip_be != 0 && !services.contains(k));
+            let mut next = BackendVips::default();
+            for (slot, key) in next.vips.iter_mut().zip(services.iter().copied().chain(kept)) {
+                *slot = key;
+            }
+            if self.backend_vips.get(addr) != Some(&next) {
+                dp.set_backend_vips(addr, Some(&next))?;
+                self.backend_vips.insert(*addr, next);
+            }
+        }
+        Ok(())
+    }
+
+    /// After every flip: addresses no service has any more are forgotten.
+    fn remove_backend_vips(
+        &mut self,
+        wanted: &BTreeMap<BackendAddr, BTreeSet<ServiceKey>>,
+        dp: &mut dyn MapWriter,
+    ) -> Result<(), DataplaneError> {
+        let gone: Vec<BackendAddr> = self.backend_vips.keys().filter(|a| !wanted.contains_key(a)).copied().collect();
+        for addr in gone {
+            dp.set_backend_vips(&addr, None)?;
+            self.backend_vips.remove(&addr);
+        }
+        Ok(())
     }
 
     /// Refuse, before anything is written, a change that needs more new ids
@@ -316,6 +363,36 @@ impl Reconciler {
     }
 }
 
+/// The services each backend address (with the service's protocol) is
+/// registered in, in or out of the table: replies from any of them may be
+/// of a flow still open.
+fn wanted_vips(wanted: &BTreeMap<ServiceKey, &DesiredService>) -> BTreeMap<BackendAddr, BTreeSet<ServiceKey>> {
+    let mut out: BTreeMap<BackendAddr, BTreeSet<ServiceKey>> = BTreeMap::new();
+    for (key, svc) in wanted {
+        for b in &svc.backends {
+            out.entry(backend_addr(b.addr, key.proto)).or_default().insert(*key);
+        }
+    }
+    out
+}
+
+/// Refuse, before anything is written, a backend address in more services
+/// than a reply can be matched against.
+fn check_vips_per_backend(vips: &BTreeMap<BackendAddr, BTreeSet<ServiceKey>>) -> Result<(), DataplaneError> {
+    match vips.iter().find(|(_, services)| services.len() > MAX_VIPS_PER_BACKEND) {
+        Some((addr, services)) => Err(DataplaneError::BackendInTooManyServices {
+            backend: SocketAddrV4::new(u32::from_be(addr.ip_be).into(), u16::from_be(addr.port_be)),
+            services: services.len(),
+            max: MAX_VIPS_PER_BACKEND,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn backend_addr(addr: SocketAddrV4, proto: u8) -> BackendAddr {
+    BackendAddr { ip_be: u32::from(*addr.ip()).to_be(), port_be: addr.port().to_be(), proto, _pad: 0 }
+}
+
 fn same_set(a: &[MaglevBackend], b: &[MaglevBackend]) -> bool {
     let norm = |v: &[MaglevBackend]| v.iter().map(|m| (m.id, m.addr, m.weight)).collect::<BTreeSet<_>>();
     a.len() == b.len() && norm(a) == norm(b)
@@ -350,13 +427,56 @@ mod tests {
         assert_eq!(s.backends_added, 2);
         assert_eq!(s.slots_written, MAGLEV_TABLE_SIZE as usize);
         let kinds: Vec<&str> = dp.log.iter().map(Write::kind).collect();
-        assert_eq!(kinds, ["backend", "backend", "table", "service"]);
+        assert_eq!(kinds, ["backend_vips", "backend_vips", "backend", "backend", "table", "service"]);
         // The service points at the half that was just written.
-        let Write::Table { table, .. } = dp.log[2] else { panic!() };
-        let Write::Service { service, .. } = &dp.log[3] else { panic!() };
+        let Write::Table { table, .. } = dp.log[4] else { panic!() };
+        let Write::Service { service, .. } = &dp.log[5] else { panic!() };
         assert_eq!(service.table, table);
         assert_eq!(service.backend_count, 2);
         assert!(dp.table(service.id, table).iter().all(|id| *id == 1 || *id == 2));
+    }
+
+    /// `n` services on ports 80.., every one with the backend `addr`.
+    fn sharing(n: u16, addr: &str) -> Vec<DesiredService> {
+        let mut text = String::new();
+        for i in 0..n {
+            text += &format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"10.0.0.100\"\nport = {}\ninterfaces = [\"eth0\"]\n\
+                 [[service.backend]]\naddress = \"{addr}\"\n",
+                80 + i
+            );
+        }
+        DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    #[test]
+    fn backend_vips_name_every_service_of_an_address_and_keep_the_one_it_left() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&sharing(2, "10.1.0.1:80"), &mut dp).unwrap();
+        let addr = backend_addr("10.1.0.1:80".parse().unwrap(), lb_common::PROTO_TCP);
+        let ports = |dp: &FakeDataplane| -> Vec<u16> {
+            dp.backend_vips[&addr].vips.iter().filter(|k| k.vip_be != 0).map(|k| u16::from_be(k.port_be)).collect()
+        };
+        assert_eq!(ports(&dp), [80, 81]);
+        // Out of service 81: its open flows still have their replies matched.
+        r.apply(&sharing(1, "10.1.0.1:80"), &mut dp).unwrap();
+        assert_eq!(ports(&dp), [80, 81]);
+        // Out of every service: the address is forgotten.
+        r.apply(&sharing(1, "10.1.0.2:80"), &mut dp).unwrap();
+        assert!(!dp.backend_vips.contains_key(&addr));
+    }
+
+    #[test]
+    fn a_backend_in_too_many_services_is_refused_before_any_write() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&sharing(MAX_VIPS_PER_BACKEND as u16, "10.1.0.1:80"), &mut dp).unwrap();
+        dp.log.clear();
+        let err = r.apply(&sharing(MAX_VIPS_PER_BACKEND as u16 + 1, "10.1.0.1:80"), &mut dp).unwrap_err();
+        assert!(matches!(err, DataplaneError::BackendInTooManyServices { services: 5, max: 4, .. }), "{err}");
+        assert!(err.to_string().contains("10.1.0.1:80"), "{err}");
+        assert!(dp.log.is_empty(), "{:?}", dp.log);
     }
 
     #[test]
@@ -379,7 +499,7 @@ mod tests {
         let s = r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
         assert_eq!(s.backends_removed, 1);
         let kinds: Vec<&str> = dp.log.iter().map(Write::kind).collect();
-        assert_eq!(kinds, ["table", "service", "backend"]);
+        assert_eq!(kinds, ["table", "service", "backend", "backend_vips"]);
         let Write::Backend { id, backend } = &dp.log[2] else { panic!() };
         assert_eq!((*id, backend.flags), (2, 0));
         // Only the removed backend's slots were rewritten.
@@ -389,7 +509,7 @@ mod tests {
         // A new backend right after does not take the resting id 2.
         dp.log.clear();
         r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.3:80", 1), ("10.1.0.4:80", 1)]), &mut dp).unwrap();
-        let Write::Backend { id, .. } = &dp.log[0] else { panic!() };
+        let Write::Backend { id, .. } = &dp.log[1] else { panic!() };
         assert_eq!(*id, 4);
     }
 
@@ -457,7 +577,7 @@ mod tests {
         dp.log.clear();
         adopted.apply(&d, &mut dp).unwrap();
         // No backend entry rewritten; the flip carries the same table.
-        assert!(dp.log.iter().all(|w| w.kind() != "backend"), "{:?}", dp.log);
+        assert!(dp.log.iter().all(|w| !w.kind().starts_with("backend")), "{:?}", dp.log);
         let after = dp.services.values().next().copied().unwrap();
         assert_eq!(dp.table(after.id, after.table), live_before);
     }

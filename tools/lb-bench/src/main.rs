@@ -9,6 +9,12 @@
 //! subtracted. Every round proves its path: the reason counter of the
 //! intended path (and `new_flows`) must move by exactly the repeat count.
 //!
+//! Before the first `xdp_lb` case the connection table is filled to its
+//! size with new flows, so every case runs against a full table, as on a
+//! busy host: lookups walk full buckets and each new flow evicts an old one.
+//! Each case's cost is also given as a multiple of the established packet's
+//! (net ns over net ns).
+//!
 //! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
 
 use std::{
@@ -26,7 +32,7 @@ use lb_common::{
 use lb_lab::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
-    testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_PASS},
+    testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_DROP, XDP_PASS},
 };
 use serde::Serialize;
 
@@ -42,6 +48,10 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Leave the connection table as the cases fill it (nearly empty for
+    /// all but the new-flow case), to compare with the full-table figures.
+    #[arg(long)]
+    no_fill: bool,
 }
 
 // ---- The setup ----------------------------------------------------------------
@@ -92,6 +102,10 @@ struct Case {
     output: Option<Vec<u8>>,
     /// Subtracted in the "net" column.
     baseline: Baseline,
+    /// `Settings::non_syn_flows_per_sec` while the case runs.
+    non_syn_budget: u32,
+    /// What every run must return.
+    verdict: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Serialize)]
@@ -107,6 +121,7 @@ enum Baseline {
 
 const CASE_PASS: &str = "xdp_pass alone (empty program)";
 const CASE_WRAPPER: &str = "xdp_bench -> xdp_pass (wrapper)";
+const CASE_ESTABLISHED: &str = "xdp_lb: established flow";
 
 fn syn() -> Vec<u8> {
     frame(CLIENT, VIP, TCP_SYN, &[])
@@ -114,6 +129,10 @@ fn syn() -> Vec<u8> {
 
 fn new_flow_syn() -> Vec<u8> {
     frame(NEW_FLOW_CLIENTS, VIP, TCP_SYN, &[])
+}
+
+fn new_flow_ack() -> Vec<u8> {
+    frame(NEW_FLOW_CLIENTS, VIP, TCP_ACK, &[])
 }
 
 fn established() -> Vec<u8> {
@@ -146,6 +165,8 @@ fn cases() -> Vec<Case> {
         new_flows_per_run: 0,
         output: None,
         baseline: Baseline::None,
+        non_syn_budget: u32::MAX,
+        verdict: XDP_PASS,
     };
     let wrapped = |name, frame, reason| Case {
         name,
@@ -158,6 +179,8 @@ fn cases() -> Vec<Case> {
         new_flows_per_run: 0,
         output: None,
         baseline: Baseline::WrapperPass,
+        non_syn_budget: u32::MAX,
+        verdict: XDP_PASS,
     };
     vec![
         pass_only(CASE_PASS, PROG_PASS, None),
@@ -178,7 +201,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             output: Some(frame(CLIENT, backend, TCP_ACK | TCP_PSH, b"bench")),
-            ..wrapped("xdp_lb: established flow", established(), Reason::Forwarded)
+            ..wrapped(CASE_ESTABLISHED, established(), Reason::Forwarded)
         },
         Case {
             output: Some(frame(VIP, CLIENT, TCP_ACK | TCP_PSH, b"bench")),
@@ -196,14 +219,29 @@ fn cases() -> Vec<Case> {
             output: Some(frame(VIP, CLIENT, TCP_ACK | TCP_PSH, b"bench")),
             ..wrapped("xdp_lb_local: backend reply", reply(), Reason::ReplyTranslated)
         },
-        // Last: new flows fill the LRU connection table (two entries each),
-        // and once it is full every new flow also evicts an old one, as on
-        // a busy host. The figure includes that.
+        // The table is full: every new flow inserts its one entry and
+        // evicts an old one. The figure includes that.
         Case {
             flags: BENCH_F_NEW_FLOW,
             prepare: None,
             new_flows_per_run: 1,
-            ..wrapped("xdp_lb: new-flow SYN", new_flow_syn(), Reason::Forwarded)
+            ..wrapped("xdp_lb: new-flow SYN, full table", new_flow_syn(), Reason::Forwarded)
+        },
+        // A segment other than a SYN whose flow the table does not hold:
+        // within the budget it re-picks and inserts like a SYN...
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            ..wrapped("xdp_lb: non-SYN miss, within budget", new_flow_ack(), Reason::Forwarded)
+        },
+        // ...beyond it, it is dropped without touching the table.
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            non_syn_budget: 0,
+            verdict: XDP_DROP,
+            ..wrapped("xdp_lb: non-SYN miss, over budget", new_flow_ack(), Reason::DropNonSynOverBudget)
         },
     ]
 }
@@ -240,6 +278,19 @@ impl Bench {
         self.targets.set(0, fd, 0).with_context(|| format!("put {target} into BENCH_TARGET"))
     }
 
+    /// Fills the connection table with new flows, as many as it holds,
+    /// through the program itself; returns the entries it then has.
+    fn fill_table(&mut self) -> Result<(u32, u64)> {
+        let size = self.lb.conntrack_max_entries()?;
+        self.aim(PROG_LB, &new_flow_syn(), BENCH_F_NEW_FLOW)?;
+        let (reasons, flows) = (self.lb.reasons()?, self.new_flows()?);
+        let run = test_run(self.lb.program(PROG_BENCH)?, &new_flow_syn(), size).context("fill the connection table")?;
+        ensure!(run.verdict == XDP_PASS, "filling the table: verdict {}", run.verdict);
+        check_reason_delta(&reasons, &self.lb.reasons()?, Reason::Forwarded, u64::from(size))?;
+        ensure!(self.new_flows()? - flows == u64::from(size), "filling the table: new_flows did not move by {size}");
+        Ok((size, self.lb.conntrack_len()?))
+    }
+
     fn new_flows(&self) -> Result<u64> {
         let mut total = 0;
         for id in &self.backend_ids {
@@ -253,6 +304,7 @@ impl Bench {
         if let Some(target) = case.target {
             self.aim(target, &case.frame, case.flags)?;
         }
+        self.lb.set_non_syn_flows_per_sec(case.non_syn_budget)?;
         if let Some(syn) = &case.prepare {
             let run = self.lb.run(PROG_LB, syn)?;
             ensure!(run.verdict == XDP_PASS, "the SYN that opens the flow did not pass");
@@ -267,9 +319,10 @@ impl Bench {
     /// Fails unless every one of the `repeat` runs took the case's path.
     fn check_path(&self, case: &Case, run: &Run, repeat: u32, reasons: &[u64], flows: u64) -> Result<()> {
         ensure!(
-            run.verdict == XDP_PASS,
-            "verdict {} instead of XDP_PASS (a failed tail call returns XDP_ABORTED)",
-            run.verdict
+            run.verdict == case.verdict,
+            "verdict {} instead of {} (a failed tail call returns XDP_ABORTED)",
+            run.verdict,
+            case.verdict
         );
         let after = self.lb.reasons()?;
         match case.reason {
@@ -300,6 +353,8 @@ struct Row {
     net_ns: Option<i64>,
     /// `ns_per_packet` over the empty program's.
     vs_pass: f64,
+    /// `net_ns` over the established packet's (wrapped `xdp_lb` cases).
+    vs_established: Option<f64>,
     /// The counter every run bumped (the path proof).
     reason: Option<&'static str>,
     repeat: u32,
@@ -310,6 +365,9 @@ struct Row {
 struct Report {
     repeat: u32,
     rounds: u32,
+    /// The connection table's size, and the entries it held once filled.
+    table_size: u32,
+    table_entries_after_fill: u64,
     cases: Vec<Row>,
 }
 
@@ -337,6 +395,7 @@ fn rows(cases: &[Case], measured: &[Vec<u32>], repeat: u32) -> Result<Vec<Row>> 
         anyhow::Ok(median(&measured[i]))
     };
     let (pass, wrapper) = (find(CASE_PASS)?, find(CASE_WRAPPER)?);
+    let established = i64::from(find(CASE_ESTABLISHED)?) - i64::from(wrapper);
     Ok(cases
         .iter()
         .zip(measured)
@@ -347,14 +406,17 @@ fn rows(cases: &[Case], measured: &[Vec<u32>], repeat: u32) -> Result<Vec<Row>> 
                 Baseline::Pass => Some(pass),
                 Baseline::WrapperPass => Some(wrapper),
             };
+            let net_ns = base.map(|b| i64::from(med) - i64::from(b));
+            let wrapped_lb = c.baseline == Baseline::WrapperPass && c.target == Some(PROG_LB);
             Row {
+                vs_established: net_ns.filter(|_| wrapped_lb).map(|n| n as f64 / established.max(1) as f64),
                 case: c.name,
                 program: c.prog,
                 tail_call: c.target,
                 ns_per_packet: med,
                 rounds_ns: ns.clone(),
                 baseline: c.baseline,
-                net_ns: base.map(|b| i64::from(med) - i64::from(b)),
+                net_ns,
                 vs_pass: f64::from(med) / f64::from(pass.max(1)),
                 reason: c.reason.map(Reason::name),
                 repeat,
@@ -365,20 +427,31 @@ fn rows(cases: &[Case], measured: &[Vec<u32>], repeat: u32) -> Result<Vec<Row>> 
 
 // ---- Output -----------------------------------------------------------------------
 
-fn print_table(rows: &[Row], cli: &Cli) -> Result<()> {
+fn print_table(report: &Report) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "BPF_PROG_TEST_RUN, {} runs x {} rounds per case, median ns per packet (kernel-reported)",
-        cli.repeat, cli.rounds
+        report.repeat, report.rounds
     )?;
-    writeln!(out, "{:<40} {:>8} {:>8} {:>8}  path proof (every run)", "case", "ns/pkt", "net ns", "x pass")?;
-    for r in rows {
+    writeln!(
+        out,
+        "connection table filled first: {} entries of {} before the xdp_lb cases",
+        report.table_entries_after_fill, report.table_size
+    )?;
+    writeln!(
+        out,
+        "{:<44} {:>8} {:>8} {:>8} {:>8}  path proof (every run)",
+        "case", "ns/pkt", "net ns", "x pass", "x est"
+    )?;
+    for r in &report.cases {
         let net = r.net_ns.map_or("-".to_owned(), |n| n.to_string());
+        let est = r.vs_established.map_or("-".to_owned(), |x| format!("{x:.2}x"));
         let proof = r.reason.map_or("XDP_PASS, no counter moved".to_owned(), |n| format!("{n} +{}", r.repeat));
-        writeln!(out, "{:<40} {:>8} {:>8} {:>7.2}x  {proof}", r.case, r.ns_per_packet, net, r.vs_pass)?;
+        writeln!(out, "{:<44} {:>8} {:>8} {:>7.2}x {:>8}  {proof}", r.case, r.ns_per_packet, net, r.vs_pass, est)?;
     }
     writeln!(out, "net ns: minus `{CASE_WRAPPER}` for wrapped cases, minus `{CASE_PASS}` for xdp_lb alone.")?;
+    writeln!(out, "x est: net ns over `{CASE_ESTABLISHED}`'s net ns.")?;
     Ok(())
 }
 
@@ -413,13 +486,23 @@ fn main() -> Result<()> {
     eprintln!("[bench] pinned to CPU {cpu}; loading lb-ebpf and filling the Maglev table");
     let mut bench = Bench::setup()?;
     let cases = cases();
-    let measured = cases.iter().map(|c| measure(&mut bench, c, &cli)).collect::<Result<Vec<_>>>()?;
-    let rows = rows(&cases, &measured, cli.repeat)?;
+    let mut measured = Vec::new();
+    let mut fill = None;
+    for case in &cases {
+        if fill.is_none() && case.baseline != Baseline::None {
+            let (size, entries) = if cli.no_fill { (0, 0) } else { bench.fill_table()? };
+            eprintln!("[bench] connection table filled: {entries} entries of {size}");
+            fill = Some((size, entries));
+        }
+        measured.push(measure(&mut bench, case, &cli)?);
+    }
+    let (table_size, table_entries_after_fill) = fill.context("no xdp_lb case")?;
+    let cases = rows(&cases, &measured, cli.repeat)?;
+    let report = Report { repeat: cli.repeat, rounds: cli.rounds, table_size, table_entries_after_fill, cases };
     if cli.json {
-        let report = Report { repeat: cli.repeat, rounds: cli.rounds, cases: rows };
         println!("{}", serde_json::to_string_pretty(&report)?);
         Ok(())
     } else {
-        print_table(&rows, &cli)
+        print_table(&report)
     }
 }

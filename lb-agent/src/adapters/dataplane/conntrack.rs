@@ -10,13 +10,19 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use lb_common::{Conn, FlowKey, CONNTRACK, DIR_FORWARD, PROTO_UDP};
+use lb_common::{Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP};
 
 use super::map_err;
 use crate::ports::{ConnectionTable, ConntrackScan, DataplaneError};
 
 /// A UDP flow counts as open while it saw a packet this recently.
 pub const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// A TCP flow whose backend never answered is forgotten after this long
+/// idle (a walk deletes it): a SYN flood's entries leave the table early.
+pub const HALF_OPEN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// A closed TCP flow (both FINs, or an RST) is kept this long after its
+/// last packet, for the last ACKs and retransmissions, then deleted.
+pub const CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The connection table through a file descriptor of its own, so that the
 /// worker that walks it shares nothing with the agent's `AyaDataplane`.
@@ -41,27 +47,36 @@ impl AyaConnections {
 }
 
 impl ConnectionTable for AyaConnections {
-    /// Open flows per backend id: TCP flows with no FIN or RST seen yet, UDP
-    /// flows active within `UDP_IDLE`; and the number of entries (two per
-    /// flow).
+    /// Open flows per backend id: TCP flows the backend answered and that
+    /// are not closed, UDP flows active within `UDP_IDLE`; and the number of
+    /// entries (one per flow). Deletes TCP flows half-open for
+    /// `HALF_OPEN_IDLE` and closed for `CLOSED_GRACE`.
     fn scan(&self) -> Result<ConntrackScan, DataplaneError> {
-        let map = self.lock();
+        let mut map = self.lock();
         let now = monotonic_ns();
         let mut out = BTreeMap::new();
         let mut entries = 0;
+        let mut expired = Vec::new();
         for item in map.iter() {
             // An entry evicted mid-walk ends the walk early on some kernels;
             // a count that is briefly low is harmless (drains have deadlines).
             let Ok((key, conn)) = item else { break };
             entries += 1;
-            if key.dir != DIR_FORWARD {
-                continue;
-            }
             if is_open(&key, &conn, now) {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
+            } else if is_expired(&key, &conn, now) {
+                expired.push(key);
             }
         }
-        Ok(ConntrackScan { open: out, entries })
+        for key in &expired {
+            // Already gone (LRU eviction) is fine; a packet that came in
+            // meanwhile re-creates the flow (a SYN, or within the budget).
+            if map.remove(key).is_ok() {
+                entries -= 1;
+            }
+        }
+        let max_entries = map.map().info().map_err(map_err(CONNTRACK, "read its info"))?.max_entries();
+        Ok(ConntrackScan { open: out, entries, max_entries })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
@@ -72,7 +87,7 @@ impl ConnectionTable for AyaConnections {
         let mut open = 0;
         for (k, c) in &entries {
             // Already gone (LRU eviction) is fine.
-            if map.remove(k).is_ok() && k.dir == DIR_FORWARD && is_open(k, c, now) {
+            if map.remove(k).is_ok() && is_open(k, c, now) {
                 open += 1;
             }
         }
@@ -85,8 +100,19 @@ fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
     if key.proto == PROTO_UDP {
         now_ns.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
     } else {
-        conn.tcp_seen == 0
+        TcpState::of(conn.tcp_seen) == TcpState::Open
     }
+}
+
+/// A TCP flow a walk deletes: half-open or closed, idle long enough.
+fn is_expired(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
+    let idle = now_ns.saturating_sub(conn.last_seen_ns);
+    key.proto == PROTO_TCP
+        && match TcpState::of(conn.tcp_seen) {
+            TcpState::HalfOpen => idle >= HALF_OPEN_IDLE.as_nanos() as u64,
+            TcpState::Closed => idle >= CLOSED_GRACE.as_nanos() as u64,
+            TcpState::Open => false,
+        }
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
@@ -95,4 +121,55 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{tcp_seen_after, PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn flow(proto: u8, seen: u8, last_seen_s: u64) -> (FlowKey, Conn) {
+        let key = FlowKey::new(1, 2, 3, 4, proto);
+        let conn = Conn {
+            nat_ip_be: 5,
+            nat_port_be: 6,
+            tcp_seen: seen,
+            _pad: 0,
+            backend_id: 1,
+            service_id: 0,
+            last_seen_ns: last_seen_s * S,
+            client_ifindex: 0,
+            client_mac: [0; 6],
+            local_mac: [0; 6],
+        };
+        (key, conn)
+    }
+
+    #[test]
+    fn only_answered_unclosed_tcp_flows_are_open() {
+        let answered = tcp_seen_after(0, 0x10, true);
+        let closed = tcp_seen_after(answered, 0x04, false);
+        let now = 100 * S;
+        assert!(!is_open(&flow(PROTO_TCP, 0, 100).0, &flow(PROTO_TCP, 0, 100).1, now), "half-open");
+        let (k, c) = flow(PROTO_TCP, answered, 1);
+        assert!(is_open(&k, &c, now) && !is_expired(&k, &c, now), "open flows never expire, however idle");
+        let (k, c) = flow(PROTO_TCP, closed, 100);
+        assert!(!is_open(&k, &c, now));
+        let (k, c) = flow(PROTO_UDP, 0, 80);
+        assert!(is_open(&k, &c, now) && !is_expired(&k, &c, now));
+    }
+
+    #[test]
+    fn half_open_flows_expire_fast_and_closed_ones_after_a_grace() {
+        let closed = tcp_seen_after(tcp_seen_after(0, 0x10, true), 0x04, false);
+        let at = |idle_s: u64, seen: u8| {
+            let (k, c) = flow(PROTO_TCP, seen, 100);
+            is_expired(&k, &c, (100 + idle_s) * S)
+        };
+        assert!(!at(HALF_OPEN_IDLE.as_secs() - 1, 0) && at(HALF_OPEN_IDLE.as_secs(), 0));
+        assert!(!at(CLOSED_GRACE.as_secs() - 1, closed) && at(CLOSED_GRACE.as_secs(), closed));
+    }
 }

@@ -23,7 +23,7 @@ use super::{
     AyaDataplane,
 };
 use crate::{
-    config::{InterfaceConfig, XdpAttach},
+    config::{DataplaneConfig, InterfaceConfig, XdpAttach},
     ports::{AttachMode, Hook, L4Checksums},
 };
 
@@ -55,14 +55,14 @@ impl AyaDataplane {
     /// Load the object and open its maps. Nothing is attached yet. With a
     /// pin directory, maps a previous agent pinned there are adopted (flows,
     /// tables and counters carry on) and new ones are pinned.
-    pub fn load(pin_dir: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(pin_dir: Option<&Path>, config: &DataplaneConfig) -> anyhow::Result<Self> {
         let pins = pin_dir.map(prepare_pin_dir).transpose()?;
         let map_pins = pins.as_ref().map(|p| p.join("maps"));
         let adopted = map_pins.as_ref().is_some_and(|m| m.join(SERVICES).exists());
         if let (Some(map_pins), Some(pin_dir)) = (&map_pins, pin_dir) {
-            check_pinned_maps(crate::ebpf::object(), map_pins, pin_dir)?;
+            check_pinned_maps(crate::ebpf::object(), map_pins, pin_dir, config.max_flows)?;
         }
-        let (ebpf, maps) = load_object(crate::ebpf::object(), map_pins.as_deref())?;
+        let (ebpf, maps) = load_object(crate::ebpf::object(), map_pins.as_deref(), config)?;
         Ok(Self {
             maps,
             fast_paths: BTreeMap::new(),

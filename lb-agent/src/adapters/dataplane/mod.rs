@@ -27,8 +27,8 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
-    maglev_index, Backend, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, CONNTRACK, MAGLEV,
-    MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
+    maglev_index, Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS,
+    BACKEND_VIPS, CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
 };
 use tracing::warn;
 
@@ -82,7 +82,8 @@ impl AyaDataplane {
             }
             tables.insert(svc.id, halves);
         }
-        Ok(PinnedState { services, backends, tables })
+        let backend_vips = self.maps.backend_vips.iter().collect::<Result<_, _>>()?;
+        Ok(PinnedState { services, backends, tables, backend_vips })
     }
 }
 
@@ -116,6 +117,13 @@ impl MapWriter for AyaDataplane {
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
         self.maps.services.remove(key).map_err(map_err(SERVICES, "delete"))
+    }
+
+    fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
+        match vips {
+            Some(v) => self.maps.backend_vips.insert(addr, v, 0).map_err(map_err(BACKEND_VIPS, "write")),
+            None => self.maps.backend_vips.remove(addr).map_err(map_err(BACKEND_VIPS, "delete")),
+        }
     }
 }
 

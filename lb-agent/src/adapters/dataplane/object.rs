@@ -11,12 +11,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    Backend, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp, SockRevKey, BACKENDS,
-    BACKEND_STATS, CONNTRACK, EGRESS, LB_PROGRAMS, MAGLEV, PATH_STATS, REASON_STATS, SERVICES, SERVICE_STATS,
-    SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
+    Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
+    SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
+    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
 };
 
-use crate::ports::DataplaneError;
+use crate::{config::DataplaneConfig, ports::DataplaneError};
 
 /// Every map of the object, each opened by its lb-common name as the typed
 /// wrapper whose key and value sizes aya checks against the object (so a
@@ -26,6 +26,12 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, FlowKey, Conn>,
+    /// Backend address -> the services it serves, to match its replies.
+    pub backend_vips: HashMap<MapData, BackendAddr, BackendVips>,
+    /// What the program is told at load (`lb_common::Settings`).
+    pub settings: Array<MapData, lb_common::Settings>,
+    /// Per CPU: non-SYN flows started this second.
+    pub flow_budget: PerCpuArray<MapData, lb_common::FlowBudget>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reason_stats: PerCpuArray<MapData, u64>,
@@ -42,11 +48,14 @@ pub struct Maps {
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 11] = [
+    pub const NAMES: [&str; 14] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
         CONNTRACK,
+        BACKEND_VIPS,
+        SETTINGS,
+        FLOW_BUDGET,
         SERVICE_STATS,
         BACKEND_STATS,
         REASON_STATS,
@@ -63,6 +72,9 @@ impl Maps {
             backends: take_map(ebpf, BACKENDS)?,
             maglev: take_map(ebpf, MAGLEV)?,
             conntrack: take_map(ebpf, CONNTRACK)?,
+            backend_vips: take_map(ebpf, BACKEND_VIPS)?,
+            settings: take_map(ebpf, SETTINGS)?,
+            flow_budget: take_map(ebpf, FLOW_BUDGET)?,
             service_stats: take_map(ebpf, SERVICE_STATS)?,
             backend_stats: take_map(ebpf, BACKEND_STATS)?,
             reason_stats: take_map(ebpf, REASON_STATS)?,
@@ -71,6 +83,12 @@ impl Maps {
             sock_revnat: take_map(ebpf, SOCK_REVNAT)?,
             sock_stats: take_map(ebpf, SOCK_STATS)?,
         })
+    }
+
+    /// Tells the program `config`'s settings.
+    pub fn set_settings(&mut self, config: &DataplaneConfig) -> Result<(), DataplaneError> {
+        let settings = lb_common::Settings { non_syn_flows_per_sec: config.non_syn_flows_per_sec, _pad: 0 };
+        self.settings.set(0, settings, 0).map_err(map_err(SETTINGS, "write"))
     }
 
     /// `SERVICE_STATS[id]`, summed over CPUs.
@@ -110,9 +128,11 @@ impl Maps {
 /// `LB_PROGRAMS` and `SOCK_PROGRAMS` (the object's other programs, if any,
 /// stay unloaded).
 /// With `map_pins`, each map is pinned at `<map_pins>/<name>`, or adopted
-/// from there when a previous load left it.
-pub fn load_object(object: &[u8], map_pins: Option<&Path>) -> anyhow::Result<(Ebpf, Maps)> {
+/// from there when a previous load left it. The connection table gets
+/// `config.max_flows` entries, and the program `config`'s settings.
+pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneConfig) -> anyhow::Result<(Ebpf, Maps)> {
     let mut loader = EbpfLoader::new();
+    loader.map_max_entries(CONNTRACK, config.max_flows);
     if let Some(dir) = map_pins {
         for name in Maps::NAMES {
             loader.map_pin_path(name, dir.join(name));
@@ -125,7 +145,8 @@ pub fn load_object(object: &[u8], map_pins: Option<&Path>) -> anyhow::Result<(Eb
     for name in SOCK_PROGRAMS {
         sock_program_mut(&mut ebpf, name)?.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
     }
-    let maps = Maps::open(&mut ebpf)?;
+    let mut maps = Maps::open(&mut ebpf)?;
+    maps.set_settings(config)?;
     Ok((ebpf, maps))
 }
 

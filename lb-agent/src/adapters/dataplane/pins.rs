@@ -144,7 +144,7 @@ impl fmt::Display for MapShape {
 /// version, or anyone else) that differ from `object`'s definitions: one
 /// built with other limits, or a map of another program under the same
 /// name. `pin_dir` is the directory the user gave, for the advice.
-pub(super) fn check_pinned_maps(object: &[u8], map_pins: &Path, pin_dir: &Path) -> anyhow::Result<()> {
+pub(super) fn check_pinned_maps(object: &[u8], map_pins: &Path, pin_dir: &Path, max_flows: u32) -> anyhow::Result<()> {
     let obj = aya_obj::Object::parse(object).context("parse the lb-ebpf object")?;
     for name in Maps::NAMES {
         let path = map_pins.join(name);
@@ -152,9 +152,23 @@ pub(super) fn check_pinned_maps(object: &[u8], map_pins: &Path, pin_dir: &Path) 
             continue;
         }
         let def = obj.maps.get(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-        let expected = MapShape::of_definition(def);
+        let mut expected = MapShape::of_definition(def);
+        if name == lb_common::CONNTRACK {
+            expected.max_entries = max_flows;
+        }
         let found = MapShape::of_pin(&path)?;
         let differences = expected.differences(&found);
+        if name == lb_common::CONNTRACK && differences.len() == 1 && found.max_entries != max_flows {
+            bail!(
+                "the pinned connection table at {} holds {} flows, but [dataplane] max_flows is {max_flows}; \
+                 set max_flows back to {} to keep the pinned flows, or drop them (and the rest of the pinned \
+                 state) with `lb-agent stop --pin-dir {}` and start again",
+                path.display(),
+                found.max_entries,
+                found.max_entries,
+                pin_dir.display()
+            );
+        }
         if !differences.is_empty() {
             bail!(
                 "the pinned map {name} at {} does not match this lb-agent's program ({}): expected {expected}, \
