@@ -162,6 +162,9 @@ pub fn be_ip(addr: SocketAddrV4) -> u32 {
     u32::from(*addr.ip()).to_be()
 }
 
+/// The connection table's size in [`LbObject::load`].
+pub const FIXTURE_FLOWS: u32 = 1 << 16;
+
 /// The loaded object and its map set, opened by the agent's own loader
 /// (aya checks key and value sizes against lb-common there).
 pub struct LbObject {
@@ -171,9 +174,13 @@ pub struct LbObject {
 
 impl LbObject {
     /// Loads the object lb-agent embeds and its `xdp_lb` and `xdp_lb_local`
-    /// programs (verified, not attached).
+    /// programs (verified, not attached), with a connection table of
+    /// [`FIXTURE_FLOWS`]: the kernel preallocates an LRU table whole, and the
+    /// default million entries (120 MiB) per load would dominate a fixture's
+    /// time (most of all in a VM under emulation). [`Self::load_with`] takes
+    /// the agent's default or any other size.
     pub fn load() -> Result<Self> {
-        Self::load_object(lb_agent::ebpf::object())
+        Self::load_with(&DataplaneConfig { max_flows: FIXTURE_FLOWS, ..DataplaneConfig::default() })
     }
 
     /// Loads the benchmark's object: the same, plus `xdp_pass`, `xdp_bench`

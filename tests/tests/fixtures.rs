@@ -1358,7 +1358,7 @@ fn root_the_connection_table_tracks_a_million_flows() {
     }
     const FLOWS: u32 = 1_000_000;
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf");
+    let mut lb = LbObject::load_with(&DataplaneConfig::default()).expect("load lb-ebpf");
     lb.add_service(&web()).expect("write the service");
     let (backend_id, backend) = WEB_BACKENDS[1];
     let client = |i: u32| SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i), 40000);
