@@ -29,6 +29,8 @@ pub const CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 pub(super) struct AyaConnections {
     /// Removing entries takes `&mut`; walks and flushes take turns.
     map: Mutex<HashMap<MapData, FlowKey, Conn>>,
+    /// The table's size, fixed when the map was created.
+    max_entries: u32,
 }
 
 impl AyaConnections {
@@ -36,8 +38,10 @@ impl AyaConnections {
     pub(super) fn open(map: &HashMap<MapData, FlowKey, Conn>) -> Result<Self, DataplaneError> {
         let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(map_err(CONNTRACK, "duplicate the fd"))?;
         let data = MapData::from_fd(fd).map_err(map_err(CONNTRACK, "open"))?;
+        let max_entries = data.info().map_err(map_err(CONNTRACK, "read its info"))?.max_entries();
         let map = Map::from_map_data(data).map_err(map_err(CONNTRACK, "open"))?;
-        Ok(AyaConnections { map: Mutex::new(HashMap::try_from(map).map_err(map_err(CONNTRACK, "open"))?) })
+        let map = Mutex::new(HashMap::try_from(map).map_err(map_err(CONNTRACK, "open"))?);
+        Ok(AyaConnections { map, max_entries })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<MapData, FlowKey, Conn>> {
@@ -75,8 +79,7 @@ impl ConnectionTable for AyaConnections {
                 entries -= 1;
             }
         }
-        let max_entries = map.map().info().map_err(map_err(CONNTRACK, "read its info"))?.max_entries();
-        Ok(ConntrackScan { open: out, entries, max_entries })
+        Ok(ConntrackScan { open: out, entries, max_entries: self.max_entries })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
