@@ -102,14 +102,13 @@ fn parse_flow_error<H: Hook>(hook: &H) -> Result<FlowError, Verdict> {
     if unsafe { (*outer).proto } != PROTO_ICMP {
         return Err(Verdict::pass(Reason::PassNotTcpUdp));
     }
-    hook.pull(QUOTE_END_MAX);
-    // Taken afresh: the pull invalidated every packet pointer (tc).
-    let eth: *mut EthHdr = ptr_at(hook, 0).ok_or(malformed())?;
-    let outer: *mut Ipv4Hdr = ptr_at(hook, ETH_HLEN).ok_or(malformed())?;
+    // The ICMP header lies within the headers the hook already has in view
+    // (`Tc::pull_headers`): only an error about a flow is worth the pull of
+    // its quote, not every ping.
     let icmp: *mut IcmpHdr = ptr_at(hook, ICMP_OFF).ok_or(malformed())?;
     // SAFETY: bounds-checked above; read by value. parse_packet checked the
     // total length against the packet's.
-    let (tot_len_be, outer_dst_be, icmp_type) = unsafe { ((*outer).tot_len_be, (*outer).dst_be, (*icmp).icmp_type) };
+    let (tot_len_be, icmp_type) = unsafe { ((*outer).tot_len_be, (*icmp).icmp_type) };
     let ip_end = ETH_HLEN + u16::from_be(tot_len_be) as usize;
     if ICMP_OFF + ICMP_HLEN > ip_end {
         return Err(malformed());
@@ -117,6 +116,13 @@ fn parse_flow_error<H: Hook>(hook: &H) -> Result<FlowError, Verdict> {
     if !is_flow_error(icmp_type) {
         return Err(Verdict::pass(Reason::PassNotTcpUdp));
     }
+    hook.pull(QUOTE_END_MAX);
+    // Taken afresh: the pull invalidated every packet pointer (tc).
+    let eth: *mut EthHdr = ptr_at(hook, 0).ok_or(malformed())?;
+    let outer: *mut Ipv4Hdr = ptr_at(hook, ETH_HLEN).ok_or(malformed())?;
+    let icmp: *mut IcmpHdr = ptr_at(hook, ICMP_OFF).ok_or(malformed())?;
+    // SAFETY: bounds-checked above; read by value.
+    let outer_dst_be = unsafe { (*outer).dst_be };
     let quoted: *mut Ipv4Hdr = ptr_at(hook, QUOTE_IP_OFF).ok_or(malformed())?;
     let ports: *mut QuotedPorts = ptr_at(hook, QUOTE_L4_OFF).ok_or(malformed())?;
     if QUOTE_L4_OFF + QUOTED_L4_MIN > ip_end {
