@@ -67,6 +67,18 @@ prefix = "10.{prefix}.0.0"
     )
 }
 
+/// The errors of a config whose one service has `[service.<table>]` =
+/// `body`: how a sub-table's test sees what the whole parse says of it.
+pub fn config_errors_with(table: &str, body: &str) -> String {
+    let text = format!(
+        "[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\ninterfaces = [\"eth0\"]\n[service.{table}]\n{body}\n"
+    );
+    match crate::config::Config::parse(&text, std::path::Path::new("t.toml")) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

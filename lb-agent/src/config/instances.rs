@@ -18,7 +18,6 @@ use super::duration;
 
 /// `[service.instances]`: one orchestrator, and how the agent runs it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct InstancesConfig {
     /// Instances as local processes, each in a network namespace.
     #[serde(default)]
@@ -128,7 +127,6 @@ pub fn fill_placeholders(template: &str, addr: SocketAddrV4, name: &str) -> Stri
 
 /// `[service.instances.process]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
     /// Program and arguments. `{ip}`, `{port}`, `{addr}` (ip:port) and
     /// `{name}` are replaced per instance.
@@ -251,7 +249,6 @@ impl InstanceNet<'_> {
 
 /// `[service.instances.docker]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DockerSpec {
     /// Image to run (it must be present locally or pullable).
     pub image: String,
@@ -447,7 +444,6 @@ fn is_docker_name(s: &str) -> bool {
 
 /// `[service.instances.requests]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RequestsMetric {
     /// Path of each instance's metrics page (Prometheus text format), on
     /// the instance's port.
@@ -603,7 +599,11 @@ pub(crate) mod tests {
 
     #[test]
     fn spec_refuses_unknown_keys_and_bad_values_at_parse_time() {
-        assert!(parse("image = \"w\"\nport = 1\nimgae = \"x\"").unwrap_err().contains("imgae"));
+        let err = crate::testing::config_errors_with("instances.docker", "image = \"w\"\nport = 1\nimgae = \"x\"");
+        assert!(
+            err.contains("service[0].instances.docker.imgae (line 9): unknown key; did you mean `image`?"),
+            "{err}"
+        );
         assert!(parse("image = \"w\"\nport = 1\nsubnet = \"10.213.0.1/24\"")
             .unwrap_err()
             .contains("did you mean 10.213.0.0/24"));

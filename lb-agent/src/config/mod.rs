@@ -3,9 +3,14 @@
 //! Parsing is strict (unknown keys are errors) and validation is whole: a
 //! config is accepted completely or refused with every problem listed, each
 //! naming its place (`service[1] "web": backend[0].weight: ...`).
+//!
+//! The structs do not `deny_unknown_fields`, which would stop at the first
+//! one: parsing collects every ignored key instead and refuses them all
+//! together, each with its line and the nearest valid key (`keys`).
 
 pub mod duration;
 pub mod instances;
+pub mod keys;
 pub mod scaling;
 
 use std::{
@@ -28,7 +33,6 @@ use self::{
 pub const MAX_WEIGHT: u32 = 10_000;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -46,7 +50,6 @@ pub struct Config {
 /// `[dataplane]`: sizes and limits of the data plane, set when the program
 /// is loaded (a change takes effect at the agent's next start).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
     /// Flows the connection table holds (one entry each); beyond, the least
     /// recently used one makes room.
@@ -80,7 +83,6 @@ pub const MAX_FLOWS_LIMIT: u32 = 1 << 26;
 /// directory give their connect()/sendto() a backend instead, for every
 /// process in its subtree.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SocketLbConfig {
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
@@ -103,7 +105,6 @@ fn enabled_by_default() -> bool {
 
 /// `[interface.<name>]`
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct InterfaceConfig {
     #[serde(default)]
     pub hook: HookMode,
@@ -181,9 +182,9 @@ pub enum ChecksumMode {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
+    #[serde(deserialize_with = "deserialize_vip")]
     pub vip: Ipv4Addr,
     pub port: u16,
     #[serde(default)]
@@ -206,12 +207,25 @@ pub struct ServiceConfig {
     pub instances: Option<InstancesConfig>,
 }
 
+/// An IPv4 address; `"10.0.0.1:80"` is refused with where the port goes.
+fn deserialize_vip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| match text.parse::<SocketAddrV4>() {
+        Ok(a) => D::Error::custom(format!(
+            "{text:?}: the vip is an address only; write vip = \"{}\" and port = {}",
+            a.ip(),
+            a.port()
+        )),
+        Err(_) => D::Error::custom(format!("{text:?} is not an IPv4 address")),
+    })
+}
+
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     #[serde(default)]
     pub kind: CheckKind,
@@ -292,7 +306,6 @@ impl fmt::Display for Protocol {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: SocketAddrV4,
     #[serde(default = "default_weight")]
@@ -325,14 +338,31 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
-        let problems = config.problems();
+        let mut ignored = Vec::new();
+        let parsed: Result<Config, _> =
+            serde_ignored::deserialize(toml::Deserializer::new(text), |at| ignored.push(keys::steps(&at)));
+        let mut problems = Config::unknown_keys(text, &ignored);
+        let config = parsed.map_err(|e| {
+            // Keys ignored before the error are likely its cause (`prot` for `port`).
+            let message = problems.iter().fold(e.to_string(), |m, p| format!("{m}\n  - {p}"));
+            ConfigError::Parse { path: path.into(), message }
+        })?;
+        problems.extend(config.problems());
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(ConfigError::Invalid { path: path.into(), problems })
         }
+    }
+
+    /// One line per key the structs do not take, each with its place.
+    fn unknown_keys(text: &str, ignored: &[Vec<keys::Step>]) -> Vec<String> {
+        if ignored.is_empty() {
+            return Vec::new();
+        }
+        let tables = keys::tables::<Config>();
+        let doc = toml_edit::ImDocument::parse(text).ok();
+        ignored.iter().map(|at| keys::unknown_key(at, &tables, doc.as_ref())).collect()
     }
 
     /// Every setting of `iface` (each `auto` unless configured).
@@ -649,6 +679,68 @@ mod tests {
     fn unknown_key_is_refused_with_its_name() {
         let err = parse(&GOOD.replace("weight = 2", "wieght = 2")).unwrap_err().to_string();
         assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn every_unknown_key_is_listed_with_its_line_and_the_nearest_key() {
+        let bad = GOOD
+            .replace("protocol = \"tcp\"", "protcol = \"tcp\"")
+            .replace("weight = 2", "wieght = 2")
+            .replace("port = 53", "port = 53\ncolour = \"red\"")
+            .replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nhealth_check = { intervall = \"1s\" }")
+            + "\n[interface.eth0]\nfastpath = \"on\"\n[dataplane]\nweight = 3\n";
+        let p = problems(&bad);
+        assert_eq!(
+            p,
+            [
+                "service[0].protcol (line 6): unknown key; did you mean `protocol`?",
+                "service[0].backend[0].wieght (line 10): unknown key; did you mean `weight`?",
+                "service[1].colour (line 18): unknown key; keys here: name, vip, port, protocol, interfaces, \
+                 backend, health_check, drain_timeout, scaling, instances",
+                "service[1].health_check.intervall (line 21): unknown key; did you mean `interval`?",
+                "interface.eth0.fastpath (line 24): unknown key; did you mean `fast_path`?",
+                "dataplane.weight (line 26): unknown key; `weight` is a key of [service.backend]",
+            ],
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_come_with_the_error_they_caused() {
+        let err = parse(&GOOD.replace("port = 80", "prot = 80")).unwrap_err().to_string();
+        assert!(err.contains("missing field `port`"), "{err}");
+        assert!(err.contains("service[0].prot (line 5): unknown key; did you mean `port`?"), "{err}");
+    }
+
+    #[test]
+    fn a_vip_with_a_port_says_where_the_port_goes() {
+        let err = parse(&GOOD.replacen("vip = \"10.0.0.100\"", "vip = \"10.0.0.100:80\"", 1)).unwrap_err().to_string();
+        assert!(
+            err.contains(r#""10.0.0.100:80": the vip is an address only; write vip = "10.0.0.100" and port = 80"#),
+            "{err}"
+        );
+        let err = parse(&GOOD.replacen("vip = \"10.0.0.100\"", "vip = \"web\"", 1)).unwrap_err().to_string();
+        assert!(err.contains(r#""web" is not an IPv4 address"#), "{err}");
+    }
+
+    #[test]
+    fn the_key_tables_come_from_the_structs() {
+        let tables = keys::tables::<Config>();
+        let keys = |path: &str| tables.iter().find(|t| t.path == path).map(|t| t.keys.to_vec());
+        assert_eq!(keys(""), Some(vec!["service", "interface", "socket_lb", "dataplane"]));
+        assert_eq!(keys("service.backend"), Some(vec!["address", "weight"]));
+        assert_eq!(keys("interface.<name>"), Some(vec!["hook", "checksums", "fast_path", "xdp_mode"]));
+        for path in [
+            "service.health_check",
+            "service.scaling.target",
+            "service.scaling.threshold.down",
+            "service.scaling.scale_down",
+            "service.instances.docker",
+            "service.instances.requests",
+        ] {
+            assert!(keys(path).is_some(), "no table {path} in {tables:#?}");
+        }
+        assert!(keys("service.instances.docker.env").is_none(), "env is a map of strings");
     }
 
     #[test]

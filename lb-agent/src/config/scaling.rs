@@ -58,7 +58,6 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
 
 /// The `[service.scaling]` table of one service.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ScalingPolicy {
     /// Never fewer: at least 1, since with no replica there are no metrics
     /// to scale up from.
@@ -109,7 +108,6 @@ fn default_cooldown() -> Duration {
 /// Per-replica averages to hold; each proposes
 /// `ceil(ready × average / target)` replicas.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Targets {
     /// Percent of one core.
     pub cpu: Option<f64>,
@@ -144,7 +142,6 @@ impl Targets {
 /// `up` fires when any of its conditions is above its limit, `down` when all
 /// of its conditions are below theirs. Up wins when both fire.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Thresholds {
     #[serde(default)]
     pub up: Option<ThresholdRule>,
@@ -157,7 +154,6 @@ pub struct Thresholds {
 /// cooldown from the last scale event either way, so capacity just added is
 /// not taken away before it has had a chance to take load.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ThresholdRule {
     pub cpu: Option<f64>,
     pub host_cpu: Option<f64>,
@@ -220,7 +216,6 @@ pub enum SelectPolicy {
 /// default. Giving `max_step` or `max_percent` replaces both default limits,
 /// so `{ max_step = 2 }` means two replicas per period and nothing else.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct BehaviorToml {
     #[serde(default, with = "duration::option")]
     stabilization_window: Option<Duration>,
@@ -513,7 +508,8 @@ pub(crate) mod tests {
             "max_replicas = 4\n[threshold]\nup = { cpu = 60, cooldwn = \"1s\" }",
             "max_replica = 4",
         ] {
-            assert!(toml::from_str::<ScalingPolicy>(text).is_err(), "{text}");
+            let err = crate::testing::config_errors_with("scaling", text);
+            assert!(err.contains(": unknown key"), "{text}: {err}");
         }
         let err = toml::from_str::<ScalingPolicy>("max_replicas = 4\nscale_down = { period = \"5 parsecs\" }")
             .unwrap_err()
