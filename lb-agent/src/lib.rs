@@ -20,6 +20,7 @@
 
 pub mod adapters;
 pub mod agent;
+pub mod cli_help;
 pub mod config;
 pub mod core;
 pub mod ebpf;

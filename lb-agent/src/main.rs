@@ -72,13 +72,17 @@ enum Command {
     /// Stop the running agent for good: detach and remove pinned state. With
     /// no agent running, removes what a killed agent left pinned.
     Stop {
+        /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
+        /// bpffs directory the agent pinned to (`run --pin-dir`); cleaned up
+        /// when no agent answers.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
     /// Validate a config file and print what it describes; changes nothing.
     Check {
+        /// The TOML config to check (see docs/config.md for every key).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -87,6 +91,7 @@ enum Command {
         /// Print JSON (the same data) for scripts.
         #[arg(long)]
         json: bool,
+        /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
@@ -94,11 +99,13 @@ enum Command {
     Backend {
         #[command(subcommand)]
         change: BackendChange,
+        /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET, global = true)]
         api_socket: PathBuf,
     },
     /// Ask the running agent to re-read its config file now.
     Reload {
+        /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
@@ -108,16 +115,31 @@ enum Command {
 enum BackendChange {
     /// Add a backend; it takes new flows at once.
     Add {
+        /// The service's `name` in the config.
         service: String,
+        /// The backend's IPv4 address and port, e.g. 10.0.1.4:8080.
         address: SocketAddrV4,
+        /// Its share of new flows, relative to the other backends' weights.
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
     /// Drain a backend: no new flows; open ones go on until they close or
     /// the service's drain_timeout passes.
-    Remove { service: String, address: SocketAddrV4 },
+    Remove {
+        /// The service's `name` in the config.
+        service: String,
+        /// The backend's IPv4 address and port, as listed by `status`.
+        address: SocketAddrV4,
+    },
     /// Change a backend's weight (0 takes it out of the table without draining it away).
-    Weight { service: String, address: SocketAddrV4, weight: u32 },
+    Weight {
+        /// The service's `name` in the config.
+        service: String,
+        /// The backend's IPv4 address and port, as listed by `status`.
+        address: SocketAddrV4,
+        /// The new weight: its share of new flows, relative to the others'.
+        weight: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -271,5 +293,20 @@ fn call_and_print(socket: PathBuf, request: Request) -> anyhow::Result<ExitCode>
     } else {
         eprintln!("lb-agent: refused: {}", response.error.unwrap_or_default());
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every subcommand and argument says what it is for in `--help`, so a
+    /// new one cannot slip in without.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        let missing = lb_agent::cli_help::undocumented(&Cli::command());
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }

@@ -5,13 +5,19 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use lb_load as load;
 
+/// `cargo xtask run -- ARGS` runs this demo with ARGS, except for one: the
+/// agent on a config of yours.
+const AGENT_MODE: &str = "Agent mode (through cargo xtask run):\n  \
+    cargo xtask run -- --config FILE   runs `lb-agent run --config FILE` instead of a demo\n  \
+    (examples/*.toml are configs to start from; docs/config.md lists every key)";
+
 /// Show the XDP load balancer at work in throw-away network namespaces.
 ///
 /// By default: an autoscaling demo. A load ramp goes up, lb-agent starts more
 /// backend instances, the load drops, and it stops them again; live in the
 /// terminal, with a summary, a decision timeline and an SVG chart at the end.
 #[derive(Parser)]
-#[command(name = "lb-demo", about, long_about)]
+#[command(name = "lb-demo", about, long_about, after_help = AGENT_MODE)]
 pub(crate) struct Cli {
     /// The first demo instead: fixed backends, one request at a time,
     /// printing which backend answered each.
@@ -98,4 +104,19 @@ pub(crate) fn on_path(program: &str) -> bool {
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     load::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn every_argument_has_help_and_the_agent_mode_is_listed() {
+        let missing = lb_agent::cli_help::undocumented(&Cli::command());
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("cargo xtask run -- --config FILE"), "{help}");
+    }
 }
