@@ -2,10 +2,12 @@
 //! and e2e_netns again on an older kernel in a VM; or with `--kernel`, only
 //! the VM stage, on the kernels named.
 
+use std::fs;
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::util::{self, describe, paint, secs, stream, Step, BOLD, GREEN, RED, YELLOW};
@@ -67,6 +69,11 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     let mut unit = util::cargo();
     unit.args(["test", "--workspace", "--exclude", "lb-tests"]).args(&filter).env(ROOT_STAGE_LATER, "1");
     stages.push(run_stage("unit tests", &mut unit)?);
+    if opts.filter.is_none() {
+        stages.push(check_examples()?);
+    } else {
+        stages.push(skip_stage("examples", "skipped (FILTER given)", true));
+    }
 
     // BPF fixtures and network namespaces. One thread: the tests create
     // namespaces and attach programs, and must not see each other's.
@@ -165,13 +172,52 @@ fn run_stage(name: &str, cmd: &mut Command) -> Result<Stage> {
     let step = Step::new("test", name);
     step.say("running");
     let status = stream(cmd)?;
-    let (ok, color, outcome) = if status.success() {
-        (true, GREEN, "passed".to_owned())
-    } else {
-        (false, RED, format!("FAILED: cargo test {}", describe(status)))
-    };
+    let outcome =
+        if status.success() { "passed".to_owned() } else { format!("FAILED: cargo test {}", describe(status)) };
+    Ok(finish_stage(step, name, status.success(), outcome))
+}
+
+/// Ends `step` green or red and records it as a stage.
+fn finish_stage(step: Step, name: &str, ok: bool, outcome: String) -> Stage {
+    let color = if ok { GREEN } else { RED };
     let took = step.finish(color, &outcome);
-    Ok(Stage { name: name.to_owned(), color, outcome, took, ok })
+    Stage { name: name.to_owned(), color, outcome, took, ok }
+}
+
+/// `lb-agent check` on every `examples/*.toml`: the README and
+/// docs/config.md send users to them, so each must stay valid.
+fn check_examples() -> Result<Stage> {
+    let step = Step::new("test", "examples");
+    let mut build = util::cargo();
+    build.args(["build", "-p", "lb-agent", "--bin", "lb-agent"]);
+    let status = stream(&mut build)?;
+    if !status.success() {
+        return Ok(finish_stage(step, "examples", false, format!("FAILED: cargo build {}", describe(status))));
+    }
+    let agent = util::target_dir().join("debug").join("lb-agent");
+    let dir = util::workspace_root().join("examples");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    files.retain(|p| p.extension().is_some_and(|x| x == "toml"));
+    files.sort();
+    let mut failed = Vec::new();
+    for file in &files {
+        // TODO(integration): `check --file-only`, so the host's interfaces
+        // and routes do not decide whether an example is valid.
+        let mut check = Command::new(&agent);
+        check.arg("check").arg("--config").arg(file);
+        if !stream(&mut check)?.success() {
+            failed.push(file.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        }
+    }
+    let (ok, outcome) = match (files.len(), failed.len()) {
+        (0, _) => (false, format!("FAILED: no examples/*.toml in {}", dir.display())),
+        (n, 0) => (true, format!("{n} checked")),
+        (n, _) => (false, format!("FAILED: {} of {n}: {}", failed.len(), failed.join(", "))),
+    };
+    Ok(finish_stage(step, "examples", ok, outcome))
 }
 
 fn skip_stage(name: &str, why: &str, ok: bool) -> Stage {

@@ -277,3 +277,75 @@ impl<'de> de::SeqAccess<'de> for OneElement<'_> {
         self.0.take().map(|p| seed.deserialize(p)).transpose()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::tables;
+    use crate::config::Config;
+
+    fn repo_file(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    }
+
+    /// The tables each heading of docs/config.md documents (every `[..]` or
+    /// `[[..]]` in it), with the text up to the next heading.
+    fn doc_sections(doc: &str) -> Vec<(Vec<String>, String)> {
+        let mut out: Vec<(Vec<String>, String)> = Vec::new();
+        for line in doc.lines() {
+            if line.starts_with('#') {
+                let tables = line
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .filter_map(|code| code.strip_prefix('[')?.strip_suffix(']'))
+                    .map(|t| t.trim_matches(['[', ']']).to_owned())
+                    .collect();
+                out.push((tables, String::new()));
+            } else if let Some((_, text)) = out.last_mut() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Every key the structs take has a row in docs/config.md, under its
+    /// table's heading, so the reference cannot fall behind the code.
+    #[test]
+    fn docs_config_md_names_every_key() {
+        let doc = std::fs::read_to_string(repo_file("docs/config.md")).expect("docs/config.md");
+        let sections = doc_sections(&doc);
+        let mut missing = Vec::new();
+        // The top level's keys are the tables below it, each with a heading.
+        for table in tables::<Config>().into_iter().filter(|t| !t.path.is_empty()) {
+            let Some((_, text)) = sections.iter().find(|(tables, _)| tables.contains(&table.path)) else {
+                missing.push(format!("[{}] (no heading)", table.path));
+                continue;
+            };
+            let rows = table.keys.iter().filter(|k| !text.contains(&format!("\n| `{k}` |")));
+            missing.extend(rows.map(|k| format!("[{}] {k}", table.path)));
+        }
+        assert!(missing.is_empty(), "docs/config.md lacks: {missing:#?}");
+    }
+
+    /// Each example loads, and says at its top what it shows and how to run it.
+    #[test]
+    fn every_example_loads() {
+        let mut examples: Vec<PathBuf> = std::fs::read_dir(repo_file("examples"))
+            .expect("examples/")
+            .map(|e| e.expect("examples/ entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        examples.sort();
+        assert!(examples.len() >= 7, "{examples:?}");
+        for path in &examples {
+            let text = std::fs::read_to_string(path).expect("example");
+            assert!(text.starts_with("# ") && text.contains("lb-agent check --config examples/"), "{path:?} header");
+            if let Err(e) = Config::load(path) {
+                panic!("{e}");
+            }
+        }
+    }
+}
