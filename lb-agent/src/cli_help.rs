@@ -16,3 +16,9 @@ pub fn undocumented(cmd: &clap::Command) -> Vec<String> {
     }
     missing
 }
+
+/// Panics, naming each, if anything in `cmd` lacks help text: for a test.
+pub fn assert_documented(cmd: &clap::Command) {
+    let missing = undocumented(cmd);
+    assert!(missing.is_empty(), "no help text: {missing:#?}");
+}
