@@ -109,13 +109,25 @@ pub fn place(at: &[Step]) -> String {
     s
 }
 
-/// The valid key closest to `key`, if any is close enough to be a typo.
+/// The valid key closest to `key`, if any is close enough to be a typo or
+/// a shortening (`window` for `stabilization_window`); among equals, the
+/// one nearest in length.
 fn nearest(key: &str, keys: &[&'static str]) -> Option<&'static str> {
+    const CLOSE: f64 = 0.8;
+    let part = |k: &str| key.len().min(k.len()) >= 4 && (k.contains(key) || key.contains(k));
+    let score = |k: &str| {
+        let typo = strsim::jaro_winkler(key, k);
+        if part(k) {
+            typo.max(CLOSE)
+        } else {
+            typo
+        }
+    };
     keys.iter()
-        .map(|k| (strsim::jaro_winkler(key, k), *k))
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k)
+        .map(|k| (score(k), k.len().abs_diff(key.len()), *k))
+        .filter(|(score, _, _)| *score >= CLOSE)
+        .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, _, k)| k)
 }
 
 /// The dotted table path of `parent` (indices dropped, map entries as

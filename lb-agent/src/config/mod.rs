@@ -688,7 +688,7 @@ mod tests {
             .replace("weight = 2", "wieght = 2")
             .replace("port = 53", "port = 53\ncolour = \"red\"")
             .replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nhealth_check = { intervall = \"1s\" }")
-            + "\n[interface.eth0]\nfastpath = \"on\"\n[dataplane]\nweight = 3\n";
+            + "\n[interface.eth0]\nfastpath = \"on\"\n[dataplane]\nweight = 3\nflows = 9\n";
         let p = problems(&bad);
         assert_eq!(
             p,
@@ -700,6 +700,7 @@ mod tests {
                 "service[1].health_check.intervall (line 21): unknown key; did you mean `interval`?",
                 "interface.eth0.fastpath (line 24): unknown key; did you mean `fast_path`?",
                 "dataplane.weight (line 26): unknown key; `weight` is a key of [service.backend]",
+                "dataplane.flows (line 27): unknown key; did you mean `max_flows`?",
             ],
             "{p:#?}"
         );
