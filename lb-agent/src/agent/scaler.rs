@@ -448,8 +448,9 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 self.spawn_stop(id.to_owned());
                 (
                     Some(format!(
-                        "{}: instance {name} not ready within {:?} ({e}); stopping it",
-                        self.service, self.instances.ready_timeout
+                        "{}: instance {name} not ready within {} ({e}); stopping it",
+                        self.service,
+                        crate::status::human_duration(self.instances.ready_timeout.as_secs_f64())
                     )),
                     false,
                 )

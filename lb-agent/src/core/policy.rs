@@ -330,7 +330,7 @@ pub fn decide(snapshot: &MetricsSnapshot, policy: &ScalingPolicy, history: &Hist
         } else {
             ("down", policy.scale_down.stabilization_window)
         };
-        let _ = write!(reason, "; held at {stabilized} by the scale-{dir} stabilization window ({window:?})");
+        let _ = write!(reason, "; held at {stabilized} by the scale-{dir} stabilization window ({})", span(window));
     }
 
     let limited = limit_rate(previous, stabilized, &policy.scale_up, &policy.scale_down, &history.event_ages(now));
@@ -565,7 +565,8 @@ fn propose_threshold(
                 return Proposal::held("starting", previous, wanted, reason);
             }
             if let Some(since) = cooling(since_up, up.cooldown) {
-                let reason = format!("{seen}, but the last scale-up was {since:?} ago (cooldown {:?})", up.cooldown);
+                let reason =
+                    format!("{seen}, but the last scale-up was {} ago (cooldown {})", span(since), span(up.cooldown));
                 return Proposal::held("cooldown", previous, wanted, reason);
             }
             return Proposal::new(rule, wanted, format!("{seen}: add {}", up.step));
@@ -585,8 +586,11 @@ fn propose_threshold(
             let seen = below.join(" and ");
             let wanted = previous.saturating_sub(down.step);
             if let Some(since) = cooling(since_any, down.cooldown) {
-                let reason =
-                    format!("{seen}, but the last scale event was {since:?} ago (cooldown {:?})", down.cooldown);
+                let reason = format!(
+                    "{seen}, but the last scale event was {} ago (cooldown {})",
+                    span(since),
+                    span(down.cooldown)
+                );
                 return Proposal::held("cooldown", previous, wanted, reason);
             }
             return Proposal::new(rule, wanted, format!("{seen}: remove {}", down.step));
@@ -719,8 +723,17 @@ fn describe_rate(b: &Behavior) -> String {
     }
     match b.select_policy {
         SelectPolicy::Disabled => "disabled".into(),
-        SelectPolicy::Max => format!("{} per {:?}", parts.join(" or "), b.period),
-        SelectPolicy::Min => format!("{} (the lower) per {:?}", parts.join(" or "), b.period),
+        SelectPolicy::Max => format!("{} per {}", parts.join(" or "), span(b.period)),
+        SelectPolicy::Min => format!("{} (the lower) per {}", parts.join(" or "), span(b.period)),
+    }
+}
+
+/// A duration for reasons: `12s`, `3m12s`; under a second in ms (`500ms`).
+fn span(d: Duration) -> String {
+    if d < Duration::from_secs(1) && !d.is_zero() {
+        format!("{}ms", d.as_millis())
+    } else {
+        crate::status::human_duration(d.as_secs_f64())
     }
 }
 
@@ -921,8 +934,9 @@ mod tests {
         let t = thresholds("up = { cpu = 60, cooldown = \"30s\" }\ndown = { cpu = 10, cooldown = \"20s\" }");
         let hot = collected(&[90.0], 0, 0);
         let secs = |s| Some(Duration::from_secs(s));
-        let p = propose_threshold(&t, &hot, 2, secs(29), secs(1));
+        let p = propose_threshold(&t, &hot, 2, Some(Duration::from_millis(29_347)), secs(1));
         assert_eq!((p.rule.as_str(), p.replicas, p.wanted), ("cooldown", 2, 3));
+        assert!(p.reason.ends_with("but the last scale-up was 29s ago (cooldown 30s)"), "{}", p.reason);
         assert_eq!(propose_threshold(&t, &hot, 2, secs(30), secs(1)).replicas, 3);
         // A recent scale-down does not hold back a scale-up.
         assert_eq!(propose_threshold(&t, &hot, 2, None, secs(1)).replicas, 3);
