@@ -87,8 +87,11 @@ pub struct ReplicaStatus {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecisionSummary {
-    /// When it was taken (the latest of a collapsed run).
+    /// When it was taken (the first of a collapsed run).
     pub unix_time: f64,
+    /// When the last decision of a collapsed run was taken.
+    #[serde(default)]
+    pub last_unix_time: f64,
     pub replicas: u32,
     /// Instances that existed.
     pub current: u32,
@@ -109,13 +112,14 @@ fn one() -> u32 {
 /// Put `d` at the front of `decisions` (most recent first), keeping at most
 /// `keep`: a decision that changes nothing, after one with the same count
 /// and rule that changed nothing either, only adds to that one's `repeats`
-/// (and takes its time and reason), so a quiet hour is one line.
+/// (and gives it its `last_unix_time` and reason), so a quiet hour is one
+/// line.
 pub fn record_decision(decisions: &mut VecDeque<DecisionSummary>, d: DecisionSummary, keep: usize) {
     let no_op = |x: &DecisionSummary| x.replicas == x.previous;
     if let Some(front) = decisions.front_mut() {
         if no_op(&d) && no_op(front) && front.replicas == d.replicas && front.rule == d.rule {
             let repeats = front.repeats.saturating_add(d.repeats);
-            *front = DecisionSummary { repeats, ..d };
+            *front = DecisionSummary { repeats, unix_time: front.unix_time, last_unix_time: d.last_unix_time, ..d };
             return;
         }
     }
@@ -432,7 +436,7 @@ fn render_scaling(out: &mut String, scaling: &[ScalingStatus], now: f64) {
             for d in sc.decisions.iter().take(5) {
                 let repeats = if d.repeats > 1 { format!(" x{}", d.repeats) } else { String::new() };
                 rows.push(vec![
-                    ago(now, d.unix_time),
+                    ago(now, d.last_unix_time.max(d.unix_time)),
                     format!("{} -> {}{repeats}", d.previous, d.replicas),
                     d.rule.clone(),
                     d.reason.clone(),
@@ -662,6 +666,7 @@ mod tests {
     fn decision(ago: f64, previous: u32, replicas: u32, rule: &str) -> DecisionSummary {
         DecisionSummary {
             unix_time: 1_000_000.0 - ago,
+            last_unix_time: 1_000_000.0 - ago,
             replicas,
             current: previous,
             previous,
@@ -681,7 +686,8 @@ mod tests {
         let summary: Vec<(u32, u32, &str, u32)> =
             list.iter().map(|d| (d.previous, d.replicas, d.rule.as_str(), d.repeats)).collect();
         assert_eq!(summary, [(2, 2, "tolerance", 14), (1, 2, "target cpu", 1)]);
-        assert_eq!(list[0].unix_time, 1_000_000.0 - 77.0, "the run carries its latest time");
+        assert_eq!(list[0].unix_time, 1_000_000.0 - 90.0, "the run keeps its first time");
+        assert_eq!(list[0].last_unix_time, 1_000_000.0 - 77.0, "and carries its latest");
         // Another rule, or a change, starts a new entry; the oldest go.
         record_decision(&mut list, decision(50.0, 2, 2, "starting"), 3);
         record_decision(&mut list, decision(40.0, 2, 3, "target cpu"), 3);

@@ -329,6 +329,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         }
         let summary = DecisionSummary {
             unix_time,
+            last_unix_time: unix_time,
             replicas: d.replicas,
             current: d.current,
             previous: d.previous,
