@@ -2,8 +2,9 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,7 @@ use lb_agent::{
     config::Config,
     core::deploy,
     serve::api::{self, Request, DEFAULT_SOCKET},
+    status::{human_duration, watch_frame, Snapshot},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";
@@ -86,11 +88,55 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show services, backends, traffic and recent events of the running agent.
+    /// Show services, backends, scaling, traffic and recent events of the
+    /// running agent.
+    ///
+    /// The scaling block reads like `kubectl get hpa`: per scaled service the
+    /// metric each rule acts on as current/target (`cpu 41%/50%`), min, max,
+    /// desired and ready instances, and who decides (the policy, or a pin or
+    /// pause by `lb-agent scale`); then its instances and recent decisions,
+    /// a run of equal no-op decisions shown once (`2 -> 2 x14`).
     Status {
-        /// Print JSON (the same data) for scripts.
+        /// Print JSON (the same data, metric values and targets as numbers)
+        /// for scripts; with --watch, one JSON document per line.
         #[arg(long)]
         json: bool,
+        /// Refresh every --interval until Ctrl-C: redrawn in place on a
+        /// terminal, one snapshot after another (under `---`) otherwise. If
+        /// the agent goes away the watch says so and keeps asking, so it
+        /// picks up a restarted agent by itself.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch refreshes, e.g. "2s" or "500ms".
+        #[arg(long, default_value = "2s", value_parser = lb_agent::config::duration::parse, requires = "watch")]
+        interval: Duration,
+        /// The running agent's control socket (`run --api-socket`).
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Pin, pause or resume a scaled service's instance count at run time.
+    ///
+    /// `--replicas N` holds the count at N: the policy stops deciding and the
+    /// orchestrator starts or drains instances to reach N. N must lie within
+    /// the config's min_replicas ..= max_replicas (change those in the config
+    /// to go beyond). `--pause` holds the count where it is; `--resume`
+    /// hands it back to the policy. Crashed instances are still replaced
+    /// while held. A hold shows in `status` and is recorded in the events
+    /// and the scaling timeline (rule "pinned" or "paused"); it survives
+    /// config reloads, but not an agent restart: a new agent scales by policy.
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["replicas", "pause", "resume"])))]
+    Scale {
+        /// The scaled service, as named in the config.
+        service: String,
+        /// Hold the service at this many instances.
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Hold the service at its current count.
+        #[arg(long)]
+        pause: bool,
+        /// Let the scaling policy decide again.
+        #[arg(long)]
+        resume: bool,
         /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
@@ -172,7 +218,15 @@ fn main() -> ExitCode {
         }
         Command::Stop { api_socket, pin_dir } => stop(api_socket, pin_dir),
         Command::Check { config } => check(config),
-        Command::Status { json, api_socket } => status(api_socket, json),
+        Command::Status { json, watch, interval, api_socket } => status(api_socket, json, watch.then_some(interval)),
+        Command::Scale { service, replicas, pause, resume: _, api_socket } => {
+            let request = match (replicas, pause) {
+                (Some(replicas), _) => Request::PinReplicas { service, replicas },
+                (None, true) => Request::PauseScaling { service },
+                (None, false) => Request::ResumeScaling { service },
+            };
+            call_and_print(api_socket, request)
+        }
         Command::Backend { change, api_socket } => backend(api_socket, change),
         Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
     };
@@ -263,17 +317,67 @@ fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn status(socket: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let response = runtime()?.block_on(api::call(&socket, &Request::Status))?;
-    let Some(snapshot) = response.status else {
-        anyhow::bail!("the agent answered without a status: {}", response.error.unwrap_or_default());
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&snapshot)?);
-    } else {
-        print!("{}", snapshot.render_table());
+fn status(socket: PathBuf, json: bool, watch: Option<Duration>) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    match watch {
+        None => {
+            let snapshot = rt.block_on(fetch_status(&socket))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", snapshot.render_table());
+            }
+        }
+        Some(interval) => rt.block_on(watch_status(&socket, json, interval))?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn fetch_status(socket: &Path) -> anyhow::Result<Snapshot> {
+    let response = api::call(socket, &Request::Status).await?;
+    match response.status {
+        Some(snapshot) => Ok(*snapshot),
+        None => anyhow::bail!("the agent answered without a status: {}", response.error.unwrap_or_default()),
+    }
+}
+
+/// `status --watch`: a frame every `interval` until Ctrl-C. An agent that
+/// does not answer is said so in the frame (on stderr with --json), and
+/// asked again at the next one.
+async fn watch_status(socket: &Path, json: bool, interval: Duration) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    let terminal = std::io::stdout().is_terminal();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let fetched = tokio::select! {
+            _ = &mut ctrl_c => break,
+            r = fetch_status(socket) => r,
+        };
+        let frame = match (fetched, json) {
+            (Ok(s), true) => format!("{}\n", serde_json::to_string(&s)?),
+            (Ok(s), false) => watch_frame(&s.render_table(), terminal, interval),
+            (Err(e), true) => {
+                eprintln!("lb-agent: {e:#}; asking again in {}", human_duration(interval.as_secs_f64()));
+                String::new()
+            }
+            (Err(e), false) => {
+                let body = format!("lb-agent: {e:#}; asking again in {}\n", human_duration(interval.as_secs_f64()));
+                watch_frame(&body, terminal, interval)
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`| head`) ends the watch.
+        if out.write_all(frame.as_bytes()).and_then(|()| out.flush()).is_err() {
+            break;
+        }
+        drop(out);
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    Ok(())
 }
 
 fn backend(socket: PathBuf, change: BackendChange) -> anyhow::Result<ExitCode> {

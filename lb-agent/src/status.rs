@@ -2,6 +2,8 @@
 //! status` prints it (a table, or JSON with `--json`) and `/metrics` renders
 //! it for Prometheus, so the two never disagree.
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -28,8 +30,45 @@ pub struct ScalingStatus {
     /// Starts asked for and not yet running.
     pub pending_starts: u32,
     pub replicas: Vec<ReplicaStatus>,
-    /// Decisions that changed the count or the rule, most recent first.
+    /// Decisions, most recent first; a run of equal no-op decisions is one
+    /// entry with its `repeats` (see `record_decision`).
     pub decisions: Vec<DecisionSummary>,
+    /// The value each rule acts on and its target, as the last decision saw
+    /// them.
+    #[serde(default)]
+    pub metrics: Vec<ScalingMetric>,
+    /// An operator's pin or pause (`lb-agent scale`), while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<ScalingHold>,
+}
+
+/// One metric a scaling rule acts on, with the value it holds to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScalingMetric {
+    /// The config key: "cpu", "host_cpu", "connections",
+    /// "new_flows_per_second" or "requests_per_second".
+    pub metric: String,
+    /// Its name in status and reasons: "cpu", "requests/s", ...
+    pub label: String,
+    /// "target" (target tracking), "up" (a threshold above which it scales
+    /// up) or "down" (below which it may scale down).
+    pub rule: String,
+    /// The average over ready instances (the host's, for host CPU) that the
+    /// last decision saw; none without a sample.
+    pub value: Option<f64>,
+    pub target: f64,
+    /// "%" for CPU, "" otherwise.
+    pub unit: String,
+}
+
+/// The operator holds the instance count: the policy does not decide.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScalingHold {
+    /// "pinned" (`scale --replicas N`) or "paused" (`scale --pause`).
+    pub mode: String,
+    pub replicas: u32,
+    /// When it began, seconds since the Unix epoch.
+    pub since_unix_time: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,11 +87,44 @@ pub struct ReplicaStatus {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecisionSummary {
+    /// When it was taken (the first of a collapsed run).
     pub unix_time: f64,
+    /// When the last decision of a collapsed run was taken.
+    #[serde(default)]
+    pub last_unix_time: f64,
     pub replicas: u32,
+    /// Instances that existed.
     pub current: u32,
+    /// What the decision before asked for.
+    #[serde(default)]
+    pub previous: u32,
     pub rule: String,
     pub reason: String,
+    /// Equal decisions in a row that changed nothing, collapsed into this one.
+    #[serde(default = "one")]
+    pub repeats: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Put `d` at the front of `decisions` (most recent first), keeping at most
+/// `keep`: a decision that changes nothing, after one with the same count
+/// and rule that changed nothing either, only adds to that one's `repeats`
+/// (and gives it its `last_unix_time` and reason), so a quiet hour is one
+/// line.
+pub fn record_decision(decisions: &mut VecDeque<DecisionSummary>, d: DecisionSummary, keep: usize) {
+    let no_op = |x: &DecisionSummary| x.replicas == x.previous;
+    if let Some(front) = decisions.front_mut() {
+        if no_op(&d) && no_op(front) && front.replicas == d.replicas && front.rule == d.rule {
+            let repeats = front.repeats.saturating_add(d.repeats);
+            *front = DecisionSummary { repeats, unix_time: front.unix_time, last_unix_time: d.last_unix_time, ..d };
+            return;
+        }
+    }
+    decisions.push_front(d);
+    decisions.truncate(keep);
 }
 
 pub const MAX_EVENTS: usize = 50;
@@ -199,8 +271,14 @@ pub struct Event {
 }
 
 impl Snapshot {
-    /// The human table `lb-agent status` prints.
+    /// The human table `lb-agent status` prints, with ages counted to now.
     pub fn render_table(&self) -> String {
+        self.render_at(now_unix())
+    }
+
+    /// The human table, with ages counted to `now` (seconds since the Unix
+    /// epoch): a pure function of the snapshot.
+    pub fn render_at(&self, now: f64) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
         let a = &self.agent;
@@ -214,8 +292,12 @@ impl Snapshot {
             a.config_path
         );
         if let Some(r) = &a.config_refused {
-            let ago = human_duration((now_unix() - r.unix_time).max(0.0));
-            let _ = writeln!(out, "last reload refused {ago} ago (the config in force is older): {}", r.message);
+            let _ = writeln!(
+                out,
+                "last reload refused {} (the config in force is older): {}",
+                ago(now, r.unix_time),
+                r.message
+            );
         }
         let hooks: Vec<String> = a
             .interfaces
@@ -264,64 +346,30 @@ impl Snapshot {
                 human_rate(s.counters.packets_per_second),
                 human_rate(s.counters.new_flows_per_second),
             );
-            let _ = writeln!(
-                out,
-                "  {:<22} {:<9} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9}",
-                "BACKEND", "STATE", "WEIGHT", "SHARE", "OPEN", "NEW/S", "PKT/S", "BYTES/S"
-            );
+            let mut rows = vec![cells(["BACKEND", "STATE", "WEIGHT", "SHARE", "OPEN", "NEW/S", "PKT/S", "BYTES/S"])];
             for b in &s.backends {
                 let state = match b.drain_seconds_left {
-                    Some(left) => format!("{} {}s", b.state, left.ceil() as u64),
+                    Some(left) => format!("{} {}", b.state, human_duration(left.ceil())),
                     None => b.state.clone(),
                 };
-                let _ = writeln!(
-                    out,
-                    "  {:<22} {:<9} {:>6} {:>5.1}% {:>6} {:>8} {:>8} {:>9}",
-                    b.address,
+                rows.push(vec![
+                    b.address.clone(),
                     state,
-                    b.weight,
-                    b.table_share * 100.0,
-                    b.open_connections,
+                    b.weight.to_string(),
+                    format!("{:.1}%", b.table_share * 100.0),
+                    b.open_connections.to_string(),
                     human_rate(b.counters.new_flows_per_second),
                     human_rate(b.counters.packets_per_second),
                     human_rate(b.counters.bytes_per_second),
-                );
+                ]);
             }
             if s.backends.is_empty() {
                 let _ = writeln!(out, "  (no backends: new flows are dropped)");
+            } else {
+                out.push_str(&columns("  ", &rows, &[2, 3, 4, 5, 6, 7]));
             }
         }
-        for sc in &self.scaling {
-            let _ = writeln!(
-                out,
-                "\nscaling {}  desired {}  (min {}, max {})  starting now {}",
-                sc.service, sc.desired, sc.min_replicas, sc.max_replicas, sc.pending_starts
-            );
-            for r in &sc.replicas {
-                let cpu = r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%"));
-                let _ = writeln!(
-                    out,
-                    "  {:<16} {:<22} {:<9} cpu {:>5}  up {}",
-                    r.name,
-                    r.address,
-                    r.phase,
-                    cpu,
-                    human_duration(r.age_seconds)
-                );
-            }
-            for d in sc.decisions.iter().take(5) {
-                let ago = (now_unix() - d.unix_time).max(0.0);
-                let _ = writeln!(
-                    out,
-                    "  {:>8} ago  {} -> {}  {}: {}",
-                    human_duration(ago),
-                    d.current,
-                    d.replicas,
-                    d.rule,
-                    d.reason
-                );
-            }
-        }
+        render_scaling(&mut out, &self.scaling, now);
         let drops: Vec<String> = self
             .reasons
             .iter()
@@ -333,25 +381,195 @@ impl Snapshot {
         }
         if !self.events.is_empty() {
             let _ = writeln!(out, "\nrecent events:");
-            for e in self.events.iter().take(10) {
-                let ago = (now_unix() - e.unix_time).max(0.0);
-                let _ = writeln!(out, "  {:>8} ago  {}", human_duration(ago), e.message);
-            }
+            let rows: Vec<Vec<String>> =
+                self.events.iter().take(10).map(|e| vec![ago(now, e.unix_time), e.message.clone()]).collect();
+            out.push_str(&columns("  ", &rows, &[0]));
         }
         out
     }
 }
 
-fn now_unix() -> f64 {
+/// The scaling block, like `kubectl get hpa`: one row per scaled service,
+/// then each one's instances and recent decisions.
+fn render_scaling(out: &mut String, scaling: &[ScalingStatus], now: f64) {
+    use std::fmt::Write as _;
+    if scaling.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nscaling:");
+    let mut rows =
+        vec![cells(["SERVICE", "METRICS (CURRENT/TARGET)", "MIN", "MAX", "DESIRED", "READY", "STARTING", "CONTROL"])];
+    for sc in scaling {
+        let ready = sc.replicas.iter().filter(|r| r.phase == "ready").count();
+        let starting = sc.replicas.iter().filter(|r| r.phase == "starting").count() as u32 + sc.pending_starts;
+        rows.push(vec![
+            sc.service.clone(),
+            render_metrics(&sc.metrics),
+            sc.min_replicas.to_string(),
+            sc.max_replicas.to_string(),
+            sc.desired.to_string(),
+            ready.to_string(),
+            starting.to_string(),
+            sc.hold.as_ref().map_or("policy".into(), |h| render_hold(h, now)),
+        ]);
+    }
+    out.push_str(&columns("  ", &rows, &[2, 3, 4, 5, 6]));
+    for sc in scaling {
+        if !sc.replicas.is_empty() {
+            let _ = writeln!(out, "\n  {} instances:", sc.service);
+            let mut rows = vec![cells(["NAME", "ADDRESS", "PHASE", "CPU", "REQ/S", "UP"])];
+            for r in &sc.replicas {
+                rows.push(vec![
+                    r.name.clone(),
+                    r.address.clone(),
+                    r.phase.clone(),
+                    r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+                    r.requests_per_second.map_or("-".into(), human_rate),
+                    human_duration(r.age_seconds),
+                ]);
+            }
+            out.push_str(&columns("    ", &rows, &[3, 4, 5]));
+        }
+        if !sc.decisions.is_empty() {
+            let _ = writeln!(out, "\n  {} decisions:", sc.service);
+            let mut rows = vec![cells(["WHEN", "CHANGE", "RULE", "REASON"])];
+            for d in sc.decisions.iter().take(5) {
+                let repeats = if d.repeats > 1 { format!(" x{}", d.repeats) } else { String::new() };
+                rows.push(vec![
+                    ago(now, d.last_unix_time.max(d.unix_time)),
+                    format!("{} -> {}{repeats}", d.previous, d.replicas),
+                    d.rule.clone(),
+                    d.reason.clone(),
+                ]);
+            }
+            out.push_str(&columns("    ", &rows, &[]));
+        }
+    }
+}
+
+/// `cpu 41%/50%, requests/s 120/100`; a threshold metric shows its limits
+/// (`cpu 41%/>70%,<30%`), a metric without a sample `-`.
+pub fn render_metrics(metrics: &[ScalingMetric]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    for m in metrics {
+        if !order.contains(&m.metric.as_str()) {
+            order.push(&m.metric);
+        }
+    }
+    let shown: Vec<String> = order
+        .into_iter()
+        .filter_map(|key| {
+            let of: Vec<&ScalingMetric> = metrics.iter().filter(|m| m.metric == key).collect();
+            let first = of.first()?;
+            let value = first.value.map_or("-".into(), |v| format!("{}{}", short_number(v), first.unit));
+            let targets: Vec<String> = of
+                .iter()
+                .map(|m| {
+                    let sign = match m.rule.as_str() {
+                        "up" => ">",
+                        "down" => "<",
+                        _ => "",
+                    };
+                    format!("{sign}{}{}", short_number(m.target), m.unit)
+                })
+                .collect();
+            Some(format!("{} {value}/{}", first.label, targets.join(",")))
+        })
+        .collect();
+    if shown.is_empty() {
+        "-".into()
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// `pinned at 3 by operator 2m05s ago`.
+pub fn render_hold(h: &ScalingHold, now: f64) -> String {
+    format!("{} at {} by operator {}", h.mode, h.replicas, ago(now, h.since_unix_time))
+}
+
+/// Whole numbers (and anything from 10 up) without decimals, others with one.
+fn short_number(v: f64) -> String {
+    if v.abs() >= 10.0 || (v - v.round()).abs() < 0.05 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// `12s ago`, from Unix times.
+fn ago(now: f64, then: f64) -> String {
+    format!("{} ago", human_duration((now - then).max(0.0)))
+}
+
+fn cells<const N: usize>(names: [&str; N]) -> Vec<String> {
+    names.into_iter().map(str::to_owned).collect()
+}
+
+/// `rows` as aligned columns: each column as wide as its widest cell, the
+/// columns in `right` (numbers) aligned right, two spaces between, the last
+/// column not padded; every line starts with `indent`.
+pub fn columns(indent: &str, rows: &[Vec<String>], right: &[usize]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let w = cell.chars().count();
+            match widths.get_mut(i) {
+                Some(max) => *max = (*max).max(w),
+                None => widths.push(w),
+            }
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::from(indent);
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = widths[i] - cell.chars().count();
+            let last = i + 1 == row.len();
+            if right.contains(&i) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if !last {
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Seconds since the Unix epoch, as snapshots and events carry time.
+pub fn now_unix() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-fn human_duration(secs: f64) -> String {
+/// Whole seconds for people: `45s`, `3m12s`, `2h05m`, `3d04h`.
+pub fn human_duration(secs: f64) -> String {
     let s = secs as u64;
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// One frame of `status --watch`: on a terminal the screen is cleared and
+/// drawn from the top, so the table refreshes in place; anywhere else
+/// (a pipe, a file) frames follow one another, each under a `---` line.
+pub fn watch_frame(body: &str, terminal: bool, interval: std::time::Duration) -> String {
+    if terminal {
+        // Cursor home, clear the screen.
+        format!("\x1b[H\x1b[2J{body}\nevery {}; Ctrl-C to quit\n", human_duration(interval.as_secs_f64()))
+    } else {
+        format!("---\n{body}")
     }
 }
 
@@ -443,5 +661,155 @@ mod tests {
         };
         let t = s.render_table();
         assert!(t.contains("socket lb: attached to /sys/fs/cgroup (clients on this host); translated 5"), "{t}");
+    }
+
+    fn decision(ago: f64, previous: u32, replicas: u32, rule: &str) -> DecisionSummary {
+        DecisionSummary {
+            unix_time: 1_000_000.0 - ago,
+            last_unix_time: 1_000_000.0 - ago,
+            replicas,
+            current: previous,
+            previous,
+            rule: rule.into(),
+            reason: format!("{rule} reason"),
+            repeats: 1,
+        }
+    }
+
+    #[test]
+    fn decisions_that_change_nothing_collapse_into_one_entry() {
+        let mut list = VecDeque::new();
+        record_decision(&mut list, decision(100.0, 1, 2, "target cpu"), 3);
+        for i in 0..14 {
+            record_decision(&mut list, decision(90.0 - f64::from(i), 2, 2, "tolerance"), 3);
+        }
+        let summary: Vec<(u32, u32, &str, u32)> =
+            list.iter().map(|d| (d.previous, d.replicas, d.rule.as_str(), d.repeats)).collect();
+        assert_eq!(summary, [(2, 2, "tolerance", 14), (1, 2, "target cpu", 1)]);
+        assert_eq!(list[0].unix_time, 1_000_000.0 - 90.0, "the run keeps its first time");
+        assert_eq!(list[0].last_unix_time, 1_000_000.0 - 77.0, "and carries its latest");
+        // Another rule, or a change, starts a new entry; the oldest go.
+        record_decision(&mut list, decision(50.0, 2, 2, "starting"), 3);
+        record_decision(&mut list, decision(40.0, 2, 3, "target cpu"), 3);
+        record_decision(&mut list, decision(30.0, 3, 3, "tolerance"), 3);
+        let summary: Vec<(u32, u32, &str, u32)> =
+            list.iter().map(|d| (d.previous, d.replicas, d.rule.as_str(), d.repeats)).collect();
+        assert_eq!(summary, [(3, 3, "tolerance", 1), (2, 3, "target cpu", 1), (2, 2, "starting", 1)]);
+    }
+
+    fn replica(name: &str, phase: &str, cpu: Option<f64>, age_seconds: f64) -> ReplicaStatus {
+        ReplicaStatus {
+            id: name.into(),
+            name: name.into(),
+            address: format!("10.212.0.{}:8080", name.len()),
+            phase: phase.into(),
+            cpu_percent: cpu,
+            requests_per_second: Some(120.4),
+            age_seconds,
+        }
+    }
+
+    fn metric(metric: &str, label: &str, rule: &str, value: Option<f64>, target: f64, unit: &str) -> ScalingMetric {
+        ScalingMetric {
+            metric: metric.into(),
+            label: label.into(),
+            rule: rule.into(),
+            value,
+            target,
+            unit: unit.into(),
+        }
+    }
+
+    #[test]
+    fn the_scaling_block_reads_like_kubectl_get_hpa() {
+        let now = 1_000_000.0;
+        let mut decisions = VecDeque::new();
+        record_decision(&mut decisions, decision(500.0, 1, 2, "target cpu"), 20);
+        for i in 0..14 {
+            record_decision(&mut decisions, decision(192.347 - f64::from(i), 2, 2, "tolerance"), 20);
+        }
+        let s = Snapshot {
+            scaling: vec![
+                ScalingStatus {
+                    service: "web".into(),
+                    min_replicas: 1,
+                    max_replicas: 10,
+                    desired: 2,
+                    pending_starts: 0,
+                    replicas: vec![
+                        replica("web-1", "ready", Some(41.2), 192.347),
+                        replica("web-2", "starting", None, 4.9),
+                    ],
+                    decisions: decisions.into(),
+                    metrics: vec![
+                        metric("cpu", "cpu", "target", Some(41.2), 50.0, "%"),
+                        metric("requests_per_second", "requests/s", "target", Some(120.4), 100.0, ""),
+                    ],
+                    hold: Some(ScalingHold { mode: "pinned".into(), replicas: 3, since_unix_time: now - 125.0 }),
+                },
+                ScalingStatus {
+                    service: "api-long-name".into(),
+                    min_replicas: 2,
+                    max_replicas: 4,
+                    desired: 2,
+                    metrics: vec![
+                        metric("cpu", "cpu", "up", None, 70.0, "%"),
+                        metric("cpu", "cpu", "down", None, 30.0, "%"),
+                    ],
+                    ..ScalingStatus::default()
+                },
+            ],
+            events: vec![
+                Event { unix_time: now - 12.4, message: "web: pinned".into() },
+                Event { unix_time: now - 192.347, message: "started".into() },
+            ],
+            ..Snapshot::default()
+        };
+        let t = s.render_at(now);
+        let lines: Vec<&str> = t.lines().collect();
+        let at = |needle: &str| {
+            lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in\n{t}"))
+        };
+        let head = lines[at("SERVICE")];
+        let (web, api) = (lines[at("  web ")], lines[at("  api-long-name ")]);
+        assert_eq!(
+            head.split_whitespace().collect::<Vec<_>>(),
+            ["SERVICE", "METRICS", "(CURRENT/TARGET)", "MIN", "MAX", "DESIRED", "READY", "STARTING", "CONTROL"]
+        );
+        assert!(web.contains("  cpu 41%/50%, requests/s 120/100  "), "{t}");
+        assert!(web.ends_with("  pinned at 3 by operator 2m05s ago"), "{t}");
+        assert!(api.contains("  cpu -/>70%,<30%  "), "{t}");
+        assert!(api.ends_with("  policy"), "{t}");
+        // Aligned: every column of the three rows starts (numbers: ends) at
+        // the same place.
+        let end_of = |line: &str, col: &str| line.find(col).map(|i| i + col.len());
+        assert_eq!(end_of(head, "MIN"), end_of(web, "  1  ").map(|i| i - 2), "{t}");
+        assert_eq!(end_of(head, "MIN"), end_of(api, "  2  ").map(|i| i - 2), "{t}");
+        assert_eq!(head.find("CONTROL"), web.find("pinned"), "{t}");
+        assert_eq!(head.find("CONTROL"), api.find("policy"), "{t}");
+        // Instances and decisions, durations rounded, no-ops collapsed.
+        assert!(lines[at("web-1")].ends_with("ready     41%    120  3m12s"), "{t}");
+        assert!(lines[at("web-2")].contains("starting    -"), "{t}");
+        assert!(lines[at("2 -> 2 x14")].starts_with("    2m59s ago  2 -> 2 x14  tolerance   tolerance reason"), "{t}");
+        assert!(lines[at("1 -> 2")].starts_with("    8m20s ago  1 -> 2      target cpu"), "{t}");
+        assert!(lines[at("WHEN")].starts_with("    WHEN       CHANGE"), "{t}");
+        assert!(lines[at("web: pinned")].starts_with("    12s ago  web: pinned"), "{t}");
+        assert!(lines[at("started")].starts_with("  3m12s ago  started"), "{t}");
+        assert!(!t.contains("192.3") && !t.contains(".347"), "{t}");
+    }
+
+    #[test]
+    fn columns_fit_the_widest_cell_and_numbers_align_right() {
+        let rows = vec![cells(["NAME", "N", "NOTE"]), cells(["a", "1234", "x"]), cells(["longer", "5", ""])];
+        assert_eq!(columns("  ", &rows, &[1]), "  NAME       N  NOTE\n  a       1234  x\n  longer     5\n");
+    }
+
+    #[test]
+    fn a_watch_frame_redraws_on_a_terminal_and_follows_on_elsewhere() {
+        let every = std::time::Duration::from_secs(2);
+        let frame = watch_frame("body\n", true, every);
+        assert!(frame.starts_with("\x1b[H\x1b[2Jbody\n"), "{frame:?}");
+        assert!(frame.ends_with("every 2s; Ctrl-C to quit\n"), "{frame:?}");
+        assert_eq!(watch_frame("body\n", false, every), "---\nbody\n");
     }
 }

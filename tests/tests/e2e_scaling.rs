@@ -1005,3 +1005,51 @@ fn root_docker_steady_load_does_not_flap() {
     s.assert_no_leftovers();
     eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// `lb-agent scale` holds the count: pinned at 2 with no load, two
+/// instances serve and `status` says who holds them; resumed, the policy
+/// takes the idle service back down to one.
+#[test]
+fn root_scale_pin_holds_the_count_until_resumed() {
+    require_root!("root_scale_pin_holds_the_count_until_resumed");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    let s = Scaled::start(
+        Orch::Process,
+        "min_replicas = 1\nmax_replicas = 3\ntarget = { cpu = 50.0 }\nscale_down = { stabilization_window = \"0s\" }\n",
+    );
+    s.wait_settled(1, Duration::from_secs(20));
+    let scale = |args: &[&str]| {
+        let out = s.agent.cli(&[&["scale", "web"], args].concat());
+        assert!(out.status.success(), "scale {args:?}: {out:?}");
+        out.stdout
+    };
+
+    let refused = s.agent.cli(&["scale", "web", "--replicas", "4"]);
+    assert!(!refused.status.success(), "a pin above max_replicas was taken: {refused:?}");
+    assert!(refused.stderr.contains("outside min_replicas 1 ..= max_replicas 3"), "{refused:?}");
+
+    let t0_unix = unix_now();
+    eprintln!("MEASURED: {}", scale(&["--replicas", "2"]).trim());
+    let status = s.wait_settled(2, Duration::from_secs(20));
+    let hold = &scaling(&status)["hold"];
+    assert_eq!((hold["mode"].as_str(), hold["replicas"].as_u64()), (Some("pinned"), Some(2)), "{hold}");
+    let text = s.agent.cli(&["status"]);
+    assert!(text.stdout.contains("pinned at 2 by operator"), "{}", text.stdout);
+    eprintln!("---- status while pinned ----\n{}", text.stdout);
+    // Held: idle instances stay.
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(ready(&s.status()).len(), 2, "the pin did not hold");
+
+    eprintln!("MEASURED: {}", scale(&["--resume"]).trim());
+    let status = s.wait_settled(1, Duration::from_secs(30));
+    assert!(scaling(&status).get("hold").is_none(), "still held after --resume: {}", scaling(&status));
+    let timeline = s.timeline(t0_unix);
+    print_scale_events(&timeline);
+    let up = timeline.iter().position(|e| e.rule == "pinned" && e.previous == 1 && e.replicas == 2);
+    let down = timeline.iter().position(|e| e.rule != "pinned" && e.previous == 2 && e.replicas == 1);
+    assert!(matches!((up, down), (Some(u), Some(d)) if u < d), "timeline: pinned 1 -> 2, then the policy 2 -> 1");
+    print_events(&status, t0_unix);
+    s.assert_no_leftovers();
+    eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
+}

@@ -46,7 +46,7 @@ use tracing::{info, warn};
 
 use self::{
     flows::{FlowReport, FlowWorker, FlushFor},
-    scaler::{Scaler, ScalerEvent, TickOutcome},
+    scaler::{ScaleCommand, Scaler, ScalerEvent, TickOutcome},
 };
 use crate::{
     config::{Config, HealthCheckConfig, ServiceConfig},
@@ -352,6 +352,11 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 return;
             }
             Request::Reload => return self.reload("api", vec![reply]),
+            Request::PinReplicas { service, replicas } => {
+                return self.scale_command(service, ScaleCommand::Pin(*replicas), reply)
+            }
+            Request::PauseScaling { service } => return self.scale_command(service, ScaleCommand::Pause, reply),
+            Request::ResumeScaling { service } => return self.scale_command(service, ScaleCommand::Resume, reply),
             Request::AddBackend { service, address, weight } => {
                 self.registry.add_backend(service, *address, *weight).map(|()| format!("{service}: added {address}"))
             }
@@ -377,6 +382,29 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     Response::error(format!("{e:#}"))
                 }
             },
+        };
+        let _ = reply.send(response);
+    }
+
+    /// `lb-agent scale`: pin, pause or resume a scaled service, then decide
+    /// at once so the change acts without waiting for the next round.
+    fn scale_command(&mut self, service: &str, command: ScaleCommand, reply: oneshot::Sender<Response>) {
+        let Some(s) = self.scalers.get_mut(service) else {
+            let why = match self.registry.service(service) {
+                Some(_) => format!("{service} is not scaled (its config has no [service.scaling])"),
+                None => format!("no service {service:?}"),
+            };
+            let _ = reply.send(Response::error(why));
+            return;
+        };
+        let response = match s.command(command, crate::status::now_unix()) {
+            Ok(message) => {
+                s.poll(true);
+                info!(change = message, "api scaling change");
+                self.event(format!("api: {message}"));
+                Response::ok(message)
+            }
+            Err(e) => Response::error(e),
         };
         let _ = reply.send(response);
     }

@@ -28,12 +28,12 @@ use crate::{
     adapters::{sampling::Samplers, timeline::Timeline},
     config::{instances::InstancesConfig, scaling::ScalingPolicy, CheckKind, HealthCheckConfig, ServiceConfig},
     core::{
-        policy::{decide, Decision, History},
+        policy::{decide, Decision, History, Hold, Inputs},
         registry::Registry,
         replicas::{FlowFigures, Phase, Replicas},
     },
     ports::{Orchestrator, Prober, Replica},
-    status::{DecisionSummary, ReplicaStatus, ScalingStatus},
+    status::{record_decision, DecisionSummary, ReplicaStatus, ScalingHold, ScalingMetric, ScalingStatus},
 };
 
 /// Decisions kept for `status`.
@@ -76,6 +76,24 @@ impl ScalerEvent {
     }
 }
 
+/// What the operator asks of a scaled service (`lb-agent scale`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleCommand {
+    /// Hold the count at this many instances.
+    Pin(u32),
+    /// Hold the count where it is.
+    Pause,
+    /// Hand the count back to the policy.
+    Resume,
+}
+
+/// A hold and when it began (seconds since the Unix epoch).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Held {
+    hold: Hold,
+    since_unix_time: f64,
+}
+
 /// What a round changed that the caller must write to the maps.
 #[derive(Default)]
 pub struct TickOutcome {
@@ -107,6 +125,9 @@ pub struct Scaler<O, P> {
     /// A listing under way, and whether a decision waits for it.
     listing: Option<bool>,
     events: mpsc::Sender<ScalerEvent>,
+    /// The operator's pin or pause. It outlives config reloads (the scaler
+    /// does) but not the agent.
+    held: Option<Held>,
 }
 
 impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
@@ -150,6 +171,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             last: None,
             listing: None,
             events,
+            held: None,
         })
     }
 
@@ -239,7 +261,10 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         }
         let snapshot = self.replicas.metrics(flows, self.samplers.host_cpu(), now);
         self.samplers.set_scrape_targets(self.replicas.active_addrs());
-        let decision = decide(&snapshot, &self.policy, &self.history, now);
+        let mut decision = decide(&snapshot, &self.policy, &self.history, now);
+        if let Some(h) = self.held {
+            decision = h.hold.apply(decision, self.policy.min_replicas, self.policy.max_replicas);
+        }
         self.history.record(&decision, now);
         self.record(&decision, &mut out);
         self.act(&decision, registry, flows, &mut out);
@@ -302,17 +327,17 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         if let Some(t) = &self.timeline {
             t.record(unix_time, d);
         }
-        let changed = self.last.as_ref().is_none_or(|l| l.replicas != d.replicas || l.rule != d.rule);
-        if changed {
-            self.decisions.push_front(DecisionSummary {
-                unix_time,
-                replicas: d.replicas,
-                current: d.current,
-                rule: d.rule.clone(),
-                reason: d.reason.clone(),
-            });
-            self.decisions.truncate(KEEP_DECISIONS);
-        }
+        let summary = DecisionSummary {
+            unix_time,
+            last_unix_time: unix_time,
+            replicas: d.replicas,
+            current: d.current,
+            previous: d.previous,
+            rule: d.rule.clone(),
+            reason: d.reason.clone(),
+            repeats: 1,
+        };
+        record_decision(&mut self.decisions, summary, KEEP_DECISIONS);
         if d.is_scaling() {
             let msg = format!("{}: scale {} -> {} ({}: {})", self.service, d.previous, d.replicas, d.rule, d.reason);
             info!("{msg}");
@@ -424,8 +449,9 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 self.spawn_stop(id.to_owned());
                 (
                     Some(format!(
-                        "{}: instance {name} not ready within {:?} ({e}); stopping it",
-                        self.service, self.instances.ready_timeout
+                        "{}: instance {name} not ready within {} ({e}); stopping it",
+                        self.service,
+                        crate::status::human_duration(self.instances.ready_timeout.as_secs_f64())
                     )),
                     false,
                 )
@@ -471,6 +497,38 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         self.orch.release().await;
     }
 
+    /// Pin, pause or resume; the message says what changed, the error why
+    /// nothing did. A pin must lie within min_replicas ..= max_replicas: the
+    /// bounds are the config's promise, and a reload is how to move them.
+    /// The next decision (`poll(true)`) acts on it.
+    pub fn command(&mut self, c: ScaleCommand, unix_time: f64) -> Result<String, String> {
+        let (svc, min, max) = (&self.service, self.policy.min_replicas, self.policy.max_replicas);
+        let hold = match c {
+            ScaleCommand::Pin(n) if n < min || n > max => {
+                return Err(format!(
+                    "{svc}: {n} is outside min_replicas {min} ..= max_replicas {max}; \
+                     change the bounds in the config to go beyond them"
+                ))
+            }
+            ScaleCommand::Pin(n) => Hold::Pinned(n),
+            ScaleCommand::Pause => {
+                Hold::Paused(self.last.as_ref().map_or_else(|| self.replicas.active(), |d| d.replicas))
+            }
+            ScaleCommand::Resume => {
+                return Ok(match self.held.take() {
+                    Some(h) => format!(
+                        "{svc}: scaling resumed; the policy decides again (was {} at {})",
+                        h.hold.mode(),
+                        h.hold.replicas()
+                    ),
+                    None => format!("{svc}: scaling was neither pinned nor paused; the policy decides"),
+                })
+            }
+        };
+        self.held = Some(Held { hold, since_unix_time: unix_time });
+        Ok(format!("{svc}: {} at {} by operator until `lb-agent scale {svc} --resume`", hold.mode(), hold.replicas()))
+    }
+
     pub fn status(&self) -> ScalingStatus {
         ScalingStatus {
             service: self.service.clone(),
@@ -492,8 +550,36 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 })
                 .collect(),
             decisions: self.decisions.iter().cloned().collect(),
+            metrics: self.last.as_ref().map_or_else(Vec::new, |d| scaling_metrics(&self.policy, &d.inputs)),
+            hold: self.held.map(|h| ScalingHold {
+                mode: h.hold.mode().into(),
+                replicas: h.hold.replicas(),
+                since_unix_time: h.since_unix_time,
+            }),
         }
     }
+}
+
+/// Each metric a rule of `policy` acts on, with the value the decision saw
+/// (`inputs`) and the rule's target or limit: targets first, then the
+/// threshold rules' limits, up before down.
+fn scaling_metrics(policy: &ScalingPolicy, inputs: &Inputs) -> Vec<ScalingMetric> {
+    let targets = policy.target.iter().flat_map(|t| t.metrics()).map(|(m, v)| ("target", m, v));
+    let thresholds = policy.threshold.iter().flat_map(|t| {
+        let up = t.up.iter().flat_map(|r| r.conditions()).map(|(m, v)| ("up", m, v));
+        up.chain(t.down.iter().flat_map(|r| r.conditions()).map(|(m, v)| ("down", m, v)))
+    });
+    targets
+        .chain(thresholds)
+        .map(|(rule, m, target)| ScalingMetric {
+            metric: m.key().into(),
+            label: m.label().into(),
+            rule: rule.into(),
+            value: inputs.value(m),
+            target,
+            unit: m.unit().into(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

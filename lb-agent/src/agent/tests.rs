@@ -673,3 +673,66 @@ async fn an_api_change_whose_map_write_fails_is_rolled_back() {
     })
     .await;
 }
+
+/// The decisions' rules, most recent first.
+fn rules(s: &Snapshot) -> Vec<&str> {
+    s.scaling.first().map_or(Vec::new(), |sc| sc.decisions.iter().map(|d| d.rule.as_str()).collect())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_pin_holds_the_count_through_a_reload_until_resumed() {
+    let config = scaled(1, 4, "") + "[service.scaling.scale_down]\nstabilization_window = \"0s\"\n";
+    let w = &World::new(&config);
+    w.run(|d| async move {
+        all_ready(&d, 1).await;
+        // Idle: the policy alone would keep one.
+        w.web().lock().cpu.insert("i1".into(), 5.0);
+        let pin = |replicas| Request::PinReplicas { service: "web".into(), replicas };
+        let r = d.call(pin(9)).await;
+        assert!(
+            !r.ok && r.error.as_deref().unwrap_or("").contains("outside min_replicas 1 ..= max_replicas 4"),
+            "{r:?}"
+        );
+        let r = d.call(Request::PinReplicas { service: "nope".into(), replicas: 2 }).await;
+        assert_eq!(r.error.as_deref(), Some("no service \"nope\""));
+
+        assert!(d.call(pin(3)).await.ok);
+        let s = all_ready(&d, 3).await;
+        let hold = s.scaling[0].hold.as_ref().expect("held");
+        assert_eq!((hold.mode.as_str(), hold.replicas), ("pinned", 3));
+        assert!(has_event(&s, "api: web: pinned at 3 by operator"), "{:#?}", s.events);
+        assert!(has_event(&s, "web: scale 1 -> 3 (pinned: pinned at 3 by the operator; the policy would ask for 1"));
+        assert_eq!(rules(&s)[0], "pinned");
+
+        // A reload keeps the pin.
+        w.write_config(&format!("# edited\n{config}"));
+        assert!(d.call(Request::Reload).await.ok);
+        for n in 1..=3 {
+            w.web().lock().cpu.insert(format!("i{n}"), 5.0);
+        }
+        sleep(Duration::from_secs(30)).await;
+        let s = all_ready(&d, 3).await;
+        assert_eq!(s.scaling[0].hold.as_ref().map(|h| h.mode.as_str()), Some("pinned"));
+        assert_eq!(s.scaling[0].desired, 3);
+        // What the rule acts on, as numbers.
+        let m = &s.scaling[0].metrics[..];
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!((m[0].metric.as_str(), m[0].rule.as_str(), m[0].target), ("cpu", "target", 50.0));
+        assert_eq!(m[0].value, Some(5.0));
+
+        // Paused where it is, then handed back: the policy goes down to one.
+        assert!(d.call(Request::PauseScaling { service: "web".into() }).await.ok);
+        let s = d.status().await;
+        assert_eq!(s.scaling[0].hold.as_ref().map(|h| (h.mode.as_str(), h.replicas)), Some(("paused", 3)));
+        let r = d.call(Request::ResumeScaling { service: "web".into() }).await;
+        assert_eq!(r.message.as_deref(), Some("web: scaling resumed; the policy decides again (was paused at 3)"));
+        let s = d
+            .until(Duration::from_secs(120), "the policy scales down", |s| {
+                s.scaling[0].desired == 1 && s.scaling[0].hold.is_none()
+            })
+            .await;
+        assert!(has_event(&s, "web: scale 3 -> "), "{:#?}", s.events);
+        assert!(!rules(&s)[0].starts_with("p"), "{:?}", rules(&s));
+    })
+    .await;
+}

@@ -171,6 +171,54 @@ impl Decision {
     }
 }
 
+/// The operator's hold on a service's count (`lb-agent scale`): while it
+/// lasts the policy still runs, for the record, but does not decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// `--replicas N`: the count stays at N.
+    Pinned(u32),
+    /// `--pause`: the count stays where it was when paused.
+    Paused(u32),
+}
+
+impl Hold {
+    pub fn replicas(self) -> u32 {
+        match self {
+            Hold::Pinned(n) | Hold::Paused(n) => n,
+        }
+    }
+
+    /// "pinned" or "paused": the rule of the decisions it makes.
+    pub fn mode(self) -> &'static str {
+        match self {
+            Hold::Pinned(_) => "pinned",
+            Hold::Paused(_) => "paused",
+        }
+    }
+
+    /// `policy`'s decision overridden by the hold: the count is the held one
+    /// (within `min ..= max`, which a reload may have narrowed), the reason
+    /// says what the policy would have done. `recommended` stays the
+    /// policy's, so its stabilization windows carry on across a resume.
+    pub fn apply(self, policy: Decision, min: u32, max: u32) -> Decision {
+        let held = self.replicas();
+        let replicas = clamp(held, min, max.max(min));
+        let mode = self.mode();
+        let mut reason = format!("{mode} at {held} by the operator");
+        if replicas != held {
+            let _ = write!(reason, ", held at {replicas} by min_replicas {min} ..= max_replicas {max}");
+        }
+        let _ = write!(reason, "; the policy would ask for {} ({}: {})", policy.replicas, policy.rule, policy.reason);
+        let current = policy.current;
+        if current < replicas {
+            let _ = write!(reason, "; {current} exist: start {}", replicas - current);
+        } else if current > replicas {
+            let _ = write!(reason, "; {current} exist: stop {}", current - replicas);
+        }
+        Decision { replicas, rule: mode.into(), reason, ..policy }
+    }
+}
+
 /// The averages the rules used: over ready replicas with a sample.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Inputs {
@@ -189,6 +237,19 @@ pub struct Inputs {
     pub requests_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_cpu_percent: Option<f64>,
+}
+
+impl Inputs {
+    /// The value rules on `m` looked at, if there was one.
+    pub fn value(&self, m: Metric) -> Option<f64> {
+        match m {
+            Metric::Cpu => self.cpu_percent,
+            Metric::HostCpu => self.host_cpu_percent,
+            Metric::Connections => self.connections,
+            Metric::NewFlowsPerSecond => self.new_flows_per_second,
+            Metric::RequestsPerSecond => self.requests_per_second,
+        }
+    }
 }
 
 /// What one rule asks for.
@@ -269,7 +330,7 @@ pub fn decide(snapshot: &MetricsSnapshot, policy: &ScalingPolicy, history: &Hist
         } else {
             ("down", policy.scale_down.stabilization_window)
         };
-        let _ = write!(reason, "; held at {stabilized} by the scale-{dir} stabilization window ({window:?})");
+        let _ = write!(reason, "; held at {stabilized} by the scale-{dir} stabilization window ({})", span(window));
     }
 
     let limited = limit_rate(previous, stabilized, &policy.scale_up, &policy.scale_down, &history.event_ages(now));
@@ -504,7 +565,8 @@ fn propose_threshold(
                 return Proposal::held("starting", previous, wanted, reason);
             }
             if let Some(since) = cooling(since_up, up.cooldown) {
-                let reason = format!("{seen}, but the last scale-up was {since:?} ago (cooldown {:?})", up.cooldown);
+                let reason =
+                    format!("{seen}, but the last scale-up was {} ago (cooldown {})", span(since), span(up.cooldown));
                 return Proposal::held("cooldown", previous, wanted, reason);
             }
             return Proposal::new(rule, wanted, format!("{seen}: add {}", up.step));
@@ -524,8 +586,11 @@ fn propose_threshold(
             let seen = below.join(" and ");
             let wanted = previous.saturating_sub(down.step);
             if let Some(since) = cooling(since_any, down.cooldown) {
-                let reason =
-                    format!("{seen}, but the last scale event was {since:?} ago (cooldown {:?})", down.cooldown);
+                let reason = format!(
+                    "{seen}, but the last scale event was {} ago (cooldown {})",
+                    span(since),
+                    span(down.cooldown)
+                );
                 return Proposal::held("cooldown", previous, wanted, reason);
             }
             return Proposal::new(rule, wanted, format!("{seen}: remove {}", down.step));
@@ -658,8 +723,17 @@ fn describe_rate(b: &Behavior) -> String {
     }
     match b.select_policy {
         SelectPolicy::Disabled => "disabled".into(),
-        SelectPolicy::Max => format!("{} per {:?}", parts.join(" or "), b.period),
-        SelectPolicy::Min => format!("{} (the lower) per {:?}", parts.join(" or "), b.period),
+        SelectPolicy::Max => format!("{} per {}", parts.join(" or "), span(b.period)),
+        SelectPolicy::Min => format!("{} (the lower) per {}", parts.join(" or "), span(b.period)),
+    }
+}
+
+/// A duration for reasons: `12s`, `3m12s`; under a second in ms (`500ms`).
+fn span(d: Duration) -> String {
+    if d < Duration::from_secs(1) && !d.is_zero() {
+        format!("{}ms", d.as_millis())
+    } else {
+        crate::status::human_duration(d.as_secs_f64())
     }
 }
 
@@ -860,8 +934,9 @@ mod tests {
         let t = thresholds("up = { cpu = 60, cooldown = \"30s\" }\ndown = { cpu = 10, cooldown = \"20s\" }");
         let hot = collected(&[90.0], 0, 0);
         let secs = |s| Some(Duration::from_secs(s));
-        let p = propose_threshold(&t, &hot, 2, secs(29), secs(1));
+        let p = propose_threshold(&t, &hot, 2, Some(Duration::from_millis(29_347)), secs(1));
         assert_eq!((p.rule.as_str(), p.replicas, p.wanted), ("cooldown", 2, 3));
+        assert!(p.reason.ends_with("but the last scale-up was 29s ago (cooldown 30s)"), "{}", p.reason);
         assert_eq!(propose_threshold(&t, &hot, 2, secs(30), secs(1)).replicas, 3);
         // A recent scale-down does not hold back a scale-up.
         assert_eq!(propose_threshold(&t, &hot, 2, None, secs(1)).replicas, 3);
@@ -1241,6 +1316,31 @@ mod tests {
     }
 
     /// (6) A jump from 1 to 10 wanted, with at most 2 added per 10 s.
+    #[test]
+    fn a_hold_sets_the_count_and_says_what_the_policy_wanted() {
+        let t0 = t0();
+        let p = policy("min_replicas = 1\nmax_replicas = 10\ntarget = { cpu = 50.0 }\n");
+        let mut h = History::new(Duration::from_secs(600));
+        let wants_three = decide(&cpus(&[(true, 150.0)]), &p, &h, t0);
+        assert_eq!(wants_three.replicas, 3);
+        let d = Hold::Pinned(2).apply(wants_three.clone(), 1, 10);
+        assert_eq!((d.replicas, d.previous, d.current, d.rule.as_str()), (2, 1, 1, "pinned"));
+        assert!(
+            d.reason.starts_with("pinned at 2 by the operator; the policy would ask for 3 (target cpu: "),
+            "{}",
+            d.reason
+        );
+        assert!(d.reason.ends_with("; 1 exist: start 1"), "{}", d.reason);
+        assert_eq!(d.recommended, wants_three.recommended, "the policy's own view stays for its windows");
+        // A reload that narrowed the bounds holds it within them.
+        let d = Hold::Paused(5).apply(wants_three, 1, 4);
+        assert_eq!((d.replicas, d.rule.as_str()), (4, "paused"));
+        assert!(d.reason.starts_with("paused at 5 by the operator, held at 4 by min_replicas 1 ..= max_replicas 4"));
+        // After a resume the policy works from the held count.
+        h.record(&d, t0);
+        assert_eq!(decide(&cpus(&[(true, 150.0)]), &p, &h, at(t0, 1)).previous, 4);
+    }
+
     #[test]
     fn trace_rate_limit_caps_a_big_jump() {
         let mut sim =

@@ -8,6 +8,9 @@
 //! {"op":"set_weight","service":"web","address":"10.0.1.5:8080","weight":3}
 //! {"op":"reload"}
 //! {"op":"stop"}
+//! {"op":"pin_replicas","service":"web","replicas":3}
+//! {"op":"pause_scaling","service":"web"}
+//! {"op":"resume_scaling","service":"web"}
 //! ```
 //! A request that does not parse, names an unknown service or backend, or
 //! carries a bad value is refused whole with a message, and changes nothing.
@@ -58,6 +61,19 @@ pub enum Request {
     Reload,
     /// Shut down for good: detach and remove pinned state.
     Stop,
+    /// Hold a scaled service at `replicas` instances until resumed.
+    PinReplicas {
+        service: String,
+        replicas: u32,
+    },
+    /// Hold a scaled service at its current count until resumed.
+    PauseScaling {
+        service: String,
+    },
+    /// Hand a pinned or paused service back to its policy.
+    ResumeScaling {
+        service: String,
+    },
 }
 
 fn one() -> u32 {
@@ -98,6 +114,7 @@ struct RawRequest {
     service: Option<String>,
     address: Option<String>,
     weight: Option<i64>,
+    replicas: Option<i64>,
 }
 
 /// Parse one request line; the error says what and where.
@@ -128,6 +145,9 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         }
     };
     let (has_service, has_address, has_weight) = (raw.service.is_some(), raw.address.is_some(), raw.weight.is_some());
+    if raw.replicas.is_some() && op != "pin_replicas" {
+        return Err(format!("bad request: {op} takes no \"replicas\""));
+    }
     match op {
         "status" | "reload" | "stop" => {
             unused(&[("service", has_service), ("address", has_address), ("weight", has_weight)])?;
@@ -143,9 +163,27 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             Ok(Request::RemoveBackend { service: service()?, address: address()? })
         }
         "set_weight" => Ok(Request::SetWeight { service: service()?, address: address()?, weight: weight(None)? }),
+        "pin_replicas" | "pause_scaling" | "resume_scaling" => {
+            unused(&[("address", has_address), ("weight", has_weight)])?;
+            parse_scale(op, service()?, raw.replicas)
+        }
         other => Err(format!(
-            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, reload, stop"
+            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, reload, \
+             stop, pin_replicas, pause_scaling, resume_scaling"
         )),
+    }
+}
+
+/// The scaling ops: `pin_replicas` needs `replicas`, a count.
+fn parse_scale(op: &str, service: String, replicas: Option<i64>) -> Result<Request, String> {
+    match op {
+        "pin_replicas" => {
+            let n = replicas.ok_or(format!("bad request: {op} needs \"replicas\""))?;
+            let replicas = u32::try_from(n).map_err(|_| format!("bad request: replicas: {n} is not a count"))?;
+            Ok(Request::PinReplicas { service, replicas })
+        }
+        "pause_scaling" => Ok(Request::PauseScaling { service }),
+        _ => Ok(Request::ResumeScaling { service }),
     }
 }
 
@@ -332,6 +370,18 @@ mod tests {
     }
 
     #[test]
+    fn scaling_requests_parse_as_the_client_sends_them() {
+        for req in [
+            Request::PinReplicas { service: "web".into(), replicas: 3 },
+            Request::PauseScaling { service: "web".into() },
+            Request::ResumeScaling { service: "web".into() },
+        ] {
+            let line = serde_json::to_string(&req).unwrap();
+            assert_eq!(parse_request(&line), Ok(req), "{line}");
+        }
+    }
+
+    #[test]
     fn garbage_is_refused_with_a_reason() {
         for (bad, says) in [
             ("hello", "expected value"),
@@ -343,6 +393,10 @@ mod tests {
             (r#"{"op":"remove_backend","address":"10.0.0.1:80"}"#, "remove_backend needs \"service\""),
             (r#"{"op":"status","service":"web"}"#, "status takes no \"service\""),
             (r#"{"op":"status"} trailing"#, "trailing characters"),
+            (r#"{"op":"pin_replicas","service":"web"}"#, "pin_replicas needs \"replicas\""),
+            (r#"{"op":"pin_replicas","service":"web","replicas":-2}"#, "replicas: -2 is not a count"),
+            (r#"{"op":"pause_scaling","service":"web","replicas":2}"#, "pause_scaling takes no \"replicas\""),
+            (r#"{"op":"resume_scaling"}"#, "resume_scaling needs \"service\""),
         ] {
             let err = parse_request(bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");

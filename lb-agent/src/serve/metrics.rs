@@ -203,6 +203,18 @@ const SCALING_INSTANCES: Family<ScalingPhaseLabels> = Family::gauge(
 );
 const SCALING_INSTANCE_CPU: Family<ScalingInstanceLabels> =
     Family::gauge("lb_scaling_instance_cpu_ratio", "CPU use of each instance, in cores (1 = one full core).");
+const SCALING_METRIC_VALUE: Family<ScalingMetricLabels> = Family::gauge(
+    "lb_scaling_metric_value",
+    "The value a scaled service's rules act on, as its last decision saw it: the average over ready instances (the host's, for host_cpu), in the config's units (CPU in percent of one core).",
+);
+const SCALING_METRIC_TARGET: Family<ScalingTargetLabels> = Family::gauge(
+    "lb_scaling_metric_target",
+    "What a scaling rule holds its metric to, in the config's units: the target (rule=\"target\"), or the threshold above which it scales up (rule=\"up\") or below which it may scale down (rule=\"down\").",
+);
+const SCALING_MODE: Family<ScalingModeLabels> = Family::gauge(
+    "lb_scaling_mode",
+    "Who sets a scaled service's count: 1 for the current mode, 0 for the others: policy, pinned (lb-agent scale --replicas) or paused (lb-agent scale --pause).",
+);
 const AGENT_ERRORS: Family<NoLabels> = Family::counter(
     "lb_agent_errors_total",
     "Errors the agent met and logged: config reloads refused, map writes failed, probes that errored, ...",
@@ -300,11 +312,39 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
             Some((labels, r.cpu_percent? / 100.0))
         })
     })));
+    out.extend(collect_scaling_rules(scaling));
     let agent = &snapshot.agent;
     out.push(AGENT_ERRORS.collect([(NoLabels, agent.errors_total as f64)]));
     out.push(AGENT_UPTIME.collect([(NoLabels, agent.uptime_seconds)]));
     out.push(AGENT_INFO.collect([(VersionLabels { version: agent.version.clone() }, TRUE)]));
     out
+}
+
+/// What each scaling rule acts on and its target, and who sets the count.
+fn collect_scaling_rules(scaling: &[crate::status::ScalingStatus]) -> [Collected; 3] {
+    let values = scaling.iter().flat_map(|s| {
+        let mut seen = Vec::new();
+        s.metrics.iter().filter_map(move |m| {
+            // One series per metric, however many rules look at it.
+            if seen.contains(&m.metric) {
+                return None;
+            }
+            seen.push(m.metric.clone());
+            Some((ScalingMetricLabels { service: s.service.clone(), metric: m.metric.clone() }, m.value?))
+        })
+    });
+    let targets = scaling.iter().flat_map(|s| {
+        s.metrics.iter().map(|m| {
+            let labels =
+                ScalingTargetLabels { service: s.service.clone(), metric: m.metric.clone(), rule: m.rule.clone() };
+            (labels, m.target)
+        })
+    });
+    let modes = scaling.iter().flat_map(|s| {
+        let current = s.hold.as_ref().map_or("policy", |h| h.mode.as_str());
+        SCALING_MODES.map(|mode| (ScalingModeLabels { service: s.service.clone(), mode }, flag(mode == current)))
+    });
+    [SCALING_METRIC_VALUE.collect(values), SCALING_METRIC_TARGET.collect(targets), SCALING_MODE.collect(modes)]
 }
 
 fn flag(condition: bool) -> f64 {
@@ -624,6 +664,45 @@ impl LabelSet for ScalingPhaseLabels {
     }
 }
 
+const SCALING_MODES: [&str; 3] = ["policy", "pinned", "paused"];
+
+struct ScalingMetricLabels {
+    service: String,
+    metric: String,
+}
+
+impl LabelSet for ScalingMetricLabels {
+    const NAMES: &'static [&'static str] = &["service", "metric"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.metric]
+    }
+}
+
+struct ScalingTargetLabels {
+    service: String,
+    metric: String,
+    rule: String,
+}
+
+impl LabelSet for ScalingTargetLabels {
+    const NAMES: &'static [&'static str] = &["service", "metric", "rule"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.metric, self.rule]
+    }
+}
+
+struct ScalingModeLabels {
+    service: String,
+    mode: &'static str,
+}
+
+impl LabelSet for ScalingModeLabels {
+    const NAMES: &'static [&'static str] = &["service", "mode"];
+    fn into_values(self) -> Vec<String> {
+        vec![self.service, self.mode.to_owned()]
+    }
+}
+
 struct ScalingInstanceLabels {
     service: String,
     instance: String,
@@ -929,6 +1008,7 @@ mod tests {
                 },
             ],
             decisions: vec![],
+            ..ScalingStatus::default()
         });
         let text = render(&snap).unwrap();
         for line in [
@@ -942,6 +1022,48 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
         assert!(!text.contains(r#"instance="web-3""#), "no CPU sample yet, no series");
+    }
+
+    #[test]
+    fn scaling_metrics_targets_and_mode_are_exported() {
+        use crate::status::{ScalingHold, ScalingMetric, ScalingStatus};
+        let metric = |metric: &str, rule: &str, value: Option<f64>, target: f64| ScalingMetric {
+            metric: metric.into(),
+            label: metric.into(),
+            rule: rule.into(),
+            value,
+            target,
+            unit: String::new(),
+        };
+        let mut snap = Snapshot::default();
+        snap.scaling.push(ScalingStatus {
+            service: "web".into(),
+            metrics: vec![
+                metric("cpu", "up", Some(41.5), 70.0),
+                metric("cpu", "down", Some(41.5), 30.0),
+                metric("requests_per_second", "up", None, 100.0),
+            ],
+            hold: Some(ScalingHold { mode: "pinned".into(), replicas: 3, since_unix_time: 1.0 }),
+            ..ScalingStatus::default()
+        });
+        snap.scaling.push(ScalingStatus { service: "api".into(), ..ScalingStatus::default() });
+        let text = render(&snap).unwrap();
+        assert_eq!(
+            family(&text, "lb_scaling_metric_value")[2..],
+            [r#"lb_scaling_metric_value{service="web",metric="cpu"} 41.5"#],
+            "one series per metric, none without a value"
+        );
+        for line in [
+            r#"lb_scaling_metric_target{service="web",metric="cpu",rule="up"} 70"#,
+            r#"lb_scaling_metric_target{service="web",metric="cpu",rule="down"} 30"#,
+            r#"lb_scaling_metric_target{service="web",metric="requests_per_second",rule="up"} 100"#,
+            r#"lb_scaling_mode{service="web",mode="pinned"} 1"#,
+            r#"lb_scaling_mode{service="web",mode="policy"} 0"#,
+            r#"lb_scaling_mode{service="api",mode="policy"} 1"#,
+            r#"lb_scaling_mode{service="api",mode="paused"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
     }
 
     fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
