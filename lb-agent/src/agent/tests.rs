@@ -461,6 +461,29 @@ async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn editing_the_check_keeps_down_backends_down() {
+    let w = &two_checked_backends();
+    let both: [SocketAddrV4; 2] = ["10.1.0.1:80".parse().unwrap(), "10.1.0.2:80".parse().unwrap()];
+    w.prober.lock().down.extend(both);
+    w.run(|d| async move {
+        d.until(Duration::from_secs(5), "both down", |s| s.services[0].backends.iter().all(|b| b.state == "down"))
+            .await;
+        let slower = r#"health_check = { kind = "tcp", interval = "3s", fall = 2, rise = 2 }"#;
+        w.write_config(&web(slower, &["10.1.0.1:80", "10.1.0.2:80"]));
+        assert!(d.call(Request::Reload).await.ok);
+        let s = d.status().await;
+        let states: Vec<&str> = s.services[0].backends.iter().map(|b| b.state.as_str()).collect();
+        assert_eq!(states, ["down", "down"], "a reload that edits only the interval brought them back");
+        assert!(both.iter().all(|b| !w.dp.in_table(*b)), "back in the table after the reload");
+        // Still probed, at the new interval: `rise` good probes bring them back.
+        w.prober.lock().down.clear();
+        d.until(Duration::from_secs(10), "back up", |s| s.services[0].backends.iter().all(|b| b.state == "active"))
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() {
     let w = &two_checked_backends();
     let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
