@@ -1,0 +1,287 @@
+//! Run-time changes as an overlay on the config file. Pure.
+//!
+//! `lb-agent backend add/remove/weight` change the running agent at once,
+//! and are kept as an overlay that every reload (the file changed, SIGHUP,
+//! `lb-agent reload`) lays over the file again, until `lb-agent backend
+//! reset` drops them. The rule for what the file says later:
+//! - a change the file now agrees with (the same weight, a removed backend
+//!   the file no longer lists) is redundant, and dropped;
+//! - a service the file no longer has takes its changes with it;
+//! - anything else the file says about the service still applies: only
+//!   the backends the overlay names are overlaid.
+//!
+//! The overlay lives in the agent's memory: a restarted agent starts from
+//! the file.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddrV4};
+
+use crate::config::{BackendConfig, Config, ServiceConfig};
+
+/// What the overlay says of one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Listed with this weight: added (the file lacks it) or reweighted.
+    Weight(u32),
+    /// Removed (drained), though the file lists it.
+    Removed,
+}
+
+/// One backend's run-time change, next to what the file says of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub service: String,
+    pub addr: SocketAddrV4,
+    pub change: Change,
+    /// The backend's weight in the file; `None`: the file does not list it.
+    pub file_weight: Option<u32>,
+}
+
+impl fmt::Display for Entry {
+    /// "weight 3, file says 1", "added with weight 2, not in the file",
+    /// "removed, file says weight 1".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.change, self.file_weight) {
+            (Change::Weight(w), Some(was)) => write!(f, "weight {w}, file says {was}"),
+            (Change::Weight(w), None) => write!(f, "added with weight {w}, not in the file"),
+            (Change::Removed, Some(was)) => write!(f, "removed, file says weight {was}"),
+            (Change::Removed, None) => write!(f, "removed"),
+        }
+    }
+}
+
+/// Why a reload dropped a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// The file now says the same.
+    FileAgrees,
+    /// The file no longer has the service.
+    ServiceGone,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overlay {
+    changes: BTreeMap<String, BTreeMap<SocketAddrV4, Change>>,
+}
+
+impl Overlay {
+    /// Record a run-time change made to a service of `file`; one the file
+    /// already agrees with leaves no entry.
+    pub fn record(&mut self, file: &Config, service: &str, addr: SocketAddrV4, change: Change) {
+        let svc = file.services.iter().find(|s| s.name == service);
+        let changes = self.changes.entry(service.to_owned()).or_default();
+        if redundant(svc, addr, change) {
+            changes.remove(&addr);
+        } else {
+            changes.insert(addr, change);
+        }
+        self.changes.retain(|_, c| !c.is_empty());
+    }
+
+    /// Drop the service's changes (or only `addr`'s); returns how many.
+    pub fn reset(&mut self, service: &str, addr: Option<SocketAddrV4>) -> usize {
+        let Some(changes) = self.changes.get_mut(service) else { return 0 };
+        let before = changes.len();
+        match addr {
+            Some(a) => {
+                changes.remove(&a);
+            }
+            None => changes.clear(),
+        }
+        let dropped = before - changes.len();
+        self.changes.retain(|_, c| !c.is_empty());
+        dropped
+    }
+
+    /// The overlay on a newly read `file`, and the changes it drops.
+    pub fn rebase(&self, file: &Config) -> (Overlay, Vec<(Entry, Dropped)>) {
+        let mut kept = Overlay::default();
+        let mut dropped = Vec::new();
+        for (service, changes) in &self.changes {
+            let svc = file.services.iter().find(|s| &s.name == service);
+            for (addr, change) in changes {
+                let entry = || Entry {
+                    service: service.clone(),
+                    addr: *addr,
+                    change: *change,
+                    file_weight: svc.and_then(|s| file_weight(s, *addr)),
+                };
+                match svc {
+                    None => dropped.push((entry(), Dropped::ServiceGone)),
+                    Some(_) if redundant(svc, *addr, *change) => dropped.push((entry(), Dropped::FileAgrees)),
+                    Some(_) => {
+                        kept.changes.entry(service.clone()).or_default().insert(*addr, *change);
+                    }
+                }
+            }
+        }
+        (kept, dropped)
+    }
+
+    /// The effective config: `file` with the overlay laid over it. Added
+    /// backends come after the file's own.
+    pub fn apply(&self, file: &Config) -> Config {
+        let mut out = file.clone();
+        for svc in &mut out.services {
+            let Some(changes) = self.changes.get(&svc.name) else { continue };
+            for (addr, change) in changes {
+                let listed = svc.backends.iter().position(|b| b.address == *addr);
+                match (change, listed) {
+                    (Change::Weight(w), Some(i)) => svc.backends[i].weight = *w,
+                    (Change::Weight(w), None) => svc.backends.push(BackendConfig { address: *addr, weight: *w }),
+                    (Change::Removed, Some(i)) => {
+                        svc.backends.remove(i);
+                    }
+                    (Change::Removed, None) => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// Every change, with what `file` says of its backend.
+    pub fn entries(&self, file: &Config) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for (service, changes) in &self.changes {
+            let svc = file.services.iter().find(|s| &s.name == service);
+            for (addr, change) in changes {
+                let file_weight = svc.and_then(|s| file_weight(s, *addr));
+                out.push(Entry { service: service.clone(), addr: *addr, change: *change, file_weight });
+            }
+        }
+        out
+    }
+
+    /// The change `service`'s `addr` has, if any.
+    pub fn get(&self, service: &str, addr: SocketAddrV4) -> Option<Change> {
+        self.changes.get(service)?.get(&addr).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+fn file_weight(svc: &ServiceConfig, addr: SocketAddrV4) -> Option<u32> {
+    svc.backends.iter().find(|b| b.address == addr).map(|b| b.weight)
+}
+
+/// Whether the file (its service `svc`) already says what `change` does.
+fn redundant(svc: Option<&ServiceConfig>, addr: SocketAddrV4, change: Change) -> bool {
+    let listed = svc.and_then(|s| file_weight(s, addr));
+    match change {
+        Change::Weight(w) => listed == Some(w),
+        Change::Removed => listed.is_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// "web" (and "api" when `api`) with `backends` as (address, weight).
+    fn file(backends: &[(&str, u32)], api: bool) -> Config {
+        let mut text =
+            String::from("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n");
+        for (a, w) in backends {
+            text += &format!("[[service.backend]]\naddress = \"{a}\"\nweight = {w}\n");
+        }
+        if api {
+            text += "[[service]]\nname = \"api\"\nvip = \"10.0.0.101\"\nport = 80\ninterfaces = [\"eth0\"]\n";
+        }
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    fn weights(c: &Config) -> Vec<(String, u32)> {
+        c.services[0].backends.iter().map(|b| (b.address.to_string(), b.weight)).collect()
+    }
+
+    #[test]
+    fn apply_lays_weights_additions_and_removals_over_the_file() {
+        let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 2)], false);
+        let mut o = Overlay::default();
+        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
+        o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
+        o.record(&f, "web", addr("10.1.0.9:80"), Change::Weight(2));
+        assert_eq!(o.len(), 3);
+        assert_eq!(
+            weights(&o.apply(&f)),
+            [("10.1.0.1:80".into(), 3), ("10.1.0.3:80".into(), 2), ("10.1.0.9:80".into(), 2)]
+        );
+        let notes: Vec<String> = o.entries(&f).iter().map(|e| format!("{} {}: {e}", e.service, e.addr)).collect();
+        assert_eq!(
+            notes,
+            [
+                "web 10.1.0.1:80: weight 3, file says 1",
+                "web 10.1.0.2:80: removed, file says weight 1",
+                "web 10.1.0.9:80: added with weight 2, not in the file",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_change_back_to_what_the_file_says_leaves_no_entry() {
+        let f = file(&[("10.1.0.1:80", 1)], false);
+        let mut o = Overlay::default();
+        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
+        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(1));
+        assert!(o.is_empty());
+        // Added at run time, then removed: nothing left to say.
+        o.record(&f, "web", addr("10.1.0.9:80"), Change::Weight(1));
+        o.record(&f, "web", addr("10.1.0.9:80"), Change::Removed);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_reload_keeps_changes_the_file_does_not_agree_with() {
+        let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)], true);
+        let mut o = Overlay::default();
+        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
+        o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
+        o.record(&f, "api", addr("10.2.0.1:80"), Change::Weight(1));
+        // An unrelated edit (another backend) keeps all three.
+        let edited = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.4:80", 1)], true);
+        let (kept, dropped) = o.rebase(&edited);
+        assert_eq!((kept.len(), dropped.len()), (3, 0));
+        assert_eq!(kept.get("web", addr("10.1.0.1:80")), Some(Change::Weight(3)));
+        // The file now says weight 3 and drops 10.1.0.2, and api is gone.
+        let agrees = file(&[("10.1.0.1:80", 3)], false);
+        let (kept, dropped) = o.rebase(&agrees);
+        assert!(kept.is_empty(), "{kept:?}");
+        let why: Vec<(String, Dropped)> =
+            dropped.iter().map(|(e, d)| (format!("{} {}", e.service, e.addr), *d)).collect();
+        assert_eq!(
+            why,
+            [
+                ("api 10.2.0.1:80".into(), Dropped::ServiceGone),
+                ("web 10.1.0.1:80".into(), Dropped::FileAgrees),
+                ("web 10.1.0.2:80".into(), Dropped::FileAgrees),
+            ]
+        );
+    }
+
+    #[test]
+    fn reset_drops_one_backend_or_the_whole_service() {
+        let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)], true);
+        let mut o = Overlay::default();
+        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
+        o.record(&f, "web", addr("10.1.0.2:80"), Change::Weight(4));
+        o.record(&f, "api", addr("10.2.0.1:80"), Change::Weight(1));
+        assert_eq!(o.reset("web", Some(addr("10.1.0.9:80"))), 0);
+        assert_eq!(o.reset("web", Some(addr("10.1.0.1:80"))), 1);
+        assert_eq!(o.get("web", addr("10.1.0.1:80")), None);
+        assert_eq!(o.reset("web", None), 1);
+        assert_eq!(o.reset("nope", None), 0);
+        assert_eq!(o.len(), 1);
+        assert_eq!(weights(&o.apply(&f)), [("10.1.0.1:80".into(), 1), ("10.1.0.2:80".into(), 1)]);
+    }
+}
