@@ -90,7 +90,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
-    /// Change a running agent's backends (lasts until the config is reloaded).
+    /// Change a running agent's backends at run time.
+    ///
+    /// A change is an overlay on the config file: it takes effect at once and
+    /// every reload (a file edit, SIGHUP, `lb-agent reload`) keeps it, until
+    /// `lb-agent backend reset` drops it. A change the file comes to agree
+    /// with (the same weight; a removed backend the file no longer lists) is
+    /// dropped as redundant, and a service the file drops takes its changes
+    /// with it. The overlay lives in the agent's memory: a restarted agent
+    /// starts from the file. `lb-agent status` marks overlaid backends and
+    /// `lb-agent config dump` prints the file with them.
     Backend {
         #[command(subcommand)]
         change: BackendChange,
@@ -98,7 +107,31 @@ enum Command {
         api_socket: PathBuf,
     },
     /// Ask the running agent to re-read its config file now.
+    ///
+    /// The reply (like the log and `status`'s events, whatever the trigger)
+    /// says what changed per service: backends added, removed (draining) and
+    /// reweighted, and the Maglev slots that moved (the share of new flows
+    /// that go elsewhere). Run-time changes from `lb-agent backend` are kept
+    /// and counted ("2 run-time change(s) kept").
     Reload {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// The running agent's effective config.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective config: the file the agent last applied, with the
+    /// run-time changes of `lb-agent backend` edited in, each changed line
+    /// commented (`# run-time: weight 3, file says 1`). The output is a
+    /// config `lb-agent check` accepts: save it over the file to make the
+    /// changes permanent (they are then dropped as redundant).
+    Dump {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
@@ -118,6 +151,13 @@ enum BackendChange {
     Remove { service: String, address: SocketAddrV4 },
     /// Change a backend's weight (0 takes it out of the table without draining it away).
     Weight { service: String, address: SocketAddrV4, weight: u32 },
+    /// Drop the run-time changes of a service (or of one of its backends):
+    /// what the config file says applies again, at once.
+    Reset {
+        service: String,
+        /// Only this backend's change.
+        address: Option<SocketAddrV4>,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -153,6 +193,9 @@ fn main() -> ExitCode {
         Command::Status { json, api_socket } => status(api_socket, json),
         Command::Backend { change, api_socket } => backend(api_socket, change),
         Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
+        Command::Config { command: ConfigCommand::Dump { api_socket } } => {
+            call_and_print(api_socket, Request::DumpConfig)
+        }
     };
     match result {
         Ok(code) => code,
@@ -259,6 +302,7 @@ fn backend(socket: PathBuf, change: BackendChange) -> anyhow::Result<ExitCode> {
         BackendChange::Add { service, address, weight } => Request::AddBackend { service, address, weight },
         BackendChange::Remove { service, address } => Request::RemoveBackend { service, address },
         BackendChange::Weight { service, address, weight } => Request::SetWeight { service, address, weight },
+        BackendChange::Reset { service, address } => Request::ResetBackends { service, address },
     };
     call_and_print(socket, request)
 }

@@ -159,6 +159,10 @@ pub struct BackendStatus {
     /// Seconds left before a drain cuts the remaining flows.
     pub drain_seconds_left: Option<f64>,
     pub counters: Traffic,
+    /// The run-time change (`lb-agent backend`) laid over the file's entry,
+    /// e.g. "weight 3, file says 1"; reloads keep it until `backend reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_time: Option<String>,
 }
 
 /// Totals since the backend (or service) appeared, and rates over the last
@@ -286,6 +290,9 @@ impl Snapshot {
                     human_rate(b.counters.packets_per_second),
                     human_rate(b.counters.bytes_per_second),
                 );
+                if let Some(note) = &b.run_time {
+                    let _ = writeln!(out, "  {:<22} run-time: {note}", "");
+                }
             }
             if s.backends.is_empty() {
                 let _ = writeln!(out, "  (no backends: new flows are dropped)");
@@ -415,6 +422,7 @@ mod tests {
                     open_connections: 3,
                     drain_seconds_left: Some(9.2),
                     counters: Traffic { new_flows_per_second: 1500.0, ..Traffic::default() },
+                    run_time: Some("weight 1, file says 2".into()),
                 }],
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
@@ -430,6 +438,10 @@ mod tests {
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),
+            "{t}"
+        );
+        assert!(
+            t.contains("draining 10s") && t.contains("\n                         run-time: weight 1, file says 2\n"),
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");

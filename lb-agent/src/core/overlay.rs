@@ -13,7 +13,10 @@
 //! The overlay lives in the agent's memory: a restarted agent starts from
 //! the file.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddrV4};
+use std::{collections::BTreeMap, fmt, net::SocketAddrV4, path::Path};
+
+use anyhow::Context as _;
+use toml_edit::{value, ArrayOfTables, DocumentMut, Item, Table};
 
 use crate::config::{BackendConfig, Config, ServiceConfig};
 
@@ -163,6 +166,86 @@ impl Overlay {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
     }
+
+    /// The effective config as TOML: `text` (the file at `path`, which
+    /// parses to `file`) with the overlay edited in, each line it changed
+    /// commented `# run-time: ...`, and each removed backend named above its
+    /// service. What comes out is checked to parse to `self.apply(file)`.
+    pub fn dump(&self, text: &str, file: &Config, path: &Path) -> anyhow::Result<String> {
+        let now = Config::parse(text, path)?;
+        anyhow::ensure!(
+            &now == file,
+            "{} changed since the agent last applied it: it takes it at its next look (or run `lb-agent reload`)",
+            path.display()
+        );
+        let mut doc: DocumentMut = text.parse().with_context(|| format!("parse {}", path.display()))?;
+        let entries = self.entries(file);
+        if let Some(services) = doc.get_mut("service").and_then(Item::as_array_of_tables_mut) {
+            for svc in services.iter_mut() {
+                let name = svc.get("name").and_then(Item::as_str).unwrap_or_default().to_owned();
+                let mine: Vec<&Entry> = entries.iter().filter(|e| e.service == name).collect();
+                if !mine.is_empty() {
+                    edit_service(svc, &name, &mine)?;
+                }
+            }
+        }
+        let header = match entries.len() {
+            0 => format!("# lb-agent config dump: {}, no run-time changes\n", path.display()),
+            n => format!(
+                "# lb-agent config dump: {} with {n} run-time change(s) from `lb-agent backend`;\n\
+                 # `lb-agent backend reset <service>` drops them.\n",
+                path.display()
+            ),
+        };
+        let out = header + &doc.to_string();
+        let parsed = Config::parse(&out, path).context("the dump does not parse back (a bug)")?;
+        anyhow::ensure!(parsed == self.apply(file), "the dump does not parse back to the running config (a bug)");
+        Ok(out)
+    }
+}
+
+/// Edit one `[[service]]` table's backends: `entries` are its changes.
+fn edit_service(svc: &mut Table, name: &str, entries: &[&Entry]) -> anyhow::Result<()> {
+    let mut removed_notes = String::new();
+    let backends = svc.entry("backend").or_insert(Item::ArrayOfTables(ArrayOfTables::new()));
+    let backends = backends.as_array_of_tables_mut().with_context(|| {
+        format!("service {name:?}: its backends are not written as [[service.backend]] tables; cannot dump them")
+    })?;
+    let address_of = |t: &Table| t.get("address").and_then(Item::as_str).and_then(|a| a.parse::<SocketAddrV4>().ok());
+    for e in entries {
+        let note = format!(" # run-time: {e}");
+        let at = backends.iter().position(|t| address_of(t) == Some(e.addr));
+        match (e.change, at) {
+            (Change::Weight(w), Some(i)) => {
+                let Some(t) = backends.get_mut(i) else { continue };
+                t["weight"] = value(i64::from(w));
+                set_note(&mut t["weight"], &note);
+            }
+            (Change::Weight(w), None) => {
+                let mut t = Table::new();
+                t["address"] = value(e.addr.to_string());
+                t["weight"] = value(i64::from(w));
+                set_note(&mut t["address"], &note);
+                backends.push(t);
+            }
+            (Change::Removed, Some(i)) => {
+                backends.remove(i);
+                removed_notes += &format!("# run-time: backend {} {e}\n", e.addr);
+            }
+            (Change::Removed, None) => {}
+        }
+    }
+    if !removed_notes.is_empty() {
+        let prefix = svc.decor().prefix().and_then(|p| p.as_str()).unwrap_or_default().to_owned();
+        svc.decor_mut().set_prefix(prefix + &removed_notes);
+    }
+    Ok(())
+}
+
+fn set_note(item: &mut Item, note: &str) {
+    if let Some(v) = item.as_value_mut() {
+        v.decor_mut().set_suffix(note);
+    }
 }
 
 fn file_weight(svc: &ServiceConfig, addr: SocketAddrV4) -> Option<u32> {
@@ -283,5 +366,41 @@ mod tests {
         assert_eq!(o.reset("nope", None), 0);
         assert_eq!(o.len(), 1);
         assert_eq!(weights(&o.apply(&f)), [("10.1.0.1:80".into(), 1), ("10.1.0.2:80".into(), 1)]);
+    }
+
+    #[test]
+    fn dump_edits_the_files_own_text_and_parses_back_to_the_effective_config() {
+        let text = "# my load balancer\n\
+            [[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+            [[service.backend]]\naddress = \"10.1.0.1:80\"\n\
+            [[service.backend]]\naddress = \"10.1.0.2:80\" # the old one\nweight = 2\n\n\
+            [[service]]\nname = \"api\"\nvip = \"10.0.0.101\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+            [[service.backend]]\naddress = \"10.2.0.1:80\"\n";
+        let path = Path::new("lb.toml");
+        let f = Config::parse(text, path).unwrap();
+        let mut o = Overlay::default();
+        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
+        o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
+        o.record(&f, "web", addr("10.1.0.9:80"), Change::Weight(1));
+        o.record(&f, "api", addr("10.2.0.1:80"), Change::Weight(0));
+        let out = o.dump(text, &f, path).unwrap();
+        for line in [
+            "# lb-agent config dump: lb.toml with 4 run-time change(s) from `lb-agent backend`;",
+            "# my load balancer",
+            "# run-time: backend 10.1.0.2:80 removed, file says weight 2\n[[service]]\nname = \"web\"",
+            "weight = 3 # run-time: weight 3, file says 1\n",
+            "address = \"10.1.0.9:80\" # run-time: added with weight 1, not in the file\nweight = 1\n",
+            "weight = 0 # run-time: weight 0, file says 1\n",
+        ] {
+            assert!(out.contains(line), "{line:?} not in:\n{out}");
+        }
+        // Each added backend stays with its own service.
+        assert_eq!(Config::parse(&out, path).unwrap(), o.apply(&f));
+        // No changes: the file as it is, said so.
+        let plain = Overlay::default().dump(text, &f, path).unwrap();
+        assert_eq!(plain, format!("# lb-agent config dump: lb.toml, no run-time changes\n{text}"));
+        // A file edited since it was applied is not passed off as running.
+        let e = o.dump(&text.replace("weight = 2", "weight = 5"), &f, path).unwrap_err();
+        assert!(format!("{e:#}").contains("lb.toml changed since the agent last applied it"), "{e:#}");
     }
 }
