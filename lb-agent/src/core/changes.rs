@@ -150,22 +150,14 @@ pub fn write_kept(f: &mut impl fmt::Write, kept: usize) -> fmt::Result {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::core::overlay::{Change, Overlay};
+    use crate::{
+        core::overlay::{Change, Overlay},
+        testing::web_and_api_config,
+    };
 
     fn file(web: &[(&str, u32)], api: bool) -> Config {
-        let mut text =
-            String::from("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n");
-        for (a, w) in web {
-            text += &format!("[[service.backend]]\naddress = \"{a}\"\nweight = {w}\n");
-        }
-        if api {
-            text += "[[service]]\nname = \"api\"\nvip = \"10.0.0.101\"\nport = 80\ninterfaces = [\"eth0\"]\n\
-                     [[service.backend]]\naddress = \"10.2.0.1:80\"\n";
-        }
-        Config::parse(&text, Path::new("t.toml")).unwrap()
+        web_and_api_config(web, api.then_some(&["10.2.0.1:80"]))
     }
 
     #[test]

@@ -263,21 +263,11 @@ fn redundant(svc: Option<&ServiceConfig>, addr: SocketAddrV4, change: Change) ->
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
+    use crate::testing::web_and_api_config;
 
-    /// "web" (and "api" when `api`) with `backends` as (address, weight).
     fn file(backends: &[(&str, u32)], api: bool) -> Config {
-        let mut text =
-            String::from("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n");
-        for (a, w) in backends {
-            text += &format!("[[service.backend]]\naddress = \"{a}\"\nweight = {w}\n");
-        }
-        if api {
-            text += "[[service]]\nname = \"api\"\nvip = \"10.0.0.101\"\nport = 80\ninterfaces = [\"eth0\"]\n";
-        }
-        Config::parse(&text, Path::new("t.toml")).unwrap()
+        web_and_api_config(backends, api.then_some(&[]))
     }
 
     fn addr(s: &str) -> SocketAddrV4 {
