@@ -52,7 +52,7 @@ use crate::{
     config::{Config, HealthCheckConfig, ServiceConfig},
     core::{
         health::Transition,
-        overlay::{Change, Overlay},
+        overlay::Overlay,
         reconcile::{ApplySummary, Reconciler},
         registry::{Origin, Registry},
         replicas::FlowFigures,
@@ -402,18 +402,22 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// Keep an applied API change in the overlay, so reloads keep it too;
     /// a scaled service's instances are its scaler's, and stay out of it.
     fn record_run_time(&mut self, before: &Registry, request: &Request) {
-        let (service, addr, change) = match request {
-            Request::AddBackend { service, address, weight } | Request::SetWeight { service, address, weight } => {
-                (service, *address, Change::Weight(*weight))
-            }
-            Request::RemoveBackend { service, address } => (service, *address, Change::Removed),
-            _ => return,
+        let (Request::AddBackend { service, address, .. }
+        | Request::SetWeight { service, address, .. }
+        | Request::RemoveBackend { service, address }) = request
+        else {
+            return;
         };
-        let entry = before.service(service).and_then(|e| e.backends.get(&addr));
+        let entry = before.service(service).and_then(|e| e.backends.get(address));
         if entry.is_some_and(|b| b.origin == Origin::Scaler) {
             return;
         }
-        self.overlay.record(&self.file_config, service, addr, change);
+        let (file, addr) = (&self.file_config, *address);
+        match request {
+            Request::AddBackend { weight, .. } => self.overlay.add(file, service, addr, *weight),
+            Request::SetWeight { weight, .. } => self.overlay.reweight(file, service, addr, *weight),
+            _ => self.overlay.remove(file, service, addr),
+        }
         self.config = self.overlay.apply(&self.file_config);
     }
 

@@ -114,13 +114,15 @@ impl fmt::Display for ServiceChanges {
         if !self.removed_service {
             parts.push(format!("{} slot(s) moved", self.slots_moved));
         }
-        let gone = self.dropped.iter().filter(|(_, d)| *d == Dropped::ServiceGone).count();
-        let agreed = self.dropped.len() - gone;
-        if gone > 0 {
-            parts.push(format!("its {gone} run-time change(s) dropped with it"));
-        }
-        if agreed > 0 {
-            parts.push(format!("{agreed} run-time change(s) dropped: the file now says the same"));
+        for (why, says) in [
+            (Dropped::ServiceGone, "dropped with it"),
+            (Dropped::FileAgrees, "dropped: the file now says the same"),
+            (Dropped::NotInFile, "dropped: the file no longer lists their backend"),
+        ] {
+            let n = self.dropped.iter().filter(|(_, d)| *d == why).count();
+            if n > 0 {
+                parts.push(format!("{n} run-time change(s) {says}"));
+            }
         }
         write!(f, "{}: {}", self.name, parts.join(", "))
     }
@@ -151,10 +153,7 @@ pub fn write_kept(f: &mut impl fmt::Write, kept: usize) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        core::overlay::{Change, Overlay},
-        testing::web_and_api_config,
-    };
+    use crate::{core::overlay::Overlay, testing::web_and_api_config};
 
     fn file(web: &[(&str, u32)], api: bool) -> Config {
         web_and_api_config(web, api.then_some(&["10.2.0.1:80"]))
@@ -166,12 +165,12 @@ mod tests {
         let new = file(&[("10.1.0.1:80", 3), ("10.1.0.4:80", 1)], false);
         let moved = BTreeMap::from([("web".to_owned(), 4242)]);
         let mut o = Overlay::default();
-        o.record(&old, "api", "10.2.0.9:80".parse().unwrap(), Change::Weight(2));
+        o.add(&old, "api", "10.2.0.9:80".parse().unwrap(), 2);
         let (kept, dropped) = o.rebase(&new);
         let c = summarize(&old, &new, &moved, &dropped, kept.len());
         assert_eq!(
             c.to_string(),
-            "api: removed, its 1 run-time change(s) dropped with it; web: added 10.1.0.4:80 (weight 1), removed \
+            "api: removed, 1 run-time change(s) dropped with it; web: added 10.1.0.4:80 (weight 1), removed \
              10.1.0.2:80 (draining), reweighted 10.1.0.1:80 1 -> 3, 4242 slot(s) moved"
         );
         let back = summarize(&new, &old, &BTreeMap::new(), &[], 0);

@@ -6,6 +6,8 @@
 //! reset` drops them. The rule for what the file says later:
 //! - a change the file now agrees with (the same weight, a removed backend
 //!   the file no longer lists) is redundant, and dropped;
+//! - a weight change to a backend the file no longer lists is dropped with
+//!   it (a backend added at run time stays, whatever the file says);
 //! - a service the file no longer has takes its changes with it;
 //! - anything else the file says about the service still applies: only
 //!   the backends the overlay names are overlaid.
@@ -23,8 +25,10 @@ use crate::config::{BackendConfig, Config, ServiceConfig};
 /// What the overlay says of one backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// Listed with this weight: added (the file lacks it) or reweighted.
+    /// A backend of the file, with another weight.
     Weight(u32),
+    /// Added at run time, with this weight.
+    Added(u32),
     /// Removed (drained), though the file lists it.
     Removed,
 }
@@ -44,8 +48,9 @@ impl fmt::Display for Entry {
     /// "removed, file says weight 1".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.change, self.file_weight) {
-            (Change::Weight(w), Some(was)) => write!(f, "weight {w}, file says {was}"),
-            (Change::Weight(w), None) => write!(f, "added with weight {w}, not in the file"),
+            (Change::Weight(w) | Change::Added(w), Some(was)) => write!(f, "weight {w}, file says {was}"),
+            (Change::Weight(w), None) => write!(f, "weight {w}, not in the file"),
+            (Change::Added(w), None) => write!(f, "added with weight {w}, not in the file"),
             (Change::Removed, Some(was)) => write!(f, "removed, file says weight {was}"),
             (Change::Removed, None) => write!(f, "removed"),
         }
@@ -57,6 +62,8 @@ impl fmt::Display for Entry {
 pub enum Dropped {
     /// The file now says the same.
     FileAgrees,
+    /// A weight change to a backend the file no longer lists.
+    NotInFile,
     /// The file no longer has the service.
     ServiceGone,
 }
@@ -67,10 +74,32 @@ pub struct Overlay {
 }
 
 impl Overlay {
+    /// `backend add`: a backend of the file (removed at run time before)
+    /// is only reweighted.
+    pub fn add(&mut self, file: &Config, service: &str, addr: SocketAddrV4, weight: u32) {
+        let listed = find(file, service).and_then(|s| file_weight(s, addr)).is_some();
+        self.record(file, service, addr, if listed { Change::Weight(weight) } else { Change::Added(weight) });
+    }
+
+    /// `backend weight`: one added at run time stays added; one removed
+    /// stays removed (it drains with its new weight).
+    pub fn reweight(&mut self, file: &Config, service: &str, addr: SocketAddrV4, weight: u32) {
+        match self.get(service, addr) {
+            Some(Change::Removed) => {}
+            Some(Change::Added(_)) => self.record(file, service, addr, Change::Added(weight)),
+            _ => self.record(file, service, addr, Change::Weight(weight)),
+        }
+    }
+
+    /// `backend remove`.
+    pub fn remove(&mut self, file: &Config, service: &str, addr: SocketAddrV4) {
+        self.record(file, service, addr, Change::Removed);
+    }
+
     /// Record a run-time change made to a service of `file`; one the file
     /// already agrees with leaves no entry.
     pub fn record(&mut self, file: &Config, service: &str, addr: SocketAddrV4, change: Change) {
-        let svc = file.services.iter().find(|s| s.name == service);
+        let svc = find(file, service);
         let changes = self.changes.entry(service.to_owned()).or_default();
         if redundant(svc, addr, change) {
             changes.remove(&addr);
@@ -100,7 +129,7 @@ impl Overlay {
         let mut kept = Overlay::default();
         let mut dropped = Vec::new();
         for (service, changes) in &self.changes {
-            let svc = file.services.iter().find(|s| &s.name == service);
+            let svc = find(file, service);
             for (addr, change) in changes {
                 let entry = || Entry {
                     service: service.clone(),
@@ -108,8 +137,12 @@ impl Overlay {
                     change: *change,
                     file_weight: svc.and_then(|s| file_weight(s, *addr)),
                 };
+                let unlisted = svc.is_some_and(|s| file_weight(s, *addr).is_none());
                 match svc {
                     None => dropped.push((entry(), Dropped::ServiceGone)),
+                    Some(_) if matches!(change, Change::Weight(_)) && unlisted => {
+                        dropped.push((entry(), Dropped::NotInFile))
+                    }
                     Some(_) if redundant(svc, *addr, *change) => dropped.push((entry(), Dropped::FileAgrees)),
                     Some(_) => {
                         kept.changes.entry(service.clone()).or_default().insert(*addr, *change);
@@ -129,12 +162,12 @@ impl Overlay {
             for (addr, change) in changes {
                 let listed = svc.backends.iter().position(|b| b.address == *addr);
                 match (change, listed) {
-                    (Change::Weight(w), Some(i)) => svc.backends[i].weight = *w,
-                    (Change::Weight(w), None) => svc.backends.push(BackendConfig { address: *addr, weight: *w }),
+                    (Change::Weight(w) | Change::Added(w), Some(i)) => svc.backends[i].weight = *w,
+                    (Change::Added(w), None) => svc.backends.push(BackendConfig { address: *addr, weight: *w }),
                     (Change::Removed, Some(i)) => {
                         svc.backends.remove(i);
                     }
-                    (Change::Removed, None) => {}
+                    (Change::Weight(_) | Change::Removed, None) => {}
                 }
             }
         }
@@ -145,7 +178,7 @@ impl Overlay {
     pub fn entries(&self, file: &Config) -> Vec<Entry> {
         let mut out = Vec::new();
         for (service, changes) in &self.changes {
-            let svc = file.services.iter().find(|s| &s.name == service);
+            let svc = find(file, service);
             for (addr, change) in changes {
                 let file_weight = svc.and_then(|s| file_weight(s, *addr));
                 out.push(Entry { service: service.clone(), addr: *addr, change: *change, file_weight });
@@ -216,12 +249,12 @@ fn edit_service(svc: &mut Table, name: &str, entries: &[&Entry]) -> anyhow::Resu
         let note = format!(" # run-time: {e}");
         let at = backends.iter().position(|t| address_of(t) == Some(e.addr));
         match (e.change, at) {
-            (Change::Weight(w), Some(i)) => {
+            (Change::Weight(w) | Change::Added(w), Some(i)) => {
                 let Some(t) = backends.get_mut(i) else { continue };
                 t["weight"] = value(i64::from(w));
                 set_note(&mut t["weight"], &note);
             }
-            (Change::Weight(w), None) => {
+            (Change::Added(w), None) => {
                 let mut t = Table::new();
                 t["address"] = value(e.addr.to_string());
                 t["weight"] = value(i64::from(w));
@@ -232,7 +265,7 @@ fn edit_service(svc: &mut Table, name: &str, entries: &[&Entry]) -> anyhow::Resu
                 backends.remove(i);
                 removed_notes += &format!("# run-time: backend {} {e}\n", e.addr);
             }
-            (Change::Removed, None) => {}
+            (Change::Weight(_) | Change::Removed, None) => {}
         }
     }
     if !removed_notes.is_empty() {
@@ -248,6 +281,10 @@ fn set_note(item: &mut Item, note: &str) {
     }
 }
 
+fn find<'c>(file: &'c Config, service: &str) -> Option<&'c ServiceConfig> {
+    file.services.iter().find(|s| s.name == service)
+}
+
 fn file_weight(svc: &ServiceConfig, addr: SocketAddrV4) -> Option<u32> {
     svc.backends.iter().find(|b| b.address == addr).map(|b| b.weight)
 }
@@ -256,7 +293,8 @@ fn file_weight(svc: &ServiceConfig, addr: SocketAddrV4) -> Option<u32> {
 fn redundant(svc: Option<&ServiceConfig>, addr: SocketAddrV4, change: Change) -> bool {
     let listed = svc.and_then(|s| file_weight(s, addr));
     match change {
-        Change::Weight(w) => listed == Some(w),
+        Change::Weight(w) => listed.is_none_or(|l| l == w),
+        Change::Added(w) => listed == Some(w),
         Change::Removed => listed.is_none(),
     }
 }
@@ -284,7 +322,7 @@ mod tests {
         let mut o = Overlay::default();
         o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
         o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
-        o.record(&f, "web", addr("10.1.0.9:80"), Change::Weight(2));
+        o.add(&f, "web", addr("10.1.0.9:80"), 2);
         assert_eq!(o.len(), 3);
         assert_eq!(
             weights(&o.apply(&f)),
@@ -309,24 +347,35 @@ mod tests {
         o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(1));
         assert!(o.is_empty());
         // Added at run time, then removed: nothing left to say.
-        o.record(&f, "web", addr("10.1.0.9:80"), Change::Weight(1));
-        o.record(&f, "web", addr("10.1.0.9:80"), Change::Removed);
+        o.add(&f, "web", addr("10.1.0.9:80"), 1);
+        o.reweight(&f, "web", addr("10.1.0.9:80"), 4);
+        assert_eq!(o.get("web", addr("10.1.0.9:80")), Some(Change::Added(4)));
+        o.remove(&f, "web", addr("10.1.0.9:80"));
+        assert!(o.is_empty());
+        // Reweighting a removed backend leaves it removed (it drains).
+        o.remove(&f, "web", addr("10.1.0.1:80"));
+        o.reweight(&f, "web", addr("10.1.0.1:80"), 5);
+        assert_eq!(o.get("web", addr("10.1.0.1:80")), Some(Change::Removed));
+        // Added back: the file's backend again.
+        o.add(&f, "web", addr("10.1.0.1:80"), 1);
         assert!(o.is_empty());
     }
 
     #[test]
     fn a_reload_keeps_changes_the_file_does_not_agree_with() {
-        let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1)], true);
+        let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1)], true);
         let mut o = Overlay::default();
         o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
         o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
-        o.record(&f, "api", addr("10.2.0.1:80"), Change::Weight(1));
+        o.add(&f, "api", addr("10.2.0.1:80"), 1);
+        o.record(&f, "web", addr("10.1.0.3:80"), Change::Weight(2));
         // An unrelated edit (another backend) keeps all three.
-        let edited = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.4:80", 1)], true);
+        let edited = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1), ("10.1.0.4:80", 1)], true);
         let (kept, dropped) = o.rebase(&edited);
-        assert_eq!((kept.len(), dropped.len()), (3, 0));
+        assert_eq!((kept.len(), dropped.len()), (4, 0));
         assert_eq!(kept.get("web", addr("10.1.0.1:80")), Some(Change::Weight(3)));
-        // The file now says weight 3 and drops 10.1.0.2, and api is gone.
+        // The file now says weight 3, drops 10.1.0.2 and 10.1.0.3, and api
+        // is gone.
         let agrees = file(&[("10.1.0.1:80", 3)], false);
         let (kept, dropped) = o.rebase(&agrees);
         assert!(kept.is_empty(), "{kept:?}");
@@ -338,6 +387,7 @@ mod tests {
                 ("api 10.2.0.1:80".into(), Dropped::ServiceGone),
                 ("web 10.1.0.1:80".into(), Dropped::FileAgrees),
                 ("web 10.1.0.2:80".into(), Dropped::FileAgrees),
+                ("web 10.1.0.3:80".into(), Dropped::NotInFile),
             ]
         );
     }
@@ -348,7 +398,7 @@ mod tests {
         let mut o = Overlay::default();
         o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
         o.record(&f, "web", addr("10.1.0.2:80"), Change::Weight(4));
-        o.record(&f, "api", addr("10.2.0.1:80"), Change::Weight(1));
+        o.add(&f, "api", addr("10.2.0.1:80"), 1);
         assert_eq!(o.reset("web", Some(addr("10.1.0.9:80"))), 0);
         assert_eq!(o.reset("web", Some(addr("10.1.0.1:80"))), 1);
         assert_eq!(o.get("web", addr("10.1.0.1:80")), None);
@@ -371,8 +421,8 @@ mod tests {
         let mut o = Overlay::default();
         o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
         o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
-        o.record(&f, "web", addr("10.1.0.9:80"), Change::Weight(1));
-        o.record(&f, "api", addr("10.2.0.1:80"), Change::Weight(0));
+        o.add(&f, "web", addr("10.1.0.9:80"), 1);
+        o.add(&f, "api", addr("10.2.0.1:80"), 0);
         let out = o.dump(text, &f, path).unwrap();
         for line in [
             "# lb-agent config dump: lb.toml with 4 run-time change(s) from `lb-agent backend`;",
