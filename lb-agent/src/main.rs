@@ -96,8 +96,8 @@ enum Command {
     /// every reload (a file edit, SIGHUP, `lb-agent reload`) keeps it, until
     /// `lb-agent backend reset` drops it. A change the file comes to agree
     /// with (the same weight; a removed backend the file no longer lists) is
-    /// dropped as redundant, and a service the file drops takes its changes
-    /// with it. The overlay lives in the agent's memory: a restarted agent
+    /// dropped as redundant, a weight change to a backend the file drops goes
+    /// with it, and a service the file drops takes its changes with it. The overlay lives in the agent's memory: a restarted agent
     /// starts from the file. `lb-agent status` marks overlaid backends and
     /// `lb-agent config dump` prints the file with them.
     Backend {
@@ -132,6 +132,7 @@ enum ConfigCommand {
     /// config `lb-agent check` accepts: save it over the file to make the
     /// changes permanent (they are then dropped as redundant).
     Dump {
+        /// The running agent's control socket.
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
@@ -154,8 +155,9 @@ enum BackendChange {
     /// Drop the run-time changes of a service (or of one of its backends):
     /// what the config file says applies again, at once.
     Reset {
+        /// The service, by its name in the config.
         service: String,
-        /// Only this backend's change.
+        /// Only this backend's change (ip:port); without it, all the service's.
         address: Option<SocketAddrV4>,
     },
 }

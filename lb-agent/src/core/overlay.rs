@@ -312,6 +312,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// 10.1.0.1:80 at weight 3, 10.1.0.2:80 removed.
+    fn reweighted_and_removed(f: &Config) -> Overlay {
+        let mut o = Overlay::default();
+        o.reweight(f, "web", addr("10.1.0.1:80"), 3);
+        o.remove(f, "web", addr("10.1.0.2:80"));
+        o
+    }
+
     fn weights(c: &Config) -> Vec<(String, u32)> {
         c.services[0].backends.iter().map(|b| (b.address.to_string(), b.weight)).collect()
     }
@@ -319,9 +327,7 @@ mod tests {
     #[test]
     fn apply_lays_weights_additions_and_removals_over_the_file() {
         let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 2)], false);
-        let mut o = Overlay::default();
-        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
-        o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
+        let mut o = reweighted_and_removed(&f);
         o.add(&f, "web", addr("10.1.0.9:80"), 2);
         assert_eq!(o.len(), 3);
         assert_eq!(
@@ -364,12 +370,10 @@ mod tests {
     #[test]
     fn a_reload_keeps_changes_the_file_does_not_agree_with() {
         let f = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1)], true);
-        let mut o = Overlay::default();
-        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
-        o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
+        let mut o = reweighted_and_removed(&f);
         o.add(&f, "api", addr("10.2.0.1:80"), 1);
         o.record(&f, "web", addr("10.1.0.3:80"), Change::Weight(2));
-        // An unrelated edit (another backend) keeps all three.
+        // An unrelated edit (another backend) keeps all four.
         let edited = file(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 1), ("10.1.0.4:80", 1)], true);
         let (kept, dropped) = o.rebase(&edited);
         assert_eq!((kept.len(), dropped.len()), (4, 0));
@@ -418,9 +422,7 @@ mod tests {
             [[service.backend]]\naddress = \"10.2.0.1:80\"\n";
         let path = Path::new("lb.toml");
         let f = Config::parse(text, path).unwrap();
-        let mut o = Overlay::default();
-        o.record(&f, "web", addr("10.1.0.1:80"), Change::Weight(3));
-        o.record(&f, "web", addr("10.1.0.2:80"), Change::Removed);
+        let mut o = reweighted_and_removed(&f);
         o.add(&f, "web", addr("10.1.0.9:80"), 1);
         o.add(&f, "api", addr("10.2.0.1:80"), 0);
         let out = o.dump(text, &f, path).unwrap();
