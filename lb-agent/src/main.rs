@@ -141,7 +141,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
-    /// Change a running agent's backends (lasts until the config is reloaded).
+    /// Change a running agent's backends at run time.
+    ///
+    /// A change is an overlay on the config file: it takes effect at once and
+    /// every reload (a file edit, SIGHUP, `lb-agent reload`) keeps it, until
+    /// `lb-agent backend reset` drops it. A change the file comes to agree
+    /// with (the same weight; a removed backend the file no longer lists) is
+    /// dropped as redundant, a weight change to a backend the file drops goes
+    /// with it, and a service the file drops takes its changes with it. The overlay lives in the agent's memory: a restarted agent
+    /// starts from the file. `lb-agent status` marks overlaid backends and
+    /// `lb-agent config dump` prints the file with them.
     Backend {
         #[command(subcommand)]
         change: BackendChange,
@@ -150,8 +159,33 @@ enum Command {
         api_socket: PathBuf,
     },
     /// Ask the running agent to re-read its config file now.
+    ///
+    /// The reply (like the log and `status`'s events, whatever the trigger)
+    /// says what changed per service: backends added, removed (draining) and
+    /// reweighted, and the Maglev slots that moved (the share of new flows
+    /// that go elsewhere). Run-time changes from `lb-agent backend` are kept
+    /// and counted ("2 run-time change(s) kept").
     Reload {
         /// The running agent's control socket (`run --api-socket`).
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// The running agent's effective config.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective config: the file the agent last applied, with the
+    /// run-time changes of `lb-agent backend` edited in, each changed line
+    /// commented (`# run-time: weight 3, file says 1`). The output is a
+    /// config `lb-agent check` accepts: save it over the file to make the
+    /// changes permanent (they are then dropped as redundant).
+    Dump {
+        /// The running agent's control socket.
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
@@ -185,6 +219,14 @@ enum BackendChange {
         address: SocketAddrV4,
         /// The new weight: its share of new flows, relative to the others'.
         weight: u32,
+    },
+    /// Drop the run-time changes of a service (or of one of its backends):
+    /// what the config file says applies again, at once.
+    Reset {
+        /// The service, by its name in the config.
+        service: String,
+        /// Only this backend's change (ip:port); without it, all the service's.
+        address: Option<SocketAddrV4>,
     },
 }
 
@@ -229,6 +271,9 @@ fn main() -> ExitCode {
         }
         Command::Backend { change, api_socket } => backend(api_socket, change),
         Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
+        Command::Config { command: ConfigCommand::Dump { api_socket } } => {
+            call_and_print(api_socket, Request::DumpConfig)
+        }
     };
     match result {
         Ok(code) => code,
@@ -385,6 +430,7 @@ fn backend(socket: PathBuf, change: BackendChange) -> anyhow::Result<ExitCode> {
         BackendChange::Add { service, address, weight } => Request::AddBackend { service, address, weight },
         BackendChange::Remove { service, address } => Request::RemoveBackend { service, address },
         BackendChange::Weight { service, address, weight } => Request::SetWeight { service, address, weight },
+        BackendChange::Reset { service, address } => Request::ResetBackends { service, address },
     };
     call_and_print(socket, request)
 }

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::{
     core::{
+        overlay,
         reconcile::Reconciler,
         registry::{BackendState, Registry},
     },
@@ -34,6 +35,8 @@ pub struct Sources<'a> {
     pub socket_lb_note: &'a str,
     /// The last reload refused, while the running config is older.
     pub config_refused: Option<&'a Event>,
+    /// The run-time changes laid over the file (`core::overlay`).
+    pub run_time: &'a [overlay::Entry],
 }
 
 pub struct SnapshotBuilder {
@@ -52,8 +55,18 @@ impl SnapshotBuilder {
     /// set; only the agent's periodic tick sets it, so an on-demand `status`
     /// does not shorten the window `/metrics` sees.
     pub fn build(&mut self, advance: bool, src: Sources<'_>) -> anyhow::Result<Snapshot> {
-        let Sources { registry, reconciler, dataplane, scan, events, errors, scaling, socket_lb_note, config_refused } =
-            src;
+        let Sources {
+            registry,
+            reconciler,
+            dataplane,
+            scan,
+            events,
+            errors,
+            scaling,
+            socket_lb_note,
+            config_refused,
+            run_time,
+        } = src;
         let now = Instant::now();
         let live: BTreeMap<_, _> = reconciler.services().map(|(k, s)| (*k, s)).collect();
         let mut services = Vec::new();
@@ -83,6 +96,7 @@ impl SnapshotBuilder {
                         BackendState::Active => None,
                     },
                     counters: self.traffic(&bkey, c, now),
+                    run_time: run_time.iter().find(|e| &e.service == name && e.addr == *addr).map(|e| e.to_string()),
                 });
                 seen.insert(bkey, (c, now));
             }
@@ -263,6 +277,7 @@ weight = 3
             scaling: Vec::new(),
             socket_lb_note: "",
             config_refused: None,
+            run_time: &[],
         };
         b.build(advance, sources).unwrap()
     }

@@ -231,6 +231,10 @@ pub struct BackendStatus {
     /// Seconds left before a drain cuts the remaining flows.
     pub drain_seconds_left: Option<f64>,
     pub counters: Traffic,
+    /// The run-time change (`lb-agent backend`) laid over the file's entry,
+    /// e.g. "weight 3, file says 1"; reloads keep it until `backend reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_time: Option<String>,
 }
 
 /// Totals since the backend (or service) appeared, and rates over the last
@@ -355,7 +359,10 @@ impl Snapshot {
                 rows.push(vec![
                     b.address.clone(),
                     state,
-                    b.weight.to_string(),
+                    match b.run_time {
+                        Some(_) => format!("{} *", b.weight),
+                        None => b.weight.to_string(),
+                    },
                     format!("{:.1}%", b.table_share * 100.0),
                     b.open_connections.to_string(),
                     human_rate(b.counters.new_flows_per_second),
@@ -367,6 +374,11 @@ impl Snapshot {
                 let _ = writeln!(out, "  (no backends: new flows are dropped)");
             } else {
                 out.push_str(&columns("  ", &rows, &[2, 3, 4, 5, 6, 7]));
+            }
+            for b in &s.backends {
+                if let Some(note) = &b.run_time {
+                    let _ = writeln!(out, "  * {} run-time: {note} (`lb-agent backend reset` drops it)", b.address);
+                }
             }
         }
         render_scaling(&mut out, &self.scaling, now);
@@ -633,6 +645,7 @@ mod tests {
                     open_connections: 3,
                     drain_seconds_left: Some(9.2),
                     counters: Traffic { new_flows_per_second: 1500.0, ..Traffic::default() },
+                    run_time: Some("weight 1, file says 2".into()),
                 }],
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
@@ -648,6 +661,10 @@ mod tests {
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode dnat"), "{t}");
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains("draining 10s") && l.contains("1.5k")),
+            "{t}"
+        );
+        assert!(
+            t.contains("draining 10s") && t.contains("\n                         run-time: weight 1, file says 2\n"),
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");

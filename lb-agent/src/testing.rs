@@ -42,6 +42,22 @@ pub fn scaled(min: u32, max: u32, extra: &str) -> String {
     scaled_service("web", 100, 0, (min, max), extra)
 }
 
+/// "web" at 10.0.0.100:80 with `web` as its backends (address, weight),
+/// and with `api`, "api" at 10.0.0.101:80 with those backends.
+pub fn web_and_api_config(web: &[(&str, u32)], api: Option<&[&str]>) -> crate::config::Config {
+    let service = |name: &str, vip: u8| {
+        format!("[[service]]\nname = \"{name}\"\nvip = \"10.0.0.{vip}\"\nport = 80\ninterfaces = [\"eth0\"]\n")
+    };
+    let backend = |a: &str, w: u32| format!("[[service.backend]]\naddress = \"{a}\"\nweight = {w}\n");
+    let mut text = service("web", 100);
+    text.extend(web.iter().map(|(a, w)| backend(a, *w)));
+    if let Some(api) = api {
+        text += &service("api", 101);
+        text.extend(api.iter().map(|a| backend(a, 1)));
+    }
+    crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("a valid config")
+}
+
 /// A scaled service `name` at 10.0.0.`vip`:80, its instances on bridge
 /// `lbp<bridge>` (which it names among its interfaces, with eth0).
 pub fn scaled_service(name: &str, vip: u8, bridge: u8, (min, max): (u32, u32), extra: &str) -> String {

@@ -180,38 +180,66 @@ enum Change {
     Weight(&'static str, u32),
 }
 
-/// What the agent's registry should hold for the `web` service: backend
-/// name -> (weight, active). Draining ones are `active == false` (they may
-/// also have drained away; either way they are out of the table).
+/// A run-time change to one backend of `web`, as the model keeps it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// A backend of the file, with another weight.
+    Weight(u32),
+    /// Added through the API.
+    Added(u32),
+    Removed,
+}
+
+/// What the agent should serve for the `web` service, written out from the
+/// README's rule: the file's backends (name -> weight), with the API's
+/// changes laid over them until the file agrees with one (or no longer
+/// lists a reweighted backend). Removed (draining) backends are out of the
+/// table, drained away or not.
 #[derive(Default)]
-struct Model(BTreeMap<&'static str, (u32, bool)>);
+struct Model {
+    file: BTreeMap<&'static str, u32>,
+    runs: BTreeMap<&'static str, Run>,
+}
 
 impl Model {
     fn apply(&mut self, change: &Change) {
         match change {
-            Change::Config(members) => {
-                for (_, (_, active)) in self.0.iter_mut() {
-                    *active = false;
-                }
-                for (name, w) in members.iter() {
-                    self.0.insert(name, (*w, true));
-                }
-            }
+            Change::Config(members) => self.file = members.iter().copied().collect(),
             Change::Add(name, w) => {
-                assert!(!self.0.get(name).is_some_and(|(_, a)| *a), "script error: {name} is active already");
-                self.0.insert(name, (*w, true));
+                assert!(!self.effective().contains_key(name), "script error: {name} is active already");
+                self.runs.insert(name, if self.file.contains_key(name) { Run::Weight(*w) } else { Run::Added(*w) });
             }
-            Change::Remove(name) => self.0.get_mut(name).expect("script error: unknown backend").1 = false,
+            Change::Remove(name) => {
+                self.runs.insert(name, Run::Removed);
+            }
             Change::Weight(name, w) => {
-                let e = self.0.get_mut(name).expect("script error: unknown backend");
-                assert!(e.1, "script error: {name} may have drained away");
-                e.0 = *w;
+                assert!(self.effective().contains_key(name), "script error: {name} may have drained away");
+                let added = matches!(self.runs.get(name), Some(Run::Added(_)));
+                self.runs.insert(name, if added { Run::Added(*w) } else { Run::Weight(*w) });
             }
         }
+        let file = &self.file;
+        self.runs.retain(|name, run| match (*run, file.get(name).copied()) {
+            (Run::Weight(w), f) => f.is_some_and(|f| f != w),
+            (Run::Added(w), f) => f != Some(w),
+            (Run::Removed, f) => f.is_some(),
+        });
+    }
+
+    /// The backends in the effective config, with their weights.
+    fn effective(&self) -> BTreeMap<&'static str, u32> {
+        let mut e = self.file.clone();
+        for (name, run) in &self.runs {
+            match run {
+                Run::Weight(w) | Run::Added(w) => e.insert(name, *w),
+                Run::Removed => e.remove(name),
+            };
+        }
+        e
     }
 
     fn in_table(&self) -> BTreeSet<String> {
-        self.0.iter().filter(|(_, (w, a))| *a && *w > 0).map(|(n, _)| n.to_string()).collect()
+        self.effective().iter().filter(|(_, w)| **w > 0).map(|(n, _)| n.to_string()).collect()
     }
 }
 
@@ -223,7 +251,8 @@ fn root_held_connections_survive_twenty_backend_changes() {
     // Config rewrites and API calls, mixed: adds, removals (drains), weight
     // changes, re-adding draining backends, weight 0, a big cut, and back.
     // Each config rewrite differs from the previous file, so the agent
-    // applies it rather than logging "config unchanged".
+    // applies it rather than logging "config unchanged"; the API's changes
+    // stay laid over each (step 13 keeps web-5 at weight 0).
     let script: [Change; 20] = [
         Add("web-5", 1),
         Config(&[("web-1", 1), ("web-2", 3), ("web-3", 1), ("web-4", 1), ("web-5", 1)]),
@@ -339,7 +368,7 @@ fn root_failed_backend_leaves_table() {
         interval.as_millis(),
         timeout.as_millis()
     );
-    let (mut topo, agent) = start(3, &check);
+    let (mut topo, mut agent) = start(3, &check);
     let victim = topo.backend("web-2").tcp_addr().to_string();
     // All up to begin with.
     poll_status(&agent, Instant::now(), Duration::from_secs(3), "all backends active", |s| {
@@ -363,6 +392,17 @@ fn root_failed_backend_leaves_table() {
     );
     assert!(down <= bound, "took {down:?} to mark web-2 down, bound {bound:?}");
     assert!(agent.count("backend down: out of the table") >= 1, "no down event logged:\n{}", agent.log());
+
+    // A reload that edits only the check's interval keeps web-2 down: its
+    // health is its own, not the check's.
+    let slower = check.replace(&format!("interval = \"{}ms\"", interval.as_millis()), "interval = \"300ms\"");
+    assert_ne!(slower, check);
+    let members = [("web-1", 1), ("web-2", 1), ("web-3", 1)];
+    agent.reload_with(|| {
+        topo.write_raw_config(&topo.config_toml_with(&members, &slower));
+    });
+    let after = web_backends(&agent.status());
+    assert!(after[&victim]["state"] == "down" && after[&victim]["in_table"] == false, "{}", after[&victim]);
 
     let (counts, failures) = new_connections(&topo, 200);
     println!("200 new connections with web-2 down: {counts:?}");
@@ -851,6 +891,83 @@ fn root_status_cli() {
     assert!(out.stderr.contains("no lb-agent is running"), "{out:?}");
     let out = run_agent_cli(&["status", "--json", "--api-socket", "/nonexistent/lb-tests/api.sock"]);
     assert!(!out.status.success() && out.stderr.contains("no lb-agent is running"), "{out:?}");
+}
+
+/// Each backend's share of `web`'s table, by backend name, in percent.
+fn shares(topo: &Topology, status: &Value) -> BTreeMap<String, u32> {
+    web_backends(status)
+        .values()
+        .map(|b| {
+            let name = topo.backends.iter().find(|t| t.tcp_addr().to_string() == b["address"]).unwrap().name.clone();
+            (name, (b["table_share"].as_f64().unwrap() * 100.0).round() as u32)
+        })
+        .collect()
+}
+
+/// The scenario: a weight set through the API survives an edit of
+/// an unrelated line and a reload, which says so; `backend reset` brings the
+/// file's weight back; `config dump` is a config `check` accepts.
+#[test]
+fn root_run_time_changes_survive_a_reload_until_reset() {
+    require_root!("root_run_time_changes_survive_a_reload_until_reset");
+    let (topo, agent) = start(3, "");
+    let b3 = topo.backend("web-3").tcp_addr().to_string();
+    let out = agent.cli(&["backend", "weight", "web", &b3, "2"]);
+    assert!(out.status.success(), "{out:?}");
+    let want = BTreeMap::from([("web-1".into(), 25), ("web-2".into(), 25), ("web-3".into(), 50)]);
+    assert_eq!(shares(&topo, &agent.status()), want);
+
+    // An unrelated line of the file changes (the drain timeout).
+    let members = [("web-1", 1), ("web-2", 1), ("web-3", 1)];
+    topo.write_raw_config(&topo.config_toml_with(&members, "drain_timeout = \"7s\""));
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = "config applied (api): no backend changed; 1 run-time change(s) kept, see `lb-agent config dump`";
+    // The file watcher may have taken the edit first.
+    let unchanged = "config unchanged (api); 1 run-time change(s) kept, see `lb-agent config dump`";
+    assert!([said, unchanged].contains(&out.stdout.trim()), "reload said {:?}", out.stdout);
+    let status = agent.status();
+    assert_eq!(shares(&topo, &status), want, "the reload moved the shares");
+    assert!(
+        events(&status)
+            .iter()
+            .any(|e| e.ends_with("no backend changed; 1 run-time change(s) kept, see `lb-agent config dump`")),
+        "{:?}",
+        events(&status)
+    );
+    assert!(agent.count("config applied") >= 1, "the reload was not logged:\n{}", agent.log());
+    let table = agent.cli(&["status"]).stdout;
+    assert!(table.contains("run-time: weight 2, file says 1"), "status does not mark web-3:\n{table}");
+    let (counts, failures) = new_connections(&topo, 200);
+    assert!(failures.is_empty(), "{failures:?}");
+    println!("200 new connections after the reload: {counts:?}");
+    assert!(counts["web-3"] > counts["web-1"] && counts["web-3"] > counts["web-2"], "{counts:?}");
+
+    // The effective config, as a file `check` accepts.
+    let out = agent.cli(&["config", "dump"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("weight = 2 # run-time: weight 2, file says 1"), "{}", out.stdout);
+    assert!(out.stdout.contains("drain_timeout = \"7s\""), "{}", out.stdout);
+    let dumped = topo.config_path().with_file_name("dumped.toml");
+    std::fs::write(&dumped, &out.stdout).unwrap();
+    let path = dumped.clone();
+    let check =
+        topo.lb.run(move || run_agent_cli(&[std::ffi::OsStr::new("check"), "--config".as_ref(), path.as_os_str()]));
+    assert!(check.status.success(), "check refused the dump: {check:?}\n{}", out.stdout);
+
+    // Reset: the file's weight again, and the reply says what moved.
+    let out = agent.cli(&["backend", "reset", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let reply = out.stdout.trim();
+    assert!(reply.starts_with("reset web: 1 run-time change(s) dropped"), "{reply}");
+    assert!(
+        reply.contains(&format!("web: reweighted {b3} 2 -> 1, ")) && !reply.contains(" 0 slot(s) moved"),
+        "{reply}"
+    );
+    let status = agent.status();
+    let even = shares(&topo, &status);
+    assert!(even.values().all(|s| (32..=34).contains(s)), "{even:?}");
+    assert!(web_backends(&status)[&b3].get("run_time").is_none(), "{}", web_backends(&status)[&b3]);
 }
 
 // ---------------------------------------------------------------------------

@@ -166,6 +166,7 @@ fn backend(address: &str, state: &str, weight: u32, table_share: f64, open: u64,
         open_connections: open,
         drain_seconds_left: (state == "draining").then_some(20.0),
         counters: traffic(packets),
+        run_time: None,
     }
 }
 

@@ -52,8 +52,9 @@ use crate::{
     config::{Config, HealthCheckConfig, ServiceConfig},
     core::{
         health::Transition,
+        overlay::Overlay,
         reconcile::{ApplySummary, Reconciler},
-        registry::Registry,
+        registry::{Origin, Registry},
         replicas::FlowFigures,
     },
     ports::{ConntrackScan, Dataplane, OrchestratorFactory, Prober},
@@ -145,7 +146,12 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     prober: Arc<P>,
     reconciler: Reconciler,
     registry: Registry,
+    /// The effective config: the file's with the overlay laid over it.
     config: Config,
+    /// The config file as last applied.
+    file_config: Config,
+    /// Run-time changes (`backend add/remove/weight`) kept across reloads.
+    overlay: Overlay,
     options: Options,
     events: VecDeque<Event>,
     errors: u64,
@@ -218,6 +224,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             reconciler,
             registry,
             config: Config::default(),
+            file_config: Config::default(),
+            overlay: Overlay::default(),
             snapshots: SnapshotBuilder::new(options.config.display().to_string()),
             options,
             events: VecDeque::new(),
@@ -248,7 +256,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         };
         let made = reload::make_orchestrators(agent.orchestrators.clone(), agent.newly_scaled(&config)).await?;
         agent.serving_at_start = reload::serving_instances(&agent.reconciler, &made).await;
-        let summary = agent.switch_to(config, made)?;
+        let (summary, _) = agent.switch_to(config, made)?;
         for stale in agent.dataplane.stale_link_pins() {
             info!(pin = %stale.display(), "removing the pinned link of an interface no longer configured");
             std::fs::remove_file(&stale).with_context(|| format!("unpin {}", stale.display()))?;
@@ -357,6 +365,15 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             }
             Request::PauseScaling { service } => return self.scale_command(service, ScaleCommand::Pause, reply),
             Request::ResumeScaling { service } => return self.scale_command(service, ScaleCommand::Resume, reply),
+            Request::ResetBackends { service, address } => {
+                let response = self.reset_overlay(service, *address);
+                let _ = reply.send(response);
+                return;
+            }
+            Request::DumpConfig => {
+                let _ = reply.send(self.dump_config());
+                return;
+            }
             Request::AddBackend { service, address, weight } => {
                 self.registry.add_backend(service, *address, *weight).map(|()| format!("{service}: added {address}"))
             }
@@ -372,6 +389,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             Err(e) => Response::error(e),
             Ok(message) => match self.sync() {
                 Ok(_) => {
+                    self.record_run_time(&before, &request);
                     info!(change = message, "api change applied");
                     self.event(format!("api: {message}"));
                     Response::ok(message)
@@ -407,6 +425,28 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             Err(e) => Response::error(e),
         };
         let _ = reply.send(response);
+    }
+
+    /// Keep an applied API change in the overlay, so reloads keep it too;
+    /// a scaled service's instances are its scaler's, and stay out of it.
+    fn record_run_time(&mut self, before: &Registry, request: &Request) {
+        let (Request::AddBackend { service, address, .. }
+        | Request::SetWeight { service, address, .. }
+        | Request::RemoveBackend { service, address }) = request
+        else {
+            return;
+        };
+        let entry = before.service(service).and_then(|e| e.backends.get(address));
+        if entry.is_some_and(|b| b.origin == Origin::Scaler) {
+            return;
+        }
+        let (file, addr) = (&self.file_config, *address);
+        match request {
+            Request::AddBackend { weight, .. } => self.overlay.add(file, service, addr, *weight),
+            Request::SetWeight { weight, .. } => self.overlay.reweight(file, service, addr, *weight),
+            _ => self.overlay.remove(file, service, addr),
+        }
+        self.config = self.overlay.apply(&self.file_config);
     }
 
     fn handle_probe(&mut self, r: ProbeResult) {

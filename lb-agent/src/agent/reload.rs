@@ -3,7 +3,7 @@
 //! newly scales are made off the loop (Docker, iptables, bridges); the
 //! config is applied, whole or not at all, once they are in.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddrV4, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{sync::oneshot, time::Instant};
@@ -13,6 +13,7 @@ use super::{config_file, scaler::Scaler, stamped, Agent, Done, Preparing};
 use crate::{
     config::{Config, ServiceConfig},
     core::{
+        changes::{self, ReloadChanges},
         deploy,
         reconcile::{ApplySummary, Reconciler},
     },
@@ -26,17 +27,20 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         config.services.iter().filter(|s| s.scaling.is_some() && !self.scalers.contains_key(&s.name)).cloned().collect()
     }
 
-    /// Apply `config`, with the orchestrators made for the services it
+    /// Apply the config `file`, with the run-time overlay laid over it
+    /// (`core::overlay`) and the orchestrators made for the services it
     /// newly scales (their bridges or networks are what the service's
     /// interfaces name): attach new interfaces, write the maps, detach the
     /// interfaces no service names any more, then start and retire
-    /// scalers. If anything fails, the running config stays as it was and
-    /// the new orchestrators are released.
+    /// scalers. If anything fails, the running config (and overlay) stays
+    /// as it was and the new orchestrators are released.
     pub(super) fn switch_to(
         &mut self,
-        config: Config,
+        file: Config,
         made: Vec<(ServiceConfig, F::Orchestrator)>,
-    ) -> anyhow::Result<ApplySummary> {
+    ) -> anyhow::Result<(ApplySummary, ReloadChanges)> {
+        let (overlay, dropped) = self.overlay.rebase(&file);
+        let config = overlay.apply(&file);
         let serving = std::mem::take(&mut self.serving_at_start);
         let mut new = Vec::new();
         for (svc, orch) in made {
@@ -68,9 +72,12 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             info!(service = name, "autoscaling");
             self.scalers.insert(name, s);
         }
+        let changes = changes::summarize(&self.config, &config, &summary.slots_moved, &dropped, overlay.len());
         self.config = config;
+        self.file_config = file;
+        self.overlay = overlay;
         self.retire_scalers();
-        Ok(summary)
+        Ok((summary, changes))
     }
 
     /// The data-plane half of `switch_to`, with the instances `serving`
@@ -179,7 +186,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
         let config = match config_file::load_for_reload(&self.options.config) {
             Err(e) => return self.finish_reload(why, Err(e), replies),
-            Ok(c) if c == self.config => return self.finish_reload(why, Ok(None), replies),
+            Ok(c) if c == self.file_config => return self.finish_reload(why, Ok(None), replies),
             Ok(c) => c,
         };
         if config.dataplane != self.config.dataplane {
@@ -187,7 +194,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
         let new = self.newly_scaled(&config);
         if new.is_empty() {
-            let result = self.switch_to(config, Vec::new()).map(Some);
+            let result = self.switch_to(config, Vec::new()).map(|(_, c)| Some(c));
             return self.finish_reload(why, result, replies);
         }
         let (factory, done) = (self.orchestrators.clone(), self.done_tx.clone());
@@ -200,7 +207,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// The orchestrators of a reload are in: apply it.
     pub(super) fn on_prepared(&mut self, made: anyhow::Result<Vec<(ServiceConfig, F::Orchestrator)>>) {
         let Some(p) = self.preparing.take() else { return };
-        let result = made.and_then(|m| self.switch_to(p.config, m)).map(Some);
+        let result = made.and_then(|m| self.switch_to(p.config, m)).map(|(_, c)| Some(c));
         self.finish_reload(&p.why, result, p.replies);
         if let Some((why, replies)) = self.queued_reload.take() {
             self.reload(&why, replies);
@@ -208,38 +215,29 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     /// Log and record a reload's outcome (`None`: the config is unchanged),
-    /// and answer whoever asked for it.
+    /// and answer whoever asked for it: the same summary each time.
     fn finish_reload(
         &mut self,
         why: &str,
-        result: anyhow::Result<Option<ApplySummary>>,
+        result: anyhow::Result<Option<ReloadChanges>>,
         replies: Vec<oneshot::Sender<Response>>,
     ) {
         if result.is_ok() {
             self.config_refused = None;
         }
         let response = match result {
-            Ok(Some(s)) => {
-                info!(
-                    trigger = why,
-                    services_added = s.services_added,
-                    services_removed = s.services_removed,
-                    backends_added = s.backends_added,
-                    backends_removed = s.backends_removed,
-                    tables_rebuilt = s.tables_rebuilt,
-                    slots_written = s.slots_written,
-                    "config applied"
-                );
-                let msg = format!(
-                    "config applied ({why}): {} table(s) rebuilt, {} slot(s) written",
-                    s.tables_rebuilt, s.slots_written
-                );
+            Ok(changes) => {
+                let msg = match changes {
+                    Some(c) => format!("config applied ({why}): {c}"),
+                    None => {
+                        let mut msg = format!("config unchanged ({why})");
+                        let _ = changes::write_kept(&mut msg, self.overlay.len());
+                        msg
+                    }
+                };
+                info!(trigger = why, "{msg}");
                 self.event(msg.clone());
                 Response::ok(msg)
-            }
-            Ok(None) => {
-                info!(trigger = why, "config unchanged");
-                Response::ok("config unchanged")
             }
             Err(e) => {
                 let msg = format!("config refused ({why}); keeping the running one: {e:#}");
@@ -251,6 +249,48 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         };
         for reply in replies {
             let _ = reply.send(response.clone());
+        }
+    }
+
+    /// `lb-agent backend reset`: drop the service's run-time changes (or
+    /// one backend's) and apply the file as it was last read.
+    pub(super) fn reset_overlay(&mut self, service: &str, addr: Option<SocketAddrV4>) -> Response {
+        if self.registry.service(service).is_none() {
+            return Response::error(format!("no service named {service:?}"));
+        }
+        let saved = self.overlay.clone();
+        let n = self.overlay.reset(service, addr);
+        if n == 0 {
+            let of = addr.map(|a| format!(" for {a}")).unwrap_or_default();
+            return Response::error(format!("{service}: no run-time change{of} to reset (see `lb-agent config dump`)"));
+        }
+        match self.switch_to(self.file_config.clone(), Vec::new()) {
+            Ok((_, changes)) => {
+                let msg =
+                    format!("reset {service}: {n} run-time change(s) dropped, the file's backends apply: {changes}");
+                info!("{msg}");
+                self.event(msg.clone());
+                Response::ok(msg)
+            }
+            Err(e) => {
+                self.overlay = saved;
+                let msg = format!("reset {service} failed; the run-time changes stay: {e:#}");
+                self.error(msg.clone());
+                Response::error(msg)
+            }
+        }
+    }
+
+    /// `lb-agent config dump`: the effective config as TOML, the file's
+    /// text with each line the overlay changed commented.
+    pub(super) fn dump_config(&self) -> Response {
+        let path = &self.options.config;
+        let dumped = std::fs::read_to_string(path)
+            .with_context(|| format!("read {}", path.display()))
+            .and_then(|text| self.overlay.dump(&text, &self.file_config, path));
+        match dumped {
+            Ok(text) => Response::ok(text),
+            Err(e) => Response::error(format!("{e:#}")),
         }
     }
 

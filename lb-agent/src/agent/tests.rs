@@ -461,6 +461,29 @@ async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn editing_the_check_keeps_down_backends_down() {
+    let w = &two_checked_backends();
+    let both: [SocketAddrV4; 2] = ["10.1.0.1:80".parse().unwrap(), "10.1.0.2:80".parse().unwrap()];
+    w.prober.lock().down.extend(both);
+    w.run(|d| async move {
+        d.until(Duration::from_secs(5), "both down", |s| s.services[0].backends.iter().all(|b| b.state == "down"))
+            .await;
+        let slower = r#"health_check = { kind = "tcp", interval = "3s", fall = 2, rise = 2 }"#;
+        w.write_config(&web(slower, &["10.1.0.1:80", "10.1.0.2:80"]));
+        assert!(d.call(Request::Reload).await.ok);
+        let s = d.status().await;
+        let states: Vec<&str> = s.services[0].backends.iter().map(|b| b.state.as_str()).collect();
+        assert_eq!(states, ["down", "down"], "a reload that edits only the interval brought them back");
+        assert!(both.iter().all(|b| !w.dp.in_table(*b)), "back in the table after the reload");
+        // Still probed, at the new interval: `rise` good probes bring them back.
+        w.prober.lock().down.clear();
+        d.until(Duration::from_secs(10), "back up", |s| s.services[0].backends.iter().all(|b| b.state == "active"))
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() {
     let w = &two_checked_backends();
     let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
@@ -733,6 +756,81 @@ async fn an_operator_pin_holds_the_count_through_a_reload_until_resumed() {
             .await;
         assert!(has_event(&s, "web: scale 3 -> "), "{:#?}", s.events);
         assert!(!rules(&s)[0].starts_with("p"), "{:?}", rules(&s));
+    })
+    .await;
+}
+
+/// The weight of `addr` in the status, with its run-time note.
+fn weight_of(s: &Snapshot, addr: &str) -> (u32, Option<String>) {
+    let b = s.services[0].backends.iter().find(|b| b.address == addr).expect("listed");
+    (b.weight, b.run_time.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_time_changes_survive_reloads_until_reset() {
+    let three = ["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"];
+    let w = &World::new(&web("", &three));
+    w.run(|d| async move {
+        let set = Request::SetWeight { service: "web".into(), address: "10.1.0.3:80".parse().unwrap(), weight: 2 };
+        assert!(d.call(set).await.ok);
+        let add = Request::AddBackend { service: "web".into(), address: "10.1.0.9:80".parse().unwrap(), weight: 1 };
+        assert!(d.call(add).await.ok);
+        // Unchanged file: said so, with what is kept.
+        let r = d.call(Request::Reload).await;
+        assert_eq!(
+            r.message.as_deref(),
+            Some("config unchanged (api); 2 run-time change(s) kept, see `lb-agent config dump`")
+        );
+        // SIGHUP says the same, in the events.
+        d._hangups.send(()).await.unwrap();
+        d.until(Duration::from_secs(2), "SIGHUP event", |s| has_event(s, "config unchanged (SIGHUP); 2 run-time"))
+            .await;
+        // An unrelated edit: the weight and the added backend stay.
+        w.write_config(&web("drain_timeout = \"5s\"", &three));
+        let r = d.call(Request::Reload).await;
+        assert_eq!(
+            r.message.as_deref(),
+            Some("config applied (api): no backend changed; 2 run-time change(s) kept, see `lb-agent config dump`")
+        );
+        let s = d.status().await;
+        assert_eq!(weight_of(&s, "10.1.0.3:80"), (2, Some("weight 2, file says 1".into())));
+        assert_eq!(weight_of(&s, "10.1.0.9:80"), (1, Some("added with weight 1, not in the file".into())));
+        assert!(has_event(&s, "config applied (api): no backend changed; 2 run-time"), "{:#?}", s.events);
+        // The dump is the effective config, as TOML that parses.
+        let dump = d.call(Request::DumpConfig).await.message.unwrap();
+        assert!(dump.contains("weight = 2 # run-time: weight 2, file says 1"), "{dump}");
+        let dumped = Config::parse(&dump, std::path::Path::new("dump.toml")).unwrap();
+        let weights: Vec<u32> = dumped.services[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [1, 1, 2, 1]);
+        // Reset one backend: the file's weight applies again, slots move.
+        let reset = |address: Option<&str>| Request::ResetBackends {
+            service: "web".into(),
+            address: address.map(|a| a.parse().unwrap()),
+        };
+        let r = d.call(reset(Some("10.1.0.3:80"))).await;
+        let msg = r.message.unwrap_or_else(|| r.error.unwrap());
+        assert!(msg.starts_with("reset web: 1 run-time change(s) dropped"), "{msg}");
+        assert!(
+            msg.contains("web: reweighted 10.1.0.3:80 2 -> 1, ") && msg.contains("slot(s) moved; 1 run-time"),
+            "{msg}"
+        );
+        assert!(!msg.contains(" 0 slot(s) moved"), "{msg}");
+        assert_eq!(weight_of(&d.status().await, "10.1.0.3:80"), (1, None));
+        let r = d.call(reset(Some("10.1.0.3:80"))).await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some("web: no run-time change for 10.1.0.3:80 to reset (see `lb-agent config dump`)")
+        );
+        // The file comes to list the added backend as it runs: redundant, dropped.
+        w.write_config(&web("drain_timeout = \"5s\"", &["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80", "10.1.0.9:80"]));
+        let r = d.call(Request::Reload).await;
+        assert_eq!(
+            r.message.as_deref(),
+            Some(
+                "config applied (api): web: 0 slot(s) moved, 1 run-time change(s) dropped: the file now says the same"
+            )
+        );
+        assert_eq!(weight_of(&d.status().await, "10.1.0.9:80"), (1, None));
     })
     .await;
 }

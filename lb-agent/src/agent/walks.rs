@@ -127,6 +127,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     fn build_snapshot(&mut self, advance: bool, scan: &anyhow::Result<Arc<ConntrackScan>>) -> Snapshot {
         let built = match scan {
             Ok(scan) => {
+                let run_time = self.overlay.entries(&self.file_config);
                 let sources = Sources {
                     registry: &self.registry,
                     reconciler: &self.reconciler,
@@ -137,6 +138,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     scaling: self.scalers.values().map(Scaler::status).collect(),
                     socket_lb_note: &self.socket_lb_note,
                     config_refused: self.config_refused.as_ref(),
+                    run_time: &run_time,
                 };
                 self.snapshots.build(advance, sources)
             }

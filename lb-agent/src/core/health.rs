@@ -24,6 +24,13 @@ impl Health {
         Health { up, streak: 0, rise: rise.max(1), fall: fall.max(1) }
     }
 
+    /// The same state (up or down, and the streak so far) under new
+    /// `rise` and `fall`: a reload that edits the check keeps what the
+    /// probes found.
+    pub fn with_limits(self, rise: u32, fall: u32) -> Health {
+        Health { rise: rise.max(1), fall: fall.max(1), ..self }
+    }
+
     pub fn is_up(&self) -> bool {
         self.up
     }

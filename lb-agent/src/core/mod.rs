@@ -1,7 +1,9 @@
 //! Pure decisions and state: no I/O, and time comes in as an argument.
 
+pub mod changes;
 pub mod deploy;
 pub mod health;
+pub mod overlay;
 pub mod policy;
 pub mod reconcile;
 pub mod registry;

@@ -40,8 +40,12 @@ pub struct ApplySummary {
     pub tables_rebuilt: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
-    /// Maglev slots written across all tables.
+    /// Maglev slots written across all tables (into each inactive half,
+    /// which held the table before the last change, not the live one).
     pub slots_written: usize,
+    /// Per service (by name): slots of the live table that now name another
+    /// backend, the share of new flows that moved.
+    pub slots_moved: BTreeMap<String, usize>,
 }
 
 impl ApplySummary {
@@ -301,6 +305,7 @@ impl Reconciler {
             return Ok(());
         }
         let table = rebuild_table(state.live_table(), &backends, MAGLEV_TABLE_SIZE);
+        let moved = table.iter().zip(state.live_table()).filter(|(new, live)| new != live).count();
         let next = 1 - state.table;
         let changes: Vec<(u32, u32)> = table
             .iter()
@@ -317,6 +322,7 @@ impl Reconciler {
         state.backends = backends;
         summary.tables_rebuilt += 1;
         summary.slots_written += changes.len();
+        *summary.slots_moved.entry(svc.config.name.clone()).or_default() += moved;
         Ok(())
     }
 
@@ -540,6 +546,27 @@ mod tests {
         let s = r.apply(&[], &mut dp).unwrap();
         assert_eq!((s.services_removed, s.backends_removed), (1, 2));
         assert!(dp.services.is_empty());
+    }
+
+    #[test]
+    fn slots_moved_count_against_the_live_table_not_the_half_written() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let live = |dp: &FakeDataplane| {
+            let svc = dp.services.values().next().unwrap();
+            dp.table(svc.id, svc.table)
+        };
+        r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 2)]), &mut dp).unwrap();
+        let before = live(&dp);
+        let s = r.apply(&config(&[("10.1.0.1:80", 1), ("10.1.0.2:80", 1), ("10.1.0.3:80", 0)]), &mut dp).unwrap();
+        let after = live(&dp);
+        // The half written was empty: every slot was written, but only the
+        // slots of 10.1.0.3 (half the table) moved.
+        assert_eq!(s.slots_written, MAGLEV_TABLE_SIZE as usize);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert_eq!(s.slots_moved["web"], moved);
+        let half = MAGLEV_TABLE_SIZE as usize / 2;
+        assert!(moved > half * 9 / 10 && moved < half * 11 / 10, "{moved} of {MAGLEV_TABLE_SIZE}");
     }
 
     #[test]

@@ -170,12 +170,17 @@ impl Registry {
                 .services
                 .entry(svc.name.clone())
                 .or_insert_with(|| ServiceEntry { config: svc.clone(), backends: BTreeMap::new() });
-            let checks_changed = entry.config.health_check != svc.health_check;
+            // Health state (up or down, the streak so far) belongs to the
+            // backend: a reload keeps it unless the service's identity
+            // changed. An edited check (interval, rise, fall, ...) only
+            // changes how the next probes run.
+            let same_service = entry.config.key() == svc.key();
             entry.config = svc.clone();
             for (addr, b) in entry.backends.iter_mut() {
-                if checks_changed {
-                    b.health = new_health(svc, false);
-                }
+                b.health = match (b.health, &svc.health_check) {
+                    (Some(h), Some(c)) if same_service => Some(h.with_limits(c.rise, c.fall)),
+                    _ => new_health(svc, false),
+                };
                 if b.origin == Origin::Scaler {
                     continue;
                 }
@@ -426,6 +431,41 @@ mod tests {
         assert_eq!(r.observe_health("web", b, true), None);
         assert_eq!(r.observe_health("web", b, true), Some(Transition::Up));
         assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), true));
+    }
+
+    #[test]
+    fn a_reload_keeps_health_unless_the_address_or_service_changes() {
+        let now = Instant::now();
+        let check = |interval: &str, rise: u32| {
+            format!("health_check = {{ interval = \"{interval}\", rise = {rise}, fall = 2 }}")
+        };
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], &check("1s", 2)), now);
+        let (one, two) = (addr("10.1.0.1:80"), addr("10.1.0.2:80"));
+        for b in [one, two] {
+            r.observe_health("web", b, false);
+            assert_eq!(r.observe_health("web", b, false), Some(Transition::Down));
+        }
+        // One good probe of the two `rise` needs so far.
+        assert_eq!(r.observe_health("web", one, true), None);
+        // Only the interval changes: both stay down, the streak stays.
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], &check("3s", 2)), now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), false), ("10.1.0.2:80".into(), false)]);
+        assert_eq!(r.observe_health("web", one, true), Some(Transition::Up));
+        // A new `rise` applies to the next probes, from the state they found.
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], &check("3s", 1)), now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), false)]);
+        assert_eq!(r.observe_health("web", two, true), Some(Transition::Up));
+        r.observe_health("web", two, false);
+        assert_eq!(r.observe_health("web", two, false), Some(Transition::Down));
+        // Another VIP is another service: its backends start afresh (up).
+        let moved = config(&["10.1.0.1:80", "10.1.0.2:80"], &check("3s", 1)).services[0].clone();
+        let moved = Config {
+            services: vec![ServiceConfig { vip: "10.0.0.101".parse().unwrap(), ..moved }],
+            ..Config::default()
+        };
+        r.set_config(&moved, now);
+        assert_eq!(table(&r), [("10.1.0.1:80".into(), true), ("10.1.0.2:80".into(), true)]);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! {"op":"add_backend","service":"web","address":"10.0.1.5:8080","weight":1}
 //! {"op":"remove_backend","service":"web","address":"10.0.1.5:8080"}
 //! {"op":"set_weight","service":"web","address":"10.0.1.5:8080","weight":3}
+//! {"op":"reset_backend","service":"web","address":"10.0.1.5:8080"}
+//! {"op":"reset_backend","service":"web"}
 //! {"op":"reload"}
+//! {"op":"dump_config"}
 //! {"op":"stop"}
 //! {"op":"pin_replicas","service":"web","replicas":3}
 //! {"op":"pause_scaling","service":"web"}
@@ -14,7 +17,9 @@
 //! ```
 //! A request that does not parse, names an unknown service or backend, or
 //! carries a bad value is refused whole with a message, and changes nothing.
-//! Run-time changes last until the config file is next reloaded.
+//! Run-time changes (add, remove, weight) are an overlay on the config file
+//! that every reload keeps, until `reset_backend` drops it (see
+//! `core::overlay`); `dump_config` answers the effective config as TOML.
 
 use std::{
     net::SocketAddrV4,
@@ -58,7 +63,16 @@ pub enum Request {
         address: SocketAddrV4,
         weight: u32,
     },
+    /// Drop the run-time changes of a service, or of one of its backends.
+    #[serde(rename = "reset_backend")]
+    ResetBackends {
+        service: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<SocketAddrV4>,
+    },
     Reload,
+    /// The effective config (file and run-time changes) as TOML.
+    DumpConfig,
     /// Shut down for good: detach and remove pinned state.
     Stop,
     /// Hold a scaled service at `replicas` instances until resumed.
@@ -167,9 +181,18 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             unused(&[("address", has_address), ("weight", has_weight)])?;
             parse_scale(op, service()?, raw.replicas)
         }
+        "reset_backend" => {
+            unused(&[("weight", has_weight)])?;
+            let address = if has_address { Some(address()?) } else { None };
+            Ok(Request::ResetBackends { service: service()?, address })
+        }
+        "dump_config" => {
+            unused(&[("service", has_service), ("address", has_address), ("weight", has_weight)])?;
+            Ok(Request::DumpConfig)
+        }
         other => Err(format!(
-            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, reload, \
-             stop, pin_replicas, pause_scaling, resume_scaling"
+            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, \
+             reset_backend, reload, dump_config, stop, pin_replicas, pause_scaling, resume_scaling"
         )),
     }
 }
@@ -367,6 +390,18 @@ mod tests {
             parse_request(r#"{"op":"add_backend","service":"web","address":"10.0.0.1:80"}"#),
             Ok(Request::AddBackend { service: "web".into(), address: "10.0.0.1:80".parse().unwrap(), weight: 1 })
         );
+        assert_eq!(
+            parse_request(r#"{"op":"reset_backend","service":"web"}"#),
+            Ok(Request::ResetBackends { service: "web".into(), address: None })
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"reset_backend","service":"web","address":"10.0.0.1:80"}"#),
+            Ok(Request::ResetBackends { service: "web".into(), address: Some("10.0.0.1:80".parse().unwrap()) })
+        );
+        assert_eq!(parse_request(r#"{"op":"dump_config"}"#), Ok(Request::DumpConfig));
+        // What the CLI sends is what the agent parses.
+        let sent = serde_json::to_string(&Request::ResetBackends { service: "web".into(), address: None }).unwrap();
+        assert_eq!(parse_request(&sent), Ok(Request::ResetBackends { service: "web".into(), address: None }));
     }
 
     #[test]

@@ -923,6 +923,7 @@ mod tests {
             open_connections: open,
             drain_seconds_left: None,
             counters: traffic(packets),
+            run_time: None,
         }
     }
 
