@@ -67,7 +67,7 @@ use crate::{
 /// snapshot (with rates) is published.
 const TICK: Duration = Duration::from_millis(500);
 /// How often scaling decisions are taken.
-const SCALE_TICK: Duration = Duration::from_secs(1);
+pub const SCALE_TICK: Duration = Duration::from_secs(1);
 /// How often scaled instances are checked for exits between decisions.
 const EXIT_TICK: Duration = Duration::from_millis(250);
 
