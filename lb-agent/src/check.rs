@@ -110,19 +110,14 @@ pub fn report(path: &Path, config: &Config, facts: Option<&HostFacts>) -> Report
 mod tests {
     use super::*;
     use crate::{
-        ports::{Hook, InterfaceFacts, Route},
-        testing::scaled,
+        ports::Route,
+        testing::{plain_interface, scaled, web},
     };
 
-    const WEB: &str = r#"
-        [[service]]
-        name = "web"
-        vip = "10.0.0.100"
-        port = 80
-        interfaces = ["eth0"]
-        [[service.backend]]
-        address = "10.1.0.1:8080"
-    "#;
+    /// "web" on eth0 with one backend, 10.1.0.1:8080.
+    fn web_text() -> String {
+        web("", &["10.1.0.1:8080"])
+    }
 
     fn parse(text: &str) -> Config {
         Config::parse(text, Path::new("lb.toml")).unwrap()
@@ -130,17 +125,8 @@ mod tests {
 
     /// A host with `interfaces`, each plain XDP, and `routes`.
     fn host(interfaces: &[&str], routes: &[(&str, Route)]) -> HostFacts {
-        let f = || InterfaceFacts {
-            hook: Hook::Xdp,
-            hook_why: "a NIC".into(),
-            fast_path: true,
-            fast_path_why: "a NIC".into(),
-            forwarding: true,
-            may_be_partial: false,
-            rp_filter: 0,
-        };
         HostFacts {
-            interfaces: interfaces.iter().map(|i| (i.to_string(), f())).collect(),
+            interfaces: interfaces.iter().map(|i| (i.to_string(), plain_interface())).collect(),
             routes: routes.iter().map(|(a, r)| (a.parse().unwrap(), r.clone())).collect(),
             cgroup2_mount: Some("/sys/fs/cgroup".into()),
             ..HostFacts::default()
@@ -149,7 +135,7 @@ mod tests {
 
     #[test]
     fn a_good_config_on_a_good_host_is_ok() {
-        let r = report(Path::new("lb.toml"), &parse(WEB), Some(&host(&["eth0"], &[])));
+        let r = report(Path::new("lb.toml"), &parse(&web_text()), Some(&host(&["eth0"], &[])));
         assert!(!r.refused, "{}", r.text);
         assert!(r.text.contains("  interface eth0: hook xdp (a NIC)"), "{}", r.text);
         assert!(r.text.ends_with("lb.toml: ok\n"), "{}", r.text);
@@ -157,7 +143,7 @@ mod tests {
 
     #[test]
     fn host_findings_refuse_and_say_where() {
-        let r = report(Path::new("lb.toml"), &parse(WEB), Some(&host(&[], &[])));
+        let r = report(Path::new("lb.toml"), &parse(&web_text()), Some(&host(&[], &[])));
         assert!(r.refused);
         assert!(r.text.contains("refused: service[0] \"web\": interfaces[0]: no interface named \"eth0\" here"));
         assert!(r
@@ -165,7 +151,7 @@ mod tests {
             .ends_with("lb.toml: refused: 1 error(s), 0 warning(s); `lb-agent run` would not start with it\n"));
         let r = report(
             Path::new("lb.toml"),
-            &parse(WEB),
+            &parse(&web_text()),
             Some(&host(&["eth0"], &[("10.1.0.1", Route::Via("eth1".into()))])),
         );
         assert!(r.refused);
@@ -176,14 +162,14 @@ mod tests {
 
     #[test]
     fn file_only_skips_the_host_and_keeps_the_file_warnings() {
-        let zero = parse(&WEB.replace("address = \"10.1.0.1:8080\"", "address = \"10.1.0.1:8080\"\nweight = 0"));
+        let zero = parse(&web_text().replace("address = \"10.1.0.1:8080\"", "address = \"10.1.0.1:8080\"\nweight = 0"));
         let r = report(Path::new("lb.toml"), &zero, None);
         assert!(!r.refused, "{}", r.text);
         assert!(r.text.contains("this host: not checked (--file-only)") && !r.text.contains("interface eth0"));
         assert!(r.text.contains("warning: service[0] \"web\": backend[0].weight: its only backend has weight 0"));
         assert!(r.text.ends_with("lb.toml: ok, 1 warning(s)\n"), "{}", r.text);
         // The host's findings are not made: eth0 need not exist.
-        assert!(!report(Path::new("lb.toml"), &parse(WEB), None).refused);
+        assert!(!report(Path::new("lb.toml"), &parse(&web_text()), None).refused);
     }
 
     #[test]

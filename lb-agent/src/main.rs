@@ -122,7 +122,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BackendChange {
-    /// Add a backend; it takes new flows at once.
+    /// Add a backend; it takes new flows at once. Refused: a loopback
+    /// address, and one the host routes out of an interface the service
+    /// does not list (the data plane could not reach it).
     Add {
         service: String,
         address: SocketAddrV4,

@@ -67,6 +67,30 @@ prefix = "10.{prefix}.0.0"
     )
 }
 
+/// "web" at 10.0.0.100:80 on eth0 (plus `extra`), with `backends`.
+pub fn web(extra: &str, backends: &[&str]) -> String {
+    let mut text =
+        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n{extra}\n");
+    for b in backends {
+        text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+    }
+    text
+}
+
+/// An interface as plain as can be: XDP with a fast path, forwarding, no
+/// reverse-path filter.
+pub fn plain_interface() -> InterfaceFacts {
+    InterfaceFacts {
+        hook: Hook::Xdp,
+        hook_why: "a NIC".into(),
+        fast_path: true,
+        fast_path_why: "a NIC".into(),
+        forwarding: true,
+        may_be_partial: false,
+        rp_filter: 0,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -336,18 +360,7 @@ impl Dataplane for SharedDataplane {
             .iter()
             .flat_map(|s| s.interfaces.iter())
             .filter(|i| !dp.missing_interfaces.contains(*i))
-            .map(|i| {
-                let f = InterfaceFacts {
-                    hook: Hook::Xdp,
-                    hook_why: "fake".into(),
-                    fast_path: true,
-                    fast_path_why: "fake".into(),
-                    forwarding: true,
-                    may_be_partial: false,
-                    rp_filter: 0,
-                };
-                (i.clone(), f)
-            })
+            .map(|i| (i.clone(), plain_interface()))
             .collect();
         let addrs = config.services.iter().flat_map(|s| s.backends.iter().map(|b| *b.address.ip()));
         let routes = addrs.filter_map(|a| Some((a, dp.routes.get(&a)?.clone()))).collect();

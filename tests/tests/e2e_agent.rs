@@ -816,10 +816,13 @@ fn root_control_api_rejects_garbage_and_changes_nothing() {
 fn root_backends_the_lb_cannot_reach_are_refused_or_flagged() {
     require_root!("root_backends_the_lb_cannot_reach_are_refused_or_flagged");
     let (topo, agent) = start(2, "");
-    // An interface of the LB's the service does not list, and a net behind it.
+    // An interface of the LB's the service does not list (a veth pair
+    // within its namespace), and a net behind it.
     let stray = "lbt-stray";
-    topo.lb.exec("ip", &["link", "add", stray, "type", "dummy"]);
-    topo.lb.exec("ip", &["link", "set", stray, "up"]);
+    topo.lb.exec("ip", &["link", "add", stray, "type", "veth", "peer", "name", "lbt-stray-p"]);
+    for link in [stray, "lbt-stray-p"] {
+        topo.lb.exec("ip", &["link", "set", link, "up"]);
+    }
     topo.lb.exec("ip", &["route", "add", "10.250.1.0/24", "dev", stray]);
 
     let out = agent.cli(&["backend", "add", "web", "10.250.1.2:8080", "--weight", "2"]);

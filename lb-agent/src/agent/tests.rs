@@ -17,7 +17,8 @@ use crate::{
     serve::api::{Call, Request, Response},
     status::{ReplicaStatus, Snapshot},
     testing::{
-        scaled, scaled_service, scratch_dir, Answer, FakeOrchestrator, FakeOrchestrators, FakeProber, SharedDataplane,
+        scaled, scaled_service, scratch_dir, web, Answer, FakeOrchestrator, FakeOrchestrators, FakeProber,
+        SharedDataplane,
     },
 };
 
@@ -407,16 +408,6 @@ async fn status_is_answered_within_100ms_while_a_reload_waits_for_its_orchestrat
         drop(reload);
     })
     .await;
-}
-
-/// "web" at 10.0.0.100:80 on eth0 (plus `extra`), with `backends`.
-fn web(extra: &str, backends: &[&str]) -> String {
-    let mut text =
-        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n{extra}\n");
-    for b in backends {
-        text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
-    }
-    text
 }
 
 /// A TCP check every second, 2 to go down, 2 to come back.
