@@ -16,10 +16,13 @@
 //! - [`agent`]: the event loop that owns the state, generic over the ports;
 //!   the per-service scaler it drives, and the worker that walks the
 //!   connection table off the loop.
+//! - [`check`]: `lb-agent check`: the findings `run` makes before it
+//!   attaches, and what the config describes, in words.
 //! - `testing` (tests only): fakes of every port.
 
 pub mod adapters;
 pub mod agent;
+pub mod check;
 pub mod cli_help;
 pub mod config;
 pub mod core;

@@ -14,14 +14,12 @@ use lb_agent::{
             pins::{prepare_pin_dir, remove_pinned_dir},
             AyaDataplane,
         },
-        host_facts,
         lock::AgentLock,
         orchestrator::HostOrchestrators,
         probe::NetProber,
     },
     agent::{Agent, Options, Ports},
     config::Config,
-    core::deploy,
     serve::api::{self, Request, DEFAULT_SOCKET},
     status::{human_duration, watch_frame, Snapshot},
 };
@@ -83,10 +81,27 @@ enum Command {
         pin_dir: PathBuf,
     },
     /// Validate a config file and print what it describes; changes nothing.
+    ///
+    /// Runs every check `run` makes before it attaches anything: the file's
+    /// own rules, then this host's facts (the interfaces exist, each
+    /// backend's route leaves through one of its service's interfaces, the
+    /// VIP and reply paths work). Scaling policies are printed in words.
+    /// Exits 0 when `run` would take the config (warnings allowed), 1 when
+    /// it would refuse it; every error and warning names its place.
+    #[command(
+        after_help = "Examples:\n  lb-agent check lb.toml\n  lb-agent check --file-only examples/web.toml   # in CI, or for another host"
+    )]
     Check {
         /// The TOML config to check (see docs/config.md for every key).
+        #[arg(value_name = "CONFIG", required_unless_present = "config", conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// The same file, given as an option.
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Check the file alone, not this host's interfaces, routes and
+        /// addresses: for a config meant for another machine, or CI.
+        #[arg(long)]
+        file_only: bool,
     },
     /// Show services, backends, scaling, traffic and recent events of the
     /// running agent.
@@ -193,7 +208,9 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum BackendChange {
-    /// Add a backend; it takes new flows at once.
+    /// Add a backend; it takes new flows at once. Refused: a loopback
+    /// address, and one the host routes out of an interface the service
+    /// does not list (the data plane could not reach it).
     Add {
         /// The service's `name` in the config.
         service: String,
@@ -259,7 +276,7 @@ fn main() -> ExitCode {
             run(Options { config, api_socket, metrics_address, pin_dir, keep_on_exit })
         }
         Command::Stop { api_socket, pin_dir } => stop(api_socket, pin_dir),
-        Command::Check { config } => check(config),
+        Command::Check { file, config, file_only } => check(file.or(config).unwrap_or_default(), file_only),
         Command::Status { json, watch, interval, api_socket } => status(api_socket, json, watch.then_some(interval)),
         Command::Scale { service, replicas, pause, resume: _, api_socket } => {
             let request = match (replicas, pause) {
@@ -327,39 +344,10 @@ fn stop(socket: PathBuf, pin_dir: PathBuf) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn check(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&path)?;
-    println!("{}: ok, {} service(s)", path.display(), config.services.len());
-    for s in &config.services {
-        let to = match (&s.scaling, s.instances.as_ref().and_then(|i| i.process.as_ref())) {
-            (Some(p), Some(proc_)) => format!(
-                "{}..={} instance(s) of {} (process, bridge {})",
-                p.min_replicas, p.max_replicas, proc_.command[0], proc_.bridge
-            ),
-            _ => format!("{} backend(s)", s.backends.len()),
-        };
-        println!("  {:<16} {}:{}/{} on {} -> {to}", s.name, s.vip, s.port, s.protocol, s.interfaces.join(","));
-        for b in &s.backends {
-            println!("    {:<24} weight {}", b.address, b.weight);
-        }
-    }
-    // What this host can serve of it (addresses, interfaces, hooks, fast path).
-    let facts = host_facts::gather(&config)?;
-    for (name, f) in &facts.interfaces {
-        println!("  interface {name}: hook {} ({})", f.hook, f.hook_why);
-    }
-    match deploy::socket_lb_cgroup(&config, &facts) {
-        Some(cgroup) => println!("  socket lb: clients on this host, in cgroup {}", cgroup.display()),
-        None => println!("  socket lb: off"),
-    }
-    let findings = deploy::judge(&config, &facts);
-    for f in &findings {
-        println!("{f}");
-    }
-    if findings.iter().any(|f| f.severity == deploy::Severity::Refuse) {
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+fn check(path: PathBuf, file_only: bool) -> anyhow::Result<ExitCode> {
+    let report = lb_agent::check::check(&path, file_only)?;
+    print!("{}", report.text);
+    Ok(if report.refused { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn status(socket: PathBuf, json: bool, watch: Option<Duration>) -> anyhow::Result<ExitCode> {

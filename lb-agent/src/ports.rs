@@ -57,9 +57,19 @@ pub trait ConnectionTable: Send + Sync {
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError>;
 }
 
+/// How this host routes addresses now (`ip route get`): the data plane
+/// forwards along these routes (bpf_fib_lookup), so a backend routed out of
+/// an interface its service does not list cannot be served
+/// (`core::deploy::unroutable`). One netlink round trip per address.
+pub trait Routes {
+    /// The route to each of `addrs` that this host knows of; an address
+    /// left out is not judged.
+    fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>>;
+}
+
 /// The whole data plane as the agent drives it: `adapters::dataplane::AyaDataplane`
 /// is the real one.
-pub trait Dataplane: MapWriter + DataplaneReads {
+pub trait Dataplane: MapWriter + DataplaneReads + Routes {
     /// Whether an interface of that name exists here.
     fn has_interface(&self, name: &str) -> bool;
     /// Attach to `iface` at the hook `hook` picks (or switch its program to
@@ -344,6 +354,9 @@ pub struct HostFacts {
     /// Where cgroup v2 is mounted (from /proc/self/mountinfo): the default
     /// cgroup for socket load balancing.
     pub cgroup2_mount: Option<PathBuf>,
+    /// Instances' bridges not here yet that their orchestrators make when
+    /// the agent runs (`check` before a first `run`): not missing.
+    pub bridges_to_make: BTreeSet<String>,
 }
 
 /// How this host routes an address (`ip route get`).

@@ -85,6 +85,7 @@ impl SnapshotBuilder {
                 backends.push(BackendStatus {
                     address: addr.to_string(),
                     state: b.state_name().into(),
+                    reason: b.unroutable.clone(),
                     weight: b.weight,
                     in_table: b.in_table(),
                     table_share: shares.get(&id).copied().unwrap_or(0.0),

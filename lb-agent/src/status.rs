@@ -218,8 +218,12 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     /// "ip:port".
     pub address: String,
-    /// "active", "draining" or "down".
+    /// "active", "draining", "unroutable" or "down".
     pub state: String,
+    /// Why it cannot take flows, where `state` alone does not say
+    /// ("unroutable": how the host routes it, and the service's interfaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub weight: u32,
     /// Whether new flows can be sent to it (in the Maglev table).
     pub in_table: bool,
@@ -369,6 +373,11 @@ impl Snapshot {
                     human_rate(b.counters.packets_per_second),
                     human_rate(b.counters.bytes_per_second),
                 ]);
+            }
+            for b in &s.backends {
+                if let Some(why) = &b.reason {
+                    let _ = writeln!(out, "  {} {}: {why}", b.address, b.state);
+                }
             }
             if s.backends.is_empty() {
                 let _ = writeln!(out, "  (no backends: new flows are dropped)");
@@ -639,6 +648,7 @@ mod tests {
                 backends: vec![BackendStatus {
                     address: "10.1.0.1:80".into(),
                     state: "draining".into(),
+                    reason: None,
                     weight: 1,
                     in_table: false,
                     table_share: 0.0,

@@ -17,9 +17,9 @@ use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, Se
 use crate::{
     config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
     ports::{
-        AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, HostFacts,
-        L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory, PinnedState, ProbeError, Prober,
-        Replica, SocketLbState,
+        AttachMode, Attachment, ConnectionTable, ConntrackScan, Dataplane, DataplaneError, DataplaneReads, Hook,
+        HostFacts, InterfaceFacts, L4Checksums, MapWriter, Orchestrator, OrchestratorError, OrchestratorFactory,
+        PinnedState, ProbeError, Prober, Replica, Route, Routes, SocketLbState,
     },
 };
 
@@ -95,6 +95,30 @@ pub fn config_errors_with(table: &str, body: &str) -> String {
     }
 }
 
+/// "web" at 10.0.0.100:80 on eth0 (plus `extra`), with `backends`.
+pub fn web(extra: &str, backends: &[&str]) -> String {
+    let mut text =
+        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n{extra}\n");
+    for b in backends {
+        text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+    }
+    text
+}
+
+/// An interface as plain as can be: XDP with a fast path, forwarding, no
+/// reverse-path filter.
+pub fn plain_interface() -> InterfaceFacts {
+    InterfaceFacts {
+        hook: Hook::Xdp,
+        hook_why: "a NIC".into(),
+        fast_path: true,
+        fast_path_why: "a NIC".into(),
+        forwarding: true,
+        may_be_partial: false,
+        rp_filter: 0,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -149,6 +173,8 @@ pub struct FakeDataplane {
     pub socket_lb: Option<PathBuf>,
     /// The cgroup v2 mount `host_facts` reports.
     pub cgroup2_mount: Option<PathBuf>,
+    /// The host's routes (`ports::Routes`); addresses not here are not judged.
+    pub routes: BTreeMap<Ipv4Addr, Route>,
     pub removed_all: bool,
     pub kept: bool,
     /// Every write to `BACKENDS` fails while set.
@@ -260,6 +286,13 @@ impl SharedDataplane {
     }
 }
 
+impl Routes for SharedDataplane {
+    fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
+        let dp = self.lock();
+        Ok(addrs.iter().filter_map(|a| Some((*a, dp.routes.get(a)?.clone()))).collect())
+    }
+}
+
 impl MapWriter for SharedDataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.lock().set_backend(id, backend)
@@ -346,9 +379,20 @@ impl Dataplane for SharedDataplane {
         Ok(())
     }
 
-    /// No local address and no interface facts: nothing to refuse.
-    fn host_facts(&self, _config: &Config) -> anyhow::Result<HostFacts> {
-        Ok(HostFacts { cgroup2_mount: self.lock().cgroup2_mount.clone(), ..HostFacts::default() })
+    /// No local address; every interface but the missing ones is here,
+    /// as plain as can be (XDP with a fast path, forwarding, no filter).
+    fn host_facts(&self, config: &Config) -> anyhow::Result<HostFacts> {
+        let dp = self.lock();
+        let interfaces = config
+            .services
+            .iter()
+            .flat_map(|s| s.interfaces.iter())
+            .filter(|i| !dp.missing_interfaces.contains(*i))
+            .map(|i| (i.clone(), plain_interface()))
+            .collect();
+        let addrs = config.services.iter().flat_map(|s| s.backends.iter().map(|b| *b.address.ip()));
+        let routes = addrs.filter_map(|a| Some((a, dp.routes.get(&a)?.clone()))).collect();
+        Ok(HostFacts { cgroup2_mount: dp.cgroup2_mount.clone(), interfaces, routes, ..HostFacts::default() })
     }
 
     fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {

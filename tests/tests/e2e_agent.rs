@@ -847,6 +847,61 @@ fn root_control_api_rejects_garbage_and_changes_nothing() {
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
 
+/// A backend the data plane cannot reach is never shown as active: `backend
+/// add` refuses one routed out of an interface the service does not list,
+/// and a loopback one; a backend whose route moves there while the agent
+/// runs is flagged `unroutable` (with the reason) and gets no new flows
+/// until its route comes back.
+#[test]
+fn root_backends_the_lb_cannot_reach_are_refused_or_flagged() {
+    require_root!("root_backends_the_lb_cannot_reach_are_refused_or_flagged");
+    let (topo, agent) = start(2, "");
+    // An interface of the LB's the service does not list (a veth pair
+    // within its namespace), and a net behind it.
+    let stray = "lbt-stray";
+    topo.lb.exec("ip", &["link", "add", stray, "type", "veth", "peer", "name", "lbt-stray-p"]);
+    for link in [stray, "lbt-stray-p"] {
+        topo.lb.exec("ip", &["link", "set", link, "up"]);
+    }
+    topo.lb.exec("ip", &["route", "add", "10.250.1.0/24", "dev", stray]);
+
+    let out = agent.cli(&["backend", "add", "web", "10.250.1.2:8080", "--weight", "2"]);
+    println!("backend add behind {stray}: {out:?}");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains(&format!("its route leaves by {stray}, which is not among the service's interfaces")));
+    let out = agent.cli(&["backend", "add", "web", "127.0.0.1:8080"]);
+    assert!(!out.status.success() && out.stderr.contains("loopback"), "{out:?}");
+    assert_eq!(web_backends(&agent.status()).len(), 2, "a refused backend was registered");
+
+    // web-2's route moves to the stray interface: flagged, out of the table.
+    let web2 = topo.backend("web-2");
+    let host_route = format!("{}/32", web2.addr);
+    topo.lb.exec("ip", &["route", "add", &host_route, "dev", stray]);
+    let b2 = web2.tcp_addr().to_string();
+    let took = poll_status(&agent, Instant::now(), Duration::from_secs(5), "web-2 flagged", |s| {
+        web_backends(s).get(&b2).is_some_and(|b| b["state"] == "unroutable")
+    });
+    eprintln!("MEASURED: unroutable: flagged {} ms after the route change", took.as_millis());
+    let status = agent.status();
+    let b = &web_backends(&status)[&b2];
+    assert_eq!(b["in_table"], false, "{b}");
+    assert!(b["reason"].as_str().unwrap_or_default().contains(&format!("its route leaves by {stray}")), "{b}");
+    let table = agent.cli(&["status"]).stdout;
+    assert!(table.contains(&format!("{b2} unroutable: its route leaves by {stray}")), "{table}");
+    let (counts, failures) = new_connections(&topo, 20);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["web-1"], "{counts:?}");
+
+    // The route comes back: so does web-2.
+    topo.lb.exec("ip", &["route", "del", &host_route, "dev", stray]);
+    poll_status(&agent, Instant::now(), Duration::from_secs(5), "web-2 back", |s| {
+        web_backends(s).get(&b2).is_some_and(|b| b["state"] == "active" && b["in_table"] == true)
+    });
+    let (counts, failures) = new_connections(&topo, 40);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
 // ---------------------------------------------------------------------------
 // 6. The status command line
 

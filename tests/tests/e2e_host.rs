@@ -416,9 +416,9 @@ fn root_reload_moves_interfaces_from_xdp_to_tc() {
 }
 
 /// `check` asks the namespace's routing (rtnetlink) about each backend: one
-/// routed out of an interface the service does not list is a warning, and
-/// a service none of whose backends has a route is refused. A host-address
-/// VIP on an interface the service does not list is a warning.
+/// routed out of an interface the service does not list is refused, by
+/// name, and so is a service none of whose backends has a route. A
+/// host-address VIP on an interface the service does not list is a warning.
 #[test]
 fn root_check_judges_the_routes_to_backends() {
     require_root!("root_check_judges_the_routes_to_backends");
@@ -430,8 +430,8 @@ fn root_check_judges_the_routes_to_backends() {
     let b1 = &topo.backend("web-1").lb_iface;
     let out = check(&topo, &without_interface(&config, b1));
     println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
-    assert!(out.status.success(), "{out:?}");
-    let via = format!("{}:{BACKEND_TCP_PORT} via {b1}", topo.backend("web-1").addr);
+    assert!(!out.status.success(), "{out:?}");
+    let via = format!("{}:{BACKEND_TCP_PORT}: its route leaves by {b1}", topo.backend("web-1").addr);
     assert!(out.stdout.contains(&via) && out.stdout.contains(&format!("add {b1} to")), "{out:?}");
 
     // The host's address is on the client side; without it listed, its
@@ -449,6 +449,12 @@ fn root_check_judges_the_routes_to_backends() {
     println!("lb-agent check:\n{}{}", out.stdout, out.stderr);
     assert!(!out.status.success(), "check accepted backends without a route: {out:?}");
     assert!(out.stdout.contains("refused") && out.stdout.contains("10.250.0.1:"), "{out:?}");
+    // The file alone (for CI, or another host) is fine; given by position too.
+    let path = topo.write_raw_config(&unrouted);
+    let out = topo
+        .lb
+        .run(move || lb_lab::agent::run_agent_cli(&[OsStr::new("check"), OsStr::new("--file-only"), path.as_os_str()]));
+    assert!(out.status.success() && out.stdout.contains("not checked (--file-only)"), "{out:?}");
 }
 
 /// `host_config`'s text with `iface` out of every service's list and out

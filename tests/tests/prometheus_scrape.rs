@@ -160,6 +160,7 @@ fn backend(address: &str, state: &str, weight: u32, table_share: f64, open: u64,
     BackendStatus {
         address: address.to_owned(),
         state: state.to_owned(),
+        reason: None,
         weight,
         in_table: table_share > 0.0,
         table_share,

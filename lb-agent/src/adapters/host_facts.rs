@@ -12,7 +12,7 @@ use std::{
 use crate::{
     adapters::{
         dataplane::{egress::decide_fast_path, netdev, tc::decide_hook},
-        routes::RouteLookup,
+        routes::routes_to,
     },
     config::Config,
     ports::{HostFacts, InterfaceFacts},
@@ -30,7 +30,6 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
         cgroup2_mount: find_cgroup2_mount(),
         ..HostFacts::default()
     };
-    let mut routes = RouteLookup::open().map_err(|e| anyhow::anyhow!("open a netlink socket for routes: {e}"))?;
     for s in &config.services {
         for iface in &s.interfaces {
             if facts.interfaces.contains_key(iface) || netdev::if_index(iface).is_none() {
@@ -46,12 +45,9 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             let f = InterfaceFacts { hook, hook_why, fast_path, fast_path_why, forwarding, may_be_partial, rp_filter };
             facts.interfaces.insert(iface.clone(), f);
         }
-        for addr in s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]) {
-            if let std::collections::btree_map::Entry::Vacant(e) = facts.routes.entry(addr) {
-                e.insert(routes.route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to {addr}: {e}"))?);
-            }
-        }
     }
+    let addrs = config.services.iter().flat_map(|s| s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]));
+    facts.routes = routes_to(addrs)?;
     Ok(facts)
 }
 

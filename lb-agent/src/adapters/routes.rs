@@ -3,9 +3,13 @@
 //! asks), on a NETLINK_ROUTE socket of the calling thread's namespace.
 //! No subprocess, so `run` can ask on a reload without waiting on `ip`.
 
-use std::{io, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::Ipv4Addr,
+};
 
-use crate::ports::Route;
+use crate::ports::{Route, Routes};
 
 // uapi/linux/netlink.h and rtnetlink.h.
 const NLMSG_HDRLEN: usize = 16;
@@ -40,6 +44,27 @@ impl RouteLookup {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "RTM_GETROUTE reply: not to our request"));
         }
         parse_route_reply(&buf[..n], if_name)
+    }
+}
+
+/// The kernel's route to each of `addrs`, on one netlink socket.
+pub fn routes_to(addrs: impl IntoIterator<Item = Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
+    let mut lookup = RouteLookup::open().map_err(|e| anyhow::anyhow!("open a netlink socket for routes: {e}"))?;
+    let mut out = BTreeMap::new();
+    for addr in addrs {
+        if let std::collections::btree_map::Entry::Vacant(e) = out.entry(addr) {
+            e.insert(lookup.route_to(addr).map_err(|e| anyhow::anyhow!("look up the route to {addr}: {e}"))?);
+        }
+    }
+    Ok(out)
+}
+
+/// What the data plane's routes are: the kernel's, in this namespace.
+pub struct KernelRoutes;
+
+impl Routes for KernelRoutes {
+    fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
+        routes_to(addrs.iter().copied())
     }
 }
 

@@ -51,6 +51,7 @@ use self::{
 use crate::{
     config::{Config, HealthCheckConfig, ServiceConfig},
     core::{
+        deploy,
         health::Transition,
         overlay::Overlay,
         reconcile::{ApplySummary, Reconciler},
@@ -67,7 +68,7 @@ use crate::{
 /// snapshot (with rates) is published.
 const TICK: Duration = Duration::from_millis(500);
 /// How often scaling decisions are taken.
-const SCALE_TICK: Duration = Duration::from_secs(1);
+pub const SCALE_TICK: Duration = Duration::from_secs(1);
 /// How often scaled instances are checked for exits between decisions.
 const EXIT_TICK: Duration = Duration::from_millis(250);
 
@@ -374,19 +375,30 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 let _ = reply.send(self.dump_config());
                 return;
             }
-            Request::AddBackend { service, address, weight } => {
-                self.registry.add_backend(service, *address, *weight).map(|()| format!("{service}: added {address}"))
-            }
-            Request::RemoveBackend { service, address } => {
-                self.registry.remove_backend(service, *address, now).map(|()| format!("{service}: draining {address}"))
-            }
+            Request::AddBackend { service, address, weight } => self
+                .registry
+                .add_backend(service, *address, *weight)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.refuse_unroutable(service, *address))
+                .map(|()| format!("{service}: added {address}")),
+            Request::RemoveBackend { service, address } => self
+                .registry
+                .remove_backend(service, *address, now)
+                .map(|()| format!("{service}: draining {address}"))
+                .map_err(|e| e.to_string()),
             Request::SetWeight { service, address, weight } => self
                 .registry
                 .set_weight(service, *address, *weight)
-                .map(|()| format!("{service}: {address} weight {weight}")),
+                .map(|()| format!("{service}: {address} weight {weight}"))
+                .map_err(|e| e.to_string()),
         };
         let response = match change {
-            Err(e) => Response::error(e),
+            Err(e) => {
+                // Nothing was synced: the registry goes back as it was (a
+                // backend added, then refused for its route).
+                self.registry = before;
+                Response::error(e)
+            }
             Ok(message) => match self.sync() {
                 Ok(_) => {
                     self.record_run_time(&before, &request);
@@ -447,6 +459,49 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             _ => self.overlay.remove(file, service, addr),
         }
         self.config = self.overlay.apply(&self.file_config);
+    }
+
+    /// A backend added at run time must be one the data plane can reach:
+    /// routed out of one of its service's interfaces.
+    fn refuse_unroutable(&self, service: &str, addr: SocketAddrV4) -> Result<(), String> {
+        let Some(entry) = self.registry.service(service) else { return Ok(()) };
+        let routes = self.dataplane.routes(&[*addr.ip()].into()).map_err(|e| format!("{e:#}"))?;
+        match routes.get(addr.ip()).and_then(|r| deploy::unroutable(&entry.config, r)) {
+            Some(why) => Err(format!("backend {addr} cannot be served: {why}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Routes change while the agent runs: flag the backends the host no
+    /// longer routes out of their service's interfaces (out of the table
+    /// while flagged), and take back those it does again.
+    fn check_routes(&mut self) {
+        let addrs = self.registry.backend_ips();
+        if addrs.is_empty() {
+            return;
+        }
+        let routes = match self.dataplane.routes(&addrs) {
+            Ok(r) => r,
+            Err(e) => return self.error(format!("looking up the routes to backends failed: {e:#}")),
+        };
+        let changed = self.registry.judge_routes(&routes);
+        for (service, addr, why) in &changed {
+            match why {
+                Some(why) => {
+                    warn!(service, backend = %addr, why, "backend unroutable: out of the table");
+                    self.event(format!("{service}: {addr} unroutable ({why})"));
+                }
+                None => {
+                    info!(service, backend = %addr, "backend routable again: back in the table");
+                    self.event(format!("{service}: {addr} routable again"));
+                }
+            }
+        }
+        if !changed.is_empty() {
+            if let Err(e) = self.sync() {
+                self.error(format!("applying a route change failed: {e:#}"));
+            }
+        }
     }
 
     fn handle_probe(&mut self, r: ProbeResult) {
@@ -549,6 +604,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         if self.watch.changed(config_file::FileSeen::of(&self.options.config)) {
             self.reload("file changed", Vec::new());
         }
+        self.check_routes();
         // Drains and the snapshot follow when the walk is in; a tick that
         // comes while the last one's walk is still under way adds nothing.
         if self.tick_ticket.is_none() {

@@ -84,7 +84,6 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// in the registry. If an attach fails, the interfaces attached for it
     /// are detached again.
     fn apply(&mut self, config: &Config, serving: &[(String, Replica)]) -> anyhow::Result<ApplySummary> {
-        self.check_interfaces(config)?;
         let facts = self.check_deployment(config)?;
         let wanted = interfaces(config);
         let had = interfaces(&self.config);
@@ -142,25 +141,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
     }
 
-    /// Every named interface must exist before anything is attached (scaled
-    /// services' orchestrators have made their bridges by now).
-    fn check_interfaces(&self, config: &Config) -> anyhow::Result<()> {
-        let missing: Vec<String> = config
-            .services
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.interfaces.iter().enumerate().map(move |(j, ifname)| (i, s, j, ifname)))
-            .filter(|(_, _, _, ifname)| !self.dataplane.has_interface(ifname))
-            .map(|(i, s, j, ifname)| {
-                format!("service[{i}] {:?}: interfaces[{j}]: no interface named {ifname:?} here", s.name)
-            })
-            .collect();
-        anyhow::ensure!(missing.is_empty(), "config refused:\n  - {}", missing.join("\n  - "));
-        Ok(())
-    }
-
-    /// Refuse a config the data plane cannot serve here; log what it can
-    /// serve only in part (see `core::deploy`).
+    /// Refuse a config the data plane cannot serve here (a named interface
+    /// that does not exist, a backend it cannot route to, ...); log what it
+    /// can serve only in part. `check` judges the same (`core::deploy`).
+    /// Scaled services' orchestrators have made their bridges by now.
     fn check_deployment(&self, config: &Config) -> anyhow::Result<HostFacts> {
         let facts = self.dataplane.host_facts(config).context("read this host's addresses and interfaces")?;
         let mut refused = Vec::new();

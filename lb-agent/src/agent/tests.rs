@@ -13,11 +13,12 @@ use tokio::{
 use super::{Agent, Inputs, Options, Ports};
 use crate::{
     config::Config,
-    ports::Replica,
+    ports::{Replica, Route},
     serve::api::{Call, Request, Response},
     status::{ReplicaStatus, Snapshot},
     testing::{
-        scaled, scaled_service, scratch_dir, Answer, FakeOrchestrator, FakeOrchestrators, FakeProber, SharedDataplane,
+        scaled, scaled_service, scratch_dir, web, Answer, FakeOrchestrator, FakeOrchestrators, FakeProber,
+        SharedDataplane,
     },
 };
 
@@ -407,16 +408,6 @@ async fn status_is_answered_within_100ms_while_a_reload_waits_for_its_orchestrat
         drop(reload);
     })
     .await;
-}
-
-/// "web" at 10.0.0.100:80 on eth0 (plus `extra`), with `backends`.
-fn web(extra: &str, backends: &[&str]) -> String {
-    let mut text =
-        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n{extra}\n");
-    for b in backends {
-        text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
-    }
-    text
 }
 
 /// A TCP check every second, 2 to go down, 2 to come back.
@@ -831,6 +822,51 @@ async fn run_time_changes_survive_reloads_until_reset() {
             )
         );
         assert_eq!(weight_of(&d.status().await, "10.1.0.9:80"), (1, None));
+    })
+    .await;
+}
+
+/// A backend routed out of an interface the service does not list cannot
+/// be added, and one whose route moves there at run time is flagged
+/// `unroutable` and leaves the table until the route comes back.
+#[tokio::test(start_paused = true)]
+async fn backends_the_host_routes_elsewhere_are_refused_or_flagged() {
+    let w = &World::new(&web("", &["10.1.0.1:80", "10.1.0.2:80"]));
+    let addr = |s: &str| -> SocketAddrV4 { s.parse().unwrap() };
+    let route = |a: &str, r: Route| w.dp.lock().routes.insert(*addr(a).ip(), r);
+    route("10.1.0.1:80", Route::Via("eth0".into()));
+    route("10.1.0.2:80", Route::Via("eth0".into()));
+    route("10.1.0.3:80", Route::Via("eth9".into()));
+    w.run(|d| async move {
+        let add = |a: &str| Request::AddBackend { service: "web".into(), address: addr(a), weight: 2 };
+        let r = d.call(add("10.1.0.3:80")).await;
+        let e = r.error.unwrap_or_default();
+        assert!(!r.ok && e.contains("backend 10.1.0.3:80 cannot be served: its route leaves by eth9"), "{e}");
+        assert!(e.contains("service's interfaces (eth0)"), "{e}");
+        let r = d.call(add("127.0.0.1:8080")).await;
+        assert!(!r.ok && r.error.unwrap_or_default().contains("loopback"));
+        let listed = |s: &Snapshot| -> Vec<(String, String, bool)> {
+            s.services[0].backends.iter().map(|b| (b.address.clone(), b.state.clone(), b.in_table)).collect()
+        };
+        let s = d.status().await;
+        assert_eq!(
+            listed(&s),
+            [("10.1.0.1:80".into(), "active".into(), true), ("10.1.0.2:80".into(), "active".into(), true)]
+        );
+
+        route("10.1.0.2:80", Route::Via("eth9".into()));
+        let s = d.until(Duration::from_secs(2), "flagged", |s| s.services[0].backends[1].state == "unroutable").await;
+        let b = &s.services[0].backends[1];
+        assert!(!b.in_table && b.table_share == 0.0, "{b:?}");
+        assert!(b.reason.as_deref().unwrap_or_default().starts_with("its route leaves by eth9"), "{b:?}");
+        assert!(has_event(&s, "web: 10.1.0.2:80 unroutable (its route leaves by eth9"), "{:?}", s.events);
+        assert!(s.render_table().contains("10.1.0.2:80 unroutable: its route leaves by eth9"));
+        assert!(!w.dp.in_table(addr("10.1.0.2:80")));
+
+        route("10.1.0.2:80", Route::Via("eth0".into()));
+        let s = d.until(Duration::from_secs(2), "back", |s| s.services[0].backends[1].state == "active").await;
+        assert!(s.services[0].backends[1].in_table && s.services[0].backends[1].reason.is_none());
+        assert!(w.dp.in_table(addr("10.1.0.2:80")));
     })
     .await;
 }

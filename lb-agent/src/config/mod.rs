@@ -464,6 +464,21 @@ impl Config {
     }
 }
 
+/// Why `ip` can never be a backend's address, whatever the host: the data
+/// plane forwards to a backend out of an interface (bpf_fib_lookup and a
+/// redirect), and loopback (127.0.0.0/8) never leaves the host; on the
+/// load balancer it is the agent's own host, so probes from the agent pass
+/// while clients' packets go nowhere.
+pub fn unusable_backend_ip(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("a loopback address (127.0.0.0/8) never leaves this host; give the backend's address on a network")
+    } else if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+        Some("not a unicast address")
+    } else {
+        None
+    }
+}
+
 impl ServiceConfig {
     fn problems(&self, at: &str, out: &mut Vec<String>) {
         if self.vip.is_unspecified() || self.vip.is_broadcast() || self.vip.is_multicast() {
@@ -505,8 +520,8 @@ impl ServiceConfig {
             if b.address.port() == 0 {
                 out.push(format!("{bat}.address: {} has port 0", b.address));
             }
-            if b.address.ip().is_unspecified() || b.address.ip().is_multicast() || b.address.ip().is_broadcast() {
-                out.push(format!("{bat}.address: {} cannot be a backend", b.address));
+            if let Some(why) = unusable_backend_ip(*b.address.ip()) {
+                out.push(format!("{bat}.address: {} cannot be a backend: {why}", b.address));
             }
             if *b.address.ip() == self.vip {
                 out.push(format!("{bat}.address: {} is the service's own VIP", b.address));
@@ -785,6 +800,19 @@ mod tests {
         let bad = GOOD.replace("port = 53", "port = 80").replace("\"udp\"", "\"tcp\"");
         let p = problems(&bad);
         assert!(p.iter().any(|x| x.contains("10.0.0.100:80/tcp is configured twice")), "{p:#?}");
+    }
+
+    #[test]
+    fn loopback_and_unspecified_backends_are_refused_with_their_place() {
+        for ip in ["127.0.0.1", "127.9.9.9", "0.0.0.0"] {
+            let p = problems(&GOOD.replace("192.168.1.11", ip));
+            assert_eq!(p.len(), 1, "{p:#?}");
+            assert!(
+                p[0].starts_with(&format!("service[0] \"web\": backend[1].address: {ip}:8080 cannot be")),
+                "{p:#?}"
+            );
+        }
+        assert!(problems(&GOOD.replace("192.168.1.11", "127.0.0.1"))[0].contains("loopback"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt, path::PathBuf};
 
 use crate::{
-    config::{ChecksumMode, Config, FastPathMode, ServiceConfig},
+    config::{BackendConfig, ChecksumMode, Config, FastPathMode, ServiceConfig},
     ports::{Hook, HostFacts, InterfaceFacts, Route},
 };
 
@@ -41,9 +41,37 @@ pub fn socket_lb_cgroup(config: &Config, facts: &HostFacts) -> Option<PathBuf> {
     s.enabled.then(|| s.cgroup.clone().or_else(|| facts.cgroup2_mount.clone())).flatten()
 }
 
-/// Every way `config` cannot be served on a host with `facts`.
-pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
+/// What the file alone says is wrong but allowed (`check --file-only`
+/// runs only this; `judge` runs it too): a service whose every listed
+/// backend has weight 0 has no usable backend.
+pub fn judge_file(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
+    for (i, s) in config.services.iter().enumerate() {
+        if s.backends.is_empty() || s.backends.iter().any(|b| b.weight > 0) {
+            continue;
+        }
+        let which = if s.backends.len() == 1 {
+            "backend[0].weight: its only backend has weight 0".to_owned()
+        } else {
+            format!("backend[*].weight: all {} backends have weight 0", s.backends.len())
+        };
+        out.push(Finding {
+            severity: Severity::Warn,
+            text: format!(
+                "service[{i}] {:?}: {which}, so the service has no usable backend and new flows are dropped; give \
+                 one a weight above 0 (weight 0 keeps a backend out of the table)",
+                s.name
+            ),
+        });
+    }
+    out
+}
+
+/// Every way `config` cannot be served on a host with `facts`: what `run`
+/// refuses before it attaches anything, and what it warns about. `check`
+/// runs the same.
+pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
+    let mut out = judge_file(config);
     if config.socket_lb.enabled && !config.services.is_empty() && socket_lb_cgroup(config, facts).is_none() {
         out.push(Finding {
             severity: Severity::Warn,
@@ -56,6 +84,14 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
     }
     for (i, s) in config.services.iter().enumerate() {
         let at = format!("service[{i}] {:?}", s.name);
+        for (j, ifname) in s.interfaces.iter().enumerate() {
+            if !facts.interfaces.contains_key(ifname) && !facts.bridges_to_make.contains(ifname) {
+                out.push(Finding {
+                    severity: Severity::Refuse,
+                    text: format!("{at}: interfaces[{j}]: no interface named {ifname:?} here"),
+                });
+            }
+        }
         let known: Vec<(&String, &InterfaceFacts)> =
             s.interfaces.iter().filter_map(|n| facts.interfaces.get(n).map(|f| (n, f))).collect();
         if let Some((first, last)) = facts.ephemeral_ports.filter(|_| facts.local_addrs.contains(&s.vip)) {
@@ -220,77 +256,77 @@ fn judge_reply_paths(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Find
     out
 }
 
+/// Why the data plane cannot serve a backend of `s` that the host routes
+/// so (`None`: it can). It forwards a new flow with bpf_fib_lookup and a
+/// redirect, and sees replies only on the interfaces it is attached to:
+/// a backend routed out of an interface the service does not list answers
+/// there, where nothing translates the reply back to the VIP; one with no
+/// route gets nothing; one that is a local address answers from the
+/// host's own stack, never through the program.
+pub fn unroutable(s: &ServiceConfig, route: &Route) -> Option<String> {
+    match route {
+        Route::Via(i) if s.interfaces.contains(i) => None,
+        Route::Via(i) => Some(format!(
+            "its route leaves by {i}, which is not among the service's interfaces ({}): its replies come back \
+             there, where the program is not attached, and reach clients untranslated; add {i} to the service's \
+             interfaces, or route the backend through one of them",
+            s.interfaces.join(", ")
+        )),
+        Route::Local => Some(
+            "an address of this host: its replies leave from the host's own stack, never through the program".into(),
+        ),
+        Route::Unusable(why) => Some(format!("no route: {why}")),
+    }
+}
+
 /// Whether the kernel routes the service's backends somewhere the program
-/// sees their replies: a backend with no route (or one that is a local
-/// address, whose replies leave from the host's own stack) cannot be
-/// served at all; one routed out of an interface the service does not list
-/// answers there, where nothing translates the reply back to the VIP.
-/// Backends whose route is not among the facts are not judged.
+/// sees their replies (see [`unroutable`]). One routed out of an interface
+/// the service does not list is refused; so is a service none of whose
+/// backends can be reached; some without a route (or local) are a
+/// warning. Backends whose route is not among the facts are not judged.
 fn judge_routes(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Finding> {
     let mut out = Vec::new();
-    let routed: Vec<(String, &Route)> = s
+    let routed: Vec<(usize, &BackendConfig, &Route)> = s
         .backends
         .iter()
-        .filter_map(|b| facts.routes.get(b.address.ip()).map(|r| (b.address.to_string(), r)))
+        .enumerate()
+        .filter_map(|(j, b)| facts.routes.get(b.address.ip()).map(|r| (j, b, r)))
         .collect();
+    for (j, b, r) in &routed {
+        if let (Route::Via(_), Some(why)) = (r, unroutable(s, r)) {
+            out.push(Finding {
+                severity: Severity::Refuse,
+                text: format!("{at}: backend[{j}].address: {}: {why}", b.address),
+            });
+        }
+    }
     let unusable: Vec<String> = routed
         .iter()
-        .filter_map(|(b, r)| match r {
-            Route::Via(_) => None,
-            Route::Local => Some(format!(
-                "{b} (an address of this host: its replies leave from the host's own stack, never through the \
-                 program)"
-            )),
-            Route::Unusable(why) => Some(format!("{b} (no route: {why})")),
-        })
+        .filter(|(_, _, r)| !matches!(r, Route::Via(_)))
+        .filter_map(|(j, b, r)| Some(format!("backend[{j}] {} ({})", b.address, unroutable(s, r)?)))
         .collect();
-    let via: Vec<(&String, &String)> =
-        routed.iter().filter_map(|(b, r)| if let Route::Via(i) = r { Some((b, i)) } else { None }).collect();
-    if !routed.is_empty() && via.is_empty() {
-        out.push(Finding {
-            severity: Severity::Refuse,
-            text: format!(
-                "{at}: no backend can be reached through this host: {}; route them (ip route add ...) to an \
-                 interface the service lists, or fix their addresses",
-                unusable.join(", ")
-            ),
-        });
+    if unusable.is_empty() {
         return out;
     }
-    if !unusable.is_empty() {
-        out.push(Finding {
-            severity: Severity::Warn,
-            text: format!(
-                "{at}: new flows picked for these backends fail: {}; route them, or take them out of the \
-                 config",
+    let (severity, text) = if unusable.len() == routed.len() {
+        (
+            Severity::Refuse,
+            format!(
+                "no backend can be reached through this host: {}; route them (ip route add ...) to an interface \
+                 the service lists, or fix their addresses",
                 unusable.join(", ")
             ),
-        });
-    }
-    let outside: Vec<String> =
-        via.iter().filter(|(_, i)| !s.interfaces.contains(i)).map(|(b, i)| format!("{b} via {i}")).collect();
-    if outside.is_empty() {
-        return out;
-    }
-    let mut missing: Vec<&str> =
-        via.iter().map(|(_, i)| i.as_str()).filter(|i| !s.interfaces.iter().any(|l| l == i)).collect();
-    missing.sort_unstable();
-    missing.dedup();
-    let which = if outside.len() == via.len() {
-        format!("no listed interface ({}) reaches any backend", s.interfaces.join(", "))
+        )
     } else {
-        "some backends are routed out of interfaces the service does not list".to_owned()
+        (
+            Severity::Warn,
+            format!(
+                "new flows picked for these backends fail: {}; route them, or take them out of the config",
+                unusable.join(", ")
+            ),
+        )
     };
-    out.push(Finding {
-        severity: Severity::Warn,
-        text: format!(
-            "{at}: {which}: {}; their replies come back there, where the program is not attached, and reach \
-             clients untranslated (from the backend, not the VIP); add {} to the service's interfaces, or route \
-             the backends through a listed one",
-            outside.join(", "),
-            missing.join(", ")
-        ),
-    });
+    out.push(Finding { severity, text: format!("{at}: {text}") });
     out
 }
 
@@ -338,6 +374,7 @@ mod tests {
             ephemeral_ports: Some((32768, 60999)),
             routes: BTreeMap::new(),
             cgroup2_mount: Some("/sys/fs/cgroup".into()),
+            bridges_to_make: BTreeSet::new(),
         }
     }
 
@@ -370,18 +407,70 @@ mod tests {
     }
 
     #[test]
-    fn no_listed_interface_reaching_any_backend_is_a_warning() {
+    fn each_backend_routed_out_of_an_unlisted_interface_is_refused() {
         let (config, f) = routed(via("eth9"), via("eth9"));
-        let t = only(&config, &f, Severity::Warn);
-        assert!(t.starts_with("service[0] \"web\": no listed interface (eth0, br0) reaches any backend"), "{t}");
-        assert!(t.contains("10.0.1.2:8080 via eth9, 10.0.1.3:8080 via eth9") && t.contains("add eth9 to"), "{t}");
+        let found = judge(&config, &f);
+        assert_eq!(found.len(), 2, "{found:?}");
+        for (j, f) in found.iter().enumerate() {
+            assert_eq!(f.severity, Severity::Refuse, "{f}");
+            let at =
+                format!("service[0] \"web\": backend[{j}].address: 10.0.1.{}:8080: its route leaves by eth9", j + 2);
+            assert!(f.text.starts_with(&at), "{f}");
+            assert!(f.text.contains("service's interfaces (eth0, br0)") && f.text.contains("add eth9 to"), "{f}");
+        }
     }
 
     #[test]
-    fn some_backends_routed_elsewhere_is_a_warning_about_those() {
+    fn some_backends_routed_elsewhere_are_refused_by_name() {
         let (config, f) = routed(via("br0"), via("eth9"));
-        let t = only(&config, &f, Severity::Warn);
-        assert!(t.contains("10.0.1.3:8080 via eth9") && !t.contains("10.0.1.2"), "{t}");
+        let t = only(&config, &f, Severity::Refuse);
+        assert!(t.contains("backend[1].address: 10.0.1.3:8080: its route leaves by eth9") && !t.contains("10.0.1.2"));
+    }
+
+    #[test]
+    fn what_makes_a_backend_unroutable() {
+        let s = &parse(CONFIG).unwrap().services[0];
+        assert_eq!(unroutable(s, &via("br0")), None);
+        assert_eq!(unroutable(s, &via("eth0")), None);
+        let t = unroutable(s, &via("eth9")).unwrap();
+        assert!(t.starts_with("its route leaves by eth9, which is not among the service's interfaces (eth0, br0)"));
+        assert!(unroutable(s, &Route::Local).unwrap().contains("an address of this host"));
+        let none = unroutable(s, &Route::Unusable("Network is unreachable".into()));
+        assert_eq!(none.as_deref(), Some("no route: Network is unreachable"));
+    }
+
+    #[test]
+    fn a_missing_interface_is_refused_unless_an_orchestrator_makes_it() {
+        let config = parse(CONFIG).unwrap();
+        let mut f = facts(false, true, true, true);
+        f.interfaces.remove("br0");
+        let t = only(&config, &f, Severity::Refuse);
+        assert_eq!(t, "service[0] \"web\": interfaces[1]: no interface named \"br0\" here");
+        f.bridges_to_make.insert("br0".into());
+        assert_eq!(judge(&config, &f), vec![]);
+    }
+
+    #[test]
+    fn a_service_whose_backends_all_have_weight_zero_is_a_warning() {
+        let one = parse(&CONFIG.replace("address = \"10.0.1.2:8080\"", "address = \"10.0.1.2:8080\"\nweight = 0"));
+        let one = one.unwrap();
+        let found = judge_file(&one);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].severity, Severity::Warn);
+        assert!(found[0].text.starts_with("service[0] \"web\": backend[0].weight: its only backend has weight 0"));
+        // `judge` says the same, once.
+        assert_eq!(judge(&one, &facts(false, true, true, true)), found);
+        let two = format!("{}[[service.backend]]\naddress = \"10.0.1.3:8080\"\nweight = 0\n", one_text());
+        let t = &judge_file(&parse(&two).unwrap())[0].text;
+        assert!(t.contains("backend[*].weight: all 2 backends have weight 0"), "{t}");
+        // One usable backend is enough; no backends at all is not this.
+        let mixed = format!("{}[[service.backend]]\naddress = \"10.0.1.3:8080\"\n", one_text());
+        assert_eq!(judge_file(&parse(&mixed).unwrap()), vec![]);
+        assert_eq!(judge_file(&parse(CONFIG).unwrap()), vec![]);
+    }
+
+    fn one_text() -> String {
+        CONFIG.replace("address = \"10.0.1.2:8080\"", "address = \"10.0.1.2:8080\"\nweight = 0")
     }
 
     #[test]

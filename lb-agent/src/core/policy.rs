@@ -28,7 +28,7 @@ use std::{collections::VecDeque, fmt::Write as _, time::Duration};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::config::scaling::{Behavior, Metric, ScalingPolicy, SelectPolicy, Thresholds};
+use crate::config::scaling::{Behavior, Metric, ScalingPolicy, SelectPolicy, ThresholdRule, Thresholds};
 
 /// Ratios and replica counts within this of a whole number count as equal,
 /// so that float rounding (`150.00000000000003 / 50`) never adds a replica.
@@ -714,6 +714,12 @@ fn percent_of(n: u32, percent: u32, round_up: bool) -> u32 {
 }
 
 fn describe_rate(b: &Behavior) -> String {
+    rate_words(b, span(b.period))
+}
+
+/// `b`'s rate limit, its period written as `period`: "4 replicas or 100%
+/// per 15s".
+fn rate_words(b: &Behavior, period: String) -> String {
     let mut parts = Vec::new();
     if let Some(s) = b.max_step {
         parts.push(format!("{s} replicas"));
@@ -723,8 +729,80 @@ fn describe_rate(b: &Behavior) -> String {
     }
     match b.select_policy {
         SelectPolicy::Disabled => "disabled".into(),
-        SelectPolicy::Max => format!("{} per {}", parts.join(" or "), span(b.period)),
-        SelectPolicy::Min => format!("{} (the lower) per {}", parts.join(" or "), span(b.period)),
+        SelectPolicy::Max => format!("{} per {period}", parts.join(" or ")),
+        SelectPolicy::Min => format!("{} (the lower) per {period}", parts.join(" or ")),
+    }
+}
+
+/// A policy in words, as `lb-agent check` prints it: its targets, its
+/// threshold rules with their cooldowns, each direction's rate limit and
+/// stabilization window, the bounds, and how often `decide` runs (`every`).
+/// For example: "up by 1 when cpu > 70% OR requests/s > 100, at most every
+/// 30 s; down by 1 when cpu < 30% AND requests/s < 50 for 30 s, at most
+/// every 30 s; up at most 4 replicas or 100% per 15 s; down at most 50% per
+/// 15 s; 2-10 instances; evaluated every 1 s".
+pub fn describe_policy(p: &ScalingPolicy, every: Duration) -> String {
+    let mut out = Vec::new();
+    if let Some(t) = &p.target {
+        let each: Vec<String> =
+            t.metrics().iter().map(|&(m, v)| format!("{} {}", m.label(), show_limit(m, v))).collect();
+        out.push(format!(
+            "hold {} per instance (more or fewer instances in proportion, none while within {}%)",
+            each.join(", "),
+            (p.tolerance * 1000.0).round() / 10.0
+        ));
+    }
+    let rules = p.threshold.as_ref();
+    let rule_words = |dir: &str, rule: &ThresholdRule, cmp: &str, join: &str, window: Duration| {
+        let conds: Vec<String> =
+            rule.conditions().iter().map(|&(m, v)| format!("{} {cmp} {}", m.label(), show_limit(m, v))).collect();
+        let held = if window.is_zero() { String::new() } else { format!(" for {}", words_duration(window)) };
+        format!(
+            "{dir} by {} when {}{held}, at most every {}",
+            rule.step,
+            conds.join(join),
+            words_duration(rule.cooldown)
+        )
+    };
+    if let Some(up) = rules.and_then(|t| t.up.as_ref()) {
+        out.push(rule_words("up", up, ">", " OR ", p.scale_up.stabilization_window));
+    }
+    if let Some(down) = rules.and_then(|t| t.down.as_ref()) {
+        out.push(rule_words("down", down, "<", " AND ", p.scale_down.stabilization_window));
+    }
+    for (dir, b, has_rule, side) in [
+        ("up", &p.scale_up, rules.is_some_and(|t| t.up.is_some()), "above"),
+        ("down", &p.scale_down, rules.is_some_and(|t| t.down.is_some()), "below"),
+    ] {
+        if b.select_policy == SelectPolicy::Disabled {
+            out.push(format!("scaling {dir} disabled"));
+            continue;
+        }
+        let mut words = format!("{dir} at most {}", rate_words(b, words_duration(b.period)));
+        if !has_rule && !b.stabilization_window.is_zero() {
+            let _ = write!(words, ", once {side} target for {}", words_duration(b.stabilization_window));
+        }
+        out.push(words);
+    }
+    out.push(if p.min_replicas == p.max_replicas {
+        format!("{} instances, fixed", p.min_replicas)
+    } else {
+        format!("{}-{} instances", p.min_replicas, p.max_replicas)
+    });
+    out.push(format!("evaluated every {}", words_duration(every)));
+    out.join("; ")
+}
+
+/// A configured duration for people: "500 ms", "30 s", "5 min", "1 h",
+/// "90 s".
+fn words_duration(d: Duration) -> String {
+    let (secs, ms) = (d.as_secs(), d.subsec_millis());
+    match (secs, ms) {
+        (0, ms) => format!("{ms} ms"),
+        (s, 0) if s % 3600 == 0 => format!("{} h", s / 3600),
+        (s, 0) if s % 60 == 0 => format!("{} min", s / 60),
+        (s, 0) => format!("{s} s"),
+        _ => format!("{} s", d.as_secs_f64()),
     }
 }
 
@@ -771,6 +849,57 @@ fn show_limit(m: Metric, v: f64) -> String {
 mod tests {
     use super::*;
     use crate::config::scaling::{tests::policy, Targets, ThresholdRule};
+
+    #[test]
+    fn thresholds_in_words_say_or_going_up_and_and_going_down() {
+        let p = policy(
+            "min_replicas = 2\nmax_replicas = 10\n[threshold]\nup = { cpu = 70, requests_per_second = 100 }\n\
+             down = { cpu = 30, requests_per_second = 50 }\n[scale_down]\nstabilization_window = \"5m\"\n",
+        );
+        assert_eq!(
+            describe_policy(&p, Duration::from_secs(30)),
+            "up by 1 when cpu > 70% OR requests/s > 100, at most every 30 s; \
+             down by 1 when cpu < 30% AND requests/s < 50 for 5 min, at most every 30 s; \
+             up at most 4 replicas or 100% per 15 s; down at most 50% per 15 s; 2-10 instances; evaluated every 30 s"
+        );
+        let p = policy(
+            "max_replicas = 5\n[threshold]\nup = { host_cpu = 35, step = 2, cooldown = \"3s\" }\n\
+             [scale_down]\nstabilization_window = \"0s\"\n",
+        );
+        assert_eq!(
+            describe_policy(&p, Duration::from_secs(1)),
+            "up by 2 when host cpu > 35%, at most every 3 s; up at most 4 replicas or 100% per 15 s; \
+             down at most 50% per 15 s; 1-5 instances; evaluated every 1 s"
+        );
+    }
+
+    #[test]
+    fn targets_in_words_name_each_metric_and_the_windows() {
+        let p = policy("min_replicas = 1\nmax_replicas = 8\ntarget = { cpu = 50, new_flows_per_second = 200 }\n");
+        assert_eq!(
+            describe_policy(&p, Duration::from_secs(1)),
+            "hold cpu 50%, new flows/s 200 per instance (more or fewer instances in proportion, none while within \
+             10%); up at most 4 replicas or 100% per 15 s; down at most 50% per 15 s, once below target for 30 s; \
+             1-8 instances; evaluated every 1 s"
+        );
+        let p = policy(
+            "max_replicas = 10\ntolerance = 0.125\ntarget = { requests_per_second = 10 }\n\
+             [scale_up]\nstabilization_window = \"90s\"\nmax_step = 1\nmax_percent = 10\nselect_policy = \"min\"\n\
+             period = \"1m\"\n[scale_down]\nselect_policy = \"disabled\"\n",
+        );
+        assert_eq!(
+            describe_policy(&p, Duration::from_millis(500)),
+            "hold requests/s 10 per instance (more or fewer instances in proportion, none while within 12.5%); \
+             up at most 1 replicas or 10% (the lower) per 1 min, once above target for 90 s; scaling down disabled; \
+             1-10 instances; evaluated every 500 ms"
+        );
+    }
+
+    #[test]
+    fn a_fixed_count_in_words() {
+        let p = policy("min_replicas = 3\nmax_replicas = 3\n");
+        assert!(describe_policy(&p, Duration::from_secs(1)).ends_with("; 3 instances, fixed; evaluated every 1 s"));
+    }
     use proptest::prelude::*;
 
     /// A base instant with room to go back an hour.

@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
 
@@ -19,8 +19,12 @@ use lb_common::ServiceKey;
 use tokio::time::Instant;
 
 use crate::{
-    config::{instances::Ipv4Subnet, BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
-    core::health::{Health, Transition},
+    config::{instances::Ipv4Subnet, unusable_backend_ip, BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
+    core::{
+        deploy,
+        health::{Health, Transition},
+    },
+    ports::Route,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,19 +52,26 @@ pub struct BackendEntry {
     pub state: BackendState,
     /// `None` when the service has no health check.
     pub health: Option<Health>,
+    /// Why the data plane cannot reach it as the host routes it now (see
+    /// `core::deploy::unroutable`); it stays out of the table meanwhile.
+    pub unroutable: Option<String>,
 }
 
 impl BackendEntry {
     pub fn in_table(&self) -> bool {
-        self.state == BackendState::Active && self.health.is_none_or(|h| h.is_up()) && self.weight > 0
+        self.state == BackendState::Active
+            && self.health.is_none_or(|h| h.is_up())
+            && self.weight > 0
+            && self.unroutable.is_none()
     }
 
-    /// The word `status` shows: active, draining or down.
+    /// The word `status` shows: active, draining, unroutable or down.
     pub fn state_name(&self) -> &'static str {
-        match (self.state, self.health.is_some_and(|h| !h.is_up())) {
-            (BackendState::Draining { .. }, _) => "draining",
-            (BackendState::Active, true) => "down",
-            (BackendState::Active, false) => "active",
+        match (self.state, &self.unroutable, self.health.is_some_and(|h| !h.is_up())) {
+            (BackendState::Draining { .. }, _, _) => "draining",
+            (BackendState::Active, Some(_), _) => "unroutable",
+            (BackendState::Active, None, true) => "down",
+            (BackendState::Active, None, false) => "active",
         }
     }
 }
@@ -200,6 +211,7 @@ impl Registry {
                     weight: *weight,
                     state: BackendState::Active,
                     health: new_health(svc, was_out),
+                    unroutable: None,
                 });
             }
         }
@@ -231,8 +243,8 @@ impl Registry {
         if addr.port() == 0 {
             return Err(RegistryError::BadAddress { addr, why: "port 0" });
         }
-        if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.ip().is_broadcast() {
-            return Err(RegistryError::BadAddress { addr, why: "not a unicast address" });
+        if let Some(why) = unusable_backend_ip(*addr.ip()) {
+            return Err(RegistryError::BadAddress { addr, why });
         }
         if origin == Origin::Api {
             // An unknown service is the first thing to say.
@@ -255,7 +267,8 @@ impl Registry {
                 Ok(())
             }
             None => {
-                entry.backends.insert(addr, BackendEntry { origin, weight, state: BackendState::Active, health });
+                let b = BackendEntry { origin, weight, state: BackendState::Active, health, unroutable: None };
+                entry.backends.insert(addr, b);
                 Ok(())
             }
         }
@@ -297,6 +310,30 @@ impl Registry {
         let b = entry.backends.get_mut(&addr).ok_or(RegistryError::UnknownBackend { service: service.into(), addr })?;
         b.weight = weight;
         Ok(())
+    }
+
+    /// Every backend's address, for a route lookup.
+    pub fn backend_ips(&self) -> BTreeSet<Ipv4Addr> {
+        self.services.values().flat_map(|e| e.backends.keys().map(|a| *a.ip())).collect()
+    }
+
+    /// Flag (or clear) each backend as the host routes it now (see
+    /// `deploy::unroutable`; one whose route is not in `routes` keeps its
+    /// flag). Returns the flags that changed: service, backend, and why it
+    /// cannot be served (`None`: it can again).
+    pub fn judge_routes(&mut self, routes: &BTreeMap<Ipv4Addr, Route>) -> Vec<(String, SocketAddrV4, Option<String>)> {
+        let mut changed = Vec::new();
+        for (name, e) in self.services.iter_mut() {
+            for (addr, b) in e.backends.iter_mut() {
+                let Some(route) = routes.get(addr.ip()) else { continue };
+                let why = deploy::unroutable(&e.config, route);
+                if b.unroutable != why {
+                    b.unroutable.clone_from(&why);
+                    changed.push((name.clone(), *addr, why));
+                }
+            }
+        }
+        changed
     }
 
     /// Feed a probe result; returns the transition, if this result made one.
@@ -499,6 +536,37 @@ mod tests {
     }
 
     #[test]
+    fn routes_flag_the_backends_the_service_cannot_reach() {
+        let mut r = Registry::default();
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"], ""), Instant::now());
+        let ip = |s: &str| *addr(s).ip();
+        assert_eq!(r.backend_ips(), [ip("10.1.0.1:80"), ip("10.1.0.2:80"), ip("10.1.0.3:80")].into());
+        let listed = r.service("web").unwrap().config.interfaces[0].clone();
+        let mut routes: BTreeMap<Ipv4Addr, Route> = [
+            (ip("10.1.0.1:80"), Route::Via(listed.clone())),
+            (ip("10.1.0.2:80"), Route::Via("eth9".into())),
+            (ip("10.1.0.3:80"), Route::Unusable("Network is unreachable".into())),
+        ]
+        .into();
+        let changed = r.judge_routes(&routes);
+        let flagged: Vec<_> = changed.iter().map(|(s, a, why)| (s.as_str(), a.to_string(), why.is_some())).collect();
+        assert_eq!(flagged, [("web", "10.1.0.2:80".into(), true), ("web", "10.1.0.3:80".into(), true)]);
+        assert!(changed[0].2.as_deref().unwrap().starts_with("its route leaves by eth9"), "{changed:?}");
+        assert_eq!(r.judge_routes(&routes), vec![], "no change, nothing to say");
+        let b = &r.service("web").unwrap().backends[&addr("10.1.0.2:80")];
+        assert_eq!((b.state_name(), b.in_table()), ("unroutable", false));
+        // A reload keeps the flags: routes are looked up again, not reset.
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"], ""), Instant::now());
+        assert_eq!(r.judge_routes(&routes), vec![]);
+        // The route comes back through a listed interface; one not looked up keeps its flag.
+        routes.insert(ip("10.1.0.2:80"), Route::Via(listed));
+        routes.remove(&ip("10.1.0.3:80"));
+        assert_eq!(r.judge_routes(&routes), vec![("web".to_owned(), addr("10.1.0.2:80"), None)]);
+        let in_table: Vec<bool> = r.desired()[0].backends.iter().map(|b| b.in_table).collect();
+        assert_eq!(in_table, [true, true, false]);
+    }
+
+    #[test]
     fn api_changes_are_checked_whole() {
         let now = Instant::now();
         let mut r = Registry::default();
@@ -509,6 +577,11 @@ mod tests {
         assert_eq!(r.add_backend("web", addr("10.1.0.9:80"), 20_000), Err(RegistryError::Weight(20_000)));
         assert!(matches!(r.add_backend("web", addr("10.0.0.100:80"), 1), Err(RegistryError::BadAddress { .. })));
         assert!(matches!(r.add_backend("web", addr("10.1.0.9:0"), 1), Err(RegistryError::BadAddress { .. })));
+        for ip in ["127.0.0.1:80", "127.1.2.3:80", "0.0.0.0:80"] {
+            let e = r.add_backend("web", addr(ip), 1).unwrap_err();
+            assert!(matches!(e, RegistryError::BadAddress { .. }), "{ip}: {e}");
+        }
+        assert!(r.add_backend("web", addr("127.0.0.1:80"), 1).unwrap_err().to_string().contains("loopback"));
         assert!(matches!(r.remove_backend("web", addr("10.1.0.9:80"), now), Err(RegistryError::UnknownBackend { .. })));
         assert_eq!(r.desired(), before);
         r.add_backend("web", addr("10.1.0.9:80"), 3).unwrap();

@@ -917,6 +917,7 @@ mod tests {
         BackendStatus {
             address: address.to_owned(),
             state: state.to_owned(),
+            reason: None,
             weight,
             in_table: table_share > 0.0,
             table_share,

@@ -23,7 +23,12 @@ pub mod pins;
 mod socket_lb;
 pub mod tc;
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
@@ -38,7 +43,7 @@ use crate::{
     config::{Config, FastPathMode, InterfaceConfig},
     ports::{
         AttachMode, Attachment, ConnectionTable, Dataplane, DataplaneError, DataplaneReads, HostFacts, MapWriter,
-        PinnedState, SocketLbState,
+        PinnedState, Route, Routes, SocketLbState,
     },
 };
 
@@ -169,6 +174,12 @@ impl DataplaneReads for AyaDataplane {
             Vec::new()
         });
         SocketLbState { cgroup: self.socket_lb_cgroup().map(ToOwned::to_owned), counters }
+    }
+}
+
+impl Routes for AyaDataplane {
+    fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
+        crate::adapters::routes::KernelRoutes.routes(addrs)
     }
 }
 
