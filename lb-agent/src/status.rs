@@ -674,7 +674,8 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("draining 10s") && t.contains("\n                         run-time: weight 1, file says 2\n"),
+            t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains(" 1 * "))
+                && t.contains("\n  * 10.1.0.1:80 run-time: weight 1, file says 2 (`lb-agent backend reset` drops it)\n"),
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");
