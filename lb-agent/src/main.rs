@@ -178,7 +178,7 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
     // Before anything else: one agent per control socket and pin directory
     // (the locks last as long as this process).
     let made = MadeDirs::prepare(&options.api_socket, options.pin_dir.as_deref())?;
-    let _lock = AgentLock::acquire(&options.api_socket, options.pin_dir.as_deref())?;
+    let lock = AgentLock::acquire(&options.api_socket, options.pin_dir.as_deref())?;
     let code = runtime()?.block_on(async {
         // A bad config stops here, before anything is loaded.
         let config = Config::load(&options.config)?;
@@ -189,7 +189,7 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
         anyhow::Ok(ExitCode::SUCCESS)
     })?;
     // A clean exit leaves nothing it made (a crash leaves all for the next).
-    made.remove();
+    made.remove(lock);
     Ok(code)
 }
 

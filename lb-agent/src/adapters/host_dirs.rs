@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::{
     dataplane::pins::{is_bpffs, prepare_pin_dir},
-    lock::socket_lock_path,
+    lock::{socket_lock_path, AgentLock},
 };
 use crate::serve::api::prepare_socket_dir;
 
@@ -49,28 +49,35 @@ impl MadeDirs {
         Ok(made)
     }
 
-    /// After a clean exit (the socket is gone, the locks about to go):
-    /// remove the lock file, the socket's directory if the agent made it
+    /// After a clean exit (the socket is gone), with the agent's locks:
+    /// remove the lock file, let the locks go (one holds the pin directory
+    /// open, which would keep its bpffs busy), then the socket's directory if the agent made it
     /// and it is empty, and unmount the bpffs the agent mounted if nothing
     /// is pinned on it (a `--keep-on-exit` agent leaves its pins, and so the
     /// bpffs, for the next one). Returns what it removed.
-    pub fn remove(self) -> Vec<String> {
+    pub fn remove(self, lock: AgentLock) -> Vec<String> {
         let mut removed = Vec::new();
         // Removed while the lock is held: an agent starting now opens a new
         // file, or fails to lock this one while we hold it.
         if let Some(lock) = self.lock_file.filter(|l| l.exists()) {
             note(fs::remove_file(&lock), &lock, &mut removed);
         }
+        drop(lock);
         if let Some(dir) = self.socket_dir.filter(|d| is_empty_dir(d)) {
             note(fs::remove_dir(&dir), &dir, &mut removed);
         }
         if let (Some(pins), Some(bpffs)) = (self.pin_dir, self.bpffs) {
-            if holds_no_files(&bpffs) {
-                // Empty directories only (the files are checked for above).
-                let _ = remove_empty_tree(&pins);
-                note(unmount(&bpffs), &bpffs, &mut removed);
-            } else {
-                info!(path = %bpffs.display(), "the bpffs the agent mounted still holds pins; left mounted");
+            match first_file(&bpffs) {
+                None => {
+                    // Empty directories only (the files are checked for above).
+                    let _ = remove_empty_tree(&pins);
+                    note(unmount(&bpffs), &bpffs, &mut removed);
+                }
+                Some(pin) => info!(
+                    path = %bpffs.display(),
+                    pin = %pin.display(),
+                    "the bpffs the agent mounted still holds pins; left mounted"
+                ),
             }
         }
         removed
@@ -91,13 +98,18 @@ fn is_empty_dir(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
-/// No file (anything but a directory) anywhere under `dir`; bounded depth.
-fn holds_no_files(dir: &Path) -> bool {
-    fn walk(dir: &Path, depth: u32) -> bool {
-        let Ok(entries) = fs::read_dir(dir) else { return false };
-        entries
-            .filter_map(Result::ok)
-            .all(|e| e.file_type().is_ok_and(|t| t.is_dir()) && depth < 8 && walk(&e.path(), depth + 1))
+/// A file (anything but a directory) under `dir`, if there is one (an
+/// unreadable or too deep directory counts as one). Names with a dot are
+/// the kernel's (a new bpffs holds `maps.debug` and `progs.debug`; pins
+/// cannot have a dot), not pins.
+fn first_file(dir: &Path) -> Option<PathBuf> {
+    fn walk(dir: &Path, depth: u32) -> Option<PathBuf> {
+        let Ok(entries) = fs::read_dir(dir) else { return Some(dir.to_path_buf()) };
+        let pins = entries.filter_map(Result::ok).filter(|e| !e.file_name().as_encoded_bytes().contains(&b'.'));
+        pins.into_iter().find_map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() && depth < 8 => walk(&e.path(), depth + 1),
+            _ => Some(e.path()),
+        })
     }
     walk(dir, 0)
 }
@@ -136,8 +148,7 @@ mod tests {
         let base = temp("sock");
         let sock = base.join("run").join("lb.sock");
         let made = MadeDirs::prepare(&sock, None).unwrap();
-        fs::write(socket_lock_path(&sock), "").unwrap();
-        let removed = made.remove();
+        let removed = made.remove(AgentLock::acquire(&sock, None).unwrap());
         assert!(!base.join("run").exists(), "the directory it made is left: {removed:?}");
         assert_eq!(removed.len(), 2, "{removed:?}");
 
@@ -145,8 +156,7 @@ mod tests {
         let made = MadeDirs::prepare(&sock, None).unwrap();
         let again = MadeDirs::prepare(&sock, None).unwrap();
         drop(made);
-        fs::write(socket_lock_path(&sock), "").unwrap();
-        again.remove();
+        again.remove(AgentLock::acquire(&sock, None).unwrap());
         assert!(base.join("run").is_dir(), "a directory it found was removed");
         fs::remove_dir_all(&base).unwrap();
     }
@@ -155,9 +165,12 @@ mod tests {
     fn a_tree_with_a_file_is_not_empty() {
         let base = temp("tree");
         fs::create_dir_all(base.join("a/b")).unwrap();
-        assert!(holds_no_files(&base));
+        assert_eq!(first_file(&base), None);
+        fs::write(base.join("progs.debug"), "").unwrap();
+        assert_eq!(first_file(&base), None, "the kernel's, not a pin");
         fs::write(base.join("a/b/pin"), "").unwrap();
-        assert!(!holds_no_files(&base));
+        assert_eq!(first_file(&base), Some(base.join("a/b/pin")));
+        fs::remove_file(base.join("progs.debug")).unwrap();
         fs::remove_file(base.join("a/b/pin")).unwrap();
         remove_empty_tree(&base).unwrap();
         assert!(!base.exists());
