@@ -48,6 +48,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use lb_agent::adapters::dataplane::pins::is_bpffs;
 use lb_lab::{
     agent::{Agent, AgentArgs},
     bins::built_bin,
@@ -59,7 +60,6 @@ use lb_lab::{
     scratch::Scratch,
     topology::{Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
 };
-use lb_agent::adapters::dataplane::pins::is_bpffs;
 use lb_load::{self as load, plot, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
 
