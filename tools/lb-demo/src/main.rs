@@ -45,6 +45,7 @@ mod autoscale;
 mod cli;
 mod instances;
 mod lab;
+mod metrics_port;
 mod monitor;
 mod results;
 mod shape;
