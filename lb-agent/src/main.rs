@@ -10,11 +10,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use lb_agent::{
     adapters::{
-        dataplane::{
-            pins::{prepare_pin_dir, remove_pinned_dir},
-            AyaDataplane,
-        },
-        lock::AgentLock,
+        dataplane::{pins::remove_pinned_dir, AyaDataplane},
+        host_dirs::MadeDirs,
+        lock::{socket_holder, wait_until_gone, AgentLock},
         orchestrator::HostOrchestrators,
         probe::NetProber,
     },
@@ -69,8 +67,9 @@ enum Command {
         #[arg(long)]
         keep_on_exit: bool,
     },
-    /// Stop the running agent for good: detach and remove pinned state. With
-    /// no agent running, removes what a killed agent left pinned.
+    /// Stop the running agent for good: detach and remove pinned state, and
+    /// wait until it has exited ("stopped (pid N) in 1.2s"). With no agent
+    /// running, removes what a killed agent left pinned.
     Stop {
         /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -79,6 +78,10 @@ enum Command {
         /// when no agent answers.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// How long to wait for the agent to exit (it stops its instances
+        /// first), e.g. 30s or 2m; past it, stop fails and says so.
+        #[arg(long, default_value = "60s", value_parser = lb_agent::config::duration::parse)]
+        timeout: std::time::Duration,
     },
     /// Validate a config file and print what it describes; changes nothing.
     ///
@@ -275,7 +278,7 @@ fn main() -> ExitCode {
             let pin_dir = (!no_pin).then_some(pin_dir);
             run(Options { config, api_socket, metrics_address, pin_dir, keep_on_exit })
         }
-        Command::Stop { api_socket, pin_dir } => stop(api_socket, pin_dir),
+        Command::Stop { api_socket, pin_dir, timeout } => stop(api_socket, pin_dir, timeout),
         Command::Check { file, config, file_only } => check(file.or(config).unwrap_or_default(), file_only),
         Command::Status { json, watch, interval, api_socket } => status(api_socket, json, watch.then_some(interval)),
         Command::Scale { service, replicas, pause, resume: _, api_socket } => {
@@ -310,26 +313,37 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(options: Options) -> anyhow::Result<ExitCode> {
     // Before anything else: one agent per control socket and pin directory
     // (the locks last as long as this process).
-    api::prepare_socket_dir(&options.api_socket)?;
-    if let Some(dir) = &options.pin_dir {
-        prepare_pin_dir(dir)?;
-    }
-    let _lock = AgentLock::acquire(&options.api_socket, options.pin_dir.as_deref())?;
-    runtime()?.block_on(async {
+    let made = MadeDirs::prepare(&options.api_socket, options.pin_dir.as_deref())?;
+    let lock = AgentLock::acquire(&options.api_socket, options.pin_dir.as_deref())?;
+    let code = runtime()?.block_on(async {
         // A bad config stops here, before anything is loaded.
         let config = Config::load(&options.config)?;
         let dataplane = AyaDataplane::load(options.pin_dir.as_deref(), &config.dataplane)?;
         let orchestrators = HostOrchestrators { agent: options.identity() };
         let ports = Ports { dataplane, orchestrators, prober: NetProber };
         Agent::start(options, config, ports).await?.run().await?;
-        Ok(ExitCode::SUCCESS)
-    })
+        anyhow::Ok(ExitCode::SUCCESS)
+    })?;
+    // A clean exit leaves nothing it made (a crash leaves all for the next).
+    made.remove(lock);
+    Ok(code)
 }
 
-fn stop(socket: PathBuf, pin_dir: PathBuf) -> anyhow::Result<ExitCode> {
+fn stop(socket: PathBuf, pin_dir: PathBuf, timeout: std::time::Duration) -> anyhow::Result<ExitCode> {
+    let pid = socket_holder(&socket);
     match runtime()?.block_on(api::call(&socket, &Request::Stop)) {
         Ok(r) if r.ok => {
             println!("{}", r.message.unwrap_or_default());
+            let Some(pid) = pid else { return Ok(ExitCode::SUCCESS) };
+            let every = std::time::Duration::from_millis(50);
+            match wait_until_gone(|| socket_holder(&socket) == Some(pid), timeout, every) {
+                Some(took) => println!("stopped (pid {pid}) in {:.1}s", took.as_secs_f64()),
+                None => anyhow::bail!(
+                    "the agent (pid {pid}) accepted the stop but is still running after {:.0}s (stopping its \
+                     instances?); wait longer with --timeout, look at its log, or end it with `kill {pid}`",
+                    timeout.as_secs_f64()
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Ok(r) => anyhow::bail!("the agent refused: {}", r.error.unwrap_or_default()),

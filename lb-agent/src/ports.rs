@@ -334,6 +334,12 @@ pub trait Prober: Send + Sync + 'static {
         addr: SocketAddrV4,
         check: &HealthCheckConfig,
     ) -> impl Future<Output = Result<(), ProbeError>> + Send;
+
+    /// Whether a probe's error is a timeout (no answer in time) rather than
+    /// a bad answer, for the health-check counts by result.
+    fn is_timeout(&self, _error: &ProbeError) -> bool {
+        false
+    }
 }
 
 /// What the host says about itself, as far as the data plane cares.

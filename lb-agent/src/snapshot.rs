@@ -2,7 +2,10 @@
 //! plane's counters and a walk of its connection table, with rates from the
 //! previous build.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::SystemTime,
+};
 
 use lb_common::{Counters, Reason, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
 
@@ -42,13 +45,16 @@ pub struct Sources<'a> {
 pub struct SnapshotBuilder {
     config_path: String,
     started: Instant,
+    /// `started` as seconds since the Unix epoch.
+    started_unix: f64,
     /// Last counters seen per service ("s/name") and backend ("b/name/addr").
     previous: HashMap<String, (Counters, Instant)>,
 }
 
 impl SnapshotBuilder {
     pub fn new(config_path: String) -> SnapshotBuilder {
-        SnapshotBuilder { config_path, started: Instant::now(), previous: HashMap::new() }
+        let started_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        SnapshotBuilder { config_path, started: Instant::now(), started_unix, previous: HashMap::new() }
     }
 
     /// Rates are measured against the previous build that had `advance`
@@ -98,6 +104,7 @@ impl SnapshotBuilder {
                     },
                     counters: self.traffic(&bkey, c, now),
                     run_time: run_time.iter().find(|e| &e.service == name && e.addr == *addr).map(|e| e.to_string()),
+                    health_checks: None,
                 });
                 seen.insert(bkey, (c, now));
             }
@@ -127,6 +134,7 @@ impl SnapshotBuilder {
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
                 uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+                start_time_seconds: self.started_unix,
                 config_path: self.config_path.clone(),
                 errors_total: errors,
                 interfaces: dataplane

@@ -134,6 +134,9 @@ pub struct AgentInfo {
     pub version: String,
     pub pid: u32,
     pub uptime_seconds: f64,
+    /// When the agent started, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub start_time_seconds: f64,
     pub config_path: String,
     /// Config (re)loads refused, map writes failed, probes that errored, ...
     pub errors_total: u64,
@@ -239,6 +242,39 @@ pub struct BackendStatus {
     /// e.g. "weight 3, file says 1"; reloads keep it until `backend reset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_time: Option<String>,
+    /// Its health checks by result (none without a `health_check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_checks: Option<HealthCheckCounts>,
+}
+
+/// A backend's health checks since its probing started (a changed check
+/// starts it again), by result, and the time they took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthCheckCounts {
+    pub ok: u64,
+    /// Refused, reset, a wrong status, ...: an answer that was not good.
+    pub fail: u64,
+    /// No answer within the check's timeout.
+    pub timeout: u64,
+    /// Seconds all of them took, summed.
+    pub seconds_total: f64,
+}
+
+impl HealthCheckCounts {
+    /// Count one probe: passed, or failed (by a timeout or otherwise), in `took`.
+    pub fn record(&mut self, passed: bool, timed_out: bool, took: std::time::Duration) {
+        match (passed, timed_out) {
+            (true, _) => self.ok += 1,
+            (false, true) => self.timeout += 1,
+            (false, false) => self.fail += 1,
+        }
+        self.seconds_total += took.as_secs_f64();
+    }
+
+    /// Probes counted.
+    pub fn count(&self) -> u64 {
+        self.ok + self.fail + self.timeout
+    }
 }
 
 /// Totals since the backend (or service) appeared, and rates over the last
@@ -636,6 +672,7 @@ mod tests {
                 ],
                 socket_lb: Default::default(),
                 config_refused: None,
+                start_time_seconds: 0.0,
             },
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -656,6 +693,7 @@ mod tests {
                     drain_seconds_left: Some(9.2),
                     counters: Traffic { new_flows_per_second: 1500.0, ..Traffic::default() },
                     run_time: Some("weight 1, file says 2".into()),
+                    health_checks: None,
                 }],
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],

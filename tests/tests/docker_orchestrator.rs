@@ -337,7 +337,13 @@ fn root_docker_two_agents_keep_to_their_own_containers() {
     let b = orchestrator(agent_b);
     let a1 = rt.block_on(a.start()).expect("a starts one");
     let b1 = rt.block_on(b.start()).expect("b starts one");
-    assert!(a1.addr != b1.addr && a1.name != b1.name, "{a1:?} {b1:?}");
+    assert!(a1.addr != b1.addr && a1.id != b1.id, "{a1:?} {b1:?}");
+    // Each agent's first instance is its `<prefix>-1`; their containers'
+    // names hold the agent's identity, so they do not clash.
+    assert_eq!((a1.name.as_str(), b1.name.as_str()), (format!("{}-1", own.service).as_str(), a1.name.as_str()));
+    let container_name = |id: &str| docker_try(&["container", "inspect", "-f", "{{.Name}}", id]).1.trim().to_owned();
+    let (na, nb) = (container_name(&a1.id), container_name(&b1.id));
+    assert!(na != nb && na.ends_with(&a1.name) && nb.ends_with(&b1.name), "containers {na} and {nb}");
     assert_eq!(list(&a), vec![a1.clone()], "agent a lists only its own");
     assert_eq!(list(&b), vec![b1.clone()], "agent b lists only its own");
 

@@ -48,8 +48,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use lb_agent::adapters::dataplane::pins::is_bpffs;
 use lb_lab::{
-    agent::Agent,
+    agent::{Agent, AgentArgs},
     bins::built_bin,
     cgroup::socket_lb_toml,
     command::run_cmd,
@@ -174,6 +175,11 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
     }
 
     fn start_process(policy: &str) -> Scaled {
+        Self::start_process_with(policy, Topology::agent_args)
+    }
+
+    /// `start_process` with the agent's arguments from `args`.
+    fn start_process_with(policy: &str, args: impl FnOnce(&Topology) -> AgentArgs) -> Scaled {
         let n = NEXT_SETUP.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         // At most 11 characters ("lbs" + 5 + 3), letters and digits only.
@@ -194,7 +200,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
             backend_bin().display().to_string(),
         );
         topo.write_raw_config(&config);
-        let agent = topo.start_agent();
+        let agent = topo.start_agent_with(&args(&topo));
         eprintln!("setup: processes, topology {}, bridge {bridge}, instances {prefix}/24", topo.prefix);
         let client_ns = topo.client.name().to_owned();
         Scaled { agent, world: World::Process { instances, _topo: topo }, timeline, vip, client_ns }
@@ -927,6 +933,50 @@ fn root_process_instances_are_adopted_after_an_agent_sigkill() {
         let running = stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
         assert!(!running, "instance process {pid} outlived the agent's stop: {stat}");
     }
+}
+
+/// Instances are named `web-1`, `web-2` in status and events; a SIGTERM
+/// (through `lb-agent stop`, which reports when the agent has gone) leaves
+/// nothing the agent made: no instances' bridge, no bpffs it mounted for
+/// its pins, no control socket directory it created.
+#[test]
+fn root_process_agent_names_instances_and_leaves_nothing_on_stop() {
+    require_root!("root_process_agent_names_instances_and_leaves_nothing_on_stop");
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // A socket directory that does not exist yet: the agent makes it.
+    let socket_dir = |topo: &Topology| topo.dir().join("run-lb-agent");
+    let mut s = Scaled::start_process_with("min_replicas = 2\nmax_replicas = 2\n", |topo| AgentArgs {
+        api_socket: socket_dir(topo).join("lb-agent.sock"),
+        ..topo.agent_args()
+    });
+    let status = s.wait_settled(2, Duration::from_secs(20));
+    let mut names: Vec<String> =
+        replicas(&status).iter().map(|r| r["name"].as_str().expect("name").to_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["web-1", "web-2"], "{status:#}");
+    let World::Process { instances, _topo: topo } = &s.world else { unreachable!() };
+    let bridge = instances.bridge().to_owned();
+    let socket_dir = socket_dir(topo);
+    let bpf_dir = topo.pin_dir().parent().expect("pin dir parent").to_owned();
+    assert!(socket_dir.is_dir());
+    assert!(is_bpffs(&bpf_dir), "the agent mounted no bpffs on {}", bpf_dir.display());
+    let has_bridge = |topo: &Topology| topo.lb_links().lines().any(|l| l.contains(&format!(": {bridge}: ")));
+    assert!(has_bridge(topo), "no bridge {bridge}:\n{}", topo.lb_links());
+
+    let pid = s.agent.pid();
+    let pin_dir = topo.pin_dir();
+    let out = s.agent.cli(&["stop", "--pin-dir", &pin_dir.to_string_lossy(), "--timeout", "30s"]);
+    assert!(out.status.success(), "stop failed: {out:?}");
+    assert!(out.stdout.contains(&format!("stopped (pid {pid}) in ")), "stop did not report the exit: {out:?}");
+    let exit = s.agent.wait_exit(Duration::from_secs(5)).expect("the agent exited");
+    assert!(exit.success(), "agent exited with {exit}:\n{}", s.agent.log());
+    let log = s.agent.log();
+    for name in ["web-1", "web-2"] {
+        assert!(log.contains(&format!("process stopped service=\"web\" instance=\"{name}\"")), "{name}:\n{log}");
+    }
+    assert!(!has_bridge(topo), "the instances' bridge {bridge} is left:\n{}", topo.lb_links());
+    assert!(!is_bpffs(&bpf_dir), "the bpffs the agent mounted on {} is left", bpf_dir.display());
+    assert!(!socket_dir.exists(), "the control socket directory {} is left", socket_dir.display());
 }
 
 /// Steady load for a few minutes, with containers: no scaling action after

@@ -26,7 +26,10 @@ use std::{
 
 use lb_agent::{
     serve::metrics,
-    status::{AgentInfo, BackendStatus, InterfaceStatus, MapFill, ReasonCount, ServiceStatus, Snapshot, Traffic},
+    status::{
+        AgentInfo, BackendStatus, HealthCheckCounts, InterfaceStatus, MapFill, ReasonCount, ServiceStatus, Snapshot,
+        Traffic,
+    },
 };
 use lb_lab::root::skip_without_root;
 use serde_json::Value;
@@ -102,6 +105,15 @@ fn root_prometheus_scrapes_metrics() {
         1.0
     );
     assert_eq!(query_one(&prometheus, r#"lb_packets_total{reason="drop_no_backend",verdict="drop"}"#), 2.0);
+    assert_eq!(
+        query_one(
+            &prometheus,
+            r#"lb_backend_health_checks_total{service="web",backend="10.1.0.3:8080",result="fail"}"#
+        ),
+        3.0
+    );
+    assert_eq!(query_one(&prometheus, &format!("lb_backend_health_check_duration_seconds_count{{{backend}}}")), 7.0);
+    assert_eq!(query_one(&prometheus, "process_start_time_seconds"), 1_700_000_000.25);
     let escaped = AWKWARD_SERVICE.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
     assert_eq!(query_one(&prometheus, &format!("lb_service_packets_total{{service=\"{escaped}\"}}")), 50.0);
 
@@ -168,6 +180,12 @@ fn backend(address: &str, state: &str, weight: u32, table_share: f64, open: u64,
         drain_seconds_left: (state == "draining").then_some(20.0),
         counters: traffic(packets),
         run_time: None,
+        health_checks: Some(HealthCheckCounts {
+            ok: packets / 100,
+            fail: u64::from(state == "down") * 3,
+            timeout: 1,
+            seconds_total: 0.5,
+        }),
     }
 }
 
@@ -202,6 +220,7 @@ fn snapshot(n: u64) -> Snapshot {
             }],
             socket_lb: Default::default(),
             config_refused: None,
+            start_time_seconds: 1_700_000_000.25,
         },
         services: vec![
             service(
@@ -328,8 +347,10 @@ fn describe_difference(served: &BTreeMap<Series, f64>, stored: &BTreeMap<Series,
 /// Every `lb_*` series of the job, as Prometheus stored it, without the
 /// `job` and `instance` labels it adds.
 fn stored_series(prometheus: &Prometheus) -> Result<BTreeMap<Series, f64>, String> {
-    let data = prometheus
-        .api(&format!("/api/v1/query?query={}", encode(&format!("{{__name__=~\"lb_.+\",job=\"{JOB}\"}}"))))?;
+    let data = prometheus.api(&format!(
+        "/api/v1/query?query={}",
+        encode(&format!("{{__name__=~\"lb_.+|process_.+\",job=\"{JOB}\"}}"))
+    ))?;
     let mut stored = BTreeMap::new();
     for r in data["result"].as_array().ok_or("no result")? {
         let mut series: Series = serde_json::from_value(r["metric"].clone()).map_err(|e| e.to_string())?;

@@ -17,9 +17,14 @@
 //! agent: a new orchestrator of the same agent for the same service (after
 //! a restart or a crash) lists the ones already running and carries on
 //! with them. Each instance
-//! gets a static address, `<subnet>.<n>`, and the name `<prefix>-<n>`; the
-//! address stays in the container's config while it is stopped, so an
-//! exited instance still reports where it served.
+//! gets a static address, `<subnet>.<n>` (the address stays in the
+//! container's config while it is stopped, so an exited instance still
+//! reports where it served), and a name, `<prefix>-<k>` (`web-1`, `web-2`,
+//! ...: the lowest ordinal none of our containers has), kept in the label
+//! `io.lb-agent.instance`: status, events and the instance's `{name}` use
+//! it. The container itself is named `lb-<tag>-<name>`, where `<tag>` is
+//! a hash of the agent's identity, so that two agents' `web-1` never clash
+//! in the engine's one namespace of container names.
 //!
 //! Forwarding to containers needs more, outside this module, which the
 //! agent (or whoever runs it) must arrange (all checked by the root test
@@ -74,6 +79,9 @@ pub const OWNER: &str = "lb-agent";
 pub const LABEL_AGENT: &str = "io.lb-agent.agent";
 /// Label naming the service a container serves.
 pub const LABEL_SERVICE: &str = "io.lb-agent.service";
+/// Label holding the instance's name (`web-1`), which is not the
+/// container's (see the module's doc).
+pub const LABEL_INSTANCE: &str = "io.lb-agent.instance";
 /// The Docker network option that names the Linux bridge.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 
@@ -91,6 +99,20 @@ pub fn labels_for(agent: &str, service: &str) -> HashMap<String, String> {
         (LABEL_AGENT.to_owned(), agent.to_owned()),
         (LABEL_SERVICE.to_owned(), service.to_owned()),
     ])
+}
+
+/// The container name of instance `instance` of the agent `agent`:
+/// `lb-<8 hex digits of the identity's FNV-1a hash>-<instance>`.
+pub fn container_name(agent: &str, instance: &str) -> String {
+    let hash = agent.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("lb-{hash:08x}-{instance}")
+}
+
+/// The lowest ordinal from 1 that no name in `taken` (`<prefix>-<k>`) has.
+pub fn lowest_free_ordinal<'a>(prefix: &str, taken: impl IntoIterator<Item = &'a str>) -> u32 {
+    let used: HashSet<u32> =
+        taken.into_iter().filter_map(|n| n.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok()).collect();
+    (1..).find(|k| !used.contains(k)).unwrap_or(1)
 }
 
 /// What one stats reading says about CPU: cumulative nanoseconds.
@@ -296,7 +318,12 @@ impl DockerOrchestrator {
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(spec.env_for(ip, name)),
-            labels: Some(labels_for(&self.agent, &self.service)),
+            labels: Some(
+                labels_for(&self.agent, &self.service)
+                    .into_iter()
+                    .chain([(LABEL_INSTANCE.to_owned(), name.to_owned())])
+                    .collect(),
+            ),
             stop_timeout: Some(i64::from(spec.grace_secs())),
             host_config: Some(HostConfig {
                 network_mode: Some(spec.network.clone()),
@@ -314,7 +341,7 @@ impl DockerOrchestrator {
             }),
             ..Default::default()
         };
-        let opts = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
+        let opts = CreateContainerOptions { name: Some(container_name(&self.agent, name)), ..Default::default() };
         let created = self
             .docker
             .create_container(Some(opts), body)
@@ -359,8 +386,11 @@ impl Orchestrator for DockerOrchestrator {
         let mut out = Vec::new();
         for c in self.our_containers().await? {
             let Some(id) = c.id.clone() else { continue };
-            let name =
-                c.names.as_ref().and_then(|n| n.first()).map_or(id.clone(), |n| n.trim_start_matches('/').to_owned());
+            // The instance's name; a container of an agent before the
+            // label goes by its container name.
+            let name = c.labels.as_ref().and_then(|l| l.get(LABEL_INSTANCE)).cloned().unwrap_or_else(|| {
+                c.names.as_ref().and_then(|n| n.first()).map_or(id.clone(), |n| n.trim_start_matches('/').to_owned())
+            });
             let running = matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));
             let ip = c
                 .network_settings
@@ -390,6 +420,7 @@ impl Orchestrator for DockerOrchestrator {
         let _one_at_a_time = self.starting.lock().await;
         let ours = self.list().await?;
         let mut taken = self.taken_slots(&ours).await?;
+        let mut names: Vec<String> = ours.iter().map(|r| r.name.clone()).collect();
         // Another container may join the network between our look and our
         // create; the engine then refuses the address and we take the next.
         for _attempt in 0..3 {
@@ -397,7 +428,8 @@ impl Orchestrator for DockerOrchestrator {
             let total = slots.clone().count();
             let n = slots.into_iter().find(|n| !taken.contains(n)).ok_or(OrchestratorError::Full(total))?;
             let ip = self.spec.subnet.addr(n);
-            let name = format!("{}-{n}", self.prefix());
+            let name =
+                format!("{}-{}", self.prefix(), lowest_free_ordinal(self.prefix(), names.iter().map(|n| n.as_str())));
             match self.create_and_start(&name, ip).await {
                 Ok(id) => {
                     let addr = SocketAddrV4::new(ip, self.spec.port);
@@ -413,6 +445,7 @@ impl Orchestrator for DockerOrchestrator {
                 {
                     warn!(instance = name, error = %e, "name or address taken meanwhile; trying the next slot");
                     taken.insert(n);
+                    names.push(name);
                 }
                 Err(e) => return Err(e),
             }
@@ -429,7 +462,13 @@ impl Orchestrator for DockerOrchestrator {
         if !self.is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref())) {
             return Err(OrchestratorError::Unknown(id.into()));
         }
-        let name = c.name.as_deref().unwrap_or(id).trim_start_matches('/').to_owned();
+        let name = c
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .and_then(|l| l.get(LABEL_INSTANCE))
+            .cloned()
+            .unwrap_or_else(|| c.name.as_deref().unwrap_or(id).trim_start_matches('/').to_owned());
         let opts = StopContainerOptions { t: Some(self.spec.grace_secs()), signal: None };
         // 304 (already stopped) counts as success in bollard.
         if let Err(e) = self.docker.stop_container(id, Some(opts)).await {
@@ -484,6 +523,18 @@ impl Orchestrator for DockerOrchestrator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_take_the_lowest_free_ordinal_and_agents_never_share_a_container_name() {
+        assert_eq!(lowest_free_ordinal("web", []), 1);
+        assert_eq!(lowest_free_ordinal("web", ["web-1", "web-2"]), 3);
+        assert_eq!(lowest_free_ordinal("web", ["web-2", "web-3"]), 1, "a freed ordinal is reused");
+        assert_eq!(lowest_free_ordinal("web", ["webx-1", "web-1x", "api-1"]), 1, "not ours: not counted");
+        let (a, b) = (container_name("/sys/fs/bpf/lb-agent", "web-1"), container_name("/run/b/pins", "web-1"));
+        assert!(a.starts_with("lb-") && a.ends_with("-web-1") && a.len() == "lb-01234567-web-1".len(), "{a}");
+        assert_ne!(a, b, "two agents' web-1");
+        assert_eq!(a, container_name("/sys/fs/bpf/lb-agent", "web-1"), "stable across restarts");
+    }
 
     #[test]
     fn only_containers_with_all_three_labels_are_ours() {

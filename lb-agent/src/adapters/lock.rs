@@ -66,6 +66,37 @@ impl AgentLock {
     }
 }
 
+/// The pid of the agent holding `socket`'s lock, if one does.
+pub fn socket_holder(socket: &Path) -> Option<u32> {
+    let file = File::open(socket_lock_path(socket)).ok()?;
+    let m = file.metadata().ok()?;
+    // SAFETY: flock on a descriptor we own. Taken at once: nobody holds it.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return None;
+    }
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    flock_holder(&locks, libc::major(m.dev()), libc::minor(m.dev()), m.ino())
+}
+
+/// Poll `running` every `every` until it says no or `timeout` has passed;
+/// returns how long it took, or `None` on the timeout.
+pub fn wait_until_gone(
+    mut running: impl FnMut() -> bool,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        if !running() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// `<socket>.lock`, beside the socket.
 pub fn socket_lock_path(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_owned();
@@ -124,6 +155,35 @@ pub fn flock_holder(locks: &str, major: u32, minor: u32, ino: u64) -> Option<u32
 mod tests {
     use super::*;
     use crate::testing::scratch_dir;
+
+    #[test]
+    fn waiting_for_an_exit_ends_when_it_is_gone_or_at_the_timeout() {
+        use std::time::Duration;
+        let mut polls = 0;
+        let took = wait_until_gone(
+            || {
+                polls += 1;
+                polls < 3
+            },
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        );
+        assert!(took.is_some_and(|t| t < Duration::from_secs(5)), "{took:?}");
+        assert_eq!(polls, 3);
+        assert_eq!(wait_until_gone(|| true, Duration::from_millis(20), Duration::from_millis(5)), None);
+    }
+
+    #[test]
+    fn the_socket_holder_is_the_process_that_locked_it() {
+        let dir = scratch_dir("lock-holder");
+        let socket = dir.join("api.sock");
+        assert_eq!(socket_holder(&socket), None, "no lock file");
+        let lock = AgentLock::acquire(&socket, None).unwrap();
+        assert_eq!(socket_holder(&socket), Some(std::process::id()));
+        drop(lock);
+        assert_eq!(socket_holder(&socket), None, "released");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_holder_is_found_in_proc_locks() {

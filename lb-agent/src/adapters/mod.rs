@@ -4,6 +4,7 @@
 
 pub mod dataplane;
 pub mod docker;
+pub mod host_dirs;
 pub mod host_facts;
 pub mod host_net;
 pub mod http;

@@ -99,7 +99,10 @@ impl Orchestrator for AnyOrchestrator {
     }
 
     async fn release(&self) {
-        let AnyOrchestrator::Docker { forwarding, .. } = self else { return };
+        let forwarding = match self {
+            AnyOrchestrator::Process(o) => return o.release().await,
+            AnyOrchestrator::Docker { forwarding, .. } => forwarding,
+        };
         // Taken out first: the lock is not held across the removal.
         let taken = forwarding.lock().map(|mut f| f.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
         if let Some(f) = taken {

@@ -16,6 +16,10 @@ impl Prober for NetProber {
     async fn probe(&self, addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
         Ok(probe(addr, check).await?)
     }
+
+    fn is_timeout(&self, error: &ProbeError) -> bool {
+        matches!(error.downcast_ref::<GetError>(), Some(GetError::Timeout(_)))
+    }
 }
 
 /// Probe one backend once.
@@ -98,6 +102,11 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = local_addr(&l).await;
         // Accepts (the kernel does) but never answers.
+        let err = NetProber.probe(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
+        assert!(NetProber.is_timeout(&err), "not counted as a timeout: {err}");
+        let bad =
+            NetProber.probe(http_server("503 Service Unavailable").await, &check(CheckKind::Http, "/healthz")).await;
+        assert!(!NetProber.is_timeout(&bad.unwrap_err()), "a bad answer counted as a timeout");
         let err = probe(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
         assert!(matches!(err, GetError::Timeout(_)), "{err}");
         drop(l);

@@ -36,17 +36,50 @@ use crate::{
     ports::{Orchestrator, OrchestratorError, Replica},
 };
 
+/// The alias a bridge the orchestrator made carries (`ip link show` prints
+/// it), so that the agent that stops its last instance removes it, even when
+/// an earlier agent (killed since) made it, and never removes a bridge the
+/// user made.
+const BRIDGE_ALIAS: &str = "lb-agent instances";
+
 /// Create the instances' bridge with its address if missing. Idempotent.
 pub async fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
     let br = spec.bridge.as_str();
     if ip(&["link", "show", "dev", br]).await.is_err() {
         ip(&["link", "add", br, "type", "bridge"]).await?;
+        ip(&["link", "set", "dev", br, "alias", BRIDGE_ALIAS]).await?;
     }
     let cidr = format!("{}/24", spec.ip(1));
     if !output("ip", &["-o", "-4", "addr", "show", "dev", br]).await?.contains(&cidr) {
         ip(&["addr", "add", &cidr, "dev", br]).await?;
     }
     ip(&["link", "set", br, "up"]).await
+}
+
+/// Remove the instances' bridge if the orchestrator made it (see
+/// [`BRIDGE_ALIAS`]) and no instance is left on it.
+pub async fn remove_bridge(spec: &ProcessSpec) -> Result<bool, OrchestratorError> {
+    let br = spec.bridge.as_str();
+    let Ok(link) = output("ip", &["-o", "link", "show", "dev", br]).await else { return Ok(false) };
+    let ports = output("ip", &["-o", "link", "show", "master", br]).await?;
+    if !is_our_bridge(&link) || !ports.trim().is_empty() {
+        return Ok(false);
+    }
+    ip(&["link", "del", "dev", br]).await?;
+    Ok(true)
+}
+
+/// Whether a line of `ip -o link show` is a bridge the orchestrator made.
+fn is_our_bridge(line: &str) -> bool {
+    line.contains(&format!("alias {BRIDGE_ALIAS}"))
+}
+
+/// An instance's name: the service's name and an ordinal from 1, which is
+/// its slot's (slot 2, the first instance address, is `web-1`), so the
+/// lowest free ordinal is the lowest free slot, and an adopted instance
+/// keeps its name.
+fn instance_name(service: &str, slot: u8) -> String {
+    format!("{service}-{}", slot - FIRST + 1)
 }
 
 struct Instance {
@@ -236,7 +269,7 @@ impl ProcessOrchestrator {
     }
 
     fn adopt(&self, n: u8, pid: u32, start_time: u64) -> Result<(), OrchestratorError> {
-        let name = format!("{}-{n}", self.service);
+        let name = instance_name(&self.service, n);
         let addr = SocketAddrV4::new(self.spec.ip(n), self.spec.port);
         info!(service = self.service, instance = name, %addr, pid, "adopted a running instance a previous agent left");
         let process = Process::Adopted { start_time };
@@ -288,7 +321,7 @@ impl ProcessOrchestrator {
 
     /// Start an instance in slot `n`, reserved by the caller.
     async fn start_in(&self, n: u8) -> Result<Replica, OrchestratorError> {
-        let name = format!("{}-{n}", self.service);
+        let name = instance_name(&self.service, n);
         self.make_netns(n).await?;
         let argv = self.command_for(n, &name);
         let child = match self.spawn_in(n, &argv) {
@@ -440,6 +473,20 @@ impl Orchestrator for ProcessOrchestrator {
             inst.cpu_sample = Some((now_ticks, now));
         }
         Ok(out)
+    }
+
+    async fn release(&self) {
+        let left = self.instances.lock().map_or(1, |t| t.len());
+        if left > 0 {
+            return;
+        }
+        match remove_bridge(&self.spec).await {
+            Ok(true) => info!(service = self.service, bridge = self.spec.bridge, "instances' bridge removed"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(service = self.service, bridge = self.spec.bridge, error = %e, "removing the bridge failed")
+            }
+        }
     }
 }
 
@@ -632,6 +679,22 @@ mod tests {
         let o = orchestrator();
         assert_eq!(o.command_for(7, "web-7"), ["/bin/srv", "--listen", "10.212.0.7:8080", "--name=web-7"]);
         assert_eq!(o.netns(7), "lbp0-7");
+    }
+
+    #[test]
+    fn instances_are_named_from_one_by_their_slot() {
+        assert_eq!(instance_name("web", FIRST), "web-1");
+        assert_eq!(instance_name("web", 4), "web-3");
+        assert_eq!(instance_name("api", LAST), "api-253");
+    }
+
+    #[test]
+    fn only_a_bridge_the_orchestrator_made_is_removed() {
+        let ours = format!("7: lbp0: <BROADCAST,MULTICAST,UP> mtu 1500 state UP \\    link/ether 02:00:00:00:00:01 brd ff:ff:ff:ff:ff:ff\\    alias {BRIDGE_ALIAS}");
+        assert!(is_our_bridge(&ours));
+        assert!(!is_our_bridge(
+            "7: br0: <BROADCAST,MULTICAST,UP> mtu 1500 state UP \\    link/ether 02:00:00:00:00:01"
+        ));
     }
 
     #[test]

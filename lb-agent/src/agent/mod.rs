@@ -61,7 +61,7 @@ use crate::{
     ports::{ConntrackScan, Dataplane, OrchestratorFactory, Prober},
     serve::api::{self, Call, Request, Response},
     snapshot::SnapshotBuilder,
-    status::{Event, Snapshot, MAX_EVENTS},
+    status::{Event, HealthCheckCounts, Snapshot, MAX_EVENTS},
 };
 
 /// How often the config file is checked, drains are reviewed and a new
@@ -117,12 +117,16 @@ struct ProbeResult {
     service: String,
     addr: SocketAddrV4,
     error: Option<String>,
+    /// The error was a timeout.
+    timed_out: bool,
+    took: Duration,
 }
 
-/// A running probe loop and the check it was started with.
+/// A running probe loop, the check it was started with, and its results.
 struct ProbeTask {
     check: HealthCheckConfig,
     handle: JoinHandle<()>,
+    counts: HealthCheckCounts,
 }
 
 /// Agent-level work done off the loop.
@@ -316,7 +320,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 continue;
             }
             let task = probe_loop(key.0.clone(), key.1, check.clone(), self.prober.clone(), self.probe_tx.clone());
-            self.probes.insert(key, ProbeTask { check, handle: tokio::spawn(task) });
+            self.probes.insert(key, ProbeTask { check, handle: tokio::spawn(task), counts: Default::default() });
         }
     }
 
@@ -505,6 +509,9 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     fn handle_probe(&mut self, r: ProbeResult) {
+        if let Some(task) = self.probes.get_mut(&(r.service.clone(), r.addr)) {
+            task.counts.record(r.error.is_none(), r.timed_out, r.took);
+        }
         let transition = self.registry.observe_health(&r.service, r.addr, r.error.is_none());
         match transition {
             Some(Transition::Down) => {
@@ -744,8 +751,12 @@ async fn probe_loop<P: Prober>(
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let error = prober.probe(addr, &check).await.err().map(|e| e.to_string());
-        if tx.send(ProbeResult { service: service.clone(), addr, error }).await.is_err() {
+        let started = Instant::now();
+        let result = prober.probe(addr, &check).await;
+        let took = started.elapsed();
+        let timed_out = result.as_ref().is_err_and(|e| prober.is_timeout(e));
+        let error = result.err().map(|e| e.to_string());
+        if tx.send(ProbeResult { service: service.clone(), addr, error, timed_out, took }).await.is_err() {
             return;
         }
     }

@@ -408,10 +408,12 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             }
             ScalerEvent::Probed { id, error, .. } => self.on_probe(&id, error, registry),
             ScalerEvent::Stopped { id, result, .. } => {
-                self.replicas.forget(&id);
+                // Events name instances as status does, never by the
+                // orchestrator's id (a container id, a namespace).
+                let name = self.replicas.forget(&id).map_or(id, |t| t.replica.name);
                 match result {
-                    Ok(()) => (Some(format!("{}: stopped instance {id}", self.service)), false),
-                    Err(e) => (Some(format!("{}: stopping instance {id} failed: {e}", self.service)), false),
+                    Ok(()) => (Some(format!("{}: stopped instance {name}", self.service)), false),
+                    Err(e) => (Some(format!("{}: stopping instance {name} failed: {e}", self.service)), false),
                 }
             }
         };
@@ -626,7 +628,9 @@ mod tests {
         assert_eq!(out.events, ["web: adopted running instance web-c1 (10.9.0.1:8080)"]);
         // Stopped and forgotten; a listing asked for before that still
         // shows it running, and must not bring it back.
-        s.on_event(ScalerEvent::Stopped { service: "web".into(), id: "c1".into(), result: Ok(()) }, &mut registry);
+        let out =
+            s.on_event(ScalerEvent::Stopped { service: "web".into(), id: "c1".into(), result: Ok(()) }, &mut registry);
+        assert_eq!(out.events, ["web: stopped instance web-c1"], "named as status names it, not by its id");
         let out = s.on_event(listed(g, &[replica("c1", true)]), &mut registry);
         assert!(out.events.is_empty(), "{:?}", out.events);
         assert_eq!(s.replicas.iter().count(), 0);

@@ -220,7 +220,7 @@ async fn a_drain_that_reaches_zero_connections_stops_the_instance_after() {
         w.dp.set_open(addr(2), 0);
         let s = d.until(Duration::from_secs(3), "i2 stopped", |s| phases(s) == [("i1", "ready")]).await;
         assert!(has_event(&s, "web: 10.9.0.2:8080 drained"), "{:#?}", s.events);
-        assert!(has_event(&s, "web: stopped instance i2"), "{:#?}", s.events);
+        assert!(has_event(&s, "web: stopped instance web-2"), "{:#?}", s.events);
         assert_eq!(w.web().lock().stopped, ["i2"]);
         // Its (closed) flows were forgotten, then it left the maps.
         assert_eq!(w.dp.lock().flushes, [id]);

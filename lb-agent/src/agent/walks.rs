@@ -124,6 +124,16 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
     }
 
+    /// Each backend's health-check counts, from its probe loop.
+    fn add_health_checks(&self, snapshot: &mut Snapshot) {
+        for s in &mut snapshot.services {
+            for b in &mut s.backends {
+                let Ok(addr) = b.address.parse() else { continue };
+                b.health_checks = self.probes.get(&(s.name.clone(), addr)).map(|t| t.counts);
+            }
+        }
+    }
+
     fn build_snapshot(&mut self, advance: bool, scan: &anyhow::Result<Arc<ConntrackScan>>) -> Snapshot {
         let built = match scan {
             Ok(scan) => {
@@ -140,7 +150,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     config_refused: self.config_refused.as_ref(),
                     run_time: &run_time,
                 };
-                self.snapshots.build(advance, sources)
+                self.snapshots.build(advance, sources).map(|mut s| {
+                    self.add_health_checks(&mut s);
+                    s
+                })
             }
             Err(e) => Err(anyhow::anyhow!("walk the connection table: {e:#}")),
         };

@@ -276,7 +276,8 @@ pub struct DockerSpec {
     /// (whole seconds; a fraction rounds up).
     #[serde(default = "default_grace", with = "duration")]
     pub stop_grace: Duration,
-    /// Container names are `<name_prefix>-<n>` [default: the service's name].
+    /// Instance names are `<name_prefix>-<k>`, k = 1, 2, ... [default: the
+    /// service's name]; containers are named `lb-<agent tag>-<instance name>`.
     #[serde(default)]
     pub name_prefix: Option<String>,
 }

@@ -215,6 +215,20 @@ const SCALING_MODE: Family<ScalingModeLabels> = Family::gauge(
     "lb_scaling_mode",
     "Who sets a scaled service's count: 1 for the current mode, 0 for the others: policy, pinned (lb-agent scale --replicas) or paused (lb-agent scale --pause).",
 );
+const BACKEND_HEALTH_CHECKS: Family<HealthCheckLabels> = Family::counter(
+    "lb_backend_health_checks_total",
+    "Health checks of the backend by result: ok, fail (an answer that was not good: refused, reset, a wrong status) or timeout (no answer within the check's timeout). Counted from when its probing started.",
+);
+const BACKEND_HEALTH_CHECK_DURATION: Family<BackendLabels> = Family::summary(
+    "lb_backend_health_check_duration_seconds",
+    "Time the backend's health checks took, connect included (sum and count; rate(sum)/rate(count) is the mean).",
+);
+const SCALING_INSTANCE_REQUESTS: Family<ScalingInstanceLabels> = Family::gauge(
+    "lb_scaling_instance_requests_per_second",
+    "Requests per second each instance of a scaled service served, from its own counter ([service.instances] requests).",
+);
+const PROCESS_START_TIME: Family<NoLabels> =
+    Family::gauge("process_start_time_seconds", "Start time of the process since unix epoch in seconds.");
 const AGENT_ERRORS: Family<NoLabels> = Family::counter(
     "lb_agent_errors_total",
     "Errors the agent met and logged: config reloads refused, map writes failed, probes that errored, ...",
@@ -317,6 +331,7 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     out.push(AGENT_ERRORS.collect([(NoLabels, agent.errors_total as f64)]));
     out.push(AGENT_UPTIME.collect([(NoLabels, agent.uptime_seconds)]));
     out.push(AGENT_INFO.collect([(VersionLabels { version: agent.version.clone() }, TRUE)]));
+    out.extend(collect_operations(snapshot));
     out
 }
 
@@ -345,6 +360,34 @@ fn collect_scaling_rules(scaling: &[crate::status::ScalingStatus]) -> [Collected
         SCALING_MODES.map(|mode| (ScalingModeLabels { service: s.service.clone(), mode }, flag(mode == current)))
     });
     [SCALING_METRIC_VALUE.collect(values), SCALING_METRIC_TARGET.collect(targets), SCALING_MODE.collect(modes)]
+}
+
+/// What an operator watches besides traffic: each backend's health checks
+/// by result and their duration, each scaled instance's request rate, and
+/// the process's start time (the Prometheus convention).
+fn collect_operations(snapshot: &Snapshot) -> Vec<Collected> {
+    let checked = || {
+        snapshot
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().filter_map(move |b| Some((BackendLabels::of(s, b), b.health_checks?))))
+    };
+    let by_result = BACKEND_HEALTH_CHECKS.collect(checked().flat_map(|(labels, c)| {
+        [("ok", c.ok), ("fail", c.fail), ("timeout", c.timeout)].map(|(result, n)| {
+            let labels = HealthCheckLabels { backend: labels.clone(), result };
+            (labels, n as f64)
+        })
+    }));
+    let duration = BACKEND_HEALTH_CHECK_DURATION
+        .collect_summary(checked().map(|(labels, c)| (labels, c.seconds_total, c.count())));
+    let requests = SCALING_INSTANCE_REQUESTS.collect(snapshot.scaling.iter().flat_map(|s| {
+        s.replicas.iter().filter_map(move |r| {
+            let labels = ScalingInstanceLabels { service: s.service.clone(), instance: r.name.clone() };
+            Some((labels, r.requests_per_second?))
+        })
+    }));
+    let started = PROCESS_START_TIME.collect([(NoLabels, snapshot.agent.start_time_seconds)]);
+    vec![by_result, duration, requests, started]
 }
 
 fn flag(condition: bool) -> f64 {
@@ -408,6 +451,8 @@ enum Kind {
     /// A total kept by the kernel or the agent, exported as is.
     Counter,
     Gauge,
+    /// A sum and a count (no quantiles); built by `collect_summary` only.
+    Summary,
 }
 
 /// A built family with the label names it was built with (for its `Desc`).
@@ -425,6 +470,25 @@ impl<L: LabelSet> Family<L> {
         Family { name, help, kind: Kind::Gauge, labels: PhantomData }
     }
 
+    const fn summary(name: &'static str, help: &'static str) -> Self {
+        Family { name, help, kind: Kind::Summary, labels: PhantomData }
+    }
+
+    /// A summary family from `(labels, sum, count)` samples.
+    fn collect_summary(&self, samples: impl IntoIterator<Item = (L, f64, u64)>) -> Collected {
+        let mut collected = self.collect([]);
+        let metrics = samples.into_iter().map(|(labels, sum, count)| {
+            let mut metric = self.labelled(labels);
+            let mut summary = proto::Summary::default();
+            summary.set_sample_sum(sum);
+            summary.set_sample_count(count);
+            metric.set_summary(summary);
+            metric
+        });
+        collected.family.set_metric(metrics.collect());
+        collected
+    }
+
     fn collect(&self, samples: impl IntoIterator<Item = (L, f64)>) -> Collected {
         let mut family = MetricFamily::default();
         family.set_name(self.name.to_owned());
@@ -432,12 +496,32 @@ impl<L: LabelSet> Family<L> {
         family.set_field_type(match self.kind {
             Kind::Counter => MetricType::COUNTER,
             Kind::Gauge => MetricType::GAUGE,
+            Kind::Summary => MetricType::SUMMARY,
         });
         family.set_metric(samples.into_iter().map(|(labels, value)| self.sample(labels, value)).collect());
         Collected { label_names: L::NAMES, family }
     }
 
     fn sample(&self, labels: L, value: f64) -> Metric {
+        let mut metric = self.labelled(labels);
+        match self.kind {
+            Kind::Counter => {
+                let mut counter = proto::Counter::default();
+                counter.set_value(value);
+                metric.set_counter(counter);
+            }
+            Kind::Gauge => {
+                let mut gauge = proto::Gauge::default();
+                gauge.set_value(value);
+                metric.set_gauge(gauge);
+            }
+            Kind::Summary => debug_assert!(false, "{}: a summary takes collect_summary", self.name),
+        }
+        metric
+    }
+
+    /// A metric with `labels` and no value yet.
+    fn labelled(&self, labels: L) -> Metric {
         let values = labels.into_values();
         debug_assert_eq!(values.len(), L::NAMES.len(), "{}: label values do not match names", self.name);
         let pairs = L::NAMES
@@ -450,20 +534,7 @@ impl<L: LabelSet> Family<L> {
                 pair
             })
             .collect();
-        let mut metric = Metric::from_label(pairs);
-        match self.kind {
-            Kind::Counter => {
-                let mut counter = proto::Counter::default();
-                counter.set_value(value);
-                metric.set_counter(counter);
-            }
-            Kind::Gauge => {
-                let mut gauge = proto::Gauge::default();
-                gauge.set_value(value);
-                metric.set_gauge(gauge);
-            }
-        }
-        metric
+        Metric::from_label(pairs)
     }
 }
 
@@ -513,6 +584,7 @@ impl LabelSet for ServiceLabels {
     }
 }
 
+#[derive(Clone)]
 struct BackendLabels {
     service: String,
     /// "ip:port".
@@ -529,6 +601,22 @@ impl LabelSet for BackendLabels {
     const NAMES: &'static [&'static str] = &["service", "backend"];
     fn into_values(self) -> Vec<String> {
         vec![self.service, self.backend]
+    }
+}
+
+#[derive(Clone)]
+struct HealthCheckLabels {
+    backend: BackendLabels,
+    /// "ok", "fail" or "timeout".
+    result: &'static str,
+}
+
+impl LabelSet for HealthCheckLabels {
+    const NAMES: &'static [&'static str] = &["service", "backend", "result"];
+    fn into_values(self) -> Vec<String> {
+        let mut values = self.backend.into_values();
+        values.push(self.result.to_owned());
+        values
     }
 }
 
@@ -897,7 +985,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::status::{AgentInfo, InterfaceStatus, MapFill, ReasonCount};
+    use crate::status::{AgentInfo, HealthCheckCounts, InterfaceStatus, MapFill, ReasonCount};
 
     fn traffic(packets: u64) -> Traffic {
         Traffic {
@@ -925,6 +1013,7 @@ mod tests {
             drain_seconds_left: None,
             counters: traffic(packets),
             run_time: None,
+            health_checks: Some(HealthCheckCounts { ok: 10, fail: 2, timeout: 1, seconds_total: 0.25 }),
         }
     }
 
@@ -952,6 +1041,7 @@ mod tests {
                     operations: vec![crate::status::SockOpCount { op: "translated".to_owned(), count: 9 }],
                 },
                 config_refused: None,
+                start_time_seconds: 1_700_000_000.5,
             },
             services: vec![ServiceStatus {
                 name: "web".to_owned(),
@@ -1020,6 +1110,7 @@ mod tests {
             r#"lb_scaling_instances{service="web",phase="starting"} 1"#,
             r#"lb_scaling_instances{service="web",phase="draining"} 0"#,
             r#"lb_scaling_instance_cpu_ratio{service="web",instance="web-2"} 0.45"#,
+            r#"lb_scaling_instance_requests_per_second{service="web",instance="web-2"} 40"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
@@ -1068,6 +1159,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn health_checks_by_result_their_duration_and_the_start_time_are_exported() {
+        let mut snap = sample();
+        snap.services[0].backends[2].health_checks = None;
+        let text = render(&snap).unwrap();
+        for line in [
+            r#"lb_backend_health_checks_total{service="web",backend="10.1.0.1:8080",result="ok"} 10"#,
+            r#"lb_backend_health_checks_total{service="web",backend="10.1.0.1:8080",result="fail"} 2"#,
+            r#"lb_backend_health_checks_total{service="web",backend="10.1.0.1:8080",result="timeout"} 1"#,
+            r#"lb_backend_health_check_duration_seconds_sum{service="web",backend="10.1.0.1:8080"} 0.25"#,
+            r#"lb_backend_health_check_duration_seconds_count{service="web",backend="10.1.0.1:8080"} 13"#,
+            "process_start_time_seconds 1700000000.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"backend="10.1.0.3:8080",result"#), "a backend without checks has no series");
+    }
+
+    #[test]
+    fn health_check_counts_sort_probes_by_result() {
+        let mut c = HealthCheckCounts::default();
+        c.record(true, false, Duration::from_millis(10));
+        c.record(false, true, Duration::from_millis(300));
+        c.record(false, false, Duration::from_millis(5));
+        c.record(true, true, Duration::from_millis(5));
+        assert_eq!((c.ok, c.fail, c.timeout, c.count()), (2, 1, 1, 4));
+        assert!((c.seconds_total - 0.32).abs() < 1e-9, "{}", c.seconds_total);
+    }
+
     fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
         let help = format!("# HELP {name} ");
         let mut lines = text.lines().skip_while(|l| !l.starts_with(&help));
@@ -1112,6 +1232,9 @@ mod tests {
             ("lb_agent_errors_total", "counter"),
             ("lb_agent_uptime_seconds", "gauge"),
             ("lb_agent_info", "gauge"),
+            ("lb_backend_health_checks_total", "counter"),
+            ("lb_backend_health_check_duration_seconds", "summary"),
+            ("process_start_time_seconds", "gauge"),
         ];
         assert_eq!(types, expected);
         for (name, kind) in expected {
@@ -1234,7 +1357,10 @@ mod tests {
         );
         assert!(text.lines().any(|l| l == r#"lb_backend_weight{service="we\"b\\1\nx",backend="10.1.0.1:8080"} 3"#));
         // Nothing but the escapes: every line is a comment or a whole sample.
-        assert!(text.lines().all(|l| l.starts_with("# ") || l.starts_with("lb_")), "{text}");
+        assert!(
+            text.lines().all(|l| l.starts_with("# ") || l.starts_with("lb_") || l.starts_with("process_")),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1247,7 +1373,8 @@ mod tests {
                 r#"lb_socket_lb_attached{cgroup="none"} 0"#,
                 "lb_agent_errors_total 0",
                 "lb_agent_uptime_seconds 0",
-                r#"lb_agent_info{version=""} 1"#
+                r#"lb_agent_info{version=""} 1"#,
+                "process_start_time_seconds 0"
             ]
         );
     }

@@ -128,6 +128,12 @@ pub(crate) fn demo(
         a.log_path().display()
     );
     println!("           control socket {}", a.args().api_socket.display());
+    // Paths that work from the user's shell: the socket is a file (any
+    // network namespace reaches it), the metrics are on the host's loopback.
+    println!("  look     sudo {} status --api-socket {}", agent_bin.display(), a.args().api_socket.display());
+    if let Some(m) = lab.metrics {
+        println!("           curl -s http://{m}/metrics | grep ^lb_scaling");
+    }
 
     let first = wait_first_instance(lab)?;
     let Some(first) = first else {
@@ -153,7 +159,8 @@ pub(crate) fn demo(
     let summary = summarize(&record, shape, ramp_text);
     println!();
     print!("{summary}");
-    let files = write_results(out, &record, &summary, ramp_text)?;
+    let orchestrator = if lab.plan.docker() { "docker" } else { "process" };
+    let files = write_results(out, &record, &summary, ramp_text, orchestrator)?;
     println!("results in {}: {}", out.path.display(), files.join(", "));
     if let Some(e) = &record.agent_died {
         bail!("{e}");

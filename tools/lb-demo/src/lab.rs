@@ -6,6 +6,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::{self, Write as _},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -25,6 +26,7 @@ use crate::{
         MIN_REPLICAS, SERVICE, VIP, VIP_PORT,
     },
     instances::{toml_string, InstancePlan},
+    metrics_port::{bind_free_port, Relay, IN_NAMESPACE},
 };
 
 pub(crate) struct Lab {
@@ -45,6 +47,10 @@ pub(crate) struct Lab {
     /// cleanup removes if the agent leaves any behind.
     instances: Option<InstanceNamespaces>,
     pub(crate) agent: Option<Agent>,
+    /// Where the agent's `/metrics` is reachable from the host's namespace,
+    /// and the relay that carries it there from the LB namespace.
+    pub(crate) metrics: Option<SocketAddr>,
+    relay: Option<Relay>,
     /// Docker: the engine, stopped again at the end if this run started it.
     dockerd: Option<Dockerd>,
     /// Docker: the network was absent when we started, so the one there at
@@ -66,6 +72,8 @@ impl Lab {
             namespaces: Vec::new(),
             instances: None,
             agent: None,
+            metrics: None,
+            relay: None,
             dockerd: None,
             network_is_ours: false,
             cleaned: false,
@@ -268,8 +276,29 @@ impl Lab {
     /// Start the agent in the LB namespace (the host's for Docker), with
     /// everything it keeps in the scratch directory.
     pub(crate) fn start_agent(&mut self) -> anyhow::Result<()> {
+        // Metrics on the host's loopback: the agent's own listener beside
+        // dockerd, or a relay into the LB namespace.
+        let host_side = bind_free_port()?;
+        let metrics_address = match self.lb_ns.as_deref() {
+            Some(ns) => {
+                let relay = Relay::start(host_side, ns, IN_NAMESPACE)?;
+                self.metrics = Some(relay.addr);
+                self.relay = Some(relay);
+                IN_NAMESPACE
+            }
+            None => {
+                let addr = host_side.local_addr()?;
+                drop(host_side);
+                self.metrics = Some(addr);
+                addr
+            }
+        };
         let scratch = self.scratch();
-        let args = AgentArgs { own_process_group: true, ..scratch.agent_args(scratch.config_path()) };
+        let args = AgentArgs {
+            own_process_group: true,
+            metrics_address: Some(metrics_address),
+            ..scratch.agent_args(scratch.config_path())
+        };
         let ns = self.lb_ns.as_deref().and_then(|n| self.netns(n));
         self.agent = Some(Agent::try_spawn(ns, &args)?);
         Ok(())
@@ -290,6 +319,7 @@ impl Lab {
             let status = agent.stop_within(Duration::from_secs(20));
             notes.push(format!("lb-agent stopped ({})", status.map_or("killed".into(), |s| s.to_string())));
         }
+        self.relay = None;
         for id in self.plan.leftover_containers() {
             match try_run_cmd("docker", &["rm", "-f", "-v", &id]) {
                 Ok(_) => notes.push(format!("removed leftover container {}", &id[..id.len().min(12)])),

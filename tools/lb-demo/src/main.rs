@@ -8,15 +8,17 @@
 //! from the client namespace to the VIP, which is the LB namespace's own
 //! address on the client's link (the host-address deployment), and shows, once per second, what was
 //! offered and answered, how fast, which instances are serving (and their CPU)
-//! and the agent's latest scaling decision. At the end it prints a summary,
+//! and the agent's latest scaling decision. Once the agent is up it prints
+//! the `lb-agent status` command and the metrics address to use from
+//! another shell. At the end it prints a summary,
 //! writes the agent's decision timeline, the per-second series and an SVG
 //! chart to a results directory, and removes everything else it made.
 //!
 //! ```text
 //!  client ns                      LB ns (ip_forward=1)                       instance namespaces
 //!  10.220.0.2 [to-lb] ==== [lbc] 10.220.0.1 = the VIP, port 80
-//!  (no route beyond the link)     [lbd<pid>] bridge 10.212.0.1/24 ---- [eth0] 10.212.0.2  web-2
-//!                                 tc_lb on lbc and the bridge      `--- [eth0] 10.212.0.3  web-3 ...
+//!  (no route beyond the link)     [lbd<pid>] bridge 10.212.0.1/24 ---- [eth0] 10.212.0.2  web-1
+//!                                 tc_lb on lbc and the bridge      `--- [eth0] 10.212.0.3  web-2 ...
 //! ```
 //!
 //! With Docker installed (the default `--orchestrator auto`), the instances
@@ -45,6 +47,7 @@ mod autoscale;
 mod cli;
 mod instances;
 mod lab;
+mod metrics_port;
 mod monitor;
 mod results;
 mod shape;

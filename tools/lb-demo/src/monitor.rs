@@ -33,6 +33,15 @@ pub(crate) struct Sample {
     pub(crate) starting: u32,
     pub(crate) draining: u32,
     pub(crate) desired: u32,
+    /// The metric the policy scales on: mean CPU of the ready instances, in
+    /// percent of one core (none before the first sample).
+    pub(crate) cpu: Option<f64>,
+}
+
+/// The mean of the samples there are, if any.
+fn mean_cpu(cpus: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let known: Vec<f64> = cpus.flatten().collect();
+    (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
 }
 
 /// Milestones, in seconds since the load started.
@@ -272,6 +281,7 @@ impl Monitor<'_> {
             starting: count("starting"),
             draining: count("draining"),
             desired: sc.desired,
+            cpu: mean_cpu(sc.replicas.iter().filter(|r| r.phase == "ready").map(|r| r.cpu_percent)),
         };
         // Back at the minimum after the ramp: nothing starting, draining or
         // stopping, and the agent wants no more.

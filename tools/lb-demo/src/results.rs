@@ -135,17 +135,28 @@ pub(crate) fn instance_path(samples: &[Sample]) -> String {
     steps.iter().map(u32::to_string).collect::<Vec<_>>().join(" -> ")
 }
 
+/// Scaling decisions as chart marks: each time the desired count changed,
+/// labelled "from -> to".
+pub(crate) fn decision_marks(samples: &[Sample]) -> Vec<(f64, String)> {
+    samples
+        .windows(2)
+        .filter(|w| w[0].desired != w[1].desired && w[0].desired > 0)
+        .map(|w| (w[1].t, format!("{} -> {}", w[0].desired, w[1].desired)))
+        .collect()
+}
+
 pub(crate) fn write_results(
     out: &ResultsDir,
     r: &Record,
     summary: &str,
     ramp_text: &str,
+    orchestrator: &str,
 ) -> anyhow::Result<Vec<String>> {
     let mut files = Vec::new();
     let s = &r.report.summary;
     let max_ready = r.samples.iter().map(|s| s.ready).max().unwrap_or(0);
     let title = format!(
-        "lb-demo: autoscaling {SERVICE} (process instances, target {CPU_TARGET:.0}% CPU)\nramp {ramp_text}: {} requests, \
+        "lb-demo ({orchestrator} instances) {SERVICE}: cpu {CPU_TARGET:.0}% target\nramp {ramp_text}: {} requests, \
          availability {:.3} %, instances {}, max {max_ready}",
         s.offered,
         100.0 * s.availability,
@@ -158,12 +169,16 @@ pub(crate) fn write_results(
         files.push(name.to_owned());
         Ok(())
     };
-    write("demo.svg", &plot::render_svg_titled(&title, &r.report.series, &instances))?;
+    let cpu: Vec<(f64, Option<f64>)> = r.samples.iter().map(|s| (s.t, s.cpu)).collect();
+    let metric = plot::ScalingMetric { name: "CPU per instance (%)", target: CPU_TARGET, points: &cpu };
+    let marks = decision_marks(&r.samples);
+    write("demo.svg", &plot::render_svg_scaling(&title, &r.report.series, &instances, Some(&metric), &marks))?;
     write("summary.txt", summary)?;
     write("load.csv", &load::series_to_csv(&r.report.series))?;
-    let mut csv = String::from("t,ready,starting,draining,desired\n");
+    let mut csv = String::from("t,ready,starting,draining,desired,cpu_percent\n");
     for s in &r.samples {
-        let _ = writeln!(csv, "{:.2},{},{},{},{}", s.t, s.ready, s.starting, s.draining, s.desired);
+        let cpu = s.cpu.map_or(String::new(), |c| format!("{c:.1}"));
+        let _ = writeln!(csv, "{:.2},{},{},{},{},{cpu}", s.t, s.ready, s.starting, s.draining, s.desired);
     }
     write("instances.csv", &csv)?;
     if out.path.join("timeline.jsonl").is_file() {
@@ -254,5 +269,13 @@ mod tests {
     fn instance_paths_collapse_repeats() {
         let s = |ready| Sample { ready, ..Sample::default() };
         assert_eq!(instance_path(&[s(1), s(1), s(2), s(4), s(4), s(2), s(1)]), "1 -> 2 -> 4 -> 2 -> 1");
+    }
+
+    #[test]
+    fn decisions_are_marked_where_the_desired_count_changed() {
+        let s = |t, desired| Sample { t, desired, ..Sample::default() };
+        let samples = [s(0.0, 0), s(0.5, 1), s(1.0, 1), s(1.5, 3), s(2.0, 3), s(2.5, 1)];
+        let marks = decision_marks(&samples);
+        assert_eq!(marks, [(1.5, "1 -> 3".to_owned()), (2.5, "3 -> 1".to_owned())], "not before a first decision");
     }
 }

@@ -19,6 +19,10 @@ const RATE_TOP: f64 = 70.0;
 const RATE_BOTTOM: f64 = 262.0;
 const LAT_TOP: f64 = 320.0;
 const LAT_BOTTOM: f64 = 440.0;
+/// The optional metric panel, under the latency panel (the chart grows).
+const METRIC_TOP: f64 = 480.0;
+const METRIC_BOTTOM: f64 = 580.0;
+const METRIC_HEIGHT: f64 = 640.0;
 
 const OFFERED: &str = "#7f7f7f";
 const OK: &str = "#2ca02c";
@@ -26,6 +30,8 @@ const FAILED: &str = "#d62728";
 const P50: &str = "#1f77b4";
 const P99: &str = "#ff7f0e";
 const INSTANCES: &str = "#9467bd";
+const METRIC: &str = "#8c564b";
+const MARK: &str = "#17becf";
 const GRID: &str = "#e6e6e6";
 const AXIS: &str = "#444444";
 
@@ -37,12 +43,35 @@ pub fn render_svg(series: &[TimePoint], extra: &[(f64, u32)]) -> String {
 /// The chart; `extra` is `(seconds, instances)` and may be empty. A second
 /// line of `title` (after a `\n`) becomes a smaller subtitle.
 pub fn render_svg_titled(title: &str, series: &[TimePoint], extra: &[(f64, u32)]) -> String {
+    render_svg_scaling(title, series, extra, None, &[])
+}
+
+/// A metric a scaling policy acts on, over time, against its target.
+pub struct ScalingMetric<'a> {
+    /// Axis title, e.g. "CPU per instance (%)".
+    pub name: &'a str,
+    pub target: f64,
+    /// `(seconds, value)`; `None` where there was no value.
+    pub points: &'a [(f64, Option<f64>)],
+}
+
+/// [`render_svg_titled`], plus, under the latency panel, `metric` against
+/// its target, and scaling decisions `marks` (`(seconds, label)`) as
+/// vertical lines across every panel.
+pub fn render_svg_scaling(
+    title: &str,
+    series: &[TimePoint],
+    extra: &[(f64, u32)],
+    metric: Option<&ScalingMetric<'_>>,
+    marks: &[(f64, String)],
+) -> String {
+    let (height, bottom) = if metric.is_some() { (METRIC_HEIGHT, METRIC_BOTTOM) } else { (HEIGHT, LAT_BOTTOM) };
     let mut svg = String::new();
     let _ = writeln!(
         svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">"#
     );
-    let _ = writeln!(svg, r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#);
+    let _ = writeln!(svg, r#"<rect width="{WIDTH}" height="{height}" fill="white"/>"#);
     let (title, subtitle) = title.split_once('\n').unwrap_or((title, ""));
     // Bold DejaVu Sans is about 0.62 em per character: shrink long titles to fit.
     let fit = |size: f64, text: &str| size.min((WIDTH - 24.0) / (0.62 * text.chars().count().max(1) as f64)).max(8.0);
@@ -53,20 +82,33 @@ pub fn render_svg_titled(title: &str, series: &[TimePoint], extra: &[(f64, u32)]
         text(&mut svg, WIDTH / 2.0, 38.0, "middle", &style, subtitle);
     }
 
-    let t_end = series.iter().map(|p| p.t + p.span).chain(extra.iter().map(|&(t, _)| t)).fold(1.0_f64, f64::max);
+    let t_end = series
+        .iter()
+        .map(|p| p.t + p.span)
+        .chain(extra.iter().map(|&(t, _)| t))
+        .chain(marks.iter().map(|(t, _)| *t))
+        .fold(1.0_f64, f64::max);
     let x_axis = Axis::linear(0.0, t_end, LEFT, RIGHT, 10);
     let mid = |p: &TimePoint| p.t + p.span / 2.0;
 
     rate_panel(&mut svg, series, extra, &x_axis, mid);
     latency_panel(&mut svg, series, &x_axis, mid);
+    if let Some(m) = metric {
+        metric_panel(&mut svg, m, &x_axis);
+    }
+    for (t, label) in marks {
+        let x = x_axis.at(*t);
+        line(&mut svg, x, RATE_TOP, x, bottom, MARK, 1.0, r#"stroke-dasharray="2,3""#);
+        text(&mut svg, x + 2.0, RATE_TOP + 11.0, "start", &format!(r#"font-size="10" fill="{MARK}""#), label);
+    }
 
-    // The shared time axis under the latency panel.
+    // The shared time axis under the last panel.
     for &t in &x_axis.ticks {
         let x = x_axis.at(t);
-        line(&mut svg, x, LAT_BOTTOM, x, LAT_BOTTOM + 4.0, AXIS, 1.0, "");
-        text(&mut svg, x, LAT_BOTTOM + 17.0, "middle", "", &fmt_num(t));
+        line(&mut svg, x, bottom, x, bottom + 4.0, AXIS, 1.0, "");
+        text(&mut svg, x, bottom + 17.0, "middle", "", &fmt_num(t));
     }
-    text(&mut svg, (LEFT + RIGHT) / 2.0, LAT_BOTTOM + 40.0, "middle", "", "time since start (s)");
+    text(&mut svg, (LEFT + RIGHT) / 2.0, bottom + 40.0, "middle", "", "time since start (s)");
     svg.push_str("</svg>\n");
     svg
 }
@@ -128,6 +170,25 @@ fn rate_panel(svg: &mut String, series: &[TimePoint], extra: &[(f64, u32)], x: &
         legend.push((INSTANCES, "instances (right axis)", ""));
     }
     legend_row(svg, RATE_TOP - 12.0, &legend);
+}
+
+fn metric_panel(svg: &mut String, m: &ScalingMetric<'_>, x: &Axis) {
+    let top = m.points.iter().filter_map(|(_, v)| *v).fold(m.target * 1.5, f64::max);
+    let y = Axis::linear(0.0, top, METRIC_BOTTOM, METRIC_TOP, 4);
+    frame(svg, x, &y, METRIC_TOP, METRIC_BOTTOM);
+    for &v in &y.ticks {
+        text(svg, LEFT - 6.0, y.at(v) + 4.0, "end", "", &fmt_num(v));
+    }
+    vertical_title(svg, 20.0, (METRIC_TOP + METRIC_BOTTOM) / 2.0, m.name);
+    let (ty, target) = (y.at(m.target), format!("target {}", fmt_num(m.target)));
+    line(svg, LEFT, ty, RIGHT, ty, METRIC, 1.5, r#"stroke-dasharray="6,4""#);
+    let points: Vec<Option<(f64, f64)>> = m.points.iter().map(|&(t, v)| v.map(|v| (x.at(t), y.at(v)))).collect();
+    polyline(svg, &points, METRIC, 2.0, "");
+    legend_row(
+        svg,
+        METRIC_TOP - 12.0,
+        &[(METRIC, m.name, ""), (METRIC, &target, r#"stroke-dasharray="6,4""#), (MARK, "scaling decision", "")],
+    );
 }
 
 fn latency_panel(svg: &mut String, series: &[TimePoint], x: &Axis, mid: impl Fn(&TimePoint) -> f64) {
@@ -376,6 +437,22 @@ mod tests {
         assert_eq!(p50.matches('M').count(), 2, "{p50}");
         assert!(svg.contains(">time since start (s)</text>"));
         assert_eq!(svg.matches("<svg").count(), 1);
+    }
+
+    #[test]
+    fn a_scaling_chart_adds_the_metric_against_its_target_and_marks_decisions() {
+        let series = vec![point(0.0, 10, 10, Some(1.2)), point(1.0, 100, 100, Some(4.0))];
+        let points = [(0.0, Some(20.0)), (1.0, Some(80.0)), (2.0, None)];
+        let metric = ScalingMetric { name: "CPU per instance (%)", target: 50.0, points: &points };
+        let marks = [(1.0, "1 -> 2".to_owned())];
+        let svg = render_svg_scaling("web: cpu 50% target", &series, &[(0.0, 1)], Some(&metric), &marks);
+        assert!(svg.starts_with(r#"<svg xmlns="http://www.w3.org/2000/svg" width="900" height="640""#), "grows");
+        for label in ["CPU per instance (%)", "target 50", "scaling decision", "1 -&gt; 2"] {
+            assert!(svg.contains(&format!(">{label}</text>")), "missing {label}");
+        }
+        assert!(svg.contains(&format!("stroke=\"{METRIC}\"")) && svg.contains(&format!("stroke=\"{MARK}\"")));
+        let plain = render_svg_titled("x", &series, &[]);
+        assert!(plain.contains(r#"height="500""#) && !plain.contains(MARK), "no metric, no marks: as before");
     }
 
     #[test]

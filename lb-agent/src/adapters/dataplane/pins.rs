@@ -222,6 +222,11 @@ pub fn remove_pinned_dir(dir: &Path) -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// Whether `path` is (the root of, or in) a bpf file system.
+pub fn is_bpffs(path: &Path) -> bool {
+    fs_magic(path).is_ok_and(|m| m == BPF_FS_MAGIC)
+}
+
 pub(super) fn fs_magic(path: &Path) -> anyhow::Result<i64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
