@@ -92,7 +92,7 @@ enum Command {
     /// Exits 0 when `run` would take the config (warnings allowed), 1 when
     /// it would refuse it; every error and warning names its place.
     #[command(
-        after_help = "Examples:\n  lb-agent check lb.toml\n  lb-agent check --file-only examples/web.toml   # in CI, or for another host"
+        after_help = "Examples:\n  lb-agent check lb.toml\n  lb-agent check --file-only examples/static-backends.toml   # in CI, or for another host"
     )]
     Check {
         /// The TOML config to check (see docs/config.md for every key).
@@ -211,9 +211,10 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum BackendChange {
-    /// Add a backend; it takes new flows at once. Refused: a loopback
-    /// address, and one the host routes out of an interface the service
-    /// does not list (the data plane could not reach it).
+    /// Add a backend; it takes new flows at once. Refused when the data
+    /// plane could not reach it: a loopback address, an address of this
+    /// host, one with no route, or one the host routes out of an interface
+    /// the service does not list.
     Add {
         /// The service's `name` in the config.
         service: String,

@@ -410,17 +410,15 @@ impl Snapshot {
                     human_rate(b.counters.bytes_per_second),
                 ]);
             }
-            for b in &s.backends {
-                if let Some(why) = &b.reason {
-                    let _ = writeln!(out, "  {} {}: {why}", b.address, b.state);
-                }
-            }
             if s.backends.is_empty() {
                 let _ = writeln!(out, "  (no backends: new flows are dropped)");
             } else {
                 out.push_str(&columns("  ", &rows, &[2, 3, 4, 5, 6, 7]));
             }
             for b in &s.backends {
+                if let Some(why) = &b.reason {
+                    let _ = writeln!(out, "  {} {}: {why}", b.address, b.state);
+                }
                 if let Some(note) = &b.run_time {
                     let _ = writeln!(out, "  * {} run-time: {note} (`lb-agent backend reset` drops it)", b.address);
                 }

@@ -167,6 +167,8 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     published: watch::Sender<Arc<Snapshot>>,
     /// `lb-agent stop` asked for a shutdown that removes everything.
     stop_requested: bool,
+    /// The last route lookup failed (reported once, not every tick).
+    routes_failing: bool,
     scalers: BTreeMap<String, Scaler<F::Orchestrator, P>>,
     scaler_tx: mpsc::Sender<ScalerEvent>,
     scaler_rx: mpsc::Receiver<ScalerEvent>,
@@ -240,6 +242,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             probe_rx,
             published: watch::Sender::new(Arc::new(Snapshot::default())),
             stop_requested: false,
+            routes_failing: false,
             scalers: BTreeMap::new(),
             scaler_tx,
             scaler_rx,
@@ -486,10 +489,26 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
         let routes = match self.dataplane.routes(&addrs) {
             Ok(r) => r,
-            Err(e) => return self.error(format!("looking up the routes to backends failed: {e:#}")),
+            Err(e) => {
+                if !std::mem::replace(&mut self.routes_failing, true) {
+                    self.error(format!("looking up the routes to backends failed: {e:#} (said once until it works)"));
+                }
+                return;
+            }
         };
+        self.routes_failing = false;
         let changed = self.registry.judge_routes(&routes);
-        for (service, addr, why) in &changed {
+        self.report_route_flags(&changed);
+        if !changed.is_empty() {
+            if let Err(e) = self.sync() {
+                self.error(format!("applying a route change failed: {e:#}"));
+            }
+        }
+    }
+
+    /// Log and record backends flagged `unroutable`, or routable again.
+    fn report_route_flags(&mut self, changed: &[(String, SocketAddrV4, Option<String>)]) {
+        for (service, addr, why) in changed {
             match why {
                 Some(why) => {
                     warn!(service, backend = %addr, why, "backend unroutable: out of the table");
@@ -499,11 +518,6 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     info!(service, backend = %addr, "backend routable again: back in the table");
                     self.event(format!("{service}: {addr} routable again"));
                 }
-            }
-        }
-        if !changed.is_empty() {
-            if let Err(e) = self.sync() {
-                self.error(format!("applying a route change failed: {e:#}"));
             }
         }
     }

@@ -115,6 +115,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 warn!(service, instance = r.name, error = %e, "adopting a serving instance failed");
             }
         }
+        // New backends come in flagged if the host cannot route them (a
+        // warning above), never in the table for a tick.
+        let flags = self.registry.judge_routes(&facts.routes);
+        self.report_route_flags(&flags);
         let summary = self.sync()?;
         for iface in had.difference(&wanted) {
             self.dataplane.detach(iface)?;
@@ -147,8 +151,16 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// Scaled services' orchestrators have made their bridges by now.
     fn check_deployment(&self, config: &Config) -> anyhow::Result<HostFacts> {
         let facts = self.dataplane.host_facts(config).context("read this host's addresses and interfaces")?;
+        // A backend already serving is not refused for a route that moved
+        // since it came in (that would refuse every reload and `backend
+        // reset` until the route is back): the registry flags it
+        // `unroutable` and keeps it out of the table, as between reloads.
+        let mut judged = facts.clone();
+        for ip in self.registry.backend_ips() {
+            judged.routes.remove(&ip);
+        }
         let mut refused = Vec::new();
-        for f in deploy::judge(config, &facts) {
+        for f in deploy::judge(config, &judged) {
             match f.severity {
                 deploy::Severity::Warn => warn!(finding = %f.text, "config can be served only in part"),
                 deploy::Severity::Refuse => refused.push(f.text),

@@ -862,6 +862,22 @@ async fn backends_the_host_routes_elsewhere_are_refused_or_flagged() {
         assert!(has_event(&s, "web: 10.1.0.2:80 unroutable (its route leaves by eth9"), "{:?}", s.events);
         assert!(s.render_table().contains("10.1.0.2:80 unroutable: its route leaves by eth9"));
         assert!(!w.dp.in_table(addr("10.1.0.2:80")));
+        let table = s.render_table();
+        let (header, reason) = (table.find("BACKEND").unwrap(), table.find("10.1.0.2:80 unroutable:").unwrap());
+        assert!(header < reason, "the reason goes under the table:\n{table}");
+
+        // A reload while it is flagged: an unrelated edit is taken, and the
+        // backend stays flagged and out of the table...
+        w.write_config(&web("drain_timeout = \"5s\"", &["10.1.0.1:80", "10.1.0.2:80"]));
+        let r = d.call(Request::Reload).await;
+        assert!(r.ok, "{r:?}");
+        let s = d.status().await;
+        assert_eq!(s.services[0].backends[1].state, "unroutable");
+        assert!(!w.dp.in_table(addr("10.1.0.2:80")));
+        // ...but a new backend the host routes elsewhere is refused.
+        w.write_config(&web("drain_timeout = \"5s\"", &["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"]));
+        let r = d.call(Request::Reload).await;
+        assert!(!r.ok && r.error.unwrap_or_default().contains("10.1.0.3:80: its route leaves by eth9"));
 
         route("10.1.0.2:80", Route::Via("eth0".into()));
         let s = d.until(Duration::from_secs(2), "back", |s| s.services[0].backends[1].state == "active").await;

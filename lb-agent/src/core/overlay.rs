@@ -208,7 +208,7 @@ impl Overlay {
         let now = Config::parse(text, path)?;
         anyhow::ensure!(
             &now == file,
-            "{} changed since the agent last applied it: it takes it at its next look (or run `lb-agent reload`)",
+            "{} changed since the agent last applied it: run `lb-agent reload` (if it is refused, `lb-agent status` says why)",
             path.display()
         );
         let mut doc: DocumentMut = text.parse().with_context(|| format!("parse {}", path.display()))?;

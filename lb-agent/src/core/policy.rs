@@ -722,7 +722,7 @@ fn describe_rate(b: &Behavior) -> String {
 fn rate_words(b: &Behavior, period: String) -> String {
     let mut parts = Vec::new();
     if let Some(s) = b.max_step {
-        parts.push(format!("{s} replicas"));
+        parts.push(format!("{s} replica{}", if s == 1 { "" } else { "s" }));
     }
     if let Some(p) = b.max_percent {
         parts.push(format!("{p}%"));
@@ -900,6 +900,7 @@ mod tests {
         let p = policy("min_replicas = 3\nmax_replicas = 3\n");
         assert!(describe_policy(&p, Duration::from_secs(1)).ends_with("; 3 instances, fixed; evaluated every 1 s"));
     }
+
     use proptest::prelude::*;
 
     /// A base instant with room to go back an hour.
@@ -1444,7 +1445,6 @@ mod tests {
         assert_eq!(h.events().count(), 0);
     }
 
-    /// (6) A jump from 1 to 10 wanted, with at most 2 added per 10 s.
     #[test]
     fn a_hold_sets_the_count_and_says_what_the_policy_wanted() {
         let t0 = t0();
@@ -1470,6 +1470,7 @@ mod tests {
         assert_eq!(decide(&cpus(&[(true, 150.0)]), &p, &h, at(t0, 1)).previous, 4);
     }
 
+    /// (6) A jump from 1 to 10 wanted, with at most 2 added per 10 s.
     #[test]
     fn trace_rate_limit_caps_a_big_jump() {
         let mut sim =

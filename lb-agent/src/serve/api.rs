@@ -159,6 +159,22 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         }
     };
     let (has_service, has_address, has_weight) = (raw.service.is_some(), raw.address.is_some(), raw.weight.is_some());
+    const OPS: [&str; 11] = [
+        "status",
+        "add_backend",
+        "remove_backend",
+        "set_weight",
+        "reset_backend",
+        "reload",
+        "dump_config",
+        "stop",
+        "pin_replicas",
+        "pause_scaling",
+        "resume_scaling",
+    ];
+    if !OPS.contains(&op) {
+        return Err(format!("bad request: op: unknown {op:?}; one of {}", OPS.join(", ")));
+    }
     if raw.replicas.is_some() && op != "pin_replicas" {
         return Err(format!("bad request: {op} takes no \"replicas\""));
     }
@@ -190,10 +206,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             unused(&[("service", has_service), ("address", has_address), ("weight", has_weight)])?;
             Ok(Request::DumpConfig)
         }
-        other => Err(format!(
-            "bad request: op: unknown {other:?}; one of status, add_backend, remove_backend, set_weight, \
-             reset_backend, reload, dump_config, stop, pin_replicas, pause_scaling, resume_scaling"
-        )),
+        other => Err(format!("bad request: op {other:?} is not handled")),
     }
 }
 
