@@ -890,7 +890,7 @@ mod tests {
         assert_eq!(
             describe_policy(&p, Duration::from_millis(500)),
             "hold requests/s 10 per instance (more or fewer instances in proportion, none while within 12.5%); \
-             up at most 1 replicas or 10% (the lower) per 1 min, once above target for 90 s; scaling down disabled; \
+             up at most 1 replica or 10% (the lower) per 1 min, once above target for 90 s; scaling down disabled; \
              1-10 instances; evaluated every 500 ms"
         );
     }
