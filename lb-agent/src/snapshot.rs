@@ -183,6 +183,7 @@ fn socket_lb_status(dataplane: &dyn DataplaneReads, note: &str) -> SocketLbStatu
 fn verdict(r: Reason) -> &'static str {
     match r {
         r if r.is_translated() => "forward",
+        r if r.is_refused() => "refuse",
         r if r.is_drop() => "drop",
         _ => "pass",
     }

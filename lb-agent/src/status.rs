@@ -179,7 +179,7 @@ pub struct Traffic {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReasonCount {
     pub reason: String,
-    /// "pass" or "drop" or "forward".
+    /// "pass", "drop", "forward" or "refuse" (answered for want of a backend).
     pub verdict: String,
     pub packets: u64,
 }
@@ -322,14 +322,16 @@ impl Snapshot {
                 );
             }
         }
-        let drops: Vec<String> = self
-            .reasons
-            .iter()
-            .filter(|r| r.verdict == "drop" && r.packets > 0)
-            .map(|r| format!("{} {}", r.reason, r.packets))
-            .collect();
-        if !drops.is_empty() {
-            let _ = writeln!(out, "\ndrops: {}", drops.join(", "));
+        for (verdict, title) in [("refuse", "refused"), ("drop", "drops")] {
+            let counts: Vec<String> = self
+                .reasons
+                .iter()
+                .filter(|r| r.verdict == verdict && r.packets > 0)
+                .map(|r| format!("{} {}", r.reason, r.packets))
+                .collect();
+            if !counts.is_empty() {
+                let _ = writeln!(out, "\n{title}: {}", counts.join(", "));
+            }
         }
         if !self.events.is_empty() {
             let _ = writeln!(out, "\nrecent events:");

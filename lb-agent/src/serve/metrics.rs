@@ -168,7 +168,7 @@ const BACKEND_TABLE_SHARE: Family<BackendLabels> = Family::gauge(
 );
 const PACKETS: Family<VerdictLabels> = Family::counter(
     "lb_packets_total",
-    "Packets the XDP program handled, by the reason for its verdict (forward, pass or drop), since it was loaded.",
+    "Packets the XDP program handled, by the reason for its verdict (forward, refuse: answered with a reset or ICMP unreachable, pass or drop), since it was loaded.",
 );
 const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
     "lb_xdp_attached",
@@ -509,7 +509,7 @@ impl LabelSet for BackendStateLabels {
 struct VerdictLabels {
     /// `lb_common::Reason::name`.
     reason: String,
-    /// "forward", "pass" or "drop".
+    /// "forward", "refuse", "pass" or "drop".
     verdict: String,
 }
 
