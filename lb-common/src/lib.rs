@@ -136,7 +136,7 @@ pub struct Service {
     pub id: u32,
     /// Which of the service's two Maglev tables is live (0 or 1).
     pub table: u32,
-    /// Number of backends in the live table; 0 drops new flows (`DropNoBackend`).
+    /// Number of backends in the live table; 0 refuses new flows (`ResetNoBackend`, `UnreachableNoBackend`).
     pub backend_count: u32,
     /// Forwarding mode, one of `MODE_*`.
     pub mode: u32,
@@ -619,7 +619,8 @@ pub struct SockRevKey {
 pub enum SockOp {
     /// A `connect`/`sendmsg` to a service, rewritten to a backend.
     Translated = 0,
-    /// A `connect`/`sendmsg` to a service with no serving backend: refused.
+    /// A `connect`/`sendmsg` to a service with no serving backend: refused
+    /// (ECONNREFUSED for an empty table, EPERM for a stale backend).
     NoBackend,
     /// A `recvmsg`/`getpeername` address put back from a backend to the VIP.
     Restored,

@@ -5,8 +5,11 @@
 //! `lb_common::refuse::reset_for`; a reset is never answered), UDP with an
 //! ICMP port unreachable quoting the request's IPv4 header and UDP header.
 //! The answer is written over the request, from the VIP to the client, and
-//! leaves by XDP_TX out of the interface the request came in on. It is never
-//! larger than the request plus 28 bytes (`UNREACH_QUOTE_LEN`).
+//! leaves by XDP_TX out of the interface the request came in on where that
+//! interface can transmit XDP frames (it is in `EGRESS`; a veth whose peer
+//! has neither GRO nor an XDP program drops them), else it passes up, still
+//! addressed to this host, and the kernel forwards it. It is never larger than the request plus 28 bytes
+//! (`UNREACH_QUOTE_LEN`).
 //!
 //! XDP only: at the tc hook a request from a local stack can carry a
 //! partial checksum (CHECKSUM_PARTIAL) that the skb would finish over our
@@ -19,13 +22,14 @@ use aya_ebpf::{
 use lb_common::{
     icmp::ICMP_HLEN,
     refuse::{checksum, reset_for, tcp_checksum, ANSWER_TTL, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, UNREACH_QUOTE_LEN},
-    Reason, PROTO_ICMP, PROTO_TCP,
+    Path, Reason, PROTO_ICMP, PROTO_TCP,
 };
 
 use crate::{
     hook::{Hook, Xdp},
     parse::{ptr_at, EthHdr, Ipv4Hdr, TcpHdr, ETH_HLEN},
-    Packet, Verdict,
+    route,
+    Packet, Verdict, EGRESS,
 };
 
 /// `parse_packet` passes IPv4 with options: every offset is fixed.
@@ -47,14 +51,30 @@ type IcmpWords = [u16; (ICMP_HLEN + UNREACH_QUOTE_LEN) / 2];
 /// the answer back, or drop it when there is none to give.
 #[inline(always)]
 pub fn answer(xdp: &Xdp, pkt: &Packet) -> Result<(u32, Reason), Verdict> {
-    let sent = if pkt.proto == PROTO_TCP { reset(xdp, pkt) } else { unreachable(xdp, pkt) };
-    sent.map(|reason| (xdp_action::XDP_TX, reason)).ok_or(Verdict::drop(Reason::DropNoBackend))
+    let (action, path, macs) = if EGRESS.get_ifindex(pkt.ingress_ifindex).is_some() {
+        (xdp_action::XDP_TX, Path::TxBack, Macs { dst: pkt.src_mac, src: pkt.dst_mac })
+    } else {
+        // Still addressed to this host, or the stack would not take it.
+        (xdp_action::XDP_PASS, Path::PassEgressNotReady, Macs { dst: pkt.dst_mac, src: pkt.src_mac })
+    };
+    let sent = if pkt.proto == PROTO_TCP { reset(xdp, pkt, &macs) } else { unreachable(xdp, pkt, &macs) };
+    let reason = sent.ok_or(Verdict::drop(Reason::DropNoBackend))?;
+    route::count_path(pkt.ingress_ifindex, path);
+    Ok((action, reason))
+}
+
+/// The answer's Ethernet addresses: back to the client's MAC when it is
+/// sent back (XDP_TX), as it arrived when it passes up (the kernel then
+/// forwards it and sets them).
+struct Macs {
+    dst: [u8; 6],
+    src: [u8; 6],
 }
 
 /// The reset, over the request's own headers; the frame is cut after the
 /// TCP header.
 #[inline(always)]
-fn reset(xdp: &Xdp, pkt: &Packet) -> Option<Reason> {
+fn reset(xdp: &Xdp, pkt: &Packet, macs: &Macs) -> Option<Reason> {
     let tcp: *mut TcpHdr = ptr_at(xdp, L4_OFF)?;
     // SAFETY: bounds-checked above; seq and ack are read unaligned (the
     // header sits at 2 mod 4).
@@ -68,7 +88,7 @@ fn reset(xdp: &Xdp, pkt: &Packet) -> Option<Reason> {
     // SAFETY: parse_packet bounds-checked `eth` and `ip`, `tcp` above; no
     // helper has moved the packet since.
     unsafe {
-        write_eth(pkt.eth, pkt);
+        write_eth(pkt.eth, macs);
         write_ipv4(pkt.ip, (20 + TCP_HLEN) as u16, PROTO_TCP, vip_be, client_be);
         (*tcp).src_port_be = pkt.dst_port_be;
         (*tcp).dst_port_be = pkt.src_port_be;
@@ -88,7 +108,7 @@ fn reset(xdp: &Xdp, pkt: &Packet) -> Option<Reason> {
 /// IPv4 header before it becomes the quote, and the new Ethernet, IPv4 and
 /// ICMP headers go in front.
 #[inline(always)]
-fn unreachable(xdp: &Xdp, pkt: &Packet) -> Option<Reason> {
+fn unreachable(xdp: &Xdp, pkt: &Packet, macs: &Macs) -> Option<Reason> {
     if !trim(xdp, UDP_REQUEST_KEPT) {
         return None;
     }
@@ -103,7 +123,7 @@ fn unreachable(xdp: &Xdp, pkt: &Packet) -> Option<Reason> {
     // SAFETY: all three bounds-checked just now; the ICMP words reach the
     // quote's end, the frame's.
     unsafe {
-        write_eth(eth, pkt);
+        write_eth(eth, macs);
         (*eth).ether_type = 0x0800u16.to_be();
         write_ipv4(ip, UNREACH_IP_LEN, PROTO_ICMP, pkt.dst_ip_be, pkt.src_ip_be);
         let head = icmp.cast::<u8>();
@@ -127,15 +147,13 @@ fn trim(xdp: &Xdp, len: usize) -> bool {
     cut <= 0 || unsafe { bpf_xdp_adjust_tail(xdp.ctx.ctx, -cut) } == 0
 }
 
-/// From the VIP's side back to the client's MAC.
-///
 /// # Safety
 /// `eth` points into the packet, bounds-checked.
 #[inline(always)]
-unsafe fn write_eth(eth: *mut EthHdr, pkt: &Packet) {
+unsafe fn write_eth(eth: *mut EthHdr, macs: &Macs) {
     unsafe {
-        (*eth).dst = pkt.src_mac;
-        (*eth).src = pkt.dst_mac;
+        (*eth).dst = macs.dst;
+        (*eth).src = macs.src;
     }
 }
 

@@ -710,16 +710,25 @@ fn answer_ip(from: Ipv4Addr, proto: u8) -> Ipv4 {
     Ipv4 { id: 0, flags_frag: 0, ttl: 64, ..Ipv4::new(from, *CLIENT.ip(), proto) }
 }
 
-/// A packet the XDP programs answer with `output` (XDP_TX), from the VIP,
-/// back the way it came.
+/// A packet the XDP programs answer with `output`, from the VIP: passed up
+/// for the kernel to forward here, where no interface has the fast path
+/// (see `answer_sent_back_out_of_its_interface` for XDP_TX).
 fn refused(name: &'static str, input: Vec<u8>, output: Vec<u8>, reason: Reason) -> Fixture {
-    Fixture { output, verdict: XDP_TX, programs: XDP_ONLY, ..dropped(name, input, reason) }
+    Fixture { output, verdict: XDP_PASS, programs: XDP_ONLY, ..dropped(name, input, reason) }
 }
 
-/// The reset from `to` for `seq`, `ack` and `flags`.
+/// The reset from `to` for `seq`, `ack` and `flags`, passed up: still
+/// addressed to the load balancer, for the kernel to forward.
 fn reset_from(to: SocketAddrV4, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
     let tcp = Tcp { seq, ack, window: 0, ..Tcp::new(to.port(), CLIENT.port(), flags) };
-    tcp_frame((CLIENT_MAC, LB_MAC), &answer_ip(*to.ip(), IPPROTO_TCP), &tcp)
+    tcp_frame(FROM_CLIENT, &answer_ip(*to.ip(), IPPROTO_TCP), &tcp)
+}
+
+/// `frame` sent back out of its interface (XDP_TX): to the client's MAC.
+fn sent_back(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&CLIENT_MAC);
+    frame[6..12].copy_from_slice(&LB_MAC);
+    frame
 }
 
 /// A SYN: RST|ACK acknowledging it (seq 0, ack = its seq + 1).
@@ -768,7 +777,8 @@ fn no_backend_udp_gets_port_unreachable() -> Fixture {
     let input = udp_frame(FROM_CLIENT, &udp_ip(*CLIENT.ip(), VIP), &Udp::new(CLIENT.port(), EMPTY_UDP.port(), DNS_QUERY));
     let quote = &input[14..14 + 28];
     let message = icmp_error(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, quote);
-    let output = ethernet(CLIENT_MAC, LB_MAC, ETH_P_IP, &answer_ip(VIP, IPPROTO_ICMP).build(&message));
+    let (dst, src) = FROM_CLIENT;
+    let output = ethernet(dst, src, ETH_P_IP, &answer_ip(VIP, IPPROTO_ICMP).build(&message));
     assert_eq!(output.len(), 70);
     refused("no_backend_udp_gets_port_unreachable", input, output, Reason::UnreachableNoBackend)
 }
@@ -777,7 +787,8 @@ fn no_backend_udp_gets_port_unreachable() -> Fixture {
 fn no_backend_empty_udp_gets_port_unreachable() -> Fixture {
     let input = udp_frame(FROM_CLIENT, &udp_ip(*CLIENT.ip(), VIP), &Udp::new(CLIENT.port(), EMPTY_UDP.port(), b""));
     let message = icmp_error(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, &input[14..]);
-    let output = ethernet(CLIENT_MAC, LB_MAC, ETH_P_IP, &answer_ip(VIP, IPPROTO_ICMP).build(&message));
+    let (dst, src) = FROM_CLIENT;
+    let output = ethernet(dst, src, ETH_P_IP, &answer_ip(VIP, IPPROTO_ICMP).build(&message));
     assert_eq!(output.len(), input.len() + 28);
     refused("no_backend_empty_udp_gets_port_unreachable", input, output, Reason::UnreachableNoBackend)
 }
@@ -1144,6 +1155,20 @@ fn syn_sent_back_out_of_its_interface() -> RouteFixture {
     }
 }
 
+/// No usable backend, arriving on an interface with the fast path: the
+/// reset leaves by XDP_TX, back out of the interface the SYN came in on.
+fn answer_sent_back_out_of_its_interface() -> RouteFixture {
+    RouteFixture {
+        name: "answer_sent_back_out_of_its_interface",
+        input: client_tcp(EMPTY_TCP, TCP_SYN),
+        verdict: XDP_TX,
+        output: sent_back(reset_from(EMPTY_TCP, 0, 0x1000_0001, TCP_RST | TCP_ACK)),
+        reason: Reason::ResetNoBackend,
+        path: Path::TxBack,
+        ..syn_redirected_to_the_backend_side()
+    }
+}
+
 /// The FIB knows the route but not the backend's MAC: the translated SYN
 /// passes up unchanged otherwise, for the kernel to resolve the neighbour.
 fn syn_without_neighbour_passes_up() -> RouteFixture {
@@ -1327,6 +1352,10 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     // the test run's context set.
     let opened_on = if f.setup.is_empty() { ingress } else { index_of(LB_CLIENT_SIDE) };
     let flows = lb.conntrack().unwrap();
+    if f.reason.is_refused() {
+        assert!(flows.is_empty(), "{name}: a refused packet opened a flow: {flows:?}");
+        return;
+    }
     let forward = flows.values().next().expect("the flow's entry");
     assert_eq!(forward.client_ifindex, opened_on, "{name}: the flow's client interface");
 }
@@ -1421,6 +1450,7 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
 root_fixtures!(run_route_fixture, all_route_fixtures -> RouteFixture {
     root_syn_redirected_to_the_backend_side => syn_redirected_to_the_backend_side,
     root_syn_sent_back_out_of_its_interface => syn_sent_back_out_of_its_interface,
+    root_answer_sent_back_out_of_its_interface => answer_sent_back_out_of_its_interface,
     root_syn_without_neighbour_passes_up => syn_without_neighbour_passes_up,
     root_syn_to_an_egress_without_fast_path_passes_up => syn_to_an_egress_without_fast_path_passes_up,
     root_syn_with_ttl_1_passes_up => syn_with_ttl_1_passes_up,
