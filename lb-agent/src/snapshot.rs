@@ -94,6 +94,7 @@ impl SnapshotBuilder {
                 mode: "dnat".into(),
                 interfaces: entry.config.interfaces.clone(),
                 counters: self.traffic(&svc_key, counters, now),
+                usable_backends: backends.iter().filter(|b| b.in_table).count() as u32,
                 backends,
             });
             seen.insert(svc_key, (counters, now));

@@ -140,6 +140,10 @@ pub struct ServiceStatus {
     pub interfaces: Vec<String>,
     pub counters: Traffic,
     pub backends: Vec<BackendStatus>,
+    /// Backends new flows can go to (in the Maglev table). At 0 new flows
+    /// are refused at once: a TCP reset, an ICMP port unreachable for UDP.
+    #[serde(default)]
+    pub usable_backends: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -287,8 +291,9 @@ impl Snapshot {
                     human_rate(b.counters.bytes_per_second),
                 );
             }
-            if s.backends.is_empty() {
-                let _ = writeln!(out, "  (no backends: new flows are dropped)");
+            if s.usable_backends == 0 {
+                let why = if s.backends.is_empty() { "no backends" } else { "none active, weighted and up" };
+                let _ = writeln!(out, "  0 usable backends ({why}): new clients are refused (TCP reset, ICMP unreachable)");
             }
         }
         for sc in &self.scaling {
@@ -418,6 +423,7 @@ mod tests {
                     drain_seconds_left: Some(9.2),
                     counters: Traffic { new_flows_per_second: 1500.0, ..Traffic::default() },
                 }],
+                usable_backends: 0,
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
             maps: vec![],
@@ -435,6 +441,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");
+        assert!(
+            t.contains("  0 usable backends (none active, weighted and up): new clients are refused (TCP reset, ICMP unreachable)"),
+            "{t}"
+        );
         assert!(t.contains("socket lb: not attached\n"), "{t}");
         let mut s = s;
         s.agent.socket_lb = SocketLbStatus {
