@@ -116,6 +116,7 @@ impl SnapshotBuilder {
                 mode: "dnat".into(),
                 interfaces: entry.config.interfaces.clone(),
                 counters: self.traffic(&svc_key, counters, now),
+                usable_backends: backends.iter().filter(|b| b.in_table).count() as u32,
                 backends,
             });
             seen.insert(svc_key, (counters, now));
@@ -206,6 +207,7 @@ fn socket_lb_status(dataplane: &dyn DataplaneReads, note: &str) -> SocketLbStatu
 fn verdict(r: Reason) -> &'static str {
     match r {
         r if r.is_translated() => "forward",
+        r if r.is_refused() => "refuse",
         r if r.is_drop() => "drop",
         _ => "pass",
     }

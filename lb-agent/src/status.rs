@@ -215,6 +215,10 @@ pub struct ServiceStatus {
     pub interfaces: Vec<String>,
     pub counters: Traffic,
     pub backends: Vec<BackendStatus>,
+    /// Backends new flows can go to (in the Maglev table). At 0 new flows
+    /// are refused at once: a TCP reset, an ICMP port unreachable for UDP.
+    #[serde(default)]
+    pub usable_backends: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -295,7 +299,7 @@ pub struct Traffic {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReasonCount {
     pub reason: String,
-    /// "pass" or "drop" or "forward".
+    /// "pass", "drop", "forward" or "refuse" (answered for want of a backend).
     pub verdict: String,
     pub packets: u64,
 }
@@ -410,9 +414,7 @@ impl Snapshot {
                     human_rate(b.counters.bytes_per_second),
                 ]);
             }
-            if s.backends.is_empty() {
-                let _ = writeln!(out, "  (no backends: new flows are dropped)");
-            } else {
+            if !s.backends.is_empty() {
                 out.push_str(&columns("  ", &rows, &[2, 3, 4, 5, 6, 7]));
             }
             for b in &s.backends {
@@ -423,16 +425,22 @@ impl Snapshot {
                     let _ = writeln!(out, "  * {} run-time: {note} (`lb-agent backend reset` drops it)", b.address);
                 }
             }
+            if s.usable_backends == 0 {
+                let why = if s.backends.is_empty() { "no backends" } else { "none active, weighted and up" };
+                let _ = writeln!(out, "  0 usable backends ({why}): new clients are refused (TCP reset, ICMP unreachable)");
+            }
         }
         render_scaling(&mut out, &self.scaling, now);
-        let drops: Vec<String> = self
-            .reasons
-            .iter()
-            .filter(|r| r.verdict == "drop" && r.packets > 0)
-            .map(|r| format!("{} {}", r.reason, r.packets))
-            .collect();
-        if !drops.is_empty() {
-            let _ = writeln!(out, "\ndrops: {}", drops.join(", "));
+        for (verdict, title) in [("refuse", "refused"), ("drop", "drops")] {
+            let counts: Vec<String> = self
+                .reasons
+                .iter()
+                .filter(|r| r.verdict == verdict && r.packets > 0)
+                .map(|r| format!("{} {}", r.reason, r.packets))
+                .collect();
+            if !counts.is_empty() {
+                let _ = writeln!(out, "\n{title}: {}", counts.join(", "));
+            }
         }
         if !self.events.is_empty() {
             let _ = writeln!(out, "\nrecent events:");
@@ -693,6 +701,7 @@ mod tests {
                     run_time: Some("weight 1, file says 2".into()),
                     health_checks: None,
                 }],
+                usable_backends: 0,
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
             maps: vec![],
@@ -715,6 +724,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");
+        assert!(
+            t.contains("  0 usable backends (none active, weighted and up): new clients are refused (TCP reset, ICMP unreachable)"),
+            "{t}"
+        );
         assert!(t.contains("socket lb: not attached\n"), "{t}");
         let mut s = s;
         s.agent.socket_lb = SocketLbStatus {

@@ -5,8 +5,8 @@
 //! conversion is needed as long as checksum and fields are loaded the same way.
 
 #[inline(always)]
-const fn fold(mut sum: u32) -> u16 {
-    // Two folds are enough: the sums below stay under 2^19.
+pub(crate) const fn fold(mut sum: u32) -> u16 {
+    // Two folds are enough for any u32: the first leaves at most 0x1fffe.
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

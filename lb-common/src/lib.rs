@@ -18,13 +18,14 @@ pub mod hash;
 pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
+pub mod refuse;
 
 use core::mem::{align_of, size_of};
 
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -135,7 +136,7 @@ pub struct Service {
     pub id: u32,
     /// Which of the service's two Maglev tables is live (0 or 1).
     pub table: u32,
-    /// Number of backends in the live table; 0 drops new flows (`DropNoBackend`).
+    /// Number of backends in the live table; 0 refuses new flows (`ResetNoBackend`, `UnreachableNoBackend`).
     pub backend_count: u32,
     /// Forwarding mode, one of `MODE_*`.
     pub mode: u32,
@@ -246,8 +247,10 @@ pub const TCP_SEEN_REPLY: u8 = 4;
 pub const TCP_SEEN_BACKEND_FIN: u8 = 8;
 
 // TCP header flags, as on the wire.
-const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Where a TCP flow is, by its `tcp_seen` bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,10 +282,10 @@ impl TcpState {
 #[inline(always)]
 pub const fn tcp_seen_after(seen: u8, tcp_flags: u8, from_backend: bool) -> u8 {
     let mut s = seen;
-    if tcp_flags & TCP_FLAG_RST != 0 {
+    if tcp_flags & TCP_RST != 0 {
         s |= TCP_SEEN_RST;
     }
-    if tcp_flags & TCP_FLAG_FIN != 0 {
+    if tcp_flags & TCP_FIN != 0 {
         s |= if from_backend { TCP_SEEN_BACKEND_FIN } else { TCP_SEEN_FIN };
     }
     if from_backend {
@@ -380,6 +383,13 @@ pub enum Reason {
     /// unreachable, time exceeded), sent to the VIP: translated to the
     /// flow's backend, quote included (see `icmp`).
     IcmpForwarded,
+    /// A new TCP flow (not a reset) to a service with no usable backend:
+    /// answered with a reset, sent back out of the interface it came in on
+    /// (`refuse`).
+    ResetNoBackend,
+    /// A new UDP flow to a service with no usable backend: answered with an
+    /// ICMP port unreachable (`refuse`).
+    UnreachableNoBackend,
     /// Not IPv4 (ARP, VLAN, ...): passed untouched.
     PassNotIpv4,
     /// IPv6: passed untouched (not balanced yet).
@@ -412,7 +422,8 @@ pub enum Reason {
     DropTruncatedL4,
     /// TCP data offset below 5 words or beyond the packet.
     DropBadTcpHeader,
-    /// A new flow for a service that has no backend.
+    /// A new flow for a service that has no backend, where no answer is
+    /// sent: a TCP reset (never answered), or at the tc hook.
     DropNoBackend,
     /// The Maglev table named a backend id that is not in `BACKENDS`.
     DropStaleBackend,
@@ -429,6 +440,8 @@ impl Reason {
         Reason::Forwarded,
         Reason::ReplyTranslated,
         Reason::IcmpForwarded,
+        Reason::ResetNoBackend,
+        Reason::UnreachableNoBackend,
         Reason::PassNotIpv4,
         Reason::PassIpv6,
         Reason::PassNotTcpUdp,
@@ -455,6 +468,8 @@ impl Reason {
             Reason::Forwarded => "forwarded",
             Reason::ReplyTranslated => "reply_translated",
             Reason::IcmpForwarded => "icmp_forwarded",
+            Reason::ResetNoBackend => "reset_no_backend",
+            Reason::UnreachableNoBackend => "unreachable_no_backend",
             Reason::PassNotIpv4 => "pass_not_ipv4",
             Reason::PassIpv6 => "pass_ipv6",
             Reason::PassNotTcpUdp => "pass_not_tcp_udp",
@@ -474,6 +489,11 @@ impl Reason {
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
         }
+    }
+
+    /// Whether the program answered the client itself (`refuse`).
+    pub const fn is_refused(self) -> bool {
+        matches!(self, Reason::ResetNoBackend | Reason::UnreachableNoBackend)
     }
 
     pub const fn is_drop(self) -> bool {
@@ -599,7 +619,8 @@ pub struct SockRevKey {
 pub enum SockOp {
     /// A `connect`/`sendmsg` to a service, rewritten to a backend.
     Translated = 0,
-    /// A `connect`/`sendmsg` to a service with no serving backend: refused.
+    /// A `connect`/`sendmsg` to a service with no serving backend: refused
+    /// (ECONNREFUSED for an empty table, EPERM for a stale backend).
     NoBackend,
     /// A `recvmsg`/`getpeername` address put back from a backend to the VIP.
     Restored,

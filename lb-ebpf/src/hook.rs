@@ -18,13 +18,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use lb_common::{Conn, Path, PROTO_UDP};
+use lb_common::{Conn, Path, Reason, PROTO_UDP};
 
 use crate::{
     nat::{self, L4Checksums},
     parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN},
+    refuse,
     route::{self, NextHop},
-    Packet, EGRESS,
+    Packet, Verdict, EGRESS,
 };
 
 /// What a program does with a packet it does not send on itself.
@@ -65,6 +66,9 @@ pub trait Hook: EbpfContext {
     fn send(&self, pkt: &Packet, hop: &NextHop) -> (u32, Path);
     /// The FIB found the egress interface `ifindex` but no neighbour entry.
     fn send_no_neigh(&self, pkt: &Packet, ifindex: u32, flow: Option<&Conn>) -> (u32, Path);
+    /// A new flow to a service with no usable backend: answer the client,
+    /// or drop the packet where the hook cannot (see `refuse`).
+    fn refuse(&self, pkt: &Packet) -> Result<(u32, Reason), Verdict>;
 }
 
 /// `data` and `data_end` from the wrapped context, which has both as
@@ -156,6 +160,10 @@ impl Hook for Xdp<'_> {
             }
             _ => (xdp_action::XDP_PASS, Path::PassFibNoNeigh),
         }
+    }
+    #[inline(always)]
+    fn refuse(&self, pkt: &Packet) -> Result<(u32, Reason), Verdict> {
+        refuse::answer(self, pkt)
     }
 }
 
@@ -284,5 +292,11 @@ impl Hook for Tc<'_> {
             return (TC_ACT_OK, Path::PassFibNoNeigh);
         }
         (action, Path::RedirectedNeigh)
+    }
+    /// Dropped: a partial checksum the skb carries would be finished over
+    /// the answer's full one (see `refuse`).
+    #[inline(always)]
+    fn refuse(&self, _pkt: &Packet) -> Result<(u32, Reason), Verdict> {
+        Err(Verdict::drop(Reason::DropNoBackend))
     }
 }

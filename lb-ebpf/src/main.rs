@@ -7,6 +7,8 @@
 //! on the fast path (`route`: FIB lookup, XDP_REDIRECT or XDP_TX), or with
 //! XDP_PASS into the kernel's forwarding path where that cannot finish.
 //! An ICMP error about a flow's reply goes to the flow's backend (`icmp`).
+//! A new flow to a service with no usable backend is answered with a TCP
+//! reset or an ICMP port unreachable (`refuse`, XDP only).
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
@@ -25,6 +27,7 @@ mod hook;
 mod icmp;
 mod nat;
 mod parse;
+mod refuse;
 mod route;
 mod select;
 mod sock;
@@ -139,7 +142,10 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        let partial_l4 = nat::forward(hook, &mut pkt, &svc)?;
+        let partial_l4 = match nat::forward(hook, &mut pkt, &svc) {
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) => return hook.refuse(&pkt),
+            sent => sent?,
+        };
         return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
     }
     let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;

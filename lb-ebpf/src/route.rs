@@ -122,7 +122,7 @@ pub unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
     }
 }
 #[inline(always)]
-fn count_path(ifindex: u32, path: Path) {
+pub fn count_path(ifindex: u32, path: Path) {
     if let Some(c) = PATH_STATS.get_ptr_mut(ifindex) {
         // SAFETY: per-CPU value, nothing else writes it while we run.
         unsafe { (*c).packets[path as usize] += 1 };

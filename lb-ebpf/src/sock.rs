@@ -8,13 +8,13 @@
 //! appear. Anything that is not a service passes untouched.
 
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, generated::bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::{LruHashMap, PerCpuArray},
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use lb_common::{hash::cookie_hash, Counters, ServiceKey, SockOp, SockRevKey, SOCK_REVNAT_MAX};
+use lb_common::{hash::cookie_hash, Counters, Reason, ServiceKey, SockOp, SockRevKey, SOCK_REVNAT_MAX};
 
 use crate::{select::pick_backend, stats::count_flow, SERVICES};
 
@@ -27,9 +27,12 @@ static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SockOp::COUN
 
 /// The call goes ahead (with the address as the program left it).
 const ALLOW: i32 = 1;
-/// The call fails (EPERM), as a packet for a service without a backend is
-/// dropped on the XDP path.
+/// The call fails: with EPERM, unless the program set another error first
+/// (bpf_set_retval).
 const REJECT: i32 = 0;
+/// What a call to a service with no usable backend fails with, as a
+/// connection to a closed port does (the XDP path answers with a reset).
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
@@ -74,9 +77,18 @@ fn translate(ctx: &SockAddrContext, new_flow: bool) -> i32 {
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else { return ALLOW };
     // SAFETY: a helper every socket-address program may call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Ok((backend_id, backend)) = pick_backend(&svc, cookie_hash(cookie)) else {
-        count(SockOp::NoBackend);
-        return REJECT;
+    let (backend_id, backend) = match pick_backend(&svc, cookie_hash(cookie)) {
+        Ok(picked) => picked,
+        Err(reason) => {
+            count(SockOp::NoBackend);
+            if reason == Reason::DropNoBackend {
+                // SAFETY: a plain helper call, for cgroup programs from
+                // kernel 5.18 on (bpf_{get,set}_retval); connect(2) and
+                // sendmsg(2) return it instead of EPERM.
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+            }
+            return REJECT;
+        }
     };
     let rev = SockRevKey { cookie, backend_ip_be: backend.ip_be, backend_port_be: backend.port_be, _pad: 0 };
     // A full LRU evicts, so an insert fails only without memory; the

@@ -789,6 +789,44 @@ fn root_a_pinned_map_of_another_size_is_refused() {
     assert!(failures.is_empty(), "after `lb-agent stop` and a fresh start: {failures:?}\n{}", agent.log());
 }
 
+/// `ip netns exec` gives the agent a mount namespace of its own, where the
+/// bpffs it would mount for its pins dies with it (a `kill -9` would detach
+/// everything): it refuses to start, attaches nothing, and names the command
+/// to use instead.
+#[test]
+fn root_agent_under_ip_netns_exec_refuses_pins_that_would_not_outlive_it() {
+    require_root!("root_agent_under_ip_netns_exec_refuses_pins_that_would_not_outlive_it");
+    let topo = Topology::build(Options::with_backends(&names(1)));
+    topo.write_config_all();
+    let args = topo.agent_args();
+    let run = || {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", topo.lb.name()]).arg(lb_lab::agent::agent_bin()).arg("run");
+        cmd.arg("--config").arg(&args.config).arg("--api-socket").arg(&args.api_socket);
+        cmd.args(["--metrics-address", "off", "--pin-dir"]).arg(args.pin_dir.as_ref().expect("a pin dir"));
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.spawn().expect("spawn ip netns exec lb-agent run")
+    };
+    let mut child = run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("poll the agent").is_none() {
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let out = child.wait_with_output().expect("wait for the agent");
+            panic!("the agent started with pins in a private mount namespace:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let refused = child.wait_with_output().expect("wait for the agent");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the agent started with pins in a private mount namespace:\n{stderr}");
+    let want = format!("`nsenter --net=/run/netns/{} lb-agent run ...`; or run without pins: --no-pin", topo.lb.name());
+    assert!(stderr.contains("`ip netns exec` makes one") && stderr.contains(&want), "{stderr}");
+    assert!(topo.lb_xdp_attachments().is_empty(), "attached although refused: {}", topo.lb_links());
+    println!("refused: {}", stderr.trim());
+}
+
 // ---------------------------------------------------------------------------
 // 5. Control API refusals
 

@@ -398,3 +398,52 @@ fn root_bad_config_is_refused_and_attaches_nothing() {
         assert!(left.is_empty(), "{what}: XDP left attached: {left:?}\n{}", topo.lb_links());
     }
 }
+
+/// A service whose backends are all removed refuses new clients at once:
+/// a TCP connect fails with ECONNREFUSED well within 1 s (a reset from the
+/// XDP program), a connected UDP socket gets ECONNREFUSED (an ICMP port
+/// unreachable); the refusal counters, `status` and the usable-backends
+/// gauge say so.
+#[test]
+fn root_no_usable_backend_refuses_clients_at_once() {
+    require_root!("root_no_usable_backend_refuses_clients_at_once");
+    let topo = Topology::build(options(2));
+    topo.write_config_all();
+    let metrics = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 19_471);
+    let mut agent = topo.start_agent_with(&AgentArgs { metrics_address: Some(metrics.into()), ..topo.agent_args() });
+    connect_many(&topo, 4);
+    agent.reload_with(|| {
+        topo.write_config(&[]);
+    });
+    let (tcp, udp) = (topo.vip_tcp(), topo.vip_udp());
+    let (tcp_err, took, udp_err) = topo.client.run(move || {
+        let started = Instant::now();
+        let tcp_err = TcpStream::connect_timeout(&tcp.into(), Duration::from_secs(5)).expect_err("connect with no backend");
+        let took = started.elapsed();
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect(udp).expect("connect UDP");
+        socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        socket.send(b"hello\n").expect("send");
+        let udp_err = socket.recv(&mut [0u8; 64]).expect_err("an answer with no backend");
+        (tcp_err, took, udp_err)
+    });
+    println!("MEASURED: TCP connect refused after {took:?} ({tcp_err}); UDP: {udp_err}");
+    assert_eq!(tcp_err.kind(), ErrorKind::ConnectionRefused, "TCP: {tcp_err}\n{}", agent.log_tail(20));
+    assert!(took < Duration::from_secs(1), "refused only after {took:?}");
+    assert_eq!(udp_err.kind(), ErrorKind::ConnectionRefused, "UDP: {udp_err}\n{}", agent.log_tail(20));
+
+    let status = agent.status();
+    let reasons = status["reasons"].as_array().expect("reasons");
+    let packets = |name: &str| reasons.iter().find(|r| r["reason"] == name).map_or(0, |r| r["packets"].as_u64().unwrap_or(0));
+    assert!(packets("reset_no_backend") >= 1, "no reset counted: {reasons:?}");
+    assert!(packets("unreachable_no_backend") >= 1, "no unreachable counted: {reasons:?}");
+    for s in status["services"].as_array().expect("services") {
+        assert_eq!(s["usable_backends"], 0, "{s}");
+    }
+    let text = agent.cli(&["status"]).stdout;
+    assert!(text.contains("0 usable backends (no backends): new clients are refused"), "{text}");
+    let scrape = topo.lb.run(move || lb_lab::http::get_ok(metrics, "/metrics", IO_TIMEOUT)).expect("scrape /metrics");
+    let gauge = scrape.lines().find(|l| l.starts_with("lb_service_usable_backends{service=\"web\"")).expect("the gauge");
+    assert!(gauge.ends_with(" 0"), "{gauge}");
+    stop_and_check_detached(&topo, agent);
+}

@@ -259,6 +259,29 @@ fn root_socket_lb_udp_answers_come_from_the_vip() {
     assert!(operations(&status, "restored") >= 200, "{status}");
 }
 
+/// A service with no backend: a local client's connect fails at once with
+/// ECONNREFUSED (the connect hook's error), TCP and connected UDP alike.
+#[test]
+fn root_socket_lb_refuses_a_service_without_backends() {
+    require_root!("root_socket_lb_refuses_a_service_without_backends");
+    let cgroup = TestCgroup::create().expect("a test cgroup");
+    let (topo, mut agent) = start(Some(cgroup.path()));
+    agent.reload_with(|| {
+        topo.write_config(&[]);
+    });
+    for (mode, port) in [("tcp", TCP_PORT), ("udp-connected", UDP_PORT)] {
+        let started = Instant::now();
+        let seen = run_client(&cgroup, &topo.lb, mode, SocketAddrV4::new(VIP, port), 3);
+        let took = started.elapsed();
+        println!("MEASURED: {mode} to a service without backends, 3 tries in {took:?}: {seen:?}");
+        assert!(seen.backends.is_empty(), "{mode}: answered without a backend: {seen:?}");
+        assert_eq!(seen.failures.len(), 3, "{mode}: {seen:?}");
+        assert!(seen.failures.iter().all(|e| e.contains("os error 111")), "{mode}: not ECONNREFUSED: {seen:?}");
+        assert!(took < Duration::from_secs(3), "{mode}: refused only after {took:?}");
+    }
+    assert!(operations(&socket_lb_status(&agent), "no_backend") >= 6);
+}
+
 #[test]
 fn root_socket_lb_disabled_leaves_host_clients_untranslated() {
     require_root!("root_socket_lb_disabled_leaves_host_clients_untranslated");

@@ -63,11 +63,12 @@ const DNS_BACKEND: (u32, SocketAddrV4) = (3, SocketAddrV4::new(Ipv4Addr::new(10,
 
 /// Web (TCP, two backends, live table 1 so a program that ignored
 /// `Service::table` would find an empty table 0), DNS (UDP, one backend),
-/// and three broken services for the drop paths.
+/// and four broken services for the drop and refusal paths (empty TCP and
+/// UDP, a table not written yet, a stale backend).
 fn services() -> Vec<ServiceSpec> {
     let web = ServiceSpec::new(0, WEB_VIP, IPPROTO_TCP, 1, &WEB_BACKENDS);
     let dns = ServiceSpec::new(1, DNS_VIP, IPPROTO_UDP, 0, &[DNS_BACKEND]);
-    let empty = ServiceSpec::new(2, SocketAddrV4::new(VIP, 443), IPPROTO_TCP, 0, &[]);
+    let empty = ServiceSpec::new(2, EMPTY_TCP, IPPROTO_TCP, 0, &[]);
     // The agent registered a backend but has not written the table yet.
     let unfilled = ServiceSpec {
         table_ids: vec![],
@@ -86,7 +87,8 @@ fn services() -> Vec<ServiceSpec> {
         table_ids: vec![9],
         ..ServiceSpec::new(4, SocketAddrV4::new(VIP, 9000), IPPROTO_TCP, 0, &[])
     };
-    vec![web, dns, empty, unfilled, stale]
+    let empty_udp = ServiceSpec::new(5, EMPTY_UDP, IPPROTO_UDP, 0, &[]);
+    vec![web, dns, empty, unfilled, stale, empty_udp]
 }
 
 fn web() -> ServiceSpec {
@@ -698,12 +700,102 @@ fn tcp_data_offset_beyond_packet() -> Fixture {
     dropped("tcp_data_offset_beyond_packet", input, Reason::DropBadTcpHeader)
 }
 
-fn service_without_backends() -> Fixture {
-    dropped("service_without_backends", client_tcp(SocketAddrV4::new(VIP, 443), TCP_SYN), Reason::DropNoBackend)
+// ---- No usable backend: answered at once (XDP), dropped (tc) ----------------
+
+const EMPTY_TCP: SocketAddrV4 = SocketAddrV4::new(VIP, 443);
+const EMPTY_UDP: SocketAddrV4 = SocketAddrV4::new(VIP, 5300);
+const TC_ONLY: &[&str] = &[PROG_TC];
+/// An answer's IPv4 header, from `from` to the client (as `refuse` writes it).
+fn answer_ip(from: Ipv4Addr, proto: u8) -> Ipv4 {
+    Ipv4 { id: 0, flags_frag: 0, ttl: 64, ..Ipv4::new(from, *CLIENT.ip(), proto) }
 }
 
-fn service_with_unwritten_table() -> Fixture {
-    dropped("service_with_unwritten_table", client_tcp(SocketAddrV4::new(VIP, 8443), TCP_SYN), Reason::DropNoBackend)
+/// A packet the XDP programs answer with `output`, from the VIP: passed up
+/// for the kernel to forward here, where no interface has the fast path
+/// (see `answer_sent_back_out_of_its_interface` for XDP_TX).
+fn refused(name: &'static str, input: Vec<u8>, output: Vec<u8>, reason: Reason) -> Fixture {
+    Fixture { output, verdict: XDP_PASS, programs: XDP_ONLY, ..dropped(name, input, reason) }
+}
+
+/// The reset from `to` for `seq`, `ack` and `flags`, passed up: still
+/// addressed to the load balancer, for the kernel to forward.
+fn reset_from(to: SocketAddrV4, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let tcp = Tcp { seq, ack, window: 0, ..Tcp::new(to.port(), CLIENT.port(), flags) };
+    tcp_frame(FROM_CLIENT, &answer_ip(*to.ip(), IPPROTO_TCP), &tcp)
+}
+
+/// `frame` sent back out of its interface (XDP_TX): to the client's MAC.
+fn sent_back(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&CLIENT_MAC);
+    frame[6..12].copy_from_slice(&LB_MAC);
+    frame
+}
+
+/// A SYN: RST|ACK acknowledging it (seq 0, ack = its seq + 1).
+fn no_backend_syn_gets_rst_ack() -> Fixture {
+    let input = client_tcp(EMPTY_TCP, TCP_SYN);
+    let output = reset_from(EMPTY_TCP, 0, 0x1000_0001, TCP_RST | TCP_ACK);
+    refused("no_backend_syn_gets_rst_ack", input, output, Reason::ResetNoBackend)
+}
+
+/// The registered backend's table is not written yet: an empty table too.
+fn no_backend_unwritten_table_gets_rst_ack() -> Fixture {
+    let to = SocketAddrV4::new(VIP, 8443);
+    let output = reset_from(to, 0, 0x1000_0001, TCP_RST | TCP_ACK);
+    refused("no_backend_unwritten_table_gets_rst_ack", client_tcp(to, TCP_SYN), output, Reason::ResetNoBackend)
+}
+
+/// A segment of a flow from before (with ACK, data and options, padded):
+/// a bare RST at its ack, the frame cut to the 54 bytes of a reset.
+fn no_backend_mid_flow_ack_gets_rst() -> Fixture {
+    let tcp = Tcp {
+        options: vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+        ..Tcp::new(CLIENT.port(), EMPTY_TCP.port(), TCP_ACK | TCP_PSH).with_payload(b"GET / HTTP/1.1\r\n\r\n")
+    };
+    let input = pad_to(tcp_frame(FROM_CLIENT, &ip(*CLIENT.ip(), VIP), &tcp), 128);
+    let output = reset_from(EMPTY_TCP, 0x2000_0000, 0, TCP_RST);
+    refused("no_backend_mid_flow_ack_gets_rst", input, output, Reason::ResetNoBackend)
+}
+
+/// A FIN with data and no ACK: acknowledged past the data and the FIN.
+fn no_backend_fin_without_ack_gets_rst_ack() -> Fixture {
+    let tcp = Tcp::new(CLIENT.port(), EMPTY_TCP.port(), TCP_FIN).with_payload(b"bye");
+    let input = tcp_frame(FROM_CLIENT, &ip(*CLIENT.ip(), VIP), &tcp);
+    let output = reset_from(EMPTY_TCP, 0, 0x1000_0000 + 3 + 1, TCP_RST | TCP_ACK);
+    refused("no_backend_fin_without_ack_gets_rst_ack", input, output, Reason::ResetNoBackend)
+}
+
+/// A reset is never answered with a reset.
+fn no_backend_rst_is_not_answered() -> Fixture {
+    dropped("no_backend_rst_is_not_answered", client_tcp(EMPTY_TCP, TCP_RST | TCP_ACK), Reason::DropNoBackend)
+}
+
+/// UDP: a port unreachable quoting the request's IPv4 header and its UDP
+/// header only, whatever its payload: 70 bytes, never more than the request
+/// plus 28.
+fn no_backend_udp_gets_port_unreachable() -> Fixture {
+    let input = udp_frame(FROM_CLIENT, &udp_ip(*CLIENT.ip(), VIP), &Udp::new(CLIENT.port(), EMPTY_UDP.port(), DNS_QUERY));
+    let quote = &input[14..14 + 28];
+    let message = icmp_error(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, quote);
+    let (dst, src) = FROM_CLIENT;
+    let output = ethernet(dst, src, ETH_P_IP, &answer_ip(VIP, IPPROTO_ICMP).build(&message));
+    assert_eq!(output.len(), 70);
+    refused("no_backend_udp_gets_port_unreachable", input, output, Reason::UnreachableNoBackend)
+}
+
+/// The smallest request: the answer is exactly 28 bytes longer.
+fn no_backend_empty_udp_gets_port_unreachable() -> Fixture {
+    let input = udp_frame(FROM_CLIENT, &udp_ip(*CLIENT.ip(), VIP), &Udp::new(CLIENT.port(), EMPTY_UDP.port(), b""));
+    let message = icmp_error(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, &input[14..]);
+    let (dst, src) = FROM_CLIENT;
+    let output = ethernet(dst, src, ETH_P_IP, &answer_ip(VIP, IPPROTO_ICMP).build(&message));
+    assert_eq!(output.len(), input.len() + 28);
+    refused("no_backend_empty_udp_gets_port_unreachable", input, output, Reason::UnreachableNoBackend)
+}
+
+/// tc does not answer (a local stack's partial checksum; see `refuse`).
+fn no_backend_tc_drops() -> Fixture {
+    Fixture { programs: TC_ONLY, ..dropped("no_backend_tc_drops", client_tcp(EMPTY_TCP, TCP_SYN), Reason::DropNoBackend) }
 }
 
 fn service_with_stale_backend() -> Fixture {
@@ -814,10 +906,10 @@ struct State {
     conntrack: HashMap<FlowKey, Conn>,
 }
 
-/// Backend ids 0..=9 and service ids 0..=4 cover the topology (and the
+/// Backend ids 0..=9 and service ids 0..=5 cover the topology (and the
 /// unused id 0 and the stale id 9).
 const BACKEND_IDS: u32 = 10;
-const SERVICE_IDS: u32 = 5;
+const SERVICE_IDS: u32 = 6;
 
 impl State {
     fn read(lb: &LbObject) -> Self {
@@ -867,7 +959,7 @@ fn run_fixture_on(f: &Fixture, program: &str) {
     if let Some(diff) = frame_diff(&f.output, &run.data) {
         panic!("{}: output frame is not the expected one\n{diff}", name);
     }
-    if f.reason.is_translated() {
+    if f.reason.is_translated() || f.reason.is_refused() {
         let completed = if f.partial_l4 { complete_partial_l4_checksum(run.data.clone()) } else { run.data.clone() };
         verify_ipv4_frame(&completed).unwrap_or_else(|e| panic!("{}: output checksums: {e}", name));
     }
@@ -1063,6 +1155,20 @@ fn syn_sent_back_out_of_its_interface() -> RouteFixture {
     }
 }
 
+/// No usable backend, arriving on an interface with the fast path: the
+/// reset leaves by XDP_TX, back out of the interface the SYN came in on.
+fn answer_sent_back_out_of_its_interface() -> RouteFixture {
+    RouteFixture {
+        name: "answer_sent_back_out_of_its_interface",
+        input: client_tcp(EMPTY_TCP, TCP_SYN),
+        verdict: XDP_TX,
+        output: sent_back(reset_from(EMPTY_TCP, 0, 0x1000_0001, TCP_RST | TCP_ACK)),
+        reason: Reason::ResetNoBackend,
+        path: Path::TxBack,
+        ..syn_redirected_to_the_backend_side()
+    }
+}
+
 /// The FIB knows the route but not the backend's MAC: the translated SYN
 /// passes up unchanged otherwise, for the kernel to resolve the neighbour.
 fn syn_without_neighbour_passes_up() -> RouteFixture {
@@ -1246,6 +1352,10 @@ fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     // the test run's context set.
     let opened_on = if f.setup.is_empty() { ingress } else { index_of(LB_CLIENT_SIDE) };
     let flows = lb.conntrack().unwrap();
+    if f.reason.is_refused() {
+        assert!(flows.is_empty(), "{name}: a refused packet opened a flow: {flows:?}");
+        return;
+    }
     let forward = flows.values().next().expect("the flow's entry");
     assert_eq!(forward.client_ifindex, opened_on, "{name}: the flow's client interface");
 }
@@ -1326,14 +1436,21 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_truncated_udp_header => truncated_udp_header,
     root_tcp_data_offset_below_5 => tcp_data_offset_below_5,
     root_tcp_data_offset_beyond_packet => tcp_data_offset_beyond_packet,
-    root_service_without_backends => service_without_backends,
-    root_service_with_unwritten_table => service_with_unwritten_table,
+    root_no_backend_syn_gets_rst_ack => no_backend_syn_gets_rst_ack,
+    root_no_backend_unwritten_table_gets_rst_ack => no_backend_unwritten_table_gets_rst_ack,
+    root_no_backend_mid_flow_ack_gets_rst => no_backend_mid_flow_ack_gets_rst,
+    root_no_backend_fin_without_ack_gets_rst_ack => no_backend_fin_without_ack_gets_rst_ack,
+    root_no_backend_rst_is_not_answered => no_backend_rst_is_not_answered,
+    root_no_backend_udp_gets_port_unreachable => no_backend_udp_gets_port_unreachable,
+    root_no_backend_empty_udp_gets_port_unreachable => no_backend_empty_udp_gets_port_unreachable,
+    root_no_backend_tc_drops => no_backend_tc_drops,
     root_service_with_stale_backend => service_with_stale_backend,
 });
 
 root_fixtures!(run_route_fixture, all_route_fixtures -> RouteFixture {
     root_syn_redirected_to_the_backend_side => syn_redirected_to_the_backend_side,
     root_syn_sent_back_out_of_its_interface => syn_sent_back_out_of_its_interface,
+    root_answer_sent_back_out_of_its_interface => answer_sent_back_out_of_its_interface,
     root_syn_without_neighbour_passes_up => syn_without_neighbour_passes_up,
     root_syn_to_an_egress_without_fast_path_passes_up => syn_to_an_egress_without_fast_path_passes_up,
     root_syn_with_ttl_1_passes_up => syn_with_ttl_1_passes_up,

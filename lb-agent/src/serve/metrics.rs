@@ -146,6 +146,10 @@ const BACKEND_TRAFFIC: [TrafficFamily<BackendLabels>; 6] = [
     ),
 ];
 
+const SERVICE_USABLE_BACKENDS: Family<ServiceLabels> = Family::gauge(
+    "lb_service_usable_backends",
+    "Backends new flows of the service can go to (active, weight above 0, not down); at 0 clients are refused at once.",
+);
 const BACKEND_OPEN_CONNECTIONS: Family<BackendLabels> = Family::gauge(
     "lb_backend_open_connections",
     "Open flows to the backend in the connection table: TCP without FIN or RST, UDP active within the last 30 s.",
@@ -168,7 +172,7 @@ const BACKEND_TABLE_SHARE: Family<BackendLabels> = Family::gauge(
 );
 const PACKETS: Family<VerdictLabels> = Family::counter(
     "lb_packets_total",
-    "Packets the XDP program handled, by the reason for its verdict (forward, pass or drop), since it was loaded.",
+    "Packets the XDP program handled, by the reason for its verdict (forward, refuse: answered with a reset or ICMP unreachable, pass or drop), since it was loaded.",
 );
 const XDP_ATTACHED: Family<InterfaceLabels> = Family::gauge(
     "lb_xdp_attached",
@@ -250,6 +254,7 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     for (family, value) in &SERVICE_TRAFFIC {
         out.push(family.collect(services.iter().map(|s| (ServiceLabels::of(s), value(&s.counters) as f64))));
     }
+    out.push(SERVICE_USABLE_BACKENDS.collect(services.iter().map(|s| (ServiceLabels::of(s), f64::from(s.usable_backends)))));
     for (family, value) in &BACKEND_TRAFFIC {
         out.push(family.collect(backends().map(|(s, b)| (BackendLabels::of(s, b), value(&b.counters) as f64))));
     }
@@ -637,7 +642,7 @@ impl LabelSet for BackendStateLabels {
 struct VerdictLabels {
     /// `lb_common::Reason::name`.
     reason: String,
-    /// "forward", "pass" or "drop".
+    /// "forward", "refuse", "pass" or "drop".
     verdict: String,
 }
 
@@ -1056,6 +1061,7 @@ mod tests {
                     backend("10.1.0.2:8080", "active", 1, 0.25, 2, 400),
                     backend("10.1.0.3:8080", "down", 1, 0.0, 0, 0),
                 ],
+                usable_backends: 2,
             }],
             reasons: vec![
                 ReasonCount { reason: "forwarded".to_owned(), verdict: "forward".to_owned(), packets: 1000 },
@@ -1209,6 +1215,7 @@ mod tests {
             ("lb_service_new_flows_total", "counter"),
             ("lb_service_reply_packets_total", "counter"),
             ("lb_service_reply_bytes_total", "counter"),
+            ("lb_service_usable_backends", "gauge"),
             ("lb_backend_packets_total", "counter"),
             ("lb_backend_bytes_total", "counter"),
             ("lb_backend_new_flows_total", "counter"),
@@ -1340,6 +1347,7 @@ mod tests {
             "lb_agent_errors_total 3",
             "lb_agent_uptime_seconds 12.5",
             r#"lb_agent_info{version="0.1.0"} 1"#,
+            r#"lb_service_usable_backends{service="web",vip="10.0.0.100",port="80",protocol="tcp"} 2"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in:\n{text}");
         }

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{MapInfo, MapType};
 use aya_obj::generated::bpf_map_type;
 use lb_common::ABI_VERSION;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::Maps;
 use crate::ports::AttachMode;
@@ -41,11 +41,13 @@ pub fn prepare_pin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     let mount_point = dir.parent().ok_or_else(|| anyhow!("pin directory {} has no parent", dir.display()))?;
     std::fs::create_dir_all(mount_point).with_context(|| format!("create {}", mount_point.display()))?;
     if fs_magic(mount_point)? != BPF_FS_MAGIC {
+        // A bpffs mounted in a mount namespace of our own dies with it, and
+        // the pins with it: a restart would find nothing to adopt.
+        if let Some(private) = private_mount_namespace() {
+            bail!("{}", private.refusal(dir));
+        }
         mount_bpffs(mount_point)?;
         info!(path = %mount_point.display(), "mounted a bpf filesystem");
-    }
-    if !same_mount_namespace_as_init() {
-        warn!("running in a private mount namespace: pins will not outlive it (use nsenter --net, not ip netns exec, for restarts to be hitless)");
     }
     let versioned = dir.join(format!("v{ABI_VERSION}"));
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -247,11 +249,65 @@ fn mount_bpffs(at: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn same_mount_namespace_as_init() -> bool {
-    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => true,
+/// This process's mount namespace, where it is not the host's.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PrivateMountNamespace {
+    /// `mnt:[...]` of ours and of the host's.
+    pub ours: String,
+    pub host: String,
+    /// The name of our network namespace under /run/netns, if it has one.
+    pub netns: Option<String>,
+}
+
+impl PrivateMountNamespace {
+    /// Why the agent will not pin under `dir` here, and what to run instead.
+    pub fn refusal(&self, dir: &Path) -> String {
+        let enter = match &self.netns {
+            Some(name) => format!("nsenter --net=/run/netns/{name} lb-agent run ..."),
+            None => "nsenter --net=<the network namespace> lb-agent run ...".to_owned(),
+        };
+        format!(
+            "lb-agent runs in a mount namespace of its own ({}, the host's is {}; `ip netns exec` makes one): a bpf \
+             filesystem mounted for the pins under {} would vanish with this process, and a restart would not be \
+             hitless. Enter only the network namespace instead: `{enter}`; or run without pins: --no-pin",
+            self.ours,
+            self.host,
+            dir.display()
+        )
     }
+}
+
+/// Our mount namespace when it is not the host's: PID 1's, or, where
+/// /proc/1 cannot be read (a PID 1 with privileges we lack), the oldest
+/// ancestor's whose namespace we can read.
+pub fn private_mount_namespace() -> Option<PrivateMountNamespace> {
+    let read = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let ours = read("self")?;
+    let host = read("1").or_else(|| ancestors().filter_map(|pid| read(&pid.to_string())).last())?;
+    (ours != host).then(|| PrivateMountNamespace {
+        ours: ours.display().to_string(),
+        host: host.display().to_string(),
+        netns: netns_name(),
+    })
+}
+
+/// Our parent's pid, its parent's, ... up to (not including) PID 1.
+fn ancestors() -> impl Iterator<Item = u32> {
+    let parent = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()
+    };
+    std::iter::successors(parent(std::process::id()), move |p| parent(*p)).take_while(|p| *p > 1)
+}
+
+/// The name `ip netns` gave our network namespace, if any.
+fn netns_name() -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+    std::fs::read_dir("/run/netns").ok()?.filter_map(Result::ok).find_map(|e| {
+        let m = std::fs::metadata(e.path()).ok()?;
+        (m.dev() == ours.dev() && m.ino() == ours.ino()).then(|| e.file_name().to_string_lossy().into_owned())
+    })
 }
 
 #[cfg(test)]
@@ -260,6 +316,19 @@ mod tests {
 
     fn shape(max_entries: u32) -> MapShape {
         MapShape { kind: "Array".into(), key_size: 4, value_size: 16, max_entries, flags: 0 }
+    }
+
+    #[test]
+    fn the_refusal_names_the_command_to_use_instead() {
+        let private = PrivateMountNamespace {
+            ours: "mnt:[2]".into(),
+            host: "mnt:[1]".into(),
+            netns: Some("lb".into()),
+        };
+        let msg = private.refusal(Path::new("/sys/fs/bpf/lb-agent"));
+        assert!(msg.contains("(mnt:[2], the host's is mnt:[1]; `ip netns exec` makes one)"), "{msg}");
+        assert!(msg.contains("under /sys/fs/bpf/lb-agent would vanish"), "{msg}");
+        assert!(msg.contains("`nsenter --net=/run/netns/lb lb-agent run ...`; or run without pins: --no-pin"), "{msg}");
     }
 
     #[test]
