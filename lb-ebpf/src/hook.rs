@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use lb_common::{Conn, Path, Reason, PROTO_UDP};
+use lb_common::{Conn, Path, Reason, PROTO_UDP, TCP_RST};
 
 use crate::{
     nat::{self, L4Checksums},
@@ -293,10 +293,18 @@ impl Hook for Tc<'_> {
         }
         (action, Path::RedirectedNeigh)
     }
-    /// Dropped: a partial checksum the skb carries would be finished over
-    /// the answer's full one (see `refuse`).
+    /// tc writes no answer of its own: a partial checksum the skb carries
+    /// would be finished over the answer's full one (see `refuse`). A VIP
+    /// that is an address of this host needs none: the request passes up
+    /// untouched and the kernel's stack answers it as any closed port does
+    /// (a reset; an ICMP port unreachable, at the kernel's ICMP rate). A
+    /// reset is not answered, and any other VIP is dropped.
     #[inline(always)]
-    fn refuse(&self, _pkt: &Packet) -> Result<(u32, Reason), Verdict> {
-        Err(Verdict::drop(Reason::DropNoBackend))
+    fn refuse(&self, pkt: &Packet) -> Result<(u32, Reason), Verdict> {
+        if pkt.tcp_flags & TCP_RST != 0 || !route::is_local(self, pkt) {
+            return Err(Verdict::drop(Reason::DropNoBackend));
+        }
+        let reason = if pkt.proto == PROTO_UDP { Reason::UnreachableNoBackend } else { Reason::ResetNoBackend };
+        Ok((Self::action(Action::Pass), reason))
     }
 }

@@ -7,7 +7,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::generated::bpf_fib_lookup,
 };
@@ -63,6 +64,30 @@ fn look_up<H: Hook>(hook: &H, pkt: &Packet) -> Fib {
     if pkt.ttl <= 1 {
         return Fib::Pass(Path::PassTtlExpired);
     }
+    let (rc, fib) = fib_lookup(hook, pkt);
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            Fib::Found(NextHop { ifindex: fib.ifindex, dst_mac: fib.dmac, src_mac: fib.smac, from_flow: false })
+        }
+        // The kernel sets `ifindex` before it looks for the neighbour
+        // (bpf_ipv4_fib_lookup, net/core/filter.c).
+        BPF_FIB_LKUP_RET_NO_NEIGH => Fib::NoNeigh(fib.ifindex),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Fib::Pass(Path::PassFragNeeded),
+        _ => Fib::Pass(Path::PassFibUnsupported),
+    }
+}
+
+/// Whether `pkt` is addressed to this host: the FIB has a local route for
+/// its destination (bpf_ipv4_fib_lookup answers NOT_FWDED for RTN_LOCAL).
+#[inline(always)]
+pub fn is_local<H: Hook>(hook: &H, pkt: &Packet) -> bool {
+    fib_lookup(hook, pkt).0 == BPF_FIB_LKUP_RET_NOT_FWDED
+}
+
+/// bpf_fib_lookup of `pkt`'s addresses and ports: the kernel's return code
+/// and what it filled in.
+#[inline(always)]
+fn fib_lookup<H: Hook>(hook: &H, pkt: &Packet) -> (u32, FibParams) {
     // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -78,16 +103,7 @@ fn look_up<H: Hook>(hook: &H, pkt: &Packet) -> Fib {
     // full lookup (policy rules included) as if received on the ingress
     // interface, which must have forwarding on.
     let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            Fib::Found(NextHop { ifindex: fib.ifindex, dst_mac: fib.dmac, src_mac: fib.smac, from_flow: false })
-        }
-        // The kernel sets `ifindex` before it looks for the neighbour
-        // (bpf_ipv4_fib_lookup, net/core/filter.c).
-        BPF_FIB_LKUP_RET_NO_NEIGH => Fib::NoNeigh(fib.ifindex),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Fib::Pass(Path::PassFragNeeded),
-        _ => Fib::Pass(Path::PassFibUnsupported),
-    }
+    (rc, fib)
 }
 
 /// The MACs of `hop`, and TTL - 1.

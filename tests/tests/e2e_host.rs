@@ -490,3 +490,41 @@ fn root_bulk_transfer_at_tc() {
     assert_eq!(passed(&p), 0, "packets passed up: {p:?}");
     assert!(topo.csum_errors().is_empty(), "checksum errors: {:?}", topo.csum_errors());
 }
+
+/// With no usable backend, clients of the host's own address are refused
+/// at once at tc too, where the program writes no answer itself: the
+/// request passes up untouched and the kernel answers it as a closed port
+/// (a TCP reset, an ICMP port unreachable), counted as refusals.
+#[test]
+fn root_host_address_vip_without_backends_is_refused_at_once_at_tc() {
+    require_root!("root_host_address_vip_without_backends_is_refused_at_once_at_tc");
+    let (topo, mut agent) = start_tc();
+    assert!(hooks(&agent).values().all(|h| h == "tc"), "auto should give these veths tc");
+    agent.reload_with(|| {
+        topo.write_raw_config(&host_config(&topo.lb_interfaces(), &[], Hook::Auto));
+    });
+    let tcp = SocketAddrV4::new(LB_CLIENT_ADDR, WEB_PORT);
+    let udp = SocketAddrV4::new(LB_CLIENT_ADDR, DNS_PORT);
+    let (tcp_err, took, udp_err) = topo.client.run(move || {
+        let started = std::time::Instant::now();
+        let tcp_err = std::net::TcpStream::connect_timeout(&tcp.into(), Duration::from_secs(5))
+            .expect_err("connect with no backend");
+        let took = started.elapsed();
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect(udp).expect("connect UDP");
+        socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        socket.send(b"hello\n").expect("send");
+        let udp_err = socket.recv(&mut [0u8; 64]).expect_err("an answer with no backend");
+        (tcp_err, took, udp_err)
+    });
+    println!("MEASURED: tc, no backend: TCP connect refused after {took:?} ({tcp_err}); UDP: {udp_err}");
+    assert_eq!(tcp_err.kind(), std::io::ErrorKind::ConnectionRefused, "TCP: {tcp_err}\n{}", agent.log_tail(20));
+    assert!(took < Duration::from_secs(1), "refused only after {took:?}");
+    assert_eq!(udp_err.kind(), std::io::ErrorKind::ConnectionRefused, "UDP: {udp_err}\n{}", agent.log_tail(20));
+    let s = status(&agent);
+    let reasons = s["reasons"].as_array().expect("reasons");
+    let packets = |name: &str| reasons.iter().find(|r| r["reason"] == name).map_or(0, |r| r["packets"].as_u64().unwrap_or(0));
+    assert!(packets("reset_no_backend") >= 1, "no reset counted: {reasons:?}");
+    assert!(packets("unreachable_no_backend") >= 1, "no unreachable counted: {reasons:?}");
+    assert_eq!(packets("drop_no_backend"), 0, "{reasons:?}");
+}
