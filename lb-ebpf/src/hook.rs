@@ -294,14 +294,16 @@ impl Hook for Tc<'_> {
         (action, Path::RedirectedNeigh)
     }
     /// tc writes no answer of its own: a partial checksum the skb carries
-    /// would be finished over the answer's full one (see `refuse`). A VIP
-    /// that is an address of this host needs none: the request passes up
-    /// untouched and the kernel's stack answers it as any closed port does
-    /// (a reset; an ICMP port unreachable, at the kernel's ICMP rate). A
-    /// reset is not answered, and any other VIP is dropped.
+    /// would be finished over the answer's full one (see `refuse`). Where
+    /// the kernel would not forward the request (`route::not_forwarded`:
+    /// above all a VIP that is an address of this host), the request passes
+    /// up untouched and the kernel's stack answers it as any closed port
+    /// does (a reset; an ICMP port unreachable, at the kernel's ICMP rate).
+    /// A reset is not answered, and a request the kernel would forward is
+    /// dropped.
     #[inline(always)]
     fn refuse(&self, pkt: &Packet) -> Result<(u32, Reason), Verdict> {
-        if pkt.tcp_flags & TCP_RST != 0 || !route::is_local(self, pkt) {
+        if pkt.tcp_flags & TCP_RST != 0 || !route::not_forwarded(self, pkt) {
             return Err(Verdict::drop(Reason::DropNoBackend));
         }
         let reason = if pkt.proto == PROTO_UDP { Reason::UnreachableNoBackend } else { Reason::ResetNoBackend };

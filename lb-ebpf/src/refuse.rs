@@ -11,12 +11,10 @@
 //! addressed to this host, and the kernel forwards it. It is never larger than the request plus 28 bytes
 //! (`UNREACH_QUOTE_LEN`).
 //!
-//! Where the VIP is an address of this host and no answer can be sent back
-//! (at tc, whose skb may carry a partial checksum (CHECKSUM_PARTIAL) that
-//! the kernel would finish over our full one; at XDP, where the interface
-//! cannot transmit), the request passes up untouched and the kernel's own
-//! stack answers it as a closed port. Another VIP's request is dropped
-//! there (`DropNoBackend`).
+//! XDP only: at the tc hook a request from a local stack can carry a
+//! partial checksum (CHECKSUM_PARTIAL) that the skb would finish over our
+//! full one; there the kernel's stack answers instead where it would not
+//! forward the request (see `Hook::refuse` for tc), else it is dropped.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -25,7 +23,7 @@ use aya_ebpf::{
 use lb_common::{
     icmp::ICMP_HLEN,
     refuse::{checksum, reset_for, tcp_checksum, ANSWER_TTL, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, UNREACH_QUOTE_LEN},
-    Path, Reason, PROTO_ICMP, PROTO_TCP, TCP_RST,
+    Path, Reason, PROTO_ICMP, PROTO_TCP,
 };
 
 use crate::{
@@ -56,15 +54,6 @@ type IcmpWords = [u16; (ICMP_HLEN + UNREACH_QUOTE_LEN) / 2];
 pub fn answer(xdp: &Xdp, pkt: &Packet) -> Result<(u32, Reason), Verdict> {
     let (action, path, macs) = if EGRESS.get_ifindex(pkt.ingress_ifindex).is_some() {
         (xdp_action::XDP_TX, Path::TxBack, Macs { dst: pkt.src_mac, src: pkt.dst_mac })
-    } else if route::is_local(xdp, pkt) {
-        // An answer from an address of this host, passed up, is a martian
-        // the kernel drops; the request itself, passed up untouched, gets
-        // the kernel's own answer (a closed port), as at tc.
-        if pkt.tcp_flags & TCP_RST != 0 {
-            return Err(Verdict::drop(Reason::DropNoBackend));
-        }
-        let reason = if pkt.proto == PROTO_TCP { Reason::ResetNoBackend } else { Reason::UnreachableNoBackend };
-        return Ok((xdp_action::XDP_PASS, reason));
     } else {
         // Still addressed to this host, or the stack would not take it.
         (xdp_action::XDP_PASS, Path::PassEgressNotReady, Macs { dst: pkt.dst_mac, src: pkt.src_mac })

@@ -77,10 +77,13 @@ fn look_up<H: Hook>(hook: &H, pkt: &Packet) -> Fib {
     }
 }
 
-/// Whether `pkt` is addressed to this host: the FIB has a local route for
-/// its destination (bpf_ipv4_fib_lookup answers NOT_FWDED for RTN_LOCAL).
+/// Whether the kernel would not forward `pkt` but answer it itself:
+/// bpf_ipv4_fib_lookup says NOT_FWDED for a local destination (RTN_LOCAL)
+/// and for one it has no route to; the stack then answers as a closed port,
+/// or with an ICMP net unreachable. (Blackhole, unreachable and prohibit
+/// routes have codes of their own, and a routed destination is forwarded.)
 #[inline(always)]
-pub fn is_local<H: Hook>(hook: &H, pkt: &Packet) -> bool {
+pub fn not_forwarded<H: Hook>(hook: &H, pkt: &Packet) -> bool {
     fib_lookup(hook, pkt).0 == BPF_FIB_LKUP_RET_NOT_FWDED
 }
 

@@ -793,9 +793,23 @@ fn no_backend_empty_udp_gets_port_unreachable() -> Fixture {
     refused("no_backend_empty_udp_gets_port_unreachable", input, output, Reason::UnreachableNoBackend)
 }
 
-/// tc does not answer (a local stack's partial checksum; see `refuse`).
-fn no_backend_tc_drops() -> Fixture {
-    Fixture { programs: TC_ONLY, ..dropped("no_backend_tc_drops", client_tcp(EMPTY_TCP, TCP_SYN), Reason::DropNoBackend) }
+/// tc writes no answer (a local stack's partial checksum; see `refuse`):
+/// the fixtures' namespace would not forward the request (no route to the
+/// VIP), so it passes up untouched for the kernel's stack to answer.
+fn no_backend_tc_passes_up_for_the_stack() -> Fixture {
+    let input = client_tcp(EMPTY_TCP, TCP_SYN);
+    Fixture {
+        programs: TC_ONLY,
+        output: input.clone(),
+        verdict: XDP_PASS,
+        ..dropped("no_backend_tc_passes_up_for_the_stack", input, Reason::ResetNoBackend)
+    }
+}
+
+/// A reset is never answered, by the stack either: dropped at tc too.
+fn no_backend_tc_drops_a_reset() -> Fixture {
+    let input = client_tcp(EMPTY_TCP, TCP_RST | TCP_ACK);
+    Fixture { programs: TC_ONLY, ..dropped("no_backend_tc_drops_a_reset", input, Reason::DropNoBackend) }
 }
 
 fn service_with_stale_backend() -> Fixture {
@@ -1443,7 +1457,8 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_no_backend_rst_is_not_answered => no_backend_rst_is_not_answered,
     root_no_backend_udp_gets_port_unreachable => no_backend_udp_gets_port_unreachable,
     root_no_backend_empty_udp_gets_port_unreachable => no_backend_empty_udp_gets_port_unreachable,
-    root_no_backend_tc_drops => no_backend_tc_drops,
+    root_no_backend_tc_passes_up_for_the_stack => no_backend_tc_passes_up_for_the_stack,
+    root_no_backend_tc_drops_a_reset => no_backend_tc_drops_a_reset,
     root_service_with_stale_backend => service_with_stale_backend,
 });
 
