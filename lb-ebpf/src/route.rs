@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::generated::bpf_fib_lookup,
@@ -79,12 +79,14 @@ fn look_up<H: Hook>(hook: &H, pkt: &Packet) -> Fib {
 
 /// Whether the kernel would not forward `pkt` but answer it itself:
 /// bpf_ipv4_fib_lookup says NOT_FWDED for a local destination (RTN_LOCAL)
-/// and for one it has no route to; the stack then answers as a closed port,
-/// or with an ICMP net unreachable. (Blackhole, unreachable and prohibit
-/// routes have codes of their own, and a routed destination is forwarded.)
+/// and for one it has no route to, and FWD_DISABLED (before any lookup)
+/// where the ingress interface does not forward at all; the stack then
+/// answers as a closed port, or with an ICMP unreachable. (Blackhole,
+/// unreachable and prohibit routes have codes of their own, and a routed
+/// destination is forwarded.)
 #[inline(always)]
 pub fn not_forwarded<H: Hook>(hook: &H, pkt: &Packet) -> bool {
-    fib_lookup(hook, pkt).0 == BPF_FIB_LKUP_RET_NOT_FWDED
+    matches!(fib_lookup(hook, pkt).0, BPF_FIB_LKUP_RET_NOT_FWDED | BPF_FIB_LKUP_RET_FWD_DISABLED)
 }
 
 /// bpf_fib_lookup of `pkt`'s addresses and ports: the kernel's return code

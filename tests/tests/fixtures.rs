@@ -795,7 +795,8 @@ fn no_backend_empty_udp_gets_port_unreachable() -> Fixture {
 
 /// tc writes no answer (a local stack's partial checksum; see `refuse`):
 /// the fixtures' namespace would not forward the request (no route to the
-/// VIP), so it passes up untouched for the kernel's stack to answer.
+/// VIP, or forwarding off, as in the VM), so it passes up untouched for the
+/// kernel's stack to answer.
 fn no_backend_tc_passes_up_for_the_stack() -> Fixture {
     let input = client_tcp(EMPTY_TCP, TCP_SYN);
     Fixture {
