@@ -296,6 +296,22 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<String> {
     Ok(line)
 }
 
+/// What a client of a service that refuses it sees, from the namespace it
+/// runs in: the error of a TCP connect to `tcp` and how long it took, and
+/// the error of a receive on a UDP socket connected to `udp` after a send.
+/// Panics if either is answered.
+pub fn refused_tcp_and_udp(tcp: SocketAddrV4, udp: SocketAddrV4) -> (io::Error, Duration, io::Error) {
+    let started = std::time::Instant::now();
+    let tcp_err = TcpStream::connect_timeout(&tcp.into(), Duration::from_secs(5)).expect_err("a connect refused");
+    let took = started.elapsed();
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.connect(udp).expect("connect UDP");
+    socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    socket.send(b"hello\n").expect("send");
+    let udp_err = socket.recv(&mut [0u8; 64]).expect_err("a datagram refused");
+    (tcp_err, took, udp_err)
+}
+
 /// One TCP request: connect, read the backend's name, close.
 pub fn tcp_request(addr: SocketAddrV4) -> io::Result<(String, SocketAddr)> {
     let conn = Conn::open(addr)?;

@@ -427,7 +427,8 @@ impl Snapshot {
             }
             if s.usable_backends == 0 {
                 let why = if s.backends.is_empty() { "no backends" } else { "none active, weighted and up" };
-                let _ = writeln!(out, "  0 usable backends ({why}): new clients are refused (TCP reset, ICMP unreachable)");
+                let _ =
+                    writeln!(out, "  0 usable backends ({why}): new clients are refused (TCP reset, ICMP unreachable)");
             }
         }
         render_scaling(&mut out, &self.scaling, now);
@@ -720,7 +721,9 @@ mod tests {
         );
         assert!(
             t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains(" 1 * "))
-                && t.contains("\n  * 10.1.0.1:80 run-time: weight 1, file says 2 (`lb-agent backend reset` drops it)\n"),
+                && t.contains(
+                    "\n  * 10.1.0.1:80 run-time: weight 1, file says 2 (`lb-agent backend reset` drops it)\n"
+                ),
             "{t}"
         );
         assert!(t.contains("drops: drop_no_backend 4"), "{t}");

@@ -804,7 +804,9 @@ fn root_agent_under_ip_netns_exec_refuses_pins_that_would_not_outlive_it() {
         cmd.args(["netns", "exec", topo.lb.name()]).arg(lb_lab::agent::agent_bin()).arg("run");
         cmd.arg("--config").arg(&args.config).arg("--api-socket").arg(&args.api_socket);
         cmd.args(["--metrics-address", "off", "--pin-dir"]).arg(args.pin_dir.as_ref().expect("a pin dir"));
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         cmd.spawn().expect("spawn ip netns exec lb-agent run")
     };
     let mut child = run();
@@ -814,7 +816,10 @@ fn root_agent_under_ip_netns_exec_refuses_pins_that_would_not_outlive_it() {
             // SAFETY: kill(2) on our own child, not reaped yet.
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             let out = child.wait_with_output().expect("wait for the agent");
-            panic!("the agent started with pins in a private mount namespace:\n{}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "the agent started with pins in a private mount namespace:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         thread::sleep(Duration::from_millis(50));
     }

@@ -36,8 +36,8 @@ use lb_lab::{
     netns::NetNs,
     require_root,
     topology::{
-        tcp_request, udp_request, Conn, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLIENT_ADDR,
-        LB_CLIENT_ADDR, LB_CLIENT_IFACE, NODE_IFACE,
+        refused_tcp_and_udp, tcp_request, udp_request, Conn, Options, Topology, BACKEND_TCP_PORT, BACKEND_UDP_PORT,
+        CLIENT_ADDR, LB_CLIENT_ADDR, LB_CLIENT_IFACE, NODE_IFACE,
     },
 };
 use serde_json::Value;
@@ -505,25 +505,15 @@ fn root_host_address_vip_without_backends_is_refused_at_once_at_tc() {
     });
     let tcp = SocketAddrV4::new(LB_CLIENT_ADDR, WEB_PORT);
     let udp = SocketAddrV4::new(LB_CLIENT_ADDR, DNS_PORT);
-    let (tcp_err, took, udp_err) = topo.client.run(move || {
-        let started = std::time::Instant::now();
-        let tcp_err = std::net::TcpStream::connect_timeout(&tcp.into(), Duration::from_secs(5))
-            .expect_err("connect with no backend");
-        let took = started.elapsed();
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-        socket.connect(udp).expect("connect UDP");
-        socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        socket.send(b"hello\n").expect("send");
-        let udp_err = socket.recv(&mut [0u8; 64]).expect_err("an answer with no backend");
-        (tcp_err, took, udp_err)
-    });
+    let (tcp_err, took, udp_err) = topo.client.run(move || refused_tcp_and_udp(tcp, udp));
     println!("MEASURED: tc, no backend: TCP connect refused after {took:?} ({tcp_err}); UDP: {udp_err}");
     assert_eq!(tcp_err.kind(), std::io::ErrorKind::ConnectionRefused, "TCP: {tcp_err}\n{}", agent.log_tail(20));
     assert!(took < Duration::from_secs(1), "refused only after {took:?}");
     assert_eq!(udp_err.kind(), std::io::ErrorKind::ConnectionRefused, "UDP: {udp_err}\n{}", agent.log_tail(20));
     let s = status(&agent);
     let reasons = s["reasons"].as_array().expect("reasons");
-    let packets = |name: &str| reasons.iter().find(|r| r["reason"] == name).map_or(0, |r| r["packets"].as_u64().unwrap_or(0));
+    let packets =
+        |name: &str| reasons.iter().find(|r| r["reason"] == name).map_or(0, |r| r["packets"].as_u64().unwrap_or(0));
     assert!(packets("reset_no_backend") >= 1, "no reset counted: {reasons:?}");
     assert!(packets("unreachable_no_backend") >= 1, "no unreachable counted: {reasons:?}");
     assert_eq!(packets("drop_no_backend"), 0, "{reasons:?}");

@@ -21,7 +21,7 @@ use std::{
 use lb_lab::{
     agent::{Agent, AgentArgs},
     require_root,
-    topology::{tcp_request, udp_request, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
+    topology::{refused_tcp_and_udp, tcp_request, udp_request, Conn, Options, Topology, IO_TIMEOUT, LB_CLIENT_ADDR},
 };
 
 fn names(n: usize) -> Vec<String> {
@@ -416,17 +416,7 @@ fn root_no_usable_backend_refuses_clients_at_once() {
         topo.write_config(&[]);
     });
     let (tcp, udp) = (topo.vip_tcp(), topo.vip_udp());
-    let (tcp_err, took, udp_err) = topo.client.run(move || {
-        let started = Instant::now();
-        let tcp_err = TcpStream::connect_timeout(&tcp.into(), Duration::from_secs(5)).expect_err("connect with no backend");
-        let took = started.elapsed();
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-        socket.connect(udp).expect("connect UDP");
-        socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        socket.send(b"hello\n").expect("send");
-        let udp_err = socket.recv(&mut [0u8; 64]).expect_err("an answer with no backend");
-        (tcp_err, took, udp_err)
-    });
+    let (tcp_err, took, udp_err) = topo.client.run(move || refused_tcp_and_udp(tcp, udp));
     println!("MEASURED: TCP connect refused after {took:?} ({tcp_err}); UDP: {udp_err}");
     assert_eq!(tcp_err.kind(), ErrorKind::ConnectionRefused, "TCP: {tcp_err}\n{}", agent.log_tail(20));
     assert!(took < Duration::from_secs(1), "refused only after {took:?}");
@@ -434,7 +424,8 @@ fn root_no_usable_backend_refuses_clients_at_once() {
 
     let status = agent.status();
     let reasons = status["reasons"].as_array().expect("reasons");
-    let packets = |name: &str| reasons.iter().find(|r| r["reason"] == name).map_or(0, |r| r["packets"].as_u64().unwrap_or(0));
+    let packets =
+        |name: &str| reasons.iter().find(|r| r["reason"] == name).map_or(0, |r| r["packets"].as_u64().unwrap_or(0));
     assert!(packets("reset_no_backend") >= 1, "no reset counted: {reasons:?}");
     assert!(packets("unreachable_no_backend") >= 1, "no unreachable counted: {reasons:?}");
     for s in status["services"].as_array().expect("services") {
@@ -443,7 +434,8 @@ fn root_no_usable_backend_refuses_clients_at_once() {
     let text = agent.cli(&["status"]).stdout;
     assert!(text.contains("0 usable backends (no backends): new clients are refused"), "{text}");
     let scrape = topo.lb.run(move || lb_lab::http::get_ok(metrics, "/metrics", IO_TIMEOUT)).expect("scrape /metrics");
-    let gauge = scrape.lines().find(|l| l.starts_with("lb_service_usable_backends{service=\"web\"")).expect("the gauge");
+    let gauge =
+        scrape.lines().find(|l| l.starts_with("lb_service_usable_backends{service=\"web\"")).expect("the gauge");
     assert!(gauge.ends_with(" 0"), "{gauge}");
     stop_and_check_detached(&topo, agent);
 }

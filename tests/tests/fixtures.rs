@@ -774,7 +774,8 @@ fn no_backend_rst_is_not_answered() -> Fixture {
 /// header only, whatever its payload: 70 bytes, never more than the request
 /// plus 28.
 fn no_backend_udp_gets_port_unreachable() -> Fixture {
-    let input = udp_frame(FROM_CLIENT, &udp_ip(*CLIENT.ip(), VIP), &Udp::new(CLIENT.port(), EMPTY_UDP.port(), DNS_QUERY));
+    let input =
+        udp_frame(FROM_CLIENT, &udp_ip(*CLIENT.ip(), VIP), &Udp::new(CLIENT.port(), EMPTY_UDP.port(), DNS_QUERY));
     let quote = &input[14..14 + 28];
     let message = icmp_error(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, quote);
     let (dst, src) = FROM_CLIENT;

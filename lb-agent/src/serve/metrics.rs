@@ -254,7 +254,9 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     for (family, value) in &SERVICE_TRAFFIC {
         out.push(family.collect(services.iter().map(|s| (ServiceLabels::of(s), value(&s.counters) as f64))));
     }
-    out.push(SERVICE_USABLE_BACKENDS.collect(services.iter().map(|s| (ServiceLabels::of(s), f64::from(s.usable_backends)))));
+    out.push(
+        SERVICE_USABLE_BACKENDS.collect(services.iter().map(|s| (ServiceLabels::of(s), f64::from(s.usable_backends)))),
+    );
     for (family, value) in &BACKEND_TRAFFIC {
         out.push(family.collect(backends().map(|(s, b)| (BackendLabels::of(s, b), value(&b.counters) as f64))));
     }

@@ -320,11 +320,8 @@ mod tests {
 
     #[test]
     fn the_refusal_names_the_command_to_use_instead() {
-        let private = PrivateMountNamespace {
-            ours: "mnt:[2]".into(),
-            host: "mnt:[1]".into(),
-            netns: Some("lb".into()),
-        };
+        let private =
+            PrivateMountNamespace { ours: "mnt:[2]".into(), host: "mnt:[1]".into(), netns: Some("lb".into()) };
         let msg = private.refusal(Path::new("/sys/fs/bpf/lb-agent"));
         assert!(msg.contains("(mnt:[2], the host's is mnt:[1]; `ip netns exec` makes one)"), "{msg}");
         assert!(msg.contains("under /sys/fs/bpf/lb-agent would vanish"), "{msg}");
