@@ -12,13 +12,14 @@ use crate::util::{self, capture, stream_ok, Step, GREEN, RED, YELLOW};
 
 /// Debian packages the demo and the root tests call.
 const APT_PACKAGES: &[&str] = &[
-    "iproute2",     // ip: network namespaces, veth pairs, addresses, routes
-    "ethtool",      // GRO and offload settings on veth devices
-    "iputils-ping", // reachability checks in the demo and tests
-    "procps",       // sysctl (net.ipv4.ip_forward)
-    "prometheus",   // a real server scrapes lb-agent's /metrics in the tests
-    "docker.io",    // the Docker orchestrator's tests and demo (dockerd is started on demand)
-    "iptables",     // DOCKER-USER rules for forwarding to containers
+    "iproute2",                // ip: network namespaces, veth pairs, addresses, routes
+    "ethtool",                 // GRO and offload settings on veth devices
+    "iputils-ping",            // reachability checks in the demo and tests
+    "procps",                  // sysctl (net.ipv4.ip_forward)
+    "prometheus",              // a real server scrapes lb-agent's /metrics in the tests
+    "prometheus-alertmanager", // receives the shipped alert rules' alerts in e2e_alerts
+    "docker.io",               // the Docker orchestrator's tests and demo (dockerd is started on demand)
+    "iptables",                // DOCKER-USER rules for forwarding to containers
     // `cargo xtask bench e2e` (and its smoke test among the root tests):
     "wrk",                 // the load generator
     "haproxy",             // a peer: TCP proxy in the LB namespace
@@ -31,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
 /// (package, systemd unit).
 const SERVICES: &[(&str, &str)] = &[
     ("prometheus", "prometheus.service"), // the packaged server listens on :9090, all interfaces
+    ("prometheus-alertmanager", "prometheus-alertmanager.service"), // :9093 and its cluster port :9094
     ("haproxy", "haproxy.service"),       // :80 would clash with anything on the host
     ("nginx", "nginx.service"),
 ];
