@@ -413,6 +413,21 @@ pub fn render(snapshot: &Snapshot) -> Result<String, MetricsError> {
     TextEncoder::new().encode_to_string(&families).map_err(|source| MetricsError::Encode { source })
 }
 
+/// The name of every series the agent can serve (a summary's as `_sum` and
+/// `_count`), for checking what dashboards and alert rules query.
+pub fn series_names() -> Vec<String> {
+    collect(&Snapshot::default())
+        .iter()
+        .flat_map(|c| {
+            let name = c.family.name();
+            match c.family.get_field_type() {
+                MetricType::SUMMARY => vec![format!("{name}_sum"), format!("{name}_count")],
+                _ => vec![name.to_owned()],
+            }
+        })
+        .collect()
+}
+
 /// The snapshot families as a `prometheus` collector, for a `Registry` that
 /// also holds other metrics. Reads the latest published snapshot per gather.
 pub struct SnapshotCollector {
