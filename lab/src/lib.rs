@@ -12,6 +12,7 @@
 //!   Docker, and RAII guards for what the Docker tests make; [`command`] and
 //!   [`bins`]: running the system's tools and finding this workspace's.
 //! - [`cgroup`]: a test's own cgroup v2, for socket load balancing.
+//! - [`monitoring`]: real Prometheus and Alertmanager servers for the tests.
 
 pub mod agent;
 pub mod bins;
@@ -21,6 +22,7 @@ pub mod command;
 pub mod diff;
 pub mod docker;
 pub mod http;
+pub mod monitoring;
 pub mod netns;
 pub mod packet;
 pub mod root;

@@ -6,22 +6,17 @@
 //! Needs root: it installs Debian's `prometheus` package when
 //! `/usr/bin/prometheus` is missing (`cargo xtask setup` should install it
 //! too). The Debian service is never started here: the test runs the binary
-//! itself as a child, on a free loopback port, with its config and TSDB in a
-//! temp dir, and its guard kills that child (by its pid) and removes the dir,
-//! also when the test fails. Everything stays on 127.0.0.1.
+//! itself as a child ([`lb_lab::monitoring`]), on a free loopback port, with
+//! its config and TSDB in a temp dir, and its guard kills that child (by its
+//! pid) and removes the dir, also when the test fails. Everything stays on
+//! 127.0.0.1.
 //!
 //! `cargo test -p lb-tests --release --test prometheus_scrape -- --nocapture`
 
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
-    fs::{self, File},
-    net::{SocketAddr, TcpListener},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::Arc,
-    thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::Instant,
 };
 
 use lb_agent::{
@@ -31,14 +26,12 @@ use lb_agent::{
         Traffic,
     },
 };
-use lb_lab::root::skip_without_root;
-use serde_json::Value;
+use lb_lab::{
+    monitoring::{api, query, query_one, query_value, sample_value, start_prometheus, Server},
+    root::skip_without_root,
+};
 use tokio::sync::watch;
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-/// Each wait below gives up after this long.
-const WAIT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(250);
 const JOB: &str = "lb-agent";
 /// Label values a parser could get wrong: quotes, backslashes, a newline.
 const AWKWARD_SERVICE: &str = "we\"ird\\name\nline two";
@@ -49,7 +42,6 @@ fn root_prometheus_scrapes_metrics() {
         return;
     }
     let started = Instant::now();
-    ensure_prometheus();
 
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
@@ -58,18 +50,18 @@ fn root_prometheus_scrapes_metrics() {
     let (publisher, snapshots) = watch::channel(Arc::new(snapshot(1)));
     let server = runtime.spawn(metrics::serve(listener, snapshots));
 
-    let prometheus = Prometheus::start(target);
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+         scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n"
+    );
+    let prometheus = start_prometheus(&config, &[]);
     eprintln!("prometheus {} scraping {target} every 1 s", prometheus.addr);
-    prometheus.wait_until("ready", || match prometheus.get("/-/ready") {
-        Ok((200, _)) => Ok(()),
-        Ok((status, body)) => Err(format!("{status}: {body}")),
-        Err(e) => Err(e),
-    });
+    prometheus.wait_ready();
 
     // The target is healthy: scraped, parsed, no error. Prometheus 2.x
     // applies new scrape targets at most every 5 s, so this takes ~5 s.
     let health = prometheus.wait_until("target up", || {
-        let data = prometheus.api("/api/v1/targets?state=active")?;
+        let data = api(&prometheus, "/api/v1/targets?state=active")?;
         let targets = data["activeTargets"].as_array().ok_or("no activeTargets")?;
         let [t] = targets.as_slice() else { return Err(format!("expected one target: {targets:?}")) };
         if t["health"] != "up" || t["lastError"] != "" {
@@ -119,7 +111,7 @@ fn root_prometheus_scrapes_metrics() {
 
     // Types and help texts as served.
     let metadata = prometheus.wait_until("metadata", || {
-        let data = prometheus.api("/api/v1/metadata")?;
+        let data = api(&prometheus, "/api/v1/metadata")?;
         let got: BTreeMap<String, (String, String)> = served
             .families
             .keys()
@@ -347,190 +339,14 @@ fn describe_difference(served: &BTreeMap<Series, f64>, stored: &BTreeMap<Series,
 
 /// Every `lb_*` series of the job, as Prometheus stored it, without the
 /// `job` and `instance` labels it adds.
-fn stored_series(prometheus: &Prometheus) -> Result<BTreeMap<Series, f64>, String> {
-    let data = prometheus.api(&format!(
-        "/api/v1/query?query={}",
-        encode(&format!("{{__name__=~\"lb_.+|process_.+\",job=\"{JOB}\"}}"))
-    ))?;
+fn stored_series(prometheus: &Server) -> Result<BTreeMap<Series, f64>, String> {
+    let selector = format!("{{__name__=~\"lb_.+|process_.+\",job=\"{JOB}\"}}");
     let mut stored = BTreeMap::new();
-    for r in data["result"].as_array().ok_or("no result")? {
+    for r in query(prometheus, &selector)? {
         let mut series: Series = serde_json::from_value(r["metric"].clone()).map_err(|e| e.to_string())?;
         series.remove("job");
         series.remove("instance");
-        stored.insert(series, sample_value(r)?);
+        stored.insert(series, sample_value(&r)?);
     }
     Ok(stored)
-}
-
-/// The value of an instant query that must return exactly one series.
-fn query_value(prometheus: &Prometheus, query: &str) -> Result<f64, String> {
-    let data = prometheus.api(&format!("/api/v1/query?query={}", encode(query)))?;
-    match data["result"].as_array().map(Vec::as_slice) {
-        Some([one]) => sample_value(one),
-        other => Err(format!("{query}: expected one series, got {other:?}")),
-    }
-}
-
-fn query_one(prometheus: &Prometheus, query: &str) -> f64 {
-    prometheus.wait_until(query, || query_value(prometheus, query))
-}
-
-/// `"value": [<time>, "<number>"]` of a vector sample.
-fn sample_value(r: &Value) -> Result<f64, String> {
-    let v = r["value"][1].as_str().ok_or_else(|| format!("no value in {r}"))?;
-    v.parse().map_err(|e| format!("value {v}: {e}"))
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Installs Debian's `prometheus` package if the binary is missing. Only
-/// the binary is used; the package's service is not started by this test.
-fn ensure_prometheus() {
-    if Path::new(PROMETHEUS).exists() {
-        return;
-    }
-    eprintln!("{PROMETHEUS} missing: installing Debian's prometheus package");
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(args)
-            .status()
-            .unwrap_or_else(|e| panic!("run apt-get: {e}"))
-            .success()
-    };
-    let install = ["install", "-y", "--no-install-recommends", "prometheus"];
-    // Stale package lists are the usual reason an install fails.
-    if !apt(&install) {
-        assert!(apt(&["update"]), "apt-get update failed");
-        assert!(apt(&install), "apt-get install prometheus failed");
-    }
-    assert!(Path::new(PROMETHEUS).exists(), "the prometheus package did not install {PROMETHEUS}");
-}
-
-/// A Prometheus server this test spawned, with its own config and TSDB in a
-/// temp dir. Drop kills exactly that child by its pid and removes the dir;
-/// if the test is failing, it prints Prometheus's log first.
-struct Prometheus {
-    /// In a cell so `wait_until` can check on it while its closure uses
-    /// `&self` for requests.
-    child: RefCell<Child>,
-    dir: PathBuf,
-    addr: SocketAddr,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("lb-prometheus-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        let config = dir.join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-                 scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        let addr = free_loopback_port();
-        let log = File::create(dir.join("prometheus.log")).expect("create prometheus.log");
-        let child = Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--web.enable-lifecycle")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                // No guard yet to clean up after us.
-                if let Err(e) = fs::remove_dir_all(&dir) {
-                    eprintln!("warning: remove {}: {e}", dir.display());
-                }
-                panic!("spawn {PROMETHEUS}: {e}");
-            }
-        };
-        Prometheus { child: RefCell::new(child), dir, addr }
-    }
-
-    /// `GET path` on Prometheus: (status, body).
-    fn get(&self, path: &str) -> Result<(u16, String), String> {
-        http_get(self.addr, path)
-    }
-
-    /// The `data` of a successful API response.
-    fn api(&self, path: &str) -> Result<Value, String> {
-        let (status, body) = self.get(path)?;
-        let json: Value = serde_json::from_str(&body).map_err(|e| format!("{path}: {e}: {body}"))?;
-        if status != 200 || json["status"] != "success" {
-            return Err(format!("{path}: {status}: {body}"));
-        }
-        Ok(json["data"].clone())
-    }
-
-    /// Polls `check` until it succeeds; panics with its last error after
-    /// `WAIT`, or at once if Prometheus has exited.
-    fn wait_until<T>(&self, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let why = match check() {
-                Ok(v) => return v,
-                Err(why) => why,
-            };
-            match self.child.borrow_mut().try_wait() {
-                Ok(None) => {}
-                Ok(Some(status)) => panic!("{what}: prometheus exited ({status}); last check: {why}"),
-                Err(e) => panic!("{what}: wait for prometheus: {e}"),
-            }
-            if Instant::now() >= deadline {
-                panic!("{what}: not within {WAIT:?}: {why}");
-            }
-            thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let child = self.child.get_mut();
-        // Child::kill sends SIGKILL to this child's pid only (and is a no-op
-        // if it has already been reaped).
-        if let Err(e) = child.kill() {
-            eprintln!("warning: kill prometheus (pid {}): {e}", child.id());
-        }
-        if let Err(e) = child.wait() {
-            eprintln!("warning: reap prometheus (pid {}): {e}", child.id());
-        }
-        if thread::panicking() {
-            let log = fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
-            eprintln!("---- prometheus log ----\n{log}---- end of prometheus log ----");
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("warning: remove {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// A loopback port free right now (the kernel's pick; released for the
-/// child to bind).
-fn free_loopback_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr")
-}
-
-/// One GET on a new connection: (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let SocketAddr::V4(addr) = addr else { return Err(format!("GET {path}: {addr} is not IPv4")) };
-    lb_lab::http::get(addr, path, Duration::from_secs(5)).map_err(|e| format!("GET {path}: {e}"))
 }
