@@ -17,7 +17,7 @@ use lb_agent::{
         probe::NetProber,
     },
     agent::{Agent, Options, Ports},
-    config::Config,
+    config::{Config, Protocol},
     serve::api::{self, Request, DEFAULT_SOCKET},
     status::{human_duration, watch_frame, Snapshot},
 };
@@ -188,6 +188,34 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         api_socket: PathBuf,
     },
+    /// Say which backend a client's flow goes to, and why.
+    ///
+    /// A flow in the connection table goes to the backend its entry holds
+    /// (shown with its state and when it last saw a packet); a new one to the
+    /// backend the service's Maglev table names for its hash (shown: the
+    /// hash, the slot, the live table half and the backends and weights that
+    /// built it). Also says where the flow would go if that backend left.
+    /// Every load balancer node with the same config makes the same Maglev
+    /// pick. Example: `lb-agent explain 10.0.9.2:40000 --service web`.
+    Explain {
+        /// The client's address and source port, e.g. 10.0.9.2:40000.
+        client: SocketAddrV4,
+        /// The service, by its name in the config.
+        #[arg(long)]
+        service: String,
+        /// The flow's protocol; refused unless it is the service's.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        protocol: Option<String>,
+        /// The VIP; refused unless it is the service's.
+        #[arg(long)]
+        vip: Option<std::net::Ipv4Addr>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's control socket (`run --api-socket`).
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
     /// The running agent's effective config.
     Config {
         #[command(subcommand)]
@@ -292,6 +320,10 @@ fn main() -> ExitCode {
         }
         Command::Backend { change, api_socket } => backend(api_socket, change),
         Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
+        Command::Explain { client, service, protocol, vip, json, api_socket } => {
+            let protocol = protocol.map(|p| if p == "udp" { Protocol::Udp } else { Protocol::Tcp });
+            explain(api_socket, Request::Explain { service, client, protocol, vip }, json)
+        }
         Command::Config { command: ConfigCommand::Dump { api_socket } } => {
             call_and_print(api_socket, Request::DumpConfig)
         }
@@ -436,6 +468,19 @@ fn backend(socket: PathBuf, change: BackendChange) -> anyhow::Result<ExitCode> {
         BackendChange::Reset { service, address } => Request::ResetBackends { service, address },
     };
     call_and_print(socket, request)
+}
+
+fn explain(socket: PathBuf, request: Request, json: bool) -> anyhow::Result<ExitCode> {
+    let response = runtime()?.block_on(api::call(&socket, &request))?;
+    match response.explain {
+        Some(e) if json => println!("{}", serde_json::to_string_pretty(&e)?),
+        Some(e) => print!("{}", e.render()),
+        None => {
+            eprintln!("lb-agent: refused: {}", response.error.unwrap_or_default());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn call_and_print(socket: PathBuf, request: Request) -> anyhow::Result<ExitCode> {

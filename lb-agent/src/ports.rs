@@ -55,6 +55,8 @@ pub trait ConnectionTable: Send + Sync {
     /// packets start new flows elsewhere. Returns how many of them were
     /// still open (as `scan` counts them).
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError>;
+    /// One flow's entry, with how long ago it saw a packet (`explain`).
+    fn lookup(&self, key: &lb_common::FlowKey) -> Result<Option<crate::core::explain::FlowSeen>, DataplaneError>;
 }
 
 /// How this host routes addresses now (`ip route get`): the data plane

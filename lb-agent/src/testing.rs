@@ -166,6 +166,8 @@ pub struct FakeDataplane {
     pub flushes: Vec<u32>,
     /// Walks of the connection table so far.
     pub scans: u32,
+    /// Entries a flow lookup finds.
+    pub flow_entries: Vec<(lb_common::FlowKey, crate::core::explain::FlowSeen)>,
     /// Interfaces that do not exist here (every other one does).
     pub missing_interfaces: BTreeSet<String>,
     pub attached: BTreeMap<String, (HookMode, ChecksumMode)>,
@@ -431,6 +433,10 @@ impl ConnectionTable for SharedDataplane {
         let mut dp = self.lock();
         dp.flushes.push(backend_id);
         Ok(dp.open.remove(&backend_id).unwrap_or(0))
+    }
+
+    fn lookup(&self, key: &lb_common::FlowKey) -> Result<Option<crate::core::explain::FlowSeen>, DataplaneError> {
+        Ok(self.lock().flow_entries.iter().find(|(k, _)| k == key).map(|(_, seen)| *seen))
     }
 }
 

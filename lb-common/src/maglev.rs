@@ -16,7 +16,10 @@
 //! exact share. With equal weights it is classic round-robin Maglev.
 //!
 //! [`rebuild_table`] starts from the previous table instead of an empty one,
-//! so a change of the backend set moves only the slots it has to.
+//! so a change of the backend set moves only the slots it has to. Its output
+//! depends on that history, though, so the agent builds every table with
+//! [`build_table`]: several load balancer nodes with one config must hold the
+//! same table, whatever each one went through.
 
 use core::cmp::Reverse;
 use core::net::SocketAddrV4;

@@ -20,6 +20,7 @@
 //! - `scaler`: one scaled service's replicas.
 
 mod config_file;
+mod explain;
 pub mod flows;
 mod reload;
 pub mod scaler;
@@ -381,6 +382,9 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             Request::DumpConfig => {
                 let _ = reply.send(self.dump_config());
                 return;
+            }
+            Request::Explain { service, client, protocol, vip } => {
+                return self.explain_flow(service, *client, *protocol, *vip, reply)
             }
             Request::AddBackend { service, address, weight } => self
                 .registry

@@ -2,6 +2,7 @@
 
 pub mod changes;
 pub mod deploy;
+pub mod explain;
 pub mod health;
 pub mod overlay;
 pub mod policy;

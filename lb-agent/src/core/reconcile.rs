@@ -22,7 +22,7 @@ use std::{
 };
 
 use lb_common::{
-    maglev::{rebuild_table, MaglevBackend},
+    maglev::{build_table, MaglevBackend},
     Backend, BackendAddr, BackendVips, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
     MAX_SERVICES, MAX_VIPS_PER_BACKEND, MODE_DNAT,
 };
@@ -304,7 +304,13 @@ impl Reconciler {
         } else if same_set(&state.backends, &backends) {
             return Ok(());
         }
-        let table = rebuild_table(state.live_table(), &backends, MAGLEV_TABLE_SIZE);
+        // From scratch, not from the live table: the table is then a function
+        // of the backend set alone (addresses and weights), so every node
+        // with the same config holds the same table whatever its history
+        // (restarts, backends added and removed, health flaps in any order),
+        // and a flow that moves between nodes keeps its backend. Flows in
+        // the connection table keep theirs through any change anyway.
+        let table = build_table(&backends, MAGLEV_TABLE_SIZE);
         let moved = table.iter().zip(state.live_table()).filter(|(new, live)| new != live).count();
         let next = 1 - state.table;
         let changes: Vec<(u32, u32)> = table
@@ -567,6 +573,72 @@ mod tests {
         assert_eq!(s.slots_moved["web"], moved);
         let half = MAGLEV_TABLE_SIZE as usize / 2;
         assert!(moved > half * 9 / 10 && moved < half * 11 / 10, "{moved} of {MAGLEV_TABLE_SIZE}");
+    }
+
+    /// The live table of the only service, as backend addresses.
+    fn live_addrs(r: &Reconciler, dp: &FakeDataplane) -> Vec<Option<SocketAddrV4>> {
+        let svc = dp.services.values().next().unwrap();
+        let (_, state) = r.services().next().unwrap();
+        let addr = |id: u32| state.backends.iter().find(|b| b.id == id).map(|b| b.addr);
+        dp.table(svc.id, svc.table).into_iter().map(addr).collect()
+    }
+
+    #[test]
+    fn same_backend_set_gives_the_same_table_whatever_the_history() {
+        let set = [("10.1.0.1:80", 1), ("10.1.0.2:80", 2), ("10.1.0.3:80", 1)];
+        let (mut fresh_dp, mut fresh) = (FakeDataplane::default(), Reconciler::default());
+        fresh.apply(&config(&set), &mut fresh_dp).unwrap();
+        // Another node: other insertion order (so other ids), a backend added
+        // then removed, a weight changed and back, a health flap.
+        let (mut dp, mut r) = (FakeDataplane::default(), Reconciler::default());
+        r.apply(&config(&[("10.1.0.4:80", 1), ("10.1.0.3:80", 1)]), &mut dp).unwrap();
+        r.apply(&config(&[("10.1.0.3:80", 1), ("10.1.0.4:80", 1), ("10.1.0.2:80", 5), ("10.1.0.1:80", 1)]), &mut dp)
+            .unwrap();
+        let mut flap = config(&[("10.1.0.3:80", 1), ("10.1.0.2:80", 2), ("10.1.0.1:80", 1)]);
+        flap[0].backends[0].in_table = false;
+        r.apply(&flap, &mut dp).unwrap();
+        r.apply(&config(&[("10.1.0.3:80", 1), ("10.1.0.2:80", 2), ("10.1.0.1:80", 1)]), &mut dp).unwrap();
+        let key = flap[0].config.key();
+        let first: SocketAddrV4 = "10.1.0.1:80".parse().unwrap();
+        assert_ne!(fresh.backend_id(&key, first), r.backend_id(&key, first), "ids should differ between the nodes");
+        let (a, b) = (live_addrs(&fresh, &fresh_dp), live_addrs(&r, &dp));
+        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert_eq!(differ, 0, "{differ} of {MAGLEV_TABLE_SIZE} slots differ");
+    }
+
+    /// A backend set from bits: address `10.1.0.i`, weight 1..=3, in or out of
+    /// the table.
+    fn set_from(members: &[(u8, u32, bool)]) -> Vec<DesiredService> {
+        let set: Vec<(String, u32)> = members.iter().map(|(i, w, _)| (format!("10.1.0.{i}:80"), *w)).collect();
+        let refs: Vec<(&str, u32)> = set.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        let mut d = config(&refs);
+        for (b, (_, _, up)) in d[0].backends.iter_mut().zip(members) {
+            b.in_table = *up;
+        }
+        d
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        #[test]
+        fn any_history_ends_at_the_table_a_fresh_node_builds(
+            history in proptest::collection::vec(
+                proptest::sample::subsequence((1u8..=6).collect::<Vec<_>>(), 1..=6), 0..4),
+            last in proptest::sample::subsequence((1u8..=6).collect::<Vec<_>>(), 1..=6),
+            weights in proptest::collection::vec(1u32..=3, 6),
+            downs in proptest::collection::vec(proptest::bool::ANY, 6),
+        ) {
+            let (mut dp, mut r) = (FakeDataplane::default(), Reconciler::default());
+            for step in &history {
+                let members: Vec<_> = step.iter().rev().map(|&i| (i, weights[usize::from(i) - 1] % 3 + 1, !downs[usize::from(i) - 1])).collect();
+                r.apply(&set_from(&members), &mut dp).unwrap();
+            }
+            let last: Vec<_> = last.iter().map(|&i| (i, weights[usize::from(i) - 1], true)).collect();
+            r.apply(&set_from(&last), &mut dp).unwrap();
+            let (mut fresh_dp, mut fresh) = (FakeDataplane::default(), Reconciler::default());
+            fresh.apply(&set_from(&last), &mut fresh_dp).unwrap();
+            proptest::prop_assert!(live_addrs(&r, &dp) == live_addrs(&fresh, &fresh_dp));
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! {"op":"pin_replicas","service":"web","replicas":3}
 //! {"op":"pause_scaling","service":"web"}
 //! {"op":"resume_scaling","service":"web"}
+//! {"op":"explain","service":"web","client":"10.0.9.2:40000","protocol":"tcp","vip":"10.0.0.100"}
 //! ```
 //! A request that does not parse, names an unknown service or backend, or
 //! carries a bad value is refused whole with a message, and changes nothing.
@@ -22,7 +23,7 @@
 //! `core::overlay`); `dump_config` answers the effective config as TOML.
 
 use std::{
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -37,7 +38,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{config::MAX_WEIGHT, status::Snapshot};
+use crate::{
+    config::{Protocol, MAX_WEIGHT},
+    core::explain::Explanation,
+    status::Snapshot,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb-agent.sock";
 /// A request line longer than this is refused (and the connection closed).
@@ -88,13 +93,28 @@ pub enum Request {
     ResumeScaling {
         service: String,
     },
+    /// Which backend a flow from `client` goes to, and why (`core::explain`).
+    /// `protocol` and `vip` narrow the service down when they are given.
+    Explain {
+        service: String,
+        client: SocketAddrV4,
+        #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "protocol_name")]
+        protocol: Option<Protocol>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<Ipv4Addr>,
+    },
 }
 
 fn one() -> u32 {
     1
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `Protocol` as the config spells it ("tcp", "udp").
+fn protocol_name<S: serde::Serializer>(p: &Option<Protocol>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&p.unwrap_or_default())
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,17 +123,22 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Box<Snapshot>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Box<Explanation>>,
 }
 
 impl Response {
     pub fn ok(message: impl Into<String>) -> Response {
-        Response { ok: true, error: None, message: Some(message.into()), status: None }
+        Response { ok: true, message: Some(message.into()), ..Response::default() }
     }
     pub fn status(s: Snapshot) -> Response {
-        Response { ok: true, error: None, message: None, status: Some(Box::new(s)) }
+        Response { ok: true, status: Some(Box::new(s)), ..Response::default() }
+    }
+    pub fn explain(e: Explanation) -> Response {
+        Response { ok: true, explain: Some(Box::new(e)), ..Response::default() }
     }
     pub fn error(e: impl std::fmt::Display) -> Response {
-        Response { ok: false, error: Some(e.to_string()), message: None, status: None }
+        Response { ok: false, error: Some(e.to_string()), ..Response::default() }
     }
 }
 
@@ -129,6 +154,9 @@ struct RawRequest {
     address: Option<String>,
     weight: Option<i64>,
     replicas: Option<i64>,
+    client: Option<String>,
+    protocol: Option<String>,
+    vip: Option<String>,
 }
 
 /// Parse one request line; the error says what and where.
@@ -159,7 +187,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         }
     };
     let (has_service, has_address, has_weight) = (raw.service.is_some(), raw.address.is_some(), raw.weight.is_some());
-    const OPS: [&str; 11] = [
+    const OPS: [&str; 12] = [
         "status",
         "add_backend",
         "remove_backend",
@@ -171,12 +199,24 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "pin_replicas",
         "pause_scaling",
         "resume_scaling",
+        "explain",
     ];
     if !OPS.contains(&op) {
         return Err(format!("bad request: op: unknown {op:?}; one of {}", OPS.join(", ")));
     }
     if raw.replicas.is_some() && op != "pin_replicas" {
         return Err(format!("bad request: {op} takes no \"replicas\""));
+    }
+    if op == "explain" {
+        unused(&[("address", has_address), ("weight", has_weight)])?;
+        return parse_explain(service()?, &raw);
+    }
+    for (name, present) in
+        [("client", raw.client.is_some()), ("protocol", raw.protocol.is_some()), ("vip", raw.vip.is_some())]
+    {
+        if present {
+            return Err(format!("bad request: {op} takes no \"{name}\""));
+        }
     }
     match op {
         "status" | "reload" | "stop" => {
@@ -208,6 +248,25 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         }
         other => Err(format!("bad request: op {other:?} is not handled")),
     }
+}
+
+/// `explain` needs `client` (ip:port); `protocol` and `vip` are optional.
+fn parse_explain(service: String, raw: &RawRequest) -> Result<Request, String> {
+    let c = raw.client.as_deref().ok_or("bad request: explain needs \"client\"")?;
+    let client = c.parse().map_err(|_| {
+        format!("bad request: client: {c:?} is not an IPv4 address with a port, like \"10.0.9.2:40000\"")
+    })?;
+    let protocol = match raw.protocol.as_deref() {
+        None => None,
+        Some("tcp") => Some(Protocol::Tcp),
+        Some("udp") => Some(Protocol::Udp),
+        Some(p) => return Err(format!("bad request: protocol: {p:?} is not \"tcp\" or \"udp\"")),
+    };
+    let vip = match raw.vip.as_deref() {
+        None => None,
+        Some(v) => Some(v.parse().map_err(|_| format!("bad request: vip: {v:?} is not an IPv4 address"))?),
+    };
+    Ok(Request::Explain { service, client, protocol, vip })
 }
 
 /// The scaling ops: `pin_replicas` needs `replicas`, a count.
@@ -415,6 +474,34 @@ mod tests {
         // What the CLI sends is what the agent parses.
         let sent = serde_json::to_string(&Request::ResetBackends { service: "web".into(), address: None }).unwrap();
         assert_eq!(parse_request(&sent), Ok(Request::ResetBackends { service: "web".into(), address: None }));
+    }
+
+    #[test]
+    fn explain_parses_as_the_client_sends_it_and_bad_fields_say_which() {
+        let request = Request::Explain {
+            service: "web".into(),
+            client: "10.0.9.2:40000".parse().unwrap(),
+            protocol: Some(Protocol::Udp),
+            vip: Some(Ipv4Addr::new(10, 0, 0, 100)),
+        };
+        assert_eq!(parse_request(&serde_json::to_string(&request).unwrap()), Ok(request));
+        let bare = Request::Explain {
+            service: "web".into(),
+            client: "10.0.9.2:1".parse().unwrap(),
+            protocol: None,
+            vip: None,
+        };
+        assert_eq!(parse_request(&serde_json::to_string(&bare).unwrap()), Ok(bare));
+        for (line, says) in [
+            (r#"{"op":"explain","service":"web"}"#, "needs \"client\""),
+            (r#"{"op":"explain","service":"web","client":"10.0.9.2"}"#, "client: \"10.0.9.2\""),
+            (r#"{"op":"explain","service":"web","client":"10.0.9.2:1","protocol":"sctp"}"#, "protocol: \"sctp\""),
+            (r#"{"op":"explain","service":"web","client":"10.0.9.2:1","vip":"x"}"#, "vip: \"x\""),
+            (r#"{"op":"status","client":"10.0.9.2:1"}"#, "status takes no \"client\""),
+        ] {
+            let err = parse_request(line).unwrap_err();
+            assert!(err.contains(says), "{line}: {err}");
+        }
     }
 
     #[test]

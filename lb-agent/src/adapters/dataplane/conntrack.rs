@@ -13,7 +13,10 @@ use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 use lb_common::{Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP};
 
 use super::map_err;
-use crate::ports::{ConnectionTable, ConntrackScan, DataplaneError};
+use crate::{
+    core::explain::FlowSeen,
+    ports::{ConnectionTable, ConntrackScan, DataplaneError},
+};
 
 /// A UDP flow counts as open while it saw a packet this recently.
 pub const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -95,6 +98,18 @@ impl ConnectionTable for AyaConnections {
             }
         }
         Ok(open)
+    }
+
+    fn lookup(&self, key: &FlowKey) -> Result<Option<FlowSeen>, DataplaneError> {
+        let map = self.lock();
+        match map.get(key, 0) {
+            Ok(conn) => {
+                let idle = monotonic_ns().saturating_sub(conn.last_seen_ns);
+                Ok(Some(FlowSeen { conn, idle: std::time::Duration::from_nanos(idle) }))
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(CONNTRACK, "look up a flow")(e)),
+        }
     }
 }
 
