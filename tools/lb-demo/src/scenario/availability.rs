@@ -5,6 +5,7 @@
 
 use std::{sync::mpsc::RecvTimeoutError, time::Duration};
 
+use lb_agent::status::ScalingStatus;
 use lb_load::stop::stopped;
 
 use super::{
@@ -27,8 +28,10 @@ pub(crate) const DELAY_S: u32 = 1;
 /// 1000 / WORK_MS requests per second, fewer than 30 siege users ask for.
 pub(crate) const WORK_MS: u64 = 20;
 /// Connections an instance serves at once; more get a 503 (a full worker
-/// pool), which siege counts as a failed transaction.
-pub(crate) const MAX_CONNECTIONS: u64 = 8;
+/// pool), which siege counts as a failed transaction. Small: an instance
+/// that keeps up has one or two requests in hand, one that does not has a
+/// queue.
+pub(crate) const MAX_CONNECTIONS: u64 = 4;
 /// The seed's step policy (examples/scale-cpu-60-10.toml), with the
 /// cooldown cut to fit runs of under a minute.
 pub(crate) const COOLDOWN: &str = "10s";
@@ -233,22 +236,33 @@ fn measure(
             }
         }
         if let Some(k) = kill.as_mut().filter(|k| k.back.is_none()) {
-            // Back once as many are ready as before, counted from a sample
-            // taken after the kill.
-            if let Some(s) = w.samples.iter().find(|s| s.t > k.at + 0.5 && s.ready >= k.before) {
-                k.back = Some(s.t);
+            // Back once the agent has let the killed one go and as many
+            // are ready as before.
+            if let Some(sc) = w.status.as_ref().filter(|sc| recovered(sc, &k.name, k.before)) {
+                k.back = Some(w.clock());
                 println!(
-                    "[{} +{:>3.0}s] {} instances ready again, {:.1} s after the kill",
+                    "[{} +{:>3.0}s] {} instances ready again ({}), {:.1} s after the kill",
                     stage.mark,
                     w.t(),
-                    k.before,
-                    s.t - k.at
+                    ready_count(sc),
+                    ready_names(sc),
+                    w.clock() - k.at
                 );
             }
         }
     }
     let siege = siege.finish()?;
-    Ok((Measured { siege, samples: w.samples.clone(), kill }, w))
+    Ok((Measured { siege, samples: std::mem::take(&mut w.samples), kill }, w))
+}
+
+/// The killed instance is gone from the agent's instances and `before`
+/// are ready again.
+fn recovered(sc: &ScalingStatus, killed: &str, before: u32) -> bool {
+    sc.replicas.iter().all(|r| r.name != killed) && ready_count(sc) >= before
+}
+
+fn ready_names(sc: &ScalingStatus) -> String {
+    sc.replicas.iter().filter(|r| r.phase == "ready").map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 fn table(rows: &[(Stage, Measured)]) -> Table {
@@ -281,4 +295,72 @@ fn table(rows: &[(Stage, Measured)]) -> Table {
         ]);
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_agent::status::ReplicaStatus;
+
+    use super::*;
+
+    fn replica(name: &str, phase: &str) -> ReplicaStatus {
+        ReplicaStatus {
+            id: name.into(),
+            name: name.into(),
+            address: String::new(),
+            phase: phase.into(),
+            cpu_percent: None,
+            requests_per_second: None,
+            age_seconds: 1.0,
+        }
+    }
+
+    fn measured(availability: f64, ok: u64, failed: u64, ready: &[u32], kill: Option<Kill>) -> Measured {
+        let samples = ready.iter().enumerate().map(|(i, &ready)| Sample { t: i as f64, ready, ..Sample::default() });
+        Measured {
+            siege: SiegeSummary {
+                availability,
+                successful: ok,
+                failed,
+                response_time_s: 0.25,
+                longest_s: 1.5,
+                ..SiegeSummary::default()
+            },
+            samples: samples.collect(),
+            kill,
+        }
+    }
+
+    #[test]
+    fn the_table_puts_ours_beside_theirs() {
+        let mut s = stages();
+        let kill = Kill { at: 20.0, name: "web-1".into(), before: 2, back: Some(22.5) };
+        let lost = Kill { at: 20.0, name: "web-2".into(), before: 2, back: None };
+        let rows = vec![
+            (s.remove(0), measured(48.1, 481, 519, &[1, 1], None)),
+            (s.remove(0), measured(100.0, 900, 0, &[2], None)),
+            (s.remove(0), measured(97.5, 975, 25, &[1, 2, 2, 3], Some(lost))),
+            (s.remove(0), measured(95.0, 950, 50, &[1, 2, 1, 2], Some(kill))),
+        ];
+        let md = table(&rows).markdown();
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 6, "{md}");
+        assert!(lines[2].starts_with("| 1 VM (30 users)        | 62.5%     | 1 instance "), "{md}");
+        assert!(lines[2].contains("| 48.10%       | 481 / 519   | 0.25 s / 1.50 s "), "{md}");
+        assert!(lines[3].contains("| 100.00%      | 900 / 0 "), "{md}");
+        assert!(lines[4].contains("| 1 -> 2 -> 3 (web-2 killed; not back to 2 by the end)"), "{md}");
+        assert!(lines[5].starts_with("| After VM Failure       | Recovered |"), "{md}");
+        assert!(lines[5].contains("| 1 -> 2 -> 1 -> 2 (web-1 killed; 2 again after 2.5 s: recovered) |"), "{md}");
+    }
+
+    #[test]
+    fn recovery_needs_the_killed_one_gone_and_as_many_ready() {
+        let sc = |replicas: Vec<ReplicaStatus>| ScalingStatus { replicas, ..ScalingStatus::default() };
+        // The agent has not noticed yet: still two ready, one of them dead.
+        assert!(!recovered(&sc(vec![replica("web-1", "ready"), replica("web-2", "ready")]), "web-1", 2));
+        assert!(!recovered(&sc(vec![replica("web-2", "ready"), replica("web-3", "starting")]), "web-1", 2));
+        let back = sc(vec![replica("web-2", "ready"), replica("web-3", "ready")]);
+        assert!(recovered(&back, "web-1", 2));
+        assert_eq!(ready_names(&back), "web-2, web-3");
+    }
 }

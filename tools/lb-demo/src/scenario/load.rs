@@ -135,14 +135,15 @@ type Marks = Vec<(f64, String)>;
 /// Ctrl-C.
 fn phases(lab: &mut Lab, w: &mut Watch, peak: f64) -> anyhow::Result<Option<(Figures, Figures, Marks)>> {
     let mut marks = vec![(0.0, format!("{BASE_RATE:.0} req/s"))];
-    let (from, base) = phase(lab, w, BASE_RATE, PHASE, |_| false)?;
+    let (from, base) = phase(lab, w, BASE_RATE, PHASE, "measured: before", |_| false)?;
     if stopped() {
         return Ok(None);
     }
     let before = figures(w, &base, from);
     marks.push((w.clock(), format!("{peak:.0} req/s")));
+    let up = format!("until {MAX} instances are ready");
     let (_, scaling) =
-        phase(lab, w, peak, SCALE_UP_LIMIT, |w| w.status.as_ref().is_some_and(|s| ready_count(s) >= MAX))?;
+        phase(lab, w, peak, SCALE_UP_LIMIT, &up, |w| w.status.as_ref().is_some_and(|s| ready_count(s) >= MAX))?;
     if stopped() {
         return Ok(None);
     }
@@ -155,7 +156,7 @@ fn phases(lab: &mut Lab, w: &mut Watch, peak: f64) -> anyhow::Result<Option<(Fig
         );
     }
     marks.push((w.clock(), format!("{MAX} ready")));
-    let (from, last) = phase(lab, w, peak, PHASE, |_| false)?;
+    let (from, last) = phase(lab, w, peak, PHASE, "measured: after", |_| false)?;
     if stopped() {
         return Ok(None);
     }
@@ -170,6 +171,7 @@ fn phase(
     w: &mut Watch,
     rate: f64,
     duration: Duration,
+    what: &str,
     done: impl Fn(&Watch) -> bool,
 ) -> anyhow::Result<(f64, Report)> {
     let ramp = Ramp::constant(rate).map_err(|e| anyhow!("{e}"))?;
@@ -184,7 +186,7 @@ fn phase(
         .spawn(move || load::run(&cfg, &stop_for_load, |p| drop(tx.send(p.clone()))))
         .context("start the load thread")?;
     let start = w.t();
-    println!("[load +{start:>3.0}s] {rate:.0} req/s");
+    println!("[load +{start:>3.0}s] {rate:.0} req/s for {} s at most ({what})", duration.as_secs());
     let result = (|| -> anyhow::Result<()> {
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -250,4 +252,28 @@ fn table(before: &Figures, after: &Figures) -> Table {
         t.row(vec![metric.into(), a.into(), b.into(), c, d]);
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(rate: f64, mean: f64, p99: f64, cpu: Option<f64>, instances: u32) -> Figures {
+        Figures { rate, mean_ms: Some(mean), p99_ms: Some(p99), cpu, instances, ok: 2200, failed: 3, peak_in_flight: 4 }
+    }
+
+    #[test]
+    fn the_table_has_their_rows_with_ours_before_and_after() {
+        let t = table(&figures(110.2, 2.34, 9.6, Some(7.4), 2), &figures(549.6, 2.2, 17.45, None, 10)).text();
+        let row = |name: &str| {
+            let line = t.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} row in\n{t}"));
+            line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(row("Requests/sec"), ["Requests/sec", "500", "2500", "110", "550"]);
+        assert_eq!(row("Avg Response Time"), ["Avg Response Time", "45ms", "52ms", "2.3 ms", "2.2 ms"]);
+        assert_eq!(row("99th Percentile"), ["99th Percentile", "120ms", "145ms", "9.6 ms", "17.4 ms"]);
+        assert_eq!(row("CPU Utilization"), ["CPU Utilization (per instance)", "65%", "70%", "7%", "-"]);
+        assert_eq!(row("Instances"), ["Instances", "2", "10", "2", "10"]);
+        assert_eq!(row("Failed requests"), ["Failed requests", "-", "-", "3 of 2203", "3 of 2203"]);
+    }
 }

@@ -18,13 +18,16 @@ pub(crate) fn command_line() -> String {
     format!("sudo -E cargo xtask run -- {}", args.join(" "))
 }
 
-/// Cores, kernel and date (UTC) of this run.
+/// Cores, kernel, date (UTC) and load average of this run.
 pub(crate) fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let stamp = utc_stamp(SystemTime::now());
     let date = format!("{}-{}-{} {}:{} UTC", &stamp[..4], &stamp[4..6], &stamp[6..8], &stamp[9..11], &stamp[11..13]);
-    format!("{cores} cores, Linux {}, {date}", kernel.trim())
+    // Other work on the machine shows in the results: say how much there was.
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{cores} cores, Linux {}, {date}, load average {} at the end", kernel.trim(), load.join(" "))
 }
 
 /// The chart: requests and failures per second with the instances, latency,
