@@ -19,7 +19,7 @@ use crate::{
     cli::OrchestratorKind,
     instances::InstancePlan,
     lab::Lab,
-    monitor::Sample,
+    monitor::{mean_cpu, Sample},
     view::fmt_cpu,
 };
 
@@ -144,17 +144,7 @@ impl Watch {
             bail!("lb-agent exited ({status}) during the run; the end of its log:\n{}", agent.log_tail(30));
         }
         if let Some(sc) = read_status(agent).ok().and_then(|s| scaling_of(&s).cloned()) {
-            let ready: Vec<_> = sc.replicas.iter().filter(|r| r.phase == "ready").collect();
-            let known: Vec<f64> = ready.iter().filter_map(|r| r.cpu_percent).collect();
-            let count = |phase: &str| sc.replicas.iter().filter(|r| r.phase == phase).count() as u32;
-            self.samples.push(Sample {
-                t: self.clock(),
-                ready: ready.len() as u32,
-                starting: count("starting"),
-                draining: count("draining"),
-                desired: sc.desired,
-                cpu: (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64),
-            });
+            self.samples.push(Sample::of(self.clock(), &sc));
             self.status = Some(sc);
         }
         let t = self.t();
@@ -188,8 +178,7 @@ impl Watch {
     /// The mean CPU per instance over the samples from `from` on (shared
     /// clock).
     pub(crate) fn mean_cpu_since(&self, from: f64) -> Option<f64> {
-        let cpu: Vec<f64> = self.samples.iter().filter(|s| s.t >= from).filter_map(|s| s.cpu).collect();
-        (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64)
+        mean_cpu(self.samples.iter().filter(|s| s.t >= from).map(|s| s.cpu))
     }
 }
 
