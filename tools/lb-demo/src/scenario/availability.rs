@@ -29,9 +29,9 @@ pub(crate) const DELAY_S: u32 = 1;
 pub(crate) const WORK_MS: u64 = 20;
 /// Connections an instance serves at once; more get a 503 (a full worker
 /// pool), which siege counts as a failed transaction. Small: an instance
-/// that keeps up has one or two requests in hand, one that does not has a
-/// queue.
-pub(crate) const MAX_CONNECTIONS: u64 = 4;
+/// that keeps up has a few requests in hand, one that does not has a queue
+/// of up to 30.
+pub(crate) const MAX_CONNECTIONS: u64 = 8;
 /// The seed's step policy (examples/scale-cpu-60-10.toml), with the
 /// cooldown cut to fit runs of under a minute.
 pub(crate) const COOLDOWN: &str = "10s";
@@ -231,14 +231,14 @@ fn measure(
             if let Some(sc) = &w.status {
                 let before = ready_count(sc);
                 let name = kill_one(lab, sc)?;
-                println!("[{} +{:>3.0}s] kill -9 {name} ({before} instances ready)", stage.mark, w.t());
+                println!("[{} +{:>3.0}s] kill -9 {name} (ready: {before})", stage.mark, w.t());
                 kill = Some(Kill { at: w.clock(), name, before, back: None });
             }
         }
         if let Some(k) = kill.as_mut().filter(|k| k.back.is_none()) {
             // Back once the agent has let the killed one go and as many
             // are ready as before.
-            if let Some(sc) = w.status.as_ref().filter(|sc| recovered(sc, &k.name, k.before)) {
+            if let Some(sc) = w.status.as_ref().filter(|sc| recovered(sc, &k.name, w.clock() - k.at, k.before)) {
                 k.back = Some(w.clock());
                 println!(
                     "[{} +{:>3.0}s] {} instances ready again ({}), {:.1} s after the kill",
@@ -255,10 +255,12 @@ fn measure(
     Ok((Measured { siege, samples: std::mem::take(&mut w.samples), kill }, w))
 }
 
-/// The killed instance is gone from the agent's instances and `before`
-/// are ready again.
-fn recovered(sc: &ScalingStatus, killed: &str, before: u32) -> bool {
-    sc.replicas.iter().all(|r| r.name != killed) && ready_count(sc) >= before
+/// `before` instances are ready again, not counting the killed one (a
+/// stale status may still list it as ready; its replacement may take its
+/// name, but is younger than the kill).
+fn recovered(sc: &ScalingStatus, killed: &str, since_kill: f64, before: u32) -> bool {
+    let ready = sc.replicas.iter().filter(|r| r.phase == "ready" && (r.name != killed || r.age_seconds < since_kill));
+    ready.count() as u32 >= before
 }
 
 fn ready_names(sc: &ScalingStatus) -> String {
@@ -356,11 +358,14 @@ mod tests {
     #[test]
     fn recovery_needs_the_killed_one_gone_and_as_many_ready() {
         let sc = |replicas: Vec<ReplicaStatus>| ScalingStatus { replicas, ..ScalingStatus::default() };
-        // The agent has not noticed yet: still two ready, one of them dead.
-        assert!(!recovered(&sc(vec![replica("web-1", "ready"), replica("web-2", "ready")]), "web-1", 2));
-        assert!(!recovered(&sc(vec![replica("web-2", "ready"), replica("web-3", "starting")]), "web-1", 2));
+        // The agent has not noticed yet: still two ready, one of them dead
+        // (older than the 0.5 s since the kill).
+        assert!(!recovered(&sc(vec![replica("web-1", "ready"), replica("web-2", "ready")]), "web-1", 0.5, 2));
+        assert!(!recovered(&sc(vec![replica("web-2", "ready"), replica("web-3", "starting")]), "web-1", 3.0, 2));
         let back = sc(vec![replica("web-2", "ready"), replica("web-3", "ready")]);
-        assert!(recovered(&back, "web-1", 2));
+        assert!(recovered(&back, "web-1", 3.0, 2));
         assert_eq!(ready_names(&back), "web-2, web-3");
+        // A replacement by the same name, started after the kill.
+        assert!(recovered(&sc(vec![replica("web-1", "ready")]), "web-1", 3.0, 1));
     }
 }

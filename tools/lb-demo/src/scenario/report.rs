@@ -12,10 +12,14 @@ use crate::{
     results::{decision_marks, utc_stamp},
 };
 
-/// The command line as the user typed it through xtask.
+/// The command line as the user typed it through xtask, with the `nice`
+/// it ran under, if any (on a shared machine the figures depend on it).
 pub(crate) fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    format!("sudo -E cargo xtask run -- {}", args.join(" "))
+    // SAFETY: getpriority(2) on this process; no pointers.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let nice = if nice == 0 { String::new() } else { format!("nice -n {nice} ") };
+    format!("sudo -E {nice}cargo xtask run -- {}", args.join(" "))
 }
 
 /// Cores, kernel, date (UTC) and load average of this run.
