@@ -21,6 +21,7 @@ mod watch;
 
 use std::{path::Path, time::Duration};
 
+use anyhow::bail;
 use clap::ValueEnum;
 
 use crate::{
@@ -53,6 +54,9 @@ pub(crate) struct Common<'a> {
     pub(crate) siege_time: Duration,
 }
 
+/// The shortest siege run: long enough for a scale-up and a replacement.
+const MIN_SIEGE_TIME: Duration = Duration::from_secs(10);
+
 /// How a scenario ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -61,6 +65,13 @@ pub(crate) enum Outcome {
 }
 
 pub(crate) fn run_scenarios(cli: &Cli, scenario: Scenario) -> anyhow::Result<()> {
+    if cli.siege_time < MIN_SIEGE_TIME || cli.siege_time.subsec_nanos() != 0 {
+        bail!(
+            "--siege-time {:?}: give whole seconds, at least {} s (siege's -t counts seconds; the kill comes at half time)",
+            cli.siege_time,
+            MIN_SIEGE_TIME.as_secs()
+        );
+    }
     let (kind, why) = cli.orchestrator.resolve();
     require_root()?;
     if let Some(why) = why {
@@ -87,4 +98,20 @@ pub(crate) fn run_scenarios(cli: &Cli, scenario: Scenario) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn a_short_or_fractional_siege_time_is_refused_before_anything_runs() {
+        for (given, shown) in [("5s", "--siege-time 5s:"), ("30500ms", "--siege-time 30.5s:")] {
+            let cli = Cli::parse_from(["lb-demo", "--scenario", "availability", "--siege-time", given]);
+            let e = run_scenarios(&cli, Scenario::Availability).unwrap_err().to_string();
+            assert!(e.starts_with(shown) && e.contains("at least 10 s"), "{e}");
+        }
+    }
 }
