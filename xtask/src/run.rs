@@ -15,7 +15,8 @@ pub struct Options {
     /// Arguments after `--`. `--config FILE` runs `lb-agent run --config FILE`;
     /// anything else (or nothing) goes to lb-demo: the autoscaling demo by
     /// default, `--quick` a short one, `--static` the fixed-backends one,
-    /// `--help` all of its options.
+    /// `--scenario availability|load|all` the reference setups' tables
+    /// (written to docs/results/), `--help` all of its options.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
 }
@@ -54,6 +55,11 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             if let Some(results) = results {
                 cmd.env("LB_DEMO_RESULTS", results);
             }
+        }
+        // `--scenario` tables go to the repository's docs/results/, from
+        // wherever this was started.
+        if env::var_os("LB_SCENARIO_RESULTS").is_none() {
+            cmd.env("LB_SCENARIO_RESULTS", util::workspace_root().join("docs/results"));
         }
         cmd
     };

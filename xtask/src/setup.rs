@@ -20,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus-alertmanager", // receives the shipped alert rules' alerts in e2e_alerts
     "docker.io",               // the Docker orchestrator's tests and demo (dockerd is started on demand)
     "iptables",                // DOCKER-USER rules for forwarding to containers
+    "siege",                   // the availability table: `cargo xtask run -- --scenario availability`
     // `cargo xtask bench e2e` (and its smoke test among the root tests):
     "wrk",                 // the load generator
     "haproxy",             // a peer: TCP proxy in the LB namespace

@@ -5,7 +5,7 @@ use std::{
     fs::{self},
     io::{self, IsTerminal as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -73,12 +73,7 @@ pub(crate) fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
     let scale_in_timeout =
         cli.scale_in_timeout.unwrap_or(if cli.quick { Duration::from_secs(60) } else { Duration::from_secs(120) });
     let agent = try_agent_bin()?;
-    let backend = match &cli.backend_bin {
-        Some(p) => p.clone(),
-        None => try_built_bin("lb-backend", "LB_BACKEND_BIN")?,
-    };
-    // The instances' command line names it: absolute, whatever the cwd.
-    let backend = fs::canonicalize(&backend).with_context(|| format!("resolve {}", backend.display()))?;
+    let backend = backend_bin(cli)?;
     let plan = InstancePlan::new(kind, &backend);
     let view =
         View::new(!cli.plain && io::stdout().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb"));
@@ -93,6 +88,16 @@ pub(crate) fn run_autoscale(cli: &Cli) -> anyhow::Result<()> {
     println!("cleaned up: {}", notes.join("; "));
     out.finish(result.is_ok());
     result
+}
+
+/// The instances' program, absolute (their command line names it, whatever
+/// the cwd).
+pub(crate) fn backend_bin(cli: &Cli) -> anyhow::Result<PathBuf> {
+    let backend = match &cli.backend_bin {
+        Some(p) => p.clone(),
+        None => try_built_bin("lb-backend", "LB_BACKEND_BIN")?,
+    };
+    fs::canonicalize(&backend).with_context(|| format!("resolve {}", backend.display()))
 }
 
 #[allow(clippy::too_many_arguments)]

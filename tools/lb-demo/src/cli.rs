@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 use lb_load as load;
 
+use crate::scenario::Scenario;
+
 /// `cargo xtask run -- ARGS` runs this demo with ARGS, except for one: the
 /// agent on a config of yours.
 const AGENT_MODE: &str = "Agent mode (through cargo xtask run):\n  \
@@ -62,6 +64,18 @@ pub(crate) struct Cli {
     /// One plain line per second even on a terminal (no redrawn panel).
     #[arg(long, conflicts_with = "static_mode")]
     pub(crate) plain: bool,
+
+    /// Reproduce a reference setup's table instead of the demo: print it and
+    /// write it with a chart and the command to --results-dir/<scenario>.md.
+    #[arg(long, value_enum, conflicts_with_all = ["static_mode", "ramp", "quick", "out"])]
+    pub(crate) scenario: Option<Scenario>,
+    /// (--scenario) Where the tables and charts go (`cargo xtask run` sets
+    /// $LB_SCENARIO_RESULTS to the repository's docs/results).
+    #[arg(long, value_name = "DIR", env = "LB_SCENARIO_RESULTS", default_value = "docs/results")]
+    pub(crate) results_dir: PathBuf,
+    /// (--scenario availability) siege's -t for each of its 4 runs (e.g. 45s).
+    #[arg(long, value_parser = parse_duration, default_value = "45s", requires = "scenario")]
+    pub(crate) siege_time: Duration,
 }
 
 /// Where the autoscaled instances come from.

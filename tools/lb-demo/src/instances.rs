@@ -22,6 +22,8 @@ pub(crate) struct InstancePlan {
     backend_bin: PathBuf,
     /// Docker only: the network the agent makes for the containers.
     pub(crate) network: String,
+    /// lb-backend's `--max-connections` (its default when `None`).
+    pub(crate) max_connections: Option<u64>,
 }
 
 impl InstancePlan {
@@ -31,7 +33,7 @@ impl InstancePlan {
             OrchestratorKind::Docker => (format!("lbdd{pid}"), format!("lb-demo-{pid}")),
             _ => (format!("lbd{pid}"), String::new()),
         };
-        InstancePlan { kind, bridge, backend_bin: backend_bin.to_owned(), network }
+        InstancePlan { kind, bridge, backend_bin: backend_bin.to_owned(), network, max_connections: None }
     }
 
     pub(crate) fn docker(&self) -> bool {
@@ -61,12 +63,15 @@ impl InstancePlan {
                 "[service.instances.docker]\nimage = {}\nport = {INSTANCE_PORT}\nnetwork = {}\nbridge = {}\n\
                  subnet = \"{INSTANCE_NET}\"\ncpus = 1.0\nstop_grace = \"3s\"\n\
                  env = {{ LB_BACKEND_NAME = \"{{name}}\", LB_BACKEND_LISTEN = \"0.0.0.0:{{port}}\", \
-                 LB_BACKEND_WORK_MS = \"10\", LB_BACKEND_CPU_WORKERS = \"1\" }}\n",
+                 LB_BACKEND_WORK_MS = \"10\", LB_BACKEND_CPU_WORKERS = \"1\"{} }}\n",
                 toml_string(DEMO_IMAGE),
                 toml_string(&self.network),
                 toml_string(&self.bridge),
+                self.max_connections.map_or(String::new(), |n| format!(", LB_BACKEND_MAX_CONNECTIONS = \"{n}\"")),
             );
         }
+        let max_connections = self.max_connections.map(|n| n.to_string());
+        let cap = max_connections.as_deref().map(|n| ["--max-connections", n]);
         let command = [
             self.backend_bin.to_string_lossy().as_ref(),
             "--listen",
@@ -79,6 +84,7 @@ impl InstancePlan {
             "1",
         ]
         .iter()
+        .chain(cap.iter().flatten())
         .map(|a| toml_string(a))
         .collect::<Vec<_>>()
         .join(", ");

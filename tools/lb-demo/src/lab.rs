@@ -247,20 +247,29 @@ impl Lab {
     }
 
     pub(crate) fn config_toml(&self, timeline: &Path, quick: bool) -> String {
+        let mut scaling = format!(
+            "min_replicas = {MIN_REPLICAS}\nmax_replicas = {MAX_REPLICAS}\ntarget = {{ cpu = {CPU_TARGET:.1} }}\n"
+        );
+        if quick {
+            scaling += "[service.scaling.scale_down]\nstabilization_window = \"5s\"\nperiod = \"5s\"\n";
+        }
+        self.config_toml_with(timeline, &scaling, "")
+    }
+
+    /// The config with `scaling` as `[service.scaling]`'s body (sub-tables
+    /// may follow) and `instances` as more of `[service.instances]`' keys.
+    pub(crate) fn config_toml_with(&self, timeline: &Path, scaling: &str, instances: &str) -> String {
         let mut s = format!(
             "# Written by lb-demo (pid {}); removed on exit.\n\n[[service]]\nname = \"{SERVICE}\"\nvip = \"{VIP}\"\n\
              port = {VIP_PORT}\ninterfaces = [{}, {}]\n\
              health_check = {{ kind = \"http\", path = \"/healthz\", interval = \"500ms\" }}\ndrain_timeout = \"10s\"\n\n\
-             [service.scaling]\nmin_replicas = {MIN_REPLICAS}\nmax_replicas = {MAX_REPLICAS}\n\
-             target = {{ cpu = {CPU_TARGET:.1} }}\n",
+             [service.scaling]\n{scaling}",
             std::process::id(),
             toml_string(&self.lb_iface),
             toml_string(self.plan.reply_interface()),
         );
-        if quick {
-            s += "[service.scaling.scale_down]\nstabilization_window = \"5s\"\nperiod = \"5s\"\n";
-        }
-        let _ = write!(s, "\n[service.instances]\ntimeline = {}\n", toml_string(&timeline.to_string_lossy()));
+        let _ =
+            write!(s, "\n[service.instances]\ntimeline = {}\n{instances}", toml_string(&timeline.to_string_lossy()));
         s += &self.plan.toml();
         // Only the demo's own client namespace sends to the VIP.
         s += &lb_lab::cgroup::socket_lb_toml(None);

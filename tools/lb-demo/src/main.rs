@@ -28,6 +28,9 @@
 //! (`lbc<pid>`) and the network's bridge (`lbdd<pid>`). dockerd is started
 //! for the run if it is not running, and stopped again.
 //!
+//! `--scenario availability|load|all`: the reference setups' tables,
+//! reproduced and written to docs/results/ (see `scenario`).
+//!
 //! `--static`: the first demo: three fixed backends, one request every
 //! 300 ms, printing which backend answered (`--count N` stops by itself).
 //!
@@ -50,6 +53,7 @@ mod lab;
 mod metrics_port;
 mod monitor;
 mod results;
+mod scenario;
 mod shape;
 mod static_demo;
 mod view;
@@ -71,7 +75,11 @@ pub(crate) fn install_signal_handlers() -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = if cli.static_mode { run_static(&cli) } else { run_autoscale(&cli) };
+    let result = match (cli.static_mode, cli.scenario) {
+        (true, _) => run_static(&cli),
+        (false, Some(s)) => scenario::run_scenarios(&cli, s),
+        (false, None) => run_autoscale(&cli),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

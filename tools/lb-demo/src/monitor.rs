@@ -38,8 +38,23 @@ pub(crate) struct Sample {
     pub(crate) cpu: Option<f64>,
 }
 
+impl Sample {
+    /// The instances as the agent's status has them at `t`.
+    pub(crate) fn of(t: f64, sc: &ScalingStatus) -> Sample {
+        let count = |phase: &str| sc.replicas.iter().filter(|r| r.phase == phase).count() as u32;
+        Sample {
+            t,
+            ready: count("ready"),
+            starting: count("starting"),
+            draining: count("draining"),
+            desired: sc.desired,
+            cpu: mean_cpu(sc.replicas.iter().filter(|r| r.phase == "ready").map(|r| r.cpu_percent)),
+        }
+    }
+}
+
 /// The mean of the samples there are, if any.
-fn mean_cpu(cpus: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+pub(crate) fn mean_cpu(cpus: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let known: Vec<f64> = cpus.flatten().collect();
     (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
 }
@@ -274,15 +289,7 @@ impl Monitor<'_> {
             }
         }
         self.seen = now_seen;
-        let count = |phase: &str| sc.replicas.iter().filter(|r| r.phase == phase).count() as u32;
-        let sample = Sample {
-            t,
-            ready: count("ready"),
-            starting: count("starting"),
-            draining: count("draining"),
-            desired: sc.desired,
-            cpu: mean_cpu(sc.replicas.iter().filter(|r| r.phase == "ready").map(|r| r.cpu_percent)),
-        };
+        let sample = Sample::of(t, &sc);
         // Back at the minimum after the ramp: nothing starting, draining or
         // stopping, and the agent wants no more.
         let at_min = t >= self.shape.end
