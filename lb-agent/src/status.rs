@@ -232,6 +232,10 @@ pub struct BackendStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub weight: u32,
+    /// While slow start ramps it up after it joined: the percent of its
+    /// weight it has now (see `effective_weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp_percent: Option<u32>,
     /// Whether new flows can be sent to it (in the Maglev table).
     pub in_table: bool,
     /// Share of the service's Maglev slots, 0..1.
@@ -262,6 +266,14 @@ pub struct HealthCheckCounts {
     pub timeout: u64,
     /// Seconds all of them took, summed.
     pub seconds_total: f64,
+}
+
+impl BackendStatus {
+    /// The weight it has in the table now: its weight, or its ramp's part
+    /// of it while slow start ramps it up.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.weight) * f64::from(self.ramp_percent.unwrap_or(100)) / 100.0
+    }
 }
 
 impl HealthCheckCounts {
@@ -403,9 +415,10 @@ impl Snapshot {
                 rows.push(vec![
                     b.address.clone(),
                     state,
-                    match b.run_time {
-                        Some(_) => format!("{} *", b.weight),
-                        None => b.weight.to_string(),
+                    {
+                        let ramp = b.ramp_percent.map_or(String::new(), |p| format!(" (ramp {p}%)"));
+                        let star = if b.run_time.is_some() { " *" } else { "" };
+                        format!("{}{ramp}{star}", b.weight)
                     },
                     format!("{:.1}%", b.table_share * 100.0),
                     b.open_connections.to_string(),
@@ -694,6 +707,7 @@ mod tests {
                     state: "draining".into(),
                     reason: None,
                     weight: 1,
+                    ramp_percent: None,
                     in_table: false,
                     table_share: 0.0,
                     open_connections: 3,
@@ -739,8 +753,10 @@ mod tests {
             note: String::new(),
             operations: vec![SockOpCount { op: "translated".into(), count: 5 }],
         };
+        s.services[0].backends[0].ramp_percent = Some(40);
         let t = s.render_table();
         assert!(t.contains("socket lb: attached to /sys/fs/cgroup (clients on this host); translated 5"), "{t}");
+        assert!(t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains(" 1 (ramp 40%) * ")), "{t}");
     }
 
     fn decision(ago: f64, previous: u32, replicas: u32, rule: &str) -> DecisionSummary {
