@@ -650,7 +650,8 @@ pub fn watch_frame(body: &str, terminal: bool, interval: std::time::Duration) ->
     }
 }
 
-fn human_rate(x: f64) -> String {
+/// `1.5k`, `42`, `0.5`: a rate in few characters.
+pub fn human_rate(x: f64) -> String {
     match x {
         x if x >= 1e9 => format!("{:.1}G", x / 1e9),
         x if x >= 1e6 => format!("{:.1}M", x / 1e6),
