@@ -105,6 +105,38 @@ pub struct DecisionSummary {
     pub repeats: u32,
 }
 
+impl ReplicaStatus {
+    /// Its row in `status` and `top`: name, address, phase, CPU, requests/s, age.
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.address.clone(),
+            self.phase.clone(),
+            self.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+            self.requests_per_second.map_or("-".into(), human_rate),
+            human_duration(self.age_seconds),
+        ]
+    }
+}
+
+impl DecisionSummary {
+    /// When it was last taken, by `now`.
+    pub fn latest(&self) -> f64 {
+        self.last_unix_time.max(self.unix_time)
+    }
+
+    /// Its row in `status` and `top`: when, the change (`2 -> 2 x14`), rule, reason.
+    pub fn cells(&self, now: f64) -> Vec<String> {
+        let repeats = if self.repeats > 1 { format!(" x{}", self.repeats) } else { String::new() };
+        vec![
+            ago(now, self.latest()),
+            format!("{} -> {}{repeats}", self.previous, self.replicas),
+            self.rule.clone(),
+            self.reason.clone(),
+        ]
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -495,30 +527,13 @@ fn render_scaling(out: &mut String, scaling: &[ScalingStatus], now: f64) {
         if !sc.replicas.is_empty() {
             let _ = writeln!(out, "\n  {} instances:", sc.service);
             let mut rows = vec![cells(["NAME", "ADDRESS", "PHASE", "CPU", "REQ/S", "UP"])];
-            for r in &sc.replicas {
-                rows.push(vec![
-                    r.name.clone(),
-                    r.address.clone(),
-                    r.phase.clone(),
-                    r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
-                    r.requests_per_second.map_or("-".into(), human_rate),
-                    human_duration(r.age_seconds),
-                ]);
-            }
+            rows.extend(sc.replicas.iter().map(ReplicaStatus::cells));
             out.push_str(&columns("    ", &rows, &[3, 4, 5]));
         }
         if !sc.decisions.is_empty() {
             let _ = writeln!(out, "\n  {} decisions:", sc.service);
             let mut rows = vec![cells(["WHEN", "CHANGE", "RULE", "REASON"])];
-            for d in sc.decisions.iter().take(5) {
-                let repeats = if d.repeats > 1 { format!(" x{}", d.repeats) } else { String::new() };
-                rows.push(vec![
-                    ago(now, d.last_unix_time.max(d.unix_time)),
-                    format!("{} -> {}{repeats}", d.previous, d.replicas),
-                    d.rule.clone(),
-                    d.reason.clone(),
-                ]);
-            }
+            rows.extend(sc.decisions.iter().take(5).map(|d| d.cells(now)));
             out.push_str(&columns("    ", &rows, &[]));
         }
     }

@@ -151,9 +151,10 @@ fn block(title: &str) -> Block<'_> {
     Block::default().borders(Borders::ALL).title(title)
 }
 
-fn table<'a>(head: &'a [&'a str], rows: Vec<Row<'a>>, widths: &[Constraint], title: &'a str) -> Table<'a> {
-    Table::new(rows, widths.to_vec())
-        .header(Row::new(head.iter().copied()).style(Style::default().add_modifier(Modifier::BOLD)))
+/// A table under `title` with `columns` (heading, width).
+fn table<'a>(title: &'a str, columns: &[(&'a str, Constraint)], rows: Vec<Row<'a>>) -> Table<'a> {
+    Table::new(rows, columns.iter().map(|c| c.1))
+        .header(Row::new(columns.iter().map(|c| c.0)).style(Style::default().add_modifier(Modifier::BOLD)))
         .block(block(title))
 }
 
@@ -170,43 +171,39 @@ fn draw_services(f: &mut Frame, s: &Snapshot, area: Rect) {
             Cell::from(usable).style(style),
         ])
     });
-    let widths = [
-        Constraint::Min(10),
-        Constraint::Min(22),
-        Constraint::Length(9),
-        Constraint::Length(8),
-        Constraint::Length(8),
-        Constraint::Length(8),
+    use Constraint::{Length, Min};
+    let (number, text) = (Length(8), Min(10));
+    let columns = [
+        ("SERVICE", text),
+        ("VIP", Min(22)),
+        ("MODE", Length(9)),
+        ("PKT/S", number),
+        ("NEW/S", number),
+        ("USABLE", number),
     ];
-    let head = ["SERVICE", "VIP", "MODE", "PKT/S", "NEW/S", "USABLE"];
-    f.render_widget(table(&head, rows.collect(), &widths, "services"), area);
+    f.render_widget(table("services", &columns, rows.collect()), area);
 }
 
 fn draw_instances(f: &mut Frame, s: &Snapshot, area: Rect) {
     let rows = s.scaling.iter().flat_map(|sc| {
         sc.replicas.iter().map(move |r| {
-            Row::new(vec![
-                sc.service.clone(),
-                r.name.clone(),
-                r.address.clone(),
-                r.phase.clone(),
-                r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
-                r.requests_per_second.map_or("-".into(), human_rate),
-                human_duration(r.age_seconds),
-            ])
+            let mut cells = r.cells();
+            cells.insert(0, sc.service.clone());
+            Row::new(cells)
         })
     });
-    let widths = [
-        Constraint::Min(8),
-        Constraint::Min(10),
-        Constraint::Min(18),
-        Constraint::Length(9),
-        Constraint::Length(6),
-        Constraint::Length(7),
-        Constraint::Length(7),
+    use Constraint::{Length, Min};
+    let (number, text) = (Length(7), Min(8));
+    let columns = [
+        ("SERVICE", text),
+        ("INSTANCE", text),
+        ("ADDRESS", Min(18)),
+        ("PHASE", Length(9)),
+        ("CPU", number),
+        ("REQ/S", number),
+        ("UP", number),
     ];
-    let head = ["SERVICE", "INSTANCE", "ADDRESS", "PHASE", "CPU", "REQ/S", "UP"];
-    f.render_widget(table(&head, rows.collect(), &widths, "instances"), area);
+    f.render_widget(table("instances", &columns, rows.collect()), area);
 }
 
 /// One chart per scaled service (side by side): its metric and target over
@@ -222,20 +219,12 @@ fn draw_charts(f: &mut Frame, top: &Top, s: &Snapshot, area: Rect, now: f64) {
         let top_y = values.iter().chain(&targets).map(|p| p.1).fold(1.0_f64, f64::max) * 1.2;
         let title =
             format!("{} {} (last {})", sc.service, render_metrics(&sc.metrics), human_duration(HISTORY.as_secs_f64()));
-        let datasets = vec![
-            Dataset::default()
-                .name(label.to_owned())
-                .marker(Marker::Braille)
-                .graph_type(GraphType::Line)
-                .style(Style::default().fg(Color::Cyan))
-                .data(&values),
-            Dataset::default()
-                .name("target")
-                .marker(Marker::Braille)
-                .graph_type(GraphType::Line)
-                .style(Style::default().fg(Color::Yellow))
-                .data(&targets),
-        ];
+        let line = |name: String, color: Color, data| {
+            let style = Style::default().fg(color);
+            Dataset::default().name(name).marker(Marker::Braille).graph_type(GraphType::Line).style(style).data(data)
+        };
+        let datasets =
+            vec![line(label.to_owned(), Color::Cyan, &values), line("target".into(), Color::Yellow, &targets)];
         let chart = Chart::new(datasets)
             .block(block(&title))
             .x_axis(Axis::default().bounds([-HISTORY.as_secs_f64(), 0.0]))
@@ -247,26 +236,16 @@ fn draw_charts(f: &mut Frame, top: &Top, s: &Snapshot, area: Rect, now: f64) {
 fn draw_decisions(f: &mut Frame, s: &Snapshot, area: Rect, now: f64) {
     let mut all: Vec<(&str, &crate::status::DecisionSummary)> =
         s.scaling.iter().flat_map(|sc| sc.decisions.iter().map(move |d| (sc.service.as_str(), d))).collect();
-    all.sort_by(|a, b| b.1.last_unix_time.max(b.1.unix_time).total_cmp(&a.1.last_unix_time.max(a.1.unix_time)));
+    all.sort_by(|a, b| b.1.latest().total_cmp(&a.1.latest()));
     let rows = all.into_iter().map(|(service, d)| {
-        let repeats = if d.repeats > 1 { format!(" x{}", d.repeats) } else { String::new() };
-        Row::new(vec![
-            format!("{} ago", human_duration((now - d.last_unix_time.max(d.unix_time)).max(0.0))),
-            service.to_owned(),
-            format!("{} -> {}{repeats}", d.previous, d.replicas),
-            d.rule.clone(),
-            d.reason.clone(),
-        ])
+        let mut cells = d.cells(now);
+        cells.insert(1, service.to_owned());
+        Row::new(cells)
     });
-    let widths = [
-        Constraint::Length(10),
-        Constraint::Min(8),
-        Constraint::Length(10),
-        Constraint::Length(12),
-        Constraint::Fill(1),
-    ];
-    let head = ["WHEN", "SERVICE", "CHANGE", "RULE", "REASON"];
-    f.render_widget(table(&head, rows.collect(), &widths, "decisions"), area);
+    use Constraint::{Fill, Length, Min};
+    let columns =
+        [("WHEN", Length(10)), ("SERVICE", Min(8)), ("CHANGE", Length(10)), ("RULE", Length(12)), ("REASON", Fill(1))];
+    f.render_widget(table("decisions", &columns, rows.collect()), area);
 }
 
 /// Run `top` on this terminal until q, Esc or Ctrl-C; asks `socket` every
