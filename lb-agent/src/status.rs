@@ -676,6 +676,20 @@ pub fn human_rate(x: f64) -> String {
     }
 }
 
+/// `web` on 10.0.0.100:80/tcp, for tests: no interfaces or backends.
+#[cfg(test)]
+pub(crate) fn web_service(counters: Traffic) -> ServiceStatus {
+    ServiceStatus {
+        name: "web".into(),
+        vip: "10.0.0.100".into(),
+        port: 80,
+        protocol: "tcp".into(),
+        mode: "dnat".into(),
+        counters,
+        ..ServiceStatus::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,13 +725,7 @@ mod tests {
                 start_time_seconds: 0.0,
             },
             services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "10.0.0.100".into(),
-                port: 80,
-                protocol: "tcp".into(),
-                mode: "dnat".into(),
                 interfaces: vec!["eth0".into()],
-                counters: Traffic::default(),
                 backends: vec![BackendStatus {
                     address: "10.1.0.1:80".into(),
                     state: "draining".into(),
@@ -732,7 +740,7 @@ mod tests {
                     run_time: Some("weight 1, file says 2".into()),
                     health_checks: None,
                 }],
-                usable_backends: 0,
+                ..web_service(Traffic::default())
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
             maps: vec![],

@@ -312,21 +312,15 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::status::{DecisionSummary, ReplicaStatus, Traffic};
+    use crate::status::{web_service, DecisionSummary, ReplicaStatus, Traffic};
 
     const NOW: f64 = 1_000_000.0;
 
     fn snapshot(cpu: f64) -> Snapshot {
         Snapshot {
             services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "10.0.0.100".into(),
-                port: 80,
-                protocol: "tcp".into(),
-                mode: "dnat".into(),
-                counters: Traffic { packets_per_second: 1500.0, new_flows_per_second: 42.0, ..Traffic::default() },
                 usable_backends: 2,
-                ..ServiceStatus::default()
+                ..web_service(Traffic { packets_per_second: 1500.0, new_flows_per_second: 42.0, ..Traffic::default() })
             }],
             scaling: vec![ScalingStatus {
                 service: "web".into(),
