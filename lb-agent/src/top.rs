@@ -116,7 +116,10 @@ pub fn draw(f: &mut Frame, top: &Top, now: f64) {
 }
 
 fn header(top: &Top) -> Line<'static> {
-    let every = human_duration(top.interval.as_secs_f64());
+    let every = match top.interval.as_millis() {
+        ms @ 0..1000 => format!("{ms}ms"),
+        _ => human_duration(top.interval.as_secs_f64()),
+    };
     match (&top.error, &top.snapshot) {
         (Some(e), _) => Line::styled(
             format!("lb-agent top: agent not answering ({e}); asking again every {every}; q quits"),
@@ -276,10 +279,9 @@ fn watch(
     let mut next = Instant::now();
     loop {
         if Instant::now() >= next {
-            let asked = rt.block_on(tokio::time::timeout(
-                interval.max(Duration::from_secs(1)),
-                crate::serve::api::status(socket),
-            ));
+            // The timer is made inside the runtime, which drives it.
+            let limit = interval.max(Duration::from_secs(1));
+            let asked = rt.block_on(async { tokio::time::timeout(limit, crate::serve::api::status(socket)).await });
             let answer = match asked {
                 Ok(Ok(s)) => Ok(s),
                 Ok(Err(e)) => Err(format!("{e:#}")),
@@ -411,7 +413,10 @@ mod tests {
 
     #[test]
     fn a_small_terminal_gets_a_line_per_service() {
-        let s = screen(&fed(), 50, 8);
+        let mut top = fed();
+        top.interval = Duration::from_millis(250);
+        let s = screen(&top, 50, 8);
+        assert!(s.contains("every 250ms"), "{s}");
         assert!(s.contains("web 10.0.0.100:80/tcp 1.5k pkt/s 42 new/s"), "{s}");
         assert!(s.contains("(a 60x16 terminal shows more)"), "{s}");
     }
