@@ -98,13 +98,15 @@ pub fn draw(f: &mut Frame, top: &Top, now: f64) {
         return;
     }
     let replicas: usize = s.scaling.iter().map(|sc| sc.replicas.len()).sum();
-    let chart_h = if s.scaling.is_empty() { 0 } else { 9 };
-    let decisions_h = if s.scaling.is_empty() { 0 } else { 7 };
+    // The chart takes what the tables leave, at least 8 lines.
+    let chart_h = if s.scaling.is_empty() { 0 } else { 8 };
+    let decisions: usize = s.scaling.iter().map(|sc| sc.decisions.len()).sum();
+    let decisions_h = if s.scaling.is_empty() { 0 } else { decisions.clamp(1, 8) as u16 + 3 };
     let [services, instances, charts, decisions] = Layout::vertical([
         Constraint::Length(s.services.len().max(1) as u16 + 3),
         Constraint::Length(if s.scaling.is_empty() { 0 } else { replicas.max(1) as u16 + 3 }),
-        Constraint::Length(chart_h),
-        Constraint::Min(decisions_h),
+        Constraint::Min(chart_h),
+        Constraint::Length(decisions_h),
     ])
     .areas(body);
     draw_services(f, s, services);
@@ -230,7 +232,11 @@ fn draw_charts(f: &mut Frame, top: &Top, s: &Snapshot, area: Rect, now: f64) {
             vec![line(label.to_owned(), Color::Cyan, &values), line("target".into(), Color::Yellow, &targets)];
         let chart = Chart::new(datasets)
             .block(block(&title))
-            .x_axis(Axis::default().bounds([-HISTORY.as_secs_f64(), 0.0]))
+            .x_axis(
+                Axis::default()
+                    .bounds([-HISTORY.as_secs_f64(), 0.0])
+                    .labels([Line::from(format!("-{}", human_duration(HISTORY.as_secs_f64()))), Line::from("now")]),
+            )
             .y_axis(Axis::default().bounds([0.0, top_y]).labels([Line::from("0"), Line::from(format!("{top_y:.0}"))]));
         f.render_widget(chart, *area);
     }
