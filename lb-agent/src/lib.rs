@@ -18,6 +18,7 @@
 //!   connection table off the loop.
 //! - [`check`]: `lb-agent check`: the findings `run` makes before it
 //!   attaches, and what the config describes, in words.
+//! - [`top`]: `lb-agent top`, the full-screen view of a status snapshot.
 //! - `testing` (tests only): fakes of every port.
 
 pub mod adapters;
@@ -33,3 +34,4 @@ pub mod snapshot;
 pub mod status;
 #[cfg(test)]
 pub mod testing;
+pub mod top;

@@ -19,7 +19,7 @@ use lb_agent::{
     agent::{Agent, Options, Ports},
     config::{Config, Protocol},
     serve::api::{self, Request, DEFAULT_SOCKET},
-    status::{human_duration, watch_frame, Snapshot},
+    status::{human_duration, watch_frame},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";
@@ -127,6 +127,24 @@ enum Command {
         watch: bool,
         /// How often --watch refreshes, e.g. "2s" or "500ms".
         #[arg(long, default_value = "2s", value_parser = lb_agent::config::duration::parse, requires = "watch")]
+        interval: Duration,
+        /// The running agent's control socket (`run --api-socket`).
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// A full-screen live view of the running agent, like top.
+    ///
+    /// Services (VIP, mode, packets and new flows per second, usable
+    /// backends), the instances of scaled services with their CPU and
+    /// requests per second, each scaled service's metric against its target
+    /// over the last 5 minutes, and the latest scaling decisions with their
+    /// reasons. q, Esc or Ctrl-C quits. Needs a terminal (it works over
+    /// SSH; no mouse); for a pipe or a script use `status --watch` or
+    /// `status --json`. An agent that stops answering is said so on the top
+    /// line, and picked up again when it is back.
+    Top {
+        /// How often to refresh, e.g. "1s" or "500ms".
+        #[arg(long, default_value = "1s", value_parser = lb_agent::config::duration::parse)]
         interval: Duration,
         /// The running agent's control socket (`run --api-socket`).
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -310,6 +328,9 @@ fn main() -> ExitCode {
         Command::Stop { api_socket, pin_dir, timeout } => stop(api_socket, pin_dir, timeout),
         Command::Check { file, config, file_only } => check(file.or(config).unwrap_or_default(), file_only),
         Command::Status { json, watch, interval, api_socket } => status(api_socket, json, watch.then_some(interval)),
+        Command::Top { interval, api_socket } => {
+            lb_agent::top::run(&api_socket, interval.max(Duration::from_millis(100))).map(|()| ExitCode::SUCCESS)
+        }
         Command::Scale { service, replicas, pause, resume: _, api_socket } => {
             let request = match (replicas, pause) {
                 (Some(replicas), _) => Request::PinReplicas { service, replicas },
@@ -401,7 +422,7 @@ fn status(socket: PathBuf, json: bool, watch: Option<Duration>) -> anyhow::Resul
     let rt = runtime()?;
     match watch {
         None => {
-            let snapshot = rt.block_on(fetch_status(&socket))?;
+            let snapshot = rt.block_on(api::status(&socket))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {
@@ -411,14 +432,6 @@ fn status(socket: PathBuf, json: bool, watch: Option<Duration>) -> anyhow::Resul
         Some(interval) => rt.block_on(watch_status(&socket, json, interval))?,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn fetch_status(socket: &Path) -> anyhow::Result<Snapshot> {
-    let response = api::call(socket, &Request::Status).await?;
-    match response.status {
-        Some(snapshot) => Ok(*snapshot),
-        None => anyhow::bail!("the agent answered without a status: {}", response.error.unwrap_or_default()),
-    }
 }
 
 /// `status --watch`: a frame every `interval` until Ctrl-C. An agent that
@@ -432,7 +445,7 @@ async fn watch_status(socket: &Path, json: bool, interval: Duration) -> anyhow::
     loop {
         let fetched = tokio::select! {
             _ = &mut ctrl_c => break,
-            r = fetch_status(socket) => r,
+            r = api::status(socket) => r,
         };
         let frame = match (fetched, json) {
             (Ok(s), true) => format!("{}\n", serde_json::to_string(&s)?),

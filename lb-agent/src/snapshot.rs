@@ -93,6 +93,7 @@ impl SnapshotBuilder {
                     state: b.state_name().into(),
                     reason: b.unroutable.clone(),
                     weight: b.weight,
+                    ramp_percent: registry.ramp_percent(name, *addr),
                     in_table: b.in_table(),
                     table_share: shares.get(&id).copied().unwrap_or(0.0),
                     open_connections: scan.open.get(&id).copied().unwrap_or(0),

@@ -105,6 +105,38 @@ pub struct DecisionSummary {
     pub repeats: u32,
 }
 
+impl ReplicaStatus {
+    /// Its row in `status` and `top`: name, address, phase, CPU, requests/s, age.
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.address.clone(),
+            self.phase.clone(),
+            self.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+            self.requests_per_second.map_or("-".into(), human_rate),
+            human_duration(self.age_seconds),
+        ]
+    }
+}
+
+impl DecisionSummary {
+    /// When it was last taken, by `now`.
+    pub fn latest(&self) -> f64 {
+        self.last_unix_time.max(self.unix_time)
+    }
+
+    /// Its row in `status` and `top`: when, the change (`2 -> 2 x14`), rule, reason.
+    pub fn cells(&self, now: f64) -> Vec<String> {
+        let repeats = if self.repeats > 1 { format!(" x{}", self.repeats) } else { String::new() };
+        vec![
+            ago(now, self.latest()),
+            format!("{} -> {}{repeats}", self.previous, self.replicas),
+            self.rule.clone(),
+            self.reason.clone(),
+        ]
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -232,6 +264,10 @@ pub struct BackendStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub weight: u32,
+    /// While slow start ramps it up after it joined: the percent of its
+    /// weight it has now (see `effective_weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp_percent: Option<u32>,
     /// Whether new flows can be sent to it (in the Maglev table).
     pub in_table: bool,
     /// Share of the service's Maglev slots, 0..1.
@@ -262,6 +298,14 @@ pub struct HealthCheckCounts {
     pub timeout: u64,
     /// Seconds all of them took, summed.
     pub seconds_total: f64,
+}
+
+impl BackendStatus {
+    /// The weight it has in the table now: its weight, or its ramp's part
+    /// of it while slow start ramps it up.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.weight) * f64::from(self.ramp_percent.unwrap_or(100)) / 100.0
+    }
 }
 
 impl HealthCheckCounts {
@@ -403,9 +447,10 @@ impl Snapshot {
                 rows.push(vec![
                     b.address.clone(),
                     state,
-                    match b.run_time {
-                        Some(_) => format!("{} *", b.weight),
-                        None => b.weight.to_string(),
+                    {
+                        let ramp = b.ramp_percent.map_or(String::new(), |p| format!(" (ramp {p}%)"));
+                        let star = if b.run_time.is_some() { " *" } else { "" };
+                        format!("{}{ramp}{star}", b.weight)
                     },
                     format!("{:.1}%", b.table_share * 100.0),
                     b.open_connections.to_string(),
@@ -482,30 +527,13 @@ fn render_scaling(out: &mut String, scaling: &[ScalingStatus], now: f64) {
         if !sc.replicas.is_empty() {
             let _ = writeln!(out, "\n  {} instances:", sc.service);
             let mut rows = vec![cells(["NAME", "ADDRESS", "PHASE", "CPU", "REQ/S", "UP"])];
-            for r in &sc.replicas {
-                rows.push(vec![
-                    r.name.clone(),
-                    r.address.clone(),
-                    r.phase.clone(),
-                    r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
-                    r.requests_per_second.map_or("-".into(), human_rate),
-                    human_duration(r.age_seconds),
-                ]);
-            }
+            rows.extend(sc.replicas.iter().map(ReplicaStatus::cells));
             out.push_str(&columns("    ", &rows, &[3, 4, 5]));
         }
         if !sc.decisions.is_empty() {
             let _ = writeln!(out, "\n  {} decisions:", sc.service);
             let mut rows = vec![cells(["WHEN", "CHANGE", "RULE", "REASON"])];
-            for d in sc.decisions.iter().take(5) {
-                let repeats = if d.repeats > 1 { format!(" x{}", d.repeats) } else { String::new() };
-                rows.push(vec![
-                    ago(now, d.last_unix_time.max(d.unix_time)),
-                    format!("{} -> {}{repeats}", d.previous, d.replicas),
-                    d.rule.clone(),
-                    d.reason.clone(),
-                ]);
-            }
+            rows.extend(sc.decisions.iter().take(5).map(|d| d.cells(now)));
             out.push_str(&columns("    ", &rows, &[]));
         }
     }
@@ -637,13 +665,28 @@ pub fn watch_frame(body: &str, terminal: bool, interval: std::time::Duration) ->
     }
 }
 
-fn human_rate(x: f64) -> String {
+/// `1.5k`, `42`, `0.5`: a rate in few characters.
+pub fn human_rate(x: f64) -> String {
     match x {
         x if x >= 1e9 => format!("{:.1}G", x / 1e9),
         x if x >= 1e6 => format!("{:.1}M", x / 1e6),
         x if x >= 1e3 => format!("{:.1}k", x / 1e3),
         x if x >= 10.0 => format!("{x:.0}"),
         x => format!("{x:.1}"),
+    }
+}
+
+/// `web` on 10.0.0.100:80/tcp, for tests: no interfaces or backends.
+#[cfg(test)]
+pub(crate) fn web_service(counters: Traffic) -> ServiceStatus {
+    ServiceStatus {
+        name: "web".into(),
+        vip: "10.0.0.100".into(),
+        port: 80,
+        protocol: "tcp".into(),
+        mode: "dnat".into(),
+        counters,
+        ..ServiceStatus::default()
     }
 }
 
@@ -682,18 +725,13 @@ mod tests {
                 start_time_seconds: 0.0,
             },
             services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "10.0.0.100".into(),
-                port: 80,
-                protocol: "tcp".into(),
-                mode: "dnat".into(),
                 interfaces: vec!["eth0".into()],
-                counters: Traffic::default(),
                 backends: vec![BackendStatus {
                     address: "10.1.0.1:80".into(),
                     state: "draining".into(),
                     reason: None,
                     weight: 1,
+                    ramp_percent: None,
                     in_table: false,
                     table_share: 0.0,
                     open_connections: 3,
@@ -702,7 +740,7 @@ mod tests {
                     run_time: Some("weight 1, file says 2".into()),
                     health_checks: None,
                 }],
-                usable_backends: 0,
+                ..web_service(Traffic::default())
             }],
             reasons: vec![ReasonCount { reason: "drop_no_backend".into(), verdict: "drop".into(), packets: 4 }],
             maps: vec![],
@@ -739,8 +777,10 @@ mod tests {
             note: String::new(),
             operations: vec![SockOpCount { op: "translated".into(), count: 5 }],
         };
+        s.services[0].backends[0].ramp_percent = Some(40);
         let t = s.render_table();
         assert!(t.contains("socket lb: attached to /sys/fs/cgroup (clients on this host); translated 5"), "{t}");
+        assert!(t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains(" 1 (ramp 40%) * ")), "{t}");
     }
 
     fn decision(ago: f64, previous: u32, replicas: u32, rule: &str) -> DecisionSummary {

@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "docker.io",               // the Docker orchestrator's tests and demo (dockerd is started on demand)
     "iptables",                // DOCKER-USER rules for forwarding to containers
     "siege",                   // the availability table: `cargo xtask run -- --scenario availability`
+    "tmux",                    // a real pseudo-terminal for `lb-agent top`'s test (e2e_top)
     // `cargo xtask bench e2e` (and its smoke test among the root tests):
     "wrk",                 // the load generator
     "haproxy",             // a peer: TCP proxy in the LB namespace

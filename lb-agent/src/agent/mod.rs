@@ -288,6 +288,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// probes to match.
     fn sync(&mut self) -> anyhow::Result<ApplySummary> {
         self.changed_at = self.flows.last_ticket();
+        self.registry.advance_ramps(Instant::now());
         let summary = self
             .reconciler
             .apply(&self.registry.desired(), &mut self.dataplane)
@@ -630,6 +631,12 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             self.reload("file changed", Vec::new());
         }
         self.check_routes();
+        // Slow start: ramping weights move on a step at a time.
+        if self.registry.ramping() && self.registry.advance_ramps(Instant::now()) {
+            if let Err(e) = self.sync() {
+                self.error(format!("applying a slow-start step failed: {e:#}"));
+            }
+        }
         // Drains and the snapshot follow when the walk is in; a tick that
         // comes while the last one's walk is still under way adds nothing.
         if self.tick_ticket.is_none() {

@@ -31,6 +31,8 @@ use self::{
 
 /// Highest weight a backend may have; keeps Maglev's turn counting in u64.
 pub const MAX_WEIGHT: u32 = 10_000;
+/// The longest `slow_start` ramp.
+pub const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct Config {
@@ -199,6 +201,11 @@ pub struct ServiceConfig {
     /// How long a removed or failed backend's open connections may go on.
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
+    /// A backend that joins the table (added, up again, a new instance)
+    /// ramps from a tenth of its weight to all of it over this time; zero
+    /// (the default) turns it off. See `core::slow_start`.
+    #[serde(default, with = "duration")]
+    pub slow_start: Duration,
     /// Scale the service's instances with the load (needs `instances`).
     #[serde(default)]
     pub scaling: Option<ScalingPolicy>,
@@ -513,6 +520,9 @@ impl ServiceConfig {
                 out.push(format!("{hat}: rise and fall must be at least 1"));
             }
         }
+        if self.slow_start > MAX_SLOW_START {
+            out.push(format!("{at}: slow_start: {:?} is above the maximum 1h", self.slow_start));
+        }
         self.scaling_problems(at, out);
         let mut seen = HashSet::new();
         for (j, b) in self.backends.iter().enumerate() {
@@ -711,7 +721,7 @@ mod tests {
                 "service[0].protcol (line 6): unknown key; did you mean `protocol`?",
                 "service[0].backend[0].wieght (line 10): unknown key; did you mean `weight`?",
                 "service[1].colour (line 18): unknown key; keys here: name, vip, port, protocol, interfaces, \
-                 backend, health_check, drain_timeout, scaling, instances",
+                 backend, health_check, drain_timeout, slow_start, scaling, instances",
                 "service[1].health_check.intervall (line 21): unknown key; did you mean `interval`?",
                 "interface.eth0.fastpath (line 24): unknown key; did you mean `fast_path`?",
                 "dataplane.weight (line 26): unknown key; `weight` is a key of [service.backend]",
@@ -837,6 +847,18 @@ mod tests {
             (Duration::from_millis(200), Duration::from_millis(200), 2, 3)
         );
         assert_eq!(c.services[1].drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn slow_start_is_off_by_default_and_at_most_an_hour() {
+        let c = parse(&GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nslow_start = \"30s\"")).unwrap();
+        assert_eq!((c.services[0].slow_start, c.services[1].slow_start), (Duration::from_secs(30), Duration::ZERO));
+        let p = problems(&GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nslow_start = \"2h\""));
+        assert_eq!(p, ["service[0] \"web\": slow_start: 7200s is above the maximum 1h"], "{p:#?}");
+        let err = parse(&GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nslow_start = \"soon\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slow_start") && err.contains("is not a duration"), "{err}");
     }
 
     #[test]

@@ -9,3 +9,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod registry;
 pub mod replicas;
+pub mod slow_start;

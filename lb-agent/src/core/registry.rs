@@ -23,6 +23,7 @@ use crate::{
     core::{
         deploy,
         health::{Health, Transition},
+        slow_start::{self, SlowStart, TableNow},
     },
     ports::Route,
 };
@@ -152,6 +153,8 @@ pub struct Registry {
     /// they start down, and join only once they pass `rise` checks.
     /// Taken by the first `set_config`.
     start_down: BTreeSet<(ServiceKey, SocketAddrV4)>,
+    /// Backends that joined a table lately, ramping up to their weight.
+    slow_start: SlowStart,
 }
 
 impl Registry {
@@ -367,16 +370,52 @@ impl Registry {
         done
     }
 
+    /// Start the slow-start ramps of backends that joined a table since the
+    /// last call (none on the first: those serving at start keep their
+    /// weight), and move the ramps on to `now`. Returns whether a ramping
+    /// weight changed, so the table needs writing again.
+    pub fn advance_ramps(&mut self, now: Instant) -> bool {
+        let tables = self
+            .services
+            .iter()
+            .map(|(name, e)| {
+                let in_table = e.backends.iter().filter(|(_, b)| b.in_table()).map(|(a, _)| *a).collect();
+                (name.clone(), TableNow { slow_start: e.config.slow_start, in_table })
+            })
+            .collect();
+        self.slow_start.advance(&tables, now)
+    }
+
+    /// Whether a slow-start ramp is under way.
+    pub fn ramping(&self) -> bool {
+        self.slow_start.ramping()
+    }
+
+    /// The share of its weight a ramping backend has now, in percent; `None`
+    /// when it does not ramp.
+    pub fn ramp_percent(&self, service: &str, addr: SocketAddrV4) -> Option<u32> {
+        let step = self.slow_start.step_of(service, addr);
+        (step < slow_start::STEPS).then_some(step * 100 / slow_start::STEPS)
+    }
+
+    /// What the maps should hold; ramping backends at their step's share
+    /// as the last `advance_ramps` left them.
     pub fn desired(&self) -> Vec<DesiredService> {
         self.services
-            .values()
-            .map(|e| DesiredService {
-                config: e.config.clone(),
-                backends: e
-                    .backends
-                    .iter()
-                    .map(|(addr, b)| DesiredBackend { addr: *addr, weight: b.weight, in_table: b.in_table() })
-                    .collect(),
+            .iter()
+            .map(|(name, e)| {
+                let steps: Vec<(u32, u32)> =
+                    e.backends.iter().map(|(addr, b)| (b.weight, self.slow_start.step_of(name, *addr))).collect();
+                let weights = slow_start::weights(&steps);
+                DesiredService {
+                    config: e.config.clone(),
+                    backends: e
+                        .backends
+                        .iter()
+                        .zip(weights)
+                        .map(|((addr, b), weight)| DesiredBackend { addr: *addr, weight, in_table: b.in_table() })
+                        .collect(),
+                }
             })
             .collect()
     }
@@ -468,6 +507,39 @@ mod tests {
         assert_eq!(r.observe_health("web", b, true), None);
         assert_eq!(r.observe_health("web", b, true), Some(Transition::Up));
         assert_eq!(table(&r)[1], ("10.1.0.2:80".into(), true));
+    }
+
+    #[test]
+    fn backends_that_join_ramp_up_and_those_serving_at_start_do_not() {
+        let now = Instant::now();
+        let secs = Duration::from_secs;
+        let weights = |r: &Registry| -> Vec<u32> { r.desired()[0].backends.iter().map(|b| b.weight).collect() };
+        let mut r = Registry::default();
+        let extra = "slow_start = \"9s\"\nhealth_check = { rise = 1, fall = 1 }";
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80"], extra), now);
+        assert!(!r.advance_ramps(now), "serving at start: no ramp");
+        assert_eq!(weights(&r), [1, 1]);
+        // Added at run time: a tenth of its weight, then its step.
+        let three = addr("10.1.0.3:80");
+        r.add_backend("web", three, 2).unwrap();
+        assert!(r.advance_ramps(now));
+        assert_eq!((weights(&r), r.ramp_percent("web", three)), (vec![10, 10, 2], Some(10)));
+        assert!(r.advance_ramps(now + secs(4)));
+        assert_eq!((weights(&r), r.ramp_percent("web", three)), (vec![10, 10, 10], Some(50)));
+        assert!(r.advance_ramps(now + secs(9)));
+        assert_eq!((weights(&r), r.ramp_percent("web", three)), (vec![1, 1, 2], None));
+        assert!(!r.ramping());
+        // Up again after failed checks: it ramps again.
+        let one = addr("10.1.0.1:80");
+        r.observe_health("web", one, false);
+        r.advance_ramps(now + secs(10));
+        r.observe_health("web", one, true);
+        assert!(r.advance_ramps(now + secs(11)));
+        assert_eq!(r.ramp_percent("web", one), Some(10));
+        // A reload keeps the ramp going.
+        r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"], extra), now + secs(11));
+        assert!(!r.advance_ramps(now + secs(11) + Duration::from_millis(500)));
+        assert_eq!(r.ramp_percent("web", one), Some(10));
     }
 
     #[test]

@@ -445,6 +445,15 @@ pub async fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
     serde_json::from_str(&line).with_context(|| format!("unreadable answer from the agent: {line:?}"))
 }
 
+/// The running agent's status snapshot (`lb-agent status`, `top`).
+pub async fn status(path: &Path) -> anyhow::Result<Snapshot> {
+    let response = call(path, &Request::Status).await?;
+    match response.status {
+        Some(snapshot) => Ok(*snapshot),
+        None => anyhow::bail!("the agent answered without a status: {}", response.error.unwrap_or_default()),
+    }
+}
+
 pub fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
 }

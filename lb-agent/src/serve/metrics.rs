@@ -156,6 +156,10 @@ const BACKEND_OPEN_CONNECTIONS: Family<BackendLabels> = Family::gauge(
 );
 const BACKEND_WEIGHT: Family<BackendLabels> =
     Family::gauge("lb_backend_weight", "Configured weight of the backend in its service's Maglev table.");
+const BACKEND_EFFECTIVE_WEIGHT: Family<BackendLabels> = Family::gauge(
+    "lb_backend_effective_weight",
+    "Weight the backend has in its service's Maglev table now: its weight, or less while slow start ramps it up.",
+);
 const BACKEND_UP: Family<BackendLabels> =
     Family::gauge("lb_backend_up", "1 unless the backend is down: active and draining backends count as up.");
 const BACKEND_STATE: Family<BackendStateLabels> = Family::gauge(
@@ -262,6 +266,7 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     }
     out.push(per_backend(&BACKEND_OPEN_CONNECTIONS, |b| b.open_connections as f64));
     out.push(per_backend(&BACKEND_WEIGHT, |b| f64::from(b.weight)));
+    out.push(per_backend(&BACKEND_EFFECTIVE_WEIGHT, BackendStatus::effective_weight));
     out.push(per_backend(&BACKEND_UP, |b| flag(b.state != "down")));
     out.push(BACKEND_STATE.collect(backends().flat_map(|(s, b)| {
         // An unexpected state still gets its series, so it is never invisible.
@@ -1029,6 +1034,7 @@ mod tests {
             state: state.to_owned(),
             reason: None,
             weight,
+            ramp_percent: None,
             in_table: table_share > 0.0,
             table_share,
             open_connections: open,
@@ -1241,6 +1247,7 @@ mod tests {
             ("lb_backend_closed_flows_total", "counter"),
             ("lb_backend_open_connections", "gauge"),
             ("lb_backend_weight", "gauge"),
+            ("lb_backend_effective_weight", "gauge"),
             ("lb_backend_up", "gauge"),
             ("lb_backend_state", "gauge"),
             ("lb_backend_in_table", "gauge"),
@@ -1316,6 +1323,22 @@ mod tests {
         assert!(text.lines().any(|l| l == r#"lb_backend_closed_flows_total{service="web",backend="10.1.0.1:8080"} 3"#));
         assert!(text.lines().any(|l| l == r#"lb_backend_in_table{service="web",backend="10.1.0.3:8080"} 0"#));
         assert!(text.lines().any(|l| l == r#"lb_backend_weight{service="web",backend="10.1.0.1:8080"} 3"#));
+    }
+
+    #[test]
+    fn a_ramping_backend_exports_its_effective_weight() {
+        let mut snapshot = sample();
+        snapshot.services[0].backends[0].ramp_percent = Some(40);
+        let text = render(&snapshot).expect("render");
+        let b = &snapshot.services[0].backends[0];
+        let line = format!(r#"lb_backend_effective_weight{{service="web",backend="{}"}} 1.2"#, b.address);
+        assert_eq!(b.weight, 3);
+        assert!(text.lines().any(|l| l == line), "{text}");
+        let other = format!(
+            r#"lb_backend_effective_weight{{service="web",backend="{}"}} "#,
+            snapshot.services[0].backends[1].address
+        );
+        assert!(text.lines().any(|l| l.starts_with(&other) && !l.ends_with(" 1.2")), "{text}");
     }
 
     #[test]
