@@ -8,3 +8,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod registry;
 pub mod replicas;
+pub mod zero;
