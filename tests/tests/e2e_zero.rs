@@ -102,6 +102,16 @@ fn root_a_syn_to_a_service_at_zero_is_held_and_reported() {
         run(&udp_to(DNS), Reason::HeldWaking);
         let events = drain(&mut ring);
         assert_eq!(events.iter().map(|e| (e.service_id, e.proto)).collect::<Vec<_>>(), [(1, IPPROTO_UDP)]);
+
+        // Without the flag (as every service was before), the same SYN is
+        // refused as it always was, and nothing is reported.
+        lb.add_service(&ServiceSpec::new(0, WEB, IPPROTO_TCP, 0, &[])).expect("rewrite web");
+        let before = lb.reasons().unwrap();
+        let run = lb.run(program, &tcp_to(WEB, TCP_SYN)).expect("run the program");
+        // (At tc in this namespace, refused means passed up for the stack's reset.)
+        check_reason_delta(&before, &lb.reasons().unwrap(), Reason::ResetNoBackend, 1).unwrap();
+        assert_ne!(run.verdict, dropped, "{program}: a service without the flag held the SYN");
+        assert!(drain(&mut ring).is_empty(), "{program}: a service without the flag was reported");
     }
 }
 
