@@ -124,6 +124,8 @@ pub struct ServiceSpec {
     /// Backend ids to fill the live table with, slot `i` getting
     /// `table_ids[i % len]`; empty leaves the table all zero ("no backend").
     pub table_ids: Vec<u32>,
+    /// `Service::flags` (`SERVICE_F_*`).
+    pub flags: u32,
 }
 
 impl ServiceSpec {
@@ -137,6 +139,7 @@ impl ServiceSpec {
             backends: backends.to_vec(),
             backend_count: backends.len() as u32,
             table_ids: backends.iter().map(|(id, _)| *id).collect(),
+            flags: 0,
         }
     }
 
@@ -212,6 +215,12 @@ impl LbObject {
         self.maps.set_settings(&config).context("write SETTINGS")
     }
 
+    /// The `WAKE_EVENTS` ring buffer, to read what the program reported
+    /// (once: the reader owns it).
+    pub fn take_wake_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.maps.wake_events.take().context("WAKE_EVENTS was taken already")
+    }
+
     /// Loads (verifies) another XDP program of the object, e.g. `xdp_pass`.
     pub fn load_program(&mut self, name: &str) -> Result<()> {
         load_program(&mut self.ebpf, name)
@@ -273,7 +282,13 @@ impl LbObject {
             self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
-        let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
+        let svc = Service {
+            id: spec.id,
+            table: spec.table,
+            backend_count: spec.backend_count,
+            mode: MODE_DNAT,
+            flags: spec.flags,
+        };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 

@@ -98,6 +98,21 @@ pub trait Dataplane: MapWriter + DataplaneReads + Routes {
     fn remove_all(&mut self);
     /// Leave everything pinned and serving for the next agent.
     fn keep_on_drop(&mut self);
+    /// The data plane's reports of clients waiting for a service that
+    /// scales from zero (`lb_common::WAKE_EVENTS`), as they come; taken once.
+    /// `None`: this data plane has none.
+    fn wake_events(&mut self) -> Option<tokio::sync::mpsc::Receiver<Wake>> {
+        None
+    }
+}
+
+/// A client's first packet to a service that scales from zero and has no
+/// instance in the table: held by the data plane, reported to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wake {
+    pub service_id: u32,
+    /// How long ago the data plane held the packet.
+    pub waited: std::time::Duration,
 }
 
 /// One interface the program is attached to.

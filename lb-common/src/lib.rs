@@ -25,7 +25,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -42,6 +42,8 @@ pub const EGRESS: &str = "EGRESS";
 pub const PATH_STATS: &str = "PATH_STATS";
 pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const SOCK_STATS: &str = "SOCK_STATS";
+pub const WAKE_EVENTS: &str = "WAKE_EVENTS";
+pub const WAKE_LAST: &str = "WAKE_LAST";
 // The benchmark's maps and programs (`BENCH_*`, `PROG_PASS`, `PROG_BENCH`)
 // are only in the object built with lb-ebpf's `bench` feature, never in the
 // one the agent loads.
@@ -140,6 +142,35 @@ pub struct Service {
     pub backend_count: u32,
     /// Forwarding mode, one of `MODE_*`.
     pub mode: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+}
+
+/// The service scales from zero: a new flow (a SYN, a UDP datagram) that
+/// finds no backend is dropped, not refused, and reported to the agent
+/// through `WAKE_EVENTS` (`Reason::HeldWaking`), so that the client's own
+/// retransmission connects once an instance is in the table.
+pub const SERVICE_F_WAKE: u32 = 1;
+
+/// `WAKE_EVENTS` is a ring buffer of this many bytes (a power of two, a
+/// multiple of the page size): room for hundreds of events, which the rate
+/// limit below keeps to one per service per CPU every interval.
+pub const WAKE_EVENTS_BYTES: u32 = 1 << 16;
+/// Per CPU, a service is reported at most once per this many nanoseconds
+/// (`WAKE_LAST` keeps the last report's time), so a SYN flood to a sleeping
+/// service cannot flood the agent.
+pub const WAKE_EVENT_INTERVAL_NS: u64 = 100_000_000;
+
+/// One record of `WAKE_EVENTS`: a client is waiting for `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WakeEvent {
+    pub service_id: u32,
+    /// The packet's protocol (`PROTO_TCP`, `PROTO_UDP`).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the packet arrived.
+    pub at_ns: u64,
 }
 
 /// Destination NAT with reverse translation of replies (client address kept).
@@ -432,10 +463,14 @@ pub enum Reason {
     /// A TCP packet other than a SYN with no flow in the table, beyond this
     /// CPU's budget of such flows (`Settings::non_syn_flows_per_sec`).
     DropNonSynOverBudget,
+    /// A new flow (a SYN, a UDP datagram) to a service that scales from
+    /// zero and has no instance yet: dropped, its client retransmits, and
+    /// the agent was told (`WAKE_EVENTS`, rate-limited).
+    HeldWaking,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropNonSynOverBudget as u32 + 1;
+    pub const COUNT: u32 = Reason::HeldWaking as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -460,6 +495,7 @@ impl Reason {
         Reason::DropStaleBackend,
         Reason::DropConntrackFull,
         Reason::DropNonSynOverBudget,
+        Reason::HeldWaking,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -488,6 +524,7 @@ impl Reason {
             Reason::DropStaleBackend => "drop_stale_backend",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
+            Reason::HeldWaking => "held_waking",
         }
     }
 
@@ -643,7 +680,8 @@ impl SockOp {
 const _: () = {
     assert!(size_of::<SockRevKey>() == 16 && align_of::<SockRevKey>() == 8);
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
-    assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
+    assert!(size_of::<Service>() == 20 && align_of::<Service>() == 4);
+    assert!(size_of::<WakeEvent>() == 16 && align_of::<WakeEvent>() == 8);
     assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
     assert!(size_of::<BackendAddr>() == 8 && align_of::<BackendAddr>() == 4);
@@ -687,6 +725,7 @@ mod pod {
     unsafe impl aya::Pod for BenchFrame {}
     unsafe impl aya::Pod for PathCounters {}
     unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for WakeEvent {}
 }
 
 #[cfg(test)]
@@ -708,6 +747,14 @@ mod layout_tests {
         assert_eq!(offset_of!(Service, table), 4);
         assert_eq!(offset_of!(Service, backend_count), 8);
         assert_eq!(offset_of!(Service, mode), 12);
+        assert_eq!(offset_of!(Service, flags), 16);
+    }
+
+    #[test]
+    fn wake_event_layout() {
+        assert_eq!(offset_of!(WakeEvent, service_id), 0);
+        assert_eq!(offset_of!(WakeEvent, proto), 4);
+        assert_eq!(offset_of!(WakeEvent, at_ns), 8);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! XDP_PASS into the kernel's forwarding path where that cannot finish.
 //! An ICMP error about a flow's reply goes to the flow's backend (`icmp`).
 //! A new flow to a service with no usable backend is answered with a TCP
-//! reset or an ICMP port unreachable (`refuse`, XDP only).
+//! reset or an ICMP port unreachable (`refuse`, XDP only), unless the
+//! service wakes from zero: then it is held for the agent (`wake`).
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
@@ -32,15 +33,16 @@ mod route;
 mod select;
 mod sock;
 mod stats;
+mod wake;
 
 use aya_ebpf::{
     macros::{classifier, map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowBudget, FlowKey, PathCounters, Reason, Service, ServiceKey, Settings, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SERVICE_F_WAKE, WAKE_EVENTS_BYTES,
 };
 
 use crate::{
@@ -78,6 +80,12 @@ static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 /// Which way translated packets left, per ingress ifindex.
 #[map]
 static PATH_STATS: PerCpuHashMap<u32, PathCounters> = PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
+/// Services that wake from zero with a client waiting (`lb_common::WakeEvent`).
+#[map]
+static WAKE_EVENTS: RingBuf = RingBuf::with_byte_size(WAKE_EVENTS_BYTES, 0);
+/// Per CPU and service: when `WAKE_EVENTS` last had a report (ns).
+#[map]
+static WAKE_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
@@ -143,6 +151,9 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
         let partial_l4 = match nat::forward(hook, &mut pkt, &svc) {
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => {
+                return Err(wake::hold(&pkt, &svc))
+            }
             Err(Verdict { reason: Reason::DropNoBackend, .. }) => return hook.refuse(&pkt),
             sent => sent?,
         };

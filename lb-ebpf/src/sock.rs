@@ -14,9 +14,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use lb_common::{hash::cookie_hash, Counters, Reason, ServiceKey, SockOp, SockRevKey, SOCK_REVNAT_MAX};
+use lb_common::{hash::cookie_hash, Counters, Reason, ServiceKey, SockOp, SockRevKey, SERVICE_F_WAKE, SOCK_REVNAT_MAX};
 
-use crate::{select::pick_backend, stats::count_flow, SERVICES};
+use crate::{select::pick_backend, stats::count_flow, wake, SERVICES};
 
 /// (socket, backend) -> the service (VIP, port) it was asked for.
 #[map]
@@ -81,6 +81,14 @@ fn translate(ctx: &SockAddrContext, new_flow: bool) -> i32 {
         Ok(picked) => picked,
         Err(reason) => {
             count(SockOp::NoBackend);
+            if reason == Reason::DropNoBackend && svc.flags & SERVICE_F_WAKE != 0 {
+                // A service at zero: wake it, and let the call go on to the
+                // VIP untranslated. A client in another network namespace
+                // crosses the ingress hook, which holds its SYN until an
+                // instance is in the table (`wake`).
+                wake::report(svc.id, key.proto);
+                return ALLOW;
+            }
             if reason == Reason::DropNoBackend {
                 // SAFETY: a plain helper call, for cgroup programs from
                 // kernel 5.18 on (bpf_{get,set}_retval); connect(2) and

@@ -20,7 +20,7 @@ use std::{
 use lb_agent::{adapters::dataplane::netdev::if_index, config::DataplaneConfig};
 use lb_common::{
     Conn, Counters, FlowKey, Path, Reason, DEFAULT_NON_SYN_FLOWS_PER_SEC, PROG_LB, PROG_LB_LOCAL, PROG_TC,
-    TCP_SEEN_BACKEND_FIN, TCP_SEEN_FIN, TCP_SEEN_REPLY, TCP_SEEN_RST,
+    SERVICE_F_WAKE, TCP_SEEN_BACKEND_FIN, TCP_SEEN_FIN, TCP_SEEN_REPLY, TCP_SEEN_RST,
 };
 use lb_lab::{
     checksum::{
@@ -88,7 +88,9 @@ fn services() -> Vec<ServiceSpec> {
         ..ServiceSpec::new(4, SocketAddrV4::new(VIP, 9000), IPPROTO_TCP, 0, &[])
     };
     let empty_udp = ServiceSpec::new(5, EMPTY_UDP, IPPROTO_UDP, 0, &[]);
-    vec![web, dns, empty, unfilled, stale, empty_udp]
+    // Scales from zero, at zero (more in e2e_zero.rs).
+    let waking = ServiceSpec { flags: SERVICE_F_WAKE, ..ServiceSpec::new(6, WAKING_TCP, IPPROTO_TCP, 0, &[]) };
+    vec![web, dns, empty, unfilled, stale, empty_udp, waking]
 }
 
 fn web() -> ServiceSpec {
@@ -704,6 +706,7 @@ fn tcp_data_offset_beyond_packet() -> Fixture {
 
 const EMPTY_TCP: SocketAddrV4 = SocketAddrV4::new(VIP, 443);
 const EMPTY_UDP: SocketAddrV4 = SocketAddrV4::new(VIP, 5300);
+const WAKING_TCP: SocketAddrV4 = SocketAddrV4::new(VIP, 7000);
 const TC_ONLY: &[&str] = &[PROG_TC];
 /// An answer's IPv4 header, from `from` to the client (as `refuse` writes it).
 fn answer_ip(from: Ipv4Addr, proto: u8) -> Ipv4 {
@@ -766,6 +769,11 @@ fn no_backend_fin_without_ack_gets_rst_ack() -> Fixture {
 }
 
 /// A reset is never answered with a reset.
+/// A SYN to a service at zero that scales from zero is held, at every hook.
+fn no_backend_waking_syn_is_held() -> Fixture {
+    dropped("no_backend_waking_syn_is_held", client_tcp(WAKING_TCP, TCP_SYN), Reason::HeldWaking)
+}
+
 fn no_backend_rst_is_not_answered() -> Fixture {
     dropped("no_backend_rst_is_not_answered", client_tcp(EMPTY_TCP, TCP_RST | TCP_ACK), Reason::DropNoBackend)
 }
@@ -1457,6 +1465,7 @@ root_fixtures!(run_fixture, all_fixtures -> Fixture {
     root_no_backend_mid_flow_ack_gets_rst => no_backend_mid_flow_ack_gets_rst,
     root_no_backend_fin_without_ack_gets_rst_ack => no_backend_fin_without_ack_gets_rst_ack,
     root_no_backend_rst_is_not_answered => no_backend_rst_is_not_answered,
+    root_no_backend_waking_syn_is_held => no_backend_waking_syn_is_held,
     root_no_backend_udp_gets_port_unreachable => no_backend_udp_gets_port_unreachable,
     root_no_backend_empty_udp_gets_port_unreachable => no_backend_empty_udp_gets_port_unreachable,
     root_no_backend_tc_passes_up_for_the_stack => no_backend_tc_passes_up_for_the_stack,

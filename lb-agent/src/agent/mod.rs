@@ -201,6 +201,8 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     /// After a restart, until the first config is applied: instances left
     /// running that the adopted table has (`reload::serving_instances`).
     serving_at_start: Vec<(String, crate::ports::Replica)>,
+    /// Clients waiting for a service at zero, as the data plane reports them.
+    wakes: Option<mpsc::Receiver<crate::ports::Wake>>,
 }
 
 impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
@@ -222,6 +224,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         registry.start_down(reconciler.out_of_table());
         let (flow_tx, flow_rx) = mpsc::channel(64);
         let flows = FlowWorker::start(dataplane.connection_table()?, flow_tx);
+        let mut dataplane = dataplane;
+        let wakes = dataplane.wake_events();
         let (probe_tx, probe_rx) = mpsc::channel(256);
         let (scaler_tx, scaler_rx) = mpsc::channel(256);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -262,6 +266,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             config_refused: None,
             watch: config_file::Watch::default(),
             serving_at_start: Vec::new(),
+            wakes,
         };
         let made = reload::make_orchestrators(agent.orchestrators.clone(), agent.newly_scaled(&config)).await?;
         agent.serving_at_start = reload::serving_instances(&agent.reconciler, &made).await;
@@ -589,6 +594,14 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         Ok(out)
     }
 
+    /// A client waits for a service at zero: its scaler wakes it now.
+    fn handle_wake(&mut self, wake: crate::ports::Wake) {
+        let name = self.reconciler.services().find(|(_, s)| s.id == wake.service_id).map(|(_, s)| s.name.clone());
+        if let Some(s) = name.and_then(|n| self.scalers.get_mut(&n)) {
+            s.wake(wake.waited);
+        }
+    }
+
     fn handle_scaler_event(&mut self, event: ScalerEvent) {
         let Some((service, mut s)) = self.scalers.remove_entry(event.service()) else { return };
         let outcome = s.on_event(event, &mut self.registry);
@@ -722,6 +735,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                     FlowReport::Flushed { backend_id, why, result } => self.on_flushed(backend_id, why, result),
                 },
                 Some(done) = self.done_rx.recv() => self.handle_done(done),
+                Some(wake) = recv_some(&mut self.wakes) => self.handle_wake(wake),
                 _ = scale_tick.tick() => self.scalers.values_mut().for_each(|s| s.poll(true)),
                 _ = exit_tick.tick(), if !self.scalers.is_empty() => self.scalers.values_mut().for_each(|s| s.poll(false)),
                 _ = tick.tick() => self.tick(),
@@ -762,6 +776,14 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         for a in self.dataplane.attachments() {
             info!(interface = a.interface, hook = %a.mode.hook(), mode = %a.mode, checksums = ?a.checksums, "hook");
         }
+    }
+}
+
+/// The next item of an optional channel; never, without one.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -18,7 +18,7 @@ use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddrV4,
     sync::Arc,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use tokio::{sync::mpsc, time::Instant};
@@ -28,9 +28,10 @@ use crate::{
     adapters::{sampling::Samplers, timeline::Timeline},
     config::{instances::InstancesConfig, scaling::ScalingPolicy, CheckKind, HealthCheckConfig, ServiceConfig},
     core::{
-        policy::{decide, Decision, History, Hold, Inputs},
+        policy::{Decision, History, Hold, Inputs},
         registry::Registry,
         replicas::{FlowFigures, Phase, Replicas},
+        zero::{busy, decide_from_zero, Demand},
     },
     ports::{Orchestrator, Prober, Replica},
     status::{record_decision, DecisionSummary, ReplicaStatus, ScalingHold, ScalingMetric, ScalingStatus},
@@ -38,6 +39,22 @@ use crate::{
 
 /// Decisions kept for `status`.
 const KEEP_DECISIONS: usize = 20;
+/// While waking from zero, a starting instance is probed this often, so it
+/// joins the table the moment it is ready (a waiting client's next SYN
+/// retransmission connects).
+const WAKE_PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// A wake from zero under way: when it began, for the record of how long
+/// each step took.
+#[derive(Clone, Copy, Debug)]
+struct Waking {
+    /// The client's first packet (the data plane's timestamp).
+    first_packet: Instant,
+    /// The data plane's report reached the scaler.
+    reported: Instant,
+    /// The orchestrator answered the start.
+    started: Option<Instant>,
+}
 
 /// What spawned orchestrator work reports back to the agent's loop.
 pub enum ScalerEvent {
@@ -128,6 +145,11 @@ pub struct Scaler<O, P> {
     /// The operator's pin or pause. It outlives config reloads (the scaler
     /// does) but not the agent.
     held: Option<Held>,
+    /// Scale from zero: a wake under way.
+    waking: Option<Waking>,
+    /// The last time a client showed (a flow, a wake): the idle window runs
+    /// from here.
+    last_busy: Instant,
 }
 
 impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
@@ -172,6 +194,8 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             listing: None,
             events,
             held: None,
+            waking: None,
+            last_busy: Instant::now(),
         })
     }
 
@@ -208,6 +232,21 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             }
         }
         events
+    }
+
+    /// The data plane held a client's packet `waited` ago for this service,
+    /// which has no instance in the table: wake it at once (a decision
+    /// follows as soon as the instances are listed), unless a wake is
+    /// already under way.
+    pub fn wake(&mut self, waited: Duration) {
+        let now = Instant::now();
+        self.last_busy = now;
+        if self.waking.is_some() || !self.policy.scales_from_zero() {
+            return;
+        }
+        let first_packet = now.checked_sub(waited).unwrap_or(now);
+        self.waking = Some(Waking { first_packet, reported: now, started: None });
+        self.poll(true);
     }
 
     /// Ask the orchestrator for its instances (answered through `on_event`);
@@ -261,7 +300,17 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         }
         let snapshot = self.replicas.metrics(flows, self.samplers.host_cpu(), now);
         self.samplers.set_scrape_targets(self.replicas.active_addrs());
-        let mut decision = decide(&snapshot, &self.policy, &self.history, now);
+        if busy(&snapshot) {
+            self.last_busy = now;
+        }
+        let demand = Demand {
+            waiting: self.waking.map(|w| now.saturating_duration_since(w.first_packet)),
+            idle: now.saturating_duration_since(self.last_busy),
+        };
+        let mut decision = decide_from_zero(&snapshot, &self.policy, &self.history, demand, now);
+        if decision.replicas == 0 {
+            self.waking = None;
+        }
         if let Some(h) = self.held {
             decision = h.hold.apply(decision, self.policy.min_replicas, self.policy.max_replicas);
         }
@@ -312,13 +361,19 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     /// Start a readiness probe of each starting instance not being probed.
     fn probe_starting(&mut self) {
         for (id, addr) in self.replicas.take_unprobed() {
-            let (tx, service, check) = (self.events.clone(), self.service.clone(), self.check.clone());
-            let prober = self.prober.clone();
-            tokio::spawn(async move {
-                let error = prober.probe(addr, &check).await.err().map(|e| e.to_string());
-                let _ = tx.send(ScalerEvent::Probed { service, id, error }).await;
-            });
+            self.spawn_probe(id, addr, Duration::ZERO);
         }
+    }
+
+    /// Probe an instance for readiness after `delay`.
+    fn spawn_probe(&self, id: String, addr: SocketAddrV4, delay: Duration) {
+        let (tx, service, check) = (self.events.clone(), self.service.clone(), self.check.clone());
+        let prober = self.prober.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let error = prober.probe(addr, &check).await.err().map(|e| e.to_string());
+            let _ = tx.send(ScalerEvent::Probed { service, id, error }).await;
+        });
     }
 
     fn record(&mut self, d: &Decision, out: &mut TickOutcome) {
@@ -400,6 +455,11 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             ScalerEvent::Started { result: Ok(r), .. } => {
                 let msg = format!("{}: started instance {} ({})", self.service, r.name, r.addr);
                 self.replicas.start_answered(Some(r), Instant::now());
+                if let Some(w) = &mut self.waking {
+                    // A client waits: probe now, not at the next round.
+                    w.started.get_or_insert_with(Instant::now);
+                    self.probe_starting();
+                }
                 (Some(msg), false)
             }
             ScalerEvent::Started { result: Err(e), .. } => {
@@ -434,17 +494,23 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 Ok(()) => {
                     t.phase = Phase::Ready;
                     let took = t.started_at.elapsed().as_secs_f64();
-                    (
-                        Some(format!(
-                            "{}: instance {} ready after {took:.1}s; in the table",
-                            self.service, t.replica.name
-                        )),
-                        true,
-                    )
+                    let mut msg =
+                        format!("{}: instance {} ready after {took:.1}s; in the table", self.service, t.replica.name);
+                    if let Some(w) = self.waking.take() {
+                        msg.push_str(&w.describe(Instant::now()));
+                    }
+                    (Some(msg), true)
                 }
                 Err(e) => (Some(format!("{}: adding instance {} failed: {e}", self.service, t.replica.name)), false),
             },
-            Some(_) if t.started_at.elapsed() < self.instances.ready_timeout => (None, false),
+            Some(_) if t.started_at.elapsed() < self.instances.ready_timeout => {
+                if self.waking.is_some() {
+                    t.probing = true;
+                    let addr = t.replica.addr;
+                    self.spawn_probe(id.to_owned(), addr, WAKE_PROBE_EVERY);
+                }
+                (None, false)
+            }
             Some(e) => {
                 t.phase = Phase::Stopping;
                 let name = t.replica.name.clone();
@@ -559,6 +625,19 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 since_unix_time: h.since_unix_time,
             }),
         }
+    }
+}
+
+impl Waking {
+    /// "; woke from zero: ..." with each step's time since the first packet.
+    fn describe(&self, ready: Instant) -> String {
+        let ms = |at: Instant| at.saturating_duration_since(self.first_packet).as_millis();
+        let started = self.started.map_or_else(String::new, |s| format!(", instance started +{}ms", ms(s)));
+        format!(
+            "; woke from zero: first packet, reported +{}ms{started}, ready and in the table +{}ms",
+            ms(self.reported),
+            ms(ready)
+        )
     }
 }
 

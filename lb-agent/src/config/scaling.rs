@@ -56,13 +56,21 @@ pub const MAX_REPLICAS: u32 = (lb_common::MAX_BACKENDS - 1) / 2;
 /// the decision history (`core::policy::History`) keeps.
 pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
 
+/// `scale_to_zero_after` when not given.
+pub const DEFAULT_SCALE_TO_ZERO_AFTER: Duration = Duration::from_secs(60);
+
 /// The `[service.scaling]` table of one service.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct ScalingPolicy {
-    /// Never fewer: at least 1, since with no replica there are no metrics
-    /// to scale up from.
+    /// Never fewer. 0 scales from zero (`core::zero`): the service has no
+    /// instance until a client's first packet wakes it, and goes back to
+    /// none after `scale_to_zero_after` without flows.
     #[serde(default = "default_min_replicas")]
     pub min_replicas: u32,
+    /// With `min_replicas = 0`: how long the service must see no new flow
+    /// and no open connection before its last instance stops.
+    #[serde(default, with = "duration::option")]
+    pub scale_to_zero_after: Option<Duration>,
     /// Never more. Required, as in the HPA.
     pub max_replicas: u32,
     /// Target tracking leaves the count alone while `|average / target - 1|`
@@ -303,8 +311,15 @@ impl ScalingPolicy {
     /// e.g. `service[0] "web": scaling`; each problem reads `{at}.field: ...`.
     pub fn problems(&self, at: &str) -> Vec<String> {
         let mut out = Vec::new();
-        if self.min_replicas == 0 {
-            out.push(format!("{at}.min_replicas: must be at least 1: with no replica there is nothing to measure"));
+        match (self.min_replicas, self.scale_to_zero_after) {
+            (0, Some(d)) if d.is_zero() || d > MAX_WINDOW => {
+                out.push(format!("{at}.scale_to_zero_after: {d:?} must be above 0 and at most 1h"))
+            }
+            (1.., Some(_)) => out.push(format!(
+                "{at}.scale_to_zero_after: applies only with min_replicas = 0 (it is {})",
+                self.min_replicas
+            )),
+            _ => {}
         }
         if self.max_replicas < self.min_replicas {
             out.push(format!("{at}.max_replicas: {} is below min_replicas {}", self.max_replicas, self.min_replicas));
@@ -315,7 +330,8 @@ impl ScalingPolicy {
         if !(self.tolerance.is_finite() && (0.0..1.0).contains(&self.tolerance)) {
             out.push(format!("{at}.tolerance: {} must be at least 0 and below 1", self.tolerance));
         }
-        if self.target.is_none() && self.threshold.is_none() && self.min_replicas != self.max_replicas {
+        // From zero, waking and idling are rules of their own: 0 ..= 1 needs no other.
+        if self.target.is_none() && self.threshold.is_none() && self.min_replicas.max(1) != self.max_replicas {
             out.push(format!(
                 "{at}: set target and/or threshold, or min_replicas = max_replicas for a fixed number of replicas"
             ));
@@ -338,6 +354,17 @@ impl ScalingPolicy {
         self.scale_up.problems(&format!("{at}.scale_up"), false, &mut out);
         self.scale_down.problems(&format!("{at}.scale_down"), true, &mut out);
         out
+    }
+
+    /// Whether the service scales from zero (`min_replicas = 0`).
+    pub fn scales_from_zero(&self) -> bool {
+        self.min_replicas == 0
+    }
+
+    /// With `min_replicas = 0`: the idle time after which the last instance
+    /// stops (`scale_to_zero_after`, by default a minute).
+    pub fn zero_after(&self) -> Option<Duration> {
+        self.scales_from_zero().then(|| self.scale_to_zero_after.unwrap_or(DEFAULT_SCALE_TO_ZERO_AFTER))
     }
 
     /// How long the decision history (`core::policy::History`) must keep
@@ -521,7 +548,8 @@ pub(crate) mod tests {
     fn every_problem_is_listed_with_its_place() {
         let p = problems(
             r#"
-            min_replicas = 0
+            min_replicas = 2
+            scale_to_zero_after = "1m"
             max_replicas = 5000
             tolerance = 1.5
             target = { cpu = -1, connections = nan }
@@ -537,7 +565,7 @@ pub(crate) mod tests {
             "#,
         );
         let want = [
-            "scaling.min_replicas: must be at least 1: with no replica there is nothing to measure",
+            "scaling.scale_to_zero_after: applies only with min_replicas = 0 (it is 2)",
             "scaling.max_replicas: 5000 is above the maximum 2047",
             "scaling.tolerance: 1.5 must be at least 0 and below 1",
             "scaling.target.cpu: -1 must be a number above 0",
@@ -553,6 +581,27 @@ pub(crate) mod tests {
             assert!(p.iter().any(|x| x == w), "missing {w:?} in {p:#?}");
         }
         assert_eq!(p.len(), want.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn scale_from_zero_takes_min_zero_and_an_idle_window() {
+        let p: ScalingPolicy = toml::from_str("min_replicas = 0\nmax_replicas = 1").unwrap();
+        assert_eq!(p.problems("scaling"), Vec::<String>::new());
+        assert_eq!(p.zero_after(), Some(DEFAULT_SCALE_TO_ZERO_AFTER));
+        let p: ScalingPolicy =
+            toml::from_str("min_replicas = 0\nmax_replicas = 1\nscale_to_zero_after = \"5s\"").unwrap();
+        assert_eq!(p.zero_after(), Some(Duration::from_secs(5)));
+        assert_eq!(problems("min_replicas = 0\nmax_replicas = 3").len(), 1, "0 ..= 3 still needs a rule");
+        assert_eq!(
+            problems("min_replicas = 0\nmax_replicas = 1\nscale_to_zero_after = \"0s\""),
+            ["scaling.scale_to_zero_after: 0ns must be above 0 and at most 1h"]
+        );
+        assert_eq!(
+            problems("max_replicas = 1\nscale_to_zero_after = \"5s\""),
+            ["scaling.scale_to_zero_after: applies only with min_replicas = 0 (it is 1)"]
+        );
+        let p: ScalingPolicy = toml::from_str("min_replicas = 1\nmax_replicas = 1").unwrap();
+        assert_eq!(p.zero_after(), None);
     }
 
     #[test]

@@ -10,3 +10,4 @@ pub mod reconcile;
 pub mod registry;
 pub mod replicas;
 pub mod slow_start;
+pub mod zero;

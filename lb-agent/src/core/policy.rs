@@ -807,7 +807,7 @@ fn words_duration(d: Duration) -> String {
 }
 
 /// A duration for reasons: `12s`, `3m12s`; under a second in ms (`500ms`).
-fn span(d: Duration) -> String {
+pub(crate) fn span(d: Duration) -> String {
     if d < Duration::from_secs(1) && !d.is_zero() {
         format!("{}ms", d.as_millis())
     } else {
@@ -1569,6 +1569,7 @@ mod tests {
                 let extra = if target.is_none() && threshold.is_none() { 0 } else { extra };
                 ScalingPolicy {
                     min_replicas: min,
+                    scale_to_zero_after: None,
                     max_replicas: min + extra,
                     tolerance,
                     target,
@@ -1645,6 +1646,7 @@ mod tests {
             replicas.extend((0..starting).map(|_| replica(false)));
             let policy = ScalingPolicy {
                 min_replicas: min,
+                scale_to_zero_after: None,
                 max_replicas: min + extra,
                 tolerance,
                 target: Some(target),

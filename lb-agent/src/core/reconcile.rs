@@ -64,6 +64,8 @@ pub struct ServiceState {
     /// Mirrors of both halves, so a rebuild writes only the slots that differ.
     halves: [Vec<u32>; 2],
     pub backends: Vec<MaglevBackend>,
+    /// The `Service::flags` written (`SERVICE_F_*`).
+    pub flags: u32,
 }
 
 impl ServiceState {
@@ -114,7 +116,10 @@ impl Reconciler {
                 .iter()
                 .filter_map(|id| Some(MaglevBackend { id: *id, addr: *addr_of.get(id)?, weight: 0 }))
                 .collect();
-            r.services.insert(key, ServiceState { id: svc.id, name: String::new(), table, halves, backends });
+            r.services.insert(
+                key,
+                ServiceState { id: svc.id, name: String::new(), table, halves, backends, flags: svc.flags },
+            );
         }
         r.backend_vips = state.backend_vips.into_iter().collect();
         r
@@ -297,11 +302,13 @@ impl Reconciler {
             table: 0,
             halves: [vec![0; MAGLEV_TABLE_SIZE as usize], vec![0; MAGLEV_TABLE_SIZE as usize]],
             backends: Vec::new(),
+            flags: 0,
         });
         state.name.clone_from(&svc.config.name);
+        let flags = crate::core::zero::service_flags(&svc.config);
         if created {
             summary.services_added += 1;
-        } else if same_set(&state.backends, &backends) {
+        } else if same_set(&state.backends, &backends) && state.flags == flags {
             return Ok(());
         }
         // From scratch, not from the live table: the table is then a function
@@ -323,7 +330,8 @@ impl Reconciler {
         dp.set_table_entries(id, next, &changes)?;
         state.halves[next as usize] = table;
         let live_backends = backends.iter().filter(|b| b.weight > 0).count() as u32;
-        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode: MODE_DNAT })?;
+        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode: MODE_DNAT, flags })?;
+        state.flags = flags;
         state.table = next;
         state.backends = backends;
         summary.tables_rebuilt += 1;

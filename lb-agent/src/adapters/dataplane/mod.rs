@@ -12,7 +12,9 @@
 //! - `pins`: the bpffs directory that lets a restarted agent adopt it all;
 //! - `socket_lb`: the socket programs on a cgroup, for clients on this host;
 //! - `netdev`: what the kernel says about an interface (index, driver);
-//! - `tc`: which interfaces get the tc hook, and attaching it there.
+//! - `tc`: which interfaces get the tc hook, and attaching it there;
+//! - `wake`: reading the program's reports of clients waiting for a
+//!   service that scales from zero.
 
 mod conntrack;
 pub mod egress;
@@ -22,6 +24,7 @@ pub mod object;
 pub mod pins;
 mod socket_lb;
 pub mod tc;
+pub mod wake;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -229,5 +232,9 @@ impl Dataplane for AyaDataplane {
 
     fn keep_on_drop(&mut self) {
         AyaDataplane::keep_on_drop(self)
+    }
+
+    fn wake_events(&mut self) -> Option<tokio::sync::mpsc::Receiver<crate::ports::Wake>> {
+        self.maps.wake_events.take().map(wake::start)
     }
 }

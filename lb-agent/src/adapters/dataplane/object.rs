@@ -6,14 +6,14 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupSockAddr, Program},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
-    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
+    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS, WAKE_EVENTS, WAKE_LAST,
 };
 
 use crate::{config::DataplaneConfig, ports::DataplaneError};
@@ -43,12 +43,17 @@ pub struct Maps {
     pub sock_revnat: HashMap<MapData, SockRevKey, ServiceKey>,
     /// What the socket programs did, per `SockOp`.
     pub sock_stats: PerCpuArray<MapData, u64>,
+    /// Services that scale from zero with a client waiting (`WakeEvent`s);
+    /// `None` once taken by the reader (`take_wake_events`).
+    pub wake_events: Option<RingBuf<MapData>>,
+    /// Per CPU and service: the last wake report's time (the rate limit).
+    pub wake_last: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 16] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -63,6 +68,8 @@ impl Maps {
         PATH_STATS,
         SOCK_REVNAT,
         SOCK_STATS,
+        WAKE_EVENTS,
+        WAKE_LAST,
     ];
 
     /// Takes every map out of `ebpf`.
@@ -82,6 +89,8 @@ impl Maps {
             path_stats: take_map(ebpf, PATH_STATS)?,
             sock_revnat: take_map(ebpf, SOCK_REVNAT)?,
             sock_stats: take_map(ebpf, SOCK_STATS)?,
+            wake_events: Some(take_map(ebpf, WAKE_EVENTS)?),
+            wake_last: take_map(ebpf, WAKE_LAST)?,
         })
     }
 
