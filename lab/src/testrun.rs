@@ -4,7 +4,11 @@
 //! Errors are `anyhow` with context: everything here is test and benchmark
 //! plumbing whose callers only report failures, never match on them.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -18,7 +22,7 @@ use lb_agent::{
 };
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, Path, Reason, Service,
-    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT, MODE_FULL_NAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
@@ -124,6 +128,10 @@ pub struct ServiceSpec {
     /// Backend ids to fill the live table with, slot `i` getting
     /// `table_ids[i % len]`; empty leaves the table all zero ("no backend").
     pub table_ids: Vec<u32>,
+    /// `Service::mode` (`MODE_DNAT` by default).
+    pub mode: u32,
+    /// Full NAT: every backend's source address (`Backend::snat_ip_be`).
+    pub snat_ip: Option<Ipv4Addr>,
 }
 
 impl ServiceSpec {
@@ -137,7 +145,14 @@ impl ServiceSpec {
             backends: backends.to_vec(),
             backend_count: backends.len() as u32,
             table_ids: backends.iter().map(|(id, _)| *id).collect(),
+            mode: MODE_DNAT,
+            snat_ip: None,
         }
+    }
+
+    /// The same service in full NAT mode, sent from `source`.
+    pub fn full_nat(self, source: Ipv4Addr) -> Self {
+        Self { mode: MODE_FULL_NAT, snat_ip: Some(source), ..self }
     }
 
     pub fn key(&self) -> ServiceKey {
@@ -268,12 +283,14 @@ impl LbObject {
                 _pad: 0,
                 service_id: spec.id,
                 flags: BACKEND_F_ACTIVE,
+                snat_ip_be: spec.snat_ip.map_or(0, |ip| u32::from(ip).to_be()),
+                _pad2: 0,
             };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
             self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
-        let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
+        let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: spec.mode };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 
@@ -364,6 +381,17 @@ impl LbObject {
     /// Every connection-table entry.
     pub fn conntrack(&self) -> Result<StdHashMap<FlowKey, Conn>> {
         self.maps.conntrack.iter().map(|e| e.context("read the connection table")).collect()
+    }
+
+    /// Full NAT's claims (`SNAT_FLOWS`): reply 5-tuple -> forward key.
+    pub fn snat_claims(&self) -> Result<StdHashMap<FlowKey, FlowKey>> {
+        self.maps.snat_flows.iter().map(|e| e.context("read SNAT_FLOWS")).collect()
+    }
+
+    /// Full NAT's source ports (`Settings::snat_port_min..=snat_port_max`).
+    pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<()> {
+        let config = DataplaneConfig { snat_port_min: min, snat_port_max: max, ..DataplaneConfig::default() };
+        self.maps.set_settings(&config).context("write SETTINGS")
     }
 }
 

@@ -1075,6 +1075,9 @@ fn forward_conn(n: &Nat) -> Conn {
         client_ifindex: 1,
         client_mac: CLIENT_MAC,
         local_mac: LB_MAC,
+        snat_ip_be: 0,
+        snat_port_be: 0,
+        _pad2: 0,
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod changes;
 pub mod deploy;
+pub mod full_nat;
 pub mod health;
 pub mod overlay;
 pub mod policy;

@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
-    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
+    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SNAT_FLOWS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS,
 };
 
 use crate::{config::DataplaneConfig, ports::DataplaneError};
@@ -43,12 +43,14 @@ pub struct Maps {
     pub sock_revnat: HashMap<MapData, SockRevKey, ServiceKey>,
     /// What the socket programs did, per `SockOp`.
     pub sock_stats: PerCpuArray<MapData, u64>,
+    /// Full NAT's claimed ports: reply 5-tuple -> the flow's forward key.
+    pub snat_flows: HashMap<MapData, FlowKey, FlowKey>,
 }
 
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 15] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -63,6 +65,7 @@ impl Maps {
         PATH_STATS,
         SOCK_REVNAT,
         SOCK_STATS,
+        SNAT_FLOWS,
     ];
 
     /// Takes every map out of `ebpf`.
@@ -82,12 +85,17 @@ impl Maps {
             path_stats: take_map(ebpf, PATH_STATS)?,
             sock_revnat: take_map(ebpf, SOCK_REVNAT)?,
             sock_stats: take_map(ebpf, SOCK_STATS)?,
+            snat_flows: take_map(ebpf, SNAT_FLOWS)?,
         })
     }
 
     /// Tells the program `config`'s settings.
     pub fn set_settings(&mut self, config: &DataplaneConfig) -> Result<(), DataplaneError> {
-        let settings = lb_common::Settings { non_syn_flows_per_sec: config.non_syn_flows_per_sec, _pad: 0 };
+        let settings = lb_common::Settings {
+            non_syn_flows_per_sec: config.non_syn_flows_per_sec,
+            snat_port_min: config.snat_port_min,
+            snat_port_max: config.snat_port_max,
+        };
         self.settings.set(0, settings, 0).map_err(map_err(SETTINGS, "write"))
     }
 
@@ -129,10 +137,13 @@ impl Maps {
 /// stay unloaded).
 /// With `map_pins`, each map is pinned at `<map_pins>/<name>`, or adopted
 /// from there when a previous load left it. The connection table gets
-/// `config.max_flows` entries, and the program `config`'s settings.
+/// `config.max_flows` entries (and full NAT's claims as many), and the
+/// program `config`'s settings.
 pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneConfig) -> anyhow::Result<(Ebpf, Maps)> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(CONNTRACK, config.max_flows);
+    // One claim per flow at most.
+    loader.map_max_entries(SNAT_FLOWS, config.max_flows);
     if let Some(dir) = map_pins {
         for name in Maps::NAMES {
             loader.map_pin_path(name, dir.join(name));
