@@ -185,6 +185,8 @@ pub const FIXTURE_FLOWS: u32 = 1 << 16;
 pub struct LbObject {
     ebpf: Ebpf,
     maps: Maps,
+    /// What `SETTINGS` was last told: each setter changes its own part.
+    config: DataplaneConfig,
 }
 
 impl LbObject {
@@ -218,13 +220,13 @@ impl LbObject {
 
     fn load_object_with(object: &[u8], config: &DataplaneConfig) -> Result<Self> {
         let (ebpf, maps) = load_object(object, None, config)?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, config: *config })
     }
 
     /// Sets the non-SYN flow budget (`Settings::non_syn_flows_per_sec`).
     pub fn set_non_syn_flows_per_sec(&mut self, per_sec: u32) -> Result<()> {
-        let config = DataplaneConfig { non_syn_flows_per_sec: per_sec, ..DataplaneConfig::default() };
-        self.maps.set_settings(&config).context("write SETTINGS")
+        self.config.non_syn_flows_per_sec = per_sec;
+        self.maps.set_settings(&self.config).context("write SETTINGS")
     }
 
     /// Loads (verifies) another XDP program of the object, e.g. `xdp_pass`.
@@ -390,8 +392,17 @@ impl LbObject {
 
     /// Full NAT's source ports (`Settings::snat_port_min..=snat_port_max`).
     pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<()> {
-        let config = DataplaneConfig { snat_port_min: min, snat_port_max: max, ..DataplaneConfig::default() };
-        self.maps.set_settings(&config).context("write SETTINGS")
+        (self.config.snat_port_min, self.config.snat_port_max) = (min, max);
+        self.maps.set_settings(&self.config).context("write SETTINGS")
+    }
+
+    /// Deletes every full-NAT claim; returns how many there were.
+    pub fn clear_snat_claims(&mut self) -> Result<u64> {
+        let keys: Vec<FlowKey> = self.maps.snat_flows.keys().collect::<Result<_, _>>().context("walk SNAT_FLOWS")?;
+        for k in &keys {
+            self.maps.snat_flows.remove(k).context("delete from SNAT_FLOWS")?;
+        }
+        Ok(keys.len() as u64)
     }
 }
 
