@@ -28,7 +28,7 @@ pub const DEFAULT_KERNELS: [&str; 1] = ["6.1"];
 /// The root test binaries that run in the VM: they need only a kernel,
 /// `ip`, `ethtool`, `sysctl`, `ping` and lb-agent (no Docker, no
 /// Prometheus, no other tools).
-pub const TESTS: [&str; 3] = ["fixtures", "fixtures_fullnat", "e2e_netns"];
+pub const TESTS: [&str; 2] = ["fixtures", "e2e_netns"];
 
 /// Host programs the tests call, copied with their shared libraries.
 const HOST_TOOLS: [&str; 4] = ["ip", "ethtool", "sysctl", "ping"];
