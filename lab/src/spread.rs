@@ -41,4 +41,3 @@ pub fn assert_even(counts: &BTreeMap<String, usize>, backends: &[String]) {
     }
     assert!(counts.keys().all(|k| backends.contains(k)), "unexpected backend in {counts:?}");
 }
-

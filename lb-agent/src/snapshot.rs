@@ -231,7 +231,9 @@ fn snat_sources<'a>(
         return vec![format!("{source} (configured)")];
     }
     let found: std::collections::BTreeSet<String> = backends
-        .map(|a| reconciler.snat_source(config, *a.ip()).map_or_else(|| format!("none for {a}"), |s| format!("{s} (route)")))
+        .map(|a| {
+            reconciler.snat_source(config, *a.ip()).map_or_else(|| format!("none for {a}"), |s| format!("{s} (route)"))
+        })
         .collect();
     found.into_iter().collect()
 }
@@ -361,7 +363,12 @@ weight = 3
         reconciler.apply(&registry.desired(), dp).unwrap();
         tokio::time::advance(Duration::from_secs(4)).await;
         dp.lock().reasons = vec![(Reason::Forwarded, 7), (Reason::DropNoBackend, 2), (Reason::PassNotIpv4, 1)];
-        let scan = ConntrackScan { open: [(b1, 3), (b2, 1)].into(), entries: 8, max_entries: lb_common::CONNTRACK_MAX, snat_claims: 0 };
+        let scan = ConntrackScan {
+            open: [(b1, 3), (b2, 1)].into(),
+            entries: 8,
+            max_entries: lb_common::CONNTRACK_MAX,
+            snat_claims: 0,
+        };
         let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
 
         let [one, two] = &s.services[0].backends[..] else { panic!("{:#?}", s.services) };

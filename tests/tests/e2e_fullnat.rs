@@ -59,7 +59,11 @@ fn root_full_nat_serves_backends_with_no_route_back() {
     let web = status["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "web")).expect("web");
     assert_eq!(web["mode"], "full-nat", "{web}");
     let sources: Vec<String> = topo.backends.iter().map(|b| format!("{} (route)", b.lb_addr)).collect();
-    assert_eq!(web["snat_sources"], serde_json::json!(sources), "each backend's flows come from the LB's address on its link");
+    assert_eq!(
+        web["snat_sources"],
+        serde_json::json!(sources),
+        "each backend's flows come from the LB's address on its link"
+    );
     assert_eq!(reason_count(&status, "drop_snat_exhausted"), 0);
     assert!(reason_count(&status, "forwarded") >= n as u64);
     let table = agent.cli(&["status"]);
@@ -91,7 +95,8 @@ fn root_full_nat_port_exhaustion_is_refused_and_counted() {
     let (topo, agent) = start(1, "snat_port_min = 61000\nsnat_port_max = 61003");
     let vip = topo.vip_tcp();
     let (held_ok, fifth, after_close) = topo.client.run(move || {
-        let mut held: Vec<Conn> = (0..4).map(|i| Conn::open(vip).unwrap_or_else(|e| panic!("connection {i}: {e}"))).collect();
+        let mut held: Vec<Conn> =
+            (0..4).map(|i| Conn::open(vip).unwrap_or_else(|e| panic!("connection {i}: {e}"))).collect();
         let echoes: Vec<bool> =
             held.iter_mut().enumerate().map(|(i, c)| c.echo(&format!("from connection {i}")).is_ok()).collect();
         let started = Instant::now();

@@ -312,7 +312,9 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             }
             Err(e) => {
                 if !std::mem::replace(&mut self.routes_failing, true) {
-                    self.error(format!("looking up full NAT's source addresses failed: {e:#} (said once until it works)"));
+                    self.error(format!(
+                        "looking up full NAT's source addresses failed: {e:#} (said once until it works)"
+                    ));
                 }
             }
         }

@@ -498,7 +498,9 @@ impl Config {
             ));
         }
         if min > max {
-            out.push(format!("dataplane.snat_port_max: {max} is below snat_port_min ({min}): the range would be empty"));
+            out.push(format!(
+                "dataplane.snat_port_max: {max} is below snat_port_min ({min}): the range would be empty"
+            ));
         }
         out
     }
@@ -752,7 +754,10 @@ mod tests {
     fn full_nat_takes_a_source_and_a_sane_port_range() {
         let web = |extra: &str| crate::testing::web(extra, &["10.1.0.1:8080"]);
         let c = parse(&web("mode = \"full-nat\"\nsource = \"10.0.0.1\"")).unwrap();
-        assert_eq!((c.services[0].mode, c.services[0].source), (ForwardMode::FullNat, Some(Ipv4Addr::new(10, 0, 0, 1))));
+        assert_eq!(
+            (c.services[0].mode, c.services[0].source),
+            (ForwardMode::FullNat, Some(Ipv4Addr::new(10, 0, 0, 1)))
+        );
         assert_eq!(c.services[0].mode.to_string(), "full-nat");
         assert_eq!(parse(&web("")).unwrap().services[0].mode, ForwardMode::Nat);
         assert_eq!(ForwardMode::Nat.to_string(), "dnat", "status keeps its word for plain NAT");
@@ -762,7 +767,10 @@ mod tests {
         assert_eq!((c.dataplane.snat_port_min, c.dataplane.snat_port_max), (40000, 40003));
 
         let p = problems(&web("source = \"10.0.0.1\""));
-        assert_eq!(p, ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\"; add that or remove it"]);
+        assert_eq!(
+            p,
+            ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\"; add that or remove it"]
+        );
         let p = problems(&web("mode = \"full-nat\"\nsource = \"0.0.0.0\""));
         assert_eq!(p, ["service[0] \"web\": source: 0.0.0.0 cannot be an address backends reply to"]);
         let p = problems(&web("mode = \"dsr-ipip\""));

@@ -49,7 +49,9 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
         }
     }
     let (min, max) = (config.dataplane.snat_port_min, config.dataplane.snat_port_max);
-    if let Some((first, last)) = facts.ephemeral_ports.filter(|(f, l)| full_nat().next().is_some() && min <= *l && *f <= max) {
+    if let Some((first, last)) =
+        facts.ephemeral_ports.filter(|(f, l)| full_nat().next().is_some() && min <= *l && *f <= max)
+    {
         out.push(Finding {
             severity: Severity::Warn,
             text: format!(
@@ -74,7 +76,9 @@ pub fn describe(svc: &ServiceConfig, facts: Option<&HostFacts>) -> String {
         (Some(ip), _) => {
             let _ = write!(out, " from {ip} (its `source`)");
         }
-        (None, None) => out.push_str(" from the address the route to each backend leaves by (not looked up: --file-only)"),
+        (None, None) => {
+            out.push_str(" from the address the route to each backend leaves by (not looked up: --file-only)")
+        }
         (None, Some(facts)) => {
             let each = svc.backends.iter().map(|b| match facts.snat_sources.get(b.address.ip()) {
                 Some(src) => format!("{src} to {}", b.address),
@@ -119,7 +123,11 @@ mod tests {
         let f = judge(&far, &host());
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].severity, Severity::Refuse);
-        assert!(f[0].text.starts_with("service[0] \"web\": source: 10.9.9.9 is not an address of this host"), "{}", f[0]);
+        assert!(
+            f[0].text.starts_with("service[0] \"web\": source: 10.9.9.9 is not an address of this host"),
+            "{}",
+            f[0]
+        );
     }
 
     #[test]

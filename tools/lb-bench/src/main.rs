@@ -32,8 +32,8 @@ use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
 use lb_common::{
-    hash::flow_hash, snat, BenchFrame, Reason, BENCH_FRAME, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, BENCH_TARGET, PROG_BENCH, PROG_LB,
-    PROG_LB_LOCAL, PROG_PASS,
+    hash::flow_hash, snat, BenchFrame, Reason, BENCH_FRAME, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, BENCH_TARGET,
+    PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS,
 };
 use lb_lab::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
@@ -292,7 +292,11 @@ fn cases() -> Vec<Case> {
         Case {
             prepare: Some(frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[])),
             output: Some(frame(full_nat_source(), full_nat_backend, TCP_ACK | TCP_PSH, b"bench")),
-            ..wrapped("xdp_lb: full-nat established", frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"), Reason::Forwarded)
+            ..wrapped(
+                "xdp_lb: full-nat established",
+                frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"),
+                Reason::Forwarded,
+            )
         },
         // ...and a new flow also claims a port (a BPF_NOEXIST insert) and
         // writes its entry twice. The claims go between rounds.
@@ -302,7 +306,11 @@ fn cases() -> Vec<Case> {
             new_flows_per_run: 1,
             max_runs: FULL_NAT_SYN_RUNS,
             claims_per_run: 1,
-            ..wrapped("xdp_lb: full-nat SYN, full table", frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]), Reason::Forwarded)
+            ..wrapped(
+                "xdp_lb: full-nat SYN, full table",
+                frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]),
+                Reason::Forwarded,
+            )
         },
     ]
 }

@@ -212,7 +212,10 @@ impl Dataplane for AyaDataplane {
     }
 
     fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
-        Ok(Arc::new(AyaConnections::open(&self.maps.conntrack, &self.maps.snat_flows).map_err(map_err(CONNTRACK, "open a second handle"))?))
+        Ok(Arc::new(
+            AyaConnections::open(&self.maps.conntrack, &self.maps.snat_flows)
+                .map_err(map_err(CONNTRACK, "open a second handle"))?,
+        ))
     }
 
     fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>> {
