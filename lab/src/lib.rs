@@ -27,5 +27,6 @@ pub mod netns;
 pub mod packet;
 pub mod root;
 pub mod scratch;
+pub mod spread;
 pub mod testrun;
 pub mod topology;

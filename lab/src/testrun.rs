@@ -4,7 +4,11 @@
 //! Errors are `anyhow` with context: everything here is test and benchmark
 //! plumbing whose callers only report failures, never match on them.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -18,7 +22,7 @@ use lb_agent::{
 };
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, Path, Reason, Service,
-    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT, MODE_FULL_NAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
@@ -126,6 +130,10 @@ pub struct ServiceSpec {
     pub table_ids: Vec<u32>,
     /// `Service::flags` (`SERVICE_F_*`).
     pub flags: u32,
+    /// `Service::mode` (`MODE_DNAT` by default).
+    pub mode: u32,
+    /// Full NAT: every backend's source address (`Backend::snat_ip_be`).
+    pub snat_ip: Option<Ipv4Addr>,
 }
 
 impl ServiceSpec {
@@ -140,7 +148,14 @@ impl ServiceSpec {
             backend_count: backends.len() as u32,
             table_ids: backends.iter().map(|(id, _)| *id).collect(),
             flags: 0,
+            mode: MODE_DNAT,
+            snat_ip: None,
         }
+    }
+
+    /// The same service in full NAT mode, sent from `source`.
+    pub fn full_nat(self, source: Ipv4Addr) -> Self {
+        Self { mode: MODE_FULL_NAT, snat_ip: Some(source), ..self }
     }
 
     pub fn key(&self) -> ServiceKey {
@@ -173,6 +188,8 @@ pub const FIXTURE_FLOWS: u32 = 1 << 16;
 pub struct LbObject {
     ebpf: Ebpf,
     maps: Maps,
+    /// What `SETTINGS` was last told: each setter changes its own part.
+    config: DataplaneConfig,
 }
 
 impl LbObject {
@@ -206,13 +223,13 @@ impl LbObject {
 
     fn load_object_with(object: &[u8], config: &DataplaneConfig) -> Result<Self> {
         let (ebpf, maps) = load_object(object, None, config)?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, config: *config })
     }
 
     /// Sets the non-SYN flow budget (`Settings::non_syn_flows_per_sec`).
     pub fn set_non_syn_flows_per_sec(&mut self, per_sec: u32) -> Result<()> {
-        let config = DataplaneConfig { non_syn_flows_per_sec: per_sec, ..DataplaneConfig::default() };
-        self.maps.set_settings(&config).context("write SETTINGS")
+        self.config.non_syn_flows_per_sec = per_sec;
+        self.maps.set_settings(&self.config).context("write SETTINGS")
     }
 
     /// The `WAKE_EVENTS` ring buffer, to read what the program reported
@@ -277,6 +294,8 @@ impl LbObject {
                 _pad: 0,
                 service_id: spec.id,
                 flags: BACKEND_F_ACTIVE,
+                snat_ip_be: spec.snat_ip.map_or(0, |ip| u32::from(ip).to_be()),
+                _pad2: 0,
             };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
             self.add_backend_vip(addr, spec.proto, spec.key())?;
@@ -286,7 +305,7 @@ impl LbObject {
             id: spec.id,
             table: spec.table,
             backend_count: spec.backend_count,
-            mode: MODE_DNAT,
+            mode: spec.mode,
             flags: spec.flags,
         };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
@@ -379,6 +398,26 @@ impl LbObject {
     /// Every connection-table entry.
     pub fn conntrack(&self) -> Result<StdHashMap<FlowKey, Conn>> {
         self.maps.conntrack.iter().map(|e| e.context("read the connection table")).collect()
+    }
+
+    /// Full NAT's claims (`SNAT_FLOWS`): reply 5-tuple -> forward key.
+    pub fn snat_claims(&self) -> Result<StdHashMap<FlowKey, FlowKey>> {
+        self.maps.snat_flows.iter().map(|e| e.context("read SNAT_FLOWS")).collect()
+    }
+
+    /// Full NAT's source ports (`Settings::snat_port_min..=snat_port_max`).
+    pub fn set_snat_ports(&mut self, min: u16, max: u16) -> Result<()> {
+        (self.config.snat_port_min, self.config.snat_port_max) = (min, max);
+        self.maps.set_settings(&self.config).context("write SETTINGS")
+    }
+
+    /// Deletes every full-NAT claim; returns how many there were.
+    pub fn clear_snat_claims(&mut self) -> Result<u64> {
+        let keys: Vec<FlowKey> = self.maps.snat_flows.keys().collect::<Result<_, _>>().context("walk SNAT_FLOWS")?;
+        for k in &keys {
+            self.maps.snat_flows.remove(k).context("delete from SNAT_FLOWS")?;
+        }
+        Ok(keys.len() as u64)
     }
 }
 

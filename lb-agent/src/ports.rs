@@ -67,6 +67,11 @@ pub trait Routes {
     /// The route to each of `addrs` that this host knows of; an address
     /// left out is not judged.
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>>;
+    /// The address this host sends from towards each of `addrs` (full
+    /// NAT's default source); one with no usable route is left out.
+    fn sources(&self, _addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+        Ok(BTreeMap::new())
+    }
 }
 
 /// The whole data plane as the agent drives it: `adapters::dataplane::AyaDataplane`
@@ -177,6 +182,8 @@ pub struct ConntrackScan {
     pub entries: u64,
     /// The entries it can hold (`[dataplane] max_flows`).
     pub max_entries: u32,
+    /// Full NAT's source ports held (claims whose flow is in the table).
+    pub snat_claims: u64,
 }
 
 /// How the program runs on an interface.
@@ -374,6 +381,9 @@ pub struct HostFacts {
     /// The kernel's route to each configured backend address and VIP (none
     /// known: nothing to judge).
     pub routes: BTreeMap<Ipv4Addr, Route>,
+    /// Full NAT: the source address of the route to each backend of a
+    /// full-NAT service without a `source` (one with none is left out).
+    pub snat_sources: BTreeMap<Ipv4Addr, Ipv4Addr>,
     /// Where cgroup v2 is mounted (from /proc/self/mountinfo): the default
     /// cgroup for socket load balancing.
     pub cgroup2_mount: Option<PathBuf>,

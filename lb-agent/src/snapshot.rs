@@ -114,7 +114,8 @@ impl SnapshotBuilder {
                 vip: entry.config.vip.to_string(),
                 port: entry.config.port,
                 protocol: entry.config.protocol.to_string(),
-                mode: "dnat".into(),
+                mode: entry.config.mode.to_string(),
+                snat_sources: snat_sources(reconciler, &entry.config, entry.backends.keys()),
                 interfaces: entry.config.interfaces.clone(),
                 counters: self.traffic(&svc_key, counters, now),
                 usable_backends: backends.iter().filter(|b| b.in_table).count() as u32,
@@ -164,6 +165,8 @@ impl SnapshotBuilder {
                 fill(lb_common::SERVICES, services.len() as u64, MAX_SERVICES),
                 fill(lb_common::BACKENDS, backend_count as u64, MAX_BACKENDS),
                 fill(lb_common::CONNTRACK, scan.entries, scan.max_entries),
+                // Full NAT's held source ports (one claim per flow).
+                fill(lb_common::SNAT_FLOWS, scan.snat_claims, scan.max_entries),
             ],
             services,
             reasons,
@@ -212,6 +215,28 @@ fn verdict(r: Reason) -> &'static str {
         r if r.is_drop() => "drop",
         _ => "pass",
     }
+}
+
+/// Full NAT: where the service's flows are sent from, each source once
+/// ("configured" or "route"); "none" for a backend no route gives one.
+/// Empty for other modes.
+fn snat_sources<'a>(
+    reconciler: &Reconciler,
+    config: &crate::config::ServiceConfig,
+    backends: impl Iterator<Item = &'a std::net::SocketAddrV4>,
+) -> Vec<String> {
+    if config.mode != crate::config::ForwardMode::FullNat {
+        return Vec::new();
+    }
+    if let Some(source) = config.source {
+        return vec![format!("{source} (configured)")];
+    }
+    let found: std::collections::BTreeSet<String> = backends
+        .map(|a| {
+            reconciler.snat_source(config, *a.ip()).map_or_else(|| format!("none for {a}"), |s| format!("{s} (route)"))
+        })
+        .collect();
+    found.into_iter().collect()
 }
 
 fn fill(name: &str, entries: u64, max: u32) -> MapFill {
@@ -339,7 +364,12 @@ weight = 3
         reconciler.apply(&registry.desired(), dp).unwrap();
         tokio::time::advance(Duration::from_secs(4)).await;
         dp.lock().reasons = vec![(Reason::Forwarded, 7), (Reason::DropNoBackend, 2), (Reason::PassNotIpv4, 1)];
-        let scan = ConntrackScan { open: [(b1, 3), (b2, 1)].into(), entries: 8, max_entries: lb_common::CONNTRACK_MAX };
+        let scan = ConntrackScan {
+            open: [(b1, 3), (b2, 1)].into(),
+            entries: 8,
+            max_entries: lb_common::CONNTRACK_MAX,
+            snat_claims: 0,
+        };
         let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
 
         let [one, two] = &s.services[0].backends[..] else { panic!("{:#?}", s.services) };

@@ -242,8 +242,12 @@ pub struct ServiceStatus {
     pub port: u16,
     /// "tcp" or "udp".
     pub protocol: String,
-    /// Forwarding mode, e.g. "dnat".
+    /// Forwarding mode: "dnat" or "full-nat".
     pub mode: String,
+    /// Full NAT: the addresses flows are sent from, each with where it
+    /// comes from ("10.0.0.1 (configured)", "10.200.1.1 (route)").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat_sources: Vec<String>,
     pub interfaces: Vec<String>,
     pub counters: Traffic,
     pub backends: Vec<BackendStatus>,
@@ -425,7 +429,20 @@ impl Snapshot {
                 let _ = writeln!(out, "socket lb: not attached ({})", sock.note);
             }
         }
+        let full_nat = self.services.iter().any(|s| !s.snat_sources.is_empty());
+        if let Some(m) = self.maps.iter().find(|m| full_nat && m.name == lb_common::SNAT_FLOWS) {
+            let _ = writeln!(
+                out,
+                "full nat: {} source port(s) held, one per flow (each source address has [dataplane] \
+                 snat_port_min..=snat_port_max per backend)",
+                m.entries
+            );
+        }
         for s in &self.services {
+            let mode = match s.snat_sources.as_slice() {
+                [] => s.mode.clone(),
+                sources => format!("{} from {}", s.mode, sources.join(", ")),
+            };
             let _ = writeln!(
                 out,
                 "\nservice {}  {}:{}/{}  mode {}  on {}  {} pkt/s  {} new flows/s",
@@ -433,7 +450,7 @@ impl Snapshot {
                 s.vip,
                 s.port,
                 s.protocol,
-                s.mode,
+                mode,
                 s.interfaces.join(","),
                 human_rate(s.counters.packets_per_second),
                 human_rate(s.counters.new_flows_per_second),
@@ -781,6 +798,13 @@ mod tests {
         let t = s.render_table();
         assert!(t.contains("socket lb: attached to /sys/fs/cgroup (clients on this host); translated 5"), "{t}");
         assert!(t.lines().any(|l| l.contains("10.1.0.1:80") && l.contains(" 1 (ramp 40%) * ")), "{t}");
+        assert!(!t.contains("full nat:"), "{t}");
+        s.services[0].mode = "full-nat".into();
+        s.services[0].snat_sources = vec!["10.1.0.254 (route)".into()];
+        s.maps = vec![MapFill { name: lb_common::SNAT_FLOWS.into(), entries: 7, max_entries: 65536 }];
+        let t = s.render_table();
+        assert!(t.contains("service web  10.0.0.100:80/tcp  mode full-nat from 10.1.0.254 (route)  on eth0"), "{t}");
+        assert!(t.contains("full nat: 7 source port(s) held, one per flow"), "{t}");
     }
 
     fn decision(ago: f64, previous: u32, replicas: u32, rule: &str) -> DecisionSummary {

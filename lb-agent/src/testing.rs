@@ -426,7 +426,12 @@ impl ConnectionTable for SharedDataplane {
         let mut dp = self.lock();
         dp.scans += 1;
         let open = dp.open.clone();
-        Ok(ConntrackScan { entries: open.values().sum::<u64>(), open, max_entries: lb_common::CONNTRACK_MAX })
+        Ok(ConntrackScan {
+            entries: open.values().sum::<u64>(),
+            open,
+            max_entries: lb_common::CONNTRACK_MAX,
+            snat_claims: 0,
+        })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {

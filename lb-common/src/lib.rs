@@ -19,6 +19,7 @@ pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod refuse;
+pub mod snat;
 
 use core::mem::{align_of, size_of};
 
@@ -44,6 +45,7 @@ pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const SOCK_STATS: &str = "SOCK_STATS";
 pub const WAKE_EVENTS: &str = "WAKE_EVENTS";
 pub const WAKE_LAST: &str = "WAKE_LAST";
+pub const SNAT_FLOWS: &str = "SNAT_FLOWS";
 // The benchmark's maps and programs (`BENCH_*`, `PROG_PASS`, `PROG_BENCH`)
 // are only in the object built with lb-ebpf's `bench` feature, never in the
 // one the agent loads.
@@ -175,6 +177,25 @@ pub struct WakeEvent {
 
 /// Destination NAT with reverse translation of replies (client address kept).
 pub const MODE_DNAT: u32 = 0;
+/// Full NAT: the source is translated too, to an address of the load
+/// balancer (`Backend::snat_ip_be`) and a port the program claims per flow
+/// (`SNAT_FLOWS`), so a backend replies to the load balancer whatever its
+/// routes (see lb-ebpf's `fullnat`).
+pub const MODE_FULL_NAT: u32 = 1;
+/// Direct server return over IPIP (not implemented on this branch).
+pub const MODE_DSR_IPIP: u32 = 2;
+
+/// Full NAT's source ports, by default: above Linux's default ephemeral
+/// range (`ip_local_port_range` 32768-60999), so the load balancer's own
+/// connections never pick a port a translated flow holds.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
+/// Ports one new full-NAT flow tries (from a hash of its 5-tuple on) before
+/// it is refused (`Reason::DropSnatExhausted`).
+pub const SNAT_PORT_TRIES: u32 = 16;
+/// Entries of `SNAT_FLOWS`: the object's default, which the agent replaces
+/// with `[dataplane] max_flows` at load, as for `CONNTRACK`.
+pub const SNAT_FLOWS_MAX: u32 = CONNTRACK_MAX;
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
@@ -187,6 +208,11 @@ pub struct Backend {
     pub service_id: u32,
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// Full NAT: the load balancer's address a flow to this backend is
+    /// sent from (the service's `source`, or the address of the interface
+    /// the route to the backend leaves by); 0 for other modes.
+    pub snat_ip_be: u32,
+    pub _pad2: u32,
 }
 
 /// The slot is in use (an all-zero entry is an unused id).
@@ -266,6 +292,20 @@ pub struct Conn {
     pub client_ifindex: u32,
     pub client_mac: [u8; 6],
     pub local_mac: [u8; 6],
+    /// Full NAT: the (address, port) the flow is sent to its backend from,
+    /// claimed in `SNAT_FLOWS`; zero for other modes (and before the claim).
+    pub snat_ip_be: u32,
+    pub snat_port_be: u16,
+    pub _pad2: u16,
+}
+
+impl Conn {
+    /// Full NAT: the key of this flow's claim in `SNAT_FLOWS`, its replies'
+    /// 5-tuple (backend -> the load balancer's address and port).
+    #[inline(always)]
+    pub const fn snat_reply_key(&self, proto: u8) -> FlowKey {
+        FlowKey::new(self.nat_ip_be, self.nat_port_be, self.snat_ip_be, self.snat_port_be, proto)
+    }
 }
 
 /// `Conn::tcp_seen` bits: a FIN from the client...
@@ -335,12 +375,18 @@ pub struct Settings {
     /// (`Reason::DropNonSynOverBudget`) and the client retransmits. SYNs
     /// always get an entry. `u32::MAX`: no limit.
     pub non_syn_flows_per_sec: u32,
-    pub _pad: u32,
+    /// Full NAT's source ports, `snat_port_min..=snat_port_max` (host order).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { non_syn_flows_per_sec: DEFAULT_NON_SYN_FLOWS_PER_SEC, _pad: 0 }
+        Settings {
+            non_syn_flows_per_sec: DEFAULT_NON_SYN_FLOWS_PER_SEC,
+            snat_port_min: DEFAULT_SNAT_PORT_MIN,
+            snat_port_max: DEFAULT_SNAT_PORT_MAX,
+        }
     }
 }
 
@@ -467,10 +513,14 @@ pub enum Reason {
     /// zero and has no instance yet: dropped, its client retransmits, and
     /// the agent was told (`WAKE_EVENTS`, rate-limited).
     HeldWaking,
+    /// Full NAT: no source port free for a new flow (every one tried is
+    /// held), or a flow whose claim was lost and whose port another flow
+    /// holds now. Dropped, never sent from a port another flow uses.
+    DropSnatExhausted,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::HeldWaking as u32 + 1;
+    pub const COUNT: u32 = Reason::DropSnatExhausted as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -496,6 +546,7 @@ impl Reason {
         Reason::DropConntrackFull,
         Reason::DropNonSynOverBudget,
         Reason::HeldWaking,
+        Reason::DropSnatExhausted,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -525,6 +576,7 @@ impl Reason {
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
             Reason::HeldWaking => "held_waking",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
         }
     }
 
@@ -682,11 +734,12 @@ const _: () = {
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
     assert!(size_of::<Service>() == 20 && align_of::<Service>() == 4);
     assert!(size_of::<WakeEvent>() == 16 && align_of::<WakeEvent>() == 8);
-    assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
+    assert!(size_of::<Backend>() == 24 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
     assert!(size_of::<BackendAddr>() == 8 && align_of::<BackendAddr>() == 4);
     assert!(size_of::<BackendVips>() == 8 * MAX_VIPS_PER_BACKEND && align_of::<BackendVips>() == 4);
-    assert!(size_of::<Conn>() == 40 && align_of::<Conn>() == 8);
+    assert!(size_of::<Conn>() == 48 && align_of::<Conn>() == 8);
+    assert!(size_of::<Settings>() == 8 && align_of::<Settings>() == 4);
     assert!(size_of::<PathCounters>() == 8 * Path::COUNT as usize && align_of::<PathCounters>() == 8);
     assert!(size_of::<Counters>() == 48 && align_of::<Counters>() == 8);
     assert!(size_of::<BenchFrame>() == BENCH_FRAME_LEN + 8);
@@ -764,6 +817,8 @@ mod layout_tests {
         assert_eq!(offset_of!(Backend, _pad), 6);
         assert_eq!(offset_of!(Backend, service_id), 8);
         assert_eq!(offset_of!(Backend, flags), 12);
+        assert_eq!(offset_of!(Backend, snat_ip_be), 16);
+        assert_eq!(offset_of!(Backend, _pad2), 20);
     }
 
     #[test]
@@ -796,6 +851,16 @@ mod layout_tests {
         assert_eq!(offset_of!(Conn, client_ifindex), 24);
         assert_eq!(offset_of!(Conn, client_mac), 28);
         assert_eq!(offset_of!(Conn, local_mac), 34);
+        assert_eq!(offset_of!(Conn, snat_ip_be), 40);
+        assert_eq!(offset_of!(Conn, snat_port_be), 44);
+        assert_eq!(offset_of!(Conn, _pad2), 46);
+    }
+
+    #[test]
+    fn settings_layout() {
+        assert_eq!(offset_of!(Settings, non_syn_flows_per_sec), 0);
+        assert_eq!(offset_of!(Settings, snat_port_min), 4);
+        assert_eq!(offset_of!(Settings, snat_port_max), 6);
     }
 
     #[test]

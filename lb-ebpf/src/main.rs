@@ -10,6 +10,9 @@
 //! A new flow to a service with no usable backend is answered with a TCP
 //! reset or an ICMP port unreachable (`refuse`, XDP only), unless the
 //! service wakes from zero: then it is held for the agent (`wake`).
+//! A service in full NAT mode has its clients' packets sent from an address
+//! and port of the load balancer instead (`fullnat`), and replies to that port
+//! translated back.
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
@@ -24,6 +27,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod fullnat;
 mod hook;
 mod icmp;
 mod nat;
@@ -42,7 +46,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowBudget, FlowKey, PathCounters, Reason, Service, ServiceKey, Settings, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SERVICE_F_WAKE, WAKE_EVENTS_BYTES,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, MODE_FULL_NAT, SERVICE_F_WAKE, SNAT_FLOWS_MAX, WAKE_EVENTS_BYTES,
 };
 
 use crate::{
@@ -77,6 +81,11 @@ static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::CO
 /// Interfaces the agent knows can transmit redirected frames, keyed by ifindex.
 #[map]
 static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+/// Full NAT's claimed ports: a flow's reply 5-tuple (backend -> LB
+/// address, port) -> its forward key (see `fullnat`). Not LRU: a claim is
+/// never evicted behind its flow's back.
+#[map]
+static SNAT_FLOWS: HashMap<FlowKey, FlowKey> = HashMap::with_max_entries(SNAT_FLOWS_MAX, 0);
 /// Which way translated packets left, per ingress ifindex.
 #[map]
 static PATH_STATS: PerCpuHashMap<u32, PathCounters> = PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
@@ -150,7 +159,8 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        let partial_l4 = match nat::forward(hook, &mut pkt, &svc) {
+        let sent = if svc.mode == MODE_FULL_NAT { fullnat::forward(hook, &mut pkt, &svc) } else { nat::forward(hook, &mut pkt, &svc) };
+        let partial_l4 = match sent {
             Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => {
                 return Err(wake::hold(&pkt, &svc))
             }
@@ -159,7 +169,10 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
         };
         return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
     }
-    let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;
+    let (flow, partial_l4) = match fullnat::reply(hook, &mut pkt) {
+        Err(Verdict { reason: Reason::PassNoService, .. }) => nat::reply(hook, &mut pkt)?,
+        translated => translated?,
+    };
     Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
 }
 

@@ -25,16 +25,31 @@ pub fn lookup_flow(client_ip_be: u32, client_port_be: u16, vip_be: u32, vip_port
 /// destination to it. `Ok(true)` when the L4 checksum is a partial one.
 #[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<bool, Verdict> {
-    let frame_len = hook.packet_len() as u64;
     let key = FlowKey::new(pkt.src_ip_be, pkt.src_port_be, pkt.dst_ip_be, pkt.dst_port_be, pkt.proto);
+    let (conn, delta) = track(hook, pkt, svc, &key)?;
+    count_flow(conn.service_id, conn.backend_id, &delta);
+    Ok(rewrite(hook, pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be))
+}
+
+/// Whether `pkt` is a TCP SYN without ACK: the start of a connection.
+#[inline(always)]
+pub fn is_syn(pkt: &Packet) -> bool {
+    pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The flow entry (`key`) of a client packet for `svc`, found or opened,
+/// with the counters the packet adds (not counted yet).
+#[inline(always)]
+pub fn track<H: Hook>(hook: &H, pkt: &Packet, svc: &Service, key: &FlowKey) -> Result<(Conn, Counters), Verdict> {
+    let frame_len = hook.packet_len() as u64;
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta = Counters { packets: 1, bytes: frame_len, ..Counters::default() };
     // A SYN starts a new connection, so it takes a fresh pick even when the
     // table remembers the 5-tuple (as Katran does): a client reusing a port
     // must not be sent to the backend an old, closed flow had, which may be
     // drained and gone by now.
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let conn = match CONNTRACK.get_ptr_mut(&key) {
+    let syn = is_syn(pkt);
+    let conn = match CONNTRACK.get_ptr_mut(key) {
         Some(c) if !syn => {
             // SAFETY: LRU value; a racing update from another CPU can at worst
             // blur a timestamp or a flag, never the translation itself.
@@ -66,15 +81,14 @@ pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<boo
                     NOT_OPENING
                 }
             });
-            let c = open_flow(pkt, svc, &key, now)?;
+            let c = open_flow(pkt, svc, key, now)?;
             // A retransmitted SYN of a flow still opening is not a new flow.
             let retransmit = opening == u64::from(c.backend_id);
             delta.new_flows = if retransmit { 0 } else { 1 };
             c
         }
     };
-    count_flow(conn.service_id, conn.backend_id, &delta);
-    Ok(rewrite(hook, pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be))
+    Ok((conn, delta))
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite the
@@ -144,6 +158,10 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
         client_ifindex: pkt.ingress_ifindex,
         client_mac: pkt.src_mac,
         local_mac: pkt.dst_mac,
+        // Full NAT claims its port after the pick (`fullnat`).
+        snat_ip_be: backend.snat_ip_be,
+        snat_port_be: 0,
+        _pad2: 0,
     };
     if CONNTRACK.insert(key, &conn, 0).is_err() {
         return Err(Verdict::drop(Reason::DropConntrackFull));
@@ -154,7 +172,7 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
 /// A TCP packet's flags into its flow's `tcp_seen`; a flow it closes is
 /// counted (see `TcpState`).
 #[inline(always)]
-fn mark_tcp(c: &mut Conn, pkt: &Packet, from_backend: bool, delta: &mut Counters) {
+pub fn mark_tcp(c: &mut Conn, pkt: &Packet, from_backend: bool, delta: &mut Counters) {
     if pkt.proto != PROTO_TCP {
         return;
     }
@@ -197,9 +215,33 @@ pub enum L4Checksums {
 /// send (XDP only).
 #[inline(always)]
 fn rewrite<H: Hook>(hook: &H, pkt: &mut Packet, end: End, ip_be: u32, port_be: u16) -> bool {
-    // SAFETY: the pointers come from parse_packet and were bounds-checked;
-    // the address sits in a packed header, so it is read and written unaligned.
-    let (old_ip, old_port) = unsafe {
+    // SAFETY: the pointers come from parse_packet and were bounds-checked.
+    let old = unsafe { write_end(pkt, end, ip_be, port_be) };
+    finish_end(hook, pkt, end, old, ip_be, port_be)
+}
+
+/// Both ends at once (full NAT): `src` and `dst` as (address, port).
+/// Both are written before either L4 checksum update, which may invalidate
+/// the packet's pointers (tc); each update then sees the pseudo-header as
+/// it is at that step (XDP's partial-checksum test reads it).
+#[inline(always)]
+pub fn rewrite_both<H: Hook>(hook: &H, pkt: &mut Packet, src: (u32, u16), dst: (u32, u16)) -> bool {
+    // SAFETY: as in `rewrite`; nothing has moved the packet yet.
+    let (old_src, old_dst) = unsafe { (write_end(pkt, End::Src, src.0, src.1), write_end(pkt, End::Dst, dst.0, dst.1)) };
+    let partial_src = finish_end(hook, pkt, End::Src, old_src, src.0, src.1);
+    let partial_dst = finish_end(hook, pkt, End::Dst, old_dst, dst.0, dst.1);
+    partial_src || partial_dst
+}
+
+/// The new address and port of `end` into the packet's bytes, and the IP
+/// header checksum with them; returns the old ones.
+///
+/// # Safety
+/// `pkt`'s pointers must be bounds-checked and still valid.
+#[inline(always)]
+unsafe fn write_end(pkt: &Packet, end: End, ip_be: u32, port_be: u16) -> (u32, u16) {
+    // The address sits in a packed header: read and written unaligned.
+    unsafe {
         let ip_field = match end {
             End::Src => core::ptr::addr_of_mut!((*pkt.ip).src_be),
             End::Dst => core::ptr::addr_of_mut!((*pkt.ip).dst_be),
@@ -210,9 +252,14 @@ fn rewrite<H: Hook>(hook: &H, pkt: &mut Packet, end: End, ip_be: u32, port_be: u
         (*pkt.l4_ports)[end as usize] = port_be;
         (*pkt.ip).check = csum::replace4((*pkt.ip).check, old_ip, ip_be);
         (old_ip, old_port)
-    };
+    }
+}
+
+/// After `write_end`: the L4 checksum through the hook, then `pkt`'s values.
+#[inline(always)]
+fn finish_end<H: Hook>(hook: &H, pkt: &mut Packet, end: End, old: (u32, u16), ip_be: u32, port_be: u16) -> bool {
     // The pointers may be gone after this (tc); the values stay.
-    let partial = hook.update_l4_checksum(pkt, old_ip, ip_be, old_port, port_be);
+    let partial = hook.update_l4_checksum(pkt, old.0, ip_be, old.1, port_be);
     match end {
         End::Src => (pkt.src_ip_be, pkt.src_port_be) = (ip_be, port_be),
         End::Dst => (pkt.dst_ip_be, pkt.dst_port_be) = (ip_be, port_be),

@@ -189,6 +189,7 @@ fn service(name: &str, port: u16, protocol: &str, packets: u64, backends: Vec<Ba
         port,
         protocol: protocol.to_owned(),
         mode: "dnat".to_owned(),
+        snat_sources: vec![],
         interfaces: vec!["eth0".to_owned()],
         counters: traffic(packets),
         usable_backends: backends.iter().filter(|b| b.in_table).count() as u32,

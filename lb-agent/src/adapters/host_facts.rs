@@ -12,7 +12,7 @@ use std::{
 use crate::{
     adapters::{
         dataplane::{egress::decide_fast_path, netdev, tc::decide_hook},
-        routes::routes_to,
+        routes::{self, routes_to},
     },
     config::Config,
     ports::{HostFacts, InterfaceFacts},
@@ -48,6 +48,12 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
     }
     let addrs = config.services.iter().flat_map(|s| s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]));
     facts.routes = routes_to(addrs)?;
+    let route_sourced = config
+        .services
+        .iter()
+        .filter(|s| s.mode == crate::config::ForwardMode::FullNat && s.source.is_none())
+        .flat_map(|s| s.backends.iter().map(|b| *b.address.ip()));
+    facts.snat_sources = routes::sources_to(route_sourced)?;
     Ok(facts)
 }
 

@@ -17,6 +17,7 @@ const NLMSG_ERROR: u16 = 2;
 const RTMSG_LEN: usize = 12;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
+const RTA_PREFSRC: u16 = 7;
 const RTN_UNICAST: u8 = 1;
 const RTN_LOCAL: u8 = 2;
 
@@ -35,6 +36,18 @@ impl RouteLookup {
     /// The kernel's route to `addr`: the interface it leaves by, a local
     /// address, or why there is none (the error `ip route get` would print).
     pub fn route_to(&mut self, addr: Ipv4Addr) -> io::Result<Route> {
+        parse_route_reply(&self.ask(addr)?, if_name)
+    }
+
+    /// The address the kernel would send from to `addr` (`ip route get`'s
+    /// "src"): the address of the interface the route leaves by, or the
+    /// route's own preferred source. `None` without a usable route.
+    pub fn source_to(&mut self, addr: Ipv4Addr) -> io::Result<Option<Ipv4Addr>> {
+        parse_route_source(&self.ask(addr)?)
+    }
+
+    /// The kernel's answer to one `RTM_GETROUTE` for `addr`.
+    fn ask(&mut self, addr: Ipv4Addr) -> io::Result<Vec<u8>> {
         self.seq = self.seq.wrapping_add(1);
         self.socket.send(&get_route_request(addr, self.seq))?;
         let mut buf = vec![0u8; 8192];
@@ -43,8 +56,21 @@ impl RouteLookup {
         if buf.get(8..12) != Some(&self.seq.to_ne_bytes()[..]) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "RTM_GETROUTE reply: not to our request"));
         }
-        parse_route_reply(&buf[..n], if_name)
+        buf.truncate(n);
+        Ok(buf)
     }
+}
+
+/// The source address the kernel would use towards each of `addrs`; an
+/// address with no usable route is left out.
+pub fn sources_to(addrs: impl IntoIterator<Item = Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+    let mut lookup = RouteLookup::open().map_err(|e| anyhow::anyhow!("open a netlink socket for routes: {e}"))?;
+    let mut out = BTreeMap::new();
+    for addr in addrs {
+        let source = lookup.source_to(addr).map_err(|e| anyhow::anyhow!("look up the source towards {addr}: {e}"))?;
+        out.extend(source.map(|s| (addr, s)));
+    }
+    Ok(out)
 }
 
 /// The kernel's route to each of `addrs`, on one netlink socket.
@@ -65,6 +91,9 @@ pub struct KernelRoutes;
 impl Routes for KernelRoutes {
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
         routes_to(addrs.iter().copied())
+    }
+    fn sources(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+        sources_to(addrs.iter().copied())
     }
 }
 
@@ -91,39 +120,62 @@ fn get_route_request(addr: Ipv4Addr, seq: u32) -> Vec<u8> {
 /// error message (no route, unreachable, prohibited, blackhole).
 /// `if_name` names an interface index.
 fn parse_route_reply(reply: &[u8], if_name: impl Fn(u32) -> Option<String>) -> io::Result<Route> {
+    let (route_type, attrs) = match route_attributes(reply)? {
+        Ok(found) => found,
+        Err(errno) => return Ok(Route::Unusable(route_error(errno))),
+    };
+    let oif = attrs.iter().find(|(t, v)| *t == RTA_OIF && v.len() >= 4).map(|(_, v)| u32_at(v, 0));
+    Ok(match (route_type, oif) {
+        (RTN_LOCAL, _) => Route::Local,
+        (RTN_UNICAST, Some(i)) => Route::Via(if_name(i).unwrap_or_else(|| format!("ifindex {i}"))),
+        (t, _) => Route::Unusable(format!("route of type {t}")),
+    })
+}
+
+/// The preferred source (`RTA_PREFSRC`) of a unicast route in `reply`.
+fn parse_route_source(reply: &[u8]) -> io::Result<Option<Ipv4Addr>> {
+    Ok(match route_attributes(reply)? {
+        Ok((RTN_UNICAST, attrs)) => attrs
+            .iter()
+            .find(|(t, v)| *t == RTA_PREFSRC && v.len() >= 4)
+            .map(|(_, v)| Ipv4Addr::new(v[0], v[1], v[2], v[3])),
+        _ => None,
+    })
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A route's type and its attributes (type, payload).
+type RouteAttributes<'a> = (u8, Vec<(u16, &'a [u8])>);
+
+/// An `RTM_NEWROUTE` reply's route type and attributes (type, payload), or
+/// the errno of an error reply.
+fn route_attributes(reply: &[u8]) -> io::Result<Result<RouteAttributes<'_>, i32>> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("RTM_GETROUTE reply: {what}"));
     let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
-    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     if reply.len() < NLMSG_HDRLEN {
         return Err(bad("shorter than a header"));
     }
     let len = (u32_at(reply, 0) as usize).min(reply.len());
     match u16_at(reply, 4) {
-        NLMSG_ERROR if len >= NLMSG_HDRLEN + 4 => {
-            let errno = -(u32_at(reply, NLMSG_HDRLEN) as i32);
-            return Ok(Route::Unusable(route_error(errno)));
-        }
+        NLMSG_ERROR if len >= NLMSG_HDRLEN + 4 => return Ok(Err(-(u32_at(reply, NLMSG_HDRLEN) as i32))),
         libc::RTM_NEWROUTE if len >= NLMSG_HDRLEN + RTMSG_LEN => {}
         other => return Err(bad(&format!("message type {other}, {len} bytes"))),
     }
     let route_type = reply[NLMSG_HDRLEN + 7];
-    let mut oif = None;
+    let mut attrs = Vec::new();
     let mut at = NLMSG_HDRLEN + RTMSG_LEN;
     while at + 4 <= len {
         let (attr_len, attr_type) = (u16_at(reply, at) as usize, u16_at(reply, at + 2));
         if attr_len < 4 || at + attr_len > len {
             return Err(bad("attribute beyond the message"));
         }
-        if attr_type == RTA_OIF && attr_len >= 8 {
-            oif = Some(u32_at(reply, at + 4));
-        }
+        attrs.push((attr_type, &reply[at + 4..at + attr_len]));
         at += attr_len.next_multiple_of(4);
     }
-    Ok(match (route_type, oif) {
-        (RTN_LOCAL, _) => Route::Local,
-        (RTN_UNICAST, Some(i)) => Route::Via(if_name(i).unwrap_or_else(|| format!("ifindex {i}"))),
-        (t, _) => Route::Unusable(format!("route of type {t}")),
-    })
+    Ok(Ok((route_type, attrs)))
 }
 
 /// What an error answer means: the route types that refuse
@@ -256,6 +308,21 @@ mod tests {
         let mut cut = new_route(RTN_UNICAST, Some(7));
         cut[NLMSG_HDRLEN + RTMSG_LEN] = 200; // an attribute longer than the message
         assert!(parse_route_reply(&cut, names).is_err());
+    }
+
+    #[test]
+    fn the_preferred_source_parses() {
+        let mut m = new_route(RTN_UNICAST, Some(7));
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&RTA_PREFSRC.to_ne_bytes());
+        m.extend_from_slice(&[10, 200, 1, 1]);
+        let len = m.len() as u32;
+        m[0..4].copy_from_slice(&len.to_ne_bytes());
+        assert_eq!(parse_route_source(&m).unwrap(), Some(Ipv4Addr::new(10, 200, 1, 1)));
+        assert_eq!(parse_route_source(&new_route(RTN_UNICAST, Some(7))).unwrap(), None);
+        let mut local = m.clone();
+        local[NLMSG_HDRLEN + 7] = RTN_LOCAL;
+        assert_eq!(parse_route_source(&local).unwrap(), None, "a local address is no route out");
     }
 
     /// This namespace's own loopback address is local, whoever runs it.

@@ -294,12 +294,37 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     fn sync(&mut self) -> anyhow::Result<ApplySummary> {
         self.changed_at = self.flows.last_ticket();
         self.registry.advance_ramps(Instant::now());
+        self.refresh_snat_sources();
         let summary = self
             .reconciler
             .apply(&self.registry.desired(), &mut self.dataplane)
             .context("write the load balancer's maps")?;
         self.sync_probes();
         Ok(summary)
+    }
+
+    /// Full NAT's default sources: the route's source towards each backend
+    /// of a full-NAT service without a `source` of its own. A lookup that
+    /// fails keeps the ones known (said once until it works).
+    fn refresh_snat_sources(&mut self) {
+        let desired = self.registry.desired();
+        let addrs = crate::core::reconcile::route_sourced_backends(&desired);
+        if addrs.is_empty() {
+            return;
+        }
+        match self.dataplane.sources(&addrs) {
+            Ok(sources) => {
+                self.routes_failing = false;
+                self.reconciler.set_route_sources(sources);
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.routes_failing, true) {
+                    self.error(format!(
+                        "looking up full NAT's source addresses failed: {e:#} (said once until it works)"
+                    ));
+                }
+            }
+        }
     }
 
     fn sync_if(&mut self, changed: bool) {

@@ -61,13 +61,37 @@ pub struct DataplaneConfig {
     /// (a flow the table lost); beyond, such packets are dropped.
     #[serde(default = "default_non_syn_flows_per_sec")]
     pub non_syn_flows_per_sec: u32,
+    /// Full NAT's source ports (`snat_port_min..=snat_port_max`), claimed
+    /// per flow and backend; by default above Linux's default ephemeral
+    /// range, so the host's own connections never take one.
+    #[serde(default = "default_snat_port_min")]
+    pub snat_port_min: u16,
+    #[serde(default = "default_snat_port_max")]
+    pub snat_port_max: u16,
 }
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
-        DataplaneConfig { max_flows: default_max_flows(), non_syn_flows_per_sec: default_non_syn_flows_per_sec() }
+        DataplaneConfig {
+            max_flows: default_max_flows(),
+            non_syn_flows_per_sec: default_non_syn_flows_per_sec(),
+            snat_port_min: default_snat_port_min(),
+            snat_port_max: default_snat_port_max(),
+        }
     }
 }
+
+fn default_snat_port_min() -> u16 {
+    lb_common::DEFAULT_SNAT_PORT_MIN
+}
+
+fn default_snat_port_max() -> u16 {
+    lb_common::DEFAULT_SNAT_PORT_MAX
+}
+
+/// The lowest full-NAT source port accepted: below are the well-known
+/// ports services on the load balancer itself may listen on.
+pub const MIN_SNAT_PORT: u16 = 1024;
 
 fn default_max_flows() -> u32 {
     lb_common::CONNTRACK_MAX
@@ -212,6 +236,51 @@ pub struct ServiceConfig {
     /// Where scaled instances come from (instead of a `backend` list).
     #[serde(default)]
     pub instances: Option<InstancesConfig>,
+    /// How clients' packets reach the backends (`nat` by default).
+    #[serde(default)]
+    pub mode: ForwardMode,
+    /// Full NAT only: the load balancer's address the backends see flows
+    /// come from; by default the address of the interface the route to
+    /// each backend leaves by.
+    #[serde(default)]
+    pub source: Option<Ipv4Addr>,
+}
+
+/// A service's forwarding mode (`mode = "nat" | "full-nat" | "dsr-ipip"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardMode {
+    /// Destination NAT: backends see the client's address and must route
+    /// their replies back through the load balancer.
+    #[default]
+    Nat,
+    /// Source and destination NAT: backends see an address of the load
+    /// balancer and reply to it, whatever their routes.
+    FullNat,
+    /// Direct server return over IPIP (not on this build: refused).
+    DsrIpip,
+}
+
+impl ForwardMode {
+    /// The data plane's `Service::mode`.
+    pub fn number(self) -> u32 {
+        match self {
+            ForwardMode::Nat => lb_common::MODE_DNAT,
+            ForwardMode::FullNat => lb_common::MODE_FULL_NAT,
+            ForwardMode::DsrIpip => lb_common::MODE_DSR_IPIP,
+        }
+    }
+}
+
+impl fmt::Display for ForwardMode {
+    /// As status shows it ("dnat" for plain NAT, as before modes existed).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardMode::Nat => "dnat",
+            ForwardMode::FullNat => "full-nat",
+            ForwardMode::DsrIpip => "dsr-ipip",
+        })
+    }
 }
 
 /// An IPv4 address; `"10.0.0.1:80"` is refused with where the port goes.
@@ -429,6 +498,17 @@ impl Config {
         if !(1..=MAX_FLOWS_LIMIT).contains(&self.dataplane.max_flows) {
             out.push(format!("dataplane.max_flows: {} is not within 1..={MAX_FLOWS_LIMIT}", self.dataplane.max_flows));
         }
+        let (min, max) = (self.dataplane.snat_port_min, self.dataplane.snat_port_max);
+        if min < MIN_SNAT_PORT {
+            out.push(format!(
+                "dataplane.snat_port_min: {min} is a well-known port; full NAT's source ports start at {MIN_SNAT_PORT} or above"
+            ));
+        }
+        if min > max {
+            out.push(format!(
+                "dataplane.snat_port_max: {max} is below snat_port_min ({min}): the range would be empty"
+            ));
+        }
         out
     }
 }
@@ -487,6 +567,22 @@ pub fn unusable_backend_ip(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 impl ServiceConfig {
+    /// `mode` and what goes with it (`source`).
+    fn mode_problems(&self, at: &str, out: &mut Vec<String>) {
+        if self.mode == ForwardMode::DsrIpip {
+            out.push(format!("{at}: mode: \"dsr-ipip\" is not supported by this build; use \"nat\" or \"full-nat\""));
+        }
+        match self.source {
+            Some(ip) if self.mode != ForwardMode::FullNat => {
+                out.push(format!("{at}: source: {ip} is only used with mode = \"full-nat\"; add that or remove it"))
+            }
+            Some(ip) if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() => {
+                out.push(format!("{at}: source: {ip} cannot be an address backends reply to"))
+            }
+            _ => {}
+        }
+    }
+
     fn problems(&self, at: &str, out: &mut Vec<String>) {
         if self.vip.is_unspecified() || self.vip.is_broadcast() || self.vip.is_multicast() {
             out.push(format!("{at}: vip: {} cannot be a service address", self.vip));
@@ -497,6 +593,7 @@ impl ServiceConfig {
         if self.interfaces.is_empty() {
             out.push(format!("{at}: interfaces: name at least one interface to attach to"));
         }
+        self.mode_problems(at, out);
         for (j, ifname) in self.interfaces.iter().enumerate() {
             if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']) {
                 out.push(format!("{at}: interfaces[{j}]: {ifname:?} is not a valid interface name"));
@@ -655,9 +752,45 @@ mod tests {
         let d = parse(GOOD).unwrap().dataplane;
         assert_eq!((d.max_flows, d.non_syn_flows_per_sec), (1 << 20, 50_000));
         let c = parse(&format!("{GOOD}\n[dataplane]\nmax_flows = 4096\nnon_syn_flows_per_sec = 10\n")).unwrap();
-        assert_eq!(c.dataplane, DataplaneConfig { max_flows: 4096, non_syn_flows_per_sec: 10 });
+        assert_eq!(
+            c.dataplane,
+            DataplaneConfig { max_flows: 4096, non_syn_flows_per_sec: 10, ..DataplaneConfig::default() }
+        );
         let err = parse(&format!("{GOOD}\n[dataplane]\nmax_flows = 0\n")).unwrap_err().to_string();
         assert!(err.contains("dataplane.max_flows"), "{err}");
+    }
+
+    #[test]
+    fn full_nat_takes_a_source_and_a_sane_port_range() {
+        let web = |extra: &str| crate::testing::web(extra, &["10.1.0.1:8080"]);
+        let c = parse(&web("mode = \"full-nat\"\nsource = \"10.0.0.1\"")).unwrap();
+        assert_eq!(
+            (c.services[0].mode, c.services[0].source),
+            (ForwardMode::FullNat, Some(Ipv4Addr::new(10, 0, 0, 1)))
+        );
+        assert_eq!(c.services[0].mode.to_string(), "full-nat");
+        assert_eq!(parse(&web("")).unwrap().services[0].mode, ForwardMode::Nat);
+        assert_eq!(ForwardMode::Nat.to_string(), "dnat", "status keeps its word for plain NAT");
+        let d = parse(&web("")).unwrap().dataplane;
+        assert_eq!((d.snat_port_min, d.snat_port_max), (61000, 65535));
+        let c = parse(&format!("{}\n[dataplane]\nsnat_port_min = 40000\nsnat_port_max = 40003\n", web(""))).unwrap();
+        assert_eq!((c.dataplane.snat_port_min, c.dataplane.snat_port_max), (40000, 40003));
+
+        let p = problems(&web("source = \"10.0.0.1\""));
+        assert_eq!(
+            p,
+            ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\"; add that or remove it"]
+        );
+        let p = problems(&web("mode = \"full-nat\"\nsource = \"0.0.0.0\""));
+        assert_eq!(p, ["service[0] \"web\": source: 0.0.0.0 cannot be an address backends reply to"]);
+        let p = problems(&web("mode = \"dsr-ipip\""));
+        assert!(p[0].contains("mode: \"dsr-ipip\" is not supported by this build"), "{p:?}");
+        let p = problems(&format!("{}\n[dataplane]\nsnat_port_min = 80\nsnat_port_max = 79\n", web("")));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("dataplane.snat_port_min: 80 is a well-known port"), "{p:?}");
+        assert!(p[1].starts_with("dataplane.snat_port_max: 79 is below snat_port_min (80)"), "{p:?}");
+        let err = parse(&web("mode = \"fullnat\"")).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `fullnat`"), "{err}");
     }
 
     #[test]
@@ -721,7 +854,7 @@ mod tests {
                 "service[0].protcol (line 6): unknown key; did you mean `protocol`?",
                 "service[0].backend[0].wieght (line 10): unknown key; did you mean `weight`?",
                 "service[1].colour (line 18): unknown key; keys here: name, vip, port, protocol, interfaces, \
-                 backend, health_check, drain_timeout, slow_start, scaling, instances",
+                 backend, health_check, drain_timeout, slow_start, scaling, instances, mode, source",
                 "service[1].health_check.intervall (line 21): unknown key; did you mean `interval`?",
                 "interface.eth0.fastpath (line 24): unknown key; did you mean `fast_path`?",
                 "dataplane.weight (line 26): unknown key; `weight` is a key of [service.backend]",

@@ -72,6 +72,7 @@ pub fn judge_file(config: &Config) -> Vec<Finding> {
 /// runs the same.
 pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
     let mut out = judge_file(config);
+    out.extend(crate::core::full_nat::judge(config, facts));
     if config.socket_lb.enabled && !config.services.is_empty() && socket_lb_cgroup(config, facts).is_none() {
         out.push(Finding {
             severity: Severity::Warn,
@@ -373,6 +374,7 @@ mod tests {
             interfaces: [("eth0".to_owned(), f(eth0_fast)), ("br0".to_owned(), f(br0_fast))].into(),
             ephemeral_ports: Some((32768, 60999)),
             routes: BTreeMap::new(),
+            snat_sources: BTreeMap::new(),
             cgroup2_mount: Some("/sys/fs/cgroup".into()),
             bridges_to_make: BTreeSet::new(),
         }

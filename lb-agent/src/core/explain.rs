@@ -280,6 +280,9 @@ mod tests {
             client_ifindex: 0,
             client_mac: [0; 6],
             local_mac: [0; 6],
+            snat_ip_be: 0,
+            snat_port_be: 0,
+            _pad2: 0,
         };
         let seen = FlowSeen { conn, idle: Duration::from_millis(1500) };
         let e = explain("web", &q, LiveTable { half: 0, slots: &slots, backends: &set }, Some(seen));

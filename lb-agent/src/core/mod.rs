@@ -3,6 +3,7 @@
 pub mod changes;
 pub mod deploy;
 pub mod explain;
+pub mod full_nat;
 pub mod health;
 pub mod overlay;
 pub mod policy;

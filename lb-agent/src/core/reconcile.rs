@@ -18,7 +18,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
 use lb_common::{
@@ -28,9 +28,20 @@ use lb_common::{
 };
 
 use crate::{
+    config::{ForwardMode, ServiceConfig},
     core::registry::{DesiredBackend, DesiredService},
     ports::{DataplaneError, MapWriter, PinnedState},
 };
+
+/// Backend addresses whose full-NAT source comes from the route: those of
+/// full-NAT services without a `source`.
+pub fn route_sourced_backends(desired: &[DesiredService]) -> BTreeSet<Ipv4Addr> {
+    desired
+        .iter()
+        .filter(|s| s.config.mode == ForwardMode::FullNat && s.config.source.is_none())
+        .flat_map(|s| s.backends.iter().map(|b| *b.addr.ip()))
+        .collect()
+}
 
 /// What one `apply` changed, for logs and status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -66,6 +77,8 @@ pub struct ServiceState {
     pub backends: Vec<MaglevBackend>,
     /// The `Service::flags` written (`SERVICE_F_*`).
     pub flags: u32,
+    /// `Service::mode` as written.
+    pub mode: u32,
 }
 
 impl ServiceState {
@@ -86,6 +99,12 @@ pub struct Reconciler {
     held: BTreeMap<u32, usize>,
     /// Mirror of `BACKEND_VIPS`.
     backend_vips: BTreeMap<BackendAddr, BackendVips>,
+    /// Mirror of `BACKENDS` (written entries only), so that a changed
+    /// full-NAT source rewrites the entry.
+    entries: BTreeMap<u32, Backend>,
+    /// Full NAT's default source per backend address: the address of the
+    /// interface the route to it leaves by (`set_route_sources`).
+    route_sources: BTreeMap<Ipv4Addr, Ipv4Addr>,
 }
 
 impl Reconciler {
@@ -103,6 +122,7 @@ impl Reconciler {
         for (id, b) in &state.backends {
             if let (Some(key), Some(addr)) = (key_of.get(&b.service_id), addr_of.get(id)) {
                 r.backend_ids.insert((*key, *addr), *id);
+                r.entries.insert(*id, *b);
             }
         }
         for (key, svc) in state.services {
@@ -116,13 +136,35 @@ impl Reconciler {
                 .iter()
                 .filter_map(|id| Some(MaglevBackend { id: *id, addr: *addr_of.get(id)?, weight: 0 }))
                 .collect();
-            r.services.insert(
-                key,
-                ServiceState { id: svc.id, name: String::new(), table, halves, backends, flags: svc.flags },
-            );
+            let state = ServiceState {
+                id: svc.id,
+                name: String::new(),
+                table,
+                halves,
+                backends,
+                flags: svc.flags,
+                mode: svc.mode,
+            };
+            r.services.insert(key, state);
         }
         r.backend_vips = state.backend_vips.into_iter().collect();
         r
+    }
+
+    /// Full NAT's default sources: backend address -> the load balancer's
+    /// address on the way to it. Read by the next `apply`.
+    pub fn set_route_sources(&mut self, sources: BTreeMap<Ipv4Addr, Ipv4Addr>) {
+        self.route_sources = sources;
+    }
+
+    /// The address full NAT sends flows to backend `addr` of `svc` from:
+    /// the service's `source`, else the route's; `None` for other modes,
+    /// or when no route names one (such flows are dropped, counted).
+    pub fn snat_source(&self, svc: &ServiceConfig, addr: Ipv4Addr) -> Option<Ipv4Addr> {
+        if svc.mode != ForwardMode::FullNat {
+            return None;
+        }
+        svc.source.or_else(|| self.route_sources.get(&addr).copied())
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceState)> {
@@ -171,6 +213,7 @@ impl Reconciler {
         }
         for id in &freed_now {
             dp.set_backend(*id, &Backend::default())?;
+            self.entries.remove(id);
             summary.backends_removed += 1;
         }
         self.resting = freed_now;
@@ -263,23 +306,28 @@ impl Reconciler {
         let service_id = self.service_id(key)?;
         let mut out = Vec::with_capacity(svc.backends.len());
         for DesiredBackend { addr, weight, in_table } in &svc.backends {
+            let entry = Backend {
+                ip_be: u32::from(*addr.ip()).to_be(),
+                port_be: addr.port().to_be(),
+                _pad: 0,
+                service_id,
+                flags: BACKEND_F_ACTIVE,
+                snat_ip_be: self.snat_source(&svc.config, *addr.ip()).map_or(0, |ip| u32::from(ip).to_be()),
+                _pad2: 0,
+            };
             let id = match self.backend_ids.get(&(*key, *addr)) {
                 Some(id) => *id,
                 None => {
                     let id = self.free_backend_id(freed_now)?;
-                    let entry = Backend {
-                        ip_be: u32::from(*addr.ip()).to_be(),
-                        port_be: addr.port().to_be(),
-                        _pad: 0,
-                        service_id,
-                        flags: BACKEND_F_ACTIVE,
-                    };
-                    dp.set_backend(id, &entry)?;
                     self.backend_ids.insert((*key, *addr), id);
                     summary.backends_added += 1;
                     id
                 }
             };
+            if self.entries.get(&id) != Some(&entry) {
+                dp.set_backend(id, &entry)?;
+                self.entries.insert(id, entry);
+            }
             // Out of the table (draining, down): keeps its id, gets no slots.
             out.push(MaglevBackend { id, addr: *addr, weight: if *in_table { *weight } else { 0 } });
         }
@@ -303,12 +351,14 @@ impl Reconciler {
             halves: [vec![0; MAGLEV_TABLE_SIZE as usize], vec![0; MAGLEV_TABLE_SIZE as usize]],
             backends: Vec::new(),
             flags: 0,
+            mode: MODE_DNAT,
         });
         state.name.clone_from(&svc.config.name);
         let flags = crate::core::zero::service_flags(&svc.config);
+        let mode = svc.config.mode.number();
         if created {
             summary.services_added += 1;
-        } else if same_set(&state.backends, &backends) && state.flags == flags {
+        } else if same_set(&state.backends, &backends) && state.flags == flags && state.mode == mode {
             return Ok(());
         }
         // From scratch, not from the live table: the table is then a function
@@ -330,9 +380,10 @@ impl Reconciler {
         dp.set_table_entries(id, next, &changes)?;
         state.halves[next as usize] = table;
         let live_backends = backends.iter().filter(|b| b.weight > 0).count() as u32;
-        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode: MODE_DNAT, flags })?;
+        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode, flags })?;
         state.flags = flags;
         state.table = next;
+        state.mode = mode;
         state.backends = backends;
         summary.tables_rebuilt += 1;
         summary.slots_written += changes.len();

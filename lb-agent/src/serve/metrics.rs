@@ -150,6 +150,10 @@ const SERVICE_USABLE_BACKENDS: Family<ServiceLabels> = Family::gauge(
     "lb_service_usable_backends",
     "Backends new flows of the service can go to (active, weight above 0, not down); at 0 clients are refused at once.",
 );
+const SERVICE_MODE: Family<ServiceModeLabels> = Family::gauge(
+    "lb_service_mode",
+    "1 for the service's forwarding mode (dnat or full-nat); full NAT's held source ports are lb_map_entries of map SNAT_FLOWS.",
+);
 const BACKEND_OPEN_CONNECTIONS: Family<BackendLabels> = Family::gauge(
     "lb_backend_open_connections",
     "Open flows to the backend in the connection table: TCP without FIN or RST, UDP active within the last 30 s.",
@@ -258,6 +262,9 @@ fn collect(snapshot: &Snapshot) -> Vec<Collected> {
     for (family, value) in &SERVICE_TRAFFIC {
         out.push(family.collect(services.iter().map(|s| (ServiceLabels::of(s), value(&s.counters) as f64))));
     }
+    out.push(SERVICE_MODE.collect(
+        services.iter().map(|s| (ServiceModeLabels { service: ServiceLabels::of(s), mode: s.mode.clone() }, TRUE)),
+    ));
     out.push(
         SERVICE_USABLE_BACKENDS.collect(services.iter().map(|s| (ServiceLabels::of(s), f64::from(s.usable_backends)))),
     );
@@ -830,6 +837,20 @@ impl LabelSet for ScalingInstanceLabels {
     }
 }
 
+struct ServiceModeLabels {
+    service: ServiceLabels,
+    mode: String,
+}
+
+impl LabelSet for ServiceModeLabels {
+    const NAMES: &'static [&'static str] = &["service", "vip", "port", "protocol", "mode"];
+    fn into_values(self) -> Vec<String> {
+        let mut values = self.service.into_values();
+        values.push(self.mode);
+        values
+    }
+}
+
 struct MapLabels {
     map: String,
 }
@@ -1077,6 +1098,7 @@ mod tests {
                 port: 80,
                 protocol: "tcp".to_owned(),
                 mode: "dnat".to_owned(),
+                snat_sources: vec![],
                 interfaces: vec!["eth0".to_owned()],
                 counters: traffic(1000),
                 backends: vec![
@@ -1238,6 +1260,7 @@ mod tests {
             ("lb_service_new_flows_total", "counter"),
             ("lb_service_reply_packets_total", "counter"),
             ("lb_service_reply_bytes_total", "counter"),
+            ("lb_service_mode", "gauge"),
             ("lb_service_usable_backends", "gauge"),
             ("lb_backend_packets_total", "counter"),
             ("lb_backend_bytes_total", "counter"),
@@ -1383,6 +1406,7 @@ mod tests {
         for line in [
             r#"lb_xdp_attached{interface="eth0",hook="xdp",mode="native",checksums="complete"} 1"#,
             r#"lb_map_entries{map="CONNTRACK"} 9"#,
+            r#"lb_service_mode{service="web",vip="10.0.0.100",port="80",protocol="tcp",mode="dnat"} 1"#,
             r#"lb_map_max_entries{map="CONNTRACK"} 65536"#,
             "lb_agent_errors_total 3",
             "lb_agent_uptime_seconds 12.5",

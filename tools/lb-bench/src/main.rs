@@ -15,6 +15,12 @@
 //! Each case's cost is also given as a multiple of the established packet's
 //! (net ns over net ns).
 //!
+//! The full-NAT cases use a second service (`mode = "full-nat"`): an
+//! established packet, whose flow's port claim is checked on the way, and
+//! a new flow's SYN, which also claims a port. Every new full-NAT flow
+//! holds its port, so that case runs at most `FULL_NAT_SYN_RUNS` times a
+//! round, from no claims, and proves its path by the claims it left too.
+//!
 //! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
 
 use std::{
@@ -26,8 +32,8 @@ use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
 use lb_common::{
-    BenchFrame, Reason, BENCH_FRAME, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, BENCH_TARGET, PROG_BENCH, PROG_LB,
-    PROG_LB_LOCAL, PROG_PASS,
+    hash::flow_hash, snat, BenchFrame, Reason, BENCH_FRAME, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, BENCH_TARGET,
+    PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS,
 };
 use lb_lab::{
     packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
@@ -73,6 +79,33 @@ fn service() -> ServiceSpec {
     ServiceSpec::new(0, VIP, IPPROTO_TCP, 0, &backends)
 }
 
+/// The same again in full NAT, at its own VIP with its own four backends,
+/// sent from `FULL_NAT_SOURCE` with ports from `FULL_NAT_PORTS`.
+fn full_nat_service() -> ServiceSpec {
+    let backends: Vec<(u32, SocketAddrV4)> =
+        (5..=8).map(|i| (i, SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i as u8), 8080))).collect();
+    ServiceSpec::new(1, FULL_NAT_VIP, IPPROTO_TCP, 0, &backends).full_nat(FULL_NAT_SOURCE)
+}
+
+const FULL_NAT_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 80);
+const FULL_NAT_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 254);
+/// Every unprivileged port, so each backend takes 64,512 flows at once.
+const FULL_NAT_PORTS: (u16, u16) = (1024, 65535);
+/// Runs of the full-NAT SYN case: every run holds a port, and a quarter of
+/// the four backends' 258,048 keeps the probe for a free one short.
+const FULL_NAT_SYN_RUNS: u32 = 64_000;
+
+/// Where the established full-NAT flow of `CLIENT` leaves from: the first
+/// port its hash names (no claim holds it when that case runs).
+fn full_nat_source() -> SocketAddrV4 {
+    let hash = flow_hash(be(CLIENT), be(FULL_NAT_VIP), CLIENT.port().to_be(), FULL_NAT_VIP.port().to_be(), IPPROTO_TCP);
+    SocketAddrV4::new(FULL_NAT_SOURCE, snat::candidate(hash, 0, FULL_NAT_PORTS.0, FULL_NAT_PORTS.1))
+}
+
+fn be(addr: SocketAddrV4) -> u32 {
+    u32::from(*addr.ip()).to_be()
+}
+
 /// A TCP frame padded to exactly `BENCH_FRAME_LEN`, the length the wrapper
 /// restores.
 fn frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Vec<u8> {
@@ -106,6 +139,12 @@ struct Case {
     non_syn_budget: u32,
     /// What every run must return.
     verdict: u32,
+    /// At most this many runs per measurement (full NAT's new flows each
+    /// hold a port); `u32::MAX`: `--repeat`.
+    max_runs: u32,
+    /// Full-NAT claims each run adds (checked after a round that starts
+    /// with none: the claims are cleared first when this is above 0).
+    claims_per_run: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Serialize)]
@@ -167,6 +206,8 @@ fn cases() -> Vec<Case> {
         baseline: Baseline::None,
         non_syn_budget: u32::MAX,
         verdict: XDP_PASS,
+        max_runs: u32::MAX,
+        claims_per_run: 0,
     };
     let wrapped = |name, frame, reason| Case {
         name,
@@ -181,7 +222,10 @@ fn cases() -> Vec<Case> {
         baseline: Baseline::WrapperPass,
         non_syn_budget: u32::MAX,
         verdict: XDP_PASS,
+        max_runs: u32::MAX,
+        claims_per_run: 0,
     };
+    let full_nat_backend = full_nat_service().pick(CLIENT).expect("the full-NAT table names a backend").1;
     vec![
         pass_only(CASE_PASS, PROG_PASS, None),
         pass_only(CASE_WRAPPER, PROG_BENCH, Some(PROG_PASS)),
@@ -243,6 +287,31 @@ fn cases() -> Vec<Case> {
             verdict: XDP_DROP,
             ..wrapped("xdp_lb: non-SYN miss, over budget", new_flow_ack(), Reason::DropNonSynOverBudget)
         },
+        // Full NAT: both ends rewritten; the flow's claim is checked on
+        // every packet...
+        Case {
+            prepare: Some(frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[])),
+            output: Some(frame(full_nat_source(), full_nat_backend, TCP_ACK | TCP_PSH, b"bench")),
+            ..wrapped(
+                "xdp_lb: full-nat established",
+                frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"),
+                Reason::Forwarded,
+            )
+        },
+        // ...and a new flow also claims a port (a BPF_NOEXIST insert) and
+        // writes its entry twice. The claims go between rounds.
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            max_runs: FULL_NAT_SYN_RUNS,
+            claims_per_run: 1,
+            ..wrapped(
+                "xdp_lb: full-nat SYN, full table",
+                frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]),
+                Reason::Forwarded,
+            )
+        },
     ]
 }
 
@@ -260,12 +329,14 @@ impl Bench {
         let mut lb = LbObject::load_bench()?;
         lb.load_program(PROG_PASS)?;
         lb.load_program(PROG_BENCH)?;
-        let svc = service();
+        let (svc, full_nat) = (service(), full_nat_service());
         lb.add_service(&svc)?;
+        lb.add_service(&full_nat)?;
+        lb.set_snat_ports(FULL_NAT_PORTS.0, FULL_NAT_PORTS.1)?;
         Ok(Self {
             frames: lb.take_map(BENCH_FRAME)?,
             targets: lb.take_map(BENCH_TARGET)?,
-            backend_ids: svc.backends.iter().map(|(id, _)| *id).collect(),
+            backend_ids: svc.backends.iter().chain(&full_nat.backends).map(|(id, _)| *id).collect(),
             lb,
         })
     }
@@ -301,6 +372,10 @@ impl Bench {
 
     /// One measured run of `case`, checked against its proof.
     fn measure_round(&mut self, case: &Case, repeat: u32) -> Result<u32> {
+        let repeat = repeat.min(case.max_runs);
+        if case.claims_per_run > 0 {
+            self.lb.clear_snat_claims()?;
+        }
         if let Some(target) = case.target {
             self.aim(target, &case.frame, case.flags)?;
         }
@@ -334,6 +409,11 @@ impl Bench {
         ensure!(new_flows == want, "new_flows moved by {new_flows}, want {want}");
         if let Some(out) = &case.output {
             ensure!(&run.data == out, "the last run left an unexpected frame");
+        }
+        if case.claims_per_run > 0 {
+            let claims = self.lb.snat_claims()?.len() as u64;
+            let want = case.claims_per_run * u64::from(repeat);
+            ensure!(claims == want, "full NAT holds {claims} ports, want {want}");
         }
         Ok(())
     }
@@ -419,7 +499,7 @@ fn rows(cases: &[Case], measured: &[Vec<u32>], repeat: u32) -> Result<Vec<Row>> 
                 net_ns,
                 vs_pass: f64::from(med) / f64::from(pass.max(1)),
                 reason: c.reason.map(Reason::name),
-                repeat,
+                repeat: repeat.min(c.max_runs),
             }
         })
         .collect())

@@ -1,5 +1,7 @@
 //! The connection table (`CONNTRACK`) as `ports::ConnectionTable`: walks that
-//! count open flows per backend, and flushes of one backend's flows. A walk
+//! count open flows per backend, and flushes of one backend's flows. Full
+//! NAT's port claims (`SNAT_FLOWS`) go with their flows: a flow deleted here
+//! gives its claim back, and a walk reaps claims whose flow is gone. A walk
 //! reads up to `CONNTRACK_MAX` entries, so the agent runs these on a worker
 //! off its loop, through a handle of their own on the map.
 
@@ -10,7 +12,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use lb_common::{Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP};
+use lb_common::{Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP, SNAT_FLOWS};
 
 use super::map_err;
 use crate::{
@@ -31,24 +33,75 @@ pub const CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 /// worker that walks it shares nothing with the agent's `AyaDataplane`.
 pub(super) struct AyaConnections {
     /// Removing entries takes `&mut`; walks and flushes take turns.
-    map: Mutex<HashMap<MapData, FlowKey, Conn>>,
+    map: Mutex<Tables>,
     /// The table's size, fixed when the map was created.
     max_entries: u32,
 }
 
-impl AyaConnections {
-    /// A second handle on `map` (a duplicate of its descriptor).
-    pub(super) fn open(map: &HashMap<MapData, FlowKey, Conn>) -> Result<Self, DataplaneError> {
-        let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(map_err(CONNTRACK, "duplicate the fd"))?;
-        let data = MapData::from_fd(fd).map_err(map_err(CONNTRACK, "open"))?;
-        let max_entries = data.info().map_err(map_err(CONNTRACK, "read its info"))?.max_entries();
-        let map = Map::from_map_data(data).map_err(map_err(CONNTRACK, "open"))?;
-        let map = Mutex::new(HashMap::try_from(map).map_err(map_err(CONNTRACK, "open"))?);
-        Ok(AyaConnections { map, max_entries })
+/// The connection table and full NAT's claims, locked together.
+struct Tables {
+    flows: HashMap<MapData, FlowKey, Conn>,
+    claims: HashMap<MapData, FlowKey, FlowKey>,
+}
+
+impl Tables {
+    /// Delete flow `key` and give its claim back (if it still holds it).
+    /// Whether the flow's entry was there to delete.
+    fn remove_flow(&mut self, key: &FlowKey, conn: &Conn) -> bool {
+        if conn.snat_port_be != 0 {
+            let rev = conn.snat_reply_key(key.proto);
+            if self.claims.get(&rev, 0).is_ok_and(|holder| holder == *key) {
+                // Gone meanwhile is fine.
+                let _ = self.claims.remove(&rev);
+            }
+        }
+        self.flows.remove(key).is_ok()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<MapData, FlowKey, Conn>> {
-        // A panic mid-walk leaves the map as the kernel has it: still usable.
+    /// Delete claims whose flow is gone or holds another one (the flow was
+    /// replaced, or evicted from the LRU table); returns the claims left.
+    fn reap_claims(&mut self) -> u64 {
+        let mut stale = Vec::new();
+        let mut held = 0;
+        for item in self.claims.iter() {
+            let Ok((rev, fwd)) = item else { break };
+            match self.flows.get(&fwd, 0) {
+                Ok(conn) if conn.snat_reply_key(fwd.proto) == rev => held += 1,
+                _ => stale.push(rev),
+            }
+        }
+        for rev in &stale {
+            let _ = self.claims.remove(rev);
+        }
+        held
+    }
+}
+
+/// A second handle on `map` (a duplicate of its descriptor), and its size.
+fn second_handle<V: aya::Pod>(
+    map: &HashMap<MapData, FlowKey, V>,
+    name: &'static str,
+) -> Result<(HashMap<MapData, FlowKey, V>, u32), DataplaneError> {
+    let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(map_err(name, "duplicate the fd"))?;
+    let data = MapData::from_fd(fd).map_err(map_err(name, "open"))?;
+    let max_entries = data.info().map_err(map_err(name, "read its info"))?.max_entries();
+    let map = Map::from_map_data(data).map_err(map_err(name, "open"))?;
+    Ok((HashMap::try_from(map).map_err(map_err(name, "open"))?, max_entries))
+}
+
+impl AyaConnections {
+    /// Second handles on the connection table and on full NAT's claims.
+    pub(super) fn open(
+        flows: &HashMap<MapData, FlowKey, Conn>,
+        claims: &HashMap<MapData, FlowKey, FlowKey>,
+    ) -> Result<Self, DataplaneError> {
+        let (flows, max_entries) = second_handle(flows, CONNTRACK)?;
+        let (claims, _) = second_handle(claims, SNAT_FLOWS)?;
+        Ok(AyaConnections { map: Mutex::new(Tables { flows, claims }), max_entries })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // A panic mid-walk leaves the maps as the kernel has them: still usable.
         self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -64,36 +117,38 @@ impl ConnectionTable for AyaConnections {
         let mut out = BTreeMap::new();
         let mut entries = 0;
         let mut expired = Vec::new();
-        for item in map.iter() {
+        for item in map.flows.iter() {
             // An entry evicted mid-walk ends the walk early on some kernels;
             // a count that is briefly low is harmless (drains have deadlines).
             let Ok((key, conn)) = item else { break };
             entries += 1;
             if is_open(&key, &conn, now) {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
-            } else if is_expired(&key, &conn, now) {
-                expired.push(key);
+            }
+            if is_expired(&key, &conn, now) {
+                expired.push((key, conn));
             }
         }
-        for key in &expired {
+        for (key, conn) in &expired {
             // Already gone (LRU eviction) is fine; a packet that came in
             // meanwhile re-creates the flow (a SYN, or within the budget).
-            if map.remove(key).is_ok() {
+            if map.remove_flow(key, conn) {
                 entries -= 1;
             }
         }
-        Ok(ConntrackScan { open: out, entries, max_entries: self.max_entries })
+        let snat_claims = map.reap_claims();
+        Ok(ConntrackScan { open: out, entries, max_entries: self.max_entries, snat_claims })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
         let mut map = self.lock();
         let now = monotonic_ns();
         let entries: Vec<(FlowKey, Conn)> =
-            map.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
+            map.flows.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
         let mut open = 0;
         for (k, c) in &entries {
             // Already gone (LRU eviction) is fine.
-            if map.remove(k).is_ok() && is_open(k, c, now) {
+            if map.remove_flow(k, c) && is_open(k, c, now) {
                 open += 1;
             }
         }
@@ -102,7 +157,7 @@ impl ConnectionTable for AyaConnections {
 
     fn lookup(&self, key: &FlowKey) -> Result<Option<FlowSeen>, DataplaneError> {
         let map = self.lock();
-        match map.get(key, 0) {
+        match map.flows.get(key, 0) {
             Ok(conn) => {
                 let idle = monotonic_ns().saturating_sub(conn.last_seen_ns);
                 Ok(Some(FlowSeen { conn, idle: std::time::Duration::from_nanos(idle) }))
@@ -122,9 +177,13 @@ fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
     }
 }
 
-/// A TCP flow a walk deletes: half-open or closed, idle long enough.
+/// A flow a walk deletes: TCP half-open or closed, idle long enough; a
+/// full-NAT UDP flow idle past `UDP_IDLE` (its claim holds a port).
 fn is_expired(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
     let idle = now_ns.saturating_sub(conn.last_seen_ns);
+    if key.proto == PROTO_UDP {
+        return conn.snat_port_be != 0 && idle >= UDP_IDLE.as_nanos() as u64;
+    }
     key.proto == PROTO_TCP
         && match TcpState::of(conn.tcp_seen) {
             TcpState::HalfOpen => idle >= HALF_OPEN_IDLE.as_nanos() as u64,
@@ -162,6 +221,9 @@ mod tests {
             client_ifindex: 0,
             client_mac: [0; 6],
             local_mac: [0; 6],
+            snat_ip_be: 0,
+            snat_port_be: 0,
+            _pad2: 0,
         };
         (key, conn)
     }
@@ -189,5 +251,15 @@ mod tests {
         };
         assert!(!at(HALF_OPEN_IDLE.as_secs() - 1, 0) && at(HALF_OPEN_IDLE.as_secs(), 0));
         assert!(!at(CLOSED_GRACE.as_secs() - 1, closed) && at(CLOSED_GRACE.as_secs(), closed));
+    }
+
+    #[test]
+    fn idle_udp_flows_expire_only_when_they_hold_a_full_nat_port() {
+        let idle = (100 + UDP_IDLE.as_secs()) * S;
+        let (k, c) = flow(PROTO_UDP, 0, 100);
+        assert!(!is_expired(&k, &c, idle), "a DNAT flow waits for the LRU");
+        let c = Conn { snat_ip_be: 7, snat_port_be: 61000u16.to_be(), ..c };
+        assert!(!is_expired(&k, &c, idle - S) && is_expired(&k, &c, idle));
+        assert_eq!(c.snat_reply_key(PROTO_UDP), FlowKey::new(5, 6, 7, 61000u16.to_be(), PROTO_UDP));
     }
 }

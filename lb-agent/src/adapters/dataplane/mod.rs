@@ -184,6 +184,9 @@ impl Routes for AyaDataplane {
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
         crate::adapters::routes::KernelRoutes.routes(addrs)
     }
+    fn sources(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+        crate::adapters::routes::KernelRoutes.sources(addrs)
+    }
 }
 
 impl Dataplane for AyaDataplane {
@@ -212,7 +215,10 @@ impl Dataplane for AyaDataplane {
     }
 
     fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
-        Ok(Arc::new(AyaConnections::open(&self.maps.conntrack).map_err(map_err(CONNTRACK, "open a second handle"))?))
+        Ok(Arc::new(
+            AyaConnections::open(&self.maps.conntrack, &self.maps.snat_flows)
+                .map_err(map_err(CONNTRACK, "open a second handle"))?,
+        ))
     }
 
     fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>> {

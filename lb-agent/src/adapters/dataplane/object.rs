@@ -13,7 +13,8 @@ use aya::{
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
-    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS, WAKE_EVENTS, WAKE_LAST,
+    REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SNAT_FLOWS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS, WAKE_EVENTS,
+    WAKE_LAST,
 };
 
 use crate::{config::DataplaneConfig, ports::DataplaneError};
@@ -48,12 +49,14 @@ pub struct Maps {
     pub wake_events: Option<RingBuf<MapData>>,
     /// Per CPU and service: the last wake report's time (the rate limit).
     pub wake_last: PerCpuArray<MapData, u64>,
+    /// Full NAT's claimed ports: reply 5-tuple -> the flow's forward key.
+    pub snat_flows: HashMap<MapData, FlowKey, FlowKey>,
 }
 
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 17] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -70,6 +73,7 @@ impl Maps {
         SOCK_STATS,
         WAKE_EVENTS,
         WAKE_LAST,
+        SNAT_FLOWS,
     ];
 
     /// Takes every map out of `ebpf`.
@@ -91,12 +95,17 @@ impl Maps {
             sock_stats: take_map(ebpf, SOCK_STATS)?,
             wake_events: Some(take_map(ebpf, WAKE_EVENTS)?),
             wake_last: take_map(ebpf, WAKE_LAST)?,
+            snat_flows: take_map(ebpf, SNAT_FLOWS)?,
         })
     }
 
     /// Tells the program `config`'s settings.
     pub fn set_settings(&mut self, config: &DataplaneConfig) -> Result<(), DataplaneError> {
-        let settings = lb_common::Settings { non_syn_flows_per_sec: config.non_syn_flows_per_sec, _pad: 0 };
+        let settings = lb_common::Settings {
+            non_syn_flows_per_sec: config.non_syn_flows_per_sec,
+            snat_port_min: config.snat_port_min,
+            snat_port_max: config.snat_port_max,
+        };
         self.settings.set(0, settings, 0).map_err(map_err(SETTINGS, "write"))
     }
 
@@ -138,10 +147,13 @@ impl Maps {
 /// stay unloaded).
 /// With `map_pins`, each map is pinned at `<map_pins>/<name>`, or adopted
 /// from there when a previous load left it. The connection table gets
-/// `config.max_flows` entries, and the program `config`'s settings.
+/// `config.max_flows` entries (and full NAT's claims as many), and the
+/// program `config`'s settings.
 pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneConfig) -> anyhow::Result<(Ebpf, Maps)> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(CONNTRACK, config.max_flows);
+    // One claim per flow at most.
+    loader.map_max_entries(SNAT_FLOWS, config.max_flows);
     if let Some(dir) = map_pins {
         for name in Maps::NAMES {
             loader.map_pin_path(name, dir.join(name));

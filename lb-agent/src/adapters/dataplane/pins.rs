@@ -155,12 +155,14 @@ pub(super) fn check_pinned_maps(object: &[u8], map_pins: &Path, pin_dir: &Path, 
         }
         let def = obj.maps.get(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
         let mut expected = MapShape::of_definition(def);
-        if name == lb_common::CONNTRACK {
+        // Sized by max_flows at load, as `load_object` does.
+        let sized = name == lb_common::CONNTRACK || name == lb_common::SNAT_FLOWS;
+        if sized {
             expected.max_entries = max_flows;
         }
         let found = MapShape::of_pin(&path)?;
         let differences = expected.differences(&found);
-        if name == lb_common::CONNTRACK && differences.len() == 1 && found.max_entries != max_flows {
+        if sized && differences.len() == 1 && found.max_entries != max_flows {
             bail!(
                 "the pinned connection table at {} holds {} flows, but [dataplane] max_flows is {max_flows}; \
                  set max_flows back to {} to keep the pinned flows, or drop them (and the rest of the pinned \

@@ -1,0 +1,157 @@
+//! Full NAT's host checks and descriptions (`check`, `run`): pure, from the
+//! config and the host's facts.
+//!
+//! A `source` must be an address of this host, or the backends' replies
+//! never reach it. Without one, each backend's flows are sent from the
+//! address the route to it leaves by (`HostFacts::snat_sources`). The port
+//! range should stay out of the host's ephemeral range: a connection of the
+//! host's own could take a port a flow holds, and its answers would be
+//! taken for the flow's replies.
+
+use std::fmt::Write as _;
+
+use crate::{
+    config::{Config, ForwardMode, ServiceConfig},
+    core::deploy::{Finding, Severity},
+    ports::HostFacts,
+};
+
+/// What the host says against the config's full-NAT services.
+pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let full_nat = || config.services.iter().enumerate().filter(|(_, s)| s.mode == ForwardMode::FullNat);
+    for (i, s) in full_nat() {
+        let at = format!("service[{i}] {:?}", s.name);
+        match s.source {
+            Some(ip) if !facts.local_addrs.contains(&ip) => out.push(Finding {
+                severity: Severity::Refuse,
+                text: format!(
+                    "{at}: source: {ip} is not an address of this host: backends would reply to an address the \
+                     load balancer never sees; use one of its own ({})",
+                    list(facts.local_addrs.iter())
+                ),
+            }),
+            Some(_) => {}
+            None => {
+                for (j, b) in s.backends.iter().enumerate() {
+                    if !facts.snat_sources.contains_key(b.address.ip()) {
+                        out.push(Finding {
+                            severity: Severity::Warn,
+                            text: format!(
+                                "{at}: backend[{j}].address: {}: the route to it names no source address, so its \
+                                 flows are dropped (drop_snat_exhausted); set the service's `source`",
+                                b.address
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let (min, max) = (config.dataplane.snat_port_min, config.dataplane.snat_port_max);
+    if let Some((first, last)) =
+        facts.ephemeral_ports.filter(|(f, l)| full_nat().next().is_some() && min <= *l && *f <= max)
+    {
+        out.push(Finding {
+            severity: Severity::Warn,
+            text: format!(
+                "dataplane.snat_port_min..=snat_port_max: {min}-{max} overlaps the host's ephemeral ports \
+                 (net.ipv4.ip_local_port_range {first}-{last}): a connection of the host's own may take a port a \
+                 flow holds, and its answers would go to that flow's client; move the range, or reserve it with \
+                 net.ipv4.ip_local_reserved_ports={min}-{max}"
+            ),
+        });
+    }
+    out
+}
+
+/// `svc`'s mode in words, with where full NAT sends from (`None`: the
+/// file only, routes not asked).
+pub fn describe(svc: &ServiceConfig, facts: Option<&HostFacts>) -> String {
+    if svc.mode != ForwardMode::FullNat {
+        return format!("mode {}", svc.mode);
+    }
+    let mut out = format!("mode {}", svc.mode);
+    match (svc.source, facts) {
+        (Some(ip), _) => {
+            let _ = write!(out, " from {ip} (its `source`)");
+        }
+        (None, None) => {
+            out.push_str(" from the address the route to each backend leaves by (not looked up: --file-only)")
+        }
+        (None, Some(facts)) => {
+            let each = svc.backends.iter().map(|b| match facts.snat_sources.get(b.address.ip()) {
+                Some(src) => format!("{src} to {}", b.address),
+                None => format!("no source to {}", b.address),
+            });
+            let _ = write!(out, " from the route's source: {}", list(each));
+        }
+    }
+    out
+}
+
+fn list<T: ToString>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, path::Path};
+
+    use super::*;
+    use crate::testing::web;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Path::new("lb.toml")).unwrap()
+    }
+
+    fn host() -> HostFacts {
+        HostFacts {
+            local_addrs: [Ipv4Addr::new(10, 1, 0, 254)].into(),
+            ephemeral_ports: Some((32768, 60999)),
+            snat_sources: [(Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 254))].into(),
+            ..HostFacts::default()
+        }
+    }
+
+    #[test]
+    fn a_source_must_be_local() {
+        let ok = parse(&web("mode = \"full-nat\"\nsource = \"10.1.0.254\"", &["10.1.0.1:8080"]));
+        assert!(judge(&ok, &host()).is_empty(), "{:?}", judge(&ok, &host()));
+        assert_eq!(describe(&ok.services[0], None), "mode full-nat from 10.1.0.254 (its `source`)");
+        let far = parse(&web("mode = \"full-nat\"\nsource = \"10.9.9.9\"", &["10.1.0.1:8080"]));
+        let f = judge(&far, &host());
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].severity, Severity::Refuse);
+        assert!(
+            f[0].text.starts_with("service[0] \"web\": source: 10.9.9.9 is not an address of this host"),
+            "{}",
+            f[0]
+        );
+    }
+
+    #[test]
+    fn without_a_source_each_backend_uses_its_route() {
+        let c = parse(&web("mode = \"full-nat\"", &["10.1.0.1:8080", "10.2.0.1:8080"]));
+        assert_eq!(
+            describe(&c.services[0], Some(&host())),
+            "mode full-nat from the route's source: 10.1.0.254 to 10.1.0.1:8080, no source to 10.2.0.1:8080"
+        );
+        let f = judge(&c, &host());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].text.contains("backend[1].address: 10.2.0.1:8080: the route to it names no source"), "{}", f[0]);
+        assert_eq!(describe(&parse(&web("", &[])).services[0], Some(&host())), "mode dnat");
+    }
+
+    #[test]
+    fn a_port_range_inside_the_ephemeral_one_is_warned_of() {
+        let text = web("mode = \"full-nat\"", &["10.1.0.1:8080"]);
+        assert!(judge(&parse(&text), &host()).is_empty(), "the default range is above Linux's default");
+        let inside = parse(&format!("{text}\n[dataplane]\nsnat_port_min = 40000\nsnat_port_max = 40010\n"));
+        let f = judge(&inside, &host());
+        assert_eq!(f.len(), 1);
+        assert!(f[0].text.contains("40000-40010 overlaps the host's ephemeral ports"), "{}", f[0]);
+        let dnat = parse(&format!("{}\n[dataplane]\nsnat_port_min = 40000\n", web("", &["10.1.0.1:8080"])));
+        assert!(judge(&dnat, &host()).is_empty(), "no full-NAT service, no claim");
+    }
+}
