@@ -25,5 +25,6 @@ pub mod netns;
 pub mod packet;
 pub mod root;
 pub mod scratch;
+pub mod swarm;
 pub mod testrun;
 pub mod topology;
