@@ -175,6 +175,26 @@ pub(crate) async fn connect(stop_grace: Duration) -> Result<Docker, Orchestrator
         .map_err(docker_err("negotiate the Docker API version"))
 }
 
+/// A network named `name` with `spec`'s subnet (the host is its gateway)
+/// and Linux bridge name, labelled as ours.
+pub(crate) fn bridge_network(name: &str, spec: &DockerSpec) -> NetworkCreateRequest {
+    NetworkCreateRequest {
+        name: name.to_owned(),
+        ipam: Some(Ipam {
+            driver: Some("default".into()),
+            config: Some(vec![IpamConfig {
+                subnet: Some(spec.subnet.to_string()),
+                gateway: Some(spec.subnet.gateway().to_string()),
+                ..Default::default()
+            }]),
+            options: None,
+        }),
+        options: Some(HashMap::from([(BRIDGE_NAME_OPTION.to_owned(), spec.bridge.clone())])),
+        labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
+        ..Default::default()
+    }
+}
+
 pub(crate) fn docker_err(what: impl fmt::Display) -> impl FnOnce(BollardError) -> OrchestratorError {
     move |e| OrchestratorError::Docker(format!("{what}: {e}"))
 }
@@ -239,22 +259,7 @@ impl DockerOrchestrator {
             }
             Err(e) if is_status(&e, 404) => {
                 let subnet = self.spec.subnet;
-                let req = NetworkCreateRequest {
-                    name: name.clone(),
-                    driver: Some("bridge".into()),
-                    ipam: Some(Ipam {
-                        driver: Some("default".into()),
-                        config: Some(vec![IpamConfig {
-                            subnet: Some(subnet.to_string()),
-                            gateway: Some(subnet.gateway().to_string()),
-                            ..Default::default()
-                        }]),
-                        options: None,
-                    }),
-                    options: Some(HashMap::from([(BRIDGE_NAME_OPTION.to_owned(), self.spec.bridge.clone())])),
-                    labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
-                    ..Default::default()
-                };
+                let req = NetworkCreateRequest { driver: Some("bridge".into()), ..bridge_network(name, &self.spec) };
                 self.docker.create_network(req).await.map_err(docker_err(format!("create network {name}")))?;
                 info!(network = name, %subnet, bridge = self.spec.bridge, "docker network created");
                 Ok(())

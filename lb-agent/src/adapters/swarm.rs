@@ -43,9 +43,9 @@ use std::{
 
 use bollard::{
     models::{
-        ConfigReference, Ipam, IpamConfig, Limit, LocalNodeState, NetworkAttachmentConfig, NetworkCreateRequest,
-        ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, SwarmInitRequest, Task, TaskSpec,
-        TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+        ConfigReference, Limit, LocalNodeState, NetworkAttachmentConfig, NetworkCreateRequest, ServiceSpec,
+        ServiceSpecMode, ServiceSpecModeReplicated, SwarmInitRequest, Task, TaskSpec, TaskSpecContainerSpec,
+        TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
     },
     query_parameters::{InspectContainerOptions, InspectNetworkOptions, ListServicesOptions, ListTasksOptions},
     Docker,
@@ -54,8 +54,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::docker::{
-    connect, container_name, cpu_percent_of, docker_err, is_ours, is_status, labels_for, lowest_free_ordinal, poisoned,
-    CpuSample, LABEL_INSTANCE, LABEL_OWNER, OWNER,
+    bridge_network, connect, container_name, cpu_percent_of, docker_err, is_ours, is_status, labels_for,
+    lowest_free_ordinal, poisoned, CpuSample, LABEL_INSTANCE,
 };
 use super::process::{ip, BRIDGE_ALIAS};
 use crate::{
@@ -190,22 +190,7 @@ impl SwarmOrchestrator {
                 }
             }
             Err(e) if is_status(&e, 404) => {
-                let req = NetworkCreateRequest {
-                    name: config.clone(),
-                    config_only: Some(true),
-                    ipam: Some(Ipam {
-                        driver: Some("default".into()),
-                        config: Some(vec![IpamConfig {
-                            subnet: Some(subnet.to_string()),
-                            gateway: Some(subnet.gateway().to_string()),
-                            ..Default::default()
-                        }]),
-                        options: None,
-                    }),
-                    options: Some(HashMap::from([(BRIDGE_NAME_OPTION.to_owned(), self.spec.bridge.clone())])),
-                    labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
-                    ..Default::default()
-                };
+                let req = NetworkCreateRequest { config_only: Some(true), ..bridge_network(&config, &self.spec) };
                 self.docker.create_network(req).await.map_err(docker_err(format!("create network {config}")))?;
                 info!(network = config, %subnet, bridge = self.spec.bridge, "config-only network created");
             }

@@ -709,6 +709,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn swarm_spec_takes_the_docker_keys_with_its_own_defaults_and_init() {
+        let s: SwarmSpec = toml::from_str("image = \"w\"\nport = 8080\ninit = true").unwrap();
+        assert!(s.init);
+        let c = &s.container;
+        assert_eq!((c.network.as_str(), c.bridge.as_str()), ("lb-swarm", "lbs0"));
+        assert_eq!(c.subnet.to_string(), "10.214.0.0/24");
+        assert!(!toml::from_str::<SwarmSpec>("image = \"w\"\nport = 1").unwrap().init, "init is off by default");
+        let err = crate::testing::config_errors_with("instances.swarm", "image = \"w\"\nport = 1\nint = true");
+        assert!(err.contains("instances.swarm.int (line 9): unknown key; did you mean `init`?"), "{err}");
+        let p = SwarmSpec { container: DockerSpec { port: 0, ..docker_spec() }, init: false }
+            .container
+            .problems("service[0] \"web\": instances.swarm");
+        assert_eq!(p, ["service[0] \"web\": instances.swarm.port: must be 1-65535"]);
+    }
+
+    #[test]
     fn subnet_slots_skip_network_gateway_and_broadcast() {
         let s: Ipv4Subnet = "10.213.0.0/24".parse().unwrap();
         assert_eq!(s.slots(), 2..=254);
