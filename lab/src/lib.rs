@@ -28,5 +28,6 @@ pub mod packet;
 pub mod root;
 pub mod scratch;
 pub mod spread;
+pub mod swarm;
 pub mod testrun;
 pub mod topology;

@@ -162,15 +162,48 @@ pub struct DockerOrchestrator {
     starting: tokio::sync::Mutex<()>,
 }
 
-fn docker_err(what: impl fmt::Display) -> impl FnOnce(BollardError) -> OrchestratorError {
+/// Connect to the local engine (`DOCKER_HOST` if it is a `unix://` path,
+/// else /var/run/docker.sock) and agree on an API version. Every request is
+/// bounded by the client's timeout, a stop included: it must outlast the
+/// grace period `stop_grace`.
+pub(crate) async fn connect(stop_grace: Duration) -> Result<Docker, OrchestratorError> {
+    Docker::connect_with_local_defaults()
+        .map_err(docker_err("connect to the Docker engine"))?
+        .with_timeout(Duration::from_secs(120) + stop_grace)
+        .negotiate_version()
+        .await
+        .map_err(docker_err("negotiate the Docker API version"))
+}
+
+/// A network named `name` with `spec`'s subnet (the host is its gateway)
+/// and Linux bridge name, labelled as ours.
+pub(crate) fn bridge_network(name: &str, spec: &DockerSpec) -> NetworkCreateRequest {
+    NetworkCreateRequest {
+        name: name.to_owned(),
+        ipam: Some(Ipam {
+            driver: Some("default".into()),
+            config: Some(vec![IpamConfig {
+                subnet: Some(spec.subnet.to_string()),
+                gateway: Some(spec.subnet.gateway().to_string()),
+                ..Default::default()
+            }]),
+            options: None,
+        }),
+        options: Some(HashMap::from([(BRIDGE_NAME_OPTION.to_owned(), spec.bridge.clone())])),
+        labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn docker_err(what: impl fmt::Display) -> impl FnOnce(BollardError) -> OrchestratorError {
     move |e| OrchestratorError::Docker(format!("{what}: {e}"))
 }
 
-fn is_status(e: &BollardError, code: u16) -> bool {
+pub(crate) fn is_status(e: &BollardError, code: u16) -> bool {
     matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
-fn poisoned<T>(_: std::sync::PoisonError<T>) -> OrchestratorError {
+pub(crate) fn poisoned<T>(_: std::sync::PoisonError<T>) -> OrchestratorError {
     OrchestratorError::Docker("cpu sample table: lock poisoned".into())
 }
 
@@ -180,15 +213,7 @@ impl DockerOrchestrator {
     /// the network exists. Starts nothing; containers of this agent and
     /// service that are already there are ours.
     pub async fn new(agent: &str, service: &str, spec: DockerSpec) -> Result<Self, OrchestratorError> {
-        // Every request is bounded by the client's timeout, a stop included:
-        // it must outlast the grace period.
-        let timeout = Duration::from_secs(120) + spec.stop_grace;
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(docker_err("connect to the Docker engine"))?
-            .with_timeout(timeout)
-            .negotiate_version()
-            .await
-            .map_err(docker_err("negotiate the Docker API version"))?;
+        let docker = connect(spec.stop_grace).await?;
         let o = DockerOrchestrator {
             docker,
             spec,
@@ -234,22 +259,7 @@ impl DockerOrchestrator {
             }
             Err(e) if is_status(&e, 404) => {
                 let subnet = self.spec.subnet;
-                let req = NetworkCreateRequest {
-                    name: name.clone(),
-                    driver: Some("bridge".into()),
-                    ipam: Some(Ipam {
-                        driver: Some("default".into()),
-                        config: Some(vec![IpamConfig {
-                            subnet: Some(subnet.to_string()),
-                            gateway: Some(subnet.gateway().to_string()),
-                            ..Default::default()
-                        }]),
-                        options: None,
-                    }),
-                    options: Some(HashMap::from([(BRIDGE_NAME_OPTION.to_owned(), self.spec.bridge.clone())])),
-                    labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
-                    ..Default::default()
-                };
+                let req = NetworkCreateRequest { driver: Some("bridge".into()), ..bridge_network(name, &self.spec) };
                 self.docker.create_network(req).await.map_err(docker_err(format!("create network {name}")))?;
                 info!(network = name, %subnet, bridge = self.spec.bridge, "docker network created");
                 Ok(())
@@ -495,29 +505,42 @@ impl Orchestrator for DockerOrchestrator {
             .filter(|c| matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING)))
             .filter_map(|c| c.id)
             .collect();
-        let mut requests = tokio::task::JoinSet::new();
-        for id in running {
-            requests.spawn(sample(self.docker.clone(), id));
-        }
-        let mut now = HashMap::new();
-        while let Some(joined) = requests.join_next().await {
-            let (id, result) = joined.map_err(|e| OrchestratorError::Docker(format!("stats task: {e}")))?;
-            match result {
-                Ok(Some(s)) => {
-                    now.insert(id, s);
-                }
-                Ok(None) => debug!(container = id, "stats without CPU figures"),
-                // Gone between list and stats: it simply has no figure.
-                Err(e) if is_status(&e, 404) => {}
-                Err(e) => return Err(docker_err(format!("stats of container {id}"))(e)),
-            }
-        }
-        let mut samples = self.samples.lock().map_err(poisoned)?;
-        let out =
-            now.iter().filter_map(|(id, s)| Some((id.clone(), cpu_percent_between(*samples.get(id)?, *s)?))).collect();
-        *samples = now;
-        Ok(out)
+        cpu_percent_of(&self.docker, running.into_iter().map(|id| (id.clone(), id)), &self.samples).await
     }
+}
+
+/// CPU use of containers since their previous samples in `samples` (which
+/// this replaces with the new ones), by key: `containers` are (key,
+/// container id) pairs.
+pub(crate) async fn cpu_percent_of(
+    docker: &Docker,
+    containers: impl IntoIterator<Item = (String, String)>,
+    samples: &Mutex<HashMap<String, CpuSample>>,
+) -> Result<HashMap<String, f64>, OrchestratorError> {
+    let mut requests = tokio::task::JoinSet::new();
+    let mut keys = HashMap::new();
+    for (key, id) in containers {
+        keys.insert(id.clone(), key);
+        requests.spawn(sample(docker.clone(), id));
+    }
+    let mut now = HashMap::new();
+    while let Some(joined) = requests.join_next().await {
+        let (id, result) = joined.map_err(|e| OrchestratorError::Docker(format!("stats task: {e}")))?;
+        match result {
+            Ok(Some(s)) => {
+                now.insert(keys.get(&id).cloned().unwrap_or(id), s);
+            }
+            Ok(None) => debug!(container = id, "stats without CPU figures"),
+            // Gone between list and stats: it simply has no figure.
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(docker_err(format!("stats of container {id}"))(e)),
+        }
+    }
+    let mut samples = samples.lock().map_err(poisoned)?;
+    let out =
+        now.iter().filter_map(|(id, s)| Some((id.clone(), cpu_percent_between(*samples.get(id)?, *s)?))).collect();
+    *samples = now;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The outside world behind the agent's decisions: the aya data plane,
-//! orchestrators (Docker, processes) and the host networking they need,
+//! orchestrators (Docker, Swarm, processes) and the host networking they need,
 //! health probes, metric sampling and the scaling timeline.
 
 pub mod dataplane;
@@ -15,4 +15,5 @@ pub mod process;
 pub mod requests;
 pub mod routes;
 pub mod sampling;
+pub mod swarm;
 pub mod timeline;

@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use super::{docker, host_net::DockerForwarding, process};
+use super::{docker, host_net::DockerForwarding, process, swarm};
 use crate::{
     config::ServiceConfig,
     ports::{Orchestrator, OrchestratorError, OrchestratorFactory, Replica},
@@ -37,6 +37,11 @@ pub enum AnyOrchestrator {
         /// `release`.
         forwarding: Mutex<Option<DockerForwarding>>,
     },
+    /// Swarm tasks on this engine's bridge: the same host set-up as Docker.
+    Swarm {
+        orchestrator: Box<swarm::SwarmOrchestrator>,
+        forwarding: Mutex<Option<DockerForwarding>>,
+    },
 }
 
 impl AnyOrchestrator {
@@ -45,20 +50,43 @@ impl AnyOrchestrator {
     /// containers needs.
     pub async fn for_service(agent: &str, svc: &ServiceConfig) -> anyhow::Result<AnyOrchestrator> {
         let Some(instances) = &svc.instances else { anyhow::bail!("service {} is not scaled", svc.name) };
-        Ok(match (&instances.process, &instances.docker) {
-            (Some(spec), _) => {
+        Ok(match (&instances.process, &instances.docker, &instances.swarm) {
+            (Some(spec), _, _) => {
                 AnyOrchestrator::Process(process::ProcessOrchestrator::new(&svc.name, spec.clone()).await?)
             }
-            (None, Some(spec)) => {
+            (None, Some(spec), _) => {
                 let o = docker::DockerOrchestrator::new(agent, &svc.name, spec.clone()).await?;
-                let clients: Vec<String> = svc.interfaces.iter().filter(|i| **i != spec.bridge).cloned().collect();
-                let forwarding =
-                    DockerForwarding::set_up(&clients, &spec.bridge, &format!("{agent} {}", svc.name)).await?;
-                AnyOrchestrator::Docker { orchestrator: Box::new(o), forwarding: Mutex::new(Some(forwarding)) }
+                let forwarding = Mutex::new(Some(forwarding(agent, svc, &spec.bridge).await?));
+                AnyOrchestrator::Docker { orchestrator: Box::new(o), forwarding }
             }
-            (None, None) => anyhow::bail!("service {}: no orchestrator", svc.name),
+            (None, None, Some(spec)) => {
+                let o = swarm::SwarmOrchestrator::new(agent, &svc.name, spec.clone()).await?;
+                let forwarding = Mutex::new(Some(forwarding(agent, svc, &spec.container.bridge).await?));
+                AnyOrchestrator::Swarm { orchestrator: Box::new(o), forwarding }
+            }
+            (None, None, None) => anyhow::bail!("service {}: no orchestrator", svc.name),
         })
     }
+
+    /// The host set-up forwarding to the containers on `bridge` needs.
+    fn forwarding_slot(&self) -> Option<&Mutex<Option<DockerForwarding>>> {
+        match self {
+            AnyOrchestrator::Process(_) => None,
+            AnyOrchestrator::Docker { forwarding, .. } | AnyOrchestrator::Swarm { forwarding, .. } => Some(forwarding),
+        }
+    }
+
+    fn take_forwarding(&self) -> Option<DockerForwarding> {
+        let slot = self.forwarding_slot()?;
+        slot.lock().map(|mut f| f.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take())
+    }
+}
+
+/// Accept new connections from `svc`'s client interfaces to the
+/// containers' `bridge` (dockerd's FORWARD policy drops them).
+async fn forwarding(agent: &str, svc: &ServiceConfig, bridge: &str) -> anyhow::Result<DockerForwarding> {
+    let clients: Vec<String> = svc.interfaces.iter().filter(|i| **i != bridge).cloned().collect();
+    DockerForwarding::set_up(&clients, bridge, &format!("{agent} {}", svc.name)).await
 }
 
 impl Orchestrator for AnyOrchestrator {
@@ -66,6 +94,7 @@ impl Orchestrator for AnyOrchestrator {
         match self {
             AnyOrchestrator::Process(o) => o.list().await,
             AnyOrchestrator::Docker { orchestrator: o, .. } => o.list().await,
+            AnyOrchestrator::Swarm { orchestrator: o, .. } => o.list().await,
         }
     }
 
@@ -73,6 +102,7 @@ impl Orchestrator for AnyOrchestrator {
         match self {
             AnyOrchestrator::Process(o) => o.start().await,
             AnyOrchestrator::Docker { orchestrator: o, .. } => o.start().await,
+            AnyOrchestrator::Swarm { orchestrator: o, .. } => o.start().await,
         }
     }
 
@@ -80,6 +110,7 @@ impl Orchestrator for AnyOrchestrator {
         match self {
             AnyOrchestrator::Process(o) => o.stop(id).await,
             AnyOrchestrator::Docker { orchestrator: o, .. } => o.stop(id).await,
+            AnyOrchestrator::Swarm { orchestrator: o, .. } => o.stop(id).await,
         }
     }
 
@@ -87,25 +118,24 @@ impl Orchestrator for AnyOrchestrator {
         match self {
             AnyOrchestrator::Process(o) => o.cpu_percent().await,
             AnyOrchestrator::Docker { orchestrator: o, .. } => o.cpu_percent().await,
+            AnyOrchestrator::Swarm { orchestrator: o, .. } => o.cpu_percent().await,
         }
     }
 
     fn keep_host_setup(&self) {
-        let AnyOrchestrator::Docker { forwarding, .. } = self else { return };
-        let taken = forwarding.lock().map(|mut f| f.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
-        if let Some(f) = taken {
+        if let Some(f) = self.take_forwarding() {
             f.keep();
         }
     }
 
     async fn release(&self) {
-        let forwarding = match self {
+        match self {
             AnyOrchestrator::Process(o) => return o.release().await,
-            AnyOrchestrator::Docker { forwarding, .. } => forwarding,
-        };
+            AnyOrchestrator::Swarm { orchestrator, .. } => orchestrator.release().await,
+            AnyOrchestrator::Docker { .. } => {}
+        }
         // Taken out first: the lock is not held across the removal.
-        let taken = forwarding.lock().map(|mut f| f.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
-        if let Some(f) = taken {
+        if let Some(f) = self.take_forwarding() {
             f.remove().await;
         }
     }

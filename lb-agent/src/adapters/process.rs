@@ -40,7 +40,7 @@ use crate::{
 /// it), so that the agent that stops its last instance removes it, even when
 /// an earlier agent (killed since) made it, and never removes a bridge the
 /// user made.
-const BRIDGE_ALIAS: &str = "lb-agent instances";
+pub(crate) const BRIDGE_ALIAS: &str = "lb-agent instances";
 
 /// Create the instances' bridge with its address if missing. Idempotent.
 pub async fn prepare_bridge(spec: &ProcessSpec) -> Result<(), OrchestratorError> {
@@ -610,7 +610,7 @@ fn clock_ticks() -> f64 {
     }
 }
 
-async fn ip(args: &[&str]) -> Result<(), OrchestratorError> {
+pub(crate) async fn ip(args: &[&str]) -> Result<(), OrchestratorError> {
     output("ip", args).await.map(|_| ())
 }
 

@@ -25,6 +25,9 @@ pub struct InstancesConfig {
     /// Instances as Docker containers on a bridge network.
     #[serde(default)]
     pub docker: Option<DockerSpec>,
+    /// Instances as Docker Swarm services, one per instance.
+    #[serde(default)]
+    pub swarm: Option<SwarmSpec>,
     /// How long a new instance may take to pass its first health check
     /// before it is stopped and counted as failed.
     #[serde(default = "default_ready_timeout", with = "duration")]
@@ -77,21 +80,16 @@ impl InstancesConfig {
     /// The bridge and subnet of the one orchestrator named (`None` when
     /// none or both are: a problem reported on its own).
     pub fn net(&self) -> Option<InstanceNet<'_>> {
-        match (&self.process, &self.docker) {
-            (Some(p), None) => Some(InstanceNet {
+        match (&self.process, &self.docker, &self.swarm) {
+            (Some(p), None, None) => Some(InstanceNet {
                 kind: "process",
                 bridge: &p.bridge,
                 subnet_key: "prefix",
                 subnet: p.subnet(),
                 network: None,
             }),
-            (None, Some(d)) => Some(InstanceNet {
-                kind: "docker",
-                bridge: &d.bridge,
-                subnet_key: "subnet",
-                subnet: d.subnet,
-                network: Some(&d.network),
-            }),
+            (None, Some(d), None) => Some(d.net("docker")),
+            (None, None, Some(s)) => Some(s.container.net("swarm")),
             _ => None,
         }
     }
@@ -435,6 +433,81 @@ impl DockerSpec {
     }
 }
 
+impl DockerSpec {
+    /// Where its containers live, under `[service.instances.<kind>]`.
+    fn net(&self, kind: &'static str) -> InstanceNet<'_> {
+        InstanceNet {
+            kind,
+            bridge: &self.bridge,
+            subnet_key: "subnet",
+            subnet: self.subnet,
+            network: Some(&self.network),
+        }
+    }
+}
+
+/// `[service.instances.swarm]`: the keys of `[service.instances.docker]`
+/// (other defaults: network `lb-swarm`, bridge `lbs0`, subnet
+/// 10.214.0.0/24), and `init`. `{ip}` and `{addr}` in `env` are 0.0.0.0
+/// (Swarm gives the address when it places the task).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwarmSpec {
+    pub container: DockerSpec,
+    /// Make this engine a single-node swarm if it is in none.
+    pub init: bool,
+}
+
+/// The keys of `[service.instances.swarm]`, for serde.
+#[derive(Deserialize)]
+struct SwarmKeys {
+    image: String,
+    port: u16,
+    #[serde(default = "default_swarm_network")]
+    network: String,
+    #[serde(default = "default_swarm_bridge")]
+    bridge: String,
+    #[serde(default = "default_swarm_subnet")]
+    subnet: Ipv4Subnet,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    cpus: Option<Cpus>,
+    #[serde(default = "default_grace", with = "duration")]
+    stop_grace: Duration,
+    #[serde(default)]
+    name_prefix: Option<String>,
+    #[serde(default)]
+    init: bool,
+}
+
+fn default_swarm_network() -> String {
+    "lb-swarm".into()
+}
+fn default_swarm_bridge() -> String {
+    "lbs0".into()
+}
+fn default_swarm_subnet() -> Ipv4Subnet {
+    Ipv4Subnet { base: Ipv4Addr::new(10, 214, 0, 0), prefix_len: 24 }
+}
+
+impl<'de> Deserialize<'de> for SwarmSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let k = SwarmKeys::deserialize(d)?;
+        let container = DockerSpec {
+            image: k.image,
+            port: k.port,
+            network: k.network,
+            bridge: k.bridge,
+            subnet: k.subnet,
+            env: k.env,
+            cpus: k.cpus,
+            stop_grace: k.stop_grace,
+            name_prefix: k.name_prefix,
+        };
+        Ok(SwarmSpec { container, init: k.init })
+    }
+}
+
 /// Docker's rule for container and network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
 fn is_docker_name(s: &str) -> bool {
     let mut b = s.bytes();
@@ -633,6 +706,22 @@ pub(crate) mod tests {
             assert!(line.starts_with(&format!("service[0] \"web\": instances.docker.{field}: ")), "{line}");
         }
         assert!(docker_spec().problems("x").is_empty());
+    }
+
+    #[test]
+    fn swarm_spec_takes_the_docker_keys_with_its_own_defaults_and_init() {
+        let s: SwarmSpec = toml::from_str("image = \"w\"\nport = 8080\ninit = true").unwrap();
+        assert!(s.init);
+        let c = &s.container;
+        assert_eq!((c.network.as_str(), c.bridge.as_str()), ("lb-swarm", "lbs0"));
+        assert_eq!(c.subnet.to_string(), "10.214.0.0/24");
+        assert!(!toml::from_str::<SwarmSpec>("image = \"w\"\nport = 1").unwrap().init, "init is off by default");
+        let err = crate::testing::config_errors_with("instances.swarm", "image = \"w\"\nport = 1\nint = true");
+        assert!(err.contains("instances.swarm.int (line 9): unknown key; did you mean `init`?"), "{err}");
+        let p = SwarmSpec { container: DockerSpec { port: 0, ..docker_spec() }, init: false }
+            .container
+            .problems("service[0] \"web\": instances.swarm");
+        assert_eq!(p, ["service[0] \"web\": instances.swarm.port: must be 1-65535"]);
     }
 
     #[test]

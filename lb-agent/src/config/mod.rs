@@ -666,20 +666,25 @@ impl ServiceConfig {
                  each instance's metrics page)"
             ));
         }
-        let bridge = match (&inst.process, &inst.docker) {
-            (None, None) | (Some(_), Some(_)) => {
-                out.push(format!(
-                    "{at}: instances: name exactly one kind, [service.instances.process] or [service.instances.docker]"
-                ));
-                return;
-            }
-            (Some(p), None) => {
+        let bridge = match (&inst.process, &inst.docker, &inst.swarm) {
+            (Some(p), None, None) => {
                 out.extend(p.problems(&format!("{at}: instances.process")));
                 &p.bridge
             }
-            (None, Some(d)) => {
+            (None, Some(d), None) => {
                 out.extend(d.problems(&format!("{at}: instances.docker")));
                 &d.bridge
+            }
+            (None, None, Some(s)) => {
+                out.extend(s.container.problems(&format!("{at}: instances.swarm")));
+                &s.container.bridge
+            }
+            _ => {
+                out.push(format!(
+                    "{at}: instances: name exactly one kind, [service.instances.process], [service.instances.docker] \
+                     or [service.instances.swarm]"
+                ));
+                return;
             }
         };
         if !self.interfaces.contains(bridge) {
