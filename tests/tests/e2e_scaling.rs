@@ -284,17 +284,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
     /// Poll the status until `done` holds; panics with the last status (and,
     /// through the agent guard, its log) after `timeout`.
     fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if done(&s) {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("{what}: not within {timeout:?}; last status:\n{:#}", scaling(&s));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.agent.wait_status(what, timeout, done)
     }
 
     /// Wait until exactly `n` instances are ready and in the table, and none
@@ -397,10 +387,7 @@ fn unix_now() -> f64 {
 
 /// The status's one `scaling` entry (each test's agent has one service).
 fn scaling(status: &Value) -> &Value {
-    match status["scaling"].as_array().map(Vec::as_slice) {
-        Some([one]) => one,
-        _ => panic!("expected one scaling entry in status: {status}"),
-    }
+    lb_lab::agent::one_scaling(status)
 }
 
 fn replicas(status: &Value) -> Vec<Value> {

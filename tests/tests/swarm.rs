@@ -149,22 +149,8 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
         }
     }
 
-    fn status(&self) -> Value {
-        self.agent.status()
-    }
-
     fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if done(&s) {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("{what}: not within {timeout:?}; last status:\n{:#}", scaling(&s));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.agent.wait_status(what, timeout, done)
     }
 
     /// Exactly `n` instances ready and in the table, nothing else, and as
@@ -199,10 +185,7 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
 }
 
 fn scaling(status: &Value) -> &Value {
-    match status["scaling"].as_array().map(Vec::as_slice) {
-        Some([one]) => one,
-        _ => panic!("expected one scaling entry in status: {status}"),
-    }
+    lb_lab::agent::one_scaling(status)
 }
 
 fn replicas(status: &Value) -> Vec<Value> {
