@@ -25,12 +25,12 @@ use std::{
 use lb_lab::{
     agent::Agent,
     cgroup::socket_lb_toml,
-    command::run_cmd,
     docker::{build_demo_image, docker_try, Dockerd, DEMO_IMAGE},
     netns::NetNs,
     require_root_and_docker,
     scratch::Scratch,
     swarm::{SwarmGuard, SwarmServices},
+    topology::host_client,
 };
 use lb_load::{self as load, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
@@ -85,13 +85,7 @@ impl SwarmWorld {
         }
         let swarm = SwarmGuard::observe();
         let services = SwarmServices { service: service.clone(), network: network.clone(), bridge: bridge.clone() };
-        let client = NetNs::create(&format!("lbt-{id}-swc")).expect("client namespace");
-        run_cmd("ip", &["link", "add", &client_iface, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
-        run_cmd("ip", &["addr", "add", &format!("{gw}/24"), "dev", &client_iface]);
-        run_cmd("ip", &["link", "set", &client_iface, "up"]);
-        client.exec("ip", &["addr", "add", &format!("{client_addr}/24"), "dev", "eth0"]);
-        client.exec("ip", &["link", "set", "eth0", "up"]);
-        client.exec("ip", &["route", "add", &format!("{}/32", vip.ip()), "via", &gw.to_string()]);
+        let client = host_client(&format!("lbt-{id}-swc"), &client_iface, gw, client_addr, *vip.ip());
 
         let scratch = Scratch::create(&format!("lbt-{id}-swarm"));
         let config = scratch.path().join("lb.toml");
