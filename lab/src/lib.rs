@@ -30,4 +30,5 @@ pub mod scratch;
 pub mod spread;
 pub mod swarm;
 pub mod testrun;
+pub mod testrun6;
 pub mod topology;

@@ -187,7 +187,8 @@ pub const FIXTURE_FLOWS: u32 = 1 << 16;
 /// (aya checks key and value sizes against lb-common there).
 pub struct LbObject {
     ebpf: Ebpf,
-    maps: Maps,
+    /// Crate-visible for `testrun6`'s IPv6 writers.
+    pub(crate) maps: Maps,
     /// What `SETTINGS` was last told: each setter changes its own part.
     config: DataplaneConfig,
 }

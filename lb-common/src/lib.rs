@@ -20,13 +20,14 @@ pub mod icmp;
 pub mod maglev;
 pub mod refuse;
 pub mod snat;
+pub mod v6;
 
 use core::mem::{align_of, size_of};
 
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -469,7 +470,8 @@ pub enum Reason {
     UnreachableNoBackend,
     /// Not IPv4 (ARP, VLAN, ...): passed untouched.
     PassNotIpv4,
-    /// IPv6: passed untouched (not balanced yet).
+    /// IPv6 at the tc hook (`tc_lb`), which balances IPv4 only: passed
+    /// untouched. (At XDP, IPv6 goes to `xdp_lb6`; see `v6`.)
     PassIpv6,
     /// IPv4 but neither TCP nor UDP, nor an ICMP error (echo, ...): passed
     /// untouched.
@@ -517,10 +519,19 @@ pub enum Reason {
     /// held), or a flow whose claim was lost and whose port another flow
     /// holds now. Dropped, never sent from a port another flow uses.
     DropSnatExhausted,
+    /// IPv6 with an extension header before TCP/UDP (hop-by-hop, routing,
+    /// destination options, ...): passed untouched, never balanced.
+    PassIpv6ExtHeader,
+    /// IPv6 at an XDP entry point whose tail call to the IPv6 program failed
+    /// (no program in `V6_PROGS`): passed untouched.
+    PassIpv6NoProgram,
+    /// UDP over IPv6 with a zero checksum (invalid, RFC 8200 8.1) to a
+    /// service or from a backend: dropped, as the kernel would.
+    DropUdp6NoChecksum,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropSnatExhausted as u32 + 1;
+    pub const COUNT: u32 = Reason::DropUdp6NoChecksum as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -547,6 +558,9 @@ impl Reason {
         Reason::DropNonSynOverBudget,
         Reason::HeldWaking,
         Reason::DropSnatExhausted,
+        Reason::PassIpv6ExtHeader,
+        Reason::PassIpv6NoProgram,
+        Reason::DropUdp6NoChecksum,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -577,6 +591,9 @@ impl Reason {
             Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
             Reason::HeldWaking => "held_waking",
             Reason::DropSnatExhausted => "drop_snat_exhausted",
+            Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
+            Reason::PassIpv6NoProgram => "pass_ipv6_no_program",
+            Reason::DropUdp6NoChecksum => "drop_udp6_no_checksum",
         }
     }
 
@@ -586,7 +603,9 @@ impl Reason {
     }
 
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= Reason::DropTruncatedEth as u32
+        // Passes added after the drops (the enum only grows at its end).
+        let later_pass = matches!(self, Reason::PassIpv6ExtHeader | Reason::PassIpv6NoProgram);
+        (self as u32) >= Reason::DropTruncatedEth as u32 && !later_pass
     }
 
     /// Whether the packet was rewritten and sent on (to a backend or back
@@ -903,6 +922,8 @@ mod layout_tests {
         assert!(Reason::DropTruncatedEth.is_drop());
         assert!(Reason::IcmpForwarded.is_translated() && !Reason::IcmpForwarded.is_drop());
         assert!(!Reason::PassIcmpNoFlow.is_translated());
+        assert!(!Reason::PassIpv6ExtHeader.is_drop() && !Reason::PassIpv6NoProgram.is_drop());
+        assert!(Reason::DropUdp6NoChecksum.is_drop());
     }
 
     #[test]

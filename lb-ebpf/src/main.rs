@@ -14,6 +14,8 @@
 //! and port of the load balancer instead (`fullnat`), and replies to that port
 //! translated back.
 //! Everything else passes untouched; malformed IPv4 is dropped. Every verdict is counted by reason.
+//! IPv6 frames at the XDP entry points go on to `xdp_lb6`/`xdp_lb6_local`
+//! by a tail call (`v6`).
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
 //! classifier, for the devices that face local stacks (see `hook`).
@@ -37,6 +39,7 @@ mod route;
 mod select;
 mod sock;
 mod stats;
+mod v6;
 mod wake;
 
 use aya_ebpf::{
@@ -99,6 +102,9 @@ static WAKE_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES,
 /// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    if let Some(action) = v6::divert(&ctx, lb_common::v6::V6_SLOT_COMPLETE) {
+        return action;
+    }
     run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete })
 }
 
@@ -106,6 +112,9 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
 /// carry partial checksums; see `nat::L4Checksums`.
 #[xdp]
 pub fn xdp_lb_local(ctx: XdpContext) -> u32 {
+    if let Some(action) = v6::divert(&ctx, lb_common::v6::V6_SLOT_LOCAL) {
+        return action;
+    }
     run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial })
 }
 

@@ -132,7 +132,7 @@ pub fn reply<H: Hook>(hook: &H, pkt: &mut Packet) -> Result<(Conn, bool), Verdic
 
 /// Takes one from this CPU's budget of flows started by non-SYN packets.
 #[inline(always)]
-fn non_syn_budget_left(now: u64) -> bool {
+pub fn non_syn_budget_left(now: u64) -> bool {
     let per_sec = SETTINGS.get(0).map_or(0, |s| s.non_syn_flows_per_sec);
     match FLOW_BUDGET.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, nothing else writes it while we run.
@@ -173,10 +173,17 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
 /// counted (see `TcpState`).
 #[inline(always)]
 pub fn mark_tcp(c: &mut Conn, pkt: &Packet, from_backend: bool, delta: &mut Counters) {
-    if pkt.proto != PROTO_TCP {
+    mark_tcp_flags(c, pkt.proto, pkt.tcp_flags, from_backend, delta)
+}
+
+/// `mark_tcp` by the packet's protocol and TCP flags (IPv6 has its own
+/// packet type).
+#[inline(always)]
+pub fn mark_tcp_flags(c: &mut Conn, proto: u8, tcp_flags: u8, from_backend: bool, delta: &mut Counters) {
+    if proto != PROTO_TCP {
         return;
     }
-    let next = tcp_seen_after(c.tcp_seen, pkt.tcp_flags, from_backend);
+    let next = tcp_seen_after(c.tcp_seen, tcp_flags, from_backend);
     if next != c.tcp_seen {
         if TcpState::of(next) == TcpState::Closed && TcpState::of(c.tcp_seen) != TcpState::Closed {
             delta.closed_flows = 1;

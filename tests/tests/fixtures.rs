@@ -607,7 +607,8 @@ fn ipv6_tcp_to_port_80() -> Fixture {
     let (src, dst): (Ipv6Addr, Ipv6Addr) = ("2001:db8::10".parse().unwrap(), "2001:db8::100".parse().unwrap());
     let seg = Tcp::new(CLIENT.port(), 80, TCP_SYN).build(Addrs::V6(src, dst));
     let input = ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &Ipv6::new(src, dst, IPPROTO_TCP).build(&seg));
-    untouched("ipv6_tcp_to_port_80", input, Reason::PassIpv6)
+    // At tc only: the XDP programs hand IPv6 to `xdp_lb6` (fixtures_ipv6.rs).
+    Fixture { programs: &[PROG_TC], ..untouched("ipv6_tcp_to_port_80", input, Reason::PassIpv6) }
 }
 
 /// Valid IPv4 with options, to the web VIP: not balanced, passed as is.
@@ -1629,13 +1630,15 @@ fn root_local_program_reads_a_look_alike_as_partial() {
 /// Every reason the program can give has a fixture. `DropTruncatedEth` is
 /// unreachable under test runs (see above), and `DropConntrackFull` needs the
 /// LRU connection table to refuse an insert, which a test cannot provoke.
-/// Full NAT's `DropSnatExhausted` has its fixtures in fixtures_fullnat.rs.
+/// Full NAT's `DropSnatExhausted` has its fixtures in fixtures_fullnat.rs,
+/// IPv6's own reasons theirs in fixtures_ipv6.rs.
 #[test]
 fn every_reachable_reason_has_a_fixture() {
     let covered: Vec<Reason> = all_fixtures().iter().map(|f| f.reason).collect();
     let missing: Vec<&str> = Reason::ALL
         .iter()
         .filter(|r| !matches!(r, Reason::DropTruncatedEth | Reason::DropConntrackFull | Reason::DropSnatExhausted))
+        .filter(|r| !matches!(r, Reason::PassIpv6ExtHeader | Reason::PassIpv6NoProgram | Reason::DropUdp6NoChecksum))
         .filter(|r| !covered.contains(r))
         .map(|r| r.name())
         .collect();

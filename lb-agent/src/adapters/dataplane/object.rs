@@ -6,11 +6,15 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupSockAddr, Program},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    programs::{CgroupSockAddr, Program, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
+    v6::{
+        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, CONNTRACK6,
+        SERVICES6, V6_PROGRAMS, V6_PROGS,
+    },
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
     REASON_STATS, SERVICES, SERVICE_STATS, SETTINGS, SNAT_FLOWS, SOCK_PROGRAMS, SOCK_REVNAT, SOCK_STATS, WAKE_EVENTS,
@@ -51,12 +55,22 @@ pub struct Maps {
     pub wake_last: PerCpuArray<MapData, u64>,
     /// Full NAT's claimed ports: reply 5-tuple -> the flow's forward key.
     pub snat_flows: HashMap<MapData, FlowKey, FlowKey>,
+    /// IPv6 (see `lb_common::v6`): services, backend addresses by id,
+    /// flows, and the services each backend address serves.
+    pub services6: HashMap<MapData, ServiceKey6, Service>,
+    pub backends6: Array<MapData, Backend6>,
+    pub conntrack6: HashMap<MapData, FlowKey6, Conn6>,
+    pub backend_vips6: HashMap<MapData, BackendAddr6, BackendVips6>,
+    /// The IPv6 programs the IPv4 entry points tail-call. Pinned like the
+    /// rest, so the programs a previous agent left keep their IPv6 path
+    /// until the new ones take over; every load puts its own programs in.
+    pub v6_progs: ProgramArray<MapData>,
 }
 
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 17] = [
+    pub const NAMES: [&str; 22] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -74,7 +88,15 @@ impl Maps {
         WAKE_EVENTS,
         WAKE_LAST,
         SNAT_FLOWS,
+        SERVICES6,
+        BACKENDS6,
+        CONNTRACK6,
+        BACKEND_VIPS6,
+        V6_PROGS,
     ];
+
+    /// The maps sized by `[dataplane] max_flows` at load.
+    pub const SIZED_BY_MAX_FLOWS: [&str; 3] = [CONNTRACK, SNAT_FLOWS, CONNTRACK6];
 
     /// Takes every map out of `ebpf`.
     pub fn open(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
@@ -96,6 +118,11 @@ impl Maps {
             wake_events: Some(take_map(ebpf, WAKE_EVENTS)?),
             wake_last: take_map(ebpf, WAKE_LAST)?,
             snat_flows: take_map(ebpf, SNAT_FLOWS)?,
+            services6: take_map(ebpf, SERVICES6)?,
+            backends6: take_map(ebpf, BACKENDS6)?,
+            conntrack6: take_map(ebpf, CONNTRACK6)?,
+            backend_vips6: take_map(ebpf, BACKEND_VIPS6)?,
+            v6_progs: take_map(ebpf, V6_PROGS)?,
         })
     }
 
@@ -143,17 +170,18 @@ impl Maps {
 }
 
 /// Loads `object` and opens its [`Maps`]; verifies the programs in
-/// `LB_PROGRAMS` and `SOCK_PROGRAMS` (the object's other programs, if any,
-/// stay unloaded).
+/// `LB_PROGRAMS`, `SOCK_PROGRAMS` and `V6_PROGRAMS` (the object's other
+/// programs, if any, stay unloaded) and puts the IPv6 ones in `V6_PROGS`.
 /// With `map_pins`, each map is pinned at `<map_pins>/<name>`, or adopted
 /// from there when a previous load left it. The connection table gets
 /// `config.max_flows` entries (and full NAT's claims as many), and the
 /// program `config`'s settings.
 pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneConfig) -> anyhow::Result<(Ebpf, Maps)> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(CONNTRACK, config.max_flows);
-    // One claim per flow at most.
-    loader.map_max_entries(SNAT_FLOWS, config.max_flows);
+    // One claim per flow at most (SNAT_FLOWS).
+    for name in Maps::SIZED_BY_MAX_FLOWS {
+        loader.map_max_entries(name, config.max_flows);
+    }
     if let Some(dir) = map_pins {
         for name in Maps::NAMES {
             loader.map_pin_path(name, dir.join(name));
@@ -166,9 +194,25 @@ pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneCon
     for name in SOCK_PROGRAMS {
         sock_program_mut(&mut ebpf, name)?.load().with_context(|| format!("load {name} into the kernel (verifier)"))?;
     }
+    for name in V6_PROGRAMS {
+        load_program(&mut ebpf, name)?;
+    }
     let mut maps = Maps::open(&mut ebpf)?;
     maps.set_settings(config)?;
+    set_v6_programs(&ebpf, &mut maps.v6_progs)?;
     Ok((ebpf, maps))
+}
+
+/// Puts this object's IPv6 programs in `V6_PROGS` (slot `i` for
+/// `V6_PROGRAMS[i]`), replacing those of a previous agent whose array was
+/// adopted: from here on its IPv4 entry points, attached or not yet, reach
+/// these.
+fn set_v6_programs(ebpf: &Ebpf, slots: &mut ProgramArray<MapData>) -> anyhow::Result<()> {
+    for (slot, name) in V6_PROGRAMS.iter().enumerate() {
+        let fd = program::<Xdp>(ebpf, name)?.fd().with_context(|| format!("{name} is not loaded"))?;
+        slots.set(slot as u32, fd, 0).with_context(|| format!("put {name} in {V6_PROGS}[{slot}]"))?;
+    }
+    Ok(())
 }
 
 /// Loads (verifies) the object's program `name` (XDP or tc).
@@ -269,6 +313,7 @@ mod tests {
         let (programs, maps) = contents(crate::ebpf::object());
         let mut want = names(&LB_PROGRAMS);
         want.extend(names(&SOCK_PROGRAMS));
+        want.extend(names(&V6_PROGRAMS));
         assert_eq!(programs, want, "no benchmark program may ship in the agent's object");
         assert_eq!(maps, names(&Maps::NAMES), "no benchmark map may ship in the agent's object");
     }
@@ -279,6 +324,7 @@ mod tests {
         let (programs, maps) = contents(crate::ebpf::bench_object());
         let mut want = names(&LB_PROGRAMS);
         want.extend(names(&SOCK_PROGRAMS));
+        want.extend(names(&V6_PROGRAMS));
         want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH]));
         assert_eq!(programs, want);
         let extra: BTreeSet<String> = maps.difference(&names(&Maps::NAMES)).cloned().collect();

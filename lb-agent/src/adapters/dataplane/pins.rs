@@ -156,7 +156,7 @@ pub(super) fn check_pinned_maps(object: &[u8], map_pins: &Path, pin_dir: &Path, 
         let def = obj.maps.get(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
         let mut expected = MapShape::of_definition(def);
         // Sized by max_flows at load, as `load_object` does.
-        let sized = name == lb_common::CONNTRACK || name == lb_common::SNAT_FLOWS;
+        let sized = Maps::SIZED_BY_MAX_FLOWS.contains(&name);
         if sized {
             expected.max_entries = max_flows;
         }

@@ -1,0 +1,97 @@
+//! The IPv6 maps under BPF_PROG_TEST_RUN: an IPv6 service written the way
+//! the agent writes it (`BACKENDS` for the id's flags, `BACKENDS6` for its
+//! address, `BACKEND_VIPS6`, the shared Maglev table, `SERVICES6`), and
+//! the IPv6 connection table read back.
+
+use std::{collections::HashMap as StdHashMap, net::SocketAddrV6};
+
+use anyhow::{Context as _, Result};
+use aya::maps::MapError;
+use lb_common::{
+    hash::flow_hash,
+    v6::{fold_ip6, ip6_raw, Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, ServiceKey6},
+    Backend, Service, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+};
+
+use crate::testrun::LbObject;
+
+/// An IPv6 service as the fixtures set it up: every backend active, in the
+/// live table in turn (slot `i` gets `backends[i % len]`).
+#[derive(Clone, Debug)]
+pub struct ServiceSpec6 {
+    pub id: u32,
+    pub vip: SocketAddrV6,
+    pub proto: u8,
+    pub table: u32,
+    pub backends: Vec<(u32, SocketAddrV6)>,
+}
+
+impl ServiceSpec6 {
+    pub fn new(id: u32, vip: SocketAddrV6, proto: u8, table: u32, backends: &[(u32, SocketAddrV6)]) -> Self {
+        Self { id, vip, proto, table, backends: backends.to_vec() }
+    }
+
+    pub fn key(&self) -> ServiceKey6 {
+        ServiceKey6 { vip: ip6_raw(*self.vip.ip()), port_be: self.vip.port().to_be(), proto: self.proto, _pad: 0 }
+    }
+
+    /// The backend a new flow from `client` must get, predicted without the
+    /// kernel (the hash folded here from its parts, as lb-common defines it).
+    pub fn pick(&self, client: SocketAddrV6) -> Option<(u32, SocketAddrV6)> {
+        let (src, dst) = (fold_ip6(&ip6_raw(*client.ip())), fold_ip6(&ip6_raw(*self.vip.ip())));
+        let hash = flow_hash(src, dst, client.port().to_be(), self.vip.port().to_be(), self.proto);
+        let slot = (hash % MAGLEV_TABLE_SIZE) as usize;
+        self.backends.get(slot % self.backends.len().max(1)).copied()
+    }
+
+    /// The connection-table key of a flow from `client`.
+    pub fn flow_key(&self, client: SocketAddrV6) -> FlowKey6 {
+        FlowKey6::new(
+            ip6_raw(*client.ip()),
+            client.port().to_be(),
+            ip6_raw(*self.vip.ip()),
+            self.vip.port().to_be(),
+            self.proto,
+        )
+    }
+}
+
+impl LbObject {
+    /// Writes an IPv6 service, its backends (and the service among those
+    /// each backend address serves) and its live Maglev table.
+    pub fn add_service6(&mut self, spec: &ServiceSpec6) -> Result<()> {
+        for &(id, addr) in &spec.backends {
+            let b = Backend { service_id: spec.id, flags: BACKEND_F_ACTIVE, ..Backend::default() };
+            self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
+            let b6 = Backend6 { ip: ip6_raw(*addr.ip()), port_be: addr.port().to_be(), _pad: 0 };
+            self.maps.backends6.set(id, b6, 0).with_context(|| format!("write BACKENDS6[{id}]"))?;
+            let key = BackendAddr6 { ip: b6.ip, port_be: b6.port_be, proto: spec.proto, _pad: 0 };
+            let mut vips = match self.maps.backend_vips6.get(&key, 0) {
+                Ok(v) => v,
+                Err(MapError::KeyNotFound) => BackendVips6::default(),
+                Err(e) => return Err(e).context("read BACKEND_VIPS6"),
+            };
+            let free = vips.vips.iter_mut().find(|k| k.port_be == 0).context("backend in too many services")?;
+            *free = spec.key();
+            self.maps.backend_vips6.insert(key, vips, 0).with_context(|| format!("write BACKEND_VIPS6 for {addr}"))?;
+        }
+        let ids: Vec<u32> = spec.backends.iter().map(|(id, _)| *id).collect();
+        self.fill_maglev(spec.id, spec.table, &ids)?;
+        let svc =
+            Service { id: spec.id, table: spec.table, backend_count: ids.len() as u32, mode: MODE_DNAT, flags: 0 };
+        self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
+    }
+
+    /// Empties `V6_PROGS`, as if loading the IPv6 programs had failed.
+    pub fn clear_v6_programs(&mut self) -> Result<()> {
+        for slot in 0..lb_common::v6::V6_PROGRAMS.len() as u32 {
+            self.maps.v6_progs.clear_index(&slot).with_context(|| format!("clear V6_PROGS[{slot}]"))?;
+        }
+        Ok(())
+    }
+
+    /// Every IPv6 connection-table entry.
+    pub fn conntrack6(&self) -> Result<StdHashMap<FlowKey6, Conn6>> {
+        self.maps.conntrack6.iter().map(|e| e.context("read CONNTRACK6")).collect()
+    }
+}

@@ -1,0 +1,108 @@
+//! IPv6: destination NAT (mode "nat") of TCP and UDP at the XDP hook.
+//!
+//! Programs of their own, `xdp_lb6` and `xdp_lb6_local`, which the IPv4
+//! entry points reach by a tail call (`V6_PROGS`) when the ethertype is
+//! IPv6: each has its own 512-byte stack and its own verification, so the
+//! IPv6 path cannot push the IPv4 one over the verifier's limits. A failed
+//! tail call (no program in the slot) passes the packet untouched
+//! (`Reason::PassIpv6NoProgram`).
+//!
+//! The same shape as IPv4 (`parse`, `nat`, `route`), with maps of its own
+//! for what holds an address (`SERVICES6`, `BACKENDS6`, `CONNTRACK6`,
+//! `BACKEND_VIPS6`), and the rest shared: service ids, Maglev tables,
+//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. ICMPv6
+//! (neighbour discovery included), extension headers and fragments pass
+//! untouched. Not here yet: full NAT, refusals (a new flow to a service
+//! with no backend is dropped, `DropNoBackend`), ICMPv6 errors about
+//! flows, the tc hook (`tc_lb` passes IPv6 untouched, `PassIpv6`).
+
+mod nat;
+mod parse;
+mod route;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, ProgramArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    v6::{Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, ServiceKey6, V6_PROGRAMS},
+    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES,
+};
+
+use crate::{
+    hook::{Hook, Xdp},
+    nat::L4Checksums,
+    parse::{ptr_at, EthHdr},
+    stats, Verdict,
+};
+
+#[map]
+static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// A backend's IPv6 address, by the id its `BACKENDS` entry has.
+#[map]
+static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+/// The services each backend address serves, for matching its replies.
+#[map]
+static BACKEND_VIPS6: HashMap<BackendAddr6, BackendVips6> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
+/// `xdp_lb6` and `xdp_lb6_local`, by `V6_SLOT_*`; the agent fills it at load.
+#[map]
+static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(V6_PROGRAMS.len() as u32, 0);
+
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+
+/// For `xdp_lb`'s IPv6 packets.
+#[xdp]
+pub fn xdp_lb6(ctx: XdpContext) -> u32 {
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete })
+}
+
+/// For `xdp_lb_local`'s IPv6 packets.
+#[xdp]
+pub fn xdp_lb6_local(ctx: XdpContext) -> u32 {
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial })
+}
+
+/// At the top of an IPv4 XDP entry point: an IPv6 frame goes to the IPv6
+/// program of `slot` (`Some(verdict)` only when that tail call failed);
+/// anything else is left to the caller (`None`).
+#[inline(always)]
+pub fn divert(ctx: &XdpContext, slot: u32) -> Option<u32> {
+    let hook = Xdp { ctx, l4: L4Checksums::Complete };
+    let eth: *mut EthHdr = ptr_at(&hook, 0)?;
+    // SAFETY: bounds-checked above.
+    if unsafe { (*eth).ether_type } != ETH_P_IPV6_BE {
+        return None;
+    }
+    // SAFETY: on success the tail call does not return.
+    unsafe { V6_PROGS.tail_call(ctx, slot) };
+    stats::count_reason(Reason::PassIpv6NoProgram);
+    Some(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn run(hook: &Xdp) -> u32 {
+    let (action, reason) = match try_lb6(hook) {
+        Ok(sent) => sent,
+        Err(Verdict { action, reason }) => (Xdp::action(action), reason),
+    };
+    stats::count_reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_lb6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
+    let mut pkt = parse::parse_packet6(hook)?;
+    let key = ServiceKey6 { vip: pkt.dst, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    if let Some(svc) = unsafe { SERVICES6.get(&key) } {
+        let svc = *svc;
+        let partial_l4 = nat::forward(hook, &mut pkt, &svc)?;
+        return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
+    }
+    let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;
+    Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
+}

@@ -1,0 +1,191 @@
+//! IPv6 destination NAT with reverse translation, as `crate::nat` does for
+//! IPv4: the flow's one entry in `CONNTRACK6` holds its backend.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    csum,
+    v6::{flow_hash6, pseudo_header_sum6, replace16, replace16_partial, Backend6, BackendAddr6, Conn6, FlowKey6, Ip6},
+    Conn, Counters, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
+};
+
+use super::{parse::Parsed6, BACKENDS6, BACKEND_VIPS6, CONNTRACK6};
+use crate::{
+    hook::Xdp,
+    nat::{mark_tcp_flags, non_syn_budget_left, L4Checksums},
+    select::pick_backend,
+    stats::count_flow,
+    Verdict,
+};
+
+/// A client packet for `svc`: find or open its flow, rewrite the
+/// destination to the flow's backend. `Ok(true)` when the L4 checksum is a
+/// partial one.
+#[inline(always)]
+pub fn forward(hook: &Xdp, pkt: &mut Parsed6, svc: &Service) -> Result<bool, Verdict> {
+    check_udp(pkt)?;
+    let key = FlowKey6::new(pkt.src, pkt.src_port_be, pkt.dst, pkt.dst_port_be, pkt.proto);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut delta =
+        Counters { packets: 1, bytes: hook.ctx.data_end() as u64 - hook.ctx.data() as u64, ..Counters::default() };
+    // A SYN takes a fresh pick even for a 5-tuple the table remembers (see
+    // `nat::track`).
+    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let known = CONNTRACK6.get_ptr_mut(&key);
+    let (ids, nat_ip, nat_port_be) = match known {
+        Some(c) if !syn => {
+            // SAFETY: LRU value; a racing update can blur a timestamp or a flag only.
+            let c = unsafe { &mut *c };
+            c.conn.last_seen_ns = now;
+            mark_tcp_flags(&mut c.conn, pkt.proto, pkt.tcp_flags, false, &mut delta);
+            ((c.conn.service_id, c.conn.backend_id), c.nat_ip, c.conn.nat_port_be)
+        }
+        _ => {
+            if known.is_none() && pkt.proto == PROTO_TCP && !syn && !non_syn_budget_left(now) {
+                return Err(Verdict::drop(Reason::DropNonSynOverBudget));
+            }
+            // The backend of a flow still opening (a retransmitted SYN is
+            // no new flow), else u64::MAX (see `nat::track` for why no Option).
+            // SAFETY: as above; read at once.
+            let opening = known.map_or(u64::MAX, |c| unsafe {
+                if (*c).conn.tcp_seen == 0 {
+                    u64::from((*c).conn.backend_id)
+                } else {
+                    u64::MAX
+                }
+            });
+            let (backend_id, b6) = open_flow(pkt, svc, &key, now)?;
+            delta.new_flows = if opening == u64::from(backend_id) { 0 } else { 1 };
+            ((svc.id, backend_id), b6.ip, b6.port_be)
+        }
+    };
+    count_flow(ids.0, ids.1, &delta);
+    // SAFETY: parse_packet6's pointers, bounds-checked, nothing moved them.
+    Ok(unsafe { rewrite(hook, pkt, End::Dst, &nat_ip, nat_port_be) })
+}
+
+/// A new flow: the Maglev pick (shared with IPv4: the table holds backend
+/// ids) and its address from `BACKENDS6`.
+#[inline(always)]
+fn open_flow(pkt: &Parsed6, svc: &Service, key: &FlowKey6, now: u64) -> Result<(u32, Backend6), Verdict> {
+    let hash = flow_hash6(&pkt.src, &pkt.dst, pkt.src_port_be, pkt.dst_port_be, pkt.proto);
+    let (backend_id, _) = pick_backend(svc, hash).map_err(Verdict::drop)?;
+    let Some(b6) = BACKENDS6.get(backend_id) else { return Err(Verdict::drop(Reason::DropStaleBackend)) };
+    let b6 = *b6;
+    if b6.port_be == 0 {
+        // An IPv4 backend in an IPv6 service's table: never written so.
+        return Err(Verdict::drop(Reason::DropStaleBackend));
+    }
+    let c6 = Conn6 {
+        conn: Conn {
+            nat_port_be: b6.port_be,
+            backend_id,
+            service_id: svc.id,
+            last_seen_ns: now,
+            client_ifindex: pkt.ingress_ifindex,
+            client_mac: pkt.src_mac,
+            local_mac: pkt.dst_mac,
+            ..Conn::default()
+        },
+        nat_ip: b6.ip,
+    };
+    if CONNTRACK6.insert(key, &c6, 0).is_err() {
+        return Err(Verdict::drop(Reason::DropConntrackFull));
+    }
+    Ok((backend_id, b6))
+}
+
+/// A packet from a backend to a client of a flow we translated: rewrite
+/// the source back to the VIP. Returns the flow's entry and whether the L4
+/// checksum is a partial one; anything else is not ours.
+#[inline(always)]
+pub fn reply(hook: &Xdp, pkt: &mut Parsed6) -> Result<(Conn, bool), Verdict> {
+    let not_ours = Verdict::pass(Reason::PassNoService);
+    let addr = BackendAddr6 { ip: pkt.src, port_be: pkt.src_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    let Some(vips) = (unsafe { BACKEND_VIPS6.get(&addr) }) else { return Err(not_ours) };
+    let mut found = None;
+    for vip in vips.vips.iter().take(MAX_VIPS_PER_BACKEND) {
+        if vip.port_be == 0 {
+            break;
+        }
+        let key = FlowKey6::new(pkt.dst, pkt.dst_port_be, vip.vip, vip.port_be, pkt.proto);
+        if let Some(c) = CONNTRACK6.get_ptr_mut(&key) {
+            // SAFETY: as in `forward`.
+            let c = unsafe { &mut *c };
+            if c.nat_ip == pkt.src && c.conn.nat_port_be == pkt.src_port_be {
+                found = Some((c, vip.vip, vip.port_be));
+                break;
+            }
+        }
+    }
+    let Some((c, vip, vip_port_be)) = found else { return Err(not_ours) };
+    check_udp(pkt)?;
+    c.conn.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    let frame_len = hook.ctx.data_end() as u64 - hook.ctx.data() as u64;
+    let mut delta = Counters { reply_packets: 1, reply_bytes: frame_len, ..Counters::default() };
+    mark_tcp_flags(&mut c.conn, pkt.proto, pkt.tcp_flags, true, &mut delta);
+    count_flow(c.conn.service_id, c.conn.backend_id, &delta);
+    let conn = c.conn;
+    // SAFETY: as in `forward`.
+    Ok((conn, unsafe { rewrite(hook, pkt, End::Src, &vip, vip_port_be) }))
+}
+
+/// UDP over IPv6 must carry a checksum (RFC 8200 8.1): one without is
+/// dropped, never forwarded.
+#[inline(always)]
+fn check_udp(pkt: &Parsed6) -> Result<(), Verdict> {
+    // SAFETY: bounds-checked by parse_packet6.
+    if pkt.proto == PROTO_UDP && unsafe { *pkt.l4_check } == 0 {
+        return Err(Verdict::drop(Reason::DropUdp6NoChecksum));
+    }
+    Ok(())
+}
+
+/// Which end of a flow a rewrite changes; also its port's index.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Src = 0,
+    Dst = 1,
+}
+
+/// Write the new address and port of `end` and update the L4 checksum (no
+/// IP header checksum in IPv6). Where partial checksums can arrive, a field
+/// holding only the pseudo-header sum gets the new one (ports left to the
+/// device, see `nat::update_l4_in_place`): returns true then.
+///
+/// # Safety
+/// `pkt`'s pointers must be bounds-checked and valid (XDP moves nothing).
+#[inline(always)]
+unsafe fn rewrite(hook: &Xdp, pkt: &mut Parsed6, end: End, ip: &Ip6, port_be: u16) -> bool {
+    unsafe {
+        let (old_ip, old_port) = match end {
+            End::Src => (pkt.src, pkt.src_port_be),
+            End::Dst => (pkt.dst, pkt.dst_port_be),
+        };
+        let field = match end {
+            End::Src => core::ptr::addr_of_mut!((*pkt.ip).src),
+            End::Dst => core::ptr::addr_of_mut!((*pkt.ip).dst),
+        };
+        field.write_unaligned(*ip);
+        (*pkt.l4_ports)[end as usize] = port_be;
+        let l4 = *pkt.l4_check;
+        let partial = hook.l4 == L4Checksums::MaybePartial
+            && l4 == pseudo_header_sum6(&pkt.src, &pkt.dst, pkt.proto, pkt.payload_len);
+        *pkt.l4_check = if partial {
+            replace16_partial(l4, &old_ip, ip)
+        } else {
+            let sum = csum::replace2(replace16(l4, &old_ip, ip), old_port, port_be);
+            // A computed zero goes out as all ones (zero means "none").
+            if pkt.proto == PROTO_UDP && sum == 0 {
+                0xffff
+            } else {
+                sum
+            }
+        };
+        match end {
+            End::Src => (pkt.src, pkt.src_port_be) = (*ip, port_be),
+            End::Dst => (pkt.dst, pkt.dst_port_be) = (*ip, port_be),
+        }
+        partial
+    }
+}
