@@ -61,7 +61,8 @@ fn make_new_flow(ctx: &Xdp) {
         *seq = (*seq).wrapping_add(1);
         *seq
     };
-    // IPv4 source address low half at 14 + 14, L4 source port at 14 + 20.
+    // IPv4 source address low half at 14 + 14, L4 source port at 14 + 20;
+    // in an IPv6 frame both lie in the source address (its bytes 6-7, 12-13).
     if let Some(p) = ptr_at::<[u8; 2], _>(ctx, ETH_HLEN + 14) {
         // SAFETY: bounds-checked.
         unsafe { *p = ((n >> 16) as u16).to_be_bytes() };

@@ -21,7 +21,12 @@
 //! holds its port, so that case runs at most `FULL_NAT_SYN_RUNS` times a
 //! round, from no claims, and proves its path by the claims it left too.
 //!
+//! The IPv6 cases (`ipv6`) run `xdp_lb` on IPv6 frames: the tail call to
+//! `xdp_lb6` is part of what they measure.
+//!
 //! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
+
+mod ipv6;
 
 use std::{
     io::Write as _,
@@ -312,6 +317,20 @@ fn cases() -> Vec<Case> {
                 Reason::Forwarded,
             )
         },
+        // IPv6 (destination NAT): the tail call to xdp_lb6 included.
+        Case {
+            prepare: Some(ipv6::frame(ipv6::CLIENT, ipv6::VIP, TCP_SYN, &[])),
+            output: Some(ipv6::established_out()),
+            ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat established", ipv6::established(), Reason::Forwarded)
+        },
+        // Its table is not filled first: each new flow inserts, evicting
+        // only once CONNTRACK6 is full.
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat new-flow SYN", ipv6::new_flow_syn(), Reason::Forwarded)
+        },
     ]
 }
 
@@ -333,10 +352,18 @@ impl Bench {
         lb.add_service(&svc)?;
         lb.add_service(&full_nat)?;
         lb.set_snat_ports(FULL_NAT_PORTS.0, FULL_NAT_PORTS.1)?;
+        let v6 = ipv6::service();
+        lb.add_service6(&v6)?;
         Ok(Self {
             frames: lb.take_map(BENCH_FRAME)?,
             targets: lb.take_map(BENCH_TARGET)?,
-            backend_ids: svc.backends.iter().chain(&full_nat.backends).map(|(id, _)| *id).collect(),
+            backend_ids: svc
+                .backends
+                .iter()
+                .chain(&full_nat.backends)
+                .map(|(id, _)| *id)
+                .chain(v6.backends.iter().map(|(id, _)| *id))
+                .collect(),
             lb,
         })
     }

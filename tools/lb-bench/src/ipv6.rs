@@ -1,0 +1,46 @@
+//! The IPv6 service and frames of the IPv6 cases.
+
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use lb_common::BENCH_FRAME_LEN;
+use lb_lab::{
+    packet::{ethernet, pad_to, Addrs, Ipv6, Tcp, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
+    testrun6::ServiceSpec6,
+};
+
+use crate::{LB_MAC, PEER_MAC};
+
+pub const VIP: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100), 80, 0, 0);
+pub const CLIENT: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10), 40000, 0, 0);
+/// Where new flows come from: the wrapper overwrites two words of the
+/// address per run, and 2001:db8:2::/48 keeps them clear of CLIENT.
+const NEW_FLOW_CLIENTS: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0), 1, 0, 0);
+
+/// Four backends (ids 9-12, after the IPv4 services' 1-8), service id 2.
+pub fn service() -> ServiceSpec6 {
+    let backends: Vec<(u32, SocketAddrV6)> = (9..=12)
+        .map(|i| (i, SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, i as u16), 8080, 0, 0)))
+        .collect();
+    ServiceSpec6::new(2, VIP, IPPROTO_TCP, 0, &backends)
+}
+
+/// A TCP frame over IPv6, padded to `BENCH_FRAME_LEN`.
+pub fn frame(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let seg = Tcp::new(src.port(), dst.port(), flags).with_payload(payload).build(Addrs::V6(*src.ip(), *dst.ip()));
+    let f = ethernet(LB_MAC, PEER_MAC, ETH_P_IPV6, &Ipv6::new(*src.ip(), *dst.ip(), IPPROTO_TCP).build(&seg));
+    pad_to(f, BENCH_FRAME_LEN)
+}
+
+pub fn established() -> Vec<u8> {
+    frame(CLIENT, VIP, TCP_ACK | TCP_PSH, b"bench")
+}
+
+/// `established()` as it leaves: to the backend the table names.
+pub fn established_out() -> Vec<u8> {
+    let (_, backend) = service().pick(CLIENT).expect("the table names a backend");
+    frame(CLIENT, backend, TCP_ACK | TCP_PSH, b"bench")
+}
+
+pub fn new_flow_syn() -> Vec<u8> {
+    frame(NEW_FLOW_CLIENTS, VIP, TCP_SYN, &[])
+}
