@@ -186,7 +186,8 @@ pub const FIXTURE_FLOWS: u32 = 1 << 16;
 /// The loaded object and its map set, opened by the agent's own loader
 /// (aya checks key and value sizes against lb-common there).
 pub struct LbObject {
-    ebpf: Ebpf,
+    /// Crate-visible for `testrun6`'s attach.
+    pub(crate) ebpf: Ebpf,
     /// Crate-visible for `testrun6`'s IPv6 writers.
     pub(crate) maps: Maps,
     /// What `SETTINGS` was last told: each setter changes its own part.

@@ -13,6 +13,8 @@ use lb_common::{
     Backend, Service, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
+use lb_agent::adapters::dataplane::object::program_mut;
+
 use crate::testrun::LbObject;
 
 /// An IPv6 service as the fixtures set it up: every backend active, in the
@@ -87,6 +89,15 @@ impl LbObject {
         for slot in 0..lb_common::v6::V6_PROGRAMS.len() as u32 {
             self.maps.v6_progs.clear_index(&slot).with_context(|| format!("clear V6_PROGS[{slot}]"))?;
         }
+        Ok(())
+    }
+
+    /// Attaches the object's XDP program `prog` to `iface`, an interface of
+    /// the calling thread's namespace, in generic (skb) mode, as the agent
+    /// does on veth; it stays attached until the object drops.
+    pub fn attach_generic(&mut self, prog: &str, iface: &str) -> Result<()> {
+        let program: &mut aya::programs::Xdp = program_mut(&mut self.ebpf, prog)?;
+        program.attach(iface, aya::programs::XdpMode::Skb).with_context(|| format!("attach {prog} to {iface}"))?;
         Ok(())
     }
 

@@ -41,7 +41,7 @@
 use std::{
     fs,
     io::{self, BufRead, BufReader, ErrorKind, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
@@ -125,7 +125,8 @@ pub struct BackendServers {
 }
 
 impl BackendServers {
-    pub fn start(ns: &NetNs, name: &str, tcp: SocketAddrV4, udp: SocketAddrV4) -> BackendServers {
+    pub fn start(ns: &NetNs, name: &str, tcp: impl Into<SocketAddr>, udp: impl Into<SocketAddr>) -> BackendServers {
+        let (tcp, udp) = (tcp.into(), udp.into());
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let mut threads = Vec::new();
@@ -164,7 +165,7 @@ impl Drop for BackendServers {
     }
 }
 
-fn serve_tcp(addr: SocketAddrV4, name: &str, stop: Arc<AtomicBool>, ready: mpsc::Sender<Result<(), String>>) {
+fn serve_tcp(addr: SocketAddr, name: &str, stop: Arc<AtomicBool>, ready: mpsc::Sender<Result<(), String>>) {
     let listener = match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
         Ok(l) => l,
         Err(e) => {
@@ -238,7 +239,7 @@ fn serve_tcp_conn(stream: TcpStream, name: &str, stop: &AtomicBool) -> io::Resul
     }
 }
 
-fn serve_udp(addr: SocketAddrV4, name: &str, stop: &AtomicBool, ready: mpsc::Sender<Result<(), String>>) {
+fn serve_udp(addr: SocketAddr, name: &str, stop: &AtomicBool, ready: mpsc::Sender<Result<(), String>>) {
     let socket = match UdpSocket::bind(addr).and_then(|s| s.set_read_timeout(Some(SERVER_POLL)).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
@@ -278,7 +279,7 @@ pub struct Conn {
 
 impl Conn {
     /// Connect to `addr` and read the greeting line (the backend's name).
-    pub fn open(addr: SocketAddrV4) -> io::Result<Conn> {
+    pub fn open(addr: impl Into<SocketAddr>) -> io::Result<Conn> {
         let stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -328,15 +329,18 @@ pub fn refused_tcp_and_udp(tcp: SocketAddrV4, udp: SocketAddrV4) -> (io::Error, 
 }
 
 /// One TCP request: connect, read the backend's name, close.
-pub fn tcp_request(addr: SocketAddrV4) -> io::Result<(String, SocketAddr)> {
+pub fn tcp_request(addr: impl Into<SocketAddr>) -> io::Result<(String, SocketAddr)> {
     let conn = Conn::open(addr)?;
     Ok((conn.backend, conn.local))
 }
 
 /// One UDP request: send a datagram to `addr`, return the answer (trimmed).
 /// The socket is connected, so only an answer *from `addr`* counts.
-pub fn udp_request(addr: SocketAddrV4) -> io::Result<String> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+pub fn udp_request(addr: impl Into<SocketAddr>) -> io::Result<String> {
+    let addr = addr.into();
+    let any: std::net::IpAddr =
+        if addr.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    let socket = UdpSocket::bind((any, 0))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.send(b"hello\n")?;
