@@ -293,7 +293,27 @@ fn deserialize_vip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D
             a.ip(),
             a.port()
         )),
+        Err(_) if text.parse::<std::net::Ipv6Addr>().is_ok() => D::Error::custom(ipv6_not_yet(&text)),
         Err(_) => D::Error::custom(format!("{text:?} is not an IPv4 address")),
+    })
+}
+
+/// Why an IPv6 address is refused: the data plane serves IPv6 (destination
+/// NAT at XDP, `xdp_lb6`), the agent's configuration does not reach it yet.
+fn ipv6_not_yet(text: &str) -> String {
+    format!(
+        "{text:?} is an IPv6 address: the data plane balances IPv6 (mode \"nat\", XDP), but the agent \
+         cannot configure IPv6 services or backends yet (see the README's \"IPv6\" section)"
+    )
+}
+
+/// An IPv4 address with a port; an IPv6 one is refused with why.
+fn deserialize_backend_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddrV4, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|e| match text.parse::<std::net::SocketAddrV6>() {
+        Ok(_) => D::Error::custom(ipv6_not_yet(&text)),
+        Err(_) => D::Error::custom(format!("{text:?}: {e}")),
     })
 }
 
@@ -383,6 +403,7 @@ impl fmt::Display for Protocol {
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct BackendConfig {
+    #[serde(deserialize_with = "deserialize_backend_address")]
     pub address: SocketAddrV4,
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -886,6 +907,17 @@ mod tests {
         );
         let err = parse(&GOOD.replacen("vip = \"10.0.0.100\"", "vip = \"web\"", 1)).unwrap_err().to_string();
         assert!(err.contains(r#""web" is not an IPv4 address"#), "{err}");
+    }
+
+    #[test]
+    fn ipv6_vips_and_backends_are_refused_with_why() {
+        let err = parse(&GOOD.replacen("vip = \"10.0.0.100\"", "vip = \"2001:db8::10\"", 1)).unwrap_err().to_string();
+        assert!(err.contains(r#""2001:db8::10" is an IPv6 address: the data plane balances IPv6"#), "{err}");
+        let at = GOOD.find("address = \"").expect("GOOD has a backend");
+        let end = at + GOOD[at + 11..].find('"').unwrap() + 12;
+        let v6 = format!("{}address = \"[2001:db8::1]:8080\"{}", &GOOD[..at], &GOOD[end..]);
+        let err = parse(&v6).unwrap_err().to_string();
+        assert!(err.contains(r#""[2001:db8::1]:8080" is an IPv6 address"#), "{err}");
     }
 
     #[test]
