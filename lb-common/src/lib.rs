@@ -301,6 +301,34 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A new flow's entry before its backend's address goes in: its pick,
+    /// when, and how its first client packet arrived (IPv4 and IPv6 alike).
+    #[inline(always)]
+    pub const fn opened(
+        backend_id: u32,
+        service_id: u32,
+        now_ns: u64,
+        client_ifindex: u32,
+        client_mac: [u8; 6],
+        local_mac: [u8; 6],
+    ) -> Conn {
+        Conn {
+            nat_ip_be: 0,
+            nat_port_be: 0,
+            tcp_seen: 0,
+            _pad: 0,
+            backend_id,
+            service_id,
+            last_seen_ns: now_ns,
+            client_ifindex,
+            client_mac,
+            local_mac,
+            snat_ip_be: 0,
+            snat_port_be: 0,
+            _pad2: 0,
+        }
+    }
+
     /// Full NAT: the key of this flow's claim in `SNAT_FLOWS`, its replies'
     /// 5-tuple (backend -> the load balancer's address and port).
     #[inline(always)]

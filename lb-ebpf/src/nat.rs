@@ -150,18 +150,9 @@ fn open_flow(pkt: &Packet, svc: &Service, key: &FlowKey, now: u64) -> Result<Con
     let conn = Conn {
         nat_ip_be: backend.ip_be,
         nat_port_be: backend.port_be,
-        tcp_seen: 0,
-        _pad: 0,
-        backend_id,
-        service_id: svc.id,
-        last_seen_ns: now,
-        client_ifindex: pkt.ingress_ifindex,
-        client_mac: pkt.src_mac,
-        local_mac: pkt.dst_mac,
         // Full NAT claims its port after the pick (`fullnat`).
         snat_ip_be: backend.snat_ip_be,
-        snat_port_be: 0,
-        _pad2: 0,
+        ..Conn::opened(backend_id, svc.id, now, pkt.ingress_ifindex, pkt.src_mac, pkt.dst_mac)
     };
     if CONNTRACK.insert(key, &conn, 0).is_err() {
         return Err(Verdict::drop(Reason::DropConntrackFull));

@@ -204,6 +204,22 @@ fn parse_ipv4<H: Hook>(ctx: &H, off: usize) -> Result<(*mut Ipv4Hdr, usize, usiz
 
 #[inline(always)]
 fn parse_tcp<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+    let (tcp, flags) = tcp_header(ctx, off, ip_end)?;
+    // SAFETY: bounds-checked by tcp_header; `ip` by parse_ipv4.
+    unsafe { Ok(Parsed::new(ip, tcp.cast(), core::ptr::addr_of_mut!((*tcp).check), off + 16, PROTO_TCP, flags)) }
+}
+
+#[inline(always)]
+fn parse_udp<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+    let udp = udp_header(ctx, off, ip_end)?;
+    // SAFETY: bounds-checked by udp_header; `ip` by parse_ipv4.
+    unsafe { Ok(Parsed::new(ip, udp.cast(), core::ptr::addr_of_mut!((*udp).check), off + 6, PROTO_UDP, 0)) }
+}
+
+/// The TCP header at `off` (whole, options included, before `ip_end`) and
+/// its flags; IPv4 and IPv6 alike.
+#[inline(always)]
+pub fn tcp_header<H: Hook>(ctx: &H, off: usize, ip_end: usize) -> Result<(*mut TcpHdr, u8), Verdict> {
     let tcp: *mut TcpHdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
     if off + TCP_HLEN > ip_end {
         return Err(Verdict::drop(Reason::DropTruncatedL4));
@@ -214,16 +230,15 @@ fn parse_tcp<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> R
     if doff < TCP_HLEN || off + doff > ip_end {
         return Err(Verdict::drop(Reason::DropBadTcpHeader));
     }
-    // SAFETY: bounds-checked above; `ip` by parse_ipv4.
-    unsafe { Ok(Parsed::new(ip, tcp.cast(), core::ptr::addr_of_mut!((*tcp).check), off + 16, PROTO_TCP, flags)) }
+    Ok((tcp, flags))
 }
 
+/// The UDP header at `off`, before `ip_end`; IPv4 and IPv6 alike.
 #[inline(always)]
-fn parse_udp<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, off: usize, ip_end: usize) -> Result<Parsed, Verdict> {
+pub fn udp_header<H: Hook>(ctx: &H, off: usize, ip_end: usize) -> Result<*mut UdpHdr, Verdict> {
     let udp: *mut UdpHdr = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
     if off + UDP_HLEN > ip_end {
         return Err(Verdict::drop(Reason::DropTruncatedL4));
     }
-    // SAFETY: bounds-checked above; `ip` by parse_ipv4.
-    unsafe { Ok(Parsed::new(ip, udp.cast(), core::ptr::addr_of_mut!((*udp).check), off + 6, PROTO_UDP, 0)) }
+    Ok(udp)
 }

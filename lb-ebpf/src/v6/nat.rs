@@ -78,13 +78,7 @@ fn open_flow(pkt: &Parsed6, svc: &Service, key: &FlowKey6, now: u64) -> Result<(
     let c6 = Conn6 {
         conn: Conn {
             nat_port_be: b6.port_be,
-            backend_id,
-            service_id: svc.id,
-            last_seen_ns: now,
-            client_ifindex: pkt.ingress_ifindex,
-            client_mac: pkt.src_mac,
-            local_mac: pkt.dst_mac,
-            ..Conn::default()
+            ..Conn::opened(backend_id, svc.id, now, pkt.ingress_ifindex, pkt.src_mac, pkt.dst_mac)
         },
         nat_ip: b6.ip,
     };

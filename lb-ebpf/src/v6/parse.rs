@@ -5,13 +5,11 @@ use lb_common::{v6::Ip6, Reason, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     hook::Hook,
-    parse::{ptr_at, EthHdr, TcpHdr, UdpHdr, ETH_HLEN},
+    parse::{ptr_at, tcp_header, udp_header, EthHdr, ETH_HLEN},
     Verdict,
 };
 
 const IPV6_HLEN: usize = 40;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
 
 const NEXT_FRAGMENT: u8 = 44;
 
@@ -75,25 +73,13 @@ pub fn parse_packet6<H: Hook>(ctx: &H) -> Result<Parsed6, Verdict> {
     }
     let (l4_ports, l4_check, tcp_flags): (*mut [u16; 2], *mut u16, u8) = match next {
         PROTO_TCP => {
-            let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
-            if l4 + TCP_HLEN > ip_end {
-                return Err(Verdict::drop(Reason::DropTruncatedL4));
-            }
-            // SAFETY: bounds-checked above.
-            let [doff, flags] = unsafe { (*tcp).doff_flags };
-            let doff = (doff >> 4) as usize * 4;
-            if doff < TCP_HLEN || l4 + doff > ip_end {
-                return Err(Verdict::drop(Reason::DropBadTcpHeader));
-            }
-            // SAFETY: bounds-checked above.
+            let (tcp, flags) = tcp_header(ctx, l4, ip_end)?;
+            // SAFETY: bounds-checked by tcp_header.
             (tcp.cast(), unsafe { core::ptr::addr_of_mut!((*tcp).check) }, flags)
         }
         PROTO_UDP => {
-            let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(Reason::DropTruncatedL4))?;
-            if l4 + UDP_HLEN > ip_end {
-                return Err(Verdict::drop(Reason::DropTruncatedL4));
-            }
-            // SAFETY: bounds-checked above.
+            let udp = udp_header(ctx, l4, ip_end)?;
+            // SAFETY: bounds-checked by udp_header.
             (udp.cast(), unsafe { core::ptr::addr_of_mut!((*udp).check) }, 0)
         }
         NEXT_FRAGMENT => return Err(Verdict::pass(Reason::PassFragment)),
