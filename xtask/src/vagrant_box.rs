@@ -38,6 +38,7 @@ const HOST_PACKAGES: &[&str] = &[
     "vagrant",               // `vagrant up` in vagrant/
     "vagrant-libvirt",       // its libvirt provider
     "libvirt-daemon-system", // libvirtd and virtlogd, which run the VM
+    "dnsmasq-base",          // DHCP and DNS on vagrant-libvirt's NAT network
     "qemu-system-x86",       // the VM itself (KVM or software emulation)
     "qemu-utils",            // qemu-img: raw disk to qcow2
     "debootstrap",           // the guest's Debian 12 tree
@@ -156,6 +157,7 @@ fn configure(rootfs: &Path) -> Result<()> {
     write("/home/vagrant/.ssh/authorized_keys", &fs::read_to_string(insecure_key()?).context("read vagrant.pub")?)?;
     chroot(rootfs, &["chown", "-R", "vagrant:vagrant", "/home/vagrant/.ssh"])?;
     chroot(rootfs, &["chmod", "700", "/home/vagrant/.ssh"])?;
+    copy_local_cas(rootfs)?;
     copy_toolchain(rootfs)?;
     step.finish(GREEN, "done");
     Ok(())
@@ -179,6 +181,24 @@ Vagrant.configure(\"2\") do |config|
   end
 end
 ";
+
+/// The host's own CA certificates (Debian keeps them in
+/// /usr/local/share/ca-certificates): behind a TLS-inspecting proxy the
+/// guest reaches crates.io only when it trusts what the host trusts.
+fn copy_local_cas(rootfs: &Path) -> Result<()> {
+    let local = Path::new("/usr/local/share/ca-certificates");
+    let into = rootfs.join("usr/local/share/ca-certificates");
+    let Ok(entries) = fs::read_dir(local) else { return Ok(()) };
+    fs::create_dir_all(&into).with_context(|| format!("create {}", into.display()))?;
+    for entry in entries {
+        let path = entry.with_context(|| format!("list {}", local.display()))?.path();
+        if path.extension().is_some_and(|e| e == "crt") && path.is_file() {
+            let name = path.file_name().context("a file without a name")?;
+            fs::copy(&path, into.join(name)).with_context(|| format!("copy {}", path.display()))?;
+        }
+    }
+    chroot(rootfs, &["update-ca-certificates"])
+}
 
 /// Vagrant's public insecure key, as Debian's vagrant package ships it.
 fn insecure_key() -> Result<PathBuf> {
@@ -393,7 +413,30 @@ fn ensure_libvirtd() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{mbr, metadata_json, syslinux_cfg, PART_START_SECTOR};
+    use super::{mbr, metadata_json, syslinux_cfg, BOX_NAME, PART_START_SECTOR};
+    use crate::util::workspace_root;
+
+    fn read(path: &str) -> String {
+        std::fs::read_to_string(workspace_root().join(path)).unwrap()
+    }
+
+    #[test]
+    fn the_vagrantfile_boots_the_box_this_builds_and_provisions_every_step() {
+        let vagrantfile = read("vagrant/Vagrantfile");
+        assert!(
+            vagrantfile.contains(&format!("ENV.fetch(\"LB_VAGRANT_BOX\", \"{BOX_NAME}\")")),
+            "vagrant/Vagrantfile's default box is not {BOX_NAME}, the one `cargo xtask vagrant-box` adds"
+        );
+        // Where KVM does not work, software emulation, chosen by itself.
+        assert!(vagrantfile.contains("virt && kvm ? \"kvm\" : \"qemu\""));
+        assert!(vagrantfile.contains("lv.cpus = 2"));
+        // The host's build output stays out of the guest.
+        assert!(vagrantfile.contains("rsync__exclude: [\"target/\""));
+        let provision = read("vagrant/provision.sh");
+        for step in ["step build cargo xtask build", "step demo cargo xtask run -- --quick", "step test cargo xtask test"] {
+            assert!(provision.contains(step), "provision.sh lacks `{step}`");
+        }
+    }
 
     #[test]
     fn mbr_has_one_active_linux_partition_to_the_end_of_the_disk() {
