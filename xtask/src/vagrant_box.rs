@@ -117,7 +117,7 @@ fn debootstrap(rootfs: &Path, rebuild: bool) -> Result<()> {
     }
     let step = Step::new("vagrant-box", format!("debootstrap {SUITE} into {}", rootfs.display()));
     step.say("running (a few minutes)");
-    let _ = fs::remove_file(&done);
+    remove_if_present(&done)?;
     if rootfs.exists() {
         fs::remove_dir_all(rootfs).with_context(|| format!("remove {}", rootfs.display()))?;
     }
@@ -235,7 +235,9 @@ fn copy_toolchain(rootfs: &Path) -> Result<()> {
     )?;
     fs::write(
         guest.join(".rustup/settings.toml"),
-        format!("version = \"12\"\ndefault_toolchain = \"{name}\"\nprofile = \"minimal\"\nauto_self_update = \"disable\"\n"),
+        format!(
+            "version = \"12\"\ndefault_toolchain = \"{name}\"\nprofile = \"minimal\"\nauto_self_update = \"disable\"\n"
+        ),
     )
     .context("write the guest's rustup settings")?;
     let bin = guest.join(".cargo/bin");
@@ -275,7 +277,7 @@ fn disk_image(rootfs: &Path, raw: &Path, qcow2: &Path) -> Result<()> {
     let step = Step::new("vagrant-box", format!("disk image {}", qcow2.display()));
     step.say("writing");
     let total = DISK_GIB << 30;
-    let _ = fs::remove_file(raw);
+    remove_if_present(raw)?;
     let mut file = fs::File::create(raw).with_context(|| format!("create {}", raw.display()))?;
     file.set_len(total).with_context(|| format!("size {}", raw.display()))?;
     let boot_code = fs::read("/usr/lib/syslinux/mbr/mbr.bin").context("read syslinux's mbr.bin")?;
@@ -302,15 +304,25 @@ fn disk_image(rootfs: &Path, raw: &Path, qcow2: &Path) -> Result<()> {
             .context("write the guest's fstab")?;
         let syslinux = mount.at.join("boot/syslinux");
         fs::create_dir_all(&syslinux).with_context(|| format!("create {}", syslinux.display()))?;
-        fs::write(syslinux.join("syslinux.cfg"), syslinux_cfg(&kernel, &initrd, &uuid)).context("write syslinux.cfg")?;
+        fs::write(syslinux.join("syslinux.cfg"), syslinux_cfg(&kernel, &initrd, &uuid))
+            .context("write syslinux.cfg")?;
         stream_ok(Command::new("extlinux").arg("--install").arg(&syslinux))?;
     }
-    let _ = fs::remove_file(qcow2);
+    remove_if_present(qcow2)?;
     stream_ok(Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(raw).arg(qcow2))?;
     fs::remove_file(raw).with_context(|| format!("remove {}", raw.display()))?;
     let size = fs::metadata(qcow2).map(|m| m.len()).unwrap_or(0);
     step.finish(GREEN, &format!("{} MB", size >> 20));
     Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A loop mount, unmounted when dropped.
@@ -371,7 +383,8 @@ fn mbr(boot_code: &[u8], sectors: u64) -> Result<[u8; 512]> {
     let mut m = [0u8; 512];
     m[..boot_code.len()].copy_from_slice(boot_code);
     let entry = &mut m[446..462];
-    entry[0] = 0x80; // active: the MBR code boots it
+    // Active: the MBR code boots it.
+    entry[0] = 0x80;
     // CHS fields: "use LBA" (the maximum), as tools write for large disks.
     entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
     entry[4] = 0x83; // Linux
@@ -433,7 +446,9 @@ mod tests {
         // The host's build output stays out of the guest.
         assert!(vagrantfile.contains("rsync__exclude: [\"target/\""));
         let provision = read("vagrant/provision.sh");
-        for step in ["step build cargo xtask build", "step demo cargo xtask run -- --quick", "step test cargo xtask test"] {
+        for step in
+            ["step build cargo xtask build", "step demo cargo xtask run -- --quick", "step test cargo xtask test"]
+        {
             assert!(provision.contains(step), "provision.sh lacks `{step}`");
         }
     }
@@ -459,12 +474,12 @@ mod tests {
     #[test]
     fn boot_entry_names_the_root_by_uuid_with_a_serial_console() {
         let cfg = syslinux_cfg("/boot/vmlinuz-6.1.0-41-amd64", "/boot/initrd.img-6.1.0-41-amd64", "abc");
-        assert!(cfg.starts_with("DEFAULT debian\n"));
-        assert!(cfg.contains("  LINUX /boot/vmlinuz-6.1.0-41-amd64\n"));
-        assert!(cfg.contains("  INITRD /boot/initrd.img-6.1.0-41-amd64\n"));
-        assert!(cfg.contains("root=UUID=abc ro"));
-        assert!(cfg.contains("console=ttyS0,115200"));
-        assert!(cfg.contains("net.ifnames=0"));
+        assert_eq!(
+            cfg,
+            "DEFAULT debian\nTIMEOUT 0\nLABEL debian\n  LINUX /boot/vmlinuz-6.1.0-41-amd64\n  \
+             INITRD /boot/initrd.img-6.1.0-41-amd64\n  APPEND root=UUID=abc ro console=tty0 \
+             console=ttyS0,115200 net.ifnames=0 biosdevname=0\n"
+        );
     }
 
     #[test]
