@@ -7,6 +7,7 @@ mod run;
 mod setup;
 mod test;
 mod util;
+mod vagrant_box;
 mod vm;
 
 use std::process::ExitCode;
@@ -77,6 +78,15 @@ enum Command {
         \x20 cargo xtask bench e2e -- --duration 10s --json      lb-bench-e2e: direct, this LB, HAProxy and\n\
         \x20                                                     NGINX stream in namespaces, with wrk")]
     Bench(bench::Options),
+    /// Build the Debian 12 libvirt box for vagrant/ locally (root), add it, and start libvirtd
+    #[command(long_about = "Build the Debian 12 libvirt box that vagrant/Vagrantfile boots (as root).\n\n\
+        Installs vagrant, vagrant-libvirt, libvirt-daemon-system, debootstrap and extlinux if\n\
+        missing; debootstraps bookworm into target/vagrant-box/rootfs (cached; --rebuild starts\n\
+        over), adds the vagrant user (Vagrant's insecure key, passwordless sudo), sshd, DHCP and\n\
+        the host's pinned Rust toolchain; writes a qcow2 and packs target/vagrant-box/lb-debian12.box,\n\
+        runs `vagrant box add`, and starts libvirtd if it is not running. Then:\n\n\
+        \x20 cd vagrant && vagrant up")]
+    VagrantBox(vagrant_box::Options),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +98,7 @@ fn main() -> ExitCode {
         Command::Run(opts) => run::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::VagrantBox(opts) => vagrant_box::run(&opts),
     };
     match result {
         Ok(code) => code,

@@ -19,6 +19,11 @@ const SUITES: [&str; 2] = ["bookworm", "trixie"];
 const MIRROR_ENV: &str = "LB_DEBIAN_MIRROR";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
+/// The Debian mirror: [`MIRROR_ENV`] or Debian's own.
+pub fn mirror() -> String {
+    std::env::var(MIRROR_ENV).unwrap_or_else(|_| DEBIAN_MIRROR.to_owned())
+}
+
 /// Kernel modules the tests need that Debian builds as modules.
 const MODULES: [&str; 1] = ["veth"];
 
@@ -43,7 +48,7 @@ impl Apt {
         for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
             fs::create_dir_all(apt.join(sub)).with_context(|| format!("create {}", apt.join(sub).display()))?;
         }
-        let mirror = std::env::var(MIRROR_ENV).unwrap_or_else(|_| DEBIAN_MIRROR.to_owned());
+        let mirror = mirror();
         let sources: String =
             SUITES.iter().map(|suite| format!("deb [signed-by={KEYRING}] {mirror} {suite} main\n")).collect();
         write_if_changed(&apt.join("sources.list"), &sources)?;

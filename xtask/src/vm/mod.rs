@@ -9,6 +9,8 @@
 mod cpio;
 mod debian;
 
+pub use debian::mirror as debian_mirror;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufWriter, Read, Seek, SeekFrom};
@@ -286,7 +288,7 @@ fn ldd_paths(ldd: &str) -> Vec<String> {
 
 /// KVM when /dev/kvm opens and the CPU offers virtualisation; else qemu's
 /// software emulation (TCG), several times slower.
-fn kvm_usable() -> bool {
+pub fn kvm_usable() -> bool {
     let flags = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let virt = flags
         .lines()
