@@ -9,8 +9,10 @@
 //! like Katran's `KatranBaseTestFixtures.h`, but built in code. Expected
 //! frames are built from scratch with the translated addresses, checksums
 //! computed by the harness (not by `lb_common::csum`), and compared byte for
-//! byte. Each fixture runs in its own network namespace against a freshly
-//! loaded object, so fixtures cannot see each other's flows or counters.
+//! byte. Each fixture runs in its own network namespace against an object
+//! that is fresh or reset to fresh (`LbObject::shared`: the programs are
+//! verified once per test thread, the bulk of the time before, most of all
+//! in a VM), so fixtures cannot see each other's flows or counters.
 
 use std::{
     collections::HashMap,
@@ -954,7 +956,7 @@ fn run_fixture(f: Fixture) {
 
 fn run_fixture_on(f: &Fixture, program: &str) {
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
@@ -1340,7 +1342,7 @@ fn run_route_fixture(f: RouteFixture) {
 fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     let name = &format!("{} ({program})", f.name);
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
@@ -1585,7 +1587,7 @@ fn root_frame_shorter_than_ethernet_is_refused_by_the_kernel() {
         return;
     }
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let lb = LbObject::load().expect("load lb-ebpf and verify xdp_lb");
+    let lb = LbObject::shared().expect("load lb-ebpf and verify xdp_lb");
     let before = lb.reasons().unwrap();
     let syn = client_tcp(WEB_VIP, TCP_SYN);
     for len in [0usize, 10, 13] {
@@ -1611,7 +1613,7 @@ fn root_local_program_reads_a_look_alike_as_partial() {
     }
     let f = tcp_complete_checksum_that_looks_partial();
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
