@@ -55,9 +55,7 @@ pub struct Report {
 
 /// Builds the test binaries and lb-agent (release, as the root stage).
 pub fn build_payload() -> Result<Payload> {
-    let mut build = util::cargo();
-    build.args(["build", "--release", "-p", "lb-agent", "--bins"]);
-    util::stream_ok(&mut build)?;
+    util::stream_ok(&mut util::release_bins())?;
     let mut tests = util::cargo();
     tests.args(["test", "--release", "-p", "lb-tests", "--no-run", "--message-format=json-render-diagnostics"]);
     for t in TESTS {
