@@ -465,6 +465,17 @@ impl LbObject {
         self.maps.service_counters(id).with_context(|| format!("read counters of service {id}"))
     }
 
+    /// The reasons, the counters of backends `0..backend_ids` and services
+    /// `0..service_ids`, and the connection table.
+    pub fn snapshot(&self, backend_ids: u32, service_ids: u32) -> Result<Snapshot> {
+        Ok(Snapshot {
+            reasons: self.reasons()?,
+            backends: (0..backend_ids).map(|id| self.backend_counters(id)).collect::<Result<_>>()?,
+            services: (0..service_ids).map(|id| self.service_counters(id)).collect::<Result<_>>()?,
+            conntrack: self.conntrack()?.into_iter().map(|(k, c)| (k, Conn { last_seen_ns: 0, ..c })).collect(),
+        })
+    }
+
     /// The connection table's map id: an object reset and handed out again
     /// keeps it, a new one gets another.
     pub fn conntrack_map_id(&self) -> Result<u32> {
@@ -559,6 +570,17 @@ fn zero_per_cpu<T: Pod + Default>(
         array.set(i, zero, 0).with_context(|| format!("zero {name}[{i}]"))?;
     }
     Ok(())
+}
+
+/// Counters and connection table as tests compare them, read by
+/// [`LbObject::snapshot`].
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub reasons: Vec<u64>,
+    pub backends: Vec<Counters>,
+    pub services: Vec<Counters>,
+    /// Every entry, its `last_seen_ns` zeroed (a clock, not a result).
+    pub conntrack: StdHashMap<FlowKey, Conn>,
 }
 
 /// Fails unless `reasons_after - reasons_before` is exactly `count` for

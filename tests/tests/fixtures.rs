@@ -35,8 +35,8 @@ use lb_lab::{
     packet::*,
     root::skip_without_root,
     testrun::{
-        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, TC_ACT_OK, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, Snapshot as State, TC_ACT_OK,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
 };
 
@@ -924,28 +924,14 @@ fn icmp_shorter_than_its_header() -> Fixture {
 
 // ---- Running a fixture ------------------------------------------------------
 
-/// Counters and connection table, read before and after the packet.
-struct State {
-    reasons: Vec<u64>,
-    backends: Vec<Counters>,
-    services: Vec<Counters>,
-    conntrack: HashMap<FlowKey, Conn>,
-}
-
 /// Backend ids 0..=9 and service ids 0..=5 cover the topology (and the
 /// unused id 0 and the stale id 9).
 const BACKEND_IDS: u32 = 10;
 const SERVICE_IDS: u32 = 6;
 
-impl State {
-    fn read(lb: &LbObject) -> Self {
-        Self {
-            reasons: lb.reasons().unwrap(),
-            backends: (0..BACKEND_IDS).map(|id| lb.backend_counters(id).unwrap()).collect(),
-            services: (0..SERVICE_IDS).map(|id| lb.service_counters(id).unwrap()).collect(),
-            conntrack: lb.conntrack().unwrap().into_iter().map(|(k, c)| (k, Conn { last_seen_ns: 0, ..c })).collect(),
-        }
-    }
+/// Counters and connection table, read before and after the packet.
+fn read_state(lb: &LbObject) -> State {
+    lb.snapshot(BACKEND_IDS, SERVICE_IDS).unwrap()
 }
 
 fn run_fixture(f: Fixture) {
@@ -976,9 +962,9 @@ fn run_fixture_on(f: &Fixture, program: &str) {
         let run = lb.run(program, p).expect("run a setup packet");
         assert_eq!(action(tc, run.verdict), "pass", "{}: setup packet {i} did not pass {program}", f.name);
     }
-    let before = State::read(&lb);
+    let before = read_state(&lb);
     let run = lb.run(program, &f.input).expect("run the fixture packet");
-    let after = State::read(&lb);
+    let after = read_state(&lb);
     let name = &format!("{} ({program})", f.name);
 
     assert_eq!((action(tc, run.verdict), run.verdict), (action(tc, want), want), "{}: verdict", name);

@@ -10,12 +10,12 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use lb_common::{Conn, Counters, FlowKey, Path, MAX_SERVICES, PROG_LB, PROG_LB_LOCAL, PROG_TC};
+use lb_common::{FlowKey, Path, MAX_SERVICES, PROG_LB, PROG_LB_LOCAL, PROG_TC};
 use lb_lab::{
     netns::NetNsGuard,
     packet::*,
     require_root,
-    testrun::{counters_delta, LbObject, ServiceSpec},
+    testrun::{counters_delta, LbObject, ServiceSpec, Snapshot},
 };
 
 const MACS: (Mac, Mac) = ([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2]);
@@ -45,34 +45,19 @@ fn tcp(to: SocketAddrV4, from: SocketAddrV4, flags: u8) -> Vec<u8> {
 /// Everything a test can read back off the object.
 #[derive(Debug, PartialEq)]
 struct State {
-    reasons: Vec<u64>,
-    services: Vec<Counters>,
-    backends: Vec<Counters>,
-    conntrack: Vec<(FlowKey, Conn)>,
-    claims: Vec<(FlowKey, FlowKey)>,
+    snapshot: Snapshot,
+    claims: HashMap<FlowKey, FlowKey>,
     paths: Vec<(Path, u64)>,
 }
 
 impl State {
     fn read(lb: &LbObject) -> Self {
         State {
-            reasons: lb.reasons().unwrap(),
-            services: (0..MAX_SERVICES).map(|id| lb.service_counters(id).unwrap()).collect(),
-            backends: (0..BACKEND_IDS).map(|id| lb.backend_counters(id).unwrap()).collect(),
-            conntrack: sorted(lb.conntrack().unwrap())
-                .into_iter()
-                .map(|(k, c)| (k, Conn { last_seen_ns: 0, ..c }))
-                .collect(),
-            claims: sorted(lb.snat_claims().unwrap()),
+            snapshot: lb.snapshot(BACKEND_IDS, MAX_SERVICES).unwrap(),
+            claims: lb.snat_claims().unwrap(),
             paths: lb.paths(1).unwrap(),
         }
     }
-}
-
-fn sorted<V>(m: HashMap<FlowKey, V>) -> Vec<(FlowKey, V)> {
-    let mut v: Vec<_> = m.into_iter().collect();
-    v.sort_by_key(|(k, _)| (k.src_ip_be, k.src_port_be, k.dst_ip_be, k.dst_port_be));
-    v
 }
 
 /// Writes every kind of map entry and state a fixture can leave behind.
@@ -109,10 +94,14 @@ fn outcomes(lb: &mut LbObject) -> Vec<(u32, Vec<u8>, State)> {
         let before = State::read(lb);
         let run = lb.run(PROG_LB, &p).unwrap();
         let after = State::read(lb);
+        let (b, a) = (&before.snapshot, &after.snapshot);
         let delta = State {
-            reasons: after.reasons.iter().zip(&before.reasons).map(|(a, b)| a - b).collect(),
-            services: after.services.iter().zip(&before.services).map(|(a, b)| counters_delta(b, a)).collect(),
-            backends: after.backends.iter().zip(&before.backends).map(|(a, b)| counters_delta(b, a)).collect(),
+            snapshot: Snapshot {
+                reasons: a.reasons.iter().zip(&b.reasons).map(|(a, b)| a - b).collect(),
+                services: a.services.iter().zip(&b.services).map(|(a, b)| counters_delta(b, a)).collect(),
+                backends: a.backends.iter().zip(&b.backends).map(|(a, b)| counters_delta(b, a)).collect(),
+                conntrack: after.snapshot.conntrack,
+            },
             ..after
         };
         out.push((run.verdict, run.data, delta));
