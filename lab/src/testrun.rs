@@ -5,16 +5,19 @@
 //! plumbing whose callers only report failures, never match on them.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    ops::{Deref, DerefMut},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{IterableMap as _, Map, MapError},
+    maps::{IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
-    Ebpf,
+    util::nr_cpus,
+    Ebpf, Pod,
 };
 use lb_agent::{
     adapters::dataplane::object::{load_object, load_program, program, take_map, Maps},
@@ -22,7 +25,7 @@ use lb_agent::{
 };
 use lb_common::{
     hash::flow_hash, maglev_index, Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, Path, Reason, Service,
-    ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT, MODE_FULL_NAT,
+    ServiceKey, SockOp, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_SERVICES, MODE_DNAT, MODE_FULL_NAT,
 };
 
 // XDP actions (`enum xdp_action` in uapi/linux/bpf.h).
@@ -192,6 +195,41 @@ pub struct LbObject {
     pub(crate) maps: Maps,
     /// What `SETTINGS` was last told: each setter changes its own part.
     config: DataplaneConfig,
+    /// Backend ids written to `BACKENDS`, for [`Self::reset`].
+    backend_ids: BTreeSet<u32>,
+    /// What each (service, table) Maglev table holds, for tables written
+    /// with ids: [`Self::fill_maglev`] skips a table that holds them already.
+    maglev_tables: StdHashMap<(u32, u32), Vec<u32>>,
+}
+
+/// Objects [`LbObject::shared`] handed out and got back: loading verifies
+/// every program, which dominates a fixture's time (minutes in a VM under
+/// emulation), so a test binary loads one per test thread, not per test.
+static POOL: Mutex<Vec<LbObject>> = Mutex::new(Vec::new());
+
+/// An [`LbObject`] from the pool; it goes back when dropped.
+pub struct SharedLbObject(Option<LbObject>);
+
+impl Deref for SharedLbObject {
+    type Target = LbObject;
+    fn deref(&self) -> &LbObject {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for SharedLbObject {
+    fn deref_mut(&mut self) -> &mut LbObject {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for SharedLbObject {
+    fn drop(&mut self) {
+        // One whose ring buffer was taken cannot be made fresh again.
+        if let Some(lb) = self.0.take().filter(|lb| lb.maps.wake_events.is_some()) {
+            POOL.lock().unwrap_or_else(PoisonError::into_inner).push(lb);
+        }
+    }
 }
 
 impl LbObject {
@@ -202,7 +240,61 @@ impl LbObject {
     /// time (most of all in a VM under emulation). [`Self::load_with`] takes
     /// the agent's default or any other size.
     pub fn load() -> Result<Self> {
-        Self::load_with(&DataplaneConfig { max_flows: FIXTURE_FLOWS, ..DataplaneConfig::default() })
+        Self::load_with(&fixture_config())
+    }
+
+    /// What [`Self::load`] gives, taken from the pool and [`Self::reset`]
+    /// when a test before returned one (else loaded): the same programs,
+    /// verified once per thread instead of once per test.
+    pub fn shared() -> Result<SharedLbObject> {
+        let pooled = POOL.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let lb = match pooled {
+            Some(mut lb) => {
+                lb.reset().context("reset a pooled object")?;
+                lb
+            }
+            None => Self::load()?,
+        };
+        Ok(SharedLbObject(Some(lb)))
+    }
+
+    /// Makes the object behave as freshly loaded by [`Self::load`]: every
+    /// table, flow and claim removed, counters zero, settings back. Maglev
+    /// tables stay (16 MiB; rewriting them is what a fixture costs after
+    /// the verifier): the program reads a table only through a service in
+    /// `SERVICES`, which is emptied, and [`Self::add_service`] writes its
+    /// live table anew (or zero) unless it already holds the same ids.
+    pub fn reset(&mut self) -> Result<()> {
+        let m = &mut self.maps;
+        let keys: Vec<ServiceKey> = m.services.keys().collect::<Result<_, _>>().context("walk SERVICES")?;
+        remove_each(&keys, |k| m.services.remove(k), "SERVICES")?;
+        let keys: Vec<BackendAddr> = m.backend_vips.keys().collect::<Result<_, _>>().context("walk BACKEND_VIPS")?;
+        remove_each(&keys, |k| m.backend_vips.remove(k), "BACKEND_VIPS")?;
+        let keys: Vec<u32> = m.egress.keys().collect::<Result<_, _>>().context("walk EGRESS")?;
+        remove_each(&keys, |k| m.egress.remove(*k), "EGRESS")?;
+        let keys: Vec<u32> = m.path_stats.keys().collect::<Result<_, _>>().context("walk PATH_STATS")?;
+        remove_each(&keys, |k| m.path_stats.remove(k), "PATH_STATS")?;
+        let keys: Vec<_> = m.sock_revnat.keys().collect::<Result<_, _>>().context("walk SOCK_REVNAT")?;
+        remove_each(&keys, |k| m.sock_revnat.remove(k), "SOCK_REVNAT")?;
+        self.clear_flows()?;
+        self.clear_snat_claims()?;
+        let m = &mut self.maps;
+        // The program counts only backends it found in BACKENDS.
+        for &id in &self.backend_ids {
+            m.backends.set(id, Backend::default(), 0).with_context(|| format!("clear backend {id}"))?;
+        }
+        zero_per_cpu(&mut m.backend_stats, self.backend_ids.iter().copied(), "BACKEND_STATS")?;
+        self.backend_ids.clear();
+        zero_per_cpu(&mut m.service_stats, 0..MAX_SERVICES, "SERVICE_STATS")?;
+        zero_per_cpu(&mut m.reason_stats, 0..Reason::COUNT, "REASON_STATS")?;
+        zero_per_cpu(&mut m.sock_stats, 0..SockOp::ALL.len() as u32, "SOCK_STATS")?;
+        zero_per_cpu(&mut m.wake_last, 0..MAX_SERVICES, "WAKE_LAST")?;
+        zero_per_cpu(&mut m.flow_budget, 0..1, "FLOW_BUDGET")?;
+        if let Some(ring) = m.wake_events.as_mut() {
+            while ring.next().is_some() {}
+        }
+        self.config = fixture_config();
+        self.maps.set_settings(&self.config).context("write SETTINGS")
     }
 
     /// Loads the benchmark's object: the same, plus `xdp_pass`, `xdp_bench`
@@ -226,7 +318,7 @@ impl LbObject {
 
     fn load_object_with(object: &[u8], config: &DataplaneConfig) -> Result<Self> {
         let (ebpf, maps) = load_object(object, None, config)?;
-        Ok(Self { ebpf, maps, config: *config })
+        Ok(Self { ebpf, maps, config: *config, backend_ids: BTreeSet::new(), maglev_tables: StdHashMap::new() })
     }
 
     /// Sets the non-SYN flow budget (`Settings::non_syn_flows_per_sec`).
@@ -301,6 +393,7 @@ impl LbObject {
                 _pad2: 0,
             };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
+            self.backend_ids.insert(id);
             self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
@@ -331,17 +424,24 @@ impl LbObject {
     }
 
     /// Fills all `MAGLEV_TABLE_SIZE` slots of one table, slot `i` with
-    /// `ids[i % len]` (nothing for an empty `ids`).
+    /// `ids[i % len]`, or with 0 ("no backend") for an empty `ids`; writes
+    /// nothing when the table holds that already.
     pub fn fill_maglev(&mut self, service_id: u32, table: u32, ids: &[u32]) -> Result<()> {
-        if ids.is_empty() {
+        let held = self.maglev_tables.get(&(service_id, table)).map_or(&[][..], Vec::as_slice);
+        if held == ids {
             return Ok(());
         }
         for slot in 0..MAGLEV_TABLE_SIZE {
-            let id = ids[(slot as usize) % ids.len()];
+            let id = if ids.is_empty() { 0 } else { ids[(slot as usize) % ids.len()] };
             self.maps
                 .maglev
                 .set(maglev_index(service_id, table, slot), id, 0)
                 .with_context(|| format!("write Maglev slot {slot} of service {service_id}"))?;
+        }
+        if ids.is_empty() {
+            self.maglev_tables.remove(&(service_id, table));
+        } else {
+            self.maglev_tables.insert((service_id, table), ids.to_vec());
         }
         Ok(())
     }
@@ -365,6 +465,23 @@ impl LbObject {
     /// `SERVICE_STATS[id]`, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
         self.maps.service_counters(id).with_context(|| format!("read counters of service {id}"))
+    }
+
+    /// The reasons, the counters of backends `0..backend_ids` and services
+    /// `0..service_ids`, and the connection table.
+    pub fn snapshot(&self, backend_ids: u32, service_ids: u32) -> Result<Snapshot> {
+        Ok(Snapshot {
+            reasons: self.reasons()?,
+            backends: (0..backend_ids).map(|id| self.backend_counters(id)).collect::<Result<_>>()?,
+            services: (0..service_ids).map(|id| self.service_counters(id)).collect::<Result<_>>()?,
+            conntrack: self.conntrack()?.into_iter().map(|(k, c)| (k, Conn { last_seen_ns: 0, ..c })).collect(),
+        })
+    }
+
+    /// The connection table's map id: an object reset and handed out again
+    /// keeps it, a new one gets another.
+    pub fn conntrack_map_id(&self) -> Result<u32> {
+        Ok(self.maps.conntrack.map().info().context("read the connection table's info")?.id())
     }
 
     /// The connection table's size (its max_entries as loaded).
@@ -417,11 +534,55 @@ impl LbObject {
     /// Deletes every full-NAT claim; returns how many there were.
     pub fn clear_snat_claims(&mut self) -> Result<u64> {
         let keys: Vec<FlowKey> = self.maps.snat_flows.keys().collect::<Result<_, _>>().context("walk SNAT_FLOWS")?;
-        for k in &keys {
-            self.maps.snat_flows.remove(k).context("delete from SNAT_FLOWS")?;
-        }
+        remove_each(&keys, |k| self.maps.snat_flows.remove(k), "SNAT_FLOWS")?;
         Ok(keys.len() as u64)
     }
+
+    /// Deletes every connection-table entry.
+    fn clear_flows(&mut self) -> Result<()> {
+        let keys: Vec<FlowKey> = self.maps.conntrack.keys().collect::<Result<_, _>>().context("walk CONNTRACK")?;
+        remove_each(&keys, |k| self.maps.conntrack.remove(k), "CONNTRACK")
+    }
+}
+
+/// [`LbObject::load`]'s settings: the agent's but for a small connection table.
+fn fixture_config() -> DataplaneConfig {
+    DataplaneConfig { max_flows: FIXTURE_FLOWS, ..DataplaneConfig::default() }
+}
+
+/// Deletes `keys` (walked beforehand: deleting while walking a hash map
+/// can skip entries) from map `name` with `remove`.
+fn remove_each<K>(keys: &[K], mut remove: impl FnMut(&K) -> Result<(), MapError>, name: &str) -> Result<()> {
+    for k in keys {
+        remove(k).with_context(|| format!("delete from {name}"))?;
+    }
+    Ok(())
+}
+
+/// Sets entries `indices` of a per-CPU array to the default on every CPU.
+fn zero_per_cpu<T: Pod + Default>(
+    array: &mut PerCpuArray<MapData, T>,
+    indices: impl IntoIterator<Item = u32>,
+    name: &str,
+) -> Result<()> {
+    let cpus = nr_cpus().map_err(|(_, e)| e).context("count the possible CPUs")?;
+    for i in indices {
+        let zero = PerCpuValues::try_from((0..cpus).map(|_| T::default()).collect::<Vec<_>>())
+            .with_context(|| format!("per-CPU values for {name}"))?;
+        array.set(i, zero, 0).with_context(|| format!("zero {name}[{i}]"))?;
+    }
+    Ok(())
+}
+
+/// Counters and connection table as tests compare them, read by
+/// [`LbObject::snapshot`].
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub reasons: Vec<u64>,
+    pub backends: Vec<Counters>,
+    pub services: Vec<Counters>,
+    /// Every entry, its `last_seen_ns` zeroed (a clock, not a result).
+    pub conntrack: StdHashMap<FlowKey, Conn>,
 }
 
 /// Fails unless `reasons_after - reasons_before` is exactly `count` for

@@ -423,6 +423,10 @@ pub struct InterfaceFacts {
     /// here: the larger of net.ipv4.conf.{all,<if>}.rp_filter (0 off,
     /// 1 strict, 2 loose).
     pub rp_filter: u8,
+    /// net.ipv4.conf.{all,<if>}.accept_local (either on): the kernel takes
+    /// a packet arriving here from one of its own addresses instead of
+    /// dropping it as a martian.
+    pub accept_local: bool,
 }
 
 #[cfg(test)]

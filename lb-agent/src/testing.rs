@@ -106,7 +106,7 @@ pub fn web(extra: &str, backends: &[&str]) -> String {
 }
 
 /// An interface as plain as can be: XDP with a fast path, forwarding, no
-/// reverse-path filter.
+/// reverse-path filter, Linux's default accept_local (off).
 pub fn plain_interface() -> InterfaceFacts {
     InterfaceFacts {
         hook: Hook::Xdp,
@@ -116,6 +116,7 @@ pub fn plain_interface() -> InterfaceFacts {
         forwarding: true,
         may_be_partial: false,
         rp_filter: 0,
+        accept_local: false,
     }
 }
 

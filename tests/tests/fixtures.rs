@@ -9,8 +9,10 @@
 //! like Katran's `KatranBaseTestFixtures.h`, but built in code. Expected
 //! frames are built from scratch with the translated addresses, checksums
 //! computed by the harness (not by `lb_common::csum`), and compared byte for
-//! byte. Each fixture runs in its own network namespace against a freshly
-//! loaded object, so fixtures cannot see each other's flows or counters.
+//! byte. Each fixture runs in its own network namespace against an object
+//! that is fresh or reset to fresh (`LbObject::shared`: the programs are
+//! verified once per test thread, the bulk of the time before, most of all
+//! in a VM), so fixtures cannot see each other's flows or counters.
 
 use std::{
     collections::HashMap,
@@ -33,8 +35,8 @@ use lb_lab::{
     packet::*,
     root::skip_without_root,
     testrun::{
-        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, TC_ACT_OK, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        be_ip, check_reason_delta, counters_delta, test_run, LbObject, ServiceSpec, Snapshot as State, TC_ACT_OK,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
 };
 
@@ -923,28 +925,14 @@ fn icmp_shorter_than_its_header() -> Fixture {
 
 // ---- Running a fixture ------------------------------------------------------
 
-/// Counters and connection table, read before and after the packet.
-struct State {
-    reasons: Vec<u64>,
-    backends: Vec<Counters>,
-    services: Vec<Counters>,
-    conntrack: HashMap<FlowKey, Conn>,
-}
-
 /// Backend ids 0..=9 and service ids 0..=5 cover the topology (and the
 /// unused id 0 and the stale id 9).
 const BACKEND_IDS: u32 = 10;
 const SERVICE_IDS: u32 = 6;
 
-impl State {
-    fn read(lb: &LbObject) -> Self {
-        Self {
-            reasons: lb.reasons().unwrap(),
-            backends: (0..BACKEND_IDS).map(|id| lb.backend_counters(id).unwrap()).collect(),
-            services: (0..SERVICE_IDS).map(|id| lb.service_counters(id).unwrap()).collect(),
-            conntrack: lb.conntrack().unwrap().into_iter().map(|(k, c)| (k, Conn { last_seen_ns: 0, ..c })).collect(),
-        }
-    }
+/// Counters and connection table, read before and after the packet.
+fn read_state(lb: &LbObject) -> State {
+    lb.snapshot(BACKEND_IDS, SERVICE_IDS).unwrap()
 }
 
 fn run_fixture(f: Fixture) {
@@ -955,7 +943,7 @@ fn run_fixture(f: Fixture) {
 
 fn run_fixture_on(f: &Fixture, program: &str) {
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
@@ -975,9 +963,9 @@ fn run_fixture_on(f: &Fixture, program: &str) {
         let run = lb.run(program, p).expect("run a setup packet");
         assert_eq!(action(tc, run.verdict), "pass", "{}: setup packet {i} did not pass {program}", f.name);
     }
-    let before = State::read(&lb);
+    let before = read_state(&lb);
     let run = lb.run(program, &f.input).expect("run the fixture packet");
-    let after = State::read(&lb);
+    let after = read_state(&lb);
     let name = &format!("{} ({program})", f.name);
 
     assert_eq!((action(tc, run.verdict), run.verdict), (action(tc, want), want), "{}: verdict", name);
@@ -1341,7 +1329,7 @@ fn run_route_fixture(f: RouteFixture) {
 fn run_route_fixture_on(f: &RouteFixture, program: &str) {
     let name = &format!("{} ({program})", f.name);
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }
@@ -1586,7 +1574,7 @@ fn root_frame_shorter_than_ethernet_is_refused_by_the_kernel() {
         return;
     }
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let lb = LbObject::load().expect("load lb-ebpf and verify xdp_lb");
+    let lb = LbObject::shared().expect("load lb-ebpf and verify xdp_lb");
     let before = lb.reasons().unwrap();
     let syn = client_tcp(WEB_VIP, TCP_SYN);
     for len in [0usize, 10, 13] {
@@ -1612,7 +1600,7 @@ fn root_local_program_reads_a_look_alike_as_partial() {
     }
     let f = tcp_complete_checksum_that_looks_partial();
     let _netns = NetNsGuard::new().expect("create a network namespace");
-    let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+    let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
     for svc in services() {
         lb.add_service(&svc).expect("write the services");
     }

@@ -41,11 +41,11 @@ fn client(port: u16) -> SocketAddrV4 {
 }
 
 /// `case` on each of `programs`, each in a namespace of its own with a
-/// fresh object holding a full-NAT service with one backend.
+/// fresh (or reset) object holding a full-NAT service with one backend.
 fn on_each(programs: &[&str], case: impl Fn(&str, &mut LbObject)) {
     for prog in programs {
         let _ns = NetNsGuard::new().expect("a network namespace");
-        let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+        let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
         let svc = ServiceSpec::new(0, VIP, IPPROTO_TCP, 0, &[BACKEND]).full_nat(SOURCE);
         lb.add_service(&svc).expect("write the service");
         case(prog, &mut lb);

@@ -89,9 +89,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         // The end-to-end tests run the real daemon, the demo backend, the
         // load generator and the e2e bench (its smoke test); the container
         // image needs the backend fully static (FROM scratch).
-        let mut bins = util::cargo();
-        bins.args(["build", "--release", "-p", "lb-agent", "-p", "lb-backend", "-p", "lb-load", "-p", "lb-bench-e2e"]);
-        bins.arg("--bins");
+        let mut bins = util::release_bins();
         let mut static_backend = util::cargo();
         static_backend
             .args(["build", "--release", "-p", "lb-backend", "--target", "x86_64-unknown-linux-gnu"])
@@ -188,13 +186,11 @@ fn finish_stage(step: Step, name: &str, ok: bool, outcome: String) -> Stage {
 /// docs/config.md send users to them, so each must stay valid.
 fn check_examples() -> Result<Stage> {
     let step = Step::new("test", "examples");
-    let mut build = util::cargo();
-    build.args(["build", "-p", "lb-agent", "--bin", "lb-agent"]);
-    let status = stream(&mut build)?;
+    let status = stream(&mut util::release_bins())?;
     if !status.success() {
         return Ok(finish_stage(step, "examples", false, format!("FAILED: cargo build {}", describe(status))));
     }
-    let agent = util::target_dir().join("debug").join("lb-agent");
+    let agent = util::built_binary("lb-agent", "lb-agent")?;
     let dir = util::workspace_root().join("examples");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .with_context(|| format!("read {}", dir.display()))?

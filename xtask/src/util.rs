@@ -98,6 +98,17 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// The release binaries the end-to-end tests run. The examples stage builds
+/// them first and the root and VM stages again: one command, so the same
+/// packages and features each time, and the later builds find it all done
+/// (a build of fewer packages can unify features differently and rebuild).
+pub fn release_bins() -> Command {
+    let mut bins = cargo();
+    bins.args(["build", "--release", "-p", "lb-agent", "-p", "lb-backend", "-p", "lb-load", "-p", "lb-bench-e2e"]);
+    bins.arg("--bins");
+    bins
+}
+
 pub fn release_binary(name: &str) -> PathBuf {
     target_dir().join("release").join(name)
 }

@@ -42,7 +42,17 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
                 == crate::ports::L4Checksums::MayBePartial;
             let rp_filter = conf_value("all", "rp_filter").max(conf_value(iface, "rp_filter")).unwrap_or(0);
             let (hook, hook_why) = decide_hook(config.hook(iface), driver.as_deref());
-            let f = InterfaceFacts { hook, hook_why, fast_path, fast_path_why, forwarding, may_be_partial, rp_filter };
+            let accept_local = conf_value("all", "accept_local").max(conf_value(iface, "accept_local")) == Some(1);
+            let f = InterfaceFacts {
+                hook,
+                hook_why,
+                fast_path,
+                fast_path_why,
+                forwarding,
+                may_be_partial,
+                rp_filter,
+                accept_local,
+            };
             facts.interfaces.insert(iface.clone(), f);
         }
     }

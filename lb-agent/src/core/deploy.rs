@@ -363,6 +363,7 @@ mod tests {
             forwarding,
             may_be_partial: false,
             rp_filter: 0,
+            accept_local: false,
         };
         HostFacts {
             local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },

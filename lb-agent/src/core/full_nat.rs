@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use crate::{
     config::{Config, ForwardMode, ServiceConfig},
     core::deploy::{Finding, Severity},
-    ports::HostFacts,
+    ports::{Hook, HostFacts},
 };
 
 /// What the host says against the config's full-NAT services.
@@ -22,6 +22,7 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
     let full_nat = || config.services.iter().enumerate().filter(|(_, s)| s.mode == ForwardMode::FullNat);
     for (i, s) in full_nat() {
         let at = format!("service[{i}] {:?}", s.name);
+        out.extend(judge_martians(&at, s, facts));
         match s.source {
             Some(ip) if !facts.local_addrs.contains(&ip) => out.push(Finding {
                 severity: Severity::Refuse,
@@ -65,6 +66,33 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
     out
 }
 
+/// A full-NAT packet leaves with a source of this host's. At XDP one that
+/// cannot take the fast path (no fast path out, the backend's neighbour not
+/// known yet, a partial checksum) passes up to the kernel, which drops a
+/// packet from its own address arriving on an interface as a martian unless
+/// accept_local is on there. At tc every packet leaves by bpf_redirect.
+fn judge_martians(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Option<Finding> {
+    let dropping: Vec<&str> = s
+        .interfaces
+        .iter()
+        .filter(|n| facts.interfaces.get(*n).is_some_and(|f| f.hook == Hook::Xdp && !f.accept_local))
+        .map(String::as_str)
+        .collect();
+    if dropping.is_empty() {
+        return None;
+    }
+    Some(Finding {
+        severity: Severity::Warn,
+        text: format!(
+            "{at}: full NAT at the XDP hook on {}: a translated packet that cannot take the fast path (no fast \
+             path out, the backend's neighbour not known yet, a partial checksum) passes up to the kernel from \
+             this host's own address and is dropped as a martian; set net.ipv4.conf.<iface>.accept_local=1 there, \
+             or give the interface the tc hook (hook = \"tc\")",
+            dropping.join(", ")
+        ),
+    })
+}
+
 /// `svc`'s mode in words, with where full NAT sends from (`None`: the
 /// file only, routes not asked).
 pub fn describe(svc: &ServiceConfig, facts: Option<&HostFacts>) -> String {
@@ -99,7 +127,10 @@ mod tests {
     use std::{net::Ipv4Addr, path::Path};
 
     use super::*;
-    use crate::testing::web;
+    use crate::{
+        ports::InterfaceFacts,
+        testing::{plain_interface, web},
+    };
 
     fn parse(text: &str) -> Config {
         Config::parse(text, Path::new("lb.toml")).unwrap()
@@ -153,5 +184,23 @@ mod tests {
         assert!(f[0].text.contains("40000-40010 overlaps the host's ephemeral ports"), "{}", f[0]);
         let dnat = parse(&format!("{}\n[dataplane]\nsnat_port_min = 40000\n", web("", &["10.1.0.1:8080"])));
         assert!(judge(&dnat, &host()).is_empty(), "no full-NAT service, no claim");
+    }
+
+    #[test]
+    fn full_nat_at_xdp_without_accept_local_is_warned_of() {
+        let with_eth0 = |f: InterfaceFacts| HostFacts { interfaces: [("eth0".to_owned(), f)].into(), ..host() };
+        let c = parse(&web("mode = \"full-nat\"\nsource = \"10.1.0.254\"", &["10.1.0.1:8080"]));
+        let f = judge(&c, &with_eth0(plain_interface()));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Warn);
+        assert!(f[0].text.starts_with("service[0] \"web\": full NAT at the XDP hook on eth0:"), "{}", f[0]);
+        assert!(f[0].text.contains("martian") && f[0].text.contains("accept_local=1"), "{}", f[0]);
+        // accept_local on, the tc hook, or no full NAT: nothing to say.
+        let accepting = InterfaceFacts { accept_local: true, ..plain_interface() };
+        assert!(judge(&c, &with_eth0(accepting)).is_empty());
+        let tc = InterfaceFacts { hook: Hook::Tc, ..plain_interface() };
+        assert!(judge(&c, &with_eth0(tc)).is_empty());
+        let dnat = parse(&web("", &["10.1.0.1:8080"]));
+        assert!(judge(&dnat, &with_eth0(plain_interface())).is_empty());
     }
 }

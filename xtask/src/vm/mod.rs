@@ -36,8 +36,9 @@ pub const TESTS: [&str; 2] = ["fixtures", "e2e_netns"];
 const HOST_TOOLS: [&str; 4] = ["ip", "ethtool", "sysctl", "ping"];
 
 /// A whole run took 3.5 to 6 minutes under software emulation on 2 shared
-/// cores (each fixture loads the program, and the verifier is slow
-/// there): room for a slower machine, not for a hung VM.
+/// cores while each fixture loaded the program (the verifier is slow
+/// there), about 2.5 since each test thread loads it once: room for a
+/// slower machine, not for a hung VM.
 const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Lines of the init script's own, in the serial log.
@@ -57,9 +58,7 @@ pub struct Report {
 
 /// Builds the test binaries and lb-agent (release, as the root stage).
 pub fn build_payload() -> Result<Payload> {
-    let mut build = util::cargo();
-    build.args(["build", "--release", "-p", "lb-agent", "--bins"]);
-    util::stream_ok(&mut build)?;
+    util::stream_ok(&mut util::release_bins())?;
     let mut tests = util::cargo();
     tests.args(["test", "--release", "-p", "lb-tests", "--no-run", "--message-format=json-render-diagnostics"]);
     for t in TESTS {
@@ -175,8 +174,9 @@ fn init_script(modules: &[String], tests: &[&str], filter: Option<&str>) -> Stri
     s.push_str("cd /tmp\n");
     for t in tests {
         // The packet fixtures each run in a namespace of their own and share
-        // nothing: two at a time halve the stage (the verifier, emulated,
-        // is most of it). The others build topologies with fixed names.
+        // nothing (one loaded object per thread, reset between them): two
+        // at a time halve their part. The others build topologies with
+        // fixed names.
         let threads = if *t == "fixtures" { 2 } else { 1 };
         s.push_str(&format!("/lb/{t} --test-threads={threads}{filter}\necho \"{MARK}-RESULT {t} $?\"\n"));
     }
