@@ -29,5 +29,6 @@ pub mod root;
 pub mod scratch;
 pub mod spread;
 pub mod swarm;
+pub mod swarm_nodes;
 pub mod testrun;
 pub mod topology;
