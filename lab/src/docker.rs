@@ -153,27 +153,33 @@ impl Dockerd {
 impl Drop for Dockerd {
     fn drop(&mut self) {
         let Some(child) = self.child.as_mut() else { return };
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own unreaped child: the pid is still its.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    eprintln!("warning: dockerd (pid {pid}) did not stop within 20 s of SIGTERM; killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
+        stop_engine(child, "dockerd");
         // A stopped engine leaves its bridges; the next start makes them again.
         for bridge in &self.new_bridges {
             del_link(bridge);
         }
         let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// SIGTERM to an engine this process started (our own unreaped child),
+/// then up to 20 s for it to stop, then SIGKILL.
+pub(crate) fn stop_engine(child: &mut Child, what: &str) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own unreaped child: the pid is still its.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            _ => {
+                eprintln!("warning: {what} (pid {pid}) did not stop within 20 s of SIGTERM; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
     }
 }
 

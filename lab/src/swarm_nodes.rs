@@ -191,19 +191,7 @@ impl SwarmNode {
 impl Drop for SwarmNode {
     fn drop(&mut self) {
         if let Some(child) = self.engine.as_mut() {
-            let pid = child.id() as libc::pid_t;
-            // SAFETY: kill(2) on our own unreaped child (`sh` exec'd dockerd).
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while matches!(child.try_wait(), Ok(None)) {
-                if Instant::now() >= deadline {
-                    eprintln!("warning: dockerd in {} did not stop within 20 s; killing it", self.name);
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
+            crate::docker::stop_engine(child, &format!("dockerd in {}", self.name));
         }
         // containerd and its shims go a moment after the engine.
         let deadline = Instant::now() + Duration::from_secs(10);

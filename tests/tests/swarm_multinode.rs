@@ -142,6 +142,8 @@ fn root_swarm_of_several_engines_serves_from_every_node() {
             "service",
             "create",
             "-d",
+            // The image is local to every engine: no registry to ask.
+            "--no-resolve-image",
             "--name",
             &service,
             "--mode",
@@ -160,7 +162,11 @@ fn root_swarm_of_several_engines_serves_from_every_node() {
             if addrs.len() == usize::from(NODES) {
                 break addrs;
             }
-            assert!(Instant::now() < deadline, "tasks running at {addrs:?} 30 s after the service was made");
+            assert!(
+                Instant::now() < deadline,
+                "tasks running at {addrs:?} 30 s after the service was made; the tasks:\n{}",
+                manager.try_docker(&["service", "ps", "--no-trunc", &service]).1
+            );
             thread::sleep(Duration::from_millis(200));
         };
         let node_addrs: BTreeSet<Ipv4Addr> = backends.iter().map(|a| *a.ip()).collect();
