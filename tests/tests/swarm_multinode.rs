@@ -137,7 +137,11 @@ fn root_swarm_of_several_engines_serves_from_every_node() {
         let ready = manager.docker(&["node", "ls", "--format", "{{.Status}}"]);
         assert_eq!(ready.lines().filter(|l| *l == "Ready").count(), usize::from(NODES), "nodes: {ready}");
 
-        // One task per node; its port on the node's own address.
+        // One task per node, on an overlay network (the engines have no
+        // default bridge, and a task on no network publishes nothing); its
+        // port on the node's own address.
+        let overlay = format!("mn{id}-overlay");
+        manager.docker(&["network", "create", "--driver", "overlay", &overlay]);
         manager.docker(&[
             "service",
             "create",
@@ -148,6 +152,8 @@ fn root_swarm_of_several_engines_serves_from_every_node() {
             &service,
             "--mode",
             "global",
+            "--network",
+            &overlay,
             "--publish",
             "mode=host,target=8080,published=8080",
             "--env",
