@@ -4,7 +4,8 @@
 //! Two Docker engines, each in a network namespace of its own (own data
 //! root, exec root, pid file, API socket and containerd; see
 //! `lb_lab::swarm_nodes`), joined into one swarm over the namespaces'
-//! addresses. A global service of the demo image runs one task per node,
+//! addresses. A global service of the demo image runs one task per node
+//! (on an overlay network: the engines have no default bridge), with
 //! its port published in host mode (Swarm's routing mesh needs IPVS, which
 //! this kernel lacks; a host-mode port is a plain port on the node's own
 //! address). The manager alone tells where every task answers: the node's
