@@ -22,7 +22,12 @@ use std::{
 };
 
 pub use crate::http::get as http_get;
-use crate::{bins::target_dir, command::run_cmd, scratch::TempDir};
+use crate::{
+    bins::target_dir,
+    command::run_cmd,
+    netns::{del_link, link_exists},
+    scratch::TempDir,
+};
 
 /// The demo backend's image; built by [`build_demo_image`], never removed.
 pub const DEMO_IMAGE: &str = "lb-demo-backend:dev";
@@ -72,7 +77,7 @@ pub fn docker_try(args: &[&str]) -> (bool, String) {
     }
 }
 
-fn engine_answers() -> bool {
+pub(crate) fn engine_answers() -> bool {
     Command::new("docker")
         .args(["info", "--format", "{{.ServerVersion}}"])
         .stdin(Stdio::null())
@@ -82,20 +87,29 @@ fn engine_answers() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The Linux bridges the engine makes on its own: `docker0` at every start,
+/// `docker_gwbridge` with a swarm, and again at every later start while
+/// that network is in the engine's store (its bridge driver recreates the
+/// bridge of every bridge network it stores, whether or not a swarm is on).
+const ENGINE_BRIDGES: [&str; 2] = ["docker0", "docker_gwbridge"];
+
 /// The Docker engine for a test. If one answers already it is left alone;
 /// otherwise `dockerd` is started in the background (its init script does
-/// not work on these machines) and stopped again on drop.
+/// not work on these machines) and stopped again on drop, and then the
+/// engine's own bridges that were not there before it started go too.
 pub struct Dockerd {
     /// Only set when this guard started the engine.
     child: Option<Child>,
     log: PathBuf,
+    /// Those of [`ENGINE_BRIDGES`] that were not there before the start.
+    new_bridges: Vec<&'static str>,
 }
 
 impl Dockerd {
     pub fn ensure() -> Dockerd {
         let log = std::env::temp_dir().join(format!("lbt-dockerd-{}.log", std::process::id()));
         if engine_answers() {
-            return Dockerd { child: None, log };
+            return Dockerd { child: None, log, new_bridges: Vec::new() };
         }
         if let Some(pid) = live_dockerd_pid() {
             panic!(
@@ -103,6 +117,7 @@ impl Dockerd {
                  next to it"
             );
         }
+        let new_bridges = ENGINE_BRIDGES.into_iter().filter(|b| !link_exists(b)).collect();
         let out = fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let child = Command::new("dockerd")
             .stdin(Stdio::null())
@@ -110,7 +125,7 @@ impl Dockerd {
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn dockerd: {e}"));
-        let mut d = Dockerd { child: Some(child), log };
+        let mut d = Dockerd { child: Some(child), log, new_bridges };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !engine_answers() {
             if let Some(Ok(Some(status))) = d.child.as_mut().map(Child::try_wait) {
@@ -138,23 +153,33 @@ impl Dockerd {
 impl Drop for Dockerd {
     fn drop(&mut self) {
         let Some(child) = self.child.as_mut() else { return };
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own unreaped child: the pid is still its.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    eprintln!("warning: dockerd (pid {pid}) did not stop within 20 s of SIGTERM; killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
+        stop_engine(child, "dockerd");
+        // A stopped engine leaves its bridges; the next start makes them again.
+        for bridge in &self.new_bridges {
+            del_link(bridge);
         }
         let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// SIGTERM to an engine this process started (our own unreaped child),
+/// then up to 20 s for it to stop, then SIGKILL.
+pub(crate) fn stop_engine(child: &mut Child, what: &str) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own unreaped child: the pid is still its.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            _ => {
+                eprintln!("warning: {what} (pid {pid}) did not stop within 20 s of SIGTERM; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
     }
 }
 

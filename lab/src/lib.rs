@@ -29,6 +29,7 @@ pub mod root;
 pub mod scratch;
 pub mod spread;
 pub mod swarm;
+pub mod swarm_nodes;
 pub mod testrun;
 pub mod testrun6;
 pub mod topology;

@@ -24,7 +24,7 @@ use std::{
     io,
     marker::PhantomData,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     thread::{self, JoinHandle},
 };
@@ -266,6 +266,32 @@ impl Drop for NetNs {
         if let Err(e) = self.remove_name() {
             eprintln!("warning: {e}");
         }
+    }
+}
+
+/// Whether a link of that name is in the calling thread's namespace.
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// `ip link del <name>` if it is there; a failure is only a warning (for
+/// guards).
+pub fn del_link(name: &str) {
+    if link_exists(name) {
+        if let Err(e) = try_run_cmd("ip", &["link", "del", name]) {
+            eprintln!("warning: ip link del {name}: {e}");
+        }
+    }
+}
+
+/// A link in the host's namespace that a test made (e.g. the host end of a
+/// veth into a namespace): deleted on drop, at once, instead of whenever
+/// the kernel gets round to tearing down the namespace at its other end.
+pub struct LinkGuard(pub String);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        del_link(&self.0);
     }
 }
 

@@ -2,7 +2,16 @@
 //! made (and only then), and one that removes the swarm services of a
 //! test's service and the networks the agent made for it.
 
-use crate::docker::{docker, docker_try};
+use std::{
+    collections::BTreeSet,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    docker::{docker, docker_try},
+    netns::{del_link, link_exists},
+};
 
 /// The engine's swarm state, `inactive` or `active`.
 pub fn swarm_state() -> String {
@@ -44,10 +53,9 @@ impl Drop for SwarmGuard {
             eprintln!("warning: docker swarm leave --force: {out}");
         }
         if self.gwbridge_is_new {
-            let (ok, out) = docker_try(&["network", "rm", "docker_gwbridge"]);
-            if !ok && !out.contains("not found") {
-                eprintln!("warning: docker network rm docker_gwbridge: {out}");
-            }
+            // Out of the engine's store too, or its next start makes the
+            // bridge again (and the next test takes it for someone else's).
+            rm_network("docker_gwbridge");
             // The engine may leave the Linux bridge behind.
             del_link("docker_gwbridge");
         }
@@ -62,18 +70,6 @@ pub struct SwarmServices {
     pub service: String,
     pub network: String,
     pub bridge: String,
-}
-
-fn link_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
-}
-
-fn del_link(name: &str) {
-    if link_exists(name) {
-        if let Err(e) = crate::command::try_run_cmd("ip", &["link", "del", name]) {
-            eprintln!("warning: ip link del {name}: {e}");
-        }
-    }
 }
 
 impl SwarmServices {
@@ -104,15 +100,82 @@ impl Drop for SwarmServices {
         }
         let config = lb_agent::adapters::swarm::config_network(&self.network);
         for net in [&self.network, &config] {
-            // The tasks' endpoints go a moment after their service.
-            for _ in 0..50 {
-                let (ok, out) = docker_try(&["network", "rm", net]);
-                if ok || out.contains("not found") {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
+            rm_network(net);
         }
         del_link(&self.bridge);
+    }
+}
+
+/// `docker network rm <net>` until it is gone: its endpoints (a task's, the
+/// ingress sandbox's after a swarm leave) go a moment after their owner.
+/// Gives up after 10 s with a warning.
+fn rm_network(net: &str) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let (ok, out) = docker_try(&["network", "rm", net]);
+        if ok || out.contains("not found") {
+            return;
+        }
+        last = out;
+        thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("warning: docker network rm {net}: {last}");
+}
+
+/// What a swarm test may leave on the host: its links, its network
+/// namespaces' names, and whether an engine answers and in which swarm
+/// state. Taken before a test and compared after its world is gone.
+#[derive(Debug)]
+pub struct HostFootprint {
+    pub links: BTreeSet<String>,
+    pub namespaces: BTreeSet<String>,
+    pub engine_answers: bool,
+    /// The engine's swarm state, when it answers.
+    pub swarm: Option<String>,
+}
+
+impl HostFootprint {
+    pub fn now() -> HostFootprint {
+        let names = |dir: &str| -> BTreeSet<String> {
+            std::fs::read_dir(dir)
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned())).collect())
+                .unwrap_or_default()
+        };
+        let engine_answers = crate::docker::engine_answers();
+        HostFootprint {
+            links: names("/sys/class/net"),
+            namespaces: names(crate::netns::NETNS_DIR),
+            engine_answers,
+            swarm: engine_answers.then(swarm_state),
+        }
+    }
+
+    /// What is here now and was not `before` (links and namespaces only:
+    /// others may remove theirs meanwhile), or whose engine or swarm state
+    /// changed; empty when nothing did.
+    fn added_since(&self, before: &HostFootprint) -> Vec<String> {
+        let mut added: Vec<String> = self.links.difference(&before.links).map(|l| format!("link {l}")).collect();
+        added.extend(self.namespaces.difference(&before.namespaces).map(|n| format!("namespace {n}")));
+        if self.engine_answers != before.engine_answers || self.swarm != before.swarm {
+            added.push(format!(
+                "engine answers {} swarm {:?} (before: {} {:?})",
+                self.engine_answers, self.swarm, before.engine_answers, before.swarm
+            ));
+        }
+        added
+    }
+
+    /// Panics, naming what was added, unless the host is back to `before`
+    /// within 5 s (a namespace's devices go a moment after the namespace).
+    pub fn assert_back_to(before: &HostFootprint) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let added = HostFootprint::now().added_since(before);
+            if added.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the test left the host changed: {added:?}");
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 }

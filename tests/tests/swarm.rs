@@ -8,7 +8,10 @@
 //! is initialised by the agent (`init = true`) when the engine is in none,
 //! and then left again at the end (`docker swarm leave --force`), with the
 //! `docker_gwbridge` network it made. The guards remove the test's swarm
-//! services and networks also when a test fails.
+//! services and networks also when a test fails. Each test ends by checking
+//! that the host has the links, namespaces, engine and swarm state it had
+//! before (a `docker_gwbridge` left in the engine's store came back as a
+//! Linux bridge at every later engine start).
 
 use std::{
     fs,
@@ -26,10 +29,10 @@ use lb_lab::{
     agent::Agent,
     cgroup::socket_lb_toml,
     docker::{build_demo_image, docker_try, Dockerd, DEMO_IMAGE},
-    netns::NetNs,
+    netns::{LinkGuard, NetNs},
     require_root_and_docker,
     scratch::Scratch,
-    swarm::{SwarmGuard, SwarmServices},
+    swarm::{HostFootprint, SwarmGuard, SwarmServices},
     topology::host_client,
 };
 use lb_load::{self as load, LoadConfig, Mode, Ramp, Report};
@@ -42,13 +45,14 @@ static NEXT_SETUP: AtomicU8 = AtomicU8::new(0);
 /// One test's world. Fields drop in order: the agent (SIGTERM: it drains
 /// nothing, stops its instances and removes its networks), the swarm
 /// services and networks it left, the swarm if the test made it, the
-/// client namespace, the host's namespace name, the scratch directory, and
+/// client namespace and its host link, the host's namespace name, the scratch directory, and
 /// dockerd last if this test started it.
 struct SwarmWorld {
     agent: Agent,
     services: SwarmServices,
     _swarm: SwarmGuard,
     _client: NetNs,
+    _client_link: LinkGuard,
     _host: NetNs,
     _scratch: Scratch,
     _dockerd: Dockerd,
@@ -86,6 +90,7 @@ impl SwarmWorld {
         let swarm = SwarmGuard::observe();
         let services = SwarmServices { service: service.clone(), network: network.clone(), bridge: bridge.clone() };
         let client = host_client(&format!("lbt-{id}-swc"), &client_iface, gw, client_addr, *vip.ip());
+        let client_link = LinkGuard(client_iface.clone());
 
         let scratch = Scratch::create(&format!("lbt-{id}-swarm"));
         let config = scratch.path().join("lb.toml");
@@ -135,6 +140,7 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
             services,
             _swarm: swarm,
             _client: client,
+            _client_link: client_link,
             _host: host,
             _scratch: scratch,
             _dockerd: dockerd,
@@ -237,6 +243,7 @@ fn root_swarm_ramp_up_and_down_loses_no_request() {
     require_root_and_docker!("root_swarm_ramp_up_and_down_loses_no_request");
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
+    let footprint = HostFootprint::now();
     let w = SwarmWorld::start("min_replicas = 1\nmax_replicas = 3\ntarget = { cpu = 90.0 }\n");
     w.wait_settled(1, Duration::from_secs(30));
     eprintln!("MEASURED: first task ready {:.1} s after the start", started.elapsed().as_secs_f64());
@@ -256,6 +263,8 @@ fn root_swarm_ramp_up_and_down_loses_no_request() {
     let sm = &report.summary;
     assert_eq!(sm.failed, 0, "requests failed: {:?}, first errors {:?}", sm.failures, sm.first_errors);
     assert!(sm.backends.len() >= 3, "not every task served: {:?}", sm.backends);
+    drop(w);
+    HostFootprint::assert_back_to(&footprint);
     eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
 }
 
@@ -266,6 +275,7 @@ fn root_swarm_killed_task_is_replaced_by_swarm() {
     require_root_and_docker!("root_swarm_killed_task_is_replaced_by_swarm");
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
+    let footprint = HostFootprint::now();
     let w = SwarmWorld::start("min_replicas = 2\nmax_replicas = 2\ntarget = { cpu = 90.0 }\n");
     let before = w.wait_settled(2, Duration::from_secs(30));
     let victim = replicas(&before)[0].clone();
@@ -305,5 +315,7 @@ fn root_swarm_killed_task_is_replaced_by_swarm() {
     // Only requests caught on the dead container may fail.
     assert!(sm.failed <= sm.offered / 20, "{} of {} requests failed: {:?}", sm.failed, sm.offered, sm.first_errors);
     w.wait_settled(2, Duration::from_secs(10));
+    drop(w);
+    HostFootprint::assert_back_to(&footprint);
     eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
 }
