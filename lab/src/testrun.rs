@@ -4,7 +4,7 @@
 //! Errors are `anyhow` with context: everything here is test and benchmark
 //! plumbing whose callers only report failures, never match on them.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
+use std::{collections::HashMap as StdHashMap, net::{Ipv4Addr, SocketAddrV4}, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -273,7 +273,19 @@ impl LbObject {
             self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
-        let svc = Service { id: spec.id, table: spec.table, backend_count: spec.backend_count, mode: MODE_DNAT };
+        self.write_service(spec, MODE_DNAT, Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Writes `spec`'s `SERVICES` entry in forwarding `mode` (a `MODE_*`),
+    /// with `source` as the outer source of `MODE_DSR_IPIP`.
+    pub fn write_service(&mut self, spec: &ServiceSpec, mode: u32, source: Ipv4Addr) -> Result<()> {
+        let svc = Service {
+            id: spec.id,
+            table: spec.table,
+            backend_count: spec.backend_count,
+            mode,
+            source_be: u32::from(source).to_be(),
+        };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 

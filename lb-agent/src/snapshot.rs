@@ -113,7 +113,7 @@ impl SnapshotBuilder {
                 vip: entry.config.vip.to_string(),
                 port: entry.config.port,
                 protocol: entry.config.protocol.to_string(),
-                mode: "dnat".into(),
+                mode: entry.config.mode.label().into(),
                 interfaces: entry.config.interfaces.clone(),
                 counters: self.traffic(&svc_key, counters, now),
                 usable_backends: backends.iter().filter(|b| b.in_table).count() as u32,

@@ -14,6 +14,7 @@
 extern crate std;
 
 pub mod csum;
+pub mod dsr;
 pub mod hash;
 pub mod icmp;
 #[cfg(feature = "user")]
@@ -25,7 +26,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -109,6 +110,8 @@ pub const BACKEND_VIPS_MAX: u32 = MAX_BACKENDS;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 16;
 
 pub const PROTO_ICMP: u8 = 1;
+/// IP-in-IP (RFC 2003): the outer header's protocol in `MODE_DSR_IPIP`.
+pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -140,10 +143,21 @@ pub struct Service {
     pub backend_count: u32,
     /// Forwarding mode, one of `MODE_*`.
     pub mode: u32,
+    /// `MODE_DSR_IPIP`: the outer header's source, an address of the load
+    /// balancer (0 in the other modes).
+    pub source_be: u32,
 }
 
 /// Destination NAT with reverse translation of replies (client address kept).
 pub const MODE_DNAT: u32 = 0;
+/// Source and destination NAT (the full-nat branch).
+pub const MODE_FULL_NAT: u32 = 1;
+/// Direct server return: each client packet goes to its backend untouched
+/// inside an outer IPv4 header (IP-in-IP, `PROTO_IPIP`); the backend answers
+/// the client directly, so no reply comes back through the load balancer.
+pub const MODE_DSR_IPIP: u32 = 2;
+/// TTL of the outer header of `MODE_DSR_IPIP` (Linux's default).
+pub const DSR_OUTER_TTL: u8 = 64;
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
@@ -432,10 +446,19 @@ pub enum Reason {
     /// A TCP packet other than a SYN with no flow in the table, beyond this
     /// CPU's budget of such flows (`Settings::non_syn_flows_per_sec`).
     DropNonSynOverBudget,
+    /// `MODE_DSR_IPIP`: the packet, 20 bytes longer once encapsulated,
+    /// would exceed the egress MTU (no ICMP is sent back; see the README).
+    DropDsrTooBig,
+    /// `MODE_DSR_IPIP`: no usable route or neighbour entry to the backend
+    /// (the agent's tunnel probes keep the neighbour entry fresh).
+    DropDsrNoRoute,
+    /// `MODE_DSR_IPIP`: this hook cannot encapsulate (tc), or the L4
+    /// checksum is a partial one a redirected frame would lose.
+    DropDsrUnsupported,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropNonSynOverBudget as u32 + 1;
+    pub const COUNT: u32 = Reason::DropDsrUnsupported as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -460,6 +483,9 @@ impl Reason {
         Reason::DropStaleBackend,
         Reason::DropConntrackFull,
         Reason::DropNonSynOverBudget,
+        Reason::DropDsrTooBig,
+        Reason::DropDsrNoRoute,
+        Reason::DropDsrUnsupported,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -488,6 +514,9 @@ impl Reason {
             Reason::DropStaleBackend => "drop_stale_backend",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropNonSynOverBudget => "drop_non_syn_over_budget",
+            Reason::DropDsrTooBig => "drop_dsr_too_big",
+            Reason::DropDsrNoRoute => "drop_dsr_no_route",
+            Reason::DropDsrUnsupported => "drop_dsr_unsupported",
         }
     }
 
@@ -643,7 +672,7 @@ impl SockOp {
 const _: () = {
     assert!(size_of::<SockRevKey>() == 16 && align_of::<SockRevKey>() == 8);
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
-    assert!(size_of::<Service>() == 16 && align_of::<Service>() == 4);
+    assert!(size_of::<Service>() == 20 && align_of::<Service>() == 4);
     assert!(size_of::<Backend>() == 16 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
     assert!(size_of::<BackendAddr>() == 8 && align_of::<BackendAddr>() == 4);
@@ -708,6 +737,7 @@ mod layout_tests {
         assert_eq!(offset_of!(Service, table), 4);
         assert_eq!(offset_of!(Service, backend_count), 8);
         assert_eq!(offset_of!(Service, mode), 12);
+        assert_eq!(offset_of!(Service, source_be), 16);
     }
 
     #[test]

@@ -205,6 +205,46 @@ pub struct ServiceConfig {
     /// Where scaled instances come from (instead of a `backend` list).
     #[serde(default)]
     pub instances: Option<InstancesConfig>,
+    /// How packets reach the backends.
+    #[serde(default)]
+    pub mode: ForwardMode,
+    /// An address of the load balancer that packets to the backends come
+    /// from: the outer source in `dsr-ipip` (required there).
+    #[serde(default)]
+    pub source: Option<Ipv4Addr>,
+}
+
+/// A service's forwarding mode (`mode = "nat" | "full-nat" | "dsr-ipip"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardMode {
+    /// Destination NAT; replies come back through the load balancer.
+    #[default]
+    Nat,
+    /// Source and destination NAT (not in this build).
+    FullNat,
+    /// IP-in-IP direct server return: replies go straight to the client.
+    DsrIpip,
+}
+
+impl ForwardMode {
+    /// The data plane's `Service::mode`.
+    pub fn number(self) -> u32 {
+        match self {
+            ForwardMode::Nat => lb_common::MODE_DNAT,
+            ForwardMode::FullNat => lb_common::MODE_FULL_NAT,
+            ForwardMode::DsrIpip => lb_common::MODE_DSR_IPIP,
+        }
+    }
+
+    /// As status shows it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ForwardMode::Nat => "dnat",
+            ForwardMode::FullNat => "full-nat",
+            ForwardMode::DsrIpip => "dsr-ipip",
+        }
+    }
 }
 
 /// An IPv4 address; `"10.0.0.1:80"` is refused with where the port goes.
@@ -514,6 +554,7 @@ impl ServiceConfig {
             }
         }
         self.scaling_problems(at, out);
+        self.mode_problems(at, out);
         let mut seen = HashSet::new();
         for (j, b) in self.backends.iter().enumerate() {
             let bat = format!("{at}: backend[{j}]");
@@ -532,6 +573,49 @@ impl ServiceConfig {
             if !seen.insert(b.address) {
                 out.push(format!("{bat}.address: {} is listed twice", b.address));
             }
+        }
+    }
+
+    fn mode_problems(&self, at: &str, out: &mut Vec<String>) {
+        match self.mode {
+            ForwardMode::Nat => {}
+            ForwardMode::FullNat => {
+                out.push(format!("{at}: mode: \"full-nat\" is not supported by this build; use \"nat\" or \"dsr-ipip\""))
+            }
+            ForwardMode::DsrIpip => {
+                match self.source {
+                    None => out.push(format!(
+                        "{at}: source: mode \"dsr-ipip\" needs the load balancer's address that encapsulated \
+                         packets come from, e.g. source = \"10.0.0.1\""
+                    )),
+                    Some(ip) if unusable_backend_ip(ip).is_some() || ip == self.vip => {
+                        out.push(format!("{at}: source: {ip} cannot be the load balancer's own unicast address"))
+                    }
+                    Some(_) => {}
+                }
+                if self.health_check.is_none() {
+                    out.push(format!(
+                        "{at}: health_check: mode \"dsr-ipip\" needs one: its probe, sent through the tunnel, is \
+                         how the load balancer knows a backend is set up (see `lb-agent backend-setup`)"
+                    ));
+                }
+                if self.protocol != Protocol::Tcp {
+                    out.push(format!("{at}: protocol: mode \"dsr-ipip\" supports tcp only in this build"));
+                }
+                if self.instances.is_some() {
+                    out.push(format!("{at}: instances: mode \"dsr-ipip\" takes listed backends only"));
+                }
+                for (j, b) in self.backends.iter().enumerate().filter(|(_, b)| b.address.port() != self.port) {
+                    out.push(format!(
+                        "{at}: backend[{j}].address: {}: in mode \"dsr-ipip\" a backend gets the packet as sent, \
+                         to the VIP's port {}, so it must listen on that port",
+                        b.address, self.port
+                    ));
+                }
+            }
+        }
+        if self.mode != ForwardMode::DsrIpip && self.source.is_some() {
+            out.push(format!("{at}: source: only mode \"dsr-ipip\" uses it"));
         }
     }
 
@@ -711,7 +795,7 @@ mod tests {
                 "service[0].protcol (line 6): unknown key; did you mean `protocol`?",
                 "service[0].backend[0].wieght (line 10): unknown key; did you mean `weight`?",
                 "service[1].colour (line 18): unknown key; keys here: name, vip, port, protocol, interfaces, \
-                 backend, health_check, drain_timeout, scaling, instances",
+                 backend, health_check, drain_timeout, scaling, instances, mode, source",
                 "service[1].health_check.intervall (line 21): unknown key; did you mean `interval`?",
                 "interface.eth0.fastpath (line 24): unknown key; did you mean `fast_path`?",
                 "dataplane.weight (line 26): unknown key; `weight` is a key of [service.backend]",
@@ -1010,5 +1094,36 @@ mod tests {
         assert_eq!(k.vip_be.to_ne_bytes(), [10, 0, 0, 100]);
         assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
         assert_eq!(k.proto, PROTO_TCP);
+    }
+
+    const DSR: &str = r#"
+        [[service]]
+        name = "web"
+        vip = "10.0.0.10"
+        port = 80
+        interfaces = ["eth0"]
+        mode = "dsr-ipip"
+        source = "10.1.0.1"
+        health_check = { interval = "200ms" }
+        [[service.backend]]
+        address = "10.2.0.11:80"
+    "#;
+
+    #[test]
+    fn the_forwarding_mode_defaults_to_nat_and_takes_dsr_ipip_with_its_needs() {
+        assert_eq!(parse(GOOD).unwrap().services[0].mode, ForwardMode::Nat);
+        let c = parse(DSR).unwrap();
+        assert_eq!((c.services[0].mode, c.services[0].source), (ForwardMode::DsrIpip, Some(Ipv4Addr::new(10, 1, 0, 1))));
+        assert_eq!((c.services[0].mode.number(), c.services[0].mode.label()), (lb_common::MODE_DSR_IPIP, "dsr-ipip"));
+        let p = problems(&DSR.replace("source = \"10.1.0.1\"", ""));
+        assert!(p.iter().any(|p| p.starts_with("service[0] \"web\": source: mode \"dsr-ipip\" needs")), "{p:?}");
+        let p = problems(&DSR.replace("10.2.0.11:80", "10.2.0.11:8080"));
+        assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"")), "{p:?}");
+        let p = problems(&DSR.replace("health_check = { interval = \"200ms\" }", ""));
+        assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
+        let p = problems(&DSR.replace("\"dsr-ipip\"", "\"full-nat\""));
+        assert!(p.iter().any(|p| p.contains("mode: \"full-nat\" is not supported")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("source: only mode \"dsr-ipip\" uses it")), "{p:?}");
+        assert!(matches!(parse(&DSR.replace("\"dsr-ipip\"", "\"dsr\"")), Err(ConfigError::Parse { .. })));
     }
 }

@@ -64,6 +64,8 @@ pub struct ServiceState {
     /// Mirrors of both halves, so a rebuild writes only the slots that differ.
     halves: [Vec<u32>; 2],
     pub backends: Vec<MaglevBackend>,
+    /// `Service::mode` and `Service::source_be` as last written.
+    forwarding: (u32, u32),
 }
 
 impl ServiceState {
@@ -114,7 +116,14 @@ impl Reconciler {
                 .iter()
                 .filter_map(|id| Some(MaglevBackend { id: *id, addr: *addr_of.get(id)?, weight: 0 }))
                 .collect();
-            r.services.insert(key, ServiceState { id: svc.id, name: String::new(), table, halves, backends });
+            r.services.insert(key, ServiceState {
+                id: svc.id,
+                name: String::new(),
+                table,
+                halves,
+                backends,
+                forwarding: (svc.mode, svc.source_be),
+            });
         }
         r.backend_vips = state.backend_vips.into_iter().collect();
         r
@@ -297,11 +306,14 @@ impl Reconciler {
             table: 0,
             halves: [vec![0; MAGLEV_TABLE_SIZE as usize], vec![0; MAGLEV_TABLE_SIZE as usize]],
             backends: Vec::new(),
+            forwarding: (MODE_DNAT, 0),
         });
         state.name.clone_from(&svc.config.name);
+        let source_be = svc.config.source.map_or(0, |ip| u32::from(ip).to_be());
+        let forwarding = (svc.config.mode.number(), source_be);
         if created {
             summary.services_added += 1;
-        } else if same_set(&state.backends, &backends) {
+        } else if same_set(&state.backends, &backends) && state.forwarding == forwarding {
             return Ok(());
         }
         let table = rebuild_table(state.live_table(), &backends, MAGLEV_TABLE_SIZE);
@@ -317,8 +329,10 @@ impl Reconciler {
         dp.set_table_entries(id, next, &changes)?;
         state.halves[next as usize] = table;
         let live_backends = backends.iter().filter(|b| b.weight > 0).count() as u32;
-        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode: MODE_DNAT })?;
+        let (mode, source_be) = forwarding;
+        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode, source_be })?;
         state.table = next;
+        state.forwarding = forwarding;
         state.backends = backends;
         summary.tables_rebuilt += 1;
         summary.slots_written += changes.len();
