@@ -4,7 +4,11 @@
 //! Errors are `anyhow` with context: everything here is test and benchmark
 //! plumbing whose callers only report failures, never match on them.
 
-use std::{collections::HashMap as StdHashMap, net::{Ipv4Addr, SocketAddrV4}, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{

@@ -193,6 +193,31 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Run on a backend host of a `mode = "dsr-ipip"` service: take its
+    /// load balancer's IP-in-IP packets and answer clients from the VIP.
+    ///
+    /// Creates the ipip device --dev in external mode (it takes IP-in-IP
+    /// packets from any load balancer), up; puts each --vip on it as a /32;
+    /// sets rp_filter=0 on it and on "all" (the inner source is a client
+    /// routed elsewhere) and arp_ignore=1, arp_announce=2 on "all" (the host
+    /// never answers ARP for a VIP). Prints each change; a second run
+    /// changes nothing. --undo takes the VIPs off and deletes the device
+    /// once nothing else is on it (the sysctls stay). Needs root.
+    #[command(
+        name = "backend-setup",
+        after_help = "Examples:\n  lb-agent backend-setup --vip 10.0.0.10\n  lb-agent backend-setup --vip 10.0.0.10 --vip 10.0.0.11 --dev lbtun0\n  lb-agent backend-setup --vip 10.0.0.10 --undo"
+    )]
+    BackendSetup {
+        /// A VIP of a dsr-ipip service this host is a backend of (repeat for several).
+        #[arg(long = "vip", required = true, value_name = "ADDRESS")]
+        vips: Vec<std::net::Ipv4Addr>,
+        /// The ipip device to create (not tunl0, the kernel's own).
+        #[arg(long, default_value = "lbtun0")]
+        dev: String,
+        /// Remove what a set-up with the same --vip and --dev made.
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -292,6 +317,9 @@ fn main() -> ExitCode {
         }
         Command::Backend { change, api_socket } => backend(api_socket, change),
         Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
+        Command::BackendSetup { vips, dev, undo } => {
+            lb_agent::adapters::backend_setup::run(&dev, &vips, undo).map(|_| ExitCode::SUCCESS)
+        }
         Command::Config { command: ConfigCommand::Dump { api_socket } } => {
             call_and_print(api_socket, Request::DumpConfig)
         }

@@ -62,8 +62,8 @@ mod tests {
 
     #[test]
     fn the_outer_header_is_ipip_with_the_inner_tos_and_df_and_a_valid_checksum() {
-        let src = u32::from(std::net::Ipv4Addr::new(10, 1, 0, 2)).to_be();
-        let dst = u32::from(std::net::Ipv4Addr::new(10, 2, 0, 11)).to_be();
+        let src = u32::from(core::net::Ipv4Addr::new(10, 1, 0, 2)).to_be();
+        let dst = u32::from(core::net::Ipv4Addr::new(10, 2, 0, 11)).to_be();
         let b = bytes(&outer_header(60, 0x10, 0x4000u16.to_be(), src, dst));
         assert_eq!(b[0], 0x45);
         assert_eq!(b[1], 0x10, "TOS copied");

@@ -34,7 +34,7 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// without backends (which `try_lb` refuses as in every mode).
 #[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &Packet, svc: &Service) -> Result<(u32, Reason), Verdict> {
-    if hook.partial_l4(pkt) {
+    if !hook.can_encapsulate(pkt) {
         return Err(Verdict::drop(Reason::DropDsrUnsupported));
     }
     let conn = nat::flow_of(hook, pkt, svc)?;

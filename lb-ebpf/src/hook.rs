@@ -71,8 +71,10 @@ pub trait Hook: EbpfContext {
     /// `dsr`); false where the hook cannot make it. Invalidates every
     /// pointer into the packet.
     fn grow_head(&self, len: usize) -> bool;
-    /// Whether the L4 checksum of `pkt` (untouched) is a partial one.
-    fn partial_l4(&self, pkt: &Packet) -> bool;
+    /// Whether `pkt` (untouched) can get an outer header and leave on the
+    /// fast path (see `dsr`): not with a partial L4 checksum, which a
+    /// redirected frame would lose, and not at tc yet.
+    fn can_encapsulate(&self, pkt: &Packet) -> bool;
     /// The FIB found the egress interface `ifindex` but no neighbour entry.
     fn send_no_neigh(&self, pkt: &Packet, ifindex: u32, flow: Option<&Conn>) -> (u32, Path);
     /// A new flow to a service with no usable backend: answer the client,
@@ -171,9 +173,9 @@ impl Hook for Xdp<'_> {
         unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -(len as i32)) == 0 }
     }
     #[inline(always)]
-    fn partial_l4(&self, pkt: &Packet) -> bool {
+    fn can_encapsulate(&self, pkt: &Packet) -> bool {
         // SAFETY: bounds-checked by parse_packet.
-        nat::is_partial(pkt, unsafe { *pkt.l4_check }, self.l4)
+        !nat::is_partial(pkt, unsafe { *pkt.l4_check }, self.l4)
     }
     /// A reply from a VIP that is a local address cannot pass up (the
     /// kernel drops it as a martian): the MACs its flow's client packet
@@ -313,9 +315,8 @@ impl Hook for Tc<'_> {
     fn grow_head(&self, _len: usize) -> bool {
         false
     }
-    /// The skb keeps its checksum state through the helpers.
     #[inline(always)]
-    fn partial_l4(&self, _pkt: &Packet) -> bool {
+    fn can_encapsulate(&self, _pkt: &Packet) -> bool {
         false
     }
     /// bpf_redirect_neigh: the kernel resolves the neighbour itself (and

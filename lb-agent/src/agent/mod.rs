@@ -49,7 +49,7 @@ use self::{
     scaler::{ScaleCommand, Scaler, ScalerEvent, TickOutcome},
 };
 use crate::{
-    config::{Config, HealthCheckConfig, ServiceConfig},
+    config::{Config, ForwardMode, HealthCheckConfig, ServiceConfig},
     core::{
         deploy,
         health::Transition,
@@ -307,6 +307,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         let mut wanted: BTreeMap<(String, SocketAddrV4), HealthCheckConfig> = BTreeMap::new();
         for (name, svc) in self.registry.services() {
             let Some(check) = &svc.config.health_check else { continue };
+            let mut check = check.clone();
+            if svc.config.mode == ForwardMode::DsrIpip {
+                check.through_tunnel = Some(SocketAddrV4::new(svc.config.vip, svc.config.port));
+            }
             for addr in svc.backends.keys() {
                 wanted.insert((name.clone(), *addr), check.clone());
             }

@@ -286,6 +286,10 @@ pub struct HealthCheckConfig {
     /// Failures in a row that take an up backend out.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Not a key: a `dsr-ipip` service's VIP and port, which its probes
+    /// reach through the tunnel to each backend (`adapters::dsr_probe`).
+    #[serde(skip)]
+    pub through_tunnel: Option<SocketAddrV4>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -579,9 +583,8 @@ impl ServiceConfig {
     fn mode_problems(&self, at: &str, out: &mut Vec<String>) {
         match self.mode {
             ForwardMode::Nat => {}
-            ForwardMode::FullNat => {
-                out.push(format!("{at}: mode: \"full-nat\" is not supported by this build; use \"nat\" or \"dsr-ipip\""))
-            }
+            ForwardMode::FullNat => out
+                .push(format!("{at}: mode: \"full-nat\" is not supported by this build; use \"nat\" or \"dsr-ipip\"")),
             ForwardMode::DsrIpip => {
                 match self.source {
                     None => out.push(format!(
@@ -1113,7 +1116,10 @@ mod tests {
     fn the_forwarding_mode_defaults_to_nat_and_takes_dsr_ipip_with_its_needs() {
         assert_eq!(parse(GOOD).unwrap().services[0].mode, ForwardMode::Nat);
         let c = parse(DSR).unwrap();
-        assert_eq!((c.services[0].mode, c.services[0].source), (ForwardMode::DsrIpip, Some(Ipv4Addr::new(10, 1, 0, 1))));
+        assert_eq!(
+            (c.services[0].mode, c.services[0].source),
+            (ForwardMode::DsrIpip, Some(Ipv4Addr::new(10, 1, 0, 1)))
+        );
         assert_eq!((c.services[0].mode.number(), c.services[0].mode.label()), (lb_common::MODE_DSR_IPIP, "dsr-ipip"));
         let p = problems(&DSR.replace("source = \"10.1.0.1\"", ""));
         assert!(p.iter().any(|p| p.starts_with("service[0] \"web\": source: mode \"dsr-ipip\" needs")), "{p:?}");

@@ -116,14 +116,17 @@ impl Reconciler {
                 .iter()
                 .filter_map(|id| Some(MaglevBackend { id: *id, addr: *addr_of.get(id)?, weight: 0 }))
                 .collect();
-            r.services.insert(key, ServiceState {
-                id: svc.id,
-                name: String::new(),
-                table,
-                halves,
-                backends,
-                forwarding: (svc.mode, svc.source_be),
-            });
+            r.services.insert(
+                key,
+                ServiceState {
+                    id: svc.id,
+                    name: String::new(),
+                    table,
+                    halves,
+                    backends,
+                    forwarding: (svc.mode, svc.source_be),
+                },
+            );
         }
         r.backend_vips = state.backend_vips.into_iter().collect();
         r
