@@ -65,7 +65,12 @@ pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramErro
 /// interface of the calling thread's network namespace: the program, and
 /// its `bpf_fib_lookup`, see that device (`ctx->rxq->dev`).
 pub fn test_run_from(prog: &Xdp, data: &[u8], ingress_ifindex: u32) -> Result<Run, ProgramError> {
-    run_program(prog, data, 1, Some(&xdp_md(data.len(), ingress_ifindex)))
+    test_run_repeat_from(prog, data, 1, ingress_ifindex)
+}
+
+/// [`test_run_from`], `repeat` times (see [`test_run`]).
+pub fn test_run_repeat_from(prog: &Xdp, data: &[u8], repeat: u32, ingress_ifindex: u32) -> Result<Run, ProgramError> {
+    run_program(prog, data, repeat, Some(&xdp_md(data.len(), ingress_ifindex)))
 }
 
 /// A `struct xdp_md` (uapi/linux/bpf.h) for BPF_PROG_TEST_RUN's `ctx_in`,

@@ -18,6 +18,7 @@ use lb_agent::{
     },
     agent::{Agent, Options, Ports},
     config::Config,
+    core::backend_setup::Decap,
     serve::api::{self, Request, DEFAULT_SOCKET},
     status::{human_duration, watch_frame, Snapshot},
 };
@@ -205,7 +206,7 @@ enum Command {
     /// once nothing else is on it (the sysctls stay). Needs root.
     #[command(
         name = "backend-setup",
-        after_help = "Examples:\n  lb-agent backend-setup --vip 10.0.0.10\n  lb-agent backend-setup --vip 10.0.0.10 --vip 10.0.0.11 --dev lbtun0\n  lb-agent backend-setup --vip 10.0.0.10 --undo"
+        after_help = "Examples:\n  lb-agent backend-setup --vip 10.0.0.10\n  lb-agent backend-setup --vip 10.0.0.10 --vip 10.0.0.11 --dev lbtun0\n  lb-agent backend-setup --vip 10.0.0.10 --undo\n  lb-agent backend-setup --vip 10.0.0.10 --bpf-decap eth0   # a kernel without ipip"
     )]
     BackendSetup {
         /// A VIP of a dsr-ipip service this host is a backend of (repeat for several).
@@ -214,6 +215,12 @@ enum Command {
         /// The ipip device to create (not tunl0, the kernel's own).
         #[arg(long, default_value = "lbtun0")]
         dev: String,
+        /// On a kernel without IP-in-IP devices (CONFIG_NET_IPIP unset):
+        /// attach lb-agent's tc program `tc_decap` at this interface's
+        /// ingress (where the load balancer's packets arrive) instead of
+        /// making --dev, and put the VIPs on lo.
+        #[arg(long, value_name = "IFACE", conflicts_with = "dev")]
+        bpf_decap: Option<String>,
         /// Remove what a set-up with the same --vip and --dev made.
         #[arg(long)]
         undo: bool,
@@ -317,8 +324,9 @@ fn main() -> ExitCode {
         }
         Command::Backend { change, api_socket } => backend(api_socket, change),
         Command::Reload { api_socket } => call_and_print(api_socket, Request::Reload),
-        Command::BackendSetup { vips, dev, undo } => {
-            lb_agent::adapters::backend_setup::run(&dev, &vips, undo).map(|_| ExitCode::SUCCESS)
+        Command::BackendSetup { vips, dev, bpf_decap, undo } => {
+            let decap = bpf_decap.as_deref().map_or(Decap::Device(&dev), Decap::Bpf);
+            lb_agent::adapters::backend_setup::run(decap, &vips, undo).map(|_| ExitCode::SUCCESS)
         }
         Command::Config { command: ConfigCommand::Dump { api_socket } } => {
             call_and_print(api_socket, Request::DumpConfig)

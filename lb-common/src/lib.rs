@@ -60,6 +60,10 @@ pub const PROG_LB_LOCAL: &str = "xdp_lb_local";
 /// (veth, bridges, tun/tap, ...): the same balancer, with the skb's
 /// checksum helpers and bpf_redirect, which any device can take.
 pub const PROG_TC: &str = "tc_lb";
+/// The backend's side of `MODE_DSR_IPIP` on kernels without IP-in-IP
+/// devices: a tc classifier that strips the outer header (`lb-agent
+/// backend-setup --bpf-decap`); the agent itself never loads it.
+pub const PROG_TC_DECAP: &str = "tc_decap";
 /// The programs an interface can get; the agent loads (verifies) them all.
 pub const LB_PROGRAMS: [&str; 3] = [PROG_LB, PROG_LB_LOCAL, PROG_TC];
 /// Socket load balancing (cgroup socket-address programs, attached to a

@@ -25,6 +25,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod decap;
 mod dsr;
 mod hook;
 mod icmp;

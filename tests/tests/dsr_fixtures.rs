@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_agent::adapters::dataplane::netdev::if_index;
 use lb_common::{Reason, MODE_DSR_IPIP, PROG_LB, PROG_LB_LOCAL, PROG_TC};
 use lb_lab::{
-    checksum::{internet_checksum, with_partial_l4_checksum},
+    checksum::with_partial_l4_checksum,
     command::run_cmd,
     diff::frame_diff,
     netns::NetNsGuard,
@@ -43,18 +43,9 @@ fn client_syn(payload: &[u8]) -> Vec<u8> {
     tcp_frame((LB_MAC, CLIENT_MAC), &ip, &Tcp::new(CLIENT.port(), VIP.port(), TCP_SYN).with_payload(payload))
 }
 
-/// `frame` inside an outer header to `backend`, built by hand.
+/// `frame` inside an outer header to `backend` (built by the harness).
 fn encapsulated(frame: &[u8], backend: Ipv4Addr) -> Vec<u8> {
-    let inner = &frame[14..];
-    let mut outer = vec![0x45, 0x10];
-    outer.extend(((inner.len() + 20) as u16).to_be_bytes());
-    outer.extend([0, 0, 0x40, 0, 64, 4, 0, 0]);
-    outer.extend(SOURCE.octets());
-    outer.extend(backend.octets());
-    let check = internet_checksum(&outer);
-    outer[10..12].copy_from_slice(&check.to_be_bytes());
-    outer.extend(inner);
-    ethernet(BACKEND_MAC, LB_BACKEND_SIDE_MAC, ETH_P_IP, &outer)
+    ipip_encapsulated(frame, (BACKEND_MAC, LB_BACKEND_SIDE_MAC), SOURCE, backend)
 }
 
 /// The host: a client side (192.168.1.1/24) and a backend side

@@ -1,38 +1,45 @@
-//! `lb-agent backend-setup`: reads the host (`ip`, /proc/sys), then makes
+//! `lb-agent backend-setup`: reads the host (`ip`, `tc`, /proc/sys), then makes
 //! the changes `core::backend_setup` plans, each printed as it is made.
 
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{bail, Context as _};
+use aya::programs::{
+    tc::{self, NlOptions, TcAttachOptions, TcAttachType},
+    SchedClassifier,
+};
+use lb_common::PROG_TC_DECAP;
 
-use crate::core::backend_setup::{self, Observed, Step};
+use crate::core::backend_setup::{self, Decap, Observed, Step};
 
-/// Set `dev` up with `vips` (or undo that), printing each change; returns
-/// the lines printed.
-pub fn run(dev: &str, vips: &[Ipv4Addr], undo: bool) -> anyhow::Result<Vec<String>> {
+/// Set `decap` up with `vips` (or undo that), printing each change;
+/// returns the lines printed.
+pub fn run(decap: Decap, vips: &[Ipv4Addr], undo: bool) -> anyhow::Result<Vec<String>> {
+    let (Decap::Device(dev) | Decap::Bpf(dev)) = decap;
     if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
-        bail!("--dev {dev:?} is not a valid interface name");
+        bail!("{dev:?} is not a valid interface name");
     }
-    if dev == "tunl0" {
+    if decap == Decap::Device("tunl0") {
         bail!("--dev tunl0 is the kernel's fallback tunnel, not one backend-setup makes; name another device");
     }
-    let now = observe(dev)?;
-    let steps = if undo { backend_setup::undo(vips, &now) } else { backend_setup::set_up(dev, vips, &now) };
+    let now = observe(decap)?;
+    let steps = if undo { backend_setup::undo(decap, vips, &now) } else { backend_setup::set_up(decap, vips, &now) };
     let mut said = Vec::new();
     for step in &steps {
-        said.push(apply(dev, step)?);
-    }
-    if said.iter().all(|s| s.is_empty()) {
-        said = vec![format!("{dev}: nothing to change")];
+        said.push(apply(decap, step)?);
     }
     said.retain(|s| !s.is_empty());
+    if said.is_empty() {
+        said.push(format!("{}: nothing to change", decap.vip_device()));
+    }
     for line in &said {
         println!("{line}");
     }
     Ok(said)
 }
 
-fn observe(dev: &str) -> anyhow::Result<Observed> {
+fn observe(decap: Decap) -> anyhow::Result<Observed> {
+    let dev = decap.vip_device();
     let device = Command::new("ip").args(["link", "show", "dev", dev]).output().context("run ip")?.status.success();
     let mut addresses = Vec::new();
     if device {
@@ -45,21 +52,35 @@ fn observe(dev: &str) -> anyhow::Result<Observed> {
             }
         }
     }
-    let sysctls = backend_setup::sysctls(dev)
+    let decap_attached = match decap {
+        Decap::Bpf(iface) => run_tool("tc", &["filter", "show", "dev", iface, "ingress"])?.contains(PROG_TC_DECAP),
+        Decap::Device(_) => false,
+    };
+    let sysctls = backend_setup::sysctls(decap)
         .into_iter()
         .map(|(path, _)| {
             let value = std::fs::read_to_string(format!("/proc/sys/{path}")).ok();
             (path, value)
         })
         .collect();
-    Ok(Observed { device, addresses, sysctls })
+    Ok(Observed { device, decap_attached, addresses, sysctls })
 }
 
 /// Make one change; what to print (nothing for bringing an up device up).
-fn apply(dev: &str, step: &Step) -> anyhow::Result<String> {
+fn apply(decap: Decap, step: &Step) -> anyhow::Result<String> {
+    let dev = decap.vip_device();
     Ok(match step {
         Step::AddDevice => {
-            ip(&["link", "add", dev, "type", "ipip", "external"])?;
+            ip(&["link", "add", dev, "type", "ipip", "external"]).map_err(|e| {
+                if e.to_string().contains("Unknown device type") {
+                    anyhow::anyhow!(
+                        "{e:#}: this kernel has no IP-in-IP devices (CONFIG_NET_IPIP); decapsulate with lb-agent's \
+                         tc program instead: --bpf-decap IFACE (the interface the load balancer's packets arrive on)"
+                    )
+                } else {
+                    e
+                }
+            })?;
             format!("created {dev}: ipip, external (takes IP-in-IP packets from any load balancer)")
         }
         Step::DeviceUp => {
@@ -83,6 +104,17 @@ fn apply(dev: &str, step: &Step) -> anyhow::Result<String> {
             ip(&["link", "del", dev])?;
             format!("deleted {dev}")
         }
+        Step::AttachDecap => {
+            let Decap::Bpf(iface) = decap else { bail!("no interface to attach {PROG_TC_DECAP} to") };
+            attach_decap(iface)?;
+            format!("{iface}: attached {PROG_TC_DECAP} at ingress (strips the outer header of IP-in-IP packets)")
+        }
+        Step::DetachDecap => {
+            let Decap::Bpf(iface) = decap else { bail!("no interface to detach {PROG_TC_DECAP} from") };
+            let pref = DECAP_PRIORITY.to_string();
+            run_tool("tc", &["filter", "del", "dev", iface, "ingress", "pref", &pref])?;
+            format!("{iface}: detached {PROG_TC_DECAP}")
+        }
         Step::Sysctl { path, value } => {
             let file = format!("/proc/sys/{path}");
             std::fs::write(&file, value).with_context(|| format!("write {value} to {file}"))?;
@@ -91,10 +123,38 @@ fn apply(dev: &str, step: &Step) -> anyhow::Result<String> {
     })
 }
 
+/// The tc filter priority `tc_decap` gets, so that `--undo` finds it.
+const DECAP_PRIORITY: u16 = 0x1dc;
+
+/// Load `tc_decap` from the agent's object and attach it at `iface`'s
+/// ingress as a netlink filter, left in place when this process exits.
+fn attach_decap(iface: &str) -> anyhow::Result<()> {
+    let mut ebpf = aya::Ebpf::load(crate::ebpf::object()).context("load lb-ebpf")?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TC_DECAP)
+        .with_context(|| format!("no {PROG_TC_DECAP} in lb-ebpf"))?
+        .try_into()
+        .with_context(|| format!("{PROG_TC_DECAP} is not a tc program"))?;
+    prog.load().with_context(|| format!("load (verify) {PROG_TC_DECAP}"))?;
+    // Already there is fine: the agent adds it too.
+    let _ = tc::qdisc_add_clsact(iface);
+    let options = TcAttachOptions::Netlink(NlOptions { priority: DECAP_PRIORITY, ..NlOptions::default() });
+    let id = prog
+        .attach_with_options(iface, TcAttachType::Ingress, options)
+        .with_context(|| format!("attach {PROG_TC_DECAP} to {iface}"))?;
+    // The filter holds the program; dropping the link would remove it.
+    std::mem::forget(prog.take_link(id).context("take the link")?);
+    Ok(())
+}
+
 fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip").args(args).output().with_context(|| format!("run ip {}", args.join(" ")))?;
+    run_tool("ip", args)
+}
+
+fn run_tool(tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(tool).args(args).output().with_context(|| format!("run {tool} {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("{tool} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -127,6 +127,9 @@ struct ProbeTask {
     check: HealthCheckConfig,
     handle: JoinHandle<()>,
     counts: HealthCheckCounts,
+    /// The last probe's error, shown as the reason of a backend out of the
+    /// table by health (one that never came up has no down event).
+    last_error: Option<String>,
 }
 
 /// Agent-level work done off the loop.
@@ -327,7 +330,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 continue;
             }
             let task = probe_loop(key.0.clone(), key.1, check.clone(), self.prober.clone(), self.probe_tx.clone());
-            self.probes.insert(key, ProbeTask { check, handle: tokio::spawn(task), counts: Default::default() });
+            self.probes.insert(
+                key,
+                ProbeTask { check, handle: tokio::spawn(task), counts: Default::default(), last_error: None },
+            );
         }
     }
 
@@ -529,6 +535,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     fn handle_probe(&mut self, r: ProbeResult) {
         if let Some(task) = self.probes.get_mut(&(r.service.clone(), r.addr)) {
             task.counts.record(r.error.is_none(), r.timed_out, r.took);
+            task.last_error.clone_from(&r.error);
         }
         let transition = self.registry.observe_health(&r.service, r.addr, r.error.is_none());
         match transition {

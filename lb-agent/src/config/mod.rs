@@ -1102,12 +1102,12 @@ mod tests {
     const DSR: &str = r#"
         [[service]]
         name = "web"
-        vip = "10.0.0.10"
-        port = 80
-        interfaces = ["eth0"]
         mode = "dsr-ipip"
         source = "10.1.0.1"
         health_check = { interval = "200ms" }
+        vip = "10.0.0.10"
+        port = 80
+        interfaces = ["eth0"]
         [[service.backend]]
         address = "10.2.0.11:80"
     "#;
