@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{IterableMap as _, Map, MapError},
-    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode},
     Ebpf,
 };
 use lb_agent::{
@@ -228,6 +228,22 @@ impl LbObject {
 
     pub fn program(&self, name: &str) -> Result<&Xdp> {
         program(&self.ebpf, name)
+    }
+
+    /// Attaches the loaded XDP program `name` to `ifname` (in the calling
+    /// thread's network namespace) in driver mode, for as long as this
+    /// object lives. A veth takes frames its peer sends back by XDP_TX only
+    /// while it runs an XDP program of its own (GRO is not enough there):
+    /// `xdp_lb` with no service passes everything, so it serves as that.
+    pub fn attach(&mut self, name: &str, ifname: &str) -> Result<()> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        prog.attach(ifname, XdpMode::Driver).with_context(|| format!("attach {name} to {ifname}"))?;
+        Ok(())
     }
 
     /// Takes out a map [`Maps`] does not hold (the benchmark's) as the
