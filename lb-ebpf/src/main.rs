@@ -17,6 +17,8 @@
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
 //! classifier, for the devices that face local stacks (see `hook`).
+//! A service in `MODE_DSR_IPIP` has its packets encapsulated to the
+//! backend instead (`dsr`), whose replies go straight to the client.
 //! `sock` holds socket load balancing for clients on the host itself
 //! (cgroup socket-address programs).
 //!
@@ -28,6 +30,8 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod fullnat;
+mod decap;
+mod dsr;
 mod hook;
 mod icmp;
 mod nat;
@@ -46,7 +50,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowBudget, FlowKey, PathCounters, Reason, Service, ServiceKey, Settings, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, MODE_FULL_NAT, SERVICE_F_WAKE, SNAT_FLOWS_MAX, WAKE_EVENTS_BYTES,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, MODE_DSR_IPIP, MODE_FULL_NAT, SERVICE_F_WAKE, SNAT_FLOWS_MAX, WAKE_EVENTS_BYTES,
 };
 
 use crate::{
@@ -159,6 +163,13 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
+        if svc.mode == MODE_DSR_IPIP {
+            return match dsr::forward(hook, &pkt, &svc) {
+                Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => Err(wake::hold(&pkt, &svc)),
+                Err(Verdict { reason: Reason::DropNoBackend, .. }) => hook.refuse(&pkt),
+                sent => sent,
+            };
+        }
         let sent = if svc.mode == MODE_FULL_NAT { fullnat::forward(hook, &mut pkt, &svc) } else { nat::forward(hook, &mut pkt, &svc) };
         let partial_l4 = match sent {
             Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => {

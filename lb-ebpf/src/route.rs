@@ -12,7 +12,7 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_fib_lookup,
 };
-use lb_common::{csum, Conn, Path, PathCounters};
+use lb_common::{csum, Conn, Path, PathCounters, Reason, PROTO_IPIP};
 
 use crate::{
     hook::{Action, Hook},
@@ -93,17 +93,47 @@ pub fn not_forwarded<H: Hook>(hook: &H, pkt: &Packet) -> bool {
 /// and what it filled in.
 #[inline(always)]
 fn fib_lookup<H: Hook>(hook: &H, pkt: &Packet) -> (u32, FibParams) {
+    let ports = (pkt.src_port_be, pkt.dst_port_be);
+    let addrs = (pkt.src_ip_be, pkt.dst_ip_be);
+    fib_lookup_of(hook, pkt, pkt.proto, hook.fib_tot_len(pkt), ports, addrs)
+}
+
+/// The next hop of `pkt` once wrapped in an outer IPv4 header from
+/// `src_be` to `dst_be` (see `dsr`), with the egress MTU checked against
+/// the grown length; `Err` with the reason it cannot be sent.
+#[inline(always)]
+pub fn tunnel_hop<H: Hook>(hook: &H, pkt: &Packet, src_be: u32, dst_be: u32, tot_len: u16) -> Result<NextHop, Reason> {
+    let (rc, fib) = fib_lookup_of(hook, pkt, PROTO_IPIP, tot_len, (0, 0), (src_be, dst_be));
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            Ok(NextHop { ifindex: fib.ifindex, dst_mac: fib.dmac, src_mac: fib.smac, from_flow: false })
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropDsrTooBig),
+        _ => Err(Reason::DropDsrNoRoute),
+    }
+}
+
+/// bpf_fib_lookup as if `pkt` (its ingress and TOS) were a `proto` packet
+/// of `tot_len` bytes between `addrs` (source, destination) and `ports`.
+#[inline(always)]
+fn fib_lookup_of<H: Hook>(
+    hook: &H,
+    pkt: &Packet,
+    proto: u8,
+    tot_len: u16,
+    ports: (u16, u16),
+    addrs: (u32, u32),
+) -> (u32, FibParams) {
     // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = pkt.proto;
+    fib.l4_protocol = proto;
     fib.ifindex = pkt.ingress_ifindex;
-    fib.__bindgen_anon_1.tot_len = hook.fib_tot_len(pkt);
+    fib.__bindgen_anon_1.tot_len = tot_len;
     fib.__bindgen_anon_2.tos = pkt.tos;
-    fib.sport = pkt.src_port_be;
-    fib.dport = pkt.dst_port_be;
-    fib.__bindgen_anon_3.ipv4_src = pkt.src_ip_be;
-    fib.__bindgen_anon_4.ipv4_dst = pkt.dst_ip_be;
+    (fib.sport, fib.dport) = ports;
+    fib.__bindgen_anon_3.ipv4_src = addrs.0;
+    fib.__bindgen_anon_4.ipv4_dst = addrs.1;
     // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed. Flags 0: a
     // full lookup (policy rules included) as if received on the ingress
     // interface, which must have forwarding on.

@@ -269,6 +269,8 @@ mod tests {
         let (programs, maps) = contents(crate::ebpf::object());
         let mut want = names(&LB_PROGRAMS);
         want.extend(names(&SOCK_PROGRAMS));
+        // The backend's decapsulation, for `backend-setup --bpf-decap`.
+        want.extend(names(&[lb_common::PROG_TC_DECAP]));
         assert_eq!(programs, want, "no benchmark program may ship in the agent's object");
         assert_eq!(maps, names(&Maps::NAMES), "no benchmark map may ship in the agent's object");
     }
