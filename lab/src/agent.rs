@@ -299,6 +299,28 @@ impl Agent {
         v["status"].take()
     }
 
+    /// Polls the status until `done` holds; after `timeout`, panics with
+    /// what was awaited and the last status's scaling part (the agent's log
+    /// follows from the guard's drop).
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!("{what}: not within {timeout:?}; last status:\n{:#}", one_scaling(&s));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// The new flows the agent counted for `service`, all its backends.
     pub fn new_flows(&self, service: &str) -> u64 {
         let status = self.status();
@@ -480,6 +502,14 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// The one scaled service's part of a status snapshot.
+pub fn one_scaling(status: &serde_json::Value) -> &serde_json::Value {
+    match status["scaling"].as_array().map(Vec::as_slice) {
+        Some([one]) => one,
+        _ => panic!("expected one scaling entry in status: {status}"),
+    }
 }
 
 #[cfg(test)]

@@ -216,6 +216,7 @@ impl LbObject {
         Self::load_object(lb_agent::ebpf::bench_object())
     }
 
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
     fn load_object(object: &[u8]) -> Result<Self> {
         Self::load_object_with(object, &DataplaneConfig::default())
     }

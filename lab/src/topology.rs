@@ -92,6 +92,21 @@ fn unique_prefix() -> String {
     format!("lbt-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A client namespace `name` wired to the host's namespace by a veth:
+/// `host_iface` on the host with `gw`/24, `eth0` in the client with
+/// `client`/24, and the client's one route beyond its subnet a /32 to `vip`
+/// via `gw` (no default route: nothing it sends leaves the machine).
+pub fn host_client(name: &str, host_iface: &str, gw: Ipv4Addr, client: Ipv4Addr, vip: Ipv4Addr) -> NetNs {
+    let ns = create_netns(name);
+    run_cmd("ip", &["link", "add", host_iface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+    run_cmd("ip", &["addr", "add", &format!("{gw}/24"), "dev", host_iface]);
+    run_cmd("ip", &["link", "set", host_iface, "up"]);
+    ns.exec("ip", &["addr", "add", &format!("{client}/24"), "dev", "eth0"]);
+    ns.exec("ip", &["link", "set", "eth0", "up"]);
+    ns.exec("ip", &["route", "add", &format!("{vip}/32"), "via", &gw.to_string()]);
+    ns
+}
+
 /// [`NetNs::create`], panicking as the helpers here do.
 fn create_netns(name: &str) -> NetNs {
     NetNs::create(name).unwrap_or_else(|e| panic!("{e}"))

@@ -287,7 +287,7 @@ pub struct BackendVips {
 /// matched by it. The backend address is kept in the entry itself, so a flow
 /// keeps working after its backend leaves `BACKENDS` (draining).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
     pub nat_ip_be: u32,
     pub nat_port_be: u16,

@@ -62,6 +62,7 @@ use lb_lab::{
     netns::NetNs,
     require_root_and_docker,
     scratch::Scratch,
+    topology::host_client,
 };
 
 /// The two tests share the bridge name and subnet.
@@ -433,13 +434,7 @@ impl ContainersBehindBridge {
             let route = run_cmd("ip", &["-4", "route", "get", &ip_of(r).to_string()]);
             assert!(route.contains(&format!(" dev {BRIDGE} ")), "{} is not routed via {BRIDGE}: {route}", r.addr);
         }
-        let client = NetNs::create(&unique("cli")).expect("client namespace");
-        run_cmd("ip", &["link", "add", CLIENT_IFACE, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
-        run_cmd("ip", &["addr", "add", &format!("{CLIENT_GW}/24"), "dev", CLIENT_IFACE]);
-        run_cmd("ip", &["link", "set", CLIENT_IFACE, "up"]);
-        client.exec("ip", &["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
-        client.exec("ip", &["link", "set", "eth0", "up"]);
-        client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &CLIENT_GW.to_string()]);
+        let client = host_client(&unique("cli"), CLIENT_IFACE, CLIENT_GW, CLIENT_ADDR, VIP);
         Self { client, replicas, orch, rt, _own: own }
     }
 

@@ -58,7 +58,7 @@ use lb_lab::{
     netns::{netns_pids, InstanceNamespaces, NetNs},
     require_root, require_root_and_docker,
     scratch::Scratch,
-    topology::{Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
+    topology::{host_client, Options, Topology, LB_CLIENT_IFACE, TCP_PORT, VIP},
 };
 use lb_load::{self as load, plot, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
@@ -233,13 +233,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
         // Before the agent makes it: if it exists, it is not ours.
         let network_guard = NetworkGuard::expect_new(&network);
         let containers = ServiceContainers { service: service.clone() };
-        let client = NetNs::create(&format!("lbt-{id}-cli")).expect("client namespace");
-        run_cmd("ip", &["link", "add", &client_iface, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
-        run_cmd("ip", &["addr", "add", &format!("{gw}/24"), "dev", &client_iface]);
-        run_cmd("ip", &["link", "set", &client_iface, "up"]);
-        client.exec("ip", &["addr", "add", &format!("{client_addr}/24"), "dev", "eth0"]);
-        client.exec("ip", &["link", "set", "eth0", "up"]);
-        client.exec("ip", &["route", "add", &format!("{}/32", vip.ip()), "via", &gw.to_string()]);
+        let client = host_client(&format!("lbt-{id}-cli"), &client_iface, gw, client_addr, *vip.ip());
 
         let scratch = Scratch::create(&format!("lbt-{id}-agent"));
         let timeline = scratch.path().join("timeline.jsonl");
@@ -284,17 +278,7 @@ requests = {{ counter = 'demo_backend_requests_total{{route="/"}}' }}
     /// Poll the status until `done` holds; panics with the last status (and,
     /// through the agent guard, its log) after `timeout`.
     fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if done(&s) {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("{what}: not within {timeout:?}; last status:\n{:#}", scaling(&s));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.agent.wait_status(what, timeout, done)
     }
 
     /// Wait until exactly `n` instances are ready and in the table, and none
@@ -397,10 +381,7 @@ fn unix_now() -> f64 {
 
 /// The status's one `scaling` entry (each test's agent has one service).
 fn scaling(status: &Value) -> &Value {
-    match status["scaling"].as_array().map(Vec::as_slice) {
-        Some([one]) => one,
-        _ => panic!("expected one scaling entry in status: {status}"),
-    }
+    lb_lab::agent::one_scaling(status)
 }
 
 fn replicas(status: &Value) -> Vec<Value> {

@@ -25,12 +25,12 @@ use std::{
 use lb_lab::{
     agent::Agent,
     cgroup::socket_lb_toml,
-    command::run_cmd,
     docker::{build_demo_image, docker_try, Dockerd, DEMO_IMAGE},
     netns::NetNs,
     require_root_and_docker,
     scratch::Scratch,
     swarm::{SwarmGuard, SwarmServices},
+    topology::host_client,
 };
 use lb_load::{self as load, LoadConfig, Mode, Ramp, Report};
 use serde_json::Value;
@@ -85,13 +85,7 @@ impl SwarmWorld {
         }
         let swarm = SwarmGuard::observe();
         let services = SwarmServices { service: service.clone(), network: network.clone(), bridge: bridge.clone() };
-        let client = NetNs::create(&format!("lbt-{id}-swc")).expect("client namespace");
-        run_cmd("ip", &["link", "add", &client_iface, "type", "veth", "peer", "name", "eth0", "netns", client.name()]);
-        run_cmd("ip", &["addr", "add", &format!("{gw}/24"), "dev", &client_iface]);
-        run_cmd("ip", &["link", "set", &client_iface, "up"]);
-        client.exec("ip", &["addr", "add", &format!("{client_addr}/24"), "dev", "eth0"]);
-        client.exec("ip", &["link", "set", "eth0", "up"]);
-        client.exec("ip", &["route", "add", &format!("{}/32", vip.ip()), "via", &gw.to_string()]);
+        let client = host_client(&format!("lbt-{id}-swc"), &client_iface, gw, client_addr, *vip.ip());
 
         let scratch = Scratch::create(&format!("lbt-{id}-swarm"));
         let config = scratch.path().join("lb.toml");
@@ -149,22 +143,8 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
         }
     }
 
-    fn status(&self) -> Value {
-        self.agent.status()
-    }
-
     fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if done(&s) {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("{what}: not within {timeout:?}; last status:\n{:#}", scaling(&s));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.agent.wait_status(what, timeout, done)
     }
 
     /// Exactly `n` instances ready and in the table, nothing else, and as
@@ -199,10 +179,7 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
 }
 
 fn scaling(status: &Value) -> &Value {
-    match status["scaling"].as_array().map(Vec::as_slice) {
-        Some([one]) => one,
-        _ => panic!("expected one scaling entry in status: {status}"),
-    }
+    lb_lab::agent::one_scaling(status)
 }
 
 fn replicas(status: &Value) -> Vec<Value> {

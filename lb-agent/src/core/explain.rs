@@ -273,16 +273,8 @@ mod tests {
             nat_ip_be: u32::from(*other.ip()).to_be(),
             nat_port_be: other.port().to_be(),
             tcp_seen: lb_common::TCP_SEEN_REPLY,
-            _pad: 0,
             backend_id: 9,
-            service_id: 0,
-            last_seen_ns: 0,
-            client_ifindex: 0,
-            client_mac: [0; 6],
-            local_mac: [0; 6],
-            snat_ip_be: 0,
-            snat_port_be: 0,
-            _pad2: 0,
+            ..Conn::default()
         };
         let seen = FlowSeen { conn, idle: Duration::from_millis(1500) };
         let e = explain("web", &q, LiveTable { half: 0, slots: &slots, backends: &set }, Some(seen));

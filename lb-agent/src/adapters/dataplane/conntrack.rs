@@ -214,16 +214,9 @@ mod tests {
             nat_ip_be: 5,
             nat_port_be: 6,
             tcp_seen: seen,
-            _pad: 0,
             backend_id: 1,
-            service_id: 0,
             last_seen_ns: last_seen_s * S,
-            client_ifindex: 0,
-            client_mac: [0; 6],
-            local_mac: [0; 6],
-            snat_ip_be: 0,
-            snat_port_be: 0,
-            _pad2: 0,
+            ..Conn::default()
         };
         (key, conn)
     }
