@@ -27,7 +27,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -47,6 +47,8 @@ pub const SOCK_STATS: &str = "SOCK_STATS";
 pub const WAKE_EVENTS: &str = "WAKE_EVENTS";
 pub const WAKE_LAST: &str = "WAKE_LAST";
 pub const SNAT_FLOWS: &str = "SNAT_FLOWS";
+/// The program's per-CPU scratch space: never pinned, never read by the agent.
+pub const SCRATCH: &str = "SCRATCH";
 // The benchmark's maps and programs (`BENCH_*`, `PROG_PASS`, `PROG_BENCH`)
 // are only in the object built with lb-ebpf's `bench` feature, never in the
 // one the agent loads.

@@ -32,7 +32,7 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// Encapsulate `pkt` (a client packet for `svc`) to its flow's backend and
 /// send it; `Ok` with the action, `Err` for the drops above and a service
 /// without backends (which `try_lb` refuses as in every mode).
-#[inline(never)]
+#[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &Packet, svc: &Service) -> Result<(u32, Reason), Verdict> {
     if !hook.can_encapsulate(pkt) {
         return Err(Verdict::drop(Reason::DropDsrUnsupported));

@@ -36,7 +36,7 @@ fn closed(conn: &Conn, proto: u8) -> bool {
 /// A client packet for a full-NAT service: pick or find the backend as
 /// DNAT does, claim a source port for a new flow, rewrite both ends.
 /// `Ok(true)` when the L4 checksum is a partial one.
-#[inline(never)]
+#[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<bool, Verdict> {
     let key = FlowKey::new(pkt.src_ip_be, pkt.src_port_be, pkt.dst_ip_be, pkt.dst_port_be, pkt.proto);
     // A SYN takes a fresh pick (see `nat::track`), which replaces the entry:

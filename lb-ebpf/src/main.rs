@@ -38,6 +38,7 @@ mod nat;
 mod parse;
 mod refuse;
 mod route;
+mod scratch;
 mod select;
 mod sock;
 mod stats;
@@ -99,6 +100,9 @@ static WAKE_EVENTS: RingBuf = RingBuf::with_byte_size(WAKE_EVENTS_BYTES, 0);
 /// Per CPU and service: when `WAKE_EVENTS` last had a report (ns).
 #[map]
 static WAKE_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+/// Per CPU: room for the large temporaries, off the stack (`scratch`).
+#[map]
+static SCRATCH: PerCpuArray<scratch::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
