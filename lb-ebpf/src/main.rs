@@ -153,6 +153,15 @@ impl Verdict {
     }
 }
 
+/// What a forwarding mode did with a client packet.
+enum Forwarded {
+    /// Sent on already (DSR): the action and reason.
+    Sent((u32, Reason)),
+    /// Translated, for the fast path to send on: whether the L4 checksum is
+    /// a partial one.
+    Translated(bool),
+}
+
 /// `Ok((action, reason))` when the packet was translated and sent on,
 /// `Err(verdict)` for everything that leaves early.
 #[inline(always)]
@@ -167,22 +176,18 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        if svc.mode == MODE_DSR_IPIP {
-            return match dsr::forward(hook, &pkt, &svc) {
-                Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => Err(wake::hold(&pkt, &svc)),
-                Err(Verdict { reason: Reason::DropNoBackend, .. }) => hook.refuse(&pkt),
-                sent => sent,
-            };
-        }
-        let sent = if svc.mode == MODE_FULL_NAT { fullnat::forward(hook, &mut pkt, &svc) } else { nat::forward(hook, &mut pkt, &svc) };
-        let partial_l4 = match sent {
-            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => {
-                return Err(wake::hold(&pkt, &svc))
-            }
-            Err(Verdict { reason: Reason::DropNoBackend, .. }) => return hook.refuse(&pkt),
-            sent => sent?,
+        let sent = match svc.mode {
+            MODE_DSR_IPIP => dsr::forward(hook, &pkt, &svc).map(Forwarded::Sent),
+            MODE_FULL_NAT => fullnat::forward(hook, &mut pkt, &svc).map(Forwarded::Translated),
+            _ => nat::forward(hook, &mut pkt, &svc).map(Forwarded::Translated),
         };
-        return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
+        return match sent {
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => Err(wake::hold(&pkt, &svc)),
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) => hook.refuse(&pkt),
+            Err(verdict) => Err(verdict),
+            Ok(Forwarded::Sent(sent)) => Ok(sent),
+            Ok(Forwarded::Translated(partial_l4)) => Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded)),
+        };
     }
     let (flow, partial_l4) = match fullnat::reply(hook, &mut pkt) {
         Err(Verdict { reason: Reason::PassNoService, .. }) => nat::reply(hook, &mut pkt)?,
