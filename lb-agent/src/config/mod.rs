@@ -821,12 +821,10 @@ mod tests {
         let p = problems(&web("source = \"10.0.0.1\""));
         assert_eq!(
             p,
-            ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\"; add that or remove it"]
+            ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\" or \"dsr-ipip\"; add one or remove it"]
         );
         let p = problems(&web("mode = \"full-nat\"\nsource = \"0.0.0.0\""));
         assert_eq!(p, ["service[0] \"web\": source: 0.0.0.0 cannot be an address backends reply to"]);
-        let p = problems(&web("mode = \"dsr-ipip\""));
-        assert!(p[0].contains("mode: \"dsr-ipip\" is not supported by this build"), "{p:?}");
         let p = problems(&format!("{}\n[dataplane]\nsnat_port_min = 80\nsnat_port_max = 79\n", web("")));
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("dataplane.snat_port_min: 80 is a well-known port"), "{p:?}");
@@ -1240,9 +1238,8 @@ mod tests {
         assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"")), "{p:?}");
         let p = problems(&DSR.replace("health_check = { interval = \"200ms\" }", ""));
         assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
-        let p = problems(&DSR.replace("\"dsr-ipip\"", "\"full-nat\""));
-        assert!(p.iter().any(|p| p.contains("mode: \"full-nat\" is not supported")), "{p:?}");
-        assert!(p.iter().any(|p| p.contains("source: only mode \"dsr-ipip\" uses it")), "{p:?}");
+        // Full NAT takes a source too.
+        assert_eq!(parse(&DSR.replace("\"dsr-ipip\"", "\"full-nat\"")).unwrap().services[0].mode, ForwardMode::FullNat);
         assert!(matches!(parse(&DSR.replace("\"dsr-ipip\"", "\"dsr\"")), Err(ConfigError::Parse { .. })));
     }
 }

@@ -289,7 +289,7 @@ mod tests {
         let (programs, maps) = contents(crate::ebpf::bench_object());
         let mut want = names(&LB_PROGRAMS);
         want.extend(names(&SOCK_PROGRAMS));
-        want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH]));
+        want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH, lb_common::PROG_TC_DECAP]));
         assert_eq!(programs, want);
         let extra: BTreeSet<String> = maps.difference(&lb_maps()).cloned().collect();
         assert!(extra.contains(lb_common::BENCH_FRAME) && extra.contains(lb_common::BENCH_TARGET), "{extra:?}");
