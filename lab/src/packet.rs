@@ -309,6 +309,25 @@ pub fn udp_frame(macs: (Mac, Mac), ip: &Ipv4, udp: &Udp) -> Vec<u8> {
     ethernet(macs.0, macs.1, ETH_P_IP, &ip.build(&datagram))
 }
 
+/// `frame` (Ethernet + IPv4) as `mode = "dsr-ipip"` sends it on: inside
+/// an outer IPv4 header from `src` to `dst` (IP-in-IP, RFC 2003) with the
+/// inner header's TOS and DF, TTL 64, ID 0 and its checksum computed here,
+/// behind Ethernet `macs` (destination, source). Everything after the
+/// inner Ethernet header, padding included, follows untouched.
+pub fn ipip_encapsulated(frame: &[u8], macs: (Mac, Mac), src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let inner = &frame[14..];
+    let inner_len = u16::from_be_bytes([inner[2], inner[3]]);
+    let mut outer = vec![0x45, inner[1]];
+    outer.extend((inner_len + 20).to_be_bytes());
+    outer.extend([0, 0, inner[6] & 0x40, 0, 64, 4, 0, 0]);
+    outer.extend(src.octets());
+    outer.extend(dst.octets());
+    let check = internet_checksum(&outer);
+    outer[10..12].copy_from_slice(&check.to_be_bytes());
+    outer.extend(inner);
+    ethernet(macs.0, macs.1, ETH_P_IP, &outer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

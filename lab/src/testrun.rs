@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode},
     util::nr_cpus,
     Ebpf, Pod,
 };
@@ -68,7 +68,12 @@ pub fn test_run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<Run, ProgramErro
 /// interface of the calling thread's network namespace: the program, and
 /// its `bpf_fib_lookup`, see that device (`ctx->rxq->dev`).
 pub fn test_run_from(prog: &Xdp, data: &[u8], ingress_ifindex: u32) -> Result<Run, ProgramError> {
-    run_program(prog, data, 1, Some(&xdp_md(data.len(), ingress_ifindex)))
+    test_run_repeat_from(prog, data, 1, ingress_ifindex)
+}
+
+/// [`test_run_from`], `repeat` times (see [`test_run`]).
+pub fn test_run_repeat_from(prog: &Xdp, data: &[u8], repeat: u32, ingress_ifindex: u32) -> Result<Run, ProgramError> {
+    run_program(prog, data, repeat, Some(&xdp_md(data.len(), ingress_ifindex)))
 }
 
 /// A `struct xdp_md` (uapi/linux/bpf.h) for BPF_PROG_TEST_RUN's `ctx_in`,
@@ -342,6 +347,22 @@ impl LbObject {
         program(&self.ebpf, name)
     }
 
+    /// Attaches the loaded XDP program `name` to `ifname` (in the calling
+    /// thread's network namespace) in driver mode, for as long as this
+    /// object lives. A veth takes frames its peer sends back by XDP_TX only
+    /// while it runs an XDP program of its own (GRO is not enough there):
+    /// `xdp_lb` with no service passes everything, so it serves as that.
+    pub fn attach(&mut self, name: &str, ifname: &str) -> Result<()> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        prog.attach(ifname, XdpMode::Driver).with_context(|| format!("attach {name} to {ifname}"))?;
+        Ok(())
+    }
+
     /// Takes out a map [`Maps`] does not hold (the benchmark's) as the
     /// typed wrapper `M`.
     pub fn take_map<M>(&mut self, name: &str) -> Result<M>
@@ -397,12 +418,19 @@ impl LbObject {
             self.add_backend_vip(addr, spec.proto, spec.key())?;
         }
         self.fill_maglev(spec.id, spec.table, &spec.table_ids)?;
+        self.write_service(spec, spec.mode, Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Writes `spec`'s `SERVICES` entry in forwarding `mode` (a `MODE_*`),
+    /// with `source` as the outer source of `MODE_DSR_IPIP`.
+    pub fn write_service(&mut self, spec: &ServiceSpec, mode: u32, source: Ipv4Addr) -> Result<()> {
         let svc = Service {
             id: spec.id,
             table: spec.table,
             backend_count: spec.backend_count,
-            mode: spec.mode,
+            mode,
             flags: spec.flags,
+            source_be: u32::from(source).to_be(),
         };
         self.maps.services.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }

@@ -18,6 +18,7 @@ use lb_agent::{
     },
     agent::{Agent, Options, Ports},
     config::{Config, Protocol},
+    core::backend_setup::Decap,
     serve::api::{self, Request, DEFAULT_SOCKET},
     status::{human_duration, watch_frame},
 };
@@ -239,6 +240,37 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Run on a backend host of a `mode = "dsr-ipip"` service: take its
+    /// load balancer's IP-in-IP packets and answer clients from the VIP.
+    ///
+    /// Creates the ipip device --dev in external mode (it takes IP-in-IP
+    /// packets from any load balancer), up; puts each --vip on it as a /32;
+    /// sets rp_filter=0 on it and on "all" (the inner source is a client
+    /// routed elsewhere) and arp_ignore=1, arp_announce=2 on "all" (the host
+    /// never answers ARP for a VIP). Prints each change; a second run
+    /// changes nothing. --undo takes the VIPs off and deletes the device
+    /// once nothing else is on it (the sysctls stay). Needs root.
+    #[command(
+        name = "backend-setup",
+        after_help = "Examples:\n  lb-agent backend-setup --vip 10.0.0.10\n  lb-agent backend-setup --vip 10.0.0.10 --vip 10.0.0.11 --dev lbtun0\n  lb-agent backend-setup --vip 10.0.0.10 --undo\n  lb-agent backend-setup --vip 10.0.0.10 --bpf-decap eth0   # a kernel without ipip"
+    )]
+    BackendSetup {
+        /// A VIP of a dsr-ipip service this host is a backend of (repeat for several).
+        #[arg(long = "vip", required = true, value_name = "ADDRESS")]
+        vips: Vec<std::net::Ipv4Addr>,
+        /// The ipip device to create (not tunl0, the kernel's own).
+        #[arg(long, default_value = "lbtun0")]
+        dev: String,
+        /// On a kernel without IP-in-IP devices (CONFIG_NET_IPIP unset):
+        /// attach lb-agent's tc program `tc_decap` at this interface's
+        /// ingress (where the load balancer's packets arrive) instead of
+        /// making --dev, and put the VIPs on lo.
+        #[arg(long, value_name = "IFACE", conflicts_with = "dev")]
+        bpf_decap: Option<String>,
+        /// Remove what a set-up with the same --vip and --dev made.
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -344,6 +376,10 @@ fn main() -> ExitCode {
         Command::Explain { client, service, protocol, vip, json, api_socket } => {
             let protocol = protocol.map(|p| if p == "udp" { Protocol::Udp } else { Protocol::Tcp });
             explain(api_socket, Request::Explain { service, client, protocol, vip }, json)
+        }
+        Command::BackendSetup { vips, dev, bpf_decap, undo } => {
+            let decap = bpf_decap.as_deref().map_or(Decap::Device(&dev), Decap::Bpf);
+            lb_agent::adapters::backend_setup::run(decap, &vips, undo).map(|_| ExitCode::SUCCESS)
         }
         Command::Config { command: ConfigCommand::Dump { api_socket } } => {
             call_and_print(api_socket, Request::DumpConfig)

@@ -14,6 +14,7 @@
 extern crate std;
 
 pub mod csum;
+pub mod dsr;
 pub mod hash;
 pub mod icmp;
 #[cfg(feature = "user")]
@@ -47,6 +48,8 @@ pub const SOCK_STATS: &str = "SOCK_STATS";
 pub const WAKE_EVENTS: &str = "WAKE_EVENTS";
 pub const WAKE_LAST: &str = "WAKE_LAST";
 pub const SNAT_FLOWS: &str = "SNAT_FLOWS";
+/// The program's per-CPU scratch space: never pinned, never read by the agent.
+pub const SCRATCH: &str = "SCRATCH";
 // The benchmark's maps and programs (`BENCH_*`, `PROG_PASS`, `PROG_BENCH`)
 // are only in the object built with lb-ebpf's `bench` feature, never in the
 // one the agent loads.
@@ -64,6 +67,10 @@ pub const PROG_LB_LOCAL: &str = "xdp_lb_local";
 /// (veth, bridges, tun/tap, ...): the same balancer, with the skb's
 /// checksum helpers and bpf_redirect, which any device can take.
 pub const PROG_TC: &str = "tc_lb";
+/// The backend's side of `MODE_DSR_IPIP` on kernels without IP-in-IP
+/// devices: a tc classifier that strips the outer header (`lb-agent
+/// backend-setup --bpf-decap`); the agent itself never loads it.
+pub const PROG_TC_DECAP: &str = "tc_decap";
 /// The programs an interface can get; the agent loads (verifies) them all.
 pub const LB_PROGRAMS: [&str; 3] = [PROG_LB, PROG_LB_LOCAL, PROG_TC];
 /// Socket load balancing (cgroup socket-address programs, attached to a
@@ -114,6 +121,8 @@ pub const BACKEND_VIPS_MAX: u32 = MAX_BACKENDS;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 16;
 
 pub const PROTO_ICMP: u8 = 1;
+/// IP-in-IP (RFC 2003): the outer header's protocol in `MODE_DSR_IPIP`.
+pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -147,6 +156,9 @@ pub struct Service {
     pub mode: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
+    /// `MODE_DSR_IPIP`: the outer header's source, an address of the load
+    /// balancer (0 in the other modes).
+    pub source_be: u32,
 }
 
 /// The service scales from zero: a new flow (a SYN, a UDP datagram) that
@@ -183,7 +195,9 @@ pub const MODE_DNAT: u32 = 0;
 /// (`SNAT_FLOWS`), so a backend replies to the load balancer whatever its
 /// routes (see lb-ebpf's `fullnat`).
 pub const MODE_FULL_NAT: u32 = 1;
-/// Direct server return over IPIP (not implemented on this branch).
+/// Direct server return: each client packet goes to its backend untouched
+/// inside an outer IPv4 header (IP-in-IP, `PROTO_IPIP`); the backend answers
+/// the client directly, so no reply comes back through the load balancer.
 pub const MODE_DSR_IPIP: u32 = 2;
 
 /// Full NAT's source ports, by default: above Linux's default ephemeral
@@ -197,6 +211,8 @@ pub const SNAT_PORT_TRIES: u32 = 16;
 /// Entries of `SNAT_FLOWS`: the object's default, which the agent replaces
 /// with `[dataplane] max_flows` at load, as for `CONNTRACK`.
 pub const SNAT_FLOWS_MAX: u32 = CONNTRACK_MAX;
+/// TTL of the outer header of `MODE_DSR_IPIP` (Linux's default).
+pub const DSR_OUTER_TTL: u8 = 64;
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
@@ -556,10 +572,19 @@ pub enum Reason {
     /// UDP over IPv6 with a zero checksum (invalid, RFC 8200 8.1) to a
     /// service or from a backend: dropped, as the kernel would.
     DropUdp6NoChecksum,
+    /// `MODE_DSR_IPIP`: the packet, 20 bytes longer once encapsulated,
+    /// would exceed the egress MTU (no ICMP is sent back; see the README).
+    DropDsrTooBig,
+    /// `MODE_DSR_IPIP`: no usable route or neighbour entry to the backend
+    /// (the agent's tunnel probes keep the neighbour entry fresh).
+    DropDsrNoRoute,
+    /// `MODE_DSR_IPIP`: this hook cannot encapsulate (tc), or the L4
+    /// checksum is a partial one a redirected frame would lose.
+    DropDsrUnsupported,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropUdp6NoChecksum as u32 + 1;
+    pub const COUNT: u32 = Reason::DropDsrUnsupported as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Forwarded,
         Reason::ReplyTranslated,
@@ -589,6 +614,9 @@ impl Reason {
         Reason::PassIpv6ExtHeader,
         Reason::PassIpv6NoProgram,
         Reason::DropUdp6NoChecksum,
+        Reason::DropDsrTooBig,
+        Reason::DropDsrNoRoute,
+        Reason::DropDsrUnsupported,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -622,6 +650,9 @@ impl Reason {
             Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
             Reason::PassIpv6NoProgram => "pass_ipv6_no_program",
             Reason::DropUdp6NoChecksum => "drop_udp6_no_checksum",
+            Reason::DropDsrTooBig => "drop_dsr_too_big",
+            Reason::DropDsrNoRoute => "drop_dsr_no_route",
+            Reason::DropDsrUnsupported => "drop_dsr_unsupported",
         }
     }
 
@@ -779,7 +810,7 @@ impl SockOp {
 const _: () = {
     assert!(size_of::<SockRevKey>() == 16 && align_of::<SockRevKey>() == 8);
     assert!(size_of::<ServiceKey>() == 8 && align_of::<ServiceKey>() == 4);
-    assert!(size_of::<Service>() == 20 && align_of::<Service>() == 4);
+    assert!(size_of::<Service>() == 24 && align_of::<Service>() == 4);
     assert!(size_of::<WakeEvent>() == 16 && align_of::<WakeEvent>() == 8);
     assert!(size_of::<Backend>() == 24 && align_of::<Backend>() == 4);
     assert!(size_of::<FlowKey>() == 16 && align_of::<FlowKey>() == 4);
@@ -849,6 +880,7 @@ mod layout_tests {
         assert_eq!(offset_of!(Service, backend_count), 8);
         assert_eq!(offset_of!(Service, mode), 12);
         assert_eq!(offset_of!(Service, flags), 16);
+        assert_eq!(offset_of!(Service, source_be), 20);
     }
 
     #[test]

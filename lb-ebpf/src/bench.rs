@@ -1,10 +1,11 @@
 //! What only the benchmark loads (built with the `bench` feature): the
 //! empty baseline program, and the wrapper (see `lb_common::PROG_BENCH`)
-//! that restores the frame, optionally makes it a new flow, and tail-calls
+//! that restores the frame (its length too), optionally makes it a new flow, and tail-calls
 //! the program under test.
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
@@ -33,6 +34,14 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_bench(ctx: XdpContext) -> u32 {
     let Some(frame) = BENCH_FRAME.get(0) else { return xdp_action::XDP_ABORTED };
+    // The kernel keeps the buffer's bounds from one repeat to the next: a
+    // run that grew the frame at its head (an outer header, `dsr`) must
+    // give those bytes back, or every repeat would eat into the headroom.
+    let grown = ctx.data_end() - ctx.data();
+    // SAFETY: a plain helper call on the program's own context.
+    if grown > BENCH_FRAME_LEN && unsafe { bpf_xdp_adjust_head(ctx.ctx, (grown - BENCH_FRAME_LEN) as i32) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
     let frame_ctx = Xdp { ctx: &ctx, l4: L4Checksums::Complete };
     let Some(dst) = ptr_at::<[u64; BENCH_FRAME_LEN / 8], _>(&frame_ctx, 0) else {
         return xdp_action::XDP_ABORTED;

@@ -14,7 +14,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -64,6 +64,17 @@ pub trait Hook: EbpfContext {
     fn fib_tot_len(&self, pkt: &Packet) -> u16;
     /// Send the translated packet to `hop` (MACs set, TTL decremented).
     fn send(&self, pkt: &Packet, hop: &NextHop) -> (u32, Path);
+    /// Send the frame as it is (its MACs already written) out of `ifindex`;
+    /// XDP_PASS / TC_ACT_OK with the reason where it cannot leave there.
+    fn transmit(&self, ingress_ifindex: u32, ifindex: u32) -> (u32, Path);
+    /// Room for `len` more bytes before the frame (an outer header, see
+    /// `dsr`); false where the hook cannot make it. Invalidates every
+    /// pointer into the packet.
+    fn grow_head(&self, len: usize) -> bool;
+    /// Whether `pkt` (untouched) can get an outer header and leave on the
+    /// fast path (see `dsr`): not with a partial L4 checksum, which a
+    /// redirected frame would lose, and not at tc yet.
+    fn can_encapsulate(&self, pkt: &Packet) -> bool;
     /// The FIB found the egress interface `ifindex` but no neighbour entry.
     fn send_no_neigh(&self, pkt: &Packet, ifindex: u32, flow: Option<&Conn>) -> (u32, Path);
     /// A new flow to a service with no usable backend: answer the client,
@@ -134,20 +145,37 @@ impl Hook for Xdp<'_> {
     /// changes.
     #[inline(always)]
     fn send(&self, pkt: &Packet, hop: &NextHop) -> (u32, Path) {
-        let (action, path) = if EGRESS.get_ifindex(hop.ifindex).is_none() {
-            return (xdp_action::XDP_PASS, Path::PassEgressNotReady);
-        } else if hop.ifindex == pkt.ingress_ifindex {
-            (xdp_action::XDP_TX, Path::TxBack)
-        } else {
-            match EGRESS.redirect(hop.ifindex, xdp_action::XDP_PASS as u64) {
-                Ok(action) => (action, Path::Redirected),
-                Err(_) => return (xdp_action::XDP_PASS, Path::PassEgressNotReady),
-            }
-        };
+        let (action, path) = self.transmit(pkt.ingress_ifindex, hop.ifindex);
+        if action == xdp_action::XDP_PASS {
+            return (action, path);
+        }
         // SAFETY: bounds-checked by parse_packet; the redirect itself
         // happens after the program returns, so the frame may still change.
         unsafe { route::set_macs_and_ttl(pkt.eth, pkt.ip, hop) };
         (action, if hop.from_flow { Path::RepliedFlowMacs } else { path })
+    }
+    #[inline(always)]
+    fn transmit(&self, ingress_ifindex: u32, ifindex: u32) -> (u32, Path) {
+        if EGRESS.get_ifindex(ifindex).is_none() {
+            (xdp_action::XDP_PASS, Path::PassEgressNotReady)
+        } else if ifindex == ingress_ifindex {
+            (xdp_action::XDP_TX, Path::TxBack)
+        } else {
+            match EGRESS.redirect(ifindex, xdp_action::XDP_PASS as u64) {
+                Ok(action) => (action, Path::Redirected),
+                Err(_) => (xdp_action::XDP_PASS, Path::PassEgressNotReady),
+            }
+        }
+    }
+    #[inline(always)]
+    fn grow_head(&self, len: usize) -> bool {
+        // SAFETY: a plain helper call on the program's own context.
+        unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -(len as i32)) == 0 }
+    }
+    #[inline(always)]
+    fn can_encapsulate(&self, pkt: &Packet) -> bool {
+        // SAFETY: bounds-checked by parse_packet.
+        !nat::is_partial(pkt, unsafe { *pkt.l4_check }, self.l4)
     }
     /// A reply from a VIP that is a local address cannot pass up (the
     /// kernel drops it as a martian): the MACs its flow's client packet
@@ -273,9 +301,23 @@ impl Hook for Tc<'_> {
         if !self.rewrite_l2_and_ttl(Some(hop)) {
             return (TC_ACT_OK, Path::PassFibUnsupported);
         }
+        self.transmit(pkt.ingress_ifindex, hop.ifindex)
+    }
+    #[inline(always)]
+    fn transmit(&self, ingress_ifindex: u32, ifindex: u32) -> (u32, Path) {
         // SAFETY: a plain helper call; flags 0 is the egress of `ifindex`.
-        let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
-        (action, if hop.ifindex == pkt.ingress_ifindex { Path::TxBack } else { Path::Redirected })
+        let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        (action, if ifindex == ingress_ifindex { Path::TxBack } else { Path::Redirected })
+    }
+    /// Not done at tc yet (it would take bpf_skb_adjust_room with the
+    /// encapsulation flags): `dsr` drops, counted.
+    #[inline(always)]
+    fn grow_head(&self, _len: usize) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn can_encapsulate(&self, _pkt: &Packet) -> bool {
+        false
     }
     /// bpf_redirect_neigh: the kernel resolves the neighbour itself (and
     /// writes the L2 header), so this packet needs no pass up either

@@ -19,6 +19,8 @@
 //! `xdp_lb_local` is the same program for interfaces whose packets may carry
 //! partial L4 checksums (veth, bridges), and `tc_lb` the same again as a tc
 //! classifier, for the devices that face local stacks (see `hook`).
+//! A service in `MODE_DSR_IPIP` has its packets encapsulated to the
+//! backend instead (`dsr`), whose replies go straight to the client.
 //! `sock` holds socket load balancing for clients on the host itself
 //! (cgroup socket-address programs).
 //!
@@ -30,12 +32,15 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod fullnat;
+mod decap;
+mod dsr;
 mod hook;
 mod icmp;
 mod nat;
 mod parse;
 mod refuse;
 mod route;
+mod scratch;
 mod select;
 mod sock;
 mod stats;
@@ -49,7 +54,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowBudget, FlowKey, PathCounters, Reason, Service, ServiceKey, Settings, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, MODE_FULL_NAT, SERVICE_F_WAKE, SNAT_FLOWS_MAX, WAKE_EVENTS_BYTES,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, MODE_DSR_IPIP, MODE_FULL_NAT, SERVICE_F_WAKE, SNAT_FLOWS_MAX, WAKE_EVENTS_BYTES,
 };
 
 use crate::{
@@ -98,6 +103,9 @@ static WAKE_EVENTS: RingBuf = RingBuf::with_byte_size(WAKE_EVENTS_BYTES, 0);
 /// Per CPU and service: when `WAKE_EVENTS` last had a report (ns).
 #[map]
 static WAKE_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+/// Per CPU: room for the large temporaries, off the stack (`scratch`).
+#[map]
+static SCRATCH: PerCpuArray<scratch::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// For interfaces where every arriving L4 checksum is complete (NICs).
 #[xdp]
@@ -154,6 +162,15 @@ impl Verdict {
     }
 }
 
+/// What a forwarding mode did with a client packet.
+enum Forwarded {
+    /// Sent on already (DSR): the action and reason.
+    Sent((u32, Reason)),
+    /// Translated, for the fast path to send on: whether the L4 checksum is
+    /// a partial one.
+    Translated(bool),
+}
+
 /// `Ok((action, reason))` when the packet was translated and sent on,
 /// `Err(verdict)` for everything that leaves early.
 #[inline(always)]
@@ -168,15 +185,18 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let svc = *svc;
-        let sent = if svc.mode == MODE_FULL_NAT { fullnat::forward(hook, &mut pkt, &svc) } else { nat::forward(hook, &mut pkt, &svc) };
-        let partial_l4 = match sent {
-            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => {
-                return Err(wake::hold(&pkt, &svc))
-            }
-            Err(Verdict { reason: Reason::DropNoBackend, .. }) => return hook.refuse(&pkt),
-            sent => sent?,
+        let sent = match svc.mode {
+            MODE_DSR_IPIP => dsr::forward(hook, &pkt, &svc).map(Forwarded::Sent),
+            MODE_FULL_NAT => fullnat::forward(hook, &mut pkt, &svc).map(Forwarded::Translated),
+            _ => nat::forward(hook, &mut pkt, &svc).map(Forwarded::Translated),
         };
-        return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
+        return match sent {
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => Err(wake::hold(&pkt, &svc)),
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) => hook.refuse(&pkt),
+            Err(verdict) => Err(verdict),
+            Ok(Forwarded::Sent(sent)) => Ok(sent),
+            Ok(Forwarded::Translated(partial_l4)) => Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded)),
+        };
     }
     let (flow, partial_l4) = match fullnat::reply(hook, &mut pkt) {
         Err(Verdict { reason: Reason::PassNoService, .. }) => nat::reply(hook, &mut pkt)?,

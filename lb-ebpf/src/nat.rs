@@ -25,10 +25,19 @@ pub fn lookup_flow(client_ip_be: u32, client_port_be: u16, vip_be: u32, vip_port
 /// destination to it. `Ok(true)` when the L4 checksum is a partial one.
 #[inline(always)]
 pub fn forward<H: Hook>(hook: &H, pkt: &mut Packet, svc: &Service) -> Result<bool, Verdict> {
+    let conn = flow_of(hook, pkt, svc)?;
+    Ok(rewrite(hook, pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be))
+}
+
+/// The flow entry of a client packet for `svc`: the one the table holds,
+/// or a new Maglev pick; the packet is counted for its service and backend.
+/// Every forwarding mode starts here.
+#[inline(always)]
+pub fn flow_of<H: Hook>(hook: &H, pkt: &Packet, svc: &Service) -> Result<Conn, Verdict> {
     let key = FlowKey::new(pkt.src_ip_be, pkt.src_port_be, pkt.dst_ip_be, pkt.dst_port_be, pkt.proto);
     let (conn, delta) = track(hook, pkt, svc, &key)?;
     count_flow(conn.service_id, conn.backend_id, &delta);
-    Ok(rewrite(hook, pkt, End::Dst, conn.nat_ip_be, conn.nat_port_be))
+    Ok(conn)
 }
 
 /// Whether `pkt` is a TCP SYN without ACK: the start of a connection.
@@ -289,12 +298,9 @@ pub unsafe fn update_l4_in_place(
         if pkt.proto == PROTO_UDP && l4 == 0 {
             return false;
         }
-        if l4s == L4Checksums::MaybePartial {
-            let l4_len = pkt.tot_len.wrapping_sub(20);
-            if l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, l4_len) {
-                *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
-                return true;
-            }
+        if is_partial(pkt, l4, l4s) {
+            *pkt.l4_check = csum::replace4_partial(l4, old_ip, new_ip);
+            return true;
         }
         let mut sum = csum::replace2(csum::replace4(l4, old_ip, new_ip), old_port, new_port);
         if pkt.proto == PROTO_UDP && sum == 0 {
@@ -303,4 +309,12 @@ pub unsafe fn update_l4_in_place(
         *pkt.l4_check = sum;
         false
     }
+}
+
+/// Whether `l4`, the L4 checksum field of `pkt` as it arrived, is a partial
+/// one: only the pseudo-header sum, on an interface where that can be.
+#[inline(always)]
+pub fn is_partial(pkt: &Packet, l4: u16, l4s: L4Checksums) -> bool {
+    l4s == L4Checksums::MaybePartial
+        && l4 == csum::pseudo_header_sum(pkt.src_ip_be, pkt.dst_ip_be, pkt.proto, pkt.tot_len.wrapping_sub(20))
 }

@@ -12,15 +12,19 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_fib_lookup,
 };
-use lb_common::{csum, Conn, Path, PathCounters};
+use lb_common::{csum, Conn, Path, PathCounters, Reason, PROTO_IPIP};
 
 use crate::{
     hook::{Action, Hook},
     parse::{EthHdr, Ipv4Hdr},
+    scratch::scratch_field,
     Packet, PATH_STATS,
 };
 
 const AF_INET: u8 = 2;
+/// `fib_lookup_of`'s code when it had no scratch space (never, in practice):
+/// none of the kernel's, so every caller takes it for "cannot be sent".
+const NO_SCRATCH: u32 = u32::MAX;
 
 /// Where the next hop is, once known.
 pub struct NextHop {
@@ -64,14 +68,12 @@ fn look_up<H: Hook>(hook: &H, pkt: &Packet) -> Fib {
     if pkt.ttl <= 1 {
         return Fib::Pass(Path::PassTtlExpired);
     }
-    let (rc, fib) = fib_lookup(hook, pkt);
+    let (rc, hop) = fib_lookup(hook, pkt);
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            Fib::Found(NextHop { ifindex: fib.ifindex, dst_mac: fib.dmac, src_mac: fib.smac, from_flow: false })
-        }
+        BPF_FIB_LKUP_RET_SUCCESS => Fib::Found(hop),
         // The kernel sets `ifindex` before it looks for the neighbour
         // (bpf_ipv4_fib_lookup, net/core/filter.c).
-        BPF_FIB_LKUP_RET_NO_NEIGH => Fib::NoNeigh(fib.ifindex),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Fib::NoNeigh(hop.ifindex),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Fib::Pass(Path::PassFragNeeded),
         _ => Fib::Pass(Path::PassFibUnsupported),
     }
@@ -90,25 +92,59 @@ pub fn not_forwarded<H: Hook>(hook: &H, pkt: &Packet) -> bool {
 }
 
 /// bpf_fib_lookup of `pkt`'s addresses and ports: the kernel's return code
-/// and what it filled in.
+/// and the next hop it filled in.
 #[inline(always)]
-fn fib_lookup<H: Hook>(hook: &H, pkt: &Packet) -> (u32, FibParams) {
-    // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+fn fib_lookup<H: Hook>(hook: &H, pkt: &Packet) -> (u32, NextHop) {
+    let ports = (pkt.src_port_be, pkt.dst_port_be);
+    let addrs = (pkt.src_ip_be, pkt.dst_ip_be);
+    fib_lookup_of(hook, pkt, pkt.proto, hook.fib_tot_len(pkt), ports, addrs)
+}
+
+/// The next hop of `pkt` once wrapped in an outer IPv4 header from
+/// `src_be` to `dst_be` (see `dsr`), with the egress MTU checked against
+/// the grown length; `Err` with the reason it cannot be sent.
+#[inline(always)]
+pub fn tunnel_hop<H: Hook>(hook: &H, pkt: &Packet, src_be: u32, dst_be: u32, tot_len: u16) -> Result<NextHop, Reason> {
+    let (rc, hop) = fib_lookup_of(hook, pkt, PROTO_IPIP, tot_len, (0, 0), (src_be, dst_be));
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(hop),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropDsrTooBig),
+        _ => Err(Reason::DropDsrNoRoute),
+    }
+}
+
+/// bpf_fib_lookup as if `pkt` (its ingress and TOS) were a `proto` packet
+/// of `tot_len` bytes between `addrs` (source, destination) and `ports`:
+/// the kernel's return code and the next hop it filled in (its MACs are
+/// valid on success only). The 64-byte parameters live in `scratch`.
+#[inline(always)]
+fn fib_lookup_of<H: Hook>(
+    hook: &H,
+    pkt: &Packet,
+    proto: u8,
+    tot_len: u16,
+    ports: (u16, u16),
+    addrs: (u32, u32),
+) -> (u32, NextHop) {
+    let mut hop = NextHop { ifindex: 0, dst_mac: [0; 6], src_mac: [0; 6], from_flow: false };
+    let Some(fib) = scratch_field!(fib) else { return (NO_SCRATCH, hop) };
+    // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of
+    // integers); written whole, so nothing of an earlier packet is left.
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = pkt.proto;
+    fib.l4_protocol = proto;
     fib.ifindex = pkt.ingress_ifindex;
-    fib.__bindgen_anon_1.tot_len = hook.fib_tot_len(pkt);
+    fib.__bindgen_anon_1.tot_len = tot_len;
     fib.__bindgen_anon_2.tos = pkt.tos;
-    fib.sport = pkt.src_port_be;
-    fib.dport = pkt.dst_port_be;
-    fib.__bindgen_anon_3.ipv4_src = pkt.src_ip_be;
-    fib.__bindgen_anon_4.ipv4_dst = pkt.dst_ip_be;
-    // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed. Flags 0: a
-    // full lookup (policy rules included) as if received on the ingress
-    // interface, which must have forwarding on.
-    let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
-    (rc, fib)
+    (fib.sport, fib.dport) = ports;
+    fib.__bindgen_anon_3.ipv4_src = addrs.0;
+    fib.__bindgen_anon_4.ipv4_dst = addrs.1;
+    // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed, in a map
+    // value. Flags 0: a full lookup (policy rules included) as if received
+    // on the ingress interface, which must have forwarding on.
+    let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
+    (hop.ifindex, hop.dst_mac, hop.src_mac) = (fib.ifindex, fib.dmac, fib.smac);
+    (rc, hop)
 }
 
 /// The MACs of `hop`, and TTL - 1.
@@ -149,8 +185,9 @@ pub fn count_path(ifindex: u32, path: Path) {
         unsafe { (*c).packets[path as usize] += 1 };
         return;
     }
-    let mut first = PathCounters::default();
+    let Some(first) = scratch_field!(first_path) else { return };
+    *first = PathCounters::default();
     first.packets[path as usize] = 1;
     // A full map (more interfaces than MAX_INTERFACES) loses the count only.
-    let _ = PATH_STATS.insert(ifindex, first, 0);
+    let _ = PATH_STATS.insert(ifindex, &*first, 0);
 }

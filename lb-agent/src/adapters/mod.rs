@@ -2,8 +2,10 @@
 //! orchestrators (Docker, Swarm, processes) and the host networking they need,
 //! health probes, metric sampling and the scaling timeline.
 
+pub mod backend_setup;
 pub mod dataplane;
 pub mod docker;
+pub mod dsr_probe;
 pub mod host_dirs;
 pub mod host_facts;
 pub mod host_net;

@@ -4,7 +4,10 @@
 use std::net::SocketAddrV4;
 
 use crate::{
-    adapters::http::{self, GetError},
+    adapters::{
+        dsr_probe::{self, DsrProbeError},
+        http::{self, GetError},
+    },
     config::{CheckKind, HealthCheckConfig},
     ports::{ProbeError, Prober},
 };
@@ -14,16 +17,30 @@ pub struct NetProber;
 
 impl Prober for NetProber {
     async fn probe(&self, addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
-        Ok(probe(addr, check).await?)
+        probe(addr, check).await
     }
 
     fn is_timeout(&self, error: &ProbeError) -> bool {
         matches!(error.downcast_ref::<GetError>(), Some(GetError::Timeout(_)))
+            || error.downcast_ref::<DsrProbeError>().is_some_and(DsrProbeError::is_timeout)
     }
 }
 
-/// Probe one backend once.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), GetError> {
+/// Probe one backend once. Through the tunnel first for a `dsr-ipip`
+/// service (`through_tunnel`), which for a TCP check is the whole check.
+pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
+    let limit = check.timeout();
+    if let Some(vip) = check.through_tunnel {
+        dsr_probe::probe(*addr.ip(), vip, limit).await?;
+        if check.kind == CheckKind::Tcp {
+            return Ok(());
+        }
+    }
+    Ok(probe_direct(addr, check).await?)
+}
+
+/// Probe one backend at its own address.
+pub async fn probe_direct(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), GetError> {
     let limit = check.timeout();
     if check.kind == CheckKind::Tcp {
         http::connect(addr, limit).await?;
@@ -54,6 +71,7 @@ mod tests {
             timeout: Some(Duration::from_millis(300)),
             rise: 1,
             fall: 1,
+            through_tunnel: None,
         }
     }
 
@@ -83,17 +101,18 @@ mod tests {
     async fn tcp_probe_connects_and_fails_on_a_closed_port() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = local_addr(&l).await;
-        probe(addr, &check(CheckKind::Tcp, "/")).await.unwrap();
+        probe_direct(addr, &check(CheckKind::Tcp, "/")).await.unwrap();
         drop(l);
-        let err = probe(addr, &check(CheckKind::Tcp, "/")).await.unwrap_err();
+        let err = probe_direct(addr, &check(CheckKind::Tcp, "/")).await.unwrap_err();
         assert!(matches!(err, GetError::Connect(_)), "{err}");
     }
 
     #[tokio::test]
     async fn http_probe_checks_the_status() {
-        probe(http_server("200 OK").await, &check(CheckKind::Http, "/healthz")).await.unwrap();
-        let err =
-            probe(http_server("503 Service Unavailable").await, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
+        probe_direct(http_server("200 OK").await, &check(CheckKind::Http, "/healthz")).await.unwrap();
+        let err = probe_direct(http_server("503 Service Unavailable").await, &check(CheckKind::Http, "/healthz"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, GetError::Status { got: 503, want: 200 }), "{err}");
     }
 
@@ -107,7 +126,7 @@ mod tests {
         let bad =
             NetProber.probe(http_server("503 Service Unavailable").await, &check(CheckKind::Http, "/healthz")).await;
         assert!(!NetProber.is_timeout(&bad.unwrap_err()), "a bad answer counted as a timeout");
-        let err = probe(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
+        let err = probe_direct(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
         assert!(matches!(err, GetError::Timeout(_)), "{err}");
         drop(l);
     }
@@ -121,7 +140,7 @@ mod tests {
             let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
             let _ = s.read(&mut [0u8; 1024]).await;
         });
-        let err = probe(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
+        let err = probe_direct(addr, &check(CheckKind::Http, "/healthz")).await.unwrap_err();
         assert!(matches!(err, GetError::Http(_)), "{err}");
         assert!(err.to_string().starts_with("http: "), "{err}");
     }

@@ -50,7 +50,7 @@ use self::{
     scaler::{ScaleCommand, Scaler, ScalerEvent, TickOutcome},
 };
 use crate::{
-    config::{Config, HealthCheckConfig, ServiceConfig},
+    config::{Config, ForwardMode, HealthCheckConfig, ServiceConfig},
     core::{
         deploy,
         health::Transition,
@@ -128,6 +128,9 @@ struct ProbeTask {
     check: HealthCheckConfig,
     handle: JoinHandle<()>,
     counts: HealthCheckCounts,
+    /// The last probe's error, shown as the reason of a backend out of the
+    /// table by health (one that never came up has no down event).
+    last_error: Option<String>,
 }
 
 /// Agent-level work done off the loop.
@@ -339,6 +342,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         let mut wanted: BTreeMap<(String, SocketAddrV4), HealthCheckConfig> = BTreeMap::new();
         for (name, svc) in self.registry.services() {
             let Some(check) = &svc.config.health_check else { continue };
+            let mut check = check.clone();
+            if svc.config.mode == ForwardMode::DsrIpip {
+                check.through_tunnel = Some(SocketAddrV4::new(svc.config.vip, svc.config.port));
+            }
             for addr in svc.backends.keys() {
                 wanted.insert((name.clone(), *addr), check.clone());
             }
@@ -355,7 +362,10 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
                 continue;
             }
             let task = probe_loop(key.0.clone(), key.1, check.clone(), self.prober.clone(), self.probe_tx.clone());
-            self.probes.insert(key, ProbeTask { check, handle: tokio::spawn(task), counts: Default::default() });
+            self.probes.insert(
+                key,
+                ProbeTask { check, handle: tokio::spawn(task), counts: Default::default(), last_error: None },
+            );
         }
     }
 
@@ -560,6 +570,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     fn handle_probe(&mut self, r: ProbeResult) {
         if let Some(task) = self.probes.get_mut(&(r.service.clone(), r.addr)) {
             task.counts.record(r.error.is_none(), r.timed_out, r.took);
+            task.last_error.clone_from(&r.error);
         }
         let transition = self.registry.observe_health(&r.service, r.addr, r.error.is_none());
         match transition {

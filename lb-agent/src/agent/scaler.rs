@@ -174,6 +174,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             timeout: None,
             rise: 1,
             fall: 1,
+            through_tunnel: None,
         });
         Ok(Scaler {
             service: svc.name.clone(),

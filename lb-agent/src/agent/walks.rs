@@ -124,12 +124,17 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
     }
 
-    /// Each backend's health-check counts, from its probe loop.
+    /// Each backend's health-check counts, from its probe loop, and for one
+    /// out of the table with no other reason, its last probe's error.
     fn add_health_checks(&self, snapshot: &mut Snapshot) {
         for s in &mut snapshot.services {
             for b in &mut s.backends {
                 let Ok(addr) = b.address.parse() else { continue };
-                b.health_checks = self.probes.get(&(s.name.clone(), addr)).map(|t| t.counts);
+                let task = self.probes.get(&(s.name.clone(), addr));
+                b.health_checks = task.map(|t| t.counts);
+                if !b.in_table && b.reason.is_none() {
+                    b.reason = task.and_then(|t| t.last_error.clone());
+                }
             }
         }
     }

@@ -239,9 +239,10 @@ pub struct ServiceConfig {
     /// How clients' packets reach the backends (`nat` by default).
     #[serde(default)]
     pub mode: ForwardMode,
-    /// Full NAT only: the load balancer's address the backends see flows
-    /// come from; by default the address of the interface the route to
-    /// each backend leaves by.
+    /// An address of the load balancer that packets to the backends come
+    /// from: in `full-nat` the source backends see (by default the address
+    /// of the interface the route to each backend leaves by); in `dsr-ipip`
+    /// the outer source (required there).
     #[serde(default)]
     pub source: Option<Ipv4Addr>,
 }
@@ -257,7 +258,7 @@ pub enum ForwardMode {
     /// Source and destination NAT: backends see an address of the load
     /// balancer and reply to it, whatever their routes.
     FullNat,
-    /// Direct server return over IPIP (not on this build: refused).
+    /// IP-in-IP direct server return: replies go straight to the client.
     DsrIpip,
 }
 
@@ -342,6 +343,10 @@ pub struct HealthCheckConfig {
     /// Failures in a row that take an up backend out.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Not a key: a `dsr-ipip` service's VIP and port, which its probes
+    /// reach through the tunnel to each backend (`adapters::dsr_probe`).
+    #[serde(skip)]
+    pub through_tunnel: Option<SocketAddrV4>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -588,22 +593,6 @@ pub fn unusable_backend_ip(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 impl ServiceConfig {
-    /// `mode` and what goes with it (`source`).
-    fn mode_problems(&self, at: &str, out: &mut Vec<String>) {
-        if self.mode == ForwardMode::DsrIpip {
-            out.push(format!("{at}: mode: \"dsr-ipip\" is not supported by this build; use \"nat\" or \"full-nat\""));
-        }
-        match self.source {
-            Some(ip) if self.mode != ForwardMode::FullNat => {
-                out.push(format!("{at}: source: {ip} is only used with mode = \"full-nat\"; add that or remove it"))
-            }
-            Some(ip) if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() => {
-                out.push(format!("{at}: source: {ip} cannot be an address backends reply to"))
-            }
-            _ => {}
-        }
-    }
-
     fn problems(&self, at: &str, out: &mut Vec<String>) {
         if self.vip.is_unspecified() || self.vip.is_broadcast() || self.vip.is_multicast() {
             out.push(format!("{at}: vip: {} cannot be a service address", self.vip));
@@ -660,6 +649,54 @@ impl ServiceConfig {
             if !seen.insert(b.address) {
                 out.push(format!("{bat}.address: {} is listed twice", b.address));
             }
+        }
+    }
+
+    fn mode_problems(&self, at: &str, out: &mut Vec<String>) {
+        match self.mode {
+            ForwardMode::Nat => {}
+            ForwardMode::FullNat => match self.source {
+                Some(ip) if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() => {
+                    out.push(format!("{at}: source: {ip} cannot be an address backends reply to"))
+                }
+                _ => {}
+            },
+            ForwardMode::DsrIpip => {
+                match self.source {
+                    None => out.push(format!(
+                        "{at}: source: mode \"dsr-ipip\" needs the load balancer's address that encapsulated \
+                         packets come from, e.g. source = \"10.0.0.1\""
+                    )),
+                    Some(ip) if unusable_backend_ip(ip).is_some() || ip == self.vip => {
+                        out.push(format!("{at}: source: {ip} cannot be the load balancer's own unicast address"))
+                    }
+                    Some(_) => {}
+                }
+                if self.health_check.is_none() {
+                    out.push(format!(
+                        "{at}: health_check: mode \"dsr-ipip\" needs one: its probe, sent through the tunnel, is \
+                         how the load balancer knows a backend is set up (see `lb-agent backend-setup`)"
+                    ));
+                }
+                if self.protocol != Protocol::Tcp {
+                    out.push(format!("{at}: protocol: mode \"dsr-ipip\" supports tcp only in this build"));
+                }
+                if self.instances.is_some() {
+                    out.push(format!("{at}: instances: mode \"dsr-ipip\" takes listed backends only"));
+                }
+                for (j, b) in self.backends.iter().enumerate().filter(|(_, b)| b.address.port() != self.port) {
+                    out.push(format!(
+                        "{at}: backend[{j}].address: {}: in mode \"dsr-ipip\" a backend gets the packet as sent, \
+                         to the VIP's port {}, so it must listen on that port",
+                        b.address, self.port
+                    ));
+                }
+            }
+        }
+        if let (ForwardMode::Nat, Some(ip)) = (self.mode, self.source) {
+            out.push(format!(
+                "{at}: source: {ip} is only used with mode = \"full-nat\" or \"dsr-ipip\"; add one or remove it"
+            ));
         }
     }
 
@@ -805,12 +842,10 @@ mod tests {
         let p = problems(&web("source = \"10.0.0.1\""));
         assert_eq!(
             p,
-            ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\"; add that or remove it"]
+            ["service[0] \"web\": source: 10.0.0.1 is only used with mode = \"full-nat\" or \"dsr-ipip\"; add one or remove it"]
         );
         let p = problems(&web("mode = \"full-nat\"\nsource = \"0.0.0.0\""));
         assert_eq!(p, ["service[0] \"web\": source: 0.0.0.0 cannot be an address backends reply to"]);
-        let p = problems(&web("mode = \"dsr-ipip\""));
-        assert!(p[0].contains("mode: \"dsr-ipip\" is not supported by this build"), "{p:?}");
         let p = problems(&format!("{}\n[dataplane]\nsnat_port_min = 80\nsnat_port_max = 79\n", web("")));
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("dataplane.snat_port_min: 80 is a well-known port"), "{p:?}");
@@ -1202,5 +1237,41 @@ mod tests {
         assert_eq!(k.vip_be.to_ne_bytes(), [10, 0, 0, 100]);
         assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
         assert_eq!(k.proto, PROTO_TCP);
+    }
+
+    const DSR: &str = r#"
+        [[service]]
+        name = "web"
+        mode = "dsr-ipip"
+        source = "10.1.0.1"
+        health_check = { interval = "200ms" }
+        vip = "10.0.0.10"
+        port = 80
+        interfaces = ["eth0"]
+        [[service.backend]]
+        address = "10.2.0.11:80"
+    "#;
+
+    #[test]
+    fn the_forwarding_mode_defaults_to_nat_and_takes_dsr_ipip_with_its_needs() {
+        assert_eq!(parse(GOOD).unwrap().services[0].mode, ForwardMode::Nat);
+        let c = parse(DSR).unwrap();
+        assert_eq!(
+            (c.services[0].mode, c.services[0].source),
+            (ForwardMode::DsrIpip, Some(Ipv4Addr::new(10, 1, 0, 1)))
+        );
+        assert_eq!(
+            (c.services[0].mode.number(), c.services[0].mode.to_string()),
+            (lb_common::MODE_DSR_IPIP, "dsr-ipip".to_owned())
+        );
+        let p = problems(&DSR.replace("source = \"10.1.0.1\"", ""));
+        assert!(p.iter().any(|p| p.starts_with("service[0] \"web\": source: mode \"dsr-ipip\" needs")), "{p:?}");
+        let p = problems(&DSR.replace("10.2.0.11:80", "10.2.0.11:8080"));
+        assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"")), "{p:?}");
+        let p = problems(&DSR.replace("health_check = { interval = \"200ms\" }", ""));
+        assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
+        // Full NAT takes a source too.
+        assert_eq!(parse(&DSR.replace("\"dsr-ipip\"", "\"full-nat\"")).unwrap().services[0].mode, ForwardMode::FullNat);
+        assert!(matches!(parse(&DSR.replace("\"dsr-ipip\"", "\"dsr\"")), Err(ConfigError::Parse { .. })));
     }
 }

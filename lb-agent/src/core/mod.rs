@@ -1,5 +1,6 @@
 //! Pure decisions and state: no I/O, and time comes in as an argument.
 
+pub mod backend_setup;
 pub mod changes;
 pub mod deploy;
 pub mod explain;

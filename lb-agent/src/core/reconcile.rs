@@ -79,6 +79,8 @@ pub struct ServiceState {
     pub flags: u32,
     /// `Service::mode` as written.
     pub mode: u32,
+    /// `Service::source_be` as written (`MODE_DSR_IPIP`'s outer source).
+    pub source_be: u32,
 }
 
 impl ServiceState {
@@ -144,6 +146,7 @@ impl Reconciler {
                 backends,
                 flags: svc.flags,
                 mode: svc.mode,
+                source_be: svc.source_be,
             };
             r.services.insert(key, state);
         }
@@ -352,13 +355,22 @@ impl Reconciler {
             backends: Vec::new(),
             flags: 0,
             mode: MODE_DNAT,
+            source_be: 0,
         });
         state.name.clone_from(&svc.config.name);
         let flags = crate::core::zero::service_flags(&svc.config);
         let mode = svc.config.mode.number();
+        let source_be = match (svc.config.mode, svc.config.source) {
+            (ForwardMode::DsrIpip, Some(ip)) => u32::from(ip).to_be(),
+            _ => 0,
+        };
         if created {
             summary.services_added += 1;
-        } else if same_set(&state.backends, &backends) && state.flags == flags && state.mode == mode {
+        } else if same_set(&state.backends, &backends)
+            && state.flags == flags
+            && state.mode == mode
+            && state.source_be == source_be
+        {
             return Ok(());
         }
         // From scratch, not from the live table: the table is then a function
@@ -380,10 +392,11 @@ impl Reconciler {
         dp.set_table_entries(id, next, &changes)?;
         state.halves[next as usize] = table;
         let live_backends = backends.iter().filter(|b| b.weight > 0).count() as u32;
-        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode, flags })?;
+        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode, flags, source_be })?;
         state.flags = flags;
         state.table = next;
         state.mode = mode;
+        state.source_be = source_be;
         state.backends = backends;
         summary.tables_rebuilt += 1;
         summary.slots_written += changes.len();

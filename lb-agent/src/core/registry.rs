@@ -19,7 +19,9 @@ use lb_common::ServiceKey;
 use tokio::time::Instant;
 
 use crate::{
-    config::{instances::Ipv4Subnet, unusable_backend_ip, BackendConfig, Config, ServiceConfig, MAX_WEIGHT},
+    config::{
+        instances::Ipv4Subnet, unusable_backend_ip, BackendConfig, Config, ForwardMode, ServiceConfig, MAX_WEIGHT,
+    },
     core::{
         deploy,
         health::{Health, Transition},
@@ -430,7 +432,10 @@ fn new_health(svc: &ServiceConfig, was_out: bool) -> Option<Health> {
     // back from a healthy pool on start-up or on an agent restart. One the
     // previous agent had out of the table starts down: it may well be down
     // still, and the pinned table kept clients off it so far.
-    svc.health_check.as_ref().map(|h| Health::new(!was_out, h.rise, h.fall))
+    // A dsr-ipip backend starts down: it gets traffic once its probe
+    // through the tunnel shows it set up (`adapters::dsr_probe`).
+    let starts_up = !was_out && svc.mode != ForwardMode::DsrIpip;
+    svc.health_check.as_ref().map(|h| Health::new(starts_up, h.rise, h.fall))
 }
 
 fn drain(b: &mut BackendEntry, timeout: Duration, now: Instant) {

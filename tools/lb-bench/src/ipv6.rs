@@ -16,12 +16,12 @@ pub const CLIENT: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 
 /// address per run, and 2001:db8:2::/48 keeps them clear of CLIENT.
 const NEW_FLOW_CLIENTS: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0), 1, 0, 0);
 
-/// Four backends (ids 9-12, after the IPv4 services' 1-8), service id 2.
+/// Four backends (ids 13-16, after the IPv4 services' 1-12), service id 3.
 pub fn service() -> ServiceSpec6 {
-    let backends: Vec<(u32, SocketAddrV6)> = (9..=12)
+    let backends: Vec<(u32, SocketAddrV6)> = (13..=16)
         .map(|i| (i, SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, i as u16), 8080, 0, 0)))
         .collect();
-    ServiceSpec6::new(2, VIP, IPPROTO_TCP, 0, &backends)
+    ServiceSpec6::new(3, VIP, IPPROTO_TCP, 0, &backends)
 }
 
 /// A TCP frame over IPv6, padded to `BENCH_FRAME_LEN`.

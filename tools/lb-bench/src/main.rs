@@ -36,14 +36,19 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, MapData, ProgramArray};
 use clap::Parser;
+use lb_agent::adapters::dataplane::netdev::if_index;
 use lb_common::{
     hash::flow_hash, snat, BenchFrame, Reason, BENCH_FRAME, BENCH_FRAME_LEN, BENCH_F_NEW_FLOW, BENCH_TARGET,
-    PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS,
+    MODE_DSR_IPIP, PROG_BENCH, PROG_LB, PROG_LB_LOCAL, PROG_PASS,
 };
 use lb_lab::{
-    packet::{pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
+    command::run_cmd,
+    netns::NetNsGuard,
+    packet::{ipip_encapsulated, pad_to, tcp_frame, Ipv4, Mac, Tcp, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
     root::is_root,
-    testrun::{check_reason_delta, test_run, LbObject, Run, ServiceSpec, XDP_DROP, XDP_PASS},
+    testrun::{
+        check_reason_delta, test_run, test_run_repeat_from, LbObject, Run, ServiceSpec, XDP_DROP, XDP_PASS, XDP_TX,
+    },
 };
 use serde::Serialize;
 
@@ -82,6 +87,22 @@ fn service() -> ServiceSpec {
     let backends: Vec<(u32, SocketAddrV4)> =
         (1..=4).map(|i| (i, SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i as u8), 8080))).collect();
     ServiceSpec::new(0, VIP, IPPROTO_TCP, 0, &backends)
+}
+
+/// A `dsr-ipip` service: its packets leave encapsulated to the backend,
+/// out of `DSR_IFACE`, an interface of the bench's own namespace whose
+/// backends have neighbour entries, so that the FIB lookup succeeds.
+const DSR_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 102), 80);
+const DSR_IFACE: &str = "bench0";
+const DSR_IFACE_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
+/// The outer source: the load balancer's address on `DSR_IFACE`.
+const DSR_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 254);
+const DSR_BACKEND_MAC: Mac = [0x02, 0, 0, 0, 0, 0x03];
+
+fn dsr_service() -> ServiceSpec {
+    let backends: Vec<(u32, SocketAddrV4)> =
+        (9..=12).map(|i| (i, SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, i as u8), 80))).collect();
+    ServiceSpec::new(2, DSR_VIP, IPPROTO_TCP, 0, &backends)
 }
 
 /// The same again in full NAT, at its own VIP with its own four backends,
@@ -150,6 +171,8 @@ struct Case {
     /// Full-NAT claims each run adds (checked after a round that starts
     /// with none: the claims are cleared first when this is above 0).
     claims_per_run: u64,
+    /// Arrive on `DSR_IFACE` rather than on the namespace's loopback.
+    on_dsr_iface: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Serialize)]
@@ -196,8 +219,13 @@ fn picked_backend() -> (u32, SocketAddrV4) {
     service().pick(CLIENT).expect("the table names a backend")
 }
 
+fn dsr_established() -> Vec<u8> {
+    frame(CLIENT, DSR_VIP, TCP_ACK | TCP_PSH, b"bench")
+}
+
 fn cases() -> Vec<Case> {
     let (_, backend) = picked_backend();
+    let dsr_backend = *dsr_service().pick(CLIENT).expect("the table names a backend").1.ip();
     let pass_only = |name, prog, target| Case {
         name,
         prog,
@@ -213,6 +241,7 @@ fn cases() -> Vec<Case> {
         verdict: XDP_PASS,
         max_runs: u32::MAX,
         claims_per_run: 0,
+        on_dsr_iface: false,
     };
     let wrapped = |name, frame, reason| Case {
         name,
@@ -229,6 +258,7 @@ fn cases() -> Vec<Case> {
         verdict: XDP_PASS,
         max_runs: u32::MAX,
         claims_per_run: 0,
+        on_dsr_iface: false,
     };
     let full_nat_backend = full_nat_service().pick(CLIENT).expect("the full-NAT table names a backend").1;
     vec![
@@ -330,6 +360,19 @@ fn cases() -> Vec<Case> {
             prepare: None,
             new_flows_per_run: 1,
             ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat new-flow SYN", ipv6::new_flow_syn(), Reason::Forwarded)
+        // An established flow of a dsr-ipip service: the FIB lookup to the
+        // backend, 20 bytes more at the head, the outer header, XDP_TX.
+        Case {
+            prepare: Some(frame(CLIENT, DSR_VIP, TCP_SYN, &[])),
+            output: Some(ipip_encapsulated(
+                &dsr_established(),
+                (DSR_BACKEND_MAC, DSR_IFACE_MAC),
+                DSR_SOURCE,
+                dsr_backend,
+            )),
+            verdict: XDP_TX,
+            on_dsr_iface: true,
+            ..wrapped("xdp_lb: dsr-ipip encapsulation", dsr_established(), Reason::Forwarded)
         },
     ]
 }
@@ -341,19 +384,27 @@ struct Bench {
     frames: Array<MapData, BenchFrame>,
     targets: ProgramArray<MapData>,
     backend_ids: Vec<u32>,
+    dsr_ifindex: u32,
+    /// The bench's own network namespace, for `DSR_IFACE`.
+    _netns: NetNsGuard,
 }
 
 impl Bench {
     fn setup() -> Result<Self> {
+        let netns = NetNsGuard::new().context("create the bench's network namespace")?;
         let mut lb = LbObject::load_bench()?;
         lb.load_program(PROG_PASS)?;
         lb.load_program(PROG_BENCH)?;
-        let (svc, full_nat) = (service(), full_nat_service());
+        let (svc, full_nat, dsr) = (service(), full_nat_service(), dsr_service());
         lb.add_service(&svc)?;
         lb.add_service(&full_nat)?;
         lb.set_snat_ports(FULL_NAT_PORTS.0, FULL_NAT_PORTS.1)?;
         let v6 = ipv6::service();
         lb.add_service6(&v6)?;
+        lb.add_service(&dsr)?;
+        lb.write_service(&dsr, MODE_DSR_IPIP, DSR_SOURCE)?;
+        let dsr_ifindex = wire_dsr_iface(&dsr)?;
+        lb.allow_egress(dsr_ifindex)?;
         Ok(Self {
             frames: lb.take_map(BENCH_FRAME)?,
             targets: lb.take_map(BENCH_TARGET)?,
@@ -361,10 +412,13 @@ impl Bench {
                 .backends
                 .iter()
                 .chain(&full_nat.backends)
+                .chain(&dsr.backends)
                 .map(|(id, _)| *id)
                 .chain(v6.backends.iter().map(|(id, _)| *id))
                 .collect(),
+            dsr_ifindex,
             lb,
+            _netns: netns,
         })
     }
 
@@ -408,12 +462,21 @@ impl Bench {
         }
         self.lb.set_non_syn_flows_per_sec(case.non_syn_budget)?;
         if let Some(syn) = &case.prepare {
-            let run = self.lb.run(PROG_LB, syn)?;
-            ensure!(run.verdict == XDP_PASS, "the SYN that opens the flow did not pass");
+            let (run, sent) = if case.on_dsr_iface {
+                (self.lb.run_from(PROG_LB, syn, self.dsr_ifindex)?, XDP_TX)
+            } else {
+                (self.lb.run(PROG_LB, syn)?, XDP_PASS)
+            };
+            ensure!(run.verdict == sent, "the SYN that opens the flow got verdict {}", run.verdict);
         }
         let (reasons, flows) = (self.lb.reasons()?, self.new_flows()?);
         let prog = self.lb.program(case.prog)?;
-        let run = test_run(prog, &case.frame, repeat).with_context(|| format!("BPF_PROG_TEST_RUN {}", case.prog))?;
+        let run = if case.on_dsr_iface {
+            test_run_repeat_from(prog, &case.frame, repeat, self.dsr_ifindex)
+        } else {
+            test_run(prog, &case.frame, repeat)
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN {}", case.prog))?;
         self.check_path(case, &run, repeat, &reasons, flows)?;
         u32::try_from(run.duration.as_nanos()).context("duration out of range")
     }
@@ -476,6 +539,29 @@ struct Report {
     table_size: u32,
     table_entries_after_fill: u64,
     cases: Vec<Row>,
+}
+
+/// `DSR_IFACE` (a veth whose peer stays here) with `DSR_SOURCE`/24,
+/// forwarding on, and a neighbour entry for each of `dsr`'s backends;
+/// returns its ifindex.
+fn wire_dsr_iface(dsr: &ServiceSpec) -> Result<u32> {
+    let mac = |m: Mac| m.map(|b| format!("{b:02x}")).join(":");
+    let peer = format!("{DSR_IFACE}p");
+    run_cmd("ip", &["link", "add", DSR_IFACE, "address", &mac(DSR_IFACE_MAC), "type", "veth", "peer", "name", &peer]);
+    run_cmd("ip", &["link", "set", &peer, "up"]);
+    run_cmd("ip", &["link", "set", DSR_IFACE, "up"]);
+    run_cmd("ip", &["addr", "add", &format!("{DSR_SOURCE}/24"), "dev", DSR_IFACE]);
+    // A child process opens /proc/sys in the namespace of the thread that
+    // spawned it: this one.
+    run_cmd("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    for (_, b) in &dsr.backends {
+        let ip = b.ip().to_string();
+        run_cmd(
+            "ip",
+            &["neigh", "replace", &ip, "lladdr", &mac(DSR_BACKEND_MAC), "dev", DSR_IFACE, "nud", "permanent"],
+        );
+    }
+    if_index(DSR_IFACE).with_context(|| format!("no {DSR_IFACE} in the bench's namespace"))
 }
 
 fn measure(bench: &mut Bench, case: &Case, cli: &Cli) -> Result<Vec<u32>> {

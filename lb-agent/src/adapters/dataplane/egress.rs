@@ -28,8 +28,8 @@ pub fn decide_fast_path(mode: FastPathMode, driver: Option<&str>) -> (bool, Stri
         (FastPathMode::Auto, None) => (false, "no driver (loopback?)".into()),
         (FastPathMode::Auto, Some("veth")) => (
             false,
-            "veth: its peer needs GRO (ethtool -K <peer> gro on) or an XDP program to receive redirected frames; \
-             set fast_path = \"on\" once it has"
+            "veth: its peer needs GRO (ethtool -K <peer> gro on) or an XDP program to receive redirected frames \
+             (an XDP program for frames sent back out of this veth by XDP_TX); set fast_path = \"on\" once it has"
                 .into(),
         ),
         (

@@ -308,14 +308,24 @@ mod tests {
         names.iter().map(|n| n.to_string()).collect()
     }
 
+    /// The maps of the load balancer's programs: the agent's, and the
+    /// program's scratch space, which is its own (neither opened nor pinned).
+    fn lb_maps() -> BTreeSet<String> {
+        let mut maps = names(&Maps::NAMES);
+        maps.extend(names(&[lb_common::SCRATCH]));
+        maps
+    }
+
     #[test]
     fn the_agents_object_has_the_lb_programs_and_maps_only() {
         let (programs, maps) = contents(crate::ebpf::object());
         let mut want = names(&LB_PROGRAMS);
         want.extend(names(&SOCK_PROGRAMS));
         want.extend(names(&V6_PROGRAMS));
+        // The backend's decapsulation, for `backend-setup --bpf-decap`.
+        want.extend(names(&[lb_common::PROG_TC_DECAP]));
         assert_eq!(programs, want, "no benchmark program may ship in the agent's object");
-        assert_eq!(maps, names(&Maps::NAMES), "no benchmark map may ship in the agent's object");
+        assert_eq!(maps, lb_maps(), "no benchmark map may ship in the agent's object");
     }
 
     #[cfg(feature = "bench")]
@@ -325,9 +335,9 @@ mod tests {
         let mut want = names(&LB_PROGRAMS);
         want.extend(names(&SOCK_PROGRAMS));
         want.extend(names(&V6_PROGRAMS));
-        want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH]));
+        want.extend(names(&[lb_common::PROG_PASS, lb_common::PROG_BENCH, lb_common::PROG_TC_DECAP]));
         assert_eq!(programs, want);
-        let extra: BTreeSet<String> = maps.difference(&names(&Maps::NAMES)).cloned().collect();
+        let extra: BTreeSet<String> = maps.difference(&lb_maps()).cloned().collect();
         assert!(extra.contains(lb_common::BENCH_FRAME) && extra.contains(lb_common::BENCH_TARGET), "{extra:?}");
         assert!(extra.iter().all(|m| m.starts_with("BENCH_")), "{extra:?}");
     }

@@ -1,0 +1,335 @@
+//! IP-in-IP direct server return end to end (`mode = "dsr-ipip"`): real
+//! namespaces, real packets, the agent in the LB namespace and
+//! `lb-agent backend-setup` on the backends.
+//!
+//! ```text
+//!            client 10.201.0.2 --+
+//!   (VIP 10.201.100.10 via LB)   |
+//!           lb 10.201.0.1 -------+-- br0 (sw namespace): one L2 segment
+//!   dsr-1/2/3 10.201.0.11-13 ----+   backends reach the client directly,
+//!   dsr-4 10.201.0.14 (no set-up)+   never through the LB
+//! ```
+//!
+//! The client's packets reach the LB (its only route to the VIP), which
+//! encapsulates each to its backend and sends it back out of the same
+//! interface (XDP_TX; the bridge port, the LB's veth peer, runs an XDP
+//! program, without which a veth never takes XDP_TX frames). The backends decapsulate on the device
+//! `backend-setup` made and answer from the VIP straight to the client, on
+//! the shared segment: no route of theirs goes via the LB. Each backend's
+//! server answers with its name and the peer address it saw, so the test
+//! sees that backends get the real client address. dsr-4 is listed but
+//! never set up: its probe through the tunnel fails, so it never enters
+//! the table.
+//!
+//! Needs root and a built agent: `cargo build --release -p lb-agent && cargo
+//! test -p lb-tests --release --test e2e_dsr -- --test-threads=1`.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use lb_lab::{
+    agent::{agent_bin, Agent},
+    command::run_cmd,
+    netns::NetNs,
+    require_root,
+    scratch::Scratch,
+    testrun::LbObject,
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 201, 100, 10);
+const PORT: u16 = 80;
+const LB: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const SET_UP: [&str; 3] = ["dsr-1", "dsr-2", "dsr-3"];
+const NOT_SET_UP: &str = "dsr-4";
+const CONNECTIONS: usize = 1000;
+
+fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 201, 0, 11 + i as u8)
+}
+
+/// The namespaces, in the order they go (the servers first, see `Drop`).
+struct Net {
+    servers: Vec<Server>,
+    /// The XDP program on the LB's bridge port (see `Net::build`).
+    lb_peer_xdp: LbObject,
+    sw: NetNs,
+    client: NetNs,
+    lb: NetNs,
+    backends: Vec<(String, NetNs)>,
+    dir: Scratch,
+}
+
+fn netns(prefix: &str, name: &str) -> NetNs {
+    NetNs::create(&format!("{prefix}-{name}")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Net {
+    fn build() -> Net {
+        let prefix = format!("dsr-{}", std::process::id());
+        let sw = netns(&prefix, "sw");
+        sw.exec("ip", &["link", "add", "br0", "type", "bridge"]);
+        sw.exec("ip", &["link", "set", "br0", "up"]);
+        let client = netns(&prefix, "client");
+        let lb = netns(&prefix, "lb");
+        for (key, value) in [("ip_forward", "1"), ("conf.all.rp_filter", "0"), ("conf.default.rp_filter", "0")] {
+            lb.exec("sysctl", &["-qw", &format!("net.ipv4.{key}={value}")]);
+        }
+        let names = SET_UP.iter().chain([&NOT_SET_UP]);
+        let backends: Vec<(String, NetNs)> = names.map(|n| (n.to_string(), netns(&prefix, n))).collect();
+        let lb_peer_xdp = LbObject::load().expect("load the LB's object");
+        let dir = Scratch::create(&prefix);
+        let mut net = Net { servers: Vec::new(), lb_peer_xdp, sw, client, lb, backends, dir };
+        net.plug(&net.client, "client", CLIENT);
+        net.plug(&net.lb, "lb", LB);
+        // The LB sends the encapsulated packets back out of its eth0 by
+        // XDP_TX. A veth hands such frames to its peer only when the peer
+        // runs an XDP program (the kernel kicks the peer's NAPI after
+        // XDP_TX only then; GRO alone leaves them queued for good), so the
+        // bridge port gets one that passes everything.
+        net.sw.run(|| net.lb_peer_xdp.attach("xdp_lb", "p-lb")).expect("XDP on the LB's bridge port");
+        for (i, (name, ns)) in net.backends.iter().enumerate() {
+            net.plug(ns, name, backend_addr(i));
+        }
+        // Complete checksums from the client: a partial one cannot be
+        // encapsulated (the redirected frame would lose the skb's note).
+        net.client.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        net.client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &LB.to_string()]);
+        net.servers = net.backends.iter().map(|(name, ns)| Server::start(ns, name)).collect();
+        net
+    }
+
+    /// `ns`'s eth0 on the bridge, with `addr`/24, GRO on the bridge port.
+    fn plug(&self, ns: &NetNs, name: &str, addr: Ipv4Addr) {
+        let port = format!("p-{name}");
+        run_cmd(
+            "ip",
+            &[
+                "link",
+                "add",
+                &port,
+                "netns",
+                self.sw.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ],
+        );
+        self.sw.exec("ip", &["link", "set", &port, "master", "br0", "up"]);
+        self.sw.exec("ethtool", &["-K", &port, "gro", "on"]);
+        ns.exec("ip", &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.exec("ip", &["link", "set", "eth0", "up"]);
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+    }
+
+    fn config(&self) -> std::path::PathBuf {
+        let mut text = format!(
+            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {PORT}\ninterfaces = [\"eth0\"]\n\
+             mode = \"dsr-ipip\"\nsource = \"{LB}\"\n\
+             health_check = {{ interval = \"200ms\", timeout = \"150ms\", rise = 1, fall = 1 }}\n"
+        );
+        for i in 0..self.backends.len() {
+            text += &format!("[[service.backend]]\naddress = \"{}:{PORT}\"\n", backend_addr(i));
+        }
+        text += "[interface.eth0]\nhook = \"xdp\"\nchecksums = \"complete\"\nfast_path = \"on\"\n";
+        text += "[socket_lb]\nenabled = false\n";
+        let path = self.dir.config_path();
+        std::fs::write(&path, text).expect("write the config");
+        path
+    }
+}
+
+/// How the backends decapsulate: an ipip device (backend-setup's default)
+/// where the kernel has them, else lb-agent's tc program on eth0 (this CI
+/// kernel is built without CONFIG_NET_IPIP).
+fn decap_args(ns: &NetNs) -> Vec<&'static str> {
+    let (probe, _) = ns.exec_status("ip", &["link", "add", "ipiptest", "type", "ipip", "external"]);
+    if probe.success() {
+        ns.exec("ip", &["link", "del", "ipiptest"]);
+        vec![]
+    } else {
+        vec!["--bpf-decap", "eth0"]
+    }
+}
+
+/// `lb-agent backend-setup` in `ns`; its output.
+fn backend_setup(ns: &NetNs, args: &[&str]) -> String {
+    let bin = agent_bin();
+    let out = ns
+        .try_run(|| Command::new(&bin).arg("backend-setup").args(args).output())
+        .expect("enter the backend's namespace")
+        .expect("run lb-agent backend-setup");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backend-setup {args:?} failed: {text}");
+    text
+}
+
+/// A backend's server on 0.0.0.0:80: each connection gets "<name> <peer>".
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &NetNs, name: &str) -> Server {
+        let listener = ns.run(|| TcpListener::bind(("0.0.0.0", PORT))).expect("bind :80 in the backend");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, name) = (stop.clone(), name.to_owned());
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = writeln!(s, "{name} {}", peer.ip());
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Server { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn web_backends(status: &Value) -> BTreeMap<String, Value> {
+    let svc = status["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "web")).cloned();
+    let svc = svc.unwrap_or_else(|| panic!("no web service: {status}"));
+    assert_eq!(svc["mode"], "dsr-ipip", "{svc}");
+    svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_owned(), b.clone()))
+        .collect()
+}
+
+fn addr_of(i: usize) -> String {
+    format!("{}:{PORT}", backend_addr(i))
+}
+
+#[test]
+fn root_dsr_ipip_backends_answer_clients_directly() {
+    require_root!("root_dsr_ipip_backends_answer_clients_directly");
+    let net = Net::build();
+    let decap = decap_args(&net.backends[0].1);
+    let vip = VIP.to_string();
+    let args: Vec<&str> = ["--vip", vip.as_str()].into_iter().chain(decap).collect();
+    for (name, ns) in &net.backends[..SET_UP.len()] {
+        let first = backend_setup(ns, &args);
+        assert!(first.contains(&format!("added VIP {VIP}/32")), "{name}: {first}");
+        assert!(first.contains("net.ipv4.conf.all.arp_ignore=1"), "{name}: {first}");
+        let again = backend_setup(ns, &args);
+        assert!(again.trim().ends_with(": nothing to change"), "{name}: a second run changed something: {again}");
+    }
+    let mut agent = Agent::spawn(&net.lb, &net.dir.agent_args(net.config()));
+    agent.wait_ready();
+
+    // The set-up backends come up through the tunnel; dsr-4 never does.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = agent.status();
+        let b = web_backends(&s);
+        let probed = b[&addr_of(SET_UP.len())]["health_checks"]["timeout"].as_u64().unwrap_or(0) > 0;
+        if probed && (0..SET_UP.len()).all(|i| b[&addr_of(i)]["in_table"] == true) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "set-up backends not in the table, or dsr-4 never probed, in 10s: {s}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    let lost = &web_backends(&status)[&addr_of(SET_UP.len())];
+    assert_eq!(lost["in_table"], false, "{lost}");
+    let reason = lost["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("not set up for dsr-ipip: no answer"), "{lost}");
+
+    // 1,000 connections, every one answered by a set-up backend that saw
+    // the client's own address.
+    let answers: Result<Vec<String>, String> = net.client.run(|| {
+        (0..CONNECTIONS)
+            .map(|n| {
+                let ask = || -> std::io::Result<String> {
+                    let s = TcpStream::connect_timeout(&SocketAddrV4::new(VIP, PORT).into(), Duration::from_secs(2))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    BufReader::new(s).read_line(&mut line)?;
+                    Ok(line.trim().to_owned())
+                };
+                ask().map_err(|e| format!("connection {n}: {e}"))
+            })
+            .collect()
+    });
+    let answers = answers.unwrap_or_else(|e| {
+        let s = agent.status();
+        let lb = net.lb.exec("ethtool", &["-S", "eth0"]);
+        let sw = net.sw.exec("ip", &["-s", "link", "show", "p-lb"]);
+        let b1 = net.backends[0].1.exec("ip", &["-s", "link", "show", "eth0"]);
+        let nstat = net.backends[0].1.exec("nstat", &["-az"]);
+        panic!(
+            "{e}; paths {}; lb eth0: {lb}; sw p-lb: {sw}; dsr-1 eth0: {b1}; dsr-1 nstat: {nstat}",
+            s["agent"]["interfaces"]
+        )
+    });
+    let mut shares: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in &answers {
+        let (name, peer) = a.split_once(' ').unwrap_or_else(|| panic!("answer {a:?}"));
+        assert_eq!(peer, CLIENT.to_string(), "{name} saw {peer}, not the client");
+        *shares
+            .entry(SET_UP.iter().find(|n| **n == name).unwrap_or_else(|| panic!("answer from {name}")))
+            .or_default() += 1;
+    }
+    let mean = CONNECTIONS as f64 / SET_UP.len() as f64;
+    for name in SET_UP {
+        let got = shares.get(name).copied().unwrap_or(0) as f64;
+        assert!((got - mean).abs() <= 0.25 * mean, "{name} got {got} of {CONNECTIONS}: {shares:?}");
+    }
+    println!(
+        "{} of {CONNECTIONS} connections answered, each from the client's address; shares {shares:?}",
+        answers.len()
+    );
+
+    // Encapsulated on the fast path, never passed up bare; no reply came back.
+    let s = agent.status();
+    let reasons: BTreeMap<String, u64> = s["reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .map(|r| (r["reason"].as_str().unwrap().to_owned(), r["packets"].as_u64().unwrap()))
+        .collect();
+    assert!(reasons["forwarded"] >= CONNECTIONS as u64 * 2, "{reasons:?}");
+    assert_eq!(reasons.get("reply_translated").copied().unwrap_or(0), 0, "{reasons:?}");
+    for r in ["drop_dsr_too_big", "drop_dsr_no_route", "drop_dsr_unsupported"] {
+        assert_eq!(reasons.get(r).copied().unwrap_or(0), 0, "{r}: {reasons:?}");
+    }
+
+    // --undo takes away what the set-up made.
+    let (_, ns) = &net.backends[0];
+    let undone = backend_setup(ns, &[&args[..], &["--undo"]].concat());
+    assert!(undone.contains(&format!("removed VIP {VIP}/32")), "{undone}");
+    assert!(undone.contains("deleted lbtun0") || undone.contains("detached tc_decap"), "{undone}");
+    let again = backend_setup(ns, &[&args[..], &["--undo"]].concat());
+    assert!(again.trim().ends_with(": nothing to change"), "a second --undo changed something: {again}");
+    drop(agent);
+}
