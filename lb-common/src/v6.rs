@@ -14,7 +14,7 @@ use core::{
     net::Ipv6Addr,
 };
 
-use crate::{csum::fold, hash::mix32, Conn, Service, MAX_VIPS_PER_BACKEND};
+use crate::{csum::fold, hash::mix32, Conn, MAX_VIPS_PER_BACKEND};
 
 /// An IPv6 address in packet byte order in memory (see the module doc).
 pub type Ip6 = [u32; 4];
@@ -36,7 +36,7 @@ pub const V6_PROGRAMS: [&str; 2] = [PROG_LB6, PROG_LB6_LOCAL];
 pub const V6_SLOT_COMPLETE: u32 = 0;
 pub const V6_SLOT_LOCAL: u32 = 1;
 
-/// Key of `SERVICES6` (value: the shared `Service`).
+/// Key of `SERVICES6` (value: the shared [`crate::Service`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey6 {
@@ -111,7 +111,6 @@ const _: () = {
     assert!(size_of::<Conn6>() == 64 && align_of::<Conn6>() == 8);
     assert!(size_of::<BackendAddr6>() == 20);
     assert!(size_of::<BackendVips6>() == 20 * MAX_VIPS_PER_BACKEND);
-    assert!(size_of::<Service>() == 20);
 };
 
 /// `addr` as the program sees it in a packet.
