@@ -360,6 +360,7 @@ fn cases() -> Vec<Case> {
             prepare: None,
             new_flows_per_run: 1,
             ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat new-flow SYN", ipv6::new_flow_syn(), Reason::Forwarded)
+        },
         // An established flow of a dsr-ipip service: the FIB lookup to the
         // backend, 20 bytes more at the head, the outer header, XDP_TX.
         Case {
