@@ -196,7 +196,7 @@ pub struct LbObject {
     /// What `SETTINGS` was last told: each setter changes its own part.
     config: DataplaneConfig,
     /// Backend ids written to `BACKENDS`, for [`Self::reset`].
-    backend_ids: BTreeSet<u32>,
+    pub(crate) backend_ids: BTreeSet<u32>,
     /// What each (service, table) Maglev table holds, for tables written
     /// with ids: [`Self::fill_maglev`] skips a table that holds them already.
     maglev_tables: StdHashMap<(u32, u32), Vec<u32>>,
@@ -265,6 +265,7 @@ impl LbObject {
     /// `SERVICES`, which is emptied, and [`Self::add_service`] writes its
     /// live table anew (or zero) unless it already holds the same ids.
     pub fn reset(&mut self) -> Result<()> {
+        self.reset6()?;
         let m = &mut self.maps;
         let keys: Vec<ServiceKey> = m.services.keys().collect::<Result<_, _>>().context("walk SERVICES")?;
         remove_each(&keys, |k| m.services.remove(k), "SERVICES")?;
@@ -552,7 +553,7 @@ fn fixture_config() -> DataplaneConfig {
 
 /// Deletes `keys` (walked beforehand: deleting while walking a hash map
 /// can skip entries) from map `name` with `remove`.
-fn remove_each<K>(keys: &[K], mut remove: impl FnMut(&K) -> Result<(), MapError>, name: &str) -> Result<()> {
+pub(crate) fn remove_each<K>(keys: &[K], mut remove: impl FnMut(&K) -> Result<(), MapError>, name: &str) -> Result<()> {
     for k in keys {
         remove(k).with_context(|| format!("delete from {name}"))?;
     }
