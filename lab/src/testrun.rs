@@ -267,16 +267,13 @@ impl LbObject {
     pub fn reset(&mut self) -> Result<()> {
         self.reset6()?;
         let m = &mut self.maps;
-        let keys: Vec<ServiceKey> = m.services.keys().collect::<Result<_, _>>().context("walk SERVICES")?;
-        remove_each(&keys, |k| m.services.remove(k), "SERVICES")?;
-        let keys: Vec<BackendAddr> = m.backend_vips.keys().collect::<Result<_, _>>().context("walk BACKEND_VIPS")?;
-        remove_each(&keys, |k| m.backend_vips.remove(k), "BACKEND_VIPS")?;
+        empty_hash(&mut m.services, "SERVICES")?;
+        empty_hash(&mut m.backend_vips, "BACKEND_VIPS")?;
         let keys: Vec<u32> = m.egress.keys().collect::<Result<_, _>>().context("walk EGRESS")?;
         remove_each(&keys, |k| m.egress.remove(*k), "EGRESS")?;
         let keys: Vec<u32> = m.path_stats.keys().collect::<Result<_, _>>().context("walk PATH_STATS")?;
         remove_each(&keys, |k| m.path_stats.remove(k), "PATH_STATS")?;
-        let keys: Vec<_> = m.sock_revnat.keys().collect::<Result<_, _>>().context("walk SOCK_REVNAT")?;
-        remove_each(&keys, |k| m.sock_revnat.remove(k), "SOCK_REVNAT")?;
+        empty_hash(&mut m.sock_revnat, "SOCK_REVNAT")?;
         self.clear_flows()?;
         self.clear_snat_claims()?;
         let m = &mut self.maps;
@@ -534,15 +531,12 @@ impl LbObject {
 
     /// Deletes every full-NAT claim; returns how many there were.
     pub fn clear_snat_claims(&mut self) -> Result<u64> {
-        let keys: Vec<FlowKey> = self.maps.snat_flows.keys().collect::<Result<_, _>>().context("walk SNAT_FLOWS")?;
-        remove_each(&keys, |k| self.maps.snat_flows.remove(k), "SNAT_FLOWS")?;
-        Ok(keys.len() as u64)
+        empty_hash(&mut self.maps.snat_flows, "SNAT_FLOWS")
     }
 
     /// Deletes every connection-table entry.
     fn clear_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.maps.conntrack.keys().collect::<Result<_, _>>().context("walk CONNTRACK")?;
-        remove_each(&keys, |k| self.maps.conntrack.remove(k), "CONNTRACK")
+        empty_hash(&mut self.maps.conntrack, "CONNTRACK").map(drop)
     }
 }
 
@@ -553,11 +547,18 @@ fn fixture_config() -> DataplaneConfig {
 
 /// Deletes `keys` (walked beforehand: deleting while walking a hash map
 /// can skip entries) from map `name` with `remove`.
-pub(crate) fn remove_each<K>(keys: &[K], mut remove: impl FnMut(&K) -> Result<(), MapError>, name: &str) -> Result<()> {
+fn remove_each<K>(keys: &[K], mut remove: impl FnMut(&K) -> Result<(), MapError>, name: &str) -> Result<()> {
     for k in keys {
         remove(k).with_context(|| format!("delete from {name}"))?;
     }
     Ok(())
+}
+
+/// Deletes every entry of hash map `name`; returns how many there were.
+pub(crate) fn empty_hash<K: Pod, V: Pod>(map: &mut aya::maps::HashMap<MapData, K, V>, name: &str) -> Result<u64> {
+    let keys: Vec<K> = map.keys().collect::<Result<_, _>>().with_context(|| format!("walk {name}"))?;
+    remove_each(&keys, |k| map.remove(k), name)?;
+    Ok(keys.len() as u64)
 }
 
 /// Sets entries `indices` of a per-CPU array to the default on every CPU.

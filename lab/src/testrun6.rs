@@ -15,7 +15,7 @@ use lb_common::{
 
 use lb_agent::adapters::dataplane::object::{program_mut, set_v6_programs};
 
-use crate::testrun::{remove_each, LbObject};
+use crate::testrun::{empty_hash, LbObject};
 
 /// An IPv6 service as the fixtures set it up: every backend active, in the
 /// live table in turn (slot `i` gets `backends[i % len]`).
@@ -90,12 +90,9 @@ impl LbObject {
     /// programs back in `V6_PROGS` (a test may have emptied it).
     pub(crate) fn reset6(&mut self) -> Result<()> {
         let m = &mut self.maps;
-        let keys: Vec<ServiceKey6> = m.services6.keys().collect::<Result<_, _>>().context("walk SERVICES6")?;
-        remove_each(&keys, |k| m.services6.remove(k), "SERVICES6")?;
-        let keys: Vec<BackendAddr6> = m.backend_vips6.keys().collect::<Result<_, _>>().context("walk BACKEND_VIPS6")?;
-        remove_each(&keys, |k| m.backend_vips6.remove(k), "BACKEND_VIPS6")?;
-        let keys: Vec<FlowKey6> = m.conntrack6.keys().collect::<Result<_, _>>().context("walk CONNTRACK6")?;
-        remove_each(&keys, |k| m.conntrack6.remove(k), "CONNTRACK6")?;
+        empty_hash(&mut m.services6, "SERVICES6")?;
+        empty_hash(&mut m.backend_vips6, "BACKEND_VIPS6")?;
+        empty_hash(&mut m.conntrack6, "CONNTRACK6")?;
         for &id in &self.backend_ids {
             m.backends6.set(id, Backend6::default(), 0).with_context(|| format!("clear BACKENDS6[{id}]"))?;
         }

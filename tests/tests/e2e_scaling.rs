@@ -591,8 +591,12 @@ fn print_load_summary(report: &Report) {
 // Tests
 
 /// Where the load starts to rise, the ramp, and how long requests are sent.
+/// The slopes are what the scaler must keep up with (+12 req/s each second,
+/// a new instance about every 4 s); the plateaus are as short as the
+/// scale-down windows allow: 3 instances hold 140 req/s for 12 s, and the
+/// first step down comes while the light load still runs.
 const RAMP_STEP_AT: f64 = 3.0;
-const RAMP: &str = "0s:20,3s:20,8s:140,22s:140,24s:10,34s:10";
+const RAMP: &str = "0s:20,3s:20,13s:140,25s:140,30s:10,38s:10";
 /// How long the count may take to return to one after the load's end.
 const BACK_WITHIN: Duration = Duration::from_secs(40);
 
@@ -615,8 +619,7 @@ fn ramp_scenario(orch: Orch) {
     let started = Instant::now();
     // The default policy but for a 5 s scale-down window and rate-limit
     // period (30 s and 15 s by default), to keep the test short; the rate
-    // limit's 50 % stays, so 4 -> 1 still takes two periods, and the first
-    // step down comes while the light load still runs.
+    // limit's 50 % stays, so 4 -> 1 still takes two periods.
     let s = Scaled::start(
         orch,
         r#"
