@@ -19,7 +19,7 @@
 //! Needs root and built binaries: `cargo build --release -p lb-agent -p
 //! lb-backend --bins`, the static lb-backend for the image
 //! (`cargo xtask test` builds both), then `cargo test -p lb-tests --release
-//! --test e2e_scaling -- --test-threads=1 --nocapture` (about 6 minutes).
+//! --test e2e_scaling -- --test-threads=1 --nocapture` (about 4 minutes).
 //! Figures are printed as `MEASURED:` lines; a ramp's chart goes to
 //! `LB_SCALING_SVG` (with `.process.svg` / `.docker.svg`), by default
 //! `$TMPDIR/lb-e2e-scaling-<orchestrator>-<pid>.svg` (outside the test's
