@@ -201,7 +201,7 @@ pub struct LbObject {
     /// What `SETTINGS` was last told: each setter changes its own part.
     config: DataplaneConfig,
     /// Backend ids written to `BACKENDS`, for [`Self::reset`].
-    backend_ids: BTreeSet<u32>,
+    pub(crate) backend_ids: BTreeSet<u32>,
     /// What each (service, table) Maglev table holds, for tables written
     /// with ids: [`Self::fill_maglev`] skips a table that holds them already.
     maglev_tables: StdHashMap<(u32, u32), Vec<u32>>,
@@ -270,17 +270,15 @@ impl LbObject {
     /// `SERVICES`, which is emptied, and [`Self::add_service`] writes its
     /// live table anew (or zero) unless it already holds the same ids.
     pub fn reset(&mut self) -> Result<()> {
+        self.reset6()?;
         let m = &mut self.maps;
-        let keys: Vec<ServiceKey> = m.services.keys().collect::<Result<_, _>>().context("walk SERVICES")?;
-        remove_each(&keys, |k| m.services.remove(k), "SERVICES")?;
-        let keys: Vec<BackendAddr> = m.backend_vips.keys().collect::<Result<_, _>>().context("walk BACKEND_VIPS")?;
-        remove_each(&keys, |k| m.backend_vips.remove(k), "BACKEND_VIPS")?;
+        empty_hash(&mut m.services, "SERVICES")?;
+        empty_hash(&mut m.backend_vips, "BACKEND_VIPS")?;
         let keys: Vec<u32> = m.egress.keys().collect::<Result<_, _>>().context("walk EGRESS")?;
         remove_each(&keys, |k| m.egress.remove(*k), "EGRESS")?;
         let keys: Vec<u32> = m.path_stats.keys().collect::<Result<_, _>>().context("walk PATH_STATS")?;
         remove_each(&keys, |k| m.path_stats.remove(k), "PATH_STATS")?;
-        let keys: Vec<_> = m.sock_revnat.keys().collect::<Result<_, _>>().context("walk SOCK_REVNAT")?;
-        remove_each(&keys, |k| m.sock_revnat.remove(k), "SOCK_REVNAT")?;
+        empty_hash(&mut m.sock_revnat, "SOCK_REVNAT")?;
         self.clear_flows()?;
         self.clear_snat_claims()?;
         let m = &mut self.maps;
@@ -561,15 +559,12 @@ impl LbObject {
 
     /// Deletes every full-NAT claim; returns how many there were.
     pub fn clear_snat_claims(&mut self) -> Result<u64> {
-        let keys: Vec<FlowKey> = self.maps.snat_flows.keys().collect::<Result<_, _>>().context("walk SNAT_FLOWS")?;
-        remove_each(&keys, |k| self.maps.snat_flows.remove(k), "SNAT_FLOWS")?;
-        Ok(keys.len() as u64)
+        empty_hash(&mut self.maps.snat_flows, "SNAT_FLOWS")
     }
 
     /// Deletes every connection-table entry.
     fn clear_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.maps.conntrack.keys().collect::<Result<_, _>>().context("walk CONNTRACK")?;
-        remove_each(&keys, |k| self.maps.conntrack.remove(k), "CONNTRACK")
+        empty_hash(&mut self.maps.conntrack, "CONNTRACK").map(drop)
     }
 }
 
@@ -585,6 +580,13 @@ fn remove_each<K>(keys: &[K], mut remove: impl FnMut(&K) -> Result<(), MapError>
         remove(k).with_context(|| format!("delete from {name}"))?;
     }
     Ok(())
+}
+
+/// Deletes every entry of hash map `name`; returns how many there were.
+pub(crate) fn empty_hash<K: Pod, V: Pod>(map: &mut aya::maps::HashMap<MapData, K, V>, name: &str) -> Result<u64> {
+    let keys: Vec<K> = map.keys().collect::<Result<_, _>>().with_context(|| format!("walk {name}"))?;
+    remove_each(&keys, |k| map.remove(k), name)?;
+    Ok(keys.len() as u64)
 }
 
 /// Sets entries `indices` of a per-CPU array to the default on every CPU.

@@ -13,9 +13,9 @@ use lb_common::{
     Backend, Service, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
-use lb_agent::adapters::dataplane::object::program_mut;
+use lb_agent::adapters::dataplane::object::{program_mut, set_v6_programs};
 
-use crate::testrun::LbObject;
+use crate::testrun::{empty_hash, LbObject};
 
 /// An IPv6 service as the fixtures set it up: every backend active, in the
 /// live table in turn (slot `i` gets `backends[i % len]`).
@@ -65,6 +65,7 @@ impl LbObject {
         for &(id, addr) in &spec.backends {
             let b = Backend { service_id: spec.id, flags: BACKEND_F_ACTIVE, ..Backend::default() };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
+            self.backend_ids.insert(id);
             let b6 = Backend6 { ip: ip6_raw(*addr.ip()), port_be: addr.port().to_be(), _pad: 0 };
             self.maps.backends6.set(id, b6, 0).with_context(|| format!("write BACKENDS6[{id}]"))?;
             let key = BackendAddr6 { ip: b6.ip, port_be: b6.port_be, proto: spec.proto, _pad: 0 };
@@ -82,6 +83,20 @@ impl LbObject {
         let svc =
             Service { id: spec.id, table: spec.table, backend_count: ids.len() as u32, mode: MODE_DNAT, flags: 0, source_be: 0 };
         self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
+    }
+
+    /// The IPv6 half of [`LbObject::reset`], before the backend ids are
+    /// forgotten: services, backend addresses, flows, and the IPv6
+    /// programs back in `V6_PROGS` (a test may have emptied it).
+    pub(crate) fn reset6(&mut self) -> Result<()> {
+        let m = &mut self.maps;
+        empty_hash(&mut m.services6, "SERVICES6")?;
+        empty_hash(&mut m.backend_vips6, "BACKEND_VIPS6")?;
+        empty_hash(&mut m.conntrack6, "CONNTRACK6")?;
+        for &id in &self.backend_ids {
+            m.backends6.set(id, Backend6::default(), 0).with_context(|| format!("clear BACKENDS6[{id}]"))?;
+        }
+        set_v6_programs(&self.ebpf, &mut m.v6_progs).context("refill V6_PROGS")
     }
 
     /// Empties `V6_PROGS`, as if loading the IPv6 programs had failed.

@@ -19,7 +19,7 @@
 //! Needs root and built binaries: `cargo build --release -p lb-agent -p
 //! lb-backend --bins`, the static lb-backend for the image
 //! (`cargo xtask test` builds both), then `cargo test -p lb-tests --release
-//! --test e2e_scaling -- --test-threads=1 --nocapture` (about 6 minutes).
+//! --test e2e_scaling -- --test-threads=1 --nocapture` (about 4 minutes).
 //! Figures are printed as `MEASURED:` lines; a ramp's chart goes to
 //! `LB_SCALING_SVG` (with `.process.svg` / `.docker.svg`), by default
 //! `$TMPDIR/lb-e2e-scaling-<orchestrator>-<pid>.svg` (outside the test's
@@ -39,6 +39,7 @@ use std::{
     collections::BTreeMap,
     fs,
     net::{Ipv4Addr, SocketAddrV4},
+    ops::ControlFlow,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU8, Ordering},
@@ -510,16 +511,29 @@ fn load_config(s: &Scaled, ramp: Ramp, duration: Duration) -> LoadConfig {
     cfg
 }
 
+/// A `run_load` watcher that samples the status until the load's end.
+fn sample_into<'a>(s: &'a Scaled, samples: &'a mut Vec<Sample>) -> impl FnMut(f64) -> ControlFlow<()> + 'a {
+    move |t| {
+        samples.push(Sample::of(&s.status(), t));
+        ControlFlow::Continue(())
+    }
+}
+
 /// Run the load on a thread while calling `watch(t)` on this one about every
-/// `every` (t: seconds since the load started). Returns the load's report.
-fn run_load(cfg: &LoadConfig, every: Duration, mut watch: impl FnMut(f64)) -> Report {
+/// `every` (t: seconds since the load started), until the load's duration
+/// is over or `watch` breaks (then no further request is sent: a test
+/// that has seen what it waits for ends early). Returns the load's report.
+fn run_load(cfg: &LoadConfig, every: Duration, mut watch: impl FnMut(f64) -> ControlFlow<()>) -> Report {
     let stop = AtomicBool::new(false);
     thread::scope(|scope| {
         let _stop = StopOnDrop(&stop);
         let t0 = Instant::now();
         let load = scope.spawn(|| load::run(cfg, &stop, |_| {}));
         while !load.is_finished() {
-            watch(t0.elapsed().as_secs_f64());
+            if watch(t0.elapsed().as_secs_f64()).is_break() {
+                stop.store(true, Ordering::SeqCst);
+                break;
+            }
             thread::sleep(every);
         }
         match load.join() {
@@ -577,8 +591,14 @@ fn print_load_summary(report: &Report) {
 // Tests
 
 /// Where the load starts to rise, the ramp, and how long requests are sent.
-const RAMP_STEP_AT: f64 = 5.0;
-const RAMP: &str = "0s:20,5s:20,15s:140,35s:140,40s:10,50s:10";
+/// The slopes are what the scaler must keep up with (+12 req/s each second,
+/// a new instance about every 4 s); the plateaus are as short as the
+/// scale-down windows allow: 3 instances hold 140 req/s for 12 s, and the
+/// first step down comes while the light load still runs.
+const RAMP_STEP_AT: f64 = 3.0;
+const RAMP: &str = "0s:20,3s:20,13s:140,25s:140,30s:10,38s:10";
+/// How long the count may take to return to one after the load's end.
+const BACK_WITHIN: Duration = Duration::from_secs(40);
 
 #[test]
 fn root_scaling_ramp_with_processes() {
@@ -597,16 +617,16 @@ fn root_docker_scaling_ramp() {
 fn ramp_scenario(orch: Orch) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    // The default policy but for a 15 s scale-down window (30 s by
-    // default), to keep the test short; the rate limit (50 % per 15 s)
-    // stays, so 4 -> 1 still takes two steps.
+    // The default policy but for a 5 s scale-down window and rate-limit
+    // period (30 s and 15 s by default), to keep the test short; the rate
+    // limit's 50 % stays, so 4 -> 1 still takes two periods.
     let s = Scaled::start(
         orch,
         r#"
 min_replicas = 1
 max_replicas = 4
 target = { cpu = 50.0 }
-scale_down = { stabilization_window = "15s" }
+scale_down = { stabilization_window = "5s", period = "5s" }
 "#,
     );
     let first = s.wait_settled(1, Duration::from_secs(20));
@@ -625,12 +645,12 @@ scale_down = { stabilization_window = "15s" }
     let t0_unix = unix_now();
     let t0 = Instant::now();
     let mut samples = Vec::new();
-    let report = run_load(&cfg, Duration::from_millis(250), |t| samples.push(Sample::of(&s.status(), t)));
+    let report = run_load(&cfg, Duration::from_millis(250), sample_into(&s, &mut samples));
     let load_end = t0.elapsed().as_secs_f64();
 
-    // After the load: back to min_replicas, bounded (15 s window + one more
-    // 15 s rate-limit period + the drains, with room for a busy machine).
-    let deadline = Instant::now() + Duration::from_secs(75);
+    // After the load: back to min_replicas, bounded (5 s window + one more
+    // 5 s rate-limit period + the drains, with room for a busy machine).
+    let deadline = Instant::now() + BACK_WITHIN;
     let mut back_at = None;
     while Instant::now() < deadline {
         let status = s.status();
@@ -687,7 +707,9 @@ scale_down = { stabilization_window = "15s" }
     eprintln!(
         "MEASURED: peak instances ready {peak_ready}, peak decided {peak_decided}; back to 1 at {}",
         back_at
-            .map_or("never (within 75 s)".into(), |t| format!("t={t:.1}s, {:.1} s after the load ended", t - load_end))
+            .map_or(format!("never (within {BACK_WITHIN:?})"), |t| {
+                format!("t={t:.1}s, {:.1} s after the load ended", t - load_end)
+            })
     );
 
     // The chart: load, instances ready (in the table), latency.
@@ -719,7 +741,7 @@ scale_down = { stabilization_window = "15s" }
     assert_eq!(sm.failed, 0, "requests failed during the ramp: {:?}, first errors {:?}", sm.failures, sm.first_errors);
     assert!(peak_ready >= 3, "only {peak_ready} instance(s) were ever ready at the peak (140 req/s x {WORK_MS} ms)");
     assert!(first_new.is_some(), "no request was ever answered by an instance other than {initial}");
-    assert!(back_at.is_some(), "not back to min_replicas = 1 within 75 s of the load's end");
+    assert!(back_at.is_some(), "not back to min_replicas = 1 within {BACK_WITHIN:?} of the load's end");
     s.assert_no_leftovers();
     eprintln!("MEASURED: test took {:.1} s", started.elapsed().as_secs_f64());
 }
@@ -746,7 +768,11 @@ fn crash_scenario(orch: Orch) {
     s.wait_settled(2, Duration::from_secs(20));
 
     const RATE: f64 = 40.0;
-    const KILL_AT: f64 = 5.0;
+    const KILL_AT: f64 = 3.0;
+    // The load ends this long after the replacement took its first flow
+    // (failures after the kill window would show there), at the latest
+    // after the whole duration.
+    const SERVED_FOR: f64 = 4.0;
     let cfg = load_config(&s, Ramp::constant(RATE).expect("ramp"), Duration::from_secs(18));
     let t0_unix = unix_now();
 
@@ -768,7 +794,7 @@ fn crash_scenario(orch: Orch) {
                 eprintln!("MEASURED: killed instance {} ({addr}, {what}) at t={t:.2}s", victim["name"]);
                 killed = Some((t, addr, ns));
             }
-            return;
+            return ControlFlow::Continue(());
         };
         let since_kill = t - t_kill;
         let table = backends(&status);
@@ -791,6 +817,10 @@ fn crash_scenario(orch: Orch) {
             }
             Some((_, a, _)) if serving_at.is_none() && flows_of(a) > flows_when_ready => serving_at = Some(since_kill),
             Some(_) => {}
+        }
+        match serving_at {
+            Some(at) if since_kill >= at + SERVED_FOR => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
         }
     });
 
@@ -870,18 +900,28 @@ fn root_process_instances_are_adopted_after_an_agent_sigkill() {
     eprintln!("instances before the kill: {pids_before:?}");
 
     const KILL_AT: f64 = 3.0;
+    // The load goes on this long through the restarted agent (a request
+    // stuck on a retransmitted SYN would take a second), at the latest
+    // until the whole duration is over.
+    const AFTER_RESTART: f64 = 5.0;
     let cfg = load_config(&s, Ramp::constant(40.0).expect("ramp"), Duration::from_secs(14));
     let mut restarted_at = None::<f64>;
     let report = run_load(&cfg, Duration::from_millis(50), |t| {
-        if restarted_at.is_none() && t >= KILL_AT {
-            let killed = Instant::now();
-            let status = s.agent.kill().expect("exit status");
-            eprintln!("SIGKILLed lb-agent at t={t:.2}s: {status}");
-            s.agent.respawn();
-            s.agent.wait_ready();
-            eprintln!("MEASURED: restarted agent ready {} ms after the kill", killed.elapsed().as_millis());
-            restarted_at = Some(t);
+        match restarted_at {
+            Some(at) if t >= at + AFTER_RESTART => return ControlFlow::Break(()),
+            Some(_) => {}
+            None if t >= KILL_AT => {
+                let killed = Instant::now();
+                let status = s.agent.kill().expect("exit status");
+                eprintln!("SIGKILLed lb-agent at t={t:.2}s: {status}");
+                s.agent.respawn();
+                s.agent.wait_ready();
+                eprintln!("MEASURED: restarted agent ready {} ms after the kill", killed.elapsed().as_millis());
+                restarted_at = Some(t + killed.elapsed().as_secs_f64());
+            }
+            None => {}
         }
+        ControlFlow::Continue(())
     });
     print_load_summary(&report);
     let log = s.agent.log();
@@ -960,15 +1000,22 @@ fn root_process_agent_names_instances_and_leaves_nothing_on_stop() {
     assert!(!socket_dir.exists(), "the control socket directory {} is left", socket_dir.display());
 }
 
-/// Steady load for a few minutes, with containers: no scaling action after
-/// settling. (The same policy holds with processes; this runs once, with
-/// Docker, to keep the suite short.)
+/// Steady load, with containers: no scaling action after settling, for
+/// several scale-down stabilization windows. (The same policy holds with
+/// processes; this runs once, with Docker, to keep the suite short.)
 #[test]
 fn root_docker_steady_load_does_not_flap() {
     require_root_and_docker!("root_docker_steady_load_does_not_flap");
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    let s = Scaled::start(Orch::Docker, "min_replicas = 1\nmax_replicas = 4\ntarget = { cpu = 50.0 }\n");
+    // The default policy but for a 10 s scale-down window (30 s by
+    // default): the steady phase spans as many windows as 135 s did with
+    // the default, in a third of the time. (Scaling up has no window.)
+    let s = Scaled::start(
+        Orch::Docker,
+        "min_replicas = 1\nmax_replicas = 4\ntarget = { cpu = 50.0 }\n\
+         scale_down = { stabilization_window = \"10s\" }\n",
+    );
     s.wait_settled(1, Duration::from_secs(20));
 
     // About 75-80 % of one core in all (10 ms of work plus the HTTP around
@@ -976,12 +1023,12 @@ fn root_docker_steady_load_does_not_flap() {
     // (50, 110] %: ceil(total / 50) = 2, and above 100 the 10 % tolerance
     // keeps them; so this sits mid-band, with room both ways.
     const RATE: f64 = 75.0;
-    const SETTLE: f64 = 15.0;
-    const STEADY: f64 = 135.0;
+    const SETTLE: f64 = 10.0;
+    const STEADY: f64 = 45.0;
     let cfg = load_config(&s, Ramp::constant(RATE).expect("ramp"), Duration::from_secs_f64(SETTLE + STEADY));
     let t0_unix = unix_now();
     let mut samples = Vec::new();
-    let report = run_load(&cfg, Duration::from_millis(500), |t| samples.push(Sample::of(&s.status(), t)));
+    let report = run_load(&cfg, Duration::from_millis(500), sample_into(&s, &mut samples));
 
     let timeline = s.timeline(t0_unix);
     eprintln!("---- instances over time (status, t since the load started) ----");
@@ -1068,9 +1115,15 @@ fn root_scale_pin_holds_the_count_until_resumed() {
     let text = s.agent.cli(&["status"]);
     assert!(text.stdout.contains("pinned at 2 by operator"), "{}", text.stdout);
     eprintln!("---- status while pinned ----\n{}", text.stdout);
-    // Held: idle instances stay.
-    thread::sleep(Duration::from_secs(3));
-    assert_eq!(ready(&s.status()).len(), 2, "the pin did not hold");
+    // Held: idle instances stay, through three decisions that the policy
+    // alone would have taken down (no stabilization window).
+    let pinned_at = unix_now();
+    let since_pinned = || -> Vec<TimelineEntry> { s.timeline(pinned_at).into_iter().filter(|e| e.t >= 0.0).collect() };
+    let held = s.wait_until("three decisions while pinned", Duration::from_secs(10), |_| since_pinned().len() >= 3);
+    let decisions = since_pinned();
+    let counts: Vec<u32> = decisions.iter().map(|e| e.replicas).collect();
+    assert!(decisions.iter().all(|e| e.rule == "pinned" && e.replicas == 2), "the pin did not hold: {counts:?}");
+    assert_eq!(ready(&held).len(), 2, "the pin did not hold");
 
     eprintln!("MEASURED: {}", scale(&["--resume"]).trim());
     let status = s.wait_settled(1, Duration::from_secs(30));

@@ -4,7 +4,8 @@
 //! back, and leave ICMPv6 (neighbour discovery), extension headers and
 //! fragments untouched. Expected frames are built from scratch with the
 //! lab's checksums (not lb-common's) and compared byte for byte; each case
-//! runs on a fresh object in a namespace of its own.
+//! runs on an object as fresh (reset, see `LbObject::shared`) in a
+//! namespace of its own.
 //!
 //! Needs root: `cargo test -p lb-tests --release --test fixtures_ipv6`.
 
@@ -49,12 +50,13 @@ fn dns() -> ServiceSpec6 {
     ServiceSpec6::new(1, DNS, IPPROTO_UDP, 0, &[DNS_BACKEND])
 }
 
-/// `case` on each of `programs`, each in a namespace of its own with a
-/// fresh object holding the web and DNS services.
+/// `case` on each of `programs`, each in a namespace of its own with an
+/// object as fresh (`LbObject::shared`: verified once per test thread,
+/// reset between cases) holding the web and DNS services.
 fn on_each(programs: &[&str], case: impl Fn(&str, &mut LbObject)) {
     for prog in programs {
         let _ns = NetNsGuard::new().expect("a network namespace");
-        let mut lb = LbObject::load().expect("load lb-ebpf and verify its programs");
+        let mut lb = LbObject::shared().expect("load lb-ebpf and verify its programs");
         lb.add_service6(&web()).expect("write the web service");
         lb.add_service6(&dns()).expect("write the DNS service");
         case(prog, &mut lb);

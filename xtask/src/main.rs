@@ -28,7 +28,7 @@ use clap::{Parser, Subcommand};
         cargo xtask run -- --config lb.toml       # as root: run lb-agent on a real config\n  \
         cargo xtask test                          # as root: unit tests, then root tests\n  \
         cargo xtask test --unit-only              # unit tests only, no root needed\n  \
-        cargo xtask test --kernel 6.1,6.12        # fixtures and e2e_netns in VMs on Debian's kernels\n  \
+        cargo xtask test --kernel 6.1,6.12        # packet fixtures and e2e_netns in VMs on Debian's kernels\n  \
         cargo xtask bench -- --repeat 1000000 --json   # as root: the XDP program per packet\n  \
         cargo xtask bench e2e -- --json           # as root: this LB beside direct, HAProxy, NGINX"
 )]
@@ -61,8 +61,8 @@ enum Command {
     #[command(long_about = "Setup, then three stages, each summarised with its duration:\n\n\
         \x20 1. unit tests:  cargo test --workspace --exclude lb-tests [FILTER]\n\
         \x20 2. root tests:  cargo test -p lb-tests -p lb-lab -p lb-load --release [FILTER] -- --test-threads=1\n\
-        \x20 3. VM stage:    the fixtures and e2e_netns test binaries in a qemu VM on Debian 12's\n\
-        \x20                 kernel 6.1 (skip with --no-vm, except in CI)\n\n\
+        \x20 3. VM stage:    the fixtures, fixtures_ipv6 and e2e_netns test binaries in a qemu VM\n\
+        \x20                 on Debian 12's kernel 6.1 (skip with --no-vm, except in CI)\n\n\
         The root tests load BPF programs and create network namespaces. Without root they\n\
         are skipped and the command fails, unless --unit-only is given.\n\n\
         `--kernel 6.1,6.12` runs only the VM stage, on each kernel named. It installs qemu\n\

@@ -30,15 +30,15 @@ pub const DEFAULT_KERNELS: [&str; 1] = ["6.1"];
 /// The root test binaries that run in the VM: they need only a kernel,
 /// `ip`, `ethtool`, `sysctl`, `ping` and lb-agent (no Docker, no
 /// Prometheus, no other tools).
-pub const TESTS: [&str; 2] = ["fixtures", "e2e_netns"];
+pub const TESTS: [&str; 3] = ["fixtures", "fixtures_ipv6", "e2e_netns"];
 
 /// Host programs the tests call, copied with their shared libraries.
 const HOST_TOOLS: [&str; 4] = ["ip", "ethtool", "sysctl", "ping"];
 
 /// A whole run took 3.5 to 6 minutes under software emulation on 2 shared
 /// cores while each fixture loaded the program (the verifier is slow
-/// there), about 2.5 since each test thread loads it once: room for a
-/// slower machine, not for a hung VM.
+/// there), about 2.5 since each test thread loads it once (fixtures_ipv6
+/// adds about 15 s): room for a slower machine, not for a hung VM.
 const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Lines of the init script's own, in the serial log.
@@ -177,7 +177,7 @@ fn init_script(modules: &[String], tests: &[&str], filter: Option<&str>) -> Stri
         // nothing (one loaded object per thread, reset between them): two
         // at a time halve their part. The others build topologies with
         // fixed names.
-        let threads = if *t == "fixtures" { 2 } else { 1 };
+        let threads = if t.starts_with("fixtures") { 2 } else { 1 };
         s.push_str(&format!("/lb/{t} --test-threads={threads}{filter}\necho \"{MARK}-RESULT {t} $?\"\n"));
     }
     s.push_str(&format!("echo {MARK}-DONE\npoweroff -f\n"));
@@ -410,6 +410,7 @@ mod tests {
     fn test_executables_in_stage_order_from_cargo_messages() {
         let messages = r#"{"reason":"compiler-artifact","target":{"name":"e2e_netns"},"executable":"/t/e2e_netns-1"}
 {"reason":"compiler-artifact","target":{"name":"lb_lab"},"executable":null}
+{"reason":"compiler-artifact","target":{"name":"fixtures_ipv6"},"executable":"/t/fixtures_ipv6-3"}
 {"reason":"compiler-artifact","target":{"name":"fixtures"},"executable":"/t/fixtures-2"}
 {"reason":"build-finished","success":true}"#;
         let found = test_executables(messages).unwrap();
@@ -417,6 +418,7 @@ mod tests {
             found,
             [
                 ("fixtures".to_owned(), PathBuf::from("/t/fixtures-2")),
+                ("fixtures_ipv6".to_owned(), PathBuf::from("/t/fixtures_ipv6-3")),
                 ("e2e_netns".to_owned(), PathBuf::from("/t/e2e_netns-1"))
             ]
         );

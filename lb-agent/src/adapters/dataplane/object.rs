@@ -207,7 +207,7 @@ pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneCon
 /// `V6_PROGRAMS[i]`), replacing those of a previous agent whose array was
 /// adopted: from here on its IPv4 entry points, attached or not yet, reach
 /// these.
-fn set_v6_programs(ebpf: &Ebpf, slots: &mut ProgramArray<MapData>) -> anyhow::Result<()> {
+pub fn set_v6_programs(ebpf: &Ebpf, slots: &mut ProgramArray<MapData>) -> anyhow::Result<()> {
     for (slot, name) in V6_PROGRAMS.iter().enumerate() {
         let fd = program::<Xdp>(ebpf, name)?.fd().with_context(|| format!("{name} is not loaded"))?;
         slots.set(slot as u32, fd, 0).with_context(|| format!("put {name} in {V6_PROGS}[{slot}]"))?;
