@@ -81,7 +81,8 @@ impl NetNs {
         })
     }
 
-    /// Creates the namespace `name` (`ip netns add`) with its loopback up;
+    /// Creates the namespace `name` (`ip netns add`) with its loopback up
+    /// and no IPv6 duplicate address detection (see [`Self::without_dad`]);
     /// dropping the value deletes it. Refuses a name that exists already:
     /// this run did not create that namespace.
     pub fn create(name: &str) -> io::Result<Self> {
@@ -95,7 +96,7 @@ impl NetNs {
             ));
         }
         try_run_cmd("ip", &["netns", "add", name])?;
-        Self::adopt(name, true)?.with_loopback_up()
+        Self::adopt(name, true)?.with_loopback_up()?.without_dad()
     }
 
     /// Names this process's own network namespace `name` (`ip netns attach
@@ -132,6 +133,34 @@ impl NetNs {
 
     fn with_loopback_up(self) -> io::Result<Self> {
         try_run_cmd("ip", &["-n", self.name(), "link", "set", "lo", "up"])?;
+        Ok(self)
+    }
+
+    /// Turns IPv6 duplicate address detection off for every interface made
+    /// in (or moved into) the namespace from now on. Tests give addresses
+    /// `nodad`, but the kernel's own link-local addresses stay tentative
+    /// for about a second after a link comes up, and a namespace that
+    /// forwards has no other source for its neighbour solicitations (the
+    /// forwarded packet's source is not its own): the first packet it
+    /// forwards to a neighbour waits for the second or third solicitation,
+    /// some two seconds, which is a test's whole I/O timeout. Nothing in a
+    /// test's namespace can collide with anything. `-e`: a kernel without
+    /// IPv6 has no such key.
+    fn without_dad(self) -> io::Result<Self> {
+        try_run_cmd(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                self.name(),
+                "sysctl",
+                "-q",
+                "-e",
+                "-w",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         Ok(self)
     }
 
