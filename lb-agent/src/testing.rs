@@ -12,7 +12,10 @@ use std::{
     },
 };
 
-use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
+use lb_common::{
+    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
+    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE,
+};
 
 use crate::{
     config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
@@ -134,6 +137,10 @@ pub enum Write {
     Service { key: ServiceKey, service: Service },
     RemoveService { key: ServiceKey },
     BackendVips { addr: BackendAddr, vips: Option<BackendVips> },
+    Backend6 { id: u32, backend: Backend6 },
+    Service6 { key: ServiceKey6, service: Service },
+    RemoveService6 { key: ServiceKey6 },
+    BackendVips6 { addr: BackendAddr6, vips: Option<BackendVips6> },
 }
 
 impl Write {
@@ -144,6 +151,10 @@ impl Write {
             Write::Service { .. } => "service",
             Write::RemoveService { .. } => "remove_service",
             Write::BackendVips { .. } => "backend_vips",
+            Write::Backend6 { .. } => "backend6",
+            Write::Service6 { .. } => "service6",
+            Write::RemoveService6 { .. } => "remove_service6",
+            Write::BackendVips6 { .. } => "backend_vips6",
         }
     }
 }
@@ -157,6 +168,10 @@ pub struct FakeDataplane {
     pub tables: BTreeMap<(u32, u32), Vec<u32>>,
     pub services: BTreeMap<ServiceKey, Service>,
     pub backend_vips: BTreeMap<BackendAddr, BackendVips>,
+    /// The IPv6 maps: `BACKENDS6`, `SERVICES6`, `BACKEND_VIPS6`.
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub services6: BTreeMap<ServiceKey6, Service>,
+    pub backend_vips6: BTreeMap<BackendAddr6, BackendVips6>,
     /// Counters by service id and by backend id (zero when absent).
     pub service_counters: BTreeMap<u32, Counters>,
     pub backend_counters: BTreeMap<u32, Counters>,
@@ -263,6 +278,33 @@ impl MapWriter for FakeDataplane {
         self.log.push(Write::BackendVips { addr: *addr, vips: vips.copied() });
         Ok(())
     }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError> {
+        self.backends6.insert(id, *backend);
+        self.log.push(Write::Backend6 { id, backend: *backend });
+        Ok(())
+    }
+
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError> {
+        self.services6.insert(*key, *service);
+        self.log.push(Write::Service6 { key: *key, service: *service });
+        Ok(())
+    }
+
+    fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
+        self.services6.remove(key);
+        self.log.push(Write::RemoveService6 { key: *key });
+        Ok(())
+    }
+
+    fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {
+        match vips {
+            Some(v) => self.backend_vips6.insert(*addr, *v),
+            None => self.backend_vips6.remove(addr),
+        };
+        self.log.push(Write::BackendVips6 { addr: *addr, vips: vips.copied() });
+        Ok(())
+    }
 }
 
 /// A [`FakeDataplane`] the agent owns while the test keeps a handle on it;
@@ -315,6 +357,22 @@ impl MapWriter for SharedDataplane {
 
     fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
         self.lock().set_backend_vips(addr, vips)
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError> {
+        self.lock().set_backend6(id, backend)
+    }
+
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError> {
+        self.lock().set_service6(key, service)
+    }
+
+    fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
+        self.lock().remove_service6(key)
+    }
+
+    fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {
+        self.lock().set_backend_vips6(addr, vips)
     }
 }
 
