@@ -13,7 +13,8 @@ use std::{
 
 use lb_common::{
     v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
-    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
+    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL,
+};
 use serde::Serialize;
 
 use crate::config::{HealthCheckConfig, InterfaceConfig, ServiceConfig};
@@ -169,7 +170,7 @@ pub enum DataplaneError {
         "backend {backend} is in {services} services; one backend address can serve at most {max} \
          (the data plane matches its replies against each)"
     )]
-    BackendInTooManyServices { backend: SocketAddrV4, services: usize, max: usize },
+    BackendInTooManyServices { backend: std::net::SocketAddr, services: usize, max: usize },
 }
 
 /// What a previous agent left in the (pinned) maps.
@@ -305,6 +306,13 @@ pub struct Replica {
     pub running: bool,
 }
 
+impl Replica {
+    /// Its address as the registry keys backends (instances are IPv4).
+    pub fn socket(&self) -> std::net::SocketAddr {
+        self.addr.into()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
     #[error("{what}: {source}")]
@@ -365,7 +373,7 @@ pub type ProbeError = Box<dyn std::error::Error + Send + Sync>;
 pub trait Prober: Send + Sync + 'static {
     fn probe(
         &self,
-        addr: SocketAddrV4,
+        addr: std::net::SocketAddr,
         check: &HealthCheckConfig,
     ) -> impl Future<Output = Result<(), ProbeError>> + Send;
 

@@ -36,8 +36,9 @@ use std::{
 use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
     maglev_index,
-    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, SERVICES6}, Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS,
-    BACKEND_VIPS, CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
+    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, SERVICES6},
+    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS,
+    CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
 };
 use tracing::warn;
 
