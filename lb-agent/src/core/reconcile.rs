@@ -569,6 +569,56 @@ mod tests {
         DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
     }
 
+    /// One IPv6 service (`2001:db8::10:80`, XDP) with `backends`, and
+    /// beside it an IPv4 one.
+    fn config6(backends: &[&str]) -> Vec<DesiredService> {
+        let mut text =
+            String::from("[[service]]\nname = \"web6\"\nvip = \"2001:db8::10\"\nport = 80\ninterfaces = [\"eth0\"]\n");
+        for addr in backends {
+            text += &format!("[[service.backend]]\naddress = \"{addr}\"\n");
+        }
+        text += "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+                 [[service.backend]]\naddress = \"10.1.0.1:80\"\n[interface.eth0]\nhook = \"xdp\"\n";
+        DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    #[test]
+    fn an_ipv6_service_is_written_to_the_ipv6_maps_with_shared_ids_and_tables() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&config6(&["[2001:db8:1::2]:8080", "[2001:db8:1::3]:8080"]), &mut dp).unwrap();
+        let key6 = ServiceKey6::new("[2001:db8::10]:80".parse().unwrap(), lb_common::PROTO_TCP);
+        let svc = dp.services6[&key6];
+        assert_eq!((dp.services.len(), dp.services6.len()), (1, 1));
+        assert_ne!(svc.id, dp.services.values().next().unwrap().id, "one id space for both families");
+        assert_eq!(svc.backend_count, 2);
+        // Each IPv6 backend: its address in BACKENDS6 before its BACKENDS
+        // entry (no address, flags and service) makes the id live.
+        let b6: Vec<SocketAddr> = dp.backends6.values().map(|b| b.addr().into()).collect();
+        assert_eq!(b6, ["[2001:db8:1::2]:8080".parse().unwrap(), "[2001:db8:1::3]:8080".parse().unwrap()]);
+        for id in dp.backends6.keys() {
+            let b = dp.backends[id];
+            assert_eq!((b.ip_be, b.service_id, b.flags), (0, svc.id, BACKEND_F_ACTIVE));
+            let at = |w: &Write| matches!(w, Write::Backend6 { id: i, .. } | Write::Backend { id: i, .. } if i == id);
+            let kinds: Vec<&str> = dp.log.iter().filter(|w| at(w)).map(Write::kind).collect();
+            assert_eq!(kinds, ["backend6", "backend"]);
+        }
+        // The shared table names only the IPv6 backends' ids.
+        let live: BTreeSet<u32> = dp.table(svc.id, svc.table).into_iter().collect();
+        assert_eq!(live, dp.backends6.keys().copied().collect());
+        // Replies from each backend address are matched to the service.
+        assert_eq!(dp.backend_vips6.len(), 2);
+        assert!(dp.backend_vips6.values().all(|v| v.vips[0] == key6 && v.vips[1] == ServiceKey6::default()));
+
+        // A backend leaves: its reply key goes; the service goes: SERVICES6 too.
+        r.apply(&config6(&["[2001:db8:1::2]:8080"]), &mut dp).unwrap();
+        assert_eq!((dp.backend_vips6.len(), dp.services6[&key6].backend_count), (1, 1));
+        let only_v4: Vec<DesiredService> = config6(&[]).into_iter().filter(|s| s.config.name == "web").collect();
+        r.apply(&only_v4, &mut dp).unwrap();
+        assert!(dp.services6.is_empty() && dp.backend_vips6.is_empty());
+        assert_eq!(dp.services.len(), 1);
+    }
+
     #[test]
     fn first_apply_writes_backends_then_table_then_service() {
         let mut dp = FakeDataplane::default();
