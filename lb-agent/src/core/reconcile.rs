@@ -426,7 +426,6 @@ impl Reconciler {
 /// The services each backend address (with the service's protocol) is
 /// registered in, in or out of the table: replies from any of them may be
 /// of a flow still open. IPv4 and IPv6 apart (`BACKEND_VIPS`, `BACKEND_VIPS6`).
-#[expect(clippy::type_complexity, reason = "two maps of one shape, named by the caller")]
 fn wanted_vips(
     wanted: &BTreeMap<VipKey, &DesiredService>,
 ) -> (BTreeMap<BackendAddr, BTreeSet<ServiceKey>>, BTreeMap<BackendAddr6, BTreeSet<ServiceKey6>>) {
