@@ -12,8 +12,9 @@ const MAX_BODY: usize = 16 << 20;
 /// `timeout`: the status and the body.
 pub fn get(addr: SocketAddrV4, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (status, body) =
-        runtime.block_on(lb_agent::adapters::http::fetch(addr, path, MAX_BODY, timeout)).map_err(io::Error::other)?;
+    let (status, body) = runtime
+        .block_on(lb_agent::adapters::http::fetch(addr.into(), path, MAX_BODY, timeout))
+        .map_err(io::Error::other)?;
     let body = String::from_utf8(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok((status, body))
 }

@@ -23,6 +23,7 @@ pub mod diff;
 pub mod docker;
 pub mod http;
 pub mod monitoring;
+pub mod net6;
 pub mod netns;
 pub mod packet;
 pub mod root;

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::MapError;
 use lb_common::{
     hash::flow_hash,
-    v6::{fold_ip6, ip6_raw, Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, ServiceKey6},
+    v6::{fold_ip6, ip6_raw, Backend6, BackendVips6, Conn6, FlowKey6, ServiceKey6},
     Backend, Service, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
 };
 
@@ -34,7 +34,7 @@ impl ServiceSpec6 {
     }
 
     pub fn key(&self) -> ServiceKey6 {
-        ServiceKey6 { vip: ip6_raw(*self.vip.ip()), port_be: self.vip.port().to_be(), proto: self.proto, _pad: 0 }
+        ServiceKey6::new(self.vip, self.proto)
     }
 
     /// The backend a new flow from `client` must get, predicted without the
@@ -66,9 +66,9 @@ impl LbObject {
             let b = Backend { service_id: spec.id, flags: BACKEND_F_ACTIVE, ..Backend::default() };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
             self.backend_ids.insert(id);
-            let b6 = Backend6 { ip: ip6_raw(*addr.ip()), port_be: addr.port().to_be(), _pad: 0 };
+            let b6 = Backend6::new(addr);
             self.maps.backends6.set(id, b6, 0).with_context(|| format!("write BACKENDS6[{id}]"))?;
-            let key = BackendAddr6 { ip: b6.ip, port_be: b6.port_be, proto: spec.proto, _pad: 0 };
+            let key = b6.reply_key(spec.proto);
             let mut vips = match self.maps.backend_vips6.get(&key, 0) {
                 Ok(v) => v,
                 Err(MapError::KeyNotFound) => BackendVips6::default(),

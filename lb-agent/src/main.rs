@@ -1,7 +1,7 @@
 //! lb-agent: the XDP load balancer's daemon and command line.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -218,7 +218,7 @@ enum Command {
     /// pick. Example: `lb-agent explain 10.0.9.2:40000 --service web`.
     Explain {
         /// The client's address and source port, e.g. 10.0.9.2:40000.
-        client: SocketAddrV4,
+        client: SocketAddr,
         /// The service, by its name in the config.
         #[arg(long)]
         service: String,
@@ -227,7 +227,7 @@ enum Command {
         protocol: Option<String>,
         /// The VIP; refused unless it is the service's.
         #[arg(long)]
-        vip: Option<std::net::Ipv4Addr>,
+        vip: Option<std::net::IpAddr>,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -297,7 +297,7 @@ enum BackendChange {
         /// The service's `name` in the config.
         service: String,
         /// The backend's IPv4 address and port, e.g. 10.0.1.4:8080.
-        address: SocketAddrV4,
+        address: SocketAddr,
         /// Its share of new flows, relative to the other backends' weights.
         #[arg(long, default_value_t = 1)]
         weight: u32,
@@ -308,14 +308,14 @@ enum BackendChange {
         /// The service's `name` in the config.
         service: String,
         /// The backend's IPv4 address and port, as listed by `status`.
-        address: SocketAddrV4,
+        address: SocketAddr,
     },
     /// Change a backend's weight (0 takes it out of the table without draining it away).
     Weight {
         /// The service's `name` in the config.
         service: String,
         /// The backend's IPv4 address and port, as listed by `status`.
-        address: SocketAddrV4,
+        address: SocketAddr,
         /// The new weight: its share of new flows, relative to the others'.
         weight: u32,
     },
@@ -325,7 +325,7 @@ enum BackendChange {
         /// The service, by its name in the config.
         service: String,
         /// Only this backend's change (ip:port); without it, all the service's.
-        address: Option<SocketAddrV4>,
+        address: Option<SocketAddr>,
     },
 }
 

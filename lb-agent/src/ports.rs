@@ -11,7 +11,10 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL};
+use lb_common::{
+    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
+    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL,
+};
 use serde::Serialize;
 
 use crate::config::{HealthCheckConfig, InterfaceConfig, ServiceConfig};
@@ -28,6 +31,14 @@ pub trait MapWriter {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
     /// The services a backend address serves (`None`: forget the address).
     fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError>;
+    /// IPv6: a backend's address (`BACKENDS6`) under the id whose `BACKENDS`
+    /// entry (flags, service; `ip_be == 0`) `set_backend` writes.
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError>;
+    /// IPv6: a service (`SERVICES6`); its tables are the shared ones.
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError>;
+    fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError>;
+    /// IPv6: the services a backend address serves (`None`: forget it).
+    fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError>;
 }
 
 /// The cheap reads a snapshot and a scaling decision take on the agent's
@@ -159,7 +170,7 @@ pub enum DataplaneError {
         "backend {backend} is in {services} services; one backend address can serve at most {max} \
          (the data plane matches its replies against each)"
     )]
-    BackendInTooManyServices { backend: SocketAddrV4, services: usize, max: usize },
+    BackendInTooManyServices { backend: std::net::SocketAddr, services: usize, max: usize },
 }
 
 /// What a previous agent left in the (pinned) maps.
@@ -295,6 +306,13 @@ pub struct Replica {
     pub running: bool,
 }
 
+impl Replica {
+    /// Its address as the registry keys backends (instances are IPv4).
+    pub fn socket(&self) -> std::net::SocketAddr {
+        self.addr.into()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
     #[error("{what}: {source}")]
@@ -355,7 +373,7 @@ pub type ProbeError = Box<dyn std::error::Error + Send + Sync>;
 pub trait Prober: Send + Sync + 'static {
     fn probe(
         &self,
-        addr: SocketAddrV4,
+        addr: std::net::SocketAddr,
         check: &HealthCheckConfig,
     ) -> impl Future<Output = Result<(), ProbeError>> + Send;
 

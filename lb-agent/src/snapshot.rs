@@ -223,7 +223,7 @@ fn verdict(r: Reason) -> &'static str {
 fn snat_sources<'a>(
     reconciler: &Reconciler,
     config: &crate::config::ServiceConfig,
-    backends: impl Iterator<Item = &'a std::net::SocketAddrV4>,
+    backends: impl Iterator<Item = &'a std::net::SocketAddr>,
 ) -> Vec<String> {
     if config.mode != crate::config::ForwardMode::FullNat {
         return Vec::new();
@@ -233,7 +233,7 @@ fn snat_sources<'a>(
     }
     let found: std::collections::BTreeSet<String> = backends
         .map(|a| {
-            reconciler.snat_source(config, *a.ip()).map_or_else(|| format!("none for {a}"), |s| format!("{s} (route)"))
+            reconciler.snat_source(config, a.ip()).map_or_else(|| format!("none for {a}"), |s| format!("{s} (route)"))
         })
         .collect();
     found.into_iter().collect()

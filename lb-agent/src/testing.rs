@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -12,7 +12,10 @@ use std::{
     },
 };
 
-use lb_common::{Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE};
+use lb_common::{
+    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
+    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE,
+};
 
 use crate::{
     config::{ChecksumMode, Config, FastPathMode, HealthCheckConfig, HookMode, InterfaceConfig, ServiceConfig},
@@ -134,6 +137,10 @@ pub enum Write {
     Service { key: ServiceKey, service: Service },
     RemoveService { key: ServiceKey },
     BackendVips { addr: BackendAddr, vips: Option<BackendVips> },
+    Backend6 { id: u32, backend: Backend6 },
+    Service6 { key: ServiceKey6, service: Service },
+    RemoveService6 { key: ServiceKey6 },
+    BackendVips6 { addr: BackendAddr6, vips: Option<BackendVips6> },
 }
 
 impl Write {
@@ -144,6 +151,10 @@ impl Write {
             Write::Service { .. } => "service",
             Write::RemoveService { .. } => "remove_service",
             Write::BackendVips { .. } => "backend_vips",
+            Write::Backend6 { .. } => "backend6",
+            Write::Service6 { .. } => "service6",
+            Write::RemoveService6 { .. } => "remove_service6",
+            Write::BackendVips6 { .. } => "backend_vips6",
         }
     }
 }
@@ -157,6 +168,10 @@ pub struct FakeDataplane {
     pub tables: BTreeMap<(u32, u32), Vec<u32>>,
     pub services: BTreeMap<ServiceKey, Service>,
     pub backend_vips: BTreeMap<BackendAddr, BackendVips>,
+    /// The IPv6 maps: `BACKENDS6`, `SERVICES6`, `BACKEND_VIPS6`.
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub services6: BTreeMap<ServiceKey6, Service>,
+    pub backend_vips6: BTreeMap<BackendAddr6, BackendVips6>,
     /// Counters by service id and by backend id (zero when absent).
     pub service_counters: BTreeMap<u32, Counters>,
     pub backend_counters: BTreeMap<u32, Counters>,
@@ -192,18 +207,21 @@ impl FakeDataplane {
     }
 
     /// The id of the live backend entry for `addr`.
-    pub fn backend_id(&self, addr: SocketAddrV4) -> Option<u32> {
-        let (ip_be, port_be) = (u32::from(*addr.ip()).to_be(), addr.port().to_be());
-        self.backends.iter().find(|(_, b)| b.flags != 0 && b.ip_be == ip_be && b.port_be == port_be).map(|(id, _)| *id)
+    pub fn backend_id(&self, addr: SocketAddr) -> Option<u32> {
+        self.backends.iter().find(|(id, b)| b.flags != 0 && self.backend_addr(**id, b) == addr).map(|(id, _)| *id)
+    }
+
+    /// The address of backend `id` (entry `b`): IPv6 in `BACKENDS6`.
+    fn backend_addr(&self, id: u32, b: &Backend) -> SocketAddr {
+        match self.backends6.get(&id) {
+            Some(b6) if b.ip_be == 0 => b6.addr().into(),
+            _ => SocketAddr::new(Ipv4Addr::from(u32::from_be(b.ip_be)).into(), u16::from_be(b.port_be)),
+        }
     }
 
     /// The addresses of the live backend entries.
-    pub fn live_backends(&self) -> BTreeSet<SocketAddrV4> {
-        self.backends
-            .values()
-            .filter(|b| b.flags != 0)
-            .map(|b| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(b.ip_be)), u16::from_be(b.port_be)))
-            .collect()
+    pub fn live_backends(&self) -> BTreeSet<SocketAddr> {
+        self.backends.iter().filter(|(_, b)| b.flags != 0).map(|(id, b)| self.backend_addr(*id, b)).collect()
     }
 
     /// The backend ids in the live half of every service's table.
@@ -263,6 +281,33 @@ impl MapWriter for FakeDataplane {
         self.log.push(Write::BackendVips { addr: *addr, vips: vips.copied() });
         Ok(())
     }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError> {
+        self.backends6.insert(id, *backend);
+        self.log.push(Write::Backend6 { id, backend: *backend });
+        Ok(())
+    }
+
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError> {
+        self.services6.insert(*key, *service);
+        self.log.push(Write::Service6 { key: *key, service: *service });
+        Ok(())
+    }
+
+    fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
+        self.services6.remove(key);
+        self.log.push(Write::RemoveService6 { key: *key });
+        Ok(())
+    }
+
+    fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {
+        match vips {
+            Some(v) => self.backend_vips6.insert(*addr, *v),
+            None => self.backend_vips6.remove(addr),
+        };
+        self.log.push(Write::BackendVips6 { addr: *addr, vips: vips.copied() });
+        Ok(())
+    }
 }
 
 /// A [`FakeDataplane`] the agent owns while the test keeps a handle on it;
@@ -276,13 +321,13 @@ impl SharedDataplane {
     }
 
     /// Whether the backend at `addr` has slots in its service's live table.
-    pub fn in_table(&self, addr: SocketAddrV4) -> bool {
+    pub fn in_table(&self, addr: SocketAddr) -> bool {
         let dp = self.lock();
         dp.backend_id(addr).is_some_and(|id| dp.in_tables().contains(&id))
     }
 
     /// Set the open flows a walk finds for the backend at `addr`.
-    pub fn set_open(&self, addr: SocketAddrV4, open: u64) {
+    pub fn set_open(&self, addr: SocketAddr, open: u64) {
         let mut dp = self.lock();
         let id = dp.backend_id(addr).unwrap_or_else(|| panic!("no backend {addr} in the maps"));
         dp.open.insert(id, open);
@@ -315,6 +360,22 @@ impl MapWriter for SharedDataplane {
 
     fn set_backend_vips(&mut self, addr: &BackendAddr, vips: Option<&BackendVips>) -> Result<(), DataplaneError> {
         self.lock().set_backend_vips(addr, vips)
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError> {
+        self.lock().set_backend6(id, backend)
+    }
+
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError> {
+        self.lock().set_service6(key, service)
+    }
+
+    fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
+        self.lock().remove_service6(key)
+    }
+
+    fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {
+        self.lock().set_backend_vips6(addr, vips)
     }
 }
 
@@ -393,7 +454,10 @@ impl Dataplane for SharedDataplane {
             .filter(|i| !dp.missing_interfaces.contains(*i))
             .map(|i| (i.clone(), plain_interface()))
             .collect();
-        let addrs = config.services.iter().flat_map(|s| s.backends.iter().map(|b| *b.address.ip()));
+        let addrs = config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().filter_map(|b| crate::core::vip::ipv4(b.address.ip())));
         let routes = addrs.filter_map(|a| Some((a, dp.routes.get(&a)?.clone()))).collect();
         Ok(HostFacts { cgroup2_mount: dp.cgroup2_mount.clone(), interfaces, routes, ..HostFacts::default() })
     }
@@ -529,7 +593,7 @@ impl Orchestrator for FakeOrchestrator {
         let r = Replica {
             id: format!("i{n}"),
             name: format!("web-{n}"),
-            addr: SocketAddrV4::new(Ipv4Addr::new(10, 9, o.net, n as u8), 8080),
+            addr: std::net::SocketAddrV4::new(Ipv4Addr::new(10, 9, o.net, n as u8), 8080),
             running: true,
         };
         o.instances.insert(r.id.clone(), r.clone());
@@ -614,7 +678,7 @@ pub struct FakeProber(Arc<Mutex<ProberState>>);
 
 #[derive(Debug, Default)]
 pub struct ProberState {
-    pub down: BTreeSet<SocketAddrV4>,
+    pub down: BTreeSet<SocketAddr>,
     pub probes: u32,
 }
 
@@ -625,7 +689,7 @@ impl FakeProber {
 }
 
 impl Prober for FakeProber {
-    async fn probe(&self, addr: SocketAddrV4, _check: &HealthCheckConfig) -> Result<(), ProbeError> {
+    async fn probe(&self, addr: SocketAddr, _check: &HealthCheckConfig) -> Result<(), ProbeError> {
         let mut p = self.lock();
         p.probes += 1;
         if p.down.contains(&addr) {

@@ -22,7 +22,7 @@
 //! same table, whatever each one went through.
 
 use core::cmp::Reverse;
-use core::net::SocketAddrV4;
+use core::net::SocketAddr;
 use std::collections::{BinaryHeap, HashMap};
 use std::vec;
 use std::vec::Vec;
@@ -36,7 +36,7 @@ pub struct MaglevBackend {
     /// 0 (0 means "no backend") and must be unique within a set.
     pub id: u32,
     /// Hashed into the backend's permutation of the slots.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Relative share of the slots; 0 means the backend gets none.
     pub weight: u32,
 }
@@ -136,9 +136,15 @@ const fn gcd(mut a: u64, mut b: u64) -> u64 {
 const OFFSET_SEED: u32 = 0x2545_f491;
 const SKIP_SEED: u32 = 0x6c8e_9cf5;
 
-/// Hash of a backend's address; different seeds give unrelated hashes.
-fn hash_addr(addr: &SocketAddrV4, seed: u32) -> u32 {
-    mix32(mix32(seed ^ u32::from(*addr.ip())) ^ u32::from(addr.port()))
+/// Hash of a backend's address; different seeds give unrelated hashes. An
+/// IPv6 address is folded to 32 bits first (`v6::fold_ip6`); IPv4 hashes as
+/// it always has, so IPv4 tables stay what they were.
+fn hash_addr(addr: &SocketAddr, seed: u32) -> u32 {
+    let ip = match addr {
+        SocketAddr::V4(a) => u32::from(*a.ip()),
+        SocketAddr::V6(a) => crate::v6::fold_ip6(&crate::v6::ip6_raw(*a.ip())),
+    };
+    mix32(mix32(seed ^ ip) ^ u32::from(addr.port()))
 }
 
 /// The order in which one backend tries the slots.
@@ -159,7 +165,7 @@ struct Cursor {
 }
 
 impl Permutation {
-    fn new(addr: &SocketAddrV4, size: u32) -> Self {
+    fn new(addr: &SocketAddr, size: u32) -> Self {
         let size = u64::from(size);
         let offset = u64::from(hash_addr(addr, OFFSET_SEED)) % size;
         let mut skip = u64::from(hash_addr(addr, SKIP_SEED)) % size.saturating_sub(1).max(1) + 1;
@@ -390,7 +396,7 @@ mod tests {
 
     fn backend(id: u32, weight: u32) -> MaglevBackend {
         let [_, _, hi, lo] = id.to_be_bytes();
-        MaglevBackend { id, addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, hi, lo), 8080), weight }
+        MaglevBackend { id, addr: core::net::SocketAddrV4::new(Ipv4Addr::new(10, 1, hi, lo), 8080).into(), weight }
     }
 
     fn backends(n: u32, weight: u32) -> Vec<MaglevBackend> {
@@ -588,7 +594,7 @@ mod tests {
                     .zip(1..)
                     .map(|(((ip, port), weight), id)| MaglevBackend {
                         id,
-                        addr: SocketAddrV4::new(Ipv4Addr::from(ip), port),
+                        addr: core::net::SocketAddrV4::new(Ipv4Addr::from(ip), port).into(),
                         weight,
                     })
                     .collect()
@@ -695,7 +701,7 @@ mod tests {
                     0 if set.len() > 1 => { set.remove(pick.index(set.len())); }
                     1 => {
                         next_id += 1;
-                        set.push(MaglevBackend { id: next_id, addr: SocketAddrV4::new(Ipv4Addr::from(next_id), 80), weight });
+                        set.push(MaglevBackend { id: next_id, addr: core::net::SocketAddrV4::new(Ipv4Addr::from(next_id), 80).into(), weight });
                     }
                     _ => { let i = pick.index(set.len()); set[i].weight = weight; }
                 }

@@ -11,7 +11,7 @@
 
 use core::{
     mem::{align_of, size_of},
-    net::Ipv6Addr,
+    net::{Ipv6Addr, SocketAddrV6},
 };
 
 use crate::{csum::fold, hash::mix32, Conn, MAX_VIPS_PER_BACKEND};
@@ -46,6 +46,18 @@ pub struct ServiceKey6 {
     pub _pad: u8,
 }
 
+impl ServiceKey6 {
+    /// The key of the service at `vip` (address and port) for `proto`.
+    pub const fn new(vip: SocketAddrV6, proto: u8) -> Self {
+        ServiceKey6 { vip: ip6_raw(*vip.ip()), port_be: vip.port().to_be(), proto, _pad: 0 }
+    }
+
+    /// The VIP and port this key holds.
+    pub const fn addr(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(ip6_addr(self.vip), u16::from_be(self.port_be), 0, 0)
+    }
+}
+
 /// Value of the `BACKENDS6` array, by backend id: the address of a backend
 /// whose `BACKENDS` entry (same id) has `ip_be == 0`.
 #[repr(C)]
@@ -54,6 +66,23 @@ pub struct Backend6 {
     pub ip: Ip6,
     pub port_be: u16,
     pub _pad: u16,
+}
+
+impl Backend6 {
+    /// The entry of the backend at `addr`.
+    pub const fn new(addr: SocketAddrV6) -> Self {
+        Backend6 { ip: ip6_raw(*addr.ip()), port_be: addr.port().to_be(), _pad: 0 }
+    }
+
+    /// The address this entry holds.
+    pub const fn addr(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(ip6_addr(self.ip), u16::from_be(self.port_be), 0, 0)
+    }
+
+    /// The `BACKEND_VIPS6` key its replies of protocol `proto` carry.
+    pub const fn reply_key(&self, proto: u8) -> BackendAddr6 {
+        BackendAddr6 { ip: self.ip, port_be: self.port_be, proto, _pad: 0 }
+    }
 }
 
 /// Key of `CONNTRACK6`: a flow's 5-tuple as its client sends it.
@@ -244,6 +273,18 @@ mod tests {
         let a: Ipv6Addr = "2001:db8::10".parse().unwrap();
         assert_eq!(ip6_addr(ip6_raw(a)), a);
         assert_eq!(ip6_raw(a)[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+    }
+
+    #[test]
+    fn keys_and_entries_hold_their_socket_addresses() {
+        let vip: SocketAddrV6 = "[2001:db8::10]:80".parse().unwrap();
+        let key = ServiceKey6::new(vip, 6);
+        assert_eq!((key.addr(), key.proto, key.port_be), (vip, 6, 80u16.to_be()));
+        let backend: SocketAddrV6 = "[2001:db8:1::2]:8080".parse().unwrap();
+        let entry = Backend6::new(backend);
+        assert_eq!(entry.addr(), backend);
+        let reply = entry.reply_key(17);
+        assert_eq!((reply.ip, reply.port_be, reply.proto), (ip6_raw(*backend.ip()), 8080u16.to_be(), 17));
     }
 
     #[test]

@@ -56,13 +56,18 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
             facts.interfaces.insert(iface.clone(), f);
         }
     }
-    let addrs = config.services.iter().flat_map(|s| s.backends.iter().map(|b| *b.address.ip()).chain([s.vip]));
+    // The route checks are IPv4's: IPv6 addresses are not judged.
+    let addrs = config
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.address.ip()).chain([s.vip]))
+        .filter_map(crate::core::vip::ipv4);
     facts.routes = routes_to(addrs)?;
     let route_sourced = config
         .services
         .iter()
         .filter(|s| s.mode == crate::config::ForwardMode::FullNat && s.source.is_none())
-        .flat_map(|s| s.backends.iter().map(|b| *b.address.ip()));
+        .flat_map(|s| s.backends.iter().filter_map(|b| crate::core::vip::ipv4(b.address.ip())));
     facts.snat_sources = routes::sources_to(route_sourced)?;
     Ok(facts)
 }

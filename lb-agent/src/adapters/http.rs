@@ -2,7 +2,7 @@
 //! HTTP/1.1 client over a `TcpStream` connected here. Health probes and
 //! request-rate scrapes share it.
 
-use std::{future::Future, net::SocketAddrV4, pin::pin, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
 
 use http_body_util::{BodyExt as _, Empty};
 use hyper::{body::Bytes, client::conn::http1, header, Request};
@@ -31,7 +31,7 @@ pub enum GetError {
 }
 
 /// Connects to `addr` within `limit`: all a TCP health check does.
-pub async fn connect(addr: SocketAddrV4, limit: Duration) -> Result<TcpStream, GetError> {
+pub async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, GetError> {
     within(limit, async { TcpStream::connect(addr).await.map_err(GetError::Connect) }).await
 }
 
@@ -40,7 +40,7 @@ pub async fn connect(addr: SocketAddrV4, limit: Duration) -> Result<TcpStream, G
 /// at most `max_body` bytes of the body and leaves the rest unread (0: only
 /// the status matters).
 pub async fn get(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     path: &str,
     want: u16,
     max_body: usize,
@@ -56,12 +56,7 @@ pub async fn get(
 
 /// GETs `path` from `addr` as [`get`] does, whatever the status: the
 /// status and at most `max_body` bytes of the body.
-pub async fn fetch(
-    addr: SocketAddrV4,
-    path: &str,
-    max_body: usize,
-    limit: Duration,
-) -> Result<(u16, Vec<u8>), GetError> {
+pub async fn fetch(addr: SocketAddr, path: &str, max_body: usize, limit: Duration) -> Result<(u16, Vec<u8>), GetError> {
     within(limit, get_unbounded(addr, path, max_body)).await
 }
 
@@ -70,7 +65,7 @@ async fn within<T>(limit: Duration, f: impl Future<Output = Result<T, GetError>>
 }
 
 /// The status and the first `max_body` bytes of the body.
-async fn get_unbounded(addr: SocketAddrV4, path: &str, max_body: usize) -> Result<(u16, Vec<u8>), GetError> {
+async fn get_unbounded(addr: SocketAddr, path: &str, max_body: usize) -> Result<(u16, Vec<u8>), GetError> {
     let request = Request::get(path)
         .header(header::HOST, addr.to_string())
         .header(header::USER_AGENT, USER_AGENT)
@@ -112,7 +107,7 @@ mod tests {
     use super::*;
 
     /// A server that answers one connection with `answer`, whatever it got.
-    async fn answer_once(answer: &'static str) -> SocketAddrV4 {
+    async fn answer_once(answer: &'static str) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else { unreachable!() };
         tokio::spawn(async move {
@@ -125,7 +120,7 @@ mod tests {
             assert!(request.contains("\r\nconnection: close\r\n"), "{request}");
             let _ = s.write_all(answer.as_bytes()).await;
         });
-        addr
+        addr.into()
     }
 
     #[tokio::test]

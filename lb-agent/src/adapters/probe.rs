@@ -1,7 +1,7 @@
 //! Health probes: a TCP connect, or an HTTP/1.1 GET whose status must match.
 //! Each probe is bounded by the check's timeout as a whole.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use crate::{
     adapters::{
@@ -16,7 +16,7 @@ use crate::{
 pub struct NetProber;
 
 impl Prober for NetProber {
-    async fn probe(&self, addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
+    async fn probe(&self, addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), ProbeError> {
         probe(addr, check).await
     }
 
@@ -28,10 +28,12 @@ impl Prober for NetProber {
 
 /// Probe one backend once. Through the tunnel first for a `dsr-ipip`
 /// service (`through_tunnel`), which for a TCP check is the whole check.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), ProbeError> {
+pub async fn probe(addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), ProbeError> {
     let limit = check.timeout();
     if let Some(vip) = check.through_tunnel {
-        dsr_probe::probe(*addr.ip(), vip, limit).await?;
+        // Config refuses IPv6 in dsr-ipip (config/family.rs).
+        let SocketAddr::V4(v4) = addr else { return Err(format!("dsr-ipip probe to {addr}: IPv4 only").into()) };
+        dsr_probe::probe(*v4.ip(), vip, limit).await?;
         if check.kind == CheckKind::Tcp {
             return Ok(());
         }
@@ -40,7 +42,7 @@ pub async fn probe(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), 
 }
 
 /// Probe one backend at its own address.
-pub async fn probe_direct(addr: SocketAddrV4, check: &HealthCheckConfig) -> Result<(), GetError> {
+pub async fn probe_direct(addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), GetError> {
     let limit = check.timeout();
     if check.kind == CheckKind::Tcp {
         http::connect(addr, limit).await?;
@@ -75,15 +77,15 @@ mod tests {
         }
     }
 
-    async fn local_addr(l: &TcpListener) -> SocketAddrV4 {
+    async fn local_addr(l: &TcpListener) -> SocketAddr {
         match l.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
+            a @ std::net::SocketAddr::V4(_) => a,
             other => panic!("not v4: {other}"),
         }
     }
 
     /// A one-shot HTTP server that answers every request with `status`.
-    async fn http_server(status: &'static str) -> SocketAddrV4 {
+    async fn http_server(status: &'static str) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = local_addr(&l).await;
         tokio::spawn(async move {

@@ -62,7 +62,7 @@ const MAX_PAGE: usize = 1 << 20;
 /// GET `path` from `addr` (one connection) within `timeout`; the body of a
 /// 200 answer, up to 1 MiB.
 pub async fn scrape(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<String, GetError> {
-    let body = http::get(addr, path, 200, MAX_PAGE, timeout).await?;
+    let body = http::get(addr.into(), path, 200, MAX_PAGE, timeout).await?;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 

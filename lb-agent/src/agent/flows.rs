@@ -20,11 +20,11 @@ use crate::ports::{ConnectionTable, ConntrackScan};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlushFor {
     /// Its drain ended; `expired` when the deadline passed with flows open.
-    Drain { service: String, addr: std::net::SocketAddrV4, expired: bool },
+    Drain { service: String, addr: std::net::SocketAddr, expired: bool },
     /// Its instance exited.
-    Exited { addr: std::net::SocketAddrV4 },
+    Exited { addr: std::net::SocketAddr },
     /// A UDP backend failed its checks.
-    Down { addr: std::net::SocketAddrV4 },
+    Down { addr: std::net::SocketAddr },
 }
 
 /// What the worker reports back to the agent's loop.

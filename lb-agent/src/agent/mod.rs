@@ -30,7 +30,7 @@ mod walks;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -116,7 +116,7 @@ pub struct Inputs {
 
 struct ProbeResult {
     service: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     error: Option<String>,
     /// The error was a timeout.
     timed_out: bool,
@@ -164,7 +164,7 @@ pub struct Agent<D: Dataplane, F: OrchestratorFactory, P: Prober> {
     options: Options,
     events: VecDeque<Event>,
     errors: u64,
-    probes: BTreeMap<(String, SocketAddrV4), ProbeTask>,
+    probes: BTreeMap<(String, SocketAddr), ProbeTask>,
     probe_tx: mpsc::Sender<ProbeResult>,
     probe_rx: mpsc::Receiver<ProbeResult>,
     snapshots: SnapshotBuilder,
@@ -339,12 +339,13 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     fn sync_probes(&mut self) {
-        let mut wanted: BTreeMap<(String, SocketAddrV4), HealthCheckConfig> = BTreeMap::new();
+        let mut wanted: BTreeMap<(String, SocketAddr), HealthCheckConfig> = BTreeMap::new();
         for (name, svc) in self.registry.services() {
             let Some(check) = &svc.config.health_check else { continue };
             let mut check = check.clone();
-            if svc.config.mode == ForwardMode::DsrIpip {
-                check.through_tunnel = Some(SocketAddrV4::new(svc.config.vip, svc.config.port));
+            // Config refuses IPv6 in dsr-ipip (config/family.rs).
+            if let (ForwardMode::DsrIpip, IpAddr::V4(vip)) = (svc.config.mode, svc.config.vip) {
+                check.through_tunnel = Some(SocketAddrV4::new(vip, svc.config.port));
             }
             for addr in svc.backends.keys() {
                 wanted.insert((name.clone(), *addr), check.clone());
@@ -515,10 +516,12 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
 
     /// A backend added at run time must be one the data plane can reach:
     /// routed out of one of its service's interfaces.
-    fn refuse_unroutable(&self, service: &str, addr: SocketAddrV4) -> Result<(), String> {
+    fn refuse_unroutable(&self, service: &str, addr: SocketAddr) -> Result<(), String> {
         let Some(entry) = self.registry.service(service) else { return Ok(()) };
-        let routes = self.dataplane.routes(&[*addr.ip()].into()).map_err(|e| format!("{e:#}"))?;
-        match routes.get(addr.ip()).and_then(|r| deploy::unroutable(&entry.config, r)) {
+        // Routes are looked up for IPv4 only; an IPv6 backend is not judged.
+        let Some(ip) = crate::core::vip::ipv4(addr.ip()) else { return Ok(()) };
+        let routes = self.dataplane.routes(&[ip].into()).map_err(|e| format!("{e:#}"))?;
+        match routes.get(&ip).and_then(|r| deploy::unroutable(&entry.config, r)) {
             Some(why) => Err(format!("backend {addr} cannot be served: {why}")),
             None => Ok(()),
         }
@@ -552,7 +555,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     /// Log and record backends flagged `unroutable`, or routable again.
-    fn report_route_flags(&mut self, changed: &[(String, SocketAddrV4, Option<String>)]) {
+    fn report_route_flags(&mut self, changed: &[(String, SocketAddr, Option<String>)]) {
         for (service, addr, why) in changed {
             match why {
                 Some(why) => {
@@ -601,9 +604,9 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     /// so a client that keeps sending would stay on the dead backend for as
     /// long as the entry lives. Its next datagram picks a live one. TCP
     /// flows stay: a failed check does not mean their connections did.
-    fn flush_udp_flows(&mut self, service: &str, addr: SocketAddrV4) {
+    fn flush_udp_flows(&mut self, service: &str, addr: SocketAddr) {
         let Some(key) = self.registry.service(service).map(|e| e.config.key()) else { return };
-        if key.proto != lb_common::PROTO_UDP {
+        if key.proto() != lb_common::PROTO_UDP {
             return;
         }
         if let Some(id) = self.reconciler.backend_id(&key, addr) {
@@ -617,7 +620,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
 
     /// Per-instance open connections (from the latest walk) and new-flow
     /// totals, by address.
-    fn flow_figures(&self, service: &str) -> anyhow::Result<HashMap<SocketAddrV4, FlowFigures>> {
+    fn flow_figures(&self, service: &str) -> anyhow::Result<HashMap<SocketAddr, FlowFigures>> {
         let mut out = HashMap::new();
         let Some(entry) = self.registry.service(service) else { return Ok(out) };
         let key = entry.config.key();
@@ -825,7 +828,7 @@ async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 
 async fn probe_loop<P: Prober>(
     service: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: HealthCheckConfig,
     prober: Arc<P>,
     tx: mpsc::Sender<ProbeResult>,

@@ -3,7 +3,7 @@
 //! newly scales are made off the loop (Docker, iptables, bridges); the
 //! config is applied, whole or not at all, once they are in.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{sync::oneshot, time::Instant};
@@ -111,7 +111,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         }
         self.registry.set_config(config, Instant::now());
         for (service, r) in serving {
-            if let Err(e) = self.registry.add_instance(service, r.addr) {
+            if let Err(e) = self.registry.add_instance(service, r.socket()) {
                 warn!(service, instance = r.name, error = %e, "adopting a serving instance failed");
             }
         }
@@ -250,7 +250,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
 
     /// `lb-agent backend reset`: drop the service's run-time changes (or
     /// one backend's) and apply the file as it was last read.
-    pub(super) fn reset_overlay(&mut self, service: &str, addr: Option<SocketAddrV4>) -> Response {
+    pub(super) fn reset_overlay(&mut self, service: &str, addr: Option<SocketAddr>) -> Response {
         if self.registry.service(service).is_none() {
             return Response::error(format!("no service named {service:?}"));
         }
@@ -322,8 +322,9 @@ pub(super) async fn serving_instances<O: Orchestrator>(
     let mut serving = Vec::new();
     for (svc, orch) in made {
         let key = svc.key();
-        let in_table =
-            |r: &Replica| reconciler.backend_id(&key, r.addr).is_some() && !out_of_table.contains(&(key, r.addr));
+        let in_table = |r: &Replica| {
+            reconciler.backend_id(&key, r.socket()).is_some() && !out_of_table.contains(&(key, r.socket()))
+        };
         match orch.list().await {
             Ok(listed) => {
                 serving.extend(listed.into_iter().filter(|r| r.running && in_table(r)).map(|r| (svc.name.clone(), r)))

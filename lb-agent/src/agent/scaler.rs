@@ -16,7 +16,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -118,7 +118,7 @@ pub struct TickOutcome {
     pub events: Vec<String>,
     /// Instances that exited and left the table at once: their flows
     /// should be flushed so clients fail fast instead of timing out.
-    pub exited: Vec<SocketAddrV4>,
+    pub exited: Vec<SocketAddr>,
     /// The listing of a deciding round is in: the caller reads the flow
     /// figures and calls `decide`.
     pub decide: bool,
@@ -211,7 +211,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     }
 
     /// Instance addresses this scaler owns, in any phase.
-    pub fn owns(&self, addr: SocketAddrV4) -> bool {
+    pub fn owns(&self, addr: SocketAddr) -> bool {
         self.replicas.owns(addr)
     }
 
@@ -289,7 +289,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     }
 
     /// Probe new instances, decide, act.
-    pub fn decide(&mut self, registry: &mut Registry, flows: &HashMap<SocketAddrV4, FlowFigures>) -> TickOutcome {
+    pub fn decide(&mut self, registry: &mut Registry, flows: &HashMap<SocketAddr, FlowFigures>) -> TickOutcome {
         let mut out = TickOutcome::default();
         let now = Instant::now();
         self.probe_starting();
@@ -347,9 +347,9 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 continue;
             }
             // Out of the table at once: there is nothing to drain to.
-            if registry.forget(&self.service, t.replica.addr) {
+            if registry.forget(&self.service, t.replica.socket()) {
                 out.registry_changed = true;
-                out.exited.push(t.replica.addr);
+                out.exited.push(t.replica.socket());
             }
             let msg = format!("{}: instance {} ({}) exited; removed, will be replaced", self.service, r.name, r.addr);
             warn!("{msg}");
@@ -367,7 +367,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     }
 
     /// Probe an instance for readiness after `delay`.
-    fn spawn_probe(&self, id: String, addr: SocketAddrV4, delay: Duration) {
+    fn spawn_probe(&self, id: String, addr: SocketAddr, delay: Duration) {
         let (tx, service, check) = (self.events.clone(), self.service.clone(), self.check.clone());
         let prober = self.prober.clone();
         tokio::spawn(async move {
@@ -405,7 +405,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
         &mut self,
         d: &Decision,
         registry: &mut Registry,
-        flows: &HashMap<SocketAddrV4, FlowFigures>,
+        flows: &HashMap<SocketAddr, FlowFigures>,
         out: &mut TickOutcome,
     ) {
         let active = self.replicas.active();
@@ -419,11 +419,15 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 if t.phase == Phase::Starting {
                     t.phase = Phase::Stopping;
                     self.spawn_stop(id);
-                } else if registry.remove_backend(&self.service, t.replica.addr, Instant::now()).is_ok() {
+                } else if registry.remove_backend(&self.service, t.replica.socket(), Instant::now()).is_ok() {
                     t.phase = Phase::Draining;
                     out.registry_changed = true;
-                    out.events
-                        .push(format!("{}: draining instance {} ({})", self.service, t.replica.name, t.replica.addr));
+                    out.events.push(format!(
+                        "{}: draining instance {} ({})",
+                        self.service,
+                        t.replica.name,
+                        t.replica.socket()
+                    ));
                 }
             }
         }
@@ -491,7 +495,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             return (None, false);
         }
         match error {
-            None => match registry.add_instance(&self.service, t.replica.addr) {
+            None => match registry.add_instance(&self.service, t.replica.socket()) {
                 Ok(()) => {
                     t.phase = Phase::Ready;
                     let took = t.started_at.elapsed().as_secs_f64();
@@ -507,7 +511,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
             Some(_) if t.started_at.elapsed() < self.instances.ready_timeout => {
                 if self.waking.is_some() {
                     t.probing = true;
-                    let addr = t.replica.addr;
+                    let addr = t.replica.socket();
                     self.spawn_probe(id.to_owned(), addr, WAKE_PROBE_EVERY);
                 }
                 (None, false)
@@ -529,7 +533,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
     }
 
     /// A drain the registry finished: stop the instance behind it.
-    pub fn on_drained(&mut self, addr: SocketAddrV4) {
+    pub fn on_drained(&mut self, addr: SocketAddr) {
         if let Some(id) = self.replicas.drained(addr) {
             self.spawn_stop(id);
         }
@@ -611,7 +615,7 @@ impl<O: Orchestrator + 'static, P: Prober> Scaler<O, P> {
                 .map(|(_, t)| ReplicaStatus {
                     id: t.replica.id.clone(),
                     name: t.replica.name.clone(),
-                    address: t.replica.addr.to_string(),
+                    address: t.replica.socket().to_string(),
                     phase: t.phase.name().into(),
                     cpu_percent: t.cpu_percent,
                     requests_per_second: t.requests_per_second,
@@ -742,12 +746,12 @@ mod tests {
         let r = replica("c1", true);
         s.on_event(ScalerEvent::Started { service: "web".into(), result: Ok(r.clone()) }, &mut registry);
         s.on_event(ScalerEvent::Probed { service: "web".into(), id: "c1".into(), error: None }, &mut registry);
-        assert!(registry.service("web").unwrap().backends.contains_key(&r.addr));
+        assert!(registry.service("web").unwrap().backends.contains_key(&r.socket()));
         orch.lock().instances.insert("c1".into(), r.clone());
         let out = s.on_event(listed(s.replicas.generation(), &[replica("c1", false)]), &mut registry);
         assert!(out.registry_changed);
-        assert_eq!(out.exited, [r.addr]);
-        assert!(!registry.service("web").unwrap().backends.contains_key(&r.addr));
+        assert_eq!(out.exited, [r.socket()]);
+        assert!(!registry.service("web").unwrap().backends.contains_key(&r.socket()));
         let Some(ScalerEvent::Stopped { id, result: Ok(()), .. }) = rx.recv().await else { panic!("no stop") };
         assert_eq!(id, "c1");
         assert_eq!(orch.lock().stopped, ["c1"]);

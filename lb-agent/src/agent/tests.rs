@@ -3,7 +3,7 @@
 //! a minute of agent time takes milliseconds, and a loop that waited on a
 //! hung call would let the clock run out a test's timeout.
 
-use std::{future::Future, net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
 use tokio::{
     sync::{mpsc, oneshot},
@@ -140,8 +140,8 @@ fn has_event(s: &Snapshot, needle: &str) -> bool {
     s.events.iter().any(|e| e.message.contains(needle))
 }
 
-fn addr(n: u8) -> SocketAddrV4 {
-    SocketAddrV4::new([10, 9, 0, n].into(), 8080)
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::new([10, 9, 0, n].into(), 8080)
 }
 
 /// Instances `i1..=in` all ready and in the table.
@@ -426,7 +426,7 @@ fn leave_pinned(w: &World) {
 }
 
 /// `addr`, down, starts passing its probes: it comes back into the table.
-async fn comes_back(w: &World, d: &Driver, addr: SocketAddrV4) {
+async fn comes_back(w: &World, d: &Driver, addr: SocketAddr) {
     w.prober.lock().down.clear();
     d.until(Duration::from_secs(5), "back up", |s| has_event(s, &format!("web: {addr} up"))).await;
     assert!(w.dp.in_table(addr), "not back in the table after passing its checks");
@@ -435,7 +435,7 @@ async fn comes_back(w: &World, d: &Driver, addr: SocketAddrV4) {
 #[tokio::test(start_paused = true)]
 async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
     let w = &two_checked_backends();
-    let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
+    let down: SocketAddr = "10.1.0.2:80".parse().unwrap();
     w.run(|d| async move {
         assert!(w.dp.in_table(down));
         w.prober.lock().down.insert(down);
@@ -454,7 +454,7 @@ async fn a_backend_that_fails_its_probes_leaves_the_table_and_comes_back() {
 #[tokio::test(start_paused = true)]
 async fn editing_the_check_keeps_down_backends_down() {
     let w = &two_checked_backends();
-    let both: [SocketAddrV4; 2] = ["10.1.0.1:80".parse().unwrap(), "10.1.0.2:80".parse().unwrap()];
+    let both: [SocketAddr; 2] = ["10.1.0.1:80".parse().unwrap(), "10.1.0.2:80".parse().unwrap()];
     w.prober.lock().down.extend(both);
     w.run(|d| async move {
         d.until(Duration::from_secs(5), "both down", |s| s.services[0].backends.iter().all(|b| b.state == "down"))
@@ -477,7 +477,7 @@ async fn editing_the_check_keeps_down_backends_down() {
 #[tokio::test(start_paused = true)]
 async fn a_backend_down_before_a_restart_stays_out_until_it_passes_its_checks() {
     let w = &two_checked_backends();
-    let down: SocketAddrV4 = "10.1.0.2:80".parse().unwrap();
+    let down: SocketAddr = "10.1.0.2:80".parse().unwrap();
     w.prober.lock().down.insert(down);
     w.run(|d| async move {
         d.until(Duration::from_secs(5), "10.1.0.2 down", |s| has_event(s, "web: 10.1.0.2:80 down")).await;
@@ -509,7 +509,12 @@ async fn a_restart_keeps_the_instances_it_finds_serving_in_the_table() {
     // As a SIGKILL leaves it: the maps pinned, i1 and i2 running, and i3
     // started but not yet in the table.
     leave_pinned(w);
-    let instance = |n: u8| Replica { id: format!("i{n}"), name: format!("web-{n}"), addr: addr(n), running: true };
+    let instance = |n: u8| Replica {
+        id: format!("i{n}"),
+        name: format!("web-{n}"),
+        addr: std::net::SocketAddrV4::new([10, 9, 0, n].into(), 8080),
+        running: true,
+    };
     w.orchs.lock().left.insert("web".into(), vec![instance(1), instance(2), instance(3)]);
     let agent = w.start().await;
     // Before the loop runs a probe: the first sync kept them in the table.
@@ -538,7 +543,7 @@ async fn a_udp_backend_that_goes_down_loses_its_flows_and_a_tcp_one_keeps_them()
         "{udp}{check}\n[[service.backend]]\naddress = \"10.2.0.1:53\"\n[[service.backend]]\naddress = \"10.2.0.2:53\"\n"
     );
     let w = &World::new(&(web(check, &["10.1.0.1:80", "10.1.0.2:80"]) + &udp));
-    let (tcp_down, udp_down): (SocketAddrV4, SocketAddrV4) =
+    let (tcp_down, udp_down): (SocketAddr, SocketAddr) =
         ("10.1.0.2:80".parse().unwrap(), "10.2.0.2:53".parse().unwrap());
     w.run(|d| async move {
         let (tcp_id, udp_id) = {
@@ -667,8 +672,7 @@ async fn a_change_that_keeps_the_size_and_mtime_is_still_applied() {
 #[tokio::test(start_paused = true)]
 async fn an_api_change_whose_map_write_fails_is_rolled_back() {
     let w = &World::new(&web("", &["10.1.0.1:80"]));
-    let (failed, added): (SocketAddrV4, SocketAddrV4) =
-        ("10.1.0.2:80".parse().unwrap(), "10.1.0.3:80".parse().unwrap());
+    let (failed, added): (SocketAddr, SocketAddr) = ("10.1.0.2:80".parse().unwrap(), "10.1.0.3:80".parse().unwrap());
     w.run(|d| async move {
         w.dp.lock().fail_backend_writes = true;
         let r = d.call(Request::AddBackend { service: "web".into(), address: failed, weight: 1 }).await;
@@ -832,8 +836,8 @@ async fn run_time_changes_survive_reloads_until_reset() {
 #[tokio::test(start_paused = true)]
 async fn backends_the_host_routes_elsewhere_are_refused_or_flagged() {
     let w = &World::new(&web("", &["10.1.0.1:80", "10.1.0.2:80"]));
-    let addr = |s: &str| -> SocketAddrV4 { s.parse().unwrap() };
-    let route = |a: &str, r: Route| w.dp.lock().routes.insert(*addr(a).ip(), r);
+    let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+    let route = |a: &str, r: Route| w.dp.lock().routes.insert(crate::core::vip::ipv4(addr(a).ip()).unwrap(), r);
     route("10.1.0.1:80", Route::Via("eth0".into()));
     route("10.1.0.2:80", Route::Via("eth0".into()));
     route("10.1.0.3:80", Route::Via("eth9".into()));

@@ -3,7 +3,7 @@
 //! snapshot and answers the `status` calls waiting for it; a flush reports
 //! the end of a drain, or of an exited instance's flows.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -46,7 +46,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
     }
 
     /// Every registered backend's id in the data plane.
-    fn backend_ids(&self) -> BTreeMap<(String, SocketAddrV4), u32> {
+    fn backend_ids(&self) -> BTreeMap<(String, SocketAddr), u32> {
         let mut ids = BTreeMap::new();
         for (name, e) in self.registry.services() {
             let key = e.config.key();
@@ -108,7 +108,7 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
 
     /// A drain is over (`cut`: at its deadline, with that many flows open);
     /// the instance behind it, if any, is stopped.
-    fn drain_ended(&mut self, service: &str, addr: SocketAddrV4, cut: Option<u64>) {
+    fn drain_ended(&mut self, service: &str, addr: SocketAddr, cut: Option<u64>) {
         match cut {
             Some(cut) => {
                 warn!(service, backend = %addr, open_flows = cut, "drain deadline passed; open flows cut");

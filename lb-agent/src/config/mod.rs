@@ -9,6 +9,7 @@
 //! together, each with its line and the nearest valid key (`keys`).
 
 pub mod duration;
+mod family;
 pub mod instances;
 pub mod keys;
 pub mod scaling;
@@ -16,7 +17,7 @@ pub mod scaling;
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -211,7 +212,7 @@ pub enum ChecksumMode {
 pub struct ServiceConfig {
     pub name: String,
     #[serde(deserialize_with = "deserialize_vip")]
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
@@ -284,36 +285,27 @@ impl fmt::Display for ForwardMode {
     }
 }
 
-/// An IPv4 address; `"10.0.0.1:80"` is refused with where the port goes.
-fn deserialize_vip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+/// An IPv4 or IPv6 address; `"10.0.0.1:80"` is refused with where the port
+/// goes. Which modes and hooks take IPv6 is `family::problems`'s to say.
+fn deserialize_vip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
     use serde::de::Error;
     let text = String::deserialize(d)?;
-    text.parse().map_err(|_| match text.parse::<SocketAddrV4>() {
+    text.parse().map_err(|_| match text.parse::<SocketAddr>() {
         Ok(a) => D::Error::custom(format!(
             "{text:?}: the vip is an address only; write vip = \"{}\" and port = {}",
             a.ip(),
             a.port()
         )),
-        Err(_) if text.parse::<std::net::Ipv6Addr>().is_ok() => D::Error::custom(ipv6_not_yet(&text)),
-        Err(_) => D::Error::custom(format!("{text:?} is not an IPv4 address")),
+        Err(_) => D::Error::custom(format!("{text:?} is not an IPv4 or IPv6 address")),
     })
 }
 
-/// Why an IPv6 address is refused: the data plane serves IPv6 (destination
-/// NAT at XDP, `xdp_lb6`), the agent's configuration does not reach it yet.
-fn ipv6_not_yet(text: &str) -> String {
-    format!(
-        "{text:?} is an IPv6 address: the data plane balances IPv6 (mode \"nat\", XDP), but the agent \
-         cannot configure IPv6 services or backends yet (see the README's \"IPv6\" section)"
-    )
-}
-
-/// An IPv4 address with a port; an IPv6 one is refused with why.
-fn deserialize_backend_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddrV4, D::Error> {
+/// An address with a port: `"10.1.0.2:80"` or `"[2001:db8::2]:80"`.
+fn deserialize_backend_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     use serde::de::Error;
     let text = String::deserialize(d)?;
-    text.parse().map_err(|e| match text.parse::<std::net::SocketAddrV6>() {
-        Ok(_) => D::Error::custom(ipv6_not_yet(&text)),
+    text.parse().map_err(|e| match text.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => D::Error::custom(format!("{text:?}: an IPv6 address with a port is written \"[{text}]:PORT\"")),
         Err(_) => D::Error::custom(format!("{text:?}: {e}")),
     })
 }
@@ -409,7 +401,7 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct BackendConfig {
     #[serde(deserialize_with = "deserialize_backend_address")]
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     #[serde(default = "default_weight")]
     pub weight: u32,
 }
@@ -511,6 +503,7 @@ impl Config {
                 out.push(format!("{at}: {}:{}/{} is configured twice", s.vip, s.port, s.protocol));
             }
             s.problems(&at, &mut out);
+            out.extend(family::problems(self, s, &at));
         }
         self.instance_net_problems(&mut out);
         for name in self.interface_settings.keys() {
@@ -566,11 +559,16 @@ impl Config {
                         at(*j)
                     )
                 };
-                if n.subnet.contains(s.vip) {
-                    out.push(inside("vip".into(), s.vip));
+                // Instance subnets are IPv4: an IPv6 address is never inside.
+                let v4 = |ip: IpAddr| match ip {
+                    IpAddr::V4(ip) => n.subnet.contains(ip).then_some(ip),
+                    IpAddr::V6(_) => None,
+                };
+                if let Some(vip) = v4(s.vip) {
+                    out.push(inside("vip".into(), vip));
                 }
-                for (k, b) in s.backends.iter().enumerate().filter(|(_, b)| n.subnet.contains(*b.address.ip())) {
-                    out.push(inside(format!("backend[{k}].address"), *b.address.ip()));
+                for (k, ip) in s.backends.iter().enumerate().filter_map(|(k, b)| Some((k, v4(b.address.ip())?))) {
+                    out.push(inside(format!("backend[{k}].address"), ip));
                 }
             }
         }
@@ -582,10 +580,10 @@ impl Config {
 /// redirect), and loopback (127.0.0.0/8) never leaves the host; on the
 /// load balancer it is the agent's own host, so probes from the agent pass
 /// while clients' packets go nowhere.
-pub fn unusable_backend_ip(ip: Ipv4Addr) -> Option<&'static str> {
+pub fn unusable_backend_ip(ip: IpAddr) -> Option<&'static str> {
     if ip.is_loopback() {
-        Some("a loopback address (127.0.0.0/8) never leaves this host; give the backend's address on a network")
-    } else if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+        Some("a loopback address (127.0.0.0/8, ::1) never leaves this host; give the backend's address on a network")
+    } else if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
         Some("not a unicast address")
     } else {
         None
@@ -594,7 +592,7 @@ pub fn unusable_backend_ip(ip: Ipv4Addr) -> Option<&'static str> {
 
 impl ServiceConfig {
     fn problems(&self, at: &str, out: &mut Vec<String>) {
-        if self.vip.is_unspecified() || self.vip.is_broadcast() || self.vip.is_multicast() {
+        if self.vip.is_unspecified() || self.vip == IpAddr::V4(Ipv4Addr::BROADCAST) || self.vip.is_multicast() {
             out.push(format!("{at}: vip: {} cannot be a service address", self.vip));
         }
         if self.port == 0 {
@@ -637,10 +635,10 @@ impl ServiceConfig {
             if b.address.port() == 0 {
                 out.push(format!("{bat}.address: {} has port 0", b.address));
             }
-            if let Some(why) = unusable_backend_ip(*b.address.ip()) {
+            if let Some(why) = unusable_backend_ip(b.address.ip()) {
                 out.push(format!("{bat}.address: {} cannot be a backend: {why}", b.address));
             }
-            if *b.address.ip() == self.vip {
+            if b.address.ip() == self.vip {
                 out.push(format!("{bat}.address: {} is the service's own VIP", b.address));
             }
             if b.weight > MAX_WEIGHT {
@@ -667,7 +665,7 @@ impl ServiceConfig {
                         "{at}: source: mode \"dsr-ipip\" needs the load balancer's address that encapsulated \
                          packets come from, e.g. source = \"10.0.0.1\""
                     )),
-                    Some(ip) if unusable_backend_ip(ip).is_some() || ip == self.vip => {
+                    Some(ip) if unusable_backend_ip(IpAddr::V4(ip)).is_some() || IpAddr::V4(ip) == self.vip => {
                         out.push(format!("{at}: source: {ip} cannot be the load balancer's own unicast address"))
                     }
                     Some(_) => {}
@@ -755,13 +753,8 @@ impl ServiceConfig {
         }
     }
 
-    pub fn key(&self) -> lb_common::ServiceKey {
-        lb_common::ServiceKey {
-            vip_be: u32::from(self.vip).to_be(),
-            port_be: self.port.to_be(),
-            proto: self.protocol.number(),
-            _pad: 0,
-        }
+    pub fn key(&self) -> crate::core::vip::VipKey {
+        crate::core::vip::VipKey::new(self.vip, self.port, self.protocol.number())
     }
 }
 
@@ -941,18 +934,7 @@ mod tests {
             "{err}"
         );
         let err = parse(&GOOD.replacen("vip = \"10.0.0.100\"", "vip = \"web\"", 1)).unwrap_err().to_string();
-        assert!(err.contains(r#""web" is not an IPv4 address"#), "{err}");
-    }
-
-    #[test]
-    fn ipv6_vips_and_backends_are_refused_with_why() {
-        let err = parse(&GOOD.replacen("vip = \"10.0.0.100\"", "vip = \"2001:db8::10\"", 1)).unwrap_err().to_string();
-        assert!(err.contains(r#""2001:db8::10" is an IPv6 address: the data plane balances IPv6"#), "{err}");
-        let at = GOOD.find("address = \"").expect("GOOD has a backend");
-        let end = at + GOOD[at + 11..].find('"').unwrap() + 12;
-        let v6 = format!("{}address = \"[2001:db8::1]:8080\"{}", &GOOD[..at], &GOOD[end..]);
-        let err = parse(&v6).unwrap_err().to_string();
-        assert!(err.contains(r#""[2001:db8::1]:8080" is an IPv6 address"#), "{err}");
+        assert!(err.contains(r#""web" is not an IPv4 or IPv6 address"#), "{err}");
     }
 
     #[test]
@@ -1233,7 +1215,7 @@ mod tests {
     #[test]
     fn service_key_is_network_order() {
         let c = parse(GOOD).unwrap();
-        let k = c.services[0].key();
+        let crate::core::vip::VipKey::V4(k) = c.services[0].key() else { panic!("an IPv4 key") };
         assert_eq!(k.vip_be.to_ne_bytes(), [10, 0, 0, 100]);
         assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
         assert_eq!(k.proto, PROTO_TCP);

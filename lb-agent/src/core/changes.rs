@@ -3,7 +3,7 @@
 //! kept or dropped. One summary, for the log, the events and the reply of
 //! `lb-agent reload`. Pure.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddrV4};
+use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
 use crate::{
     config::{Config, ServiceConfig},
@@ -16,10 +16,10 @@ pub struct ServiceChanges {
     /// The service is new; `removed_service`: it is gone.
     pub new_service: bool,
     pub removed_service: bool,
-    pub added: Vec<(SocketAddrV4, u32)>,
-    pub removed: Vec<SocketAddrV4>,
+    pub added: Vec<(SocketAddr, u32)>,
+    pub removed: Vec<SocketAddr>,
     /// (address, weight before, weight now).
-    pub reweighted: Vec<(SocketAddrV4, u32, u32)>,
+    pub reweighted: Vec<(SocketAddr, u32, u32)>,
     /// Slots of the live Maglev table that now name another backend.
     pub slots_moved: usize,
     /// Run-time changes the reload dropped (see `core::overlay`).
@@ -83,9 +83,8 @@ pub fn summarize(
 }
 
 fn diff_backends(before: &ServiceConfig, after: &ServiceConfig, c: &mut ServiceChanges) {
-    let weights = |s: &ServiceConfig| -> BTreeMap<SocketAddrV4, u32> {
-        s.backends.iter().map(|b| (b.address, b.weight)).collect()
-    };
+    let weights =
+        |s: &ServiceConfig| -> BTreeMap<SocketAddr, u32> { s.backends.iter().map(|b| (b.address, b.weight)).collect() };
     let (b, a) = (weights(before), weights(after));
     for (addr, w) in &a {
         match b.get(addr) {

@@ -2,10 +2,11 @@
 //! the host are gathered first (`adapters::host_facts`), then judged here,
 //! so `check` and `run` say the same thing for the same host.
 
-use std::{collections::BTreeMap, fmt, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
 
 use crate::{
     config::{BackendConfig, ChecksumMode, Config, FastPathMode, ServiceConfig},
+    core::vip::ipv4,
     ports::{Hook, HostFacts, InterfaceFacts, Route},
 };
 
@@ -93,9 +94,12 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
                 });
             }
         }
+        // The host's addresses, routes and reply paths are looked up for
+        // IPv4: an IPv6 service is judged by its interfaces only.
+        let Some(vip) = ipv4(s.vip) else { continue };
         let known: Vec<(&String, &InterfaceFacts)> =
             s.interfaces.iter().filter_map(|n| facts.interfaces.get(n).map(|f| (n, f))).collect();
-        if let Some((first, last)) = facts.ephemeral_ports.filter(|_| facts.local_addrs.contains(&s.vip)) {
+        if let Some((first, last)) = facts.ephemeral_ports.filter(|_| facts.local_addrs.contains(&vip)) {
             if (first..=last).contains(&s.port) {
                 out.push(Finding {
                     severity: Severity::Warn,
@@ -109,7 +113,7 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
                 });
             }
         }
-        if facts.local_addrs.contains(&s.vip) {
+        if facts.local_addrs.contains(&vip) {
             // At tc a reply leaves by bpf_redirect into any device, past the
             // martian check; at XDP only by a fast path to the egress device.
             let off: Vec<String> = known
@@ -146,8 +150,8 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
             }
         }
         out.extend(judge_routes(&at, s, facts));
-        out.extend(judge_reply_paths(&at, s, facts));
-        out.extend(judge_vip_interface(&at, s, facts));
+        out.extend(judge_reply_paths(&at, s, vip, facts));
+        out.extend(judge_vip_interface(&at, s, vip, facts));
     }
     for (n, settings) in &config.interface_settings {
         let Some(f) = facts.interfaces.get(n).filter(|f| f.hook == Hook::Tc) else { continue };
@@ -170,8 +174,8 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
 /// reaches there: if the service does not list that interface, the program
 /// never sees those clients and the host's own port answers them (a VIP on
 /// loopback is reached through the other interfaces, and is not judged).
-fn judge_vip_interface(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Option<Finding> {
-    let on = facts.address_interfaces.get(&s.vip)?;
+fn judge_vip_interface(at: &str, s: &ServiceConfig, vip: Ipv4Addr, facts: &HostFacts) -> Option<Finding> {
+    let on = facts.address_interfaces.get(&vip)?;
     if on.contains("lo") || on.iter().any(|i| s.interfaces.contains(i)) {
         return None;
     }
@@ -194,7 +198,7 @@ fn judge_vip_interface(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Option
 fn backend_sides<'a>(s: &ServiceConfig, facts: &'a HostFacts) -> BTreeMap<&'a str, Vec<String>> {
     let mut sides: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for b in &s.backends {
-        if let Some(Route::Via(i)) = facts.routes.get(b.address.ip()) {
+        if let Some(Route::Via(i)) = ipv4(b.address.ip()).and_then(|ip| facts.routes.get(&ip)) {
             if s.interfaces.contains(i) {
                 sides.entry(i.as_str()).or_default().push(b.address.to_string());
             }
@@ -210,9 +214,9 @@ fn backend_sides<'a>(s: &ServiceConfig, facts: &'a HostFacts) -> BTreeMap<&'a st
 /// happens to every reply with a partial checksum (a local stack's, over
 /// veth); for another VIP, reverse-path filtering drops it unless the VIP
 /// is routed back out of that interface (strict) or at all (loose).
-fn judge_reply_paths(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Finding> {
-    let local = facts.local_addrs.contains(&s.vip);
-    let vip_route = facts.routes.get(&s.vip);
+fn judge_reply_paths(at: &str, s: &ServiceConfig, vip: Ipv4Addr, facts: &HostFacts) -> Vec<Finding> {
+    let local = facts.local_addrs.contains(&vip);
+    let vip_route = facts.routes.get(&vip);
     let mut out = Vec::new();
     for (iface, backends) in backend_sides(s, facts) {
         let Some(f) = facts.interfaces.get(iface) else { continue };
@@ -291,7 +295,7 @@ fn judge_routes(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Vec<Finding> 
         .backends
         .iter()
         .enumerate()
-        .filter_map(|(j, b)| facts.routes.get(b.address.ip()).map(|r| (j, b, r)))
+        .filter_map(|(j, b)| ipv4(b.address.ip()).and_then(|ip| facts.routes.get(&ip)).map(|r| (j, b, r)))
         .collect();
     for (j, b, r) in &routed {
         if let (Route::Via(_), Some(why)) = (r, unroutable(s, r)) {

@@ -7,7 +7,7 @@
 //! set alone. "If it left" rebuilds the table without that backend.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -23,8 +23,8 @@ use crate::config::{Protocol, ServiceConfig};
 /// The flow asked about: client to `vip` over `proto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowQuery {
-    pub client: SocketAddrV4,
-    pub vip: SocketAddrV4,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
     pub proto: u8,
 }
 
@@ -49,11 +49,11 @@ pub struct FlowSeen {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub service: String,
-    pub client: SocketAddrV4,
-    pub vip: SocketAddrV4,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
     pub protocol: String,
     /// Where the flow's next packet goes; `None`: dropped, no backend.
-    pub backend: Option<SocketAddrV4>,
+    pub backend: Option<SocketAddr>,
     /// "connection table", "maglev" or "no backend".
     pub reason: String,
     /// Its connection-table entry, if it has one.
@@ -61,12 +61,12 @@ pub struct Explanation {
     /// The Maglev pick a new flow with this 5-tuple gets.
     pub maglev: MaglevPick,
     /// Where a new flow would go if `backend` left the set.
-    pub if_backend_left: Option<SocketAddrV4>,
+    pub if_backend_left: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryView {
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// "half-open", "open" or "closed" for TCP; "active" for UDP.
     pub state: String,
     pub last_seen_ms_ago: u64,
@@ -79,14 +79,14 @@ pub struct MaglevPick {
     pub table_size: u32,
     /// The live half of the service's two tables.
     pub table_half: u32,
-    pub backend: Option<SocketAddrV4>,
+    pub backend: Option<SocketAddr>,
     /// The backends and weights that built the table, by address.
     pub backends: Vec<TableMember>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableMember {
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     pub weight: u32,
 }
 
@@ -96,7 +96,7 @@ pub fn select_service<'a>(
     services: &'a [ServiceConfig],
     name: &str,
     protocol: Option<Protocol>,
-    vip: Option<Ipv4Addr>,
+    vip: Option<std::net::IpAddr>,
 ) -> Result<&'a ServiceConfig, String> {
     let Some(s) = services.iter().find(|s| s.name == name) else {
         let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
@@ -111,23 +111,21 @@ pub fn select_service<'a>(
 /// The flow hash the data plane computes for `q` (fields in network order,
 /// as it loads them).
 pub fn hash_of(q: &FlowQuery) -> u32 {
-    flow_hash(
-        u32::from(*q.client.ip()).to_be(),
-        u32::from(*q.vip.ip()).to_be(),
-        q.client.port().to_be(),
-        q.vip.port().to_be(),
-        q.proto,
-    )
+    let fold = |ip: IpAddr| match ip {
+        IpAddr::V4(ip) => u32::from(ip).to_be(),
+        IpAddr::V6(ip) => lb_common::v6::fold_ip6(&lb_common::v6::ip6_raw(ip)),
+    };
+    flow_hash(fold(q.client.ip()), fold(q.vip.ip()), q.client.port().to_be(), q.vip.port().to_be(), q.proto)
 }
 
 /// The backend `slots` names for `hash`, by address.
-fn pick(slots: &[u32], backends: &[MaglevBackend], hash: u32) -> Option<SocketAddrV4> {
+fn pick(slots: &[u32], backends: &[MaglevBackend], hash: u32) -> Option<SocketAddr> {
     let id = *slots.get((hash % MAGLEV_TABLE_SIZE) as usize)?;
     backends.iter().find(|b| b.id == id && id != 0).map(|b| b.addr)
 }
 
 /// Where a new flow with `hash` goes once `gone` leaves the backend set.
-pub fn pick_without(backends: &[MaglevBackend], gone: SocketAddrV4, hash: u32) -> Option<SocketAddrV4> {
+pub fn pick_without(backends: &[MaglevBackend], gone: SocketAddr, hash: u32) -> Option<SocketAddr> {
     let rest: Vec<MaglevBackend> = backends.iter().filter(|b| b.addr != gone).copied().collect();
     pick(&build_table(&rest, MAGLEV_TABLE_SIZE), &rest, hash)
 }
@@ -138,7 +136,10 @@ pub fn explain(service: &str, q: &FlowQuery, table: LiveTable<'_>, seen: Option<
     let hash = hash_of(q);
     let maglev_backend = pick(table.slots, table.backends, hash);
     let entry = seen.map(|s| EntryView {
-        backend: SocketAddrV4::new(u32::from_be(s.conn.nat_ip_be).into(), u16::from_be(s.conn.nat_port_be)),
+        backend: SocketAddr::new(
+            Ipv4Addr::from(u32::from_be(s.conn.nat_ip_be)).into(),
+            u16::from_be(s.conn.nat_port_be),
+        ),
         state: state_name(q.proto, s.conn.tcp_seen),
         last_seen_ms_ago: u64::try_from(s.idle.as_millis()).unwrap_or(u64::MAX),
     });
@@ -185,7 +186,7 @@ fn state_name(proto: u8, tcp_seen: u8) -> String {
 impl Explanation {
     /// The human answer, a few lines.
     pub fn render(&self) -> String {
-        let show = |a: Option<SocketAddrV4>| a.map_or("nothing (no backend: dropped)".to_string(), |a| a.to_string());
+        let show = |a: Option<SocketAddr>| a.map_or("nothing (no backend: dropped)".to_string(), |a| a.to_string());
         let mut out = format!(
             "{} {} -> {} ({}, service {}): goes to {}\n",
             self.protocol,
@@ -232,7 +233,7 @@ mod tests {
         (1..=n)
             .map(|i| MaglevBackend {
                 id: u32::from(i) * 7,
-                addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, i), 8080),
+                addr: SocketAddr::new(Ipv4Addr::new(10, 1, 0, i).into(), 8080),
                 weight: 1,
             })
             .collect()
@@ -240,8 +241,8 @@ mod tests {
 
     fn query(port: u16) -> FlowQuery {
         FlowQuery {
-            client: SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, 2), port),
-            vip: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 80),
+            client: SocketAddr::new(Ipv4Addr::new(10, 9, 0, 2).into(), port),
+            vip: SocketAddr::new(Ipv4Addr::new(10, 0, 0, 100).into(), 80),
             proto: PROTO_TCP,
         }
     }
@@ -270,7 +271,7 @@ mod tests {
         let pick = explain("web", &q, LiveTable { half: 0, slots: &slots, backends: &set }, None).backend.unwrap();
         let other = set.iter().find(|b| b.addr != pick).unwrap().addr;
         let conn = Conn {
-            nat_ip_be: u32::from(*other.ip()).to_be(),
+            nat_ip_be: u32::from(crate::core::vip::ipv4(other.ip()).unwrap()).to_be(),
             nat_port_be: other.port().to_be(),
             tcp_seen: lb_common::TCP_SEEN_REPLY,
             backend_id: 9,
@@ -312,11 +313,11 @@ mod tests {
         let config = crate::config::Config::parse(text, std::path::Path::new("t.toml")).unwrap();
         let s = &config.services;
         assert_eq!(select_service(s, "dns", None, None).unwrap().port, 53);
-        let vip = Some(Ipv4Addr::new(10, 0, 0, 100));
+        let vip = Some(Ipv4Addr::new(10, 0, 0, 100).into());
         assert_eq!(select_service(s, "web", Some(Protocol::Tcp), vip).unwrap().port, 80);
         let err = select_service(s, "web", Some(Protocol::Udp), None).unwrap_err();
         assert!(err.contains("no such VIP") && err.contains("10.0.0.100:80/tcp"), "{err}");
-        let err = select_service(s, "web", None, Some(Ipv4Addr::new(10, 0, 0, 1))).unwrap_err();
+        let err = select_service(s, "web", None, Some(Ipv4Addr::new(10, 0, 0, 1).into())).unwrap_err();
         assert!(err.contains("no such VIP"), "{err}");
         let err = select_service(s, "api", None, None).unwrap_err();
         assert!(err.contains("no service named \"api\"") && err.contains("web, dns"), "{err}");

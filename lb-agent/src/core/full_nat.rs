@@ -35,7 +35,7 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
             Some(_) => {}
             None => {
                 for (j, b) in s.backends.iter().enumerate() {
-                    if !facts.snat_sources.contains_key(b.address.ip()) {
+                    if crate::core::vip::ipv4(b.address.ip()).is_none_or(|ip| !facts.snat_sources.contains_key(&ip)) {
                         out.push(Finding {
                             severity: Severity::Warn,
                             text: format!(
@@ -108,9 +108,11 @@ pub fn describe(svc: &ServiceConfig, facts: Option<&HostFacts>) -> String {
             out.push_str(" from the address the route to each backend leaves by (not looked up: --file-only)")
         }
         (None, Some(facts)) => {
-            let each = svc.backends.iter().map(|b| match facts.snat_sources.get(b.address.ip()) {
-                Some(src) => format!("{src} to {}", b.address),
-                None => format!("no source to {}", b.address),
+            let each = svc.backends.iter().map(|b| {
+                match crate::core::vip::ipv4(b.address.ip()).and_then(|ip| facts.snat_sources.get(&ip)) {
+                    Some(src) => format!("{src} to {}", b.address),
+                    None => format!("no source to {}", b.address),
+                }
             });
             let _ = write!(out, " from the route's source: {}", list(each));
         }

@@ -12,4 +12,5 @@ pub mod reconcile;
 pub mod registry;
 pub mod replicas;
 pub mod slow_start;
+pub mod vip;
 pub mod zero;

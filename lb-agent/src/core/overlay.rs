@@ -15,7 +15,7 @@
 //! The overlay lives in the agent's memory: a restarted agent starts from
 //! the file.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddrV4, path::Path};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
 
 use anyhow::Context as _;
 use toml_edit::{value, ArrayOfTables, DocumentMut, Item, Table};
@@ -37,7 +37,7 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub service: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub change: Change,
     /// The backend's weight in the file; `None`: the file does not list it.
     pub file_weight: Option<u32>,
@@ -70,20 +70,20 @@ pub enum Dropped {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overlay {
-    changes: BTreeMap<String, BTreeMap<SocketAddrV4, Change>>,
+    changes: BTreeMap<String, BTreeMap<SocketAddr, Change>>,
 }
 
 impl Overlay {
     /// `backend add`: a backend of the file (removed at run time before)
     /// is only reweighted.
-    pub fn add(&mut self, file: &Config, service: &str, addr: SocketAddrV4, weight: u32) {
+    pub fn add(&mut self, file: &Config, service: &str, addr: SocketAddr, weight: u32) {
         let listed = find(file, service).and_then(|s| file_weight(s, addr)).is_some();
         self.record(file, service, addr, if listed { Change::Weight(weight) } else { Change::Added(weight) });
     }
 
     /// `backend weight`: one added at run time stays added; one removed
     /// stays removed (it drains with its new weight).
-    pub fn reweight(&mut self, file: &Config, service: &str, addr: SocketAddrV4, weight: u32) {
+    pub fn reweight(&mut self, file: &Config, service: &str, addr: SocketAddr, weight: u32) {
         match self.get(service, addr) {
             Some(Change::Removed) => {}
             Some(Change::Added(_)) => self.record(file, service, addr, Change::Added(weight)),
@@ -92,13 +92,13 @@ impl Overlay {
     }
 
     /// `backend remove`.
-    pub fn remove(&mut self, file: &Config, service: &str, addr: SocketAddrV4) {
+    pub fn remove(&mut self, file: &Config, service: &str, addr: SocketAddr) {
         self.record(file, service, addr, Change::Removed);
     }
 
     /// Record a run-time change made to a service of `file`; one the file
     /// already agrees with leaves no entry.
-    pub fn record(&mut self, file: &Config, service: &str, addr: SocketAddrV4, change: Change) {
+    pub fn record(&mut self, file: &Config, service: &str, addr: SocketAddr, change: Change) {
         let svc = find(file, service);
         let changes = self.changes.entry(service.to_owned()).or_default();
         if redundant(svc, addr, change) {
@@ -110,7 +110,7 @@ impl Overlay {
     }
 
     /// Drop the service's changes (or only `addr`'s); returns how many.
-    pub fn reset(&mut self, service: &str, addr: Option<SocketAddrV4>) -> usize {
+    pub fn reset(&mut self, service: &str, addr: Option<SocketAddr>) -> usize {
         let Some(changes) = self.changes.get_mut(service) else { return 0 };
         let before = changes.len();
         match addr {
@@ -188,7 +188,7 @@ impl Overlay {
     }
 
     /// The change `service`'s `addr` has, if any.
-    pub fn get(&self, service: &str, addr: SocketAddrV4) -> Option<Change> {
+    pub fn get(&self, service: &str, addr: SocketAddr) -> Option<Change> {
         self.changes.get(service)?.get(&addr).copied()
     }
 
@@ -244,7 +244,7 @@ fn edit_service(svc: &mut Table, name: &str, entries: &[&Entry]) -> anyhow::Resu
     let backends = backends.as_array_of_tables_mut().with_context(|| {
         format!("service {name:?}: its backends are not written as [[service.backend]] tables; cannot dump them")
     })?;
-    let address_of = |t: &Table| t.get("address").and_then(Item::as_str).and_then(|a| a.parse::<SocketAddrV4>().ok());
+    let address_of = |t: &Table| t.get("address").and_then(Item::as_str).and_then(|a| a.parse::<SocketAddr>().ok());
     for e in entries {
         let note = format!(" # run-time: {e}");
         let at = backends.iter().position(|t| address_of(t) == Some(e.addr));
@@ -285,12 +285,12 @@ fn find<'c>(file: &'c Config, service: &str) -> Option<&'c ServiceConfig> {
     file.services.iter().find(|s| s.name == service)
 }
 
-fn file_weight(svc: &ServiceConfig, addr: SocketAddrV4) -> Option<u32> {
+fn file_weight(svc: &ServiceConfig, addr: SocketAddr) -> Option<u32> {
     svc.backends.iter().find(|b| b.address == addr).map(|b| b.weight)
 }
 
 /// Whether the file (its service `svc`) already says what `change` does.
-fn redundant(svc: Option<&ServiceConfig>, addr: SocketAddrV4, change: Change) -> bool {
+fn redundant(svc: Option<&ServiceConfig>, addr: SocketAddr, change: Change) -> bool {
     let listed = svc.and_then(|s| file_weight(s, addr));
     match change {
         Change::Weight(w) => listed.is_none_or(|l| l == w),
@@ -308,7 +308,7 @@ mod tests {
         web_and_api_config(backends, api.then_some(&[]))
     }
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 

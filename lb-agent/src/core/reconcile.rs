@@ -18,18 +18,22 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use lb_common::{
     maglev::{build_table, MaglevBackend},
+    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
     Backend, BackendAddr, BackendVips, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
     MAX_SERVICES, MAX_VIPS_PER_BACKEND, MODE_DNAT,
 };
 
 use crate::{
     config::{ForwardMode, ServiceConfig},
-    core::registry::{DesiredBackend, DesiredService},
+    core::{
+        registry::{DesiredBackend, DesiredService},
+        vip::{ipv4, VipKey},
+    },
     ports::{DataplaneError, MapWriter, PinnedState},
 };
 
@@ -39,7 +43,7 @@ pub fn route_sourced_backends(desired: &[DesiredService]) -> BTreeSet<Ipv4Addr> 
     desired
         .iter()
         .filter(|s| s.config.mode == ForwardMode::FullNat && s.config.source.is_none())
-        .flat_map(|s| s.backends.iter().map(|b| *b.addr.ip()))
+        .flat_map(|s| s.backends.iter().filter_map(|b| ipv4(b.addr.ip())))
         .collect()
 }
 
@@ -91,16 +95,17 @@ impl ServiceState {
 
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    services: BTreeMap<ServiceKey, ServiceState>,
-    backend_ids: BTreeMap<(ServiceKey, SocketAddrV4), u32>,
+    services: BTreeMap<VipKey, ServiceState>,
+    backend_ids: BTreeMap<(VipKey, SocketAddr), u32>,
     /// Ids freed by the last apply; free again from the one after.
     resting: BTreeSet<u32>,
     /// Ids not to give out, freed or not, until released: their flows are
     /// being flushed, and a new backend under the id would lose its own.
     /// Counted: two flushes of one id may be under way at once.
     held: BTreeMap<u32, usize>,
-    /// Mirror of `BACKEND_VIPS`.
+    /// Mirrors of `BACKEND_VIPS` and `BACKEND_VIPS6`.
     backend_vips: BTreeMap<BackendAddr, BackendVips>,
+    backend_vips6: BTreeMap<BackendAddr6, BackendVips6>,
     /// Mirror of `BACKENDS` (written entries only), so that a changed
     /// full-NAT source rewrites the entry.
     entries: BTreeMap<u32, Backend>,
@@ -115,11 +120,13 @@ impl Reconciler {
     /// changes, starting from the live tables.
     pub fn adopt(state: PinnedState) -> Reconciler {
         let mut r = Reconciler::default();
-        let key_of: BTreeMap<u32, ServiceKey> = state.services.iter().map(|(k, s)| (s.id, *k)).collect();
-        let addr_of: BTreeMap<u32, SocketAddrV4> = state
+        // IPv4 only: the pinned state has no IPv6 maps (yet), so an adopted
+        // agent writes its IPv6 services anew.
+        let key_of: BTreeMap<u32, VipKey> = state.services.iter().map(|(k, s)| (s.id, VipKey::V4(*k))).collect();
+        let addr_of: BTreeMap<u32, SocketAddr> = state
             .backends
             .iter()
-            .map(|(id, b)| (*id, SocketAddrV4::new(u32::from_be(b.ip_be).into(), u16::from_be(b.port_be))))
+            .map(|(id, b)| (*id, SocketAddrV4::new(u32::from_be(b.ip_be).into(), u16::from_be(b.port_be)).into()))
             .collect();
         for (id, b) in &state.backends {
             if let (Some(key), Some(addr)) = (key_of.get(&b.service_id), addr_of.get(id)) {
@@ -148,7 +155,7 @@ impl Reconciler {
                 mode: svc.mode,
                 source_be: svc.source_be,
             };
-            r.services.insert(key, state);
+            r.services.insert(VipKey::V4(key), state);
         }
         r.backend_vips = state.backend_vips.into_iter().collect();
         r
@@ -163,22 +170,22 @@ impl Reconciler {
     /// The address full NAT sends flows to backend `addr` of `svc` from:
     /// the service's `source`, else the route's; `None` for other modes,
     /// or when no route names one (such flows are dropped, counted).
-    pub fn snat_source(&self, svc: &ServiceConfig, addr: Ipv4Addr) -> Option<Ipv4Addr> {
+    pub fn snat_source(&self, svc: &ServiceConfig, addr: IpAddr) -> Option<Ipv4Addr> {
         if svc.mode != ForwardMode::FullNat {
             return None;
         }
-        svc.source.or_else(|| self.route_sources.get(&addr).copied())
+        svc.source.or_else(|| self.route_sources.get(&ipv4(addr)?).copied())
     }
 
-    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceState)> {
+    pub fn services(&self) -> impl Iterator<Item = (&VipKey, &ServiceState)> {
         self.services.iter()
     }
 
     /// Backends with an id but no slot in their service's live table: after
     /// `adopt`, those the previous agent had taken out (down, draining,
     /// weight 0).
-    pub fn out_of_table(&self) -> BTreeSet<(ServiceKey, SocketAddrV4)> {
-        let live: BTreeMap<&ServiceKey, BTreeSet<u32>> =
+    pub fn out_of_table(&self) -> BTreeSet<(VipKey, SocketAddr)> {
+        let live: BTreeMap<&VipKey, BTreeSet<u32>> =
             self.services.iter().map(|(k, s)| (k, s.live_table().iter().copied().collect())).collect();
         self.backend_ids
             .iter()
@@ -195,12 +202,14 @@ impl Reconciler {
         dp: &mut dyn MapWriter,
     ) -> Result<ApplySummary, DataplaneError> {
         let mut summary = ApplySummary::default();
-        let wanted: BTreeMap<ServiceKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
+        let wanted: BTreeMap<VipKey, &DesiredService> = desired.iter().map(|s| (s.config.key(), s)).collect();
         self.check_capacity(&wanted)?;
-        let vips = wanted_vips(&wanted);
+        let (vips, vips6) = wanted_vips(&wanted);
         check_vips_per_backend(&vips)?;
+        check_vips_per_backend(&vips6)?;
         let freed_now = self.remove_stale_ids(&wanted);
-        self.add_backend_vips(&vips, dp)?;
+        add_backend_vips(&mut self.backend_vips, &vips, dp)?;
+        add_backend_vips(&mut self.backend_vips6, &vips6, dp)?;
 
         for (key, svc) in &wanted {
             let backends = self.assign_backend_ids(key, svc, &freed_now, dp, &mut summary)?;
@@ -208,9 +217,12 @@ impl Reconciler {
         }
 
         // Only after every flip: retire what no table names any more.
-        let removed: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let removed: Vec<VipKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in removed {
-            dp.remove_service(&key)?;
+            match &key {
+                VipKey::V4(k) => dp.remove_service(k)?,
+                VipKey::V6(k) => dp.remove_service6(k)?,
+            }
             self.services.remove(&key);
             summary.services_removed += 1;
         }
@@ -220,52 +232,16 @@ impl Reconciler {
             summary.backends_removed += 1;
         }
         self.resting = freed_now;
-        self.remove_backend_vips(&vips, dp)?;
+        remove_backend_vips(&mut self.backend_vips, &vips, dp)?;
+        remove_backend_vips(&mut self.backend_vips6, &vips6, dp)?;
         Ok(summary)
-    }
-
-    /// Before any flip: each wanted backend address serves its services,
-    /// then (while there is room) the ones it served before, so that a flow
-    /// of a service it just left still has its replies translated.
-    fn add_backend_vips(
-        &mut self,
-        wanted: &BTreeMap<BackendAddr, BTreeSet<ServiceKey>>,
-        dp: &mut dyn MapWriter,
-    ) -> Result<(), DataplaneError> {
-        for (addr, services) in wanted {
-            let before = self.backend_vips.get(addr).copied().unwrap_or_default();
-            let kept = before.vips.into_iter().filter(|k| k.vip_be != 0 && !services.contains(k));
-            let mut next = BackendVips::default();
-            for (slot, key) in next.vips.iter_mut().zip(services.iter().copied().chain(kept)) {
-                *slot = key;
-            }
-            if self.backend_vips.get(addr) != Some(&next) {
-                dp.set_backend_vips(addr, Some(&next))?;
-                self.backend_vips.insert(*addr, next);
-            }
-        }
-        Ok(())
-    }
-
-    /// After every flip: addresses no service has any more are forgotten.
-    fn remove_backend_vips(
-        &mut self,
-        wanted: &BTreeMap<BackendAddr, BTreeSet<ServiceKey>>,
-        dp: &mut dyn MapWriter,
-    ) -> Result<(), DataplaneError> {
-        let gone: Vec<BackendAddr> = self.backend_vips.keys().filter(|a| !wanted.contains_key(a)).copied().collect();
-        for addr in gone {
-            dp.set_backend_vips(&addr, None)?;
-            self.backend_vips.remove(&addr);
-        }
-        Ok(())
     }
 
     /// Refuse, before anything is written, a change that needs more new ids
     /// than are free. Ids taken: every backend's before this apply (those it
     /// frees rest until the next), the resting and the held ones; a removed
     /// service keeps its id until after every flip.
-    fn check_capacity(&self, wanted: &BTreeMap<ServiceKey, &DesiredService>) -> Result<(), DataplaneError> {
+    fn check_capacity(&self, wanted: &BTreeMap<VipKey, &DesiredService>) -> Result<(), DataplaneError> {
         let new_services = wanted.keys().filter(|k| !self.services.contains_key(k)).count();
         if self.services.len() + new_services > MAX_SERVICES as usize {
             return Err(DataplaneError::NoFreeId { what: "service", max: MAX_SERVICES });
@@ -286,7 +262,7 @@ impl Reconciler {
 
     /// Drop ids of backends (and services' backends) the config no longer has;
     /// returns the freed backend ids.
-    fn remove_stale_ids(&mut self, wanted: &BTreeMap<ServiceKey, &DesiredService>) -> BTreeSet<u32> {
+    fn remove_stale_ids(&mut self, wanted: &BTreeMap<VipKey, &DesiredService>) -> BTreeSet<u32> {
         let mut freed = BTreeSet::new();
         self.backend_ids.retain(|(key, addr), id| {
             let keep = wanted.get(key).is_some_and(|s| s.backends.iter().any(|b| b.addr == *addr));
@@ -300,7 +276,7 @@ impl Reconciler {
 
     fn assign_backend_ids(
         &mut self,
-        key: &ServiceKey,
+        key: &VipKey,
         svc: &DesiredService,
         freed_now: &BTreeSet<u32>,
         dp: &mut dyn MapWriter,
@@ -309,13 +285,18 @@ impl Reconciler {
         let service_id = self.service_id(key)?;
         let mut out = Vec::with_capacity(svc.backends.len());
         for DesiredBackend { addr, weight, in_table } in &svc.backends {
+            // IPv6: the address is in `BACKENDS6`, `BACKENDS` has `ip_be == 0`.
+            let (ip_be, port_be) = match addr {
+                SocketAddr::V4(a) => (u32::from(*a.ip()).to_be(), a.port().to_be()),
+                SocketAddr::V6(_) => (0, 0),
+            };
             let entry = Backend {
-                ip_be: u32::from(*addr.ip()).to_be(),
-                port_be: addr.port().to_be(),
+                ip_be,
+                port_be,
                 _pad: 0,
                 service_id,
                 flags: BACKEND_F_ACTIVE,
-                snat_ip_be: self.snat_source(&svc.config, *addr.ip()).map_or(0, |ip| u32::from(ip).to_be()),
+                snat_ip_be: self.snat_source(&svc.config, addr.ip()).map_or(0, |ip| u32::from(ip).to_be()),
                 _pad2: 0,
             };
             let id = match self.backend_ids.get(&(*key, *addr)) {
@@ -328,6 +309,10 @@ impl Reconciler {
                 }
             };
             if self.entries.get(&id) != Some(&entry) {
+                // The address before the flags that make the id live.
+                if let SocketAddr::V6(a) = addr {
+                    dp.set_backend6(id, &Backend6::new(*a))?;
+                }
                 dp.set_backend(id, &entry)?;
                 self.entries.insert(id, entry);
             }
@@ -339,7 +324,7 @@ impl Reconciler {
 
     fn sync_service(
         &mut self,
-        key: &ServiceKey,
+        key: &VipKey,
         svc: &DesiredService,
         backends: Vec<MaglevBackend>,
         dp: &mut dyn MapWriter,
@@ -392,7 +377,11 @@ impl Reconciler {
         dp.set_table_entries(id, next, &changes)?;
         state.halves[next as usize] = table;
         let live_backends = backends.iter().filter(|b| b.weight > 0).count() as u32;
-        dp.set_service(key, &Service { id, table: next, backend_count: live_backends, mode, flags, source_be })?;
+        let service = Service { id, table: next, backend_count: live_backends, mode, flags, source_be };
+        match key {
+            VipKey::V4(k) => dp.set_service(k, &service)?,
+            VipKey::V6(k) => dp.set_service6(k, &service)?,
+        }
         state.flags = flags;
         state.table = next;
         state.mode = mode;
@@ -420,11 +409,11 @@ impl Reconciler {
     }
 
     /// The id a backend has in `BACKENDS` and `BACKEND_STATS`.
-    pub fn backend_id(&self, key: &ServiceKey, addr: SocketAddrV4) -> Option<u32> {
+    pub fn backend_id(&self, key: &VipKey, addr: SocketAddr) -> Option<u32> {
         self.backend_ids.get(&(*key, addr)).copied()
     }
 
-    fn service_id(&self, key: &ServiceKey) -> Result<u32, DataplaneError> {
+    fn service_id(&self, key: &VipKey) -> Result<u32, DataplaneError> {
         if let Some(s) = self.services.get(key) {
             return Ok(s.id);
         }
@@ -449,32 +438,122 @@ impl Reconciler {
 
 /// The services each backend address (with the service's protocol) is
 /// registered in, in or out of the table: replies from any of them may be
-/// of a flow still open.
-fn wanted_vips(wanted: &BTreeMap<ServiceKey, &DesiredService>) -> BTreeMap<BackendAddr, BTreeSet<ServiceKey>> {
-    let mut out: BTreeMap<BackendAddr, BTreeSet<ServiceKey>> = BTreeMap::new();
+/// of a flow still open. IPv4 and IPv6 apart (`BACKEND_VIPS`, `BACKEND_VIPS6`).
+fn wanted_vips(
+    wanted: &BTreeMap<VipKey, &DesiredService>,
+) -> (BTreeMap<BackendAddr, BTreeSet<ServiceKey>>, BTreeMap<BackendAddr6, BTreeSet<ServiceKey6>>) {
+    let (mut v4, mut v6): (BTreeMap<BackendAddr, BTreeSet<ServiceKey>>, BTreeMap<_, BTreeSet<_>>) = Default::default();
     for (key, svc) in wanted {
         for b in &svc.backends {
-            out.entry(backend_addr(b.addr, key.proto)).or_default().insert(*key);
+            // A service's backends are of its VIP's family (config and
+            // registry refuse others), so a mismatch has nothing to serve.
+            match (key, b.addr) {
+                (VipKey::V4(k), SocketAddr::V4(a)) => {
+                    let addr = BackendAddr {
+                        ip_be: u32::from(*a.ip()).to_be(),
+                        port_be: a.port().to_be(),
+                        proto: k.proto,
+                        _pad: 0,
+                    };
+                    v4.entry(addr).or_default().insert(*k);
+                }
+                (VipKey::V6(k), SocketAddr::V6(a)) => {
+                    v6.entry(Backend6::new(a).reply_key(k.proto)).or_default().insert(*k);
+                }
+                _ => {}
+            }
         }
     }
-    out
+    (v4, v6)
+}
+
+/// A `BACKEND_VIPS` map of either family: its key (a backend's address as
+/// its replies carry it) and its value (the services it serves, used slots
+/// first; an unused slot is the all-zero key).
+trait ReplyVips: Ord + Copy {
+    type Key: Ord + Copy + Default;
+    type Vips: Copy + Default + PartialEq;
+    fn slots(vips: &mut Self::Vips) -> &mut [Self::Key];
+    fn addr(&self) -> SocketAddr;
+    fn write(&self, vips: Option<&Self::Vips>, dp: &mut dyn MapWriter) -> Result<(), DataplaneError>;
+}
+
+impl ReplyVips for BackendAddr {
+    type Key = ServiceKey;
+    type Vips = BackendVips;
+    fn slots(vips: &mut BackendVips) -> &mut [ServiceKey] {
+        &mut vips.vips
+    }
+    fn addr(&self) -> SocketAddr {
+        SocketAddrV4::new(u32::from_be(self.ip_be).into(), u16::from_be(self.port_be)).into()
+    }
+    fn write(&self, vips: Option<&BackendVips>, dp: &mut dyn MapWriter) -> Result<(), DataplaneError> {
+        dp.set_backend_vips(self, vips)
+    }
+}
+
+impl ReplyVips for BackendAddr6 {
+    type Key = ServiceKey6;
+    type Vips = BackendVips6;
+    fn slots(vips: &mut BackendVips6) -> &mut [ServiceKey6] {
+        &mut vips.vips
+    }
+    fn addr(&self) -> SocketAddr {
+        Backend6 { ip: self.ip, port_be: self.port_be, _pad: 0 }.addr().into()
+    }
+    fn write(&self, vips: Option<&BackendVips6>, dp: &mut dyn MapWriter) -> Result<(), DataplaneError> {
+        dp.set_backend_vips6(self, vips)
+    }
+}
+
+/// Before any flip: each wanted backend address serves its services,
+/// then (while there is room) the ones it served before, so that a flow
+/// of a service it just left still has its replies translated.
+fn add_backend_vips<A: ReplyVips>(
+    mirror: &mut BTreeMap<A, A::Vips>,
+    wanted: &BTreeMap<A, BTreeSet<A::Key>>,
+    dp: &mut dyn MapWriter,
+) -> Result<(), DataplaneError> {
+    for (addr, services) in wanted {
+        let mut before = mirror.get(addr).copied().unwrap_or_default();
+        let kept = A::slots(&mut before).iter().copied().filter(|k| *k != A::Key::default() && !services.contains(k));
+        let mut next = A::Vips::default();
+        for (slot, key) in A::slots(&mut next).iter_mut().zip(services.iter().copied().chain(kept)) {
+            *slot = key;
+        }
+        if mirror.get(addr) != Some(&next) {
+            addr.write(Some(&next), dp)?;
+            mirror.insert(*addr, next);
+        }
+    }
+    Ok(())
+}
+
+/// After every flip: addresses no service has any more are forgotten.
+fn remove_backend_vips<A: ReplyVips>(
+    mirror: &mut BTreeMap<A, A::Vips>,
+    wanted: &BTreeMap<A, BTreeSet<A::Key>>,
+    dp: &mut dyn MapWriter,
+) -> Result<(), DataplaneError> {
+    let gone: Vec<A> = mirror.keys().filter(|a| !wanted.contains_key(a)).copied().collect();
+    for addr in gone {
+        addr.write(None, dp)?;
+        mirror.remove(&addr);
+    }
+    Ok(())
 }
 
 /// Refuse, before anything is written, a backend address in more services
 /// than a reply can be matched against.
-fn check_vips_per_backend(vips: &BTreeMap<BackendAddr, BTreeSet<ServiceKey>>) -> Result<(), DataplaneError> {
+fn check_vips_per_backend<A: ReplyVips>(vips: &BTreeMap<A, BTreeSet<A::Key>>) -> Result<(), DataplaneError> {
     match vips.iter().find(|(_, services)| services.len() > MAX_VIPS_PER_BACKEND) {
         Some((addr, services)) => Err(DataplaneError::BackendInTooManyServices {
-            backend: SocketAddrV4::new(u32::from_be(addr.ip_be).into(), u16::from_be(addr.port_be)),
+            backend: addr.addr(),
             services: services.len(),
             max: MAX_VIPS_PER_BACKEND,
         }),
         None => Ok(()),
     }
-}
-
-fn backend_addr(addr: SocketAddrV4, proto: u8) -> BackendAddr {
-    BackendAddr { ip_be: u32::from(*addr.ip()).to_be(), port_be: addr.port().to_be(), proto, _pad: 0 }
 }
 
 fn same_set(a: &[MaglevBackend], b: &[MaglevBackend]) -> bool {
@@ -500,6 +579,56 @@ mod tests {
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {w}\n");
         }
         DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    /// One IPv6 service (`2001:db8::10:80`, XDP) with `backends`, and
+    /// beside it an IPv4 one.
+    fn config6(backends: &[&str]) -> Vec<DesiredService> {
+        let mut text =
+            String::from("[[service]]\nname = \"web6\"\nvip = \"2001:db8::10\"\nport = 80\ninterfaces = [\"eth0\"]\n");
+        for addr in backends {
+            text += &format!("[[service.backend]]\naddress = \"{addr}\"\n");
+        }
+        text += "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+                 [[service.backend]]\naddress = \"10.1.0.1:80\"\n[interface.eth0]\nhook = \"xdp\"\n";
+        DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    #[test]
+    fn an_ipv6_service_is_written_to_the_ipv6_maps_with_shared_ids_and_tables() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        r.apply(&config6(&["[2001:db8:1::2]:8080", "[2001:db8:1::3]:8080"]), &mut dp).unwrap();
+        let key6 = ServiceKey6::new("[2001:db8::10]:80".parse().unwrap(), lb_common::PROTO_TCP);
+        let svc = dp.services6[&key6];
+        assert_eq!((dp.services.len(), dp.services6.len()), (1, 1));
+        assert_ne!(svc.id, dp.services.values().next().unwrap().id, "one id space for both families");
+        assert_eq!(svc.backend_count, 2);
+        // Each IPv6 backend: its address in BACKENDS6 before its BACKENDS
+        // entry (no address, flags and service) makes the id live.
+        let b6: Vec<SocketAddr> = dp.backends6.values().map(|b| b.addr().into()).collect();
+        assert_eq!(b6, ["[2001:db8:1::2]:8080".parse().unwrap(), "[2001:db8:1::3]:8080".parse().unwrap()]);
+        for id in dp.backends6.keys() {
+            let b = dp.backends[id];
+            assert_eq!((b.ip_be, b.service_id, b.flags), (0, svc.id, BACKEND_F_ACTIVE));
+            let at = |w: &Write| matches!(w, Write::Backend6 { id: i, .. } | Write::Backend { id: i, .. } if i == id);
+            let kinds: Vec<&str> = dp.log.iter().filter(|w| at(w)).map(Write::kind).collect();
+            assert_eq!(kinds, ["backend6", "backend"]);
+        }
+        // The shared table names only the IPv6 backends' ids.
+        let live: BTreeSet<u32> = dp.table(svc.id, svc.table).into_iter().collect();
+        assert_eq!(live, dp.backends6.keys().copied().collect());
+        // Replies from each backend address are matched to the service.
+        assert_eq!(dp.backend_vips6.len(), 2);
+        assert!(dp.backend_vips6.values().all(|v| v.vips[0] == key6 && v.vips[1] == ServiceKey6::default()));
+
+        // A backend leaves: its reply key goes; the service goes: SERVICES6 too.
+        r.apply(&config6(&["[2001:db8:1::2]:8080"]), &mut dp).unwrap();
+        assert_eq!((dp.backend_vips6.len(), dp.services6[&key6].backend_count), (1, 1));
+        let only_v4: Vec<DesiredService> = config6(&[]).into_iter().filter(|s| s.config.name == "web").collect();
+        r.apply(&only_v4, &mut dp).unwrap();
+        assert!(dp.services6.is_empty() && dp.backend_vips6.is_empty());
+        assert_eq!(dp.services.len(), 1);
     }
 
     #[test]
@@ -538,7 +667,12 @@ mod tests {
         let mut dp = FakeDataplane::default();
         let mut r = Reconciler::default();
         r.apply(&sharing(2, "10.1.0.1:80"), &mut dp).unwrap();
-        let addr = backend_addr("10.1.0.1:80".parse().unwrap(), lb_common::PROTO_TCP);
+        let addr = BackendAddr {
+            ip_be: u32::from(Ipv4Addr::new(10, 1, 0, 1)).to_be(),
+            port_be: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            _pad: 0,
+        };
         let ports = |dp: &FakeDataplane| -> Vec<u16> {
             dp.backend_vips[&addr].vips.iter().filter(|k| k.vip_be != 0).map(|k| u16::from_be(k.port_be)).collect()
         };
@@ -648,7 +782,7 @@ mod tests {
     }
 
     /// The live table of the only service, as backend addresses.
-    fn live_addrs(r: &Reconciler, dp: &FakeDataplane) -> Vec<Option<SocketAddrV4>> {
+    fn live_addrs(r: &Reconciler, dp: &FakeDataplane) -> Vec<Option<SocketAddr>> {
         let svc = dp.services.values().next().unwrap();
         let (_, state) = r.services().next().unwrap();
         let addr = |id: u32| state.backends.iter().find(|b| b.id == id).map(|b| b.addr);
@@ -671,7 +805,7 @@ mod tests {
         r.apply(&flap, &mut dp).unwrap();
         r.apply(&config(&[("10.1.0.3:80", 1), ("10.1.0.2:80", 2), ("10.1.0.1:80", 1)]), &mut dp).unwrap();
         let key = flap[0].config.key();
-        let first: SocketAddrV4 = "10.1.0.1:80".parse().unwrap();
+        let first: SocketAddr = "10.1.0.1:80".parse().unwrap();
         assert_ne!(fresh.backend_id(&key, first), r.backend_id(&key, first), "ids should differ between the nodes");
         let (a, b) = (live_addrs(&fresh, &fresh_dp), live_addrs(&r, &dp));
         let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
@@ -772,7 +906,7 @@ mod tests {
         let mut d = config(&[]);
         d[0].backends = (0..n)
             .map(|i| DesiredBackend {
-                addr: SocketAddrV4::new([10, 1, (i >> 8) as u8, i as u8].into(), 80),
+                addr: SocketAddrV4::new([10, 1, (i >> 8) as u8, i as u8].into(), 80).into(),
                 weight: 1,
                 in_table: true,
             })

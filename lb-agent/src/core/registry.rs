@@ -11,11 +11,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use lb_common::ServiceKey;
 use tokio::time::Instant;
 
 use crate::{
@@ -26,6 +25,7 @@ use crate::{
         deploy,
         health::{Health, Transition},
         slow_start::{self, SlowStart, TableNow},
+        vip::{ipv4, VipKey},
     },
     ports::Route,
 };
@@ -82,7 +82,7 @@ impl BackendEntry {
 #[derive(Clone, Debug)]
 pub struct ServiceEntry {
     pub config: ServiceConfig,
-    pub backends: BTreeMap<SocketAddrV4, BackendEntry>,
+    pub backends: BTreeMap<SocketAddr, BackendEntry>,
 }
 
 /// One service as the reconciler should write it.
@@ -114,7 +114,7 @@ impl DesiredService {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DesiredBackend {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub weight: u32,
     pub in_table: bool,
 }
@@ -124,24 +124,24 @@ pub enum RegistryError {
     #[error("no service named {0:?}")]
     UnknownService(String),
     #[error("service {service:?} has no backend {addr}")]
-    UnknownBackend { service: String, addr: SocketAddrV4 },
+    UnknownBackend { service: String, addr: SocketAddr },
     #[error("service {service:?} already has backend {addr}")]
-    DuplicateBackend { service: String, addr: SocketAddrV4 },
+    DuplicateBackend { service: String, addr: SocketAddr },
     #[error("weight {0} is above the maximum {MAX_WEIGHT}")]
     Weight(u32),
     #[error("backend {addr}: {why}")]
-    BadAddress { addr: SocketAddrV4, why: &'static str },
+    BadAddress { addr: SocketAddr, why: &'static str },
     #[error(
         "backend {addr} is inside {subnet} (instances.{kind}.{key}) of service {owner:?}, whose addresses its \
          orchestrator hands out"
     )]
-    InInstanceNet { addr: SocketAddrV4, owner: String, subnet: Ipv4Subnet, kind: &'static str, key: &'static str },
+    InInstanceNet { addr: SocketAddr, owner: String, subnet: Ipv4Subnet, kind: &'static str, key: &'static str },
 }
 
 /// A backend whose drain ended, for the caller to forget in the data plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Drained {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// The deadline passed with connections still open: the caller drops
     /// their connection-table entries.
     pub expired: bool,
@@ -154,7 +154,7 @@ pub struct Registry {
     /// weight 0) when this one adopted its data plane: with a health check
     /// they start down, and join only once they pass `rise` checks.
     /// Taken by the first `set_config`.
-    start_down: BTreeSet<(ServiceKey, SocketAddrV4)>,
+    start_down: BTreeSet<(VipKey, SocketAddr)>,
     /// Backends that joined a table lately, ramping up to their weight.
     slow_start: SlowStart,
 }
@@ -172,7 +172,7 @@ impl Registry {
     /// adopted data plane had out of its table. A backend that was down
     /// stays out until it passes its checks, instead of rejoining as up
     /// and failing clients until `fall` probes take it out again.
-    pub fn start_down(&mut self, out_of_table: BTreeSet<(ServiceKey, SocketAddrV4)>) {
+    pub fn start_down(&mut self, out_of_table: BTreeSet<(VipKey, SocketAddr)>) {
         self.start_down = out_of_table;
     }
 
@@ -226,29 +226,29 @@ impl Registry {
     /// Add a backend at run time (it joins the table at once; with a health
     /// check, it is probed like any other). Re-adding a draining backend
     /// makes it active again.
-    pub fn add_backend(&mut self, service: &str, addr: SocketAddrV4, weight: u32) -> Result<(), RegistryError> {
+    pub fn add_backend(&mut self, service: &str, addr: SocketAddr, weight: u32) -> Result<(), RegistryError> {
         self.add(service, addr, weight, Origin::Api)
     }
 
     /// A scaled instance that passed its first health check joins the table.
-    pub fn add_instance(&mut self, service: &str, addr: SocketAddrV4) -> Result<(), RegistryError> {
+    pub fn add_instance(&mut self, service: &str, addr: SocketAddr) -> Result<(), RegistryError> {
         self.add(service, addr, 1, Origin::Scaler)
     }
 
     /// Forget a backend at once, without draining: its instance is gone
     /// (crashed), so its flows have nowhere to go.
-    pub fn forget(&mut self, service: &str, addr: SocketAddrV4) -> bool {
+    pub fn forget(&mut self, service: &str, addr: SocketAddr) -> bool {
         self.services.get_mut(service).is_some_and(|e| e.backends.remove(&addr).is_some())
     }
 
-    fn add(&mut self, service: &str, addr: SocketAddrV4, weight: u32, origin: Origin) -> Result<(), RegistryError> {
+    fn add(&mut self, service: &str, addr: SocketAddr, weight: u32, origin: Origin) -> Result<(), RegistryError> {
         if weight > MAX_WEIGHT {
             return Err(RegistryError::Weight(weight));
         }
         if addr.port() == 0 {
             return Err(RegistryError::BadAddress { addr, why: "port 0" });
         }
-        if let Some(why) = unusable_backend_ip(*addr.ip()) {
+        if let Some(why) = unusable_backend_ip(addr.ip()) {
             return Err(RegistryError::BadAddress { addr, why });
         }
         if origin == Origin::Api {
@@ -257,8 +257,11 @@ impl Registry {
             self.refuse_instance_address(addr)?;
         }
         let entry = self.service_mut(service)?;
-        if *addr.ip() == entry.config.vip {
+        if addr.ip() == entry.config.vip {
             return Err(RegistryError::BadAddress { addr, why: "that is the service's own VIP" });
+        }
+        if addr.is_ipv6() != entry.config.vip.is_ipv6() {
+            return Err(RegistryError::BadAddress { addr, why: "not of the family of the service's VIP" });
         }
         let health = new_health(&entry.config, false);
         match entry.backends.get_mut(&addr) {
@@ -282,10 +285,10 @@ impl Registry {
     /// A scaled service's orchestrator hands out the addresses of its
     /// subnet: a backend added by hand there would clash with an instance
     /// (the config check refuses the same for listed backends).
-    fn refuse_instance_address(&self, addr: SocketAddrV4) -> Result<(), RegistryError> {
+    fn refuse_instance_address(&self, addr: SocketAddr) -> Result<(), RegistryError> {
         for (owner, e) in &self.services {
             let Some(net) = e.config.instances.as_ref().and_then(|i| i.net()) else { continue };
-            if net.subnet.contains(*addr.ip()) {
+            if ipv4(addr.ip()).is_some_and(|ip| net.subnet.contains(ip)) {
                 return Err(RegistryError::InInstanceNet {
                     addr,
                     owner: owner.clone(),
@@ -299,7 +302,7 @@ impl Registry {
     }
 
     /// Start draining a backend now.
-    pub fn remove_backend(&mut self, service: &str, addr: SocketAddrV4, now: Instant) -> Result<(), RegistryError> {
+    pub fn remove_backend(&mut self, service: &str, addr: SocketAddr, now: Instant) -> Result<(), RegistryError> {
         let entry = self.service_mut(service)?;
         let timeout = entry.config.drain_timeout;
         let b = entry.backends.get_mut(&addr).ok_or(RegistryError::UnknownBackend { service: service.into(), addr })?;
@@ -307,7 +310,7 @@ impl Registry {
         Ok(())
     }
 
-    pub fn set_weight(&mut self, service: &str, addr: SocketAddrV4, weight: u32) -> Result<(), RegistryError> {
+    pub fn set_weight(&mut self, service: &str, addr: SocketAddr, weight: u32) -> Result<(), RegistryError> {
         if weight > MAX_WEIGHT {
             return Err(RegistryError::Weight(weight));
         }
@@ -317,20 +320,21 @@ impl Registry {
         Ok(())
     }
 
-    /// Every backend's address, for a route lookup.
+    /// Every IPv4 backend's address, for a route lookup (the host checks
+    /// are IPv4's; IPv6 backends are not judged).
     pub fn backend_ips(&self) -> BTreeSet<Ipv4Addr> {
-        self.services.values().flat_map(|e| e.backends.keys().map(|a| *a.ip())).collect()
+        self.services.values().flat_map(|e| e.backends.keys().filter_map(|a| ipv4(a.ip()))).collect()
     }
 
     /// Flag (or clear) each backend as the host routes it now (see
     /// `deploy::unroutable`; one whose route is not in `routes` keeps its
     /// flag). Returns the flags that changed: service, backend, and why it
     /// cannot be served (`None`: it can again).
-    pub fn judge_routes(&mut self, routes: &BTreeMap<Ipv4Addr, Route>) -> Vec<(String, SocketAddrV4, Option<String>)> {
+    pub fn judge_routes(&mut self, routes: &BTreeMap<Ipv4Addr, Route>) -> Vec<(String, SocketAddr, Option<String>)> {
         let mut changed = Vec::new();
         for (name, e) in self.services.iter_mut() {
             for (addr, b) in e.backends.iter_mut() {
-                let Some(route) = routes.get(addr.ip()) else { continue };
+                let Some(route) = ipv4(addr.ip()).and_then(|ip| routes.get(&ip)) else { continue };
                 let why = deploy::unroutable(&e.config, route);
                 if b.unroutable != why {
                     b.unroutable.clone_from(&why);
@@ -342,7 +346,7 @@ impl Registry {
     }
 
     /// Feed a probe result; returns the transition, if this result made one.
-    pub fn observe_health(&mut self, service: &str, addr: SocketAddrV4, ok: bool) -> Option<Transition> {
+    pub fn observe_health(&mut self, service: &str, addr: SocketAddr, ok: bool) -> Option<Transition> {
         self.services.get_mut(service)?.backends.get_mut(&addr)?.health.as_mut()?.observe(ok)
     }
 
@@ -356,7 +360,7 @@ impl Registry {
             .any(|b| matches!(b.state, BackendState::Draining { .. }))
     }
 
-    pub fn finish_drains(&mut self, now: Instant, open: impl Fn(&str, SocketAddrV4) -> u64) -> Vec<(String, Drained)> {
+    pub fn finish_drains(&mut self, now: Instant, open: impl Fn(&str, SocketAddr) -> u64) -> Vec<(String, Drained)> {
         let mut done = Vec::new();
         for (name, entry) in self.services.iter_mut() {
             entry.backends.retain(|addr, b| {
@@ -395,7 +399,7 @@ impl Registry {
 
     /// The share of its weight a ramping backend has now, in percent; `None`
     /// when it does not ramp.
-    pub fn ramp_percent(&self, service: &str, addr: SocketAddrV4) -> Option<u32> {
+    pub fn ramp_percent(&self, service: &str, addr: SocketAddr) -> Option<u32> {
         let step = self.slow_start.step_of(service, addr);
         (step < slow_start::STEPS).then_some(step * 100 / slow_start::STEPS)
     }
@@ -460,7 +464,7 @@ mod tests {
         Config::parse(&text, Path::new("t.toml")).unwrap()
     }
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
@@ -616,7 +620,7 @@ mod tests {
     fn routes_flag_the_backends_the_service_cannot_reach() {
         let mut r = Registry::default();
         r.set_config(&config(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"], ""), Instant::now());
-        let ip = |s: &str| *addr(s).ip();
+        let ip = |s: &str| crate::core::vip::ipv4(addr(s).ip()).unwrap();
         assert_eq!(r.backend_ips(), [ip("10.1.0.1:80"), ip("10.1.0.2:80"), ip("10.1.0.3:80")].into());
         let listed = r.service("web").unwrap().config.interfaces[0].clone();
         let mut routes: BTreeMap<Ipv4Addr, Route> = [

@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use tokio::time::Instant;
@@ -78,7 +78,7 @@ pub struct Replicas {
     /// Starts asked for and not yet reported back.
     pending_starts: u32,
     /// New-flow totals at the previous snapshot, for per-instance rates.
-    flows_before: HashMap<SocketAddrV4, (u64, Instant)>,
+    flows_before: HashMap<SocketAddr, (u64, Instant)>,
     /// Bumped whenever instances are forgotten.
     generation: u64,
 }
@@ -104,8 +104,8 @@ impl Replicas {
     }
 
     /// Whether an instance in any phase serves at `addr`.
-    pub fn owns(&self, addr: SocketAddrV4) -> bool {
-        self.tracked.values().any(|t| t.replica.addr == addr)
+    pub fn owns(&self, addr: SocketAddr) -> bool {
+        self.tracked.values().any(|t| t.replica.socket() == addr)
     }
 
     /// Running instances in `listed` that are not tracked: ours from before
@@ -161,21 +161,21 @@ impl Replicas {
     }
 
     /// Starting instances with no probe under way, marked as being probed.
-    pub fn take_unprobed(&mut self) -> Vec<(String, SocketAddrV4)> {
+    pub fn take_unprobed(&mut self) -> Vec<(String, SocketAddr)> {
         self.tracked
             .iter_mut()
             .filter(|(_, t)| t.phase == Phase::Starting && !t.probing)
             .map(|(id, t)| {
                 t.probing = true;
-                (id.clone(), t.replica.addr)
+                (id.clone(), t.replica.socket())
             })
             .collect()
     }
 
     /// The draining instance at `addr`, whose drain is over, moves on to
     /// being stopped; returns its id to stop.
-    pub fn drained(&mut self, addr: SocketAddrV4) -> Option<String> {
-        let (id, t) = self.tracked.iter_mut().find(|(_, t)| t.replica.addr == addr)?;
+    pub fn drained(&mut self, addr: SocketAddr) -> Option<String> {
+        let (id, t) = self.tracked.iter_mut().find(|(_, t)| t.replica.socket() == addr)?;
         (t.phase == Phase::Draining).then(|| {
             t.phase = Phase::Stopping;
             id.clone()
@@ -200,21 +200,21 @@ impl Replicas {
     /// samples, and new flows per second since the previous snapshot.
     pub fn metrics(
         &mut self,
-        flows: &HashMap<SocketAddrV4, FlowFigures>,
+        flows: &HashMap<SocketAddr, FlowFigures>,
         host_cpu_percent: Option<f64>,
         now: Instant,
     ) -> MetricsSnapshot {
         let mut replicas = Vec::new();
         let mut seen = HashMap::new();
         for (id, t) in self.tracked.iter().filter(|(_, t)| t.is_active()) {
-            let f = flows.get(&t.replica.addr).copied().unwrap_or_default();
-            let rate = match self.flows_before.get(&t.replica.addr) {
+            let f = flows.get(&t.replica.socket()).copied().unwrap_or_default();
+            let rate = match self.flows_before.get(&t.replica.socket()) {
                 Some((before, at)) if now > *at && f.new_flows_total >= *before => {
                     (f.new_flows_total - before) as f64 / now.duration_since(*at).as_secs_f64()
                 }
                 _ => 0.0,
             };
-            seen.insert(t.replica.addr, (f.new_flows_total, now));
+            seen.insert(t.replica.socket(), (f.new_flows_total, now));
             replicas.push(ReplicaMetrics {
                 id: id.clone(),
                 ready: t.phase == Phase::Ready,
@@ -230,7 +230,7 @@ impl Replicas {
     }
 
     /// The active instances, by id and address.
-    pub fn active_addrs(&self) -> Vec<(String, SocketAddrV4)> {
+    pub fn active_addrs(&self) -> Vec<(String, std::net::SocketAddrV4)> {
         self.tracked.iter().filter(|(_, t)| t.is_active()).map(|(id, t)| (id.clone(), t.replica.addr)).collect()
     }
 
@@ -246,10 +246,10 @@ impl Replicas {
 
     /// Which `n` instances to let go: not-yet-ready ones first, then those
     /// with the fewest open connections, newest first among equals.
-    pub fn victims(&self, n: u32, flows: &HashMap<SocketAddrV4, FlowFigures>) -> Vec<String> {
+    pub fn victims(&self, n: u32, flows: &HashMap<SocketAddr, FlowFigures>) -> Vec<String> {
         let mut candidates: Vec<(&String, &Tracked)> = self.tracked.iter().filter(|(_, t)| t.is_active()).collect();
         candidates.sort_by_key(|(_, t)| {
-            let open = flows.get(&t.replica.addr).map_or(0, |f| f.open);
+            let open = flows.get(&t.replica.socket()).map_or(0, |f| f.open);
             (t.phase == Phase::Ready, open, std::cmp::Reverse(t.started_at))
         });
         candidates.into_iter().take(n as usize).map(|(id, _)| id.clone()).collect()

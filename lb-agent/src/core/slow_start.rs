@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
     time::Duration,
 };
 
@@ -44,7 +44,7 @@ pub fn weights(backends: &[(u32, u32)]) -> Vec<u32> {
 pub struct TableNow {
     pub slow_start: Duration,
     /// The backends in its Maglev table.
-    pub in_table: BTreeSet<SocketAddrV4>,
+    pub in_table: BTreeSet<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +58,8 @@ struct Ramp {
 #[derive(Clone, Debug, Default)]
 pub struct SlowStart {
     /// Each service's table at the last `advance`; `None` before the first.
-    seen: Option<BTreeMap<String, BTreeSet<SocketAddrV4>>>,
-    ramps: BTreeMap<(String, SocketAddrV4), Ramp>,
+    seen: Option<BTreeMap<String, BTreeSet<SocketAddr>>>,
+    ramps: BTreeMap<(String, SocketAddr), Ramp>,
 }
 
 impl SlowStart {
@@ -93,7 +93,7 @@ impl SlowStart {
     }
 
     /// A backend's step: `STEPS` when it does not ramp.
-    pub fn step_of(&self, service: &str, addr: SocketAddrV4) -> u32 {
+    pub fn step_of(&self, service: &str, addr: SocketAddr) -> u32 {
         self.ramps.get(&(service.to_owned(), addr)).map_or(STEPS, |r| r.step)
     }
 
@@ -136,7 +136,7 @@ mod tests {
         BTreeMap::from([("web".to_owned(), TableNow { slow_start: secs(slow_start), in_table })])
     }
 
-    fn addr(a: &str) -> SocketAddrV4 {
+    fn addr(a: &str) -> SocketAddr {
         format!("10.1.0.{a}:80").parse().unwrap()
     }
 

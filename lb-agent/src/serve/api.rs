@@ -23,7 +23,7 @@
 //! `core::overlay`); `dump_config` answers the effective config as TOML.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -55,17 +55,17 @@ pub enum Request {
     Status,
     AddBackend {
         service: String,
-        address: SocketAddrV4,
+        address: SocketAddr,
         #[serde(default = "one")]
         weight: u32,
     },
     RemoveBackend {
         service: String,
-        address: SocketAddrV4,
+        address: SocketAddr,
     },
     SetWeight {
         service: String,
-        address: SocketAddrV4,
+        address: SocketAddr,
         weight: u32,
     },
     /// Drop the run-time changes of a service, or of one of its backends.
@@ -73,7 +73,7 @@ pub enum Request {
     ResetBackends {
         service: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        address: Option<SocketAddrV4>,
+        address: Option<SocketAddr>,
     },
     Reload,
     /// The effective config (file and run-time changes) as TOML.
@@ -97,11 +97,11 @@ pub enum Request {
     /// `protocol` and `vip` narrow the service down when they are given.
     Explain {
         service: String,
-        client: SocketAddrV4,
+        client: SocketAddr,
         #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "protocol_name")]
         protocol: Option<Protocol>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        vip: Option<Ipv4Addr>,
+        vip: Option<std::net::IpAddr>,
     },
 }
 
@@ -164,7 +164,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let raw: RawRequest = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     let op = raw.op.as_str();
     let service = || raw.service.clone().ok_or(format!("bad request: {op} needs \"service\""));
-    let address = || -> Result<SocketAddrV4, String> {
+    let address = || -> Result<SocketAddr, String> {
         let a = raw.address.as_deref().ok_or(format!("bad request: {op} needs \"address\""))?;
         a.parse().map_err(|_| {
             format!("bad request: address: {a:?} is not an IPv4 address with a port, like \"10.0.0.5:8080\"")
@@ -491,7 +491,7 @@ mod tests {
             service: "web".into(),
             client: "10.0.9.2:40000".parse().unwrap(),
             protocol: Some(Protocol::Udp),
-            vip: Some(Ipv4Addr::new(10, 0, 0, 100)),
+            vip: Some(std::net::Ipv4Addr::new(10, 0, 0, 100).into()),
         };
         assert_eq!(parse_request(&serde_json::to_string(&request).unwrap()), Ok(request));
         let bare = Request::Explain {

@@ -35,8 +35,10 @@ use std::{
 
 use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
-    maglev_index, Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS,
-    BACKEND_VIPS, CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
+    maglev_index,
+    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, SERVICES6},
+    Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS,
+    CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
 };
 use tracing::warn;
 
@@ -131,6 +133,26 @@ impl MapWriter for AyaDataplane {
         match vips {
             Some(v) => self.maps.backend_vips.insert(addr, v, 0).map_err(map_err(BACKEND_VIPS, "write")),
             None => self.maps.backend_vips.remove(addr).map_err(map_err(BACKEND_VIPS, "delete")),
+        }
+    }
+
+    fn set_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError> {
+        self.maps.backends6.set(id, backend, 0).map_err(map_err(BACKENDS6, "write"))
+    }
+
+    fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError> {
+        // One hash-map update, as for IPv4: the old table or the new one.
+        self.maps.services6.insert(key, service, 0).map_err(map_err(SERVICES6, "write"))
+    }
+
+    fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
+        self.maps.services6.remove(key).map_err(map_err(SERVICES6, "delete"))
+    }
+
+    fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {
+        match vips {
+            Some(v) => self.maps.backend_vips6.insert(addr, v, 0).map_err(map_err(BACKEND_VIPS6, "write")),
+            None => self.maps.backend_vips6.remove(addr).map_err(map_err(BACKEND_VIPS6, "delete")),
         }
     }
 }

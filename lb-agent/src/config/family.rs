@@ -1,0 +1,152 @@
+//! Which address family a service may use where: the data plane balances
+//! IPv6 in destination NAT at the XDP hook only (`xdp_lb6`), so an IPv6
+//! service must say so of every interface, and its backends must be IPv6
+//! too (a packet's family never changes on the way through).
+
+use std::net::IpAddr;
+
+use super::{Config, ForwardMode, HookMode, ServiceConfig};
+
+/// The problems of `svc`'s addresses' family, each with its place (`at`).
+pub(super) fn problems(config: &Config, svc: &ServiceConfig, at: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let v6 = svc.vip.is_ipv6();
+    for (j, b) in svc.backends.iter().enumerate() {
+        if b.address.is_ipv6() != v6 {
+            out.push(format!(
+                "{at}: backend[{j}].address: {} is {} but the vip {} is {}: a service's backends must be of its \
+                 vip's family",
+                b.address,
+                family(b.address.ip()),
+                svc.vip,
+                family(svc.vip)
+            ));
+        }
+    }
+    if !v6 {
+        return out;
+    }
+    if svc.mode != ForwardMode::Nat {
+        out.push(format!(
+            "{at}: mode: \"{}\" does not balance IPv6 (vip {}); IPv6 services take mode = \"nat\"",
+            mode_key(svc.mode),
+            svc.vip
+        ));
+    }
+    if svc.instances.is_some() {
+        out.push(format!(
+            "{at}: instances: scaled instances get IPv4 addresses; an IPv6 vip ({}) lists its backends",
+            svc.vip
+        ));
+    }
+    for iface in &svc.interfaces {
+        if config.hook(iface) != HookMode::Xdp {
+            out.push(format!(
+                "{at}: interfaces: {iface:?} has hook = \"{}\", but IPv6 is balanced at XDP only (the tc hook passes it \
+                 untouched, and \"auto\" picks tc on veth and bridges); set [interface.{iface}] hook = \"xdp\"",
+                hook_key(config.hook(iface))
+            ));
+        }
+    }
+    out
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv6() {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
+fn mode_key(mode: ForwardMode) -> &'static str {
+    match mode {
+        ForwardMode::Nat => "nat",
+        ForwardMode::FullNat => "full-nat",
+        ForwardMode::DsrIpip => "dsr-ipip",
+    }
+}
+
+fn hook_key(hook: HookMode) -> &'static str {
+    match hook {
+        HookMode::Auto => "auto",
+        HookMode::Xdp => "xdp",
+        HookMode::Tc => "tc",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const V6: &str = r#"
+[[service]]
+name = "web6"
+vip = "2001:db8::10"
+port = 80
+interfaces = ["eth0"]
+[[service.backend]]
+address = "[2001:db8:1::2]:8080"
+[[service.backend]]
+address = "[2001:db8:1::3]:8080"
+
+[interface.eth0]
+hook = "xdp"
+"#;
+
+    fn parse(text: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(text, std::path::Path::new("test.toml"))
+    }
+
+    /// The one error's text (the problems, or the parse error).
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn an_ipv6_nat_service_at_xdp_is_accepted() {
+        let config = parse(V6).unwrap();
+        let svc = &config.services[0];
+        assert_eq!(svc.vip, "2001:db8::10".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(svc.backends[1].address.to_string(), "[2001:db8:1::3]:8080");
+    }
+
+    #[test]
+    fn ipv6_is_refused_where_the_data_plane_does_not_serve_it() {
+        let full_nat = V6.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmode = \"full-nat\"");
+        let p = problems(&full_nat);
+        assert!(p[0].contains(r#"service[0] "web6": mode: "full-nat" does not balance IPv6"#), "{p:?}");
+        let dsr = V6.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmode = \"dsr-ipip\"");
+        assert!(problems(&dsr)[0].contains(r#"mode: "dsr-ipip" does not balance IPv6"#), "{:?}", problems(&dsr));
+        let tc = V6.replace("hook = \"xdp\"", "hook = \"tc\"");
+        assert!(problems(&tc)[0].contains(r#"interfaces: "eth0" has hook = "tc", but IPv6 is balanced at XDP only"#));
+        let auto = V6.replace("hook = \"xdp\"", "");
+        assert!(problems(&auto)[0].contains(r#"has hook = "auto""#), "{:?}", problems(&auto));
+    }
+
+    #[test]
+    fn a_service_never_mixes_families() {
+        let mixed = V6.replace("[2001:db8:1::3]:8080", "10.1.0.3:8080");
+        let p = problems(&mixed);
+        assert!(
+            p[0].contains(
+                r#"backend[1].address: 10.1.0.3:8080 is IPv4 but the vip 2001:db8::10 is IPv6: a service's backends"#
+            ),
+            "{p:?}"
+        );
+        let v4 = V6.replace("2001:db8::10", "10.0.0.10").replace("[2001:db8:1::2]:8080", "10.1.0.2:8080");
+        assert!(problems(&v4)[0].contains("[2001:db8:1::3]:8080 is IPv6 but the vip 10.0.0.10 is IPv4"));
+    }
+
+    #[test]
+    fn an_ipv6_address_without_brackets_says_how_to_write_it() {
+        let p = problems(&V6.replace("[2001:db8:1::2]:8080", "2001:db8:1::2"));
+        assert!(
+            p[0].contains(r#""2001:db8:1::2": an IPv6 address with a port is written "[2001:db8:1::2]:PORT""#),
+            "{p:?}"
+        );
+    }
+}
