@@ -16,7 +16,7 @@ use lb_lab::{
     agent::{Agent, AgentArgs},
     command::try_run_cmd,
     docker::{build_demo_image_from, docker_try, try_static_backend_bin, Dockerd, DEMO_IMAGE},
-    netns::{netns_path, InstanceNamespaces, NetNs},
+    netns::{netns_path, InstanceNamespaces, LinkGuard, NetNs},
     scratch::Scratch,
 };
 
@@ -56,6 +56,10 @@ pub(crate) struct Lab {
     /// Docker: the network was absent when we started, so the one there at
     /// the end is the agent's, made for this run.
     network_is_ours: bool,
+    /// Docker: the host end of the client's veth, deleted at once in the
+    /// cleanup (the kernel would take it only once the client's namespace
+    /// is torn down, seconds later: too late for the next scenario row).
+    host_link: Option<LinkGuard>,
     cleaned: bool,
 }
 
@@ -76,6 +80,7 @@ impl Lab {
             relay: None,
             dockerd: None,
             network_is_ours: false,
+            host_link: None,
             cleaned: false,
         };
         // Names carry our pid; anything by these names is a leftover of an
@@ -202,6 +207,7 @@ impl Lab {
         self.add_netns(&client)?;
         let lb = self.lb_iface.clone();
         ip(&["link", "add", "name", &lb, "type", "veth", "peer", "name", CLIENT_IFACE, "netns", &client])?;
+        self.host_link = Some(LinkGuard(lb.clone()));
         ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", &lb])?;
         ip(&["link", "set", &lb, "up"])?;
         ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", CLIENT_IFACE])?;
@@ -345,6 +351,7 @@ impl Lab {
             // A process still in one is an instance the agent lost.
             notes.extend(instances.remove_left());
         }
+        self.host_link = None;
         let mut removed = Vec::new();
         for ns in self.namespaces.drain(..).rev() {
             let name = ns.name().to_owned();
