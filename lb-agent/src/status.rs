@@ -257,6 +257,16 @@ pub struct ServiceStatus {
     pub usable_backends: u32,
 }
 
+impl ServiceStatus {
+    /// `vip:port` as an address is written: `[2001:db8::10]:80` for IPv6.
+    pub fn endpoint(&self) -> String {
+        match self.vip.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, self.port).to_string(),
+            Err(_) => format!("{}:{}", self.vip, self.port),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     /// "ip:port".
@@ -445,10 +455,9 @@ impl Snapshot {
             };
             let _ = writeln!(
                 out,
-                "\nservice {}  {}:{}/{}  mode {}  on {}  {} pkt/s  {} new flows/s",
+                "\nservice {}  {}/{}  mode {}  on {}  {} pkt/s  {} new flows/s",
                 s.name,
-                s.vip,
-                s.port,
+                s.endpoint(),
                 s.protocol,
                 mode,
                 s.interfaces.join(","),
@@ -710,6 +719,14 @@ pub(crate) fn web_service(counters: Traffic) -> ServiceStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_brackets_an_ipv6_vip_only() {
+        let v4 = ServiceStatus { vip: "10.0.0.100".into(), port: 80, ..ServiceStatus::default() };
+        let v6 = ServiceStatus { vip: "2001:db8::10".into(), port: 80, ..ServiceStatus::default() };
+        assert_eq!(v4.endpoint(), "10.0.0.100:80");
+        assert_eq!(v6.endpoint(), "[2001:db8::10]:80");
+    }
 
     #[test]
     fn table_shows_backends_states_and_drops() {

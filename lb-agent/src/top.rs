@@ -140,10 +140,9 @@ fn header(top: &Top) -> Line<'static> {
 
 fn service_line(s: &ServiceStatus) -> String {
     format!(
-        "{} {}:{}/{} {} pkt/s {} new/s {}/{} backends",
+        "{} {}/{} {} pkt/s {} new/s {}/{} backends",
         s.name,
-        s.vip,
-        s.port,
+        s.endpoint(),
         s.protocol,
         human_rate(s.counters.packets_per_second),
         human_rate(s.counters.new_flows_per_second),
@@ -169,7 +168,7 @@ fn draw_services(f: &mut Frame, s: &Snapshot, area: Rect) {
         let style = if sv.usable_backends == 0 { Style::default().fg(Color::Red) } else { Style::default() };
         Row::new(vec![
             Cell::from(sv.name.clone()),
-            Cell::from(format!("{}:{}/{}", sv.vip, sv.port, sv.protocol)),
+            Cell::from(format!("{}/{}", sv.endpoint(), sv.protocol)),
             Cell::from(sv.mode.clone()),
             Cell::from(human_rate(sv.counters.packets_per_second)),
             Cell::from(human_rate(sv.counters.new_flows_per_second)),
