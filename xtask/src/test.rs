@@ -222,3 +222,40 @@ fn skip_stage(name: &str, why: &str, ok: bool) -> Stage {
     let took = step.finish(color, why);
     Stage { name: name.to_owned(), color, outcome: why.to_owned(), took, ok }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use crate::util;
+
+    /// The features of `name` in a `name = { ... features = [...] }` line.
+    fn features_of(manifest: &str, name: &str) -> Vec<String> {
+        let prefix = format!("{name} = ");
+        manifest
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.split_once("features = [")?.1.split_once(']').map(|(list, _)| list.to_owned()))
+            .flat_map(|list| list.split(',').map(|f| f.trim().trim_matches('"').to_owned()).collect::<Vec<_>>())
+            .filter(|f| !f.is_empty())
+            .collect()
+    }
+
+    /// A clap feature only some packages add makes the release bins' build
+    /// and the root tests' unify clap differently, and the second rebuild
+    /// clap and all on it: the workspace names every feature any adds.
+    #[test]
+    fn the_workspace_names_every_clap_feature_a_package_adds() {
+        let root = util::workspace_root();
+        let read = |p: &str| fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("read {p}: {e}"));
+        let workspace = features_of(&read("Cargo.toml"), "clap");
+        assert!(workspace.contains(&"derive".to_owned()), "{workspace:?}");
+        let manifest = read("Cargo.toml");
+        let members = manifest.split_once("members = [").unwrap().1.split_once(']').unwrap().0;
+        for member in members.split(',').map(|m| m.trim().trim_matches('"')).filter(|m| !m.is_empty()) {
+            for feature in features_of(&read(&format!("{member}/Cargo.toml")), "clap") {
+                assert!(workspace.contains(&feature), "{member} adds clap feature {feature:?}: add it to the workspace's");
+            }
+        }
+    }
+}
