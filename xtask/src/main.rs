@@ -61,8 +61,10 @@ enum Command {
     #[command(long_about = "Setup, then three stages, each summarised with its duration:\n\n\
         \x20 1. unit tests:  cargo test --workspace --exclude lb-tests [FILTER]\n\
         \x20 2. root tests:  cargo test -p lb-tests -p lb-lab -p lb-load --release [FILTER] -- --test-threads=1\n\
+        \x20                 (the files that measure CPU, e2e_scaling among them, last and alone)\n\
         \x20 3. VM stage:    the fixtures, fixtures_ipv6 and e2e_netns test binaries in a qemu VM\n\
-        \x20                 on Debian 12's kernel 6.1 (skip with --no-vm, except in CI)\n\n\
+        \x20                 on Debian 12's kernel 6.1 (skip with --no-vm, except in CI); it runs\n\
+        \x20                 beside the root tests but those last, its output shown at its end\n\n\
         The root tests load BPF programs and create network namespaces. Without root they\n\
         are skipped and the command fails, unless --unit-only is given.\n\n\
         `--kernel 6.1,6.12` runs only the VM stage, on each kernel named. It installs qemu\n\

@@ -2,10 +2,12 @@
 //! and e2e_netns again on an older kernel in a VM; or with `--kernel`, only
 //! the VM stage, on the kernels named.
 
+use std::env;
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
-use std::time::Duration;
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -50,6 +52,11 @@ const ROOT_PACKAGES: [&str; 3] = ["lb-tests", "lb-lab", "lb-load"];
 /// set for the unit stage, it makes root tests skip there.
 const ROOT_STAGE_LATER: &str = "LB_ROOT_STAGE_LATER";
 
+/// Root test files that measure CPU: e2e_scaling scales on it,
+/// docker_orchestrator asserts a loaded container's share and bench_e2e
+/// accounts it. They run last, alone, after the VM stage.
+const CPU_BOUND: [&str; 3] = ["bench_e2e", "docker_orchestrator", "e2e_scaling"];
+
 pub fn run(opts: &Options) -> Result<ExitCode> {
     if opts.no_vm && util::in_ci() {
         bail!("--no-vm is for local runs: CI=true runs the VM stage");
@@ -75,14 +82,6 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         stages.push(skip_stage("examples", "skipped (FILTER given)", true));
     }
 
-    // BPF fixtures and network namespaces. One thread: the tests create
-    // namespaces and attach programs, and must not see each other's.
-    let mut root = util::cargo();
-    root.args(["test", "--release"]);
-    for package in ROOT_PACKAGES {
-        root.args(["-p", package]);
-    }
-    root.args(&filter).args(["--", "--test-threads=1"]);
     if opts.unit_only {
         stages.push(skip_stage("root tests", "skipped (--unit-only)", true));
     } else if util::is_root()? {
@@ -94,10 +93,13 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         static_backend
             .args(["build", "--release", "-p", "lb-backend", "--target", "x86_64-unknown-linux-gnu"])
             .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        let mut root_build = root_tests();
+        root_build.arg("--no-run");
         let mut ok = true;
         for (name, cmd) in [
             ("build lb-agent, lb-backend, lb-load, lb-bench-e2e (release)", &mut bins),
             ("build static lb-backend", &mut static_backend),
+            ("build the root tests (release)", &mut root_build),
         ] {
             let stage = run_stage(name, cmd)?;
             ok &= stage.ok;
@@ -107,12 +109,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             }
         }
         if ok {
-            stages.push(run_stage("root tests", &mut root)?);
-            if opts.no_vm {
-                stages.push(skip_stage("vm", "skipped (--no-vm)", true));
-            } else {
-                run_vm_stages(&vm::DEFAULT_KERNELS, opts.filter.as_deref(), &mut stages);
-            }
+            run_root_and_vm_stages(opts, &filter, &mut stages)?;
         }
     } else {
         let why = format!("SKIPPED: not root (uid {}); run as root, or pass --unit-only", util::euid()?);
@@ -120,6 +117,124 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     }
 
     Ok(summarise(&stages))
+}
+
+/// The root tests, and the VM stage beside them: most root tests wait on
+/// daemons, Docker and timers more than they compute, so qemu's emulated
+/// CPUs find room beside them and the stage's two minutes mostly vanish
+/// from the run. The test files that measure CPU ([`CPU_BOUND`]) run after
+/// the VM has finished. (Not niced: the VM's own tests, slow under
+/// emulation, have the thinner margins.)
+fn run_root_and_vm_stages(opts: &Options, filter: &[&str], stages: &mut Vec<Stage>) -> Result<()> {
+    let (beside, alone) = root_test_files()?;
+    let vm = if opts.no_vm { None } else { Some(BackgroundVm::start(&vm::DEFAULT_KERNELS, opts.filter.as_deref())) };
+    // One thread: the tests create namespaces and attach programs, and
+    // must not see each other's.
+    let mut first = root_tests();
+    first.args(["--lib", "--bins"]);
+    for file in &beside {
+        first.args(["--test", file]);
+    }
+    first.args(filter).args(["--", "--test-threads=1"]);
+    let first = run_stage("root tests", &mut first);
+    match vm {
+        None => stages.push(skip_stage("vm", "skipped (--no-vm)", true)),
+        Some(Ok(vm)) => stages.push(vm.finish()),
+        Some(Err(e)) => stages.push(skip_stage("vm", &format!("FAILED: {e:#}"), false)),
+    }
+    stages.push(first?);
+    let mut last = root_tests();
+    for file in &alone {
+        last.args(["--test", file]);
+    }
+    last.args(filter).args(["--", "--test-threads=1"]);
+    stages.push(run_stage(&format!("root tests alone ({})", alone.join(", ")), &mut last)?);
+    Ok(())
+}
+
+/// `cargo test --release` of the packages with root tests ([`ROOT_PACKAGES`]).
+fn root_tests() -> Command {
+    let mut root = util::cargo();
+    root.args(["test", "--release"]);
+    for package in ROOT_PACKAGES {
+        root.args(["-p", package]);
+    }
+    root
+}
+
+/// lb-tests' test files (tests/tests/*.rs), by name: those that may run
+/// beside the VM stage, then [`CPU_BOUND`].
+fn root_test_files() -> Result<(Vec<String>, Vec<String>)> {
+    let dir = util::workspace_root().join("tests").join("tests");
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry.with_context(|| format!("read {}", dir.display()))?.path();
+        if path.extension().is_some_and(|x| x == "rs") {
+            names.extend(path.file_stem().map(|s| s.to_string_lossy().into_owned()));
+        }
+    }
+    names.sort();
+    split_cpu_bound(names)
+}
+
+/// Splits test file names into (the others, [`CPU_BOUND`]); a name in
+/// CPU_BOUND without its file is an error, not a test silently skipped.
+fn split_cpu_bound(names: Vec<String>) -> Result<(Vec<String>, Vec<String>)> {
+    if let Some(missing) = CPU_BOUND.iter().find(|c| !names.iter().any(|n| n == *c)) {
+        bail!("xtask's CPU_BOUND names tests/tests/{missing}.rs, which does not exist");
+    }
+    Ok(names.into_iter().partition(|n| !CPU_BOUND.contains(&n.as_str())))
+}
+
+/// The VM stage as a child `xtask test --kernel ...`, its output in a file
+/// that [`BackgroundVm::finish`] prints when the root tests are done.
+struct BackgroundVm {
+    name: String,
+    out: PathBuf,
+    step: Step,
+    waiter: thread::JoinHandle<(std::io::Result<ExitStatus>, Duration)>,
+}
+
+impl BackgroundVm {
+    fn start(kernels: &[&str], filter: Option<&str>) -> Result<Self> {
+        let out = util::target_dir().join("vm").join("background.out");
+        if let Some(dir) = out.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let file = fs::File::create(&out).with_context(|| format!("create {}", out.display()))?;
+        let mut cmd = Command::new(env::current_exe().context("find xtask's own executable")?);
+        cmd.args(["test", "--kernel", &kernels.join(",")])
+            .args(filter)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().with_context(|| format!("open {}", out.display()))?)
+            .stderr(file);
+        let name = format!("vm kernel {} ({})", kernels.join(","), vm::TESTS.join(", "));
+        let step = Step::new("test", name.clone());
+        println!("  $ {}", util::show(&cmd));
+        let mut child = cmd.spawn().context("start the VM stage (xtask test --kernel)")?;
+        step.say(&format!("running beside the root tests, output in {}", out.display()));
+        let started = Instant::now();
+        let waiter = thread::spawn(move || (child.wait(), started.elapsed()));
+        Ok(BackgroundVm { name, out, step, waiter })
+    }
+
+    /// Waits for the VM stage, prints its output and records it.
+    fn finish(self) -> Stage {
+        let (status, took) =
+            self.waiter.join().unwrap_or_else(|_| (Err(std::io::Error::other("waiter panicked")), Duration::ZERO));
+        let text = fs::read_to_string(&self.out).unwrap_or_default();
+        print!("{text}");
+        // The child's summary lines for its VM stages say what each found.
+        let found: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("[test]   vm ")).collect();
+        let (ok, outcome) = match status {
+            Ok(s) if s.success() => (true, format!("passed: vm {}", found.join("; vm "))),
+            Ok(s) => (false, format!("FAILED: the VM stage {}; output in {}", describe(s), self.out.display())),
+            Err(e) => (false, format!("FAILED: wait for the VM stage: {e}")),
+        };
+        let color = if ok { GREEN } else { RED };
+        self.step.finish(color, &outcome);
+        Stage { name: self.name, color, outcome, took, ok }
+    }
 }
 
 fn summarise(stages: &[Stage]) -> ExitCode {
@@ -227,7 +342,38 @@ fn skip_stage(name: &str, why: &str, ok: bool) -> Stage {
 mod tests {
     use std::fs;
 
+    use super::{root_test_files, split_cpu_bound, CPU_BOUND};
     use crate::util;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn cpu_bound_files_run_apart_from_the_others() {
+        let all = names(&["backend_bin", "bench_e2e", "docker_orchestrator", "e2e_netns", "e2e_scaling", "swarm"]);
+        let (beside, alone) = split_cpu_bound(all).unwrap();
+        assert_eq!(beside, names(&["backend_bin", "e2e_netns", "swarm"]));
+        assert_eq!(alone, names(&CPU_BOUND));
+        let err = split_cpu_bound(names(&["backend_bin", "bench_e2e", "docker_orchestrator"])).unwrap_err();
+        assert!(err.to_string().contains("tests/tests/e2e_scaling.rs"), "{err}");
+    }
+
+    /// Every test file of the repository runs in one of the two parts.
+    #[test]
+    fn every_root_test_file_runs_once() {
+        let (beside, alone) = root_test_files().unwrap();
+        assert_eq!(alone, names(&CPU_BOUND));
+        let mut both: Vec<String> = beside.into_iter().chain(alone).collect();
+        both.sort();
+        let dir = util::workspace_root().join("tests/tests");
+        let mut files: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+            .collect();
+        files.sort();
+        assert_eq!(both, files);
+    }
 
     /// The features of `name` in a `name = { ... features = [...] }` line.
     fn features_of(manifest: &str, name: &str) -> Vec<String> {
@@ -254,7 +400,10 @@ mod tests {
         let members = manifest.split_once("members = [").unwrap().1.split_once(']').unwrap().0;
         for member in members.split(',').map(|m| m.trim().trim_matches('"')).filter(|m| !m.is_empty()) {
             for feature in features_of(&read(&format!("{member}/Cargo.toml")), "clap") {
-                assert!(workspace.contains(&feature), "{member} adds clap feature {feature:?}: add it to the workspace's");
+                assert!(
+                    workspace.contains(&feature),
+                    "{member} adds clap feature {feature:?}: add it to the workspace's"
+                );
             }
         }
     }

@@ -302,8 +302,8 @@ pub fn kvm_usable() -> bool {
 fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path, kvm: bool) -> Result<String> {
     let _ = fs::remove_file(log);
     let mut qemu = Command::new("qemu-system-x86_64");
-    // Two vCPUs: TCG runs each in a host thread of its own (the stage runs
-    // alone, after the root tests), and the fixtures run two at a time.
+    // Two vCPUs: TCG runs each in a host thread of its own (beside the
+    // root tests in `cargo xtask test`), and the fixtures run two at a time.
     let (accel, smp) = if kvm { ("kvm", "2") } else { ("tcg", "2") };
     qemu.args(["-accel", accel, "-cpu", "max", "-smp", smp, "-m", "1024", "-no-reboot", "-nodefaults"])
         .args(["-display", "none", "-monitor", "none"])
