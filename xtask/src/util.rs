@@ -267,3 +267,9 @@ pub fn exit_code(status: ExitStatus) -> ExitCode {
         (None, None) => ExitCode::FAILURE,
     }
 }
+
+/// Owned copies of string literals, for tests' expected lists.
+#[cfg(test)]
+pub fn owned(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}

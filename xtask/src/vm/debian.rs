@@ -309,10 +309,7 @@ fn find_file(dir: &Path, matches: impl Fn(&Path) -> bool + Copy) -> Result<PathB
 #[cfg(test)]
 mod tests {
     use super::{modinfo_depends, module_name, newest_image};
-
-    fn names(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
-    }
+    use crate::util::owned as names;
 
     #[test]
     fn newest_generic_image_of_a_version() {
