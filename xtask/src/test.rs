@@ -225,17 +225,28 @@ impl BackgroundVm {
             self.waiter.join().unwrap_or_else(|_| (Err(std::io::Error::other("waiter panicked")), Duration::ZERO));
         let text = fs::read_to_string(&self.out).unwrap_or_default();
         print!("{text}");
-        // The child's summary lines for its VM stages say what each found.
-        let found: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("[test]   vm ")).collect();
+        let found = child_outcomes(&text);
         let (ok, outcome) = match status {
-            Ok(s) if s.success() => (true, format!("passed: vm {}", found.join("; vm "))),
-            Ok(s) => (false, format!("FAILED: the VM stage {}; output in {}", describe(s), self.out.display())),
+            Ok(s) if s.success() => (true, found.join("; ")),
+            Ok(s) if found.is_empty() => (false, format!("FAILED: {}; output in {}", describe(s), self.out.display())),
+            Ok(s) => {
+                (false, format!("FAILED: {} ({}); output in {}", describe(s), found.join("; "), self.out.display()))
+            }
             Err(e) => (false, format!("FAILED: wait for the VM stage: {e}")),
         };
         let color = if ok { GREEN } else { RED };
         self.step.finish(color, &outcome);
         Stage { name: self.name, color, outcome, took, ok }
     }
+}
+
+/// What the child's summary says of each of its VM stages, from its lines
+/// "[test]   vm kernel 6.1 (fixtures, ...): OUTCOME (TOOK)".
+fn child_outcomes(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("[test]   vm ")?.split_once("): ").map(|(_, outcome)| outcome))
+        .collect()
 }
 
 fn summarise(stages: &[Stage]) -> ExitCode {
@@ -343,7 +354,7 @@ fn skip_stage(name: &str, why: &str, ok: bool) -> Stage {
 mod tests {
     use std::fs;
 
-    use super::{root_test_files, split_cpu_bound, CPU_BOUND};
+    use super::{child_outcomes, root_test_files, split_cpu_bound, CPU_BOUND};
     use crate::util::{self, owned as names};
 
     #[test]
@@ -354,6 +365,22 @@ mod tests {
         assert_eq!(alone, names(&CPU_BOUND));
         let err = split_cpu_bound(names(&["backend_bin", "bench_e2e", "docker_orchestrator", "swarm"])).unwrap_err();
         assert!(err.to_string().contains("tests/tests/e2e_scaling.rs"), "{err}");
+    }
+
+    #[test]
+    fn the_vm_childs_outcomes_from_its_summary() {
+        let out = "[test] vm kernel 6.1 (fixtures, e2e_netns) ... passed: fixtures, e2e_netns on 6.1.0-50 (VM 9.0s) (9.1s)\n\
+                   [test] summary\n\
+                   [test]   vm kernel 6.1 (fixtures, e2e_netns): passed: fixtures, e2e_netns on 6.1.0-50 (VM 9.0s) (9.1s)\n\
+                   [test]   vm kernel 6.12 (fixtures, e2e_netns): FAILED: e2e_netns (exit 101) on 6.12.1 (VM 8.0s) (8.2s)\n";
+        assert_eq!(
+            child_outcomes(out),
+            [
+                "passed: fixtures, e2e_netns on 6.1.0-50 (VM 9.0s) (9.1s)",
+                "FAILED: e2e_netns (exit 101) on 6.12.1 (VM 8.0s) (8.2s)"
+            ]
+        );
+        assert!(child_outcomes("[test]   vm build: FAILED: no cargo (0.1s)\n").is_empty());
     }
 
     /// Every test file of the repository runs in one of the two parts.
