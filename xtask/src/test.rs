@@ -224,7 +224,10 @@ impl BackgroundVm {
         let (status, took) =
             self.waiter.join().unwrap_or_else(|_| (Err(std::io::Error::other("waiter panicked")), Duration::ZERO));
         let text = fs::read_to_string(&self.out).unwrap_or_default();
-        print!("{text}");
+        // Indented: its own "[test] summary" is not the run's.
+        for line in text.lines() {
+            println!("  {line}");
+        }
         let found = child_outcomes(&text);
         let (ok, outcome) = match status {
             Ok(s) if s.success() => (true, found.join("; ")),
