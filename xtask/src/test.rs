@@ -138,12 +138,14 @@ fn run_root_and_vm_stages(opts: &Options, filter: &[&str], stages: &mut Vec<Stag
     }
     first.args(filter).args(["--", "--test-threads=1"]);
     let first = run_stage("root tests", &mut first);
-    match vm {
-        None => stages.push(skip_stage("vm", "skipped (--no-vm)", true)),
-        Some(Ok(vm)) => stages.push(vm.finish()),
-        Some(Err(e)) => stages.push(skip_stage("vm", &format!("FAILED: {e:#}"), false)),
-    }
+    // Waited for even when the root tests could not start.
+    let vm = match vm {
+        None => skip_stage("vm", "skipped (--no-vm)", true),
+        Some(Ok(vm)) => vm.finish(),
+        Some(Err(e)) => skip_stage("vm", &format!("FAILED: {e:#}"), false),
+    };
     stages.push(first?);
+    stages.push(vm);
     let mut last = root_tests();
     for file in &alone {
         last.args(["--test", file]);
