@@ -13,7 +13,8 @@
 //! plain port on the node's own address), and full NAT, so the nodes'
 //! replies come back whatever their routes. The test checks with the
 //! manager where the tasks run and answer, then that a bounded load is
-//! answered by tasks on both nodes and a scale-down under it loses nothing.
+//! answered by tasks on both nodes and a scale-down under it loses nothing,
+//! and that an agent restarted after a crash adopts the tasks left.
 //!
 //! ```text
 //!  client ns            LB ns (lb-agent)                       node ns (dockerd)
@@ -31,20 +32,18 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use lb_lab::{
     agent::{Agent, AgentArgs},
-    cgroup::socket_lb_toml,
     command::run_cmd,
     docker::{static_backend_bin, DEMO_IMAGE},
     netns::NetNs,
     require_root_and_docker,
     scratch::{Scratch, TempDir},
-    swarm::HostFootprint,
+    swarm::{demo_swarm_toml, HostFootprint},
     swarm_nodes::SwarmNode,
 };
 use lb_load::{self as load, LoadConfig, Mode, Ramp};
@@ -108,6 +107,11 @@ fn backends(status: &Value) -> Vec<Value> {
     status["services"][0]["backends"].as_array().cloned().unwrap_or_default()
 }
 
+/// The addresses of the agent's backends.
+fn table_addresses(agent: &Agent) -> BTreeSet<String> {
+    backends(&agent.status()).iter().filter_map(|b| b["address"].as_str().map(str::to_owned)).collect()
+}
+
 /// Exactly `n` instances ready and in the table, as many swarm services
 /// and running tasks; returns the tasks as the manager tells them.
 fn wait_settled(agent: &Agent, manager: &SwarmNode, n: usize) -> BTreeMap<String, (String, SocketAddrV4)> {
@@ -125,7 +129,11 @@ fn wait_settled(agent: &Agent, manager: &SwarmNode, n: usize) -> BTreeMap<String
         if agent_services(manager).len() == n && tasks.len() == n {
             return tasks;
         }
-        assert!(Instant::now() < deadline, "swarm services {:?}, tasks {tasks:?}, expected {n}", agent_services(manager));
+        assert!(
+            Instant::now() < deadline,
+            "swarm services {:?}, tasks {tasks:?}, expected {n}",
+            agent_services(manager)
+        );
         thread::sleep(Duration::from_millis(200));
     }
 }
@@ -137,31 +145,14 @@ fn scale(agent: &Agent, service: &str, replicas: u32) {
 
 /// Run the load on a thread while `script(t0)` runs on this one.
 fn under_load(cfg: &LoadConfig, script: impl FnOnce(Instant)) -> load::Report {
-    let stop = AtomicBool::new(false);
-    thread::scope(|scope| {
-        let t0 = Instant::now();
-        let load = scope.spawn(|| load::run(cfg, &stop, |_| {}));
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| script(t0)));
-        if outcome.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        let report = load.join();
-        if let Err(p) = outcome {
-            std::panic::resume_unwind(p);
-        }
-        match report {
-            Ok(Ok(report)) => report,
-            Ok(Err(e)) => panic!("the load generator failed: {e}"),
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    })
+    load::run_during(cfg, script).unwrap_or_else(|e| panic!("the load generator failed: {e}"))
 }
 
 /// lb-agent scales `[service.instances.swarm]` with `publish = "host"` on
 /// the two-node swarm: two instances land on both nodes, a third gets a
 /// host port of its own beside one of them, a bounded load is answered by
 /// tasks on both nodes, and a scale-down drains and removes one instance,
-/// all with no failed request.
+/// all with no failed request; a restarted agent adopts what is left.
 #[test]
 fn root_agent_scales_swarm_instances_over_every_node() {
     require_root_and_docker!("root_agent_scales_swarm_instances_over_every_node");
@@ -221,38 +212,13 @@ fn root_agent_scales_swarm_instances_over_every_node() {
         // to the load balancer whatever their routes.
         let scratch = Scratch::create(&format!("lbt-{id}-mnagent"));
         let config = scratch.path().join("lb.toml");
+        // The agent's three host ports: one per instance at most.
+        let swarm_keys =
+            format!("publish = \"host\"\nhost_port_min = 29100\nhost_port_max = 29102\nnetwork = \"mn{id}-overlay\"");
+        let policy = "min_replicas = 2\nmax_replicas = 3\ntarget = { cpu = 90.0 }";
         let text = format!(
-            r#"# Written by tests/tests/swarm_multinode.rs.
-[[service]]
-name = "{service}"
-vip = "{vip_ip}"
-port = {vip_port}
-mode = "full-nat"
-interfaces = ["lbc", "mnbr"]
-health_check = {{ kind = "http", path = "/healthz", interval = "300ms" }}
-drain_timeout = "5s"
-
-[service.scaling]
-min_replicas = 2
-max_replicas = 3
-target = {{ cpu = 90.0 }}
-
-[service.instances]
-ready_timeout = "20s"
-
-[service.instances.swarm]
-image = "{DEMO_IMAGE}"
-port = 8080
-publish = "host"
-host_port_min = 29100
-host_port_max = 29102
-network = "mn{id}-overlay"
-stop_grace = "2s"
-env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
-{socket_lb}"#,
-            vip_ip = vip.ip(),
-            vip_port = vip.port(),
-            socket_lb = socket_lb_toml(None),
+            "# Written by tests/tests/swarm_multinode.rs.\n{}",
+            demo_swarm_toml(&service, vip, &["lbc", "mnbr"], "mode = \"full-nat\"", policy, &swarm_keys)
         );
         fs::write(&config, text).expect("write the config");
         let docker_host = format!("unix://{}", manager.socket().display());
@@ -266,21 +232,27 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
         assert_eq!(nodes_used.len(), usize::from(NODES), "a task on every node: {two:?}");
         let node_addrs: BTreeSet<Ipv4Addr> = two.values().map(|(_, a)| *a.ip()).collect();
         assert_eq!(node_addrs, nodes.iter().map(|n| n.addr).collect(), "tasks at their nodes' addresses");
-        eprintln!("MEASURED: two instances on {NODES} nodes {:.1} s after the start: {two:?}", started.elapsed().as_secs_f64());
+        eprintln!(
+            "MEASURED: two instances on {NODES} nodes {:.1} s after the start: {two:?}",
+            started.elapsed().as_secs_f64()
+        );
 
         // A third shares a node with one of them, on a port of its own.
         scale(&agent, &service, 3);
         let three = wait_settled(&agent, manager, 3);
         let ports: BTreeSet<u16> = three.values().map(|(_, a)| a.port()).collect();
         assert_eq!(ports, BTreeSet::from([29100, 29101, 29102]), "a host port each: {three:?}");
-        let status = agent.status();
-        let in_table: BTreeSet<String> =
-            backends(&status).iter().filter_map(|b| b["address"].as_str().map(str::to_owned)).collect();
-        let from_manager: BTreeSet<String> = three.values().map(|(_, a)| a.to_string()).collect();
-        assert_eq!(in_table, from_manager, "the agent's backends are where the manager says the tasks answer");
+        assert_eq!(
+            table_addresses(&agent),
+            three.values().map(|(_, a)| a.to_string()).collect(),
+            "the agent's backends are where the manager says the tasks answer"
+        );
 
-        let mut cfg =
-            LoadConfig::new(SocketAddr::from(vip), Mode::Open(Ramp::constant(40.0).expect("ramp")), Duration::from_secs(8));
+        let mut cfg = LoadConfig::new(
+            SocketAddr::from(vip),
+            Mode::Open(Ramp::constant(40.0).expect("ramp")),
+            Duration::from_secs(8),
+        );
         cfg.netns = Some(client.name().to_owned());
         cfg.timeout = Duration::from_secs(2);
         let mut left = BTreeMap::new();
@@ -291,13 +263,26 @@ env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
             eprintln!("MEASURED: scaled down to two at t={:.1}s", t0.elapsed().as_secs_f64());
         });
         let s = &report.summary;
-        eprintln!("MEASURED: load {} requests, {} ok, {} failed, by instance {:?}", s.offered, s.ok, s.failed, s.backends);
+        eprintln!(
+            "MEASURED: load {} requests, {} ok, {} failed, by instance {:?}",
+            s.offered, s.ok, s.failed, s.backends
+        );
         assert_eq!(s.failed, 0, "requests failed: {:?}, first errors {:?}", s.failures, s.first_errors);
         let served: BTreeSet<&str> = s.backends.keys().map(String::as_str).collect();
         let served_nodes: BTreeSet<&str> =
             three.iter().filter(|(name, _)| served.contains(name.as_str())).map(|(_, (n, _))| n.as_str()).collect();
         assert_eq!(served_nodes.len(), usize::from(NODES), "tasks on every node serve: {served:?} of {three:?}");
         assert!(left.keys().all(|n| three.contains_key(n)), "the scale-down started nothing: {left:?}");
+
+        // A crashed agent's successor adopts the two instances where they
+        // answer (it reads them back from the manager), starting nothing.
+        agent.kill();
+        agent.respawn();
+        agent.wait_ready();
+        let adopted = wait_settled(&agent, manager, 2);
+        assert_eq!(adopted, left, "the restarted agent adopts the same tasks at the same addresses");
+        assert_eq!(table_addresses(&agent), left.values().map(|(_, a)| a.to_string()).collect(), "in the table");
+        eprintln!("MEASURED: restarted agent adopted {adopted:?} at {:.1} s", started.elapsed().as_secs_f64());
         drop(agent);
     }
     HostFootprint::assert_back_to(&footprint);

@@ -40,7 +40,9 @@
 //! `host_port_min..=host_port_max` (`core::swarm_publish`), with no
 //! placement constraint, so Swarm spreads them. The agent learns where a
 //! task answers from the manager alone: its node's address and its
-//! published port; a restarted agent finds the port in the service's spec.
+//! published port. A restarted agent adopts its instances with their
+//! ports (in the services' specs and the tasks' status) and picks new
+//! ports around them.
 //! The agent may run on a node that is no swarm member: `DOCKER_HOST`
 //! names the manager's engine.
 
@@ -53,9 +55,9 @@ use std::{
 
 use bollard::{
     models::{
-        ConfigReference, EndpointSpec, Limit, LocalNodeState, NetworkAttachmentConfig, NetworkCreateRequest, ServiceSpec,
-        ServiceSpecMode, ServiceSpecModeReplicated, SwarmInitRequest, Task, TaskSpec, TaskSpecContainerSpec,
-        TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+        ConfigReference, EndpointSpec, Limit, LocalNodeState, NetworkAttachmentConfig, NetworkCreateRequest,
+        ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, SwarmInitRequest, Task, TaskSpec,
+        TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
     },
     query_parameters::{
         InspectContainerOptions, InspectNetworkOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
@@ -471,7 +473,8 @@ impl SwarmOrchestrator {
     /// service of the swarm publishes (`None` on the bridge).
     async fn free_host_port(&self) -> Result<Option<u16>, OrchestratorError> {
         let SwarmPublish::Host { min, max } = self.publish else { return Ok(None) };
-        let all = self.docker.list_services(None::<ListServicesOptions>).await.map_err(docker_err("list swarm services"))?;
+        let all =
+            self.docker.list_services(None::<ListServicesOptions>).await.map_err(docker_err("list swarm services"))?;
         let used = published_ports(&all);
         match pick_host_port(min, max, &used) {
             Some(p) => Ok(Some(p)),

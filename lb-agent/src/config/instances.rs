@@ -826,10 +826,7 @@ pub(crate) mod tests {
             ]
         );
         let bridge: SwarmSpec = toml::from_str("image = \"w\"\nport = 8080\nhost_port_min = 31000").unwrap();
-        assert_eq!(
-            bridge.problems(at),
-            [format!("{at}.host_port_min: only used with publish = \"host\"; remove it")]
-        );
+        assert_eq!(bridge.problems(at), [format!("{at}.host_port_min: only used with publish = \"host\"; remove it")]);
         let zero: SwarmSpec =
             toml::from_str("image = \"w\"\nport = 8080\npublish = \"host\"\nhost_port_min = 0").unwrap();
         assert_eq!(zero.problems(at), [format!("{at}.host_port_min: must be 1-65535")]);

@@ -15,7 +15,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use bollard::models::{EndpointPortConfig, EndpointPortConfigPublishModeEnum, Node, Service, ServiceSpec, Task};
+use bollard::models::{EndpointPortConfig, EndpointPortConfigPublishModeEnum, Node, Service, Task};
 
 /// The lowest port of `min..=max` not in `used`.
 pub fn pick_host_port(min: u16, max: u16, used: &BTreeSet<u16>) -> Option<u16> {
@@ -30,12 +30,7 @@ pub fn published_ports(services: &[Service]) -> BTreeSet<u16> {
     specified.chain(assigned).flatten().filter_map(|p| port_number(p.published_port)).collect()
 }
 
-/// The host port `spec` publishes its tasks' `target` port on: how a
-/// restarted agent learns an instance's port.
-pub fn host_port_of(spec: &ServiceSpec, target: u16) -> Option<u16> {
-    host_port(spec.endpoint_spec.as_ref()?.ports.as_deref()?, target)
-}
-
+/// The host port that `ports` publish `target` on (host mode only).
 fn host_port(ports: &[EndpointPortConfig], target: u16) -> Option<u16> {
     ports
         .iter()
@@ -89,7 +84,9 @@ pub fn host_port_config(target: u16, host_port: u16, udp: bool) -> EndpointPortC
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bollard::models::{EndpointSpec, ManagerStatus, NodeStatus, PortStatus, ServiceEndpoint, TaskStatus};
+    use bollard::models::{
+        EndpointSpec, ManagerStatus, NodeStatus, PortStatus, ServiceEndpoint, ServiceSpec, TaskStatus,
+    };
 
     fn service(spec_ports: &[(u16, u16)], assigned: &[(u16, u16)]) -> Service {
         let conf = |v: &[(u16, u16)]| v.iter().map(|(t, p)| host_port_config(*t, *p, false)).collect::<Vec<_>>();
@@ -114,22 +111,10 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_agent_reads_the_port_back_from_the_spec() {
-        let spec = service(&[(9090, 29005), (8080, 29004)], &[]).spec.unwrap_or_default();
-        assert_eq!(host_port_of(&spec, 8080), Some(29004));
-        assert_eq!(host_port_of(&spec, 9090), Some(29005));
-        assert_eq!(host_port_of(&spec, 7070), None);
-        let ingress = ServiceSpec {
-            endpoint_spec: Some(EndpointSpec {
-                ports: Some(vec![EndpointPortConfig {
-                    publish_mode: Some(EndpointPortConfigPublishModeEnum::INGRESS),
-                    ..host_port_config(8080, 30000, false)
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert_eq!(host_port_of(&ingress, 8080), None, "a routing-mesh port is no host port");
+    fn a_restarted_agent_picks_around_the_ports_its_services_publish() {
+        // The specs hold the ports before the swarm has assigned them.
+        let ours = [service(&[(8080, 29000)], &[]), service(&[(8080, 29002)], &[(8080, 29002)])];
+        assert_eq!(pick_host_port(29000, 29999, &published_ports(&ours)), Some(29001));
     }
 
     fn node(id: &str, addr: &str, manager: Option<&str>) -> Node {
@@ -178,5 +163,10 @@ mod tests {
         assert_eq!(task_backend(&task("a", &[]), 8080, &nodes), None, "port not bound yet");
         assert_eq!(task_backend(&task("c", &[(8080, 29003)]), 8080, &nodes), None, "node not known");
         assert_eq!(task_backend(&Task::default(), 8080, &nodes), None, "not placed yet");
+        let mut mesh = task("a", &[(8080, 30000)]);
+        if let Some(p) = mesh.status.as_mut().and_then(|s| s.port_status.as_mut()).and_then(|p| p.ports.as_mut()) {
+            p[0].publish_mode = Some(EndpointPortConfigPublishModeEnum::INGRESS);
+        }
+        assert_eq!(task_backend(&mesh, 8080, &nodes), None, "a routing-mesh port is no host port");
     }
 }
