@@ -59,6 +59,8 @@ pub struct AgentArgs {
     /// (PR_SET_PDEATHSIG), so that it never outlives a caller that dies.
     /// For lb-demo, which spawns from its main thread.
     pub own_process_group: bool,
+    /// Extra environment, e.g. `DOCKER_HOST` for an engine of the test's.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running `lb-agent run` inside a network namespace, with its output
@@ -375,6 +377,7 @@ fn spawn_agent_process(netns: Option<BorrowedFd<'_>>, args: &AgentArgs) -> io::R
         cmd.arg("--keep-on-exit");
     }
     cmd.env("NO_COLOR", "1").env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.envs(args.env.iter().map(|(k, v)| (k, v)));
     if args.own_process_group {
         cmd.process_group(0);
     }

@@ -130,6 +130,7 @@ impl Scratch {
             keep_on_exit: false,
             log: self.log_path(),
             own_process_group: false,
+            env: Vec::new(),
         }
     }
 

@@ -13,6 +13,52 @@ use crate::{
     netns::{del_link, link_exists},
 };
 
+/// The config of a swarm test: service `service` at `vip` on
+/// `interfaces` (plus `service_keys`), scaled by `policy` (the lines of
+/// `[service.scaling]`), its instances the demo image's tasks on port 8080,
+/// each answering with its instance's name, plus `swarm_keys` (lines of
+/// `[service.instances.swarm]`), and the socket load balancing off.
+pub fn demo_swarm_toml(
+    service: &str,
+    vip: std::net::SocketAddrV4,
+    interfaces: &[&str],
+    service_keys: &str,
+    policy: &str,
+    swarm_keys: &str,
+) -> String {
+    format!(
+        r#"[[service]]
+name = "{service}"
+vip = "{vip_ip}"
+port = {vip_port}
+interfaces = {interfaces:?}
+health_check = {{ kind = "http", path = "/healthz", interval = "300ms" }}
+drain_timeout = "5s"
+{service_keys}
+
+[service.scaling]
+{policy}
+
+[service.instances]
+ready_timeout = "20s"
+
+[service.instances.swarm]
+image = "{image}"
+port = 8080
+stop_grace = "2s"
+env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
+{swarm_keys}
+{socket_lb}"#,
+        vip_ip = vip.ip(),
+        vip_port = vip.port(),
+        service_keys = service_keys.trim(),
+        policy = policy.trim(),
+        image = crate::docker::DEMO_IMAGE,
+        swarm_keys = swarm_keys.trim(),
+        socket_lb = crate::cgroup::socket_lb_toml(None),
+    )
+}
+
 /// The engine's swarm state, `inactive` or `active`.
 pub fn swarm_state() -> String {
     docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).trim().to_owned()

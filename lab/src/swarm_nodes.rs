@@ -78,10 +78,13 @@ impl SwarmNode {
         node.ns.exec("ip", &["link", "set", "lo", "up"]);
         node.ns.exec("ip", &["route", "add", "default", "via", &gw.to_string()]);
 
+        // A task's image is built on every node, and there is no registry:
+        // without DOCKER_SERVICE_PREFER_OFFLINE_IMAGE the engine tries a
+        // pull before each task and waits for it to fail (about 20 s here).
         let d = node.dir.path().to_owned();
         let mounts = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
         let script = format!(
-            "{}exec dockerd --data-root {data} --exec-root {exec} --pidfile {exec}/docker.pid -H unix://{sock} \
+            "{}DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 exec dockerd --data-root {data} --exec-root {exec} --pidfile {exec}/docker.pid -H unix://{sock} \
              --iptables=false --ip6tables=false --bridge=none\n",
             cgroup_mount_script(&mounts),
             data = d.join("data").display(),

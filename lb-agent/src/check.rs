@@ -55,6 +55,9 @@ pub fn report(path: &Path, config: &Config, facts: Option<&HostFacts>) -> Report
             (Some(p), Some(net)) => {
                 format!("{}..={} instance(s) ({}, bridge {})", p.min_replicas, p.max_replicas, net.kind, net.bridge)
             }
+            (Some(p), None) if s.instances.as_ref().and_then(|i| i.swarm.as_ref()).is_some() => {
+                format!("{}..={} instance(s) (swarm, every node, host-mode ports)", p.min_replicas, p.max_replicas)
+            }
             _ => format!("{} backend(s)", s.backends.len()),
         };
         let _ =

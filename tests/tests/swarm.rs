@@ -18,7 +18,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     sync::{
-        atomic::{AtomicBool, AtomicU8, Ordering},
+        atomic::{AtomicU8, Ordering},
         Mutex,
     },
     thread,
@@ -27,12 +27,11 @@ use std::{
 
 use lb_lab::{
     agent::Agent,
-    cgroup::socket_lb_toml,
-    docker::{build_demo_image, docker_try, Dockerd, DEMO_IMAGE},
+    docker::{build_demo_image, docker_try, Dockerd},
     netns::{LinkGuard, NetNs},
     require_root_and_docker,
     scratch::Scratch,
-    swarm::{HostFootprint, SwarmGuard, SwarmServices},
+    swarm::{demo_swarm_toml, HostFootprint, SwarmGuard, SwarmServices},
     topology::host_client,
 };
 use lb_load::{self as load, LoadConfig, Mode, Ramp, Report};
@@ -94,37 +93,13 @@ impl SwarmWorld {
 
         let scratch = Scratch::create(&format!("lbt-{id}-swarm"));
         let config = scratch.path().join("lb.toml");
+        let swarm_keys = format!(
+            "network = \"{network}\"\nbridge = \"{bridge}\"\nsubnet = \"{subnet}/24\"\ninit = {}",
+            swarm.made_here()
+        );
         let text = format!(
-            r#"# Written by tests/tests/swarm.rs.
-[[service]]
-name = "{service}"
-vip = "{vip_ip}"
-port = {vip_port}
-interfaces = ["{client_iface}", "{bridge}"]
-health_check = {{ kind = "http", path = "/healthz", interval = "300ms" }}
-drain_timeout = "5s"
-
-[service.scaling]
-{policy}
-
-[service.instances]
-ready_timeout = "20s"
-
-[service.instances.swarm]
-image = "{DEMO_IMAGE}"
-port = 8080
-network = "{network}"
-bridge = "{bridge}"
-subnet = "{subnet}/24"
-stop_grace = "2s"
-init = {init}
-env = {{ LB_BACKEND_NAME = "{{name}}", LB_BACKEND_LISTEN = "0.0.0.0:{{port}}" }}
-{socket_lb}"#,
-            vip_ip = vip.ip(),
-            vip_port = vip.port(),
-            policy = policy.trim(),
-            init = swarm.made_here(),
-            socket_lb = socket_lb_toml(None),
+            "# Written by tests/tests/swarm.rs.\n{}",
+            demo_swarm_toml(&service, vip, &[&client_iface, &bridge], "", policy, &swarm_keys)
         );
         fs::write(&config, text).expect("write the config");
         let host = NetNs::attach_process(&format!("lbt-{id}-swhost")).expect("name the host's namespace");
@@ -202,24 +177,7 @@ fn backends(status: &Value) -> Vec<String> {
 /// Run the load on a thread while `script(t)` runs on this one (t: seconds
 /// since the load started); returns the load's report.
 fn under_load(cfg: &LoadConfig, script: impl FnOnce(Instant)) -> Report {
-    let stop = AtomicBool::new(false);
-    thread::scope(|scope| {
-        let t0 = Instant::now();
-        let load = scope.spawn(|| load::run(cfg, &stop, |_| {}));
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| script(t0)));
-        if outcome.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        let report = load.join();
-        if let Err(p) = outcome {
-            std::panic::resume_unwind(p);
-        }
-        match report {
-            Ok(Ok(report)) => report,
-            Ok(Err(e)) => panic!("the load generator failed: {e}"),
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    })
+    load::run_during(cfg, script).unwrap_or_else(|e| panic!("the load generator failed: {e}"))
 }
 
 fn print_summary(report: &Report) {

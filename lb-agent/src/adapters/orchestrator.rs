@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Mutex};
 
 use super::{docker, host_net::DockerForwarding, process, swarm};
 use crate::{
-    config::ServiceConfig,
+    config::{instances::SwarmPublish, Protocol, ServiceConfig},
     ports::{Orchestrator, OrchestratorError, OrchestratorFactory, Replica},
 };
 
@@ -60,8 +60,14 @@ impl AnyOrchestrator {
                 AnyOrchestrator::Docker { orchestrator: Box::new(o), forwarding }
             }
             (None, None, Some(spec)) => {
-                let o = swarm::SwarmOrchestrator::new(agent, &svc.name, spec.clone()).await?;
-                let forwarding = Mutex::new(Some(forwarding(agent, svc, &spec.container.bridge).await?));
+                let udp = svc.protocol == Protocol::Udp;
+                let o = swarm::SwarmOrchestrator::new(agent, &svc.name, spec.clone(), udp).await?;
+                // Tasks on other nodes are reached by the host's routes.
+                let forwarding = match spec.publish {
+                    SwarmPublish::Bridge => Some(forwarding(agent, svc, &spec.container.bridge).await?),
+                    SwarmPublish::Host { .. } => None,
+                };
+                let forwarding = Mutex::new(forwarding);
                 AnyOrchestrator::Swarm { orchestrator: Box::new(o), forwarding }
             }
             (None, None, None) => anyhow::bail!("service {}: no orchestrator", svc.name),

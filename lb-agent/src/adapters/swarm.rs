@@ -29,10 +29,22 @@
 //! services carry the Docker orchestrator's three labels, so a restarted
 //! agent adopts its running tasks.
 //!
-//! Multi-node: the config-only network must exist on every node with the
-//! same subnet (each node's engine hands out addresses from it on its own
-//! bridge), and the load balancer must route to every node's bridge; this
-//! module makes it on the node the agent talks to only.
+//! Multi-node with the bridge: the config-only network must exist on every
+//! node with the same subnet (each node's engine hands out addresses from
+//! it on its own bridge), and the load balancer must route to every node's
+//! bridge; this module makes it on the node the agent talks to only.
+//!
+//! Every node (`publish = "host"`): the tasks join an overlay network
+//! (made attachable if missing) and each instance's service publishes the
+//! container port in host mode on a port the agent picks from
+//! `host_port_min..=host_port_max` (`core::swarm_publish`), with no
+//! placement constraint, so Swarm spreads them. The agent learns where a
+//! task answers from the manager alone: its node's address and its
+//! published port. A restarted agent adopts its instances with their
+//! ports (in the services' specs and the tasks' status) and picks new
+//! ports around them.
+//! The agent may run on a node that is no swarm member: `DOCKER_HOST`
+//! names the manager's engine.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -43,11 +55,13 @@ use std::{
 
 use bollard::{
     models::{
-        ConfigReference, Limit, LocalNodeState, NetworkAttachmentConfig, NetworkCreateRequest, ServiceSpec,
-        ServiceSpecMode, ServiceSpecModeReplicated, SwarmInitRequest, Task, TaskSpec, TaskSpecContainerSpec,
-        TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+        ConfigReference, EndpointSpec, Limit, LocalNodeState, NetworkAttachmentConfig, NetworkCreateRequest,
+        ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, SwarmInitRequest, Task, TaskSpec,
+        TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
     },
-    query_parameters::{InspectContainerOptions, InspectNetworkOptions, ListServicesOptions, ListTasksOptions},
+    query_parameters::{
+        InspectContainerOptions, InspectNetworkOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
+    },
     Docker,
 };
 use tokio::time::Instant;
@@ -55,11 +69,12 @@ use tracing::{debug, info, warn};
 
 use super::docker::{
     bridge_network, connect, container_name, cpu_percent_of, docker_err, is_ours, is_status, labels_for,
-    lowest_free_ordinal, poisoned, CpuSample, LABEL_INSTANCE,
+    lowest_free_ordinal, poisoned, CpuSample, LABEL_INSTANCE, LABEL_OWNER, OWNER,
 };
 use super::process::{ip, BRIDGE_ALIAS};
 use crate::{
-    config::instances::{DockerSpec, SwarmSpec},
+    config::instances::{DockerSpec, SwarmPublish, SwarmSpec},
+    core::swarm_publish::{host_port_config, node_addresses, pick_host_port, published_ports, task_backend},
     ports::{Orchestrator, OrchestratorError, Replica},
 };
 
@@ -111,8 +126,11 @@ pub struct SwarmOrchestrator {
     spec: DockerSpec,
     agent: String,
     service: String,
+    publish: SwarmPublish,
+    /// The service's protocol is UDP (what a host-mode port publishes).
+    udp: bool,
     /// The address each task was seen at, kept after it dies.
-    addrs: Mutex<HashMap<String, Ipv4Addr>>,
+    addrs: Mutex<HashMap<String, SocketAddrV4>>,
     /// Dead tasks the agent stopped: no longer listed.
     cleared: Mutex<HashSet<String>>,
     samples: Mutex<HashMap<String, CpuSample>>,
@@ -124,20 +142,25 @@ impl SwarmOrchestrator {
     /// (initialising a single-node swarm when `init` asks for it) and that
     /// the network exists. Starts nothing; services of this agent and
     /// service that are there already are ours.
-    pub async fn new(agent: &str, service: &str, spec: SwarmSpec) -> Result<Self, OrchestratorError> {
+    pub async fn new(agent: &str, service: &str, spec: SwarmSpec, udp: bool) -> Result<Self, OrchestratorError> {
         let docker = connect(spec.container.stop_grace).await?;
         let o = SwarmOrchestrator {
             docker,
             spec: spec.container,
             agent: agent.to_owned(),
             service: service.to_owned(),
+            publish: spec.publish,
+            udp,
             addrs: Mutex::new(HashMap::new()),
             cleared: Mutex::new(HashSet::new()),
             samples: Mutex::new(HashMap::new()),
             starting: tokio::sync::Mutex::new(()),
         };
         o.ensure_swarm(spec.init).await?;
-        o.ensure_network().await?;
+        match o.publish {
+            SwarmPublish::Bridge => o.ensure_network().await?,
+            SwarmPublish::Host { .. } => o.ensure_overlay().await?,
+        }
         Ok(o)
     }
 
@@ -231,6 +254,36 @@ impl SwarmOrchestrator {
         self.ensure_bridge().await
     }
 
+    /// Make the attachable overlay network the tasks join, unless it
+    /// exists; refuse one of that name that is no overlay network.
+    async fn ensure_overlay(&self) -> Result<(), OrchestratorError> {
+        let name = &self.spec.network;
+        match self.docker.inspect_network(name, None::<InspectNetworkOptions>).await {
+            Ok(net) if net.driver.as_deref() == Some("overlay") => {
+                debug!(network = name, "overlay network present");
+                Ok(())
+            }
+            Ok(net) => Err(OrchestratorError::Docker(format!(
+                "network {name} exists but is not an overlay network (driver {:?}, scope {:?}); publish = \"host\" \
+                 needs one that spans the nodes: remove it or name another network",
+                net.driver, net.scope
+            ))),
+            Err(e) if is_status(&e, 404) => {
+                let req = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("overlay".into()),
+                    attachable: Some(true),
+                    labels: Some(HashMap::from([(LABEL_OWNER.to_owned(), OWNER.to_owned())])),
+                    ..Default::default()
+                };
+                self.docker.create_network(req).await.map_err(docker_err(format!("create network {name}")))?;
+                info!(network = name, "overlay network created");
+                Ok(())
+            }
+            Err(e) => Err(docker_err(format!("inspect network {name}"))(e)),
+        }
+    }
+
     /// The engine makes a swarm-scoped network's bridge only when a first
     /// task joins it on this node, but the service's `interfaces` need it
     /// now: make it, with the gateway's address, as the engine would (the
@@ -284,13 +337,42 @@ impl SwarmOrchestrator {
         }
     }
 
-    /// The task's address: remembered, or its running container's.
-    async fn address_of(&self, task: &Task) -> Result<Option<Ipv4Addr>, OrchestratorError> {
-        let Some(id) = task.id.as_deref() else { return Ok(None) };
-        if let Some(ip) = self.addrs.lock().map_err(poisoned)?.get(id) {
-            return Ok(Some(*ip));
+    /// Every node's address, when tasks answer there (`publish = "host"`).
+    async fn nodes(&self) -> Result<HashMap<String, Ipv4Addr>, OrchestratorError> {
+        if self.publish == SwarmPublish::Bridge {
+            return Ok(HashMap::new());
         }
-        let (Some(TaskState::RUNNING), Some(container)) = (state_of(task), container_of(task)) else { return Ok(None) };
+        let nodes = self.docker.list_nodes(None::<ListNodesOptions>).await.map_err(docker_err("list swarm nodes"))?;
+        Ok(node_addresses(&nodes))
+    }
+
+    /// The task's address: remembered, or its running container's (on the
+    /// bridge), or its node's and published port (`publish = "host"`).
+    async fn address_of(
+        &self,
+        task: &Task,
+        nodes: &HashMap<String, Ipv4Addr>,
+    ) -> Result<Option<SocketAddrV4>, OrchestratorError> {
+        let Some(id) = task.id.as_deref() else { return Ok(None) };
+        if let Some(addr) = self.addrs.lock().map_err(poisoned)?.get(id) {
+            return Ok(Some(*addr));
+        }
+        if state_of(task) != Some(&TaskState::RUNNING) {
+            return Ok(None);
+        }
+        let addr = match self.publish {
+            SwarmPublish::Bridge => self.bridge_address_of(task).await?,
+            SwarmPublish::Host { .. } => task_backend(task, self.spec.port, nodes),
+        };
+        if let Some(addr) = addr {
+            self.addrs.lock().map_err(poisoned)?.insert(id.to_owned(), addr);
+        }
+        Ok(addr)
+    }
+
+    /// A running task's container's address on the swarm bridge network.
+    async fn bridge_address_of(&self, task: &Task) -> Result<Option<SocketAddrV4>, OrchestratorError> {
+        let Some(container) = container_of(task) else { return Ok(None) };
         let c = match self.docker.inspect_container(container, None::<InspectContainerOptions>).await {
             Ok(c) => c,
             // On another node, or gone meanwhile.
@@ -303,10 +385,7 @@ impl SwarmOrchestrator {
             .and_then(|mut n| n.remove(&self.spec.network))
             .and_then(|ep| ep.ip_address)
             .and_then(|s| s.parse().ok());
-        if let Some(ip) = ip {
-            self.addrs.lock().map_err(poisoned)?.insert(id.to_owned(), ip);
-        }
-        Ok(ip)
+        Ok(ip.map(|ip| SocketAddrV4::new(ip, self.spec.port)))
     }
 
     /// The replicas of `tasks` (of the services `names`): current tasks
@@ -318,6 +397,7 @@ impl SwarmOrchestrator {
         names: &HashMap<String, String>,
     ) -> Result<Vec<Replica>, OrchestratorError> {
         let mut out = Vec::new();
+        let nodes = self.nodes().await?;
         for t in tasks {
             let (Some(id), Some(name)) = (t.id.clone(), t.service_id.as_ref().and_then(|s| names.get(s))) else {
                 continue;
@@ -332,15 +412,17 @@ impl SwarmOrchestrator {
             {
                 continue;
             }
-            let Some(ip) = self.address_of(t).await? else { continue };
+            let Some(addr) = self.address_of(t, &nodes).await? else { continue };
             let running = state_of(t) == Some(&TaskState::RUNNING);
-            out.push(Replica { id, name: name.clone(), addr: SocketAddrV4::new(ip, self.spec.port), running });
+            out.push(Replica { id, name: name.clone(), addr, running });
         }
         out.sort_by_key(|r| r.addr);
         Ok(out)
     }
 
-    fn service_spec(&self, name: &str) -> ServiceSpec {
+    /// The spec of instance `name`'s service; `host_port`: where it
+    /// publishes its tasks' port (`publish = "host"`).
+    fn service_spec(&self, name: &str, host_port: Option<u16>) -> ServiceSpec {
         let spec = &self.spec;
         let labels: HashMap<String, String> = labels_for(&self.agent, &self.service)
             .into_iter()
@@ -379,7 +461,27 @@ impl SwarmOrchestrator {
                 replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
                 ..Default::default()
             }),
+            endpoint_spec: host_port.map(|p| EndpointSpec {
+                ports: Some(vec![host_port_config(spec.port, p, self.udp)]),
+                ..Default::default()
+            }),
             ..Default::default()
+        }
+    }
+
+    /// A host port for a new instance: the lowest of the range that no
+    /// service of the swarm publishes (`None` on the bridge).
+    async fn free_host_port(&self) -> Result<Option<u16>, OrchestratorError> {
+        let SwarmPublish::Host { min, max } = self.publish else { return Ok(None) };
+        let all =
+            self.docker.list_services(None::<ListServicesOptions>).await.map_err(docker_err("list swarm services"))?;
+        let used = published_ports(&all);
+        match pick_host_port(min, max, &used) {
+            Some(p) => Ok(Some(p)),
+            None => Err(OrchestratorError::Docker(format!(
+                "no free host port for a new instance: the swarm's services publish every port of \
+                 host_port_min..=host_port_max ({min}-{max}); widen the range"
+            ))),
         }
     }
 
@@ -464,9 +566,10 @@ impl Orchestrator for SwarmOrchestrator {
             self.prefix(),
             lowest_free_ordinal(self.prefix(), services.iter().map(|(_, n)| n.as_str()))
         );
+        let host_port = self.free_host_port().await?;
         let created = self
             .docker
-            .create_service(self.service_spec(&name), None)
+            .create_service(self.service_spec(&name, host_port), None)
             .await
             .map_err(docker_err(format!("create swarm service of {name}")))?;
         let Some(service) = created.id else {
@@ -526,7 +629,11 @@ impl Orchestrator for SwarmOrchestrator {
     /// The networks go too, once no task uses them (the engine refuses
     /// otherwise: another service's, or a task still stopping).
     async fn release(&self) {
-        for net in [self.spec.network.clone(), config_network(&self.spec.network)] {
+        let nets = match self.publish {
+            SwarmPublish::Bridge => vec![self.spec.network.clone(), config_network(&self.spec.network)],
+            SwarmPublish::Host { .. } => vec![self.spec.network.clone()],
+        };
+        for net in nets {
             // The engine lets the config-only network go a moment after the
             // swarm network made from it.
             let mut tries = 20;
@@ -541,6 +648,9 @@ impl Orchestrator for SwarmOrchestrator {
                 }
                 tokio::time::sleep(POLL).await;
             }
+        }
+        if self.publish != SwarmPublish::Bridge {
+            return;
         }
         // The engine leaves a bridge it did not make.
         let br = self.spec.bridge.as_str();

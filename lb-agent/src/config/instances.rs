@@ -89,7 +89,7 @@ impl InstancesConfig {
                 network: None,
             }),
             (None, Some(d), None) => Some(d.net("docker")),
-            (None, None, Some(s)) => Some(s.container.net("swarm")),
+            (None, None, Some(s)) if s.publish == SwarmPublish::Bridge => Some(s.container.net("swarm")),
             _ => None,
         }
     }
@@ -448,13 +448,51 @@ impl DockerSpec {
 
 /// `[service.instances.swarm]`: the keys of `[service.instances.docker]`
 /// (other defaults: network `lb-swarm`, bridge `lbs0`, subnet
-/// 10.214.0.0/24), and `init`. `{ip}` and `{addr}` in `env` are 0.0.0.0
-/// (Swarm gives the address when it places the task).
+/// 10.214.0.0/24), `init` and `publish`. `{ip}` and `{addr}` in `env` are
+/// 0.0.0.0 (Swarm gives the address when it places the task).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwarmSpec {
     pub container: DockerSpec,
     /// Make this engine a single-node swarm if it is in none.
     pub init: bool,
+    /// How the load balancer reaches the tasks.
+    pub publish: SwarmPublish,
+    /// Keys set that `publish` does not use (refused by `problems`).
+    pub unused_keys: Vec<&'static str>,
+}
+
+/// `publish` under `[service.instances.swarm]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SwarmPublish {
+    /// Tasks on a swarm-scoped bridge network of the agent's node, reached
+    /// at their own addresses: the agent's node only.
+    #[default]
+    Bridge,
+    /// Tasks anywhere in the swarm, on an overlay network, each instance's
+    /// port published in host mode on a port of `min..=max` that the agent
+    /// picks: reached at the node's address and that port.
+    Host { min: u16, max: u16 },
+}
+
+impl SwarmSpec {
+    /// Config problems, each prefixed with `at`.
+    pub fn problems(&self, at: &str) -> Vec<String> {
+        let mut out = self.container.problems(at);
+        let why = match self.publish {
+            SwarmPublish::Bridge => "only used with publish = \"host\"",
+            SwarmPublish::Host { .. } => "not used with publish = \"host\" (the tasks join an overlay network)",
+        };
+        out.extend(self.unused_keys.iter().map(|k| format!("{at}.{k}: {why}; remove it")));
+        if let SwarmPublish::Host { min, max } = self.publish {
+            if min == 0 {
+                out.push(format!("{at}.host_port_min: must be 1-65535"));
+            }
+            if max < min {
+                out.push(format!("{at}.host_port_max: {max} is below host_port_min ({min}): the range would be empty"));
+            }
+        }
+        out
+    }
 }
 
 /// The keys of `[service.instances.swarm]`, for serde.
@@ -464,10 +502,10 @@ struct SwarmKeys {
     port: u16,
     #[serde(default = "default_swarm_network")]
     network: String,
-    #[serde(default = "default_swarm_bridge")]
-    bridge: String,
-    #[serde(default = "default_swarm_subnet")]
-    subnet: Ipv4Subnet,
+    #[serde(default)]
+    bridge: Option<String>,
+    #[serde(default)]
+    subnet: Option<Ipv4Subnet>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
@@ -478,6 +516,20 @@ struct SwarmKeys {
     name_prefix: Option<String>,
     #[serde(default)]
     init: bool,
+    #[serde(default)]
+    publish: PublishKind,
+    #[serde(default)]
+    host_port_min: Option<u16>,
+    #[serde(default)]
+    host_port_max: Option<u16>,
+}
+
+#[derive(Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PublishKind {
+    #[default]
+    Bridge,
+    Host,
 }
 
 fn default_swarm_network() -> String {
@@ -489,22 +541,42 @@ fn default_swarm_bridge() -> String {
 fn default_swarm_subnet() -> Ipv4Subnet {
     Ipv4Subnet { base: Ipv4Addr::new(10, 214, 0, 0), prefix_len: 24 }
 }
+/// Host-mode published ports, below Swarm's own range for ports it picks
+/// (30000-32767) and the kernel's ephemeral range (32768-60999).
+const DEFAULT_HOST_PORTS: (u16, u16) = (29000, 29999);
 
 impl<'de> Deserialize<'de> for SwarmSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let k = SwarmKeys::deserialize(d)?;
+        let set = |key: &'static str, is_set: bool| is_set.then_some(key);
+        let (publish, unused_keys) = match k.publish {
+            PublishKind::Bridge => (
+                SwarmPublish::Bridge,
+                [set("host_port_min", k.host_port_min.is_some()), set("host_port_max", k.host_port_max.is_some())]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+            PublishKind::Host => (
+                SwarmPublish::Host {
+                    min: k.host_port_min.unwrap_or(DEFAULT_HOST_PORTS.0),
+                    max: k.host_port_max.unwrap_or(DEFAULT_HOST_PORTS.1),
+                },
+                [set("bridge", k.bridge.is_some()), set("subnet", k.subnet.is_some())].into_iter().flatten().collect(),
+            ),
+        };
         let container = DockerSpec {
             image: k.image,
             port: k.port,
             network: k.network,
-            bridge: k.bridge,
-            subnet: k.subnet,
+            bridge: k.bridge.unwrap_or_else(default_swarm_bridge),
+            subnet: k.subnet.unwrap_or_else(default_swarm_subnet),
             env: k.env,
             cpus: k.cpus,
             stop_grace: k.stop_grace,
             name_prefix: k.name_prefix,
         };
-        Ok(SwarmSpec { container, init: k.init })
+        Ok(SwarmSpec { container, init: k.init, publish, unused_keys })
     }
 }
 
@@ -718,10 +790,48 @@ pub(crate) mod tests {
         assert!(!toml::from_str::<SwarmSpec>("image = \"w\"\nport = 1").unwrap().init, "init is off by default");
         let err = crate::testing::config_errors_with("instances.swarm", "image = \"w\"\nport = 1\nint = true");
         assert!(err.contains("instances.swarm.int (line 9): unknown key; did you mean `init`?"), "{err}");
-        let p = SwarmSpec { container: DockerSpec { port: 0, ..docker_spec() }, init: false }
-            .container
-            .problems("service[0] \"web\": instances.swarm");
+        let p = SwarmSpec {
+            container: DockerSpec { port: 0, ..docker_spec() },
+            init: false,
+            publish: SwarmPublish::Bridge,
+            unused_keys: Vec::new(),
+        }
+        .problems("service[0] \"web\": instances.swarm");
         assert_eq!(p, ["service[0] \"web\": instances.swarm.port: must be 1-65535"]);
+        assert_eq!(s.publish, SwarmPublish::Bridge, "the bridge stays the default");
+    }
+
+    #[test]
+    fn swarm_publish_host_takes_a_port_range_and_refuses_the_bridge_keys() {
+        let s: SwarmSpec = toml::from_str("image = \"w\"\nport = 8080\npublish = \"host\"").unwrap();
+        assert_eq!(s.publish, SwarmPublish::Host { min: 29000, max: 29999 });
+        assert!(s.problems("x").is_empty(), "{:?}", s.problems("x"));
+        let s: SwarmSpec = toml::from_str(
+            "image = \"w\"\nport = 8080\npublish = \"host\"\nhost_port_min = 31000\nhost_port_max = 31009",
+        )
+        .unwrap();
+        assert_eq!(s.publish, SwarmPublish::Host { min: 31000, max: 31009 });
+        let at = "service[0] \"web\": instances.swarm";
+        let bad: SwarmSpec = toml::from_str(
+            "image = \"w\"\nport = 8080\npublish = \"host\"\nbridge = \"br9\"\nsubnet = \"10.9.0.0/24\"\n\
+             host_port_min = 31000\nhost_port_max = 30000",
+        )
+        .unwrap();
+        assert_eq!(
+            bad.problems(at),
+            [
+                format!("{at}.bridge: not used with publish = \"host\" (the tasks join an overlay network); remove it"),
+                format!("{at}.subnet: not used with publish = \"host\" (the tasks join an overlay network); remove it"),
+                format!("{at}.host_port_max: 30000 is below host_port_min (31000): the range would be empty"),
+            ]
+        );
+        let bridge: SwarmSpec = toml::from_str("image = \"w\"\nport = 8080\nhost_port_min = 31000").unwrap();
+        assert_eq!(bridge.problems(at), [format!("{at}.host_port_min: only used with publish = \"host\"; remove it")]);
+        let zero: SwarmSpec =
+            toml::from_str("image = \"w\"\nport = 8080\npublish = \"host\"\nhost_port_min = 0").unwrap();
+        assert_eq!(zero.problems(at), [format!("{at}.host_port_min: must be 1-65535")]);
+        let err = toml::from_str::<SwarmSpec>("image = \"w\"\nport = 8080\npublish = \"ingress\"").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `ingress`, expected `bridge` or `host`"), "{err}");
     }
 
     #[test]

@@ -732,7 +732,11 @@ impl ServiceConfig {
                 &d.bridge
             }
             (None, None, Some(s)) => {
-                out.extend(s.container.problems(&format!("{at}: instances.swarm")));
+                out.extend(s.problems(&format!("{at}: instances.swarm")));
+                if s.publish != instances::SwarmPublish::Bridge {
+                    out.extend(self.host_publish_problems(at));
+                    return;
+                }
                 &s.container.bridge
             }
             _ => {
@@ -750,6 +754,21 @@ impl ServiceConfig {
         }
         if self.protocol == Protocol::Udp && self.health_check.is_none() {
             out.push(format!("{at}: health_check: scaled UDP services need an explicit check (a TCP or HTTP port)"));
+        }
+    }
+
+    /// Swarm tasks on every node, at the node's address: replies from
+    /// another node go by its own routes, past the load balancer, unless
+    /// full NAT makes the load balancer their destination.
+    fn host_publish_problems(&self, at: &str) -> Vec<String> {
+        match self.mode {
+            ForwardMode::FullNat => Vec::new(),
+            ForwardMode::Nat => vec![format!(
+                "{at}: mode: \"nat\" (the default) cannot serve instances.swarm.publish = \"host\": tasks run on every node \
+                 and a node's replies would not come back through the load balancer; set mode = \"full-nat\""
+            )],
+            // Refused for any instances already.
+            ForwardMode::DsrIpip => Vec::new(),
         }
     }
 
@@ -814,6 +833,30 @@ mod tests {
         );
         let err = parse(&format!("{GOOD}\n[dataplane]\nmax_flows = 0\n")).unwrap_err().to_string();
         assert!(err.contains("dataplane.max_flows"), "{err}");
+    }
+
+    #[test]
+    fn swarm_on_every_node_needs_full_nat_and_no_bridge() {
+        let swarm = |mode: &str| {
+            format!(
+                "[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\ninterfaces = [\"eth0\"]\n{mode}\n\
+                 [service.scaling]\nmin_replicas = 2\nmax_replicas = 2\n[service.instances.swarm]\nimage = \"w\"\n\
+                 port = 8080\npublish = \"host\"\n"
+            )
+        };
+        let c = parse(&swarm("mode = \"full-nat\"")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.services[0].instances.as_ref().is_some_and(|i| i.net().is_none()), "no local bridge or subnet");
+        assert_eq!(
+            problems(&swarm("")),
+            ["service[0] \"web\": mode: \"nat\" (the default) cannot serve instances.swarm.publish = \"host\": \
+              tasks run on every node and a node's replies would not come back through the load balancer; set mode \
+              = \"full-nat\""]
+        );
+        let bridge = swarm("mode = \"full-nat\"").replace("publish = \"host\"\n", "");
+        assert!(
+            problems(&bridge).iter().any(|p| p.contains("interfaces: must include the instances' bridge \"lbs0\"")),
+            "the bridge still needs its interface"
+        );
     }
 
     #[test]

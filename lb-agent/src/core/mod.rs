@@ -12,5 +12,6 @@ pub mod reconcile;
 pub mod registry;
 pub mod replicas;
 pub mod slow_start;
+pub mod swarm_publish;
 pub mod vip;
 pub mod zero;

@@ -1457,6 +1457,27 @@ fn tick(shared: &Shared<'_>, ledger: Arc<Ledger>) {
     ledger.finish(shared.start.elapsed().as_secs_f64().min(duration.as_secs_f64()));
 }
 
+/// Runs the load on a thread of its own while `script(t0)` runs on the
+/// caller's (t0: when the load started), for a test that changes things
+/// under load. A script that panics stops the load's scheduling, and the
+/// panic goes on once the load has ended.
+pub fn run_during(cfg: &LoadConfig, script: impl FnOnce(Instant)) -> Result<Report, LoadError> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let t0 = Instant::now();
+        let load = scope.spawn(|| run(cfg, &stop, |_| {}));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| script(t0)));
+        if outcome.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let report = load.join();
+        if let Err(p) = outcome {
+            std::panic::resume_unwind(p);
+        }
+        report.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// Runs the load and calls `on_point` for each second as soon as all its
 /// requests have ended. `stop` ends the scheduling early (requests already
 /// sent still end and count). Returns an error if the run could not start
