@@ -48,7 +48,7 @@ pub fn forward(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(u32, Reason)
         route::tunnel_hop(hook, pkt, PROTO_IPV6, grown, &src, &backend).map_err(Verdict::drop)?;
     // SAFETY: bounds-checked by parse_packet6, read before the head moves.
     let ver_tc_flow = unsafe { (*pkt.ip).ver_tc_flow };
-    let outer = outer_header6(ver_tc_flow, pkt.payload_len.wrapping_add(IPV6_HLEN), &src, &backend);
+    let outer = outer_header6(ver_tc_flow, pkt.payload_len, &src, &backend);
     // Before any byte changes: the XDP redirect itself happens after the
     // program returns.
     let (action, path) = route::transmit(pkt.ingress_ifindex, ifindex);
