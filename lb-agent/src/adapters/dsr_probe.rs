@@ -73,7 +73,8 @@ fn probe_blocking(backend: IpAddr, vip: SocketAddr, limit: Duration) -> Result<(
     let domain = Domain::for_address(vip);
     let listen = Socket::new(domain, Type::RAW, Some(Protocol::TCP)).map_err(io("raw TCP socket"))?;
     let tunnel = if vip.is_ipv6() { PROTO_IPV6 } else { PROTO_IPIP };
-    let send = Socket::new(domain, Type::RAW, Some(Protocol::from(i32::from(tunnel)))).map_err(io("raw tunnel socket"))?;
+    let send =
+        Socket::new(domain, Type::RAW, Some(Protocol::from(i32::from(tunnel)))).map_err(io("raw tunnel socket"))?;
     let isn = probe_isn(from.port());
     let syn = match (from, vip) {
         (SocketAddr::V4(from), SocketAddr::V4(vip)) => syn_packet(from, vip, isn),

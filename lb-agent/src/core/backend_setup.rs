@@ -201,7 +201,10 @@ mod tests {
     #[test]
     fn a_fresh_host_gets_everything_and_a_second_run_nothing_but_up() {
         let first = set_up(DEV, &[VIP, VIP2, VIP], &Observed::default());
-        assert_eq!(first[..4], [Step::AddDevice(Tunnel::Ipip), Step::DeviceUp, Step::AddAddress(VIP), Step::AddAddress(VIP2)]);
+        assert_eq!(
+            first[..4],
+            [Step::AddDevice(Tunnel::Ipip), Step::DeviceUp, Step::AddAddress(VIP), Step::AddAddress(VIP2)]
+        );
         assert_eq!(first.len(), 4 + 4, "{first:?}");
         let host = after(Observed::default(), &first);
         assert_eq!(set_up(DEV, &[VIP, VIP2], &host), [Step::DeviceUp]);

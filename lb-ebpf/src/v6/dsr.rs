@@ -51,7 +51,7 @@ pub fn forward(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(u32, Reason)
     let outer = outer_header6(ver_tc_flow, pkt.payload_len, &src, &backend);
     // Before any byte changes: the XDP redirect itself happens after the
     // program returns.
-    let (action, path) = route::transmit(pkt.ingress_ifindex, ifindex);
+    let (action, path) = hook.transmit(pkt.ingress_ifindex, ifindex);
     count_path(pkt.ingress_ifindex, path);
     if !path.is_fast() {
         return Err(Verdict::drop(Reason::DropDsrNoRoute));

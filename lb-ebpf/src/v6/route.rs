@@ -14,7 +14,10 @@ use aya_ebpf::{
 use lb_common::{v6::Ip6, Conn, Path, Reason};
 
 use super::parse::Parsed6;
-use crate::{hook::Xdp, route::count_path, EGRESS};
+use crate::{
+    hook::{Hook, Xdp},
+    route::count_path,
+};
 
 const AF_INET6: u8 = 10;
 const IPV6_HLEN: u16 = 40;
@@ -31,10 +34,10 @@ pub fn send_on(hook: &Xdp, pkt: &Parsed6, flow: Option<&Conn>, partial_l4: bool)
     } else {
         let (rc, fib) = fib_lookup(hook, pkt);
         match rc {
-            BPF_FIB_LKUP_RET_SUCCESS => send(pkt, fib.ifindex, fib.dmac, fib.smac, false),
+            BPF_FIB_LKUP_RET_SUCCESS => send(hook, pkt, fib.ifindex, fib.dmac, fib.smac, false),
             BPF_FIB_LKUP_RET_NO_NEIGH => match flow {
                 Some(c) if c.client_ifindex != 0 && c.client_ifindex == fib.ifindex => {
-                    send(pkt, fib.ifindex, c.client_mac, c.local_mac, true)
+                    send(hook, pkt, fib.ifindex, c.client_mac, c.local_mac, true)
                 }
                 _ => (xdp_action::XDP_PASS, Path::PassFibNoNeigh),
             },
@@ -49,8 +52,8 @@ pub fn send_on(hook: &Xdp, pkt: &Parsed6, flow: Option<&Conn>, partial_l4: bool)
 /// XDP_TX back out of the ingress interface or XDP_REDIRECT to another one
 /// the agent put in `EGRESS`; any other passes up before a byte changes.
 #[inline(always)]
-fn send(pkt: &Parsed6, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], from_flow: bool) -> (u32, Path) {
-    let (action, path) = transmit(pkt.ingress_ifindex, ifindex);
+fn send(hook: &Xdp, pkt: &Parsed6, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], from_flow: bool) -> (u32, Path) {
+    let (action, path) = hook.transmit(pkt.ingress_ifindex, ifindex);
     if !path.is_fast() {
         return (action, path);
     }
@@ -61,23 +64,6 @@ fn send(pkt: &Parsed6, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], from_fl
         (*pkt.ip).hop_limit = pkt.hop_limit - 1;
     }
     (action, if from_flow { Path::RepliedFlowMacs } else { path })
-}
-
-/// XDP_TX back out of the ingress interface or XDP_REDIRECT to `ifindex`
-/// if the agent put it in `EGRESS`; XDP_PASS (not fast) otherwise. Nothing
-/// in the packet changes.
-#[inline(always)]
-pub fn transmit(ingress_ifindex: u32, ifindex: u32) -> (u32, Path) {
-    if EGRESS.get_ifindex(ifindex).is_none() {
-        (xdp_action::XDP_PASS, Path::PassEgressNotReady)
-    } else if ifindex == ingress_ifindex {
-        (xdp_action::XDP_TX, Path::TxBack)
-    } else {
-        match EGRESS.redirect(ifindex, xdp_action::XDP_PASS as u64) {
-            Ok(action) => (action, Path::Redirected),
-            Err(_) => (xdp_action::XDP_PASS, Path::PassEgressNotReady),
-        }
-    }
 }
 
 /// The next hop (egress interface, destination and source MAC) of `pkt`

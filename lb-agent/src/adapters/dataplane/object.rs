@@ -13,8 +13,7 @@ use aya::{
 use lb_common::{
     v6::{
         Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, CONNTRACK6,
-        SOURCES6,
-        SERVICES6, V6_PROGRAMS, V6_PROGS,
+        SERVICES6, SOURCES6, V6_PROGRAMS, V6_PROGS,
     },
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
