@@ -328,6 +328,20 @@ pub fn ipip_encapsulated(frame: &[u8], macs: (Mac, Mac), src: Ipv4Addr, dst: Ipv
     ethernet(macs.0, macs.1, ETH_P_IP, &outer)
 }
 
+/// An IPv6 `frame` inside an outer IPv6 header (next header 41, hop limit
+/// 64, the inner traffic class and flow label) from `src` to `dst`, as the
+/// load balancer's IPv6 `dsr-ipip` sends it, with `macs` (dst, src).
+pub fn ip6ip6_encapsulated(frame: &[u8], macs: (Mac, Mac), src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut outer = inner[..4].to_vec();
+    outer.extend((inner.len() as u16).to_be_bytes());
+    outer.extend([41, 64]);
+    outer.extend(src.octets());
+    outer.extend(dst.octets());
+    outer.extend(inner);
+    ethernet(macs.0, macs.1, ETH_P_IPV6, &outer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

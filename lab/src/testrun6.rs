@@ -3,7 +3,10 @@
 //! address, `BACKEND_VIPS6`, the shared Maglev table, `SERVICES6`), and
 //! the IPv6 connection table read back.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddrV6};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{Ipv6Addr, SocketAddrV6},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapError;
@@ -85,6 +88,15 @@ impl LbObject {
         self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 
+    /// Rewrites `spec`'s service entry (after [`Self::add_service6`]) with
+    /// `mode` and, in `SOURCES6`, `source` as its IPv6 source.
+    pub fn write_service6(&mut self, spec: &ServiceSpec6, mode: u32, source: Ipv6Addr) -> Result<()> {
+        self.maps.sources6.set(spec.id, ip6_raw(source), 0).with_context(|| format!("write SOURCES6[{}]", spec.id))?;
+        let mut svc = self.maps.services6.get(&spec.key(), 0).context("read the service")?;
+        svc.mode = mode;
+        self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
+    }
+
     /// The IPv6 half of [`LbObject::reset`], before the backend ids are
     /// forgotten: services, backend addresses, flows, and the IPv6
     /// programs back in `V6_PROGS` (a test may have emptied it).
@@ -93,6 +105,9 @@ impl LbObject {
         empty_hash(&mut m.services6, "SERVICES6")?;
         empty_hash(&mut m.backend_vips6, "BACKEND_VIPS6")?;
         empty_hash(&mut m.conntrack6, "CONNTRACK6")?;
+        for id in 0..lb_common::MAX_SERVICES {
+            m.sources6.set(id, [0; 4], 0).with_context(|| format!("clear SOURCES6[{id}]"))?;
+        }
         for &id in &self.backend_ids {
             m.backends6.set(id, Backend6::default(), 0).with_context(|| format!("clear BACKENDS6[{id}]"))?;
         }

@@ -250,14 +250,19 @@ enum Command {
     /// never answers ARP for a VIP). Prints each change; a second run
     /// changes nothing. --undo takes the VIPs off and deletes the device
     /// once nothing else is on it (the sysctls stay). Needs root.
+    ///
+    /// IPv6 VIPs (one family per run): an ip6tnl device in mode ip6ip6,
+    /// external, the VIPs as /128s, no sysctl (IPv6 has no rp_filter, and
+    /// neighbour discovery never answers for the VIP); --bpf-decap strips
+    /// IPv6-in-IPv6 too.
     #[command(
         name = "backend-setup",
-        after_help = "Examples:\n  lb-agent backend-setup --vip 10.0.0.10\n  lb-agent backend-setup --vip 10.0.0.10 --vip 10.0.0.11 --dev lbtun0\n  lb-agent backend-setup --vip 10.0.0.10 --undo\n  lb-agent backend-setup --vip 10.0.0.10 --bpf-decap eth0   # a kernel without ipip"
+        after_help = "Examples:\n  lb-agent backend-setup --vip 10.0.0.10\n  lb-agent backend-setup --vip 10.0.0.10 --vip 10.0.0.11 --dev lbtun0\n  lb-agent backend-setup --vip 10.0.0.10 --undo\n  lb-agent backend-setup --vip 10.0.0.10 --bpf-decap eth0   # a kernel without ipip\n  lb-agent backend-setup --vip 2001:db8::10 --dev lbtun6   # IPv6: ip6tnl, ip6ip6"
     )]
     BackendSetup {
         /// A VIP of a dsr-ipip service this host is a backend of (repeat for several).
         #[arg(long = "vip", required = true, value_name = "ADDRESS")]
-        vips: Vec<std::net::Ipv4Addr>,
+        vips: Vec<std::net::IpAddr>,
         /// The ipip device to create (not tunl0, the kernel's own).
         #[arg(long, default_value = "lbtun0")]
         dev: String,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_common::{
-    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
+    v6::{Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6},
     Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, PROG_LB, PROG_LB_LOCAL,
 };
 use serde::Serialize;
@@ -37,6 +37,9 @@ pub trait MapWriter {
     /// IPv6: a service (`SERVICES6`); its tables are the shared ones.
     fn set_service6(&mut self, key: &ServiceKey6, service: &Service) -> Result<(), DataplaneError>;
     fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError>;
+    /// IPv6: a service's source (`SOURCES6`, by service id; `dsr-ipip`'s
+    /// outer source, all zeros for none).
+    fn set_source6(&mut self, service_id: u32, source: &Ip6) -> Result<(), DataplaneError>;
     /// IPv6: the services a backend address serves (`None`: forget it).
     fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError>;
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use lb_common::{
-    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
+    v6::{Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6},
     Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, MAGLEV_TABLE_SIZE,
 };
 
@@ -140,6 +140,7 @@ pub enum Write {
     Backend6 { id: u32, backend: Backend6 },
     Service6 { key: ServiceKey6, service: Service },
     RemoveService6 { key: ServiceKey6 },
+    Source6 { service_id: u32, source: Ip6 },
     BackendVips6 { addr: BackendAddr6, vips: Option<BackendVips6> },
 }
 
@@ -154,6 +155,7 @@ impl Write {
             Write::Backend6 { .. } => "backend6",
             Write::Service6 { .. } => "service6",
             Write::RemoveService6 { .. } => "remove_service6",
+            Write::Source6 { .. } => "source6",
             Write::BackendVips6 { .. } => "backend_vips6",
         }
     }
@@ -172,6 +174,8 @@ pub struct FakeDataplane {
     pub backends6: BTreeMap<u32, Backend6>,
     pub services6: BTreeMap<ServiceKey6, Service>,
     pub backend_vips6: BTreeMap<BackendAddr6, BackendVips6>,
+    /// `SOURCES6`, by service id.
+    pub sources6: BTreeMap<u32, Ip6>,
     /// Counters by service id and by backend id (zero when absent).
     pub service_counters: BTreeMap<u32, Counters>,
     pub backend_counters: BTreeMap<u32, Counters>,
@@ -294,6 +298,12 @@ impl MapWriter for FakeDataplane {
         Ok(())
     }
 
+    fn set_source6(&mut self, service_id: u32, source: &Ip6) -> Result<(), DataplaneError> {
+        self.sources6.insert(service_id, *source);
+        self.log.push(Write::Source6 { service_id, source: *source });
+        Ok(())
+    }
+
     fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
         self.services6.remove(key);
         self.log.push(Write::RemoveService6 { key: *key });
@@ -372,6 +382,10 @@ impl MapWriter for SharedDataplane {
 
     fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
         self.lock().remove_service6(key)
+    }
+
+    fn set_source6(&mut self, service_id: u32, source: &Ip6) -> Result<(), DataplaneError> {
+        self.lock().set_source6(service_id, source)
     }
 
     fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {

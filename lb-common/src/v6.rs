@@ -26,6 +26,9 @@ pub const BACKEND_VIPS6: &str = "BACKEND_VIPS6";
 /// The IPv6 programs, for the IPv4 entry points' tail call
 /// (`V6_SLOT_COMPLETE`, `V6_SLOT_LOCAL`).
 pub const V6_PROGS: &str = "V6_PROGS";
+/// An IPv6 service's source address, by service id (an [`Ip6`]; all
+/// zeros for none): `dsr-ipip`'s outer source (`crate::dsr6`).
+pub const SOURCES6: &str = "SOURCES6";
 
 /// The IPv6 twin of `PROG_LB` (checksums complete), reached by a tail call.
 pub const PROG_LB6: &str = "xdp_lb6";

@@ -21,13 +21,17 @@
 //! never set up: its probe through the tunnel fails, so it never enters
 //! the table.
 //!
+//! The IPv6 variant (`root_dsr_ipip_over_ipv6_...`) runs the same on the
+//! same segment in IPv6 (fd00:201::/64, VIP fd00:201:100::10): IPv6-in-IPv6
+//! from the LB, `backend-setup --vip <IPv6>` on the backends.
+//!
 //! Needs root and a built agent: `cargo build --release -p lb-agent && cargo
 //! test -p lb-tests --release --test e2e_dsr -- --test-threads=1`.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -55,6 +59,30 @@ const SET_UP: [&str; 3] = ["dsr-1", "dsr-2", "dsr-3"];
 const NOT_SET_UP: &str = "dsr-4";
 const CONNECTIONS: usize = 1000;
 
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0x100, 0, 0, 0, 0, 0x10);
+
+/// `v4`'s IPv6 twin on the segment: fd00:201::<last byte>.
+fn six(v4: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, u16::from(v4.octets()[3]))
+}
+
+/// The address of the family the test runs in (`v6`).
+fn pick(v4: Ipv4Addr, v6: bool) -> IpAddr {
+    if v6 {
+        six(v4).into()
+    } else {
+        v4.into()
+    }
+}
+
+fn vip(v6: bool) -> IpAddr {
+    if v6 {
+        VIP6.into()
+    } else {
+        VIP.into()
+    }
+}
+
 fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, 0, 11 + i as u8)
 }
@@ -69,6 +97,8 @@ struct Net {
     lb: NetNs,
     backends: Vec<(String, NetNs)>,
     dir: Scratch,
+    /// The service and the servers are IPv6 (the segment has both).
+    v6: bool,
 }
 
 fn netns(prefix: &str, name: &str) -> NetNs {
@@ -76,7 +106,7 @@ fn netns(prefix: &str, name: &str) -> NetNs {
 }
 
 impl Net {
-    fn build() -> Net {
+    fn build(v6: bool) -> Net {
         let prefix = format!("dsr-{}", std::process::id());
         let sw = netns(&prefix, "sw");
         sw.exec("ip", &["link", "add", "br0", "type", "bridge"]);
@@ -86,11 +116,12 @@ impl Net {
         for (key, value) in [("ip_forward", "1"), ("conf.all.rp_filter", "0"), ("conf.default.rp_filter", "0")] {
             lb.exec("sysctl", &["-qw", &format!("net.ipv4.{key}={value}")]);
         }
+        lb.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
         let names = SET_UP.iter().chain([&NOT_SET_UP]);
         let backends: Vec<(String, NetNs)> = names.map(|n| (n.to_string(), netns(&prefix, n))).collect();
         let lb_peer_xdp = LbObject::load().expect("load the LB's object");
         let dir = Scratch::create(&prefix);
-        let mut net = Net { servers: Vec::new(), lb_peer_xdp, sw, client, lb, backends, dir };
+        let mut net = Net { servers: Vec::new(), lb_peer_xdp, sw, client, lb, backends, dir, v6 };
         net.plug(&net.client, "client", CLIENT);
         net.plug(&net.lb, "lb", LB);
         // The LB sends the encapsulated packets back out of its eth0 by
@@ -106,7 +137,9 @@ impl Net {
         // encapsulated (the redirected frame would lose the skb's note).
         net.client.exec("ethtool", &["-K", "eth0", "tx", "off"]);
         net.client.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &LB.to_string()]);
-        net.servers = net.backends.iter().map(|(name, ns)| Server::start(ns, name)).collect();
+        net.client.exec("ip", &["-6", "route", "add", &format!("{VIP6}/128"), "via", &six(LB).to_string()]);
+        let any = if v6 { "::" } else { "0.0.0.0" };
+        net.servers = net.backends.iter().map(|(name, ns)| Server::start(ns, name, any)).collect();
         net
     }
 
@@ -133,18 +166,20 @@ impl Net {
         self.sw.exec("ip", &["link", "set", &port, "master", "br0", "up"]);
         self.sw.exec("ethtool", &["-K", &port, "gro", "on"]);
         ns.exec("ip", &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.exec("ip", &["addr", "add", &format!("{}/64", six(addr)), "dev", "eth0", "nodad"]);
         ns.exec("ip", &["link", "set", "eth0", "up"]);
         ns.exec("ip", &["link", "set", "lo", "up"]);
     }
 
     fn config(&self) -> std::path::PathBuf {
+        let (vip, lb) = (vip(self.v6), pick(LB, self.v6));
         let mut text = format!(
-            "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = {PORT}\ninterfaces = [\"eth0\"]\n\
-             mode = \"dsr-ipip\"\nsource = \"{LB}\"\n\
+            "[[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = {PORT}\ninterfaces = [\"eth0\"]\n\
+             mode = \"dsr-ipip\"\nsource = \"{lb}\"\n\
              health_check = {{ interval = \"200ms\", timeout = \"150ms\", rise = 1, fall = 1 }}\n"
         );
         for i in 0..self.backends.len() {
-            text += &format!("[[service.backend]]\naddress = \"{}:{PORT}\"\n", backend_addr(i));
+            text += &format!("[[service.backend]]\naddress = \"{}\"\n", addr_of(i, self.v6));
         }
         text += "[interface.eth0]\nhook = \"xdp\"\nchecksums = \"complete\"\nfast_path = \"on\"\n";
         text += "[socket_lb]\nenabled = false\n";
@@ -157,8 +192,9 @@ impl Net {
 /// How the backends decapsulate: an ipip device (backend-setup's default)
 /// where the kernel has them, else lb-agent's tc program on eth0 (this CI
 /// kernel is built without CONFIG_NET_IPIP).
-fn decap_args(ns: &NetNs) -> Vec<&'static str> {
-    let (probe, _) = ns.exec_status("ip", &["link", "add", "ipiptest", "type", "ipip", "external"]);
+fn decap_args(ns: &NetNs, v6: bool) -> Vec<&'static str> {
+    let kind: &[&str] = if v6 { &["ip6tnl", "mode", "ip6ip6", "external"] } else { &["ipip", "external"] };
+    let (probe, _) = ns.exec_status("ip", &[&["link", "add", "ipiptest", "type"][..], kind].concat());
     if probe.success() {
         ns.exec("ip", &["link", "del", "ipiptest"]);
         vec![]
@@ -186,8 +222,8 @@ struct Server {
 }
 
 impl Server {
-    fn start(ns: &NetNs, name: &str) -> Server {
-        let listener = ns.run(|| TcpListener::bind(("0.0.0.0", PORT))).expect("bind :80 in the backend");
+    fn start(ns: &NetNs, name: &str, any: &str) -> Server {
+        let listener = ns.run(|| TcpListener::bind((any, PORT))).expect("bind :80 in the backend");
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, name) = (stop.clone(), name.to_owned());
@@ -227,21 +263,34 @@ fn web_backends(status: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
-fn addr_of(i: usize) -> String {
-    format!("{}:{PORT}", backend_addr(i))
+fn addr_of(i: usize, v6: bool) -> String {
+    SocketAddr::new(pick(backend_addr(i), v6), PORT).to_string()
 }
 
 #[test]
 fn root_dsr_ipip_backends_answer_clients_directly() {
     require_root!("root_dsr_ipip_backends_answer_clients_directly");
-    let net = Net::build();
-    let decap = decap_args(&net.backends[0].1);
-    let vip = VIP.to_string();
+    backends_answer_clients_directly(false);
+}
+
+#[test]
+fn root_dsr_ipip_over_ipv6_backends_answer_clients_directly() {
+    require_root!("root_dsr_ipip_over_ipv6_backends_answer_clients_directly");
+    backends_answer_clients_directly(true);
+}
+
+fn backends_answer_clients_directly(v6: bool) {
+    let net = Net::build(v6);
+    let decap = decap_args(&net.backends[0].1, v6);
+    let (vip_ip, client) = (vip(v6), pick(CLIENT, v6));
+    let vip = vip_ip.to_string();
+    let host_vip = format!("{vip}/{}", if v6 { 128 } else { 32 });
+    let addr_of = |i| addr_of(i, v6);
     let args: Vec<&str> = ["--vip", vip.as_str()].into_iter().chain(decap).collect();
     for (name, ns) in &net.backends[..SET_UP.len()] {
         let first = backend_setup(ns, &args);
-        assert!(first.contains(&format!("added VIP {VIP}/32")), "{name}: {first}");
-        assert!(first.contains("net.ipv4.conf.all.arp_ignore=1"), "{name}: {first}");
+        assert!(first.contains(&format!("added VIP {host_vip}")), "{name}: {first}");
+        assert!(v6 || first.contains("net.ipv4.conf.all.arp_ignore=1"), "{name}: {first}");
         let again = backend_setup(ns, &args);
         assert!(again.trim().ends_with(": nothing to change"), "{name}: a second run changed something: {again}");
     }
@@ -271,7 +320,7 @@ fn root_dsr_ipip_backends_answer_clients_directly() {
         (0..CONNECTIONS)
             .map(|n| {
                 let ask = || -> std::io::Result<String> {
-                    let s = TcpStream::connect_timeout(&SocketAddrV4::new(VIP, PORT).into(), Duration::from_secs(2))?;
+                    let s = TcpStream::connect_timeout(&SocketAddr::new(vip_ip, PORT), Duration::from_secs(2))?;
                     s.set_read_timeout(Some(Duration::from_secs(2)))?;
                     let mut line = String::new();
                     BufReader::new(s).read_line(&mut line)?;
@@ -295,7 +344,7 @@ fn root_dsr_ipip_backends_answer_clients_directly() {
     let mut shares: BTreeMap<&str, usize> = BTreeMap::new();
     for a in &answers {
         let (name, peer) = a.split_once(' ').unwrap_or_else(|| panic!("answer {a:?}"));
-        assert_eq!(peer, CLIENT.to_string(), "{name} saw {peer}, not the client");
+        assert_eq!(peer, client.to_string(), "{name} saw {peer}, not the client");
         *shares
             .entry(SET_UP.iter().find(|n| **n == name).unwrap_or_else(|| panic!("answer from {name}")))
             .or_default() += 1;
@@ -327,7 +376,7 @@ fn root_dsr_ipip_backends_answer_clients_directly() {
     // --undo takes away what the set-up made.
     let (_, ns) = &net.backends[0];
     let undone = backend_setup(ns, &[&args[..], &["--undo"]].concat());
-    assert!(undone.contains(&format!("removed VIP {VIP}/32")), "{undone}");
+    assert!(undone.contains(&format!("removed VIP {host_vip}")), "{undone}");
     assert!(undone.contains("deleted lbtun0") || undone.contains("detached tc_decap"), "{undone}");
     let again = backend_setup(ns, &[&args[..], &["--undo"]].concat());
     assert!(again.trim().ends_with(": nothing to change"), "a second --undo changed something: {again}");

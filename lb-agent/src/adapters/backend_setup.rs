@@ -1,7 +1,7 @@
 //! `lb-agent backend-setup`: reads the host (`ip`, `tc`, /proc/sys), then makes
 //! the changes `core::backend_setup` plans, each printed as it is made.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{net::IpAddr, process::Command};
 
 use anyhow::{bail, Context as _};
 use aya::programs::{
@@ -10,11 +10,12 @@ use aya::programs::{
 };
 use lb_common::PROG_TC_DECAP;
 
-use crate::core::backend_setup::{self, Decap, Observed, Step};
+use crate::core::backend_setup::{self, host_prefix, Decap, Observed, Step, Tunnel};
 
 /// Set `decap` up with `vips` (or undo that), printing each change;
 /// returns the lines printed.
-pub fn run(decap: Decap, vips: &[Ipv4Addr], undo: bool) -> anyhow::Result<Vec<String>> {
+pub fn run(decap: Decap, vips: &[IpAddr], undo: bool) -> anyhow::Result<Vec<String>> {
+    let tunnel = backend_setup::tunnel_for(vips).map_err(anyhow::Error::msg)?;
     let (Decap::Device(dev) | Decap::Bpf(dev)) = decap;
     if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
         bail!("{dev:?} is not a valid interface name");
@@ -22,7 +23,7 @@ pub fn run(decap: Decap, vips: &[Ipv4Addr], undo: bool) -> anyhow::Result<Vec<St
     if decap == Decap::Device("tunl0") {
         bail!("--dev tunl0 is the kernel's fallback tunnel, not one backend-setup makes; name another device");
     }
-    let now = observe(decap)?;
+    let now = observe(decap, tunnel)?;
     let steps = if undo { backend_setup::undo(decap, vips, &now) } else { backend_setup::set_up(decap, vips, &now) };
     let mut said = Vec::new();
     for step in &steps {
@@ -38,13 +39,15 @@ pub fn run(decap: Decap, vips: &[Ipv4Addr], undo: bool) -> anyhow::Result<Vec<St
     Ok(said)
 }
 
-fn observe(decap: Decap) -> anyhow::Result<Observed> {
+fn observe(decap: Decap, tunnel: Tunnel) -> anyhow::Result<Observed> {
     let dev = decap.vip_device();
     let device = Command::new("ip").args(["link", "show", "dev", dev]).output().context("run ip")?.status.success();
     let mut addresses = Vec::new();
     if device {
-        for line in ip(&["-o", "-4", "addr", "show", "dev", dev])?.lines() {
-            let Some(cidr) = line.split_whitespace().skip_while(|w| *w != "inet").nth(1) else { continue };
+        for line in ip(&["-o", "addr", "show", "dev", dev])?.lines() {
+            let Some(cidr) = line.split_whitespace().skip_while(|w| !matches!(*w, "inet" | "inet6")).nth(1) else {
+                continue;
+            };
             if let Some((a, len)) = cidr.split_once('/') {
                 if let (Ok(a), Ok(len)) = (a.parse(), len.parse()) {
                     addresses.push((a, len));
@@ -56,7 +59,7 @@ fn observe(decap: Decap) -> anyhow::Result<Observed> {
         Decap::Bpf(iface) => run_tool("tc", &["filter", "show", "dev", iface, "ingress"])?.contains(PROG_TC_DECAP),
         Decap::Device(_) => false,
     };
-    let sysctls = backend_setup::sysctls(decap)
+    let sysctls = backend_setup::sysctls(decap, tunnel)
         .into_iter()
         .map(|(path, _)| {
             let value = std::fs::read_to_string(format!("/proc/sys/{path}")).ok();
@@ -70,18 +73,23 @@ fn observe(decap: Decap) -> anyhow::Result<Observed> {
 fn apply(decap: Decap, step: &Step) -> anyhow::Result<String> {
     let dev = decap.vip_device();
     Ok(match step {
-        Step::AddDevice => {
-            ip(&["link", "add", dev, "type", "ipip", "external"]).map_err(|e| {
+        Step::AddDevice(tunnel) => {
+            let (kind, config): (&[&str], _) = match tunnel {
+                Tunnel::Ipip => (&["ipip", "external"], "CONFIG_NET_IPIP"),
+                Tunnel::Ip6ip6 => (&["ip6tnl", "mode", "ip6ip6", "external"], "CONFIG_IPV6_TUNNEL"),
+            };
+            ip(&[&["link", "add", dev, "type"][..], kind].concat()).map_err(|e| {
                 if e.to_string().contains("Unknown device type") {
                     anyhow::anyhow!(
-                        "{e:#}: this kernel has no IP-in-IP devices (CONFIG_NET_IPIP); decapsulate with lb-agent's \
-                         tc program instead: --bpf-decap IFACE (the interface the load balancer's packets arrive on)"
+                        "{e:#}: this kernel has no {} devices ({config}); decapsulate with lb-agent's tc program \
+                         instead: --bpf-decap IFACE (the interface the load balancer's packets arrive on)",
+                        kind[0]
                     )
                 } else {
                     e
                 }
             })?;
-            format!("created {dev}: ipip, external (takes IP-in-IP packets from any load balancer)")
+            format!("created {dev}: {}, external (takes tunnelled packets from any load balancer)", kind.join(" "))
         }
         Step::DeviceUp => {
             let was_up = ip(&["-o", "link", "show", "dev", dev])?.contains(",UP");
@@ -93,12 +101,16 @@ fn apply(decap: Decap, step: &Step) -> anyhow::Result<String> {
             }
         }
         Step::AddAddress(vip) => {
-            ip(&["addr", "add", &format!("{vip}/32"), "dev", dev])?;
-            format!("{dev}: added VIP {vip}/32")
+            let cidr = format!("{vip}/{}", host_prefix(*vip));
+            // IPv6: no duplicate address detection, so the VIP answers at once.
+            let nodad: &[&str] = if vip.is_ipv6() { &["nodad"] } else { &[] };
+            ip(&[&["addr", "add", &cidr, "dev", dev][..], nodad].concat())?;
+            format!("{dev}: added VIP {cidr}")
         }
         Step::RemoveAddress(vip) => {
-            ip(&["addr", "del", &format!("{vip}/32"), "dev", dev])?;
-            format!("{dev}: removed VIP {vip}/32")
+            let cidr = format!("{vip}/{}", host_prefix(*vip));
+            ip(&["addr", "del", &cidr, "dev", dev])?;
+            format!("{dev}: removed VIP {cidr}")
         }
         Step::DeleteDevice => {
             ip(&["link", "del", dev])?;

@@ -31,9 +31,7 @@ impl Prober for NetProber {
 pub async fn probe(addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), ProbeError> {
     let limit = check.timeout();
     if let Some(vip) = check.through_tunnel {
-        // Config refuses IPv6 in dsr-ipip (config/family.rs).
-        let SocketAddr::V4(v4) = addr else { return Err(format!("dsr-ipip probe to {addr}: IPv4 only").into()) };
-        dsr_probe::probe(*v4.ip(), vip, limit).await?;
+        dsr_probe::probe(addr.ip(), vip, limit).await?;
         if check.kind == CheckKind::Tcp {
             return Ok(());
         }

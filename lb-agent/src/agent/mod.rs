@@ -30,7 +30,7 @@ mod walks;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -343,9 +343,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         for (name, svc) in self.registry.services() {
             let Some(check) = &svc.config.health_check else { continue };
             let mut check = check.clone();
-            // Config refuses IPv6 in dsr-ipip (config/family.rs).
-            if let (ForwardMode::DsrIpip, IpAddr::V4(vip)) = (svc.config.mode, svc.config.vip) {
-                check.through_tunnel = Some(SocketAddrV4::new(vip, svc.config.port));
+            if svc.config.mode == ForwardMode::DsrIpip {
+                check.through_tunnel = Some(SocketAddr::new(svc.config.vip, svc.config.port));
             }
             for addr in svc.backends.keys() {
                 wanted.insert((name.clone(), *addr), check.clone());

@@ -1,7 +1,8 @@
 //! Which address family a service may use where: the data plane balances
-//! IPv6 in destination NAT at the XDP hook only (`xdp_lb6`), so an IPv6
-//! service must say so of every interface, and its backends must be IPv6
-//! too (a packet's family never changes on the way through).
+//! IPv6 in destination NAT and IP-in-IP direct server return at the XDP
+//! hook only (`xdp_lb6`), so an IPv6 service must say so of every
+//! interface, and its backends and source must be IPv6 too (a packet's
+//! family never changes on the way through).
 
 use std::net::IpAddr;
 
@@ -23,12 +24,21 @@ pub(super) fn problems(config: &Config, svc: &ServiceConfig, at: &str) -> Vec<St
             ));
         }
     }
+    if let Some(source) = svc.source.filter(|s| s.is_ipv6() != v6) {
+        out.push(format!(
+            "{at}: source: {source} is {} but the vip {} is {}: packets to the backends come from an address of the \
+             vip's family",
+            family(source),
+            svc.vip,
+            family(svc.vip)
+        ));
+    }
     if !v6 {
         return out;
     }
-    if svc.mode != ForwardMode::Nat {
+    if svc.mode == ForwardMode::FullNat {
         out.push(format!(
-            "{at}: mode: \"{}\" does not balance IPv6 (vip {}); IPv6 services take mode = \"nat\"",
+            "{at}: mode: \"{}\" does not balance IPv6 (vip {}); IPv6 services take mode = \"nat\" or \"dsr-ipip\"",
             mode_key(svc.mode),
             svc.vip
         ));
@@ -119,12 +129,28 @@ hook = "xdp"
         let full_nat = V6.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmode = \"full-nat\"");
         let p = problems(&full_nat);
         assert!(p[0].contains(r#"service[0] "web6": mode: "full-nat" does not balance IPv6"#), "{p:?}");
-        let dsr = V6.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmode = \"dsr-ipip\"");
-        assert!(problems(&dsr)[0].contains(r#"mode: "dsr-ipip" does not balance IPv6"#), "{:?}", problems(&dsr));
         let tc = V6.replace("hook = \"xdp\"", "hook = \"tc\"");
         assert!(problems(&tc)[0].contains(r#"interfaces: "eth0" has hook = "tc", but IPv6 is balanced at XDP only"#));
         let auto = V6.replace("hook = \"xdp\"", "");
         assert!(problems(&auto)[0].contains(r#"has hook = "auto""#), "{:?}", problems(&auto));
+    }
+
+    const DSR6: &str =
+        "interfaces = [\"eth0\"]\nmode = \"dsr-ipip\"\nsource = \"2001:db8::1\"\nhealth_check = { interval = \"1s\" }";
+
+    #[test]
+    fn an_ipv6_dsr_service_with_an_ipv6_source_is_accepted() {
+        let text = V6.replace("interfaces = [\"eth0\"]", DSR6).replace(":8080", ":80");
+        let config = parse(&text).unwrap();
+        assert_eq!(config.services[0].source, Some("2001:db8::1".parse().unwrap()));
+        let v4_source = text.replace("2001:db8::1\"", "10.0.0.1\"");
+        let p = problems(&v4_source);
+        assert!(
+            p[0].contains(r#"source: 10.0.0.1 is IPv4 but the vip 2001:db8::10 is IPv6: packets to the backends"#),
+            "{p:?}"
+        );
+        let tc = text.replace("hook = \"xdp\"", "hook = \"tc\"");
+        assert!(problems(&tc)[0].contains("IPv6 is balanced at XDP only"), "{:?}", problems(&tc));
     }
 
     #[test]

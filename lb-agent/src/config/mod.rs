@@ -17,7 +17,7 @@ pub mod scaling;
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -245,7 +245,7 @@ pub struct ServiceConfig {
     /// of the interface the route to each backend leaves by); in `dsr-ipip`
     /// the outer source (required there).
     #[serde(default)]
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<IpAddr>,
 }
 
 /// A service's forwarding mode (`mode = "nat" | "full-nat" | "dsr-ipip"`).
@@ -338,7 +338,7 @@ pub struct HealthCheckConfig {
     /// Not a key: a `dsr-ipip` service's VIP and port, which its probes
     /// reach through the tunnel to each backend (`adapters::dsr_probe`).
     #[serde(skip)]
-    pub through_tunnel: Option<SocketAddrV4>,
+    pub through_tunnel: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -591,6 +591,15 @@ pub fn unusable_backend_ip(ip: IpAddr) -> Option<&'static str> {
 }
 
 impl ServiceConfig {
+    /// `source` when it is an IPv4 address (IPv4 services; `check` refuses
+    /// a source of the other family than the VIP's).
+    pub fn source_v4(&self) -> Option<Ipv4Addr> {
+        match self.source {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        }
+    }
+
     fn problems(&self, at: &str, out: &mut Vec<String>) {
         if self.vip.is_unspecified() || self.vip == IpAddr::V4(Ipv4Addr::BROADCAST) || self.vip.is_multicast() {
             out.push(format!("{at}: vip: {} cannot be a service address", self.vip));
@@ -654,7 +663,7 @@ impl ServiceConfig {
         match self.mode {
             ForwardMode::Nat => {}
             ForwardMode::FullNat => match self.source {
-                Some(ip) if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() => {
+                Some(ip) if unusable_backend_ip(ip).is_some() => {
                     out.push(format!("{at}: source: {ip} cannot be an address backends reply to"))
                 }
                 _ => {}
@@ -665,7 +674,7 @@ impl ServiceConfig {
                         "{at}: source: mode \"dsr-ipip\" needs the load balancer's address that encapsulated \
                          packets come from, e.g. source = \"10.0.0.1\""
                     )),
-                    Some(ip) if unusable_backend_ip(IpAddr::V4(ip)).is_some() || IpAddr::V4(ip) == self.vip => {
+                    Some(ip) if unusable_backend_ip(ip).is_some() || ip == self.vip => {
                         out.push(format!("{at}: source: {ip} cannot be the load balancer's own unicast address"))
                     }
                     Some(_) => {}
@@ -865,7 +874,7 @@ mod tests {
         let c = parse(&web("mode = \"full-nat\"\nsource = \"10.0.0.1\"")).unwrap();
         assert_eq!(
             (c.services[0].mode, c.services[0].source),
-            (ForwardMode::FullNat, Some(Ipv4Addr::new(10, 0, 0, 1)))
+            (ForwardMode::FullNat, Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))))
         );
         assert_eq!(c.services[0].mode.to_string(), "full-nat");
         assert_eq!(parse(&web("")).unwrap().services[0].mode, ForwardMode::Nat);
@@ -1283,7 +1292,7 @@ mod tests {
         let c = parse(DSR).unwrap();
         assert_eq!(
             (c.services[0].mode, c.services[0].source),
-            (ForwardMode::DsrIpip, Some(Ipv4Addr::new(10, 1, 0, 1)))
+            (ForwardMode::DsrIpip, Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))))
         );
         assert_eq!(
             (c.services[0].mode.number(), c.services[0].mode.to_string()),

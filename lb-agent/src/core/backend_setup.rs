@@ -16,8 +16,15 @@
 //! On a kernel without IP-in-IP devices (CONFIG_NET_IPIP unset) the
 //! decapsulation is lb-agent's tc program `tc_decap` at one interface's
 //! ingress instead (`Decap::Bpf`), and the VIPs go on `lo`.
+//!
+//! IPv6 VIPs (IPv6-in-IPv6, `lb_common::dsr6`): an ip6tnl device in mode
+//! ip6ip6, external, or `tc_decap` as above; the VIPs as /128s, added
+//! without duplicate address detection so they answer at once. No sysctl:
+//! IPv6 has no reverse-path filter, and neighbour discovery answers only
+//! for addresses on the interface asked, never for a VIP on the tunnel or
+//! `lo`. One run takes VIPs of one family (one device type).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Where packets are decapsulated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,8 +59,8 @@ pub struct Observed {
     pub device: bool,
     /// `tc_decap` is attached (`Decap::Bpf`).
     pub decap_attached: bool,
-    /// IPv4 addresses on the device, with their prefix lengths.
-    pub addresses: Vec<(Ipv4Addr, u8)>,
+    /// Addresses on the device, with their prefix lengths.
+    pub addresses: Vec<(IpAddr, u8)>,
     /// Current values of the sysctls the set-up writes (`Sysctl::path`), as
     /// read; `None` where missing (a device not made yet).
     pub sysctls: Vec<(String, Option<String>)>,
@@ -62,18 +69,51 @@ pub struct Observed {
 /// One change, in the order to make it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    AddDevice,
+    AddDevice(Tunnel),
     DeviceUp,
-    AddAddress(Ipv4Addr),
-    RemoveAddress(Ipv4Addr),
+    AddAddress(IpAddr),
+    RemoveAddress(IpAddr),
     DeleteDevice,
     AttachDecap,
     DetachDecap,
     Sysctl { path: String, value: &'static str },
 }
 
-/// The sysctls the set-up writes for `decap`, with their values.
-pub fn sysctls(decap: Decap) -> Vec<(String, &'static str)> {
+/// The kind of tunnel device the set-up makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunnel {
+    /// `ipip external`: IPv4 in IPv4.
+    Ipip,
+    /// `ip6tnl mode ip6ip6 external`: IPv6 in IPv6.
+    Ip6ip6,
+}
+
+/// The tunnel `vips` need; `Err` when they mix families.
+pub fn tunnel_for(vips: &[IpAddr]) -> Result<Tunnel, String> {
+    match (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6)) {
+        (true, true) => Err("--vip: IPv4 and IPv6 VIPs need tunnels of their own kind; set each family up in a \
+                             run of its own (with its own --dev)"
+            .into()),
+        (false, true) => Ok(Tunnel::Ip6ip6),
+        _ => Ok(Tunnel::Ipip),
+    }
+}
+
+/// The prefix length a VIP goes on the device with: the one address.
+pub fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv6() {
+        128
+    } else {
+        32
+    }
+}
+
+/// The sysctls the set-up writes for `decap` and `tunnel`, with their
+/// values (none for IPv6, see the module doc).
+pub fn sysctls(decap: Decap, tunnel: Tunnel) -> Vec<(String, &'static str)> {
+    if tunnel == Tunnel::Ip6ip6 {
+        return Vec::new();
+    }
     vec![
         (format!("net/ipv4/conf/{}/rp_filter", decap.arrival()), "0"),
         ("net/ipv4/conf/all/rp_filter".into(), "0"),
@@ -83,12 +123,13 @@ pub fn sysctls(decap: Decap) -> Vec<(String, &'static str)> {
 }
 
 /// The steps that set `decap` up with `vips`, from `now`.
-pub fn set_up(decap: Decap, vips: &[Ipv4Addr], now: &Observed) -> Vec<Step> {
+pub fn set_up(decap: Decap, vips: &[IpAddr], now: &Observed) -> Vec<Step> {
     let mut steps = Vec::new();
+    let tunnel = tunnel_for(vips).unwrap_or(Tunnel::Ipip);
     match decap {
         Decap::Device(_) => {
             if !now.device {
-                steps.push(Step::AddDevice);
+                steps.push(Step::AddDevice(tunnel));
             }
             steps.push(Step::DeviceUp);
         }
@@ -96,11 +137,11 @@ pub fn set_up(decap: Decap, vips: &[Ipv4Addr], now: &Observed) -> Vec<Step> {
         Decap::Bpf(_) => {}
     }
     for vip in vips {
-        if !now.addresses.contains(&(*vip, 32)) && !steps.contains(&Step::AddAddress(*vip)) {
+        if !now.addresses.contains(&(*vip, host_prefix(*vip))) && !steps.contains(&Step::AddAddress(*vip)) {
             steps.push(Step::AddAddress(*vip));
         }
     }
-    for (path, value) in sysctls(decap) {
+    for (path, value) in sysctls(decap, tunnel) {
         let current = now.sysctls.iter().find(|(p, _)| *p == path).and_then(|(_, v)| v.as_deref());
         if current.map(str::trim) != Some(value) {
             steps.push(Step::Sysctl { path, value });
@@ -112,10 +153,13 @@ pub fn set_up(decap: Decap, vips: &[Ipv4Addr], now: &Observed) -> Vec<Step> {
 /// The steps that take `vips` off, and the device away once nothing else
 /// is on it (`tc_decap` off, for `Decap::Bpf`). The sysctls stay: other
 /// set-ups may rely on them.
-pub fn undo(decap: Decap, vips: &[Ipv4Addr], now: &Observed) -> Vec<Step> {
-    let mut steps: Vec<Step> =
-        vips.iter().filter(|v| now.addresses.contains(&(**v, 32))).map(|v| Step::RemoveAddress(*v)).collect();
-    let others = now.addresses.iter().filter(|(a, len)| !(*len == 32 && vips.contains(a))).count();
+pub fn undo(decap: Decap, vips: &[IpAddr], now: &Observed) -> Vec<Step> {
+    let mut steps: Vec<Step> = vips
+        .iter()
+        .filter(|v| now.addresses.contains(&(**v, host_prefix(**v))))
+        .map(|v| Step::RemoveAddress(*v))
+        .collect();
+    let others = now.addresses.iter().filter(|(a, len)| !(*len == host_prefix(*a) && vips.contains(a))).count();
     match decap {
         Decap::Device(_) if now.device && others == 0 => steps.push(Step::DeleteDevice),
         Decap::Bpf(_) if now.decap_attached => steps.push(Step::DetachDecap),
@@ -128,19 +172,21 @@ pub fn undo(decap: Decap, vips: &[Ipv4Addr], now: &Observed) -> Vec<Step> {
 mod tests {
     use super::*;
 
-    const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
-    const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+    use std::net::Ipv4Addr;
+
+    const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10));
+    const VIP2: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11));
     const DEV: Decap = Decap::Device("lbtun0");
 
     /// The host after `steps`.
     fn after(mut now: Observed, steps: &[Step]) -> Observed {
         for s in steps {
             match s {
-                Step::AddDevice => now.device = true,
+                Step::AddDevice(_) => now.device = true,
                 Step::DeviceUp => {}
                 Step::AttachDecap => now.decap_attached = true,
                 Step::DetachDecap => now.decap_attached = false,
-                Step::AddAddress(a) => now.addresses.push((*a, 32)),
+                Step::AddAddress(a) => now.addresses.push((*a, host_prefix(*a))),
                 Step::RemoveAddress(a) => now.addresses.retain(|(x, _)| x != a),
                 Step::DeleteDevice => now = Observed { sysctls: now.sysctls, ..Observed::default() },
                 Step::Sysctl { path, value } => {
@@ -155,7 +201,10 @@ mod tests {
     #[test]
     fn a_fresh_host_gets_everything_and_a_second_run_nothing_but_up() {
         let first = set_up(DEV, &[VIP, VIP2, VIP], &Observed::default());
-        assert_eq!(first[..4], [Step::AddDevice, Step::DeviceUp, Step::AddAddress(VIP), Step::AddAddress(VIP2)]);
+        assert_eq!(
+            first[..4],
+            [Step::AddDevice(Tunnel::Ipip), Step::DeviceUp, Step::AddAddress(VIP), Step::AddAddress(VIP2)]
+        );
         assert_eq!(first.len(), 4 + 4, "{first:?}");
         let host = after(Observed::default(), &first);
         assert_eq!(set_up(DEV, &[VIP, VIP2], &host), [Step::DeviceUp]);
@@ -164,7 +213,7 @@ mod tests {
     #[test]
     fn only_sysctls_that_differ_are_written() {
         let mut now = Observed { device: true, addresses: vec![(VIP, 32)], ..Observed::default() };
-        now.sysctls = sysctls(DEV).into_iter().map(|(p, v)| (p, Some(format!("{v}\n")))).collect();
+        now.sysctls = sysctls(DEV, Tunnel::Ipip).into_iter().map(|(p, v)| (p, Some(format!("{v}\n")))).collect();
         now.sysctls[1].1 = Some("1\n".into());
         let steps = set_up(DEV, &[VIP], &now);
         assert_eq!(steps, [Step::DeviceUp, Step::Sysctl { path: "net/ipv4/conf/all/rp_filter".into(), value: "0" }]);
@@ -179,6 +228,21 @@ mod tests {
         assert_eq!(undo(DEV, &[VIP], &Observed::default()), [], "nothing there: nothing to do");
         let gone = after(host.clone(), &both);
         assert_eq!(undo(DEV, &[VIP, VIP2], &gone), []);
+    }
+
+    #[test]
+    fn ipv6_vips_get_an_ip6ip6_device_as_128s_and_no_sysctl() {
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        let first = set_up(DEV, &[v6], &Observed::default());
+        assert_eq!(first, [Step::AddDevice(Tunnel::Ip6ip6), Step::DeviceUp, Step::AddAddress(v6)]);
+        let host = after(Observed::default(), &first);
+        assert_eq!(host.addresses, [(v6, 128)]);
+        assert_eq!(set_up(DEV, &[v6], &host), [Step::DeviceUp]);
+        assert_eq!(undo(DEV, &[v6], &host), [Step::RemoveAddress(v6), Step::DeleteDevice]);
+        let bpf = Decap::Bpf("eth0");
+        let lo = Observed { device: true, ..Observed::default() };
+        assert_eq!(set_up(bpf, &[v6], &lo), [Step::AttachDecap, Step::AddAddress(v6)]);
+        assert!(tunnel_for(&[VIP, v6]).unwrap_err().contains("IPv4 and IPv6 VIPs need tunnels of their own kind"));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! host's own could take a port a flow holds, and its answers would be
 //! taken for the flow's replies.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::IpAddr};
 
 use crate::{
     config::{Config, ForwardMode, ServiceConfig},
@@ -24,7 +24,7 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
         let at = format!("service[{i}] {:?}", s.name);
         out.extend(judge_martians(&at, s, facts));
         match s.source {
-            Some(ip) if !facts.local_addrs.contains(&ip) => out.push(Finding {
+            Some(IpAddr::V4(ip)) if !facts.local_addrs.contains(&ip) => out.push(Finding {
                 severity: Severity::Refuse,
                 text: format!(
                     "{at}: source: {ip} is not an address of this host: backends would reply to an address the \

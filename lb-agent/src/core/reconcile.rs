@@ -23,7 +23,7 @@ use std::{
 
 use lb_common::{
     maglev::{build_table, MaglevBackend},
-    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6},
+    v6::{ip6_raw, Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6},
     Backend, BackendAddr, BackendVips, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
     MAX_SERVICES, MAX_VIPS_PER_BACKEND, MODE_DNAT,
 };
@@ -85,6 +85,8 @@ pub struct ServiceState {
     pub mode: u32,
     /// `Service::source_be` as written (`MODE_DSR_IPIP`'s outer source).
     pub source_be: u32,
+    /// An IPv6 service's `SOURCES6` entry as written (all zeros: none).
+    pub source6: Ip6,
 }
 
 impl ServiceState {
@@ -154,6 +156,7 @@ impl Reconciler {
                 flags: svc.flags,
                 mode: svc.mode,
                 source_be: svc.source_be,
+                source6: [0; 4],
             };
             r.services.insert(VipKey::V4(key), state);
         }
@@ -174,7 +177,7 @@ impl Reconciler {
         if svc.mode != ForwardMode::FullNat {
             return None;
         }
-        svc.source.or_else(|| self.route_sources.get(&ipv4(addr)?).copied())
+        svc.source_v4().or_else(|| self.route_sources.get(&ipv4(addr)?).copied())
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&VipKey, &ServiceState)> {
@@ -341,13 +344,15 @@ impl Reconciler {
             flags: 0,
             mode: MODE_DNAT,
             source_be: 0,
+            source6: [0; 4],
         });
         state.name.clone_from(&svc.config.name);
         let flags = crate::core::zero::service_flags(&svc.config);
         let mode = svc.config.mode.number();
-        let source_be = match (svc.config.mode, svc.config.source) {
-            (ForwardMode::DsrIpip, Some(ip)) => u32::from(ip).to_be(),
-            _ => 0,
+        let (source_be, source6) = match (svc.config.mode, svc.config.source) {
+            (ForwardMode::DsrIpip, Some(IpAddr::V4(ip))) => (u32::from(ip).to_be(), [0; 4]),
+            (ForwardMode::DsrIpip, Some(IpAddr::V6(ip))) => (0, ip6_raw(ip)),
+            _ => (0, [0; 4]),
         };
         if created {
             summary.services_added += 1;
@@ -355,6 +360,7 @@ impl Reconciler {
             && state.flags == flags
             && state.mode == mode
             && state.source_be == source_be
+            && state.source6 == source6
         {
             return Ok(());
         }
@@ -380,12 +386,17 @@ impl Reconciler {
         let service = Service { id, table: next, backend_count: live_backends, mode, flags, source_be };
         match key {
             VipKey::V4(k) => dp.set_service(k, &service)?,
-            VipKey::V6(k) => dp.set_service6(k, &service)?,
+            VipKey::V6(k) => {
+                // The source before the service that reads it.
+                dp.set_source6(id, &source6)?;
+                dp.set_service6(k, &service)?
+            }
         }
         state.flags = flags;
         state.table = next;
         state.mode = mode;
         state.source_be = source_be;
+        state.source6 = source6;
         state.backends = backends;
         summary.tables_rebuilt += 1;
         summary.slots_written += changes.len();
@@ -629,6 +640,33 @@ mod tests {
         r.apply(&only_v4, &mut dp).unwrap();
         assert!(dp.services6.is_empty() && dp.backend_vips6.is_empty());
         assert_eq!(dp.services.len(), 1);
+    }
+
+    #[test]
+    fn an_ipv6_dsr_service_gets_its_source_before_the_service_that_reads_it() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let dsr = "interfaces = [\"eth0\"]\nmode = \"dsr-ipip\"\nsource = \"2001:db8::1\"\n\
+                   health_check = { interval = \"1s\" }\n";
+        let mut desired = config6(&["[2001:db8:1::2]:80"]);
+        let text = format!(
+            "[[service]]\nname = \"web6\"\nvip = \"2001:db8::10\"\nport = 80\n{dsr}\
+             [[service.backend]]\naddress = \"[2001:db8:1::2]:80\"\n[interface.eth0]\nhook = \"xdp\"\n"
+        );
+        desired[0] = DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap()).remove(0);
+        r.apply(&desired, &mut dp).unwrap();
+        let key6 = ServiceKey6::new("[2001:db8::10]:80".parse().unwrap(), lb_common::PROTO_TCP);
+        let svc = dp.services6[&key6];
+        assert_eq!(svc.mode, lb_common::MODE_DSR_IPIP);
+        assert_eq!(dp.sources6[&svc.id], ip6_raw("2001:db8::1".parse().unwrap()));
+        let kinds: Vec<&str> = dp.log.iter().map(Write::kind).filter(|k| k.ends_with('6')).collect();
+        assert_eq!(kinds.iter().rev().take(2).collect::<Vec<_>>(), [&"service6", &"source6"]);
+        // The same config again writes nothing; back to nat clears the source.
+        dp.log.clear();
+        r.apply(&desired, &mut dp).unwrap();
+        assert!(dp.log.is_empty(), "{:?}", dp.log);
+        r.apply(&config6(&["[2001:db8:1::2]:80"]), &mut dp).unwrap();
+        assert_eq!(dp.sources6[&svc.id], [0; 4]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! IPv6: destination NAT (mode "nat") of TCP and UDP at the XDP hook.
+//! IPv6: destination NAT (mode "nat") and IP-in-IP direct server return
+//! (mode "dsr-ipip", `dsr`) of TCP and UDP at the XDP hook.
 //!
 //! Programs of their own, `xdp_lb6` and `xdp_lb6_local`, which the IPv4
 //! entry points reach by a tail call (`V6_PROGS`) when the ethertype is
@@ -16,6 +17,7 @@
 //! with no backend is dropped, `DropNoBackend`), ICMPv6 errors about
 //! flows, the tc hook (`tc_lb` passes IPv6 untouched, `PassIpv6`).
 
+mod dsr;
 mod nat;
 mod parse;
 mod route;
@@ -27,8 +29,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    v6::{Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, ServiceKey6, V6_PROGRAMS},
-    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES,
+    v6::{Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, V6_PROGRAMS},
+    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, MODE_DSR_IPIP,
 };
 
 use crate::{
@@ -49,6 +51,9 @@ static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CO
 #[map]
 static BACKEND_VIPS6: HashMap<BackendAddr6, BackendVips6> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
 /// `xdp_lb6` and `xdp_lb6_local`, by `V6_SLOT_*`; the agent fills it at load.
+/// An IPv6 service's source by service id (`dsr-ipip`'s outer source).
+#[map]
+static SOURCES6: Array<Ip6> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(V6_PROGRAMS.len() as u32, 0);
 
@@ -100,6 +105,9 @@ fn try_lb6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES6.get(&key) } {
         let svc = *svc;
+        if svc.mode == MODE_DSR_IPIP {
+            return dsr::forward(hook, &pkt, &svc);
+        }
         let partial_l4 = nat::forward(hook, &mut pkt, &svc)?;
         return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
     }

@@ -22,6 +22,16 @@ use crate::{
 /// partial one.
 #[inline(always)]
 pub fn forward(hook: &Xdp, pkt: &mut Parsed6, svc: &Service) -> Result<bool, Verdict> {
+    let (nat_ip, nat_port_be) = flow_of(hook, pkt, svc)?;
+    // SAFETY: parse_packet6's pointers, bounds-checked, nothing moved them.
+    Ok(unsafe { rewrite(hook, pkt, End::Dst, &nat_ip, nat_port_be) })
+}
+
+/// The backend (address, port) of a client packet's flow for `svc`: the
+/// one the table holds, or a new Maglev pick; the packet is counted. Every
+/// IPv6 forwarding mode starts here.
+#[inline(always)]
+pub fn flow_of(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(Ip6, u16), Verdict> {
     check_udp(pkt)?;
     let key = FlowKey6::new(pkt.src, pkt.src_port_be, pkt.dst, pkt.dst_port_be, pkt.proto);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -59,8 +69,7 @@ pub fn forward(hook: &Xdp, pkt: &mut Parsed6, svc: &Service) -> Result<bool, Ver
         }
     };
     count_flow(ids.0, ids.1, &delta);
-    // SAFETY: parse_packet6's pointers, bounds-checked, nothing moved them.
-    Ok(unsafe { rewrite(hook, pkt, End::Dst, &nat_ip, nat_port_be) })
+    Ok((nat_ip, nat_port_be))
 }
 
 /// A new flow: the Maglev pick (shared with IPv4: the table holds backend

@@ -11,10 +11,13 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup,
     EbpfContext,
 };
-use lb_common::{Conn, Path};
+use lb_common::{v6::Ip6, Conn, Path, Reason};
 
 use super::parse::Parsed6;
-use crate::{hook::Xdp, route::count_path, EGRESS};
+use crate::{
+    hook::{Hook, Xdp},
+    route::count_path,
+};
 
 const AF_INET6: u8 = 10;
 const IPV6_HLEN: u16 = 40;
@@ -31,10 +34,10 @@ pub fn send_on(hook: &Xdp, pkt: &Parsed6, flow: Option<&Conn>, partial_l4: bool)
     } else {
         let (rc, fib) = fib_lookup(hook, pkt);
         match rc {
-            BPF_FIB_LKUP_RET_SUCCESS => send(pkt, fib.ifindex, fib.dmac, fib.smac, false),
+            BPF_FIB_LKUP_RET_SUCCESS => send(hook, pkt, fib.ifindex, fib.dmac, fib.smac, false),
             BPF_FIB_LKUP_RET_NO_NEIGH => match flow {
                 Some(c) if c.client_ifindex != 0 && c.client_ifindex == fib.ifindex => {
-                    send(pkt, fib.ifindex, c.client_mac, c.local_mac, true)
+                    send(hook, pkt, fib.ifindex, c.client_mac, c.local_mac, true)
                 }
                 _ => (xdp_action::XDP_PASS, Path::PassFibNoNeigh),
             },
@@ -49,17 +52,11 @@ pub fn send_on(hook: &Xdp, pkt: &Parsed6, flow: Option<&Conn>, partial_l4: bool)
 /// XDP_TX back out of the ingress interface or XDP_REDIRECT to another one
 /// the agent put in `EGRESS`; any other passes up before a byte changes.
 #[inline(always)]
-fn send(pkt: &Parsed6, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], from_flow: bool) -> (u32, Path) {
-    let (action, path) = if EGRESS.get_ifindex(ifindex).is_none() {
-        return (xdp_action::XDP_PASS, Path::PassEgressNotReady);
-    } else if ifindex == pkt.ingress_ifindex {
-        (xdp_action::XDP_TX, Path::TxBack)
-    } else {
-        match EGRESS.redirect(ifindex, xdp_action::XDP_PASS as u64) {
-            Ok(action) => (action, Path::Redirected),
-            Err(_) => return (xdp_action::XDP_PASS, Path::PassEgressNotReady),
-        }
-    };
+fn send(hook: &Xdp, pkt: &Parsed6, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], from_flow: bool) -> (u32, Path) {
+    let (action, path) = hook.transmit(pkt.ingress_ifindex, ifindex);
+    if !path.is_fast() {
+        return (action, path);
+    }
     // SAFETY: bounds-checked by parse_packet6; XDP moves no packet data.
     unsafe {
         (*pkt.eth).dst = dst_mac;
@@ -69,21 +66,58 @@ fn send(pkt: &Parsed6, ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], from_fl
     (action, if from_flow { Path::RepliedFlowMacs } else { path })
 }
 
+/// The next hop (egress interface, destination and source MAC) of `pkt`
+/// once wrapped in an outer IPv6 header (`proto`, `tot_len` bytes in all)
+/// from `src` to `dst` (see `v6::dsr`), with the egress MTU checked
+/// against the grown length; `Err` with the reason it cannot be sent.
+#[inline(always)]
+pub fn tunnel_hop(
+    hook: &Xdp,
+    pkt: &Parsed6,
+    proto: u8,
+    tot_len: u16,
+    src: &Ip6,
+    dst: &Ip6,
+) -> Result<(u32, [u8; 6], [u8; 6]), Reason> {
+    let (rc, fib) = fib_lookup_of(hook, pkt, proto, tot_len, (0, 0), (src, dst));
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok((fib.ifindex, fib.dmac, fib.smac)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropDsrTooBig),
+        _ => Err(Reason::DropDsrNoRoute),
+    }
+}
+
 /// bpf_fib_lookup of `pkt`'s addresses and ports, as rewritten.
 #[inline(always)]
 fn fib_lookup(hook: &Xdp, pkt: &Parsed6) -> (u32, FibParams) {
+    // The whole packet, for the kernel's MTU check.
+    let tot_len = pkt.payload_len.saturating_add(IPV6_HLEN);
+    let ports = (pkt.src_port_be, pkt.dst_port_be);
+    fib_lookup_of(hook, pkt, pkt.proto, tot_len, ports, (&pkt.src, &pkt.dst))
+}
+
+/// bpf_fib_lookup as if `pkt` (its ingress and flow info) were a `proto`
+/// packet of `tot_len` bytes between `addrs` (source, destination) and
+/// `ports`: the kernel's return code and the parameters it filled in.
+#[inline(always)]
+fn fib_lookup_of(
+    hook: &Xdp,
+    pkt: &Parsed6,
+    proto: u8,
+    tot_len: u16,
+    ports: (u16, u16),
+    addrs: (&Ip6, &Ip6),
+) -> (u32, FibParams) {
     // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET6;
-    fib.l4_protocol = pkt.proto;
+    fib.l4_protocol = proto;
     fib.ifindex = pkt.ingress_ifindex;
-    // The whole packet, for the kernel's MTU check.
-    fib.__bindgen_anon_1.tot_len = pkt.payload_len.saturating_add(IPV6_HLEN);
+    fib.__bindgen_anon_1.tot_len = tot_len;
     fib.__bindgen_anon_2.flowinfo = pkt.flowinfo_be;
-    fib.sport = pkt.src_port_be;
-    fib.dport = pkt.dst_port_be;
-    fib.__bindgen_anon_3.ipv6_src = pkt.src;
-    fib.__bindgen_anon_4.ipv6_dst = pkt.dst;
+    (fib.sport, fib.dport) = ports;
+    fib.__bindgen_anon_3.ipv6_src = *addrs.0;
+    fib.__bindgen_anon_4.ipv6_dst = *addrs.1;
     // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed; flags 0:
     // a full lookup as if received on the ingress interface.
     let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;

@@ -36,7 +36,7 @@ use std::{
 use aya::{maps::PerCpuValues, util::nr_cpus, Ebpf};
 use lb_common::{
     maglev_index,
-    v6::{Backend6, BackendAddr6, BackendVips6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, SERVICES6},
+    v6::{Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, SERVICES6, SOURCES6},
     Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS,
     CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
 };
@@ -147,6 +147,10 @@ impl MapWriter for AyaDataplane {
 
     fn remove_service6(&mut self, key: &ServiceKey6) -> Result<(), DataplaneError> {
         self.maps.services6.remove(key).map_err(map_err(SERVICES6, "delete"))
+    }
+
+    fn set_source6(&mut self, service_id: u32, source: &Ip6) -> Result<(), DataplaneError> {
+        self.maps.sources6.set(service_id, source, 0).map_err(map_err(SOURCES6, "write"))
     }
 
     fn set_backend_vips6(&mut self, addr: &BackendAddr6, vips: Option<&BackendVips6>) -> Result<(), DataplaneError> {

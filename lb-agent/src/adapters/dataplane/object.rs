@@ -12,8 +12,8 @@ use aya::{
 };
 use lb_common::{
     v6::{
-        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, CONNTRACK6,
-        SERVICES6, V6_PROGRAMS, V6_PROGS,
+        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, CONNTRACK6,
+        SERVICES6, SOURCES6, V6_PROGRAMS, V6_PROGS,
     },
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
@@ -61,6 +61,8 @@ pub struct Maps {
     pub backends6: Array<MapData, Backend6>,
     pub conntrack6: HashMap<MapData, FlowKey6, Conn6>,
     pub backend_vips6: HashMap<MapData, BackendAddr6, BackendVips6>,
+    /// An IPv6 service's source by service id (`dsr-ipip`).
+    pub sources6: Array<MapData, Ip6>,
     /// The IPv6 programs the IPv4 entry points tail-call. Pinned like the
     /// rest, so the programs a previous agent left keep their IPv6 path
     /// until the new ones take over; every load puts its own programs in.
@@ -70,7 +72,7 @@ pub struct Maps {
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 22] = [
+    pub const NAMES: [&str; 23] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -93,6 +95,7 @@ impl Maps {
         CONNTRACK6,
         BACKEND_VIPS6,
         V6_PROGS,
+        SOURCES6,
     ];
 
     /// The maps sized by `[dataplane] max_flows` at load.
@@ -123,6 +126,7 @@ impl Maps {
             conntrack6: take_map(ebpf, CONNTRACK6)?,
             backend_vips6: take_map(ebpf, BACKEND_VIPS6)?,
             v6_progs: take_map(ebpf, V6_PROGS)?,
+            sources6: take_map(ebpf, SOURCES6)?,
         })
     }
 
