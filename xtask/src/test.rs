@@ -144,7 +144,16 @@ fn run_root_and_vm_stages(opts: &Options, filter: &[&str], stages: &mut Vec<Stag
         Some(Ok(vm)) => vm.finish(),
         Some(Err(e)) => skip_stage("vm", &format!("FAILED: {e:#}"), false),
     };
-    stages.push(first?);
+    // The VM's outcome reaches the summary even when the root tests could
+    // not start.
+    let first = match first {
+        Ok(first) => first,
+        Err(e) => {
+            stages.push(vm);
+            return Err(e);
+        }
+    };
+    stages.push(first);
     stages.push(vm);
     let mut last = root_tests();
     for file in &alone {

@@ -44,7 +44,13 @@ fn observe(decap: Decap, tunnel: Tunnel) -> anyhow::Result<Observed> {
     let device = Command::new("ip").args(["link", "show", "dev", dev]).output().context("run ip")?.status.success();
     let mut addresses = Vec::new();
     if device {
-        for line in ip(&["-o", "addr", "show", "dev", dev])?.lines() {
+        if let Decap::Device(_) = decap {
+            tunnel.check_device(dev, &ip(&["-d", "-o", "link", "show", "dev", dev])?).map_err(anyhow::Error::msg)?;
+        }
+        // Global scope only: the link-local address the kernel gives an
+        // ip6tnl device is not one of ours, and must not keep `--undo`
+        // from deleting the device.
+        for line in ip(&["-o", "addr", "show", "scope", "global", "dev", dev])?.lines() {
             let Some(cidr) = line.split_whitespace().skip_while(|w| !matches!(*w, "inet" | "inet6")).nth(1) else {
                 continue;
             };

@@ -83,6 +83,9 @@ const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 /// How long a new task may take to be running with an address.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
+/// Held by `start` from picking a host-mode port to creating the service
+/// that publishes it (see there).
+static HOST_PORT_PICK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How long a list waits for Swarm to replace a task that died.
 const REPLACE_WAIT: Duration = Duration::from_secs(3);
 
@@ -566,12 +569,17 @@ impl Orchestrator for SwarmOrchestrator {
             self.prefix(),
             lowest_free_ordinal(self.prefix(), services.iter().map(|(_, n)| n.as_str()))
         );
+        // Every service of this agent picks from the swarm's published
+        // ports: one pick at a time, until the service that publishes it
+        // exists, so two services never take the same port.
+        let picking = HOST_PORT_PICK.lock().await;
         let host_port = self.free_host_port().await?;
         let created = self
             .docker
             .create_service(self.service_spec(&name, host_port), None)
             .await
             .map_err(docker_err(format!("create swarm service of {name}")))?;
+        drop(picking);
         let Some(service) = created.id else {
             return Err(OrchestratorError::Docker(format!("create swarm service of {name}: no id in the answer")));
         };

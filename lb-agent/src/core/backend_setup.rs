@@ -88,6 +88,36 @@ pub enum Tunnel {
     Ip6ip6,
 }
 
+impl Tunnel {
+    /// The link kind `ip -d link show` names for this tunnel's device.
+    fn kind(self) -> &'static str {
+        match self {
+            Tunnel::Ipip => "ipip",
+            Tunnel::Ip6ip6 => "ip6tnl",
+        }
+    }
+
+    /// `Err` when `dev`, an existing device whose `ip -d -o link show`
+    /// line is `detail`, is a tunnel of another kind: its VIPs would never
+    /// see a packet of this family decapsulated.
+    pub fn check_device(self, dev: &str, detail: &str) -> Result<(), String> {
+        let words: Vec<&str> = detail.split_whitespace().collect();
+        let other = [Tunnel::Ipip, Tunnel::Ip6ip6].into_iter().find(|t| *t != self && words.contains(&t.kind()));
+        match other {
+            Some(t) => Err(format!(
+                "--dev {dev}: {dev} is an {} device, which does not decapsulate the {} these VIPs need; name another \
+                 --dev for them (one device per family)",
+                t.kind(),
+                match self {
+                    Tunnel::Ipip => "IPv4-in-IPv4",
+                    Tunnel::Ip6ip6 => "IPv6-in-IPv6",
+                }
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The tunnel `vips` need; `Err` when they mix families.
 pub fn tunnel_for(vips: &[IpAddr]) -> Result<Tunnel, String> {
     match (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6)) {
@@ -171,6 +201,20 @@ pub fn undo(decap: Decap, vips: &[IpAddr], now: &Observed) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_device_of_the_other_family_is_refused() {
+        let ipip = "7: lbtun0@NONE: <NOARP,UP,LOWER_UP> mtu 1480 qdisc noqueue state UNKNOWN mode DEFAULT \
+                    link/ipip 0.0.0.0 brd 0.0.0.0 promiscuity 0 ipip external any remote any local any ttl inherit";
+        let ip6 = "8: lbtun6@NONE: <NOARP,UP,LOWER_UP> mtu 1452 link/tunnel6 :: brd :: ip6tnl ip6ip6 external";
+        let err = Tunnel::Ip6ip6.check_device("lbtun0", ipip).unwrap_err();
+        assert!(err.starts_with("--dev lbtun0: lbtun0 is an ipip device"), "{err}");
+        assert!(Tunnel::Ipip.check_device("lbtun6", ip6).unwrap_err().contains("is an ip6tnl device"));
+        assert_eq!(Tunnel::Ipip.check_device("lbtun0", ipip), Ok(()));
+        assert_eq!(Tunnel::Ip6ip6.check_device("lbtun6", ip6), Ok(()));
+        // Not a tunnel of either kind: the set-up's own steps say what goes wrong.
+        assert_eq!(Tunnel::Ip6ip6.check_device("lo", "1: lo: <LOOPBACK,UP> link/loopback 00:00:00:00:00:00"), Ok(()));
+    }
 
     use std::net::Ipv4Addr;
 

@@ -12,30 +12,32 @@
 
 use lb_common::{
     dsr6::{outer_header6, OUTER6_LEN, PROTO_IPV6},
-    v6::pseudo_header_sum6,
     Reason, Service,
 };
 
-use super::{nat, parse::Parsed6, route, SOURCES6};
+use super::{
+    nat,
+    parse::Parsed6,
+    route::{self, IPV6_HLEN},
+    ETH_P_IPV6_BE, SOURCES6,
+};
 use crate::{
     hook::{Hook, Xdp},
-    nat::L4Checksums,
     parse::{ptr_at, EthHdr, ETH_HLEN},
     route::count_path,
     Verdict,
 };
 
-const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-const IPV6_HLEN: u16 = 40;
-
 /// Encapsulate `pkt` (a client packet for `svc`) to its flow's backend and
 /// send it; `Ok` with the action, `Err` for the drops above.
 #[inline(always)]
 pub fn forward(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(u32, Reason), Verdict> {
-    // SAFETY: bounds-checked by parse_packet6.
-    let l4 = unsafe { *pkt.l4_check };
-    if hook.l4 == L4Checksums::MaybePartial && l4 == pseudo_header_sum6(&pkt.src, &pkt.dst, pkt.proto, pkt.payload_len) {
+    if nat::is_partial6(hook, pkt) {
         return Err(Verdict::drop(Reason::DropDsrUnsupported));
+    }
+    // Too big to grow by 80 bytes within a 16-bit length: too big for any MTU.
+    if pkt.payload_len > u16::MAX - IPV6_HLEN - OUTER6_LEN as u16 {
+        return Err(Verdict::drop(Reason::DropDsrTooBig));
     }
     let Some(src) = SOURCES6.get(svc.id) else { return Err(Verdict::drop(Reason::DropDsrNoRoute)) };
     let src = *src;
@@ -43,7 +45,7 @@ pub fn forward(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(u32, Reason)
         return Err(Verdict::drop(Reason::DropDsrNoRoute));
     }
     let (backend, _) = nat::flow_of(hook, pkt, svc)?;
-    let grown = pkt.payload_len.wrapping_add(IPV6_HLEN + OUTER6_LEN as u16);
+    let grown = pkt.payload_len + IPV6_HLEN + OUTER6_LEN as u16;
     let (ifindex, dst_mac, src_mac) =
         route::tunnel_hop(hook, pkt, PROTO_IPV6, grown, &src, &backend).map_err(Verdict::drop)?;
     // SAFETY: bounds-checked by parse_packet6, read before the head moves.

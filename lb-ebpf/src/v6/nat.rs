@@ -151,6 +151,15 @@ enum End {
     Dst = 1,
 }
 
+/// Whether `pkt`'s L4 checksum is a partial one (only `xdp_lb6_local` sees
+/// those: the pseudo-header sum alone, the rest left to the device).
+#[inline(always)]
+pub fn is_partial6(hook: &Xdp, pkt: &Parsed6) -> bool {
+    // SAFETY: bounds-checked by parse_packet6.
+    hook.l4 == L4Checksums::MaybePartial
+        && unsafe { *pkt.l4_check } == pseudo_header_sum6(&pkt.src, &pkt.dst, pkt.proto, pkt.payload_len)
+}
+
 /// Write the new address and port of `end` and update the L4 checksum (no
 /// IP header checksum in IPv6). Where partial checksums can arrive, a field
 /// holding only the pseudo-header sum gets the new one (ports left to the
@@ -172,8 +181,7 @@ unsafe fn rewrite(hook: &Xdp, pkt: &mut Parsed6, end: End, ip: &Ip6, port_be: u1
         field.write_unaligned(*ip);
         (*pkt.l4_ports)[end as usize] = port_be;
         let l4 = *pkt.l4_check;
-        let partial = hook.l4 == L4Checksums::MaybePartial
-            && l4 == pseudo_header_sum6(&pkt.src, &pkt.dst, pkt.proto, pkt.payload_len);
+        let partial = is_partial6(hook, pkt);
         *pkt.l4_check = if partial {
             replace16_partial(l4, &old_ip, ip)
         } else {

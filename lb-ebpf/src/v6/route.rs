@@ -20,7 +20,8 @@ use crate::{
 };
 
 const AF_INET6: u8 = 10;
-const IPV6_HLEN: u16 = 40;
+/// An IPv6 header's length (no extension headers).
+pub const IPV6_HLEN: u16 = 40;
 
 /// Send the translated `pkt` on; `flow` is the flow's entry when `pkt` is
 /// a reply (its client's MACs stand in for a missing neighbour entry, as
