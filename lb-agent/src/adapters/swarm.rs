@@ -74,7 +74,9 @@ use super::docker::{
 use super::process::{ip, BRIDGE_ALIAS};
 use crate::{
     config::instances::{DockerSpec, SwarmPublish, SwarmSpec},
-    core::swarm_publish::{host_port_config, node_addresses, pick_host_port, published_ports, task_backend},
+    core::swarm_publish::{
+        host_port_config, node_addresses, pick_host_port, published_ports, task_backend, yields_port,
+    },
     ports::{Orchestrator, OrchestratorError, Replica},
 };
 
@@ -83,9 +85,12 @@ const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 /// How long a new task may take to be running with an address.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
-/// Held by `start` from picking a host-mode port to creating the service
-/// that publishes it (see there).
+/// Held from picking a host-mode port to creating the service that
+/// publishes it (`create_instance_service`).
 static HOST_PORT_PICK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Picks of a host port before giving up, when other agents keep taking
+/// the one picked (`swarm_publish::yields_port`).
+const PORT_RACE_TRIES: usize = 5;
 /// How long a list waits for Swarm to replace a task that died.
 const REPLACE_WAIT: Duration = Duration::from_secs(3);
 
@@ -400,7 +405,13 @@ impl SwarmOrchestrator {
         names: &HashMap<String, String>,
     ) -> Result<Vec<Replica>, OrchestratorError> {
         let mut out = Vec::new();
-        let nodes = self.nodes().await?;
+        // The nodes are listed only when a running task's address is not
+        // known yet: its node's address is part of it.
+        let unknown = |t: &Task| {
+            state_of(t) == Some(&TaskState::RUNNING)
+                && t.id.as_ref().is_some_and(|id| !self.addrs.lock().is_ok_and(|a| a.contains_key(id)))
+        };
+        let nodes = if tasks.iter().any(unknown) { self.nodes().await? } else { HashMap::new() };
         for t in tasks {
             let (Some(id), Some(name)) = (t.id.clone(), t.service_id.as_ref().and_then(|s| names.get(s))) else {
                 continue;
@@ -488,6 +499,42 @@ impl SwarmOrchestrator {
         }
     }
 
+    /// Create instance `name`'s service (on a host port of its own with
+    /// `publish = "host"`); its id.
+    async fn create_instance_service(&self, name: &str) -> Result<String, OrchestratorError> {
+        // Every service of this agent picks from the swarm's published
+        // ports: one pick at a time, until the service that publishes it
+        // exists, so two services never take the same port.
+        let _picking = HOST_PORT_PICK.lock().await;
+        for _ in 0..PORT_RACE_TRIES {
+            let host_port = self.free_host_port().await?;
+            let created = self
+                .docker
+                .create_service(self.service_spec(name, host_port), None)
+                .await
+                .map_err(docker_err(format!("create swarm service of {name}")))?;
+            let Some(service) = created.id else {
+                return Err(OrchestratorError::Docker(format!("create swarm service of {name}: no id in the answer")));
+            };
+            let Some(port) = host_port else { return Ok(service) };
+            // Another agent of the swarm may have picked the same port.
+            let all = self
+                .docker
+                .list_services(None::<ListServicesOptions>)
+                .await
+                .map_err(docker_err("list swarm services"))?;
+            if !yields_port(&service, port, &all) {
+                return Ok(service);
+            }
+            warn!(instance = name, port, "another service took this host port at the same time; picking another");
+            self.remove_service(&service, name).await?;
+        }
+        Err(OrchestratorError::Docker(format!(
+            "create swarm service of {name}: another service of the swarm took each host port picked \
+             ({PORT_RACE_TRIES} tries); is another agent starting instances in the same range?"
+        )))
+    }
+
     /// Wait for the one task of `service` to run with an address.
     async fn wait_running(&self, service: &str, name: &str) -> Result<Replica, OrchestratorError> {
         let deadline = Instant::now() + START_TIMEOUT;
@@ -572,17 +619,7 @@ impl Orchestrator for SwarmOrchestrator {
         // Every service of this agent picks from the swarm's published
         // ports: one pick at a time, until the service that publishes it
         // exists, so two services never take the same port.
-        let picking = HOST_PORT_PICK.lock().await;
-        let host_port = self.free_host_port().await?;
-        let created = self
-            .docker
-            .create_service(self.service_spec(&name, host_port), None)
-            .await
-            .map_err(docker_err(format!("create swarm service of {name}")))?;
-        drop(picking);
-        let Some(service) = created.id else {
-            return Err(OrchestratorError::Docker(format!("create swarm service of {name}: no id in the answer")));
-        };
+        let service = self.create_instance_service(&name).await?;
         match self.wait_running(&service, &name).await {
             Ok(r) => {
                 info!(service = self.service, instance = name, addr = %r.addr, task = r.id, "swarm task running");

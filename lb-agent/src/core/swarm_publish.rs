@@ -9,6 +9,13 @@
 //! IPVS). So each instance needs a port of its own wherever two instances
 //! may share a node, and the agent picks it from the configured range,
 //! skipping every port any service of the swarm publishes.
+//!
+//! Two agents of one swarm can pick the same port at the same moment (the
+//! engine accepts a second service publishing a host port another one
+//! does). So a new service looks again once it exists: the later of two
+//! services on one port gives it up (`yields_port`), and its agent picks
+//! again. Each of two racing agents sees the other's service by then, or
+//! the other sees its own, so exactly one of them yields.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -28,6 +35,31 @@ pub fn published_ports(services: &[Service]) -> BTreeSet<u16> {
     let specified = services.iter().filter_map(|s| s.spec.as_ref()?.endpoint_spec.as_ref()?.ports.as_ref());
     let assigned = services.iter().filter_map(|s| s.endpoint.as_ref()?.ports.as_ref());
     specified.chain(assigned).flatten().filter_map(|p| port_number(p.published_port)).collect()
+}
+
+/// Whether the service `ours` (just created, publishing `port`) must give
+/// the port up: another service of `services` publishes it too and was
+/// created first (by the manager's clock; the larger id yields on a tie).
+/// The one created first keeps it, whatever its agent has seen.
+pub fn yields_port(ours: &str, port: u16, services: &[Service]) -> bool {
+    let created = |s: &Service| (s.created_at.as_deref().map(created_key), s.id.clone().unwrap_or_default());
+    let Some(me) = services.iter().find(|s| s.id.as_deref() == Some(ours)) else { return false };
+    let mine = created(me);
+    services
+        .iter()
+        .filter(|s| s.id.as_deref() != Some(ours))
+        .filter(|s| published_ports(std::slice::from_ref(*s)).contains(&port))
+        .any(|s| created(s) < mine)
+}
+
+/// An engine timestamp (RFC 3339, its fraction of a second cut at the last
+/// non-zero digit) as a key that sorts in time order: the whole seconds and
+/// the fraction padded to nanoseconds.
+fn created_key(t: &str) -> (String, String) {
+    let t = t.trim_end_matches('Z');
+    let (secs, frac) = t.split_once('.').unwrap_or((t, ""));
+    let frac: String = frac.chars().take_while(char::is_ascii_digit).collect();
+    (secs.to_owned(), format!("{frac:0<9}"))
 }
 
 /// The host port that `ports` publish `target` on (host mode only).
@@ -115,6 +147,25 @@ mod tests {
         // The specs hold the ports before the swarm has assigned them.
         let ours = [service(&[(8080, 29000)], &[]), service(&[(8080, 29002)], &[(8080, 29002)])];
         assert_eq!(pick_host_port(29000, 29999, &published_ports(&ours)), Some(29001));
+    }
+
+    fn created(id: &str, at: &str, port: u16) -> Service {
+        Service { id: Some(id.into()), created_at: Some(at.into()), ..service(&[(8080, port)], &[]) }
+    }
+
+    #[test]
+    fn of_two_services_on_one_port_the_later_yields() {
+        let first = created("b", "2026-12-07T04:50:01.5Z", 29000);
+        let second = created("a", "2026-12-07T04:50:01.123456789Z", 29000);
+        // .5 s is later than .123456789 s: fractions compare as nanoseconds.
+        let all = [first.clone(), second.clone(), created("c", "2026-12-07T04:40:00Z", 29001)];
+        assert!(yields_port("b", 29000, &all), "b came after a");
+        assert!(!yields_port("a", 29000, &all), "a came first and keeps the port");
+        assert!(!yields_port("c", 29001, &all), "no one else publishes 29001");
+        assert!(!yields_port("a", 29000, &[second.clone()]), "alone on the port");
+        assert!(!yields_port("gone", 29000, &all), "a service not listed yields nothing");
+        let tie = [created("x", "2026-12-07T04:50:01Z", 29000), created("y", "2026-12-07T04:50:01.000Z", 29000)];
+        assert!(yields_port("y", 29000, &tie) && !yields_port("x", 29000, &tie), "on a tie the larger id yields");
     }
 
     fn node(id: &str, addr: &str, manager: Option<&str>) -> Node {
