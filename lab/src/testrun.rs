@@ -279,6 +279,7 @@ impl LbObject {
         let keys: Vec<u32> = m.path_stats.keys().collect::<Result<_, _>>().context("walk PATH_STATS")?;
         remove_each(&keys, |k| m.path_stats.remove(k), "PATH_STATS")?;
         empty_hash(&mut m.sock_revnat, "SOCK_REVNAT")?;
+        empty_hash(&mut m.sock_revnat6, "SOCK_REVNAT6")?;
         self.clear_flows()?;
         self.clear_snat_claims()?;
         let m = &mut self.maps;

@@ -29,7 +29,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -76,13 +76,27 @@ pub const PROG_TC_DECAP: &str = "tc_decap";
 pub const LB_PROGRAMS: [&str; 3] = [PROG_LB, PROG_LB_LOCAL, PROG_TC];
 /// Socket load balancing (cgroup socket-address programs, attached to a
 /// cgroup v2 directory): `connect4` and `sendmsg4` rewrite a service
-/// address to a backend, `recvmsg4` and `getpeername4` show the VIP again.
+/// address to a backend, `recvmsg4` and `getpeername4` show the VIP again;
+/// the `*6` programs do the same for IPv6 sockets (IPv6 services, and IPv4
+/// ones through IPv4-mapped addresses).
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
-pub const SOCK_PROGRAMS: [&str; 4] =
-    [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4, PROG_SOCK_GETPEERNAME4];
+pub const PROG_SOCK_CONNECT6: &str = "sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "sock_getpeername6";
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_GETPEERNAME4,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG6,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_GETPEERNAME6,
+];
 /// An empty XDP_PASS program: the baseline the benchmark measures against.
 pub const PROG_PASS: &str = "xdp_pass";
 /// Benchmark wrapper: restores the frame from `BENCH_FRAME`, then tail-calls

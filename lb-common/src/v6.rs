@@ -26,6 +26,9 @@ pub const BACKEND_VIPS6: &str = "BACKEND_VIPS6";
 /// The IPv6 programs, for the IPv4 entry points' tail call
 /// (`V6_SLOT_COMPLETE`, `V6_SLOT_LOCAL`).
 pub const V6_PROGS: &str = "V6_PROGS";
+/// Socket load balancing's IPv6 twin of `SOCK_REVNAT`: (socket, backend)
+/// -> the service asked for ([`SockRevKey6`] -> [`ServiceKey6`]).
+pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
 /// An IPv6 service's source address, by service id (an [`Ip6`]; all
 /// zeros for none): `dsr-ipip`'s outer source (`crate::dsr6`).
 pub const SOURCES6: &str = "SOURCES6";
@@ -59,6 +62,35 @@ impl ServiceKey6 {
     pub const fn addr(&self) -> SocketAddrV6 {
         SocketAddrV6::new(ip6_addr(self.vip), u16::from_be(self.port_be), 0, 0)
     }
+}
+
+/// Key of `SOCK_REVNAT6`: a socket (its cookie) and the IPv6 backend its
+/// `connect`/`sendmsg` was sent to, as `crate::SockRevKey` for IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub backend: Ip6,
+    pub backend_port_be: u16,
+    pub _pad: [u16; 3],
+}
+
+/// The last word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as
+/// [`Ip6`] holds it: the IPv4 address in packet order, or `None` for any
+/// other address. A dual-stack socket reaches an IPv4 service so.
+#[inline(always)]
+pub const fn ipv4_mapped(ip: &Ip6) -> Option<u32> {
+    if ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be() {
+        Some(ip[3])
+    } else {
+        None
+    }
+}
+
+/// The IPv4-mapped IPv6 address of `ip_be` (see [`ipv4_mapped`]).
+#[inline(always)]
+pub const fn mapped_ipv4(ip_be: u32) -> Ip6 {
+    [0, 0, 0xffffu32.to_be(), ip_be]
 }
 
 /// Value of the `BACKENDS6` array, by backend id: the address of a backend
@@ -224,6 +256,7 @@ mod pod {
     unsafe impl aya::Pod for Conn6 {}
     unsafe impl aya::Pod for BackendAddr6 {}
     unsafe impl aya::Pod for BackendVips6 {}
+    unsafe impl aya::Pod for SockRevKey6 {}
 }
 
 #[cfg(test)]
@@ -260,6 +293,16 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_mapped_addresses_round_trip() {
+        let ip4 = u32::from(core::net::Ipv4Addr::new(10, 0, 0, 1)).to_be();
+        let mapped = ip6_raw("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(mapped, mapped_ipv4(ip4));
+        assert_eq!(ipv4_mapped(&mapped), Some(ip4));
+        assert_eq!(ipv4_mapped(&ip6_raw("fd00::ffff:a00:1".parse().unwrap())), None);
+        assert_eq!(ipv4_mapped(&ip6_raw("::10.0.0.1".parse().unwrap())), None, "IPv4-compatible is not mapped");
+    }
+
+    #[test]
     fn layouts() {
         assert_eq!((offset_of!(ServiceKey6, port_be), offset_of!(ServiceKey6, proto)), (16, 18));
         assert_eq!((offset_of!(Backend6, port_be), offset_of!(Backend6, _pad)), (16, 18));
@@ -268,6 +311,8 @@ mod tests {
         assert_eq!(offset_of!(FlowKey6, dst_port_be), 34);
         assert_eq!(offset_of!(FlowKey6, proto), 36);
         assert_eq!((offset_of!(Conn6, conn), offset_of!(Conn6, nat_ip)), (0, 48));
+        assert_eq!((offset_of!(SockRevKey6, backend), offset_of!(SockRevKey6, backend_port_be)), (8, 24));
+        assert_eq!((size_of::<SockRevKey6>(), align_of::<SockRevKey6>()), (32, 8));
         assert_eq!((offset_of!(BackendAddr6, port_be), offset_of!(BackendAddr6, proto)), (16, 18));
     }
 

@@ -1,7 +1,8 @@
 //! Clients on the load balancer host itself: their packets never cross an
 //! XDP ingress hook, so the agent's socket programs (cgroup `connect4`,
-//! `sendmsg4`, `recvmsg4`, `getpeername4`) give their sockets a backend at
-//! connect/sendmsg time, from the same services and Maglev tables.
+//! `sendmsg4`, `recvmsg4`, `getpeername4`, and their IPv6 twins) give their
+//! sockets a backend at connect/sendmsg time, from the same services and
+//! Maglev tables.
 //!
 //! ```text
 //!  client ns ==== [lb-c] LB ns, "the host": lb-agent + a client process
@@ -25,7 +26,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -36,6 +37,7 @@ use lb_lab::{
     cgroup::{socket_lb_toml, TestCgroup},
     docker::{build_demo_image, docker, wait_http_ok, Dockerd, NamedContainer, NetworkGuard, DEMO_IMAGE},
     http::get_ok as http_get_ok,
+    net6::{Net6, BACKENDS as NET6_BACKENDS, VIP as NET6_VIP},
     netns::NetNs,
     require_root, require_root_and_docker,
     scratch::Scratch,
@@ -60,7 +62,7 @@ fn socket_lb_client_process() {
     let Ok(job) = std::env::var(CLIENT_ENV) else { return };
     let words: Vec<&str> = job.split_whitespace().collect();
     let [mode, addr, count] = words[..] else { panic!("{CLIENT_ENV}={job:?}: want <mode> <address> <count>") };
-    let addr: SocketAddrV4 = addr.parse().expect("address");
+    let addr: SocketAddr = addr.parse().expect("address");
     let own_cgroup = || {
         let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
         text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)).unwrap_or_default()
@@ -89,8 +91,8 @@ fn socket_lb_client_process() {
 }
 
 /// Connect, read the greeting (the backend's name); the socket's peer.
-fn tcp_ask(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+fn tcp_ask(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     let peer = stream.peer_addr()?;
     let mut line = String::new();
@@ -100,15 +102,17 @@ fn tcp_ask(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
 
 /// The socket's peer on one connection, and the body of a `GET /` (the
 /// backend's name) on another.
-fn http_ask(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let peer = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?.peer_addr()?;
-    let body = http_get_ok(addr, "/?work_ms=0", IO_TIMEOUT)?;
+fn http_ask(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let SocketAddr::V4(v4) = addr else { panic!("http mode takes an IPv4 address: {addr}") };
+    let peer = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?.peer_addr()?;
+    let body = http_get_ok(v4, "/?work_ms=0", IO_TIMEOUT)?;
     Ok((body.trim().to_owned(), peer))
 }
 
 /// Send a datagram, return the answer (the backend's name) and its source.
-fn udp_ask(addr: SocketAddrV4, connected: bool) -> std::io::Result<(String, SocketAddr)> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+fn udp_ask(addr: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+    let any: IpAddr = if addr.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    let socket = UdpSocket::bind((any, 0))?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     if connected {
         socket.connect(addr)?;
@@ -133,7 +137,8 @@ struct Seen {
 
 /// Run the client process in `cgroup` and `ns`: `count` requests of `mode`
 /// to `addr`.
-fn run_client(cgroup: &TestCgroup, ns: &NetNs, mode: &str, addr: SocketAddrV4, count: usize) -> Seen {
+fn run_client(cgroup: &TestCgroup, ns: &NetNs, mode: &str, addr: impl Into<SocketAddr>, count: usize) -> Seen {
+    let addr = addr.into();
     let exe = std::env::current_exe().expect("current_exe");
     let mut cmd = Command::new(exe);
     cmd.args([CLIENT_TEST, "--exact", "--nocapture", "--test-threads=1"])
@@ -190,11 +195,17 @@ fn operations(status: &Value, op: &str) -> u64 {
 
 /// Every request answered, from both backends within 25% of even, and
 /// every answer coming from `vip` as the client sees it.
-fn assert_balanced(seen: &Seen, count: usize, vip: SocketAddrV4, agent: &Agent) {
+fn assert_balanced(seen: &Seen, count: usize, vip: impl Into<SocketAddr>, agent: &Agent) {
+    assert_balanced_over(seen, count, 2, vip, agent);
+}
+
+/// As `assert_balanced`, over `backends` backends.
+fn assert_balanced_over(seen: &Seen, count: usize, backends: usize, vip: impl Into<SocketAddr>, agent: &Agent) {
+    let vip = vip.into();
     assert!(seen.failures.is_empty(), "{} of {count} failed: {:?}\n{}", seen.failures.len(), seen, agent.log_tail(30));
     assert_eq!(seen.backends.values().sum::<usize>(), count, "{seen:?}");
-    assert_eq!(seen.backends.len(), 2, "{seen:?}");
-    let even = count / 2;
+    assert_eq!(seen.backends.len(), backends, "{seen:?}");
+    let even = count / backends;
     for (b, n) in &seen.backends {
         assert!(n.abs_diff(even) * 4 <= even, "{b} got {n} of {count}, not within 25% of {even}: {seen:?}");
     }
@@ -221,6 +232,12 @@ fn root_socket_lb_balances_tcp_from_the_lb_host() {
     assert!(operations(&status, "translated") >= 200, "{status}");
     // getpeername: at least one per connection.
     assert!(operations(&status, "restored") >= 200, "{status}");
+    // A dual-stack socket reaches the IPv4 service at its IPv4-mapped
+    // address (`connect6`), and sees the mapped VIP as its peer.
+    let mapped = SocketAddr::new(IpAddr::V6(VIP.to_ipv6_mapped()), TCP_PORT);
+    let seen = run_client(&cgroup, &topo.lb, "tcp", mapped, 100);
+    println!("MEASURED: 100 connections to {mapped} from the LB host: {seen:?}");
+    assert_balanced(&seen, 100, mapped, &agent);
     // A process outside the cgroup (this one, in the LB namespace) is not
     // balanced: nothing routes the VIP there.
     let outside = topo.lb.run(move || TcpStream::connect_timeout(&vip.into(), IO_TIMEOUT).map(|_| ()));
@@ -257,6 +274,54 @@ fn root_socket_lb_udp_answers_come_from_the_vip() {
     let status = socket_lb_status(&agent);
     assert!(operations(&status, "translated") >= 200, "{status}");
     assert!(operations(&status, "restored") >= 200, "{status}");
+}
+
+/// An IPv6 VIP from the LB host: `connect6`, `sendmsg6`, `recvmsg6` and
+/// `getpeername6` do for IPv6 sockets what the IPv4 programs do, from the
+/// same Maglev tables (the lab's `net6`: three IPv6 backends).
+#[test]
+fn root_socket_lb_balances_ipv6_from_the_lb_host() {
+    require_root!("root_socket_lb_balances_ipv6_from_the_lb_host");
+    let cgroup = TestCgroup::create().expect("a test cgroup");
+    let name = format!("lbsk6-{}", std::process::id());
+    let net = Net6::build(&name);
+    let dir = Scratch::create(&name);
+    let interfaces = Net6::lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
+    let mut config = String::new();
+    for (svc, port, proto, backend) in [("web6", 80, "tcp", Net6::tcp as fn(u16) -> _), ("dns6", 53, "udp", Net6::udp)]
+    {
+        config += &format!(
+            "[[service]]\nname = \"{svc}\"\nvip = \"{NET6_VIP}\"\nport = {port}\nprotocol = \"{proto}\"\n\
+             interfaces = [{interfaces}]\n"
+        );
+        for i in 1..=NET6_BACKENDS {
+            config += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend(i));
+        }
+    }
+    for i in Net6::lb_interfaces() {
+        config += &format!("\n[interface.{i:?}]\nhook = \"xdp\"\nfast_path = \"off\"\n");
+    }
+    config += &socket_lb_toml(Some(cgroup.path()));
+    std::fs::write(dir.config_path(), config).expect("write the config");
+    let mut agent = Agent::spawn(&net.lb, &dir.agent_args(dir.config_path()));
+    agent.wait_ready();
+    let backends = NET6_BACKENDS as usize;
+    let web = SocketAddr::new(NET6_VIP.into(), 80);
+    // Enough for 25 % of an even share to be 3 standard deviations.
+    let count = 300;
+    let seen = run_client(&cgroup, &net.lb, "tcp", web, count);
+    println!("MEASURED: {count} connections to {web} from the LB host: {seen:?}");
+    assert_balanced_over(&seen, count, backends, web, &agent);
+    let dns = SocketAddr::new(NET6_VIP.into(), 53);
+    for mode in ["udp-connected", "udp-sendto"] {
+        let seen = run_client(&cgroup, &net.lb, mode, dns, count);
+        println!("MEASURED: {count} {mode} requests to {dns} from the LB host: {seen:?}");
+        assert_balanced_over(&seen, count, backends, dns, &agent);
+    }
+    let status = socket_lb_status(&agent);
+    assert!(operations(&status, "translated") >= 3 * count as u64, "{status}");
+    assert!(operations(&status, "restored") >= 3 * count as u64, "{status}");
+    agent.stop();
 }
 
 /// A service with no backend: a local client's connect fails at once with
@@ -313,14 +378,15 @@ fn root_socket_lb_outlives_a_killed_agent_and_is_taken_over() {
     let (topo, mut agent) = start(Some(cgroup.path()));
     let vip = SocketAddrV4::new(VIP, TCP_PORT);
     let first = socket_link_pins(&topo);
-    assert_eq!(first.len(), 4, "one pinned link per program: {first:?}");
+    let programs = lb_common::SOCK_PROGRAMS.len();
+    assert_eq!(first.len(), programs, "one pinned link per program: {first:?}");
     agent.kill();
     let seen = run_client(&cgroup, &topo.lb, "tcp", vip, 20);
     assert!(seen.failures.is_empty() && seen.backends.len() == 2, "with no agent running: {seen:?}");
     agent.respawn();
     agent.wait_ready();
     assert_eq!(socket_link_pins(&topo), first, "the links were not kept");
-    assert_eq!(agent.count("adopted pinned socket link"), 4, "not taken over:\n{}", agent.log());
+    assert_eq!(agent.count("adopted pinned socket link"), programs, "not taken over:\n{}", agent.log());
     let seen = run_client(&cgroup, &topo.lb, "tcp", vip, 20);
     assert!(seen.failures.is_empty() && seen.backends.len() == 2, "after the restart: {seen:?}");
     // A stop detaches it all.

@@ -41,10 +41,10 @@ use crate::{
 };
 
 #[map]
-static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub(crate) static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
 /// A backend's IPv6 address, by the id its `BACKENDS` entry has.
 #[map]
-static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub(crate) static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
 /// The services each backend address serves, for matching its replies.

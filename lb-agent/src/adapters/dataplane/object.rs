@@ -12,8 +12,8 @@ use aya::{
 };
 use lb_common::{
     v6::{
-        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, CONNTRACK6,
-        SERVICES6, SOURCES6, V6_PROGRAMS, V6_PROGS,
+        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, SockRevKey6, BACKENDS6, BACKEND_VIPS6,
+        CONNTRACK6, SERVICES6, SOCK_REVNAT6, SOURCES6, V6_PROGRAMS, V6_PROGS,
     },
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
@@ -46,6 +46,8 @@ pub struct Maps {
     pub path_stats: PerCpuHashMap<MapData, u32, PathCounters>,
     /// Socket load balancing: (socket, backend) -> the service asked for.
     pub sock_revnat: HashMap<MapData, SockRevKey, ServiceKey>,
+    /// The same for IPv6 services.
+    pub sock_revnat6: HashMap<MapData, SockRevKey6, ServiceKey6>,
     /// What the socket programs did, per `SockOp`.
     pub sock_stats: PerCpuArray<MapData, u64>,
     /// Services that scale from zero with a client waiting (`WakeEvent`s);
@@ -72,7 +74,7 @@ pub struct Maps {
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 24] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -86,6 +88,7 @@ impl Maps {
         EGRESS,
         PATH_STATS,
         SOCK_REVNAT,
+        SOCK_REVNAT6,
         SOCK_STATS,
         WAKE_EVENTS,
         WAKE_LAST,
@@ -117,6 +120,7 @@ impl Maps {
             egress: take_map(ebpf, EGRESS)?,
             path_stats: take_map(ebpf, PATH_STATS)?,
             sock_revnat: take_map(ebpf, SOCK_REVNAT)?,
+            sock_revnat6: take_map(ebpf, SOCK_REVNAT6)?,
             sock_stats: take_map(ebpf, SOCK_STATS)?,
             wake_events: Some(take_map(ebpf, WAKE_EVENTS)?),
             wake_last: take_map(ebpf, WAKE_LAST)?,

@@ -1,4 +1,4 @@
-//! Socket load balancing: the object's four cgroup socket-address programs
+//! Socket load balancing: the object's cgroup socket-address programs, IPv4 and IPv6
 //! (`lb_common::SOCK_PROGRAMS`) attached to one cgroup v2 directory through
 //! bpf_links, so that processes in its subtree (containers included) reach
 //! services at connect/sendmsg time.
