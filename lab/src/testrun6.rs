@@ -83,8 +83,14 @@ impl LbObject {
         }
         let ids: Vec<u32> = spec.backends.iter().map(|(id, _)| *id).collect();
         self.fill_maglev(spec.id, spec.table, &ids)?;
-        let svc =
-            Service { id: spec.id, table: spec.table, backend_count: ids.len() as u32, mode: MODE_DNAT, flags: 0, source_be: 0 };
+        let svc = Service {
+            id: spec.id,
+            table: spec.table,
+            backend_count: ids.len() as u32,
+            mode: MODE_DNAT,
+            flags: 0,
+            source_be: 0,
+        };
         self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 

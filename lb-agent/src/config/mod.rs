@@ -335,10 +335,18 @@ pub struct HealthCheckConfig {
     /// Failures in a row that take an up backend out.
     #[serde(default = "default_fall")]
     pub fall: u32,
-    /// Not a key: a `dsr-ipip` service's VIP and port, which its probes
-    /// reach through the tunnel to each backend (`adapters::dsr_probe`).
+    /// Not a key: a `dsr-ipip` service's VIP, port and protocol, which its
+    /// probes reach through the tunnel to each backend (`adapters::dsr_probe`).
     #[serde(skip)]
-    pub through_tunnel: Option<SocketAddr>,
+    pub through_tunnel: Option<Tunnel>,
+}
+
+/// What a `dsr-ipip` service's probe reaches through the tunnel: for TCP
+/// a SYN to VIP:port, for UDP an echo request to the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -684,9 +692,6 @@ impl ServiceConfig {
                         "{at}: health_check: mode \"dsr-ipip\" needs one: its probe, sent through the tunnel, is \
                          how the load balancer knows a backend is set up (see `lb-agent backend-setup`)"
                     ));
-                }
-                if self.protocol != Protocol::Tcp {
-                    out.push(format!("{at}: protocol: mode \"dsr-ipip\" supports tcp only in this build"));
                 }
                 if self.instances.is_some() {
                     out.push(format!("{at}: instances: mode \"dsr-ipip\" takes listed backends only"));
@@ -1307,5 +1312,19 @@ mod tests {
         // Full NAT takes a source too.
         assert_eq!(parse(&DSR.replace("\"dsr-ipip\"", "\"full-nat\"")).unwrap().services[0].mode, ForwardMode::FullNat);
         assert!(matches!(parse(&DSR.replace("\"dsr-ipip\"", "\"dsr\"")), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn a_udp_service_takes_dsr_ipip_with_the_same_needs() {
+        let udp = DSR.replace("port = 80", "port = 53\nprotocol = \"udp\"").replace("10.2.0.11:80", "10.2.0.11:53");
+        let c = parse(&udp).unwrap();
+        assert_eq!((c.services[0].mode, c.services[0].protocol), (ForwardMode::DsrIpip, Protocol::Udp));
+        let p = problems(&udp.replace("health_check = { interval = \"200ms\" }", ""));
+        assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
+        let p = problems(&udp.replace("source = \"10.1.0.1\"", ""));
+        assert!(p.iter().any(|p| p.contains("source: mode \"dsr-ipip\" needs")), "{p:?}");
+        let p = problems(&udp.replace("10.2.0.11:53", "10.2.0.11:5353"));
+        assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:5353: in mode \"dsr-ipip\"")), "{p:?}");
+        assert_eq!(p.len(), 1, "{p:?}");
     }
 }
