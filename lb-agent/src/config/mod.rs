@@ -1303,15 +1303,29 @@ mod tests {
             (c.services[0].mode.number(), c.services[0].mode.to_string()),
             (lb_common::MODE_DSR_IPIP, "dsr-ipip".to_owned())
         );
-        let p = problems(&DSR.replace("source = \"10.1.0.1\"", ""));
-        assert!(p.iter().any(|p| p.starts_with("service[0] \"web\": source: mode \"dsr-ipip\" needs")), "{p:?}");
-        let p = problems(&DSR.replace("10.2.0.11:80", "10.2.0.11:8080"));
-        assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"")), "{p:?}");
-        let p = problems(&DSR.replace("health_check = { interval = \"200ms\" }", ""));
-        assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
+        assert_dsr_needs(DSR, 80);
         // Full NAT takes a source too.
         assert_eq!(parse(&DSR.replace("\"dsr-ipip\"", "\"full-nat\"")).unwrap().services[0].mode, ForwardMode::FullNat);
         assert!(matches!(parse(&DSR.replace("\"dsr-ipip\"", "\"dsr\"")), Err(ConfigError::Parse { .. })));
+    }
+
+    /// `text`, a dsr-ipip service on `port` whose backend is 10.2.0.11,
+    /// each time with one of its needs taken away: refused, for that alone.
+    fn assert_dsr_needs(text: &str, port: u16) {
+        for (without, why) in [
+            (text.replace("source = \"10.1.0.1\"", ""), "service[0] \"web\": source: mode \"dsr-ipip\" needs"),
+            (
+                text.replace(&format!("10.2.0.11:{port}"), "10.2.0.11:8080"),
+                "service[0] \"web\": backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"",
+            ),
+            (
+                text.replace("health_check = { interval = \"200ms\" }", ""),
+                "service[0] \"web\": health_check: mode \"dsr-ipip\" needs one",
+            ),
+        ] {
+            let p = problems(&without);
+            assert!(p.len() == 1 && p[0].starts_with(why), "{why}: {p:?}");
+        }
     }
 
     #[test]
@@ -1319,12 +1333,6 @@ mod tests {
         let udp = DSR.replace("port = 80", "port = 53\nprotocol = \"udp\"").replace("10.2.0.11:80", "10.2.0.11:53");
         let c = parse(&udp).unwrap();
         assert_eq!((c.services[0].mode, c.services[0].protocol), (ForwardMode::DsrIpip, Protocol::Udp));
-        let p = problems(&udp.replace("health_check = { interval = \"200ms\" }", ""));
-        assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
-        let p = problems(&udp.replace("source = \"10.1.0.1\"", ""));
-        assert!(p.iter().any(|p| p.contains("source: mode \"dsr-ipip\" needs")), "{p:?}");
-        let p = problems(&udp.replace("10.2.0.11:53", "10.2.0.11:5353"));
-        assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:5353: in mode \"dsr-ipip\"")), "{p:?}");
-        assert_eq!(p.len(), 1, "{p:?}");
+        assert_dsr_needs(&udp, 53);
     }
 }
