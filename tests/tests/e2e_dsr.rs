@@ -25,13 +25,21 @@
 //! same segment in IPv6 (fd00:201::/64, VIP fd00:201:100::10): IPv6-in-IPv6
 //! from the LB, `backend-setup --vip <IPv6>` on the backends.
 //!
+//! The UDP variants (`..._udp_...`) run the same with a UDP service: each
+//! backend's server also answers datagrams on VIP:80 (bound to the VIP,
+//! as a UDP server must be to answer from it), every request comes from a
+//! port of its own on a socket connected to the VIP, and the agent's probe
+//! through the tunnel is an ICMP echo to the VIP, then the TCP check at
+//! the backend's address.
+//!
 //! Needs root and a built agent: `cargo build --release -p lb-agent && cargo
 //! test -p lb-tests --release --test e2e_dsr -- --test-threads=1`.
 
 use std::{
     collections::BTreeMap,
+    io,
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -58,6 +66,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 const SET_UP: [&str; 3] = ["dsr-1", "dsr-2", "dsr-3"];
 const NOT_SET_UP: &str = "dsr-4";
 const CONNECTIONS: usize = 1000;
+/// The UDP variants' clients send from ports CLIENT_PORT.. (one each).
+const CLIENT_PORT: u16 = 20_000;
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0x100, 0, 0, 0, 0, 0x10);
 
@@ -87,6 +97,13 @@ fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, 0, 11 + i as u8)
 }
 
+/// The service's protocol.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
 /// The namespaces, in the order they go (the servers first, see `Drop`).
 struct Net {
     servers: Vec<Server>,
@@ -99,6 +116,7 @@ struct Net {
     dir: Scratch,
     /// The service and the servers are IPv6 (the segment has both).
     v6: bool,
+    proto: Proto,
 }
 
 fn netns(prefix: &str, name: &str) -> NetNs {
@@ -106,7 +124,7 @@ fn netns(prefix: &str, name: &str) -> NetNs {
 }
 
 impl Net {
-    fn build(v6: bool) -> Net {
+    fn build(v6: bool, proto: Proto) -> Net {
         let prefix = format!("dsr-{}", std::process::id());
         let sw = netns(&prefix, "sw");
         sw.exec("ip", &["link", "add", "br0", "type", "bridge"]);
@@ -121,7 +139,7 @@ impl Net {
         let backends: Vec<(String, NetNs)> = names.map(|n| (n.to_string(), netns(&prefix, n))).collect();
         let lb_peer_xdp = LbObject::load().expect("load the LB's object");
         let dir = Scratch::create(&prefix);
-        let mut net = Net { servers: Vec::new(), lb_peer_xdp, sw, client, lb, backends, dir, v6 };
+        let mut net = Net { servers: Vec::new(), lb_peer_xdp, sw, client, lb, backends, dir, v6, proto };
         net.plug(&net.client, "client", CLIENT);
         net.plug(&net.lb, "lb", LB);
         // The LB sends the encapsulated packets back out of its eth0 by
@@ -140,6 +158,14 @@ impl Net {
         net.client.exec("ip", &["-6", "route", "add", &format!("{VIP6}/128"), "via", &six(LB).to_string()]);
         let any = if v6 { "::" } else { "0.0.0.0" };
         net.servers = net.backends.iter().map(|(name, ns)| Server::start(ns, name, any)).collect();
+        if proto == Proto::Udp {
+            for (name, ns) in &net.backends {
+                // Bound to the VIP before backend-setup puts it there (and
+                // on dsr-4, where it never is).
+                ns.exec("sysctl", &["-qw", "net.ipv4.ip_nonlocal_bind=1", "net.ipv6.ip_nonlocal_bind=1"]);
+                net.servers.push(Server::start_udp(ns, name, vip(v6)));
+            }
+        }
         net
     }
 
@@ -175,8 +201,9 @@ impl Net {
         let (vip, lb) = (vip(self.v6), pick(LB, self.v6));
         let mut text = format!(
             "[[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = {PORT}\ninterfaces = [\"eth0\"]\n\
-             mode = \"dsr-ipip\"\nsource = \"{lb}\"\n\
-             health_check = {{ interval = \"200ms\", timeout = \"150ms\", rise = 1, fall = 1 }}\n"
+             protocol = \"{}\"\nmode = \"dsr-ipip\"\nsource = \"{lb}\"\n\
+             health_check = {{ interval = \"200ms\", timeout = \"150ms\", rise = 1, fall = 1 }}\n",
+            if self.proto == Proto::Udp { "udp" } else { "tcp" }
         );
         for i in 0..self.backends.len() {
             text += &format!("[[service.backend]]\naddress = \"{}\"\n", addr_of(i, self.v6));
@@ -215,7 +242,8 @@ fn backend_setup(ns: &NetNs, args: &[&str]) -> String {
     text
 }
 
-/// A backend's server on 0.0.0.0:80: each connection gets "<name> <peer>".
+/// A backend's server: each connection to 0.0.0.0:80 (or datagram to
+/// VIP:80) gets "<name> <peer>".
 struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -225,17 +253,35 @@ impl Server {
     fn start(ns: &NetNs, name: &str, any: &str) -> Server {
         let listener = ns.run(|| TcpListener::bind((any, PORT))).expect("bind :80 in the backend");
         listener.set_nonblocking(true).expect("nonblocking");
+        Server::serve(name, move |name| match listener.accept() {
+            Ok((mut s, peer)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = writeln!(s, "{name} {}", peer.ip());
+            }
+            Err(_) => thread::sleep(Duration::from_millis(2)),
+        })
+    }
+
+    /// On VIP:80: a socket bound to the wildcard would answer from the
+    /// address of the route to the client, not the VIP.
+    fn start_udp(ns: &NetNs, name: &str, vip: IpAddr) -> Server {
+        let socket = ns.run(|| UdpSocket::bind((vip, PORT))).expect("bind VIP:80 in the backend");
+        socket.set_read_timeout(Some(Duration::from_millis(20))).expect("read timeout");
+        Server::serve(name, move |name| {
+            let mut buf = [0u8; 64];
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer);
+            }
+        })
+    }
+
+    /// `serve_once(name)` again and again on a thread until dropped.
+    fn serve(name: &str, mut serve_once: impl FnMut(&str) + Send + 'static) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, name) = (stop.clone(), name.to_owned());
         let thread = thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = writeln!(s, "{name} {}", peer.ip());
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(2)),
-                }
+                serve_once(&name);
             }
         });
         Server { stop, thread: Some(thread) }
@@ -270,17 +316,57 @@ fn addr_of(i: usize, v6: bool) -> String {
 #[test]
 fn root_dsr_ipip_backends_answer_clients_directly() {
     require_root!("root_dsr_ipip_backends_answer_clients_directly");
-    backends_answer_clients_directly(false);
+    backends_answer_clients_directly(false, Proto::Tcp);
 }
 
 #[test]
 fn root_dsr_ipip_over_ipv6_backends_answer_clients_directly() {
     require_root!("root_dsr_ipip_over_ipv6_backends_answer_clients_directly");
-    backends_answer_clients_directly(true);
+    backends_answer_clients_directly(true, Proto::Tcp);
 }
 
-fn backends_answer_clients_directly(v6: bool) {
-    let net = Net::build(v6);
+#[test]
+fn root_dsr_ipip_udp_backends_answer_clients_from_the_vip() {
+    require_root!("root_dsr_ipip_udp_backends_answer_clients_from_the_vip");
+    backends_answer_clients_directly(false, Proto::Udp);
+}
+
+#[test]
+fn root_dsr_ipip_over_ipv6_udp_backends_answer_clients_from_the_vip() {
+    require_root!("root_dsr_ipip_over_ipv6_udp_backends_answer_clients_from_the_vip");
+    backends_answer_clients_directly(true, Proto::Udp);
+}
+
+/// Request `n` from the client to the VIP: the answer's line. Over UDP
+/// from a port of its own, on a socket connected to the VIP, so only an
+/// answer from VIP:80 reaches it (and recv_from says so again).
+fn ask(vip: SocketAddr, client: IpAddr, n: usize, proto: Proto) -> io::Result<String> {
+    let line = match proto {
+        Proto::Tcp => {
+            let s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            line
+        }
+        Proto::Udp => {
+            let s = UdpSocket::bind((client, CLIENT_PORT + n as u16))?;
+            s.connect(vip)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send(b"?")?;
+            let mut buf = [0u8; 256];
+            let (len, from) = s.recv_from(&mut buf)?;
+            if from != vip {
+                return Err(io::Error::other(format!("answer from {from}, not the VIP")));
+            }
+            String::from_utf8_lossy(&buf[..len]).into_owned()
+        }
+    };
+    Ok(line.trim().to_owned())
+}
+
+fn backends_answer_clients_directly(v6: bool, proto: Proto) {
+    let net = Net::build(v6, proto);
     let decap = decap_args(&net.backends[0].1, v6);
     let (vip_ip, client) = (vip(v6), pick(CLIENT, v6));
     let vip = vip_ip.to_string();
@@ -314,20 +400,11 @@ fn backends_answer_clients_directly(v6: bool) {
     let reason = lost["reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("not set up for dsr-ipip: no answer"), "{lost}");
 
-    // 1,000 connections, every one answered by a set-up backend that saw
-    // the client's own address.
+    // 1,000 connections (or exchanges), every one answered by a set-up
+    // backend that saw the client's own address.
     let answers: Result<Vec<String>, String> = net.client.run(|| {
         (0..CONNECTIONS)
-            .map(|n| {
-                let ask = || -> std::io::Result<String> {
-                    let s = TcpStream::connect_timeout(&SocketAddr::new(vip_ip, PORT), Duration::from_secs(2))?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut line = String::new();
-                    BufReader::new(s).read_line(&mut line)?;
-                    Ok(line.trim().to_owned())
-                };
-                ask().map_err(|e| format!("connection {n}: {e}"))
-            })
+            .map(|n| ask(SocketAddr::new(vip_ip, PORT), client, n, proto).map_err(|e| format!("connection {n}: {e}")))
             .collect()
     });
     let answers = answers.unwrap_or_else(|e| {
@@ -367,7 +444,9 @@ fn backends_answer_clients_directly(v6: bool) {
         .iter()
         .map(|r| (r["reason"].as_str().unwrap().to_owned(), r["packets"].as_u64().unwrap()))
         .collect();
-    assert!(reasons["forwarded"] >= CONNECTIONS as u64 * 2, "{reasons:?}");
+    // A connection's SYN and ACK at least; a datagram each over UDP.
+    let per = if proto == Proto::Tcp { 2 } else { 1 };
+    assert!(reasons["forwarded"] >= CONNECTIONS as u64 * per, "{reasons:?}");
     assert_eq!(reasons.get("reply_translated").copied().unwrap_or(0), 0, "{reasons:?}");
     for r in ["drop_dsr_too_big", "drop_dsr_no_route", "drop_dsr_unsupported"] {
         assert_eq!(reasons.get(r).copied().unwrap_or(0), 0, "{r}: {reasons:?}");

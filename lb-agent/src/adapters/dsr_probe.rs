@@ -2,42 +2,59 @@
 //! up for direct server return before it gets traffic.
 //!
 //! A plain connect to the backend's address would pass on a backend with
-//! no tunnel and no VIP. This probe takes the clients' path instead: a TCP
-//! SYN to VIP:port, from this host, inside an outer IPv4 header to the
-//! backend (a raw IPPROTO_IPIP socket: the kernel writes the outer header),
-//! just as the data plane encapsulates clients' packets. Only a backend
-//! that decapsulates it and holds the VIP answers, and it answers as it
-//! answers clients: a SYN-ACK from VIP:port straight back, seen here on a
-//! raw TCP socket. The kernel, which has no socket for it, answers that
-//! SYN-ACK with a reset, so the backend keeps no half-open connection. A
-//! reset from the VIP, or no answer within the check's timeout, fails with
-//! "not set up for dsr-ipip: ...".
+//! no tunnel and no VIP. This probe takes the clients' path instead: a
+//! packet to the VIP, from this host, inside an outer IPv4 header to the
+//! backend (a raw IPPROTO_IPIP socket: the kernel writes the outer header;
+//! IPv6-in-IPv6 for an IPv6 VIP), just as the data plane encapsulates
+//! clients' packets. Only a backend that decapsulates it and holds the VIP
+//! answers, and it answers from the VIP straight back, seen here on a raw
+//! socket of the inner protocol. No answer within the check's timeout
+//! fails with "not set up for dsr-ipip: ...". What goes inside follows the
+//! service's protocol:
 //!
-//! The probe's source port is held by a bound TCP socket for the probe's
-//! length, so no connection of this host can be mistaken for it.
+//! - TCP: a SYN to VIP:port, which the backend answers as it answers
+//!   clients, with a SYN-ACK from VIP:port. The kernel here, which has no
+//!   socket for it, answers that SYN-ACK with a reset, so the backend keeps
+//!   no half-open connection. A reset from the VIP fails the probe too.
+//!   The SYN's source port is held by a bound TCP socket for the probe's
+//!   length, so no connection of this host can be mistaken for it.
+//! - UDP: an ICMP echo request (ICMPv6 for an IPv6 VIP) to the VIP. A
+//!   datagram has no handshake that proves anything without speaking the
+//!   application's protocol; the backend's kernel answers the echo from the
+//!   VIP whatever runs there. The reply is told apart by its identifier
+//!   (this process) and sequence number (this probe). Whether the
+//!   application serves is left to the check's own kind
+//!   (`adapters::probe`).
 
 use std::{
-    io,
+    fmt, io,
     mem::MaybeUninit,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
 };
 
 use lb_common::{
+    csum::pseudo_header_sum,
     dsr6::PROTO_IPV6,
-    refuse::{checksum, tcp_checksum},
+    refuse::checksum,
     v6::{ip6_raw, pseudo_header_sum6},
-    PROTO_IPIP, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN,
+    PROTO_ICMP, PROTO_IPIP, PROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN,
 };
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol as RawProtocol, SockAddr, Socket, Type};
+
+use crate::config::{Protocol, Tunnel};
+
+/// ICMPv6's next header number.
+const PROTO_ICMPV6: u8 = 58;
 
 /// Why a backend failed the tunnel probe.
 #[derive(Debug, thiserror::Error)]
 pub enum DsrProbeError {
-    #[error("not set up for dsr-ipip: no answer from {vip} through the tunnel to {backend} within {limit:?} (run `lb-agent backend-setup --vip {}` there)", vip.ip())]
-    NoAnswer { vip: SocketAddr, backend: IpAddr, limit: Duration },
-    #[error("not set up for dsr-ipip: {vip} on {backend} answered through the tunnel with a reset (nothing listens on the VIP's port)")]
-    Reset { vip: SocketAddr, backend: IpAddr },
+    #[error("not set up for dsr-ipip: no answer from {asked} through the tunnel to {backend} within {limit:?} (run `lb-agent backend-setup --vip {}` there)", asked.vip())]
+    NoAnswer { asked: Asked, backend: IpAddr, limit: Duration },
+    #[error("not set up for dsr-ipip: {asked} on {backend} answered through the tunnel with a reset (nothing listens on the VIP's port)")]
+    Reset { asked: Asked, backend: IpAddr },
     #[error("dsr-ipip probe to {backend}: {what}: {source}")]
     Io { backend: IpAddr, what: &'static str, source: io::Error },
 }
@@ -48,67 +65,164 @@ impl DsrProbeError {
     }
 }
 
-/// Probe `backend` through the tunnel for `vip` within `limit`. An IPv6
-/// VIP goes in IPv6-in-IPv6 (a raw socket of next header 41), as the data
-/// plane sends it (`lb_common::dsr6`).
-pub async fn probe(backend: IpAddr, vip: SocketAddr, limit: Duration) -> Result<(), DsrProbeError> {
-    tokio::task::spawn_blocking(move || probe_blocking(backend, vip, limit))
+/// What a probe sends the VIP through the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// A TCP SYN to VIP:port (a TCP service).
+    Syn(SocketAddr),
+    /// An ICMP echo request to the VIP (a UDP service).
+    Echo(IpAddr),
+}
+
+impl Asked {
+    pub fn vip(self) -> IpAddr {
+        match self {
+            Asked::Syn(vip) => vip.ip(),
+            Asked::Echo(vip) => vip,
+        }
+    }
+}
+
+impl From<Tunnel> for Asked {
+    fn from(t: Tunnel) -> Asked {
+        match t.protocol {
+            Protocol::Tcp => Asked::Syn(t.vip),
+            Protocol::Udp => Asked::Echo(t.vip.ip()),
+        }
+    }
+}
+
+impl fmt::Display for Asked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Asked::Syn(vip) => write!(f, "{vip}"),
+            Asked::Echo(vip) => write!(f, "{vip} to an ICMP echo"),
+        }
+    }
+}
+
+/// Probe `backend` through the tunnel for `tunnel`'s VIP within `limit`.
+/// An IPv6 VIP goes in IPv6-in-IPv6 (a raw socket of next header 41), as
+/// the data plane sends it (`lb_common::dsr6`).
+pub async fn probe(backend: IpAddr, tunnel: Tunnel, limit: Duration) -> Result<(), DsrProbeError> {
+    let asked = Asked::from(tunnel);
+    tokio::task::spawn_blocking(move || probe_blocking(backend, asked, limit))
         .await
         .unwrap_or_else(|e| Err(DsrProbeError::Io { backend, what: "probe task", source: io::Error::other(e) }))
 }
 
-fn probe_blocking(backend: IpAddr, vip: SocketAddr, limit: Duration) -> Result<(), DsrProbeError> {
+fn probe_blocking(backend: IpAddr, asked: Asked, limit: Duration) -> Result<(), DsrProbeError> {
     let io = |what| move |source| DsrProbeError::Io { backend, what, source };
+    let vip = asked.vip();
     if backend.is_ipv6() != vip.is_ipv6() {
         return Err(io("families")(io::Error::other(format!("backend {backend} and vip {vip} differ"))));
     }
     let deadline = Instant::now() + limit;
-    // The address this host sends to the backend from: where the answer comes.
-    let any: IpAddr = if backend.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
-    let route = UdpSocket::bind((any, 0)).and_then(|s| s.connect((backend, 9)).map(|_| s)).map_err(io("route"))?;
-    let local = route.local_addr().map_err(io("route"))?.ip();
-    let hold = TcpListener::bind((local, 0)).map_err(io("hold a source port"))?;
-    let from = hold.local_addr().map_err(io("hold a source port"))?;
-    drop(route);
-    let domain = Domain::for_address(vip);
-    let listen = Socket::new(domain, Type::RAW, Some(Protocol::TCP)).map_err(io("raw TCP socket"))?;
-    let tunnel = if vip.is_ipv6() { PROTO_IPV6 } else { PROTO_IPIP };
-    let send =
-        Socket::new(domain, Type::RAW, Some(Protocol::from(i32::from(tunnel)))).map_err(io("raw tunnel socket"))?;
-    let isn = probe_isn(from.port());
-    let syn = match (from, vip) {
-        (SocketAddr::V4(from), SocketAddr::V4(vip)) => syn_packet(from, vip, isn),
-        (SocketAddr::V6(from), SocketAddr::V6(vip)) => syn_packet6(from, vip, isn),
-        _ => return Err(io("families")(io::Error::other("the route's source is of another family"))),
-    };
-    send.send_to(&syn, &SockAddr::from(SocketAddr::new(backend, 0))).map_err(io("send the SYN"))?;
-    let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(DsrProbeError::NoAnswer { vip, backend, limit });
+    let local = route_source(backend).map_err(io("route"))?;
+    let answer = match asked {
+        Asked::Syn(vip) => {
+            let hold = TcpListener::bind((local, 0)).map_err(io("hold a source port"))?;
+            let from = hold.local_addr().map_err(io("hold a source port"))?;
+            let isn = probe_isn(from.port());
+            let exchange = Exchange::open(backend, vip.ip(), local, PROTO_TCP).map_err(io("raw sockets"))?;
+            exchange.send(&syn_packet(from, vip, isn).map_err(io("families"))?).map_err(io("send the SYN"))?;
+            exchange.wait(deadline, |tcp| answer_tcp(tcp, vip.port(), from.port(), isn)).map_err(io("receive"))?
         }
-        listen.set_read_timeout(Some(left)).map_err(io("raw TCP socket"))?;
-        let (n, peer) = match listen.recv_from(&mut buf) {
-            Ok(got) => got,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io("receive")(e)),
-        };
-        // SAFETY: recv_from initialised the first n bytes.
-        let got: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-        let said = match (vip, peer.as_socket()) {
-            (SocketAddr::V4(vip), _) => answer(&got, vip, from, isn),
-            // A raw IPv6 socket reads no IP header: the source is the peer's.
-            (SocketAddr::V6(_), Some(peer)) if peer.ip() == vip.ip() => answer_tcp(&got, vip.port(), from.port(), isn),
-            _ => None,
-        };
-        match said {
-            Some(Answer::SynAck) => return Ok(()),
-            Some(Answer::Reset) => return Err(DsrProbeError::Reset { vip, backend }),
-            None => {}
+        Asked::Echo(vip) => {
+            let (id, seq) = echo_ids();
+            let exchange = Exchange::open(backend, vip, local, echo_kind(vip).proto).map_err(io("raw sockets"))?;
+            exchange.send(&echo_packet(local, vip, id, seq).map_err(io("families"))?).map_err(io("send the echo"))?;
+            let reply = |icmp: &[u8]| is_echo_reply(icmp, vip, id, seq).then_some(Answer::EchoReply);
+            exchange.wait(deadline, reply).map_err(io("receive"))?
+        }
+    };
+    match answer {
+        Some(Answer::SynAck | Answer::EchoReply) => Ok(()),
+        Some(Answer::Reset) => Err(DsrProbeError::Reset { asked, backend }),
+        None => Err(DsrProbeError::NoAnswer { asked, backend, limit }),
+    }
+}
+
+/// The address this host sends to `backend` from: where the answer comes.
+fn route_source(backend: IpAddr) -> io::Result<IpAddr> {
+    let any: IpAddr = if backend.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    let route = UdpSocket::bind((any, 0))?;
+    route.connect((backend, 9))?;
+    Ok(route.local_addr()?.ip())
+}
+
+/// A probe's two raw sockets: one of the tunnel's protocol, whose packets
+/// the kernel puts inside an outer header to the backend, and one of the
+/// inner protocol, where the VIP's answer comes.
+struct Exchange {
+    backend: IpAddr,
+    vip: IpAddr,
+    /// This host's source towards the backend, where the answer goes.
+    local: IpAddr,
+    /// The inner protocol.
+    proto: u8,
+    send: Socket,
+    listen: Socket,
+}
+
+impl Exchange {
+    fn open(backend: IpAddr, vip: IpAddr, local: IpAddr, proto: u8) -> io::Result<Exchange> {
+        let domain = Domain::for_address(SocketAddr::new(vip, 0));
+        let listen = Socket::new(domain, Type::RAW, Some(RawProtocol::from(i32::from(proto))))?;
+        let tunnel = if vip.is_ipv6() { PROTO_IPV6 } else { PROTO_IPIP };
+        let send = Socket::new(domain, Type::RAW, Some(RawProtocol::from(i32::from(tunnel))))?;
+        Ok(Exchange { backend, vip, local, proto, send, listen })
+    }
+
+    /// Send `inner` (an IP packet to the VIP) inside the outer header.
+    fn send(&self, inner: &[u8]) -> io::Result<()> {
+        self.send.send_to(inner, &SockAddr::from(SocketAddr::new(self.backend, 0))).map(drop)
+    }
+
+    /// The first answer `is_answer` finds in what comes from the VIP (the
+    /// inner protocol's bytes), or none by `deadline`.
+    fn wait(
+        &self,
+        deadline: Instant,
+        mut is_answer: impl FnMut(&[u8]) -> Option<Answer>,
+    ) -> io::Result<Option<Answer>> {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Under a microsecond would become a timeval of 0: no timeout.
+            self.listen.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            let (n, peer) = match self.listen.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let got: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let peer = peer.as_socket().map(|p| p.ip());
+            if let Some(answer) = from_vip(&got, peer, self.proto, self.vip, self.local).and_then(&mut is_answer) {
+                return Ok(Some(answer));
+            }
         }
     }
+}
+
+/// The inner protocol's bytes of `packet`, as a raw socket of `proto` read
+/// it from `peer`, if it came from `vip` to `local`. A raw IPv4 socket
+/// reads the IP header too; a raw IPv6 socket reads none: the source is
+/// the peer's.
+pub fn from_vip(packet: &[u8], peer: Option<IpAddr>, proto: u8, vip: IpAddr, local: IpAddr) -> Option<&[u8]> {
+    if vip.is_ipv6() {
+        return (peer == Some(vip)).then_some(packet);
+    }
+    let addr = |at: usize| packet.get(at..at + 4).and_then(|a| <[u8; 4]>::try_from(a).ok()).map(IpAddr::from);
+    if packet.get(9) != Some(&proto) || addr(12)? != vip || addr(16)? != local {
+        return None;
+    }
+    packet.get(usize::from(packet[0] & 0x0f) * 4..)
 }
 
 /// An initial sequence number that differs per probe.
@@ -117,14 +231,51 @@ fn probe_isn(port: u16) -> u32 {
     nanos ^ u32::from(port).rotate_left(16)
 }
 
-/// The 16-bit words of a 20-byte header, as they sit in memory.
+/// The 16-bit words of up to 20 bytes, as they sit in memory, then zeros
+/// (which add nothing to a checksum).
 fn words(b: &[u8]) -> [u16; 10] {
-    core::array::from_fn(|i| u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]))
+    debug_assert!(b.len() <= 20, "{} bytes", b.len());
+    let byte = |i: usize| b.get(i).copied().unwrap_or(0);
+    core::array::from_fn(|i| u16::from_ne_bytes([byte(2 * i), byte(2 * i + 1)]))
 }
 
-/// A 20-byte TCP SYN (checksum left 0) from port `from` to `to`.
-fn syn_segment(from: u16, to: u16, isn: u32) -> [u8; 20] {
-    let mut tcp = [0u8; 20];
+/// An inner packet from `from` to `vip`: an IPv4 or IPv6 header, then
+/// `l4` (at most 20 bytes of protocol `proto`) with its checksum, at
+/// `check_at`, filled in.
+fn inner_packet(from: IpAddr, vip: IpAddr, proto: u8, mut l4: Vec<u8>, check_at: usize) -> io::Result<Vec<u8>> {
+    let len = l4.len() as u16;
+    let (ip, pseudo) = match (from, vip) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut ip = [0u8; 20];
+            ip[..10].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto]);
+            ip[2..4].copy_from_slice(&(20 + len).to_be_bytes());
+            ip[12..16].copy_from_slice(&src.octets());
+            ip[16..20].copy_from_slice(&dst.octets());
+            let ip_check = checksum(&words(&ip), 0);
+            ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+            let (src_be, dst_be) = (u32::from_ne_bytes(src.octets()), u32::from_ne_bytes(dst.octets()));
+            // ICMP sums its message alone; TCP and UDP add a pseudo-header.
+            let pseudo = if proto == PROTO_ICMP { 0 } else { pseudo_header_sum(src_be, dst_be, proto, len) };
+            (ip.to_vec(), pseudo)
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut ip = [0u8; 40];
+            ip[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 0, proto, 64]);
+            ip[4..6].copy_from_slice(&len.to_be_bytes());
+            ip[8..24].copy_from_slice(&src.octets());
+            ip[24..40].copy_from_slice(&dst.octets());
+            (ip.to_vec(), pseudo_header_sum6(&ip6_raw(src), &ip6_raw(dst), proto, len))
+        }
+        _ => return Err(io::Error::other(format!("source {from} and vip {vip} differ in family"))),
+    };
+    let l4_check = checksum(&words(&l4), pseudo);
+    l4[check_at..check_at + 2].copy_from_slice(&l4_check.to_ne_bytes());
+    Ok([ip, l4].concat())
+}
+
+/// A 20-byte TCP SYN from port `from` to `to` (checksum left 0).
+fn syn_segment(from: u16, to: u16, isn: u32) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&from.to_be_bytes());
     tcp[2..4].copy_from_slice(&to.to_be_bytes());
     tcp[4..8].copy_from_slice(&isn.to_be_bytes());
@@ -134,51 +285,56 @@ fn syn_segment(from: u16, to: u16, isn: u32) -> [u8; 20] {
     tcp
 }
 
-/// The inner packet: an IPv4 header and a 20-byte TCP SYN from `from` to
-/// `vip` with sequence number `isn`.
-pub fn syn_packet(from: SocketAddrV4, vip: SocketAddrV4, isn: u32) -> Vec<u8> {
-    let (src, dst) = (from.ip().octets(), vip.ip().octets());
-    let mut ip = [0u8; 20];
-    ip[..10].copy_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, PROTO_TCP]);
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let mut tcp = syn_segment(from.port(), vip.port(), isn);
-    let ip_check = checksum(&words(&ip), 0);
-    ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
-    let tcp_check = tcp_checksum(u32::from_ne_bytes(src), u32::from_ne_bytes(dst), &words(&tcp));
-    tcp[16..18].copy_from_slice(&tcp_check.to_ne_bytes());
-    [ip, tcp].concat()
+/// The inner packet of a TCP service's probe: a SYN from `from` to `vip`
+/// with sequence number `isn`.
+pub fn syn_packet(from: SocketAddr, vip: SocketAddr, isn: u32) -> io::Result<Vec<u8>> {
+    inner_packet(from.ip(), vip.ip(), PROTO_TCP, syn_segment(from.port(), vip.port(), isn), 16)
 }
 
-/// The inner packet for an IPv6 VIP: a fixed IPv6 header and the same SYN.
-pub fn syn_packet6(from: SocketAddrV6, vip: SocketAddrV6, isn: u32) -> Vec<u8> {
-    let mut ip = [0u8; 40];
-    ip[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 20, PROTO_TCP, 64]);
-    ip[8..24].copy_from_slice(&from.ip().octets());
-    ip[24..40].copy_from_slice(&vip.ip().octets());
-    let mut tcp = syn_segment(from.port(), vip.port(), isn);
-    let pseudo = pseudo_header_sum6(&ip6_raw(*from.ip()), &ip6_raw(*vip.ip()), PROTO_TCP, 20);
-    let tcp_check = checksum(&words(&tcp), pseudo);
-    tcp[16..18].copy_from_slice(&tcp_check.to_ne_bytes());
-    [&ip[..], &tcp].concat()
+/// What an echo to `vip` is made of: ICMP for IPv4, ICMPv6 for IPv6.
+#[derive(Clone, Copy)]
+struct EchoKind {
+    proto: u8,
+    request: u8,
+    reply: u8,
 }
 
+fn echo_kind(vip: IpAddr) -> EchoKind {
+    match vip {
+        IpAddr::V4(_) => EchoKind { proto: PROTO_ICMP, request: 8, reply: 0 },
+        IpAddr::V6(_) => EchoKind { proto: PROTO_ICMPV6, request: 128, reply: 129 },
+    }
+}
+
+/// The echo's identifier (this process) and sequence number (one per
+/// probe): concurrent probes of this agent, and pings of other processes,
+/// all get replies from the same VIP.
+fn echo_ids() -> (u16, u16) {
+    static SEQUENCE: AtomicU16 = AtomicU16::new(0);
+    (std::process::id() as u16, SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The inner packet of a UDP service's probe: an echo request (8 bytes, no
+/// data) from `from` to `vip` with identifier `id` and sequence `seq`.
+pub fn echo_packet(from: IpAddr, vip: IpAddr, id: u16, seq: u16) -> io::Result<Vec<u8>> {
+    let kind = echo_kind(vip);
+    let icmp = [&[kind.request, 0, 0, 0][..], &id.to_be_bytes(), &seq.to_be_bytes()].concat();
+    inner_packet(from, vip, kind.proto, icmp, 2)
+}
+
+/// Whether `icmp` (an ICMP or ICMPv6 message from `vip`) is the reply to
+/// the echo request with identifier `id` and sequence `seq`.
+pub fn is_echo_reply(icmp: &[u8], vip: IpAddr, id: u16, seq: u16) -> bool {
+    let Some(head) = icmp.get(..8) else { return false };
+    head[..2] == [echo_kind(vip).reply, 0] && head[4..6] == id.to_be_bytes() && head[6..8] == seq.to_be_bytes()
+}
+
+/// What the VIP said.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
     SynAck,
     Reset,
-}
-
-/// What `packet` (IPv4, as a raw TCP socket reads it) says about the probe
-/// from `from` to `vip` with sequence number `isn`, if it is its answer.
-pub fn answer(packet: &[u8], vip: SocketAddrV4, from: SocketAddr, isn: u32) -> Option<Answer> {
-    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
-    let tcp = packet.get(ihl..)?;
-    let addr = |at: usize| IpAddr::from([packet[at], packet[at + 1], packet[at + 2], packet[at + 3]]);
-    if packet.len() < 20 || packet[9] != PROTO_TCP || addr(12) != IpAddr::V4(*vip.ip()) || addr(16) != from.ip() {
-        return None;
-    }
-    answer_tcp(tcp, vip.port(), from.port(), isn)
+    EchoReply,
 }
 
 /// What a TCP segment from the VIP says about the probe from port `from`
@@ -199,11 +355,14 @@ pub fn answer_tcp(tcp: &[u8], vip_port: u16, from: u16, isn: u32) -> Option<Answ
 
 #[cfg(test)]
 mod tests {
+    use std::net::{SocketAddrV4, SocketAddrV6};
+
     use super::*;
 
     const FROM: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 254), 41000);
     const FROM_ANY: SocketAddr = SocketAddr::V4(FROM);
     const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 10), 80);
+    const VIP_ANY: SocketAddr = SocketAddr::V4(VIP);
 
     fn sum(bytes: &[u8]) -> u32 {
         let mut s: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
@@ -213,10 +372,17 @@ mod tests {
         s
     }
 
+    /// What the probe makes of `packet` as a raw TCP socket reads it.
+    fn answer(packet: &[u8], vip: SocketAddrV4, from: SocketAddr, isn: u32) -> Option<Answer> {
+        let tcp = from_vip(packet, None, PROTO_TCP, IpAddr::V4(*vip.ip()), from.ip())?;
+        answer_tcp(tcp, vip.port(), from.port(), isn)
+    }
+
     #[test]
     fn the_probe_syn_is_a_valid_tcp_syn_to_the_vip() {
-        let p = syn_packet(FROM, VIP, 7);
+        let p = syn_packet(FROM_ANY, VIP_ANY, 7).unwrap();
         assert_eq!(p.len(), 40);
+        assert_eq!(&p[..4], &[0x45, 0, 0, 40]);
         assert_eq!(sum(&p[..20]), 0xffff, "IPv4 header checksum");
         let mut pseudo = [&FROM.ip().octets()[..], &VIP.ip().octets(), &[0, PROTO_TCP, 0, 20]].concat();
         pseudo.extend(&p[20..]);
@@ -229,7 +395,7 @@ mod tests {
     fn the_ipv6_probe_syn_is_a_valid_tcp_syn_to_the_vip() {
         let from: SocketAddrV6 = "[2001:db8::fe]:41000".parse().unwrap();
         let vip: SocketAddrV6 = "[2001:db8::10]:80".parse().unwrap();
-        let p = syn_packet6(from, vip, 7);
+        let p = syn_packet(from.into(), vip.into(), 7).unwrap();
         assert_eq!(p.len(), 60);
         assert_eq!(&p[..8], &[0x60, 0, 0, 0, 0, 20, PROTO_TCP, 64]);
         assert_eq!(&p[24..40], &vip.ip().octets());
@@ -241,13 +407,16 @@ mod tests {
         let mut ack = syn_segment(80, 41000, 99);
         ack[8..12].copy_from_slice(&8u32.to_be_bytes());
         ack[13] = TCP_SYN | TCP_ACK;
-        assert_eq!(answer_tcp(&ack, 80, 41000, 7), Some(Answer::SynAck));
+        let seen =
+            |peer: Ipv6Addr| from_vip(&ack, Some(peer.into()), PROTO_TCP, (*vip.ip()).into(), (*from.ip()).into());
+        assert_eq!(seen(*vip.ip()).and_then(|tcp| answer_tcp(tcp, 80, 41000, 7)), Some(Answer::SynAck));
+        assert_eq!(seen(*from.ip()), None, "not from the VIP");
         assert_eq!(answer_tcp(&ack, 80, 41001, 7), None, "another probe's port");
     }
 
     /// The backend's answer: from VIP:port to the probe, acknowledging isn + 1.
     fn reply(flags: u8, ack: u32, from: Ipv4Addr) -> Vec<u8> {
-        let mut p = syn_packet(SocketAddrV4::new(from, VIP.port()), FROM, 99);
+        let mut p = syn_packet(SocketAddrV4::new(from, VIP.port()).into(), FROM_ANY, 99).unwrap();
         p[20 + 8..20 + 12].copy_from_slice(&ack.to_be_bytes());
         p[33] = flags;
         p
@@ -265,5 +434,64 @@ mod tests {
         );
         assert_eq!(answer(&reply(TCP_ACK, 8, *VIP.ip()), VIP, FROM_ANY, 7), None);
         assert_eq!(answer(&[0x45, 0, 0], VIP, FROM_ANY, 7), None, "short");
+        let other_host = SocketAddr::new(Ipv4Addr::new(10, 1, 0, 253).into(), FROM.port());
+        assert_eq!(answer(&reply(TCP_SYN | TCP_ACK, 8, *VIP.ip()), VIP, other_host, 7), None, "not to this host");
+    }
+
+    #[test]
+    fn the_probe_echo_is_a_valid_icmp_echo_request_to_the_vip() {
+        let p = echo_packet(FROM.ip().to_owned().into(), VIP.ip().to_owned().into(), 0x1234, 5).unwrap();
+        assert_eq!(p.len(), 28);
+        assert_eq!(&p[..4], &[0x45, 0, 0, 28]);
+        assert_eq!(p[9], PROTO_ICMP);
+        assert_eq!(sum(&p[..20]), 0xffff, "IPv4 header checksum");
+        assert_eq!((&p[12..16], &p[16..20]), (&FROM.ip().octets()[..], &VIP.ip().octets()[..]));
+        assert_eq!(sum(&p[20..]), 0xffff, "ICMP checksum (no pseudo-header)");
+        assert_eq!(&p[20..], &[8, 0, p[22], p[23], 0x12, 0x34, 0, 5], "echo request, id, sequence");
+    }
+
+    #[test]
+    fn the_ipv6_probe_echo_is_a_valid_icmpv6_echo_request_to_the_vip() {
+        let (from, vip): (Ipv6Addr, Ipv6Addr) = ("2001:db8::fe".parse().unwrap(), "2001:db8::10".parse().unwrap());
+        let p = echo_packet(from.into(), vip.into(), 0x1234, 5).unwrap();
+        assert_eq!(p.len(), 48);
+        assert_eq!(&p[..8], &[0x60, 0, 0, 0, 0, 8, PROTO_ICMPV6, 64]);
+        assert_eq!((&p[8..24], &p[24..40]), (&from.octets()[..], &vip.octets()[..]));
+        let mut pseudo = [&from.octets()[..], &vip.octets(), &[0, 0, 0, 8, 0, 0, 0, PROTO_ICMPV6]].concat();
+        pseudo.extend(&p[40..]);
+        assert_eq!(sum(&pseudo), 0xffff, "ICMPv6 checksum over the IPv6 pseudo-header");
+        assert_eq!(&p[40..], &[128, 0, p[42], p[43], 0x12, 0x34, 0, 5], "echo request, id, sequence");
+        assert!(echo_packet(FROM.ip().to_owned().into(), vip.into(), 1, 1).is_err(), "mixed families");
+    }
+
+    #[test]
+    fn only_the_echo_reply_to_this_probe_counts() {
+        let (from, vip) = (IpAddr::V4(*FROM.ip()), IpAddr::V4(*VIP.ip()));
+        // The backend's reply, as a raw ICMP socket reads it: type 0 from the VIP.
+        let reply = |src: IpAddr, kind: u8, id: u16, seq: u16| {
+            let mut p = echo_packet(src, from, id, seq).unwrap();
+            p[20] = kind;
+            p
+        };
+        let seen = |p: &[u8]| from_vip(p, None, PROTO_ICMP, vip, from).is_some_and(|m| is_echo_reply(m, vip, 7, 9));
+        assert!(seen(&reply(vip, 0, 7, 9)));
+        assert!(!seen(&reply(vip, 0, 7, 10)), "another probe's sequence");
+        assert!(!seen(&reply(vip, 0, 8, 9)), "another process's identifier");
+        assert!(!seen(&reply(vip, 8, 7, 9)), "a request, not a reply");
+        assert!(!seen(&reply(vip, 3, 7, 9)), "an error");
+        assert!(!seen(&reply(Ipv4Addr::new(10, 1, 0, 11).into(), 0, 7, 9)), "not from the VIP");
+        assert!(!seen(&reply(vip, 0, 7, 9)[..26]), "short");
+        // IPv6: the message alone, from the peer the socket names.
+        let (from6, vip6): (IpAddr, IpAddr) = ("2001:db8::fe".parse().unwrap(), "2001:db8::10".parse().unwrap());
+        let mut p = echo_packet(vip6, from6, 7, 9).unwrap().split_off(40);
+        p[0] = 129;
+        let seen6 = |peer: IpAddr, m: &[u8]| {
+            from_vip(m, Some(peer), PROTO_ICMPV6, vip6, from6).is_some_and(|m| is_echo_reply(m, vip6, 7, 9))
+        };
+        assert!(seen6(vip6, &p));
+        assert!(!seen6(from6, &p), "not from the VIP");
+        assert!(!is_echo_reply(&p, vip, 7, 9), "an ICMPv6 reply is no ICMP reply");
+        p[0] = 0;
+        assert!(!seen6(vip6, &p), "an ICMP type in ICMPv6");
     }
 }

@@ -8,7 +8,7 @@ use crate::{
         dsr_probe::{self, DsrProbeError},
         http::{self, GetError},
     },
-    config::{CheckKind, HealthCheckConfig},
+    config::{CheckKind, HealthCheckConfig, Protocol},
     ports::{ProbeError, Prober},
 };
 
@@ -27,12 +27,14 @@ impl Prober for NetProber {
 }
 
 /// Probe one backend once. Through the tunnel first for a `dsr-ipip`
-/// service (`through_tunnel`), which for a TCP check is the whole check.
+/// service (`through_tunnel`): for a TCP service with a TCP check that is
+/// the whole check (the SYN-ACK came from VIP:port); a UDP service's echo
+/// proves the tunnel and the VIP only, so its check follows.
 pub async fn probe(addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), ProbeError> {
     let limit = check.timeout();
-    if let Some(vip) = check.through_tunnel {
-        dsr_probe::probe(addr.ip(), vip, limit).await?;
-        if check.kind == CheckKind::Tcp {
+    if let Some(tunnel) = check.through_tunnel {
+        dsr_probe::probe(addr.ip(), tunnel, limit).await?;
+        if check.kind == CheckKind::Tcp && tunnel.protocol == Protocol::Tcp {
             return Ok(());
         }
     }

@@ -50,7 +50,7 @@ use self::{
     scaler::{ScaleCommand, Scaler, ScalerEvent, TickOutcome},
 };
 use crate::{
-    config::{Config, ForwardMode, HealthCheckConfig, ServiceConfig},
+    config::{Config, ForwardMode, HealthCheckConfig, ServiceConfig, Tunnel},
     core::{
         deploy,
         health::Transition,
@@ -344,7 +344,8 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             let Some(check) = &svc.config.health_check else { continue };
             let mut check = check.clone();
             if svc.config.mode == ForwardMode::DsrIpip {
-                check.through_tunnel = Some(SocketAddr::new(svc.config.vip, svc.config.port));
+                let vip = SocketAddr::new(svc.config.vip, svc.config.port);
+                check.through_tunnel = Some(Tunnel { vip, protocol: svc.config.protocol });
             }
             for addr in svc.backends.keys() {
                 wanted.insert((name.clone(), *addr), check.clone());

@@ -143,6 +143,8 @@ hook = "xdp"
         let text = V6.replace("interfaces = [\"eth0\"]", DSR6).replace(":8080", ":80");
         let config = parse(&text).unwrap();
         assert_eq!(config.services[0].source, Some("2001:db8::1".parse().unwrap()));
+        let udp = parse(&text.replace("port = 80", "port = 80\nprotocol = \"udp\"")).unwrap();
+        assert_eq!(udp.services[0].protocol, crate::config::Protocol::Udp);
         let v4_source = text.replace("2001:db8::1\"", "10.0.0.1\"");
         let p = problems(&v4_source);
         assert!(

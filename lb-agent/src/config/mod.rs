@@ -335,10 +335,18 @@ pub struct HealthCheckConfig {
     /// Failures in a row that take an up backend out.
     #[serde(default = "default_fall")]
     pub fall: u32,
-    /// Not a key: a `dsr-ipip` service's VIP and port, which its probes
-    /// reach through the tunnel to each backend (`adapters::dsr_probe`).
+    /// Not a key: a `dsr-ipip` service's VIP, port and protocol, which its
+    /// probes reach through the tunnel to each backend (`adapters::dsr_probe`).
     #[serde(skip)]
-    pub through_tunnel: Option<SocketAddr>,
+    pub through_tunnel: Option<Tunnel>,
+}
+
+/// What a `dsr-ipip` service's probe reaches through the tunnel: for TCP
+/// a SYN to VIP:port, for UDP an echo request to the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -684,9 +692,6 @@ impl ServiceConfig {
                         "{at}: health_check: mode \"dsr-ipip\" needs one: its probe, sent through the tunnel, is \
                          how the load balancer knows a backend is set up (see `lb-agent backend-setup`)"
                     ));
-                }
-                if self.protocol != Protocol::Tcp {
-                    out.push(format!("{at}: protocol: mode \"dsr-ipip\" supports tcp only in this build"));
                 }
                 if self.instances.is_some() {
                     out.push(format!("{at}: instances: mode \"dsr-ipip\" takes listed backends only"));
@@ -1298,14 +1303,36 @@ mod tests {
             (c.services[0].mode.number(), c.services[0].mode.to_string()),
             (lb_common::MODE_DSR_IPIP, "dsr-ipip".to_owned())
         );
-        let p = problems(&DSR.replace("source = \"10.1.0.1\"", ""));
-        assert!(p.iter().any(|p| p.starts_with("service[0] \"web\": source: mode \"dsr-ipip\" needs")), "{p:?}");
-        let p = problems(&DSR.replace("10.2.0.11:80", "10.2.0.11:8080"));
-        assert!(p.iter().any(|p| p.contains("backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"")), "{p:?}");
-        let p = problems(&DSR.replace("health_check = { interval = \"200ms\" }", ""));
-        assert!(p.iter().any(|p| p.contains("health_check: mode \"dsr-ipip\" needs one")), "{p:?}");
+        assert_dsr_needs(DSR, 80);
         // Full NAT takes a source too.
         assert_eq!(parse(&DSR.replace("\"dsr-ipip\"", "\"full-nat\"")).unwrap().services[0].mode, ForwardMode::FullNat);
         assert!(matches!(parse(&DSR.replace("\"dsr-ipip\"", "\"dsr\"")), Err(ConfigError::Parse { .. })));
+    }
+
+    /// `text`, a dsr-ipip service on `port` whose backend is 10.2.0.11,
+    /// each time with one of its needs taken away: refused, for that alone.
+    fn assert_dsr_needs(text: &str, port: u16) {
+        for (without, why) in [
+            (text.replace("source = \"10.1.0.1\"", ""), "service[0] \"web\": source: mode \"dsr-ipip\" needs"),
+            (
+                text.replace(&format!("10.2.0.11:{port}"), "10.2.0.11:8080"),
+                "service[0] \"web\": backend[0].address: 10.2.0.11:8080: in mode \"dsr-ipip\"",
+            ),
+            (
+                text.replace("health_check = { interval = \"200ms\" }", ""),
+                "service[0] \"web\": health_check: mode \"dsr-ipip\" needs one",
+            ),
+        ] {
+            let p = problems(&without);
+            assert!(p.len() == 1 && p[0].starts_with(why), "{why}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn a_udp_service_takes_dsr_ipip_with_the_same_needs() {
+        let udp = DSR.replace("port = 80", "port = 53\nprotocol = \"udp\"").replace("10.2.0.11:80", "10.2.0.11:53");
+        let c = parse(&udp).unwrap();
+        assert_eq!((c.services[0].mode, c.services[0].protocol), (ForwardMode::DsrIpip, Protocol::Udp));
+        assert_dsr_needs(&udp, 53);
     }
 }
