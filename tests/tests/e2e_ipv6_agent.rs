@@ -27,7 +27,7 @@ use lb_lab::{
     net6::{Net6, BACKENDS, CLIENT, VIP},
     require_root,
     scratch::Scratch,
-    topology::Conn,
+    topology::{echo_all, Conn},
 };
 use serde_json::Value;
 
@@ -109,20 +109,6 @@ fn root_agent_serves_an_ipv6_vip_and_health_removes_a_stopped_backend() {
 fn addr_of(name: &str) -> String {
     let i = name.strip_prefix("web-").and_then(|i| i.parse().ok()).unwrap_or_else(|| panic!("backend name {name:?}"));
     Net6::tcp(i).to_string()
-}
-
-/// Echo on every held connection: each answered by the backend that
-/// greeted it, or a description of what went wrong.
-fn echo_all(held: &mut [Conn], round: &str) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (i, c) in held.iter_mut().enumerate() {
-        match c.echo(&format!("{round} conn {i}")) {
-            Ok(name) if name == c.backend => {}
-            Ok(name) => failures.push(format!("{round}: held conn {i} to {} answered by {name}", c.backend)),
-            Err(e) => failures.push(format!("{round}: held conn {i} to {}: {e}", c.backend)),
-        }
-    }
-    failures
 }
 
 /// Held connections per backend address.
