@@ -330,11 +330,15 @@ pub fn ipip_encapsulated(frame: &[u8], macs: (Mac, Mac), src: Ipv4Addr, dst: Ipv
 
 /// An IPv6 `frame` inside an outer IPv6 header (next header 41, hop limit
 /// 64, the inner traffic class and flow label) from `src` to `dst`, as the
-/// load balancer's IPv6 `dsr-ipip` sends it, with `macs` (dst, src).
+/// load balancer's IPv6 `dsr-ipip` sends it, with `macs` (dst, src). The
+/// outer payload length is the inner packet's (its header's payload length
+/// plus 40); everything after the inner Ethernet header, padding included,
+/// follows untouched.
 pub fn ip6ip6_encapsulated(frame: &[u8], macs: (Mac, Mac), src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
     let inner = &frame[14..];
+    let inner_payload = u16::from_be_bytes([inner[4], inner[5]]);
     let mut outer = inner[..4].to_vec();
-    outer.extend((inner.len() as u16).to_be_bytes());
+    outer.extend((inner_payload + 40).to_be_bytes());
     outer.extend([41, 64]);
     outer.extend(src.octets());
     outer.extend(dst.octets());

@@ -302,6 +302,20 @@ impl Conn {
     }
 }
 
+/// Echo on every held connection; a failure, or an answer from another
+/// backend than the one that greeted it, is described.
+pub fn echo_all(held: &mut [Conn], round: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, c) in held.iter_mut().enumerate() {
+        match c.echo(&format!("{round} conn {i}")) {
+            Ok(name) if name == c.backend => {}
+            Ok(name) => failures.push(format!("{round}: held conn {i} to {} answered by {name}", c.backend)),
+            Err(e) => failures.push(format!("{round}: held conn {i} to {}: {e}", c.backend)),
+        }
+    }
+    failures
+}
+
 fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<String> {
     let mut line = String::new();
     let n = reader.read_line(&mut line)?;

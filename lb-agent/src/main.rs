@@ -215,9 +215,11 @@ enum Command {
     /// hash, the slot, the live table half and the backends and weights that
     /// built it). Also says where the flow would go if that backend left.
     /// Every load balancer node with the same config makes the same Maglev
-    /// pick. Example: `lb-agent explain 10.0.9.2:40000 --service web`.
+    /// pick. Example: `lb-agent explain 10.0.9.2:40000 --service web`, or
+    /// for an IPv6 service `lb-agent explain [2001:db8::5]:40000 --service web6`.
     Explain {
-        /// The client's address and source port, e.g. 10.0.9.2:40000.
+        /// The client's address and source port, e.g. 10.0.9.2:40000 or
+        /// [2001:db8::5]:40000 (of the service's family).
         client: SocketAddr,
         /// The service, by its name in the config.
         #[arg(long)]

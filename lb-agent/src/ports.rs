@@ -69,8 +69,12 @@ pub trait ConnectionTable: Send + Sync {
     /// packets start new flows elsewhere. Returns how many of them were
     /// still open (as `scan` counts them).
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError>;
-    /// One flow's entry, with how long ago it saw a packet (`explain`).
-    fn lookup(&self, key: &lb_common::FlowKey) -> Result<Option<crate::core::explain::FlowSeen>, DataplaneError>;
+    /// One flow's entry (from its family's table), with how long ago it
+    /// saw a packet (`explain`).
+    fn lookup(
+        &self,
+        key: &crate::core::explain::TableKey,
+    ) -> Result<Option<crate::core::explain::FlowSeen>, DataplaneError>;
 }
 
 /// How this host routes addresses now (`ip route get`): the data plane
@@ -185,12 +189,31 @@ pub struct PinnedState {
     pub tables: BTreeMap<u32, [Vec<u32>; 2]>,
     /// `BACKEND_VIPS`: the services each backend address serves.
     pub backend_vips: Vec<(BackendAddr, BackendVips)>,
+    /// IPv6 (`lb_common::v6`): `SERVICES6` (their tables are in `tables`,
+    /// their backends' entries in `backends`), the addresses of backends
+    /// whose `BACKENDS` entry has `ip_be == 0` (`BACKENDS6`, by id), each
+    /// IPv6 service's `SOURCES6` entry (by service id) and `BACKEND_VIPS6`.
+    pub services6: Vec<(ServiceKey6, Service)>,
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub sources6: BTreeMap<u32, Ip6>,
+    pub backend_vips6: Vec<(BackendAddr6, BackendVips6)>,
+}
+
+impl PinnedState {
+    /// The address of backend `id`, whose `BACKENDS` entry is `b`: an IPv6
+    /// backend's (`ip_be == 0`) is in `BACKENDS6`.
+    pub fn backend_addr(&self, id: u32, b: &Backend) -> std::net::SocketAddr {
+        match self.backends6.get(&id) {
+            Some(b6) if b.ip_be == 0 => b6.addr().into(),
+            _ => SocketAddrV4::new(u32::from_be(b.ip_be).into(), u16::from_be(b.port_be)).into(),
+        }
+    }
 }
 
 /// One walk of the connection table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackScan {
-    /// Open flows per backend id.
+    /// Open flows per backend id, IPv4 and IPv6 alike.
     pub open: BTreeMap<u32, u64>,
     /// Entries in the table (one per flow).
     pub entries: u64,
@@ -198,6 +221,9 @@ pub struct ConntrackScan {
     pub max_entries: u32,
     /// Full NAT's source ports held (claims whose flow is in the table).
     pub snat_claims: u64,
+    /// IPv6 flows' entries (`CONNTRACK6`), and the entries it can hold.
+    pub entries6: u64,
+    pub max_entries6: u32,
 }
 
 /// How the program runs on an interface.

@@ -167,6 +167,7 @@ impl SnapshotBuilder {
                 fill(lb_common::CONNTRACK, scan.entries, scan.max_entries),
                 // Full NAT's held source ports (one claim per flow).
                 fill(lb_common::SNAT_FLOWS, scan.snat_claims, scan.max_entries),
+                fill(lb_common::v6::CONNTRACK6, scan.entries6, scan.max_entries6),
             ],
             services,
             reasons,
@@ -369,6 +370,8 @@ weight = 3
             entries: 8,
             max_entries: lb_common::CONNTRACK_MAX,
             snat_claims: 0,
+            entries6: 2,
+            max_entries6: lb_common::CONNTRACK_MAX,
         };
         let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
 
@@ -382,6 +385,8 @@ weight = 3
 
         let conntrack = s.maps.iter().find(|m| m.name == CONNTRACK).unwrap();
         assert_eq!((conntrack.entries, conntrack.max_entries), (8, lb_common::CONNTRACK_MAX as u64));
+        let conntrack6 = s.maps.iter().find(|m| m.name == lb_common::v6::CONNTRACK6).unwrap();
+        assert_eq!(conntrack6.entries, 2);
         let verdicts: Vec<(&str, &str, u64)> =
             s.reasons.iter().map(|r| (r.reason.as_str(), r.verdict.as_str(), r.packets)).collect();
         assert_eq!(

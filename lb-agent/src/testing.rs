@@ -187,7 +187,7 @@ pub struct FakeDataplane {
     /// Walks of the connection table so far.
     pub scans: u32,
     /// Entries a flow lookup finds.
-    pub flow_entries: Vec<(lb_common::FlowKey, crate::core::explain::FlowSeen)>,
+    pub flow_entries: Vec<(crate::core::explain::TableKey, crate::core::explain::FlowSeen)>,
     /// Interfaces that do not exist here (every other one does).
     pub missing_interfaces: BTreeSet<String>,
     pub attached: BTreeMap<String, (HookMode, ChecksumMode)>,
@@ -235,11 +235,28 @@ impl FakeDataplane {
 
     /// The maps as a new agent reads them back after a restart.
     pub fn pinned_state(&self) -> PinnedState {
+        let live = || self.backends.iter().filter(|(_, b)| b.flags != 0);
         PinnedState {
             services: self.services.iter().map(|(k, s)| (*k, *s)).collect(),
-            backends: self.backends.iter().filter(|(_, b)| b.flags != 0).map(|(id, b)| (*id, *b)).collect(),
-            tables: self.services.values().map(|s| (s.id, [self.table(s.id, 0), self.table(s.id, 1)])).collect(),
+            backends: live().map(|(id, b)| (*id, *b)).collect(),
+            tables: self
+                .services
+                .values()
+                .chain(self.services6.values())
+                .map(|s| (s.id, [self.table(s.id, 0), self.table(s.id, 1)]))
+                .collect(),
             backend_vips: self.backend_vips.iter().map(|(a, v)| (*a, *v)).collect(),
+            services6: self.services6.iter().map(|(k, s)| (*k, *s)).collect(),
+            backends6: live()
+                .filter(|(_, b)| b.ip_be == 0)
+                .map(|(id, _)| (*id, self.backends6.get(id).copied().unwrap_or_default()))
+                .collect(),
+            sources6: self
+                .services6
+                .values()
+                .map(|s| (s.id, self.sources6.get(&s.id).copied().unwrap_or_default()))
+                .collect(),
+            backend_vips6: self.backend_vips6.iter().map(|(a, v)| (*a, *v)).collect(),
         }
     }
 }
@@ -510,6 +527,8 @@ impl ConnectionTable for SharedDataplane {
             open,
             max_entries: lb_common::CONNTRACK_MAX,
             snat_claims: 0,
+            entries6: 0,
+            max_entries6: lb_common::CONNTRACK_MAX,
         })
     }
 
@@ -519,7 +538,10 @@ impl ConnectionTable for SharedDataplane {
         Ok(dp.open.remove(&backend_id).unwrap_or(0))
     }
 
-    fn lookup(&self, key: &lb_common::FlowKey) -> Result<Option<crate::core::explain::FlowSeen>, DataplaneError> {
+    fn lookup(
+        &self,
+        key: &crate::core::explain::TableKey,
+    ) -> Result<Option<crate::core::explain::FlowSeen>, DataplaneError> {
         Ok(self.lock().flow_entries.iter().find(|(k, _)| k == key).map(|(_, seen)| *seen))
     }
 }

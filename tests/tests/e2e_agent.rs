@@ -24,7 +24,7 @@ use std::{
 use lb_lab::{
     agent::{run_agent_cli, Agent},
     require_root,
-    topology::{tcp_request, xdp_attachments, Conn, Options, Topology},
+    topology::{echo_all, tcp_request, xdp_attachments, Conn, Options, Topology},
 };
 use serde_json::Value;
 
@@ -69,20 +69,6 @@ fn new_connections(topo: &Topology, n: usize) -> (BTreeMap<String, usize>, Vec<S
         }
         (counts, failures)
     })
-}
-
-/// Echo on every held connection; a failure or a different backend is
-/// described.
-fn echo_all(held: &mut [Conn], round: &str) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (i, c) in held.iter_mut().enumerate() {
-        match c.echo(&format!("{round} conn {i}")) {
-            Ok(name) if name == c.backend => {}
-            Ok(name) => failures.push(format!("{round}: held conn {i} to {} answered by {name}", c.backend)),
-            Err(e) => failures.push(format!("{round}: held conn {i} to {}: {e}", c.backend)),
-        }
-    }
-    failures
 }
 
 /// The `web` service's backends in a status snapshot, by address.

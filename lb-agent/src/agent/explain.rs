@@ -4,17 +4,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_common::FlowKey;
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::Agent;
 use crate::{
     config::Protocol,
-    core::{
-        explain::{explain, select_service, FlowQuery, LiveTable},
-        vip::VipKey,
-    },
+    core::explain::{explain, select_service, FlowQuery, LiveTable},
     ports::{Dataplane, OrchestratorFactory, Prober},
     serve::api::Response,
 };
@@ -41,23 +37,15 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
             return;
         };
         let vip = SocketAddr::new(config.vip, config.port);
-        if client.is_ipv6() != vip.is_ipv6() {
+        let query = FlowQuery { client, vip, proto: key.proto() };
+        let Some(flow) = query.table_key() else {
             let _ = reply.send(Response::error(format!("client {client} and VIP {vip} are not of one family")));
             return;
-        }
-        let query = FlowQuery { client, vip, proto: key.proto() };
+        };
         let (name, half, slots, backends) =
             (config.name.clone(), state.table, state.live_table().to_vec(), state.backends.clone());
         let conns = self.dataplane.connection_table();
         tokio::task::spawn_blocking(move || {
-            // The IPv6 connection table is not read here (yet): an IPv6
-            // flow is explained by the Maglev table alone.
-            let (VipKey::V4(k), SocketAddr::V4(c)) = (key, client) else {
-                let table = LiveTable { half, slots: &slots, backends: &backends };
-                let _ = reply.send(Response::explain(explain(&name, &query, table, None)));
-                return;
-            };
-            let flow = FlowKey::new(u32::from(*c.ip()).to_be(), c.port().to_be(), k.vip_be, k.port_be, k.proto);
             let seen = match conns.and_then(|c| c.lookup(&flow)) {
                 Ok(seen) => seen,
                 Err(e) => {

@@ -218,7 +218,11 @@ impl<D: Dataplane, F: OrchestratorFactory, P: Prober> Agent<D, F, P> {
         let restarted = adopted.is_some();
         let reconciler = match adopted {
             Some(state) => {
-                info!(services = state.services.len(), backends = state.backends.len(), "adopting pinned state");
+                info!(
+                    services = state.services.len() + state.services6.len(),
+                    backends = state.backends.len(),
+                    "adopting pinned state"
+                );
                 Reconciler::adopt(state)
             }
             None => Reconciler::default(),

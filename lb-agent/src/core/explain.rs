@@ -7,14 +7,15 @@
 //! set alone. "If it left" rebuilds the table without that backend.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use lb_common::{
     hash::flow_hash,
     maglev::{build_table, MaglevBackend},
-    Conn, TcpState, MAGLEV_TABLE_SIZE, PROTO_TCP,
+    v6::{ip6_raw, FlowKey6},
+    FlowKey, TcpState, MAGLEV_TABLE_SIZE, PROTO_TCP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,37 @@ pub struct FlowQuery {
     pub proto: u8,
 }
 
+impl FlowQuery {
+    /// The flow's key in its family's connection table (`CONNTRACK`,
+    /// `CONNTRACK6`); `None` when client and VIP are not of one family.
+    pub fn table_key(&self) -> Option<TableKey> {
+        match (self.client, self.vip) {
+            (SocketAddr::V4(c), SocketAddr::V4(v)) => Some(TableKey::V4(FlowKey::new(
+                u32::from(*c.ip()).to_be(),
+                c.port().to_be(),
+                u32::from(*v.ip()).to_be(),
+                v.port().to_be(),
+                self.proto,
+            ))),
+            (SocketAddr::V6(c), SocketAddr::V6(v)) => Some(TableKey::V6(FlowKey6::new(
+                ip6_raw(*c.ip()),
+                c.port().to_be(),
+                ip6_raw(*v.ip()),
+                v.port().to_be(),
+                self.proto,
+            ))),
+            _ => None,
+        }
+    }
+}
+
+/// A flow's key in the connection table of its family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableKey {
+    V4(FlowKey),
+    V6(FlowKey6),
+}
+
 /// A service's live table as the agent last wrote it.
 #[derive(Clone, Copy, Debug)]
 pub struct LiveTable<'a> {
@@ -39,10 +71,14 @@ pub struct LiveTable<'a> {
     pub backends: &'a [MaglevBackend],
 }
 
-/// The flow's connection-table entry, as read with how long ago it was seen.
+/// The flow's connection-table entry (either family), as read with how
+/// long ago it was seen.
 #[derive(Clone, Copy, Debug)]
 pub struct FlowSeen {
-    pub conn: Conn,
+    /// The backend the entry sends the flow to.
+    pub backend: SocketAddr,
+    /// `Conn::tcp_seen`.
+    pub tcp_seen: u8,
     pub idle: Duration,
 }
 
@@ -109,7 +145,8 @@ pub fn select_service<'a>(
 }
 
 /// The flow hash the data plane computes for `q` (fields in network order,
-/// as it loads them).
+/// as it loads them): for IPv6 `flow_hash` over the folded addresses, which
+/// is `lb_common::v6::flow_hash6`.
 pub fn hash_of(q: &FlowQuery) -> u32 {
     let fold = |ip: IpAddr| match ip {
         IpAddr::V4(ip) => u32::from(ip).to_be(),
@@ -136,11 +173,8 @@ pub fn explain(service: &str, q: &FlowQuery, table: LiveTable<'_>, seen: Option<
     let hash = hash_of(q);
     let maglev_backend = pick(table.slots, table.backends, hash);
     let entry = seen.map(|s| EntryView {
-        backend: SocketAddr::new(
-            Ipv4Addr::from(u32::from_be(s.conn.nat_ip_be)).into(),
-            u16::from_be(s.conn.nat_port_be),
-        ),
-        state: state_name(q.proto, s.conn.tcp_seen),
+        backend: s.backend,
+        state: state_name(q.proto, s.tcp_seen),
         last_seen_ms_ago: u64::try_from(s.idle.as_millis()).unwrap_or(u64::MAX),
     });
     let (backend, reason) = match (&entry, maglev_backend) {
@@ -270,14 +304,7 @@ mod tests {
         let q = query(40001);
         let pick = explain("web", &q, LiveTable { half: 0, slots: &slots, backends: &set }, None).backend.unwrap();
         let other = set.iter().find(|b| b.addr != pick).unwrap().addr;
-        let conn = Conn {
-            nat_ip_be: u32::from(crate::core::vip::ipv4(other.ip()).unwrap()).to_be(),
-            nat_port_be: other.port().to_be(),
-            tcp_seen: lb_common::TCP_SEEN_REPLY,
-            backend_id: 9,
-            ..Conn::default()
-        };
-        let seen = FlowSeen { conn, idle: Duration::from_millis(1500) };
+        let seen = FlowSeen { backend: other, tcp_seen: lb_common::TCP_SEEN_REPLY, idle: Duration::from_millis(1500) };
         let e = explain("web", &q, LiveTable { half: 0, slots: &slots, backends: &set }, Some(seen));
         assert_eq!((e.backend, e.reason.as_str()), (Some(other), "connection table"));
         let entry = e.entry.as_ref().unwrap();
@@ -321,6 +348,48 @@ mod tests {
         assert!(err.contains("no such VIP"), "{err}");
         let err = select_service(s, "api", None, None).unwrap_err();
         assert!(err.contains("no service named \"api\"") && err.contains("web, dns"), "{err}");
+    }
+
+    /// An IPv6 flow: its key is `CONNTRACK6`'s, its hash `flow_hash6`, and
+    /// its entry names an IPv6 backend.
+    #[test]
+    fn an_ipv6_flow_hashes_as_the_ipv6_path_and_shows_its_entry() {
+        let set: Vec<MaglevBackend> = (1..=3u16)
+            .map(|i| MaglevBackend {
+                id: u32::from(i),
+                addr: SocketAddr::new(std::net::Ipv6Addr::new(0xfd00, i, 0, 0, 0, 0, 0, 2).into(), 8080),
+                weight: 1,
+            })
+            .collect();
+        let slots = build_table(&set, MAGLEV_TABLE_SIZE);
+        let q = FlowQuery {
+            client: "[2001:db8::5]:40000".parse().unwrap(),
+            vip: "[2001:db8:ff::1]:80".parse().unwrap(),
+            proto: PROTO_TCP,
+        };
+        let Some(TableKey::V6(key)) = q.table_key() else { panic!("not an IPv6 key: {:?}", q.table_key()) };
+        assert_eq!(key, FlowKey6::new(key.src, 40000u16.to_be(), key.dst, 80u16.to_be(), PROTO_TCP));
+        assert_eq!(lb_common::v6::ip6_addr(key.src), "2001:db8::5".parse::<std::net::Ipv6Addr>().unwrap());
+        let hash = lb_common::v6::flow_hash6(&key.src, &key.dst, key.src_port_be, key.dst_port_be, key.proto);
+        let table = LiveTable { half: 1, slots: &slots, backends: &set };
+        let e = explain("web6", &q, table, None);
+        assert_eq!((e.maglev.hash, e.maglev.slot), (hash, hash % MAGLEV_TABLE_SIZE));
+        let seen = FlowSeen { backend: set[2].addr, tcp_seen: lb_common::TCP_SEEN_REPLY, idle: Duration::ZERO };
+        let e = explain("web6", &q, table, Some(seen));
+        assert_eq!((e.backend, e.reason.as_str()), (Some(set[2].addr), "connection table"));
+        assert!(e.if_backend_left.is_some_and(|b| b != set[2].addr && b.is_ipv6()));
+        assert!(e.render().contains("[fd00:3::2]:8080"), "{}", e.render());
+    }
+
+    #[test]
+    fn a_query_of_two_families_has_no_table_key() {
+        let q = FlowQuery {
+            client: "[2001:db8::5]:40000".parse().unwrap(),
+            vip: "10.0.0.100:80".parse().unwrap(),
+            proto: PROTO_TCP,
+        };
+        assert_eq!(q.table_key(), None);
+        assert!(matches!(query(1).table_key(), Some(TableKey::V4(k)) if k.src_port_be == 1u16.to_be()));
     }
 
     #[test]

@@ -122,21 +122,19 @@ impl Reconciler {
     /// changes, starting from the live tables.
     pub fn adopt(state: PinnedState) -> Reconciler {
         let mut r = Reconciler::default();
-        // IPv4 only: the pinned state has no IPv6 maps (yet), so an adopted
-        // agent writes its IPv6 services anew.
-        let key_of: BTreeMap<u32, VipKey> = state.services.iter().map(|(k, s)| (s.id, VipKey::V4(*k))).collect();
-        let addr_of: BTreeMap<u32, SocketAddr> = state
-            .backends
-            .iter()
-            .map(|(id, b)| (*id, SocketAddrV4::new(u32::from_be(b.ip_be).into(), u16::from_be(b.port_be)).into()))
+        let services: Vec<(VipKey, Service)> = (state.services.iter().map(|(k, s)| (VipKey::V4(*k), *s)))
+            .chain(state.services6.iter().map(|(k, s)| (VipKey::V6(*k), *s)))
             .collect();
+        let key_of: BTreeMap<u32, VipKey> = services.iter().map(|(k, s)| (s.id, *k)).collect();
+        let addr_of: BTreeMap<u32, SocketAddr> =
+            state.backends.iter().map(|(id, b)| (*id, state.backend_addr(*id, b))).collect();
         for (id, b) in &state.backends {
             if let (Some(key), Some(addr)) = (key_of.get(&b.service_id), addr_of.get(id)) {
                 r.backend_ids.insert((*key, *addr), *id);
                 r.entries.insert(*id, *b);
             }
         }
-        for (key, svc) in state.services {
+        for (key, svc) in services {
             let empty = || vec![0; MAGLEV_TABLE_SIZE as usize];
             let halves = state.tables.get(&svc.id).cloned().unwrap_or_else(|| [empty(), empty()]);
             let table = svc.table & 1;
@@ -147,7 +145,7 @@ impl Reconciler {
                 .iter()
                 .filter_map(|id| Some(MaglevBackend { id: *id, addr: *addr_of.get(id)?, weight: 0 }))
                 .collect();
-            let state = ServiceState {
+            let service = ServiceState {
                 id: svc.id,
                 name: String::new(),
                 table,
@@ -156,11 +154,12 @@ impl Reconciler {
                 flags: svc.flags,
                 mode: svc.mode,
                 source_be: svc.source_be,
-                source6: [0; 4],
+                source6: state.sources6.get(&svc.id).copied().unwrap_or_default(),
             };
-            r.services.insert(VipKey::V4(key), state);
+            r.services.insert(key, service);
         }
         r.backend_vips = state.backend_vips.into_iter().collect();
+        r.backend_vips6 = state.backend_vips6.into_iter().collect();
         r
     }
 
@@ -923,6 +922,55 @@ mod tests {
         assert!(dp.log.iter().all(|w| !w.kind().starts_with("backend")), "{:?}", dp.log);
         let after = dp.services.values().next().copied().unwrap();
         assert_eq!(dp.table(after.id, after.table), live_before);
+    }
+
+    /// A restart with IPv6 services: their ids, tables, sources and reply
+    /// keys are read back, so the same config rewrites no backend and flips
+    /// to the same table, and a service the new config lacks is removed
+    /// from `SERVICES6`.
+    #[test]
+    fn adopting_pinned_ipv6_services_keeps_their_ids_and_tables() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let b6 = ["[2001:db8:1::2]:80", "[2001:db8:1::3]:80", "[2001:db8:1::4]:80"];
+        let text = format!(
+            "[[service]]\nname = \"web6\"\nvip = \"2001:db8::10\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+             mode = \"dsr-ipip\"\nsource = \"2001:db8::1\"\nhealth_check = {{ interval = \"1s\" }}\n{}\
+             [[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+             [[service.backend]]\naddress = \"10.1.0.1:80\"\n[interface.eth0]\nhook = \"xdp\"\n",
+            b6.iter().map(|a| format!("[[service.backend]]\naddress = \"{a}\"\n")).collect::<String>()
+        );
+        let mut d = DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap());
+        // Another history than a fresh start: web6's second backend is out.
+        d[0].backends[1].in_table = false;
+        r.apply(&d, &mut dp).unwrap();
+        let state = dp.pinned_state();
+        let key6 = d[0].config.key();
+        let adopted = Reconciler::adopt(state);
+        for addr in b6 {
+            let addr = addr.parse().unwrap();
+            assert_eq!(adopted.backend_id(&key6, addr), r.backend_id(&key6, addr), "{addr}");
+        }
+        assert_eq!(adopted.out_of_table(), [(key6, b6[1].parse().unwrap())].into());
+        let mut adopted = adopted;
+        let live6 = |dp: &FakeDataplane| {
+            let s = dp.services6[&lb_common::v6::ServiceKey6::new("[2001:db8::10]:80".parse().unwrap(), 6)];
+            (s.id, dp.table(s.id, s.table), dp.sources6[&s.id])
+        };
+        let before = live6(&dp);
+        dp.log.clear();
+        adopted.apply(&d, &mut dp).unwrap();
+        // Weights are not in the maps: the tables are rebuilt, to the same.
+        let rewrites: Vec<&Write> =
+            dp.log.iter().filter(|w| !matches!(w.kind(), "table" | "service" | "service6" | "source6")).collect();
+        assert!(rewrites.is_empty(), "the same config rewrote: {rewrites:?}");
+        assert_eq!(live6(&dp), before);
+
+        // A new config without web6: it leaves SERVICES6 and its reply keys go.
+        let only_v4: Vec<DesiredService> = d.iter().filter(|s| s.config.name == "web").cloned().collect();
+        adopted.apply(&only_v4, &mut dp).unwrap();
+        assert!(dp.services6.is_empty() && dp.backend_vips6.is_empty(), "{:?}", dp.log);
+        assert!(dp.live_backends().iter().all(SocketAddr::is_ipv4));
     }
 
     #[test]

@@ -254,7 +254,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 fn parse_explain(service: String, raw: &RawRequest) -> Result<Request, String> {
     let c = raw.client.as_deref().ok_or("bad request: explain needs \"client\"")?;
     let client = c.parse().map_err(|_| {
-        format!("bad request: client: {c:?} is not an IPv4 address with a port, like \"10.0.9.2:40000\"")
+        format!(
+            "bad request: client: {c:?} is not an address with a port, like \"10.0.9.2:40000\" or \
+             \"[2001:db8::5]:40000\""
+        )
     })?;
     let protocol = match raw.protocol.as_deref() {
         None => None,
@@ -264,7 +267,7 @@ fn parse_explain(service: String, raw: &RawRequest) -> Result<Request, String> {
     };
     let vip = match raw.vip.as_deref() {
         None => None,
-        Some(v) => Some(v.parse().map_err(|_| format!("bad request: vip: {v:?} is not an IPv4 address"))?),
+        Some(v) => Some(v.parse().map_err(|_| format!("bad request: vip: {v:?} is not an IP address"))?),
     };
     Ok(Request::Explain { service, client, protocol, vip })
 }
@@ -501,6 +504,14 @@ mod tests {
             vip: None,
         };
         assert_eq!(parse_request(&serde_json::to_string(&bare).unwrap()), Ok(bare));
+        let line = r#"{"op":"explain","service":"web6","client":"[2001:db8::5]:40000","vip":"2001:db8:ff::1"}"#;
+        let v6 = Request::Explain {
+            service: "web6".into(),
+            client: "[2001:db8::5]:40000".parse().unwrap(),
+            protocol: None,
+            vip: Some("2001:db8:ff::1".parse().unwrap()),
+        };
+        assert_eq!(parse_request(line), Ok(v6));
         for (line, says) in [
             (r#"{"op":"explain","service":"web"}"#, "needs \"client\""),
             (r#"{"op":"explain","service":"web","client":"10.0.9.2"}"#, "client: \"10.0.9.2\""),

@@ -4,11 +4,13 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 
 use lb_common::BENCH_FRAME_LEN;
 use lb_lab::{
-    packet::{ethernet, pad_to, Addrs, Ipv6, Tcp, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN},
+    packet::{
+        ethernet, ip6ip6_encapsulated, pad_to, Addrs, Ipv6, Tcp, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN,
+    },
     testrun6::ServiceSpec6,
 };
 
-use crate::{LB_MAC, PEER_MAC};
+use crate::{DSR_BACKEND_MAC, DSR_IFACE_MAC, LB_MAC, PEER_MAC};
 
 pub const VIP: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100), 80, 0, 0);
 pub const CLIENT: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10), 40000, 0, 0);
@@ -43,4 +45,33 @@ pub fn established_out() -> Vec<u8> {
 
 pub fn new_flow_syn() -> Vec<u8> {
     frame(NEW_FLOW_CLIENTS, VIP, TCP_SYN, &[])
+}
+
+/// The `dsr-ipip` service: its packets leave inside an outer IPv6 header
+/// from `DSR_SOURCE` to the backend, out of the IPv4 DSR cases' interface
+/// (`crate::DSR_IFACE`), which also holds `DSR_SOURCE`/64 and neighbour
+/// entries for the backends. Backend ids 17-20, service id 4.
+pub const DSR_VIP: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x102), 80, 0, 0);
+pub const DSR_SOURCE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb, 0, 0, 0, 0, 0, 0xfe);
+
+pub fn dsr_service() -> ServiceSpec6 {
+    let backends: Vec<(u32, SocketAddrV6)> = (17..=20)
+        .map(|i| (i, SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0xb, 0, 0, 0, 0, 0, i as u16), 80, 0, 0)))
+        .collect();
+    ServiceSpec6::new(4, DSR_VIP, IPPROTO_TCP, 0, &backends)
+}
+
+pub fn dsr_established() -> Vec<u8> {
+    frame(CLIENT, DSR_VIP, TCP_ACK | TCP_PSH, b"bench")
+}
+
+/// `dsr_established()` as it leaves: encapsulated to the backend the
+/// table names, its padding carried along.
+pub fn dsr_established_out() -> Vec<u8> {
+    let (_, backend) = dsr_service().pick(CLIENT).expect("the table names a backend");
+    ip6ip6_encapsulated(&dsr_established(), (DSR_BACKEND_MAC, DSR_IFACE_MAC), DSR_SOURCE, *backend.ip())
+}
+
+pub fn dsr_new_flow_syn() -> Vec<u8> {
+    frame(NEW_FLOW_CLIENTS, DSR_VIP, TCP_SYN, &[])
 }

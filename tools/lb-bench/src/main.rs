@@ -22,7 +22,10 @@
 //! round, from no claims, and proves its path by the claims it left too.
 //!
 //! The IPv6 cases (`ipv6`) run `xdp_lb` on IPv6 frames: the tail call to
-//! `xdp_lb6` is part of what they measure.
+//! `xdp_lb6` is part of what they measure. The `dsr-ipip` cases (IPv4 and
+//! IPv6) arrive on an interface of the bench's own namespace whose
+//! backends have neighbour entries, so the FIB lookup answers and every
+//! run leaves by XDP_TX.
 //!
 //! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
 
@@ -30,7 +33,7 @@ mod ipv6;
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -260,6 +263,8 @@ fn cases() -> Vec<Case> {
         claims_per_run: 0,
         on_dsr_iface: false,
     };
+    // A dsr-ipip case: in on `DSR_IFACE`, out by XDP_TX.
+    let dsr = |name, frame| Case { verdict: XDP_TX, on_dsr_iface: true, ..wrapped(name, frame, Reason::Forwarded) };
     let full_nat_backend = full_nat_service().pick(CLIENT).expect("the full-NAT table names a backend").1;
     vec![
         pass_only(CASE_PASS, PROG_PASS, None),
@@ -371,9 +376,21 @@ fn cases() -> Vec<Case> {
                 DSR_SOURCE,
                 dsr_backend,
             )),
-            verdict: XDP_TX,
-            on_dsr_iface: true,
-            ..wrapped("xdp_lb: dsr-ipip encapsulation", dsr_established(), Reason::Forwarded)
+            ..dsr("xdp_lb: dsr-ipip encapsulation", dsr_established())
+        },
+        // The same over IPv6: 40 bytes more, IPv6-in-IPv6...
+        Case {
+            prepare: Some(ipv6::frame(ipv6::CLIENT, ipv6::DSR_VIP, TCP_SYN, &[])),
+            output: Some(ipv6::dsr_established_out()),
+            ..dsr("xdp_lb -> xdp_lb6: ipv6 dsr-ipip established", ipv6::dsr_established())
+        },
+        // ...and a new flow's SYN, which picks and inserts as well (its
+        // table not filled first, as for the IPv6 nat new flow).
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            ..dsr("xdp_lb -> xdp_lb6: ipv6 dsr-ipip new-flow SYN", ipv6::dsr_new_flow_syn())
         },
     ]
 }
@@ -400,11 +417,14 @@ impl Bench {
         lb.add_service(&svc)?;
         lb.add_service(&full_nat)?;
         lb.set_snat_ports(FULL_NAT_PORTS.0, FULL_NAT_PORTS.1)?;
-        let v6 = ipv6::service();
+        let (v6, dsr6) = (ipv6::service(), ipv6::dsr_service());
         lb.add_service6(&v6)?;
         lb.add_service(&dsr)?;
         lb.write_service(&dsr, MODE_DSR_IPIP, DSR_SOURCE)?;
-        let dsr_ifindex = wire_dsr_iface(&dsr)?;
+        lb.add_service6(&dsr6)?;
+        lb.write_service6(&dsr6, MODE_DSR_IPIP, ipv6::DSR_SOURCE)?;
+        let dsr_backends = dsr.backends.iter().map(|(_, b)| IpAddr::V4(*b.ip()));
+        let dsr_ifindex = wire_dsr_iface(dsr_backends.chain(dsr6.backends.iter().map(|(_, b)| IpAddr::V6(*b.ip()))))?;
         lb.allow_egress(dsr_ifindex)?;
         Ok(Self {
             frames: lb.take_map(BENCH_FRAME)?,
@@ -415,7 +435,7 @@ impl Bench {
                 .chain(&full_nat.backends)
                 .chain(&dsr.backends)
                 .map(|(id, _)| *id)
-                .chain(v6.backends.iter().map(|(id, _)| *id))
+                .chain(v6.backends.iter().chain(&dsr6.backends).map(|(id, _)| *id))
                 .collect(),
             dsr_ifindex,
             lb,
@@ -542,21 +562,24 @@ struct Report {
     cases: Vec<Row>,
 }
 
-/// `DSR_IFACE` (a veth whose peer stays here) with `DSR_SOURCE`/24,
-/// forwarding on, and a neighbour entry for each of `dsr`'s backends;
-/// returns its ifindex.
-fn wire_dsr_iface(dsr: &ServiceSpec) -> Result<u32> {
+/// `DSR_IFACE` (a veth whose peer stays here) with `DSR_SOURCE`/24 and
+/// `ipv6::DSR_SOURCE`/64, forwarding on in both families, and a neighbour
+/// entry for each of the dsr services' `backends`; returns its ifindex.
+fn wire_dsr_iface(backends: impl Iterator<Item = IpAddr>) -> Result<u32> {
     let mac = |m: Mac| m.map(|b| format!("{b:02x}")).join(":");
     let peer = format!("{DSR_IFACE}p");
     run_cmd("ip", &["link", "add", DSR_IFACE, "address", &mac(DSR_IFACE_MAC), "type", "veth", "peer", "name", &peer]);
     run_cmd("ip", &["link", "set", &peer, "up"]);
     run_cmd("ip", &["link", "set", DSR_IFACE, "up"]);
     run_cmd("ip", &["addr", "add", &format!("{DSR_SOURCE}/24"), "dev", DSR_IFACE]);
+    // No duplicate address detection: usable at once.
+    run_cmd("ip", &["addr", "add", &format!("{}/64", ipv6::DSR_SOURCE), "dev", DSR_IFACE, "nodad"]);
     // A child process opens /proc/sys in the namespace of the thread that
     // spawned it: this one.
     run_cmd("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    for (_, b) in &dsr.backends {
-        let ip = b.ip().to_string();
+    run_cmd("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    for b in backends {
+        let ip = b.to_string();
         run_cmd(
             "ip",
             &["neigh", "replace", &ip, "lladdr", &mac(DSR_BACKEND_MAC), "dev", DSR_IFACE, "nud", "permanent"],

@@ -1,9 +1,11 @@
-//! The connection table (`CONNTRACK`) as `ports::ConnectionTable`: walks that
-//! count open flows per backend, and flushes of one backend's flows. Full
-//! NAT's port claims (`SNAT_FLOWS`) go with their flows: a flow deleted here
-//! gives its claim back, and a walk reaps claims whose flow is gone. A walk
-//! reads up to `CONNTRACK_MAX` entries, so the agent runs these on a worker
-//! off its loop, through a handle of their own on the map.
+//! The connection tables (`CONNTRACK`, and `CONNTRACK6` for IPv6 flows) as
+//! `ports::ConnectionTable`: walks that count open flows per backend, and
+//! flushes of one backend's flows. Backend ids are shared by both families,
+//! so a walk and a flush cover both tables alike. Full NAT's port claims
+//! (`SNAT_FLOWS`) go with their flows: a flow deleted here gives its claim
+//! back, and a walk reaps claims whose flow is gone. A walk reads up to
+//! `CONNTRACK_MAX` entries a table, so the agent runs these on a worker off
+//! its loop, through handles of their own on the maps.
 
 use std::{
     collections::BTreeMap,
@@ -12,11 +14,14 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use lb_common::{Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP, SNAT_FLOWS};
+use lb_common::{
+    v6::{ip6_addr, Conn6, FlowKey6, CONNTRACK6},
+    Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP, SNAT_FLOWS,
+};
 
 use super::map_err;
 use crate::{
-    core::explain::FlowSeen,
+    core::explain::{FlowSeen, TableKey},
     ports::{ConnectionTable, ConntrackScan, DataplaneError},
 };
 
@@ -29,19 +34,115 @@ pub const HALF_OPEN_IDLE: std::time::Duration = std::time::Duration::from_secs(5
 /// last packet, for the last ACKs and retransmissions, then deleted.
 pub const CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The connection table through a file descriptor of its own, so that the
-/// worker that walks it shares nothing with the agent's `AyaDataplane`.
+/// The connection tables through file descriptors of their own, so that
+/// the worker that walks them shares nothing with the agent's `AyaDataplane`.
 pub(super) struct AyaConnections {
     /// Removing entries takes `&mut`; walks and flushes take turns.
     map: Mutex<Tables>,
-    /// The table's size, fixed when the map was created.
+    /// The tables' sizes (`CONNTRACK`, `CONNTRACK6`), fixed when the maps
+    /// were created.
     max_entries: u32,
+    max_entries6: u32,
 }
 
-/// The connection table and full NAT's claims, locked together.
+/// The connection tables and full NAT's claims, locked together.
 struct Tables {
     flows: HashMap<MapData, FlowKey, Conn>,
     claims: HashMap<MapData, FlowKey, FlowKey>,
+    flows6: HashMap<MapData, FlowKey6, Conn6>,
+}
+
+/// A connection-table key of either family: its protocol.
+trait FlowProto: aya::Pod {
+    fn proto(&self) -> u8;
+}
+
+impl FlowProto for FlowKey {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+impl FlowProto for FlowKey6 {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// A connection-table entry of either family: the IPv4-shaped part that
+/// says its backend id, state and last packet, and its backend's address.
+trait FlowEntry: aya::Pod {
+    fn conn(&self) -> &Conn;
+    fn backend(&self) -> std::net::SocketAddr;
+}
+
+impl FlowEntry for Conn {
+    fn conn(&self) -> &Conn {
+        self
+    }
+    fn backend(&self) -> std::net::SocketAddr {
+        std::net::SocketAddrV4::new(u32::from_be(self.nat_ip_be).into(), u16::from_be(self.nat_port_be)).into()
+    }
+}
+
+impl FlowEntry for Conn6 {
+    fn conn(&self) -> &Conn {
+        &self.conn
+    }
+    fn backend(&self) -> std::net::SocketAddr {
+        std::net::SocketAddrV6::new(ip6_addr(self.nat_ip), u16::from_be(self.conn.nat_port_be), 0, 0).into()
+    }
+}
+
+/// What one walk of a table found: its entries, and those to delete.
+struct Walked<K, V> {
+    entries: u64,
+    expired: Vec<(K, V)>,
+}
+
+/// Walk `flows`: count its open flows per backend id into `open`.
+fn walk<K: FlowProto, V: FlowEntry>(
+    flows: &HashMap<MapData, K, V>,
+    now: u64,
+    open: &mut BTreeMap<u32, u64>,
+) -> Walked<K, V> {
+    let mut walked = Walked { entries: 0, expired: Vec::new() };
+    for item in flows.iter() {
+        // An entry evicted mid-walk ends the walk early on some kernels;
+        // a count that is briefly low is harmless (drains have deadlines).
+        let Ok((key, entry)) = item else { break };
+        walked.entries += 1;
+        let conn = entry.conn();
+        if is_open(key.proto(), conn, now) {
+            *open.entry(conn.backend_id).or_insert(0) += 1;
+        }
+        if is_expired(key.proto(), conn, now) {
+            walked.expired.push((key, entry));
+        }
+    }
+    walked
+}
+
+/// The entries of `flows` whose backend is `backend_id`.
+fn of_backend<K: FlowProto, V: FlowEntry>(flows: &HashMap<MapData, K, V>, backend_id: u32) -> Vec<(K, V)> {
+    flows.iter().filter_map(Result::ok).filter(|(_, v)| v.conn().backend_id == backend_id).collect()
+}
+
+/// `key`'s entry in `flows`, with how long ago it saw a packet.
+fn look_up<K: FlowProto, V: FlowEntry>(
+    flows: &HashMap<MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<Option<FlowSeen>, DataplaneError> {
+    match flows.get(key, 0) {
+        Ok(entry) => {
+            let idle = monotonic_ns().saturating_sub(entry.conn().last_seen_ns);
+            let (backend, tcp_seen) = (entry.backend(), entry.conn().tcp_seen);
+            Ok(Some(FlowSeen { backend, tcp_seen, idle: std::time::Duration::from_nanos(idle) }))
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_err(name, "look up a flow")(e)),
+    }
 }
 
 impl Tables {
@@ -78,10 +179,10 @@ impl Tables {
 }
 
 /// A second handle on `map` (a duplicate of its descriptor), and its size.
-fn second_handle<V: aya::Pod>(
-    map: &HashMap<MapData, FlowKey, V>,
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
     name: &'static str,
-) -> Result<(HashMap<MapData, FlowKey, V>, u32), DataplaneError> {
+) -> Result<(HashMap<MapData, K, V>, u32), DataplaneError> {
     let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(map_err(name, "duplicate the fd"))?;
     let data = MapData::from_fd(fd).map_err(map_err(name, "open"))?;
     let max_entries = data.info().map_err(map_err(name, "read its info"))?.max_entries();
@@ -90,14 +191,16 @@ fn second_handle<V: aya::Pod>(
 }
 
 impl AyaConnections {
-    /// Second handles on the connection table and on full NAT's claims.
+    /// Second handles on the connection tables and on full NAT's claims.
     pub(super) fn open(
         flows: &HashMap<MapData, FlowKey, Conn>,
         claims: &HashMap<MapData, FlowKey, FlowKey>,
+        flows6: &HashMap<MapData, FlowKey6, Conn6>,
     ) -> Result<Self, DataplaneError> {
         let (flows, max_entries) = second_handle(flows, CONNTRACK)?;
         let (claims, _) = second_handle(claims, SNAT_FLOWS)?;
-        Ok(AyaConnections { map: Mutex::new(Tables { flows, claims }), max_entries })
+        let (flows6, max_entries6) = second_handle(flows6, CONNTRACK6)?;
+        Ok(AyaConnections { map: Mutex::new(Tables { flows, claims, flows6 }), max_entries, max_entries6 })
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -114,21 +217,8 @@ impl ConnectionTable for AyaConnections {
     fn scan(&self) -> Result<ConntrackScan, DataplaneError> {
         let mut map = self.lock();
         let now = monotonic_ns();
-        let mut out = BTreeMap::new();
-        let mut entries = 0;
-        let mut expired = Vec::new();
-        for item in map.flows.iter() {
-            // An entry evicted mid-walk ends the walk early on some kernels;
-            // a count that is briefly low is harmless (drains have deadlines).
-            let Ok((key, conn)) = item else { break };
-            entries += 1;
-            if is_open(&key, &conn, now) {
-                *out.entry(conn.backend_id).or_insert(0) += 1;
-            }
-            if is_expired(&key, &conn, now) {
-                expired.push((key, conn));
-            }
-        }
+        let mut open = BTreeMap::new();
+        let Walked { mut entries, expired } = walk(&map.flows, now, &mut open);
         for (key, conn) in &expired {
             // Already gone (LRU eviction) is fine; a packet that came in
             // meanwhile re-creates the flow (a SYN, or within the budget).
@@ -136,41 +226,53 @@ impl ConnectionTable for AyaConnections {
                 entries -= 1;
             }
         }
+        let Walked { entries: mut entries6, expired } = walk(&map.flows6, now, &mut open);
+        for (key, _) in &expired {
+            if map.flows6.remove(key).is_ok() {
+                entries6 -= 1;
+            }
+        }
         let snat_claims = map.reap_claims();
-        Ok(ConntrackScan { open: out, entries, max_entries: self.max_entries, snat_claims })
+        Ok(ConntrackScan {
+            open,
+            entries,
+            max_entries: self.max_entries,
+            snat_claims,
+            entries6,
+            max_entries6: self.max_entries6,
+        })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
         let mut map = self.lock();
         let now = monotonic_ns();
-        let entries: Vec<(FlowKey, Conn)> =
-            map.flows.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
         let mut open = 0;
-        for (k, c) in &entries {
+        for (k, c) in &of_backend(&map.flows, backend_id) {
             // Already gone (LRU eviction) is fine.
-            if map.remove_flow(k, c) && is_open(k, c, now) {
+            if map.remove_flow(k, c) && is_open(k.proto, c, now) {
+                open += 1;
+            }
+        }
+        for (k, c) in &of_backend(&map.flows6, backend_id) {
+            if map.flows6.remove(k).is_ok() && is_open(k.proto, &c.conn, now) {
                 open += 1;
             }
         }
         Ok(open)
     }
 
-    fn lookup(&self, key: &FlowKey) -> Result<Option<FlowSeen>, DataplaneError> {
+    fn lookup(&self, key: &TableKey) -> Result<Option<FlowSeen>, DataplaneError> {
         let map = self.lock();
-        match map.flows.get(key, 0) {
-            Ok(conn) => {
-                let idle = monotonic_ns().saturating_sub(conn.last_seen_ns);
-                Ok(Some(FlowSeen { conn, idle: std::time::Duration::from_nanos(idle) }))
-            }
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(CONNTRACK, "look up a flow")(e)),
+        match key {
+            TableKey::V4(k) => look_up(&map.flows, CONNTRACK, k),
+            TableKey::V6(k) => look_up(&map.flows6, CONNTRACK6, k),
         }
     }
 }
 
-/// Open as `scan` and drains count it.
-fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
-    if key.proto == PROTO_UDP {
+/// Open as `scan` and drains count it (`proto`: the flow key's).
+fn is_open(proto: u8, conn: &Conn, now_ns: u64) -> bool {
+    if proto == PROTO_UDP {
         now_ns.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
     } else {
         TcpState::of(conn.tcp_seen) == TcpState::Open
@@ -179,12 +281,12 @@ fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
 
 /// A flow a walk deletes: TCP half-open or closed, idle long enough; a
 /// full-NAT UDP flow idle past `UDP_IDLE` (its claim holds a port).
-fn is_expired(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
+fn is_expired(proto: u8, conn: &Conn, now_ns: u64) -> bool {
     let idle = now_ns.saturating_sub(conn.last_seen_ns);
-    if key.proto == PROTO_UDP {
+    if proto == PROTO_UDP {
         return conn.snat_port_be != 0 && idle >= UDP_IDLE.as_nanos() as u64;
     }
-    key.proto == PROTO_TCP
+    proto == PROTO_TCP
         && match TcpState::of(conn.tcp_seen) {
             TcpState::HalfOpen => idle >= HALF_OPEN_IDLE.as_nanos() as u64,
             TcpState::Closed => idle >= CLOSED_GRACE.as_nanos() as u64,
@@ -226,13 +328,13 @@ mod tests {
         let answered = tcp_seen_after(0, 0x10, true);
         let closed = tcp_seen_after(answered, 0x04, false);
         let now = 100 * S;
-        assert!(!is_open(&flow(PROTO_TCP, 0, 100).0, &flow(PROTO_TCP, 0, 100).1, now), "half-open");
+        assert!(!is_open(PROTO_TCP, &flow(PROTO_TCP, 0, 100).1, now), "half-open");
         let (k, c) = flow(PROTO_TCP, answered, 1);
-        assert!(is_open(&k, &c, now) && !is_expired(&k, &c, now), "open flows never expire, however idle");
+        assert!(is_open(k.proto, &c, now) && !is_expired(k.proto, &c, now), "open flows never expire, however idle");
         let (k, c) = flow(PROTO_TCP, closed, 100);
-        assert!(!is_open(&k, &c, now));
+        assert!(!is_open(k.proto, &c, now));
         let (k, c) = flow(PROTO_UDP, 0, 80);
-        assert!(is_open(&k, &c, now) && !is_expired(&k, &c, now));
+        assert!(is_open(k.proto, &c, now) && !is_expired(k.proto, &c, now));
     }
 
     #[test]
@@ -240,19 +342,37 @@ mod tests {
         let closed = tcp_seen_after(tcp_seen_after(0, 0x10, true), 0x04, false);
         let at = |idle_s: u64, seen: u8| {
             let (k, c) = flow(PROTO_TCP, seen, 100);
-            is_expired(&k, &c, (100 + idle_s) * S)
+            is_expired(k.proto, &c, (100 + idle_s) * S)
         };
         assert!(!at(HALF_OPEN_IDLE.as_secs() - 1, 0) && at(HALF_OPEN_IDLE.as_secs(), 0));
         assert!(!at(CLOSED_GRACE.as_secs() - 1, closed) && at(CLOSED_GRACE.as_secs(), closed));
     }
 
     #[test]
+    fn entries_of_either_family_name_their_backend_and_share_the_rules() {
+        let (_, conn) = flow(PROTO_TCP, tcp_seen_after(0, 0x10, true), 100);
+        let conn = Conn {
+            nat_ip_be: u32::from(std::net::Ipv4Addr::new(10, 1, 0, 2)).to_be(),
+            nat_port_be: 8080u16.to_be(),
+            ..conn
+        };
+        assert_eq!(conn.backend(), "10.1.0.2:8080".parse().unwrap());
+        let backend: std::net::SocketAddrV6 = "[fd00:2::2]:8080".parse().unwrap();
+        let conn6 = Conn6 {
+            conn: Conn { nat_ip_be: 0, nat_port_be: backend.port().to_be(), ..conn },
+            nat_ip: lb_common::v6::ip6_raw(*backend.ip()),
+        };
+        assert_eq!(conn6.backend(), backend.into());
+        assert!(is_open(PROTO_TCP, conn6.conn(), 100 * S), "an IPv6 flow is open as an IPv4 one is");
+    }
+
+    #[test]
     fn idle_udp_flows_expire_only_when_they_hold_a_full_nat_port() {
         let idle = (100 + UDP_IDLE.as_secs()) * S;
         let (k, c) = flow(PROTO_UDP, 0, 100);
-        assert!(!is_expired(&k, &c, idle), "a DNAT flow waits for the LRU");
+        assert!(!is_expired(k.proto, &c, idle), "a DNAT flow waits for the LRU");
         let c = Conn { snat_ip_be: 7, snat_port_be: 61000u16.to_be(), ..c };
-        assert!(!is_expired(&k, &c, idle - S) && is_expired(&k, &c, idle));
+        assert!(!is_expired(k.proto, &c, idle - S) && is_expired(k.proto, &c, idle));
         assert_eq!(c.snat_reply_key(PROTO_UDP), FlowKey::new(5, 6, 7, 61000u16.to_be(), PROTO_UDP));
     }
 }

@@ -75,15 +75,25 @@ impl AyaDataplane {
     /// agent left off (same ids, same tables).
     pub fn read_pinned_state(&self) -> anyhow::Result<PinnedState> {
         let services: Vec<(ServiceKey, Service)> = self.maps.services.iter().collect::<Result<_, _>>()?;
+        let services6: Vec<(ServiceKey6, Service)> = self.maps.services6.iter().collect::<Result<_, _>>()?;
         let mut backends = Vec::new();
+        let mut backends6 = BTreeMap::new();
         for id in 1..MAX_BACKENDS {
             let b = self.maps.backends.get(&id, 0)?;
             if b.flags != 0 {
                 backends.push((id, b));
+                // An IPv6 backend's address is in `BACKENDS6`.
+                if b.ip_be == 0 {
+                    backends6.insert(id, self.maps.backends6.get(&id, 0)?);
+                }
             }
         }
+        let mut sources6 = BTreeMap::new();
+        for (_, svc) in &services6 {
+            sources6.insert(svc.id, self.maps.sources6.get(&svc.id, 0)?);
+        }
         let mut tables = BTreeMap::new();
-        for (_, svc) in &services {
+        for svc in services.iter().map(|(_, s)| s).chain(services6.iter().map(|(_, s)| s)) {
             let mut halves = [Vec::new(), Vec::new()];
             for (half, out) in halves.iter_mut().enumerate() {
                 *out = (0..MAGLEV_TABLE_SIZE)
@@ -93,7 +103,8 @@ impl AyaDataplane {
             tables.insert(svc.id, halves);
         }
         let backend_vips = self.maps.backend_vips.iter().collect::<Result<_, _>>()?;
-        Ok(PinnedState { services, backends, tables, backend_vips })
+        let backend_vips6 = self.maps.backend_vips6.iter().collect::<Result<_, _>>()?;
+        Ok(PinnedState { services, backends, tables, backend_vips, services6, backends6, sources6, backend_vips6 })
     }
 }
 
@@ -242,7 +253,7 @@ impl Dataplane for AyaDataplane {
 
     fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
         Ok(Arc::new(
-            AyaConnections::open(&self.maps.conntrack, &self.maps.snat_flows)
+            AyaConnections::open(&self.maps.conntrack, &self.maps.snat_flows, &self.maps.conntrack6)
                 .map_err(map_err(CONNTRACK, "open a second handle"))?,
         ))
     }
