@@ -29,11 +29,13 @@ pub struct ServiceSpec6 {
     pub proto: u8,
     pub table: u32,
     pub backends: Vec<(u32, SocketAddrV6)>,
+    /// `SERVICE_F_*` bits (0 from `new`).
+    pub flags: u32,
 }
 
 impl ServiceSpec6 {
     pub fn new(id: u32, vip: SocketAddrV6, proto: u8, table: u32, backends: &[(u32, SocketAddrV6)]) -> Self {
-        Self { id, vip, proto, table, backends: backends.to_vec() }
+        Self { id, vip, proto, table, backends: backends.to_vec(), flags: 0 }
     }
 
     pub fn key(&self) -> ServiceKey6 {
@@ -83,8 +85,14 @@ impl LbObject {
         }
         let ids: Vec<u32> = spec.backends.iter().map(|(id, _)| *id).collect();
         self.fill_maglev(spec.id, spec.table, &ids)?;
-        let svc =
-            Service { id: spec.id, table: spec.table, backend_count: ids.len() as u32, mode: MODE_DNAT, flags: 0, source_be: 0 };
+        let svc = Service {
+            id: spec.id,
+            table: spec.table,
+            backend_count: ids.len() as u32,
+            mode: MODE_DNAT,
+            flags: spec.flags,
+            source_be: 0,
+        };
         self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))
     }
 
