@@ -10,6 +10,12 @@
 //! and port change, and with them the quoted IPv4 header checksum, the quoted
 //! L4 checksum when the quote holds it, and the ICMP checksum, which covers
 //! the whole quote. Linux's NAT does the same (`nf_nat_icmp_reply_translation`).
+//!
+//! ICMPv6 (RFC 4443) the same way, with no header checksum but a
+//! pseudo-header under the ICMPv6 one, and in both directions: an error
+//! about a client's translated packet (client -> backend) also comes back
+//! through the load balancer, to the client, whose quote's destination
+//! must be the VIP again (`translate_quoted6`, `lb-ebpf/src/v6/icmp.rs`).
 
 use crate::{
     csum,
@@ -379,6 +385,13 @@ mod tests {
         }
     }
 
+    /// A proptest case's protocol and quoted L4 length: the whole segment
+    /// (`payload` bytes after the header), or the 8 bytes RFC 792 promises.
+    fn quoted_case(udp: bool, whole: bool, payload: usize) -> (u8, usize) {
+        let proto = if udp { PROTO_UDP } else { PROTO_TCP };
+        (proto, if whole { (if udp { 8 } else { 20 }) + payload } else { 8 })
+    }
+
     proptest! {
         /// Every checksum still verifies after any translation, for any
         /// quote length the rules accept.
@@ -390,8 +403,7 @@ mod tests {
             payload in proptest::collection::vec(any::<u8>(), 0..32),
             whole in any::<bool>(),
         ) {
-            let proto = if udp { PROTO_UDP } else { PROTO_TCP };
-            let l4_len = if whole { (if udp { 8 } else { 20 }) + payload.len() } else { 8 };
+            let (proto, l4_len) = quoted_case(udp, whole, payload.len());
             let got = translate(icmp_error(proto, old, sport, l4_len, &payload), proto, new, new_port);
             prop_assert_eq!(sum(&got), 0xffff, "ICMP checksum");
             prop_assert_eq!(sum(&got[ICMP_HLEN..ICMP_HLEN + 20]), 0xffff, "quoted IPv4 checksum");
@@ -413,8 +425,7 @@ mod tests {
             payload in proptest::collection::vec(any::<u8>(), 0..32),
             whole in any::<bool>(),
         ) {
-            let proto = if udp { PROTO_UDP } else { PROTO_TCP };
-            let l4_len = if whole { (if udp { 8 } else { 20 }) + payload.len() } else { 8 };
+            let (proto, l4_len) = quoted_case(udp, whole, payload.len());
             let got = translate6(icmp6_error(proto, old, dport, l4_len, &payload), proto, new, new_port);
             let mut all = pseudo6(&ROUTER6, &CLIENT6, 58, got.len());
             all.extend_from_slice(&got);

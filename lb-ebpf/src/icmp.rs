@@ -140,10 +140,7 @@ fn parse_flow_error<H: Hook>(hook: &H) -> Result<FlowError, Verdict> {
         return Err(malformed());
     }
     // An error about a reply of ours is sent to the reply's source, the VIP.
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || outer_dst_be != vip_be {
-        return Err(Verdict::pass(Reason::PassIcmpNoFlow));
-    }
-    let l4_check = quoted_l4_check_ptr(hook, proto, QUOTE_L4_OFF, ip_end);
+    let l4_check = quoted_flow_l4_check(hook, proto, outer_dst_be == vip_be, QUOTE_L4_OFF, ip_end)?;
     Ok(FlowError { eth, outer, icmp, quoted, ports, l4_check, proto, vip_be, client_be, vport_be, client_port_be })
 }
 
@@ -156,24 +153,59 @@ fn rewrite_to_backend(err: &FlowError, backend_be: u32, bport_be: u16) {
     // SAFETY: every pointer bounds-checked by parse_flow_error; the packed
     // headers' fields are read and written by value.
     unsafe {
-        let sums = QuoteChecksums {
-            icmp: (*icmp).check,
-            quoted_ip: (*quoted).check,
-            quoted_l4: match l4_check {
-                Some(p) => Some(*p),
-                None => None,
-            },
-        };
+        let sums = QuoteChecksums { icmp: (*icmp).check, quoted_ip: (*quoted).check, quoted_l4: read_l4(l4_check) };
         let new = translate_quoted_source(sums, proto, vip_be, backend_be, vport_be, bport_be);
         (*quoted).src_be = backend_be;
         (*ports).src_port_be = bport_be;
         (*quoted).check = new.quoted_ip;
-        if let (Some(p), Some(c)) = (l4_check, new.quoted_l4) {
-            *p = c;
-        }
+        write_l4(l4_check, new.quoted_l4);
         (*icmp).check = new.icmp;
         (*outer).dst_be = backend_be;
         (*outer).check = csum::replace4((*outer).check, vip_be, backend_be);
+    }
+}
+
+/// ICMP and ICMPv6 alike: an error about a TCP or UDP packet (`proto`
+/// quoted) that was sent to that packet's source (`to_source`) may be
+/// about one of our flows: the quoted L4 checksum (`quoted_l4_check_ptr`
+/// of the quoted header at `l4_off`). Anything else is about none.
+#[inline(always)]
+pub fn quoted_flow_l4_check<H: Hook>(
+    hook: &H,
+    proto: u8,
+    to_source: bool,
+    l4_off: usize,
+    ip_end: usize,
+) -> Result<Option<*mut u16>, Verdict> {
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || !to_source {
+        return Err(Verdict::pass(Reason::PassIcmpNoFlow));
+    }
+    Ok(quoted_l4_check_ptr(hook, proto, l4_off, ip_end))
+}
+
+/// The quoted L4 checksum's value, where the quote holds it (ICMP and
+/// ICMPv6).
+///
+/// # Safety
+/// `l4_check` comes from `quoted_l4_check_ptr`, nothing moved the packet.
+#[inline(always)]
+pub unsafe fn read_l4(l4_check: Option<*mut u16>) -> Option<u16> {
+    match l4_check {
+        // SAFETY: the caller's contract.
+        Some(p) => Some(unsafe { *p }),
+        None => None,
+    }
+}
+
+/// The translated quoted L4 checksum, where the quote holds it.
+///
+/// # Safety
+/// As for `read_l4`.
+#[inline(always)]
+pub unsafe fn write_l4(l4_check: Option<*mut u16>, new: Option<u16>) {
+    if let (Some(p), Some(c)) = (l4_check, new) {
+        // SAFETY: the caller's contract.
+        unsafe { *p = c };
     }
 }
 

@@ -29,11 +29,13 @@ use lb_common::{
 
 use crate::{
     hook::{Hook, Xdp},
+    icmp::IcmpHdr,
     parse::{ptr_at, EthHdr, Ipv4Hdr, TcpHdr, ETH_HLEN},
     route,
     Packet, Verdict, EGRESS,
 };
 
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// `parse_packet` passes IPv4 with options: every offset is fixed.
 const L4_OFF: usize = ETH_HLEN + 20;
 pub const TCP_HLEN: usize = 20;
@@ -42,8 +44,6 @@ pub const UDP_HLEN: usize = 8;
 const RESET_LEN: usize = L4_OFF + TCP_HLEN;
 /// The part of a UDP request an unreachable keeps (as its quote).
 const UDP_REQUEST_KEPT: usize = L4_OFF + UDP_HLEN;
-/// Inserted before the quote: the new IPv4 and ICMP headers.
-const UNREACH_GROWTH: usize = 20 + ICMP_HLEN;
 const UNREACH_IP_LEN: u16 = (20 + ICMP_HLEN + UNREACH_QUOTE_LEN) as u16;
 
 /// ICMP header and quote, as 16-bit words for the checksum.
@@ -74,7 +74,11 @@ pub fn way_back(ingress_ifindex: u32, client_mac: [u8; 6], local_mac: [u8; 6]) -
 /// IPv4 and IPv6 alike: the verdict once the frame is the answer
 /// (`answered`, its reason) or is none (dropped), the way counted.
 #[inline(always)]
-pub fn sent_back(ingress_ifindex: u32, (action, path): (u32, Path), answered: Option<Reason>) -> Result<(u32, Reason), Verdict> {
+pub fn sent_back(
+    ingress_ifindex: u32,
+    (action, path): (u32, Path),
+    answered: Option<Reason>,
+) -> Result<(u32, Reason), Verdict> {
     let reason = answered.ok_or(Verdict::drop(Reason::DropNoBackend))?;
     route::count_path(ingress_ifindex, path);
     Ok((action, reason))
@@ -140,49 +144,51 @@ pub unsafe fn write_reset(tcp: *mut TcpHdr, l4_len: u32) -> Option<()> {
 /// ICMP headers go in front.
 #[inline(always)]
 fn unreachable(xdp: &Xdp, pkt: &Packet, macs: &Macs) -> Option<Reason> {
-    if !trim_and_grow(xdp, UDP_REQUEST_KEPT, UNREACH_GROWTH) {
-        return None;
-    }
-    let eth: *mut EthHdr = ptr_at(xdp, 0)?;
-    let ip: *mut Ipv4Hdr = ptr_at(xdp, ETH_HLEN)?;
-    let icmp: *mut IcmpWords = ptr_at(xdp, L4_OFF)?;
-    // SAFETY: all three bounds-checked just now; the ICMP words reach the
-    // quote's end, the frame's.
+    let unreach = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH];
+    let (ip, icmp) =
+        unreachable_frame::<Ipv4Hdr, IcmpWords>(xdp, UDP_REQUEST_KEPT, L4_OFF, ETH_P_IP_BE, unreach, macs)?;
+    // SAFETY: both bounds-checked by unreachable_frame; the ICMP words
+    // reach the quote's end, the frame's.
     unsafe {
-        write_eth(eth, macs);
-        (*eth).ether_type = 0x0800u16.to_be();
         write_ipv4(ip, UNREACH_IP_LEN, PROTO_ICMP, pkt.dst_ip_be, pkt.src_ip_be);
-        write_icmp(icmp, [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]);
         (*icmp)[1] = checksum(&*icmp, 0);
     }
     Some(Reason::UnreachableNoBackend)
 }
 
-/// IPv4 and IPv6 alike: cut the request to its first `keep` bytes (the
-/// quote to be, Ethernet header included) and make room for `grow` more
-/// in front of them (the new IP and ICMP headers). Every packet pointer
-/// must be taken afresh after it.
+/// IPv4 and IPv6 alike: the frame of an unreachable. The request is cut
+/// to its first `keep` bytes (Ethernet header and the quote to be), room
+/// is made in front for the new `IP` header and the ICMP(v6) header, which
+/// is to start at `icmp_off`; the Ethernet header is written (`macs`,
+/// `ether_type_be`) and the ICMP header (`[type, code]`) with a zero
+/// checksum, which the caller sums next (ICMPv6's covers a pseudo-header
+/// too). Returns the IP header and the message's words `M`, both
+/// bounds-checked; every older packet pointer is gone.
 #[inline(always)]
-pub fn trim_and_grow(xdp: &Xdp, keep: usize, grow: usize) -> bool {
-    // SAFETY: a plain helper call; the caller takes no pointer from before.
-    trim(xdp, keep) && unsafe { bpf_xdp_adjust_head(xdp.ctx.ctx, -(grow as i32)) } == 0
-}
-
-/// IPv4 and IPv6 alike: an ICMP(v6) header of `type_code` over `icmp` (the
-/// message's words, the quote after the header already in place), its
-/// checksum and the 4 unused bytes zero: the caller sums the message next
-/// (ICMPv6's sum covers a pseudo-header too).
-///
-/// # Safety
-/// `icmp` points into the packet, bounds-checked.
-#[inline(always)]
-pub unsafe fn write_icmp<const N: usize>(icmp: *mut [u16; N], type_code: [u8; 2]) {
-    unsafe {
-        (*icmp)[0] = u16::from_ne_bytes(type_code);
-        (*icmp)[1] = 0;
-        (*icmp)[2] = 0;
-        (*icmp)[3] = 0;
+pub fn unreachable_frame<IP, M>(
+    xdp: &Xdp,
+    keep: usize,
+    icmp_off: usize,
+    ether_type_be: u16,
+    [icmp_type, code]: [u8; 2],
+    macs: &Macs,
+) -> Option<(*mut IP, *mut M)> {
+    let grow = icmp_off + ICMP_HLEN - ETH_HLEN;
+    // SAFETY: a plain helper call; no pointer from before is kept.
+    if !trim(xdp, keep) || unsafe { bpf_xdp_adjust_head(xdp.ctx.ctx, -(grow as i32)) } != 0 {
+        return None;
     }
+    let eth: *mut EthHdr = ptr_at(xdp, 0)?;
+    let ip: *mut IP = ptr_at(xdp, ETH_HLEN)?;
+    let icmp: *mut IcmpHdr = ptr_at(xdp, icmp_off)?;
+    let message: *mut M = ptr_at(xdp, icmp_off)?;
+    // SAFETY: all bounds-checked just now.
+    unsafe {
+        write_eth(eth, macs);
+        (*eth).ether_type = ether_type_be;
+        *icmp = IcmpHdr { icmp_type, code, check: 0, rest: [0; 2] };
+    }
+    Some((ip, message))
 }
 
 /// Cut the frame to `len` bytes (it is at least that long: parse_packet

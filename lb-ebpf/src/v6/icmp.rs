@@ -31,7 +31,7 @@ use lb_common::{
     icmp::{is_flow_error6, translate_quoted6, Quote6Checksums, ICMP_HLEN, QUOTED_L4_MIN},
     refuse::PROTO_ICMPV6,
     v6::{replace16, FlowKey6, Ip6, V6_SLOT_ICMP},
-    Reason, PROTO_TCP, PROTO_UDP,
+    Reason,
 };
 
 use super::{
@@ -42,7 +42,7 @@ use super::{
 };
 use crate::{
     hook::{Hook, Xdp},
-    icmp::{malformed, quoted_l4_check_ptr, IcmpHdr, QuotedPorts},
+    icmp::{malformed, quoted_flow_l4_check, read_l4, write_l4, IcmpHdr, QuotedPorts},
     nat::L4Checksums,
     parse::{ptr_at, EthHdr, ETH_HLEN},
     Verdict,
@@ -156,16 +156,17 @@ fn parse_flow_error(hook: &Xdp) -> Result<FlowError6, Verdict> {
             [(*ports).src_port_be, (*ports).dst_port_be],
         )
     };
+    // Within the frame: `parse_packet6` checked it before the tail call.
+    // Not checked again here, on purpose: from `ip_end <= packet_len` LLVM
+    // proves the quoted L4 checksum's own bounds check redundant and drops
+    // it, which the verifier cannot follow.
     let ip_end = ICMP_OFF + payload_len as usize;
-    if ip_end > hook.packet_len() || QUOTE_L4_OFF + QUOTED_L4_MIN > ip_end || vtf[0] >> 4 != 6 {
+    if QUOTE_L4_OFF + QUOTED_L4_MIN > ip_end || vtf[0] >> 4 != 6 {
         return Err(malformed());
     }
-    // Our packets carry no extension headers; an error about a packet is
-    // sent to its source.
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || outer_dst != src {
-        return Err(Verdict::pass(Reason::PassIcmpNoFlow));
-    }
-    let l4_check = quoted_l4_check_ptr(hook, proto, QUOTE_L4_OFF, ip_end);
+    // Our packets carry no extension headers (`proto` is TCP or UDP); an
+    // error about a packet is sent to its source.
+    let l4_check = quoted_flow_l4_check(hook, proto, outer_dst == src, QUOTE_L4_OFF, ip_end)?;
     Ok(FlowError6 { eth, outer, icmp, quoted, ports, l4_check, proto, src, dst, src_port_be, dst_port_be })
 }
 
@@ -191,19 +192,11 @@ unsafe fn rewrite_quote(err: &FlowError6, end: End, ip: &Ip6, port_be: u16) -> u
                 core::ptr::addr_of_mut!((*err.ports).dst_port_be),
             ),
         };
-        let sums = Quote6Checksums {
-            icmp: (*err.icmp).check,
-            quoted_l4: match err.l4_check {
-                Some(p) => Some(*p),
-                None => None,
-            },
-        };
+        let sums = Quote6Checksums { icmp: (*err.icmp).check, quoted_l4: read_l4(err.l4_check) };
         let new = translate_quoted6(sums, err.proto, &old_ip, ip, old_port, port_be);
         field.write_unaligned(*ip);
         *port = port_be;
-        if let (Some(p), Some(c)) = (err.l4_check, new.quoted_l4) {
-            *p = c;
-        }
+        write_l4(err.l4_check, new.quoted_l4);
         new.icmp
     }
 }

@@ -11,11 +11,14 @@
 //! The same shape as IPv4 (`parse`, `nat`, `route`), with maps of its own
 //! for what holds an address (`SERVICES6`, `BACKENDS6`, `CONNTRACK6`,
 //! `BACKEND_VIPS6`), and the rest shared: service ids, Maglev tables,
-//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. ICMPv6
+//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. A new flow
+//! to a service with no usable backend is answered as in IPv4 (`refuse`:
+//! a reset, an ICMPv6 port unreachable; held when the service wakes from
+//! zero). ICMPv6 errors about a flow are translated by a program of their
+//! own, `xdp_icmp6`, reached by a further tail call (`icmp`); other ICMPv6
 //! (neighbour discovery included), extension headers and fragments pass
-//! untouched. Not here yet: full NAT, refusals (a new flow to a service
-//! with no backend is dropped, `DropNoBackend`), ICMPv6 errors about
-//! flows, the tc hook (`tc_lb` passes IPv6 untouched, `PassIpv6`).
+//! untouched. Not here yet: full NAT, the tc hook (`tc_lb` passes IPv6
+//! untouched, `PassIpv6`).
 
 mod dsr;
 mod icmp;
@@ -52,10 +55,11 @@ static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CO
 /// The services each backend address serves, for matching its replies.
 #[map]
 static BACKEND_VIPS6: HashMap<BackendAddr6, BackendVips6> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
-/// `xdp_lb6` and `xdp_lb6_local`, by `V6_SLOT_*`; the agent fills it at load.
 /// An IPv6 service's source by service id (`dsr-ipip`'s outer source).
 #[map]
 static SOURCES6: Array<Ip6> = Array::with_max_entries(MAX_SERVICES, 0);
+/// `xdp_lb6`, `xdp_lb6_local` and `xdp_icmp6`, by `V6_SLOT_*`; the agent
+/// fills it at load.
 #[map]
 static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(V6_PROGRAMS.len() as u32, 0);
 
@@ -116,7 +120,8 @@ fn try_lb6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
         let sent = if svc.mode == MODE_DSR_IPIP {
             dsr::forward(hook, &pkt, &svc)
         } else {
-            nat::forward(hook, &mut pkt, &svc).map(|partial_l4| (route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded))
+            nat::forward(hook, &mut pkt, &svc)
+                .map(|partial_l4| (route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded))
         };
         return match sent {
             Err(Verdict { reason: Reason::DropNoBackend, .. }) => refuse::refuse(hook, &pkt, &svc),

@@ -21,8 +21,8 @@ use super::{
 };
 use crate::{
     hook::Xdp,
-    parse::{ptr_at, EthHdr, TcpHdr, ETH_HLEN},
-    refuse::{sent_back, trim, trim_and_grow, way_back, write_eth, write_icmp, write_reset, Macs, TCP_HLEN, UDP_HLEN},
+    parse::{ptr_at, TcpHdr, ETH_HLEN},
+    refuse::{sent_back, trim, unreachable_frame, way_back, write_eth, write_reset, Macs, TCP_HLEN, UDP_HLEN},
     wake, Verdict,
 };
 
@@ -32,8 +32,6 @@ const L4_OFF: usize = ETH_HLEN + IPV6_HLEN as usize;
 const RESET_LEN: usize = L4_OFF + TCP_HLEN;
 /// The part of a UDP request an unreachable keeps (as its quote).
 const UDP_REQUEST_KEPT: usize = L4_OFF + UDP_HLEN;
-/// Inserted before the quote: the new IPv6 and ICMPv6 headers.
-const UNREACH_GROWTH: usize = IPV6_HLEN as usize + ICMP_HLEN;
 const UNREACH_PAYLOAD_LEN: u16 = (ICMP_HLEN + UNREACH6_QUOTE_LEN) as u16;
 
 /// ICMPv6 header and quote, as 16-bit words for the checksum.
@@ -72,19 +70,13 @@ fn reset(xdp: &Xdp, pkt: &Parsed6, macs: &Macs) -> Option<Reason> {
 /// ICMPv6 headers go in front.
 #[inline(always)]
 fn unreachable(xdp: &Xdp, pkt: &Parsed6, macs: &Macs) -> Option<Reason> {
-    if !trim_and_grow(xdp, UDP_REQUEST_KEPT, UNREACH_GROWTH) {
-        return None;
-    }
-    let eth: *mut EthHdr = ptr_at(xdp, 0)?;
-    let ip: *mut Ipv6Hdr = ptr_at(xdp, ETH_HLEN)?;
-    let icmp: *mut Icmp6Words = ptr_at(xdp, L4_OFF)?;
-    // SAFETY: all three bounds-checked just now; the ICMPv6 words reach
-    // the quote's end, the frame's.
+    let unreach = [ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH];
+    let (ip, icmp) =
+        unreachable_frame::<Ipv6Hdr, Icmp6Words>(xdp, UDP_REQUEST_KEPT, L4_OFF, ETH_P_IPV6_BE, unreach, macs)?;
+    // SAFETY: both bounds-checked by unreachable_frame; the ICMPv6 words
+    // reach the quote's end, the frame's.
     unsafe {
-        write_eth(eth, macs);
-        (*eth).ether_type = ETH_P_IPV6_BE;
         write_ipv6(ip, UNREACH_PAYLOAD_LEN, PROTO_ICMPV6, &pkt.dst, &pkt.src);
-        write_icmp(icmp, [ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH]);
         (*icmp)[1] = icmp6_checksum(&pkt.dst, &pkt.src, &*icmp);
     }
     Some(Reason::UnreachableNoBackend)
