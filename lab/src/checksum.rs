@@ -84,6 +84,26 @@ pub fn verify_ipv4_frame(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the TCP, UDP or ICMPv6 checksum of an Ethernet + IPv6 frame (no
+/// extension headers) as a receiver would: each covers the IPv6
+/// pseudo-header, and a correct one sums to 0xffff with it. IPv6 has no
+/// header checksum, and UDP's may not be zero.
+pub fn verify_ipv6_frame(frame: &[u8]) -> Result<(), String> {
+    let ip = frame.get(14..54).ok_or("frame shorter than Ethernet and IPv6")?;
+    let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let upper = frame.get(54..54 + len).ok_or("IPv6 payload length beyond the frame")?;
+    let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).expect("16 bytes"));
+    if !matches!(ip[6], 6 | 17 | 58) {
+        return Ok(());
+    }
+    let mut all = pseudo_header_v6(addr(8), addr(24), ip[6], len as u32);
+    all.extend_from_slice(upper);
+    if ones_complement_sum(&all) != 0xffff {
+        return Err(format!("next header {}: checksum wrong over {len} bytes", ip[6]));
+    }
+    Ok(())
+}
+
 /// Where the L4 checksum sits in an Ethernet + IPv4 (no options) frame.
 fn l4_check_offset(frame: &[u8]) -> Option<usize> {
     match frame.get(14 + 9)? {

@@ -295,6 +295,26 @@ pub fn icmp_error(icmp_type: u8, code: u8, mtu: u16, quote: &[u8]) -> Vec<u8> {
     m
 }
 
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const ICMP6_DEST_UNREACH: u8 = 1;
+pub const ICMP6_PORT_UNREACH: u8 = 4;
+pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
+
+/// An ICMPv6 error (RFC 4443) from `src` to `dst` quoting `quote` (an IPv6
+/// packet, or its first bytes); `rest` is the 4 bytes after the checksum
+/// (the MTU of "packet too big", 0 for the others). Its checksum covers
+/// the IPv6 pseudo-header.
+pub fn icmp6_error(icmp_type: u8, code: u8, rest: u32, quote: &[u8], src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut m = vec![icmp_type, code, 0, 0];
+    m.extend_from_slice(&rest.to_be_bytes());
+    m.extend_from_slice(quote);
+    let mut all = pseudo_header_v6(src, dst, IPPROTO_ICMPV6, m.len() as u32);
+    all.extend_from_slice(&m);
+    let check = internet_checksum(&all);
+    m[2..4].copy_from_slice(&check.to_be_bytes());
+    m
+}
+
 /// Ethernet + IPv4 + TCP, with `ip.proto` forced to TCP.
 pub fn tcp_frame(macs: (Mac, Mac), ip: &Ipv4, tcp: &Tcp) -> Vec<u8> {
     let ip = Ipv4 { proto: IPPROTO_TCP, ..ip.clone() };

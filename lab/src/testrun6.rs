@@ -29,11 +29,13 @@ pub struct ServiceSpec6 {
     pub proto: u8,
     pub table: u32,
     pub backends: Vec<(u32, SocketAddrV6)>,
+    /// `SERVICE_F_*` bits (0 from `new`).
+    pub flags: u32,
 }
 
 impl ServiceSpec6 {
     pub fn new(id: u32, vip: SocketAddrV6, proto: u8, table: u32, backends: &[(u32, SocketAddrV6)]) -> Self {
-        Self { id, vip, proto, table, backends: backends.to_vec() }
+        Self { id, vip, proto, table, backends: backends.to_vec(), flags: 0 }
     }
 
     pub fn key(&self) -> ServiceKey6 {
@@ -88,7 +90,7 @@ impl LbObject {
             table: spec.table,
             backend_count: ids.len() as u32,
             mode: MODE_DNAT,
-            flags: 0,
+            flags: spec.flags,
             source_be: 0,
         };
         self.maps.services6.insert(spec.key(), svc, 0).with_context(|| format!("write service {}", spec.vip))

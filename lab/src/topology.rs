@@ -330,11 +330,12 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<String> {
 /// runs in: the error of a TCP connect to `tcp` and how long it took, and
 /// the error of a receive on a UDP socket connected to `udp` after a send.
 /// Panics if either is answered.
-pub fn refused_tcp_and_udp(tcp: SocketAddrV4, udp: SocketAddrV4) -> (io::Error, Duration, io::Error) {
+pub fn refused_tcp_and_udp(tcp: impl Into<SocketAddr>, udp: impl Into<SocketAddr>) -> (io::Error, Duration, io::Error) {
+    let (tcp, udp) = (tcp.into(), udp.into());
     let started = std::time::Instant::now();
-    let tcp_err = TcpStream::connect_timeout(&tcp.into(), Duration::from_secs(5)).expect_err("a connect refused");
+    let tcp_err = TcpStream::connect_timeout(&tcp, Duration::from_secs(5)).expect_err("a connect refused");
     let took = started.elapsed();
-    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let socket = UdpSocket::bind((unspecified_like(&udp), 0)).expect("bind");
     socket.connect(udp).expect("connect UDP");
     socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
     socket.send(b"hello\n").expect("send");
@@ -348,13 +349,20 @@ pub fn tcp_request(addr: impl Into<SocketAddr>) -> io::Result<(String, SocketAdd
     Ok((conn.backend, conn.local))
 }
 
+/// The unspecified address of `addr`'s family, to bind a client socket to.
+fn unspecified_like(addr: &SocketAddr) -> std::net::IpAddr {
+    if addr.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    }
+}
+
 /// One UDP request: send a datagram to `addr`, return the answer (trimmed).
 /// The socket is connected, so only an answer *from `addr`* counts.
 pub fn udp_request(addr: impl Into<SocketAddr>) -> io::Result<String> {
     let addr = addr.into();
-    let any: std::net::IpAddr =
-        if addr.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
-    let socket = UdpSocket::bind((any, 0))?;
+    let socket = UdpSocket::bind((unspecified_like(&addr), 0))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.send(b"hello\n")?;

@@ -518,14 +518,16 @@ pub enum Reason {
     ReplyTranslated,
     /// An ICMP error about a flow's reply (fragmentation needed, port
     /// unreachable, time exceeded), sent to the VIP: translated to the
-    /// flow's backend, quote included (see `icmp`).
+    /// flow's backend, quote included (see `icmp`). IPv6 too, and an
+    /// ICMPv6 error about a client's packet to its backend, translated to
+    /// the client (see `v6::icmp`).
     IcmpForwarded,
     /// A new TCP flow (not a reset) to a service with no usable backend:
     /// answered with a reset, sent back out of the interface it came in on
     /// (`refuse`).
     ResetNoBackend,
     /// A new UDP flow to a service with no usable backend: answered with an
-    /// ICMP port unreachable (`refuse`).
+    /// ICMP (ICMPv6) port unreachable (`refuse`).
     UnreachableNoBackend,
     /// Not IPv4 (ARP, VLAN, ...): passed untouched.
     PassNotIpv4,
@@ -582,7 +584,8 @@ pub enum Reason {
     /// destination options, ...): passed untouched, never balanced.
     PassIpv6ExtHeader,
     /// IPv6 at an XDP entry point whose tail call to the IPv6 program failed
-    /// (no program in `V6_PROGS`): passed untouched.
+    /// (no program in `V6_PROGS`), or an ICMPv6 error whose tail call to
+    /// `xdp_icmp6` failed: passed untouched.
     PassIpv6NoProgram,
     /// UDP over IPv6 with a zero checksum (invalid, RFC 8200 8.1) to a
     /// service or from a backend: dropped, as the kernel would.

@@ -24,7 +24,8 @@ pub const BACKENDS6: &str = "BACKENDS6";
 pub const CONNTRACK6: &str = "CONNTRACK6";
 pub const BACKEND_VIPS6: &str = "BACKEND_VIPS6";
 /// The IPv6 programs, for the IPv4 entry points' tail call
-/// (`V6_SLOT_COMPLETE`, `V6_SLOT_LOCAL`).
+/// (`V6_SLOT_COMPLETE`, `V6_SLOT_LOCAL`) and the IPv6 programs' own
+/// (`V6_SLOT_ICMP`).
 pub const V6_PROGS: &str = "V6_PROGS";
 /// Socket load balancing's IPv6 twin of `SOCK_REVNAT`: (socket, backend)
 /// -> the service asked for ([`SockRevKey6`] -> [`ServiceKey6`]).
@@ -37,10 +38,15 @@ pub const SOURCES6: &str = "SOURCES6";
 pub const PROG_LB6: &str = "xdp_lb6";
 /// The IPv6 twin of `PROG_LB_LOCAL` (partial checksums possible).
 pub const PROG_LB6_LOCAL: &str = "xdp_lb6_local";
+/// ICMPv6 errors about a flow, reached by a tail call from both IPv6
+/// programs: a program of its own, as `xdp_lb6_local` has no stack to
+/// spare for it.
+pub const PROG_ICMP6: &str = "xdp_icmp6";
 /// `V6_PROGS` slot of each IPv6 program, in this order.
-pub const V6_PROGRAMS: [&str; 2] = [PROG_LB6, PROG_LB6_LOCAL];
+pub const V6_PROGRAMS: [&str; 3] = [PROG_LB6, PROG_LB6_LOCAL, PROG_ICMP6];
 pub const V6_SLOT_COMPLETE: u32 = 0;
 pub const V6_SLOT_LOCAL: u32 = 1;
+pub const V6_SLOT_ICMP: u32 = 2;
 
 /// Key of `SERVICES6` (value: the shared [`crate::Service`]).
 #[repr(C)]

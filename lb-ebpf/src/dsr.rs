@@ -43,25 +43,42 @@ pub fn forward<H: Hook>(hook: &H, pkt: &Packet, svc: &Service) -> Result<(u32, R
     // SAFETY: bounds-checked by parse_packet, read before the head moves.
     let frag_be = unsafe { (*pkt.ip).frag_off_be };
     let outer = outer_header(pkt.tot_len, pkt.tos, frag_be, svc.source_be, conn.nat_ip_be);
+    send_encapsulated(hook, pkt.ingress_ifindex, (hop.ifindex, hop.dst_mac, hop.src_mac), ETH_P_IP_BE, outer)
+}
+
+/// IPv4 and IPv6 (`v6::dsr`) alike: send the frame that arrived on
+/// `ingress_ifindex` out of `hop` (egress ifindex, destination and source
+/// MAC) inside `outer`, the outer header (`OUTER_LEN` or `OUTER6_LEN`
+/// bytes as 16-bit words) of `ether_type_be`; the drops above where it
+/// cannot leave so.
+#[inline(always)]
+pub fn send_encapsulated<H: Hook, T>(
+    hook: &H,
+    ingress_ifindex: u32,
+    hop: (u32, [u8; 6], [u8; 6]),
+    ether_type_be: u16,
+    outer: T,
+) -> Result<(u32, Reason), Verdict> {
+    let (ifindex, dst_mac, src_mac) = hop;
     // Before any byte changes: the XDP redirect itself happens after the
     // program returns.
-    let (action, path) = hook.transmit(pkt.ingress_ifindex, hop.ifindex);
-    count_path(pkt.ingress_ifindex, path);
+    let (action, path) = hook.transmit(ingress_ifindex, ifindex);
+    count_path(ingress_ifindex, path);
     if !path.is_fast() {
         return Err(Verdict::drop(Reason::DropDsrNoRoute));
     }
-    if !hook.grow_head(OUTER_LEN) {
+    if !hook.grow_head(core::mem::size_of::<T>()) {
         return Err(Verdict::drop(Reason::DropDsrUnsupported));
     }
-    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr, _>(hook, 0), ptr_at::<[u16; 10], _>(hook, ETH_HLEN)) else {
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr, _>(hook, 0), ptr_at::<T, _>(hook, ETH_HLEN)) else {
         return Err(Verdict::drop(Reason::DropDsrUnsupported));
     };
     // SAFETY: both bounds-checked just now; the outer header sits at an
-    // address that is 2 mod 4, written as 16-bit words.
+    // address that is 2 mod 4, written as 16-bit words, unaligned.
     unsafe {
-        (*eth).dst = hop.dst_mac;
-        (*eth).src = hop.src_mac;
-        (*eth).ether_type = ETH_P_IP_BE;
+        (*eth).dst = dst_mac;
+        (*eth).src = src_mac;
+        (*eth).ether_type = ether_type_be;
         core::ptr::write_unaligned(ip, outer);
     }
     Ok((action, Reason::Forwarded))

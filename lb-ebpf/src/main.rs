@@ -191,7 +191,9 @@ fn try_lb<H: Hook>(hook: &H) -> Result<(u32, Reason), Verdict> {
             _ => nat::forward(hook, &mut pkt, &svc).map(Forwarded::Translated),
         };
         return match sent {
-            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => Err(wake::hold(&pkt, &svc)),
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) if svc.flags & SERVICE_F_WAKE != 0 => {
+                Err(wake::hold(pkt.proto, pkt.tcp_flags, &svc))
+            }
             Err(Verdict { reason: Reason::DropNoBackend, .. }) => hook.refuse(&pkt),
             Err(verdict) => Err(verdict),
             Ok(Forwarded::Sent(sent)) => Ok(sent),

@@ -8,18 +8,19 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{Reason, Service, WakeEvent, PROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN, WAKE_EVENT_INTERVAL_NS};
 
-use crate::{Packet, Verdict, WAKE_EVENTS, WAKE_LAST};
+use crate::{Verdict, WAKE_EVENTS, WAKE_LAST};
 
-/// The verdict on a packet to `svc` (which wakes from zero) that found no
-/// backend: a SYN or a UDP datagram is held (dropped, reported); anything
-/// else of TCP belongs to no flow that can still be served and is dropped.
+/// The verdict on a packet (`proto`, its TCP flags) to `svc` (which wakes
+/// from zero) that found no backend, IPv4 or IPv6: a SYN or a UDP datagram
+/// is held (dropped, reported); anything else of TCP belongs to no flow
+/// that can still be served and is dropped.
 #[inline(always)]
-pub fn hold(pkt: &Packet, svc: &Service) -> Verdict {
-    let new_flow = pkt.proto == PROTO_UDP || pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+pub fn hold(proto: u8, tcp_flags: u8, svc: &Service) -> Verdict {
+    let new_flow = proto == PROTO_UDP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
     if !new_flow {
         return Verdict::drop(Reason::DropNoBackend);
     }
-    report(svc.id, pkt.proto);
+    report(svc.id, proto);
     Verdict::drop(Reason::HeldWaking)
 }
 

@@ -2,7 +2,8 @@
 //! datagrams from a client namespace to an IPv6 VIP, translated by
 //! `xdp_lb_local` -> `xdp_lb6_local` (the tail call) on the load balancer's
 //! veths, answered by three backend namespaces, their replies translated
-//! back. The object is loaded and its maps written the way the agent does
+//! back; a service with no backend refuses its clients at once (a reset,
+//! an ICMPv6 port unreachable). The object is loaded and its maps written the way the agent does
 //! (the lab's `LbObject`); `e2e_ipv6_agent` does the same through a real
 //! agent.
 //!
@@ -10,7 +11,7 @@
 //!
 //! Needs root: `cargo test -p lb-tests --release --test e2e_ipv6`.
 
-use std::net::SocketAddrV6;
+use std::{io::ErrorKind, net::SocketAddrV6};
 
 use lb_common::{Reason, PROG_LB_LOCAL};
 use lb_lab::{
@@ -19,7 +20,7 @@ use lb_lab::{
     require_root,
     testrun::LbObject,
     testrun6::ServiceSpec6,
-    topology::{tcp_request, udp_request},
+    topology::{refused_tcp_and_udp, tcp_request, udp_request},
 };
 
 const CONNECTIONS: usize = 300;
@@ -95,6 +96,32 @@ fn root_ipv6_tcp_and_udp_through_the_vip_reach_every_backend() {
     let ping = net.client.exec_status("ping", &["-6", "-c", "1", "-W", "2", &LB_CLIENT.to_string()]);
     assert!(ping.0.success(), "ping the LB's own address: {}", ping.1);
     // The programs go first, then the namespaces.
+    drop(lb);
+    drop(net);
+}
+
+/// A service with no backend refuses new clients at once, from the XDP
+/// program: a TCP connect to it fails with ECONNREFUSED (a reset, not the
+/// 5 s timeout), a connected UDP socket gets ECONNREFUSED (an ICMPv6 port
+/// unreachable, not the 2 s read timeout), both counted.
+#[test]
+fn root_ipv6_no_backend_refuses_clients_at_once() {
+    require_root!("root_ipv6_no_backend_refuses_clients_at_once");
+    let net = build();
+    let mut lb = load(&net);
+    let (tcp, udp) = (SocketAddrV6::new(VIP, 443, 0, 0), SocketAddrV6::new(VIP, 5300, 0, 0));
+    net.lb.run(|| {
+        lb.add_service6(&ServiceSpec6::new(2, tcp, IPPROTO_TCP, 0, &[])).expect("empty TCP service");
+        lb.add_service6(&ServiceSpec6::new(3, udp, IPPROTO_UDP, 0, &[])).expect("empty UDP service");
+    });
+    let (tcp_err, took, udp_err) = net.client.run(move || refused_tcp_and_udp(tcp, udp));
+    println!("MEASURED: IPv6 TCP connect refused after {took:?} ({tcp_err}); UDP: {udp_err}");
+    let reasons = lb.reasons().unwrap();
+    assert_eq!(tcp_err.kind(), ErrorKind::ConnectionRefused, "TCP: {tcp_err}; {reasons:?}");
+    assert_eq!(udp_err.kind(), ErrorKind::ConnectionRefused, "UDP: {udp_err}; {reasons:?}");
+    assert!(reasons[Reason::ResetNoBackend as usize] >= 1, "{reasons:?}");
+    assert!(reasons[Reason::UnreachableNoBackend as usize] >= 1, "{reasons:?}");
+    assert!(lb.conntrack6().unwrap().is_empty(), "a refused client opened a flow");
     drop(lb);
     drop(net);
 }

@@ -1,8 +1,10 @@
 //! IPv6 through BPF_PROG_TEST_RUN: `xdp_lb` and `xdp_lb_local` hand an IPv6
 //! frame to `xdp_lb6` / `xdp_lb6_local` (a tail call), which translate TCP
 //! and UDP for an IPv6 service (destination NAT) and the backend's replies
-//! back, and leave ICMPv6 (neighbour discovery), extension headers and
-//! fragments untouched. Expected frames are built from scratch with the
+//! back, answer a new flow to a service with no backend (a reset, an
+//! ICMPv6 port unreachable), translate ICMPv6 errors about a flow
+//! (`xdp_icmp6`, a tail call further), and leave other ICMPv6 (neighbour
+//! discovery), extension headers and fragments untouched. Expected frames are built from scratch with the
 //! lab's checksums (not lb-common's) and compared byte for byte; each case
 //! runs on an object as fresh (reset, see `LbObject::shared`) in a
 //! namespace of its own.
@@ -11,14 +13,14 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use lb_common::{v6::ip6_raw, Reason, PROG_LB, PROG_LB_LOCAL, PROG_TC};
+use lb_common::{v6::ip6_raw, Reason, PROG_LB, PROG_LB_LOCAL, PROG_TC, SERVICE_F_WAKE};
 use lb_lab::{
-    checksum::{ones_complement_sum, pseudo_header_v6},
+    checksum::{ones_complement_sum, pseudo_header_v6, verify_ipv6_frame},
     diff::frame_diff,
     netns::NetNsGuard,
     packet::*,
     require_root,
-    testrun::{LbObject, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS},
+    testrun::{LbObject, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_TX},
     testrun6::ServiceSpec6,
 };
 
@@ -239,5 +241,167 @@ fn root_ipv6_without_its_program_passes_untouched() {
         lb.clear_v6_programs().unwrap();
         let syn = tcp6(CLIENT, WEB, FROM_CLIENT, TCP_SYN, b"");
         expect(lb, prog, &syn, XDP_PASS, &syn, Reason::PassIpv6NoProgram);
+    });
+}
+
+// ---- No usable backend: answered at once ------------------------------------
+
+const EMPTY_TCP: SocketAddrV6 = SocketAddrV6::new(VIP, 443, 0, 0);
+const EMPTY_UDP: SocketAddrV6 = SocketAddrV6::new(VIP, 5300, 0, 0);
+const WAKING_TCP: SocketAddrV6 = SocketAddrV6::new(VIP, 7000, 0, 0);
+
+/// The web and DNS services, and three without backends: TCP, UDP, and a
+/// TCP one that wakes from zero.
+fn on_each_with_empty(programs: &[&str], case: impl Fn(&str, &mut LbObject)) {
+    on_each(programs, |prog, lb| {
+        lb.add_service6(&ServiceSpec6::new(2, EMPTY_TCP, IPPROTO_TCP, 0, &[])).expect("empty TCP service");
+        lb.add_service6(&ServiceSpec6::new(3, EMPTY_UDP, IPPROTO_UDP, 0, &[])).expect("empty UDP service");
+        let waking = ServiceSpec6 { flags: SERVICE_F_WAKE, ..ServiceSpec6::new(4, WAKING_TCP, IPPROTO_TCP, 0, &[]) };
+        lb.add_service6(&waking).expect("waking service");
+        case(prog, lb);
+    });
+}
+
+/// The reset from `from` to the client (`seq`, `ack`, `flags`, window 0,
+/// no options), passed up with the MACs it arrived with.
+fn reset6_from(from: SocketAddrV6, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let tcp = Tcp { seq, ack, window: 0, ..Tcp::new(from.port(), CLIENT.port(), flags) };
+    let seg = tcp.build(Addrs::V6(*from.ip(), *CLIENT.ip()));
+    ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &Ipv6::new(*from.ip(), *CLIENT.ip(), IPPROTO_TCP).build(&seg))
+}
+
+/// `frame` sent back out of its interface (XDP_TX): to the client's MAC.
+fn sent_back(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&CLIENT_MAC);
+    frame[6..12].copy_from_slice(&LB_MAC);
+    frame
+}
+
+/// `expect`, and the output's checksums verified from scratch.
+fn expect_answer(lb: &LbObject, prog: &str, input: &[u8], output: &[u8], reason: Reason) {
+    verify_ipv6_frame(output).unwrap_or_else(|e| panic!("{prog}: {reason:?}: the expected frame: {e}"));
+    expect(lb, prog, input, XDP_PASS, output, reason);
+}
+
+/// A SYN gets RST|ACK acknowledging it, a segment of a flow from before
+/// (ACK, data, options) a bare RST at its ack, the frame cut to the 74
+/// bytes of a reset; a reset is never answered; a SYN to a service that
+/// wakes from zero is held. No flow is opened.
+#[test]
+fn root_ipv6_no_backend_tcp_gets_a_reset() {
+    require_root!("root_ipv6_no_backend_tcp_gets_a_reset");
+    on_each_with_empty(XDP, |prog, lb| {
+        let syn = tcp6(CLIENT, EMPTY_TCP, FROM_CLIENT, TCP_SYN, b"");
+        let rst_ack = reset6_from(EMPTY_TCP, 0, 0x1000_0001, TCP_RST | TCP_ACK);
+        assert_eq!(rst_ack.len(), 74);
+        expect_answer(lb, prog, &syn, &rst_ack, Reason::ResetNoBackend);
+
+        let mid_flow = Tcp {
+            options: vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+            ..Tcp::new(CLIENT.port(), EMPTY_TCP.port(), TCP_ACK | TCP_PSH).with_payload(b"GET / HTTP/1.1\r\n\r\n")
+        };
+        let seg = mid_flow.build(Addrs::V6(*CLIENT.ip(), VIP));
+        let input = ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &Ipv6::new(*CLIENT.ip(), VIP, IPPROTO_TCP).build(&seg));
+        expect_answer(lb, prog, &input, &reset6_from(EMPTY_TCP, 0x2000_0000, 0, TCP_RST), Reason::ResetNoBackend);
+
+        let rst = tcp6(CLIENT, EMPTY_TCP, FROM_CLIENT, TCP_RST | TCP_ACK, b"");
+        expect(lb, prog, &rst, XDP_DROP, &rst, Reason::DropNoBackend);
+        let waking = tcp6(CLIENT, WAKING_TCP, FROM_CLIENT, TCP_SYN, b"");
+        expect(lb, prog, &waking, XDP_DROP, &waking, Reason::HeldWaking);
+        assert!(lb.conntrack6().unwrap().is_empty(), "{prog}");
+    });
+}
+
+/// UDP gets an ICMPv6 port unreachable (type 1, code 4) from the VIP
+/// quoting the request's IPv6 and UDP headers, whatever its payload: 110
+/// bytes. With the ingress interface in `EGRESS` the answer leaves by
+/// XDP_TX, to the client's MAC.
+#[test]
+fn root_ipv6_no_backend_udp_gets_a_port_unreachable() {
+    require_root!("root_ipv6_no_backend_udp_gets_a_port_unreachable");
+    let unreachable = |input: &[u8]| {
+        let message = icmp6_error(ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH, 0, &input[14..14 + 48], VIP, *CLIENT.ip());
+        ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &Ipv6::new(VIP, *CLIENT.ip(), IPPROTO_ICMPV6).build(&message))
+    };
+    on_each_with_empty(XDP, |prog, lb| {
+        for payload in [&b""[..], &[0x5a; 1200][..]] {
+            let input = udp6(CLIENT, EMPTY_UDP, FROM_CLIENT, Udp::new(0, 0, payload));
+            let output = unreachable(&input);
+            assert_eq!(output.len(), 110);
+            expect_answer(lb, prog, &input, &output, Reason::UnreachableNoBackend);
+        }
+        // Sent back: `lo` stands in for the client's interface.
+        lb.allow_egress(1).expect("lo in EGRESS");
+        let syn = tcp6(CLIENT, EMPTY_TCP, FROM_CLIENT, TCP_SYN, b"");
+        let run = lb.run_from(prog, &syn, 1).expect("test run from lo");
+        assert_eq!(run.verdict, XDP_TX, "{prog}: sent back");
+        let want = sent_back(reset6_from(EMPTY_TCP, 0, 0x1000_0001, TCP_RST | TCP_ACK));
+        if let Some(diff) = frame_diff(&want, &run.data) {
+            panic!("{prog}: the reset sent back is not the expected one\n{diff}");
+        }
+        assert!(lb.conntrack6().unwrap().is_empty(), "{prog}");
+    });
+}
+
+// ---- ICMPv6 errors about a flow ---------------------------------------------
+
+const ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
+const ROUTER_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x09];
+const MTU: u32 = 1280;
+
+/// An ICMPv6 error of `icmp_type` from the router to `to`, quoting the
+/// first `quoted` bytes of `packet` (a frame's IPv6 packet).
+fn error6(icmp_type: u8, to: Ipv6Addr, packet: &[u8], quoted: usize) -> Vec<u8> {
+    let rest = if icmp_type == ICMP6_PACKET_TOO_BIG { MTU } else { 0 };
+    let message = icmp6_error(icmp_type, 0, rest, &packet[14..quoted.min(packet.len())], ROUTER, to);
+    ethernet(LB_MAC, ROUTER_MAC, ETH_P_IPV6, &Ipv6::new(ROUTER, to, IPPROTO_ICMPV6).build(&message))
+}
+
+/// A flow opened (a SYN translated to its backend), then a packet too big
+/// from a router on the path to the backend, about a translated segment
+/// of 1400 bytes: the client gets it about the packet it sent, to the VIP
+/// (quoted destination and port, quoted TCP checksum and ICMPv6 checksum
+/// rewritten, each verified). A quote cut inside the TCP header, and a
+/// destination unreachable, the same. One about a reply the backend sent
+/// (to the VIP) goes to the backend, about the reply as it sent it. An
+/// error about no flow, and an echo request, pass untouched.
+#[test]
+fn root_ipv6_icmp_errors_about_a_flow_are_translated() {
+    require_root!("root_ipv6_icmp_errors_about_a_flow_are_translated");
+    on_each(XDP, |prog, lb| {
+        let (_, backend) = web().pick(CLIENT).expect("a backend");
+        let syn = tcp6(CLIENT, WEB, FROM_CLIENT, TCP_SYN, b"");
+        expect(lb, prog, &syn, XDP_PASS, &tcp6(CLIENT, backend, FROM_CLIENT, TCP_SYN, b""), Reason::Forwarded);
+
+        let data = [0x42; 1400 - 40 - 20];
+        let sent = tcp6(CLIENT, WEB, FROM_CLIENT, TCP_ACK, &data);
+        let translated = tcp6(CLIENT, backend, FROM_CLIENT, TCP_ACK, &data);
+        for (icmp_type, quoted) in
+            [(ICMP6_PACKET_TOO_BIG, 1280 - 48), (ICMP6_PACKET_TOO_BIG, 14 + 48), (ICMP6_DEST_UNREACH, 200)]
+        {
+            let input = error6(icmp_type, *CLIENT.ip(), &translated, 14 + quoted);
+            let output = error6(icmp_type, *CLIENT.ip(), &sent, 14 + quoted);
+            expect_answer(lb, prog, &input, &output, Reason::IcmpForwarded);
+        }
+
+        // About a reply (VIP -> client), sent to the VIP: to the backend.
+        let reply = tcp6(WEB, CLIENT, FROM_BACKEND, TCP_ACK, &data);
+        let as_sent = tcp6(backend, CLIENT, FROM_BACKEND, TCP_ACK, &data);
+        let input = error6(ICMP6_PACKET_TOO_BIG, VIP, &reply, 1280 - 48);
+        let mut output = error6(ICMP6_PACKET_TOO_BIG, *backend.ip(), &as_sent, 1280 - 48);
+        // Only the outer destination changed; the ICMPv6 checksum covers it.
+        verify_ipv6_frame(&output).unwrap();
+        output[..14].copy_from_slice(&input[..14]);
+        expect_answer(lb, prog, &input, &output, Reason::IcmpForwarded);
+
+        let other_client = SocketAddrV6::new(*CLIENT.ip(), 40001, 0, 0);
+        let unknown =
+            error6(ICMP6_PACKET_TOO_BIG, *CLIENT.ip(), &tcp6(other_client, backend, FROM_CLIENT, TCP_ACK, &data), 600);
+        expect(lb, prog, &unknown, XDP_PASS, &unknown, Reason::PassIcmpNoFlow);
+        let echo = {
+            let message = icmp6_error(128, 0, 0x0001_0001, b"ping", ROUTER, *CLIENT.ip());
+            ethernet(LB_MAC, ROUTER_MAC, ETH_P_IPV6, &Ipv6::new(ROUTER, *CLIENT.ip(), IPPROTO_ICMPV6).build(&message))
+        };
+        expect(lb, prog, &echo, XDP_PASS, &echo, Reason::PassNotTcpUdp);
     });
 }

@@ -21,12 +21,7 @@ use super::{
     route::{self, IPV6_HLEN},
     ETH_P_IPV6_BE, SOURCES6,
 };
-use crate::{
-    hook::{Hook, Xdp},
-    parse::{ptr_at, EthHdr, ETH_HLEN},
-    route::count_path,
-    Verdict,
-};
+use crate::{dsr::send_encapsulated, hook::Xdp, Verdict};
 
 /// Encapsulate `pkt` (a client packet for `svc`) to its flow's backend and
 /// send it; `Ok` with the action, `Err` for the drops above.
@@ -46,31 +41,9 @@ pub fn forward(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(u32, Reason)
     }
     let (backend, _) = nat::flow_of(hook, pkt, svc)?;
     let grown = pkt.payload_len + IPV6_HLEN + OUTER6_LEN as u16;
-    let (ifindex, dst_mac, src_mac) =
-        route::tunnel_hop(hook, pkt, PROTO_IPV6, grown, &src, &backend).map_err(Verdict::drop)?;
+    let hop = route::tunnel_hop(hook, pkt, PROTO_IPV6, grown, &src, &backend).map_err(Verdict::drop)?;
     // SAFETY: bounds-checked by parse_packet6, read before the head moves.
     let ver_tc_flow = unsafe { (*pkt.ip).ver_tc_flow };
     let outer = outer_header6(ver_tc_flow, pkt.payload_len, &src, &backend);
-    // Before any byte changes: the XDP redirect itself happens after the
-    // program returns.
-    let (action, path) = hook.transmit(pkt.ingress_ifindex, ifindex);
-    count_path(pkt.ingress_ifindex, path);
-    if !path.is_fast() {
-        return Err(Verdict::drop(Reason::DropDsrNoRoute));
-    }
-    if !hook.grow_head(OUTER6_LEN) {
-        return Err(Verdict::drop(Reason::DropDsrUnsupported));
-    }
-    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr, _>(hook, 0), ptr_at::<[u16; 20], _>(hook, ETH_HLEN)) else {
-        return Err(Verdict::drop(Reason::DropDsrUnsupported));
-    };
-    // SAFETY: both bounds-checked just now; the outer header sits at an
-    // address that is 2 mod 4, written as 16-bit words.
-    unsafe {
-        (*eth).dst = dst_mac;
-        (*eth).src = src_mac;
-        (*eth).ether_type = ETH_P_IPV6_BE;
-        core::ptr::write_unaligned(ip, outer);
-    }
-    Ok((action, Reason::Forwarded))
+    send_encapsulated(hook, pkt.ingress_ifindex, hop, ETH_P_IPV6_BE, outer)
 }

@@ -11,15 +11,20 @@
 //! The same shape as IPv4 (`parse`, `nat`, `route`), with maps of its own
 //! for what holds an address (`SERVICES6`, `BACKENDS6`, `CONNTRACK6`,
 //! `BACKEND_VIPS6`), and the rest shared: service ids, Maglev tables,
-//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. ICMPv6
+//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. A new flow
+//! to a service with no usable backend is answered as in IPv4 (`refuse`:
+//! a reset, an ICMPv6 port unreachable; held when the service wakes from
+//! zero). ICMPv6 errors about a flow are translated by a program of their
+//! own, `xdp_icmp6`, reached by a further tail call (`icmp`); other ICMPv6
 //! (neighbour discovery included), extension headers and fragments pass
-//! untouched. Not here yet: full NAT, refusals (a new flow to a service
-//! with no backend is dropped, `DropNoBackend`), ICMPv6 errors about
-//! flows, the tc hook (`tc_lb` passes IPv6 untouched, `PassIpv6`).
+//! untouched. Not here yet: full NAT, the tc hook (`tc_lb` passes IPv6
+//! untouched, `PassIpv6`).
 
 mod dsr;
+mod icmp;
 mod nat;
 mod parse;
+mod refuse;
 mod route;
 
 use aya_ebpf::{
@@ -50,10 +55,11 @@ static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CO
 /// The services each backend address serves, for matching its replies.
 #[map]
 static BACKEND_VIPS6: HashMap<BackendAddr6, BackendVips6> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
-/// `xdp_lb6` and `xdp_lb6_local`, by `V6_SLOT_*`; the agent fills it at load.
 /// An IPv6 service's source by service id (`dsr-ipip`'s outer source).
 #[map]
 static SOURCES6: Array<Ip6> = Array::with_max_entries(MAX_SERVICES, 0);
+/// `xdp_lb6`, `xdp_lb6_local` and `xdp_icmp6`, by `V6_SLOT_*`; the agent
+/// fills it at load.
 #[map]
 static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(V6_PROGRAMS.len() as u32, 0);
 
@@ -62,13 +68,13 @@ const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// For `xdp_lb`'s IPv6 packets.
 #[xdp]
 pub fn xdp_lb6(ctx: XdpContext) -> u32 {
-    run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete })
+    finish(try_lb6(&Xdp { ctx: &ctx, l4: L4Checksums::Complete }))
 }
 
 /// For `xdp_lb_local`'s IPv6 packets.
 #[xdp]
 pub fn xdp_lb6_local(ctx: XdpContext) -> u32 {
-    run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial })
+    finish(try_lb6(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial }))
 }
 
 /// At the top of an IPv4 XDP entry point: an IPv6 frame goes to the IPv6
@@ -88,9 +94,10 @@ pub fn divert(ctx: &XdpContext, slot: u32) -> Option<u32> {
     Some(xdp_action::XDP_PASS)
 }
 
+/// An IPv6 program's verdict, counted by its reason.
 #[inline(always)]
-fn run(hook: &Xdp) -> u32 {
-    let (action, reason) = match try_lb6(hook) {
+fn finish(sent: Result<(u32, Reason), Verdict>) -> u32 {
+    let (action, reason) = match sent {
         Ok(sent) => sent,
         Err(Verdict { action, reason }) => (Xdp::action(action), reason),
     };
@@ -100,16 +107,26 @@ fn run(hook: &Xdp) -> u32 {
 
 #[inline(always)]
 fn try_lb6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
-    let mut pkt = parse::parse_packet6(hook)?;
+    let mut pkt = match parse::parse_packet6(hook) {
+        Ok(pkt) => pkt,
+        // An ICMPv6 error about a flow is the only other IPv6 we translate.
+        Err(Verdict { reason: Reason::PassNotTcpUdp, .. }) => return icmp::divert(hook),
+        Err(verdict) => return Err(verdict),
+    };
     let key = ServiceKey6 { vip: pkt.dst, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES6.get(&key) } {
         let svc = *svc;
-        if svc.mode == MODE_DSR_IPIP {
-            return dsr::forward(hook, &pkt, &svc);
-        }
-        let partial_l4 = nat::forward(hook, &mut pkt, &svc)?;
-        return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
+        let sent = if svc.mode == MODE_DSR_IPIP {
+            dsr::forward(hook, &pkt, &svc)
+        } else {
+            nat::forward(hook, &mut pkt, &svc)
+                .map(|partial_l4| (route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded))
+        };
+        return match sent {
+            Err(Verdict { reason: Reason::DropNoBackend, .. }) => refuse::refuse(hook, &pkt, &svc),
+            sent => sent,
+        };
     }
     let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;
     Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))

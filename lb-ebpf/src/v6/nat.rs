@@ -103,25 +103,10 @@ fn open_flow(pkt: &Parsed6, svc: &Service, key: &FlowKey6, now: u64) -> Result<(
 #[inline(always)]
 pub fn reply(hook: &Xdp, pkt: &mut Parsed6) -> Result<(Conn, bool), Verdict> {
     let not_ours = Verdict::pass(Reason::PassNoService);
-    let addr = BackendAddr6 { ip: pkt.src, port_be: pkt.src_port_be, proto: pkt.proto, _pad: 0 };
-    // SAFETY: copied out at once; the agent replaces entries whole.
-    let Some(vips) = (unsafe { BACKEND_VIPS6.get(&addr) }) else { return Err(not_ours) };
-    let mut found = None;
-    for vip in vips.vips.iter().take(MAX_VIPS_PER_BACKEND) {
-        if vip.port_be == 0 {
-            break;
-        }
-        let key = FlowKey6::new(pkt.dst, pkt.dst_port_be, vip.vip, vip.port_be, pkt.proto);
-        if let Some(c) = CONNTRACK6.get_ptr_mut(&key) {
-            // SAFETY: as in `forward`.
-            let c = unsafe { &mut *c };
-            if c.nat_ip == pkt.src && c.conn.nat_port_be == pkt.src_port_be {
-                found = Some((c, vip.vip, vip.port_be));
-                break;
-            }
-        }
-    }
+    let found = lookup_reply_flow(&pkt.dst, pkt.dst_port_be, &pkt.src, pkt.src_port_be, pkt.proto);
     let Some((c, vip, vip_port_be)) = found else { return Err(not_ours) };
+    // SAFETY: as in `forward`.
+    let c = unsafe { &mut *c };
     check_udp(pkt)?;
     c.conn.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     let frame_len = hook.ctx.data_end() as u64 - hook.ctx.data() as u64;
@@ -131,6 +116,39 @@ pub fn reply(hook: &Xdp, pkt: &mut Parsed6) -> Result<(Conn, bool), Verdict> {
     let conn = c.conn;
     // SAFETY: as in `forward`.
     Ok((conn, unsafe { rewrite(hook, pkt, End::Src, &vip, vip_port_be) }))
+}
+
+/// The flow between `client` and a VIP whose backend is `backend`
+/// (addresses and ports as a reply carries them), with that VIP and port:
+/// the backend's address names the services it serves (`BACKEND_VIPS6`),
+/// the flow is the one from this client to one of them whose entry holds
+/// this backend. Replies and ICMPv6 errors about a client's packet to the
+/// backend (`icmp`) alike.
+#[inline(always)]
+pub fn lookup_reply_flow(
+    client: &Ip6,
+    client_port_be: u16,
+    backend: &Ip6,
+    backend_port_be: u16,
+    proto: u8,
+) -> Option<(*mut Conn6, Ip6, u16)> {
+    let addr = BackendAddr6 { ip: *backend, port_be: backend_port_be, proto, _pad: 0 };
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    let vips = unsafe { BACKEND_VIPS6.get(&addr) }?;
+    for vip in vips.vips.iter().take(MAX_VIPS_PER_BACKEND) {
+        if vip.port_be == 0 {
+            break;
+        }
+        let key = FlowKey6::new(*client, client_port_be, vip.vip, vip.port_be, proto);
+        if let Some(c) = CONNTRACK6.get_ptr_mut(&key) {
+            // SAFETY: LRU value, read at once.
+            let (nat_ip, nat_port_be) = unsafe { ((*c).nat_ip, (*c).conn.nat_port_be) };
+            if nat_ip == *backend && nat_port_be == backend_port_be {
+                return Some((c, vip.vip, vip.port_be));
+            }
+        }
+    }
+    None
 }
 
 /// UDP over IPv6 must carry a checksum (RFC 8200 8.1): one without is

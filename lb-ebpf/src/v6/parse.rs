@@ -48,6 +48,14 @@ pub struct Parsed6 {
     pub dst_mac: [u8; 6],
 }
 
+/// Traffic class and flow label, as `bpf_fib_lookup` takes them, from an
+/// IPv6 header's first four bytes.
+#[inline(always)]
+pub fn flowinfo_be(ver_tc_flow: [u8; 4]) -> u32 {
+    let v = ver_tc_flow;
+    u32::from_ne_bytes([v[0] & 0x0f, v[1], v[2], v[3]])
+}
+
 #[inline(always)]
 pub fn parse_packet6<H: Hook>(ctx: &H) -> Result<Parsed6, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropTruncatedEth))?;
@@ -100,7 +108,7 @@ pub fn parse_packet6<H: Hook>(ctx: &H) -> Result<Parsed6, Verdict> {
         l4_ports,
         payload_len,
         hop_limit,
-        flowinfo_be: u32::from_ne_bytes([vtf[0] & 0x0f, vtf[1], vtf[2], vtf[3]]),
+        flowinfo_be: flowinfo_be(vtf),
         src,
         dst,
         src_port_be,
