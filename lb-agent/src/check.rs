@@ -60,8 +60,14 @@ pub fn report(path: &Path, config: &Config, facts: Option<&HostFacts>) -> Report
             }
             _ => format!("{} backend(s)", s.backends.len()),
         };
-        let _ =
-            writeln!(out, "  {:<16} {}/{} on {} -> {to}", s.name, std::net::SocketAddr::new(s.vip, s.port), s.protocol, s.interfaces.join(","));
+        let _ = writeln!(
+            out,
+            "  {:<16} {}/{} on {} -> {to}",
+            s.name,
+            std::net::SocketAddr::new(s.vip, s.port),
+            s.protocol,
+            s.interfaces.join(",")
+        );
         let _ = writeln!(out, "    {}", crate::core::full_nat::describe(s, facts));
         for b in &s.backends {
             let _ = writeln!(out, "    {:<24} weight {}", b.address, b.weight);

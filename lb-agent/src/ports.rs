@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
 };
@@ -83,7 +83,7 @@ pub trait Routes {
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>>;
     /// The address this host sends from towards each of `addrs` (full
     /// NAT's default source); one with no usable route is left out.
-    fn sources(&self, _addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+    fn sources(&self, _addrs: &BTreeSet<IpAddr>) -> anyhow::Result<BTreeMap<IpAddr, IpAddr>> {
         Ok(BTreeMap::new())
     }
 }
@@ -392,6 +392,8 @@ pub trait Prober: Send + Sync + 'static {
 pub struct HostFacts {
     /// Every IPv4 address on this host's interfaces (this namespace).
     pub local_addrs: BTreeSet<Ipv4Addr>,
+    /// Every IPv6 address on them.
+    pub local_addrs6: BTreeSet<Ipv6Addr>,
     /// The interfaces each of those addresses is on.
     pub address_interfaces: BTreeMap<Ipv4Addr, BTreeSet<String>>,
     /// Per listed interface.
@@ -404,7 +406,7 @@ pub struct HostFacts {
     pub routes: BTreeMap<Ipv4Addr, Route>,
     /// Full NAT: the source address of the route to each backend of a
     /// full-NAT service without a `source` (one with none is left out).
-    pub snat_sources: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub snat_sources: BTreeMap<IpAddr, IpAddr>,
     /// Where cgroup v2 is mounted (from /proc/self/mountinfo): the default
     /// cgroup for socket load balancing.
     pub cgroup2_mount: Option<PathBuf>,

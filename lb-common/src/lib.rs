@@ -29,7 +29,7 @@ use core::mem::{align_of, size_of};
 /// Version of this ABI. Pinned maps live under a directory named after it,
 /// so an agent never adopts maps whose layout it does not know. Bump it with
 /// any change to a map's key, value or size.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 // Map names, declared once. The agent opens maps by these consts only.
 pub const SERVICES: &str = "SERVICES";
@@ -568,7 +568,8 @@ pub enum Reason {
     /// destination options, ...): passed untouched, never balanced.
     PassIpv6ExtHeader,
     /// IPv6 at an XDP entry point whose tail call to the IPv6 program failed
-    /// (no program in `V6_PROGS`): passed untouched.
+    /// (no program in `V6_PROGS`), or an IPv6 full-NAT packet whose tail
+    /// call from `xdp_lb6` to `xdp_fullnat6` failed: passed untouched.
     PassIpv6NoProgram,
     /// UDP over IPv6 with a zero checksum (invalid, RFC 8200 8.1) to a
     /// service or from a backend: dropped, as the kernel would.

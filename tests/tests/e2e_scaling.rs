@@ -706,10 +706,9 @@ scale_down = { stabilization_window = "5s", period = "5s" }
     }
     eprintln!(
         "MEASURED: peak instances ready {peak_ready}, peak decided {peak_decided}; back to 1 at {}",
-        back_at
-            .map_or(format!("never (within {BACK_WITHIN:?})"), |t| {
-                format!("t={t:.1}s, {:.1} s after the load ended", t - load_end)
-            })
+        back_at.map_or(format!("never (within {BACK_WITHIN:?})"), |t| {
+            format!("t={t:.1}s, {:.1} s after the load ended", t - load_end)
+        })
     );
 
     // The chart: load, instances ready (in the table), latency.

@@ -1,5 +1,6 @@
-//! IPv6: destination NAT (mode "nat") and IP-in-IP direct server return
-//! (mode "dsr-ipip", `dsr`) of TCP and UDP at the XDP hook.
+//! IPv6: destination NAT (mode "nat"), full NAT (mode "full-nat",
+//! `fullnat`) and IP-in-IP direct server return (mode "dsr-ipip", `dsr`)
+//! of TCP and UDP at the XDP hook.
 //!
 //! Programs of their own, `xdp_lb6` and `xdp_lb6_local`, which the IPv4
 //! entry points reach by a tail call (`V6_PROGS`) when the ethertype is
@@ -10,14 +11,20 @@
 //!
 //! The same shape as IPv4 (`parse`, `nat`, `route`), with maps of its own
 //! for what holds an address (`SERVICES6`, `BACKENDS6`, `CONNTRACK6`,
-//! `BACKEND_VIPS6`), and the rest shared: service ids, Maglev tables,
-//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. ICMPv6
+//! `BACKEND_VIPS6`, `SNAT_FLOWS6`), and the rest shared: service ids,
+//! Maglev tables, `BACKENDS` (active flag), counters, `EGRESS`,
+//! `PATH_STATS`. Full NAT runs in programs of its own again
+//! (`xdp_fullnat6`, `xdp_fullnat6_local`, `V6_PROGS` slots 2 and 3): a
+//! full-NAT service's packet, or a reply to a claimed port (one lookup in
+//! `SNAT_FLOWS6`), is tail-called there; a failed tail call passes it,
+//! counted as `PassIpv6NoProgram`. ICMPv6
 //! (neighbour discovery included), extension headers and fragments pass
-//! untouched. Not here yet: full NAT, refusals (a new flow to a service
+//! untouched. Not here yet: refusals (a new flow to a service
 //! with no backend is dropped, `DropNoBackend`), ICMPv6 errors about
 //! flows, the tc hook (`tc_lb` passes IPv6 untouched, `PassIpv6`).
 
 mod dsr;
+mod fullnat;
 mod nat;
 mod parse;
 mod route;
@@ -29,8 +36,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    v6::{Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, V6_PROGRAMS},
-    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, MODE_DSR_IPIP,
+    v6::{
+        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, V6_PROGRAMS, V6_SLOT_FULLNAT,
+        V6_SLOT_FULLNAT_LOCAL,
+    },
+    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, MODE_DSR_IPIP, MODE_FULL_NAT,
+    SNAT_FLOWS_MAX,
 };
 
 use crate::{
@@ -46,14 +57,18 @@ static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_
 #[map]
 static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
-static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+pub(crate) static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
 /// The services each backend address serves, for matching its replies.
 #[map]
 static BACKEND_VIPS6: HashMap<BackendAddr6, BackendVips6> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
-/// `xdp_lb6` and `xdp_lb6_local`, by `V6_SLOT_*`; the agent fills it at load.
 /// An IPv6 service's source by service id (`dsr-ipip`'s outer source).
 #[map]
 static SOURCES6: Array<Ip6> = Array::with_max_entries(MAX_SERVICES, 0);
+/// Full NAT's claimed ports over IPv6 (see `crate::fullnat`). Not LRU: a
+/// claim is never evicted behind its flow's back.
+#[map]
+pub(crate) static SNAT_FLOWS6: HashMap<FlowKey6, FlowKey6> = HashMap::with_max_entries(SNAT_FLOWS_MAX, 0);
+/// The IPv6 programs by `V6_SLOT_*`; the agent fills it at load.
 #[map]
 static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(V6_PROGRAMS.len() as u32, 0);
 
@@ -62,13 +77,25 @@ const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// For `xdp_lb`'s IPv6 packets.
 #[xdp]
 pub fn xdp_lb6(ctx: XdpContext) -> u32 {
-    run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete })
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete }, try_lb6)
 }
 
 /// For `xdp_lb_local`'s IPv6 packets.
 #[xdp]
 pub fn xdp_lb6_local(ctx: XdpContext) -> u32 {
-    run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial })
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial }, try_lb6)
+}
+
+/// `xdp_lb6`'s full-NAT packets.
+#[xdp]
+pub fn xdp_fullnat6(ctx: XdpContext) -> u32 {
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::Complete }, try_fullnat6)
+}
+
+/// `xdp_lb6_local`'s full-NAT packets.
+#[xdp]
+pub fn xdp_fullnat6_local(ctx: XdpContext) -> u32 {
+    run(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial }, try_fullnat6)
 }
 
 /// At the top of an IPv4 XDP entry point: an IPv6 frame goes to the IPv6
@@ -88,9 +115,10 @@ pub fn divert(ctx: &XdpContext, slot: u32) -> Option<u32> {
     Some(xdp_action::XDP_PASS)
 }
 
+/// One program's work (`try`), its verdict counted.
 #[inline(always)]
-fn run(hook: &Xdp) -> u32 {
-    let (action, reason) = match try_lb6(hook) {
+fn run(hook: &Xdp, try_: fn(&Xdp) -> Result<(u32, Reason), Verdict>) -> u32 {
+    let (action, reason) = match try_(hook) {
         Ok(sent) => sent,
         Err(Verdict { action, reason }) => (Xdp::action(action), reason),
     };
@@ -105,12 +133,48 @@ fn try_lb6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES6.get(&key) } {
         let svc = *svc;
-        if svc.mode == MODE_DSR_IPIP {
-            return dsr::forward(hook, &pkt, &svc);
+        match svc.mode {
+            MODE_DSR_IPIP => return dsr::forward(hook, &pkt, &svc),
+            MODE_FULL_NAT => return Err(to_fullnat(hook)),
+            _ => {}
         }
         let partial_l4 = nat::forward(hook, &mut pkt, &svc)?;
         return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
     }
+    if fullnat::is_claimed_reply(&pkt) {
+        return Err(to_fullnat(hook));
+    }
     let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;
+    Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
+}
+
+/// Hand the packet to the full-NAT program of the same checksum kind; the
+/// verdict is only for a tail call that failed (no program in the slot).
+#[inline(always)]
+fn to_fullnat(hook: &Xdp) -> Verdict {
+    let slot = match hook.l4 {
+        L4Checksums::Complete => V6_SLOT_FULLNAT,
+        L4Checksums::MaybePartial => V6_SLOT_FULLNAT_LOCAL,
+    };
+    // SAFETY: on success the tail call does not return.
+    unsafe { V6_PROGS.tail_call(hook.ctx, slot) };
+    Verdict::pass(Reason::PassIpv6NoProgram)
+}
+
+/// `xdp_fullnat6`: the packet parsed again (a tail call keeps nothing but
+/// the frame); a full-NAT service's client packet, or a claimed reply.
+#[inline(always)]
+fn try_fullnat6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
+    let mut pkt = parse::parse_packet6(hook)?;
+    let key = ServiceKey6 { vip: pkt.dst, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: as in `try_lb6`.
+    if let Some(svc) = unsafe { SERVICES6.get(&key) } {
+        let svc = *svc;
+        if svc.mode == MODE_FULL_NAT {
+            let partial_l4 = fullnat::forward(hook, &mut pkt, &svc)?;
+            return Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded));
+        }
+    }
+    let (flow, partial_l4) = fullnat::reply(hook, &mut pkt)?;
     Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
 }

@@ -1,9 +1,11 @@
 //! The connection table (`CONNTRACK`) as `ports::ConnectionTable`: walks that
 //! count open flows per backend, and flushes of one backend's flows. Full
 //! NAT's port claims (`SNAT_FLOWS`) go with their flows: a flow deleted here
-//! gives its claim back, and a walk reaps claims whose flow is gone. A walk
-//! reads up to `CONNTRACK_MAX` entries, so the agent runs these on a worker
-//! off its loop, through a handle of their own on the map.
+//! gives its claim back, and a walk reaps claims whose flow is gone. IPv6
+//! flows (`CONNTRACK6`) expire by the same rules and their claims
+//! (`SNAT_FLOWS6`) are reaped alike; they are not counted per backend yet.
+//! A walk reads up to `CONNTRACK_MAX` entries, so the agent runs these on a
+//! worker off its loop, through a handle of their own on the map.
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +14,12 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use lb_common::{Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP, SNAT_FLOWS};
+use lb_common::{
+    v6::{Conn6, FlowKey6, CONNTRACK6, SNAT_FLOWS6},
+    Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP, SNAT_FLOWS,
+};
 
-use super::map_err;
+use super::{map_err, object::Maps};
 use crate::{
     core::explain::FlowSeen,
     ports::{ConnectionTable, ConntrackScan, DataplaneError},
@@ -38,18 +43,69 @@ pub(super) struct AyaConnections {
     max_entries: u32,
 }
 
-/// The connection table and full NAT's claims, locked together.
+/// Both families' connection tables and full NAT's claims, locked together.
 struct Tables {
-    flows: HashMap<MapData, FlowKey, Conn>,
-    claims: HashMap<MapData, FlowKey, FlowKey>,
+    v4: Family<FlowKey, Conn>,
+    v6: Family<FlowKey6, Conn6>,
 }
 
-impl Tables {
+/// One family's flows and claims (reply 5-tuple -> forward key).
+struct Family<K, C> {
+    flows: HashMap<MapData, K, C>,
+    claims: HashMap<MapData, K, K>,
+}
+
+/// A connection-table entry of either family, as the walks read it.
+trait FlowEntry: aya::Pod {
+    type Key: aya::Pod + PartialEq;
+    fn conn(&self) -> &Conn;
+    /// Its claim's key (`snat_reply_key`).
+    fn reply_key(&self, key: &Self::Key) -> Self::Key;
+    fn proto(key: &Self::Key) -> u8;
+}
+
+impl FlowEntry for Conn {
+    type Key = FlowKey;
+    fn conn(&self) -> &Conn {
+        self
+    }
+    fn reply_key(&self, key: &FlowKey) -> FlowKey {
+        self.snat_reply_key(key.proto)
+    }
+    fn proto(key: &FlowKey) -> u8 {
+        key.proto
+    }
+}
+
+impl FlowEntry for Conn6 {
+    type Key = FlowKey6;
+    fn conn(&self) -> &Conn {
+        &self.conn
+    }
+    fn reply_key(&self, key: &FlowKey6) -> FlowKey6 {
+        self.snat_reply_key(key.proto)
+    }
+    fn proto(key: &FlowKey6) -> u8 {
+        key.proto
+    }
+}
+
+impl<C: FlowEntry> Family<C::Key, C> {
+    /// Second handles on a family's flows and claims.
+    fn open(
+        flows: (&HashMap<MapData, C::Key, C>, &'static str),
+        claims: (&HashMap<MapData, C::Key, C::Key>, &'static str),
+    ) -> Result<(Self, u32), DataplaneError> {
+        let (flows, max_entries) = second_handle(flows.0, flows.1)?;
+        let (claims, _) = second_handle(claims.0, claims.1)?;
+        Ok((Family { flows, claims }, max_entries))
+    }
+
     /// Delete flow `key` and give its claim back (if it still holds it).
     /// Whether the flow's entry was there to delete.
-    fn remove_flow(&mut self, key: &FlowKey, conn: &Conn) -> bool {
-        if conn.snat_port_be != 0 {
-            let rev = conn.snat_reply_key(key.proto);
+    fn remove_flow(&mut self, key: &C::Key, conn: &C) -> bool {
+        if conn.conn().snat_port_be != 0 {
+            let rev = conn.reply_key(key);
             if self.claims.get(&rev, 0).is_ok_and(|holder| holder == *key) {
                 // Gone meanwhile is fine.
                 let _ = self.claims.remove(&rev);
@@ -66,7 +122,7 @@ impl Tables {
         for item in self.claims.iter() {
             let Ok((rev, fwd)) = item else { break };
             match self.flows.get(&fwd, 0) {
-                Ok(conn) if conn.snat_reply_key(fwd.proto) == rev => held += 1,
+                Ok(conn) if conn.reply_key(&fwd) == rev => held += 1,
                 _ => stale.push(rev),
             }
         }
@@ -75,13 +131,31 @@ impl Tables {
         }
         held
     }
+
+    /// The flows `is_expired` deletes, deleted; each flow walked goes to
+    /// `each` first. Returns how many were deleted.
+    fn expire(&mut self, now: u64, mut each: impl FnMut(&C::Key, &C)) -> u64 {
+        let mut expired = Vec::new();
+        for item in self.flows.iter() {
+            // An entry evicted mid-walk ends the walk early on some kernels;
+            // a count that is briefly low is harmless (drains have deadlines).
+            let Ok((key, conn)) = item else { break };
+            each(&key, &conn);
+            if is_expired(C::proto(&key), conn.conn(), now) {
+                expired.push((key, conn));
+            }
+        }
+        // Already gone (LRU eviction) is fine; a packet that came in
+        // meanwhile re-creates the flow (a SYN, or within the budget).
+        expired.iter().filter(|(key, conn)| self.remove_flow(key, conn)).count() as u64
+    }
 }
 
 /// A second handle on `map` (a duplicate of its descriptor), and its size.
-fn second_handle<V: aya::Pod>(
-    map: &HashMap<MapData, FlowKey, V>,
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
     name: &'static str,
-) -> Result<(HashMap<MapData, FlowKey, V>, u32), DataplaneError> {
+) -> Result<(HashMap<MapData, K, V>, u32), DataplaneError> {
     let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(map_err(name, "duplicate the fd"))?;
     let data = MapData::from_fd(fd).map_err(map_err(name, "open"))?;
     let max_entries = data.info().map_err(map_err(name, "read its info"))?.max_entries();
@@ -90,14 +164,11 @@ fn second_handle<V: aya::Pod>(
 }
 
 impl AyaConnections {
-    /// Second handles on the connection table and on full NAT's claims.
-    pub(super) fn open(
-        flows: &HashMap<MapData, FlowKey, Conn>,
-        claims: &HashMap<MapData, FlowKey, FlowKey>,
-    ) -> Result<Self, DataplaneError> {
-        let (flows, max_entries) = second_handle(flows, CONNTRACK)?;
-        let (claims, _) = second_handle(claims, SNAT_FLOWS)?;
-        Ok(AyaConnections { map: Mutex::new(Tables { flows, claims }), max_entries })
+    /// Second handles on both connection tables and full NAT's claims.
+    pub(super) fn open(maps: &Maps) -> Result<Self, DataplaneError> {
+        let (v4, max_entries) = Family::open((&maps.conntrack, CONNTRACK), (&maps.snat_flows, SNAT_FLOWS))?;
+        let (v6, _) = Family::open((&maps.conntrack6, CONNTRACK6), (&maps.snat_flows6, SNAT_FLOWS6))?;
+        Ok(AyaConnections { map: Mutex::new(Tables { v4, v6 }), max_entries })
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -116,39 +187,26 @@ impl ConnectionTable for AyaConnections {
         let now = monotonic_ns();
         let mut out = BTreeMap::new();
         let mut entries = 0;
-        let mut expired = Vec::new();
-        for item in map.flows.iter() {
-            // An entry evicted mid-walk ends the walk early on some kernels;
-            // a count that is briefly low is harmless (drains have deadlines).
-            let Ok((key, conn)) = item else { break };
+        let deleted = map.v4.expire(now, |key, conn| {
             entries += 1;
-            if is_open(&key, &conn, now) {
+            if is_open(key.proto, conn, now) {
                 *out.entry(conn.backend_id).or_insert(0) += 1;
             }
-            if is_expired(&key, &conn, now) {
-                expired.push((key, conn));
-            }
-        }
-        for (key, conn) in &expired {
-            // Already gone (LRU eviction) is fine; a packet that came in
-            // meanwhile re-creates the flow (a SYN, or within the budget).
-            if map.remove_flow(key, conn) {
-                entries -= 1;
-            }
-        }
-        let snat_claims = map.reap_claims();
-        Ok(ConntrackScan { open: out, entries, max_entries: self.max_entries, snat_claims })
+        });
+        map.v6.expire(now, |_, _| {});
+        let snat_claims = map.v4.reap_claims() + map.v6.reap_claims();
+        Ok(ConntrackScan { open: out, entries: entries - deleted, max_entries: self.max_entries, snat_claims })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
         let mut map = self.lock();
         let now = monotonic_ns();
         let entries: Vec<(FlowKey, Conn)> =
-            map.flows.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
+            map.v4.flows.iter().filter_map(Result::ok).filter(|(_, c)| c.backend_id == backend_id).collect();
         let mut open = 0;
         for (k, c) in &entries {
             // Already gone (LRU eviction) is fine.
-            if map.remove_flow(k, c) && is_open(k, c, now) {
+            if map.v4.remove_flow(k, c) && is_open(k.proto, c, now) {
                 open += 1;
             }
         }
@@ -157,7 +215,7 @@ impl ConnectionTable for AyaConnections {
 
     fn lookup(&self, key: &FlowKey) -> Result<Option<FlowSeen>, DataplaneError> {
         let map = self.lock();
-        match map.flows.get(key, 0) {
+        match map.v4.flows.get(key, 0) {
             Ok(conn) => {
                 let idle = monotonic_ns().saturating_sub(conn.last_seen_ns);
                 Ok(Some(FlowSeen { conn, idle: std::time::Duration::from_nanos(idle) }))
@@ -168,9 +226,9 @@ impl ConnectionTable for AyaConnections {
     }
 }
 
-/// Open as `scan` and drains count it.
-fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
-    if key.proto == PROTO_UDP {
+/// Open as `scan` and drains count it (`proto`: the flow key's).
+fn is_open(proto: u8, conn: &Conn, now_ns: u64) -> bool {
+    if proto == PROTO_UDP {
         now_ns.saturating_sub(conn.last_seen_ns) < UDP_IDLE.as_nanos() as u64
     } else {
         TcpState::of(conn.tcp_seen) == TcpState::Open
@@ -179,12 +237,12 @@ fn is_open(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
 
 /// A flow a walk deletes: TCP half-open or closed, idle long enough; a
 /// full-NAT UDP flow idle past `UDP_IDLE` (its claim holds a port).
-fn is_expired(key: &FlowKey, conn: &Conn, now_ns: u64) -> bool {
+fn is_expired(proto: u8, conn: &Conn, now_ns: u64) -> bool {
     let idle = now_ns.saturating_sub(conn.last_seen_ns);
-    if key.proto == PROTO_UDP {
+    if proto == PROTO_UDP {
         return conn.snat_port_be != 0 && idle >= UDP_IDLE.as_nanos() as u64;
     }
-    key.proto == PROTO_TCP
+    proto == PROTO_TCP
         && match TcpState::of(conn.tcp_seen) {
             TcpState::HalfOpen => idle >= HALF_OPEN_IDLE.as_nanos() as u64,
             TcpState::Closed => idle >= CLOSED_GRACE.as_nanos() as u64,
@@ -226,13 +284,13 @@ mod tests {
         let answered = tcp_seen_after(0, 0x10, true);
         let closed = tcp_seen_after(answered, 0x04, false);
         let now = 100 * S;
-        assert!(!is_open(&flow(PROTO_TCP, 0, 100).0, &flow(PROTO_TCP, 0, 100).1, now), "half-open");
+        assert!(!is_open(PROTO_TCP, &flow(PROTO_TCP, 0, 100).1, now), "half-open");
         let (k, c) = flow(PROTO_TCP, answered, 1);
-        assert!(is_open(&k, &c, now) && !is_expired(&k, &c, now), "open flows never expire, however idle");
+        assert!(is_open(k.proto, &c, now) && !is_expired(k.proto, &c, now), "open flows never expire, however idle");
         let (k, c) = flow(PROTO_TCP, closed, 100);
-        assert!(!is_open(&k, &c, now));
+        assert!(!is_open(k.proto, &c, now));
         let (k, c) = flow(PROTO_UDP, 0, 80);
-        assert!(is_open(&k, &c, now) && !is_expired(&k, &c, now));
+        assert!(is_open(k.proto, &c, now) && !is_expired(k.proto, &c, now));
     }
 
     #[test]
@@ -240,7 +298,7 @@ mod tests {
         let closed = tcp_seen_after(tcp_seen_after(0, 0x10, true), 0x04, false);
         let at = |idle_s: u64, seen: u8| {
             let (k, c) = flow(PROTO_TCP, seen, 100);
-            is_expired(&k, &c, (100 + idle_s) * S)
+            is_expired(k.proto, &c, (100 + idle_s) * S)
         };
         assert!(!at(HALF_OPEN_IDLE.as_secs() - 1, 0) && at(HALF_OPEN_IDLE.as_secs(), 0));
         assert!(!at(CLOSED_GRACE.as_secs() - 1, closed) && at(CLOSED_GRACE.as_secs(), closed));
@@ -250,9 +308,9 @@ mod tests {
     fn idle_udp_flows_expire_only_when_they_hold_a_full_nat_port() {
         let idle = (100 + UDP_IDLE.as_secs()) * S;
         let (k, c) = flow(PROTO_UDP, 0, 100);
-        assert!(!is_expired(&k, &c, idle), "a DNAT flow waits for the LRU");
+        assert!(!is_expired(k.proto, &c, idle), "a DNAT flow waits for the LRU");
         let c = Conn { snat_ip_be: 7, snat_port_be: 61000u16.to_be(), ..c };
-        assert!(!is_expired(&k, &c, idle - S) && is_expired(&k, &c, idle));
+        assert!(!is_expired(k.proto, &c, idle - S) && is_expired(k.proto, &c, idle));
         assert_eq!(c.snat_reply_key(PROTO_UDP), FlowKey::new(5, 6, 7, 61000u16.to_be(), PROTO_UDP));
     }
 }
