@@ -120,7 +120,6 @@ impl LbObject {
         empty_hash(&mut m.services6, "SERVICES6")?;
         empty_hash(&mut m.backend_vips6, "BACKEND_VIPS6")?;
         empty_hash(&mut m.conntrack6, "CONNTRACK6")?;
-        empty_hash(&mut m.snat_flows6, "SNAT_FLOWS6")?;
         for id in 0..lb_common::MAX_SERVICES {
             m.sources6.set(id, [0; 4], 0).with_context(|| format!("clear SOURCES6[{id}]"))?;
         }

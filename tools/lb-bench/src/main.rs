@@ -22,7 +22,8 @@
 //! round, from no claims, and proves its path by the claims it left too.
 //!
 //! The IPv6 cases (`ipv6`) run `xdp_lb` on IPv6 frames: the tail call to
-//! `xdp_lb6` is part of what they measure.
+//! `xdp_lb6` is part of what they measure, and for full NAT the second
+//! one, to `xdp_fullnat6`, too.
 //!
 //! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
 
@@ -361,6 +362,26 @@ fn cases() -> Vec<Case> {
             new_flows_per_run: 1,
             ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat new-flow SYN", ipv6::new_flow_syn(), Reason::Forwarded)
         },
+        // IPv6 full NAT, as IPv4's above: two tail calls (xdp_lb6, then
+        // xdp_fullnat6), both ends rewritten, the claim checked...
+        Case {
+            prepare: Some(ipv6::full_nat_syn()),
+            output: Some(ipv6::full_nat_established_out()),
+            ..wrapped(
+                "xdp_lb -> xdp_fullnat6: ipv6 full-nat established",
+                ipv6::full_nat_established(),
+                Reason::Forwarded,
+            )
+        },
+        // ...and a new flow's SYN, which claims a port in SNAT_FLOWS6.
+        Case {
+            flags: BENCH_F_NEW_FLOW,
+            prepare: None,
+            new_flows_per_run: 1,
+            max_runs: FULL_NAT_SYN_RUNS,
+            claims_per_run: 1,
+            ..wrapped("xdp_lb -> xdp_fullnat6: ipv6 full-nat SYN", ipv6::full_nat_new_flow_syn(), Reason::Forwarded)
+        },
         // An established flow of a dsr-ipip service: the FIB lookup to the
         // backend, 20 bytes more at the head, the outer header, XDP_TX.
         Case {
@@ -400,8 +421,9 @@ impl Bench {
         lb.add_service(&svc)?;
         lb.add_service(&full_nat)?;
         lb.set_snat_ports(FULL_NAT_PORTS.0, FULL_NAT_PORTS.1)?;
-        let v6 = ipv6::service();
+        let (v6, full_nat6) = (ipv6::service(), ipv6::full_nat_service());
         lb.add_service6(&v6)?;
+        lb.add_service6(&full_nat6)?;
         lb.add_service(&dsr)?;
         lb.write_service(&dsr, MODE_DSR_IPIP, DSR_SOURCE)?;
         let dsr_ifindex = wire_dsr_iface(&dsr)?;
@@ -415,7 +437,7 @@ impl Bench {
                 .chain(&full_nat.backends)
                 .chain(&dsr.backends)
                 .map(|(id, _)| *id)
-                .chain(v6.backends.iter().map(|(id, _)| *id))
+                .chain(v6.backends.iter().chain(&full_nat6.backends).map(|(id, _)| *id))
                 .collect(),
             dsr_ifindex,
             lb,
@@ -502,7 +524,7 @@ impl Bench {
             ensure!(&run.data == out, "the last run left an unexpected frame");
         }
         if case.claims_per_run > 0 {
-            let claims = self.lb.snat_claims()?.len() as u64;
+            let claims = (self.lb.snat_claims()?.len() + self.lb.snat_claims6()?.len()) as u64;
             let want = case.claims_per_run * u64::from(repeat);
             ensure!(claims == want, "full NAT holds {claims} ports, want {want}");
         }
