@@ -84,6 +84,15 @@ pub fn verify_ipv4_frame(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// `verify_ipv4_frame` or `verify_ipv6_frame`, by the frame's ethertype.
+pub fn verify_frame(frame: &[u8]) -> Result<(), String> {
+    if is_ipv6(frame) {
+        verify_ipv6_frame(frame)
+    } else {
+        verify_ipv4_frame(frame)
+    }
+}
+
 /// Checks the TCP or UDP checksum of an Ethernet + IPv6 frame (no
 /// extension headers), as a receiver would: pseudo-header and segment sum
 /// to 0xffff.

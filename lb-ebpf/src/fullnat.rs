@@ -49,43 +49,34 @@ pub trait SnatKey: Copy + PartialEq + 'static {
     fn set_lb_port_be(&mut self, port_be: u16);
 }
 
-impl SnatKey for FlowKey {
-    #[inline(always)]
-    fn claims() -> &'static HashMap<Self, Self> {
-        &SNAT_FLOWS
-    }
-    #[inline(always)]
-    fn hash(&self) -> u32 {
-        flow_hash(self.src_ip_be, self.dst_ip_be, self.src_port_be, self.dst_port_be, self.proto)
-    }
-    #[inline(always)]
-    fn lb_port_be(&self) -> u16 {
-        self.dst_port_be
-    }
-    #[inline(always)]
-    fn set_lb_port_be(&mut self, port_be: u16) {
-        self.dst_port_be = port_be;
-    }
+/// `SnatKey` for a family's key type: its claims map and flow hash; the
+/// load balancer's port is the reply key's destination port in both.
+macro_rules! snat_key {
+    ($key:ty, $claims:ident, |$k:ident| $hash:expr) => {
+        impl SnatKey for $key {
+            #[inline(always)]
+            fn claims() -> &'static HashMap<Self, Self> {
+                &$claims
+            }
+            #[inline(always)]
+            fn hash(&self) -> u32 {
+                let $k = self;
+                $hash
+            }
+            #[inline(always)]
+            fn lb_port_be(&self) -> u16 {
+                self.dst_port_be
+            }
+            #[inline(always)]
+            fn set_lb_port_be(&mut self, port_be: u16) {
+                self.dst_port_be = port_be;
+            }
+        }
+    };
 }
 
-impl SnatKey for FlowKey6 {
-    #[inline(always)]
-    fn claims() -> &'static HashMap<Self, Self> {
-        &SNAT_FLOWS6
-    }
-    #[inline(always)]
-    fn hash(&self) -> u32 {
-        flow_hash6(&self.src, &self.dst, self.src_port_be, self.dst_port_be, self.proto)
-    }
-    #[inline(always)]
-    fn lb_port_be(&self) -> u16 {
-        self.dst_port_be
-    }
-    #[inline(always)]
-    fn set_lb_port_be(&mut self, port_be: u16) {
-        self.dst_port_be = port_be;
-    }
-}
+snat_key!(FlowKey, SNAT_FLOWS, |k| flow_hash(k.src_ip_be, k.dst_ip_be, k.src_port_be, k.dst_port_be, k.proto));
+snat_key!(FlowKey6, SNAT_FLOWS6, |k| flow_hash6(&k.src, &k.dst, k.src_port_be, k.dst_port_be, k.proto));
 
 /// A connection-table entry of one family, with its claim's key.
 pub trait NatFlow: Copy + 'static {

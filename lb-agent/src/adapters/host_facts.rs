@@ -128,10 +128,13 @@ fn unescape_octal(field: &str) -> String {
 }
 
 /// Every IPv4 address of this namespace, with the interfaces it is on.
+/// IPv4 addresses with the interfaces each is on.
+type AddressInterfaces = BTreeMap<Ipv4Addr, BTreeSet<String>>;
+
 /// This namespace's IPv4 addresses with their interfaces, and its IPv6
 /// addresses (full NAT's IPv6 `source` must be one).
-fn local_addrs() -> anyhow::Result<(BTreeMap<Ipv4Addr, BTreeSet<String>>, BTreeSet<Ipv6Addr>)> {
-    let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+fn local_addrs() -> anyhow::Result<(AddressInterfaces, BTreeSet<Ipv6Addr>)> {
+    let mut out = AddressInterfaces::new();
     let mut out6 = BTreeSet::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below; each entry

@@ -262,6 +262,37 @@ fn cases() -> Vec<Case> {
         on_dsr_iface: false,
     };
     let full_nat_backend = full_nat_service().pick(CLIENT).expect("the full-NAT table names a backend").1;
+    // Full NAT, in each family: an established packet, both ends
+    // rewritten, whose flow's claim is checked on every packet; and a new
+    // flow's SYN, which also claims a port (a BPF_NOEXIST insert) and
+    // writes its entry twice. The claims go between rounds.
+    let full_nat = |names: [&'static str; 2], syn: Vec<u8>, established: Vec<u8>, out: Vec<u8>, new: Vec<u8>| {
+        [
+            Case { prepare: Some(syn), output: Some(out), ..wrapped(names[0], established, Reason::Forwarded) },
+            Case {
+                flags: BENCH_F_NEW_FLOW,
+                prepare: None,
+                new_flows_per_run: 1,
+                max_runs: FULL_NAT_SYN_RUNS,
+                claims_per_run: 1,
+                ..wrapped(names[1], new, Reason::Forwarded)
+            },
+        ]
+    };
+    let [fn4_established, fn4_syn] = full_nat(
+        ["xdp_lb: full-nat established", "xdp_lb: full-nat SYN, full table"],
+        frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[]),
+        frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"),
+        frame(full_nat_source(), full_nat_backend, TCP_ACK | TCP_PSH, b"bench"),
+        frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]),
+    );
+    let [fn6_established, fn6_syn] = full_nat(
+        ["xdp_lb -> xdp_fullnat6: established", "xdp_lb -> xdp_fullnat6: new-flow SYN"],
+        ipv6::full_nat_syn(),
+        ipv6::full_nat_established(),
+        ipv6::full_nat_established_out(),
+        ipv6::full_nat_new_flow_syn(),
+    );
     vec![
         pass_only(CASE_PASS, PROG_PASS, None),
         pass_only(CASE_WRAPPER, PROG_BENCH, Some(PROG_PASS)),
@@ -323,31 +354,8 @@ fn cases() -> Vec<Case> {
             verdict: XDP_DROP,
             ..wrapped("xdp_lb: non-SYN miss, over budget", new_flow_ack(), Reason::DropNonSynOverBudget)
         },
-        // Full NAT: both ends rewritten; the flow's claim is checked on
-        // every packet...
-        Case {
-            prepare: Some(frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[])),
-            output: Some(frame(full_nat_source(), full_nat_backend, TCP_ACK | TCP_PSH, b"bench")),
-            ..wrapped(
-                "xdp_lb: full-nat established",
-                frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"),
-                Reason::Forwarded,
-            )
-        },
-        // ...and a new flow also claims a port (a BPF_NOEXIST insert) and
-        // writes its entry twice. The claims go between rounds.
-        Case {
-            flags: BENCH_F_NEW_FLOW,
-            prepare: None,
-            new_flows_per_run: 1,
-            max_runs: FULL_NAT_SYN_RUNS,
-            claims_per_run: 1,
-            ..wrapped(
-                "xdp_lb: full-nat SYN, full table",
-                frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]),
-                Reason::Forwarded,
-            )
-        },
+        fn4_established,
+        fn4_syn,
         // IPv6 (destination NAT): the tail call to xdp_lb6 included.
         Case {
             prepare: Some(ipv6::frame(ipv6::CLIENT, ipv6::VIP, TCP_SYN, &[])),
@@ -362,26 +370,10 @@ fn cases() -> Vec<Case> {
             new_flows_per_run: 1,
             ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat new-flow SYN", ipv6::new_flow_syn(), Reason::Forwarded)
         },
-        // IPv6 full NAT, as IPv4's above: two tail calls (xdp_lb6, then
-        // xdp_fullnat6), both ends rewritten, the claim checked...
-        Case {
-            prepare: Some(ipv6::full_nat_syn()),
-            output: Some(ipv6::full_nat_established_out()),
-            ..wrapped(
-                "xdp_lb -> xdp_fullnat6: ipv6 full-nat established",
-                ipv6::full_nat_established(),
-                Reason::Forwarded,
-            )
-        },
-        // ...and a new flow's SYN, which claims a port in SNAT_FLOWS6.
-        Case {
-            flags: BENCH_F_NEW_FLOW,
-            prepare: None,
-            new_flows_per_run: 1,
-            max_runs: FULL_NAT_SYN_RUNS,
-            claims_per_run: 1,
-            ..wrapped("xdp_lb -> xdp_fullnat6: ipv6 full-nat SYN", ipv6::full_nat_new_flow_syn(), Reason::Forwarded)
-        },
+        // IPv6 full NAT, as IPv4's: two tail calls (xdp_lb6, then
+        // xdp_fullnat6); its claims sit in SNAT_FLOWS6.
+        fn6_established,
+        fn6_syn,
         // An established flow of a dsr-ipip service: the FIB lookup to the
         // backend, 20 bytes more at the head, the outer header, XDP_TX.
         Case {
