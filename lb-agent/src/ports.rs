@@ -198,6 +198,8 @@ pub struct ConntrackScan {
     pub max_entries: u32,
     /// Full NAT's source ports held (claims whose flow is in the table).
     pub snat_claims: u64,
+    /// The same over IPv6 (`SNAT_FLOWS6`, as large as `SNAT_FLOWS`).
+    pub snat_claims6: u64,
 }
 
 /// How the program runs on an interface.

@@ -167,6 +167,7 @@ impl SnapshotBuilder {
                 fill(lb_common::CONNTRACK, scan.entries, scan.max_entries),
                 // Full NAT's held source ports (one claim per flow).
                 fill(lb_common::SNAT_FLOWS, scan.snat_claims, scan.max_entries),
+                fill(lb_common::v6::SNAT_FLOWS6, scan.snat_claims6, scan.max_entries),
             ],
             services,
             reasons,
@@ -369,6 +370,7 @@ weight = 3
             entries: 8,
             max_entries: lb_common::CONNTRACK_MAX,
             snat_claims: 0,
+            snat_claims6: 0,
         };
         let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
 

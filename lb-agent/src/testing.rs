@@ -510,6 +510,7 @@ impl ConnectionTable for SharedDataplane {
             open,
             max_entries: lb_common::CONNTRACK_MAX,
             snat_claims: 0,
+            snat_claims6: 0,
         })
     }
 

@@ -194,8 +194,14 @@ impl ConnectionTable for AyaConnections {
             }
         });
         map.v6.expire(now, |_, _| {});
-        let snat_claims = map.v4.reap_claims() + map.v6.reap_claims();
-        Ok(ConntrackScan { open: out, entries: entries - deleted, max_entries: self.max_entries, snat_claims })
+        let (snat_claims, snat_claims6) = (map.v4.reap_claims(), map.v6.reap_claims());
+        Ok(ConntrackScan {
+            open: out,
+            entries: entries - deleted,
+            max_entries: self.max_entries,
+            snat_claims,
+            snat_claims6,
+        })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
