@@ -84,6 +84,15 @@ pub fn verify_ipv4_frame(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// `verify_ipv4_frame` or `verify_ipv6_frame`, by the frame's ethertype.
+pub fn verify_frame(frame: &[u8]) -> Result<(), String> {
+    if is_ipv6(frame) {
+        verify_ipv6_frame(frame)
+    } else {
+        verify_ipv4_frame(frame)
+    }
+}
+
 /// Checks the TCP, UDP or ICMPv6 checksum of an Ethernet + IPv6 frame (no
 /// extension headers) as a receiver would: each covers the IPv6
 /// pseudo-header, and a correct one sums to 0xffff with it. IPv6 has no
@@ -104,24 +113,45 @@ pub fn verify_ipv6_frame(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Where the L4 checksum sits in an Ethernet + IPv4 (no options) frame.
+/// Where the L4 checksum sits in an Ethernet + IPv4 (no options) or IPv6
+/// (no extension headers) frame.
 fn l4_check_offset(frame: &[u8]) -> Option<usize> {
-    match frame.get(14 + 9)? {
-        6 => Some(14 + 20 + 16),
-        17 => Some(14 + 20 + 6),
+    let (proto, l4) = if is_ipv6(frame) { (frame.get(14 + 6)?, 14 + 40) } else { (frame.get(14 + 9)?, 14 + 20) };
+    match proto {
+        6 => Some(l4 + 16),
+        17 => Some(l4 + 6),
         _ => None,
+    }
+}
+
+/// Whether the Ethernet frame carries IPv6 (no extension headers follow in
+/// the frames the fixtures build).
+fn is_ipv6(frame: &[u8]) -> bool {
+    frame.get(12..14) == Some(&[0x86, 0xdd][..])
+}
+
+/// The L4 part of an IP frame (IPv4 without options or IPv6), and its
+/// pseudo-header.
+fn l4_and_pseudo_header(frame: &[u8]) -> (std::ops::Range<usize>, Vec<u8>) {
+    let ip = &frame[14..];
+    if is_ipv6(frame) {
+        let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        let addr = |at: usize| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap());
+        (14 + 40..14 + 40 + len, pseudo_header_v6(addr(8), addr(24), ip[6], len as u32))
+    } else {
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+        (14 + 20..14 + total, pseudo_header_v4(src, dst, ip[9], (total - 20) as u16))
     }
 }
 
 /// The frame as a local stack hands it to a veth with checksum offload on
 /// (CHECKSUM_PARTIAL): the L4 checksum field holds only the folded sum of
 /// the pseudo-header, not inverted; the device adds the segment later.
+/// IPv4 or IPv6.
 pub fn with_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
-    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
-    let ip = &frame[14..];
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
-    let sum = ones_complement_sum(&pseudo_header_v4(src, dst, ip[9], (total - 20) as u16));
+    let at = l4_check_offset(&frame).expect("a TCP or UDP over IP frame");
+    let sum = ones_complement_sum(&l4_and_pseudo_header(&frame).1);
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     frame
 }
@@ -129,10 +159,10 @@ pub fn with_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
 /// What the device does with a CHECKSUM_PARTIAL frame: complete the L4
 /// checksum from the partial sum in the field and the segment itself.
 pub fn complete_partial_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
-    let at = l4_check_offset(&frame).expect("a TCP or UDP over IPv4 frame");
-    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
-    let sum = !ones_complement_sum(&frame[14 + 20..14 + total]);
-    let sum = if sum == 0 && frame[14 + 9] == 17 { 0xffff } else { sum };
+    let at = l4_check_offset(&frame).expect("a TCP or UDP over IP frame");
+    let udp = at == l4_and_pseudo_header(&frame).0.start + 6;
+    let sum = !ones_complement_sum(&frame[l4_and_pseudo_header(&frame).0]);
+    let sum = if sum == 0 && udp { 0xffff } else { sum };
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     frame
 }

@@ -68,6 +68,26 @@ impl Net6 {
         Net6 { client, lb, backends }
     }
 
+    /// An agent config for this topology: service `web6` at the VIP, port
+    /// 80, every backend's TCP address, `service_extra` (TOML lines) in
+    /// the service; IPv6 at XDP (the only hook that balances it), the
+    /// kernel forwarding the translated packets (no fast path on veth).
+    pub fn agent_config(service_extra: &str) -> String {
+        let interfaces = Self::lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
+        let mut out = format!(
+            "[[service]]\nname = \"web6\"\nvip = \"{VIP}\"\nport = 80\ninterfaces = [{interfaces}]\n\
+             health_check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"200ms\", rise = 1, fall = 2 }}\n\
+             {service_extra}\n"
+        );
+        for i in 1..=BACKENDS {
+            out += &format!("\n[[service.backend]]\naddress = \"{}\"\n", Self::tcp(i));
+        }
+        for i in Self::lb_interfaces() {
+            out += &format!("\n[interface.{i:?}]\nhook = \"xdp\"\nfast_path = \"off\"\n");
+        }
+        out + "\n[socket_lb]\nenabled = false\n"
+    }
+
     /// The LB's interfaces: towards the client, then each backend.
     pub fn lb_interfaces() -> Vec<String> {
         std::iter::once("lb-c".to_owned()).chain((1..=BACKENDS).map(|i| format!("lb-b{i}"))).collect()

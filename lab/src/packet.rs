@@ -7,7 +7,7 @@
 //! Malformed packets start from a well-formed one (correct checksums) and
 //! change one thing: a truncation or one of the `Ipv4`/`Tcp` overrides.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
 
 use crate::checksum::{internet_checksum, l4_checksum, pseudo_header_v4, pseudo_header_v6};
 
@@ -327,6 +327,22 @@ pub fn udp_frame(macs: (Mac, Mac), ip: &Ipv4, udp: &Udp) -> Vec<u8> {
     let ip = Ipv4 { proto: IPPROTO_UDP, ..ip.clone() };
     let datagram = udp.build(Addrs::V4(ip.src, ip.dst));
     ethernet(macs.0, macs.1, ETH_P_IP, &ip.build(&datagram))
+}
+
+/// Ethernet + IPv6 + TCP from `from` to `to` (`tcp`'s ports replaced by
+/// theirs).
+pub fn tcp6_frame(macs: (Mac, Mac), from: SocketAddrV6, to: SocketAddrV6, tcp: &Tcp) -> Vec<u8> {
+    let tcp = Tcp { src_port: from.port(), dst_port: to.port(), ..tcp.clone() };
+    let segment = tcp.build(Addrs::V6(*from.ip(), *to.ip()));
+    ethernet(macs.0, macs.1, ETH_P_IPV6, &Ipv6::new(*from.ip(), *to.ip(), IPPROTO_TCP).build(&segment))
+}
+
+/// Ethernet + IPv6 + UDP from `from` to `to` (`udp`'s ports replaced by
+/// theirs).
+pub fn udp6_frame(macs: (Mac, Mac), from: SocketAddrV6, to: SocketAddrV6, udp: &Udp) -> Vec<u8> {
+    let udp = Udp { src_port: from.port(), dst_port: to.port(), ..udp.clone() };
+    let datagram = udp.build(Addrs::V6(*from.ip(), *to.ip()));
+    ethernet(macs.0, macs.1, ETH_P_IPV6, &Ipv6::new(*from.ip(), *to.ip(), IPPROTO_UDP).build(&datagram))
 }
 
 /// `frame` (Ethernet + IPv4) as `mode = "dsr-ipip"` sends it on: inside

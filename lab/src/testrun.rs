@@ -560,7 +560,8 @@ impl LbObject {
 
     /// Deletes every full-NAT claim; returns how many there were.
     pub fn clear_snat_claims(&mut self) -> Result<u64> {
-        empty_hash(&mut self.maps.snat_flows, "SNAT_FLOWS")
+        Ok(empty_hash(&mut self.maps.snat_flows, "SNAT_FLOWS")?
+            + empty_hash(&mut self.maps.snat_flows6, "SNAT_FLOWS6")?)
     }
 
     /// Deletes every connection-table entry.

@@ -13,7 +13,7 @@ use aya::maps::MapError;
 use lb_common::{
     hash::flow_hash,
     v6::{fold_ip6, ip6_raw, Backend6, BackendVips6, Conn6, FlowKey6, ServiceKey6},
-    Backend, Service, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT,
+    Backend, Service, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MODE_DNAT, MODE_FULL_NAT,
 };
 
 use lb_agent::adapters::dataplane::object::{program_mut, set_v6_programs};
@@ -31,11 +31,20 @@ pub struct ServiceSpec6 {
     pub backends: Vec<(u32, SocketAddrV6)>,
     /// `SERVICE_F_*` bits (0 from `new`).
     pub flags: u32,
+    /// `Service::mode` (`MODE_DNAT` by default).
+    pub mode: u32,
+    /// Full NAT: every backend's source address (`Backend6::snat_ip`).
+    pub snat_ip: Option<Ipv6Addr>,
 }
 
 impl ServiceSpec6 {
     pub fn new(id: u32, vip: SocketAddrV6, proto: u8, table: u32, backends: &[(u32, SocketAddrV6)]) -> Self {
-        Self { id, vip, proto, table, backends: backends.to_vec(), flags: 0 }
+        Self { id, vip, proto, table, backends: backends.to_vec(), flags: 0, mode: MODE_DNAT, snat_ip: None }
+    }
+
+    /// The same service in full NAT mode, sent from `source`.
+    pub fn full_nat(self, source: Ipv6Addr) -> Self {
+        Self { mode: MODE_FULL_NAT, snat_ip: Some(source), ..self }
     }
 
     pub fn key(&self) -> ServiceKey6 {
@@ -71,7 +80,7 @@ impl LbObject {
             let b = Backend { service_id: spec.id, flags: BACKEND_F_ACTIVE, ..Backend::default() };
             self.maps.backends.set(id, b, 0).with_context(|| format!("write backend {id}"))?;
             self.backend_ids.insert(id);
-            let b6 = Backend6::new(addr);
+            let b6 = Backend6::with_source(addr, spec.snat_ip);
             self.maps.backends6.set(id, b6, 0).with_context(|| format!("write BACKENDS6[{id}]"))?;
             let key = b6.reply_key(spec.proto);
             let mut vips = match self.maps.backend_vips6.get(&key, 0) {
@@ -89,7 +98,7 @@ impl LbObject {
             id: spec.id,
             table: spec.table,
             backend_count: ids.len() as u32,
-            mode: MODE_DNAT,
+            mode: spec.mode,
             flags: spec.flags,
             source_be: 0,
         };
@@ -124,10 +133,12 @@ impl LbObject {
 
     /// Empties `V6_PROGS`, as if loading the IPv6 programs had failed.
     pub fn clear_v6_programs(&mut self) -> Result<()> {
-        for slot in 0..lb_common::v6::V6_PROGRAMS.len() as u32 {
-            self.maps.v6_progs.clear_index(&slot).with_context(|| format!("clear V6_PROGS[{slot}]"))?;
-        }
-        Ok(())
+        (0..lb_common::v6::V6_PROGRAMS.len() as u32).try_for_each(|slot| self.clear_v6_program(slot))
+    }
+
+    /// Empties one slot of `V6_PROGS` (a `V6_SLOT_*`).
+    pub fn clear_v6_program(&mut self, slot: u32) -> Result<()> {
+        self.maps.v6_progs.clear_index(&slot).with_context(|| format!("clear V6_PROGS[{slot}]"))
     }
 
     /// Attaches the object's XDP program `prog` to `iface`, an interface of
@@ -142,5 +153,15 @@ impl LbObject {
     /// Every IPv6 connection-table entry.
     pub fn conntrack6(&self) -> Result<StdHashMap<FlowKey6, Conn6>> {
         self.maps.conntrack6.iter().map(|e| e.context("read CONNTRACK6")).collect()
+    }
+
+    /// Writes (or replaces) one IPv6 connection-table entry.
+    pub fn insert_flow6(&mut self, key: &FlowKey6, conn: &Conn6) -> Result<()> {
+        self.maps.conntrack6.insert(key, conn, 0).context("write CONNTRACK6")
+    }
+
+    /// IPv6 full NAT's claims: reply 5-tuple -> forward key.
+    pub fn snat_claims6(&self) -> Result<StdHashMap<FlowKey6, FlowKey6>> {
+        self.maps.snat_flows6.iter().map(|e| e.context("read SNAT_FLOWS6")).collect()
     }
 }

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
 };
@@ -87,7 +87,7 @@ pub trait Routes {
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>>;
     /// The address this host sends from towards each of `addrs` (full
     /// NAT's default source); one with no usable route is left out.
-    fn sources(&self, _addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+    fn sources(&self, _addrs: &BTreeSet<IpAddr>) -> anyhow::Result<BTreeMap<IpAddr, IpAddr>> {
         Ok(BTreeMap::new())
     }
 }
@@ -224,6 +224,8 @@ pub struct ConntrackScan {
     /// IPv6 flows' entries (`CONNTRACK6`), and the entries it can hold.
     pub entries6: u64,
     pub max_entries6: u32,
+    /// The same over IPv6 (`SNAT_FLOWS6`, as large as `SNAT_FLOWS`).
+    pub snat_claims6: u64,
 }
 
 /// How the program runs on an interface.
@@ -418,6 +420,8 @@ pub trait Prober: Send + Sync + 'static {
 pub struct HostFacts {
     /// Every IPv4 address on this host's interfaces (this namespace).
     pub local_addrs: BTreeSet<Ipv4Addr>,
+    /// Every IPv6 address on them.
+    pub local_addrs6: BTreeSet<Ipv6Addr>,
     /// The interfaces each of those addresses is on.
     pub address_interfaces: BTreeMap<Ipv4Addr, BTreeSet<String>>,
     /// Per listed interface.
@@ -430,7 +434,7 @@ pub struct HostFacts {
     pub routes: BTreeMap<Ipv4Addr, Route>,
     /// Full NAT: the source address of the route to each backend of a
     /// full-NAT service without a `source` (one with none is left out).
-    pub snat_sources: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub snat_sources: BTreeMap<IpAddr, IpAddr>,
     /// Where cgroup v2 is mounted (from /proc/self/mountinfo): the default
     /// cgroup for socket load balancing.
     pub cgroup2_mount: Option<PathBuf>,

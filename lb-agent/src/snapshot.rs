@@ -168,6 +168,8 @@ impl SnapshotBuilder {
                 // Full NAT's held source ports (one claim per flow).
                 fill(lb_common::SNAT_FLOWS, scan.snat_claims, scan.max_entries),
                 fill(lb_common::v6::CONNTRACK6, scan.entries6, scan.max_entries6),
+                // The same over IPv6 (SNAT_FLOWS6 is sized as CONNTRACK6).
+                fill(lb_common::v6::SNAT_FLOWS6, scan.snat_claims6, scan.max_entries6),
             ],
             services,
             reasons,
@@ -372,6 +374,7 @@ weight = 3
             snat_claims: 0,
             entries6: 2,
             max_entries6: lb_common::CONNTRACK_MAX,
+            snat_claims6: 0,
         };
         let s = build(&mut SnapshotBuilder::new("lb.toml".into()), false, &w, &scan);
 

@@ -440,12 +440,14 @@ impl Snapshot {
             }
         }
         let full_nat = self.services.iter().any(|s| !s.snat_sources.is_empty());
-        if let Some(m) = self.maps.iter().find(|m| full_nat && m.name == lb_common::SNAT_FLOWS) {
+        let mut claims =
+            self.maps.iter().filter(|m| [lb_common::SNAT_FLOWS, lb_common::v6::SNAT_FLOWS6].contains(&&*m.name));
+        if let Some(first) = claims.next().filter(|_| full_nat) {
             let _ = writeln!(
                 out,
                 "full nat: {} source port(s) held, one per flow (each source address has [dataplane] \
                  snat_port_min..=snat_port_max per backend)",
-                m.entries
+                first.entries + claims.map(|m| m.entries).sum::<u64>()
             );
         }
         for s in &self.services {
@@ -822,6 +824,9 @@ mod tests {
         let t = s.render_table();
         assert!(t.contains("service web  10.0.0.100:80/tcp  mode full-nat from 10.1.0.254 (route)  on eth0"), "{t}");
         assert!(t.contains("full nat: 7 source port(s) held, one per flow"), "{t}");
+        // IPv6's claims count with IPv4's.
+        s.maps.push(MapFill { name: lb_common::v6::SNAT_FLOWS6.into(), entries: 3, max_entries: 65536 });
+        assert!(s.render_table().contains("full nat: 10 source port(s) held"), "{}", s.render_table());
     }
 
     fn decision(ago: f64, previous: u32, replicas: u32, rule: &str) -> DecisionSummary {

@@ -529,6 +529,7 @@ impl ConnectionTable for SharedDataplane {
             snat_claims: 0,
             entries6: 0,
             max_entries6: lb_common::CONNTRACK_MAX,
+            snat_claims6: 0,
         })
     }
 

@@ -584,8 +584,9 @@ pub enum Reason {
     /// destination options, ...): passed untouched, never balanced.
     PassIpv6ExtHeader,
     /// IPv6 at an XDP entry point whose tail call to the IPv6 program failed
-    /// (no program in `V6_PROGS`), or an ICMPv6 error whose tail call to
-    /// `xdp_icmp6` failed: passed untouched.
+    /// (no program in `V6_PROGS`), an ICMPv6 error whose tail call to
+    /// `xdp_icmp6` failed, or an IPv6 full-NAT packet whose tail call from
+    /// `xdp_lb6` to `xdp_fullnat6` failed: passed untouched.
     PassIpv6NoProgram,
     /// UDP over IPv6 with a zero checksum (invalid, RFC 8200 8.1) to a
     /// service or from a backend: dropped, as the kernel would.

@@ -1,5 +1,6 @@
 //! IPv6: the maps' keys and values, the flow hash and the checksum helpers
-//! of the IPv6 programs (`xdp_lb6`, `xdp_lb6_local`).
+//! of the IPv6 programs (`xdp_lb6`, `xdp_lb6_local`, and full NAT's
+//! `xdp_fullnat6`, `xdp_fullnat6_local`).
 //!
 //! The IPv6 path has maps of its own beside the IPv4 ones (whose layouts
 //! stay as they are) and shares the rest: the service ids, the Maglev
@@ -25,11 +26,15 @@ pub const CONNTRACK6: &str = "CONNTRACK6";
 pub const BACKEND_VIPS6: &str = "BACKEND_VIPS6";
 /// The IPv6 programs, for the IPv4 entry points' tail call
 /// (`V6_SLOT_COMPLETE`, `V6_SLOT_LOCAL`) and the IPv6 programs' own
-/// (`V6_SLOT_ICMP`).
+/// (`V6_SLOT_ICMP`, and to full NAT: `V6_SLOT_FULLNAT`,
+/// `V6_SLOT_FULLNAT_LOCAL`).
 pub const V6_PROGS: &str = "V6_PROGS";
 /// Socket load balancing's IPv6 twin of `SOCK_REVNAT`: (socket, backend)
 /// -> the service asked for ([`SockRevKey6`] -> [`ServiceKey6`]).
 pub const SOCK_REVNAT6: &str = "SOCK_REVNAT6";
+/// Full NAT's claimed ports over IPv6: a flow's reply 5-tuple (backend ->
+/// LB address, port) -> its forward key, as `crate::SNAT_FLOWS` for IPv4.
+pub const SNAT_FLOWS6: &str = "SNAT_FLOWS6";
 /// An IPv6 service's source address, by service id (an [`Ip6`]; all
 /// zeros for none): `dsr-ipip`'s outer source (`crate::dsr6`).
 pub const SOURCES6: &str = "SOURCES6";
@@ -42,11 +47,19 @@ pub const PROG_LB6_LOCAL: &str = "xdp_lb6_local";
 /// programs: a program of its own, as `xdp_lb6_local` has no stack to
 /// spare for it.
 pub const PROG_ICMP6: &str = "xdp_icmp6";
+/// IPv6 full NAT (checksums complete): a program of its own, which
+/// `xdp_lb6` tail-calls for a full-NAT service's packet and a reply to a
+/// claimed port, so that its stack is not `xdp_lb6`'s.
+pub const PROG_FULLNAT6: &str = "xdp_fullnat6";
+/// IPv6 full NAT for `xdp_lb6_local` (partial checksums possible).
+pub const PROG_FULLNAT6_LOCAL: &str = "xdp_fullnat6_local";
 /// `V6_PROGS` slot of each IPv6 program, in this order.
-pub const V6_PROGRAMS: [&str; 3] = [PROG_LB6, PROG_LB6_LOCAL, PROG_ICMP6];
+pub const V6_PROGRAMS: [&str; 5] = [PROG_LB6, PROG_LB6_LOCAL, PROG_ICMP6, PROG_FULLNAT6, PROG_FULLNAT6_LOCAL];
 pub const V6_SLOT_COMPLETE: u32 = 0;
 pub const V6_SLOT_LOCAL: u32 = 1;
 pub const V6_SLOT_ICMP: u32 = 2;
+pub const V6_SLOT_FULLNAT: u32 = 3;
+pub const V6_SLOT_FULLNAT_LOCAL: u32 = 4;
 
 /// Key of `SERVICES6` (value: the shared [`crate::Service`]).
 #[repr(C)]
@@ -107,12 +120,25 @@ pub struct Backend6 {
     pub ip: Ip6,
     pub port_be: u16,
     pub _pad: u16,
+    /// Full NAT: the load balancer's IPv6 address a flow to this backend is
+    /// sent from (as `crate::Backend::snat_ip_be`); zeros for other modes.
+    pub snat_ip: Ip6,
 }
 
 impl Backend6 {
     /// The entry of the backend at `addr`.
     pub const fn new(addr: SocketAddrV6) -> Self {
-        Backend6 { ip: ip6_raw(*addr.ip()), port_be: addr.port().to_be(), _pad: 0 }
+        Backend6 { ip: ip6_raw(*addr.ip()), port_be: addr.port().to_be(), _pad: 0, snat_ip: [0; 4] }
+    }
+
+    /// The entry of the backend at `addr` that full NAT reaches from
+    /// `source` (`None`: no source, its flows are refused).
+    pub const fn with_source(addr: SocketAddrV6, source: Option<Ipv6Addr>) -> Self {
+        let snat_ip = match source {
+            Some(s) => ip6_raw(s),
+            None => [0; 4],
+        };
+        Backend6 { snat_ip, ..Backend6::new(addr) }
     }
 
     /// The address this entry holds.
@@ -146,14 +172,25 @@ impl FlowKey6 {
     }
 }
 
-/// Value of `CONNTRACK6`: the IPv4 entry (its `nat_ip_be` unused, 0) and the
-/// backend's IPv6 address, kept in the entry so a flow outlives its
-/// backend's removal (draining), as in IPv4.
+/// Value of `CONNTRACK6`: the IPv4 entry (its `nat_ip_be` and `snat_ip_be`
+/// unused, 0) and the backend's IPv6 address, kept in the entry so a flow
+/// outlives its backend's removal (draining), as in IPv4. Full NAT: the
+/// address the flow is sent from (its claimed port is `conn.snat_port_be`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn6 {
     pub conn: Conn,
     pub nat_ip: Ip6,
+    pub snat_ip: Ip6,
+}
+
+impl Conn6 {
+    /// Full NAT: the key of this flow's claim in `SNAT_FLOWS6`, its
+    /// replies' 5-tuple (backend -> the load balancer's address and port).
+    #[inline(always)]
+    pub const fn snat_reply_key(&self, proto: u8) -> FlowKey6 {
+        FlowKey6::new(self.nat_ip, self.conn.nat_port_be, self.snat_ip, self.conn.snat_port_be, proto)
+    }
 }
 
 /// Key of `BACKEND_VIPS6`: a backend's address as its replies carry it.
@@ -176,9 +213,9 @@ pub struct BackendVips6 {
 
 const _: () = {
     assert!(size_of::<ServiceKey6>() == 20 && align_of::<ServiceKey6>() == 4);
-    assert!(size_of::<Backend6>() == 20 && align_of::<Backend6>() == 4);
+    assert!(size_of::<Backend6>() == 36 && align_of::<Backend6>() == 4);
     assert!(size_of::<FlowKey6>() == 40 && align_of::<FlowKey6>() == 4);
-    assert!(size_of::<Conn6>() == 64 && align_of::<Conn6>() == 8);
+    assert!(size_of::<Conn6>() == 80 && align_of::<Conn6>() == 8);
     assert!(size_of::<BackendAddr6>() == 20);
     assert!(size_of::<BackendVips6>() == 20 * MAX_VIPS_PER_BACKEND);
 };
@@ -312,11 +349,12 @@ mod tests {
     fn layouts() {
         assert_eq!((offset_of!(ServiceKey6, port_be), offset_of!(ServiceKey6, proto)), (16, 18));
         assert_eq!((offset_of!(Backend6, port_be), offset_of!(Backend6, _pad)), (16, 18));
+        assert_eq!(offset_of!(Backend6, snat_ip), 20);
         assert_eq!(offset_of!(FlowKey6, dst), 16);
         assert_eq!(offset_of!(FlowKey6, src_port_be), 32);
         assert_eq!(offset_of!(FlowKey6, dst_port_be), 34);
         assert_eq!(offset_of!(FlowKey6, proto), 36);
-        assert_eq!((offset_of!(Conn6, conn), offset_of!(Conn6, nat_ip)), (0, 48));
+        assert_eq!((offset_of!(Conn6, conn), offset_of!(Conn6, nat_ip), offset_of!(Conn6, snat_ip)), (0, 48, 64));
         assert_eq!((offset_of!(SockRevKey6, backend), offset_of!(SockRevKey6, backend_port_be)), (8, 24));
         assert_eq!((size_of::<SockRevKey6>(), align_of::<SockRevKey6>()), (32, 8));
         assert_eq!((offset_of!(BackendAddr6, port_be), offset_of!(BackendAddr6, proto)), (16, 18));
@@ -337,6 +375,9 @@ mod tests {
         let backend: SocketAddrV6 = "[2001:db8:1::2]:8080".parse().unwrap();
         let entry = Backend6::new(backend);
         assert_eq!(entry.addr(), backend);
+        let source: Ipv6Addr = "2001:db8:1::fe".parse().unwrap();
+        assert_eq!(Backend6::with_source(backend, Some(source)).snat_ip, ip6_raw(source));
+        assert_eq!(Backend6::with_source(backend, None), entry);
         let reply = entry.reply_key(17);
         assert_eq!((reply.ip, reply.port_be, reply.proto), (ip6_raw(*backend.ip()), 8080u16.to_be(), 17));
     }

@@ -24,7 +24,7 @@ use crate::{
 const AF_INET: u8 = 2;
 /// `fib_lookup_of`'s code when it had no scratch space (never, in practice):
 /// none of the kernel's, so every caller takes it for "cannot be sent".
-const NO_SCRATCH: u32 = u32::MAX;
+pub const NO_SCRATCH: u32 = u32::MAX;
 
 /// Where the next hop is, once known.
 pub struct NextHop {

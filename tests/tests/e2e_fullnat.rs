@@ -5,15 +5,21 @@
 //!
 //! The LB's interfaces get the default hook (`auto`: tc on veths), the one
 //! that sends full NAT's packets on whatever the checksums and neighbours.
+//! IPv6 (balanced at XDP only) runs on the lab's `net6` instead.
 //!
 //! Needs root and a built agent: `cargo build --release -p lb-agent && cargo
 //! test -p lb-tests --release --test e2e_fullnat -- --test-threads=1`.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddrV6,
+    time::{Duration, Instant},
+};
 
 use lb_lab::{
     agent::Agent,
+    net6::{self, Net6},
     require_root,
+    scratch::Scratch,
     spread::{assert_even, connect_many, print_shares},
     topology::{Conn, Options, Topology, CLIENT_NET},
 };
@@ -125,4 +131,63 @@ fn root_full_nat_port_exhaustion_is_refused_and_counted() {
     after_close.expect("a connection after one closed");
     let snat = status["maps"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "SNAT_FLOWS")).cloned();
     println!("SNAT_FLOWS at the end: {snat:?}");
+}
+
+/// IPv6, through a real agent on the lab's `net6` (hook "xdp": `xdp_lb6`
+/// hands the packets to `xdp_fullnat6_local`): the backends lose their
+/// route to the client's /64, so only full NAT's replies (to the LB's
+/// address on each backend's link) find their way. Every connection is
+/// answered, evenly, and a held connection's backend sees the LB's address
+/// as its peer, never the client's.
+#[test]
+fn root_ipv6_full_nat_serves_backends_with_no_route_back() {
+    require_root!("root_ipv6_full_nat_serves_backends_with_no_route_back");
+    let net = Net6::build(&format!("lbt6f-{}", std::process::id()));
+    for (ns, _) in &net.backends {
+        ns.exec("ip", &["-6", "route", "del", &format!("{}/64", net6::CLIENT)]);
+        assert!(!ns.exec("ip", &["-6", "route"]).contains("fd00:c::"), "the premise: no route back");
+    }
+    let dir = Scratch::create(&format!("lbt6f-{}", std::process::id()));
+    std::fs::write(dir.config_path(), Net6::agent_config("mode = \"full-nat\"")).expect("write the config");
+    let mut agent = Agent::spawn(&net.lb, &dir.agent_args(dir.config_path()));
+    agent.wait_ready();
+    let names: Vec<String> = (1..=net6::BACKENDS).map(|i| format!("web-{i}")).collect();
+    let up = |s: &serde_json::Value| {
+        let web = s["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "web6")).cloned();
+        web.and_then(|w| w["backends"].as_array().cloned()).is_some_and(|b| {
+            b.len() == names.len() && b.iter().all(|b| b["state"] == "active" && b["in_table"] == true)
+        })
+    };
+    agent.wait_status("every IPv6 backend up and in the table", Duration::from_secs(10), up);
+
+    let web = SocketAddrV6::new(net6::VIP, 80, 0, 0);
+    let n = 1000;
+    let started = Instant::now();
+    let counts = net.connect(web, n);
+    print_shares(&format!("ipv6 full nat in {:?}", started.elapsed()), &counts);
+    assert_even(&counts, &names);
+
+    let status = agent.status();
+    let svc = status["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "web6")).expect("web6");
+    assert_eq!(svc["mode"], "full-nat", "{svc}");
+    let sources: Vec<String> = (1..=net6::BACKENDS).map(|i| format!("{} (route)", net6::backend_addr(i, 1))).collect();
+    assert_eq!(svc["snat_sources"], serde_json::json!(sources), "each backend's flows come from the LB's link address");
+    assert_eq!(reason_count(&status, "drop_snat_exhausted"), 0);
+    assert!(reason_count(&status, "reply_translated") >= n as u64, "{}", status["reasons"]);
+    let table = agent.cli(&["status"]);
+    assert!(table.stdout.contains("mode full-nat from fd00:1::1 (route)"), "{}", table.stdout);
+
+    // A connection held open: its backend's socket has the LB's address
+    // on that link as its peer.
+    let held = net.client.run(move || Conn::open(web).expect("a held connection"));
+    let i: u16 = held.backend.trim_start_matches("web-").parse().expect("a backend's name");
+    let peers = net.backends[usize::from(i) - 1].0.exec("ss", &["-Htn", "state", "established", "( sport = :8080 )"]);
+    assert!(peers.contains(&format!("[{}]", net6::backend_addr(i, 1))), "the backend's peers: {peers}");
+    assert!(!peers.contains("fd00:c::"), "the client's address reached the backend: {peers}");
+    drop(held);
+
+    // The agent first, then the namespaces.
+    drop(agent);
+    drop(dir);
+    drop(net);
 }

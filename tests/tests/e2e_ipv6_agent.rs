@@ -33,28 +33,6 @@ use serde_json::Value;
 
 const CONNECTIONS: usize = 60;
 
-fn config() -> String {
-    config_with("")
-}
-
-/// The config with `extra` lines in the service's table.
-fn config_with(extra: &str) -> String {
-    let interfaces = Net6::lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
-    let mut out = format!(
-        "[[service]]\nname = \"web6\"\nvip = \"{VIP}\"\nport = 80\ninterfaces = [{interfaces}]\n\
-         health_check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"200ms\", rise = 1, fall = 2 }}\n{extra}"
-    );
-    for i in 1..=BACKENDS {
-        out += &format!("\n[[service.backend]]\naddress = \"{}\"\n", Net6::tcp(i));
-    }
-    for i in Net6::lb_interfaces() {
-        // IPv6 is balanced at XDP only; the kernel forwards the translated
-        // packets (no fast path on veth).
-        out += &format!("\n[interface.{i:?}]\nhook = \"xdp\"\nfast_path = \"off\"\n");
-    }
-    out + "\n[socket_lb]\nenabled = false\n"
-}
-
 /// `web6`'s backends in the status, by address.
 fn backends(status: &Value) -> BTreeMap<String, Value> {
     let web = status["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "web6")).cloned();
@@ -72,7 +50,7 @@ fn root_agent_serves_an_ipv6_vip_and_health_removes_a_stopped_backend() {
     require_root!("root_agent_serves_an_ipv6_vip_and_health_removes_a_stopped_backend");
     let mut net = Net6::build(&format!("lbt6a-{}", std::process::id()));
     let dir = Scratch::create(&format!("lbt6a-{}", std::process::id()));
-    std::fs::write(dir.config_path(), config()).expect("write the config");
+    std::fs::write(dir.config_path(), Net6::agent_config("")).expect("write the config");
     let mut agent = Agent::spawn(&net.lb, &dir.agent_args(dir.config_path()));
     agent.wait_ready();
 
@@ -142,7 +120,7 @@ fn root_ipv6_flows_are_explained_survive_a_restart_and_hold_a_drain_open() {
     let net = Net6::build(&format!("lbt6r-{}", std::process::id()));
     let dir = Scratch::create(&format!("lbt6r-{}", std::process::id()));
     // A drain deadline far beyond the test: only the connections end it.
-    std::fs::write(dir.config_path(), config_with("drain_timeout = \"60s\"\n")).expect("write the config");
+    std::fs::write(dir.config_path(), Net6::agent_config("drain_timeout = \"60s\"")).expect("write the config");
     let mut agent = Agent::spawn(&net.lb, &dir.agent_args(dir.config_path()));
     agent.wait_ready();
     let all: Vec<String> = (1..=BACKENDS).map(|i| Net6::tcp(i).to_string()).collect();

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -19,9 +19,10 @@ use crate::{
 };
 
 pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
-    let address_interfaces = local_ipv4_addrs()?;
+    let (address_interfaces, local_addrs6) = local_addrs()?;
     let mut facts = HostFacts {
         local_addrs: address_interfaces.keys().copied().collect(),
+        local_addrs6,
         address_interfaces,
         // /proc/sys/net shows the reader's network namespace.
         ephemeral_ports: std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -67,7 +68,7 @@ pub fn gather(config: &Config) -> anyhow::Result<HostFacts> {
         .services
         .iter()
         .filter(|s| s.mode == crate::config::ForwardMode::FullNat && s.source.is_none())
-        .flat_map(|s| s.backends.iter().filter_map(|b| crate::core::vip::ipv4(b.address.ip())));
+        .flat_map(|s| s.backends.iter().map(|b| b.address.ip()));
     facts.snat_sources = routes::sources_to(route_sourced)?;
     Ok(facts)
 }
@@ -127,12 +128,19 @@ fn unescape_octal(field: &str) -> String {
 }
 
 /// Every IPv4 address of this namespace, with the interfaces it is on.
-fn local_ipv4_addrs() -> anyhow::Result<BTreeMap<Ipv4Addr, BTreeSet<String>>> {
-    let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+/// IPv4 addresses with the interfaces each is on.
+type AddressInterfaces = BTreeMap<Ipv4Addr, BTreeSet<String>>;
+
+/// This namespace's IPv4 addresses with their interfaces, and its IPv6
+/// addresses (full NAT's IPv6 `source` must be one).
+fn local_addrs() -> anyhow::Result<(AddressInterfaces, BTreeSet<Ipv6Addr>)> {
+    let mut out = AddressInterfaces::new();
+    let mut out6 = BTreeSet::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below; each entry
     // is read only while the list lives, ifa_addr is checked for null and
-    // for AF_INET before it is read as a sockaddr_in, and ifa_name is a
+    // for AF_INET (AF_INET6) before it is read as a sockaddr_in
+    // (sockaddr_in6), and ifa_name is a
     // NUL-terminated string in every entry.
     unsafe {
         if libc::getifaddrs(&mut head) != 0 {
@@ -145,12 +153,14 @@ fn local_ipv4_addrs() -> anyhow::Result<BTreeMap<Ipv4Addr, BTreeSet<String>>> {
                 let sin = addr.cast::<libc::sockaddr_in>();
                 let name = std::ffi::CStr::from_ptr((*cur).ifa_name).to_string_lossy().into_owned();
                 out.entry(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr))).or_default().insert(name);
+            } else if !addr.is_null() && (*addr).sa_family as i32 == libc::AF_INET6 {
+                out6.insert(Ipv6Addr::from((*addr.cast::<libc::sockaddr_in6>()).sin6_addr.s6_addr));
             }
             cur = (*cur).ifa_next;
         }
         libc::freeifaddrs(head);
     }
-    Ok(out)
+    Ok((out, out6))
 }
 
 #[cfg(test)]

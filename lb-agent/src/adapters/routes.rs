@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::ports::{Route, Routes};
@@ -36,18 +36,19 @@ impl RouteLookup {
     /// The kernel's route to `addr`: the interface it leaves by, a local
     /// address, or why there is none (the error `ip route get` would print).
     pub fn route_to(&mut self, addr: Ipv4Addr) -> io::Result<Route> {
-        parse_route_reply(&self.ask(addr)?, if_name)
+        parse_route_reply(&self.ask(addr.into())?, if_name)
     }
 
     /// The address the kernel would send from to `addr` (`ip route get`'s
     /// "src"): the address of the interface the route leaves by, or the
-    /// route's own preferred source. `None` without a usable route.
-    pub fn source_to(&mut self, addr: Ipv4Addr) -> io::Result<Option<Ipv4Addr>> {
+    /// route's own preferred source. `None` without a usable route. Either
+    /// family: full NAT sends IPv6 flows from an IPv6 address.
+    pub fn source_to(&mut self, addr: IpAddr) -> io::Result<Option<IpAddr>> {
         parse_route_source(&self.ask(addr)?)
     }
 
     /// The kernel's answer to one `RTM_GETROUTE` for `addr`.
-    fn ask(&mut self, addr: Ipv4Addr) -> io::Result<Vec<u8>> {
+    fn ask(&mut self, addr: IpAddr) -> io::Result<Vec<u8>> {
         self.seq = self.seq.wrapping_add(1);
         self.socket.send(&get_route_request(addr, self.seq))?;
         let mut buf = vec![0u8; 8192];
@@ -63,7 +64,7 @@ impl RouteLookup {
 
 /// The source address the kernel would use towards each of `addrs`; an
 /// address with no usable route is left out.
-pub fn sources_to(addrs: impl IntoIterator<Item = Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+pub fn sources_to(addrs: impl IntoIterator<Item = IpAddr>) -> anyhow::Result<BTreeMap<IpAddr, IpAddr>> {
     let mut lookup = RouteLookup::open().map_err(|e| anyhow::anyhow!("open a netlink socket for routes: {e}"))?;
     let mut out = BTreeMap::new();
     for addr in addrs {
@@ -92,14 +93,19 @@ impl Routes for KernelRoutes {
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
         routes_to(addrs.iter().copied())
     }
-    fn sources(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+    fn sources(&self, addrs: &BTreeSet<IpAddr>) -> anyhow::Result<BTreeMap<IpAddr, IpAddr>> {
         sources_to(addrs.iter().copied())
     }
 }
 
-/// `RTM_GETROUTE` for `addr`/32: a header, an `rtmsg` and one `RTA_DST`.
-fn get_route_request(addr: Ipv4Addr, seq: u32) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + RTMSG_LEN + 8;
+/// `RTM_GETROUTE` for `addr`/32 (/128): a header, an `rtmsg` and one
+/// `RTA_DST`.
+fn get_route_request(addr: IpAddr, seq: u32) -> Vec<u8> {
+    let (family, octets) = match addr {
+        IpAddr::V4(a) => (libc::AF_INET, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6, a.octets().to_vec()),
+    };
+    let len = NLMSG_HDRLEN + RTMSG_LEN + 4 + octets.len();
     let mut msg = Vec::with_capacity(len);
     msg.extend_from_slice(&(len as u32).to_ne_bytes());
     msg.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
@@ -108,11 +114,11 @@ fn get_route_request(addr: Ipv4Addr, seq: u32) -> Vec<u8> {
     // pid 0: the kernel.
     msg.extend_from_slice(&0u32.to_ne_bytes());
     // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-    msg.extend_from_slice(&[libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0]);
+    msg.extend_from_slice(&[family as u8, 8 * octets.len() as u8, 0, 0, 0, 0, 0, 0]);
     msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&(4 + octets.len() as u16).to_ne_bytes());
     msg.extend_from_slice(&RTA_DST.to_ne_bytes());
-    msg.extend_from_slice(&addr.octets());
+    msg.extend_from_slice(&octets);
     msg
 }
 
@@ -132,13 +138,17 @@ fn parse_route_reply(reply: &[u8], if_name: impl Fn(u32) -> Option<String>) -> i
     })
 }
 
-/// The preferred source (`RTA_PREFSRC`) of a unicast route in `reply`.
-fn parse_route_source(reply: &[u8]) -> io::Result<Option<Ipv4Addr>> {
+/// The preferred source (`RTA_PREFSRC`) of a unicast route in `reply`:
+/// 4 bytes for IPv4, 16 for IPv6.
+fn parse_route_source(reply: &[u8]) -> io::Result<Option<IpAddr>> {
     Ok(match route_attributes(reply)? {
-        Ok((RTN_UNICAST, attrs)) => attrs
-            .iter()
-            .find(|(t, v)| *t == RTA_PREFSRC && v.len() >= 4)
-            .map(|(_, v)| Ipv4Addr::new(v[0], v[1], v[2], v[3])),
+        Ok((RTN_UNICAST, attrs)) => attrs.iter().find(|(t, _)| *t == RTA_PREFSRC).and_then(|(_, v)| {
+            if let Ok(o) = <[u8; 16]>::try_from(*v) {
+                Some(IpAddr::V6(Ipv6Addr::from(o)))
+            } else {
+                <[u8; 4]>::try_from(*v).ok().map(|o| IpAddr::V4(Ipv4Addr::from(o)))
+            }
+        }),
         _ => None,
     })
 }
@@ -287,11 +297,21 @@ mod tests {
 
     #[test]
     fn the_request_asks_for_one_ipv4_destination() {
-        let m = get_route_request(Ipv4Addr::new(10, 1, 2, 3), 9);
+        let m = get_route_request(Ipv4Addr::new(10, 1, 2, 3).into(), 9);
         assert_eq!(m.len(), 36);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 36);
         assert_eq!(&m[16..18], &[libc::AF_INET as u8, 32]);
         assert_eq!(&m[32..36], &[10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn an_ipv6_request_carries_the_whole_address() {
+        let addr: Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let m = get_route_request(addr.into(), 9);
+        assert_eq!((m.len(), u32::from_ne_bytes(m[0..4].try_into().unwrap())), (48, 48));
+        assert_eq!(&m[16..18], &[libc::AF_INET6 as u8, 128]);
+        assert_eq!(u16::from_ne_bytes([m[28], m[29]]), 20, "RTA_DST's length");
+        assert_eq!(&m[32..48], &addr.octets());
     }
 
     #[test]
@@ -318,7 +338,15 @@ mod tests {
         m.extend_from_slice(&[10, 200, 1, 1]);
         let len = m.len() as u32;
         m[0..4].copy_from_slice(&len.to_ne_bytes());
-        assert_eq!(parse_route_source(&m).unwrap(), Some(Ipv4Addr::new(10, 200, 1, 1)));
+        assert_eq!(parse_route_source(&m).unwrap(), Some(Ipv4Addr::new(10, 200, 1, 1).into()));
+        let mut m6 = new_route(RTN_UNICAST, Some(7));
+        m6.extend_from_slice(&20u16.to_ne_bytes());
+        m6.extend_from_slice(&RTA_PREFSRC.to_ne_bytes());
+        let src: Ipv6Addr = "2001:db8:1::fe".parse().unwrap();
+        m6.extend_from_slice(&src.octets());
+        let len = m6.len() as u32;
+        m6[0..4].copy_from_slice(&len.to_ne_bytes());
+        assert_eq!(parse_route_source(&m6).unwrap(), Some(src.into()));
         assert_eq!(parse_route_source(&new_route(RTN_UNICAST, Some(7))).unwrap(), None);
         let mut local = m.clone();
         local[NLMSG_HDRLEN + 7] = RTN_LOCAL;

@@ -1,12 +1,12 @@
 //! Which address family a service may use where: the data plane balances
-//! IPv6 in destination NAT and IP-in-IP direct server return at the XDP
-//! hook only (`xdp_lb6`), so an IPv6 service must say so of every
-//! interface, and its backends and source must be IPv6 too (a packet's
-//! family never changes on the way through).
+//! IPv6 in every mode (destination NAT, full NAT, IP-in-IP direct server
+//! return) at the XDP hook only (`xdp_lb6`), so an IPv6 service must say
+//! so of every interface, and its backends and source must be IPv6 too (a
+//! packet's family never changes on the way through).
 
 use std::net::IpAddr;
 
-use super::{Config, ForwardMode, HookMode, ServiceConfig};
+use super::{Config, HookMode, ServiceConfig};
 
 /// The problems of `svc`'s addresses' family, each with its place (`at`).
 pub(super) fn problems(config: &Config, svc: &ServiceConfig, at: &str) -> Vec<String> {
@@ -36,13 +36,6 @@ pub(super) fn problems(config: &Config, svc: &ServiceConfig, at: &str) -> Vec<St
     if !v6 {
         return out;
     }
-    if svc.mode == ForwardMode::FullNat {
-        out.push(format!(
-            "{at}: mode: \"{}\" does not balance IPv6 (vip {}); IPv6 services take mode = \"nat\" or \"dsr-ipip\"",
-            mode_key(svc.mode),
-            svc.vip
-        ));
-    }
     if svc.instances.is_some() {
         out.push(format!(
             "{at}: instances: scaled instances get IPv4 addresses; an IPv6 vip ({}) lists its backends",
@@ -66,14 +59,6 @@ fn family(ip: IpAddr) -> &'static str {
         "IPv6"
     } else {
         "IPv4"
-    }
-}
-
-fn mode_key(mode: ForwardMode) -> &'static str {
-    match mode {
-        ForwardMode::Nat => "nat",
-        ForwardMode::FullNat => "full-nat",
-        ForwardMode::DsrIpip => "dsr-ipip",
     }
 }
 
@@ -125,10 +110,21 @@ hook = "xdp"
     }
 
     #[test]
-    fn ipv6_is_refused_where_the_data_plane_does_not_serve_it() {
+    fn an_ipv6_full_nat_service_is_accepted_with_or_without_an_ipv6_source() {
         let full_nat = V6.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmode = \"full-nat\"");
-        let p = problems(&full_nat);
-        assert!(p[0].contains(r#"service[0] "web6": mode: "full-nat" does not balance IPv6"#), "{p:?}");
+        let config = parse(&full_nat).unwrap();
+        assert_eq!(config.services[0].mode, crate::config::ForwardMode::FullNat);
+        let sourced = full_nat.replace("mode = \"full-nat\"", "mode = \"full-nat\"\nsource = \"2001:db8::1\"");
+        assert_eq!(parse(&sourced).unwrap().services[0].source, Some("2001:db8::1".parse().unwrap()));
+        let v4_source = sourced.replace("2001:db8::1\"", "10.0.0.1\"");
+        let p = problems(&v4_source);
+        assert!(p[0].contains(r#"source: 10.0.0.1 is IPv4 but the vip 2001:db8::10 is IPv6"#), "{p:?}");
+        let tc = full_nat.replace("hook = \"xdp\"", "hook = \"tc\"");
+        assert!(problems(&tc)[0].contains("IPv6 is balanced at XDP only"), "{:?}", problems(&tc));
+    }
+
+    #[test]
+    fn ipv6_is_refused_where_the_data_plane_does_not_serve_it() {
         let tc = V6.replace("hook = \"xdp\"", "hook = \"tc\"");
         assert!(problems(&tc)[0].contains(r#"interfaces: "eth0" has hook = "tc", but IPv6 is balanced at XDP only"#));
         let auto = V6.replace("hook = \"xdp\"", "");

@@ -599,15 +599,6 @@ pub fn unusable_backend_ip(ip: IpAddr) -> Option<&'static str> {
 }
 
 impl ServiceConfig {
-    /// `source` when it is an IPv4 address (IPv4 services; `check` refuses
-    /// a source of the other family than the VIP's).
-    pub fn source_v4(&self) -> Option<Ipv4Addr> {
-        match self.source {
-            Some(IpAddr::V4(ip)) => Some(ip),
-            _ => None,
-        }
-    }
-
     fn problems(&self, at: &str, out: &mut Vec<String>) {
         if self.vip.is_unspecified() || self.vip == IpAddr::V4(Ipv4Addr::BROADCAST) || self.vip.is_multicast() {
             out.push(format!("{at}: vip: {} cannot be a service address", self.vip));

@@ -370,6 +370,7 @@ mod tests {
             accept_local: false,
         };
         HostFacts {
+            local_addrs6: BTreeSet::new(),
             local_addrs: if local { [Ipv4Addr::new(192, 0, 2, 10)].into() } else { BTreeSet::new() },
             address_interfaces: if local {
                 [(Ipv4Addr::new(192, 0, 2, 10), ["eth0".to_owned()].into())].into()

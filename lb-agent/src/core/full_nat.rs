@@ -1,9 +1,10 @@
 //! Full NAT's host checks and descriptions (`check`, `run`): pure, from the
 //! config and the host's facts.
 //!
-//! A `source` must be an address of this host, or the backends' replies
-//! never reach it. Without one, each backend's flows are sent from the
-//! address the route to it leaves by (`HostFacts::snat_sources`). The port
+//! A `source` must be an address of this host (IPv4 or IPv6, as the
+//! service's), or the backends' replies never reach it. Without one, each
+//! backend's flows are sent from the address the route to it leaves by
+//! (`HostFacts::snat_sources`, either family). The port
 //! range should stay out of the host's ephemeral range: a connection of the
 //! host's own could take a port a flow holds, and its answers would be
 //! taken for the flow's replies.
@@ -23,19 +24,24 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
     for (i, s) in full_nat() {
         let at = format!("service[{i}] {:?}", s.name);
         out.extend(judge_martians(&at, s, facts));
+        let own: Vec<IpAddr> = match s.source {
+            Some(IpAddr::V4(_)) => facts.local_addrs.iter().map(|&a| a.into()).collect(),
+            Some(IpAddr::V6(_)) => facts.local_addrs6.iter().map(|&a| a.into()).collect(),
+            None => Vec::new(),
+        };
         match s.source {
-            Some(IpAddr::V4(ip)) if !facts.local_addrs.contains(&ip) => out.push(Finding {
+            Some(ip) if !own.contains(&ip) => out.push(Finding {
                 severity: Severity::Refuse,
                 text: format!(
                     "{at}: source: {ip} is not an address of this host: backends would reply to an address the \
                      load balancer never sees; use one of its own ({})",
-                    list(facts.local_addrs.iter())
+                    list(own.iter())
                 ),
             }),
             Some(_) => {}
             None => {
                 for (j, b) in s.backends.iter().enumerate() {
-                    if crate::core::vip::ipv4(b.address.ip()).is_none_or(|ip| !facts.snat_sources.contains_key(&ip)) {
+                    if !facts.snat_sources.contains_key(&b.address.ip()) {
                         out.push(Finding {
                             severity: Severity::Warn,
                             text: format!(
@@ -71,7 +77,12 @@ pub fn judge(config: &Config, facts: &HostFacts) -> Vec<Finding> {
 /// known yet, a partial checksum) passes up to the kernel, which drops a
 /// packet from its own address arriving on an interface as a martian unless
 /// accept_local is on there. At tc every packet leaves by bpf_redirect.
+/// IPv6 has no such check: the kernel forwards an IPv6 packet from its own
+/// address (tests/tests/e2e_fullnat.rs passes every one up).
 fn judge_martians(at: &str, s: &ServiceConfig, facts: &HostFacts) -> Option<Finding> {
+    if s.vip.is_ipv6() {
+        return None;
+    }
     let dropping: Vec<&str> = s
         .interfaces
         .iter()
@@ -108,11 +119,9 @@ pub fn describe(svc: &ServiceConfig, facts: Option<&HostFacts>) -> String {
             out.push_str(" from the address the route to each backend leaves by (not looked up: --file-only)")
         }
         (None, Some(facts)) => {
-            let each = svc.backends.iter().map(|b| {
-                match crate::core::vip::ipv4(b.address.ip()).and_then(|ip| facts.snat_sources.get(&ip)) {
-                    Some(src) => format!("{src} to {}", b.address),
-                    None => format!("no source to {}", b.address),
-                }
+            let each = svc.backends.iter().map(|b| match facts.snat_sources.get(&b.address.ip()) {
+                Some(src) => format!("{src} to {}", b.address),
+                None => format!("no source to {}", b.address),
             });
             let _ = write!(out, " from the route's source: {}", list(each));
         }
@@ -126,7 +135,10 @@ fn list<T: ToString>(items: impl Iterator<Item = T>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, path::Path};
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        path::Path,
+    };
 
     use super::*;
     use crate::{
@@ -142,7 +154,12 @@ mod tests {
         HostFacts {
             local_addrs: [Ipv4Addr::new(10, 1, 0, 254)].into(),
             ephemeral_ports: Some((32768, 60999)),
-            snat_sources: [(Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 254))].into(),
+            local_addrs6: ["2001:db8:1::fe".parse::<Ipv6Addr>().unwrap()].into(),
+            snat_sources: [
+                (Ipv4Addr::new(10, 1, 0, 1).into(), Ipv4Addr::new(10, 1, 0, 254).into()),
+                ("2001:db8:1::1".parse().unwrap(), "2001:db8:1::fe".parse().unwrap()),
+            ]
+            .into(),
             ..HostFacts::default()
         }
     }
@@ -204,5 +221,38 @@ mod tests {
         assert!(judge(&c, &with_eth0(tc)).is_empty());
         let dnat = parse(&web("", &["10.1.0.1:8080"]));
         assert!(judge(&dnat, &with_eth0(plain_interface())).is_empty());
+    }
+
+    /// An IPv6 full-NAT service (at XDP, as IPv6 must be).
+    fn web6(extra: &str, backends: &[&str]) -> Config {
+        let text = web(extra, backends).replace("10.0.0.100", "2001:db8::10");
+        parse(&format!("{text}\n[interface.eth0]\nhook = \"xdp\"\n"))
+    }
+
+    #[test]
+    fn an_ipv6_source_must_be_an_ipv6_address_of_this_host() {
+        let ok = web6("mode = \"full-nat\"\nsource = \"2001:db8:1::fe\"", &["[2001:db8:1::1]:8080"]);
+        let at_xdp = HostFacts { interfaces: [("eth0".to_owned(), plain_interface())].into(), ..host() };
+        assert!(judge(&ok, &at_xdp).is_empty(), "no martian check in IPv6: {:?}", judge(&ok, &at_xdp));
+        assert_eq!(describe(&ok.services[0], None), "mode full-nat from 2001:db8:1::fe (its `source`)");
+        let far = web6("mode = \"full-nat\"\nsource = \"2001:db8:9::9\"", &["[2001:db8:1::1]:8080"]);
+        let f = judge(&far, &host());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Refuse);
+        assert!(f[0].text.contains("source: 2001:db8:9::9 is not an address of this host"), "{}", f[0]);
+        assert!(f[0].text.contains("use one of its own (2001:db8:1::fe)"), "only IPv6 ones are offered: {}", f[0]);
+    }
+
+    #[test]
+    fn without_a_source_each_ipv6_backend_uses_its_route() {
+        let c = web6("mode = \"full-nat\"", &["[2001:db8:1::1]:8080", "[2001:db8:2::1]:8080"]);
+        assert_eq!(
+            describe(&c.services[0], Some(&host())),
+            "mode full-nat from the route's source: 2001:db8:1::fe to [2001:db8:1::1]:8080, no source to \
+             [2001:db8:2::1]:8080"
+        );
+        let f = judge(&c, &host());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].text.contains("backend[1].address: [2001:db8:2::1]:8080: the route to it names no source"));
     }
 }

@@ -18,7 +18,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
 };
 
 use lb_common::{
@@ -39,11 +39,11 @@ use crate::{
 
 /// Backend addresses whose full-NAT source comes from the route: those of
 /// full-NAT services without a `source`.
-pub fn route_sourced_backends(desired: &[DesiredService]) -> BTreeSet<Ipv4Addr> {
+pub fn route_sourced_backends(desired: &[DesiredService]) -> BTreeSet<IpAddr> {
     desired
         .iter()
         .filter(|s| s.config.mode == ForwardMode::FullNat && s.config.source.is_none())
-        .flat_map(|s| s.backends.iter().filter_map(|b| ipv4(b.addr.ip())))
+        .flat_map(|s| s.backends.iter().map(|b| b.addr.ip()))
         .collect()
 }
 
@@ -108,12 +108,12 @@ pub struct Reconciler {
     /// Mirrors of `BACKEND_VIPS` and `BACKEND_VIPS6`.
     backend_vips: BTreeMap<BackendAddr, BackendVips>,
     backend_vips6: BTreeMap<BackendAddr6, BackendVips6>,
-    /// Mirror of `BACKENDS` (written entries only), so that a changed
-    /// full-NAT source rewrites the entry.
-    entries: BTreeMap<u32, Backend>,
+    /// Mirror of `BACKENDS` and, for IPv6 backends, `BACKENDS6` (written
+    /// entries only), so that a changed full-NAT source rewrites the entry.
+    entries: BTreeMap<u32, (Backend, Option<Backend6>)>,
     /// Full NAT's default source per backend address: the address of the
     /// interface the route to it leaves by (`set_route_sources`).
-    route_sources: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    route_sources: BTreeMap<IpAddr, IpAddr>,
 }
 
 impl Reconciler {
@@ -131,7 +131,7 @@ impl Reconciler {
         for (id, b) in &state.backends {
             if let (Some(key), Some(addr)) = (key_of.get(&b.service_id), addr_of.get(id)) {
                 r.backend_ids.insert((*key, *addr), *id);
-                r.entries.insert(*id, *b);
+                r.entries.insert(*id, (*b, None));
             }
         }
         for (key, svc) in services {
@@ -165,18 +165,19 @@ impl Reconciler {
 
     /// Full NAT's default sources: backend address -> the load balancer's
     /// address on the way to it. Read by the next `apply`.
-    pub fn set_route_sources(&mut self, sources: BTreeMap<Ipv4Addr, Ipv4Addr>) {
+    pub fn set_route_sources(&mut self, sources: BTreeMap<IpAddr, IpAddr>) {
         self.route_sources = sources;
     }
 
     /// The address full NAT sends flows to backend `addr` of `svc` from:
     /// the service's `source`, else the route's; `None` for other modes,
-    /// or when no route names one (such flows are dropped, counted).
-    pub fn snat_source(&self, svc: &ServiceConfig, addr: IpAddr) -> Option<Ipv4Addr> {
+    /// or when no route names one (such flows are dropped, counted). Of
+    /// `addr`'s family always (`check` refuses a `source` of the other).
+    pub fn snat_source(&self, svc: &ServiceConfig, addr: IpAddr) -> Option<IpAddr> {
         if svc.mode != ForwardMode::FullNat {
             return None;
         }
-        svc.source_v4().or_else(|| self.route_sources.get(&ipv4(addr)?).copied())
+        svc.source.or_else(|| self.route_sources.get(&addr).copied()).filter(|s| s.is_ipv4() == addr.is_ipv4())
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&VipKey, &ServiceState)> {
@@ -292,14 +293,20 @@ impl Reconciler {
                 SocketAddr::V4(a) => (u32::from(*a.ip()).to_be(), a.port().to_be()),
                 SocketAddr::V6(_) => (0, 0),
             };
+            let snat = self.snat_source(&svc.config, addr.ip());
             let entry = Backend {
                 ip_be,
                 port_be,
                 _pad: 0,
                 service_id,
                 flags: BACKEND_F_ACTIVE,
-                snat_ip_be: self.snat_source(&svc.config, addr.ip()).map_or(0, |ip| u32::from(ip).to_be()),
+                snat_ip_be: snat.and_then(ipv4).map_or(0, |ip| u32::from(ip).to_be()),
                 _pad2: 0,
+            };
+            let entry6 = match (addr, snat) {
+                (SocketAddr::V6(a), Some(IpAddr::V6(s))) => Some(Backend6::with_source(*a, Some(s))),
+                (SocketAddr::V6(a), _) => Some(Backend6::new(*a)),
+                (SocketAddr::V4(_), _) => None,
             };
             let id = match self.backend_ids.get(&(*key, *addr)) {
                 Some(id) => *id,
@@ -310,13 +317,13 @@ impl Reconciler {
                     id
                 }
             };
-            if self.entries.get(&id) != Some(&entry) {
+            if self.entries.get(&id) != Some(&(entry, entry6)) {
                 // The address before the flags that make the id live.
-                if let SocketAddr::V6(a) = addr {
-                    dp.set_backend6(id, &Backend6::new(*a))?;
+                if let Some(b6) = &entry6 {
+                    dp.set_backend6(id, b6)?;
                 }
                 dp.set_backend(id, &entry)?;
-                self.entries.insert(id, entry);
+                self.entries.insert(id, (entry, entry6));
             }
             // Out of the table (draining, down): keeps its id, gets no slots.
             out.push(MaglevBackend { id, addr: *addr, weight: if *in_table { *weight } else { 0 } });
@@ -509,7 +516,7 @@ impl ReplyVips for BackendAddr6 {
         &mut vips.vips
     }
     fn addr(&self) -> SocketAddr {
-        Backend6 { ip: self.ip, port_be: self.port_be, _pad: 0 }.addr().into()
+        Backend6 { ip: self.ip, port_be: self.port_be, ..Backend6::default() }.addr().into()
     }
     fn write(&self, vips: Option<&BackendVips6>, dp: &mut dyn MapWriter) -> Result<(), DataplaneError> {
         dp.set_backend_vips6(self, vips)
@@ -573,7 +580,10 @@ fn same_set(a: &[MaglevBackend], b: &[MaglevBackend]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        path::Path,
+    };
 
     use super::*;
     use crate::{
@@ -639,6 +649,53 @@ mod tests {
         r.apply(&only_v4, &mut dp).unwrap();
         assert!(dp.services6.is_empty() && dp.backend_vips6.is_empty());
         assert_eq!(dp.services.len(), 1);
+    }
+
+    /// `config6`'s IPv6 service in full NAT, with `extra` lines.
+    fn full_nat6(extra: &str, backends: &[&str]) -> Vec<DesiredService> {
+        let text = format!(
+            "[[service]]\nname = \"web6\"\nvip = \"2001:db8::10\"\nport = 80\ninterfaces = [\"eth0\"]\n\
+             mode = \"full-nat\"\n{extra}\n{}[interface.eth0]\nhook = \"xdp\"\n",
+            backends.iter().map(|a| format!("[[service.backend]]\naddress = \"{a}\"\n")).collect::<String>()
+        );
+        DesiredService::all_in_table(&Config::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    #[test]
+    fn an_ipv6_full_nat_backend_is_sent_from_its_source_or_its_route() {
+        let (a, b) = ("[2001:db8:1::2]:8080", "[2001:db8:2::2]:8080");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let source6 = |dp: &FakeDataplane| -> Vec<Ipv6Addr> {
+            dp.backends6.values().map(|b| lb_common::v6::ip6_addr(b.snat_ip)).collect()
+        };
+        // The route's source per backend; one without a route gets none.
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let routed = full_nat6("", &[a, b]);
+        let wanted = route_sourced_backends(&routed);
+        assert_eq!(wanted, [ip("2001:db8:1::2"), ip("2001:db8:2::2")].into());
+        r.set_route_sources([(ip("2001:db8:1::2"), ip("2001:db8:1::fe")), (ip("10.1.0.1"), ip("10.1.0.254"))].into());
+        r.apply(&routed, &mut dp).unwrap();
+        assert_eq!(source6(&dp), [ip6("2001:db8:1::fe"), Ipv6Addr::UNSPECIFIED]);
+        assert!(dp.backends.values().all(|b| b.snat_ip_be == 0), "no IPv4 source in an IPv6 flow's entry");
+        // A route learnt later rewrites the entry.
+        r.set_route_sources(
+            [(ip("2001:db8:1::2"), ip("2001:db8:1::fe")), (ip("2001:db8:2::2"), ip("2001:db8:2::fe"))].into(),
+        );
+        r.apply(&routed, &mut dp).unwrap();
+        assert_eq!(source6(&dp), [ip6("2001:db8:1::fe"), ip6("2001:db8:2::fe")]);
+        // The service's own source wins over the routes, for every backend.
+        let sourced = full_nat6("source = \"2001:db8::1\"", &[a, b]);
+        assert!(route_sourced_backends(&sourced).is_empty());
+        r.apply(&sourced, &mut dp).unwrap();
+        assert_eq!(source6(&dp), [ip6("2001:db8::1"), ip6("2001:db8::1")]);
+        // DNAT: no source at all.
+        r.apply(&config6(&[a, b]), &mut dp).unwrap();
+        assert_eq!(source6(&dp), [Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED]);
+    }
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
     }
 
     #[test]

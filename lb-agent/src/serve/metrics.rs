@@ -152,7 +152,7 @@ const SERVICE_USABLE_BACKENDS: Family<ServiceLabels> = Family::gauge(
 );
 const SERVICE_MODE: Family<ServiceModeLabels> = Family::gauge(
     "lb_service_mode",
-    "1 for the service's forwarding mode (dnat or full-nat); full NAT's held source ports are lb_map_entries of map SNAT_FLOWS.",
+    "1 for the service's forwarding mode (dnat or full-nat); full NAT's held source ports are lb_map_entries of map SNAT_FLOWS (SNAT_FLOWS6 for IPv6).",
 );
 const BACKEND_OPEN_CONNECTIONS: Family<BackendLabels> = Family::gauge(
     "lb_backend_open_connections",

@@ -1,5 +1,6 @@
-//! IPv6: destination NAT (mode "nat") and IP-in-IP direct server return
-//! (mode "dsr-ipip", `dsr`) of TCP and UDP at the XDP hook.
+//! IPv6: destination NAT (mode "nat"), full NAT (mode "full-nat",
+//! `fullnat`) and IP-in-IP direct server return (mode "dsr-ipip", `dsr`)
+//! of TCP and UDP at the XDP hook.
 //!
 //! Programs of their own, `xdp_lb6` and `xdp_lb6_local`, which the IPv4
 //! entry points reach by a tail call (`V6_PROGS`) when the ethertype is
@@ -10,17 +11,22 @@
 //!
 //! The same shape as IPv4 (`parse`, `nat`, `route`), with maps of its own
 //! for what holds an address (`SERVICES6`, `BACKENDS6`, `CONNTRACK6`,
-//! `BACKEND_VIPS6`), and the rest shared: service ids, Maglev tables,
-//! `BACKENDS` (active flag), counters, `EGRESS`, `PATH_STATS`. A new flow
-//! to a service with no usable backend is answered as in IPv4 (`refuse`:
-//! a reset, an ICMPv6 port unreachable; held when the service wakes from
-//! zero). ICMPv6 errors about a flow are translated by a program of their
-//! own, `xdp_icmp6`, reached by a further tail call (`icmp`); other ICMPv6
-//! (neighbour discovery included), extension headers and fragments pass
-//! untouched. Not here yet: full NAT, the tc hook (`tc_lb` passes IPv6
-//! untouched, `PassIpv6`).
+//! `BACKEND_VIPS6`, `SNAT_FLOWS6`), and the rest shared: service ids,
+//! Maglev tables, `BACKENDS` (active flag), counters, `EGRESS`,
+//! `PATH_STATS`. A new flow to a service with no usable backend is
+//! answered as in IPv4 (`refuse`: a reset, an ICMPv6 port unreachable;
+//! held when the service wakes from zero). Full NAT runs in programs of its
+//! own (`xdp_fullnat6`, `xdp_fullnat6_local`): a full-NAT service's packet,
+//! or a reply to a claimed port (one lookup in `SNAT_FLOWS6`), is
+//! tail-called there; a failed tail call passes it, counted as
+//! `PassIpv6NoProgram`. ICMPv6 errors about a flow are translated by a
+//! program of their own, `xdp_icmp6`, reached by a further tail call
+//! (`icmp`); other ICMPv6 (neighbour discovery included), extension headers
+//! and fragments pass untouched. Not here yet: the tc hook (`tc_lb` passes
+//! IPv6 untouched, `PassIpv6`).
 
 mod dsr;
+mod fullnat;
 mod icmp;
 mod nat;
 mod parse;
@@ -34,8 +40,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    v6::{Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, V6_PROGRAMS},
-    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, MODE_DSR_IPIP,
+    v6::{
+        Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, V6_PROGRAMS, V6_SLOT_FULLNAT,
+        V6_SLOT_FULLNAT_LOCAL,
+    },
+    Reason, Service, BACKEND_VIPS_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, MODE_DSR_IPIP, MODE_FULL_NAT,
+    SNAT_FLOWS_MAX,
 };
 
 use crate::{
@@ -51,15 +61,18 @@ pub(crate) static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_e
 #[map]
 pub(crate) static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
-static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+pub(crate) static CONNTRACK6: LruHashMap<FlowKey6, Conn6> = LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
 /// The services each backend address serves, for matching its replies.
 #[map]
 static BACKEND_VIPS6: HashMap<BackendAddr6, BackendVips6> = HashMap::with_max_entries(BACKEND_VIPS_MAX, 0);
 /// An IPv6 service's source by service id (`dsr-ipip`'s outer source).
 #[map]
 static SOURCES6: Array<Ip6> = Array::with_max_entries(MAX_SERVICES, 0);
-/// `xdp_lb6`, `xdp_lb6_local` and `xdp_icmp6`, by `V6_SLOT_*`; the agent
-/// fills it at load.
+/// Full NAT's claimed ports over IPv6 (see `crate::fullnat`). Not LRU: a
+/// claim is never evicted behind its flow's back.
+#[map]
+pub(crate) static SNAT_FLOWS6: HashMap<FlowKey6, FlowKey6> = HashMap::with_max_entries(SNAT_FLOWS_MAX, 0);
+/// The IPv6 programs by `V6_SLOT_*`; the agent fills it at load.
 #[map]
 static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(V6_PROGRAMS.len() as u32, 0);
 
@@ -75,6 +88,18 @@ pub fn xdp_lb6(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_lb6_local(ctx: XdpContext) -> u32 {
     finish(try_lb6(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial }))
+}
+
+/// `xdp_lb6`'s full-NAT packets.
+#[xdp]
+pub fn xdp_fullnat6(ctx: XdpContext) -> u32 {
+    finish(try_fullnat6(&Xdp { ctx: &ctx, l4: L4Checksums::Complete }))
+}
+
+/// `xdp_lb6_local`'s full-NAT packets.
+#[xdp]
+pub fn xdp_fullnat6_local(ctx: XdpContext) -> u32 {
+    finish(try_fullnat6(&Xdp { ctx: &ctx, l4: L4Checksums::MaybePartial }))
 }
 
 /// At the top of an IPv4 XDP entry point: an IPv6 frame goes to the IPv6
@@ -117,17 +142,54 @@ fn try_lb6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     if let Some(svc) = unsafe { SERVICES6.get(&key) } {
         let svc = *svc;
-        let sent = if svc.mode == MODE_DSR_IPIP {
-            dsr::forward(hook, &pkt, &svc)
-        } else {
-            nat::forward(hook, &mut pkt, &svc)
-                .map(|partial_l4| (route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded))
+        let sent = match svc.mode {
+            MODE_DSR_IPIP => dsr::forward(hook, &pkt, &svc),
+            MODE_FULL_NAT => Err(to_fullnat(hook)),
+            _ => nat::forward(hook, &mut pkt, &svc)
+                .map(|partial_l4| (route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded)),
         };
         return match sent {
             Err(Verdict { reason: Reason::DropNoBackend, .. }) => refuse::refuse(hook, &pkt, &svc),
             sent => sent,
         };
     }
+    if fullnat::is_claimed_reply(&pkt) {
+        return Err(to_fullnat(hook));
+    }
     let (flow, partial_l4) = nat::reply(hook, &mut pkt)?;
+    Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
+}
+
+/// Hand the packet to the full-NAT program of the same checksum kind; the
+/// verdict is only for a tail call that failed (no program in the slot).
+#[inline(always)]
+fn to_fullnat(hook: &Xdp) -> Verdict {
+    let slot = match hook.l4 {
+        L4Checksums::Complete => V6_SLOT_FULLNAT,
+        L4Checksums::MaybePartial => V6_SLOT_FULLNAT_LOCAL,
+    };
+    // SAFETY: on success the tail call does not return.
+    unsafe { V6_PROGS.tail_call(hook.ctx, slot) };
+    Verdict::pass(Reason::PassIpv6NoProgram)
+}
+
+/// `xdp_fullnat6`: the packet parsed again (a tail call keeps nothing but
+/// the frame); a full-NAT service's client packet, or a claimed reply.
+#[inline(always)]
+fn try_fullnat6(hook: &Xdp) -> Result<(u32, Reason), Verdict> {
+    let mut pkt = parse::parse_packet6(hook)?;
+    let key = ServiceKey6 { vip: pkt.dst, port_be: pkt.dst_port_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: as in `try_lb6`.
+    if let Some(svc) = unsafe { SERVICES6.get(&key) } {
+        let svc = *svc;
+        if svc.mode == MODE_FULL_NAT {
+            return match fullnat::forward(hook, &mut pkt, &svc) {
+                Ok(partial_l4) => Ok((route::send_on(hook, &pkt, None, partial_l4), Reason::Forwarded)),
+                Err(Verdict { reason: Reason::DropNoBackend, .. }) => refuse::refuse(hook, &pkt, &svc),
+                Err(verdict) => Err(verdict),
+            };
+        }
+    }
+    let (flow, partial_l4) = fullnat::reply(hook, &mut pkt)?;
     Ok((route::send_on(hook, &pkt, Some(&flow), partial_l4), Reason::ReplyTranslated))
 }

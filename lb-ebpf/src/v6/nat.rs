@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     csum,
-    v6::{flow_hash6, pseudo_header_sum6, replace16, replace16_partial, Backend6, BackendAddr6, Conn6, FlowKey6, Ip6},
+    v6::{flow_hash6, pseudo_header_sum6, replace16, replace16_partial, BackendAddr6, Conn6, FlowKey6, Ip6},
     Conn, Counters, Reason, Service, MAX_VIPS_PER_BACKEND, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
 };
 
@@ -29,25 +29,45 @@ pub fn forward(hook: &Xdp, pkt: &mut Parsed6, svc: &Service) -> Result<bool, Ver
 
 /// The backend (address, port) of a client packet's flow for `svc`: the
 /// one the table holds, or a new Maglev pick; the packet is counted. Every
-/// IPv6 forwarding mode starts here.
+/// IPv6 forwarding mode but full NAT (`track6`) starts here.
 #[inline(always)]
 pub fn flow_of(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(Ip6, u16), Verdict> {
-    check_udp(pkt)?;
     let key = FlowKey6::new(pkt.src, pkt.src_port_be, pkt.dst, pkt.dst_port_be, pkt.proto);
+    let (c, delta) = track6(hook, pkt, svc, &key)?;
+    // SAFETY: an LRU value, read at once (see `track6`).
+    let c = unsafe { &*c };
+    count_flow(c.conn.service_id, c.conn.backend_id, &delta);
+    Ok((c.nat_ip, c.conn.nat_port_be))
+}
+
+/// Whether `pkt` is a TCP SYN without ACK: the start of a connection.
+#[inline(always)]
+pub fn is_syn6(pkt: &Parsed6) -> bool {
+    pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The flow entry (`key`) of a client packet for `svc`, found or opened,
+/// with the counters the packet adds (not counted yet), as `nat::track`.
+/// The entry is the map's own, not a copy: an 80-byte copy is stack full
+/// NAT cannot spare. A racing update from another CPU can blur a timestamp
+/// or a flag only; an eviction meanwhile leaves the values as they were.
+#[inline(always)]
+pub fn track6(hook: &Xdp, pkt: &Parsed6, svc: &Service, key: &FlowKey6) -> Result<(*mut Conn6, Counters), Verdict> {
+    check_udp(pkt)?;
     let now = unsafe { bpf_ktime_get_ns() };
     let mut delta =
         Counters { packets: 1, bytes: hook.ctx.data_end() as u64 - hook.ctx.data() as u64, ..Counters::default() };
     // A SYN takes a fresh pick even for a 5-tuple the table remembers (see
     // `nat::track`).
-    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let known = CONNTRACK6.get_ptr_mut(&key);
-    let (ids, nat_ip, nat_port_be) = match known {
+    let syn = is_syn6(pkt);
+    let known = CONNTRACK6.get_ptr_mut(key);
+    let c6 = match known {
         Some(c) if !syn => {
-            // SAFETY: LRU value; a racing update can blur a timestamp or a flag only.
-            let c = unsafe { &mut *c };
-            c.conn.last_seen_ns = now;
-            mark_tcp_flags(&mut c.conn, pkt.proto, pkt.tcp_flags, false, &mut delta);
-            ((c.conn.service_id, c.conn.backend_id), c.nat_ip, c.conn.nat_port_be)
+            // SAFETY: as above.
+            let c6 = unsafe { &mut *c };
+            c6.conn.last_seen_ns = now;
+            mark_tcp_flags(&mut c6.conn, pkt.proto, pkt.tcp_flags, false, &mut delta);
+            c
         }
         _ => {
             if known.is_none() && pkt.proto == PROTO_TCP && !syn && !non_syn_budget_left(now) {
@@ -63,19 +83,20 @@ pub fn flow_of(hook: &Xdp, pkt: &Parsed6, svc: &Service) -> Result<(Ip6, u16), V
                     u64::MAX
                 }
             });
-            let (backend_id, b6) = open_flow(pkt, svc, &key, now)?;
+            let backend_id = open_flow(pkt, svc, key, now)?;
             delta.new_flows = if opening == u64::from(backend_id) { 0 } else { 1 };
-            ((svc.id, backend_id), b6.ip, b6.port_be)
+            // Evicted already (a table full of new flows): as full as it gets.
+            CONNTRACK6.get_ptr_mut(key).ok_or(Verdict::drop(Reason::DropConntrackFull))?
         }
     };
-    count_flow(ids.0, ids.1, &delta);
-    Ok((nat_ip, nat_port_be))
+    Ok((c6, delta))
 }
 
 /// A new flow: the Maglev pick (shared with IPv4: the table holds backend
-/// ids) and its address from `BACKENDS6`.
+/// ids) and its addresses from `BACKENDS6`, remembered in its entry;
+/// returns the backend's id.
 #[inline(always)]
-fn open_flow(pkt: &Parsed6, svc: &Service, key: &FlowKey6, now: u64) -> Result<(u32, Backend6), Verdict> {
+fn open_flow(pkt: &Parsed6, svc: &Service, key: &FlowKey6, now: u64) -> Result<u32, Verdict> {
     let hash = flow_hash6(&pkt.src, &pkt.dst, pkt.src_port_be, pkt.dst_port_be, pkt.proto);
     let (backend_id, _) = pick_backend(svc, hash).map_err(Verdict::drop)?;
     let Some(b6) = BACKENDS6.get(backend_id) else { return Err(Verdict::drop(Reason::DropStaleBackend)) };
@@ -90,11 +111,13 @@ fn open_flow(pkt: &Parsed6, svc: &Service, key: &FlowKey6, now: u64) -> Result<(
             ..Conn::opened(backend_id, svc.id, now, pkt.ingress_ifindex, pkt.src_mac, pkt.dst_mac)
         },
         nat_ip: b6.ip,
+        // Full NAT claims its port after the pick (`v6::fullnat`).
+        snat_ip: b6.snat_ip,
     };
     if CONNTRACK6.insert(key, &c6, 0).is_err() {
         return Err(Verdict::drop(Reason::DropConntrackFull));
     }
-    Ok((backend_id, b6))
+    Ok(backend_id)
 }
 
 /// A packet from a backend to a client of a flow we translated: rewrite
@@ -154,7 +177,7 @@ pub fn lookup_reply_flow(
 /// UDP over IPv6 must carry a checksum (RFC 8200 8.1): one without is
 /// dropped, never forwarded.
 #[inline(always)]
-fn check_udp(pkt: &Parsed6) -> Result<(), Verdict> {
+pub fn check_udp(pkt: &Parsed6) -> Result<(), Verdict> {
     // SAFETY: bounds-checked by parse_packet6.
     if pkt.proto == PROTO_UDP && unsafe { *pkt.l4_check } == 0 {
         return Err(Verdict::drop(Reason::DropUdp6NoChecksum));
@@ -187,6 +210,36 @@ pub fn is_partial6(hook: &Xdp, pkt: &Parsed6) -> bool {
 /// `pkt`'s pointers must be bounds-checked and valid (XDP moves nothing).
 #[inline(always)]
 unsafe fn rewrite(hook: &Xdp, pkt: &mut Parsed6, end: End, ip: &Ip6, port_be: u16) -> bool {
+    let partial = is_partial6(hook, pkt);
+    // SAFETY: as the caller promises.
+    unsafe { write_end(pkt, end, ip, port_be, partial) };
+    partial
+}
+
+/// Both ends at once (full NAT): `src` and `dst` as (address, port). The
+/// checksum's kind is judged once, on the packet as it arrived.
+///
+/// # Safety
+/// As for `rewrite`.
+#[inline(always)]
+pub unsafe fn rewrite_both(hook: &Xdp, pkt: &mut Parsed6, src: (&Ip6, u16), dst: (&Ip6, u16)) -> bool {
+    let partial = is_partial6(hook, pkt);
+    // SAFETY: as the caller promises.
+    unsafe {
+        write_end(pkt, End::Src, src.0, src.1, partial);
+        write_end(pkt, End::Dst, dst.0, dst.1, partial);
+    }
+    partial
+}
+
+/// The new address and port of `end` into the packet, the L4 checksum
+/// updated for them (`partial`: it holds the pseudo-header sum only), and
+/// `pkt`'s values after them.
+///
+/// # Safety
+/// As for `rewrite`.
+#[inline(always)]
+unsafe fn write_end(pkt: &mut Parsed6, end: End, ip: &Ip6, port_be: u16, partial: bool) {
     unsafe {
         let (old_ip, old_port) = match end {
             End::Src => (pkt.src, pkt.src_port_be),
@@ -199,7 +252,6 @@ unsafe fn rewrite(hook: &Xdp, pkt: &mut Parsed6, end: End, ip: &Ip6, port_be: u1
         field.write_unaligned(*ip);
         (*pkt.l4_ports)[end as usize] = port_be;
         let l4 = *pkt.l4_check;
-        let partial = is_partial6(hook, pkt);
         *pkt.l4_check = if partial {
             replace16_partial(l4, &old_ip, ip)
         } else {
@@ -215,6 +267,5 @@ unsafe fn rewrite(hook: &Xdp, pkt: &mut Parsed6, end: End, ip: &Ip6, port_be: u1
             End::Src => (pkt.src, pkt.src_port_be) = (*ip, port_be),
             End::Dst => (pkt.dst, pkt.dst_port_be) = (*ip, port_be),
         }
-        partial
     }
 }

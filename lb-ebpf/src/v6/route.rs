@@ -16,7 +16,8 @@ use lb_common::{v6::Ip6, Conn, Path, Reason};
 use super::parse::Parsed6;
 use crate::{
     hook::{Hook, Xdp},
-    route::count_path,
+    route::{count_path, NextHop, NO_SCRATCH},
+    scratch::scratch_field,
 };
 
 const AF_INET6: u8 = 10;
@@ -33,12 +34,12 @@ pub fn send_on(hook: &Xdp, pkt: &Parsed6, flow: Option<&Conn>, partial_l4: bool)
     } else if pkt.hop_limit <= 1 {
         (xdp_action::XDP_PASS, Path::PassTtlExpired)
     } else {
-        let (rc, fib) = fib_lookup(hook, pkt);
+        let (rc, hop) = fib_lookup(hook, pkt);
         match rc {
-            BPF_FIB_LKUP_RET_SUCCESS => send(hook, pkt, fib.ifindex, fib.dmac, fib.smac, false),
+            BPF_FIB_LKUP_RET_SUCCESS => send(hook, pkt, hop.ifindex, hop.dst_mac, hop.src_mac, false),
             BPF_FIB_LKUP_RET_NO_NEIGH => match flow {
-                Some(c) if c.client_ifindex != 0 && c.client_ifindex == fib.ifindex => {
-                    send(hook, pkt, fib.ifindex, c.client_mac, c.local_mac, true)
+                Some(c) if c.client_ifindex != 0 && c.client_ifindex == hop.ifindex => {
+                    send(hook, pkt, hop.ifindex, c.client_mac, c.local_mac, true)
                 }
                 _ => (xdp_action::XDP_PASS, Path::PassFibNoNeigh),
             },
@@ -80,9 +81,9 @@ pub fn tunnel_hop(
     src: &Ip6,
     dst: &Ip6,
 ) -> Result<(u32, [u8; 6], [u8; 6]), Reason> {
-    let (rc, fib) = fib_lookup_of(hook, pkt, proto, tot_len, (0, 0), (src, dst));
+    let (rc, hop) = fib_lookup_of(hook, pkt, proto, tot_len, (0, 0), (src, dst));
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok((fib.ifindex, fib.dmac, fib.smac)),
+        BPF_FIB_LKUP_RET_SUCCESS => Ok((hop.ifindex, hop.dst_mac, hop.src_mac)),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropDsrTooBig),
         _ => Err(Reason::DropDsrNoRoute),
     }
@@ -90,7 +91,7 @@ pub fn tunnel_hop(
 
 /// bpf_fib_lookup of `pkt`'s addresses and ports, as rewritten.
 #[inline(always)]
-fn fib_lookup(hook: &Xdp, pkt: &Parsed6) -> (u32, FibParams) {
+fn fib_lookup(hook: &Xdp, pkt: &Parsed6) -> (u32, NextHop) {
     // The whole packet, for the kernel's MTU check.
     let tot_len = pkt.payload_len.saturating_add(IPV6_HLEN);
     let ports = (pkt.src_port_be, pkt.dst_port_be);
@@ -99,7 +100,8 @@ fn fib_lookup(hook: &Xdp, pkt: &Parsed6) -> (u32, FibParams) {
 
 /// bpf_fib_lookup as if `pkt` (its ingress and flow info) were a `proto`
 /// packet of `tot_len` bytes between `addrs` (source, destination) and
-/// `ports`: the kernel's return code and the parameters it filled in.
+/// `ports`: the kernel's return code and the next hop it named. The
+/// parameters sit in the scratch space, as IPv4's do (`crate::route`).
 #[inline(always)]
 fn fib_lookup_of(
     hook: &Xdp,
@@ -108,9 +110,12 @@ fn fib_lookup_of(
     tot_len: u16,
     ports: (u16, u16),
     addrs: (&Ip6, &Ip6),
-) -> (u32, FibParams) {
-    // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of integers).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+) -> (u32, NextHop) {
+    let mut hop = NextHop { ifindex: 0, dst_mac: [0; 6], src_mac: [0; 6], from_flow: false };
+    let Some(fib) = scratch_field!(fib) else { return (NO_SCRATCH, hop) };
+    // SAFETY: all-zero is a valid bpf_fib_lookup (integers and unions of
+    // integers); written whole, so nothing of an earlier packet is left.
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET6;
     fib.l4_protocol = proto;
     fib.ifindex = pkt.ingress_ifindex;
@@ -121,6 +126,7 @@ fn fib_lookup_of(
     fib.__bindgen_anon_4.ipv6_dst = *addrs.1;
     // SAFETY: `fib` is a valid bpf_fib_lookup of the size passed; flags 0:
     // a full lookup as if received on the ingress interface.
-    let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), &mut fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
-    (rc, fib)
+    let rc = unsafe { bpf_fib_lookup(hook.as_ptr(), fib, core::mem::size_of::<FibParams>() as i32, 0) } as u32;
+    (hop.ifindex, hop.dst_mac, hop.src_mac) = (fib.ifindex, fib.dmac, fib.smac);
+    (rc, hop)
 }

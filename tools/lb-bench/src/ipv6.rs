@@ -2,7 +2,11 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use lb_common::BENCH_FRAME_LEN;
+use lb_common::{
+    snat,
+    v6::{flow_hash6, ip6_raw},
+    BENCH_FRAME_LEN,
+};
 use lb_lab::{
     packet::{
         ethernet, ip6ip6_encapsulated, pad_to, Addrs, Ipv6, Tcp, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH, TCP_SYN,
@@ -10,7 +14,7 @@ use lb_lab::{
     testrun6::ServiceSpec6,
 };
 
-use crate::{DSR_BACKEND_MAC, DSR_IFACE_MAC, LB_MAC, PEER_MAC};
+use crate::{DSR_BACKEND_MAC, DSR_IFACE_MAC, FULL_NAT_PORTS, LB_MAC, PEER_MAC};
 
 pub const VIP: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100), 80, 0, 0);
 pub const CLIENT: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10), 40000, 0, 0);
@@ -74,4 +78,38 @@ pub fn dsr_established_out() -> Vec<u8> {
 
 pub fn dsr_new_flow_syn() -> Vec<u8> {
     frame(NEW_FLOW_CLIENTS, DSR_VIP, TCP_SYN, &[])
+}
+
+pub const FULL_NAT_VIP: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x101), 80, 0, 0);
+const FULL_NAT_SOURCE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0xfe);
+
+/// The IPv6 full-NAT service: four backends (ids 21-24), service id 5, sent
+/// from `FULL_NAT_SOURCE` with ports from `FULL_NAT_PORTS`.
+pub fn full_nat_service() -> ServiceSpec6 {
+    let backends: Vec<(u32, SocketAddrV6)> = (21..=24)
+        .map(|i| (i, SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, i as u16), 8080, 0, 0)))
+        .collect();
+    ServiceSpec6::new(5, FULL_NAT_VIP, IPPROTO_TCP, 0, &backends).full_nat(FULL_NAT_SOURCE)
+}
+
+pub fn full_nat_syn() -> Vec<u8> {
+    frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[])
+}
+
+pub fn full_nat_established() -> Vec<u8> {
+    frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench")
+}
+
+/// `full_nat_established()` as it leaves: from the first port CLIENT's
+/// hash names (no claim holds it when that case runs) to its backend.
+pub fn full_nat_established_out() -> Vec<u8> {
+    let (_, backend) = full_nat_service().pick(CLIENT).expect("the table names a backend");
+    let (c, v) = (CLIENT, FULL_NAT_VIP);
+    let hash = flow_hash6(&ip6_raw(*c.ip()), &ip6_raw(*v.ip()), c.port().to_be(), v.port().to_be(), IPPROTO_TCP);
+    let port = snat::candidate(hash, 0, FULL_NAT_PORTS.0, FULL_NAT_PORTS.1);
+    frame(SocketAddrV6::new(FULL_NAT_SOURCE, port, 0, 0), backend, TCP_ACK | TCP_PSH, b"bench")
+}
+
+pub fn full_nat_new_flow_syn() -> Vec<u8> {
+    frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[])
 }

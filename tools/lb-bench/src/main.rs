@@ -22,10 +22,11 @@
 //! round, from no claims, and proves its path by the claims it left too.
 //!
 //! The IPv6 cases (`ipv6`) run `xdp_lb` on IPv6 frames: the tail call to
-//! `xdp_lb6` is part of what they measure. The `dsr-ipip` cases (IPv4 and
-//! IPv6) arrive on an interface of the bench's own namespace whose
-//! backends have neighbour entries, so the FIB lookup answers and every
-//! run leaves by XDP_TX.
+//! `xdp_lb6` is part of what they measure, and for full NAT the second
+//! one, to `xdp_fullnat6`, too. The `dsr-ipip` cases (IPv4 and IPv6)
+//! arrive on an interface of the bench's own namespace whose backends have
+//! neighbour entries, so the FIB lookup answers and every run leaves by
+//! XDP_TX.
 //!
 //! Run as root: `cargo xtask bench [-- --repeat N --rounds R --json]`.
 
@@ -266,6 +267,37 @@ fn cases() -> Vec<Case> {
     // A dsr-ipip case: in on `DSR_IFACE`, out by XDP_TX.
     let dsr = |name, frame| Case { verdict: XDP_TX, on_dsr_iface: true, ..wrapped(name, frame, Reason::Forwarded) };
     let full_nat_backend = full_nat_service().pick(CLIENT).expect("the full-NAT table names a backend").1;
+    // Full NAT, in each family: an established packet, both ends
+    // rewritten, whose flow's claim is checked on every packet; and a new
+    // flow's SYN, which also claims a port (a BPF_NOEXIST insert) and
+    // writes its entry twice. The claims go between rounds.
+    let full_nat = |names: [&'static str; 2], syn: Vec<u8>, established: Vec<u8>, out: Vec<u8>, new: Vec<u8>| {
+        [
+            Case { prepare: Some(syn), output: Some(out), ..wrapped(names[0], established, Reason::Forwarded) },
+            Case {
+                flags: BENCH_F_NEW_FLOW,
+                prepare: None,
+                new_flows_per_run: 1,
+                max_runs: FULL_NAT_SYN_RUNS,
+                claims_per_run: 1,
+                ..wrapped(names[1], new, Reason::Forwarded)
+            },
+        ]
+    };
+    let [fn4_established, fn4_syn] = full_nat(
+        ["xdp_lb: full-nat established", "xdp_lb: full-nat SYN, full table"],
+        frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[]),
+        frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"),
+        frame(full_nat_source(), full_nat_backend, TCP_ACK | TCP_PSH, b"bench"),
+        frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]),
+    );
+    let [fn6_established, fn6_syn] = full_nat(
+        ["xdp_lb -> xdp_fullnat6: established", "xdp_lb -> xdp_fullnat6: new-flow SYN"],
+        ipv6::full_nat_syn(),
+        ipv6::full_nat_established(),
+        ipv6::full_nat_established_out(),
+        ipv6::full_nat_new_flow_syn(),
+    );
     vec![
         pass_only(CASE_PASS, PROG_PASS, None),
         pass_only(CASE_WRAPPER, PROG_BENCH, Some(PROG_PASS)),
@@ -327,31 +359,8 @@ fn cases() -> Vec<Case> {
             verdict: XDP_DROP,
             ..wrapped("xdp_lb: non-SYN miss, over budget", new_flow_ack(), Reason::DropNonSynOverBudget)
         },
-        // Full NAT: both ends rewritten; the flow's claim is checked on
-        // every packet...
-        Case {
-            prepare: Some(frame(CLIENT, FULL_NAT_VIP, TCP_SYN, &[])),
-            output: Some(frame(full_nat_source(), full_nat_backend, TCP_ACK | TCP_PSH, b"bench")),
-            ..wrapped(
-                "xdp_lb: full-nat established",
-                frame(CLIENT, FULL_NAT_VIP, TCP_ACK | TCP_PSH, b"bench"),
-                Reason::Forwarded,
-            )
-        },
-        // ...and a new flow also claims a port (a BPF_NOEXIST insert) and
-        // writes its entry twice. The claims go between rounds.
-        Case {
-            flags: BENCH_F_NEW_FLOW,
-            prepare: None,
-            new_flows_per_run: 1,
-            max_runs: FULL_NAT_SYN_RUNS,
-            claims_per_run: 1,
-            ..wrapped(
-                "xdp_lb: full-nat SYN, full table",
-                frame(NEW_FLOW_CLIENTS, FULL_NAT_VIP, TCP_SYN, &[]),
-                Reason::Forwarded,
-            )
-        },
+        fn4_established,
+        fn4_syn,
         // IPv6 (destination NAT): the tail call to xdp_lb6 included.
         Case {
             prepare: Some(ipv6::frame(ipv6::CLIENT, ipv6::VIP, TCP_SYN, &[])),
@@ -366,6 +375,10 @@ fn cases() -> Vec<Case> {
             new_flows_per_run: 1,
             ..wrapped("xdp_lb -> xdp_lb6: ipv6 nat new-flow SYN", ipv6::new_flow_syn(), Reason::Forwarded)
         },
+        // IPv6 full NAT, as IPv4's: two tail calls (xdp_lb6, then
+        // xdp_fullnat6); its claims sit in SNAT_FLOWS6.
+        fn6_established,
+        fn6_syn,
         // An established flow of a dsr-ipip service: the FIB lookup to the
         // backend, 20 bytes more at the head, the outer header, XDP_TX.
         Case {
@@ -417,8 +430,9 @@ impl Bench {
         lb.add_service(&svc)?;
         lb.add_service(&full_nat)?;
         lb.set_snat_ports(FULL_NAT_PORTS.0, FULL_NAT_PORTS.1)?;
-        let (v6, dsr6) = (ipv6::service(), ipv6::dsr_service());
+        let (v6, dsr6, full_nat6) = (ipv6::service(), ipv6::dsr_service(), ipv6::full_nat_service());
         lb.add_service6(&v6)?;
+        lb.add_service6(&full_nat6)?;
         lb.add_service(&dsr)?;
         lb.write_service(&dsr, MODE_DSR_IPIP, DSR_SOURCE)?;
         lb.add_service6(&dsr6)?;
@@ -435,7 +449,7 @@ impl Bench {
                 .chain(&full_nat.backends)
                 .chain(&dsr.backends)
                 .map(|(id, _)| *id)
-                .chain(v6.backends.iter().chain(&dsr6.backends).map(|(id, _)| *id))
+                .chain(v6.backends.iter().chain(&dsr6.backends).chain(&full_nat6.backends).map(|(id, _)| *id))
                 .collect(),
             dsr_ifindex,
             lb,
@@ -522,7 +536,7 @@ impl Bench {
             ensure!(&run.data == out, "the last run left an unexpected frame");
         }
         if case.claims_per_run > 0 {
-            let claims = self.lb.snat_claims()?.len() as u64;
+            let claims = (self.lb.snat_claims()?.len() + self.lb.snat_claims6()?.len()) as u64;
             let want = case.claims_per_run * u64::from(repeat);
             ensure!(claims == want, "full NAT holds {claims} ports, want {want}");
         }

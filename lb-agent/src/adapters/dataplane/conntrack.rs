@@ -2,10 +2,10 @@
 //! `ports::ConnectionTable`: walks that count open flows per backend, and
 //! flushes of one backend's flows. Backend ids are shared by both families,
 //! so a walk and a flush cover both tables alike. Full NAT's port claims
-//! (`SNAT_FLOWS`) go with their flows: a flow deleted here gives its claim
-//! back, and a walk reaps claims whose flow is gone. A walk reads up to
-//! `CONNTRACK_MAX` entries a table, so the agent runs these on a worker off
-//! its loop, through handles of their own on the maps.
+//! (`SNAT_FLOWS`, `SNAT_FLOWS6`) go with their flows: a flow deleted here
+//! gives its claim back, and a walk reaps claims whose flow is gone. A walk
+//! reads up to `CONNTRACK_MAX` entries a table, so the agent runs these on a
+//! worker off its loop, through handles of their own on the maps.
 
 use std::{
     collections::BTreeMap,
@@ -15,11 +15,11 @@ use std::{
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 use lb_common::{
-    v6::{ip6_addr, Conn6, FlowKey6, CONNTRACK6},
+    v6::{ip6_addr, Conn6, FlowKey6, CONNTRACK6, SNAT_FLOWS6},
     Conn, FlowKey, TcpState, CONNTRACK, PROTO_TCP, PROTO_UDP, SNAT_FLOWS,
 };
 
-use super::map_err;
+use super::{map_err, object::Maps};
 use crate::{
     core::explain::{FlowSeen, TableKey},
     ports::{ConnectionTable, ConntrackScan, DataplaneError},
@@ -39,118 +39,83 @@ pub const CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 pub(super) struct AyaConnections {
     /// Removing entries takes `&mut`; walks and flushes take turns.
     map: Mutex<Tables>,
-    /// The tables' sizes (`CONNTRACK`, `CONNTRACK6`), fixed when the maps
-    /// were created.
-    max_entries: u32,
-    max_entries6: u32,
 }
 
-/// The connection tables and full NAT's claims, locked together.
+/// Both families' connection tables and full NAT's claims, locked together.
 struct Tables {
-    flows: HashMap<MapData, FlowKey, Conn>,
-    claims: HashMap<MapData, FlowKey, FlowKey>,
-    flows6: HashMap<MapData, FlowKey6, Conn6>,
+    v4: Family<FlowKey, Conn>,
+    v6: Family<FlowKey6, Conn6>,
 }
 
-/// A connection-table key of either family: its protocol.
-trait FlowProto: aya::Pod {
-    fn proto(&self) -> u8;
+/// One family's flows and claims (reply 5-tuple -> forward key), and the
+/// flow table's size, fixed when the map was created.
+struct Family<K, C> {
+    flows: HashMap<MapData, K, C>,
+    claims: HashMap<MapData, K, K>,
+    max_entries: u32,
+    name: &'static str,
 }
 
-impl FlowProto for FlowKey {
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-}
-
-impl FlowProto for FlowKey6 {
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-}
-
-/// A connection-table entry of either family: the IPv4-shaped part that
-/// says its backend id, state and last packet, and its backend's address.
+/// A connection-table entry of either family, as the walks read it.
 trait FlowEntry: aya::Pod {
+    type Key: aya::Pod + PartialEq;
+    /// The IPv4-shaped part: backend id, state, last packet, claimed port.
     fn conn(&self) -> &Conn;
+    /// Its backend's address.
     fn backend(&self) -> std::net::SocketAddr;
+    /// Its claim's key (`snat_reply_key`).
+    fn reply_key(&self, key: &Self::Key) -> Self::Key;
+    fn proto(key: &Self::Key) -> u8;
 }
 
 impl FlowEntry for Conn {
+    type Key = FlowKey;
     fn conn(&self) -> &Conn {
         self
     }
     fn backend(&self) -> std::net::SocketAddr {
         std::net::SocketAddrV4::new(u32::from_be(self.nat_ip_be).into(), u16::from_be(self.nat_port_be)).into()
     }
+    fn reply_key(&self, key: &FlowKey) -> FlowKey {
+        self.snat_reply_key(key.proto)
+    }
+    fn proto(key: &FlowKey) -> u8 {
+        key.proto
+    }
 }
 
 impl FlowEntry for Conn6 {
+    type Key = FlowKey6;
     fn conn(&self) -> &Conn {
         &self.conn
     }
     fn backend(&self) -> std::net::SocketAddr {
         std::net::SocketAddrV6::new(ip6_addr(self.nat_ip), u16::from_be(self.conn.nat_port_be), 0, 0).into()
     }
-}
-
-/// What one walk of a table found: its entries, and those to delete.
-struct Walked<K, V> {
-    entries: u64,
-    expired: Vec<(K, V)>,
-}
-
-/// Walk `flows`: count its open flows per backend id into `open`.
-fn walk<K: FlowProto, V: FlowEntry>(
-    flows: &HashMap<MapData, K, V>,
-    now: u64,
-    open: &mut BTreeMap<u32, u64>,
-) -> Walked<K, V> {
-    let mut walked = Walked { entries: 0, expired: Vec::new() };
-    for item in flows.iter() {
-        // An entry evicted mid-walk ends the walk early on some kernels;
-        // a count that is briefly low is harmless (drains have deadlines).
-        let Ok((key, entry)) = item else { break };
-        walked.entries += 1;
-        let conn = entry.conn();
-        if is_open(key.proto(), conn, now) {
-            *open.entry(conn.backend_id).or_insert(0) += 1;
-        }
-        if is_expired(key.proto(), conn, now) {
-            walked.expired.push((key, entry));
-        }
+    fn reply_key(&self, key: &FlowKey6) -> FlowKey6 {
+        self.snat_reply_key(key.proto)
     }
-    walked
-}
-
-/// The entries of `flows` whose backend is `backend_id`.
-fn of_backend<K: FlowProto, V: FlowEntry>(flows: &HashMap<MapData, K, V>, backend_id: u32) -> Vec<(K, V)> {
-    flows.iter().filter_map(Result::ok).filter(|(_, v)| v.conn().backend_id == backend_id).collect()
-}
-
-/// `key`'s entry in `flows`, with how long ago it saw a packet.
-fn look_up<K: FlowProto, V: FlowEntry>(
-    flows: &HashMap<MapData, K, V>,
-    name: &'static str,
-    key: &K,
-) -> Result<Option<FlowSeen>, DataplaneError> {
-    match flows.get(key, 0) {
-        Ok(entry) => {
-            let idle = monotonic_ns().saturating_sub(entry.conn().last_seen_ns);
-            let (backend, tcp_seen) = (entry.backend(), entry.conn().tcp_seen);
-            Ok(Some(FlowSeen { backend, tcp_seen, idle: std::time::Duration::from_nanos(idle) }))
-        }
-        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(map_err(name, "look up a flow")(e)),
+    fn proto(key: &FlowKey6) -> u8 {
+        key.proto
     }
 }
 
-impl Tables {
+impl<C: FlowEntry> Family<C::Key, C> {
+    /// Second handles on a family's flows and claims.
+    fn open(
+        flows: (&HashMap<MapData, C::Key, C>, &'static str),
+        claims: (&HashMap<MapData, C::Key, C::Key>, &'static str),
+    ) -> Result<Self, DataplaneError> {
+        let (flows_map, max_entries) = second_handle(flows.0, flows.1)?;
+        let (claims, _) = second_handle(claims.0, claims.1)?;
+        Ok(Family { flows: flows_map, claims, max_entries, name: flows.1 })
+    }
+
     /// Delete flow `key` and give its claim back (if it still holds it).
     /// Whether the flow's entry was there to delete.
-    fn remove_flow(&mut self, key: &FlowKey, conn: &Conn) -> bool {
-        if conn.snat_port_be != 0 {
-            let rev = conn.snat_reply_key(key.proto);
+    fn remove_flow(&mut self, key: &C::Key, conn: &C) -> bool {
+        if conn.conn().snat_port_be != 0 {
+            let rev = conn.reply_key(key);
             if self.claims.get(&rev, 0).is_ok_and(|holder| holder == *key) {
                 // Gone meanwhile is fine.
                 let _ = self.claims.remove(&rev);
@@ -167,7 +132,7 @@ impl Tables {
         for item in self.claims.iter() {
             let Ok((rev, fwd)) = item else { break };
             match self.flows.get(&fwd, 0) {
-                Ok(conn) if conn.snat_reply_key(fwd.proto) == rev => held += 1,
+                Ok(conn) if conn.reply_key(&fwd) == rev => held += 1,
                 _ => stale.push(rev),
             }
         }
@@ -175,6 +140,50 @@ impl Tables {
             let _ = self.claims.remove(rev);
         }
         held
+    }
+
+    /// Count the open flows per backend id into `open`, delete those
+    /// `is_expired` names; the entries left.
+    fn walk(&mut self, now: u64, open: &mut BTreeMap<u32, u64>) -> u64 {
+        let mut entries = 0;
+        let mut expired = Vec::new();
+        for item in self.flows.iter() {
+            // An entry evicted mid-walk ends the walk early on some kernels;
+            // a count that is briefly low is harmless (drains have deadlines).
+            let Ok((key, entry)) = item else { break };
+            entries += 1;
+            let conn = entry.conn();
+            if is_open(C::proto(&key), conn, now) {
+                *open.entry(conn.backend_id).or_insert(0) += 1;
+            }
+            if is_expired(C::proto(&key), conn, now) {
+                expired.push((key, entry));
+            }
+        }
+        // Already gone (LRU eviction) is fine; a packet that came in
+        // meanwhile re-creates the flow (a SYN, or within the budget).
+        entries - expired.iter().filter(|(key, conn)| self.remove_flow(key, conn)).count() as u64
+    }
+
+    /// Delete backend `backend_id`'s flows; how many of them were open.
+    fn flush(&mut self, backend_id: u32, now: u64) -> u64 {
+        let of_backend: Vec<(C::Key, C)> =
+            self.flows.iter().filter_map(Result::ok).filter(|(_, c)| c.conn().backend_id == backend_id).collect();
+        // Already gone (LRU eviction) is fine.
+        of_backend.iter().filter(|(k, c)| self.remove_flow(k, c) && is_open(C::proto(k), c.conn(), now)).count() as u64
+    }
+
+    /// `key`'s entry, with how long ago it saw a packet.
+    fn look_up(&self, key: &C::Key) -> Result<Option<FlowSeen>, DataplaneError> {
+        match self.flows.get(key, 0) {
+            Ok(entry) => {
+                let idle = monotonic_ns().saturating_sub(entry.conn().last_seen_ns);
+                let (backend, tcp_seen) = (entry.backend(), entry.conn().tcp_seen);
+                Ok(Some(FlowSeen { backend, tcp_seen, idle: std::time::Duration::from_nanos(idle) }))
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(self.name, "look up a flow")(e)),
+        }
     }
 }
 
@@ -191,16 +200,11 @@ fn second_handle<K: aya::Pod, V: aya::Pod>(
 }
 
 impl AyaConnections {
-    /// Second handles on the connection tables and on full NAT's claims.
-    pub(super) fn open(
-        flows: &HashMap<MapData, FlowKey, Conn>,
-        claims: &HashMap<MapData, FlowKey, FlowKey>,
-        flows6: &HashMap<MapData, FlowKey6, Conn6>,
-    ) -> Result<Self, DataplaneError> {
-        let (flows, max_entries) = second_handle(flows, CONNTRACK)?;
-        let (claims, _) = second_handle(claims, SNAT_FLOWS)?;
-        let (flows6, max_entries6) = second_handle(flows6, CONNTRACK6)?;
-        Ok(AyaConnections { map: Mutex::new(Tables { flows, claims, flows6 }), max_entries, max_entries6 })
+    /// Second handles on both connection tables and full NAT's claims.
+    pub(super) fn open(maps: &Maps) -> Result<Self, DataplaneError> {
+        let v4 = Family::open((&maps.conntrack, CONNTRACK), (&maps.snat_flows, SNAT_FLOWS))?;
+        let v6 = Family::open((&maps.conntrack6, CONNTRACK6), (&maps.snat_flows6, SNAT_FLOWS6))?;
+        Ok(AyaConnections { map: Mutex::new(Tables { v4, v6 }) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -212,60 +216,37 @@ impl AyaConnections {
 impl ConnectionTable for AyaConnections {
     /// Open flows per backend id: TCP flows the backend answered and that
     /// are not closed, UDP flows active within `UDP_IDLE`; and the number of
-    /// entries (one per flow). Deletes TCP flows half-open for
+    /// entries (one per flow) of each table. Deletes TCP flows half-open for
     /// `HALF_OPEN_IDLE` and closed for `CLOSED_GRACE`.
     fn scan(&self) -> Result<ConntrackScan, DataplaneError> {
         let mut map = self.lock();
         let now = monotonic_ns();
         let mut open = BTreeMap::new();
-        let Walked { mut entries, expired } = walk(&map.flows, now, &mut open);
-        for (key, conn) in &expired {
-            // Already gone (LRU eviction) is fine; a packet that came in
-            // meanwhile re-creates the flow (a SYN, or within the budget).
-            if map.remove_flow(key, conn) {
-                entries -= 1;
-            }
-        }
-        let Walked { entries: mut entries6, expired } = walk(&map.flows6, now, &mut open);
-        for (key, _) in &expired {
-            if map.flows6.remove(key).is_ok() {
-                entries6 -= 1;
-            }
-        }
-        let snat_claims = map.reap_claims();
+        let entries = map.v4.walk(now, &mut open);
+        let entries6 = map.v6.walk(now, &mut open);
+        let (snat_claims, snat_claims6) = (map.v4.reap_claims(), map.v6.reap_claims());
         Ok(ConntrackScan {
             open,
             entries,
-            max_entries: self.max_entries,
+            max_entries: map.v4.max_entries,
             snat_claims,
             entries6,
-            max_entries6: self.max_entries6,
+            max_entries6: map.v6.max_entries,
+            snat_claims6,
         })
     }
 
     fn flush_backend(&self, backend_id: u32) -> Result<u64, DataplaneError> {
         let mut map = self.lock();
         let now = monotonic_ns();
-        let mut open = 0;
-        for (k, c) in &of_backend(&map.flows, backend_id) {
-            // Already gone (LRU eviction) is fine.
-            if map.remove_flow(k, c) && is_open(k.proto, c, now) {
-                open += 1;
-            }
-        }
-        for (k, c) in &of_backend(&map.flows6, backend_id) {
-            if map.flows6.remove(k).is_ok() && is_open(k.proto, &c.conn, now) {
-                open += 1;
-            }
-        }
-        Ok(open)
+        Ok(map.v4.flush(backend_id, now) + map.v6.flush(backend_id, now))
     }
 
     fn lookup(&self, key: &TableKey) -> Result<Option<FlowSeen>, DataplaneError> {
         let map = self.lock();
         match key {
-            TableKey::V4(k) => look_up(&map.flows, CONNTRACK, k),
-            TableKey::V6(k) => look_up(&map.flows6, CONNTRACK6, k),
+            TableKey::V4(k) => map.v4.look_up(k),
+            TableKey::V6(k) => map.v6.look_up(k),
         }
     }
 }
@@ -361,6 +342,7 @@ mod tests {
         let conn6 = Conn6 {
             conn: Conn { nat_ip_be: 0, nat_port_be: backend.port().to_be(), ..conn },
             nat_ip: lb_common::v6::ip6_raw(*backend.ip()),
+            ..Conn6::default()
         };
         assert_eq!(conn6.backend(), backend.into());
         assert!(is_open(PROTO_TCP, conn6.conn(), 100 * S), "an IPv6 flow is open as an IPv4 one is");

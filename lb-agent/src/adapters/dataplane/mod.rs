@@ -28,7 +28,7 @@ pub mod wake;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::Arc,
 };
@@ -38,7 +38,7 @@ use lb_common::{
     maglev_index,
     v6::{Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6, BACKENDS6, BACKEND_VIPS6, SERVICES6, SOURCES6},
     Backend, BackendAddr, BackendVips, Counters, Reason, Service, ServiceKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS,
-    CONNTRACK, MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
+    MAGLEV, MAGLEV_TABLE_SIZE, MAX_BACKENDS, SERVICES,
 };
 use tracing::warn;
 
@@ -221,7 +221,7 @@ impl Routes for AyaDataplane {
     fn routes(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Route>> {
         crate::adapters::routes::KernelRoutes.routes(addrs)
     }
-    fn sources(&self, addrs: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeMap<Ipv4Addr, Ipv4Addr>> {
+    fn sources(&self, addrs: &BTreeSet<IpAddr>) -> anyhow::Result<BTreeMap<IpAddr, IpAddr>> {
         crate::adapters::routes::KernelRoutes.sources(addrs)
     }
 }
@@ -252,10 +252,7 @@ impl Dataplane for AyaDataplane {
     }
 
     fn connection_table(&self) -> Result<Arc<dyn ConnectionTable>, DataplaneError> {
-        Ok(Arc::new(
-            AyaConnections::open(&self.maps.conntrack, &self.maps.snat_flows, &self.maps.conntrack6)
-                .map_err(map_err(CONNTRACK, "open a second handle"))?,
-        ))
+        Ok(Arc::new(AyaConnections::open(&self.maps)?))
     }
 
     fn adopted_state(&self) -> anyhow::Result<Option<PinnedState>> {

@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{
     v6::{
         Backend6, BackendAddr6, BackendVips6, Conn6, FlowKey6, Ip6, ServiceKey6, SockRevKey6, BACKENDS6, BACKEND_VIPS6,
-        CONNTRACK6, SERVICES6, SOCK_REVNAT6, SOURCES6, V6_PROGRAMS, V6_PROGS,
+        CONNTRACK6, SERVICES6, SNAT_FLOWS6, SOCK_REVNAT6, SOURCES6, V6_PROGRAMS, V6_PROGS,
     },
     Backend, BackendAddr, BackendVips, Conn, Counters, FlowKey, PathCounters, Reason, Service, ServiceKey, SockOp,
     SockRevKey, BACKENDS, BACKEND_STATS, BACKEND_VIPS, CONNTRACK, EGRESS, FLOW_BUDGET, LB_PROGRAMS, MAGLEV, PATH_STATS,
@@ -65,7 +65,10 @@ pub struct Maps {
     pub backend_vips6: HashMap<MapData, BackendAddr6, BackendVips6>,
     /// An IPv6 service's source by service id (`dsr-ipip`).
     pub sources6: Array<MapData, Ip6>,
-    /// The IPv6 programs the IPv4 entry points tail-call. Pinned like the
+    /// Full NAT's claimed ports over IPv6: reply 5-tuple -> forward key.
+    pub snat_flows6: HashMap<MapData, FlowKey6, FlowKey6>,
+    /// The IPv6 programs the IPv4 entry points tail-call (and `xdp_lb6`
+    /// its full-NAT programs). Pinned like the
     /// rest, so the programs a previous agent left keep their IPv6 path
     /// until the new ones take over; every load puts its own programs in.
     pub v6_progs: ProgramArray<MapData>,
@@ -74,7 +77,7 @@ pub struct Maps {
 impl Maps {
     /// The names of the maps above: every map of the agent's object (the
     /// benchmark's live in an object of their own), all that pinning keeps.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 25] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -99,10 +102,11 @@ impl Maps {
         BACKEND_VIPS6,
         V6_PROGS,
         SOURCES6,
+        SNAT_FLOWS6,
     ];
 
     /// The maps sized by `[dataplane] max_flows` at load.
-    pub const SIZED_BY_MAX_FLOWS: [&str; 3] = [CONNTRACK, SNAT_FLOWS, CONNTRACK6];
+    pub const SIZED_BY_MAX_FLOWS: [&str; 4] = [CONNTRACK, SNAT_FLOWS, CONNTRACK6, SNAT_FLOWS6];
 
     /// Takes every map out of `ebpf`.
     pub fn open(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
@@ -131,6 +135,7 @@ impl Maps {
             backend_vips6: take_map(ebpf, BACKEND_VIPS6)?,
             v6_progs: take_map(ebpf, V6_PROGS)?,
             sources6: take_map(ebpf, SOURCES6)?,
+            snat_flows6: take_map(ebpf, SNAT_FLOWS6)?,
         })
     }
 
@@ -186,7 +191,7 @@ impl Maps {
 /// program `config`'s settings.
 pub fn load_object(object: &[u8], map_pins: Option<&Path>, config: &DataplaneConfig) -> anyhow::Result<(Ebpf, Maps)> {
     let mut loader = EbpfLoader::new();
-    // One claim per flow at most (SNAT_FLOWS).
+    // One claim per flow at most (SNAT_FLOWS, SNAT_FLOWS6).
     for name in Maps::SIZED_BY_MAX_FLOWS {
         loader.map_max_entries(name, config.max_flows);
     }
