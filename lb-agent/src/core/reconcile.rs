@@ -131,7 +131,11 @@ impl Reconciler {
         for (id, b) in &state.backends {
             if let (Some(key), Some(addr)) = (key_of.get(&b.service_id), addr_of.get(id)) {
                 r.backend_ids.insert((*key, *addr), *id);
-                r.entries.insert(*id, (*b, None));
+                // An IPv6 backend's address and full NAT's source are in
+                // `BACKENDS6`: adopted too, so the first apply finds the
+                // entry as it would write it and leaves it be.
+                let b6 = if addr.is_ipv6() { state.backends6.get(id).copied() } else { None };
+                r.entries.insert(*id, (*b, b6));
             }
         }
         for (key, svc) in services {
