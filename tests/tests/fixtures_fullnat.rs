@@ -323,6 +323,34 @@ mod ipv6 {
         });
     }
 
+    /// A full-NAT service with no backend refuses a new flow as every mode
+    /// does (in `xdp_fullnat6`): a SYN gets a reset from the VIP, counted,
+    /// with no flow opened and no port claimed.
+    #[test]
+    fn root_ipv6_full_nat_without_backends_answers_a_syn_with_a_reset() {
+        require_root!("root_ipv6_full_nat_without_backends_answers_a_syn_with_a_reset");
+        const EMPTY: SocketAddrV6 = SocketAddrV6::new(VIP, 8000, 0, 0);
+        on_each6(XDP, |prog, lb| {
+            lb.add_service6(&ServiceSpec6::new(2, EMPTY, IPPROTO_TCP, 0, &[]).full_nat(SOURCE)).unwrap();
+            let c = client6(40000);
+            let before = lb.reasons().unwrap();
+            let run = lb.run(prog, &tcp6_frame(FROM_CLIENT, c, EMPTY, &Tcp::new(0, 0, TCP_SYN))).unwrap();
+            assert_eq!(reason_delta(&before, &lb.reasons().unwrap(), Reason::ResetNoBackend), 1, "{prog}");
+            assert_ne!(run.verdict, XDP_DROP, "{prog}: the reset is sent, not dropped");
+            // The answer goes back: VIP:port -> client, RST|ACK.
+            let ip = &run.data[14..54];
+            assert_eq!(
+                (ip[6], &ip[8..24], &ip[24..40]),
+                (IPPROTO_TCP, &VIP.octets()[..], &c.ip().octets()[..]),
+                "{prog}"
+            );
+            let tcp = &run.data[54..];
+            assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), EMPTY.port(), "{prog}");
+            assert_eq!(tcp[13] & (TCP_RST | TCP_ACK), TCP_RST | TCP_ACK, "{prog}: flags {:#x}", tcp[13]);
+            assert!(lb.conntrack6().unwrap().is_empty() && lb.snat_claims6().unwrap().is_empty(), "{prog}");
+        });
+    }
+
     /// With two ports, a third concurrent flow to the backend is dropped and
     /// counted, and gets no entry; when a flow closes (RST) its port is free
     /// for the next.
