@@ -518,11 +518,17 @@ impl SwarmOrchestrator {
             };
             let Some(port) = host_port else { return Ok(service) };
             // Another agent of the swarm may have picked the same port.
-            let all = self
-                .docker
-                .list_services(None::<ListServicesOptions>)
-                .await
-                .map_err(docker_err("list swarm services"))?;
+            let all = match self.docker.list_services(None::<ListServicesOptions>).await {
+                Ok(all) => all,
+                Err(e) => {
+                    // Not left behind unchecked: it would be adopted later
+                    // as an instance no one asked for.
+                    if let Err(undo) = self.remove_service(&service, name).await {
+                        warn!(instance = name, error = %undo, "cannot remove the swarm service just created");
+                    }
+                    return Err(docker_err("list swarm services")(e));
+                }
+            };
             if !yields_port(&service, port, &all) {
                 return Ok(service);
             }

@@ -23,7 +23,7 @@ use std::{
 
 use lb_common::{
     maglev::{build_table, MaglevBackend},
-    v6::{ip6_raw, Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6},
+    v6::{ip6_addr, ip6_raw, Backend6, BackendAddr6, BackendVips6, Ip6, ServiceKey6},
     Backend, BackendAddr, BackendVips, Service, ServiceKey, BACKEND_F_ACTIVE, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
     MAX_SERVICES, MAX_VIPS_PER_BACKEND, MODE_DNAT,
 };
@@ -136,6 +136,17 @@ impl Reconciler {
                 // entry as it would write it and leaves it be.
                 let b6 = if addr.is_ipv6() { state.backends6.get(id).copied() } else { None };
                 r.entries.insert(*id, (*b, b6));
+                // Full NAT's sources as the previous agent wrote them: kept
+                // until a route lookup says otherwise, so a first lookup
+                // that fails does not zero them (every new flow dropped).
+                let source = match (addr, b6) {
+                    (SocketAddr::V6(_), Some(b6)) if b6.snat_ip != [0; 4] => Some(IpAddr::V6(ip6_addr(b6.snat_ip))),
+                    (SocketAddr::V4(_), _) if b.snat_ip_be != 0 => Some(IpAddr::V4(u32::from_be(b.snat_ip_be).into())),
+                    _ => None,
+                };
+                if let Some(source) = source {
+                    r.route_sources.insert(addr.ip(), source);
+                }
             }
         }
         for (key, svc) in services {
@@ -1032,6 +1043,25 @@ mod tests {
         adopted.apply(&only_v4, &mut dp).unwrap();
         assert!(dp.services6.is_empty() && dp.backend_vips6.is_empty(), "{:?}", dp.log);
         assert!(dp.live_backends().iter().all(SocketAddr::is_ipv4));
+    }
+
+    /// A restarted agent whose first route lookup fails (no route sources
+    /// set) keeps the full-NAT sources the previous one wrote, IPv6 and
+    /// IPv4 alike, instead of zeroing them (every new flow dropped).
+    #[test]
+    fn adopting_keeps_full_nat_sources_until_a_lookup_says_otherwise() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::default();
+        let d = full_nat6("", &["[2001:db8:1::2]:8080"]);
+        r.set_route_sources([(ip("2001:db8:1::2"), ip("2001:db8:1::fe"))].into());
+        r.apply(&d, &mut dp).unwrap();
+        let mut adopted = Reconciler::adopt(dp.pinned_state());
+        dp.log.clear();
+        adopted.apply(&d, &mut dp).unwrap();
+        assert!(dp.log.iter().all(|w| !w.kind().starts_with("backend")), "rewrote: {:?}", dp.log);
+        let sources: Vec<IpAddr> = dp.backends6.values().map(|b| lb_common::v6::ip6_addr(b.snat_ip).into()).collect();
+        assert_eq!(sources, [ip("2001:db8:1::fe")]);
     }
 
     #[test]
