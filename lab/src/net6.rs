@@ -73,19 +73,31 @@ impl Net6 {
     /// the service; IPv6 at XDP (the only hook that balances it), the
     /// kernel forwarding the translated packets (no fast path on veth).
     pub fn agent_config(service_extra: &str) -> String {
-        let interfaces = Self::lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
         let mut out = format!(
-            "[[service]]\nname = \"web6\"\nvip = \"{VIP}\"\nport = 80\ninterfaces = [{interfaces}]\n\
+            "[[service]]\nname = \"web6\"\nvip = \"{VIP}\"\nport = 80\ninterfaces = [{}]\n\
              health_check = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"200ms\", rise = 1, fall = 2 }}\n\
-             {service_extra}\n"
+             {service_extra}\n",
+            Self::interfaces_value()
         );
         for i in 1..=BACKENDS {
             out += &format!("\n[[service.backend]]\naddress = \"{}\"\n", Self::tcp(i));
         }
-        for i in Self::lb_interfaces() {
-            out += &format!("\n[interface.{i:?}]\nhook = \"xdp\"\nfast_path = \"off\"\n");
-        }
-        out + "\n[socket_lb]\nenabled = false\n"
+        out + &Self::interface_tables() + "\n[socket_lb]\nenabled = false\n"
+    }
+
+    /// A service's `interfaces` value for this topology: every LB interface.
+    pub fn interfaces_value() -> String {
+        Self::lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The `[interface.*]` tables: IPv6 at XDP (the only hook that balances
+    /// it), the kernel forwarding the translated packets (no fast path on
+    /// veth).
+    pub fn interface_tables() -> String {
+        Self::lb_interfaces()
+            .iter()
+            .map(|i| format!("\n[interface.{i:?}]\nhook = \"xdp\"\nfast_path = \"off\"\n"))
+            .collect()
     }
 
     /// The LB's interfaces: towards the client, then each backend.

@@ -286,7 +286,7 @@ fn root_socket_lb_balances_ipv6_from_the_lb_host() {
     let name = format!("lbsk6-{}", std::process::id());
     let net = Net6::build(&name);
     let dir = Scratch::create(&name);
-    let interfaces = Net6::lb_interfaces().iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
+    let interfaces = Net6::interfaces_value();
     let mut config = String::new();
     for (svc, port, proto, backend) in [("web6", 80, "tcp", Net6::tcp as fn(u16) -> _), ("dns6", 53, "udp", Net6::udp)]
     {
@@ -298,9 +298,7 @@ fn root_socket_lb_balances_ipv6_from_the_lb_host() {
             config += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend(i));
         }
     }
-    for i in Net6::lb_interfaces() {
-        config += &format!("\n[interface.{i:?}]\nhook = \"xdp\"\nfast_path = \"off\"\n");
-    }
+    config += &Net6::interface_tables();
     config += &socket_lb_toml(Some(cgroup.path()));
     std::fs::write(dir.config_path(), config).expect("write the config");
     let mut agent = Agent::spawn(&net.lb, &dir.agent_args(dir.config_path()));
